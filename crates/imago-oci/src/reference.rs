@@ -1,0 +1,281 @@
+//! Image references as users type them: `name`, `name:tag`, `name@sha256:<hex>`,
+//! `sha256:<hex>`, and a unique prefix of a digest.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::digest::{Digest, SHA256_HEX_LEN};
+
+/// The tag used when a reference names no tag.
+pub const DEFAULT_TAG: &str = "latest";
+/// A digest prefix must be at least this long to be looked up (like git's short hashes).
+pub const MIN_PREFIX_LEN: usize = 4;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reference {
+    /// `sha256:<64 hex>`: one exact manifest.
+    Digest(Digest),
+    /// `sha256:<hex>` shorter than a full digest.
+    DigestPrefix(String),
+    /// `name`, `name:tag` or `name@sha256:<hex>`.
+    Name {
+        name: String,
+        tag: Option<String>,
+        digest: Option<Digest>,
+    },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ReferenceError {
+    #[error("invalid image reference {reference:?}: {reason}")]
+    Invalid {
+        reference: String,
+        reason: &'static str,
+    },
+}
+
+fn invalid(reference: &str, reason: &'static str) -> ReferenceError {
+    ReferenceError::Invalid {
+        reference: reference.to_owned(),
+        reason,
+    }
+}
+
+fn is_hex(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+fn valid_name_component(c: &str) -> bool {
+    !c.is_empty()
+        && c.bytes()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-'))
+        && c.as_bytes()[0].is_ascii_alphanumeric()
+        && c.as_bytes()[c.len() - 1].is_ascii_alphanumeric()
+}
+
+fn valid_name(name: &str) -> bool {
+    if name.len() > 255 {
+        return false;
+    }
+    let mut parts = name.split('/');
+    let Some(first) = parts.next() else {
+        return false;
+    };
+    // The first component may be a registry host with a port: `localhost:5000/app`.
+    let first_ok = match first.split_once(':') {
+        Some((host, port)) => {
+            name.contains('/')
+                && valid_name_component(host)
+                && port.bytes().all(|b| b.is_ascii_digit())
+        }
+        None => valid_name_component(first),
+    };
+    first_ok && parts.all(valid_name_component)
+}
+
+fn valid_tag(tag: &str) -> bool {
+    !tag.is_empty()
+        && tag.len() <= 128
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        && (tag.as_bytes()[0].is_ascii_alphanumeric() || tag.as_bytes()[0] == b'_')
+}
+
+impl Reference {
+    /// A `name:tag` reference, validated.
+    pub fn named(name: &str, tag: &str) -> Result<Reference, ReferenceError> {
+        format!("{name}:{tag}").parse()
+    }
+
+    /// The tag, defaulting to `latest` for names without one; `None` for digest references.
+    pub fn tag(&self) -> Option<&str> {
+        match self {
+            Reference::Name { tag, digest, .. } => match (tag, digest) {
+                (Some(t), _) => Some(t),
+                (None, Some(_)) => None,
+                (None, None) => Some(DEFAULT_TAG),
+            },
+            _ => None,
+        }
+    }
+
+    /// `name:tag` as recorded in an OCI layout's `org.opencontainers.image.ref.name`.
+    pub fn ref_name(&self) -> Option<String> {
+        match self {
+            Reference::Name { name, .. } => self.tag().map(|t| format!("{name}:{t}")),
+            _ => None,
+        }
+    }
+
+    /// If the reference could also be read as a digest prefix (a bare hex string like `3f9a2c`,
+    /// or `sha256:3f9a`), that prefix.
+    pub fn digest_prefix(&self) -> Option<&str> {
+        match self {
+            Reference::DigestPrefix(p) => Some(p),
+            Reference::Name {
+                name,
+                tag: None,
+                digest: None,
+            } if name.len() >= MIN_PREFIX_LEN && name.len() <= SHA256_HEX_LEN && is_hex(name) => {
+                Some(name)
+            }
+            _ => None,
+        }
+    }
+}
+
+impl FromStr for Reference {
+    type Err = ReferenceError;
+
+    fn from_str(s: &str) -> Result<Reference, ReferenceError> {
+        if s.is_empty() {
+            return Err(invalid(s, "empty reference"));
+        }
+        if let Some(hex) = s.strip_prefix("sha256:") {
+            if !is_hex(hex) {
+                return Err(invalid(s, "a digest is sha256: followed by lowercase hex"));
+            }
+            if hex.len() == SHA256_HEX_LEN {
+                return Ok(Reference::Digest(
+                    Digest::from_hex(hex).map_err(|_| invalid(s, "bad digest"))?,
+                ));
+            }
+            if hex.len() > SHA256_HEX_LEN {
+                return Err(invalid(s, "a sha256 digest has 64 hex characters"));
+            }
+            if hex.len() < MIN_PREFIX_LEN {
+                return Err(invalid(
+                    s,
+                    "a digest prefix needs at least 4 hex characters",
+                ));
+            }
+            return Ok(Reference::DigestPrefix(hex.to_owned()));
+        }
+        let (rest, digest) = match s.split_once('@') {
+            Some((rest, d)) => (
+                rest,
+                Some(
+                    d.parse::<Digest>()
+                        .map_err(|_| invalid(s, "the part after @ must be sha256:<64 hex>"))?,
+                ),
+            ),
+            None => (s, None),
+        };
+        // A tag follows the last ':' unless a '/' comes after it (then it was a registry port).
+        let (name, tag) = match rest.rfind(':') {
+            Some(i) if !rest[i..].contains('/') => (&rest[..i], Some(&rest[i + 1..])),
+            _ => (rest, None),
+        };
+        if !valid_name(name) {
+            return Err(invalid(
+                s,
+                "a name is lowercase letters, digits and . _ - separated by /",
+            ));
+        }
+        if let Some(tag) = tag {
+            if !valid_tag(tag) {
+                return Err(invalid(s, "a tag is up to 128 letters, digits, _ . and -"));
+            }
+        }
+        Ok(Reference::Name {
+            name: name.to_owned(),
+            tag: tag.map(str::to_owned),
+            digest,
+        })
+    }
+}
+
+impl fmt::Display for Reference {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reference::Digest(d) => write!(f, "{d}"),
+            Reference::DigestPrefix(p) => write!(f, "sha256:{p}"),
+            Reference::Name { name, tag, digest } => {
+                write!(f, "{name}")?;
+                if let Some(t) = tag {
+                    write!(f, ":{t}")?;
+                }
+                if let Some(d) = digest {
+                    write!(f, "@{d}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Reference {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn name_defaults_to_latest() {
+        let r = parse("web");
+        assert_eq!(r.ref_name().as_deref(), Some("web:latest"));
+        assert_eq!(parse("web:v2").ref_name().as_deref(), Some("web:v2"));
+        assert_eq!(
+            parse("library/busy-box.x:1.0_rc").ref_name().as_deref(),
+            Some("library/busy-box.x:1.0_rc")
+        );
+    }
+
+    #[test]
+    fn registry_port_is_not_a_tag() {
+        let r = parse("localhost:5000/app");
+        assert_eq!(r.ref_name().as_deref(), Some("localhost:5000/app:latest"));
+        assert_eq!(parse("localhost:5000/app:v1").tag(), Some("v1"));
+    }
+
+    #[test]
+    fn digests_and_prefixes() {
+        let full = format!("sha256:{}", "a".repeat(64));
+        assert!(matches!(parse(&full), Reference::Digest(_)));
+        assert_eq!(parse("sha256:abcd").digest_prefix(), Some("abcd"));
+        assert_eq!(parse("abcd12").digest_prefix(), Some("abcd12"));
+        assert_eq!(parse("abcd12:latest").digest_prefix(), None);
+        assert_eq!(parse("web").digest_prefix(), None);
+        let pinned = parse(&format!("web@{full}"));
+        assert!(matches!(
+            pinned,
+            Reference::Name {
+                digest: Some(_),
+                ..
+            }
+        ));
+        assert_eq!(pinned.tag(), None);
+    }
+
+    #[test]
+    fn rejects_bad_references_with_a_reason() {
+        for bad in [
+            "",
+            "Web",
+            "web:",
+            "web:-x",
+            "sha256:xyz",
+            "sha256:ab",
+            "web@sha256:12",
+            "/web",
+            "web/",
+            "a//b",
+        ] {
+            let err = bad.parse::<Reference>().unwrap_err();
+            assert!(
+                err.to_string().contains("invalid image reference"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn display_round_trips() {
+        for s in ["web", "web:v1", "localhost:5000/a/b:c", "sha256:abcd"] {
+            assert_eq!(parse(s).to_string(), s);
+        }
+    }
+}
