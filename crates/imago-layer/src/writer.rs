@@ -1,0 +1,1 @@
+//! The reproducible layer writer (owned by the builder work; see lib.rs).
