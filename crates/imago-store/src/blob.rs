@@ -9,7 +9,7 @@ use serde::Serialize;
 use sha2::Digest as _;
 
 use crate::error::{IoContext, Result, StoreError};
-use crate::layout::{Store, sync_parent, tempfile_in};
+use crate::layout::{Store, WriteGuard, sync_parent, tempfile_in};
 
 const IO_BUFFER: usize = 1 << 20;
 
