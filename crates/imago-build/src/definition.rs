@@ -314,7 +314,10 @@ mod tests {
     #[test]
     fn unknown_key_points_at_its_line_and_column() {
         let err = parse_err("[image.web]\nfrom = \"scratch\"\n  colour = 1\n");
-        assert!(err.starts_with("imago.toml:3:3: unknown field `colour`"), "{err}");
+        assert!(
+            err.starts_with("imago.toml:3:3: unknown field `colour`"),
+            "{err}"
+        );
         assert!(err.contains("hint:"), "{err}");
     }
 
@@ -334,7 +337,10 @@ mod tests {
         assert_eq!(file.definition.image.len(), 1);
         assert_eq!(file.definition.service.len(), 1);
         let err = parse_err("[imagez.a]\n");
-        assert!(err.starts_with("imago.toml:1:2: unknown field `imagez`"), "{err}");
+        assert!(
+            err.starts_with("imago.toml:1:2: unknown field `imagez`"),
+            "{err}"
+        );
     }
 
     #[test]
