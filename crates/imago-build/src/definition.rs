@@ -257,7 +257,7 @@ impl DefinitionFile {
 fn hint_for_toml_error(message: &str) -> Option<String> {
     let hint = if message.starts_with("unknown field") {
         "check the spelling; `imago schema` prints every key the definition accepts"
-    } else if message.starts_with("invalid type") {
+    } else if message.starts_with("invalid type") || message.starts_with("wanted") {
         "`imago schema` gives the expected type of every key"
     } else if message.starts_with("missing field") {
         "add the key; `imago schema` lists the required ones"

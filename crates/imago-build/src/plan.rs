@@ -297,11 +297,18 @@ fn plan_copy(
     }
     let absolute = context.root.join(src_path);
 
-    let excludes = glob_set(file, &copy.exclude)?;
+    let (by_name, by_path): (Vec<_>, Vec<_>) = copy
+        .exclude
+        .iter()
+        .cloned()
+        .partition(|p| !p.get_ref().contains('/'));
+    let excludes = glob_set(file, &by_path)?;
+    let excludes_by_name = glob_set(file, &by_name)?;
     let mut walker = Walker {
         file,
         context,
         excludes: &excludes,
+        excludes_by_name: &excludes_by_name,
         owner,
         file_mode,
         dir_mode,
@@ -400,6 +407,8 @@ struct Walker<'a> {
     file: &'a DefinitionFile,
     context: &'a Context,
     excludes: &'a GlobSet,
+    /// Exclude patterns without a `/` match a name at any depth, as in .gitignore.
+    excludes_by_name: &'a GlobSet,
     owner: (u64, u64),
     file_mode: Option<u32>,
     dir_mode: Option<u32>,
@@ -437,12 +446,23 @@ impl Walker<'_> {
             if self
                 .excludes
                 .is_match(Path::new(OsStr::from_bytes(&child_rel)))
+                || self
+                    .excludes_by_name
+                    .is_match(Path::new(OsStr::from_bytes(&name)))
             {
                 continue;
             }
             if is_dir {
+                // Under a glob only files are selected; the directories leading to them are
+                // structure, not copied content, so they get dir_mode or 0755 rather than
+                // whatever the host's umask left on them.
+                let found = if matcher.is_some() {
+                    0o755
+                } else {
+                    metadata.mode() & 0o7777
+                };
                 let meta = Meta {
-                    mode: self.dir_mode.unwrap_or(metadata.mode() & 0o7777),
+                    mode: self.dir_mode.unwrap_or(found),
                     uid: self.owner.0,
                     gid: self.owner.1,
                 };
