@@ -13,7 +13,7 @@ use serde_json::{Map, Value, json};
 use sha2::Digest as _;
 
 use crate::BuildError;
-use crate::cache::{Cache, FileLookup, LayerRecord};
+use crate::cache::{Cache, ContentHash, FileLookup, LayerRecord};
 use crate::definition::{CompressionName, DefinitionFile, ImageDef};
 use crate::plan::{Context, EntryKind, LayerPlan, plan_layer};
 
@@ -363,10 +363,14 @@ fn build_layer(
             }
             EntryKind::File { source, stamp } => {
                 let f = File::open(source).map_err(|e| io_error(source, e))?;
-                let reader = BufReader::with_capacity(256 * 1024, f);
-                let d = writer
-                    .add_file(path, entry.meta, stamp.size, reader)
+                let mut reader = ContentReader {
+                    inner: BufReader::with_capacity(256 * 1024, f),
+                    hasher: blake3::Hasher::new(),
+                };
+                writer
+                    .add_file(path, entry.meta, stamp.size, &mut reader)
                     .map_err(LayerFailure::Writer)?;
+                let d = ContentHash::from_hasher(&reader.hasher);
                 // Record the fingerprint only if the file did not change while it was read.
                 if let Ok(after) = std::fs::symlink_metadata(source)
                     && crate::plan::Stamp::of(&after) == *stamp
@@ -407,7 +411,7 @@ fn build_layer(
 /// Everything that determines a layer's bytes, hashed. Files enter by content digest.
 fn layer_key(
     entries: &[(Vec<u8>, &crate::plan::Entry)],
-    digests: &[Option<Digest>],
+    digests: &[Option<ContentHash>],
     compression: Compression,
     mtime: u64,
 ) -> Digest {
@@ -431,13 +435,13 @@ fn layer_key(
             }
             EntryKind::Inline(c) => {
                 h.update(b"f");
-                h.update(Digest::of(c).hex().as_bytes());
+                h.update(ContentHash::of(c).0.as_bytes());
             }
             EntryKind::File { stamp, .. } => {
                 h.update(b"f");
                 h.update(stamp.size.to_le_bytes());
                 if let Some(d) = digest {
-                    h.update(d.hex().as_bytes());
+                    h.update(d.0.as_bytes());
                 }
             }
         }
@@ -445,11 +449,28 @@ fn layer_key(
     Digest::from_hasher(h)
 }
 
-fn hash_file(path: &Path) -> Result<Digest, BuildError> {
+fn hash_file(path: &Path) -> Result<ContentHash, BuildError> {
     let f = File::open(path).map_err(|e| io_error(path, e))?;
-    let mut reader = imago_oci::HashingReader::new(f);
+    let mut reader = ContentReader {
+        inner: BufReader::with_capacity(256 * 1024, f),
+        hasher: blake3::Hasher::new(),
+    };
     io::copy(&mut reader, &mut io::sink()).map_err(|e| io_error(path, e))?;
-    Ok(reader.finish().0)
+    Ok(ContentHash::from_hasher(&reader.hasher))
+}
+
+/// Hashes a file's content for the cache as the layer writer reads it: one read per file.
+struct ContentReader<R> {
+    inner: R,
+    hasher: blake3::Hasher,
+}
+
+impl<R: io::Read> io::Read for ContentReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
 }
 
 fn io_error(path: &Path, source: io::Error) -> BuildError {

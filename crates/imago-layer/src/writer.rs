@@ -18,7 +18,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use imago_oci::{Digest, HashingReader, HashingWriter};
+use imago_oci::{Digest, HashingWriter};
 
 use crate::compression::Compression;
 
@@ -110,19 +110,20 @@ impl<W: Write + Send + 'static> LayerWriter<W> {
             .map_err(|source| entry_error(&name, source))
     }
 
-    /// Adds a regular file of exactly `size` bytes read from `content`, and returns the sha256 of
-    /// those bytes (the builder's cache records it).
+    /// Adds a regular file of exactly `size` bytes read from `content`. A source that ends early
+    /// is an error: the header already announced `size`.
     pub fn add_file<R: Read>(
         &mut self,
         path: &[u8],
         meta: Meta,
         size: u64,
         content: R,
-    ) -> Result<Digest, WriterError> {
+    ) -> Result<(), WriterError> {
         let name = self.check_order(path, false)?;
         let mut header = self.header(tar::EntryType::Regular, meta, size);
         let mut reader = ExactReader {
-            inner: HashingReader::new(content.take(size)),
+            inner: content.take(size),
+            count: 0,
             expected: size,
             short: false,
         };
@@ -133,12 +134,10 @@ impl<W: Write + Send + 'static> LayerWriter<W> {
             return Err(WriterError::ShortRead {
                 path: lossy(&name),
                 expected: size,
-                found: reader.inner.count(),
+                found: reader.count,
             });
         }
-        result.map_err(|source| entry_error(&name, source))?;
-        let (digest, _, _) = reader.inner.finish();
-        Ok(digest)
+        result.map_err(|source| entry_error(&name, source))
     }
 
     /// Adds a symbolic link (mode 0777, as every Linux symlink has).
@@ -271,7 +270,8 @@ fn entry_error(name: &[u8], source: io::Error) -> WriterError {
 /// Fails instead of returning a short stream: the header already announced `expected` bytes, and
 /// a tar whose data is shorter than its header is corrupt.
 struct ExactReader<R> {
-    inner: HashingReader<io::Take<R>>,
+    inner: io::Take<R>,
+    count: u64,
     expected: u64,
     short: bool,
 }
@@ -279,7 +279,8 @@ struct ExactReader<R> {
 impl<R: Read> Read for ExactReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        if n == 0 && !buf.is_empty() && self.inner.count() < self.expected {
+        self.count += n as u64;
+        if n == 0 && !buf.is_empty() && self.count < self.expected {
             self.short = true;
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
