@@ -498,3 +498,83 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, u32, u32, u32)>) {
         }
     }
 }
+
+/// The README demo: examples/web builds, and the unpacked image serves its page with busybox
+/// httpd (run chrooted into umoci's rootfs, on loopback).
+#[test]
+fn example_web_builds_and_serves_its_page() {
+    if !Path::new("/bin/busybox").exists() || !have("umoci") {
+        eprintln!("SKIPPED: needs busybox-static and umoci");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have busybox-static and umoci"
+        );
+        return;
+    }
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/web");
+    let h = Harness::new();
+    let built = h.build(&example, "web");
+    assert_eq!(built.layers.len(), 2);
+    let again = h.build(&example, "web");
+    assert_eq!(built.digest, again.digest);
+    let config: serde_json::Value = serde_json::from_slice(&built.config).unwrap();
+    assert_eq!(
+        config["config"]["ExposedPorts"],
+        serde_json::json!({"8080/tcp": {}})
+    );
+
+    let bundle = h._tmp.path().join("bundle");
+    let store = h.home.join("store");
+    let out = Command::new("umoci")
+        .args([
+            "unpack",
+            "--image",
+            &format!("{}:web:latest", store.display()),
+        ])
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rootfs = bundle.join("rootfs");
+    let port = 20_000 + (std::process::id() % 10_000) as u16;
+    let mut server = Command::new("chroot")
+        .arg(&rootfs)
+        .args([
+            "/bin/busybox",
+            "httpd",
+            "-f",
+            "-p",
+            &format!("127.0.0.1:{port}"),
+            "-h",
+            "/www",
+        ])
+        .spawn()
+        .unwrap();
+    let mut page = String::new();
+    for _ in 0..50 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let out = Command::new("chroot")
+            .arg(&rootfs)
+            .args([
+                "/bin/busybox",
+                "wget",
+                "-q",
+                "-O",
+                "-",
+                &format!("http://127.0.0.1:{port}/"),
+            ])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            page = String::from_utf8_lossy(&out.stdout).into_owned();
+            break;
+        }
+    }
+    server.kill().unwrap();
+    server.wait().unwrap();
+    assert!(page.contains("Hello from imago"), "{page:?}");
+}
