@@ -578,3 +578,50 @@ fn example_web_builds_and_serves_its_page() {
     server.wait().unwrap();
     assert!(page.contains("Hello from imago"), "{page:?}");
 }
+
+/// `--output oci-archive:F` / `docker-archive:F`: skopeo reads both, and they are reproducible.
+#[test]
+fn archives_are_readable_and_reproducible() {
+    use imago_build::archive::{ArchiveFormat, write_archive};
+    let h = Harness::new();
+    let dir = h._tmp.path().join("ctx");
+    make_context(&dir, false, 0o644, 0o755);
+    let built = h.build(&dir, "app");
+    let store = h.store();
+    for (format, prefix) in [
+        (ArchiveFormat::Oci, "oci-archive"),
+        (ArchiveFormat::Docker, "docker-archive"),
+    ] {
+        let a = h._tmp.path().join(format!("{prefix}-a.tar"));
+        let b = h._tmp.path().join(format!("{prefix}-b.tar"));
+        write_archive(&store, &built, "app:latest", format, &a, 1_700_000_000).unwrap();
+        write_archive(&store, &built, "app:latest", format, &b, 1_700_000_000).unwrap();
+        assert_eq!(fs::read(&a).unwrap(), fs::read(&b).unwrap());
+        if !have("skopeo") {
+            assert!(std::env::var_os("CI").is_none(), "CI must have skopeo");
+            continue;
+        }
+        let out = Command::new("skopeo")
+            .args(["inspect", "--config", &format!("{prefix}:{}", a.display())])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{prefix}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let config: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            config["config"]["Entrypoint"],
+            serde_json::json!(["/bin/tool"])
+        );
+        if format == ArchiveFormat::Oci {
+            let out = Command::new("skopeo")
+                .args(["inspect", &format!("{prefix}:{}", a.display())])
+                .output()
+                .unwrap();
+            let inspect: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(inspect["Digest"], built.digest.to_string());
+        }
+    }
+}
