@@ -2,6 +2,8 @@
 //! stderr; results on stdout, as human text or, with `--json`, as one JSON document.
 
 use std::io::{IsTerminal, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -18,16 +20,14 @@ pub struct Reporter {
     json: bool,
     quiet: bool,
     progress: bool,
+    // Set once a result went to stdout, so that --json output stays one document.
+    emitted: Arc<AtomicBool>,
 }
 
 impl Reporter {
     pub fn new(json: bool, quiet: bool) -> Reporter {
         let progress = !json && !quiet && std::io::stderr().is_terminal();
-        Reporter {
-            json,
-            quiet,
-            progress,
-        }
+        Reporter { json, quiet, progress, emitted: Arc::new(AtomicBool::new(false)) }
     }
 
     pub fn json(&self) -> bool {
@@ -57,13 +57,15 @@ impl Reporter {
             result.human(&mut out)?;
         }
         out.flush()?;
+        self.emitted.store(true, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Reports a failure: the error chain on stderr, and with --json an error document on stdout.
+    /// Reports a failure: the error chain on stderr, and with --json an error document on stdout
+    /// unless the command already printed its result there.
     pub fn error(&self, error: &anyhow::Error) {
         eprintln!("error: {error:#}");
-        if self.json {
+        if self.json && !self.emitted.load(Ordering::Relaxed) {
             let doc = serde_json::json!({ "error": format!("{error:#}") });
             println!("{doc}");
         }
