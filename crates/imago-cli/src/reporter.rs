@@ -27,7 +27,12 @@ pub struct Reporter {
 impl Reporter {
     pub fn new(json: bool, quiet: bool) -> Reporter {
         let progress = !json && !quiet && std::io::stderr().is_terminal();
-        Reporter { json, quiet, progress, emitted: Arc::new(AtomicBool::new(false)) }
+        Reporter {
+            json,
+            quiet,
+            progress,
+            emitted: Arc::new(AtomicBool::new(false)),
+        }
     }
 
     pub fn json(&self) -> bool {

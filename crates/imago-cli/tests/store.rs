@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{file, make_image, make_image_with, Imago};
+use common::{Imago, file, make_image, make_image_with};
 use imago_layer::compression::Compression;
 
 #[test]
@@ -15,13 +15,19 @@ fn images_lists_names_with_short_digest_and_size() {
     let json = imago.run(&["images", "--json"]).ok().json();
     let list = json.as_array().expect("array");
     assert_eq!(list.len(), 2);
-    let web = list.iter().find(|i| i["name"] == "web:v1").expect("web:v1 listed");
+    let web = list
+        .iter()
+        .find(|i| i["name"] == "web:v1")
+        .expect("web:v1 listed");
     assert_eq!(web["digest"], digest.to_string());
     assert!(web["size"].as_u64().unwrap() > 100);
     assert_eq!(web["created"], "1970-01-01T00:00:00Z");
 
     let human = imago.run(&["images"]).ok().stdout();
-    assert!(human.contains("web:v1") && human.contains(digest.short()), "{human}");
+    assert!(
+        human.contains("web:v1") && human.contains(digest.short()),
+        "{human}"
+    );
     assert!(human.contains("api:latest"), "{human}");
 }
 
@@ -56,13 +62,24 @@ fn ambiguous_prefix_lists_every_candidate() {
         .find_map(|i| {
             let content = format!("content {i}");
             let d = make_image(&store, &format!("img{i}"), &[file("f", content.as_bytes())]);
-            seen.insert(d.hex()[..4].to_string(), d.clone()).map(|other| (other, d))
+            seen.insert(d.hex()[..4].to_string(), d.clone())
+                .map(|other| (other, d))
         })
         .expect("a 4-hex-character collision among 5000 digests");
     let err = imago.run(&["inspect", &a.hex()[..4]]).fails();
-    assert!(err.contains("ambiguous") && err.contains(a.hex()) && err.contains(b.hex()), "{err}");
-    let json = imago.run(&["inspect", "--json", &a.hex()[..12]]).ok().json();
-    assert_eq!(json["digest"], a.to_string(), "a longer prefix is unique again");
+    assert!(
+        err.contains("ambiguous") && err.contains(a.hex()) && err.contains(b.hex()),
+        "{err}"
+    );
+    let json = imago
+        .run(&["inspect", "--json", &a.hex()[..12]])
+        .ok()
+        .json();
+    assert_eq!(
+        json["digest"],
+        a.to_string(),
+        "a longer prefix is unique again"
+    );
 }
 
 #[test]
@@ -71,7 +88,12 @@ fn tag_and_rmi_change_names_only() {
     let store = imago.store();
     let digest = make_image(&store, "web:v1", &[file("a", b"a")]);
     imago.run(&["tag", "web:v1", "web:stable"]).ok();
-    let names: Vec<String> = store.names().unwrap().into_iter().filter_map(|n| n.name).collect();
+    let names: Vec<String> = store
+        .names()
+        .unwrap()
+        .into_iter()
+        .filter_map(|n| n.name)
+        .collect();
     assert_eq!(names, vec!["web:stable".to_string(), "web:v1".to_string()]);
 
     imago.run(&["rmi", "web:v1"]).ok();
@@ -92,7 +114,11 @@ fn gc_deletes_only_unreachable_blobs() {
     imago.run(&["rmi", "drop"]).ok();
 
     let dry = imago.run(&["gc", "--dry-run", "--json"]).ok().json();
-    assert_eq!(dry["removed"].as_array().unwrap().len(), 3, "manifest, config and layer of 'drop'");
+    assert_eq!(
+        dry["removed"].as_array().unwrap().len(),
+        3,
+        "manifest, config and layer of 'drop'"
+    );
     assert!(store.has_blob(&drop), "dry run deletes nothing");
 
     let report = imago.run(&["gc", "--json"]).ok().json();
@@ -124,7 +150,12 @@ fn verify_reports_flipped_truncated_and_missing_blobs_by_digest() {
     let problems = json["problems"].as_array().unwrap();
     assert_eq!(problems.len(), 1, "{json}");
     assert_eq!(problems[0]["digest"], layer.to_string());
-    assert!(problems[0]["problem"].as_str().unwrap().starts_with("corrupt"));
+    assert!(
+        problems[0]["problem"]
+            .as_str()
+            .unwrap()
+            .starts_with("corrupt")
+    );
 
     // Truncated config, and the manifest itself missing from another image's point of view.
     let config_path = store.blob_path(&config);
@@ -133,14 +164,22 @@ fn verify_reports_flipped_truncated_and_missing_blobs_by_digest() {
     let err = imago.run(&["verify"]).fails();
     assert!(err.contains("2 corrupt or missing blobs"), "{err}");
     let out = imago.run(&["verify"]).stdout();
-    assert!(out.contains(&config.to_string()) && out.contains("wrong size"), "{out}");
+    assert!(
+        out.contains(&config.to_string()) && out.contains("wrong size"),
+        "{out}"
+    );
 
     // Every read refuses the corrupt image too.
     let err = imago.run(&["inspect", "web"]).fails();
     assert!(err.contains(&config.to_string()), "{err}");
     let target = imago.dir.path().join("unpacked");
-    let err = imago.run(&["unpack", "web", target.to_str().unwrap()]).fails();
-    assert!(err.contains(&config.to_string()) || err.contains(&layer.to_string()), "{err}");
+    let err = imago
+        .run(&["unpack", "web", target.to_str().unwrap()])
+        .fails();
+    assert!(
+        err.contains(&config.to_string()) || err.contains(&layer.to_string()),
+        "{err}"
+    );
 
     std::fs::remove_file(store.blob_path(&digest)).unwrap();
     let out = imago.run(&["verify"]).stdout();
@@ -162,16 +201,26 @@ fn unknown_media_type_is_refused_with_the_digest() {
     });
     let (digest, _, _) = store.put_json(&manifest).unwrap();
     let err = imago.run(&["inspect", &digest.to_string()]).fails();
-    assert!(err.contains("application/vnd.example.not-a-config") && err.contains(&config_digest.to_string()), "{err}");
+    assert!(
+        err.contains("application/vnd.example.not-a-config")
+            && err.contains(&config_digest.to_string()),
+        "{err}"
+    );
 
     let not_manifest = serde_json::json!({"mediaType": "text/plain", "hello": 1});
     let (digest, _, _) = store.put_json(&not_manifest).unwrap();
     let err = imago.run(&["inspect", &digest.to_string()]).fails();
-    assert!(err.contains("text/plain") && err.contains(&digest.to_string()), "{err}");
+    assert!(
+        err.contains("text/plain") && err.contains(&digest.to_string()),
+        "{err}"
+    );
 
     let garbage = store.put_blob(b"{not json").unwrap();
     let err = imago.run(&["inspect", &garbage.to_string()]).fails();
-    assert!(err.contains("not valid") && err.contains(&garbage.to_string()), "{err}");
+    assert!(
+        err.contains("not valid") && err.contains(&garbage.to_string()),
+        "{err}"
+    );
 }
 
 #[test]
@@ -181,10 +230,19 @@ fn zstd_and_uncompressed_layers_are_listed_with_their_media_types() {
     make_image_with(&store, "z", &[file("z", b"zstd")], Compression::Zstd, &[]);
     make_image_with(&store, "n", &[file("n", b"none")], Compression::None, &[]);
     let z = imago.run(&["inspect", "--json", "z"]).ok().json();
-    assert_eq!(z["layers"][0]["media_type"], "application/vnd.oci.image.layer.v1.tar+zstd");
+    assert_eq!(
+        z["layers"][0]["media_type"],
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+    );
     let n = imago.run(&["inspect", "--json", "n"]).ok().json();
-    assert_eq!(n["layers"][0]["media_type"], "application/vnd.oci.image.layer.v1.tar");
-    assert_eq!(n["layers"][0]["diff_id"], n["layers"][0]["digest"], "an uncompressed layer's diff_id is its digest");
+    assert_eq!(
+        n["layers"][0]["media_type"],
+        "application/vnd.oci.image.layer.v1.tar"
+    );
+    assert_eq!(
+        n["layers"][0]["diff_id"], n["layers"][0]["digest"],
+        "an uncompressed layer's diff_id is its digest"
+    );
 }
 
 #[test]
@@ -193,14 +251,22 @@ fn concurrent_tagging_from_many_processes_loses_no_name() {
     let store = imago.store();
     make_image(&store, "base", &[file("a", b"a")]);
     let children: Vec<_> = (0..16)
-        .map(|i| imago.cmd().args(["tag", "base", &format!("copy:{i}")]).spawn().expect("spawn"))
+        .map(|i| {
+            imago
+                .cmd()
+                .args(["tag", "base", &format!("copy:{i}")])
+                .spawn()
+                .expect("spawn")
+        })
         .collect();
     for mut child in children {
         assert!(child.wait().unwrap().success());
     }
     let names = store.names().unwrap();
     assert_eq!(names.len(), 17, "{names:?}");
-    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(imago.home.join("store/index.json")).unwrap()).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(imago.home.join("store/index.json")).unwrap())
+            .unwrap();
     assert_eq!(index["manifests"].as_array().unwrap().len(), 17);
 }
 
@@ -211,9 +277,15 @@ fn home_comes_from_flag_then_env_then_xdg() {
     let xdg = imago.dir.path().join("xdg");
     let run = |cmd: &mut std::process::Command| {
         let out = cmd.output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
-    run(std::process::Command::new(env!("CARGO_BIN_EXE_imago")).arg("images").env("IMAGO_HOME", &env_home));
+    run(std::process::Command::new(env!("CARGO_BIN_EXE_imago"))
+        .arg("images")
+        .env("IMAGO_HOME", &env_home));
     assert!(env_home.join("store/oci-layout").is_file());
     run(std::process::Command::new(env!("CARGO_BIN_EXE_imago"))
         .arg("images")
@@ -221,5 +293,8 @@ fn home_comes_from_flag_then_env_then_xdg() {
         .env("XDG_DATA_HOME", &xdg));
     assert!(xdg.join("imago/store/index.json").is_file());
     run(imago.cmd().arg("images").env("IMAGO_HOME", &env_home));
-    assert!(imago.home.join("store/oci-layout").is_file(), "--home wins over IMAGO_HOME");
+    assert!(
+        imago.home.join("store/oci-layout").is_file(),
+        "--home wins over IMAGO_HOME"
+    );
 }

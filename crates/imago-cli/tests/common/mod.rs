@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use imago_layer::compression::{Compression, Compressor};
-use imago_oci::{media, Digest, HashingWriter, Reference};
+use imago_oci::{Digest, HashingWriter, Reference, media};
 use imago_store::Store;
 
 pub struct Imago {
@@ -29,17 +29,31 @@ impl Run {
         String::from_utf8_lossy(&self.output.stderr).into_owned()
     }
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.output.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not json ({e}): {}\nstderr: {}", self.stdout(), self.stderr()))
+        serde_json::from_slice(&self.output.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not json ({e}): {}\nstderr: {}",
+                self.stdout(),
+                self.stderr()
+            )
+        })
     }
     /// Asserts success and returns self.
     pub fn ok(self) -> Run {
-        assert!(self.output.status.success(), "imago failed\nstdout: {}\nstderr: {}", self.stdout(), self.stderr());
+        assert!(
+            self.output.status.success(),
+            "imago failed\nstdout: {}\nstderr: {}",
+            self.stdout(),
+            self.stderr()
+        );
         self
     }
     /// Asserts failure and returns stderr.
     pub fn fails(self) -> String {
-        assert!(!self.output.status.success(), "imago unexpectedly succeeded\nstdout: {}", self.stdout());
+        assert!(
+            !self.output.status.success(),
+            "imago unexpectedly succeeded\nstdout: {}",
+            self.stdout()
+        );
         self.stderr()
     }
 }
@@ -53,13 +67,17 @@ impl Imago {
 
     pub fn cmd(&self) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_imago"));
-        cmd.arg("--home").arg(&self.home).current_dir(self.dir.path());
+        cmd.arg("--home")
+            .arg(&self.home)
+            .current_dir(self.dir.path());
         cmd.env_remove("IMAGO_HOME");
         cmd
     }
 
     pub fn run(&self, args: &[&str]) -> Run {
-        Run { output: self.cmd().args(args).output().expect("run imago") }
+        Run {
+            output: self.cmd().args(args).output().expect("run imago"),
+        }
     }
 
     pub fn store(&self) -> Store {
@@ -75,11 +93,19 @@ pub struct File<'a> {
 }
 
 pub fn file<'a>(path: &'a str, content: &'a [u8]) -> File<'a> {
-    File { path, content, mode: 0o644 }
+    File {
+        path,
+        content,
+        mode: 0o644,
+    }
 }
 
 /// Writes a layer (gzip) of `files` into the store; returns (blob digest, size, diff_id).
-pub fn put_layer(store: &Store, files: &[File<'_>], compression: Compression) -> (Digest, u64, Digest) {
+pub fn put_layer(
+    store: &Store,
+    files: &[File<'_>],
+    compression: Compression,
+) -> (Digest, u64, Digest) {
     let mut blob = store.blob_writer().expect("blob writer");
     let diff_id = {
         let compressor = Compressor::new(compression, &mut blob).expect("compressor");
@@ -92,7 +118,9 @@ pub fn put_layer(store: &Store, files: &[File<'_>], compression: Compression) ->
                 header.set_mode(f.mode);
                 header.set_mtime(0);
                 header.set_entry_type(tar::EntryType::Regular);
-                builder.append_data(&mut header, f.path, f.content).expect("append");
+                builder
+                    .append_data(&mut header, f.path, f.content)
+                    .expect("append");
             }
             builder.finish().expect("finish tar");
         }
@@ -133,7 +161,9 @@ pub fn make_image_with(
         "layers": [{"mediaType": compression.layer_media_type(), "digest": layer.to_string(), "size": layer_size}],
     });
     let (digest, _, _) = store.put_json(&manifest).expect("manifest");
-    store.tag(&name.parse::<Reference>().expect("reference"), &digest).expect("tag");
+    store
+        .tag(&name.parse::<Reference>().expect("reference"), &digest)
+        .expect("tag");
     digest
 }
 
@@ -141,7 +171,10 @@ pub fn make_image_with(
 pub fn snapshot(root: &Path) -> Vec<(PathBuf, String)> {
     let mut out = Vec::new();
     fn walk(root: &Path, dir: &Path, out: &mut Vec<(PathBuf, String)>) {
-        let mut entries: Vec<_> = std::fs::read_dir(dir).expect("read_dir").map(|e| e.expect("entry")).collect();
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .expect("read_dir")
+            .map(|e| e.expect("entry"))
+            .collect();
         entries.sort_by_key(|e| e.file_name());
         for entry in entries {
             let path = entry.path();
@@ -151,9 +184,18 @@ pub fn snapshot(root: &Path) -> Vec<(PathBuf, String)> {
                 out.push((rel, "dir".into()));
                 walk(root, &path, out);
             } else if meta.file_type().is_symlink() {
-                out.push((rel, format!("link:{}", std::fs::read_link(&path).expect("link").display())));
+                out.push((
+                    rel,
+                    format!(
+                        "link:{}",
+                        std::fs::read_link(&path).expect("link").display()
+                    ),
+                ));
             } else {
-                out.push((rel, Digest::of(&std::fs::read(&path).expect("read")).to_string()));
+                out.push((
+                    rel,
+                    Digest::of(&std::fs::read(&path).expect("read")).to_string(),
+                ));
             }
         }
     }
@@ -162,5 +204,7 @@ pub fn snapshot(root: &Path) -> Vec<(PathBuf, String)> {
 }
 
 pub fn write_file(path: &Path, content: &[u8]) {
-    std::fs::File::create(path).and_then(|mut f| f.write_all(content)).expect("write file");
+    std::fs::File::create(path)
+        .and_then(|mut f| f.write_all(content))
+        .expect("write file");
 }
