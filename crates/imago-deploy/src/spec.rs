@@ -321,13 +321,13 @@ impl ServiceSpec {
                 .probe(self.instance_port())
                 .map_err(|(field, reason)| bad(&field, reason))?;
         }
-        if let Some(cpus) = self.resources.cpus {
-            if !(cpus > 0.0 && cpus.is_finite()) {
-                return Err(bad(
-                    "resources.cpus",
-                    format!("{cpus} is not a positive number of cores"),
-                ));
-            }
+        if let Some(cpus) = self.resources.cpus
+            && !(cpus > 0.0 && cpus.is_finite())
+        {
+            return Err(bad(
+                "resources.cpus",
+                format!("{cpus} is not a positive number of cores"),
+            ));
         }
         if self.rollout.progress_deadline.is_zero() {
             return Err(bad(
@@ -356,14 +356,14 @@ pub fn validate_all(
     let mut limits = BTreeMap::new();
     for (name, spec) in services {
         limits.insert(name.clone(), spec.validate(name)?);
-        if let Some(port) = spec.port {
-            if let Some(other) = ports.insert(port, name) {
-                return Err(DeployError::PortConflict {
-                    port,
-                    first: other.to_owned(),
-                    second: name.clone(),
-                });
-            }
+        if let Some(port) = spec.port
+            && let Some(other) = ports.insert(port, name)
+        {
+            return Err(DeployError::PortConflict {
+                port,
+                first: other.to_owned(),
+                second: name.clone(),
+            });
         }
     }
     Ok(limits)
