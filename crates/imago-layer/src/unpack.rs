@@ -633,10 +633,11 @@ impl Applier<'_> {
     fn mark(&mut self, path: &RelPath, kind: Kind, name: &str) -> Result<(), UnpackError> {
         for key in path.ancestor_keys() {
             match self.marks.get(key) {
-                Some(Mark::Entry(earlier)) if *earlier != Kind::Dir => {
+                Some(Mark::Entry(earlier @ (Kind::File | Kind::Fifo))) => {
                     return Err(self.conflict(name, *earlier, Kind::Dir));
                 }
-                // Its ancestors were marked when it was.
+                // Its ancestors were marked when it was. A symlink of this layer may lead on to
+                // a directory: resolution decides whether that stays beneath the root.
                 Some(_) => break,
                 None => {
                     self.marks.insert(key.to_vec(), Mark::Ancestor);
