@@ -121,6 +121,28 @@ impl Layer {
         self
     }
 
+    /// A PAX extended header for the next entry.
+    fn pax(mut self, records: &[(&str, &[u8])]) -> Layer {
+        let mut data = Vec::new();
+        for (key, value) in records {
+            // The length prefix counts itself: grow it until it is consistent.
+            let rest = key.len() + value.len() + 3;
+            let mut len = rest + 1;
+            while len.to_string().len() + rest != len {
+                len += 1;
+            }
+            data.extend_from_slice(format!("{len} {key}=").as_bytes());
+            data.extend_from_slice(value);
+            data.push(b'\n');
+        }
+        let mut h = header(EntryType::XHeader, 0o644);
+        h.set_size(data.len() as u64);
+        self.builder
+            .append_data(&mut h, "PaxHeaders/x", &data[..])
+            .expect("append pax");
+        self
+    }
+
     fn finish(self) -> Vec<u8> {
         self.builder.into_inner().expect("finish tar")
     }
@@ -182,6 +204,8 @@ impl Sandbox {
             message.contains(&self.target().display().to_string()),
             "error {message:?} does not name the root"
         );
+        assert_eq!(err.entry(), Some(entry));
+        assert_eq!(err.root(), self.target());
         assert_eq!(before, self.surroundings(), "surroundings changed");
         assert_eq!(passwd_before, file_state(Path::new("/etc/passwd")));
         assert_eq!(
@@ -875,4 +899,133 @@ fn missing_root_is_an_error() {
     .expect_err("missing root");
     assert!(matches!(err, UnpackError::OpenRoot { .. }), "{err:?}");
     assert!(err.to_string().contains("nope"));
+}
+
+#[test]
+fn harness_notices_changes_outside() {
+    let sb = Sandbox::new();
+    let before = sb.surroundings();
+    fs::write(sb.outside().join("dir/inner"), b"inner\n").expect("rewrite same bytes");
+    assert_ne!(before, sb.surroundings(), "an mtime change must show");
+    let before = sb.surroundings();
+    fs::write(sb.tmp.path().join("new-sibling"), b"").expect("sibling");
+    assert_ne!(
+        before,
+        sb.surroundings(),
+        "a new sibling of target must show"
+    );
+    let before = sb.surroundings();
+    fs::write(sb.target().join("inside"), b"").expect("inside");
+    assert_eq!(
+        before,
+        sb.surroundings(),
+        "target's contents are not surroundings"
+    );
+}
+
+#[test]
+fn setuid_survives_chown_to_another_user() {
+    let sb = Sandbox::new();
+    let tar = Layer::new()
+        .file_owned("suid", 0o4750, 1234, 5678, b"x")
+        .file_owned("sgid", 0o2755, 1234, 5678, b"x")
+        .finish();
+    sb.apply(&tar).expect("apply");
+    for (name, mode) in [("suid", 0o4750), ("sgid", 0o2755)] {
+        let m = fs::metadata(sb.target().join(name)).expect(name);
+        assert_eq!((m.uid(), m.gid()), (1234, 5678), "{name}");
+        assert_eq!(m.permissions().mode() & 0o7777, mode, "{name}");
+    }
+}
+
+#[test]
+fn non_directory_entry_naming_the_root_is_refused() {
+    let sb = Sandbox::new();
+    let tar = Layer::new()
+        .raw(b"./", EntryType::Regular, b"", b"x")
+        .finish();
+    let err = sb.assert_refused(&tar, "./");
+    assert!(matches!(err, UnpackError::UnsafePath { .. }), "{err:?}");
+    assert!(sb.target().is_dir());
+}
+
+#[test]
+fn absolute_symlink_inside_the_root_is_not_followed() {
+    // RESOLVE_BENEATH, not RESOLVE_IN_ROOT: an absolute symlink is an escape even when the
+    // same path exists under the root.
+    let sb = Sandbox::new();
+    let tar = Layer::new()
+        .dir("usr/lib/", 0o755)
+        .symlink("lib", "/usr/lib")
+        .file("lib/libz.so", 0o644, b"z")
+        .finish();
+    let err = sb.assert_refused(&tar, "lib/libz.so");
+    assert!(matches!(err, UnpackError::Escape { .. }), "{err:?}");
+    assert!(!sb.target().join("usr/lib/libz.so").exists());
+}
+
+#[test]
+fn pax_path_and_fractional_mtime() {
+    let sb = Sandbox::new();
+    let long = format!("{}/{}", "p".repeat(150), "q".repeat(150));
+    let tar = Layer::new()
+        .pax(&[("path", long.as_bytes()), ("mtime", b"1600000000.25")])
+        .file("short-name-ignored", 0o644, b"pax")
+        .finish();
+    sb.apply(&tar).expect("apply");
+    assert!(!sb.target().join("short-name-ignored").exists());
+    let m = fs::metadata(sb.target().join(&long)).expect("long");
+    assert_eq!((m.mtime(), m.mtime_nsec()), (MTIME as i64, 250_000_000));
+    assert_eq!(fs::read(sb.target().join(&long)).expect("read"), b"pax");
+}
+
+#[test]
+fn pax_path_escape_is_refused() {
+    let sb = Sandbox::new();
+    let tar = Layer::new()
+        .pax(&[("path", b"../outside/evil")])
+        .file("innocent", 0o644, b"pwned")
+        .finish();
+    let err = sb.assert_refused(&tar, "../outside/evil");
+    assert!(matches!(err, UnpackError::UnsafePath { .. }), "{err:?}");
+}
+
+#[test]
+fn non_utf8_names() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let sb = Sandbox::new();
+    let name = OsStr::from_bytes(b"caf\xe9");
+    let mut h = header(EntryType::Regular, 0o644);
+    h.set_size(1);
+    let mut builder = tar::Builder::new(Vec::new());
+    builder
+        .append_data(&mut h, name, &b"x"[..])
+        .expect("append");
+    let tar = builder.into_inner().expect("finish");
+    sb.apply(&tar).expect("apply");
+    assert_eq!(fs::read(sb.target().join(name)).expect("read"), b"x");
+}
+
+#[test]
+fn layers_stack() {
+    // The same path rewritten by an upper layer gets a new inode: a hard link made by a lower
+    // layer keeps the old content, as in overlayfs.
+    let sb = Sandbox::new();
+    sb.apply(
+        &Layer::new()
+            .file("a", 0o644, b"v1")
+            .hardlink("b", "a")
+            .finish(),
+    )
+    .expect("lower");
+    sb.apply(&Layer::new().file("a", 0o600, b"v2").finish())
+        .expect("upper");
+    assert_eq!(fs::read(sb.target().join("a")).expect("a"), b"v2");
+    assert_eq!(fs::read(sb.target().join("b")).expect("b"), b"v1");
+    let mode = fs::metadata(sb.target().join("b"))
+        .expect("b")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o7777, 0o644);
 }
