@@ -14,24 +14,35 @@
 //!
 //! # Policy
 //!
-//! - Absolute entry paths and any `..` component are refused (see [`path`]); `./` prefixes are
-//!   dropped. The `./` entry itself applies its metadata to the root directory.
+//! - Absolute entry paths and any `..` component are refused rather than rewritten (a layer
+//!   writer never produces them, and `a/..` means something else when `a` is a symlink); `./`
+//!   prefixes and repeated slashes are dropped. The `./` entry applies its metadata to the root
+//!   directory itself.
+//! - Absolute symlinks are escapes when followed (RESOLVE_BENEATH, not RESOLVE_IN_ROOT), even if
+//!   the same path exists under the root: an entry written through one is refused. Storing such
+//!   a symlink is fine.
 //! - Character and block devices are refused: a layer must not hand a container a device node.
 //!   FIFOs are created: they give access to nothing beyond the pipe itself and real images ship
 //!   them. GNU sparse files and unknown entry types are refused. PAX global headers are skipped;
 //!   xattrs are ignored.
 //! - One path may appear several times in a layer (the last one wins) only with the same kind;
-//!   a file that becomes a directory (or any other change of kind, including a path that earlier
-//!   entries used as a directory) is refused.
+//!   a file that becomes a directory, or any other change of kind, is refused, and so is a
+//!   non-directory at a path that earlier entries used as a directory. Later entries may go
+//!   through a symlink of the same layer, as long as resolution stays beneath the root.
+//! - Missing parent directories are created 0755, owned by the caller. A dangling symlink in
+//!   the way of one is an error, not replaced.
 //! - Whiteouts only hide what lower layers left: a `.wh.NAME` or `.wh..wh..opq` spares every
 //!   path this layer writes, before or after the whiteout, and the directories holding them.
 //! - Directory mode, owner and mtime are applied after the whole layer is written, so children
 //!   written later do not bump the mtime and a read-only directory can still be filled.
 //! - Hard links must name a regular file already present beneath the root (from this layer or
 //!   a lower one); the link shares that inode and its metadata.
-//! - An entry larger than [`MAX_ENTRY_SIZE`] is refused before anything is written. The `tar`
-//!   crate buffers GNU long-name and PAX records in memory; their size is bounded only by the
-//!   stream.
+//! - An entry larger than [`MAX_ENTRY_SIZE`] is refused before anything is written; a stream
+//!   that ends inside an entry is [`UnpackError::Truncated`]. Bytes after the end-of-archive
+//!   marker are read and ignored. Known limit: the `tar` crate buffers GNU long-name and PAX
+//!   records in memory, bounded only by the stream.
+//! - Tree removal holds one directory fd per level, so a tree deeper than the fd limit fails
+//!   with EMFILE. Without root, removing a read-only lower directory fails with EACCES.
 
 mod fsops;
 mod path;
