@@ -255,6 +255,7 @@ fn concurrent_tagging_from_many_processes_loses_no_name() {
             imago
                 .cmd()
                 .args(["tag", "base", &format!("copy:{i}")])
+                .stdout(std::process::Stdio::null())
                 .spawn()
                 .expect("spawn")
         })

@@ -1,6 +1,6 @@
 //! The shared harness for CLI tests: runs the built `imago` binary against a temporary home,
 //! and builds small but real OCI images into a store for fixtures.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
 use std::io::Write;
