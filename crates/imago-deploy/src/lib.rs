@@ -6,5 +6,6 @@
 pub mod error;
 pub mod rollout;
 pub mod spec;
+pub mod state;
 
 pub use error::DeployError;
