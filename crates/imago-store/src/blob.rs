@@ -53,13 +53,13 @@ impl BlobWriter {
             .into_inner()
             .map_err(|e| e.into_error())
             .ctx("write", &self.tmp_path)?;
-        if let Some(expected) = expected {
-            if *expected != digest {
-                return Err(StoreError::UnexpectedDigest {
-                    expected: expected.clone(),
-                    actual: digest,
-                });
-            }
+        if let Some(expected) = expected
+            && *expected != digest
+        {
+            return Err(StoreError::UnexpectedDigest {
+                expected: expected.clone(),
+                actual: digest,
+            });
         }
         file.sync_all().ctx("fsync", &self.tmp_path)?;
         drop(file);
