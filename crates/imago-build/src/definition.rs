@@ -255,6 +255,24 @@ impl DefinitionFile {
 }
 
 fn hint_for_toml_error(message: &str) -> Option<String> {
+    const CONFIG_KEYS: [&str; 9] = [
+        "entrypoint",
+        "cmd",
+        "env",
+        "workdir",
+        "user",
+        "ports",
+        "labels",
+        "stop_signal",
+        "volumes",
+    ];
+    if let Some(key) = message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split('`').next())
+        && CONFIG_KEYS.contains(&key)
+    {
+        return Some(format!("`{key}` belongs in the [image.NAME.config] table"));
+    }
     let hint = if message.starts_with("unknown field") {
         "check the spelling; `imago schema` prints every key the definition accepts"
     } else if message.starts_with("invalid type") || message.starts_with("wanted") {
@@ -319,6 +337,11 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("hint:"), "{err}");
+        let err = parse_err("[image.web]\nentrypoint = [\"/x\"]\n");
+        assert!(
+            err.contains("belongs in the [image.NAME.config] table"),
+            "{err}"
+        );
     }
 
     #[test]
