@@ -1,5 +1,6 @@
 //! End-to-end tests of the builder library: golden digest, perturbations, cache, errors and
 //! interop with skopeo and umoci. They run as root in CI (owners in umoci's unpacked tree).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

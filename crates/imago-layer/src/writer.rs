@@ -571,7 +571,7 @@ mod tests {
 
     #[test]
     fn sort_key_puts_parents_before_children() {
-        let mut keys = vec![
+        let mut keys = [
             entry_sort_key(b"a/b", false),
             entry_sort_key(b"a.txt", false),
             entry_sort_key(b"a", true),
