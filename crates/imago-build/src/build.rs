@@ -492,28 +492,34 @@ fn load_base(
     if text == "scratch" {
         return Ok(None);
     }
-    if text.starts_with("oci-archive:") || text.starts_with("docker-archive:") {
-        return Err(file.error(
-            from.span(),
-            format!("base {text}: building from an archive file is not supported yet"),
-            "import it first (skopeo copy oci-archive:FILE oci:<home>/store:NAME) and use `from = \"NAME\"`",
-        ));
-    }
-    let reference: Reference = text.parse().map_err(|e| {
-        file.error(
-            from.span(),
-            format!("invalid base image reference: {e}"),
-            "use scratch, NAME[:TAG], NAME@sha256:... or oci-archive:PATH",
-        )
-    })?;
-    let resolved = store.resolve(&reference).map_err(|e| match e {
-        imago_store::StoreError::NotFound(_) => file.error(
-            from.span(),
-            format!("base image {text} is not in the store"),
-            "build or import it first (`imago images` lists the store)",
-        ),
-        other => other.into(),
-    })?;
+    let resolved = if let Some((format, archive)) = crate::import::parse_archive_base(text) {
+        let archive_path = file.dir().join(&archive);
+        if !archive_path.is_file() {
+            return Err(file.error(
+                from.span(),
+                format!("base archive {} does not exist", archive_path.display()),
+                "archive paths are relative to the directory of imago.toml",
+            ));
+        }
+        let digest = crate::import::import_archive(store, &archive_path, format)?;
+        store.load_image(&digest)?
+    } else {
+        let reference: Reference = text.parse().map_err(|e| {
+            file.error(
+                from.span(),
+                format!("invalid base image reference: {e}"),
+                "use scratch, NAME[:TAG], NAME@sha256:... or oci-archive:PATH",
+            )
+        })?;
+        store.resolve(&reference).map_err(|e| match e {
+            imago_store::StoreError::NotFound(_) => file.error(
+                from.span(),
+                format!("base image {text} is not in the store"),
+                "build or import it first (`imago images` lists the store)",
+            ),
+            other => other.into(),
+        })?
+    };
     let config_bytes = store.read_blob(
         &resolved.config_digest,
         Some(resolved.manifest.config().size()),

@@ -18,6 +18,7 @@ pub mod archive;
 pub mod build;
 pub mod cache;
 pub mod definition;
+pub mod import;
 pub mod plan;
 
 pub use build::{BuildOptions, BuiltImage, BuiltLayer, Event, build_image};
@@ -68,6 +69,8 @@ pub enum BuildError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("importing {}: {message}", path.display())]
+    Import { path: PathBuf, message: String },
     #[error("internal error: {0}")]
     Internal(String),
 }

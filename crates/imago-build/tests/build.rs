@@ -626,3 +626,70 @@ fn archives_are_readable_and_reproducible() {
         }
     }
 }
+
+/// `from = "oci-archive:FILE"` and `"docker-archive:FILE"`: the base's layers are reused as they
+/// are, and the result is reproducible.
+#[test]
+fn builds_on_archive_bases() {
+    use imago_build::archive::{ArchiveFormat, write_archive};
+    let h = Harness::new();
+    let dir = h._tmp.path().join("ctx");
+    make_context(&dir, false, 0o644, 0o755);
+    let base = h.build(&dir, "app");
+    let store = h.store();
+    write_archive(
+        &store,
+        &base,
+        "app:latest",
+        ArchiveFormat::Oci,
+        &dir.join("base-oci.tar"),
+        0,
+    )
+    .unwrap();
+    write_archive(
+        &store,
+        &base,
+        "app:latest",
+        ArchiveFormat::Docker,
+        &dir.join("base-docker.tar"),
+        0,
+    )
+    .unwrap();
+    let child = |from: &str| {
+        let other = h._tmp.path().join(format!("child-{}", from.len()));
+        fs::create_dir_all(&other).unwrap();
+        fs::copy(dir.join("base-oci.tar"), other.join("base-oci.tar")).unwrap();
+        fs::copy(dir.join("base-docker.tar"), other.join("base-docker.tar")).unwrap();
+        fs::write(
+            other.join("imago.toml"),
+            format!(
+                "[image.child]\nfrom = \"{from}\"\n[[image.child.layer]]\nfile = [{{ path = \"/c\", content = \"c\" }}]\n"
+            ),
+        )
+        .unwrap();
+        // A fresh store each time: the archive is the only source of the base.
+        let fresh = Harness::new();
+        fresh.build(&other, "child")
+    };
+    for from in ["oci-archive:base-oci.tar", "docker-archive:base-docker.tar"] {
+        let a = child(from);
+        let b = child(from);
+        assert_eq!(a.digest, b.digest, "{from}");
+        assert_eq!(a.layers.len(), 3, "{from}");
+        assert_eq!(a.layers[0].digest, base.layers[0].digest, "{from}");
+        assert_eq!(a.layers[1].diff_id, base.layers[1].diff_id, "{from}");
+        let config: serde_json::Value = serde_json::from_slice(&a.config).unwrap();
+        assert_eq!(
+            config["config"]["Entrypoint"],
+            serde_json::json!(["/bin/tool"])
+        );
+        if from.starts_with("oci") {
+            assert_eq!(a.base, Some(format!("{from}@{}", base.digest)));
+        }
+    }
+    expect_error(
+        "[image.x]\nfrom = \"oci-archive:missing.tar\"\n",
+        &[],
+        "imago.toml:2:8: base archive CTX/missing.tar does not exist",
+    );
+}
