@@ -123,6 +123,8 @@ pub fn build_image(
             defined: file.definition.image.keys().cloned().collect(),
         });
     };
+    // The name becomes NAME:latest: refuse a name that cannot be one before doing any work.
+    let reference = Reference::named(name, imago_oci::reference::DEFAULT_TAG)?;
     // Holds gc off from the first blob written until the image is tagged.
     let _guard = store.write_guard()?;
     let mut cache = match (&options.cache_dir, options.check) {
@@ -154,14 +156,16 @@ pub fn build_image(
         },
         other => other,
     })?;
-    let base = load_base(store, file, image)?;
-
-    // Plan every layer first, so that a definition error anywhere fails before any work.
+    // Plan every layer and check the config first, so that a definition error anywhere fails
+    // before any work.
     let plans = image
         .layers
         .iter()
         .map(|l| plan_layer(file, &context, l))
         .collect::<Result<Vec<_>, _>>()?;
+    let base = load_base(store, file, image)?;
+    let created = rfc3339(options.source_date_epoch);
+    config_json(file, image, base.as_ref(), &plans, &[], &created)?;
 
     let mut layers: Vec<BuiltLayer> = base
         .as_ref()
@@ -199,7 +203,6 @@ pub fn build_image(
     }
     cache.save();
 
-    let created = rfc3339(options.source_date_epoch);
     let config = config_json(file, image, base.as_ref(), &plans, &layers, &created)?;
     let config_bytes = to_canonical_json(&config)?;
     let config_digest = Digest::of(&config_bytes);
@@ -263,7 +266,6 @@ pub fn build_image(
     } else {
         store.put_blob(&built.config)?;
         store.put_blob(&built.manifest)?;
-        let reference = Reference::named(name, imago_oci::reference::DEFAULT_TAG)?;
         store.tag(&reference, &built.digest)?;
     }
     Ok(built)

@@ -20,7 +20,7 @@ use std::path::Path;
 
 use imago_oci::{Digest, HashingWriter};
 
-use crate::compression::Compression;
+use crate::compression::{Compression, Compressor};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriterError {
@@ -69,7 +69,43 @@ pub struct LayerDigests {
     pub blob_size: u64,
 }
 
-type Inner<W> = HashingWriter<pipe::MaybeThreaded<HashingWriter<W>>>;
+/// tar -> (worker thread:) diff_id hasher -> compressor -> blob hasher -> sink.
+type Inner<W> = DiffHash<pipe::Pipe<DiffHash<Compressor<HashingWriter<W>>>>>;
+
+/// Hashes the tar (the diff_id) on whichever side of the thread boundary has room: exactly one
+/// of the two `DiffHash` layers in a chain hashes, the other passes bytes through.
+struct DiffHash<W> {
+    inner: W,
+    hasher: Option<imago_oci::Sha256>,
+    count: u64,
+}
+
+impl<W> DiffHash<W> {
+    fn new(inner: W, hashing: bool) -> Self {
+        use sha2::Digest as _;
+        DiffHash {
+            inner,
+            hasher: hashing.then(imago_oci::Sha256::new),
+            count: 0,
+        }
+    }
+}
+
+impl<W: Write> Write for DiffHash<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        use sha2::Digest as _;
+        let n = self.inner.write(buf)?;
+        if let Some(h) = &mut self.hasher {
+            h.update(&buf[..n]);
+        }
+        self.count += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
 
 /// Streams a reproducible layer into `W`.
 pub struct LayerWriter<W: Write + Send + 'static> {
@@ -82,9 +118,17 @@ impl<W: Write + Send + 'static> LayerWriter<W> {
     /// `mtime` is the one timestamp every entry gets (SOURCE_DATE_EPOCH or 0, whole seconds).
     pub fn new(sink: W, compression: Compression, mtime: u64) -> Result<Self, WriterError> {
         let blob = HashingWriter::new(sink);
-        let compressed =
-            pipe::MaybeThreaded::new(compression, blob).map_err(WriterError::Compressor)?;
-        let mut tar = tar::Builder::new(HashingWriter::new(compressed));
+        let compressor = Compressor::new(compression, blob).map_err(WriterError::Compressor)?;
+        // Hashing the tar and compressing it run on a second thread, so that they overlap with
+        // reading files and framing the tar here. Without compression there is too little work
+        // to share.
+        let threaded = compression != Compression::None;
+        // gzip is one deflate stream on the worker thread, the slowest stage: hash the tar here.
+        // zstd compresses on its own workers, which leaves the feeding thread the room.
+        let hash_in_worker = compression == Compression::Zstd;
+        let worker_side = DiffHash::new(compressor, hash_in_worker);
+        let pipe = pipe::Pipe::new(worker_side, threaded).map_err(WriterError::Compressor)?;
+        let mut tar = tar::Builder::new(DiffHash::new(pipe, !hash_in_worker));
         // Only matters for append_path*, which this writer never calls; set anyway so that no
         // future edit can pick up host metadata by accident.
         tar.mode(tar::HeaderMode::Deterministic);
@@ -97,7 +141,7 @@ impl<W: Write + Send + 'static> LayerWriter<W> {
 
     /// Uncompressed tar bytes written so far (for progress reporting).
     pub fn tar_bytes(&self) -> u64 {
-        self.tar.get_ref().count()
+        self.tar.get_ref().count
     }
 
     /// Adds a directory. `path` is relative to the image root, without a leading `/`; a trailing
@@ -177,9 +221,15 @@ impl<W: Write + Send + 'static> LayerWriter<W> {
     /// Writes the end-of-archive blocks, flushes the compressor and returns the digests and the
     /// sink.
     pub fn finish(self) -> Result<(LayerDigests, W), WriterError> {
-        let tar = self.tar.into_inner().map_err(WriterError::Finish)?;
-        let (diff_id, tar_size, compressed) = tar.finish();
-        let blob = compressed.finish().map_err(WriterError::Finish)?;
+        let outer = self.tar.into_inner().map_err(WriterError::Finish)?;
+        let tar_size = outer.count;
+        let inner = outer.inner.finish().map_err(WriterError::Finish)?;
+        let hasher = outer
+            .hasher
+            .or(inner.hasher)
+            .ok_or_else(|| WriterError::Finish(io::Error::other("no tar hasher")))?;
+        let diff_id = Digest::from_hasher(hasher);
+        let blob = inner.inner.finish().map_err(WriterError::Finish)?;
         let (blob_digest, blob_size, sink) = blob.finish();
         Ok((
             LayerDigests {
@@ -292,64 +342,68 @@ impl<R: Read> Read for ExactReader<R> {
 }
 
 pub mod pipe {
-    //! Runs a compressor on its own thread. The bytes and their order are exactly those of the
-    //! single-threaded path, so the output is identical; only the wall time changes.
+    //! Runs the tail of a writer chain on its own thread. The bytes and their order are exactly
+    //! those of the inline path, so the output is identical; only the wall time changes.
 
     use std::io::{self, Write};
-    use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+    use std::sync::mpsc::{SyncSender, sync_channel};
     use std::thread::JoinHandle;
-
-    use crate::compression::{Compression, Compressor};
 
     const CHUNK: usize = 256 * 1024;
     /// Chunks in flight: bounds memory to about CHUNK * (DEPTH + 2) whatever the layer size.
     const DEPTH: usize = 8;
 
-    pub enum MaybeThreaded<W: Write + Send + 'static> {
-        Inline(Compressor<W>),
-        Threaded(Threaded<W>),
+    /// A writer that is either `T` itself or `T` running on a worker thread fed in CHUNK-sized
+    /// pieces through a bounded channel.
+    pub enum Pipe<T: Write + Send + 'static> {
+        Inline(T, u64),
+        Threaded(Threaded<T>),
     }
 
-    pub struct Threaded<W: Write + Send + 'static> {
+    pub struct Threaded<T: Write + Send + 'static> {
         buf: Vec<u8>,
+        count: u64,
         tx: Option<SyncSender<Vec<u8>>>,
-        worker: Option<JoinHandle<io::Result<W>>>,
+        worker: Option<JoinHandle<io::Result<T>>>,
     }
 
-    impl<W: Write + Send + 'static> MaybeThreaded<W> {
-        pub fn new(compression: Compression, inner: W) -> io::Result<Self> {
-            match compression {
-                // No compression needs no thread.
-                Compression::None => {
-                    Ok(MaybeThreaded::Inline(Compressor::new(compression, inner)?))
-                }
-                // zstd runs its own workers, but fed the tar's many small writes directly it
-                // spends its time synchronising with them: 256 KiB chunks from a feeder thread
-                // make it about 3x faster, with the same bytes.
-                Compression::Gzip | Compression::Zstd => {
-                    let mut compressor = Compressor::new(compression, inner)?;
-                    let (tx, rx): (SyncSender<Vec<u8>>, Receiver<Vec<u8>>) = sync_channel(DEPTH);
-                    let worker = std::thread::Builder::new()
-                        .name("imago-compress".into())
-                        .spawn(move || {
-                            for chunk in rx {
-                                compressor.write_all(&chunk)?;
-                            }
-                            compressor.finish()
-                        })?;
-                    Ok(MaybeThreaded::Threaded(Threaded {
-                        buf: Vec::with_capacity(CHUNK),
-                        tx: Some(tx),
-                        worker: Some(worker),
-                    }))
-                }
+    impl<T: Write + Send + 'static> Pipe<T> {
+        pub fn new(inner: T, threaded: bool) -> io::Result<Self> {
+            if !threaded {
+                return Ok(Pipe::Inline(inner, 0));
+            }
+            let (tx, rx) = sync_channel::<Vec<u8>>(DEPTH);
+            let mut inner = inner;
+            let worker = std::thread::Builder::new()
+                .name("imago-layer".into())
+                .spawn(move || {
+                    for chunk in rx {
+                        inner.write_all(&chunk)?;
+                    }
+                    Ok(inner)
+                })?;
+            Ok(Pipe::Threaded(Threaded {
+                buf: Vec::with_capacity(CHUNK),
+                count: 0,
+                tx: Some(tx),
+                worker: Some(worker),
+            }))
+        }
+
+        /// Bytes written so far.
+        pub fn count(&self) -> u64 {
+            match self {
+                Pipe::Inline(_, n) => *n,
+                Pipe::Threaded(t) => t.count,
             }
         }
 
-        pub fn finish(self) -> io::Result<W> {
+        /// Hands everything to `T` and returns it (not flushed or finished: that is the
+        /// caller's, who knows what `T` is).
+        pub fn finish(self) -> io::Result<T> {
             match self {
-                MaybeThreaded::Inline(c) => c.finish(),
-                MaybeThreaded::Threaded(mut t) => {
+                Pipe::Inline(inner, _) => Ok(inner),
+                Pipe::Threaded(mut t) => {
                     t.send_buf()?;
                     t.join()
                 }
@@ -357,7 +411,7 @@ pub mod pipe {
         }
     }
 
-    impl<W: Write + Send + 'static> Threaded<W> {
+    impl<T: Write + Send + 'static> Threaded<T> {
         fn send_buf(&mut self) -> io::Result<()> {
             if self.buf.is_empty() {
                 return Ok(());
@@ -374,29 +428,34 @@ pub mod pipe {
                 Err(self
                     .join()
                     .err()
-                    .unwrap_or_else(|| io::Error::other("compressor thread stopped")))
+                    .unwrap_or_else(|| io::Error::other("layer writer thread stopped")))
             }
         }
 
-        fn join(&mut self) -> io::Result<W> {
+        fn join(&mut self) -> io::Result<T> {
             self.tx = None;
             match self.worker.take() {
                 Some(worker) => worker
                     .join()
-                    .map_err(|_| io::Error::other("compressor thread panicked"))?,
-                None => Err(io::Error::other("compressor thread already finished")),
+                    .map_err(|_| io::Error::other("layer writer thread panicked"))?,
+                None => Err(io::Error::other("layer writer thread already finished")),
             }
         }
     }
 
-    impl<W: Write + Send + 'static> Write for MaybeThreaded<W> {
+    impl<T: Write + Send + 'static> Write for Pipe<T> {
         fn write(&mut self, data: &[u8]) -> io::Result<usize> {
             match self {
-                MaybeThreaded::Inline(c) => c.write(data),
-                MaybeThreaded::Threaded(t) => {
+                Pipe::Inline(inner, count) => {
+                    let n = inner.write(data)?;
+                    *count += n as u64;
+                    Ok(n)
+                }
+                Pipe::Threaded(t) => {
                     let room = CHUNK - t.buf.len();
                     let n = room.min(data.len());
                     t.buf.extend_from_slice(&data[..n]);
+                    t.count += n as u64;
                     if t.buf.len() == CHUNK {
                         t.send_buf()?;
                     }
@@ -406,7 +465,7 @@ pub mod pipe {
         }
 
         fn flush(&mut self) -> io::Result<()> {
-            // Flushing would force a deflate block boundary and change the bytes; the compressed
+            // Flushing a compressor would force a block boundary and change the bytes; the
             // stream is complete only after finish() anyway.
             Ok(())
         }
@@ -524,11 +583,12 @@ mod tests {
             let mut one = crate::compression::Compressor::new(c, Vec::new()).unwrap();
             one.write_all(&data).unwrap();
             let one = one.finish().unwrap();
-            let mut many = pipe::MaybeThreaded::new(c, Vec::new()).unwrap();
+            let threaded = crate::compression::Compressor::new(c, Vec::new()).unwrap();
+            let mut many = pipe::Pipe::new(threaded, true).unwrap();
             for chunk in data.chunks(511) {
                 many.write_all(chunk).unwrap();
             }
-            let many = many.finish().unwrap();
+            let many = many.finish().unwrap().finish().unwrap();
             let mut small = crate::compression::Compressor::new(c, Vec::new()).unwrap();
             for chunk in data.chunks(4093) {
                 small.write_all(chunk).unwrap();
