@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod error;
+pub mod plan;
 pub mod rollout;
 pub mod spec;
 pub mod state;
