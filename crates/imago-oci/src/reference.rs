@@ -173,10 +173,8 @@ impl FromStr for Reference {
                 "a name is lowercase letters, digits and . _ - separated by /",
             ));
         }
-        if let Some(tag) = tag {
-            if !valid_tag(tag) {
-                return Err(invalid(s, "a tag is up to 128 letters, digits, _ . and -"));
-            }
+        if tag.is_some_and(|t| !valid_tag(t)) {
+            return Err(invalid(s, "a tag is up to 128 letters, digits, _ . and -"));
         }
         Ok(Reference::Name {
             name: name.to_owned(),

@@ -1,0 +1,338 @@
+//! Commands on the image store: images, inspect, tag, rmi, gc, verify, unpack.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context as _, Result, bail};
+use clap::Args;
+use imago_oci::{Digest, Reference};
+use imago_store::{GcReport, ImageSummary, LayerInfo, VerifyReport};
+use serde::Serialize;
+
+use crate::Context;
+use crate::reporter::{Render, human_size};
+
+pub fn parse_reference(text: &str) -> Result<Reference> {
+    Ok(text.parse::<Reference>()?)
+}
+
+#[derive(Debug, Args)]
+pub struct ImagesArgs {}
+
+#[derive(Serialize)]
+struct ImageList(Vec<ImageSummary>);
+
+impl Render for ImageList {
+    fn human(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        writeln!(
+            out,
+            "{:<40} {:<14} {:>10}  CREATED",
+            "NAME", "DIGEST", "SIZE"
+        )?;
+        for image in &self.0 {
+            writeln!(
+                out,
+                "{:<40} {:<14} {:>10}  {}",
+                image.name.as_deref().unwrap_or("<none>"),
+                image.digest.short(),
+                human_size(image.size),
+                image.created.as_deref().unwrap_or("-"),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+pub fn images(ctx: &Context, _args: ImagesArgs) -> Result<()> {
+    let store = ctx.store()?;
+    ctx.reporter.emit(&ImageList(store.images()?))
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// name[:tag], name@sha256:..., sha256:..., or a unique digest prefix
+    pub reference: String,
+}
+
+#[derive(Serialize)]
+struct Inspection {
+    digest: Digest,
+    names: Vec<String>,
+    size: u64,
+    config_digest: Digest,
+    layers: Vec<LayerInfo>,
+    manifest: serde_json::Value,
+    config: serde_json::Value,
+}
+
+impl Render for Inspection {
+    fn human(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        writeln!(out, "Digest:  {}", self.digest)?;
+        writeln!(
+            out,
+            "Names:   {}",
+            if self.names.is_empty() {
+                "<none>".into()
+            } else {
+                self.names.join(", ")
+            }
+        )?;
+        writeln!(
+            out,
+            "Size:    {} ({} bytes)",
+            human_size(self.size),
+            self.size
+        )?;
+        writeln!(out, "Config:  {}", self.config_digest)?;
+        let cfg = self.config.get("config");
+        for key in [
+            "Entrypoint",
+            "Cmd",
+            "Env",
+            "WorkingDir",
+            "User",
+            "ExposedPorts",
+            "Labels",
+        ] {
+            if let Some(value) = cfg.and_then(|c| c.get(key)) {
+                writeln!(out, "  {key}: {value}")?;
+            }
+        }
+        if let Some(created) = self.config.get("created").and_then(|c| c.as_str()) {
+            writeln!(out, "Created: {created}")?;
+        }
+        writeln!(out, "Layers:")?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            writeln!(
+                out,
+                "  {i}: {} {:>10}  {}",
+                layer.digest,
+                human_size(layer.size),
+                layer.media_type
+            )?;
+            if let Some(diff_id) = &layer.diff_id {
+                writeln!(out, "     diff_id {diff_id}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn inspect(ctx: &Context, args: InspectArgs) -> Result<()> {
+    let store = ctx.store()?;
+    let image = store.resolve(&parse_reference(&args.reference)?)?;
+    let names = store
+        .names()?
+        .into_iter()
+        .filter(|e| e.digest == image.digest)
+        .filter_map(|e| e.name)
+        .collect();
+    let manifest = serde_json::from_slice(&store.read_blob(&image.digest, None)?)?;
+    let config = serde_json::from_slice(&store.read_blob(&image.config_digest, None)?)?;
+    let inspection = Inspection {
+        digest: image.digest.clone(),
+        names,
+        size: image.total_size(),
+        config_digest: image.config_digest.clone(),
+        layers: image.layers()?,
+        manifest,
+        config,
+    };
+    ctx.reporter.emit(&inspection)
+}
+
+#[derive(Debug, Args)]
+pub struct TagArgs {
+    /// The image to name
+    pub source: String,
+    /// The new name, NAME[:TAG]
+    pub target: String,
+}
+
+#[derive(Serialize)]
+struct Tagged {
+    name: String,
+    digest: Digest,
+}
+
+impl Render for Tagged {
+    fn human(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        writeln!(out, "{} -> {}", self.name, self.digest)
+    }
+}
+
+pub fn tag(ctx: &Context, args: TagArgs) -> Result<()> {
+    let store = ctx.store()?;
+    let digest = store.resolve_digest(&parse_reference(&args.source)?)?;
+    let target = parse_reference(&args.target)?;
+    let Some(name) = target
+        .ref_name()
+        .filter(|_| matches!(target, Reference::Name { digest: None, .. }))
+    else {
+        bail!("invalid tag {:?}: expected NAME[:TAG]", args.target);
+    };
+    store.tag(&target, &digest)?;
+    ctx.reporter.emit(&Tagged { name, digest })
+}
+
+#[derive(Debug, Args)]
+pub struct RmiArgs {
+    /// Names to remove, NAME[:TAG]
+    #[arg(required = true)]
+    pub references: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct Removed(Vec<Tagged>);
+
+impl Render for Removed {
+    fn human(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        for r in &self.0 {
+            writeln!(out, "Untagged: {} ({})", r.name, r.digest)?;
+        }
+        Ok(())
+    }
+}
+
+pub fn rmi(ctx: &Context, args: RmiArgs) -> Result<()> {
+    let store = ctx.store()?;
+    let mut removed = Vec::new();
+    for text in &args.references {
+        let reference = parse_reference(text)?;
+        let name = reference
+            .ref_name()
+            .with_context(|| format!("rmi removes names; {text:?} is a digest (blobs go at gc)"))?;
+        let digest = store.untag(&reference)?;
+        removed.push(Tagged { name, digest });
+    }
+    ctx.reporter.emit(&Removed(removed))
+}
+
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Report what would be deleted without deleting it
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Serialize)]
+struct GcResult(GcReport);
+
+impl Render for GcResult {
+    fn human(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        let r = &self.0;
+        let verb = if r.dry_run { "would delete" } else { "deleted" };
+        for (digest, size) in &r.removed {
+            writeln!(out, "{verb} {digest} ({})", human_size(*size))?;
+        }
+        writeln!(
+            out,
+            "{verb} {} blobs, {} freed; {} blobs kept; {} stale temporary files",
+            r.removed.len(),
+            human_size(r.freed_bytes),
+            r.kept,
+            r.stale_temp_files
+        )
+    }
+}
+
+pub fn gc(ctx: &Context, args: GcArgs) -> Result<()> {
+    let store = ctx.store()?;
+    let report = store.gc(&[], args.dry_run)?;
+    ctx.reporter.emit(&GcResult(report))
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Only the blobs of this image (default: every blob in the store)
+    pub reference: Option<String>,
+}
+
+#[derive(Serialize)]
+struct VerifyResult(VerifyReport);
+
+impl Render for VerifyResult {
+    fn human(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        let r = &self.0;
+        for p in &r.problems {
+            write!(out, "{}: {} ({})", p.digest, p.problem, p.path.display())?;
+            match &p.referrer {
+                Some(by) => writeln!(out, ", referred to as {by}")?,
+                None => writeln!(out)?,
+            }
+        }
+        writeln!(
+            out,
+            "checked {} blobs ({}): {}",
+            r.blobs_checked,
+            human_size(r.bytes_checked),
+            if r.is_ok() {
+                "all intact".to_string()
+            } else {
+                format!("{} problems", r.problems.len())
+            }
+        )
+    }
+}
+
+pub fn verify(ctx: &Context, args: VerifyArgs) -> Result<()> {
+    let store = ctx.store()?;
+    let roots = match &args.reference {
+        Some(text) => Some(vec![store.resolve_digest(&parse_reference(text)?)?]),
+        None => None,
+    };
+    let report = store.verify(roots.as_deref())?;
+    ctx.reporter.emit(&VerifyResult(report.clone()))?;
+    if !report.is_ok() {
+        bail!("{} corrupt or missing blobs", report.problems.len());
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct UnpackArgs {
+    pub reference: String,
+    /// Target directory (created if missing; must be empty)
+    pub dir: PathBuf,
+}
+
+#[derive(Serialize)]
+struct Unpacked {
+    digest: Digest,
+    dir: PathBuf,
+    #[serde(flatten)]
+    report: imago_store::UnpackReport,
+}
+
+impl Render for Unpacked {
+    fn human(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        writeln!(
+            out,
+            "unpacked {} into {}: {} layers, {} entries, {}",
+            self.digest,
+            self.dir.display(),
+            self.report.layers,
+            self.report.entries,
+            human_size(self.report.bytes)
+        )
+    }
+}
+
+pub fn unpack(ctx: &Context, args: UnpackArgs) -> Result<()> {
+    let store = ctx.store()?;
+    let image = store.resolve(&parse_reference(&args.reference)?)?;
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("cannot create {}", args.dir.display()))?;
+    if std::fs::read_dir(&args.dir)?.next().is_some() {
+        bail!(
+            "{} is not empty; unpack needs an empty directory",
+            args.dir.display()
+        );
+    }
+    let report = store.unpack(&image, &args.dir, true)?;
+    ctx.reporter.emit(&Unpacked {
+        digest: image.digest,
+        dir: args.dir,
+        report,
+    })
+}

@@ -1,0 +1,3 @@
+//! One module per area of the command line; each command takes the shared [`crate::Context`].
+
+pub mod images;

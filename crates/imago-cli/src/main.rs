@@ -1,0 +1,95 @@
+//! `imago`: define it in a file, build it reproducibly, store it by digest, launch new instances
+//! from that digest, replace the old ones.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand};
+
+mod commands;
+mod home;
+mod reporter;
+
+use home::Home;
+use reporter::Reporter;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "imago",
+    version,
+    about = "Immutable infrastructure: build, store, launch, replace"
+)]
+struct Cli {
+    /// Where imago keeps its store and state [default: $XDG_DATA_HOME/imago or ~/.local/share/imago]
+    #[arg(long, global = true, env = "IMAGO_HOME", value_name = "DIR")]
+    home: Option<PathBuf>,
+    /// Print results as JSON on stdout
+    #[arg(long, global = true)]
+    json: bool,
+    /// Print no status lines on stderr
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List the images in the store
+    Images(commands::images::ImagesArgs),
+    /// Show an image's manifest, config and layers
+    Inspect(commands::images::InspectArgs),
+    /// Give an image another name
+    Tag(commands::images::TagArgs),
+    /// Remove image names (blobs are deleted by gc)
+    Rmi(commands::images::RmiArgs),
+    /// Delete blobs that nothing refers to
+    Gc(commands::images::GcArgs),
+    /// Re-hash blobs and report every corrupt or missing one
+    Verify(commands::images::VerifyArgs),
+    /// Apply an image's layers into a directory
+    Unpack(commands::images::UnpackArgs),
+}
+
+/// What every command gets: where the data lives and where output goes.
+pub struct Context {
+    pub home: Home,
+    pub reporter: Reporter,
+}
+
+impl Context {
+    pub fn store(&self) -> Result<imago_store::Store> {
+        let dir = self.home.store_dir();
+        imago_store::Store::open(&dir)
+            .with_context(|| format!("cannot open the image store at {}", dir.display()))
+    }
+}
+
+fn run(cli: Cli, reporter: Reporter) -> Result<()> {
+    let ctx = Context {
+        home: Home::locate(cli.home)?,
+        reporter,
+    };
+    match cli.command {
+        Command::Images(args) => commands::images::images(&ctx, args),
+        Command::Inspect(args) => commands::images::inspect(&ctx, args),
+        Command::Tag(args) => commands::images::tag(&ctx, args),
+        Command::Rmi(args) => commands::images::rmi(&ctx, args),
+        Command::Gc(args) => commands::images::gc(&ctx, args),
+        Command::Verify(args) => commands::images::verify(&ctx, args),
+        Command::Unpack(args) => commands::images::unpack(&ctx, args),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let reporter = Reporter::new(cli.json, cli.quiet);
+    match run(cli, reporter.clone()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            reporter.error(&error);
+            ExitCode::FAILURE
+        }
+    }
+}

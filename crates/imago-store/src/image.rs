@@ -1,0 +1,207 @@
+//! Resolving references to images and reading their manifests and configs.
+
+use std::collections::{BTreeSet, HashMap};
+
+use imago_oci::spec::{Arch, ImageConfiguration, ImageIndex, ImageManifest, Os};
+use imago_oci::{Digest, Reference, media};
+use serde::Serialize;
+
+use crate::error::{Result, StoreError};
+use crate::index::{descriptor_digest, manifest_media_type};
+use crate::layout::Store;
+
+/// One image, read and verified: its manifest and config.
+#[derive(Debug, Clone)]
+pub struct ResolvedImage {
+    /// The manifest digest: the image's identity.
+    pub digest: Digest,
+    /// The manifest size in bytes.
+    pub manifest_size: u64,
+    pub manifest: ImageManifest,
+    pub config_digest: Digest,
+    pub config: ImageConfiguration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerInfo {
+    pub digest: Digest,
+    pub media_type: String,
+    pub size: u64,
+    pub diff_id: Option<Digest>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageSummary {
+    pub name: Option<String>,
+    pub digest: Digest,
+    /// Manifest + config + layer blob sizes.
+    pub size: u64,
+    pub created: Option<String>,
+}
+
+impl ResolvedImage {
+    /// Manifest, config and layer bytes together.
+    pub fn total_size(&self) -> u64 {
+        self.manifest_size
+            + self.manifest.config().size()
+            + self.manifest.layers().iter().map(|l| l.size()).sum::<u64>()
+    }
+
+    pub fn layers(&self) -> Result<Vec<LayerInfo>> {
+        let diff_ids = self.config.rootfs().diff_ids();
+        self.manifest
+            .layers()
+            .iter()
+            .enumerate()
+            .map(|(i, layer)| {
+                Ok(LayerInfo {
+                    digest: descriptor_digest(layer, &format!("manifest {}", self.digest))?,
+                    media_type: layer.media_type().to_string(),
+                    size: layer.size(),
+                    diff_id: diff_ids.get(i).and_then(|d| d.parse().ok()),
+                })
+            })
+            .collect()
+    }
+}
+
+impl Store {
+    /// Finds the image `reference` names. Names win over digest prefixes; a bare hex string that
+    /// is no name is tried as a digest prefix, which must be unique.
+    pub fn resolve(&self, reference: &Reference) -> Result<ResolvedImage> {
+        let digest = self.resolve_digest(reference)?;
+        self.load_image(&digest)
+    }
+
+    /// Like [`Store::resolve`] but only finds the manifest digest.
+    pub fn resolve_digest(&self, reference: &Reference) -> Result<Digest> {
+        match reference {
+            Reference::Digest(d) => self.existing(d, reference),
+            Reference::Name {
+                digest: Some(d), ..
+            } => self.existing(d, reference),
+            Reference::Name { .. } => {
+                let name = reference.ref_name().unwrap_or_default();
+                let entries = self.names()?;
+                if let Some(entry) = entries
+                    .iter()
+                    .find(|e| e.name.as_deref() == Some(name.as_str()))
+                {
+                    return Ok(entry.digest.clone());
+                }
+                match reference.digest_prefix() {
+                    Some(prefix) => self.resolve_prefix(prefix, &entries),
+                    None => Err(StoreError::NotFound(reference.to_string())),
+                }
+            }
+            Reference::DigestPrefix(prefix) => self.resolve_prefix(prefix, &self.names()?),
+        }
+    }
+
+    fn existing(&self, digest: &Digest, reference: &Reference) -> Result<Digest> {
+        if self.has_blob(digest) {
+            Ok(digest.clone())
+        } else {
+            Err(StoreError::NotFound(reference.to_string()))
+        }
+    }
+
+    fn resolve_prefix(&self, prefix: &str, entries: &[crate::NamedManifest]) -> Result<Digest> {
+        let candidates: BTreeSet<Digest> = entries
+            .iter()
+            .filter(|e| e.digest.hex().starts_with(prefix))
+            .map(|e| e.digest.clone())
+            .collect();
+        let mut candidates: Vec<Digest> = candidates.into_iter().collect();
+        match candidates.len() {
+            0 => Err(StoreError::NotFound(prefix.to_owned())),
+            1 => Ok(candidates.remove(0)),
+            _ => Err(StoreError::AmbiguousPrefix {
+                prefix: prefix.to_owned(),
+                candidates,
+            }),
+        }
+    }
+
+    /// Reads and verifies the manifest `digest` (following an index to its linux/amd64 image)
+    /// and its config.
+    pub fn load_image(&self, digest: &Digest) -> Result<ResolvedImage> {
+        let bytes = self.read_blob(digest, None)?;
+        let media_type = manifest_media_type(digest, &bytes)?;
+        if media::is_index(&media_type) {
+            let index: ImageIndex =
+                serde_json::from_slice(&bytes).map_err(|source| StoreError::InvalidJson {
+                    digest: digest.clone(),
+                    what: "index",
+                    source,
+                })?;
+            let chosen = index
+                .manifests()
+                .iter()
+                .find(|m| {
+                    m.platform()
+                        .as_ref()
+                        .is_none_or(|p| *p.os() == Os::Linux && *p.architecture() == Arch::Amd64)
+                })
+                .ok_or_else(|| StoreError::NoMatchingPlatform {
+                    digest: digest.clone(),
+                })?;
+            let child = descriptor_digest(chosen, &format!("index {digest}"))?;
+            return self.load_image(&child);
+        }
+        let manifest: ImageManifest =
+            serde_json::from_slice(&bytes).map_err(|source| StoreError::InvalidJson {
+                digest: digest.clone(),
+                what: "manifest",
+                source,
+            })?;
+        let config_descriptor = manifest.config();
+        let config_media_type = config_descriptor.media_type().to_string();
+        let config_digest = descriptor_digest(config_descriptor, &format!("manifest {digest}"))?;
+        if config_media_type != media::OCI_CONFIG && config_media_type != media::DOCKER_CONFIG {
+            return Err(StoreError::WrongMediaType {
+                digest: config_digest,
+                found: config_media_type,
+                expected: media::OCI_CONFIG,
+            });
+        }
+        let config_bytes = self.read_blob(&config_digest, Some(config_descriptor.size()))?;
+        let config: ImageConfiguration =
+            serde_json::from_slice(&config_bytes).map_err(|source| StoreError::InvalidJson {
+                digest: config_digest.clone(),
+                what: "image config",
+                source,
+            })?;
+        Ok(ResolvedImage {
+            digest: digest.clone(),
+            manifest_size: bytes.len() as u64,
+            manifest,
+            config_digest,
+            config,
+        })
+    }
+
+    /// One summary per name in the store (unnamed entries too), in `index.json` order.
+    pub fn images(&self) -> Result<Vec<ImageSummary>> {
+        let mut loaded: HashMap<Digest, (u64, Option<String>)> = HashMap::new();
+        let mut out = Vec::new();
+        for entry in self.names()? {
+            let (size, created) = match loaded.get(&entry.digest) {
+                Some(v) => v.clone(),
+                None => {
+                    let image = self.load_image(&entry.digest)?;
+                    let v = (image.total_size(), image.config.created().clone());
+                    loaded.insert(entry.digest.clone(), v.clone());
+                    v
+                }
+            };
+            out.push(ImageSummary {
+                name: entry.name,
+                digest: entry.digest,
+                size,
+                created,
+            });
+        }
+        Ok(out)
+    }
+}
