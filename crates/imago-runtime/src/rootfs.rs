@@ -129,7 +129,7 @@ fn unpack_image(source: &dyn ImageSource, digest: &Digest, image: &ImageInfo, ro
         let (actual_diff_id, _) = {
             let decompressed = decompress(compression, &mut compressed).map_err(|e| corrupt(e.to_string()))?;
             let mut tar_stream = HashingReader::new(decompressed);
-            apply_layer(&mut tar_stream, root).map_err(|e| corrupt(format!("cannot unpack: {e}")))?;
+            apply_layer(&mut tar_stream, root).map_err(|e| corrupt(format!("cannot unpack: {e:?}")))?;
             io::copy(&mut tar_stream, &mut io::sink()).map_err(|e| corrupt(e.to_string()))?;
             let (d, n, _) = tar_stream.finish();
             (d, n)

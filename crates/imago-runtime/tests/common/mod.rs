@@ -55,23 +55,27 @@ impl ImageSource for LayoutSource {
 /// Builds the busybox test image into `layout`; returns its manifest digest and layer digest.
 pub fn build_busybox_image(layout: &LayoutSource) -> (Digest, Digest) {
     let mut tar = tar::Builder::new(Vec::new());
-    let mut dir = |tar: &mut tar::Builder<Vec<u8>>, path: &str| {
+    let dir = |tar: &mut tar::Builder<Vec<u8>>, path: &str| {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(tar::EntryType::Directory);
         h.set_mode(0o755);
         h.set_size(0);
         h.set_mtime(0);
+        h.set_uid(0);
+        h.set_gid(0);
         tar.append_data(&mut h, path, std::io::empty()).unwrap();
     };
     for d in ["bin", "etc", "www"] {
         dir(&mut tar, d);
     }
     let busybox = fs::read("/bin/busybox").expect("busybox-static must be installed at /bin/busybox");
-    let mut file = |tar: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32, data: &[u8]| {
+    let file = |tar: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32, data: &[u8]| {
         let mut h = tar::Header::new_gnu();
         h.set_mode(mode);
         h.set_size(data.len() as u64);
         h.set_mtime(0);
+        h.set_uid(0);
+        h.set_gid(0);
         tar.append_data(&mut h, path, data).unwrap();
     };
     file(&mut tar, "bin/busybox", 0o755, &busybox);
@@ -84,6 +88,8 @@ pub fn build_busybox_image(layout: &LayoutSource) -> (Digest, Digest) {
         h.set_mode(0o777);
         h.set_size(0);
         h.set_mtime(0);
+        h.set_uid(0);
+        h.set_gid(0);
         tar.append_link(&mut h, format!("bin/{applet}"), "busybox").unwrap();
     }
     let tar_bytes = tar.into_inner().unwrap();
