@@ -4,6 +4,9 @@
 #![forbid(unsafe_code)]
 
 pub mod error;
+pub mod health;
+pub mod plan;
+pub mod proxy;
 pub mod rollout;
 pub mod spec;
 pub mod state;
