@@ -288,6 +288,70 @@ impl From<imago_store::StoreError> for LayerFailure {
     }
 }
 
+/// The images to build for `requested` (all images when empty), each after the images of this
+/// file that it is built `from`, so that `imago build` of a child also builds its base first.
+pub fn build_order(file: &DefinitionFile, requested: &[String]) -> Result<Vec<String>, BuildError> {
+    let images = &file.definition.image;
+    let roots: Vec<String> = if requested.is_empty() {
+        images.keys().cloned().collect()
+    } else {
+        requested.to_vec()
+    };
+    let mut order: Vec<String> = Vec::new();
+    let mut visiting: Vec<String> = Vec::new();
+    for name in &roots {
+        visit(file, name, &mut order, &mut visiting)?;
+    }
+    return Ok(order);
+
+    fn visit(
+        file: &DefinitionFile,
+        name: &str,
+        order: &mut Vec<String>,
+        visiting: &mut Vec<String>,
+    ) -> Result<(), BuildError> {
+        if order.iter().any(|n| n == name) {
+            return Ok(());
+        }
+        let Some(image) = file.definition.image.get(name) else {
+            return Err(BuildError::UnknownImage {
+                name: name.to_owned(),
+                file: file.path.clone(),
+                defined: file.definition.image.keys().cloned().collect(),
+            });
+        };
+        if visiting.iter().any(|n| n == name) {
+            let span = image.from.as_ref().map_or(0..0, |f| f.span());
+            return Err(file.error(
+                span,
+                format!(
+                    "image {name} is built from itself through: {}",
+                    visiting.join(" -> ")
+                ),
+                "break the cycle of `from` references",
+            ));
+        }
+        if let Some(from) = &image.from
+            && let Some(base) = local_base(file, from.get_ref())
+        {
+            visiting.push(name.to_owned());
+            visit(file, &base, order, visiting)?;
+            visiting.pop();
+        }
+        order.push(name.to_owned());
+        Ok(())
+    }
+}
+
+/// The image of this file that `from` names, if any: `NAME` or `NAME:latest`.
+fn local_base(file: &DefinitionFile, from: &str) -> Option<String> {
+    let name = from.strip_suffix(":latest").unwrap_or(from);
+    file.definition
+        .image
+        .contains_key(name)
+        .then(|| name.to_owned())
+}
+
 /// Reuses a stored layer when every input is known, else writes it.
 fn build_layer(
     store: &Store,

@@ -21,7 +21,7 @@ pub mod definition;
 pub mod import;
 pub mod plan;
 
-pub use build::{BuildOptions, BuiltImage, BuiltLayer, Event, build_image};
+pub use build::{BuildOptions, BuiltImage, BuiltLayer, Event, build_image, build_order};
 pub use definition::{DefinitionFile, json_schema};
 
 #[derive(Debug, thiserror::Error)]

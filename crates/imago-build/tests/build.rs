@@ -337,6 +337,15 @@ fn definition_errors_name_file_line_and_column() {
         &[],
         "imago.toml:3:10: invalid port \"http\"",
     );
+    let cycle = "[image.x]\nfrom = \"y\"\n[image.y]\nfrom = \"x:latest\"\n";
+    let file = DefinitionFile::parse(Path::new("imago.toml"), cycle.to_owned()).unwrap();
+    let err = imago_build::build_order(&file, &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("imago.toml:2:8: image x is built from itself through: x -> y"),
+        "{err}"
+    );
     expect_error(
         "[image.x]\nfrom = \"nothere:1\"\n",
         &[],
@@ -352,6 +361,8 @@ fn builds_on_a_base_image_from_the_store() {
     fs::write(
         dir.join("imago.toml"),
         r#"
+[image.zbase]
+from = "child"
 [image.base]
 platform = "linux/amd64"
 [[image.base.layer]]
@@ -369,6 +380,15 @@ env = { B = "3" }
 "#,
     )
     .unwrap();
+    let file = DefinitionFile::load(&dir.join("imago.toml")).unwrap();
+    assert_eq!(
+        imago_build::build_order(&file, &["child".to_owned()]).unwrap(),
+        ["base", "child"]
+    );
+    assert_eq!(
+        imago_build::build_order(&file, &[]).unwrap(),
+        ["base", "child", "zbase"]
+    );
     let base = h.build(&dir, "base");
     let child = h.build(&dir, "child");
     assert_eq!(child.layers.len(), 2);

@@ -71,11 +71,8 @@ impl Render for BuildResult {
 
 pub fn build(ctx: &Context, args: BuildArgs) -> Result<()> {
     let file = DefinitionFile::load(&args.file)?;
-    let names: Vec<String> = if args.names.is_empty() {
-        file.definition.image.keys().cloned().collect()
-    } else {
-        args.names.clone()
-    };
+    // Bases defined in the same file are built first.
+    let names = imago_build::build_order(&file, &args.names)?;
     if names.is_empty() {
         bail!(
             "{} defines no image ([image.NAME] tables)",
