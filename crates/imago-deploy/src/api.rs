@@ -27,17 +27,26 @@ pub fn router(db_path: PathBuf) -> Router {
         .with_state(Api { db_path })
 }
 
-fn open(api: &Api) -> Result<StateDb, Response> {
-    StateDb::open(&api.db_path)
-        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response())
-}
-
-fn fail(e: impl ToString) -> Response {
-    (
-        StatusCode::INTERNAL_SERVER_ERROR,
-        Json(serde_json::json!({"error": e.to_string()})),
-    )
-        .into_response()
+/// Runs `query` on a fresh connection and answers with its JSON, a 404 for `Ok(None)`, or a
+/// 500 naming the problem.
+fn answer<T: Serialize>(
+    api: &Api,
+    query: impl FnOnce(&StateDb) -> Result<Option<T>, crate::DeployError>,
+) -> Response {
+    let result = StateDb::open(&api.db_path).and_then(|db| query(&db));
+    match result {
+        Ok(Some(value)) => Json(value).into_response(),
+        Ok(None) => (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({"error": "not found"})),
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(serde_json::json!({"error": e.to_string()})),
+        )
+            .into_response(),
+    }
 }
 
 #[derive(Serialize)]
@@ -64,49 +73,24 @@ pub fn service_status(db: &StateDb, name: &str) -> Result<ServiceStatus, crate::
 }
 
 async fn services(State(api): State<Api>) -> Response {
-    let db = match open(&api) {
-        Ok(db) => db,
-        Err(r) => return r,
-    };
-    let names = match db.services() {
-        Ok(n) => n,
-        Err(e) => return fail(e),
-    };
-    let mut out = Vec::new();
-    for name in names {
-        match service_status(&db, &name) {
-            Ok(s) => out.push(s),
-            Err(e) => return fail(e),
-        }
-    }
-    Json(out).into_response()
+    answer(&api, |db| {
+        let statuses = db
+            .services()?
+            .iter()
+            .map(|name| service_status(db, name))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(statuses))
+    })
 }
 
 async fn service(State(api): State<Api>, Path(name): Path<String>) -> Response {
-    let db = match open(&api) {
-        Ok(db) => db,
-        Err(r) => return r,
-    };
-    match service_status(&db, &name) {
-        Ok(s) if s.desired.is_some() => Json(s).into_response(),
-        Ok(_) => (
-            StatusCode::NOT_FOUND,
-            Json(serde_json::json!({"error": format!("no service {name}")})),
-        )
-            .into_response(),
-        Err(e) => fail(e),
-    }
+    answer(&api, |db| {
+        Ok(Some(service_status(db, &name)?).filter(|s| s.desired.is_some()))
+    })
 }
 
 async fn releases(State(api): State<Api>, Path(name): Path<String>) -> Response {
-    let db = match open(&api) {
-        Ok(db) => db,
-        Err(r) => return r,
-    };
-    match db.history(&name) {
-        Ok(h) => Json(h).into_response(),
-        Err(e) => fail(e),
-    }
+    answer(&api, |db| Ok(Some(db.history(&name)?)))
 }
 
 #[derive(Deserialize)]
@@ -117,15 +101,10 @@ struct EventQuery {
 }
 
 async fn events(State(api): State<Api>, Query(q): Query<EventQuery>) -> Response {
-    let db = match open(&api) {
-        Ok(db) => db,
-        Err(r) => return r,
-    };
-    let events: Result<Vec<Event>, _> = db.events(q.service.as_deref(), q.since);
-    match events {
-        Ok(e) => Json(e).into_response(),
-        Err(e) => fail(e),
-    }
+    answer(&api, |db| {
+        let events: Vec<Event> = db.events(q.service.as_deref(), q.since)?;
+        Ok(Some(events))
+    })
 }
 
 #[cfg(test)]
