@@ -83,20 +83,20 @@ pub struct BuiltImage {
 /// Where new blobs go: the store, or nowhere (`--check` only needs the digests).
 enum Sink {
     Store(BlobWriter),
-    Discard,
+    Discard(imago_oci::HashingWriter<io::Sink>),
 }
 
 impl Write for Sink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Sink::Store(w) => w.write(buf),
-            Sink::Discard => Ok(buf.len()),
+            Sink::Discard(h) => h.write(buf),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Sink::Store(w) => w.flush(),
-            Sink::Discard => Ok(()),
+            Sink::Discard(_) => Ok(()),
         }
     }
 }
@@ -398,7 +398,7 @@ fn build_layer(
     }
 
     let sink = if options.check {
-        Sink::Discard
+        Sink::Discard(imago_oci::HashingWriter::new(io::sink()))
     } else {
         Sink::Store(store.blob_writer()?)
     };
@@ -449,18 +449,15 @@ fn build_layer(
             }
         }
     }
-    let (
-        LayerDigests {
-            diff_id,
-            blob_digest,
-            blob_size,
-            ..
-        },
-        sink,
-    ) = writer.finish().map_err(LayerFailure::Writer)?;
-    if let Sink::Store(w) = sink {
-        w.commit_expecting(&blob_digest)?;
-    }
+    let (LayerDigests { diff_id, .. }, sink) = writer.finish().map_err(LayerFailure::Writer)?;
+    // The store hashes the blob as it is written; --check hashes it on the way to nowhere.
+    let (blob_digest, blob_size) = match sink {
+        Sink::Store(w) => w.commit()?,
+        Sink::Discard(h) => {
+            let (digest, size, _) = h.finish();
+            (digest, size)
+        }
+    };
     let record = LayerRecord {
         diff_id,
         blob_digest,
