@@ -13,14 +13,14 @@
 //! diff_id hash) runs on a worker thread (see [`pipe`]) so that reading files and framing the tar
 //! overlap with it. The blob digest is the sink's business: a store's blob writer hashes what it
 //! is given anyway, and hashing the same bytes twice costs about 5% of a zstd build. Wrap the sink
-//! in a `HashingWriter` when nothing else hashes it.
+//! in an `imago_oci::HashingWriter` when nothing else hashes it.
 
 use std::ffi::OsStr;
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use imago_oci::{Digest, HashingWriter};
+use imago_oci::Digest;
 
 use crate::compression::{Compression, Compressor};
 
