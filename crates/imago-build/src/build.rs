@@ -266,7 +266,10 @@ pub fn build_image(
     } else {
         store.put_blob(&built.config)?;
         store.put_blob(&built.manifest)?;
-        store.tag(&reference, &built.digest)?;
+        // A no-op rebuild leaves index.json alone: rewriting it costs two fsyncs.
+        if store.resolve_digest(&reference).ok().as_ref() != Some(&built.digest) {
+            store.tag(&reference, &built.digest)?;
+        }
     }
     Ok(built)
 }
