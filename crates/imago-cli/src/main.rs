@@ -50,6 +50,21 @@ enum Command {
     Verify(commands::images::VerifyArgs),
     /// Apply an image's layers into a directory
     Unpack(commands::images::UnpackArgs),
+    /// Launch a new instance of an image (detached) and print its id
+    Run(commands::instances::RunArgs),
+    /// List instances
+    Ps(commands::instances::PsArgs),
+    /// Stop instances (SIGTERM, then SIGKILL after a grace period)
+    Stop(commands::instances::StopArgs),
+    /// Remove stopped instances and everything they used
+    Rm(commands::instances::RmArgs),
+    /// Print an instance's output
+    Logs(commands::instances::LogsArgs),
+    /// Show everything recorded about an instance
+    InspectInstance(commands::instances::InspectInstanceArgs),
+    /// The per-instance supervisor (started by `run`)
+    #[command(name = "__supervise", hide = true)]
+    Supervise(commands::instances::SuperviseArgs),
 }
 
 /// What every command gets: where the data lives and where output goes.
@@ -79,6 +94,13 @@ fn run(cli: Cli, reporter: Reporter) -> Result<()> {
         Command::Gc(args) => commands::images::gc(&ctx, args),
         Command::Verify(args) => commands::images::verify(&ctx, args),
         Command::Unpack(args) => commands::images::unpack(&ctx, args),
+        Command::Run(args) => commands::instances::run(&ctx, args),
+        Command::Ps(args) => commands::instances::ps(&ctx, args),
+        Command::Stop(args) => commands::instances::stop(&ctx, args),
+        Command::Rm(args) => commands::instances::rm(&ctx, args),
+        Command::Logs(args) => commands::instances::logs(&ctx, args),
+        Command::InspectInstance(args) => commands::instances::inspect_instance(&ctx, args),
+        Command::Supervise(args) => commands::instances::supervise(args),
     }
 }
 
