@@ -51,7 +51,7 @@ enum Command {
     /// Apply an image's layers into a directory
     Unpack(commands::images::UnpackArgs),
     /// Launch a new instance of an image (detached) and print its id
-    Run(commands::instances::RunArgs),
+    Run(Box<commands::instances::RunArgs>),
     /// List instances
     Ps(commands::instances::PsArgs),
     /// Stop instances (SIGTERM, then SIGKILL after a grace period)
@@ -94,7 +94,7 @@ fn run(cli: Cli, reporter: Reporter) -> Result<()> {
         Command::Gc(args) => commands::images::gc(&ctx, args),
         Command::Verify(args) => commands::images::verify(&ctx, args),
         Command::Unpack(args) => commands::images::unpack(&ctx, args),
-        Command::Run(args) => commands::instances::run(&ctx, args),
+        Command::Run(args) => commands::instances::run(&ctx, *args),
         Command::Ps(args) => commands::instances::ps(&ctx, args),
         Command::Stop(args) => commands::instances::stop(&ctx, args),
         Command::Rm(args) => commands::instances::rm(&ctx, args),

@@ -1,4 +1,5 @@
 //! Instances through the CLI, as root: run, ps from new processes, logs, stop, rm, both engines.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -456,10 +456,10 @@ impl LogWriter {
                 .ok();
             self.size = 0;
         }
-        if let Some(f) = self.file.as_mut() {
-            if f.write_all(bytes).is_ok() {
-                self.size += bytes.len() as u64;
-            }
+        if let Some(f) = self.file.as_mut()
+            && f.write_all(bytes).is_ok()
+        {
+            self.size += bytes.len() as u64;
         }
     }
 }
