@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{Imago, file, make_image, make_image_with};
+use common::{Imago, file, make_image, make_image_with, make_layered_image, snapshot};
 use imago_layer::compression::Compression;
 
 #[test]
@@ -255,6 +255,7 @@ fn concurrent_tagging_from_many_processes_loses_no_name() {
             imago
                 .cmd()
                 .args(["tag", "base", &format!("copy:{i}")])
+                .stdout(std::process::Stdio::null())
                 .spawn()
                 .expect("spawn")
         })
@@ -296,5 +297,65 @@ fn home_comes_from_flag_then_env_then_xdg() {
     assert!(
         imago.home.join("store/oci-layout").is_file(),
         "--home wins over IMAGO_HOME"
+    );
+}
+
+#[test]
+fn unpack_applies_layers_in_order_with_whiteouts() {
+    let imago = Imago::new();
+    let store = imago.store();
+    let lower: &[common::File<'_>] = &[
+        file("etc/app.conf", b"v1"),
+        file("etc/old", b"gone soon"),
+        file("var/data", b"d"),
+    ];
+    let upper: &[common::File<'_>] = &[file("etc/app.conf", b"v2"), file("etc/.wh.old", b"")];
+    make_layered_image(&store, "layered", &[lower, upper], Compression::Gzip, &[]);
+    let target = imago.dir.path().join("rootfs");
+    let json = imago
+        .run(&["unpack", "--json", "layered", target.to_str().unwrap()])
+        .ok()
+        .json();
+    assert_eq!(json["layers"], 2);
+    assert_eq!(std::fs::read(target.join("etc/app.conf")).unwrap(), b"v2");
+    assert!(
+        !target.join("etc/old").exists(),
+        "whiteout removed the lower file"
+    );
+    assert!(
+        !target.join("etc/.wh.old").exists(),
+        "whiteout markers are never written"
+    );
+    assert_eq!(std::fs::read(target.join("var/data")).unwrap(), b"d");
+
+    let err = imago
+        .run(&["unpack", "layered", target.to_str().unwrap()])
+        .fails();
+    assert!(err.contains("not empty"), "{err}");
+}
+
+#[test]
+fn unpack_of_a_corrupt_layer_writes_nothing() {
+    let imago = Imago::new();
+    let store = imago.store();
+    make_image(&store, "web", &[file("index.html", &[1u8; 4096])]);
+    let image = store.resolve(&"web".parse().unwrap()).unwrap();
+    let layer = &image.layers().unwrap()[0].digest;
+    let path = store.blob_path(layer);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    let target = imago.dir.path().join("rootfs");
+    let err = imago
+        .run(&["unpack", "web", target.to_str().unwrap()])
+        .fails();
+    assert!(
+        err.contains(&layer.to_string()) && err.contains("corrupt"),
+        "{err}"
+    );
+    assert!(
+        snapshot(&target).is_empty(),
+        "nothing unpacked from a corrupt blob"
     );
 }

@@ -4,7 +4,11 @@
 #![forbid(unsafe_code)]
 
 pub mod error;
+pub mod health;
+pub mod plan;
+pub mod proxy;
 pub mod rollout;
 pub mod spec;
+pub mod state;
 
 pub use error::DeployError;

@@ -1,6 +1,6 @@
 //! The shared harness for CLI tests: runs the built `imago` binary against a temporary home,
 //! and builds small but real OCI images into a store for fixtures.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -117,6 +117,8 @@ pub fn put_layer(
                 header.set_size(f.content.len() as u64);
                 header.set_mode(f.mode);
                 header.set_mtime(0);
+                header.set_uid(0);
+                header.set_gid(0);
                 header.set_entry_type(tar::EntryType::Regular);
                 builder
                     .append_data(&mut header, f.path, f.content)
@@ -144,21 +146,37 @@ pub fn make_image_with(
     compression: Compression,
     labels: &[(&str, &str)],
 ) -> Digest {
-    let (layer, layer_size, diff_id) = put_layer(store, files, compression);
+    make_layered_image(store, name, &[files], compression, labels)
+}
+
+/// Builds an image with one layer per element of `layers`, applied in order.
+pub fn make_layered_image(
+    store: &Store,
+    name: &str,
+    layers: &[&[File<'_>]],
+    compression: Compression,
+    labels: &[(&str, &str)],
+) -> Digest {
+    let written: Vec<_> = layers
+        .iter()
+        .map(|files| put_layer(store, files, compression))
+        .collect();
     let labels: HashMap<&str, &str> = labels.iter().copied().collect();
     let config = serde_json::json!({
         "architecture": "amd64",
         "os": "linux",
         "created": "1970-01-01T00:00:00Z",
         "config": {"Cmd": ["/bin/sh"], "Labels": labels},
-        "rootfs": {"type": "layers", "diff_ids": [diff_id.to_string()]},
+        "rootfs": {"type": "layers", "diff_ids": written.iter().map(|w| w.2.to_string()).collect::<Vec<_>>()},
     });
     let (config_digest, config_size, _) = store.put_json(&config).expect("config");
     let manifest = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": media::OCI_MANIFEST,
         "config": {"mediaType": media::OCI_CONFIG, "digest": config_digest.to_string(), "size": config_size},
-        "layers": [{"mediaType": compression.layer_media_type(), "digest": layer.to_string(), "size": layer_size}],
+        "layers": written.iter().map(|(digest, size, _)| serde_json::json!(
+            {"mediaType": compression.layer_media_type(), "digest": digest.to_string(), "size": size}
+        )).collect::<Vec<_>>(),
     });
     let (digest, _, _) = store.put_json(&manifest).expect("manifest");
     store
