@@ -463,3 +463,37 @@ impl LogWriter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_rotates_and_keeps_one_old_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, rotated) = (
+            dir.path().join("output.log"),
+            dir.path().join("output.log.1"),
+        );
+        let mut log = LogWriter::open(path.clone(), rotated.clone());
+        let chunk = vec![b'a'; (LOG_MAX_BYTES / 2) as usize];
+        log.write(&chunk);
+        log.write(&chunk);
+        assert!(!rotated.exists());
+        log.write(b"b");
+        assert_eq!(fs::read(&rotated).unwrap().len() as u64, LOG_MAX_BYTES);
+        assert_eq!(fs::read(&path).unwrap(), b"b");
+        log.write(&chunk);
+        log.write(&chunk);
+        assert_eq!(
+            fs::read(&rotated).unwrap().len() as u64,
+            LOG_MAX_BYTES / 2 + 1
+        );
+    }
+
+    #[test]
+    fn runc_error_message_is_extracted() {
+        let line = b"time=\"2026\" level=error msg=\"runc create failed: unable to start container process: exec: \\\"/x\\\": no such file\"\n";
+        assert!(runc_message(line).starts_with("runc create failed"));
+    }
+}
