@@ -55,13 +55,12 @@ pub fn supervise(home: &Path, id: &str, handshake: &mut dyn Write) -> i32 {
             let _ = handshake.flush();
             let code = running.run(&dir, &mut record);
             running.cleanup();
-            if let Err(e) = dir.write_state(&record) {
-                // Nobody to tell: the launcher is gone. The record stays "running" and is shown as
-                // lost once this process has exited.
-                let _ = e;
-                return 1;
+            // If this write fails there is nobody left to tell: the record keeps saying
+            // "running" and is reported as lost once this process has exited.
+            match dir.write_state(&record) {
+                Ok(()) => code,
+                Err(_) => 1,
             }
-            code
         }
         Err(e) => {
             record.status = Status::Failed;
