@@ -108,14 +108,20 @@ fn plain_runc(imago: &Imago, image: &str) -> f64 {
     median(times)
 }
 
-fn rss_kib(pid: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
+/// A field (in KiB) of `/proc/<pid>/smaps_rollup`: `Rss`, `Pss` (shared pages divided among
+/// their users: the fair per-process share of the imago binary) or `Anonymous` (private heap).
+fn smaps_kib(pid: &str, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    text.lines()
+        .find(|l| l.starts_with(&format!("{field}:")))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
+}
+
+fn median_u64(mut v: Vec<u64>) -> u64 {
+    v.sort();
+    v[v.len() / 2]
 }
 
 #[test]
@@ -187,15 +193,18 @@ fn launch_benchmarks() {
         ids.push(out.stdout().trim().to_owned());
     }
     let list = imago.run(&["ps", "--json"]).ok().json();
-    let rss: Vec<u64> = list
+    let pids: Vec<String> = list
         .as_array()
         .unwrap()
         .iter()
-        .map(|i| rss_kib(&i["supervisor_pid"].to_string()))
+        .map(|i| i["supervisor_pid"].to_string())
         .collect();
-    let total_kib: u64 = rss.iter().sum();
-    let mut sorted = rss.clone();
-    sorted.sort();
+    let field = |name: &str| {
+        pids.iter()
+            .map(|p| smaps_kib(p, name))
+            .collect::<Vec<u64>>()
+    };
+    let (rss, pss, anon) = (field("Rss"), field("Pss"), field("Anonymous"));
     for id in &ids {
         imago.run(&["stop", "--time", "0", id]).ok();
         imago.run(&["rm", id]).ok();
@@ -211,11 +220,24 @@ fn launch_benchmarks() {
         },
         "first_launch_100mb_image_ms": first_launch_100mb,
         "supervisors_50": {
-            "instances": rss.len(),
-            "rss_kib_total": total_kib,
-            "rss_kib_median": sorted.get(sorted.len() / 2),
-            "rss_kib_max": sorted.last(),
+            "instances": pids.len(),
+            "rss_kib_median": median_u64(rss.clone()),
+            "pss_kib_median": median_u64(pss.clone()),
+            "pss_kib_total": pss.iter().sum::<u64>(),
+            "anonymous_kib_median": median_u64(anon),
         },
     });
     println!("{}", serde_json::to_string_pretty(&doc).unwrap());
+}
+
+/// Prepares a home with `busybox:bench` at `$IMAGO_BENCH_HOME`, for profiling by hand.
+#[test]
+#[ignore = "helper for profiling: IMAGO_BENCH_HOME=/tmp/h cargo test ... make_bench_home"]
+fn make_bench_home() {
+    let Some(home) = std::env::var_os("IMAGO_BENCH_HOME") else {
+        return;
+    };
+    let store = imago_store::Store::open(&std::path::Path::new(&home).join("store")).unwrap();
+    let busybox = std::fs::read("/bin/busybox").unwrap();
+    make_image(&store, "busybox:bench", &busybox_files(&busybox));
 }
