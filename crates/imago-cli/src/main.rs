@@ -36,6 +36,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Build images from imago.toml into the store and print their digests
+    Build(commands::build::BuildArgs),
+    /// Print the JSON Schema of imago.toml
+    Schema(commands::build::SchemaArgs),
     /// List the images in the store
     Images(commands::images::ImagesArgs),
     /// Show an image's manifest, config and layers
@@ -87,6 +91,8 @@ fn run(cli: Cli, reporter: Reporter) -> Result<()> {
         reporter,
     };
     match cli.command {
+        Command::Build(args) => commands::build::build(&ctx, args),
+        Command::Schema(args) => commands::build::schema(&ctx, args),
         Command::Images(args) => commands::images::images(&ctx, args),
         Command::Inspect(args) => commands::images::inspect(&ctx, args),
         Command::Tag(args) => commands::images::tag(&ctx, args),
