@@ -24,6 +24,10 @@ use crate::rootfs::{ImageSource, RootfsCache};
 use crate::state::{Instance, InstanceDir, Status, process_start_time, write_json_atomic};
 use crate::{InstanceSpec, NetworkMode, Provider, RuntimeError};
 
+/// How long an instance may stay "created" (prepared, supervisor not yet reporting) before it is
+/// considered abandoned by a launcher that died.
+const STALE_CREATED_MS: u64 = 60_000;
+
 /// Paths under the imago home directory that belong to the runtime.
 #[derive(Debug, Clone)]
 pub struct Layout {
@@ -32,7 +36,9 @@ pub struct Layout {
 
 impl Layout {
     pub fn new(home: &Path) -> Layout {
-        Layout { home: home.to_owned() }
+        Layout {
+            home: home.to_owned(),
+        }
     }
     pub fn instances(&self) -> PathBuf {
         self.home.join("instances")
@@ -66,8 +72,12 @@ pub struct SupervisorCommand {
 impl SupervisorCommand {
     /// The running executable's hidden `__supervise` subcommand (what the imago CLI uses).
     pub fn current_exe() -> Result<SupervisorCommand, RuntimeError> {
-        let program = std::env::current_exe().map_err(RuntimeError::io("cannot locate", "/proc/self/exe"))?;
-        Ok(SupervisorCommand { program, args: vec!["__supervise".into()] })
+        let program =
+            std::env::current_exe().map_err(RuntimeError::io("cannot locate", "/proc/self/exe"))?;
+        Ok(SupervisorCommand {
+            program,
+            args: vec!["__supervise".into()],
+        })
     }
 }
 
@@ -82,12 +92,18 @@ pub struct LocalProvider {
 
 impl std::fmt::Debug for LocalProvider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalProvider").field("home", &self.layout.home).finish_non_exhaustive()
+        f.debug_struct("LocalProvider")
+            .field("home", &self.layout.home)
+            .finish_non_exhaustive()
     }
 }
 
 impl LocalProvider {
-    pub fn new(home: &Path, images: Box<dyn ImageSource>, supervisor: SupervisorCommand) -> LocalProvider {
+    pub fn new(
+        home: &Path,
+        images: Box<dyn ImageSource>,
+        supervisor: SupervisorCommand,
+    ) -> LocalProvider {
         LocalProvider {
             layout: Layout::new(home),
             images,
@@ -118,7 +134,11 @@ impl LocalProvider {
     }
 
     fn existing_dir(&self, id: &str) -> Result<InstanceDir, RuntimeError> {
-        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        if id.is_empty()
+            || !id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
             return Err(RuntimeError::NoSuchInstance(id.to_owned()));
         }
         let dir = self.layout.instance_dir(id);
@@ -134,15 +154,26 @@ impl LocalProvider {
     }
 
     fn wait_child(&self, id: &str) {
-        let child = self.children.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+        let child = self
+            .children
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
         if let Some(mut c) = child {
             let _ = c.wait();
         }
     }
 
-    fn launch_prepared(&self, spec: &InstanceSpec, id: &str, dir: &InstanceDir) -> Result<Instance, RuntimeError> {
+    fn launch_prepared(
+        &self,
+        spec: &InstanceSpec,
+        id: &str,
+        dir: &InstanceDir,
+    ) -> Result<Instance, RuntimeError> {
         let image = self.images.image(&spec.image)?;
-        let rootfs = self.rootfs_cache().ensure(self.images.as_ref(), &spec.image, &image)?;
+        let rootfs = self
+            .rootfs_cache()
+            .ensure(self.images.as_ref(), &spec.image, &image)?;
         let mut record = Instance::new(id.to_owned(), spec)?;
         record.ports = image
             .config
@@ -174,20 +205,36 @@ impl LocalProvider {
     }
 
     fn spawn_supervisor(&self, id: &str, dir: &InstanceDir) -> Result<Instance, RuntimeError> {
-        let mut child = Command::new(&self.supervisor.program)
+        let spawned = Command::new(&self.supervisor.program)
             .args(&self.supervisor.args)
             .arg(&self.layout.home)
             .arg(id)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
-            .spawn()
-            .map_err(RuntimeError::io("cannot start the supervisor", &self.supervisor.program))?;
+            .spawn();
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                let reason = format!(
+                    "cannot start the supervisor {}: {e}",
+                    self.supervisor.program.display()
+                );
+                self.record_launch_failure(dir, &reason);
+                return Err(RuntimeError::StartFailed {
+                    id: id.to_owned(),
+                    reason,
+                });
+            }
+        };
         let mut line = String::new();
         if let Some(out) = child.stdout.take() {
             let _ = BufReader::new(out).read_line(&mut line);
         }
-        self.children.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_owned(), child);
+        self.children
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_owned(), child);
         let line = line.trim_end();
         if line.starts_with("ok") {
             return dir.read_state();
@@ -196,16 +243,25 @@ impl LocalProvider {
             Some(msg) => msg.to_owned(),
             None => "the supervisor exited before starting the container".to_owned(),
         };
-        // The supervisor recorded the failure; nothing runs, so give the address back now.
+        self.record_launch_failure(dir, &reason);
+        Err(RuntimeError::StartFailed {
+            id: id.to_owned(),
+            reason,
+        })
+    }
+
+    /// Marks the instance failed (unless its supervisor already did) and, since nothing runs,
+    /// gives its address back at once.
+    fn record_launch_failure(&self, dir: &InstanceDir, reason: &str) {
         if let Ok(mut rec) = dir.read_state() {
             if rec.status != Status::Failed {
                 rec.status = Status::Failed;
-                rec.error = Some(reason.clone());
+                rec.error = Some(reason.to_owned());
+                rec.finished_ms = Some(crate::state::now_ms());
                 let _ = dir.write_state(&rec);
             }
             self.release_network(&rec);
         }
-        Err(RuntimeError::StartFailed { id: id.to_owned(), reason })
     }
 
     fn release_network(&self, rec: &Instance) {
@@ -220,6 +276,13 @@ impl LocalProvider {
     /// The record, with `Lost` substituted when it claims to run but its supervisor is gone.
     fn load(&self, dir: &InstanceDir) -> Result<Instance, RuntimeError> {
         let mut rec = dir.read_state()?;
+        // A launcher that died between preparing and starting the supervisor leaves "created".
+        if rec.status == Status::Created
+            && rec.supervisor_pid.is_none()
+            && crate::state::now_ms().saturating_sub(rec.created_ms) > STALE_CREATED_MS
+        {
+            rec.status = Status::Lost;
+        }
         if rec.status == Status::Running {
             let alive = match (rec.supervisor_pid, rec.supervisor_start) {
                 (Some(pid), Some(start)) => process_start_time(pid) == Some(start),
@@ -308,7 +371,10 @@ impl Provider for LocalProvider {
         if rec.status != Status::Running {
             return Ok(rec);
         }
-        crate::state::write_atomic(&dir.stop_request(), grace.as_millis().to_string().as_bytes())?;
+        crate::state::write_atomic(
+            &dir.stop_request(),
+            grace.as_millis().to_string().as_bytes(),
+        )?;
         if let Some(pid) = rec.supervisor_pid {
             kill(Pid::from_raw(pid), Signal::SIGTERM).map_err(|e| RuntimeError::Supervisor {
                 id: id.to_owned(),
@@ -323,7 +389,10 @@ impl Provider for LocalProvider {
                 return Ok(rec);
             }
             if Instant::now() > deadline {
-                return Err(RuntimeError::StopTimeout { id: id.to_owned(), secs: (grace + Duration::from_secs(5)).as_secs() });
+                return Err(RuntimeError::StopTimeout {
+                    id: id.to_owned(),
+                    secs: (grace + Duration::from_secs(5)).as_secs(),
+                });
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -354,7 +423,13 @@ impl Provider for LocalProvider {
         let entries = match fs::read_dir(&root) {
             Ok(rd) => rd,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(RuntimeError::Io { action: "cannot list", path: root, source: e }),
+            Err(e) => {
+                return Err(RuntimeError::Io {
+                    action: "cannot list",
+                    path: root,
+                    source: e,
+                });
+            }
         };
         let mut out = Vec::new();
         for entry in entries.flatten() {
@@ -364,7 +439,11 @@ impl Provider for LocalProvider {
             }
             out.push(self.load(&dir)?);
         }
-        out.sort_by(|a, b| a.created_ms.cmp(&b.created_ms).then_with(|| a.id.cmp(&b.id)));
+        out.sort_by(|a, b| {
+            a.created_ms
+                .cmp(&b.created_ms)
+                .then_with(|| a.id.cmp(&b.id))
+        });
         Ok(out)
     }
 
@@ -379,7 +458,13 @@ impl Provider for LocalProvider {
             match fs::read(&path) {
                 Ok(bytes) => out.extend_from_slice(&bytes),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(RuntimeError::Io { action: "cannot read", path, source: e }),
+                Err(e) => {
+                    return Err(RuntimeError::Io {
+                        action: "cannot read",
+                        path,
+                        source: e,
+                    });
+                }
             }
         }
         Ok(out)
