@@ -203,7 +203,7 @@ pub fn next_step(input: RolloutInput<'_>) -> Step {
                 .iter()
                 .filter(|i| !i.draining && matches!(i.phase, Phase::Ready { .. }))
                 .filter(|i| (i.revision == target) == serve_new)
-                .filter(|i| !step.retire.iter().any(|r| *r == i.id))
+                .filter(|i| !step.retire.contains(&i.id))
                 .map(|i| i.id.clone())
                 .collect();
         }
