@@ -66,6 +66,16 @@ pub enum StoreError {
     },
     #[error("layer {digest} has media type {media_type}, which imago cannot apply")]
     UnsupportedLayer { digest: Digest, media_type: String },
+    #[error("archive {path}: {source}")]
+    Archive {
+        path: PathBuf,
+        source: Box<crate::archive::ArchiveError>,
+    },
+    #[error("cannot export to {path}: {source}")]
+    Export {
+        path: PathBuf,
+        source: Box<StoreError>,
+    },
     #[error("layer {digest} unpacks to diff_id {actual}, but the image config says {expected}")]
     DiffIdMismatch {
         digest: Digest,

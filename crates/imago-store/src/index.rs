@@ -120,7 +120,7 @@ impl Store {
     }
 }
 
-fn ref_name(d: &Descriptor) -> Option<String> {
+pub(crate) fn ref_name(d: &Descriptor) -> Option<String> {
     d.annotations()
         .as_ref()
         .and_then(|a| a.get(ANNOTATION_REF_NAME))
