@@ -50,6 +50,10 @@ enum Command {
     Verify(commands::images::VerifyArgs),
     /// Apply an image's layers into a directory
     Unpack(commands::images::UnpackArgs),
+    /// Import the images of an OCI or docker archive
+    Import(commands::archive::ImportArgs),
+    /// Write an image to an OCI or docker archive
+    Export(commands::archive::ExportArgs),
 }
 
 /// What every command gets: where the data lives and where output goes.
@@ -79,6 +83,8 @@ fn run(cli: Cli, reporter: Reporter) -> Result<()> {
         Command::Gc(args) => commands::images::gc(&ctx, args),
         Command::Verify(args) => commands::images::verify(&ctx, args),
         Command::Unpack(args) => commands::images::unpack(&ctx, args),
+        Command::Import(args) => commands::archive::import(&ctx, args),
+        Command::Export(args) => commands::archive::export(&ctx, args),
     }
 }
 

@@ -66,15 +66,17 @@ pub enum StoreError {
     },
     #[error("layer {digest} has media type {media_type}, which imago cannot apply")]
     UnsupportedLayer { digest: Digest, media_type: String },
-    #[error("archive {path}: {source}")]
+    // The wrapped errors are part of the message, not a `source`: error reporters that walk
+    // the chain would otherwise print them twice.
+    #[error("archive {path}: {cause}")]
     Archive {
         path: PathBuf,
-        source: Box<crate::archive::ArchiveError>,
+        cause: Box<crate::archive::ArchiveError>,
     },
-    #[error("cannot export to {path}: {source}")]
+    #[error("cannot export to {path}: {cause}")]
     Export {
         path: PathBuf,
-        source: Box<StoreError>,
+        cause: Box<StoreError>,
     },
     #[error("layer {digest} unpacks to diff_id {actual}, but the image config says {expected}")]
     DiffIdMismatch {

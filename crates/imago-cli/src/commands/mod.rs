@@ -1,3 +1,4 @@
 //! One module per area of the command line; each command takes the shared [`crate::Context`].
 
+pub mod archive;
 pub mod images;

@@ -63,7 +63,7 @@ impl Store {
     ) -> Result<ExportReport> {
         let wrap = |source| StoreError::Export {
             path: path.to_path_buf(),
-            source: Box::new(source),
+            cause: Box::new(source),
         };
         let file_name = path
             .file_name()
@@ -94,7 +94,7 @@ impl Store {
             .ctx("rename into place", path)
             .map_err(wrap)?;
         partial.done = true;
-        sync_parent(path).map_err(wrap)?;
+        sync_parent(&tmp_path).map_err(wrap)?;
         Ok(ExportReport {
             digest: image.digest.clone(),
             format,

@@ -287,7 +287,7 @@ impl Store {
                 serde_json::from_slice(layout).map_err(|source| ArchiveError::InvalidJson {
                     entry: "oci-layout".into(),
                     what: "oci-layout",
-                    source,
+                    cause: source,
                 })?;
             if value.get("imageLayoutVersion").and_then(|v| v.as_str()) != Some("1.0.0") {
                 return Err(ArchiveError::Invalid(
@@ -304,7 +304,7 @@ impl Store {
             serde_json::from_slice(bytes).map_err(|source| ArchiveError::InvalidJson {
                 entry: "index.json".into(),
                 what: "image index",
-                source,
+                cause: source,
             })?;
         let docker_names = docker_repo_tags(scan);
         let mut found = Vec::new();
@@ -363,7 +363,7 @@ impl Store {
             StoreError::InvalidJson { source, .. } => ArchiveError::InvalidJson {
                 entry: entry.clone(),
                 what: "manifest",
-                source,
+                cause: source,
             },
             other => ArchiveError::entry(&entry, other),
         })?;
@@ -380,7 +380,7 @@ impl Store {
             move |source| ArchiveError::InvalidJson {
                 entry,
                 what,
-                source,
+                cause: source,
             }
         };
         if media::is_index(&actual) {
@@ -427,7 +427,7 @@ impl Store {
             serde_json::from_slice(&config_bytes).map_err(|source| ArchiveError::InvalidJson {
                 entry: config_digest.layout_path(),
                 what: "image config",
-                source,
+                cause: source,
             })?;
         let diff_ids = parsed.rootfs().diff_ids().len();
         if diff_ids != manifest.layers().len() {
@@ -508,7 +508,7 @@ impl Store {
             serde_json::from_slice(bytes).map_err(|source| ArchiveError::InvalidJson {
                 entry: "manifest.json".into(),
                 what: "docker manifest",
-                source,
+                cause: source,
             })?;
         let mut found: Vec<Found> = Vec::new();
         for item in items {
@@ -533,7 +533,7 @@ impl Store {
                     ArchiveError::InvalidJson {
                         entry: config_path.clone(),
                         what: "docker image config",
-                        source,
+                        cause: source,
                     }
                 })?;
             let diff_ids: Vec<String> = config
@@ -739,12 +739,20 @@ fn apply_name_override(
     Ok(found)
 }
 
-/// `name[:tag]` as the store records it (`name:tag`, tag defaulting to latest).
+/// `name[:tag]` as the store records it (`name:tag`, tag defaulting to latest). Docker Hub
+/// names are shortened the way `docker images` shows them (skopeo writes
+/// `docker.io/library/busybox:latest` where `docker save` writes `busybox:latest`).
 fn parse_name(text: &str) -> std::result::Result<String, ArchiveError> {
-    let reference: Reference = text.parse().map_err(|source| ArchiveError::InvalidName {
-        name: text.to_owned(),
-        source,
-    })?;
+    let familiar = text
+        .strip_prefix("docker.io/library/")
+        .or_else(|| text.strip_prefix("docker.io/"))
+        .unwrap_or(text);
+    let reference: Reference = familiar
+        .parse()
+        .map_err(|source| ArchiveError::InvalidName {
+            name: text.to_owned(),
+            cause: source,
+        })?;
     match &reference {
         Reference::Name { digest: None, .. } => Ok(reference.ref_name().unwrap_or_default()),
         _ => Err(ArchiveError::Invalid(format!(

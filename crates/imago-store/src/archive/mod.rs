@@ -40,12 +40,11 @@ pub enum ArchiveFormat {
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
     #[error("cannot read the archive: {0}")]
-    Read(#[source] io::Error),
-    #[error("entry {entry}: {source}")]
+    Read(io::Error),
+    #[error("entry {entry}: {cause}")]
     Entry {
         entry: String,
-        #[source]
-        source: Box<StoreError>,
+        cause: Box<StoreError>,
     },
     #[error("entry {entry} has an unsafe path (absolute or with ..)")]
     UnsafePath { entry: String },
@@ -61,12 +60,11 @@ pub enum ArchiveError {
         expected: Digest,
         actual: Digest,
     },
-    #[error("entry {entry} is not valid {what} json: {source}")]
+    #[error("entry {entry} is not valid {what} json: {cause}")]
     InvalidJson {
         entry: String,
         what: &'static str,
-        #[source]
-        source: serde_json::Error,
+        cause: serde_json::Error,
     },
     #[error("{what} {digest} has media type {found}, expected {expected}")]
     WrongMediaType {
@@ -95,12 +93,8 @@ pub enum ArchiveError {
     },
     #[error("{0}")]
     Invalid(String),
-    #[error("invalid image name {name:?}: {source}")]
-    InvalidName {
-        name: String,
-        #[source]
-        source: ReferenceError,
-    },
+    #[error("invalid image name {name:?}: {cause}")]
+    InvalidName { name: String, cause: ReferenceError },
     #[error(
         "neither an oci archive (no index.json) nor a docker archive (no manifest.json) at its top level"
     )]
@@ -115,7 +109,7 @@ impl ArchiveError {
     pub(crate) fn entry(entry: &str, source: StoreError) -> ArchiveError {
         ArchiveError::Entry {
             entry: entry.to_owned(),
-            source: Box::new(source),
+            cause: Box::new(source),
         }
     }
 }
@@ -124,6 +118,6 @@ impl ArchiveError {
 pub(crate) fn archive_error(path: &std::path::Path, source: ArchiveError) -> StoreError {
     StoreError::Archive {
         path: PathBuf::from(path),
-        source: Box::new(source),
+        cause: Box::new(source),
     }
 }
