@@ -41,6 +41,16 @@ impl BlobWriter {
     }
 
     fn commit_inner(mut self, expected: Option<&Digest>) -> Result<(Digest, u64)> {
+        let result = self.try_commit(expected);
+        if result.is_err() {
+            // `inner` is gone, so Drop no longer removes the temp file: a refused or failed
+            // commit must not leave it behind.
+            let _ = fs::remove_file(&self.tmp_path);
+        }
+        result
+    }
+
+    fn try_commit(&mut self, expected: Option<&Digest>) -> Result<(Digest, u64)> {
         let Some(writer) = self.inner.take() else {
             return Err(StoreError::Io {
                 action: "commit",
@@ -372,5 +382,7 @@ mod tests {
         let err = w.commit_expecting(&Digest::of(b"expected")).unwrap_err();
         assert!(matches!(err, StoreError::UnexpectedDigest { .. }));
         assert!(!s.has_blob(&Digest::of(b"actual")));
+        // Regression: the refused temp file used to stay in .imago/tmp until gc.
+        assert!(fs::read_dir(s.tmp_dir()).unwrap().next().is_none());
     }
 }

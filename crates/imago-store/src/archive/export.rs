@@ -201,11 +201,10 @@ impl Store {
                     };
                     let mut blob = self.open_blob(&layer.digest, Some(layer.size))?;
                     let mut hashed = HashingWriter::new(BufWriter::with_capacity(1 << 20, tmp));
-                    {
-                        let mut stream = decompress(compression, &mut blob)
-                            .map_err(|e| unwrap_store_error(e, &blob_path))?;
-                        io::copy(&mut stream, &mut hashed)
-                            .map_err(|e| unwrap_store_error(e, &blob_path))?;
+                    let copied = decompress(compression, &mut blob)
+                        .and_then(|mut stream| io::copy(&mut stream, &mut hashed));
+                    if let Err(e) = copied {
+                        return Err(self.blame_blob(&layer.digest, layer.size, e));
                     }
                     // The decompressor may stop before the blob's end: read and verify the rest.
                     blob.finish()?;
@@ -244,6 +243,17 @@ impl Store {
         }]);
         append_bytes(tar, "manifest.json", &to_canonical_json(&manifest)?)?;
         Ok(written.len() + 1)
+    }
+}
+
+impl Store {
+    /// A decompressor fails on a corrupt blob before the digest check at its end could: if the
+    /// blob is damaged, report that (by digest) rather than the decompressor's complaint.
+    pub(crate) fn blame_blob(&self, digest: &Digest, size: u64, error: io::Error) -> StoreError {
+        match self.verify_blob(digest, Some(size)) {
+            Err(blob_error) => blob_error,
+            Ok(_) => unwrap_store_error(error, &self.blob_path(digest)),
+        }
     }
 }
 

@@ -620,15 +620,15 @@ impl Store {
         let blob = self
             .open_blob(digest, Some(size))
             .map_err(|e| ArchiveError::entry(entry, e))?;
-        let path = self.blob_path(digest);
-        let mut stream = decompress(compression, blob)
-            .map_err(|e| ArchiveError::entry(entry, unwrap_store_error(e, &path)))?;
         let mut writer = self
             .blob_writer()
             .map_err(|e| ArchiveError::entry(entry, e))?;
         let mut buffer = vec![0u8; COPY_BUFFER];
-        copy(&mut stream, &mut writer, &mut buffer)
-            .map_err(|e| ArchiveError::entry(entry, unwrap_store_error(e, &path)))?;
+        let copied = decompress(compression, blob)
+            .and_then(|mut stream| copy(&mut stream, &mut writer, &mut buffer));
+        if let Err(e) = copied {
+            return Err(ArchiveError::entry(entry, self.blame_blob(digest, size, e)));
+        }
         writer.commit().map_err(|e| ArchiveError::entry(entry, e))
     }
 
