@@ -289,7 +289,8 @@ fn descriptor_size_that_does_not_match_the_blob_is_refused() {
 
 #[test]
 fn wrong_media_types_are_refused() {
-    let cases: [(&str, fn(&mut serde_json::Value)); 3] = [
+    type Edit = fn(&mut serde_json::Value);
+    let cases: [(&str, Edit); 3] = [
         ("layer", |m| {
             m["layers"][0]["mediaType"] = json!("application/vnd.example.thing")
         }),
