@@ -2,6 +2,8 @@
 //! stderr; results on stdout, as human text or, with `--json`, as one JSON document.
 
 use std::io::{IsTerminal, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -18,6 +20,8 @@ pub struct Reporter {
     json: bool,
     quiet: bool,
     progress: bool,
+    // Set once a result went to stdout, so that --json output stays one document.
+    emitted: Arc<AtomicBool>,
 }
 
 impl Reporter {
@@ -27,6 +31,7 @@ impl Reporter {
             json,
             quiet,
             progress,
+            emitted: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -57,14 +62,17 @@ impl Reporter {
             result.human(&mut out)?;
         }
         out.flush()?;
+        self.emitted.store(true, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Reports a failure: the error chain on stderr, and with --json an error document on stdout.
+    /// Reports a failure: the error chain on stderr, and with --json an error document on stdout
+    /// unless the command already printed its result there.
     pub fn error(&self, error: &anyhow::Error) {
-        eprintln!("error: {error:#}");
-        if self.json {
-            let doc = serde_json::json!({ "error": format!("{error:#}") });
+        let message = error_chain(error);
+        eprintln!("error: {message}");
+        if self.json && !self.emitted.load(Ordering::Relaxed) {
+            let doc = serde_json::json!({ "error": message });
             println!("{doc}");
         }
     }
@@ -101,6 +109,23 @@ impl Reporter {
     }
 }
 
+/// The error and its causes joined with ": ", leaving out a cause whose text an outer message
+/// already includes (library errors often embed their source in their own message).
+pub fn error_chain(error: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if message.contains(&text) {
+            continue;
+        }
+        if !message.is_empty() {
+            message.push_str(": ");
+        }
+        message.push_str(&text);
+    }
+    message
+}
+
 /// Formats a byte count the way `docker images` does (1000-based, one decimal).
 pub fn human_size(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
@@ -120,6 +145,16 @@ pub fn human_size(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_chain_drops_repeated_causes() {
+        let inner = std::io::Error::other("disk on fire");
+        let outer = anyhow::Error::new(inner).context("write blob: disk on fire");
+        assert_eq!(
+            error_chain(&outer.context("import web")),
+            "import web: write blob: disk on fire"
+        );
+    }
 
     #[test]
     fn sizes_read_like_docker() {

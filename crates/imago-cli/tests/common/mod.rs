@@ -1,0 +1,228 @@
+//! The shared harness for CLI tests: runs the built `imago` binary against a temporary home,
+//! and builds small but real OCI images into a store for fixtures.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use imago_layer::compression::{Compression, Compressor};
+use imago_oci::{Digest, HashingWriter, Reference, media};
+use imago_store::Store;
+
+pub struct Imago {
+    pub dir: tempfile::TempDir,
+    pub home: PathBuf,
+}
+
+/// The result of one `imago` run.
+pub struct Run {
+    pub output: Output,
+}
+
+impl Run {
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.output.stdout).into_owned()
+    }
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.output.stderr).into_owned()
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.output.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not json ({e}): {}\nstderr: {}",
+                self.stdout(),
+                self.stderr()
+            )
+        })
+    }
+    /// Asserts success and returns self.
+    pub fn ok(self) -> Run {
+        assert!(
+            self.output.status.success(),
+            "imago failed\nstdout: {}\nstderr: {}",
+            self.stdout(),
+            self.stderr()
+        );
+        self
+    }
+    /// Asserts failure and returns stderr.
+    pub fn fails(self) -> String {
+        assert!(
+            !self.output.status.success(),
+            "imago unexpectedly succeeded\nstdout: {}",
+            self.stdout()
+        );
+        self.stderr()
+    }
+}
+
+impl Imago {
+    pub fn new() -> Imago {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = dir.path().join("home");
+        Imago { dir, home }
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_imago"));
+        cmd.arg("--home")
+            .arg(&self.home)
+            .current_dir(self.dir.path());
+        cmd.env_remove("IMAGO_HOME");
+        cmd
+    }
+
+    pub fn run(&self, args: &[&str]) -> Run {
+        Run {
+            output: self.cmd().args(args).output().expect("run imago"),
+        }
+    }
+
+    pub fn store(&self) -> Store {
+        Store::open(&self.home.join("store")).expect("open store")
+    }
+}
+
+/// One file of a fixture layer.
+pub struct File<'a> {
+    pub path: &'a str,
+    pub content: &'a [u8],
+    pub mode: u32,
+}
+
+pub fn file<'a>(path: &'a str, content: &'a [u8]) -> File<'a> {
+    File {
+        path,
+        content,
+        mode: 0o644,
+    }
+}
+
+/// Writes a layer (gzip) of `files` into the store; returns (blob digest, size, diff_id).
+pub fn put_layer(
+    store: &Store,
+    files: &[File<'_>],
+    compression: Compression,
+) -> (Digest, u64, Digest) {
+    let mut blob = store.blob_writer().expect("blob writer");
+    let diff_id = {
+        let compressor = Compressor::new(compression, &mut blob).expect("compressor");
+        let mut tar_hash = HashingWriter::new(compressor);
+        {
+            let mut builder = tar::Builder::new(&mut tar_hash);
+            for f in files {
+                let mut header = tar::Header::new_gnu();
+                header.set_size(f.content.len() as u64);
+                header.set_mode(f.mode);
+                header.set_mtime(0);
+                header.set_uid(0);
+                header.set_gid(0);
+                header.set_entry_type(tar::EntryType::Regular);
+                builder
+                    .append_data(&mut header, f.path, f.content)
+                    .expect("append");
+            }
+            builder.finish().expect("finish tar");
+        }
+        let (diff_id, _, compressor) = tar_hash.finish();
+        compressor.finish().expect("finish compression");
+        diff_id
+    };
+    let (digest, size) = blob.commit().expect("commit");
+    (digest, size, diff_id)
+}
+
+/// Builds a one-layer image of `files` and names it `name`; returns the manifest digest.
+pub fn make_image(store: &Store, name: &str, files: &[File<'_>]) -> Digest {
+    make_image_with(store, name, files, Compression::Gzip, &[])
+}
+
+pub fn make_image_with(
+    store: &Store,
+    name: &str,
+    files: &[File<'_>],
+    compression: Compression,
+    labels: &[(&str, &str)],
+) -> Digest {
+    make_layered_image(store, name, &[files], compression, labels)
+}
+
+/// Builds an image with one layer per element of `layers`, applied in order.
+pub fn make_layered_image(
+    store: &Store,
+    name: &str,
+    layers: &[&[File<'_>]],
+    compression: Compression,
+    labels: &[(&str, &str)],
+) -> Digest {
+    let written: Vec<_> = layers
+        .iter()
+        .map(|files| put_layer(store, files, compression))
+        .collect();
+    let labels: HashMap<&str, &str> = labels.iter().copied().collect();
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "created": "1970-01-01T00:00:00Z",
+        "config": {"Cmd": ["/bin/sh"], "Labels": labels},
+        "rootfs": {"type": "layers", "diff_ids": written.iter().map(|w| w.2.to_string()).collect::<Vec<_>>()},
+    });
+    let (config_digest, config_size, _) = store.put_json(&config).expect("config");
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": media::OCI_MANIFEST,
+        "config": {"mediaType": media::OCI_CONFIG, "digest": config_digest.to_string(), "size": config_size},
+        "layers": written.iter().map(|(digest, size, _)| serde_json::json!(
+            {"mediaType": compression.layer_media_type(), "digest": digest.to_string(), "size": size}
+        )).collect::<Vec<_>>(),
+    });
+    let (digest, _, _) = store.put_json(&manifest).expect("manifest");
+    store
+        .tag(&name.parse::<Reference>().expect("reference"), &digest)
+        .expect("tag");
+    digest
+}
+
+/// Every file below `root` (relative path → content hash), for "nothing else changed" checks.
+pub fn snapshot(root: &Path) -> Vec<(PathBuf, String)> {
+    let mut out = Vec::new();
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(PathBuf, String)>) {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .expect("read_dir")
+            .map(|e| e.expect("entry"))
+            .collect();
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let path = entry.path();
+            let meta = std::fs::symlink_metadata(&path).expect("metadata");
+            let rel = path.strip_prefix(root).expect("prefix").to_path_buf();
+            if meta.is_dir() {
+                out.push((rel, "dir".into()));
+                walk(root, &path, out);
+            } else if meta.file_type().is_symlink() {
+                out.push((
+                    rel,
+                    format!(
+                        "link:{}",
+                        std::fs::read_link(&path).expect("link").display()
+                    ),
+                ));
+            } else {
+                out.push((
+                    rel,
+                    Digest::of(&std::fs::read(&path).expect("read")).to_string(),
+                ));
+            }
+        }
+    }
+    walk(root, root, &mut out);
+    out
+}
+
+pub fn write_file(path: &Path, content: &[u8]) {
+    std::fs::File::create(path)
+        .and_then(|mut f| f.write_all(content))
+        .expect("write file");
+}

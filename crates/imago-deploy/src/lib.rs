@@ -1,0 +1,14 @@
+//! Deployments: services pinned to releases (image digest + full configuration), health-gated
+//! rollouts, rollback and drift. The decisions are pure functions of recorded desired state and
+//! observed instances; the state lives in SQLite.
+#![forbid(unsafe_code)]
+
+pub mod error;
+pub mod health;
+pub mod plan;
+pub mod proxy;
+pub mod rollout;
+pub mod spec;
+pub mod state;
+
+pub use error::DeployError;

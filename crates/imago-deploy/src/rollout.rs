@@ -1,0 +1,473 @@
+//! The rollout engine's decision: one pure function from desired state plus observed instances
+//! to the next step. It holds no state of its own, so a restarted controller recomputes exactly
+//! the step it would have taken (the discipline of the Kubernetes Deployment controller).
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::spec::{Limits, Strategy};
+
+/// What an instance is doing, as observed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Launched, not yet passing its health check.
+    Starting,
+    /// Passing its health check since `since_ms` (milliseconds on the controller's clock).
+    Ready { since_ms: u64 },
+    /// Failed its health check `unhealthy_threshold` times in a row.
+    Unhealthy,
+    /// Its process is gone.
+    Exited,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ObservedInstance {
+    pub id: String,
+    /// The revision it runs: the hash of image digest + full service configuration. Instances of
+    /// two releases with the same revision are interchangeable, which makes a rollback to a
+    /// release whose instances still run immediate.
+    pub revision: String,
+    pub phase: Phase,
+    /// Taken out of the endpoint and waiting for its connections to finish before it is stopped.
+    pub draining: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct RolloutInput<'a> {
+    pub limits: Limits,
+    pub strategy: Strategy,
+    pub min_ready: Duration,
+    pub now_ms: u64,
+    /// The revision of the desired release.
+    pub target: &'a str,
+    pub instances: &'a [ObservedInstance],
+}
+
+/// Instance counts; a change in any of them between passes is progress.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    /// Non-draining instances of the target revision that are not unhealthy.
+    pub updated: u32,
+    /// Non-draining instances of other revisions.
+    pub old: u32,
+    /// Instances that count as available (ready for at least min_ready), any revision.
+    pub available: u32,
+    /// Every live instance, draining ones included.
+    pub total: u32,
+}
+
+/// The next step. The controller performs it, observes again and asks again.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Step {
+    /// New instances of the target revision to launch now.
+    pub launch: u32,
+    /// Instances to take out of the endpoint, drain and stop.
+    pub retire: Vec<String>,
+    /// Exited instances to clean up (and replace, through `launch`).
+    pub remove_dead: Vec<String>,
+    /// Instances the service endpoint should send new connections to.
+    pub route_to: Vec<String>,
+    pub counts: Counts,
+    /// Every instance runs the target, is available, and nothing is left to drain.
+    pub complete: bool,
+}
+
+fn is_available(phase: Phase, min_ready: Duration, now_ms: u64) -> bool {
+    match phase {
+        Phase::Ready { since_ms } => {
+            now_ms.saturating_sub(since_ms) >= min_ready.as_millis() as u64
+        }
+        _ => false,
+    }
+}
+
+/// Decides the next step of a rollout (or of keeping a settled service as it should be: the
+/// same function replaces dead and unhealthy instances when nothing is being rolled out).
+pub fn next_step(input: RolloutInput<'_>) -> Step {
+    let RolloutInput {
+        limits,
+        strategy,
+        min_ready,
+        now_ms,
+        target,
+        instances,
+    } = input;
+    let replicas = limits.replicas;
+    let mut step = Step::default();
+    let available = |i: &ObservedInstance| is_available(i.phase, min_ready, now_ms);
+
+    let mut new_ok: Vec<&ObservedInstance> = Vec::new();
+    let mut old: Vec<&ObservedInstance> = Vec::new();
+    let mut total = 0u32;
+    for instance in instances {
+        if instance.phase == Phase::Exited {
+            step.remove_dead.push(instance.id.clone());
+            continue;
+        }
+        total += 1;
+        if instance.draining {
+            continue;
+        }
+        if instance.phase == Phase::Unhealthy {
+            // Replace, don't repair: an unhealthy instance of any revision goes; it serves
+            // nothing, so retiring it never lowers availability.
+            step.retire.push(instance.id.clone());
+            continue;
+        }
+        if instance.revision == target {
+            new_ok.push(instance);
+        } else {
+            old.push(instance);
+        }
+    }
+    let available_new = new_ok.iter().filter(|i| available(i)).count() as u32;
+    let available_old = old.iter().filter(|i| available(i)).count() as u32;
+    let updated = new_ok.len() as u32;
+
+    match strategy {
+        Strategy::Rolling => {
+            // Scale up within the surge budget. Instances being drained still occupy capacity.
+            let ceiling = replicas + limits.max_surge;
+            let want = replicas.saturating_sub(updated);
+            step.launch = want.min(ceiling.saturating_sub(total));
+
+            // Scale down old (and surplus new) instances while keeping replicas - max_unavailable
+            // available. Not-available ones go first: they cost no availability.
+            let floor = replicas.saturating_sub(limits.max_unavailable);
+            let mut budget = (available_new + available_old).saturating_sub(floor);
+            let (mut old_unavailable, mut old_available): (
+                Vec<&ObservedInstance>,
+                Vec<&ObservedInstance>,
+            ) = old.iter().partition(|i| !available(i));
+            // Oldest-ready first among available ones is not knowable here; keep a stable order.
+            old_unavailable.sort_by(|a, b| a.id.cmp(&b.id));
+            old_available.sort_by(|a, b| a.id.cmp(&b.id));
+            // An old instance that is not available may be retired freely only while new ones
+            // are on their way; otherwise it is the service's capacity-in-waiting.
+            if updated > 0 || step.launch > 0 {
+                for i in old_unavailable {
+                    step.retire.push(i.id.clone());
+                }
+            }
+            for i in old_available {
+                if budget == 0 {
+                    break;
+                }
+                step.retire.push(i.id.clone());
+                budget -= 1;
+            }
+            if updated > replicas {
+                let mut surplus: Vec<_> = new_ok.clone();
+                surplus.sort_by_key(|i| (available(i), i.id.clone()));
+                for i in surplus.into_iter().take((updated - replicas) as usize) {
+                    if available(i) {
+                        if budget == 0 {
+                            break;
+                        }
+                        budget -= 1;
+                    }
+                    step.retire.push(i.id.clone());
+                }
+            }
+            step.route_to = instances
+                .iter()
+                .filter(|i| {
+                    !i.draining
+                        && matches!(i.phase, Phase::Ready { .. })
+                        && !step.retire.contains(&i.id)
+                })
+                .map(|i| i.id.clone())
+                .collect();
+        }
+        Strategy::BlueGreen => {
+            step.launch = replicas.saturating_sub(updated);
+            let green_ready = available_new >= replicas;
+            if green_ready {
+                for i in &old {
+                    step.retire.push(i.id.clone());
+                }
+                if updated > replicas {
+                    let mut surplus: Vec<_> = new_ok.clone();
+                    surplus.sort_by_key(|i| (available(i), i.id.clone()));
+                    for i in surplus.into_iter().take((updated - replicas) as usize) {
+                        step.retire.push(i.id.clone());
+                    }
+                }
+            }
+            // Traffic stays entirely on blue until green is fully available, then switches at once.
+            let serve_new =
+                green_ready || old.iter().all(|i| !matches!(i.phase, Phase::Ready { .. }));
+            step.route_to = instances
+                .iter()
+                .filter(|i| !i.draining && matches!(i.phase, Phase::Ready { .. }))
+                .filter(|i| (i.revision == target) == serve_new)
+                .filter(|i| !step.retire.contains(&i.id))
+                .map(|i| i.id.clone())
+                .collect();
+        }
+    }
+    step.counts = Counts {
+        updated,
+        old: old.len() as u32,
+        available: available_new + available_old,
+        total,
+    };
+    let draining = instances
+        .iter()
+        .any(|i| i.draining && i.phase != Phase::Exited);
+    step.complete = step.launch == 0
+        && step.retire.is_empty()
+        && step.remove_dead.is_empty()
+        && old.is_empty()
+        && !draining
+        && updated == replicas
+        && available_new == replicas;
+    step
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(replicas: u32, max_surge: u32, max_unavailable: u32) -> Limits {
+        Limits {
+            replicas,
+            max_surge,
+            max_unavailable,
+        }
+    }
+
+    fn ready(id: &str, revision: &str) -> ObservedInstance {
+        ObservedInstance {
+            id: id.into(),
+            revision: revision.into(),
+            phase: Phase::Ready { since_ms: 0 },
+            draining: false,
+        }
+    }
+
+    /// Drives a whole rollout against a simulated world in which a launched instance becomes
+    /// ready one pass later and a retired instance is gone one pass later. Checks the bounds at
+    /// every pass and returns the number of passes.
+    fn simulate(l: Limits, strategy: Strategy, initial_old: u32) -> u32 {
+        let mut world: Vec<ObservedInstance> = (0..initial_old)
+            .map(|i| ready(&format!("old{i}"), "v1"))
+            .collect();
+        let mut next_id = 0;
+        for pass in 1..=200 {
+            let step = next_step(RolloutInput {
+                limits: l,
+                strategy,
+                min_ready: Duration::ZERO,
+                now_ms: 1000,
+                target: "v2",
+                instances: &world,
+            });
+            if step.complete {
+                return pass;
+            }
+            // Apply: draining instances from the previous pass are gone; retired ones drain.
+            world.retain(|i| !i.draining);
+            for id in &step.retire {
+                if let Some(i) = world.iter_mut().find(|i| &i.id == id) {
+                    i.draining = true;
+                }
+            }
+            for i in world.iter_mut() {
+                if i.phase == Phase::Starting {
+                    i.phase = Phase::Ready { since_ms: 0 };
+                }
+            }
+            for _ in 0..step.launch {
+                world.push(ObservedInstance {
+                    id: format!("new{next_id}"),
+                    revision: "v2".into(),
+                    phase: Phase::Starting,
+                    draining: false,
+                });
+                next_id += 1;
+            }
+            let live = world.len() as u32;
+            assert!(
+                live <= l.replicas
+                    + l.max_surge.max(if strategy == Strategy::BlueGreen {
+                        l.replicas
+                    } else {
+                        0
+                    }),
+                "pass {pass}: {live} instances exceed replicas + surge ({l:?})"
+            );
+            let available = world
+                .iter()
+                .filter(|i| !i.draining && matches!(i.phase, Phase::Ready { .. }))
+                .count() as u32;
+            if initial_old >= l.replicas {
+                assert!(
+                    available >= l.replicas - l.max_unavailable.min(l.replicas),
+                    "pass {pass}: only {available} available ({l:?})"
+                );
+            }
+        }
+        panic!("rollout did not complete in 200 passes ({l:?}, {strategy:?})");
+    }
+
+    #[test]
+    fn rolling_update_respects_surge_and_unavailability_and_completes() {
+        for (r, s, u) in [
+            (3, 1, 0),
+            (3, 0, 1),
+            (10, 3, 0),
+            (10, 2, 2),
+            (1, 1, 0),
+            (1, 0, 1),
+            (5, 5, 5),
+        ] {
+            simulate(limits(r, s, u), Strategy::Rolling, r);
+        }
+    }
+
+    #[test]
+    fn blue_green_switches_only_when_all_new_are_available() {
+        let l = limits(3, 0, 0);
+        let mut world = vec![ready("b1", "v1"), ready("b2", "v1"), ready("b3", "v1")];
+        world.push(ObservedInstance {
+            id: "g1".into(),
+            revision: "v2".into(),
+            phase: Phase::Starting,
+            draining: false,
+        });
+        world.push(ready("g2", "v2"));
+        world.push(ready("g3", "v2"));
+        let input = RolloutInput {
+            limits: l,
+            strategy: Strategy::BlueGreen,
+            min_ready: Duration::ZERO,
+            now_ms: 5,
+            target: "v2",
+            instances: &world,
+        };
+        let step = next_step(input);
+        assert!(step.retire.is_empty(), "blue stays until green is complete");
+        assert_eq!(step.route_to, vec!["b1", "b2", "b3"]);
+        let mut world = world.clone();
+        world[3].phase = Phase::Ready { since_ms: 5 };
+        let step = next_step(RolloutInput {
+            limits: l,
+            strategy: Strategy::BlueGreen,
+            min_ready: Duration::ZERO,
+            now_ms: 5,
+            target: "v2",
+            instances: &world,
+        });
+        assert_eq!(step.retire, vec!["b1", "b2", "b3"]);
+        assert_eq!(
+            step.route_to,
+            vec!["g1", "g2", "g3"],
+            "traffic switches at once"
+        );
+        // launch, become ready, switch + retire blue, blue drained, complete.
+        assert_eq!(simulate(l, Strategy::BlueGreen, 3), 5);
+    }
+
+    #[test]
+    fn min_ready_holds_back_retirement() {
+        let world = vec![
+            ready("old", "v1"),
+            ObservedInstance {
+                id: "new".into(),
+                revision: "v2".into(),
+                phase: Phase::Ready { since_ms: 900 },
+                draining: false,
+            },
+        ];
+        let input = RolloutInput {
+            limits: limits(1, 1, 0),
+            strategy: Strategy::Rolling,
+            min_ready: Duration::from_secs(1),
+            now_ms: 1000,
+            target: "v2",
+            instances: &world,
+        };
+        assert!(
+            next_step(input).retire.is_empty(),
+            "new has been ready 100ms of 1s"
+        );
+        let step = next_step(RolloutInput {
+            now_ms: 1900,
+            ..input
+        });
+        assert_eq!(step.retire, vec!["old"]);
+    }
+
+    #[test]
+    fn dead_and_unhealthy_instances_are_replaced_not_repaired() {
+        let mut world = vec![ready("a", "v1"), ready("b", "v1"), ready("c", "v1")];
+        world[1].phase = Phase::Exited;
+        world[2].phase = Phase::Unhealthy;
+        let step = next_step(RolloutInput {
+            limits: limits(3, 1, 0),
+            strategy: Strategy::Rolling,
+            min_ready: Duration::ZERO,
+            now_ms: 0,
+            target: "v1",
+            instances: &world,
+        });
+        assert_eq!(step.remove_dead, vec!["b"]);
+        assert_eq!(step.retire, vec!["c"]);
+        assert_eq!(
+            step.launch, 2,
+            "3 replicas, 1 healthy left; c still occupies capacity while it drains: 2 + 1 surge"
+        );
+        assert_eq!(step.route_to, vec!["a"]);
+        assert!(!step.complete);
+    }
+
+    #[test]
+    fn a_settled_service_is_complete_and_does_nothing() {
+        let world = vec![ready("a", "v1"), ready("b", "v1")];
+        let step = next_step(RolloutInput {
+            limits: limits(2, 1, 0),
+            strategy: Strategy::Rolling,
+            min_ready: Duration::ZERO,
+            now_ms: 0,
+            target: "v1",
+            instances: &world,
+        });
+        assert!(step.complete);
+        assert_eq!(step.launch, 0);
+        assert!(step.retire.is_empty());
+    }
+
+    #[test]
+    fn scaling_down_retires_surplus_within_the_availability_floor() {
+        let world: Vec<_> = (0..5).map(|i| ready(&format!("i{i}"), "v1")).collect();
+        let step = next_step(RolloutInput {
+            limits: limits(3, 1, 0),
+            strategy: Strategy::Rolling,
+            min_ready: Duration::ZERO,
+            now_ms: 0,
+            target: "v1",
+            instances: &world,
+        });
+        assert_eq!(step.retire.len(), 2);
+    }
+
+    #[test]
+    fn ten_thousand_instances_take_one_fast_pass() {
+        let world: Vec<_> = (0..10_000)
+            .map(|i| ready(&format!("i{i:05}"), if i % 2 == 0 { "v1" } else { "v2" }))
+            .collect();
+        let step = next_step(RolloutInput {
+            limits: limits(10_000, 2_500, 0),
+            strategy: Strategy::Rolling,
+            min_ready: Duration::ZERO,
+            now_ms: 0,
+            target: "v2",
+            instances: &world,
+        });
+        assert_eq!(step.counts.updated, 5_000);
+        assert_eq!(step.launch, 2_500);
+    }
+}

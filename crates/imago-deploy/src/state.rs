@@ -1,0 +1,627 @@
+//! The deployment state: one SQLite database file under the imago home.
+//!
+//! Releases and events are append-only: a release row is never updated, and what happens to a
+//! release (completed, failed, rolled back) is recorded as a new outcome row and event. WAL mode
+//! and `synchronous = FULL` make every committed transaction survive kill -9 and power loss.
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use imago_oci::{Digest, to_canonical_json};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use serde::Serialize;
+
+use crate::error::DeployError;
+use crate::spec::ServiceSpec;
+
+/// Migrations, applied in order; the index + 1 is the schema version.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE releases (
+    service      TEXT NOT NULL,
+    number       INTEGER NOT NULL,
+    image_digest TEXT NOT NULL,
+    config_hash  TEXT NOT NULL,
+    revision     TEXT NOT NULL,
+    spec_json    TEXT NOT NULL,
+    created_ms   INTEGER NOT NULL,
+    reason       TEXT NOT NULL,
+    rollback_of  INTEGER,
+    PRIMARY KEY (service, number)
+) STRICT;
+CREATE TABLE release_outcomes (
+    service  TEXT NOT NULL,
+    number   INTEGER NOT NULL,
+    outcome  TEXT NOT NULL,
+    detail   TEXT NOT NULL,
+    at_ms    INTEGER NOT NULL,
+    FOREIGN KEY (service, number) REFERENCES releases(service, number)
+) STRICT;
+CREATE TABLE services (
+    name            TEXT PRIMARY KEY,
+    desired_release INTEGER,
+    destroyed       INTEGER NOT NULL DEFAULT 0
+) STRICT;
+CREATE TABLE instances (
+    id           TEXT PRIMARY KEY,
+    service      TEXT NOT NULL,
+    release      INTEGER NOT NULL,
+    revision     TEXT NOT NULL,
+    image_digest TEXT NOT NULL,
+    address      TEXT,
+    state        TEXT NOT NULL,
+    created_ms   INTEGER NOT NULL,
+    updated_ms   INTEGER NOT NULL
+) STRICT;
+CREATE TABLE rollouts (
+    service          TEXT PRIMARY KEY,
+    target_release   INTEGER NOT NULL,
+    started_ms       INTEGER NOT NULL,
+    last_progress_ms INTEGER NOT NULL,
+    counts_json      TEXT NOT NULL
+) STRICT;
+CREATE TABLE events (
+    seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms    INTEGER NOT NULL,
+    service  TEXT,
+    kind     TEXT NOT NULL,
+    message  TEXT NOT NULL,
+    actor    TEXT NOT NULL
+) STRICT;
+"#];
+
+/// One immutable release: a service pinned to an image digest and its full configuration.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Release {
+    pub service: String,
+    pub number: u64,
+    pub image_digest: Digest,
+    /// sha256 of the canonical JSON of the configuration (with the image resolved to its digest).
+    pub config_hash: Digest,
+    /// sha256 over digest + config hash: instances with equal revisions are interchangeable.
+    pub revision: String,
+    pub spec: ServiceSpec,
+    pub created_ms: u64,
+    /// Why it was made: "apply", "rollback to 2", "automatic rollback: ...".
+    pub reason: String,
+    pub rollback_of: Option<u64>,
+}
+
+/// What a release's rollout ended as.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Outcome {
+    pub number: u64,
+    pub outcome: String,
+    pub detail: String,
+    pub at_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Event {
+    pub seq: u64,
+    pub at_ms: u64,
+    pub service: Option<String>,
+    pub kind: String,
+    pub message: String,
+    pub actor: String,
+}
+
+/// The configuration hash and revision of `spec` pinned to `digest`.
+pub fn fingerprint(spec: &ServiceSpec, digest: &Digest) -> Result<(Digest, String), DeployError> {
+    let mut pinned = spec.clone();
+    pinned.image = digest.to_string();
+    let bytes = to_canonical_json(&pinned).map_err(|e| DeployError::Encode {
+        what: "service configuration",
+        source: serde_json::Error::io(std::io::Error::other(e.to_string())),
+    })?;
+    let config_hash = Digest::of(&bytes);
+    let revision =
+        Digest::of(format!("{digest}\n{config_hash}").as_bytes()).hex()[..16].to_string();
+    Ok((config_hash, revision))
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub struct StateDb {
+    path: PathBuf,
+    conn: Connection,
+}
+
+impl StateDb {
+    /// Opens (creating and migrating) the database at `path`.
+    pub fn open(path: &Path) -> Result<StateDb, DeployError> {
+        let db_err = |source| DeployError::Database {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| DeployError::Database {
+                path: path.to_path_buf(),
+                source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+            })?;
+        }
+        let mut conn = Connection::open(path).map_err(db_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(db_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db_err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(db_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(db_err)?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db_err)?;
+        let version: i64 = tx
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(db_err)?;
+        let known = MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(DeployError::SchemaTooNew {
+                path: path.to_path_buf(),
+                found: version,
+                known,
+            });
+        }
+        for migration in &MIGRATIONS[version as usize..] {
+            tx.execute_batch(migration).map_err(db_err)?;
+        }
+        tx.pragma_update(None, "user_version", known)
+            .map_err(db_err)?;
+        tx.commit().map_err(db_err)?;
+        Ok(StateDb {
+            path: path.to_path_buf(),
+            conn,
+        })
+    }
+
+    fn err(&self, source: rusqlite::Error) -> DeployError {
+        DeployError::Database {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Records a new release for `service` unless its latest release already pins the same
+    /// digest and configuration. Returns the release and whether it is new.
+    pub fn record_release(
+        &mut self,
+        service: &str,
+        spec: &ServiceSpec,
+        digest: &Digest,
+        reason: &str,
+        rollback_of: Option<u64>,
+        actor: &str,
+    ) -> Result<(Release, bool), DeployError> {
+        let (config_hash, revision) = fingerprint(spec, digest)?;
+        let spec_json = serde_json::to_string(spec).map_err(|source| DeployError::Encode {
+            what: "service spec",
+            source,
+        })?;
+        let path = self.path.clone();
+        let db_err = |source| DeployError::Database {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db_err)?;
+        let desired: Option<u64> = tx
+            .query_row(
+                "SELECT desired_release FROM services WHERE name = ?1 AND destroyed = 0",
+                [service],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db_err)?
+            .flatten();
+        if let Some(current) = desired {
+            let same: Option<String> = tx
+                .query_row(
+                    "SELECT revision FROM releases WHERE service = ?1 AND number = ?2",
+                    params![service, current],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(db_err)?;
+            if same.as_deref() == Some(revision.as_str()) && rollback_of.is_none() {
+                drop(tx);
+                let release = self.release(service, current)?;
+                return Ok((release, false));
+            }
+        }
+        let number: u64 = tx
+            .query_row(
+                "SELECT COALESCE(MAX(number), 0) + 1 FROM releases WHERE service = ?1",
+                [service],
+                |r| r.get(0),
+            )
+            .map_err(db_err)?;
+        let created_ms = now_ms();
+        tx.execute(
+            "INSERT INTO releases (service, number, image_digest, config_hash, revision, spec_json, created_ms, reason, rollback_of)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![service, number, digest.to_string(), config_hash.to_string(), revision, spec_json, created_ms, reason, rollback_of],
+        )
+        .map_err(db_err)?;
+        tx.execute(
+            "INSERT INTO services (name, desired_release, destroyed) VALUES (?1, ?2, 0)
+             ON CONFLICT(name) DO UPDATE SET desired_release = excluded.desired_release, destroyed = 0",
+            params![service, number],
+        )
+        .map_err(db_err)?;
+        tx.execute(
+            "INSERT INTO events (at_ms, service, kind, message, actor) VALUES (?1, ?2, 'release', ?3, ?4)",
+            params![created_ms, service, format!("release {number}: {digest} ({reason})"), actor],
+        )
+        .map_err(db_err)?;
+        tx.commit().map_err(db_err)?;
+        let release = Release {
+            service: service.to_owned(),
+            number,
+            image_digest: digest.clone(),
+            config_hash,
+            revision,
+            spec: spec.clone(),
+            created_ms,
+            reason: reason.to_owned(),
+            rollback_of,
+        };
+        Ok((release, true))
+    }
+
+    fn row_to_release(row: &rusqlite::Row<'_>) -> rusqlite::Result<Release> {
+        fn column<T, E: std::error::Error + Send + Sync + 'static>(
+            index: usize,
+            value: Result<T, E>,
+        ) -> rusqlite::Result<T> {
+            value.map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    index,
+                    rusqlite::types::Type::Text,
+                    Box::new(e),
+                )
+            })
+        }
+        Ok(Release {
+            service: row.get(0)?,
+            number: row.get(1)?,
+            image_digest: column(2, row.get::<_, String>(2)?.parse::<Digest>())?,
+            config_hash: column(3, row.get::<_, String>(3)?.parse::<Digest>())?,
+            revision: row.get(4)?,
+            spec: column(5, serde_json::from_str(&row.get::<_, String>(5)?))?,
+            created_ms: row.get(6)?,
+            reason: row.get(7)?,
+            rollback_of: row.get(8)?,
+        })
+    }
+
+    pub fn release(&self, service: &str, number: u64) -> Result<Release, DeployError> {
+        self.conn
+            .query_row(
+                "SELECT service, number, image_digest, config_hash, revision, spec_json, created_ms, reason, rollback_of
+                 FROM releases WHERE service = ?1 AND number = ?2",
+                params![service, number],
+                Self::row_to_release,
+            )
+            .optional()
+            .map_err(|e| self.err(e))?
+            .ok_or_else(|| DeployError::UnknownRelease { service: service.to_owned(), number })
+    }
+
+    /// Every release of `service`, oldest first.
+    pub fn history(&self, service: &str) -> Result<Vec<Release>, DeployError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT service, number, image_digest, config_hash, revision, spec_json, created_ms, reason, rollback_of
+                 FROM releases WHERE service = ?1 ORDER BY number",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([service], Self::row_to_release)
+            .map_err(|e| self.err(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))?;
+        Ok(rows)
+    }
+
+    /// The release `service` should run, if it exists and was not destroyed.
+    pub fn desired(&self, service: &str) -> Result<Option<Release>, DeployError> {
+        let number: Option<u64> = self
+            .conn
+            .query_row(
+                "SELECT desired_release FROM services WHERE name = ?1 AND destroyed = 0",
+                [service],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?
+            .flatten();
+        number.map(|n| self.release(service, n)).transpose()
+    }
+
+    /// Services that are deployed (not destroyed), by name.
+    pub fn services(&self) -> Result<Vec<String>, DeployError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name FROM services WHERE destroyed = 0 ORDER BY name")
+            .map_err(|e| self.err(e))?;
+        let names = stmt
+            .query_map([], |r| r.get(0))
+            .map_err(|e| self.err(e))?
+            .collect::<Result<Vec<String>, _>>()
+            .map_err(|e| self.err(e))?;
+        Ok(names)
+    }
+
+    /// Records what became of a release's rollout ("complete", "failed", "rolled back").
+    pub fn record_outcome(
+        &mut self,
+        service: &str,
+        number: u64,
+        outcome: &str,
+        detail: &str,
+        actor: &str,
+    ) -> Result<(), DeployError> {
+        let path = self.path.clone();
+        let db_err = |source| DeployError::Database {
+            path: path.clone(),
+            source,
+        };
+        let at = now_ms();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db_err)?;
+        tx.execute(
+            "INSERT INTO release_outcomes (service, number, outcome, detail, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![service, number, outcome, detail, at],
+        )
+        .map_err(db_err)?;
+        let message = if detail.is_empty() {
+            format!("release {number}: {outcome}")
+        } else {
+            format!("release {number}: {outcome}: {detail}")
+        };
+        tx.execute(
+            "INSERT INTO events (at_ms, service, kind, message, actor) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![at, service, outcome, message, actor],
+        )
+        .map_err(db_err)?;
+        tx.commit().map_err(db_err)
+    }
+
+    pub fn outcomes(&self, service: &str) -> Result<Vec<Outcome>, DeployError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT number, outcome, detail, at_ms FROM release_outcomes WHERE service = ?1 ORDER BY rowid")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([service], |r| {
+                Ok(Outcome {
+                    number: r.get(0)?,
+                    outcome: r.get(1)?,
+                    detail: r.get(2)?,
+                    at_ms: r.get(3)?,
+                })
+            })
+            .map_err(|e| self.err(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))?;
+        Ok(rows)
+    }
+
+    /// The newest release of `service` whose rollout completed: where automatic rollback goes.
+    pub fn last_completed(&self, service: &str) -> Result<Option<Release>, DeployError> {
+        let number: Option<u64> = self
+            .conn
+            .query_row(
+                "SELECT number FROM release_outcomes WHERE service = ?1 AND outcome = 'complete' ORDER BY rowid DESC LIMIT 1",
+                [service],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
+        number.map(|n| self.release(service, n)).transpose()
+    }
+
+    /// Appends an event.
+    pub fn event(
+        &self,
+        service: Option<&str>,
+        kind: &str,
+        message: &str,
+        actor: &str,
+    ) -> Result<(), DeployError> {
+        self.conn
+            .execute(
+                "INSERT INTO events (at_ms, service, kind, message, actor) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![now_ms(), service, kind, message, actor],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Events after `since` (a sequence number), oldest first.
+    pub fn events(&self, service: Option<&str>, since: u64) -> Result<Vec<Event>, DeployError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT seq, at_ms, service, kind, message, actor FROM events
+                 WHERE seq > ?1 AND (?2 IS NULL OR service = ?2) ORDER BY seq",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![since, service], |r| {
+                Ok(Event {
+                    seq: r.get(0)?,
+                    at_ms: r.get(1)?,
+                    service: r.get(2)?,
+                    kind: r.get(3)?,
+                    message: r.get(4)?,
+                    actor: r.get(5)?,
+                })
+            })
+            .map_err(|e| self.err(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))?;
+        Ok(rows)
+    }
+
+    /// Image digests of the newest `keep` releases of every service: gc roots, so that any
+    /// retained release can be rolled back to.
+    pub fn retained_digests(&self, keep: u64) -> Result<Vec<Digest>, DeployError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT DISTINCT image_digest FROM releases r
+                 WHERE number > (SELECT MAX(number) FROM releases WHERE service = r.service) - ?1",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([keep], |r| r.get::<_, String>(0))
+            .map_err(|e| self.err(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))?;
+        let mut digests = Vec::new();
+        for text in rows {
+            digests.push(text.parse().map_err(|e: imago_oci::DigestError| {
+                self.err(rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+            })?);
+        }
+        digests.sort();
+        Ok(digests)
+    }
+
+    /// Marks `service` destroyed; its history stays.
+    pub fn destroy(&mut self, service: &str, actor: &str) -> Result<(), DeployError> {
+        let changed = self
+            .conn
+            .execute(
+                "UPDATE services SET destroyed = 1 WHERE name = ?1 AND destroyed = 0",
+                [service],
+            )
+            .map_err(|e| self.err(e))?;
+        if changed == 0 {
+            return Err(DeployError::NoRelease(service.to_owned()));
+        }
+        self.event(
+            Some(service),
+            "destroy",
+            &format!("service {service} destroyed"),
+            actor,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(image: &str, env: &str) -> ServiceSpec {
+        serde_json::from_value(serde_json::json!({"image": image, "env": {"V": env}})).unwrap()
+    }
+
+    fn db() -> (tempfile::TempDir, StateDb) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(&dir.path().join("state.db")).unwrap();
+        (dir, db)
+    }
+
+    #[test]
+    fn an_unchanged_apply_makes_no_new_release() {
+        let (_d, mut db) = db();
+        let d1 = Digest::of(b"image v1");
+        let (r1, new) = db
+            .record_release("web", &spec("web", "1"), &d1, "apply", None, "test")
+            .unwrap();
+        assert!(new);
+        assert_eq!(r1.number, 1);
+        let (again, new) = db
+            .record_release("web", &spec("web", "1"), &d1, "apply", None, "test")
+            .unwrap();
+        assert!(!new);
+        assert_eq!(again.number, 1);
+        let (r2, new) = db
+            .record_release("web", &spec("web", "2"), &d1, "apply", None, "test")
+            .unwrap();
+        assert!(new, "a config change alone is a new release");
+        assert_eq!(r2.number, 2);
+        assert_ne!(r1.config_hash, r2.config_hash);
+        assert_eq!(db.desired("web").unwrap().unwrap().number, 2);
+    }
+
+    #[test]
+    fn the_image_name_is_not_part_of_the_identity_only_the_digest() {
+        let d = Digest::of(b"same");
+        let a = fingerprint(&spec("web:v1", "x"), &d).unwrap();
+        let b = fingerprint(&spec("web:latest", "x"), &d).unwrap();
+        assert_eq!(a, b);
+        let c = fingerprint(&spec("web", "x"), &Digest::of(b"other")).unwrap();
+        assert_ne!(a.1, c.1);
+    }
+
+    #[test]
+    fn releases_survive_reopening_and_keep_their_spec() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let d = Digest::of(b"x");
+        {
+            let mut db = StateDb::open(&path).unwrap();
+            db.record_release("web", &spec("web", "7"), &d, "apply", None, "test")
+                .unwrap();
+            db.record_outcome("web", 1, "complete", "", "test").unwrap();
+        }
+        let db = StateDb::open(&path).unwrap();
+        let history = db.history("web").unwrap();
+        assert_eq!(history.len(), 1);
+        assert_eq!(history[0].spec.env.get("V").map(String::as_str), Some("7"));
+        assert_eq!(db.last_completed("web").unwrap().unwrap().number, 1);
+        let kinds: Vec<String> = db
+            .events(Some("web"), 0)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect();
+        assert_eq!(kinds, vec!["release", "complete"]);
+    }
+
+    #[test]
+    fn retained_digests_cover_the_history_limit() {
+        let (_d, mut db) = db();
+        for i in 0..5u8 {
+            db.record_release(
+                "web",
+                &spec("web", &i.to_string()),
+                &Digest::of(&[i]),
+                "apply",
+                None,
+                "t",
+            )
+            .unwrap();
+        }
+        let kept = db.retained_digests(2).unwrap();
+        let mut expected = vec![Digest::of(&[3]), Digest::of(&[4])];
+        expected.sort();
+        assert_eq!(kept, expected);
+        assert_eq!(db.retained_digests(10).unwrap().len(), 5);
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        drop(StateDb::open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        let err = StateDb::open(&path).err().unwrap().to_string();
+        assert!(err.contains("schema 99"), "{err}");
+    }
+}

@@ -1,0 +1,27 @@
+//! Local infrastructure: launches isolated container instances from an image digest.
+//!
+//! Code map: [`spec`] (what an instance runs and its hash), [`provider`] (the engine-neutral
+//! trait and an in-memory fake), [`rootfs`] (the unpack-once rootfs cache), [`bundle`] (the OCI
+//! runtime config), [`network`] (namespaces, veth pairs, address leases), [`supervisor`] (the
+//! per-instance process that owns a container), [`local`] (the provider built from all of it),
+//! [`state`] (atomic per-instance records).
+//!
+//! This crate prints nothing; it returns data and errors.
+#![deny(unsafe_code)]
+
+pub mod bundle;
+pub mod error;
+pub mod local;
+pub mod network;
+pub mod provider;
+pub mod rootfs;
+pub mod spec;
+pub mod state;
+pub mod supervisor;
+
+pub use error::RuntimeError;
+pub use local::{Layout, LocalProvider, SupervisorCommand};
+pub use provider::{FakeProvider, Provider};
+pub use rootfs::{ImageInfo, ImageSource, RootfsCache};
+pub use spec::{Engine, InstanceSpec, NetworkMode, Resources, parse_cpus, parse_memory};
+pub use state::{Instance, Status};

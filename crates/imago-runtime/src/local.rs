@@ -1,0 +1,387 @@
+//! The local provider: instances are containers on this machine, each owned by its own
+//! supervisor process, with all state under the imago home directory.
+//!
+//! Home layout owned by the runtime: `<home>/rootfs/<manifest-hex>` (shared read-only rootfs
+//! cache), `<home>/instances/<id>/` (spec, state, bundle, logs), `<home>/runtime/{youki,runc}`
+//! (engine state). Host-wide names are derived from the random instance id: the cgroup
+//! `/imago/<id>`, the network namespace `imago-<id>`, the host veth `iv-<id>`.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::fs;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::bundle::{BundleContext, runtime_config, write_bundle};
+use crate::network::{self, Ipam};
+use crate::rootfs::{ImageSource, RootfsCache};
+use crate::state::{Instance, InstanceDir, Status, process_start_time, write_json_atomic};
+use crate::{InstanceSpec, NetworkMode, Provider, RuntimeError};
+
+/// Paths under the imago home directory that belong to the runtime.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub home: PathBuf,
+}
+
+impl Layout {
+    pub fn new(home: &Path) -> Layout {
+        Layout { home: home.to_owned() }
+    }
+    pub fn instances(&self) -> PathBuf {
+        self.home.join("instances")
+    }
+    pub fn instance_dir(&self, id: &str) -> InstanceDir {
+        InstanceDir::new(&self.instances(), id)
+    }
+    pub fn rootfs(&self) -> PathBuf {
+        self.home.join("rootfs")
+    }
+    pub fn youki_root(&self) -> PathBuf {
+        self.home.join("runtime").join("youki")
+    }
+    pub fn runc_root(&self) -> PathBuf {
+        self.home.join("runtime").join("runc")
+    }
+}
+
+/// The cgroup of an instance, relative to each hierarchy's root.
+pub fn cgroups_path(id: &str) -> String {
+    format!("/imago/{id}")
+}
+
+/// How to start a supervisor: `program args... <home> <id>`.
+#[derive(Debug, Clone)]
+pub struct SupervisorCommand {
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+}
+
+impl SupervisorCommand {
+    /// The running executable's hidden `__supervise` subcommand (what the imago CLI uses).
+    pub fn current_exe() -> Result<SupervisorCommand, RuntimeError> {
+        let program = std::env::current_exe().map_err(RuntimeError::io("cannot locate", "/proc/self/exe"))?;
+        Ok(SupervisorCommand { program, args: vec!["__supervise".into()] })
+    }
+}
+
+pub struct LocalProvider {
+    layout: Layout,
+    images: Box<dyn ImageSource>,
+    supervisor: SupervisorCommand,
+    ipam: Ipam,
+    /// Supervisors this process started, reaped once they exit (they outlive us otherwise).
+    children: Mutex<HashMap<String, Child>>,
+}
+
+impl std::fmt::Debug for LocalProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalProvider").field("home", &self.layout.home).finish_non_exhaustive()
+    }
+}
+
+impl LocalProvider {
+    pub fn new(home: &Path, images: Box<dyn ImageSource>, supervisor: SupervisorCommand) -> LocalProvider {
+        LocalProvider {
+            layout: Layout::new(home),
+            images,
+            supervisor,
+            ipam: Ipam::new(network::DEFAULT_IPAM_DIR),
+            children: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Uses another lease directory (tests, or several independent imago setups).
+    pub fn with_ipam_dir(mut self, dir: impl Into<PathBuf>) -> LocalProvider {
+        self.ipam = Ipam::new(dir);
+        self
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    pub fn rootfs_cache(&self) -> RootfsCache {
+        RootfsCache::new(self.layout.rootfs())
+    }
+
+    /// Paths of the retained log files, oldest first (for `logs -f`).
+    pub fn log_paths(&self, id: &str) -> Result<Vec<PathBuf>, RuntimeError> {
+        let dir = self.existing_dir(id)?;
+        Ok(vec![dir.rotated_log(), dir.log()])
+    }
+
+    fn existing_dir(&self, id: &str) -> Result<InstanceDir, RuntimeError> {
+        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+            return Err(RuntimeError::NoSuchInstance(id.to_owned()));
+        }
+        let dir = self.layout.instance_dir(id);
+        if !dir.state().exists() {
+            return Err(RuntimeError::NoSuchInstance(id.to_owned()));
+        }
+        Ok(dir)
+    }
+
+    fn reap_children(&self) {
+        let mut children = self.children.lock().unwrap_or_else(|e| e.into_inner());
+        children.retain(|_, c| !matches!(c.try_wait(), Ok(Some(_))));
+    }
+
+    fn wait_child(&self, id: &str) {
+        let child = self.children.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+        if let Some(mut c) = child {
+            let _ = c.wait();
+        }
+    }
+
+    fn launch_prepared(&self, spec: &InstanceSpec, id: &str, dir: &InstanceDir) -> Result<Instance, RuntimeError> {
+        let image = self.images.image(&spec.image)?;
+        let rootfs = self.rootfs_cache().ensure(self.images.as_ref(), &spec.image, &image)?;
+        let mut record = Instance::new(id.to_owned(), spec)?;
+        record.ports = image
+            .config
+            .config()
+            .as_ref()
+            .and_then(|c| c.exposed_ports().clone())
+            .unwrap_or_default();
+        let netns = network::netns_path(id);
+        let cgroups = cgroups_path(id);
+        let ctx = BundleContext {
+            id,
+            rootfs: &rootfs,
+            netns_path: (spec.network == NetworkMode::Private).then_some(netns.as_path()),
+            cgroups_path: &cgroups,
+        };
+        let config = runtime_config(spec, &image.config, &ctx)?;
+        write_bundle(&dir.bundle(), &config)?;
+        if spec.network == NetworkMode::Private {
+            let lease = self.ipam.allocate(id)?;
+            record.address = Some(lease.instance);
+            record.host_address = Some(lease.host);
+            if let Err(e) = network::setup(id, &lease) {
+                let _ = self.ipam.release(id, lease.host);
+                return Err(e);
+            }
+        }
+        dir.write_state(&record)?;
+        Ok(record)
+    }
+
+    fn spawn_supervisor(&self, id: &str, dir: &InstanceDir) -> Result<Instance, RuntimeError> {
+        let mut child = Command::new(&self.supervisor.program)
+            .args(&self.supervisor.args)
+            .arg(&self.layout.home)
+            .arg(id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(RuntimeError::io("cannot start the supervisor", &self.supervisor.program))?;
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            let _ = BufReader::new(out).read_line(&mut line);
+        }
+        self.children.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_owned(), child);
+        let line = line.trim_end();
+        if line.starts_with("ok") {
+            return dir.read_state();
+        }
+        let reason = match line.strip_prefix("error ") {
+            Some(msg) => msg.to_owned(),
+            None => "the supervisor exited before starting the container".to_owned(),
+        };
+        // The supervisor recorded the failure; nothing runs, so give the address back now.
+        if let Ok(mut rec) = dir.read_state() {
+            if rec.status != Status::Failed {
+                rec.status = Status::Failed;
+                rec.error = Some(reason.clone());
+                let _ = dir.write_state(&rec);
+            }
+            self.release_network(&rec);
+        }
+        Err(RuntimeError::StartFailed { id: id.to_owned(), reason })
+    }
+
+    fn release_network(&self, rec: &Instance) {
+        if rec.network == NetworkMode::Private {
+            network::teardown(&rec.id);
+            if let Some(host) = rec.host_address {
+                let _ = self.ipam.release(&rec.id, host);
+            }
+        }
+    }
+
+    /// The record, with `Lost` substituted when it claims to run but its supervisor is gone.
+    fn load(&self, dir: &InstanceDir) -> Result<Instance, RuntimeError> {
+        let mut rec = dir.read_state()?;
+        if rec.status == Status::Running {
+            let alive = match (rec.supervisor_pid, rec.supervisor_start) {
+                (Some(pid), Some(start)) => process_start_time(pid) == Some(start),
+                _ => false,
+            };
+            if !alive {
+                // Re-read: the supervisor may have written its final state just now.
+                rec = dir.read_state()?;
+                if rec.status == Status::Running {
+                    rec.status = Status::Lost;
+                }
+            }
+        }
+        Ok(rec)
+    }
+
+    /// Kills and forgets the container of an instance whose supervisor died.
+    fn clean_lost(&self, rec: &Instance) {
+        if let Some(pid) = rec.pid {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        match rec.engine {
+            crate::Engine::Embedded => {
+                let root = self.layout.youki_root().join(&rec.id);
+                if let Ok(mut c) = libcontainer::container::Container::load(root.clone()) {
+                    let _ = c.delete(true);
+                }
+                let _ = fs::remove_dir_all(root);
+            }
+            crate::Engine::Runc => {
+                let _ = Command::new("runc")
+                    .arg("--root")
+                    .arg(self.layout.runc_root())
+                    .args(["delete", "--force", &rec.id])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+        remove_cgroups(&rec.id);
+    }
+}
+
+/// Removes the instance's (empty) cgroup directories in every hierarchy, if any are left.
+fn remove_cgroups(id: &str) {
+    let rel = cgroups_path(id);
+    let rel = rel.trim_start_matches('/');
+    if let Ok(rd) = fs::read_dir("/sys/fs/cgroup") {
+        for hierarchy in rd.flatten() {
+            let dir = hierarchy.path().join(rel);
+            if dir.is_dir() {
+                let _ = fs::remove_dir(&dir);
+            }
+        }
+    }
+    let _ = fs::remove_dir(Path::new("/sys/fs/cgroup").join(rel));
+}
+
+fn new_id() -> Result<String, RuntimeError> {
+    let mut bytes = [0u8; 6];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(RuntimeError::io("cannot read", "/dev/urandom"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+impl Provider for LocalProvider {
+    fn launch(&self, spec: &InstanceSpec) -> Result<Instance, RuntimeError> {
+        spec.validate()?;
+        self.reap_children();
+        let id = new_id()?;
+        let dir = self.layout.instance_dir(&id);
+        fs::create_dir_all(&dir.root).map_err(RuntimeError::io("cannot create", &dir.root))?;
+        write_json_atomic(&dir.spec(), spec)?;
+        if let Err(e) = self.launch_prepared(spec, &id, &dir) {
+            // Nothing was started: leave no trace of the instance.
+            let _ = fs::remove_dir_all(&dir.root);
+            return Err(e);
+        }
+        self.spawn_supervisor(&id, &dir)
+    }
+
+    fn stop(&self, id: &str, grace: Duration) -> Result<Instance, RuntimeError> {
+        let dir = self.existing_dir(id)?;
+        let rec = self.load(&dir)?;
+        if rec.status != Status::Running {
+            return Ok(rec);
+        }
+        crate::state::write_atomic(&dir.stop_request(), grace.as_millis().to_string().as_bytes())?;
+        if let Some(pid) = rec.supervisor_pid {
+            kill(Pid::from_raw(pid), Signal::SIGTERM).map_err(|e| RuntimeError::Supervisor {
+                id: id.to_owned(),
+                reason: format!("cannot signal supervisor {pid}: {e}"),
+            })?;
+        }
+        let deadline = Instant::now() + grace + Duration::from_secs(5);
+        loop {
+            let rec = self.load(&dir)?;
+            if rec.status != Status::Running {
+                self.wait_child(id);
+                return Ok(rec);
+            }
+            if Instant::now() > deadline {
+                return Err(RuntimeError::StopTimeout { id: id.to_owned(), secs: (grace + Duration::from_secs(5)).as_secs() });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        let dir = self.existing_dir(id)?;
+        let rec = self.load(&dir)?;
+        match rec.status {
+            Status::Running | Status::Created => {
+                return Err(RuntimeError::WrongState {
+                    id: id.to_owned(),
+                    status: rec.status.to_string(),
+                    reason: "stop it before removing it",
+                });
+            }
+            Status::Lost => self.clean_lost(&rec),
+            Status::Exited | Status::Failed => remove_cgroups(id),
+        }
+        self.release_network(&rec);
+        self.wait_child(id);
+        fs::remove_dir_all(&dir.root).map_err(RuntimeError::io("cannot remove", &dir.root))
+    }
+
+    fn list(&self) -> Result<Vec<Instance>, RuntimeError> {
+        self.reap_children();
+        let root = self.layout.instances();
+        let entries = match fs::read_dir(&root) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(RuntimeError::Io { action: "cannot list", path: root, source: e }),
+        };
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let dir = InstanceDir { root: entry.path() };
+            if !dir.state().exists() {
+                continue;
+            }
+            out.push(self.load(&dir)?);
+        }
+        out.sort_by(|a, b| a.created_ms.cmp(&b.created_ms).then_with(|| a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    fn inspect(&self, id: &str) -> Result<Instance, RuntimeError> {
+        let dir = self.existing_dir(id)?;
+        self.load(&dir)
+    }
+
+    fn logs(&self, id: &str) -> Result<Vec<u8>, RuntimeError> {
+        let mut out = Vec::new();
+        for path in self.log_paths(id)? {
+            match fs::read(&path) {
+                Ok(bytes) => out.extend_from_slice(&bytes),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(RuntimeError::Io { action: "cannot read", path, source: e }),
+            }
+        }
+        Ok(out)
+    }
+}

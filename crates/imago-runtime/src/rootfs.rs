@@ -1,0 +1,207 @@
+//! The rootfs cache: each image digest is unpacked once into `<home>/rootfs/<manifest-hex>` and
+//! shared read-only by every instance of that digest.
+//!
+//! Invariants: an entry exists only once it is complete (it is unpacked into a temporary directory
+//! and renamed into place); every layer blob is checked against its digest and size and every
+//! uncompressed layer against the config's diff_id before the rename; an entry is never written
+//! after the rename. Concurrent launches of one digest serialize on a lock file.
+
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use imago_layer::compression::{Compression, decompress};
+use imago_oci::spec::{Descriptor, ImageConfiguration};
+use imago_oci::{Digest, HashingReader};
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::RuntimeError;
+
+/// An image as the runtime needs it: its config and its layers, bottom first.
+#[derive(Debug, Clone)]
+pub struct ImageInfo {
+    pub config: ImageConfiguration,
+    pub layers: Vec<Descriptor>,
+}
+
+/// Where images come from (the store, in production; anything in tests).
+pub trait ImageSource: Send + Sync {
+    /// The image whose manifest has `digest`.
+    fn image(&self, digest: &Digest) -> Result<ImageInfo, RuntimeError>;
+    /// The (compressed) bytes of one layer blob. The cache verifies digest and size itself.
+    fn open_layer(&self, image: &Digest, layer: &Descriptor) -> Result<Box<dyn Read + '_>, RuntimeError>;
+}
+
+/// Directories every rootfs gets, so the runtime never has to create a mount point inside the
+/// shared (and read-only) tree.
+const MOUNT_POINTS: &[&str] = &["proc", "sys", "dev", "tmp", "run", "etc"];
+
+#[derive(Debug, Clone)]
+pub struct RootfsCache {
+    dir: PathBuf,
+}
+
+impl RootfsCache {
+    pub fn new(dir: impl Into<PathBuf>) -> RootfsCache {
+        RootfsCache { dir: dir.into() }
+    }
+
+    pub fn path(&self, digest: &Digest) -> PathBuf {
+        self.dir.join(digest.hex())
+    }
+
+    /// Returns the unpacked rootfs of `digest`, unpacking it first if needed.
+    pub fn ensure(&self, source: &dyn ImageSource, digest: &Digest, image: &ImageInfo) -> Result<PathBuf, RuntimeError> {
+        let target = self.path(digest);
+        if target.is_dir() {
+            return Ok(target);
+        }
+        fs::create_dir_all(&self.dir).map_err(RuntimeError::io("cannot create", &self.dir))?;
+        let lock_path = self.dir.join(format!(".{}.lock", digest.hex()));
+        let lock_file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(RuntimeError::io("cannot open", &lock_path))?;
+        let _lock = Flock::lock(lock_file, FlockArg::LockExclusive).map_err(|(_, e)| RuntimeError::Io {
+            action: "cannot lock",
+            path: lock_path.clone(),
+            source: e.into(),
+        })?;
+        if target.is_dir() {
+            // Another launch finished the unpack while we waited for the lock.
+            return Ok(target);
+        }
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!(".tmp-{}-", digest.short()))
+            .tempdir_in(&self.dir)
+            .map_err(RuntimeError::io("cannot create a temporary directory in", &self.dir))?;
+        unpack_image(source, digest, image, tmp.path())?;
+        for dir in MOUNT_POINTS {
+            let p = tmp.path().join(dir);
+            if fs::symlink_metadata(&p).is_err() {
+                fs::create_dir(&p).map_err(RuntimeError::io("cannot create", &p))?;
+            }
+        }
+        // The root of the tree is what instances see as `/`.
+        set_mode(tmp.path(), 0o755)?;
+        let tmp_path = tmp.keep();
+        fs::rename(&tmp_path, &target).map_err(|e| {
+            let _ = fs::remove_dir_all(&tmp_path);
+            RuntimeError::Io { action: "cannot rename into place", path: target.clone(), source: e }
+        })?;
+        Ok(target)
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<(), RuntimeError> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(RuntimeError::io("cannot chmod", path))
+}
+
+fn unpack_image(source: &dyn ImageSource, digest: &Digest, image: &ImageInfo, root: &Path) -> Result<(), RuntimeError> {
+    let diff_ids = image.config.rootfs().diff_ids();
+    if diff_ids.len() != image.layers.len() {
+        return Err(RuntimeError::InvalidImage {
+            digest: digest.clone(),
+            reason: format!(
+                "the manifest lists {} layers but the config lists {} diff_ids",
+                image.layers.len(),
+                diff_ids.len()
+            ),
+        });
+    }
+    for (layer, diff_id) in image.layers.iter().zip(diff_ids) {
+        let layer_digest = Digest::try_from(layer.digest()).map_err(|e| RuntimeError::InvalidImage {
+            digest: digest.clone(),
+            reason: format!("layer digest {}: {e}", layer.digest()),
+        })?;
+        let corrupt = |reason: String| RuntimeError::CorruptLayer {
+            image: digest.clone(),
+            layer: layer_digest.clone(),
+            reason,
+        };
+        let compression = Compression::from_media_type(layer.media_type().to_string().as_str())
+            .ok_or_else(|| corrupt(format!("unsupported layer media type {}", layer.media_type())))?;
+        let blob = source.open_layer(digest, layer)?;
+        let mut compressed = HashingReader::new(blob);
+        let (actual_diff_id, _) = {
+            let decompressed = decompress(compression, &mut compressed).map_err(|e| corrupt(e.to_string()))?;
+            let mut tar_stream = HashingReader::new(decompressed);
+            apply_layer(&mut tar_stream, root).map_err(|e| corrupt(format!("cannot unpack: {e:?}")))?;
+            io::copy(&mut tar_stream, &mut io::sink()).map_err(|e| corrupt(e.to_string()))?;
+            let (d, n, _) = tar_stream.finish();
+            (d, n)
+        };
+        io::copy(&mut compressed, &mut io::sink()).map_err(|e| corrupt(e.to_string()))?;
+        let (blob_digest, blob_size, _) = compressed.finish();
+        if blob_digest != layer_digest || blob_size != layer.size() {
+            return Err(corrupt(format!(
+                "blob content is {blob_digest} ({blob_size} bytes), expected {layer_digest} ({} bytes)",
+                layer.size()
+            )));
+        }
+        let expected: Digest = diff_id.parse().map_err(|e| RuntimeError::InvalidImage {
+            digest: digest.clone(),
+            reason: format!("invalid diff_id {diff_id}: {e}"),
+        })?;
+        if actual_diff_id != expected {
+            return Err(corrupt(format!("uncompressed content is {actual_diff_id}, the config's diff_id is {expected}")));
+        }
+    }
+    Ok(())
+}
+
+/// Applies one layer tar to `root`: entries stay inside `root`, OCI whiteouts delete.
+fn apply_layer(tar_stream: &mut dyn Read, root: &Path) -> io::Result<()> {
+    let mut archive = tar::Archive::new(tar_stream);
+    archive.set_preserve_permissions(true);
+    archive.set_preserve_ownerships(true);
+    archive.set_preserve_mtime(true);
+    archive.set_overwrite(true);
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        let path = entry.path()?.into_owned();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if let Some(hidden) = name.strip_prefix(".wh.") {
+            let parent = safe_join(root, path.parent().unwrap_or(Path::new("")))?;
+            if hidden == ".wh..opq" {
+                if let Ok(rd) = fs::read_dir(&parent) {
+                    for child in rd.flatten() {
+                        remove_any(&child.path())?;
+                    }
+                }
+            } else {
+                remove_any(&parent.join(hidden))?;
+            }
+            continue;
+        }
+        // `unpack_in` refuses entries that would land outside `root` (`..`, absolute paths,
+        // symlinked parents).
+        entry.unpack_in(root)?;
+    }
+    Ok(())
+}
+
+fn safe_join(root: &Path, rel: &Path) -> io::Result<PathBuf> {
+    use std::path::Component;
+    let mut out = root.to_path_buf();
+    for c in rel.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::CurDir | Component::RootDir => {}
+            _ => return Err(io::Error::other(format!("whiteout path {} escapes the root", rel.display()))),
+        }
+    }
+    Ok(out)
+}
+
+fn remove_any(path: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}

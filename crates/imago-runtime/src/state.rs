@@ -1,0 +1,198 @@
+//! The per-instance record in `<home>/instances/<id>/`, written atomically (temp, fsync, rename).
+
+use std::fs;
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use imago_oci::Digest;
+use serde::{Deserialize, Serialize};
+
+use crate::{Engine, InstanceSpec, NetworkMode, RuntimeError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Prepared, the supervisor has not started the container yet.
+    Created,
+    Running,
+    /// The container's process ended; `exit_code` says how.
+    Exited,
+    /// The container never started; `error` says why.
+    Failed,
+    /// The record says running but its supervisor is gone (killed, or the machine rebooted).
+    Lost,
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Status::Created => "created",
+            Status::Running => "running",
+            Status::Exited => "exited",
+            Status::Failed => "failed",
+            Status::Lost => "lost",
+        })
+    }
+}
+
+/// What is known about one instance; the same shape for every provider.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub image: Digest,
+    pub spec_hash: Digest,
+    pub status: Status,
+    pub engine: Engine,
+    pub network: NetworkMode,
+    /// The instance's own address (private network only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<Ipv4Addr>,
+    /// The host's end of the veth pair (private network only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_address: Option<Ipv4Addr>,
+    /// TCP/UDP ports the image declares (`ExposedPorts`), e.g. `80/tcp`.
+    #[serde(default)]
+    pub ports: Vec<String>,
+    /// The container's init process, as seen from the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supervisor_pid: Option<i32>,
+    /// Start time of the supervisor in clock ticks since boot (guards against pid reuse).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supervisor_start: Option<u64>,
+    /// Exit code, or 128 + signal number when killed by a signal (137 = SIGKILL, e.g. OOM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default)]
+    pub oom_killed: bool,
+    #[serde(default)]
+    pub stop_requested: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Unix time in milliseconds.
+    pub created_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_ms: Option<u64>,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+impl Instance {
+    pub fn new(id: String, spec: &InstanceSpec) -> Result<Instance, RuntimeError> {
+        Ok(Instance {
+            id,
+            name: spec.name.clone(),
+            image: spec.image.clone(),
+            spec_hash: spec.spec_hash()?,
+            status: Status::Created,
+            engine: spec.engine,
+            network: spec.network,
+            address: None,
+            host_address: None,
+            ports: Vec::new(),
+            pid: None,
+            supervisor_pid: None,
+            supervisor_start: None,
+            exit_code: None,
+            oom_killed: false,
+            stop_requested: false,
+            error: None,
+            created_ms: now_ms(),
+            started_ms: None,
+            finished_ms: None,
+            labels: spec.labels.clone(),
+        })
+    }
+
+    pub fn is_active(&self) -> bool {
+        matches!(self.status, Status::Created | Status::Running)
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Paths of one instance's directory.
+#[derive(Debug, Clone)]
+pub struct InstanceDir {
+    pub root: PathBuf,
+}
+
+impl InstanceDir {
+    pub fn new(instances: &Path, id: &str) -> InstanceDir {
+        InstanceDir { root: instances.join(id) }
+    }
+    pub fn state(&self) -> PathBuf {
+        self.root.join("state.json")
+    }
+    pub fn spec(&self) -> PathBuf {
+        self.root.join("spec.json")
+    }
+    /// The OCI bundle directory (holds `config.json`; the root is the shared rootfs cache entry).
+    pub fn bundle(&self) -> PathBuf {
+        self.root.join("bundle")
+    }
+    pub fn log(&self) -> PathBuf {
+        self.root.join("output.log")
+    }
+    pub fn rotated_log(&self) -> PathBuf {
+        self.root.join("output.log.1")
+    }
+    pub fn stop_request(&self) -> PathBuf {
+        self.root.join("stop-request")
+    }
+
+    pub fn read_state(&self) -> Result<Instance, RuntimeError> {
+        read_json(&self.state())
+    }
+
+    pub fn write_state(&self, instance: &Instance) -> Result<(), RuntimeError> {
+        write_json_atomic(&self.state(), instance)
+    }
+}
+
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, RuntimeError> {
+    let bytes = fs::read(path).map_err(RuntimeError::io("cannot read", path))?;
+    serde_json::from_slice(&bytes).map_err(|source| RuntimeError::Json { path: path.to_owned(), source })
+}
+
+pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), RuntimeError> {
+    let mut bytes = serde_json::to_vec_pretty(value)
+        .map_err(|source| RuntimeError::Json { path: path.to_owned(), source })?;
+    bytes.push(b'\n');
+    write_atomic(path, &bytes)
+}
+
+/// Writes `bytes` to `path` so that readers see either the old or the new content, never a mix.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RuntimeError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(RuntimeError::io("cannot create a temporary file in", dir))?;
+    tmp.write_all(bytes).map_err(RuntimeError::io("cannot write", tmp.path().to_owned()))?;
+    tmp.as_file().sync_all().map_err(RuntimeError::io("cannot fsync", tmp.path().to_owned()))?;
+    tmp.persist(path).map_err(|e| RuntimeError::Io { action: "cannot rename into place", path: path.to_owned(), source: e.error })?;
+    Ok(())
+}
+
+/// The start time (field 22 of `/proc/<pid>/stat`) of a live process, `None` if it is gone.
+pub fn process_start_time(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state); field 22 is index 19. A zombie is as good as gone.
+    if fields.first() == Some(&"Z") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}

@@ -1,0 +1,403 @@
+//! The per-instance supervisor: a small, single-threaded process (the hidden `__supervise`
+//! subcommand of the imago binary) that owns one container from start to exit.
+//!
+//! It detaches (setsid), becomes a child subreaper so the container's init is re-parented to it,
+//! starts the container with the embedded engine or `runc`, tells its launcher "ok" or the error
+//! over its stdout pipe, then copies the container's output into a rotating log file, forwards a
+//! stop request (SIGTERM, SIGKILL after the grace period) and records the exit status atomically.
+//! It must never run inside a multi-threaded runtime: libcontainer clone()s the calling process.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use libcontainer::container::Container;
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::syscall::syscall::SyscallType;
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+use crate::local::Layout;
+use crate::state::{Instance, InstanceDir, Status, now_ms, process_start_time};
+use crate::{Engine, RuntimeError};
+
+/// Each log file is rotated when it would grow past this; one rotated file is kept.
+pub const LOG_MAX_BYTES: u64 = 1 << 20;
+/// Grace period when the stop request does not say otherwise.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+
+/// Runs the supervisor of instance `id` under `home`; returns the process exit code.
+/// `handshake` is the launcher's pipe: it receives exactly one line, `ok <pid>` or `error <text>`.
+pub fn supervise(home: &Path, id: &str, handshake: &mut dyn Write) -> i32 {
+    // A new session: the launcher's terminal and process group no longer reach us.
+    let _ = nix::unistd::setsid();
+    let layout = Layout::new(home);
+    let dir = layout.instance_dir(id);
+    let mut record = match dir.read_state() {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = writeln!(handshake, "error {e}");
+            return 1;
+        }
+    };
+    match start(&layout, &dir, &mut record) {
+        Ok(mut running) => {
+            let _ = writeln!(handshake, "ok {}", running.pid);
+            let _ = handshake.flush();
+            let code = running.run(&dir, &mut record);
+            running.cleanup();
+            if let Err(e) = dir.write_state(&record) {
+                // Nobody to tell: the launcher is gone. The record stays "running" and is shown as
+                // lost once this process has exited.
+                let _ = e;
+                return 1;
+            }
+            code
+        }
+        Err(e) => {
+            record.status = Status::Failed;
+            record.error = Some(e.to_string());
+            record.finished_ms = Some(now_ms());
+            let _ = dir.write_state(&record);
+            let _ = writeln!(handshake, "error {e}");
+            1
+        }
+    }
+}
+
+enum EngineHandle {
+    Embedded(Box<Container>),
+    Runc { root: PathBuf, id: String },
+}
+
+struct Running {
+    pid: Pid,
+    engine: EngineHandle,
+    log_pipe: OwnedFd,
+    cgroups_path: String,
+}
+
+fn start(layout: &Layout, dir: &InstanceDir, record: &mut Instance) -> Result<Running, RuntimeError> {
+    let id = record.id.clone();
+    let sup_err = |reason: String| RuntimeError::Supervisor { id: id.clone(), reason };
+    nix::sys::prctl::set_child_subreaper(true).map_err(|e| sup_err(format!("cannot become a subreaper: {e}")))?;
+    let (log_r, log_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| sup_err(format!("cannot create the log pipe: {e}")))?;
+    let log_w2 = log_w.try_clone().map_err(|e| sup_err(format!("cannot duplicate the log pipe: {e}")))?;
+    let null = File::open("/dev/null").map_err(RuntimeError::io("cannot open", "/dev/null"))?;
+    let bundle = dir.bundle();
+    let engine_err = |reason: String| RuntimeError::StartFailed { id: id.clone(), reason };
+
+    let (pid, engine) = match record.engine {
+        Engine::Embedded => {
+            let root = layout.youki_root();
+            fs::create_dir_all(&root).map_err(RuntimeError::io("cannot create", &root))?;
+            let builder = ContainerBuilder::new(id.clone(), SyscallType::Linux)
+                .with_root_path(&root)
+                .map_err(|e| engine_err(e.to_string()))?
+                .with_stdin(null)
+                .with_stdout(log_w)
+                .with_stderr(log_w2)
+                .validate_id()
+                .map_err(|e| engine_err(e.to_string()))?;
+            let mut container = match builder.as_init(&bundle).with_systemd(false).with_detach(true).build() {
+                Ok(c) => c,
+                Err(e) => {
+                    delete_embedded_leftovers(&root, &id);
+                    return Err(engine_err(error_chain(&e)));
+                }
+            };
+            if let Err(e) = container.start() {
+                let _ = container.delete(true);
+                return Err(engine_err(error_chain(&e)));
+            }
+            let pid = container.pid().ok_or_else(|| engine_err("the engine reported no pid".into()))?;
+            (pid, EngineHandle::Embedded(Box::new(container)))
+        }
+        Engine::Runc => {
+            let root = layout.runc_root();
+            let pid_file = dir.root.join("container.pid");
+            let out = Command::new("runc")
+                .arg("--root")
+                .arg(&root)
+                .arg("create")
+                .arg("--bundle")
+                .arg(&bundle)
+                .arg("--pid-file")
+                .arg(&pid_file)
+                .arg(&id)
+                .stdin(null)
+                .stdout(Stdio::from(log_w))
+                .stderr(Stdio::from(log_w2))
+                .status()
+                .map_err(|e| engine_err(format!("cannot run runc: {e}")))?;
+            if !out.success() {
+                let msg = drain_nonblocking(&log_r);
+                let _ = runc(&root, &["delete", "--force", &id]);
+                return Err(engine_err(format!("runc create failed: {}", runc_message(&msg))));
+            }
+            let pid_text = fs::read_to_string(&pid_file).map_err(RuntimeError::io("cannot read", &pid_file))?;
+            let pid: i32 = pid_text
+                .trim()
+                .parse()
+                .map_err(|_| engine_err(format!("bad pid file {}", pid_file.display())))?;
+            if let Err(e) = runc(&root, &["start", &id]) {
+                let _ = runc(&root, &["delete", "--force", &id]);
+                return Err(engine_err(format!("runc start failed: {e}")));
+            }
+            (Pid::from_raw(pid), EngineHandle::Runc { root, id: id.clone() })
+        }
+    };
+    record.status = Status::Running;
+    record.pid = Some(pid.as_raw());
+    let me = std::process::id() as i32;
+    record.supervisor_pid = Some(me);
+    record.supervisor_start = process_start_time(me);
+    record.started_ms = Some(now_ms());
+    dir.write_state(record)?;
+    Ok(Running { pid, engine, log_pipe: log_r, cgroups_path: crate::local::cgroups_path(&id) })
+}
+
+fn runc(root: &Path, args: &[&str]) -> Result<(), String> {
+    let out = Command::new("runc")
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| format!("cannot run runc: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(runc_message(&out.stderr))
+    }
+}
+
+/// runc logs `time=... level=error msg="..."`; keep the message.
+fn runc_message(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let line = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+    match line.find("msg=") {
+        Some(i) => line[i + 4..].trim_matches('"').to_owned(),
+        None => line.to_owned(),
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        let t = inner.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = inner.source();
+    }
+    s
+}
+
+fn delete_embedded_leftovers(root: &Path, id: &str) {
+    if let Ok(mut c) = Container::load(root.join(id)) {
+        let _ = c.delete(true);
+    }
+    let _ = fs::remove_dir_all(root.join(id));
+}
+
+fn drain_nonblocking(fd: &OwnedFd) -> Vec<u8> {
+    let mut out = Vec::new();
+    if fcntl(fd_raw(fd), FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).is_err() {
+        return out;
+    }
+    let mut file = File::from(match fd.try_clone() {
+        Ok(f) => f,
+        Err(_) => return out,
+    });
+    let mut buf = [0u8; 65536];
+    while let Ok(n) = file.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    out
+}
+
+fn fd_raw(fd: &OwnedFd) -> std::os::fd::RawFd {
+    use std::os::fd::AsRawFd;
+    fd.as_raw_fd()
+}
+
+impl Running {
+    /// Copies output and handles stop requests until the container's init exits; returns the
+    /// supervisor's exit code and leaves the final state in `record`.
+    fn run(&mut self, dir: &InstanceDir, record: &mut Instance) -> i32 {
+        let wake = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+            let _ = signal_hook::flag::register(sig, Arc::clone(&stop));
+        }
+        // Only to interrupt poll() promptly when a child exits.
+        let _ = signal_hook::flag::register(signal_hook::consts::SIGCHLD, Arc::clone(&wake));
+
+        let mut log = LogWriter::open(dir.log(), dir.rotated_log());
+        let mut pipe = match self.log_pipe.try_clone() {
+            Ok(fd) => Some(File::from(fd)),
+            Err(_) => None,
+        };
+        let mut stop_deadline: Option<Instant> = None;
+        let mut killed = false;
+        let mut buf = vec![0u8; 64 * 1024];
+        let exit_code = loop {
+            if let Some(code) = self.reap() {
+                break code;
+            }
+            if stop.load(Ordering::Relaxed) && stop_deadline.is_none() {
+                let grace = fs::read_to_string(dir.stop_request())
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+                    .map(Duration::from_millis)
+                    .unwrap_or(DEFAULT_GRACE);
+                record.stop_requested = true;
+                let _ = dir.write_state(record);
+                let _ = kill(self.pid, Signal::SIGTERM);
+                stop_deadline = Some(Instant::now() + grace);
+            }
+            let mut timeout = 200u16;
+            if let Some(deadline) = stop_deadline {
+                let now = Instant::now();
+                if now >= deadline {
+                    if !killed {
+                        let _ = kill(self.pid, Signal::SIGKILL);
+                        killed = true;
+                    }
+                } else {
+                    timeout = timeout.min((deadline - now).as_millis().min(200) as u16 + 1);
+                }
+            }
+            match pipe.as_mut() {
+                Some(p) => {
+                    let mut fds = [PollFd::new(p.as_fd(), PollFlags::POLLIN)];
+                    match poll(&mut fds, PollTimeout::from(timeout)) {
+                        Ok(n) if n > 0 => match p.read(&mut buf) {
+                            Ok(0) => pipe = None,
+                            Ok(n) => log.write(&buf[..n]),
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            Err(_) => pipe = None,
+                        },
+                        _ => {}
+                    }
+                }
+                None => {
+                    // Output closed (or failed) but the process lives on: just wait for signals.
+                    let mut none: [PollFd; 0] = [];
+                    let _ = poll(&mut none, PollTimeout::from(timeout));
+                }
+            }
+        };
+        if let Some(p) = pipe.as_ref() {
+            let rest = drain_nonblocking(&match p.try_clone() {
+                Ok(f) => OwnedFd::from(f),
+                Err(_) => return self.finish(record, exit_code),
+            });
+            log.write(&rest);
+        }
+        self.finish(record, exit_code)
+    }
+
+    fn finish(&mut self, record: &mut Instance, exit_code: i32) -> i32 {
+        record.oom_killed = oom_killed(&self.cgroups_path);
+        record.status = Status::Exited;
+        record.exit_code = Some(exit_code);
+        record.finished_ms = Some(now_ms());
+        0
+    }
+
+    /// Reaps every exited child; returns the container init's exit code once it is among them.
+    fn reap(&self) -> Option<i32> {
+        loop {
+            match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(p, code)) if p == self.pid => return Some(code),
+                Ok(WaitStatus::Signaled(p, sig, _)) if p == self.pid => return Some(128 + sig as i32),
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return None,
+                Ok(_) | Err(Errno::EINTR) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Releases what the engine holds for the container (its state and cgroups).
+    fn cleanup(&mut self) {
+        match &mut self.engine {
+            EngineHandle::Embedded(c) => {
+                let _ = c.refresh_status();
+                let _ = c.delete(true);
+            }
+            EngineHandle::Runc { root, id } => {
+                let _ = runc(root, &["delete", "--force", id]);
+            }
+        }
+    }
+}
+
+/// Whether the kernel OOM-killed something in the instance's memory cgroup (v1 or v2).
+fn oom_killed(cgroups_path: &str) -> bool {
+    let rel = cgroups_path.trim_start_matches('/');
+    let candidates = [
+        Path::new("/sys/fs/cgroup/memory").join(rel).join("memory.oom_control"),
+        Path::new("/sys/fs/cgroup").join(rel).join("memory.events"),
+        Path::new("/sys/fs/cgroup/unified").join(rel).join("memory.events"),
+    ];
+    candidates.iter().any(|p| {
+        fs::read_to_string(p)
+            .map(|s| {
+                s.lines().any(|l| {
+                    let mut it = l.split_whitespace();
+                    it.next() == Some("oom_kill") && it.next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0) > 0
+                })
+            })
+            .unwrap_or(false)
+    })
+}
+
+/// Appends to `output.log`, moving it to `output.log.1` when it would exceed [`LOG_MAX_BYTES`].
+struct LogWriter {
+    path: PathBuf,
+    rotated: PathBuf,
+    file: Option<File>,
+    size: u64,
+}
+
+impl LogWriter {
+    fn open(path: PathBuf, rotated: PathBuf) -> LogWriter {
+        let file = File::options().create(true).append(true).open(&path).ok();
+        let size = file.as_ref().and_then(|f| f.metadata().ok()).map(|m| m.len()).unwrap_or(0);
+        LogWriter { path, rotated, file, size }
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        if self.size > 0 && self.size + bytes.len() as u64 > LOG_MAX_BYTES {
+            let _ = fs::rename(&self.path, &self.rotated);
+            self.file = File::options().create(true).write(true).truncate(true).open(&self.path).ok();
+            self.size = 0;
+        }
+        if let Some(f) = self.file.as_mut() {
+            if f.write_all(bytes).is_ok() {
+                self.size += bytes.len() as u64;
+            }
+        }
+    }
+}

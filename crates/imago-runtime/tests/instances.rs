@@ -1,0 +1,299 @@
+//! Real instances, as root, with both engines (embedded libcontainer and runc).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{Harness, tree_digest};
+use imago_runtime::{Engine, NetworkMode, Provider, RuntimeError, Status};
+
+const GRACE: Duration = Duration::from_millis(500);
+
+/// Generates one test per engine from `fn name(engine: Engine)`.
+macro_rules! both_engines {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $( #[test] fn $name() { super::$name(imago_runtime::Engine::Embedded) } )*
+        }
+        mod runc {
+            $( #[test] fn $name() { super::$name(imago_runtime::Engine::Runc) } )*
+        }
+    };
+}
+
+both_engines!(
+    echo_runs_and_exit_status_is_recorded,
+    httpd_answers_on_the_instance_address,
+    root_is_read_only_tmp_is_writable_cache_unchanged,
+    memory_limit_kills_with_137,
+    capabilities_are_dropped,
+    survives_provider_and_is_seen_by_a_new_one,
+    stop_and_rm_leave_nothing_behind,
+    nonexistent_entrypoint_fails_clearly,
+    host_network_works,
+);
+
+fn echo_runs_and_exit_status_is_recorded(engine: Engine) {
+    let h = Harness::new(engine);
+    let mut spec = h.spec(&["sh", "-c", "echo hello $GREETING $EXTRA; exit 7"]);
+    spec.env.insert("EXTRA".into(), "and-spec".into());
+    spec.labels.insert("service".into(), "web".into());
+    let inst = h.run_to_exit(&spec);
+    assert_eq!(inst.status, Status::Exited);
+    assert_eq!(inst.exit_code, Some(7));
+    assert_eq!(inst.image, h.image);
+    assert_eq!(inst.spec_hash, spec.spec_hash().unwrap());
+    assert_eq!(inst.labels.get("service").map(String::as_str), Some("web"));
+    assert_eq!(h.logs(&inst.id), "hello from-image and-spec\n");
+    h.provider.remove(&inst.id).unwrap();
+}
+
+fn httpd_answers_on_the_instance_address(engine: Engine) {
+    let h = Harness::new(engine);
+    let inst = h.provider.launch(&h.spec(&["httpd", "-f", "-p", "80", "-h", "/www"])).unwrap();
+    assert_eq!(inst.status, Status::Running);
+    assert_eq!(inst.ports, vec!["80/tcp".to_string()]);
+    let addr = inst.address.expect("a private instance has an address");
+    let body = http_get(&format!("{addr}:80"));
+    assert!(body.contains("200 OK"), "{body}");
+    assert!(body.contains("hello from imago"), "{body}");
+    h.provider.stop(&inst.id, GRACE).unwrap();
+    h.provider.remove(&inst.id).unwrap();
+}
+
+fn http_get(addr: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(1)) {
+            Ok(mut s) => {
+                s.write_all(b"GET /index.html HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+                let mut out = String::new();
+                s.read_to_string(&mut out).unwrap();
+                return out;
+            }
+            Err(e) => {
+                assert!(Instant::now() < deadline, "cannot connect to {addr}: {e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+fn root_is_read_only_tmp_is_writable_cache_unchanged(engine: Engine) {
+    let h = Harness::new(engine);
+    // The first launch unpacks the image; hash the cache entry right after it.
+    let first = h.run_to_exit(&h.spec(&["true"]));
+    let cache = h.provider.rootfs_cache().path(&h.image);
+    let before = tree_digest(&cache);
+    let inst = h.run_to_exit(&h.spec(&[
+        "sh",
+        "-c",
+        "if touch /bin/x 2>/dev/null; then echo root=writable; else echo root=readonly; fi; \
+         echo data > /tmp/f && cat /tmp/f; echo run > /run/r && cat /run/r",
+    ]));
+    assert_eq!(inst.exit_code, Some(0), "{}", h.logs(&inst.id));
+    assert_eq!(h.logs(&inst.id), "root=readonly\ndata\nrun\n");
+    assert_eq!(tree_digest(&cache), before, "the rootfs cache entry changed");
+    assert!(!cache.join("bin/x").exists());
+    h.provider.remove(&first.id).unwrap();
+    h.provider.remove(&inst.id).unwrap();
+}
+
+fn memory_limit_kills_with_137(engine: Engine) {
+    let h = Harness::new(engine);
+    let mut spec = h.spec(&["sh", "-c", "a=$(head -c 200000000 /dev/zero | tr '\\0' x); echo survived"]);
+    spec.resources.memory_bytes = Some(32 << 20);
+    let inst = h.run_to_exit(&spec);
+    assert_eq!(inst.exit_code, Some(137), "logs: {}", h.logs(&inst.id));
+    assert!(inst.oom_killed);
+    assert!(!h.logs(&inst.id).contains("survived"));
+    h.provider.remove(&inst.id).unwrap();
+}
+
+fn capabilities_are_dropped(engine: Engine) {
+    let h = Harness::new(engine);
+    let inst = h.run_to_exit(&h.spec(&[
+        "sh",
+        "-c",
+        "ip link add d0 type dummy 2>/dev/null; echo ip=$?; mount -t tmpfs none /tmp 2>/dev/null; echo mount=$?; \
+         grep CapEff /proc/self/status || cat /proc/self/status | while read k v; do [ \"$k\" = CapEff: ] && echo $v; done",
+    ]));
+    let logs = h.logs(&inst.id);
+    assert!(logs.contains("ip=1") || logs.contains("ip=2"), "{logs}");
+    assert!(!logs.contains("mount=0"), "{logs}");
+    h.provider.remove(&inst.id).unwrap();
+}
+
+fn survives_provider_and_is_seen_by_a_new_one(engine: Engine) {
+    let h = Harness::new(engine);
+    let inst = h.provider.launch(&h.spec(&["sleep", "1000"])).unwrap();
+    let sup = inst.supervisor_pid.unwrap();
+    // The supervisor runs in its own session, so the launcher's exit does not reach it.
+    assert_ne!(nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(sup))).unwrap(), nix::unistd::getsid(None).unwrap());
+    let other = imago_runtime::LocalProvider::new(&h.home(), Box::new(h.layout()), common::supervisor_command());
+    let seen = other.inspect(&inst.id).unwrap();
+    assert_eq!(seen.status, Status::Running);
+    assert_eq!(other.list().unwrap().len(), 1);
+    let stopped = other.stop(&inst.id, GRACE).unwrap();
+    assert_eq!(stopped.status, Status::Exited);
+    assert!(stopped.stop_requested);
+    assert_eq!(stopped.exit_code, Some(137), "sleep as pid 1 ignores SIGTERM, so it is killed");
+    other.remove(&inst.id).unwrap();
+}
+
+fn stop_and_rm_leave_nothing_behind(engine: Engine) {
+    let h = Harness::new(engine);
+    let inst = h.provider.launch(&h.spec(&["sh", "-c", "sleep 1000 & sleep 1000"])).unwrap();
+    let id = inst.id.clone();
+    let pid = inst.pid.unwrap();
+    let sup = inst.supervisor_pid.unwrap();
+    let veth = format!("/sys/class/net/iv-{id}");
+    let netns = format!("/var/run/netns/imago-{id}");
+    assert!(Path::new(&veth).exists());
+    assert!(Path::new(&netns).exists());
+    assert!(!cgroup_dirs(&id).is_empty(), "the instance has cgroups while running");
+    assert!(!processes_in_cgroup(&id).is_empty());
+    assert!(matches!(h.provider.remove(&id), Err(RuntimeError::WrongState { .. })));
+    h.provider.stop(&id, GRACE).unwrap();
+    h.provider.remove(&id).unwrap();
+    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "container init {pid} still exists");
+    assert!(!Path::new(&format!("/proc/{sup}")).exists(), "supervisor {sup} still exists");
+    assert!(processes_in_cgroup(&id).is_empty(), "processes left: {:?}", processes_in_cgroup(&id));
+    assert!(cgroup_dirs(&id).is_empty(), "cgroup dirs left: {:?}", cgroup_dirs(&id));
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mountinfo.contains(&id), "mounts left: {mountinfo}");
+    assert!(!Path::new(&netns).exists(), "netns left");
+    assert!(!Path::new(&veth).exists(), "veth left");
+    assert!(!h.home().join("instances").join(&id).exists());
+    assert!(!h.home().join("runtime/youki").join(&id).exists());
+    assert!(!h.home().join("runtime/runc").join(&id).exists());
+    let leases = fs::read_dir("/run/imago/ipam").unwrap();
+    for l in leases.flatten() {
+        assert_ne!(fs::read_to_string(l.path()).unwrap_or_default(), id, "address lease left");
+    }
+    assert!(matches!(h.provider.inspect(&id), Err(RuntimeError::NoSuchInstance(_))));
+}
+
+fn cgroup_dirs(id: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for h in fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+        let p = h.path().join("imago").join(id);
+        if p.exists() {
+            out.push(p.display().to_string());
+        }
+    }
+    out
+}
+
+fn processes_in_cgroup(id: &str) -> Vec<i32> {
+    let needle = format!("/imago/{id}");
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        if fs::read_to_string(e.path().join("cgroup")).map(|c| c.contains(&needle)).unwrap_or(false) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn nonexistent_entrypoint_fails_clearly(engine: Engine) {
+    let h = Harness::new(engine);
+    let err = h.provider.launch(&h.spec(&["/bin/does-not-exist"])).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, RuntimeError::StartFailed { .. }), "{text}");
+    assert!(text.contains("does-not-exist"), "{text}");
+    let list = h.provider.list().unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].status, Status::Failed);
+    assert!(list[0].error.as_deref().unwrap_or("").contains("does-not-exist"));
+    h.provider.remove(&list[0].id).unwrap();
+    assert!(!Path::new(&format!("/var/run/netns/imago-{}", list[0].id)).exists());
+}
+
+fn host_network_works(engine: Engine) {
+    let h = Harness::new(engine);
+    let mut spec = h.spec(&["sh", "-c", "ls /sys/class/net"]);
+    spec.network = NetworkMode::Host;
+    let inst = h.run_to_exit(&spec);
+    assert_eq!(inst.exit_code, Some(0), "{}", h.logs(&inst.id));
+    assert!(inst.address.is_none());
+    let host_links = fs::read_dir("/sys/class/net").unwrap().count();
+    assert!(h.logs(&inst.id).lines().count() >= host_links.min(2), "{}", h.logs(&inst.id));
+    h.provider.remove(&inst.id).unwrap();
+}
+
+// Engine-independent bad input: refused before anything is created.
+
+#[test]
+fn missing_image_is_refused() {
+    let h = Harness::new(Engine::Embedded);
+    let mut spec = h.spec(&["true"]);
+    spec.image = imago_oci::Digest::of(b"no such image");
+    let err = h.provider.launch(&spec).unwrap_err();
+    assert!(matches!(err, RuntimeError::ImageNotFound { .. }), "{err}");
+    assert!(err.to_string().contains(spec.image.hex()), "{err}");
+    assert!(h.provider.list().unwrap().is_empty());
+}
+
+#[test]
+fn corrupt_layer_blob_is_refused_before_launch() {
+    let h = Harness::new(Engine::Embedded);
+    let blob = h.layout().blob_path(&h.layer);
+    let mut bytes = fs::read(&blob).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    fs::write(&blob, bytes).unwrap();
+    let err = h.provider.launch(&h.spec(&["true"])).unwrap_err();
+    assert!(matches!(err, RuntimeError::CorruptLayer { .. }), "{err}");
+    assert!(err.to_string().contains(h.layer.hex()), "{err}");
+    assert!(h.provider.list().unwrap().is_empty());
+    let cache = h.provider.rootfs_cache().path(&h.image);
+    assert!(!cache.exists(), "a corrupt image must not enter the rootfs cache");
+    let leftovers: Vec<_> = fs::read_dir(h.home().join("rootfs"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty());
+}
+
+#[test]
+fn invalid_limits_are_refused() {
+    let h = Harness::new(Engine::Embedded);
+    let mut spec = h.spec(&["true"]);
+    spec.resources.memory_bytes = Some(1000);
+    assert!(matches!(h.provider.launch(&spec), Err(RuntimeError::InvalidSpec(_))));
+    let mut spec = h.spec(&["true"]);
+    spec.resources.cpu_millis = Some(0);
+    assert!(matches!(h.provider.launch(&spec), Err(RuntimeError::InvalidSpec(_))));
+    let mut spec = h.spec(&["true"]);
+    spec.resources.pids = Some(0);
+    assert!(matches!(h.provider.launch(&spec), Err(RuntimeError::InvalidSpec(_))));
+    assert!(imago_runtime::parse_memory("lots").is_err());
+    assert!(h.provider.list().unwrap().is_empty());
+}
+
+#[test]
+fn concurrent_first_launches_unpack_once() {
+    let h = Harness::new(Engine::Embedded);
+    let ids: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4).map(|_| s.spawn(|| h.run_to_exit(&h.spec(&["true"])).id)).collect();
+        handles.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let entries: Vec<_> = fs::read_dir(h.home().join("rootfs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    assert_eq!(entries, vec![h.image.hex().to_string()]);
+    for id in ids {
+        h.provider.remove(&id).unwrap();
+    }
+}
