@@ -16,52 +16,50 @@ use std::time::{Duration, Instant};
 use imago_oci::{Digest, HashingWriter};
 use serde_json::Value;
 
-/// The shared harness: a temp dir with an imago home, and helpers to run the tools in it.
+mod common;
+
+use common::Imago;
+
+/// The shared harness's temp home, plus images built with the real tools.
 struct Env {
-    dir: tempfile::TempDir,
+    imago: Imago,
 }
 
 impl Env {
     fn new() -> Env {
         Env {
-            dir: tempfile::tempdir().unwrap(),
+            imago: Imago::new(),
         }
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        self.imago.dir.path().join(name)
     }
 
     fn home(&self) -> PathBuf {
-        self.path("home")
+        self.imago.home.clone()
     }
 
     fn imago_cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_imago"));
-        cmd.arg("--home").arg(self.home()).args(args);
+        let mut cmd = self.imago.cmd();
+        cmd.args(args);
         cmd
     }
 
     /// Runs imago; returns the output whatever the exit status.
     fn imago_output(&self, args: &[&str]) -> Output {
-        self.imago_cmd(args).output().unwrap()
+        self.imago.run(args).output
     }
 
     /// Runs imago, which must succeed; returns its stdout.
     fn imago(&self, args: &[&str]) -> String {
-        let out = self.imago_output(args);
-        assert!(
-            out.status.success(),
-            "imago {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        self.imago.run(args).ok().stdout()
     }
 
     fn imago_json(&self, args: &[&str]) -> Value {
         let mut all = vec!["--json"];
         all.extend_from_slice(args);
-        serde_json::from_str(&self.imago(&all)).unwrap()
+        self.imago.run(&all).ok().json()
     }
 
     /// Builds a busybox image with umoci in the OCI layout `layout`, tagged `tag`; returns the

@@ -38,7 +38,13 @@ const MASKED_PATHS: &[&str] = &[
 ];
 
 /// runc's default read-only paths.
-const READONLY_PATHS: &[&str] = &["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"];
+const READONLY_PATHS: &[&str] = &[
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
 
 const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -132,7 +138,11 @@ fn resolve_user(user: &str, rootfs: &Path) -> Result<(u32, u32), String> {
 }
 
 /// Builds the OCI runtime `config.json` value.
-pub fn runtime_config(spec: &InstanceSpec, image: &ImageConfiguration, ctx: &BundleContext<'_>) -> Result<Value, RuntimeError> {
+pub fn runtime_config(
+    spec: &InstanceSpec,
+    image: &ImageConfiguration,
+    ctx: &BundleContext<'_>,
+) -> Result<Value, RuntimeError> {
     let cfg = image.config().as_ref();
     let args = process_args(spec, image);
     if args.is_empty() {
@@ -142,10 +152,11 @@ pub fn runtime_config(spec: &InstanceSpec, image: &ImageConfiguration, ctx: &Bun
         )));
     }
     let user = cfg.and_then(|c| c.user().clone()).unwrap_or_default();
-    let (uid, gid) = resolve_user(&user, ctx.rootfs).map_err(|reason| RuntimeError::InvalidImage {
-        digest: spec.image.clone(),
-        reason,
-    })?;
+    let (uid, gid) =
+        resolve_user(&user, ctx.rootfs).map_err(|reason| RuntimeError::InvalidImage {
+            digest: spec.image.clone(),
+            reason,
+        })?;
     let cwd = cfg
         .and_then(|c| c.working_dir().clone())
         .filter(|d| d.starts_with('/'))
@@ -158,7 +169,9 @@ pub fn runtime_config(spec: &InstanceSpec, image: &ImageConfiguration, ctx: &Bun
         json!({"type": "mount"}),
     ];
     match (spec.network, ctx.netns_path) {
-        (NetworkMode::Private, Some(path)) => namespaces.push(json!({"type": "network", "path": path})),
+        (NetworkMode::Private, Some(path)) => {
+            namespaces.push(json!({"type": "network", "path": path}))
+        }
         (NetworkMode::Private, None) => namespaces.push(json!({"type": "network"})),
         (NetworkMode::Host, _) => {}
     }
@@ -180,7 +193,13 @@ pub fn runtime_config(spec: &InstanceSpec, image: &ImageConfiguration, ctx: &Bun
     let hostname = spec.name.clone().unwrap_or_else(|| ctx.id.to_owned());
     let hostname: String = hostname
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
         .take(63)
         .collect();
 
@@ -235,9 +254,10 @@ pub fn runtime_config(spec: &InstanceSpec, image: &ImageConfiguration, ctx: &Bun
 pub fn write_bundle(bundle: &Path, config: &Value) -> Result<(), RuntimeError> {
     fs::create_dir_all(bundle).map_err(RuntimeError::io("cannot create", bundle))?;
     // Checked here so that a config the engines would reject fails before anything starts.
-    let _: oci_spec::runtime::Spec = serde_json::from_value(config.clone()).map_err(|source| RuntimeError::Json {
-        path: bundle.join("config.json"),
-        source,
-    })?;
+    let _: oci_spec::runtime::Spec =
+        serde_json::from_value(config.clone()).map_err(|source| RuntimeError::Json {
+            path: bundle.join("config.json"),
+            source,
+        })?;
     crate::state::write_json_atomic(&bundle.join("config.json"), config)
 }

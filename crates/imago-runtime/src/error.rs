@@ -25,13 +25,21 @@ pub enum RuntimeError {
     #[error("image {digest}: {reason}")]
     InvalidImage { digest: Digest, reason: String },
     #[error("layer {layer} of image {image}: {reason}")]
-    CorruptLayer { image: Digest, layer: Digest, reason: String },
+    CorruptLayer {
+        image: Digest,
+        layer: Digest,
+        reason: String,
+    },
     #[error("invalid instance spec: {0}")]
     InvalidSpec(String),
     #[error("no such instance {0}")]
     NoSuchInstance(String),
     #[error("instance {id} is {status}: {reason}")]
-    WrongState { id: String, status: String, reason: &'static str },
+    WrongState {
+        id: String,
+        status: String,
+        reason: &'static str,
+    },
     #[error("network setup for instance {id}: {reason}")]
     Network { id: String, reason: String },
     #[error("no free instance address left in {0}")]
@@ -47,8 +55,15 @@ pub enum RuntimeError {
 }
 
 impl RuntimeError {
-    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> RuntimeError {
+    pub(crate) fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> RuntimeError {
         let path = path.into();
-        move |source| RuntimeError::Io { action, path, source }
+        move |source| RuntimeError::Io {
+            action,
+            path,
+            source,
+        }
     }
 }

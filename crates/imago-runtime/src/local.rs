@@ -32,7 +32,9 @@ pub struct Layout {
 
 impl Layout {
     pub fn new(home: &Path) -> Layout {
-        Layout { home: home.to_owned() }
+        Layout {
+            home: home.to_owned(),
+        }
     }
     pub fn instances(&self) -> PathBuf {
         self.home.join("instances")
@@ -66,8 +68,12 @@ pub struct SupervisorCommand {
 impl SupervisorCommand {
     /// The running executable's hidden `__supervise` subcommand (what the imago CLI uses).
     pub fn current_exe() -> Result<SupervisorCommand, RuntimeError> {
-        let program = std::env::current_exe().map_err(RuntimeError::io("cannot locate", "/proc/self/exe"))?;
-        Ok(SupervisorCommand { program, args: vec!["__supervise".into()] })
+        let program =
+            std::env::current_exe().map_err(RuntimeError::io("cannot locate", "/proc/self/exe"))?;
+        Ok(SupervisorCommand {
+            program,
+            args: vec!["__supervise".into()],
+        })
     }
 }
 
@@ -82,12 +88,18 @@ pub struct LocalProvider {
 
 impl std::fmt::Debug for LocalProvider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalProvider").field("home", &self.layout.home).finish_non_exhaustive()
+        f.debug_struct("LocalProvider")
+            .field("home", &self.layout.home)
+            .finish_non_exhaustive()
     }
 }
 
 impl LocalProvider {
-    pub fn new(home: &Path, images: Box<dyn ImageSource>, supervisor: SupervisorCommand) -> LocalProvider {
+    pub fn new(
+        home: &Path,
+        images: Box<dyn ImageSource>,
+        supervisor: SupervisorCommand,
+    ) -> LocalProvider {
         LocalProvider {
             layout: Layout::new(home),
             images,
@@ -118,7 +130,11 @@ impl LocalProvider {
     }
 
     fn existing_dir(&self, id: &str) -> Result<InstanceDir, RuntimeError> {
-        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        if id.is_empty()
+            || !id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
             return Err(RuntimeError::NoSuchInstance(id.to_owned()));
         }
         let dir = self.layout.instance_dir(id);
@@ -134,15 +150,26 @@ impl LocalProvider {
     }
 
     fn wait_child(&self, id: &str) {
-        let child = self.children.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+        let child = self
+            .children
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
         if let Some(mut c) = child {
             let _ = c.wait();
         }
     }
 
-    fn launch_prepared(&self, spec: &InstanceSpec, id: &str, dir: &InstanceDir) -> Result<Instance, RuntimeError> {
+    fn launch_prepared(
+        &self,
+        spec: &InstanceSpec,
+        id: &str,
+        dir: &InstanceDir,
+    ) -> Result<Instance, RuntimeError> {
         let image = self.images.image(&spec.image)?;
-        let rootfs = self.rootfs_cache().ensure(self.images.as_ref(), &spec.image, &image)?;
+        let rootfs = self
+            .rootfs_cache()
+            .ensure(self.images.as_ref(), &spec.image, &image)?;
         let mut record = Instance::new(id.to_owned(), spec)?;
         record.ports = image
             .config
@@ -182,12 +209,18 @@ impl LocalProvider {
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(RuntimeError::io("cannot start the supervisor", &self.supervisor.program))?;
+            .map_err(RuntimeError::io(
+                "cannot start the supervisor",
+                &self.supervisor.program,
+            ))?;
         let mut line = String::new();
         if let Some(out) = child.stdout.take() {
             let _ = BufReader::new(out).read_line(&mut line);
         }
-        self.children.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_owned(), child);
+        self.children
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_owned(), child);
         let line = line.trim_end();
         if line.starts_with("ok") {
             return dir.read_state();
@@ -205,7 +238,10 @@ impl LocalProvider {
             }
             self.release_network(&rec);
         }
-        Err(RuntimeError::StartFailed { id: id.to_owned(), reason })
+        Err(RuntimeError::StartFailed {
+            id: id.to_owned(),
+            reason,
+        })
     }
 
     fn release_network(&self, rec: &Instance) {
@@ -308,7 +344,10 @@ impl Provider for LocalProvider {
         if rec.status != Status::Running {
             return Ok(rec);
         }
-        crate::state::write_atomic(&dir.stop_request(), grace.as_millis().to_string().as_bytes())?;
+        crate::state::write_atomic(
+            &dir.stop_request(),
+            grace.as_millis().to_string().as_bytes(),
+        )?;
         if let Some(pid) = rec.supervisor_pid {
             kill(Pid::from_raw(pid), Signal::SIGTERM).map_err(|e| RuntimeError::Supervisor {
                 id: id.to_owned(),
@@ -323,7 +362,10 @@ impl Provider for LocalProvider {
                 return Ok(rec);
             }
             if Instant::now() > deadline {
-                return Err(RuntimeError::StopTimeout { id: id.to_owned(), secs: (grace + Duration::from_secs(5)).as_secs() });
+                return Err(RuntimeError::StopTimeout {
+                    id: id.to_owned(),
+                    secs: (grace + Duration::from_secs(5)).as_secs(),
+                });
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -354,7 +396,13 @@ impl Provider for LocalProvider {
         let entries = match fs::read_dir(&root) {
             Ok(rd) => rd,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(RuntimeError::Io { action: "cannot list", path: root, source: e }),
+            Err(e) => {
+                return Err(RuntimeError::Io {
+                    action: "cannot list",
+                    path: root,
+                    source: e,
+                });
+            }
         };
         let mut out = Vec::new();
         for entry in entries.flatten() {
@@ -364,7 +412,11 @@ impl Provider for LocalProvider {
             }
             out.push(self.load(&dir)?);
         }
-        out.sort_by(|a, b| a.created_ms.cmp(&b.created_ms).then_with(|| a.id.cmp(&b.id)));
+        out.sort_by(|a, b| {
+            a.created_ms
+                .cmp(&b.created_ms)
+                .then_with(|| a.id.cmp(&b.id))
+        });
         Ok(out)
     }
 
@@ -379,7 +431,13 @@ impl Provider for LocalProvider {
             match fs::read(&path) {
                 Ok(bytes) => out.extend_from_slice(&bytes),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(RuntimeError::Io { action: "cannot read", path, source: e }),
+                Err(e) => {
+                    return Err(RuntimeError::Io {
+                        action: "cannot read",
+                        path,
+                        source: e,
+                    });
+                }
             }
         }
         Ok(out)

@@ -28,7 +28,11 @@ pub struct Lease {
 impl Lease {
     fn from_index(index: u32) -> Lease {
         let net = BASE + index * 4;
-        Lease { index, host: Ipv4Addr::from(net + 1), instance: Ipv4Addr::from(net + 2) }
+        Lease {
+            index,
+            host: Ipv4Addr::from(net + 1),
+            instance: Ipv4Addr::from(net + 2),
+        }
     }
 }
 
@@ -61,14 +65,23 @@ impl Ipam {
             let path = self.dir.join(index.to_string());
             match fs::File::options().write(true).create_new(true).open(&path) {
                 Ok(mut f) => {
-                    f.write_all(id.as_bytes()).map_err(RuntimeError::io("cannot write", &path))?;
+                    f.write_all(id.as_bytes())
+                        .map_err(RuntimeError::io("cannot write", &path))?;
                     return Ok(Lease::from_index(index));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(RuntimeError::Io { action: "cannot create", path, source: e }),
+                Err(e) => {
+                    return Err(RuntimeError::Io {
+                        action: "cannot create",
+                        path,
+                        source: e,
+                    });
+                }
             }
         }
-        Err(RuntimeError::AddressesExhausted(self.dir.display().to_string()))
+        Err(RuntimeError::AddressesExhausted(
+            self.dir.display().to_string(),
+        ))
     }
 
     /// Frees `lease` if it still belongs to `id`.
@@ -79,7 +92,9 @@ impl Ipam {
         }
         let path = self.dir.join((offset / 4).to_string());
         match fs::read_to_string(&path) {
-            Ok(owner) if owner == id => fs::remove_file(&path).map_err(RuntimeError::io("cannot remove", &path)),
+            Ok(owner) if owner == id => {
+                fs::remove_file(&path).map_err(RuntimeError::io("cannot remove", &path))
+            }
             _ => Ok(()),
         }
     }
@@ -90,13 +105,25 @@ fn ip_batch(id: &str, netns: Option<&str>, script: &str) -> Result<(), RuntimeEr
     if let Some(ns) = netns {
         cmd.args(["-n", ns]);
     }
-    cmd.args(["-batch", "-"]).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
-    let net_err = |reason: String| RuntimeError::Network { id: id.to_owned(), reason };
-    let mut child = cmd.spawn().map_err(|e| net_err(format!("cannot run ip: {e}")))?;
+    cmd.args(["-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let net_err = |reason: String| RuntimeError::Network {
+        id: id.to_owned(),
+        reason,
+    };
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| net_err(format!("cannot run ip: {e}")))?;
     if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(script.as_bytes()).map_err(|e| net_err(format!("cannot write to ip: {e}")))?;
+        stdin
+            .write_all(script.as_bytes())
+            .map_err(|e| net_err(format!("cannot write to ip: {e}")))?;
     }
-    let out = child.wait_with_output().map_err(|e| net_err(format!("ip: {e}")))?;
+    let out = child
+        .wait_with_output()
+        .map_err(|e| net_err(format!("ip: {e}")))?;
     if !out.status.success() {
         return Err(net_err(format!(
             "ip -batch failed: {}",
@@ -138,7 +165,10 @@ pub fn setup(id: &str, lease: &Lease) -> Result<(), RuntimeError> {
 pub fn teardown(id: &str) {
     let veth = host_veth(id);
     if Path::new("/sys/class/net").join(&veth).exists() {
-        let _ = Command::new("ip").args(["link", "del", &veth]).stderr(Stdio::null()).status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &veth])
+            .stderr(Stdio::null())
+            .status();
     }
     if netns_path(id).exists() {
         let _ = Command::new("ip")

@@ -29,7 +29,11 @@ pub trait ImageSource: Send + Sync {
     /// The image whose manifest has `digest`.
     fn image(&self, digest: &Digest) -> Result<ImageInfo, RuntimeError>;
     /// The (compressed) bytes of one layer blob. The cache verifies digest and size itself.
-    fn open_layer(&self, image: &Digest, layer: &Descriptor) -> Result<Box<dyn Read + '_>, RuntimeError>;
+    fn open_layer(
+        &self,
+        image: &Digest,
+        layer: &Descriptor,
+    ) -> Result<Box<dyn Read + '_>, RuntimeError>;
 }
 
 /// Directories every rootfs gets, so the runtime never has to create a mount point inside the
@@ -51,7 +55,12 @@ impl RootfsCache {
     }
 
     /// Returns the unpacked rootfs of `digest`, unpacking it first if needed.
-    pub fn ensure(&self, source: &dyn ImageSource, digest: &Digest, image: &ImageInfo) -> Result<PathBuf, RuntimeError> {
+    pub fn ensure(
+        &self,
+        source: &dyn ImageSource,
+        digest: &Digest,
+        image: &ImageInfo,
+    ) -> Result<PathBuf, RuntimeError> {
         let target = self.path(digest);
         if target.is_dir() {
             return Ok(target);
@@ -64,11 +73,12 @@ impl RootfsCache {
             .write(true)
             .open(&lock_path)
             .map_err(RuntimeError::io("cannot open", &lock_path))?;
-        let _lock = Flock::lock(lock_file, FlockArg::LockExclusive).map_err(|(_, e)| RuntimeError::Io {
-            action: "cannot lock",
-            path: lock_path.clone(),
-            source: e.into(),
-        })?;
+        let _lock =
+            Flock::lock(lock_file, FlockArg::LockExclusive).map_err(|(_, e)| RuntimeError::Io {
+                action: "cannot lock",
+                path: lock_path.clone(),
+                source: e.into(),
+            })?;
         if target.is_dir() {
             // Another launch finished the unpack while we waited for the lock.
             return Ok(target);
@@ -76,7 +86,10 @@ impl RootfsCache {
         let tmp = tempfile::Builder::new()
             .prefix(&format!(".tmp-{}-", digest.short()))
             .tempdir_in(&self.dir)
-            .map_err(RuntimeError::io("cannot create a temporary directory in", &self.dir))?;
+            .map_err(RuntimeError::io(
+                "cannot create a temporary directory in",
+                &self.dir,
+            ))?;
         unpack_image(source, digest, image, tmp.path())?;
         for dir in MOUNT_POINTS {
             let p = tmp.path().join(dir);
@@ -89,7 +102,11 @@ impl RootfsCache {
         let tmp_path = tmp.keep();
         fs::rename(&tmp_path, &target).map_err(|e| {
             let _ = fs::remove_dir_all(&tmp_path);
-            RuntimeError::Io { action: "cannot rename into place", path: target.clone(), source: e }
+            RuntimeError::Io {
+                action: "cannot rename into place",
+                path: target.clone(),
+                source: e,
+            }
         })?;
         Ok(target)
     }
@@ -97,10 +114,16 @@ impl RootfsCache {
 
 fn set_mode(path: &Path, mode: u32) -> Result<(), RuntimeError> {
     use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(RuntimeError::io("cannot chmod", path))
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .map_err(RuntimeError::io("cannot chmod", path))
 }
 
-fn unpack_image(source: &dyn ImageSource, digest: &Digest, image: &ImageInfo, root: &Path) -> Result<(), RuntimeError> {
+fn unpack_image(
+    source: &dyn ImageSource,
+    digest: &Digest,
+    image: &ImageInfo,
+    root: &Path,
+) -> Result<(), RuntimeError> {
     let diff_ids = image.config.rootfs().diff_ids();
     if diff_ids.len() != image.layers.len() {
         return Err(RuntimeError::InvalidImage {
@@ -113,23 +136,31 @@ fn unpack_image(source: &dyn ImageSource, digest: &Digest, image: &ImageInfo, ro
         });
     }
     for (layer, diff_id) in image.layers.iter().zip(diff_ids) {
-        let layer_digest = Digest::try_from(layer.digest()).map_err(|e| RuntimeError::InvalidImage {
-            digest: digest.clone(),
-            reason: format!("layer digest {}: {e}", layer.digest()),
-        })?;
+        let layer_digest =
+            Digest::try_from(layer.digest()).map_err(|e| RuntimeError::InvalidImage {
+                digest: digest.clone(),
+                reason: format!("layer digest {}: {e}", layer.digest()),
+            })?;
         let corrupt = |reason: String| RuntimeError::CorruptLayer {
             image: digest.clone(),
             layer: layer_digest.clone(),
             reason,
         };
         let compression = Compression::from_media_type(layer.media_type().to_string().as_str())
-            .ok_or_else(|| corrupt(format!("unsupported layer media type {}", layer.media_type())))?;
+            .ok_or_else(|| {
+                corrupt(format!(
+                    "unsupported layer media type {}",
+                    layer.media_type()
+                ))
+            })?;
         let blob = source.open_layer(digest, layer)?;
         let mut compressed = HashingReader::new(blob);
         let (actual_diff_id, _) = {
-            let decompressed = decompress(compression, &mut compressed).map_err(|e| corrupt(e.to_string()))?;
+            let decompressed =
+                decompress(compression, &mut compressed).map_err(|e| corrupt(e.to_string()))?;
             let mut tar_stream = HashingReader::new(decompressed);
-            apply_layer(&mut tar_stream, root).map_err(|e| corrupt(format!("cannot unpack: {e:?}")))?;
+            apply_layer(&mut tar_stream, root)
+                .map_err(|e| corrupt(format!("cannot unpack: {e:?}")))?;
             io::copy(&mut tar_stream, &mut io::sink()).map_err(|e| corrupt(e.to_string()))?;
             let (d, n, _) = tar_stream.finish();
             (d, n)
@@ -147,7 +178,9 @@ fn unpack_image(source: &dyn ImageSource, digest: &Digest, image: &ImageInfo, ro
             reason: format!("invalid diff_id {diff_id}: {e}"),
         })?;
         if actual_diff_id != expected {
-            return Err(corrupt(format!("uncompressed content is {actual_diff_id}, the config's diff_id is {expected}")));
+            return Err(corrupt(format!(
+                "uncompressed content is {actual_diff_id}, the config's diff_id is {expected}"
+            )));
         }
     }
     Ok(())
@@ -191,7 +224,12 @@ fn safe_join(root: &Path, rel: &Path) -> io::Result<PathBuf> {
         match c {
             Component::Normal(n) => out.push(n),
             Component::CurDir | Component::RootDir => {}
-            _ => return Err(io::Error::other(format!("whiteout path {} escapes the root", rel.display()))),
+            _ => {
+                return Err(io::Error::other(format!(
+                    "whiteout path {} escapes the root",
+                    rel.display()
+                )));
+            }
         }
     }
     Ok(out)

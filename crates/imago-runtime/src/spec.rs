@@ -76,20 +76,28 @@ impl InstanceSpec {
             }
         }
         if r.pids == Some(0) {
-            return Err(RuntimeError::InvalidSpec("pids limit must be at least 1".into()));
+            return Err(RuntimeError::InvalidSpec(
+                "pids limit must be at least 1".into(),
+            ));
         }
         for key in self.env.keys() {
             if key.is_empty() || key.contains('=') || key.contains('\0') {
-                return Err(RuntimeError::InvalidSpec(format!("invalid environment variable name {key:?}")));
+                return Err(RuntimeError::InvalidSpec(format!(
+                    "invalid environment variable name {key:?}"
+                )));
             }
         }
         if let Some(args) = &self.args {
             if args.iter().any(|a| a.contains('\0')) {
-                return Err(RuntimeError::InvalidSpec("argument contains a NUL byte".into()));
+                return Err(RuntimeError::InvalidSpec(
+                    "argument contains a NUL byte".into(),
+                ));
             }
         }
         if matches!(&self.entrypoint, Some(e) if e.is_empty()) {
-            return Err(RuntimeError::InvalidSpec("entrypoint override is empty".into()));
+            return Err(RuntimeError::InvalidSpec(
+                "entrypoint override is empty".into(),
+            ));
         }
         Ok(())
     }
@@ -183,7 +191,11 @@ pub fn parse_memory(s: &str) -> Result<u64, RuntimeError> {
                 'k' => 1 << 10,
                 'm' => 1 << 20,
                 'g' => 1 << 30,
-                _ => return Err(RuntimeError::InvalidSpec(format!("invalid memory size {s:?}"))),
+                _ => {
+                    return Err(RuntimeError::InvalidSpec(format!(
+                        "invalid memory size {s:?}"
+                    )));
+                }
             };
             (&t[..i], mult)
         }
@@ -204,11 +216,15 @@ pub fn parse_cpus(s: &str) -> Result<u64, RuntimeError> {
         .parse()
         .map_err(|_| RuntimeError::InvalidSpec(format!("invalid cpu count {s:?}")))?;
     if !v.is_finite() || v <= 0.0 || v > 1024.0 {
-        return Err(RuntimeError::InvalidSpec(format!("invalid cpu count {s:?}")));
+        return Err(RuntimeError::InvalidSpec(format!(
+            "invalid cpu count {s:?}"
+        )));
     }
     let millis = (v * 1000.0).round() as u64;
     if millis == 0 {
-        return Err(RuntimeError::InvalidSpec(format!("cpu count {s:?} is below 0.001")));
+        return Err(RuntimeError::InvalidSpec(format!(
+            "cpu count {s:?} is below 0.001"
+        )));
     }
     Ok(millis)
 }

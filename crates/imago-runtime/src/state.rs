@@ -131,7 +131,9 @@ pub struct InstanceDir {
 
 impl InstanceDir {
     pub fn new(instances: &Path, id: &str) -> InstanceDir {
-        InstanceDir { root: instances.join(id) }
+        InstanceDir {
+            root: instances.join(id),
+        }
     }
     pub fn state(&self) -> PathBuf {
         self.root.join("state.json")
@@ -164,12 +166,17 @@ impl InstanceDir {
 
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, RuntimeError> {
     let bytes = fs::read(path).map_err(RuntimeError::io("cannot read", path))?;
-    serde_json::from_slice(&bytes).map_err(|source| RuntimeError::Json { path: path.to_owned(), source })
+    serde_json::from_slice(&bytes).map_err(|source| RuntimeError::Json {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), RuntimeError> {
-    let mut bytes = serde_json::to_vec_pretty(value)
-        .map_err(|source| RuntimeError::Json { path: path.to_owned(), source })?;
+    let mut bytes = serde_json::to_vec_pretty(value).map_err(|source| RuntimeError::Json {
+        path: path.to_owned(),
+        source,
+    })?;
     bytes.push(b'\n');
     write_atomic(path, &bytes)
 }
@@ -177,10 +184,18 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), Run
 /// Writes `bytes` to `path` so that readers see either the old or the new content, never a mix.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RuntimeError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(RuntimeError::io("cannot create a temporary file in", dir))?;
-    tmp.write_all(bytes).map_err(RuntimeError::io("cannot write", tmp.path().to_owned()))?;
-    tmp.as_file().sync_all().map_err(RuntimeError::io("cannot fsync", tmp.path().to_owned()))?;
-    tmp.persist(path).map_err(|e| RuntimeError::Io { action: "cannot rename into place", path: path.to_owned(), source: e.error })?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .map_err(RuntimeError::io("cannot create a temporary file in", dir))?;
+    tmp.write_all(bytes)
+        .map_err(RuntimeError::io("cannot write", tmp.path().to_owned()))?;
+    tmp.as_file()
+        .sync_all()
+        .map_err(RuntimeError::io("cannot fsync", tmp.path().to_owned()))?;
+    tmp.persist(path).map_err(|e| RuntimeError::Io {
+        action: "cannot rename into place",
+        path: path.to_owned(),
+        source: e.error,
+    })?;
     Ok(())
 }
 

@@ -86,15 +86,29 @@ struct Running {
     cgroups_path: String,
 }
 
-fn start(layout: &Layout, dir: &InstanceDir, record: &mut Instance) -> Result<Running, RuntimeError> {
+fn start(
+    layout: &Layout,
+    dir: &InstanceDir,
+    record: &mut Instance,
+) -> Result<Running, RuntimeError> {
     let id = record.id.clone();
-    let sup_err = |reason: String| RuntimeError::Supervisor { id: id.clone(), reason };
-    nix::sys::prctl::set_child_subreaper(true).map_err(|e| sup_err(format!("cannot become a subreaper: {e}")))?;
-    let (log_r, log_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| sup_err(format!("cannot create the log pipe: {e}")))?;
-    let log_w2 = log_w.try_clone().map_err(|e| sup_err(format!("cannot duplicate the log pipe: {e}")))?;
+    let sup_err = |reason: String| RuntimeError::Supervisor {
+        id: id.clone(),
+        reason,
+    };
+    nix::sys::prctl::set_child_subreaper(true)
+        .map_err(|e| sup_err(format!("cannot become a subreaper: {e}")))?;
+    let (log_r, log_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
+        .map_err(|e| sup_err(format!("cannot create the log pipe: {e}")))?;
+    let log_w2 = log_w
+        .try_clone()
+        .map_err(|e| sup_err(format!("cannot duplicate the log pipe: {e}")))?;
     let null = File::open("/dev/null").map_err(RuntimeError::io("cannot open", "/dev/null"))?;
     let bundle = dir.bundle();
-    let engine_err = |reason: String| RuntimeError::StartFailed { id: id.clone(), reason };
+    let engine_err = |reason: String| RuntimeError::StartFailed {
+        id: id.clone(),
+        reason,
+    };
 
     let (pid, engine) = match record.engine {
         Engine::Embedded => {
@@ -108,7 +122,12 @@ fn start(layout: &Layout, dir: &InstanceDir, record: &mut Instance) -> Result<Ru
                 .with_stderr(log_w2)
                 .validate_id()
                 .map_err(|e| engine_err(e.to_string()))?;
-            let mut container = match builder.as_init(&bundle).with_systemd(false).with_detach(true).build() {
+            let mut container = match builder
+                .as_init(&bundle)
+                .with_systemd(false)
+                .with_detach(true)
+                .build()
+            {
                 Ok(c) => c,
                 Err(e) => {
                     delete_embedded_leftovers(&root, &id);
@@ -119,7 +138,9 @@ fn start(layout: &Layout, dir: &InstanceDir, record: &mut Instance) -> Result<Ru
                 let _ = container.delete(true);
                 return Err(engine_err(error_chain(&e)));
             }
-            let pid = container.pid().ok_or_else(|| engine_err("the engine reported no pid".into()))?;
+            let pid = container
+                .pid()
+                .ok_or_else(|| engine_err("the engine reported no pid".into()))?;
             (pid, EngineHandle::Embedded(Box::new(container)))
         }
         Engine::Runc => {
@@ -142,9 +163,13 @@ fn start(layout: &Layout, dir: &InstanceDir, record: &mut Instance) -> Result<Ru
             if !out.success() {
                 let msg = drain_nonblocking(&log_r);
                 let _ = runc(&root, &["delete", "--force", &id]);
-                return Err(engine_err(format!("runc create failed: {}", runc_message(&msg))));
+                return Err(engine_err(format!(
+                    "runc create failed: {}",
+                    runc_message(&msg)
+                )));
             }
-            let pid_text = fs::read_to_string(&pid_file).map_err(RuntimeError::io("cannot read", &pid_file))?;
+            let pid_text = fs::read_to_string(&pid_file)
+                .map_err(RuntimeError::io("cannot read", &pid_file))?;
             let pid: i32 = pid_text
                 .trim()
                 .parse()
@@ -153,7 +178,13 @@ fn start(layout: &Layout, dir: &InstanceDir, record: &mut Instance) -> Result<Ru
                 let _ = runc(&root, &["delete", "--force", &id]);
                 return Err(engine_err(format!("runc start failed: {e}")));
             }
-            (Pid::from_raw(pid), EngineHandle::Runc { root, id: id.clone() })
+            (
+                Pid::from_raw(pid),
+                EngineHandle::Runc {
+                    root,
+                    id: id.clone(),
+                },
+            )
         }
     };
     record.status = Status::Running;
@@ -163,7 +194,12 @@ fn start(layout: &Layout, dir: &InstanceDir, record: &mut Instance) -> Result<Ru
     record.supervisor_start = process_start_time(me);
     record.started_ms = Some(now_ms());
     dir.write_state(record)?;
-    Ok(Running { pid, engine, log_pipe: log_r, cgroups_path: crate::local::cgroups_path(&id) })
+    Ok(Running {
+        pid,
+        engine,
+        log_pipe: log_r,
+        cgroups_path: crate::local::cgroups_path(&id),
+    })
 }
 
 fn runc(root: &Path, args: &[&str]) -> Result<(), String> {
@@ -186,7 +222,12 @@ fn runc(root: &Path, args: &[&str]) -> Result<(), String> {
 /// runc logs `time=... level=error msg="..."`; keep the message.
 fn runc_message(bytes: &[u8]) -> String {
     let text = String::from_utf8_lossy(bytes);
-    let line = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim();
     match line.find("msg=") {
         Some(i) => line[i + 4..].trim_matches('"').to_owned(),
         None => line.to_owned(),
@@ -328,7 +369,9 @@ impl Running {
         loop {
             match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(p, code)) if p == self.pid => return Some(code),
-                Ok(WaitStatus::Signaled(p, sig, _)) if p == self.pid => return Some(128 + sig as i32),
+                Ok(WaitStatus::Signaled(p, sig, _)) if p == self.pid => {
+                    return Some(128 + sig as i32);
+                }
                 Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return None,
                 Ok(_) | Err(Errno::EINTR) => continue,
                 Err(_) => return None,
@@ -354,16 +397,21 @@ impl Running {
 fn oom_killed(cgroups_path: &str) -> bool {
     let rel = cgroups_path.trim_start_matches('/');
     let candidates = [
-        Path::new("/sys/fs/cgroup/memory").join(rel).join("memory.oom_control"),
+        Path::new("/sys/fs/cgroup/memory")
+            .join(rel)
+            .join("memory.oom_control"),
         Path::new("/sys/fs/cgroup").join(rel).join("memory.events"),
-        Path::new("/sys/fs/cgroup/unified").join(rel).join("memory.events"),
+        Path::new("/sys/fs/cgroup/unified")
+            .join(rel)
+            .join("memory.events"),
     ];
     candidates.iter().any(|p| {
         fs::read_to_string(p)
             .map(|s| {
                 s.lines().any(|l| {
                     let mut it = l.split_whitespace();
-                    it.next() == Some("oom_kill") && it.next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0) > 0
+                    it.next() == Some("oom_kill")
+                        && it.next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0) > 0
                 })
             })
             .unwrap_or(false)
@@ -381,8 +429,17 @@ struct LogWriter {
 impl LogWriter {
     fn open(path: PathBuf, rotated: PathBuf) -> LogWriter {
         let file = File::options().create(true).append(true).open(&path).ok();
-        let size = file.as_ref().and_then(|f| f.metadata().ok()).map(|m| m.len()).unwrap_or(0);
-        LogWriter { path, rotated, file, size }
+        let size = file
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .map(|m| m.len())
+            .unwrap_or(0);
+        LogWriter {
+            path,
+            rotated,
+            file,
+            size,
+        }
     }
 
     fn write(&mut self, bytes: &[u8]) {
@@ -391,7 +448,12 @@ impl LogWriter {
         }
         if self.size > 0 && self.size + bytes.len() as u64 > LOG_MAX_BYTES {
             let _ = fs::rename(&self.path, &self.rotated);
-            self.file = File::options().create(true).write(true).truncate(true).open(&self.path).ok();
+            self.file = File::options()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .open(&self.path)
+                .ok();
             self.size = 0;
         }
         if let Some(f) = self.file.as_mut() {

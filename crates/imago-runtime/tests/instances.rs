@@ -55,7 +55,10 @@ fn echo_runs_and_exit_status_is_recorded(engine: Engine) {
 
 fn httpd_answers_on_the_instance_address(engine: Engine) {
     let h = Harness::new(engine);
-    let inst = h.provider.launch(&h.spec(&["httpd", "-f", "-p", "80", "-h", "/www"])).unwrap();
+    let inst = h
+        .provider
+        .launch(&h.spec(&["httpd", "-f", "-p", "80", "-h", "/www"]))
+        .unwrap();
     assert_eq!(inst.status, Status::Running);
     assert_eq!(inst.ports, vec!["80/tcp".to_string()]);
     let addr = inst.address.expect("a private instance has an address");
@@ -71,7 +74,8 @@ fn http_get(addr: &str) -> String {
     loop {
         match TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(1)) {
             Ok(mut s) => {
-                s.write_all(b"GET /index.html HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+                s.write_all(b"GET /index.html HTTP/1.0\r\nHost: x\r\n\r\n")
+                    .unwrap();
                 let mut out = String::new();
                 s.read_to_string(&mut out).unwrap();
                 return out;
@@ -98,7 +102,11 @@ fn root_is_read_only_tmp_is_writable_cache_unchanged(engine: Engine) {
     ]));
     assert_eq!(inst.exit_code, Some(0), "{}", h.logs(&inst.id));
     assert_eq!(h.logs(&inst.id), "root=readonly\ndata\nrun\n");
-    assert_eq!(tree_digest(&cache), before, "the rootfs cache entry changed");
+    assert_eq!(
+        tree_digest(&cache),
+        before,
+        "the rootfs cache entry changed"
+    );
     assert!(!cache.join("bin/x").exists());
     h.provider.remove(&first.id).unwrap();
     h.provider.remove(&inst.id).unwrap();
@@ -106,7 +114,11 @@ fn root_is_read_only_tmp_is_writable_cache_unchanged(engine: Engine) {
 
 fn memory_limit_kills_with_137(engine: Engine) {
     let h = Harness::new(engine);
-    let mut spec = h.spec(&["sh", "-c", "a=$(head -c 200000000 /dev/zero | tr '\\0' x); echo survived"]);
+    let mut spec = h.spec(&[
+        "sh",
+        "-c",
+        "a=$(head -c 200000000 /dev/zero | tr '\\0' x); echo survived",
+    ]);
     spec.resources.memory_bytes = Some(32 << 20);
     let inst = h.run_to_exit(&spec);
     assert_eq!(inst.exit_code, Some(137), "logs: {}", h.logs(&inst.id));
@@ -134,21 +146,35 @@ fn survives_provider_and_is_seen_by_a_new_one(engine: Engine) {
     let inst = h.provider.launch(&h.spec(&["sleep", "1000"])).unwrap();
     let sup = inst.supervisor_pid.unwrap();
     // The supervisor runs in its own session, so the launcher's exit does not reach it.
-    assert_ne!(nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(sup))).unwrap(), nix::unistd::getsid(None).unwrap());
-    let other = imago_runtime::LocalProvider::new(&h.home(), Box::new(h.layout()), common::supervisor_command());
+    assert_ne!(
+        nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(sup))).unwrap(),
+        nix::unistd::getsid(None).unwrap()
+    );
+    let other = imago_runtime::LocalProvider::new(
+        &h.home(),
+        Box::new(h.layout()),
+        common::supervisor_command(),
+    );
     let seen = other.inspect(&inst.id).unwrap();
     assert_eq!(seen.status, Status::Running);
     assert_eq!(other.list().unwrap().len(), 1);
     let stopped = other.stop(&inst.id, GRACE).unwrap();
     assert_eq!(stopped.status, Status::Exited);
     assert!(stopped.stop_requested);
-    assert_eq!(stopped.exit_code, Some(137), "sleep as pid 1 ignores SIGTERM, so it is killed");
+    assert_eq!(
+        stopped.exit_code,
+        Some(137),
+        "sleep as pid 1 ignores SIGTERM, so it is killed"
+    );
     other.remove(&inst.id).unwrap();
 }
 
 fn stop_and_rm_leave_nothing_behind(engine: Engine) {
     let h = Harness::new(engine);
-    let inst = h.provider.launch(&h.spec(&["sh", "-c", "sleep 1000 & sleep 1000"])).unwrap();
+    let inst = h
+        .provider
+        .launch(&h.spec(&["sh", "-c", "sleep 1000 & sleep 1000"]))
+        .unwrap();
     let id = inst.id.clone();
     let pid = inst.pid.unwrap();
     let sup = inst.supervisor_pid.unwrap();
@@ -156,15 +182,35 @@ fn stop_and_rm_leave_nothing_behind(engine: Engine) {
     let netns = format!("/var/run/netns/imago-{id}");
     assert!(Path::new(&veth).exists());
     assert!(Path::new(&netns).exists());
-    assert!(!cgroup_dirs(&id).is_empty(), "the instance has cgroups while running");
+    assert!(
+        !cgroup_dirs(&id).is_empty(),
+        "the instance has cgroups while running"
+    );
     assert!(!processes_in_cgroup(&id).is_empty());
-    assert!(matches!(h.provider.remove(&id), Err(RuntimeError::WrongState { .. })));
+    assert!(matches!(
+        h.provider.remove(&id),
+        Err(RuntimeError::WrongState { .. })
+    ));
     h.provider.stop(&id, GRACE).unwrap();
     h.provider.remove(&id).unwrap();
-    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "container init {pid} still exists");
-    assert!(!Path::new(&format!("/proc/{sup}")).exists(), "supervisor {sup} still exists");
-    assert!(processes_in_cgroup(&id).is_empty(), "processes left: {:?}", processes_in_cgroup(&id));
-    assert!(cgroup_dirs(&id).is_empty(), "cgroup dirs left: {:?}", cgroup_dirs(&id));
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "container init {pid} still exists"
+    );
+    assert!(
+        !Path::new(&format!("/proc/{sup}")).exists(),
+        "supervisor {sup} still exists"
+    );
+    assert!(
+        processes_in_cgroup(&id).is_empty(),
+        "processes left: {:?}",
+        processes_in_cgroup(&id)
+    );
+    assert!(
+        cgroup_dirs(&id).is_empty(),
+        "cgroup dirs left: {:?}",
+        cgroup_dirs(&id)
+    );
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mountinfo.contains(&id), "mounts left: {mountinfo}");
     assert!(!Path::new(&netns).exists(), "netns left");
@@ -174,9 +220,16 @@ fn stop_and_rm_leave_nothing_behind(engine: Engine) {
     assert!(!h.home().join("runtime/runc").join(&id).exists());
     let leases = fs::read_dir("/run/imago/ipam").unwrap();
     for l in leases.flatten() {
-        assert_ne!(fs::read_to_string(l.path()).unwrap_or_default(), id, "address lease left");
+        assert_ne!(
+            fs::read_to_string(l.path()).unwrap_or_default(),
+            id,
+            "address lease left"
+        );
     }
-    assert!(matches!(h.provider.inspect(&id), Err(RuntimeError::NoSuchInstance(_))));
+    assert!(matches!(
+        h.provider.inspect(&id),
+        Err(RuntimeError::NoSuchInstance(_))
+    ));
 }
 
 fn cgroup_dirs(id: &str) -> Vec<String> {
@@ -194,8 +247,13 @@ fn processes_in_cgroup(id: &str) -> Vec<i32> {
     let needle = format!("/imago/{id}");
     let mut out = Vec::new();
     for e in fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-        if fs::read_to_string(e.path().join("cgroup")).map(|c| c.contains(&needle)).unwrap_or(false) {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if fs::read_to_string(e.path().join("cgroup"))
+            .map(|c| c.contains(&needle))
+            .unwrap_or(false)
+        {
             out.push(pid);
         }
     }
@@ -204,14 +262,23 @@ fn processes_in_cgroup(id: &str) -> Vec<i32> {
 
 fn nonexistent_entrypoint_fails_clearly(engine: Engine) {
     let h = Harness::new(engine);
-    let err = h.provider.launch(&h.spec(&["/bin/does-not-exist"])).unwrap_err();
+    let err = h
+        .provider
+        .launch(&h.spec(&["/bin/does-not-exist"]))
+        .unwrap_err();
     let text = err.to_string();
     assert!(matches!(err, RuntimeError::StartFailed { .. }), "{text}");
     assert!(text.contains("does-not-exist"), "{text}");
     let list = h.provider.list().unwrap();
     assert_eq!(list.len(), 1);
     assert_eq!(list[0].status, Status::Failed);
-    assert!(list[0].error.as_deref().unwrap_or("").contains("does-not-exist"));
+    assert!(
+        list[0]
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("does-not-exist")
+    );
     h.provider.remove(&list[0].id).unwrap();
     assert!(!Path::new(&format!("/var/run/netns/imago-{}", list[0].id)).exists());
 }
@@ -224,7 +291,11 @@ fn host_network_works(engine: Engine) {
     assert_eq!(inst.exit_code, Some(0), "{}", h.logs(&inst.id));
     assert!(inst.address.is_none());
     let host_links = fs::read_dir("/sys/class/net").unwrap().count();
-    assert!(h.logs(&inst.id).lines().count() >= host_links.min(2), "{}", h.logs(&inst.id));
+    assert!(
+        h.logs(&inst.id).lines().count() >= host_links.min(2),
+        "{}",
+        h.logs(&inst.id)
+    );
     h.provider.remove(&inst.id).unwrap();
 }
 
@@ -254,7 +325,10 @@ fn corrupt_layer_blob_is_refused_before_launch() {
     assert!(err.to_string().contains(h.layer.hex()), "{err}");
     assert!(h.provider.list().unwrap().is_empty());
     let cache = h.provider.rootfs_cache().path(&h.image);
-    assert!(!cache.exists(), "a corrupt image must not enter the rootfs cache");
+    assert!(
+        !cache.exists(),
+        "a corrupt image must not enter the rootfs cache"
+    );
     let leftovers: Vec<_> = fs::read_dir(h.home().join("rootfs"))
         .unwrap()
         .flatten()
@@ -268,13 +342,22 @@ fn invalid_limits_are_refused() {
     let h = Harness::new(Engine::Embedded);
     let mut spec = h.spec(&["true"]);
     spec.resources.memory_bytes = Some(1000);
-    assert!(matches!(h.provider.launch(&spec), Err(RuntimeError::InvalidSpec(_))));
+    assert!(matches!(
+        h.provider.launch(&spec),
+        Err(RuntimeError::InvalidSpec(_))
+    ));
     let mut spec = h.spec(&["true"]);
     spec.resources.cpu_millis = Some(0);
-    assert!(matches!(h.provider.launch(&spec), Err(RuntimeError::InvalidSpec(_))));
+    assert!(matches!(
+        h.provider.launch(&spec),
+        Err(RuntimeError::InvalidSpec(_))
+    ));
     let mut spec = h.spec(&["true"]);
     spec.resources.pids = Some(0);
-    assert!(matches!(h.provider.launch(&spec), Err(RuntimeError::InvalidSpec(_))));
+    assert!(matches!(
+        h.provider.launch(&spec),
+        Err(RuntimeError::InvalidSpec(_))
+    ));
     assert!(imago_runtime::parse_memory("lots").is_err());
     assert!(h.provider.list().unwrap().is_empty());
 }
@@ -283,7 +366,9 @@ fn invalid_limits_are_refused() {
 fn concurrent_first_launches_unpack_once() {
     let h = Harness::new(Engine::Embedded);
     let ids: Vec<String> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..4).map(|_| s.spawn(|| h.run_to_exit(&h.spec(&["true"])).id)).collect();
+        let handles: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| h.run_to_exit(&h.spec(&["true"])).id))
+            .collect();
         handles.into_iter().map(|t| t.join().unwrap()).collect()
     });
     let entries: Vec<_> = fs::read_dir(h.home().join("rootfs"))

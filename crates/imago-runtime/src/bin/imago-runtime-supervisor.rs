@@ -8,6 +8,10 @@ fn main() {
         std::process::exit(2);
     };
     let id = id.to_string_lossy();
-    let code = imago_runtime::supervisor::supervise(std::path::Path::new(home), &id, &mut std::io::stdout());
+    let code = imago_runtime::supervisor::supervise(
+        std::path::Path::new(home),
+        &id,
+        &mut std::io::stdout(),
+    );
     std::process::exit(code);
 }

@@ -9,11 +9,15 @@ use std::time::Duration;
 
 use imago_oci::Digest;
 use imago_oci::spec::{Descriptor, ImageConfiguration, ImageManifest};
-use imago_runtime::{Engine, ImageInfo, ImageSource, Instance, InstanceSpec, LocalProvider, Provider, RuntimeError, Status, SupervisorCommand};
+use imago_runtime::{
+    Engine, ImageInfo, ImageSource, Instance, InstanceSpec, LocalProvider, Provider, RuntimeError,
+    Status, SupervisorCommand,
+};
 use serde_json::json;
 
 pub const APPLETS: &[&str] = &[
-    "sh", "echo", "cat", "sleep", "httpd", "ip", "mount", "touch", "head", "tr", "ls", "id", "true", "false", "wget",
+    "sh", "echo", "cat", "sleep", "httpd", "ip", "mount", "touch", "head", "tr", "ls", "id",
+    "true", "false", "wget",
 ];
 
 /// An OCI image layout on disk (just the blobs directory).
@@ -41,11 +45,19 @@ impl ImageSource for LayoutSource {
         })?;
         let manifest: ImageManifest = serde_json::from_slice(&bytes).unwrap();
         let config_digest = Digest::try_from(manifest.config().digest()).unwrap();
-        let config: ImageConfiguration = serde_json::from_slice(&fs::read(self.blob_path(&config_digest)).unwrap()).unwrap();
-        Ok(ImageInfo { config, layers: manifest.layers().clone() })
+        let config: ImageConfiguration =
+            serde_json::from_slice(&fs::read(self.blob_path(&config_digest)).unwrap()).unwrap();
+        Ok(ImageInfo {
+            config,
+            layers: manifest.layers().clone(),
+        })
     }
 
-    fn open_layer(&self, _image: &Digest, layer: &Descriptor) -> Result<Box<dyn Read + '_>, RuntimeError> {
+    fn open_layer(
+        &self,
+        _image: &Digest,
+        layer: &Descriptor,
+    ) -> Result<Box<dyn Read + '_>, RuntimeError> {
         let d = Digest::try_from(layer.digest()).unwrap();
         let f = fs::File::open(self.blob_path(&d)).unwrap();
         Ok(Box::new(f))
@@ -68,7 +80,8 @@ pub fn build_busybox_image(layout: &LayoutSource) -> (Digest, Digest) {
     for d in ["bin", "etc", "www"] {
         dir(&mut tar, d);
     }
-    let busybox = fs::read("/bin/busybox").expect("busybox-static must be installed at /bin/busybox");
+    let busybox =
+        fs::read("/bin/busybox").expect("busybox-static must be installed at /bin/busybox");
     let file = |tar: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32, data: &[u8]| {
         let mut h = tar::Header::new_gnu();
         h.set_mode(mode);
@@ -79,8 +92,18 @@ pub fn build_busybox_image(layout: &LayoutSource) -> (Digest, Digest) {
         tar.append_data(&mut h, path, data).unwrap();
     };
     file(&mut tar, "bin/busybox", 0o755, &busybox);
-    file(&mut tar, "etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n");
-    file(&mut tar, "etc/group", 0o644, b"root:x:0:\nnobody:x:65534:\n");
+    file(
+        &mut tar,
+        "etc/passwd",
+        0o644,
+        b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
+    );
+    file(
+        &mut tar,
+        "etc/group",
+        0o644,
+        b"root:x:0:\nnobody:x:65534:\n",
+    );
     file(&mut tar, "www/index.html", 0o644, b"hello from imago\n");
     for applet in APPLETS {
         let mut h = tar::Header::new_gnu();
@@ -90,7 +113,8 @@ pub fn build_busybox_image(layout: &LayoutSource) -> (Digest, Digest) {
         h.set_mtime(0);
         h.set_uid(0);
         h.set_gid(0);
-        tar.append_link(&mut h, format!("bin/{applet}"), "busybox").unwrap();
+        tar.append_link(&mut h, format!("bin/{applet}"), "busybox")
+            .unwrap();
     }
     let tar_bytes = tar.into_inner().unwrap();
     let diff_id = Digest::of(&tar_bytes);
@@ -129,16 +153,31 @@ pub struct Harness {
 }
 
 pub fn supervisor_command() -> SupervisorCommand {
-    SupervisorCommand { program: PathBuf::from(env!("CARGO_BIN_EXE_imago-runtime-supervisor")), args: vec![] }
+    SupervisorCommand {
+        program: PathBuf::from(env!("CARGO_BIN_EXE_imago-runtime-supervisor")),
+        args: vec![],
+    }
 }
 
 impl Harness {
     pub fn new(engine: Engine) -> Harness {
         let tmp = tempfile::tempdir().unwrap();
-        let layout = LayoutSource { root: tmp.path().join("layout") };
+        let layout = LayoutSource {
+            root: tmp.path().join("layout"),
+        };
         let (image, layer) = build_busybox_image(&layout);
-        let provider = LocalProvider::new(&tmp.path().join("home"), Box::new(layout), supervisor_command());
-        Harness { tmp, image, layer, provider, engine }
+        let provider = LocalProvider::new(
+            &tmp.path().join("home"),
+            Box::new(layout),
+            supervisor_command(),
+        );
+        Harness {
+            tmp,
+            image,
+            layer,
+            provider,
+            engine,
+        }
     }
 
     pub fn home(&self) -> PathBuf {
@@ -146,7 +185,9 @@ impl Harness {
     }
 
     pub fn layout(&self) -> LayoutSource {
-        LayoutSource { root: self.tmp.path().join("layout") }
+        LayoutSource {
+            root: self.tmp.path().join("layout"),
+        }
     }
 
     pub fn spec(&self, args: &[&str]) -> InstanceSpec {
@@ -169,7 +210,11 @@ impl Harness {
             if i.status != Status::Running && i.status != Status::Created {
                 return i;
             }
-            assert!(std::time::Instant::now() < deadline, "instance {id} still {} after {timeout:?}", i.status);
+            assert!(
+                std::time::Instant::now() < deadline,
+                "instance {id} still {} after {timeout:?}",
+                i.status
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -201,7 +246,12 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
         } else {
             String::new()
         };
-        out.push(format!("{rel} {:o} {} {} {content}", m.mode(), m.len(), m.mtime()));
+        out.push(format!(
+            "{rel} {:o} {} {} {content}",
+            m.mode(),
+            m.len(),
+            m.mtime()
+        ));
         if m.is_dir() {
             walk(root, &p, out);
         }
