@@ -555,3 +555,34 @@ fn export_of_a_corrupt_blob_fails_by_digest_and_leaves_no_file() {
         );
     }
 }
+
+/// Docker 25+ `docker save` writes an OCI layout plus `manifest.json`, with only the tag in
+/// `org.opencontainers.image.ref.name` and the full name in `io.containerd.image.name`: it is
+/// imported as the OCI layout it is (keeping Docker's manifest digest) under the full name.
+#[test]
+fn docker_25_archives_keep_their_oci_digest_and_full_name() {
+    let (dir, store) = setup();
+    let mut archive = OciArchive::new(&[Compression::None]);
+    let index = json!({"schemaVersion": 2, "mediaType": media::OCI_INDEX, "manifests": [{
+        "mediaType": media::OCI_MANIFEST, "digest": archive.manifest.to_string(),
+        "size": archive.entries.iter().find(|(p, _)| *p == archive.manifest.layout_path()).unwrap().1.len(),
+        "annotations": {
+            "io.containerd.image.name": "docker.io/library/busybox:1.36",
+            "org.opencontainers.image.ref.name": "1.36"}}]});
+    *archive.entry_mut("index.json") = serde_json::to_vec(&index).unwrap();
+    let docker_manifest = json!([{
+        "Config": archive.config.layout_path(),
+        "RepoTags": ["busybox:1.36"],
+        "Layers": [archive.layers[0].layout_path()]}]);
+    archive.entries.push((
+        "manifest.json".into(),
+        serde_json::to_vec(&docker_manifest).unwrap(),
+    ));
+    archive.write(&archive_path(&dir), Compression::None);
+    let report = store
+        .import_archive(&archive_path(&dir), &ImportOptions::default())
+        .unwrap();
+    assert_eq!(report.format, ArchiveFormat::Oci);
+    assert_eq!(report.images[0].digest, archive.manifest);
+    assert_eq!(report.images[0].names, ["busybox:1.36"]);
+}
