@@ -24,6 +24,9 @@ IMAGO=$PWD/target/release/imago
 median() { sort -n | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 # seconds taken by "$@"
 seconds() { local s e; s=$(date +%s.%N); "$@" >/dev/null 2>&1; e=$(date +%s.%N); echo "$e - $s" | bc -l; }
+# CPU seconds (user + system) used by "$@": unlike wall time, not inflated by other load on the
+# machine, so rates per CPU second compare implementations even on a busy host.
+cpu_seconds() { /usr/bin/time -f '%U %S' "$@" 2>&1 >/dev/null | tail -1 | awk '{print $1 + $2}'; }
 # peak RSS in MB of "$@"
 peak_rss_mb() {
     /usr/bin/time -v "$@" 2>&1 >/dev/null | awk -F': ' '/Maximum resident set size/ {printf "%.1f", $2/1024}'
@@ -70,7 +73,7 @@ make_archive "$SMALL_MB" "$WORK/small.tar"
 cat "$WORK/big.tar" "$WORK/small.tar" >/dev/null # warm the page cache for both tools alike
 BIG_BYTES=$(stat -c %s "$WORK/big.tar")
 
-imago_import=() skopeo_copy=() imago_verify=() sha=()
+imago_import=() skopeo_copy=() imago_verify=() sha=() verify_cpu=() sha_cpu=()
 for _ in $(seq "$RUNS"); do
     rm -rf "$WORK/h" "$WORK/y"
     imago_import+=("$(seconds "$IMAGO" --home "$WORK/h" -q import "$WORK/big.tar")")
@@ -78,12 +81,16 @@ for _ in $(seq "$RUNS"); do
     imago_verify+=("$(seconds "$IMAGO" --home "$WORK/h" -q verify big:1)")
     layer=$(ls -S "$WORK/h/store/blobs/sha256" | head -1)
     sha+=("$(seconds sha256sum "$WORK/h/store/blobs/sha256/$layer")")
+    verify_cpu+=("$(cpu_seconds "$IMAGO" --home "$WORK/h" -q verify big:1)")
+    sha_cpu+=("$(cpu_seconds sha256sum "$WORK/h/store/blobs/sha256/$layer")")
 done
 med() { printf '%s\n' "$@" | median; }
 t_import=$(med "${imago_import[@]}")
 t_skopeo=$(med "${skopeo_copy[@]}")
 t_verify=$(med "${imago_verify[@]}")
 t_sha=$(med "${sha[@]}")
+c_verify=$(med "${verify_cpu[@]}")
+c_sha=$(med "${sha_cpu[@]}")
 gbps() { printf %.2f "$(echo "$BIG_BYTES / $1 / 1000000000" | bc -l)"; }
 
 # Peak memory of import and export, small vs big layer.
@@ -137,12 +144,14 @@ t_images=$(med "${images_ms[@]}")
 cat <<EOF2
 | measurement | value | peer in the same run |
 |---|---|---|
-| verified hashing: \`imago verify\` of a ${SIZE_MB} MiB layer | $(gbps "$t_verify") GB/s | \`sha256sum\`: $(gbps "$t_sha") GB/s |
+| verified hashing: \`imago verify\` of a ${SIZE_MB} MiB layer, wall clock | $(gbps "$t_verify") GB/s | \`sha256sum\`: $(gbps "$t_sha") GB/s |
+| verified hashing, per CPU second (user + sys) | $(gbps "$c_verify") GB/s | \`sha256sum\`: $(gbps "$c_sha") GB/s |
 | end-to-end \`imago import\` of a ${SIZE_MB} MiB-layer oci-archive | $(printf %.2f "$t_import") s ($(gbps "$t_import") GB/s) | \`skopeo copy oci-archive: oci:\`: $(printf %.2f "$t_skopeo") s; ratio imago/skopeo $(printf %.2f "$(echo "$t_import / $t_skopeo" | bc -l)") |
 | peak RSS, import | ${SMALL_MB} MiB layer: ${small_imp} MB | ${SIZE_MB} MiB layer: ${big_imp} MB |
 | peak RSS, export --format oci | ${SMALL_MB} MiB layer: ${small_oci} MB | ${SIZE_MB} MiB layer: ${big_oci} MB |
 | peak RSS, export --format docker | ${SMALL_MB} MiB layer: ${small_docker} MB | ${SIZE_MB} MiB layer: ${big_docker} MB |
 | \`imago images\` with ${IMAGES} images | $(printf %.1f "$t_images") ms | target < 50 ms |
 
-Medians of ${RUNS} runs (15 for \`imago images\`); page cache warm for every tool; $(nproc) cores.
+Medians of ${RUNS} runs (15 for \`imago images\`); page cache warm for every tool; $(nproc) cores;
+load average at the end: $(cut -d' ' -f1-3 /proc/loadavg).
 EOF2
