@@ -6,7 +6,7 @@
 #   benches/store.sh                 # 1 GiB and 100 MB layers, 3 runs each
 #   RUNS=5 SIZE_MB=1024 benches/store.sh
 #
-# Needs: skopeo, sha256sum, /usr/bin/time (apt-get install time), python3, hyperfine (optional).
+# Needs: skopeo, sha256sum, /usr/bin/time (scripts/setup installs them), python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,7 +23,8 @@ IMAGO=$PWD/target/release/imago
 # median of the numbers on stdin
 median() { sort -n | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 # seconds taken by "$@"
-seconds() { local s e; s=$(date +%s.%N); "$@" >/dev/null 2>&1; e=$(date +%s.%N); echo "$e - $s" | bc -l; }
+calc() { awk "BEGIN { print $* }"; }
+seconds() { local s e; s=$(date +%s.%N); "$@" >/dev/null 2>&1; e=$(date +%s.%N); calc "$e - $s"; }
 # CPU seconds (user + system) used by "$@": unlike wall time, not inflated by other load on the
 # machine, so rates per CPU second compare implementations even on a busy host.
 cpu_seconds() { /usr/bin/time -f '%U %S' "$@" 2>&1 >/dev/null | tail -1 | awk '{print $1 + $2}'; }
@@ -91,7 +92,7 @@ t_verify=$(med "${imago_verify[@]}")
 t_sha=$(med "${sha[@]}")
 c_verify=$(med "${verify_cpu[@]}")
 c_sha=$(med "${sha_cpu[@]}")
-gbps() { printf %.2f "$(echo "$BIG_BYTES / $1 / 1000000000" | bc -l)"; }
+gbps() { printf %.2f "$(calc "$BIG_BYTES / $1 / 1000000000")"; }
 
 # Peak memory of import and export, small vs big layer.
 rss() { # archive
@@ -138,7 +139,7 @@ PY
 count=$("$IMAGO" --home "$WORK/many" --json images | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
 [ "$count" = "$IMAGES" ] || { echo "imago images listed $count images, not $IMAGES" >&2; exit 1; }
 images_ms=()
-for _ in $(seq 15); do images_ms+=("$(echo "$(seconds "$IMAGO" --home "$WORK/many" images) * 1000" | bc -l)"); done
+for _ in $(seq 15); do images_ms+=("$(calc "$(seconds "$IMAGO" --home "$WORK/many" images) * 1000")"); done
 t_images=$(med "${images_ms[@]}")
 
 cat <<EOF2
@@ -146,7 +147,7 @@ cat <<EOF2
 |---|---|---|
 | verified hashing: \`imago verify\` of a ${SIZE_MB} MiB layer, wall clock | $(gbps "$t_verify") GB/s | \`sha256sum\`: $(gbps "$t_sha") GB/s |
 | verified hashing, per CPU second (user + sys) | $(gbps "$c_verify") GB/s | \`sha256sum\`: $(gbps "$c_sha") GB/s |
-| end-to-end \`imago import\` of a ${SIZE_MB} MiB-layer oci-archive | $(printf %.2f "$t_import") s ($(gbps "$t_import") GB/s) | \`skopeo copy oci-archive: oci:\`: $(printf %.2f "$t_skopeo") s; ratio imago/skopeo $(printf %.2f "$(echo "$t_import / $t_skopeo" | bc -l)") |
+| end-to-end \`imago import\` of a ${SIZE_MB} MiB-layer oci-archive | $(printf %.2f "$t_import") s ($(gbps "$t_import") GB/s) | \`skopeo copy oci-archive: oci:\`: $(printf %.2f "$t_skopeo") s; ratio imago/skopeo $(printf %.2f "$(calc "$t_import / $t_skopeo")") |
 | peak RSS, import | ${SMALL_MB} MiB layer: ${small_imp} MB | ${SIZE_MB} MiB layer: ${big_imp} MB |
 | peak RSS, export --format oci | ${SMALL_MB} MiB layer: ${small_oci} MB | ${SIZE_MB} MiB layer: ${big_oci} MB |
 | peak RSS, export --format docker | ${SMALL_MB} MiB layer: ${small_docker} MB | ${SIZE_MB} MiB layer: ${big_docker} MB |

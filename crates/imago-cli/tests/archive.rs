@@ -684,3 +684,121 @@ fn concurrent_tags_and_imports_lose_no_entry() {
     let _: Value = serde_json::from_str(&index).unwrap();
     let _ = std::io::stdout().flush();
 }
+
+/// A private Docker daemon (own data root, socket and containerd) for the test's lifetime.
+struct Dockerd {
+    child: std::process::Child,
+    socket: String,
+}
+
+impl Dockerd {
+    fn start(dir: &Path) -> Dockerd {
+        let socket = format!("unix://{}", dir.join("docker.sock").display());
+        let log = fs::File::create(dir.join("dockerd.log")).unwrap();
+        let child = Command::new("dockerd")
+            .arg("--data-root")
+            .arg(dir.join("data"))
+            .arg("--exec-root")
+            .arg(dir.join("exec"))
+            .arg("--pidfile")
+            .arg(dir.join("docker.pid"))
+            .args([
+                "-H",
+                &socket,
+                "--bridge=none",
+                "--iptables=false",
+                "--ip-masq=false",
+            ])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start dockerd (apt-get install docker.io): {e}"));
+        let dockerd = Dockerd { child, socket };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !dockerd.docker(&["info"]).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "dockerd did not come up: {}",
+                fs::read_to_string(dir.join("dockerd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        dockerd
+    }
+
+    fn docker(&self, args: &[&str]) -> Output {
+        Command::new("docker")
+            .env("DOCKER_HOST", &self.socket)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.docker(args);
+        assert!(
+            out.status.success(),
+            "docker {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        // SIGTERM, so that dockerd also stops the containerd it started.
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn docker_loads_the_docker_export_and_its_save_imports_back() {
+    let env = Env::new();
+    env.busybox_image("layout", "v1");
+    let archive = env.path("image.tar");
+    tool(
+        "skopeo",
+        &[
+            "copy",
+            &format!("oci:{}:v1", env.path("layout").display()),
+            &format!("oci-archive:{}:web:v1", archive.display()),
+        ],
+    );
+    env.imago(&["import", archive.to_str().unwrap()]);
+    let exported = env.path("docker.tar");
+    env.imago(&[
+        "export",
+        "web:v1",
+        "-o",
+        exported.to_str().unwrap(),
+        "--format",
+        "docker",
+    ]);
+    let docker_dir = env.path("docker");
+    fs::create_dir_all(&docker_dir).unwrap();
+    let docker = Dockerd::start(&docker_dir);
+    let loaded = docker.ok(&["load", "-i", exported.to_str().unwrap()]);
+    assert!(loaded.contains("web:v1"), "{loaded}");
+    let image: Value = serde_json::from_str(&docker.ok(&["image", "inspect", "web:v1"])).unwrap();
+    let inspect = env.imago_json(&["inspect", "web:v1"]);
+    // Docker's image ID is the config digest; its layers are the diff_ids.
+    assert_eq!(image[0]["Id"], inspect["config_digest"]);
+    assert_eq!(
+        image[0]["RootFS"]["Layers"][0],
+        inspect["layers"][0]["diff_id"]
+    );
+
+    let saved = env.path("saved.tar");
+    docker.ok(&["save", "web:v1", "-o", saved.to_str().unwrap()]);
+    let report = env.imago_json(&["import", saved.to_str().unwrap(), "--name", "saved:1"]);
+    assert_eq!(report["format"], "docker");
+    let back = env.imago_json(&["inspect", "saved:1"]);
+    assert_eq!(
+        back["layers"][0]["diff_id"],
+        inspect["layers"][0]["diff_id"]
+    );
+}
