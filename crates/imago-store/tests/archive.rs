@@ -586,3 +586,24 @@ fn docker_25_archives_keep_their_oci_digest_and_full_name() {
     assert_eq!(report.images[0].digest, archive.manifest);
     assert_eq!(report.images[0].names, ["busybox:1.36"]);
 }
+
+/// `imago verify` says to re-import a damaged image: that must repair the damaged blob.
+#[test]
+fn reimport_repairs_a_damaged_blob() {
+    let (dir, store) = setup();
+    let archive = OciArchive::new(&[Compression::Gzip]);
+    archive.write(&archive_path(&dir), Compression::None);
+    store
+        .import_archive(&archive_path(&dir), &ImportOptions::default())
+        .unwrap();
+    let blob = store.blob_path(&archive.layers[0]);
+    let mut bytes = fs::read(&blob).unwrap();
+    bytes[20] ^= 0x01;
+    fs::write(&blob, bytes).unwrap();
+    assert!(!store.verify(None).unwrap().is_ok());
+    let report = store
+        .import_archive(&archive_path(&dir), &ImportOptions::default())
+        .unwrap();
+    assert_eq!(report.blobs_written, 1);
+    assert!(store.verify(None).unwrap().is_ok());
+}

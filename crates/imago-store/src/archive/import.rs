@@ -54,9 +54,9 @@ pub struct ImportedImage {
 pub struct ImportReport {
     pub format: ArchiveFormat,
     pub images: Vec<ImportedImage>,
-    /// Blobs that were new to the store.
+    /// Blob files written from archive entries (new to the store, or replacing a damaged copy).
     pub blobs_written: usize,
-    /// Blobs the store already had (their archive copies were still hashed and checked).
+    /// Blobs the store already had intact (their archive copies were still hashed and checked).
     pub blobs_present: usize,
     /// Bytes of the archive file read.
     pub archive_bytes: u64,
@@ -213,8 +213,14 @@ impl Store {
                 let expected = Digest::from_hex(hex).map_err(|_| {
                     ArchiveError::Invalid(format!("entry {path} is not named by a sha256 digest"))
                 })?;
-                let size =
-                    self.store_named_blob(&path, &expected, &mut entry, &mut buffer, &mut scan)?;
+                let size = self.store_named_blob(
+                    &path,
+                    &expected,
+                    size,
+                    &mut entry,
+                    &mut buffer,
+                    &mut scan,
+                )?;
                 scan.files.insert(path, (expected, size));
             } else if path.starts_with("blobs/") {
                 return Err(ArchiveError::Invalid(format!(
@@ -239,11 +245,13 @@ impl Store {
     }
 
     /// Stores a `blobs/sha256/<hex>` entry, refusing it unless it hashes to `<hex>`. A blob the
-    /// store already has is only hashed.
+    /// store already has intact is only hashed; a damaged copy is replaced, so that re-importing
+    /// an image repairs what `imago verify` found.
     fn store_named_blob(
         &self,
         path: &str,
         expected: &Digest,
+        entry_size: u64,
         entry: &mut impl Read,
         buffer: &mut [u8],
         scan: &mut Scan,
@@ -253,7 +261,7 @@ impl Store {
             expected: expected.clone(),
             actual,
         };
-        if self.has_blob(expected) {
+        if self.verify_blob(expected, Some(entry_size)).is_ok() {
             let mut sink = HashingWriter::new(io::sink());
             copy(entry, &mut sink, buffer)
                 .map_err(|e| ArchiveError::entry(path, io_error(e, path)))?;
