@@ -31,6 +31,8 @@ pub enum DeployError {
     NoRelease(String),
     #[error("service {service} has no release {number}")]
     UnknownRelease { service: String, number: u64 },
+    #[error("runtime: {0}")]
+    Runtime(String),
     #[error("cannot encode {what}: {source}")]
     Encode {
         what: &'static str,

@@ -3,6 +3,7 @@
 //! observed instances; the state lives in SQLite.
 #![forbid(unsafe_code)]
 
+pub mod controller;
 pub mod error;
 pub mod health;
 pub mod plan;

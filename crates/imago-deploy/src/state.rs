@@ -4,6 +4,7 @@
 //! release (completed, failed, rolled back) is recorded as a new outcome row and event. WAL mode
 //! and `synchronous = FULL` make every committed transaction survive kill -9 and power loss.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -50,7 +51,8 @@ CREATE TABLE instances (
     address      TEXT,
     state        TEXT NOT NULL,
     created_ms   INTEGER NOT NULL,
-    updated_ms   INTEGER NOT NULL
+    updated_ms   INTEGER NOT NULL,
+    drain_deadline_ms INTEGER
 ) STRICT;
 CREATE TABLE rollouts (
     service          TEXT PRIMARY KEY,
@@ -124,6 +126,15 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// A rollout in progress, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RolloutRow {
+    pub target_release: u64,
+    pub started_ms: u64,
+    pub last_progress_ms: u64,
+    pub counts_json: String,
 }
 
 pub struct StateDb {
@@ -314,6 +325,23 @@ impl StateDb {
             .ok_or_else(|| DeployError::UnknownRelease { service: service.to_owned(), number })
     }
 
+    /// The newest release of `service` with `revision`, if any.
+    pub fn release_with_revision(
+        &self,
+        service: &str,
+        revision: &str,
+    ) -> Result<Option<Release>, DeployError> {
+        self.conn
+            .query_row(
+                "SELECT service, number, image_digest, config_hash, revision, spec_json, created_ms, reason, rollback_of
+                 FROM releases WHERE service = ?1 AND revision = ?2 ORDER BY number DESC LIMIT 1",
+                params![service, revision],
+                Self::row_to_release,
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
     /// Every release of `service`, oldest first.
     pub fn history(&self, service: &str) -> Result<Vec<Release>, DeployError> {
         let mut stmt = self
@@ -497,6 +525,129 @@ impl StateDb {
         }
         digests.sort();
         Ok(digests)
+    }
+
+    /// The latest outcome recorded for release `number` of `service`.
+    pub fn outcome_of(&self, service: &str, number: u64) -> Result<Option<Outcome>, DeployError> {
+        self.conn
+            .query_row(
+                "SELECT number, outcome, detail, at_ms FROM release_outcomes
+                 WHERE service = ?1 AND number = ?2 ORDER BY rowid DESC LIMIT 1",
+                params![service, number],
+                |r| {
+                    Ok(Outcome {
+                        number: r.get(0)?,
+                        outcome: r.get(1)?,
+                        detail: r.get(2)?,
+                        at_ms: r.get(3)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Records that the controller took `id` out of the endpoint and will stop it once drained
+    /// or at `deadline_ms`. Kept across controller restarts, so draining resumes.
+    pub fn mark_draining(
+        &self,
+        id: &str,
+        service: &str,
+        release: u64,
+        revision: &str,
+        deadline_ms: u64,
+    ) -> Result<(), DeployError> {
+        self.conn
+            .execute(
+                "INSERT INTO instances (id, service, release, revision, image_digest, address, state, created_ms, updated_ms, drain_deadline_ms)
+                 VALUES (?1, ?2, ?3, ?4, '', NULL, 'draining', ?6, ?6, ?5)
+                 ON CONFLICT(id) DO UPDATE SET state = 'draining', updated_ms = excluded.updated_ms,
+                   drain_deadline_ms = excluded.drain_deadline_ms",
+                params![id, service, release, revision, deadline_ms, now_ms()],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Instances being drained: id -> deadline (ms).
+    pub fn draining(&self) -> Result<BTreeMap<String, u64>, DeployError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, drain_deadline_ms FROM instances WHERE state = 'draining'")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?)))
+            .map_err(|e| self.err(e))?
+            .collect::<Result<BTreeMap<_, _>, _>>()
+            .map_err(|e| self.err(e))?;
+        Ok(rows)
+    }
+
+    /// Records that `id` is gone.
+    pub fn mark_removed(&self, id: &str) -> Result<(), DeployError> {
+        self.conn
+            .execute(
+                "UPDATE instances SET state = 'removed', updated_ms = ?2 WHERE id = ?1",
+                params![id, now_ms()],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// The rollout in progress for `service`: (target release, started, last progress, counts).
+    pub fn rollout(&self, service: &str) -> Result<Option<RolloutRow>, DeployError> {
+        self.conn
+            .query_row(
+                "SELECT target_release, started_ms, last_progress_ms, counts_json FROM rollouts WHERE service = ?1",
+                [service],
+                |r| {
+                    Ok(RolloutRow {
+                        target_release: r.get(0)?,
+                        started_ms: r.get(1)?,
+                        last_progress_ms: r.get(2)?,
+                        counts_json: r.get(3)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn put_rollout(&self, service: &str, row: &RolloutRow) -> Result<(), DeployError> {
+        self.conn
+            .execute(
+                "INSERT INTO rollouts (service, target_release, started_ms, last_progress_ms, counts_json)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(service) DO UPDATE SET target_release = excluded.target_release,
+                   started_ms = excluded.started_ms, last_progress_ms = excluded.last_progress_ms,
+                   counts_json = excluded.counts_json",
+                params![service, row.target_release, row.started_ms, row.last_progress_ms, row.counts_json],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn clear_rollout(&self, service: &str) -> Result<(), DeployError> {
+        self.conn
+            .execute("DELETE FROM rollouts WHERE service = ?1", [service])
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Names of every service ever deployed, destroyed ones included.
+    pub fn all_services(&self) -> Result<Vec<(String, bool)>, DeployError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, destroyed FROM services ORDER BY name")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? != 0))
+            })
+            .map_err(|e| self.err(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))?;
+        Ok(rows)
     }
 
     /// Marks `service` destroyed; its history stays.

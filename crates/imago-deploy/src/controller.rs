@@ -1,0 +1,1180 @@
+//! The controller: the reconcile loop that makes what runs match what was released.
+//!
+//! Each pass, for each service, it reads the desired release from the state database, observes the
+//! service's instances through the [`Provider`] and their health from the probe board, asks the
+//! pure [`next_step`] what to do, and does it: clean up dead instances, launch new ones, take
+//! retired ones out of the endpoint, stop them once drained, and route the endpoint to the ready
+//! ones. Nothing is kept in memory that a restarted controller could not rebuild: instances carry
+//! their service, release and revision as labels, draining is recorded in the database, and
+//! health is simply probed again.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use imago_runtime::{Engine, Instance, InstanceSpec, Provider, Status};
+use serde::Serialize;
+use tokio::task::JoinHandle;
+
+use crate::error::DeployError;
+use crate::health::{HealthTracker, ProbeResult};
+use crate::proxy::Routes;
+use crate::rollout::{Counts, ObservedInstance, Phase, RolloutInput, Step, next_step};
+use crate::spec::{NetworkMode, Probe};
+use crate::state::{Release, RolloutRow, StateDb, now_ms};
+
+pub const LABEL_SERVICE: &str = "imago.service";
+/// The revision (digest + configuration) an instance runs. Release numbers are deliberately not
+/// part of an instance: a rollback release with the same revision adopts the running instances.
+pub const LABEL_REVISION: &str = "imago.revision";
+
+/// How long a stopping instance gets between SIGTERM and SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// The instance spec a release's instances run.
+pub fn instance_spec(release: &Release, engine: Engine) -> Result<InstanceSpec, DeployError> {
+    let spec = &release.spec;
+    let bad = |field: &str, reason: String| DeployError::InvalidService {
+        service: release.service.clone(),
+        field: field.to_owned(),
+        reason,
+    };
+    let mut instance = InstanceSpec::new(release.image_digest.clone());
+    instance.name = Some(format!(
+        "{}-{}",
+        release.service,
+        &release.revision[..8.min(release.revision.len())]
+    ));
+    if let Some(command) = &spec.command {
+        instance.entrypoint = Some(command.clone());
+        instance.args = Some(Vec::new());
+    }
+    instance.env = spec.env.clone();
+    if let Some(memory) = &spec.resources.memory {
+        instance.resources.memory_bytes = Some(
+            imago_runtime::parse_memory(memory)
+                .map_err(|e| bad("resources.memory", e.to_string()))?,
+        );
+    }
+    if let Some(cpus) = spec.resources.cpus {
+        instance.resources.cpu_millis = Some((cpus * 1000.0).round() as u64);
+    }
+    instance.resources.pids = spec.resources.pids.map(u64::from);
+    instance.network = match spec.network {
+        NetworkMode::Private => imago_runtime::NetworkMode::Private,
+        NetworkMode::Host => imago_runtime::NetworkMode::Host,
+    };
+    instance.engine = engine;
+    instance
+        .labels
+        .insert(LABEL_SERVICE.into(), release.service.clone());
+    instance
+        .labels
+        .insert(LABEL_REVISION.into(), release.revision.clone());
+    instance
+        .validate()
+        .map_err(|e| bad("resources", e.to_string()))?;
+    Ok(instance)
+}
+
+/// Health as probed for one instance.
+#[derive(Debug, Clone, Default)]
+struct InstanceHealth {
+    tracker: HealthTracker,
+    ready_since_ms: Option<u64>,
+}
+
+/// Probe results shared between the probe tasks (writers) and the controller (reader).
+#[derive(Debug, Clone, Default)]
+pub struct HealthBoard {
+    inner: Arc<Mutex<HashMap<String, InstanceHealth>>>,
+}
+
+impl HealthBoard {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, InstanceHealth>> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn record(
+        &self,
+        id: &str,
+        result: ProbeResult,
+        healthy_threshold: u32,
+        unhealthy_threshold: u32,
+        in_start_period: bool,
+    ) {
+        let mut board = self.lock();
+        let entry = board.entry(id.to_owned()).or_default();
+        let was_healthy = entry.tracker.healthy;
+        entry.tracker.record(
+            result,
+            healthy_threshold,
+            unhealthy_threshold,
+            in_start_period,
+        );
+        if entry.tracker.healthy && !was_healthy {
+            entry.ready_since_ms = Some(now_ms());
+        }
+        if !entry.tracker.healthy {
+            entry.ready_since_ms = None;
+        }
+    }
+
+    fn get(&self, id: &str) -> Option<InstanceHealth> {
+        self.lock().get(id).cloned()
+    }
+
+    fn forget(&self, id: &str) {
+        self.lock().remove(id);
+    }
+}
+
+/// A service's endpoint as the controller keeps it.
+pub struct Endpoint {
+    pub port: u16,
+    pub routes: Routes,
+    shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+    }
+}
+
+/// What one pass did for one service; the controller's log and the tests read it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ServicePass {
+    pub service: String,
+    pub release: Option<u64>,
+    pub launched: Vec<String>,
+    pub retired: Vec<String>,
+    pub stopped: Vec<String>,
+    pub removed_dead: Vec<String>,
+    pub drift: Vec<String>,
+    pub routed: Vec<String>,
+    pub counts: Counts,
+    pub complete: bool,
+    pub failed: Option<String>,
+    pub rolled_back_to: Option<u64>,
+}
+
+pub struct Controller {
+    db: StateDb,
+    provider: Arc<dyn Provider>,
+    runtime: tokio::runtime::Handle,
+    health: HealthBoard,
+    probes: HashMap<String, JoinHandle<()>>,
+    endpoints: BTreeMap<String, Endpoint>,
+    engine: Engine,
+    actor: String,
+    /// Endpoint addresses are bound on this IP.
+    bind: IpAddr,
+    /// Unknown instances already reported, so the event log is not flooded.
+    reported_unknown: BTreeSet<String>,
+}
+
+impl Controller {
+    pub fn new(
+        db: StateDb,
+        provider: Arc<dyn Provider>,
+        runtime: tokio::runtime::Handle,
+        engine: Engine,
+    ) -> Controller {
+        Controller {
+            db,
+            provider,
+            runtime,
+            health: HealthBoard::default(),
+            probes: HashMap::new(),
+            endpoints: BTreeMap::new(),
+            engine,
+            actor: "controller".into(),
+            bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            reported_unknown: BTreeSet::new(),
+        }
+    }
+
+    pub fn db(&self) -> &StateDb {
+        &self.db
+    }
+
+    pub fn endpoint(&self, service: &str) -> Option<&Endpoint> {
+        self.endpoints.get(service)
+    }
+
+    /// One reconcile pass over every service.
+    pub fn pass(&mut self) -> Result<Vec<ServicePass>, DeployError> {
+        let instances = self
+            .provider
+            .list()
+            .map_err(|e| DeployError::Runtime(e.to_string()))?;
+        let draining = self.db.draining()?;
+        let services = self.db.all_services()?;
+        let known: BTreeSet<&str> = services
+            .iter()
+            .filter(|(_, destroyed)| !destroyed)
+            .map(|(n, _)| n.as_str())
+            .collect();
+        self.report_unknown(&instances, &known)?;
+        let mut passes = Vec::new();
+        for (service, destroyed) in &services {
+            let own: Vec<&Instance> = instances
+                .iter()
+                .filter(|i| {
+                    i.labels.get(LABEL_SERVICE).map(String::as_str) == Some(service.as_str())
+                })
+                .collect();
+            let pass = if *destroyed {
+                self.tear_down(service, &own, &draining)?
+            } else {
+                self.reconcile(service, &own, &draining)?
+            };
+            passes.push(pass);
+        }
+        let live: BTreeSet<&str> = instances
+            .iter()
+            .filter(|i| i.is_active())
+            .map(|i| i.id.as_str())
+            .collect();
+        self.probes.retain(|id, task| {
+            let keep = live.contains(id.as_str());
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        Ok(passes)
+    }
+
+    fn report_unknown(
+        &mut self,
+        instances: &[Instance],
+        known: &BTreeSet<&str>,
+    ) -> Result<(), DeployError> {
+        for instance in instances.iter().filter(|i| i.is_active()) {
+            let label = instance.labels.get(LABEL_SERVICE);
+            let unknown = match label {
+                None => true,
+                Some(service) => !known.contains(service.as_str()),
+            };
+            if unknown && self.reported_unknown.insert(instance.id.clone()) {
+                let what = match label {
+                    None => "was not launched by a deployment".to_string(),
+                    Some(s) => format!("claims service {s}, which is not deployed"),
+                };
+                self.db.event(
+                    None,
+                    "drift",
+                    &format!(
+                        "unknown instance {} ({}) {what}",
+                        instance.id, instance.image
+                    ),
+                    &self.actor,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops every instance of a destroyed service and closes its endpoint.
+    fn tear_down(
+        &mut self,
+        service: &str,
+        own: &[&Instance],
+        draining: &BTreeMap<String, u64>,
+    ) -> Result<ServicePass, DeployError> {
+        let mut pass = ServicePass {
+            service: service.to_owned(),
+            ..ServicePass::default()
+        };
+        self.endpoints.remove(service);
+        for instance in own {
+            if instance.is_active() {
+                let _ = self.provider.stop(&instance.id, STOP_GRACE);
+            }
+            self.remove_instance(&instance.id)?;
+            pass.stopped.push(instance.id.clone());
+        }
+        let _ = draining;
+        Ok(pass)
+    }
+
+    fn remove_instance(&mut self, id: &str) -> Result<(), DeployError> {
+        match self.provider.remove(id) {
+            Ok(()) | Err(imago_runtime::RuntimeError::NoSuchInstance(_)) => {}
+            Err(e) => return Err(DeployError::Runtime(e.to_string())),
+        }
+        self.health.forget(id);
+        if let Some(task) = self.probes.remove(id) {
+            task.abort();
+        }
+        self.db.mark_removed(id)
+    }
+
+    fn reconcile(
+        &mut self,
+        service: &str,
+        own: &[&Instance],
+        draining: &BTreeMap<String, u64>,
+    ) -> Result<ServicePass, DeployError> {
+        let mut pass = ServicePass {
+            service: service.to_owned(),
+            ..ServicePass::default()
+        };
+        let Some(release) = self.db.desired(service)? else {
+            return Ok(pass);
+        };
+        pass.release = Some(release.number);
+        let limits = release.spec.validate(service)?;
+        let expected = instance_spec(&release, self.engine)?;
+        let expected_hash = expected
+            .spec_hash()
+            .map_err(|e| DeployError::Runtime(e.to_string()))?;
+        let now = now_ms();
+        self.ensure_endpoint(service, &release)?;
+
+        // Observe. Each instance is judged by the health check of the release it runs.
+        let mut releases: HashMap<String, Option<Release>> = HashMap::new();
+        releases.insert(release.revision.clone(), Some(release.clone()));
+        let mut observed = Vec::with_capacity(own.len());
+        for instance in own {
+            let label = instance
+                .labels
+                .get(LABEL_REVISION)
+                .cloned()
+                .unwrap_or_default();
+            if !releases.contains_key(&label) {
+                releases.insert(
+                    label.clone(),
+                    self.db.release_with_revision(service, &label)?,
+                );
+            }
+            let own_release = releases
+                .get(&label)
+                .cloned()
+                .flatten()
+                .unwrap_or_else(|| release.clone());
+            let revision = instance
+                .labels
+                .get(LABEL_REVISION)
+                .cloned()
+                .unwrap_or_default();
+            let mut revision_seen = revision.clone();
+            if revision == release.revision
+                && instance.is_active()
+                && (instance.spec_hash != expected_hash || instance.image != release.image_digest)
+            {
+                // Labelled as the desired revision but running something else: drift.
+                revision_seen = format!("drifted-{}", instance.id);
+                let message = format!(
+                    "instance {} runs {} with spec {}, but release {} wants {} with spec {}: replacing it",
+                    instance.id,
+                    instance.image,
+                    instance.spec_hash,
+                    release.number,
+                    release.image_digest,
+                    expected_hash
+                );
+                if !draining.contains_key(&instance.id) {
+                    self.db
+                        .event(Some(service), "drift", &message, &self.actor)?;
+                    pass.drift.push(message);
+                }
+            }
+            let phase = match instance.status {
+                Status::Exited | Status::Failed | Status::Lost => Phase::Exited,
+                Status::Created | Status::Running => self.phase_of(instance, &own_release),
+            };
+            observed.push(ObservedInstance {
+                id: instance.id.clone(),
+                revision: revision_seen,
+                phase,
+                draining: draining.contains_key(&instance.id),
+            });
+            if instance.status == Status::Running && !draining.contains_key(&instance.id) {
+                self.ensure_probe(instance, &own_release);
+            }
+        }
+        let outcome = self.db.outcome_of(service, release.number)?;
+        let failed_already = outcome.as_ref().is_some_and(|o| o.outcome == "failed");
+        let mut step = next_step(RolloutInput {
+            limits,
+            strategy: release.spec.rollout.strategy,
+            min_ready: release.spec.rollout.min_ready,
+            now_ms: now,
+            target: &release.revision,
+            instances: &observed,
+        });
+        if failed_already {
+            // A failed release that could not be rolled back: hold still, keep serving what runs.
+            step.launch = 0;
+            step.retire.retain(|id| {
+                observed.iter().any(|o| {
+                    &o.id == id && o.phase == Phase::Unhealthy && o.revision == release.revision
+                })
+            });
+        }
+
+        // Act: clean up the dead (replace, don't repair).
+        for id in &step.remove_dead {
+            let instance = own.iter().find(|i| &i.id == id);
+            let detail = instance.map(describe_exit).unwrap_or_default();
+            let message = format!("instance {id} {detail}: removing it");
+            self.db
+                .event(Some(service), "drift", &message, &self.actor)?;
+            pass.drift.push(message);
+            self.remove_instance(id)?;
+            pass.removed_dead.push(id.clone());
+        }
+        // Retire: out of the endpoint now, stopped once drained.
+        let deadline = now + release.spec.rollout.drain.as_millis() as u64;
+        for id in &step.retire {
+            if draining.contains_key(id) {
+                continue;
+            }
+            let revision = own
+                .iter()
+                .find(|i| &i.id == id)
+                .and_then(|i| i.labels.get(LABEL_REVISION).cloned())
+                .unwrap_or_default();
+            let release_no = releases
+                .get(&revision)
+                .cloned()
+                .flatten()
+                .map_or(0, |r| r.number);
+            self.db
+                .mark_draining(id, service, release_no, &revision, deadline)?;
+            if let Some(health) = self.health.get(id).filter(|h| h.tracker.unhealthy) {
+                let why = health.tracker.last_failure.unwrap_or_default();
+                self.db.event(
+                    Some(service),
+                    "unhealthy",
+                    &format!("instance {id} is unhealthy ({why}): replacing it"),
+                    &self.actor,
+                )?;
+            } else {
+                self.db.event(
+                    Some(service),
+                    "retire",
+                    &format!("instance {id} (release {release_no}) retired: draining"),
+                    &self.actor,
+                )?;
+            }
+            pass.retired.push(id.clone());
+        }
+        // Stop what has drained (or ran out of drain time).
+        for (id, drain_deadline) in draining {
+            let Some(instance) = own.iter().find(|i| &i.id == id) else {
+                // Not this service's, or already gone (stopped just before a crash).
+                continue;
+            };
+            let routes = self.endpoints.get(service).map(|e| e.routes.clone());
+            let open = routes.as_ref().map_or(0, |r| r.active_connections(id));
+            if open == 0 || now >= *drain_deadline {
+                if instance.is_active() {
+                    self.provider
+                        .stop(id, STOP_GRACE)
+                        .map_err(|e| DeployError::Runtime(e.to_string()))?;
+                }
+                self.remove_instance(id)?;
+                self.db.event(
+                    Some(service),
+                    "stop",
+                    &format!("instance {id} drained and stopped"),
+                    &self.actor,
+                )?;
+                pass.stopped.push(id.clone());
+            }
+        }
+        // Launch.
+        for _ in 0..step.launch {
+            match self.provider.launch(&expected) {
+                Ok(instance) => {
+                    self.db.event(
+                        Some(service),
+                        "launch",
+                        &format!(
+                            "instance {} launched for release {} ({})",
+                            instance.id, release.number, release.image_digest
+                        ),
+                        &self.actor,
+                    )?;
+                    self.ensure_probe(&instance, &release);
+                    pass.launched.push(instance.id);
+                }
+                Err(e) => {
+                    self.db.event(
+                        Some(service),
+                        "launch-failed",
+                        &format!("launch for release {} failed: {e}", release.number),
+                        &self.actor,
+                    )?;
+                    break;
+                }
+            }
+        }
+        // Route.
+        let targets: Vec<(String, SocketAddr)> = step
+            .route_to
+            .iter()
+            .filter_map(|id| own.iter().find(|i| &i.id == id))
+            .filter_map(|i| self.address_of(i, &release).map(|a| (i.id.clone(), a)))
+            .collect();
+        if let Some(endpoint) = self.endpoints.get(service) {
+            endpoint.routes.set(&targets);
+        }
+        pass.routed = targets.into_iter().map(|(id, _)| id).collect();
+        pass.counts = step.counts;
+        pass.complete = step.complete && pass.launched.is_empty();
+        self.track_progress(
+            service,
+            &release,
+            &step,
+            &observed,
+            own,
+            outcome.is_some(),
+            &mut pass,
+        )?;
+        Ok(pass)
+    }
+
+    fn phase_of(&self, instance: &Instance, release: &Release) -> Phase {
+        let started = instance.started_ms.unwrap_or(instance.created_ms);
+        if release.spec.health.is_none() {
+            // Without a health check, a running process is ready.
+            return Phase::Ready { since_ms: started };
+        }
+        match self.health.get(&instance.id) {
+            Some(h) if h.tracker.unhealthy => Phase::Unhealthy,
+            Some(h) if h.tracker.healthy => Phase::Ready {
+                since_ms: h.ready_since_ms.unwrap_or(started),
+            },
+            _ => Phase::Starting,
+        }
+    }
+
+    fn address_of(&self, instance: &Instance, release: &Release) -> Option<SocketAddr> {
+        let port = release.spec.instance_port()?;
+        let ip = match instance.network {
+            imago_runtime::NetworkMode::Private => IpAddr::V4(instance.address?),
+            imago_runtime::NetworkMode::Host => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        };
+        Some(SocketAddr::new(ip, port))
+    }
+
+    fn ensure_endpoint(&mut self, service: &str, release: &Release) -> Result<(), DeployError> {
+        let Some(port) = release.spec.port else {
+            self.endpoints.remove(service);
+            return Ok(());
+        };
+        if self.endpoints.get(service).is_some_and(|e| e.port == port) {
+            return Ok(());
+        }
+        let addr = SocketAddr::new(self.bind, port);
+        let listener = self
+            .runtime
+            .block_on(tokio::net::TcpListener::bind(addr))
+            .map_err(|e| DeployError::InvalidService {
+                service: service.to_owned(),
+                field: "port".into(),
+                reason: format!("cannot listen on {addr}: {e}"),
+            })?;
+        let routes = Routes::default();
+        let (shutdown, rx) = tokio::sync::watch::channel(false);
+        self.runtime
+            .spawn(crate::proxy::serve(listener, routes.clone(), rx));
+        self.db.event(
+            Some(service),
+            "endpoint",
+            &format!("service endpoint listening on {addr}"),
+            &self.actor,
+        )?;
+        self.endpoints.insert(
+            service.to_owned(),
+            Endpoint {
+                port,
+                routes,
+                shutdown,
+            },
+        );
+        Ok(())
+    }
+
+    fn ensure_probe(&mut self, instance: &Instance, release: &Release) {
+        let Some(check) = release.spec.health.clone() else {
+            return;
+        };
+        if self.probes.contains_key(&instance.id) {
+            return;
+        }
+        let Ok(probe) = check.probe(release.spec.instance_port()) else {
+            return;
+        };
+        let ip = match instance.network {
+            imago_runtime::NetworkMode::Private => instance.address.map(IpAddr::V4),
+            imago_runtime::NetworkMode::Host => Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        };
+        let board = self.health.clone();
+        let id = instance.id.clone();
+        let pid = instance.pid;
+        let started = instance.started_ms.unwrap_or(instance.created_ms);
+        let task = self.runtime.spawn(async move {
+            loop {
+                let result = match (&probe, ip) {
+                    (Probe::Http { path, port, status }, Some(ip)) => {
+                        crate::health::http(
+                            SocketAddr::new(ip, *port),
+                            path,
+                            *status,
+                            check.timeout,
+                        )
+                        .await
+                    }
+                    (Probe::Tcp { port }, Some(ip)) => {
+                        crate::health::tcp(SocketAddr::new(ip, *port), check.timeout).await
+                    }
+                    (Probe::Command { command }, _) => {
+                        command_probe(pid, command, check.timeout).await
+                    }
+                    (_, None) => ProbeResult::Unhealthy("instance has no address".into()),
+                };
+                let in_start_period =
+                    now_ms().saturating_sub(started) < check.start_period.as_millis() as u64;
+                board.record(
+                    &id,
+                    result,
+                    check.healthy_threshold,
+                    check.unhealthy_threshold,
+                    in_start_period,
+                );
+                tokio::time::sleep(check.interval).await;
+            }
+        });
+        self.probes.insert(instance.id.clone(), task);
+    }
+
+    /// Records progress, completion and failure of the desired release's rollout, and rolls back
+    /// automatically when it fails.
+    #[allow(clippy::too_many_arguments)]
+    fn track_progress(
+        &mut self,
+        service: &str,
+        release: &Release,
+        step: &Step,
+        observed: &[ObservedInstance],
+        own: &[&Instance],
+        has_outcome: bool,
+        pass: &mut ServicePass,
+    ) -> Result<(), DeployError> {
+        if has_outcome {
+            return Ok(());
+        }
+        let now = now_ms();
+        let counts_json =
+            serde_json::to_string(&step.counts).map_err(|source| DeployError::Encode {
+                what: "counts",
+                source,
+            })?;
+        let row = match self.db.rollout(service)? {
+            Some(row) if row.target_release == release.number => row,
+            _ => {
+                let row = RolloutRow {
+                    target_release: release.number,
+                    started_ms: now,
+                    last_progress_ms: now,
+                    counts_json: counts_json.clone(),
+                };
+                self.db.put_rollout(service, &row)?;
+                self.db.event(
+                    Some(service),
+                    "rollout",
+                    &format!("rollout of release {} started", release.number),
+                    &self.actor,
+                )?;
+                row
+            }
+        };
+        if pass.complete {
+            let took = now.saturating_sub(row.started_ms);
+            self.db.record_outcome(
+                service,
+                release.number,
+                "complete",
+                &format!("deployment complete in {took} ms"),
+                &self.actor,
+            )?;
+            self.db.clear_rollout(service)?;
+            return Ok(());
+        }
+        // Health gate: a new instance that failed its checks, or died, fails the rollout.
+        let failing = observed.iter().find(|o| {
+            o.revision == release.revision
+                && !o.draining
+                && matches!(o.phase, Phase::Unhealthy | Phase::Exited)
+        });
+        let mut failure = failing.map(|o| {
+            let instance = own.iter().find(|i| i.id == o.id);
+            let why = match o.phase {
+                Phase::Unhealthy => self
+                    .health
+                    .get(&o.id)
+                    .and_then(|h| h.tracker.last_failure)
+                    .unwrap_or_else(|| "health check failed".into()),
+                _ => instance
+                    .map(describe_exit)
+                    .unwrap_or_else(|| "exited".into()),
+            };
+            let logs = self.last_log_lines(&o.id, 5);
+            format!(
+                "instance {} of release {} failed its health gate: {why}{logs}",
+                o.id, release.number
+            )
+        });
+        if failure.is_none() {
+            if counts_json != row.counts_json {
+                self.db.put_rollout(
+                    service,
+                    &RolloutRow {
+                        last_progress_ms: now,
+                        counts_json,
+                        ..row
+                    },
+                )?;
+            } else if now.saturating_sub(row.last_progress_ms)
+                > release.spec.rollout.progress_deadline.as_millis() as u64
+            {
+                let last = observed
+                    .iter()
+                    .filter(|o| o.revision == release.revision)
+                    .find_map(|o| self.health.get(&o.id).and_then(|h| h.tracker.last_failure));
+                failure = Some(format!(
+                    "release {} made no progress for {} (progress_deadline){}",
+                    release.number,
+                    humantime::format_duration(release.spec.rollout.progress_deadline),
+                    last.map(|l| format!("; last health check failure: {l}"))
+                        .unwrap_or_default()
+                ));
+            }
+        }
+        let Some(reason) = failure else { return Ok(()) };
+        self.db
+            .record_outcome(service, release.number, "failed", &reason, &self.actor)?;
+        self.db.clear_rollout(service)?;
+        pass.failed = Some(reason.clone());
+        if !release.spec.rollout.auto_rollback {
+            self.db.event(
+                Some(service),
+                "rollback-skipped",
+                "auto_rollback = false: holding the failed release",
+                &self.actor,
+            )?;
+            return Ok(());
+        }
+        match self.db.last_completed(service)? {
+            Some(good) if good.revision != release.revision => {
+                let reason = format!("automatic rollback: release {} failed", release.number);
+                let (rollback, _) = self.db.record_release(
+                    service,
+                    &good.spec,
+                    &good.image_digest,
+                    &reason,
+                    Some(good.number),
+                    &self.actor,
+                )?;
+                self.db.event(
+                    Some(service),
+                    "rollback",
+                    &format!(
+                        "rolled back to release {} (as release {}) after release {} failed",
+                        good.number, rollback.number, release.number
+                    ),
+                    &self.actor,
+                )?;
+                pass.rolled_back_to = Some(good.number);
+            }
+            _ => {
+                self.db.event(
+                    Some(service),
+                    "rollback-skipped",
+                    "no earlier completed release to roll back to",
+                    &self.actor,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn last_log_lines(&self, id: &str, lines: usize) -> String {
+        let Ok(bytes) = self.provider.logs(id) else {
+            return String::new();
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        let tail: Vec<&str> = text
+            .lines()
+            .rev()
+            .take(lines)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        if tail.is_empty() {
+            String::new()
+        } else {
+            format!("; last log lines:\n  {}", tail.join("\n  "))
+        }
+    }
+}
+
+fn describe_exit(instance: &&Instance) -> String {
+    match (instance.status, instance.exit_code, &instance.error) {
+        (Status::Failed, _, Some(e)) => format!("failed to start: {e}"),
+        (_, _, _) if instance.oom_killed => {
+            "was killed for exceeding its memory limit (exit 137)".into()
+        }
+        (Status::Lost, _, _) => "lost its supervisor".into(),
+        (_, Some(code), _) => format!("exited with status {code}"),
+        _ => "exited".into(),
+    }
+}
+
+/// Runs `command` inside the instance's namespaces (a health probe, never a repair).
+async fn command_probe(pid: Option<i32>, command: &[String], timeout: Duration) -> ProbeResult {
+    let Some(pid) = pid else {
+        return ProbeResult::Unhealthy("instance has no process".into());
+    };
+    let mut cmd = tokio::process::Command::new("nsenter");
+    cmd.arg("--target")
+        .arg(pid.to_string())
+        .args(["--mount", "--uts", "--ipc", "--net", "--pid", "--"])
+        .args(command);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    cmd.kill_on_drop(true);
+    match tokio::time::timeout(timeout, cmd.output()).await {
+        Ok(Ok(out)) if out.status.success() => ProbeResult::Healthy,
+        Ok(Ok(out)) => ProbeResult::Unhealthy(format!(
+            "command {:?} exited with {}: {}",
+            command.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Ok(Err(e)) => ProbeResult::Unhealthy(format!("cannot run command probe: {e}")),
+        Err(_) => ProbeResult::Unhealthy(format!(
+            "command {:?} timed out after {timeout:?}",
+            command.join(" ")
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::ServiceSpec;
+    use imago_oci::Digest;
+    use imago_runtime::FakeProvider;
+
+    struct Harness {
+        _dir: tempfile::TempDir,
+        runtime: tokio::runtime::Runtime,
+        fake: Arc<FakeProvider>,
+        controller: Controller,
+    }
+
+    fn harness() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(&dir.path().join("state.db")).unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let fake = Arc::new(FakeProvider::new());
+        let controller =
+            Controller::new(db, fake.clone(), runtime.handle().clone(), Engine::Embedded);
+        Harness {
+            _dir: dir,
+            runtime,
+            fake,
+            controller,
+        }
+    }
+
+    fn spec(json: serde_json::Value) -> ServiceSpec {
+        serde_json::from_value(json).unwrap()
+    }
+
+    impl Harness {
+        fn release(&mut self, service: &str, spec: &ServiceSpec, image: &[u8]) -> Release {
+            self.controller
+                .db
+                .record_release(service, spec, &Digest::of(image), "apply", None, "test")
+                .unwrap()
+                .0
+        }
+
+        /// Runs passes until `service` completes; returns the passes.
+        fn converge(&mut self, service: &str, max: usize) -> Vec<ServicePass> {
+            let mut passes = Vec::new();
+            for _ in 0..max {
+                let pass = self
+                    .controller
+                    .pass()
+                    .unwrap()
+                    .into_iter()
+                    .find(|p| p.service == service)
+                    .unwrap();
+                let done = pass.complete || pass.failed.is_some();
+                passes.push(pass);
+                if done {
+                    return passes;
+                }
+            }
+            panic!("{service} did not converge in {max} passes: {passes:#?}");
+        }
+
+        fn running(&self, service: &str) -> Vec<Instance> {
+            self.fake
+                .list()
+                .unwrap()
+                .into_iter()
+                .filter(|i| {
+                    i.status == Status::Running
+                        && i.labels.get(LABEL_SERVICE).map(String::as_str) == Some(service)
+                })
+                .collect()
+        }
+    }
+
+    #[test]
+    fn first_deploy_launches_all_replicas_and_completes() {
+        let mut h = harness();
+        let web = spec(serde_json::json!({"image": "web", "replicas": 3}));
+        h.release("web", &web, b"v1");
+        let passes = h.converge("web", 5);
+        assert_eq!(passes[0].launched.len(), 3);
+        assert!(passes.last().unwrap().complete);
+        assert_eq!(h.running("web").len(), 3);
+        let outcome = h.controller.db.outcome_of("web", 1).unwrap().unwrap();
+        assert_eq!(outcome.outcome, "complete");
+        // A settled service stays put.
+        let pass = h.controller.pass().unwrap().remove(0);
+        assert!(pass.launched.is_empty() && pass.retired.is_empty());
+    }
+
+    #[test]
+    fn rolling_update_replaces_every_instance_within_surge() {
+        let mut h = harness();
+        let v1 = spec(
+            serde_json::json!({"image": "web", "replicas": 3, "rollout": {"max_surge": 1, "max_unavailable": 0, "drain": "0s"}}),
+        );
+        h.release("web", &v1, b"v1");
+        h.converge("web", 5);
+        let old: BTreeSet<String> = h.running("web").into_iter().map(|i| i.id).collect();
+        let release2 = h.release("web", &v1, b"v2");
+        let mut peak = 0;
+        for _ in 0..30 {
+            let pass = h.controller.pass().unwrap().remove(0);
+            peak = peak.max(h.running("web").len());
+            if pass.complete {
+                break;
+            }
+        }
+        assert!(
+            peak <= 4,
+            "never more than replicas + max_surge running (saw {peak})"
+        );
+        let now: Vec<Instance> = h.running("web");
+        assert_eq!(now.len(), 3);
+        assert!(
+            now.iter()
+                .all(|i| i.image == release2.image_digest && !old.contains(&i.id))
+        );
+        assert!(
+            h.fake.list().unwrap().iter().all(|i| !old.contains(&i.id)),
+            "old instances are removed, not left stopped"
+        );
+        assert_eq!(
+            h.controller
+                .db
+                .outcome_of("web", 2)
+                .unwrap()
+                .unwrap()
+                .outcome,
+            "complete"
+        );
+    }
+
+    #[test]
+    fn a_dead_instance_is_replaced_and_reported() {
+        let mut h = harness();
+        h.release(
+            "web",
+            &spec(serde_json::json!({"image": "web", "replicas": 2})),
+            b"v1",
+        );
+        h.converge("web", 5);
+        let victim = h.running("web")[0].id.clone();
+        h.fake.exit(&victim, 137).unwrap();
+        let pass = h.controller.pass().unwrap().remove(0);
+        assert_eq!(pass.removed_dead, vec![victim.clone()]);
+        assert_eq!(pass.launched.len(), 1);
+        assert_eq!(h.running("web").len(), 2);
+        let drift: Vec<String> = h
+            .controller
+            .db
+            .events(Some("web"), 0)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind == "drift")
+            .map(|e| e.message)
+            .collect();
+        assert!(
+            drift
+                .iter()
+                .any(|m| m.contains(&victim) && m.contains("137")),
+            "{drift:?}"
+        );
+    }
+
+    #[test]
+    fn an_instance_running_the_wrong_spec_is_replaced() {
+        let mut h = harness();
+        let web = spec(serde_json::json!({"image": "web", "replicas": 1}));
+        let release = h.release("web", &web, b"v1");
+        h.converge("web", 5);
+        // Someone launches an instance that claims the release but runs other settings.
+        let mut rogue = instance_spec(&release, Engine::Embedded).unwrap();
+        rogue.env.insert("DEBUG".into(), "1".into());
+        let rogue = h.fake.launch(&rogue).unwrap();
+        let mut saw_drift = false;
+        for _ in 0..5 {
+            let pass = h.controller.pass().unwrap().remove(0);
+            saw_drift |= pass.drift.iter().any(|d| d.contains(&rogue.id));
+        }
+        assert!(saw_drift);
+        assert!(
+            h.fake.inspect(&rogue.id).is_err(),
+            "the drifted instance was removed"
+        );
+        assert_eq!(h.running("web").len(), 1);
+    }
+
+    #[test]
+    fn a_failing_release_rolls_back_to_the_last_completed_one() {
+        let mut h = harness();
+        let good = spec(serde_json::json!({"image": "web", "replicas": 2, "env": {"V": "2"}}));
+        h.release("web", &good, b"v2");
+        h.converge("web", 5);
+        let good_ids: BTreeSet<String> = h.running("web").into_iter().map(|i| i.id).collect();
+        // v3's health check can never pass: the fake instances have no such process to enter.
+        let bad = spec(
+            serde_json::json!({"image": "web", "replicas": 2, "env": {"V": "3"},
+            "health": {"type": "command", "command": ["/bin/false"], "interval": "10ms", "unhealthy_threshold": 1},
+            "rollout": {"max_surge": 1, "max_unavailable": 0, "progress_deadline": "30s"}}),
+        );
+        h.release("web", &bad, b"v3");
+        let mut failed = None;
+        for _ in 0..200 {
+            let pass = h.controller.pass().unwrap().remove(0);
+            if let Some(reason) = pass.failed {
+                failed = Some((reason, pass.rolled_back_to));
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let (reason, rolled_back_to) = failed.expect("the rollout failed");
+        assert!(
+            reason.contains("health gate") && reason.contains("/bin/false"),
+            "{reason}"
+        );
+        assert_eq!(rolled_back_to, Some(1));
+        let desired = h.controller.db.desired("web").unwrap().unwrap();
+        assert_eq!(desired.number, 3);
+        assert_eq!(desired.rollback_of, Some(1));
+        assert_eq!(
+            desired.spec.env.get("V").map(String::as_str),
+            Some("2"),
+            "image and configuration roll back together"
+        );
+        let passes = h.converge("web", 10);
+        assert!(passes.last().unwrap().complete);
+        let now: BTreeSet<String> = h.running("web").into_iter().map(|i| i.id).collect();
+        assert_eq!(
+            now, good_ids,
+            "the fast path: release 1's instances kept serving and are the rollback"
+        );
+        let _ = h.runtime.handle();
+    }
+
+    #[test]
+    fn unknown_instances_are_reported_once() {
+        let mut h = harness();
+        h.release("web", &spec(serde_json::json!({"image": "web"})), b"v1");
+        let stray = h
+            .fake
+            .launch(&InstanceSpec::new(Digest::of(b"stray")))
+            .unwrap();
+        h.controller.pass().unwrap();
+        h.controller.pass().unwrap();
+        let reports: Vec<_> = h
+            .controller
+            .db
+            .events(None, 0)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.message.contains(&stray.id))
+            .collect();
+        assert_eq!(reports.len(), 1, "{reports:?}");
+        assert!(reports[0].message.contains("not launched by a deployment"));
+        assert!(
+            h.fake.inspect(&stray.id).is_ok(),
+            "imago never stops what it does not own"
+        );
+    }
+
+    #[test]
+    fn destroy_stops_everything_of_the_service() {
+        let mut h = harness();
+        h.release(
+            "web",
+            &spec(serde_json::json!({"image": "web", "replicas": 2})),
+            b"v1",
+        );
+        h.converge("web", 5);
+        h.controller.db.destroy("web", "test").unwrap();
+        h.controller.pass().unwrap();
+        assert!(h.fake.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_restarted_controller_continues_where_the_last_one_stood() {
+        let mut h = harness();
+        let v = spec(
+            serde_json::json!({"image": "web", "replicas": 4, "rollout": {"max_surge": 1, "max_unavailable": 0, "drain": "0s"}}),
+        );
+        h.release("web", &v, b"v1");
+        h.converge("web", 5);
+        h.release("web", &v, b"v2");
+        h.controller.pass().unwrap();
+        h.controller.pass().unwrap();
+        // A new controller over the same database and instances: no memory of the old one.
+        let db = StateDb::open(&h._dir.path().join("state.db")).unwrap();
+        h.controller = Controller::new(
+            db,
+            h.fake.clone(),
+            h.runtime.handle().clone(),
+            Engine::Embedded,
+        );
+        let passes = h.converge("web", 30);
+        assert!(passes.last().unwrap().complete);
+        let running = h.running("web");
+        assert_eq!(running.len(), 4);
+        assert!(running.iter().all(|i| i.image == Digest::of(b"v2")));
+        assert_eq!(h.fake.list().unwrap().len(), 4, "no orphaned instance");
+    }
+}
