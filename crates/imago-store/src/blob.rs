@@ -12,6 +12,9 @@ use crate::error::{IoContext, Result, StoreError};
 use crate::layout::{Store, WriteGuard, sync_parent, tempfile_in};
 
 const IO_BUFFER: usize = 1 << 20;
+/// Every this many bytes a blob writer asks the kernel to start writing the data out, so that
+/// the disk works while the rest is still being hashed instead of all at the final fsync.
+const WRITEBACK_CHUNK: u64 = 32 << 20;
 
 /// Streams a new blob into a temporary file while hashing it. Nothing is visible in the store
 /// until [`BlobWriter::commit`]; dropping the writer without committing removes the temp file.
@@ -21,6 +24,8 @@ pub struct BlobWriter {
     _guard: WriteGuard,
     tmp_path: PathBuf,
     inner: Option<HashingWriter<BufWriter<File>>>,
+    /// Bytes before this offset have been handed to writeback.
+    writeback_from: u64,
 }
 
 impl BlobWriter {
@@ -83,10 +88,25 @@ impl BlobWriter {
 
 impl Write for BlobWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match &mut self.inner {
-            Some(w) => w.write(buf),
-            None => Err(io::Error::other("blob writer already finished")),
+        let Some(w) = &mut self.inner else {
+            return Err(io::Error::other("blob writer already finished"));
+        };
+        let n = w.write(buf)?;
+        let written = w.count();
+        if written - self.writeback_from >= WRITEBACK_CHUNK {
+            w.get_mut().flush()?;
+            // POSIX_FADV_DONTNEED starts asynchronous writeback of the range (and lets its
+            // pages go once written: nothing re-reads a blob right after writing it). Only a
+            // hint: the commit's fsync is what makes the data durable.
+            let _ = rustix::fs::fadvise(
+                w.get_ref().get_ref(),
+                self.writeback_from,
+                std::num::NonZeroU64::new(written - self.writeback_from),
+                rustix::fs::Advice::DontNeed,
+            );
+            self.writeback_from = written;
         }
+        Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -226,6 +246,7 @@ impl Store {
             inner: Some(HashingWriter::new(BufWriter::with_capacity(
                 IO_BUFFER, file,
             ))),
+            writeback_from: 0,
         })
     }
 
