@@ -607,3 +607,63 @@ fn reimport_repairs_a_damaged_blob() {
     assert_eq!(report.blobs_written, 1);
     assert!(store.verify(None).unwrap().is_ok());
 }
+
+#[test]
+fn unnamed_images_are_kept_by_digest_and_a_name_override_needs_one_image() {
+    let (dir, store) = setup();
+    let first = OciArchive::new(&[Compression::Gzip]);
+    let second = OciArchive::new(&[Compression::Zstd]);
+    let mut entries = first.entries.clone();
+    entries.retain(|(p, _)| p != "index.json");
+    entries.extend(
+        second
+            .entries
+            .iter()
+            .filter(|(p, _)| p.starts_with("blobs/"))
+            .cloned(),
+    );
+    let descriptor = |archive: &OciArchive| {
+        let size = archive
+            .entries
+            .iter()
+            .find(|(p, _)| *p == archive.manifest.layout_path())
+            .unwrap()
+            .1
+            .len();
+        json!({"mediaType": media::OCI_MANIFEST, "digest": archive.manifest.to_string(), "size": size})
+    };
+    let index = json!({"schemaVersion": 2, "manifests": [descriptor(&first), descriptor(&second)]});
+    entries.push(("index.json".into(), serde_json::to_vec(&index).unwrap()));
+    write_tar(&entries, &archive_path(&dir), Compression::None);
+
+    let options = ImportOptions {
+        name: Some("one:1".parse().unwrap()),
+        progress: None,
+    };
+    let err = store
+        .import_archive(&archive_path(&dir), &options)
+        .unwrap_err();
+    assert!(err.to_string().contains("2 images"), "{err}");
+    assert!(store.names().unwrap().is_empty());
+
+    let report = store
+        .import_archive(&archive_path(&dir), &ImportOptions::default())
+        .unwrap();
+    assert_eq!(report.images.len(), 2);
+    assert!(report.images.iter().all(|i| i.names.is_empty()));
+    let names = store.names().unwrap();
+    assert_eq!(names.len(), 2);
+    assert!(names.iter().all(|n| n.name.is_none()));
+    // Listed, resolvable by digest, and kept by gc.
+    assert_eq!(store.images().unwrap().len(), 2);
+    store
+        .resolve(&second.manifest.to_string().parse().unwrap())
+        .unwrap();
+    store.gc(&[], false).unwrap();
+    assert!(store.verify(None).unwrap().is_ok());
+    // Importing again adds no duplicate entries.
+    store
+        .import_archive(&archive_path(&dir), &ImportOptions::default())
+        .unwrap();
+    assert_eq!(store.names().unwrap().len(), 2);
+}
