@@ -36,6 +36,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Build images from imago.toml into the store and print their digests
+    Build(commands::build::BuildArgs),
+    /// Print the JSON Schema of imago.toml
+    Schema(commands::build::SchemaArgs),
     /// List the images in the store
     Images(commands::images::ImagesArgs),
     /// Show an image's manifest, config and layers
@@ -54,6 +58,21 @@ enum Command {
     Import(commands::archive::ImportArgs),
     /// Write an image to an OCI or docker archive
     Export(commands::archive::ExportArgs),
+    /// Launch a new instance of an image (detached) and print its id
+    Run(Box<commands::instances::RunArgs>),
+    /// List instances
+    Ps(commands::instances::PsArgs),
+    /// Stop instances (SIGTERM, then SIGKILL after a grace period)
+    Stop(commands::instances::StopArgs),
+    /// Remove stopped instances and everything they used
+    Rm(commands::instances::RmArgs),
+    /// Print an instance's output
+    Logs(commands::instances::LogsArgs),
+    /// Show everything recorded about an instance
+    InspectInstance(commands::instances::InspectInstanceArgs),
+    /// The per-instance supervisor (started by `run`)
+    #[command(name = "__supervise", hide = true)]
+    Supervise(commands::instances::SuperviseArgs),
 }
 
 /// What every command gets: where the data lives and where output goes.
@@ -76,6 +95,8 @@ fn run(cli: Cli, reporter: Reporter) -> Result<()> {
         reporter,
     };
     match cli.command {
+        Command::Build(args) => commands::build::build(&ctx, args),
+        Command::Schema(args) => commands::build::schema(&ctx, args),
         Command::Images(args) => commands::images::images(&ctx, args),
         Command::Inspect(args) => commands::images::inspect(&ctx, args),
         Command::Tag(args) => commands::images::tag(&ctx, args),
@@ -85,6 +106,13 @@ fn run(cli: Cli, reporter: Reporter) -> Result<()> {
         Command::Unpack(args) => commands::images::unpack(&ctx, args),
         Command::Import(args) => commands::archive::import(&ctx, args),
         Command::Export(args) => commands::archive::export(&ctx, args),
+        Command::Run(args) => commands::instances::run(&ctx, *args),
+        Command::Ps(args) => commands::instances::ps(&ctx, args),
+        Command::Stop(args) => commands::instances::stop(&ctx, args),
+        Command::Rm(args) => commands::instances::rm(&ctx, args),
+        Command::Logs(args) => commands::instances::logs(&ctx, args),
+        Command::InspectInstance(args) => commands::instances::inspect_instance(&ctx, args),
+        Command::Supervise(args) => commands::instances::supervise(args),
     }
 }
 

@@ -3,12 +3,14 @@
 //! observed instances; the state lives in SQLite.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod controller;
 pub mod error;
 pub mod health;
 pub mod plan;
 pub mod proxy;
 pub mod rollout;
+pub mod roots;
 pub mod spec;
 pub mod state;
 

@@ -4,7 +4,7 @@
 //! trait and an in-memory fake), [`rootfs`] (the unpack-once rootfs cache), [`bundle`] (the OCI
 //! runtime config), [`network`] (namespaces, veth pairs, address leases), [`supervisor`] (the
 //! per-instance process that owns a container), [`local`] (the provider built from all of it),
-//! [`state`] (atomic per-instance records).
+//! [`state`] (atomic per-instance records), [`store_source`] (images from the imago store).
 //!
 //! This crate prints nothing; it returns data and errors.
 #![deny(unsafe_code)]
@@ -17,6 +17,7 @@ pub mod provider;
 pub mod rootfs;
 pub mod spec;
 pub mod state;
+pub mod store_source;
 pub mod supervisor;
 
 pub use error::RuntimeError;
@@ -25,3 +26,4 @@ pub use provider::{FakeProvider, Provider};
 pub use rootfs::{ImageInfo, ImageSource, RootfsCache};
 pub use spec::{Engine, InstanceSpec, NetworkMode, Resources, parse_cpus, parse_memory};
 pub use state::{Instance, Status};
+pub use store_source::StoreImageSource;

@@ -24,6 +24,10 @@ use crate::rootfs::{ImageSource, RootfsCache};
 use crate::state::{Instance, InstanceDir, Status, process_start_time, write_json_atomic};
 use crate::{InstanceSpec, NetworkMode, Provider, RuntimeError};
 
+/// How long an instance may stay "created" (prepared, supervisor not yet reporting) before it is
+/// considered abandoned by a launcher that died.
+const STALE_CREATED_MS: u64 = 60_000;
+
 /// Paths under the imago home directory that belong to the runtime.
 #[derive(Debug, Clone)]
 pub struct Layout {
@@ -201,18 +205,28 @@ impl LocalProvider {
     }
 
     fn spawn_supervisor(&self, id: &str, dir: &InstanceDir) -> Result<Instance, RuntimeError> {
-        let mut child = Command::new(&self.supervisor.program)
+        let spawned = Command::new(&self.supervisor.program)
             .args(&self.supervisor.args)
             .arg(&self.layout.home)
             .arg(id)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
-            .spawn()
-            .map_err(RuntimeError::io(
-                "cannot start the supervisor",
-                &self.supervisor.program,
-            ))?;
+            .spawn();
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                let reason = format!(
+                    "cannot start the supervisor {}: {e}",
+                    self.supervisor.program.display()
+                );
+                self.record_launch_failure(dir, &reason);
+                return Err(RuntimeError::StartFailed {
+                    id: id.to_owned(),
+                    reason,
+                });
+            }
+        };
         let mut line = String::new();
         if let Some(out) = child.stdout.take() {
             let _ = BufReader::new(out).read_line(&mut line);
@@ -229,19 +243,25 @@ impl LocalProvider {
             Some(msg) => msg.to_owned(),
             None => "the supervisor exited before starting the container".to_owned(),
         };
-        // The supervisor recorded the failure; nothing runs, so give the address back now.
-        if let Ok(mut rec) = dir.read_state() {
-            if rec.status != Status::Failed {
-                rec.status = Status::Failed;
-                rec.error = Some(reason.clone());
-                let _ = dir.write_state(&rec);
-            }
-            self.release_network(&rec);
-        }
+        self.record_launch_failure(dir, &reason);
         Err(RuntimeError::StartFailed {
             id: id.to_owned(),
             reason,
         })
+    }
+
+    /// Marks the instance failed (unless its supervisor already did) and, since nothing runs,
+    /// gives its address back at once.
+    fn record_launch_failure(&self, dir: &InstanceDir, reason: &str) {
+        if let Ok(mut rec) = dir.read_state() {
+            if rec.status != Status::Failed {
+                rec.status = Status::Failed;
+                rec.error = Some(reason.to_owned());
+                rec.finished_ms = Some(crate::state::now_ms());
+                let _ = dir.write_state(&rec);
+            }
+            self.release_network(&rec);
+        }
     }
 
     fn release_network(&self, rec: &Instance) {
@@ -256,6 +276,13 @@ impl LocalProvider {
     /// The record, with `Lost` substituted when it claims to run but its supervisor is gone.
     fn load(&self, dir: &InstanceDir) -> Result<Instance, RuntimeError> {
         let mut rec = dir.read_state()?;
+        // A launcher that died between preparing and starting the supervisor leaves "created".
+        if rec.status == Status::Created
+            && rec.supervisor_pid.is_none()
+            && crate::state::now_ms().saturating_sub(rec.created_ms) > STALE_CREATED_MS
+        {
+            rec.status = Status::Lost;
+        }
         if rec.status == Status::Running {
             let alive = match (rec.supervisor_pid, rec.supervisor_start) {
                 (Some(pid), Some(start)) => process_start_time(pid) == Some(start),

@@ -3,7 +3,8 @@
 //!
 //! Invariants: an entry exists only once it is complete (it is unpacked into a temporary directory
 //! and renamed into place); every layer blob is checked against its digest and size and every
-//! uncompressed layer against the config's diff_id before the rename; an entry is never written
+//! uncompressed layer against the config's diff_id before the rename (entries are applied by
+//! imago-layer's safe unpacker, which never writes outside the target); an entry is never written
 //! after the rename. Concurrent launches of one digest serialize on a lock file.
 
 use std::fs::{self, File};
@@ -11,6 +12,7 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use imago_layer::compression::{Compression, decompress};
+use imago_layer::unpack::{UnpackOptions, apply_layer};
 use imago_oci::spec::{Descriptor, ImageConfiguration};
 use imago_oci::{Digest, HashingReader};
 use nix::fcntl::{Flock, FlockArg};
@@ -159,8 +161,11 @@ fn unpack_image(
             let decompressed =
                 decompress(compression, &mut compressed).map_err(|e| corrupt(e.to_string()))?;
             let mut tar_stream = HashingReader::new(decompressed);
-            apply_layer(&mut tar_stream, root)
-                .map_err(|e| corrupt(format!("cannot unpack: {e:?}")))?;
+            let options = UnpackOptions {
+                preserve_ownership: true,
+            };
+            apply_layer(&mut tar_stream, root, &options)
+                .map_err(|e| corrupt(format!("cannot unpack: {e}")))?;
             io::copy(&mut tar_stream, &mut io::sink()).map_err(|e| corrupt(e.to_string()))?;
             let (d, n, _) = tar_stream.finish();
             (d, n)
@@ -184,62 +189,4 @@ fn unpack_image(
         }
     }
     Ok(())
-}
-
-/// Applies one layer tar to `root`: entries stay inside `root`, OCI whiteouts delete.
-fn apply_layer(tar_stream: &mut dyn Read, root: &Path) -> io::Result<()> {
-    let mut archive = tar::Archive::new(tar_stream);
-    archive.set_preserve_permissions(true);
-    archive.set_preserve_ownerships(true);
-    archive.set_preserve_mtime(true);
-    archive.set_overwrite(true);
-    for entry in archive.entries()? {
-        let mut entry = entry?;
-        let path = entry.path()?.into_owned();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if let Some(hidden) = name.strip_prefix(".wh.") {
-            let parent = safe_join(root, path.parent().unwrap_or(Path::new("")))?;
-            if hidden == ".wh..opq" {
-                if let Ok(rd) = fs::read_dir(&parent) {
-                    for child in rd.flatten() {
-                        remove_any(&child.path())?;
-                    }
-                }
-            } else {
-                remove_any(&parent.join(hidden))?;
-            }
-            continue;
-        }
-        // `unpack_in` refuses entries that would land outside `root` (`..`, absolute paths,
-        // symlinked parents).
-        entry.unpack_in(root)?;
-    }
-    Ok(())
-}
-
-fn safe_join(root: &Path, rel: &Path) -> io::Result<PathBuf> {
-    use std::path::Component;
-    let mut out = root.to_path_buf();
-    for c in rel.components() {
-        match c {
-            Component::Normal(n) => out.push(n),
-            Component::CurDir | Component::RootDir => {}
-            _ => {
-                return Err(io::Error::other(format!(
-                    "whiteout path {} escapes the root",
-                    rel.display()
-                )));
-            }
-        }
-    }
-    Ok(out)
-}
-
-fn remove_any(path: &Path) -> io::Result<()> {
-    match fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
-        Ok(_) => fs::remove_file(path),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    }
 }

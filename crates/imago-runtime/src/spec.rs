@@ -61,19 +61,19 @@ impl InstanceSpec {
     /// Rejects limits and names that could never work, before anything is created.
     pub fn validate(&self) -> Result<(), RuntimeError> {
         let r = &self.resources;
-        if let Some(m) = r.memory_bytes {
-            if m < MIN_MEMORY_BYTES {
-                return Err(RuntimeError::InvalidSpec(format!(
-                    "memory limit {m} bytes is below the minimum of {MIN_MEMORY_BYTES} bytes"
-                )));
-            }
+        if let Some(m) = r.memory_bytes
+            && m < MIN_MEMORY_BYTES
+        {
+            return Err(RuntimeError::InvalidSpec(format!(
+                "memory limit {m} bytes is below the minimum of {MIN_MEMORY_BYTES} bytes"
+            )));
         }
-        if let Some(c) = r.cpu_millis {
-            if c == 0 || c > 1024 * 1000 {
-                return Err(RuntimeError::InvalidSpec(format!(
-                    "cpu limit {c} millicpus is out of range (1..=1024000)"
-                )));
-            }
+        if let Some(c) = r.cpu_millis
+            && (c == 0 || c > 1024 * 1000)
+        {
+            return Err(RuntimeError::InvalidSpec(format!(
+                "cpu limit {c} millicpus is out of range (1..=1024000)"
+            )));
         }
         if r.pids == Some(0) {
             return Err(RuntimeError::InvalidSpec(
@@ -87,12 +87,12 @@ impl InstanceSpec {
                 )));
             }
         }
-        if let Some(args) = &self.args {
-            if args.iter().any(|a| a.contains('\0')) {
-                return Err(RuntimeError::InvalidSpec(
-                    "argument contains a NUL byte".into(),
-                ));
-            }
+        if let Some(args) = &self.args
+            && args.iter().any(|a| a.contains('\0'))
+        {
+            return Err(RuntimeError::InvalidSpec(
+                "argument contains a NUL byte".into(),
+            ));
         }
         if matches!(&self.entrypoint, Some(e) if e.is_empty()) {
             return Err(RuntimeError::InvalidSpec(

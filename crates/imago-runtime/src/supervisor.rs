@@ -55,13 +55,12 @@ pub fn supervise(home: &Path, id: &str, handshake: &mut dyn Write) -> i32 {
             let _ = handshake.flush();
             let code = running.run(&dir, &mut record);
             running.cleanup();
-            if let Err(e) = dir.write_state(&record) {
-                // Nobody to tell: the launcher is gone. The record stays "running" and is shown as
-                // lost once this process has exited.
-                let _ = e;
-                return 1;
+            // If this write fails there is nobody left to tell: the record keeps saying
+            // "running" and is reported as lost once this process has exited.
+            match dir.write_state(&record) {
+                Ok(()) => code,
+                Err(_) => 1,
             }
-            code
         }
         Err(e) => {
             record.status = Status::Failed;
@@ -456,10 +455,44 @@ impl LogWriter {
                 .ok();
             self.size = 0;
         }
-        if let Some(f) = self.file.as_mut() {
-            if f.write_all(bytes).is_ok() {
-                self.size += bytes.len() as u64;
-            }
+        if let Some(f) = self.file.as_mut()
+            && f.write_all(bytes).is_ok()
+        {
+            self.size += bytes.len() as u64;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_rotates_and_keeps_one_old_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, rotated) = (
+            dir.path().join("output.log"),
+            dir.path().join("output.log.1"),
+        );
+        let mut log = LogWriter::open(path.clone(), rotated.clone());
+        let chunk = vec![b'a'; (LOG_MAX_BYTES / 2) as usize];
+        log.write(&chunk);
+        log.write(&chunk);
+        assert!(!rotated.exists());
+        log.write(b"b");
+        assert_eq!(fs::read(&rotated).unwrap().len() as u64, LOG_MAX_BYTES);
+        assert_eq!(fs::read(&path).unwrap(), b"b");
+        log.write(&chunk);
+        log.write(&chunk);
+        assert_eq!(
+            fs::read(&rotated).unwrap().len() as u64,
+            LOG_MAX_BYTES / 2 + 1
+        );
+    }
+
+    #[test]
+    fn runc_error_message_is_extracted() {
+        let line = b"time=\"2026\" level=error msg=\"runc create failed: unable to start container process: exec: \\\"/x\\\": no such file\"\n";
+        assert!(runc_message(line).starts_with("runc create failed"));
     }
 }

@@ -382,3 +382,36 @@ fn concurrent_first_launches_unpack_once() {
         h.provider.remove(&id).unwrap();
     }
 }
+
+#[test]
+fn killed_supervisor_shows_lost_and_rm_cleans_up() {
+    let h = Harness::new(Engine::Embedded);
+    let inst = h.provider.launch(&h.spec(&["sleep", "1000"])).unwrap();
+    let (pid, sup) = (inst.pid.unwrap(), inst.supervisor_pid.unwrap());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sup),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while h.provider.inspect(&inst.id).unwrap().status != Status::Lost {
+        assert!(Instant::now() < deadline, "never reported lost");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    h.provider.remove(&inst.id).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Path::new(&format!("/proc/{pid}/stat")).exists()
+        && !fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z")
+    {
+        assert!(Instant::now() < deadline, "container {pid} survived rm");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        cgroup_dirs(&inst.id).is_empty(),
+        "{:?}",
+        cgroup_dirs(&inst.id)
+    );
+    assert!(!Path::new(&format!("/var/run/netns/imago-{}", inst.id)).exists());
+}

@@ -1,0 +1,833 @@
+//! Building one image: layers (from the cache or written now), then config and manifest.
+
+use std::fs::File;
+use std::io::{self, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use imago_layer::Compression;
+use imago_layer::writer::{LayerDigests, LayerWriter};
+use imago_oci::{Digest, Reference, media, to_canonical_json};
+use imago_store::{BlobWriter, Store};
+use serde::Serialize;
+use serde_json::{Map, Value, json};
+use sha2::Digest as _;
+
+use crate::BuildError;
+use crate::cache::{Cache, ContentHash, FileLookup, LayerRecord};
+use crate::definition::{CompressionName, DefinitionFile, ImageDef};
+use crate::plan::{Context, EntryKind, LayerPlan, plan_layer};
+
+/// Manifest annotation naming the compressor that produced the new layers.
+pub const ANNOTATION_COMPRESSOR: &str = "dev.imago.build.compressor";
+pub const ANNOTATION_BASE_DIGEST: &str = "org.opencontainers.image.base.digest";
+pub const ANNOTATION_BASE_NAME: &str = "org.opencontainers.image.base.name";
+
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// The one time that enters the image: every mtime and `created` (SOURCE_DATE_EPOCH, or 0).
+    pub source_date_epoch: u64,
+    /// `<home>/build-cache`, or `None` to build without the cache.
+    pub cache_dir: Option<PathBuf>,
+    /// Rebuild and compare with the stored `NAME:latest` instead of storing anything.
+    pub check: bool,
+}
+
+/// Progress, for the caller's reporter.
+#[derive(Debug, Clone)]
+pub enum Event<'a> {
+    LayerStarted {
+        image: &'a str,
+        index: usize,
+        count: usize,
+        name: Option<&'a str>,
+        files: usize,
+        bytes: u64,
+    },
+    /// Uncompressed content bytes written so far in the current layer.
+    LayerProgress {
+        bytes: u64,
+    },
+    LayerFinished {
+        cached: bool,
+    },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BuiltLayer {
+    pub digest: Digest,
+    pub diff_id: Digest,
+    pub size: u64,
+    pub media_type: String,
+    /// Taken from the base image.
+    pub from_base: bool,
+    /// Reused from the build cache without writing anything.
+    pub cached: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BuiltImage {
+    pub name: String,
+    pub digest: Digest,
+    pub manifest_size: u64,
+    pub config_digest: Digest,
+    pub layers: Vec<BuiltLayer>,
+    pub base: Option<String>,
+    /// Total of manifest, config and layer sizes.
+    pub size: u64,
+    #[serde(skip)]
+    pub manifest: Vec<u8>,
+    #[serde(skip)]
+    pub config: Vec<u8>,
+}
+
+/// Where new blobs go: the store, or nowhere (`--check` only needs the digests).
+enum Sink {
+    Store(BlobWriter),
+    Discard,
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sink::Store(w) => w.write(buf),
+            Sink::Discard => Ok(buf.len()),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Sink::Store(w) => w.flush(),
+            Sink::Discard => Ok(()),
+        }
+    }
+}
+
+struct Base {
+    name: String,
+    digest: Digest,
+    layers: Vec<Value>,
+    layer_info: Vec<BuiltLayer>,
+    config: Value,
+}
+
+pub fn build_image(
+    store: &Store,
+    file: &DefinitionFile,
+    name: &str,
+    options: &BuildOptions,
+    progress: &mut dyn FnMut(Event<'_>),
+) -> Result<BuiltImage, BuildError> {
+    let Some(image) = file.definition.image.get(name) else {
+        return Err(BuildError::UnknownImage {
+            name: name.to_owned(),
+            file: file.path.clone(),
+            defined: file.definition.image.keys().cloned().collect(),
+        });
+    };
+    // The name becomes NAME:latest: refuse a name that cannot be one before doing any work.
+    let reference = Reference::named(name, imago_oci::reference::DEFAULT_TAG)?;
+    // Holds gc off from the first blob written until the image is tagged.
+    let _guard = store.write_guard()?;
+    let mut cache = match (&options.cache_dir, options.check) {
+        (Some(dir), false) => Cache::open(dir),
+        _ => Cache::disabled(),
+    };
+    let compression = match image.compression {
+        Some(CompressionName::Zstd) => Compression::Zstd,
+        _ => Compression::Gzip,
+    };
+    let context_dir = match &image.context {
+        Some(c) => file.dir().join(c.get_ref()),
+        None => file.dir().to_owned(),
+    };
+    let context = Context::open(&context_dir).map_err(|e| match e {
+        BuildError::Io { source, .. } => match &image.context {
+            Some(c) => file.error(
+                c.span(),
+                format!(
+                    "build context {} cannot be opened: {source}",
+                    context_dir.display()
+                ),
+                "context is relative to the directory of imago.toml",
+            ),
+            None => BuildError::Io {
+                path: context_dir.clone(),
+                source,
+            },
+        },
+        other => other,
+    })?;
+    // Plan every layer and check the config first, so that a definition error anywhere fails
+    // before any work.
+    let plans = image
+        .layers
+        .iter()
+        .map(|l| plan_layer(file, &context, l))
+        .collect::<Result<Vec<_>, _>>()?;
+    let base = load_base(store, file, image)?;
+    let created = rfc3339(options.source_date_epoch);
+    config_json(file, image, base.as_ref(), &plans, &[], &created)?;
+
+    let mut layers: Vec<BuiltLayer> = base
+        .as_ref()
+        .map(|b| b.layer_info.clone())
+        .unwrap_or_default();
+    let count = plans.len();
+    for (index, plan) in plans.iter().enumerate() {
+        progress(Event::LayerStarted {
+            image: name,
+            index,
+            count,
+            name: plan.name.as_deref(),
+            files: plan.file_count(),
+            bytes: plan.file_bytes(),
+        });
+        let label = plan.name.clone().unwrap_or_else(|| (index + 1).to_string());
+        let (record, cached) = build_layer(store, &mut cache, plan, compression, options, progress)
+            .map_err(|e| match e {
+                LayerFailure::Writer(source) => BuildError::Layer {
+                    image: name.to_owned(),
+                    layer: label,
+                    source,
+                },
+                LayerFailure::Other(e) => e,
+            })?;
+        progress(Event::LayerFinished { cached });
+        layers.push(BuiltLayer {
+            digest: record.blob_digest,
+            diff_id: record.diff_id,
+            size: record.blob_size,
+            media_type: record.media_type,
+            from_base: false,
+            cached,
+        });
+    }
+    cache.save();
+
+    let config = config_json(file, image, base.as_ref(), &plans, &layers, &created)?;
+    let config_bytes = to_canonical_json(&config)?;
+    let config_digest = Digest::of(&config_bytes);
+
+    let mut annotations = Map::new();
+    for (k, v) in &image.annotations {
+        annotations.insert(k.clone(), Value::String(v.clone()));
+    }
+    annotations.insert(imago_oci::ANNOTATION_CREATED.into(), Value::String(created));
+    if !plans.is_empty() {
+        annotations.insert(
+            ANNOTATION_COMPRESSOR.into(),
+            Value::String(compression.implementation().into()),
+        );
+    }
+    if let Some(b) = &base {
+        annotations.insert(
+            ANNOTATION_BASE_DIGEST.into(),
+            Value::String(b.digest.to_string()),
+        );
+        annotations.insert(ANNOTATION_BASE_NAME.into(), Value::String(b.name.clone()));
+    }
+    let mut manifest_layers: Vec<Value> =
+        base.as_ref().map(|b| b.layers.clone()).unwrap_or_default();
+    for layer in layers.iter().filter(|l| !l.from_base) {
+        manifest_layers.push(json!({
+            "mediaType": layer.media_type,
+            "digest": layer.digest.to_string(),
+            "size": layer.size,
+        }));
+    }
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": media::OCI_MANIFEST,
+        "config": {
+            "mediaType": media::OCI_CONFIG,
+            "digest": config_digest.to_string(),
+            "size": config_bytes.len(),
+        },
+        "layers": manifest_layers,
+        "annotations": annotations,
+    });
+    let manifest_bytes = to_canonical_json(&manifest)?;
+    let digest = Digest::of(&manifest_bytes);
+
+    let built = BuiltImage {
+        name: name.to_owned(),
+        digest,
+        manifest_size: manifest_bytes.len() as u64,
+        config_digest,
+        size: manifest_bytes.len() as u64
+            + config_bytes.len() as u64
+            + layers.iter().map(|l| l.size).sum::<u64>(),
+        layers,
+        base: base.map(|b| format!("{}@{}", b.name, b.digest)),
+        manifest: manifest_bytes,
+        config: config_bytes,
+    };
+    if options.check {
+        compare_with_stored(store, &built)?;
+    } else {
+        store.put_blob(&built.config)?;
+        store.put_blob(&built.manifest)?;
+        store.tag(&reference, &built.digest)?;
+    }
+    Ok(built)
+}
+
+enum LayerFailure {
+    Writer(imago_layer::writer::WriterError),
+    Other(BuildError),
+}
+
+impl From<BuildError> for LayerFailure {
+    fn from(e: BuildError) -> Self {
+        LayerFailure::Other(e)
+    }
+}
+
+impl From<imago_store::StoreError> for LayerFailure {
+    fn from(e: imago_store::StoreError) -> Self {
+        LayerFailure::Other(e.into())
+    }
+}
+
+/// Reuses a stored layer when every input is known, else writes it.
+fn build_layer(
+    store: &Store,
+    cache: &mut Cache,
+    plan: &LayerPlan,
+    compression: Compression,
+    options: &BuildOptions,
+    progress: &mut dyn FnMut(Event<'_>),
+) -> Result<(LayerRecord, bool), LayerFailure> {
+    let entries = plan.sorted();
+    let mtime = options.source_date_epoch;
+    if cache.enabled() {
+        // Content digests from fingerprints; stale ones are re-hashed (cheap next to compressing).
+        // If some file was never seen the layer is new: build it straight away and read each
+        // file once.
+        let mut digests = Vec::with_capacity(entries.len());
+        let mut unknown = false;
+        for (_, entry) in &entries {
+            if let EntryKind::File { source, stamp } = &entry.kind {
+                match cache.file(source, stamp) {
+                    FileLookup::Hit(d) => digests.push(Some(d)),
+                    FileLookup::Stale => {
+                        let d = hash_file(source)?;
+                        cache.record_file(source, *stamp, d.clone());
+                        digests.push(Some(d));
+                    }
+                    FileLookup::Unknown => {
+                        unknown = true;
+                        break;
+                    }
+                }
+            } else {
+                digests.push(None);
+            }
+        }
+        if !unknown {
+            let key = layer_key(&entries, &digests, compression, mtime);
+            if let Some(record) = cache.layer(&key)
+                && store.has_blob(&record.blob_digest)
+            {
+                return Ok((record, true));
+            }
+        }
+    }
+
+    let sink = if options.check {
+        Sink::Discard
+    } else {
+        Sink::Store(store.blob_writer()?)
+    };
+    let mut writer = LayerWriter::new(sink, compression, mtime).map_err(LayerFailure::Writer)?;
+    let mut digests = Vec::with_capacity(entries.len());
+    let mut done: u64 = 0;
+    for (key, entry) in &entries {
+        let path = key.strip_suffix(b"/").unwrap_or(key);
+        match &entry.kind {
+            EntryKind::Dir => {
+                writer
+                    .add_dir(path, entry.meta)
+                    .map_err(LayerFailure::Writer)?;
+                digests.push(None);
+            }
+            EntryKind::Symlink(target) => {
+                writer
+                    .add_symlink(path, target, entry.meta.uid, entry.meta.gid)
+                    .map_err(LayerFailure::Writer)?;
+                digests.push(None);
+            }
+            EntryKind::Inline(content) => {
+                writer
+                    .add_file(path, entry.meta, content.len() as u64, &content[..])
+                    .map_err(LayerFailure::Writer)?;
+                digests.push(None);
+                done += content.len() as u64;
+            }
+            EntryKind::File { source, stamp } => {
+                let f = File::open(source).map_err(|e| io_error(source, e))?;
+                let mut reader = ContentReader {
+                    inner: BufReader::with_capacity(256 * 1024, f),
+                    hasher: blake3::Hasher::new(),
+                };
+                writer
+                    .add_file(path, entry.meta, stamp.size, &mut reader)
+                    .map_err(LayerFailure::Writer)?;
+                let d = ContentHash::from_hasher(&reader.hasher);
+                // Record the fingerprint only if the file did not change while it was read.
+                if let Ok(after) = std::fs::symlink_metadata(source)
+                    && crate::plan::Stamp::of(&after) == *stamp
+                {
+                    cache.record_file(source, *stamp, d.clone());
+                }
+                digests.push(Some(d));
+                done += stamp.size;
+                progress(Event::LayerProgress { bytes: done });
+            }
+        }
+    }
+    let (
+        LayerDigests {
+            diff_id,
+            blob_digest,
+            blob_size,
+            ..
+        },
+        sink,
+    ) = writer.finish().map_err(LayerFailure::Writer)?;
+    if let Sink::Store(w) = sink {
+        w.commit_expecting(&blob_digest)?;
+    }
+    let record = LayerRecord {
+        diff_id,
+        blob_digest,
+        blob_size,
+        media_type: compression.layer_media_type().to_owned(),
+    };
+    if !options.check {
+        let key = layer_key(&entries, &digests, compression, mtime);
+        cache.record_layer(&key, &record);
+    }
+    Ok((record, false))
+}
+
+/// Everything that determines a layer's bytes, hashed. Files enter by content digest.
+fn layer_key(
+    entries: &[(Vec<u8>, &crate::plan::Entry)],
+    digests: &[Option<ContentHash>],
+    compression: Compression,
+    mtime: u64,
+) -> Digest {
+    let mut h = imago_oci::Sha256::new();
+    h.update(b"imago-layer-key-v1\0");
+    h.update(compression.implementation().as_bytes());
+    h.update(b"\0");
+    h.update(mtime.to_le_bytes());
+    for ((path, entry), digest) in entries.iter().zip(digests) {
+        h.update(path);
+        h.update(b"\0");
+        h.update(entry.meta.mode.to_le_bytes());
+        h.update(entry.meta.uid.to_le_bytes());
+        h.update(entry.meta.gid.to_le_bytes());
+        match &entry.kind {
+            EntryKind::Dir => h.update(b"d"),
+            EntryKind::Symlink(t) => {
+                h.update(b"l");
+                h.update((t.len() as u64).to_le_bytes());
+                h.update(t);
+            }
+            EntryKind::Inline(c) => {
+                h.update(b"f");
+                h.update(ContentHash::of(c).0.as_bytes());
+            }
+            EntryKind::File { stamp, .. } => {
+                h.update(b"f");
+                h.update(stamp.size.to_le_bytes());
+                if let Some(d) = digest {
+                    h.update(d.0.as_bytes());
+                }
+            }
+        }
+    }
+    Digest::from_hasher(h)
+}
+
+fn hash_file(path: &Path) -> Result<ContentHash, BuildError> {
+    let f = File::open(path).map_err(|e| io_error(path, e))?;
+    let mut reader = ContentReader {
+        inner: BufReader::with_capacity(256 * 1024, f),
+        hasher: blake3::Hasher::new(),
+    };
+    io::copy(&mut reader, &mut io::sink()).map_err(|e| io_error(path, e))?;
+    Ok(ContentHash::from_hasher(&reader.hasher))
+}
+
+/// Hashes a file's content for the cache as the layer writer reads it: one read per file.
+struct ContentReader<R> {
+    inner: R,
+    hasher: blake3::Hasher,
+}
+
+impl<R: io::Read> io::Read for ContentReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+fn io_error(path: &Path, source: io::Error) -> BuildError {
+    BuildError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn load_base(
+    store: &Store,
+    file: &DefinitionFile,
+    image: &ImageDef,
+) -> Result<Option<Base>, BuildError> {
+    let Some(from) = &image.from else {
+        return Ok(None);
+    };
+    let text = from.get_ref().trim();
+    if text == "scratch" {
+        return Ok(None);
+    }
+    let resolved = if let Some((format, archive)) = crate::import::parse_archive_base(text) {
+        let archive_path = file.dir().join(&archive);
+        if !archive_path.is_file() {
+            return Err(file.error(
+                from.span(),
+                format!("base archive {} does not exist", archive_path.display()),
+                "archive paths are relative to the directory of imago.toml",
+            ));
+        }
+        let digest = crate::import::import_archive(store, &archive_path, format)?;
+        store.load_image(&digest)?
+    } else {
+        let reference: Reference = text.parse().map_err(|e| {
+            file.error(
+                from.span(),
+                format!("invalid base image reference: {e}"),
+                "use scratch, NAME[:TAG], NAME@sha256:... or oci-archive:PATH",
+            )
+        })?;
+        store.resolve(&reference).map_err(|e| match e {
+            imago_store::StoreError::NotFound(_) => file.error(
+                from.span(),
+                format!("base image {text} is not in the store"),
+                "build or import it first (`imago images` lists the store)",
+            ),
+            other => other.into(),
+        })?
+    };
+    let config_bytes = store.read_blob(
+        &resolved.config_digest,
+        Some(resolved.manifest.config().size()),
+    )?;
+    let config: Value = serde_json::from_slice(&config_bytes).map_err(|e| {
+        BuildError::Internal(format!("base config {}: {e}", resolved.config_digest))
+    })?;
+    let infos = resolved.layers()?;
+    let layers = resolved
+        .manifest
+        .layers()
+        .iter()
+        .map(serde_json::to_value)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| BuildError::Internal(format!("base manifest {}: {e}", resolved.digest)))?;
+    let layer_info = infos
+        .into_iter()
+        .map(|l| BuiltLayer {
+            diff_id: l.diff_id.unwrap_or_else(|| l.digest.clone()),
+            digest: l.digest,
+            size: l.size,
+            media_type: l.media_type,
+            from_base: true,
+            cached: true,
+        })
+        .collect();
+    Ok(Some(Base {
+        name: text.to_owned(),
+        digest: resolved.digest,
+        layers,
+        layer_info,
+        config,
+    }))
+}
+
+fn host_platform() -> (&'static str, &'static str) {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" => "ppc64le",
+        other => other,
+    };
+    ("linux", arch)
+}
+
+fn config_json(
+    file: &DefinitionFile,
+    image: &ImageDef,
+    base: Option<&Base>,
+    plans: &[LayerPlan],
+    layers: &[BuiltLayer],
+    created: &str,
+) -> Result<Value, BuildError> {
+    let mut doc = match base {
+        Some(b) => b.config.clone(),
+        None => {
+            let (os, arch) = host_platform();
+            json!({"architecture": arch, "os": os, "config": {}})
+        }
+    };
+    let Some(root) = doc.as_object_mut() else {
+        return Err(BuildError::Internal(
+            "base config is not a json object".into(),
+        ));
+    };
+    if let Some(p) = &image.platform {
+        let parts: Vec<&str> = p.get_ref().split('/').collect();
+        match parts.as_slice() {
+            [os, arch] | [os, arch, _] if !os.is_empty() && !arch.is_empty() => {
+                root.insert("os".into(), json!(os));
+                root.insert("architecture".into(), json!(arch));
+                match parts.get(2) {
+                    Some(v) => root.insert("variant".into(), json!(v)),
+                    None => root.remove("variant"),
+                };
+            }
+            _ => {
+                return Err(file.error(
+                    p.span(),
+                    format!("invalid platform {:?}", p.get_ref()),
+                    "write it as os/arch or os/arch/variant, e.g. \"linux/amd64\"",
+                ));
+            }
+        }
+    }
+    root.insert("created".into(), json!(created));
+    // Builders' metadata that would leak the host is never copied from a base.
+    for key in [
+        "container",
+        "container_config",
+        "docker_version",
+        "hostname",
+    ] {
+        root.remove(key);
+    }
+
+    let c = &image.config;
+    let config = root.entry("config").or_insert_with(|| json!({}));
+    if !config.is_object() {
+        *config = json!({});
+    }
+    if let Some(cfg) = config.as_object_mut() {
+        if let Some(e) = &c.entrypoint {
+            cfg.insert("Entrypoint".into(), json!(e));
+            // As in a Dockerfile: a new entrypoint drops the base's arguments.
+            if c.cmd.is_none() {
+                cfg.remove("Cmd");
+            }
+        }
+        if let Some(cmd) = &c.cmd {
+            cfg.insert("Cmd".into(), json!(cmd));
+        }
+        if !c.env.is_empty() {
+            let mut env: Vec<String> = cfg
+                .get("Env")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default();
+            for (k, v) in &c.env {
+                let entry = format!("{k}={v}");
+                match env
+                    .iter_mut()
+                    .find(|e| e.split_once('=').map(|(ek, _)| ek) == Some(k))
+                {
+                    Some(existing) => *existing = entry,
+                    None => env.push(entry),
+                }
+            }
+            cfg.insert("Env".into(), json!(env));
+        }
+        if let Some(w) = &c.workdir {
+            if !w.get_ref().starts_with('/') {
+                return Err(file.error(
+                    w.span(),
+                    format!("workdir {} must be absolute", w.get_ref()),
+                    "start it with `/`",
+                ));
+            }
+            cfg.insert("WorkingDir".into(), json!(w.get_ref()));
+        }
+        if let Some(u) = &c.user {
+            cfg.insert("User".into(), json!(u));
+        }
+        if !c.ports.is_empty() {
+            let ports = cfg.entry("ExposedPorts").or_insert_with(|| json!({}));
+            for p in &c.ports {
+                let key = parse_port(file, p)?;
+                if let Some(map) = ports.as_object_mut() {
+                    map.insert(key, json!({}));
+                }
+            }
+        }
+        if !c.labels.is_empty() {
+            let labels = cfg.entry("Labels").or_insert_with(|| json!({}));
+            for (k, v) in &c.labels {
+                if let Some(map) = labels.as_object_mut() {
+                    map.insert(k.clone(), json!(v));
+                }
+            }
+        }
+        if let Some(s) = &c.stop_signal {
+            cfg.insert("StopSignal".into(), json!(s));
+        }
+        if !c.volumes.is_empty() {
+            let vols = cfg.entry("Volumes").or_insert_with(|| json!({}));
+            for v in &c.volumes {
+                if !v.get_ref().starts_with('/') {
+                    return Err(file.error(
+                        v.span(),
+                        format!("volume {} must be an absolute path", v.get_ref()),
+                        "start it with `/`",
+                    ));
+                }
+                if let Some(map) = vols.as_object_mut() {
+                    map.insert(v.get_ref().clone(), json!({}));
+                }
+            }
+        }
+    }
+
+    let mut diff_ids: Vec<Value> = Vec::new();
+    for l in layers {
+        diff_ids.push(json!(l.diff_id.to_string()));
+    }
+    root.insert(
+        "rootfs".into(),
+        json!({"type": "layers", "diff_ids": diff_ids}),
+    );
+    let mut history: Vec<Value> = root
+        .get("history")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    for (i, plan) in plans.iter().enumerate() {
+        let label = match &plan.name {
+            Some(n) => format!("imago build: layer {} ({n})", i + 1),
+            None => format!("imago build: layer {}", i + 1),
+        };
+        history.push(json!({"created": created, "created_by": label}));
+    }
+    root.insert("history".into(), json!(history));
+    Ok(doc)
+}
+
+fn parse_port(
+    file: &DefinitionFile,
+    port: &serde_spanned::Spanned<String>,
+) -> Result<String, BuildError> {
+    let text = port.get_ref();
+    let (number, proto) = text.split_once('/').unwrap_or((text, "tcp"));
+    let ok = number.parse::<u16>().is_ok_and(|n| n > 0) && matches!(proto, "tcp" | "udp" | "sctp");
+    if ok {
+        Ok(format!("{number}/{proto}"))
+    } else {
+        Err(file.error(
+            port.span(),
+            format!("invalid port {text:?}"),
+            "write ports as \"8080\", \"8080/tcp\" or \"53/udp\"",
+        ))
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for a Unix time, without reading the clock or the time zone.
+pub fn rfc3339(epoch: u64) -> String {
+    let days = (epoch / 86_400) as i64;
+    let secs = epoch % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        (secs / 60) % 60,
+        secs % 60
+    )
+}
+
+/// `--check`: the rebuilt image must equal the stored `NAME:latest`, part by part.
+fn compare_with_stored(store: &Store, built: &BuiltImage) -> Result<(), BuildError> {
+    let reference = Reference::named(&built.name, imago_oci::reference::DEFAULT_TAG)?;
+    let stored = store.resolve(&reference)?;
+    if stored.digest == built.digest {
+        return Ok(());
+    }
+    let mut differences = Vec::new();
+    let stored_layers = stored.layers()?;
+    if stored_layers.len() != built.layers.len() {
+        differences.push(format!(
+            "the stored image has {} layers, the rebuild {}",
+            stored_layers.len(),
+            built.layers.len()
+        ));
+    }
+    for (i, (s, b)) in stored_layers.iter().zip(&built.layers).enumerate() {
+        if s.digest != b.digest {
+            let tar = if s.diff_id.as_ref() == Some(&b.diff_id) {
+                "same tar, different compression"
+            } else {
+                "different content"
+            };
+            differences.push(format!(
+                "layer {} differs ({tar}): stored {}, rebuilt {}",
+                i + 1,
+                s.digest,
+                b.digest
+            ));
+        }
+    }
+    if stored.config_digest != built.config_digest {
+        differences.push(format!(
+            "config differs: stored {}, rebuilt {}",
+            stored.config_digest, built.config_digest
+        ));
+    }
+    if differences.is_empty() {
+        differences.push(format!(
+            "manifest differs (annotations or media types): stored {}, rebuilt {}",
+            stored.digest, built.digest
+        ));
+    }
+    Err(BuildError::CheckMismatch {
+        image: built.name.clone(),
+        differences,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_matches_known_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+    }
+}

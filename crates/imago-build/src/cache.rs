@@ -1,0 +1,237 @@
+//! The build cache under `<home>/build-cache/`: input fingerprints and built layers.
+//!
+//! - `files.json`: absolute source path -> stat fingerprint and content sha256. A fingerprint is
+//!   trusted only if the file's last change (mtime and ctime) is at least [`RACY_WINDOW_NS`]
+//!   older than the moment it was recorded; otherwise a later change could land within the same
+//!   timestamp tick and keep the stamp, so the content is hashed again ("verified by content when
+//!   in doubt", the racy-git rule).
+//! - `layers/<key>.json`: layer key (a digest of every entry's path, type, mode, owner and
+//!   content digest, the compression and the mtime) -> the blob it produced.
+//!
+//! A damaged or missing cache is an empty cache: it can only make a build slower, never
+//! different. Concurrent builds may overwrite each other's records; each record is written
+//! whole (temp file + rename), so the worst case is a miss.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use imago_oci::Digest;
+use serde::{Deserialize, Serialize};
+
+use crate::plan::Stamp;
+
+/// Two seconds: far more than any file system's timestamp granularity.
+pub const RACY_WINDOW_NS: i128 = 2_000_000_000;
+
+const FILES: &str = "files.json";
+const FORMAT: u32 = 2;
+
+/// A file's content hash for the cache: BLAKE3, which hashes several times faster than SHA-256
+/// here; the content is already hashed with SHA-256 inside the diff_id, and a third SHA-256 pass
+/// would cost a third of a cold zstd build. It never appears in an image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContentHash(pub String);
+
+impl ContentHash {
+    pub fn from_hasher(hasher: &blake3::Hasher) -> ContentHash {
+        ContentHash(hasher.finalize().to_hex().to_string())
+    }
+
+    pub fn of(bytes: &[u8]) -> ContentHash {
+        ContentHash(blake3::hash(bytes).to_hex().to_string())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct FileRecord {
+    stamp: Stamp,
+    recorded_ns: i128,
+    digest: ContentHash,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct FilesDoc {
+    format: u32,
+    files: HashMap<PathBuf, FileRecord>,
+}
+
+/// What a built layer produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerRecord {
+    pub diff_id: Digest,
+    pub blob_digest: Digest,
+    pub blob_size: u64,
+    pub media_type: String,
+}
+
+/// Result of looking up a file's content digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileLookup {
+    /// The fingerprint matches and is old enough to trust.
+    Hit(ContentHash),
+    /// The cache knows this path, but the fingerprint changed or is too recent: hash the file.
+    Stale,
+    /// Never seen.
+    Unknown,
+}
+
+#[derive(Debug)]
+pub struct Cache {
+    dir: Option<PathBuf>,
+    files: FilesDoc,
+    dirty: bool,
+}
+
+impl Cache {
+    /// A cache that remembers nothing (`--no-cache`, `--check`).
+    pub fn disabled() -> Cache {
+        Cache {
+            dir: None,
+            files: FilesDoc {
+                format: FORMAT,
+                files: HashMap::new(),
+            },
+            dirty: false,
+        }
+    }
+
+    pub fn open(dir: &Path) -> Cache {
+        let files = fs::read(dir.join(FILES))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<FilesDoc>(&bytes).ok())
+            .filter(|doc| doc.format == FORMAT)
+            .unwrap_or(FilesDoc {
+                format: FORMAT,
+                files: HashMap::new(),
+            });
+        Cache {
+            dir: Some(dir.to_owned()),
+            files,
+            dirty: false,
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.dir.is_some()
+    }
+
+    pub fn file(&self, path: &Path, stamp: &Stamp) -> FileLookup {
+        match self.files.files.get(path) {
+            None => FileLookup::Unknown,
+            Some(r) if r.stamp == *stamp && !racy(stamp, r.recorded_ns) => {
+                FileLookup::Hit(r.digest.clone())
+            }
+            Some(_) => FileLookup::Stale,
+        }
+    }
+
+    pub fn record_file(&mut self, path: &Path, stamp: Stamp, digest: ContentHash) {
+        if self.dir.is_none() {
+            return;
+        }
+        let recorded_ns = now_ns();
+        let record = FileRecord {
+            stamp,
+            recorded_ns,
+            digest,
+        };
+        self.files.files.insert(path.to_owned(), record);
+        self.dirty = true;
+    }
+
+    pub fn layer(&self, key: &Digest) -> Option<LayerRecord> {
+        let dir = self.dir.as_ref()?;
+        let bytes = fs::read(dir.join("layers").join(format!("{}.json", key.hex()))).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Best effort: a cache that cannot be written is a cache that misses.
+    pub fn record_layer(&self, key: &Digest, record: &LayerRecord) {
+        let Some(dir) = &self.dir else { return };
+        let layers = dir.join("layers");
+        if let Ok(bytes) = serde_json::to_vec(record) {
+            let _ = write_atomic(&layers, &format!("{}.json", key.hex()), &bytes);
+        }
+    }
+
+    /// Writes `files.json` if anything changed. Best effort, like every cache write.
+    pub fn save(&mut self) {
+        let Some(dir) = &self.dir else { return };
+        if !self.dirty {
+            return;
+        }
+        if let Ok(bytes) = serde_json::to_vec(&self.files) {
+            let _ = write_atomic(dir, FILES, &bytes);
+        }
+        self.dirty = false;
+    }
+}
+
+fn racy(stamp: &Stamp, recorded_ns: i128) -> bool {
+    stamp.mtime_ns.max(stamp.ctime_ns) + RACY_WINDOW_NS > recorded_ns
+}
+
+/// The clock is read only here, to judge whether a fingerprint can be trusted; it never reaches
+/// an image.
+fn now_ns() -> i128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128)
+}
+
+fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let mut file = fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    drop(file);
+    fs::rename(&tmp, dir.join(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stamp(mtime_ns: i128) -> Stamp {
+        Stamp {
+            dev: 1,
+            ino: 2,
+            size: 3,
+            mtime_ns,
+            ctime_ns: mtime_ns,
+            mode: 0o100644,
+        }
+    }
+
+    #[test]
+    fn recent_fingerprints_are_not_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cache = Cache::open(dir.path());
+        let p = Path::new("/x");
+        let d = ContentHash::of(b"x");
+        cache.record_file(p, stamp(now_ns()), d.clone());
+        assert_eq!(cache.file(p, &stamp(now_ns())), FileLookup::Stale);
+        let old = stamp(1_000_000_000);
+        cache.record_file(p, old, d.clone());
+        assert_eq!(cache.file(p, &old), FileLookup::Hit(d.clone()));
+        let mut changed = old;
+        changed.ctime_ns += 1;
+        assert_eq!(cache.file(p, &changed), FileLookup::Stale);
+        assert_eq!(cache.file(Path::new("/y"), &old), FileLookup::Unknown);
+        cache.save();
+        let reopened = Cache::open(dir.path());
+        assert_eq!(reopened.file(p, &old), FileLookup::Hit(d));
+    }
+
+    #[test]
+    fn damaged_cache_is_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(FILES), b"{not json").unwrap();
+        let cache = Cache::open(dir.path());
+        assert_eq!(cache.file(Path::new("/x"), &stamp(0)), FileLookup::Unknown);
+        assert!(cache.layer(&Digest::of(b"k")).is_none());
+    }
+}

@@ -1,0 +1,217 @@
+//! `imago build` (images from imago.toml into the store) and `imago schema`.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context as _, Result, bail};
+use clap::Args;
+use imago_build::archive::{ArchiveFormat, write_archive};
+use imago_build::{BuildOptions, BuiltImage, DefinitionFile, Event};
+use imago_oci::Reference;
+use serde::Serialize;
+
+use crate::Context;
+use crate::reporter::{Render, human_size};
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// Images to build, by their name in imago.toml [default: all]
+    pub names: Vec<String>,
+    /// The definition file
+    #[arg(
+        short = 'f',
+        long = "file",
+        value_name = "FILE",
+        default_value = "imago.toml"
+    )]
+    pub file: PathBuf,
+    /// Also tag the result: a tag (`v1` gives NAME:v1) or, for one image, a full `name:tag`
+    #[arg(short = 't', long = "tag", value_name = "TAG")]
+    pub tags: Vec<String>,
+    /// Rebuild and compare with the stored NAME:latest; store nothing; fail on a difference
+    #[arg(long)]
+    pub check: bool,
+    /// Do not use or update the build cache
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Also write the image to a file: oci-archive:FILE or docker-archive:FILE (one image)
+    #[arg(long, value_name = "FORMAT:FILE")]
+    pub output: Option<String>,
+    /// The time written into the image (every mtime and `created`), in Unix seconds
+    #[arg(
+        long,
+        env = "SOURCE_DATE_EPOCH",
+        value_name = "SECONDS",
+        default_value_t = 0
+    )]
+    pub source_date_epoch: u64,
+}
+
+#[derive(Serialize)]
+struct BuiltEntry {
+    #[serde(flatten)]
+    image: BuiltImage,
+    tags: Vec<String>,
+    checked: bool,
+}
+
+#[derive(Serialize)]
+struct BuildResult {
+    images: Vec<BuiltEntry>,
+}
+
+impl Render for BuildResult {
+    fn human(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        for entry in &self.images {
+            writeln!(out, "{}", entry.image.digest)?;
+        }
+        Ok(())
+    }
+}
+
+pub fn build(ctx: &Context, args: BuildArgs) -> Result<()> {
+    let file = DefinitionFile::load(&args.file)?;
+    let names: Vec<String> = if args.names.is_empty() {
+        file.definition.image.keys().cloned().collect()
+    } else {
+        args.names.clone()
+    };
+    if names.is_empty() {
+        bail!(
+            "{} defines no image ([image.NAME] tables)",
+            args.file.display()
+        );
+    }
+    let output = args.output.as_deref().map(parse_output).transpose()?;
+    if output.is_some() && names.len() != 1 {
+        bail!("--output writes one image; name the image to build");
+    }
+    let store = ctx.store()?;
+    let options = BuildOptions {
+        source_date_epoch: args.source_date_epoch,
+        cache_dir: (!args.no_cache).then(|| ctx.home.root.join("build-cache")),
+        check: args.check,
+    };
+    let mut results = Vec::new();
+    for name in &names {
+        let built = build_one(ctx, &store, &file, name, &options)?;
+        let mut tags = vec![format!("{name}:latest")];
+        if !args.check {
+            for tag in &args.tags {
+                let reference = extra_tag(name, tag, names.len())?;
+                store.tag(&reference, &built.digest)?;
+                tags.push(reference.to_string());
+            }
+        }
+        if let Some((format, path)) = &output {
+            write_archive(
+                &store,
+                &built,
+                &format!("{name}:latest"),
+                *format,
+                path,
+                args.source_date_epoch,
+            )?;
+            ctx.reporter.status(format!("wrote {}", path.display()));
+        }
+        let cached = built
+            .layers
+            .iter()
+            .filter(|l| l.cached && !l.from_base)
+            .count();
+        let new = built.layers.iter().filter(|l| !l.from_base).count();
+        ctx.reporter.status(format!(
+            "{} {name}:latest {} ({} layers, {} cached, {})",
+            if args.check { "checked" } else { "built" },
+            built.digest.short(),
+            new,
+            cached,
+            human_size(built.size)
+        ));
+        results.push(BuiltEntry {
+            image: built,
+            tags,
+            checked: args.check,
+        });
+    }
+    ctx.reporter.emit(&BuildResult { images: results })
+}
+
+fn build_one(
+    ctx: &Context,
+    store: &imago_store::Store,
+    file: &DefinitionFile,
+    name: &str,
+    options: &BuildOptions,
+) -> Result<BuiltImage> {
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let mut progress = |event: Event<'_>| match event {
+        Event::LayerStarted {
+            image,
+            index,
+            count,
+            bytes,
+            ..
+        } => {
+            bar = Some(
+                ctx.reporter
+                    .bytes_bar(bytes, format!("{image} layer {}/{count}", index + 1)),
+            );
+        }
+        Event::LayerProgress { bytes } => {
+            if let Some(b) = &bar {
+                b.set_position(bytes);
+            }
+        }
+        Event::LayerFinished { .. } => {
+            if let Some(b) = bar.take() {
+                b.finish_and_clear();
+            }
+        }
+    };
+    Ok(imago_build::build_image(
+        store,
+        file,
+        name,
+        options,
+        &mut progress,
+    )?)
+}
+
+fn parse_output(text: &str) -> Result<(ArchiveFormat, PathBuf)> {
+    match text.split_once(':') {
+        Some(("oci-archive", path)) if !path.is_empty() => Ok((ArchiveFormat::Oci, path.into())),
+        Some(("docker-archive", path)) if !path.is_empty() => {
+            Ok((ArchiveFormat::Docker, path.into()))
+        }
+        _ => bail!("invalid --output {text:?}: use oci-archive:FILE or docker-archive:FILE"),
+    }
+}
+
+fn extra_tag(name: &str, tag: &str, images: usize) -> Result<Reference> {
+    if tag.contains(':') || tag.contains('/') {
+        if images != 1 {
+            bail!("--tag {tag} names one image, but {images} are being built");
+        }
+        return tag.parse().with_context(|| format!("invalid --tag {tag}"));
+    }
+    Reference::named(name, tag).with_context(|| format!("invalid --tag {tag}"))
+}
+
+#[derive(Debug, Args)]
+pub struct SchemaArgs {}
+
+#[derive(Serialize)]
+struct Schema(serde_json::Value);
+
+impl Render for Schema {
+    fn human(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        serde_json::to_writer_pretty(&mut *out, &self.0)?;
+        writeln!(out)
+    }
+}
+
+/// Prints the JSON Schema of imago.toml (JSON whether or not --json is given).
+pub fn schema(ctx: &Context, _args: SchemaArgs) -> Result<()> {
+    ctx.reporter.emit(&Schema(imago_build::json_schema()))
+}

@@ -1,0 +1,385 @@
+//! Commands on instances: run, ps, stop, rm, logs, inspect-instance, and the hidden supervisor.
+//!
+//! There is deliberately no `exec`: instances are replaced, never repaired by hand.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use clap::Args;
+use imago_oci::Digest;
+use imago_oci::spec::Descriptor;
+use imago_runtime::{
+    ImageInfo, ImageSource, Instance, InstanceSpec, LocalProvider, Provider, RuntimeError, Status,
+    StoreImageSource, SupervisorCommand, parse_cpus, parse_memory,
+};
+use serde::Serialize;
+
+use crate::Context;
+use crate::commands::images::parse_reference;
+use crate::reporter::Render;
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The image: name[:tag], name@sha256:..., sha256:..., or a unique digest prefix
+    pub image: String,
+    /// A name for the instance (shown by ps; not unique)
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Set an environment variable (repeatable)
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Attach a label (repeatable)
+    #[arg(long = "label", short = 'l', value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    /// Memory limit, e.g. 64M or 1G
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// CPU limit in CPUs, e.g. 0.5
+    #[arg(long)]
+    pub cpus: Option<String>,
+    /// Maximum number of processes
+    #[arg(long)]
+    pub pids: Option<u64>,
+    /// private (own network namespace and address) or host
+    #[arg(long, default_value = "private")]
+    pub network: String,
+    /// embedded (libcontainer, linked in) or runc
+    #[arg(long, default_value = "embedded")]
+    pub runtime: String,
+    /// Replace the image's entrypoint
+    #[arg(long)]
+    pub entrypoint: Option<String>,
+    /// Arguments replacing the image's cmd
+    #[arg(last = true)]
+    pub args: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PsArgs {
+    /// Also show instances that exited or failed
+    #[arg(long, short)]
+    pub all: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    /// Instance ids (or unique prefixes or names)
+    #[arg(required = true)]
+    pub ids: Vec<String>,
+    /// Seconds to wait after SIGTERM before SIGKILL
+    #[arg(long, short, default_value_t = 10)]
+    pub time: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    #[arg(required = true)]
+    pub ids: Vec<String>,
+    /// Stop running instances first
+    #[arg(long, short)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    pub id: String,
+    /// Keep printing new output until the instance ends
+    #[arg(long, short)]
+    pub follow: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectInstanceArgs {
+    pub id: String,
+}
+
+#[derive(Debug, Args)]
+pub struct SuperviseArgs {
+    pub home: PathBuf,
+    pub id: String,
+}
+
+/// Images are only needed to launch; other commands must work even without a store.
+struct NoImages;
+
+impl ImageSource for NoImages {
+    fn image(&self, digest: &Digest) -> Result<ImageInfo, RuntimeError> {
+        Err(RuntimeError::ImageNotFound {
+            digest: digest.clone(),
+            reason: "no image store opened".into(),
+        })
+    }
+    fn open_layer(
+        &self,
+        image: &Digest,
+        _layer: &Descriptor,
+    ) -> Result<Box<dyn Read + '_>, RuntimeError> {
+        Err(RuntimeError::ImageNotFound {
+            digest: image.clone(),
+            reason: "no image store opened".into(),
+        })
+    }
+}
+
+fn provider(ctx: &Context, images: Box<dyn ImageSource>) -> Result<LocalProvider> {
+    Ok(LocalProvider::new(
+        &ctx.home.root,
+        images,
+        SupervisorCommand::current_exe()?,
+    ))
+}
+
+/// Finds an instance by id, unique id prefix, or unique name.
+fn find(provider: &LocalProvider, key: &str) -> Result<Instance> {
+    let all = provider.list()?;
+    if let Some(i) = all.iter().find(|i| i.id == key) {
+        return Ok(i.clone());
+    }
+    let matches: Vec<&Instance> = all
+        .iter()
+        .filter(|i| i.id.starts_with(key) || i.name.as_deref() == Some(key))
+        .collect();
+    match matches.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => bail!("no such instance {key}"),
+        many => bail!(
+            "{key} is ambiguous; it matches: {}",
+            many.iter()
+                .map(|i| i.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+fn key_value(text: &str, what: &str) -> Result<(String, String)> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => bail!("invalid {what} {text:?}: expected KEY=VALUE"),
+    }
+}
+
+#[derive(Serialize)]
+struct Launched(Instance);
+
+impl Render for Launched {
+    fn human(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        writeln!(out, "{}", self.0.id)
+    }
+}
+
+pub fn run(ctx: &Context, args: RunArgs) -> Result<()> {
+    let mut spec_resources = imago_runtime::Resources::default();
+    if let Some(m) = &args.memory {
+        spec_resources.memory_bytes = Some(parse_memory(m)?);
+    }
+    if let Some(c) = &args.cpus {
+        spec_resources.cpu_millis = Some(parse_cpus(c)?);
+    }
+    spec_resources.pids = args.pids;
+    let network = args.network.parse()?;
+    let engine = args.runtime.parse()?;
+    let store = ctx.store()?;
+    let reference = parse_reference(&args.image)?;
+    let digest = store.resolve_digest(&reference)?;
+    let mut spec = InstanceSpec::new(digest);
+    spec.name = args.name;
+    spec.resources = spec_resources;
+    spec.network = network;
+    spec.engine = engine;
+    spec.entrypoint = args.entrypoint.map(|e| vec![e]);
+    if !args.args.is_empty() {
+        spec.args = Some(args.args);
+    }
+    for e in &args.env {
+        let (k, v) = key_value(e, "environment variable")?;
+        spec.env.insert(k, v);
+    }
+    for l in &args.labels {
+        let (k, v) = key_value(l, "label")?;
+        spec.labels.insert(k, v);
+    }
+    let provider = provider(ctx, Box::new(StoreImageSource::new(store)))?;
+    let instance = provider.launch(&spec)?;
+    ctx.reporter.status(format!(
+        "started {} from {}{}",
+        instance.id,
+        instance.image.short(),
+        instance
+            .address
+            .map(|a| format!(" at {a}"))
+            .unwrap_or_default()
+    ));
+    ctx.reporter.emit(&Launched(instance))
+}
+
+#[derive(Serialize)]
+#[serde(transparent)]
+struct InstanceList(Vec<Instance>);
+
+impl Render for InstanceList {
+    fn human(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        writeln!(
+            out,
+            "{:<12} {:<16} {:<14} {:<10} {:<8} {:<15} PORTS",
+            "ID", "NAME", "IMAGE", "STATUS", "ENGINE", "ADDRESS"
+        )?;
+        for i in &self.0 {
+            let status = match (i.status, i.exit_code) {
+                (Status::Exited, Some(code)) => format!("exited({code})"),
+                (s, _) => s.to_string(),
+            };
+            let address = match (i.address, i.network) {
+                (Some(a), _) => a.to_string(),
+                (None, imago_runtime::NetworkMode::Host) => "host".to_owned(),
+                (None, _) => "-".to_owned(),
+            };
+            writeln!(
+                out,
+                "{:<12} {:<16} {:<14} {:<10} {:<8} {:<15} {}",
+                i.id,
+                i.name.as_deref().unwrap_or("-"),
+                i.image.short(),
+                status,
+                i.engine.to_string(),
+                address,
+                if i.ports.is_empty() {
+                    "-".to_owned()
+                } else {
+                    i.ports.join(",")
+                },
+            )?;
+        }
+        Ok(())
+    }
+}
+
+pub fn ps(ctx: &Context, args: PsArgs) -> Result<()> {
+    let provider = provider(ctx, Box::new(NoImages))?;
+    let mut list = provider.list()?;
+    if !args.all {
+        list.retain(|i| matches!(i.status, Status::Running | Status::Created | Status::Lost));
+    }
+    ctx.reporter.emit(&InstanceList(list))
+}
+
+pub fn stop(ctx: &Context, args: StopArgs) -> Result<()> {
+    let provider = provider(ctx, Box::new(NoImages))?;
+    let mut stopped = Vec::new();
+    for key in &args.ids {
+        let id = find(&provider, key)?.id;
+        let instance = provider.stop(&id, Duration::from_secs(args.time))?;
+        ctx.reporter.status(format!("stopped {id}"));
+        stopped.push(instance);
+    }
+    ctx.reporter.emit(&InstanceList(stopped))
+}
+
+#[derive(Serialize)]
+struct Removed {
+    removed: Vec<String>,
+}
+
+impl Render for Removed {
+    fn human(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        for id in &self.removed {
+            writeln!(out, "{id}")?;
+        }
+        Ok(())
+    }
+}
+
+pub fn rm(ctx: &Context, args: RmArgs) -> Result<()> {
+    let provider = provider(ctx, Box::new(NoImages))?;
+    let mut removed = Vec::new();
+    for key in &args.ids {
+        let instance = find(&provider, key)?;
+        if args.force && instance.status == Status::Running {
+            provider.stop(&instance.id, Duration::from_secs(10))?;
+        }
+        provider.remove(&instance.id)?;
+        removed.push(instance.id);
+    }
+    ctx.reporter.emit(&Removed { removed })
+}
+
+#[derive(Serialize)]
+struct Logs {
+    id: String,
+    output: String,
+}
+
+impl Render for Logs {
+    fn human(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        out.write_all(self.output.as_bytes())
+    }
+}
+
+pub fn logs(ctx: &Context, args: LogsArgs) -> Result<()> {
+    let provider = provider(ctx, Box::new(NoImages))?;
+    let id = find(&provider, &args.id)?.id;
+    if !args.follow || ctx.reporter.json() {
+        let bytes = provider.logs(&id)?;
+        return ctx.reporter.emit(&Logs {
+            id,
+            output: String::from_utf8_lossy(&bytes).into_owned(),
+        });
+    }
+    // Following streams raw bytes as they arrive, which a one-shot Render cannot express.
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    out.write_all(&provider.logs(&id)?)?;
+    out.flush()?;
+    let paths = provider.log_paths(&id)?;
+    let current = paths.last().cloned().context("no log file")?;
+    let mut offset = std::fs::metadata(&current).map(|m| m.len()).unwrap_or(0);
+    loop {
+        let running = matches!(
+            provider.inspect(&id)?.status,
+            Status::Running | Status::Created
+        );
+        let len = std::fs::metadata(&current).map(|m| m.len()).unwrap_or(0);
+        if len < offset {
+            // Rotated: the new file starts from zero.
+            offset = 0;
+        }
+        if len > offset {
+            let mut f = std::fs::File::open(&current)?;
+            f.seek(SeekFrom::Start(offset))?;
+            let mut buf = Vec::new();
+            f.read_to_end(&mut buf)?;
+            offset += buf.len() as u64;
+            out.write_all(&buf)?;
+            out.flush()?;
+        } else if !running {
+            return Ok(());
+        } else {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(transparent)]
+struct Inspected(Instance);
+
+impl Render for Inspected {
+    fn human(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        let text = serde_json::to_string_pretty(&self.0).map_err(std::io::Error::other)?;
+        writeln!(out, "{text}")
+    }
+}
+
+pub fn inspect_instance(ctx: &Context, args: InspectInstanceArgs) -> Result<()> {
+    let provider = provider(ctx, Box::new(NoImages))?;
+    let instance = find(&provider, &args.id)?;
+    ctx.reporter.emit(&Inspected(instance))
+}
+
+/// The hidden `__supervise HOME ID`: becomes the instance's supervisor and never returns.
+pub fn supervise(args: SuperviseArgs) -> ! {
+    let code = imago_runtime::supervisor::supervise(&args.home, &args.id, &mut std::io::stdout());
+    std::process::exit(code)
+}

@@ -1,0 +1,185 @@
+//! Instances through the CLI, as root: run, ps from new processes, logs, stop, rm, both engines.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{File, Imago, file, make_image};
+
+fn busybox_image(imago: &Imago) -> String {
+    let busybox =
+        std::fs::read("/bin/busybox").expect("busybox-static must be installed at /bin/busybox");
+    let files = [
+        File {
+            path: "bin/busybox",
+            content: &busybox,
+            mode: 0o755,
+        },
+        file("www/index.html", b"hello from imago\n"),
+    ];
+    make_image(&imago.store(), "busybox:test", &files);
+    "busybox:test".to_owned()
+}
+
+fn wait_status(imago: &Imago, id: &str, want: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let json = imago.run(&["inspect-instance", "--json", id]).ok().json();
+        if json["status"] == want {
+            return json;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "instance {id} is {} not {want}",
+            json["status"]
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn lifecycle(runtime: &str) {
+    let imago = Imago::new();
+    let image = busybox_image(&imago);
+
+    // A short-lived instance: exit status and output are recorded.
+    let id = imago
+        .run(&[
+            "run",
+            "--runtime",
+            runtime,
+            "--env",
+            "WHO=cli",
+            &image,
+            "--",
+            "/bin/busybox",
+            "sh",
+            "-c",
+            "echo hi $WHO; exit 3",
+        ])
+        .ok()
+        .stdout()
+        .trim()
+        .to_owned();
+    assert_eq!(id.len(), 12, "{id}");
+    let done = wait_status(&imago, &id, "exited");
+    assert_eq!(done["exit_code"], 3);
+    assert_eq!(imago.run(&["logs", &id]).ok().stdout(), "hi cli\n");
+
+    // A long-running one survives the `imago run` process; a new `imago ps` sees it with its address.
+    let web = imago
+        .run(&[
+            "run",
+            "--runtime",
+            runtime,
+            "--name",
+            "web",
+            "--memory",
+            "64M",
+            "--cpus",
+            "0.5",
+            &image,
+            "--",
+            "/bin/busybox",
+            "httpd",
+            "-f",
+            "-p",
+            "8080",
+            "-h",
+            "/www",
+        ])
+        .ok()
+        .stdout()
+        .trim()
+        .to_owned();
+    let ps = imago.run(&["ps", "--json"]).ok().json();
+    let list = ps.as_array().expect("array");
+    assert_eq!(
+        list.len(),
+        1,
+        "ps shows only running instances by default: {ps}"
+    );
+    assert_eq!(list[0]["id"], web.as_str());
+    assert_eq!(list[0]["status"], "running");
+    let addr = list[0]["address"].as_str().expect("address").to_owned();
+    let human = imago.run(&["ps"]).ok().stdout();
+    assert!(human.contains(&addr) && human.contains("web"), "{human}");
+    assert_eq!(
+        imago
+            .run(&["ps", "--all", "--json"])
+            .ok()
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+
+    let body = http_get(&format!("{addr}:8080"));
+    assert!(body.contains("hello from imago"), "{body}");
+
+    // rm refuses a running instance; stop by name, then rm leaves nothing.
+    let err = imago.run(&["rm", &web]).fails();
+    assert!(err.contains("running"), "{err}");
+    imago.run(&["stop", "--time", "1", "web"]).ok();
+    imago.run(&["rm", &web, &id]).ok();
+    assert!(
+        imago
+            .run(&["ps", "--all", "--json"])
+            .ok()
+            .json()
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    assert!(!std::path::Path::new(&format!("/var/run/netns/imago-{web}")).exists());
+}
+
+fn http_get(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match std::net::TcpStream::connect(addr) {
+            Ok(mut s) => {
+                s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n").unwrap();
+                let mut out = String::new();
+                s.read_to_string(&mut out).unwrap();
+                return out;
+            }
+            Err(e) => {
+                assert!(Instant::now() < deadline, "cannot connect to {addr}: {e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+#[test]
+fn lifecycle_embedded() {
+    lifecycle("embedded");
+}
+
+#[test]
+fn lifecycle_runc() {
+    lifecycle("runc");
+}
+
+#[test]
+fn bad_input_is_refused_with_clear_errors() {
+    let imago = Imago::new();
+    let image = busybox_image(&imago);
+    let err = imago.run(&["run", "missing:latest"]).fails();
+    assert!(err.contains("missing"), "{err}");
+    let err = imago.run(&["run", "--memory", "lots", &image]).fails();
+    assert!(err.contains("lots"), "{err}");
+    let err = imago.run(&["run", "--cpus", "0", &image]).fails();
+    assert!(err.contains("cpu"), "{err}");
+    let err = imago.run(&["run", &image, "--", "/bin/nope"]).fails();
+    assert!(err.contains("/bin/nope"), "{err}");
+    let all = imago.run(&["ps", "--all", "--json"]).ok().json();
+    assert_eq!(all.as_array().unwrap().len(), 1);
+    assert_eq!(all[0]["status"], "failed");
+    let err = imago.run(&["stop", "nosuchid"]).fails();
+    assert!(err.contains("no such instance nosuchid"), "{err}");
+    imago.run(&["rm", all[0]["id"].as_str().unwrap()]).ok();
+}
