@@ -2,5 +2,6 @@
 
 pub mod archive;
 pub mod build;
+pub mod deploy;
 pub mod images;
 pub mod instances;
