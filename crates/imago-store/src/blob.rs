@@ -23,7 +23,8 @@ pub struct BlobWriter {
     // Keeps gc away while the blob is being written.
     _guard: WriteGuard,
     tmp_path: PathBuf,
-    inner: Option<HashingWriter<BufWriter<File>>>,
+    // Boxed: the hasher and buffer state is large, and callers keep writers in enums.
+    inner: Option<Box<HashingWriter<BufWriter<File>>>>,
     /// Bytes before this offset have been handed to writeback.
     writeback_from: u64,
 }
@@ -42,7 +43,7 @@ impl BlobWriter {
 
     /// Bytes written so far.
     pub fn written(&self) -> u64 {
-        self.inner.as_ref().map_or(0, HashingWriter::count)
+        self.inner.as_ref().map_or(0, |w| w.count())
     }
 
     fn commit_inner(mut self, expected: Option<&Digest>) -> Result<(Digest, u64)> {
@@ -63,7 +64,7 @@ impl BlobWriter {
                 source: io::Error::other("blob writer already finished"),
             });
         };
-        let (digest, size, buffered) = writer.finish();
+        let (digest, size, buffered) = (*writer).finish();
         let file = buffered
             .into_inner()
             .map_err(|e| e.into_error())
@@ -243,9 +244,9 @@ impl Store {
             store: self.clone(),
             _guard: guard,
             tmp_path,
-            inner: Some(HashingWriter::new(BufWriter::with_capacity(
+            inner: Some(Box::new(HashingWriter::new(BufWriter::with_capacity(
                 IO_BUFFER, file,
-            ))),
+            )))),
             writeback_from: 0,
         })
     }
