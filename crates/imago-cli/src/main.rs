@@ -72,6 +72,10 @@ enum Command {
     Verify(commands::images::VerifyArgs),
     /// Apply an image's layers into a directory
     Unpack(commands::images::UnpackArgs),
+    /// Import the images of an OCI or docker archive
+    Import(commands::archive::ImportArgs),
+    /// Write an image to an OCI or docker archive
+    Export(commands::archive::ExportArgs),
     /// Launch a new instance of an image (detached) and print its id
     Run(Box<commands::instances::RunArgs>),
     /// List instances
@@ -127,6 +131,8 @@ fn run(cli: Cli, reporter: Reporter) -> Result<()> {
         Command::Gc(args) => commands::images::gc(&ctx, args),
         Command::Verify(args) => commands::images::verify(&ctx, args),
         Command::Unpack(args) => commands::images::unpack(&ctx, args),
+        Command::Import(args) => commands::archive::import(&ctx, args),
+        Command::Export(args) => commands::archive::export(&ctx, args),
         Command::Run(args) => commands::instances::run(&ctx, *args),
         Command::Ps(args) => commands::instances::ps(&ctx, args),
         Command::Stop(args) => commands::instances::stop(&ctx, args),

@@ -53,8 +53,9 @@ impl Reporter {
 
     /// Writes the command's result to stdout.
     pub fn emit<T: Render>(&self, result: &T) -> anyhow::Result<()> {
-        let stdout = std::io::stdout();
-        let mut out = stdout.lock();
+        // Buffered: stdout is line-buffered, and a listing of 1,000 images would otherwise be
+        // 1,000 write calls.
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
         if self.json {
             serde_json::to_writer_pretty(&mut out, result)?;
             writeln!(out)?;

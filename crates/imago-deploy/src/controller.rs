@@ -401,31 +401,31 @@ impl Controller {
         self.ensure_endpoint(service, &release)?;
 
         // Observe. Each instance is judged by the health check of the release it runs.
+        let by_id: HashMap<&str, &Instance> = own.iter().map(|i| (i.id.as_str(), *i)).collect();
         let mut releases: HashMap<String, Option<Release>> = HashMap::new();
         releases.insert(release.revision.clone(), Some(release.clone()));
-        let mut observed = Vec::with_capacity(own.len());
         for instance in own {
             let label = instance
                 .labels
                 .get(LABEL_REVISION)
-                .cloned()
+                .map(String::as_str)
                 .unwrap_or_default();
-            if !releases.contains_key(&label) {
-                releases.insert(
-                    label.clone(),
-                    self.db.release_with_revision(service, &label)?,
-                );
+            if !releases.contains_key(label) {
+                let found = self.db.release_with_revision(service, label)?;
+                releases.insert(label.to_owned(), found);
             }
-            let own_release = releases
-                .get(&label)
-                .cloned()
-                .flatten()
-                .unwrap_or_else(|| release.clone());
+        }
+        let mut observed = Vec::with_capacity(own.len());
+        for instance in own {
             let revision = instance
                 .labels
                 .get(LABEL_REVISION)
                 .cloned()
                 .unwrap_or_default();
+            let own_release: &Release = releases
+                .get(&revision)
+                .and_then(Option::as_ref)
+                .unwrap_or(&release);
             let mut revision_seen = revision.clone();
             if let Some(when) = self.tainted.get(&instance.image)
                 && instance.created_ms <= *when
@@ -465,7 +465,7 @@ impl Controller {
             }
             let phase = match instance.status {
                 Status::Exited | Status::Failed | Status::Lost => Phase::Exited,
-                Status::Created | Status::Running => self.phase_of(instance, &own_release),
+                Status::Created | Status::Running => self.phase_of(instance, own_release),
             };
             observed.push(ObservedInstance {
                 id: instance.id.clone(),
@@ -474,7 +474,7 @@ impl Controller {
                 draining: draining.contains_key(&instance.id),
             });
             if instance.status == Status::Running && !draining.contains_key(&instance.id) {
-                self.ensure_probe(instance, &own_release);
+                self.ensure_probe(instance, own_release);
             }
         }
         let outcome = self.db.outcome_of(service, release.number)?;
@@ -503,7 +503,7 @@ impl Controller {
                 // A retired instance that finished stopping: the drain loop below records it.
                 continue;
             }
-            let instance = own.iter().find(|i| &i.id == id);
+            let instance = by_id.get(id.as_str()).copied();
             let detail = instance.map(describe_exit).unwrap_or_default();
             let message = format!("instance {id} {detail}: removing it");
             self.db
@@ -518,15 +518,13 @@ impl Controller {
             if draining.contains_key(id) {
                 continue;
             }
-            let revision = own
-                .iter()
-                .find(|i| &i.id == id)
+            let revision = by_id
+                .get(id.as_str())
                 .and_then(|i| i.labels.get(LABEL_REVISION).cloned())
                 .unwrap_or_default();
             let release_no = releases
                 .get(&revision)
-                .cloned()
-                .flatten()
+                .and_then(Option::as_ref)
                 .map_or(0, |r| r.number);
             self.db
                 .mark_draining(id, service, release_no, &revision, deadline)?;
@@ -552,7 +550,7 @@ impl Controller {
         // period, so it runs beside the loop; the instance still counts (it still holds its
         // resources) until it has exited and is removed.
         for (id, drain_deadline) in draining {
-            let Some(instance) = own.iter().find(|i| &i.id == id) else {
+            let Some(instance) = by_id.get(id.as_str()).copied() else {
                 // Not this service's, or already gone (stopped just before a crash).
                 continue;
             };
@@ -612,7 +610,7 @@ impl Controller {
         let targets: Vec<(String, SocketAddr)> = step
             .route_to
             .iter()
-            .filter_map(|id| own.iter().find(|i| &i.id == id))
+            .filter_map(|id| by_id.get(id.as_str()).copied())
             .filter_map(|i| self.address_of(i, &release).map(|a| (i.id.clone(), a)))
             .collect();
         if let Some(endpoint) = self.endpoints.get(service) {
@@ -816,7 +814,7 @@ impl Controller {
                     .and_then(|h| h.tracker.last_failure)
                     .unwrap_or_else(|| "health check failed".into()),
                 _ => instance
-                    .map(describe_exit)
+                    .map(|i| describe_exit(i))
                     .unwrap_or_else(|| "exited".into()),
             };
             let logs = self.last_log_lines(&o.id, 5);
@@ -920,7 +918,7 @@ impl Controller {
     }
 }
 
-fn describe_exit(instance: &&Instance) -> String {
+fn describe_exit(instance: &Instance) -> String {
     match (instance.status, instance.exit_code, &instance.error) {
         (Status::Failed, _, Some(e)) => format!("failed to start: {e}"),
         (_, _, _) if instance.oom_killed => {

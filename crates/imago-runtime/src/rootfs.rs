@@ -110,6 +110,8 @@ impl RootfsCache {
                 source: e,
             }
         })?;
+        // The baseline for drift checks, taken before any instance can run from the tree.
+        self.record_manifest(digest)?;
         Ok(target)
     }
 }

@@ -12,6 +12,9 @@ use crate::error::{IoContext, Result, StoreError};
 use crate::layout::{Store, WriteGuard, sync_parent, tempfile_in};
 
 const IO_BUFFER: usize = 1 << 20;
+/// Every this many bytes a blob writer asks the kernel to start writing the data out, so that
+/// the disk works while the rest is still being hashed instead of all at the final fsync.
+const WRITEBACK_CHUNK: u64 = 32 << 20;
 
 /// Streams a new blob into a temporary file while hashing it. Nothing is visible in the store
 /// until [`BlobWriter::commit`]; dropping the writer without committing removes the temp file.
@@ -20,7 +23,10 @@ pub struct BlobWriter {
     // Keeps gc away while the blob is being written.
     _guard: WriteGuard,
     tmp_path: PathBuf,
-    inner: Option<HashingWriter<BufWriter<File>>>,
+    // Boxed: the hasher and buffer state is large, and callers keep writers in enums.
+    inner: Option<Box<HashingWriter<BufWriter<File>>>>,
+    /// Bytes before this offset have been handed to writeback.
+    writeback_from: u64,
 }
 
 impl BlobWriter {
@@ -37,10 +43,20 @@ impl BlobWriter {
 
     /// Bytes written so far.
     pub fn written(&self) -> u64 {
-        self.inner.as_ref().map_or(0, HashingWriter::count)
+        self.inner.as_ref().map_or(0, |w| w.count())
     }
 
     fn commit_inner(mut self, expected: Option<&Digest>) -> Result<(Digest, u64)> {
+        let result = self.try_commit(expected);
+        if result.is_err() {
+            // `inner` is gone, so Drop no longer removes the temp file: a refused or failed
+            // commit must not leave it behind.
+            let _ = fs::remove_file(&self.tmp_path);
+        }
+        result
+    }
+
+    fn try_commit(&mut self, expected: Option<&Digest>) -> Result<(Digest, u64)> {
         let Some(writer) = self.inner.take() else {
             return Err(StoreError::Io {
                 action: "commit",
@@ -48,7 +64,7 @@ impl BlobWriter {
                 source: io::Error::other("blob writer already finished"),
             });
         };
-        let (digest, size, buffered) = writer.finish();
+        let (digest, size, buffered) = (*writer).finish();
         let file = buffered
             .into_inner()
             .map_err(|e| e.into_error())
@@ -73,10 +89,25 @@ impl BlobWriter {
 
 impl Write for BlobWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match &mut self.inner {
-            Some(w) => w.write(buf),
-            None => Err(io::Error::other("blob writer already finished")),
+        let Some(w) = &mut self.inner else {
+            return Err(io::Error::other("blob writer already finished"));
+        };
+        let n = w.write(buf)?;
+        let written = w.count();
+        if written - self.writeback_from >= WRITEBACK_CHUNK {
+            w.get_mut().flush()?;
+            // POSIX_FADV_DONTNEED starts asynchronous writeback of the range (and lets its
+            // pages go once written: nothing re-reads a blob right after writing it). Only a
+            // hint: the commit's fsync is what makes the data durable.
+            let _ = rustix::fs::fadvise(
+                w.get_ref().get_ref(),
+                self.writeback_from,
+                std::num::NonZeroU64::new(written - self.writeback_from),
+                rustix::fs::Advice::DontNeed,
+            );
+            self.writeback_from = written;
         }
+        Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -213,9 +244,10 @@ impl Store {
             store: self.clone(),
             _guard: guard,
             tmp_path,
-            inner: Some(HashingWriter::new(BufWriter::with_capacity(
+            inner: Some(Box::new(HashingWriter::new(BufWriter::with_capacity(
                 IO_BUFFER, file,
-            ))),
+            )))),
+            writeback_from: 0,
         })
     }
 
@@ -372,5 +404,7 @@ mod tests {
         let err = w.commit_expecting(&Digest::of(b"expected")).unwrap_err();
         assert!(matches!(err, StoreError::UnexpectedDigest { .. }));
         assert!(!s.has_blob(&Digest::of(b"actual")));
+        // Regression: the refused temp file used to stay in .imago/tmp until gc.
+        assert!(fs::read_dir(s.tmp_dir()).unwrap().next().is_none());
     }
 }

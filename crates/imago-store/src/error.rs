@@ -66,6 +66,18 @@ pub enum StoreError {
     },
     #[error("layer {digest} has media type {media_type}, which imago cannot apply")]
     UnsupportedLayer { digest: Digest, media_type: String },
+    // The wrapped errors are part of the message, not a `source`: error reporters that walk
+    // the chain would otherwise print them twice.
+    #[error("archive {path}: {cause}")]
+    Archive {
+        path: PathBuf,
+        cause: Box<crate::archive::ArchiveError>,
+    },
+    #[error("cannot export to {path}: {cause}")]
+    Export {
+        path: PathBuf,
+        cause: Box<StoreError>,
+    },
     #[error("layer {digest} unpacks to diff_id {actual}, but the image config says {expected}")]
     DiffIdMismatch {
         digest: Digest,

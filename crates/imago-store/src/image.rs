@@ -4,7 +4,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use imago_oci::spec::{Arch, ImageConfiguration, ImageIndex, ImageManifest, Os};
 use imago_oci::{Digest, Reference, media};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, StoreError};
 use crate::index::{descriptor_digest, manifest_media_type};
@@ -182,16 +182,20 @@ impl Store {
     }
 
     /// One summary per name in the store (unnamed entries too), in `index.json` order.
+    ///
+    /// This is the hot path of `imago images`, so it reads only what a summary needs: each
+    /// manifest and config is still read whole and verified, but decoded into small structs
+    /// instead of oci-spec's full types, and each distinct manifest and config is read once.
     pub fn images(&self) -> Result<Vec<ImageSummary>> {
-        let mut loaded: HashMap<Digest, (u64, Option<String>)> = HashMap::new();
+        let mut manifests: HashMap<Digest, (u64, Option<String>)> = HashMap::new();
+        let mut configs: HashMap<Digest, Option<String>> = HashMap::new();
         let mut out = Vec::new();
         for entry in self.names()? {
-            let (size, created) = match loaded.get(&entry.digest) {
+            let (size, created) = match manifests.get(&entry.digest) {
                 Some(v) => v.clone(),
                 None => {
-                    let image = self.load_image(&entry.digest)?;
-                    let v = (image.total_size(), image.config.created().clone());
-                    loaded.insert(entry.digest.clone(), v.clone());
+                    let v = self.summarize(&entry.digest, &mut configs)?;
+                    manifests.insert(entry.digest.clone(), v.clone());
                     v
                 }
             };
@@ -204,4 +208,123 @@ impl Store {
         }
         Ok(out)
     }
+
+    /// Total size and creation time of the image `digest`, following an index to its
+    /// linux/amd64 image as [`Store::load_image`] does.
+    fn summarize(
+        &self,
+        digest: &Digest,
+        configs: &mut HashMap<Digest, Option<String>>,
+    ) -> Result<(u64, Option<String>)> {
+        let bytes = self.read_blob(digest, None)?;
+        let doc: SummaryManifest =
+            serde_json::from_slice(&bytes).map_err(|source| StoreError::InvalidJson {
+                digest: digest.clone(),
+                what: "manifest",
+                source,
+            })?;
+        let media_type = match (&doc.media_type, &doc.manifests, &doc.config) {
+            (Some(m), _, _) => m.clone(),
+            (None, Some(_), _) => media::OCI_INDEX.to_owned(),
+            (None, None, Some(_)) => media::OCI_MANIFEST.to_owned(),
+            (None, None, None) => "(none)".to_owned(),
+        };
+        if media::is_index(&media_type) {
+            let chosen = doc
+                .manifests
+                .unwrap_or_default()
+                .into_iter()
+                .find(|m| {
+                    m.platform
+                        .as_ref()
+                        .is_none_or(|p| p.os == "linux" && p.architecture == "amd64")
+                })
+                .ok_or_else(|| StoreError::NoMatchingPlatform {
+                    digest: digest.clone(),
+                })?;
+            return self.summarize(&chosen.digest(&format!("index {digest}"))?, configs);
+        }
+        if !media::is_image_manifest(&media_type) {
+            return Err(StoreError::WrongMediaType {
+                digest: digest.clone(),
+                found: media_type,
+                expected: media::OCI_MANIFEST,
+            });
+        }
+        let Some(config) = doc.config else {
+            return Err(StoreError::InvalidLayout {
+                path: self.blob_path(digest),
+                reason: format!("manifest {digest} has no config"),
+            });
+        };
+        let config_digest = config.digest(&format!("manifest {digest}"))?;
+        if config.media_type != media::OCI_CONFIG && config.media_type != media::DOCKER_CONFIG {
+            return Err(StoreError::WrongMediaType {
+                digest: config_digest,
+                found: config.media_type,
+                expected: media::OCI_CONFIG,
+            });
+        }
+        let created = match configs.get(&config_digest) {
+            Some(created) => created.clone(),
+            None => {
+                let config_bytes = self.read_blob(&config_digest, Some(config.size))?;
+                let parsed: SummaryConfig =
+                    serde_json::from_slice(&config_bytes).map_err(|source| {
+                        StoreError::InvalidJson {
+                            digest: config_digest.clone(),
+                            what: "image config",
+                            source,
+                        }
+                    })?;
+                configs.insert(config_digest, parsed.created.clone());
+                parsed.created
+            }
+        };
+        let size =
+            bytes.len() as u64 + config.size + doc.layers.iter().map(|l| l.size).sum::<u64>();
+        Ok((size, created))
+    }
+}
+
+/// The parts of a manifest or index that a summary needs.
+#[derive(Deserialize)]
+struct SummaryManifest {
+    #[serde(rename = "mediaType")]
+    media_type: Option<String>,
+    config: Option<SummaryDescriptor>,
+    #[serde(default)]
+    layers: Vec<SummaryDescriptor>,
+    manifests: Option<Vec<SummaryDescriptor>>,
+}
+
+#[derive(Deserialize)]
+struct SummaryDescriptor {
+    #[serde(rename = "mediaType", default)]
+    media_type: String,
+    digest: String,
+    size: u64,
+    platform: Option<SummaryPlatform>,
+}
+
+impl SummaryDescriptor {
+    fn digest(&self, context: &str) -> Result<Digest> {
+        self.digest.parse().map_err(|_| StoreError::InvalidDigest {
+            context: context.to_owned(),
+            value: self.digest.clone(),
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct SummaryPlatform {
+    #[serde(default)]
+    os: String,
+    #[serde(default)]
+    architecture: String,
+}
+
+#[derive(Deserialize)]
+struct SummaryConfig {
+    created: Option<String>,
 }

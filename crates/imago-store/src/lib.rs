@@ -14,6 +14,7 @@
 //!   that no name reaches yet.
 #![forbid(unsafe_code)]
 
+mod archive;
 mod blob;
 mod error;
 mod gc;
@@ -23,6 +24,10 @@ mod layout;
 mod unpack;
 mod verify;
 
+pub use archive::{
+    ArchiveError, ArchiveFormat, ExportFormat, ExportReport, ImportOptions, ImportReport,
+    ImportedImage,
+};
 pub use blob::{BlobWriter, VerifiedReader};
 pub use error::{Result, StoreError};
 pub use gc::{GcReport, GcRoots};

@@ -162,55 +162,61 @@ fn resolve_image(
     Ok(ImageSource::Stored(digest))
 }
 
-/// Plan-time checks that need the image: the health check's port must be one the image exposes.
-fn check_against_image(
-    store: &Store,
-    name: &str,
-    spec: &ServiceSpec,
-    digest: &Digest,
-) -> Result<()> {
+/// The TCP ports an image says it listens on (`ExposedPorts`).
+fn exposed_ports_of(store: &Store, digest: &Digest) -> Result<Vec<u16>> {
     let image = store.load_image(digest)?;
-    let exposed: Vec<u16> = image
+    let ports = image
         .config
         .config()
         .as_ref()
         .and_then(|c| c.exposed_ports().clone())
-        .unwrap_or_default()
-        .iter()
+        .unwrap_or_default();
+    Ok(parse_ports(ports.iter().map(String::as_str)))
+}
+
+/// The ports an image of the definition file will expose, before it is built.
+fn exposed_ports_defined(services: &Services, image: &str) -> Vec<u16> {
+    services
+        .file
+        .definition
+        .image
+        .get(image)
+        .map_or_else(Vec::new, |def| {
+            parse_ports(def.config.ports.iter().map(|p| p.get_ref().as_str()))
+        })
+}
+
+fn parse_ports<'a>(ports: impl Iterator<Item = &'a str>) -> Vec<u16> {
+    ports
+        .filter(|p| !p.ends_with("/udp"))
         .filter_map(|p| p.split('/').next().and_then(|n| n.parse().ok()))
-        .collect();
+        .collect()
+}
+
+/// Plan-time checks that need the image: the instance and health-check ports must be ones the
+/// image exposes (when it declares any).
+fn check_ports(name: &str, spec: &ServiceSpec, image: &str, exposed: &[u16]) -> Result<()> {
     if exposed.is_empty() {
         return Ok(());
     }
+    let listed = exposed
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
     if let Some(health) = &spec.health
-        && let Ok(probe) = health.probe(spec.instance_port())
+        && let Ok(
+            imago_deploy::spec::Probe::Http { port, .. } | imago_deploy::spec::Probe::Tcp { port },
+        ) = health.probe(spec.instance_port())
+        && !exposed.contains(&port)
     {
-        let port = match probe {
-            imago_deploy::spec::Probe::Http { port, .. }
-            | imago_deploy::spec::Probe::Tcp { port } => Some(port),
-            imago_deploy::spec::Probe::Command { .. } => None,
-        };
-        if let Some(port) = port.filter(|p| !exposed.contains(p)) {
-            bail!(
-                "service {name}: the health check probes port {port}, but image {} listens on {}",
-                digest.short(),
-                exposed
-                    .iter()
-                    .map(|p| p.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-        }
+        bail!(
+            "service {name}: the health check probes port {port}, but image {image} listens on {listed}"
+        );
     }
     if let Some(port) = spec.instance_port().filter(|p| !exposed.contains(p)) {
         bail!(
-            "service {name}: instances are expected on port {port}, but image {} listens on {}",
-            digest.short(),
-            exposed
-                .iter()
-                .map(|p| p.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
+            "service {name}: instances are expected on port {port}, but image {image} listens on {listed}"
         );
     }
     Ok(())
@@ -313,8 +319,14 @@ fn make_plan(
                 }
             }
         };
-        if let Some(d) = &digest {
-            check_against_image(store, name, spec, d)?;
+        match &digest {
+            Some(d) => check_ports(name, spec, d.short(), &exposed_ports_of(store, d)?)?,
+            None => check_ports(
+                name,
+                spec,
+                &spec.image,
+                &exposed_ports_defined(services, &spec.image),
+            )?,
         }
         let current = db.desired(name)?;
         let changed = match (&current, &digest) {
@@ -464,7 +476,12 @@ pub fn apply(ctx: &Context, args: ApplyArgs) -> Result<()> {
                 built.digest
             }
         };
-        check_against_image(&store, name, spec, &digest)?;
+        check_ports(
+            name,
+            spec,
+            digest.short(),
+            &exposed_ports_of(&store, &digest)?,
+        )?;
         // Keep the image named by digest too, so `imago images` shows what releases pin.
         let (release, new) = db.record_release(name, spec, &digest, "apply", None, &actor())?;
         if new {
@@ -683,6 +700,32 @@ pub struct ServeArgs {
     /// Container engine for new instances
     #[arg(long, default_value = "embedded", value_parser = ["embedded", "runc"])]
     pub runtime: String,
+    /// Stop the running controller (instances keep running; a new controller adopts them)
+    #[arg(long, conflicts_with = "foreground")]
+    pub stop: bool,
+}
+
+fn stop_controller(ctx: &Context, home: &DeployHome) -> Result<()> {
+    if !controller_running(home)? {
+        ctx.reporter.status("no controller is running");
+        return Ok(());
+    }
+    let info: ControllerInfo = serde_json::from_slice(&std::fs::read(home.info_path())?)
+        .with_context(|| format!("cannot read {}", home.info_path().display()))?;
+    let pid = rustix::process::Pid::from_raw(info.pid as i32)
+        .ok_or_else(|| anyhow!("bad pid in {}", home.info_path().display()))?;
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM)
+        .with_context(|| format!("cannot signal controller {}", info.pid))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while controller_running(home)? {
+        if Instant::now() > deadline {
+            bail!("controller {} did not stop within 10 s", info.pid);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ctx.reporter
+        .status(format!("controller {} stopped", info.pid));
+    Ok(())
 }
 
 #[derive(Serialize, Deserialize)]
@@ -694,6 +737,9 @@ struct ControllerInfo {
 pub fn serve(ctx: &Context, args: ServeArgs) -> Result<()> {
     let home = DeployHome::new(ctx);
     std::fs::create_dir_all(&home.dir)?;
+    if args.stop {
+        return stop_controller(ctx, &home);
+    }
     if !args.foreground {
         ensure_controller(ctx, &home)?;
         return Ok(());

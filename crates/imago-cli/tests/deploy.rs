@@ -1,0 +1,553 @@
+//! Deployments end to end with real instances (root, busybox-static, the embedded runtime):
+//! rolling updates under load, failed releases and automatic rollback, manual rollback, drift,
+//! controller crashes, and plan-time errors.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::Imago;
+
+/// One test's deployment: a home, a copy of the web example with its own endpoint port, and
+/// cleanup (destroy + controller stop) however the test ends.
+struct Deployment {
+    imago: Imago,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        let _ = self.imago.cmd().args(["destroy", "web"]).output();
+        let _ = self.imago.cmd().args(["serve", "--stop"]).output();
+        // Instances a test started by hand.
+        if let Ok(out) = self.imago.cmd().args(["ps", "--json"]).output()
+            && let Ok(list) = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        {
+            for i in list.as_array().into_iter().flatten() {
+                if let Some(id) = i["id"].as_str() {
+                    let _ = self.imago.cmd().args(["stop", id]).output();
+                    let _ = self.imago.cmd().args(["rm", id]).output();
+                }
+            }
+        }
+    }
+}
+
+const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/web");
+
+impl Deployment {
+    fn new(port: u16) -> Deployment {
+        let imago = Imago::new();
+        let dir = imago.dir.path().join("web");
+        copy_dir(Path::new(EXAMPLE), &dir);
+        let d = Deployment { imago, dir, port };
+        d.set_version("v1", "1");
+        d
+    }
+
+    fn file(&self) -> String {
+        self.dir.join("imago.toml").display().to_string()
+    }
+
+    /// Rewrites the page and the service's environment for a version, and the endpoint port.
+    fn set_version(&self, page: &str, env: &str) {
+        std::fs::write(
+            self.dir.join("www/index.html"),
+            format!("<h1>version {page}</h1>\n"),
+        )
+        .unwrap();
+        let original = std::fs::read_to_string(Path::new(EXAMPLE).join("imago.toml")).unwrap();
+        let toml = original
+            .replace("port = 8088", &format!("port = {}", self.port))
+            .replace(
+                "target_port = 8080",
+                &format!("target_port = 8080\nenv = {{ VERSION = \"{env}\" }}"),
+            );
+        std::fs::write(self.dir.join("imago.toml"), toml).unwrap();
+    }
+
+    /// Replaces one line of the current definition.
+    fn edit(&self, from: &str, to: &str) {
+        let path = self.dir.join("imago.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains(from), "{from:?} not in the definition");
+        std::fs::write(&path, text.replace(from, to)).unwrap();
+    }
+
+    fn apply(&self) -> common::Run {
+        self.imago.run(&["apply", "-f", &self.file()])
+    }
+
+    fn status(&self) -> serde_json::Value {
+        self.imago.run(&["status", "--json", "web"]).ok().json()
+    }
+
+    fn instances(&self) -> Vec<serde_json::Value> {
+        self.imago
+            .run(&["ps", "--json"])
+            .ok()
+            .json()
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn get(&self) -> Result<String, String> {
+        http_get(self.port)
+    }
+
+    /// Waits until `check` holds, polling every 100 ms.
+    fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut(&Deployment) -> bool,
+    ) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if check(self) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("timed out waiting for {what}; status: {}", self.status());
+    }
+
+    fn events(&self) -> Vec<String> {
+        let json = self.imago.run(&["events", "--json"]).ok().json();
+        json.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["message"].as_str().unwrap_or("").to_owned())
+            .collect()
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// GET / on the service endpoint; the body, or why not.
+fn http_get(port: u16) -> Result<String, String> {
+    let mut stream =
+        TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")
+        .map_err(|e| format!("send: {e}"))?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .map_err(|e| format!("read: {e}"))?;
+    if !response.starts_with("HTTP/1.0 200") && !response.starts_with("HTTP/1.1 200") {
+        return Err(format!("bad response: {:?}", response.lines().next()));
+    }
+    Ok(response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default())
+}
+
+/// A client that asks the endpoint continuously until stopped; returns every answer in order.
+struct Client {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Vec<Result<String, String>>>,
+}
+
+impl Client {
+    fn start(port: u16) -> Client {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut answers = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                answers.push(http_get(port));
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            answers
+        });
+        Client { stop, handle }
+    }
+
+    fn finish(self) -> Vec<Result<String, String>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().unwrap()
+    }
+}
+
+#[test]
+fn rolling_update_under_load_drops_no_request_and_switches_versions() {
+    let d = Deployment::new(18201);
+    d.apply().ok();
+    assert!(d.get().unwrap().contains("version v1"));
+
+    let client = Client::start(d.port);
+    std::thread::sleep(Duration::from_millis(300));
+    d.set_version("v2", "2");
+    let out = d.apply().ok().stdout();
+    assert!(out.contains("deployment complete (release 2"), "{out}");
+    std::thread::sleep(Duration::from_millis(300));
+    let answers = client.finish();
+
+    let failures: Vec<&String> = answers.iter().filter_map(|a| a.as_ref().err()).collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {failures:?}",
+        failures.len(),
+        answers.len()
+    );
+    assert!(
+        answers.len() > 50,
+        "the client kept asking ({} answers)",
+        answers.len()
+    );
+    let versions: Vec<&str> = answers
+        .iter()
+        .map(|a| {
+            if a.as_ref().unwrap().contains("version v1") {
+                "v1"
+            } else {
+                "v2"
+            }
+        })
+        .collect();
+    assert_eq!(versions.first(), Some(&"v1"));
+    assert_eq!(versions.last(), Some(&"v2"));
+    let instances = d.instances();
+    assert_eq!(
+        instances.len(),
+        3,
+        "exactly the replicas remain: {instances:?}"
+    );
+    let status = d.status();
+    let digest = status["services"][0]["desired"]["image_digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        instances.iter().all(|i| i["image"] == digest),
+        "every instance runs release 2"
+    );
+}
+
+#[test]
+fn a_release_failing_its_health_check_is_rolled_back_and_status_says_why() {
+    let d = Deployment::new(18202);
+    d.apply().ok();
+    d.set_version("v2", "2");
+    d.apply().ok();
+
+    let client = Client::start(d.port);
+    d.set_version("v3", "3");
+    d.edit("path = \"/\"", "path = \"/healthz-missing\"");
+    let started = Instant::now();
+    let err = d.apply().fails();
+    let took = started.elapsed();
+    let answers = client.finish();
+
+    assert!(err.contains("did not deploy"), "{err}");
+    assert!(
+        took < Duration::from_secs(30),
+        "stopped within its progress deadline (took {took:?})"
+    );
+    assert!(
+        answers
+            .iter()
+            .all(|a| a.as_ref().is_ok_and(|b| b.contains("version v2"))),
+        "v2 served throughout"
+    );
+    let status = d.status();
+    let service = &status["services"][0];
+    assert_eq!(service["desired"]["rollback_of"], 2, "{status}");
+    assert_eq!(service["outcome"]["outcome"], "complete");
+    let why = service["last_failure"]["detail"].as_str().unwrap();
+    assert!(
+        why.contains("/healthz-missing") && why.contains("404"),
+        "{why}"
+    );
+    assert!(
+        d.events()
+            .iter()
+            .any(|e| e.contains("rolled back to release 2"))
+    );
+    let human = d.imago.run(&["status", "web"]).ok().stdout();
+    assert!(
+        human.contains("last failure: release 3") && human.contains("404"),
+        "{human}"
+    );
+}
+
+#[test]
+fn rollback_to_a_release_restores_its_image_and_environment_together() {
+    let d = Deployment::new(18203);
+    d.apply().ok();
+    d.set_version("v2", "2");
+    d.apply().ok();
+    assert!(d.get().unwrap().contains("version v2"));
+
+    let out = d.imago.run(&["rollback", "web", "--to", "1"]).ok().stdout();
+    assert!(out.contains("deployment complete"), "{out}");
+    assert!(d.get().unwrap().contains("version v1"));
+    let history = d.imago.run(&["history", "--json", "web"]).ok().json();
+    let releases = history.as_array().unwrap();
+    assert_eq!(releases.len(), 3);
+    assert_eq!(releases[2]["rollback_of"], 1);
+    assert_eq!(releases[2]["image_digest"], releases[0]["image_digest"]);
+    assert_eq!(
+        releases[2]["spec"]["env"]["VERSION"], "1",
+        "configuration rolled back with the image"
+    );
+    let instances = d.instances();
+    assert_eq!(instances.len(), 3);
+    assert!(
+        instances
+            .iter()
+            .all(|i| i["image"] == releases[0]["image_digest"])
+    );
+}
+
+#[test]
+fn drift_dead_modified_and_unknown_instances_are_reported_and_replaced() {
+    let d = Deployment::new(18204);
+    d.apply().ok();
+
+    // 1. Kill an instance's process: the controller replaces it.
+    let victim = d.instances()[0].clone();
+    let pid = victim["pid"].as_i64().expect("pid of a running instance") as i32;
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    let victim_id = victim["id"].as_str().unwrap().to_owned();
+    d.wait_until(
+        "the killed instance to be replaced",
+        Duration::from_secs(20),
+        |d| {
+            let now = d.instances();
+            now.len() == 3 && now.iter().all(|i| i["id"] != victim_id.as_str())
+        },
+    );
+    assert!(
+        d.events()
+            .iter()
+            .any(|e| e.contains(&victim_id) && e.contains("exited"))
+    );
+
+    // 2. Write into the unpacked image from the host: detected, set aside, instances replaced.
+    let before: Vec<String> = d
+        .instances()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap().to_owned())
+        .collect();
+    let digest = d.instances()[0]["image"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_owned();
+    let page = d
+        .imago
+        .home
+        .join("rootfs")
+        .join(&digest)
+        .join("www/index.html");
+    std::fs::write(&page, "<h1>defaced</h1>\n").unwrap();
+    d.wait_until(
+        "the modified instances to be replaced",
+        Duration::from_secs(40),
+        |d| {
+            let now = d.instances();
+            now.len() == 3
+                && now
+                    .iter()
+                    .all(|i| !before.contains(&i["id"].as_str().unwrap().to_owned()))
+        },
+    );
+    assert!(
+        d.events().iter().any(|e| e.contains("was modified")),
+        "{:?}",
+        d.events()
+    );
+    assert!(
+        d.get().unwrap().contains("version v1"),
+        "served from a fresh copy of the image"
+    );
+
+    // 3. An instance nobody deployed is reported.
+    let stray = d.imago.run(&["run", "web"]).ok().stdout().trim().to_owned();
+    let report = d.imago.run(&["drift", "--json"]);
+    let json = report.json();
+    assert!(
+        !report.output.status.success(),
+        "drift exits non-zero when it finds drift"
+    );
+    let findings = json.as_array().unwrap();
+    assert!(
+        findings
+            .iter()
+            .any(|f| f["instance"] == stray.as_str() && f["kind"] == "unknown"),
+        "{json}"
+    );
+    d.wait_until(
+        "the controller to report the stray instance",
+        Duration::from_secs(10),
+        |d| {
+            d.events()
+                .iter()
+                .any(|e| e.contains(&stray) && e.contains("not launched by a deployment"))
+        },
+    );
+}
+
+#[test]
+fn the_controller_survives_kill_9_at_every_point_of_a_rollout() {
+    let d = Deployment::new(18205);
+    d.edit("min_ready = \"500ms\"", "min_ready = \"1s\"");
+    d.apply().ok();
+    d.set_version("v2", "2");
+    d.edit("min_ready = \"500ms\"", "min_ready = \"1s\"");
+
+    let controller_pid = |d: &Deployment| -> i32 {
+        let info: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(d.imago.home.join("deploy/controller.json")).unwrap(),
+        )
+        .unwrap();
+        info["pid"].as_i64().unwrap() as i32
+    };
+    let kill9 = |pid: i32| {
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(pid).unwrap(),
+            rustix::process::Signal::KILL,
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+    };
+
+    // Point 1: right after the release is recorded.
+    d.imago.run(&["apply", "--no-wait", "-f", &d.file()]).ok();
+    kill9(controller_pid(&d));
+    // Point 2: after a new instance started.
+    d.imago.run(&["serve"]).ok();
+    d.wait_until("a release-2 instance", Duration::from_secs(20), |d| {
+        d.events()
+            .iter()
+            .any(|e| e.contains("launched for release 2"))
+    });
+    kill9(controller_pid(&d));
+    // Point 3: during a drain.
+    d.imago.run(&["serve"]).ok();
+    d.wait_until("a retired instance", Duration::from_secs(20), |d| {
+        d.events().iter().any(|e| e.contains("retired: draining"))
+    });
+    kill9(controller_pid(&d));
+
+    d.imago.run(&["serve"]).ok();
+    d.wait_until("release 2 to complete", Duration::from_secs(60), |d| {
+        d.status()["services"][0]["outcome"]["outcome"] == "complete"
+    });
+    let status = d.status();
+    let digest = status["services"][0]["desired"]["image_digest"].clone();
+    assert_eq!(status["services"][0]["desired"]["number"], 2);
+    let instances = d.instances();
+    assert_eq!(instances.len(), 3, "no orphaned instance: {instances:?}");
+    assert!(instances.iter().all(|i| i["image"] == digest));
+    let all = d.imago.run(&["ps", "--all", "--json"]).ok().json();
+    assert_eq!(
+        all.as_array().unwrap().len(),
+        3,
+        "nothing left behind: {all}"
+    );
+    let history = d.imago.run(&["history", "--json", "web"]).ok().json();
+    assert_eq!(
+        history.as_array().unwrap().len(),
+        2,
+        "no release lost or duplicated"
+    );
+    let events = d.events();
+    assert!(events.iter().any(|e| e.contains("release 1: complete")));
+    assert!(events.iter().any(|e| e.contains("release 2: complete")));
+    assert!(d.get().unwrap().contains("version v2"));
+}
+
+#[test]
+fn bad_service_definitions_are_refused_at_plan_time() {
+    let d = Deployment::new(18206);
+    let plan = |d: &Deployment| d.imago.run(&["plan", "-f", &d.file()]).fails();
+
+    d.edit("image = \"web\"", "image = \"nothing-like-this\"");
+    let err = plan(&d);
+    assert!(
+        err.contains("service web") && err.contains("nothing-like-this"),
+        "{err}"
+    );
+    d.edit("image = \"nothing-like-this\"", "image = \"web\"");
+
+    d.edit("path = \"/\"", "path = \"/\"\nport = 9999");
+    let err = plan(&d);
+    assert!(err.contains("9999") && err.contains("8080"), "{err}");
+    d.edit("path = \"/\"\nport = 9999", "path = \"/\"");
+
+    d.edit("max_surge = 1", "max_surge = 0");
+    let err = plan(&d);
+    assert!(
+        err.contains("max_surge and max_unavailable are both 0"),
+        "{err}"
+    );
+    d.edit("max_surge = 0", "max_surge = 1");
+
+    d.edit("replicas = 3", "replicas = 0");
+    let err = plan(&d);
+    assert!(
+        err.contains("replicas") && err.contains("at least 1"),
+        "{err}"
+    );
+    d.edit("replicas = 0", "replicas = 3");
+
+    let text = std::fs::read_to_string(d.dir.join("imago.toml")).unwrap();
+    std::fs::write(
+        d.dir.join("imago.toml"),
+        format!(
+            "{text}\n[service.api]\nimage = \"web\"\nport = {}\ntarget_port = 8080\n",
+            d.port
+        ),
+    )
+    .unwrap();
+    let err = plan(&d);
+    assert!(
+        err.contains("both publish port") && err.contains("api") && err.contains("web"),
+        "{err}"
+    );
+
+    std::fs::write(
+        d.dir.join("imago.toml"),
+        format!("{text}\n[service.web.extra]\nx = 1\n"),
+    )
+    .unwrap();
+    let err = plan(&d);
+    assert!(
+        err.contains("imago.toml:") && err.contains("extra"),
+        "an unknown key is named with its line: {err}"
+    );
+
+    // Nothing was deployed by any of it.
+    assert!(d.instances().is_empty());
+}
