@@ -40,6 +40,24 @@ enum Command {
     Build(commands::build::BuildArgs),
     /// Print the JSON Schema of imago.toml
     Schema(commands::build::SchemaArgs),
+    /// Show what apply would do: new releases, waves, capacity during the rollout
+    Plan(commands::deploy::FileArgs),
+    /// Build changed images, record releases and roll them out
+    Apply(commands::deploy::ApplyArgs),
+    /// Show services, their releases, rollouts and instances
+    Status(commands::deploy::StatusArgs),
+    /// List a service's releases
+    History(commands::deploy::HistoryArgs),
+    /// Restore an earlier release (image and configuration together) as a new release
+    Rollback(commands::deploy::RollbackArgs),
+    /// Stop every instance of a service and forget it (its history stays)
+    Destroy(commands::deploy::DestroyArgs),
+    /// Show the event log
+    Events(commands::deploy::EventsArgs),
+    /// Report instances that differ from their release: dead, wrong spec, modified, unknown
+    Drift(commands::deploy::DriftArgs),
+    /// Run the controller: reconcile loop, service endpoints and HTTP API
+    Serve(commands::deploy::ServeArgs),
     /// List the images in the store
     Images(commands::images::ImagesArgs),
     /// Show an image's manifest, config and layers
@@ -93,6 +111,15 @@ fn run(cli: Cli, reporter: Reporter) -> Result<()> {
     match cli.command {
         Command::Build(args) => commands::build::build(&ctx, args),
         Command::Schema(args) => commands::build::schema(&ctx, args),
+        Command::Plan(args) => commands::deploy::plan(&ctx, args),
+        Command::Apply(args) => commands::deploy::apply(&ctx, args),
+        Command::Status(args) => commands::deploy::status(&ctx, args),
+        Command::History(args) => commands::deploy::history(&ctx, args),
+        Command::Rollback(args) => commands::deploy::rollback(&ctx, args),
+        Command::Destroy(args) => commands::deploy::destroy(&ctx, args),
+        Command::Events(args) => commands::deploy::events(&ctx, args),
+        Command::Drift(args) => commands::deploy::drift(&ctx, args),
+        Command::Serve(args) => commands::deploy::serve(&ctx, args),
         Command::Images(args) => commands::images::images(&ctx, args),
         Command::Inspect(args) => commands::images::inspect(&ctx, args),
         Command::Tag(args) => commands::images::tag(&ctx, args),

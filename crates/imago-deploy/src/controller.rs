@@ -29,7 +29,7 @@ pub const LABEL_SERVICE: &str = "imago.service";
 /// part of an instance: a rollback release with the same revision adopts the running instances.
 pub const LABEL_REVISION: &str = "imago.revision";
 
-/// How long a stopping instance gets between SIGTERM and SIGKILL.
+/// How long an instance of a destroyed service gets between SIGTERM and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// The instance spec a release's instances run.
@@ -175,6 +175,14 @@ pub struct Controller {
     bind: IpAddr,
     /// Unknown instances already reported, so the event log is not flooded.
     reported_unknown: BTreeSet<String>,
+    /// Stops in progress (each takes up to the instance's grace period).
+    stopping: HashMap<String, std::thread::JoinHandle<()>>,
+    /// The rootfs cache to check for modifications, and how often.
+    rootfs: Option<(imago_runtime::RootfsCache, Duration)>,
+    last_rootfs_check: Option<std::time::Instant>,
+    /// Images whose unpacked tree was found modified, and when: instances created before that
+    /// run from the modified tree.
+    tainted: HashMap<imago_oci::Digest, u64>,
 }
 
 impl Controller {
@@ -195,7 +203,61 @@ impl Controller {
             actor: "controller".into(),
             bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             reported_unknown: BTreeSet::new(),
+            stopping: HashMap::new(),
+            rootfs: None,
+            last_rootfs_check: None,
+            tainted: HashMap::new(),
         }
+    }
+
+    /// Checks the unpacked images of running instances for modifications every `every`
+    /// (a metadata pass; `imago drift --deep` hashes contents).
+    pub fn with_rootfs_checks(
+        mut self,
+        cache: imago_runtime::RootfsCache,
+        every: Duration,
+    ) -> Controller {
+        self.rootfs = Some((cache, every));
+        self
+    }
+
+    fn check_rootfs(&mut self, instances: &[Instance]) -> Result<(), DeployError> {
+        let Some((cache, every)) = &self.rootfs else {
+            return Ok(());
+        };
+        if self.last_rootfs_check.is_some_and(|t| t.elapsed() < *every) {
+            return Ok(());
+        }
+        self.last_rootfs_check = Some(std::time::Instant::now());
+        let digests: BTreeSet<&imago_oci::Digest> = instances
+            .iter()
+            .filter(|i| i.is_active() && i.labels.contains_key(LABEL_SERVICE))
+            .map(|i| &i.image)
+            .collect();
+        for digest in digests {
+            let problems = cache
+                .verify(digest, false)
+                .map_err(|e| DeployError::Runtime(e.to_string()))?;
+            if problems.is_empty() {
+                continue;
+            }
+            let shown: Vec<&str> = problems.iter().take(5).map(String::as_str).collect();
+            let message = format!(
+                "the unpacked image {digest} was modified ({}{}): setting it aside and replacing its instances",
+                shown.join(", "),
+                if problems.len() > 5 {
+                    format!(", and {} more", problems.len() - 5)
+                } else {
+                    String::new()
+                }
+            );
+            cache
+                .taint(digest)
+                .map_err(|e| DeployError::Runtime(e.to_string()))?;
+            self.db.event(None, "drift", &message, &self.actor)?;
+            self.tainted.insert(digest.clone(), now_ms());
+        }
+        Ok(())
     }
 
     pub fn db(&self) -> &StateDb {
@@ -213,6 +275,7 @@ impl Controller {
             .list()
             .map_err(|e| DeployError::Runtime(e.to_string()))?;
         let draining = self.db.draining()?;
+        self.check_rootfs(&instances)?;
         let services = self.db.all_services()?;
         let known: BTreeSet<&str> = services
             .iter()
@@ -364,7 +427,22 @@ impl Controller {
                 .cloned()
                 .unwrap_or_default();
             let mut revision_seen = revision.clone();
-            if revision == release.revision
+            if let Some(when) = self.tainted.get(&instance.image)
+                && instance.created_ms <= *when
+                && instance.is_active()
+            {
+                // Its root filesystem was modified after unpacking: replace it.
+                revision_seen = format!("modified-{}", instance.id);
+                if !draining.contains_key(&instance.id) {
+                    let message = format!(
+                        "instance {} runs from a modified copy of {}: replacing it",
+                        instance.id, instance.image
+                    );
+                    self.db
+                        .event(Some(service), "drift", &message, &self.actor)?;
+                    pass.drift.push(message);
+                }
+            } else if revision == release.revision
                 && instance.is_active()
                 && (instance.spec_hash != expected_hash || instance.image != release.image_digest)
             {
@@ -421,6 +499,10 @@ impl Controller {
 
         // Act: clean up the dead (replace, don't repair).
         for id in &step.remove_dead {
+            if draining.contains_key(id) {
+                // A retired instance that finished stopping: the drain loop below records it.
+                continue;
+            }
             let instance = own.iter().find(|i| &i.id == id);
             let detail = instance.map(describe_exit).unwrap_or_default();
             let message = format!("instance {id} {detail}: removing it");
@@ -466,20 +548,16 @@ impl Controller {
             }
             pass.retired.push(id.clone());
         }
-        // Stop what has drained (or ran out of drain time).
+        // Stop what has drained (or ran out of drain time). Stopping takes up to the grace
+        // period, so it runs beside the loop; the instance still counts (it still holds its
+        // resources) until it has exited and is removed.
         for (id, drain_deadline) in draining {
             let Some(instance) = own.iter().find(|i| &i.id == id) else {
                 // Not this service's, or already gone (stopped just before a crash).
                 continue;
             };
-            let routes = self.endpoints.get(service).map(|e| e.routes.clone());
-            let open = routes.as_ref().map_or(0, |r| r.active_connections(id));
-            if open == 0 || now >= *drain_deadline {
-                if instance.is_active() {
-                    self.provider
-                        .stop(id, STOP_GRACE)
-                        .map_err(|e| DeployError::Runtime(e.to_string()))?;
-                }
+            if !instance.is_active() {
+                self.stopping.remove(id);
                 self.remove_instance(id)?;
                 self.db.event(
                     Some(service),
@@ -488,6 +566,19 @@ impl Controller {
                     &self.actor,
                 )?;
                 pass.stopped.push(id.clone());
+                continue;
+            }
+            let routes = self.endpoints.get(service).map(|e| e.routes.clone());
+            let open = routes.as_ref().map_or(0, |r| r.active_connections(id));
+            let in_flight = self.stopping.get(id).is_some_and(|t| !t.is_finished());
+            if (open == 0 || now >= *drain_deadline) && !in_flight {
+                let provider = self.provider.clone();
+                let grace = release.spec.stop_grace_period;
+                let stop_id = id.clone();
+                let task = std::thread::spawn(move || {
+                    let _ = provider.stop(&stop_id, grace);
+                });
+                self.stopping.insert(id.clone(), task);
             }
         }
         // Launch.
@@ -1052,9 +1143,13 @@ mod tests {
         rogue.env.insert("DEBUG".into(), "1".into());
         let rogue = h.fake.launch(&rogue).unwrap();
         let mut saw_drift = false;
-        for _ in 0..5 {
+        for _ in 0..200 {
             let pass = h.controller.pass().unwrap().remove(0);
             saw_drift |= pass.drift.iter().any(|d| d.contains(&rogue.id));
+            if h.fake.inspect(&rogue.id).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
         assert!(saw_drift);
         assert!(

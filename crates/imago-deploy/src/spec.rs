@@ -35,6 +35,13 @@ pub struct ServiceSpec {
     pub health: Option<HealthCheck>,
     #[serde(default)]
     pub rollout: RolloutSettings,
+    /// Time between the stop signal and SIGKILL when an instance is retired.
+    #[serde(default = "default_stop_grace", with = "humantime_serde_compat")]
+    pub stop_grace_period: Duration,
+}
+
+fn default_stop_grace() -> Duration {
+    Duration::from_secs(5)
 }
 
 fn one() -> u32 {

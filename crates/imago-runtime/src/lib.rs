@@ -15,6 +15,7 @@ pub mod local;
 pub mod network;
 pub mod provider;
 pub mod rootfs;
+pub mod rootfs_check;
 pub mod spec;
 pub mod state;
 pub mod store_source;

@@ -137,7 +137,7 @@ pub fn build(ctx: &Context, args: BuildArgs) -> Result<()> {
     ctx.reporter.emit(&BuildResult { images: results })
 }
 
-fn build_one(
+pub(crate) fn build_one(
     ctx: &Context,
     store: &imago_store::Store,
     file: &DefinitionFile,

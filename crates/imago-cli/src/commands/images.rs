@@ -238,7 +238,8 @@ impl Render for GcResult {
 
 pub fn gc(ctx: &Context, args: GcArgs) -> Result<()> {
     let store = ctx.store()?;
-    let report = store.gc(&[], args.dry_run)?;
+    let roots = super::deploy::release_roots(ctx);
+    let report = store.gc(&[&roots], args.dry_run)?;
     ctx.reporter.emit(&GcResult(report))
 }
 

@@ -1,5 +1,6 @@
 //! One module per area of the command line; each command takes the shared [`crate::Context`].
 
 pub mod build;
+pub mod deploy;
 pub mod images;
 pub mod instances;

@@ -1,0 +1,1207 @@
+//! Deployments: plan, apply, status, history, rollback, destroy, events, drift, and the
+//! controller (`serve`).
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use clap::Args;
+use imago_build::{BuildOptions, DefinitionFile};
+use imago_deploy::controller::{Controller, LABEL_REVISION, LABEL_SERVICE, instance_spec};
+use imago_deploy::plan::{RolloutPlan, plan_rollout};
+use imago_deploy::roots::{DEFAULT_HISTORY_LIMIT, ReleaseRoots};
+use imago_deploy::spec::{ServiceSpec, validate_all};
+use imago_deploy::state::{Event, Release, StateDb};
+use imago_oci::{Digest, Reference};
+use imago_runtime::{
+    Engine, Instance, LocalProvider, Provider, StoreImageSource, SupervisorCommand,
+};
+use imago_store::Store;
+use serde::{Deserialize, Serialize};
+
+use crate::Context;
+use crate::reporter::Render;
+
+/// The deploy layer's files under the imago home.
+pub struct DeployHome {
+    pub dir: PathBuf,
+}
+
+impl DeployHome {
+    pub fn new(ctx: &Context) -> DeployHome {
+        DeployHome {
+            dir: ctx.home.root.join("deploy"),
+        }
+    }
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.join("state.db")
+    }
+    fn lock_path(&self) -> PathBuf {
+        self.dir.join("controller.lock")
+    }
+    fn info_path(&self) -> PathBuf {
+        self.dir.join("controller.json")
+    }
+    fn log_path(&self) -> PathBuf {
+        self.dir.join("controller.log")
+    }
+    pub fn open_db(&self) -> Result<StateDb> {
+        Ok(StateDb::open(&self.db_path())?)
+    }
+}
+
+/// The gc roots deployments add: the images of retained releases.
+pub fn release_roots(ctx: &Context) -> ReleaseRoots {
+    ReleaseRoots {
+        path: DeployHome::new(ctx).db_path(),
+        keep: DEFAULT_HISTORY_LIMIT,
+    }
+}
+
+pub fn local_provider(ctx: &Context, store: Store) -> Result<LocalProvider> {
+    Ok(LocalProvider::new(
+        &ctx.home.root,
+        Box::new(StoreImageSource::new(store)),
+        SupervisorCommand::current_exe()?,
+    ))
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FileArgs {
+    /// The definition file
+    #[arg(short = 'f', long = "file", default_value = "imago.toml")]
+    pub file: PathBuf,
+    /// Only these services (default: every service of the file)
+    pub services: Vec<String>,
+}
+
+/// `[service.*]` tables read with their spans, so errors point at the file, line and column.
+#[derive(Deserialize)]
+struct ServiceTables {
+    #[serde(default)]
+    service: BTreeMap<String, ServiceSpec>,
+    #[serde(flatten)]
+    _rest: BTreeMap<String, toml::Value>,
+}
+
+struct Services {
+    file: DefinitionFile,
+    specs: BTreeMap<String, ServiceSpec>,
+}
+
+fn load_services(args: &FileArgs) -> Result<Services> {
+    let file = DefinitionFile::load(&args.file)?;
+    let tables: ServiceTables = toml::from_str(&file.text).map_err(|e| {
+        let (line, column) = e.span().map_or((0, 0), |s| {
+            imago_build::definition::line_column(&file.text, s.start)
+        });
+        anyhow!(
+            "{}:{line}:{column}: {}",
+            file.path.display(),
+            e.message().trim()
+        )
+    })?;
+    let mut specs = tables.service;
+    if specs.is_empty() {
+        bail!(
+            "{} defines no service ([service.NAME] tables)",
+            file.path.display()
+        );
+    }
+    if !args.services.is_empty() {
+        for name in &args.services {
+            if !specs.contains_key(name) {
+                bail!(
+                    "{} has no service {name}; it defines: {}",
+                    file.path.display(),
+                    specs.keys().cloned().collect::<Vec<_>>().join(", ")
+                );
+            }
+        }
+        specs.retain(|name, _| args.services.contains(name));
+    }
+    Ok(Services { file, specs })
+}
+
+/// How a service's image resolves.
+enum ImageSource {
+    /// An image of the definition file; built (or checked) first.
+    Built(String),
+    /// A store reference.
+    Stored(Digest),
+}
+
+fn resolve_image(
+    services: &Services,
+    store: &Store,
+    name: &str,
+    spec: &ServiceSpec,
+) -> Result<ImageSource> {
+    if services.file.definition.image.contains_key(&spec.image) {
+        return Ok(ImageSource::Built(spec.image.clone()));
+    }
+    let reference: Reference = spec.image.parse().with_context(|| {
+        format!(
+            "service {name}: image {:?} is neither an image of {} nor a valid reference",
+            spec.image,
+            services.file.path.display()
+        )
+    })?;
+    let digest = store.resolve_digest(&reference).with_context(|| {
+        format!(
+            "service {name}: image {:?} is neither an image of {} nor in the store",
+            spec.image,
+            services.file.path.display()
+        )
+    })?;
+    Ok(ImageSource::Stored(digest))
+}
+
+/// Plan-time checks that need the image: the health check's port must be one the image exposes.
+fn check_against_image(
+    store: &Store,
+    name: &str,
+    spec: &ServiceSpec,
+    digest: &Digest,
+) -> Result<()> {
+    let image = store.load_image(digest)?;
+    let exposed: Vec<u16> = image
+        .config
+        .config()
+        .as_ref()
+        .and_then(|c| c.exposed_ports().clone())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| p.split('/').next().and_then(|n| n.parse().ok()))
+        .collect();
+    if exposed.is_empty() {
+        return Ok(());
+    }
+    if let Some(health) = &spec.health
+        && let Ok(probe) = health.probe(spec.instance_port())
+    {
+        let port = match probe {
+            imago_deploy::spec::Probe::Http { port, .. }
+            | imago_deploy::spec::Probe::Tcp { port } => Some(port),
+            imago_deploy::spec::Probe::Command { .. } => None,
+        };
+        if let Some(port) = port.filter(|p| !exposed.contains(p)) {
+            bail!(
+                "service {name}: the health check probes port {port}, but image {} listens on {}",
+                digest.short(),
+                exposed
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+    if let Some(port) = spec.instance_port().filter(|p| !exposed.contains(p)) {
+        bail!(
+            "service {name}: instances are expected on port {port}, but image {} listens on {}",
+            digest.short(),
+            exposed
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn build_options(ctx: &Context, check: bool) -> BuildOptions {
+    let epoch = std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    BuildOptions {
+        source_date_epoch: epoch,
+        cache_dir: Some(ctx.home.root.join("build-cache")),
+        check,
+    }
+}
+
+#[derive(Serialize)]
+struct ServicePlan {
+    service: String,
+    /// "new release", "no change" or "first release".
+    action: String,
+    current_release: Option<u64>,
+    current_digest: Option<Digest>,
+    /// The image digest the new release would pin (unknown when the image needs a rebuild).
+    digest: Option<Digest>,
+    image_rebuild: bool,
+    replicas: u32,
+    instances_replaced: u32,
+    rollout: Option<RolloutPlan>,
+}
+
+#[derive(Serialize)]
+struct PlanResult(Vec<ServicePlan>);
+
+impl Render for PlanResult {
+    fn human(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        for p in &self.0 {
+            write!(out, "service {}: {}", p.service, p.action)?;
+            match (&p.digest, p.image_rebuild) {
+                (_, true) => writeln!(out, " (image will be rebuilt)")?,
+                (Some(d), false) => writeln!(out, " ({})", d.short())?,
+                _ => writeln!(out)?,
+            }
+            if let Some(plan) = &p.rollout {
+                writeln!(
+                    out,
+                    "  replaces {} instances with {} in {} waves; at least {} available, at most {} running; about {}",
+                    p.instances_replaced,
+                    p.replicas,
+                    plan.waves.len(),
+                    plan.min_available,
+                    plan.max_total,
+                    humantime::format_duration(Duration::from_millis(
+                        plan.expected.as_millis() as u64
+                    ))
+                )?;
+                for (i, w) in plan.waves.iter().enumerate() {
+                    writeln!(
+                        out,
+                        "  wave {}: launch {}, retire {}, >= {} available",
+                        i + 1,
+                        w.launch,
+                        w.retire,
+                        w.min_available
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Validates the services and works out, for each, what apply would do.
+fn make_plan(
+    ctx: &Context,
+    services: &Services,
+    store: &Store,
+    db: &StateDb,
+) -> Result<Vec<ServicePlan>> {
+    validate_all(&services.specs)?;
+    let running = current_instances(ctx, store)?;
+    let mut plans = Vec::new();
+    for (name, spec) in &services.specs {
+        let limits = spec.validate(name)?;
+        let (digest, rebuild) = match resolve_image(services, store, name, spec)? {
+            ImageSource::Stored(d) => (Some(d), false),
+            ImageSource::Built(image) => {
+                match imago_build::build_image(
+                    store,
+                    &services.file,
+                    &image,
+                    &build_options(ctx, true),
+                    &mut |_| {},
+                ) {
+                    Ok(built) => (Some(built.digest), false),
+                    Err(imago_build::BuildError::CheckMismatch { .. })
+                    | Err(imago_build::BuildError::Store(_)) => (None, true),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        };
+        if let Some(d) = &digest {
+            check_against_image(store, name, spec, d)?;
+        }
+        let current = db.desired(name)?;
+        let changed = match (&current, &digest) {
+            (None, _) => true,
+            (Some(_), None) => true,
+            (Some(r), Some(d)) => imago_deploy::state::fingerprint(spec, d)?.1 != r.revision,
+        };
+        let live = running
+            .iter()
+            .filter(|i| i.labels.get(LABEL_SERVICE) == Some(name) && i.is_active())
+            .count() as u32;
+        // A wave: launch, first healthy check, min_ready, then the retired instance's stop
+        // (which frees the surge slot for the next wave).
+        let wave_time = spec.rollout.min_ready
+            + spec
+                .health
+                .as_ref()
+                .map_or(Duration::from_millis(100), |h| h.interval)
+            + Duration::from_millis(50)
+            + if live > 0 {
+                spec.stop_grace_period
+            } else {
+                Duration::ZERO
+            };
+        plans.push(ServicePlan {
+            service: name.clone(),
+            action: match (&current, changed) {
+                (None, _) => "first release".into(),
+                (Some(_), true) => "new release".into(),
+                (Some(_), false) => "no change".into(),
+            },
+            current_release: current.as_ref().map(|r| r.number),
+            current_digest: current.as_ref().map(|r| r.image_digest.clone()),
+            digest,
+            image_rebuild: rebuild,
+            replicas: limits.replicas,
+            instances_replaced: if changed { live } else { 0 },
+            rollout: changed.then(|| {
+                plan_rollout(
+                    limits,
+                    spec.rollout.strategy,
+                    live,
+                    wave_time,
+                    spec.rollout.drain,
+                )
+            }),
+        });
+    }
+    Ok(plans)
+}
+
+fn current_instances(ctx: &Context, store: &Store) -> Result<Vec<Instance>> {
+    Ok(local_provider(ctx, store.clone())?.list()?)
+}
+
+pub fn plan(ctx: &Context, args: FileArgs) -> Result<()> {
+    let services = load_services(&args)?;
+    let store = ctx.store()?;
+    let db = DeployHome::new(ctx).open_db()?;
+    ctx.reporter
+        .emit(&PlanResult(make_plan(ctx, &services, &store, &db)?))
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    #[command(flatten)]
+    pub file: FileArgs,
+    /// Record the releases and return without waiting for the rollouts
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Give up waiting after this long (the rollout itself goes on)
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Serialize)]
+struct ServiceResult {
+    service: String,
+    release: u64,
+    digest: Digest,
+    changed: bool,
+    /// "complete", "failed", "rolled back", "pending".
+    outcome: String,
+    detail: String,
+    rolled_back_to: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct ApplyResult(Vec<ServiceResult>);
+
+impl Render for ApplyResult {
+    fn human(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        for r in &self.0 {
+            match r.outcome.as_str() {
+                "complete" if !r.changed => writeln!(
+                    out,
+                    "service {}: unchanged (release {})",
+                    r.service, r.release
+                )?,
+                "complete" => writeln!(
+                    out,
+                    "service {}: deployment complete (release {}, {})",
+                    r.service,
+                    r.release,
+                    r.digest.short()
+                )?,
+                "rolled back" => writeln!(
+                    out,
+                    "service {}: release {} failed and was rolled back to release {}: {}",
+                    r.service,
+                    r.release,
+                    r.rolled_back_to.unwrap_or_default(),
+                    r.detail
+                )?,
+                other => writeln!(
+                    out,
+                    "service {}: release {} {other}: {}",
+                    r.service, r.release, r.detail
+                )?,
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn apply(ctx: &Context, args: ApplyArgs) -> Result<()> {
+    let services = load_services(&args.file)?;
+    let store = ctx.store()?;
+    let home = DeployHome::new(ctx);
+    let mut db = home.open_db()?;
+    // Validate everything before changing anything.
+    make_plan_checks(&services)?;
+    let mut recorded = Vec::new();
+    for (name, spec) in &services.specs {
+        let digest = match resolve_image(&services, &store, name, spec)? {
+            ImageSource::Stored(d) => d,
+            ImageSource::Built(image) => {
+                let built = super::build::build_one(
+                    ctx,
+                    &store,
+                    &services.file,
+                    &image,
+                    &build_options(ctx, false),
+                )?;
+                ctx.reporter
+                    .status(format!("built {image}:latest {}", built.digest.short()));
+                built.digest
+            }
+        };
+        check_against_image(&store, name, spec, &digest)?;
+        // Keep the image named by digest too, so `imago images` shows what releases pin.
+        let (release, new) = db.record_release(name, spec, &digest, "apply", None, &actor())?;
+        if new {
+            ctx.reporter.status(format!(
+                "service {name}: release {} pins {}",
+                release.number,
+                digest.short()
+            ));
+        }
+        recorded.push((release, new));
+    }
+    ensure_controller(ctx, &home)?;
+    if args.no_wait {
+        let results = recorded
+            .into_iter()
+            .map(|(r, new)| ServiceResult {
+                service: r.service.clone(),
+                release: r.number,
+                digest: r.image_digest.clone(),
+                changed: new,
+                outcome: "pending".into(),
+                detail: String::new(),
+                rolled_back_to: None,
+            })
+            .collect();
+        return ctx.reporter.emit(&ApplyResult(results));
+    }
+    let results = wait_for(ctx, &home, recorded, args.timeout)?;
+    let failed = results.iter().filter(|r| r.outcome != "complete").count();
+    ctx.reporter.emit(&ApplyResult(results))?;
+    if failed > 0 {
+        bail!("{failed} service(s) did not deploy");
+    }
+    Ok(())
+}
+
+fn make_plan_checks(services: &Services) -> Result<()> {
+    validate_all(&services.specs)?;
+    Ok(())
+}
+
+fn actor() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into());
+    format!("{user} (imago cli)")
+}
+
+/// Follows the rollouts of `releases` until each completes or fails (following an automatic
+/// rollback to its end), printing events as they happen.
+fn wait_for(
+    ctx: &Context,
+    home: &DeployHome,
+    releases: Vec<(Release, bool)>,
+    timeout: Duration,
+) -> Result<Vec<ServiceResult>> {
+    let db = home.open_db()?;
+    let mut since = db.events(None, 0)?.last().map_or(0, |e| e.seq);
+    // Show what happened since each release was recorded.
+    since = since.saturating_sub(releases.iter().filter(|(_, new)| *new).count() as u64 * 2);
+    let started = Instant::now();
+    let mut results: BTreeMap<String, ServiceResult> = BTreeMap::new();
+    let spinner = ctx.reporter.spinner("waiting for rollouts");
+    loop {
+        for event in db.events(None, since)? {
+            since = event.seq;
+            spinner.suspend(|| print_event(ctx, &event));
+        }
+        for (release, new) in &releases {
+            if results.contains_key(&release.service) {
+                continue;
+            }
+            if let Some(result) = settled(&db, release, *new)? {
+                results.insert(release.service.clone(), result);
+            }
+        }
+        if results.len() == releases.len() {
+            break;
+        }
+        if started.elapsed() > timeout {
+            spinner.finish_and_clear();
+            bail!(
+                "rollouts still running after {}; follow them with `imago status`",
+                humantime::format_duration(timeout)
+            );
+        }
+        if !controller_running(home)? {
+            spinner.finish_and_clear();
+            bail!("the controller stopped; see {}", home.log_path().display());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    spinner.finish_and_clear();
+    Ok(results.into_values().collect())
+}
+
+/// The result of `release` once its rollout (and any automatic rollback after it) is over.
+fn settled(db: &StateDb, release: &Release, new: bool) -> Result<Option<ServiceResult>> {
+    let Some(outcome) = db.outcome_of(&release.service, release.number)? else {
+        return Ok(None);
+    };
+    let base = ServiceResult {
+        service: release.service.clone(),
+        release: release.number,
+        digest: release.image_digest.clone(),
+        changed: new,
+        outcome: outcome.outcome.clone(),
+        detail: outcome.detail.clone(),
+        rolled_back_to: None,
+    };
+    if outcome.outcome != "failed" {
+        return Ok(Some(base));
+    }
+    // Failed: if an automatic rollback followed, wait for it to settle too.
+    let later = db
+        .history(&release.service)?
+        .into_iter()
+        .find(|r| r.number > release.number && r.rollback_of.is_some());
+    match later {
+        None => Ok(Some(base)),
+        Some(rollback) => match db.outcome_of(&release.service, rollback.number)? {
+            None => Ok(None),
+            Some(o) => Ok(Some(ServiceResult {
+                outcome: if o.outcome == "complete" {
+                    "rolled back".into()
+                } else {
+                    format!("failed, and rollback {}", o.outcome)
+                },
+                rolled_back_to: rollback.rollback_of,
+                ..base
+            })),
+        },
+    }
+}
+
+fn print_event(ctx: &Context, event: &Event) {
+    let service = event
+        .service
+        .as_deref()
+        .map(|s| format!("{s}: "))
+        .unwrap_or_default();
+    ctx.reporter.status(format!("  {service}{}", event.message));
+}
+
+// ---- the controller process -------------------------------------------------------------------
+
+fn try_lock(path: &Path) -> Result<Option<File>> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(Some(file)),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+        Err(e) => Err(anyhow!("cannot lock {}: {e}", path.display())),
+    }
+}
+
+fn controller_running(home: &DeployHome) -> Result<bool> {
+    std::fs::create_dir_all(&home.dir)?;
+    Ok(try_lock(&home.lock_path())?.is_none())
+}
+
+/// Starts `imago serve` in the background unless a controller already runs for this home.
+fn ensure_controller(ctx: &Context, home: &DeployHome) -> Result<()> {
+    if controller_running(home)? {
+        return Ok(());
+    }
+    let exe = std::env::current_exe().context("cannot locate the imago executable")?;
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(home.log_path())
+        .with_context(|| format!("cannot open {}", home.log_path().display()))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--home")
+        .arg(&ctx.home.root)
+        .args(["serve", "--foreground"]);
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // Its own process group: a Ctrl-C on `imago apply` does not stop the controller.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let child = cmd.spawn().context("cannot start the controller")?;
+    ctx.reporter.status(format!(
+        "started the controller (pid {}); log: {}",
+        child.id(),
+        home.log_path().display()
+    ));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if controller_running(home)? {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!(
+        "the controller did not start; see {}",
+        home.log_path().display()
+    )
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Stay in the foreground (for process supervisors); otherwise start in the background
+    #[arg(long)]
+    pub foreground: bool,
+    /// Address of the HTTP API
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    pub api: std::net::SocketAddr,
+    /// Time between reconcile passes
+    #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
+    pub interval: Duration,
+    /// Container engine for new instances
+    #[arg(long, default_value = "embedded", value_parser = ["embedded", "runc"])]
+    pub runtime: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ControllerInfo {
+    pid: u32,
+    api: String,
+}
+
+pub fn serve(ctx: &Context, args: ServeArgs) -> Result<()> {
+    let home = DeployHome::new(ctx);
+    std::fs::create_dir_all(&home.dir)?;
+    if !args.foreground {
+        ensure_controller(ctx, &home)?;
+        return Ok(());
+    }
+    let Some(_lock) = try_lock(&home.lock_path())? else {
+        bail!("a controller already runs for {}", ctx.home.root.display());
+    };
+    let store = ctx.store()?;
+    let local = local_provider(ctx, store)?;
+    let rootfs = local.rootfs_cache();
+    let provider: Arc<dyn Provider> = Arc::new(local);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let listener = runtime.block_on(tokio::net::TcpListener::bind(args.api));
+    let api_addr = match listener {
+        Ok(listener) => {
+            let addr = listener.local_addr()?;
+            let router = imago_deploy::api::router(home.db_path());
+            runtime.spawn(async move { axum::serve(listener, router).await });
+            addr.to_string()
+        }
+        Err(e) => {
+            ctx.reporter.warn(format!(
+                "api: cannot listen on {}: {e}; serving without the HTTP API",
+                args.api
+            ));
+            String::new()
+        }
+    };
+    let info = serde_json::to_vec(&ControllerInfo {
+        pid: std::process::id(),
+        api: api_addr.clone(),
+    })?;
+    std::fs::write(home.info_path(), info)?;
+    let engine = if args.runtime == "runc" {
+        Engine::Runc
+    } else {
+        Engine::Embedded
+    };
+    let mut controller =
+        Controller::new(home.open_db()?, provider, runtime.handle().clone(), engine)
+            .with_rootfs_checks(rootfs, Duration::from_secs(2));
+    ctx.reporter.status(format!(
+        "controller running (pid {}, api {api_addr})",
+        std::process::id()
+    ));
+    loop {
+        match controller.pass() {
+            Ok(passes) => {
+                for p in passes {
+                    for id in &p.launched {
+                        ctx.reporter.status(format!("{}: launched {id}", p.service));
+                    }
+                    for id in &p.stopped {
+                        ctx.reporter.status(format!("{}: stopped {id}", p.service));
+                    }
+                    if let Some(f) = &p.failed {
+                        ctx.reporter
+                            .status(format!("{}: rollout failed: {f}", p.service));
+                    }
+                }
+            }
+            Err(e) => ctx.reporter.warn(format!("reconcile pass failed: {e}")),
+        }
+        std::thread::sleep(args.interval);
+    }
+}
+
+// ---- status, history, rollback, destroy, events -----------------------------------------------
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    pub service: Option<String>,
+}
+
+#[derive(Serialize)]
+struct InstanceRow {
+    id: String,
+    status: String,
+    revision: Option<String>,
+    address: Option<String>,
+    image: Digest,
+}
+
+#[derive(Serialize)]
+struct ServiceStatusOut {
+    #[serde(flatten)]
+    status: imago_deploy::api::ServiceStatus,
+    /// The most recent failed rollout of the service, if any: which release and why.
+    last_failure: Option<imago_deploy::state::Outcome>,
+    instances: Vec<InstanceRow>,
+    recent_events: Vec<Event>,
+}
+
+#[derive(Serialize)]
+struct StatusResult {
+    controller_running: bool,
+    services: Vec<ServiceStatusOut>,
+}
+
+impl Render for StatusResult {
+    fn human(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        if !self.controller_running {
+            writeln!(
+                out,
+                "warning: no controller is running (`imago serve` starts one)"
+            )?;
+        }
+        for s in &self.services {
+            let st = &s.status;
+            match &st.desired {
+                Some(r) => {
+                    let outcome = st
+                        .outcome
+                        .as_ref()
+                        .map_or("rolling out".to_string(), |o| o.outcome.clone());
+                    writeln!(
+                        out,
+                        "service {}: release {} ({}) {outcome}",
+                        st.name,
+                        r.number,
+                        r.image_digest.short()
+                    )?;
+                    if let Some(o) = st.outcome.as_ref().filter(|o| o.outcome != "complete") {
+                        writeln!(out, "  why: {}", o.detail)?;
+                    }
+                    if r.rollback_of.is_some() {
+                        writeln!(out, "  {}", r.reason)?;
+                    }
+                    if let Some(f) = s.last_failure.as_ref().filter(|f| f.number != r.number) {
+                        writeln!(out, "  last failure: release {}: {}", f.number, f.detail)?;
+                    }
+                }
+                None => writeln!(out, "service {}: destroyed", st.name)?,
+            }
+            for i in &s.instances {
+                writeln!(
+                    out,
+                    "  {} {:<8} {}",
+                    i.id,
+                    i.status,
+                    i.address.as_deref().unwrap_or("-")
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn status(ctx: &Context, args: StatusArgs) -> Result<()> {
+    let home = DeployHome::new(ctx);
+    let db = home.open_db()?;
+    let store = ctx.store()?;
+    let instances = current_instances(ctx, &store)?;
+    let names = match &args.service {
+        Some(s) => {
+            if db.desired(s)?.is_none() {
+                bail!("no deployed service {s}");
+            }
+            vec![s.clone()]
+        }
+        None => db.services()?,
+    };
+    let mut services = Vec::new();
+    for name in names {
+        let status = imago_deploy::api::service_status(&db, &name)?;
+        let rows = instances
+            .iter()
+            .filter(|i| i.labels.get(LABEL_SERVICE) == Some(&name))
+            .map(|i| InstanceRow {
+                id: i.id.clone(),
+                status: i.status.to_string(),
+                revision: i.labels.get(LABEL_REVISION).cloned(),
+                address: i.address.map(|a| a.to_string()),
+                image: i.image.clone(),
+            })
+            .collect();
+        let events = db.events(Some(&name), 0)?;
+        let recent_events = events.into_iter().rev().take(10).rev().collect();
+        let last_failure = db
+            .outcomes(&name)?
+            .into_iter()
+            .rev()
+            .find(|o| o.outcome == "failed");
+        services.push(ServiceStatusOut {
+            status,
+            last_failure,
+            instances: rows,
+            recent_events,
+        });
+    }
+    ctx.reporter.emit(&StatusResult {
+        controller_running: controller_running(&home)?,
+        services,
+    })
+}
+
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    pub service: String,
+}
+
+#[derive(Serialize)]
+struct HistoryRow {
+    #[serde(flatten)]
+    release: Release,
+    outcome: Option<String>,
+}
+
+#[derive(Serialize)]
+struct HistoryResult(Vec<HistoryRow>);
+
+impl Render for HistoryResult {
+    fn human(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        writeln!(
+            out,
+            "{:<8} {:<14} {:<12} REASON",
+            "RELEASE", "IMAGE", "OUTCOME"
+        )?;
+        for r in &self.0 {
+            writeln!(
+                out,
+                "{:<8} {:<14} {:<12} {}",
+                r.release.number,
+                r.release.image_digest.short(),
+                r.outcome.as_deref().unwrap_or("-"),
+                r.release.reason
+            )?;
+        }
+        Ok(())
+    }
+}
+
+pub fn history(ctx: &Context, args: HistoryArgs) -> Result<()> {
+    let db = DeployHome::new(ctx).open_db()?;
+    let releases = db.history(&args.service)?;
+    if releases.is_empty() {
+        bail!("service {} has no release", args.service);
+    }
+    let mut rows = Vec::new();
+    for release in releases {
+        let outcome = db
+            .outcome_of(&args.service, release.number)?
+            .map(|o| o.outcome);
+        rows.push(HistoryRow { release, outcome });
+    }
+    ctx.reporter.emit(&HistoryResult(rows))
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    pub service: String,
+    /// The release to restore (default: the last completed release before the current one)
+    #[arg(long)]
+    pub to: Option<u64>,
+    #[arg(long)]
+    pub no_wait: bool,
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+pub fn rollback(ctx: &Context, args: RollbackArgs) -> Result<()> {
+    let home = DeployHome::new(ctx);
+    let mut db = home.open_db()?;
+    let current = db
+        .desired(&args.service)?
+        .ok_or_else(|| anyhow!("no deployed service {}", args.service))?;
+    let target = match args.to {
+        Some(n) => db.release(&args.service, n)?,
+        None => {
+            let mut candidates = Vec::new();
+            for r in db.history(&args.service)?.into_iter().rev() {
+                if r.revision != current.revision
+                    && db
+                        .outcome_of(&args.service, r.number)?
+                        .is_some_and(|o| o.outcome == "complete")
+                {
+                    candidates.push(r);
+                    break;
+                }
+            }
+            candidates.pop().ok_or_else(|| {
+                anyhow!(
+                    "service {} has no earlier completed release to roll back to",
+                    args.service
+                )
+            })?
+        }
+    };
+    let store = ctx.store()?;
+    if !store.has_blob(&target.image_digest) {
+        bail!(
+            "release {} pins image {}, which is no longer in the store",
+            target.number,
+            target.image_digest
+        );
+    }
+    let reason = format!("rollback to release {}", target.number);
+    let (release, _) = db.record_release(
+        &args.service,
+        &target.spec,
+        &target.image_digest,
+        &reason,
+        Some(target.number),
+        &actor(),
+    )?;
+    ctx.reporter.status(format!(
+        "service {}: release {} restores release {} (image and configuration)",
+        args.service, release.number, target.number
+    ));
+    ensure_controller(ctx, &home)?;
+    if args.no_wait {
+        return Ok(());
+    }
+    let results = wait_for(ctx, &home, vec![(release, true)], args.timeout)?;
+    let failed = results.iter().any(|r| r.outcome != "complete");
+    ctx.reporter.emit(&ApplyResult(results))?;
+    if failed {
+        bail!("rollback of {} did not complete", args.service);
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct DestroyArgs {
+    pub service: String,
+}
+
+#[derive(Serialize)]
+struct Destroyed {
+    service: String,
+    stopped: usize,
+}
+
+impl Render for Destroyed {
+    fn human(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        writeln!(
+            out,
+            "service {} destroyed ({} instances stopped)",
+            self.service, self.stopped
+        )
+    }
+}
+
+pub fn destroy(ctx: &Context, args: DestroyArgs) -> Result<()> {
+    let home = DeployHome::new(ctx);
+    let mut db = home.open_db()?;
+    db.destroy(&args.service, &actor())?;
+    let store = ctx.store()?;
+    let provider = local_provider(ctx, store)?;
+    // The controller stops them too; doing it here makes destroy work without one.
+    let mut stopped = 0;
+    for instance in provider
+        .list()?
+        .into_iter()
+        .filter(|i| i.labels.get(LABEL_SERVICE) == Some(&args.service))
+    {
+        if instance.is_active() {
+            provider.stop(&instance.id, Duration::from_secs(5))?;
+        }
+        match provider.remove(&instance.id) {
+            Ok(()) | Err(imago_runtime::RuntimeError::NoSuchInstance(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        stopped += 1;
+    }
+    ctx.reporter.emit(&Destroyed {
+        service: args.service,
+        stopped,
+    })
+}
+
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    pub service: Option<String>,
+    /// Only events after this sequence number
+    #[arg(long, default_value_t = 0)]
+    pub since: u64,
+}
+
+#[derive(Serialize)]
+struct EventList(Vec<Event>);
+
+impl Render for EventList {
+    fn human(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        for e in &self.0 {
+            let service = e.service.as_deref().unwrap_or("-");
+            writeln!(
+                out,
+                "{:>6} {} {:<10} {:<14} {}",
+                e.seq, e.at_ms, service, e.kind, e.message
+            )?;
+        }
+        Ok(())
+    }
+}
+
+pub fn events(ctx: &Context, args: EventsArgs) -> Result<()> {
+    let db = DeployHome::new(ctx).open_db()?;
+    ctx.reporter
+        .emit(&EventList(db.events(args.service.as_deref(), args.since)?))
+}
+
+// ---- drift -------------------------------------------------------------------------------------
+
+#[derive(Debug, Args)]
+pub struct DriftArgs {
+    /// Also hash every file of every instance's root filesystem against its image
+    #[arg(long)]
+    pub deep: bool,
+}
+
+#[derive(Serialize)]
+struct DriftFinding {
+    instance: String,
+    service: Option<String>,
+    kind: String,
+    detail: String,
+}
+
+#[derive(Serialize)]
+struct DriftReport(Vec<DriftFinding>);
+
+impl Render for DriftReport {
+    fn human(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        if self.0.is_empty() {
+            return writeln!(out, "no drift: every instance runs what its release says");
+        }
+        for f in &self.0 {
+            writeln!(
+                out,
+                "{} ({}): {}: {}",
+                f.instance,
+                f.service.as_deref().unwrap_or("no service"),
+                f.kind,
+                f.detail
+            )?;
+        }
+        Ok(())
+    }
+}
+
+pub fn drift(ctx: &Context, args: DriftArgs) -> Result<()> {
+    let home = DeployHome::new(ctx);
+    let db = home.open_db()?;
+    let store = ctx.store()?;
+    let provider = local_provider(ctx, store)?;
+    let mut findings = Vec::new();
+    let services = db.services()?;
+    for instance in provider.list()? {
+        let service = instance.labels.get(LABEL_SERVICE).cloned();
+        let finding = |kind: &str, detail: String| DriftFinding {
+            instance: instance.id.clone(),
+            service: service.clone(),
+            kind: kind.into(),
+            detail,
+        };
+        let Some(name) = service.as_ref().filter(|s| services.contains(s)) else {
+            if instance.is_active() {
+                findings.push(finding(
+                    "unknown",
+                    "not launched by any deployed service".into(),
+                ));
+            }
+            continue;
+        };
+        if !instance.is_active() {
+            findings.push(finding(
+                "dead",
+                format!("{} (exit code {:?})", instance.status, instance.exit_code),
+            ));
+            continue;
+        }
+        let Some(revision) = instance.labels.get(LABEL_REVISION) else {
+            findings.push(finding("unknown", "has no revision label".into()));
+            continue;
+        };
+        let Some(release) = db.release_with_revision(name, revision)? else {
+            findings.push(finding(
+                "unknown",
+                format!("revision {revision} belongs to no release"),
+            ));
+            continue;
+        };
+        let expected = instance_spec(&release, instance.engine)?;
+        if instance.image != release.image_digest || instance.spec_hash != expected.spec_hash()? {
+            findings.push(finding(
+                "wrong-spec",
+                format!(
+                    "runs {} / spec {}, release {} wants {} / {}",
+                    instance.image,
+                    instance.spec_hash,
+                    release.number,
+                    release.image_digest,
+                    expected.spec_hash()?
+                ),
+            ));
+        }
+        for problem in provider.rootfs_cache().verify(&instance.image, args.deep)? {
+            findings.push(finding("modified-rootfs", problem));
+        }
+    }
+    let drifted = !findings.is_empty();
+    ctx.reporter.emit(&DriftReport(findings))?;
+    if drifted {
+        bail!("drift found");
+    }
+    Ok(())
+}
