@@ -11,13 +11,26 @@ use crate::BuildError;
 use crate::archive::ArchiveFormat;
 
 /// Imports the archive at `path` and returns the manifest digest of its one image.
-pub fn import_archive(store: &Store, path: &Path, _format: ArchiveFormat) -> Result<Digest, BuildError> {
-    let report = store.import_archive(path, &ImportOptions { name: None, progress: None })?;
+pub fn import_archive(
+    store: &Store,
+    path: &Path,
+    _format: ArchiveFormat,
+) -> Result<Digest, BuildError> {
+    let report = store.import_archive(
+        path,
+        &ImportOptions {
+            name: None,
+            progress: None,
+        },
+    )?;
     match report.images.as_slice() {
         [one] => Ok(one.digest.clone()),
         images => Err(BuildError::Import {
             path: path.to_owned(),
-            message: format!("a base archive must hold exactly one image, this one holds {}", images.len()),
+            message: format!(
+                "a base archive must hold exactly one image, this one holds {}",
+                images.len()
+            ),
         }),
     }
 }
