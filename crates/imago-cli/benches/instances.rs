@@ -1,8 +1,9 @@
 //! Launch benchmarks (run as root, release build):
-//! `cargo test --release -p imago-cli --test bench_instances -- --ignored --nocapture`
+//! `cargo bench -p imago-cli --bench instances` (as root; `-- make-bench-home` builds a home for profiling)
 //! Prints one JSON document with medians; the numbers go into BENCHMARKS.md.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../tests/common/mod.rs"]
 mod common;
 
 use std::process::{Command, Stdio};
@@ -124,8 +125,6 @@ fn median_u64(mut v: Vec<u64>) -> u64 {
     v[v.len() / 2]
 }
 
-#[test]
-#[ignore = "benchmark: run explicitly, as root, in release mode"]
 fn launch_benchmarks() {
     let imago = Imago::new();
     let busybox = std::fs::read("/bin/busybox").unwrap();
@@ -231,8 +230,6 @@ fn launch_benchmarks() {
 }
 
 /// Prepares a home with `busybox:bench` at `$IMAGO_BENCH_HOME`, for profiling by hand.
-#[test]
-#[ignore = "helper for profiling: IMAGO_BENCH_HOME=/tmp/h cargo test ... make_bench_home"]
 fn make_bench_home() {
     let Some(home) = std::env::var_os("IMAGO_BENCH_HOME") else {
         return;
@@ -240,4 +237,12 @@ fn make_bench_home() {
     let store = imago_store::Store::open(&std::path::Path::new(&home).join("store")).unwrap();
     let busybox = std::fs::read("/bin/busybox").unwrap();
     make_image(&store, "busybox:bench", &busybox_files(&busybox));
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "make-bench-home") {
+        make_bench_home();
+    } else {
+        launch_benchmarks();
+    }
 }
