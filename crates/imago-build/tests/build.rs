@@ -696,7 +696,12 @@ fn builds_on_archive_bases() {
         let b = child(from);
         assert_eq!(a.digest, b.digest, "{from}");
         assert_eq!(a.layers.len(), 3, "{from}");
-        assert_eq!(a.layers[0].digest, base.layers[0].digest, "{from}");
+        if from.starts_with("oci-archive:") {
+            assert_eq!(a.layers[0].digest, base.layers[0].digest, "{from}");
+        }
+        // A docker archive carries uncompressed layers, and the store keeps them as they come
+        // (as skopeo does): the blob differs from the gzip original, the content does not.
+        assert_eq!(a.layers[0].diff_id, base.layers[0].diff_id, "{from}");
         assert_eq!(a.layers[1].diff_id, base.layers[1].diff_id, "{from}");
         let config: serde_json::Value = serde_json::from_slice(&a.config).unwrap();
         assert_eq!(

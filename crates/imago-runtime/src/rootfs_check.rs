@@ -137,7 +137,7 @@ pub fn compare(recorded: &Manifest, now: &Manifest) -> Vec<String> {
 impl RootfsCache {
     fn manifest_path(&self, digest: &Digest) -> PathBuf {
         let root = self.path(digest);
-        let name = format!("{}.manifest.json", digest.hex());
+        let name = format!(".{}.manifest.json", digest.hex());
         root.parent()
             .map_or_else(|| PathBuf::from(&name), |p| p.join(&name))
     }
