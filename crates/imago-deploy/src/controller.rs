@@ -21,7 +21,7 @@ use crate::error::DeployError;
 use crate::health::{HealthTracker, ProbeResult};
 use crate::proxy::Routes;
 use crate::rollout::{Counts, ObservedInstance, Phase, RolloutInput, Step, next_step};
-use crate::spec::{NetworkMode, Probe};
+use crate::spec::Probe;
 use crate::state::{Release, RolloutRow, StateDb, now_ms};
 
 pub const LABEL_SERVICE: &str = "imago.service";
@@ -61,10 +61,7 @@ pub fn instance_spec(release: &Release, engine: Engine) -> Result<InstanceSpec, 
         instance.resources.cpu_millis = Some((cpus * 1000.0).round() as u64);
     }
     instance.resources.pids = spec.resources.pids.map(u64::from);
-    instance.network = match spec.network {
-        NetworkMode::Private => imago_runtime::NetworkMode::Private,
-        NetworkMode::Host => imago_runtime::NetworkMode::Host,
-    };
+    instance.network = spec.network;
     instance.engine = engine;
     instance
         .labels

@@ -48,15 +48,8 @@ fn one() -> u32 {
     1
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NetworkMode {
-    /// Each instance in its own network namespace with its own address.
-    #[default]
-    Private,
-    /// The host's network: the instance port is the host's.
-    Host,
-}
+/// The instance network, as the runtime defines it (`"private"` or `"host"`).
+pub use imago_runtime::NetworkMode;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
