@@ -389,7 +389,14 @@ impl Controller {
             return Ok(pass);
         };
         pass.release = Some(release.number);
-        let limits = release.spec.validate(service)?;
+        let mut limits = release.spec.validate(service)?;
+        // The rollback fast path: a release that restores a known-good one replaces everything in
+        // one health-gated wave (surge = replicas) with no min_ready wait. The old release's
+        // instances keep serving until the restored ones pass their checks.
+        let fast_path = release.rollback_of.is_some();
+        if fast_path {
+            limits.max_surge = limits.max_surge.max(limits.replicas);
+        }
         let expected = instance_spec(&release, self.engine)?;
         let expected_hash = expected
             .spec_hash()
@@ -479,7 +486,11 @@ impl Controller {
         let mut step = next_step(RolloutInput {
             limits,
             strategy: release.spec.rollout.strategy,
-            min_ready: release.spec.rollout.min_ready,
+            min_ready: if fast_path {
+                Duration::ZERO
+            } else {
+                release.spec.rollout.min_ready
+            },
             now_ms: now,
             target: &release.revision,
             instances: &observed,
@@ -1199,6 +1210,42 @@ mod tests {
             "the fast path: release 1's instances kept serving and are the rollback"
         );
         let _ = h.runtime.handle();
+    }
+
+    #[test]
+    fn a_rollback_release_takes_the_fast_path_in_one_wave() {
+        let mut h = harness();
+        let v = spec(serde_json::json!({"image": "web", "replicas": 3,
+            "rollout": {"max_surge": 1, "max_unavailable": 0, "min_ready": "1h", "drain": "0s"}}));
+        let first = h.release("web", &v, b"v1");
+        // Mark release 1 complete without waiting an hour of min_ready.
+        h.controller
+            .db
+            .record_outcome("web", first.number, "complete", "", "test")
+            .unwrap();
+        h.release("web", &v, b"v2");
+        h.controller
+            .db
+            .record_release(
+                "web",
+                &first.spec,
+                &first.image_digest,
+                "rollback to release 1",
+                Some(1),
+                "test",
+            )
+            .unwrap();
+        let pass = h.controller.pass().unwrap().remove(0);
+        assert_eq!(
+            pass.launched.len(),
+            3,
+            "all replicas in one wave, not one at a time"
+        );
+        let passes = h.converge("web", 20);
+        assert!(
+            passes.last().unwrap().complete,
+            "no min_ready wait on the fast path"
+        );
     }
 
     #[test]
