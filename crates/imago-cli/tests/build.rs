@@ -78,7 +78,8 @@ fn build_prints_digests_tags_and_json() {
         .arg(copy.join("imago.toml"))
         .arg("hello")
         .env("TZ", "Asia/Kathmandu")
-        .env("LC_ALL", "de_DE.UTF-8")
+        .env("LANG", "tr_TR.UTF-8")
+        .env("LC_ALL", "tr_TR.UTF-8")
         .output()
         .unwrap();
     assert!(
