@@ -289,7 +289,7 @@ impl Controller {
                 })
                 .collect();
             let pass = if *destroyed {
-                self.tear_down(service, &own, &draining)?
+                self.tear_down(service, &own)?
             } else {
                 self.reconcile(service, &own, &draining)?
             };
@@ -341,12 +341,7 @@ impl Controller {
     }
 
     /// Stops every instance of a destroyed service and closes its endpoint.
-    fn tear_down(
-        &mut self,
-        service: &str,
-        own: &[&Instance],
-        draining: &BTreeMap<String, u64>,
-    ) -> Result<ServicePass, DeployError> {
+    fn tear_down(&mut self, service: &str, own: &[&Instance]) -> Result<ServicePass, DeployError> {
         let mut pass = ServicePass {
             service: service.to_owned(),
             ..ServicePass::default()
@@ -359,7 +354,6 @@ impl Controller {
             self.remove_instance(&instance.id)?;
             pass.stopped.push(instance.id.clone());
         }
-        let _ = draining;
         Ok(pass)
     }
 
