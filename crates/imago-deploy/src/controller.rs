@@ -279,7 +279,12 @@ impl Controller {
             .filter(|(_, destroyed)| !destroyed)
             .map(|(n, _)| n.as_str())
             .collect();
-        self.report_unknown(&instances, &known)?;
+        let destroyed: BTreeSet<&str> = services
+            .iter()
+            .filter(|(_, d)| *d)
+            .map(|(n, _)| n.as_str())
+            .collect();
+        self.report_unknown(&instances, &known, &destroyed)?;
         let mut passes = Vec::new();
         for (service, destroyed) in &services {
             let own: Vec<&Instance> = instances
@@ -314,12 +319,15 @@ impl Controller {
         &mut self,
         instances: &[Instance],
         known: &BTreeSet<&str>,
+        destroyed: &BTreeSet<&str>,
     ) -> Result<(), DeployError> {
         for instance in instances.iter().filter(|i| i.is_active()) {
             let label = instance.labels.get(LABEL_SERVICE);
             let unknown = match label {
                 None => true,
-                Some(service) => !known.contains(service.as_str()),
+                Some(service) => {
+                    !known.contains(service.as_str()) && !destroyed.contains(service.as_str())
+                }
             };
             if unknown && self.reported_unknown.insert(instance.id.clone()) {
                 let what = match label {
@@ -351,8 +359,17 @@ impl Controller {
             if instance.is_active() {
                 let _ = self.provider.stop(&instance.id, STOP_GRACE);
             }
-            self.remove_instance(&instance.id)?;
-            pass.stopped.push(instance.id.clone());
+            // `imago destroy` may be removing the same instances right now: a failure here is
+            // retried on the next pass, and must not hold up the other services.
+            match self.remove_instance(&instance.id) {
+                Ok(()) => pass.stopped.push(instance.id.clone()),
+                Err(e) => self.db.event(
+                    Some(service),
+                    "destroy",
+                    &format!("cannot remove {} yet: {e}", instance.id),
+                    &self.actor,
+                )?,
+            }
         }
         Ok(pass)
     }

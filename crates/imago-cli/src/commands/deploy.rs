@@ -1089,29 +1089,58 @@ impl Render for Destroyed {
 pub fn destroy(ctx: &Context, args: DestroyArgs) -> Result<()> {
     let home = DeployHome::new(ctx);
     let mut db = home.open_db()?;
-    db.destroy(&args.service, &actor())?;
+    match db.destroy(&args.service, &actor()) {
+        Ok(()) => {}
+        // Destroyed before: run the cleanup again (an earlier destroy may have been interrupted).
+        Err(imago_deploy::DeployError::NoRelease(_))
+            if db.all_services()?.iter().any(|(s, _)| *s == args.service) => {}
+        Err(e) => return Err(e.into()),
+    }
     let store = ctx.store()?;
     let provider = local_provider(ctx, store)?;
-    // The controller stops them too; doing it here makes destroy work without one.
+    // The controller stops them too; doing it here makes destroy work without one. Both may
+    // act on the same instance at once, so an instance that is already gone counts as done, and
+    // one failure does not leave the others running.
     let mut stopped = 0;
+    let mut failures = Vec::new();
     for instance in provider
         .list()?
         .into_iter()
         .filter(|i| i.labels.get(LABEL_SERVICE) == Some(&args.service))
     {
-        if instance.is_active() {
-            provider.stop(&instance.id, Duration::from_secs(5))?;
+        match stop_and_remove(&provider, &instance.id) {
+            Ok(()) => stopped += 1,
+            Err(e) => failures.push(format!("{}: {e}", instance.id)),
         }
-        match provider.remove(&instance.id) {
-            Ok(()) | Err(imago_runtime::RuntimeError::NoSuchInstance(_)) => {}
-            Err(e) => return Err(e.into()),
-        }
-        stopped += 1;
+    }
+    if !failures.is_empty() {
+        bail!(
+            "service {} destroyed, but some instances could not be removed: {}",
+            args.service,
+            failures.join("; ")
+        );
     }
     ctx.reporter.emit(&Destroyed {
         service: args.service,
         stopped,
     })
+}
+
+fn stop_and_remove(provider: &LocalProvider, id: &str) -> Result<(), imago_runtime::RuntimeError> {
+    use imago_runtime::RuntimeError::{NoSuchInstance, WrongState};
+    for _ in 0..3 {
+        match provider.stop(id, Duration::from_secs(5)) {
+            Ok(_) | Err(NoSuchInstance(_)) => {}
+            Err(e) => return Err(e),
+        }
+        match provider.remove(id) {
+            Ok(()) | Err(NoSuchInstance(_)) => return Ok(()),
+            // Started or restarted by a racing launcher: stop it again.
+            Err(WrongState { .. }) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    provider.remove(id)
 }
 
 #[derive(Debug, Args)]
