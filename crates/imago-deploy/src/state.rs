@@ -476,6 +476,13 @@ impl StateDb {
             .map_err(|e| self.err(e))
     }
 
+    /// The sequence number of the newest event (0 when there is none).
+    pub fn last_event_seq(&self) -> Result<u64, DeployError> {
+        self.conn
+            .query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))
+            .map_err(|e| self.err(e))
+    }
+
     /// Events after `since` (a sequence number), oldest first.
     pub fn events(&self, service: Option<&str>, since: u64) -> Result<Vec<Event>, DeployError> {
         let mut stmt = self

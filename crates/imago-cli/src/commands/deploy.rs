@@ -457,9 +457,10 @@ pub fn apply(ctx: &Context, args: ApplyArgs) -> Result<()> {
     let store = ctx.store()?;
     let home = DeployHome::new(ctx);
     let mut db = home.open_db()?;
-    // Validate everything before changing anything.
-    make_plan_checks(&services)?;
-    let mut recorded = Vec::new();
+    // Validate, build and check every service before recording any release: a bad service
+    // must not leave the others half-applied.
+    validate_all(&services.specs)?;
+    let mut pinned = Vec::new();
     for (name, spec) in &services.specs {
         let digest = match resolve_image(&services, &store, name, spec)? {
             ImageSource::Stored(d) => d,
@@ -482,7 +483,11 @@ pub fn apply(ctx: &Context, args: ApplyArgs) -> Result<()> {
             digest.short(),
             &exposed_ports_of(&store, &digest)?,
         )?;
-        // Keep the image named by digest too, so `imago images` shows what releases pin.
+        pinned.push((name, spec, digest));
+    }
+    let since = db.last_event_seq()?;
+    let mut recorded = Vec::new();
+    for (name, spec, digest) in pinned {
         let (release, new) = db.record_release(name, spec, &digest, "apply", None, &actor())?;
         if new {
             ctx.reporter.status(format!(
@@ -509,17 +514,12 @@ pub fn apply(ctx: &Context, args: ApplyArgs) -> Result<()> {
             .collect();
         return ctx.reporter.emit(&ApplyResult(results));
     }
-    let results = wait_for(ctx, &home, recorded, args.timeout)?;
+    let results = wait_for(ctx, &home, recorded, since, args.timeout)?;
     let failed = results.iter().filter(|r| r.outcome != "complete").count();
     ctx.reporter.emit(&ApplyResult(results))?;
     if failed > 0 {
         bail!("{failed} service(s) did not deploy");
     }
-    Ok(())
-}
-
-fn make_plan_checks(services: &Services) -> Result<()> {
-    validate_all(&services.specs)?;
     Ok(())
 }
 
@@ -532,16 +532,15 @@ fn actor() -> String {
 
 /// Follows the rollouts of `releases` until each completes or fails (following an automatic
 /// rollback to its end), printing events as they happen.
+/// Events after `since` (taken before the releases were recorded) are shown.
 fn wait_for(
     ctx: &Context,
     home: &DeployHome,
     releases: Vec<(Release, bool)>,
+    mut since: u64,
     timeout: Duration,
 ) -> Result<Vec<ServiceResult>> {
     let db = home.open_db()?;
-    let mut since = db.events(None, 0)?.last().map_or(0, |e| e.seq);
-    // Show what happened since each release was recorded.
-    since = since.saturating_sub(releases.iter().filter(|(_, new)| *new).count() as u64 * 2);
     let started = Instant::now();
     let mut results: BTreeMap<String, ServiceResult> = BTreeMap::new();
     let spinner = ctx.reporter.spinner("waiting for rollouts");
@@ -1040,6 +1039,7 @@ pub fn rollback(ctx: &Context, args: RollbackArgs) -> Result<()> {
         );
     }
     let reason = format!("rollback to release {}", target.number);
+    let since = db.last_event_seq()?;
     let (release, _) = db.record_release(
         &args.service,
         &target.spec,
@@ -1056,7 +1056,7 @@ pub fn rollback(ctx: &Context, args: RollbackArgs) -> Result<()> {
     if args.no_wait {
         return Ok(());
     }
-    let results = wait_for(ctx, &home, vec![(release, true)], args.timeout)?;
+    let results = wait_for(ctx, &home, vec![(release, true)], since, args.timeout)?;
     let failed = results.iter().any(|r| r.outcome != "complete");
     ctx.reporter.emit(&ApplyResult(results))?;
     if failed {
