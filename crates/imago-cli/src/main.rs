@@ -88,6 +88,9 @@ enum Command {
     Logs(commands::instances::LogsArgs),
     /// Show everything recorded about an instance
     InspectInstance(commands::instances::InspectInstanceArgs),
+    /// List or remove named volumes
+    #[command(subcommand)]
+    Volume(commands::volumes::VolumeCommand),
     /// The per-instance supervisor (started by `run`)
     #[command(name = "__supervise", hide = true)]
     Supervise(commands::instances::SuperviseArgs),
@@ -135,6 +138,7 @@ fn run(cli: Cli, reporter: Reporter) -> Result<()> {
         Command::Export(args) => commands::archive::export(&ctx, args),
         Command::Run(args) => commands::instances::run(&ctx, *args),
         Command::Ps(args) => commands::instances::ps(&ctx, args),
+        Command::Volume(cmd) => commands::volumes::volume(&ctx, cmd),
         Command::Stop(args) => commands::instances::stop(&ctx, args),
         Command::Rm(args) => commands::instances::rm(&ctx, args),
         Command::Logs(args) => commands::instances::logs(&ctx, args),

@@ -183,3 +183,129 @@ fn bad_input_is_refused_with_clear_errors() {
     assert!(err.contains("no such instance nosuchid"), "{err}");
     imago.run(&["rm", all[0]["id"].as_str().unwrap()]).ok();
 }
+
+#[test]
+fn named_volumes_through_the_cli() {
+    let imago = Imago::new();
+    let image = busybox_image(&imago);
+    let run = |args: &[&str]| {
+        let mut all = vec!["run", "-q"];
+        all.extend_from_slice(args);
+        imago.run(&all).ok().stdout().trim().to_owned()
+    };
+    let writer = run(&[
+        "-v",
+        "site:/www",
+        &image,
+        "--",
+        "/bin/busybox",
+        "sh",
+        "-c",
+        "echo changed > /www/extra.html",
+    ]);
+    assert_eq!(wait_status(&imago, &writer, "exited")["exit_code"], 0);
+    let inspected = imago
+        .run(&["inspect-instance", "--json", &writer])
+        .ok()
+        .json();
+    assert_eq!(inspected["volumes"][0]["kind"], "named");
+    assert_eq!(inspected["volumes"][0]["target"], "/www");
+    // The new volume started as a copy of the image's /www, and kept the write.
+    let reader = run(&[
+        "-v",
+        "site:/www:ro",
+        &image,
+        "--",
+        "/bin/busybox",
+        "cat",
+        "/www/index.html",
+        "/www/extra.html",
+    ]);
+    wait_status(&imago, &reader, "exited");
+    assert_eq!(
+        imago.run(&["logs", &reader]).ok().stdout(),
+        "hello from imago\nchanged\n"
+    );
+    let ls = imago.run(&["volume", "ls", "--json"]).ok().json();
+    assert_eq!(ls[0]["name"], "site");
+    assert_eq!(ls[0]["instances"].as_array().unwrap().len(), 2, "{ls}");
+    let err = imago.run(&["volume", "rm", "site"]).fails();
+    assert!(err.contains("mounted by") && err.contains(&writer), "{err}");
+    let err = imago
+        .run(&[
+            "run",
+            "-v",
+            "site:/nope",
+            &image,
+            "--",
+            "/bin/busybox",
+            "true",
+        ])
+        .fails();
+    assert!(
+        err.contains("/nope") && err.contains("does not exist"),
+        "{err}"
+    );
+    let err = imago.run(&["run", "-v", "site", &image]).fails();
+    assert!(err.contains("invalid volume"), "{err}");
+    imago.run(&["rm", &writer, &reader]).ok();
+    imago.run(&["volume", "rm", "site"]).ok();
+    assert!(
+        imago
+            .run(&["volume", "ls", "--json"])
+            .ok()
+            .json()
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    let err = imago.run(&["volume", "rm", "site"]).fails();
+    assert!(err.contains("no such volume site"), "{err}");
+}
+
+#[test]
+fn logs_follow_streams_until_the_instance_ends() {
+    use std::io::{BufRead, BufReader};
+    let imago = Imago::new();
+    let image = busybox_image(&imago);
+    let id = imago
+        .run(&[
+            "run",
+            "-q",
+            &image,
+            "--",
+            "/bin/busybox",
+            "sh",
+            "-c",
+            "echo first; sleep 1; echo second; sleep 1; echo third",
+        ])
+        .ok()
+        .stdout()
+        .trim()
+        .to_owned();
+    let started = Instant::now();
+    let mut follow = imago
+        .cmd()
+        .args(["logs", "-f", &id])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(follow.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let first_at = started.elapsed();
+    assert_eq!(first, "first");
+    // The first line arrives while the instance still runs (it ends after about 2 s).
+    assert!(
+        first_at < Duration::from_millis(1500),
+        "first line only after {first_at:?}"
+    );
+    let status = imago.run(&["inspect-instance", "--json", &id]).ok().json();
+    assert_eq!(status["status"], "running");
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    assert_eq!(rest, ["second", "third"]);
+    // And the command ends by itself once the instance has ended.
+    assert!(follow.wait().unwrap().success());
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    assert_eq!(wait_status(&imago, &id, "exited")["exit_code"], 0);
+    imago.run(&["rm", &id]).ok();
+}

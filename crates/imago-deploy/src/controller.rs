@@ -61,6 +61,7 @@ pub fn instance_spec(release: &Release, engine: Engine) -> Result<InstanceSpec, 
         instance.resources.cpu_millis = Some((cpus * 1000.0).round() as u64);
     }
     instance.resources.pids = spec.resources.pids.map(u64::from);
+    instance.volumes = spec.volume_mounts().map_err(|r| bad("volumes", r))?;
     instance.network = spec.network;
     instance.engine = engine;
     instance

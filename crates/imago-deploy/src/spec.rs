@@ -31,6 +31,10 @@ pub struct ServiceSpec {
     pub network: NetworkMode,
     #[serde(default)]
     pub resources: Resources,
+    /// `NAME:/path` (a named volume shared by the service's instances) or `/host/path:/path`,
+    /// optionally `:ro`. The image's declared volumes get an anonymous volume per instance.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthCheck>,
     #[serde(default)]
@@ -329,6 +333,8 @@ impl ServiceSpec {
                 format!("{cpus} is not a positive number of cores"),
             ));
         }
+        self.volume_mounts()
+            .map_err(|reason| bad("volumes", reason))?;
         if self.rollout.progress_deadline.is_zero() {
             return Err(bad(
                 "rollout.progress_deadline",
@@ -340,6 +346,22 @@ impl ServiceSpec {
             max_surge,
             max_unavailable,
         })
+    }
+
+    /// The parsed `volumes`, checked together (no two at one path).
+    pub fn volume_mounts(&self) -> Result<Vec<imago_runtime::VolumeMount>, String> {
+        let mut mounts: Vec<imago_runtime::VolumeMount> = Vec::new();
+        for text in &self.volumes {
+            let mount: imago_runtime::VolumeMount = text.parse().map_err(|e| match e {
+                imago_runtime::RuntimeError::InvalidSpec(reason) => reason,
+                other => other.to_string(),
+            })?;
+            if mounts.iter().any(|m| m.target == mount.target) {
+                return Err(format!("two volumes are mounted at {}", mount.target));
+            }
+            mounts.push(mount);
+        }
+        Ok(mounts)
     }
 
     /// The port instances listen on.
@@ -451,6 +473,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(no_port.contains("needs a port"), "{no_port}");
+        let volume = parse(r#"{"image": "web", "volumes": ["data:/srv", "logs:/srv/"]}"#)
+            .validate("web")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            volume.contains("volumes") && volume.contains("two volumes are mounted at /srv"),
+            "{volume}"
+        );
+        let volume = parse(r#"{"image": "web", "volumes": ["data:srv"]}"#)
+            .validate("web")
+            .unwrap_err()
+            .to_string();
+        assert!(volume.contains("\"srv\""), "{volume}");
+        assert!(
+            parse(r#"{"image": "web", "volumes": ["data:/srv", "/etc/hosts:/etc/hosts:ro"]}"#)
+                .validate("web")
+                .is_ok()
+        );
         let bad_duration: Result<ServiceSpec, _> = serde_json::from_value(
             serde_json::json!({"image": "web", "rollout": {"min_ready": "soon"}}),
         );

@@ -7,6 +7,7 @@ use std::path::Path;
 use imago_oci::spec::ImageConfiguration;
 use serde_json::{Value, json};
 
+use crate::volumes::MountedVolume;
 use crate::{InstanceSpec, NetworkMode, RuntimeError};
 
 /// Capabilities an instance keeps: runc's default set minus MKNOD, NET_RAW, SYS_CHROOT,
@@ -59,6 +60,8 @@ pub struct BundleContext<'a> {
     /// `/var/run/netns/<name>` of the instance's network namespace (private network).
     pub netns_path: Option<&'a Path>,
     pub cgroups_path: &'a str,
+    /// Bound after the standard mounts, in this order.
+    pub volumes: &'a [MountedVolume],
 }
 
 /// The process the instance runs: entrypoint + cmd, each overridable, like docker.
@@ -203,6 +206,34 @@ pub fn runtime_config(
         .take(63)
         .collect();
 
+    let mut mounts = json!([
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+         "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+         "options": ["nosuid", "noexec", "nodev", "ro"]},
+        {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "nodev", "mode=1777", TMPFS_SIZE]},
+        {"destination": "/run", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "nodev", "mode=755", TMPFS_SIZE]},
+    ]);
+    if let Some(list) = mounts.as_array_mut() {
+        for volume in ctx.volumes {
+            list.push(json!({
+                "destination": volume.target,
+                "type": "bind",
+                "source": volume.source,
+                "options": ["rbind", "nosuid", "nodev", if volume.read_only { "ro" } else { "rw" }],
+            }));
+        }
+    }
+
     Ok(json!({
         "ociVersion": "1.0.2",
         "process": {
@@ -219,23 +250,7 @@ pub fn runtime_config(
         },
         "root": {"path": ctx.rootfs, "readonly": true},
         "hostname": hostname,
-        "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
-            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
-             "options": ["nosuid", "noexec", "nodev"]},
-            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
-             "options": ["nosuid", "noexec", "nodev", "ro"]},
-            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
-             "options": ["nosuid", "nodev", "mode=1777", TMPFS_SIZE]},
-            {"destination": "/run", "type": "tmpfs", "source": "tmpfs",
-             "options": ["nosuid", "nodev", "mode=755", TMPFS_SIZE]},
-        ],
+        "mounts": mounts,
         "annotations": {
             "org.imago.instance.id": ctx.id,
             "org.imago.image.digest": spec.image.to_string(),

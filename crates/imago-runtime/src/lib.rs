@@ -4,7 +4,7 @@
 //! trait and an in-memory fake), [`rootfs`] (the unpack-once rootfs cache), [`bundle`] (the OCI
 //! runtime config), [`network`] (namespaces, veth pairs, address leases), [`supervisor`] (the
 //! per-instance process that owns a container), [`local`] (the provider built from all of it),
-//! [`state`] (atomic per-instance records), [`store_source`] (images from the imago store).
+//! [`state`] (atomic per-instance records), [`volumes`] (named, host and anonymous volumes), [`store_source`] (images from the imago store).
 //!
 //! This crate prints nothing; it returns data and errors.
 #![deny(unsafe_code)]
@@ -20,11 +20,16 @@ pub mod spec;
 pub mod state;
 pub mod store_source;
 pub mod supervisor;
+pub mod volumes;
 
 pub use error::RuntimeError;
 pub use local::{Layout, LocalProvider, SupervisorCommand};
 pub use provider::{FakeProvider, Provider};
 pub use rootfs::{ImageInfo, ImageSource, RootfsCache};
-pub use spec::{Engine, InstanceSpec, NetworkMode, Resources, parse_cpus, parse_memory};
+pub use spec::{
+    Engine, InstanceSpec, NetworkMode, Resources, VolumeMount, VolumeSource, parse_cpus,
+    parse_memory,
+};
 pub use state::{Instance, Status};
 pub use store_source::StoreImageSource;
+pub use volumes::{MountedVolume, VolumeKind};

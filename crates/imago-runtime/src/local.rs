@@ -3,8 +3,9 @@
 //!
 //! Home layout owned by the runtime: `<home>/rootfs/<manifest-hex>` (shared read-only rootfs
 //! cache), `<home>/instances/<id>/` (spec, state, bundle, logs), `<home>/runtime/{youki,runc}`
-//! (engine state). Host-wide names are derived from the random instance id: the cgroup
-//! `/imago/<id>`, the network namespace `imago-<id>`, the host veth `iv-<id>`.
+//! (engine state), `<home>/volumes/<name>` (named volumes). Host-wide names are derived from
+//! the random instance id: the cgroup `/imago/<id>`, the network namespace `imago-<id>`, the
+//! host veth `iv-<id>`.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -51,6 +52,9 @@ impl Layout {
     }
     pub fn youki_root(&self) -> PathBuf {
         self.home.join("runtime").join("youki")
+    }
+    pub fn volumes(&self) -> PathBuf {
+        self.home.join("volumes")
     }
     pub fn runc_root(&self) -> PathBuf {
         self.home.join("runtime").join("runc")
@@ -181,6 +185,13 @@ impl LocalProvider {
             .as_ref()
             .and_then(|c| c.exposed_ports().clone())
             .unwrap_or_default();
+        record.volumes = crate::volumes::prepare(
+            spec,
+            &image.config,
+            &rootfs,
+            &self.layout.volumes(),
+            &dir.root,
+        )?;
         let netns = network::netns_path(id);
         let cgroups = cgroups_path(id);
         let ctx = BundleContext {
@@ -188,6 +199,7 @@ impl LocalProvider {
             rootfs: &rootfs,
             netns_path: (spec.network == NetworkMode::Private).then_some(netns.as_path()),
             cgroups_path: &cgroups,
+            volumes: &record.volumes,
         };
         let config = runtime_config(spec, &image.config, &ctx)?;
         write_bundle(&dir.bundle(), &config)?;

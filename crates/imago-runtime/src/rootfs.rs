@@ -99,6 +99,10 @@ impl RootfsCache {
                 fs::create_dir(&p).map_err(RuntimeError::io("cannot create", &p))?;
             }
         }
+        // So that instances can mount volumes there without writing into the shared tree.
+        for volume in crate::volumes::declared_volumes(&image.config) {
+            crate::volumes::create_mount_point(tmp.path(), &volume)?;
+        }
         // The root of the tree is what instances see as `/`.
         set_mode(tmp.path(), 0o755)?;
         let tmp_path = tmp.keep();

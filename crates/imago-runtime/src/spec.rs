@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
 
 use imago_oci::{Digest, to_canonical_json};
@@ -36,6 +37,9 @@ pub struct InstanceSpec {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub engine: Engine,
+    /// Volumes mounted into the instance: with /tmp and /run, the only writable places.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeMount>,
 }
 
 impl InstanceSpec {
@@ -50,6 +54,7 @@ impl InstanceSpec {
             network: NetworkMode::default(),
             labels: BTreeMap::new(),
             engine: Engine::default(),
+            volumes: Vec::new(),
         }
     }
 
@@ -98,6 +103,152 @@ impl InstanceSpec {
             return Err(RuntimeError::InvalidSpec(
                 "entrypoint override is empty".into(),
             ));
+        }
+        let mut targets = std::collections::BTreeSet::new();
+        for volume in &self.volumes {
+            volume.validate()?;
+            if !targets.insert(volume.target.as_str()) {
+                return Err(RuntimeError::InvalidSpec(format!(
+                    "two volumes are mounted at {}",
+                    volume.target
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One volume mount, written `SOURCE:TARGET[:ro|:rw]` on the command line and in `imago.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeMount {
+    #[serde(flatten)]
+    pub source: VolumeSource,
+    /// Absolute path inside the instance.
+    pub target: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
+}
+
+/// Where a volume's data lives on the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum VolumeSource {
+    /// `<home>/volumes/<name>`: outlives instances and is shared by every instance naming it.
+    Named { name: String },
+    /// An existing directory or file of the host, bound as it is.
+    Host { path: PathBuf },
+}
+
+/// Paths a volume may not cover: the kernel's and the runtime's own file systems.
+const RESERVED_TARGETS: &[&str] = &["/proc", "/sys", "/dev"];
+
+impl VolumeMount {
+    /// Checks the mount's shape; whether the target exists in the image is checked at launch.
+    pub fn validate(&self) -> Result<(), RuntimeError> {
+        let bad = |reason: String| Err(RuntimeError::InvalidSpec(reason));
+        let target = Path::new(&self.target);
+        if !self.target.starts_with('/')
+            || target
+                .components()
+                .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+            || self.target.contains("//")
+            || self.target.contains('\0')
+        {
+            return bad(format!(
+                "volume target {:?} must be a normalized absolute path",
+                self.target
+            ));
+        }
+        if self.target == "/" {
+            return bad("a volume cannot be mounted at / (the root is the image)".into());
+        }
+        if let Some(reserved) = RESERVED_TARGETS
+            .iter()
+            .find(|r| target.starts_with(Path::new(r)))
+        {
+            return bad(format!(
+                "volume target {} is inside {reserved}, which the runtime owns",
+                self.target
+            ));
+        }
+        match &self.source {
+            VolumeSource::Named { name } => validate_volume_name(name),
+            VolumeSource::Host { path } => {
+                if !path.is_absolute()
+                    || path
+                        .components()
+                        .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+                {
+                    return bad(format!(
+                        "host path {} must be a normalized absolute path",
+                        path.display()
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Volume names: a letter or digit, then letters, digits, `_`, `.` or `-`, at most 64 in all.
+pub fn validate_volume_name(name: &str) -> Result<(), RuntimeError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(RuntimeError::InvalidSpec(format!(
+            "invalid volume name {name:?} (letters, digits, '_', '.', '-'; starting with a letter or digit; at most 64)"
+        )))
+    }
+}
+
+impl FromStr for VolumeMount {
+    type Err = RuntimeError;
+    /// `NAME:/target`, `/host/path:/target`, each optionally followed by `:ro` or `:rw`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let parts: Vec<&str> = s.split(':').collect();
+        let (source, target, read_only) = match parts.as_slice() {
+            [source, target] => (*source, *target, false),
+            [source, target, "ro"] => (*source, *target, true),
+            [source, target, "rw"] => (*source, *target, false),
+            _ => {
+                return Err(RuntimeError::InvalidSpec(format!(
+                    "invalid volume {s:?} (expected NAME:/path or /host/path:/path, optionally :ro or :rw)"
+                )));
+            }
+        };
+        let source = if source.starts_with('/') {
+            VolumeSource::Host {
+                path: PathBuf::from(source),
+            }
+        } else {
+            VolumeSource::Named {
+                name: source.to_owned(),
+            }
+        };
+        let mount = VolumeMount {
+            source,
+            target: target.trim_end_matches('/').to_owned(),
+            read_only,
+        };
+        mount.validate()?;
+        Ok(mount)
+    }
+}
+
+impl fmt::Display for VolumeMount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.source {
+            VolumeSource::Named { name } => write!(f, "{name}:{}", self.target)?,
+            VolumeSource::Host { path } => write!(f, "{}:{}", path.display(), self.target)?,
+        }
+        if self.read_only {
+            f.write_str(":ro")?;
         }
         Ok(())
     }
@@ -245,6 +396,57 @@ mod tests {
         let mut c = a.clone();
         c.resources.memory_bytes = Some(64 << 20);
         assert_ne!(a.spec_hash().unwrap(), c.spec_hash().unwrap());
+    }
+
+    #[test]
+    fn parses_and_checks_volumes() {
+        let v: VolumeMount = "data:/var/lib/data".parse().unwrap();
+        assert_eq!(
+            v.source,
+            VolumeSource::Named {
+                name: "data".into()
+            }
+        );
+        assert_eq!(v.target, "/var/lib/data");
+        assert!(!v.read_only);
+        assert_eq!(v.to_string(), "data:/var/lib/data");
+        let v: VolumeMount = "/srv/conf:/etc/app/:ro".parse().unwrap();
+        assert_eq!(
+            v.source,
+            VolumeSource::Host {
+                path: "/srv/conf".into()
+            }
+        );
+        assert_eq!((v.target.as_str(), v.read_only), ("/etc/app", true));
+        assert_eq!(v.to_string(), "/srv/conf:/etc/app:ro");
+        for bad in [
+            "data",
+            "data:relative",
+            "data:/",
+            "data:/proc/x",
+            "data:/dev",
+            "data:/a/../b",
+            "data:/a:rx",
+            "-x:/a",
+            "a/b:/a",
+            "/a/../b:/a",
+            "",
+        ] {
+            assert!(bad.parse::<VolumeMount>().is_err(), "{bad:?} was accepted");
+        }
+        let mut spec = InstanceSpec::new(Digest::of(b"x"));
+        let plain_hash = spec.spec_hash().unwrap();
+        spec.volumes = vec!["a:/data".parse().unwrap(), "b:/data".parse().unwrap()];
+        let err = spec.validate().unwrap_err().to_string();
+        assert!(err.contains("two volumes are mounted at /data"), "{err}");
+        spec.volumes.pop();
+        assert_ne!(spec.spec_hash().unwrap(), plain_hash);
+        spec.volumes.clear();
+        assert_eq!(
+            spec.spec_hash().unwrap(),
+            plain_hash,
+            "no volumes must hash like before volumes existed"
+        );
     }
 
     #[test]

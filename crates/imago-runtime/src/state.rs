@@ -9,6 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use imago_oci::Digest;
 use serde::{Deserialize, Serialize};
 
+use crate::volumes::MountedVolume;
 use crate::{Engine, InstanceSpec, NetworkMode, RuntimeError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,6 +58,10 @@ pub struct Instance {
     /// TCP/UDP ports the image declares (`ExposedPorts`), e.g. `80/tcp`.
     #[serde(default)]
     pub ports: Vec<String>,
+    /// Every volume mounted into the instance, including anonymous ones for the image's
+    /// declared volumes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<MountedVolume>,
     /// The container's init process, as seen from the host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<i32>,
@@ -97,6 +102,7 @@ impl Instance {
             address: None,
             host_address: None,
             ports: Vec::new(),
+            volumes: Vec::new(),
             pid: None,
             supervisor_pid: None,
             supervisor_start: None,

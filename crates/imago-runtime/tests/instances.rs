@@ -36,6 +36,9 @@ both_engines!(
     stop_and_rm_leave_nothing_behind,
     nonexistent_entrypoint_fails_clearly,
     host_network_works,
+    volumes_are_the_only_writable_data_places,
+    cpu_limit_is_enforced,
+    pids_limit_is_enforced,
 );
 
 fn echo_runs_and_exit_status_is_recorded(engine: Engine) {
@@ -414,4 +417,182 @@ fn killed_supervisor_shows_lost_and_rm_cleans_up() {
         cgroup_dirs(&inst.id)
     );
     assert!(!Path::new(&format!("/var/run/netns/imago-{}", inst.id)).exists());
+}
+
+fn volumes_are_the_only_writable_data_places(engine: Engine) {
+    use imago_runtime::VolumeKind;
+    let h = Harness::with_image_volumes(engine, &["/data", "/www/"]);
+    // The image declares /data (absent from its layers) and /www: with no explicit mount, each
+    // gets an anonymous volume seeded from the image, and the shared tree is never written.
+    let first = h.run_to_exit(&h.spec(&["true"]));
+    let cache = h.provider.rootfs_cache().path(&h.image);
+    assert!(
+        cache.join("data").is_dir(),
+        "declared volume path is created at unpack"
+    );
+    let before = tree_digest(&cache);
+    let anon = h.run_to_exit(&h.spec(&[
+        "sh",
+        "-c",
+        "echo anon > /data/f && cat /data/f && cat /www/index.html && echo new > /www/new && cat /www/new",
+    ]));
+    assert_eq!(anon.exit_code, Some(0), "{}", h.logs(&anon.id));
+    assert_eq!(h.logs(&anon.id), "anon\nhello from imago\nnew\n");
+    assert_eq!(anon.volumes.len(), 2, "{:?}", anon.volumes);
+    assert!(anon.volumes.iter().all(|v| v.kind == VolumeKind::Anonymous));
+    let anon_dirs: Vec<_> = anon.volumes.iter().map(|v| v.source.clone()).collect();
+    assert_eq!(
+        fs::read_to_string(anon_dirs[0].join("f")).unwrap(),
+        "anon\n"
+    );
+    assert_eq!(
+        tree_digest(&cache),
+        before,
+        "the rootfs cache entry changed"
+    );
+    h.provider.remove(&anon.id).unwrap();
+    assert!(
+        anon_dirs.iter().all(|d| !d.exists()),
+        "anonymous volumes go away with the instance"
+    );
+
+    // A named volume outlives its instance and is shared; read-only mounts cannot be written.
+    let mut writer = h.spec(&["sh", "-c", "echo one > /data/f"]);
+    writer.volumes = vec!["state:/data".parse().unwrap()];
+    let w = h.run_to_exit(&writer);
+    assert_eq!(w.exit_code, Some(0), "{}", h.logs(&w.id));
+    h.provider.remove(&w.id).unwrap();
+    assert_eq!(
+        fs::read_to_string(h.home().join("volumes/state/f")).unwrap(),
+        "one\n"
+    );
+    let mut reader = h.spec(&[
+        "sh",
+        "-c",
+        "cat /data/f; if echo two > /data/f 2>/dev/null; then echo ro=no; else echo ro=yes; fi; \
+         ls /www/new 2>/dev/null || echo no-anon-leftover",
+    ]);
+    reader.volumes = vec!["state:/data:ro".parse().unwrap()];
+    let r = h.run_to_exit(&reader);
+    assert_eq!(
+        h.logs(&r.id),
+        "one\nsh: can't create /data/f: Read-only file system\nro=yes\nno-anon-leftover\n"
+    );
+    assert_eq!(r.volumes[0].kind, VolumeKind::Named);
+    assert!(r.volumes[0].read_only);
+    h.provider.remove(&r.id).unwrap();
+    assert_eq!(
+        fs::read_to_string(h.home().join("volumes/state/f")).unwrap(),
+        "one\n"
+    );
+
+    // A host directory, bound read-only.
+    let host = h.tmp.path().join("host-conf");
+    fs::create_dir_all(&host).unwrap();
+    fs::write(host.join("app.conf"), "port=80\n").unwrap();
+    let mut bound = h.spec(&["cat", "/www/app.conf"]);
+    bound.volumes = vec![format!("{}:/www:ro", host.display()).parse().unwrap()];
+    let b = h.run_to_exit(&bound);
+    assert_eq!(h.logs(&b.id), "port=80\n");
+    h.provider.remove(&b.id).unwrap();
+
+    // A target the image lacks is refused before anything starts, and leaves no instance.
+    let mut bad = h.spec(&["true"]);
+    bad.volumes = vec!["state:/nope".parse().unwrap()];
+    let err = h.provider.launch(&bad).unwrap_err().to_string();
+    assert!(
+        err.contains("/nope") && err.contains("does not exist"),
+        "{err}"
+    );
+    let left: Vec<_> = h
+        .provider
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    assert_eq!(left, vec![first.id.clone()]);
+    assert_eq!(
+        tree_digest(&cache),
+        before,
+        "the rootfs cache entry changed"
+    );
+    h.provider.remove(&first.id).unwrap();
+}
+
+fn read_u64(path: &str) -> u64 {
+    fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn cpu_stat(id: &str, key: &str) -> u64 {
+    let text = fs::read_to_string(format!("/sys/fs/cgroup/cpu/imago/{id}/cpu.stat")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in cpu.stat: {text}"))
+}
+
+fn cpu_limit_is_enforced(engine: Engine) {
+    let h = Harness::new(engine);
+    let mut spec = h.spec(&["sh", "-c", "while :; do :; done"]);
+    spec.resources.cpu_millis = Some(200);
+    let inst = h.provider.launch(&spec).unwrap();
+    let usage = format!("/sys/fs/cgroup/cpuacct/imago/{}/cpuacct.usage", inst.id);
+    std::thread::sleep(Duration::from_millis(300));
+    let (u0, t0) = (read_u64(&usage), Instant::now());
+    std::thread::sleep(Duration::from_millis(1500));
+    let used = (read_u64(&usage) - u0) as f64 / 1e9;
+    let wall = t0.elapsed().as_secs_f64();
+    // A busy loop would take a whole CPU (1.5 s); 0.2 CPUs allow 0.3 s, plus one period of slack.
+    assert!(
+        used / wall < 0.3,
+        "used {used:.3} s of CPU in {wall:.3} s with a 0.2 CPU limit"
+    );
+    assert!(used > 0.01, "the busy loop did not run: {used} s");
+    assert!(cpu_stat(&inst.id, "nr_throttled") > 0, "never throttled");
+    h.provider.stop(&inst.id, GRACE).unwrap();
+    h.provider.remove(&inst.id).unwrap();
+}
+
+fn pids_limit_is_enforced(engine: Engine) {
+    let h = Harness::new(engine);
+    let mut spec = h.spec(&[
+        "sh",
+        "-c",
+        // The inner shell forks until the limit refuses it (a failed fork ends a script), then
+        // the outer one reports and waits.
+        "sh -c 'for i in 1 2 3 4 5 6 7 8 9 10 11 12; do sleep 30 & done'; echo spawned; sleep 30",
+    ]);
+    spec.resources.pids = Some(6);
+    let inst = h.provider.launch(&spec).unwrap();
+    let dir = format!("/sys/fs/cgroup/pids/imago/{}", inst.id);
+    assert_eq!(
+        fs::read_to_string(format!("{dir}/pids.max"))
+            .unwrap()
+            .trim(),
+        "6"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !h.logs(&inst.id).contains("spawned") {
+        assert!(Instant::now() < deadline, "logs: {}", h.logs(&inst.id));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let current = read_u64(&format!("{dir}/pids.current"));
+    assert!(current <= 6, "{current} processes with a limit of 6");
+    let events = fs::read_to_string(format!("{dir}/pids.events")).unwrap();
+    let refused: u64 = events
+        .lines()
+        .find_map(|l| l.strip_prefix("max ")?.trim().parse().ok())
+        .unwrap();
+    assert!(refused >= 1, "no fork was refused: {events}");
+    assert!(
+        h.logs(&inst.id).contains("can't fork"),
+        "{}",
+        h.logs(&inst.id)
+    );
+    h.provider.stop(&inst.id, GRACE).unwrap();
+    h.provider.remove(&inst.id).unwrap();
 }

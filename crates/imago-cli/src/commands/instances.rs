@@ -48,6 +48,10 @@ pub struct RunArgs {
     /// embedded (libcontainer, linked in) or runc
     #[arg(long, default_value = "embedded")]
     pub runtime: String,
+    /// Mount a volume: NAME:/path (a named volume), /host/path:/path; add :ro for read-only
+    /// (repeatable). Paths the image declares as volumes get an anonymous volume otherwise.
+    #[arg(long = "volume", short = 'v', value_name = "SOURCE:TARGET[:ro]")]
+    pub volumes: Vec<String>,
     /// Replace the image's entrypoint
     #[arg(long)]
     pub entrypoint: Option<String>,
@@ -102,7 +106,7 @@ pub struct SuperviseArgs {
 }
 
 /// Images are only needed to launch; other commands must work even without a store.
-struct NoImages;
+pub(crate) struct NoImages;
 
 impl ImageSource for NoImages {
     fn image(&self, digest: &Digest) -> Result<ImageInfo, RuntimeError> {
@@ -123,7 +127,7 @@ impl ImageSource for NoImages {
     }
 }
 
-fn provider(ctx: &Context, images: Box<dyn ImageSource>) -> Result<LocalProvider> {
+pub(crate) fn provider(ctx: &Context, images: Box<dyn ImageSource>) -> Result<LocalProvider> {
     Ok(LocalProvider::new(
         &ctx.home.root,
         images,
@@ -201,6 +205,9 @@ pub fn run(ctx: &Context, args: RunArgs) -> Result<()> {
         let (k, v) = key_value(l, "label")?;
         spec.labels.insert(k, v);
     }
+    for v in &args.volumes {
+        spec.volumes.push(v.parse()?);
+    }
     let provider = provider(ctx, Box::new(StoreImageSource::new(store)))?;
     let instance = provider.launch(&spec)?;
     ctx.reporter.status(format!(
@@ -277,9 +284,10 @@ pub fn stop(ctx: &Context, args: StopArgs) -> Result<()> {
     ctx.reporter.emit(&InstanceList(stopped))
 }
 
+/// What `rm` and `volume rm` removed: ids or names, one per line.
 #[derive(Serialize)]
-struct Removed {
-    removed: Vec<String>,
+pub(crate) struct Removed {
+    pub(crate) removed: Vec<String>,
 }
 
 impl Render for Removed {

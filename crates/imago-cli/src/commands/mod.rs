@@ -5,3 +5,4 @@ pub mod build;
 pub mod deploy;
 pub mod images;
 pub mod instances;
+pub mod volumes;

@@ -66,6 +66,11 @@ impl ImageSource for LayoutSource {
 
 /// Builds the busybox test image into `layout`; returns its manifest digest and layer digest.
 pub fn build_busybox_image(layout: &LayoutSource) -> (Digest, Digest) {
+    build_busybox_image_with(layout, &[])
+}
+
+/// The busybox test image, declaring `volumes` in its config.
+pub fn build_busybox_image_with(layout: &LayoutSource, volumes: &[&str]) -> (Digest, Digest) {
     let mut tar = tar::Builder::new(Vec::new());
     let dir = |tar: &mut tar::Builder<Vec<u8>>, path: &str| {
         let mut h = tar::Header::new_gnu();
@@ -130,6 +135,7 @@ pub fn build_busybox_image(layout: &LayoutSource) -> (Digest, Digest) {
             "Cmd": ["sh"],
             "WorkingDir": "/",
             "ExposedPorts": {"80/tcp": {}},
+            "Volumes": volumes.iter().map(|v| (v.to_string(), json!({}))).collect::<serde_json::Map<_, _>>(),
         },
         "rootfs": {"type": "layers", "diff_ids": [diff_id.to_string()]},
     });
@@ -161,11 +167,16 @@ pub fn supervisor_command() -> SupervisorCommand {
 
 impl Harness {
     pub fn new(engine: Engine) -> Harness {
+        Harness::with_image_volumes(engine, &[])
+    }
+
+    /// A harness whose busybox image declares `volumes`.
+    pub fn with_image_volumes(engine: Engine, volumes: &[&str]) -> Harness {
         let tmp = tempfile::tempdir().unwrap();
         let layout = LayoutSource {
             root: tmp.path().join("layout"),
         };
-        let (image, layer) = build_busybox_image(&layout);
+        let (image, layer) = build_busybox_image_with(&layout, volumes);
         let provider = LocalProvider::new(
             &tmp.path().join("home"),
             Box::new(layout),
