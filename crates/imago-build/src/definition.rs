@@ -24,7 +24,7 @@ pub struct Definition {
     /// Images, by name: `[image.NAME]`. `imago build NAME` builds one, `imago build` all.
     #[serde(default)]
     pub image: BTreeMap<String, ImageDef>,
-    /// Services, read by `imago deploy`; the builder ignores them.
+    /// Services, read by `imago plan` and `imago apply`; the builder ignores them.
     #[serde(default)]
     #[schemars(with = "BTreeMap<String, serde_json::Value>")]
     pub service: BTreeMap<String, toml::Value>,
@@ -319,6 +319,44 @@ pub fn json_schema() -> serde_json::Value {
     serde_json::to_value(schemars::schema_for!(Definition)).unwrap_or_default()
 }
 
+/// The JSON Schema of `imago.toml` with the `[service.NAME]` tables described by `service` (the
+/// deployer's schema of one service; the builder does not know services).
+pub fn json_schema_with_services(service: serde_json::Value) -> serde_json::Value {
+    use serde_json::{Value, json};
+    let mut schema = json_schema();
+    let Value::Object(mut service) = service else {
+        return schema;
+    };
+    let service_defs = service.remove("$defs");
+    service.remove("$schema");
+    let name = service
+        .remove("title")
+        .and_then(|t| t.as_str().map(str::to_owned))
+        .unwrap_or_else(|| "Service".to_owned());
+    if let Some(root) = schema.as_object_mut() {
+        let defs = root
+            .entry("$defs")
+            .or_insert_with(|| Value::Object(Default::default()));
+        if let Some(defs) = defs.as_object_mut() {
+            if let Some(Value::Object(extra)) = service_defs {
+                defs.extend(extra);
+            }
+            defs.insert(name.clone(), Value::Object(service));
+        }
+        if let Some(table) = root
+            .get_mut("properties")
+            .and_then(|p| p.get_mut("service"))
+            .and_then(Value::as_object_mut)
+        {
+            table.insert(
+                "additionalProperties".to_owned(),
+                json!({"$ref": format!("#/$defs/{name}")}),
+            );
+        }
+    }
+    schema
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -370,6 +408,23 @@ mod tests {
     fn line_column_counts_characters() {
         assert_eq!(line_column("ab\ncé d", 7), (2, 4));
         assert_eq!(line_column("", 0), (1, 1));
+    }
+
+    #[test]
+    fn service_schema_is_spliced_in() {
+        let service = serde_json::json!({
+            "$schema": "x", "title": "ServiceSpec", "type": "object",
+            "properties": {"health": {"$ref": "#/$defs/HealthCheck"}},
+            "$defs": {"HealthCheck": {"type": "object"}},
+        });
+        let schema = json_schema_with_services(service);
+        assert_eq!(
+            schema["properties"]["service"]["additionalProperties"]["$ref"],
+            "#/$defs/ServiceSpec"
+        );
+        assert_eq!(schema["$defs"]["ServiceSpec"]["type"], "object");
+        assert_eq!(schema["$defs"]["HealthCheck"]["type"], "object");
+        assert!(schema["$defs"]["ServiceSpec"].get("$schema").is_none());
     }
 
     #[test]

@@ -22,7 +22,7 @@ pub mod import;
 pub mod plan;
 
 pub use build::{BuildOptions, BuiltImage, BuiltLayer, Event, build_image, build_order};
-pub use definition::{DefinitionFile, json_schema};
+pub use definition::{DefinitionFile, json_schema, json_schema_with_services};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {

@@ -187,6 +187,27 @@ fn output_archive_and_schema() {
     let schema = imago.run(&["schema"]).ok().json();
     assert_eq!(schema["title"], "imago.toml");
     assert!(schema.to_string().contains("outside_context"));
+    // Services are described too, strictly (unknown keys are errors in imago.toml as well).
+    assert_eq!(
+        schema["properties"]["service"]["additionalProperties"]["$ref"],
+        "#/$defs/ServiceSpec"
+    );
+    let service = &schema["$defs"]["ServiceSpec"];
+    assert_eq!(service["additionalProperties"], false);
+    for key in [
+        "image",
+        "replicas",
+        "volumes",
+        "health",
+        "rollout",
+        "stop_grace_period",
+    ] {
+        assert!(service["properties"].get(key).is_some(), "{key}: {service}");
+    }
+    assert_eq!(
+        schema["$defs"]["RolloutSettings"]["additionalProperties"],
+        false
+    );
 }
 
 /// A no-op rebuild decides from the cache: no layer is written again. The 150 ms budget is for

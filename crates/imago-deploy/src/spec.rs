@@ -3,13 +3,14 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::error::DeployError;
 
 /// One service as declared. Every field that changes what an instance runs is part of the
 /// release's configuration hash.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
     /// An image of the same file (`web`), or any store reference (`web:v2`, `sha256:...`).
@@ -28,6 +29,7 @@ pub struct ServiceSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_port: Option<u16>,
     #[serde(default)]
+    #[schemars(with = "NetworkName")]
     pub network: NetworkMode,
     #[serde(default)]
     pub resources: Resources,
@@ -41,6 +43,7 @@ pub struct ServiceSpec {
     pub rollout: RolloutSettings,
     /// Time between the stop signal and SIGKILL when an instance is retired.
     #[serde(default = "default_stop_grace", with = "humantime_serde_compat")]
+    #[schemars(with = "DurationText")]
     pub stop_grace_period: Duration,
 }
 
@@ -55,7 +58,28 @@ fn one() -> u32 {
 /// The instance network, as the runtime defines it (`"private"` or `"host"`).
 pub use imago_runtime::NetworkMode;
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// The schema of [`NetworkMode`] (which lives in the runtime, which knows nothing of schemas).
+#[derive(JsonSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)]
+enum NetworkName {
+    /// Own network namespace and address per instance.
+    Private,
+    /// The host's network namespace.
+    Host,
+}
+
+/// A duration as written in imago.toml: "500ms", "2s", "1m 30s".
+#[derive(JsonSchema)]
+#[allow(dead_code)]
+struct DurationText(String);
+
+/// The JSON Schema of one `[service.NAME]` table.
+pub fn service_json_schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(ServiceSpec)).unwrap_or_default()
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Resources {
     /// Memory limit, e.g. "64M", "1G".
@@ -69,7 +93,7 @@ pub struct Resources {
 }
 
 /// `[service.NAME.health]`: `type = "http" | "tcp" | "command"` and the fields of that type.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheck {
     #[serde(rename = "type")]
@@ -87,18 +111,21 @@ pub struct HealthCheck {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<Vec<String>>,
     #[serde(default = "default_interval", with = "humantime_serde_compat")]
+    #[schemars(with = "DurationText")]
     pub interval: Duration,
     #[serde(default = "default_timeout", with = "humantime_serde_compat")]
+    #[schemars(with = "DurationText")]
     pub timeout: Duration,
     #[serde(default = "one")]
     pub healthy_threshold: u32,
     #[serde(default = "three")]
     pub unhealthy_threshold: u32,
     #[serde(default, with = "humantime_serde_compat")]
+    #[schemars(with = "DurationText")]
     pub start_period: Duration,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ProbeKind {
     Http,
@@ -173,7 +200,7 @@ impl HealthCheck {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Strategy {
     #[default]
@@ -182,7 +209,7 @@ pub enum Strategy {
 }
 
 /// A count or a percentage of the replicas ("25%").
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum Amount {
     Count(u32),
@@ -215,7 +242,7 @@ impl Amount {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RolloutSettings {
     #[serde(default)]
@@ -226,15 +253,18 @@ pub struct RolloutSettings {
     pub max_unavailable: Amount,
     /// How long a new instance must stay healthy before it counts as available.
     #[serde(default, with = "humantime_serde_compat")]
+    #[schemars(with = "DurationText")]
     pub min_ready: Duration,
     /// A rollout with no progress for this long has failed.
     #[serde(default = "default_deadline", with = "humantime_serde_compat")]
+    #[schemars(with = "DurationText")]
     pub progress_deadline: Duration,
     #[serde(default = "yes")]
     pub auto_rollback: bool,
     /// How long a retired instance keeps serving its open connections after it stops getting
     /// new ones.
     #[serde(default = "default_drain", with = "humantime_serde_compat")]
+    #[schemars(with = "DurationText")]
     pub drain: Duration,
 }
 

@@ -210,5 +210,8 @@ impl Render for Schema {
 
 /// Prints the JSON Schema of imago.toml (JSON whether or not --json is given).
 pub fn schema(ctx: &Context, _args: SchemaArgs) -> Result<()> {
-    ctx.reporter.emit(&Schema(imago_build::json_schema()))
+    ctx.reporter
+        .emit(&Schema(imago_build::json_schema_with_services(
+            imago_deploy::spec::service_json_schema(),
+        )))
 }
