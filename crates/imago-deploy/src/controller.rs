@@ -21,7 +21,7 @@ use crate::error::DeployError;
 use crate::health::{HealthTracker, ProbeResult};
 use crate::proxy::Routes;
 use crate::rollout::{Counts, ObservedInstance, Phase, RolloutInput, Step, next_step};
-use crate::spec::Probe;
+use crate::spec::{Probe, Strategy};
 use crate::state::{Release, RolloutRow, StateDb, now_ms};
 
 pub const LABEL_SERVICE: &str = "imago.service";
@@ -29,7 +29,8 @@ pub const LABEL_SERVICE: &str = "imago.service";
 /// part of an instance: a rollback release with the same revision adopts the running instances.
 pub const LABEL_REVISION: &str = "imago.revision";
 
-/// How long an instance of a destroyed service gets between SIGTERM and SIGKILL.
+/// How long an instance of a destroyed service gets between SIGTERM and SIGKILL when the release
+/// it runs is no longer known (otherwise: that release's `stop_grace_period`).
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// The instance spec a release's instances run.
@@ -172,13 +173,17 @@ pub struct Controller {
     bind: IpAddr,
     /// Unknown instances already reported, so the event log is not flooded.
     reported_unknown: BTreeSet<String>,
+    /// Instances whose passing health check was already recorded as an event (again after a
+    /// restart, which is harmless: the event says what was observed).
+    announced_ready: BTreeSet<String>,
     /// Stops in progress (each takes up to the instance's grace period).
     stopping: HashMap<String, std::thread::JoinHandle<()>>,
     /// The rootfs cache to check for modifications, and how often.
     rootfs: Option<(imago_runtime::RootfsCache, Duration)>,
     last_rootfs_check: Option<std::time::Instant>,
     /// Images whose unpacked tree was found modified, and when: instances created before that
-    /// run from the modified tree.
+    /// run from the modified tree. Read from the database each pass (`imago drift` records
+    /// there too).
     tainted: HashMap<imago_oci::Digest, u64>,
 }
 
@@ -200,6 +205,7 @@ impl Controller {
             actor: "controller".into(),
             bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             reported_unknown: BTreeSet::new(),
+            announced_ready: BTreeSet::new(),
             stopping: HashMap::new(),
             rootfs: None,
             last_rootfs_check: None,
@@ -238,21 +244,7 @@ impl Controller {
             if problems.is_empty() {
                 continue;
             }
-            let shown: Vec<&str> = problems.iter().take(5).map(String::as_str).collect();
-            let message = format!(
-                "the unpacked image {digest} was modified ({}{}): setting it aside and replacing its instances",
-                shown.join(", "),
-                if problems.len() > 5 {
-                    format!(", and {} more", problems.len() - 5)
-                } else {
-                    String::new()
-                }
-            );
-            cache
-                .taint(digest)
-                .map_err(|e| DeployError::Runtime(e.to_string()))?;
-            self.db.event(None, "drift", &message, &self.actor)?;
-            self.tainted.insert(digest.clone(), now_ms());
+            set_aside_modified(cache, &self.db, digest, &problems, &self.actor)?;
         }
         Ok(())
     }
@@ -273,6 +265,7 @@ impl Controller {
             .map_err(|e| DeployError::Runtime(e.to_string()))?;
         let draining = self.db.draining()?;
         self.check_rootfs(&instances)?;
+        self.tainted = self.db.tainted()?;
         let services = self.db.all_services()?;
         let known: BTreeSet<&str> = services
             .iter()
@@ -312,6 +305,7 @@ impl Controller {
             }
             keep
         });
+        self.announced_ready.retain(|id| live.contains(id.as_str()));
         Ok(passes)
     }
 
@@ -348,7 +342,10 @@ impl Controller {
         Ok(())
     }
 
-    /// Stops every instance of a destroyed service and closes its endpoint.
+    /// Stops every instance of a destroyed service and closes its endpoint. Stops run beside the
+    /// loop (each takes up to the instance's grace period), so a pass never waits for one; a
+    /// later pass removes what has exited. Only the database says the service is destroyed, so a
+    /// restarted controller finishes a tear-down it did not start.
     fn tear_down(&mut self, service: &str, own: &[&Instance]) -> Result<ServicePass, DeployError> {
         let mut pass = ServicePass {
             service: service.to_owned(),
@@ -357,8 +354,17 @@ impl Controller {
         self.endpoints.remove(service);
         for instance in own {
             if instance.is_active() {
-                let _ = self.provider.stop(&instance.id, STOP_GRACE);
+                let grace = match instance.labels.get(LABEL_REVISION) {
+                    Some(revision) => self
+                        .db
+                        .release_with_revision(service, revision)?
+                        .map_or(STOP_GRACE, |r| r.spec.stop_grace_period),
+                    None => STOP_GRACE,
+                };
+                self.stop_in_background(&instance.id, grace);
+                continue;
             }
+            self.stopping.remove(&instance.id);
             // `imago destroy` may be removing the same instances right now: a failure here is
             // retried on the next pass, and must not hold up the other services.
             match self.remove_instance(&instance.id) {
@@ -372,6 +378,21 @@ impl Controller {
             }
         }
         Ok(pass)
+    }
+
+    /// Starts stopping `id` on a side thread unless a stop of it is still in progress. A stop
+    /// that ended without the instance exiting (it raced a launcher, say) is simply started
+    /// again by a later pass.
+    fn stop_in_background(&mut self, id: &str, grace: Duration) {
+        if self.stopping.get(id).is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        let provider = self.provider.clone();
+        let stop_id = id.to_owned();
+        let task = std::thread::spawn(move || {
+            let _ = provider.stop(&stop_id, grace);
+        });
+        self.stopping.insert(id.to_owned(), task);
     }
 
     fn remove_instance(&mut self, id: &str) -> Result<(), DeployError> {
@@ -482,6 +503,23 @@ impl Controller {
                 Status::Exited | Status::Failed | Status::Lost => Phase::Exited,
                 Status::Created | Status::Running => self.phase_of(instance, own_release),
             };
+            if matches!(phase, Phase::Ready { .. })
+                && own_release.spec.health.is_some()
+                && !draining.contains_key(&instance.id)
+                && self.announced_ready.insert(instance.id.clone())
+            {
+                // Recorded before the endpoint can route to it, so the log shows that every
+                // instance that served passed its check first.
+                self.db.event(
+                    Some(service),
+                    "ready",
+                    &format!(
+                        "instance {} (release {}) passes its health check",
+                        instance.id, own_release.number
+                    ),
+                    &self.actor,
+                )?;
+            }
             observed.push(ObservedInstance {
                 id: instance.id.clone(),
                 revision: revision_seen,
@@ -530,6 +568,34 @@ impl Controller {
             pass.drift.push(message);
             self.remove_instance(id)?;
             pass.removed_dead.push(id.clone());
+        }
+        if release.spec.rollout.strategy == Strategy::BlueGreen {
+            let old_set: Vec<&str> = step
+                .retire
+                .iter()
+                .filter(|id| !draining.contains_key(*id))
+                .filter(|id| {
+                    observed.iter().any(|o| {
+                        &o.id == *id
+                            && o.revision != release.revision
+                            && o.phase != Phase::Unhealthy
+                    })
+                })
+                .map(String::as_str)
+                .collect();
+            if !old_set.is_empty() {
+                self.db.event(
+                    Some(service),
+                    "switch",
+                    &format!(
+                        "blue-green: all traffic switches to release {} ({}); draining the old set ({})",
+                        release.number,
+                        step.route_to.join(", "),
+                        old_set.join(", ")
+                    ),
+                    &self.actor,
+                )?;
+            }
         }
         // Retire: out of the endpoint now, stopped once drained.
         let deadline = now + release.spec.rollout.drain.as_millis() as u64;
@@ -587,15 +653,8 @@ impl Controller {
             }
             let routes = self.endpoints.get(service).map(|e| e.routes.clone());
             let open = routes.as_ref().map_or(0, |r| r.active_connections(id));
-            let in_flight = self.stopping.get(id).is_some_and(|t| !t.is_finished());
-            if (open == 0 || now >= *drain_deadline) && !in_flight {
-                let provider = self.provider.clone();
-                let grace = release.spec.stop_grace_period;
-                let stop_id = id.clone();
-                let task = std::thread::spawn(move || {
-                    let _ = provider.stop(&stop_id, grace);
-                });
-                self.stopping.insert(id.clone(), task);
+            if open == 0 || now >= *drain_deadline {
+                self.stop_in_background(id, release.spec.stop_grace_period);
             }
         }
         // Launch.
@@ -937,6 +996,41 @@ impl Controller {
     }
 }
 
+/// Sets the modified unpacked tree of `digest` aside and records it, so that every instance
+/// created from it is replaced: by the running controller, a restarted one, or the next one
+/// when `imago drift` found it. Returns the event's message.
+pub fn set_aside_modified(
+    cache: &imago_runtime::RootfsCache,
+    db: &StateDb,
+    digest: &imago_oci::Digest,
+    problems: &[String],
+    actor: &str,
+) -> Result<String, DeployError> {
+    let shown: Vec<&str> = problems.iter().take(5).map(String::as_str).collect();
+    let message = format!(
+        "the unpacked image {digest} was modified ({}{}): setting it aside and replacing its instances",
+        shown.join(", "),
+        if problems.len() > 5 {
+            format!(", and {} more", problems.len() - 5)
+        } else {
+            String::new()
+        }
+    );
+    // Recorded before the tree is moved, so a crash in between still replaces the instances
+    // (and the next check finds the tree again); and again after, so an instance launched
+    // from the modified tree in between is replaced too.
+    db.record_taint(digest, now_ms())?;
+    if let Err(e) = cache.taint(digest) {
+        // The controller and `imago drift` may both find it: moved already is done.
+        if cache.path(digest).exists() {
+            return Err(DeployError::Runtime(e.to_string()));
+        }
+    }
+    db.record_taint(digest, now_ms())?;
+    db.event(None, "drift", &message, actor)?;
+    Ok(message)
+}
+
 fn describe_exit(instance: &Instance) -> String {
     match (instance.status, instance.exit_code, &instance.error) {
         (Status::Failed, _, Some(e)) => format!("failed to start: {e}"),
@@ -949,7 +1043,9 @@ fn describe_exit(instance: &Instance) -> String {
     }
 }
 
-/// Runs `command` inside the instance's namespaces (a health probe, never a repair).
+/// Runs `command` inside the instance (a health probe, never a repair): in its mount, UTS, IPC,
+/// network and PID namespaces and under its root directory, so it sees the image's files and the
+/// instance's own network, not the host's.
 async fn command_probe(pid: Option<i32>, command: &[String], timeout: Duration) -> ProbeResult {
     let Some(pid) = pid else {
         return ProbeResult::Unhealthy("instance has no process".into());
@@ -957,13 +1053,30 @@ async fn command_probe(pid: Option<i32>, command: &[String], timeout: Duration) 
     let mut cmd = tokio::process::Command::new("nsenter");
     cmd.arg("--target")
         .arg(pid.to_string())
-        .args(["--mount", "--uts", "--ipc", "--net", "--pid", "--"])
+        .args([
+            "--mount", "--uts", "--ipc", "--net", "--pid", "--root", "--wd", "--",
+        ])
         .args(command);
+    // The controller's environment is not the instance's business.
+    cmd.env_clear().env(
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    );
     cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
+    // nsenter forks the command into the instance's PID namespace and only waits for it: its
+    // own process group lets a timeout kill the command (and what it started), not just nsenter.
+    cmd.process_group(0);
     cmd.kill_on_drop(true);
-    match tokio::time::timeout(timeout, cmd.output()).await {
+    let child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => return ProbeResult::Unhealthy(format!("cannot run command probe: {e}")),
+    };
+    let group = child
+        .id()
+        .and_then(|id| rustix::process::Pid::from_raw(id as i32));
+    match tokio::time::timeout(timeout, child.wait_with_output()).await {
         Ok(Ok(out)) if out.status.success() => ProbeResult::Healthy,
         Ok(Ok(out)) => ProbeResult::Unhealthy(format!(
             "command {:?} exited with {}: {}",
@@ -972,10 +1085,15 @@ async fn command_probe(pid: Option<i32>, command: &[String], timeout: Duration) 
             String::from_utf8_lossy(&out.stderr).trim()
         )),
         Ok(Err(e)) => ProbeResult::Unhealthy(format!("cannot run command probe: {e}")),
-        Err(_) => ProbeResult::Unhealthy(format!(
-            "command {:?} timed out after {timeout:?}",
-            command.join(" ")
-        )),
+        Err(_) => {
+            if let Some(group) = group {
+                let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+            }
+            ProbeResult::Unhealthy(format!(
+                "command {:?} timed out after {timeout:?}",
+                command.join(" ")
+            ))
+        }
     }
 }
 
@@ -1025,6 +1143,17 @@ mod tests {
                 .0
         }
 
+        /// Replaces the controller by a new one over the same database: no memory of the old.
+        fn restart(&mut self, provider: Arc<dyn Provider>) {
+            let db = StateDb::open(&self._dir.path().join("state.db")).unwrap();
+            self.controller = Controller::new(
+                db,
+                provider,
+                self.runtime.handle().clone(),
+                Engine::Embedded,
+            );
+        }
+
         /// Runs passes until `service` completes; returns the passes.
         fn converge(&mut self, service: &str, max: usize) -> Vec<ServicePass> {
             let mut passes = Vec::new();
@@ -1041,6 +1170,8 @@ mod tests {
                 if done {
                     return passes;
                 }
+                // Stops run on side threads: give them a moment on a busy machine.
+                std::thread::sleep(Duration::from_millis(5));
             }
             panic!("{service} did not converge in {max} passes: {passes:#?}");
         }
@@ -1285,18 +1416,88 @@ mod tests {
         );
     }
 
+    /// A provider whose stops take as long as the grace period, as with a process that ignores
+    /// SIGTERM: what the controller must never wait for inside a pass.
+    struct SlowStops(Arc<FakeProvider>);
+
+    impl Provider for SlowStops {
+        fn launch(&self, spec: &InstanceSpec) -> Result<Instance, imago_runtime::RuntimeError> {
+            self.0.launch(spec)
+        }
+        fn stop(&self, id: &str, grace: Duration) -> Result<Instance, imago_runtime::RuntimeError> {
+            std::thread::sleep(grace);
+            self.0.stop(id, grace)
+        }
+        fn remove(&self, id: &str) -> Result<(), imago_runtime::RuntimeError> {
+            self.0.remove(id)
+        }
+        fn list(&self) -> Result<Vec<Instance>, imago_runtime::RuntimeError> {
+            self.0.list()
+        }
+        fn inspect(&self, id: &str) -> Result<Instance, imago_runtime::RuntimeError> {
+            self.0.inspect(id)
+        }
+        fn logs(&self, id: &str) -> Result<Vec<u8>, imago_runtime::RuntimeError> {
+            self.0.logs(id)
+        }
+    }
+
     #[test]
     fn destroy_stops_everything_of_the_service() {
         let mut h = harness();
         h.release(
             "web",
-            &spec(serde_json::json!({"image": "web", "replicas": 2})),
+            &spec(serde_json::json!({"image": "web", "replicas": 2, "stop_grace_period": "1s"})),
             b"v1",
         );
+        h.release(
+            "api",
+            &spec(serde_json::json!({"image": "api", "replicas": 1})),
+            b"a1",
+        );
         h.converge("web", 5);
+        h.restart(Arc::new(SlowStops(h.fake.clone())));
         h.controller.db.destroy("web", "test").unwrap();
-        h.controller.pass().unwrap();
-        assert!(h.fake.list().unwrap().is_empty());
+
+        let started = std::time::Instant::now();
+        let first = h.controller.pass().unwrap();
+        assert!(
+            started.elapsed() < Duration::from_millis(900),
+            "the pass does not wait for stops of 1 s each (took {:?})",
+            started.elapsed()
+        );
+        assert_eq!(h.running("web").len(), 2, "stops are still in progress");
+        assert!(first.iter().any(|p| p.service == "web"));
+
+        // A controller killed in the middle of the tear-down: a new one over the same database
+        // finishes it from what it observes.
+        h.restart(Arc::new(SlowStops(h.fake.clone())));
+        let mut stopped = BTreeSet::new();
+        for _ in 0..250 {
+            let passes = h.controller.pass().unwrap();
+            let web = passes.iter().find(|p| p.service == "web").unwrap();
+            stopped.extend(web.stopped.iter().cloned());
+            let left = h
+                .fake
+                .list()
+                .unwrap()
+                .iter()
+                .any(|i| i.labels.get(LABEL_SERVICE).map(String::as_str) == Some("web"));
+            if !left {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(stopped.len(), 2, "both instances were stopped and removed");
+        assert!(
+            h.fake
+                .list()
+                .unwrap()
+                .iter()
+                .all(|i| i.labels.get(LABEL_SERVICE).map(String::as_str) == Some("api")),
+            "nothing of web is left, and api is untouched"
+        );
+        assert_eq!(h.running("api").len(), 1);
     }
 
     #[test]
@@ -1311,13 +1512,7 @@ mod tests {
         h.controller.pass().unwrap();
         h.controller.pass().unwrap();
         // A new controller over the same database and instances: no memory of the old one.
-        let db = StateDb::open(&h._dir.path().join("state.db")).unwrap();
-        h.controller = Controller::new(
-            db,
-            h.fake.clone(),
-            h.runtime.handle().clone(),
-            Engine::Embedded,
-        );
+        h.restart(h.fake.clone());
         let passes = h.converge("web", 30);
         assert!(passes.last().unwrap().complete);
         let running = h.running("web");

@@ -4,7 +4,7 @@
 //! release (completed, failed, rolled back) is recorded as a new outcome row and event. WAL mode
 //! and `synchronous = FULL` make every committed transaction survive kill -9 and power loss.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -16,7 +16,8 @@ use crate::error::DeployError;
 use crate::spec::ServiceSpec;
 
 /// Migrations, applied in order; the index + 1 is the schema version.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE releases (
     service      TEXT NOT NULL,
     number       INTEGER NOT NULL,
@@ -69,7 +70,14 @@ CREATE TABLE events (
     message  TEXT NOT NULL,
     actor    TEXT NOT NULL
 ) STRICT;
-"#];
+"#,
+    r#"
+CREATE TABLE tainted_images (
+    image_digest TEXT PRIMARY KEY,
+    at_ms        INTEGER NOT NULL
+) STRICT;
+"#,
+];
 
 /// One immutable release: a service pinned to an image digest and its full configuration.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -534,6 +542,42 @@ impl StateDb {
         Ok(digests)
     }
 
+    /// Records that the unpacked tree of `digest` was found modified at `at_ms` and set aside:
+    /// every instance created until then runs from the modified tree and is replaced. Kept in
+    /// the database so that a restarted controller, or one that was not running when
+    /// `imago drift` found it, still replaces them.
+    pub fn record_taint(&self, digest: &Digest, at_ms: u64) -> Result<(), DeployError> {
+        self.conn
+            .execute(
+                "INSERT INTO tainted_images (image_digest, at_ms) VALUES (?1, ?2)
+                 ON CONFLICT(image_digest) DO UPDATE SET at_ms = MAX(at_ms, excluded.at_ms)",
+                params![digest.to_string(), at_ms],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Images whose unpacked tree was set aside as modified, and when (the latest time).
+    pub fn tainted(&self) -> Result<HashMap<Digest, u64>, DeployError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT image_digest, at_ms FROM tainted_images")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?)))
+            .map_err(|e| self.err(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))?;
+        let mut tainted = HashMap::new();
+        for (text, at_ms) in rows {
+            let digest = text.parse().map_err(|e: imago_oci::DigestError| {
+                self.err(rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+            })?;
+            tainted.insert(digest, at_ms);
+        }
+        Ok(tainted)
+    }
+
     /// The latest outcome recorded for release `number` of `service`.
     pub fn outcome_of(&self, service: &str, number: u64) -> Result<Option<Outcome>, DeployError> {
         self.conn
@@ -769,6 +813,28 @@ mod tests {
         expected.sort();
         assert_eq!(kept, expected);
         assert_eq!(db.retained_digests(10).unwrap().len(), 5);
+    }
+
+    #[test]
+    fn taints_survive_a_reopen_and_keep_the_latest_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        // A database of the first schema, as an older imago left it, gains the table.
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+        }
+        let image = Digest::of(b"image");
+        {
+            let db = StateDb::open(&path).unwrap();
+            db.record_taint(&image, 200).unwrap();
+            db.record_taint(&image, 100).unwrap();
+        }
+        let db = StateDb::open(&path).unwrap();
+        let tainted = db.tainted().unwrap();
+        assert_eq!(tainted.len(), 1);
+        assert_eq!(tainted.get(&image), Some(&200));
     }
 
     #[test]

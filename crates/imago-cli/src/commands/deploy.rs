@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, anyhow, bail};
 use clap::Args;
 use imago_build::{BuildOptions, DefinitionFile};
-use imago_deploy::controller::{Controller, LABEL_REVISION, LABEL_SERVICE, instance_spec};
+use imago_deploy::controller::{
+    Controller, LABEL_REVISION, LABEL_SERVICE, instance_spec, set_aside_modified,
+};
 use imago_deploy::plan::{RolloutPlan, plan_rollout};
 use imago_deploy::roots::{DEFAULT_HISTORY_LIMIT, ReleaseRoots};
 use imago_deploy::spec::{ServiceSpec, validate_all};
@@ -1220,6 +1222,9 @@ pub fn drift(ctx: &Context, args: DriftArgs) -> Result<()> {
     let provider = local_provider(ctx, store)?;
     let mut findings = Vec::new();
     let services = db.services()?;
+    let cache = provider.rootfs_cache();
+    // Instances of one image share its unpacked tree: check (and, deep, hash) it once.
+    let mut rootfs_problems: BTreeMap<Digest, Vec<String>> = BTreeMap::new();
     for instance in provider.list()? {
         let service = instance.labels.get(LABEL_SERVICE).cloned();
         let finding = |kind: &str, detail: String| DriftFinding {
@@ -1269,9 +1274,19 @@ pub fn drift(ctx: &Context, args: DriftArgs) -> Result<()> {
                 ),
             ));
         }
-        for problem in provider.rootfs_cache().verify(&instance.image, args.deep)? {
-            findings.push(finding("modified-rootfs", problem));
+        if !rootfs_problems.contains_key(&instance.image) {
+            let problems = cache.verify(&instance.image, args.deep)?;
+            rootfs_problems.insert(instance.image.clone(), problems);
         }
+        for problem in rootfs_problems.get(&instance.image).into_iter().flatten() {
+            findings.push(finding("modified-rootfs", problem.clone()));
+        }
+    }
+    // Replace, don't repair: the modified tree is set aside and recorded, and the controller
+    // replaces every instance that runs from it.
+    for (digest, problems) in rootfs_problems.iter().filter(|(_, p)| !p.is_empty()) {
+        let message = set_aside_modified(&cache, &db, digest, problems, &actor())?;
+        ctx.reporter.status(message);
     }
     let drifted = !findings.is_empty();
     ctx.reporter.emit(&DriftReport(findings))?;
