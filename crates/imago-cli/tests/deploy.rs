@@ -680,8 +680,8 @@ fn blue_green_switches_all_traffic_at_once_after_every_new_instance_is_healthy()
     assert_eq!(all.as_array().unwrap().len(), 3, "{all}");
 }
 
-/// Host processes whose command line is exactly `argv`.
-fn processes_running(argv: &[&str]) -> usize {
+/// Host processes whose command line is exactly `argv`: their /proc/PID/stat lines.
+fn processes_running(argv: &[&str]) -> Vec<String> {
     let wanted: Vec<u8> = argv
         .iter()
         .flat_map(|a| [a.as_bytes(), b"\0"].concat())
@@ -691,7 +691,8 @@ fn processes_running(argv: &[&str]) -> usize {
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
         .filter(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == wanted))
-        .count()
+        .map(|e| std::fs::read_to_string(e.path().join("stat")).unwrap_or_default())
+        .collect()
 }
 
 #[test]
@@ -772,8 +773,9 @@ fn command_health_checks_run_inside_the_instance_and_are_cut_at_their_timeout() 
     std::thread::sleep(Duration::from_millis(2000));
     let hanging = processes_running(&["/bin/sleep", "4321"]);
     assert!(
-        hanging <= 1,
-        "{hanging} probe commands still run: only the one in progress may"
+        hanging.len() <= 1,
+        "{} probe commands still run, only the one in progress may: {hanging:#?}",
+        hanging.len()
     );
     let out = apply.join().unwrap();
     assert!(
@@ -793,7 +795,10 @@ fn command_health_checks_run_inside_the_instance_and_are_cut_at_their_timeout() 
         "{why}"
     );
     assert!(d.get().unwrap().contains("version v1"));
-    assert_eq!(processes_running(&["/bin/sleep", "4321"]), 0);
+    assert_eq!(
+        processes_running(&["/bin/sleep", "4321"]),
+        Vec::<String>::new()
+    );
 }
 
 #[test]

@@ -293,10 +293,17 @@ impl Controller {
             };
             passes.push(pass);
         }
+        // Instances launched in this pass were not listed at its start, but are live: aborting
+        // their first probe would only waste it.
         let live: BTreeSet<&str> = instances
             .iter()
             .filter(|i| i.is_active())
             .map(|i| i.id.as_str())
+            .chain(
+                passes
+                    .iter()
+                    .flat_map(|p| p.launched.iter().map(String::as_str)),
+            )
             .collect();
         self.probes.retain(|id, task| {
             let keep = live.contains(id.as_str());
@@ -1043,6 +1050,30 @@ fn describe_exit(instance: &Instance) -> String {
     }
 }
 
+/// Kills a probe's process group when dropped while armed: nsenter forks the command into the
+/// instance's PID namespace and only waits for it, so killing nsenter alone (a timeout, or the
+/// probe task aborted when its instance goes) would leave the command running in the instance.
+struct ProbeGroup(Option<rustix::process::Pid>);
+
+impl ProbeGroup {
+    fn kill(&mut self) {
+        if let Some(group) = self.0.take() {
+            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+        }
+    }
+
+    /// After nsenter was reaped its pid (the group's id) may be reused: never signal it then.
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for ProbeGroup {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// Runs `command` inside the instance (a health probe, never a repair): in its mount, UTS, IPC,
 /// network and PID namespaces and under its root directory, so it sees the image's files and the
 /// instance's own network, not the host's.
@@ -1065,34 +1096,51 @@ async fn command_probe(pid: Option<i32>, command: &[String], timeout: Duration) 
     cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
-    // nsenter forks the command into the instance's PID namespace and only waits for it: its
-    // own process group lets a timeout kill the command (and what it started), not just nsenter.
     cmd.process_group(0);
     cmd.kill_on_drop(true);
-    let child = match cmd.spawn() {
+    let mut child = match cmd.spawn() {
         Ok(child) => child,
         Err(e) => return ProbeResult::Unhealthy(format!("cannot run command probe: {e}")),
     };
-    let group = child
-        .id()
-        .and_then(|id| rustix::process::Pid::from_raw(id as i32));
-    match tokio::time::timeout(timeout, child.wait_with_output()).await {
-        Ok(Ok(out)) if out.status.success() => ProbeResult::Healthy,
-        Ok(Ok(out)) => ProbeResult::Unhealthy(format!(
-            "command {:?} exited with {}: {}",
-            command.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )),
-        Ok(Err(e)) => ProbeResult::Unhealthy(format!("cannot run command probe: {e}")),
-        Err(_) => {
-            if let Some(group) = group {
-                let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+    // Declared after `child`, so an aborted probe drops it first: the group is killed while
+    // nsenter is not reaped yet.
+    let mut group = ProbeGroup(
+        child
+            .id()
+            .and_then(|id| rustix::process::Pid::from_raw(id as i32)),
+    );
+    let mut stderr = child.stderr.take();
+    let run = async {
+        let mut err = Vec::new();
+        let read = async {
+            if let Some(stderr) = stderr.as_mut() {
+                let _ = tokio::io::AsyncReadExt::read_to_end(stderr, &mut err).await;
             }
-            ProbeResult::Unhealthy(format!(
-                "command {:?} timed out after {timeout:?}",
-                command.join(" ")
-            ))
+        };
+        let (status, ()) = tokio::join!(child.wait(), read);
+        status.map(|status| (status, err))
+    };
+    let shown = command.join(" ");
+    match tokio::time::timeout(timeout, run).await {
+        Ok(Ok((status, err))) => {
+            group.disarm();
+            if status.success() {
+                ProbeResult::Healthy
+            } else {
+                ProbeResult::Unhealthy(format!(
+                    "command {shown:?} exited with {status}: {}",
+                    String::from_utf8_lossy(&err).trim()
+                ))
+            }
+        }
+        Ok(Err(e)) => {
+            group.kill();
+            ProbeResult::Unhealthy(format!("cannot run command probe: {e}"))
+        }
+        Err(_) => {
+            group.kill();
+            let _ = child.kill().await;
+            ProbeResult::Unhealthy(format!("command {shown:?} timed out after {timeout:?}"))
         }
     }
 }
