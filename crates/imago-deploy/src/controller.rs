@@ -470,12 +470,14 @@ impl Controller {
                 .and_then(Option::as_ref)
                 .unwrap_or(&release);
             let mut revision_seen = revision.clone();
+            let mut drifted = false;
             if let Some(when) = self.tainted.get(&instance.image)
                 && instance.created_ms <= *when
                 && instance.is_active()
             {
                 // Its root filesystem was modified after unpacking: replace it.
                 revision_seen = format!("modified-{}", instance.id);
+                drifted = true;
                 if !draining.contains_key(&instance.id) {
                     let message = format!(
                         "instance {} runs from a modified copy of {}: replacing it",
@@ -491,6 +493,7 @@ impl Controller {
             {
                 // Labelled as the desired revision but running something else: drift.
                 revision_seen = format!("drifted-{}", instance.id);
+                drifted = true;
                 let message = format!(
                     "instance {} runs {} with spec {}, but release {} wants {} with spec {}: replacing it",
                     instance.id,
@@ -532,6 +535,7 @@ impl Controller {
                 revision: revision_seen,
                 phase,
                 draining: draining.contains_key(&instance.id),
+                drifted,
             });
             if instance.status == Status::Running && !draining.contains_key(&instance.id) {
                 self.ensure_probe(instance, own_release);
