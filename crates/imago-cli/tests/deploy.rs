@@ -900,3 +900,102 @@ fn drift_deep_finds_a_change_the_metadata_pass_cannot_see_and_the_instance_is_re
     let clean = d.imago.run(&["drift", "--deep", "--json"]);
     assert!(clean.output.status.success(), "{}", clean.stdout());
 }
+
+/// GET `path` from `addr`: (status code, body).
+fn http_request(addr: &str, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (code, body)
+}
+
+#[test]
+fn plan_the_controller_api_and_destroy_through_the_cli() {
+    let d = Deployment::new(18210);
+    let plan = |d: &Deployment| {
+        d.imago
+            .run(&["plan", "--json", "-f", &d.file()])
+            .ok()
+            .json()
+    };
+    assert_eq!(plan(&d)[0]["action"], "first release");
+
+    // A background controller with the API on a port of its own (not the default 7878).
+    d.imago.run(&["serve", "--api", "127.0.0.1:0"]).ok();
+    d.apply().ok();
+    let unchanged = plan(&d);
+    assert_eq!(unchanged[0]["action"], "no change", "{unchanged}");
+
+    d.set_version("v2", "2");
+    let next = plan(&d);
+    let service = &next[0];
+    assert_eq!(service["action"], "new release", "{next}");
+    assert_eq!(service["current_release"], 1);
+    assert_eq!(service["instances_replaced"], 3);
+    let rollout = &service["rollout"];
+    assert_eq!(
+        rollout["waves"].as_array().unwrap().len(),
+        3,
+        "max_surge 1, max_unavailable 0: one instance a wave: {rollout}"
+    );
+    assert_eq!(rollout["min_available"], 3, "{rollout}");
+    assert_eq!(rollout["max_total"], 4, "{rollout}");
+    let human = d.imago.run(&["plan", "-f", &d.file()]).ok().stdout();
+    assert!(
+        human.contains(
+            "replaces 3 instances with 3 in 3 waves; at least 3 available, at most 4 running"
+        ),
+        "{human}"
+    );
+    let history = d.imago.run(&["history", "--json", "web"]).ok().json();
+    assert_eq!(history.as_array().unwrap().len(), 1, "plan records nothing");
+
+    // The API answers from the same database as the CLI.
+    let info: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(d.imago.home.join("deploy/controller.json")).unwrap(),
+    )
+    .unwrap();
+    let api = info["api"].as_str().unwrap().to_owned();
+    assert!(!api.ends_with(":7878") && !api.ends_with(":0"), "{api}");
+    let (code, body) = http_request(&api, "/v1/services/web");
+    assert_eq!(code, 200, "{body}");
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["desired"]["number"], 1);
+    assert_eq!(status["outcome"]["outcome"], "complete");
+    let (code, body) = http_request(&api, "/v1/services/web/releases");
+    assert_eq!(code, 200);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()[0]["image_digest"],
+        d.status()["services"][0]["desired"]["image_digest"]
+    );
+    let (code, body) = http_request(&api, "/v1/events?service=web");
+    assert_eq!(code, 200);
+    assert!(body.contains("release 1: complete"), "{body}");
+    assert_eq!(http_request(&api, "/v1/services/nothing").0, 404);
+
+    // Destroy: every instance stopped and removed, the endpoint closed, the history kept.
+    d.imago.run(&["destroy", "web"]).ok();
+    let all = d.imago.run(&["ps", "--all", "--json"]).ok().json();
+    assert_eq!(all, serde_json::json!([]), "nothing of web is left");
+    d.wait_until("the endpoint to close", Duration::from_secs(10), |d| {
+        TcpStream::connect(("127.0.0.1", d.port)).is_err()
+    });
+    let err = d.imago.run(&["status", "web"]).fails();
+    assert!(err.contains("no deployed service web"), "{err}");
+    let history = d.imago.run(&["history", "--json", "web"]).ok().json();
+    assert_eq!(history.as_array().unwrap().len(), 1, "the history stays");
+    assert_eq!(http_request(&api, "/v1/services/web").0, 404);
+}

@@ -500,7 +500,7 @@ pub fn apply(ctx: &Context, args: ApplyArgs) -> Result<()> {
         }
         recorded.push((release, new));
     }
-    ensure_controller(ctx, &home)?;
+    ensure_controller(ctx, &home, &[])?;
     if args.no_wait {
         let results = recorded
             .into_iter()
@@ -648,8 +648,9 @@ fn controller_running(home: &DeployHome) -> Result<bool> {
     Ok(try_lock(&home.lock_path())?.is_none())
 }
 
-/// Starts `imago serve` in the background unless a controller already runs for this home.
-fn ensure_controller(ctx: &Context, home: &DeployHome) -> Result<()> {
+/// Starts `imago serve` in the background, with `serve_args`, unless a controller already runs
+/// for this home.
+fn ensure_controller(ctx: &Context, home: &DeployHome, serve_args: &[String]) -> Result<()> {
     if controller_running(home)? {
         return Ok(());
     }
@@ -662,7 +663,8 @@ fn ensure_controller(ctx: &Context, home: &DeployHome) -> Result<()> {
     let mut cmd = Command::new(exe);
     cmd.arg("--home")
         .arg(&ctx.home.root)
-        .args(["serve", "--foreground"]);
+        .args(["serve", "--foreground"])
+        .args(serve_args);
     cmd.stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -742,7 +744,20 @@ pub fn serve(ctx: &Context, args: ServeArgs) -> Result<()> {
         return stop_controller(ctx, &home);
     }
     if !args.foreground {
-        ensure_controller(ctx, &home)?;
+        // The background controller gets the settings given here, not the defaults.
+        let serve_args = [
+            "--api".to_owned(),
+            args.api.to_string(),
+            "--interval".to_owned(),
+            humantime::format_duration(args.interval).to_string(),
+            "--runtime".to_owned(),
+            args.runtime.clone(),
+        ];
+        if controller_running(&home)? {
+            ctx.reporter
+                .warn("a controller already runs for this home: its settings stay as they are");
+        }
+        ensure_controller(ctx, &home, &serve_args)?;
         return Ok(());
     }
     let Some(_lock) = try_lock(&home.lock_path())? else {
@@ -1054,7 +1069,7 @@ pub fn rollback(ctx: &Context, args: RollbackArgs) -> Result<()> {
         "service {}: release {} restores release {} (image and configuration)",
         args.service, release.number, target.number
     ));
-    ensure_controller(ctx, &home)?;
+    ensure_controller(ctx, &home, &[])?;
     if args.no_wait {
         return Ok(());
     }
