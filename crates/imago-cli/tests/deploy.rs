@@ -294,11 +294,20 @@ fn a_release_failing_its_health_check_is_rolled_back_and_status_says_why() {
     d.set_version("v3", "3");
     d.edit("path = \"/\"", "path = \"/healthz-missing\"");
     let started = Instant::now();
-    let err = d.apply().fails();
+    let run = d.apply();
     let took = started.elapsed();
+    let out = run.stdout();
+    let err = run.fails();
     let answers = client.finish();
 
     assert!(err.contains("did not deploy"), "{err}");
+    // apply names the check that failed, the instance's last log lines, and the rollback.
+    assert!(
+        out.contains("release 3 failed and was rolled back to release 2")
+            && out.contains("/healthz-missing")
+            && out.contains("last log lines"),
+        "{out}"
+    );
     assert!(
         took < Duration::from_secs(30),
         "stopped within its progress deadline (took {took:?})"
@@ -724,8 +733,15 @@ fn command_health_checks_run_inside_the_instance_and_are_cut_at_their_timeout() 
     // A check that fails inside the instance (the file is the host's, not the image's).
     d.set_version("v2", "2");
     command_check(&d, "test -f /etc/debian_version");
-    let err = d.apply().fails();
+    let run = d.apply();
+    let out = run.stdout();
+    let err = run.fails();
     assert!(err.contains("did not deploy"), "{err}");
+    assert!(
+        out.contains("release 2 failed and was rolled back to release 1")
+            && out.contains("test -f /etc/debian_version"),
+        "{out}"
+    );
     let status = d.status();
     let service = &status["services"][0];
     assert_eq!(service["desired"]["rollback_of"], 1, "{status}");

@@ -939,49 +939,35 @@ impl Controller {
             }
         }
         let Some(reason) = failure else { return Ok(()) };
-        self.db
-            .record_outcome(service, release.number, "failed", &reason, &self.actor)?;
+        let rollback_to = match self.db.last_completed(service)? {
+            Some(good)
+                if release.spec.rollout.auto_rollback && good.revision != release.revision =>
+            {
+                Some(good)
+            }
+            _ => None,
+        };
+        let rollback = self.db.record_failure(
+            service,
+            release.number,
+            &reason,
+            rollback_to.as_ref(),
+            &self.actor,
+        )?;
         self.db.clear_rollout(service)?;
-        pass.failed = Some(reason.clone());
-        if !release.spec.rollout.auto_rollback {
-            self.db.event(
+        pass.failed = Some(reason);
+        match rollback {
+            Some(rollback) => pass.rolled_back_to = rollback.rollback_of,
+            None => self.db.event(
                 Some(service),
                 "rollback-skipped",
-                "auto_rollback = false: holding the failed release",
+                if release.spec.rollout.auto_rollback {
+                    "no earlier completed release to roll back to"
+                } else {
+                    "auto_rollback = false: holding the failed release"
+                },
                 &self.actor,
-            )?;
-            return Ok(());
-        }
-        match self.db.last_completed(service)? {
-            Some(good) if good.revision != release.revision => {
-                let reason = format!("automatic rollback: release {} failed", release.number);
-                let (rollback, _) = self.db.record_release(
-                    service,
-                    &good.spec,
-                    &good.image_digest,
-                    &reason,
-                    Some(good.number),
-                    &self.actor,
-                )?;
-                self.db.event(
-                    Some(service),
-                    "rollback",
-                    &format!(
-                        "rolled back to release {} (as release {}) after release {} failed",
-                        good.number, rollback.number, release.number
-                    ),
-                    &self.actor,
-                )?;
-                pass.rolled_back_to = Some(good.number);
-            }
-            _ => {
-                self.db.event(
-                    Some(service),
-                    "rollback-skipped",
-                    "no earlier completed release to roll back to",
-                    &self.actor,
-                )?;
-            }
+            )?,
         }
         Ok(())
     }

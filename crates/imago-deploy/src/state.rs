@@ -205,6 +205,25 @@ impl StateDb {
         }
     }
 
+    /// Runs `body` in one immediate transaction and commits what it wrote.
+    fn in_transaction<T>(
+        &mut self,
+        body: impl FnOnce(&rusqlite::Transaction<'_>, &Path) -> Result<T, DeployError>,
+    ) -> Result<T, DeployError> {
+        let path = self.path.clone();
+        let db_err = |source| DeployError::Database {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db_err)?;
+        let value = body(&tx, &path)?;
+        tx.commit().map_err(db_err)?;
+        Ok(value)
+    }
+
     /// Records a new release for `service` unless its latest release already pins the same
     /// digest and configuration. Returns the release and whether it is new.
     pub fn record_release(
@@ -216,82 +235,65 @@ impl StateDb {
         rollback_of: Option<u64>,
         actor: &str,
     ) -> Result<(Release, bool), DeployError> {
-        let (config_hash, revision) = fingerprint(spec, digest)?;
-        let spec_json = serde_json::to_string(spec).map_err(|source| DeployError::Encode {
-            what: "service spec",
-            source,
+        let new = self.in_transaction(|tx, path| {
+            insert_release(tx, path, service, spec, digest, reason, rollback_of, actor)
         })?;
-        let path = self.path.clone();
-        let db_err = |source| DeployError::Database {
-            path: path.clone(),
-            source,
-        };
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db_err)?;
-        let desired: Option<u64> = tx
-            .query_row(
-                "SELECT desired_release FROM services WHERE name = ?1 AND destroyed = 0",
-                [service],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(db_err)?
-            .flatten();
-        if let Some(current) = desired {
-            let same: Option<String> = tx
-                .query_row(
-                    "SELECT revision FROM releases WHERE service = ?1 AND number = ?2",
-                    params![service, current],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(db_err)?;
-            if same.as_deref() == Some(revision.as_str()) && rollback_of.is_none() {
-                drop(tx);
-                let release = self.release(service, current)?;
-                return Ok((release, false));
-            }
+        match new {
+            NewRelease::Recorded(release) => Ok((*release, true)),
+            NewRelease::Unchanged(current) => Ok((self.release(service, current)?, false)),
         }
-        let number: u64 = tx
-            .query_row(
-                "SELECT COALESCE(MAX(number), 0) + 1 FROM releases WHERE service = ?1",
-                [service],
-                |r| r.get(0),
+    }
+
+    /// Records that release `failed` of `service` failed and, with `rollback_to`, the release
+    /// that rolls back to it, in ONE transaction: whoever sees the failure also sees the
+    /// rollback, and a controller killed in between cannot lose the rollback (it would find a
+    /// failed release with nothing to roll back to and hold still).
+    pub fn record_failure(
+        &mut self,
+        service: &str,
+        failed: u64,
+        detail: &str,
+        rollback_to: Option<&Release>,
+        actor: &str,
+    ) -> Result<Option<Release>, DeployError> {
+        self.in_transaction(|tx, path| {
+            let db_err = |source| DeployError::Database {
+                path: path.to_path_buf(),
+                source,
+            };
+            insert_outcome(tx, service, failed, "failed", detail, actor).map_err(db_err)?;
+            let Some(good) = rollback_to else {
+                return Ok(None);
+            };
+            let reason = format!("automatic rollback: release {failed} failed");
+            let NewRelease::Recorded(rollback) = insert_release(
+                tx,
+                path,
+                service,
+                &good.spec,
+                &good.image_digest,
+                &reason,
+                Some(good.number),
+                actor,
+            )?
+            else {
+                return Ok(None);
+            };
+            tx.execute(
+                "INSERT INTO events (at_ms, service, kind, message, actor) VALUES (?1, ?2, 'rollback', ?3, ?4)",
+                params![
+                    now_ms(),
+                    service,
+                    format!(
+                        "rolled back to release {} (as release {}) after release {failed} failed",
+                        good.number, rollback.number
+                    ),
+                    actor
+                ],
             )
             .map_err(db_err)?;
-        let created_ms = now_ms();
-        tx.execute(
-            "INSERT INTO releases (service, number, image_digest, config_hash, revision, spec_json, created_ms, reason, rollback_of)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![service, number, digest.to_string(), config_hash.to_string(), revision, spec_json, created_ms, reason, rollback_of],
-        )
-        .map_err(db_err)?;
-        tx.execute(
-            "INSERT INTO services (name, desired_release, destroyed) VALUES (?1, ?2, 0)
-             ON CONFLICT(name) DO UPDATE SET desired_release = excluded.desired_release, destroyed = 0",
-            params![service, number],
-        )
-        .map_err(db_err)?;
-        tx.execute(
-            "INSERT INTO events (at_ms, service, kind, message, actor) VALUES (?1, ?2, 'release', ?3, ?4)",
-            params![created_ms, service, format!("release {number}: {digest} ({reason})"), actor],
-        )
-        .map_err(db_err)?;
-        tx.commit().map_err(db_err)?;
-        let release = Release {
-            service: service.to_owned(),
-            number,
-            image_digest: digest.clone(),
-            config_hash,
-            revision,
-            spec: spec.clone(),
-            created_ms,
-            reason: reason.to_owned(),
-            rollback_of,
-        };
-        Ok((release, true))
+            Ok(Some(*rollback))
+        })
     }
 
     fn row_to_release(row: &rusqlite::Row<'_>) -> rusqlite::Result<Release> {
@@ -405,32 +407,14 @@ impl StateDb {
         detail: &str,
         actor: &str,
     ) -> Result<(), DeployError> {
-        let path = self.path.clone();
-        let db_err = |source| DeployError::Database {
-            path: path.clone(),
-            source,
-        };
-        let at = now_ms();
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db_err)?;
-        tx.execute(
-            "INSERT INTO release_outcomes (service, number, outcome, detail, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![service, number, outcome, detail, at],
-        )
-        .map_err(db_err)?;
-        let message = if detail.is_empty() {
-            format!("release {number}: {outcome}")
-        } else {
-            format!("release {number}: {outcome}: {detail}")
-        };
-        tx.execute(
-            "INSERT INTO events (at_ms, service, kind, message, actor) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![at, service, outcome, message, actor],
-        )
-        .map_err(db_err)?;
-        tx.commit().map_err(db_err)
+        self.in_transaction(|tx, path| {
+            insert_outcome(tx, service, number, outcome, detail, actor).map_err(|source| {
+                DeployError::Database {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            })
+        })
     }
 
     pub fn outcomes(&self, service: &str) -> Result<Vec<Outcome>, DeployError> {
@@ -722,6 +706,120 @@ impl StateDb {
     }
 }
 
+/// What [`insert_release`] did.
+enum NewRelease {
+    Recorded(Box<Release>),
+    /// The desired release already pins this digest and configuration (its number).
+    Unchanged(u64),
+}
+
+/// The body of [`StateDb::record_release`], inside the caller's transaction.
+#[allow(clippy::too_many_arguments)]
+fn insert_release(
+    tx: &rusqlite::Transaction<'_>,
+    path: &Path,
+    service: &str,
+    spec: &ServiceSpec,
+    digest: &Digest,
+    reason: &str,
+    rollback_of: Option<u64>,
+    actor: &str,
+) -> Result<NewRelease, DeployError> {
+    let db_err = |source| DeployError::Database {
+        path: path.to_path_buf(),
+        source,
+    };
+    let (config_hash, revision) = fingerprint(spec, digest)?;
+    let spec_json = serde_json::to_string(spec).map_err(|source| DeployError::Encode {
+        what: "service spec",
+        source,
+    })?;
+    let desired: Option<u64> = tx
+        .query_row(
+            "SELECT desired_release FROM services WHERE name = ?1 AND destroyed = 0",
+            [service],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(db_err)?
+        .flatten();
+    if let Some(current) = desired {
+        let same: Option<String> = tx
+            .query_row(
+                "SELECT revision FROM releases WHERE service = ?1 AND number = ?2",
+                params![service, current],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db_err)?;
+        if same.as_deref() == Some(revision.as_str()) && rollback_of.is_none() {
+            return Ok(NewRelease::Unchanged(current));
+        }
+    }
+    let number: u64 = tx
+        .query_row(
+            "SELECT COALESCE(MAX(number), 0) + 1 FROM releases WHERE service = ?1",
+            [service],
+            |r| r.get(0),
+        )
+        .map_err(db_err)?;
+    let created_ms = now_ms();
+    tx.execute(
+        "INSERT INTO releases (service, number, image_digest, config_hash, revision, spec_json, created_ms, reason, rollback_of)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![service, number, digest.to_string(), config_hash.to_string(), revision, spec_json, created_ms, reason, rollback_of],
+    )
+    .map_err(db_err)?;
+    tx.execute(
+        "INSERT INTO services (name, desired_release, destroyed) VALUES (?1, ?2, 0)
+         ON CONFLICT(name) DO UPDATE SET desired_release = excluded.desired_release, destroyed = 0",
+        params![service, number],
+    )
+    .map_err(db_err)?;
+    tx.execute(
+        "INSERT INTO events (at_ms, service, kind, message, actor) VALUES (?1, ?2, 'release', ?3, ?4)",
+        params![created_ms, service, format!("release {number}: {digest} ({reason})"), actor],
+    )
+    .map_err(db_err)?;
+    Ok(NewRelease::Recorded(Box::new(Release {
+        service: service.to_owned(),
+        number,
+        image_digest: digest.clone(),
+        config_hash,
+        revision,
+        spec: spec.clone(),
+        created_ms,
+        reason: reason.to_owned(),
+        rollback_of,
+    })))
+}
+
+/// The body of [`StateDb::record_outcome`], inside the caller's transaction.
+fn insert_outcome(
+    tx: &rusqlite::Transaction<'_>,
+    service: &str,
+    number: u64,
+    outcome: &str,
+    detail: &str,
+    actor: &str,
+) -> rusqlite::Result<()> {
+    let at = now_ms();
+    tx.execute(
+        "INSERT INTO release_outcomes (service, number, outcome, detail, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![service, number, outcome, detail, at],
+    )?;
+    let message = if detail.is_empty() {
+        format!("release {number}: {outcome}")
+    } else {
+        format!("release {number}: {outcome}: {detail}")
+    };
+    tx.execute(
+        "INSERT INTO events (at_ms, service, kind, message, actor) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![at, service, outcome, message, actor],
+    )?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -813,6 +911,49 @@ mod tests {
         expected.sort();
         assert_eq!(kept, expected);
         assert_eq!(db.retained_digests(10).unwrap().len(), 5);
+    }
+
+    #[test]
+    fn a_failure_and_its_rollback_are_recorded_together() {
+        let (_d, mut db) = db();
+        let releases: Vec<Release> = ["1", "2"]
+            .into_iter()
+            .map(|v| {
+                let digest = Digest::of(v.as_bytes());
+                db.record_release("web", &spec("web", v), &digest, "apply", None, "t")
+                    .unwrap()
+                    .0
+            })
+            .collect();
+        db.record_outcome("web", 1, "complete", "", "t").unwrap();
+        let good = &releases[0];
+        let rollback = db
+            .record_failure("web", 2, "unhealthy", Some(good), "t")
+            .unwrap()
+            .unwrap();
+        assert_eq!((rollback.number, rollback.rollback_of), (3, Some(1)));
+        assert_eq!(rollback.revision, good.revision);
+        assert_eq!(db.outcome_of("web", 2).unwrap().unwrap().outcome, "failed");
+        assert_eq!(db.desired("web").unwrap().unwrap().number, 3);
+        let events: Vec<String> = db
+            .events(Some("web"), 0)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.message)
+            .collect();
+        assert!(
+            events
+                .iter()
+                .any(|e| e.contains("rolled back to release 1 (as release 3)")),
+            "{events:?}"
+        );
+        // Without a release to roll back to, only the failure is recorded.
+        assert!(
+            db.record_failure("web", 3, "x", None, "t")
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(db.desired("web").unwrap().unwrap().number, 3);
     }
 
     #[test]
