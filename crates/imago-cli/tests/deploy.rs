@@ -347,6 +347,17 @@ fn rollback_to_a_release_restores_its_image_and_environment_together() {
     d.apply().ok();
     assert!(d.get().unwrap().contains("version v2"));
 
+    // Release 1's image lost its name when v2 was built as web:latest: gc keeps it anyway,
+    // because a retained release can roll back to it.
+    let v1 = d.imago.run(&["history", "--json", "web"]).ok().json()[0]["image_digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let images = d.imago.run(&["images", "--json"]).ok().stdout();
+    assert!(!images.contains(&v1), "v1 has no name any more: {images}");
+    d.imago.run(&["gc"]).ok();
+    d.imago.run(&["verify", &v1]).ok();
+
     let out = d.imago.run(&["rollback", "web", "--to", "1"]).ok().stdout();
     assert!(out.contains("deployment complete"), "{out}");
     assert!(d.get().unwrap().contains("version v1"));

@@ -1393,6 +1393,50 @@ mod tests {
     }
 
     #[test]
+    fn a_rollout_without_progress_fails_at_its_deadline_and_rolls_back() {
+        let mut h = harness();
+        h.release(
+            "web",
+            &spec(serde_json::json!({"image": "web", "replicas": 1})),
+            b"v1",
+        );
+        h.converge("web", 5);
+        // Failures in the start period do not count: the new instance stays "starting".
+        let stuck = spec(serde_json::json!({"image": "web", "replicas": 1,
+            "health": {"type": "command", "command": ["/bin/true"], "interval": "10ms", "start_period": "1h"},
+            "rollout": {"max_surge": 1, "max_unavailable": 0, "progress_deadline": "300ms"}}));
+        h.release("web", &stuck, b"v2");
+        let started = std::time::Instant::now();
+        let mut failed = None;
+        while started.elapsed() < Duration::from_secs(10) {
+            let pass = h.controller.pass().unwrap().remove(0);
+            if let Some(reason) = pass.failed {
+                failed = Some((reason, pass.rolled_back_to));
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let (reason, rolled_back_to) = failed.expect("the rollout failed at its deadline");
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "not before the deadline"
+        );
+        assert!(
+            reason.contains(
+                "made no progress for 300ms (progress_deadline); last health check failure: "
+            ),
+            "{reason}"
+        );
+        assert_eq!(rolled_back_to, Some(1));
+        assert!(h.converge("web", 20).last().unwrap().complete);
+        assert!(
+            h.running("web")
+                .iter()
+                .all(|i| i.image == Digest::of(b"v1"))
+        );
+    }
+
+    #[test]
     fn a_rollback_release_takes_the_fast_path_in_one_wave() {
         let mut h = harness();
         let v = spec(serde_json::json!({"image": "web", "replicas": 3,
