@@ -665,7 +665,14 @@ impl Controller {
             let routes = self.endpoints.get(service).map(|e| e.routes.clone());
             let open = routes.as_ref().map_or(0, |r| r.active_connections(id));
             if open == 0 || now >= *drain_deadline {
-                self.stop_in_background(id, release.spec.stop_grace_period);
+                // The grace period the instance was launched with, not the new release's.
+                let grace = instance
+                    .labels
+                    .get(LABEL_REVISION)
+                    .and_then(|r| releases.get(r))
+                    .and_then(Option::as_ref)
+                    .map_or(release.spec.stop_grace_period, |r| r.spec.stop_grace_period);
+                self.stop_in_background(id, grace);
             }
         }
         // Launch.
@@ -1499,14 +1506,21 @@ mod tests {
     }
 
     /// A provider whose stops take as long as the grace period, as with a process that ignores
-    /// SIGTERM: what the controller must never wait for inside a pass.
-    struct SlowStops(Arc<FakeProvider>);
+    /// SIGTERM: what the controller must never wait for inside a pass. Records each grace.
+    struct SlowStops(Arc<FakeProvider>, Mutex<Vec<Duration>>);
+
+    impl SlowStops {
+        fn new(fake: &Arc<FakeProvider>) -> Arc<SlowStops> {
+            Arc::new(SlowStops(fake.clone(), Mutex::default()))
+        }
+    }
 
     impl Provider for SlowStops {
         fn launch(&self, spec: &InstanceSpec) -> Result<Instance, imago_runtime::RuntimeError> {
             self.0.launch(spec)
         }
         fn stop(&self, id: &str, grace: Duration) -> Result<Instance, imago_runtime::RuntimeError> {
+            self.1.lock().unwrap().push(grace);
             std::thread::sleep(grace);
             self.0.stop(id, grace)
         }
@@ -1525,6 +1539,30 @@ mod tests {
     }
 
     #[test]
+    fn a_retired_instance_stops_with_the_grace_period_it_was_launched_with() {
+        let mut h = harness();
+        let slow = SlowStops::new(&h.fake);
+        h.restart(slow.clone());
+        let v1 = spec(
+            serde_json::json!({"image": "web", "replicas": 1, "stop_grace_period": "50ms",
+            "rollout": {"drain": "0s"}}),
+        );
+        h.release("web", &v1, b"v1");
+        h.converge("web", 5);
+        let v2 = spec(
+            serde_json::json!({"image": "web", "replicas": 1, "stop_grace_period": "2s",
+            "rollout": {"drain": "0s"}}),
+        );
+        h.release("web", &v2, b"v2");
+        assert!(h.converge("web", 100).last().unwrap().complete);
+        assert_eq!(
+            *slow.1.lock().unwrap(),
+            vec![Duration::from_millis(50)],
+            "release 1's instance was stopped with release 1's grace period"
+        );
+    }
+
+    #[test]
     fn destroy_stops_everything_of_the_service() {
         let mut h = harness();
         h.release(
@@ -1538,7 +1576,7 @@ mod tests {
             b"a1",
         );
         h.converge("web", 5);
-        h.restart(Arc::new(SlowStops(h.fake.clone())));
+        h.restart(SlowStops::new(&h.fake));
         h.controller.db.destroy("web", "test").unwrap();
 
         let started = std::time::Instant::now();
@@ -1553,7 +1591,7 @@ mod tests {
 
         // A controller killed in the middle of the tear-down: a new one over the same database
         // finishes it from what it observes.
-        h.restart(Arc::new(SlowStops(h.fake.clone())));
+        h.restart(SlowStops::new(&h.fake));
         let mut stopped = BTreeSet::new();
         for _ in 0..250 {
             let passes = h.controller.pass().unwrap();
