@@ -313,6 +313,9 @@ impl Controller {
             keep
         });
         self.announced_ready.retain(|id| live.contains(id.as_str()));
+        // Stops of instances someone else removed meanwhile (`imago destroy`) are over.
+        let listed: BTreeSet<&str> = instances.iter().map(|i| i.id.as_str()).collect();
+        self.stopping.retain(|id, _| listed.contains(id.as_str()));
         Ok(passes)
     }
 
