@@ -122,11 +122,29 @@ impl Deployment {
     }
 
     fn events(&self) -> Vec<String> {
+        self.timed_events().into_iter().map(|(_, _, m)| m).collect()
+    }
+
+    /// Every event as (time in ms, kind, message).
+    fn timed_events(&self) -> Vec<(u64, String, String)> {
         let json = self.imago.run(&["events", "--json"]).ok().json();
         json.as_array()
             .unwrap()
             .iter()
-            .map(|e| e["message"].as_str().unwrap_or("").to_owned())
+            .map(|e| {
+                (
+                    e["at_ms"].as_u64().unwrap(),
+                    e["kind"].as_str().unwrap_or("").to_owned(),
+                    e["message"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    fn instance_ids(&self) -> Vec<String> {
+        self.instances()
+            .iter()
+            .map(|i| i["id"].as_str().unwrap().to_owned())
             .collect()
     }
 }
@@ -167,10 +185,21 @@ fn http_get(port: u16) -> Result<String, String> {
         .unwrap_or_default())
 }
 
+/// Milliseconds since the epoch, the clock the event log uses.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// One answer of the endpoint and when it was complete (ms since the epoch).
+type Answer = (u64, Result<String, String>);
+
 /// A client that asks the endpoint continuously until stopped; returns every answer in order.
 struct Client {
     stop: Arc<AtomicBool>,
-    handle: std::thread::JoinHandle<Vec<Result<String, String>>>,
+    handle: std::thread::JoinHandle<Vec<Answer>>,
 }
 
 impl Client {
@@ -180,7 +209,8 @@ impl Client {
         let handle = std::thread::spawn(move || {
             let mut answers = Vec::new();
             while !flag.load(Ordering::Relaxed) {
-                answers.push(http_get(port));
+                let answer = http_get(port);
+                answers.push((now_ms(), answer));
                 std::thread::sleep(Duration::from_millis(5));
             }
             answers
@@ -189,6 +219,10 @@ impl Client {
     }
 
     fn finish(self) -> Vec<Result<String, String>> {
+        self.finish_timed().into_iter().map(|(_, a)| a).collect()
+    }
+
+    fn finish_timed(self) -> Vec<Answer> {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.join().unwrap()
     }
@@ -260,11 +294,20 @@ fn a_release_failing_its_health_check_is_rolled_back_and_status_says_why() {
     d.set_version("v3", "3");
     d.edit("path = \"/\"", "path = \"/healthz-missing\"");
     let started = Instant::now();
-    let err = d.apply().fails();
+    let run = d.apply();
     let took = started.elapsed();
+    let out = run.stdout();
+    let err = run.fails();
     let answers = client.finish();
 
     assert!(err.contains("did not deploy"), "{err}");
+    // apply names the check that failed, the instance's last log lines, and the rollback.
+    assert!(
+        out.contains("release 3 failed and was rolled back to release 2")
+            && out.contains("/healthz-missing")
+            && out.contains("last log lines"),
+        "{out}"
+    );
     assert!(
         took < Duration::from_secs(30),
         "stopped within its progress deadline (took {took:?})"
@@ -303,6 +346,17 @@ fn rollback_to_a_release_restores_its_image_and_environment_together() {
     d.set_version("v2", "2");
     d.apply().ok();
     assert!(d.get().unwrap().contains("version v2"));
+
+    // Release 1's image lost its name when v2 was built as web:latest: gc keeps it anyway,
+    // because a retained release can roll back to it.
+    let v1 = d.imago.run(&["history", "--json", "web"]).ok().json()[0]["image_digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let images = d.imago.run(&["images", "--json"]).ok().stdout();
+    assert!(!images.contains(&v1), "v1 has no name any more: {images}");
+    d.imago.run(&["gc"]).ok();
+    d.imago.run(&["verify", &v1]).ok();
 
     let out = d.imago.run(&["rollback", "web", "--to", "1"]).ok().stdout();
     assert!(out.contains("deployment complete"), "{out}");
@@ -550,4 +604,425 @@ fn bad_service_definitions_are_refused_at_plan_time() {
 
     // Nothing was deployed by any of it.
     assert!(d.instances().is_empty());
+}
+
+/// The first word after `prefix` in `message` (an instance id in "instance ID ...").
+fn id_after<'a>(message: &'a str, prefix: &str) -> Option<&'a str> {
+    let rest = &message[message.find(prefix)? + prefix.len()..];
+    rest.split_whitespace().next()
+}
+
+#[test]
+fn blue_green_switches_all_traffic_at_once_after_every_new_instance_is_healthy() {
+    let d = Deployment::new(18207);
+    let blue_green = |d: &Deployment| d.edit("strategy = \"rolling\"", "strategy = \"blue-green\"");
+    blue_green(&d);
+    d.apply().ok();
+    let blue = d.instance_ids();
+    assert_eq!(blue.len(), 3);
+
+    let client = Client::start(d.port);
+    std::thread::sleep(Duration::from_millis(300));
+    d.set_version("v2", "2");
+    blue_green(&d);
+    let out = d.apply().ok().stdout();
+    assert!(out.contains("deployment complete (release 2"), "{out}");
+    std::thread::sleep(Duration::from_millis(300));
+    let answers = client.finish_timed();
+
+    let failures: Vec<&String> = answers
+        .iter()
+        .filter_map(|(_, a)| a.as_ref().err())
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {failures:?}",
+        failures.len(),
+        answers.len()
+    );
+    let first_v2 = answers
+        .iter()
+        .position(|(_, a)| a.as_ref().unwrap().contains("version v2"))
+        .expect("v2 answered");
+    assert!(first_v2 > 0, "v1 answered first");
+    assert!(
+        answers[first_v2..]
+            .iter()
+            .all(|(_, a)| a.as_ref().unwrap().contains("version v2")),
+        "the switch is at once: no v1 answer after the first v2 one"
+    );
+    let first_v2_ms = answers[first_v2].0;
+
+    let events = d.timed_events();
+    let green: Vec<String> = events
+        .iter()
+        .filter(|(_, kind, m)| kind == "launch" && m.contains("launched for release 2"))
+        .map(|(_, _, m)| id_after(m, "instance ").unwrap().to_owned())
+        .collect();
+    assert_eq!(green.len(), 3, "one new instance per replica: {events:?}");
+    for id in &green {
+        let ready = events
+            .iter()
+            .find(|(_, kind, m)| kind == "ready" && id_after(m, "instance ") == Some(id))
+            .unwrap_or_else(|| panic!("{id} never passed its check: {events:?}"));
+        assert!(
+            ready.0 <= first_v2_ms,
+            "{id} passed its check at {} ms, after v2 first answered at {first_v2_ms} ms",
+            ready.0
+        );
+    }
+    let switch = events
+        .iter()
+        .find(|(_, kind, _)| kind == "switch")
+        .unwrap_or_else(|| panic!("no switch event: {events:?}"));
+    assert!(switch.0 <= first_v2_ms);
+    for id in &blue {
+        assert!(switch.2.contains(id.as_str()), "{switch:?} drains {id}");
+        let stopped = events
+            .iter()
+            .find(|(_, kind, m)| {
+                kind == "stop" && m.contains(&format!("instance {id} drained and stopped"))
+            })
+            .unwrap_or_else(|| panic!("old instance {id} was not drained and stopped: {events:?}"));
+        assert!(
+            stopped.0 >= first_v2_ms,
+            "the old set still ran when v2 first answered: all 6 instances existed"
+        );
+    }
+
+    // Only the green set is left, and nothing stopped is left behind.
+    let now = d.instance_ids();
+    assert_eq!(
+        now.iter().collect::<std::collections::BTreeSet<_>>(),
+        green.iter().collect(),
+    );
+    let all = d.imago.run(&["ps", "--all", "--json"]).ok().json();
+    assert_eq!(all.as_array().unwrap().len(), 3, "{all}");
+}
+
+/// Host processes whose command line is exactly `argv`: their /proc/PID/stat lines.
+fn processes_running(argv: &[&str]) -> Vec<String> {
+    let wanted: Vec<u8> = argv
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == wanted))
+        .map(|e| std::fs::read_to_string(e.path().join("stat")).unwrap_or_default())
+        .collect()
+}
+
+#[test]
+fn command_health_checks_run_inside_the_instance_and_are_cut_at_their_timeout() {
+    let d = Deployment::new(18208);
+    let command_check = |d: &Deployment, script: &str| {
+        d.edit(
+            "type = \"http\"\npath = \"/\"",
+            &format!("type = \"command\"\ncommand = [\"/bin/sh\", \"-c\", \"{script}\"]"),
+        )
+    };
+    // /www/index.html exists only in the image and /etc/debian_version only on the host: the
+    // check passes only if it runs in the instance's root filesystem.
+    assert!(!Path::new("/www/index.html").exists() && Path::new("/etc/debian_version").exists());
+    command_check(
+        &d,
+        "test -f /www/index.html && test ! -e /etc/debian_version",
+    );
+    let out = d.apply().ok().stdout();
+    assert!(out.contains("deployment complete (release 1"), "{out}");
+    let ready = d
+        .timed_events()
+        .into_iter()
+        .filter(|(_, kind, _)| kind == "ready")
+        .count();
+    assert_eq!(ready, 3, "every instance passed the command check");
+    assert!(d.get().unwrap().contains("version v1"));
+
+    // A check that fails inside the instance (the file is the host's, not the image's).
+    d.set_version("v2", "2");
+    command_check(&d, "test -f /etc/debian_version");
+    let run = d.apply();
+    let out = run.stdout();
+    let err = run.fails();
+    assert!(err.contains("did not deploy"), "{err}");
+    assert!(
+        out.contains("release 2 failed and was rolled back to release 1")
+            && out.contains("test -f /etc/debian_version"),
+        "{out}"
+    );
+    let status = d.status();
+    let service = &status["services"][0];
+    assert_eq!(service["desired"]["rollback_of"], 1, "{status}");
+    let why = service["last_failure"]["detail"].as_str().unwrap();
+    assert!(
+        why.contains("release 2")
+            && why.contains("test -f /etc/debian_version")
+            && why.contains("exit status: 1"),
+        "{why}"
+    );
+    assert!(
+        d.events()
+            .iter()
+            .any(|e| e.contains("rolled back to release 1"))
+    );
+    let human = d.imago.run(&["status", "web"]).ok().stdout();
+    assert!(
+        human.contains("last failure: release 2") && human.contains("/etc/debian_version"),
+        "{human}"
+    );
+    assert!(d.get().unwrap().contains("version v1"));
+
+    // A check that hangs is cut at its timeout: killed with whatever it started inside the
+    // instance, not left running beside it.
+    d.set_version("v3", "3");
+    d.edit(
+        "type = \"http\"\npath = \"/\"",
+        "type = \"command\"\ncommand = [\"/bin/sleep\", \"4321\"]",
+    );
+    d.edit("timeout = \"1s\"", "timeout = \"300ms\"");
+    d.edit("unhealthy_threshold = 3", "unhealthy_threshold = 6");
+    let mut apply = d.imago.cmd();
+    apply.args(["apply", "-f", &d.file()]);
+    let apply = std::thread::spawn(move || apply.output().unwrap());
+    d.wait_until(
+        "an instance of release 4 (v3)",
+        Duration::from_secs(20),
+        |d| {
+            d.events()
+                .iter()
+                .any(|e| e.contains("launched for release 4"))
+        },
+    );
+    // Four probes (300 ms each, 200 ms apart) time out meanwhile.
+    std::thread::sleep(Duration::from_millis(2000));
+    let hanging = processes_running(&["/bin/sleep", "4321"]);
+    assert!(
+        hanging.len() <= 1,
+        "{} probe commands still run, only the one in progress may: {hanging:#?}",
+        hanging.len()
+    );
+    let out = apply.join().unwrap();
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let status = d.status();
+    let why = status["services"][0]["last_failure"]["detail"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        why.contains("release 4")
+            && why.contains("sleep 4321")
+            && why.contains("timed out after 300ms"),
+        "{why}"
+    );
+    assert!(d.get().unwrap().contains("version v1"));
+    assert_eq!(
+        processes_running(&["/bin/sleep", "4321"]),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn drift_deep_finds_a_change_the_metadata_pass_cannot_see_and_the_instance_is_replaced() {
+    let d = Deployment::new(18209);
+    d.apply().ok();
+    let before = d.instance_ids();
+    let digest = d.instances()[0]["image"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_owned();
+    let rootfs = d.imago.home.join("rootfs");
+    let page = rootfs.join(&digest).join("www/index.html");
+
+    // Same size, same mode, and the modification time put back to the nanosecond.
+    let meta = std::fs::metadata(&page).unwrap();
+    let original = std::fs::read_to_string(&page).unwrap();
+    let defaced = original.replace("version v1", "version X1");
+    assert_eq!(defaced.len(), original.len());
+    let file = std::fs::OpenOptions::new().write(true).open(&page).unwrap();
+    (&file).write_all(defaced.as_bytes()).unwrap();
+    file.set_times(
+        std::fs::FileTimes::new()
+            .set_modified(meta.modified().unwrap())
+            .set_accessed(meta.accessed().unwrap()),
+    )
+    .unwrap();
+    drop(file);
+    let after = std::fs::metadata(&page).unwrap();
+    assert_eq!(
+        (after.len(), after.modified().unwrap(), after.permissions()),
+        (meta.len(), meta.modified().unwrap(), meta.permissions())
+    );
+    assert!(
+        d.get().unwrap().contains("version X1"),
+        "the instances serve the change"
+    );
+
+    let shallow = d.imago.run(&["drift", "--json"]);
+    assert!(
+        shallow.output.status.success(),
+        "the metadata pass cannot see it: {}",
+        shallow.stdout()
+    );
+    assert_eq!(shallow.json(), serde_json::json!([]));
+
+    let deep = d.imago.run(&["drift", "--deep", "--json"]);
+    assert!(!deep.output.status.success(), "drift --deep exits non-zero");
+    let findings = deep.json();
+    for id in &before {
+        assert!(
+            findings
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f["instance"] == id.as_str()
+                    && f["service"] == "web"
+                    && f["kind"] == "modified-rootfs"
+                    && f["detail"]
+                        .as_str()
+                        .unwrap()
+                        .contains("/www/index.html has different content (same size and mtime)")),
+            "{id} is reported: {findings}"
+        );
+    }
+    assert!(
+        std::fs::read_dir(&rootfs).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with(&format!(".tainted-{digest}"))),
+        "the modified tree is set aside, not repaired"
+    );
+
+    d.wait_until(
+        "the instances of the modified tree to be replaced and removed",
+        Duration::from_secs(40),
+        |d| {
+            let all = d.imago.run(&["ps", "--all", "--json"]).ok().json();
+            let all = all.as_array().unwrap();
+            all.len() == 3
+                && all.iter().all(|i| {
+                    i["status"] == "running" && !before.iter().any(|b| i["id"] == b.as_str())
+                })
+        },
+    );
+    assert!(
+        d.get().unwrap().contains("version v1"),
+        "served from a fresh copy of the image"
+    );
+    assert!(
+        d.events()
+            .iter()
+            .any(|e| e.contains("runs from a modified copy")),
+        "{:?}",
+        d.events()
+    );
+    let clean = d.imago.run(&["drift", "--deep", "--json"]);
+    assert!(clean.output.status.success(), "{}", clean.stdout());
+}
+
+/// GET `path` from `addr`: (status code, body).
+fn http_request(addr: &str, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (code, body)
+}
+
+#[test]
+fn plan_the_controller_api_and_destroy_through_the_cli() {
+    let d = Deployment::new(18210);
+    let plan = |d: &Deployment| {
+        d.imago
+            .run(&["plan", "--json", "-f", &d.file()])
+            .ok()
+            .json()
+    };
+    assert_eq!(plan(&d)[0]["action"], "first release");
+
+    // A background controller with the API on a port of its own (not the default 7878).
+    d.imago.run(&["serve", "--api", "127.0.0.1:0"]).ok();
+    d.apply().ok();
+    let unchanged = plan(&d);
+    assert_eq!(unchanged[0]["action"], "no change", "{unchanged}");
+
+    d.set_version("v2", "2");
+    let next = plan(&d);
+    let service = &next[0];
+    assert_eq!(service["action"], "new release", "{next}");
+    assert_eq!(service["current_release"], 1);
+    assert_eq!(service["instances_replaced"], 3);
+    let rollout = &service["rollout"];
+    assert_eq!(
+        rollout["waves"].as_array().unwrap().len(),
+        3,
+        "max_surge 1, max_unavailable 0: one instance a wave: {rollout}"
+    );
+    assert_eq!(rollout["min_available"], 3, "{rollout}");
+    assert_eq!(rollout["max_total"], 4, "{rollout}");
+    let human = d.imago.run(&["plan", "-f", &d.file()]).ok().stdout();
+    assert!(
+        human.contains(
+            "replaces 3 instances with 3 in 3 waves; at least 3 available, at most 4 running"
+        ),
+        "{human}"
+    );
+    let history = d.imago.run(&["history", "--json", "web"]).ok().json();
+    assert_eq!(history.as_array().unwrap().len(), 1, "plan records nothing");
+
+    // The API answers from the same database as the CLI.
+    let info: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(d.imago.home.join("deploy/controller.json")).unwrap(),
+    )
+    .unwrap();
+    let api = info["api"].as_str().unwrap().to_owned();
+    assert!(!api.ends_with(":7878") && !api.ends_with(":0"), "{api}");
+    let (code, body) = http_request(&api, "/v1/services/web");
+    assert_eq!(code, 200, "{body}");
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["desired"]["number"], 1);
+    assert_eq!(status["outcome"]["outcome"], "complete");
+    let (code, body) = http_request(&api, "/v1/services/web/releases");
+    assert_eq!(code, 200);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()[0]["image_digest"],
+        d.status()["services"][0]["desired"]["image_digest"]
+    );
+    let (code, body) = http_request(&api, "/v1/events?service=web");
+    assert_eq!(code, 200);
+    assert!(body.contains("release 1: complete"), "{body}");
+    assert_eq!(http_request(&api, "/v1/services/nothing").0, 404);
+
+    // Destroy: every instance stopped and removed, the endpoint closed, the history kept.
+    d.imago.run(&["destroy", "web"]).ok();
+    let all = d.imago.run(&["ps", "--all", "--json"]).ok().json();
+    assert_eq!(all, serde_json::json!([]), "nothing of web is left");
+    d.wait_until("the endpoint to close", Duration::from_secs(10), |d| {
+        TcpStream::connect(("127.0.0.1", d.port)).is_err()
+    });
+    let err = d.imago.run(&["status", "web"]).fails();
+    assert!(err.contains("no deployed service web"), "{err}");
+    let history = d.imago.run(&["history", "--json", "web"]).ok().json();
+    assert_eq!(history.as_array().unwrap().len(), 1, "the history stays");
+    assert_eq!(http_request(&api, "/v1/services/web").0, 404);
 }

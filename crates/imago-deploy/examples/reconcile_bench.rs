@@ -32,6 +32,7 @@ fn main() {
             },
             phase: Phase::Ready { since_ms: 0 },
             draining: false,
+            drifted: false,
         })
         .collect();
     let limits = Limits {

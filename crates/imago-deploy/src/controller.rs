@@ -21,7 +21,7 @@ use crate::error::DeployError;
 use crate::health::{HealthTracker, ProbeResult};
 use crate::proxy::Routes;
 use crate::rollout::{Counts, ObservedInstance, Phase, RolloutInput, Step, next_step};
-use crate::spec::Probe;
+use crate::spec::{Probe, Strategy};
 use crate::state::{Release, RolloutRow, StateDb, now_ms};
 
 pub const LABEL_SERVICE: &str = "imago.service";
@@ -29,7 +29,8 @@ pub const LABEL_SERVICE: &str = "imago.service";
 /// part of an instance: a rollback release with the same revision adopts the running instances.
 pub const LABEL_REVISION: &str = "imago.revision";
 
-/// How long an instance of a destroyed service gets between SIGTERM and SIGKILL.
+/// How long an instance of a destroyed service gets between SIGTERM and SIGKILL when the release
+/// it runs is no longer known (otherwise: that release's `stop_grace_period`).
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// The instance spec a release's instances run.
@@ -173,13 +174,17 @@ pub struct Controller {
     bind: IpAddr,
     /// Unknown instances already reported, so the event log is not flooded.
     reported_unknown: BTreeSet<String>,
+    /// Instances whose passing health check was already recorded as an event (again after a
+    /// restart, which is harmless: the event says what was observed).
+    announced_ready: BTreeSet<String>,
     /// Stops in progress (each takes up to the instance's grace period).
     stopping: HashMap<String, std::thread::JoinHandle<()>>,
     /// The rootfs cache to check for modifications, and how often.
     rootfs: Option<(imago_runtime::RootfsCache, Duration)>,
     last_rootfs_check: Option<std::time::Instant>,
     /// Images whose unpacked tree was found modified, and when: instances created before that
-    /// run from the modified tree.
+    /// run from the modified tree. Read from the database each pass (`imago drift` records
+    /// there too).
     tainted: HashMap<imago_oci::Digest, u64>,
 }
 
@@ -201,6 +206,7 @@ impl Controller {
             actor: "controller".into(),
             bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             reported_unknown: BTreeSet::new(),
+            announced_ready: BTreeSet::new(),
             stopping: HashMap::new(),
             rootfs: None,
             last_rootfs_check: None,
@@ -239,21 +245,7 @@ impl Controller {
             if problems.is_empty() {
                 continue;
             }
-            let shown: Vec<&str> = problems.iter().take(5).map(String::as_str).collect();
-            let message = format!(
-                "the unpacked image {digest} was modified ({}{}): setting it aside and replacing its instances",
-                shown.join(", "),
-                if problems.len() > 5 {
-                    format!(", and {} more", problems.len() - 5)
-                } else {
-                    String::new()
-                }
-            );
-            cache
-                .taint(digest)
-                .map_err(|e| DeployError::Runtime(e.to_string()))?;
-            self.db.event(None, "drift", &message, &self.actor)?;
-            self.tainted.insert(digest.clone(), now_ms());
+            set_aside_modified(cache, &self.db, digest, &problems, &self.actor)?;
         }
         Ok(())
     }
@@ -274,6 +266,7 @@ impl Controller {
             .map_err(|e| DeployError::Runtime(e.to_string()))?;
         let draining = self.db.draining()?;
         self.check_rootfs(&instances)?;
+        self.tainted = self.db.tainted()?;
         let services = self.db.all_services()?;
         let known: BTreeSet<&str> = services
             .iter()
@@ -301,10 +294,17 @@ impl Controller {
             };
             passes.push(pass);
         }
+        // Instances launched in this pass were not listed at its start, but are live: aborting
+        // their first probe would only waste it.
         let live: BTreeSet<&str> = instances
             .iter()
             .filter(|i| i.is_active())
             .map(|i| i.id.as_str())
+            .chain(
+                passes
+                    .iter()
+                    .flat_map(|p| p.launched.iter().map(String::as_str)),
+            )
             .collect();
         self.probes.retain(|id, task| {
             let keep = live.contains(id.as_str());
@@ -313,6 +313,10 @@ impl Controller {
             }
             keep
         });
+        self.announced_ready.retain(|id| live.contains(id.as_str()));
+        // Stops of instances someone else removed meanwhile (`imago destroy`) are over.
+        let listed: BTreeSet<&str> = instances.iter().map(|i| i.id.as_str()).collect();
+        self.stopping.retain(|id, _| listed.contains(id.as_str()));
         Ok(passes)
     }
 
@@ -349,7 +353,10 @@ impl Controller {
         Ok(())
     }
 
-    /// Stops every instance of a destroyed service and closes its endpoint.
+    /// Stops every instance of a destroyed service and closes its endpoint. Stops run beside the
+    /// loop (each takes up to the instance's grace period), so a pass never waits for one; a
+    /// later pass removes what has exited. Only the database says the service is destroyed, so a
+    /// restarted controller finishes a tear-down it did not start.
     fn tear_down(&mut self, service: &str, own: &[&Instance]) -> Result<ServicePass, DeployError> {
         let mut pass = ServicePass {
             service: service.to_owned(),
@@ -358,8 +365,17 @@ impl Controller {
         self.endpoints.remove(service);
         for instance in own {
             if instance.is_active() {
-                let _ = self.provider.stop(&instance.id, STOP_GRACE);
+                let grace = match instance.labels.get(LABEL_REVISION) {
+                    Some(revision) => self
+                        .db
+                        .release_with_revision(service, revision)?
+                        .map_or(STOP_GRACE, |r| r.spec.stop_grace_period),
+                    None => STOP_GRACE,
+                };
+                self.stop_in_background(&instance.id, grace);
+                continue;
             }
+            self.stopping.remove(&instance.id);
             // `imago destroy` may be removing the same instances right now: a failure here is
             // retried on the next pass, and must not hold up the other services.
             match self.remove_instance(&instance.id) {
@@ -373,6 +389,21 @@ impl Controller {
             }
         }
         Ok(pass)
+    }
+
+    /// Starts stopping `id` on a side thread unless a stop of it is still in progress. A stop
+    /// that ended without the instance exiting (it raced a launcher, say) is simply started
+    /// again by a later pass.
+    fn stop_in_background(&mut self, id: &str, grace: Duration) {
+        if self.stopping.get(id).is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        let provider = self.provider.clone();
+        let stop_id = id.to_owned();
+        let task = std::thread::spawn(move || {
+            let _ = provider.stop(&stop_id, grace);
+        });
+        self.stopping.insert(id.to_owned(), task);
     }
 
     fn remove_instance(&mut self, id: &str) -> Result<(), DeployError> {
@@ -443,12 +474,14 @@ impl Controller {
                 .and_then(Option::as_ref)
                 .unwrap_or(&release);
             let mut revision_seen = revision.clone();
+            let mut drifted = false;
             if let Some(when) = self.tainted.get(&instance.image)
                 && instance.created_ms <= *when
                 && instance.is_active()
             {
                 // Its root filesystem was modified after unpacking: replace it.
                 revision_seen = format!("modified-{}", instance.id);
+                drifted = true;
                 if !draining.contains_key(&instance.id) {
                     let message = format!(
                         "instance {} runs from a modified copy of {}: replacing it",
@@ -464,6 +497,7 @@ impl Controller {
             {
                 // Labelled as the desired revision but running something else: drift.
                 revision_seen = format!("drifted-{}", instance.id);
+                drifted = true;
                 let message = format!(
                     "instance {} runs {} with spec {}, but release {} wants {} with spec {}: replacing it",
                     instance.id,
@@ -483,11 +517,29 @@ impl Controller {
                 Status::Exited | Status::Failed | Status::Lost => Phase::Exited,
                 Status::Created | Status::Running => self.phase_of(instance, own_release),
             };
+            if matches!(phase, Phase::Ready { .. })
+                && own_release.spec.health.is_some()
+                && !draining.contains_key(&instance.id)
+                && self.announced_ready.insert(instance.id.clone())
+            {
+                // Recorded before the endpoint can route to it, so the log shows that every
+                // instance that served passed its check first.
+                self.db.event(
+                    Some(service),
+                    "ready",
+                    &format!(
+                        "instance {} (release {}) passes its health check",
+                        instance.id, own_release.number
+                    ),
+                    &self.actor,
+                )?;
+            }
             observed.push(ObservedInstance {
                 id: instance.id.clone(),
                 revision: revision_seen,
                 phase,
                 draining: draining.contains_key(&instance.id),
+                drifted,
             });
             if instance.status == Status::Running && !draining.contains_key(&instance.id) {
                 self.ensure_probe(instance, own_release);
@@ -531,6 +583,34 @@ impl Controller {
             pass.drift.push(message);
             self.remove_instance(id)?;
             pass.removed_dead.push(id.clone());
+        }
+        if release.spec.rollout.strategy == Strategy::BlueGreen {
+            let old_set: Vec<&str> = step
+                .retire
+                .iter()
+                .filter(|id| !draining.contains_key(*id))
+                .filter(|id| {
+                    observed.iter().any(|o| {
+                        &o.id == *id
+                            && o.revision != release.revision
+                            && o.phase != Phase::Unhealthy
+                    })
+                })
+                .map(String::as_str)
+                .collect();
+            if !old_set.is_empty() {
+                self.db.event(
+                    Some(service),
+                    "switch",
+                    &format!(
+                        "blue-green: all traffic switches to release {} ({}); draining the old set ({})",
+                        release.number,
+                        step.route_to.join(", "),
+                        old_set.join(", ")
+                    ),
+                    &self.actor,
+                )?;
+            }
         }
         // Retire: out of the endpoint now, stopped once drained.
         let deadline = now + release.spec.rollout.drain.as_millis() as u64;
@@ -588,15 +668,15 @@ impl Controller {
             }
             let routes = self.endpoints.get(service).map(|e| e.routes.clone());
             let open = routes.as_ref().map_or(0, |r| r.active_connections(id));
-            let in_flight = self.stopping.get(id).is_some_and(|t| !t.is_finished());
-            if (open == 0 || now >= *drain_deadline) && !in_flight {
-                let provider = self.provider.clone();
-                let grace = release.spec.stop_grace_period;
-                let stop_id = id.clone();
-                let task = std::thread::spawn(move || {
-                    let _ = provider.stop(&stop_id, grace);
-                });
-                self.stopping.insert(id.clone(), task);
+            if open == 0 || now >= *drain_deadline {
+                // The grace period the instance was launched with, not the new release's.
+                let grace = instance
+                    .labels
+                    .get(LABEL_REVISION)
+                    .and_then(|r| releases.get(r))
+                    .and_then(Option::as_ref)
+                    .map_or(release.spec.stop_grace_period, |r| r.spec.stop_grace_period);
+                self.stop_in_background(id, grace);
             }
         }
         // Launch.
@@ -870,49 +950,35 @@ impl Controller {
             }
         }
         let Some(reason) = failure else { return Ok(()) };
-        self.db
-            .record_outcome(service, release.number, "failed", &reason, &self.actor)?;
+        let rollback_to = match self.db.last_completed(service)? {
+            Some(good)
+                if release.spec.rollout.auto_rollback && good.revision != release.revision =>
+            {
+                Some(good)
+            }
+            _ => None,
+        };
+        let rollback = self.db.record_failure(
+            service,
+            release.number,
+            &reason,
+            rollback_to.as_ref(),
+            &self.actor,
+        )?;
         self.db.clear_rollout(service)?;
-        pass.failed = Some(reason.clone());
-        if !release.spec.rollout.auto_rollback {
-            self.db.event(
+        pass.failed = Some(reason);
+        match rollback {
+            Some(rollback) => pass.rolled_back_to = rollback.rollback_of,
+            None => self.db.event(
                 Some(service),
                 "rollback-skipped",
-                "auto_rollback = false: holding the failed release",
+                if release.spec.rollout.auto_rollback {
+                    "no earlier completed release to roll back to"
+                } else {
+                    "auto_rollback = false: holding the failed release"
+                },
                 &self.actor,
-            )?;
-            return Ok(());
-        }
-        match self.db.last_completed(service)? {
-            Some(good) if good.revision != release.revision => {
-                let reason = format!("automatic rollback: release {} failed", release.number);
-                let (rollback, _) = self.db.record_release(
-                    service,
-                    &good.spec,
-                    &good.image_digest,
-                    &reason,
-                    Some(good.number),
-                    &self.actor,
-                )?;
-                self.db.event(
-                    Some(service),
-                    "rollback",
-                    &format!(
-                        "rolled back to release {} (as release {}) after release {} failed",
-                        good.number, rollback.number, release.number
-                    ),
-                    &self.actor,
-                )?;
-                pass.rolled_back_to = Some(good.number);
-            }
-            _ => {
-                self.db.event(
-                    Some(service),
-                    "rollback-skipped",
-                    "no earlier completed release to roll back to",
-                    &self.actor,
-                )?;
-            }
+            )?,
         }
         Ok(())
     }
@@ -938,6 +1004,41 @@ impl Controller {
     }
 }
 
+/// Sets the modified unpacked tree of `digest` aside and records it, so that every instance
+/// created from it is replaced: by the running controller, a restarted one, or the next one
+/// when `imago drift` found it. Returns the event's message.
+pub fn set_aside_modified(
+    cache: &imago_runtime::RootfsCache,
+    db: &StateDb,
+    digest: &imago_oci::Digest,
+    problems: &[String],
+    actor: &str,
+) -> Result<String, DeployError> {
+    let shown: Vec<&str> = problems.iter().take(5).map(String::as_str).collect();
+    let message = format!(
+        "the unpacked image {digest} was modified ({}{}): setting it aside and replacing its instances",
+        shown.join(", "),
+        if problems.len() > 5 {
+            format!(", and {} more", problems.len() - 5)
+        } else {
+            String::new()
+        }
+    );
+    // Recorded before the tree is moved, so a crash in between still replaces the instances
+    // (and the next check finds the tree again); and again after, so an instance launched
+    // from the modified tree in between is replaced too.
+    db.record_taint(digest, now_ms())?;
+    if let Err(e) = cache.taint(digest) {
+        // The controller and `imago drift` may both find it: moved already is done.
+        if cache.path(digest).exists() {
+            return Err(DeployError::Runtime(e.to_string()));
+        }
+    }
+    db.record_taint(digest, now_ms())?;
+    db.event(None, "drift", &message, actor)?;
+    Ok(message)
+}
+
 fn describe_exit(instance: &Instance) -> String {
     match (instance.status, instance.exit_code, &instance.error) {
         (Status::Failed, _, Some(e)) => format!("failed to start: {e}"),
@@ -950,7 +1051,33 @@ fn describe_exit(instance: &Instance) -> String {
     }
 }
 
-/// Runs `command` inside the instance's namespaces (a health probe, never a repair).
+/// Kills a probe's process group when dropped while armed: nsenter forks the command into the
+/// instance's PID namespace and only waits for it, so killing nsenter alone (a timeout, or the
+/// probe task aborted when its instance goes) would leave the command running in the instance.
+struct ProbeGroup(Option<rustix::process::Pid>);
+
+impl ProbeGroup {
+    fn kill(&mut self) {
+        if let Some(group) = self.0.take() {
+            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+        }
+    }
+
+    /// After nsenter was reaped its pid (the group's id) may be reused: never signal it then.
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for ProbeGroup {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs `command` inside the instance (a health probe, never a repair): in its mount, UTS, IPC,
+/// network and PID namespaces and under its root directory, so it sees the image's files and the
+/// instance's own network, not the host's.
 async fn command_probe(pid: Option<i32>, command: &[String], timeout: Duration) -> ProbeResult {
     let Some(pid) = pid else {
         return ProbeResult::Unhealthy("instance has no process".into());
@@ -958,25 +1085,64 @@ async fn command_probe(pid: Option<i32>, command: &[String], timeout: Duration) 
     let mut cmd = tokio::process::Command::new("nsenter");
     cmd.arg("--target")
         .arg(pid.to_string())
-        .args(["--mount", "--uts", "--ipc", "--net", "--pid", "--"])
+        .args([
+            "--mount", "--uts", "--ipc", "--net", "--pid", "--root", "--wd", "--",
+        ])
         .args(command);
+    // The controller's environment is not the instance's business.
+    cmd.env_clear().env(
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    );
     cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
+    cmd.process_group(0);
     cmd.kill_on_drop(true);
-    match tokio::time::timeout(timeout, cmd.output()).await {
-        Ok(Ok(out)) if out.status.success() => ProbeResult::Healthy,
-        Ok(Ok(out)) => ProbeResult::Unhealthy(format!(
-            "command {:?} exited with {}: {}",
-            command.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )),
-        Ok(Err(e)) => ProbeResult::Unhealthy(format!("cannot run command probe: {e}")),
-        Err(_) => ProbeResult::Unhealthy(format!(
-            "command {:?} timed out after {timeout:?}",
-            command.join(" ")
-        )),
+    let mut child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => return ProbeResult::Unhealthy(format!("cannot run command probe: {e}")),
+    };
+    // Declared after `child`, so an aborted probe drops it first: the group is killed while
+    // nsenter is not reaped yet.
+    let mut group = ProbeGroup(
+        child
+            .id()
+            .and_then(|id| rustix::process::Pid::from_raw(id as i32)),
+    );
+    let mut stderr = child.stderr.take();
+    let run = async {
+        let mut err = Vec::new();
+        let read = async {
+            if let Some(stderr) = stderr.as_mut() {
+                let _ = tokio::io::AsyncReadExt::read_to_end(stderr, &mut err).await;
+            }
+        };
+        let (status, ()) = tokio::join!(child.wait(), read);
+        status.map(|status| (status, err))
+    };
+    let shown = command.join(" ");
+    match tokio::time::timeout(timeout, run).await {
+        Ok(Ok((status, err))) => {
+            group.disarm();
+            if status.success() {
+                ProbeResult::Healthy
+            } else {
+                ProbeResult::Unhealthy(format!(
+                    "command {shown:?} exited with {status}: {}",
+                    String::from_utf8_lossy(&err).trim()
+                ))
+            }
+        }
+        Ok(Err(e)) => {
+            group.kill();
+            ProbeResult::Unhealthy(format!("cannot run command probe: {e}"))
+        }
+        Err(_) => {
+            group.kill();
+            let _ = child.kill().await;
+            ProbeResult::Unhealthy(format!("command {shown:?} timed out after {timeout:?}"))
+        }
     }
 }
 
@@ -1026,6 +1192,17 @@ mod tests {
                 .0
         }
 
+        /// Replaces the controller by a new one over the same database: no memory of the old.
+        fn restart(&mut self, provider: Arc<dyn Provider>) {
+            let db = StateDb::open(&self._dir.path().join("state.db")).unwrap();
+            self.controller = Controller::new(
+                db,
+                provider,
+                self.runtime.handle().clone(),
+                Engine::Embedded,
+            );
+        }
+
         /// Runs passes until `service` completes; returns the passes.
         fn converge(&mut self, service: &str, max: usize) -> Vec<ServicePass> {
             let mut passes = Vec::new();
@@ -1042,6 +1219,8 @@ mod tests {
                 if done {
                     return passes;
                 }
+                // Stops run on side threads: give them a moment on a busy machine.
+                std::thread::sleep(Duration::from_millis(5));
             }
             panic!("{service} did not converge in {max} passes: {passes:#?}");
         }
@@ -1225,6 +1404,50 @@ mod tests {
     }
 
     #[test]
+    fn a_rollout_without_progress_fails_at_its_deadline_and_rolls_back() {
+        let mut h = harness();
+        h.release(
+            "web",
+            &spec(serde_json::json!({"image": "web", "replicas": 1})),
+            b"v1",
+        );
+        h.converge("web", 5);
+        // Failures in the start period do not count: the new instance stays "starting".
+        let stuck = spec(serde_json::json!({"image": "web", "replicas": 1,
+            "health": {"type": "command", "command": ["/bin/true"], "interval": "10ms", "start_period": "1h"},
+            "rollout": {"max_surge": 1, "max_unavailable": 0, "progress_deadline": "300ms"}}));
+        h.release("web", &stuck, b"v2");
+        let started = std::time::Instant::now();
+        let mut failed = None;
+        while started.elapsed() < Duration::from_secs(10) {
+            let pass = h.controller.pass().unwrap().remove(0);
+            if let Some(reason) = pass.failed {
+                failed = Some((reason, pass.rolled_back_to));
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let (reason, rolled_back_to) = failed.expect("the rollout failed at its deadline");
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "not before the deadline"
+        );
+        assert!(
+            reason.contains(
+                "made no progress for 300ms (progress_deadline); last health check failure: "
+            ),
+            "{reason}"
+        );
+        assert_eq!(rolled_back_to, Some(1));
+        assert!(h.converge("web", 20).last().unwrap().complete);
+        assert!(
+            h.running("web")
+                .iter()
+                .all(|i| i.image == Digest::of(b"v1"))
+        );
+    }
+
+    #[test]
     fn a_rollback_release_takes_the_fast_path_in_one_wave() {
         let mut h = harness();
         let v = spec(serde_json::json!({"image": "web", "replicas": 3,
@@ -1286,18 +1509,119 @@ mod tests {
         );
     }
 
+    /// A provider whose stops take as long as the grace period, as with a process that ignores
+    /// SIGTERM: what the controller must never wait for inside a pass. Records each grace.
+    struct SlowStops(Arc<FakeProvider>, Mutex<Vec<Duration>>);
+
+    impl SlowStops {
+        fn new(fake: &Arc<FakeProvider>) -> Arc<SlowStops> {
+            Arc::new(SlowStops(fake.clone(), Mutex::default()))
+        }
+    }
+
+    impl Provider for SlowStops {
+        fn launch(&self, spec: &InstanceSpec) -> Result<Instance, imago_runtime::RuntimeError> {
+            self.0.launch(spec)
+        }
+        fn stop(&self, id: &str, grace: Duration) -> Result<Instance, imago_runtime::RuntimeError> {
+            self.1.lock().unwrap().push(grace);
+            std::thread::sleep(grace);
+            self.0.stop(id, grace)
+        }
+        fn remove(&self, id: &str) -> Result<(), imago_runtime::RuntimeError> {
+            self.0.remove(id)
+        }
+        fn list(&self) -> Result<Vec<Instance>, imago_runtime::RuntimeError> {
+            self.0.list()
+        }
+        fn inspect(&self, id: &str) -> Result<Instance, imago_runtime::RuntimeError> {
+            self.0.inspect(id)
+        }
+        fn logs(&self, id: &str) -> Result<Vec<u8>, imago_runtime::RuntimeError> {
+            self.0.logs(id)
+        }
+    }
+
+    #[test]
+    fn a_retired_instance_stops_with_the_grace_period_it_was_launched_with() {
+        let mut h = harness();
+        let slow = SlowStops::new(&h.fake);
+        h.restart(slow.clone());
+        let v1 = spec(
+            serde_json::json!({"image": "web", "replicas": 1, "stop_grace_period": "50ms",
+            "rollout": {"drain": "0s"}}),
+        );
+        h.release("web", &v1, b"v1");
+        h.converge("web", 5);
+        let v2 = spec(
+            serde_json::json!({"image": "web", "replicas": 1, "stop_grace_period": "2s",
+            "rollout": {"drain": "0s"}}),
+        );
+        h.release("web", &v2, b"v2");
+        assert!(h.converge("web", 100).last().unwrap().complete);
+        assert_eq!(
+            *slow.1.lock().unwrap(),
+            vec![Duration::from_millis(50)],
+            "release 1's instance was stopped with release 1's grace period"
+        );
+    }
+
     #[test]
     fn destroy_stops_everything_of_the_service() {
         let mut h = harness();
         h.release(
             "web",
-            &spec(serde_json::json!({"image": "web", "replicas": 2})),
+            &spec(serde_json::json!({"image": "web", "replicas": 2, "stop_grace_period": "1s"})),
             b"v1",
         );
+        h.release(
+            "api",
+            &spec(serde_json::json!({"image": "api", "replicas": 1})),
+            b"a1",
+        );
         h.converge("web", 5);
+        h.restart(SlowStops::new(&h.fake));
         h.controller.db.destroy("web", "test").unwrap();
-        h.controller.pass().unwrap();
-        assert!(h.fake.list().unwrap().is_empty());
+
+        let started = std::time::Instant::now();
+        let first = h.controller.pass().unwrap();
+        assert!(
+            started.elapsed() < Duration::from_millis(900),
+            "the pass does not wait for stops of 1 s each (took {:?})",
+            started.elapsed()
+        );
+        assert_eq!(h.running("web").len(), 2, "stops are still in progress");
+        assert!(first.iter().any(|p| p.service == "web"));
+
+        // A controller killed in the middle of the tear-down: a new one over the same database
+        // finishes it from what it observes.
+        h.restart(SlowStops::new(&h.fake));
+        let mut stopped = BTreeSet::new();
+        for _ in 0..250 {
+            let passes = h.controller.pass().unwrap();
+            let web = passes.iter().find(|p| p.service == "web").unwrap();
+            stopped.extend(web.stopped.iter().cloned());
+            let left = h
+                .fake
+                .list()
+                .unwrap()
+                .iter()
+                .any(|i| i.labels.get(LABEL_SERVICE).map(String::as_str) == Some("web"));
+            if !left {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(stopped.len(), 2, "both instances were stopped and removed");
+        assert!(
+            h.fake
+                .list()
+                .unwrap()
+                .iter()
+                .all(|i| i.labels.get(LABEL_SERVICE).map(String::as_str) == Some("api")),
+            "nothing of web is left, and api is untouched"
+        );
+        assert_eq!(h.running("api").len(), 1);
     }
 
     #[test]
@@ -1312,13 +1636,7 @@ mod tests {
         h.controller.pass().unwrap();
         h.controller.pass().unwrap();
         // A new controller over the same database and instances: no memory of the old one.
-        let db = StateDb::open(&h._dir.path().join("state.db")).unwrap();
-        h.controller = Controller::new(
-            db,
-            h.fake.clone(),
-            h.runtime.handle().clone(),
-            Engine::Embedded,
-        );
+        h.restart(h.fake.clone());
         let passes = h.converge("web", 30);
         assert!(passes.last().unwrap().complete);
         let running = h.running("web");

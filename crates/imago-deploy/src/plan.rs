@@ -54,6 +54,7 @@ pub fn plan_rollout(
             revision: "current".into(),
             phase: Phase::Ready { since_ms: 0 },
             draining: false,
+            drifted: false,
         })
         .collect();
     let mut waves = Vec::new();
@@ -85,6 +86,7 @@ pub fn plan_rollout(
                 revision: "next".into(),
                 phase: Phase::Ready { since_ms: 0 },
                 draining: false,
+                drifted: false,
             });
             next_id += 1;
         }

@@ -32,6 +32,10 @@ pub struct ObservedInstance {
     pub phase: Phase,
     /// Taken out of the endpoint and waiting for its connections to finish before it is stopped.
     pub draining: bool,
+    /// Runs something other than what its revision says (another spec, a modified root
+    /// filesystem): replaced like an instance of an old revision, but part of no blue or green
+    /// set, so it never decides where blue-green traffic goes.
+    pub drifted: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -197,15 +201,29 @@ pub fn next_step(input: RolloutInput<'_>) -> Step {
                 }
             }
             // Traffic stays entirely on blue until green is fully available, then switches at once.
-            let serve_new =
-                green_ready || old.iter().all(|i| !matches!(i.phase, Phase::Ready { .. }));
+            let blue_serving = old
+                .iter()
+                .any(|i| !i.drifted && matches!(i.phase, Phase::Ready { .. }));
+            let serve_new = green_ready || !blue_serving;
+            let routable = |i: &&ObservedInstance| {
+                !i.draining
+                    && matches!(i.phase, Phase::Ready { .. })
+                    && !step.retire.contains(&i.id)
+            };
             step.route_to = instances
                 .iter()
-                .filter(|i| !i.draining && matches!(i.phase, Phase::Ready { .. }))
-                .filter(|i| (i.revision == target) == serve_new)
-                .filter(|i| !step.retire.contains(&i.id))
+                .filter(routable)
+                .filter(|i| !i.drifted && (i.revision == target) == serve_new)
                 .map(|i| i.id.clone())
                 .collect();
+            if step.route_to.is_empty() {
+                // Drifted instances serve only when nothing else can.
+                step.route_to = instances
+                    .iter()
+                    .filter(routable)
+                    .map(|i| i.id.clone())
+                    .collect();
+            }
         }
     }
     step.counts = Counts {
@@ -245,6 +263,7 @@ mod tests {
             revision: revision.into(),
             phase: Phase::Ready { since_ms: 0 },
             draining: false,
+            drifted: false,
         }
     }
 
@@ -286,6 +305,7 @@ mod tests {
                     revision: "v2".into(),
                     phase: Phase::Starting,
                     draining: false,
+                    drifted: false,
                 });
                 next_id += 1;
             }
@@ -337,6 +357,7 @@ mod tests {
             revision: "v2".into(),
             phase: Phase::Starting,
             draining: false,
+            drifted: false,
         });
         world.push(ready("g2", "v2"));
         world.push(ready("g3", "v2"));
@@ -372,6 +393,49 @@ mod tests {
     }
 
     #[test]
+    fn blue_green_keeps_serving_the_current_set_while_a_drifted_instance_is_replaced() {
+        let l = limits(3, 0, 0);
+        let mut world = vec![ready("a", "v1"), ready("b", "v1"), ready("c", "drifted-c")];
+        world[2].drifted = true;
+        let input = RolloutInput {
+            limits: l,
+            strategy: Strategy::BlueGreen,
+            min_ready: Duration::ZERO,
+            now_ms: 5,
+            target: "v1",
+            instances: &world,
+        };
+        let step = next_step(input);
+        assert_eq!(step.launch, 1);
+        assert!(step.retire.is_empty(), "c serves capacity until replaced");
+        assert_eq!(
+            step.route_to,
+            vec!["a", "b"],
+            "the settled set keeps its traffic; the drifted instance is no blue set"
+        );
+        let mut world = world.clone();
+        world.push(ready("d", "v1"));
+        let step = next_step(RolloutInput {
+            instances: &world,
+            ..input
+        });
+        assert_eq!(step.retire, vec!["c"]);
+        assert_eq!(step.route_to, vec!["a", "b", "d"]);
+
+        // Only drifted instances are ready: they keep serving rather than nothing.
+        let mut world = vec![ready("x", "drifted-x"), ready("y", "drifted-y")];
+        for i in &mut world {
+            i.drifted = true;
+        }
+        let step = next_step(RolloutInput {
+            instances: &world,
+            ..input
+        });
+        assert_eq!(step.route_to, vec!["x", "y"]);
+        assert_eq!(step.launch, 3);
+    }
+
+    #[test]
     fn min_ready_holds_back_retirement() {
         let world = vec![
             ready("old", "v1"),
@@ -380,6 +444,7 @@ mod tests {
                 revision: "v2".into(),
                 phase: Phase::Ready { since_ms: 900 },
                 draining: false,
+                drifted: false,
             },
         ];
         let input = RolloutInput {

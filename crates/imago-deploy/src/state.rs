@@ -4,7 +4,7 @@
 //! release (completed, failed, rolled back) is recorded as a new outcome row and event. WAL mode
 //! and `synchronous = FULL` make every committed transaction survive kill -9 and power loss.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -16,7 +16,8 @@ use crate::error::DeployError;
 use crate::spec::ServiceSpec;
 
 /// Migrations, applied in order; the index + 1 is the schema version.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE releases (
     service      TEXT NOT NULL,
     number       INTEGER NOT NULL,
@@ -69,7 +70,14 @@ CREATE TABLE events (
     message  TEXT NOT NULL,
     actor    TEXT NOT NULL
 ) STRICT;
-"#];
+"#,
+    r#"
+CREATE TABLE tainted_images (
+    image_digest TEXT PRIMARY KEY,
+    at_ms        INTEGER NOT NULL
+) STRICT;
+"#,
+];
 
 /// One immutable release: a service pinned to an image digest and its full configuration.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -197,6 +205,25 @@ impl StateDb {
         }
     }
 
+    /// Runs `body` in one immediate transaction and commits what it wrote.
+    fn in_transaction<T>(
+        &mut self,
+        body: impl FnOnce(&rusqlite::Transaction<'_>, &Path) -> Result<T, DeployError>,
+    ) -> Result<T, DeployError> {
+        let path = self.path.clone();
+        let db_err = |source| DeployError::Database {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db_err)?;
+        let value = body(&tx, &path)?;
+        tx.commit().map_err(db_err)?;
+        Ok(value)
+    }
+
     /// Records a new release for `service` unless its latest release already pins the same
     /// digest and configuration. Returns the release and whether it is new.
     pub fn record_release(
@@ -208,82 +235,65 @@ impl StateDb {
         rollback_of: Option<u64>,
         actor: &str,
     ) -> Result<(Release, bool), DeployError> {
-        let (config_hash, revision) = fingerprint(spec, digest)?;
-        let spec_json = serde_json::to_string(spec).map_err(|source| DeployError::Encode {
-            what: "service spec",
-            source,
+        let new = self.in_transaction(|tx, path| {
+            insert_release(tx, path, service, spec, digest, reason, rollback_of, actor)
         })?;
-        let path = self.path.clone();
-        let db_err = |source| DeployError::Database {
-            path: path.clone(),
-            source,
-        };
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db_err)?;
-        let desired: Option<u64> = tx
-            .query_row(
-                "SELECT desired_release FROM services WHERE name = ?1 AND destroyed = 0",
-                [service],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(db_err)?
-            .flatten();
-        if let Some(current) = desired {
-            let same: Option<String> = tx
-                .query_row(
-                    "SELECT revision FROM releases WHERE service = ?1 AND number = ?2",
-                    params![service, current],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(db_err)?;
-            if same.as_deref() == Some(revision.as_str()) && rollback_of.is_none() {
-                drop(tx);
-                let release = self.release(service, current)?;
-                return Ok((release, false));
-            }
+        match new {
+            NewRelease::Recorded(release) => Ok((*release, true)),
+            NewRelease::Unchanged(current) => Ok((self.release(service, current)?, false)),
         }
-        let number: u64 = tx
-            .query_row(
-                "SELECT COALESCE(MAX(number), 0) + 1 FROM releases WHERE service = ?1",
-                [service],
-                |r| r.get(0),
+    }
+
+    /// Records that release `failed` of `service` failed and, with `rollback_to`, the release
+    /// that rolls back to it, in ONE transaction: whoever sees the failure also sees the
+    /// rollback, and a controller killed in between cannot lose the rollback (it would find a
+    /// failed release with nothing to roll back to and hold still).
+    pub fn record_failure(
+        &mut self,
+        service: &str,
+        failed: u64,
+        detail: &str,
+        rollback_to: Option<&Release>,
+        actor: &str,
+    ) -> Result<Option<Release>, DeployError> {
+        self.in_transaction(|tx, path| {
+            let db_err = |source| DeployError::Database {
+                path: path.to_path_buf(),
+                source,
+            };
+            insert_outcome(tx, service, failed, "failed", detail, actor).map_err(db_err)?;
+            let Some(good) = rollback_to else {
+                return Ok(None);
+            };
+            let reason = format!("automatic rollback: release {failed} failed");
+            let NewRelease::Recorded(rollback) = insert_release(
+                tx,
+                path,
+                service,
+                &good.spec,
+                &good.image_digest,
+                &reason,
+                Some(good.number),
+                actor,
+            )?
+            else {
+                return Ok(None);
+            };
+            tx.execute(
+                "INSERT INTO events (at_ms, service, kind, message, actor) VALUES (?1, ?2, 'rollback', ?3, ?4)",
+                params![
+                    now_ms(),
+                    service,
+                    format!(
+                        "rolled back to release {} (as release {}) after release {failed} failed",
+                        good.number, rollback.number
+                    ),
+                    actor
+                ],
             )
             .map_err(db_err)?;
-        let created_ms = now_ms();
-        tx.execute(
-            "INSERT INTO releases (service, number, image_digest, config_hash, revision, spec_json, created_ms, reason, rollback_of)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![service, number, digest.to_string(), config_hash.to_string(), revision, spec_json, created_ms, reason, rollback_of],
-        )
-        .map_err(db_err)?;
-        tx.execute(
-            "INSERT INTO services (name, desired_release, destroyed) VALUES (?1, ?2, 0)
-             ON CONFLICT(name) DO UPDATE SET desired_release = excluded.desired_release, destroyed = 0",
-            params![service, number],
-        )
-        .map_err(db_err)?;
-        tx.execute(
-            "INSERT INTO events (at_ms, service, kind, message, actor) VALUES (?1, ?2, 'release', ?3, ?4)",
-            params![created_ms, service, format!("release {number}: {digest} ({reason})"), actor],
-        )
-        .map_err(db_err)?;
-        tx.commit().map_err(db_err)?;
-        let release = Release {
-            service: service.to_owned(),
-            number,
-            image_digest: digest.clone(),
-            config_hash,
-            revision,
-            spec: spec.clone(),
-            created_ms,
-            reason: reason.to_owned(),
-            rollback_of,
-        };
-        Ok((release, true))
+            Ok(Some(*rollback))
+        })
     }
 
     fn row_to_release(row: &rusqlite::Row<'_>) -> rusqlite::Result<Release> {
@@ -397,32 +407,14 @@ impl StateDb {
         detail: &str,
         actor: &str,
     ) -> Result<(), DeployError> {
-        let path = self.path.clone();
-        let db_err = |source| DeployError::Database {
-            path: path.clone(),
-            source,
-        };
-        let at = now_ms();
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db_err)?;
-        tx.execute(
-            "INSERT INTO release_outcomes (service, number, outcome, detail, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![service, number, outcome, detail, at],
-        )
-        .map_err(db_err)?;
-        let message = if detail.is_empty() {
-            format!("release {number}: {outcome}")
-        } else {
-            format!("release {number}: {outcome}: {detail}")
-        };
-        tx.execute(
-            "INSERT INTO events (at_ms, service, kind, message, actor) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![at, service, outcome, message, actor],
-        )
-        .map_err(db_err)?;
-        tx.commit().map_err(db_err)
+        self.in_transaction(|tx, path| {
+            insert_outcome(tx, service, number, outcome, detail, actor).map_err(|source| {
+                DeployError::Database {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            })
+        })
     }
 
     pub fn outcomes(&self, service: &str) -> Result<Vec<Outcome>, DeployError> {
@@ -532,6 +524,42 @@ impl StateDb {
         }
         digests.sort();
         Ok(digests)
+    }
+
+    /// Records that the unpacked tree of `digest` was found modified at `at_ms` and set aside:
+    /// every instance created until then runs from the modified tree and is replaced. Kept in
+    /// the database so that a restarted controller, or one that was not running when
+    /// `imago drift` found it, still replaces them.
+    pub fn record_taint(&self, digest: &Digest, at_ms: u64) -> Result<(), DeployError> {
+        self.conn
+            .execute(
+                "INSERT INTO tainted_images (image_digest, at_ms) VALUES (?1, ?2)
+                 ON CONFLICT(image_digest) DO UPDATE SET at_ms = MAX(at_ms, excluded.at_ms)",
+                params![digest.to_string(), at_ms],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Images whose unpacked tree was set aside as modified, and when (the latest time).
+    pub fn tainted(&self) -> Result<HashMap<Digest, u64>, DeployError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT image_digest, at_ms FROM tainted_images")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?)))
+            .map_err(|e| self.err(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))?;
+        let mut tainted = HashMap::new();
+        for (text, at_ms) in rows {
+            let digest = text.parse().map_err(|e: imago_oci::DigestError| {
+                self.err(rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+            })?;
+            tainted.insert(digest, at_ms);
+        }
+        Ok(tainted)
     }
 
     /// The latest outcome recorded for release `number` of `service`.
@@ -678,6 +706,120 @@ impl StateDb {
     }
 }
 
+/// What [`insert_release`] did.
+enum NewRelease {
+    Recorded(Box<Release>),
+    /// The desired release already pins this digest and configuration (its number).
+    Unchanged(u64),
+}
+
+/// The body of [`StateDb::record_release`], inside the caller's transaction.
+#[allow(clippy::too_many_arguments)]
+fn insert_release(
+    tx: &rusqlite::Transaction<'_>,
+    path: &Path,
+    service: &str,
+    spec: &ServiceSpec,
+    digest: &Digest,
+    reason: &str,
+    rollback_of: Option<u64>,
+    actor: &str,
+) -> Result<NewRelease, DeployError> {
+    let db_err = |source| DeployError::Database {
+        path: path.to_path_buf(),
+        source,
+    };
+    let (config_hash, revision) = fingerprint(spec, digest)?;
+    let spec_json = serde_json::to_string(spec).map_err(|source| DeployError::Encode {
+        what: "service spec",
+        source,
+    })?;
+    let desired: Option<u64> = tx
+        .query_row(
+            "SELECT desired_release FROM services WHERE name = ?1 AND destroyed = 0",
+            [service],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(db_err)?
+        .flatten();
+    if let Some(current) = desired {
+        let same: Option<String> = tx
+            .query_row(
+                "SELECT revision FROM releases WHERE service = ?1 AND number = ?2",
+                params![service, current],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db_err)?;
+        if same.as_deref() == Some(revision.as_str()) && rollback_of.is_none() {
+            return Ok(NewRelease::Unchanged(current));
+        }
+    }
+    let number: u64 = tx
+        .query_row(
+            "SELECT COALESCE(MAX(number), 0) + 1 FROM releases WHERE service = ?1",
+            [service],
+            |r| r.get(0),
+        )
+        .map_err(db_err)?;
+    let created_ms = now_ms();
+    tx.execute(
+        "INSERT INTO releases (service, number, image_digest, config_hash, revision, spec_json, created_ms, reason, rollback_of)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![service, number, digest.to_string(), config_hash.to_string(), revision, spec_json, created_ms, reason, rollback_of],
+    )
+    .map_err(db_err)?;
+    tx.execute(
+        "INSERT INTO services (name, desired_release, destroyed) VALUES (?1, ?2, 0)
+         ON CONFLICT(name) DO UPDATE SET desired_release = excluded.desired_release, destroyed = 0",
+        params![service, number],
+    )
+    .map_err(db_err)?;
+    tx.execute(
+        "INSERT INTO events (at_ms, service, kind, message, actor) VALUES (?1, ?2, 'release', ?3, ?4)",
+        params![created_ms, service, format!("release {number}: {digest} ({reason})"), actor],
+    )
+    .map_err(db_err)?;
+    Ok(NewRelease::Recorded(Box::new(Release {
+        service: service.to_owned(),
+        number,
+        image_digest: digest.clone(),
+        config_hash,
+        revision,
+        spec: spec.clone(),
+        created_ms,
+        reason: reason.to_owned(),
+        rollback_of,
+    })))
+}
+
+/// The body of [`StateDb::record_outcome`], inside the caller's transaction.
+fn insert_outcome(
+    tx: &rusqlite::Transaction<'_>,
+    service: &str,
+    number: u64,
+    outcome: &str,
+    detail: &str,
+    actor: &str,
+) -> rusqlite::Result<()> {
+    let at = now_ms();
+    tx.execute(
+        "INSERT INTO release_outcomes (service, number, outcome, detail, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![service, number, outcome, detail, at],
+    )?;
+    let message = if detail.is_empty() {
+        format!("release {number}: {outcome}")
+    } else {
+        format!("release {number}: {outcome}: {detail}")
+    };
+    tx.execute(
+        "INSERT INTO events (at_ms, service, kind, message, actor) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![at, service, outcome, message, actor],
+    )?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -769,6 +911,71 @@ mod tests {
         expected.sort();
         assert_eq!(kept, expected);
         assert_eq!(db.retained_digests(10).unwrap().len(), 5);
+    }
+
+    #[test]
+    fn a_failure_and_its_rollback_are_recorded_together() {
+        let (_d, mut db) = db();
+        let releases: Vec<Release> = ["1", "2"]
+            .into_iter()
+            .map(|v| {
+                let digest = Digest::of(v.as_bytes());
+                db.record_release("web", &spec("web", v), &digest, "apply", None, "t")
+                    .unwrap()
+                    .0
+            })
+            .collect();
+        db.record_outcome("web", 1, "complete", "", "t").unwrap();
+        let good = &releases[0];
+        let rollback = db
+            .record_failure("web", 2, "unhealthy", Some(good), "t")
+            .unwrap()
+            .unwrap();
+        assert_eq!((rollback.number, rollback.rollback_of), (3, Some(1)));
+        assert_eq!(rollback.revision, good.revision);
+        assert_eq!(db.outcome_of("web", 2).unwrap().unwrap().outcome, "failed");
+        assert_eq!(db.desired("web").unwrap().unwrap().number, 3);
+        let events: Vec<String> = db
+            .events(Some("web"), 0)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.message)
+            .collect();
+        assert!(
+            events
+                .iter()
+                .any(|e| e.contains("rolled back to release 1 (as release 3)")),
+            "{events:?}"
+        );
+        // Without a release to roll back to, only the failure is recorded.
+        assert!(
+            db.record_failure("web", 3, "x", None, "t")
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(db.desired("web").unwrap().unwrap().number, 3);
+    }
+
+    #[test]
+    fn taints_survive_a_reopen_and_keep_the_latest_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        // A database of the first schema, as an older imago left it, gains the table.
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+        }
+        let image = Digest::of(b"image");
+        {
+            let db = StateDb::open(&path).unwrap();
+            db.record_taint(&image, 200).unwrap();
+            db.record_taint(&image, 100).unwrap();
+        }
+        let db = StateDb::open(&path).unwrap();
+        let tainted = db.tainted().unwrap();
+        assert_eq!(tainted.len(), 1);
+        assert_eq!(tainted.get(&image), Some(&200));
     }
 
     #[test]

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, anyhow, bail};
 use clap::Args;
 use imago_build::{BuildOptions, DefinitionFile};
-use imago_deploy::controller::{Controller, LABEL_REVISION, LABEL_SERVICE, instance_spec};
+use imago_deploy::controller::{
+    Controller, LABEL_REVISION, LABEL_SERVICE, instance_spec, set_aside_modified,
+};
 use imago_deploy::plan::{RolloutPlan, plan_rollout};
 use imago_deploy::roots::{DEFAULT_HISTORY_LIMIT, ReleaseRoots};
 use imago_deploy::spec::{ServiceSpec, validate_all};
@@ -498,7 +500,7 @@ pub fn apply(ctx: &Context, args: ApplyArgs) -> Result<()> {
         }
         recorded.push((release, new));
     }
-    ensure_controller(ctx, &home)?;
+    ensure_controller(ctx, &home, &[])?;
     if args.no_wait {
         let results = recorded
             .into_iter()
@@ -646,8 +648,9 @@ fn controller_running(home: &DeployHome) -> Result<bool> {
     Ok(try_lock(&home.lock_path())?.is_none())
 }
 
-/// Starts `imago serve` in the background unless a controller already runs for this home.
-fn ensure_controller(ctx: &Context, home: &DeployHome) -> Result<()> {
+/// Starts `imago serve` in the background, with `serve_args`, unless a controller already runs
+/// for this home.
+fn ensure_controller(ctx: &Context, home: &DeployHome, serve_args: &[String]) -> Result<()> {
     if controller_running(home)? {
         return Ok(());
     }
@@ -660,7 +663,8 @@ fn ensure_controller(ctx: &Context, home: &DeployHome) -> Result<()> {
     let mut cmd = Command::new(exe);
     cmd.arg("--home")
         .arg(&ctx.home.root)
-        .args(["serve", "--foreground"]);
+        .args(["serve", "--foreground"])
+        .args(serve_args);
     cmd.stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -740,7 +744,20 @@ pub fn serve(ctx: &Context, args: ServeArgs) -> Result<()> {
         return stop_controller(ctx, &home);
     }
     if !args.foreground {
-        ensure_controller(ctx, &home)?;
+        // The background controller gets the settings given here, not the defaults.
+        let serve_args = [
+            "--api".to_owned(),
+            args.api.to_string(),
+            "--interval".to_owned(),
+            humantime::format_duration(args.interval).to_string(),
+            "--runtime".to_owned(),
+            args.runtime.clone(),
+        ];
+        if controller_running(&home)? {
+            ctx.reporter
+                .warn("a controller already runs for this home: its settings stay as they are");
+        }
+        ensure_controller(ctx, &home, &serve_args)?;
         return Ok(());
     }
     let Some(_lock) = try_lock(&home.lock_path())? else {
@@ -1052,7 +1069,7 @@ pub fn rollback(ctx: &Context, args: RollbackArgs) -> Result<()> {
         "service {}: release {} restores release {} (image and configuration)",
         args.service, release.number, target.number
     ));
-    ensure_controller(ctx, &home)?;
+    ensure_controller(ctx, &home, &[])?;
     if args.no_wait {
         return Ok(());
     }
@@ -1220,6 +1237,9 @@ pub fn drift(ctx: &Context, args: DriftArgs) -> Result<()> {
     let provider = local_provider(ctx, store)?;
     let mut findings = Vec::new();
     let services = db.services()?;
+    let cache = provider.rootfs_cache();
+    // Instances of one image share its unpacked tree: check (and, deep, hash) it once.
+    let mut rootfs_problems: BTreeMap<Digest, Vec<String>> = BTreeMap::new();
     for instance in provider.list()? {
         let service = instance.labels.get(LABEL_SERVICE).cloned();
         let finding = |kind: &str, detail: String| DriftFinding {
@@ -1269,9 +1289,19 @@ pub fn drift(ctx: &Context, args: DriftArgs) -> Result<()> {
                 ),
             ));
         }
-        for problem in provider.rootfs_cache().verify(&instance.image, args.deep)? {
-            findings.push(finding("modified-rootfs", problem));
+        if !rootfs_problems.contains_key(&instance.image) {
+            let problems = cache.verify(&instance.image, args.deep)?;
+            rootfs_problems.insert(instance.image.clone(), problems);
         }
+        for problem in rootfs_problems.get(&instance.image).into_iter().flatten() {
+            findings.push(finding("modified-rootfs", problem.clone()));
+        }
+    }
+    // Replace, don't repair: the modified tree is set aside and recorded, and the controller
+    // replaces every instance that runs from it.
+    for (digest, problems) in rootfs_problems.iter().filter(|(_, p)| !p.is_empty()) {
+        let message = set_aside_modified(&cache, &db, digest, problems, &actor())?;
+        ctx.reporter.status(message);
     }
     let drifted = !findings.is_empty();
     ctx.reporter.emit(&DriftReport(findings))?;
