@@ -725,11 +725,12 @@ fn command_health_checks_run_inside_the_instance_and_are_cut_at_their_timeout() 
         )
     };
     // /www/index.html exists only in the image and /etc/debian_version only on the host: the
-    // check passes only if it runs in the instance's root filesystem.
+    // check passes only if it runs in the instance's root filesystem. It also runs as the
+    // instance's process does: the image's user (65534) and the service's environment.
     assert!(!Path::new("/www/index.html").exists() && Path::new("/etc/debian_version").exists());
     command_check(
         &d,
-        "test -f /www/index.html && test ! -e /etc/debian_version",
+        "test -f /www/index.html && test ! -e /etc/debian_version && test $VERSION = 1 && test $(/bin/busybox id -u):$(/bin/busybox id -g) = 65534:65534",
     );
     let out = d.apply().ok().stdout();
     assert!(out.contains("deployment complete (release 1"), "{out}");

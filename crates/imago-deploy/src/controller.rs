@@ -1075,25 +1075,65 @@ impl Drop for ProbeGroup {
     }
 }
 
+/// The real uid, gid and environment of the instance's process, from /proc (None once it is gone).
+fn instance_identity(pid: i32) -> Option<(u32, u32, Vec<(String, String)>)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let id_of = |key: &str| -> Option<u32> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    let (uid, gid) = (id_of("Uid:")?, id_of("Gid:")?);
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let env = environ
+        .split(|b| *b == 0)
+        .filter_map(|entry| {
+            let text = String::from_utf8_lossy(entry);
+            let (k, v) = text.split_once('=')?;
+            (!k.is_empty()).then(|| (k.to_owned(), v.to_owned()))
+        })
+        .collect();
+    Some((uid, gid, env))
+}
+
 /// Runs `command` inside the instance (a health probe, never a repair): in its mount, UTS, IPC,
 /// network and PID namespaces and under its root directory, so it sees the image's files and the
 /// instance's own network, not the host's.
 async fn command_probe(pid: Option<i32>, command: &[String], timeout: Duration) -> ProbeResult {
     let Some(pid) = pid else {
-        return ProbeResult::Unhealthy("instance has no process".into());
+        return ProbeResult::Unhealthy(format!(
+            "command {command:?} cannot run: the instance has no process"
+        ));
     };
+    // As the instance's own process: its user and group and its environment, like an exec probe
+    // in Kubernetes; never the controller's.
+    let identity = instance_identity(pid);
     let mut cmd = tokio::process::Command::new("nsenter");
-    cmd.arg("--target")
-        .arg(pid.to_string())
-        .args([
-            "--mount", "--uts", "--ipc", "--net", "--pid", "--root", "--wd", "--",
-        ])
-        .args(command);
-    // The controller's environment is not the instance's business.
-    cmd.env_clear().env(
-        "PATH",
-        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    );
+    cmd.arg("--target").arg(pid.to_string()).args([
+        "--mount", "--uts", "--ipc", "--net", "--pid", "--root", "--wd",
+    ]);
+    if let Some((uid, gid, _)) = &identity {
+        cmd.arg(format!("--setgid={gid}"))
+            .arg(format!("--setuid={uid}"));
+    }
+    cmd.arg("--").args(command);
+    cmd.env_clear();
+    match identity {
+        Some((_, _, env)) if env.iter().any(|(k, _)| k == "PATH") => {
+            cmd.envs(env);
+        }
+        other => {
+            cmd.envs(other.map(|(_, _, env)| env).unwrap_or_default());
+            cmd.env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            );
+        }
+    }
     cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
@@ -1363,7 +1403,7 @@ mod tests {
         h.release("web", &good, b"v2");
         h.converge("web", 5);
         let good_ids: BTreeSet<String> = h.running("web").into_iter().map(|i| i.id).collect();
-        // v3's health check can never pass: the fake instances have no such process to enter.
+        // v3's health check can never pass: the fake instances have no process to enter.
         let bad = spec(
             serde_json::json!({"image": "web", "replicas": 2, "env": {"V": "3"},
             "health": {"type": "command", "command": ["/bin/false"], "interval": "10ms", "unhealthy_threshold": 1},

@@ -91,7 +91,9 @@ impl Provider for FakeProvider {
             return Err(RuntimeError::StartFailed { id, reason });
         }
         inst.status = Status::Running;
-        inst.pid = Some(1000 + st.next as i32);
+        // No pid: a made-up one could name a real host process that a caller then signals or
+        // enters (command health checks nsenter by pid).
+        inst.pid = None;
         inst.started_ms = Some(inst.created_ms);
         st.instances.insert(id, (inst.clone(), Vec::new()));
         Ok(inst)
