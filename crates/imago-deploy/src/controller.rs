@@ -1075,8 +1075,15 @@ impl Drop for ProbeGroup {
     }
 }
 
+/// Who the instance's process is: what a command check runs as.
+struct Identity {
+    uid: u32,
+    gid: u32,
+    env: Vec<(String, String)>,
+}
+
 /// The real uid, gid and environment of the instance's process, from /proc (None once it is gone).
-fn instance_identity(pid: i32) -> Option<(u32, u32, Vec<(String, String)>)> {
+fn instance_identity(pid: i32) -> Option<Identity> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let id_of = |key: &str| -> Option<u32> {
         status
@@ -1097,7 +1104,7 @@ fn instance_identity(pid: i32) -> Option<(u32, u32, Vec<(String, String)>)> {
             (!k.is_empty()).then(|| (k.to_owned(), v.to_owned()))
         })
         .collect();
-    Some((uid, gid, env))
+    Some(Identity { uid, gid, env })
 }
 
 /// Runs `command` inside the instance (a health probe, never a repair): in its mount, UTS, IPC,
@@ -1116,18 +1123,18 @@ async fn command_probe(pid: Option<i32>, command: &[String], timeout: Duration) 
     cmd.arg("--target").arg(pid.to_string()).args([
         "--mount", "--uts", "--ipc", "--net", "--pid", "--root", "--wd",
     ]);
-    if let Some((uid, gid, _)) = &identity {
-        cmd.arg(format!("--setgid={gid}"))
-            .arg(format!("--setuid={uid}"));
+    if let Some(who) = &identity {
+        cmd.arg(format!("--setgid={}", who.gid))
+            .arg(format!("--setuid={}", who.uid));
     }
     cmd.arg("--").args(command);
     cmd.env_clear();
     match identity {
-        Some((_, _, env)) if env.iter().any(|(k, _)| k == "PATH") => {
-            cmd.envs(env);
+        Some(who) if who.env.iter().any(|(k, _)| k == "PATH") => {
+            cmd.envs(who.env);
         }
         other => {
-            cmd.envs(other.map(|(_, _, env)| env).unwrap_or_default());
+            cmd.envs(other.map(|who| who.env).unwrap_or_default());
             cmd.env(
                 "PATH",
                 "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
