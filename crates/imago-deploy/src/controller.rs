@@ -1691,4 +1691,24 @@ mod tests {
         assert!(running.iter().all(|i| i.image == Digest::of(b"v2")));
         assert_eq!(h.fake.list().unwrap().len(), 4, "no orphaned instance");
     }
+
+    #[test]
+    fn instances_get_the_service_volumes_and_a_volume_change_is_a_new_spec() {
+        let mut h = harness();
+        let with = spec(serde_json::json!({"image": "web", "volumes": ["data:/srv/data:ro"]}));
+        let release = h.release("web", &with, b"v1");
+        let instance = instance_spec(&release, Engine::Embedded).unwrap();
+        assert_eq!(instance.volumes.len(), 1);
+        assert_eq!(instance.volumes[0].to_string(), "data:/srv/data:ro");
+        let without = spec(serde_json::json!({"image": "web"}));
+        let plain = h.release("web", &without, b"v1");
+        assert_ne!(plain.revision, release.revision);
+        assert_ne!(
+            instance_spec(&plain, Engine::Embedded)
+                .unwrap()
+                .spec_hash()
+                .unwrap(),
+            instance.spec_hash().unwrap()
+        );
+    }
 }
