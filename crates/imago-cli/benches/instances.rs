@@ -1,11 +1,14 @@
 //! Launch benchmarks (run as root, release build):
 //! `cargo bench -p imago-cli --bench instances` (as root; `-- make-bench-home` builds a home for profiling)
 //! Prints one JSON document with medians; the numbers go into BENCHMARKS.md.
+//! `IMAGO_BENCH_BASELINE=/path/to/an/older/imago` also times that binary's `run` (e.g. a build
+//! of the previous commit), in the same rounds as the others.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -26,49 +29,65 @@ fn busybox_files(busybox: &[u8]) -> Vec<File<'_>> {
     }]
 }
 
-/// Median of `imago run` (command start to its exit, i.e. the container's process started).
-fn imago_launch(imago: &Imago, image: &str, extra: &[&str]) -> f64 {
-    let mut times = Vec::new();
+/// Medians of several launchers, run in rounds (each once per round) so that every median saw
+/// the same machine load: on a shared 2-core machine the load changes within seconds.
+fn interleaved(launchers: &mut [&mut dyn FnMut() -> Duration]) -> Vec<f64> {
+    let mut times = vec![Vec::new(); launchers.len()];
     for _ in 0..RUNS {
-        let mut args = vec!["run", "-q"];
-        args.extend_from_slice(extra);
-        args.extend_from_slice(&[image, "--", "/bin/busybox", "sleep", "1000"]);
-        let start = Instant::now();
-        let out = imago.cmd().args(&args).output().unwrap();
-        times.push(start.elapsed());
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        imago.run(&["stop", "--time", "0", &id]).ok();
-        imago.run(&["rm", &id]).ok();
+        for (launch, t) in launchers.iter_mut().zip(times.iter_mut()) {
+            t.push(launch());
+        }
     }
-    median(times)
+    times.into_iter().map(median).collect()
 }
 
-/// Median of plain `runc run -d` of the bundle imago generated (host network).
-fn plain_runc(imago: &Imago, image: &str) -> f64 {
-    let id = String::from_utf8_lossy(
-        &imago
-            .run(&[
-                "run",
-                "-q",
-                "--network",
-                "host",
-                image,
-                "--",
-                "/bin/busybox",
-                "sleep",
-                "1000",
-            ])
-            .ok()
-            .output
-            .stdout,
-    )
-    .trim()
-    .to_owned();
+/// Times one `imago run` (command start to its exit, i.e. the container's program started)
+/// of `program` (this build when `None`), then stops and removes the instance.
+fn imago_launch(imago: &Imago, program: Option<&Path>, image: &str, extra: &[&str]) -> Duration {
+    let mut cmd = match program {
+        None => imago.cmd(),
+        Some(p) => {
+            let mut cmd = Command::new(p);
+            cmd.arg("--home")
+                .arg(&imago.home)
+                .current_dir(imago.dir.path())
+                .env_remove("IMAGO_HOME");
+            cmd
+        }
+    };
+    cmd.args(["run", "-q"])
+        .args(extra)
+        .args([image, "--", "/bin/busybox", "sleep", "1000"]);
+    let start = Instant::now();
+    let out = cmd.output().unwrap();
+    let elapsed = start.elapsed();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    imago.run(&["stop", "--time", "0", &id]).ok();
+    imago.run(&["rm", &id]).ok();
+    elapsed
+}
+
+/// A copy of the bundle imago generates for a host-network instance, for plain runc.
+fn plain_bundle(imago: &Imago, image: &str) -> PathBuf {
+    let out = imago
+        .run(&[
+            "run",
+            "-q",
+            "--network",
+            "host",
+            image,
+            "--",
+            "/bin/busybox",
+            "sleep",
+            "1000",
+        ])
+        .ok();
+    let id = out.stdout().trim().to_owned();
     let bundle = imago.dir.path().join("plain-bundle");
     std::fs::create_dir_all(&bundle).unwrap();
     let config = std::fs::read(
@@ -82,31 +101,31 @@ fn plain_runc(imago: &Imago, image: &str) -> f64 {
     std::fs::write(bundle.join("config.json"), config).unwrap();
     imago.run(&["stop", "--time", "0", &id]).ok();
     imago.run(&["rm", &id]).ok();
-    let root = imago.dir.path().join("plain-runc-root");
-    let mut times = Vec::new();
-    for i in 0..RUNS {
-        let cid = format!("plain-{i}");
-        let start = Instant::now();
-        let st = Command::new("runc")
-            .arg("--root")
-            .arg(&root)
-            .args(["run", "-d", "--bundle"])
-            .arg(&bundle)
-            .arg(&cid)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .unwrap();
-        times.push(start.elapsed());
-        assert!(st.success());
-        let _ = Command::new("runc")
-            .arg("--root")
-            .arg(&root)
-            .args(["delete", "--force", &cid])
-            .status();
-    }
-    median(times)
+    bundle
+}
+
+/// Times one plain `runc run -d` of `bundle`, then deletes the container.
+fn plain_runc(root: &Path, bundle: &Path, cid: &str) -> Duration {
+    let start = Instant::now();
+    let st = Command::new("runc")
+        .arg("--root")
+        .arg(root)
+        .args(["run", "-d", "--bundle"])
+        .arg(bundle)
+        .arg(cid)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    let elapsed = start.elapsed();
+    assert!(st.success());
+    let _ = Command::new("runc")
+        .arg("--root")
+        .arg(root)
+        .args(["delete", "--force", cid])
+        .status();
+    elapsed
 }
 
 /// A field (in KiB) of `/proc/<pid>/smaps_rollup`: `Rss`, `Pss` (shared pages divided among
@@ -143,11 +162,43 @@ fn launch_benchmarks() {
     std::thread::sleep(Duration::from_millis(100));
     imago.run(&["rm", "--force", &id]).ok();
 
-    let embedded_host = imago_launch(&imago, image, &["--network", "host"]);
-    let embedded_private = imago_launch(&imago, image, &[]);
-    let runc_host = imago_launch(&imago, image, &["--runtime", "runc", "--network", "host"]);
-    let runc_private = imago_launch(&imago, image, &["--runtime", "runc"]);
-    let plain = plain_runc(&imago, image);
+    let baseline = std::env::var_os("IMAGO_BENCH_BASELINE").map(PathBuf::from);
+    let base = baseline.as_deref();
+    let bundle = plain_bundle(&imago, image);
+    let runc_root = imago.dir.path().join("plain-runc-root");
+    let host = ["--network", "host"];
+    let runc_host = ["--runtime", "runc", "--network", "host"];
+    let mut round = 0;
+    let host_medians = interleaved(&mut [
+        &mut || imago_launch(&imago, None, image, &host),
+        &mut || {
+            round += 1;
+            plain_runc(&runc_root, &bundle, &format!("plain-{round}"))
+        },
+        &mut || imago_launch(&imago, None, image, &runc_host),
+        &mut || {
+            base.map_or(Duration::ZERO, |b| {
+                imago_launch(&imago, Some(b), image, &host)
+            })
+        },
+    ]);
+    let private_medians = interleaved(&mut [
+        &mut || imago_launch(&imago, None, image, &[]),
+        &mut || imago_launch(&imago, None, image, &["--runtime", "runc"]),
+        &mut || {
+            base.map_or(Duration::ZERO, |b| {
+                imago_launch(&imago, Some(b), image, &[])
+            })
+        },
+    ]);
+    let [embedded_host, plain, runc_host, baseline_host] = host_medians[..] else {
+        unreachable!()
+    };
+    let [embedded_private, runc_private, baseline_private] = private_medians[..] else {
+        unreachable!()
+    };
+    let baseline_host = base.map(|_| baseline_host);
+    let baseline_private = base.map(|_| baseline_private);
 
     // First launch of a new 100 MB digest (unpack included): incompressible content.
     let mut big = vec![0u8; 100 << 20];
@@ -216,7 +267,11 @@ fn launch_benchmarks() {
             "imago_runc_host_network": runc_host,
             "imago_runc_private_network": runc_private,
             "plain_runc_run_d_same_bundle": plain,
+            "baseline_embedded_host_network": baseline_host,
+            "baseline_embedded_private_network": baseline_private,
         },
+        "baseline": baseline.map(|p| p.display().to_string()),
+        "loadavg_after": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
         "first_launch_100mb_image_ms": first_launch_100mb,
         "supervisors_50": {
             "instances": pids.len(),

@@ -274,5 +274,5 @@ pub fn write_bundle(bundle: &Path, config: &Value) -> Result<(), RuntimeError> {
             path: bundle.join("config.json"),
             source,
         })?;
-    crate::state::write_json_atomic(&bundle.join("config.json"), config)
+    crate::state::write_json_unsynced(&bundle.join("config.json"), config)
 }

@@ -22,7 +22,7 @@ use nix::unistd::Pid;
 use crate::bundle::{BundleContext, runtime_config, write_bundle};
 use crate::network::{self, Ipam};
 use crate::rootfs::{ImageSource, RootfsCache};
-use crate::state::{Instance, InstanceDir, Status, process_start_time, write_json_atomic};
+use crate::state::{Instance, InstanceDir, Status, process_start_time, write_json_unsynced};
 use crate::{InstanceSpec, NetworkMode, Provider, RuntimeError};
 
 /// How long an instance may stay "created" (prepared, supervisor not yet reporting) before it is
@@ -212,7 +212,7 @@ impl LocalProvider {
                 return Err(e);
             }
         }
-        dir.write_state(&record)?;
+        dir.write_state_unsynced(&record)?;
         Ok(record)
     }
 
@@ -368,7 +368,8 @@ impl Provider for LocalProvider {
         let id = new_id()?;
         let dir = self.layout.instance_dir(&id);
         fs::create_dir_all(&dir.root).map_err(RuntimeError::io("cannot create", &dir.root))?;
-        write_json_atomic(&dir.spec(), spec)?;
+        // Unsynced like everything on the launch path: the supervisor syncs once it runs.
+        write_json_unsynced(&dir.spec(), spec)?;
         if let Err(e) = self.launch_prepared(spec, &id, &dir) {
             // Nothing was started: leave no trace of the instance.
             let _ = fs::remove_dir_all(&dir.root);

@@ -1,4 +1,4 @@
-//! Private networking: one network namespace per instance (`ip netns add imago-<id>`), joined to
+//! Private networking: one network namespace per instance (`/var/run/netns/imago-<id>`), joined to
 //! the host by a veth pair (`iv-<id>` on the host, `eth0` inside) with a /30 from 10.88.0.0/16.
 //!
 //! Addresses are host-wide (two imago homes on one machine must not collide), so they are
@@ -6,9 +6,20 @@
 
 use std::fs;
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
 use crate::RuntimeError;
 
@@ -100,60 +111,14 @@ impl Ipam {
     }
 }
 
-fn ip_batch(id: &str, netns: Option<&str>, script: &str) -> Result<(), RuntimeError> {
-    let mut cmd = Command::new("ip");
-    if let Some(ns) = netns {
-        cmd.args(["-n", ns]);
-    }
-    cmd.args(["-batch", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let net_err = |reason: String| RuntimeError::Network {
+/// Creates the namespace and the veth pair, addresses both ends and brings `lo` up inside.
+///
+/// Everything goes through rtnetlink from this process: the two `ip` processes this replaced
+/// cost 8-20 ms per launch (two fork+exec, each waiting for a CPU on a loaded machine).
+pub fn setup(id: &str, lease: &Lease) -> Result<(), RuntimeError> {
+    let result = setup_inner(id, lease).map_err(|reason| RuntimeError::Network {
         id: id.to_owned(),
         reason,
-    };
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| net_err(format!("cannot run ip: {e}")))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(script.as_bytes())
-            .map_err(|e| net_err(format!("cannot write to ip: {e}")))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| net_err(format!("ip: {e}")))?;
-    if !out.status.success() {
-        return Err(net_err(format!(
-            "ip -batch failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(())
-}
-
-/// Creates the namespace and the veth pair, addresses both ends and brings `lo` up inside.
-pub fn setup(id: &str, lease: &Lease) -> Result<(), RuntimeError> {
-    let ns = netns_name(id);
-    let veth = host_veth(id);
-    let host_script = format!(
-        "netns add {ns}\n\
-         link add {veth} type veth peer name eth0 netns {ns}\n\
-         addr add {host}/30 dev {veth}\n\
-         link set {veth} up\n",
-        host = lease.host,
-    );
-    let result = ip_batch(id, None, &host_script).and_then(|()| {
-        let inner = format!(
-            "addr add {inst}/30 dev eth0\n\
-             link set eth0 up\n\
-             link set lo up\n\
-             route add default via {host}\n",
-            inst = lease.instance,
-            host = lease.host,
-        );
-        ip_batch(id, Some(&ns), &inner)
     });
     if result.is_err() {
         teardown(id);
@@ -161,19 +126,267 @@ pub fn setup(id: &str, lease: &Lease) -> Result<(), RuntimeError> {
     result
 }
 
+fn setup_inner(id: &str, lease: &Lease) -> Result<(), String> {
+    let path = netns_path(id);
+    let inside = create_netns(&path)?;
+    let ns_file =
+        fs::File::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let host = Rtnl::new().map_err(|e| format!("cannot open a netlink socket: {e}"))?;
+    let veth = host_veth(id);
+    host.add_veth_pair(&veth, INSIDE_IFNAME, &ns_file)
+        .map_err(|e| format!("cannot create the veth pair {veth}: {e}"))?;
+    let host_index = host
+        .link_index(&veth)
+        .map_err(|e| format!("cannot find {veth}: {e}"))?;
+    host.add_address(host_index, lease.host, PREFIX_LEN)
+        .map_err(|e| format!("cannot address {veth}: {e}"))?;
+    host.set_up(host_index)
+        .map_err(|e| format!("cannot bring {veth} up: {e}"))?;
+    let eth0 = inside
+        .link_index(INSIDE_IFNAME)
+        .map_err(|e| format!("cannot find {INSIDE_IFNAME} in {}: {e}", path.display()))?;
+    inside
+        .add_address(eth0, lease.instance, PREFIX_LEN)
+        .map_err(|e| format!("cannot address {INSIDE_IFNAME}: {e}"))?;
+    inside
+        .set_up(eth0)
+        .map_err(|e| format!("cannot bring {INSIDE_IFNAME} up: {e}"))?;
+    inside
+        .set_up(LOOPBACK_INDEX)
+        .map_err(|e| format!("cannot bring lo up: {e}"))?;
+    inside
+        .add_default_route(lease.host)
+        .map_err(|e| format!("cannot add the default route: {e}"))?;
+    Ok(())
+}
+
 /// Removes the veth pair and the namespace; quiet and idempotent (parts may already be gone).
 pub fn teardown(id: &str) {
     let veth = host_veth(id);
-    if Path::new("/sys/class/net").join(&veth).exists() {
-        let _ = Command::new("ip")
-            .args(["link", "del", &veth])
-            .stderr(Stdio::null())
-            .status();
+    if Path::new("/sys/class/net").join(&veth).exists()
+        && let Ok(host) = Rtnl::new()
+    {
+        // Deleting one end deletes its peer too.
+        let _ = host.delete_link(&veth);
     }
-    if netns_path(id).exists() {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &netns_name(id)])
-            .stderr(Stdio::null())
-            .status();
+    let path = netns_path(id);
+    if path.exists() {
+        let _ = nix::mount::umount2(&path, nix::mount::MntFlags::MNT_DETACH);
+        let _ = fs::remove_file(&path);
+    }
+}
+
+const INSIDE_IFNAME: &str = "eth0";
+const PREFIX_LEN: u8 = 30;
+/// `lo` is the first device of every network namespace.
+const LOOPBACK_INDEX: u32 = 1;
+
+/// Creates a named network namespace the way `ip netns add` does: an nsfs bind mount at
+/// `path`, under a shared mount of its directory (so that the namespace's unmount reaches mount
+/// namespaces copied in between). Returns a netlink socket that lives inside the namespace.
+fn create_netns(path: &Path) -> Result<Rtnl, String> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    make_shared_mount(dir)?;
+    fs::File::options()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    let target = path.to_owned();
+    // unshare(CLONE_NEWNET) moves only the calling thread, so a short-lived thread does it and
+    // this process (possibly multi-threaded) stays where it is. A socket keeps the namespace it
+    // was created in, so the thread hands one back for configuring the inside.
+    let inside = std::thread::spawn(move || -> Result<Rtnl, String> {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("cannot create a network namespace: {e}"))?;
+        nix::mount::mount(
+            Some("/proc/thread-self/ns/net"),
+            &target,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| {
+            format!(
+                "cannot bind the network namespace to {}: {e}",
+                target.display()
+            )
+        })?;
+        Rtnl::new().map_err(|e| format!("cannot open a netlink socket: {e}"))
+    })
+    .join()
+    .map_err(|_| "the network namespace thread panicked".to_owned())?;
+    if inside.is_err() {
+        let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
+        let _ = fs::remove_file(path);
+    }
+    inside
+}
+
+fn make_shared_mount(dir: &Path) -> Result<(), String> {
+    use nix::mount::{MsFlags, mount};
+    let shared = || {
+        mount(
+            Some(""),
+            dir,
+            Some("none"),
+            MsFlags::MS_SHARED | MsFlags::MS_REC,
+            None::<&str>,
+        )
+    };
+    match shared() {
+        Ok(()) => Ok(()),
+        // Not a mount point yet: make it one (a bind mount onto itself), then share it.
+        Err(nix::errno::Errno::EINVAL) => {
+            mount(
+                Some(dir),
+                dir,
+                Some("none"),
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .map_err(|e| format!("cannot bind-mount {}: {e}", dir.display()))?;
+            shared().map_err(|e| format!("cannot make {} shared: {e}", dir.display()))
+        }
+        Err(e) => Err(format!("cannot make {} shared: {e}", dir.display())),
+    }
+}
+
+/// A synchronous rtnetlink socket: one request at a time, each acknowledged.
+struct Rtnl {
+    socket: netlink_sys::Socket,
+}
+
+impl Rtnl {
+    fn new() -> std::io::Result<Rtnl> {
+        let mut socket = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_ROUTE)?;
+        socket.bind_auto()?;
+        Ok(Rtnl { socket })
+    }
+
+    /// Sends `message` and waits for the kernel's acknowledgement; returns the replies before it.
+    fn request(
+        &self,
+        message: RouteNetlinkMessage,
+        flags: u16,
+    ) -> std::io::Result<Vec<RouteNetlinkMessage>> {
+        let mut req = NetlinkMessage::from(message);
+        req.header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
+        req.finalize();
+        let mut buf = vec![0u8; req.buffer_len()];
+        req.serialize(&mut buf);
+        self.socket.send(&buf, 0)?;
+        let mut replies = Vec::new();
+        let mut rbuf = vec![0u8; 16384];
+        loop {
+            let n = self.socket.recv(&mut &mut rbuf[..], 0)?;
+            let mut offset = 0;
+            while offset < n {
+                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rbuf[offset..n])
+                    .map_err(|e| std::io::Error::other(format!("bad netlink reply: {e}")))?;
+                let len = msg.header.length as usize;
+                match msg.payload {
+                    NetlinkPayload::Error(e) => {
+                        return match e.code {
+                            Some(_) => Err(e.to_io()),
+                            None => Ok(replies),
+                        };
+                    }
+                    NetlinkPayload::Done(_) => return Ok(replies),
+                    NetlinkPayload::InnerMessage(m) => replies.push(m),
+                    _ => {}
+                }
+                if len == 0 {
+                    break;
+                }
+                offset += len;
+            }
+        }
+    }
+
+    fn add_veth_pair(
+        &self,
+        name: &str,
+        peer_name: &str,
+        peer_netns: &fs::File,
+    ) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let mut peer = LinkMessage::default();
+        peer.attributes
+            .push(LinkAttribute::IfName(peer_name.to_owned()));
+        peer.attributes
+            .push(LinkAttribute::NetNsFd(peer_netns.as_raw_fd()));
+        let mut link = LinkMessage::default();
+        link.attributes.push(LinkAttribute::IfName(name.to_owned()));
+        link.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Veth),
+            LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))),
+        ]));
+        self.request(
+            RouteNetlinkMessage::NewLink(link),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
+        .map(drop)
+    }
+
+    fn link_index(&self, name: &str) -> std::io::Result<u32> {
+        let mut link = LinkMessage::default();
+        link.attributes.push(LinkAttribute::IfName(name.to_owned()));
+        self.request(RouteNetlinkMessage::GetLink(link), 0)?
+            .into_iter()
+            .find_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(l.header.index),
+                _ => None,
+            })
+            .ok_or_else(|| std::io::Error::other("no such device"))
+    }
+
+    fn set_up(&self, index: u32) -> std::io::Result<()> {
+        let mut link = LinkMessage::default();
+        link.header.index = index;
+        link.header.flags |= LinkFlags::Up;
+        link.header.change_mask |= LinkFlags::Up;
+        self.request(RouteNetlinkMessage::SetLink(link), 0)
+            .map(drop)
+    }
+
+    fn add_address(&self, index: u32, address: Ipv4Addr, prefix_len: u8) -> std::io::Result<()> {
+        let mut msg = AddressMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        msg.header.prefix_len = prefix_len;
+        msg.header.index = index;
+        msg.attributes
+            .push(AddressAttribute::Local(IpAddr::V4(address)));
+        msg.attributes
+            .push(AddressAttribute::Address(IpAddr::V4(address)));
+        self.request(
+            RouteNetlinkMessage::NewAddress(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
+        .map(drop)
+    }
+
+    fn add_default_route(&self, gateway: Ipv4Addr) -> std::io::Result<()> {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = AddressFamily::Inet;
+        msg.header.table = RouteHeader::RT_TABLE_MAIN;
+        msg.header.protocol = RouteProtocol::Boot;
+        msg.header.scope = RouteScope::Universe;
+        msg.header.kind = RouteType::Unicast;
+        msg.attributes
+            .push(RouteAttribute::Gateway(RouteAddress::Inet(gateway)));
+        self.request(
+            RouteNetlinkMessage::NewRoute(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
+        .map(drop)
+    }
+
+    fn delete_link(&self, name: &str) -> std::io::Result<()> {
+        let mut link = LinkMessage::default();
+        link.attributes.push(LinkAttribute::IfName(name.to_owned()));
+        self.request(RouteNetlinkMessage::DelLink(link), 0)
+            .map(drop)
     }
 }

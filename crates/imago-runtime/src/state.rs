@@ -168,6 +168,42 @@ impl InstanceDir {
     pub fn write_state(&self, instance: &Instance) -> Result<(), RuntimeError> {
         write_json_atomic(&self.state(), instance)
     }
+
+    /// Like [`InstanceDir::write_state`] but without waiting for the disk: for the launch path,
+    /// where [`InstanceDir::sync`] follows once the container runs.
+    pub fn write_state_unsynced(&self, instance: &Instance) -> Result<(), RuntimeError> {
+        write_json_unsynced(&self.state(), instance)
+    }
+
+    /// Makes everything the launch wrote unsynced durable: the records, the bundle and the
+    /// directory entries that name them.
+    pub fn sync(&self) -> Result<(), RuntimeError> {
+        let bundle = self.bundle();
+        let parent = self.root.parent().unwrap_or(Path::new("."));
+        for path in [
+            self.spec(),
+            self.state(),
+            bundle.join("config.json"),
+            bundle,
+            self.root.clone(),
+            parent.to_owned(),
+        ] {
+            match fs::File::open(&path) {
+                Ok(f) => f
+                    .sync_all()
+                    .map_err(RuntimeError::io("cannot fsync", &path))?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(RuntimeError::Io {
+                        action: "cannot open",
+                        path,
+                        source: e,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, RuntimeError> {
@@ -179,24 +215,42 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Runti
 }
 
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), RuntimeError> {
+    write_atomic(path, &json_bytes(path, value)?)
+}
+
+/// [`write_json_atomic`] without the fsync: readers still never see a mix, but the content may
+/// not survive a crash until [`InstanceDir::sync`] ran. Only for the launch path, where each
+/// fsync costs a disk round trip (and a wakeup) while the user waits: a crash at that point kills
+/// the instance anyway, and the supervisor syncs right after the container started.
+pub fn write_json_unsynced<T: Serialize>(path: &Path, value: &T) -> Result<(), RuntimeError> {
+    replace_file(path, &json_bytes(path, value)?, false)
+}
+
+fn json_bytes<T: Serialize>(path: &Path, value: &T) -> Result<Vec<u8>, RuntimeError> {
     let mut bytes = serde_json::to_vec_pretty(value).map_err(|source| RuntimeError::Json {
         path: path.to_owned(),
         source,
     })?;
     bytes.push(b'\n');
-    write_atomic(path, &bytes)
+    Ok(bytes)
 }
 
 /// Writes `bytes` to `path` so that readers see either the old or the new content, never a mix.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RuntimeError> {
+    replace_file(path, bytes, true)
+}
+
+fn replace_file(path: &Path, bytes: &[u8], fsync: bool) -> Result<(), RuntimeError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp = tempfile::NamedTempFile::new_in(dir)
         .map_err(RuntimeError::io("cannot create a temporary file in", dir))?;
     tmp.write_all(bytes)
         .map_err(RuntimeError::io("cannot write", tmp.path().to_owned()))?;
-    tmp.as_file()
-        .sync_all()
-        .map_err(RuntimeError::io("cannot fsync", tmp.path().to_owned()))?;
+    if fsync {
+        tmp.as_file()
+            .sync_all()
+            .map_err(RuntimeError::io("cannot fsync", tmp.path().to_owned()))?;
+    }
     tmp.persist(path).map_err(|e| RuntimeError::Io {
         action: "cannot rename into place",
         path: path.to_owned(),

@@ -51,9 +51,16 @@ pub fn supervise(home: &Path, id: &str, handshake: &mut dyn Write) -> i32 {
     };
     match start(&layout, &dir, &mut record) {
         Ok(mut running) => {
+            // Before "ok": from then on the launcher (or anyone) may ask us to stop, and an
+            // unhandled SIGTERM would kill the supervisor and leave the container orphaned.
+            let signals = Signals::register();
             let _ = writeln!(handshake, "ok {}", running.pid);
             let _ = handshake.flush();
-            let code = running.run(&dir, &mut record);
+            // The launch wrote its records unsynced so that nobody waited for the disk; make
+            // them durable now. A failure leaves them in the page cache, readable until a crash,
+            // and there is nobody left to tell.
+            let _ = dir.sync();
+            let code = running.run(&dir, &mut record, &signals);
             running.cleanup();
             // If this write fails there is nobody left to tell: the record keeps saying
             // "running" and is reported as lost once this process has exited.
@@ -186,19 +193,47 @@ fn start(
             )
         }
     };
+    // "Running" must mean the instance's own program runs, not that the engine was asked to
+    // start it: both engines return from start once they have told their init to exec.
+    wait_for_exec(pid);
     record.status = Status::Running;
     record.pid = Some(pid.as_raw());
     let me = std::process::id() as i32;
     record.supervisor_pid = Some(me);
     record.supervisor_start = process_start_time(me);
     record.started_ms = Some(now_ms());
-    dir.write_state(record)?;
+    dir.write_state_unsynced(record)?;
     Ok(Running {
         pid,
         engine,
         log_pipe: log_r,
         cgroups_path: crate::local::cgroups_path(&id),
     })
+}
+
+/// Names the engines give their container init until it execs the instance's program.
+const ENGINE_INIT_NAMES: &[&str] = &["youki:[2:INIT]", "runc:[2:INIT]"];
+/// Longest wait for the exec; it normally follows the engine's start within a millisecond.
+const EXEC_WAIT: Duration = Duration::from_secs(2);
+
+/// Waits until the container's init has exec'd (its command name is no longer the engine's),
+/// has exited (the run loop records how), or [`EXEC_WAIT`] passed.
+fn wait_for_exec(pid: Pid) {
+    let comm = format!("/proc/{pid}/comm");
+    let deadline = Instant::now() + EXEC_WAIT;
+    loop {
+        let name = match fs::read_to_string(&comm) {
+            Ok(name) => name,
+            Err(_) => return,
+        };
+        if !ENGINE_INIT_NAMES.contains(&name.trim_end())
+            || process_start_time(pid.as_raw()).is_none()
+            || Instant::now() > deadline
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_micros(50));
+    }
 }
 
 fn runc(root: &Path, args: &[&str]) -> Result<(), String> {
@@ -278,17 +313,30 @@ fn fd_raw(fd: &OwnedFd) -> std::os::fd::RawFd {
     fd.as_raw_fd()
 }
 
-impl Running {
-    /// Copies output and handles stop requests until the container's init exits; returns the
-    /// supervisor's exit code and leaves the final state in `record`.
-    fn run(&mut self, dir: &InstanceDir, record: &mut Instance) -> i32 {
-        let wake = Arc::new(AtomicBool::new(false));
+/// Signals the supervisor handles by setting flags that its run loop reads.
+struct Signals {
+    /// SIGTERM or SIGINT: stop the container.
+    stop: Arc<AtomicBool>,
+}
+
+impl Signals {
+    fn register() -> Signals {
         let stop = Arc::new(AtomicBool::new(false));
         for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
             let _ = signal_hook::flag::register(sig, Arc::clone(&stop));
         }
         // Only to interrupt poll() promptly when a child exits.
-        let _ = signal_hook::flag::register(signal_hook::consts::SIGCHLD, Arc::clone(&wake));
+        let wake = Arc::new(AtomicBool::new(false));
+        let _ = signal_hook::flag::register(signal_hook::consts::SIGCHLD, wake);
+        Signals { stop }
+    }
+}
+
+impl Running {
+    /// Copies output and handles stop requests until the container's init exits; returns the
+    /// supervisor's exit code and leaves the final state in `record`.
+    fn run(&mut self, dir: &InstanceDir, record: &mut Instance, signals: &Signals) -> i32 {
+        let stop = &signals.stop;
 
         let mut log = LogWriter::open(dir.log(), dir.rotated_log());
         let mut pipe = match self.log_pipe.try_clone() {

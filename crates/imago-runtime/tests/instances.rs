@@ -39,6 +39,7 @@ both_engines!(
     volumes_are_the_only_writable_data_places,
     cpu_limit_is_enforced,
     pids_limit_is_enforced,
+    launch_returns_once_the_program_runs,
 );
 
 fn echo_runs_and_exit_status_is_recorded(engine: Engine) {
@@ -68,6 +69,23 @@ fn httpd_answers_on_the_instance_address(engine: Engine) {
     let body = http_get(&format!("{addr}:80"));
     assert!(body.contains("200 OK"), "{body}");
     assert!(body.contains("hello from imago"), "{body}");
+    h.provider.stop(&inst.id, GRACE).unwrap();
+    h.provider.remove(&inst.id).unwrap();
+}
+
+/// "Running" means the instance's own program was exec'd, not merely that the engine was told
+/// to start it (the launch no longer waits for fsyncs, which used to hide the difference).
+fn launch_returns_once_the_program_runs(engine: Engine) {
+    let h = Harness::new(engine);
+    let mut spec = h.spec(&["sleep", "1000"]);
+    spec.network = NetworkMode::Host;
+    let inst = h.provider.launch(&spec).unwrap();
+    assert_eq!(inst.status, Status::Running);
+    let pid = inst.pid.expect("a running instance has a pid");
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    // The command name after exec is the name of the file exec'd (`/bin/sleep`, a busybox link);
+    // before, it is the engine's (`youki:[2:INIT]`, `runc:[2:INIT]`).
+    assert_eq!(comm.trim_end(), "sleep", "pid {pid} has not exec'd yet");
     h.provider.stop(&inst.id, GRACE).unwrap();
     h.provider.remove(&inst.id).unwrap();
 }
