@@ -287,7 +287,25 @@ impl LocalProvider {
 
     /// The record, with `Lost` substituted when it claims to run but its supervisor is gone.
     fn load(&self, dir: &InstanceDir) -> Result<Instance, RuntimeError> {
-        let mut rec = dir.read_state()?;
+        let mut rec = match dir.read_state() {
+            Ok(rec) => rec,
+            Err(RuntimeError::Json { path, source }) => {
+                // The launch path does not wait for the disk: after a power loss the record may
+                // be empty or torn. Nothing of the instance survived the reboot, so it is lost;
+                // its spec (written before the state) still says what it was, and `rm` cleans up.
+                let spec: InstanceSpec = crate::state::read_json(&dir.spec())?;
+                let id = dir
+                    .root
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let mut rec = Instance::new(id, &spec)?;
+                rec.status = Status::Lost;
+                rec.error = Some(format!("unreadable record {}: {source}", path.display()));
+                return Ok(rec);
+            }
+            Err(e) => return Err(e),
+        };
         // A launcher that died between preparing and starting the supervisor leaves "created".
         if rec.status == Status::Created
             && rec.supervisor_pid.is_none()

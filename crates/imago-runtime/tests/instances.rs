@@ -614,3 +614,25 @@ fn pids_limit_is_enforced(engine: Engine) {
     h.provider.stop(&inst.id, GRACE).unwrap();
     h.provider.remove(&inst.id).unwrap();
 }
+
+#[test]
+fn a_torn_record_after_power_loss_is_lost_not_fatal() {
+    let h = Harness::new(Engine::Embedded);
+    let done = h.run_to_exit(&h.spec(&["true"]));
+    let other = h.run_to_exit(&h.spec(&["true"]));
+    // What a crash can leave of a record renamed into place but never synced.
+    let state = h.home().join("instances").join(&done.id).join("state.json");
+    fs::write(&state, b"").unwrap();
+    let list = h
+        .provider
+        .list()
+        .expect("one torn record must not hide the others");
+    assert_eq!(list.len(), 2);
+    let torn = list.iter().find(|i| i.id == done.id).unwrap();
+    assert_eq!(torn.status, Status::Lost);
+    assert_eq!(torn.image, h.image);
+    assert!(torn.error.as_deref().unwrap().contains("unreadable record"));
+    h.provider.remove(&done.id).unwrap();
+    assert!(!state.exists());
+    h.provider.remove(&other.id).unwrap();
+}
