@@ -561,6 +561,68 @@ mod tests {
     const GOLDEN_GZIP: &str =
         "sha256:eae781cc0c6e90c81452a61a6d85a8403236beed0aee3af03a8186d89d63a3b4";
 
+    /// A layer of several zstd jobs (about 7 MB of tar) and many small files: pins the bytes of
+    /// the threaded pipeline for both compressors, so a change in how the stream is cut, hashed or
+    /// handed between threads cannot change a digest unnoticed.
+    fn large_sample(compression: Compression) -> (LayerDigests, Vec<u8>) {
+        let mut w = LayerWriter::new(Vec::new(), compression, 1_700_000_000).unwrap();
+        w.add_dir(b"data", meta(0o755)).unwrap();
+        for i in 0..300u32 {
+            let content: Vec<u8> = (0..(i * 37 % 5000))
+                .map(|j| (j * i % 13) as u8 + b'a')
+                .collect();
+            let name = format!("data/f{i:04}");
+            w.add_file(
+                name.as_bytes(),
+                meta(0o644),
+                content.len() as u64,
+                &content[..],
+            )
+            .unwrap();
+        }
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let big: Vec<u8> = (0..6_500_000u32)
+            .map(|i| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                if i % 3 == 0 {
+                    (state % 251) as u8
+                } else {
+                    (i / 1000 % 256) as u8
+                }
+            })
+            .collect();
+        w.add_file(b"data/zz-big", meta(0o600), big.len() as u64, &big[..])
+            .unwrap();
+        w.finish().unwrap()
+    }
+
+    #[test]
+    fn large_layer_digests_are_pinned() {
+        let (tar_digests, tar) = large_sample(Compression::None);
+        assert_eq!(tar_digests.diff_id, Digest::of(&tar));
+        for (c, golden) in [
+            (Compression::Gzip, GOLDEN_LARGE_GZIP),
+            (Compression::Zstd, GOLDEN_LARGE_ZSTD),
+        ] {
+            let (digests, blob) = large_sample(c);
+            assert_eq!(digests, tar_digests, "{c:?}");
+            let mut plain = crate::compression::Compressor::new(c, Vec::new()).unwrap();
+            plain.write_all(&tar).unwrap();
+            assert_eq!(plain.finish().unwrap(), blob, "{c:?}");
+            assert_eq!(Digest::of(&blob).to_string(), golden, "{c:?}");
+        }
+        assert_eq!(tar_digests.diff_id.to_string(), GOLDEN_LARGE_TAR);
+    }
+
+    const GOLDEN_LARGE_TAR: &str =
+        "sha256:c13dfcce0ce86e07cb775d156fc8bbff021ae59c01f9af8c165cdc0aecfd5015";
+    const GOLDEN_LARGE_GZIP: &str =
+        "sha256:085dda7af38efe7a819493b4649b0d2a1072d41fbbc757ea171aed2ab8557284";
+    const GOLDEN_LARGE_ZSTD: &str =
+        "sha256:0786809bdef1b14f0f139ec15d3257647c7f0850ab05757afcf092bd4567831d";
+
     /// The compressed bytes depend only on the data, never on how it was cut into writes.
     #[test]
     fn compressed_bytes_do_not_depend_on_write_sizes() {
