@@ -1,7 +1,7 @@
 //! Building one image: layers (from the cache or written now), then config and manifest.
 
 use std::fs::File;
-use std::io::{self, BufReader, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use imago_layer::Compression;
@@ -432,14 +432,15 @@ fn build_layer(
             }
             EntryKind::File { source, stamp } => {
                 let f = File::open(source).map_err(|e| io_error(source, e))?;
-                let mut reader = ContentReader {
-                    inner: BufReader::with_capacity(256 * 1024, f),
-                    hasher: blake3::Hasher::new(),
-                };
+                // One read per file: the writer reads it straight into its stream and shows
+                // each piece to the content hasher on the way.
+                let mut hasher = blake3::Hasher::new();
                 writer
-                    .add_file(path, entry.meta, stamp.size, &mut reader)
+                    .add_file_inspecting(path, entry.meta, stamp.size, f, |piece| {
+                        hasher.update(piece);
+                    })
                     .map_err(LayerFailure::Writer)?;
-                let d = ContentHash::from_hasher(&reader.hasher);
+                let d = ContentHash::from_hasher(&hasher);
                 // Record the fingerprint only if the file did not change while it was read.
                 if let Ok(after) = std::fs::symlink_metadata(source)
                     && crate::plan::Stamp::of(&after) == *stamp
@@ -517,26 +518,9 @@ fn layer_key(
 
 fn hash_file(path: &Path) -> Result<ContentHash, BuildError> {
     let f = File::open(path).map_err(|e| io_error(path, e))?;
-    let mut reader = ContentReader {
-        inner: BufReader::with_capacity(256 * 1024, f),
-        hasher: blake3::Hasher::new(),
-    };
-    io::copy(&mut reader, &mut io::sink()).map_err(|e| io_error(path, e))?;
-    Ok(ContentHash::from_hasher(&reader.hasher))
-}
-
-/// Hashes a file's content for the cache as the layer writer reads it: one read per file.
-struct ContentReader<R> {
-    inner: R,
-    hasher: blake3::Hasher,
-}
-
-impl<R: io::Read> io::Read for ContentReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_reader(f).map_err(|e| io_error(path, e))?;
+    Ok(ContentHash::from_hasher(&hasher))
 }
 
 fn io_error(path: &Path, source: io::Error) -> BuildError {
