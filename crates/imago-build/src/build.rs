@@ -456,18 +456,21 @@ fn build_layer(
                 done += content.len() as u64;
             }
             EntryKind::File { source, stamp } => {
-                let f = File::open(source).map_err(|e| io_error(source, e))?;
+                let mut f = File::open(source).map_err(|e| io_error(source, e))?;
                 // One read per file: the writer reads it straight into its stream and shows
                 // each piece to the content hasher on the way.
                 let mut hasher = blake3::Hasher::new();
                 writer
-                    .add_file_inspecting(path, entry.meta, stamp.size, f, |piece| {
+                    .add_file_inspecting(path, entry.meta, stamp.size, &mut f, |piece| {
                         hasher.update(piece);
                     })
                     .map_err(LayerFailure::Writer)?;
                 let d = ContentHash::from_hasher(&hasher);
-                // Record the fingerprint only if the file did not change while it was read.
-                if let Ok(after) = std::fs::symlink_metadata(source)
+                // Record the fingerprint only if what was read is the planned file, unchanged:
+                // the open file's stat after the read (no path lookup) must still be the
+                // walk's. A file renamed over the path later has another inode, so its
+                // fingerprint can never match this record.
+                if let Ok(after) = f.metadata()
                     && crate::plan::Stamp::of(&after) == *stamp
                 {
                     cache.record_file(source, *stamp, d.clone());
