@@ -6,6 +6,8 @@
 #   - no-op rebuild (nothing changed);
 #   - peak memory (max RSS) of the cold and no-op builds.
 # Usage: benches/build.sh [RUNS]   (needs: cargo, tar, gzip, zstd, umoci, GNU time)
+#        ONLY=zst benches/build.sh [RUNS]: only the zstd build and `tar | zstd`, alternating, for
+#        a tighter side-by-side comparison (the full run puts a gzip build and umoci between them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-5}
@@ -28,15 +30,19 @@ time_cmd() {
 }
 
 rm -f "$work"/r.*
+only=${ONLY:-}
 for i in $(seq "$runs"); do
   for c in gz zst; do
+    [ -z "$only" ] || [ "$c" = "$only" ] || continue
     rm -rf "$work/home"
     time_cmd "r.imago-$c-cold" "$imago" --home "$work/home" -q build -f "$ctx/imago.toml" "$c"
     time_cmd "r.imago-$c-noop" "$imago" --home "$work/home" -q build -f "$ctx/imago.toml" "$c"
   done
-  time_cmd r.tar-gzip sh -c "tar --sort=name -cf - -C '$ctx' tree | gzip -1 > '$work/out.tgz'"
+  if [ -z "$only" ]; then
+    time_cmd r.tar-gzip sh -c "tar --sort=name -cf - -C '$ctx' tree | gzip -1 > '$work/out.tgz'"
+  fi
   time_cmd r.tar-zstd sh -c "tar --sort=name -cf - -C '$ctx' tree | zstd -q -1 -T0 > '$work/out.zst'"
-  if command -v umoci >/dev/null; then
+  if [ -z "$only" ] && command -v umoci >/dev/null; then
     # umoci repack of the same tree: an empty image, unpacked, the tree added, repacked.
     rm -rf "$work/oci" "$work/bundle"
     umoci init --layout "$work/oci" >/dev/null

@@ -1,7 +1,7 @@
 //! Building one image: layers (from the cache or written now), then config and manifest.
 
 use std::fs::File;
-use std::io::{self, BufReader, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use imago_layer::Compression;
@@ -366,6 +366,20 @@ fn build_layer(
 ) -> Result<(LayerRecord, bool), LayerFailure> {
     let entries = plan.sorted();
     let mtime = options.source_date_epoch;
+    // With every file's fingerprint trusted, the fingerprints stand for the content: a layer
+    // built from them before is found without hashing or loading any per-file record.
+    let stamp_key = (cache.enabled()
+        && entries.iter().all(|(_, e)| match &e.kind {
+            EntryKind::File { stamp, .. } => cache.trusted(stamp),
+            _ => true,
+        }))
+    .then(|| layer_key(&entries, FileIds::Stamps, compression, mtime));
+    if let Some(key) = &stamp_key
+        && let Some(record) = cache.layer(key)
+        && store.has_blob(&record.blob_digest)
+    {
+        return Ok((record, true));
+    }
     if cache.enabled() {
         // Content digests from fingerprints; stale ones are re-hashed (cheap next to compressing).
         // If some file was never seen the layer is new: build it straight away and read each
@@ -391,10 +405,13 @@ fn build_layer(
             }
         }
         if !unknown {
-            let key = layer_key(&entries, &digests, compression, mtime);
+            let key = layer_key(&entries, FileIds::Content(&digests), compression, mtime);
             if let Some(record) = cache.layer(&key)
                 && store.has_blob(&record.blob_digest)
             {
+                if let Some(stamp_key) = &stamp_key {
+                    cache.record_layer(stamp_key, &record);
+                }
                 return Ok((record, true));
             }
         }
@@ -407,6 +424,8 @@ fn build_layer(
     };
     let mut writer = LayerWriter::new(sink, compression, mtime).map_err(LayerFailure::Writer)?;
     let mut digests = Vec::with_capacity(entries.len());
+    // Whether every file still had its planned fingerprint after it was read.
+    let mut unchanged = true;
     let mut done: u64 = 0;
     for (key, entry) in &entries {
         let path = key.strip_suffix(b"/").unwrap_or(key);
@@ -423,6 +442,12 @@ fn build_layer(
                     .map_err(LayerFailure::Writer)?;
                 digests.push(None);
             }
+            EntryKind::Hardlink { target } => {
+                writer
+                    .add_hardlink(path, target, entry.meta)
+                    .map_err(LayerFailure::Writer)?;
+                digests.push(None);
+            }
             EntryKind::Inline(content) => {
                 writer
                     .add_file(path, entry.meta, content.len() as u64, &content[..])
@@ -431,20 +456,26 @@ fn build_layer(
                 done += content.len() as u64;
             }
             EntryKind::File { source, stamp } => {
-                let f = File::open(source).map_err(|e| io_error(source, e))?;
-                let mut reader = ContentReader {
-                    inner: BufReader::with_capacity(256 * 1024, f),
-                    hasher: blake3::Hasher::new(),
-                };
+                let mut f = File::open(source).map_err(|e| io_error(source, e))?;
+                // One read per file: the writer reads it straight into its stream and shows
+                // each piece to the content hasher on the way.
+                let mut hasher = blake3::Hasher::new();
                 writer
-                    .add_file(path, entry.meta, stamp.size, &mut reader)
+                    .add_file_inspecting(path, entry.meta, stamp.size, &mut f, |piece| {
+                        hasher.update(piece);
+                    })
                     .map_err(LayerFailure::Writer)?;
-                let d = ContentHash::from_hasher(&reader.hasher);
-                // Record the fingerprint only if the file did not change while it was read.
-                if let Ok(after) = std::fs::symlink_metadata(source)
+                let d = ContentHash::from_hasher(&hasher);
+                // Record the fingerprint only if what was read is the planned file, unchanged:
+                // the open file's stat after the read (no path lookup) must still be the
+                // walk's. A file renamed over the path later has another inode, so its
+                // fingerprint can never match this record.
+                if let Ok(after) = f.metadata()
                     && crate::plan::Stamp::of(&after) == *stamp
                 {
                     cache.record_file(source, *stamp, d.clone());
+                } else {
+                    unchanged = false;
                 }
                 digests.push(Some(d));
                 done += stamp.size;
@@ -468,25 +499,42 @@ fn build_layer(
         media_type: compression.layer_media_type().to_owned(),
     };
     if !options.check {
-        let key = layer_key(&entries, &digests, compression, mtime);
+        let key = layer_key(&entries, FileIds::Content(&digests), compression, mtime);
         cache.record_layer(&key, &record);
+        if let Some(stamp_key) = &stamp_key
+            && unchanged
+        {
+            cache.record_layer(stamp_key, &record);
+        }
     }
     Ok((record, false))
 }
 
-/// Everything that determines a layer's bytes, hashed. Files enter by content digest.
+/// What stands for each file's content in a layer key.
+enum FileIds<'a> {
+    /// Content digests, one per entry (`None` for entries that are not context files).
+    Content(&'a [Option<ContentHash>]),
+    /// The fingerprints taken by the walk; only meaningful when every one is trusted.
+    Stamps,
+}
+
+/// Everything that determines a layer's bytes, hashed. Files enter by content digest or, in
+/// the second kind of key, by trusted fingerprint (with their source path).
 fn layer_key(
     entries: &[(Vec<u8>, &crate::plan::Entry)],
-    digests: &[Option<ContentHash>],
+    files: FileIds<'_>,
     compression: Compression,
     mtime: u64,
 ) -> Digest {
     let mut h = imago_oci::Sha256::new();
-    h.update(b"imago-layer-key-v1\0");
+    h.update(match files {
+        FileIds::Content(_) => &b"imago-layer-key-v1\0"[..],
+        FileIds::Stamps => &b"imago-layer-stamp-key-v1\0"[..],
+    });
     h.update(compression.implementation().as_bytes());
     h.update(b"\0");
     h.update(mtime.to_le_bytes());
-    for ((path, entry), digest) in entries.iter().zip(digests) {
+    for (i, (path, entry)) in entries.iter().enumerate() {
         h.update(path);
         h.update(b"\0");
         h.update(entry.meta.mode.to_le_bytes());
@@ -499,15 +547,34 @@ fn layer_key(
                 h.update((t.len() as u64).to_le_bytes());
                 h.update(t);
             }
+            EntryKind::Hardlink { target } => {
+                h.update(b"h");
+                h.update((target.len() as u64).to_le_bytes());
+                h.update(target);
+            }
             EntryKind::Inline(c) => {
                 h.update(b"f");
                 h.update(ContentHash::of(c).0.as_bytes());
             }
-            EntryKind::File { stamp, .. } => {
+            EntryKind::File { source, stamp } => {
                 h.update(b"f");
                 h.update(stamp.size.to_le_bytes());
-                if let Some(d) = digest {
-                    h.update(d.0.as_bytes());
+                match files {
+                    FileIds::Content(digests) => {
+                        if let Some(Some(d)) = digests.get(i) {
+                            h.update(d.0.as_bytes());
+                        }
+                    }
+                    FileIds::Stamps => {
+                        let source = source.as_os_str().as_encoded_bytes();
+                        h.update((source.len() as u64).to_le_bytes());
+                        h.update(source);
+                        for n in [stamp.dev, stamp.ino, u64::from(stamp.mode)] {
+                            h.update(n.to_le_bytes());
+                        }
+                        h.update(stamp.mtime_ns.to_le_bytes());
+                        h.update(stamp.ctime_ns.to_le_bytes());
+                    }
                 }
             }
         }
@@ -517,26 +584,9 @@ fn layer_key(
 
 fn hash_file(path: &Path) -> Result<ContentHash, BuildError> {
     let f = File::open(path).map_err(|e| io_error(path, e))?;
-    let mut reader = ContentReader {
-        inner: BufReader::with_capacity(256 * 1024, f),
-        hasher: blake3::Hasher::new(),
-    };
-    io::copy(&mut reader, &mut io::sink()).map_err(|e| io_error(path, e))?;
-    Ok(ContentHash::from_hasher(&reader.hasher))
-}
-
-/// Hashes a file's content for the cache as the layer writer reads it: one read per file.
-struct ContentReader<R> {
-    inner: R,
-    hasher: blake3::Hasher,
-}
-
-impl<R: io::Read> io::Read for ContentReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_reader(f).map_err(|e| io_error(path, e))?;
+    Ok(ContentHash::from_hasher(&hasher))
 }
 
 fn io_error(path: &Path, source: io::Error) -> BuildError {

@@ -4,7 +4,7 @@
 //! `read_dir` order), filtered by `.imagoignore` and the copy's excludes, with each file's stat
 //! kept as its cache fingerprint. Nothing here reads file contents.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::fs;
 use std::ops::Range;
@@ -58,6 +58,11 @@ pub enum EntryKind {
     },
     Inline(Vec<u8>),
     Symlink(Vec<u8>),
+    /// A file of the context that is a hard link of a file planned at `target` (a path in the
+    /// layer that sorts before this one).
+    Hardlink {
+        target: Vec<u8>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -195,7 +200,36 @@ pub fn plan_layer(
         insert(&mut plan, path, target, meta, link.path.span())?;
     }
     add_parents(file, &mut plan)?;
+    link_hard_links(&mut plan);
     Ok(plan)
+}
+
+/// Files of the context that are hard links of each other (same device and inode, reached
+/// through different source paths) are stored once: the first in layer order as a regular file,
+/// each later one as a hard-link entry pointing at it. Which one is first depends only on the
+/// paths in the image, never on the order the links were made or walked. Only links whose
+/// entries have the same mode and owner are joined (one inode has one of each), and a source
+/// copied twice stays two files: the definition asked for two copies.
+fn link_hard_links(plan: &mut LayerPlan) {
+    // Among files the layer order is the byte order of the path (only directories get a `/`).
+    let mut first: HashMap<(u64, u64, Meta), (Vec<u8>, PathBuf)> = HashMap::new();
+    for (path, entry) in plan.entries.iter_mut() {
+        let EntryKind::File { source, stamp } = &entry.kind else {
+            continue;
+        };
+        let key = (stamp.dev, stamp.ino, entry.meta);
+        match first.get(&key) {
+            Some((target, target_source)) if target_source != source => {
+                entry.kind = EntryKind::Hardlink {
+                    target: target.clone(),
+                };
+            }
+            Some(_) => {}
+            None => {
+                first.insert(key, (path.clone(), source.clone()));
+            }
+        }
+    }
 }
 
 /// Later items replace earlier ones at the same path, like a later layer would.
@@ -429,16 +463,19 @@ impl Walker<'_> {
             path: path.to_owned(),
             source,
         };
-        let mut children: Vec<(Vec<u8>, PathBuf)> = fs::read_dir(dir)
+        let mut children: Vec<(Vec<u8>, fs::DirEntry)> = fs::read_dir(dir)
             .map_err(|e| io_err(dir, e))?
-            .map(|item| item.map(|i| (i.file_name().as_bytes().to_vec(), i.path())))
+            .map(|item| item.map(|i| (i.file_name().as_bytes().to_vec(), i)))
             .collect::<Result<_, _>>()
             .map_err(|e| io_err(dir, e))?;
         // Byte-wise: the order must not depend on the file system or the locale.
-        children.sort();
-        for (name, path) in children {
+        children.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, item) in children {
+            let path = item.path();
             let child_rel = join(rel, &name);
-            let metadata = fs::symlink_metadata(&path).map_err(|e| io_err(&path, e))?;
+            // Relative to the open directory (fstatat, never following a symlink): a no-op
+            // rebuild stats every file, and a full-path lookup walks every component again.
+            let metadata = item.metadata().map_err(|e| io_err(&path, e))?;
             let is_dir = metadata.is_dir();
             if self.check_ignore && self.context.ignored(&path, is_dir) {
                 continue;

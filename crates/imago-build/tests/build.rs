@@ -408,30 +408,13 @@ fn skopeo_and_umoci_read_the_image() {
         .args(["inspect", &format!("oci:{}:app:latest", store.display())])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let inspect: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(inspect["Digest"], built.digest.to_string());
     assert_eq!(inspect["Layers"].as_array().unwrap().len(), 2);
 
     let bundle = h._tmp.path().join("bundle");
-    let out = Command::new("umoci")
-        .args([
-            "unpack",
-            "--image",
-            &format!("{}:app:latest", store.display()),
-        ])
-        .arg(&bundle)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    umoci_unpack(&store, "app", &bundle);
     let rootfs = bundle.join("rootfs");
     let mut found = Vec::new();
     walk(&rootfs, &rootfs, &mut found);
@@ -477,6 +460,28 @@ fn skopeo_and_umoci_read_the_image() {
     );
 }
 
+fn assert_success(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `umoci unpack` of `NAME:latest` from the store at `store` into `bundle`.
+fn umoci_unpack(store: &Path, name: &str, bundle: &Path) {
+    let out = Command::new("umoci")
+        .args([
+            "unpack",
+            "--image",
+            &format!("{}:{name}:latest", store.display()),
+        ])
+        .arg(bundle)
+        .output()
+        .unwrap();
+    assert_success(&out);
+}
+
 fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, u32, u32, u32)>) {
     use std::os::unix::fs::MetadataExt;
     let mut entries: Vec<_> = fs::read_dir(dir)
@@ -520,20 +525,7 @@ fn example_web_builds_and_serves_its_page() {
 
     let bundle = h._tmp.path().join("bundle");
     let store = h.home.join("store");
-    let out = Command::new("umoci")
-        .args([
-            "unpack",
-            "--image",
-            &format!("{}:web:latest", store.display()),
-        ])
-        .arg(&bundle)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    umoci_unpack(&store, "web", &bundle);
     let rootfs = bundle.join("rootfs");
     let port = 20_000 + (std::process::id() % 10_000) as u16;
     let mut server = Command::new("chroot")
@@ -691,4 +683,207 @@ fn builds_on_archive_bases() {
         &[],
         "imago.toml:2:8: base archive CTX/missing.tar does not exist",
     );
+}
+
+/// A no-op rebuild of files whose fingerprints are old enough to trust finds its layers by
+/// fingerprint: it needs neither the per-file records nor any hashing.
+#[test]
+fn noop_rebuild_of_settled_files_needs_no_file_records() {
+    let h = Harness::new();
+    let dir = h._tmp.path().join("ctx");
+    make_context(&dir, false, 0o644, 0o755);
+    // A fingerprint is trusted once the file's last change (its ctime, which no call can set
+    // back) is older than the racy window.
+    std::thread::sleep(std::time::Duration::from_nanos(
+        imago_build::cache::RACY_WINDOW_NS as u64 + 100_000_000,
+    ));
+    let first = h.build(&dir, "app");
+    assert!(first.layers.iter().all(|l| !l.cached));
+    fs::remove_file(h.home.join("build-cache/files.json")).unwrap();
+    let second = h.build(&dir, "app");
+    assert_eq!(second.digest, first.digest);
+    assert!(
+        second.layers.iter().all(|l| l.cached),
+        "{:?}",
+        second.layers
+    );
+
+    // A change moves the file's ctime, so its fingerprint no longer matches: rebuilt.
+    fs::write(dir.join("bin/tool"), "#!/bin/sh\necho TOOL\n").unwrap();
+    let third = h.build(&dir, "app");
+    assert_ne!(third.digest, first.digest);
+    assert!(!third.layers[0].cached);
+    assert!(third.layers[1].cached);
+}
+
+const HARDLINK_DEFINITION: &str = r#"
+[image.links]
+[[image.links.layer]]
+copy = [{ src = "tree", dest = "/data/" }]
+"#;
+
+/// A context with `tree/a/data` and `tree/b/link` as one file under two names, the link made
+/// from `first` to the other (or two separate copies of the same content).
+fn hardlink_context(dir: &Path, first: &str, linked: bool) {
+    fs::create_dir_all(dir.join("tree/a")).unwrap();
+    fs::create_dir_all(dir.join("tree/b")).unwrap();
+    fs::write(dir.join("imago.toml"), HARDLINK_DEFINITION).unwrap();
+    let other = if first == "a/data" {
+        "b/link"
+    } else {
+        "a/data"
+    };
+    let content = "shared content\n".repeat(1000);
+    fs::write(dir.join("tree").join(first), &content).unwrap();
+    if linked {
+        fs::hard_link(dir.join("tree").join(first), dir.join("tree").join(other)).unwrap();
+    } else {
+        fs::write(dir.join("tree").join(other), &content).unwrap();
+    }
+    for p in ["tree/a/data", "tree/b/link"] {
+        fs::set_permissions(dir.join(p), fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    for d in ["tree", "tree/a", "tree/b"] {
+        fs::set_permissions(dir.join(d), fs::Permissions::from_mode(0o755)).unwrap();
+    }
+}
+
+/// The entries of an image's only layer: (path, type, link name).
+fn layer_entries(store: &Store, image: &BuiltImage) -> Vec<(String, tar::EntryType, String)> {
+    use std::io::Read;
+    let layer = &image.layers[0];
+    let blob = store.read_blob(&layer.digest, Some(layer.size)).unwrap();
+    let compression = imago_layer::Compression::from_media_type(&layer.media_type).unwrap();
+    let mut tar_bytes = Vec::new();
+    imago_layer::compression::decompress(compression, &blob[..])
+        .unwrap()
+        .read_to_end(&mut tar_bytes)
+        .unwrap();
+    let mut archive = tar::Archive::new(&tar_bytes[..]);
+    archive
+        .entries()
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let link = e
+                .link_name_bytes()
+                .map(|l| String::from_utf8_lossy(&l).into_owned())
+                .unwrap_or_default();
+            let path = String::from_utf8_lossy(&e.path_bytes()).into_owned();
+            (path, e.header().entry_type(), link)
+        })
+        .collect()
+}
+
+/// Hard links of the context are stored once: the first path in layer order as the file, the
+/// other as a hard-link entry to it, whichever of the two was made first.
+#[test]
+fn hard_links_are_stored_once_whatever_the_order_they_were_made() {
+    let h = Harness::new();
+    let one = h._tmp.path().join("one");
+    let other = h._tmp.path().join("other");
+    let copies = h._tmp.path().join("copies");
+    hardlink_context(&one, "a/data", true);
+    hardlink_context(&other, "b/link", true);
+    hardlink_context(&copies, "a/data", false);
+    let a = h.build(&one, "links");
+    let b = h.build(&other, "links");
+    let c = h.build(&copies, "links");
+    assert_eq!(
+        a.digest, b.digest,
+        "the order the link was made must not matter"
+    );
+    assert_ne!(a.digest, c.digest);
+    assert!(a.layers[0].size < c.layers[0].size);
+
+    let entries = layer_entries(&h.store(), &a);
+    let files: Vec<_> = entries
+        .iter()
+        .filter(|(_, t, _)| *t != tar::EntryType::Directory)
+        .cloned()
+        .collect();
+    assert_eq!(
+        files,
+        vec![
+            (
+                "data/a/data".to_string(),
+                tar::EntryType::Regular,
+                String::new()
+            ),
+            (
+                "data/b/link".to_string(),
+                tar::EntryType::Link,
+                "data/a/data".to_string()
+            ),
+        ]
+    );
+    // Two copies of the same content stay two files.
+    assert!(
+        layer_entries(&h.store(), &c)
+            .iter()
+            .all(|(_, t, _)| *t != tar::EntryType::Link)
+    );
+}
+
+/// A source copied twice is two files in the image, not one inode, even though both entries
+/// come from the same inode of the context.
+#[test]
+fn a_file_copied_twice_is_not_a_hard_link() {
+    let h = Harness::new();
+    let dir = h._tmp.path().join("ctx");
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("f"), "x\n").unwrap();
+    fs::write(
+        dir.join("imago.toml"),
+        r#"
+[image.twice]
+[[image.twice.layer]]
+copy = [{ src = "f", dest = "/one" }, { src = "f", dest = "/two" }]
+"#,
+    )
+    .unwrap();
+    let built = h.build(&dir, "twice");
+    let entries = layer_entries(&h.store(), &built);
+    assert_eq!(entries.len(), 2);
+    assert!(
+        entries
+            .iter()
+            .all(|(_, t, _)| *t == tar::EntryType::Regular)
+    );
+}
+
+/// imago's own unpacker and umoci both give the two paths one inode.
+#[test]
+fn unpacked_hard_links_share_an_inode() {
+    use std::os::unix::fs::MetadataExt;
+    let h = Harness::new();
+    let dir = h._tmp.path().join("ctx");
+    hardlink_context(&dir, "b/link", true);
+    let built = h.build(&dir, "links");
+    let store = h.store();
+
+    let target = h._tmp.path().join("imago-unpack");
+    fs::create_dir(&target).unwrap();
+    let image = store.load_image(&built.digest).unwrap();
+    store.unpack(&image, &target, true).unwrap();
+    let a = fs::metadata(target.join("data/a/data")).unwrap();
+    let b = fs::metadata(target.join("data/b/link")).unwrap();
+    assert_eq!((a.dev(), a.ino()), (b.dev(), b.ino()));
+    assert_eq!(a.nlink(), 2);
+    assert_eq!(
+        fs::read_to_string(target.join("data/b/link")).unwrap(),
+        "shared content\n".repeat(1000)
+    );
+
+    if !have("umoci") {
+        eprintln!("SKIPPED: umoci not installed");
+        assert!(std::env::var_os("CI").is_none(), "CI must have umoci");
+        return;
+    }
+    let bundle = h._tmp.path().join("bundle");
+    umoci_unpack(&h.home.join("store"), "links", &bundle);
+    let a = fs::metadata(bundle.join("rootfs/data/a/data")).unwrap();
+    let b = fs::metadata(bundle.join("rootfs/data/b/link")).unwrap();
+    assert_eq!((a.dev(), a.ino()), (b.dev(), b.ino()));
+    assert_eq!(a.len(), b.len());
 }

@@ -9,11 +9,12 @@
 //! parents before children; the writer checks that instead of sorting, so it never has to hold
 //! the whole tree in memory.
 //!
-//! One pass: tar bytes -> diff_id hasher -> compressor -> sink. Compression (and, for zstd, the
-//! diff_id hash) runs on a worker thread (see [`pipe`]) so that reading files and framing the tar
-//! overlap with it. The blob digest is the sink's business: a store's blob writer hashes what it
-//! is given anyway, and hashing the same bytes twice costs about 5% of a zstd build. Wrap the sink
-//! in an `imago_oci::HashingWriter` when nothing else hashes it.
+//! One pass, four threads joined by bounded channels of large chunks (see [`pipeline`]):
+//! the caller frames the tar and reads file content straight into a chunk; a second thread
+//! hashes the tar (the diff_id); a third compresses it (zstd adds its own workers); a fourth
+//! hands the compressed bytes to the sink. The blob digest is the sink's business: a store's
+//! blob writer hashes what it is given anyway. Wrap the sink in an `imago_oci::HashingWriter`
+//! when nothing else hashes it.
 
 use std::ffi::OsStr;
 use std::io::{self, Read, Write};
@@ -22,7 +23,7 @@ use std::path::Path;
 
 use imago_oci::Digest;
 
-use crate::compression::{Compression, Compressor};
+use crate::compression::Compression;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriterError {
@@ -67,47 +68,12 @@ pub struct LayerDigests {
     pub tar_size: u64,
 }
 
-/// tar -> (worker thread:) diff_id hasher -> compressor -> sink.
-type Inner<W> = DiffHash<pipe::Pipe<DiffHash<Compressor<W>>>>;
-
-/// Hashes the tar (the diff_id) on whichever side of the thread boundary has room: exactly one
-/// of the two `DiffHash` layers in a chain hashes, the other passes bytes through.
-struct DiffHash<W> {
-    inner: W,
-    hasher: Option<imago_oci::Sha256>,
-    count: u64,
-}
-
-impl<W> DiffHash<W> {
-    fn new(inner: W, hashing: bool) -> Self {
-        use sha2::Digest as _;
-        DiffHash {
-            inner,
-            hasher: hashing.then(imago_oci::Sha256::new),
-            count: 0,
-        }
-    }
-}
-
-impl<W: Write> Write for DiffHash<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        use sha2::Digest as _;
-        let n = self.inner.write(buf)?;
-        if let Some(h) = &mut self.hasher {
-            h.update(&buf[..n]);
-        }
-        self.count += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
 /// Streams a reproducible layer into `W`.
 pub struct LayerWriter<W: Write + Send + 'static> {
-    tar: tar::Builder<Inner<W>>,
+    // Declared before `stages`, so that on an early drop the stream is closed before the stages
+    // are joined.
+    tar: tar::Builder<pipeline::ChunkWriter>,
+    stages: pipeline::Stages<W>,
     mtime: u64,
     previous: Option<Vec<u8>>,
 }
@@ -115,22 +81,15 @@ pub struct LayerWriter<W: Write + Send + 'static> {
 impl<W: Write + Send + 'static> LayerWriter<W> {
     /// `mtime` is the one timestamp every entry gets (SOURCE_DATE_EPOCH or 0, whole seconds).
     pub fn new(sink: W, compression: Compression, mtime: u64) -> Result<Self, WriterError> {
-        let compressor = Compressor::new(compression, sink).map_err(WriterError::Compressor)?;
-        // Hashing the tar and compressing it run on a second thread, so that they overlap with
-        // reading files and framing the tar here. Without compression there is too little work
-        // to share.
-        let threaded = compression != Compression::None;
-        // gzip is one deflate stream on the worker thread, the slowest stage: hash the tar here.
-        // zstd compresses on its own workers, which leaves the feeding thread the room.
-        let hash_in_worker = compression == Compression::Zstd;
-        let worker_side = DiffHash::new(compressor, hash_in_worker);
-        let pipe = pipe::Pipe::new(worker_side, threaded).map_err(WriterError::Compressor)?;
-        let mut tar = tar::Builder::new(DiffHash::new(pipe, !hash_in_worker));
+        let (input, stages) =
+            pipeline::start(sink, compression).map_err(WriterError::Compressor)?;
+        let mut tar = tar::Builder::new(input);
         // Only matters for append_path*, which this writer never calls; set anyway so that no
         // future edit can pick up host metadata by accident.
         tar.mode(tar::HeaderMode::Deterministic);
         Ok(LayerWriter {
             tar,
+            stages,
             mtime,
             previous: None,
         })
@@ -138,7 +97,7 @@ impl<W: Write + Send + 'static> LayerWriter<W> {
 
     /// Uncompressed tar bytes written so far (for progress reporting).
     pub fn tar_bytes(&self) -> u64 {
-        self.tar.get_ref().count
+        self.tar.get_ref().count()
     }
 
     /// Adds a directory. `path` is relative to the image root, without a leading `/`; a trailing
@@ -146,9 +105,10 @@ impl<W: Write + Send + 'static> LayerWriter<W> {
     pub fn add_dir(&mut self, path: &[u8], meta: Meta) -> Result<(), WriterError> {
         let name = self.check_order(path, true)?;
         let mut header = self.header(tar::EntryType::Directory, meta, 0);
-        self.tar
-            .append_data(&mut header, as_path(&name), io::empty())
-            .map_err(|source| entry_error(&name, source))
+        let result = self
+            .tar
+            .append_data(&mut header, as_path(&name), io::empty());
+        result.map_err(|source| self.entry_error(&name, source))
     }
 
     /// Adds a regular file of exactly `size` bytes read from `content`. A source that ends early
@@ -160,25 +120,46 @@ impl<W: Write + Send + 'static> LayerWriter<W> {
         size: u64,
         content: R,
     ) -> Result<(), WriterError> {
+        self.add_file_inspecting(path, meta, size, content, |_| {})
+    }
+
+    /// Like [`LayerWriter::add_file`], and shows every piece of the content to `inspect` as it
+    /// goes into the layer, so that a caller can hash it without reading the file twice.
+    pub fn add_file_inspecting<R: Read>(
+        &mut self,
+        path: &[u8],
+        meta: Meta,
+        size: u64,
+        mut content: R,
+        mut inspect: impl FnMut(&[u8]),
+    ) -> Result<(), WriterError> {
         let name = self.check_order(path, false)?;
         let mut header = self.header(tar::EntryType::Regular, meta, size);
-        let mut reader = ExactReader {
-            inner: content.take(size),
-            count: 0,
-            expected: size,
-            short: false,
-        };
-        let result = self
+        // The header (and any long-name record) through the tar crate, with no data: its
+        // `append` pads only what it copied. The content is then read straight into the
+        // pipeline's chunks, without an intermediate buffer, and padded here.
+        let written = self
             .tar
-            .append_data(&mut header, as_path(&name), &mut reader);
-        if reader.short {
+            .append_data(&mut header, as_path(&name), io::empty())
+            .and_then(|()| {
+                self.tar
+                    .get_mut()
+                    .fill_from(&mut content, size, &mut inspect)
+            });
+        let found = written.map_err(|source| self.entry_error(&name, source))?;
+        if found < size {
             return Err(WriterError::ShortRead {
                 path: lossy(&name),
                 expected: size,
-                found: reader.count,
+                found,
             });
         }
-        result.map_err(|source| entry_error(&name, source))
+        let padding = (BLOCK - size % BLOCK) % BLOCK;
+        let result = self
+            .tar
+            .get_mut()
+            .write_all(&[0; BLOCK as usize][..padding as usize]);
+        result.map_err(|source| self.entry_error(&name, source))
     }
 
     /// Adds a symbolic link (mode 0777, as every Linux symlink has).
@@ -196,12 +177,14 @@ impl<W: Write + Send + 'static> LayerWriter<W> {
             gid,
         };
         let mut header = self.header(tar::EntryType::Symlink, meta, 0);
-        self.tar
-            .append_link(&mut header, as_path(&name), as_path(target))
-            .map_err(|source| entry_error(&name, source))
+        let result = self
+            .tar
+            .append_link(&mut header, as_path(&name), as_path(target));
+        result.map_err(|source| self.entry_error(&name, source))
     }
 
-    /// Adds a hard link to an entry already written (by its path in the layer).
+    /// Adds a hard link to a regular file already written in this layer (by its path in the
+    /// layer, without a leading `/`).
     pub fn add_hardlink(
         &mut self,
         path: &[u8],
@@ -210,23 +193,26 @@ impl<W: Write + Send + 'static> LayerWriter<W> {
     ) -> Result<(), WriterError> {
         let name = self.check_order(path, false)?;
         let mut header = self.header(tar::EntryType::Link, meta, 0);
-        self.tar
-            .append_link(&mut header, as_path(&name), as_path(target))
-            .map_err(|source| entry_error(&name, source))
+        let result = self
+            .tar
+            .append_link(&mut header, as_path(&name), as_path(target));
+        result.map_err(|source| self.entry_error(&name, source))
     }
 
     /// Writes the end-of-archive blocks, flushes the compressor and returns the digests and the
     /// sink.
     pub fn finish(self) -> Result<(LayerDigests, W), WriterError> {
-        let outer = self.tar.into_inner().map_err(WriterError::Finish)?;
-        let tar_size = outer.count;
-        let inner = outer.inner.finish().map_err(WriterError::Finish)?;
-        let hasher = outer
-            .hasher
-            .or(inner.hasher)
-            .ok_or_else(|| WriterError::Finish(io::Error::other("no tar hasher")))?;
+        let LayerWriter {
+            tar, mut stages, ..
+        } = self;
+        let closed = tar.into_inner().and_then(pipeline::ChunkWriter::finish);
+        let joined = stages.join();
+        // A stage's own error explains a failure to hand it the stream's end.
+        let (hasher, tar_size, sink) = match (closed, joined) {
+            (_, Err(e)) | (Err(e), Ok(_)) => return Err(WriterError::Finish(e)),
+            (Ok(()), Ok(done)) => done,
+        };
         let diff_id = Digest::from_hasher(hasher);
-        let sink = inner.inner.finish().map_err(WriterError::Finish)?;
         Ok((LayerDigests { diff_id, tar_size }, sink))
     }
 
@@ -240,6 +226,19 @@ impl<W: Write + Send + 'static> LayerWriter<W> {
         header.set_mtime(self.mtime);
         header.set_size(size);
         header
+    }
+
+    /// The error for a failed write: if a stage stopped, its own error says why.
+    fn entry_error(&mut self, name: &[u8], source: io::Error) -> WriterError {
+        let source = if pipeline::is_stopped(&source) {
+            self.stages.failure().unwrap_or(source)
+        } else {
+            source
+        };
+        WriterError::Entry {
+            path: lossy(name),
+            source,
+        }
     }
 
     /// Validates `path`, normalises the directory slash and enforces strictly increasing order.
@@ -281,6 +280,8 @@ impl<W: Write + Send + 'static> LayerWriter<W> {
     }
 }
 
+const BLOCK: u64 = 512;
+
 /// The order the writer requires: byte-wise on the tar name, where directories end in `/`.
 pub fn entry_sort_key(path: &[u8], dir: bool) -> Vec<u8> {
     let mut key = path.strip_suffix(b"/").unwrap_or(path).to_vec();
@@ -298,164 +299,298 @@ fn lossy(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-fn entry_error(name: &[u8], source: io::Error) -> WriterError {
-    WriterError::Entry {
-        path: lossy(name),
-        source,
-    }
-}
+pub mod pipeline {
+    //! The stages of a layer, each on its own thread, joined by bounded channels of CHUNK-sized
+    //! buffers:
+    //!
+    //! ```text
+    //! caller: tar framing, file reads --> diff_id SHA-256 --> compressor --> sink
+    //! ```
+    //!
+    //! On 2 cores, zstd's workers, the two SHA-256 passes (tar and blob), the content hashing of
+    //! the caller and the file reads add up to more than one core of work besides compression;
+    //! run one after the other on a single feeding thread, they leave zstd's workers waiting.
+    //! Each stage keeps its own state (the hashers, the compressor) and sees the bytes in the
+    //! same order as a single-threaded writer would, so the output is the same bytes; only the
+    //! wall time changes. Buffers go back to their producer once used, so a layer of any size
+    //! needs the same few megabytes.
 
-/// Fails instead of returning a short stream: the header already announced `expected` bytes, and
-/// a tar whose data is shorter than its header is corrupt.
-struct ExactReader<R> {
-    inner: io::Take<R>,
-    count: u64,
-    expected: u64,
-    short: bool,
-}
-
-impl<R: Read> Read for ExactReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.count += n as u64;
-        if n == 0 && !buf.is_empty() && self.count < self.expected {
-            self.short = true;
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "file is shorter than its size",
-            ));
-        }
-        Ok(n)
-    }
-}
-
-pub mod pipe {
-    //! Runs the tail of a writer chain on its own thread. The bytes and their order are exactly
-    //! those of the inline path, so the output is identical; only the wall time changes.
-
-    use std::io::{self, Write};
-    use std::sync::mpsc::{SyncSender, sync_channel};
+    use std::io::{self, Read, Write};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
     use std::thread::JoinHandle;
 
-    const CHUNK: usize = 256 * 1024;
-    /// Chunks in flight: bounds memory to about CHUNK * (DEPTH + 2) whatever the layer size.
-    const DEPTH: usize = 8;
+    use sha2::Digest as _;
 
-    /// A writer that is either `T` itself or `T` running on a worker thread fed in CHUNK-sized
-    /// pieces through a bounded channel.
-    pub enum Pipe<T: Write + Send + 'static> {
-        Inline(T, u64),
-        Threaded(Threaded<T>),
+    use crate::compression::{Compression, Compressor};
+
+    /// Large enough that each hand-over between threads is cheap next to the work on it, and
+    /// that a compressor job (2 MiB for zstd level 1) fills from two chunks.
+    pub const CHUNK: usize = 1 << 20;
+    /// Chunks queued between two stages. Memory is bounded by about 3 * (DEPTH + 2) chunks,
+    /// whatever the layer size.
+    const DEPTH: usize = 4;
+
+    /// Why a stage stopped without an error of its own: the stage next to it failed or the
+    /// writer was dropped.
+    #[derive(Debug)]
+    struct Stopped;
+
+    impl std::fmt::Display for Stopped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("layer pipeline stopped")
+        }
     }
 
-    pub struct Threaded<T: Write + Send + 'static> {
+    impl std::error::Error for Stopped {}
+
+    fn stopped() -> io::Error {
+        io::Error::other(Stopped)
+    }
+
+    pub(crate) fn is_stopped(e: &io::Error) -> bool {
+        e.get_ref().is_some_and(|inner| inner.is::<Stopped>())
+    }
+
+    /// Fills CHUNK-sized buffers and hands each to the next stage when full.
+    pub struct ChunkWriter {
+        /// Always CHUNK bytes long (zeroed once when allocated); `pos` is how much is filled.
         buf: Vec<u8>,
+        pos: usize,
         count: u64,
         tx: Option<SyncSender<Vec<u8>>>,
-        worker: Option<JoinHandle<io::Result<T>>>,
+        /// Buffers the last stage that used them gave back.
+        recycled: Receiver<Vec<u8>>,
+        cancel: Arc<AtomicBool>,
     }
 
-    impl<T: Write + Send + 'static> Pipe<T> {
-        pub fn new(inner: T, threaded: bool) -> io::Result<Self> {
-            if !threaded {
-                return Ok(Pipe::Inline(inner, 0));
-            }
-            let (tx, rx) = sync_channel::<Vec<u8>>(DEPTH);
-            let mut inner = inner;
-            let worker = std::thread::Builder::new()
-                .name("imago-layer".into())
-                .spawn(move || {
-                    for chunk in rx {
-                        inner.write_all(&chunk)?;
-                    }
-                    Ok(inner)
-                })?;
-            Ok(Pipe::Threaded(Threaded {
-                buf: Vec::with_capacity(CHUNK),
+    impl ChunkWriter {
+        fn new(
+            tx: SyncSender<Vec<u8>>,
+            recycled: Receiver<Vec<u8>>,
+            cancel: Arc<AtomicBool>,
+        ) -> ChunkWriter {
+            ChunkWriter {
+                buf: vec![0; CHUNK],
+                pos: 0,
                 count: 0,
                 tx: Some(tx),
-                worker: Some(worker),
-            }))
+                recycled,
+                cancel,
+            }
         }
 
         /// Bytes written so far.
         pub fn count(&self) -> u64 {
-            match self {
-                Pipe::Inline(_, n) => *n,
-                Pipe::Threaded(t) => t.count,
-            }
+            self.count
         }
 
-        /// Hands everything to `T` and returns it (not flushed or finished: that is the
-        /// caller's, who knows what `T` is).
-        pub fn finish(self) -> io::Result<T> {
-            match self {
-                Pipe::Inline(inner, _) => Ok(inner),
-                Pipe::Threaded(mut t) => {
-                    t.send_buf()?;
-                    t.join()
+        /// Reads up to `size` bytes of `source` straight into the chunks, showing each piece to
+        /// `inspect`. Returns how many bytes there were: fewer than `size` if the source ended.
+        pub fn fill_from(
+            &mut self,
+            source: &mut dyn Read,
+            size: u64,
+            inspect: &mut dyn FnMut(&[u8]),
+        ) -> io::Result<u64> {
+            let mut done = 0u64;
+            while done < size {
+                let want = (CHUNK - self.pos).min(usize::try_from(size - done).unwrap_or(CHUNK));
+                let space = &mut self.buf[self.pos..self.pos + want];
+                let n = match source.read(space) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                };
+                inspect(&space[..n]);
+                self.pos += n;
+                self.count += n as u64;
+                done += n as u64;
+                if self.pos == CHUNK {
+                    self.send()?;
                 }
             }
+            Ok(done)
         }
-    }
 
-    impl<T: Write + Send + 'static> Threaded<T> {
-        fn send_buf(&mut self) -> io::Result<()> {
-            if self.buf.is_empty() {
+        fn send(&mut self) -> io::Result<()> {
+            if self.pos == 0 {
                 return Ok(());
             }
-            let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
-            let sent = match &self.tx {
-                Some(tx) => tx.send(chunk).is_ok(),
-                None => false,
-            };
-            if sent {
-                Ok(())
-            } else {
-                // The worker stopped early: its own error is the one worth reporting.
-                Err(self
-                    .join()
-                    .err()
-                    .unwrap_or_else(|| io::Error::other("layer writer thread stopped")))
+            let mut next = self.recycled.try_recv().unwrap_or_else(|_| vec![0; CHUNK]);
+            // A recycled buffer may come back shorter (the last chunk of a stream is cut to
+            // its length); the zeroes only cover that cut-off tail.
+            next.resize(CHUNK, 0);
+            let mut full = std::mem::replace(&mut self.buf, next);
+            full.truncate(self.pos);
+            self.pos = 0;
+            match &self.tx {
+                Some(tx) => tx.send(full).map_err(|_| stopped()),
+                None => Err(stopped()),
             }
         }
 
-        fn join(&mut self) -> io::Result<T> {
+        /// Hands on the last, partial chunk and closes the stream.
+        pub fn finish(mut self) -> io::Result<()> {
+            let sent = self.send();
             self.tx = None;
-            match self.worker.take() {
-                Some(worker) => worker
-                    .join()
-                    .map_err(|_| io::Error::other("layer writer thread panicked"))?,
-                None => Err(io::Error::other("layer writer thread already finished")),
+            sent
+        }
+    }
+
+    impl Drop for ChunkWriter {
+        fn drop(&mut self) {
+            // Closed without finish(): the stream is incomplete, so nothing downstream may
+            // finish it as if it were whole. Set before the channel closes.
+            if self.tx.is_some() {
+                self.cancel.store(true, Ordering::SeqCst);
             }
         }
     }
 
-    impl<T: Write + Send + 'static> Write for Pipe<T> {
+    impl Write for ChunkWriter {
         fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-            match self {
-                Pipe::Inline(inner, count) => {
-                    let n = inner.write(data)?;
-                    *count += n as u64;
-                    Ok(n)
-                }
-                Pipe::Threaded(t) => {
-                    let room = CHUNK - t.buf.len();
-                    let n = room.min(data.len());
-                    t.buf.extend_from_slice(&data[..n]);
-                    t.count += n as u64;
-                    if t.buf.len() == CHUNK {
-                        t.send_buf()?;
-                    }
-                    Ok(n)
-                }
+            let n = (CHUNK - self.pos).min(data.len());
+            self.buf[self.pos..self.pos + n].copy_from_slice(&data[..n]);
+            self.pos += n;
+            self.count += n as u64;
+            if self.pos == CHUNK {
+                self.send()?;
             }
+            Ok(n)
         }
 
         fn flush(&mut self) -> io::Result<()> {
             // Flushing a compressor would force a block boundary and change the bytes; the
             // stream is complete only after finish() anyway.
             Ok(())
+        }
+    }
+
+    type Join<T> = Option<JoinHandle<io::Result<T>>>;
+
+    /// The threads behind a [`ChunkWriter`]: diff_id hashing, compression, the sink.
+    pub struct Stages<W: Write + Send + 'static> {
+        hash: Join<(imago_oci::Sha256, u64)>,
+        compress: Join<()>,
+        sink: Join<W>,
+        cancel: Arc<AtomicBool>,
+    }
+
+    /// Starts the stages; the returned writer is their input.
+    pub fn start<W: Write + Send + 'static>(
+        sink: W,
+        compression: Compression,
+    ) -> io::Result<(ChunkWriter, Stages<W>)> {
+        let cancel = Arc::new(AtomicBool::new(false));
+        // Every buffer in flight fits in the way back, so none is ever dropped there.
+        let (tar_tx, tar_rx) = sync_channel::<Vec<u8>>(DEPTH);
+        let (hashed_tx, hashed_rx) = sync_channel::<Vec<u8>>(DEPTH);
+        let (tar_back_tx, tar_back_rx) = sync_channel::<Vec<u8>>(2 * DEPTH + 4);
+        let (out_tx, out_rx) = sync_channel::<Vec<u8>>(DEPTH);
+        let (out_back_tx, out_back_rx) = sync_channel::<Vec<u8>>(DEPTH + 4);
+        let input = ChunkWriter::new(tar_tx, tar_back_rx, cancel.clone());
+        let output = ChunkWriter::new(out_tx, out_back_rx, cancel.clone());
+        // Made here, so that a compressor that cannot start fails before any thread does.
+        let mut compressor = Compressor::new(compression, output)?;
+
+        let mut stages = Stages {
+            hash: None,
+            compress: None,
+            sink: None,
+            cancel: cancel.clone(),
+        };
+        let stop = cancel.clone();
+        stages.sink = Some(spawn("imago-layer-sink", move || {
+            let mut sink = sink;
+            for chunk in out_rx {
+                sink.write_all(&chunk)?;
+                let _ = out_back_tx.try_send(chunk);
+            }
+            if stop.load(Ordering::SeqCst) {
+                return Err(stopped());
+            }
+            sink.flush()?;
+            Ok(sink)
+        })?);
+        let stop = cancel.clone();
+        stages.compress = Some(spawn("imago-layer-zip", move || {
+            for chunk in hashed_rx {
+                compressor.write_all(&chunk)?;
+                let _ = tar_back_tx.try_send(chunk);
+            }
+            if stop.load(Ordering::SeqCst) {
+                return Err(stopped());
+            }
+            compressor.finish()?.finish()
+        })?);
+        stages.hash = Some(spawn("imago-layer-hash", move || {
+            let mut hasher = imago_oci::Sha256::new();
+            let mut size = 0u64;
+            for chunk in tar_rx {
+                hasher.update(&chunk);
+                size += chunk.len() as u64;
+                hashed_tx.send(chunk).map_err(|_| stopped())?;
+            }
+            Ok((hasher, size))
+        })?);
+        Ok((input, stages))
+    }
+
+    fn spawn<T: Send + 'static>(
+        name: &str,
+        work: impl FnOnce() -> io::Result<T> + Send + 'static,
+    ) -> io::Result<JoinHandle<io::Result<T>>> {
+        std::thread::Builder::new().name(name.into()).spawn(work)
+    }
+
+    fn join<T>(handle: &mut Join<T>) -> io::Result<T> {
+        match handle.take() {
+            Some(h) => h
+                .join()
+                .map_err(|_| io::Error::other("layer writer thread panicked"))?,
+            None => Err(stopped()),
+        }
+    }
+
+    impl<W: Write + Send + 'static> Stages<W> {
+        /// Waits for every stage (their input must be closed) and returns the tar's hasher, its
+        /// size and the sink. The error reported is the one furthest down the chain: a failing
+        /// sink makes every stage before it stop.
+        pub fn join(&mut self) -> io::Result<(imago_oci::Sha256, u64, W)> {
+            let hash = join(&mut self.hash);
+            let compress = join(&mut self.compress);
+            let sink = join(&mut self.sink);
+            match (hash, compress, sink) {
+                (Ok((hasher, size)), Ok(()), Ok(sink)) => Ok((hasher, size, sink)),
+                (h, c, s) => Err([s.err(), c.err(), h.err()]
+                    .into_iter()
+                    .flatten()
+                    .find(|e| !is_stopped(e))
+                    .unwrap_or_else(stopped)),
+            }
+        }
+
+        /// After the input found the stages gone: joins them and returns the error that
+        /// stopped them.
+        pub(crate) fn failure(&mut self) -> Option<io::Error> {
+            self.cancel.store(true, Ordering::SeqCst);
+            self.join().err()
+        }
+    }
+
+    impl<W: Write + Send + 'static> Drop for Stages<W> {
+        fn drop(&mut self) {
+            if self.hash.is_none() && self.compress.is_none() && self.sink.is_none() {
+                return;
+            }
+            // Dropped unfinished (the input, dropped just before, has set `cancel` and closed
+            // the stream): wait, so that the sink is dropped (a blob writer removes its temp
+            // file) before the writer's owner goes on.
+            self.cancel.store(true, Ordering::SeqCst);
+            let _ = self.join();
         }
     }
 }
@@ -561,6 +696,68 @@ mod tests {
     const GOLDEN_GZIP: &str =
         "sha256:eae781cc0c6e90c81452a61a6d85a8403236beed0aee3af03a8186d89d63a3b4";
 
+    /// A layer of several zstd jobs (about 7 MB of tar) and many small files: pins the bytes of
+    /// the threaded pipeline for both compressors, so a change in how the stream is cut, hashed or
+    /// handed between threads cannot change a digest unnoticed.
+    fn large_sample(compression: Compression) -> (LayerDigests, Vec<u8>) {
+        let mut w = LayerWriter::new(Vec::new(), compression, 1_700_000_000).unwrap();
+        w.add_dir(b"data", meta(0o755)).unwrap();
+        for i in 0..300u32 {
+            let content: Vec<u8> = (0..(i * 37 % 5000))
+                .map(|j| (j * i % 13) as u8 + b'a')
+                .collect();
+            let name = format!("data/f{i:04}");
+            w.add_file(
+                name.as_bytes(),
+                meta(0o644),
+                content.len() as u64,
+                &content[..],
+            )
+            .unwrap();
+        }
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let big: Vec<u8> = (0..6_500_000u32)
+            .map(|i| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                if i % 3 == 0 {
+                    (state % 251) as u8
+                } else {
+                    (i / 1000 % 256) as u8
+                }
+            })
+            .collect();
+        w.add_file(b"data/zz-big", meta(0o600), big.len() as u64, &big[..])
+            .unwrap();
+        w.finish().unwrap()
+    }
+
+    #[test]
+    fn large_layer_digests_are_pinned() {
+        let (tar_digests, tar) = large_sample(Compression::None);
+        assert_eq!(tar_digests.diff_id, Digest::of(&tar));
+        for (c, golden) in [
+            (Compression::Gzip, GOLDEN_LARGE_GZIP),
+            (Compression::Zstd, GOLDEN_LARGE_ZSTD),
+        ] {
+            let (digests, blob) = large_sample(c);
+            assert_eq!(digests, tar_digests, "{c:?}");
+            let mut plain = crate::compression::Compressor::new(c, Vec::new()).unwrap();
+            plain.write_all(&tar).unwrap();
+            assert_eq!(plain.finish().unwrap(), blob, "{c:?}");
+            assert_eq!(Digest::of(&blob).to_string(), golden, "{c:?}");
+        }
+        assert_eq!(tar_digests.diff_id.to_string(), GOLDEN_LARGE_TAR);
+    }
+
+    const GOLDEN_LARGE_TAR: &str =
+        "sha256:c13dfcce0ce86e07cb775d156fc8bbff021ae59c01f9af8c165cdc0aecfd5015";
+    const GOLDEN_LARGE_GZIP: &str =
+        "sha256:085dda7af38efe7a819493b4649b0d2a1072d41fbbc757ea171aed2ab8557284";
+    const GOLDEN_LARGE_ZSTD: &str =
+        "sha256:0786809bdef1b14f0f139ec15d3257647c7f0850ab05757afcf092bd4567831d";
+
     /// The compressed bytes depend only on the data, never on how it was cut into writes.
     #[test]
     fn compressed_bytes_do_not_depend_on_write_sizes() {
@@ -569,12 +766,13 @@ mod tests {
             let mut one = crate::compression::Compressor::new(c, Vec::new()).unwrap();
             one.write_all(&data).unwrap();
             let one = one.finish().unwrap();
-            let threaded = crate::compression::Compressor::new(c, Vec::new()).unwrap();
-            let mut many = pipe::Pipe::new(threaded, true).unwrap();
+            // Through the pipeline's chunking (1 MiB pieces from writes of 511 bytes).
+            let mut input = pipeline::start(Vec::new(), c).unwrap();
             for chunk in data.chunks(511) {
-                many.write_all(chunk).unwrap();
+                input.0.write_all(chunk).unwrap();
             }
-            let many = many.finish().unwrap().finish().unwrap();
+            input.0.finish().unwrap();
+            let (_, _, many) = input.1.join().unwrap();
             let mut small = crate::compression::Compressor::new(c, Vec::new()).unwrap();
             for chunk in data.chunks(4093) {
                 small.write_all(chunk).unwrap();
@@ -613,6 +811,61 @@ mod tests {
             matches!(err, WriterError::ShortRead { found: 3, .. }),
             "{err}"
         );
+    }
+
+    /// A sink that fails: the error reaches the caller, and nothing is left running.
+    #[test]
+    fn a_failing_sink_is_reported() {
+        struct Full;
+        impl Write for Full {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Err(io::Error::new(io::ErrorKind::StorageFull, "disk full"))
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let big = vec![7u8; 3 * pipeline::CHUNK];
+        for c in [Compression::None, Compression::Gzip, Compression::Zstd] {
+            let mut w = LayerWriter::new(Full, c, 0).unwrap();
+            let mut failed = None;
+            for i in 0..64 {
+                let name = format!("f{i:03}");
+                if let Err(e) = w.add_file(name.as_bytes(), meta(0o644), big.len() as u64, &big[..])
+                {
+                    failed = Some(e);
+                    break;
+                }
+            }
+            let err = match failed {
+                Some(e) => e,
+                None => w.finish().err().unwrap(),
+            };
+            assert!(err.to_string().contains("disk full"), "{c:?}: {err}");
+        }
+    }
+
+    /// Dropping an unfinished writer stops its threads without finishing the sink's stream.
+    #[test]
+    fn an_unfinished_writer_does_not_finish_its_sink() {
+        struct Sink(std::sync::Arc<std::sync::atomic::AtomicBool>);
+        impl Write for Sink {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+                Ok(())
+            }
+        }
+        let flushed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut w = LayerWriter::new(Sink(flushed.clone()), Compression::Zstd, 0).unwrap();
+        w.add_file(b"f", meta(0o644), 5, &b"hello"[..]).unwrap();
+        drop(w);
+        assert!(!flushed.load(std::sync::atomic::Ordering::SeqCst));
+        let w = LayerWriter::new(Sink(flushed.clone()), Compression::Zstd, 0).unwrap();
+        w.finish().unwrap();
+        assert!(flushed.load(std::sync::atomic::Ordering::SeqCst));
     }
 
     #[test]
