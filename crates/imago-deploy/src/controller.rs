@@ -84,10 +84,72 @@ struct InstanceHealth {
     ready_since_ms: Option<u64>,
 }
 
+/// Lets the loop between passes end early when something a pass would act on has happened
+/// (a health check flipped, a stop finished) or a known moment arrives (an instance's
+/// min_ready elapses), instead of always sleeping a whole interval: every wave of a rollout
+/// waits on several such moments. Only a hint: the pass still decides from observed state.
+#[derive(Debug, Default)]
+pub struct Wake {
+    state: Mutex<WakeState>,
+    signal: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct WakeState {
+    nudged: bool,
+    /// Unix ms of the earliest known moment a pass should run.
+    at_ms: Option<u64>,
+}
+
+impl Wake {
+    fn lock(&self) -> MutexGuard<'_, WakeState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Something changed: run the next pass now.
+    pub fn nudge(&self) {
+        self.lock().nudged = true;
+        self.signal.notify_all();
+    }
+
+    /// Run a pass no later than `at_ms`.
+    fn at(&self, at_ms: u64) {
+        let mut state = self.lock();
+        state.at_ms = Some(state.at_ms.map_or(at_ms, |t| t.min(at_ms)));
+    }
+
+    /// Waits up to `timeout`, or until nudged or a registered moment arrives.
+    pub fn wait(&self, timeout: Duration) {
+        let start = now_ms();
+        let mut state = self.lock();
+        loop {
+            let now = now_ms();
+            let mut remaining = timeout
+                .as_millis()
+                .saturating_sub(u128::from(now.saturating_sub(start)));
+            if let Some(at) = state.at_ms {
+                remaining = remaining.min(u128::from(at.saturating_sub(now)));
+            }
+            if state.nudged || remaining == 0 {
+                state.nudged = false;
+                state.at_ms = None;
+                return;
+            }
+            let wait = Duration::from_millis(u64::try_from(remaining).unwrap_or(u64::MAX));
+            state = self
+                .signal
+                .wait_timeout(state, wait)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
 /// Probe results shared between the probe tasks (writers) and the controller (reader).
 #[derive(Debug, Clone, Default)]
 pub struct HealthBoard {
     inner: Arc<Mutex<HashMap<String, InstanceHealth>>>,
+    wake: Arc<Wake>,
 }
 
 impl HealthBoard {
@@ -107,18 +169,23 @@ impl HealthBoard {
     ) {
         let mut board = self.lock();
         let entry = board.entry(id.to_owned()).or_default();
-        let was_healthy = entry.tracker.healthy;
+        let before = (entry.tracker.healthy, entry.tracker.unhealthy);
         entry.tracker.record(
             result,
             healthy_threshold,
             unhealthy_threshold,
             in_start_period,
         );
-        if entry.tracker.healthy && !was_healthy {
+        if entry.tracker.healthy && !before.0 {
             entry.ready_since_ms = Some(now_ms());
         }
         if !entry.tracker.healthy {
             entry.ready_since_ms = None;
+        }
+        let changed = before != (entry.tracker.healthy, entry.tracker.unhealthy);
+        drop(board);
+        if changed {
+            self.wake.nudge();
         }
     }
 
@@ -189,6 +256,11 @@ pub struct Controller {
 }
 
 impl Controller {
+    /// Sleeps until the next pass is due: at most `interval`, less when something changed.
+    pub fn wait_for_next_pass(&self, interval: Duration) {
+        self.health.wake.wait(interval);
+    }
+
     pub fn new(
         db: StateDb,
         provider: Arc<dyn Provider>,
@@ -400,8 +472,10 @@ impl Controller {
         }
         let provider = self.provider.clone();
         let stop_id = id.to_owned();
+        let wake = self.health.wake.clone();
         let task = std::thread::spawn(move || {
             let _ = provider.stop(&stop_id, grace);
+            wake.nudge();
         });
         self.stopping.insert(id.to_owned(), task);
     }
@@ -547,14 +621,28 @@ impl Controller {
         }
         let outcome = self.db.outcome_of(service, release.number)?;
         let failed_already = outcome.as_ref().is_some_and(|o| o.outcome == "failed");
+        let min_ready = if fast_path {
+            Duration::ZERO
+        } else {
+            release.spec.rollout.min_ready
+        };
+        // The next pass should come when a ready instance becomes available.
+        let min_ready_ms = min_ready.as_millis() as u64;
+        if let Some(at) = observed
+            .iter()
+            .filter_map(|o| match o.phase {
+                Phase::Ready { since_ms } => Some(since_ms.saturating_add(min_ready_ms)),
+                _ => None,
+            })
+            .filter(|at| *at > now)
+            .min()
+        {
+            self.health.wake.at(at);
+        }
         let mut step = next_step(RolloutInput {
             limits,
             strategy: release.spec.rollout.strategy,
-            min_ready: if fast_path {
-                Duration::ZERO
-            } else {
-                release.spec.rollout.min_ready
-            },
+            min_ready,
             now_ms: now,
             target: &release.revision,
             instances: &observed,
@@ -1710,5 +1798,42 @@ mod tests {
                 .unwrap(),
             instance.spec_hash().unwrap()
         );
+    }
+
+    #[test]
+    fn the_wait_between_passes_ends_on_a_nudge_or_a_known_moment() {
+        let wake = Arc::new(Wake::default());
+        let start = std::time::Instant::now();
+        wake.wait(Duration::from_millis(50));
+        assert!(
+            start.elapsed() >= Duration::from_millis(50),
+            "a plain wait lasts the interval"
+        );
+
+        let nudger = wake.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            nudger.nudge();
+        });
+        let start = std::time::Instant::now();
+        wake.wait(Duration::from_secs(10));
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "a nudge ends the wait"
+        );
+        t.join().unwrap();
+
+        wake.at(now_ms() + 40);
+        let start = std::time::Instant::now();
+        wake.wait(Duration::from_secs(10));
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_millis(30) && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
+        // The moment is consumed: the next wait lasts its interval again.
+        let start = std::time::Instant::now();
+        wake.wait(Duration::from_millis(50));
+        assert!(start.elapsed() >= Duration::from_millis(50));
     }
 }

@@ -445,7 +445,21 @@ impl Provider for LocalProvider {
         }
         self.release_network(&rec);
         self.wait_child(id);
-        fs::remove_dir_all(&dir.root).map_err(RuntimeError::io("cannot remove", &dir.root))
+        match fs::remove_dir_all(&dir.root) {
+            Ok(()) => Ok(()),
+            // Someone else (a controller and `imago destroy`, say) removed it at the same time.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !dir.root.exists() => {
+                Err(RuntimeError::NoSuchInstance(id.to_owned()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                fs::remove_dir_all(&dir.root).map_err(RuntimeError::io("cannot remove", &dir.root))
+            }
+            Err(e) => Err(RuntimeError::Io {
+                action: "cannot remove",
+                path: dir.root.clone(),
+                source: e,
+            }),
+        }
     }
 
     fn list(&self) -> Result<Vec<Instance>, RuntimeError> {

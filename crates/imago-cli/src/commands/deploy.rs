@@ -822,7 +822,7 @@ pub fn serve(ctx: &Context, args: ServeArgs) -> Result<()> {
             }
             Err(e) => ctx.reporter.warn(format!("reconcile pass failed: {e}")),
         }
-        std::thread::sleep(args.interval);
+        controller.wait_for_next_pass(args.interval);
     }
 }
 
