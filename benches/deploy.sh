@@ -83,7 +83,8 @@ rolling_bench() {
   bound_stop=$(echo "$waves * ($launch + $interval + $min_ready + $grace)" | bc)
   rolling_load=$(cut -d' ' -f1-3 /proc/loadavg)
 
-  swarm_bench || swarm="not measured: $swarm_why"
+  # Called in an || list, swarm_bench runs without errexit: each step checks itself.
+  swarm_bench || { swarm="not measured: $swarm_why"; unset DOCKER_HOST; stop_docker; }
 
   # Rollback to release 1, three times alternating, median.
   local rb=() to
@@ -110,24 +111,28 @@ swarm_bench() {
   local ok=no _
   for _ in $(seq 100); do docker version >/dev/null 2>&1 && { ok=yes; break; }; sleep 0.2; done
   swarm_why="dockerd did not start (see its log)"
-  [ $ok = yes ] || { unset DOCKER_HOST; stop_docker; return 1; }
+  [ $ok = yes ] || return 1
   swarm_why="docker swarm init failed"
-  docker swarm init --advertise-addr 127.0.0.1 >/dev/null 2>&1 || { unset DOCKER_HOST; stop_docker; return 1; }
+  docker swarm init --advertise-addr 127.0.0.1 >/dev/null 2>&1 || return 1
+  swarm_why="docker load of an imago export failed"
   local v
   for v in 1 2 3 4; do
-    docker load -q -i "$work/images/v$v.tar" >/dev/null
-    docker tag web:latest "web:v$v"
+    docker load -q -i "$work/images/v$v.tar" >/dev/null || return 1
+    docker tag web:latest "web:v$v" || return 1
   done
+  swarm_why="docker service create failed"
   docker service create -q --detach=false --no-resolve-image --name web --replicas 10 \
     --health-cmd 'wget -q -O /dev/null http://127.0.0.1:8080/ || exit 1' \
     --health-interval 200ms --health-timeout 1s --health-retries 3 \
     --update-parallelism 3 --update-order start-first --update-delay 0s --update-monitor 1s \
-    --update-failure-action pause --stop-grace-period 1s web:v1 >/dev/null
+    --update-failure-action pause --stop-grace-period 1s web:v1 >/dev/null || return 1
   # Same three updates; `docker service update` blocks until the service converged (it then
   # watches the new tasks for the 1 s monitor time), as `imago apply` blocks until done.
   local st=() sw=() t0 t1 started completed
+  swarm_why="docker service update failed"
   for v in 2 3 4; do
-    t0=$(now); docker service update -q --no-resolve-image --image "web:v$v" web >/dev/null; t1=$(now)
+    t0=$(now); docker service update -q --no-resolve-image --image "web:v$v" web >/dev/null || return 1; t1=$(now)
+    [ "$(docker service inspect web --format '{{.UpdateStatus.State}}')" = completed ] || return 1
     st+=("$(echo "$t1 - $t0" | bc)")
     started=$(date -d "$(docker service inspect web --format '{{json .UpdateStatus.StartedAt}}' | tr -d '"')" +%s.%N)
     completed=$(date -d "$(docker service inspect web --format '{{json .UpdateStatus.CompletedAt}}' | tr -d '"')" +%s.%N)
