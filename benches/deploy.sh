@@ -1,75 +1,237 @@
 #!/usr/bin/env bash
-# Deployment benchmarks, printed as a markdown table:
+# Deployment benchmarks, printed as markdown tables:
 #  - rolling update of a 10-replica service (min_ready 1 s, max_surge 25%) against its lower
-#    bound waves x (launch + first healthy check + min_ready);
+#    bound waves x (launch + first healthy check + min_ready), and a Docker Swarm service update
+#    of the same image with the same settings in the same run (when dockerd can start);
 #  - rollback to a retained release, from the command to every instance serving it;
-#  - the service endpoint (proxy) against direct connections to the same single instance (wrk);
+#  - the service endpoint (proxy) against direct connections to the same single instance, for a
+#    small page (busybox httpd: one connection per request), a 1 MiB file, and one long
+#    connection to an echo backend (the pingpong example as client); direct and proxied runs
+#    alternate, medians of 5;
 #  - one reconcile pass over 10,000 instances with the fake provider.
-# Run as root: benches/deploy.sh
+# Run as root: benches/deploy.sh [all|rolling|proxy]   (default all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+what="${1:-all}"
 scripts/setup >/dev/null
 command -v wrk >/dev/null || { apt-get install -y -qq wrk >/dev/null; }
 cargo build --release -q -p imago-cli
+cargo build --release -q -p imago-deploy --example pingpong
 imago="$PWD/target/release/imago"
+pingpong="$PWD/target/release/examples/pingpong"
 export IMAGO_HOME="$(mktemp -d /tmp/imago-bench-deploy.XXXXXX)"
 work="$(mktemp -d /tmp/imago-bench-src.XXXXXX)"
+docker_dir=""
 cp -r examples/web "$work/"
 def="$work/web/imago.toml"
 port=18301
-cleanup() { "$imago" destroy web >/dev/null 2>&1 || true; "$imago" serve --stop >/dev/null 2>&1 || true; rm -rf "$work" "$IMAGO_HOME"; }
+stop_docker() {
+  [ -n "$docker_dir" ] || return 0
+  DOCKER_HOST="unix://$docker_dir/docker.sock" docker swarm leave --force >/dev/null 2>&1 || true
+  if [ -f "$docker_dir/dockerd.pid" ]; then
+    local pid; pid=$(cat "$docker_dir/dockerd.pid")
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  fi
+  # Swarm made this bridge; nothing else on this machine uses it.
+  if [ "$gwbridge_before" = no ]; then ip link delete docker_gwbridge 2>/dev/null || true; fi
+  rm -rf "$docker_dir"; docker_dir=""
+}
+cleanup() {
+  stop_docker
+  "$imago" destroy web >/dev/null 2>&1 || true
+  "$imago" destroy echo >/dev/null 2>&1 || true
+  "$imago" serve --stop >/dev/null 2>&1 || true
+  rm -rf "$work" "$IMAGO_HOME"
+}
+gwbridge_before=$(ip link show docker_gwbridge >/dev/null 2>&1 && echo yes || echo no)
 trap cleanup EXIT
 now() { date +%s.%N; }
+med() { sort -n | awk '{a[NR]=$0} END {print a[int((NR+1)/2)]}'; }
 
 sed -i -e 's/^replicas = 3/replicas = 10/' -e 's/min_ready = "500ms"/min_ready = "1s"/' \
        -e "s/^port = 8088/port = $port/" -e 's/^max_surge = 1/max_surge = "25%"/' "$def"
 "$imago" -q apply -f "$def" >/dev/null
 
-# Rolling update v1 -> v2, three times (v2, v3, v4), median.
-times=()
-for v in 2 3 4; do
-  sed -i "s/<h1>.*<\/h1>/<h1>version $v<\/h1>/" "$work/web/www/index.html"
-  t0=$(now); "$imago" -q apply -f "$def" >/dev/null; t1=$(now)
-  times+=("$(echo "$t1 - $t0" | bc)")
-done
-rolling=$(printf '%s\n' "${times[@]}" | sort -n | sed -n 2p)
-# Launch latency of the embedded engine (cached image), for the lower bound.
-launch=0.010
-waves=4   # ceil(10 / 3): max_surge 25% of 10 rounds up to 3
-interval=0.2; min_ready=1.0; grace=1.0
-bound=$(echo "$waves * ($launch + $interval + $min_ready)" | bc)
-bound_stop=$(echo "$waves * ($launch + $interval + $min_ready + $grace)" | bc)
+rolling_bench() {
+  # Launch latency of the embedded engine with the image's rootfs cached, on a private network
+  # as the service's instances: median of 5 `imago run` (command to started, including the CLI's
+  # own start-up of a few ms, so the bound errs slightly high).
+  local l=() id t0 t1
+  for _ in 1 2 3 4 5; do
+    t0=$(now); id=$("$imago" -q run --entrypoint /bin/busybox web -- sleep 30); t1=$(now)
+    l+=("$(echo "$t1 - $t0" | bc)")
+    "$imago" -q rm -f "$id" >/dev/null 2>&1 || true
+  done
+  launch=$(printf '%s\n' "${l[@]}" | med)
 
-# Rollback to release 1, three times alternating, median.
-rb=()
-for to in 1 2 1; do
-  t0=$(now); "$imago" -q rollback web --to "$to" >/dev/null; t1=$(now)
-  rb+=("$(echo "$t1 - $t0" | bc)")
-done
-rollback=$(printf '%s\n' "${rb[@]}" | sort -n | sed -n 2p)
+  # Rolling update v1 -> v2, three times (v2, v3, v4), median. Each version is also exported
+  # for Docker Swarm below.
+  mkdir -p "$work/images"
+  "$imago" -q export --format docker -o "$work/images/v1.tar" web >/dev/null
+  local times=() v
+  for v in 2 3 4; do
+    sed -i "s/<h1>.*<\/h1>/<h1>version $v<\/h1>/" "$work/web/www/index.html"
+    t0=$(now); "$imago" -q apply -f "$def" >/dev/null; t1=$(now)
+    times+=("$(echo "$t1 - $t0" | bc)")
+    "$imago" -q export --format docker -o "$work/images/v$v.tar" web >/dev/null
+  done
+  rolling=$(printf '%s\n' "${times[@]}" | med)
+  waves=4   # ceil(10 / 3): max_surge 25% of 10 rounds up to 3
+  interval=0.2; min_ready=1.0; grace=1.0
+  bound=$(echo "$waves * ($launch + $interval + $min_ready)" | bc)
+  bound_stop=$(echo "$waves * ($launch + $interval + $min_ready + $grace)" | bc)
+  rolling_load=$(cut -d' ' -f1-3 /proc/loadavg)
 
-# Proxy vs direct, one instance.
-sed -i -e 's/^replicas = 10/replicas = 1/' "$def"
-"$imago" -q apply -f "$def" >/dev/null
-addr=$("$imago" ps --json | python3 -c 'import json,sys; print([i for i in json.load(sys.stdin) if i["status"]=="running"][0]["address"])')
-wrk_rps() { wrk -t2 -c16 -d5s --latency "$1" 2>/dev/null | awk '/Requests\/sec/ {print $2} /^ +50%/ {print $2}' | paste -sd' '; }
-direct=(); proxied=()
-for _ in 1 2 3; do
-  direct+=("$(wrk_rps "http://$addr:8080/")")
-  proxied+=("$(wrk_rps "http://127.0.0.1:$port/")")
-done
-med() { printf '%s\n' "$@" | sort -n -k2 | sed -n 2p; }
-d=$(med "${direct[@]}"); p=$(med "${proxied[@]}")
-d_rps=${d#* }; d_lat=${d% *}; p_rps=${p#* }; p_lat=${p% *}
-ratio=$(echo "scale=2; $p_rps / $d_rps" | bc)
+  # Called in an || list, swarm_bench runs without errexit: each step checks itself.
+  swarm_bench || { swarm="not measured: $swarm_why"; unset DOCKER_HOST; stop_docker; }
 
+  # Rollback to release 1, three times alternating, median.
+  local rb=() to
+  for to in 1 2 1; do
+    t0=$(now); "$imago" -q rollback web --to "$to" >/dev/null; t1=$(now)
+    rb+=("$(echo "$t1 - $t0" | bc)")
+  done
+  rollback=$(printf '%s\n' "${rb[@]}" | med)
+}
+
+# The same rolling update under Docker Swarm: the same image versions (imago export | docker
+# load), 10 replicas, a HEALTHCHECK doing what imago's http check does (busybox wget, same
+# interval, timeout and retries), update-parallelism 3 (= max_surge 25% of 10), start-first,
+# no delay, 1 s monitor (= min_ready), 1 s stop grace. Its own dockerd, data and sockets under
+# a scratch dir, so a dockerd the tests start is not touched. No published port: the routing
+# mesh needs IPVS, which this kernel lacks.
+swarm_bench() {
+  swarm_why="dockerd or docker not installed"
+  command -v dockerd >/dev/null && command -v docker >/dev/null || return 1
+  docker_dir="$(mktemp -d /tmp/imago-bench-docker.XXXXXX)"
+  export DOCKER_HOST="unix://$docker_dir/docker.sock"
+  dockerd --data-root "$docker_dir/root" --exec-root "$docker_dir/exec" --pidfile "$docker_dir/dockerd.pid" \
+    -H "$DOCKER_HOST" --bridge=none --iptables=false >"$docker_dir/dockerd.log" 2>&1 &
+  local ok=no _
+  for _ in $(seq 100); do docker version >/dev/null 2>&1 && { ok=yes; break; }; sleep 0.2; done
+  swarm_why="dockerd did not start (see its log)"
+  [ $ok = yes ] || return 1
+  swarm_why="docker swarm init failed"
+  docker swarm init --advertise-addr 127.0.0.1 >/dev/null 2>&1 || return 1
+  swarm_why="docker load of an imago export failed"
+  local v
+  for v in 1 2 3 4; do
+    docker load -q -i "$work/images/v$v.tar" >/dev/null || return 1
+    docker tag web:latest "web:v$v" || return 1
+  done
+  swarm_why="docker service create failed"
+  docker service create -q --detach=false --no-resolve-image --name web --replicas 10 \
+    --health-cmd 'wget -q -O /dev/null http://127.0.0.1:8080/ || exit 1' \
+    --health-interval 200ms --health-timeout 1s --health-retries 3 \
+    --update-parallelism 3 --update-order start-first --update-delay 0s --update-monitor 1s \
+    --update-failure-action pause --stop-grace-period 1s web:v1 >/dev/null || return 1
+  # Same three updates; `docker service update` blocks until the service converged (it then
+  # watches the new tasks for the 1 s monitor time), as `imago apply` blocks until done.
+  local st=() sw=() t0 t1 started completed
+  swarm_why="docker service update failed"
+  for v in 2 3 4; do
+    t0=$(now); docker service update -q --no-resolve-image --image "web:v$v" web >/dev/null || return 1; t1=$(now)
+    [ "$(docker service inspect web --format '{{.UpdateStatus.State}}')" = completed ] || return 1
+    st+=("$(echo "$t1 - $t0" | bc)")
+    started=$(date -d "$(docker service inspect web --format '{{json .UpdateStatus.StartedAt}}' | tr -d '"')" +%s.%N)
+    completed=$(date -d "$(docker service inspect web --format '{{json .UpdateStatus.CompletedAt}}' | tr -d '"')" +%s.%N)
+    sw+=("$(echo "$completed - $started" | bc)")
+  done
+  swarm=$(printf '%s\n' "${st[@]}" | med)
+  swarm_internal=$(printf '%s\n' "${sw[@]}" | med)
+  swarm_runs="${st[*]}"
+  docker service rm web >/dev/null
+  unset DOCKER_HOST
+  stop_docker
+}
+
+# Proxy vs direct, one instance per service: the web page, a 1 MiB file of the same httpd, and
+# an echo service (busybox nc, one cat per connection) for one long connection.
+proxy_bench() {
+  head -c 1048576 /dev/zero > "$work/web/www/big.bin"
+  sed -i -e 's/^replicas = 10/replicas = 1/' "$def"
+  cat >> "$def" <<TOML
+
+[service.echo]
+image = "web"
+port = $((port + 1))
+target_port = 8080
+command = ["/bin/busybox", "nc", "-ll", "-p", "8080", "-e", "/bin/busybox", "cat"]
+stop_grace_period = "1s"
+
+[service.echo.health]
+type = "tcp"
+interval = "200ms"
+TOML
+  "$imago" -q apply -f "$def" >/dev/null
+  local addrs web_addr echo_addr
+  addrs=$("$imago" ps --json | python3 -c '
+import json, sys
+running = [i for i in json.load(sys.stdin) if i["status"] == "running"]
+for s in ("web", "echo"):
+    i = [i for i in running if i["labels"].get("imago.service") == s][0]
+    print(i["address"], i["id"])')
+  read -r web_addr web_id <<<"$(echo "$addrs" | sed -n 1p)"
+  read -r echo_addr _ <<<"$(echo "$addrs" | sed -n 2p)"
+  proxy_load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+  # One row per workload: label, then the client command with @ for host:port.
+  wrk_run() { wrk $1 --latency "http://$2$3" 2>/dev/null | awk '/Requests\/sec/ {r=$2} /^ +50%/ {p=$2} /Transfer\/sec/ {t=$2} END {print r, p, t}'; }
+  rows=()
+  local name args path d p i
+  # busybox httpd listens with a backlog of 9: 16 concurrent connects overflow it (dropped SYNs,
+  # retried after 1 s, for wrk's direct connects and the proxy's alike); 8 stay below it.
+  for spec in "small page, connection per request, wrk -t2 -c16 -d5s|-t2 -c16 -d5s|/" \
+              "small page, connection per request, wrk -t2 -c8 -d5s|-t2 -c8 -d5s|/" \
+              "small page, one client at a time, wrk -t1 -c1 -d3s|-t1 -c1 -d3s|/" \
+              "1 MiB file, connection per request, wrk -t2 -c8 -d5s|-t2 -c8 -d5s|/big.bin"; do
+    IFS='|' read -r name args path <<<"$spec"
+    local overflows_before
+    overflows_before=$(ip netns exec "imago-$web_id" nstat -az TcpExtListenOverflows | awk '/ListenOverflows/ {print $2}')
+    d=(); p=()
+    for i in 1 2 3 4 5; do
+      # Alternate which goes first, so a load change during the run hits both sides alike.
+      if [ $((i % 2)) = 1 ]; then
+        d+=("$(wrk_run "$args" "$web_addr:8080" "$path")"); p+=("$(wrk_run "$args" "127.0.0.1:$port" "$path")")
+      else
+        p+=("$(wrk_run "$args" "127.0.0.1:$port" "$path")"); d+=("$(wrk_run "$args" "$web_addr:8080" "$path")")
+      fi
+    done
+    name="$name; the instance's listen queue overflowed $(( $(ip netns exec "imago-$web_id" nstat -az TcpExtListenOverflows | awk '/ListenOverflows/ {print $2}') - overflows_before )) times"
+    rows+=("$name|$(printf '%s\n' "${d[@]}" | med)|$(printf '%s\n' "${p[@]}" | med)")
+  done
+  local c
+  for c in 1 16; do
+    d=(); p=()
+    for i in 1 2 3 4 5; do
+      d+=("$("$pingpong" "$echo_addr:8080" 3 64 "$c" | awk '{print $1, $5 "us"}')")
+      p+=("$("$pingpong" "127.0.0.1:$((port + 1))" 3 64 "$c" | awk '{print $1, $5 "us"}')")
+    done
+    rows+=("$c long connection(s), 64-byte echo round trips (pingpong, 3 s)|$(printf '%s\n' "${d[@]}" | med)|$(printf '%s\n' "${p[@]}" | med)")
+  done
+  proxy_load_after=$(cut -d' ' -f1-3 /proc/loadavg)
+}
+
+rolling=""; proxy_done=""
+if [ "$what" = all ] || [ "$what" = rolling ]; then rolling_bench; fi
+if [ "$what" = all ] || [ "$what" = proxy ]; then proxy_bench; proxy_done=yes; fi
 reconcile=$(cargo run --release -q -p imago-deploy --example reconcile_bench | tail -1 | awk -F'|' '{print $4}')
 
-cat <<TABLE
-| measurement | imago | reference | ratio |
-|---|---|---|---|
-| rolling update, 10 replicas, min_ready 1 s, max_surge 25% (median of 3) | ${rolling} s | lower bound ${bound} s (4 waves x (launch + first check + min_ready)); ${bound_stop} s with the 1 s stop grace of retired instances | $(echo "scale=2; $rolling / $bound" | bc)x / $(echo "scale=2; $rolling / $bound_stop" | bc)x |
-| rollback to a retained release, command to all instances serving it (median of 3) | ${rollback} s | | |
-| endpoint proxy, 1 instance, wrk -t2 -c16 -d5s (median of 3) | ${p_rps} req/s, p50 ${p_lat} | direct ${d_rps} req/s, p50 ${d_lat} | $ratio of direct |
-| one controller pass over 10,000 instances, fake provider | ${reconcile} | target < 50 ms | |
-TABLE
+echo "| measurement | imago | reference in the same run | ratio |"
+echo "|---|---|---|---|"
+if [ -n "$rolling" ]; then
+  echo "| rolling update, 10 replicas, min_ready 1 s, max_surge 25% (median of 3; load $rolling_load) | ${rolling} s | lower bound ${bound} s (4 waves x (launch ${launch} s + first check + min_ready)); ${bound_stop} s with the 1 s stop grace of retired instances | $(echo "scale=2; $rolling / $bound" | bc)x / $(echo "scale=2; $rolling / $bound_stop" | bc)x |"
+  case "$swarm" in
+    not*) echo "| Docker Swarm service update, same image and settings | | $swarm | |" ;;
+    *) echo "| same update under Docker Swarm 20.10 (\`docker service update\` to converged, median of 3: ${swarm_runs}) | ${rolling} s | ${swarm} s (swarm's own UpdateStatus start to completed: ${swarm_internal} s) | $(echo "scale=2; $rolling / $swarm" | bc)x of Swarm |" ;;
+  esac
+  echo "| rollback to a retained release, command to all instances serving it (median of 3) | ${rollback} s | | |"
+fi
+if [ -n "$proxy_done" ]; then
+  for row in "${rows[@]}"; do
+    IFS='|' read -r name d p <<<"$row"
+    read -r d_rps d_lat d_tr <<<"$d"; read -r p_rps p_lat p_tr <<<"$p"
+    echo "| endpoint proxy: $name (median of 5, load $proxy_load_before -> $proxy_load_after) | ${p_rps}/s, p50 ${p_lat}${p_tr:+, $p_tr/s} | direct ${d_rps}/s, p50 ${d_lat}${d_tr:+, $d_tr/s} | $(echo "scale=2; $p_rps / $d_rps" | bc) of direct |"
+  done
+fi
+echo "| one controller pass over 10,000 instances, fake provider | ${reconcile} | target < 50 ms | |"

@@ -862,8 +862,13 @@ impl Controller {
             })?;
         let routes = Routes::default();
         let (shutdown, rx) = tokio::sync::watch::channel(false);
-        self.runtime
-            .spawn(crate::proxy::serve(listener, routes.clone(), rx));
+        crate::proxy::spawn(listener, routes.clone(), rx).map_err(|e| {
+            DeployError::InvalidService {
+                service: service.to_owned(),
+                field: "port".into(),
+                reason: format!("cannot start the endpoint on {addr}: {e}"),
+            }
+        })?;
         self.db.event(
             Some(service),
             "endpoint",

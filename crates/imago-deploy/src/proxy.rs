@@ -5,18 +5,39 @@
 //! Clients never see which instance serves them, and never see an instance being replaced: a
 //! connection is only ever sent to a routed backend, and if that backend refuses, the next one is
 //! tried before the client notices anything.
+//!
+//! Cost per connection matters here (a backend that closes every connection makes the proxy pay
+//! an accept, a connect and two closes per request), so: each endpoint runs on its own thread with
+//! a current-thread runtime ([`spawn`]), where accepting, connecting and relaying never wake
+//! another thread; the routed set is a shared snapshot, so picking a backend allocates nothing;
+//! small messages are relayed with one `recv` and one `send`; and a direction that fills the
+//! relay buffer (a large body) switches to `splice(2)` through a pooled pipe, so the bytes never
+//! enter user space.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::net::{TcpListener, TcpStream};
+use rustix::pipe::{PipeFlags, SpliceFlags};
+use tokio::io::Interest;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 
 /// How long one connect attempt to a backend may take before the next backend is tried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// One `recv` of this size carries a whole request or response of a typical small page; a read
+/// that fills it marks a bulk transfer, which continues with `splice`.
+const RELAY_BUFFER: usize = 16 * 1024;
+/// Pipe capacity asked for bulk transfers (`/proc/sys/fs/pipe-max-size` is 1 MiB by default):
+/// the larger the pipe, the fewer `splice` calls per megabyte.
+const PIPE_SIZE: usize = 1 << 20;
+/// Empty pipes kept per proxy thread for the next bulk transfer.
+const PIPE_POOL: usize = 32;
 
 #[derive(Debug)]
 struct Backend {
@@ -25,9 +46,18 @@ struct Backend {
     routed: bool,
 }
 
+#[derive(Debug, Clone)]
+struct Target {
+    addr: SocketAddr,
+    active: Arc<AtomicUsize>,
+}
+
 #[derive(Debug, Default)]
 struct Table {
     backends: BTreeMap<String, Backend>,
+    /// The routed backends in id order, rebuilt by [`Routes::set`] so that a new connection only
+    /// clones an `Arc`.
+    routed: Arc<[Target]>,
     next: usize,
 }
 
@@ -65,6 +95,15 @@ impl Routes {
         table
             .backends
             .retain(|_, b| b.routed || b.active.load(Ordering::SeqCst) > 0);
+        table.routed = table
+            .backends
+            .values()
+            .filter(|b| b.routed)
+            .map(|b| Target {
+                addr: b.addr,
+                active: b.active.clone(),
+            })
+            .collect();
     }
 
     /// Ids that currently get new connections.
@@ -99,36 +138,56 @@ impl Routes {
         }
     }
 
-    /// The routed backends in round-robin order, starting with the next one in turn.
-    fn candidates(&self) -> Vec<(String, SocketAddr, Arc<AtomicUsize>)> {
+    /// The routed backends and the index to start from, round-robin.
+    fn candidates(&self) -> (Arc<[Target]>, usize) {
         let mut table = self.lock();
-        let routed: Vec<_> = table
-            .backends
-            .iter()
-            .filter(|(_, b)| b.routed)
-            .map(|(id, b)| (id.clone(), b.addr, b.active.clone()))
-            .collect();
-        if routed.is_empty() {
-            return routed;
-        }
-        let start = table.next % routed.len();
+        let routed = table.routed.clone();
+        let start = match routed.len() {
+            0 => 0,
+            n => table.next % n,
+        };
         table.next = table.next.wrapping_add(1);
-        routed[start..]
-            .iter()
-            .chain(routed[..start].iter())
-            .cloned()
-            .collect()
+        (routed, start)
     }
 }
 
-/// Accepts connections on `listener` until `shutdown` turns true, forwarding each to a routed
-/// backend. A connection that no backend accepts is closed at once.
+/// Runs [`serve`] on a thread of its own with a current-thread runtime, so the relay never
+/// competes with the controller's runtime (health probes, API) for a worker and never pays a
+/// cross-thread wake-up. The thread ends once `shutdown` turns true (or its sender is dropped)
+/// and the connections open at that moment have closed.
+pub fn spawn(
+    listener: TcpListener,
+    routes: Routes,
+    shutdown: watch::Receiver<bool>,
+) -> io::Result<std::thread::JoinHandle<()>> {
+    // The listener is registered with the caller's runtime; move it to the proxy's own.
+    let listener = listener.into_std()?;
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name(format!("imago-proxy-{port}"))
+        .spawn(move || {
+            runtime.block_on(async move {
+                // from_std fails only without a reactor, which this runtime has.
+                if let Ok(listener) = TcpListener::from_std(listener) {
+                    serve(listener, routes, shutdown).await;
+                }
+            });
+        })
+}
+
+/// Accepts connections on `listener` until `shutdown` turns true (or its sender is dropped),
+/// forwarding each to a routed backend; then waits for the open connections to close. A
+/// connection that no backend accepts is closed at once.
 pub async fn serve(listener: TcpListener, routes: Routes, mut shutdown: watch::Receiver<bool>) {
+    let open = Arc::new(AtomicUsize::new(0));
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            _ = shutdown.changed() => {
-                if *shutdown.borrow() { return; }
+            changed = shutdown.changed() => {
+                if changed.is_err() || *shutdown.borrow() { break; }
                 continue;
             }
         };
@@ -138,30 +197,203 @@ pub async fn serve(listener: TcpListener, routes: Routes, mut shutdown: watch::R
             continue;
         };
         let routes = routes.clone();
+        let guard = Count::new(&open);
         tokio::spawn(async move {
-            let _ = client.set_nodelay(true);
             forward(client, routes).await;
+            drop(guard);
+        });
+    }
+    drop(listener);
+    // Connections accepted before the shutdown are relayed to their end (they may be draining).
+    while open.load(Ordering::SeqCst) > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Holds one unit of a counter for as long as it lives, also when its task is cancelled.
+struct Count(Arc<AtomicUsize>);
+
+impl Count {
+    fn new(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Count(counter.clone())
+    }
+}
+
+impl Drop for Count {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn forward(client: TcpStream, routes: Routes) {
+    let (targets, start) = routes.candidates();
+    let n = targets.len();
+    for target in targets.iter().cycle().skip(start).take(n) {
+        // Count the connection before connecting, so a drain never misses one in flight.
+        let _count = Count::new(&target.active);
+        if let Ok(upstream) = connect(target.addr).await {
+            let _ = client.set_nodelay(true);
+            let _ = relay(&client, &upstream).await;
+            return;
+        }
+    }
+}
+
+async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_nodelay(true)?;
+    tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(addr))
+        .await
+        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
+}
+
+/// Relays both directions until both reached end of file (each end's write side is shut down
+/// when its peer's read side ends) or one fails.
+async fn relay(client: &TcpStream, upstream: &TcpStream) -> io::Result<()> {
+    let client_done = AtomicBool::new(false);
+    let upstream_done = AtomicBool::new(false);
+    tokio::try_join!(
+        pump(client, upstream, &client_done, &upstream_done),
+        pump(upstream, client, &upstream_done, &client_done),
+    )?;
+    Ok(())
+}
+
+/// Copies `src` to `dst` until `src` ends, then shuts `dst`'s write side down, unless the other
+/// direction has ended too: then both sockets are about to be closed, which sends the same FIN.
+async fn pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    done: &AtomicBool,
+    other_done: &AtomicBool,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; RELAY_BUFFER];
+    loop {
+        src.readable().await?;
+        let mut got = 0;
+        let read = src.try_io(Interest::READABLE, || {
+            got = rustix::net::recv(src, &mut buf[..], rustix::net::RecvFlags::empty())?.0;
+            // A TCP recv that returns less than asked emptied the receive queue, so the next
+            // one would only say EAGAIN: report "would block" now, which makes tokio forget
+            // the readiness and wait for the next edge, saving that syscall per message.
+            // Data arriving after this recv raises a new edge; an end of file that came with
+            // this data stays visible (tokio never clears the closed state).
+            if got > 0 && got < buf.len() {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(got)
+        });
+        let n = match read {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => got,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            break;
+        }
+        write_all(dst, &buf[..n]).await?;
+        if n == buf.len() {
+            drop(buf);
+            splice_all(src, dst).await?;
+            break;
+        }
+    }
+    done.store(true, Ordering::SeqCst);
+    if !other_done.load(Ordering::SeqCst) {
+        // ENOTCONN when the peer is gone already: nothing left to tell it.
+        let _ = rustix::net::shutdown(dst, rustix::net::Shutdown::Write);
+    }
+    Ok(())
+}
+
+async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        dst.writable().await?;
+        match dst.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// An empty pipe for [`splice_all`].
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+thread_local! {
+    static PIPES: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Pipe {
+    fn take() -> io::Result<Pipe> {
+        if let Some(pipe) = PIPES.with(|p| p.borrow_mut().pop()) {
+            return Ok(pipe);
+        }
+        let (read, write) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
+        // Best effort: a smaller pipe only means more splice calls.
+        let _ = rustix::pipe::fcntl_setpipe_size(&write, PIPE_SIZE);
+        Ok(Pipe { read, write })
+    }
+
+    /// Keeps an empty pipe for the next transfer (a pipe with bytes left in it is dropped).
+    fn give_back(self) {
+        PIPES.with(|p| {
+            let mut pool = p.borrow_mut();
+            if pool.len() < PIPE_POOL {
+                pool.push(self);
+            }
         });
     }
 }
 
-async fn forward(mut client: TcpStream, routes: Routes) {
-    for (_, addr, active) in routes.candidates() {
-        // Count the connection before connecting, so a drain never misses one in flight.
-        active.fetch_add(1, Ordering::SeqCst);
-        let connected = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await;
-        match connected {
-            Ok(Ok(mut upstream)) => {
-                let _ = upstream.set_nodelay(true);
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-                active.fetch_sub(1, Ordering::SeqCst);
-                return;
-            }
-            _ => {
-                active.fetch_sub(1, Ordering::SeqCst);
+/// Moves everything `src` still sends to `dst` through a pipe with `splice(2)`: the kernel
+/// hands the socket buffers' pages over without copying them through user space.
+async fn splice_all(src: &TcpStream, dst: &TcpStream) -> io::Result<()> {
+    let pipe = Pipe::take()?;
+    let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+    loop {
+        src.readable().await?;
+        let filled = src.try_io(Interest::READABLE, || {
+            Ok(rustix::pipe::splice(
+                src,
+                None,
+                &pipe.write,
+                None,
+                PIPE_SIZE,
+                flags,
+            )?)
+        });
+        let mut left = match filled {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        while left > 0 {
+            dst.writable().await?;
+            let sent = dst.try_io(Interest::WRITABLE, || {
+                Ok(rustix::pipe::splice(
+                    &pipe.read, None, dst, None, left, flags,
+                )?)
+            });
+            match sent {
+                Ok(n) => left -= n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
             }
         }
     }
+    pipe.give_back();
+    Ok(())
 }
 
 #[cfg(test)]
@@ -194,12 +426,120 @@ mod tests {
         out
     }
 
+    /// An endpoint on its own thread, as the controller runs it.
     async fn endpoint(routes: Routes) -> (SocketAddr, watch::Sender<bool>) {
+        let (addr, tx, _thread) = endpoint_thread(routes).await;
+        (addr, tx)
+    }
+
+    async fn endpoint_thread(
+        routes: Routes,
+    ) -> (SocketAddr, watch::Sender<bool>, std::thread::JoinHandle<()>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = watch::channel(false);
-        tokio::spawn(serve(listener, routes, rx));
-        (addr, tx)
+        let thread = spawn(listener, routes, rx).unwrap();
+        (addr, tx, thread)
+    }
+
+    /// Deterministic bytes that no two offsets of a shifted copy share.
+    fn pattern(len: usize) -> Vec<u8> {
+        let mut x: u32 = 0x1234_5678;
+        (0..len)
+            .map(|_| {
+                x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (x >> 24) as u8
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn large_bodies_cross_intact_in_both_directions_and_half_close_is_kept() {
+        // A backend that reads the whole upload (until the client shuts its write side), then
+        // answers with the upload reversed and closes.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let backend = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    s.read_to_end(&mut got).await.unwrap();
+                    got.reverse();
+                    s.write_all(&got).await.unwrap();
+                });
+            }
+        });
+        let routes = Routes::default();
+        routes.set(&[("big".into(), backend)]);
+        let (ep, _stop) = endpoint(routes.clone()).await;
+        // Twice: the second transfer reuses the first one's pipes.
+        for len in [3 * 1024 * 1024 + 17, 5 * 1024 * 1024] {
+            let upload = pattern(len);
+            let mut s = TcpStream::connect(ep).await.unwrap();
+            s.write_all(&upload).await.unwrap();
+            s.shutdown().await.unwrap();
+            let mut answer = Vec::new();
+            s.read_to_end(&mut answer).await.unwrap();
+            let mut expected = upload;
+            expected.reverse();
+            assert_eq!(answer.len(), expected.len());
+            assert!(answer == expected, "bytes changed on the way");
+        }
+        assert!(routes.drain("big", Duration::from_secs(5)).await);
+    }
+
+    #[tokio::test]
+    async fn a_stopped_endpoint_refuses_new_connections_and_finishes_open_ones() {
+        // A backend that echoes until the client closes.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let echo = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 64];
+            loop {
+                let n = s.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                s.write_all(&buf[..n]).await.unwrap();
+            }
+        });
+        let routes = Routes::default();
+        routes.set(&[("echo".into(), echo)]);
+        let (ep, stop, thread) = endpoint_thread(routes.clone()).await;
+        let mut open = TcpStream::connect(ep).await.unwrap();
+        open.write_all(b"one").await.unwrap();
+        let mut buf = [0u8; 3];
+        open.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"one");
+        stop.send(true).unwrap();
+        let mut refused = false;
+        for _ in 0..100 {
+            if TcpStream::connect(ep).await.is_err() {
+                refused = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(refused, "the endpoint still accepts after its shutdown");
+        // The connection opened before the shutdown is still relayed.
+        open.write_all(b"two").await.unwrap();
+        open.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"two");
+        assert!(!thread.is_finished());
+        drop(open);
+        assert!(routes.drain("echo", Duration::from_secs(5)).await);
+        for _ in 0..250 {
+            if thread.is_finished() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            thread.is_finished(),
+            "the proxy thread outlived its last connection"
+        );
     }
 
     #[tokio::test]
