@@ -101,6 +101,22 @@ fn lifecycle(runtime: &str) {
     );
     assert_eq!(list[0]["id"], web.as_str());
     assert_eq!(list[0]["status"], "running");
+    // The single-threaded `imago run` forked its supervisor (no exec of imago): the supervisor
+    // kept the launcher's argv, took its own name, and holds none of the launcher's descriptors
+    // (`imago.run` reads stdout to EOF, so a copy of it held here would have hung the test).
+    let sup = list[0]["supervisor_pid"].as_i64().expect("supervisor pid");
+    let comm = std::fs::read_to_string(format!("/proc/{sup}/comm")).unwrap();
+    assert_eq!(comm.trim_end(), "imago-supervise");
+    let argv = std::fs::read(format!("/proc/{sup}/cmdline")).unwrap();
+    let argv: Vec<&[u8]> = argv.split(|b| *b == 0).collect();
+    assert!(
+        argv.contains(&&b"run"[..]) && !argv.contains(&&b"__supervise"[..]),
+        "{argv:?}"
+    );
+    for fd in 0..3 {
+        let target = std::fs::read_link(format!("/proc/{sup}/fd/{fd}")).unwrap();
+        assert_eq!(target, std::path::Path::new("/dev/null"), "fd {fd}");
+    }
     let addr = list[0]["address"].as_str().expect("address").to_owned();
     let human = imago.run(&["ps"]).ok().stdout();
     assert!(human.contains(&addr) && human.contains("web"), "{human}");

@@ -12,11 +12,12 @@ use std::ffi::OsString;
 use std::fs;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
 use crate::bundle::{BundleContext, runtime_config, write_bundle};
@@ -71,6 +72,9 @@ pub fn cgroups_path(id: &str) -> String {
 pub struct SupervisorCommand {
     pub program: PathBuf,
     pub args: Vec<OsString>,
+    /// When the launching process is single-threaded, fork it into the supervisor instead
+    /// (see [`crate::supervisor::fork_supervisor`]); `program` stays the fallback.
+    pub fork_when_single_threaded: bool,
 }
 
 impl SupervisorCommand {
@@ -81,6 +85,7 @@ impl SupervisorCommand {
         Ok(SupervisorCommand {
             program,
             args: vec!["__supervise".into()],
+            fork_when_single_threaded: true,
         })
     }
 }
@@ -91,7 +96,7 @@ pub struct LocalProvider {
     supervisor: SupervisorCommand,
     ipam: Ipam,
     /// Supervisors this process started, reaped once they exit (they outlive us otherwise).
-    children: Mutex<HashMap<String, Child>>,
+    children: Mutex<HashMap<String, Pid>>,
 }
 
 impl std::fmt::Debug for LocalProvider {
@@ -154,7 +159,12 @@ impl LocalProvider {
 
     fn reap_children(&self) {
         let mut children = self.children.lock().unwrap_or_else(|e| e.into_inner());
-        children.retain(|_, c| !matches!(c.try_wait(), Ok(Some(_))));
+        children.retain(|_, pid| {
+            matches!(
+                waitpid(*pid, Some(WaitPidFlag::WNOHANG)),
+                Ok(WaitStatus::StillAlive)
+            )
+        });
     }
 
     fn wait_child(&self, id: &str) {
@@ -163,8 +173,8 @@ impl LocalProvider {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
-        if let Some(mut c) = child {
-            let _ = c.wait();
+        if let Some(pid) = child {
+            let _ = waitpid(pid, None);
         }
     }
 
@@ -217,36 +227,31 @@ impl LocalProvider {
     }
 
     fn spawn_supervisor(&self, id: &str, dir: &InstanceDir) -> Result<Instance, RuntimeError> {
-        let spawned = Command::new(&self.supervisor.program)
-            .args(&self.supervisor.args)
-            .arg(&self.layout.home)
-            .arg(id)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn();
-        let mut child = match spawned {
-            Ok(c) => c,
-            Err(e) => {
-                let reason = format!(
-                    "cannot start the supervisor {}: {e}",
-                    self.supervisor.program.display()
-                );
-                self.record_launch_failure(dir, &reason);
-                return Err(RuntimeError::StartFailed {
-                    id: id.to_owned(),
-                    reason,
-                });
-            }
+        let forked = if self.supervisor.fork_when_single_threaded {
+            // A multi-threaded launcher (the deploy controller) gets an error here and execs.
+            crate::supervisor::fork_supervisor(&self.layout.home, id).ok()
+        } else {
+            None
+        };
+        let (pid, handshake) = match forked {
+            Some(started) => started,
+            None => match self.exec_supervisor(id) {
+                Ok(started) => started,
+                Err(reason) => {
+                    self.record_launch_failure(dir, &reason);
+                    return Err(RuntimeError::StartFailed {
+                        id: id.to_owned(),
+                        reason,
+                    });
+                }
+            },
         };
         let mut line = String::new();
-        if let Some(out) = child.stdout.take() {
-            let _ = BufReader::new(out).read_line(&mut line);
-        }
+        let _ = BufReader::new(handshake).read_line(&mut line);
         self.children
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id.to_owned(), child);
+            .insert(id.to_owned(), pid);
         let line = line.trim_end();
         if line.starts_with("ok") {
             return dir.read_state();
@@ -260,6 +265,31 @@ impl LocalProvider {
             id: id.to_owned(),
             reason,
         })
+    }
+
+    /// Starts `program args... HOME ID` with its stdout as the handshake pipe.
+    fn exec_supervisor(&self, id: &str) -> Result<(Pid, fs::File), String> {
+        let mut child = Command::new(&self.supervisor.program)
+            .args(&self.supervisor.args)
+            .arg(&self.layout.home)
+            .arg(id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                format!(
+                    "cannot start the supervisor {}: {e}",
+                    self.supervisor.program.display()
+                )
+            })?;
+        let pid = Pid::from_raw(child.id() as i32);
+        // std does not reap on drop: the pid is waited for through `children`.
+        let out = child
+            .stdout
+            .take()
+            .ok_or_else(|| "the supervisor has no stdout pipe".to_owned())?;
+        Ok((pid, fs::File::from(std::os::fd::OwnedFd::from(out))))
     }
 
     /// Marks the instance failed (unless its supervisor already did) and, since nothing runs,

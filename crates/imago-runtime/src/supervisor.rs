@@ -30,6 +30,93 @@ use crate::local::Layout;
 use crate::state::{Instance, InstanceDir, Status, now_ms, process_start_time};
 use crate::{Engine, RuntimeError};
 
+/// The supervisor's command name (comm), at most 15 bytes.
+pub const SUPERVISOR_NAME: &std::ffi::CStr = c"imago-supervise";
+
+/// Whether this process has exactly one thread, so that fork() copies all of it.
+pub fn single_threaded() -> bool {
+    // /proc/self/task lists every thread; status would need a parse for the same answer.
+    match fs::read_dir("/proc/self/task") {
+        Ok(rd) => rd.take(2).count() == 1,
+        Err(_) => false,
+    }
+}
+
+/// Starts the supervisor of `id` by forking this process instead of exec'ing a program: it saves
+/// the exec of the (large) imago binary, its dynamic loading and its startup. Returns the child's
+/// pid and the read end of its handshake pipe. The caller must be single-threaded
+/// ([`single_threaded`]); otherwise (or if this fails) it uses a [`crate::SupervisorCommand`].
+pub fn fork_supervisor(home: &Path, id: &str) -> Result<(Pid, File), RuntimeError> {
+    let err = |reason: String| RuntimeError::Supervisor {
+        id: id.to_owned(),
+        reason,
+    };
+    if !single_threaded() {
+        return Err(err("the launcher is multi-threaded".into()));
+    }
+    let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
+        .map_err(|e| err(format!("cannot create the handshake pipe: {e}")))?;
+    // Opened before the fork so that the child only rearranges descriptors.
+    let null = File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(RuntimeError::io("cannot open", "/dev/null"))?;
+    match fork_single_threaded().map_err(|e| err(format!("cannot fork: {e}")))? {
+        nix::unistd::ForkResult::Parent { child } => Ok((child, File::from(read))),
+        nix::unistd::ForkResult::Child => {
+            drop(read);
+            let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                forked_supervisor(home, id, write, null)
+            }))
+            .unwrap_or(101);
+            // Never return into the launcher's stack (no destructor of its state runs). Like the
+            // exec'd supervisor, exit through std: its only cleanup is flushing std's stdout
+            // buffer, which now goes to /dev/null; imago registers no atexit handlers.
+            std::process::exit(code)
+        }
+    }
+}
+
+/// fork(2), for a caller that has checked [`single_threaded`] just before.
+#[allow(unsafe_code)]
+fn fork_single_threaded() -> nix::Result<nix::unistd::ForkResult> {
+    // SAFETY: fork is unsound in a multi-threaded process because the child gets only the
+    // calling thread while locks (allocator, stdio) may be held by threads that vanish. The
+    // caller is single-threaded (checked right before; only this thread could have started
+    // another one since), so the child is a complete copy with no lock held by anyone else.
+    unsafe { nix::unistd::fork() }
+}
+
+/// The forked child: the same descriptors as an exec'd supervisor (stdin and stderr
+/// /dev/null, stdout the handshake pipe, nothing else), then [`supervise`].
+fn forked_supervisor(home: &Path, id: &str, handshake: OwnedFd, null: File) -> i32 {
+    use std::os::fd::AsRawFd;
+    // The launcher's stdout may be a pipe its caller reads to EOF (`$(imago run ...)`): no
+    // copy of it, nor of any other launcher descriptor, may stay open here.
+    for target in 0..=2 {
+        if nix::unistd::dup2(null.as_raw_fd(), target).is_err() {
+            return 1;
+        }
+    }
+    drop(null);
+    let keep = handshake.as_raw_fd();
+    let open: Vec<i32> = match fs::read_dir("/proc/self/fd") {
+        Ok(rd) => rd
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+            .collect(),
+        Err(_) => return 1,
+    };
+    for fd in open {
+        if fd > 2 && fd != keep {
+            let _ = nix::unistd::close(fd);
+        }
+    }
+    let mut handshake = File::from(handshake);
+    supervise(home, id, &mut handshake)
+}
+
 /// Each log file is rotated when it would grow past this; one rotated file is kept.
 pub const LOG_MAX_BYTES: u64 = 1 << 20;
 /// Grace period when the stop request does not say otherwise.
@@ -40,6 +127,8 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 pub fn supervise(home: &Path, id: &str, handshake: &mut dyn Write) -> i32 {
     // A new session: the launcher's terminal and process group no longer reach us.
     let _ = nix::unistd::setsid();
+    // One name in `ps` whether it was exec'd or forked from the launcher (whose argv it keeps).
+    let _ = nix::sys::prctl::set_name(SUPERVISOR_NAME);
     let layout = Layout::new(home);
     let dir = layout.instance_dir(id);
     let mut record = match dir.read_state() {

@@ -162,6 +162,7 @@ pub fn supervisor_command() -> SupervisorCommand {
     SupervisorCommand {
         program: PathBuf::from(env!("CARGO_BIN_EXE_imago-runtime-supervisor")),
         args: vec![],
+        fork_when_single_threaded: false,
     }
 }
 
