@@ -543,17 +543,10 @@ impl StateDb {
 
     /// Images whose unpacked tree was set aside as modified, and when (the latest time).
     pub fn tainted(&self) -> Result<HashMap<Digest, u64>, DeployError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT image_digest, at_ms FROM tainted_images")
-            .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?)))
-            .map_err(|e| self.err(e))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| self.err(e))?;
         let mut tainted = HashMap::new();
-        for (text, at_ms) in rows {
+        for (text, at_ms) in
+            self.text_and_number("SELECT image_digest, at_ms FROM tainted_images")?
+        {
             let digest = text.parse().map_err(|e: imago_oci::DigestError| {
                 self.err(rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
             })?;
@@ -606,14 +599,21 @@ impl StateDb {
 
     /// Instances being drained: id -> deadline (ms).
     pub fn draining(&self) -> Result<BTreeMap<String, u64>, DeployError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT id, drain_deadline_ms FROM instances WHERE state = 'draining'")
-            .map_err(|e| self.err(e))?;
+        Ok(self
+            .text_and_number(
+                "SELECT id, drain_deadline_ms FROM instances WHERE state = 'draining'",
+            )?
+            .into_iter()
+            .collect())
+    }
+
+    /// The rows of a query that selects a text and a number.
+    fn text_and_number(&self, sql: &str) -> Result<Vec<(String, u64)>, DeployError> {
+        let mut stmt = self.conn.prepare(sql).map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?)))
             .map_err(|e| self.err(e))?
-            .collect::<Result<BTreeMap<_, _>, _>>()
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| self.err(e))?;
         Ok(rows)
     }
