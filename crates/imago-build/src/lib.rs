@@ -64,11 +64,6 @@ pub enum BuildError {
         image: String,
         differences: Vec<String>,
     },
-    #[error("writing {}: {source}", path.display())]
-    Archive {
-        path: PathBuf,
-        source: std::io::Error,
-    },
     #[error("importing {}: {message}", path.display())]
     Import { path: PathBuf, message: String },
     #[error("internal error: {0}")]

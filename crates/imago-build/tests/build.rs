@@ -581,8 +581,8 @@ fn archives_are_readable_and_reproducible() {
     ] {
         let a = h._tmp.path().join(format!("{prefix}-a.tar"));
         let b = h._tmp.path().join(format!("{prefix}-b.tar"));
-        write_archive(&store, &built, "app:latest", format, &a, 1_700_000_000).unwrap();
-        write_archive(&store, &built, "app:latest", format, &b, 1_700_000_000).unwrap();
+        write_archive(&store, &built, "app:latest", format, &a).unwrap();
+        write_archive(&store, &built, "app:latest", format, &b).unwrap();
         assert_eq!(fs::read(&a).unwrap(), fs::read(&b).unwrap());
         if !have("skopeo") {
             assert!(std::env::var_os("CI").is_none(), "CI must have skopeo");
@@ -629,7 +629,6 @@ fn builds_on_archive_bases() {
         "app:latest",
         ArchiveFormat::Oci,
         &dir.join("base-oci.tar"),
-        0,
     )
     .unwrap();
     write_archive(
@@ -638,7 +637,6 @@ fn builds_on_archive_bases() {
         "app:latest",
         ArchiveFormat::Docker,
         &dir.join("base-docker.tar"),
-        0,
     )
     .unwrap();
     let child = |from: &str| {

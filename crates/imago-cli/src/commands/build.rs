@@ -101,14 +101,7 @@ pub fn build(ctx: &Context, args: BuildArgs) -> Result<()> {
             }
         }
         if let Some((format, path)) = &output {
-            write_archive(
-                &store,
-                &built,
-                &format!("{name}:latest"),
-                *format,
-                path,
-                args.source_date_epoch,
-            )?;
+            write_archive(&store, &built, &format!("{name}:latest"), *format, path)?;
             ctx.reporter.status(format!("wrote {}", path.display()));
         }
         let cached = built
