@@ -52,6 +52,10 @@ const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/b
 /// Size of each writable tmpfs (/tmp, /run).
 const TMPFS_SIZE: &str = "size=16m";
 
+/// The instance's own small writable tmpfs mounts and their modes: with volumes, the only
+/// writable places. Volume targets below them need no mount point in the image.
+pub(crate) const TMPFS_MOUNTS: &[(&str, &str)] = &[("/tmp", "1777"), ("/run", "755")];
+
 /// Inputs that are not in the spec: where things are on this host.
 #[derive(Debug, Clone)]
 pub struct BundleContext<'a> {
@@ -206,32 +210,36 @@ pub fn runtime_config(
         .take(63)
         .collect();
 
-    let mut mounts = json!([
-        {"destination": "/proc", "type": "proc", "source": "proc"},
-        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
-        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
-         "options": ["nosuid", "noexec", "nodev"]},
-        {"destination": "/sys", "type": "sysfs", "source": "sysfs",
-         "options": ["nosuid", "noexec", "nodev", "ro"]},
-        {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
-         "options": ["nosuid", "nodev", "mode=1777", TMPFS_SIZE]},
-        {"destination": "/run", "type": "tmpfs", "source": "tmpfs",
-         "options": ["nosuid", "nodev", "mode=755", TMPFS_SIZE]},
-    ]);
-    if let Some(list) = mounts.as_array_mut() {
-        for volume in ctx.volumes {
-            list.push(json!({
-                "destination": volume.target,
-                "type": "bind",
-                "source": volume.source,
-                "options": ["rbind", "nosuid", "nodev", if volume.read_only { "ro" } else { "rw" }],
-            }));
-        }
+    let mut mounts = vec![
+        json!({"destination": "/proc", "type": "proc", "source": "proc"}),
+        json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
+        json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]}),
+        json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
+        json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+         "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
+         "options": ["nosuid", "noexec", "nodev", "ro"]}),
+    ];
+    for (destination, mode) in TMPFS_MOUNTS {
+        mounts.push(
+            json!({"destination": destination, "type": "tmpfs", "source": "tmpfs",
+            "options": ["nosuid", "nodev", format!("mode={mode}"), TMPFS_SIZE]}),
+        );
+    }
+    // Parents before children, whatever order they were given in: a volume at /data bound
+    // after one at /data/sub would hide it (docker sorts the same way).
+    let mut volumes: Vec<&MountedVolume> = ctx.volumes.iter().collect();
+    volumes.sort_by_key(|v| v.target.split('/').filter(|p| !p.is_empty()).count());
+    for volume in volumes {
+        mounts.push(json!({
+            "destination": volume.target,
+            "type": "bind",
+            "source": volume.source,
+            "options": ["rbind", "nosuid", "nodev", if volume.read_only { "ro" } else { "rw" }],
+        }));
     }
 
     Ok(json!({

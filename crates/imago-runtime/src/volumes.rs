@@ -21,9 +21,6 @@ use serde::{Deserialize, Serialize};
 use crate::spec::{VolumeMount, VolumeSource};
 use crate::{InstanceSpec, RuntimeError};
 
-/// Where the instance's own tmpfs mounts are: targets below them need no mount point in the image.
-const TMPFS_MOUNTS: &[&str] = &["/tmp", "/run"];
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VolumeKind {
@@ -109,9 +106,9 @@ fn image_entry(rootfs: &Path, target: &str) -> Option<bool> {
 }
 
 fn on_own_tmpfs(target: &str) -> bool {
-    TMPFS_MOUNTS
+    crate::bundle::TMPFS_MOUNTS
         .iter()
-        .any(|t| Path::new(target).starts_with(t) && target != *t)
+        .any(|(t, _)| Path::new(target).starts_with(t) && target != *t)
 }
 
 /// Resolves every volume of one instance, creating named and anonymous volumes as needed.
@@ -133,7 +130,8 @@ pub fn prepare(
         .filter(|t| !covered.contains(t.as_str()))
         .collect();
     for (index, target) in declared.into_iter().enumerate() {
-        if image_entry(rootfs, &target) != Some(true) && !on_own_tmpfs(&target) {
+        let in_image = image_entry(rootfs, &target) == Some(true);
+        if !in_image && !on_own_tmpfs(&target) {
             return Err(RuntimeError::InvalidImage {
                 digest: spec.image.clone(),
                 reason: format!(
@@ -143,7 +141,9 @@ pub fn prepare(
         }
         let source = instance_dir.join("volumes").join(index.to_string());
         fs::create_dir_all(&source).map_err(RuntimeError::io("cannot create", &source))?;
-        seed_from_image(rootfs, &target, &source)?;
+        if in_image {
+            seed_from_image(&image_dir(rootfs, &target), &source)?;
+        }
         mounted.push(MountedVolume {
             kind: VolumeKind::Anonymous,
             name: None,
@@ -182,7 +182,8 @@ fn prepare_explicit(
                     "volume {name} cannot be mounted at {target}: the image has a file there, not a directory"
                 )));
             }
-            let source = ensure_named(volumes_dir, name, rootfs, target)?;
+            let seed = (in_image == Some(true)).then(|| image_dir(rootfs, target));
+            let source = ensure_named(volumes_dir, name, seed.as_deref())?;
             Ok(MountedVolume {
                 kind: VolumeKind::Named,
                 name: Some(name.clone()),
@@ -216,13 +217,13 @@ fn prepare_explicit(
     }
 }
 
-/// `<volumes_dir>/<name>`, created (seeded from the image) if it does not exist yet. Creation is
-/// atomic: a temporary directory renamed into place, so concurrent launches agree on one volume.
+/// `<volumes_dir>/<name>`, created (seeded from the image's directory `seed`, if any) if it does
+/// not exist yet. Creation is atomic: a temporary directory renamed into place, so concurrent
+/// launches agree on one volume.
 fn ensure_named(
     volumes_dir: &Path,
     name: &str,
-    rootfs: &Path,
-    target: &str,
+    seed: Option<&Path>,
 ) -> Result<PathBuf, RuntimeError> {
     let path = volumes_dir.join(name);
     if path.is_dir() {
@@ -236,7 +237,9 @@ fn ensure_named(
             "cannot create a temporary directory in",
             volumes_dir,
         ))?;
-    seed_from_image(rootfs, target, tmp.path())?;
+    if let Some(seed) = seed {
+        seed_from_image(seed, tmp.path())?;
+    }
     let tmp_path = tmp.keep();
     if let Err(e) = fs::rename(&tmp_path, &path) {
         let _ = fs::remove_dir_all(&tmp_path);
@@ -252,16 +255,16 @@ fn ensure_named(
     Ok(path)
 }
 
-/// Copies what the image has at `target` (if it is a directory) into the new volume `dest`:
-/// directories, regular files and symlinks with their modes and owners. `dest` itself takes the
-/// mode and owner of the image's directory.
-fn seed_from_image(rootfs: &Path, target: &str, dest: &Path) -> Result<(), RuntimeError> {
-    if image_entry(rootfs, target) != Some(true) {
-        return Ok(());
-    }
-    let src = rootfs.join(target.trim_start_matches('/'));
-    copy_attributes(&src, dest)?;
-    copy_dir_contents(&src, dest)
+/// Where the image's directory `target` is in the unpacked tree.
+fn image_dir(rootfs: &Path, target: &str) -> PathBuf {
+    rootfs.join(target.trim_start_matches('/'))
+}
+
+/// Copies the image's directory `src` into the new volume `dest`: directories, regular files and
+/// symlinks with their modes and owners. `dest` itself takes the mode and owner of `src`.
+fn seed_from_image(src: &Path, dest: &Path) -> Result<(), RuntimeError> {
+    copy_attributes(src, dest)?;
+    copy_dir_contents(src, dest)
 }
 
 fn copy_attributes(src: &Path, dest: &Path) -> Result<(), RuntimeError> {
