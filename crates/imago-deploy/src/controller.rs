@@ -244,6 +244,9 @@ pub struct Controller {
     /// Instances whose passing health check was already recorded as an event (again after a
     /// restart, which is harmless: the event says what was observed).
     announced_ready: BTreeSet<String>,
+    /// Instances whose drift was already recorded as an event: a drifted instance may serve for
+    /// many passes until its replacement is ready, and one event says it.
+    announced_drift: BTreeSet<String>,
     /// Stops in progress (each takes up to the instance's grace period).
     stopping: HashMap<String, std::thread::JoinHandle<()>>,
     /// The rootfs cache to check for modifications, and how often.
@@ -279,6 +282,7 @@ impl Controller {
             bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             reported_unknown: BTreeSet::new(),
             announced_ready: BTreeSet::new(),
+            announced_drift: BTreeSet::new(),
             stopping: HashMap::new(),
             rootfs: None,
             last_rootfs_check: None,
@@ -386,6 +390,7 @@ impl Controller {
             keep
         });
         self.announced_ready.retain(|id| live.contains(id.as_str()));
+        self.announced_drift.retain(|id| live.contains(id.as_str()));
         // Stops of instances someone else removed meanwhile (`imago destroy`) are over.
         let listed: BTreeSet<&str> = instances.iter().map(|i| i.id.as_str()).collect();
         self.stopping.retain(|id, _| listed.contains(id.as_str()));
@@ -436,6 +441,14 @@ impl Controller {
         };
         self.endpoints.remove(service);
         for instance in own {
+            if self
+                .stopping
+                .get(&instance.id)
+                .is_some_and(|t| !t.is_finished())
+            {
+                // Its stop is under way: nothing to look up or decide until it ends.
+                continue;
+            }
             if instance.is_active() {
                 let grace = match instance.labels.get(LABEL_REVISION) {
                     Some(revision) => self
@@ -478,6 +491,20 @@ impl Controller {
             wake.nudge();
         });
         self.stopping.insert(id.to_owned(), task);
+    }
+
+    /// Records a drift event for `id`, once per instance (per controller run).
+    fn announce_drift(
+        &mut self,
+        service: &str,
+        id: &str,
+        message: &str,
+    ) -> Result<(), DeployError> {
+        if self.announced_drift.insert(id.to_owned()) {
+            self.db
+                .event(Some(service), "drift", message, &self.actor)?;
+        }
+        Ok(())
     }
 
     fn remove_instance(&mut self, id: &str) -> Result<(), DeployError> {
@@ -561,8 +588,7 @@ impl Controller {
                         "instance {} runs from a modified copy of {}: replacing it",
                         instance.id, instance.image
                     );
-                    self.db
-                        .event(Some(service), "drift", &message, &self.actor)?;
+                    self.announce_drift(service, &instance.id, &message)?;
                     pass.drift.push(message);
                 }
             } else if revision == release.revision
@@ -582,8 +608,7 @@ impl Controller {
                     expected_hash
                 );
                 if !draining.contains_key(&instance.id) {
-                    self.db
-                        .event(Some(service), "drift", &message, &self.actor)?;
+                    self.announce_drift(service, &instance.id, &message)?;
                     pass.drift.push(message);
                 }
             }

@@ -172,13 +172,25 @@ impl StateDb {
             .map_err(db_err)?;
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(db_err)?;
+        let known = MIGRATIONS.len() as i64;
+        // Readers (status, the API, gc roots) open the database often: a schema that is already
+        // current needs no write transaction (and no fsync).
+        let current: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(db_err)?;
+        if current == known {
+            return Ok(StateDb {
+                path: path.to_path_buf(),
+                conn,
+            });
+        }
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db_err)?;
+        // Read again under the write lock: another process may have migrated meanwhile.
         let version: i64 = tx
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(db_err)?;
-        let known = MIGRATIONS.len() as i64;
         if version > known {
             return Err(DeployError::SchemaTooNew {
                 path: path.to_path_buf(),
@@ -477,15 +489,32 @@ impl StateDb {
 
     /// Events after `since` (a sequence number), oldest first.
     pub fn events(&self, service: Option<&str>, since: u64) -> Result<Vec<Event>, DeployError> {
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT seq, at_ms, service, kind, message, actor FROM events
-                 WHERE seq > ?1 AND (?2 IS NULL OR service = ?2) ORDER BY seq",
-            )
-            .map_err(|e| self.err(e))?;
+        self.query_events(
+            "SELECT seq, at_ms, service, kind, message, actor FROM events
+             WHERE seq > ?1 AND (?2 IS NULL OR service = ?2) ORDER BY seq",
+            params![since, service],
+        )
+    }
+
+    /// The last `n` events of `service`, oldest first (without reading its whole history).
+    pub fn recent_events(&self, service: &str, n: u64) -> Result<Vec<Event>, DeployError> {
+        let mut events = self.query_events(
+            "SELECT seq, at_ms, service, kind, message, actor FROM events
+             WHERE service = ?1 ORDER BY seq DESC LIMIT ?2",
+            params![service, n],
+        )?;
+        events.reverse();
+        Ok(events)
+    }
+
+    fn query_events(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<Event>, DeployError> {
+        let mut stmt = self.conn.prepare(sql).map_err(|e| self.err(e))?;
         let rows = stmt
-            .query_map(params![since, service], |r| {
+            .query_map(params, |r| {
                 Ok(Event {
                     seq: r.get(0)?,
                     at_ms: r.get(1)?,

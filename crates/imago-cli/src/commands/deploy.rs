@@ -299,27 +299,33 @@ fn make_plan(
     store: &Store,
     db: &StateDb,
 ) -> Result<Vec<ServicePlan>> {
-    validate_all(&services.specs)?;
+    let all_limits = validate_all(&services.specs)?;
     let running = current_instances(ctx, store)?;
     let mut plans = Vec::new();
     for (name, spec) in &services.specs {
-        let limits = spec.validate(name)?;
+        let limits = all_limits[name];
         let (digest, rebuild) = match resolve_image(services, store, name, spec)? {
             ImageSource::Stored(d) => (Some(d), false),
-            ImageSource::Built(image) => {
-                match imago_build::build_image(
-                    store,
-                    &services.file,
-                    &image,
-                    &build_options(ctx, true),
-                    &mut |_| {},
-                ) {
-                    Ok(built) => (Some(built.digest), false),
-                    Err(imago_build::BuildError::CheckMismatch { .. })
-                    | Err(imago_build::BuildError::Store(_)) => (None, true),
-                    Err(e) => return Err(e.into()),
+            // A check build, with the same progress display as `imago build --check`.
+            ImageSource::Built(image) => match super::build::build_one(
+                ctx,
+                store,
+                &services.file,
+                &image,
+                &build_options(ctx, true),
+            ) {
+                Ok(built) => (Some(built.digest), false),
+                Err(e)
+                    if matches!(
+                        e.downcast_ref::<imago_build::BuildError>(),
+                        Some(imago_build::BuildError::CheckMismatch { .. })
+                            | Some(imago_build::BuildError::Store(_))
+                    ) =>
+                {
+                    (None, true)
                 }
-            }
+                Err(e) => return Err(e),
+            },
         };
         match &digest {
             Some(d) => check_ports(name, spec, d.short(), &exposed_ports_of(store, d)?)?,
@@ -502,18 +508,7 @@ pub fn apply(ctx: &Context, args: ApplyArgs) -> Result<()> {
     }
     ensure_controller(ctx, &home, &[])?;
     if args.no_wait {
-        let results = recorded
-            .into_iter()
-            .map(|(r, new)| ServiceResult {
-                service: r.service.clone(),
-                release: r.number,
-                digest: r.image_digest.clone(),
-                changed: new,
-                outcome: "pending".into(),
-                detail: String::new(),
-                rolled_back_to: None,
-            })
-            .collect();
+        let results = recorded.iter().map(|(r, new)| pending(r, *new)).collect();
         return ctx.reporter.emit(&ApplyResult(results));
     }
     let results = wait_for(ctx, &home, recorded, since, args.timeout)?;
@@ -760,7 +755,17 @@ pub fn serve(ctx: &Context, args: ServeArgs) -> Result<()> {
         ensure_controller(ctx, &home, &serve_args)?;
         return Ok(());
     }
-    let Some(_lock) = try_lock(&home.lock_path())? else {
+    // `controller_running` probes by taking the same lock for a moment: a probe (apply waiting
+    // for this very controller to start) must not be mistaken for another controller.
+    let mut lock = None;
+    for _ in 0..10 {
+        lock = try_lock(&home.lock_path())?;
+        if lock.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    let Some(_lock) = lock else {
         bail!("a controller already runs for {}", ctx.home.root.display());
     };
     let store = ctx.store()?;
@@ -935,8 +940,7 @@ pub fn status(ctx: &Context, args: StatusArgs) -> Result<()> {
                 image: i.image.clone(),
             })
             .collect();
-        let events = db.events(Some(&name), 0)?;
-        let recent_events = events.into_iter().rev().take(10).rev().collect();
+        let recent_events = db.recent_events(&name, 10)?;
         let last_failure = db
             .outcomes(&name)?
             .into_iter()
@@ -1071,7 +1075,9 @@ pub fn rollback(ctx: &Context, args: RollbackArgs) -> Result<()> {
     ));
     ensure_controller(ctx, &home, &[])?;
     if args.no_wait {
-        return Ok(());
+        return ctx
+            .reporter
+            .emit(&ApplyResult(vec![pending(&release, true)]));
     }
     let results = wait_for(ctx, &home, vec![(release, true)], since, args.timeout)?;
     let failed = results.iter().any(|r| r.outcome != "complete");
@@ -1080,6 +1086,19 @@ pub fn rollback(ctx: &Context, args: RollbackArgs) -> Result<()> {
         bail!("rollback of {} did not complete", args.service);
     }
     Ok(())
+}
+
+/// The result of a release handed to the controller without waiting for its rollout.
+fn pending(release: &Release, changed: bool) -> ServiceResult {
+    ServiceResult {
+        service: release.service.clone(),
+        release: release.number,
+        digest: release.image_digest.clone(),
+        changed,
+        outcome: "pending".into(),
+        detail: String::new(),
+        rolled_back_to: None,
+    }
 }
 
 #[derive(Debug, Args)]
@@ -1125,7 +1144,16 @@ pub fn destroy(ctx: &Context, args: DestroyArgs) -> Result<()> {
         .into_iter()
         .filter(|i| i.labels.get(LABEL_SERVICE) == Some(&args.service))
     {
-        match stop_and_remove(&provider, &instance.id) {
+        // The grace period the instance's own release gives it, as the controller uses.
+        let grace = instance
+            .labels
+            .get(LABEL_REVISION)
+            .map(|revision| db.release_with_revision(&args.service, revision))
+            .transpose()?
+            .flatten()
+            .map_or(Duration::from_secs(5), |r| r.spec.stop_grace_period);
+        ctx.reporter.status(format!("stopping {}", instance.id));
+        match stop_and_remove(&provider, &instance.id, grace) {
             Ok(()) => stopped += 1,
             Err(e) => failures.push(format!("{}: {e}", instance.id)),
         }
@@ -1143,10 +1171,14 @@ pub fn destroy(ctx: &Context, args: DestroyArgs) -> Result<()> {
     })
 }
 
-fn stop_and_remove(provider: &LocalProvider, id: &str) -> Result<(), imago_runtime::RuntimeError> {
+fn stop_and_remove(
+    provider: &LocalProvider,
+    id: &str,
+    grace: Duration,
+) -> Result<(), imago_runtime::RuntimeError> {
     use imago_runtime::RuntimeError::{NoSuchInstance, WrongState};
     for _ in 0..3 {
-        match provider.stop(id, Duration::from_secs(5)) {
+        match provider.stop(id, grace) {
             Ok(_) | Err(NoSuchInstance(_)) => {}
             Err(e) => return Err(e),
         }
