@@ -89,14 +89,23 @@ pub fn build(ctx: &Context, args: BuildArgs) -> Result<()> {
         cache_dir: (!args.no_cache).then(|| ctx.home.root.join("build-cache")),
         check: args.check,
     };
+    // Every --tag is checked before anything is built.
+    let extra_tags = names
+        .iter()
+        .map(|name| {
+            args.tags
+                .iter()
+                .map(|tag| extra_tag(name, tag, names.len()))
+                .collect::<Result<Vec<_>>>()
+        })
+        .collect::<Result<Vec<_>>>()?;
     let mut results = Vec::new();
-    for name in &names {
+    for (name, extra) in names.iter().zip(&extra_tags) {
         let built = build_one(ctx, &store, &file, name, &options)?;
         let mut tags = vec![format!("{name}:latest")];
         if !args.check {
-            for tag in &args.tags {
-                let reference = extra_tag(name, tag, names.len())?;
-                store.tag(&reference, &built.digest)?;
+            for reference in extra {
+                store.tag(reference, &built.digest)?;
                 tags.push(reference.to_string());
             }
         }
