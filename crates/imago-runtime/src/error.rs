@@ -32,6 +32,9 @@ pub enum RuntimeError {
     },
     #[error("invalid instance spec: {0}")]
     InvalidSpec(String),
+    /// A named volume that cannot be used or removed as asked.
+    #[error("{0}")]
+    Volume(String),
     #[error("no such instance {0}")]
     NoSuchInstance(String),
     #[error("instance {id} is {status}: {reason}")]

@@ -32,4 +32,4 @@ pub use spec::{
 };
 pub use state::{Instance, Status};
 pub use store_source::StoreImageSource;
-pub use volumes::{MountedVolume, VolumeKind};
+pub use volumes::{MountedVolume, NamedVolume, VolumeKind};

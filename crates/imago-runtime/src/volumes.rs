@@ -305,6 +305,84 @@ fn copy_dir_contents(src: &Path, dest: &Path) -> Result<(), RuntimeError> {
     Ok(())
 }
 
+/// A named volume and the instances (running or not, until removed) that mount it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NamedVolume {
+    pub name: String,
+    pub path: PathBuf,
+    pub instances: Vec<String>,
+}
+
+fn users_of(name: &str, instances: &[crate::Instance]) -> Vec<String> {
+    instances
+        .iter()
+        .filter(|i| {
+            i.volumes
+                .iter()
+                .any(|v| v.kind == VolumeKind::Named && v.name.as_deref() == Some(name))
+        })
+        .map(|i| i.id.clone())
+        .collect()
+}
+
+/// The named volumes in `volumes_dir`, sorted by name, with the instances that mount them.
+pub fn list_named(
+    volumes_dir: &Path,
+    instances: &[crate::Instance],
+) -> Result<Vec<NamedVolume>, RuntimeError> {
+    let entries = match fs::read_dir(volumes_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(RuntimeError::Io {
+                action: "cannot list",
+                path: volumes_dir.to_owned(),
+                source: e,
+            });
+        }
+    };
+    let mut list = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        // Volumes being created or removed are hidden directories (`.tmp-*`, `.rm-*`).
+        if name.starts_with('.') || !entry.path().is_dir() {
+            continue;
+        }
+        list.push(NamedVolume {
+            instances: users_of(&name, instances),
+            path: entry.path(),
+            name,
+        });
+    }
+    list.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(list)
+}
+
+/// Deletes the named volume `name` and its data, unless one of `instances` mounts it.
+pub fn remove_named(
+    volumes_dir: &Path,
+    name: &str,
+    instances: &[crate::Instance],
+) -> Result<(), RuntimeError> {
+    crate::spec::validate_volume_name(name)?;
+    let path = volumes_dir.join(name);
+    if !path.is_dir() {
+        return Err(RuntimeError::Volume(format!("no such volume {name}")));
+    }
+    let using = users_of(name, instances);
+    if !using.is_empty() {
+        return Err(RuntimeError::Volume(format!(
+            "volume {name} is mounted by instance(s) {}; remove them first",
+            using.join(", ")
+        )));
+    }
+    // Renamed away first, so the name is gone at once even if the removal is cut short;
+    // leftovers start with a dot and are never listed.
+    let doomed = volumes_dir.join(format!(".rm-{name}-{}", std::process::id()));
+    fs::rename(&path, &doomed).map_err(RuntimeError::io("cannot remove", &path))?;
+    fs::remove_dir_all(&doomed).map_err(RuntimeError::io("cannot remove", &doomed))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

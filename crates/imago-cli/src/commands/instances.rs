@@ -137,7 +137,11 @@ pub(crate) fn provider(ctx: &Context, images: Box<dyn ImageSource>) -> Result<Lo
 
 /// Finds an instance by id, unique id prefix, or unique name.
 fn find(provider: &LocalProvider, key: &str) -> Result<Instance> {
-    let all = provider.list()?;
+    find_in(&provider.list()?, key)
+}
+
+/// [`find`] in a list already read (commands that take several keys list once).
+fn find_in(all: &[Instance], key: &str) -> Result<Instance> {
     if let Some(i) = all.iter().find(|i| i.id == key) {
         return Ok(i.clone());
     }
@@ -274,9 +278,10 @@ pub fn ps(ctx: &Context, args: PsArgs) -> Result<()> {
 
 pub fn stop(ctx: &Context, args: StopArgs) -> Result<()> {
     let provider = provider(ctx, Box::new(NoImages))?;
+    let all = provider.list()?;
     let mut stopped = Vec::new();
     for key in &args.ids {
-        let id = find(&provider, key)?.id;
+        let id = find_in(&all, key)?.id;
         let instance = provider.stop(&id, Duration::from_secs(args.time))?;
         ctx.reporter.status(format!("stopped {id}"));
         stopped.push(instance);
@@ -301,9 +306,10 @@ impl Render for Removed {
 
 pub fn rm(ctx: &Context, args: RmArgs) -> Result<()> {
     let provider = provider(ctx, Box::new(NoImages))?;
+    let all = provider.list()?;
     let mut removed = Vec::new();
     for key in &args.ids {
-        let instance = find(&provider, key)?;
+        let instance = find_in(&all, key)?;
         if args.force && instance.status == Status::Running {
             provider.stop(&instance.id, Duration::from_secs(10))?;
         }

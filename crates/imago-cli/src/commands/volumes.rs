@@ -2,9 +2,9 @@
 
 use std::io::Write;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use clap::Subcommand;
-use imago_runtime::{Layout, Provider, VolumeKind};
+use imago_runtime::{NamedVolume, Provider, volumes};
 use serde::Serialize;
 
 use crate::Context;
@@ -23,16 +23,8 @@ pub enum VolumeCommand {
 }
 
 #[derive(Serialize)]
-struct VolumeInfo {
-    name: String,
-    path: String,
-    /// Instances (running or not, until removed) that mount it.
-    instances: Vec<String>,
-}
-
-#[derive(Serialize)]
 #[serde(transparent)]
-struct VolumeList(Vec<VolumeInfo>);
+struct VolumeList(Vec<NamedVolume>);
 
 impl Render for VolumeList {
     fn human(&self, out: &mut dyn Write) -> std::io::Result<()> {
@@ -51,61 +43,16 @@ impl Render for VolumeList {
 
 pub fn volume(ctx: &Context, cmd: VolumeCommand) -> Result<()> {
     let provider = provider(ctx, Box::new(NoImages))?;
-    let dir = Layout::new(&ctx.home.root).volumes();
+    let dir = provider.layout().volumes();
     let instances = provider.list()?;
-    let users = |name: &str| -> Vec<String> {
-        instances
-            .iter()
-            .filter(|i| {
-                i.volumes
-                    .iter()
-                    .any(|v| v.kind == VolumeKind::Named && v.name.as_deref() == Some(name))
-            })
-            .map(|i| i.id.clone())
-            .collect()
-    };
     match cmd {
-        VolumeCommand::Ls => {
-            let mut list = Vec::new();
-            if let Ok(entries) = std::fs::read_dir(&dir) {
-                for entry in entries.flatten() {
-                    let name = entry.file_name().to_string_lossy().into_owned();
-                    // Half-created volumes are temporary directories starting with a dot.
-                    if name.starts_with('.') || !entry.path().is_dir() {
-                        continue;
-                    }
-                    list.push(VolumeInfo {
-                        instances: users(&name),
-                        path: entry.path().display().to_string(),
-                        name,
-                    });
-                }
-            }
-            list.sort_by(|a, b| a.name.cmp(&b.name));
-            ctx.reporter.emit(&VolumeList(list))
-        }
+        VolumeCommand::Ls => ctx
+            .reporter
+            .emit(&VolumeList(volumes::list_named(&dir, &instances)?)),
         VolumeCommand::Rm { names } => {
             let mut removed = Vec::new();
             for name in names {
-                imago_runtime::spec::validate_volume_name(&name)?;
-                let path = dir.join(&name);
-                if !path.is_dir() {
-                    bail!("no such volume {name}");
-                }
-                let using = users(&name);
-                if !using.is_empty() {
-                    bail!(
-                        "volume {name} is mounted by instance(s) {}; remove them first",
-                        using.join(", ")
-                    );
-                }
-                // Renamed away first, so the name is gone at once even if the removal is cut
-                // short; leftovers start with a dot and are never listed.
-                let doomed = dir.join(format!(".rm-{name}-{}", std::process::id()));
-                std::fs::rename(&path, &doomed)
-                    .map_err(|e| anyhow::anyhow!("cannot remove {}: {e}", path.display()))?;
-                std::fs::remove_dir_all(&doomed)
-                    .map_err(|e| anyhow::anyhow!("cannot remove {}: {e}", doomed.display()))?;
+                volumes::remove_named(&dir, &name, &instances)?;
                 ctx.reporter.status(format!("removed volume {name}"));
                 removed.push(name);
             }
