@@ -145,24 +145,17 @@ mod tests {
         let json: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(json["desired"]["number"], 1);
         assert_eq!(json["outcome"]["outcome"], "complete");
+        let array_len = |body: &str| {
+            serde_json::from_str::<serde_json::Value>(body)
+                .unwrap()
+                .as_array()
+                .unwrap()
+                .len()
+        };
         let (_, body) = get("/v1/services/web/releases").await;
-        assert_eq!(
-            serde_json::from_str::<serde_json::Value>(&body)
-                .unwrap()
-                .as_array()
-                .unwrap()
-                .len(),
-            1
-        );
+        assert_eq!(array_len(&body), 1);
         let (_, body) = get("/v1/events?since=0").await;
-        assert_eq!(
-            serde_json::from_str::<serde_json::Value>(&body)
-                .unwrap()
-                .as_array()
-                .unwrap()
-                .len(),
-            2
-        );
+        assert_eq!(array_len(&body), 2);
         let (status, _) = get("/v1/services/nope").await;
         assert!(status.contains("404"), "{status}");
     }
