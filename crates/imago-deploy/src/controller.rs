@@ -877,17 +877,16 @@ impl Controller {
             return Ok(());
         }
         let addr = SocketAddr::new(self.bind, port);
-        let listener = self
-            .runtime
-            .block_on(tokio::net::TcpListener::bind(addr))
-            .map_err(|e| DeployError::InvalidService {
+        let listeners = crate::proxy::bind(addr, crate::proxy::default_threads()).map_err(|e| {
+            DeployError::InvalidService {
                 service: service.to_owned(),
                 field: "port".into(),
                 reason: format!("cannot listen on {addr}: {e}"),
-            })?;
+            }
+        })?;
         let routes = Routes::default();
         let (shutdown, rx) = tokio::sync::watch::channel(false);
-        crate::proxy::spawn(listener, routes.clone(), rx).map_err(|e| {
+        crate::proxy::spawn(listeners, routes.clone(), rx).map_err(|e| {
             DeployError::InvalidService {
                 service: service.to_owned(),
                 field: "port".into(),
