@@ -228,6 +228,13 @@ pub struct ServicePass {
     pub rolled_back_to: Option<u64>,
 }
 
+/// A stop running beside the reconcile loop.
+struct StopTask {
+    thread: std::thread::JoinHandle<()>,
+    /// Set when the provider's stop returned.
+    ended: Arc<std::sync::OnceLock<std::time::Instant>>,
+}
+
 pub struct Controller {
     db: StateDb,
     provider: Arc<dyn Provider>,
@@ -247,8 +254,10 @@ pub struct Controller {
     /// Instances whose drift was already recorded as an event: a drifted instance may serve for
     /// many passes until its replacement is ready, and one event says it.
     announced_drift: BTreeSet<String>,
-    /// Stops in progress (each takes up to the instance's grace period).
-    stopping: HashMap<String, std::thread::JoinHandle<()>>,
+    /// Stops started by this controller (each takes up to the instance's grace period).
+    stopping: HashMap<String, StopTask>,
+    /// When this pass listed the instances: a stop that ended after it may not show yet.
+    listed_at: std::time::Instant,
     /// The rootfs cache to check for modifications, and how often.
     rootfs: Option<(imago_runtime::RootfsCache, Duration)>,
     last_rootfs_check: Option<std::time::Instant>,
@@ -284,6 +293,7 @@ impl Controller {
             announced_ready: BTreeSet::new(),
             announced_drift: BTreeSet::new(),
             stopping: HashMap::new(),
+            listed_at: std::time::Instant::now(),
             rootfs: None,
             last_rootfs_check: None,
             tainted: HashMap::new(),
@@ -336,6 +346,7 @@ impl Controller {
 
     /// One reconcile pass over every service.
     pub fn pass(&mut self) -> Result<Vec<ServicePass>, DeployError> {
+        self.listed_at = std::time::Instant::now();
         let instances = self
             .provider
             .list()
@@ -441,11 +452,7 @@ impl Controller {
         };
         self.endpoints.remove(service);
         for instance in own {
-            if self
-                .stopping
-                .get(&instance.id)
-                .is_some_and(|t| !t.is_finished())
-            {
+            if self.stop_pending(&instance.id) {
                 // Its stop is under way: nothing to look up or decide until it ends.
                 continue;
             }
@@ -480,17 +487,34 @@ impl Controller {
     /// that ended without the instance exiting (it raced a launcher, say) is simply started
     /// again by a later pass.
     fn stop_in_background(&mut self, id: &str, grace: Duration) {
-        if self.stopping.get(id).is_some_and(|t| !t.is_finished()) {
+        if self.stop_pending(id) {
             return;
         }
         let provider = self.provider.clone();
         let stop_id = id.to_owned();
         let wake = self.health.wake.clone();
-        let task = std::thread::spawn(move || {
+        let ended = Arc::new(std::sync::OnceLock::new());
+        let ended_at = ended.clone();
+        let thread = std::thread::spawn(move || {
             let _ = provider.stop(&stop_id, grace);
+            let _ = ended_at.set(std::time::Instant::now());
             wake.nudge();
         });
-        self.stopping.insert(id.to_owned(), task);
+        self.stopping
+            .insert(id.to_owned(), StopTask { thread, ended });
+    }
+
+    /// Whether a stop of `id` is still running, or ended after this pass listed the instances
+    /// (the listing may then still show the instance running, and a second stop would be
+    /// started for nothing).
+    fn stop_pending(&self, id: &str) -> bool {
+        self.stopping.get(id).is_some_and(|task| {
+            !task.thread.is_finished()
+                || task
+                    .ended
+                    .get()
+                    .is_none_or(|ended| *ended >= self.listed_at)
+        })
     }
 
     /// Records a drift event for `id`, once per instance (per controller run).
