@@ -5,9 +5,10 @@
 #    of the same image with the same settings in the same run (when dockerd can start);
 #  - rollback to a retained release, from the command to every instance serving it;
 #  - the service endpoint (proxy) against direct connections to the same single instance, for a
-#    small page (busybox httpd: one connection per request), a 1 MiB file, and one long
-#    connection to an echo backend (the pingpong example as client); direct and proxied runs
-#    alternate, medians of 5;
+#    small page (busybox httpd: one connection per request), a 1 MiB file, and long connections
+#    to an echo backend (the pingpong example as client); direct, imago's endpoint and HAProxy
+#    (the peer user-space TCP proxy, mode tcp, one thread per core like imago's endpoint) in
+#    front of the same instance take turns, medians of 5;
 #  - one reconcile pass over 10,000 instances with the fake provider.
 # Run as root: benches/deploy.sh [all|rolling|proxy]   (default all)
 set -euo pipefail
@@ -15,6 +16,7 @@ cd "$(dirname "$0")/.."
 what="${1:-all}"
 scripts/setup >/dev/null
 command -v wrk >/dev/null || { apt-get install -y -qq wrk >/dev/null; }
+command -v haproxy >/dev/null || { apt-get install -y -qq haproxy >/dev/null; }
 cargo build --release -q -p imago-cli
 cargo build --release -q -p imago-deploy --example pingpong
 imago="$PWD/target/release/imago"
@@ -37,8 +39,10 @@ stop_docker() {
   if [ "$gwbridge_before" = no ]; then ip link delete docker_gwbridge 2>/dev/null || true; fi
   rm -rf "$docker_dir"; docker_dir=""
 }
+haproxy_pid=""
 cleanup() {
   stop_docker
+  if [ -n "$haproxy_pid" ]; then kill "$haproxy_pid" 2>/dev/null || true; fi
   "$imago" destroy web >/dev/null 2>&1 || true
   "$imago" destroy echo >/dev/null 2>&1 || true
   "$imago" serve --stop >/dev/null 2>&1 || true
@@ -174,6 +178,30 @@ for s in ("web", "echo"):
     print(i["address"], i["id"])')
   read -r web_addr web_id <<<"$(echo "$addrs" | sed -n 1p)"
   read -r echo_addr _ <<<"$(echo "$addrs" | sed -n 2p)"
+  # The peer: HAProxy in TCP mode in front of the same two instances, one thread per core.
+  cat > "$work/haproxy.cfg" <<CFG
+global
+  nbthread $(nproc)
+  maxconn 8000
+defaults
+  mode tcp
+  timeout connect 2s
+  timeout client 60s
+  timeout server 60s
+frontend web
+  bind 127.0.0.1:$((port + 10))
+  default_backend web
+backend web
+  server web $web_addr:8080
+frontend echo
+  bind 127.0.0.1:$((port + 11))
+  default_backend echo
+backend echo
+  server echo $echo_addr:8080
+CFG
+  haproxy -q -f "$work/haproxy.cfg" -db & haproxy_pid=$!
+  sleep 0.5
+  kill -0 "$haproxy_pid" 2>/dev/null || { echo "benches/deploy.sh: haproxy did not start" >&2; exit 1; }
   proxy_load_before=$(cut -d' ' -f1-3 /proc/loadavg)
   # One row per workload: label, then the client command with @ for host:port.
   wrk_run() { wrk $1 --latency "http://$2$3" 2>/dev/null | awk '/Requests\/sec/ {r=$2} /^ +50%/ {p=$2} /Transfer\/sec/ {t=$2} END {print r, p, t}'; }
@@ -188,26 +216,27 @@ for s in ("web", "echo"):
     IFS='|' read -r name args path <<<"$spec"
     local overflows_before
     overflows_before=$(ip netns exec "imago-$web_id" nstat -az TcpExtListenOverflows | awk '/ListenOverflows/ {print $2}')
-    d=(); p=()
+    d=(); p=(); h=()
     for i in 1 2 3 4 5; do
-      # Alternate which goes first, so a load change during the run hits both sides alike.
-      if [ $((i % 2)) = 1 ]; then
-        d+=("$(wrk_run "$args" "$web_addr:8080" "$path")"); p+=("$(wrk_run "$args" "127.0.0.1:$port" "$path")")
-      else
-        p+=("$(wrk_run "$args" "127.0.0.1:$port" "$path")"); d+=("$(wrk_run "$args" "$web_addr:8080" "$path")")
-      fi
+      # Rotate which goes first, so a load change during the run hits every side alike.
+      case $((i % 3)) in
+        1) d+=("$(wrk_run "$args" "$web_addr:8080" "$path")"); p+=("$(wrk_run "$args" "127.0.0.1:$port" "$path")"); h+=("$(wrk_run "$args" "127.0.0.1:$((port + 10))" "$path")") ;;
+        2) p+=("$(wrk_run "$args" "127.0.0.1:$port" "$path")"); h+=("$(wrk_run "$args" "127.0.0.1:$((port + 10))" "$path")"); d+=("$(wrk_run "$args" "$web_addr:8080" "$path")") ;;
+        0) h+=("$(wrk_run "$args" "127.0.0.1:$((port + 10))" "$path")"); d+=("$(wrk_run "$args" "$web_addr:8080" "$path")"); p+=("$(wrk_run "$args" "127.0.0.1:$port" "$path")") ;;
+      esac
     done
     name="$name; the instance's listen queue overflowed $(( $(ip netns exec "imago-$web_id" nstat -az TcpExtListenOverflows | awk '/ListenOverflows/ {print $2}') - overflows_before )) times"
-    rows+=("$name|$(printf '%s\n' "${d[@]}" | med)|$(printf '%s\n' "${p[@]}" | med)")
+    rows+=("$name|$(printf '%s\n' "${d[@]}" | med)|$(printf '%s\n' "${p[@]}" | med)|$(printf '%s\n' "${h[@]}" | med)")
   done
   local c
   for c in 1 16; do
-    d=(); p=()
+    d=(); p=(); h=()
     for i in 1 2 3 4 5; do
       d+=("$("$pingpong" "$echo_addr:8080" 3 64 "$c" | awk '{print $1, $5 "us"}')")
       p+=("$("$pingpong" "127.0.0.1:$((port + 1))" 3 64 "$c" | awk '{print $1, $5 "us"}')")
+      h+=("$("$pingpong" "127.0.0.1:$((port + 11))" 3 64 "$c" | awk '{print $1, $5 "us"}')")
     done
-    rows+=("$c long connection(s), 64-byte echo round trips (pingpong, 3 s)|$(printf '%s\n' "${d[@]}" | med)|$(printf '%s\n' "${p[@]}" | med)")
+    rows+=("$c long connection(s), 64-byte echo round trips (pingpong, 3 s)|$(printf '%s\n' "${d[@]}" | med)|$(printf '%s\n' "${p[@]}" | med)|$(printf '%s\n' "${h[@]}" | med)")
   done
   proxy_load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 }
@@ -229,9 +258,9 @@ if [ -n "$rolling" ]; then
 fi
 if [ -n "$proxy_done" ]; then
   for row in "${rows[@]}"; do
-    IFS='|' read -r name d p <<<"$row"
-    read -r d_rps d_lat d_tr <<<"$d"; read -r p_rps p_lat p_tr <<<"$p"
-    echo "| endpoint proxy: $name (median of 5, load $proxy_load_before -> $proxy_load_after) | ${p_rps}/s, p50 ${p_lat}${p_tr:+, $p_tr/s} | direct ${d_rps}/s, p50 ${d_lat}${d_tr:+, $d_tr/s} | $(echo "scale=2; $p_rps / $d_rps" | bc) of direct |"
+    IFS='|' read -r name d p h <<<"$row"
+    read -r d_rps d_lat d_tr <<<"$d"; read -r p_rps p_lat p_tr <<<"$p"; read -r h_rps h_lat h_tr <<<"$h"
+    echo "| endpoint proxy: $name (median of 5, load $proxy_load_before -> $proxy_load_after) | ${p_rps}/s, p50 ${p_lat}${p_tr:+, $p_tr/s} | direct ${d_rps}/s, p50 ${d_lat}${d_tr:+, $d_tr/s}; HAProxy ${h_rps}/s, p50 ${h_lat}${h_tr:+, $h_tr/s} | imago $(echo "scale=2; $p_rps / $d_rps" | bc), HAProxy $(echo "scale=2; $h_rps / $d_rps" | bc) of direct |"
   done
 fi
 echo "| one controller pass over 10,000 instances, fake provider | ${reconcile} | target < 50 ms | |"
