@@ -167,6 +167,10 @@ pub(crate) fn build_one(
                 b.finish_and_clear();
             }
         }
+        Event::BaseArchive { image, path } => {
+            ctx.reporter
+                .status(format!("{image}: reading base archive {}", path.display()));
+        }
     };
     Ok(imago_build::build_image(
         store,
