@@ -17,6 +17,7 @@ use imago_runtime::{Engine, Instance, InstanceSpec, Provider, Status};
 use serde::Serialize;
 use tokio::task::JoinHandle;
 
+use crate::drift::wrong_spec;
 use crate::error::DeployError;
 use crate::health::{HealthTracker, ProbeResult};
 use crate::proxy::Routes;
@@ -542,9 +543,6 @@ impl Controller {
             limits.max_surge = limits.max_surge.max(limits.replicas);
         }
         let expected = instance_spec(&release, self.engine)?;
-        let expected_hash = expected
-            .spec_hash()
-            .map_err(|e| DeployError::Runtime(e.to_string()))?;
         let now = now_ms();
         self.ensure_endpoint(service, &release)?;
 
@@ -593,7 +591,7 @@ impl Controller {
                 }
             } else if revision == release.revision
                 && instance.is_active()
-                && (instance.spec_hash != expected_hash || instance.image != release.image_digest)
+                && let Some(wrong) = wrong_spec(instance, &release)?
             {
                 // Labelled as the desired revision but running something else: drift.
                 revision_seen = format!("drifted-{}", instance.id);
@@ -601,11 +599,11 @@ impl Controller {
                 let message = format!(
                     "instance {} runs {} with spec {}, but release {} wants {} with spec {}: replacing it",
                     instance.id,
-                    instance.image,
-                    instance.spec_hash,
-                    release.number,
-                    release.image_digest,
-                    expected_hash
+                    wrong.image,
+                    wrong.spec_hash,
+                    wrong.release,
+                    wrong.wanted_image,
+                    wrong.wanted_spec_hash
                 );
                 if !draining.contains_key(&instance.id) {
                     self.announce_drift(service, &instance.id, &message)?;

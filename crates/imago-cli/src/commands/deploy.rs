@@ -12,9 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, anyhow, bail};
 use clap::Args;
 use imago_build::{BuildOptions, DefinitionFile};
-use imago_deploy::controller::{
-    Controller, LABEL_REVISION, LABEL_SERVICE, instance_spec, set_aside_modified,
-};
+use imago_deploy::controller::{Controller, LABEL_REVISION, LABEL_SERVICE};
+use imago_deploy::drift::{self, DriftCheck, Finding};
 use imago_deploy::plan::{RolloutPlan, plan_rollout};
 use imago_deploy::roots::{DEFAULT_HISTORY_LIMIT, ReleaseRoots};
 use imago_deploy::spec::{ServiceSpec, validate_all};
@@ -1233,15 +1232,7 @@ pub struct DriftArgs {
 }
 
 #[derive(Serialize)]
-struct DriftFinding {
-    instance: String,
-    service: Option<String>,
-    kind: String,
-    detail: String,
-}
-
-#[derive(Serialize)]
-struct DriftReport(Vec<DriftFinding>);
+struct DriftReport(Vec<Finding>);
 
 impl Render for DriftReport {
     fn human(&self, out: &mut dyn Write) -> std::io::Result<()> {
@@ -1267,72 +1258,12 @@ pub fn drift(ctx: &Context, args: DriftArgs) -> Result<()> {
     let db = home.open_db()?;
     let store = ctx.store()?;
     let provider = local_provider(ctx, store)?;
-    let mut findings = Vec::new();
-    let services = db.services()?;
     let cache = provider.rootfs_cache();
-    // Instances of one image share its unpacked tree: check (and, deep, hash) it once.
-    let mut rootfs_problems: BTreeMap<Digest, Vec<String>> = BTreeMap::new();
-    for instance in provider.list()? {
-        let service = instance.labels.get(LABEL_SERVICE).cloned();
-        let finding = |kind: &str, detail: String| DriftFinding {
-            instance: instance.id.clone(),
-            service: service.clone(),
-            kind: kind.into(),
-            detail,
-        };
-        let Some(name) = service.as_ref().filter(|s| services.contains(s)) else {
-            if instance.is_active() {
-                findings.push(finding(
-                    "unknown",
-                    "not launched by any deployed service".into(),
-                ));
-            }
-            continue;
-        };
-        if !instance.is_active() {
-            findings.push(finding(
-                "dead",
-                format!("{} (exit code {:?})", instance.status, instance.exit_code),
-            ));
-            continue;
-        }
-        let Some(revision) = instance.labels.get(LABEL_REVISION) else {
-            findings.push(finding("unknown", "has no revision label".into()));
-            continue;
-        };
-        let Some(release) = db.release_with_revision(name, revision)? else {
-            findings.push(finding(
-                "unknown",
-                format!("revision {revision} belongs to no release"),
-            ));
-            continue;
-        };
-        let expected = instance_spec(&release, instance.engine)?;
-        if instance.image != release.image_digest || instance.spec_hash != expected.spec_hash()? {
-            findings.push(finding(
-                "wrong-spec",
-                format!(
-                    "runs {} / spec {}, release {} wants {} / {}",
-                    instance.image,
-                    instance.spec_hash,
-                    release.number,
-                    release.image_digest,
-                    expected.spec_hash()?
-                ),
-            ));
-        }
-        if !rootfs_problems.contains_key(&instance.image) {
-            let problems = cache.verify(&instance.image, args.deep)?;
-            rootfs_problems.insert(instance.image.clone(), problems);
-        }
-        for problem in rootfs_problems.get(&instance.image).into_iter().flatten() {
-            findings.push(finding("modified-rootfs", problem.clone()));
-        }
-    }
-    // Replace, don't repair: the modified tree is set aside and recorded, and the controller
-    // replaces every instance that runs from it.
-    for (digest, problems) in rootfs_problems.iter().filter(|(_, p)| !p.is_empty()) {
-        let message = set_aside_modified(&cache, &db, digest, problems, &actor())?;
+    let DriftCheck {
+        findings,
+        set_aside,
+    } = drift::check(&db, &provider.list()?, &cache, args.deep, &actor())?;
+    for message in set_aside {
         ctx.reporter.status(message);
     }
     let drifted = !findings.is_empty();
