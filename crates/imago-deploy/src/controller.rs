@@ -32,7 +32,23 @@ pub const LABEL_REVISION: &str = "imago.revision";
 
 /// How long an instance of a destroyed service gets between SIGTERM and SIGKILL when the release
 /// it runs is no longer known (otherwise: that release's `stop_grace_period`).
-const STOP_GRACE: Duration = Duration::from_secs(5);
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// How long `instance` of `service` gets between SIGTERM and SIGKILL: the `stop_grace_period`
+/// of the release its revision belongs to, else [`STOP_GRACE`]. The controller's tear-down and
+/// `imago destroy` both stop with it.
+pub fn stop_grace(
+    db: &StateDb,
+    service: &str,
+    instance: &Instance,
+) -> Result<Duration, DeployError> {
+    let Some(revision) = instance.labels.get(LABEL_REVISION) else {
+        return Ok(STOP_GRACE);
+    };
+    Ok(db
+        .release_with_revision(service, revision)?
+        .map_or(STOP_GRACE, |r| r.spec.stop_grace_period))
+}
 
 /// The instance spec a release's instances run.
 pub fn instance_spec(release: &Release, engine: Engine) -> Result<InstanceSpec, DeployError> {
@@ -451,13 +467,7 @@ impl Controller {
                 continue;
             }
             if instance.is_active() {
-                let grace = match instance.labels.get(LABEL_REVISION) {
-                    Some(revision) => self
-                        .db
-                        .release_with_revision(service, revision)?
-                        .map_or(STOP_GRACE, |r| r.spec.stop_grace_period),
-                    None => STOP_GRACE,
-                };
+                let grace = stop_grace(&self.db, service, instance)?;
                 self.stop_in_background(&instance.id, grace);
                 continue;
             }
@@ -1727,6 +1737,24 @@ mod tests {
             vec![Duration::from_millis(50)],
             "release 1's instance was stopped with release 1's grace period"
         );
+    }
+
+    #[test]
+    fn stop_grace_is_that_of_the_instance_s_release_else_the_default() {
+        let mut h = harness();
+        let web = spec(serde_json::json!({"image": "web", "stop_grace_period": "50ms"}));
+        let release = h.release("web", &web, b"v1");
+        let spec = instance_spec(&release, Engine::Embedded).unwrap();
+        let labelled = Instance::new("a".into(), &spec).unwrap();
+        let db = &h.controller.db;
+        assert_eq!(
+            stop_grace(db, "web", &labelled).unwrap(),
+            Duration::from_millis(50)
+        );
+        assert_eq!(stop_grace(db, "api", &labelled).unwrap(), STOP_GRACE);
+        let plain = imago_runtime::InstanceSpec::new(Digest::of(b"v1"));
+        let unlabelled = Instance::new("b".into(), &plain).unwrap();
+        assert_eq!(stop_grace(db, "web", &unlabelled).unwrap(), STOP_GRACE);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, anyhow, bail};
 use clap::Args;
 use imago_build::{BuildOptions, DefinitionFile};
-use imago_deploy::controller::{Controller, LABEL_REVISION, LABEL_SERVICE};
+use imago_deploy::controller::{Controller, LABEL_REVISION, LABEL_SERVICE, stop_grace};
 use imago_deploy::drift::{self, DriftCheck, Finding};
 use imago_deploy::plan::{RolloutPlan, plan_rollout};
 use imago_deploy::roots::{DEFAULT_HISTORY_LIMIT, ReleaseRoots};
@@ -1143,14 +1143,7 @@ pub fn destroy(ctx: &Context, args: DestroyArgs) -> Result<()> {
         .into_iter()
         .filter(|i| i.labels.get(LABEL_SERVICE) == Some(&args.service))
     {
-        // The grace period the instance's own release gives it, as the controller uses.
-        let grace = instance
-            .labels
-            .get(LABEL_REVISION)
-            .map(|revision| db.release_with_revision(&args.service, revision))
-            .transpose()?
-            .flatten()
-            .map_or(Duration::from_secs(5), |r| r.spec.stop_grace_period);
+        let grace = stop_grace(&db, &args.service, &instance)?;
         ctx.reporter.status(format!("stopping {}", instance.id));
         match stop_and_remove(&provider, &instance.id, grace) {
             Ok(()) => stopped += 1,
