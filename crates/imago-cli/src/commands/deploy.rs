@@ -796,11 +796,7 @@ pub fn serve(ctx: &Context, args: ServeArgs) -> Result<()> {
         api: api_addr.clone(),
     })?;
     std::fs::write(home.info_path(), info)?;
-    let engine = if args.runtime == "runc" {
-        Engine::Runc
-    } else {
-        Engine::Embedded
-    };
+    let engine: Engine = args.runtime.parse()?;
     let mut controller =
         Controller::new(home.open_db()?, provider, runtime.handle().clone(), engine)
             .with_rootfs_checks(rootfs, Duration::from_secs(2));
