@@ -575,41 +575,17 @@ fn wait_for(
 
 /// The result of `release` once its rollout (and any automatic rollback after it) is over.
 fn settled(db: &StateDb, release: &Release, new: bool) -> Result<Option<ServiceResult>> {
-    let Some(outcome) = db.outcome_of(&release.service, release.number)? else {
-        return Ok(None);
-    };
-    let base = ServiceResult {
-        service: release.service.clone(),
-        release: release.number,
-        digest: release.image_digest.clone(),
-        changed: new,
-        outcome: outcome.outcome.clone(),
-        detail: outcome.detail.clone(),
-        rolled_back_to: None,
-    };
-    if outcome.outcome != "failed" {
-        return Ok(Some(base));
-    }
-    // Failed: if an automatic rollback followed, wait for it to settle too.
-    let later = db
-        .history(&release.service)?
-        .into_iter()
-        .find(|r| r.number > release.number && r.rollback_of.is_some());
-    match later {
-        None => Ok(Some(base)),
-        Some(rollback) => match db.outcome_of(&release.service, rollback.number)? {
-            None => Ok(None),
-            Some(o) => Ok(Some(ServiceResult {
-                outcome: if o.outcome == "complete" {
-                    "rolled back".into()
-                } else {
-                    format!("failed, and rollback {}", o.outcome)
-                },
-                rolled_back_to: rollback.rollback_of,
-                ..base
-            })),
-        },
-    }
+    Ok(db
+        .settled(&release.service, release.number)?
+        .map(|settled| ServiceResult {
+            service: release.service.clone(),
+            release: release.number,
+            digest: release.image_digest.clone(),
+            changed: new,
+            outcome: settled.outcome,
+            detail: settled.detail,
+            rolled_back_to: settled.rolled_back_to,
+        }))
 }
 
 fn print_event(ctx: &Context, event: &Event) {
