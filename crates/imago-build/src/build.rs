@@ -50,6 +50,12 @@ pub enum Event<'a> {
     LayerFinished {
         cached: bool,
     },
+    /// The base archive is about to be read and hashed (the build cache did not know it, or
+    /// `--check`): worth a status line, as a large archive takes a while.
+    BaseArchive {
+        image: &'a str,
+        path: &'a Path,
+    },
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -163,7 +169,7 @@ pub fn build_image(
         .iter()
         .map(|l| plan_layer(file, &context, l))
         .collect::<Result<Vec<_>, _>>()?;
-    let base = load_base(store, file, image)?;
+    let base = load_base(store, file, name, image, &cache, options.check, progress)?;
     let created = rfc3339(options.source_date_epoch);
     config_json(file, image, base.as_ref(), &plans, &[], &created)?;
 
@@ -599,7 +605,11 @@ fn io_error(path: &Path, source: io::Error) -> BuildError {
 fn load_base(
     store: &Store,
     file: &DefinitionFile,
+    name: &str,
     image: &ImageDef,
+    cache: &Cache,
+    check: bool,
+    progress: &mut dyn FnMut(Event<'_>),
 ) -> Result<Option<Base>, BuildError> {
     let Some(from) = &image.from else {
         return Ok(None);
@@ -608,7 +618,9 @@ fn load_base(
     if text == "scratch" {
         return Ok(None);
     }
-    let resolved = if let Some((format, archive)) = crate::import::parse_archive_base(text) {
+    let (resolved, config_bytes) = if let Some((_, archive)) =
+        crate::import::parse_archive_base(text)
+    {
         let archive_path = file.dir().join(&archive);
         if !archive_path.is_file() {
             return Err(file.error(
@@ -617,8 +629,14 @@ fn load_base(
                 "archive paths are relative to the directory of imago.toml",
             ));
         }
-        let digest = crate::import::import_archive(store, &archive_path, format)?;
-        store.load_image(&digest)?
+        let mut reading = || {
+            progress(Event::BaseArchive {
+                image: name,
+                path: &archive_path,
+            })
+        };
+        let base = crate::import::archive_base(store, cache, &archive_path, check, &mut reading)?;
+        (base.image, base.config)
     } else {
         let reference: Reference = text.parse().map_err(|e| {
             file.error(
@@ -627,19 +645,20 @@ fn load_base(
                 "use scratch, NAME[:TAG], NAME@sha256:... or oci-archive:PATH",
             )
         })?;
-        store.resolve(&reference).map_err(|e| match e {
+        let resolved = store.resolve(&reference).map_err(|e| match e {
             imago_store::StoreError::NotFound(_) => file.error(
                 from.span(),
                 format!("base image {text} is not in the store"),
                 "build or import it first (`imago images` lists the store)",
             ),
             other => other.into(),
-        })?
+        })?;
+        let config_bytes = store.read_blob(
+            &resolved.config_digest,
+            Some(resolved.manifest.config().size()),
+        )?;
+        (resolved, config_bytes)
     };
-    let config_bytes = store.read_blob(
-        &resolved.config_digest,
-        Some(resolved.manifest.config().size()),
-    )?;
     let config: Value = serde_json::from_slice(&config_bytes).map_err(|e| {
         BuildError::Internal(format!("base config {}: {e}", resolved.config_digest))
     })?;

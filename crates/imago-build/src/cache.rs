@@ -11,6 +11,10 @@
 //!   made with those fingerprints instead of content digests: a no-op rebuild finds it from
 //!   the walk's stats alone, without loading `files.json` (about 3 MB for 10,000 files).
 //!
+//! - `archives/<key>.json`: a base archive's canonical path and stat fingerprint -> the
+//!   manifest digest its import gave, trusted under the same racy rule as files: a no-op
+//!   rebuild on an archive base neither reads nor hashes the archive again.
+//!
 //! A damaged or missing cache is an empty cache: it can only make a build slower, never
 //! different. Concurrent builds may overwrite each other's records; each record is written
 //! whole (temp file + rename), so the worst case is a miss.
@@ -88,6 +92,14 @@ pub enum FileLookup {
     Stale,
     /// Never seen.
     Unknown,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ArchiveRecord {
+    path: PathBuf,
+    stamp: Stamp,
+    recorded_ns: i128,
+    digest: Digest,
 }
 
 #[derive(Debug)]
@@ -180,6 +192,33 @@ impl Cache {
         }
     }
 
+    /// The manifest digest that the archive at `path` (canonical) gave when its fingerprint
+    /// was `stamp`, if that fingerprint is old enough to trust.
+    pub fn archive(&self, path: &Path, stamp: &Stamp) -> Option<Digest> {
+        let dir = self.dir.as_ref()?;
+        let bytes = fs::read(dir.join("archives").join(archive_file(path))).ok()?;
+        let record: ArchiveRecord = serde_json::from_slice(&bytes).ok()?;
+        (record.path == path && record.stamp == *stamp && !racy(stamp, record.recorded_ns))
+            .then_some(record.digest)
+    }
+
+    /// Remembers what the archive at `path` (canonical) gave. `stamp` must have been taken
+    /// before the archive was read, so that a change during the read shows as a new stamp. The
+    /// record is dated when the cache was opened, before the stamp: never later than the read,
+    /// as the racy rule needs.
+    pub fn record_archive(&self, path: &Path, stamp: Stamp, digest: &Digest) {
+        let Some(dir) = &self.dir else { return };
+        let record = ArchiveRecord {
+            path: path.to_owned(),
+            stamp,
+            recorded_ns: self.opened_ns,
+            digest: digest.clone(),
+        };
+        if let Ok(bytes) = serde_json::to_vec(&record) {
+            let _ = write_atomic(&dir.join("archives"), &archive_file(path), &bytes);
+        }
+    }
+
     /// Writes `files.json` if anything changed. Best effort, like every cache write.
     pub fn save(&mut self) {
         let Some(dir) = &self.dir else { return };
@@ -194,6 +233,15 @@ impl Cache {
         }
         self.dirty = false;
     }
+}
+
+/// One record per archive path; the path is hashed to make a file name of it.
+fn archive_file(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    format!(
+        "{}.json",
+        blake3::hash(path.as_os_str().as_bytes()).to_hex()
+    )
 }
 
 fn racy(stamp: &Stamp, recorded_ns: i128) -> bool {

@@ -683,6 +683,137 @@ fn builds_on_archive_bases() {
     );
 }
 
+/// Every file under `dir` with its content.
+fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut pending = vec![dir.to_owned()];
+    while let Some(d) = pending.pop() {
+        for entry in fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                let content = fs::read(&path).unwrap();
+                out.push((path, content));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A base archive is imported without giving the store any name, read once and then found
+/// through the build cache until it changes; `--check` reads it and writes nothing.
+#[test]
+fn archive_base_is_read_once_names_nothing_and_check_writes_nothing() {
+    use imago_build::archive::{ArchiveFormat, write_archive};
+    let h = Harness::new();
+    let dir = h._tmp.path().join("ctx");
+    make_context(&dir, false, 0o644, 0o755);
+    let base = h.build(&dir, "app");
+    let child_dir = h._tmp.path().join("child");
+    fs::create_dir_all(&child_dir).unwrap();
+    let archive = child_dir.join("base.tar");
+    write_archive(
+        &h.store(),
+        &base,
+        "app:latest",
+        ArchiveFormat::Oci,
+        &archive,
+    )
+    .unwrap();
+    fs::write(
+        child_dir.join("imago.toml"),
+        "[image.child]\nfrom = \"oci-archive:base.tar\"\n[[image.child.layer]]\nfile = [{ path = \"/c\", content = \"c\" }]\n",
+    )
+    .unwrap();
+    // An archive's fingerprint is trusted once its last change is older than the racy window.
+    std::thread::sleep(std::time::Duration::from_nanos(
+        imago_build::cache::RACY_WINDOW_NS as u64 + 100_000_000,
+    ));
+
+    let c = Harness::new();
+    let build = |check: bool| {
+        let file = DefinitionFile::load(&child_dir.join("imago.toml")).unwrap();
+        let options = BuildOptions {
+            source_date_epoch: 1_700_000_000,
+            cache_dir: Some(c.home.join("build-cache")),
+            check,
+        };
+        let mut reads = Vec::new();
+        let built = build_image(&c.store(), &file, "child", &options, &mut |e| {
+            if let imago_build::Event::BaseArchive { path, .. } = e {
+                reads.push(path.to_owned());
+            }
+        })
+        .unwrap();
+        (built, reads.len())
+    };
+    let (first, reads) = build(false);
+    assert_eq!(reads, 1);
+    assert_eq!(
+        first.base,
+        Some(format!("oci-archive:base.tar@{}", base.digest))
+    );
+    let names: Vec<_> = c
+        .store()
+        .names()
+        .unwrap()
+        .into_iter()
+        .map(|n| n.name)
+        .collect();
+    assert_eq!(
+        names,
+        [Some("child:latest".to_owned())],
+        "only the built image is named"
+    );
+
+    let (second, reads) = build(false);
+    assert_eq!(reads, 0, "a no-op rebuild read the archive again");
+    assert_eq!(second.digest, first.digest);
+
+    // gc takes the base's manifest and config (nothing names them): --check must still find
+    // the base, from the archive, and write nothing anywhere in the home.
+    c.store().gc(&[], false).unwrap();
+    assert!(!c.store().has_blob(&base.digest));
+    let before = tree(&c.home);
+    let (checked, reads) = build(true);
+    assert_eq!(reads, 1);
+    assert_eq!(checked.digest, first.digest);
+    assert_eq!(tree(&c.home), before, "--check wrote something");
+    // A rebuild reads the archive again to bring the base back, and gives the same image.
+    let (third, reads) = build(false);
+    assert_eq!(reads, 1);
+    assert_eq!(third.digest, first.digest);
+
+    // A changed archive is read again and its new base is used.
+    fs::write(dir.join("bin/tool"), "#!/bin/sh\necho CHANGED\n").unwrap();
+    let new_base = h.build(&dir, "app");
+    assert_ne!(new_base.digest, base.digest);
+    write_archive(
+        &h.store(),
+        &new_base,
+        "app:latest",
+        ArchiveFormat::Oci,
+        &archive,
+    )
+    .unwrap();
+    let (fourth, reads) = build(false);
+    assert_eq!(reads, 1);
+    assert_eq!(
+        fourth.base,
+        Some(format!("oci-archive:base.tar@{}", new_base.digest))
+    );
+    assert_ne!(fourth.digest, first.digest);
+    // A touch alone moves the fingerprint: read again, same image.
+    let f = fs::File::options().write(true).open(&archive).unwrap();
+    f.set_modified(std::time::SystemTime::now()).unwrap();
+    drop(f);
+    let (fifth, reads) = build(false);
+    assert_eq!(reads, 1);
+    assert_eq!(fifth.digest, fourth.digest);
+}
+
 /// A no-op rebuild of files whose fingerprints are old enough to trust finds its layers by
 /// fingerprint: it needs neither the per-file records nor any hashing.
 #[test]

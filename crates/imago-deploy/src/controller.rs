@@ -17,6 +17,7 @@ use imago_runtime::{Engine, Instance, InstanceSpec, Provider, Status};
 use serde::Serialize;
 use tokio::task::JoinHandle;
 
+use crate::drift::wrong_spec;
 use crate::error::DeployError;
 use crate::health::{HealthTracker, ProbeResult};
 use crate::proxy::Routes;
@@ -31,7 +32,23 @@ pub const LABEL_REVISION: &str = "imago.revision";
 
 /// How long an instance of a destroyed service gets between SIGTERM and SIGKILL when the release
 /// it runs is no longer known (otherwise: that release's `stop_grace_period`).
-const STOP_GRACE: Duration = Duration::from_secs(5);
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// How long `instance` of `service` gets between SIGTERM and SIGKILL: the `stop_grace_period`
+/// of the release its revision belongs to, else [`STOP_GRACE`]. The controller's tear-down and
+/// `imago destroy` both stop with it.
+pub fn stop_grace(
+    db: &StateDb,
+    service: &str,
+    instance: &Instance,
+) -> Result<Duration, DeployError> {
+    let Some(revision) = instance.labels.get(LABEL_REVISION) else {
+        return Ok(STOP_GRACE);
+    };
+    Ok(db
+        .release_with_revision(service, revision)?
+        .map_or(STOP_GRACE, |r| r.spec.stop_grace_period))
+}
 
 /// The instance spec a release's instances run.
 pub fn instance_spec(release: &Release, engine: Engine) -> Result<InstanceSpec, DeployError> {
@@ -457,13 +474,7 @@ impl Controller {
                 continue;
             }
             if instance.is_active() {
-                let grace = match instance.labels.get(LABEL_REVISION) {
-                    Some(revision) => self
-                        .db
-                        .release_with_revision(service, revision)?
-                        .map_or(STOP_GRACE, |r| r.spec.stop_grace_period),
-                    None => STOP_GRACE,
-                };
+                let grace = stop_grace(&self.db, service, instance)?;
                 self.stop_in_background(&instance.id, grace);
                 continue;
             }
@@ -566,9 +577,6 @@ impl Controller {
             limits.max_surge = limits.max_surge.max(limits.replicas);
         }
         let expected = instance_spec(&release, self.engine)?;
-        let expected_hash = expected
-            .spec_hash()
-            .map_err(|e| DeployError::Runtime(e.to_string()))?;
         let now = now_ms();
         self.ensure_endpoint(service, &release)?;
 
@@ -617,7 +625,7 @@ impl Controller {
                 }
             } else if revision == release.revision
                 && instance.is_active()
-                && (instance.spec_hash != expected_hash || instance.image != release.image_digest)
+                && let Some(wrong) = wrong_spec(instance, &release)?
             {
                 // Labelled as the desired revision but running something else: drift.
                 revision_seen = format!("drifted-{}", instance.id);
@@ -625,11 +633,11 @@ impl Controller {
                 let message = format!(
                     "instance {} runs {} with spec {}, but release {} wants {} with spec {}: replacing it",
                     instance.id,
-                    instance.image,
-                    instance.spec_hash,
-                    release.number,
-                    release.image_digest,
-                    expected_hash
+                    wrong.image,
+                    wrong.spec_hash,
+                    wrong.release,
+                    wrong.wanted_image,
+                    wrong.wanted_spec_hash
                 );
                 if !draining.contains_key(&instance.id) {
                     self.announce_drift(service, &instance.id, &message)?;
@@ -1752,6 +1760,24 @@ mod tests {
             vec![Duration::from_millis(50)],
             "release 1's instance was stopped with release 1's grace period"
         );
+    }
+
+    #[test]
+    fn stop_grace_is_that_of_the_instance_s_release_else_the_default() {
+        let mut h = harness();
+        let web = spec(serde_json::json!({"image": "web", "stop_grace_period": "50ms"}));
+        let release = h.release("web", &web, b"v1");
+        let spec = instance_spec(&release, Engine::Embedded).unwrap();
+        let labelled = Instance::new("a".into(), &spec).unwrap();
+        let db = &h.controller.db;
+        assert_eq!(
+            stop_grace(db, "web", &labelled).unwrap(),
+            Duration::from_millis(50)
+        );
+        assert_eq!(stop_grace(db, "api", &labelled).unwrap(), STOP_GRACE);
+        let plain = imago_runtime::InstanceSpec::new(Digest::of(b"v1"));
+        let unlabelled = Instance::new("b".into(), &plain).unwrap();
+        assert_eq!(stop_grace(db, "web", &unlabelled).unwrap(), STOP_GRACE);
     }
 
     #[test]

@@ -96,6 +96,17 @@ pub struct Release {
     pub rollback_of: Option<u64>,
 }
 
+/// How a release's rollout ended, following the automatic rollback after a failure
+/// ([`StateDb::settled`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settled {
+    pub outcome: String,
+    /// The release's own outcome detail (why it failed).
+    pub detail: String,
+    /// The release an automatic rollback restored.
+    pub rolled_back_to: Option<u64>,
+}
+
 /// What a release's rollout ended as.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Outcome {
@@ -427,6 +438,39 @@ impl StateDb {
                 }
             })
         })
+    }
+
+    /// How the rollout of release `number` ended, once it has: a failure that an automatic
+    /// rollback followed is settled when the rollback is, as "rolled back" (or "failed, and
+    /// rollback OUTCOME"). `None` while either is still under way.
+    pub fn settled(&self, service: &str, number: u64) -> Result<Option<Settled>, DeployError> {
+        let Some(outcome) = self.outcome_of(service, number)? else {
+            return Ok(None);
+        };
+        let own = Settled {
+            outcome: outcome.outcome.clone(),
+            detail: outcome.detail,
+            rolled_back_to: None,
+        };
+        if outcome.outcome != "failed" {
+            return Ok(Some(own));
+        }
+        let rollback = self
+            .history(service)?
+            .into_iter()
+            .find(|r| r.number > number && r.rollback_of.is_some());
+        let Some(rollback) = rollback else {
+            return Ok(Some(own));
+        };
+        Ok(self.outcome_of(service, rollback.number)?.map(|o| Settled {
+            outcome: if o.outcome == "complete" {
+                "rolled back".into()
+            } else {
+                format!("failed, and rollback {}", o.outcome)
+            },
+            rolled_back_to: rollback.rollback_of,
+            ..own
+        }))
     }
 
     pub fn outcomes(&self, service: &str) -> Result<Vec<Outcome>, DeployError> {
@@ -976,6 +1020,18 @@ mod tests {
                 .any(|e| e.contains("rolled back to release 1 (as release 3)")),
             "{events:?}"
         );
+        // Release 2 is settled once its rollback is.
+        assert_eq!(db.settled("web", 2).unwrap(), None);
+        db.record_outcome("web", 3, "complete", "", "t").unwrap();
+        assert_eq!(
+            db.settled("web", 2).unwrap(),
+            Some(Settled {
+                outcome: "rolled back".into(),
+                detail: "unhealthy".into(),
+                rolled_back_to: Some(1),
+            })
+        );
+        assert_eq!(db.settled("web", 1).unwrap().unwrap().outcome, "complete");
         // Without a release to roll back to, only the failure is recorded.
         assert!(
             db.record_failure("web", 3, "x", None, "t")

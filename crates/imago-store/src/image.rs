@@ -126,59 +126,10 @@ impl Store {
     /// Reads and verifies the manifest `digest` (following an index to its linux/amd64 image)
     /// and its config.
     pub fn load_image(&self, digest: &Digest) -> Result<ResolvedImage> {
-        let bytes = self.read_blob(digest, None)?;
-        let media_type = manifest_media_type(digest, &bytes)?;
-        if media::is_index(&media_type) {
-            let index: ImageIndex =
-                serde_json::from_slice(&bytes).map_err(|source| StoreError::InvalidJson {
-                    digest: digest.clone(),
-                    what: "index",
-                    source,
-                })?;
-            let chosen = index
-                .manifests()
-                .iter()
-                .find(|m| {
-                    m.platform()
-                        .as_ref()
-                        .is_none_or(|p| *p.os() == Os::Linux && *p.architecture() == Arch::Amd64)
-                })
-                .ok_or_else(|| StoreError::NoMatchingPlatform {
-                    digest: digest.clone(),
-                })?;
-            let child = descriptor_digest(chosen, &format!("index {digest}"))?;
-            return self.load_image(&child);
-        }
-        let manifest: ImageManifest =
-            serde_json::from_slice(&bytes).map_err(|source| StoreError::InvalidJson {
-                digest: digest.clone(),
-                what: "manifest",
-                source,
-            })?;
-        let config_descriptor = manifest.config();
-        let config_media_type = config_descriptor.media_type().to_string();
-        let config_digest = descriptor_digest(config_descriptor, &format!("manifest {digest}"))?;
-        if config_media_type != media::OCI_CONFIG && config_media_type != media::DOCKER_CONFIG {
-            return Err(StoreError::WrongMediaType {
-                digest: config_digest,
-                found: config_media_type,
-                expected: media::OCI_CONFIG,
-            });
-        }
-        let config_bytes = self.read_blob(&config_digest, Some(config_descriptor.size()))?;
-        let config: ImageConfiguration =
-            serde_json::from_slice(&config_bytes).map_err(|source| StoreError::InvalidJson {
-                digest: config_digest.clone(),
-                what: "image config",
-                source,
-            })?;
-        Ok(ResolvedImage {
-            digest: digest.clone(),
-            manifest_size: bytes.len() as u64,
-            manifest,
-            config_digest,
-            config,
+        resolve_image_with(digest, &|d: &Digest, size: Option<u64>| {
+            self.read_blob(d, size)
         })
+        .map(|(image, _)| image)
     }
 
     /// One summary per name in the store (unnamed entries too), in `index.json` order.
@@ -327,4 +278,71 @@ struct SummaryPlatform {
 #[derive(Deserialize)]
 struct SummaryConfig {
     created: Option<String>,
+}
+
+/// A verified read of a whole blob: digest, and the size its descriptor gives if any.
+pub(crate) type ReadBlob<'a> = dyn Fn(&Digest, Option<u64>) -> Result<Vec<u8>> + 'a;
+
+/// [`Store::load_image`] over any source of verified blob reads (the store, or what a dry
+/// archive import held); also returns the config's bytes.
+pub(crate) fn resolve_image_with(
+    digest: &Digest,
+    read: &ReadBlob<'_>,
+) -> Result<(ResolvedImage, Vec<u8>)> {
+    let bytes = read(digest, None)?;
+    let media_type = manifest_media_type(digest, &bytes)?;
+    if media::is_index(&media_type) {
+        let index: ImageIndex =
+            serde_json::from_slice(&bytes).map_err(|source| StoreError::InvalidJson {
+                digest: digest.clone(),
+                what: "index",
+                source,
+            })?;
+        let chosen = index
+            .manifests()
+            .iter()
+            .find(|m| {
+                m.platform()
+                    .as_ref()
+                    .is_none_or(|p| *p.os() == Os::Linux && *p.architecture() == Arch::Amd64)
+            })
+            .ok_or_else(|| StoreError::NoMatchingPlatform {
+                digest: digest.clone(),
+            })?;
+        let child = descriptor_digest(chosen, &format!("index {digest}"))?;
+        return resolve_image_with(&child, read);
+    }
+    let manifest: ImageManifest =
+        serde_json::from_slice(&bytes).map_err(|source| StoreError::InvalidJson {
+            digest: digest.clone(),
+            what: "manifest",
+            source,
+        })?;
+    let config_descriptor = manifest.config();
+    let config_media_type = config_descriptor.media_type().to_string();
+    let config_digest = descriptor_digest(config_descriptor, &format!("manifest {digest}"))?;
+    if config_media_type != media::OCI_CONFIG && config_media_type != media::DOCKER_CONFIG {
+        return Err(StoreError::WrongMediaType {
+            digest: config_digest,
+            found: config_media_type,
+            expected: media::OCI_CONFIG,
+        });
+    }
+    let config_bytes = read(&config_digest, Some(config_descriptor.size()))?;
+    let config: ImageConfiguration =
+        serde_json::from_slice(&config_bytes).map_err(|source| StoreError::InvalidJson {
+            digest: config_digest.clone(),
+            what: "image config",
+            source,
+        })?;
+    Ok((
+        ResolvedImage {
+            digest: digest.clone(),
+            manifest_size: bytes.len() as u64,
+            manifest,
+            config_digest,
+            config,
+        },
+        config_bytes,
+    ))
 }

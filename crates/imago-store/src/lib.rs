@@ -25,8 +25,8 @@ mod unpack;
 mod verify;
 
 pub use archive::{
-    ArchiveError, ArchiveFormat, ExportFormat, ExportReport, ImportOptions, ImportReport,
-    ImportedImage,
+    ArchiveError, ArchiveFormat, ArchiveImage, ExportFormat, ExportReport, ImportOptions,
+    ImportReport, ImportedImage,
 };
 pub use blob::{BlobWriter, VerifiedReader};
 pub use error::{Result, StoreError};

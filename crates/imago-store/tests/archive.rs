@@ -195,6 +195,7 @@ fn name_override_replaces_archive_names() {
     let options = ImportOptions {
         name: Some("mine:v2".parse().unwrap()),
         progress: None,
+        unnamed: false,
     };
     let report = store.import_archive(&archive_path(&dir), &options).unwrap();
     assert_eq!(report.images[0].names, ["mine:v2"]);
@@ -639,6 +640,7 @@ fn unnamed_images_are_kept_by_digest_and_a_name_override_needs_one_image() {
     let options = ImportOptions {
         name: Some("one:1".parse().unwrap()),
         progress: None,
+        unnamed: false,
     };
     let err = store
         .import_archive(&archive_path(&dir), &options)
@@ -666,4 +668,113 @@ fn unnamed_images_are_kept_by_digest_and_a_name_override_needs_one_image() {
         .import_archive(&archive_path(&dir), &ImportOptions::default())
         .unwrap();
     assert_eq!(store.names().unwrap().len(), 2);
+}
+
+/// Every file under the store with its content: what an operation that must write nothing is
+/// compared by.
+fn store_files(store: &Store) -> Vec<(PathBuf, Vec<u8>)> {
+    fn walk(dir: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
+        for entry in fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else {
+                let content = fs::read(&path).unwrap();
+                out.push((path, content));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(store.root(), &mut out);
+    out.sort();
+    out
+}
+
+/// A build on an archive base imports it unnamed: the blobs are stored and checked, but
+/// `index.json` is not touched, not even with a digest-only entry.
+#[test]
+fn unnamed_import_stores_the_image_and_writes_no_name() {
+    let (dir, store) = setup();
+    let archive = OciArchive::new(&[Compression::Gzip, Compression::Zstd]);
+    archive.write(&archive_path(&dir), Compression::None);
+    let index_before = fs::read(store.root().join("index.json")).unwrap();
+    let options = ImportOptions {
+        unnamed: true,
+        ..ImportOptions::default()
+    };
+    let report = store.import_archive(&archive_path(&dir), &options).unwrap();
+    assert_eq!(report.images[0].digest, archive.manifest);
+    assert_eq!(
+        fs::read(store.root().join("index.json")).unwrap(),
+        index_before
+    );
+    assert!(store.names().unwrap().is_empty());
+    let image = store.load_image(&archive.manifest).unwrap();
+    assert_eq!(image.config_digest, archive.config);
+    for layer in &archive.layers {
+        assert!(store.verify_blob(layer, None).is_ok(), "{layer}");
+    }
+
+    // Unnamed or not, a blob that does not hash to its name is refused and not stored.
+    let (dir, store) = setup();
+    let mut archive = OciArchive::new(&[Compression::Gzip]);
+    let layer = archive.layers[0].clone();
+    archive.entry_mut(&layer.layout_path())[40] ^= 0x04;
+    archive.write(&archive_path(&dir), Compression::None);
+    let err = store
+        .import_archive(&archive_path(&dir), &options)
+        .unwrap_err();
+    assert!(err.to_string().contains(&layer.to_string()), "{err}");
+    assert!(!store.has_blob(&layer));
+    assert_nothing_named(&store);
+}
+
+/// `read_archive` (what `imago build --check` reads an archive base with) finds what an import
+/// finds, with the same checks, and writes nothing at all.
+#[test]
+fn read_archive_matches_an_import_and_writes_nothing() {
+    let oci = |dir: &tempfile::TempDir| {
+        OciArchive::new(&[Compression::Gzip, Compression::Zstd, Compression::None])
+            .write(&archive_path(dir), Compression::Gzip);
+    };
+    let docker = |dir: &tempfile::TempDir| {
+        let (entries, _) = docker_archive(Compression::Gzip, None);
+        write_tar(&entries, &archive_path(dir), Compression::None);
+    };
+    let writers: [&dyn Fn(&tempfile::TempDir); 2] = [&oci, &docker];
+    for write in writers {
+        let (dir, store) = setup();
+        write(&dir);
+        let before = store_files(&store);
+        let read = store.read_archive(&archive_path(&dir)).unwrap();
+        assert_eq!(store_files(&store), before, "read_archive wrote something");
+        assert_eq!(read.len(), 1);
+
+        let report = store
+            .import_archive(&archive_path(&dir), &ImportOptions::default())
+            .unwrap();
+        assert_eq!(read[0].digest, report.images[0].digest);
+        let stored = store.load_image(&report.images[0].digest).unwrap();
+        assert_eq!(read[0].image.digest, stored.digest);
+        assert_eq!(read[0].image.config_digest, stored.config_digest);
+        assert_eq!(
+            read[0].config,
+            store.read_blob(&stored.config_digest, None).unwrap()
+        );
+        assert_eq!(
+            read[0].image.layers().unwrap().len(),
+            stored.layers().unwrap().len()
+        );
+    }
+
+    // The checks are those of an import: a flipped bit is refused by digest.
+    let (dir, store) = setup();
+    let mut archive = OciArchive::new(&[Compression::Gzip]);
+    let layer = archive.layers[0].clone();
+    archive.entry_mut(&layer.layout_path())[40] ^= 0x04;
+    archive.write(&archive_path(&dir), Compression::None);
+    let before = store_files(&store);
+    let err = store.read_archive(&archive_path(&dir)).unwrap_err();
+    assert!(err.to_string().contains(&layer.to_string()), "{err}");
+    assert_eq!(store_files(&store), before);
 }

@@ -60,6 +60,7 @@ pub fn import(ctx: &Context, args: ImportArgs) -> Result<()> {
     let options = ImportOptions {
         name,
         progress: Some(&progress),
+        unnamed: false,
     };
     let result = store.import_archive(&args.file, &options);
     bar.finish_and_clear();

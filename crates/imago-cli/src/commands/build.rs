@@ -167,6 +167,10 @@ pub(crate) fn build_one(
                 b.finish_and_clear();
             }
         }
+        Event::BaseArchive { image, path } => {
+            ctx.reporter
+                .status(format!("{image}: reading base archive {}", path.display()));
+        }
     };
     Ok(imago_build::build_image(
         store,
@@ -177,13 +181,32 @@ pub(crate) fn build_one(
     )?)
 }
 
+/// `--output` names an archive as `from` does: the builder's parser reads both.
 fn parse_output(text: &str) -> Result<(ArchiveFormat, PathBuf)> {
-    match text.split_once(':') {
-        Some(("oci-archive", path)) if !path.is_empty() => Ok((ArchiveFormat::Oci, path.into())),
-        Some(("docker-archive", path)) if !path.is_empty() => {
-            Ok((ArchiveFormat::Docker, path.into()))
-        }
+    match imago_build::import::parse_archive_base(text) {
+        Some((format, path)) if !path.as_os_str().is_empty() => Ok((format, path)),
         _ => bail!("invalid --output {text:?}: use oci-archive:FILE or docker-archive:FILE"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_takes_the_archive_forms_of_from() {
+        assert_eq!(
+            parse_output("oci-archive:a.tar").unwrap(),
+            (ArchiveFormat::Oci, PathBuf::from("a.tar"))
+        );
+        assert_eq!(
+            parse_output("docker-archive:/x/b.tar").unwrap(),
+            (ArchiveFormat::Docker, PathBuf::from("/x/b.tar"))
+        );
+        for bad in ["oci-archive:", "tar:a.tar", "a.tar"] {
+            let err = parse_output(bad).unwrap_err().to_string();
+            assert!(err.contains("invalid --output"), "{bad}: {err}");
+        }
     }
 }
 

@@ -12,9 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, anyhow, bail};
 use clap::Args;
 use imago_build::{BuildOptions, DefinitionFile};
-use imago_deploy::controller::{
-    Controller, LABEL_REVISION, LABEL_SERVICE, instance_spec, set_aside_modified,
-};
+use imago_deploy::controller::{Controller, LABEL_REVISION, LABEL_SERVICE, stop_grace};
+use imago_deploy::drift::{self, DriftCheck, Finding};
 use imago_deploy::plan::{RolloutPlan, plan_rollout};
 use imago_deploy::roots::{DEFAULT_HISTORY_LIMIT, ReleaseRoots};
 use imago_deploy::spec::{ServiceSpec, validate_all};
@@ -576,41 +575,17 @@ fn wait_for(
 
 /// The result of `release` once its rollout (and any automatic rollback after it) is over.
 fn settled(db: &StateDb, release: &Release, new: bool) -> Result<Option<ServiceResult>> {
-    let Some(outcome) = db.outcome_of(&release.service, release.number)? else {
-        return Ok(None);
-    };
-    let base = ServiceResult {
-        service: release.service.clone(),
-        release: release.number,
-        digest: release.image_digest.clone(),
-        changed: new,
-        outcome: outcome.outcome.clone(),
-        detail: outcome.detail.clone(),
-        rolled_back_to: None,
-    };
-    if outcome.outcome != "failed" {
-        return Ok(Some(base));
-    }
-    // Failed: if an automatic rollback followed, wait for it to settle too.
-    let later = db
-        .history(&release.service)?
-        .into_iter()
-        .find(|r| r.number > release.number && r.rollback_of.is_some());
-    match later {
-        None => Ok(Some(base)),
-        Some(rollback) => match db.outcome_of(&release.service, rollback.number)? {
-            None => Ok(None),
-            Some(o) => Ok(Some(ServiceResult {
-                outcome: if o.outcome == "complete" {
-                    "rolled back".into()
-                } else {
-                    format!("failed, and rollback {}", o.outcome)
-                },
-                rolled_back_to: rollback.rollback_of,
-                ..base
-            })),
-        },
-    }
+    Ok(db
+        .settled(&release.service, release.number)?
+        .map(|settled| ServiceResult {
+            service: release.service.clone(),
+            release: release.number,
+            digest: release.image_digest.clone(),
+            changed: new,
+            outcome: settled.outcome,
+            detail: settled.detail,
+            rolled_back_to: settled.rolled_back_to,
+        }))
 }
 
 fn print_event(ctx: &Context, event: &Event) {
@@ -797,11 +772,7 @@ pub fn serve(ctx: &Context, args: ServeArgs) -> Result<()> {
         api: api_addr.clone(),
     })?;
     std::fs::write(home.info_path(), info)?;
-    let engine = if args.runtime == "runc" {
-        Engine::Runc
-    } else {
-        Engine::Embedded
-    };
+    let engine: Engine = args.runtime.parse()?;
     let mut controller =
         Controller::new(home.open_db()?, provider, runtime.handle().clone(), engine)
             .with_rootfs_checks(rootfs, Duration::from_secs(2));
@@ -1144,14 +1115,7 @@ pub fn destroy(ctx: &Context, args: DestroyArgs) -> Result<()> {
         .into_iter()
         .filter(|i| i.labels.get(LABEL_SERVICE) == Some(&args.service))
     {
-        // The grace period the instance's own release gives it, as the controller uses.
-        let grace = instance
-            .labels
-            .get(LABEL_REVISION)
-            .map(|revision| db.release_with_revision(&args.service, revision))
-            .transpose()?
-            .flatten()
-            .map_or(Duration::from_secs(5), |r| r.spec.stop_grace_period);
+        let grace = stop_grace(&db, &args.service, &instance)?;
         ctx.reporter.status(format!("stopping {}", instance.id));
         match stop_and_remove(&provider, &instance.id, grace) {
             Ok(()) => stopped += 1,
@@ -1233,15 +1197,7 @@ pub struct DriftArgs {
 }
 
 #[derive(Serialize)]
-struct DriftFinding {
-    instance: String,
-    service: Option<String>,
-    kind: String,
-    detail: String,
-}
-
-#[derive(Serialize)]
-struct DriftReport(Vec<DriftFinding>);
+struct DriftReport(Vec<Finding>);
 
 impl Render for DriftReport {
     fn human(&self, out: &mut dyn Write) -> std::io::Result<()> {
@@ -1267,72 +1223,12 @@ pub fn drift(ctx: &Context, args: DriftArgs) -> Result<()> {
     let db = home.open_db()?;
     let store = ctx.store()?;
     let provider = local_provider(ctx, store)?;
-    let mut findings = Vec::new();
-    let services = db.services()?;
     let cache = provider.rootfs_cache();
-    // Instances of one image share its unpacked tree: check (and, deep, hash) it once.
-    let mut rootfs_problems: BTreeMap<Digest, Vec<String>> = BTreeMap::new();
-    for instance in provider.list()? {
-        let service = instance.labels.get(LABEL_SERVICE).cloned();
-        let finding = |kind: &str, detail: String| DriftFinding {
-            instance: instance.id.clone(),
-            service: service.clone(),
-            kind: kind.into(),
-            detail,
-        };
-        let Some(name) = service.as_ref().filter(|s| services.contains(s)) else {
-            if instance.is_active() {
-                findings.push(finding(
-                    "unknown",
-                    "not launched by any deployed service".into(),
-                ));
-            }
-            continue;
-        };
-        if !instance.is_active() {
-            findings.push(finding(
-                "dead",
-                format!("{} (exit code {:?})", instance.status, instance.exit_code),
-            ));
-            continue;
-        }
-        let Some(revision) = instance.labels.get(LABEL_REVISION) else {
-            findings.push(finding("unknown", "has no revision label".into()));
-            continue;
-        };
-        let Some(release) = db.release_with_revision(name, revision)? else {
-            findings.push(finding(
-                "unknown",
-                format!("revision {revision} belongs to no release"),
-            ));
-            continue;
-        };
-        let expected = instance_spec(&release, instance.engine)?;
-        if instance.image != release.image_digest || instance.spec_hash != expected.spec_hash()? {
-            findings.push(finding(
-                "wrong-spec",
-                format!(
-                    "runs {} / spec {}, release {} wants {} / {}",
-                    instance.image,
-                    instance.spec_hash,
-                    release.number,
-                    release.image_digest,
-                    expected.spec_hash()?
-                ),
-            ));
-        }
-        if !rootfs_problems.contains_key(&instance.image) {
-            let problems = cache.verify(&instance.image, args.deep)?;
-            rootfs_problems.insert(instance.image.clone(), problems);
-        }
-        for problem in rootfs_problems.get(&instance.image).into_iter().flatten() {
-            findings.push(finding("modified-rootfs", problem.clone()));
-        }
-    }
-    // Replace, don't repair: the modified tree is set aside and recorded, and the controller
-    // replaces every instance that runs from it.
-    for (digest, problems) in rootfs_problems.iter().filter(|(_, p)| !p.is_empty()) {
-        let message = set_aside_modified(&cache, &db, digest, problems, &actor())?;
+    let DriftCheck {
+        findings,
+        set_aside,
+    } = drift::check(&db, &provider.list()?, &cache, args.deep, &actor())?;
+    for message in set_aside {
         ctx.reporter.status(message);
     }
     let drifted = !findings.is_empty();

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::{ArchiveError, ArchiveFormat, archive_error, docker};
 use crate::blob::unwrap_store_error;
 use crate::error::{Result, StoreError};
+use crate::image::{ResolvedImage, resolve_image_with};
 use crate::index::{digest_to_oci, manifest_media_type, ref_name};
 use crate::layout::Store;
 
@@ -30,12 +31,18 @@ pub struct ImportOptions<'a> {
     pub name: Option<Reference>,
     /// Called with the number of archive bytes read so far, for progress bars.
     pub progress: Option<&'a dyn Fn(u64)>,
+    /// Store and check the blobs but leave `index.json` alone (not even a digest-only entry),
+    /// for a caller that names what it makes from them: a build on an archive base must not
+    /// give the user names they never asked for. Until that caller names something that
+    /// reaches the blobs, it holds [`Store::write_guard`] to keep gc off them.
+    pub unnamed: bool,
 }
 
 impl std::fmt::Debug for ImportOptions<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ImportOptions")
             .field("name", &self.name)
+            .field("unnamed", &self.unnamed)
             .finish_non_exhaustive()
     }
 }
@@ -60,6 +67,44 @@ pub struct ImportReport {
     pub blobs_present: usize,
     /// Bytes of the archive file read.
     pub archive_bytes: u64,
+}
+
+/// An image read from an archive by [`Store::read_archive`], which stores nothing.
+#[derive(Debug, Clone)]
+pub struct ArchiveImage {
+    /// The manifest (or index) digest the image would have in the store.
+    pub digest: Digest,
+    /// Its manifest and config (for an index, those of the image [`Store::load_image`] picks).
+    pub image: ResolvedImage,
+    /// The config's bytes, as hashed.
+    pub config: Vec<u8>,
+}
+
+/// Where the blobs of an import go.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Into the store, then names into `index.json`.
+    Named,
+    /// Into the store, no names.
+    Unnamed,
+    /// Nowhere: every entry is hashed and checked as an import would, and the JSON documents
+    /// among the blobs are held in memory ([`Held`]), so `imago build --check` can learn an
+    /// archive base without changing the store.
+    Dry,
+}
+
+/// A blob a dry import found in the archive and did not store.
+struct Held {
+    size: u64,
+    /// The bytes of blobs that look like JSON documents (manifests, configs, indexes).
+    bytes: Option<Vec<u8>>,
+    compression: Compression,
+}
+
+/// The blobs an import brought: in the store, or for a dry import also in `held`.
+struct Blobs {
+    mode: Mode,
+    held: HashMap<Digest, Held>,
 }
 
 /// What one pass over the tar found.
@@ -100,21 +145,61 @@ struct Found {
 impl Store {
     /// Imports every image of the OCI or docker archive at `path` (see the module docs).
     pub fn import_archive(&self, path: &Path, options: &ImportOptions<'_>) -> Result<ImportReport> {
+        let mode = if options.unnamed {
+            Mode::Unnamed
+        } else {
+            Mode::Named
+        };
         let file = File::open(path).map_err(|e| archive_error(path, ArchiveError::Read(e)))?;
-        self.import_from(file, options)
+        self.import_from(file, options, mode)
+            .map(|(report, _)| report)
             .map_err(|e| archive_error(path, e))
+    }
+
+    /// Reads every image of the archive at `path` with all the checks of an import, but
+    /// writes nothing: no blob, no name, no temporary file.
+    pub fn read_archive(&self, path: &Path) -> Result<Vec<ArchiveImage>> {
+        let file = File::open(path).map_err(|e| archive_error(path, ArchiveError::Read(e)))?;
+        let (report, blobs) = self
+            .import_from(file, &ImportOptions::default(), Mode::Dry)
+            .map_err(|e| archive_error(path, e))?;
+        report
+            .images
+            .into_iter()
+            .map(|found| {
+                let (image, config) =
+                    resolve_image_with(&found.digest, &|digest: &Digest, size: Option<u64>| {
+                        blobs.read(self, digest, size)
+                    })?;
+                Ok(ArchiveImage {
+                    digest: found.digest,
+                    image,
+                    config,
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+            .map_err(|e| archive_error(path, ArchiveError::entry("(image)", e)))
     }
 
     fn import_from(
         &self,
         file: File,
         options: &ImportOptions<'_>,
-    ) -> std::result::Result<ImportReport, ArchiveError> {
+        mode: Mode,
+    ) -> std::result::Result<(ImportReport, Blobs), ArchiveError> {
         // One guard for the whole import: blobs committed early stay safe from a concurrent gc
-        // until the names that reach them are written.
-        let _guard = self
-            .write_guard()
-            .map_err(|e| ArchiveError::entry("(store)", e))?;
+        // until the names that reach them are written. A dry import writes nothing to guard.
+        let _guard = match mode {
+            Mode::Dry => None,
+            Mode::Named | Mode::Unnamed => Some(
+                self.write_guard()
+                    .map_err(|e| ArchiveError::entry("(store)", e))?,
+            ),
+        };
+        let mut blobs = Blobs {
+            mode,
+            held: HashMap::new(),
+        };
         let mut counted = ProgressReader {
             inner: file,
             count: 0,
@@ -122,12 +207,15 @@ impl Store {
         };
         let scan = {
             let (_, stream) = decompress_sniffed(&mut counted).map_err(ArchiveError::Read)?;
-            self.scan(stream)?
+            self.scan(stream, &mut blobs)?
         };
         let (format, found) = if scan.documents.contains_key("index.json") {
-            (ArchiveFormat::Oci, self.check_oci(&scan)?)
+            (ArchiveFormat::Oci, self.check_oci(&scan, &blobs)?)
         } else if scan.documents.contains_key("manifest.json") {
-            (ArchiveFormat::Docker, self.convert_docker(&scan)?)
+            (
+                ArchiveFormat::Docker,
+                self.convert_docker(&scan, &mut blobs)?,
+            )
         } else {
             return Err(ArchiveError::UnknownFormat);
         };
@@ -135,8 +223,10 @@ impl Store {
             return Err(ArchiveError::Empty);
         }
         let found = apply_name_override(found, options.name.as_ref())?;
-        self.name_all(&found)?;
-        Ok(ImportReport {
+        if mode == Mode::Named {
+            self.name_all(&found)?;
+        }
+        let report = ImportReport {
             format,
             images: found
                 .into_iter()
@@ -149,11 +239,16 @@ impl Store {
             blobs_written: scan.blobs_written,
             blobs_present: scan.blobs_present,
             archive_bytes: counted.count,
-        })
+        };
+        Ok((report, blobs))
     }
 
     /// Reads the tar once: documents into memory, everything else into blobs.
-    fn scan(&self, stream: impl Read) -> std::result::Result<Scan, ArchiveError> {
+    fn scan(
+        &self,
+        stream: impl Read,
+        blobs: &mut Blobs,
+    ) -> std::result::Result<Scan, ArchiveError> {
         let mut archive = tar::Archive::new(stream);
         let mut scan = Scan::default();
         let mut buffer = vec![0u8; COPY_BUFFER];
@@ -220,6 +315,7 @@ impl Store {
                     &mut entry,
                     &mut buffer,
                     &mut scan,
+                    blobs,
                 )?;
                 scan.files.insert(path, (expected, size));
             } else if path.starts_with("blobs/") {
@@ -231,6 +327,22 @@ impl Store {
                 // containers/image serves docker archive layers.
                 let (_, mut stream) = decompress_sniffed(&mut entry)
                     .map_err(|e| ArchiveError::entry(&path, io_error(e, &path)))?;
+                if blobs.mode == Mode::Dry {
+                    let mut sink = HashingWriter::new(io::sink());
+                    copy(&mut stream, &mut sink, &mut buffer)
+                        .map_err(|e| ArchiveError::entry(&path, io_error(e, &path)))?;
+                    let (digest, size, _) = sink.finish();
+                    blobs.held.insert(
+                        digest.clone(),
+                        Held {
+                            size,
+                            bytes: None,
+                            compression: Compression::None,
+                        },
+                    );
+                    scan.files.insert(path, (digest, size));
+                    continue;
+                }
                 let mut writer = self
                     .blob_writer()
                     .map_err(|e| ArchiveError::entry(&path, e))?;
@@ -246,7 +358,8 @@ impl Store {
 
     /// Stores a `blobs/sha256/<hex>` entry, refusing it unless it hashes to `<hex>`. A blob the
     /// store already has intact is only hashed; a damaged copy is replaced, so that re-importing
-    /// an image repairs what `imago verify` found.
+    /// an image repairs what `imago verify` found. A dry import holds what it needs instead.
+    #[allow(clippy::too_many_arguments)]
     fn store_named_blob(
         &self,
         path: &str,
@@ -255,6 +368,7 @@ impl Store {
         entry: &mut impl Read,
         buffer: &mut [u8],
         scan: &mut Scan,
+        blobs: &mut Blobs,
     ) -> std::result::Result<u64, ArchiveError> {
         let mismatch = |actual: Digest| ArchiveError::DigestMismatch {
             entry: path.to_owned(),
@@ -270,6 +384,16 @@ impl Store {
                 return Err(mismatch(actual));
             }
             scan.blobs_present += 1;
+            return Ok(size);
+        }
+        if blobs.mode == Mode::Dry {
+            let (actual, held) = hold(entry, entry_size, buffer)
+                .map_err(|e| ArchiveError::entry(path, io_error(e, path)))?;
+            if actual != *expected {
+                return Err(mismatch(actual));
+            }
+            let size = held.size;
+            blobs.held.insert(actual, held);
             return Ok(size);
         }
         let mut writer = self
@@ -289,7 +413,11 @@ impl Store {
 
     /// Checks every image `index.json` lists: manifests, configs and layers present with the
     /// sizes and media types their descriptors promise.
-    fn check_oci(&self, scan: &Scan) -> std::result::Result<Vec<Found>, ArchiveError> {
+    fn check_oci(
+        &self,
+        scan: &Scan,
+        blobs: &Blobs,
+    ) -> std::result::Result<Vec<Found>, ArchiveError> {
         if let Some(layout) = scan.documents.get("oci-layout") {
             let value: serde_json::Value =
                 serde_json::from_slice(layout).map_err(|source| ArchiveError::InvalidJson {
@@ -327,7 +455,7 @@ impl Store {
                     expected: media::OCI_MANIFEST.into(),
                 });
             }
-            self.check_manifest(&digest, descriptor.size(), &media_type, "index.json")?;
+            self.check_manifest(blobs, &digest, descriptor.size(), &media_type, "index.json")?;
             let mut names = Vec::new();
             let annotations = descriptor.annotations().clone().unwrap_or_default();
             let recorded = match (
@@ -360,12 +488,13 @@ impl Store {
 
     fn check_manifest(
         &self,
+        blobs: &Blobs,
         digest: &Digest,
         size: u64,
         declared: &str,
         referrer: &str,
     ) -> std::result::Result<(), ArchiveError> {
-        let bytes = self.read_checked(digest, size, referrer)?;
+        let bytes = self.read_checked(blobs, digest, size, referrer)?;
         let entry = digest.layout_path();
         let actual = manifest_media_type(digest, &bytes).map_err(|e| match e {
             StoreError::InvalidJson { source, .. } => ArchiveError::InvalidJson {
@@ -399,9 +528,15 @@ impl Store {
             for child in index.manifests() {
                 let child_digest = parse_digest(child, &referrer)?;
                 // Indexes often list platforms whose images were not copied along.
-                if self.has_blob(&child_digest) {
+                if blobs.held.contains_key(&child_digest) || self.has_blob(&child_digest) {
                     let child_type = child.media_type().to_string();
-                    self.check_manifest(&child_digest, child.size(), &child_type, &referrer)?;
+                    self.check_manifest(
+                        blobs,
+                        &child_digest,
+                        child.size(),
+                        &child_type,
+                        &referrer,
+                    )?;
                     present += 1;
                 }
             }
@@ -427,6 +562,7 @@ impl Store {
             });
         }
         let config_bytes = self.read_checked(
+            blobs,
             &config_digest,
             config.size(),
             &format!("config of {digest}"),
@@ -455,21 +591,32 @@ impl Store {
                     expected: media::OCI_LAYER_GZIP.into(),
                 });
             }
-            self.check_size(&layer_digest, layer.size(), &format!("layer of {digest}"))?;
+            self.check_size(
+                blobs,
+                &layer_digest,
+                layer.size(),
+                &format!("layer of {digest}"),
+            )?;
         }
         Ok(())
     }
 
-    /// The blob must be in the store (written by this import or before) with `size` bytes.
+    /// The blob must be in the store (written by this import or before), or held by a dry
+    /// import, with `size` bytes.
     fn check_size(
         &self,
+        blobs: &Blobs,
         digest: &Digest,
         size: u64,
         referrer: &str,
     ) -> std::result::Result<(), ArchiveError> {
         let path = self.blob_path(digest);
-        let actual = match fs::metadata(&path) {
-            Ok(m) => m.len(),
+        let actual = match blobs.held.get(digest) {
+            Some(held) => Ok(held.size),
+            None => fs::metadata(&path).map(|m| m.len()),
+        };
+        let actual = match actual {
+            Ok(len) => len,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(ArchiveError::MissingBlob {
                     digest: digest.clone(),
@@ -496,17 +643,23 @@ impl Store {
 
     fn read_checked(
         &self,
+        blobs: &Blobs,
         digest: &Digest,
         size: u64,
         referrer: &str,
     ) -> std::result::Result<Vec<u8>, ArchiveError> {
-        self.check_size(digest, size, referrer)?;
-        self.read_blob(digest, Some(size))
+        self.check_size(blobs, digest, size, referrer)?;
+        blobs
+            .read(self, digest, Some(size))
             .map_err(|e| ArchiveError::entry(&digest.layout_path(), e))
     }
 
     /// Turns each `manifest.json` item into an OCI image the way skopeo does (see [`docker`]).
-    fn convert_docker(&self, scan: &Scan) -> std::result::Result<Vec<Found>, ArchiveError> {
+    fn convert_docker(
+        &self,
+        scan: &Scan,
+        blobs: &mut Blobs,
+    ) -> std::result::Result<Vec<Found>, ArchiveError> {
         let bytes = scan
             .documents
             .get("manifest.json")
@@ -526,8 +679,8 @@ impl Store {
                 scan.files.get(&config_path),
             ) {
                 (Some(bytes), _) => bytes.clone(),
-                (None, Some((digest, size))) => self
-                    .read_blob(digest, Some(*size))
+                (None, Some((digest, size))) => blobs
+                    .read(self, digest, Some(*size))
                     .map_err(|e| ArchiveError::entry(&config_path, e))?,
                 (None, None) => {
                     return Err(ArchiveError::MissingFile {
@@ -569,7 +722,7 @@ impl Store {
                         referrer: "manifest.json".into(),
                     });
                 };
-                let (digest, size) = self.uncompressed(&resolved, digest, *size)?;
+                let (digest, size) = self.uncompressed(blobs, &resolved, digest, *size)?;
                 if digest.to_string() != *diff_id {
                     return Err(ArchiveError::DiffIdMismatch {
                         entry: layer_path.clone(),
@@ -583,12 +736,14 @@ impl Store {
             let oci_config = docker::convert_config(&config_bytes).map_err(|reason| {
                 ArchiveError::Invalid(format!("docker image config {config_path}: {reason}"))
             })?;
-            let config_digest = self
-                .put_blob(&oci_config)
+            let config_size = oci_config.len() as u64;
+            let config_digest = blobs
+                .put(self, oci_config)
                 .map_err(|e| ArchiveError::entry(&config_path, e))?;
-            let manifest = docker::oci_manifest(&(config_digest, oci_config.len() as u64), &layers);
-            let digest = self
-                .put_blob(&manifest)
+            let manifest = docker::oci_manifest(&(config_digest, config_size), &layers);
+            let manifest_size = manifest.len() as u64;
+            let digest = blobs
+                .put(self, manifest)
                 .map_err(|e| ArchiveError::entry("manifest.json", e))?;
             let mut names = Vec::new();
             for tag in item.repo_tags.unwrap_or_default() {
@@ -598,7 +753,7 @@ impl Store {
                 Some(existing) => existing.names.extend(names),
                 None => found.push(Found {
                     digest,
-                    size: manifest.len() as u64,
+                    size: manifest_size,
                     media_type: media::OCI_MANIFEST.into(),
                     names,
                 }),
@@ -611,10 +766,22 @@ impl Store {
     /// be compressed; skopeo serves it decompressed, so store that too.
     fn uncompressed(
         &self,
+        blobs: &Blobs,
         entry: &str,
         digest: &Digest,
         size: u64,
     ) -> std::result::Result<(Digest, u64), ArchiveError> {
+        if let Some(held) = blobs.held.get(digest) {
+            if held.compression == Compression::None {
+                return Ok((digest.clone(), size));
+            }
+            // Its uncompressed digest would need a second pass over bytes a dry import did not
+            // keep; this layout (a docker archive of compressed blobs without an index.json)
+            // is rare enough to ask for a real import instead.
+            return Err(ArchiveError::Invalid(format!(
+                "layer {entry} is compressed: it cannot be read without storing the archive"
+            )));
+        }
         let mut blob = self
             .open_blob(digest, Some(size))
             .map_err(|e| ArchiveError::entry(entry, e))?;
@@ -628,10 +795,20 @@ impl Store {
         let blob = self
             .open_blob(digest, Some(size))
             .map_err(|e| ArchiveError::entry(entry, e))?;
+        let mut buffer = vec![0u8; COPY_BUFFER];
+        if blobs.mode == Mode::Dry {
+            let mut sink = HashingWriter::new(io::sink());
+            let copied = decompress(compression, blob)
+                .and_then(|mut stream| copy(&mut stream, &mut sink, &mut buffer));
+            if let Err(e) = copied {
+                return Err(ArchiveError::entry(entry, self.blame_blob(digest, size, e)));
+            }
+            let (digest, size, _) = sink.finish();
+            return Ok((digest, size));
+        }
         let mut writer = self
             .blob_writer()
             .map_err(|e| ArchiveError::entry(entry, e))?;
-        let mut buffer = vec![0u8; COPY_BUFFER];
         let copied = decompress(compression, blob)
             .and_then(|mut stream| copy(&mut stream, &mut writer, &mut buffer));
         if let Err(e) = copied {
@@ -684,6 +861,83 @@ impl Store {
         })
         .map_err(|e| ArchiveError::entry("index.json", e))
     }
+}
+
+impl Blobs {
+    /// A verified read: bytes a dry import held (hashed as they were read from the archive),
+    /// else the store's.
+    fn read(&self, store: &Store, digest: &Digest, size: Option<u64>) -> Result<Vec<u8>> {
+        let Some(held) = self.held.get(digest) else {
+            return store.read_blob(digest, size);
+        };
+        if let Some(expected) = size
+            && expected != held.size
+        {
+            return Err(StoreError::SizeMismatch {
+                digest: digest.clone(),
+                path: store.blob_path(digest),
+                expected,
+                actual: held.size,
+            });
+        }
+        held.bytes.clone().ok_or_else(|| StoreError::InvalidJson {
+            digest: digest.clone(),
+            what: "document",
+            source: <serde_json::Error as serde::de::Error>::custom(
+                "the blob does not start like a json object",
+            ),
+        })
+    }
+
+    /// Stores a document this import made (a converted docker config or manifest).
+    fn put(&mut self, store: &Store, bytes: Vec<u8>) -> Result<Digest> {
+        if self.mode != Mode::Dry {
+            return store.put_blob(&bytes);
+        }
+        let digest = Digest::of(&bytes);
+        self.held.insert(
+            digest.clone(),
+            Held {
+                size: bytes.len() as u64,
+                bytes: Some(bytes),
+                compression: Compression::None,
+            },
+        );
+        Ok(digest)
+    }
+}
+
+/// Hashes a blob entry for a dry import, keeping its bytes if it looks like a JSON document
+/// (the only blobs an image is read from) and its compression (for docker layers).
+fn hold(entry: &mut impl Read, size: u64, buffer: &mut [u8]) -> io::Result<(Digest, Held)> {
+    let mut hasher = HashingWriter::new(io::sink());
+    let n = read_prefix(entry, buffer)?;
+    let prefix = &buffer[..n];
+    let compression = Compression::sniff(prefix);
+    let json = prefix.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    let mut kept = (json && size <= JSON_LIMIT).then(|| prefix.to_vec());
+    hasher.write_all(prefix)?;
+    loop {
+        let n = match entry.read(buffer) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.write_all(&buffer[..n])?;
+        if let Some(kept) = kept.as_mut() {
+            kept.extend_from_slice(&buffer[..n]);
+        }
+    }
+    let (digest, size, _) = hasher.finish();
+    Ok((
+        digest,
+        Held {
+            size,
+            bytes: kept,
+            compression,
+        },
+    ))
 }
 
 #[derive(Deserialize)]

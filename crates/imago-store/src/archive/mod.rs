@@ -26,7 +26,7 @@ use serde::Serialize;
 use crate::error::StoreError;
 
 pub use export::{ExportFormat, ExportReport};
-pub use import::{ImportOptions, ImportReport, ImportedImage};
+pub use import::{ArchiveImage, ImportOptions, ImportReport, ImportedImage};
 
 /// Which kind of archive an import found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -1,0 +1,272 @@
+//! Drift: how the instances that run differ from the releases they claim. One judgment,
+//! used by the controller (which replaces what drifted) and by `imago drift` (which reports it
+//! and sets modified unpacked images aside), so the two can never disagree.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use imago_oci::Digest;
+use imago_runtime::{Instance, RootfsCache};
+use serde::Serialize;
+
+use crate::controller::{LABEL_REVISION, LABEL_SERVICE, instance_spec, set_aside_modified};
+use crate::error::DeployError;
+use crate::state::{Release, StateDb};
+
+/// An instance that runs another image or spec than the release of its revision asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrongSpec {
+    pub image: Digest,
+    pub spec_hash: Digest,
+    pub release: u64,
+    pub wanted_image: Digest,
+    pub wanted_spec_hash: Digest,
+}
+
+/// Compares `instance` with `release`, the release whose revision it is labelled with. The spec
+/// it should run is computed for the instance's own engine: which engine runs an instance is
+/// not part of a release (nor of its revision), so it is no drift.
+pub fn wrong_spec(
+    instance: &Instance,
+    release: &Release,
+) -> Result<Option<WrongSpec>, DeployError> {
+    let wanted_spec_hash = instance_spec(release, instance.engine)?
+        .spec_hash()
+        .map_err(|e| DeployError::Runtime(e.to_string()))?;
+    if instance.image == release.image_digest && instance.spec_hash == wanted_spec_hash {
+        return Ok(None);
+    }
+    Ok(Some(WrongSpec {
+        image: instance.image.clone(),
+        spec_hash: instance.spec_hash.clone(),
+        release: release.number,
+        wanted_image: release.image_digest.clone(),
+        wanted_spec_hash,
+    }))
+}
+
+/// What kind of drift a [`Finding`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FindingKind {
+    /// Not launched by a deployed service, or claiming a revision no release has.
+    Unknown,
+    /// An instance of a service that is no longer running.
+    Dead,
+    WrongSpec,
+    /// Its unpacked image was changed after it was unpacked.
+    ModifiedRootfs,
+}
+
+impl fmt::Display for FindingKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FindingKind::Unknown => "unknown",
+            FindingKind::Dead => "dead",
+            FindingKind::WrongSpec => "wrong-spec",
+            FindingKind::ModifiedRootfs => "modified-rootfs",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    pub instance: String,
+    pub service: Option<String>,
+    pub kind: FindingKind,
+    pub detail: String,
+}
+
+/// The result of [`check`].
+#[derive(Debug, Default)]
+pub struct DriftCheck {
+    pub findings: Vec<Finding>,
+    /// The events recorded for unpacked images that were set aside, one per image.
+    pub set_aside: Vec<String>,
+}
+
+/// Judges every instance against the release of its revision, and checks (with `deep`,
+/// hashes) the unpacked image of every running one. Replace, don't repair: a modified tree is
+/// set aside and recorded, so the controller replaces every instance that runs from it.
+pub fn check(
+    db: &StateDb,
+    instances: &[Instance],
+    cache: &RootfsCache,
+    deep: bool,
+    actor: &str,
+) -> Result<DriftCheck, DeployError> {
+    let services = db.services()?;
+    let mut findings = Vec::new();
+    // Instances of one image share its unpacked tree: check (and, deep, hash) it once.
+    let mut rootfs_problems: BTreeMap<Digest, Vec<String>> = BTreeMap::new();
+    for instance in instances {
+        let service = instance.labels.get(LABEL_SERVICE).cloned();
+        let finding = |kind: FindingKind, detail: String| Finding {
+            instance: instance.id.clone(),
+            service: service.clone(),
+            kind,
+            detail,
+        };
+        let Some(name) = service.as_ref().filter(|s| services.contains(s)) else {
+            if instance.is_active() {
+                findings.push(finding(
+                    FindingKind::Unknown,
+                    "not launched by any deployed service".into(),
+                ));
+            }
+            continue;
+        };
+        if !instance.is_active() {
+            findings.push(finding(
+                FindingKind::Dead,
+                format!("{} (exit code {:?})", instance.status, instance.exit_code),
+            ));
+            continue;
+        }
+        let Some(revision) = instance.labels.get(LABEL_REVISION) else {
+            findings.push(finding(
+                FindingKind::Unknown,
+                "has no revision label".into(),
+            ));
+            continue;
+        };
+        let Some(release) = db.release_with_revision(name, revision)? else {
+            findings.push(finding(
+                FindingKind::Unknown,
+                format!("revision {revision} belongs to no release"),
+            ));
+            continue;
+        };
+        if let Some(wrong) = wrong_spec(instance, &release)? {
+            findings.push(finding(
+                FindingKind::WrongSpec,
+                format!(
+                    "runs {} / spec {}, release {} wants {} / {}",
+                    wrong.image,
+                    wrong.spec_hash,
+                    wrong.release,
+                    wrong.wanted_image,
+                    wrong.wanted_spec_hash
+                ),
+            ));
+        }
+        if !rootfs_problems.contains_key(&instance.image) {
+            let problems = cache
+                .verify(&instance.image, deep)
+                .map_err(|e| DeployError::Runtime(e.to_string()))?;
+            rootfs_problems.insert(instance.image.clone(), problems);
+        }
+        for problem in rootfs_problems.get(&instance.image).into_iter().flatten() {
+            findings.push(finding(FindingKind::ModifiedRootfs, problem.clone()));
+        }
+    }
+    let mut set_aside = Vec::new();
+    for (digest, problems) in rootfs_problems.iter().filter(|(_, p)| !p.is_empty()) {
+        set_aside.push(set_aside_modified(cache, db, digest, problems, actor)?);
+    }
+    Ok(DriftCheck {
+        findings,
+        set_aside,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::ServiceSpec;
+    use imago_runtime::{Engine, InstanceSpec, Status};
+
+    fn release(db: &mut StateDb, image: &[u8]) -> Release {
+        let spec: ServiceSpec =
+            serde_json::from_value(serde_json::json!({"image": "web", "replicas": 1})).unwrap();
+        db.record_release("web", &spec, &Digest::of(image), "apply", None, "test")
+            .unwrap()
+            .0
+    }
+
+    fn running(id: &str, spec: &InstanceSpec) -> Instance {
+        let mut instance = Instance::new(id.into(), spec).unwrap();
+        instance.status = Status::Running;
+        instance
+    }
+
+    #[test]
+    fn wrong_spec_compares_image_and_spec_but_not_the_engine() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = StateDb::open(&dir.path().join("state.db")).unwrap();
+        let release = release(&mut db, b"v1");
+        let wanted = instance_spec(&release, Engine::Embedded).unwrap();
+        assert_eq!(wrong_spec(&running("a", &wanted), &release).unwrap(), None);
+        let runc = instance_spec(&release, Engine::Runc).unwrap();
+        assert_ne!(runc.spec_hash().unwrap(), wanted.spec_hash().unwrap());
+        assert_eq!(wrong_spec(&running("b", &runc), &release).unwrap(), None);
+
+        let mut debug = wanted.clone();
+        debug.env.insert("DEBUG".into(), "1".into());
+        let wrong = wrong_spec(&running("c", &debug), &release)
+            .unwrap()
+            .expect("another env is drift");
+        assert_eq!(wrong.spec_hash, debug.spec_hash().unwrap());
+        assert_eq!(wrong.wanted_spec_hash, wanted.spec_hash().unwrap());
+        assert_eq!(wrong.release, release.number);
+
+        let mut other = wanted.clone();
+        other.image = Digest::of(b"other");
+        let wrong = wrong_spec(&running("d", &other), &release)
+            .unwrap()
+            .expect("another image is drift");
+        assert_eq!(wrong.image, Digest::of(b"other"));
+        assert_eq!(wrong.wanted_image, Digest::of(b"v1"));
+    }
+
+    #[test]
+    fn check_reports_each_kind_of_drift() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = StateDb::open(&dir.path().join("state.db")).unwrap();
+        let release = release(&mut db, b"v1");
+        let wanted = instance_spec(&release, Engine::Embedded).unwrap();
+        let mut debug = wanted.clone();
+        debug.env.insert("DEBUG".into(), "1".into());
+        let mut dead = running("dead", &wanted);
+        dead.status = Status::Exited;
+        dead.exit_code = Some(3);
+        let stray = running("stray", &InstanceSpec::new(Digest::of(b"v1")));
+        let mut unlabelled = wanted.clone();
+        unlabelled.labels.remove(LABEL_REVISION);
+        let mut forged = wanted.clone();
+        forged
+            .labels
+            .insert(LABEL_REVISION.into(), "no-such-revision".into());
+        let instances = [
+            running("good", &wanted),
+            running("debug", &debug),
+            dead,
+            stray,
+            running("unlabelled", &unlabelled),
+            running("forged", &forged),
+        ];
+        let cache = RootfsCache::new(dir.path().join("rootfs"));
+        let checked = check(&db, &instances, &cache, false, "test").unwrap();
+        let kinds: Vec<(&str, String)> = checked
+            .findings
+            .iter()
+            .map(|f| (f.instance.as_str(), f.kind.to_string()))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("debug", "wrong-spec".to_owned()),
+                ("dead", "dead".to_owned()),
+                ("stray", "unknown".to_owned()),
+                ("unlabelled", "unknown".to_owned()),
+                ("forged", "unknown".to_owned()),
+            ]
+        );
+        assert!(checked.findings[0].detail.contains("release 1 wants"));
+        assert_eq!(
+            serde_json::to_value(&checked.findings[0]).unwrap()["kind"],
+            "wrong-spec"
+        );
+        assert!(checked.set_aside.is_empty());
+    }
+}
