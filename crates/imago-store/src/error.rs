@@ -44,6 +44,8 @@ pub enum StoreError {
     InvalidLayout { path: PathBuf, reason: String },
     #[error("image {0} not found in the store")]
     NotFound(String),
+    #[error("invalid tag {0:?}: expected NAME[:TAG]")]
+    InvalidTag(String),
     #[error("digest prefix {prefix} is ambiguous; it matches: {}", candidates.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))]
     AmbiguousPrefix {
         prefix: String,

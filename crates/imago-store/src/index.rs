@@ -109,11 +109,12 @@ impl Store {
     /// Points `reference` (`name:tag`) at the manifest `digest`, which must be in the store.
     /// Replaces whatever the name pointed at before.
     pub fn tag(&self, reference: &Reference, digest: &Digest) -> Result<()> {
-        let Some(name) = reference.ref_name() else {
-            return Err(StoreError::NotFound(format!(
-                "{reference} (a tag needs a name, not a digest)"
-            )));
-        };
+        // A name pinned to a digest (`NAME@sha256:...`) names nothing new: refuse it rather than
+        // silently tagging NAME:latest.
+        let name = reference
+            .ref_name()
+            .filter(|_| matches!(reference, Reference::Name { digest: None, .. }))
+            .ok_or_else(|| StoreError::InvalidTag(reference.to_string()))?;
         let bytes = self.read_blob(digest, None)?;
         let media_type = manifest_media_type(digest, &bytes)?;
         let mut annotations = HashMap::new();

@@ -209,6 +209,38 @@ fn name_override_replaces_archive_names() {
 }
 
 #[test]
+fn a_tag_must_be_a_plain_name_and_a_refused_one_changes_nothing() {
+    let (dir, store) = setup();
+    OciArchive::new(&[Compression::Gzip]).write(&archive_path(&dir), Compression::None);
+    let options = ImportOptions {
+        name: Some("mine:v1".parse().unwrap()),
+        progress: None,
+        unnamed: false,
+    };
+    let digest = store
+        .import_archive(&archive_path(&dir), &options)
+        .unwrap()
+        .images[0]
+        .digest
+        .clone();
+    for bad in [format!("other@{digest}"), digest.to_string()] {
+        let reference: Reference = bad.parse().unwrap();
+        let err = store.tag(&reference, &digest).unwrap_err();
+        assert!(matches!(err, StoreError::InvalidTag(_)), "{bad}: {err}");
+        assert!(err.to_string().contains("NAME[:TAG]"), "{err}");
+    }
+    store.tag(&"other:v2".parse().unwrap(), &digest).unwrap();
+    let mut names: Vec<_> = store
+        .names()
+        .unwrap()
+        .into_iter()
+        .filter_map(|n| n.name)
+        .collect();
+    names.sort();
+    assert_eq!(names, ["mine:v1", "other:v2"]);
+}
+
+#[test]
 fn flipped_bit_in_a_layer_is_refused_by_digest() {
     let (dir, store) = setup();
     let mut archive = OciArchive::new(&[Compression::Gzip]);

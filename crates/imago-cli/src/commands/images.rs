@@ -165,13 +165,8 @@ pub fn tag(ctx: &Context, args: TagArgs) -> Result<()> {
     let store = ctx.store()?;
     let digest = store.resolve_digest(&parse_reference(&args.source)?)?;
     let target = parse_reference(&args.target)?;
-    let Some(name) = target
-        .ref_name()
-        .filter(|_| matches!(target, Reference::Name { digest: None, .. }))
-    else {
-        bail!("invalid tag {:?}: expected NAME[:TAG]", args.target);
-    };
     store.tag(&target, &digest)?;
+    let name = target.ref_name().unwrap_or_default();
     ctx.reporter.emit(&Tagged { name, digest })
 }
 
