@@ -384,6 +384,39 @@ fn invalid_limits_are_refused() {
 }
 
 #[test]
+fn a_failed_drift_manifest_record_does_not_fail_the_launch() {
+    let h = Harness::new(Engine::Embedded);
+    let cache = h.provider.rootfs_cache();
+    // A directory where the manifest goes: recording it after the unpack fails.
+    let manifest = h
+        .home()
+        .join("rootfs")
+        .join(format!(".{}.manifest.json", h.image.hex()));
+    fs::create_dir_all(&manifest).unwrap();
+    let inst = h.run_to_exit(&h.spec(&["echo", "launched"]));
+    assert_eq!(inst.exit_code, Some(0));
+    assert_eq!(h.logs(&inst.id), "launched\n");
+    assert!(cache.path(&h.image).is_dir());
+
+    // With no manifest the drift check cannot vouch for the tree: it says so (and keeps
+    // saying so) instead of recording whatever the tree holds now.
+    fs::remove_dir(&manifest).unwrap();
+    let no_manifest = vec![imago_runtime::rootfs_check::NO_MANIFEST.to_string()];
+    assert_eq!(cache.verify(&h.image, false).unwrap(), no_manifest);
+    assert_eq!(cache.verify(&h.image, true).unwrap(), no_manifest);
+
+    // Set aside, the next launch unpacks afresh and records the manifest.
+    cache.taint(&h.image).unwrap();
+    let again = h.run_to_exit(&h.spec(&["true"]));
+    assert_eq!(again.exit_code, Some(0));
+    assert!(manifest.is_file());
+    assert!(cache.verify(&h.image, true).unwrap().is_empty());
+    for id in [inst.id, again.id] {
+        h.provider.remove(&id).unwrap();
+    }
+}
+
+#[test]
 fn concurrent_first_launches_unpack_once() {
     let h = Harness::new(Engine::Embedded);
     let ids: Vec<String> = std::thread::scope(|s| {
