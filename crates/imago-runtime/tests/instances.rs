@@ -40,6 +40,7 @@ both_engines!(
     cpu_limit_is_enforced,
     pids_limit_is_enforced,
     launch_returns_once_the_program_runs,
+    a_supervisor_not_told_the_network_is_ready_starts_nothing,
 );
 
 fn echo_runs_and_exit_status_is_recorded(engine: Engine) {
@@ -251,6 +252,66 @@ fn stop_and_rm_leave_nothing_behind(engine: Engine) {
         h.provider.inspect(&id),
         Err(RuntimeError::NoSuchInstance(_))
     ));
+}
+
+/// The supervisor waits for the launcher's word that the network namespace exists (before the
+/// engine creates the container) and that it is configured (before the program starts). A
+/// launcher that gives up at either point (here: a wrapper passes on 0 or 1 of its bytes) must
+/// leave nothing running and nothing of the network behind.
+fn a_supervisor_not_told_the_network_is_ready_starts_nothing(engine: Engine) {
+    for (passed, gate) in [(0, "exec </dev/null; "), (1, "head -c 1 | ")] {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = common::LayoutSource {
+            root: tmp.path().join("layout"),
+        };
+        let (image, _) = common::build_busybox_image(&layout);
+        let supervisor = common::supervisor_command();
+        let ipam = tmp.path().join("ipam");
+        let provider = imago_runtime::LocalProvider::new(
+            &tmp.path().join("home"),
+            Box::new(layout),
+            imago_runtime::SupervisorCommand {
+                program: "/bin/sh".into(),
+                args: vec![
+                    "-c".into(),
+                    format!("{gate}exec \"$0\" \"$@\"").into(),
+                    supervisor.program.into_os_string(),
+                ],
+                fork_when_single_threaded: false,
+            },
+        )
+        .with_ipam_dir(&ipam);
+        let mut spec = imago_runtime::InstanceSpec::new(image);
+        spec.engine = engine;
+        spec.args = Some(vec!["sleep".into(), "1000".into()]);
+        let err = provider.launch(&spec).unwrap_err();
+        let what = if passed == 0 { "created" } else { "configured" };
+        assert!(
+            err.to_string()
+                .contains(&format!("gave up before the network was {what}")),
+            "{passed} byte(s) passed: {err}"
+        );
+        let list = provider.list().unwrap();
+        assert_eq!(list.len(), 1);
+        let id = list[0].id.clone();
+        assert_eq!(list[0].status, Status::Failed);
+        let left: Vec<String> = processes_in_cgroup(&id)
+            .iter()
+            .map(|p| fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default())
+            .collect();
+        assert!(
+            left.is_empty(),
+            "{passed} byte(s) passed: processes left: {left:?}"
+        );
+        assert!(cgroup_dirs(&id).is_empty(), "cgroup dirs left");
+        assert!(!Path::new(&format!("/var/run/netns/imago-{id}")).exists());
+        assert!(!Path::new(&format!("/sys/class/net/iv-{id}")).exists());
+        assert_eq!(fs::read_dir(&ipam).unwrap().count(), 0, "lease left");
+        provider.remove(&id).unwrap();
+        let home = tmp.path().join("home");
+        assert!(!home.join("runtime/youki").join(&id).exists());
+        assert!(!home.join("runtime/runc").join(&id).exists());
+    }
 }
 
 fn cgroup_dirs(id: &str) -> Vec<String> {
