@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -21,7 +21,7 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
 use crate::bundle::{BundleContext, runtime_config, write_bundle};
-use crate::network::{self, Ipam};
+use crate::network::{self, Ipam, Lease};
 use crate::rootfs::{ImageSource, RootfsCache};
 use crate::state::{Instance, InstanceDir, Status, process_start_time, write_json_unsynced};
 use crate::{InstanceSpec, NetworkMode, Provider, RuntimeError};
@@ -183,7 +183,7 @@ impl LocalProvider {
         spec: &InstanceSpec,
         id: &str,
         dir: &InstanceDir,
-    ) -> Result<Instance, RuntimeError> {
+    ) -> Result<Option<Lease>, RuntimeError> {
         let image = self.images.image(&spec.image)?;
         let rootfs = self
             .rootfs_cache()
@@ -213,32 +213,65 @@ impl LocalProvider {
         };
         let config = runtime_config(spec, &image.config, &ctx)?;
         write_bundle(&dir.bundle(), &config)?;
-        if spec.network == NetworkMode::Private {
-            let lease = self.ipam.allocate(id)?;
+        // The network itself is set up once the supervisor runs (see `spawn_supervisor`); from
+        // here on, a failed launch gives the address back through `record_launch_failure`.
+        let lease = match spec.network {
+            NetworkMode::Private => Some(self.ipam.allocate(id)?),
+            NetworkMode::Host => None,
+        };
+        if let Some(lease) = &lease {
             record.address = Some(lease.instance);
             record.host_address = Some(lease.host);
-            if let Err(e) = network::setup(id, &lease) {
-                let _ = self.ipam.release(id, lease.host);
-                return Err(e);
-            }
         }
-        dir.write_state_unsynced(&record)?;
-        Ok(record)
+        if let Err(e) = dir.write_state_unsynced(&record) {
+            if let Some(lease) = &lease {
+                let _ = self.ipam.release(id, lease.host);
+            }
+            return Err(e);
+        }
+        Ok(lease)
     }
 
-    fn spawn_supervisor(&self, id: &str, dir: &InstanceDir) -> Result<Instance, RuntimeError> {
+    /// Sets up the private network while the supervisor prepares the container, and tells it
+    /// when the namespace exists (the engine joins it on create) and when it is configured
+    /// (the program may start). Overlapping the two takes the network off the launch's
+    /// critical path when a second CPU is free. Dropping `gate` unwritten (on failure) makes
+    /// the supervisor abandon the launch.
+    fn set_up_network(
+        &self,
+        id: &str,
+        lease: &Lease,
+        mut gate: fs::File,
+    ) -> Result<(), RuntimeError> {
+        let tell = |gate: &mut fs::File, step: u8| {
+            // A supervisor that is gone already fails its handshake, which the caller reads.
+            let _ = gate.write_all(&[step]);
+        };
+        let namespace = network::create_namespace(id)?;
+        tell(&mut gate, crate::supervisor::GATE_NAMESPACE);
+        namespace.configure(id, lease)?;
+        tell(&mut gate, crate::supervisor::GATE_CONFIGURED);
+        Ok(())
+    }
+
+    fn spawn_supervisor(
+        &self,
+        id: &str,
+        dir: &InstanceDir,
+        lease: Option<Lease>,
+    ) -> Result<Instance, RuntimeError> {
         let forked = if self.supervisor.fork_when_single_threaded {
             // A multi-threaded launcher (the deploy controller) gets an error here and execs.
             crate::supervisor::fork_supervisor(&self.layout.home, id).ok()
         } else {
             None
         };
-        let (pid, handshake) = match forked {
+        let (pid, handshake, gate) = match forked {
             Some(started) => started,
             None => match self.exec_supervisor(id) {
                 Ok(started) => started,
                 Err(reason) => {
-                    self.record_launch_failure(dir, &reason);
+                    self.record_launch_failure(dir, &reason, false);
                     return Err(RuntimeError::StartFailed {
                         id: id.to_owned(),
                         reason,
@@ -246,12 +279,26 @@ impl LocalProvider {
                 }
             },
         };
+        let network = match &lease {
+            Some(lease) => self.set_up_network(id, lease, gate),
+            None => {
+                // The supervisor of a host-network instance never reads it.
+                drop(gate);
+                Ok(())
+            }
+        };
         let mut line = String::new();
         let _ = BufReader::new(handshake).read_line(&mut line);
         self.children
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id.to_owned(), pid);
+        if let Err(e) = network {
+            // The supervisor has answered (it read the closed gate and gave up): record the
+            // launcher's reason and give back what remains of the network (the lease).
+            self.record_launch_failure(dir, &e.to_string(), true);
+            return Err(e);
+        }
         let line = line.trim_end();
         if line.starts_with("ok") {
             return dir.read_state();
@@ -260,20 +307,21 @@ impl LocalProvider {
             Some(msg) => msg.to_owned(),
             None => "the supervisor exited before starting the container".to_owned(),
         };
-        self.record_launch_failure(dir, &reason);
+        self.record_launch_failure(dir, &reason, false);
         Err(RuntimeError::StartFailed {
             id: id.to_owned(),
             reason,
         })
     }
 
-    /// Starts `program args... HOME ID` with its stdout as the handshake pipe.
-    fn exec_supervisor(&self, id: &str) -> Result<(Pid, fs::File), String> {
+    /// Starts `program args... HOME ID` with its stdout as the handshake pipe and its stdin as
+    /// the gate pipe.
+    fn exec_supervisor(&self, id: &str) -> Result<(Pid, fs::File, fs::File), String> {
         let mut child = Command::new(&self.supervisor.program)
             .args(&self.supervisor.args)
             .arg(&self.layout.home)
             .arg(id)
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -289,14 +337,23 @@ impl LocalProvider {
             .stdout
             .take()
             .ok_or_else(|| "the supervisor has no stdout pipe".to_owned())?;
-        Ok((pid, fs::File::from(std::os::fd::OwnedFd::from(out))))
+        let gate = child
+            .stdin
+            .take()
+            .ok_or_else(|| "the supervisor has no stdin pipe".to_owned())?;
+        Ok((
+            pid,
+            fs::File::from(std::os::fd::OwnedFd::from(out)),
+            fs::File::from(std::os::fd::OwnedFd::from(gate)),
+        ))
     }
 
-    /// Marks the instance failed (unless its supervisor already did) and, since nothing runs,
-    /// gives its address back at once.
-    fn record_launch_failure(&self, dir: &InstanceDir, reason: &str) {
+    /// Marks the instance failed (unless its supervisor already did and `ours` is false: the
+    /// launcher's own reason wins over the supervisor's "the launcher gave up") and, since
+    /// nothing runs, gives its network and address back at once.
+    fn record_launch_failure(&self, dir: &InstanceDir, reason: &str, ours: bool) {
         if let Ok(mut rec) = dir.read_state() {
-            if rec.status != Status::Failed {
+            if ours || rec.status != Status::Failed {
                 rec.status = Status::Failed;
                 rec.error = Some(reason.to_owned());
                 rec.finished_ms = Some(crate::state::now_ms());
@@ -418,12 +475,15 @@ impl Provider for LocalProvider {
         fs::create_dir_all(&dir.root).map_err(RuntimeError::io("cannot create", &dir.root))?;
         // Unsynced like everything on the launch path: the supervisor syncs once it runs.
         write_json_unsynced(&dir.spec(), spec)?;
-        if let Err(e) = self.launch_prepared(spec, &id, &dir) {
-            // Nothing was started: leave no trace of the instance.
-            let _ = fs::remove_dir_all(&dir.root);
-            return Err(e);
-        }
-        self.spawn_supervisor(&id, &dir)
+        let lease = match self.launch_prepared(spec, &id, &dir) {
+            Ok(lease) => lease,
+            Err(e) => {
+                // Nothing was started: leave no trace of the instance.
+                let _ = fs::remove_dir_all(&dir.root);
+                return Err(e);
+            }
+        };
+        self.spawn_supervisor(&id, &dir, lease)
     }
 
     fn stop(&self, id: &str, grace: Duration) -> Result<Instance, RuntimeError> {

@@ -111,53 +111,77 @@ impl Ipam {
     }
 }
 
-/// Creates the namespace and the veth pair, addresses both ends and brings `lo` up inside.
-///
-/// Everything goes through rtnetlink from this process: the two `ip` processes this replaced
-/// cost 8-20 ms per launch (two fork+exec, each waiting for a CPU on a loaded machine).
-pub fn setup(id: &str, lease: &Lease) -> Result<(), RuntimeError> {
-    let result = setup_inner(id, lease).map_err(|reason| RuntimeError::Network {
-        id: id.to_owned(),
-        reason,
-    });
-    if result.is_err() {
-        teardown(id);
-    }
-    result
+/// A freshly created network namespace of one instance, not configured yet. Its path exists,
+/// so an engine can already join it while [`Namespace::configure`] runs.
+pub struct Namespace {
+    file: fs::File,
+    inside: Rtnl,
 }
 
-fn setup_inner(id: &str, lease: &Lease) -> Result<(), String> {
+/// Creates the instance's network namespace at [`netns_path`] (nothing else yet).
+///
+/// Split from [`Namespace::configure`] so that a launcher can let the engine create the
+/// container in the namespace while it configures the links (see `LocalProvider::launch`).
+pub fn create_namespace(id: &str) -> Result<Namespace, RuntimeError> {
     let path = netns_path(id);
-    let inside = create_netns(&path)?;
-    let ns_file =
-        fs::File::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    let host = Rtnl::new().map_err(|e| format!("cannot open a netlink socket: {e}"))?;
-    let veth = host_veth(id);
-    host.add_veth_pair(&veth, INSIDE_IFNAME, &ns_file)
-        .map_err(|e| format!("cannot create the veth pair {veth}: {e}"))?;
-    let host_index = host
-        .link_index(&veth)
-        .map_err(|e| format!("cannot find {veth}: {e}"))?;
-    host.add_address(host_index, lease.host, PREFIX_LEN)
-        .map_err(|e| format!("cannot address {veth}: {e}"))?;
-    host.set_up(host_index)
-        .map_err(|e| format!("cannot bring {veth} up: {e}"))?;
-    let eth0 = inside
-        .link_index(INSIDE_IFNAME)
-        .map_err(|e| format!("cannot find {INSIDE_IFNAME} in {}: {e}", path.display()))?;
-    inside
-        .add_address(eth0, lease.instance, PREFIX_LEN)
-        .map_err(|e| format!("cannot address {INSIDE_IFNAME}: {e}"))?;
-    inside
-        .set_up(eth0)
-        .map_err(|e| format!("cannot bring {INSIDE_IFNAME} up: {e}"))?;
-    inside
-        .set_up(LOOPBACK_INDEX)
-        .map_err(|e| format!("cannot bring lo up: {e}"))?;
-    inside
-        .add_default_route(lease.host)
-        .map_err(|e| format!("cannot add the default route: {e}"))?;
-    Ok(())
+    let result = create_netns(&path).and_then(|inside| {
+        let file =
+            fs::File::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        Ok(Namespace { file, inside })
+    });
+    result.map_err(|reason| {
+        teardown(id);
+        RuntimeError::Network {
+            id: id.to_owned(),
+            reason,
+        }
+    })
+}
+
+impl Namespace {
+    /// Creates the veth pair (its inside end directly in the namespace), addresses both ends
+    /// and brings `lo` up inside. On failure everything of the instance's network is removed.
+    ///
+    /// Everything goes through rtnetlink from this process: the two `ip` processes this replaced
+    /// cost 8-20 ms per launch (two fork+exec, each waiting for a CPU on a loaded machine).
+    pub fn configure(self, id: &str, lease: &Lease) -> Result<(), RuntimeError> {
+        self.configure_inner(id, lease).map_err(|reason| {
+            teardown(id);
+            RuntimeError::Network {
+                id: id.to_owned(),
+                reason,
+            }
+        })
+    }
+
+    fn configure_inner(&self, id: &str, lease: &Lease) -> Result<(), String> {
+        let host = Rtnl::new().map_err(|e| format!("cannot open a netlink socket: {e}"))?;
+        let veth = host_veth(id);
+        host.add_veth_pair(&veth, INSIDE_IFNAME, &self.file)
+            .map_err(|e| format!("cannot create the veth pair {veth}: {e}"))?;
+        let host_index = host
+            .link_index(&veth)
+            .map_err(|e| format!("cannot find {veth}: {e}"))?;
+        host.add_address(host_index, lease.host, PREFIX_LEN)
+            .map_err(|e| format!("cannot address {veth}: {e}"))?;
+        let inside = &self.inside;
+        let eth0 = inside
+            .link_index(INSIDE_IFNAME)
+            .map_err(|e| format!("cannot find {INSIDE_IFNAME} in the namespace of {id}: {e}"))?;
+        inside
+            .add_address(eth0, lease.instance, PREFIX_LEN)
+            .map_err(|e| format!("cannot address {INSIDE_IFNAME}: {e}"))?;
+        inside
+            .set_up(eth0)
+            .map_err(|e| format!("cannot bring {INSIDE_IFNAME} up: {e}"))?;
+        inside
+            .set_up(LOOPBACK_INDEX)
+            .map_err(|e| format!("cannot bring lo up: {e}"))?;
+        inside
+            .add_default_route(lease.host)
+            .map_err(|e| format!("cannot add the default route: {e}"))?;
+        Ok(())
+    }
 }
 
 /// Removes the veth pair and the namespace; quiet and idempotent (parts may already be gone).
@@ -312,12 +336,16 @@ impl Rtnl {
         peer_netns: &fs::File,
     ) -> std::io::Result<()> {
         use std::os::fd::AsRawFd;
+        // The peer cannot be created up (the kernel opens it before linking it to its pair:
+        // ENOTCONN); the host end can, which saves a request.
         let mut peer = LinkMessage::default();
         peer.attributes
             .push(LinkAttribute::IfName(peer_name.to_owned()));
         peer.attributes
             .push(LinkAttribute::NetNsFd(peer_netns.as_raw_fd()));
         let mut link = LinkMessage::default();
+        link.header.flags |= LinkFlags::Up;
+        link.header.change_mask |= LinkFlags::Up;
         link.attributes.push(LinkAttribute::IfName(name.to_owned()));
         link.attributes.push(LinkAttribute::LinkInfo(vec![
             LinkInfo::Kind(InfoKind::Veth),

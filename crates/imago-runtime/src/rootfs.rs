@@ -105,6 +105,12 @@ impl RootfsCache {
         }
         // The root of the tree is what instances see as `/`.
         set_mode(tmp.path(), 0o755)?;
+        // The drift baseline is taken from the verified tree while nothing else can see it, and
+        // written before the tree appears, so a drift check never finds the entry without it.
+        // Failing to record it does not fail the launch (the tree is complete and verified): the
+        // drift check reports an entry without a manifest as unverifiable, which sets it aside
+        // and replaces its instances, rather than trusting whatever the tree holds by then.
+        self.record_manifest_of(digest, tmp.path());
         let tmp_path = tmp.keep();
         fs::rename(&tmp_path, &target).map_err(|e| {
             let _ = fs::remove_dir_all(&tmp_path);
@@ -114,8 +120,6 @@ impl RootfsCache {
                 source: e,
             }
         })?;
-        // The baseline for drift checks, taken before any instance can run from the tree.
-        self.record_manifest(digest)?;
         Ok(target)
     }
 }

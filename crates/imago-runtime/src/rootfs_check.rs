@@ -30,6 +30,9 @@ pub struct Entry {
     pub sha256: Option<Digest>,
 }
 
+/// What `RootfsCache::verify` reports for an entry whose manifest was never recorded.
+pub const NO_MANIFEST: &str = "/ has no recorded drift manifest, so it cannot be vouched for";
+
 /// Path (relative, `/`-separated) -> entry.
 pub type Manifest = BTreeMap<String, Entry>;
 
@@ -142,17 +145,26 @@ impl RootfsCache {
             .map_or_else(|| PathBuf::from(&name), |p| p.join(&name))
     }
 
-    /// Records the manifest of the unpacked `digest` (done once, right after unpacking).
-    pub fn record_manifest(&self, digest: &Digest) -> Result<(), RuntimeError> {
-        let manifest = scan(&self.path(digest), true)?;
-        let bytes =
-            serde_json::to_vec(&manifest).map_err(|e| RuntimeError::InvalidSpec(e.to_string()))?;
-        crate::state::write_atomic(&self.manifest_path(digest), &bytes)
+    /// Records `tree`, the verified unpack of `digest` not yet renamed into place, as the
+    /// manifest of `digest`. Best effort: on failure no manifest is left for `digest` (an older
+    /// one is removed), which the drift check reports, so the entry is never trusted unchecked.
+    pub(crate) fn record_manifest_of(&self, digest: &Digest, tree: &Path) {
+        let path = self.manifest_path(digest);
+        let recorded = scan(tree, true).and_then(|manifest| {
+            let bytes = serde_json::to_vec(&manifest)
+                .map_err(|e| RuntimeError::InvalidSpec(e.to_string()))?;
+            crate::state::write_atomic(&path, &bytes)
+        });
+        if recorded.is_err() {
+            let _ = fs::remove_file(&path);
+        }
     }
 
     /// Checks the cached rootfs of `digest` against its manifest: metadata only, or with `deep`
-    /// every file's content too. Returns the differences (empty: intact). A cache without a
-    /// manifest (unpacked by an older imago) gets one now.
+    /// every file's content too. Returns the differences (empty: intact). An entry without a
+    /// manifest (its recording failed after the unpack) is reported as a problem: a baseline
+    /// taken now would bless whatever changed since the unpack, so the entry is set aside and
+    /// unpacked afresh instead.
     pub fn verify(&self, digest: &Digest, deep: bool) -> Result<Vec<String>, RuntimeError> {
         let root = self.path(digest);
         if !root.is_dir() {
@@ -165,8 +177,7 @@ impl RootfsCache {
                 source,
             })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.record_manifest(digest)?;
-                return Ok(Vec::new());
+                return Ok(vec![NO_MANIFEST.to_string()]);
             }
             Err(e) => {
                 return Err(RuntimeError::Io {
@@ -183,13 +194,15 @@ impl RootfsCache {
     /// running from it keep their (bind-mounted) tree until they are replaced.
     pub fn taint(&self, digest: &Digest) -> Result<PathBuf, RuntimeError> {
         let root = self.path(digest);
+        // The manifest goes first: once the tree is moved, a new unpack of `digest` may record
+        // its own manifest, which must not be removed.
+        let _ = fs::remove_file(self.manifest_path(digest));
         let tainted = root.with_file_name(format!(
             ".tainted-{}-{}",
             digest.hex(),
             crate::state::now_ms()
         ));
         fs::rename(&root, &tainted).map_err(RuntimeError::io("cannot set aside", &root))?;
-        let _ = fs::remove_file(self.manifest_path(digest));
         Ok(tainted)
     }
 }
@@ -207,7 +220,7 @@ mod tests {
         fs::create_dir_all(root.join("etc")).unwrap();
         fs::write(root.join("etc/conf"), b"original").unwrap();
         std::os::unix::fs::symlink("etc/conf", root.join("link")).unwrap();
-        cache.record_manifest(&digest).unwrap();
+        cache.record_manifest_of(&digest, &root);
         assert!(cache.verify(&digest, true).unwrap().is_empty());
 
         // Same size, and the mtime put back: only the deep pass can tell.
@@ -243,5 +256,23 @@ mod tests {
 
         let aside = cache.taint(&digest).unwrap();
         assert!(aside.is_dir() && !root.exists());
+    }
+
+    #[test]
+    fn an_entry_without_a_manifest_is_reported_not_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = RootfsCache::new(dir.path());
+        let digest = Digest::of(b"image");
+        let root = cache.path(&digest);
+        fs::create_dir_all(root.join("etc")).unwrap();
+        assert_eq!(
+            cache.verify(&digest, false).unwrap(),
+            vec![NO_MANIFEST.to_string()]
+        );
+        // Reporting it must not record one on the way: the next check reports it again.
+        assert_eq!(
+            cache.verify(&digest, true).unwrap(),
+            vec![NO_MANIFEST.to_string()]
+        );
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! It detaches (setsid), becomes a child subreaper so the container's init is re-parented to it,
 //! starts the container with the embedded engine or `runc`, tells its launcher "ok" or the error
-//! over its stdout pipe, then copies the container's output into a rotating log file, forwards a
+//! over its stdout pipe (for a private network it first waits, on its stdin pipe, for the
+//! launcher to create the network namespace and then to configure it: see [`GATE_NAMESPACE`]), then copies the container's output into a rotating log file, forwards a
 //! stop request (SIGTERM, SIGKILL after the grace period) and records the exit status atomically.
 //! It must never run inside a multi-threaded runtime: libcontainer clone()s the calling process.
 
@@ -28,10 +29,17 @@ use nix::unistd::Pid;
 
 use crate::local::Layout;
 use crate::state::{Instance, InstanceDir, Status, now_ms, process_start_time};
-use crate::{Engine, RuntimeError};
+use crate::{Engine, NetworkMode, RuntimeError};
 
 /// The supervisor's command name (comm), at most 15 bytes.
 pub const SUPERVISOR_NAME: &std::ffi::CStr = c"imago-supervise";
+
+/// Written by the launcher on the supervisor's gate pipe (its stdin) once the instance's network
+/// namespace exists: the engine may create the container in it.
+pub const GATE_NAMESPACE: u8 = b'n';
+/// Written next, once the namespace is configured: the engine may start the program. The
+/// launcher closing the pipe instead means its network set-up failed: the launch is abandoned.
+pub const GATE_CONFIGURED: u8 = b'g';
 
 /// Whether this process has exactly one thread, so that fork() copies all of it.
 pub fn single_threaded() -> bool {
@@ -44,9 +52,10 @@ pub fn single_threaded() -> bool {
 
 /// Starts the supervisor of `id` by forking this process instead of exec'ing a program: it saves
 /// the exec of the (large) imago binary, its dynamic loading and its startup. Returns the child's
-/// pid and the read end of its handshake pipe. The caller must be single-threaded
+/// pid, the read end of its handshake pipe and the write end of its gate pipe (see
+/// [`GATE_NAMESPACE`]; dropping it unwritten abandons a private-network launch). The caller must be single-threaded
 /// ([`single_threaded`]); otherwise (or if this fails) it uses a [`crate::SupervisorCommand`].
-pub fn fork_supervisor(home: &Path, id: &str) -> Result<(Pid, File), RuntimeError> {
+pub fn fork_supervisor(home: &Path, id: &str) -> Result<(Pid, File, File), RuntimeError> {
     let err = |reason: String| RuntimeError::Supervisor {
         id: id.to_owned(),
         reason,
@@ -56,6 +65,8 @@ pub fn fork_supervisor(home: &Path, id: &str) -> Result<(Pid, File), RuntimeErro
     }
     let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
         .map_err(|e| err(format!("cannot create the handshake pipe: {e}")))?;
+    let (gate_read, gate_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
+        .map_err(|e| err(format!("cannot create the gate pipe: {e}")))?;
     // Opened before the fork so that the child only rearranges descriptors.
     let null = File::options()
         .read(true)
@@ -63,11 +74,14 @@ pub fn fork_supervisor(home: &Path, id: &str) -> Result<(Pid, File), RuntimeErro
         .open("/dev/null")
         .map_err(RuntimeError::io("cannot open", "/dev/null"))?;
     match fork_single_threaded().map_err(|e| err(format!("cannot fork: {e}")))? {
-        nix::unistd::ForkResult::Parent { child } => Ok((child, File::from(read))),
+        nix::unistd::ForkResult::Parent { child } => {
+            Ok((child, File::from(read), File::from(gate_write)))
+        }
         nix::unistd::ForkResult::Child => {
             drop(read);
+            drop(gate_write);
             let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                forked_supervisor(home, id, write, null)
+                forked_supervisor(home, id, gate_read, write, null)
             }))
             .unwrap_or(101);
             // Never return into the launcher's stack (no destructor of its state runs). Like the
@@ -88,9 +102,9 @@ fn fork_single_threaded() -> nix::Result<nix::unistd::ForkResult> {
     unsafe { nix::unistd::fork() }
 }
 
-/// The forked child: the same descriptors as an exec'd supervisor (stdin and stderr
-/// /dev/null, stdout the handshake pipe, nothing else), then [`supervise`].
-fn forked_supervisor(home: &Path, id: &str, handshake: OwnedFd, null: File) -> i32 {
+/// The forked child: the same descriptors as an exec'd supervisor (stdin the gate pipe, stdout
+/// the handshake pipe, stderr /dev/null, nothing else), then [`supervise`].
+fn forked_supervisor(home: &Path, id: &str, gate: OwnedFd, handshake: OwnedFd, null: File) -> i32 {
     use std::os::fd::AsRawFd;
     // The launcher's stdout may be a pipe its caller reads to EOF (`$(imago run ...)`): no
     // copy of it, nor of any other launcher descriptor, may stay open here.
@@ -100,7 +114,7 @@ fn forked_supervisor(home: &Path, id: &str, handshake: OwnedFd, null: File) -> i
         }
     }
     drop(null);
-    let keep = handshake.as_raw_fd();
+    let keep = [handshake.as_raw_fd(), gate.as_raw_fd()];
     let open: Vec<i32> = match fs::read_dir("/proc/self/fd") {
         Ok(rd) => rd
             .flatten()
@@ -109,12 +123,12 @@ fn forked_supervisor(home: &Path, id: &str, handshake: OwnedFd, null: File) -> i
         Err(_) => return 1,
     };
     for fd in open {
-        if fd > 2 && fd != keep {
+        if fd > 2 && !keep.contains(&fd) {
             let _ = nix::unistd::close(fd);
         }
     }
     let mut handshake = File::from(handshake);
-    supervise(home, id, &mut handshake)
+    supervise(home, id, &mut File::from(gate), &mut handshake)
 }
 
 /// Each log file is rotated when it would grow past this; one rotated file is kept.
@@ -123,8 +137,9 @@ pub const LOG_MAX_BYTES: u64 = 1 << 20;
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs the supervisor of instance `id` under `home`; returns the process exit code.
-/// `handshake` is the launcher's pipe: it receives exactly one line, `ok <pid>` or `error <text>`.
-pub fn supervise(home: &Path, id: &str, handshake: &mut dyn Write) -> i32 {
+/// `gate` is read only for a private network (see [`GATE_NAMESPACE`]); `handshake` is the
+/// launcher's pipe: it receives exactly one line, `ok <pid>` or `error <text>`.
+pub fn supervise(home: &Path, id: &str, gate: &mut dyn Read, handshake: &mut dyn Write) -> i32 {
     // A new session: the launcher's terminal and process group no longer reach us.
     let _ = nix::unistd::setsid();
     // One name in `ps` whether it was exec'd or forked from the launcher (whose argv it keeps).
@@ -138,7 +153,7 @@ pub fn supervise(home: &Path, id: &str, handshake: &mut dyn Write) -> i32 {
             return 1;
         }
     };
-    match start(&layout, &dir, &mut record) {
+    match start(&layout, &dir, &mut record, gate) {
         Ok(mut running) => {
             // Before "ok": from then on the launcher (or anyone) may ask us to stop, and an
             // unhandled SIGTERM would kill the supervisor and leave the container orphaned.
@@ -181,10 +196,31 @@ struct Running {
     cgroups_path: String,
 }
 
+/// Waits for the launcher's `step` on the gate (only for a private network).
+fn pass_gate(
+    gate: &mut dyn Read,
+    record: &Instance,
+    step: u8,
+    what: &str,
+) -> Result<(), RuntimeError> {
+    if record.network != NetworkMode::Private {
+        return Ok(());
+    }
+    let mut byte = [0u8; 1];
+    match gate.read(&mut byte) {
+        Ok(1) if byte[0] == step => Ok(()),
+        _ => Err(RuntimeError::Supervisor {
+            id: record.id.clone(),
+            reason: format!("the launcher gave up before the network was {what}"),
+        }),
+    }
+}
+
 fn start(
     layout: &Layout,
     dir: &InstanceDir,
     record: &mut Instance,
+    gate: &mut dyn Read,
 ) -> Result<Running, RuntimeError> {
     let id = record.id.clone();
     let sup_err = |reason: String| RuntimeError::Supervisor {
@@ -205,6 +241,9 @@ fn start(
         reason,
     };
 
+    // The engine joins the namespace when it creates the container; the program must find it
+    // configured when it starts. The launcher does both while the engine works.
+    pass_gate(gate, record, GATE_NAMESPACE, "created")?;
     let (pid, engine) = match record.engine {
         Engine::Embedded => {
             let root = layout.youki_root();
@@ -229,6 +268,11 @@ fn start(
                     return Err(engine_err(error_chain(&e)));
                 }
             };
+            if let Err(e) = pass_gate(gate, record, GATE_CONFIGURED, "configured") {
+                let _ = container.delete(true);
+                reap_killed_init(container.pid());
+                return Err(e);
+            }
             if let Err(e) = container.start() {
                 let _ = container.delete(true);
                 return Err(engine_err(error_chain(&e)));
@@ -269,6 +313,11 @@ fn start(
                 .trim()
                 .parse()
                 .map_err(|_| engine_err(format!("bad pid file {}", pid_file.display())))?;
+            if let Err(e) = pass_gate(gate, record, GATE_CONFIGURED, "configured") {
+                let _ = runc(&root, &["delete", "--force", &id]);
+                reap_killed_init(Some(Pid::from_raw(pid)));
+                return Err(e);
+            }
             if let Err(e) = runc(&root, &["start", &id]) {
                 let _ = runc(&root, &["delete", "--force", &id]);
                 return Err(engine_err(format!("runc start failed: {e}")));
@@ -298,6 +347,16 @@ fn start(
         log_pipe: log_r,
         cgroups_path: crate::local::cgroups_path(&id),
     })
+}
+
+/// Waits for the init of a container deleted before it started: this subreaper inherited it,
+/// and it would stay a zombie (in the instance's cgroup) once this process exits.
+fn reap_killed_init(pid: Option<Pid>) {
+    if let Some(pid) = pid {
+        // Already killed by the engine's delete; again in case that failed, so the wait ends.
+        let _ = kill(pid, Signal::SIGKILL);
+        let _ = waitpid(pid, None);
+    }
 }
 
 /// Names the engines give their container init until it execs the instance's program.

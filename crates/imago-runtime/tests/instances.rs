@@ -40,6 +40,7 @@ both_engines!(
     cpu_limit_is_enforced,
     pids_limit_is_enforced,
     launch_returns_once_the_program_runs,
+    a_supervisor_not_told_the_network_is_ready_starts_nothing,
 );
 
 fn echo_runs_and_exit_status_is_recorded(engine: Engine) {
@@ -253,6 +254,66 @@ fn stop_and_rm_leave_nothing_behind(engine: Engine) {
     ));
 }
 
+/// The supervisor waits for the launcher's word that the network namespace exists (before the
+/// engine creates the container) and that it is configured (before the program starts). A
+/// launcher that gives up at either point (here: a wrapper passes on 0 or 1 of its bytes) must
+/// leave nothing running and nothing of the network behind.
+fn a_supervisor_not_told_the_network_is_ready_starts_nothing(engine: Engine) {
+    for (passed, gate) in [(0, "exec </dev/null; "), (1, "head -c 1 | ")] {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = common::LayoutSource {
+            root: tmp.path().join("layout"),
+        };
+        let (image, _) = common::build_busybox_image(&layout);
+        let supervisor = common::supervisor_command();
+        let ipam = tmp.path().join("ipam");
+        let provider = imago_runtime::LocalProvider::new(
+            &tmp.path().join("home"),
+            Box::new(layout),
+            imago_runtime::SupervisorCommand {
+                program: "/bin/sh".into(),
+                args: vec![
+                    "-c".into(),
+                    format!("{gate}exec \"$0\" \"$@\"").into(),
+                    supervisor.program.into_os_string(),
+                ],
+                fork_when_single_threaded: false,
+            },
+        )
+        .with_ipam_dir(&ipam);
+        let mut spec = imago_runtime::InstanceSpec::new(image);
+        spec.engine = engine;
+        spec.args = Some(vec!["sleep".into(), "1000".into()]);
+        let err = provider.launch(&spec).unwrap_err();
+        let what = if passed == 0 { "created" } else { "configured" };
+        assert!(
+            err.to_string()
+                .contains(&format!("gave up before the network was {what}")),
+            "{passed} byte(s) passed: {err}"
+        );
+        let list = provider.list().unwrap();
+        assert_eq!(list.len(), 1);
+        let id = list[0].id.clone();
+        assert_eq!(list[0].status, Status::Failed);
+        let left: Vec<String> = processes_in_cgroup(&id)
+            .iter()
+            .map(|p| fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default())
+            .collect();
+        assert!(
+            left.is_empty(),
+            "{passed} byte(s) passed: processes left: {left:?}"
+        );
+        assert!(cgroup_dirs(&id).is_empty(), "cgroup dirs left");
+        assert!(!Path::new(&format!("/var/run/netns/imago-{id}")).exists());
+        assert!(!Path::new(&format!("/sys/class/net/iv-{id}")).exists());
+        assert_eq!(fs::read_dir(&ipam).unwrap().count(), 0, "lease left");
+        provider.remove(&id).unwrap();
+        let home = tmp.path().join("home");
+        assert!(!home.join("runtime/youki").join(&id).exists());
+        assert!(!home.join("runtime/runc").join(&id).exists());
+    }
+}
+
 fn cgroup_dirs(id: &str) -> Vec<String> {
     let mut out = Vec::new();
     for h in fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
@@ -381,6 +442,39 @@ fn invalid_limits_are_refused() {
     ));
     assert!(imago_runtime::parse_memory("lots").is_err());
     assert!(h.provider.list().unwrap().is_empty());
+}
+
+#[test]
+fn a_failed_drift_manifest_record_does_not_fail_the_launch() {
+    let h = Harness::new(Engine::Embedded);
+    let cache = h.provider.rootfs_cache();
+    // A directory where the manifest goes: recording it after the unpack fails.
+    let manifest = h
+        .home()
+        .join("rootfs")
+        .join(format!(".{}.manifest.json", h.image.hex()));
+    fs::create_dir_all(&manifest).unwrap();
+    let inst = h.run_to_exit(&h.spec(&["echo", "launched"]));
+    assert_eq!(inst.exit_code, Some(0));
+    assert_eq!(h.logs(&inst.id), "launched\n");
+    assert!(cache.path(&h.image).is_dir());
+
+    // With no manifest the drift check cannot vouch for the tree: it says so (and keeps
+    // saying so) instead of recording whatever the tree holds now.
+    fs::remove_dir(&manifest).unwrap();
+    let no_manifest = vec![imago_runtime::rootfs_check::NO_MANIFEST.to_string()];
+    assert_eq!(cache.verify(&h.image, false).unwrap(), no_manifest);
+    assert_eq!(cache.verify(&h.image, true).unwrap(), no_manifest);
+
+    // Set aside, the next launch unpacks afresh and records the manifest.
+    cache.taint(&h.image).unwrap();
+    let again = h.run_to_exit(&h.spec(&["true"]));
+    assert_eq!(again.exit_code, Some(0));
+    assert!(manifest.is_file());
+    assert!(cache.verify(&h.image, true).unwrap().is_empty());
+    for id in [inst.id, again.id] {
+        h.provider.remove(&id).unwrap();
+    }
 }
 
 #[test]

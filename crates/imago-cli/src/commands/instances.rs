@@ -394,6 +394,11 @@ pub fn inspect_instance(ctx: &Context, args: InspectInstanceArgs) -> Result<()> 
 
 /// The hidden `__supervise HOME ID`: becomes the instance's supervisor and never returns.
 pub fn supervise(args: SuperviseArgs) -> ! {
-    let code = imago_runtime::supervisor::supervise(&args.home, &args.id, &mut std::io::stdout());
+    let code = imago_runtime::supervisor::supervise(
+        &args.home,
+        &args.id,
+        &mut std::io::stdin(),
+        &mut std::io::stdout(),
+    );
     std::process::exit(code)
 }

@@ -11,6 +11,7 @@ fn main() {
     let code = imago_runtime::supervisor::supervise(
         std::path::Path::new(home),
         &id,
+        &mut std::io::stdin(),
         &mut std::io::stdout(),
     );
     std::process::exit(code);
