@@ -16,6 +16,7 @@ use imago_deploy::controller::{Controller, LABEL_REVISION, LABEL_SERVICE, stop_g
 use imago_deploy::drift::{self, DriftCheck, Finding};
 use imago_deploy::plan::{RolloutPlan, plan_rollout};
 use imago_deploy::roots::{DEFAULT_HISTORY_LIMIT, ReleaseRoots};
+use imago_deploy::services::{check_ports, exposed_ports, parse_services, tcp_ports};
 use imago_deploy::spec::{ServiceSpec, validate_all};
 use imago_deploy::state::{Event, Release, StateDb};
 use imago_oci::{Digest, Reference};
@@ -81,15 +82,6 @@ pub struct FileArgs {
     pub services: Vec<String>,
 }
 
-/// `[service.*]` tables read with their spans, so errors point at the file, line and column.
-#[derive(Deserialize)]
-struct ServiceTables {
-    #[serde(default)]
-    service: BTreeMap<String, ServiceSpec>,
-    #[serde(flatten)]
-    _rest: BTreeMap<String, toml::Value>,
-}
-
 struct Services {
     file: DefinitionFile,
     specs: BTreeMap<String, ServiceSpec>,
@@ -97,35 +89,7 @@ struct Services {
 
 fn load_services(args: &FileArgs) -> Result<Services> {
     let file = DefinitionFile::load(&args.file)?;
-    let tables: ServiceTables = toml::from_str(&file.text).map_err(|e| {
-        let (line, column) = e.span().map_or((0, 0), |s| {
-            imago_build::definition::line_column(&file.text, s.start)
-        });
-        anyhow!(
-            "{}:{line}:{column}: {}",
-            file.path.display(),
-            e.message().trim()
-        )
-    })?;
-    let mut specs = tables.service;
-    if specs.is_empty() {
-        bail!(
-            "{} defines no service ([service.NAME] tables)",
-            file.path.display()
-        );
-    }
-    if !args.services.is_empty() {
-        for name in &args.services {
-            if !specs.contains_key(name) {
-                bail!(
-                    "{} has no service {name}; it defines: {}",
-                    file.path.display(),
-                    specs.keys().cloned().collect::<Vec<_>>().join(", ")
-                );
-            }
-        }
-        specs.retain(|name, _| args.services.contains(name));
-    }
+    let specs = parse_services(&file.path, &file.text, &args.services)?;
     Ok(Services { file, specs })
 }
 
@@ -163,18 +127,6 @@ fn resolve_image(
     Ok(ImageSource::Stored(digest))
 }
 
-/// The TCP ports an image says it listens on (`ExposedPorts`).
-fn exposed_ports_of(store: &Store, digest: &Digest) -> Result<Vec<u16>> {
-    let image = store.load_image(digest)?;
-    let ports = image
-        .config
-        .config()
-        .as_ref()
-        .and_then(|c| c.exposed_ports().clone())
-        .unwrap_or_default();
-    Ok(parse_ports(ports.iter().map(String::as_str)))
-}
-
 /// The ports an image of the definition file will expose, before it is built.
 fn exposed_ports_defined(services: &Services, image: &str) -> Vec<u16> {
     services
@@ -183,44 +135,8 @@ fn exposed_ports_defined(services: &Services, image: &str) -> Vec<u16> {
         .image
         .get(image)
         .map_or_else(Vec::new, |def| {
-            parse_ports(def.config.ports.iter().map(|p| p.get_ref().as_str()))
+            tcp_ports(def.config.ports.iter().map(|p| p.get_ref().as_str()))
         })
-}
-
-fn parse_ports<'a>(ports: impl Iterator<Item = &'a str>) -> Vec<u16> {
-    ports
-        .filter(|p| !p.ends_with("/udp"))
-        .filter_map(|p| p.split('/').next().and_then(|n| n.parse().ok()))
-        .collect()
-}
-
-/// Plan-time checks that need the image: the instance and health-check ports must be ones the
-/// image exposes (when it declares any).
-fn check_ports(name: &str, spec: &ServiceSpec, image: &str, exposed: &[u16]) -> Result<()> {
-    if exposed.is_empty() {
-        return Ok(());
-    }
-    let listed = exposed
-        .iter()
-        .map(|p| p.to_string())
-        .collect::<Vec<_>>()
-        .join(", ");
-    if let Some(health) = &spec.health
-        && let Ok(
-            imago_deploy::spec::Probe::Http { port, .. } | imago_deploy::spec::Probe::Tcp { port },
-        ) = health.probe(spec.instance_port())
-        && !exposed.contains(&port)
-    {
-        bail!(
-            "service {name}: the health check probes port {port}, but image {image} listens on {listed}"
-        );
-    }
-    if let Some(port) = spec.instance_port().filter(|p| !exposed.contains(p)) {
-        bail!(
-            "service {name}: instances are expected on port {port}, but image {image} listens on {listed}"
-        );
-    }
-    Ok(())
 }
 
 fn build_options(ctx: &Context, check: bool) -> BuildOptions {
@@ -327,7 +243,7 @@ fn make_plan(
             },
         };
         match &digest {
-            Some(d) => check_ports(name, spec, d.short(), &exposed_ports_of(store, d)?)?,
+            Some(d) => check_ports(name, spec, d.short(), &exposed_ports(store, d)?)?,
             None => check_ports(
                 name,
                 spec,
@@ -484,12 +400,7 @@ pub fn apply(ctx: &Context, args: ApplyArgs) -> Result<()> {
                 built.digest
             }
         };
-        check_ports(
-            name,
-            spec,
-            digest.short(),
-            &exposed_ports_of(&store, &digest)?,
-        )?;
+        check_ports(name, spec, digest.short(), &exposed_ports(&store, &digest)?)?;
         pinned.push((name, spec, digest));
     }
     let since = db.last_event_seq()?;
