@@ -14,7 +14,7 @@ use clap::Args;
 use imago_build::{BuildOptions, DefinitionFile};
 use imago_deploy::controller::{Controller, LABEL_REVISION, LABEL_SERVICE, stop_grace};
 use imago_deploy::drift::{self, DriftCheck, Finding};
-use imago_deploy::plan::{RolloutPlan, plan_rollout};
+use imago_deploy::plan::{ServicePlan, plan_service};
 use imago_deploy::roots::{DEFAULT_HISTORY_LIMIT, ReleaseRoots};
 use imago_deploy::services::{check_ports, exposed_ports, parse_services, tcp_ports};
 use imago_deploy::spec::{ServiceSpec, validate_all};
@@ -152,21 +152,6 @@ fn build_options(ctx: &Context, check: bool) -> BuildOptions {
 }
 
 #[derive(Serialize)]
-struct ServicePlan {
-    service: String,
-    /// "new release", "no change" or "first release".
-    action: String,
-    current_release: Option<u64>,
-    current_digest: Option<Digest>,
-    /// The image digest the new release would pin (unknown when the image needs a rebuild).
-    digest: Option<Digest>,
-    image_rebuild: bool,
-    replicas: u32,
-    instances_replaced: u32,
-    rollout: Option<RolloutPlan>,
-}
-
-#[derive(Serialize)]
 struct PlanResult(Vec<ServicePlan>);
 
 impl Render for PlanResult {
@@ -218,9 +203,8 @@ fn make_plan(
     let running = current_instances(ctx, store)?;
     let mut plans = Vec::new();
     for (name, spec) in &services.specs {
-        let limits = all_limits[name];
-        let (digest, rebuild) = match resolve_image(services, store, name, spec)? {
-            ImageSource::Stored(d) => (Some(d), false),
+        let digest = match resolve_image(services, store, name, spec)? {
+            ImageSource::Stored(d) => Some(d),
             // A check build, with the same progress display as `imago build --check`.
             ImageSource::Built(image) => match super::build::build_one(
                 ctx,
@@ -229,7 +213,7 @@ fn make_plan(
                 &image,
                 &build_options(ctx, true),
             ) {
-                Ok(built) => (Some(built.digest), false),
+                Ok(built) => Some(built.digest),
                 Err(e)
                     if matches!(
                         e.downcast_ref::<imago_build::BuildError>(),
@@ -237,7 +221,8 @@ fn make_plan(
                             | Some(imago_build::BuildError::Store(_))
                     ) =>
                 {
-                    (None, true)
+                    // The image must be rebuilt: the digest it will get is not known yet.
+                    None
                 }
                 Err(e) => return Err(e),
             },
@@ -251,52 +236,14 @@ fn make_plan(
                 &exposed_ports_defined(services, &spec.image),
             )?,
         }
-        let current = db.desired(name)?;
-        let changed = match (&current, &digest) {
-            (None, _) => true,
-            (Some(_), None) => true,
-            (Some(r), Some(d)) => imago_deploy::state::fingerprint(spec, d)?.1 != r.revision,
-        };
-        let live = running
-            .iter()
-            .filter(|i| i.labels.get(LABEL_SERVICE) == Some(name) && i.is_active())
-            .count() as u32;
-        // A wave: launch, first healthy check, min_ready, then the retired instance's stop
-        // (which frees the surge slot for the next wave).
-        let wave_time = spec.rollout.min_ready
-            + spec
-                .health
-                .as_ref()
-                .map_or(Duration::from_millis(100), |h| h.interval)
-            + Duration::from_millis(50)
-            + if live > 0 {
-                spec.stop_grace_period
-            } else {
-                Duration::ZERO
-            };
-        plans.push(ServicePlan {
-            service: name.clone(),
-            action: match (&current, changed) {
-                (None, _) => "first release".into(),
-                (Some(_), true) => "new release".into(),
-                (Some(_), false) => "no change".into(),
-            },
-            current_release: current.as_ref().map(|r| r.number),
-            current_digest: current.as_ref().map(|r| r.image_digest.clone()),
+        plans.push(plan_service(
+            name,
+            spec,
+            all_limits[name],
+            db.desired(name)?.as_ref(),
             digest,
-            image_rebuild: rebuild,
-            replicas: limits.replicas,
-            instances_replaced: if changed { live } else { 0 },
-            rollout: changed.then(|| {
-                plan_rollout(
-                    limits,
-                    spec.rollout.strategy,
-                    live,
-                    wave_time,
-                    spec.rollout.drain,
-                )
-            }),
-        });
+            &running,
+        )?);
     }
     Ok(plans)
 }
