@@ -59,6 +59,8 @@ pub enum DeployError {
     NoRelease(String),
     #[error("service {service} has no release {number}")]
     UnknownRelease { service: String, number: u64 },
+    #[error("service {0} has no earlier completed release to roll back to")]
+    NothingToRollBackTo(String),
     #[error("runtime: {0}")]
     Runtime(String),
     #[error("cannot encode {what}: {source}")]

@@ -858,28 +858,7 @@ pub fn rollback(ctx: &Context, args: RollbackArgs) -> Result<()> {
     let current = db
         .desired(&args.service)?
         .ok_or_else(|| anyhow!("no deployed service {}", args.service))?;
-    let target = match args.to {
-        Some(n) => db.release(&args.service, n)?,
-        None => {
-            let mut candidates = Vec::new();
-            for r in db.history(&args.service)?.into_iter().rev() {
-                if r.revision != current.revision
-                    && db
-                        .outcome_of(&args.service, r.number)?
-                        .is_some_and(|o| o.outcome == "complete")
-                {
-                    candidates.push(r);
-                    break;
-                }
-            }
-            candidates.pop().ok_or_else(|| {
-                anyhow!(
-                    "service {} has no earlier completed release to roll back to",
-                    args.service
-                )
-            })?
-        }
-    };
+    let target = db.rollback_target(&current, args.to)?;
     let store = ctx.store()?;
     if !store.has_blob(&target.image_digest) {
         bail!(
