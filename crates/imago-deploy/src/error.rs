@@ -14,6 +14,34 @@ pub enum DeployError {
         first: String,
         second: String,
     },
+    #[error("{}:{line}:{column}: {message}", path.display())]
+    ServiceTable {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{} defines no service ([service.NAME] tables)", path.display())]
+    NoServices { path: PathBuf },
+    #[error("{} has no service {service}; it defines: {defined}", path.display())]
+    UnknownService {
+        path: PathBuf,
+        service: String,
+        /// The services the file defines, comma-separated.
+        defined: String,
+    },
+    /// `user` says what expects the port: "the health check probes", "instances are expected on".
+    #[error("service {service}: {user} port {port}, but image {image} listens on {exposed}")]
+    PortNotExposed {
+        service: String,
+        user: &'static str,
+        port: u16,
+        image: String,
+        /// The TCP ports the image declares, comma-separated.
+        exposed: String,
+    },
+    #[error(transparent)]
+    Store(#[from] imago_store::StoreError),
     #[error("state database {path}: {source}")]
     Database {
         path: PathBuf,
@@ -31,6 +59,8 @@ pub enum DeployError {
     NoRelease(String),
     #[error("service {service} has no release {number}")]
     UnknownRelease { service: String, number: u64 },
+    #[error("service {0} has no earlier completed release to roll back to")]
+    NothingToRollBackTo(String),
     #[error("runtime: {0}")]
     Runtime(String),
     #[error("cannot encode {what}: {source}")]

@@ -12,6 +12,7 @@ pub mod plan;
 pub mod proxy;
 pub mod rollout;
 pub mod roots;
+pub mod services;
 pub mod spec;
 pub mod state;
 

@@ -1,13 +1,117 @@
-//! `imago plan`: what a rollout would do, wave by wave, before anything runs. The waves come from
-//! the same [`next_step`] the controller uses, run against a simulated world in which every
-//! launched instance becomes available one wave later.
+//! `imago plan`: whether a service gets a new release, and what its rollout would do, wave by
+//! wave, before anything runs. The waves come from the same [`next_step`] the controller uses,
+//! run against a simulated world in which every launched instance becomes available one wave
+//! later.
 
+use std::fmt;
 use std::time::Duration;
 
+use imago_oci::Digest;
+use imago_runtime::Instance;
 use serde::Serialize;
 
+use crate::controller::LABEL_SERVICE;
+use crate::error::DeployError;
 use crate::rollout::{ObservedInstance, Phase, RolloutInput, next_step};
-use crate::spec::{Limits, Strategy};
+use crate::spec::{Limits, ServiceSpec, Strategy};
+use crate::state::{Release, fingerprint};
+
+/// What applying a service would do to its releases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Action {
+    #[serde(rename = "first release")]
+    FirstRelease,
+    #[serde(rename = "new release")]
+    NewRelease,
+    #[serde(rename = "no change")]
+    NoChange,
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Action::FirstRelease => "first release",
+            Action::NewRelease => "new release",
+            Action::NoChange => "no change",
+        })
+    }
+}
+
+/// What `imago apply` would do to one service.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ServicePlan {
+    pub service: String,
+    pub action: Action,
+    pub current_release: Option<u64>,
+    pub current_digest: Option<Digest>,
+    /// The image digest the new release would pin (unknown when the image needs a rebuild).
+    pub digest: Option<Digest>,
+    pub image_rebuild: bool,
+    pub replicas: u32,
+    pub instances_replaced: u32,
+    pub rollout: Option<RolloutPlan>,
+}
+
+/// Plans applying `spec` (validated to `limits`) as service `name`, whose desired release is
+/// `current`, pinned to `digest` (`None` when the image must be rebuilt first, which is
+/// counted as a change), with `running` the instances the provider lists now.
+pub fn plan_service(
+    name: &str,
+    spec: &ServiceSpec,
+    limits: Limits,
+    current: Option<&Release>,
+    digest: Option<Digest>,
+    running: &[Instance],
+) -> Result<ServicePlan, DeployError> {
+    let changed = match (current, &digest) {
+        (Some(release), Some(digest)) => fingerprint(spec, digest)?.1 != release.revision,
+        _ => true,
+    };
+    let live = running
+        .iter()
+        .filter(|i| i.labels.get(LABEL_SERVICE).map(String::as_str) == Some(name) && i.is_active())
+        .count() as u32;
+    Ok(ServicePlan {
+        service: name.to_owned(),
+        action: match (current, changed) {
+            (None, _) => Action::FirstRelease,
+            (Some(_), true) => Action::NewRelease,
+            (Some(_), false) => Action::NoChange,
+        },
+        current_release: current.map(|r| r.number),
+        current_digest: current.map(|r| r.image_digest.clone()),
+        image_rebuild: digest.is_none(),
+        digest,
+        replicas: limits.replicas,
+        instances_replaced: if changed { live } else { 0 },
+        rollout: changed.then(|| {
+            plan_rollout(
+                limits,
+                spec.rollout.strategy,
+                live,
+                wave_time(spec, live),
+                spec.rollout.drain,
+            )
+        }),
+    })
+}
+
+/// The expected time of one wave: launch, first healthy check, min_ready, then the retired
+/// instance's stop (which frees the surge slot for the next wave) when there are instances to
+/// retire.
+fn wave_time(spec: &ServiceSpec, live: u32) -> Duration {
+    spec.rollout.min_ready
+        + spec
+            .health
+            .as_ref()
+            .map_or(Duration::from_millis(100), |h| h.interval)
+        + Duration::from_millis(50)
+        + if live > 0 {
+            spec.stop_grace_period
+        } else {
+            Duration::ZERO
+        }
+}
 
 /// One wave: instances launched together, and what is retired once they are available.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -129,6 +233,93 @@ pub fn plan_rollout(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::instance_spec;
+    use crate::state::StateDb;
+    use imago_runtime::{Engine, Status};
+
+    fn spec(json: serde_json::Value) -> ServiceSpec {
+        serde_json::from_value(json).unwrap()
+    }
+
+    /// `replicas` running instances of `release`, plus one exited one (which is not live).
+    fn instances_of(release: &Release, replicas: usize) -> Vec<Instance> {
+        let wanted = instance_spec(release, Engine::Embedded).unwrap();
+        let mut instances: Vec<Instance> = (0..=replicas)
+            .map(|i| Instance::new(format!("{}-{i}", release.service), &wanted).unwrap())
+            .collect();
+        for (i, instance) in instances.iter_mut().enumerate() {
+            instance.status = if i < replicas {
+                Status::Running
+            } else {
+                Status::Exited
+            };
+        }
+        instances
+    }
+
+    #[test]
+    fn a_service_plan_says_whether_the_release_changes_and_how_it_rolls_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = StateDb::open(&dir.path().join("state.db")).unwrap();
+        let v1 = spec(serde_json::json!({
+            "image": "web", "replicas": 2, "stop_grace_period": "1s",
+            "rollout": {"max_surge": 1, "min_ready": "2s"},
+        }));
+        let limits = v1.validate("web").unwrap();
+        let digest = Digest::of(b"v1");
+
+        let first = plan_service("web", &v1, limits, None, Some(digest.clone()), &[]).unwrap();
+        assert_eq!(first.action, Action::FirstRelease);
+        assert_eq!((first.instances_replaced, first.image_rebuild), (0, false));
+        let rollout = first.rollout.unwrap();
+        assert_eq!(rollout.waves.len(), 1, "nothing to replace: all at once");
+        // min_ready + the default 100 ms to the first check + 50 ms, and no stop.
+        assert_eq!(rollout.expected, Duration::from_millis(2150));
+
+        let (current, _) = db
+            .record_release("web", &v1, &digest, "apply", None, "test")
+            .unwrap();
+        let mut running = instances_of(&current, 2);
+        running.extend(instances_of(
+            &db.record_release("api", &v1, &digest, "apply", None, "test")
+                .unwrap()
+                .0,
+            3,
+        ));
+        let apply = |spec: &ServiceSpec, digest: Option<Digest>| {
+            plan_service("web", spec, limits, Some(&current), digest, &running).unwrap()
+        };
+        let same = apply(&v1, Some(digest.clone()));
+        assert_eq!(same.action, Action::NoChange);
+        assert_eq!(same.current_release, Some(current.number));
+        assert_eq!((same.instances_replaced, same.rollout), (0, None));
+
+        let mut v2 = v1.clone();
+        v2.env.insert("V".into(), "2".into());
+        let changed = apply(&v2, Some(digest.clone()));
+        assert_eq!(changed.action, Action::NewRelease);
+        assert_eq!(
+            changed.instances_replaced, 2,
+            "the running instances of web only"
+        );
+        let rollout = changed.rollout.unwrap();
+        assert_eq!(rollout.waves.len(), 2);
+        // Two waves of (2 s + 100 ms + 50 ms + the 1 s stop), then the 2 s default drain.
+        assert_eq!(rollout.expected, Duration::from_millis(2 * 3150 + 2000));
+
+        let rebuild = apply(&v1, None);
+        assert_eq!(
+            rebuild.action,
+            Action::NewRelease,
+            "an unknown digest is a change"
+        );
+        assert!(rebuild.image_rebuild && rebuild.digest.is_none());
+        assert_eq!(
+            serde_json::to_value(&rebuild).unwrap()["action"],
+            "new release",
+            "the JSON of `imago plan`"
+        );
+    }
 
     #[test]
     fn three_replicas_with_one_surge_roll_in_three_waves_at_full_capacity() {

@@ -507,6 +507,32 @@ impl StateDb {
         number.map(|n| self.release(service, n)).transpose()
     }
 
+    /// The release a manual rollback of `current`'s service restores: release `to` when it is
+    /// given, else the highest-numbered release whose last outcome is "complete" and whose
+    /// revision differs from `current`'s (so a second rollback undoes the first). Unlike
+    /// [`StateDb::last_completed`] (where an automatic rollback goes), a release that completed
+    /// and later failed is passed over, and so is one that runs what `current` already runs.
+    pub fn rollback_target(
+        &self,
+        current: &Release,
+        to: Option<u64>,
+    ) -> Result<Release, DeployError> {
+        let service = &current.service;
+        if let Some(number) = to {
+            return self.release(service, number);
+        }
+        for release in self.history(service)?.into_iter().rev() {
+            if release.revision != current.revision
+                && self
+                    .outcome_of(service, release.number)?
+                    .is_some_and(|o| o.outcome == "complete")
+            {
+                return Ok(release);
+            }
+        }
+        Err(DeployError::NothingToRollBackTo(service.clone()))
+    }
+
     /// Appends an event.
     pub fn event(
         &self,
@@ -984,6 +1010,52 @@ mod tests {
         expected.sort();
         assert_eq!(kept, expected);
         assert_eq!(db.retained_digests(10).unwrap().len(), 5);
+    }
+
+    #[test]
+    fn a_manual_rollback_goes_to_the_newest_completed_release_of_another_revision() {
+        let (_d, mut db) = db();
+        let record = |db: &mut StateDb, v: &str, reason: &str, rollback_of: Option<u64>| {
+            let digest = Digest::of(v.as_bytes());
+            db.record_release("web", &spec("web", v), &digest, reason, rollback_of, "t")
+                .unwrap()
+                .0
+        };
+        let r1 = record(&mut db, "1", "apply", None);
+        let r2 = record(&mut db, "2", "apply", None);
+        let r3 = record(&mut db, "3", "apply", None);
+        for (number, outcome) in [(1, "complete"), (2, "complete"), (3, "failed")] {
+            db.record_outcome("web", number, outcome, "", "t").unwrap();
+        }
+        assert_eq!(
+            db.rollback_target(&r3, None).unwrap(),
+            r2,
+            "a failed release is passed over"
+        );
+        let r4 = record(&mut db, "1", "rollback to release 1", Some(1));
+        assert_eq!(r4.revision, r1.revision);
+        db.record_outcome("web", 4, "complete", "", "t").unwrap();
+        assert_eq!(
+            db.rollback_target(&r4, None).unwrap(),
+            r2,
+            "rolling back again undoes the rollback: release 1 runs what release 4 runs"
+        );
+        assert_eq!(
+            db.last_completed("web").unwrap(),
+            Some(r4.clone()),
+            "where an automatic rollback would go instead"
+        );
+        assert_eq!(db.rollback_target(&r4, Some(3)).unwrap(), r3);
+        assert_eq!(
+            db.rollback_target(&r4, Some(9)).unwrap_err().to_string(),
+            "service web has no release 9"
+        );
+        // Release 2 failed after it had completed: no longer a place to go back to.
+        db.record_outcome("web", 2, "failed", "", "t").unwrap();
+        assert_eq!(
+            db.rollback_target(&r4, None).unwrap_err().to_string(),
+            "service web has no earlier completed release to roll back to"
+        );
     }
 
     #[test]

@@ -14,8 +14,9 @@ use clap::Args;
 use imago_build::{BuildOptions, DefinitionFile};
 use imago_deploy::controller::{Controller, LABEL_REVISION, LABEL_SERVICE, stop_grace};
 use imago_deploy::drift::{self, DriftCheck, Finding};
-use imago_deploy::plan::{RolloutPlan, plan_rollout};
+use imago_deploy::plan::{ServicePlan, plan_service};
 use imago_deploy::roots::{DEFAULT_HISTORY_LIMIT, ReleaseRoots};
+use imago_deploy::services::{check_ports, exposed_ports, parse_services, tcp_ports};
 use imago_deploy::spec::{ServiceSpec, validate_all};
 use imago_deploy::state::{Event, Release, StateDb};
 use imago_oci::{Digest, Reference};
@@ -81,15 +82,6 @@ pub struct FileArgs {
     pub services: Vec<String>,
 }
 
-/// `[service.*]` tables read with their spans, so errors point at the file, line and column.
-#[derive(Deserialize)]
-struct ServiceTables {
-    #[serde(default)]
-    service: BTreeMap<String, ServiceSpec>,
-    #[serde(flatten)]
-    _rest: BTreeMap<String, toml::Value>,
-}
-
 struct Services {
     file: DefinitionFile,
     specs: BTreeMap<String, ServiceSpec>,
@@ -97,35 +89,7 @@ struct Services {
 
 fn load_services(args: &FileArgs) -> Result<Services> {
     let file = DefinitionFile::load(&args.file)?;
-    let tables: ServiceTables = toml::from_str(&file.text).map_err(|e| {
-        let (line, column) = e.span().map_or((0, 0), |s| {
-            imago_build::definition::line_column(&file.text, s.start)
-        });
-        anyhow!(
-            "{}:{line}:{column}: {}",
-            file.path.display(),
-            e.message().trim()
-        )
-    })?;
-    let mut specs = tables.service;
-    if specs.is_empty() {
-        bail!(
-            "{} defines no service ([service.NAME] tables)",
-            file.path.display()
-        );
-    }
-    if !args.services.is_empty() {
-        for name in &args.services {
-            if !specs.contains_key(name) {
-                bail!(
-                    "{} has no service {name}; it defines: {}",
-                    file.path.display(),
-                    specs.keys().cloned().collect::<Vec<_>>().join(", ")
-                );
-            }
-        }
-        specs.retain(|name, _| args.services.contains(name));
-    }
+    let specs = parse_services(&file.path, &file.text, &args.services)?;
     Ok(Services { file, specs })
 }
 
@@ -163,18 +127,6 @@ fn resolve_image(
     Ok(ImageSource::Stored(digest))
 }
 
-/// The TCP ports an image says it listens on (`ExposedPorts`).
-fn exposed_ports_of(store: &Store, digest: &Digest) -> Result<Vec<u16>> {
-    let image = store.load_image(digest)?;
-    let ports = image
-        .config
-        .config()
-        .as_ref()
-        .and_then(|c| c.exposed_ports().clone())
-        .unwrap_or_default();
-    Ok(parse_ports(ports.iter().map(String::as_str)))
-}
-
 /// The ports an image of the definition file will expose, before it is built.
 fn exposed_ports_defined(services: &Services, image: &str) -> Vec<u16> {
     services
@@ -183,44 +135,8 @@ fn exposed_ports_defined(services: &Services, image: &str) -> Vec<u16> {
         .image
         .get(image)
         .map_or_else(Vec::new, |def| {
-            parse_ports(def.config.ports.iter().map(|p| p.get_ref().as_str()))
+            tcp_ports(def.config.ports.iter().map(|p| p.get_ref().as_str()))
         })
-}
-
-fn parse_ports<'a>(ports: impl Iterator<Item = &'a str>) -> Vec<u16> {
-    ports
-        .filter(|p| !p.ends_with("/udp"))
-        .filter_map(|p| p.split('/').next().and_then(|n| n.parse().ok()))
-        .collect()
-}
-
-/// Plan-time checks that need the image: the instance and health-check ports must be ones the
-/// image exposes (when it declares any).
-fn check_ports(name: &str, spec: &ServiceSpec, image: &str, exposed: &[u16]) -> Result<()> {
-    if exposed.is_empty() {
-        return Ok(());
-    }
-    let listed = exposed
-        .iter()
-        .map(|p| p.to_string())
-        .collect::<Vec<_>>()
-        .join(", ");
-    if let Some(health) = &spec.health
-        && let Ok(
-            imago_deploy::spec::Probe::Http { port, .. } | imago_deploy::spec::Probe::Tcp { port },
-        ) = health.probe(spec.instance_port())
-        && !exposed.contains(&port)
-    {
-        bail!(
-            "service {name}: the health check probes port {port}, but image {image} listens on {listed}"
-        );
-    }
-    if let Some(port) = spec.instance_port().filter(|p| !exposed.contains(p)) {
-        bail!(
-            "service {name}: instances are expected on port {port}, but image {image} listens on {listed}"
-        );
-    }
-    Ok(())
 }
 
 fn build_options(ctx: &Context, check: bool) -> BuildOptions {
@@ -233,21 +149,6 @@ fn build_options(ctx: &Context, check: bool) -> BuildOptions {
         cache_dir: Some(ctx.home.root.join("build-cache")),
         check,
     }
-}
-
-#[derive(Serialize)]
-struct ServicePlan {
-    service: String,
-    /// "new release", "no change" or "first release".
-    action: String,
-    current_release: Option<u64>,
-    current_digest: Option<Digest>,
-    /// The image digest the new release would pin (unknown when the image needs a rebuild).
-    digest: Option<Digest>,
-    image_rebuild: bool,
-    replicas: u32,
-    instances_replaced: u32,
-    rollout: Option<RolloutPlan>,
 }
 
 #[derive(Serialize)]
@@ -302,9 +203,8 @@ fn make_plan(
     let running = current_instances(ctx, store)?;
     let mut plans = Vec::new();
     for (name, spec) in &services.specs {
-        let limits = all_limits[name];
-        let (digest, rebuild) = match resolve_image(services, store, name, spec)? {
-            ImageSource::Stored(d) => (Some(d), false),
+        let digest = match resolve_image(services, store, name, spec)? {
+            ImageSource::Stored(d) => Some(d),
             // A check build, with the same progress display as `imago build --check`.
             ImageSource::Built(image) => match super::build::build_one(
                 ctx,
@@ -313,7 +213,7 @@ fn make_plan(
                 &image,
                 &build_options(ctx, true),
             ) {
-                Ok(built) => (Some(built.digest), false),
+                Ok(built) => Some(built.digest),
                 Err(e)
                     if matches!(
                         e.downcast_ref::<imago_build::BuildError>(),
@@ -321,13 +221,14 @@ fn make_plan(
                             | Some(imago_build::BuildError::Store(_))
                     ) =>
                 {
-                    (None, true)
+                    // The image must be rebuilt: the digest it will get is not known yet.
+                    None
                 }
                 Err(e) => return Err(e),
             },
         };
         match &digest {
-            Some(d) => check_ports(name, spec, d.short(), &exposed_ports_of(store, d)?)?,
+            Some(d) => check_ports(name, spec, d.short(), &exposed_ports(store, d)?)?,
             None => check_ports(
                 name,
                 spec,
@@ -335,52 +236,14 @@ fn make_plan(
                 &exposed_ports_defined(services, &spec.image),
             )?,
         }
-        let current = db.desired(name)?;
-        let changed = match (&current, &digest) {
-            (None, _) => true,
-            (Some(_), None) => true,
-            (Some(r), Some(d)) => imago_deploy::state::fingerprint(spec, d)?.1 != r.revision,
-        };
-        let live = running
-            .iter()
-            .filter(|i| i.labels.get(LABEL_SERVICE) == Some(name) && i.is_active())
-            .count() as u32;
-        // A wave: launch, first healthy check, min_ready, then the retired instance's stop
-        // (which frees the surge slot for the next wave).
-        let wave_time = spec.rollout.min_ready
-            + spec
-                .health
-                .as_ref()
-                .map_or(Duration::from_millis(100), |h| h.interval)
-            + Duration::from_millis(50)
-            + if live > 0 {
-                spec.stop_grace_period
-            } else {
-                Duration::ZERO
-            };
-        plans.push(ServicePlan {
-            service: name.clone(),
-            action: match (&current, changed) {
-                (None, _) => "first release".into(),
-                (Some(_), true) => "new release".into(),
-                (Some(_), false) => "no change".into(),
-            },
-            current_release: current.as_ref().map(|r| r.number),
-            current_digest: current.as_ref().map(|r| r.image_digest.clone()),
+        plans.push(plan_service(
+            name,
+            spec,
+            all_limits[name],
+            db.desired(name)?.as_ref(),
             digest,
-            image_rebuild: rebuild,
-            replicas: limits.replicas,
-            instances_replaced: if changed { live } else { 0 },
-            rollout: changed.then(|| {
-                plan_rollout(
-                    limits,
-                    spec.rollout.strategy,
-                    live,
-                    wave_time,
-                    spec.rollout.drain,
-                )
-            }),
-        });
+            &running,
+        )?);
     }
     Ok(plans)
 }
@@ -484,12 +347,7 @@ pub fn apply(ctx: &Context, args: ApplyArgs) -> Result<()> {
                 built.digest
             }
         };
-        check_ports(
-            name,
-            spec,
-            digest.short(),
-            &exposed_ports_of(&store, &digest)?,
-        )?;
+        check_ports(name, spec, digest.short(), &exposed_ports(&store, &digest)?)?;
         pinned.push((name, spec, digest));
     }
     let since = db.last_event_seq()?;
@@ -1000,28 +858,7 @@ pub fn rollback(ctx: &Context, args: RollbackArgs) -> Result<()> {
     let current = db
         .desired(&args.service)?
         .ok_or_else(|| anyhow!("no deployed service {}", args.service))?;
-    let target = match args.to {
-        Some(n) => db.release(&args.service, n)?,
-        None => {
-            let mut candidates = Vec::new();
-            for r in db.history(&args.service)?.into_iter().rev() {
-                if r.revision != current.revision
-                    && db
-                        .outcome_of(&args.service, r.number)?
-                        .is_some_and(|o| o.outcome == "complete")
-                {
-                    candidates.push(r);
-                    break;
-                }
-            }
-            candidates.pop().ok_or_else(|| {
-                anyhow!(
-                    "service {} has no earlier completed release to roll back to",
-                    args.service
-                )
-            })?
-        }
-    };
+    let target = db.rollback_target(&current, args.to)?;
     let store = ctx.store()?;
     if !store.has_blob(&target.image_digest) {
         bail!(

@@ -1,0 +1,235 @@
+//! The `[service.*]` tables of `imago.toml`, and the plan-time checks of a service against the
+//! ports its image listens on. The builder owns the rest of the file; the caller hands over its
+//! text (already read and checked as TOML) and the ports of the file's images.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use imago_oci::Digest;
+use imago_store::Store;
+use serde::Deserialize;
+
+use crate::error::DeployError;
+use crate::spec::{Probe, ServiceSpec};
+
+/// `[service.*]` tables read with their spans, so errors point at the file, line and column.
+#[derive(Deserialize)]
+struct ServiceTables {
+    #[serde(default)]
+    service: BTreeMap<String, ServiceSpec>,
+    #[serde(flatten)]
+    _rest: BTreeMap<String, toml::Value>,
+}
+
+/// The services of the definition file at `path` (whose content is `text`), limited to `only`
+/// unless it is empty. A file without services, or a name in `only` that the file does not
+/// define, is an error: plan and apply would otherwise silently do nothing.
+pub fn parse_services(
+    path: &Path,
+    text: &str,
+    only: &[String],
+) -> Result<BTreeMap<String, ServiceSpec>, DeployError> {
+    let tables: ServiceTables = toml::from_str(text).map_err(|e| {
+        let (line, column) = e.span().map_or((0, 0), |s| line_column(text, s.start));
+        DeployError::ServiceTable {
+            path: path.to_owned(),
+            line,
+            column,
+            message: e.message().trim().to_owned(),
+        }
+    })?;
+    let mut specs = tables.service;
+    if specs.is_empty() {
+        return Err(DeployError::NoServices {
+            path: path.to_owned(),
+        });
+    }
+    if let Some(missing) = only.iter().find(|name| !specs.contains_key(*name)) {
+        return Err(DeployError::UnknownService {
+            path: path.to_owned(),
+            service: missing.clone(),
+            defined: specs.keys().cloned().collect::<Vec<_>>().join(", "),
+        });
+    }
+    if !only.is_empty() {
+        specs.retain(|name, _| only.contains(name));
+    }
+    Ok(specs)
+}
+
+/// 1-based line and column (in characters) of byte `offset` of `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset.min(text.len())).unwrap_or(text);
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before.get(line_start..).map_or(0, |s| s.chars().count());
+    (before.matches('\n').count() + 1, column + 1)
+}
+
+/// The TCP port numbers of image port declarations (`80`, `80/tcp`; `53/udp` is left out).
+pub fn tcp_ports<'a>(ports: impl IntoIterator<Item = &'a str>) -> Vec<u16> {
+    ports
+        .into_iter()
+        .filter(|p| !p.ends_with("/udp"))
+        .filter_map(|p| p.split('/').next().and_then(|n| n.parse().ok()))
+        .collect()
+}
+
+/// The TCP ports the stored image `digest` says it listens on (`ExposedPorts`).
+pub fn exposed_ports(store: &Store, digest: &Digest) -> Result<Vec<u16>, DeployError> {
+    let image = store.load_image(digest)?;
+    let ports = image
+        .config
+        .config()
+        .as_ref()
+        .and_then(|c| c.exposed_ports().clone())
+        .unwrap_or_default();
+    Ok(tcp_ports(ports.iter().map(String::as_str)))
+}
+
+/// Plan-time checks that need the image: the instance and health-check ports must be ones the
+/// image exposes (when it declares any). `image` names the image in the error.
+pub fn check_ports(
+    service: &str,
+    spec: &ServiceSpec,
+    image: &str,
+    exposed: &[u16],
+) -> Result<(), DeployError> {
+    if exposed.is_empty() {
+        return Ok(());
+    }
+    let not_exposed = |user: &'static str, port: u16| DeployError::PortNotExposed {
+        service: service.to_owned(),
+        user,
+        port,
+        image: image.to_owned(),
+        exposed: exposed
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+    };
+    if let Some(health) = &spec.health
+        && let Ok(Probe::Http { port, .. } | Probe::Tcp { port }) =
+            health.probe(spec.instance_port())
+        && !exposed.contains(&port)
+    {
+        return Err(not_exposed("the health check probes", port));
+    }
+    if let Some(port) = spec.instance_port().filter(|p| !exposed.contains(p)) {
+        return Err(not_exposed("instances are expected on", port));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    const FILE: &str = r#"
+[image.web]
+from = "scratch"
+
+[service.web]
+image = "web"
+port = 8080
+
+[service.api]
+image = "api:v1"
+target_port = 9000
+health = { type = "tcp" }
+"#;
+
+    fn parse(text: &str, only: &[&str]) -> Result<BTreeMap<String, ServiceSpec>, DeployError> {
+        let only: Vec<String> = only.iter().map(|s| s.to_string()).collect();
+        parse_services(Path::new("dir/imago.toml"), text, &only)
+    }
+
+    #[test]
+    fn services_are_read_beside_the_builders_tables_and_filtered_by_name() {
+        let all = parse(FILE, &[]).unwrap();
+        assert_eq!(all.keys().collect::<Vec<_>>(), ["api", "web"]);
+        assert_eq!(all["web"].port, Some(8080));
+        assert_eq!(all["api"].instance_port(), Some(9000));
+        let one = parse(FILE, &["api"]).unwrap();
+        assert_eq!(one.keys().collect::<Vec<_>>(), ["api"]);
+    }
+
+    #[test]
+    fn errors_name_the_file_and_where_in_it() {
+        let typo = "[service.web]\nimage = \"web\"\nreplica = 2\n";
+        assert_eq!(
+            parse(typo, &[]).unwrap_err().to_string(),
+            "dir/imago.toml:3:1: unknown field `replica`, expected one of `image`, `replicas`, \
+             `command`, `env`, `port`, `target_port`, `network`, `resources`, `volumes`, \
+             `health`, `rollout`, `stop_grace_period`"
+        );
+        let bad_type = "[service.web]\nimage = \"web\"\nreplicas = \"two\"\n";
+        let err = parse(bad_type, &[]).unwrap_err().to_string();
+        assert!(
+            err.starts_with("dir/imago.toml:3:12: invalid type"),
+            "{err}"
+        );
+        assert_eq!(
+            parse("[image.web]\nfrom = \"scratch\"\n", &[])
+                .unwrap_err()
+                .to_string(),
+            "dir/imago.toml defines no service ([service.NAME] tables)"
+        );
+        assert_eq!(
+            parse(FILE, &["web", "db"]).unwrap_err().to_string(),
+            "dir/imago.toml has no service db; it defines: api, web"
+        );
+    }
+
+    #[test]
+    fn line_column_counts_characters() {
+        assert_eq!(line_column("ab\ncé d", 7), (2, 4));
+        assert_eq!(line_column("", 0), (1, 1));
+        assert_eq!(
+            line_column("ab", 99),
+            (1, 3),
+            "an offset past the end is the end"
+        );
+    }
+
+    #[test]
+    fn udp_and_unparsable_ports_are_left_out() {
+        assert_eq!(
+            tcp_ports(["80/tcp", "53/udp", "8080", "http/tcp", "9000/sctp"]),
+            [80, 8080, 9000]
+        );
+    }
+
+    #[test]
+    fn instance_and_health_ports_must_be_exposed_when_the_image_declares_ports() {
+        let all = parse(FILE, &[]).unwrap();
+        let (web, api) = (&all["web"], &all["api"]);
+        assert!(
+            check_ports("web", web, "abc123", &[]).is_ok(),
+            "no ports declared"
+        );
+        assert!(check_ports("web", web, "abc123", &[80, 8080]).is_ok());
+        assert_eq!(
+            check_ports("web", web, "abc123", &[80, 443])
+                .unwrap_err()
+                .to_string(),
+            "service web: instances are expected on port 8080, but image abc123 listens on 80, 443"
+        );
+        assert_eq!(
+            check_ports("api", api, "api:v1", &[80])
+                .unwrap_err()
+                .to_string(),
+            "service api: the health check probes port 9000, but image api:v1 listens on 80"
+        );
+        let mut elsewhere = api.clone();
+        elsewhere.health.as_mut().unwrap().port = Some(9100);
+        assert_eq!(
+            check_ports("api", &elsewhere, "api:v1", &[9000])
+                .unwrap_err()
+                .to_string(),
+            "service api: the health check probes port 9100, but image api:v1 listens on 9000"
+        );
+    }
+}
