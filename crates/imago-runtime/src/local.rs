@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -287,8 +287,7 @@ impl LocalProvider {
                 Ok(())
             }
         };
-        let mut line = String::new();
-        let _ = BufReader::new(handshake).read_line(&mut line);
+        let line = read_handshake(handshake, pid);
         self.children
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -441,6 +440,60 @@ impl LocalProvider {
         }
         remove_cgroups(&rec.id);
     }
+}
+
+/// How often a launcher waiting for the handshake checks that its supervisor still lives.
+const HANDSHAKE_LIVENESS_MS: u16 = 100;
+
+/// Reads the supervisor's one handshake line (empty if it wrote none). The pipe's end of file
+/// does not reliably say that the supervisor is gone: a container init that the embedded engine
+/// cloned from a forked supervisor holds a copy of the write end until it execs, which it never
+/// does if the supervisor died between create and start (killed while it waited for the gate,
+/// say); the launcher would wait forever. So the wait also ends once the supervisor, this
+/// process's child, has exited (seen without reaping it: `reap_children` does that), after
+/// taking whatever it wrote.
+fn read_handshake(handshake: fs::File, supervisor: Pid) -> String {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let mut handshake = handshake;
+    let mut line = Vec::new();
+    let mut chunk = [0u8; 512];
+    let mut exited = false;
+    while !line.contains(&b'\n') {
+        let timeout = if exited {
+            PollTimeout::ZERO
+        } else {
+            PollTimeout::from(HANDSHAKE_LIVENESS_MS)
+        };
+        let ready = poll(
+            &mut [PollFd::new(handshake.as_fd(), PollFlags::POLLIN)],
+            timeout,
+        );
+        match ready {
+            Ok(0) if exited => break,
+            Ok(0) => {
+                exited = !matches!(
+                    nix::sys::wait::waitid(
+                        nix::sys::wait::Id::Pid(supervisor),
+                        WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT,
+                    ),
+                    Ok(WaitStatus::StillAlive)
+                );
+                continue;
+            }
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => break,
+        }
+        match handshake.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => line.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&line);
+    text.split('\n').next().unwrap_or_default().to_owned()
 }
 
 /// Removes the instance's (empty) cgroup directories in every hierarchy, if any are left.

@@ -261,26 +261,16 @@ fn stop_and_rm_leave_nothing_behind(engine: Engine) {
 fn a_supervisor_not_told_the_network_is_ready_starts_nothing(engine: Engine) {
     for (passed, gate) in [(0, "exec </dev/null; "), (1, "head -c 1 | ")] {
         let tmp = tempfile::tempdir().unwrap();
-        let layout = common::LayoutSource {
-            root: tmp.path().join("layout"),
-        };
-        let (image, _) = common::build_busybox_image(&layout);
         let supervisor = common::supervisor_command();
         let ipam = tmp.path().join("ipam");
-        let provider = imago_runtime::LocalProvider::new(
-            &tmp.path().join("home"),
-            Box::new(layout),
-            imago_runtime::SupervisorCommand {
-                program: "/bin/sh".into(),
-                args: vec![
-                    "-c".into(),
-                    format!("{gate}exec \"$0\" \"$@\"").into(),
-                    supervisor.program.into_os_string(),
-                ],
-                fork_when_single_threaded: false,
-            },
-        )
-        .with_ipam_dir(&ipam);
+        let (provider, image) = shell_supervised(
+            tmp.path(),
+            vec![
+                "-c".into(),
+                format!("{gate}exec \"$0\" \"$@\"").into(),
+                supervisor.program.into_os_string(),
+            ],
+        );
         let mut spec = imago_runtime::InstanceSpec::new(image);
         spec.engine = engine;
         spec.args = Some(vec!["sleep".into(), "1000".into()]);
@@ -312,6 +302,65 @@ fn a_supervisor_not_told_the_network_is_ready_starts_nothing(engine: Engine) {
         assert!(!home.join("runtime/youki").join(&id).exists());
         assert!(!home.join("runtime/runc").join(&id).exists());
     }
+}
+
+/// A supervisor that dies before its handshake while another process still holds its stdout
+/// (as the embedded engine's container init holds a forked supervisor's handshake pipe until it
+/// execs) must not leave the launcher waiting for an end of file that never comes.
+#[test]
+fn a_launch_ends_when_its_supervisor_dies_though_the_handshake_pipe_stays_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let holder = tmp.path().join("holder.pid");
+    // The "supervisor" leaves a process behind with its stdout and exits at once.
+    let (provider, image) = shell_supervised(
+        tmp.path(),
+        vec![
+            "-c".into(),
+            format!("sleep 20 & echo $! > {}; exit 3", holder.display()).into(),
+        ],
+    );
+    let mut spec = imago_runtime::InstanceSpec::new(image);
+    spec.network = NetworkMode::Host;
+    spec.args = Some(vec!["true".into()]);
+    let started = Instant::now();
+    let err = provider.launch(&spec).unwrap_err();
+    let took = started.elapsed();
+    if let Ok(pid) = fs::read_to_string(&holder) {
+        let _ = std::process::Command::new("kill").arg(pid.trim()).status();
+    }
+    assert!(took < Duration::from_secs(5), "the launch waited {took:?}");
+    assert!(
+        err.to_string()
+            .contains("the supervisor exited before starting the container"),
+        "{err}"
+    );
+    let list = provider.list().unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].status, Status::Failed);
+    provider.remove(&list[0].id).unwrap();
+}
+
+/// A provider under `dir` (home, image layout, address leases) whose supervisor is `/bin/sh`
+/// with `args`, always exec'd; and the busybox image it can launch.
+fn shell_supervised(
+    dir: &Path,
+    args: Vec<std::ffi::OsString>,
+) -> (imago_runtime::LocalProvider, imago_oci::Digest) {
+    let layout = common::LayoutSource {
+        root: dir.join("layout"),
+    };
+    let (image, _) = common::build_busybox_image(&layout);
+    let provider = imago_runtime::LocalProvider::new(
+        &dir.join("home"),
+        Box::new(layout),
+        imago_runtime::SupervisorCommand {
+            program: "/bin/sh".into(),
+            args,
+            fork_when_single_threaded: false,
+        },
+    )
+    .with_ipam_dir(dir.join("ipam"));
+    (provider, image)
 }
 
 fn cgroup_dirs(id: &str) -> Vec<String> {
