@@ -517,14 +517,15 @@ impl Controller {
 
     /// Whether a stop of `id` is still running, or ended after this pass listed the instances
     /// (the listing may then still show the instance running, and a second stop would be
-    /// started for nothing).
+    /// started for nothing). A stop whose thread ended without an end time panicked: it is
+    /// over, and the instance may be stopped again.
     fn stop_pending(&self, id: &str) -> bool {
         self.stopping.get(id).is_some_and(|task| {
             !task.thread.is_finished()
                 || task
                     .ended
                     .get()
-                    .is_none_or(|ended| *ended >= self.listed_at)
+                    .is_some_and(|ended| *ended >= self.listed_at)
         })
     }
 
@@ -1760,6 +1761,108 @@ mod tests {
             vec![Duration::from_millis(50)],
             "release 1's instance was stopped with release 1's grace period"
         );
+    }
+
+    /// A provider whose stop of an instance ends only while the controller lists the instances,
+    /// after the listing was taken: the listing still shows the instance running although its
+    /// stop is over, as happens when a stop ends during a pass. Counts the stops; with
+    /// `panic_next`, the next stop panics instead (a bug in a provider).
+    #[derive(Default)]
+    struct StopsEndingAfterTheListing {
+        fake: Arc<FakeProvider>,
+        stops: Mutex<usize>,
+        panic_next: std::sync::atomic::AtomicBool,
+        /// (a stop is waiting, it may go on)
+        gate: Mutex<(bool, bool)>,
+        turn: std::sync::Condvar,
+    }
+
+    impl Provider for StopsEndingAfterTheListing {
+        fn launch(&self, spec: &InstanceSpec) -> Result<Instance, imago_runtime::RuntimeError> {
+            self.fake.launch(spec)
+        }
+        fn stop(&self, id: &str, grace: Duration) -> Result<Instance, imago_runtime::RuntimeError> {
+            *self.stops.lock().unwrap() += 1;
+            if self
+                .panic_next
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                panic!("the provider failed to stop {id}");
+            }
+            let mut gate = self.gate.lock().unwrap();
+            gate.0 = true;
+            while !gate.1 {
+                gate = self.turn.wait(gate).unwrap();
+            }
+            *gate = (false, false);
+            drop(gate);
+            self.fake.stop(id, grace)
+        }
+        fn remove(&self, id: &str) -> Result<(), imago_runtime::RuntimeError> {
+            self.fake.remove(id)
+        }
+        fn list(&self) -> Result<Vec<Instance>, imago_runtime::RuntimeError> {
+            let listed = self.fake.list();
+            let mut gate = self.gate.lock().unwrap();
+            if gate.0 {
+                gate.1 = true;
+                self.turn.notify_all();
+                drop(gate);
+                // Long enough for the stop's thread to end before the pass decides anything.
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            listed
+        }
+        fn inspect(&self, id: &str) -> Result<Instance, imago_runtime::RuntimeError> {
+            self.fake.inspect(id)
+        }
+        fn logs(&self, id: &str) -> Result<Vec<u8>, imago_runtime::RuntimeError> {
+            self.fake.logs(id)
+        }
+    }
+
+    #[test]
+    fn a_stop_that_ended_after_the_listing_is_not_started_again() {
+        let mut h = harness();
+        let provider = Arc::new(StopsEndingAfterTheListing {
+            fake: h.fake.clone(),
+            ..Default::default()
+        });
+        h.restart(provider.clone());
+        roll_out_v1_then_v2(&mut h);
+        assert_eq!(
+            *provider.stops.lock().unwrap(),
+            1,
+            "release 1's instance was stopped once"
+        );
+    }
+
+    /// Release 1 with one instance, then release 2 replacing it (no drain time).
+    fn roll_out_v1_then_v2(h: &mut Harness) {
+        let v1 =
+            spec(serde_json::json!({"image": "web", "replicas": 1, "rollout": {"drain": "0s"}}));
+        h.release("web", &v1, b"v1");
+        h.converge("web", 5);
+        let v2 =
+            spec(serde_json::json!({"image": "web", "replicas": 1, "rollout": {"drain": "0s"}}));
+        h.release("web", &v2, b"v2");
+        assert!(h.converge("web", 100).last().unwrap().complete);
+    }
+
+    #[test]
+    fn a_stop_whose_thread_panicked_is_started_again() {
+        let mut h = harness();
+        let provider = Arc::new(StopsEndingAfterTheListing {
+            fake: h.fake.clone(),
+            panic_next: true.into(),
+            ..Default::default()
+        });
+        h.restart(provider.clone());
+        // The first stop (of release 1's instance) panics: it never ended, so it is not
+        // pending either, and a later pass stops the instance again.
+        roll_out_v1_then_v2(&mut h);
+        assert_eq!(*provider.stops.lock().unwrap(), 2);
+        assert_eq!(h.running("web").len(), 1);
     }
 
     #[test]
