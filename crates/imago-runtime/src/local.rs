@@ -415,6 +415,15 @@ impl LocalProvider {
         Ok(rec)
     }
 
+    /// Whether the instance's engine still has state for its container.
+    fn engine_knows(&self, rec: &Instance) -> bool {
+        let root = match rec.engine {
+            crate::Engine::Embedded => self.layout.youki_root(),
+            crate::Engine::Runc => self.layout.runc_root(),
+        };
+        root.join(&rec.id).exists()
+    }
+
     /// Kills and forgets the container of an instance whose supervisor died.
     fn clean_lost(&self, rec: &Instance) {
         if let Some(pid) = rec.pid {
@@ -584,6 +593,10 @@ impl Provider for LocalProvider {
                 });
             }
             Status::Lost => self.clean_lost(&rec),
+            // A supervisor that died between the engine's create and start (killed while it
+            // waited for the network gate, say) leaves the created container behind, its init
+            // waiting for a start that never comes; the launcher recorded the launch as failed.
+            Status::Failed if self.engine_knows(&rec) => self.clean_lost(&rec),
             Status::Exited | Status::Failed => remove_cgroups(id),
         }
         self.release_network(&rec);

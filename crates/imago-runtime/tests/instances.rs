@@ -41,6 +41,7 @@ both_engines!(
     pids_limit_is_enforced,
     launch_returns_once_the_program_runs,
     a_supervisor_not_told_the_network_is_ready_starts_nothing,
+    rm_cleans_up_after_a_supervisor_killed_between_create_and_start,
 );
 
 fn echo_runs_and_exit_status_is_recorded(engine: Engine) {
@@ -304,6 +305,49 @@ fn a_supervisor_not_told_the_network_is_ready_starts_nothing(engine: Engine) {
     }
 }
 
+/// A supervisor killed while it waits for the network gate, its container created but not
+/// started: the launch fails, and `rm` must take away the container the engine created (its
+/// init waits for a start that never comes), not only the record.
+fn rm_cleans_up_after_a_supervisor_killed_between_create_and_start(engine: Engine) {
+    let tmp = tempfile::tempdir().unwrap();
+    let supervisor = common::supervisor_command();
+    // Once the launcher has the namespace, the real supervisor is told it exists (by the
+    // wrapper, not the launcher), creates the container and waits for the second byte: it is
+    // killed there.
+    let (provider, image) = shell_supervised(
+        tmp.path(),
+        vec![
+            "-c".into(),
+            "while [ ! -e /var/run/netns/imago-$2 ]; do sleep 0.01; done; sleep 0.3; \
+             (printf n; sleep 4) | \"$0\" \"$@\" & sleep 2; kill -9 $!"
+                .into(),
+            supervisor.program.into_os_string(),
+        ],
+    );
+    let mut spec = imago_runtime::InstanceSpec::new(image);
+    spec.engine = engine;
+    spec.args = Some(vec!["sleep".into(), "1000".into()]);
+    let err = provider.launch(&spec).unwrap_err();
+    let id = failed_as_supervisor_gone(&provider, &err);
+    assert!(
+        !processes_in_cgroup(&id).is_empty(),
+        "the container was not created: the test missed its point"
+    );
+    provider.remove(&id).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !processes_in_cgroup(&id).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        processes_in_cgroup(&id).is_empty(),
+        "the container's init is left"
+    );
+    assert!(cgroup_dirs(&id).is_empty(), "cgroup dirs left");
+    let home = tmp.path().join("home");
+    assert!(!home.join("runtime/youki").join(&id).exists());
+    assert!(!home.join("runtime/runc").join(&id).exists());
+}
+
 /// A supervisor that dies before its handshake while another process still holds its stdout
 /// (as the embedded engine's container init holds a forked supervisor's handshake pipe until it
 /// execs) must not leave the launcher waiting for an end of file that never comes.
@@ -329,6 +373,16 @@ fn a_launch_ends_when_its_supervisor_dies_though_the_handshake_pipe_stays_open()
         let _ = std::process::Command::new("kill").arg(pid.trim()).status();
     }
     assert!(took < Duration::from_secs(5), "the launch waited {took:?}");
+    let id = failed_as_supervisor_gone(&provider, &err);
+    provider.remove(&id).unwrap();
+}
+
+/// Checks that `err` and the provider's one instance say the supervisor died during the
+/// launch; returns the instance's id.
+fn failed_as_supervisor_gone(
+    provider: &imago_runtime::LocalProvider,
+    err: &RuntimeError,
+) -> String {
     assert!(
         err.to_string()
             .contains("the supervisor exited before starting the container"),
@@ -337,7 +391,7 @@ fn a_launch_ends_when_its_supervisor_dies_though_the_handshake_pipe_stays_open()
     let list = provider.list().unwrap();
     assert_eq!(list.len(), 1);
     assert_eq!(list[0].status, Status::Failed);
-    provider.remove(&list[0].id).unwrap();
+    list[0].id.clone()
 }
 
 /// A provider under `dir` (home, image layout, address leases) whose supervisor is `/bin/sh`
