@@ -481,12 +481,14 @@ fn read_handshake(handshake: fs::File, supervisor: Pid) -> String {
         match ready {
             Ok(0) if exited => break,
             Ok(0) => {
-                exited = !matches!(
+                // Only a seen exit counts: an error (no such child, as when the launcher
+                // ignores SIGCHLD) must not cut short the wait for a live supervisor.
+                exited = matches!(
                     nix::sys::wait::waitid(
                         nix::sys::wait::Id::Pid(supervisor),
                         WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT,
                     ),
-                    Ok(WaitStatus::StillAlive)
+                    Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..))
                 );
                 continue;
             }
