@@ -259,6 +259,9 @@ pub struct Controller {
     health: HealthBoard,
     probes: HashMap<String, JoinHandle<()>>,
     endpoints: BTreeMap<String, Endpoint>,
+    /// Routes of endpoints closed (the service stopped publishing a port) while connections
+    /// were still open on them: drains keep counting those connections until they end.
+    closed_routes: BTreeMap<String, Routes>,
     engine: Engine,
     actor: String,
     /// Endpoint addresses are bound on this IP.
@@ -303,6 +306,7 @@ impl Controller {
             health: HealthBoard::default(),
             probes: HashMap::new(),
             endpoints: BTreeMap::new(),
+            closed_routes: BTreeMap::new(),
             engine,
             actor: "controller".into(),
             bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -812,8 +816,12 @@ impl Controller {
                 pass.stopped.push(id.clone());
                 continue;
             }
-            let routes = self.endpoints.get(service).map(|e| e.routes.clone());
-            let open = routes.as_ref().map_or(0, |r| r.active_connections(id));
+            let routes = self
+                .endpoints
+                .get(service)
+                .map(|e| &e.routes)
+                .or_else(|| self.closed_routes.get(service));
+            let open = routes.map_or(0, |r| r.active_connections(id));
             if open == 0 || now >= *drain_deadline {
                 // The grace period the instance was launched with, not the new release's.
                 let grace = instance
@@ -902,8 +910,13 @@ impl Controller {
     }
 
     fn ensure_endpoint(&mut self, service: &str, release: &Release) -> Result<(), DeployError> {
+        self.closed_routes
+            .retain(|_, routes| routes.open_connections() > 0);
         let Some(port) = release.spec.port else {
-            self.endpoints.remove(service);
+            if let Some(closed) = self.endpoints.remove(service) {
+                self.closed_routes
+                    .insert(service.to_owned(), closed.routes.clone());
+            }
             return Ok(());
         };
         if self.endpoints.get(service).is_some_and(|e| e.port == port) {
@@ -917,7 +930,14 @@ impl Controller {
                 reason: format!("cannot listen on {addr}: {e}"),
             }
         })?;
-        let routes = Routes::default();
+        // A new port keeps the service's routes: connections still open on the old port (its
+        // threads relay them to their end) keep counting for drains.
+        let routes = self
+            .endpoints
+            .get(service)
+            .map(|e| e.routes.clone())
+            .or_else(|| self.closed_routes.remove(service))
+            .unwrap_or_default();
         let (shutdown, rx) = tokio::sync::watch::channel(false);
         crate::proxy::spawn(listeners, routes.clone(), rx).map_err(|e| {
             DeployError::InvalidService {
@@ -1739,6 +1759,69 @@ mod tests {
         }
     }
 
+    /// A free port on 127.0.0.1 (released again at once).
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    #[test]
+    fn connections_open_on_an_old_port_still_hold_the_drain_of_their_instance() {
+        use std::io::{Read, Write};
+        // The "instance": a host-network backend that keeps every connection open until the
+        // client closes it.
+        let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let backend_port = backend.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for stream in backend.incoming() {
+                let Ok(mut stream) = stream else { break };
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 64];
+                    while stream.read(&mut buf).map(|n| n > 0).unwrap_or(false) {}
+                });
+            }
+        });
+        let mut h = harness();
+        let service = |port: u16, version: &str| {
+            spec(
+                serde_json::json!({"image": "web", "replicas": 1, "network": "host",
+                "port": port, "target_port": backend_port, "env": {"V": version},
+                "stop_grace_period": "0s", "rollout": {"drain": "30s"}}),
+            )
+        };
+        let old_port = free_port();
+        h.release("web", &service(old_port, "1"), b"v1");
+        h.converge("web", 5);
+        let old = h.running("web")[0].id.clone();
+        let mut client = std::net::TcpStream::connect(("127.0.0.1", old_port)).unwrap();
+        client.write_all(b"hello").unwrap();
+        let routes = h.controller.endpoint("web").unwrap().routes.clone();
+        for _ in 0..200 {
+            if routes.active_connections(&old) == 1 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(routes.active_connections(&old), 1);
+
+        // Release 2 publishes another port: the old endpoint closes, its connection lives on.
+        h.release("web", &service(free_port(), "2"), b"v1");
+        for _ in 0..20 {
+            h.controller.pass().unwrap();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            h.running("web").iter().any(|i| i.id == old),
+            "the old instance was stopped while a connection to it was open"
+        );
+        drop(client);
+        assert!(h.converge("web", 200).last().unwrap().complete);
+        assert!(h.running("web").iter().all(|i| i.id != old));
+    }
+
     #[test]
     fn a_retired_instance_stops_with_the_grace_period_it_was_launched_with() {
         let mut h = harness();
@@ -1846,7 +1929,21 @@ mod tests {
         let v2 =
             spec(serde_json::json!({"image": "web", "replicas": 1, "rollout": {"drain": "0s"}}));
         h.release("web", &v2, b"v2");
-        assert!(h.converge("web", 100).last().unwrap().complete);
+        // Bounded by time, not passes: a panicking stop thread prints (and, with
+        // RUST_BACKTRACE, symbolizes) its backtrace before it counts as finished, which takes
+        // far more than 100 passes on a loaded machine.
+        let started = std::time::Instant::now();
+        loop {
+            let passes = h.controller.pass().unwrap();
+            if passes.iter().any(|p| p.service == "web" && p.complete) {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "web did not converge in 30 s: {passes:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     #[test]

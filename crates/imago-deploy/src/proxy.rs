@@ -130,6 +130,15 @@ impl Routes {
             .map_or(0, |b| b.active.load(Ordering::SeqCst))
     }
 
+    /// Open connections to all backends.
+    pub fn open_connections(&self) -> usize {
+        self.lock()
+            .backends
+            .values()
+            .map(|b| b.active.load(Ordering::SeqCst))
+            .sum()
+    }
+
     /// Waits until `id` has no open connection or `timeout` passes; true if drained.
     pub async fn drain(&self, id: &str, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
