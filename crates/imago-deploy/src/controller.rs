@@ -17,7 +17,7 @@ use imago_runtime::{Engine, Instance, InstanceSpec, Provider, Status};
 use serde::Serialize;
 use tokio::task::JoinHandle;
 
-use crate::drift::wrong_spec;
+use crate::drift::SpecJudge;
 use crate::error::DeployError;
 use crate::health::{HealthTracker, ProbeResult};
 use crate::proxy::Routes;
@@ -601,6 +601,7 @@ impl Controller {
             }
         }
         let mut observed = Vec::with_capacity(own.len());
+        let mut judge = SpecJudge::new(&release);
         for instance in own {
             let revision = instance
                 .labels
@@ -630,7 +631,7 @@ impl Controller {
                 }
             } else if revision == release.revision
                 && instance.is_active()
-                && let Some(wrong) = wrong_spec(instance, &release)?
+                && let Some(wrong) = judge.judge(instance)?
             {
                 // Labelled as the desired revision but running something else: drift.
                 revision_seen = format!("drifted-{}", instance.id);

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use imago_oci::Digest;
-use imago_runtime::{Instance, RootfsCache};
+use imago_runtime::{Engine, Instance, RootfsCache};
 use serde::Serialize;
 
 use crate::controller::{LABEL_REVISION, LABEL_SERVICE, instance_spec, set_aside_modified};
@@ -30,19 +30,47 @@ pub fn wrong_spec(
     instance: &Instance,
     release: &Release,
 ) -> Result<Option<WrongSpec>, DeployError> {
-    let wanted_spec_hash = instance_spec(release, instance.engine)?
-        .spec_hash()
-        .map_err(|e| DeployError::Runtime(e.to_string()))?;
-    if instance.image == release.image_digest && instance.spec_hash == wanted_spec_hash {
-        return Ok(None);
+    SpecJudge::new(release).judge(instance)
+}
+
+/// [`wrong_spec`] for many instances of one release: the spec hash the release asks for is
+/// computed once per engine, not once per instance (a pass over 10,000 instances spent most of
+/// its time hashing the same spec).
+pub struct SpecJudge<'a> {
+    release: &'a Release,
+    wanted: Vec<(Engine, Digest)>,
+}
+
+impl<'a> SpecJudge<'a> {
+    pub fn new(release: &'a Release) -> Self {
+        SpecJudge {
+            release,
+            wanted: Vec::new(),
+        }
     }
-    Ok(Some(WrongSpec {
-        image: instance.image.clone(),
-        spec_hash: instance.spec_hash.clone(),
-        release: release.number,
-        wanted_image: release.image_digest.clone(),
-        wanted_spec_hash,
-    }))
+
+    pub fn judge(&mut self, instance: &Instance) -> Result<Option<WrongSpec>, DeployError> {
+        let wanted_spec_hash = match self.wanted.iter().find(|(e, _)| *e == instance.engine) {
+            Some((_, hash)) => hash.clone(),
+            None => {
+                let hash = instance_spec(self.release, instance.engine)?
+                    .spec_hash()
+                    .map_err(|e| DeployError::Runtime(e.to_string()))?;
+                self.wanted.push((instance.engine, hash.clone()));
+                hash
+            }
+        };
+        if instance.image == self.release.image_digest && instance.spec_hash == wanted_spec_hash {
+            return Ok(None);
+        }
+        Ok(Some(WrongSpec {
+            image: instance.image.clone(),
+            spec_hash: instance.spec_hash.clone(),
+            release: self.release.number,
+            wanted_image: self.release.image_digest.clone(),
+            wanted_spec_hash,
+        }))
+    }
 }
 
 /// What kind of drift a [`Finding`] is.
