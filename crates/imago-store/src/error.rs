@@ -103,3 +103,17 @@ impl<T> IoContext<T> for io::Result<T> {
         })
     }
 }
+
+/// Parses the JSON blob `digest` (a `what`: manifest, index, image config), naming the blob in
+/// the error.
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
+    digest: &Digest,
+    what: &'static str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|source| StoreError::InvalidJson {
+        digest: digest.clone(),
+        what,
+        source,
+    })
+}

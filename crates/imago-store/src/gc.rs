@@ -7,6 +7,7 @@ use imago_oci::spec::{ImageIndex, ImageManifest};
 use imago_oci::{Digest, media};
 use serde::Serialize;
 
+use crate::error::parse_json;
 use crate::error::{IoContext, Result, StoreError};
 use crate::index::{descriptor_digest, manifest_media_type};
 use crate::layout::Store;
@@ -55,12 +56,7 @@ impl Store {
         let bytes = self.read_blob(root, root_size)?;
         let media_type = manifest_media_type(root, &bytes)?;
         if media::is_index(&media_type) {
-            let index: ImageIndex =
-                serde_json::from_slice(&bytes).map_err(|source| StoreError::InvalidJson {
-                    digest: root.clone(),
-                    what: "index",
-                    source,
-                })?;
+            let index: ImageIndex = parse_json(root, "index", &bytes)?;
             for child in index.manifests() {
                 let digest = descriptor_digest(child, &format!("index {root}"))?;
                 if self.has_blob(&digest) {
@@ -76,12 +72,7 @@ impl Store {
             }
             return Ok(out);
         }
-        let manifest: ImageManifest =
-            serde_json::from_slice(&bytes).map_err(|source| StoreError::InvalidJson {
-                digest: root.clone(),
-                what: "manifest",
-                source,
-            })?;
+        let manifest: ImageManifest = parse_json(root, "manifest", &bytes)?;
         let config = manifest.config();
         out.push(BlobRef {
             digest: descriptor_digest(config, &format!("manifest {root}"))?,

@@ -6,6 +6,7 @@ use imago_oci::spec::{Arch, ImageConfiguration, ImageIndex, ImageManifest, Os};
 use imago_oci::{Digest, Reference, media};
 use serde::{Deserialize, Serialize};
 
+use crate::error::parse_json;
 use crate::error::{Result, StoreError};
 use crate::index::{descriptor_digest, manifest_media_type};
 use crate::layout::Store;
@@ -168,12 +169,7 @@ impl Store {
         configs: &mut HashMap<Digest, Option<String>>,
     ) -> Result<(u64, Option<String>)> {
         let bytes = self.read_blob(digest, None)?;
-        let doc: SummaryManifest =
-            serde_json::from_slice(&bytes).map_err(|source| StoreError::InvalidJson {
-                digest: digest.clone(),
-                what: "manifest",
-                source,
-            })?;
+        let doc: SummaryManifest = parse_json(digest, "manifest", &bytes)?;
         let media_type = match (&doc.media_type, &doc.manifests, &doc.config) {
             (Some(m), _, _) => m.clone(),
             (None, Some(_), _) => media::OCI_INDEX.to_owned(),
@@ -221,13 +217,7 @@ impl Store {
             None => {
                 let config_bytes = self.read_blob(&config_digest, Some(config.size))?;
                 let parsed: SummaryConfig =
-                    serde_json::from_slice(&config_bytes).map_err(|source| {
-                        StoreError::InvalidJson {
-                            digest: config_digest.clone(),
-                            what: "image config",
-                            source,
-                        }
-                    })?;
+                    parse_json(&config_digest, "image config", &config_bytes)?;
                 configs.insert(config_digest, parsed.created.clone());
                 parsed.created
             }
@@ -292,12 +282,7 @@ pub(crate) fn resolve_image_with(
     let bytes = read(digest, None)?;
     let media_type = manifest_media_type(digest, &bytes)?;
     if media::is_index(&media_type) {
-        let index: ImageIndex =
-            serde_json::from_slice(&bytes).map_err(|source| StoreError::InvalidJson {
-                digest: digest.clone(),
-                what: "index",
-                source,
-            })?;
+        let index: ImageIndex = parse_json(digest, "index", &bytes)?;
         let chosen = index
             .manifests()
             .iter()
@@ -312,12 +297,7 @@ pub(crate) fn resolve_image_with(
         let child = descriptor_digest(chosen, &format!("index {digest}"))?;
         return resolve_image_with(&child, read);
     }
-    let manifest: ImageManifest =
-        serde_json::from_slice(&bytes).map_err(|source| StoreError::InvalidJson {
-            digest: digest.clone(),
-            what: "manifest",
-            source,
-        })?;
+    let manifest: ImageManifest = parse_json(digest, "manifest", &bytes)?;
     let config_descriptor = manifest.config();
     let config_media_type = config_descriptor.media_type().to_string();
     let config_digest = descriptor_digest(config_descriptor, &format!("manifest {digest}"))?;
@@ -329,12 +309,7 @@ pub(crate) fn resolve_image_with(
         });
     }
     let config_bytes = read(&config_digest, Some(config_descriptor.size()))?;
-    let config: ImageConfiguration =
-        serde_json::from_slice(&config_bytes).map_err(|source| StoreError::InvalidJson {
-            digest: config_digest.clone(),
-            what: "image config",
-            source,
-        })?;
+    let config: ImageConfiguration = parse_json(&config_digest, "image config", &config_bytes)?;
     Ok((
         ResolvedImage {
             digest: digest.clone(),

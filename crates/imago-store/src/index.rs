@@ -8,6 +8,7 @@ use imago_oci::{ANNOTATION_REF_NAME, Digest, Reference, media, to_canonical_json
 
 use serde::Deserialize;
 
+use crate::error::parse_json;
 use crate::error::{IoContext, Result, StoreError};
 use crate::layout::Store;
 
@@ -165,12 +166,7 @@ pub(crate) fn digest_to_oci(d: &Digest) -> Result<imago_oci::spec::Digest> {
 /// The media type a manifest or index document declares (or implies, for documents without the
 /// optional `mediaType` field).
 pub(crate) fn manifest_media_type(digest: &Digest, bytes: &[u8]) -> Result<String> {
-    let value: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|source| StoreError::InvalidJson {
-            digest: digest.clone(),
-            what: "manifest",
-            source,
-        })?;
+    let value: serde_json::Value = parse_json(digest, "manifest", bytes)?;
     let declared = value.get("mediaType").and_then(|m| m.as_str());
     match declared {
         Some(m) if media::is_image_manifest(m) || media::is_index(m) => Ok(m.to_owned()),
