@@ -378,7 +378,8 @@ async fn pump(
         }
         write_all(dst, &buf[..n]).await?;
         if n == buf.len() {
-            buf.give_back();
+            // Bulk from here on: the buffer goes back to the pool for the next connection.
+            drop(buf);
             splice_all(src, dst).await?;
             break;
         }
@@ -405,7 +406,7 @@ async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
 
 /// A relay buffer from a per-thread pool: a connection takes two, and allocating and zeroing
 /// 32 KiB per connection showed up when every request is a new connection.
-struct Buffer(Option<Box<[u8]>>);
+struct Buffer(Box<[u8]>);
 
 thread_local! {
     static BUFFERS: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
@@ -414,38 +415,33 @@ thread_local! {
 impl Buffer {
     fn take() -> Buffer {
         let pooled = BUFFERS.with(|b| b.borrow_mut().pop());
-        Buffer(Some(
-            pooled.unwrap_or_else(|| vec![0u8; RELAY_BUFFER].into_boxed_slice()),
-        ))
+        Buffer(pooled.unwrap_or_else(|| vec![0u8; RELAY_BUFFER].into_boxed_slice()))
     }
-
-    /// Returns the buffer to the pool now (dropping it does the same later).
-    fn give_back(self) {}
 }
 
 impl std::ops::Deref for Buffer {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        self.0.as_deref().unwrap_or_default()
+        &self.0
     }
 }
 
 impl std::ops::DerefMut for Buffer {
     fn deref_mut(&mut self) -> &mut [u8] {
-        self.0.as_deref_mut().unwrap_or_default()
+        &mut self.0
     }
 }
 
 impl Drop for Buffer {
+    /// Back to the pool (an empty box is left behind, which allocates nothing).
     fn drop(&mut self) {
-        if let Some(buf) = self.0.take() {
-            BUFFERS.with(|b| {
-                let mut pool = b.borrow_mut();
-                if pool.len() < 2 * PIPE_POOL {
-                    pool.push(buf);
-                }
-            });
-        }
+        let buf = std::mem::take(&mut self.0);
+        BUFFERS.with(|b| {
+            let mut pool = b.borrow_mut();
+            if pool.len() < 2 * PIPE_POOL {
+                pool.push(buf);
+            }
+        });
     }
 }
 
