@@ -601,7 +601,7 @@ impl Controller {
             }
         }
         let mut observed = Vec::with_capacity(own.len());
-        let mut judge = SpecJudge::new(&release);
+        let mut judge = SpecJudge::new(release.clone());
         for instance in own {
             let revision = instance
                 .labels

@@ -3,6 +3,7 @@
 //! and sets modified unpacked images aside), so the two can never disagree.
 
 use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 use std::fmt;
 
 use imago_oci::Digest;
@@ -30,19 +31,19 @@ pub fn wrong_spec(
     instance: &Instance,
     release: &Release,
 ) -> Result<Option<WrongSpec>, DeployError> {
-    SpecJudge::new(release).judge(instance)
+    SpecJudge::new(release.clone()).judge(instance)
 }
 
 /// [`wrong_spec`] for many instances of one release: the spec hash the release asks for is
 /// computed once per engine, not once per instance (a pass over 10,000 instances spent most of
 /// its time hashing the same spec).
-pub struct SpecJudge<'a> {
-    release: &'a Release,
+pub struct SpecJudge {
+    release: Release,
     wanted: Vec<(Engine, Digest)>,
 }
 
-impl<'a> SpecJudge<'a> {
-    pub fn new(release: &'a Release) -> Self {
+impl SpecJudge {
+    pub fn new(release: Release) -> Self {
         SpecJudge {
             release,
             wanted: Vec::new(),
@@ -53,7 +54,7 @@ impl<'a> SpecJudge<'a> {
         let wanted_spec_hash = match self.wanted.iter().find(|(e, _)| *e == instance.engine) {
             Some((_, hash)) => hash.clone(),
             None => {
-                let hash = instance_spec(self.release, instance.engine)?
+                let hash = instance_spec(&self.release, instance.engine)?
                     .spec_hash()
                     .map_err(|e| DeployError::Runtime(e.to_string()))?;
                 self.wanted.push((instance.engine, hash.clone()));
@@ -127,6 +128,7 @@ pub fn check(
     let mut findings = Vec::new();
     // Instances of one image share its unpacked tree: check (and, deep, hash) it once.
     let mut rootfs_problems: BTreeMap<Digest, Vec<String>> = BTreeMap::new();
+    let mut judges: BTreeMap<(String, String), Option<SpecJudge>> = BTreeMap::new();
     for instance in instances {
         let service = instance.labels.get(LABEL_SERVICE).cloned();
         let finding = |kind: FindingKind, detail: String| Finding {
@@ -158,14 +160,22 @@ pub fn check(
             ));
             continue;
         };
-        let Some(release) = db.release_with_revision(name, revision)? else {
+        // One lookup and one spec hash per release, however many instances run it.
+        let judge = match judges.entry((name.clone(), revision.clone())) {
+            Entry::Occupied(known) => known.into_mut(),
+            Entry::Vacant(new) => new.insert(
+                db.release_with_revision(name, revision)?
+                    .map(SpecJudge::new),
+            ),
+        };
+        let Some(judge) = judge else {
             findings.push(finding(
                 FindingKind::Unknown,
                 format!("revision {revision} belongs to no release"),
             ));
             continue;
         };
-        if let Some(wrong) = wrong_spec(instance, &release)? {
+        if let Some(wrong) = judge.judge(instance)? {
             findings.push(finding(
                 FindingKind::WrongSpec,
                 format!(
