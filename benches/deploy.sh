@@ -4,11 +4,14 @@
 #    bound waves x (launch + first healthy check + min_ready), and a Docker Swarm service update
 #    of the same image with the same settings in the same run (when dockerd can start);
 #  - rollback to a retained release, from the command to every instance serving it;
-#  - the service endpoint (proxy) against direct connections to the same single instance, for a
+#  - the service endpoint against direct connections to the same single instance, for a
 #    small page (busybox httpd: one connection per request), a 1 MiB file, and long connections
-#    to an echo backend (the pingpong example as client); direct, imago's endpoint and HAProxy
-#    (the peer user-space TCP proxy, mode tcp, one thread per core like imago's endpoint) in
-#    front of the same instance take turns, medians of 5;
+#    to an echo backend (the pingpong example as client). Four sides take turns, medians of 5:
+#    direct; imago's endpoint as clients on this host use it (the controller's default: kernel
+#    connect-time balancing straight to the instance); imago's endpoint proxy alone, which is
+#    what clients on other machines reach (the `endpoint` example: the same proxy code the
+#    controller runs, in front of the same instance); and HAProxy (the peer user-space TCP
+#    proxy, mode tcp, one thread per core like imago's proxy);
 #  - one reconcile pass over 10,000 instances with the fake provider.
 # Run as root: benches/deploy.sh [all|rolling|proxy]   (default all)
 set -euo pipefail
@@ -18,9 +21,10 @@ scripts/setup >/dev/null
 command -v wrk >/dev/null || { apt-get install -y -qq wrk >/dev/null; }
 command -v haproxy >/dev/null || { apt-get install -y -qq haproxy >/dev/null; }
 cargo build --release -q -p imago-cli
-cargo build --release -q -p imago-deploy --example pingpong
+cargo build --release -q -p imago-deploy --example pingpong --example endpoint
 imago="$PWD/target/release/imago"
 pingpong="$PWD/target/release/examples/pingpong"
+endpoint="$PWD/target/release/examples/endpoint"
 export IMAGO_HOME="$(mktemp -d /tmp/imago-bench-deploy.XXXXXX)"
 work="$(mktemp -d /tmp/imago-bench-src.XXXXXX)"
 docker_dir=""
@@ -39,10 +43,11 @@ stop_docker() {
   if [ "$gwbridge_before" = no ]; then ip link delete docker_gwbridge 2>/dev/null || true; fi
   rm -rf "$docker_dir"; docker_dir=""
 }
-haproxy_pid=""
+haproxy_pid=""; endpoint_pids=""
 cleanup() {
   stop_docker
   if [ -n "$haproxy_pid" ]; then kill "$haproxy_pid" 2>/dev/null || true; fi
+  for pid in $endpoint_pids; do kill "$pid" 2>/dev/null || true; done
   "$imago" destroy web >/dev/null 2>&1 || true
   "$imago" destroy echo >/dev/null 2>&1 || true
   "$imago" serve --stop >/dev/null 2>&1 || true
@@ -51,6 +56,8 @@ cleanup() {
 gwbridge_before=$(ip link show docker_gwbridge >/dev/null 2>&1 && echo yes || echo no)
 trap cleanup EXIT
 now() { date +%s.%N; }
+# rotate N A B C...: the words A B C... starting at the Nth (cyclically), one per line.
+rotate() { local n=$1; shift; local k=$(( (n - 1) % $# )); printf '%s\n' "${@:k+1}" "${@:1:k}"; }
 med() { sort -n | awk '{a[NR]=$0} END {print a[int((NR+1)/2)]}'; }
 
 sed -i -e 's/^replicas = 3/replicas = 10/' -e 's/min_ready = "500ms"/min_ready = "1s"/' \
@@ -202,6 +209,10 @@ CFG
   haproxy -q -f "$work/haproxy.cfg" -db & haproxy_pid=$!
   sleep 0.5
   kill -0 "$haproxy_pid" 2>/dev/null || { echo "benches/deploy.sh: haproxy did not start" >&2; exit 1; }
+  # imago's proxy alone, in front of the same two instances.
+  "$endpoint" "127.0.0.1:$((port + 20))" "$web_addr:8080" & endpoint_pids="$endpoint_pids $!"
+  "$endpoint" "127.0.0.1:$((port + 21))" "$echo_addr:8080" & endpoint_pids="$endpoint_pids $!"
+  sleep 0.3
   proxy_load_before=$(cut -d' ' -f1-3 /proc/loadavg)
   # One row per workload: label, then the client command with @ for host:port.
   wrk_run() { wrk $1 --latency "http://$2$3" 2>/dev/null | awk '/Requests\/sec/ {r=$2} /^ +50%/ {p=$2} /Transfer\/sec/ {t=$2} END {print r, p, t}'; }
@@ -216,27 +227,36 @@ CFG
     IFS='|' read -r name args path <<<"$spec"
     local overflows_before
     overflows_before=$(ip netns exec "imago-$web_id" nstat -az TcpExtListenOverflows | awk '/ListenOverflows/ {print $2}')
-    d=(); p=(); h=()
+    d=(); p=(); x=(); h=()
     for i in 1 2 3 4 5; do
       # Rotate which goes first, so a load change during the run hits every side alike.
-      case $((i % 3)) in
-        1) d+=("$(wrk_run "$args" "$web_addr:8080" "$path")"); p+=("$(wrk_run "$args" "127.0.0.1:$port" "$path")"); h+=("$(wrk_run "$args" "127.0.0.1:$((port + 10))" "$path")") ;;
-        2) p+=("$(wrk_run "$args" "127.0.0.1:$port" "$path")"); h+=("$(wrk_run "$args" "127.0.0.1:$((port + 10))" "$path")"); d+=("$(wrk_run "$args" "$web_addr:8080" "$path")") ;;
-        0) h+=("$(wrk_run "$args" "127.0.0.1:$((port + 10))" "$path")"); d+=("$(wrk_run "$args" "$web_addr:8080" "$path")"); p+=("$(wrk_run "$args" "127.0.0.1:$port" "$path")") ;;
-      esac
+      for side in $(rotate "$i" d p x h); do
+        case $side in
+          d) d+=("$(wrk_run "$args" "$web_addr:8080" "$path")") ;;
+          p) p+=("$(wrk_run "$args" "127.0.0.1:$port" "$path")") ;;
+          x) x+=("$(wrk_run "$args" "127.0.0.1:$((port + 20))" "$path")") ;;
+          h) h+=("$(wrk_run "$args" "127.0.0.1:$((port + 10))" "$path")") ;;
+        esac
+      done
     done
     name="$name; the instance's listen queue overflowed $(( $(ip netns exec "imago-$web_id" nstat -az TcpExtListenOverflows | awk '/ListenOverflows/ {print $2}') - overflows_before )) times"
-    rows+=("$name|$(printf '%s\n' "${d[@]}" | med)|$(printf '%s\n' "${p[@]}" | med)|$(printf '%s\n' "${h[@]}" | med)")
+    rows+=("$name|$(printf '%s\n' "${d[@]}" | med)|$(printf '%s\n' "${p[@]}" | med)|$(printf '%s\n' "${x[@]}" | med)|$(printf '%s\n' "${h[@]}" | med)")
   done
   local c
+  pp() { "$pingpong" "$1" 3 64 "$2" | awk '{print $1, $5 "us"}'; }
   for c in 1 16; do
-    d=(); p=(); h=()
+    d=(); p=(); x=(); h=()
     for i in 1 2 3 4 5; do
-      d+=("$("$pingpong" "$echo_addr:8080" 3 64 "$c" | awk '{print $1, $5 "us"}')")
-      p+=("$("$pingpong" "127.0.0.1:$((port + 1))" 3 64 "$c" | awk '{print $1, $5 "us"}')")
-      h+=("$("$pingpong" "127.0.0.1:$((port + 11))" 3 64 "$c" | awk '{print $1, $5 "us"}')")
+      for side in $(rotate "$i" d p x h); do
+        case $side in
+          d) d+=("$(pp "$echo_addr:8080" "$c")") ;;
+          p) p+=("$(pp "127.0.0.1:$((port + 1))" "$c")") ;;
+          x) x+=("$(pp "127.0.0.1:$((port + 21))" "$c")") ;;
+          h) h+=("$(pp "127.0.0.1:$((port + 11))" "$c")") ;;
+        esac
+      done
     done
-    rows+=("$c long connection(s), 64-byte echo round trips (pingpong, 3 s)|$(printf '%s\n' "${d[@]}" | med)|$(printf '%s\n' "${p[@]}" | med)|$(printf '%s\n' "${h[@]}" | med)")
+    rows+=("$c long connection(s), 64-byte echo round trips (pingpong, 3 s)|$(printf '%s\n' "${d[@]}" | med)|$(printf '%s\n' "${p[@]}" | med)|$(printf '%s\n' "${x[@]}" | med)|$(printf '%s\n' "${h[@]}" | med)")
   done
   proxy_load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 }
@@ -256,11 +276,16 @@ if [ -n "$rolling" ]; then
   esac
   echo "| rollback to a retained release, command to all instances serving it (median of 3) | ${rollback} s | | |"
 fi
+echo "| one controller pass over 10,000 instances, fake provider | ${reconcile} | target < 50 ms | |"
 if [ -n "$proxy_done" ]; then
+  echo
+  echo "Endpoint, load $proxy_load_before -> $proxy_load_after, medians of 5:"
+  echo
+  echo "| workload | direct | imago endpoint, client on this host (kernel balancing) | imago endpoint proxy (clients elsewhere) | HAProxy | ratios to direct: endpoint / proxy / HAProxy |"
+  echo "|---|---|---|---|---|---|"
   for row in "${rows[@]}"; do
-    IFS='|' read -r name d p h <<<"$row"
-    read -r d_rps d_lat d_tr <<<"$d"; read -r p_rps p_lat p_tr <<<"$p"; read -r h_rps h_lat h_tr <<<"$h"
-    echo "| endpoint proxy: $name (median of 5, load $proxy_load_before -> $proxy_load_after) | ${p_rps}/s, p50 ${p_lat}${p_tr:+, $p_tr/s} | direct ${d_rps}/s, p50 ${d_lat}${d_tr:+, $d_tr/s}; HAProxy ${h_rps}/s, p50 ${h_lat}${h_tr:+, $h_tr/s} | imago $(echo "scale=2; $p_rps / $d_rps" | bc), HAProxy $(echo "scale=2; $h_rps / $d_rps" | bc) of direct |"
+    IFS='|' read -r name d p x h <<<"$row"
+    read -r d_rps d_lat d_tr <<<"$d"; read -r p_rps p_lat p_tr <<<"$p"; read -r x_rps x_lat x_tr <<<"$x"; read -r h_rps h_lat h_tr <<<"$h"
+    echo "| $name | ${d_rps}/s, p50 ${d_lat}${d_tr:+, $d_tr/s} | ${p_rps}/s, p50 ${p_lat}${p_tr:+, $p_tr/s} | ${x_rps}/s, p50 ${x_lat}${x_tr:+, $x_tr/s} | ${h_rps}/s, p50 ${h_lat}${h_tr:+, $h_tr/s} | $(echo "scale=2; $p_rps / $d_rps" | bc) / $(echo "scale=2; $x_rps / $d_rps" | bc) / $(echo "scale=2; $h_rps / $d_rps" | bc) |"
   done
 fi
-echo "| one controller pass over 10,000 instances, fake provider | ${reconcile} | target < 50 ms | |"

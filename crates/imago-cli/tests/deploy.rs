@@ -230,7 +230,33 @@ impl Client {
 
 #[test]
 fn rolling_update_under_load_drops_no_request_and_switches_versions() {
+    // A client on this host: the kernel sends its connections straight to an instance.
     let d = Deployment::new(18201);
+    rolling_update_drops_no_request(&d);
+    let events = d.events();
+    assert!(
+        events.iter().any(|e| e.contains("(kernel balancing)")),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn rolling_update_through_the_endpoint_proxy_drops_no_request() {
+    // What clients on other machines get: every connection through the endpoint proxy.
+    let d = Deployment::new(18211);
+    d.imago.run(&["serve", "--no-kernel-balancing"]).ok();
+    rolling_update_drops_no_request(&d);
+    let events = d.events();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.contains("service endpoint listening on"))
+            && !events.iter().any(|e| e.contains("kernel balancing")),
+        "{events:?}"
+    );
+}
+
+fn rolling_update_drops_no_request(d: &Deployment) {
     d.apply().ok();
     assert!(d.get().unwrap().contains("version v1"));
 

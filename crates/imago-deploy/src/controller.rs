@@ -9,10 +9,11 @@
 //! health is simply probed again.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use imago_runtime::balancer::ConnectBalancer;
 use imago_runtime::{Engine, Instance, InstanceSpec, Provider, Status};
 use serde::Serialize;
 use tokio::task::JoinHandle;
@@ -285,6 +286,13 @@ pub struct Controller {
     /// run from the modified tree. Read from the database each pass (`imago drift` records
     /// there too).
     tainted: HashMap<imago_oci::Digest, u64>,
+    /// Connect-time balancing in the kernel for clients on this host (they then connect to a
+    /// routed instance directly, without the proxy hop); `None` leaves every connection to the
+    /// endpoint proxy. Dropped, it detaches from the kernel.
+    balancer: Option<ConnectBalancer>,
+    /// Backend addresses the balancer routes or that still drain, gathered over one pass: the
+    /// peer-address rewrite of any other is forgotten at the end of the pass.
+    balanced_peers: BTreeSet<SocketAddrV4>,
 }
 
 impl Controller {
@@ -318,6 +326,109 @@ impl Controller {
             rootfs: None,
             last_rootfs_check: None,
             tainted: HashMap::new(),
+            balancer: None,
+            balanced_peers: BTreeSet::new(),
+        }
+    }
+
+    /// Balances the endpoints' new connections from clients on this host in the kernel
+    /// ([`ConnectBalancer`]): they reach a routed instance directly. The endpoint proxy keeps
+    /// listening for everything else (other machines, other network namespaces, IPv6, services
+    /// with more than [`imago_runtime::balancer::MAX_BACKENDS`] instances), and drains count the
+    /// balanced connections from the kernel's socket table.
+    pub fn with_kernel_balancing(mut self, balancer: ConnectBalancer) -> Controller {
+        self.balancer = Some(balancer);
+        self
+    }
+
+    /// Whether the kernel balances this host's connections (see [`Self::with_kernel_balancing`]).
+    pub fn kernel_balancing(&self) -> bool {
+        self.balancer.is_some()
+    }
+
+    /// The address clients on this host use for an endpoint on `port`, if the kernel can balance
+    /// it: the bind address, or loopback for the wildcard.
+    fn balanced_address(&self, port: u16) -> Option<SocketAddrV4> {
+        match self.bind {
+            IpAddr::V4(ip) if ip.is_unspecified() => {
+                Some(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))
+            }
+            IpAddr::V4(ip) => Some(SocketAddrV4::new(ip, port)),
+            IpAddr::V6(_) => None,
+        }
+    }
+
+    /// Points the kernel's balancing of `service`'s endpoint at `targets`. A kernel error turns
+    /// kernel balancing off for good (every connection then goes through the proxy, which is
+    /// always right), rather than leave a stale backend list in the kernel.
+    fn balance(
+        &mut self,
+        service: &str,
+        port: u16,
+        targets: &[(String, SocketAddr)],
+    ) -> Result<(), DeployError> {
+        let (Some(balancer), Some(address)) = (&self.balancer, self.balanced_address(port)) else {
+            return Ok(());
+        };
+        let backends: Vec<SocketAddrV4> = targets
+            .iter()
+            .filter_map(|(_, a)| match a {
+                SocketAddr::V4(a) => Some(*a),
+                SocketAddr::V6(_) => None,
+            })
+            .collect();
+        // A target the kernel cannot reach (IPv6) must not lose its share: leave it to the proxy.
+        let backends = if backends.len() == targets.len() {
+            backends
+        } else {
+            Vec::new()
+        };
+        self.balanced_peers.extend(backends.iter().copied());
+        if let Err(e) = balancer.set(address, &backends) {
+            self.kernel_balancing_failed(Some(service), &e)?;
+        }
+        Ok(())
+    }
+
+    /// Stops the kernel's balancing of an endpoint port that is closing.
+    fn unbalance(&mut self, service: &str, port: u16) -> Result<(), DeployError> {
+        let (Some(balancer), Some(address)) = (&self.balancer, self.balanced_address(port)) else {
+            return Ok(());
+        };
+        if let Err(e) = balancer.remove(address) {
+            self.kernel_balancing_failed(Some(service), &e)?;
+        }
+        Ok(())
+    }
+
+    fn kernel_balancing_failed(
+        &mut self,
+        service: Option<&str>,
+        e: &imago_runtime::balancer::BalancerError,
+    ) -> Result<(), DeployError> {
+        self.balancer = None;
+        self.db.event(
+            service,
+            "endpoint",
+            &format!("kernel balancing turned off after an error ({e}): every connection now goes through the endpoint proxies"),
+            &self.actor,
+        )
+    }
+
+    /// Open connections to draining instances that the kernel balanced (counted from the host's
+    /// socket table, so they include the proxy's own connections to them). An instance whose
+    /// count cannot be read counts as open: its drain then ends at its deadline.
+    fn kernel_open_connections(
+        &self,
+        addresses: &BTreeMap<String, SocketAddrV4>,
+    ) -> HashMap<String, usize> {
+        if self.balancer.is_none() || addresses.is_empty() {
+            return HashMap::new();
+        }
+        let addrs: Vec<SocketAddrV4> = addresses.values().copied().collect();
+        match imago_runtime::balancer::open_connections(&addrs) {
+            Ok(counts) => addresses.keys().cloned().zip(counts).collect(),
+            Err(_) => addresses.keys().map(|id| (id.clone(), 1)).collect(),
         }
     }
 
@@ -414,6 +525,11 @@ impl Controller {
                     .flat_map(|p| p.launched.iter().map(String::as_str)),
             )
             .collect();
+        // Forget the peer-address rewrite of backends no longer routed or draining.
+        let peers = std::mem::take(&mut self.balanced_peers);
+        if let Some(Err(e)) = self.balancer.as_ref().map(|b| b.keep_peers(&peers)) {
+            self.kernel_balancing_failed(None, &e)?;
+        }
         self.probes.retain(|id, task| {
             let keep = live.contains(id.as_str());
             if !keep {
@@ -471,7 +587,9 @@ impl Controller {
             service: service.to_owned(),
             ..ServicePass::default()
         };
-        self.endpoints.remove(service);
+        if let Some(closed) = self.endpoints.remove(service) {
+            self.unbalance(service, closed.port)?;
+        }
         for instance in own {
             if self.stop_pending(&instance.id) {
                 // Its stop is under way: nothing to look up or decide until it ends.
@@ -800,6 +918,26 @@ impl Controller {
         // Stop what has drained (or ran out of drain time). Stopping takes up to the grace
         // period, so it runs beside the loop; the instance still counts (it still holds its
         // resources) until it has exited and is removed.
+        // Connections the kernel balanced to a draining instance bypass the proxy's counts: they
+        // are counted from the host's socket table, one dump for all of them.
+        let mut drain_addresses = BTreeMap::new();
+        for id in draining.keys() {
+            let Some(instance) = by_id.get(id.as_str()).copied() else {
+                continue;
+            };
+            let own_release = instance
+                .labels
+                .get(LABEL_REVISION)
+                .and_then(|r| releases.get(r))
+                .and_then(Option::as_ref)
+                .unwrap_or(&release);
+            if let Some(SocketAddr::V4(addr)) = self.address_of(instance, own_release) {
+                drain_addresses.insert(id.clone(), addr);
+            }
+        }
+        let kernel_open = self.kernel_open_connections(&drain_addresses);
+        self.balanced_peers
+            .extend(drain_addresses.values().copied());
         for (id, drain_deadline) in draining {
             let Some(instance) = by_id.get(id.as_str()).copied() else {
                 // Not this service's, or already gone (stopped just before a crash).
@@ -822,7 +960,8 @@ impl Controller {
                 .get(service)
                 .map(|e| &e.routes)
                 .or_else(|| self.closed_routes.get(service));
-            let open = routes.map_or(0, |r| r.active_connections(id));
+            let open = routes.map_or(0, |r| r.active_connections(id))
+                + kernel_open.get(id).copied().unwrap_or(0);
             if open == 0 || now >= *drain_deadline {
                 // The grace period the instance was launched with, not the new release's.
                 let grace = instance
@@ -870,6 +1009,8 @@ impl Controller {
             .collect();
         if let Some(endpoint) = self.endpoints.get(service) {
             endpoint.routes.set(&targets);
+            let port = endpoint.port;
+            self.balance(service, port, &targets)?;
         }
         pass.routed = targets.into_iter().map(|(id, _)| id).collect();
         pass.counts = step.counts;
@@ -915,6 +1056,7 @@ impl Controller {
             .retain(|_, routes| routes.open_connections() > 0);
         let Some(port) = release.spec.port else {
             if let Some(closed) = self.endpoints.remove(service) {
+                self.unbalance(service, closed.port)?;
                 self.closed_routes
                     .insert(service.to_owned(), closed.routes.clone());
             }
@@ -922,6 +1064,9 @@ impl Controller {
         };
         if self.endpoints.get(service).is_some_and(|e| e.port == port) {
             return Ok(());
+        }
+        if let Some(old_port) = self.endpoints.get(service).map(|e| e.port) {
+            self.unbalance(service, old_port)?;
         }
         let addr = SocketAddr::new(self.bind, port);
         let listeners = crate::proxy::bind(addr, crate::proxy::default_threads()).map_err(|e| {
@@ -950,7 +1095,12 @@ impl Controller {
         self.db.event(
             Some(service),
             "endpoint",
-            &format!("service endpoint listening on {addr}"),
+            &match self.balanced_address(port).filter(|_| self.balancer.is_some()) {
+                Some(local) => format!(
+                    "service endpoint listening on {addr}; clients on this host that connect to {local} reach an instance directly (kernel balancing)"
+                ),
+                None => format!("service endpoint listening on {addr}"),
+            },
             &self.actor,
         )?;
         self.endpoints.insert(
@@ -1411,6 +1561,22 @@ mod tests {
         }
 
         /// Replaces the controller by a new one over the same database: no memory of the old.
+        /// Passes for a while: the retired `old` instance of "web" must keep running while
+        /// `client` is connected to it, and be stopped and replaced once it closes.
+        fn assert_drain_holds_until_closed(&mut self, old: &str, client: std::net::TcpStream) {
+            for _ in 0..20 {
+                self.controller.pass().unwrap();
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert!(
+                self.running("web").iter().any(|i| i.id == old),
+                "the old instance was stopped while a connection to it was open"
+            );
+            drop(client);
+            assert!(self.converge("web", 200).last().unwrap().complete);
+            assert!(self.running("web").iter().all(|i| i.id != old));
+        }
+
         fn restart(&mut self, provider: Arc<dyn Provider>) {
             let db = StateDb::open(&self._dir.path().join("state.db")).unwrap();
             self.controller = Controller::new(
@@ -1810,17 +1976,74 @@ mod tests {
 
         // Release 2 publishes another port: the old endpoint closes, its connection lives on.
         h.release("web", &service(free_port(), "2"), b"v1");
-        for _ in 0..20 {
-            h.controller.pass().unwrap();
+        h.assert_drain_holds_until_closed(&old, client);
+    }
+
+    #[test]
+    fn connections_the_kernel_balanced_hold_the_drain_of_their_instance() {
+        use std::io::{Read, Write};
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        // The "instance": a host-network backend that counts connections and keeps each open
+        // until the client closes it.
+        let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let backend_addr = backend.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let seen = accepted.clone();
+        std::thread::spawn(move || {
+            for stream in backend.incoming() {
+                let Ok(mut stream) = stream else { break };
+                seen.fetch_add(1, Ordering::SeqCst);
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 64];
+                    while stream.read(&mut buf).map(|n| n > 0).unwrap_or(false) {}
+                });
+            }
+        });
+        let mut h = harness();
+        h.controller = std::mem::replace(&mut h.controller, {
+            let db = StateDb::open(&h._dir.path().join("state.db")).unwrap();
+            Controller::new(
+                db,
+                h.fake.clone(),
+                h.runtime.handle().clone(),
+                Engine::Embedded,
+            )
+        })
+        .with_kernel_balancing(ConnectBalancer::attach().unwrap());
+        assert!(h.controller.kernel_balancing());
+        let port = free_port();
+        let service = |version: &str| {
+            spec(
+                serde_json::json!({"image": "web", "replicas": 1, "network": "host",
+                "port": port, "target_port": backend_addr.port(), "env": {"V": version},
+                "stop_grace_period": "0s", "rollout": {"drain": "30s"}}),
+            )
+        };
+        h.release("web", &service("1"), b"v1");
+        h.converge("web", 5);
+        let old = h.running("web")[0].id.clone();
+        let endpoint = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut client = std::net::TcpStream::connect(endpoint).unwrap();
+        client.write_all(b"hello").unwrap();
+        // Straight to the backend, past the proxy, and the client still sees the endpoint.
+        assert_eq!(client.peer_addr().unwrap(), endpoint);
+        for _ in 0..200 {
+            if accepted.load(Ordering::SeqCst) == 1 {
+                break;
+            }
             std::thread::sleep(Duration::from_millis(10));
         }
-        assert!(
-            h.running("web").iter().any(|i| i.id == old),
-            "the old instance was stopped while a connection to it was open"
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        let routes = h.controller.endpoint("web").unwrap().routes.clone();
+        assert_eq!(
+            routes.open_connections(),
+            0,
+            "the connection went through the proxy"
         );
-        drop(client);
-        assert!(h.converge("web", 200).last().unwrap().complete);
-        assert!(h.running("web").iter().all(|i| i.id != old));
+
+        // Release 2 retires the old instance: it drains while the balanced connection is open.
+        h.release("web", &service("2"), b"v1");
+        h.assert_drain_holds_until_closed(&old, client);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! This crate prints nothing; it returns data and errors.
 #![deny(unsafe_code)]
 
+pub mod balancer;
 pub mod bundle;
 pub mod error;
 pub mod local;

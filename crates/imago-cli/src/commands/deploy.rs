@@ -534,6 +534,11 @@ pub struct ServeArgs {
     /// Stop the running controller (instances keep running; a new controller adopts them)
     #[arg(long, conflicts_with = "foreground")]
     pub stop: bool,
+    /// Send every connection to a service endpoint through the endpoint proxy. By default,
+    /// clients on this host that connect to an endpoint are sent straight to a ready instance by
+    /// an eBPF program at connect time (no proxy hop); the proxy serves everyone else.
+    #[arg(long)]
+    pub no_kernel_balancing: bool,
 }
 
 fn stop_controller(ctx: &Context, home: &DeployHome) -> Result<()> {
@@ -573,7 +578,7 @@ pub fn serve(ctx: &Context, args: ServeArgs) -> Result<()> {
     }
     if !args.foreground {
         // The background controller gets the settings given here, not the defaults.
-        let serve_args = [
+        let mut serve_args = vec![
             "--api".to_owned(),
             args.api.to_string(),
             "--interval".to_owned(),
@@ -581,6 +586,9 @@ pub fn serve(ctx: &Context, args: ServeArgs) -> Result<()> {
             "--runtime".to_owned(),
             args.runtime.clone(),
         ];
+        if args.no_kernel_balancing {
+            serve_args.push("--no-kernel-balancing".to_owned());
+        }
         if controller_running(&home)? {
             ctx.reporter
                 .warn("a controller already runs for this home: its settings stay as they are");
@@ -634,6 +642,14 @@ pub fn serve(ctx: &Context, args: ServeArgs) -> Result<()> {
     let mut controller =
         Controller::new(home.open_db()?, provider, runtime.handle().clone(), engine)
             .with_rootfs_checks(rootfs, Duration::from_secs(2));
+    if !args.no_kernel_balancing {
+        match imago_runtime::balancer::ConnectBalancer::attach() {
+            Ok(balancer) => controller = controller.with_kernel_balancing(balancer),
+            Err(e) => ctx.reporter.warn(format!(
+                "kernel balancing unavailable ({e}): every connection to a service endpoint goes through its proxy"
+            )),
+        }
+    }
     ctx.reporter.status(format!(
         "controller running (pid {}, api {api_addr})",
         std::process::id()
