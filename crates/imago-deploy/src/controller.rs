@@ -286,6 +286,8 @@ pub struct Controller {
     /// run from the modified tree. Read from the database each pass (`imago drift` records
     /// there too).
     tainted: HashMap<imago_oci::Digest, u64>,
+    /// Modified images whose tree could not be set aside, already reported.
+    set_aside_failed: BTreeSet<imago_oci::Digest>,
     /// Connect-time balancing in the kernel for clients on this host (they then connect to a
     /// routed instance directly, without the proxy hop); `None` leaves every connection to the
     /// endpoint proxy. Dropped, it detaches from the kernel.
@@ -326,6 +328,7 @@ impl Controller {
             rootfs: None,
             last_rootfs_check: None,
             tainted: HashMap::new(),
+            set_aside_failed: BTreeSet::new(),
             balancer: None,
             balanced_peers: BTreeSet::new(),
         }
@@ -456,6 +459,7 @@ impl Controller {
             .filter(|i| i.is_active() && i.labels.contains_key(LABEL_SERVICE))
             .map(|i| &i.image)
             .collect();
+        let mut failed = Vec::new();
         for digest in digests {
             let problems = cache
                 .verify(digest, false)
@@ -463,7 +467,24 @@ impl Controller {
             if problems.is_empty() {
                 continue;
             }
-            set_aside_modified(cache, &self.db, digest, &problems, &self.actor)?;
+            // A tree that cannot be moved must not stop the reconciling of every service: its
+            // instances are replaced anyway (the taint is recorded first). Said once.
+            match set_aside_modified(cache, &self.db, digest, false, &self.actor) {
+                Ok(_) => {
+                    self.set_aside_failed.remove(digest);
+                }
+                Err(e) => failed.push((digest.clone(), e)),
+            }
+        }
+        for (digest, e) in failed {
+            if self.set_aside_failed.insert(digest.clone()) {
+                self.db.event(
+                    None,
+                    "drift",
+                    &format!("cannot set the modified unpacked image {digest} aside: {e}; retrying every check"),
+                    &self.actor,
+                )?;
+            }
         }
         Ok(())
     }
@@ -1332,9 +1353,18 @@ pub fn set_aside_modified(
     cache: &imago_runtime::RootfsCache,
     db: &StateDb,
     digest: &imago_oci::Digest,
-    problems: &[String],
+    deep: bool,
     actor: &str,
-) -> Result<String, DeployError> {
+) -> Result<Option<String>, DeployError> {
+    let runtime = |e: imago_runtime::RuntimeError| DeployError::Runtime(e.to_string());
+    // Checked again under the entry's lock: the controller and `imago drift` may both have
+    // found the old tree modified, and the first to set it aside may already have had a fresh,
+    // intact tree unpacked in its place, which the second must leave alone.
+    let _entry = cache.lock_entry(digest).map_err(runtime)?;
+    let problems = cache.verify(digest, deep).map_err(runtime)?;
+    if problems.is_empty() {
+        return Ok(None);
+    }
     let shown: Vec<&str> = problems.iter().take(5).map(String::as_str).collect();
     let message = format!(
         "the unpacked image {digest} was modified ({}{}): setting it aside and replacing its instances",
@@ -1349,15 +1379,10 @@ pub fn set_aside_modified(
     // (and the next check finds the tree again); and again after, so an instance launched
     // from the modified tree in between is replaced too.
     db.record_taint(digest, now_ms())?;
-    if let Err(e) = cache.taint(digest) {
-        // The controller and `imago drift` may both find it: moved already is done.
-        if cache.path(digest).exists() {
-            return Err(DeployError::Runtime(e.to_string()));
-        }
-    }
+    cache.taint(digest).map_err(runtime)?;
     db.record_taint(digest, now_ms())?;
     db.event(None, "drift", &message, actor)?;
-    Ok(message)
+    Ok(Some(message))
 }
 
 fn describe_exit(instance: &Instance) -> String {
@@ -1560,7 +1585,6 @@ mod tests {
                 .0
         }
 
-        /// Replaces the controller by a new one over the same database: no memory of the old.
         /// Passes for a while: the retired `old` instance of "web" must keep running while
         /// `client` is connected to it, and be stopped and replaced once it closes.
         fn assert_drain_holds_until_closed(&mut self, old: &str, client: std::net::TcpStream) {
@@ -1577,6 +1601,7 @@ mod tests {
             assert!(self.running("web").iter().all(|i| i.id != old));
         }
 
+        /// Replaces the controller by a new one over the same database: no memory of the old.
         fn restart(&mut self, provider: Arc<dyn Provider>) {
             let db = StateDb::open(&self._dir.path().join("state.db")).unwrap();
             self.controller = Controller::new(

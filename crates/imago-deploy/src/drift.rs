@@ -199,8 +199,13 @@ pub fn check(
         }
     }
     let mut set_aside = Vec::new();
-    for (digest, problems) in rootfs_problems.iter().filter(|(_, p)| !p.is_empty()) {
-        set_aside.push(set_aside_modified(cache, db, digest, problems, actor)?);
+    for digest in rootfs_problems
+        .iter()
+        .filter(|(_, p)| !p.is_empty())
+        .map(|(d, _)| d)
+    {
+        // None: set aside by someone else meanwhile (the controller), and reported there.
+        set_aside.extend(set_aside_modified(cache, db, digest, deep, actor)?);
     }
     Ok(DriftCheck {
         findings,
@@ -213,6 +218,121 @@ mod tests {
     use super::*;
     use crate::spec::ServiceSpec;
     use imago_runtime::{Engine, InstanceSpec, Status};
+
+    /// An image without layers: its unpack is an empty tree with the mount points.
+    struct EmptyImage;
+
+    impl imago_runtime::ImageSource for EmptyImage {
+        fn image(
+            &self,
+            _: &imago_oci::Digest,
+        ) -> Result<imago_runtime::ImageInfo, imago_runtime::RuntimeError> {
+            Ok(imago_runtime::ImageInfo {
+                config: imago_oci::spec::ImageConfiguration::default(),
+                layers: Vec::new(),
+            })
+        }
+        fn open_layer(
+            &self,
+            image: &imago_oci::Digest,
+            _: &imago_oci::spec::Descriptor,
+        ) -> Result<Box<dyn std::io::Read + '_>, imago_runtime::RuntimeError> {
+            Err(imago_runtime::RuntimeError::ImageNotFound {
+                digest: image.clone(),
+                reason: "no layers".into(),
+            })
+        }
+    }
+
+    #[test]
+    fn a_second_finder_leaves_the_fresh_tree_of_a_set_aside_image_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(&dir.path().join("state.db")).unwrap();
+        let cache = RootfsCache::new(dir.path().join("rootfs"));
+        let digest = imago_oci::Digest::of(b"image");
+        let info = imago_runtime::ImageSource::image(&EmptyImage, &digest).unwrap();
+        let root = cache.ensure(&EmptyImage, &digest, &info).unwrap();
+        std::fs::write(root.join("tmp/planted"), b"x").unwrap();
+        // The controller and `imago drift` both find the tree modified.
+        assert!(!cache.verify(&digest, false).unwrap().is_empty());
+        // The first sets it aside, and a launch unpacks the image afresh.
+        let first = set_aside_modified(&cache, &db, &digest, false, "controller").unwrap();
+        assert!(first.is_some_and(|m| m.contains("/tmp/planted was added")));
+        let fresh = cache.ensure(&EmptyImage, &digest, &info).unwrap();
+        assert!(!fresh.join("tmp/planted").exists());
+        // The second finds the fresh tree intact and leaves it where it is.
+        let second = set_aside_modified(&cache, &db, &digest, false, "drift").unwrap();
+        assert_eq!(second, None);
+        assert!(cache.path(&digest).is_dir(), "the fresh tree was set aside");
+        assert!(cache.verify(&digest, false).unwrap().is_empty());
+        let set_aside = db
+            .events(None, 0)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.message.contains("setting it aside"))
+            .count();
+        assert_eq!(set_aside, 1);
+    }
+
+    #[test]
+    fn a_modified_tree_that_cannot_be_moved_does_not_stop_the_controller() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = StateDb::open(&dir.path().join("state.db")).unwrap();
+        let digest = release(&mut db, b"v1").image_digest;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let cache = RootfsCache::new(dir.path().join("rootfs"));
+        let fake = std::sync::Arc::new(imago_runtime::FakeProvider::new());
+        let mut controller = crate::controller::Controller::new(
+            db,
+            fake,
+            runtime.handle().clone(),
+            Engine::Embedded,
+        )
+        .with_rootfs_checks(cache.clone(), std::time::Duration::ZERO);
+        controller.pass().unwrap();
+        let info = imago_runtime::ImageSource::image(&EmptyImage, &digest).unwrap();
+        let root = cache.ensure(&EmptyImage, &digest, &info).unwrap();
+        std::fs::write(root.join("tmp/planted"), b"x").unwrap();
+        // A mount point cannot be renamed (EBUSY): the tree cannot be set aside.
+        struct Unmount<'a>(&'a std::path::Path);
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                let _ = rustix::mount::unmount(self.0, rustix::mount::UnmountFlags::DETACH);
+            }
+        }
+        rustix::mount::mount_bind(&root, &root).unwrap();
+        let mounted = Unmount(&root);
+        for _ in 0..3 {
+            controller
+                .pass()
+                .expect("a pass failed on the tree it cannot move");
+        }
+        let messages = |db: &StateDb| -> Vec<String> {
+            db.events(None, 0)
+                .unwrap()
+                .into_iter()
+                .map(|e| e.message)
+                .collect()
+        };
+        let said = messages(controller.db());
+        let cannot = said
+            .iter()
+            .filter(|m| m.contains("cannot set the modified unpacked image"))
+            .count();
+        assert_eq!(cannot, 1, "{said:?}");
+        drop(mounted);
+        controller.pass().unwrap();
+        assert!(!cache.path(&digest).exists());
+        assert!(
+            messages(controller.db())
+                .iter()
+                .any(|m| m.contains("setting it aside")),
+        );
+    }
 
     fn release(db: &mut StateDb, image: &[u8]) -> Release {
         let spec: ServiceSpec =

@@ -56,6 +56,25 @@ impl RootfsCache {
         self.dir.join(digest.hex())
     }
 
+    /// Takes the entry of `digest` for itself until the returned lock is dropped: held while
+    /// the entry is unpacked into place and while it is set aside, so neither can interleave
+    /// with the other (a set-aside decided on an old tree must not move a fresh one).
+    pub fn lock_entry(&self, digest: &Digest) -> Result<Flock<File>, RuntimeError> {
+        fs::create_dir_all(&self.dir).map_err(RuntimeError::io("cannot create", &self.dir))?;
+        let lock_path = self.dir.join(format!(".{}.lock", digest.hex()));
+        let lock_file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(RuntimeError::io("cannot open", &lock_path))?;
+        Flock::lock(lock_file, FlockArg::LockExclusive).map_err(|(_, e)| RuntimeError::Io {
+            action: "cannot lock",
+            path: lock_path,
+            source: e.into(),
+        })
+    }
+
     /// Returns the unpacked rootfs of `digest`, unpacking it first if needed.
     pub fn ensure(
         &self,
@@ -67,20 +86,7 @@ impl RootfsCache {
         if target.is_dir() {
             return Ok(target);
         }
-        fs::create_dir_all(&self.dir).map_err(RuntimeError::io("cannot create", &self.dir))?;
-        let lock_path = self.dir.join(format!(".{}.lock", digest.hex()));
-        let lock_file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(RuntimeError::io("cannot open", &lock_path))?;
-        let _lock =
-            Flock::lock(lock_file, FlockArg::LockExclusive).map_err(|(_, e)| RuntimeError::Io {
-                action: "cannot lock",
-                path: lock_path.clone(),
-                source: e.into(),
-            })?;
+        let _lock = self.lock_entry(digest)?;
         if target.is_dir() {
             // Another launch finished the unpack while we waited for the lock.
             return Ok(target);
