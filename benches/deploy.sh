@@ -7,9 +7,9 @@
 #  - the service endpoint against direct connections to the same single instance, for a
 #    small page (busybox httpd: one connection per request), a 1 MiB file, and long connections
 #    to an echo backend (the pingpong example as client). Four sides take turns, medians of 5:
-#    direct; imago's endpoint as clients on this host use it (the controller's default: kernel
-#    connect-time balancing straight to the instance); imago's endpoint proxy alone, which is
-#    what clients on other machines reach (the `endpoint` example: the same proxy code the
+#    direct; imago's endpoint as its clients use it (the controller's default: kernel
+#    connect-time balancing straight to the instance); imago's endpoint proxy alone, the
+#    fallback when the kernel does not balance (the `endpoint` example: the same proxy code the
 #    controller runs, in front of the same instance); and HAProxy (the peer user-space TCP
 #    proxy, mode tcp, one thread per core like imago's proxy);
 #  - one reconcile pass over 10,000 instances with the fake provider.
@@ -281,7 +281,7 @@ if [ -n "$proxy_done" ]; then
   echo
   echo "Endpoint, load $proxy_load_before -> $proxy_load_after, medians of 5:"
   echo
-  echo "| workload | direct | imago endpoint, client on this host (kernel balancing) | imago endpoint proxy (clients elsewhere) | HAProxy | ratios to direct: endpoint / proxy / HAProxy |"
+  echo "| workload | direct | imago endpoint (kernel balancing, the default) | imago endpoint proxy alone (the fallback) | HAProxy | ratios to direct: endpoint / proxy / HAProxy |"
   echo "|---|---|---|---|---|---|"
   for row in "${rows[@]}"; do
     IFS='|' read -r name d p x h <<<"$row"

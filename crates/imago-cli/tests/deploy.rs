@@ -242,7 +242,7 @@ fn rolling_update_under_load_drops_no_request_and_switches_versions() {
 
 #[test]
 fn rolling_update_through_the_endpoint_proxy_drops_no_request() {
-    // What clients on other machines get: every connection through the endpoint proxy.
+    // The fallback when the kernel does not balance: every connection through the proxy.
     let d = Deployment::new(18211);
     d.imago.run(&["serve", "--no-kernel-balancing"]).ok();
     rolling_update_drops_no_request(&d);

@@ -336,8 +336,9 @@ impl Controller {
 
     /// Balances the endpoints' new connections from clients on this host in the kernel
     /// ([`ConnectBalancer`]): they reach a routed instance directly. The endpoint proxy keeps
-    /// listening for everything else (other machines, other network namespaces, IPv6, services
-    /// with more than [`imago_runtime::balancer::MAX_BACKENDS`] instances), and drains count the
+    /// listening and takes every connection the kernel does not balance (from other network
+    /// namespaces, to IPv6 targets, or to services with more than
+    /// [`imago_runtime::balancer::MAX_BACKENDS`] routed instances), and drains count the
     /// balanced connections from the kernel's socket table.
     pub fn with_kernel_balancing(mut self, balancer: ConnectBalancer) -> Controller {
         self.balancer = Some(balancer);

@@ -10,8 +10,8 @@
 //! `cgroup/getpeername4` program rewrites the peer address back, so the client still sees only
 //! the service address.
 //!
-//! What this does not cover, by design: clients on other machines (they reach the service's
-//! listening proxy, whose listener stays in place), and clients in other network namespaces
+//! What this does not cover, by design: clients on other machines (they would reach whatever
+//! listens on the service address, the controller's proxy), and clients in other network namespaces
 //! (both programs act only on sockets of the network namespace the balancer was attached from:
 //! `127.0.0.1` in an instance is that instance's own loopback). A backend that refuses a
 //! connection is not skipped as the proxy skips it: the caller routes only ready backends.

@@ -536,7 +536,8 @@ pub struct ServeArgs {
     pub stop: bool,
     /// Send every connection to a service endpoint through the endpoint proxy. By default,
     /// clients on this host that connect to an endpoint are sent straight to a ready instance by
-    /// an eBPF program at connect time (no proxy hop); the proxy serves everyone else.
+    /// an eBPF program at connect time (no proxy hop); the proxy takes what the kernel does not
+    /// balance.
     #[arg(long)]
     pub no_kernel_balancing: bool,
 }
