@@ -6,17 +6,21 @@
 #  - rollback to a retained release, from the command to every instance serving it;
 #  - the service endpoint against direct connections to the same single instance, for a
 #    small page (busybox httpd: one connection per request), a 1 MiB file, and long connections
-#    to an echo backend (the pingpong example as client). Four sides take turns, medians of 5:
+#    to an echo backend (the pingpong example as client). Four sides take turns, medians of
+#    ROUNDS (default 5):
 #    direct; imago's endpoint as its clients use it (the controller's default: kernel
 #    connect-time balancing straight to the instance); imago's endpoint proxy alone, the
 #    fallback when the kernel does not balance (the `endpoint` example: the same proxy code the
 #    controller runs, in front of the same instance); and HAProxy (the peer user-space TCP
 #    proxy, mode tcp, one thread per core like imago's proxy);
 #  - one reconcile pass over 10,000 instances with the fake provider.
-# Run as root: benches/deploy.sh [all|rolling|proxy]   (default all)
+# Run as root: [ROUNDS=N] [PROXY_ROWS=small|echo|all] benches/deploy.sh [all|rolling|proxy]
+# (default all; PROXY_ROWS picks the endpoint workloads: the HTTP ones, the echo ones, or all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-all}"
+rounds="${ROUNDS:-5}"
+proxy_rows="${PROXY_ROWS:-all}"
 scripts/setup >/dev/null
 command -v wrk >/dev/null || { apt-get install -y -qq wrk >/dev/null; }
 command -v haproxy >/dev/null || { apt-get install -y -qq haproxy >/dev/null; }
@@ -224,11 +228,12 @@ CFG
               "small page, connection per request, wrk -t2 -c8 -d5s|-t2 -c8 -d5s|/" \
               "small page, one client at a time, wrk -t1 -c1 -d3s|-t1 -c1 -d3s|/" \
               "1 MiB file, connection per request, wrk -t2 -c8 -d5s|-t2 -c8 -d5s|/big.bin"; do
+    [ "$proxy_rows" = echo ] && continue
     IFS='|' read -r name args path <<<"$spec"
     local overflows_before
     overflows_before=$(ip netns exec "imago-$web_id" nstat -az TcpExtListenOverflows | awk '/ListenOverflows/ {print $2}')
     d=(); p=(); x=(); h=()
-    for i in 1 2 3 4 5; do
+    for i in $(seq "$rounds"); do
       # Rotate which goes first, so a load change during the run hits every side alike.
       for side in $(rotate "$i" d p x h); do
         case $side in
@@ -245,8 +250,9 @@ CFG
   local c
   pp() { "$pingpong" "$1" 3 64 "$2" | awk '{print $1, $5 "us"}'; }
   for c in 1 16; do
+    [ "$proxy_rows" = small ] && continue
     d=(); p=(); x=(); h=()
-    for i in 1 2 3 4 5; do
+    for i in $(seq "$rounds"); do
       for side in $(rotate "$i" d p x h); do
         case $side in
           d) d+=("$(pp "$echo_addr:8080" "$c")") ;;
@@ -279,7 +285,7 @@ fi
 echo "| one controller pass over 10,000 instances, fake provider | ${reconcile} | target < 50 ms | |"
 if [ -n "$proxy_done" ]; then
   echo
-  echo "Endpoint, load $proxy_load_before -> $proxy_load_after, medians of 5:"
+  echo "Endpoint, load $proxy_load_before -> $proxy_load_after, medians of $rounds:"
   echo
   echo "| workload | direct | imago endpoint (kernel balancing, the default) | imago endpoint proxy alone (the fallback) | HAProxy | ratios to direct: endpoint / proxy / HAProxy |"
   echo "|---|---|---|---|---|---|"
