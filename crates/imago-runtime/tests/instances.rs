@@ -243,9 +243,13 @@ fn stop_and_rm_leave_nothing_behind(engine: Engine) {
     assert!(!h.home().join("runtime/runc").join(&id).exists());
     let leases = fs::read_dir("/run/imago/ipam").unwrap();
     for l in leases.flatten() {
+        // A lease file's first line names its instance.
         assert_ne!(
-            fs::read_to_string(l.path()).unwrap_or_default(),
-            id,
+            fs::read_to_string(l.path())
+                .unwrap_or_default()
+                .lines()
+                .next(),
+            Some(id.as_str()),
             "address lease left"
         );
     }
@@ -832,4 +836,133 @@ fn a_torn_record_after_power_loss_is_lost_not_fatal() {
     h.provider.remove(&done.id).unwrap();
     assert!(!state.exists());
     h.provider.remove(&other.id).unwrap();
+}
+
+/// Set in a copy of this test binary that takes a lease and then dies or waits (see
+/// `a_lease_of_a_launch_killed_before_its_record_is_reclaimed`): `<mode> <ipam> <id> <state>`.
+const LEASE_HOLDER_ENV: &str = "IMAGO_TEST_LEASE_HOLDER";
+
+/// Runs this test binary as a launcher that takes a lease for `id` (state file `state`) and
+/// then is killed (`die`) or lives until killed (`wait`); returns once the lease exists.
+fn lease_holder(mode: &str, ipam: &Path, id: &str, state: &Path) -> std::process::Child {
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "a_lease_of_a_launch_killed_before_its_record_is_reclaimed",
+            "--exact",
+            "--nocapture",
+        ])
+        .env(
+            LEASE_HOLDER_ENV,
+            format!("{mode} {} {id} {}", ipam.display(), state.display()),
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while lease_of(ipam, id).is_none() {
+        assert!(Instant::now() < deadline, "{id} never took a lease");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child
+}
+
+/// The block index of `id`'s lease in `ipam`, if it has one.
+fn lease_of(ipam: &Path, id: &str) -> Option<u32> {
+    fs::read_dir(ipam).ok()?.flatten().find_map(|e| {
+        let text = fs::read_to_string(e.path()).ok()?;
+        (text.lines().next() == Some(id)).then(|| e.file_name().to_str()?.parse().ok())?
+    })
+}
+
+/// Regression: a launcher killed (kill -9) between taking an instance's address lease and
+/// writing its record left the address leased forever: no record named it, so no `rm` ever
+/// gave it back. Such a lease is now reclaimed (by `rm` of any instance, or by an allocation
+/// that finds no free block), but never while its launcher lives nor once a record exists.
+#[test]
+fn a_lease_of_a_launch_killed_before_its_record_is_reclaimed() {
+    if let Ok(role) = std::env::var(LEASE_HOLDER_ENV) {
+        // The launcher's side, in a process of its own: the real allocation, then a real kill.
+        let [mode, ipam, id, state] = role.splitn(4, ' ').collect::<Vec<_>>()[..] else {
+            panic!("bad {LEASE_HOLDER_ENV}: {role}");
+        };
+        imago_runtime::network::Ipam::new(ipam)
+            .allocate(id, Path::new(state))
+            .unwrap();
+        if mode == "wait" {
+            std::thread::sleep(Duration::from_secs(60));
+        }
+        nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL).unwrap();
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let ipam_dir = tmp.path().join("ipam");
+    let ipam = imago_runtime::network::Ipam::new(&ipam_dir);
+    let instances = tmp.path().join("home/instances");
+    let state = |id: &str| instances.join(id).join("state.json");
+    let wait_dead = |mut child: std::process::Child| {
+        let status = child.wait().unwrap();
+        assert!(!status.success(), "the launcher was to be killed");
+    };
+
+    // Killed before the record: abandoned. Killed after it: the record holds the lease.
+    wait_dead(lease_holder("die", &ipam_dir, "killed", &state("killed")));
+    fs::create_dir_all(instances.join("recorded")).unwrap();
+    fs::write(state("recorded"), "{}").unwrap();
+    wait_dead(lease_holder(
+        "die",
+        &ipam_dir,
+        "recorded",
+        &state("recorded"),
+    ));
+    // Still launching: its launcher lives.
+    let mut launching = lease_holder("wait", &ipam_dir, "launching", &state("launching"));
+    // A lease written by an older imago says nothing of its holder: kept.
+    fs::write(ipam_dir.join("100"), "older").unwrap();
+
+    let killed = lease_of(&ipam_dir, "killed").unwrap();
+    assert_eq!(ipam.reclaim_abandoned().unwrap(), vec![killed]);
+    assert_eq!(lease_of(&ipam_dir, "killed"), None);
+    for kept in ["recorded", "launching", "older"] {
+        assert!(lease_of(&ipam_dir, kept).is_some(), "{kept} lost its lease");
+    }
+    // The freed block is the next one given out.
+    let reused = ipam.allocate("next", &state("next")).unwrap();
+    assert_eq!(reused.index, killed);
+    ipam.release("next", reused.host).unwrap();
+
+    // The launching one is killed now; `rm` of any instance reclaims its lease.
+    let launching_index = lease_of(&ipam_dir, "launching").unwrap();
+    launching.kill().unwrap();
+    wait_dead(launching);
+    let layout = common::LayoutSource {
+        root: tmp.path().join("layout"),
+    };
+    let (image, _) = common::build_busybox_image(&layout);
+    let provider = imago_runtime::LocalProvider::new(
+        &tmp.path().join("home"),
+        Box::new(layout),
+        common::supervisor_command(),
+    )
+    .with_ipam_dir(&ipam_dir);
+    let mut spec = imago_runtime::InstanceSpec::new(image);
+    spec.network = NetworkMode::Host;
+    spec.args = Some(vec!["true".into()]);
+    let inst = provider.launch(&spec).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while provider.inspect(&inst.id).unwrap().is_active() {
+        assert!(
+            Instant::now() < deadline,
+            "instance {} never exited",
+            inst.id
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(lease_of(&ipam_dir, "launching").is_some());
+    provider.remove(&inst.id).unwrap();
+    assert_eq!(
+        lease_of(&ipam_dir, "launching"),
+        None,
+        "block {launching_index} is still leased"
+    );
+    assert!(lease_of(&ipam_dir, "recorded").is_some());
 }
