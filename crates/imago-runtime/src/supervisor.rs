@@ -307,15 +307,19 @@ fn start(
                     runc_message(&msg)
                 )));
             }
-            let pid_text = fs::read_to_string(&pid_file)
-                .map_err(RuntimeError::io("cannot read", &pid_file))?;
-            let pid: i32 = pid_text
-                .trim()
-                .parse()
-                .map_err(|_| engine_err(format!("bad pid file {}", pid_file.display())))?;
+            let pid = match read_pid_file(&pid_file) {
+                Ok(pid) => pid,
+                Err(reason) => {
+                    // runc created the container (its init waits for `start`): without its pid
+                    // it is of no use, and nobody else would ever delete it.
+                    let _ = runc(&root, &["delete", "--force", &id]);
+                    reap_inherited();
+                    return Err(engine_err(reason));
+                }
+            };
             if let Err(e) = pass_gate(gate, record, GATE_CONFIGURED, "configured") {
                 let _ = runc(&root, &["delete", "--force", &id]);
-                reap_killed_init(Some(Pid::from_raw(pid)));
+                reap_killed_init(Some(pid));
                 return Err(e);
             }
             if let Err(e) = runc(&root, &["start", &id]) {
@@ -323,7 +327,7 @@ fn start(
                 return Err(engine_err(format!("runc start failed: {e}")));
             }
             (
-                Pid::from_raw(pid),
+                pid,
                 EngineHandle::Runc {
                     root,
                     id: id.clone(),
@@ -340,13 +344,51 @@ fn start(
     record.supervisor_pid = Some(me);
     record.supervisor_start = process_start_time(me);
     record.started_ms = Some(now_ms());
-    dir.write_state_unsynced(record)?;
-    Ok(Running {
+    let mut running = Running {
         pid,
         engine,
         log_pipe: log_r,
         cgroups_path: crate::local::cgroups_path(&id),
-    })
+    };
+    if let Err(e) = dir.write_state_unsynced(record) {
+        // Without a record naming its pid and supervisor the instance would run unowned (no
+        // stop reaches it) while the launcher reports the launch failed: stop it, so that the
+        // failure is the whole truth.
+        running.cleanup();
+        reap_killed_init(Some(pid));
+        return Err(sup_err(format!(
+            "cannot record the instance as running, so it was stopped: {e}"
+        )));
+    }
+    Ok(running)
+}
+
+/// The pid runc wrote to `path` (`--pid-file`).
+fn read_pid_file(path: &Path) -> Result<Pid, String> {
+    let text =
+        fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    text.trim()
+        .parse()
+        .map(Pid::from_raw)
+        .map_err(|_| format!("bad pid file {}: {:?}", path.display(), text))
+}
+
+/// Reaps the children this subreaper inherited from a container just deleted whose init's pid
+/// is not known (so [`reap_killed_init`] cannot be used), waiting at most [`EXEC_WAIT`] for
+/// them to die: a zombie would stay in the instance's cgroup once this process exits. At this
+/// point the supervisor has no other children.
+fn reap_inherited() {
+    let deadline = Instant::now() + EXEC_WAIT;
+    loop {
+        match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
+            Ok(_) | Err(Errno::EINTR) => continue,
+            Err(_) => return,
+        }
+    }
 }
 
 /// Waits for the init of a container deleted before it started: this subreaper inherited it,

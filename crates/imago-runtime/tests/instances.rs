@@ -42,6 +42,7 @@ both_engines!(
     launch_returns_once_the_program_runs,
     a_supervisor_not_told_the_network_is_ready_starts_nothing,
     rm_cleans_up_after_a_supervisor_killed_between_create_and_start,
+    a_launch_whose_running_record_cannot_be_written_leaves_nothing_running,
 );
 
 fn echo_runs_and_exit_status_is_recorded(engine: Engine) {
@@ -965,4 +966,137 @@ fn a_lease_of_a_launch_killed_before_its_record_is_reclaimed() {
         "block {launching_index} is still leased"
     );
     assert!(lease_of(&ipam_dir, "recorded").is_some());
+}
+
+/// A provider under `dir` (see [`shell_supervised`]) whose real supervisor is exec'd by a shell
+/// that first runs `before` (with `$IMAGO_TEST_INSTANCE` set to the instance's directory) and
+/// that finds first in its PATH a `runc` which runs the real one and, once the real one's
+/// `runc_step` (`create`, `start`) succeeded, the shell code `after_runc_step`.
+fn wrapped_supervisor(
+    dir: &Path,
+    before: &str,
+    runc_step: &str,
+    after_runc_step: &str,
+) -> (imago_runtime::LocalProvider, imago_oci::Digest) {
+    let real_runc = std::env::split_paths(&std::env::var_os("PATH").unwrap())
+        .map(|d| d.join("runc"))
+        .find(|p| p.is_file())
+        .expect("runc must be installed");
+    let bin = dir.join("bin");
+    fs::create_dir_all(&bin).unwrap();
+    let fake = bin.join("runc");
+    fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\n{} \"$@\" || exit $?\nfor a in \"$@\"; do [ \"$a\" = {runc_step} ] && {{ {after_runc_step}; }}; done\nexit 0\n",
+            real_runc.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let supervisor = common::supervisor_command();
+    shell_supervised(
+        dir,
+        vec![
+            "-c".into(),
+            format!(
+                "export IMAGO_TEST_INSTANCE=\"$1/instances/$2\" PATH={}:$PATH; {before}; exec \"$0\" \"$@\"",
+                bin.display()
+            )
+            .into(),
+            supervisor.program.into_os_string(),
+        ],
+    )
+}
+
+/// The one instance directory under the provider home in `dir`.
+fn only_instance(dir: &Path) -> (String, std::path::PathBuf) {
+    let entries: Vec<_> = fs::read_dir(dir.join("home/instances"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(entries.len(), 1);
+    (
+        entries[0].file_name().to_string_lossy().into_owned(),
+        entries[0].path(),
+    )
+}
+
+/// Regression: the supervisor's write of the "running" record failed after the engine had
+/// started the container; the launch was reported failed (and its network torn down) while
+/// the container ran on, unowned, until `rm`. Now the supervisor stops it first. The instance
+/// directory is made immutable (for the embedded engine before the supervisor starts, which
+/// writes nothing there before that record; for runc right after `runc start`, since runc
+/// writes its pid file there), so every write of the record fails, the launcher's too.
+fn a_launch_whose_running_record_cannot_be_written_leaves_nothing_running(engine: Engine) {
+    let tmp = tempfile::tempdir().unwrap();
+    let freeze = "chattr +i \"$IMAGO_TEST_INSTANCE\"";
+    let (provider, image) = match engine {
+        Engine::Embedded => wrapped_supervisor(tmp.path(), freeze, "start", "true"),
+        Engine::Runc => wrapped_supervisor(tmp.path(), "true", "start", freeze),
+    };
+    let mut spec = imago_runtime::InstanceSpec::new(image);
+    spec.engine = engine;
+    spec.args = Some(vec!["sleep".into(), "1000".into()]);
+    let result = provider.launch(&spec);
+    let (id, instance_dir) = only_instance(tmp.path());
+    let unfrozen = std::process::Command::new("chattr")
+        .arg("-i")
+        .arg(&instance_dir)
+        .status()
+        .unwrap();
+    assert!(unfrozen.success());
+    let err = result.unwrap_err().to_string();
+    assert!(
+        err.contains("cannot record the instance as running, so it was stopped"),
+        "{err}"
+    );
+    assert_no_container_left(&id, &tmp.path().join("home"));
+    assert!(!Path::new(&format!("/var/run/netns/imago-{id}")).exists());
+    assert_eq!(
+        fs::read_dir(tmp.path().join("ipam")).unwrap().count(),
+        0,
+        "lease left"
+    );
+    // Nothing could be recorded: the record still says "created" (lost once stale), never
+    // "running".
+    assert_eq!(provider.inspect(&id).unwrap().status, Status::Created);
+}
+
+/// Regression: `runc create` succeeded but its pid file could not be read; the supervisor
+/// returned the error and left the created container (its init waiting for a `start`) behind.
+#[test]
+fn a_runc_container_whose_pid_file_cannot_be_read_is_deleted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (provider, image) = wrapped_supervisor(
+        tmp.path(),
+        "true",
+        "create",
+        "rm \"$IMAGO_TEST_INSTANCE/container.pid\"",
+    );
+    let mut spec = imago_runtime::InstanceSpec::new(image);
+    spec.engine = Engine::Runc;
+    spec.network = NetworkMode::Host;
+    spec.args = Some(vec!["sleep".into(), "1000".into()]);
+    let err = provider.launch(&spec).unwrap_err().to_string();
+    assert!(err.contains("container.pid"), "{err}");
+    let list = provider.list().unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].status, Status::Failed);
+    let id = list[0].id.clone();
+    assert_no_container_left(&id, &tmp.path().join("home"));
+    provider.remove(&id).unwrap();
+}
+
+/// Asserts that nothing of instance `id`'s container is left: no process in its cgroups (not
+/// even a zombie), no cgroup directory, no engine state under `home`.
+fn assert_no_container_left(id: &str, home: &Path) {
+    let left: Vec<String> = processes_in_cgroup(id)
+        .iter()
+        .map(|p| fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default())
+        .collect();
+    assert!(left.is_empty(), "processes left: {left:?}");
+    assert!(cgroup_dirs(id).is_empty(), "cgroup dirs left");
+    assert!(!home.join("runtime/youki").join(id).exists());
+    assert!(!home.join("runtime/runc").join(id).exists());
 }
