@@ -92,6 +92,89 @@ pub fn fork_supervisor(home: &Path, id: &str) -> Result<(Pid, File, File), Runti
     }
 }
 
+/// A child forked at the top of a launch (see [`warm_cgroup_lock`]); reaped by
+/// [`CgroupLockWarmup::finish`] or on drop.
+#[derive(Debug)]
+pub struct CgroupLockWarmup {
+    child: Option<Pid>,
+}
+
+/// Forks a child that writes `0` into its own cgroup's `cgroup.procs` and exits: a move to
+/// where it already is, which still takes the kernel's `cgroup_threadgroup_rwsem` for writing.
+/// Without the cgroup `favordynmods` tuning (`scripts/tune-launch`) the first writer after a
+/// quiet moment waits for an RCU grace period (5.8-10 ms measured here, see BENCHMARKS.md);
+/// started at the top of a launch, that wait runs alongside the launch's own work, and the
+/// engine's write of the container's pid, about 10 ms later, finds it over or under way
+/// instead of starting one. Only a hint: it does nothing in a multi-threaded process (fork
+/// would be unsound), and every failure is ignored.
+pub fn warm_cgroup_lock() -> CgroupLockWarmup {
+    if !single_threaded() {
+        return CgroupLockWarmup { child: None };
+    }
+    match fork_single_threaded() {
+        Ok(nix::unistd::ForkResult::Parent { child }) => CgroupLockWarmup { child: Some(child) },
+        Ok(nix::unistd::ForkResult::Child) => {
+            let wrote = std::panic::catch_unwind(write_own_cgroup_procs).unwrap_or(false);
+            // Never return into the launcher's stack; nothing was printed yet, so std's exit
+            // flushes nothing.
+            std::process::exit(if wrote { 0 } else { 1 })
+        }
+        Err(_) => CgroupLockWarmup { child: None },
+    }
+}
+
+/// Writes `0` into the `cgroup.procs` of this process's cgroup2 cgroup (the `0::` line of
+/// `/proc/self/cgroup`); whether the kernel took it.
+fn write_own_cgroup_procs() -> bool {
+    let Ok(cgroups) = fs::read_to_string("/proc/self/cgroup") else {
+        return false;
+    };
+    let Some(own) = cgroups.lines().find_map(|l| l.strip_prefix("0::")) else {
+        return false;
+    };
+    let own = own.trim_start_matches('/');
+    // The cgroup2 tree is at /sys/fs/cgroup/unified on a hybrid host, /sys/fs/cgroup on a pure
+    // v2 one (where the first path does not exist).
+    ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .iter()
+        .find_map(|root| {
+            File::options()
+                .write(true)
+                .open(Path::new(root).join(own).join("cgroup.procs"))
+                .ok()
+        })
+        .is_some_and(|mut procs| procs.write_all(b"0").is_ok())
+}
+
+impl CgroupLockWarmup {
+    /// The forked child, if there is one not reaped yet.
+    pub fn pid(&self) -> Option<Pid> {
+        self.child
+    }
+
+    /// Reaps the child (waiting for it if it still runs: call this when the launch is done);
+    /// whether it wrote into its `cgroup.procs`, `None` if no child was forked.
+    pub fn finish(mut self) -> Option<bool> {
+        let child = self.child.take()?;
+        loop {
+            match waitpid(child, None) {
+                Ok(WaitStatus::Exited(_, code)) => return Some(code == 0),
+                Err(Errno::EINTR) => continue,
+                _ => return Some(false),
+            }
+        }
+    }
+}
+
+impl Drop for CgroupLockWarmup {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.take() {
+            // A launch that failed early: still no zombie.
+            let _ = waitpid(child, None);
+        }
+    }
+}
+
 /// fork(2), for a caller that has checked [`single_threaded`] just before.
 #[allow(unsafe_code)]
 fn fork_single_threaded() -> nix::Result<nix::unistd::ForkResult> {
