@@ -2,7 +2,9 @@
 //! the host by a veth pair (`iv-<id>` on the host, `eth0` inside) with a /30 from 10.88.0.0/16.
 //!
 //! Addresses are host-wide (two imago homes on one machine must not collide), so they are
-//! allocated by creating `<ipam>/<index>` with O_EXCL: no lock, no daemon.
+//! allocated by linking a complete lease file into place as `<ipam>/<index>` (which fails if the
+//! name is taken): no lock, no daemon. A lease names its launcher until the instance's record
+//! exists, so that the lease of a launcher killed in between can be reclaimed.
 
 use std::fs;
 use std::io::Write;
