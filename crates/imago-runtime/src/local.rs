@@ -216,7 +216,13 @@ impl LocalProvider {
         // The network itself is set up once the supervisor runs (see `spawn_supervisor`); from
         // here on, a failed launch gives the address back through `record_launch_failure`.
         let lease = match spec.network {
-            NetworkMode::Private => Some(self.ipam.allocate(id)?),
+            NetworkMode::Private => {
+                // The lease names the state file that takes it over: until it exists, a launcher
+                // killed here leaves a lease that `Ipam::reclaim_abandoned` can take back. A
+                // relative path would be judged from another directory, so it never is.
+                let state = std::path::absolute(dir.state()).unwrap_or_else(|_| dir.state());
+                Some(self.ipam.allocate(id, &state)?)
+            }
             NetworkMode::Host => None,
         };
         if let Some(lease) = &lease {
@@ -602,6 +608,9 @@ impl Provider for LocalProvider {
             Status::Exited | Status::Failed => remove_cgroups(id),
         }
         self.release_network(&rec);
+        // Also the addresses of launches killed before they wrote their record: no record
+        // names them, so no `rm` of theirs ever comes. Off the launch path, and only a hint.
+        let _ = self.ipam.reclaim_abandoned();
         self.wait_child(id);
         match fs::remove_dir_all(&dir.root) {
             Ok(()) => Ok(()),

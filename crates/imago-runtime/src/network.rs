@@ -2,7 +2,9 @@
 //! the host by a veth pair (`iv-<id>` on the host, `eth0` inside) with a /30 from 10.88.0.0/16.
 //!
 //! Addresses are host-wide (two imago homes on one machine must not collide), so they are
-//! allocated by creating `<ipam>/<index>` with O_EXCL: no lock, no daemon.
+//! allocated by linking a complete lease file into place as `<ipam>/<index>` (which fails if the
+//! name is taken): no lock, no daemon. A lease names its launcher until the instance's record
+//! exists, so that the lease of a launcher killed in between can be reclaimed.
 
 use std::fs;
 use std::io::Write;
@@ -65,20 +67,138 @@ pub struct Ipam {
     dir: PathBuf,
 }
 
+/// What a lease file says about who holds it: `<id>`, then (since leases became recoverable)
+/// `launcher <pid> <start time>` and `state <path>`: the launcher holds the lease until the
+/// instance's state file at `<path>` exists, from then on the record does (its `rm` or failed
+/// launch gives the address back).
+struct LeaseFile<'a> {
+    id: &'a str,
+    launcher: Option<(i32, u64)>,
+    state: Option<&'a Path>,
+}
+
+impl<'a> LeaseFile<'a> {
+    fn parse(text: &'a str) -> LeaseFile<'a> {
+        let mut lines = text.splitn(3, '\n');
+        let id = lines.next().unwrap_or_default();
+        let launcher = lines.next().and_then(|l| {
+            let mut it = l.strip_prefix("launcher ")?.split(' ');
+            Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+        });
+        let state = lines
+            .next()
+            .and_then(|l| l.strip_prefix("state "))
+            .map(|p| Path::new(p.strip_suffix('\n').unwrap_or(p)));
+        LeaseFile {
+            id,
+            launcher,
+            state,
+        }
+    }
+
+    /// Whether the launch that took this lease died before the instance's record took it over:
+    /// the launcher is gone and no state file (nor network namespace) of the instance exists.
+    /// A lease that does not say all of this (written by an older imago, or whose state path
+    /// is relative) is never judged abandoned.
+    fn abandoned(&self) -> bool {
+        let (Some((pid, start)), Some(state)) = (self.launcher, self.state) else {
+            return false;
+        };
+        if !state.is_absolute() || crate::state::process_start_time(pid) == Some(start) {
+            return false;
+        }
+        // The launcher is dead, so nobody can create either of these any more.
+        let gone = |p: &Path| matches!(fs::symlink_metadata(p), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+        gone(state) && gone(&netns_path(self.id))
+    }
+}
+
 impl Ipam {
     pub fn new(dir: impl Into<PathBuf>) -> Ipam {
         Ipam { dir: dir.into() }
     }
 
-    pub fn allocate(&self, id: &str) -> Result<Lease, RuntimeError> {
+    /// Leases the lowest free address block to instance `id`, whose state file will be `state`
+    /// (absolute). Until that file exists the lease names this process as its holder, so that a
+    /// launcher killed before it wrote the record leaves a lease [`Ipam::reclaim_abandoned`] can
+    /// take back. If every block is taken, abandoned leases are reclaimed and the search runs
+    /// once more.
+    pub fn allocate(&self, id: &str, state: &Path) -> Result<Lease, RuntimeError> {
         fs::create_dir_all(&self.dir).map_err(RuntimeError::io("cannot create", &self.dir))?;
+        let me = std::process::id() as i32;
+        // Without this process's start time or a state path that reads back as written, the
+        // lease names its id only: kept until its record's `rm`, never judged abandoned.
+        let holder = match (crate::state::process_start_time(me), state.to_str()) {
+            (Some(start), Some(state)) => format!("{id}\nlauncher {me} {start}\nstate {state}\n"),
+            _ => id.to_owned(),
+        };
+        if let Some(lease) = self.take_free_block(&holder)? {
+            return Ok(lease);
+        }
+        if !self.reclaim_abandoned()?.is_empty()
+            && let Some(lease) = self.take_free_block(&holder)?
+        {
+            return Ok(lease);
+        }
+        Err(RuntimeError::AddressesExhausted(
+            self.dir.display().to_string(),
+        ))
+    }
+
+    /// Creates the lease file of the lowest free block with `content`. The file appears whole:
+    /// written unnamed (O_TMPFILE) and then linked into place, which fails if the name is
+    /// taken; a launcher killed half-way leaves no lease file without its holder.
+    fn take_free_block(&self, content: &str) -> Result<Option<Lease>, RuntimeError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let unnamed = fs::File::options()
+            .write(true)
+            .mode(0o644)
+            .custom_flags(nix::libc::O_TMPFILE)
+            .open(&self.dir);
+        let mut unnamed = match unnamed {
+            Ok(f) => f,
+            // A file system without O_TMPFILE: name the file at once and fill it in (a kill
+            // in between leaves an empty lease, kept as one of unknown holder).
+            Err(_) => return self.take_free_block_named(content),
+        };
+        unnamed
+            .write_all(content.as_bytes())
+            .map_err(RuntimeError::io("cannot write a lease in", &self.dir))?;
+        let fd_path = {
+            use std::os::fd::AsRawFd;
+            format!("/proc/self/fd/{}", unnamed.as_raw_fd())
+        };
+        for index in 1..BLOCKS {
+            let path = self.dir.join(index.to_string());
+            match nix::unistd::linkat(
+                None,
+                Path::new(&fd_path),
+                None,
+                path.as_path(),
+                nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
+            ) {
+                Ok(()) => return Ok(Some(Lease::from_index(index))),
+                Err(nix::errno::Errno::EEXIST) => continue,
+                Err(e) => {
+                    return Err(RuntimeError::Io {
+                        action: "cannot create",
+                        path,
+                        source: e.into(),
+                    });
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn take_free_block_named(&self, content: &str) -> Result<Option<Lease>, RuntimeError> {
         for index in 1..BLOCKS {
             let path = self.dir.join(index.to_string());
             match fs::File::options().write(true).create_new(true).open(&path) {
                 Ok(mut f) => {
-                    f.write_all(id.as_bytes())
+                    f.write_all(content.as_bytes())
                         .map_err(RuntimeError::io("cannot write", &path))?;
-                    return Ok(Lease::from_index(index));
+                    return Ok(Some(Lease::from_index(index)));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => {
@@ -90,9 +210,7 @@ impl Ipam {
                 }
             }
         }
-        Err(RuntimeError::AddressesExhausted(
-            self.dir.display().to_string(),
-        ))
+        Ok(None)
     }
 
     /// Frees `lease` if it still belongs to `id`.
@@ -103,11 +221,65 @@ impl Ipam {
         }
         let path = self.dir.join((offset / 4).to_string());
         match fs::read_to_string(&path) {
-            Ok(owner) if owner == id => {
+            Ok(owner) if LeaseFile::parse(&owner).id == id => {
                 fs::remove_file(&path).map_err(RuntimeError::io("cannot remove", &path))
             }
             _ => Ok(()),
         }
+    }
+
+    /// Removes the leases of launches that died between taking the lease and writing the
+    /// instance's record (see [`Ipam::allocate`]); returns their block indexes. Reclaimers
+    /// exclude each other (a lock on the directory; one already at work makes this a no-op),
+    /// and nobody else removes or replaces an abandoned lease, so the file judged is the file
+    /// removed. Not run on every allocation: it reads every lease and its holder's `/proc`
+    /// entry, which would grow the launch path with the number of instances.
+    pub fn reclaim_abandoned(&self) -> Result<Vec<u32>, RuntimeError> {
+        use nix::fcntl::{Flock, FlockArg};
+        let dir = match fs::File::open(&self.dir) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(RuntimeError::Io {
+                    action: "cannot open",
+                    path: self.dir.clone(),
+                    source: e,
+                });
+            }
+        };
+        let _lock = match Flock::lock(dir, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => lock,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Ok(Vec::new()),
+            Err((_, e)) => {
+                return Err(RuntimeError::Io {
+                    action: "cannot lock",
+                    path: self.dir.clone(),
+                    source: e.into(),
+                });
+            }
+        };
+        let entries =
+            fs::read_dir(&self.dir).map_err(RuntimeError::io("cannot list", &self.dir))?;
+        let mut freed = Vec::new();
+        for entry in entries.flatten() {
+            let Some(index) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let path = entry.path();
+            let Ok(text) = fs::read_to_string(&path) else {
+                continue;
+            };
+            if LeaseFile::parse(&text).abandoned() {
+                fs::remove_file(&path).map_err(RuntimeError::io("cannot remove", &path))?;
+                freed.push(index);
+            }
+        }
+        freed.sort_unstable();
+        Ok(freed)
     }
 }
 

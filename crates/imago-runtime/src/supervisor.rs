@@ -92,6 +92,89 @@ pub fn fork_supervisor(home: &Path, id: &str) -> Result<(Pid, File, File), Runti
     }
 }
 
+/// A child forked at the top of a launch (see [`warm_cgroup_lock`]); reaped by
+/// [`CgroupLockWarmup::finish`] or on drop.
+#[derive(Debug)]
+pub struct CgroupLockWarmup {
+    child: Option<Pid>,
+}
+
+/// Forks a child that writes `0` into its own cgroup's `cgroup.procs` and exits: a move to
+/// where it already is, which still takes the kernel's `cgroup_threadgroup_rwsem` for writing.
+/// Without the cgroup `favordynmods` tuning (`scripts/tune-launch`) the first writer after a
+/// quiet moment waits for an RCU grace period (5.8-10 ms measured here, see BENCHMARKS.md);
+/// started at the top of a launch, that wait runs alongside the launch's own work, and the
+/// engine's write of the container's pid, about 10 ms later, finds it over or under way
+/// instead of starting one. Only a hint: it does nothing in a multi-threaded process (fork
+/// would be unsound), and every failure is ignored.
+pub fn warm_cgroup_lock() -> CgroupLockWarmup {
+    if !single_threaded() {
+        return CgroupLockWarmup { child: None };
+    }
+    match fork_single_threaded() {
+        Ok(nix::unistd::ForkResult::Parent { child }) => CgroupLockWarmup { child: Some(child) },
+        Ok(nix::unistd::ForkResult::Child) => {
+            let wrote = std::panic::catch_unwind(write_own_cgroup_procs).unwrap_or(false);
+            // Never return into the launcher's stack; nothing was printed yet, so std's exit
+            // flushes nothing.
+            std::process::exit(if wrote { 0 } else { 1 })
+        }
+        Err(_) => CgroupLockWarmup { child: None },
+    }
+}
+
+/// Writes `0` into the `cgroup.procs` of this process's cgroup2 cgroup (the `0::` line of
+/// `/proc/self/cgroup`); whether the kernel took it.
+fn write_own_cgroup_procs() -> bool {
+    let Ok(cgroups) = fs::read_to_string("/proc/self/cgroup") else {
+        return false;
+    };
+    let Some(own) = cgroups.lines().find_map(|l| l.strip_prefix("0::")) else {
+        return false;
+    };
+    let own = own.trim_start_matches('/');
+    // The cgroup2 tree is at /sys/fs/cgroup/unified on a hybrid host, /sys/fs/cgroup on a pure
+    // v2 one (where the first path does not exist).
+    ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .iter()
+        .find_map(|root| {
+            File::options()
+                .write(true)
+                .open(Path::new(root).join(own).join("cgroup.procs"))
+                .ok()
+        })
+        .is_some_and(|mut procs| procs.write_all(b"0").is_ok())
+}
+
+impl CgroupLockWarmup {
+    /// The forked child, if there is one not reaped yet.
+    pub fn pid(&self) -> Option<Pid> {
+        self.child
+    }
+
+    /// Reaps the child (waiting for it if it still runs: call this when the launch is done);
+    /// whether it wrote into its `cgroup.procs`, `None` if no child was forked.
+    pub fn finish(mut self) -> Option<bool> {
+        let child = self.child.take()?;
+        loop {
+            match waitpid(child, None) {
+                Ok(WaitStatus::Exited(_, code)) => return Some(code == 0),
+                Err(Errno::EINTR) => continue,
+                _ => return Some(false),
+            }
+        }
+    }
+}
+
+impl Drop for CgroupLockWarmup {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.take() {
+            // A launch that failed early: still no zombie.
+            let _ = waitpid(child, None);
+        }
+    }
+}
+
 /// fork(2), for a caller that has checked [`single_threaded`] just before.
 #[allow(unsafe_code)]
 fn fork_single_threaded() -> nix::Result<nix::unistd::ForkResult> {
@@ -307,15 +390,19 @@ fn start(
                     runc_message(&msg)
                 )));
             }
-            let pid_text = fs::read_to_string(&pid_file)
-                .map_err(RuntimeError::io("cannot read", &pid_file))?;
-            let pid: i32 = pid_text
-                .trim()
-                .parse()
-                .map_err(|_| engine_err(format!("bad pid file {}", pid_file.display())))?;
+            let pid = match read_pid_file(&pid_file) {
+                Ok(pid) => pid,
+                Err(reason) => {
+                    // runc created the container (its init waits for `start`): without its pid
+                    // it is of no use, and nobody else would ever delete it.
+                    let _ = runc(&root, &["delete", "--force", &id]);
+                    reap_inherited();
+                    return Err(engine_err(reason));
+                }
+            };
             if let Err(e) = pass_gate(gate, record, GATE_CONFIGURED, "configured") {
                 let _ = runc(&root, &["delete", "--force", &id]);
-                reap_killed_init(Some(Pid::from_raw(pid)));
+                reap_killed_init(Some(pid));
                 return Err(e);
             }
             if let Err(e) = runc(&root, &["start", &id]) {
@@ -323,7 +410,7 @@ fn start(
                 return Err(engine_err(format!("runc start failed: {e}")));
             }
             (
-                Pid::from_raw(pid),
+                pid,
                 EngineHandle::Runc {
                     root,
                     id: id.clone(),
@@ -340,13 +427,51 @@ fn start(
     record.supervisor_pid = Some(me);
     record.supervisor_start = process_start_time(me);
     record.started_ms = Some(now_ms());
-    dir.write_state_unsynced(record)?;
-    Ok(Running {
+    let mut running = Running {
         pid,
         engine,
         log_pipe: log_r,
         cgroups_path: crate::local::cgroups_path(&id),
-    })
+    };
+    if let Err(e) = dir.write_state_unsynced(record) {
+        // Without a record naming its pid and supervisor the instance would run unowned (no
+        // stop reaches it) while the launcher reports the launch failed: stop it, so that the
+        // failure is the whole truth.
+        running.cleanup();
+        reap_killed_init(Some(pid));
+        return Err(sup_err(format!(
+            "cannot record the instance as running, so it was stopped: {e}"
+        )));
+    }
+    Ok(running)
+}
+
+/// The pid runc wrote to `path` (`--pid-file`).
+fn read_pid_file(path: &Path) -> Result<Pid, String> {
+    let text =
+        fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    text.trim()
+        .parse()
+        .map(Pid::from_raw)
+        .map_err(|_| format!("bad pid file {}: {:?}", path.display(), text))
+}
+
+/// Reaps the children this subreaper inherited from a container just deleted whose init's pid
+/// is not known (so [`reap_killed_init`] cannot be used), waiting at most [`EXEC_WAIT`] for
+/// them to die: a zombie would stay in the instance's cgroup once this process exits. At this
+/// point the supervisor has no other children.
+fn reap_inherited() {
+    let deadline = Instant::now() + EXEC_WAIT;
+    loop {
+        match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
+            Ok(_) | Err(Errno::EINTR) => continue,
+            Err(_) => return,
+        }
+    }
 }
 
 /// Waits for the init of a container deleted before it started: this subreaper inherited it,

@@ -42,6 +42,7 @@ both_engines!(
     launch_returns_once_the_program_runs,
     a_supervisor_not_told_the_network_is_ready_starts_nothing,
     rm_cleans_up_after_a_supervisor_killed_between_create_and_start,
+    a_launch_whose_running_record_cannot_be_written_leaves_nothing_running,
 );
 
 fn echo_runs_and_exit_status_is_recorded(engine: Engine) {
@@ -243,9 +244,13 @@ fn stop_and_rm_leave_nothing_behind(engine: Engine) {
     assert!(!h.home().join("runtime/runc").join(&id).exists());
     let leases = fs::read_dir("/run/imago/ipam").unwrap();
     for l in leases.flatten() {
+        // A lease file's first line names its instance.
         assert_ne!(
-            fs::read_to_string(l.path()).unwrap_or_default(),
-            id,
+            fs::read_to_string(l.path())
+                .unwrap_or_default()
+                .lines()
+                .next(),
+            Some(id.as_str()),
             "address lease left"
         );
     }
@@ -832,4 +837,266 @@ fn a_torn_record_after_power_loss_is_lost_not_fatal() {
     h.provider.remove(&done.id).unwrap();
     assert!(!state.exists());
     h.provider.remove(&other.id).unwrap();
+}
+
+/// Set in a copy of this test binary that takes a lease and then dies or waits (see
+/// `a_lease_of_a_launch_killed_before_its_record_is_reclaimed`): `<mode> <ipam> <id> <state>`.
+const LEASE_HOLDER_ENV: &str = "IMAGO_TEST_LEASE_HOLDER";
+
+/// Runs this test binary as a launcher that takes a lease for `id` (state file `state`) and
+/// then is killed (`die`) or lives until killed (`wait`); returns once the lease exists.
+fn lease_holder(mode: &str, ipam: &Path, id: &str, state: &Path) -> std::process::Child {
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "a_lease_of_a_launch_killed_before_its_record_is_reclaimed",
+            "--exact",
+            "--nocapture",
+        ])
+        .env(
+            LEASE_HOLDER_ENV,
+            format!("{mode} {} {id} {}", ipam.display(), state.display()),
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while lease_of(ipam, id).is_none() {
+        assert!(Instant::now() < deadline, "{id} never took a lease");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child
+}
+
+/// The block index of `id`'s lease in `ipam`, if it has one.
+fn lease_of(ipam: &Path, id: &str) -> Option<u32> {
+    fs::read_dir(ipam).ok()?.flatten().find_map(|e| {
+        let text = fs::read_to_string(e.path()).ok()?;
+        (text.lines().next() == Some(id)).then(|| e.file_name().to_str()?.parse().ok())?
+    })
+}
+
+/// Regression: a launcher killed (kill -9) between taking an instance's address lease and
+/// writing its record left the address leased forever: no record named it, so no `rm` ever
+/// gave it back. Such a lease is now reclaimed (by `rm` of any instance, or by an allocation
+/// that finds no free block), but never while its launcher lives nor once a record exists.
+#[test]
+fn a_lease_of_a_launch_killed_before_its_record_is_reclaimed() {
+    if let Ok(role) = std::env::var(LEASE_HOLDER_ENV) {
+        // The launcher's side, in a process of its own: the real allocation, then a real kill.
+        let [mode, ipam, id, state] = role.splitn(4, ' ').collect::<Vec<_>>()[..] else {
+            panic!("bad {LEASE_HOLDER_ENV}: {role}");
+        };
+        imago_runtime::network::Ipam::new(ipam)
+            .allocate(id, Path::new(state))
+            .unwrap();
+        if mode == "wait" {
+            std::thread::sleep(Duration::from_secs(60));
+        }
+        nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL).unwrap();
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let ipam_dir = tmp.path().join("ipam");
+    let ipam = imago_runtime::network::Ipam::new(&ipam_dir);
+    let instances = tmp.path().join("home/instances");
+    let state = |id: &str| instances.join(id).join("state.json");
+    let wait_dead = |mut child: std::process::Child| {
+        let status = child.wait().unwrap();
+        assert!(!status.success(), "the launcher was to be killed");
+    };
+
+    // Killed before the record: abandoned. Killed after it: the record holds the lease.
+    wait_dead(lease_holder("die", &ipam_dir, "killed", &state("killed")));
+    fs::create_dir_all(instances.join("recorded")).unwrap();
+    fs::write(state("recorded"), "{}").unwrap();
+    wait_dead(lease_holder(
+        "die",
+        &ipam_dir,
+        "recorded",
+        &state("recorded"),
+    ));
+    // Still launching: its launcher lives.
+    let mut launching = lease_holder("wait", &ipam_dir, "launching", &state("launching"));
+    // A lease written by an older imago says nothing of its holder: kept.
+    fs::write(ipam_dir.join("100"), "older").unwrap();
+
+    let killed = lease_of(&ipam_dir, "killed").unwrap();
+    assert_eq!(ipam.reclaim_abandoned().unwrap(), vec![killed]);
+    assert_eq!(lease_of(&ipam_dir, "killed"), None);
+    for kept in ["recorded", "launching", "older"] {
+        assert!(lease_of(&ipam_dir, kept).is_some(), "{kept} lost its lease");
+    }
+    // The freed block is the next one given out.
+    let reused = ipam.allocate("next", &state("next")).unwrap();
+    assert_eq!(reused.index, killed);
+    ipam.release("next", reused.host).unwrap();
+
+    // The launching one is killed now; `rm` of any instance reclaims its lease.
+    let launching_index = lease_of(&ipam_dir, "launching").unwrap();
+    launching.kill().unwrap();
+    wait_dead(launching);
+    let layout = common::LayoutSource {
+        root: tmp.path().join("layout"),
+    };
+    let (image, _) = common::build_busybox_image(&layout);
+    let provider = imago_runtime::LocalProvider::new(
+        &tmp.path().join("home"),
+        Box::new(layout),
+        common::supervisor_command(),
+    )
+    .with_ipam_dir(&ipam_dir);
+    let mut spec = imago_runtime::InstanceSpec::new(image);
+    spec.network = NetworkMode::Host;
+    spec.args = Some(vec!["true".into()]);
+    let inst = provider.launch(&spec).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while provider.inspect(&inst.id).unwrap().is_active() {
+        assert!(
+            Instant::now() < deadline,
+            "instance {} never exited",
+            inst.id
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(lease_of(&ipam_dir, "launching").is_some());
+    provider.remove(&inst.id).unwrap();
+    assert_eq!(
+        lease_of(&ipam_dir, "launching"),
+        None,
+        "block {launching_index} is still leased"
+    );
+    assert!(lease_of(&ipam_dir, "recorded").is_some());
+}
+
+/// A provider under `dir` (see [`shell_supervised`]) whose real supervisor is exec'd by a shell
+/// that first runs `before` (with `$IMAGO_TEST_INSTANCE` set to the instance's directory) and
+/// that finds first in its PATH a `runc` which runs the real one and, once the real one's
+/// `runc_step` (`create`, `start`) succeeded, the shell code `after_runc_step`.
+fn wrapped_supervisor(
+    dir: &Path,
+    before: &str,
+    runc_step: &str,
+    after_runc_step: &str,
+) -> (imago_runtime::LocalProvider, imago_oci::Digest) {
+    let real_runc = std::env::split_paths(&std::env::var_os("PATH").unwrap())
+        .map(|d| d.join("runc"))
+        .find(|p| p.is_file())
+        .expect("runc must be installed");
+    let bin = dir.join("bin");
+    fs::create_dir_all(&bin).unwrap();
+    let fake = bin.join("runc");
+    fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\n{} \"$@\" || exit $?\nfor a in \"$@\"; do [ \"$a\" = {runc_step} ] && {{ {after_runc_step}; }}; done\nexit 0\n",
+            real_runc.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let supervisor = common::supervisor_command();
+    shell_supervised(
+        dir,
+        vec![
+            "-c".into(),
+            format!(
+                "export IMAGO_TEST_INSTANCE=\"$1/instances/$2\" PATH={}:$PATH; {before}; exec \"$0\" \"$@\"",
+                bin.display()
+            )
+            .into(),
+            supervisor.program.into_os_string(),
+        ],
+    )
+}
+
+/// The one instance directory under the provider home in `dir`.
+fn only_instance(dir: &Path) -> (String, std::path::PathBuf) {
+    let entries: Vec<_> = fs::read_dir(dir.join("home/instances"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(entries.len(), 1);
+    (
+        entries[0].file_name().to_string_lossy().into_owned(),
+        entries[0].path(),
+    )
+}
+
+/// Regression: the supervisor's write of the "running" record failed after the engine had
+/// started the container; the launch was reported failed (and its network torn down) while
+/// the container ran on, unowned, until `rm`. Now the supervisor stops it first. The instance
+/// directory is made immutable (for the embedded engine before the supervisor starts, which
+/// writes nothing there before that record; for runc right after `runc start`, since runc
+/// writes its pid file there), so every write of the record fails, the launcher's too.
+fn a_launch_whose_running_record_cannot_be_written_leaves_nothing_running(engine: Engine) {
+    let tmp = tempfile::tempdir().unwrap();
+    let freeze = "chattr +i \"$IMAGO_TEST_INSTANCE\"";
+    let (provider, image) = match engine {
+        Engine::Embedded => wrapped_supervisor(tmp.path(), freeze, "start", "true"),
+        Engine::Runc => wrapped_supervisor(tmp.path(), "true", "start", freeze),
+    };
+    let mut spec = imago_runtime::InstanceSpec::new(image);
+    spec.engine = engine;
+    spec.args = Some(vec!["sleep".into(), "1000".into()]);
+    let result = provider.launch(&spec);
+    let (id, instance_dir) = only_instance(tmp.path());
+    let unfrozen = std::process::Command::new("chattr")
+        .arg("-i")
+        .arg(&instance_dir)
+        .status()
+        .unwrap();
+    assert!(unfrozen.success());
+    let err = result.unwrap_err().to_string();
+    assert!(
+        err.contains("cannot record the instance as running, so it was stopped"),
+        "{err}"
+    );
+    assert_no_container_left(&id, &tmp.path().join("home"));
+    assert!(!Path::new(&format!("/var/run/netns/imago-{id}")).exists());
+    assert_eq!(
+        fs::read_dir(tmp.path().join("ipam")).unwrap().count(),
+        0,
+        "lease left"
+    );
+    // Nothing could be recorded: the record still says "created" (lost once stale), never
+    // "running".
+    assert_eq!(provider.inspect(&id).unwrap().status, Status::Created);
+}
+
+/// Regression: `runc create` succeeded but its pid file could not be read; the supervisor
+/// returned the error and left the created container (its init waiting for a `start`) behind.
+#[test]
+fn a_runc_container_whose_pid_file_cannot_be_read_is_deleted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (provider, image) = wrapped_supervisor(
+        tmp.path(),
+        "true",
+        "create",
+        "rm \"$IMAGO_TEST_INSTANCE/container.pid\"",
+    );
+    let mut spec = imago_runtime::InstanceSpec::new(image);
+    spec.engine = Engine::Runc;
+    spec.network = NetworkMode::Host;
+    spec.args = Some(vec!["sleep".into(), "1000".into()]);
+    let err = provider.launch(&spec).unwrap_err().to_string();
+    assert!(err.contains("container.pid"), "{err}");
+    let list = provider.list().unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].status, Status::Failed);
+    let id = list[0].id.clone();
+    assert_no_container_left(&id, &tmp.path().join("home"));
+    provider.remove(&id).unwrap();
+}
+
+/// Asserts that nothing of instance `id`'s container is left: no process in its cgroups (not
+/// even a zombie), no cgroup directory, no engine state under `home`.
+fn assert_no_container_left(id: &str, home: &Path) {
+    let left: Vec<String> = processes_in_cgroup(id)
+        .iter()
+        .map(|p| fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default())
+        .collect();
+    assert!(left.is_empty(), "processes left: {left:?}");
+    assert!(cgroup_dirs(id).is_empty(), "cgroup dirs left");
+    assert!(!home.join("runtime/youki").join(id).exists());
+    assert!(!home.join("runtime/runc").join(id).exists());
 }

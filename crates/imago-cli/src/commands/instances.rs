@@ -179,6 +179,18 @@ impl Render for Launched {
 }
 
 pub fn run(ctx: &Context, args: RunArgs) -> Result<()> {
+    // First, while the process is single-threaded: on an untuned host the engine's first
+    // cgroup.procs write waits an RCU grace period, which this starts early (see
+    // `warm_cgroup_lock`). IMAGO_NO_CGROUP_WARMUP=1 turns it off, to measure what it gains.
+    let warmup = (std::env::var_os("IMAGO_NO_CGROUP_WARMUP").is_none())
+        .then(imago_runtime::supervisor::warm_cgroup_lock);
+    let launched = launch(ctx, args);
+    // Reaped only now, off the launch's critical path (long done by then).
+    drop(warmup);
+    launched
+}
+
+fn launch(ctx: &Context, args: RunArgs) -> Result<()> {
     let mut spec_resources = imago_runtime::Resources::default();
     if let Some(m) = &args.memory {
         spec_resources.memory_bytes = Some(parse_memory(m)?);
