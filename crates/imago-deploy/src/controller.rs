@@ -136,27 +136,26 @@ impl Wake {
         state.at_ms = Some(state.at_ms.map_or(at_ms, |t| t.min(at_ms)));
     }
 
-    /// Waits up to `timeout`, or until nudged or a registered moment arrives.
+    /// Waits up to `timeout`, or until nudged or a registered moment arrives. The interval is
+    /// measured on the monotonic clock: whole wall-clock milliseconds ended it up to 1 ms early
+    /// (and a clock step could end it at once).
     pub fn wait(&self, timeout: Duration) {
-        let start = now_ms();
+        let deadline = std::time::Instant::now() + timeout;
         let mut state = self.lock();
         loop {
-            let now = now_ms();
-            let mut remaining = timeout
-                .as_millis()
-                .saturating_sub(u128::from(now.saturating_sub(start)));
+            let mut remaining = deadline.saturating_duration_since(std::time::Instant::now());
             if let Some(at) = state.at_ms {
-                remaining = remaining.min(u128::from(at.saturating_sub(now)));
+                // Unix milliseconds, truncated: waiting the difference never ends before `at`.
+                remaining = remaining.min(Duration::from_millis(at.saturating_sub(now_ms())));
             }
-            if state.nudged || remaining == 0 {
+            if state.nudged || remaining.is_zero() {
                 state.nudged = false;
                 state.at_ms = None;
                 return;
             }
-            let wait = Duration::from_millis(u64::try_from(remaining).unwrap_or(u64::MAX));
             state = self
                 .signal
-                .wait_timeout(state, wait)
+                .wait_timeout(state, remaining)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
@@ -2360,9 +2359,16 @@ mod tests {
             waited >= Duration::from_millis(30) && waited < Duration::from_secs(5),
             "{waited:?}"
         );
-        // The moment is consumed: the next wait lasts its interval again.
+        // The moment is consumed: the next wait lasts its interval again, never less (short
+        // intervals show a rounding to whole milliseconds at once).
         let start = std::time::Instant::now();
         wake.wait(Duration::from_millis(50));
         assert!(start.elapsed() >= Duration::from_millis(50));
+        for _ in 0..50 {
+            let start = std::time::Instant::now();
+            wake.wait(Duration::from_micros(2500));
+            let waited = start.elapsed();
+            assert!(waited >= Duration::from_micros(2500), "{waited:?}");
+        }
     }
 }
