@@ -536,6 +536,42 @@ fn new_id() -> Result<String, RuntimeError> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
+impl LocalProvider {
+    /// Removes the directories of launches whose launcher died before it wrote the instance's
+    /// record (spec, bundle, anonymous volumes; nothing was started yet: the record is written
+    /// before the supervisor exists). A directory is taken only when its `launcher` file names
+    /// a process that is gone, so a launch under way, or one by an older imago (no such file),
+    /// is never touched.
+    pub fn remove_abandoned_dirs(&self) -> Vec<String> {
+        let mut removed = Vec::new();
+        let Ok(entries) = fs::read_dir(self.layout.instances()) else {
+            return removed;
+        };
+        for entry in entries.flatten() {
+            let dir = InstanceDir { root: entry.path() };
+            if dir.state().exists() {
+                continue;
+            }
+            let Ok(text) = fs::read_to_string(dir.launcher()) else {
+                continue;
+            };
+            let mut fields = text.split_whitespace().map(str::parse::<u64>);
+            let (Some(Ok(pid)), Some(Ok(start))) = (fields.next(), fields.next()) else {
+                continue;
+            };
+            let alive = i32::try_from(pid)
+                .ok()
+                .and_then(crate::state::process_start_time)
+                == Some(start);
+            // The launcher is gone, so nothing writes the record any more.
+            if !alive && !dir.state().exists() && fs::remove_dir_all(&dir.root).is_ok() {
+                removed.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        removed
+    }
+}
+
 impl Provider for LocalProvider {
     fn launch(&self, spec: &InstanceSpec) -> Result<Instance, RuntimeError> {
         spec.validate()?;
@@ -543,6 +579,14 @@ impl Provider for LocalProvider {
         let id = new_id()?;
         let dir = self.layout.instance_dir(&id);
         fs::create_dir_all(&dir.root).map_err(RuntimeError::io("cannot create", &dir.root))?;
+        // Who launches: a launcher killed before the record exists leaves a directory that no
+        // `list` shows and no `rm` names, which `remove_abandoned_dirs` takes back once this
+        // process is gone. Without a start time nothing is written, and such a directory stays.
+        let me = std::process::id() as i32;
+        if let Some(start) = crate::state::process_start_time(me) {
+            fs::write(dir.launcher(), format!("{me} {start}\n"))
+                .map_err(RuntimeError::io("cannot write", &dir.launcher()))?;
+        }
         // Unsynced like everything on the launch path: the supervisor syncs once it runs.
         write_json_unsynced(&dir.spec(), spec)?;
         let lease = match self.launch_prepared(spec, &id, &dir) {
@@ -608,8 +652,10 @@ impl Provider for LocalProvider {
             Status::Exited | Status::Failed => remove_cgroups(id),
         }
         self.release_network(&rec);
-        // Also the addresses of launches killed before they wrote their record: no record
-        // names them, so no `rm` of theirs ever comes. Off the launch path, and only a hint.
+        // Also the directories and addresses of launches killed before they wrote their
+        // record: no record names them, so no `rm` of theirs ever comes. Off the launch path,
+        // and only a hint.
+        self.remove_abandoned_dirs();
         let _ = self.ipam.reclaim_abandoned();
         self.wait_child(id);
         match fs::remove_dir_all(&dir.root) {

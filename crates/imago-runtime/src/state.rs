@@ -144,6 +144,11 @@ impl InstanceDir {
     pub fn state(&self) -> PathBuf {
         self.root.join("state.json")
     }
+    /// `<pid> <start time>` of the process launching the instance: see
+    /// `LocalProvider::remove_abandoned_dirs`.
+    pub fn launcher(&self) -> PathBuf {
+        self.root.join("launcher")
+    }
     pub fn spec(&self) -> PathBuf {
         self.root.join("spec.json")
     }

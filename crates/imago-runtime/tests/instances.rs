@@ -1100,3 +1100,55 @@ fn assert_no_container_left(id: &str, home: &Path) {
     assert!(!home.join("runtime/youki").join(id).exists());
     assert!(!home.join("runtime/runc").join(id).exists());
 }
+
+/// Regression: a launcher killed (kill -9) after it made an instance's directory and before it
+/// wrote the record left the directory (spec, bundle, anonymous volumes) forever: `list` skips
+/// it and no `rm` names it. Each directory now says who launches it, and `rm` of any instance
+/// removes those whose launcher is gone, never one whose launcher lives or that says nothing.
+#[test]
+fn the_directory_of_a_launch_killed_before_its_record_is_removed_by_rm() {
+    let h = common::Harness::new(Engine::Embedded);
+    let mut spec = h.spec(&["true"]);
+    spec.network = NetworkMode::Host;
+    let done = h.run_to_exit(&spec);
+    let instances = h.home().join("instances");
+    let me = std::process::id();
+    let my_start = imago_runtime::state::process_start_time(me as i32).unwrap();
+    assert_eq!(
+        fs::read_to_string(instances.join(&done.id).join("launcher")).unwrap(),
+        format!("{me} {my_start}\n"),
+        "a launch says who launches it"
+    );
+    // A launcher that is gone: a real process, killed.
+    let mut gone = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let gone_pid = gone.id();
+    let gone_start = imago_runtime::state::process_start_time(gone_pid as i32).unwrap();
+    gone.kill().unwrap();
+    gone.wait().unwrap();
+    let orphan = |name: &str, launcher: Option<String>| {
+        let dir = instances.join(name);
+        fs::create_dir_all(dir.join("bundle")).unwrap();
+        fs::write(dir.join("spec.json"), "{}").unwrap();
+        if let Some(l) = launcher {
+            fs::write(dir.join("launcher"), l).unwrap();
+        }
+        dir
+    };
+    let killed = orphan("killedlaunch", Some(format!("{gone_pid} {gone_start}\n")));
+    let launching = orphan("livelaunch", Some(format!("{me} {my_start}\n")));
+    let older = orphan("olderlaunch", None);
+    assert!(h.provider.list().unwrap().iter().all(|i| i.id == done.id));
+    h.provider.remove(&done.id).unwrap();
+    assert!(
+        !killed.exists(),
+        "the killed launch's directory is still there"
+    );
+    assert!(launching.exists(), "a launch under way lost its directory");
+    assert!(
+        older.exists(),
+        "a directory that names no launcher was removed"
+    );
+}
