@@ -24,19 +24,10 @@ pub struct WrongSpec {
     pub wanted_spec_hash: Digest,
 }
 
-/// Compares `instance` with `release`, the release whose revision it is labelled with. The spec
-/// it should run is computed for the instance's own engine: which engine runs an instance is
-/// not part of a release (nor of its revision), so it is no drift.
-pub fn wrong_spec(
-    instance: &Instance,
-    release: &Release,
-) -> Result<Option<WrongSpec>, DeployError> {
-    SpecJudge::new(release.clone()).judge(instance)
-}
-
-/// [`wrong_spec`] for many instances of one release: the spec hash the release asks for is
-/// computed once per engine, not once per instance (a pass over 10,000 instances spent most of
-/// its time hashing the same spec).
+/// Compares instances with `release`, the release whose revision they are labelled with. The
+/// spec an instance should run is computed for its own engine (which engine runs an instance
+/// is not part of a release, nor of its revision, so it is no drift), once per engine, not once
+/// per instance (a pass over 10,000 instances spent most of its time hashing the same spec).
 pub struct SpecJudge {
     release: Release,
     wanted: Vec<(Engine, Digest)>,
@@ -354,14 +345,25 @@ mod tests {
         let mut db = StateDb::open(&dir.path().join("state.db")).unwrap();
         let release = release(&mut db, b"v1");
         let wanted = instance_spec(&release, Engine::Embedded).unwrap();
-        assert_eq!(wrong_spec(&running("a", &wanted), &release).unwrap(), None);
+        assert_eq!(
+            SpecJudge::new(release.clone())
+                .judge(&running("a", &wanted))
+                .unwrap(),
+            None
+        );
         let runc = instance_spec(&release, Engine::Runc).unwrap();
         assert_ne!(runc.spec_hash().unwrap(), wanted.spec_hash().unwrap());
-        assert_eq!(wrong_spec(&running("b", &runc), &release).unwrap(), None);
+        assert_eq!(
+            SpecJudge::new(release.clone())
+                .judge(&running("b", &runc))
+                .unwrap(),
+            None
+        );
 
         let mut debug = wanted.clone();
         debug.env.insert("DEBUG".into(), "1".into());
-        let wrong = wrong_spec(&running("c", &debug), &release)
+        let wrong = SpecJudge::new(release.clone())
+            .judge(&running("c", &debug))
             .unwrap()
             .expect("another env is drift");
         assert_eq!(wrong.spec_hash, debug.spec_hash().unwrap());
@@ -370,7 +372,8 @@ mod tests {
 
         let mut other = wanted.clone();
         other.image = Digest::of(b"other");
-        let wrong = wrong_spec(&running("d", &other), &release)
+        let wrong = SpecJudge::new(release.clone())
+            .judge(&running("d", &other))
             .unwrap()
             .expect("another image is drift");
         assert_eq!(wrong.image, Digest::of(b"other"));

@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::SocketAddrV4;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 
 /// Backends one service address can hold in the kernel map; a service with more is left to the
@@ -44,6 +44,12 @@ const PEER_VALUE_SIZE: usize = 16;
 pub enum BalancerError {
     #[error("no cgroup2 file system is mounted (looked in /proc/self/mountinfo)")]
     NoCgroup2,
+    #[error("cannot open the cgroup2 root {}: {source}", path.display())]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("{what}: {source}")]
     Kernel {
         what: &'static str,
@@ -70,7 +76,6 @@ pub struct ConnectBalancer {
     peers: OwnedFd,
     _links: [OwnedFd; 2],
     netns_cookie: u64,
-    cgroup: PathBuf,
     /// What the maps hold, so updates write only what changed.
     held: Mutex<Held>,
 }
@@ -86,8 +91,11 @@ impl ConnectBalancer {
     /// of this host is covered), acting on sockets of the calling thread's network namespace.
     /// Needs root (CAP_BPF and CAP_NET_ADMIN) and a kernel with cgroup BPF.
     pub fn attach() -> Result<ConnectBalancer, BalancerError> {
-        let cgroup = cgroup2_root()?;
-        let dir = std::fs::File::open(&cgroup).map_err(kernel("open the cgroup2 root"))?;
+        let cgroup = crate::supervisor::cgroup2_mount().ok_or(BalancerError::NoCgroup2)?;
+        let dir = std::fs::File::open(&cgroup).map_err(|source| BalancerError::Cgroup {
+            path: cgroup.clone(),
+            source,
+        })?;
         let services = sys::map_create(8, SERVICE_VALUE_SIZE as u32, MAX_ENTRIES, b"imago_svc")
             .map_err(kernel("create the service map"))?;
         let peers = sys::map_create(8, PEER_VALUE_SIZE as u32, MAX_ENTRIES, b"imago_peer")
@@ -123,14 +131,8 @@ impl ConnectBalancer {
             peers,
             _links: [connect_link, peer_link],
             netns_cookie,
-            cgroup,
             held: Mutex::default(),
         })
-    }
-
-    /// The cgroup2 directory the programs are attached to.
-    pub fn cgroup(&self) -> &Path {
-        &self.cgroup
     }
 
     /// Makes new connections to `service` go to one of `backends`, picked at random per
@@ -215,24 +217,6 @@ fn key(addr: SocketAddrV4) -> [u8; 8] {
     key[..4].copy_from_slice(&addr.ip().octets());
     key[4..6].copy_from_slice(&addr.port().to_be_bytes());
     key
-}
-
-/// The cgroup2 mount point (the root of the tree as this process sees it).
-fn cgroup2_root() -> Result<PathBuf, BalancerError> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(kernel("read /proc/self/mountinfo"))?;
-    mountinfo
-        .lines()
-        .find_map(|line| {
-            // "ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER"
-            let (left, right) = line.split_once(" - ")?;
-            let fstype = right.split(' ').next()?;
-            let mut fields = left.split(' ');
-            let root = fields.nth(3)?;
-            let point = fields.next()?;
-            (fstype == "cgroup2" && root == "/").then(|| PathBuf::from(point.replace("\\040", " ")))
-        })
-        .ok_or(BalancerError::NoCgroup2)
 }
 
 /// Counts, for each of `addrs`, the TCP sockets of this network namespace connected (or
@@ -826,7 +810,7 @@ mod tests {
 
     #[test]
     fn the_cgroup2_root_is_found() {
-        let root = cgroup2_root().unwrap();
+        let root = crate::supervisor::cgroup2_mount().unwrap();
         assert!(root.join("cgroup.procs").exists(), "{}", root.display());
     }
 

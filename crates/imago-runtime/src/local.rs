@@ -542,10 +542,9 @@ impl LocalProvider {
     /// before the supervisor exists). A directory is taken only when its `launcher` file names
     /// a process that is gone, so a launch under way, or one by an older imago (no such file),
     /// is never touched.
-    pub fn remove_abandoned_dirs(&self) -> Vec<String> {
-        let mut removed = Vec::new();
+    pub fn remove_abandoned_dirs(&self) {
         let Ok(entries) = fs::read_dir(self.layout.instances()) else {
-            return removed;
+            return;
         };
         for entry in entries.flatten() {
             let dir = InstanceDir { root: entry.path() };
@@ -564,11 +563,10 @@ impl LocalProvider {
                 .and_then(crate::state::process_start_time)
                 == Some(start);
             // The launcher is gone, so nothing writes the record any more.
-            if !alive && !dir.state().exists() && fs::remove_dir_all(&dir.root).is_ok() {
-                removed.push(entry.file_name().to_string_lossy().into_owned());
+            if !alive && !dir.state().exists() {
+                let _ = fs::remove_dir_all(&dir.root);
             }
         }
-        removed
     }
 }
 
@@ -582,8 +580,8 @@ impl Provider for LocalProvider {
         // Who launches: a launcher killed before the record exists leaves a directory that no
         // `list` shows and no `rm` names, which `remove_abandoned_dirs` takes back once this
         // process is gone. Without a start time nothing is written, and such a directory stays.
-        let me = std::process::id() as i32;
-        if let Some(start) = crate::state::process_start_time(me) {
+        if let Some(start) = crate::state::own_start_time() {
+            let me = std::process::id();
             fs::write(dir.launcher(), format!("{me} {start}\n"))
                 .map_err(RuntimeError::io("cannot write", &dir.launcher()))?;
         }

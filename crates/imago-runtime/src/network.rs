@@ -128,7 +128,7 @@ impl Ipam {
         let me = std::process::id() as i32;
         // Without this process's start time or a state path that reads back as written, the
         // lease names its id only: kept until its record's `rm`, never judged abandoned.
-        let holder = match (crate::state::process_start_time(me), state.to_str()) {
+        let holder = match (crate::state::own_start_time(), state.to_str()) {
             (Some(start), Some(state)) => format!("{id}\nlauncher {me} {start}\nstate {state}\n"),
             _ => id.to_owned(),
         };

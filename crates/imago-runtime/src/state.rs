@@ -265,6 +265,20 @@ fn replace_file(path: &Path, bytes: &[u8], fsync: bool) -> Result<(), RuntimeErr
 }
 
 /// The start time (field 22 of `/proc/<pid>/stat`) of a live process, `None` if it is gone.
+/// [`process_start_time`] of this process, read once per process (a launch names its launcher
+/// twice: in the instance's directory and in its address lease). Keyed by pid, so a forked
+/// child reads its own.
+pub fn own_start_time() -> Option<u64> {
+    static OWN: std::sync::OnceLock<(u32, Option<u64>)> = std::sync::OnceLock::new();
+    let me = std::process::id();
+    let read = || process_start_time(i32::try_from(me).ok()?);
+    match OWN.get() {
+        Some((pid, start)) if *pid == me => *start,
+        Some(_) => read(),
+        None => OWN.get_or_init(|| (me, read())).1,
+    }
+}
+
 pub fn process_start_time(pid: i32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may contain spaces and parentheses: split after the last ')'.

@@ -132,18 +132,30 @@ fn write_own_cgroup_procs() -> bool {
     let Some(own) = cgroups.lines().find_map(|l| l.strip_prefix("0::")) else {
         return false;
     };
-    let own = own.trim_start_matches('/');
-    // The cgroup2 tree is at /sys/fs/cgroup/unified on a hybrid host, /sys/fs/cgroup on a pure
-    // v2 one (where the first path does not exist).
-    ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
-        .iter()
-        .find_map(|root| {
-            File::options()
-                .write(true)
-                .open(Path::new(root).join(own).join("cgroup.procs"))
-                .ok()
-        })
+    let Some(root) = cgroup2_mount() else {
+        return false;
+    };
+    File::options()
+        .write(true)
+        .open(root.join(own.trim_start_matches('/')).join("cgroup.procs"))
+        .ok()
         .is_some_and(|mut procs| procs.write_all(b"0").is_ok())
+}
+
+/// Where the cgroup2 tree is mounted, the root of the tree as this process sees it (from
+/// `/proc/self/mountinfo`): `/sys/fs/cgroup/unified` on a hybrid host like this one,
+/// `/sys/fs/cgroup` on a pure v2 one.
+pub(crate) fn cgroup2_mount() -> Option<PathBuf> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mountinfo.lines().find_map(|line| {
+        // "ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER"
+        let (left, right) = line.split_once(" - ")?;
+        let fstype = right.split(' ').next()?;
+        let mut fields = left.split(' ');
+        let root = fields.nth(3)?;
+        let point = fields.next()?;
+        (fstype == "cgroup2" && root == "/").then(|| PathBuf::from(point.replace("\\040", " ")))
+    })
 }
 
 impl CgroupLockWarmup {
