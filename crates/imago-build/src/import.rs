@@ -76,8 +76,8 @@ pub fn archive_base(
         [one] => one.digest.clone(),
         images => return Err(one_image(path, images.len())),
     };
-    cache.record_archive(&canonical, stamp, &digest);
     let image = store.load_image(&digest)?;
+    cache.record_archive(&canonical, stamp, &digest);
     let config = store.read_blob(&image.config_digest, Some(image.manifest.config().size()))?;
     Ok(ArchiveBase { image, config })
 }

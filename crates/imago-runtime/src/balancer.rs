@@ -227,7 +227,7 @@ pub fn open_connections(addrs: &[SocketAddrV4]) -> io::Result<Vec<usize>> {
     if addrs.is_empty() {
         return Ok(counts);
     }
-    for (dst, _state) in sys::tcp_sockets(OPEN_STATES)? {
+    for dst in sys::tcp_sockets(OPEN_STATES)? {
         for (i, addr) in addrs.iter().enumerate() {
             if *addr == dst {
                 counts[i] += 1;
@@ -614,9 +614,9 @@ mod sys {
         Ok(cookie)
     }
 
-    /// The destination and state of every IPv4 TCP socket in one of `states` (a bit mask of
-    /// TCP states), from one NETLINK_SOCK_DIAG dump.
-    pub fn tcp_sockets(states: u32) -> io::Result<Vec<(SocketAddrV4, u8)>> {
+    /// The destination of every IPv4 TCP socket in one of `states` (a bit mask of TCP states),
+    /// from one NETLINK_SOCK_DIAG dump.
+    pub fn tcp_sockets(states: u32) -> io::Result<Vec<SocketAddrV4>> {
         use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
         const SOCK_DIAG_BY_FAMILY: u16 = 20;
         const NLM_F_REQUEST: u16 = 1;
@@ -655,14 +655,13 @@ mod sys {
                         return Err(io::Error::from_raw_os_error(-code));
                     }
                     _ if len >= 16 + 72 => {
-                        // inet_diag_msg: family, state, timer, retrans, then the socket id:
+                        // inet_diag_msg: family, state, timer, retrans (the kernel filtered the states), then the socket id:
                         // sport, dport (big endian), src[16], dst[16], ...
-                        let state = field(16 + 1, 1)[0];
                         let port = u16::from_be_bytes([field(16 + 6, 1)[0], field(16 + 7, 1)[0]]);
                         let d = field(16 + 24, 4);
-                        found.push((
-                            SocketAddrV4::new(Ipv4Addr::new(d[0], d[1], d[2], d[3]), port),
-                            state,
+                        found.push(SocketAddrV4::new(
+                            Ipv4Addr::new(d[0], d[1], d[2], d[3]),
+                            port,
                         ));
                     }
                     _ => {}

@@ -23,7 +23,7 @@ use nix::unistd::Pid;
 use crate::bundle::{BundleContext, runtime_config, write_bundle};
 use crate::network::{self, Ipam, Lease};
 use crate::rootfs::{ImageSource, RootfsCache};
-use crate::state::{Instance, InstanceDir, Status, process_start_time, write_json_unsynced};
+use crate::state::{Instance, InstanceDir, Status, is_alive, write_json_unsynced};
 use crate::{InstanceSpec, NetworkMode, Provider, RuntimeError};
 
 /// How long an instance may stay "created" (prepared, supervisor not yet reporting) before it is
@@ -407,7 +407,7 @@ impl LocalProvider {
         }
         if rec.status == Status::Running {
             let alive = match (rec.supervisor_pid, rec.supervisor_start) {
-                (Some(pid), Some(start)) => process_start_time(pid) == Some(start),
+                (Some(pid), Some(start)) => is_alive(pid, start),
                 _ => false,
             };
             if !alive {
@@ -558,10 +558,7 @@ impl LocalProvider {
             let (Some(Ok(pid)), Some(Ok(start))) = (fields.next(), fields.next()) else {
                 continue;
             };
-            let alive = i32::try_from(pid)
-                .ok()
-                .and_then(crate::state::process_start_time)
-                == Some(start);
+            let alive = i32::try_from(pid).is_ok_and(|pid| is_alive(pid, start));
             // The launcher is gone, so nothing writes the record any more.
             if !alive && !dir.state().exists() {
                 let _ = fs::remove_dir_all(&dir.root);

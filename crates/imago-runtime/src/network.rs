@@ -104,11 +104,12 @@ impl<'a> LeaseFile<'a> {
         let (Some((pid, start)), Some(state)) = (self.launcher, self.state) else {
             return false;
         };
-        if !state.is_absolute() || crate::state::process_start_time(pid) == Some(start) {
+        let gone = |p: &Path| matches!(fs::symlink_metadata(p), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+        // The record's lease (the common case) is settled by one stat, without reading /proc.
+        if !state.is_absolute() || !gone(state) || crate::state::is_alive(pid, start) {
             return false;
         }
         // The launcher is dead, so nobody can create either of these any more.
-        let gone = |p: &Path| matches!(fs::symlink_metadata(p), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
         gone(state) && gone(&netns_path(self.id))
     }
 }
@@ -337,9 +338,12 @@ impl Namespace {
         host.add_address(host_index, lease.host, PREFIX_LEN)
             .map_err(|e| format!("cannot address {veth}: {e}"))?;
         let inside = &self.inside;
-        let eth0 = inside
-            .link_index(INSIDE_IFNAME)
-            .map_err(|e| format!("cannot find {INSIDE_IFNAME} in the namespace of {id}: {e}"))?;
+        let eth0 = inside.link_index(INSIDE_IFNAME).map_err(|e| {
+            format!(
+                "cannot find {INSIDE_IFNAME} in {}: {e}",
+                netns_path(id).display()
+            )
+        })?;
         inside
             .add_address(eth0, lease.instance, PREFIX_LEN)
             .map_err(|e| format!("cannot address {INSIDE_IFNAME}: {e}"))?;

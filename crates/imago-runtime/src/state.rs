@@ -264,7 +264,6 @@ fn replace_file(path: &Path, bytes: &[u8], fsync: bool) -> Result<(), RuntimeErr
     Ok(())
 }
 
-/// The start time (field 22 of `/proc/<pid>/stat`) of a live process, `None` if it is gone.
 /// [`process_start_time`] of this process, read once per process (a launch names its launcher
 /// twice: in the instance's directory and in its address lease). Keyed by pid, so a forked
 /// child reads its own.
@@ -279,6 +278,12 @@ pub fn own_start_time() -> Option<u64> {
     }
 }
 
+/// Whether `pid` is still the process that started at `start` (not gone, nor a reused pid).
+pub fn is_alive(pid: i32, start: u64) -> bool {
+    process_start_time(pid) == Some(start)
+}
+
+/// The start time (field 22 of `/proc/<pid>/stat`) of a live process, `None` if it is gone.
 pub fn process_start_time(pid: i32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may contain spaces and parentheses: split after the last ')'.

@@ -167,6 +167,10 @@ impl CgroupLockWarmup {
     /// Reaps the child (waiting for it if it still runs: call this when the launch is done);
     /// whether it wrote into its `cgroup.procs`, `None` if no child was forked.
     pub fn finish(mut self) -> Option<bool> {
+        self.reap()
+    }
+
+    fn reap(&mut self) -> Option<bool> {
         let child = self.child.take()?;
         loop {
             match waitpid(child, None) {
@@ -180,10 +184,8 @@ impl CgroupLockWarmup {
 
 impl Drop for CgroupLockWarmup {
     fn drop(&mut self) {
-        if let Some(child) = self.child.take() {
-            // A launch that failed early: still no zombie.
-            let _ = waitpid(child, None);
-        }
+        // A launch that failed early: still no zombie.
+        let _ = self.reap();
     }
 }
 

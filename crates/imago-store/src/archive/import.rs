@@ -375,6 +375,18 @@ impl Store {
             expected: expected.clone(),
             actual,
         };
+        // A dry read holds every blob it reads: verifying a stored copy as well would only read
+        // it a second time (the archive's entry is hashed either way).
+        if blobs.mode == Mode::Dry {
+            let (actual, held) = hold(entry, entry_size, buffer)
+                .map_err(|e| ArchiveError::entry(path, io_error(e, path)))?;
+            if actual != *expected {
+                return Err(mismatch(actual));
+            }
+            let size = held.size;
+            blobs.held.insert(actual, held);
+            return Ok(size);
+        }
         if self.verify_blob(expected, Some(entry_size)).is_ok() {
             let mut sink = HashingWriter::new(io::sink());
             copy(entry, &mut sink, buffer)
@@ -384,16 +396,6 @@ impl Store {
                 return Err(mismatch(actual));
             }
             scan.blobs_present += 1;
-            return Ok(size);
-        }
-        if blobs.mode == Mode::Dry {
-            let (actual, held) = hold(entry, entry_size, buffer)
-                .map_err(|e| ArchiveError::entry(path, io_error(e, path)))?;
-            if actual != *expected {
-                return Err(mismatch(actual));
-            }
-            let size = held.size;
-            blobs.held.insert(actual, held);
             return Ok(size);
         }
         let mut writer = self
