@@ -645,19 +645,16 @@ fn load_base(
                 "use scratch, NAME[:TAG], NAME@sha256:... or oci-archive:PATH",
             )
         })?;
-        let resolved = store.resolve(&reference).map_err(|e| match e {
+        let not_found = |e| match e {
             imago_store::StoreError::NotFound(_) => file.error(
                 from.span(),
                 format!("base image {text} is not in the store"),
                 "build or import it first (`imago images` lists the store)",
             ),
             other => other.into(),
-        })?;
-        let config_bytes = store.read_blob(
-            &resolved.config_digest,
-            Some(resolved.manifest.config().size()),
-        )?;
-        (resolved, config_bytes)
+        };
+        let found = store.resolve_digest(&reference).map_err(not_found)?;
+        store.load_image_with_config(&found).map_err(not_found)?
     };
     let config: Value = serde_json::from_slice(&config_bytes).map_err(|e| {
         BuildError::Internal(format!("base config {}: {e}", resolved.config_digest))

@@ -76,9 +76,8 @@ pub fn archive_base(
         [one] => one.digest.clone(),
         images => return Err(one_image(path, images.len())),
     };
-    let image = store.load_image(&digest)?;
+    let (image, config) = store.load_image_with_config(&digest)?;
     cache.record_archive(&canonical, stamp, &digest);
-    let config = store.read_blob(&image.config_digest, Some(image.manifest.config().size()))?;
     Ok(ArchiveBase { image, config })
 }
 
@@ -87,10 +86,7 @@ pub fn archive_base(
 /// archive before an image refers to it. Manifest and config are read verified; layers are
 /// only checked for presence and size, as an import finds them.
 fn stored_base(store: &Store, digest: &Digest) -> Option<ArchiveBase> {
-    let image = store.load_image(digest).ok()?;
-    let config = store
-        .read_blob(&image.config_digest, Some(image.manifest.config().size()))
-        .ok()?;
+    let (image, config) = store.load_image_with_config(digest).ok()?;
     for layer in image.layers().ok()? {
         let size = fs::metadata(store.blob_path(&layer.digest)).ok()?.len();
         if size != layer.size {

@@ -127,10 +127,14 @@ impl Store {
     /// Reads and verifies the manifest `digest` (following an index to its linux/amd64 image)
     /// and its config.
     pub fn load_image(&self, digest: &Digest) -> Result<ResolvedImage> {
+        self.load_image_with_config(digest).map(|(image, _)| image)
+    }
+
+    /// [`Store::load_image`], and the bytes of the image's config, read and verified once.
+    pub fn load_image_with_config(&self, digest: &Digest) -> Result<(ResolvedImage, Vec<u8>)> {
         resolve_image_with(digest, &|d: &Digest, size: Option<u64>| {
             self.read_blob(d, size)
         })
-        .map(|(image, _)| image)
     }
 
     /// One summary per name in the store (unnamed entries too), in `index.json` order.
