@@ -21,11 +21,12 @@ struct Deployment {
     imago: Imago,
     dir: PathBuf,
     port: u16,
+    _port_lease: common::PortLease,
 }
 
 impl Drop for Deployment {
     fn drop(&mut self) {
-        let _ = self.imago.cmd().args(["destroy", "web"]).output();
+        let _ = self.imago.cmd().args(["destroy", "web", "api"]).output();
         let _ = self.imago.cmd().args(["serve", "--stop"]).output();
         // Instances a test started by hand.
         if let Ok(out) = self.imago.cmd().args(["ps", "--json"]).output()
@@ -44,11 +45,18 @@ impl Drop for Deployment {
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/web");
 
 impl Deployment {
-    fn new(port: u16) -> Deployment {
+    /// A deployment whose endpoint port is leased for this test alone.
+    fn new() -> Deployment {
         let imago = Imago::new();
         let dir = imago.dir.path().join("web");
         copy_dir(Path::new(EXAMPLE), &dir);
-        let d = Deployment { imago, dir, port };
+        let lease = common::lease_port();
+        let d = Deployment {
+            imago,
+            dir,
+            port: lease.port,
+            _port_lease: lease,
+        };
         d.set_version("v1", "1");
         d
     }
@@ -231,7 +239,7 @@ impl Client {
 #[test]
 fn rolling_update_under_load_drops_no_request_and_switches_versions() {
     // A client on this host: the kernel sends its connections straight to an instance.
-    let d = Deployment::new(18201);
+    let d = Deployment::new();
     rolling_update_drops_no_request(&d);
     let events = d.events();
     assert!(
@@ -243,7 +251,7 @@ fn rolling_update_under_load_drops_no_request_and_switches_versions() {
 #[test]
 fn rolling_update_through_the_endpoint_proxy_drops_no_request() {
     // The fallback when the kernel does not balance: every connection through the proxy.
-    let d = Deployment::new(18211);
+    let d = Deployment::new();
     d.imago.run(&["serve", "--no-kernel-balancing"]).ok();
     rolling_update_drops_no_request(&d);
     let events = d.events();
@@ -311,7 +319,7 @@ fn rolling_update_drops_no_request(d: &Deployment) {
 
 #[test]
 fn a_release_failing_its_health_check_is_rolled_back_and_status_says_why() {
-    let d = Deployment::new(18202);
+    let d = Deployment::new();
     d.apply().ok();
     d.set_version("v2", "2");
     d.apply().ok();
@@ -367,7 +375,7 @@ fn a_release_failing_its_health_check_is_rolled_back_and_status_says_why() {
 
 #[test]
 fn rollback_to_a_release_restores_its_image_and_environment_together() {
-    let d = Deployment::new(18203);
+    let d = Deployment::new();
     d.apply().ok();
     d.set_version("v2", "2");
     d.apply().ok();
@@ -407,7 +415,7 @@ fn rollback_to_a_release_restores_its_image_and_environment_together() {
 
 #[test]
 fn drift_dead_modified_and_unknown_instances_are_reported_and_replaced() {
-    let d = Deployment::new(18204);
+    let d = Deployment::new();
     d.apply().ok();
 
     // 1. Kill an instance's process: the controller replaces it.
@@ -500,7 +508,7 @@ fn drift_dead_modified_and_unknown_instances_are_reported_and_replaced() {
 
 #[test]
 fn the_controller_survives_kill_9_at_every_point_of_a_rollout() {
-    let d = Deployment::new(18205);
+    let d = Deployment::new();
     d.edit("min_ready = \"500ms\"", "min_ready = \"1s\"");
     d.apply().ok();
     d.set_version("v2", "2");
@@ -570,7 +578,7 @@ fn the_controller_survives_kill_9_at_every_point_of_a_rollout() {
 
 #[test]
 fn bad_service_definitions_are_refused_at_plan_time() {
-    let d = Deployment::new(18206);
+    let d = Deployment::new();
     let plan = |d: &Deployment| d.imago.run(&["plan", "-f", &d.file()]).fails();
 
     d.edit("image = \"web\"", "image = \"nothing-like-this\"");
@@ -640,7 +648,7 @@ fn id_after<'a>(message: &'a str, prefix: &str) -> Option<&'a str> {
 
 #[test]
 fn blue_green_switches_all_traffic_at_once_after_every_new_instance_is_healthy() {
-    let d = Deployment::new(18207);
+    let d = Deployment::new();
     let blue_green = |d: &Deployment| d.edit("strategy = \"rolling\"", "strategy = \"blue-green\"");
     blue_green(&d);
     d.apply().ok();
@@ -743,7 +751,7 @@ fn processes_running(argv: &[&str]) -> Vec<String> {
 
 #[test]
 fn command_health_checks_run_inside_the_instance_and_are_cut_at_their_timeout() {
-    let d = Deployment::new(18208);
+    let d = Deployment::new();
     let command_check = |d: &Deployment, script: &str| {
         d.edit(
             "type = \"http\"\npath = \"/\"",
@@ -857,7 +865,7 @@ fn command_health_checks_run_inside_the_instance_and_are_cut_at_their_timeout() 
 
 #[test]
 fn drift_deep_finds_a_change_the_metadata_pass_cannot_see_and_the_instance_is_replaced() {
-    let d = Deployment::new(18209);
+    let d = Deployment::new();
     d.apply().ok();
     let before = d.instance_ids();
     let digest = d.instances()[0]["image"]
@@ -978,7 +986,7 @@ fn http_request(addr: &str, path: &str) -> (u16, String) {
 
 #[test]
 fn plan_the_controller_api_and_destroy_through_the_cli() {
-    let d = Deployment::new(18210);
+    let d = Deployment::new();
     let plan = |d: &Deployment| {
         d.imago
             .run(&["plan", "--json", "-f", &d.file()])
@@ -1039,9 +1047,52 @@ fn plan_the_controller_api_and_destroy_through_the_cli() {
     assert_eq!(code, 200);
     assert!(body.contains("release 1: complete"), "{body}");
     assert_eq!(http_request(&api, "/v1/services/nothing").0, 404);
+    // `/v1/status` is the document `imago status --json` prints, instances included.
+    let (code, body) = http_request(&api, "/v1/status");
+    assert_eq!(code, 200, "{body}");
+    let served: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let printed = d.imago.run(&["status", "--json"]).ok().json();
+    assert_eq!(served, printed);
+    assert_eq!(
+        served["services"][0]["instances"].as_array().unwrap().len(),
+        3,
+        "{served}"
+    );
+
+    // A second service, so that one destroy takes several.
+    let api_port = common::lease_port();
+    let text = std::fs::read_to_string(d.dir.join("imago.toml")).unwrap();
+    std::fs::write(
+        d.dir.join("imago.toml"),
+        format!(
+            "{text}\n[service.api]\nimage = \"web\"\nport = {}\ntarget_port = 8080\n",
+            api_port.port
+        ),
+    )
+    .unwrap();
+    d.apply().ok();
+    assert_eq!(
+        http_get(api_port.port).map(|b| b.contains("200 OK")),
+        Ok(true)
+    );
+
+    // An unknown service is an error naming it; the services named with it are still destroyed.
+    let err = d.imago.run(&["destroy", "web", "nothing"]).fails();
+    assert!(err.contains("nothing"), "{err}");
+    assert!(
+        err.contains("service web destroyed"),
+        "what was destroyed is still said: {err}"
+    );
 
     // Destroy: every instance stopped and removed, the endpoint closed, the history kept.
-    d.imago.run(&["destroy", "web"]).ok();
+    let destroyed = d
+        .imago
+        .run(&["destroy", "--json", "web", "api"])
+        .ok()
+        .json();
+    assert_eq!(destroyed[0]["service"], "web", "{destroyed}");
+    assert_eq!(destroyed[1]["service"], "api", "{destroyed}");
+    assert_eq!(destroyed[1]["stopped"], 1, "{destroyed}");
     let all = d.imago.run(&["ps", "--all", "--json"]).ok().json();
     assert_eq!(all, serde_json::json!([]), "nothing of web is left");
     d.wait_until("the endpoint to close", Duration::from_secs(10), |d| {

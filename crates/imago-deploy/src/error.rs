@@ -57,6 +57,8 @@ pub enum DeployError {
     },
     #[error("service {0} has no release")]
     NoRelease(String),
+    #[error("no deployed service {0}")]
+    NoService(String),
     #[error("service {service} has no release {number}")]
     UnknownRelease { service: String, number: u64 },
     #[error("service {0} has no earlier completed release to roll back to")]

@@ -15,5 +15,6 @@ pub mod roots;
 pub mod services;
 pub mod spec;
 pub mod state;
+pub mod status;
 
 pub use error::DeployError;

@@ -12,13 +12,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, anyhow, bail};
 use clap::Args;
 use imago_build::{BuildOptions, DefinitionFile};
-use imago_deploy::controller::{Controller, LABEL_REVISION, LABEL_SERVICE, stop_grace};
+use imago_deploy::controller::{Controller, LABEL_SERVICE, stop_grace};
 use imago_deploy::drift::{self, DriftCheck, Finding};
 use imago_deploy::plan::{ServicePlan, plan_service};
 use imago_deploy::roots::{DEFAULT_HISTORY_LIMIT, ReleaseRoots};
 use imago_deploy::services::{check_ports, exposed_ports, parse_services, tcp_ports};
 use imago_deploy::spec::{ServiceSpec, validate_all};
 use imago_deploy::state::{Event, Release, StateDb};
+use imago_deploy::status::StatusDocument;
 use imago_oci::{Digest, Reference};
 use imago_runtime::{
     Engine, Instance, LocalProvider, Provider, StoreImageSource, SupervisorCommand,
@@ -522,8 +523,8 @@ pub struct ServeArgs {
     /// Stay in the foreground (for process supervisors); otherwise start in the background
     #[arg(long)]
     pub foreground: bool,
-    /// Address of the HTTP API
-    #[arg(long, default_value = "127.0.0.1:7878")]
+    /// Address of the HTTP API (port 0: any free port, written to deploy/controller.json)
+    #[arg(long, env = "IMAGO_API", default_value = "127.0.0.1:7878")]
     pub api: std::net::SocketAddr,
     /// Time between reconcile passes
     #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
@@ -622,7 +623,7 @@ pub fn serve(ctx: &Context, args: ServeArgs) -> Result<()> {
     let api_addr = match listener {
         Ok(listener) => {
             let addr = listener.local_addr()?;
-            let router = imago_deploy::api::router(home.db_path());
+            let router = imago_deploy::api::router(home.db_path(), provider.clone());
             runtime.spawn(async move { axum::serve(listener, router).await });
             addr.to_string()
         }
@@ -684,41 +685,24 @@ pub struct StatusArgs {
     pub service: Option<String>,
 }
 
-#[derive(Serialize)]
-struct InstanceRow {
-    id: String,
-    status: String,
-    revision: Option<String>,
-    address: Option<String>,
-    image: Digest,
-}
+/// `imago status`'s result: the document the API serves at `/v1/status`.
+struct StatusResult(StatusDocument);
 
-#[derive(Serialize)]
-struct ServiceStatusOut {
-    #[serde(flatten)]
-    status: imago_deploy::api::ServiceStatus,
-    /// The most recent failed rollout of the service, if any: which release and why.
-    last_failure: Option<imago_deploy::state::Outcome>,
-    instances: Vec<InstanceRow>,
-    recent_events: Vec<Event>,
-}
-
-#[derive(Serialize)]
-struct StatusResult {
-    controller_running: bool,
-    services: Vec<ServiceStatusOut>,
+impl Serialize for StatusResult {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
 }
 
 impl Render for StatusResult {
     fn human(&self, out: &mut dyn Write) -> std::io::Result<()> {
-        if !self.controller_running {
+        if !self.0.controller_running {
             writeln!(
                 out,
                 "warning: no controller is running (`imago serve` starts one)"
             )?;
         }
-        for s in &self.services {
-            let st = &s.status;
+        for st in &self.0.services {
             match &st.desired {
                 Some(r) => {
                     let outcome = st
@@ -738,13 +722,13 @@ impl Render for StatusResult {
                     if r.rollback_of.is_some() {
                         writeln!(out, "  {}", r.reason)?;
                     }
-                    if let Some(f) = s.last_failure.as_ref().filter(|f| f.number != r.number) {
+                    if let Some(f) = st.last_failure.as_ref().filter(|f| f.number != r.number) {
                         writeln!(out, "  last failure: release {}: {}", f.number, f.detail)?;
                     }
                 }
                 None => writeln!(out, "service {}: destroyed", st.name)?,
             }
-            for i in &s.instances {
+            for i in &st.instances {
                 writeln!(
                     out,
                     "  {} {:<8} {}",
@@ -763,46 +747,13 @@ pub fn status(ctx: &Context, args: StatusArgs) -> Result<()> {
     let db = home.open_db()?;
     let store = ctx.store()?;
     let instances = current_instances(ctx, &store)?;
-    let names = match &args.service {
-        Some(s) => {
-            if db.desired(s)?.is_none() {
-                bail!("no deployed service {s}");
-            }
-            vec![s.clone()]
-        }
-        None => db.services()?,
-    };
-    let mut services = Vec::new();
-    for name in names {
-        let status = imago_deploy::api::service_status(&db, &name)?;
-        let rows = instances
-            .iter()
-            .filter(|i| i.labels.get(LABEL_SERVICE) == Some(&name))
-            .map(|i| InstanceRow {
-                id: i.id.clone(),
-                status: i.status.to_string(),
-                revision: i.labels.get(LABEL_REVISION).cloned(),
-                address: i.address.map(|a| a.to_string()),
-                image: i.image.clone(),
-            })
-            .collect();
-        let recent_events = db.recent_events(&name, 10)?;
-        let last_failure = db
-            .outcomes(&name)?
-            .into_iter()
-            .rev()
-            .find(|o| o.outcome == "failed");
-        services.push(ServiceStatusOut {
-            status,
-            last_failure,
-            instances: rows,
-            recent_events,
-        });
-    }
-    ctx.reporter.emit(&StatusResult {
-        controller_running: controller_running(&home)?,
-        services,
-    })
+    let document = imago_deploy::status::status_document(
+        &db,
+        args.service.as_deref(),
+        &instances,
+        controller_running(&home)?,
+    )?;
+    ctx.reporter.emit(&StatusResult(document))
 }
 
 #[derive(Debug, Args)]
@@ -928,7 +879,9 @@ fn pending(release: &Release, changed: bool) -> ServiceResult {
 
 #[derive(Debug, Args)]
 pub struct DestroyArgs {
-    pub service: String,
+    /// The services to destroy (their release history is kept)
+    #[arg(required = true, num_args = 1..)]
+    pub services: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -937,28 +890,68 @@ struct Destroyed {
     stopped: usize,
 }
 
-impl Render for Destroyed {
+#[derive(Serialize)]
+#[serde(transparent)]
+struct DestroyResult(Vec<Destroyed>);
+
+impl Render for DestroyResult {
     fn human(&self, out: &mut dyn Write) -> std::io::Result<()> {
-        writeln!(
-            out,
-            "service {} destroyed ({} instances stopped)",
-            self.service, self.stopped
-        )
+        for d in &self.0 {
+            writeln!(
+                out,
+                "service {} destroyed ({} instances stopped)",
+                d.service, d.stopped
+            )?;
+        }
+        Ok(())
     }
 }
 
+/// Destroys every service named, each on its own: one that cannot be destroyed (unknown, or an
+/// instance that will not go) is reported and does not stop the others.
 pub fn destroy(ctx: &Context, args: DestroyArgs) -> Result<()> {
     let home = DeployHome::new(ctx);
     let mut db = home.open_db()?;
-    match db.destroy(&args.service, &actor()) {
+    let store = ctx.store()?;
+    let provider = local_provider(ctx, store)?;
+    let mut destroyed = Vec::new();
+    let mut failures = Vec::new();
+    for service in &args.services {
+        match destroy_one(ctx, &mut db, &provider, service) {
+            Ok(stopped) => destroyed.push(Destroyed {
+                service: service.clone(),
+                stopped,
+            }),
+            Err(e) => failures.push(format!("{e:#}")),
+        }
+    }
+    if !failures.is_empty() {
+        // What was destroyed is still said, on stderr, since the error is the result.
+        for d in &destroyed {
+            ctx.reporter.status(format!(
+                "service {} destroyed ({} instances stopped)",
+                d.service, d.stopped
+            ));
+        }
+        bail!("{}", failures.join("\n"));
+    }
+    ctx.reporter.emit(&DestroyResult(destroyed))
+}
+
+/// Records `service` destroyed and stops and removes its instances; returns how many.
+fn destroy_one(
+    ctx: &Context,
+    db: &mut StateDb,
+    provider: &LocalProvider,
+    service: &str,
+) -> Result<usize> {
+    match db.destroy(service, &actor()) {
         Ok(()) => {}
         // Destroyed before: run the cleanup again (an earlier destroy may have been interrupted).
         Err(imago_deploy::DeployError::NoRelease(_))
-            if db.all_services()?.iter().any(|(s, _)| *s == args.service) => {}
+            if db.all_services()?.iter().any(|(s, _)| s == service) => {}
         Err(e) => return Err(e.into()),
     }
-    let store = ctx.store()?;
-    let provider = local_provider(ctx, store)?;
     // The controller stops them too; doing it here makes destroy work without one. Both may
     // act on the same instance at once, so an instance that is already gone counts as done, and
     // one failure does not leave the others running.
@@ -967,26 +960,22 @@ pub fn destroy(ctx: &Context, args: DestroyArgs) -> Result<()> {
     for instance in provider
         .list()?
         .into_iter()
-        .filter(|i| i.labels.get(LABEL_SERVICE) == Some(&args.service))
+        .filter(|i| i.labels.get(LABEL_SERVICE).map(String::as_str) == Some(service))
     {
-        let grace = stop_grace(&db, &args.service, &instance)?;
+        let grace = stop_grace(db, service, &instance)?;
         ctx.reporter.status(format!("stopping {}", instance.id));
-        match stop_and_remove(&provider, &instance.id, grace) {
+        match stop_and_remove(provider, &instance.id, grace) {
             Ok(()) => stopped += 1,
             Err(e) => failures.push(format!("{}: {e}", instance.id)),
         }
     }
     if !failures.is_empty() {
         bail!(
-            "service {} destroyed, but some instances could not be removed: {}",
-            args.service,
+            "service {service} destroyed, but some instances could not be removed: {}",
             failures.join("; ")
         );
     }
-    ctx.reporter.emit(&Destroyed {
-        service: args.service,
-        stopped,
-    })
+    Ok(stopped)
 }
 
 fn stop_and_remove(

@@ -71,6 +71,9 @@ impl Imago {
             .arg(&self.home)
             .current_dir(self.dir.path());
         cmd.env_remove("IMAGO_HOME");
+        // Every controller a test starts (`apply` starts one) gets its API on a free port, not
+        // the default 7878 that every other test's controller would want too.
+        cmd.env("IMAGO_API", "127.0.0.1:0");
         cmd
     }
 
@@ -225,4 +228,37 @@ pub fn write_file(path: &Path, content: &[u8]) {
     std::fs::File::create(path)
         .and_then(|mut f| f.write_all(content))
         .expect("write file");
+}
+
+/// A TCP port on 127.0.0.1 reserved for one test. A lock file per port (`flock`, released when
+/// the lease is dropped or its process dies) keeps every concurrently running test, of any test
+/// binary or checkout on this host, off the same port; a bind check skips ports something else
+/// already holds. Ports come from 20000-29999, below the kernel's ephemeral range, so outgoing
+/// connections never take them either.
+pub struct PortLease {
+    pub port: u16,
+    _lock: std::fs::File,
+}
+
+pub fn lease_port() -> PortLease {
+    let dir = std::env::temp_dir().join("imago-test-ports");
+    std::fs::create_dir_all(&dir).unwrap();
+    // Start at a different place in every process, so concurrent binaries rarely contend.
+    let seed = (std::process::id() as u64).wrapping_mul(7919) % 10_000;
+    for offset in 0..10_000u64 {
+        let port = 20_000 + ((seed + offset) % 10_000) as u16;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(port.to_string()))
+            .unwrap();
+        if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return PortLease { port, _lock: lock };
+        }
+    }
+    panic!("no free test port in 20000-29999");
 }
