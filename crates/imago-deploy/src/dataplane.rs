@@ -396,8 +396,10 @@ struct Reply {
 
 struct Server {
     plane: LocalPlane,
-    clients: usize,
-    had_client: bool,
+    /// Connected controllers (connections that said hello); `imago destroy` and status
+    /// queries do not count.
+    controllers: usize,
+    had_controller: bool,
     closing: bool,
 }
 
@@ -440,10 +442,19 @@ fn serve_client(server: Arc<Mutex<Server>>, stream: UnixStream) {
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
+    let mut controller = false;
     for line in BufReader::new(stream).lines() {
         let Ok(line) = line else { break };
         let reply = match serde_json::from_str::<Request>(&line) {
-            Ok(request) => handle(&mut lock_server(&server).plane, request),
+            Ok(request) => {
+                let mut state = lock_server(&server);
+                if matches!(request, Request::Hello { .. }) && !controller {
+                    controller = true;
+                    state.controllers += 1;
+                    state.had_controller = true;
+                }
+                handle(&mut state.plane, request)
+            }
             Err(e) => Reply {
                 error: Some(format!("bad request: {e}")),
                 ..Reply::default()
@@ -457,7 +468,9 @@ fn serve_client(server: Arc<Mutex<Server>>, stream: UnixStream) {
             break;
         }
     }
-    lock_server(&server).clients -= 1;
+    if controller {
+        lock_server(&server).controllers -= 1;
+    }
 }
 
 fn io_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DeployError {
@@ -487,8 +500,8 @@ pub fn run(home: &DeployHome) -> Result<(), DeployError> {
     let listener = UnixListener::bind(&socket).map_err(io_error("cannot listen on", &socket))?;
     let server = Arc::new(Mutex::new(Server {
         plane: LocalPlane::new(None),
-        clients: 0,
-        had_client: false,
+        controllers: 0,
+        had_controller: false,
         closing: false,
     }));
     let accepting = server.clone();
@@ -497,22 +510,14 @@ pub fn run(home: &DeployHome) -> Result<(), DeployError> {
         .spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
-                {
-                    let mut state = lock_server(&accepting);
-                    if state.closing {
-                        // The plane is ending: the client sees end of file and starts a new one.
-                        continue;
-                    }
-                    state.clients += 1;
-                    state.had_client = true;
+                if lock_server(&accepting).closing {
+                    // The plane is ending: the client sees end of file and starts a new one.
+                    continue;
                 }
                 let server = accepting.clone();
-                let spawned = std::thread::Builder::new()
+                let _ = std::thread::Builder::new()
                     .name("imago-dataplane-client".into())
                     .spawn(move || serve_client(server, stream));
-                if spawned.is_err() {
-                    lock_server(&accepting).clients -= 1;
-                }
             }
         })
         .map_err(io_error("cannot start a thread for", &socket))?;
@@ -520,8 +525,8 @@ pub fn run(home: &DeployHome) -> Result<(), DeployError> {
     loop {
         std::thread::sleep(Duration::from_millis(50));
         let mut state = lock_server(&server);
-        let waited = state.had_client || started.elapsed() >= FIRST_CLIENT_WAIT;
-        if waited && state.clients == 0 && state.plane.idle() {
+        let waited = state.had_controller || started.elapsed() >= FIRST_CLIENT_WAIT;
+        if waited && state.controllers == 0 && state.plane.idle() {
             state.closing = true;
             let _ = std::fs::remove_file(&socket);
             // Detaches the balancer before the lock is released: a new data plane attaches its own.
