@@ -1243,3 +1243,21 @@ fn serve_stop_then_destroy_leaves_nothing_behind() {
         .collect();
     assert!(pins.is_empty(), "nothing pinned: {pins:?}");
 }
+
+#[test]
+fn a_data_plane_killed_with_sigkill_is_started_again_with_its_routes() {
+    let d = Deployment::new(free_port());
+    d.imago.run(&["serve", "--no-kernel-balancing"]).ok();
+    d.apply().ok();
+    let plane = dataplane_pid(&d).expect("a data plane process");
+    kill9(plane);
+    d.wait_until("a new data plane", Duration::from_secs(10), |d| {
+        dataplane_pid(d).is_some_and(|p| p != plane)
+    });
+    d.wait_until("the endpoint to serve again", Duration::from_secs(10), |d| {
+        d.get().is_ok_and(|b| b.contains("version v1"))
+    });
+    for _ in 0..20 {
+        assert!(d.get().unwrap().contains("version v1"));
+    }
+}

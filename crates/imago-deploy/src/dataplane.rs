@@ -806,10 +806,9 @@ impl DataPlane for RemotePlane {
         Ok(reply.counts)
     }
 
+    /// Called once a pass, so it is also what notices a data plane that died (and starts a new
+    /// one) when nothing else changes.
     fn keep_peers(&mut self, keep: &BTreeSet<SocketAddrV4>) -> Result<(), DeployError> {
-        if !self.kernel_balancing {
-            return Ok(());
-        }
         self.call(Request::KeepPeers {
             keep: keep.iter().copied().collect(),
         })
