@@ -1254,9 +1254,11 @@ fn a_data_plane_killed_with_sigkill_is_started_again_with_its_routes() {
     d.wait_until("a new data plane", Duration::from_secs(10), |d| {
         dataplane_pid(d).is_some_and(|p| p != plane)
     });
-    d.wait_until("the endpoint to serve again", Duration::from_secs(10), |d| {
-        d.get().is_ok_and(|b| b.contains("version v1"))
-    });
+    d.wait_until(
+        "the endpoint to serve again",
+        Duration::from_secs(10),
+        |d| d.get().is_ok_and(|b| b.contains("version v1")),
+    );
     for _ in 0..20 {
         assert!(d.get().unwrap().contains("version v1"));
     }
