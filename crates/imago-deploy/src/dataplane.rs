@@ -922,6 +922,65 @@ mod tests {
             .collect()
     }
 
+    /// A connection to `addr` that stays open (the backend only reads).
+    fn open_connection(addr: SocketAddr) -> std::net::TcpStream {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(b"hello").unwrap();
+        s
+    }
+
+    fn settles(mut check: impl FnMut() -> bool) -> bool {
+        for _ in 0..200 {
+            if check() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    #[test]
+    fn kernel_balancing_follows_what_the_connected_controller_wants() {
+        let mut plane = LocalPlane::new(None);
+        assert_eq!(plane.want_kernel_balancing(true), None);
+        assert!(plane.kernel_balancing());
+        let backend = SocketAddr::from(([127, 0, 0, 1], holding_backend()));
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let listening = plane.listen("web", addr).unwrap();
+        assert_eq!(listening.balanced, balanced_address(addr));
+        assert!(!listening.adopted);
+        plane.route("web", &[("a".into(), backend)]).unwrap();
+        assert!(plane.listen("web", addr).unwrap().adopted);
+        let ids = ["a".to_owned()];
+
+        // Balanced by the kernel: past the proxy, which counts nothing.
+        let direct = open_connection(addr);
+        assert_eq!(direct.peer_addr().unwrap(), addr);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(plane.connections("web", &ids).unwrap(), vec![0]);
+
+        // A controller that wants none: detached, the proxy takes every new connection.
+        assert_eq!(plane.want_kernel_balancing(false), None);
+        assert!(!plane.kernel_balancing());
+        let proxied = open_connection(addr);
+        assert!(settles(
+            || plane.connections("web", &ids).unwrap() == vec![1]
+        ));
+
+        // And on again: balanced with the routes the plane has.
+        assert_eq!(plane.want_kernel_balancing(true), None);
+        let again = open_connection(addr);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(plane.connections("web", &ids).unwrap(), vec![1]);
+
+        // Closed: refused, and idle once the proxied connection ends.
+        plane.close("web").unwrap();
+        assert!(settles(|| std::net::TcpStream::connect(addr).is_err()));
+        assert!(!plane.idle(), "a proxied connection is still open");
+        drop((direct, proxied, again));
+        assert!(settles(|| plane.idle()));
+    }
+
     #[test]
     fn connections_through_the_data_plane_hold_a_drain_across_a_controller_restart() {
         let dir = tempfile::tempdir().unwrap();
