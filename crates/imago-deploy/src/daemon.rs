@@ -202,7 +202,9 @@ pub fn stop_controller(home: &DeployHome) -> Result<Option<u32>, DeployError> {
 }
 
 /// The lock of the one controller of a home, held for the controller's life.
-pub struct ControllerLock(#[allow(dead_code)] File);
+pub struct ControllerLock {
+    _file: File,
+}
 
 /// Takes the controller lock of `home`. `controller_running` probes by taking the same lock for
 /// a moment: a probe (`apply` waiting for this very controller to start) is not mistaken for
@@ -211,7 +213,7 @@ pub fn lock_controller(home: &DeployHome) -> Result<ControllerLock, DeployError>
     home.create()?;
     for _ in 0..10 {
         if let Some(lock) = try_lock(&home.lock_path())? {
-            return Ok(ControllerLock(lock));
+            return Ok(ControllerLock { _file: lock });
         }
         std::thread::sleep(Duration::from_millis(30));
     }
