@@ -33,7 +33,7 @@ use crate::error::DeployError;
 use crate::proxy::Routes;
 
 /// How long a data plane nobody connected to waits for its first controller before it ends.
-const FIRST_CLIENT_WAIT: Duration = Duration::from_secs(10);
+const FIRST_CONTROLLER_WAIT: Duration = Duration::from_secs(10);
 /// How long a request to the data plane process may take before the controller gives up on it.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -525,7 +525,7 @@ pub fn run(home: &DeployHome) -> Result<(), DeployError> {
     loop {
         std::thread::sleep(Duration::from_millis(50));
         let mut state = lock_server(&server);
-        let waited = state.had_controller || started.elapsed() >= FIRST_CLIENT_WAIT;
+        let waited = state.had_controller || started.elapsed() >= FIRST_CONTROLLER_WAIT;
         if waited && state.controllers == 0 && state.plane.idle() {
             state.closing = true;
             let _ = std::fs::remove_file(&socket);
