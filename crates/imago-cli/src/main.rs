@@ -94,12 +94,22 @@ enum Command {
     /// The per-instance supervisor (started by `run`)
     #[command(name = "__supervise", hide = true)]
     Supervise(commands::instances::SuperviseArgs),
+    /// The data plane of the service endpoints (started by the controller)
+    #[command(name = "__dataplane", hide = true)]
+    Dataplane,
 }
 
 /// What every command gets: where the data lives and where output goes.
 pub struct Context {
     pub home: Home,
     pub reporter: Reporter,
+}
+
+/// The imago home, which is what `imago_deploy::daemon::DeployHome::new` is given.
+impl AsRef<std::path::Path> for Context {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.home.root
+    }
 }
 
 impl Context {
@@ -144,6 +154,7 @@ fn run(cli: Cli, reporter: Reporter) -> Result<()> {
         Command::Logs(args) => commands::instances::logs(&ctx, args),
         Command::InspectInstance(args) => commands::instances::inspect_instance(&ctx, args),
         Command::Supervise(args) => commands::instances::supervise(args),
+        Command::Dataplane => commands::deploy::dataplane(&ctx),
     }
 }
 

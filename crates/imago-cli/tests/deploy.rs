@@ -1104,3 +1104,206 @@ fn plan_the_controller_api_and_destroy_through_the_cli() {
     assert_eq!(history.as_array().unwrap().len(), 1, "the history stays");
     assert_eq!(http_request(&api, "/v1/services/web").0, 404);
 }
+
+// ---- the data plane outlives the controller -----------------------------------------------------
+
+/// A port nothing listens on right now.
+fn controller_pid(d: &Deployment) -> i32 {
+    let info: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(d.imago.home.join("deploy/controller.json")).unwrap(),
+    )
+    .unwrap();
+    info["pid"].as_i64().unwrap() as i32
+}
+
+fn kill9(pid: i32) {
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+}
+
+/// Processes whose command line names this deployment's home (controller, data plane,
+/// supervisors): (pid, command line).
+fn home_processes(d: &Deployment) -> Vec<(i32, String)> {
+    let home = d.imago.home.display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| Some((e.file_name().to_str()?.parse::<i32>().ok()?, e.path())))
+        .filter_map(|(pid, dir)| {
+            let cmdline = std::fs::read(dir.join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            cmdline.contains(&home).then_some((pid, cmdline))
+        })
+        .collect()
+}
+
+/// The data plane process of this deployment's home.
+fn dataplane_pid(d: &Deployment) -> Option<i32> {
+    home_processes(d)
+        .into_iter()
+        .find(|(_, cmdline)| cmdline.trim_end().ends_with("__dataplane"))
+        .map(|(pid, _)| pid)
+}
+
+/// BPF links (attached programs) that process `pid` holds.
+fn bpf_links(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|fds| {
+            fds.filter_map(|e| e.ok())
+                .filter(|e| {
+                    std::fs::read_link(e.path())
+                        .is_ok_and(|l| l.to_string_lossy() == "anon_inode:bpf_link")
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Whether any socket of this host listens on TCP `port` (IPv4 or IPv6).
+fn listening(port: u16) -> bool {
+    let wanted = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
+        std::fs::read_to_string(table)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .any(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                fields.len() > 3 && fields[1].ends_with(&wanted) && fields[3] == "0A"
+            })
+    })
+}
+
+/// 16 clients ask the endpoint continuously while the controller is killed with SIGKILL and
+/// started again, then stopped and started again (an upgrade): not one request may fail.
+fn the_endpoint_serves_through_controller_restarts(serve: &[&str]) {
+    let d = Deployment::new();
+    d.imago.run(serve).ok();
+    d.apply().ok();
+    let clients: Vec<Client> = (0..16).map(|_| Client::start(d.port)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    kill9(controller_pid(&d));
+    // Long enough for any client to find the endpoint without a controller.
+    std::thread::sleep(Duration::from_millis(1000));
+    d.imago.run(serve).ok();
+    std::thread::sleep(Duration::from_millis(1000));
+    let stopped = d.imago.run(&["--json", "serve", "--stop"]).ok();
+    std::thread::sleep(Duration::from_millis(1000));
+    let started = d.imago.run(&[&["--json"], serve].concat()).ok();
+    std::thread::sleep(Duration::from_millis(1000));
+    let answers: Vec<Result<String, String>> =
+        clients.into_iter().flat_map(Client::finish).collect();
+    let failures: Vec<&String> = answers.iter().filter_map(|a| a.as_ref().err()).collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {failures:?}",
+        failures.len(),
+        answers.len()
+    );
+    assert_eq!(stopped.json()["controller"], "stopped");
+    assert_eq!(started.json()["controller"], "started");
+    eprintln!("{} answers, none failed", answers.len());
+    assert!(answers.len() > 16 * 20, "{} answers", answers.len());
+    assert!(
+        answers
+            .iter()
+            .all(|a| a.as_ref().is_ok_and(|b| b.contains("version v1")))
+    );
+}
+
+#[test]
+fn a_controller_kill_9_or_upgrade_under_load_fails_no_request() {
+    the_endpoint_serves_through_controller_restarts(&["serve"]);
+}
+
+#[test]
+fn a_controller_kill_9_or_upgrade_under_load_fails_no_request_through_the_proxy() {
+    the_endpoint_serves_through_controller_restarts(&["serve", "--no-kernel-balancing"]);
+}
+
+#[test]
+fn a_restarted_controller_adopts_the_data_plane_and_routes_its_rollout() {
+    let d = Deployment::new();
+    d.apply().ok();
+    let plane = dataplane_pid(&d).expect("a data plane process");
+    let controller = controller_pid(&d);
+    assert_eq!(bpf_links(plane), 2, "the data plane holds the balancer");
+    assert_eq!(bpf_links(controller), 0, "the controller holds no balancer");
+    kill9(controller);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        d.get().unwrap().contains("version v1"),
+        "served without a controller"
+    );
+
+    d.imago.run(&["serve"]).ok();
+    d.set_version("v2", "2");
+    let out = d.apply().ok().stdout();
+    assert!(out.contains("deployment complete (release 2"), "{out}");
+    for _ in 0..20 {
+        assert!(d.get().unwrap().contains("version v2"), "routes updated");
+    }
+    assert_eq!(dataplane_pid(&d), Some(plane), "adopted, not replaced");
+    assert_eq!(bpf_links(plane), 2, "no second balancer attached");
+    assert_eq!(bpf_links(controller_pid(&d)), 0);
+    let events = d.events();
+    assert!(events.iter().any(|e| e.contains("adopted")), "{events:?}");
+}
+
+#[test]
+fn serve_stop_then_destroy_leaves_nothing_behind() {
+    let d = Deployment::new();
+    let started = d.imago.run(&["--json", "serve"]).ok().json();
+    assert_eq!(started["controller"], "started", "{started}");
+    d.apply().ok();
+    let plane = dataplane_pid(&d).expect("a data plane process");
+    let stopped = d.imago.run(&["--json", "serve", "--stop"]).ok().json();
+    assert_eq!(stopped["controller"], "stopped", "{stopped}");
+    assert!(
+        d.get().unwrap().contains("version v1"),
+        "the endpoint serves without a controller"
+    );
+    assert_eq!(dataplane_pid(&d), Some(plane));
+    let again = d.imago.run(&["--json", "serve", "--stop"]).ok().json();
+    assert_eq!(again["controller"], "not running", "{again}");
+
+    d.imago.run(&["destroy", "web"]).ok();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && (!home_processes(&d).is_empty() || listening(d.port)) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(home_processes(&d), vec![], "no process is left");
+    assert!(!listening(d.port), "nothing listens on the endpoint's port");
+    assert!(TcpStream::connect(("127.0.0.1", d.port)).is_err());
+    assert!(!d.imago.home.join("deploy/dataplane.sock").exists());
+    let pins: Vec<_> = std::fs::read_dir("/sys/fs/bpf")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("imago"))
+        .collect();
+    assert!(pins.is_empty(), "nothing pinned: {pins:?}");
+}
+
+#[test]
+fn a_data_plane_killed_with_sigkill_is_started_again_with_its_routes() {
+    let d = Deployment::new();
+    d.imago.run(&["serve", "--no-kernel-balancing"]).ok();
+    d.apply().ok();
+    let plane = dataplane_pid(&d).expect("a data plane process");
+    kill9(plane);
+    d.wait_until("a new data plane", Duration::from_secs(10), |d| {
+        dataplane_pid(d).is_some_and(|p| p != plane)
+    });
+    d.wait_until(
+        "the endpoint to serve again",
+        Duration::from_secs(10),
+        |d| d.get().is_ok_and(|b| b.contains("version v1")),
+    );
+    for _ in 0..20 {
+        assert!(d.get().unwrap().contains("version v1"));
+    }
+}

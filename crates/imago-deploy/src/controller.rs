@@ -18,10 +18,10 @@ use imago_runtime::{Engine, Instance, InstanceSpec, Provider, Status};
 use serde::Serialize;
 use tokio::task::JoinHandle;
 
+use crate::dataplane::{DataPlane, LocalPlane};
 use crate::drift::SpecJudge;
 use crate::error::DeployError;
 use crate::health::{HealthTracker, ProbeResult};
-use crate::proxy::Routes;
 use crate::rollout::{Counts, ObservedInstance, Phase, RolloutInput, Step, next_step};
 use crate::spec::{Probe, Strategy};
 use crate::state::{Release, RolloutRow, StateDb, now_ms};
@@ -215,17 +215,9 @@ impl HealthBoard {
     }
 }
 
-/// A service's endpoint as the controller keeps it.
+/// A service's endpoint as the controller keeps it (the data plane serves it).
 pub struct Endpoint {
     pub port: u16,
-    pub routes: Routes,
-    shutdown: tokio::sync::watch::Sender<bool>,
-}
-
-impl Drop for Endpoint {
-    fn drop(&mut self) {
-        let _ = self.shutdown.send(true);
-    }
 }
 
 /// What one pass did for one service; the controller's log and the tests read it.
@@ -259,9 +251,6 @@ pub struct Controller {
     health: HealthBoard,
     probes: HashMap<String, JoinHandle<()>>,
     endpoints: BTreeMap<String, Endpoint>,
-    /// Routes of endpoints closed (the service stopped publishing a port) while connections
-    /// were still open on them: drains keep counting those connections until they end.
-    closed_routes: BTreeMap<String, Routes>,
     engine: Engine,
     actor: String,
     /// Endpoint addresses are bound on this IP.
@@ -287,10 +276,17 @@ pub struct Controller {
     tainted: HashMap<imago_oci::Digest, u64>,
     /// Modified images whose tree could not be set aside, already reported.
     set_aside_failed: BTreeSet<imago_oci::Digest>,
-    /// Connect-time balancing in the kernel for clients on this host (they then connect to a
-    /// routed instance directly, without the proxy hop); `None` leaves every connection to the
-    /// endpoint proxy. Dropped, it detaches from the kernel.
-    balancer: Option<ConnectBalancer>,
+    /// What serves the endpoints: proxies, connection counts, and the kernel's connect-time
+    /// balancing for clients on this host (they then connect to a routed instance directly).
+    /// In this process ([`LocalPlane`]), or a process that outlives the controller.
+    plane: Box<dyn DataPlane>,
+    /// Services the data plane serves (also those it served before this controller started),
+    /// so a service that stops publishing or is destroyed gets its endpoint closed.
+    plane_services: BTreeSet<String>,
+    /// Routes the data plane had when this controller adopted it, per service: an instance
+    /// stays routed until this controller's own health check has judged it (or retires it),
+    /// so a restart does not take ready instances out of the endpoint.
+    adopted_routes: BTreeMap<String, Vec<(String, SocketAddr)>>,
     /// Backend addresses the balancer routes or that still drain, gathered over one pass: the
     /// peer-address rewrite of any other is forgotten at the end of the pass.
     balanced_peers: BTreeSet<SocketAddrV4>,
@@ -315,7 +311,6 @@ impl Controller {
             health: HealthBoard::default(),
             probes: HashMap::new(),
             endpoints: BTreeMap::new(),
-            closed_routes: BTreeMap::new(),
             engine,
             actor: "controller".into(),
             bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -328,9 +323,34 @@ impl Controller {
             last_rootfs_check: None,
             tainted: HashMap::new(),
             set_aside_failed: BTreeSet::new(),
-            balancer: None,
+            plane: Box::new(LocalPlane::new(None)),
+            plane_services: BTreeSet::new(),
+            adopted_routes: BTreeMap::new(),
             balanced_peers: BTreeSet::new(),
         }
+    }
+
+    /// Serves the endpoints with `plane` (a data plane process, which may already serve them:
+    /// its endpoints and routes are adopted).
+    pub fn with_data_plane(mut self, plane: Box<dyn DataPlane>) -> Controller {
+        let adopted = plane.adopted();
+        self.plane_services = adopted.iter().map(|e| e.service.clone()).collect();
+        self.adopted_routes = adopted
+            .into_iter()
+            .filter(|e| e.addr.is_some())
+            .map(|e| (e.service, e.routed))
+            .collect();
+        self.plane = plane;
+        self
+    }
+
+    /// Open connections the endpoint proxy relays to instance `id` of `service`.
+    pub fn proxied_connections(&mut self, service: &str, id: &str) -> usize {
+        self.plane
+            .connections(service, &[id.to_owned()])
+            .ok()
+            .and_then(|c| c.first().copied())
+            .unwrap_or(0)
     }
 
     /// Balances the endpoints' new connections from clients on this host in the kernel
@@ -340,82 +360,70 @@ impl Controller {
     /// [`imago_runtime::balancer::MAX_BACKENDS`] routed instances), and drains count the
     /// balanced connections from the kernel's socket table.
     pub fn with_kernel_balancing(mut self, balancer: ConnectBalancer) -> Controller {
-        self.balancer = Some(balancer);
+        self.plane = Box::new(LocalPlane::new(Some(balancer)));
         self
     }
 
     /// Whether the kernel balances this host's connections (see [`Self::with_kernel_balancing`]).
     pub fn kernel_balancing(&self) -> bool {
-        self.balancer.is_some()
+        self.plane.kernel_balancing()
     }
 
-    /// The address clients on this host use for an endpoint on `port`, if the kernel can balance
-    /// it: the bind address, or loopback for the wildcard.
-    fn balanced_address(&self, port: u16) -> Option<SocketAddrV4> {
-        match self.bind {
-            IpAddr::V4(ip) if ip.is_unspecified() => {
-                Some(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))
-            }
-            IpAddr::V4(ip) => Some(SocketAddrV4::new(ip, port)),
-            IpAddr::V6(_) => None,
-        }
-    }
-
-    /// Points the kernel's balancing of `service`'s endpoint at `targets`. A kernel error turns
-    /// kernel balancing off for good (every connection then goes through the proxy, which is
-    /// always right), rather than leave a stale backend list in the kernel.
-    fn balance(
+    /// Points `service`'s endpoint at `targets`, and at the instances it routed when this
+    /// controller adopted the data plane that this controller has not judged yet (among
+    /// `eligible`: live, not retired). Returns what is routed.
+    fn route(
         &mut self,
         service: &str,
-        port: u16,
-        targets: &[(String, SocketAddr)],
-    ) -> Result<(), DeployError> {
-        let (Some(balancer), Some(address)) = (&self.balancer, self.balanced_address(port)) else {
-            return Ok(());
-        };
-        let backends: Vec<SocketAddrV4> = targets
-            .iter()
-            .filter_map(|(_, a)| match a {
-                SocketAddr::V4(a) => Some(*a),
-                SocketAddr::V6(_) => None,
-            })
-            .collect();
-        // A target the kernel cannot reach (IPv6) must not lose its share: leave it to the proxy.
-        let backends = if backends.len() == targets.len() {
-            backends
-        } else {
-            Vec::new()
-        };
-        self.balanced_peers.extend(backends.iter().copied());
-        if let Err(e) = balancer.set(address, &backends) {
-            self.kernel_balancing_failed(Some(service), &e)?;
+        mut targets: Vec<(String, SocketAddr)>,
+        eligible: &BTreeSet<String>,
+    ) -> Result<Vec<(String, SocketAddr)>, DeployError> {
+        if !self.endpoints.contains_key(service) {
+            return Ok(targets);
         }
-        Ok(())
+        if let Some(mut adopted) = self.adopted_routes.remove(service) {
+            let health = &self.health;
+            adopted.retain(|(id, _)| {
+                eligible.contains(id)
+                    && !targets.iter().any(|(t, _)| t == id)
+                    && health
+                        .get(id)
+                        .is_none_or(|h| !h.tracker.healthy && !h.tracker.unhealthy)
+            });
+            if !adopted.is_empty() {
+                targets.extend(adopted.iter().cloned());
+                self.adopted_routes.insert(service.to_owned(), adopted);
+            }
+        }
+        self.plane.route(service, &targets)?;
+        if self.plane.kernel_balancing() {
+            self.balanced_peers
+                .extend(targets.iter().filter_map(|(_, a)| match a {
+                    SocketAddr::V4(a) => Some(*a),
+                    SocketAddr::V6(_) => None,
+                }));
+        }
+        self.record_kernel_failures()?;
+        Ok(targets)
     }
 
-    /// Stops the kernel's balancing of an endpoint port that is closing.
-    fn unbalance(&mut self, service: &str, port: u16) -> Result<(), DeployError> {
-        let (Some(balancer), Some(address)) = (&self.balancer, self.balanced_address(port)) else {
-            return Ok(());
-        };
-        if let Err(e) = balancer.remove(address) {
-            self.kernel_balancing_failed(Some(service), &e)?;
+    /// Closes `service`'s endpoint in the data plane, if it serves one.
+    fn close_endpoint(&mut self, service: &str) -> Result<(), DeployError> {
+        self.endpoints.remove(service);
+        self.adopted_routes.remove(service);
+        if self.plane_services.remove(service) {
+            self.plane.close(service)?;
         }
-        Ok(())
+        self.record_kernel_failures()
     }
 
-    fn kernel_balancing_failed(
-        &mut self,
-        service: Option<&str>,
-        e: &imago_runtime::balancer::BalancerError,
-    ) -> Result<(), DeployError> {
-        self.balancer = None;
-        self.db.event(
-            service,
-            "endpoint",
-            &format!("kernel balancing turned off after an error ({e}): every connection now goes through the endpoint proxies"),
-            &self.actor,
-        )
+    /// Records why the data plane turned kernel balancing off (every connection then goes
+    /// through the proxy, which is always right, rather than a stale backend list in the kernel).
+    fn record_kernel_failures(&mut self) -> Result<(), DeployError> {
+        for failure in self.plane.take_kernel_failures() {
+            self.db.event(None, "endpoint", &failure, &self.actor)?;
+        }
+        Ok(())
     }
 
     /// Open connections to draining instances that the kernel balanced (counted from the host's
@@ -425,7 +433,7 @@ impl Controller {
         &self,
         addresses: &BTreeMap<String, SocketAddrV4>,
     ) -> HashMap<String, usize> {
-        if self.balancer.is_none() || addresses.is_empty() {
+        if !self.plane.kernel_balancing() || addresses.is_empty() {
             return HashMap::new();
         }
         let addrs: Vec<SocketAddrV4> = addresses.values().copied().collect();
@@ -548,9 +556,8 @@ impl Controller {
             .collect();
         // Forget the peer-address rewrite of backends no longer routed or draining.
         let peers = std::mem::take(&mut self.balanced_peers);
-        if let Some(Err(e)) = self.balancer.as_ref().map(|b| b.keep_peers(&peers)) {
-            self.kernel_balancing_failed(None, &e)?;
-        }
+        self.plane.keep_peers(&peers)?;
+        self.record_kernel_failures()?;
         self.probes.retain(|id, task| {
             let keep = live.contains(id.as_str());
             if !keep {
@@ -608,9 +615,7 @@ impl Controller {
             service: service.to_owned(),
             ..ServicePass::default()
         };
-        if let Some(closed) = self.endpoints.remove(service) {
-            self.unbalance(service, closed.port)?;
-        }
+        self.close_endpoint(service)?;
         for instance in own {
             if self.stop_pending(&instance.id) {
                 // Its stop is under way: nothing to look up or decide until it ends.
@@ -976,13 +981,14 @@ impl Controller {
                 pass.stopped.push(id.clone());
                 continue;
             }
-            let routes = self
-                .endpoints
-                .get(service)
-                .map(|e| &e.routes)
-                .or_else(|| self.closed_routes.get(service));
-            let open = routes.map_or(0, |r| r.active_connections(id))
-                + kernel_open.get(id).copied().unwrap_or(0);
+            // A count the data plane cannot give counts as open: the drain ends at its deadline.
+            let proxied = self
+                .plane
+                .connections(service, std::slice::from_ref(id))
+                .ok()
+                .and_then(|c| c.first().copied())
+                .unwrap_or(1);
+            let open = proxied + kernel_open.get(id).copied().unwrap_or(0);
             if open == 0 || now >= *drain_deadline {
                 // The grace period the instance was launched with, not the new release's.
                 let grace = instance
@@ -1028,11 +1034,14 @@ impl Controller {
             .filter_map(|id| by_id.get(id.as_str()).copied())
             .filter_map(|i| self.address_of(i, &release).map(|a| (i.id.clone(), a)))
             .collect();
-        if let Some(endpoint) = self.endpoints.get(service) {
-            endpoint.routes.set(&targets);
-            let port = endpoint.port;
-            self.balance(service, port, &targets)?;
-        }
+        let eligible: BTreeSet<String> = own
+            .iter()
+            .filter(|i| {
+                i.is_active() && !draining.contains_key(&i.id) && !step.retire.contains(&i.id)
+            })
+            .map(|i| i.id.clone())
+            .collect();
+        let targets = self.route(service, targets, &eligible)?;
         pass.routed = targets.into_iter().map(|(id, _)| id).collect();
         pass.counts = step.counts;
         pass.complete = step.complete && pass.launched.is_empty();
@@ -1073,65 +1082,32 @@ impl Controller {
     }
 
     fn ensure_endpoint(&mut self, service: &str, release: &Release) -> Result<(), DeployError> {
-        self.closed_routes
-            .retain(|_, routes| routes.open_connections() > 0);
         let Some(port) = release.spec.port else {
-            if let Some(closed) = self.endpoints.remove(service) {
-                self.unbalance(service, closed.port)?;
-                self.closed_routes
-                    .insert(service.to_owned(), closed.routes.clone());
-            }
-            return Ok(());
+            return self.close_endpoint(service);
         };
         if self.endpoints.get(service).is_some_and(|e| e.port == port) {
             return Ok(());
         }
-        if let Some(old_port) = self.endpoints.get(service).map(|e| e.port) {
-            self.unbalance(service, old_port)?;
-        }
         let addr = SocketAddr::new(self.bind, port);
-        let listeners = crate::proxy::bind(addr, crate::proxy::default_threads()).map_err(|e| {
-            DeployError::InvalidService {
-                service: service.to_owned(),
-                field: "port".into(),
-                reason: format!("cannot listen on {addr}: {e}"),
-            }
-        })?;
-        // A new port keeps the service's routes: connections still open on the old port (its
-        // threads relay them to their end) keep counting for drains.
-        let routes = self
-            .endpoints
-            .get(service)
-            .map(|e| e.routes.clone())
-            .or_else(|| self.closed_routes.remove(service))
-            .unwrap_or_default();
-        let (shutdown, rx) = tokio::sync::watch::channel(false);
-        crate::proxy::spawn(listeners, routes.clone(), rx).map_err(|e| {
-            DeployError::InvalidService {
-                service: service.to_owned(),
-                field: "port".into(),
-                reason: format!("cannot start the endpoint on {addr}: {e}"),
-            }
-        })?;
-        self.db.event(
-            Some(service),
-            "endpoint",
-            &match self.balanced_address(port).filter(|_| self.balancer.is_some()) {
-                Some(local) => format!(
-                    "service endpoint listening on {addr}; clients on this host that connect to {local} reach an instance directly (kernel balancing)"
-                ),
-                None => format!("service endpoint listening on {addr}"),
-            },
-            &self.actor,
-        )?;
-        self.endpoints.insert(
-            service.to_owned(),
-            Endpoint {
-                port,
-                routes,
-                shutdown,
-            },
-        );
+        // A new port keeps the service's routes in the data plane: connections still open on
+        // the old port (relayed to their end) keep counting for drains.
+        let listening = self.plane.listen(service, addr)?;
+        self.plane_services.insert(service.to_owned());
+        self.record_kernel_failures()?;
+        let kernel = match listening.balanced {
+            Some(local) => format!(
+                "; clients on this host that connect to {local} reach an instance directly (kernel balancing)"
+            ),
+            None => String::new(),
+        };
+        let message = if listening.adopted {
+            format!("service endpoint on {addr} kept serving without a controller: adopted{kernel}")
+        } else {
+            format!("service endpoint listening on {addr}{kernel}")
+        };
+        self.db
+            .event(Some(service), "endpoint", &message, &self.actor)?;
+        self.endpoints.insert(service.to_owned(), Endpoint { port });
         Ok(())
     }
 
@@ -1990,14 +1966,13 @@ mod tests {
         let old = h.running("web")[0].id.clone();
         let mut client = std::net::TcpStream::connect(("127.0.0.1", old_port)).unwrap();
         client.write_all(b"hello").unwrap();
-        let routes = h.controller.endpoint("web").unwrap().routes.clone();
         for _ in 0..200 {
-            if routes.active_connections(&old) == 1 {
+            if h.controller.proxied_connections("web", &old) == 1 {
                 break;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        assert_eq!(routes.active_connections(&old), 1);
+        assert_eq!(h.controller.proxied_connections("web", &old), 1);
 
         // Release 2 publishes another port: the old endpoint closes, its connection lives on.
         h.release("web", &service(free_port(), "2"), b"v1");
@@ -2059,9 +2034,8 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
-        let routes = h.controller.endpoint("web").unwrap().routes.clone();
         assert_eq!(
-            routes.open_connections(),
+            h.controller.proxied_connections("web", &old),
             0,
             "the connection went through the proxy"
         );

@@ -70,4 +70,19 @@ pub enum DeployError {
         what: &'static str,
         source: serde_json::Error,
     },
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("a controller already runs for {}", home.display())]
+    ControllerRunning { home: PathBuf },
+    #[error("the controller did not start; see {}", log.display())]
+    ControllerDidNotStart { log: PathBuf },
+    #[error("controller {pid} did not stop within 10 s")]
+    ControllerDidNotStop { pid: u32 },
+    #[error("data plane {}: {message}", socket.display())]
+    DataPlane { socket: PathBuf, message: String },
 }

@@ -5,6 +5,8 @@
 
 pub mod api;
 pub mod controller;
+pub mod daemon;
+pub mod dataplane;
 pub mod drift;
 pub mod error;
 pub mod health;

@@ -11,13 +11,16 @@
 //! the service address.
 //!
 //! What this does not cover, by design: clients on other machines (they would reach whatever
-//! listens on the service address, the controller's proxy), and clients in other network namespaces
+//! listens on the service address, the data plane's proxy), and clients in other network namespaces
 //! (both programs act only on sockets of the network namespace the balancer was attached from:
 //! `127.0.0.1` in an instance is that instance's own loopback). A backend that refuses a
 //! connection is not skipped as the proxy skips it: the caller routes only ready backends.
 //!
 //! The programs are attached with BPF links held by this process: when the process ends, even by
-//! `kill -9`, the kernel detaches them and frees their maps, so nothing outlives the controller.
+//! `kill -9`, the kernel detaches them and frees their maps, so nothing outlives it. Nothing is
+//! pinned: the process that holds the balancer is imago-deploy's data plane, a process of its own
+//! that outlives the controller (which can then crash or be replaced without a connection being
+//! refused) and ends only once it serves nothing.
 //!
 //! [`open_connections`] counts the host's TCP sockets connected to given addresses (sock_diag),
 //! which is how a caller knows that an instance no longer serves any balanced connection.

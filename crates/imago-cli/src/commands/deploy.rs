@@ -2,17 +2,16 @@
 //! controller (`serve`).
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use clap::Args;
 use imago_build::{BuildOptions, DefinitionFile};
-use imago_deploy::controller::{Controller, LABEL_SERVICE, stop_grace};
+use imago_deploy::controller::{LABEL_SERVICE, stop_grace};
+use imago_deploy::daemon::{self, DeployHome, Note, ServeOptions, controller_running};
 use imago_deploy::drift::{self, DriftCheck, Finding};
 use imago_deploy::plan::{ServicePlan, plan_service};
 use imago_deploy::roots::{DEFAULT_HISTORY_LIMIT, ReleaseRoots};
@@ -21,42 +20,12 @@ use imago_deploy::spec::{ServiceSpec, validate_all};
 use imago_deploy::state::{Event, Release, StateDb};
 use imago_deploy::status::StatusDocument;
 use imago_oci::{Digest, Reference};
-use imago_runtime::{
-    Engine, Instance, LocalProvider, Provider, StoreImageSource, SupervisorCommand,
-};
+use imago_runtime::{Instance, LocalProvider, Provider, StoreImageSource, SupervisorCommand};
 use imago_store::Store;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::Context;
 use crate::reporter::Render;
-
-/// The deploy layer's files under the imago home.
-pub struct DeployHome {
-    pub dir: PathBuf,
-}
-
-impl DeployHome {
-    pub fn new(ctx: &Context) -> DeployHome {
-        DeployHome {
-            dir: ctx.home.root.join("deploy"),
-        }
-    }
-    pub fn db_path(&self) -> PathBuf {
-        self.dir.join("state.db")
-    }
-    fn lock_path(&self) -> PathBuf {
-        self.dir.join("controller.lock")
-    }
-    fn info_path(&self) -> PathBuf {
-        self.dir.join("controller.json")
-    }
-    fn log_path(&self) -> PathBuf {
-        self.dir.join("controller.log")
-    }
-    pub fn open_db(&self) -> Result<StateDb> {
-        Ok(StateDb::open(&self.db_path())?)
-    }
-}
 
 /// The gc roots deployments add: the images of retained releases.
 pub fn release_roots(ctx: &Context) -> ReleaseRoots {
@@ -458,64 +427,17 @@ fn print_event(ctx: &Context, event: &Event) {
 
 // ---- the controller process -------------------------------------------------------------------
 
-fn try_lock(path: &Path) -> Result<Option<File>> {
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
-    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(Some(file)),
-        Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
-        Err(e) => Err(anyhow!("cannot lock {}: {e}", path.display())),
-    }
-}
-
-fn controller_running(home: &DeployHome) -> Result<bool> {
-    std::fs::create_dir_all(&home.dir)?;
-    Ok(try_lock(&home.lock_path())?.is_none())
-}
-
 /// Starts `imago serve` in the background, with `serve_args`, unless a controller already runs
 /// for this home.
 fn ensure_controller(ctx: &Context, home: &DeployHome, serve_args: &[String]) -> Result<()> {
-    if controller_running(home)? {
-        return Ok(());
-    }
     let exe = std::env::current_exe().context("cannot locate the imago executable")?;
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(home.log_path())
-        .with_context(|| format!("cannot open {}", home.log_path().display()))?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("--home")
-        .arg(&ctx.home.root)
-        .args(["serve", "--foreground"])
-        .args(serve_args);
-    cmd.stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    // Its own process group: a Ctrl-C on `imago apply` does not stop the controller.
-    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    let child = cmd.spawn().context("cannot start the controller")?;
-    ctx.reporter.status(format!(
-        "started the controller (pid {}); log: {}",
-        child.id(),
-        home.log_path().display()
-    ));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if controller_running(home)? {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    if let Some(pid) = daemon::ensure_controller(home, &exe, serve_args)? {
+        ctx.reporter.status(format!(
+            "started the controller (pid {pid}); log: {}",
+            home.log_path().display()
+        ));
     }
-    bail!(
-        "the controller did not start; see {}",
-        home.log_path().display()
-    )
+    Ok(())
 }
 
 #[derive(Debug, Args)]
@@ -532,7 +454,8 @@ pub struct ServeArgs {
     /// Container engine for new instances
     #[arg(long, default_value = "embedded", value_parser = ["embedded", "runc"])]
     pub runtime: String,
-    /// Stop the running controller (instances keep running; a new controller adopts them)
+    /// Stop the running controller (instances and service endpoints keep serving; a new
+    /// controller adopts them)
     #[arg(long, conflicts_with = "foreground")]
     pub stop: bool,
     /// Send every connection to a service endpoint through the endpoint proxy. By default,
@@ -543,40 +466,42 @@ pub struct ServeArgs {
     pub no_kernel_balancing: bool,
 }
 
-fn stop_controller(ctx: &Context, home: &DeployHome) -> Result<()> {
-    if !controller_running(home)? {
-        ctx.reporter.status("no controller is running");
-        return Ok(());
-    }
-    let info: ControllerInfo = serde_json::from_slice(&std::fs::read(home.info_path())?)
-        .with_context(|| format!("cannot read {}", home.info_path().display()))?;
-    let pid = rustix::process::Pid::from_raw(info.pid as i32)
-        .ok_or_else(|| anyhow!("bad pid in {}", home.info_path().display()))?;
-    rustix::process::kill_process(pid, rustix::process::Signal::TERM)
-        .with_context(|| format!("cannot signal controller {}", info.pid))?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while controller_running(home)? {
-        if Instant::now() > deadline {
-            bail!("controller {} did not stop within 10 s", info.pid);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    ctx.reporter
-        .status(format!("controller {} stopped", info.pid));
-    Ok(())
+/// What `imago serve` and `imago serve --stop` did.
+#[derive(Serialize)]
+struct ServeResult {
+    /// "started", "already running", "stopped" or "not running".
+    controller: &'static str,
+    pid: Option<u32>,
+    log: PathBuf,
 }
 
-#[derive(Serialize, Deserialize)]
-struct ControllerInfo {
-    pid: u32,
-    api: String,
+impl Render for ServeResult {
+    fn human(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        match (self.controller, self.pid) {
+            ("started", Some(pid)) => writeln!(
+                out,
+                "controller started (pid {pid}); log: {}",
+                self.log.display()
+            ),
+            ("stopped", Some(pid)) => writeln!(out, "controller {pid} stopped"),
+            (what, _) => writeln!(out, "controller {what}"),
+        }
+    }
 }
 
 pub fn serve(ctx: &Context, args: ServeArgs) -> Result<()> {
     let home = DeployHome::new(ctx);
-    std::fs::create_dir_all(&home.dir)?;
     if args.stop {
-        return stop_controller(ctx, &home);
+        let pid = daemon::stop_controller(&home)?;
+        return ctx.reporter.emit(&ServeResult {
+            controller: if pid.is_some() {
+                "stopped"
+            } else {
+                "not running"
+            },
+            pid,
+            log: home.log_path(),
+        });
     }
     if !args.foreground {
         // The background controller gets the settings given here, not the defaults.
@@ -591,91 +516,72 @@ pub fn serve(ctx: &Context, args: ServeArgs) -> Result<()> {
         if args.no_kernel_balancing {
             serve_args.push("--no-kernel-balancing".to_owned());
         }
-        if controller_running(&home)? {
+        let exe = std::env::current_exe().context("cannot locate the imago executable")?;
+        let pid = daemon::ensure_controller(&home, &exe, &serve_args)?;
+        if pid.is_none() {
             ctx.reporter
                 .warn("a controller already runs for this home: its settings stay as they are");
         }
-        ensure_controller(ctx, &home, &serve_args)?;
-        return Ok(());
+        return ctx.reporter.emit(&ServeResult {
+            controller: if pid.is_some() {
+                "started"
+            } else {
+                "already running"
+            },
+            pid: pid.or_else(|| daemon::read_info(&home).ok().map(|i| i.pid)),
+            log: home.log_path(),
+        });
     }
-    // `controller_running` probes by taking the same lock for a moment: a probe (apply waiting
-    // for this very controller to start) must not be mistaken for another controller.
-    let mut lock = None;
-    for _ in 0..10 {
-        lock = try_lock(&home.lock_path())?;
-        if lock.is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(30));
-    }
-    let Some(_lock) = lock else {
-        bail!("a controller already runs for {}", ctx.home.root.display());
-    };
+    let lock = daemon::lock_controller(&home)?;
     let store = ctx.store()?;
     let local = local_provider(ctx, store)?;
     let rootfs = local.rootfs_cache();
-    let provider: Arc<dyn Provider> = Arc::new(local);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let listener = runtime.block_on(tokio::net::TcpListener::bind(args.api));
-    let api_addr = match listener {
-        Ok(listener) => {
-            let addr = listener.local_addr()?;
-            let router = imago_deploy::api::router(home.db_path(), provider.clone());
-            runtime.spawn(async move { axum::serve(listener, router).await });
-            addr.to_string()
-        }
-        Err(e) => {
-            ctx.reporter.warn(format!(
-                "api: cannot listen on {}: {e}; serving without the HTTP API",
-                args.api
-            ));
-            String::new()
-        }
+    let options = ServeOptions {
+        api: args.api,
+        interval: args.interval,
+        engine: args.runtime.parse()?,
+        kernel_balancing: !args.no_kernel_balancing,
+        exe: std::env::current_exe().context("cannot locate the imago executable")?,
     };
-    let info = serde_json::to_vec(&ControllerInfo {
-        pid: std::process::id(),
-        api: api_addr.clone(),
-    })?;
-    std::fs::write(home.info_path(), info)?;
-    let engine: Engine = args.runtime.parse()?;
-    let mut controller =
-        Controller::new(home.open_db()?, provider, runtime.handle().clone(), engine)
-            .with_rootfs_checks(rootfs, Duration::from_secs(2));
-    if !args.no_kernel_balancing {
-        match imago_runtime::balancer::ConnectBalancer::attach() {
-            Ok(balancer) => controller = controller.with_kernel_balancing(balancer),
-            Err(e) => ctx.reporter.warn(format!(
-                "kernel balancing unavailable ({e}): every connection to a service endpoint goes through its proxy"
+    let never = daemon::run_controller(
+        &home,
+        lock,
+        Arc::new(local),
+        rootfs,
+        options,
+        &mut |note| match note {
+            Note::NoApi { addr, error } => ctx.reporter.warn(format!(
+                "api: cannot listen on {addr}: {error}; serving without the HTTP API"
             )),
-        }
-    }
-    ctx.reporter.status(format!(
-        "controller running (pid {}, api {api_addr})",
-        std::process::id()
-    ));
-    loop {
-        match controller.pass() {
-            Ok(passes) => {
-                for p in passes {
-                    for id in &p.launched {
-                        ctx.reporter.status(format!("{}: launched {id}", p.service));
-                    }
-                    for id in &p.stopped {
-                        ctx.reporter.status(format!("{}: stopped {id}", p.service));
-                    }
-                    if let Some(f) = &p.failed {
-                        ctx.reporter
-                            .status(format!("{}: rollout failed: {f}", p.service));
-                    }
+            Note::Warning(warning) => ctx.reporter.warn(warning),
+            Note::Running {
+                pid,
+                api,
+                dataplane,
+            } => ctx.reporter.status(format!(
+                "controller running (pid {pid}, api {api}, data plane pid {dataplane})"
+            )),
+            Note::Pass(p) => {
+                for id in &p.launched {
+                    ctx.reporter.status(format!("{}: launched {id}", p.service));
+                }
+                for id in &p.stopped {
+                    ctx.reporter.status(format!("{}: stopped {id}", p.service));
+                }
+                if let Some(f) = &p.failed {
+                    ctx.reporter
+                        .status(format!("{}: rollout failed: {f}", p.service));
                 }
             }
-            Err(e) => ctx.reporter.warn(format!("reconcile pass failed: {e}")),
-        }
-        controller.wait_for_next_pass(args.interval);
-    }
+            Note::PassFailed(e) => ctx.reporter.warn(format!("reconcile pass failed: {e}")),
+        },
+    )?;
+    match never {}
+}
+
+/// The data plane process (`imago __dataplane`, started by the controller).
+pub fn dataplane(ctx: &Context) -> Result<()> {
+    Ok(imago_deploy::dataplane::run(&DeployHome::new(ctx))?)
 }
 
 // ---- status, history, rollback, destroy, events -----------------------------------------------
@@ -917,7 +823,7 @@ pub fn destroy(ctx: &Context, args: DestroyArgs) -> Result<()> {
     let mut destroyed = Vec::new();
     let mut failures = Vec::new();
     for service in &args.services {
-        match destroy_one(ctx, &mut db, &provider, service) {
+        match destroy_one(ctx, &home, &mut db, &provider, service) {
             Ok(stopped) => destroyed.push(Destroyed {
                 service: service.clone(),
                 stopped,
@@ -941,6 +847,7 @@ pub fn destroy(ctx: &Context, args: DestroyArgs) -> Result<()> {
 /// Records `service` destroyed and stops and removes its instances; returns how many.
 fn destroy_one(
     ctx: &Context,
+    home: &DeployHome,
     db: &mut StateDb,
     provider: &LocalProvider,
     service: &str,
@@ -952,6 +859,9 @@ fn destroy_one(
             if db.all_services()?.iter().any(|(s, _)| s == service) => {}
         Err(e) => return Err(e.into()),
     }
+    // Without a controller, the data plane still serves the endpoint: close it (the data plane
+    // ends once it serves nothing).
+    imago_deploy::dataplane::close_endpoint(home, service)?;
     // The controller stops them too; doing it here makes destroy work without one. Both may
     // act on the same instance at once, so an instance that is already gone counts as done, and
     // one failure does not leave the others running.

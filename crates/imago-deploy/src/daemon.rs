@@ -1,0 +1,337 @@
+//! The controller's process lifecycle: its lock, starting it in the background, its pid file,
+//! stopping it, and the serve loop. The CLI only parses arguments and reports.
+//!
+//! One controller runs per imago home: it holds `deploy/controller.lock` (flock) for its life,
+//! so the lock's holder is the only truth about whether it runs (a pid file can be stale).
+//! `deploy/controller.json` says its pid and API address. The endpoints are served by the data
+//! plane ([`crate::dataplane`]), a process of its own that the controller starts and that keeps
+//! serving while no controller runs.
+
+use std::fs::{File, OpenOptions};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use imago_runtime::{Engine, Provider, RootfsCache};
+use serde::{Deserialize, Serialize};
+
+use crate::controller::{Controller, ServicePass};
+use crate::dataplane::{PlaneCommand, RemotePlane};
+use crate::error::DeployError;
+use crate::state::StateDb;
+
+/// How long starting or stopping a controller may take.
+const START_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The deploy layer's files under an imago home.
+#[derive(Debug, Clone)]
+pub struct DeployHome {
+    /// The imago home.
+    pub root: PathBuf,
+    /// `<home>/deploy`.
+    pub dir: PathBuf,
+}
+
+impl DeployHome {
+    pub fn new(root: impl AsRef<Path>) -> DeployHome {
+        let root = root.as_ref();
+        DeployHome {
+            root: root.to_owned(),
+            dir: root.join("deploy"),
+        }
+    }
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.join("state.db")
+    }
+    pub fn lock_path(&self) -> PathBuf {
+        self.dir.join("controller.lock")
+    }
+    pub fn info_path(&self) -> PathBuf {
+        self.dir.join("controller.json")
+    }
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("controller.log")
+    }
+    pub fn dataplane_socket(&self) -> PathBuf {
+        self.dir.join("dataplane.sock")
+    }
+    pub fn dataplane_lock_path(&self) -> PathBuf {
+        self.dir.join("dataplane.lock")
+    }
+    pub fn dataplane_log_path(&self) -> PathBuf {
+        self.dir.join("dataplane.log")
+    }
+    pub fn open_db(&self) -> Result<StateDb, DeployError> {
+        StateDb::open(&self.db_path())
+    }
+    fn create(&self) -> Result<(), DeployError> {
+        std::fs::create_dir_all(&self.dir).map_err(|source| DeployError::Io {
+            what: "cannot create",
+            path: self.dir.clone(),
+            source,
+        })
+    }
+}
+
+/// Takes an exclusive flock on `path` without waiting; `None` if another holds it.
+pub fn try_lock(path: &Path) -> Result<Option<File>, DeployError> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|source| DeployError::Io {
+            what: "cannot open",
+            path: path.to_owned(),
+            source,
+        })?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(Some(file)),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+        Err(e) => Err(DeployError::Io {
+            what: "cannot lock",
+            path: path.to_owned(),
+            source: e.into(),
+        }),
+    }
+}
+
+/// Whether a controller holds the lock of `home`.
+pub fn controller_running(home: &DeployHome) -> Result<bool, DeployError> {
+    home.create()?;
+    Ok(try_lock(&home.lock_path())?.is_none())
+}
+
+/// What `deploy/controller.json` says of the running controller.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ControllerInfo {
+    pub pid: u32,
+    pub api: String,
+}
+
+pub fn read_info(home: &DeployHome) -> Result<ControllerInfo, DeployError> {
+    let path = home.info_path();
+    let bytes = std::fs::read(&path).map_err(|source| DeployError::Io {
+        what: "cannot read",
+        path: path.clone(),
+        source,
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| DeployError::Io {
+        what: "cannot parse",
+        path,
+        source: e.into(),
+    })
+}
+
+/// Starts `exe --home HOME serve --foreground SERVE_ARGS` in the background unless a controller
+/// already runs for `home`, and waits until it holds its lock. Returns the new controller's pid.
+pub fn ensure_controller(
+    home: &DeployHome,
+    exe: &Path,
+    serve_args: &[String],
+) -> Result<Option<u32>, DeployError> {
+    if controller_running(home)? {
+        return Ok(None);
+    }
+    let log_path = home.log_path();
+    let io = |what: &'static str, path: &Path| {
+        let path = path.to_owned();
+        move |source| DeployError::Io { what, path, source }
+    };
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(io("cannot open", &log_path))?;
+    let log_err = log.try_clone().map_err(io("cannot open", &log_path))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--home")
+        .arg(&home.root)
+        .args(["serve", "--foreground"])
+        .args(serve_args)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err);
+    // Its own process group: a Ctrl-C on `imago apply` does not stop the controller.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let child = cmd
+        .spawn()
+        .map_err(io("cannot start the controller", exe))?;
+    let deadline = Instant::now() + START_STOP_TIMEOUT;
+    while Instant::now() < deadline {
+        if controller_running(home)? {
+            return Ok(Some(child.id()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(DeployError::ControllerDidNotStart { log: log_path })
+}
+
+/// Stops the controller of `home` (SIGTERM) and waits for its lock to be free; returns its pid,
+/// or `None` if none ran. Its instances and the data plane keep running.
+pub fn stop_controller(home: &DeployHome) -> Result<Option<u32>, DeployError> {
+    if !controller_running(home)? {
+        return Ok(None);
+    }
+    let info = read_info(home)?;
+    let pid = i32::try_from(info.pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .ok_or_else(|| DeployError::Io {
+            what: "bad pid in",
+            path: home.info_path(),
+            source: std::io::ErrorKind::InvalidData.into(),
+        })?;
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).map_err(|e| {
+        DeployError::Io {
+            what: "cannot signal the controller of",
+            path: home.root.clone(),
+            source: e.into(),
+        }
+    })?;
+    let deadline = Instant::now() + START_STOP_TIMEOUT;
+    while controller_running(home)? {
+        if Instant::now() > deadline {
+            return Err(DeployError::ControllerDidNotStop { pid: info.pid });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(Some(info.pid))
+}
+
+/// The lock of the one controller of a home, held for the controller's life.
+pub struct ControllerLock {
+    _file: File,
+}
+
+/// Takes the controller lock of `home`. `controller_running` probes by taking the same lock for
+/// a moment: a probe (`apply` waiting for this very controller to start) is not mistaken for
+/// another controller.
+pub fn lock_controller(home: &DeployHome) -> Result<ControllerLock, DeployError> {
+    home.create()?;
+    for _ in 0..10 {
+        if let Some(lock) = try_lock(&home.lock_path())? {
+            return Ok(ControllerLock { _file: lock });
+        }
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    Err(DeployError::ControllerRunning {
+        home: home.root.clone(),
+    })
+}
+
+/// How `imago serve --foreground` runs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub api: SocketAddr,
+    pub interval: Duration,
+    pub engine: Engine,
+    pub kernel_balancing: bool,
+    /// The imago executable, which runs the data plane (`__dataplane`).
+    pub exe: PathBuf,
+}
+
+/// What the serve loop has to say; the CLI prints it.
+#[derive(Debug)]
+pub enum Note {
+    /// The HTTP API could not listen; the controller serves without it.
+    NoApi { addr: SocketAddr, error: String },
+    /// The data plane could not turn kernel balancing on.
+    Warning(String),
+    /// The controller runs.
+    Running {
+        pid: u32,
+        api: String,
+        dataplane: u32,
+    },
+    /// One pass's result for a service.
+    Pass(ServicePass),
+    /// A pass failed (the next one tries again).
+    PassFailed(DeployError),
+}
+
+/// Runs the controller of `home` until the process is killed: API, data plane, reconcile loop.
+pub fn run_controller(
+    home: &DeployHome,
+    _lock: ControllerLock,
+    provider: Arc<dyn Provider>,
+    rootfs: RootfsCache,
+    options: ServeOptions,
+    note: &mut dyn FnMut(Note),
+) -> Result<std::convert::Infallible, DeployError> {
+    let io = |what: &'static str, path: &Path| {
+        let path = path.to_owned();
+        move |source| DeployError::Io { what, path, source }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(io(
+            "cannot start a runtime for the controller of",
+            &home.root,
+        ))?;
+    let api = match runtime.block_on(tokio::net::TcpListener::bind(options.api)) {
+        Ok(listener) => {
+            let addr = listener
+                .local_addr()
+                .map_err(io("cannot read the API address of", &home.root))?;
+            let router = crate::api::router(home.db_path(), provider.clone());
+            runtime.spawn(async move { axum::serve(listener, router).await });
+            addr.to_string()
+        }
+        Err(e) => {
+            note(Note::NoApi {
+                addr: options.api,
+                error: e.to_string(),
+            });
+            String::new()
+        }
+    };
+    let info = ControllerInfo {
+        pid: std::process::id(),
+        api: api.clone(),
+    };
+    let bytes = serde_json::to_vec(&info).map_err(|source| DeployError::Encode {
+        what: "the controller's pid file",
+        source,
+    })?;
+    std::fs::write(home.info_path(), bytes).map_err(io("cannot write", &home.info_path()))?;
+    let plane = RemotePlane::connect(
+        PlaneCommand {
+            exe: options.exe.clone(),
+            home: home.clone(),
+        },
+        options.kernel_balancing,
+    )?;
+    if let Some(warning) = plane.warning() {
+        note(Note::Warning(warning.to_owned()));
+    }
+    let dataplane = plane.adopted_status().pid;
+    let mut controller = Controller::new(
+        home.open_db()?,
+        provider,
+        runtime.handle().clone(),
+        options.engine,
+    )
+    .with_rootfs_checks(rootfs, Duration::from_secs(2))
+    .with_data_plane(Box::new(plane));
+    note(Note::Running {
+        pid: std::process::id(),
+        api,
+        dataplane,
+    });
+    loop {
+        match controller.pass() {
+            Ok(passes) => {
+                for p in passes {
+                    note(Note::Pass(p));
+                }
+            }
+            Err(e) => note(Note::PassFailed(e)),
+        }
+        controller.wait_for_next_pass(options.interval);
+    }
+}

@@ -1,0 +1,1081 @@
+//! The data plane: what serves a service's endpoint. It must outlive the control plane, so that a
+//! controller that crashes or is being replaced refuses no connection.
+//!
+//! A data plane owns, per service, the endpoint's listening sockets and proxy threads
+//! ([`crate::proxy`]) with their per-instance connection counts, and the kernel's connect-time
+//! balancer ([`ConnectBalancer`]), whose BPF links live exactly as long as the process holding
+//! them. [`LocalPlane`] is that, inside the calling process (the controller's unit tests use it).
+//! `imago serve` runs it in a process of its own instead, `imago __dataplane` ([`run`]): the
+//! controller spawns it on first use, and talks to it over a unix socket in the deploy directory
+//! ([`RemotePlane`]: routes in, connection counts out). A controller killed with `kill -9` or
+//! stopped for an upgrade leaves the data plane serving the last routes it was given; the next
+//! controller connects to the same process (one balancer stays attached, counts are not lost,
+//! so drains stay correct) and only then changes anything.
+//!
+//! The data plane process ends by itself once no controller is connected and it has no endpoint
+//! left (a destroyed service's endpoint is closed by the controller or by `imago destroy`), and
+//! once the connections of closed endpoints have ended: nothing of it then remains, no process,
+//! no listener, no BPF program (nothing is pinned).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use imago_runtime::balancer::{BalancerError, ConnectBalancer};
+use serde::{Deserialize, Serialize};
+
+use crate::daemon::{DeployHome, try_lock};
+use crate::error::DeployError;
+use crate::proxy::Routes;
+
+/// How long a data plane nobody connected to waits for its first controller before it ends.
+const FIRST_CONTROLLER_WAIT: Duration = Duration::from_secs(10);
+/// How long a request to the data plane process may take before the controller gives up on it.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the controller asks of the data plane. Every call is idempotent, so a client that lost
+/// its data plane can replay what it asked for to a new one.
+pub trait DataPlane: Send {
+    /// Serves `service` on `addr` from now on; an earlier address of the service stops accepting
+    /// (its open connections are relayed to their end), and its routes and counts carry over.
+    fn listen(&mut self, service: &str, addr: SocketAddr) -> Result<Listening, DeployError>;
+    /// Stops accepting connections for `service`; open ones are relayed to their end and keep
+    /// counting for [`DataPlane::connections`].
+    fn close(&mut self, service: &str) -> Result<(), DeployError>;
+    /// Sends new connections to `service` to `targets` (instance id, address) only.
+    fn route(&mut self, service: &str, targets: &[(String, SocketAddr)])
+    -> Result<(), DeployError>;
+    /// Open proxied connections of `service` to each of `ids`.
+    fn connections(&mut self, service: &str, ids: &[String]) -> Result<Vec<usize>, DeployError>;
+    /// Forgets the kernel's peer-address rewrite of every backend not in `keep`.
+    fn keep_peers(&mut self, keep: &BTreeSet<SocketAddrV4>) -> Result<(), DeployError>;
+    /// Whether the kernel balances connections of this host's clients.
+    fn kernel_balancing(&self) -> bool;
+    /// Why kernel balancing was turned off since the last call (one message per failure).
+    fn take_kernel_failures(&mut self) -> Vec<String>;
+    /// The endpoints the data plane already served when this controller connected to it.
+    fn adopted(&self) -> Vec<EndpointStatus>;
+}
+
+/// The answer to [`DataPlane::listen`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listening {
+    /// The endpoint already listened on that address (a restarted controller adopts it).
+    pub adopted: bool,
+    /// The address this host's clients use that the kernel balances, if it does.
+    pub balanced: Option<SocketAddrV4>,
+}
+
+/// One endpoint of a data plane.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointStatus {
+    pub service: String,
+    /// `None` once closed: it only finishes its open connections.
+    pub addr: Option<SocketAddr>,
+    pub routed: Vec<(String, SocketAddr)>,
+    pub open_connections: usize,
+}
+
+/// What a data plane serves.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlaneStatus {
+    pub pid: u32,
+    pub kernel_balancing: bool,
+    pub endpoints: Vec<EndpointStatus>,
+}
+
+/// The address clients on this host use for an endpoint on `addr`, if the kernel can balance it:
+/// the bind address, or loopback for the wildcard.
+pub fn balanced_address(addr: SocketAddr) -> Option<SocketAddrV4> {
+    match addr {
+        SocketAddr::V4(a) if a.ip().is_unspecified() => {
+            Some(SocketAddrV4::new(Ipv4Addr::LOCALHOST, a.port()))
+        }
+        SocketAddr::V4(a) => Some(a),
+        SocketAddr::V6(_) => None,
+    }
+}
+
+/// Ends an endpoint's proxy threads' accepting when dropped.
+struct Accepting(tokio::sync::watch::Sender<bool>);
+
+impl Drop for Accepting {
+    fn drop(&mut self) {
+        let _ = self.0.send(true);
+    }
+}
+
+struct PlaneEndpoint {
+    addr: Option<SocketAddr>,
+    routes: Routes,
+    targets: Vec<(String, SocketAddr)>,
+    _accepting: Option<Accepting>,
+}
+
+/// The data plane inside this process: endpoint proxies and, optionally, the kernel balancer.
+/// Dropped, it stops accepting and detaches the balancer.
+#[derive(Default)]
+pub struct LocalPlane {
+    endpoints: BTreeMap<String, PlaneEndpoint>,
+    balancer: Option<ConnectBalancer>,
+    failures: Vec<String>,
+}
+
+impl LocalPlane {
+    pub fn new(balancer: Option<ConnectBalancer>) -> LocalPlane {
+        LocalPlane {
+            balancer,
+            ..LocalPlane::default()
+        }
+    }
+
+    /// Forgets closed endpoints whose last connection has ended.
+    fn collect(&mut self) {
+        self.endpoints
+            .retain(|_, e| e.addr.is_some() || e.routes.open_connections() > 0);
+    }
+
+    /// No endpoint listens and no connection is open.
+    pub fn idle(&mut self) -> bool {
+        self.collect();
+        self.endpoints.is_empty()
+    }
+
+    pub fn status(&self) -> PlaneStatus {
+        PlaneStatus {
+            pid: std::process::id(),
+            kernel_balancing: self.balancer.is_some(),
+            endpoints: self
+                .endpoints
+                .iter()
+                .map(|(service, e)| EndpointStatus {
+                    service: service.clone(),
+                    addr: e.addr,
+                    routed: e.targets.clone(),
+                    open_connections: e.routes.open_connections(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Turns kernel balancing on or off as a (new) controller wants it; a failure to attach is
+    /// returned as a warning, and the proxies take every connection.
+    pub fn want_kernel_balancing(&mut self, want: bool) -> Option<String> {
+        if !want {
+            // Detaching returns every connection to the listening proxies.
+            self.balancer = None;
+            return None;
+        }
+        if self.balancer.is_some() {
+            return None;
+        }
+        match ConnectBalancer::attach() {
+            Ok(balancer) => {
+                self.balancer = Some(balancer);
+                let services: Vec<String> = self.endpoints.keys().cloned().collect();
+                for service in services {
+                    if let Some((Some(addr), targets)) = self
+                        .endpoints
+                        .get(&service)
+                        .map(|e| (e.addr, e.targets.clone()))
+                    {
+                        self.balance(&service, addr, &targets);
+                    }
+                }
+                None
+            }
+            Err(e) => Some(format!(
+                "kernel balancing unavailable ({e}): every connection to a service endpoint goes through its proxy"
+            )),
+        }
+    }
+
+    fn balanced(&self, addr: SocketAddr) -> Option<SocketAddrV4> {
+        self.balancer.as_ref().and(balanced_address(addr))
+    }
+
+    /// Points the kernel's balancing of the endpoint on `addr` at `targets`.
+    fn balance(&mut self, service: &str, addr: SocketAddr, targets: &[(String, SocketAddr)]) {
+        let (Some(balancer), Some(address)) = (&self.balancer, balanced_address(addr)) else {
+            return;
+        };
+        let backends: Vec<SocketAddrV4> = targets
+            .iter()
+            .filter_map(|(_, a)| match a {
+                SocketAddr::V4(a) => Some(*a),
+                SocketAddr::V6(_) => None,
+            })
+            .collect();
+        // A target the kernel cannot reach (IPv6) must not lose its share: leave it to the proxy.
+        let backends = if backends.len() == targets.len() {
+            backends
+        } else {
+            Vec::new()
+        };
+        if let Err(e) = balancer.set(address, &backends) {
+            self.kernel_failed(Some(service), &e);
+        }
+    }
+
+    fn unbalance(&mut self, service: &str, addr: SocketAddr) {
+        let (Some(balancer), Some(address)) = (&self.balancer, balanced_address(addr)) else {
+            return;
+        };
+        if let Err(e) = balancer.remove(address) {
+            self.kernel_failed(Some(service), &e);
+        }
+    }
+
+    /// A kernel error turns kernel balancing off for good (every connection then goes through
+    /// the proxy, which is always right), rather than leave a stale backend list in the kernel.
+    fn kernel_failed(&mut self, service: Option<&str>, e: &BalancerError) {
+        self.balancer = None;
+        let service = service
+            .map(|s| format!("service {s}: "))
+            .unwrap_or_default();
+        self.failures.push(format!(
+            "{service}kernel balancing turned off after an error ({e}): every connection now goes through the endpoint proxies"
+        ));
+    }
+}
+
+impl DataPlane for LocalPlane {
+    fn listen(&mut self, service: &str, addr: SocketAddr) -> Result<Listening, DeployError> {
+        self.collect();
+        if self
+            .endpoints
+            .get(service)
+            .is_some_and(|e| e.addr == Some(addr))
+        {
+            return Ok(Listening {
+                adopted: true,
+                balanced: self.balanced(addr),
+            });
+        }
+        let bad = |what: &str, e: std::io::Error| DeployError::InvalidService {
+            service: service.to_owned(),
+            field: "port".into(),
+            reason: format!("{what} {addr}: {e}"),
+        };
+        let listeners = crate::proxy::bind(addr, crate::proxy::default_threads())
+            .map_err(|e| bad("cannot listen on", e))?;
+        // A new address keeps the service's routes: connections still open on the old one (its
+        // threads relay them to their end) keep counting for drains.
+        let routes = self
+            .endpoints
+            .get(service)
+            .map(|e| e.routes.clone())
+            .unwrap_or_default();
+        let (accepting, rx) = tokio::sync::watch::channel(false);
+        crate::proxy::spawn(listeners, routes.clone(), rx)
+            .map_err(|e| bad("cannot start the endpoint on", e))?;
+        let old = self.endpoints.remove(service);
+        if let Some(old_addr) = old.as_ref().and_then(|e| e.addr) {
+            self.unbalance(service, old_addr);
+        }
+        let targets = old.map(|e| e.targets).unwrap_or_default();
+        self.endpoints.insert(
+            service.to_owned(),
+            PlaneEndpoint {
+                addr: Some(addr),
+                routes,
+                targets: targets.clone(),
+                _accepting: Some(Accepting(accepting)),
+            },
+        );
+        if !targets.is_empty() {
+            self.balance(service, addr, &targets);
+        }
+        Ok(Listening {
+            adopted: false,
+            balanced: self.balanced(addr),
+        })
+    }
+
+    fn close(&mut self, service: &str) -> Result<(), DeployError> {
+        let addr = self.endpoints.get_mut(service).and_then(|e| {
+            e._accepting = None;
+            e.addr.take()
+        });
+        if let Some(addr) = addr {
+            self.unbalance(service, addr);
+        }
+        self.collect();
+        Ok(())
+    }
+
+    fn route(
+        &mut self,
+        service: &str,
+        targets: &[(String, SocketAddr)],
+    ) -> Result<(), DeployError> {
+        let Some(endpoint) = self.endpoints.get_mut(service) else {
+            return Ok(());
+        };
+        endpoint.routes.set(targets);
+        endpoint.targets = targets.to_vec();
+        if let Some(addr) = endpoint.addr {
+            self.balance(service, addr, targets);
+        }
+        Ok(())
+    }
+
+    fn connections(&mut self, service: &str, ids: &[String]) -> Result<Vec<usize>, DeployError> {
+        let routes = self.endpoints.get(service).map(|e| &e.routes);
+        Ok(ids
+            .iter()
+            .map(|id| routes.map_or(0, |r| r.active_connections(id)))
+            .collect())
+    }
+
+    fn keep_peers(&mut self, keep: &BTreeSet<SocketAddrV4>) -> Result<(), DeployError> {
+        if let Some(Err(e)) = self.balancer.as_ref().map(|b| b.keep_peers(keep)) {
+            self.kernel_failed(None, &e);
+        }
+        Ok(())
+    }
+
+    fn kernel_balancing(&self) -> bool {
+        self.balancer.is_some()
+    }
+
+    fn take_kernel_failures(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.failures)
+    }
+
+    fn adopted(&self) -> Vec<EndpointStatus> {
+        Vec::new()
+    }
+}
+
+// ---- the data plane process and its protocol ------------------------------------------------
+
+/// One request, one line of JSON on the unix socket.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Request {
+    Hello {
+        kernel_balancing: bool,
+    },
+    Listen {
+        service: String,
+        addr: SocketAddr,
+    },
+    Close {
+        service: String,
+    },
+    Route {
+        service: String,
+        targets: Vec<(String, SocketAddr)>,
+    },
+    Connections {
+        service: String,
+        ids: Vec<String>,
+    },
+    KeepPeers {
+        keep: Vec<SocketAddrV4>,
+    },
+    Status,
+}
+
+/// The answer to a request, one line of JSON.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Reply {
+    error: Option<String>,
+    warning: Option<String>,
+    kernel_balancing: bool,
+    kernel_failures: Vec<String>,
+    listening: Option<Listening>,
+    counts: Vec<usize>,
+    status: Option<PlaneStatus>,
+}
+
+struct Server {
+    plane: LocalPlane,
+    /// Connected controllers (connections that said hello); `imago destroy` and status
+    /// queries do not count.
+    controllers: usize,
+    had_controller: bool,
+    closing: bool,
+}
+
+fn lock_server(server: &Mutex<Server>) -> MutexGuard<'_, Server> {
+    // A panic in one request leaves a plane that still serves: keep going.
+    server
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn handle(plane: &mut LocalPlane, request: Request) -> Reply {
+    let mut reply = Reply::default();
+    let result = match request {
+        Request::Hello { kernel_balancing } => {
+            reply.warning = plane.want_kernel_balancing(kernel_balancing);
+            reply.status = Some(plane.status());
+            Ok(())
+        }
+        Request::Listen { service, addr } => plane
+            .listen(&service, addr)
+            .map(|l| reply.listening = Some(l)),
+        Request::Close { service } => plane.close(&service),
+        Request::Route { service, targets } => plane.route(&service, &targets),
+        Request::Connections { service, ids } => {
+            plane.connections(&service, &ids).map(|c| reply.counts = c)
+        }
+        Request::KeepPeers { keep } => plane.keep_peers(&keep.into_iter().collect()),
+        Request::Status => {
+            reply.status = Some(plane.status());
+            Ok(())
+        }
+    };
+    reply.error = result.err().map(|e| e.to_string());
+    reply.kernel_balancing = plane.kernel_balancing();
+    reply.kernel_failures = plane.take_kernel_failures();
+    reply
+}
+
+fn serve_client(server: Arc<Mutex<Server>>, stream: UnixStream) {
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let mut controller = false;
+    for line in BufReader::new(stream).lines() {
+        let Ok(line) = line else { break };
+        let reply = match serde_json::from_str::<Request>(&line) {
+            Ok(request) => {
+                let mut state = lock_server(&server);
+                if matches!(request, Request::Hello { .. }) && !controller {
+                    controller = true;
+                    state.controllers += 1;
+                    state.had_controller = true;
+                }
+                handle(&mut state.plane, request)
+            }
+            Err(e) => Reply {
+                error: Some(format!("bad request: {e}")),
+                ..Reply::default()
+            },
+        };
+        let Ok(mut text) = serde_json::to_vec(&reply) else {
+            break;
+        };
+        text.push(b'\n');
+        if writer.write_all(&text).is_err() {
+            break;
+        }
+    }
+    if controller {
+        lock_server(&server).controllers -= 1;
+    }
+}
+
+fn io_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DeployError {
+    let path = path.to_owned();
+    move |source| DeployError::Io { what, path, source }
+}
+
+/// The data plane process (`imago __dataplane`) of `home`: serves its socket until no
+/// controller is connected and nothing is left to serve. Returns at once if another data plane
+/// of this home runs (after waiting a moment for one that is ending).
+pub fn run(home: &DeployHome) -> Result<(), DeployError> {
+    std::fs::create_dir_all(&home.dir).map_err(io_error("cannot create", &home.dir))?;
+    let lock_path = home.dataplane_lock_path();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let _lock = loop {
+        if let Some(lock) = try_lock(&lock_path)? {
+            break lock;
+        }
+        if Instant::now() >= deadline {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let socket = home.dataplane_socket();
+    // A socket file left by a data plane that was killed: nobody serves it (the lock says so).
+    let _ = std::fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket).map_err(io_error("cannot listen on", &socket))?;
+    let server = Arc::new(Mutex::new(Server {
+        plane: LocalPlane::new(None),
+        controllers: 0,
+        had_controller: false,
+        closing: false,
+    }));
+    let accepting = server.clone();
+    std::thread::Builder::new()
+        .name("imago-dataplane-accept".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                if lock_server(&accepting).closing {
+                    // The plane is ending: the client sees end of file and starts a new one.
+                    continue;
+                }
+                let server = accepting.clone();
+                let _ = std::thread::Builder::new()
+                    .name("imago-dataplane-client".into())
+                    .spawn(move || serve_client(server, stream));
+            }
+        })
+        .map_err(io_error("cannot start a thread for", &socket))?;
+    let started = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let mut state = lock_server(&server);
+        let waited = state.had_controller || started.elapsed() >= FIRST_CONTROLLER_WAIT;
+        if waited && state.controllers == 0 && state.plane.idle() {
+            state.closing = true;
+            let _ = std::fs::remove_file(&socket);
+            // Detaches the balancer before the lock is released: a new data plane attaches its own.
+            state.plane = LocalPlane::new(None);
+            return Ok(());
+        }
+    }
+}
+
+/// How to start the data plane process when none runs.
+#[derive(Debug, Clone)]
+pub struct PlaneCommand {
+    /// The imago executable (`imago --home HOME __dataplane`).
+    pub exe: PathBuf,
+    pub home: DeployHome,
+}
+
+impl PlaneCommand {
+    fn spawn(&self) -> Result<(), DeployError> {
+        let log_path = self.home.dataplane_log_path();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io_error("cannot open", &log_path))?;
+        let log_err = log
+            .try_clone()
+            .map_err(io_error("cannot open", &log_path))?;
+        let mut cmd = std::process::Command::new(&self.exe);
+        cmd.arg("--home")
+            .arg(&self.home.root)
+            .arg("__dataplane")
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(log_err);
+        // Its own process group: a signal to the controller's group does not reach it.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let mut child = cmd
+            .spawn()
+            .map_err(io_error("cannot start the data plane", &self.exe))?;
+        // Reaped whenever it ends, for as long as this process lives.
+        let _ = std::thread::Builder::new()
+            .name("imago-dataplane-reaper".into())
+            .spawn(move || child.wait());
+        Ok(())
+    }
+}
+
+struct Connection {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Connection {
+    fn open(socket: &Path) -> std::io::Result<Connection> {
+        let writer = UnixStream::connect(socket)?;
+        writer.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+        writer.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+        Ok(Connection {
+            reader: BufReader::new(writer.try_clone()?),
+            writer,
+        })
+    }
+
+    fn call(&mut self, request: &Request) -> std::io::Result<Reply> {
+        let mut line = serde_json::to_vec(request).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        self.writer.write_all(&line)?;
+        let mut answer = String::new();
+        if self.reader.read_line(&mut answer)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        serde_json::from_str(&answer).map_err(std::io::Error::other)
+    }
+}
+
+/// The controller's side of a data plane process: starts one if none runs, and if its data plane
+/// goes away, starts a new one and gives it again everything it had asked for.
+pub struct RemotePlane {
+    command: PlaneCommand,
+    connection: Option<Connection>,
+    want_kernel_balancing: bool,
+    kernel_balancing: bool,
+    failures: Vec<String>,
+    /// What this controller asked for, to replay to a new data plane.
+    listening: BTreeMap<String, SocketAddr>,
+    routes: BTreeMap<String, Vec<(String, SocketAddr)>>,
+    adopted: PlaneStatus,
+    warning: Option<String>,
+}
+
+impl RemotePlane {
+    /// Connects to the data plane of `command.home`, starting it if none runs, and asks it for
+    /// kernel balancing or not.
+    pub fn connect(
+        command: PlaneCommand,
+        want_kernel_balancing: bool,
+    ) -> Result<RemotePlane, DeployError> {
+        let mut plane = RemotePlane {
+            command,
+            connection: None,
+            want_kernel_balancing,
+            kernel_balancing: false,
+            failures: Vec::new(),
+            listening: BTreeMap::new(),
+            routes: BTreeMap::new(),
+            adopted: PlaneStatus::default(),
+            warning: None,
+        };
+        plane.reconnect()?;
+        Ok(plane)
+    }
+
+    /// Why kernel balancing could not be turned on, if it could not.
+    pub fn warning(&self) -> Option<&str> {
+        self.warning.as_deref()
+    }
+
+    /// The data plane's state when this controller connected.
+    pub fn adopted_status(&self) -> &PlaneStatus {
+        &self.adopted
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.command.home.dataplane_socket()
+    }
+
+    fn error(&self, message: String) -> DeployError {
+        DeployError::DataPlane {
+            socket: self.socket(),
+            message,
+        }
+    }
+
+    /// Opens a connection, starting the data plane if none answers, then says hello and
+    /// replays what this controller asked for.
+    fn reconnect(&mut self) -> Result<(), DeployError> {
+        self.connection = None;
+        let socket = self.socket();
+        let mut connection = match Connection::open(&socket) {
+            Ok(c) => c,
+            Err(_) => {
+                self.command.spawn()?;
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    match Connection::open(&socket) {
+                        Ok(c) => break c,
+                        Err(e) if Instant::now() >= deadline => {
+                            return Err(self.error(format!(
+                                "the data plane did not start ({e}); see {}",
+                                self.command.home.dataplane_log_path().display()
+                            )));
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+            }
+        };
+        let hello = Request::Hello {
+            kernel_balancing: self.want_kernel_balancing,
+        };
+        let reply = connection
+            .call(&hello)
+            .map_err(|e| self.error(format!("no answer: {e}")))?;
+        self.warning = reply.warning;
+        self.kernel_balancing = reply.kernel_balancing;
+        if let Some(status) = reply.status {
+            self.adopted = status;
+        }
+        let mut replay: Vec<Request> = Vec::new();
+        for (service, addr) in &self.listening {
+            replay.push(Request::Listen {
+                service: service.clone(),
+                addr: *addr,
+            });
+        }
+        for (service, targets) in &self.routes {
+            replay.push(Request::Route {
+                service: service.clone(),
+                targets: targets.clone(),
+            });
+        }
+        for request in replay {
+            let reply = connection
+                .call(&request)
+                .map_err(|e| self.error(format!("no answer: {e}")))?;
+            self.kernel_balancing = reply.kernel_balancing;
+            self.failures.extend(reply.kernel_failures);
+        }
+        self.connection = Some(connection);
+        Ok(())
+    }
+
+    fn call(&mut self, request: Request) -> Result<Reply, DeployError> {
+        let first = match self.connection.as_mut() {
+            Some(c) => c.call(&request).ok(),
+            None => None,
+        };
+        let reply = match first {
+            Some(reply) => reply,
+            None => {
+                // The data plane ended or hung up: start (or find) one, replay, ask again.
+                self.reconnect()?;
+                let answer = self.connection.as_mut().map(|c| c.call(&request));
+                match answer {
+                    Some(Ok(reply)) => reply,
+                    Some(Err(e)) => {
+                        self.connection = None;
+                        return Err(self.error(format!("no answer: {e}")));
+                    }
+                    None => return Err(self.error("not connected".into())),
+                }
+            }
+        };
+        self.kernel_balancing = reply.kernel_balancing;
+        self.failures.extend(reply.kernel_failures.iter().cloned());
+        match &reply.error {
+            Some(message) => Err(DeployError::DataPlane {
+                socket: self.socket(),
+                message: message.clone(),
+            }),
+            None => Ok(reply),
+        }
+    }
+}
+
+impl DataPlane for RemotePlane {
+    fn listen(&mut self, service: &str, addr: SocketAddr) -> Result<Listening, DeployError> {
+        let reply = self.call(Request::Listen {
+            service: service.to_owned(),
+            addr,
+        })?;
+        self.listening.insert(service.to_owned(), addr);
+        Ok(reply.listening.unwrap_or_default())
+    }
+
+    fn close(&mut self, service: &str) -> Result<(), DeployError> {
+        self.listening.remove(service);
+        self.routes.remove(service);
+        self.call(Request::Close {
+            service: service.to_owned(),
+        })
+        .map(|_| ())
+    }
+
+    fn route(
+        &mut self,
+        service: &str,
+        targets: &[(String, SocketAddr)],
+    ) -> Result<(), DeployError> {
+        if self.routes.get(service).map(Vec::as_slice) == Some(targets) {
+            return Ok(());
+        }
+        self.call(Request::Route {
+            service: service.to_owned(),
+            targets: targets.to_vec(),
+        })?;
+        self.routes.insert(service.to_owned(), targets.to_vec());
+        Ok(())
+    }
+
+    fn connections(&mut self, service: &str, ids: &[String]) -> Result<Vec<usize>, DeployError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let reply = self.call(Request::Connections {
+            service: service.to_owned(),
+            ids: ids.to_vec(),
+        })?;
+        if reply.counts.len() != ids.len() {
+            return Err(self.error(format!(
+                "asked for {} connection counts, got {}",
+                ids.len(),
+                reply.counts.len()
+            )));
+        }
+        Ok(reply.counts)
+    }
+
+    /// Called once a pass, so it is also what notices a data plane that died (and starts a new
+    /// one) when nothing else changes.
+    fn keep_peers(&mut self, keep: &BTreeSet<SocketAddrV4>) -> Result<(), DeployError> {
+        self.call(Request::KeepPeers {
+            keep: keep.iter().copied().collect(),
+        })
+        .map(|_| ())
+    }
+
+    fn kernel_balancing(&self) -> bool {
+        self.kernel_balancing
+    }
+
+    fn take_kernel_failures(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.failures)
+    }
+
+    fn adopted(&self) -> Vec<EndpointStatus> {
+        self.adopted.endpoints.clone()
+    }
+}
+
+/// Asks the data plane of `home`, if one runs, what it serves.
+pub fn status(home: &DeployHome) -> Result<Option<PlaneStatus>, DeployError> {
+    ask_running(home, &Request::Status).map(|r| r.and_then(|r| r.status))
+}
+
+/// Closes `service`'s endpoint in the data plane of `home`, if one runs (`imago destroy` without
+/// a controller: the data plane ends once nothing is left to serve).
+pub fn close_endpoint(home: &DeployHome, service: &str) -> Result<(), DeployError> {
+    ask_running(
+        home,
+        &Request::Close {
+            service: service.to_owned(),
+        },
+    )
+    .map(|_| ())
+}
+
+fn ask_running(home: &DeployHome, request: &Request) -> Result<Option<Reply>, DeployError> {
+    let socket = home.dataplane_socket();
+    let Ok(mut connection) = Connection::open(&socket) else {
+        return Ok(None);
+    };
+    let reply = match connection.call(request) {
+        Ok(reply) => reply,
+        // It was ending as we connected: it serves nothing any more.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => {
+            return Err(DeployError::DataPlane {
+                socket,
+                message: format!("no answer: {e}"),
+            });
+        }
+    };
+    match reply.error {
+        Some(message) => Err(DeployError::DataPlane { socket, message }),
+        None => Ok(Some(reply)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::controller::{Controller, LABEL_SERVICE};
+    use crate::spec::ServiceSpec;
+    use crate::state::StateDb;
+    use imago_oci::Digest;
+    use imago_runtime::{Engine, FakeProvider, Provider, Status};
+    use std::io::{Read, Write};
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    /// A host-network "instance" that keeps every connection open until the client closes it.
+    fn holding_backend() -> u16 {
+        let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = backend.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for stream in backend.incoming() {
+                let Ok(mut stream) = stream else { break };
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 64];
+                    while stream.read(&mut buf).map(|n| n > 0).unwrap_or(false) {}
+                });
+            }
+        });
+        port
+    }
+
+    fn converge(controller: &mut Controller) {
+        for _ in 0..200 {
+            let passes = controller.pass().unwrap();
+            if passes.iter().all(|p| p.complete) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("did not converge");
+    }
+
+    fn running(fake: &FakeProvider) -> Vec<String> {
+        fake.list()
+            .unwrap()
+            .into_iter()
+            .filter(|i| i.status == Status::Running && i.labels.contains_key(LABEL_SERVICE))
+            .map(|i| i.id)
+            .collect()
+    }
+
+    /// A connection to `addr` that stays open (the backend only reads).
+    fn open_connection(addr: SocketAddr) -> std::net::TcpStream {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(b"hello").unwrap();
+        s
+    }
+
+    fn settles(mut check: impl FnMut() -> bool) -> bool {
+        for _ in 0..200 {
+            if check() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    #[test]
+    fn kernel_balancing_follows_what_the_connected_controller_wants() {
+        let mut plane = LocalPlane::new(None);
+        assert_eq!(plane.want_kernel_balancing(true), None);
+        assert!(plane.kernel_balancing());
+        let backend = SocketAddr::from(([127, 0, 0, 1], holding_backend()));
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let listening = plane.listen("web", addr).unwrap();
+        assert_eq!(listening.balanced, balanced_address(addr));
+        assert!(!listening.adopted);
+        plane.route("web", &[("a".into(), backend)]).unwrap();
+        assert!(plane.listen("web", addr).unwrap().adopted);
+        let ids = ["a".to_owned()];
+
+        // Balanced by the kernel: past the proxy, which counts nothing.
+        let direct = open_connection(addr);
+        assert_eq!(direct.peer_addr().unwrap(), addr);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(plane.connections("web", &ids).unwrap(), vec![0]);
+
+        // A controller that wants none: detached, the proxy takes every new connection.
+        assert_eq!(plane.want_kernel_balancing(false), None);
+        assert!(!plane.kernel_balancing());
+        let proxied = open_connection(addr);
+        assert!(settles(
+            || plane.connections("web", &ids).unwrap() == vec![1]
+        ));
+
+        // And on again: balanced with the routes the plane has.
+        assert_eq!(plane.want_kernel_balancing(true), None);
+        let again = open_connection(addr);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(plane.connections("web", &ids).unwrap(), vec![1]);
+
+        // Closed: refused, and idle once the proxied connection ends.
+        plane.close("web").unwrap();
+        assert!(settles(|| std::net::TcpStream::connect(addr).is_err()));
+        assert!(!plane.idle(), "a proxied connection is still open");
+        drop((direct, proxied, again));
+        assert!(settles(|| plane.idle()));
+    }
+
+    #[test]
+    fn connections_through_the_data_plane_hold_a_drain_across_a_controller_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = DeployHome::new(dir.path());
+        // The data plane process's loop, on a thread of this test.
+        let server_home = home.clone();
+        std::thread::spawn(move || run(&server_home).unwrap());
+        let socket = home.dataplane_socket();
+        for _ in 0..500 {
+            if UnixStream::connect(&socket).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let command = PlaneCommand {
+            // Never started: the data plane above answers.
+            exe: PathBuf::from("/nonexistent/imago"),
+            home: home.clone(),
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let fake = Arc::new(FakeProvider::new());
+        let controller = || {
+            Controller::new(
+                StateDb::open(&home.db_path()).unwrap(),
+                fake.clone(),
+                runtime.handle().clone(),
+                Engine::Embedded,
+            )
+            .with_data_plane(Box::new(
+                RemotePlane::connect(command.clone(), false).unwrap(),
+            ))
+        };
+        let backend_port = holding_backend();
+        let port = free_port();
+        let service = |version: &str| -> ServiceSpec {
+            serde_json::from_value(serde_json::json!({"image": "web", "replicas": 1,
+                "network": "host", "port": port, "target_port": backend_port,
+                "env": {"V": version}, "stop_grace_period": "0s", "rollout": {"drain": "30s"}}))
+            .unwrap()
+        };
+        let release = |version: &str| {
+            StateDb::open(&home.db_path())
+                .unwrap()
+                .record_release(
+                    "web",
+                    &service(version),
+                    &Digest::of(b"v1"),
+                    "apply",
+                    None,
+                    "t",
+                )
+                .unwrap();
+        };
+        let mut first = controller();
+        release("1");
+        converge(&mut first);
+        let old = running(&fake)[0].clone();
+        let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        client.write_all(b"hello").unwrap();
+        for _ in 0..200 {
+            if first.proxied_connections("web", &old) == 1 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(first.proxied_connections("web", &old), 1);
+
+        // The controller goes away; a new one, with no memory of it, retires the old instance.
+        drop(first);
+        let mut second = controller();
+        assert_eq!(
+            second.proxied_connections("web", &old),
+            1,
+            "the count survived"
+        );
+        release("2");
+        for _ in 0..30 {
+            second.pass().unwrap();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            running(&fake).contains(&old),
+            "the old instance was stopped while a connection to it was open"
+        );
+        drop(client);
+        converge(&mut second);
+        assert!(!running(&fake).contains(&old));
+        // The data plane serves the new instance on the same port.
+        let status = status(&home).unwrap().unwrap();
+        assert_eq!(status.endpoints.len(), 1, "{status:?}");
+        assert_eq!(status.endpoints[0].routed.len(), 1);
+        assert_ne!(status.endpoints[0].routed[0].0, old);
+    }
+}
