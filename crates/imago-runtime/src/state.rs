@@ -120,6 +120,22 @@ impl Instance {
     pub fn is_active(&self) -> bool {
         matches!(self.status, Status::Created | Status::Running)
     }
+
+    /// Whether the launch never got to start the instance because its launcher died (a
+    /// controller killed mid-launch): the supervisor waiting on the launcher's gate gave up, or
+    /// no supervisor was ever started. Nothing of what the instance runs was at fault. (A
+    /// launcher that gives up on its own records its reason instead, which wins.)
+    pub fn launch_interrupted(&self) -> bool {
+        self.started_ms.is_none()
+            && match self.status {
+                Status::Failed => self
+                    .error
+                    .as_deref()
+                    .is_some_and(|e| e.contains(crate::supervisor::LAUNCHER_GAVE_UP)),
+                Status::Lost => self.supervisor_pid.is_none(),
+                _ => false,
+            }
+    }
 }
 
 pub fn now_ms() -> u64 {
