@@ -77,6 +77,19 @@ CREATE TABLE tainted_images (
     at_ms        INTEGER NOT NULL
 ) STRICT;
 "#,
+    // Since when each instance passes its health check, so that a restarted controller
+    // neither takes a serving instance for a starting one nor restarts its min_ready.
+    r#"
+CREATE TABLE instance_ready (
+    id       TEXT PRIMARY KEY,
+    since_ms INTEGER NOT NULL
+) STRICT;
+CREATE TABLE service_faults (
+    service  TEXT PRIMARY KEY,
+    reason   TEXT NOT NULL,
+    since_ms INTEGER NOT NULL
+) STRICT;
+"#,
 ];
 
 /// One immutable release: a service pinned to an image digest and its full configuration.
@@ -724,8 +737,71 @@ impl StateDb {
                 "UPDATE instances SET state = 'removed', updated_ms = ?2 WHERE id = ?1",
                 params![id, now_ms()],
             )
+            .map_err(|e| self.err(e))?;
+        self.forget_ready(id)
+    }
+
+    /// Records that `id` has passed its health check since `since_ms`.
+    pub fn record_ready(&self, id: &str, since_ms: u64) -> Result<(), DeployError> {
+        self.conn
+            .execute(
+                "INSERT INTO instance_ready (id, since_ms) VALUES (?1, ?2)
+                 ON CONFLICT(id) DO UPDATE SET since_ms = excluded.since_ms",
+                params![id, since_ms],
+            )
             .map(|_| ())
             .map_err(|e| self.err(e))
+    }
+
+    /// Records that `id` no longer passes its health check (or is gone).
+    pub fn forget_ready(&self, id: &str) -> Result<(), DeployError> {
+        self.conn
+            .execute("DELETE FROM instance_ready WHERE id = ?1", [id])
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Records why the controller cannot reconcile `service` (its other services go on).
+    /// Returns whether that is news: the first fault, or a different one.
+    pub fn set_fault(&self, service: &str, reason: &str) -> Result<bool, DeployError> {
+        self.conn
+            .execute(
+                "INSERT INTO service_faults (service, reason, since_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(service) DO UPDATE SET reason = excluded.reason,
+                   since_ms = excluded.since_ms
+                 WHERE reason != excluded.reason",
+                params![service, reason, now_ms()],
+            )
+            .map(|changed| changed > 0)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Records that `service` reconciles again; returns whether it had a fault.
+    pub fn clear_fault(&self, service: &str) -> Result<bool, DeployError> {
+        self.conn
+            .execute("DELETE FROM service_faults WHERE service = ?1", [service])
+            .map(|changed| changed > 0)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Why the controller cannot reconcile `service` right now, and since when (ms).
+    pub fn service_fault(&self, service: &str) -> Result<Option<(String, u64)>, DeployError> {
+        self.conn
+            .query_row(
+                "SELECT reason, since_ms FROM service_faults WHERE service = ?1",
+                [service],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Every instance recorded as passing its health check: id -> since (ms).
+    pub fn readiness(&self) -> Result<HashMap<String, u64>, DeployError> {
+        Ok(self
+            .text_and_number("SELECT id, since_ms FROM instance_ready")?
+            .into_iter()
+            .collect())
     }
 
     /// The rollout in progress for `service`: (target release, started, last progress, counts).
