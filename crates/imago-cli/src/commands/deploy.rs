@@ -201,6 +201,7 @@ fn make_plan(
 ) -> Result<Vec<ServicePlan>> {
     let all_limits = validate_all(&services.specs)?;
     let running = current_instances(ctx, store)?;
+    let controller = running_controller(&DeployHome::new(ctx));
     let mut plans = Vec::new();
     for (name, spec) in &services.specs {
         let digest = match resolve_image(services, store, name, spec)? {
@@ -227,6 +228,7 @@ fn make_plan(
                 Err(e) => return Err(e),
             },
         };
+        check_endpoint(name, spec, &controller)?;
         match &digest {
             Some(d) => check_ports(name, spec, d.short(), &exposed_ports(store, d)?)?,
             None => check_ports(
@@ -246,6 +248,28 @@ fn make_plan(
         )?);
     }
     Ok(plans)
+}
+
+/// The running controller's pid, if one runs: its endpoints are no conflict.
+fn running_controller(home: &DeployHome) -> Vec<u32> {
+    if !controller_running(home).unwrap_or(false) {
+        return Vec::new();
+    }
+    std::fs::read(home.info_path())
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<ControllerInfo>(&bytes).ok())
+        .map(|info| vec![info.pid])
+        .unwrap_or_default()
+}
+
+/// A service's endpoint port must not be taken by another process (the controller binds it on
+/// loopback).
+fn check_endpoint(name: &str, spec: &ServiceSpec, controller: &[u32]) -> Result<()> {
+    if let Some(port) = spec.port {
+        let addr = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
+        imago_deploy::services::check_endpoint_free(name, addr, controller)?;
+    }
+    Ok(())
 }
 
 fn current_instances(ctx: &Context, store: &Store) -> Result<Vec<Instance>> {
@@ -330,6 +354,10 @@ pub fn apply(ctx: &Context, args: ApplyArgs) -> Result<()> {
     // Validate, build and check every service before recording any release: a bad service
     // must not leave the others half-applied.
     validate_all(&services.specs)?;
+    let controller = running_controller(&home);
+    for (name, spec) in &services.specs {
+        check_endpoint(name, spec, &controller)?;
+    }
     let mut pinned = Vec::new();
     for (name, spec) in &services.specs {
         let digest = match resolve_image(&services, &store, name, spec)? {
