@@ -1127,20 +1127,43 @@ fn a_controller_killed_during_launches_completes_the_release_without_rollback() 
     d.apply().ok();
     d.set_version("v2", "2");
     d.imago.run(&["apply", "--no-wait", "-f", &d.file()]).ok();
-    // Kill -9 at random moments of the rollout, launches included; the seed is printed so a
-    // failure can be replayed.
+    // Kill -9 a few milliseconds (a random number of them) after the controller begins
+    // launching an instance, seen as its record appearing (the supervisor is being started
+    // and waits for the launcher to set up its network); the seed is printed so a failure
+    // can be replayed.
     let seed = now_ms();
     eprintln!("kill points seed {seed}");
     let mut x = seed | 1;
-    for _ in 0..8 {
+    let instances = d.imago.home.join("instances");
+    let list = || -> std::collections::BTreeSet<std::ffi::OsString> {
+        std::fs::read_dir(&instances)
+            .map(|dir| {
+                dir.flatten()
+                    .filter(|e| e.path().join("state.json").exists())
+                    .map(|e| e.file_name())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut seen = list();
+    let mut kills = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while kills < 3 && Instant::now() < deadline {
+        if list().is_subset(&seen) {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        std::thread::sleep(Duration::from_millis(20 + x % 400));
+        std::thread::sleep(Duration::from_millis(x % 6));
         kill9(controller_pid(&d));
+        kills += 1;
         std::thread::sleep(Duration::from_millis(50));
+        seen = list();
         d.imago.run(&["serve"]).ok();
     }
+    assert_eq!(kills, 3, "the controller launched nothing to interrupt");
     d.wait_until("release 2 to complete", Duration::from_secs(120), |d| {
         d.status()["services"][0]["outcome"]["outcome"] == "complete"
     });
