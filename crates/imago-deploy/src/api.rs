@@ -122,7 +122,8 @@ mod tests {
             serde_json::from_value(serde_json::json!({"image": "web"})).unwrap();
         db.record_release("web", &spec, &Digest::of(b"v1"), "apply", None, "test")
             .unwrap();
-        db.record_outcome("web", 1, "complete", "", "test").unwrap();
+        db.record_outcome("web", 1, crate::state::ReleaseOutcome::Complete, "", "test")
+            .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, router(path)).await });

@@ -18,7 +18,7 @@ use imago_deploy::plan::{ServicePlan, plan_service};
 use imago_deploy::roots::{DEFAULT_HISTORY_LIMIT, ReleaseRoots};
 use imago_deploy::services::{check_ports, exposed_ports, parse_services, tcp_ports};
 use imago_deploy::spec::{ServiceSpec, validate_all};
-use imago_deploy::state::{Event, Release, StateDb};
+use imago_deploy::state::{Event, Release, ReleaseOutcome, StateDb};
 use imago_oci::{Digest, Reference};
 use imago_runtime::{
     Engine, Instance, LocalProvider, Provider, StoreImageSource, SupervisorCommand,
@@ -468,7 +468,7 @@ fn settled(db: &StateDb, release: &Release, new: bool) -> Result<Option<ServiceR
             release: release.number,
             digest: release.image_digest.clone(),
             changed: new,
-            outcome: settled.outcome,
+            outcome: settled.outcome.to_string(),
             detail: settled.detail,
             rolled_back_to: settled.rolled_back_to,
         }))
@@ -752,7 +752,7 @@ impl Render for StatusResult {
                     let outcome = st
                         .outcome
                         .as_ref()
-                        .map_or("rolling out".to_string(), |o| o.outcome.clone());
+                        .map_or("rolling out".to_string(), |o| o.outcome.to_string());
                     writeln!(
                         out,
                         "service {}: release {} ({}) {outcome}",
@@ -760,7 +760,11 @@ impl Render for StatusResult {
                         r.number,
                         r.image_digest.short()
                     )?;
-                    if let Some(o) = st.outcome.as_ref().filter(|o| o.outcome != "complete") {
+                    if let Some(o) = st
+                        .outcome
+                        .as_ref()
+                        .filter(|o| o.outcome != ReleaseOutcome::Complete)
+                    {
                         writeln!(out, "  why: {}", o.detail)?;
                     }
                     if r.rollback_of.is_some() {
@@ -819,7 +823,7 @@ pub fn status(ctx: &Context, args: StatusArgs) -> Result<()> {
             .outcomes(&name)?
             .into_iter()
             .rev()
-            .find(|o| o.outcome == "failed");
+            .find(|o| o.outcome == ReleaseOutcome::Failed);
         services.push(ServiceStatusOut {
             status,
             last_failure,
@@ -842,7 +846,7 @@ pub struct HistoryArgs {
 struct HistoryRow {
     #[serde(flatten)]
     release: Release,
-    outcome: Option<String>,
+    outcome: Option<ReleaseOutcome>,
 }
 
 #[derive(Serialize)]
@@ -861,7 +865,7 @@ impl Render for HistoryResult {
                 "{:<8} {:<14} {:<12} {}",
                 r.release.number,
                 r.release.image_digest.short(),
-                r.outcome.as_deref().unwrap_or("-"),
+                r.outcome.map_or("-", ReleaseOutcome::as_str),
                 r.release.reason
             )?;
         }

@@ -567,6 +567,7 @@ impl Controller {
 mod tests {
     use super::*;
     use crate::spec::ServiceSpec;
+    use crate::state::ReleaseOutcome;
     use imago_oci::Digest;
     use imago_runtime::{FakeProvider, Status};
 
@@ -681,7 +682,7 @@ mod tests {
         assert!(passes.last().unwrap().complete);
         assert_eq!(h.running("web").len(), 3);
         let outcome = h.controller.db.outcome_of("web", 1).unwrap().unwrap();
-        assert_eq!(outcome.outcome, "complete");
+        assert_eq!(outcome.outcome, ReleaseOutcome::Complete);
         // A settled service stays put.
         let pass = h.controller.pass().unwrap().remove(0);
         assert!(pass.launched.is_empty() && pass.retired.is_empty());
@@ -726,7 +727,7 @@ mod tests {
                 .unwrap()
                 .unwrap()
                 .outcome,
-            "complete"
+            ReleaseOutcome::Complete
         );
     }
 
@@ -889,7 +890,7 @@ mod tests {
         // Mark release 1 complete without waiting an hour of min_ready.
         h.controller
             .db
-            .record_outcome("web", first.number, "complete", "", "test")
+            .record_outcome("web", first.number, ReleaseOutcome::Complete, "", "test")
             .unwrap();
         h.release("web", &v, b"v2");
         h.controller
@@ -1412,7 +1413,7 @@ mod tests {
         let last = passes.last().unwrap();
         assert!(last.complete && last.failed.is_none(), "{passes:#?}");
         let outcome = h.controller.db.outcome_of("web", 2).unwrap().unwrap();
-        assert_eq!(outcome.outcome, "complete");
+        assert_eq!(outcome.outcome, ReleaseOutcome::Complete);
         assert_eq!(
             h.controller.db.desired("web").unwrap().unwrap().number,
             2,

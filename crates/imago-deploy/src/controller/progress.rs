@@ -6,7 +6,7 @@ use imago_runtime::{Instance, Status};
 use super::{Controller, ServicePass};
 use crate::error::DeployError;
 use crate::rollout::{ObservedInstance, Phase, Step};
-use crate::state::{Release, RolloutRow, now_ms};
+use crate::state::{Release, ReleaseOutcome, RolloutRow, now_ms};
 
 impl Controller {
     /// Records progress, completion and failure of the desired release's rollout, and rolls back
@@ -55,7 +55,7 @@ impl Controller {
             self.db.record_outcome(
                 service,
                 release.number,
-                "complete",
+                ReleaseOutcome::Complete,
                 &format!("deployment complete in {took} ms"),
                 &self.actor,
             )?;

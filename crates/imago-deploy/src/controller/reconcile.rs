@@ -14,7 +14,7 @@ use crate::drift::SpecJudge;
 use crate::error::DeployError;
 use crate::rollout::{ObservedInstance, Phase, RolloutInput, next_step};
 use crate::spec::Strategy;
-use crate::state::{Release, now_ms};
+use crate::state::{Release, ReleaseOutcome, now_ms};
 
 impl Controller {
     /// Stops every instance of a destroyed service and closes its endpoint. Stops run beside the
@@ -246,7 +246,9 @@ impl Controller {
             }
         }
         let outcome = self.db.outcome_of(service, release.number)?;
-        let failed_already = outcome.as_ref().is_some_and(|o| o.outcome == "failed");
+        let failed_already = outcome
+            .as_ref()
+            .is_some_and(|o| o.outcome == ReleaseOutcome::Failed);
         let min_ready = if fast_path {
             Duration::ZERO
         } else {
