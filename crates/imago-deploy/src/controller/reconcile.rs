@@ -145,106 +145,8 @@ impl Controller {
             return Err(e);
         }
 
-        // Observe. Each instance is judged by the health check of the release it runs.
         let by_id: HashMap<&str, &Instance> = own.iter().map(|i| (i.id.as_str(), *i)).collect();
-        let mut releases: HashMap<String, Option<Release>> = HashMap::new();
-        releases.insert(release.revision.clone(), Some(release.clone()));
-        for instance in own {
-            let label = instance
-                .labels
-                .get(LABEL_REVISION)
-                .map(String::as_str)
-                .unwrap_or_default();
-            if !releases.contains_key(label) {
-                let found = self.db.release_with_revision(service, label)?;
-                releases.insert(label.to_owned(), found);
-            }
-        }
-        let mut observed = Vec::with_capacity(own.len());
-        let mut judge = SpecJudge::new(release.clone());
-        for instance in own {
-            let revision = instance
-                .labels
-                .get(LABEL_REVISION)
-                .cloned()
-                .unwrap_or_default();
-            let own_release: &Release = releases
-                .get(&revision)
-                .and_then(Option::as_ref)
-                .unwrap_or(&release);
-            let mut revision_seen = revision.clone();
-            let mut drifted = false;
-            if let Some(when) = self.tainted.get(&instance.image)
-                && instance.created_ms <= *when
-                && instance.is_active()
-            {
-                // Its root filesystem was modified after unpacking: replace it.
-                revision_seen = format!("modified-{}", instance.id);
-                drifted = true;
-                if !draining.contains_key(&instance.id) {
-                    let message = format!(
-                        "instance {} runs from a modified copy of {}: replacing it",
-                        instance.id, instance.image
-                    );
-                    self.announce_drift(service, &instance.id, &message)?;
-                    pass.drift.push(message);
-                }
-            } else if revision == release.revision
-                && instance.is_active()
-                && let Some(wrong) = judge.judge(instance)?
-            {
-                // Labelled as the desired revision but running something else: drift.
-                revision_seen = format!("drifted-{}", instance.id);
-                drifted = true;
-                let message = format!(
-                    "instance {} runs {} with spec {}, but release {} wants {} with spec {}: replacing it",
-                    instance.id,
-                    wrong.image,
-                    wrong.spec_hash,
-                    wrong.release,
-                    wrong.wanted_image,
-                    wrong.wanted_spec_hash
-                );
-                if !draining.contains_key(&instance.id) {
-                    self.announce_drift(service, &instance.id, &message)?;
-                    pass.drift.push(message);
-                }
-            }
-            let phase = match instance.status {
-                Status::Exited | Status::Failed | Status::Lost => Phase::Exited,
-                Status::Created | Status::Running => self.phase_of(instance, own_release),
-            };
-            if own_release.spec.health.is_some() {
-                self.keep_readiness(&instance.id, phase)?;
-            }
-            if matches!(phase, Phase::Ready { .. })
-                && own_release.spec.health.is_some()
-                && !draining.contains_key(&instance.id)
-                && self.announced_ready.insert(instance.id.clone())
-            {
-                // Recorded before the endpoint can route to it, so the log shows that every
-                // instance that served passed its check first.
-                self.db.event(
-                    Some(service),
-                    "ready",
-                    &format!(
-                        "instance {} (release {}) passes its health check",
-                        instance.id, own_release.number
-                    ),
-                    &self.actor,
-                )?;
-            }
-            observed.push(ObservedInstance {
-                id: instance.id.clone(),
-                revision: revision_seen,
-                phase,
-                draining: draining.contains_key(&instance.id),
-                drifted,
-            });
-            if instance.status == Status::Running && !draining.contains_key(&instance.id) {
-                self.ensure_probe(instance, own_release);
-            }
-        }
+        let (releases, observed) = self.observe(service, &release, own, draining, &mut pass)?;
         let outcome = self.db.outcome_of(service, release.number)?;
         let failed_already = outcome
             .as_ref()
@@ -363,66 +265,9 @@ impl Controller {
             }
             pass.retired.push(id.clone());
         }
-        // Stop what has drained (or ran out of drain time). Stopping takes up to the grace
-        // period, so it runs beside the loop; the instance still counts (it still holds its
-        // resources) until it has exited and is removed.
-        // Connections the kernel balanced to a draining instance bypass the proxy's counts: they
-        // are counted from the host's socket table, one dump for all of them.
-        let mut drain_addresses = BTreeMap::new();
-        for id in draining.keys() {
-            let Some(instance) = by_id.get(id.as_str()).copied() else {
-                continue;
-            };
-            let own_release = instance
-                .labels
-                .get(LABEL_REVISION)
-                .and_then(|r| releases.get(r))
-                .and_then(Option::as_ref)
-                .unwrap_or(&release);
-            if let Some(SocketAddr::V4(addr)) = self.address_of(instance, own_release) {
-                drain_addresses.insert(id.clone(), addr);
-            }
-        }
-        let kernel_open = self.kernel_open_connections(&drain_addresses);
-        self.balanced_peers
-            .extend(drain_addresses.values().copied());
-        for (id, drain_deadline) in draining {
-            let Some(instance) = by_id.get(id.as_str()).copied() else {
-                // Not this service's, or already gone (stopped just before a crash).
-                continue;
-            };
-            if !instance.is_active() {
-                self.stopping.remove(id);
-                if !self.remove_or_report(service, id)? {
-                    continue;
-                }
-                self.db.event(
-                    Some(service),
-                    "stop",
-                    &format!("instance {id} drained and stopped"),
-                    &self.actor,
-                )?;
-                pass.stopped.push(id.clone());
-                continue;
-            }
-            let routes = self
-                .endpoints
-                .get(service)
-                .map(|e| &e.routes)
-                .or_else(|| self.closed_routes.get(service));
-            let open = routes.map_or(0, |r| r.active_connections(id))
-                + kernel_open.get(id).copied().unwrap_or(0);
-            if open == 0 || now >= *drain_deadline {
-                // The grace period the instance was launched with, not the new release's.
-                let grace = instance
-                    .labels
-                    .get(LABEL_REVISION)
-                    .and_then(|r| releases.get(r))
-                    .and_then(Option::as_ref)
-                    .map_or(release.spec.stop_grace_period, |r| r.spec.stop_grace_period);
-                self.stop_in_background(id, grace);
-            }
-        }
+        self.stop_drained(
+            service, &release, &by_id, &releases, draining, now, &mut pass,
+        )?;
         // Launch.
         for _ in 0..step.launch {
             match self.provider.launch(&expected) {
@@ -475,6 +320,196 @@ impl Controller {
             &mut pass,
         )?;
         Ok(pass)
+    }
+
+    /// Stops the retired instances of a service that have drained (or ran out of drain time),
+    /// and removes those that have stopped.
+    #[allow(clippy::too_many_arguments)]
+    fn stop_drained(
+        &mut self,
+        service: &str,
+        release: &Release,
+        by_id: &HashMap<&str, &Instance>,
+        releases: &HashMap<String, Option<Release>>,
+        draining: &BTreeMap<String, u64>,
+        now: u64,
+        pass: &mut ServicePass,
+    ) -> Result<(), DeployError> {
+        // Stop what has drained (or ran out of drain time). Stopping takes up to the grace
+        // period, so it runs beside the loop; the instance still counts (it still holds its
+        // resources) until it has exited and is removed.
+        // Connections the kernel balanced to a draining instance bypass the proxy's counts: they
+        // are counted from the host's socket table, one dump for all of them.
+        let mut drain_addresses = BTreeMap::new();
+        for id in draining.keys() {
+            let Some(instance) = by_id.get(id.as_str()).copied() else {
+                continue;
+            };
+            let own_release = instance
+                .labels
+                .get(LABEL_REVISION)
+                .and_then(|r| releases.get(r))
+                .and_then(Option::as_ref)
+                .unwrap_or(release);
+            if let Some(SocketAddr::V4(addr)) = self.address_of(instance, own_release) {
+                drain_addresses.insert(id.clone(), addr);
+            }
+        }
+        let kernel_open = self.kernel_open_connections(&drain_addresses);
+        self.balanced_peers
+            .extend(drain_addresses.values().copied());
+        for (id, drain_deadline) in draining {
+            let Some(instance) = by_id.get(id.as_str()).copied() else {
+                // Not this service's, or already gone (stopped just before a crash).
+                continue;
+            };
+            if !instance.is_active() {
+                self.stopping.remove(id);
+                if !self.remove_or_report(service, id)? {
+                    continue;
+                }
+                self.db.event(
+                    Some(service),
+                    "stop",
+                    &format!("instance {id} drained and stopped"),
+                    &self.actor,
+                )?;
+                pass.stopped.push(id.clone());
+                continue;
+            }
+            let routes = self
+                .endpoints
+                .get(service)
+                .map(|e| &e.routes)
+                .or_else(|| self.closed_routes.get(service));
+            let open = routes.map_or(0, |r| r.active_connections(id))
+                + kernel_open.get(id).copied().unwrap_or(0);
+            if open == 0 || now >= *drain_deadline {
+                // The grace period the instance was launched with, not the new release's.
+                let grace = instance
+                    .labels
+                    .get(LABEL_REVISION)
+                    .and_then(|r| releases.get(r))
+                    .and_then(Option::as_ref)
+                    .map_or(release.spec.stop_grace_period, |r| r.spec.stop_grace_period);
+                self.stop_in_background(id, grace);
+            }
+        }
+        Ok(())
+    }
+
+    /// Observes a service's instances for [`next_step`]: each is judged by the health check of
+    /// the release it runs, and one that runs something other than its revision says (another
+    /// spec, a modified root filesystem) is drift. Also keeps probes running, readiness recorded
+    /// and "ready" announced. Returns the releases the instances run, by revision.
+    #[allow(clippy::type_complexity)]
+    fn observe(
+        &mut self,
+        service: &str,
+        release: &Release,
+        own: &[&Instance],
+        draining: &BTreeMap<String, u64>,
+        pass: &mut ServicePass,
+    ) -> Result<(HashMap<String, Option<Release>>, Vec<ObservedInstance>), DeployError> {
+        let mut releases: HashMap<String, Option<Release>> = HashMap::new();
+        releases.insert(release.revision.clone(), Some(release.clone()));
+        for instance in own {
+            let label = instance
+                .labels
+                .get(LABEL_REVISION)
+                .map(String::as_str)
+                .unwrap_or_default();
+            if !releases.contains_key(label) {
+                let found = self.db.release_with_revision(service, label)?;
+                releases.insert(label.to_owned(), found);
+            }
+        }
+        let mut observed = Vec::with_capacity(own.len());
+        let mut judge = SpecJudge::new(release.clone());
+        for instance in own {
+            let revision = instance
+                .labels
+                .get(LABEL_REVISION)
+                .cloned()
+                .unwrap_or_default();
+            let own_release: &Release = releases
+                .get(&revision)
+                .and_then(Option::as_ref)
+                .unwrap_or(release);
+            let mut revision_seen = revision.clone();
+            let mut drifted = false;
+            if let Some(when) = self.tainted.get(&instance.image)
+                && instance.created_ms <= *when
+                && instance.is_active()
+            {
+                // Its root filesystem was modified after unpacking: replace it.
+                revision_seen = format!("modified-{}", instance.id);
+                drifted = true;
+                if !draining.contains_key(&instance.id) {
+                    let message = format!(
+                        "instance {} runs from a modified copy of {}: replacing it",
+                        instance.id, instance.image
+                    );
+                    self.announce_drift(service, &instance.id, &message)?;
+                    pass.drift.push(message);
+                }
+            } else if revision == release.revision
+                && instance.is_active()
+                && let Some(wrong) = judge.judge(instance)?
+            {
+                // Labelled as the desired revision but running something else: drift.
+                revision_seen = format!("drifted-{}", instance.id);
+                drifted = true;
+                let message = format!(
+                    "instance {} runs {} with spec {}, but release {} wants {} with spec {}: replacing it",
+                    instance.id,
+                    wrong.image,
+                    wrong.spec_hash,
+                    wrong.release,
+                    wrong.wanted_image,
+                    wrong.wanted_spec_hash
+                );
+                if !draining.contains_key(&instance.id) {
+                    self.announce_drift(service, &instance.id, &message)?;
+                    pass.drift.push(message);
+                }
+            }
+            let phase = match instance.status {
+                Status::Exited | Status::Failed | Status::Lost => Phase::Exited,
+                Status::Created | Status::Running => self.phase_of(instance, own_release),
+            };
+            if own_release.spec.health.is_some() {
+                self.keep_readiness(&instance.id, phase)?;
+            }
+            if matches!(phase, Phase::Ready { .. })
+                && own_release.spec.health.is_some()
+                && !draining.contains_key(&instance.id)
+                && self.announced_ready.insert(instance.id.clone())
+            {
+                // Recorded before the endpoint can route to it, so the log shows that every
+                // instance that served passed its check first.
+                self.db.event(
+                    Some(service),
+                    "ready",
+                    &format!(
+                        "instance {} (release {}) passes its health check",
+                        instance.id, own_release.number
+                    ),
+                    &self.actor,
+                )?;
+            }
+            observed.push(ObservedInstance {
+                id: instance.id.clone(),
+                revision: revision_seen,
+                phase,
+                draining: draining.contains_key(&instance.id),
+                drifted,
+            });
+            if instance.status == Status::Running && !draining.contains_key(&instance.id) {
+                self.ensure_probe(instance, own_release);
+            }
+        }
+        Ok((releases, observed))
     }
 
     pub(super) fn phase_of(&self, instance: &Instance, release: &Release) -> Phase {
