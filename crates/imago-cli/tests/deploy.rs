@@ -1309,3 +1309,145 @@ fn a_data_plane_killed_with_sigkill_is_started_again_with_its_routes() {
         assert!(d.get().unwrap().contains("version v1"));
     }
 }
+
+#[test]
+fn an_update_applied_by_a_new_controller_retires_nothing_before_new_instances_serve() {
+    let d = Deployment::new();
+    d.edit("min_ready = \"500ms\"", "min_ready = \"2s\"");
+    d.apply().ok();
+    d.imago.run(&["serve", "--stop"]).ok();
+    let before = d.events().len();
+    d.set_version("v2", "2");
+    d.edit("min_ready = \"500ms\"", "min_ready = \"2s\"");
+    // `apply` starts a new controller, which knows nothing of the old one's probes.
+    d.imago.run(&["apply", "--no-wait", "-f", &d.file()]).ok();
+    d.wait_until("the new endpoint", Duration::from_secs(20), |d| {
+        d.get().is_ok()
+    });
+    let clients: Vec<Client> = (0..16).map(|_| Client::start(d.port)).collect();
+    d.wait_until("release 2 to complete", Duration::from_secs(120), |d| {
+        d.status()["services"][0]["outcome"]["outcome"] == "complete"
+            && d.status()["services"][0]["desired"]["number"] == 2
+    });
+    let answers: Vec<Result<String, String>> =
+        clients.into_iter().flat_map(Client::finish).collect();
+    let failures: Vec<&String> = answers.iter().filter_map(|a| a.as_ref().err()).collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failures.len(),
+        answers.len(),
+        &failures[..failures.len().min(5)]
+    );
+    // No old instance left before a new one was launched (max_unavailable = 0).
+    let events: Vec<String> = d.events().split_off(before);
+    let first_launch = events
+        .iter()
+        .position(|e| e.contains("launched for release 2"))
+        .unwrap();
+    let retired_before: Vec<&String> = events[..first_launch]
+        .iter()
+        .filter(|e| e.contains("retired"))
+        .collect();
+    assert!(retired_before.is_empty(), "{events:#?}");
+    assert_eq!(d.instances().len(), 3);
+}
+
+#[test]
+fn a_controller_killed_during_launches_completes_the_release_without_rollback() {
+    let d = Deployment::new();
+    d.apply().ok();
+    d.set_version("v2", "2");
+    d.imago.run(&["apply", "--no-wait", "-f", &d.file()]).ok();
+    // Kill -9 a few milliseconds (a random number of them) after the controller begins
+    // launching an instance, seen as its record appearing (the supervisor is being started
+    // and waits for the launcher to set up its network); the seed is printed so a failure
+    // can be replayed.
+    let seed = now_ms();
+    eprintln!("kill points seed {seed}");
+    let mut x = seed | 1;
+    let instances = d.imago.home.join("instances");
+    let list = || -> std::collections::BTreeSet<std::ffi::OsString> {
+        std::fs::read_dir(&instances)
+            .map(|dir| {
+                dir.flatten()
+                    .filter(|e| e.path().join("state.json").exists())
+                    .map(|e| e.file_name())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut seen = list();
+    let mut kills = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while kills < 3 && Instant::now() < deadline {
+        if list().is_subset(&seen) {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        std::thread::sleep(Duration::from_millis(x % 6));
+        kill9(controller_pid(&d));
+        kills += 1;
+        std::thread::sleep(Duration::from_millis(50));
+        seen = list();
+        d.imago.run(&["serve"]).ok();
+    }
+    assert_eq!(kills, 3, "the controller launched nothing to interrupt");
+    d.wait_until("release 2 to complete", Duration::from_secs(120), |d| {
+        d.status()["services"][0]["outcome"]["outcome"] == "complete"
+    });
+    let status = d.status();
+    assert_eq!(
+        status["services"][0]["desired"]["number"], 2,
+        "no rollback: {status}"
+    );
+    let events = d.events();
+    assert!(
+        !events
+            .iter()
+            .any(|e| e.contains("health gate") || e.contains("automatic rollback")),
+        "{events:#?}"
+    );
+    let all = d.imago.run(&["ps", "--all", "--json"]).ok().json();
+    assert_eq!(all.as_array().unwrap().len(), 3, "no orphan: {all}");
+    assert!(d.get().unwrap().contains("version v2"));
+}
+
+#[test]
+fn a_port_another_process_holds_is_refused_by_plan_and_apply_naming_it() {
+    let d = Deployment::new();
+    let port = d.port;
+    let _taken = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let other = common::lease_port();
+    let text = std::fs::read_to_string(d.dir.join("imago.toml")).unwrap();
+    std::fs::write(
+        d.dir.join("imago.toml"),
+        format!(
+            "{text}\n[service.other]\nimage = \"web\"\nport = {}\ntarget_port = 8080\n",
+            other.port
+        ),
+    )
+    .unwrap();
+    let me = std::process::id();
+    let plan = d.imago.run(&["plan", "-f", &d.file()]).fails();
+    let apply = d.apply().fails();
+    for err in [plan, apply] {
+        assert!(
+            err.contains(&format!(
+                "port 127.0.0.1:{port} is already in use by pid {me} ("
+            )),
+            "{err}"
+        );
+        assert!(!err.contains("invalid"), "{err}");
+    }
+    let history = d.imago.run(&["history", "--json", "web"]);
+    assert!(
+        !history.stdout().contains("\"number\""),
+        "nothing was recorded: {}",
+        history.stdout()
+    );
+    assert!(d.instances().is_empty());
+}

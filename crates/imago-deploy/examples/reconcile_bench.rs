@@ -69,8 +69,14 @@ fn main() {
     for _ in 0..N {
         fake.launch(&old_spec).unwrap();
     }
-    db.record_outcome("web", 1, "complete", "", "bench")
-        .unwrap();
+    db.record_outcome(
+        "web",
+        1,
+        imago_deploy::state::ReleaseOutcome::Complete,
+        "",
+        "bench",
+    )
+    .unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

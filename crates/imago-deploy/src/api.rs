@@ -157,7 +157,8 @@ mod tests {
         let (release, _) = db
             .record_release("web", &spec, &Digest::of(b"v1"), "apply", None, "test")
             .unwrap();
-        db.record_outcome("web", 1, "complete", "", "test").unwrap();
+        db.record_outcome("web", 1, crate::state::ReleaseOutcome::Complete, "", "test")
+            .unwrap();
         let fake = Arc::new(FakeProvider::new());
         fake.launch(&instance_spec(&release, Engine::default()).unwrap())
             .unwrap();

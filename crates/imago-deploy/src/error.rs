@@ -40,6 +40,14 @@ pub enum DeployError {
         /// The TCP ports the image declares, comma-separated.
         exposed: String,
     },
+    /// Another process listens where the service's endpoint must: a fault of the host, not of
+    /// the definition. `holder` is "pid 123 (nc)" when /proc shows who, else "another process".
+    #[error("service {service}: port {addr} is already in use by {holder}")]
+    PortInUse {
+        service: String,
+        addr: std::net::SocketAddr,
+        holder: String,
+    },
     #[error(transparent)]
     Store(#[from] imago_store::StoreError),
     #[error("state database {path}: {source}")]

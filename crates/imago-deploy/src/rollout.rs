@@ -14,6 +14,10 @@ use crate::spec::{Limits, Strategy};
 pub enum Phase {
     /// Launched, not yet passing its health check.
     Starting,
+    /// Running since before this controller started, and not yet judged by its probes: it may
+    /// be serving. Never retired to make room and never counted available until probed; it
+    /// receives traffic only when no probed instance is ready.
+    Unprobed,
     /// Passing its health check since `since_ms` (milliseconds on the controller's clock).
     Ready { since_ms: u64 },
     /// Failed its health check `unhealthy_threshold` times in a row.
@@ -87,6 +91,17 @@ fn is_available(phase: Phase, min_ready: Duration, now_ms: u64) -> bool {
     }
 }
 
+/// Instances not yet probed by this controller, to route to when no probed one is ready: they
+/// were running before it started, so most likely serving, and refusing every connection until
+/// the first probes return would be worse.
+fn unprobed(instances: &[ObservedInstance], retire: &[String]) -> Vec<String> {
+    instances
+        .iter()
+        .filter(|i| !i.draining && i.phase == Phase::Unprobed && !retire.contains(&i.id))
+        .map(|i| i.id.clone())
+        .collect()
+}
+
 /// Decides the next step of a rollout (or of keeping a settled service as it should be: the
 /// same function replaces dead and unhealthy instances when nothing is being rolled out).
 pub fn next_step(input: RolloutInput<'_>) -> Step {
@@ -141,17 +156,24 @@ pub fn next_step(input: RolloutInput<'_>) -> Step {
             // available. Not-available ones go first: they cost no availability.
             let floor = replicas.saturating_sub(limits.max_unavailable);
             let mut budget = (available_new + available_old).saturating_sub(floor);
-            let (mut old_unavailable, mut old_available): (
-                Vec<&ObservedInstance>,
-                Vec<&ObservedInstance>,
-            ) = old.iter().partition(|i| !available(i));
+            // Only an instance that never passed a check serves nothing and costs no capacity.
+            // One that passes but has not been ready for min_ready yet (as every instance
+            // seems right after a controller restart) serves traffic, and one not yet probed by
+            // this controller may: both wait until they count as available.
+            let mut old_starting: Vec<&ObservedInstance> = old
+                .iter()
+                .copied()
+                .filter(|i| i.phase == Phase::Starting)
+                .collect();
+            let mut old_available: Vec<&ObservedInstance> =
+                old.iter().copied().filter(|i| available(i)).collect();
             // Oldest-ready first among available ones is not knowable here; keep a stable order.
-            old_unavailable.sort_by(|a, b| a.id.cmp(&b.id));
+            old_starting.sort_by(|a, b| a.id.cmp(&b.id));
             old_available.sort_by(|a, b| a.id.cmp(&b.id));
-            // An old instance that is not available may be retired freely only while new ones
-            // are on their way; otherwise it is the service's capacity-in-waiting.
+            // A starting old instance may be retired freely only while new ones are on their
+            // way; otherwise it is the service's capacity-in-waiting.
             if updated > 0 || step.launch > 0 {
-                for i in old_unavailable {
+                for i in old_starting {
                     step.retire.push(i.id.clone());
                 }
             }
@@ -171,6 +193,9 @@ pub fn next_step(input: RolloutInput<'_>) -> Step {
                             break;
                         }
                         budget -= 1;
+                    } else if i.phase != Phase::Starting {
+                        // Serving (or maybe serving) without counting yet: wait until it does.
+                        continue;
                     }
                     step.retire.push(i.id.clone());
                 }
@@ -184,6 +209,9 @@ pub fn next_step(input: RolloutInput<'_>) -> Step {
                 })
                 .map(|i| i.id.clone())
                 .collect();
+            if step.route_to.is_empty() {
+                step.route_to = unprobed(instances, &step.retire);
+            }
         }
         Strategy::BlueGreen => {
             step.launch = replicas.saturating_sub(updated);
@@ -203,7 +231,7 @@ pub fn next_step(input: RolloutInput<'_>) -> Step {
             // Traffic stays entirely on blue until green is fully available, then switches at once.
             let blue_serving = old
                 .iter()
-                .any(|i| !i.drifted && matches!(i.phase, Phase::Ready { .. }));
+                .any(|i| !i.drifted && matches!(i.phase, Phase::Ready { .. } | Phase::Unprobed));
             let serve_new = green_ready || !blue_serving;
             let routable = |i: &&ObservedInstance| {
                 !i.draining
@@ -223,6 +251,9 @@ pub fn next_step(input: RolloutInput<'_>) -> Step {
                     .filter(routable)
                     .map(|i| i.id.clone())
                     .collect();
+            }
+            if step.route_to.is_empty() {
+                step.route_to = unprobed(instances, &step.retire);
             }
         }
     }
@@ -331,6 +362,213 @@ mod tests {
             }
         }
         panic!("rollout did not complete in 200 passes ({l:?}, {strategy:?})");
+    }
+
+    /// A small seeded generator (xorshift64*): thousands of random cases, each reproducible
+    /// from the seed a failure prints, without a dependency.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n.max(1)
+        }
+    }
+
+    #[test]
+    fn for_any_instance_states_no_step_takes_availability_below_the_floor_or_retires_serving_capacity()
+     {
+        for seed in 1..20_000u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let l = limits(
+                1 + rng.below(8) as u32,
+                rng.below(4) as u32,
+                rng.below(4) as u32,
+            );
+            let min_ready_ms = rng.below(3) * 1000;
+            let now_ms = 10_000;
+            let world: Vec<ObservedInstance> = (0..rng.below(14))
+                .map(|n| ObservedInstance {
+                    id: format!("i{n}"),
+                    revision: ["v1", "v2", "drifted"][rng.below(3) as usize].into(),
+                    phase: match rng.below(5) {
+                        0 => Phase::Starting,
+                        1 => Phase::Unprobed,
+                        2 => Phase::Unhealthy,
+                        3 => Phase::Exited,
+                        _ => Phase::Ready {
+                            since_ms: now_ms - rng.below(3000),
+                        },
+                    },
+                    draining: rng.below(5) == 0,
+                    drifted: false,
+                })
+                .collect();
+            let input = RolloutInput {
+                limits: l,
+                strategy: Strategy::Rolling,
+                min_ready: Duration::from_millis(min_ready_ms),
+                now_ms,
+                target: "v2",
+                instances: &world,
+            };
+            let step = next_step(input);
+            let available = |i: &ObservedInstance| {
+                !i.draining && is_available(i.phase, input.min_ready, now_ms)
+            };
+            let before = world.iter().filter(|i| available(i)).count() as u32;
+            let after = world
+                .iter()
+                .filter(|i| available(i) && !step.retire.contains(&i.id))
+                .count() as u32;
+            let floor = l.replicas.saturating_sub(l.max_unavailable);
+            let case = format!("seed {seed}: {l:?}, min_ready {min_ready_ms} ms, {world:#?}");
+            assert!(
+                after >= floor.min(before),
+                "{after} available after the step, floor {floor}: {case}"
+            );
+            for id in &step.retire {
+                let i = world.iter().find(|i| &i.id == id).unwrap();
+                assert!(!i.draining, "retired twice: {id}: {case}");
+                assert!(
+                    available(i) || matches!(i.phase, Phase::Starting | Phase::Unhealthy),
+                    "{id} serves (or may) without counting yet, and was retired: {case}"
+                );
+            }
+            let total = world.iter().filter(|i| i.phase != Phase::Exited).count() as u32;
+            assert!(
+                total + step.launch <= total.max(l.replicas + l.max_surge),
+                "{total} + {} launched exceeds replicas + surge: {case}",
+                step.launch
+            );
+        }
+    }
+
+    /// An instance of the simulated world.
+    struct Simulated {
+        id: String,
+        revision: &'static str,
+        /// When its checks truly start passing.
+        ready_at: u64,
+        /// When the controller retired it; it is gone a pass later.
+        retired_at: Option<u64>,
+        /// What the current controller run knows: `None` not probed by it yet, `Some(None)`
+        /// probed and not ready, `Some(Some(since))` ready since.
+        seen: Option<Option<u64>>,
+    }
+
+    /// Drives a rolling update against a world where instances take random times to become
+    /// ready and the controller restarts at random passes, losing every probe result. With
+    /// `persisted`, a restarted controller still knows since when each instance was ready (the
+    /// state database keeps it); without, it sees instances it has not probed yet, then ready
+    /// since its first probe. At every pass the instances truly serving never drop below
+    /// replicas - max_unavailable, the total never exceeds replicas + max_surge, and the
+    /// rollout completes.
+    fn simulate_with_restarts(seed: u64, persisted: bool) {
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let replicas = 1 + rng.below(6) as u32;
+        let l = limits(replicas, rng.below(3) as u32, rng.below(2) as u32);
+        let l = if l.max_surge == 0 && l.max_unavailable == 0 {
+            limits(replicas, 1, 0)
+        } else {
+            l
+        };
+        let min_ready = Duration::from_millis(rng.below(4) * 100);
+        let floor = replicas - l.max_unavailable.min(replicas);
+        let mut world: Vec<Simulated> = (0..replicas)
+            .map(|n| Simulated {
+                id: format!("old{n}"),
+                revision: "v1",
+                ready_at: 0,
+                retired_at: None,
+                seen: Some(Some(0)),
+            })
+            .collect();
+        let mut next_id = 0;
+        let case = format!("seed {seed}, persisted {persisted}: {l:?}, min_ready {min_ready:?}");
+        for pass in 1..=400u64 {
+            let now = 1000 + pass * 100;
+            world.retain(|i| i.retired_at.is_none_or(|at| at + 100 >= now));
+            if rng.below(5) == 0 {
+                for i in world.iter_mut() {
+                    i.seen = match i.seen {
+                        Some(Some(since)) if persisted => Some(Some(since)),
+                        _ => None,
+                    };
+                }
+            }
+            let observed: Vec<ObservedInstance> = world
+                .iter()
+                .map(|i| ObservedInstance {
+                    id: i.id.clone(),
+                    revision: i.revision.into(),
+                    phase: match i.seen {
+                        None => Phase::Unprobed,
+                        Some(None) => Phase::Starting,
+                        Some(Some(since_ms)) => Phase::Ready { since_ms },
+                    },
+                    draining: i.retired_at.is_some(),
+                    drifted: false,
+                })
+                .collect();
+            let step = next_step(RolloutInput {
+                limits: l,
+                strategy: Strategy::Rolling,
+                min_ready,
+                now_ms: now,
+                target: "v2",
+                instances: &observed,
+            });
+            if step.complete {
+                return;
+            }
+            for i in world.iter_mut() {
+                if step.retire.contains(&i.id) && i.retired_at.is_none() {
+                    i.retired_at = Some(now);
+                }
+            }
+            for _ in 0..step.launch {
+                world.push(Simulated {
+                    id: format!("new{next_id}"),
+                    revision: "v2",
+                    ready_at: now + 100 * rng.below(5),
+                    retired_at: None,
+                    seen: Some(None),
+                });
+                next_id += 1;
+            }
+            let serving = world
+                .iter()
+                .filter(|i| i.retired_at.is_none() && i.ready_at <= now)
+                .count() as u32;
+            assert!(
+                serving >= floor,
+                "pass {pass}: only {serving} instances serve, floor {floor} ({case})"
+            );
+            assert!(
+                world.len() as u32 <= replicas + l.max_surge,
+                "pass {pass}: {} instances ({case})",
+                world.len()
+            );
+            // The probes between passes.
+            for i in world.iter_mut() {
+                i.seen = Some(match i.seen {
+                    Some(Some(since)) => Some(since),
+                    _ => (i.ready_at <= now).then_some(now),
+                });
+            }
+        }
+        panic!("the rollout did not complete in 400 passes ({case})");
+    }
+
+    #[test]
+    fn rolling_updates_with_controller_restarts_at_any_pass_keep_the_floor_and_complete() {
+        for seed in 1..2_000 {
+            simulate_with_restarts(seed, true);
+            simulate_with_restarts(seed, false);
+        }
     }
 
     #[test]

@@ -121,6 +121,102 @@ pub fn check_ports(
     Ok(())
 }
 
+/// A process listening on a TCP port, as /proc shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortHolder {
+    pub pid: u32,
+    /// Its program name (`comm`).
+    pub program: String,
+}
+
+/// The processes with a listening TCP socket on `port` (any address, IPv4 or IPv6): the socket
+/// inodes from /proc/net/tcp and tcp6, then the processes whose descriptors name them. Only
+/// what this process may read is seen (all of it as root).
+pub fn tcp_port_holders(port: u16) -> Vec<PortHolder> {
+    let mut inodes = std::collections::BTreeSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st ... uid timeout inode; 0A is LISTEN.
+            let (Some(local), Some("0A"), Some(inode)) =
+                (fields.get(1), fields.get(3).copied(), fields.get(9))
+            else {
+                continue;
+            };
+            let listens_on = local
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if listens_on == Some(port) && *inode != "0" {
+                inodes.insert(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    let mut holders = Vec::new();
+    if inodes.is_empty() {
+        return holders;
+    }
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return holders;
+    };
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        let holds = fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|target| inodes.contains(target.to_string_lossy().as_ref()))
+        });
+        if holds {
+            let program = std::fs::read_to_string(entry.path().join("comm"))
+                .map(|c| c.trim().to_owned())
+                .unwrap_or_default();
+            holders.push(PortHolder { pid, program });
+        }
+    }
+    holders
+}
+
+/// Checks that `service`'s endpoint can listen on `addr`: nothing listens there, or only the
+/// processes in `ours` (the running controller, which already serves it). Found before any
+/// release is recorded, so `plan` shows it and `apply` refuses at once instead of recording a
+/// release the controller cannot serve.
+pub fn check_endpoint_free(
+    service: &str,
+    addr: std::net::SocketAddr,
+    ours: &[u32],
+) -> Result<(), DeployError> {
+    match std::net::TcpListener::bind(addr) {
+        Ok(_) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {}
+        // Not a conflict with another process (no permission for a low port, say): the
+        // controller reports what it meets when it binds.
+        Err(_) => return Ok(()),
+    }
+    let holders = tcp_port_holders(addr.port());
+    if !holders.is_empty() && holders.iter().all(|h| ours.contains(&h.pid)) {
+        return Ok(());
+    }
+    let holder = holders.iter().find(|h| !ours.contains(&h.pid)).map_or_else(
+        || "another process".to_owned(),
+        |h| format!("pid {} ({})", h.pid, h.program),
+    );
+    Err(DeployError::PortInUse {
+        service: service.to_owned(),
+        addr,
+        holder,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -231,5 +327,25 @@ health = { type = "tcp" }
                 .to_string(),
             "service api: the health check probes port 9100, but image api:v1 listens on 9000"
         );
+    }
+
+    #[test]
+    fn a_port_held_by_another_process_is_refused_naming_its_pid_and_program() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let me = std::process::id();
+        let err = check_endpoint_free("a", addr, &[]).unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, DeployError::PortInUse { .. }), "{err:?}");
+        assert!(
+            text.contains(&format!("port {addr} is already in use by pid {me} (")),
+            "{text}"
+        );
+        let holders = tcp_port_holders(addr.port());
+        assert!(holders.iter().any(|h| h.pid == me && !h.program.is_empty()));
+        // The running controller's own endpoint is no conflict.
+        check_endpoint_free("a", addr, &[me]).unwrap();
+        drop(listener);
+        check_endpoint_free("a", addr, &[]).unwrap();
     }
 }

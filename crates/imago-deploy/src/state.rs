@@ -77,6 +77,19 @@ CREATE TABLE tainted_images (
     at_ms        INTEGER NOT NULL
 ) STRICT;
 "#,
+    // Since when each instance passes its health check, so that a restarted controller
+    // neither takes a serving instance for a starting one nor restarts its min_ready.
+    r#"
+CREATE TABLE instance_ready (
+    id       TEXT PRIMARY KEY,
+    since_ms INTEGER NOT NULL
+) STRICT;
+CREATE TABLE service_faults (
+    service  TEXT PRIMARY KEY,
+    reason   TEXT NOT NULL,
+    since_ms INTEGER NOT NULL
+) STRICT;
+"#,
 ];
 
 /// One immutable release: a service pinned to an image digest and its full configuration.
@@ -96,11 +109,75 @@ pub struct Release {
     pub rollback_of: Option<u64>,
 }
 
+/// What a release's rollout ended as. The database records `Complete` and `Failed`;
+/// [`StateDb::settled`] adds what the automatic rollback after a failure became. Shown and
+/// serialized as "complete", "failed", "rolled back", "failed, and rollback failed".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReleaseOutcome {
+    Complete,
+    Failed,
+    /// Failed, and the automatic rollback completed.
+    RolledBack,
+    /// Failed, and so did the automatic rollback.
+    RollbackFailed,
+}
+
+impl ReleaseOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReleaseOutcome::Complete => "complete",
+            ReleaseOutcome::Failed => "failed",
+            ReleaseOutcome::RolledBack => "rolled back",
+            ReleaseOutcome::RollbackFailed => "failed, and rollback failed",
+        }
+    }
+
+    fn parse(text: &str) -> Option<ReleaseOutcome> {
+        [
+            ReleaseOutcome::Complete,
+            ReleaseOutcome::Failed,
+            ReleaseOutcome::RolledBack,
+            ReleaseOutcome::RollbackFailed,
+        ]
+        .into_iter()
+        .find(|o| o.as_str() == text)
+    }
+}
+
+impl std::fmt::Display for ReleaseOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for ReleaseOutcome {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl rusqlite::types::ToSql for ReleaseOutcome {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(self.as_str().into())
+    }
+}
+
+impl rusqlite::types::FromSql for ReleaseOutcome {
+    fn column_result(
+        value: rusqlite::types::ValueRef<'_>,
+    ) -> rusqlite::types::FromSqlResult<ReleaseOutcome> {
+        let text = value.as_str()?;
+        ReleaseOutcome::parse(text).ok_or_else(|| {
+            rusqlite::types::FromSqlError::Other(format!("unknown release outcome {text:?}").into())
+        })
+    }
+}
+
 /// How a release's rollout ended, following the automatic rollback after a failure
 /// ([`StateDb::settled`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settled {
-    pub outcome: String,
+    pub outcome: ReleaseOutcome,
     /// The release's own outcome detail (why it failed).
     pub detail: String,
     /// The release an automatic rollback restored.
@@ -111,7 +188,7 @@ pub struct Settled {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Outcome {
     pub number: u64,
-    pub outcome: String,
+    pub outcome: ReleaseOutcome,
     pub detail: String,
     pub at_ms: u64,
 }
@@ -284,7 +361,8 @@ impl StateDb {
                 path: path.to_path_buf(),
                 source,
             };
-            insert_outcome(tx, service, failed, "failed", detail, actor).map_err(db_err)?;
+            insert_outcome(tx, service, failed, ReleaseOutcome::Failed, detail, actor)
+                .map_err(db_err)?;
             let Some(good) = rollback_to else {
                 return Ok(None);
             };
@@ -421,12 +499,12 @@ impl StateDb {
         Ok(names)
     }
 
-    /// Records what became of a release's rollout ("complete", "failed", "rolled back").
+    /// Records what became of a release's rollout.
     pub fn record_outcome(
         &mut self,
         service: &str,
         number: u64,
-        outcome: &str,
+        outcome: ReleaseOutcome,
         detail: &str,
         actor: &str,
     ) -> Result<(), DeployError> {
@@ -448,11 +526,11 @@ impl StateDb {
             return Ok(None);
         };
         let own = Settled {
-            outcome: outcome.outcome.clone(),
+            outcome: outcome.outcome,
             detail: outcome.detail,
             rolled_back_to: None,
         };
-        if outcome.outcome != "failed" {
+        if outcome.outcome != ReleaseOutcome::Failed {
             return Ok(Some(own));
         }
         let rollback = self
@@ -463,10 +541,10 @@ impl StateDb {
             return Ok(Some(own));
         };
         Ok(self.outcome_of(service, rollback.number)?.map(|o| Settled {
-            outcome: if o.outcome == "complete" {
-                "rolled back".into()
+            outcome: if o.outcome == ReleaseOutcome::Complete {
+                ReleaseOutcome::RolledBack
             } else {
-                format!("failed, and rollback {}", o.outcome)
+                ReleaseOutcome::RollbackFailed
             },
             rolled_back_to: rollback.rollback_of,
             ..own
@@ -525,7 +603,7 @@ impl StateDb {
             if release.revision != current.revision
                 && self
                     .outcome_of(service, release.number)?
-                    .is_some_and(|o| o.outcome == "complete")
+                    .is_some_and(|o| o.outcome == ReleaseOutcome::Complete)
             {
                 return Ok(release);
             }
@@ -724,8 +802,71 @@ impl StateDb {
                 "UPDATE instances SET state = 'removed', updated_ms = ?2 WHERE id = ?1",
                 params![id, now_ms()],
             )
+            .map_err(|e| self.err(e))?;
+        self.forget_ready(id)
+    }
+
+    /// Records that `id` has passed its health check since `since_ms`.
+    pub fn record_ready(&self, id: &str, since_ms: u64) -> Result<(), DeployError> {
+        self.conn
+            .execute(
+                "INSERT INTO instance_ready (id, since_ms) VALUES (?1, ?2)
+                 ON CONFLICT(id) DO UPDATE SET since_ms = excluded.since_ms",
+                params![id, since_ms],
+            )
             .map(|_| ())
             .map_err(|e| self.err(e))
+    }
+
+    /// Records that `id` no longer passes its health check (or is gone).
+    pub fn forget_ready(&self, id: &str) -> Result<(), DeployError> {
+        self.conn
+            .execute("DELETE FROM instance_ready WHERE id = ?1", [id])
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Records why the controller cannot reconcile `service` (its other services go on).
+    /// Returns whether that is news: the first fault, or a different one.
+    pub fn set_fault(&self, service: &str, reason: &str) -> Result<bool, DeployError> {
+        self.conn
+            .execute(
+                "INSERT INTO service_faults (service, reason, since_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(service) DO UPDATE SET reason = excluded.reason,
+                   since_ms = excluded.since_ms
+                 WHERE reason != excluded.reason",
+                params![service, reason, now_ms()],
+            )
+            .map(|changed| changed > 0)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Records that `service` reconciles again; returns whether it had a fault.
+    pub fn clear_fault(&self, service: &str) -> Result<bool, DeployError> {
+        self.conn
+            .execute("DELETE FROM service_faults WHERE service = ?1", [service])
+            .map(|changed| changed > 0)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Why the controller cannot reconcile `service` right now, and since when (ms).
+    pub fn service_fault(&self, service: &str) -> Result<Option<(String, u64)>, DeployError> {
+        self.conn
+            .query_row(
+                "SELECT reason, since_ms FROM service_faults WHERE service = ?1",
+                [service],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Every instance recorded as passing its health check: id -> since (ms).
+    pub fn readiness(&self) -> Result<HashMap<String, u64>, DeployError> {
+        Ok(self
+            .text_and_number("SELECT id, since_ms FROM instance_ready")?
+            .into_iter()
+            .collect())
     }
 
     /// The rollout in progress for `service`: (target release, started, last progress, counts).
@@ -898,7 +1039,7 @@ fn insert_outcome(
     tx: &rusqlite::Transaction<'_>,
     service: &str,
     number: u64,
-    outcome: &str,
+    outcome: ReleaseOutcome,
     detail: &str,
     actor: &str,
 ) -> rusqlite::Result<()> {
@@ -914,7 +1055,7 @@ fn insert_outcome(
     };
     tx.execute(
         "INSERT INTO events (at_ms, service, kind, message, actor) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![at, service, outcome, message, actor],
+        params![at, service, outcome.as_str(), message, actor],
     )?;
     Ok(())
 }
@@ -975,7 +1116,8 @@ mod tests {
             let mut db = StateDb::open(&path).unwrap();
             db.record_release("web", &spec("web", "7"), &d, "apply", None, "test")
                 .unwrap();
-            db.record_outcome("web", 1, "complete", "", "test").unwrap();
+            db.record_outcome("web", 1, ReleaseOutcome::Complete, "", "test")
+                .unwrap();
         }
         let db = StateDb::open(&path).unwrap();
         let history = db.history("web").unwrap();
@@ -1024,7 +1166,11 @@ mod tests {
         let r1 = record(&mut db, "1", "apply", None);
         let r2 = record(&mut db, "2", "apply", None);
         let r3 = record(&mut db, "3", "apply", None);
-        for (number, outcome) in [(1, "complete"), (2, "complete"), (3, "failed")] {
+        for (number, outcome) in [
+            (1, ReleaseOutcome::Complete),
+            (2, ReleaseOutcome::Complete),
+            (3, ReleaseOutcome::Failed),
+        ] {
             db.record_outcome("web", number, outcome, "", "t").unwrap();
         }
         assert_eq!(
@@ -1034,7 +1180,8 @@ mod tests {
         );
         let r4 = record(&mut db, "1", "rollback to release 1", Some(1));
         assert_eq!(r4.revision, r1.revision);
-        db.record_outcome("web", 4, "complete", "", "t").unwrap();
+        db.record_outcome("web", 4, ReleaseOutcome::Complete, "", "t")
+            .unwrap();
         assert_eq!(
             db.rollback_target(&r4, None).unwrap(),
             r2,
@@ -1051,7 +1198,8 @@ mod tests {
             "service web has no release 9"
         );
         // Release 2 failed after it had completed: no longer a place to go back to.
-        db.record_outcome("web", 2, "failed", "", "t").unwrap();
+        db.record_outcome("web", 2, ReleaseOutcome::Failed, "", "t")
+            .unwrap();
         assert_eq!(
             db.rollback_target(&r4, None).unwrap_err().to_string(),
             "service web has no earlier completed release to roll back to"
@@ -1070,7 +1218,8 @@ mod tests {
                     .0
             })
             .collect();
-        db.record_outcome("web", 1, "complete", "", "t").unwrap();
+        db.record_outcome("web", 1, ReleaseOutcome::Complete, "", "t")
+            .unwrap();
         let good = &releases[0];
         let rollback = db
             .record_failure("web", 2, "unhealthy", Some(good), "t")
@@ -1078,7 +1227,10 @@ mod tests {
             .unwrap();
         assert_eq!((rollback.number, rollback.rollback_of), (3, Some(1)));
         assert_eq!(rollback.revision, good.revision);
-        assert_eq!(db.outcome_of("web", 2).unwrap().unwrap().outcome, "failed");
+        assert_eq!(
+            db.outcome_of("web", 2).unwrap().unwrap().outcome,
+            ReleaseOutcome::Failed
+        );
         assert_eq!(db.desired("web").unwrap().unwrap().number, 3);
         let events: Vec<String> = db
             .events(Some("web"), 0)
@@ -1094,16 +1246,20 @@ mod tests {
         );
         // Release 2 is settled once its rollback is.
         assert_eq!(db.settled("web", 2).unwrap(), None);
-        db.record_outcome("web", 3, "complete", "", "t").unwrap();
+        db.record_outcome("web", 3, ReleaseOutcome::Complete, "", "t")
+            .unwrap();
         assert_eq!(
             db.settled("web", 2).unwrap(),
             Some(Settled {
-                outcome: "rolled back".into(),
+                outcome: ReleaseOutcome::RolledBack,
                 detail: "unhealthy".into(),
                 rolled_back_to: Some(1),
             })
         );
-        assert_eq!(db.settled("web", 1).unwrap().unwrap().outcome, "complete");
+        assert_eq!(
+            db.settled("web", 1).unwrap().unwrap().outcome,
+            ReleaseOutcome::Complete
+        );
         // Without a release to roll back to, only the failure is recorded.
         assert!(
             db.record_failure("web", 3, "x", None, "t")

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::DeployError;
 use crate::controller::{LABEL_REVISION, LABEL_SERVICE};
-use crate::state::{Event, Outcome, Release, StateDb};
+use crate::state::{Event, Outcome, Release, ReleaseOutcome, StateDb};
 
 /// How many of a service's latest events the document carries.
 const RECENT_EVENTS: u64 = 10;
@@ -33,8 +33,18 @@ pub struct ServiceStatus {
     pub last_completed: Option<u64>,
     /// The most recent failed rollout of the service, if any: which release and why.
     pub last_failure: Option<Outcome>,
+    /// Why the controller cannot reconcile the service right now (its port is held by another
+    /// process, say), since when; `None` while it reconciles.
+    pub fault: Option<Fault>,
     pub instances: Vec<InstanceRow>,
     pub recent_events: Vec<Event>,
+}
+
+/// A fault of one service, as the controller recorded it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Fault {
+    pub reason: String,
+    pub since_ms: u64,
 }
 
 /// Every service of a home (or the one asked for), and whether a controller runs for it.
@@ -60,7 +70,7 @@ pub fn service_status(
         .outcomes(name)?
         .into_iter()
         .rev()
-        .find(|o| o.outcome == "failed");
+        .find(|o| o.outcome == ReleaseOutcome::Failed);
     let instances = instances
         .iter()
         .filter(|i| i.labels.get(LABEL_SERVICE).map(String::as_str) == Some(name))
@@ -78,6 +88,9 @@ pub fn service_status(
         desired,
         outcome,
         last_failure,
+        fault: db
+            .service_fault(name)?
+            .map(|(reason, since_ms)| Fault { reason, since_ms }),
         instances,
         recent_events: db.recent_events(name, RECENT_EVENTS)?,
     })
@@ -108,4 +121,41 @@ pub fn status_document(
         controller_running,
         services,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::spec::ServiceSpec;
+
+    #[test]
+    fn a_service_fault_is_in_the_document_until_it_clears() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = StateDb::open(&dir.path().join("state.db")).unwrap();
+        let spec: ServiceSpec =
+            serde_json::from_value(serde_json::json!({"image": "web"})).unwrap();
+        db.record_release("web", &spec, &Digest::of(b"v1"), "apply", None, "test")
+            .unwrap();
+        let fault = |db: &StateDb| {
+            status_document(db, Some("web"), &[], true)
+                .unwrap()
+                .services[0]
+                .fault
+                .clone()
+        };
+        assert_eq!(fault(&db), None);
+        db.set_fault("web", "port 127.0.0.1:1 is already in use by pid 1 (init)")
+            .unwrap();
+        let shown = fault(&db).expect("the fault is shown");
+        assert!(shown.reason.contains("pid 1 (init)"), "{shown:?}");
+        db.clear_fault("web").unwrap();
+        assert_eq!(fault(&db), None);
+        let err = status_document(&db, Some("nothing"), &[], true).unwrap_err();
+        assert!(
+            err.to_string().contains("no deployed service nothing"),
+            "{err}"
+        );
+    }
 }

@@ -401,7 +401,8 @@ impl LocalProvider {
         // A launcher that died between preparing and starting the supervisor leaves "created".
         if rec.status == Status::Created
             && rec.supervisor_pid.is_none()
-            && crate::state::now_ms().saturating_sub(rec.created_ms) > STALE_CREATED_MS
+            && (crate::state::now_ms().saturating_sub(rec.created_ms) > STALE_CREATED_MS
+                || launcher_alive(dir) == Some(false))
         {
             rec.status = Status::Lost;
         }
@@ -536,6 +537,17 @@ fn new_id() -> Result<String, RuntimeError> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// Whether the process named in the instance directory's `launcher` file still lives; `None`
+/// when no such file (an older imago, or no start time) says who launched it.
+fn launcher_alive(dir: &InstanceDir) -> Option<bool> {
+    let text = fs::read_to_string(dir.launcher()).ok()?;
+    let mut fields = text.split_whitespace().map(str::parse::<u64>);
+    let (Some(Ok(pid)), Some(Ok(start))) = (fields.next(), fields.next()) else {
+        return None;
+    };
+    Some(i32::try_from(pid).is_ok_and(|pid| is_alive(pid, start)))
+}
+
 impl LocalProvider {
     /// Removes the directories of launches whose launcher died before it wrote the instance's
     /// record (spec, bundle, anonymous volumes; nothing was started yet: the record is written
@@ -551,16 +563,8 @@ impl LocalProvider {
             if dir.state().exists() {
                 continue;
             }
-            let Ok(text) = fs::read_to_string(dir.launcher()) else {
-                continue;
-            };
-            let mut fields = text.split_whitespace().map(str::parse::<u64>);
-            let (Some(Ok(pid)), Some(Ok(start))) = (fields.next(), fields.next()) else {
-                continue;
-            };
-            let alive = i32::try_from(pid).is_ok_and(|pid| is_alive(pid, start));
             // The launcher is gone, so nothing writes the record any more.
-            if !alive && !dir.state().exists() {
+            if launcher_alive(&dir) == Some(false) && !dir.state().exists() {
                 let _ = fs::remove_dir_all(&dir.root);
             }
         }

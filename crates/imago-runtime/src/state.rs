@@ -120,6 +120,22 @@ impl Instance {
     pub fn is_active(&self) -> bool {
         matches!(self.status, Status::Created | Status::Running)
     }
+
+    /// Whether the launch never got to start the instance because its launcher died (a
+    /// controller killed mid-launch): the supervisor waiting on the launcher's gate gave up, or
+    /// no supervisor was ever started. Nothing of what the instance runs was at fault. (A
+    /// launcher that gives up on its own records its reason instead, which wins.)
+    pub fn launch_interrupted(&self) -> bool {
+        self.started_ms.is_none()
+            && match self.status {
+                Status::Failed => self
+                    .error
+                    .as_deref()
+                    .is_some_and(|e| e.contains(crate::supervisor::LAUNCHER_GAVE_UP)),
+                Status::Lost => self.supervisor_pid.is_none(),
+                _ => false,
+            }
+    }
 }
 
 pub fn now_ms() -> u64 {
@@ -294,4 +310,43 @@ pub fn process_start_time(pid: i32) -> Option<u64> {
         return None;
     }
     fields.get(19)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn only_a_launch_cut_short_by_its_launcher_counts_as_interrupted() {
+        let spec = crate::InstanceSpec::new(imago_oci::Digest::of(b"image"));
+        let record = |status: Status, error: Option<String>, started: bool| {
+            let mut i = Instance::new("i".into(), &spec).unwrap();
+            i.status = status;
+            i.error = error;
+            i.started_ms = started.then_some(1);
+            i
+        };
+        let gave_up = Some(format!(
+            "instance i: supervisor: {} before the network was created",
+            crate::supervisor::LAUNCHER_GAVE_UP
+        ));
+        assert!(record(Status::Failed, gave_up.clone(), false).launch_interrupted());
+        // No supervisor ever ran: its launcher died before starting one.
+        assert!(record(Status::Lost, None, false).launch_interrupted());
+        // The release's own failures.
+        assert!(
+            !record(Status::Failed, Some("exec: no such file".into()), false).launch_interrupted()
+        );
+        assert!(!record(Status::Exited, None, true).launch_interrupted());
+        assert!(!record(Status::Lost, None, true).launch_interrupted());
+        assert!(!record(Status::Running, None, true).launch_interrupted());
+        let mut supervised = record(Status::Lost, None, false);
+        supervised.supervisor_pid = Some(1);
+        assert!(
+            !supervised.launch_interrupted(),
+            "its supervisor died, not its launcher"
+        );
+    }
 }

@@ -293,6 +293,10 @@ struct Running {
     cgroups_path: String,
 }
 
+/// How a supervisor's error begins when its launcher died (or closed the gate) mid-launch:
+/// see [`crate::Instance::launch_interrupted`].
+pub const LAUNCHER_GAVE_UP: &str = "the launcher gave up";
+
 /// Waits for the launcher's `step` on the gate (only for a private network).
 fn pass_gate(
     gate: &mut dyn Read,
@@ -308,7 +312,7 @@ fn pass_gate(
         Ok(1) if byte[0] == step => Ok(()),
         _ => Err(RuntimeError::Supervisor {
             id: record.id.clone(),
-            reason: format!("the launcher gave up before the network was {what}"),
+            reason: format!("{LAUNCHER_GAVE_UP} before the network was {what}"),
         }),
     }
 }

@@ -1152,3 +1152,62 @@ fn the_directory_of_a_launch_killed_before_its_record_is_removed_by_rm() {
         "a directory that names no launcher was removed"
     );
 }
+
+/// A launch whose launcher died after writing the record but before starting a supervisor is
+/// "created" forever: it shows as lost, with its launch interrupted, as soon as the launcher is
+/// gone (a restarted controller then relaunches it at once, not 60 s later), and never while the
+/// launcher lives.
+#[test]
+fn a_created_instance_whose_launcher_died_is_lost_at_once() {
+    let h = common::Harness::new(Engine::Embedded);
+    let mut spec = h.spec(&["true"]);
+    spec.network = NetworkMode::Host;
+    let done = h.run_to_exit(&spec);
+    let instances = h.home().join("instances");
+    let mut gone = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let gone_pid = gone.id();
+    let gone_start = imago_runtime::state::process_start_time(gone_pid as i32).unwrap();
+    gone.kill().unwrap();
+    gone.wait().unwrap();
+    let me = std::process::id();
+    let my_start = imago_runtime::state::process_start_time(me as i32).unwrap();
+    let created = |name: &str, launcher: String| {
+        let dir = instances.join(name);
+        fs::create_dir_all(&dir).unwrap();
+        let mut record: serde_json::Value =
+            serde_json::from_slice(&fs::read(instances.join(&done.id).join("state.json")).unwrap())
+                .unwrap();
+        record["id"] = name.into();
+        record["status"] = "created".into();
+        record["created_ms"] = imago_runtime::state::now_ms().into();
+        for field in [
+            "pid",
+            "supervisor_pid",
+            "supervisor_start",
+            "exit_code",
+            "started_ms",
+            "finished_ms",
+        ] {
+            record.as_object_mut().unwrap().remove(field);
+        }
+        fs::write(dir.join("state.json"), record.to_string()).unwrap();
+        fs::copy(
+            instances.join(&done.id).join("spec.json"),
+            dir.join("spec.json"),
+        )
+        .unwrap();
+        fs::write(dir.join("launcher"), launcher).unwrap();
+    };
+    created("killedlaunch", format!("{gone_pid} {gone_start}\n"));
+    created("livelaunch", format!("{me} {my_start}\n"));
+    let killed = h.provider.inspect("killedlaunch").unwrap();
+    assert_eq!(killed.status, Status::Lost);
+    assert!(killed.launch_interrupted());
+    let live = h.provider.inspect("livelaunch").unwrap();
+    assert_eq!(live.status, Status::Created, "a launch under way");
+    h.provider.remove("killedlaunch").unwrap();
+    fs::remove_dir_all(instances.join("livelaunch")).unwrap();
+}

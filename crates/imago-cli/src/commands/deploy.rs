@@ -17,7 +17,7 @@ use imago_deploy::plan::{ServicePlan, plan_service};
 use imago_deploy::roots::{DEFAULT_HISTORY_LIMIT, ReleaseRoots};
 use imago_deploy::services::{check_ports, exposed_ports, parse_services, tcp_ports};
 use imago_deploy::spec::{ServiceSpec, validate_all};
-use imago_deploy::state::{Event, Release, StateDb};
+use imago_deploy::state::{Event, Release, ReleaseOutcome, StateDb};
 use imago_deploy::status::StatusDocument;
 use imago_oci::{Digest, Reference};
 use imago_runtime::{Instance, LocalProvider, Provider, StoreImageSource, SupervisorCommand};
@@ -171,6 +171,7 @@ fn make_plan(
 ) -> Result<Vec<ServicePlan>> {
     let all_limits = validate_all(&services.specs)?;
     let running = current_instances(ctx, store)?;
+    let controller = running_controller(&DeployHome::new(ctx));
     let mut plans = Vec::new();
     for (name, spec) in &services.specs {
         let digest = match resolve_image(services, store, name, spec)? {
@@ -197,6 +198,7 @@ fn make_plan(
                 Err(e) => return Err(e),
             },
         };
+        check_endpoint(name, spec, &controller)?;
         match &digest {
             Some(d) => check_ports(name, spec, d.short(), &exposed_ports(store, d)?)?,
             None => check_ports(
@@ -216,6 +218,31 @@ fn make_plan(
         )?);
     }
     Ok(plans)
+}
+
+/// The pids of this home's controller and data plane, if they run: the ports they hold are the
+/// service endpoints themselves, no conflict. The data plane may serve them without a controller.
+fn running_controller(home: &DeployHome) -> Vec<u32> {
+    let mut ours = Vec::new();
+    if controller_running(home).unwrap_or(false)
+        && let Ok(info) = daemon::read_info(home)
+    {
+        ours.push(info.pid);
+    }
+    if let Ok(Some(plane)) = imago_deploy::dataplane::status(home) {
+        ours.push(plane.pid);
+    }
+    ours
+}
+
+/// A service's endpoint port must not be taken by another process (the controller binds it on
+/// loopback).
+fn check_endpoint(name: &str, spec: &ServiceSpec, controller: &[u32]) -> Result<()> {
+    if let Some(port) = spec.port {
+        let addr = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
+        imago_deploy::services::check_endpoint_free(name, addr, controller)?;
+    }
+    Ok(())
 }
 
 fn current_instances(ctx: &Context, store: &Store) -> Result<Vec<Instance>> {
@@ -300,6 +327,10 @@ pub fn apply(ctx: &Context, args: ApplyArgs) -> Result<()> {
     // Validate, build and check every service before recording any release: a bad service
     // must not leave the others half-applied.
     validate_all(&services.specs)?;
+    let controller = running_controller(&home);
+    for (name, spec) in &services.specs {
+        check_endpoint(name, spec, &controller)?;
+    }
     let mut pinned = Vec::new();
     for (name, spec) in &services.specs {
         let digest = match resolve_image(&services, &store, name, spec)? {
@@ -410,7 +441,7 @@ fn settled(db: &StateDb, release: &Release, new: bool) -> Result<Option<ServiceR
             release: release.number,
             digest: release.image_digest.clone(),
             changed: new,
-            outcome: settled.outcome,
+            outcome: settled.outcome.to_string(),
             detail: settled.detail,
             rolled_back_to: settled.rolled_back_to,
         }))
@@ -614,7 +645,7 @@ impl Render for StatusResult {
                     let outcome = st
                         .outcome
                         .as_ref()
-                        .map_or("rolling out".to_string(), |o| o.outcome.clone());
+                        .map_or("rolling out".to_string(), |o| o.outcome.to_string());
                     writeln!(
                         out,
                         "service {}: release {} ({}) {outcome}",
@@ -622,7 +653,11 @@ impl Render for StatusResult {
                         r.number,
                         r.image_digest.short()
                     )?;
-                    if let Some(o) = st.outcome.as_ref().filter(|o| o.outcome != "complete") {
+                    if let Some(o) = st
+                        .outcome
+                        .as_ref()
+                        .filter(|o| o.outcome != ReleaseOutcome::Complete)
+                    {
                         writeln!(out, "  why: {}", o.detail)?;
                     }
                     if r.rollback_of.is_some() {
@@ -633,6 +668,9 @@ impl Render for StatusResult {
                     }
                 }
                 None => writeln!(out, "service {}: destroyed", st.name)?,
+            }
+            if let Some(fault) = &st.fault {
+                writeln!(out, "  fault: {}", fault.reason)?;
             }
             for i in &st.instances {
                 writeln!(
@@ -671,7 +709,7 @@ pub struct HistoryArgs {
 struct HistoryRow {
     #[serde(flatten)]
     release: Release,
-    outcome: Option<String>,
+    outcome: Option<ReleaseOutcome>,
 }
 
 #[derive(Serialize)]
@@ -690,7 +728,7 @@ impl Render for HistoryResult {
                 "{:<8} {:<14} {:<12} {}",
                 r.release.number,
                 r.release.image_digest.short(),
-                r.outcome.as_deref().unwrap_or("-"),
+                r.outcome.map_or("-", ReleaseOutcome::as_str),
                 r.release.reason
             )?;
         }

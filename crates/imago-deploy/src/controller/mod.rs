@@ -14,17 +14,22 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use imago_runtime::balancer::ConnectBalancer;
-use imago_runtime::{Engine, Instance, InstanceSpec, Provider, Status};
+use imago_runtime::{Engine, Instance, InstanceSpec, Provider};
 use serde::Serialize;
 use tokio::task::JoinHandle;
 
 use crate::dataplane::{DataPlane, LocalPlane};
-use crate::drift::SpecJudge;
 use crate::error::DeployError;
-use crate::health::{HealthTracker, ProbeResult};
-use crate::rollout::{Counts, ObservedInstance, Phase, RolloutInput, Step, next_step};
-use crate::spec::{Probe, Strategy};
-use crate::state::{Release, RolloutRow, StateDb, now_ms};
+use crate::rollout::Counts;
+use crate::state::{Release, StateDb, now_ms};
+
+mod probes;
+mod progress;
+mod reconcile;
+mod set_aside;
+
+pub use probes::HealthBoard;
+pub use set_aside::set_aside_modified;
 
 pub const LABEL_SERVICE: &str = "imago.service";
 /// The revision (digest + configuration) an instance runs. Release numbers are deliberately not
@@ -95,13 +100,6 @@ pub fn instance_spec(release: &Release, engine: Engine) -> Result<InstanceSpec, 
     Ok(instance)
 }
 
-/// Health as probed for one instance.
-#[derive(Debug, Clone, Default)]
-struct InstanceHealth {
-    tracker: HealthTracker,
-    ready_since_ms: Option<u64>,
-}
-
 /// Lets the loop between passes end early when something a pass would act on has happened
 /// (a health check flipped, a stop finished) or a known moment arrives (an instance's
 /// min_ready elapses), instead of always sleeping a whole interval: every wave of a rollout
@@ -162,59 +160,6 @@ impl Wake {
     }
 }
 
-/// Probe results shared between the probe tasks (writers) and the controller (reader).
-#[derive(Debug, Clone, Default)]
-pub struct HealthBoard {
-    inner: Arc<Mutex<HashMap<String, InstanceHealth>>>,
-    wake: Arc<Wake>,
-}
-
-impl HealthBoard {
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, InstanceHealth>> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn record(
-        &self,
-        id: &str,
-        result: ProbeResult,
-        healthy_threshold: u32,
-        unhealthy_threshold: u32,
-        in_start_period: bool,
-    ) {
-        let mut board = self.lock();
-        let entry = board.entry(id.to_owned()).or_default();
-        let before = (entry.tracker.healthy, entry.tracker.unhealthy);
-        entry.tracker.record(
-            result,
-            healthy_threshold,
-            unhealthy_threshold,
-            in_start_period,
-        );
-        if entry.tracker.healthy && !before.0 {
-            entry.ready_since_ms = Some(now_ms());
-        }
-        if !entry.tracker.healthy {
-            entry.ready_since_ms = None;
-        }
-        let changed = before != (entry.tracker.healthy, entry.tracker.unhealthy);
-        drop(board);
-        if changed {
-            self.wake.nudge();
-        }
-    }
-
-    fn get(&self, id: &str) -> Option<InstanceHealth> {
-        self.lock().get(id).cloned()
-    }
-
-    fn forget(&self, id: &str) {
-        self.lock().remove(id);
-    }
-}
-
 /// A service's endpoint as the controller keeps it (the data plane serves it).
 pub struct Endpoint {
     pub port: u16,
@@ -235,6 +180,9 @@ pub struct ServicePass {
     pub complete: bool,
     pub failed: Option<String>,
     pub rolled_back_to: Option<u64>,
+    /// Why this pass could not reconcile the service (also recorded: see
+    /// [`StateDb::service_fault`]).
+    pub fault: Option<String>,
 }
 
 /// A stop running beside the reconcile loop.
@@ -250,6 +198,12 @@ pub struct Controller {
     runtime: tokio::runtime::Handle,
     health: HealthBoard,
     probes: HashMap<String, JoinHandle<()>>,
+    /// When this controller started: an instance created before it and not yet judged by its
+    /// probes is [`crate::rollout::Phase::Unprobed`], not starting.
+    started_ms: u64,
+    /// Since when instances pass their health checks, as recorded in the database (read on the
+    /// first pass, then kept in step with what the probes find).
+    readiness: Option<HashMap<String, u64>>,
     endpoints: BTreeMap<String, Endpoint>,
     engine: Engine,
     actor: String,
@@ -310,6 +264,8 @@ impl Controller {
             runtime,
             health: HealthBoard::default(),
             probes: HashMap::new(),
+            started_ms: now_ms(),
+            readiness: None,
             endpoints: BTreeMap::new(),
             engine,
             actor: "controller".into(),
@@ -443,60 +399,6 @@ impl Controller {
         }
     }
 
-    /// Checks the unpacked images of running instances for modifications every `every`
-    /// (a metadata pass; `imago drift --deep` hashes contents).
-    pub fn with_rootfs_checks(
-        mut self,
-        cache: imago_runtime::RootfsCache,
-        every: Duration,
-    ) -> Controller {
-        self.rootfs = Some((cache, every));
-        self
-    }
-
-    fn check_rootfs(&mut self, instances: &[Instance]) -> Result<(), DeployError> {
-        let Some((cache, every)) = &self.rootfs else {
-            return Ok(());
-        };
-        if self.last_rootfs_check.is_some_and(|t| t.elapsed() < *every) {
-            return Ok(());
-        }
-        self.last_rootfs_check = Some(std::time::Instant::now());
-        let digests: BTreeSet<&imago_oci::Digest> = instances
-            .iter()
-            .filter(|i| i.is_active() && i.labels.contains_key(LABEL_SERVICE))
-            .map(|i| &i.image)
-            .collect();
-        let mut failed = Vec::new();
-        for digest in digests {
-            let problems = cache
-                .verify(digest, false)
-                .map_err(|e| DeployError::Runtime(e.to_string()))?;
-            if problems.is_empty() {
-                continue;
-            }
-            // A tree that cannot be moved must not stop the reconciling of every service: its
-            // instances are replaced anyway (the taint is recorded first). Said once.
-            match set_aside_modified(cache, &self.db, digest, false, &self.actor) {
-                Ok(_) => {
-                    self.set_aside_failed.remove(digest);
-                }
-                Err(e) => failed.push((digest.clone(), e)),
-            }
-        }
-        for (digest, e) in failed {
-            if self.set_aside_failed.insert(digest.clone()) {
-                self.db.event(
-                    None,
-                    "drift",
-                    &format!("cannot set the modified unpacked image {digest} aside: {e}; retrying every check"),
-                    &self.actor,
-                )?;
-            }
-        }
-        Ok(())
-    }
-
     pub fn db(&self) -> &StateDb {
         &self.db
     }
@@ -515,6 +417,9 @@ impl Controller {
         let draining = self.db.draining()?;
         self.check_rootfs(&instances)?;
         self.tainted = self.db.tainted()?;
+        if self.readiness.is_none() {
+            self.readiness = Some(self.db.readiness()?);
+        }
         let services = self.db.all_services()?;
         let known: BTreeSet<&str> = services
             .iter()
@@ -535,10 +440,38 @@ impl Controller {
                     i.labels.get(LABEL_SERVICE).map(String::as_str) == Some(service.as_str())
                 })
                 .collect();
-            let pass = if *destroyed {
-                self.tear_down(service, &own)?
+            let result = if *destroyed {
+                self.tear_down(service, &own)
             } else {
-                self.reconcile(service, &own, &draining)?
+                self.reconcile(service, &own, &draining)
+            };
+            // One service's fault (a port another process holds, a runtime error on one of
+            // its instances) is that service's: recorded, shown, retried, and never a reason
+            // to leave the other services unreconciled.
+            let pass = match result {
+                Ok(pass) => {
+                    if self.db.clear_fault(service)? {
+                        self.db
+                            .event(Some(service), "fault", "reconciled again", &self.actor)?;
+                    }
+                    pass
+                }
+                Err(e) => {
+                    let reason = e.to_string();
+                    if self.db.set_fault(service, &reason)? {
+                        self.db.event(
+                            Some(service),
+                            "fault",
+                            &format!("cannot reconcile: {reason}; retrying every pass"),
+                            &self.actor,
+                        )?;
+                    }
+                    ServicePass {
+                        service: service.clone(),
+                        fault: Some(reason),
+                        ..ServicePass::default()
+                    }
+                }
             };
             passes.push(pass);
         }
@@ -573,514 +506,6 @@ impl Controller {
         Ok(passes)
     }
 
-    fn report_unknown(
-        &mut self,
-        instances: &[Instance],
-        known: &BTreeSet<&str>,
-        destroyed: &BTreeSet<&str>,
-    ) -> Result<(), DeployError> {
-        for instance in instances.iter().filter(|i| i.is_active()) {
-            let label = instance.labels.get(LABEL_SERVICE);
-            let unknown = match label {
-                None => true,
-                Some(service) => {
-                    !known.contains(service.as_str()) && !destroyed.contains(service.as_str())
-                }
-            };
-            if unknown && self.reported_unknown.insert(instance.id.clone()) {
-                let what = match label {
-                    None => "was not launched by a deployment".to_string(),
-                    Some(s) => format!("claims service {s}, which is not deployed"),
-                };
-                self.db.event(
-                    None,
-                    "drift",
-                    &format!(
-                        "unknown instance {} ({}) {what}",
-                        instance.id, instance.image
-                    ),
-                    &self.actor,
-                )?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Stops every instance of a destroyed service and closes its endpoint. Stops run beside the
-    /// loop (each takes up to the instance's grace period), so a pass never waits for one; a
-    /// later pass removes what has exited. Only the database says the service is destroyed, so a
-    /// restarted controller finishes a tear-down it did not start.
-    fn tear_down(&mut self, service: &str, own: &[&Instance]) -> Result<ServicePass, DeployError> {
-        let mut pass = ServicePass {
-            service: service.to_owned(),
-            ..ServicePass::default()
-        };
-        self.close_endpoint(service)?;
-        for instance in own {
-            if self.stop_pending(&instance.id) {
-                // Its stop is under way: nothing to look up or decide until it ends.
-                continue;
-            }
-            if instance.is_active() {
-                let grace = stop_grace(&self.db, service, instance)?;
-                self.stop_in_background(&instance.id, grace);
-                continue;
-            }
-            self.stopping.remove(&instance.id);
-            // `imago destroy` may be removing the same instances right now: a failure here is
-            // retried on the next pass, and must not hold up the other services.
-            match self.remove_instance(&instance.id) {
-                Ok(()) => pass.stopped.push(instance.id.clone()),
-                Err(e) => self.db.event(
-                    Some(service),
-                    "destroy",
-                    &format!("cannot remove {} yet: {e}", instance.id),
-                    &self.actor,
-                )?,
-            }
-        }
-        Ok(pass)
-    }
-
-    /// Starts stopping `id` on a side thread unless a stop of it is still in progress. A stop
-    /// that ended without the instance exiting (it raced a launcher, say) is simply started
-    /// again by a later pass.
-    fn stop_in_background(&mut self, id: &str, grace: Duration) {
-        if self.stop_pending(id) {
-            return;
-        }
-        let provider = self.provider.clone();
-        let stop_id = id.to_owned();
-        let wake = self.health.wake.clone();
-        let ended = Arc::new(std::sync::OnceLock::new());
-        let ended_at = ended.clone();
-        let thread = std::thread::spawn(move || {
-            let _ = provider.stop(&stop_id, grace);
-            let _ = ended_at.set(std::time::Instant::now());
-            wake.nudge();
-        });
-        self.stopping
-            .insert(id.to_owned(), StopTask { thread, ended });
-    }
-
-    /// Whether a stop of `id` is still running, or ended after this pass listed the instances
-    /// (the listing may then still show the instance running, and a second stop would be
-    /// started for nothing). A stop whose thread ended without an end time panicked: it is
-    /// over, and the instance may be stopped again.
-    fn stop_pending(&self, id: &str) -> bool {
-        self.stopping.get(id).is_some_and(|task| {
-            !task.thread.is_finished()
-                || task
-                    .ended
-                    .get()
-                    .is_some_and(|ended| *ended >= self.listed_at)
-        })
-    }
-
-    /// Records a drift event for `id`, once per instance (per controller run).
-    fn announce_drift(
-        &mut self,
-        service: &str,
-        id: &str,
-        message: &str,
-    ) -> Result<(), DeployError> {
-        if self.announced_drift.insert(id.to_owned()) {
-            self.db
-                .event(Some(service), "drift", message, &self.actor)?;
-        }
-        Ok(())
-    }
-
-    fn remove_instance(&mut self, id: &str) -> Result<(), DeployError> {
-        match self.provider.remove(id) {
-            Ok(()) | Err(imago_runtime::RuntimeError::NoSuchInstance(_)) => {}
-            Err(e) => return Err(DeployError::Runtime(e.to_string())),
-        }
-        self.health.forget(id);
-        if let Some(task) = self.probes.remove(id) {
-            task.abort();
-        }
-        self.db.mark_removed(id)
-    }
-
-    fn reconcile(
-        &mut self,
-        service: &str,
-        own: &[&Instance],
-        draining: &BTreeMap<String, u64>,
-    ) -> Result<ServicePass, DeployError> {
-        let mut pass = ServicePass {
-            service: service.to_owned(),
-            ..ServicePass::default()
-        };
-        let Some(release) = self.db.desired(service)? else {
-            return Ok(pass);
-        };
-        pass.release = Some(release.number);
-        let mut limits = release.spec.validate(service)?;
-        // The rollback fast path: a release that restores a known-good one replaces everything in
-        // one health-gated wave (surge = replicas) with no min_ready wait. The old release's
-        // instances keep serving until the restored ones pass their checks.
-        let fast_path = release.rollback_of.is_some();
-        if fast_path {
-            limits.max_surge = limits.max_surge.max(limits.replicas);
-        }
-        let expected = instance_spec(&release, self.engine)?;
-        let now = now_ms();
-        self.ensure_endpoint(service, &release)?;
-
-        // Observe. Each instance is judged by the health check of the release it runs.
-        let by_id: HashMap<&str, &Instance> = own.iter().map(|i| (i.id.as_str(), *i)).collect();
-        let mut releases: HashMap<String, Option<Release>> = HashMap::new();
-        releases.insert(release.revision.clone(), Some(release.clone()));
-        for instance in own {
-            let label = instance
-                .labels
-                .get(LABEL_REVISION)
-                .map(String::as_str)
-                .unwrap_or_default();
-            if !releases.contains_key(label) {
-                let found = self.db.release_with_revision(service, label)?;
-                releases.insert(label.to_owned(), found);
-            }
-        }
-        let mut observed = Vec::with_capacity(own.len());
-        let mut judge = SpecJudge::new(release.clone());
-        for instance in own {
-            let revision = instance
-                .labels
-                .get(LABEL_REVISION)
-                .cloned()
-                .unwrap_or_default();
-            let own_release: &Release = releases
-                .get(&revision)
-                .and_then(Option::as_ref)
-                .unwrap_or(&release);
-            let mut revision_seen = revision.clone();
-            let mut drifted = false;
-            if let Some(when) = self.tainted.get(&instance.image)
-                && instance.created_ms <= *when
-                && instance.is_active()
-            {
-                // Its root filesystem was modified after unpacking: replace it.
-                revision_seen = format!("modified-{}", instance.id);
-                drifted = true;
-                if !draining.contains_key(&instance.id) {
-                    let message = format!(
-                        "instance {} runs from a modified copy of {}: replacing it",
-                        instance.id, instance.image
-                    );
-                    self.announce_drift(service, &instance.id, &message)?;
-                    pass.drift.push(message);
-                }
-            } else if revision == release.revision
-                && instance.is_active()
-                && let Some(wrong) = judge.judge(instance)?
-            {
-                // Labelled as the desired revision but running something else: drift.
-                revision_seen = format!("drifted-{}", instance.id);
-                drifted = true;
-                let message = format!(
-                    "instance {} runs {} with spec {}, but release {} wants {} with spec {}: replacing it",
-                    instance.id,
-                    wrong.image,
-                    wrong.spec_hash,
-                    wrong.release,
-                    wrong.wanted_image,
-                    wrong.wanted_spec_hash
-                );
-                if !draining.contains_key(&instance.id) {
-                    self.announce_drift(service, &instance.id, &message)?;
-                    pass.drift.push(message);
-                }
-            }
-            let phase = match instance.status {
-                Status::Exited | Status::Failed | Status::Lost => Phase::Exited,
-                Status::Created | Status::Running => self.phase_of(instance, own_release),
-            };
-            if matches!(phase, Phase::Ready { .. })
-                && own_release.spec.health.is_some()
-                && !draining.contains_key(&instance.id)
-                && self.announced_ready.insert(instance.id.clone())
-            {
-                // Recorded before the endpoint can route to it, so the log shows that every
-                // instance that served passed its check first.
-                self.db.event(
-                    Some(service),
-                    "ready",
-                    &format!(
-                        "instance {} (release {}) passes its health check",
-                        instance.id, own_release.number
-                    ),
-                    &self.actor,
-                )?;
-            }
-            observed.push(ObservedInstance {
-                id: instance.id.clone(),
-                revision: revision_seen,
-                phase,
-                draining: draining.contains_key(&instance.id),
-                drifted,
-            });
-            if instance.status == Status::Running && !draining.contains_key(&instance.id) {
-                self.ensure_probe(instance, own_release);
-            }
-        }
-        let outcome = self.db.outcome_of(service, release.number)?;
-        let failed_already = outcome.as_ref().is_some_and(|o| o.outcome == "failed");
-        let min_ready = if fast_path {
-            Duration::ZERO
-        } else {
-            release.spec.rollout.min_ready
-        };
-        // The next pass should come when a ready instance becomes available.
-        let min_ready_ms = min_ready.as_millis() as u64;
-        if let Some(at) = observed
-            .iter()
-            .filter_map(|o| match o.phase {
-                Phase::Ready { since_ms } => Some(since_ms.saturating_add(min_ready_ms)),
-                _ => None,
-            })
-            .filter(|at| *at > now)
-            .min()
-        {
-            self.health.wake.at(at);
-        }
-        let mut step = next_step(RolloutInput {
-            limits,
-            strategy: release.spec.rollout.strategy,
-            min_ready,
-            now_ms: now,
-            target: &release.revision,
-            instances: &observed,
-        });
-        if failed_already {
-            // A failed release that could not be rolled back: hold still, keep serving what runs.
-            step.launch = 0;
-            step.retire.retain(|id| {
-                observed.iter().any(|o| {
-                    &o.id == id && o.phase == Phase::Unhealthy && o.revision == release.revision
-                })
-            });
-        }
-
-        // Act: clean up the dead (replace, don't repair).
-        for id in &step.remove_dead {
-            if draining.contains_key(id) {
-                // A retired instance that finished stopping: the drain loop below records it.
-                continue;
-            }
-            let instance = by_id.get(id.as_str()).copied();
-            let detail = instance.map(describe_exit).unwrap_or_default();
-            let message = format!("instance {id} {detail}: removing it");
-            self.db
-                .event(Some(service), "drift", &message, &self.actor)?;
-            pass.drift.push(message);
-            self.remove_instance(id)?;
-            pass.removed_dead.push(id.clone());
-        }
-        if release.spec.rollout.strategy == Strategy::BlueGreen {
-            let old_set: Vec<&str> = step
-                .retire
-                .iter()
-                .filter(|id| !draining.contains_key(*id))
-                .filter(|id| {
-                    observed.iter().any(|o| {
-                        &o.id == *id
-                            && o.revision != release.revision
-                            && o.phase != Phase::Unhealthy
-                    })
-                })
-                .map(String::as_str)
-                .collect();
-            if !old_set.is_empty() {
-                self.db.event(
-                    Some(service),
-                    "switch",
-                    &format!(
-                        "blue-green: all traffic switches to release {} ({}); draining the old set ({})",
-                        release.number,
-                        step.route_to.join(", "),
-                        old_set.join(", ")
-                    ),
-                    &self.actor,
-                )?;
-            }
-        }
-        // Retire: out of the endpoint now, stopped once drained.
-        let deadline = now + release.spec.rollout.drain.as_millis() as u64;
-        for id in &step.retire {
-            if draining.contains_key(id) {
-                continue;
-            }
-            let revision = by_id
-                .get(id.as_str())
-                .and_then(|i| i.labels.get(LABEL_REVISION).cloned())
-                .unwrap_or_default();
-            let release_no = releases
-                .get(&revision)
-                .and_then(Option::as_ref)
-                .map_or(0, |r| r.number);
-            self.db
-                .mark_draining(id, service, release_no, &revision, deadline)?;
-            if let Some(health) = self.health.get(id).filter(|h| h.tracker.unhealthy) {
-                let why = health.tracker.last_failure.unwrap_or_default();
-                self.db.event(
-                    Some(service),
-                    "unhealthy",
-                    &format!("instance {id} is unhealthy ({why}): replacing it"),
-                    &self.actor,
-                )?;
-            } else {
-                self.db.event(
-                    Some(service),
-                    "retire",
-                    &format!("instance {id} (release {release_no}) retired: draining"),
-                    &self.actor,
-                )?;
-            }
-            pass.retired.push(id.clone());
-        }
-        // Stop what has drained (or ran out of drain time). Stopping takes up to the grace
-        // period, so it runs beside the loop; the instance still counts (it still holds its
-        // resources) until it has exited and is removed.
-        // Connections the kernel balanced to a draining instance bypass the proxy's counts: they
-        // are counted from the host's socket table, one dump for all of them.
-        let mut drain_addresses = BTreeMap::new();
-        for id in draining.keys() {
-            let Some(instance) = by_id.get(id.as_str()).copied() else {
-                continue;
-            };
-            let own_release = instance
-                .labels
-                .get(LABEL_REVISION)
-                .and_then(|r| releases.get(r))
-                .and_then(Option::as_ref)
-                .unwrap_or(&release);
-            if let Some(SocketAddr::V4(addr)) = self.address_of(instance, own_release) {
-                drain_addresses.insert(id.clone(), addr);
-            }
-        }
-        let kernel_open = self.kernel_open_connections(&drain_addresses);
-        self.balanced_peers
-            .extend(drain_addresses.values().copied());
-        for (id, drain_deadline) in draining {
-            let Some(instance) = by_id.get(id.as_str()).copied() else {
-                // Not this service's, or already gone (stopped just before a crash).
-                continue;
-            };
-            if !instance.is_active() {
-                self.stopping.remove(id);
-                self.remove_instance(id)?;
-                self.db.event(
-                    Some(service),
-                    "stop",
-                    &format!("instance {id} drained and stopped"),
-                    &self.actor,
-                )?;
-                pass.stopped.push(id.clone());
-                continue;
-            }
-            // A count the data plane cannot give counts as open: the drain ends at its deadline.
-            let proxied = self
-                .plane
-                .connections(service, std::slice::from_ref(id))
-                .ok()
-                .and_then(|c| c.first().copied())
-                .unwrap_or(1);
-            let open = proxied + kernel_open.get(id).copied().unwrap_or(0);
-            if open == 0 || now >= *drain_deadline {
-                // The grace period the instance was launched with, not the new release's.
-                let grace = instance
-                    .labels
-                    .get(LABEL_REVISION)
-                    .and_then(|r| releases.get(r))
-                    .and_then(Option::as_ref)
-                    .map_or(release.spec.stop_grace_period, |r| r.spec.stop_grace_period);
-                self.stop_in_background(id, grace);
-            }
-        }
-        // Launch.
-        for _ in 0..step.launch {
-            match self.provider.launch(&expected) {
-                Ok(instance) => {
-                    self.db.event(
-                        Some(service),
-                        "launch",
-                        &format!(
-                            "instance {} launched for release {} ({})",
-                            instance.id, release.number, release.image_digest
-                        ),
-                        &self.actor,
-                    )?;
-                    self.ensure_probe(&instance, &release);
-                    pass.launched.push(instance.id);
-                }
-                Err(e) => {
-                    self.db.event(
-                        Some(service),
-                        "launch-failed",
-                        &format!("launch for release {} failed: {e}", release.number),
-                        &self.actor,
-                    )?;
-                    break;
-                }
-            }
-        }
-        // Route.
-        let targets: Vec<(String, SocketAddr)> = step
-            .route_to
-            .iter()
-            .filter_map(|id| by_id.get(id.as_str()).copied())
-            .filter_map(|i| self.address_of(i, &release).map(|a| (i.id.clone(), a)))
-            .collect();
-        let eligible: BTreeSet<String> = own
-            .iter()
-            .filter(|i| {
-                i.is_active() && !draining.contains_key(&i.id) && !step.retire.contains(&i.id)
-            })
-            .map(|i| i.id.clone())
-            .collect();
-        let targets = self.route(service, targets, &eligible)?;
-        pass.routed = targets.into_iter().map(|(id, _)| id).collect();
-        pass.counts = step.counts;
-        pass.complete = step.complete && pass.launched.is_empty();
-        self.track_progress(
-            service,
-            &release,
-            &step,
-            &observed,
-            own,
-            outcome.is_some(),
-            &mut pass,
-        )?;
-        Ok(pass)
-    }
-
-    fn phase_of(&self, instance: &Instance, release: &Release) -> Phase {
-        let started = instance.started_ms.unwrap_or(instance.created_ms);
-        if release.spec.health.is_none() {
-            // Without a health check, a running process is ready.
-            return Phase::Ready { since_ms: started };
-        }
-        match self.health.get(&instance.id) {
-            Some(h) if h.tracker.unhealthy => Phase::Unhealthy,
-            Some(h) if h.tracker.healthy => Phase::Ready {
-                since_ms: h.ready_since_ms.unwrap_or(started),
-            },
-            _ => Phase::Starting,
-        }
-    }
-
-    fn address_of(&self, instance: &Instance, release: &Release) -> Option<SocketAddr> {
-        let port = release.spec.instance_port()?;
-        let ip = match instance.network {
-            imago_runtime::NetworkMode::Private => IpAddr::V4(instance.address?),
-            imago_runtime::NetworkMode::Host => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        };
-        Some(SocketAddr::new(ip, port))
-    }
-
     fn ensure_endpoint(&mut self, service: &str, release: &Release) -> Result<(), DeployError> {
         let Some(port) = release.spec.port else {
             return self.close_endpoint(service);
@@ -1110,417 +535,15 @@ impl Controller {
         self.endpoints.insert(service.to_owned(), Endpoint { port });
         Ok(())
     }
-
-    fn ensure_probe(&mut self, instance: &Instance, release: &Release) {
-        let Some(check) = release.spec.health.clone() else {
-            return;
-        };
-        if self.probes.contains_key(&instance.id) {
-            return;
-        }
-        let Ok(probe) = check.probe(release.spec.instance_port()) else {
-            return;
-        };
-        let ip = match instance.network {
-            imago_runtime::NetworkMode::Private => instance.address.map(IpAddr::V4),
-            imago_runtime::NetworkMode::Host => Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-        };
-        let board = self.health.clone();
-        let id = instance.id.clone();
-        let pid = instance.pid;
-        let started = instance.started_ms.unwrap_or(instance.created_ms);
-        let task = self.runtime.spawn(async move {
-            loop {
-                let result = match (&probe, ip) {
-                    (Probe::Http { path, port, status }, Some(ip)) => {
-                        crate::health::http(
-                            SocketAddr::new(ip, *port),
-                            path,
-                            *status,
-                            check.timeout,
-                        )
-                        .await
-                    }
-                    (Probe::Tcp { port }, Some(ip)) => {
-                        crate::health::tcp(SocketAddr::new(ip, *port), check.timeout).await
-                    }
-                    (Probe::Command { command }, _) => {
-                        command_probe(pid, command, check.timeout).await
-                    }
-                    (_, None) => ProbeResult::Unhealthy("instance has no address".into()),
-                };
-                let in_start_period =
-                    now_ms().saturating_sub(started) < check.start_period.as_millis() as u64;
-                board.record(
-                    &id,
-                    result,
-                    check.healthy_threshold,
-                    check.unhealthy_threshold,
-                    in_start_period,
-                );
-                tokio::time::sleep(check.interval).await;
-            }
-        });
-        self.probes.insert(instance.id.clone(), task);
-    }
-
-    /// Records progress, completion and failure of the desired release's rollout, and rolls back
-    /// automatically when it fails.
-    #[allow(clippy::too_many_arguments)]
-    fn track_progress(
-        &mut self,
-        service: &str,
-        release: &Release,
-        step: &Step,
-        observed: &[ObservedInstance],
-        own: &[&Instance],
-        has_outcome: bool,
-        pass: &mut ServicePass,
-    ) -> Result<(), DeployError> {
-        if has_outcome {
-            return Ok(());
-        }
-        let now = now_ms();
-        let counts_json =
-            serde_json::to_string(&step.counts).map_err(|source| DeployError::Encode {
-                what: "counts",
-                source,
-            })?;
-        let row = match self.db.rollout(service)? {
-            Some(row) if row.target_release == release.number => row,
-            _ => {
-                let row = RolloutRow {
-                    target_release: release.number,
-                    started_ms: now,
-                    last_progress_ms: now,
-                    counts_json: counts_json.clone(),
-                };
-                self.db.put_rollout(service, &row)?;
-                self.db.event(
-                    Some(service),
-                    "rollout",
-                    &format!("rollout of release {} started", release.number),
-                    &self.actor,
-                )?;
-                row
-            }
-        };
-        if pass.complete {
-            let took = now.saturating_sub(row.started_ms);
-            self.db.record_outcome(
-                service,
-                release.number,
-                "complete",
-                &format!("deployment complete in {took} ms"),
-                &self.actor,
-            )?;
-            self.db.clear_rollout(service)?;
-            return Ok(());
-        }
-        // Health gate: a new instance that failed its checks, or died, fails the rollout.
-        let failing = observed.iter().find(|o| {
-            o.revision == release.revision
-                && !o.draining
-                && matches!(o.phase, Phase::Unhealthy | Phase::Exited)
-        });
-        let mut failure = failing.map(|o| {
-            let instance = own.iter().find(|i| i.id == o.id);
-            let why = match o.phase {
-                Phase::Unhealthy => self
-                    .health
-                    .get(&o.id)
-                    .and_then(|h| h.tracker.last_failure)
-                    .unwrap_or_else(|| "health check failed".into()),
-                _ => instance
-                    .map(|i| describe_exit(i))
-                    .unwrap_or_else(|| "exited".into()),
-            };
-            let logs = self.last_log_lines(&o.id, 5);
-            format!(
-                "instance {} of release {} failed its health gate: {why}{logs}",
-                o.id, release.number
-            )
-        });
-        if failure.is_none() {
-            if counts_json != row.counts_json {
-                self.db.put_rollout(
-                    service,
-                    &RolloutRow {
-                        last_progress_ms: now,
-                        counts_json,
-                        ..row
-                    },
-                )?;
-            } else if now.saturating_sub(row.last_progress_ms)
-                > release.spec.rollout.progress_deadline.as_millis() as u64
-            {
-                let last = observed
-                    .iter()
-                    .filter(|o| o.revision == release.revision)
-                    .find_map(|o| self.health.get(&o.id).and_then(|h| h.tracker.last_failure));
-                failure = Some(format!(
-                    "release {} made no progress for {} (progress_deadline){}",
-                    release.number,
-                    humantime::format_duration(release.spec.rollout.progress_deadline),
-                    last.map(|l| format!("; last health check failure: {l}"))
-                        .unwrap_or_default()
-                ));
-            }
-        }
-        let Some(reason) = failure else { return Ok(()) };
-        let rollback_to = match self.db.last_completed(service)? {
-            Some(good)
-                if release.spec.rollout.auto_rollback && good.revision != release.revision =>
-            {
-                Some(good)
-            }
-            _ => None,
-        };
-        let rollback = self.db.record_failure(
-            service,
-            release.number,
-            &reason,
-            rollback_to.as_ref(),
-            &self.actor,
-        )?;
-        self.db.clear_rollout(service)?;
-        pass.failed = Some(reason);
-        match rollback {
-            Some(rollback) => pass.rolled_back_to = rollback.rollback_of,
-            None => self.db.event(
-                Some(service),
-                "rollback-skipped",
-                if release.spec.rollout.auto_rollback {
-                    "no earlier completed release to roll back to"
-                } else {
-                    "auto_rollback = false: holding the failed release"
-                },
-                &self.actor,
-            )?,
-        }
-        Ok(())
-    }
-
-    fn last_log_lines(&self, id: &str, lines: usize) -> String {
-        let Ok(bytes) = self.provider.logs(id) else {
-            return String::new();
-        };
-        let text = String::from_utf8_lossy(&bytes);
-        let tail: Vec<&str> = text
-            .lines()
-            .rev()
-            .take(lines)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
-        if tail.is_empty() {
-            String::new()
-        } else {
-            format!("; last log lines:\n  {}", tail.join("\n  "))
-        }
-    }
-}
-
-/// Sets the modified unpacked tree of `digest` aside and records it, so that every instance
-/// created from it is replaced: by the running controller, a restarted one, or the next one
-/// when `imago drift` found it. Returns the event's message.
-pub fn set_aside_modified(
-    cache: &imago_runtime::RootfsCache,
-    db: &StateDb,
-    digest: &imago_oci::Digest,
-    deep: bool,
-    actor: &str,
-) -> Result<Option<String>, DeployError> {
-    let runtime = |e: imago_runtime::RuntimeError| DeployError::Runtime(e.to_string());
-    // Checked again under the entry's lock: the controller and `imago drift` may both have
-    // found the old tree modified, and the first to set it aside may already have had a fresh,
-    // intact tree unpacked in its place, which the second must leave alone.
-    let _entry = cache.lock_entry(digest).map_err(runtime)?;
-    let problems = cache.verify(digest, deep).map_err(runtime)?;
-    if problems.is_empty() {
-        return Ok(None);
-    }
-    let shown: Vec<&str> = problems.iter().take(5).map(String::as_str).collect();
-    let message = format!(
-        "the unpacked image {digest} was modified ({}{}): setting it aside and replacing its instances",
-        shown.join(", "),
-        if problems.len() > 5 {
-            format!(", and {} more", problems.len() - 5)
-        } else {
-            String::new()
-        }
-    );
-    // Recorded before the tree is moved, so a crash in between still replaces the instances
-    // (and the next check finds the tree again); and again after, so an instance launched
-    // from the modified tree in between is replaced too.
-    db.record_taint(digest, now_ms())?;
-    cache.taint(digest).map_err(runtime)?;
-    db.record_taint(digest, now_ms())?;
-    db.event(None, "drift", &message, actor)?;
-    Ok(Some(message))
-}
-
-fn describe_exit(instance: &Instance) -> String {
-    match (instance.status, instance.exit_code, &instance.error) {
-        (Status::Failed, _, Some(e)) => format!("failed to start: {e}"),
-        (_, _, _) if instance.oom_killed => {
-            "was killed for exceeding its memory limit (exit 137)".into()
-        }
-        (Status::Lost, _, _) => "lost its supervisor".into(),
-        (_, Some(code), _) => format!("exited with status {code}"),
-        _ => "exited".into(),
-    }
-}
-
-/// Kills a probe's process group when dropped while armed: nsenter forks the command into the
-/// instance's PID namespace and only waits for it, so killing nsenter alone (a timeout, or the
-/// probe task aborted when its instance goes) would leave the command running in the instance.
-struct ProbeGroup(Option<rustix::process::Pid>);
-
-impl ProbeGroup {
-    fn kill(&mut self) {
-        if let Some(group) = self.0.take() {
-            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
-        }
-    }
-
-    /// After nsenter was reaped its pid (the group's id) may be reused: never signal it then.
-    fn disarm(&mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for ProbeGroup {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// Who the instance's process is: what a command check runs as.
-struct Identity {
-    uid: u32,
-    gid: u32,
-    env: Vec<(String, String)>,
-}
-
-/// The real uid, gid and environment of the instance's process, from /proc (None once it is gone).
-fn instance_identity(pid: i32) -> Option<Identity> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let id_of = |key: &str| -> Option<u32> {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()
-    };
-    let (uid, gid) = (id_of("Uid:")?, id_of("Gid:")?);
-    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
-    let env = environ
-        .split(|b| *b == 0)
-        .filter_map(|entry| {
-            let text = String::from_utf8_lossy(entry);
-            let (k, v) = text.split_once('=')?;
-            (!k.is_empty()).then(|| (k.to_owned(), v.to_owned()))
-        })
-        .collect();
-    Some(Identity { uid, gid, env })
-}
-
-/// Runs `command` inside the instance (a health probe, never a repair): in its mount, UTS, IPC,
-/// network and PID namespaces and under its root directory, so it sees the image's files and the
-/// instance's own network, not the host's.
-async fn command_probe(pid: Option<i32>, command: &[String], timeout: Duration) -> ProbeResult {
-    let Some(pid) = pid else {
-        return ProbeResult::Unhealthy(format!(
-            "command {command:?} cannot run: the instance has no process"
-        ));
-    };
-    // As the instance's own process: its user and group and its environment, like an exec probe
-    // in Kubernetes; never the controller's.
-    let identity = instance_identity(pid);
-    let mut cmd = tokio::process::Command::new("nsenter");
-    cmd.arg("--target").arg(pid.to_string()).args([
-        "--mount", "--uts", "--ipc", "--net", "--pid", "--root", "--wd",
-    ]);
-    if let Some(who) = &identity {
-        cmd.arg(format!("--setgid={}", who.gid))
-            .arg(format!("--setuid={}", who.uid));
-    }
-    cmd.arg("--").args(command);
-    cmd.env_clear();
-    match identity {
-        Some(who) if who.env.iter().any(|(k, _)| k == "PATH") => {
-            cmd.envs(who.env);
-        }
-        other => {
-            cmd.envs(other.map(|who| who.env).unwrap_or_default());
-            cmd.env(
-                "PATH",
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            );
-        }
-    }
-    cmd.stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
-    cmd.process_group(0);
-    cmd.kill_on_drop(true);
-    let mut child = match cmd.spawn() {
-        Ok(child) => child,
-        Err(e) => return ProbeResult::Unhealthy(format!("cannot run command probe: {e}")),
-    };
-    // Declared after `child`, so an aborted probe drops it first: the group is killed while
-    // nsenter is not reaped yet.
-    let mut group = ProbeGroup(
-        child
-            .id()
-            .and_then(|id| rustix::process::Pid::from_raw(id as i32)),
-    );
-    let mut stderr = child.stderr.take();
-    let run = async {
-        let mut err = Vec::new();
-        let read = async {
-            if let Some(stderr) = stderr.as_mut() {
-                let _ = tokio::io::AsyncReadExt::read_to_end(stderr, &mut err).await;
-            }
-        };
-        let (status, ()) = tokio::join!(child.wait(), read);
-        status.map(|status| (status, err))
-    };
-    let shown = command.join(" ");
-    match tokio::time::timeout(timeout, run).await {
-        Ok(Ok((status, err))) => {
-            group.disarm();
-            if status.success() {
-                ProbeResult::Healthy
-            } else {
-                ProbeResult::Unhealthy(format!(
-                    "command {shown:?} exited with {status}: {}",
-                    String::from_utf8_lossy(&err).trim()
-                ))
-            }
-        }
-        Ok(Err(e)) => {
-            group.kill();
-            ProbeResult::Unhealthy(format!("cannot run command probe: {e}"))
-        }
-        Err(_) => {
-            group.kill();
-            let _ = child.kill().await;
-            ProbeResult::Unhealthy(format!("command {shown:?} timed out after {timeout:?}"))
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::spec::ServiceSpec;
+    use crate::state::ReleaseOutcome;
     use imago_oci::Digest;
-    use imago_runtime::FakeProvider;
+    use imago_runtime::{FakeProvider, Status};
 
     struct Harness {
         _dir: tempfile::TempDir,
@@ -1633,7 +656,7 @@ mod tests {
         assert!(passes.last().unwrap().complete);
         assert_eq!(h.running("web").len(), 3);
         let outcome = h.controller.db.outcome_of("web", 1).unwrap().unwrap();
-        assert_eq!(outcome.outcome, "complete");
+        assert_eq!(outcome.outcome, ReleaseOutcome::Complete);
         // A settled service stays put.
         let pass = h.controller.pass().unwrap().remove(0);
         assert!(pass.launched.is_empty() && pass.retired.is_empty());
@@ -1678,7 +701,7 @@ mod tests {
                 .unwrap()
                 .unwrap()
                 .outcome,
-            "complete"
+            ReleaseOutcome::Complete
         );
     }
 
@@ -1841,7 +864,7 @@ mod tests {
         // Mark release 1 complete without waiting an hour of min_ready.
         h.controller
             .db
-            .record_outcome("web", first.number, "complete", "", "test")
+            .record_outcome("web", first.number, ReleaseOutcome::Complete, "", "test")
             .unwrap();
         h.release("web", &v, b"v2");
         h.controller
@@ -2280,6 +1303,138 @@ mod tests {
         assert_eq!(running.len(), 4);
         assert!(running.iter().all(|i| i.image == Digest::of(b"v2")));
         assert_eq!(h.fake.list().unwrap().len(), 4, "no orphaned instance");
+    }
+
+    /// A TCP listener that accepts and drops every connection: what the tcp health checks of
+    /// fake instances on the host network probe.
+    fn healthy_port() -> u16 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                drop(conn);
+            }
+        });
+        port
+    }
+
+    #[test]
+    fn a_controller_restarted_mid_rollout_keeps_every_serving_instance_and_their_min_ready() {
+        let mut h = harness();
+        let port = healthy_port();
+        let endpoint = free_port();
+        let web = |image: &str| {
+            spec(serde_json::json!({
+                "image": image, "replicas": 3, "network": "host",
+                "port": endpoint, "target_port": port,
+                "health": {"type": "tcp", "port": port, "interval": "20ms"},
+                "rollout": {"max_surge": 1, "max_unavailable": 0, "min_ready": "300ms", "drain": "0s"}
+            }))
+        };
+        h.release("web", &web("web"), b"v1");
+        h.converge("web", 1000);
+        h.release("web", &web("web"), b"v2");
+        h.controller.pass().unwrap();
+        // A new controller, as after `imago serve --stop` + `imago apply`, or a kill -9.
+        h.restart(h.fake.clone());
+        let mut passes = 0;
+        loop {
+            let pass = h.controller.pass().unwrap().remove(0);
+            if passes == 0 {
+                assert!(
+                    pass.retired.is_empty(),
+                    "nothing retired before probing: {pass:?}"
+                );
+                assert_eq!(
+                    pass.counts.available, 3,
+                    "instances ready for min_ready before the restart still count: {pass:?}"
+                );
+            }
+            assert!(
+                pass.routed.len() >= 3,
+                "traffic kept replicas - max_unavailable instances: {pass:?}"
+            );
+            passes += 1;
+            if pass.complete {
+                break;
+            }
+            assert!(passes < 1000, "no completion: {pass:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let running = h.running("web");
+        assert_eq!(running.len(), 3);
+        assert!(running.iter().all(|i| i.image == Digest::of(b"v2")));
+    }
+
+    #[test]
+    fn a_launch_interrupted_by_the_controller_s_death_is_relaunched_and_fails_no_release() {
+        let mut h = harness();
+        let web =
+            spec(serde_json::json!({"image": "web", "replicas": 2, "rollout": {"drain": "0s"}}));
+        h.release("web", &web, b"v1");
+        h.converge("web", 10);
+        h.release("web", &web, b"v2");
+        // What a controller killed during a launch leaves: the supervisor gave up waiting.
+        h.fake.fail_next_launch(&format!(
+            "instance x: supervisor: {} before the network was created",
+            imago_runtime::supervisor::LAUNCHER_GAVE_UP
+        ));
+        h.controller.pass().unwrap();
+        h.restart(h.fake.clone());
+        let passes = h.converge("web", 100);
+        let last = passes.last().unwrap();
+        assert!(last.complete && last.failed.is_none(), "{passes:#?}");
+        let outcome = h.controller.db.outcome_of("web", 2).unwrap().unwrap();
+        assert_eq!(outcome.outcome, ReleaseOutcome::Complete);
+        assert_eq!(
+            h.controller.db.desired("web").unwrap().unwrap().number,
+            2,
+            "no rollback release"
+        );
+        let events = h.controller.db.events(Some("web"), 0).unwrap();
+        assert!(
+            events.iter().any(|e| e.kind == "launch-interrupted"),
+            "{events:#?}"
+        );
+        assert_eq!(
+            h.fake.list().unwrap().len(),
+            2,
+            "the interrupted one is gone"
+        );
+    }
+
+    #[test]
+    fn a_service_whose_port_is_taken_stalls_no_other_service_and_says_why() {
+        let mut h = harness();
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port_a = taken.local_addr().unwrap().port();
+        let a = spec(serde_json::json!({"image": "a", "port": port_a, "target_port": 80}));
+        let b = spec(serde_json::json!({"image": "b", "port": free_port(), "target_port": 80}));
+        h.release("a", &a, b"a1");
+        h.release("b", &b, b"b1");
+        let passes = h.converge("b", 10);
+        assert!(passes.last().unwrap().complete);
+        for _ in 0..3 {
+            let passes = h.controller.pass().unwrap();
+            let a_pass = passes.iter().find(|p| p.service == "a").unwrap();
+            assert!(a_pass.fault.is_some(), "{a_pass:?}");
+        }
+        let (reason, _) = h.controller.db.service_fault("a").unwrap().unwrap();
+        assert!(reason.contains(&format!("{port_a}")), "{reason}");
+        let faults = |h: &Harness| {
+            h.controller
+                .db
+                .events(Some("a"), 0)
+                .unwrap()
+                .into_iter()
+                .filter(|e| e.kind == "fault")
+                .count()
+        };
+        assert_eq!(faults(&h), 1, "one event per fault, not one per pass");
+        drop(taken);
+        assert!(h.converge("a", 10).last().unwrap().complete);
+        assert!(h.controller.db.service_fault("a").unwrap().is_none());
+        assert_eq!(faults(&h), 2, "and one when it is over");
     }
 
     #[test]

@@ -1,0 +1,287 @@
+//! Health probes: one task per running instance writes its results to the [`HealthBoard`],
+//! which the reconcile steps read as each instance's phase.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use imago_runtime::Instance;
+
+use super::{Controller, Wake};
+use crate::health::{HealthTracker, ProbeResult};
+use crate::spec::Probe;
+use crate::state::{Release, now_ms};
+
+/// Health as probed for one instance.
+#[derive(Debug, Clone, Default)]
+pub(super) struct InstanceHealth {
+    pub(super) tracker: HealthTracker,
+    pub(super) ready_since_ms: Option<u64>,
+}
+
+/// Probe results shared between the probe tasks (writers) and the controller (reader).
+#[derive(Debug, Clone, Default)]
+pub struct HealthBoard {
+    inner: Arc<Mutex<HashMap<String, InstanceHealth>>>,
+    pub(super) wake: Arc<Wake>,
+}
+
+impl HealthBoard {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, InstanceHealth>> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(super) fn record(
+        &self,
+        id: &str,
+        result: ProbeResult,
+        healthy_threshold: u32,
+        unhealthy_threshold: u32,
+        in_start_period: bool,
+    ) {
+        let mut board = self.lock();
+        let entry = board.entry(id.to_owned()).or_default();
+        let before = (entry.tracker.healthy, entry.tracker.unhealthy);
+        entry.tracker.record(
+            result,
+            healthy_threshold,
+            unhealthy_threshold,
+            in_start_period,
+        );
+        if entry.tracker.healthy && !before.0 {
+            entry.ready_since_ms = Some(now_ms());
+        }
+        if !entry.tracker.healthy {
+            entry.ready_since_ms = None;
+        }
+        let changed = before != (entry.tracker.healthy, entry.tracker.unhealthy);
+        drop(board);
+        if changed {
+            self.wake.nudge();
+        }
+    }
+
+    /// Takes over what an earlier controller recorded: `id` passes its checks since
+    /// `since_ms`. Its probes then judge it as if no restart had happened (it stays ready
+    /// until `unhealthy_threshold` checks fail in a row). Does nothing once `id` was probed.
+    pub(super) fn seed_ready(&self, id: &str, since_ms: u64) {
+        self.lock()
+            .entry(id.to_owned())
+            .or_insert_with(|| InstanceHealth {
+                tracker: HealthTracker {
+                    successes: 1,
+                    healthy: true,
+                    ..HealthTracker::default()
+                },
+                ready_since_ms: Some(since_ms),
+            });
+    }
+
+    pub(super) fn get(&self, id: &str) -> Option<InstanceHealth> {
+        self.lock().get(id).cloned()
+    }
+
+    pub(super) fn forget(&self, id: &str) {
+        self.lock().remove(id);
+    }
+}
+
+impl Controller {
+    pub(super) fn ensure_probe(&mut self, instance: &Instance, release: &Release) {
+        let Some(check) = release.spec.health.clone() else {
+            return;
+        };
+        if self.probes.contains_key(&instance.id) {
+            return;
+        }
+        let Ok(probe) = check.probe(release.spec.instance_port()) else {
+            return;
+        };
+        let ip = match instance.network {
+            imago_runtime::NetworkMode::Private => instance.address.map(IpAddr::V4),
+            imago_runtime::NetworkMode::Host => Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        };
+        let board = self.health.clone();
+        let id = instance.id.clone();
+        let pid = instance.pid;
+        let started = instance.started_ms.unwrap_or(instance.created_ms);
+        let task = self.runtime.spawn(async move {
+            loop {
+                let result = match (&probe, ip) {
+                    (Probe::Http { path, port, status }, Some(ip)) => {
+                        crate::health::http(
+                            SocketAddr::new(ip, *port),
+                            path,
+                            *status,
+                            check.timeout,
+                        )
+                        .await
+                    }
+                    (Probe::Tcp { port }, Some(ip)) => {
+                        crate::health::tcp(SocketAddr::new(ip, *port), check.timeout).await
+                    }
+                    (Probe::Command { command }, _) => {
+                        command_probe(pid, command, check.timeout).await
+                    }
+                    (_, None) => ProbeResult::Unhealthy("instance has no address".into()),
+                };
+                let in_start_period =
+                    now_ms().saturating_sub(started) < check.start_period.as_millis() as u64;
+                board.record(
+                    &id,
+                    result,
+                    check.healthy_threshold,
+                    check.unhealthy_threshold,
+                    in_start_period,
+                );
+                tokio::time::sleep(check.interval).await;
+            }
+        });
+        self.probes.insert(instance.id.clone(), task);
+    }
+}
+
+/// Kills a probe's process group when dropped while armed: nsenter forks the command into the
+/// instance's PID namespace and only waits for it, so killing nsenter alone (a timeout, or the
+/// probe task aborted when its instance goes) would leave the command running in the instance.
+struct ProbeGroup(Option<rustix::process::Pid>);
+
+impl ProbeGroup {
+    fn kill(&mut self) {
+        if let Some(group) = self.0.take() {
+            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+        }
+    }
+
+    /// After nsenter was reaped its pid (the group's id) may be reused: never signal it then.
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for ProbeGroup {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Who the instance's process is: what a command check runs as.
+struct Identity {
+    uid: u32,
+    gid: u32,
+    env: Vec<(String, String)>,
+}
+
+/// The real uid, gid and environment of the instance's process, from /proc (None once it is gone).
+fn instance_identity(pid: i32) -> Option<Identity> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let id_of = |key: &str| -> Option<u32> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    let (uid, gid) = (id_of("Uid:")?, id_of("Gid:")?);
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let env = environ
+        .split(|b| *b == 0)
+        .filter_map(|entry| {
+            let text = String::from_utf8_lossy(entry);
+            let (k, v) = text.split_once('=')?;
+            (!k.is_empty()).then(|| (k.to_owned(), v.to_owned()))
+        })
+        .collect();
+    Some(Identity { uid, gid, env })
+}
+
+/// Runs `command` inside the instance (a health probe, never a repair): in its mount, UTS, IPC,
+/// network and PID namespaces and under its root directory, so it sees the image's files and the
+/// instance's own network, not the host's.
+async fn command_probe(pid: Option<i32>, command: &[String], timeout: Duration) -> ProbeResult {
+    let Some(pid) = pid else {
+        return ProbeResult::Unhealthy(format!(
+            "command {command:?} cannot run: the instance has no process"
+        ));
+    };
+    // As the instance's own process: its user and group and its environment, like an exec probe
+    // in Kubernetes; never the controller's.
+    let identity = instance_identity(pid);
+    let mut cmd = tokio::process::Command::new("nsenter");
+    cmd.arg("--target").arg(pid.to_string()).args([
+        "--mount", "--uts", "--ipc", "--net", "--pid", "--root", "--wd",
+    ]);
+    if let Some(who) = &identity {
+        cmd.arg(format!("--setgid={}", who.gid))
+            .arg(format!("--setuid={}", who.uid));
+    }
+    cmd.arg("--").args(command);
+    cmd.env_clear();
+    match identity {
+        Some(who) if who.env.iter().any(|(k, _)| k == "PATH") => {
+            cmd.envs(who.env);
+        }
+        other => {
+            cmd.envs(other.map(|who| who.env).unwrap_or_default());
+            cmd.env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            );
+        }
+    }
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    cmd.process_group(0);
+    cmd.kill_on_drop(true);
+    let mut child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => return ProbeResult::Unhealthy(format!("cannot run command probe: {e}")),
+    };
+    // Declared after `child`, so an aborted probe drops it first: the group is killed while
+    // nsenter is not reaped yet.
+    let mut group = ProbeGroup(
+        child
+            .id()
+            .and_then(|id| rustix::process::Pid::from_raw(id as i32)),
+    );
+    let mut stderr = child.stderr.take();
+    let run = async {
+        let mut err = Vec::new();
+        let read = async {
+            if let Some(stderr) = stderr.as_mut() {
+                let _ = tokio::io::AsyncReadExt::read_to_end(stderr, &mut err).await;
+            }
+        };
+        let (status, ()) = tokio::join!(child.wait(), read);
+        status.map(|status| (status, err))
+    };
+    let shown = command.join(" ");
+    match tokio::time::timeout(timeout, run).await {
+        Ok(Ok((status, err))) => {
+            group.disarm();
+            if status.success() {
+                ProbeResult::Healthy
+            } else {
+                ProbeResult::Unhealthy(format!(
+                    "command {shown:?} exited with {status}: {}",
+                    String::from_utf8_lossy(&err).trim()
+                ))
+            }
+        }
+        Ok(Err(e)) => {
+            group.kill();
+            ProbeResult::Unhealthy(format!("cannot run command probe: {e}"))
+        }
+        Err(_) => {
+            group.kill();
+            let _ = child.kill().await;
+            ProbeResult::Unhealthy(format!("command {shown:?} timed out after {timeout:?}"))
+        }
+    }
+}

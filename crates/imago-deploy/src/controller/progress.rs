@@ -1,0 +1,180 @@
+//! The rollout's record and health gate: progress, completion, failure at the gate or the
+//! progress deadline, and the automatic rollback.
+
+use imago_runtime::{Instance, Status};
+
+use super::{Controller, ServicePass};
+use crate::error::DeployError;
+use crate::rollout::{ObservedInstance, Phase, Step};
+use crate::state::{Release, ReleaseOutcome, RolloutRow, now_ms};
+
+impl Controller {
+    /// Records progress, completion and failure of the desired release's rollout, and rolls back
+    /// automatically when it fails.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn track_progress(
+        &mut self,
+        service: &str,
+        release: &Release,
+        step: &Step,
+        observed: &[ObservedInstance],
+        own: &[&Instance],
+        has_outcome: bool,
+        pass: &mut ServicePass,
+    ) -> Result<(), DeployError> {
+        if has_outcome {
+            return Ok(());
+        }
+        let now = now_ms();
+        let counts_json =
+            serde_json::to_string(&step.counts).map_err(|source| DeployError::Encode {
+                what: "counts",
+                source,
+            })?;
+        let row = match self.db.rollout(service)? {
+            Some(row) if row.target_release == release.number => row,
+            _ => {
+                let row = RolloutRow {
+                    target_release: release.number,
+                    started_ms: now,
+                    last_progress_ms: now,
+                    counts_json: counts_json.clone(),
+                };
+                self.db.put_rollout(service, &row)?;
+                self.db.event(
+                    Some(service),
+                    "rollout",
+                    &format!("rollout of release {} started", release.number),
+                    &self.actor,
+                )?;
+                row
+            }
+        };
+        if pass.complete {
+            let took = now.saturating_sub(row.started_ms);
+            self.db.record_outcome(
+                service,
+                release.number,
+                ReleaseOutcome::Complete,
+                &format!("deployment complete in {took} ms"),
+                &self.actor,
+            )?;
+            self.db.clear_rollout(service)?;
+            return Ok(());
+        }
+        // Health gate: a new instance that failed its checks, or died, fails the rollout.
+        let failing = observed.iter().find(|o| {
+            o.revision == release.revision
+                && !o.draining
+                && matches!(o.phase, Phase::Unhealthy | Phase::Exited)
+        });
+        let mut failure = failing.map(|o| {
+            let instance = own.iter().find(|i| i.id == o.id);
+            let why = match o.phase {
+                Phase::Unhealthy => self
+                    .health
+                    .get(&o.id)
+                    .and_then(|h| h.tracker.last_failure)
+                    .unwrap_or_else(|| "health check failed".into()),
+                _ => instance
+                    .map(|i| describe_exit(i))
+                    .unwrap_or_else(|| "exited".into()),
+            };
+            let logs = self.last_log_lines(&o.id, 5);
+            format!(
+                "instance {} of release {} failed its health gate: {why}{logs}",
+                o.id, release.number
+            )
+        });
+        if failure.is_none() {
+            if counts_json != row.counts_json {
+                self.db.put_rollout(
+                    service,
+                    &RolloutRow {
+                        last_progress_ms: now,
+                        counts_json,
+                        ..row
+                    },
+                )?;
+            } else if now.saturating_sub(row.last_progress_ms)
+                > release.spec.rollout.progress_deadline.as_millis() as u64
+            {
+                let last = observed
+                    .iter()
+                    .filter(|o| o.revision == release.revision)
+                    .find_map(|o| self.health.get(&o.id).and_then(|h| h.tracker.last_failure));
+                failure = Some(format!(
+                    "release {} made no progress for {} (progress_deadline){}",
+                    release.number,
+                    humantime::format_duration(release.spec.rollout.progress_deadline),
+                    last.map(|l| format!("; last health check failure: {l}"))
+                        .unwrap_or_default()
+                ));
+            }
+        }
+        let Some(reason) = failure else { return Ok(()) };
+        let rollback_to = match self.db.last_completed(service)? {
+            Some(good)
+                if release.spec.rollout.auto_rollback && good.revision != release.revision =>
+            {
+                Some(good)
+            }
+            _ => None,
+        };
+        let rollback = self.db.record_failure(
+            service,
+            release.number,
+            &reason,
+            rollback_to.as_ref(),
+            &self.actor,
+        )?;
+        self.db.clear_rollout(service)?;
+        pass.failed = Some(reason);
+        match rollback {
+            Some(rollback) => pass.rolled_back_to = rollback.rollback_of,
+            None => self.db.event(
+                Some(service),
+                "rollback-skipped",
+                if release.spec.rollout.auto_rollback {
+                    "no earlier completed release to roll back to"
+                } else {
+                    "auto_rollback = false: holding the failed release"
+                },
+                &self.actor,
+            )?,
+        }
+        Ok(())
+    }
+
+    fn last_log_lines(&self, id: &str, lines: usize) -> String {
+        let Ok(bytes) = self.provider.logs(id) else {
+            return String::new();
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        let tail: Vec<&str> = text
+            .lines()
+            .rev()
+            .take(lines)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        if tail.is_empty() {
+            String::new()
+        } else {
+            format!("; last log lines:\n  {}", tail.join("\n  "))
+        }
+    }
+}
+
+pub(super) fn describe_exit(instance: &Instance) -> String {
+    match (instance.status, instance.exit_code, &instance.error) {
+        (Status::Failed, _, Some(e)) => format!("failed to start: {e}"),
+        (_, _, _) if instance.oom_killed => {
+            "was killed for exceeding its memory limit (exit 137)".into()
+        }
+        (Status::Lost, _, _) => "lost its supervisor".into(),
+        (_, Some(code), _) => format!("exited with status {code}"),
+        _ => "exited".into(),
+    }
+}

@@ -1,0 +1,617 @@
+//! The reconcile steps of one service: observe its instances, ask [`next_step`], act (clean up
+//! the dead, retire, stop what drained, launch, route), and the tear-down of a destroyed one.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use imago_runtime::{Instance, Status};
+
+use super::progress::describe_exit;
+use super::{Controller, LABEL_REVISION, ServicePass, StopTask, instance_spec, stop_grace};
+use crate::drift::SpecJudge;
+use crate::error::DeployError;
+use crate::rollout::{ObservedInstance, Phase, RolloutInput, next_step};
+use crate::spec::Strategy;
+use crate::state::{Release, ReleaseOutcome, now_ms};
+
+impl Controller {
+    /// Stops every instance of a destroyed service and closes its endpoint. Stops run beside the
+    /// loop (each takes up to the instance's grace period), so a pass never waits for one; a
+    /// later pass removes what has exited. Only the database says the service is destroyed, so a
+    /// restarted controller finishes a tear-down it did not start.
+    pub(super) fn tear_down(
+        &mut self,
+        service: &str,
+        own: &[&Instance],
+    ) -> Result<ServicePass, DeployError> {
+        let mut pass = ServicePass {
+            service: service.to_owned(),
+            ..ServicePass::default()
+        };
+        self.close_endpoint(service)?;
+        for instance in own {
+            if self.stop_pending(&instance.id) {
+                // Its stop is under way: nothing to look up or decide until it ends.
+                continue;
+            }
+            if instance.is_active() {
+                let grace = stop_grace(&self.db, service, instance)?;
+                self.stop_in_background(&instance.id, grace);
+                continue;
+            }
+            self.stopping.remove(&instance.id);
+            // `imago destroy` may be removing the same instances right now: a failure here is
+            // retried on the next pass, and must not hold up the other services.
+            match self.remove_instance(&instance.id) {
+                Ok(()) => pass.stopped.push(instance.id.clone()),
+                Err(e) => self.db.event(
+                    Some(service),
+                    "destroy",
+                    &format!("cannot remove {} yet: {e}", instance.id),
+                    &self.actor,
+                )?,
+            }
+        }
+        Ok(pass)
+    }
+
+    /// Starts stopping `id` on a side thread unless a stop of it is still in progress. A stop
+    /// that ended without the instance exiting (it raced a launcher, say) is simply started
+    /// again by a later pass.
+    pub(super) fn stop_in_background(&mut self, id: &str, grace: Duration) {
+        if self.stop_pending(id) {
+            return;
+        }
+        let provider = self.provider.clone();
+        let stop_id = id.to_owned();
+        let wake = self.health.wake.clone();
+        let ended = Arc::new(std::sync::OnceLock::new());
+        let ended_at = ended.clone();
+        let thread = std::thread::spawn(move || {
+            let _ = provider.stop(&stop_id, grace);
+            let _ = ended_at.set(std::time::Instant::now());
+            wake.nudge();
+        });
+        self.stopping
+            .insert(id.to_owned(), StopTask { thread, ended });
+    }
+
+    /// Whether a stop of `id` is still running, or ended after this pass listed the instances
+    /// (the listing may then still show the instance running, and a second stop would be
+    /// started for nothing). A stop whose thread ended without an end time panicked: it is
+    /// over, and the instance may be stopped again.
+    pub(super) fn stop_pending(&self, id: &str) -> bool {
+        self.stopping.get(id).is_some_and(|task| {
+            !task.thread.is_finished()
+                || task
+                    .ended
+                    .get()
+                    .is_some_and(|ended| *ended >= self.listed_at)
+        })
+    }
+
+    pub(super) fn remove_instance(&mut self, id: &str) -> Result<(), DeployError> {
+        match self.provider.remove(id) {
+            Ok(()) | Err(imago_runtime::RuntimeError::NoSuchInstance(_)) => {}
+            Err(e) => return Err(DeployError::Runtime(e.to_string())),
+        }
+        self.health.forget(id);
+        if let Some(readiness) = self.readiness.as_mut() {
+            readiness.remove(id);
+        }
+        if let Some(task) = self.probes.remove(id) {
+            task.abort();
+        }
+        self.db.mark_removed(id)
+    }
+
+    pub(super) fn reconcile(
+        &mut self,
+        service: &str,
+        own: &[&Instance],
+        draining: &BTreeMap<String, u64>,
+    ) -> Result<ServicePass, DeployError> {
+        let mut pass = ServicePass {
+            service: service.to_owned(),
+            ..ServicePass::default()
+        };
+        let Some(release) = self.db.desired(service)? else {
+            return Ok(pass);
+        };
+        pass.release = Some(release.number);
+        let own = self.remove_interrupted_launches(service, own, &mut pass)?;
+        let own = own.as_slice();
+        let mut limits = release.spec.validate(service)?;
+        // The rollback fast path: a release that restores a known-good one replaces everything in
+        // one health-gated wave (surge = replicas) with no min_ready wait. The old release's
+        // instances keep serving until the restored ones pass their checks.
+        let fast_path = release.rollback_of.is_some();
+        if fast_path {
+            limits.max_surge = limits.max_surge.max(limits.replicas);
+        }
+        let expected = instance_spec(&release, self.engine)?;
+        let now = now_ms();
+        if let Err(e) = self.ensure_endpoint(service, &release) {
+            // When another process holds the port, say which: a fault of the host, not of the
+            // service's definition.
+            if let Some(port) = release.spec.port {
+                let addr = SocketAddr::new(self.bind, port);
+                crate::services::check_endpoint_free(service, addr, &[std::process::id()])?;
+            }
+            return Err(e);
+        }
+
+        let by_id: HashMap<&str, &Instance> = own.iter().map(|i| (i.id.as_str(), *i)).collect();
+        let (releases, observed) = self.observe(service, &release, own, draining, &mut pass)?;
+        let outcome = self.db.outcome_of(service, release.number)?;
+        let failed_already = outcome
+            .as_ref()
+            .is_some_and(|o| o.outcome == ReleaseOutcome::Failed);
+        let min_ready = if fast_path {
+            Duration::ZERO
+        } else {
+            release.spec.rollout.min_ready
+        };
+        // The next pass should come when a ready instance becomes available.
+        let min_ready_ms = min_ready.as_millis() as u64;
+        if let Some(at) = observed
+            .iter()
+            .filter_map(|o| match o.phase {
+                Phase::Ready { since_ms } => Some(since_ms.saturating_add(min_ready_ms)),
+                _ => None,
+            })
+            .filter(|at| *at > now)
+            .min()
+        {
+            self.health.wake.at(at);
+        }
+        let mut step = next_step(RolloutInput {
+            limits,
+            strategy: release.spec.rollout.strategy,
+            min_ready,
+            now_ms: now,
+            target: &release.revision,
+            instances: &observed,
+        });
+        if failed_already {
+            // A failed release that could not be rolled back: hold still, keep serving what runs.
+            step.launch = 0;
+            step.retire.retain(|id| {
+                observed.iter().any(|o| {
+                    &o.id == id && o.phase == Phase::Unhealthy && o.revision == release.revision
+                })
+            });
+        }
+
+        // Act: clean up the dead (replace, don't repair).
+        for id in &step.remove_dead {
+            if draining.contains_key(id) {
+                // A retired instance that finished stopping: the drain loop below records it.
+                continue;
+            }
+            let instance = by_id.get(id.as_str()).copied();
+            let detail = instance.map(describe_exit).unwrap_or_default();
+            let message = format!("instance {id} {detail}: removing it");
+            self.db
+                .event(Some(service), "drift", &message, &self.actor)?;
+            pass.drift.push(message);
+            if self.remove_or_report(service, id)? {
+                pass.removed_dead.push(id.clone());
+            }
+        }
+        if release.spec.rollout.strategy == Strategy::BlueGreen {
+            let old_set: Vec<&str> = step
+                .retire
+                .iter()
+                .filter(|id| !draining.contains_key(*id))
+                .filter(|id| {
+                    observed.iter().any(|o| {
+                        &o.id == *id
+                            && o.revision != release.revision
+                            && o.phase != Phase::Unhealthy
+                    })
+                })
+                .map(String::as_str)
+                .collect();
+            if !old_set.is_empty() {
+                self.db.event(
+                    Some(service),
+                    "switch",
+                    &format!(
+                        "blue-green: all traffic switches to release {} ({}); draining the old set ({})",
+                        release.number,
+                        step.route_to.join(", "),
+                        old_set.join(", ")
+                    ),
+                    &self.actor,
+                )?;
+            }
+        }
+        // Retire: out of the endpoint now, stopped once drained.
+        let deadline = now + release.spec.rollout.drain.as_millis() as u64;
+        for id in &step.retire {
+            if draining.contains_key(id) {
+                continue;
+            }
+            let revision = by_id
+                .get(id.as_str())
+                .and_then(|i| i.labels.get(LABEL_REVISION).cloned())
+                .unwrap_or_default();
+            let release_no = releases
+                .get(&revision)
+                .and_then(Option::as_ref)
+                .map_or(0, |r| r.number);
+            self.db
+                .mark_draining(id, service, release_no, &revision, deadline)?;
+            if let Some(health) = self.health.get(id).filter(|h| h.tracker.unhealthy) {
+                let why = health.tracker.last_failure.unwrap_or_default();
+                self.db.event(
+                    Some(service),
+                    "unhealthy",
+                    &format!("instance {id} is unhealthy ({why}): replacing it"),
+                    &self.actor,
+                )?;
+            } else {
+                self.db.event(
+                    Some(service),
+                    "retire",
+                    &format!("instance {id} (release {release_no}) retired: draining"),
+                    &self.actor,
+                )?;
+            }
+            pass.retired.push(id.clone());
+        }
+        self.stop_drained(
+            service, &release, &by_id, &releases, draining, now, &mut pass,
+        )?;
+        // Launch.
+        for _ in 0..step.launch {
+            match self.provider.launch(&expected) {
+                Ok(instance) => {
+                    self.db.event(
+                        Some(service),
+                        "launch",
+                        &format!(
+                            "instance {} launched for release {} ({})",
+                            instance.id, release.number, release.image_digest
+                        ),
+                        &self.actor,
+                    )?;
+                    self.ensure_probe(&instance, &release);
+                    pass.launched.push(instance.id);
+                }
+                Err(e) => {
+                    self.db.event(
+                        Some(service),
+                        "launch-failed",
+                        &format!("launch for release {} failed: {e}", release.number),
+                        &self.actor,
+                    )?;
+                    break;
+                }
+            }
+        }
+        // Route.
+        let targets: Vec<(String, SocketAddr)> = step
+            .route_to
+            .iter()
+            .filter_map(|id| by_id.get(id.as_str()).copied())
+            .filter_map(|i| self.address_of(i, &release).map(|a| (i.id.clone(), a)))
+            .collect();
+        let eligible: BTreeSet<String> = own
+            .iter()
+            .filter(|i| {
+                i.is_active() && !draining.contains_key(&i.id) && !step.retire.contains(&i.id)
+            })
+            .map(|i| i.id.clone())
+            .collect();
+        let targets = self.route(service, targets, &eligible)?;
+        pass.routed = targets.into_iter().map(|(id, _)| id).collect();
+        pass.counts = step.counts;
+        pass.complete = step.complete && pass.launched.is_empty();
+        self.track_progress(
+            service,
+            &release,
+            &step,
+            &observed,
+            own,
+            outcome.is_some(),
+            &mut pass,
+        )?;
+        Ok(pass)
+    }
+
+    /// Stops the retired instances of a service that have drained (or ran out of drain time),
+    /// and removes those that have stopped.
+    #[allow(clippy::too_many_arguments)]
+    fn stop_drained(
+        &mut self,
+        service: &str,
+        release: &Release,
+        by_id: &HashMap<&str, &Instance>,
+        releases: &HashMap<String, Option<Release>>,
+        draining: &BTreeMap<String, u64>,
+        now: u64,
+        pass: &mut ServicePass,
+    ) -> Result<(), DeployError> {
+        // Stop what has drained (or ran out of drain time). Stopping takes up to the grace
+        // period, so it runs beside the loop; the instance still counts (it still holds its
+        // resources) until it has exited and is removed.
+        // Connections the kernel balanced to a draining instance bypass the proxy's counts: they
+        // are counted from the host's socket table, one dump for all of them.
+        let mut drain_addresses = BTreeMap::new();
+        for id in draining.keys() {
+            let Some(instance) = by_id.get(id.as_str()).copied() else {
+                continue;
+            };
+            let own_release = instance
+                .labels
+                .get(LABEL_REVISION)
+                .and_then(|r| releases.get(r))
+                .and_then(Option::as_ref)
+                .unwrap_or(release);
+            if let Some(SocketAddr::V4(addr)) = self.address_of(instance, own_release) {
+                drain_addresses.insert(id.clone(), addr);
+            }
+        }
+        let kernel_open = self.kernel_open_connections(&drain_addresses);
+        self.balanced_peers
+            .extend(drain_addresses.values().copied());
+        for (id, drain_deadline) in draining {
+            let Some(instance) = by_id.get(id.as_str()).copied() else {
+                // Not this service's, or already gone (stopped just before a crash).
+                continue;
+            };
+            if !instance.is_active() {
+                self.stopping.remove(id);
+                if !self.remove_or_report(service, id)? {
+                    continue;
+                }
+                self.db.event(
+                    Some(service),
+                    "stop",
+                    &format!("instance {id} drained and stopped"),
+                    &self.actor,
+                )?;
+                pass.stopped.push(id.clone());
+                continue;
+            }
+            // A count the data plane cannot give counts as open: the drain ends at its deadline.
+            let proxied = self
+                .plane
+                .connections(service, std::slice::from_ref(id))
+                .ok()
+                .and_then(|c| c.first().copied())
+                .unwrap_or(1);
+            let open = proxied + kernel_open.get(id).copied().unwrap_or(0);
+            if open == 0 || now >= *drain_deadline {
+                // The grace period the instance was launched with, not the new release's.
+                let grace = instance
+                    .labels
+                    .get(LABEL_REVISION)
+                    .and_then(|r| releases.get(r))
+                    .and_then(Option::as_ref)
+                    .map_or(release.spec.stop_grace_period, |r| r.spec.stop_grace_period);
+                self.stop_in_background(id, grace);
+            }
+        }
+        Ok(())
+    }
+
+    /// Observes a service's instances for [`next_step`]: each is judged by the health check of
+    /// the release it runs, and one that runs something other than its revision says (another
+    /// spec, a modified root filesystem) is drift. Also keeps probes running, readiness recorded
+    /// and "ready" announced. Returns the releases the instances run, by revision.
+    #[allow(clippy::type_complexity)]
+    fn observe(
+        &mut self,
+        service: &str,
+        release: &Release,
+        own: &[&Instance],
+        draining: &BTreeMap<String, u64>,
+        pass: &mut ServicePass,
+    ) -> Result<(HashMap<String, Option<Release>>, Vec<ObservedInstance>), DeployError> {
+        let mut releases: HashMap<String, Option<Release>> = HashMap::new();
+        releases.insert(release.revision.clone(), Some(release.clone()));
+        for instance in own {
+            let label = instance
+                .labels
+                .get(LABEL_REVISION)
+                .map(String::as_str)
+                .unwrap_or_default();
+            if !releases.contains_key(label) {
+                let found = self.db.release_with_revision(service, label)?;
+                releases.insert(label.to_owned(), found);
+            }
+        }
+        let mut observed = Vec::with_capacity(own.len());
+        let mut judge = SpecJudge::new(release.clone());
+        for instance in own {
+            let revision = instance
+                .labels
+                .get(LABEL_REVISION)
+                .cloned()
+                .unwrap_or_default();
+            let own_release: &Release = releases
+                .get(&revision)
+                .and_then(Option::as_ref)
+                .unwrap_or(release);
+            let mut revision_seen = revision.clone();
+            let mut drifted = false;
+            if let Some(when) = self.tainted.get(&instance.image)
+                && instance.created_ms <= *when
+                && instance.is_active()
+            {
+                // Its root filesystem was modified after unpacking: replace it.
+                revision_seen = format!("modified-{}", instance.id);
+                drifted = true;
+                if !draining.contains_key(&instance.id) {
+                    let message = format!(
+                        "instance {} runs from a modified copy of {}: replacing it",
+                        instance.id, instance.image
+                    );
+                    self.announce_drift(service, &instance.id, &message)?;
+                    pass.drift.push(message);
+                }
+            } else if revision == release.revision
+                && instance.is_active()
+                && let Some(wrong) = judge.judge(instance)?
+            {
+                // Labelled as the desired revision but running something else: drift.
+                revision_seen = format!("drifted-{}", instance.id);
+                drifted = true;
+                let message = format!(
+                    "instance {} runs {} with spec {}, but release {} wants {} with spec {}: replacing it",
+                    instance.id,
+                    wrong.image,
+                    wrong.spec_hash,
+                    wrong.release,
+                    wrong.wanted_image,
+                    wrong.wanted_spec_hash
+                );
+                if !draining.contains_key(&instance.id) {
+                    self.announce_drift(service, &instance.id, &message)?;
+                    pass.drift.push(message);
+                }
+            }
+            let phase = match instance.status {
+                Status::Exited | Status::Failed | Status::Lost => Phase::Exited,
+                Status::Created | Status::Running => self.phase_of(instance, own_release),
+            };
+            if own_release.spec.health.is_some() {
+                self.keep_readiness(&instance.id, phase)?;
+            }
+            if matches!(phase, Phase::Ready { .. })
+                && own_release.spec.health.is_some()
+                && !draining.contains_key(&instance.id)
+                && self.announced_ready.insert(instance.id.clone())
+            {
+                // Recorded before the endpoint can route to it, so the log shows that every
+                // instance that served passed its check first.
+                self.db.event(
+                    Some(service),
+                    "ready",
+                    &format!(
+                        "instance {} (release {}) passes its health check",
+                        instance.id, own_release.number
+                    ),
+                    &self.actor,
+                )?;
+            }
+            observed.push(ObservedInstance {
+                id: instance.id.clone(),
+                revision: revision_seen,
+                phase,
+                draining: draining.contains_key(&instance.id),
+                drifted,
+            });
+            if instance.status == Status::Running && !draining.contains_key(&instance.id) {
+                self.ensure_probe(instance, own_release);
+            }
+        }
+        Ok((releases, observed))
+    }
+
+    pub(super) fn phase_of(&self, instance: &Instance, release: &Release) -> Phase {
+        let started = instance.started_ms.unwrap_or(instance.created_ms);
+        if release.spec.health.is_none() {
+            // Without a health check, a running process is ready.
+            return Phase::Ready { since_ms: started };
+        }
+        if let Some(since) = self.readiness.as_ref().and_then(|r| r.get(&instance.id)) {
+            self.health.seed_ready(&instance.id, *since);
+        }
+        match self.health.get(&instance.id) {
+            Some(h) if h.tracker.unhealthy => Phase::Unhealthy,
+            Some(h) if h.tracker.healthy => Phase::Ready {
+                since_ms: h.ready_since_ms.unwrap_or(started),
+            },
+            _ if instance.created_ms < self.started_ms => Phase::Unprobed,
+            _ => Phase::Starting,
+        }
+    }
+
+    /// Removes `id`; a failure is reported as an event and retried by a later pass, rather
+    /// than ending the pass of the whole service. Returns whether it was removed.
+    fn remove_or_report(&mut self, service: &str, id: &str) -> Result<bool, DeployError> {
+        match self.remove_instance(id) {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                self.db.event(
+                    Some(service),
+                    "remove-failed",
+                    &format!("cannot remove instance {id} yet: {e}"),
+                    &self.actor,
+                )?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Keeps the database's record of since when `id` passes its checks in step with `phase`.
+    fn keep_readiness(&mut self, id: &str, phase: Phase) -> Result<(), DeployError> {
+        let Some(readiness) = self.readiness.as_mut() else {
+            return Ok(());
+        };
+        match phase {
+            Phase::Ready { since_ms } => {
+                if readiness.get(id) != Some(&since_ms) {
+                    self.db.record_ready(id, since_ms)?;
+                    readiness.insert(id.to_owned(), since_ms);
+                }
+            }
+            Phase::Starting | Phase::Unhealthy | Phase::Exited => {
+                if readiness.remove(id).is_some() {
+                    self.db.forget_ready(id)?;
+                }
+            }
+            Phase::Unprobed => {}
+        }
+        Ok(())
+    }
+
+    /// Removes the instances whose launch was cut short by the death of their launcher (a
+    /// controller killed mid-launch): that is no fault of their release, so they never reach
+    /// the health gate, and the rollout launches their replacements like any missing instance.
+    fn remove_interrupted_launches<'a>(
+        &mut self,
+        service: &str,
+        own: &[&'a Instance],
+        pass: &mut ServicePass,
+    ) -> Result<Vec<&'a Instance>, DeployError> {
+        let mut kept = Vec::with_capacity(own.len());
+        for instance in own {
+            if !instance.launch_interrupted() {
+                kept.push(*instance);
+                continue;
+            }
+            let message = match self.remove_instance(&instance.id) {
+                Ok(()) => {
+                    pass.removed_dead.push(instance.id.clone());
+                    format!(
+                        "the launch of instance {} was interrupted (its launcher stopped before it started): removed; it does not count against its release",
+                        instance.id
+                    )
+                }
+                Err(e) => format!(
+                    "the launch of instance {} was interrupted (its launcher stopped before it started), and it cannot be removed yet: {e}",
+                    instance.id
+                ),
+            };
+            self.db
+                .event(Some(service), "launch-interrupted", &message, &self.actor)?;
+        }
+        Ok(kept)
+    }
+
+    pub(super) fn address_of(&self, instance: &Instance, release: &Release) -> Option<SocketAddr> {
+        let port = release.spec.instance_port()?;
+        let ip = match instance.network {
+            imago_runtime::NetworkMode::Private => IpAddr::V4(instance.address?),
+            imago_runtime::NetworkMode::Host => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        };
+        Some(SocketAddr::new(ip, port))
+    }
+}
