@@ -741,3 +741,34 @@ impl Provider for LocalProvider {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    /// `rm` of a lost instance kills its init and removes its cgroups at once; the init is in
+    /// its cgroup until it has exited, which on a slow machine (the cgroup v2 VM of
+    /// scripts/test) is later than the engine's own retries. Here a process that leaves 300 ms
+    /// after the removal starts stands for it. Needs root.
+    #[test]
+    fn cgroups_are_removed_once_a_process_still_in_them_has_exited() {
+        let id = format!("test-busy-{}", std::process::id());
+        let root = crate::supervisor::cgroup2_mount().expect("a cgroup2 tree is mounted");
+        let dir = root.join(cgroups_path(&id).trim_start_matches('/'));
+        fs::create_dir_all(&dir).unwrap();
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        fs::write(dir.join("cgroup.procs"), child.id().to_string()).unwrap();
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            child.kill().unwrap();
+            child.wait().unwrap();
+        });
+        remove_cgroups(&id);
+        let left = dir.exists();
+        killer.join().unwrap();
+        let _ = fs::remove_dir(&dir);
+        assert!(!left, "{} is left", dir.display());
+    }
+}
