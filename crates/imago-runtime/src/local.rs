@@ -514,19 +514,37 @@ fn read_handshake(handshake: fs::File, supervisor: Pid) -> String {
     text.split('\n').next().unwrap_or_default().to_owned()
 }
 
-/// Removes the instance's (empty) cgroup directories in every hierarchy, if any are left.
+/// How long [`remove_cgroups`] waits for the instance's last processes to leave its cgroups.
+const CGROUP_EMPTY_WAIT: Duration = Duration::from_secs(5);
+
+/// Removes the instance's cgroup directories in every hierarchy, if any are left: the v1
+/// hierarchies under `/sys/fs/cgroup` of a hybrid host and the cgroup2 tree (wherever it is
+/// mounted; all of `/sys/fs/cgroup` on a v2-only host). A process just killed (the init of a
+/// lost container) is still in its cgroup until it has exited, and `rmdir` fails with EBUSY
+/// until then: on a slow machine that outlives the engine's own retries, so this retries too,
+/// for at most [`CGROUP_EMPTY_WAIT`].
 fn remove_cgroups(id: &str) {
     let rel = cgroups_path(id);
     let rel = rel.trim_start_matches('/');
-    if let Ok(rd) = fs::read_dir("/sys/fs/cgroup") {
-        for hierarchy in rd.flatten() {
-            let dir = hierarchy.path().join(rel);
-            if dir.is_dir() {
-                let _ = fs::remove_dir(&dir);
+    let mut dirs: Vec<PathBuf> = fs::read_dir("/sys/fs/cgroup")
+        .map(|rd| rd.flatten().map(|h| h.path().join(rel)).collect())
+        .unwrap_or_default();
+    dirs.push(Path::new("/sys/fs/cgroup").join(rel));
+    dirs.extend(crate::supervisor::cgroup2_mount().map(|root| root.join(rel)));
+    let deadline = Instant::now() + CGROUP_EMPTY_WAIT;
+    for dir in dirs {
+        while dir.is_dir() {
+            match fs::remove_dir(&dir) {
+                Err(e)
+                    if e.raw_os_error() == Some(nix::errno::Errno::EBUSY as i32)
+                        && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                _ => break,
             }
         }
     }
-    let _ = fs::remove_dir(Path::new("/sys/fs/cgroup").join(rel));
 }
 
 fn new_id() -> Result<String, RuntimeError> {
@@ -725,5 +743,36 @@ impl Provider for LocalProvider {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    /// `rm` of a lost instance kills its init and removes its cgroups at once; the init is in
+    /// its cgroup until it has exited, which on a slow machine (the cgroup v2 VM of
+    /// scripts/test) is later than the engine's own retries. Here a process that leaves 300 ms
+    /// after the removal starts stands for it. Needs root.
+    #[test]
+    fn cgroups_are_removed_once_a_process_still_in_them_has_exited() {
+        let id = format!("test-busy-{}", std::process::id());
+        let root = crate::supervisor::cgroup2_mount().expect("a cgroup2 tree is mounted");
+        let dir = root.join(cgroups_path(&id).trim_start_matches('/'));
+        fs::create_dir_all(&dir).unwrap();
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        fs::write(dir.join("cgroup.procs"), child.id().to_string()).unwrap();
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            child.kill().unwrap();
+            child.wait().unwrap();
+        });
+        remove_cgroups(&id);
+        let left = dir.exists();
+        killer.join().unwrap();
+        let _ = fs::remove_dir(&dir);
+        assert!(!left, "{} is left", dir.display());
     }
 }
