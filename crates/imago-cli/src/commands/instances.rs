@@ -52,6 +52,14 @@ pub struct RunArgs {
     /// (repeatable). Paths the image declares as volumes get an anonymous volume otherwise.
     #[arg(long = "volume", short = 'v', value_name = "SOURCE:TARGET[:ro]")]
     pub volumes: Vec<String>,
+    /// Syscall filter: default (Docker's default profile: no namespaces, mounts, keyrings or
+    /// ptrace), unconfined (none), or the path of a profile file (OCI linux.seccomp JSON)
+    #[arg(
+        long,
+        default_value = "default",
+        value_name = "default|unconfined|FILE"
+    )]
+    pub seccomp: String,
     /// Replace the image's entrypoint
     #[arg(long)]
     pub entrypoint: Option<String>,
@@ -224,6 +232,7 @@ fn launch(ctx: &Context, args: RunArgs) -> Result<()> {
     for v in &args.volumes {
         spec.volumes.push(v.parse()?);
     }
+    spec.seccomp = imago_runtime::Seccomp::from_setting(&args.seccomp, Path::new(""))?;
     let provider = provider(ctx, Box::new(StoreImageSource::new(store)))?;
     let instance = provider.launch(&spec)?;
     ctx.reporter.status(format!(
