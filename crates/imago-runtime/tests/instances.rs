@@ -1300,7 +1300,7 @@ fn unconfined_instances_can_make_user_namespaces_again(engine: Engine) {
 
 fn ordinary_programs_work_under_the_default_filter(engine: Engine) {
     let h = unprivileged_harness(engine);
-    let mut spec = h.spec(&[
+    let spec = h.spec(&[
         "sh",
         "-c",
         "echo ok; httpd -p 127.0.0.1:8080 -h /www && sleep 0.3 && \
