@@ -178,10 +178,13 @@ const PERSONALITIES: &[u64] = &[0x0, 0x8, 0x2_0000, 0x2_0008, 0xffff_ffff];
 /// `AF_VSOCK`: the one socket family refused.
 const AF_VSOCK: u64 = 40;
 
-/// The architectures the filter covers: the native one and the compat ones a program of this
-/// machine could switch to (32-bit calls on a 64-bit kernel are another syscall table).
+/// The architectures the filter covers: the native one and the 32-bit one a program of this
+/// machine could use (its calls go through another syscall table). Unlike Docker, not x32:
+/// libseccomp builds the x86_64 rules a second time for it, which doubled the filter's cost
+/// per launch (BENCHMARKS.md), and kernels leave the x32 ABI off unless booted with
+/// `syscall.x32=y`; an x32 call meets the filter's bad-architecture action instead.
 #[cfg(target_arch = "x86_64")]
-const ARCHITECTURES: &[&str] = &["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"];
+const ARCHITECTURES: &[&str] = &["SCMP_ARCH_X86_64", "SCMP_ARCH_X86"];
 #[cfg(target_arch = "aarch64")]
 const ARCHITECTURES: &[&str] = &["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"];
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
@@ -344,6 +347,16 @@ mod tests {
             assert!(allowed.contains(&needed), "{needed} is not allowed");
         }
         assert_eq!(profile.default_errno_ret(), Some(1));
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(
+            profile.architectures().as_deref(),
+            Some(
+                &[
+                    oci_spec::runtime::Arch::ScmpArchX86_64,
+                    oci_spec::runtime::Arch::ScmpArchX86
+                ][..]
+            )
+        );
     }
 
     #[test]
