@@ -6,11 +6,11 @@
 //! listed fails with EPERM; namespaces cannot be made (`unshare`, `setns`, `clone` with a
 //! `CLONE_NEW*` flag, `clone3`, which is answered ENOSYS so that libc falls back to `clone`),
 //! nothing can be mounted, and the kernel keyring, BPF, perf, module, clock, swap, reboot and
-//! accounting syscalls are out of reach. One deliberate difference: Docker allows `ptrace` and
-//! `process_vm_readv/writev` on kernels from 4.8 on; imago does not, so an instance's
+//! accounting syscalls are out of reach. Two deliberate differences: Docker allows `ptrace`
+//! and `process_vm_readv/writev` on kernels from 4.8 on; imago does not, so an instance's
 //! processes cannot read or steer each other (the kernel would let a process trace a sibling
-//! of the same user). `unconfined` or a profile file of the service turns the filter off or
-//! replaces it.
+//! of the same user). And the filter leaves out the x32 ABI (see `ARCHITECTURES`).
+//! `unconfined` or a profile file of the service turns the filter off or replaces it.
 
 use std::fs;
 use std::path::{Path, PathBuf};
