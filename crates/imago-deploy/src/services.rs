@@ -247,6 +247,32 @@ health = { type = "tcp" }
             specs["open"].seccomp,
             Some(SeccompSetting::Resolved(imago_runtime::Seccomp::Unconfined))
         );
+        // And the instances of a release run under it.
+        let release = |spec: &ServiceSpec| crate::state::Release {
+            service: "web".into(),
+            number: 1,
+            image_digest: Digest::of(b"image"),
+            config_hash: Digest::of(b"config"),
+            revision: "0123456789abcdef".into(),
+            spec: spec.clone(),
+            created_ms: 0,
+            reason: "apply".into(),
+            rollback_of: None,
+        };
+        let engine = imago_runtime::Engine::Embedded;
+        let instance = |spec: &ServiceSpec| {
+            crate::controller::instance_spec(&release(spec), engine)
+                .unwrap()
+                .seccomp
+        };
+        assert_eq!(instance(&specs["open"]), imago_runtime::Seccomp::Unconfined);
+        assert!(matches!(instance(web), imago_runtime::Seccomp::Profile(_)));
+        let mut plain = web.clone();
+        plain.seccomp = None;
+        assert_eq!(instance(&plain), imago_runtime::Seccomp::Default);
+        plain.seccomp = Some(SeccompSetting::File("p.json".into()));
+        let err = crate::controller::instance_spec(&release(&plain), engine).unwrap_err();
+        assert!(err.to_string().contains("p.json"), "{err}");
     }
 
     #[test]
