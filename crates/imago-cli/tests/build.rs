@@ -198,6 +198,7 @@ fn output_archive_and_schema() {
         "image",
         "replicas",
         "volumes",
+        "seccomp",
         "health",
         "rollout",
         "stop_grace_period",

@@ -325,3 +325,112 @@ fn logs_follow_streams_until_the_instance_ends() {
     assert_eq!(wait_status(&imago, &id, "exited")["exit_code"], 0);
     imago.run(&["rm", &id]).ok();
 }
+
+#[test]
+fn ps_shows_an_oom_kill_that_the_instance_survived() {
+    let imago = Imago::new();
+    let image = busybox_image(&imago);
+    // The tmpfs pages count against the memory limit and cannot be reclaimed: the kernel kills
+    // a process of the instance (dd, usually), and the shell may go on to exit 0.
+    let id = imago
+        .run(&[
+            "run",
+            "-q",
+            "--memory",
+            "16M",
+            &image,
+            "--",
+            "/bin/busybox",
+            "sh",
+            "-c",
+            "/bin/busybox dd if=/dev/zero of=/dev/shm/fill bs=1M count=60 2>/dev/null; echo after",
+        ])
+        .ok()
+        .stdout()
+        .trim()
+        .to_owned();
+    let inspected = wait_status(&imago, &id, "exited");
+    assert_eq!(inspected["oom_killed"], true, "{inspected}");
+    let code = inspected["exit_code"].as_i64().unwrap();
+    let ps = imago.run(&["ps", "--all"]).ok().stdout();
+    let line = ps.lines().find(|l| l.starts_with(&id)).unwrap();
+    assert!(
+        line.contains(&format!("exited({code},oom)")),
+        "ps must say what inspect-instance says (oom_killed, exit {code}): {line}"
+    );
+    imago.run(&["rm", &id]).ok();
+}
+
+#[test]
+fn logs_follow_loses_nothing_written_while_it_prints_the_log_so_far() {
+    use std::io::Read;
+    let imago = Imago::new();
+    let image = busybox_image(&imago);
+    let id = imago
+        .run(&[
+            "run",
+            "-q",
+            &image,
+            "--",
+            "/bin/busybox",
+            "sh",
+            "-c",
+            "/bin/busybox head -c 200000 /dev/zero | /bin/busybox tr '\\0' x; echo; \
+             /bin/busybox sleep 1; echo after",
+        ])
+        .ok()
+        .stdout()
+        .trim()
+        .to_owned();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while imago.run(&["logs", &id]).ok().stdout().len() < 200_001 {
+        assert!(Instant::now() < deadline, "the instance wrote too little");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut follow = imago
+        .cmd()
+        .args(["logs", "-f", &id])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Not read yet: printing the log so far fills the pipe and waits while "after" is written.
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut out = String::new();
+    follow
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(follow.wait().unwrap().success());
+    assert_eq!(out.len(), 200_001 + "after\n".len());
+    assert!(out.ends_with("x\nafter\n"), "{}", &out[out.len() - 20..]);
+    imago.run(&["rm", &id]).ok();
+}
+
+#[test]
+fn a_bad_seccomp_profile_is_refused_naming_the_file() {
+    let imago = Imago::new();
+    let image = busybox_image(&imago);
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("docker-style.json");
+    std::fs::write(
+        &profile,
+        r#"{"defaultAction": "SCMP_ACT_ERRNO", "archMap": [], "syscalls": []}"#,
+    )
+    .unwrap();
+    let err = imago
+        .run(&["run", "--seccomp", profile.to_str().unwrap(), &image])
+        .fails();
+    assert!(
+        err.contains(&format!("seccomp profile {}", profile.display())) && err.contains("archMap"),
+        "{err}"
+    );
+    let missing = dir.path().join("missing.json");
+    let err = imago
+        .run(&["run", "--seccomp", missing.to_str().unwrap(), &image])
+        .fails();
+    assert!(err.contains(&missing.display().to_string()), "{err}");
+    let all = imago.run(&["ps", "--all", "--json"]).ok().json();
+    assert_eq!(all.as_array().unwrap().len(), 0, "nothing was launched");
+}

@@ -10,7 +10,7 @@ use imago_store::Store;
 use serde::Deserialize;
 
 use crate::error::DeployError;
-use crate::spec::{Probe, ServiceSpec};
+use crate::spec::{Probe, SeccompSetting, ServiceSpec};
 
 /// `[service.*]` tables read with their spans, so errors point at the file, line and column.
 #[derive(Deserialize)]
@@ -53,6 +53,26 @@ pub fn parse_services(
     }
     if !only.is_empty() {
         specs.retain(|name, _| only.contains(name));
+    }
+    // A profile file is read now, relative to the definition file: the release keeps its
+    // content, so that changing the file makes a new release and a restart changes nothing.
+    let base = path.parent().unwrap_or(Path::new(""));
+    for (name, spec) in &mut specs {
+        if let Some(SeccompSetting::File(file)) = &spec.seccomp {
+            let seccomp = imago_runtime::Seccomp::from_setting(file, base).map_err(|e| {
+                DeployError::InvalidService {
+                    service: name.clone(),
+                    field: "seccomp".into(),
+                    reason: match e {
+                        imago_runtime::RuntimeError::SeccompProfile { path, reason } => {
+                            format!("profile {}: {reason}", path.display())
+                        }
+                        other => other.to_string(),
+                    },
+                }
+            })?;
+            spec.seccomp = Some(SeccompSetting::Resolved(seccomp));
+        }
     }
     Ok(specs)
 }
@@ -259,7 +279,7 @@ health = { type = "tcp" }
             parse(typo, &[]).unwrap_err().to_string(),
             "dir/imago.toml:3:1: unknown field `replica`, expected one of `image`, `replicas`, \
              `command`, `env`, `port`, `target_port`, `network`, `resources`, `volumes`, \
-             `health`, `rollout`, `stop_grace_period`"
+             `seccomp`, `health`, `rollout`, `stop_grace_period`"
         );
         let bad_type = "[service.web]\nimage = \"web\"\nreplicas = \"two\"\n";
         let err = parse(bad_type, &[]).unwrap_err().to_string();
@@ -277,6 +297,78 @@ health = { type = "tcp" }
             parse(FILE, &["web", "db"]).unwrap_err().to_string(),
             "dir/imago.toml has no service db; it defines: api, web"
         );
+    }
+
+    #[test]
+    fn a_seccomp_profile_file_is_read_relative_to_the_definition_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = dir.path().join("imago.toml");
+        let text = "[service.web]\nimage = \"web\"\nseccomp = \"profiles/p.json\"\n\n\
+                    [service.open]\nimage = \"web\"\nseccomp = \"unconfined\"\n";
+        let err = parse_services(&toml, text, &[]).unwrap_err().to_string();
+        let file = dir.path().join("profiles/p.json");
+        assert!(
+            err.starts_with("service web: seccomp cannot read")
+                && err.contains(&file.display().to_string()),
+            "{err}"
+        );
+        std::fs::create_dir(dir.path().join("profiles")).unwrap();
+        std::fs::write(
+            &file,
+            r#"{"defaultAction": "SCMP_ACT_ERRNO", "archMap": []}"#,
+        )
+        .unwrap();
+        let err = parse_services(&toml, text, &[]).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "service web: seccomp profile {}: unknown field \"archMap\"",
+                file.display()
+            )),
+            "{err}"
+        );
+        std::fs::write(&file, r#"{"defaultAction": "SCMP_ACT_ALLOW"}"#).unwrap();
+        let specs = parse_services(&toml, text, &[]).unwrap();
+        let web = &specs["web"];
+        let Some(SeccompSetting::Resolved(imago_runtime::Seccomp::Profile(_))) = &web.seccomp
+        else {
+            panic!("{:?}", web.seccomp);
+        };
+        // What a release stores reads back as the same setting, content and all.
+        for spec in specs.values() {
+            let json = serde_json::to_string(spec).unwrap();
+            let back: ServiceSpec = serde_json::from_str(&json).unwrap();
+            assert_eq!(&back, spec, "{json}");
+        }
+        assert_eq!(
+            specs["open"].seccomp,
+            Some(SeccompSetting::Resolved(imago_runtime::Seccomp::Unconfined))
+        );
+        // And the instances of a release run under it.
+        let release = |spec: &ServiceSpec| crate::state::Release {
+            service: "web".into(),
+            number: 1,
+            image_digest: Digest::of(b"image"),
+            config_hash: Digest::of(b"config"),
+            revision: "0123456789abcdef".into(),
+            spec: spec.clone(),
+            created_ms: 0,
+            reason: "apply".into(),
+            rollback_of: None,
+        };
+        let engine = imago_runtime::Engine::Embedded;
+        let instance = |spec: &ServiceSpec| {
+            crate::controller::instance_spec(&release(spec), engine)
+                .unwrap()
+                .seccomp
+        };
+        assert_eq!(instance(&specs["open"]), imago_runtime::Seccomp::Unconfined);
+        assert!(matches!(instance(web), imago_runtime::Seccomp::Profile(_)));
+        let mut plain = web.clone();
+        plain.seccomp = None;
+        assert_eq!(instance(&plain), imago_runtime::Seccomp::Default);
+        plain.seccomp = Some(SeccompSetting::File("p.json".into()));
+        let err = crate::controller::instance_spec(&release(&plain), engine).unwrap_err();
+        assert!(err.to_string().contains("p.json"), "{err}");
     }
 
     #[test]

@@ -37,6 +37,12 @@ pub struct ServiceSpec {
     /// optionally `:ro`. The image's declared volumes get an anonymous volume per instance.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<String>,
+    /// The syscall filter: "default" (Docker's default profile), "unconfined" (none), or the
+    /// path of a profile file (OCI `linux.seccomp` JSON, relative to imago.toml), whose content
+    /// is read when the file is loaded and becomes part of the release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
+    pub seccomp: Option<SeccompSetting>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthCheck>,
     #[serde(default)]
@@ -53,6 +59,27 @@ fn default_stop_grace() -> Duration {
 
 fn one() -> u32 {
     1
+}
+
+/// A service's `seccomp` key: as written, or with a profile file's content in place of its path.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SeccompSetting {
+    /// `default`, `unconfined`, or a profile read from its file (what a release keeps).
+    Resolved(imago_runtime::Seccomp),
+    /// The path of a profile file, not read yet.
+    File(String),
+}
+
+impl SeccompSetting {
+    /// The filter an instance of the service runs under; a path not read yet is an error.
+    pub fn seccomp(setting: Option<&SeccompSetting>) -> Result<imago_runtime::Seccomp, String> {
+        match setting {
+            None => Ok(imago_runtime::Seccomp::Default),
+            Some(SeccompSetting::Resolved(seccomp)) => Ok(seccomp.clone()),
+            Some(SeccompSetting::File(path)) => Err(format!("profile file {path} was not read")),
+        }
+    }
 }
 
 /// The instance network, as the runtime defines it (`"private"` or `"host"`).

@@ -230,7 +230,7 @@ pub fn open_connections(addrs: &[SocketAddrV4]) -> io::Result<Vec<usize>> {
     if addrs.is_empty() {
         return Ok(counts);
     }
-    for dst in sys::tcp_sockets(OPEN_STATES)? {
+    for dst in sock_diag::tcp_sockets(OPEN_STATES)? {
         for (i, addr) in addrs.iter().enumerate() {
             if *addr == dst {
                 counts[i] += 1;
@@ -416,12 +416,11 @@ mod program {
     }
 }
 
-/// The system calls: bpf(2), SO_NETNS_COOKIE and a sock_diag dump. The only unsafe code of
+/// The system calls: bpf(2) and SO_NETNS_COOKIE. The only unsafe code of
 /// this module, each call with the argument layout of the uapi headers.
 #[allow(unsafe_code)]
 mod sys {
     use std::io;
-    use std::net::{Ipv4Addr, SocketAddrV4};
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
     use nix::libc;
@@ -431,6 +430,7 @@ mod sys {
     const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
     const BPF_PROG_LOAD: libc::c_long = 5;
     const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
     const BPF_MAP_TYPE_HASH: u32 = 1;
     const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
     pub const ATTACH_CONNECT4: u32 = 10;
@@ -534,7 +534,55 @@ mod sys {
         fd(bpf(BPF_MAP_CREATE, &mut attr)?)
     }
 
+    #[repr(C)]
+    struct ObjInfo {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+
+    /// The first fields of the kernel's `struct bpf_map_info`; it fills no more than this.
+    #[repr(C)]
+    #[derive(Default)]
+    struct MapInfo {
+        map_type: u32,
+        id: u32,
+        key_size: u32,
+        value_size: u32,
+    }
+
+    /// The key and value sizes the kernel gave `map` when it was created.
+    fn map_sizes(map: &OwnedFd) -> io::Result<(usize, usize)> {
+        let mut info = MapInfo::default();
+        let mut attr = ObjInfo {
+            bpf_fd: map.as_raw_fd() as u32,
+            info_len: std::mem::size_of::<MapInfo>() as u32,
+            info: &mut info as *mut MapInfo as u64,
+        };
+        bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+        Ok((info.key_size as usize, info.value_size as usize))
+    }
+
+    /// Refuses a key or value whose length is not the map's: the kernel reads (and, for a
+    /// lookup, writes) exactly the map's sizes at the pointers it is given, whatever the
+    /// slices behind them hold.
+    fn check_sizes(map: &OwnedFd, key: &[u8], value: Option<&[u8]>) -> io::Result<()> {
+        let (key_size, value_size) = map_sizes(map)?;
+        let value_len = value.map_or(value_size, <[u8]>::len);
+        if key.len() != key_size || value_len != value_size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "bpf map element of {}+{value_len} bytes for a map of {key_size}+{value_size}",
+                    key.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     pub fn map_update(map: &OwnedFd, key: &[u8], value: &[u8]) -> io::Result<()> {
+        check_sizes(map, key, Some(value))?;
         let mut attr = Elem {
             map_fd: map.as_raw_fd() as u32,
             _pad: 0,
@@ -547,6 +595,7 @@ mod sys {
 
     /// Deletes `key`; a key that is not there is no error.
     pub fn map_delete(map: &OwnedFd, key: &[u8]) -> io::Result<()> {
+        check_sizes(map, key, None)?;
         let mut attr = Elem {
             map_fd: map.as_raw_fd() as u32,
             _pad: 0,
@@ -616,62 +665,128 @@ mod sys {
         }
         Ok(cookie)
     }
+}
 
-    /// The destination of every IPv4 TCP socket in one of `states` (a bit mask of TCP states),
-    /// from one NETLINK_SOCK_DIAG dump.
+/// The sock_diag dump behind [`open_connections`], in the message types of
+/// netlink-packet-sock-diag. A dump walks tables the kernel keeps changing; one that was
+/// interrupted (`NLM_F_DUMP_INTR`) may have missed sockets, and a drain that counted too few
+/// connections would stop an instance that still serves one, so such a dump is made again.
+mod sock_diag {
+    use std::io;
+    use std::net::{IpAddr, SocketAddrV4};
+
+    use netlink_packet_core_09::{
+        NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    };
+    use netlink_packet_sock_diag::SockDiagMessage;
+    use netlink_packet_sock_diag::constants::{AF_INET, IPPROTO_TCP};
+    use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
+    use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
+
+    /// Dumps made before giving up on tables that change under every one of them.
+    pub(super) const ATTEMPTS: u32 = 5;
+
+    /// What one dump found.
+    #[derive(Debug, Default)]
+    pub(super) struct Dump {
+        pub sockets: Vec<SocketAddrV4>,
+        /// The kernel flagged a message of this dump `NLM_F_DUMP_INTR`.
+        pub interrupted: bool,
+        /// `NLMSG_DONE` was read.
+        pub done: bool,
+    }
+
+    /// The destination of every IPv4 TCP socket of this network namespace in one of `states`
+    /// (a bit mask of TCP states), from a dump that was not interrupted.
     pub fn tcp_sockets(states: u32) -> io::Result<Vec<SocketAddrV4>> {
-        use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
-        const SOCK_DIAG_BY_FAMILY: u16 = 20;
-        const NLM_F_REQUEST: u16 = 1;
-        const NLM_F_DUMP: u16 = 0x300;
-        const NLMSG_ERROR: u16 = 2;
-        const NLMSG_DONE: u16 = 3;
+        complete(|seq| dump(states, seq))
+    }
+
+    /// Makes dumps (each with its own sequence number) until one is not interrupted.
+    pub(super) fn complete(
+        mut dump: impl FnMut(u32) -> io::Result<Dump>,
+    ) -> io::Result<Vec<SocketAddrV4>> {
+        for seq in 1..=ATTEMPTS {
+            let found = dump(seq)?;
+            if !found.interrupted {
+                return Ok(found.sockets);
+            }
+        }
+        Err(io::Error::other(format!(
+            "sock_diag: the socket dump was interrupted {ATTEMPTS} times in a row"
+        )))
+    }
+
+    fn dump(states: u32, seq: u32) -> io::Result<Dump> {
         let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
         socket.bind_auto()?;
         socket.connect(&SocketAddr::new(0, 0))?;
-        // nlmsghdr (16 bytes) + inet_diag_req_v2 (56 bytes, the socket id left zero: all).
-        let mut request = [0u8; 72];
-        request[0..4].copy_from_slice(&72u32.to_ne_bytes());
-        request[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-        request[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-        request[8..12].copy_from_slice(&1u32.to_ne_bytes());
-        request[16] = libc::AF_INET as u8;
-        request[17] = libc::IPPROTO_TCP as u8;
-        request[20..24].copy_from_slice(&states.to_ne_bytes());
-        socket.send(&request, 0)?;
-        let mut found = Vec::new();
+        socket.send(&request(states, seq), 0)?;
+        let mut found = Dump::default();
         let mut buf = vec![0u8; 64 * 1024];
-        loop {
+        while !found.done {
             let n = socket.recv(&mut &mut buf[..], 0)?;
-            let mut at = 0;
-            while at + 16 <= n {
-                let field = |from: usize, len: usize| &buf[at + from..at + from + len];
-                let len = u32::from_ne_bytes(field(0, 4).try_into().unwrap_or([0; 4])) as usize;
-                let kind = u16::from_ne_bytes(field(4, 2).try_into().unwrap_or([0; 2]));
-                if len < 16 || at + len > n {
-                    return Err(io::Error::other("sock_diag: truncated message"));
-                }
-                match kind {
-                    NLMSG_DONE => return Ok(found),
-                    NLMSG_ERROR => {
-                        let code = i32::from_ne_bytes(field(16, 4).try_into().unwrap_or([0; 4]));
-                        return Err(io::Error::from_raw_os_error(-code));
+            if n == 0 {
+                return Err(io::Error::other(
+                    "sock_diag: the dump ended without NLMSG_DONE",
+                ));
+            }
+            parse(&buf[..n], seq, &mut found)?;
+        }
+        Ok(found)
+    }
+
+    /// An `inet_diag_req_v2` dump request for IPv4 TCP sockets in `states`.
+    pub(super) fn request(states: u32, seq: u32) -> Vec<u8> {
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        header.sequence_number = seq;
+        let mut message = NetlinkMessage::new(
+            header,
+            SockDiagMessage::InetRequest(InetRequest {
+                family: AF_INET,
+                protocol: IPPROTO_TCP,
+                extensions: ExtensionFlags::empty(),
+                states: StateFlags::from_bits_truncate(states),
+                socket_id: SocketId::new_v4(),
+            })
+            .into(),
+        );
+        message.finalize();
+        let mut bytes = vec![0u8; message.buffer_len()];
+        message.serialize(&mut bytes);
+        bytes
+    }
+
+    /// Adds what one datagram of the answer to request `seq` holds to `found`.
+    pub(super) fn parse(mut bytes: &[u8], seq: u32, found: &mut Dump) -> io::Result<()> {
+        while !bytes.is_empty() && !found.done {
+            let message = NetlinkMessage::<SockDiagMessage>::deserialize(bytes)
+                .map_err(|e| io::Error::other(format!("sock_diag: {e}")))?;
+            let len = message.header.length as usize;
+            // NLMSG_ALIGN: the next message starts at a multiple of 4.
+            bytes = bytes.get(len.next_multiple_of(4)..).unwrap_or_default();
+            if message.header.sequence_number != seq {
+                continue;
+            }
+            if message.header.flags & NLM_F_DUMP_INTR != 0 {
+                found.interrupted = true;
+            }
+            match message.payload {
+                NetlinkPayload::Done(_) => found.done = true,
+                NetlinkPayload::Error(e) => return Err(e.to_io()),
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
+                    let id = &response.header.socket_id;
+                    if let IpAddr::V4(ip) = id.destination_address {
+                        found
+                            .sockets
+                            .push(SocketAddrV4::new(ip, id.destination_port));
                     }
-                    _ if len >= 16 + 72 => {
-                        // inet_diag_msg: family, state, timer, retrans (the kernel filtered the states), then the socket id:
-                        // sport, dport (big endian), src[16], dst[16], ...
-                        let port = u16::from_be_bytes([field(16 + 6, 1)[0], field(16 + 7, 1)[0]]);
-                        let d = field(16 + 24, 4);
-                        found.push(SocketAddrV4::new(
-                            Ipv4Addr::new(d[0], d[1], d[2], d[3]),
-                            port,
-                        ));
-                    }
-                    _ => {}
                 }
-                at += (len + 3) & !3;
+                _ => {}
             }
         }
+        Ok(())
     }
 }
 
@@ -802,6 +917,424 @@ mod tests {
         assert_eq!(answer, ("own".to_owned(), service));
         // And in this namespace the same address is still balanced.
         assert_eq!(ask(service).unwrap().0, "a");
+    }
+
+    #[test]
+    fn map_writes_of_the_wrong_size_are_refused() {
+        let map = sys::map_create(8, PEER_VALUE_SIZE as u32, 4, b"imago_test").unwrap();
+        let value = [0u8; PEER_VALUE_SIZE];
+        sys::map_update(&map, &[0u8; 8], &value).unwrap();
+        for (key, value) in [(&[0u8; 4][..], &value[..]), (&[0u8; 8][..], &value[..8])] {
+            let err = sys::map_update(&map, key, value).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{err}");
+        }
+        let err = sys::map_delete(&map, &[0u8; 4]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{err}");
+        sys::map_delete(&map, &[0u8; 8]).unwrap();
+    }
+
+    /// Runs the assembled programs on a small interpreter of the eBPF instructions they use,
+    /// with the kernel's helpers and maps played by the test: what they do to a
+    /// `struct bpf_sock_addr`, checked without root or a kernel.
+    mod interpreter {
+        use std::collections::HashMap;
+
+        const TAG_SHIFT: u32 = 48;
+        const CTX: u64 = 1 << TAG_SHIFT;
+        const STACK: u64 = 2 << TAG_SHIFT;
+        const VALUE: u64 = 3 << TAG_SHIFT;
+        const MAP: u64 = 4 << TAG_SHIFT;
+        const STACK_SIZE: usize = 512;
+        /// `struct bpf_sock_addr` is 72 bytes (uapi linux/bpf.h).
+        pub const CTX_SIZE: usize = 72;
+
+        pub struct Machine {
+            pub ctx: [u8; CTX_SIZE],
+            /// (map fd, key) -> value.
+            pub maps: HashMap<(i32, Vec<u8>), Vec<u8>>,
+            pub random: u32,
+            pub netns_cookie: u64,
+            stack: [u8; STACK_SIZE],
+            value: Vec<u8>,
+            /// Writes the program made into the context: (offset, bytes).
+            pub ctx_writes: Vec<(usize, usize)>,
+        }
+
+        impl Machine {
+            pub fn new(ctx: [u8; CTX_SIZE], netns_cookie: u64) -> Machine {
+                Machine {
+                    ctx,
+                    maps: HashMap::new(),
+                    random: 0,
+                    netns_cookie,
+                    stack: [0; STACK_SIZE],
+                    value: Vec::new(),
+                    ctx_writes: Vec::new(),
+                }
+            }
+
+            fn memory(&mut self, addr: u64, len: usize) -> &mut [u8] {
+                let (tag, at) = (
+                    addr >> TAG_SHIFT << TAG_SHIFT,
+                    (addr & ((1 << TAG_SHIFT) - 1)) as usize,
+                );
+                let region: &mut [u8] = match tag {
+                    CTX => &mut self.ctx,
+                    STACK => &mut self.stack,
+                    VALUE => &mut self.value,
+                    _ => panic!("access to {addr:#x}, which is no memory"),
+                };
+                assert!(
+                    at + len <= region.len(),
+                    "access past the end of a region at {addr:#x}+{len}"
+                );
+                &mut region[at..at + len]
+            }
+
+            fn load(&mut self, addr: u64, len: usize) -> u64 {
+                let mut bytes = [0u8; 8];
+                bytes[..len].copy_from_slice(self.memory(addr, len));
+                u64::from_le_bytes(bytes)
+            }
+
+            /// Runs `program` to its `exit`; returns r0.
+            pub fn run(&mut self, program: &[u64]) -> u64 {
+                let mut r = [0u64; 11];
+                r[1] = CTX;
+                r[10] = STACK + STACK_SIZE as u64;
+                let mut pc = 0usize;
+                for _ in 0..1000 {
+                    let insn = program[pc];
+                    let code = insn as u8;
+                    let dst = ((insn >> 8) & 0xf) as usize;
+                    let src = ((insn >> 12) & 0xf) as usize;
+                    let off = (insn >> 16) as u16 as i16;
+                    let imm = (insn >> 32) as u32 as i32;
+                    let imm64 = imm as i64 as u64;
+                    let at = |base: u64| base.wrapping_add(off as i64 as u64);
+                    pc += 1;
+                    let jump = |taken: bool, pc: &mut usize| {
+                        if taken {
+                            *pc = (*pc as i64 + i64::from(off)) as usize;
+                        }
+                    };
+                    match code {
+                        0x61 => r[dst] = self.load(at(r[src]), 4),
+                        0x79 => r[dst] = self.load(at(r[src]), 8),
+                        0x63 => {
+                            let addr = at(r[dst]);
+                            if addr >> TAG_SHIFT << TAG_SHIFT == CTX {
+                                self.ctx_writes.push(((addr - CTX) as usize, 4));
+                            }
+                            let value = (r[src] as u32).to_le_bytes();
+                            self.memory(addr, 4).copy_from_slice(&value);
+                        }
+                        0xbf => r[dst] = r[src],
+                        0xb7 => r[dst] = imm64,
+                        0x07 => r[dst] = r[dst].wrapping_add(imm64),
+                        0x0f => r[dst] = r[dst].wrapping_add(r[src]),
+                        0x67 => r[dst] <<= imm,
+                        0x9f => {
+                            if r[src] != 0 {
+                                r[dst] %= r[src];
+                            }
+                        }
+                        0x18 => {
+                            assert_eq!(program[pc], 0, "second slot of a 64-bit load");
+                            assert_eq!(src, 1, "only map fds are loaded as 64-bit immediates");
+                            r[dst] = MAP | imm as u32 as u64;
+                            pc += 1;
+                        }
+                        0x85 => {
+                            r[0] = match imm {
+                                1 => {
+                                    assert_eq!(
+                                        r[1] >> TAG_SHIFT << TAG_SHIFT,
+                                        MAP,
+                                        "lookup without a map"
+                                    );
+                                    let fd = (r[1] & 0xffff_ffff) as i32;
+                                    let key = self.memory(r[2], 8).to_vec();
+                                    match self.maps.get(&(fd, key)) {
+                                        Some(value) => {
+                                            self.value = value.clone();
+                                            VALUE
+                                        }
+                                        None => 0,
+                                    }
+                                }
+                                7 => u64::from(self.random),
+                                122 => {
+                                    assert_eq!(
+                                        r[1], CTX,
+                                        "netns cookie of something else than the context"
+                                    );
+                                    self.netns_cookie
+                                }
+                                other => panic!("helper {other} is not expected"),
+                            };
+                            // Helpers clobber r1-r5: a program must not rely on them after a call.
+                            for reg in &mut r[1..=5] {
+                                *reg = 0xdead_0000_0000_0000;
+                            }
+                        }
+                        0x95 => return r[0],
+                        0x55 => jump(r[dst] != imm64, &mut pc),
+                        0x15 => jump(r[dst] == imm64, &mut pc),
+                        0x35 => jump(r[dst] >= imm64, &mut pc),
+                        0x5d => jump(r[dst] != r[src], &mut pc),
+                        other => panic!("instruction {other:#04x} at {} is not expected", pc - 1),
+                    }
+                    assert!(pc < program.len(), "ran past the end of the program");
+                }
+                panic!("no exit after 1000 instructions");
+            }
+        }
+    }
+
+    const SERVICES_FD: i32 = 7;
+    const PEERS_FD: i32 = 8;
+    const COOKIE: u64 = 0x1122_3344_5566_7788;
+
+    /// A TCP connect(2) context to `to`.
+    fn sock_addr(to: SocketAddrV4, protocol: u32) -> [u8; interpreter::CTX_SIZE] {
+        let mut ctx = [0u8; interpreter::CTX_SIZE];
+        ctx[0..4].copy_from_slice(&(libc_af_inet()).to_ne_bytes());
+        ctx[4..8].copy_from_slice(&to.ip().octets());
+        ctx[24..26].copy_from_slice(&to.port().to_be_bytes());
+        ctx[36..40].copy_from_slice(&protocol.to_ne_bytes());
+        ctx
+    }
+
+    fn libc_af_inet() -> u32 {
+        nix::libc::AF_INET as u32
+    }
+
+    fn destination(ctx: &[u8; interpreter::CTX_SIZE]) -> SocketAddrV4 {
+        SocketAddrV4::new(
+            Ipv4Addr::new(ctx[4], ctx[5], ctx[6], ctx[7]),
+            u16::from_be_bytes([ctx[24], ctx[25]]),
+        )
+    }
+
+    fn service_value(cookie: u64, backends: &[SocketAddrV4]) -> Vec<u8> {
+        let mut value = vec![0u8; SERVICE_VALUE_SIZE];
+        value[..8].copy_from_slice(&cookie.to_ne_bytes());
+        value[8..12].copy_from_slice(&(backends.len() as u32).to_ne_bytes());
+        for (i, backend) in backends.iter().enumerate() {
+            value[16 + 8 * i..24 + 8 * i].copy_from_slice(&key(*backend));
+        }
+        value
+    }
+
+    #[test]
+    fn connect4_sends_a_service_connection_to_the_backend_the_random_number_picks() {
+        let service = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 1), 8080);
+        let backends: Vec<SocketAddrV4> = (2..5)
+            .map(|last| SocketAddrV4::new(Ipv4Addr::new(10, 88, 0, last), 80 + u16::from(last)))
+            .collect();
+        let program = program::connect4(SERVICES_FD);
+        let machine = |ctx, value: Vec<u8>, random: u32| {
+            let mut m = interpreter::Machine::new(ctx, COOKIE);
+            m.maps.insert((SERVICES_FD, key(service).to_vec()), value);
+            m.random = random;
+            m
+        };
+        for random in [0u32, 1, 2, 3, 7, u32::MAX] {
+            let mut m = machine(
+                sock_addr(service, 6),
+                service_value(COOKIE, &backends),
+                random,
+            );
+            assert_eq!(
+                m.run(&program),
+                1,
+                "a sock_addr program lets the call go on"
+            );
+            assert_eq!(
+                destination(&m.ctx),
+                backends[random as usize % 3],
+                "random {random}"
+            );
+            assert_eq!(
+                m.ctx_writes,
+                [(4, 4), (24, 4)],
+                "only the address and port are written"
+            );
+        }
+        let untouched = |mut m: interpreter::Machine, why: &str| {
+            let before = m.ctx;
+            assert_eq!(m.run(&program), 1, "{why}");
+            assert_eq!(m.ctx, before, "{why}: the destination was changed");
+            assert!(m.ctx_writes.is_empty(), "{why}");
+        };
+        untouched(
+            machine(sock_addr(service, 17), service_value(COOKIE, &backends), 1),
+            "UDP",
+        );
+        untouched(
+            machine(
+                sock_addr(service, 6),
+                service_value(COOKIE + 1, &backends),
+                1,
+            ),
+            "another network namespace",
+        );
+        untouched(
+            machine(sock_addr(service, 6), service_value(COOKIE, &[]), 1),
+            "no backends",
+        );
+        let other = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 1), 8081);
+        untouched(
+            machine(sock_addr(other, 6), service_value(COOKIE, &backends), 1),
+            "an address that is no service",
+        );
+        // A count beyond the value (which the kernel's map would never hold, but the verifier
+        // must be shown) still reads inside it: the program leaves such a call alone.
+        let mut too_many = service_value(COOKIE, &backends);
+        too_many[8..12].copy_from_slice(&(MAX_BACKENDS as u32 + 1).to_ne_bytes());
+        untouched(
+            machine(sock_addr(service, 6), too_many, MAX_BACKENDS as u32),
+            "a backend index past the value",
+        );
+    }
+
+    #[test]
+    fn getpeername4_shows_a_backend_as_its_service() {
+        let service = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 1), 8080);
+        let backend = SocketAddrV4::new(Ipv4Addr::new(10, 88, 0, 2), 80);
+        let program = program::getpeername4(PEERS_FD);
+        let mut value = vec![0u8; PEER_VALUE_SIZE];
+        value[..8].copy_from_slice(&COOKIE.to_ne_bytes());
+        value[8..16].copy_from_slice(&key(service));
+        for (cookie, to, expected) in [
+            (COOKIE, backend, service),
+            (COOKIE + 1, backend, backend),
+            (COOKIE, service, service),
+        ] {
+            let mut m = interpreter::Machine::new(sock_addr(to, 6), cookie);
+            m.maps
+                .insert((PEERS_FD, key(backend).to_vec()), value.clone());
+            assert_eq!(m.run(&program), 1);
+            assert_eq!(
+                destination(&m.ctx),
+                expected,
+                "peer {to}, cookie {cookie:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn instructions_are_encoded_as_the_uapi_defines_them() {
+        // Both programs end with `r0 = 1; exit`, and every jump lands inside the program.
+        for (name, code) in [
+            ("connect4", program::connect4(3)),
+            ("getpeername4", program::getpeername4(3)),
+        ] {
+            let n = code.len();
+            assert_eq!(code[n - 2], 0x0000_0001_0000_00b7, "{name}: r0 = 1");
+            assert_eq!(code[n - 1], 0x0000_0000_0000_0095, "{name}: exit");
+            // The map is loaded as BPF_LD|BPF_IMM|BPF_DW with src = BPF_PSEUDO_MAP_FD, fd in imm.
+            let at = code.iter().position(|i| *i as u8 == 0x18).unwrap();
+            assert_eq!(code[at] & 0xf000, 0x1000, "{name}: pseudo map fd");
+            assert_eq!(code[at] >> 32, 3, "{name}: map fd");
+            assert_eq!(code[at + 1], 0, "{name}: second slot");
+            for (pc, insn) in code.iter().enumerate() {
+                if matches!(*insn as u8, 0x55 | 0x15 | 0x35 | 0x5d) {
+                    let off = (*insn >> 16) as u16 as i16;
+                    assert_eq!(
+                        pc as i64 + 1 + i64::from(off),
+                        n as i64 - 2,
+                        "{name}: jump at {pc}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// One netlink message answering a sock_diag dump: an `inet_diag_msg` for a socket
+    /// connected to `to`, or `NLMSG_DONE` when `to` is `None`.
+    fn diag_message(seq: u32, flags: u16, to: Option<SocketAddrV4>) -> Vec<u8> {
+        const NLM_F_MULTI: u16 = 2;
+        let (kind, body) = match to {
+            Some(to) => {
+                let mut msg = vec![0u8; 72];
+                msg[0] = 2; // AF_INET
+                msg[1] = 1; // ESTABLISHED
+                msg[4..6].copy_from_slice(&40000u16.to_be_bytes());
+                msg[6..8].copy_from_slice(&to.port().to_be_bytes());
+                msg[8..12].copy_from_slice(&[127, 0, 0, 1]);
+                msg[24..28].copy_from_slice(&to.ip().octets());
+                (20u16, msg)
+            }
+            None => (3u16, vec![0u8; 4]),
+        };
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&(16 + body.len() as u32).to_ne_bytes());
+        bytes.extend_from_slice(&kind.to_ne_bytes());
+        bytes.extend_from_slice(&(NLM_F_MULTI | flags).to_ne_bytes());
+        bytes.extend_from_slice(&seq.to_ne_bytes());
+        bytes.extend_from_slice(&0u32.to_ne_bytes());
+        bytes.extend_from_slice(&body);
+        bytes
+    }
+
+    #[test]
+    fn sock_diag_answers_are_read_by_sequence_number_and_interrupted_dumps_are_seen() {
+        let a = SocketAddrV4::new(Ipv4Addr::new(10, 88, 0, 2), 80);
+        let b = SocketAddrV4::new(Ipv4Addr::new(10, 88, 0, 3), 8080);
+        let mut datagram = diag_message(1, 0, Some(a));
+        datagram.extend(diag_message(9, 0, Some(b))); // an answer to another request
+        datagram.extend(diag_message(1, 0, Some(b)));
+        let mut found = sock_diag::Dump::default();
+        sock_diag::parse(&datagram, 1, &mut found).unwrap();
+        assert_eq!(found.sockets, [a, b]);
+        assert!(!found.done && !found.interrupted);
+        sock_diag::parse(&diag_message(1, 0, None), 1, &mut found).unwrap();
+        assert!(found.done && !found.interrupted);
+
+        const NLM_F_DUMP_INTR: u16 = 0x10;
+        let mut found = sock_diag::Dump::default();
+        let mut datagram = diag_message(2, NLM_F_DUMP_INTR, Some(a));
+        datagram.extend(diag_message(2, NLM_F_DUMP_INTR, None));
+        sock_diag::parse(&datagram, 2, &mut found).unwrap();
+        assert!(found.done && found.interrupted);
+
+        let request = sock_diag::request(OPEN_STATES, 7);
+        assert_eq!(request.len(), 72, "nlmsghdr + inet_diag_req_v2");
+        assert_eq!(u32::from_ne_bytes(request[8..12].try_into().unwrap()), 7);
+        assert_eq!(
+            u32::from_ne_bytes(request[20..24].try_into().unwrap()),
+            OPEN_STATES
+        );
+    }
+
+    #[test]
+    fn an_interrupted_sock_diag_dump_is_made_again() {
+        let a = SocketAddrV4::new(Ipv4Addr::new(10, 88, 0, 2), 80);
+        let b = SocketAddrV4::new(Ipv4Addr::new(10, 88, 0, 3), 80);
+        let mut seqs = Vec::new();
+        // The first dump missed a socket and says so; the second is whole.
+        let sockets = sock_diag::complete(|seq| {
+            seqs.push(seq);
+            Ok(sock_diag::Dump {
+                sockets: if seq == 1 { vec![a] } else { vec![a, b] },
+                interrupted: seq == 1,
+                done: true,
+            })
+        })
+        .unwrap();
+        assert_eq!(sockets, [a, b]);
+        assert_eq!(seqs, [1, 2], "each dump has its own sequence number");
+        let err = sock_diag::complete(|_| {
+            Ok(sock_diag::Dump {
+                sockets: vec![a],
+                interrupted: true,
+                done: true,
+            })
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("interrupted"), "{err}");
     }
 
     #[test]

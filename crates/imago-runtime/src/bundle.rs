@@ -242,7 +242,7 @@ pub fn runtime_config(
         }));
     }
 
-    Ok(json!({
+    let mut config = json!({
         "ociVersion": "1.0.2",
         "process": {
             "terminal": false,
@@ -270,7 +270,11 @@ pub fn runtime_config(
             "maskedPaths": MASKED_PATHS,
             "readonlyPaths": READONLY_PATHS,
         },
-    }))
+    });
+    if let Some(seccomp) = spec.seccomp.oci_section(spec.engine)? {
+        config["linux"]["seccomp"] = seccomp;
+    }
+    Ok(config)
 }
 
 /// Writes `<bundle>/config.json`. The root filesystem is the shared cache entry (by absolute path).

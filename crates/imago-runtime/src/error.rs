@@ -30,6 +30,9 @@ pub enum RuntimeError {
         layer: Digest,
         reason: String,
     },
+    /// A seccomp profile file that cannot be used.
+    #[error("seccomp profile {path}: {reason}")]
+    SeccompProfile { path: PathBuf, reason: String },
     #[error("invalid instance spec: {0}")]
     InvalidSpec(String),
     /// A named volume that cannot be used or removed as asked.

@@ -2,7 +2,7 @@
 //!
 //! Code map: [`spec`] (what an instance runs and its hash), [`provider`] (the engine-neutral
 //! trait and an in-memory fake), [`rootfs`] (the unpack-once rootfs cache), [`bundle`] (the OCI
-//! runtime config), [`network`] (namespaces, veth pairs, address leases), [`supervisor`] (the
+//! runtime config), [`seccomp`] (the syscall filter), [`network`] (namespaces, veth pairs, address leases), [`supervisor`] (the
 //! per-instance process that owns a container), [`local`] (the provider built from all of it),
 //! [`state`] (atomic per-instance records), [`volumes`] (named, host and anonymous volumes), [`store_source`] (images from the imago store).
 //!
@@ -17,6 +17,7 @@ pub mod network;
 pub mod provider;
 pub mod rootfs;
 pub mod rootfs_check;
+pub mod seccomp;
 pub mod spec;
 pub mod state;
 pub mod store_source;
@@ -27,6 +28,7 @@ pub use error::RuntimeError;
 pub use local::{Layout, LocalProvider, SupervisorCommand};
 pub use provider::{FakeProvider, Provider};
 pub use rootfs::{ImageInfo, ImageSource, RootfsCache};
+pub use seccomp::Seccomp;
 pub use spec::{
     Engine, InstanceSpec, NetworkMode, Resources, VolumeMount, VolumeSource, parse_cpus,
     parse_memory,

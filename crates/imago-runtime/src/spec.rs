@@ -8,7 +8,7 @@ use std::str::FromStr;
 use imago_oci::{Digest, to_canonical_json};
 use serde::{Deserialize, Serialize};
 
-use crate::RuntimeError;
+use crate::{RuntimeError, Seccomp};
 
 /// The full description of one instance. Its [`InstanceSpec::spec_hash`] is recorded with the
 /// instance, so later code can tell exactly what each instance runs.
@@ -40,6 +40,10 @@ pub struct InstanceSpec {
     /// Volumes mounted into the instance: with /tmp and /run, the only writable places.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeMount>,
+    /// The syscall filter; the default one is left out of the hash's JSON, so specs written
+    /// before filters existed keep their hashes.
+    #[serde(default, skip_serializing_if = "Seccomp::is_default")]
+    pub seccomp: Seccomp,
 }
 
 impl InstanceSpec {
@@ -55,6 +59,7 @@ impl InstanceSpec {
             labels: BTreeMap::new(),
             engine: Engine::default(),
             volumes: Vec::new(),
+            seccomp: Seccomp::default(),
         }
     }
 

@@ -136,6 +136,38 @@ impl Instance {
                 _ => false,
             }
     }
+
+    /// The status in a few characters, the same wherever it is shown (`ps`, the deployer's
+    /// events): `exited(CODE)`, marked `,oom` when the kernel OOM-killed a process of the
+    /// instance. That need not be its init: a process filling a tmpfs past the memory limit is
+    /// killed while the init goes on and exits 0, and `oom_killed` must not be hidden then.
+    pub fn status_text(&self) -> String {
+        let oom = if self.oom_killed { ",oom" } else { "" };
+        match (self.status, self.exit_code) {
+            (Status::Exited, Some(code)) => format!("exited({code}{oom})"),
+            (status, _) if self.oom_killed => format!("{status}(oom)"),
+            (status, _) => status.to_string(),
+        }
+    }
+
+    /// How the instance ended, in words, consistent with [`Instance::status_text`].
+    pub fn describe_exit(&self) -> String {
+        match (self.status, self.exit_code, &self.error) {
+            (Status::Failed, _, Some(e)) => format!("failed to start: {e}"),
+            (_, Some(137), _) if self.oom_killed => {
+                "was killed for exceeding its memory limit (exit 137)".into()
+            }
+            (_, Some(code), _) if self.oom_killed => format!(
+                "exited with status {code} after the kernel killed one of its processes for exceeding the memory limit"
+            ),
+            (_, None, _) if self.oom_killed => {
+                "had a process killed for exceeding its memory limit".into()
+            }
+            (Status::Lost, _, _) => "lost its supervisor".into(),
+            (_, Some(code), _) => format!("exited with status {code}"),
+            _ => "exited".into(),
+        }
+    }
 }
 
 pub fn now_ms() -> u64 {

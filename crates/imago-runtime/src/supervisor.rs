@@ -189,13 +189,18 @@ impl Drop for CgroupLockWarmup {
     }
 }
 
-/// fork(2), for a caller that has checked [`single_threaded`] just before.
+/// fork(2) if this process is single-threaded; `ENOTSUP` (and no fork) if it is not, or if
+/// that cannot be told. The check is made here, not left to the caller, so that this is a
+/// safe function: nothing a caller does can make the fork unsound.
 #[allow(unsafe_code)]
 fn fork_single_threaded() -> nix::Result<nix::unistd::ForkResult> {
+    if !single_threaded() {
+        return Err(Errno::ENOTSUP);
+    }
     // SAFETY: fork is unsound in a multi-threaded process because the child gets only the
-    // calling thread while locks (allocator, stdio) may be held by threads that vanish. The
-    // caller is single-threaded (checked right before; only this thread could have started
-    // another one since), so the child is a complete copy with no lock held by anyone else.
+    // calling thread while locks (allocator, stdio) may be held by threads that vanish. This
+    // process has one thread (checked just above; only this thread could have started another
+    // since, and it did not), so the child is a complete copy with no lock held by anyone else.
     unsafe { nix::unistd::fork() }
 }
 
@@ -827,6 +832,20 @@ mod tests {
             fs::read(&rotated).unwrap().len() as u64,
             LOG_MAX_BYTES / 2 + 1
         );
+    }
+
+    #[test]
+    fn a_multi_threaded_process_is_never_forked() {
+        // libtest runs this test on a thread of its own: the process has at least two.
+        assert!(!single_threaded());
+        match fork_single_threaded() {
+            Err(e) => assert_eq!(e, Errno::ENOTSUP),
+            Ok(nix::unistd::ForkResult::Child) => std::process::exit(0),
+            Ok(nix::unistd::ForkResult::Parent { child }) => {
+                let _ = waitpid(child, None);
+                panic!("a multi-threaded process was forked");
+            }
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{Harness, tree_digest};
-use imago_runtime::{Engine, NetworkMode, Provider, RuntimeError, Status};
+use imago_runtime::{Engine, NetworkMode, Provider, RuntimeError, Seccomp, Status};
 
 const GRACE: Duration = Duration::from_millis(500);
 
@@ -43,6 +43,10 @@ both_engines!(
     a_supervisor_not_told_the_network_is_ready_starts_nothing,
     rm_cleans_up_after_a_supervisor_killed_between_create_and_start,
     a_launch_whose_running_record_cannot_be_written_leaves_nothing_running,
+    default_seccomp_refuses_namespaces_keyrings_ptrace_and_mounts,
+    unconfined_instances_can_make_user_namespaces_again,
+    ordinary_programs_work_under_the_default_filter,
+    a_profile_file_replaces_the_default_filter,
 );
 
 fn echo_runs_and_exit_status_is_recorded(engine: Engine) {
@@ -1269,4 +1273,179 @@ fn a_created_instance_whose_launcher_died_is_lost_at_once() {
     assert_eq!(live.status, Status::Created, "a launch under way");
     h.provider.remove("killedlaunch").unwrap();
     fs::remove_dir_all(instances.join("livelaunch")).unwrap();
+/// A static program that tries, each in a child of its own, what the default seccomp profile
+/// refuses, and prints `NAME=ok` or `NAME=errno N` for each.
+const PROBE_C: &str = r#"
+#define _GNU_SOURCE
+#include <errno.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <sys/mount.h>
+#include <sys/ptrace.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static void report(const char *name, long r) {
+    if (r < 0) printf("%s=errno %d\n", name, errno); else printf("%s=ok\n", name);
+    fflush(stdout);
+}
+
+static long clone_newuser(void) {
+    long r = syscall(SYS_clone, CLONE_NEWUSER | SIGCHLD, 0, 0, 0, 0);
+    if (r == 0) _exit(0);
+    if (r > 0) waitpid(r, NULL, 0);
+    return r;
+}
+
+static long mount_in_userns(void) {
+    if (unshare(CLONE_NEWUSER | CLONE_NEWNS) < 0) return -1;
+    return mount("none", "/tmp", "tmpfs", 0, NULL);
+}
+
+static long ptrace_other(void) {
+    pid_t other = fork();
+    if (other == 0) { pause(); _exit(0); }
+    long r = ptrace(PTRACE_ATTACH, other, 0, 0);
+    int e = errno;
+    kill(other, SIGKILL);
+    waitpid(other, NULL, 0);
+    errno = e;
+    return r;
+}
+
+#define TRY(name, expr) do { pid_t p = fork(); \
+    if (p == 0) { report(name, (expr)); _exit(0); } waitpid(p, NULL, 0); } while (0)
+
+int main(void) {
+    TRY("unshare_user", unshare(CLONE_NEWUSER));
+    TRY("clone_newuser", clone_newuser());
+    TRY("clone3", syscall(SYS_clone3, NULL, 0));
+    TRY("mount_in_userns", mount_in_userns());
+    TRY("keyctl", syscall(SYS_keyctl, 0 /* KEYCTL_GET_KEYRING_ID */, -3 /* session */, 0));
+    TRY("add_key", syscall(SYS_add_key, "user", "imago-probe", "x", 1, -3));
+    TRY("ptrace_other", ptrace_other());
+    return 0;
+}
+"#;
+
+/// The probe, compiled static once per test process.
+fn seccomp_probe() -> Vec<u8> {
+    static PROBE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    PROBE
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            fs::write(dir.path().join("probe.c"), PROBE_C).unwrap();
+            let out = std::process::Command::new("gcc")
+                .args(["-static", "-O1", "-o", "probe", "probe.c"])
+                .current_dir(dir.path())
+                .output()
+                .expect("gcc (with a static libc) must be installed to build the seccomp probe");
+            assert!(
+                out.status.success(),
+                "gcc: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            fs::read(dir.path().join("probe")).unwrap()
+        })
+        .clone()
+}
+
+/// A harness whose busybox image runs as nobody (65534:65534) and holds `/bin/probe`.
+fn unprivileged_harness(engine: Engine) -> Harness {
+    let probe = seccomp_probe();
+    Harness::with_image(engine, move |layout| {
+        common::build_busybox_image_full(
+            layout,
+            &[],
+            Some("65534:65534"),
+            &[("bin/probe", 0o755, probe)],
+        )
+    })
+}
+
+const PROBE_SCRIPT: &str = "id -u; grep Seccomp: /proc/self/status; probe; \
+     unshare -r -m sh -c 'mount -t tmpfs none /tmp && echo mounted'; echo unshare_rm=$?; \
+     unshare -U true; echo unshare_u=$?";
+
+fn default_seccomp_refuses_namespaces_keyrings_ptrace_and_mounts(engine: Engine) {
+    let h = unprivileged_harness(engine);
+    let inst = h.run_to_exit(&h.spec(&["sh", "-c", PROBE_SCRIPT]));
+    let logs = h.logs(&inst.id);
+    assert_eq!(inst.exit_code, Some(0), "{logs}");
+    assert!(logs.starts_with("65534\n"), "{logs}");
+    assert!(logs.contains("Seccomp:\t2"), "no filter: {logs}");
+    for refused in [
+        "unshare_user",
+        "clone_newuser",
+        "mount_in_userns",
+        "keyctl",
+        "add_key",
+        "ptrace_other",
+    ] {
+        assert!(
+            logs.contains(&format!("{refused}=errno 1\n")),
+            "{refused} was not refused with EPERM: {logs}"
+        );
+    }
+    assert!(logs.contains("clone3=errno 38\n"), "{logs}");
+    assert!(!logs.contains("mounted"), "{logs}");
+    assert!(!logs.contains("unshare_rm=0"), "{logs}");
+    assert!(!logs.contains("unshare_u=0"), "{logs}");
+    h.provider.remove(&inst.id).unwrap();
+}
+
+fn unconfined_instances_can_make_user_namespaces_again(engine: Engine) {
+    let h = unprivileged_harness(engine);
+    let mut spec = h.spec(&["sh", "-c", PROBE_SCRIPT]);
+    spec.seccomp = Seccomp::Unconfined;
+    let inst = h.run_to_exit(&spec);
+    let logs = h.logs(&inst.id);
+    assert!(logs.contains("Seccomp:\t0"), "{logs}");
+    for allowed in [
+        "unshare_user=ok",
+        "mount_in_userns=ok",
+        "mounted",
+        "unshare_u=0",
+    ] {
+        assert!(logs.contains(allowed), "{allowed} missing: {logs}");
+    }
+    h.provider.remove(&inst.id).unwrap();
+}
+
+fn ordinary_programs_work_under_the_default_filter(engine: Engine) {
+    let h = unprivileged_harness(engine);
+    let spec = h.spec(&[
+        "sh",
+        "-c",
+        "echo ok; httpd -p 127.0.0.1:8080 -h /www && sleep 0.3 && \
+         wget -q -O - http://127.0.0.1:8080/index.html; echo wget=$?; \
+         ls / | head -c 0; sleep 0.01 & wait; echo done",
+    ]);
+    let inst = h.run_to_exit(&spec);
+    let logs = h.logs(&inst.id);
+    assert_eq!(inst.exit_code, Some(0), "{logs}");
+    assert!(logs.starts_with("ok\n"), "{logs}");
+    assert!(logs.ends_with("hello from imago\nwget=0\ndone\n"), "{logs}");
+    h.provider.remove(&inst.id).unwrap();
+}
+
+fn a_profile_file_replaces_the_default_filter(engine: Engine) {
+    let h = unprivileged_harness(engine);
+    let profile = h.tmp.path().join("no-mkdir.json");
+    fs::write(
+        &profile,
+        r#"{"defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13}]}"#,
+    )
+    .unwrap();
+    let mut spec = h.spec(&["sh", "-c", "mkdir /tmp/d; echo mkdir=$?; probe"]);
+    spec.seccomp = Seccomp::load(&profile).unwrap();
+    let inst = h.run_to_exit(&spec);
+    let logs = h.logs(&inst.id);
+    assert!(logs.contains("Permission denied"), "{logs}");
+    assert!(logs.contains("mkdir=1"), "{logs}");
+    assert!(logs.contains("unshare_user=ok"), "{logs}");
+    h.provider.remove(&inst.id).unwrap();
 }

@@ -2,8 +2,8 @@
 //!
 //! There is deliberately no `exec`: instances are replaced, never repaired by hand.
 
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::PathBuf;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
@@ -52,6 +52,14 @@ pub struct RunArgs {
     /// (repeatable). Paths the image declares as volumes get an anonymous volume otherwise.
     #[arg(long = "volume", short = 'v', value_name = "SOURCE:TARGET[:ro]")]
     pub volumes: Vec<String>,
+    /// Syscall filter: default (Docker's default profile: no namespaces, mounts, keyrings or
+    /// ptrace), unconfined (none), or the path of a profile file (OCI linux.seccomp JSON)
+    #[arg(
+        long,
+        default_value = "default",
+        value_name = "default|unconfined|FILE"
+    )]
+    pub seccomp: String,
     /// Replace the image's entrypoint
     #[arg(long)]
     pub entrypoint: Option<String>,
@@ -224,6 +232,7 @@ fn launch(ctx: &Context, args: RunArgs) -> Result<()> {
     for v in &args.volumes {
         spec.volumes.push(v.parse()?);
     }
+    spec.seccomp = imago_runtime::Seccomp::from_setting(&args.seccomp, Path::new(""))?;
     let provider = provider(ctx, Box::new(StoreImageSource::new(store)))?;
     let instance = provider.launch(&spec)?;
     ctx.reporter.status(format!(
@@ -250,10 +259,7 @@ impl Render for InstanceList {
             "ID", "NAME", "IMAGE", "STATUS", "ENGINE", "ADDRESS"
         )?;
         for i in &self.0 {
-            let status = match (i.status, i.exit_code) {
-                (Status::Exited, Some(code)) => format!("exited({code})"),
-                (s, _) => s.to_string(),
-            };
+            let status = i.status_text();
             let address = match (i.address, i.network) {
                 (Some(a), _) => a.to_string(),
                 (None, imago_runtime::NetworkMode::Host) => "host".to_owned(),
@@ -356,35 +362,69 @@ pub fn logs(ctx: &Context, args: LogsArgs) -> Result<()> {
     // Following streams raw bytes as they arrive, which a one-shot Render cannot express.
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    out.write_all(&provider.logs(&id)?)?;
-    out.flush()?;
     let paths = provider.log_paths(&id)?;
-    let current = paths.last().cloned().context("no log file")?;
-    let mut offset = std::fs::metadata(&current).map(|m| m.len()).unwrap_or(0);
+    let (current_path, rotated) = paths.split_last().context("no log file")?;
+    // The current file is opened first and then only ever read through this handle: what was
+    // written after a read is found by the next read, whatever the file's size was in between
+    // (a size taken after the first read lost what came between the two).
+    let mut current = open_log(current_path)?;
+    for path in rotated {
+        match std::fs::read(path) {
+            Ok(bytes) => out.write_all(&bytes)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
+    }
+    let mut buf = vec![0u8; 64 * 1024];
     loop {
         let running = matches!(
             provider.inspect(&id)?.status,
             Status::Running | Status::Created
         );
-        let len = std::fs::metadata(&current).map(|m| m.len()).unwrap_or(0);
-        if len < offset {
-            // Rotated: the new file starts from zero.
-            offset = 0;
+        let mut read_any = false;
+        if let Some(file) = current.as_mut() {
+            loop {
+                let n = file.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                read_any = true;
+                out.write_all(&buf[..n])?;
+            }
         }
-        if len > offset {
-            let mut f = std::fs::File::open(&current)?;
-            f.seek(SeekFrom::Start(offset))?;
-            let mut buf = Vec::new();
-            f.read_to_end(&mut buf)?;
-            offset += buf.len() as u64;
-            out.write_all(&buf)?;
-            out.flush()?;
-        } else if !running {
-            return Ok(());
-        } else {
+        out.flush()?;
+        // Rotation renames the file this handle reads (its rest was just read) and starts a
+        // new one at the path.
+        if !same_file(current.as_ref(), current_path) {
+            current = open_log(current_path)?;
+            continue;
+        }
+        if !read_any {
+            if !running {
+                return Ok(());
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// The log file at `path`, `None` if it does not exist (yet).
+fn open_log(path: &Path) -> Result<Option<std::fs::File>> {
+    match std::fs::File::open(path) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot open {}", path.display())),
+    }
+}
+
+/// Whether `file` is the file now at `path` (both absent counts as the same).
+fn same_file(file: Option<&std::fs::File>, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let at_path = std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
+    let open = file
+        .and_then(|f| f.metadata().ok())
+        .map(|m| (m.dev(), m.ino()));
+    at_path == open
 }
 
 #[derive(Serialize)]

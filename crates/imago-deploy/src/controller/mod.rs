@@ -87,6 +87,8 @@ pub fn instance_spec(release: &Release, engine: Engine) -> Result<InstanceSpec, 
     instance.resources.pids = spec.resources.pids.map(u64::from);
     instance.volumes = spec.volume_mounts().map_err(|r| bad("volumes", r))?;
     instance.network = spec.network;
+    instance.seccomp = crate::spec::SeccompSetting::seccomp(spec.seccomp.as_ref())
+        .map_err(|r| bad("seccomp", r))?;
     instance.engine = engine;
     instance
         .labels

@@ -168,13 +168,5 @@ impl Controller {
 }
 
 pub(super) fn describe_exit(instance: &Instance) -> String {
-    match (instance.status, instance.exit_code, &instance.error) {
-        (Status::Failed, _, Some(e)) => format!("failed to start: {e}"),
-        (_, _, _) if instance.oom_killed => {
-            "was killed for exceeding its memory limit (exit 137)".into()
-        }
-        (Status::Lost, _, _) => "lost its supervisor".into(),
-        (_, Some(code), _) => format!("exited with status {code}"),
-        _ => "exited".into(),
-    }
+    instance.describe_exit()
 }

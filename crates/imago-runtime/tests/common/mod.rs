@@ -17,7 +17,7 @@ use serde_json::json;
 
 pub const APPLETS: &[&str] = &[
     "sh", "echo", "cat", "sleep", "httpd", "ip", "mount", "touch", "head", "tr", "ls", "id",
-    "true", "false", "wget",
+    "true", "false", "wget", "unshare", "mkdir",
 ];
 
 /// An OCI image layout on disk (just the blobs directory).
@@ -71,6 +71,17 @@ pub fn build_busybox_image(layout: &LayoutSource) -> (Digest, Digest) {
 
 /// The busybox test image, declaring `volumes` in its config.
 pub fn build_busybox_image_with(layout: &LayoutSource, volumes: &[&str]) -> (Digest, Digest) {
+    build_busybox_image_full(layout, volumes, None, &[])
+}
+
+/// The busybox test image, declaring `volumes`, running as `user` (the image config's `User`)
+/// and holding `extra` files (path in the image, mode, content) beside busybox.
+pub fn build_busybox_image_full(
+    layout: &LayoutSource,
+    volumes: &[&str],
+    user: Option<&str>,
+    extra: &[(&str, u32, Vec<u8>)],
+) -> (Digest, Digest) {
     let mut tar = tar::Builder::new(Vec::new());
     let dir = |tar: &mut tar::Builder<Vec<u8>>, path: &str| {
         let mut h = tar::Header::new_gnu();
@@ -110,6 +121,9 @@ pub fn build_busybox_image_with(layout: &LayoutSource, volumes: &[&str]) -> (Dig
         b"root:x:0:\nnobody:x:65534:\n",
     );
     file(&mut tar, "www/index.html", 0o644, b"hello from imago\n");
+    for (path, mode, data) in extra {
+        file(&mut tar, path, *mode, data);
+    }
     for applet in APPLETS {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(tar::EntryType::Symlink);
@@ -127,7 +141,7 @@ pub fn build_busybox_image_with(layout: &LayoutSource, volumes: &[&str]) -> (Dig
     gz.write_all(&tar_bytes).unwrap();
     let gz_bytes = gz.finish().unwrap();
     let (layer_digest, layer_size) = layout.write_blob(&gz_bytes);
-    let config = json!({
+    let mut config = json!({
         "architecture": "amd64",
         "os": "linux",
         "config": {
@@ -139,6 +153,9 @@ pub fn build_busybox_image_with(layout: &LayoutSource, volumes: &[&str]) -> (Dig
         },
         "rootfs": {"type": "layers", "diff_ids": [diff_id.to_string()]},
     });
+    if let Some(user) = user {
+        config["config"]["User"] = json!(user);
+    }
     let (config_digest, config_size) = layout.write_blob(&serde_json::to_vec(&config).unwrap());
     let manifest = json!({
         "schemaVersion": 2,
@@ -173,11 +190,19 @@ impl Harness {
 
     /// A harness whose busybox image declares `volumes`.
     pub fn with_image_volumes(engine: Engine, volumes: &[&str]) -> Harness {
+        Harness::with_image(engine, |layout| build_busybox_image_with(layout, volumes))
+    }
+
+    /// A harness whose image is made by `build` in the harness's layout.
+    pub fn with_image(
+        engine: Engine,
+        build: impl FnOnce(&LayoutSource) -> (Digest, Digest),
+    ) -> Harness {
         let tmp = tempfile::tempdir().unwrap();
         let layout = LayoutSource {
             root: tmp.path().join("layout"),
         };
-        let (image, layer) = build_busybox_image_with(&layout, volumes);
+        let (image, layer) = build(&layout);
         let provider = LocalProvider::new(
             &tmp.path().join("home"),
             Box::new(layout),
