@@ -76,7 +76,7 @@ pub fn service_status(
         .filter(|i| i.labels.get(LABEL_SERVICE).map(String::as_str) == Some(name))
         .map(|i| InstanceRow {
             id: i.id.clone(),
-            status: i.status.to_string(),
+            status: i.status_text(),
             revision: i.labels.get(LABEL_REVISION).cloned(),
             address: i.address.map(|a| a.to_string()),
             image: i.image.clone(),

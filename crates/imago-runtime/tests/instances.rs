@@ -1273,6 +1273,8 @@ fn a_created_instance_whose_launcher_died_is_lost_at_once() {
     assert_eq!(live.status, Status::Created, "a launch under way");
     h.provider.remove("killedlaunch").unwrap();
     fs::remove_dir_all(instances.join("livelaunch")).unwrap();
+}
+
 /// A static program that tries, each in a child of its own, what the default seccomp profile
 /// refuses, and prints `NAME=ok` or `NAME=errno N` for each.
 const PROBE_C: &str = r#"

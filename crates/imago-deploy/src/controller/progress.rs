@@ -1,7 +1,7 @@
 //! The rollout's record and health gate: progress, completion, failure at the gate or the
 //! progress deadline, and the automatic rollback.
 
-use imago_runtime::{Instance, Status};
+use imago_runtime::Instance;
 
 use super::{Controller, ServicePass};
 use crate::error::DeployError;
