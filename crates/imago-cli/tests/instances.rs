@@ -408,6 +408,40 @@ fn logs_follow_loses_nothing_written_while_it_prints_the_log_so_far() {
     imago.run(&["rm", &id]).ok();
 }
 
+/// `logs -f --json` follows (it once printed the log so far and returned): one JSON document a
+/// line, whose outputs put together are the whole log, including what came after it started.
+#[test]
+fn logs_follow_with_json_streams_json_lines_until_the_instance_ends() {
+    let imago = Imago::new();
+    let image = busybox_image(&imago);
+    let id = imago
+        .run(&[
+            "run",
+            "-q",
+            &image,
+            "--",
+            "/bin/busybox",
+            "sh",
+            "-c",
+            "echo before; /bin/busybox sleep 1; echo 'after é'",
+        ])
+        .ok()
+        .stdout()
+        .trim()
+        .to_owned();
+    let out = imago.run(&["logs", "-f", "--json", &id]).ok().stdout();
+    let mut whole = String::new();
+    for line in out.lines() {
+        let doc: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| {
+            panic!("not a JSON line ({e}): {line:?} in {out:?}");
+        });
+        assert_eq!(doc["id"], id.as_str());
+        whole.push_str(doc["output"].as_str().unwrap());
+    }
+    assert_eq!(whole, "before\nafter é\n", "{out}");
+    imago.run(&["rm", &id]).ok();
+}
+
 #[test]
 fn a_bad_seccomp_profile_is_refused_naming_the_file() {
     let imago = Imago::new();

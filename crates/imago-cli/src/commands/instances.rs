@@ -352,16 +352,17 @@ impl Render for Logs {
 pub fn logs(ctx: &Context, args: LogsArgs) -> Result<()> {
     let provider = provider(ctx, Box::new(NoImages))?;
     let id = find(&provider, &args.id)?.id;
-    if !args.follow || ctx.reporter.json() {
+    if !args.follow {
         let bytes = provider.logs(&id)?;
         return ctx.reporter.emit(&Logs {
             id,
             output: String::from_utf8_lossy(&bytes).into_owned(),
         });
     }
-    // Following streams raw bytes as they arrive, which a one-shot Render cannot express.
+    // Following streams output as it arrives, which a one-shot Render cannot express: raw
+    // bytes, or under --json one `{"id", "output"}` document per line (JSON Lines).
     let stdout = std::io::stdout();
-    let mut out = stdout.lock();
+    let mut out = FollowSink::new(stdout.lock(), ctx.reporter.json().then(|| id.clone()));
     let paths = provider.log_paths(&id)?;
     let (current_path, rotated) = paths.split_last().context("no log file")?;
     // The current file is opened first and then only ever read through this handle: what was
@@ -370,7 +371,7 @@ pub fn logs(ctx: &Context, args: LogsArgs) -> Result<()> {
     let mut current = open_log(current_path)?;
     for path in rotated {
         match std::fs::read(path) {
-            Ok(bytes) => out.write_all(&bytes)?,
+            Ok(bytes) => out.write(&bytes)?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         }
@@ -389,7 +390,7 @@ pub fn logs(ctx: &Context, args: LogsArgs) -> Result<()> {
                     break;
                 }
                 read_any = true;
-                out.write_all(&buf[..n])?;
+                out.write(&buf[..n])?;
             }
         }
         out.flush()?;
@@ -401,10 +402,74 @@ pub fn logs(ctx: &Context, args: LogsArgs) -> Result<()> {
         }
         if !read_any {
             if !running {
-                return Ok(());
+                return out.finish();
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+}
+
+/// Where `logs -f` writes: the bytes as they are, or (with an instance id) JSON Lines. A JSON
+/// line never splits a UTF-8 character: an incomplete one at the end of a read waits for the
+/// next read.
+struct FollowSink<W: Write> {
+    out: W,
+    json_id: Option<String>,
+    pending: Vec<u8>,
+}
+
+impl<W: Write> FollowSink<W> {
+    fn new(out: W, json_id: Option<String>) -> Self {
+        FollowSink {
+            out,
+            json_id,
+            pending: Vec::new(),
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        let Some(id) = &self.json_id else {
+            self.out.write_all(bytes)?;
+            return Ok(());
+        };
+        self.pending.extend_from_slice(bytes);
+        let complete = match std::str::from_utf8(&self.pending) {
+            Ok(_) => self.pending.len(),
+            // An error with no length is an incomplete character at the end: keep it.
+            Err(e) if e.error_len().is_none() => e.valid_up_to(),
+            Err(_) => self.pending.len(),
+        };
+        if complete == 0 {
+            return Ok(());
+        }
+        let rest = self.pending.split_off(complete);
+        let output = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending = rest;
+        serde_json::to_writer(
+            &mut self.out,
+            &Logs {
+                id: id.clone(),
+                output,
+            },
+        )?;
+        self.out.write_all(b"\n")?;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        Ok(self.out.flush()?)
+    }
+
+    /// Writes what is still held back (an instance that ended mid-character) and flushes.
+    fn finish(mut self) -> Result<()> {
+        if let Some(id) = self.json_id.take()
+            && !self.pending.is_empty()
+        {
+            let output = String::from_utf8_lossy(&self.pending).into_owned();
+            serde_json::to_writer(&mut self.out, &Logs { id, output })?;
+            self.out.write_all(b"\n")?;
+        }
+        self.flush()
     }
 }
 
