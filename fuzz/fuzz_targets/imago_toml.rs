@@ -12,22 +12,34 @@ use imago_build::{BuildError, BuildOptions, DefinitionFile, build_image, build_o
 use imago_store::Store;
 use libfuzzer_sys::fuzz_target;
 
-/// A build context shared by every input: a few files, a subdirectory and a symlink. It lives
-/// as long as the process (the fuzzer never returns normally; the directory is in /dev/shm).
+/// A build context shared by every input: a few files, a subdirectory and a symlink. Made once
+/// per user and kept (a fuzzer process ends with exit(), so nothing would remove a per-process
+/// one): built in a temporary directory and renamed into place, so parallel processes agree.
 fn context() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = tempfile::Builder::new()
+        let uid = std::fs::metadata("/proc/self").map_or(0, |m| {
+            use std::os::unix::fs::MetadataExt;
+            m.uid()
+        });
+        let dir = scratch().join(format!("imago-fuzz-toml-context-{uid}"));
+        if dir.is_dir() {
+            return dir;
+        }
+        let tmp = tempfile::Builder::new()
             .prefix("imago-fuzz-toml-")
             .tempdir_in(scratch())
             .unwrap()
             .keep();
-        fs::write(dir.join("a.txt"), b"a\n").unwrap();
-        fs::create_dir(dir.join("sub")).unwrap();
-        fs::write(dir.join("sub/b.conf"), b"b\n").unwrap();
-        fs::write(dir.join(".imagoignore"), b"*.tmp\n").unwrap();
-        fs::write(dir.join("x.tmp"), b"ignored\n").unwrap();
-        std::os::unix::fs::symlink("a.txt", dir.join("link")).unwrap();
+        fs::write(tmp.join("a.txt"), b"a\n").unwrap();
+        fs::create_dir(tmp.join("sub")).unwrap();
+        fs::write(tmp.join("sub/b.conf"), b"b\n").unwrap();
+        fs::write(tmp.join(".imagoignore"), b"*.tmp\n").unwrap();
+        fs::write(tmp.join("x.tmp"), b"ignored\n").unwrap();
+        std::os::unix::fs::symlink("a.txt", tmp.join("link")).unwrap();
+        if fs::rename(&tmp, &dir).is_err() {
+            let _ = fs::remove_dir_all(&tmp);
+        }
         dir
     })
 }
