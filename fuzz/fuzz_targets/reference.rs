@@ -28,8 +28,7 @@ fuzz_target!(|data: &[u8]| {
             assert!(prefix.bytes().all(|b| b.is_ascii_hexdigit()));
         }
     }
-    // `named` splits at the first NUL byte-free ':' a caller could not have meant otherwise:
-    // the input is `NAME\0TAG`.
+    // `Reference::named` takes name and tag apart: the input is `NAME\0TAG`.
     if let Some((name, tag)) = text.split_once('\0')
         && let Ok(reference) = Reference::named(name, tag)
     {
