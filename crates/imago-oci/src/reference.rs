@@ -34,6 +34,10 @@ pub enum ReferenceError {
     },
 }
 
+const NAME_RULE: &str =
+    "a name is lowercase letters, digits and . _ - separated by /, and not sha256";
+const TAG_RULE: &str = "a tag is up to 128 letters, digits, _ . and -";
+
 fn invalid(reference: &str, reason: &'static str) -> ReferenceError {
     ReferenceError::Invalid {
         reference: reference.to_owned(),
@@ -54,7 +58,9 @@ fn valid_name_component(c: &str) -> bool {
 }
 
 fn valid_name(name: &str) -> bool {
-    if name.len() > 255 {
+    // `sha256:TAG` reads as a digest (prefix), so an image called `sha256` could never be named
+    // with its tag.
+    if name.len() > 255 || name == "sha256" {
         return false;
     }
     let mut parts = name.split('/');
@@ -66,6 +72,7 @@ fn valid_name(name: &str) -> bool {
         Some((host, port)) => {
             name.contains('/')
                 && valid_name_component(host)
+                && !port.is_empty()
                 && port.bytes().all(|b| b.is_ascii_digit())
         }
         None => valid_name_component(first),
@@ -83,9 +90,21 @@ fn valid_tag(tag: &str) -> bool {
 }
 
 impl Reference {
-    /// A `name:tag` reference, validated.
+    /// A `name:tag` reference, validated. Name and tag are checked apart: joined and parsed, a
+    /// tag with a `/` would turn into a registry port of the name.
     pub fn named(name: &str, tag: &str) -> Result<Reference, ReferenceError> {
-        format!("{name}:{tag}").parse()
+        let text = format!("{name}:{tag}");
+        if !valid_name(name) {
+            return Err(invalid(&text, NAME_RULE));
+        }
+        if !valid_tag(tag) {
+            return Err(invalid(&text, TAG_RULE));
+        }
+        Ok(Reference::Name {
+            name: name.to_owned(),
+            tag: Some(tag.to_owned()),
+            digest: None,
+        })
     }
 
     /// The tag, defaulting to `latest` for names without one; `None` for digest references.
@@ -168,13 +187,10 @@ impl FromStr for Reference {
             _ => (rest, None),
         };
         if !valid_name(name) {
-            return Err(invalid(
-                s,
-                "a name is lowercase letters, digits and . _ - separated by /",
-            ));
+            return Err(invalid(s, NAME_RULE));
         }
         if tag.is_some_and(|t| !valid_tag(t)) {
-            return Err(invalid(s, "a tag is up to 128 letters, digits, _ . and -"));
+            return Err(invalid(s, TAG_RULE));
         }
         Ok(Reference::Name {
             name: name.to_owned(),
@@ -268,6 +284,40 @@ mod tests {
                 "{bad}: {err}"
             );
         }
+    }
+
+    /// Found by the `reference` fuzz target: `named` joined name and tag and parsed the result,
+    /// so a tag with a `/` became part of the name (`web:5000/x` with no tag).
+    #[test]
+    fn named_keeps_name_and_tag_apart() {
+        for (name, tag) in [("s", "2/a4"), ("w", "/bbv"), ("web", ""), ("Web", "v1")] {
+            let err = Reference::named(name, tag).unwrap_err();
+            assert!(err.to_string().contains("invalid image reference"), "{err}");
+        }
+        assert_eq!(
+            Reference::named("localhost:5000/app", "v1").unwrap(),
+            parse("localhost:5000/app:v1")
+        );
+    }
+
+    /// Found by the `reference` fuzz target: `sha256` parsed as a name, but its `name:tag`
+    /// (`sha256:latest`) reads as a digest, and `named("sha256", "abcd")` gave a digest prefix.
+    #[test]
+    fn sha256_is_no_name() {
+        assert!("sha256".parse::<Reference>().is_err());
+        assert!(Reference::named("sha256", "abcd").is_err());
+        assert!(Reference::named("sha256", "latest").is_err());
+        assert_eq!(
+            parse("sha256/app").ref_name().as_deref(),
+            Some("sha256/app:latest")
+        );
+    }
+
+    /// Found by the `reference` fuzz target: a registry with an empty port (`w:/app`) passed.
+    #[test]
+    fn registry_port_is_not_empty() {
+        assert!("w:/app".parse::<Reference>().is_err());
+        assert!("w:/app:v1".parse::<Reference>().is_err());
     }
 
     #[test]
