@@ -111,6 +111,21 @@ pub struct ControllerInfo {
     pub api: String,
 }
 
+/// The pids of this home's controller and data plane, if they run: the ports they hold are the
+/// service endpoints themselves, no conflict. The data plane may serve them without a controller.
+pub fn own_pids(home: &DeployHome) -> Vec<u32> {
+    let mut ours = Vec::new();
+    if controller_running(home).unwrap_or(false)
+        && let Ok(info) = read_info(home)
+    {
+        ours.push(info.pid);
+    }
+    if let Ok(Some(plane)) = crate::dataplane::status(home) {
+        ours.push(plane.pid);
+    }
+    ours
+}
+
 pub fn read_info(home: &DeployHome) -> Result<ControllerInfo, DeployError> {
     let path = home.info_path();
     let bytes = std::fs::read(&path).map_err(|source| DeployError::Io {

@@ -206,6 +206,23 @@ pub fn tcp_port_holders(port: u16) -> Vec<PortHolder> {
     holders
 }
 
+/// A service's endpoint port (on loopback, where the data plane binds it) must not be held by a
+/// process other than `ours` (this home's controller and data plane).
+pub fn check_endpoint_of(
+    service: &str,
+    spec: &ServiceSpec,
+    ours: &[u32],
+) -> Result<(), DeployError> {
+    match spec.port {
+        Some(port) => check_endpoint_free(
+            service,
+            std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port)),
+            ours,
+        ),
+        None => Ok(()),
+    }
+}
+
 /// Checks that `service`'s endpoint can listen on `addr`: nothing listens there, or only the
 /// processes in `ours` (the running controller, which already serves it). Found before any
 /// release is recorded, so `plan` shows it and `apply` refuses at once instead of recording a

@@ -171,7 +171,7 @@ fn make_plan(
 ) -> Result<Vec<ServicePlan>> {
     let all_limits = validate_all(&services.specs)?;
     let running = current_instances(ctx, store)?;
-    let controller = running_controller(&DeployHome::new(ctx));
+    let ours = daemon::own_pids(&DeployHome::new(ctx));
     let mut plans = Vec::new();
     for (name, spec) in &services.specs {
         let digest = match resolve_image(services, store, name, spec)? {
@@ -198,7 +198,7 @@ fn make_plan(
                 Err(e) => return Err(e),
             },
         };
-        check_endpoint(name, spec, &controller)?;
+        imago_deploy::services::check_endpoint_of(name, spec, &ours)?;
         match &digest {
             Some(d) => check_ports(name, spec, d.short(), &exposed_ports(store, d)?)?,
             None => check_ports(
@@ -218,31 +218,6 @@ fn make_plan(
         )?);
     }
     Ok(plans)
-}
-
-/// The pids of this home's controller and data plane, if they run: the ports they hold are the
-/// service endpoints themselves, no conflict. The data plane may serve them without a controller.
-fn running_controller(home: &DeployHome) -> Vec<u32> {
-    let mut ours = Vec::new();
-    if controller_running(home).unwrap_or(false)
-        && let Ok(info) = daemon::read_info(home)
-    {
-        ours.push(info.pid);
-    }
-    if let Ok(Some(plane)) = imago_deploy::dataplane::status(home) {
-        ours.push(plane.pid);
-    }
-    ours
-}
-
-/// A service's endpoint port must not be taken by another process (the controller binds it on
-/// loopback).
-fn check_endpoint(name: &str, spec: &ServiceSpec, controller: &[u32]) -> Result<()> {
-    if let Some(port) = spec.port {
-        let addr = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
-        imago_deploy::services::check_endpoint_free(name, addr, controller)?;
-    }
-    Ok(())
 }
 
 fn current_instances(ctx: &Context, store: &Store) -> Result<Vec<Instance>> {
@@ -327,9 +302,9 @@ pub fn apply(ctx: &Context, args: ApplyArgs) -> Result<()> {
     // Validate, build and check every service before recording any release: a bad service
     // must not leave the others half-applied.
     validate_all(&services.specs)?;
-    let controller = running_controller(&home);
+    let ours = daemon::own_pids(&home);
     for (name, spec) in &services.specs {
-        check_endpoint(name, spec, &controller)?;
+        imago_deploy::services::check_endpoint_of(name, spec, &ours)?;
     }
     let mut pinned = Vec::new();
     for (name, spec) in &services.specs {
