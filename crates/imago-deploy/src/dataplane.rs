@@ -868,7 +868,7 @@ fn ask_running(home: &DeployHome, request: &Request) -> Result<Option<Reply>, De
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
     use crate::controller::{Controller, LABEL_SERVICE};
@@ -887,7 +887,7 @@ mod tests {
     }
 
     /// A host-network "instance" that keeps every connection open until the client closes it.
-    fn holding_backend() -> u16 {
+    pub(crate) fn holding_backend() -> u16 {
         let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = backend.local_addr().unwrap().port();
         std::thread::spawn(move || {

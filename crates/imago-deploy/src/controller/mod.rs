@@ -963,20 +963,10 @@ mod tests {
 
     #[test]
     fn connections_open_on_an_old_port_still_hold_the_drain_of_their_instance() {
-        use std::io::{Read, Write};
+        use std::io::Write;
         // The "instance": a host-network backend that keeps every connection open until the
         // client closes it.
-        let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let backend_port = backend.local_addr().unwrap().port();
-        std::thread::spawn(move || {
-            for stream in backend.incoming() {
-                let Ok(mut stream) = stream else { break };
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 64];
-                    while stream.read(&mut buf).map(|n| n > 0).unwrap_or(false) {}
-                });
-            }
-        });
+        let backend_port = crate::dataplane::tests::holding_backend();
         let mut h = harness();
         let service = |port: u16, version: &str| {
             spec(
