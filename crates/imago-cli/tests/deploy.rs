@@ -82,6 +82,19 @@ impl Deployment {
         std::fs::write(self.dir.join("imago.toml"), toml).unwrap();
     }
 
+    /// Appends a service `name` of the same image, with its endpoint on `port`.
+    fn add_service(&self, name: &str, port: u16) {
+        let path = self.dir.join("imago.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(
+            &path,
+            format!(
+                "{text}\n[service.{name}]\nimage = \"web\"\nport = {port}\ntarget_port = 8080\n"
+            ),
+        )
+        .unwrap();
+    }
+
     /// Replaces one line of the current definition.
     fn edit(&self, from: &str, to: &str) {
         let path = self.dir.join("imago.toml");
@@ -611,14 +624,7 @@ fn bad_service_definitions_are_refused_at_plan_time() {
     d.edit("replicas = 0", "replicas = 3");
 
     let text = std::fs::read_to_string(d.dir.join("imago.toml")).unwrap();
-    std::fs::write(
-        d.dir.join("imago.toml"),
-        format!(
-            "{text}\n[service.api]\nimage = \"web\"\nport = {}\ntarget_port = 8080\n",
-            d.port
-        ),
-    )
-    .unwrap();
+    d.add_service("api", d.port);
     let err = plan(&d);
     assert!(
         err.contains("both publish port") && err.contains("api") && err.contains("web"),
@@ -1061,15 +1067,7 @@ fn plan_the_controller_api_and_destroy_through_the_cli() {
 
     // A second service, so that one destroy takes several.
     let api_port = common::lease_port();
-    let text = std::fs::read_to_string(d.dir.join("imago.toml")).unwrap();
-    std::fs::write(
-        d.dir.join("imago.toml"),
-        format!(
-            "{text}\n[service.api]\nimage = \"web\"\nport = {}\ntarget_port = 8080\n",
-            api_port.port
-        ),
-    )
-    .unwrap();
+    d.add_service("api", api_port.port);
     d.apply().ok();
     let page = http_get(api_port.port).unwrap();
     assert!(page.contains("version v2"), "{page}");
@@ -1422,15 +1420,7 @@ fn a_port_another_process_holds_is_refused_by_plan_and_apply_naming_it() {
     let port = d.port;
     let _taken = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
     let other = common::lease_port();
-    let text = std::fs::read_to_string(d.dir.join("imago.toml")).unwrap();
-    std::fs::write(
-        d.dir.join("imago.toml"),
-        format!(
-            "{text}\n[service.other]\nimage = \"web\"\nport = {}\ntarget_port = 8080\n",
-            other.port
-        ),
-    )
-    .unwrap();
+    d.add_service("other", other.port);
     let me = std::process::id();
     let plan = d.imago.run(&["plan", "-f", &d.file()]).fails();
     let apply = d.apply().fails();
