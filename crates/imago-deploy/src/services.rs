@@ -243,6 +243,11 @@ pub fn check_endpoint_free(
     if !holders.is_empty() && holders.iter().all(|h| ours.contains(&h.pid)) {
         return Ok(());
     }
+    // No holder found: the socket may have closed between the bind and the look-up (a process
+    // that just exited). Free now means free.
+    if holders.is_empty() && std::net::TcpListener::bind(addr).is_ok() {
+        return Ok(());
+    }
     let holder = holders.iter().find(|h| !ours.contains(&h.pid)).map_or_else(
         || "another process".to_owned(),
         |h| format!("pid {} ({})", h.pid, h.program),

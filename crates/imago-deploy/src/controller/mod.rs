@@ -603,14 +603,31 @@ mod tests {
         }
 
         /// Replaces the controller by a new one over the same database: no memory of the old.
+        /// A new controller over the same database and instances, as after a kill -9 of the
+        /// old one together with its in-process data plane.
         fn restart(&mut self, provider: Arc<dyn Provider>) {
+            let ports: Vec<u16> = self.controller.endpoints.values().map(|e| e.port).collect();
             let db = StateDb::open(&self._dir.path().join("state.db")).unwrap();
-            self.controller = Controller::new(
+            let new = Controller::new(
                 db,
                 provider,
                 self.runtime.handle().clone(),
                 Engine::Embedded,
             );
+            drop(std::mem::replace(&mut self.controller, new));
+            // A dead process's listening sockets are gone at once; the old in-process plane's
+            // proxy threads close theirs a moment after the drop. Until they have, the new
+            // controller would find its endpoint's port held (by no process: a flaky fault).
+            for port in ports {
+                let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                while std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "the old controller's endpoint on port {port} never closed"
+                    );
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
         }
 
         /// Runs passes until `service` completes; returns the passes.
