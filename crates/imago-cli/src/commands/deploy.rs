@@ -55,12 +55,18 @@ pub struct FileArgs {
 struct Services {
     file: DefinitionFile,
     specs: BTreeMap<String, ServiceSpec>,
+    /// Registry references pulled by this command: a tag is resolved once per run.
+    pulled: std::cell::RefCell<BTreeMap<String, Digest>>,
 }
 
 fn load_services(args: &FileArgs) -> Result<Services> {
     let file = DefinitionFile::load(&args.file)?;
     let specs = parse_services(&file.path, &file.text, &args.services)?;
-    Ok(Services { file, specs })
+    Ok(Services {
+        file,
+        specs,
+        pulled: Default::default(),
+    })
 }
 
 /// How a service's image resolves.
@@ -72,6 +78,7 @@ enum ImageSource {
 }
 
 fn resolve_image(
+    ctx: &Context,
     services: &Services,
     store: &Store,
     name: &str,
@@ -79,6 +86,29 @@ fn resolve_image(
 ) -> Result<ImageSource> {
     if services.file.definition.image.contains_key(&spec.image) {
         return Ok(ImageSource::Built(spec.image.clone()));
+    }
+    if imago_registry::names_registry(&spec.image) {
+        // A registry reference: its tag resolves to a digest now (pulled, so that the ports
+        // can be checked and instances launched); the release records the digest, never the tag.
+        if let Some(d) = services.pulled.borrow().get(&spec.image) {
+            return Ok(ImageSource::Stored(d.clone()));
+        }
+        let reference: imago_registry::RegistryRef = spec
+            .image
+            .parse()
+            .with_context(|| format!("service {name}: image {:?}", spec.image))?;
+        let settings = super::registry::settings(ctx, false)?;
+        let pulled = super::registry::pull_reference(ctx, &settings, &reference)
+            .with_context(|| format!("service {name}"))?;
+        ctx.reporter.status(format!(
+            "service {name}: {} is {}",
+            spec.image, pulled.digest
+        ));
+        services
+            .pulled
+            .borrow_mut()
+            .insert(spec.image.clone(), pulled.digest.clone());
+        return Ok(ImageSource::Stored(pulled.digest));
     }
     let reference: Reference = spec.image.parse().with_context(|| {
         format!(
@@ -174,7 +204,7 @@ fn make_plan(
     let ours = daemon::own_pids(&DeployHome::new(ctx));
     let mut plans = Vec::new();
     for (name, spec) in &services.specs {
-        let digest = match resolve_image(services, store, name, spec)? {
+        let digest = match resolve_image(ctx, services, store, name, spec)? {
             ImageSource::Stored(d) => Some(d),
             // A check build, with the same progress display as `imago build --check`.
             ImageSource::Built(image) => match super::build::build_one(
@@ -308,7 +338,7 @@ pub fn apply(ctx: &Context, args: ApplyArgs) -> Result<()> {
     }
     let mut pinned = Vec::new();
     for (name, spec) in &services.specs {
-        let digest = match resolve_image(&services, &store, name, spec)? {
+        let digest = match resolve_image(ctx, &services, &store, name, spec)? {
             ImageSource::Stored(d) => d,
             ImageSource::Built(image) => {
                 let built = super::build::build_one(
