@@ -1,0 +1,100 @@
+//! The registry harness itself, checked with skopeo alone (no imago registry code): the
+//! registry starts plain and behind htpasswd + TLS, survives a restart, and the proxy records
+//! and injects faults. A broken harness fails here, not as a confusing imago failure elsewhere.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::Imago;
+use common::registry::{self, Fault, Proxy, Registry, RegistryOpts};
+
+#[test]
+fn plain_registry_proxy_records_and_faults_with_skopeo() {
+    let imago = Imago::new();
+    let digest = registry::random_image(&imago, "rand:1", &[300_000, 200_000], 1);
+    let layout = imago.dir.path().join("layout");
+    registry::export_oci_layout(&imago, "rand:1", &layout);
+
+    let mut reg = Registry::start(RegistryOpts::plain());
+    let proxy = Proxy::start(&reg.host(), vec![]);
+    // skopeo through the proxy: the registry's Location headers must point back at the proxy.
+    common::registry::tool(
+        "skopeo",
+        &[
+            "copy",
+            "--quiet",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+            &format!("oci:{}:rand:1", layout.display()),
+            &format!("docker://{}/rand:1", proxy.host()),
+        ],
+    );
+    assert_eq!(reg.manifest_digest("rand", "1"), digest);
+    let uploaded = proxy.blob_bytes_uploaded();
+    assert!(uploaded >= 500_000, "{}", proxy.summary());
+
+    // Faults: the first blob GET gets a 500, the next one is corrupted.
+    proxy.set_faults(vec![
+        Fault::status("GET", "/blobs/sha256:", 500),
+        Fault::corrupt("GET", "/blobs/sha256:").nth(2),
+    ]);
+    proxy.clear();
+    let (status, _) = curl(&format!("http://{}/v2/rand/manifests/1", proxy.host()));
+    assert_eq!(status, 200);
+    let manifest: serde_json::Value = serde_json::from_slice(&reg.manifest("rand", "1")).unwrap();
+    let layer = manifest["layers"][0]["digest"].as_str().unwrap();
+    let url = format!("http://{}/v2/rand/blobs/{layer}", proxy.host());
+    assert_eq!(curl(&url).0, 500);
+    let (status, body) = curl(&url);
+    assert_eq!(status, 200);
+    assert_ne!(imago_oci::Digest::of(&body).to_string(), layer);
+    let (status, body) = curl(&url);
+    assert_eq!(status, 200);
+    assert_eq!(imago_oci::Digest::of(&body).to_string(), layer);
+    proxy.set_faults(vec![Fault::cut("GET", "/blobs/sha256:", 1000)]);
+    let (_, body) = curl(&url);
+    assert_eq!(body.len(), 1000, "{}", proxy.summary());
+
+    // Restart keeps the storage.
+    reg.restart();
+    assert_eq!(reg.manifest_digest("rand", "1"), digest);
+}
+
+#[test]
+fn secure_registry_takes_skopeo_with_ca_and_password_only() {
+    let imago = Imago::new();
+    registry::random_image(&imago, "rand:1", &[1000], 2);
+    let layout = imago.dir.path().join("layout");
+    registry::export_oci_layout(&imago, "rand:1", &layout);
+    let reg = Registry::start(RegistryOpts::secure("tester", "s3cret-pw"));
+    reg.skopeo_copy(
+        &format!("oci:{}:rand:1", layout.display()),
+        &format!("docker://{}/rand:1", reg.host()),
+    );
+    assert_eq!(reg.get("/v2/").0, 200);
+    let anonymous = curl_ca(&reg, &format!("{}/v2/", reg.url()));
+    assert_eq!(anonymous, 401);
+}
+
+fn curl(url: &str) -> (u16, Vec<u8>) {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-o", "-", "-w", "\n%{http_code}", url])
+        .args(["-H", "Accept: application/vnd.oci.image.manifest.v1+json"])
+        .output()
+        .unwrap();
+    let mut body = out.stdout;
+    let pos = body.iter().rposition(|&b| b == b'\n').unwrap();
+    let status = String::from_utf8_lossy(&body[pos + 1..]).parse().unwrap();
+    body.truncate(pos);
+    (status, body)
+}
+
+fn curl_ca(reg: &Registry, url: &str) -> u16 {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+        .arg(reg.ca_cert())
+        .arg(url)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).parse().unwrap()
+}
