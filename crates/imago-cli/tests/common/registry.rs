@@ -311,15 +311,21 @@ impl Registry {
         }
     }
 
-    /// `skopeo copy --all SRC DEST` with this registry's flags on the side(s) that name it.
+    /// `skopeo copy --all --preserve-digests SRC DEST` with this registry's flags on the
+    /// side(s) that name it.
     pub fn skopeo_copy(&self, src: &str, dest: &str) {
+        self.skopeo_copy_with(src, dest, &["--preserve-digests"]);
+    }
+
+    /// `skopeo copy --format FORMAT` (`v2s2`: Docker schema 2; digests change by design).
+    pub fn skopeo_copy_format(&self, src: &str, dest: &str, format: &str) {
+        self.skopeo_copy_with(src, dest, &["--format", format]);
+    }
+
+    fn skopeo_copy_with(&self, src: &str, dest: &str, extra: &[&str]) {
         require_tool("skopeo");
-        let mut args: Vec<String> = vec![
-            "copy".into(),
-            "--all".into(),
-            "--preserve-digests".into(),
-            "--quiet".into(),
-        ];
+        let mut args: Vec<String> = vec!["copy".into(), "--all".into(), "--quiet".into()];
+        args.extend(extra.iter().map(|s| s.to_string()));
         if src.starts_with("docker://") {
             args.extend(self.skopeo_flags("src-"));
         }
@@ -1194,4 +1200,102 @@ pub fn export_oci_layout(imago: &Imago, reference: &str, dir: &Path) {
         ],
     );
     let _ = fs::remove_file(archive);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running imago against registries
+
+/// `imago` for registry tests: `DOCKER_CONFIG` points at an empty directory of the test (the
+/// host's `~/.docker` never leaks in) and retries back off 20 ms, so fault tests stay fast.
+pub fn cmd(imago: &Imago) -> Command {
+    let docker_config = imago.dir.path().join("docker-config");
+    fs::create_dir_all(&docker_config).unwrap();
+    let mut cmd = imago.cmd();
+    cmd.env("DOCKER_CONFIG", &docker_config)
+        .env("IMAGO_REGISTRY_BACKOFF_MS", "20")
+        .env_remove("IMAGO_REGISTRY_RETRIES");
+    cmd
+}
+
+pub fn run(imago: &Imago, args: &[&str]) -> super::Run {
+    super::Run {
+        output: cmd(imago).args(args).output().expect("run imago"),
+    }
+}
+
+/// `imago --json ARGS`, which must succeed.
+pub fn run_json(imago: &Imago, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    run(imago, &all).ok().json()
+}
+
+/// The digests of every blob in the store.
+pub fn store_blobs(imago: &Imago) -> std::collections::BTreeSet<String> {
+    let dir = imago.home.join("store/blobs/sha256");
+    fs::read_dir(&dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| format!("sha256:{}", e.file_name().to_string_lossy()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A blob's bytes from the store.
+pub fn store_blob(imago: &Imago, digest: &str) -> Vec<u8> {
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    fs::read(imago.home.join("store/blobs/sha256").join(hex))
+        .unwrap_or_else(|e| panic!("blob {digest} not in the store: {e}"))
+}
+
+/// Files left in the store's temp directory (a half-written blob would be one).
+pub fn store_temp_files(imago: &Imago) -> Vec<PathBuf> {
+    fs::read_dir(imago.home.join("store/.imago/tmp"))
+        .map(|entries| entries.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+/// The names in the store (`imago images`).
+pub fn store_names(imago: &Imago) -> Vec<String> {
+    run_json(imago, &["images"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap_or("").to_owned())
+        .collect()
+}
+
+/// `imago verify` of the whole store finds no problem.
+pub fn assert_store_valid(imago: &Imago) {
+    let report = run_json(imago, &["verify"]);
+    assert_eq!(
+        report["problems"],
+        serde_json::json!([]),
+        "imago verify: {report}"
+    );
+}
+
+/// Every blob a manifest (bytes) refers to: config first, then the layers.
+pub fn manifest_blobs(manifest: &[u8]) -> Vec<(String, u64)> {
+    let doc: serde_json::Value = serde_json::from_slice(manifest).unwrap();
+    std::iter::once(&doc["config"])
+        .chain(doc["layers"].as_array().into_iter().flatten())
+        .map(|d| {
+            (
+                d["digest"].as_str().unwrap().to_owned(),
+                d["size"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Waits until `check` holds, polling every 50 ms; panics with `what` after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
