@@ -489,6 +489,8 @@ pub struct Fault {
     pub path: String,
     pub from: usize,
     pub times: usize,
+    /// Only requests whose body may be longer than this (declared length, or chunked) count.
+    pub body_over: Option<u64>,
     pub action: Action,
 }
 
@@ -499,6 +501,7 @@ impl Fault {
             path: path.into(),
             from: 1,
             times: 1,
+            body_over: None,
             action,
         }
     }
@@ -524,8 +527,14 @@ impl Fault {
             },
         )
     }
+    /// For uploads only requests with a body longer than `after` count: a small blob's
+    /// request never uses up the fault meant for a big one.
     pub fn cut(method: &str, path: &str, after: u64) -> Fault {
-        Fault::new(method, path, Action::Cut { after })
+        let mut fault = Fault::new(method, path, Action::Cut { after });
+        if matches!(fault.method.as_deref(), Some("PATCH" | "PUT" | "POST")) {
+            fault.body_over = Some(after);
+        }
+        fault
     }
     pub fn corrupt(method: &str, path: &str) -> Fault {
         Fault::new(method, path, Action::Corrupt)
@@ -565,8 +574,13 @@ impl Fault {
         self.times(usize::MAX)
     }
 
-    fn matches(&self, method: &str, path: &str) -> bool {
-        self.method.as_deref().is_none_or(|m| m == method) && path.contains(&self.path)
+    fn matches(&self, method: &str, path: &str, body: Option<u64>) -> bool {
+        self.method.as_deref().is_none_or(|m| m == method)
+            && path.contains(&self.path)
+            && match (self.body_over, body) {
+                (Some(over), Some(len)) => len > over,
+                _ => true,
+            }
     }
 }
 
@@ -913,11 +927,16 @@ fn serve_connection(client: TcpStream, upstream: &str, state: &ProxyState) -> st
             .header("connection")
             .is_some_and(|v| v.eq_ignore_ascii_case("close"));
 
+        let declared = match body_framing {
+            Framing::Length(n) => Some(n),
+            Framing::Chunked => None,
+            Framing::None | Framing::UntilClose => Some(0),
+        };
         let action = {
             let mut faults = state.faults.lock().unwrap();
             let mut chosen = None;
             for (fault, seen) in faults.iter_mut() {
-                if fault.matches(&method, &path) {
+                if fault.matches(&method, &path, declared) {
                     *seen += 1;
                     if chosen.is_none() && *seen >= fault.from && *seen - fault.from < fault.times {
                         chosen = Some(fault.action.clone());
