@@ -394,7 +394,28 @@ fn an_oversized_manifest_and_absurd_sizes_are_refused_without_allocating_them() 
                 rss < SMALL_RSS_KIB,
                 "pulling {reference} peaked at {rss} KiB: the refused data was allocated\n{err}"
             );
-            assert!(!err.trim().is_empty());
+            let lower = err.to_lowercase();
+            let reason = if repo == "big" {
+                lower.contains("manifest")
+                    && ["4 mib", "too large", "size", "limit"]
+                        .iter()
+                        .any(|w| lower.contains(w))
+            } else {
+                lower.contains("size")
+            };
+            assert!(
+                reason,
+                "pulling {reference}: the error does not say why: {err}"
+            );
+            assert!(
+                proxy
+                    .records()
+                    .iter()
+                    .any(|r| r.method == "GET"
+                        && r.path.starts_with(&format!("/v2/{repo}/manifests/"))),
+                "the manifest of {reference} was never fetched:\n{}",
+                proxy.summary()
+            );
             assert!(
                 registry::store_names(&imago).is_empty(),
                 "{reference} was named"
