@@ -55,6 +55,33 @@ fn plain_registry_proxy_records_and_faults_with_skopeo() {
     let (_, body) = curl(&url);
     assert_eq!(body.len(), 1000, "{}", proxy.summary());
 
+    // An upload cut after 100,000 bytes of its body (skopeo sends PATCH bodies chunked).
+    registry::random_image(&imago, "rand:2", &[400_000], 3);
+    let layout2 = imago.dir.path().join("layout2");
+    registry::export_oci_layout(&imago, "rand:2", &layout2);
+    proxy.set_faults(vec![
+        Fault::cut("PATCH", "/blobs/uploads/", 100_000).always(),
+    ]);
+    proxy.clear();
+    let _ = std::process::Command::new("skopeo")
+        .args([
+            "copy",
+            "--quiet",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+        ])
+        .arg(format!("oci:{}:rand:2", layout2.display()))
+        .arg(format!("docker://{}/rand:2", proxy.host()))
+        .output()
+        .unwrap();
+    let cut: Vec<_> = proxy
+        .records()
+        .into_iter()
+        .filter(|r| r.fault.is_some())
+        .collect();
+    assert!(!cut.is_empty(), "{}", proxy.summary());
+    assert!(cut.iter().all(|r| r.up == 100_000), "{}", proxy.summary());
+
     // Restart keeps the storage.
     reg.restart();
     assert_eq!(reg.manifest_digest("rand", "1"), digest);
