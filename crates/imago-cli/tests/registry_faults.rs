@@ -214,7 +214,7 @@ fn after_the_retry_budget_a_clear_error_names_registry_repository_digest_and_sta
     let attempts = proxy
         .records()
         .iter()
-        .filter(|r| r.path.ends_with(&layer))
+        .filter(|r| r.method == "GET" && r.path.ends_with(&layer))
         .count();
     assert_eq!(
         attempts,
