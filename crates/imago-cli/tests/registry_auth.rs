@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Stdio;
 
 use common::Imago;
-use common::registry::{self, Registry, RegistryOpts};
+use common::registry::{self, Proxy, Registry, RegistryOpts, TokenAuth};
 
 const USER: &str = "tester";
 const PASSWORD: &str = "Pw-7f3a9c1e-never-shown";
@@ -248,4 +248,57 @@ fn credentials_come_from_docker_config_auths_creds_store_and_cred_helpers() {
         err.to_lowercase().contains("unauthorized") || err.contains("credential"),
         "{err}"
     );
+}
+
+#[test]
+fn the_bearer_token_flow_works_anonymously_and_with_a_login() {
+    let reg = Registry::start(RegistryOpts::plain());
+    let imago = Imago::new();
+    let digest = registry::random_image(&imago, "rand:1", &[100_000], 61);
+
+    // Anonymous tokens: no login, the client fetches a token for the scope and retries.
+    let anonymous = Proxy::with_token_auth(&reg.host(), TokenAuth { credentials: None });
+    let pushed = registry::run_json(
+        &imago,
+        &[
+            "push",
+            "rand:1",
+            &format!("{}/tok/anon:1", anonymous.host()),
+        ],
+    );
+    assert_eq!(pushed["digest"], digest.as_str());
+    let summary = anonymous.summary();
+    assert!(
+        summary.contains("GET /token"),
+        "no token was fetched:\n{summary}"
+    );
+    assert!(
+        summary.contains("repository:tok/anon:pull,push")
+            || summary.contains("repository%3Atok%2Fanon%3Apull%2Cpush"),
+        "the token request does not carry the challenge's scope:\n{summary}"
+    );
+    let host = Imago::new();
+    let pulled = registry::run_json(
+        &host,
+        &["pull", &format!("{}/tok/anon:1", anonymous.host())],
+    );
+    assert_eq!(pulled["digest"], digest.as_str());
+
+    // A token server that wants Basic credentials: unauthorized without, fine after login.
+    let locked = Proxy::with_token_auth(
+        &reg.host(),
+        TokenAuth {
+            credentials: Some((USER.into(), PASSWORD.into())),
+        },
+    );
+    let target = format!("{}/tok/locked:1", locked.host());
+    let err = registry::run(&imago, &["push", "rand:1", &target]).fails();
+    assert!(err.to_lowercase().contains("unauthorized"), "{err}");
+    let err = login_stdin(&imago, &locked.host(), "not-the-password").fails();
+    assert!(err.contains("unauthorized"), "{err}");
+    login_stdin(&imago, &locked.host(), PASSWORD).ok();
+    let pushed = registry::run_json(&imago, &["push", "rand:1", &target]);
+    assert_eq!(pushed["digest"], digest.as_str());
+    assert_eq!(reg.manifest_digest("tok/locked", "1"), digest);
+    assert!(files_containing(&imago.home, PASSWORD.as_bytes()).is_empty());
 }

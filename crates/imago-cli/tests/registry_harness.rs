@@ -6,7 +6,7 @@
 mod common;
 
 use common::Imago;
-use common::registry::{self, Fault, Proxy, Registry, RegistryOpts};
+use common::registry::{self, Fault, Proxy, Registry, RegistryOpts, TokenAuth};
 
 #[test]
 fn plain_registry_proxy_records_and_faults_with_skopeo() {
@@ -124,4 +124,55 @@ fn curl_ca(reg: &Registry, url: &str) -> u16 {
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).parse().unwrap()
+}
+
+#[test]
+fn the_proxy_plays_a_token_server_that_skopeo_accepts() {
+    let imago = Imago::new();
+    registry::random_image(&imago, "rand:1", &[1000], 4);
+    let layout = imago.dir.path().join("layout");
+    registry::export_oci_layout(&imago, "rand:1", &layout);
+    let reg = Registry::start(RegistryOpts::plain());
+    let src = format!("oci:{}:rand:1", layout.display());
+    let skopeo = |host: &str, creds: Option<&str>| {
+        let mut cmd = std::process::Command::new("skopeo");
+        cmd.args([
+            "copy",
+            "--quiet",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+        ]);
+        if let Some(c) = creds {
+            cmd.arg(format!("--dest-creds={c}"));
+        }
+        cmd.arg(&src).arg(format!("docker://{host}/tok/rand:1"));
+        cmd.output().unwrap()
+    };
+
+    let anonymous = Proxy::with_token_auth(&reg.host(), TokenAuth { credentials: None });
+    let out = skopeo(&anonymous.host(), None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        anonymous.summary().contains("GET /token"),
+        "{}",
+        anonymous.summary()
+    );
+
+    let locked = Proxy::with_token_auth(
+        &reg.host(),
+        TokenAuth {
+            credentials: Some(("u".into(), "p".into())),
+        },
+    );
+    assert!(!skopeo(&locked.host(), Some("u:wrong")).status.success());
+    let out = skopeo(&locked.host(), Some("u:p"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -603,6 +603,42 @@ struct ProxyState {
     faults: Mutex<Vec<(Fault, usize)>>,
     records: Mutex<Vec<Record>>,
     stop: AtomicBool,
+    token: Option<TokenAuth>,
+    own: String,
+}
+
+/// The bearer-token flow of registries like Docker Hub, played by the proxy: every `/v2/`
+/// request without `Authorization: Bearer TOKEN` gets 401 with `WWW-Authenticate: Bearer
+/// realm="http://PROXY/token",service="imago-test",scope="repository:REPO:pull,push"`, and
+/// `GET /token` hands out the token: to anyone (`credentials: None`, anonymous tokens) or only
+/// with Basic credentials.
+#[derive(Clone, Debug)]
+pub struct TokenAuth {
+    pub credentials: Option<(String, String)>,
+}
+
+pub const TEST_TOKEN: &str = "imago-test-token-0f1e2d";
+
+/// Standard base64 (with padding), for comparing a Basic header.
+pub fn base64(bytes: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// An HTTP/1.1 proxy on a leased loopback port in front of a plain-HTTP registry. Clients talk
@@ -618,12 +654,23 @@ pub struct Proxy {
 impl Proxy {
     /// `upstream` is `HOST:PORT` of a plain-HTTP registry.
     pub fn start(upstream: &str, faults: Vec<Fault>) -> Proxy {
+        Proxy::start_with(upstream, faults, None)
+    }
+
+    /// A proxy that also plays a token server (see `TokenAuth`).
+    pub fn with_token_auth(upstream: &str, token: TokenAuth) -> Proxy {
+        Proxy::start_with(upstream, vec![], Some(token))
+    }
+
+    fn start_with(upstream: &str, faults: Vec<Fault>, token: Option<TokenAuth>) -> Proxy {
         let lease = lease_port();
         let listener = TcpListener::bind(("127.0.0.1", lease.port)).expect("bind proxy");
         let state = Arc::new(ProxyState {
             faults: Mutex::new(faults.into_iter().map(|f| (f, 0)).collect()),
             records: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
+            token,
+            own: format!("127.0.0.1:{}", lease.port),
         });
         let accept_state = state.clone();
         let upstream_addr = upstream.to_owned();
@@ -899,9 +946,61 @@ fn copy_body(
     }
 }
 
+type Answer = (u16, Vec<(String, String)>, String);
+
+/// The token flow's own answer to a request, if it is not to be forwarded: the token endpoint,
+/// or 401 for a `/v2/` request without the token.
+fn token_answer(token: &TokenAuth, own: &str, path: &str, head: &Head) -> Option<Answer> {
+    if path.starts_with("/token") {
+        let allowed = match &token.credentials {
+            None => true,
+            Some((user, password)) => {
+                head.header("authorization")
+                    == Some(&format!(
+                        "Basic {}",
+                        base64(format!("{user}:{password}").as_bytes())
+                    ))
+            }
+        };
+        return Some(if allowed {
+            (
+                200,
+                vec![],
+                format!(
+                    "{{\"token\":\"{TEST_TOKEN}\",\"access_token\":\"{TEST_TOKEN}\",\"expires_in\":300}}"
+                ),
+            )
+        } else {
+            (
+                401,
+                vec![],
+                "{\"errors\":[{\"code\":\"UNAUTHORIZED\",\"message\":\"bad credentials\"}]}".into(),
+            )
+        });
+    }
+    if head.header("authorization") == Some(&format!("Bearer {TEST_TOKEN}")) {
+        return None;
+    }
+    let mut challenge = format!("Bearer realm=\"http://{own}/token\",service=\"imago-test\"");
+    let rest = path.strip_prefix("/v2/").unwrap_or("");
+    if let Some(end) = ["/blobs/", "/manifests/", "/tags/"]
+        .iter()
+        .filter_map(|m| rest.find(m))
+        .min()
+    {
+        challenge.push_str(&format!(",scope=\"repository:{}:pull,push\"", &rest[..end]));
+    }
+    Some((
+        401,
+        vec![("WWW-Authenticate".into(), challenge)],
+        "{\"errors\":[{\"code\":\"UNAUTHORIZED\",\"message\":\"authentication required\"}]}".into(),
+    ))
+}
+
 fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
+        401 => "Unauthorized",
         404 => "Not Found",
         429 => "Too Many Requests",
         500 => "Internal Server Error",
@@ -927,6 +1026,36 @@ fn serve_connection(client: TcpStream, upstream: &str, state: &ProxyState) -> st
             .header("connection")
             .is_some_and(|v| v.eq_ignore_ascii_case("close"));
 
+        if let Some(token) = &state.token
+            && let Some(answer) = token_answer(token, &state.own, &path, &head)
+        {
+            let (up, _) = copy_body(&mut client_r, None, body_framing, None, false)?;
+            let (status, extra, body) = answer;
+            let mut text = format!("HTTP/1.1 {status} {}\r\n", reason(status));
+            for (k, v) in extra {
+                text.push_str(&format!("{k}: {v}\r\n"));
+            }
+            text.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            ));
+            client_w.write_all(text.as_bytes())?;
+            if method != "HEAD" {
+                client_w.write_all(body.as_bytes())?;
+            }
+            state.records.lock().unwrap().push(Record {
+                method: method.clone(),
+                path: path.clone(),
+                status,
+                up,
+                down: body.len() as u64,
+                fault: Some("token auth".into()),
+            });
+            if client_close {
+                return Ok(());
+            }
+            continue;
+        }
         let declared = match body_framing {
             Framing::Length(n) => Some(n),
             Framing::Chunked => None,
