@@ -276,3 +276,72 @@ fn a_second_push_uploads_no_blob_one_manifest_request_plus_heads() {
     );
     assert_eq!(reg.manifest_digest("team/five", "1"), digest);
 }
+
+#[test]
+fn pushing_to_another_repository_of_the_registry_mounts_blobs_instead_of_uploading() {
+    let reg = Registry::start(RegistryOpts::plain());
+    let proxy = Proxy::start(&reg.host(), vec![]);
+    let imago = Imago::new();
+    let digest = registry::random_image(&imago, "mnt:1", &[400_000, 300_000], 22);
+    registry::run_json(
+        &imago,
+        &["push", "mnt:1", &format!("{}/team/a:1", proxy.host())],
+    );
+    proxy.clear();
+    let pushed = registry::run_json(
+        &imago,
+        &["push", "mnt:1", &format!("{}/team/b:1", proxy.host())],
+    );
+    assert_eq!(pushed["digest"], digest.as_str());
+    assert_eq!(pushed["bytes_uploaded"], 0, "{pushed}\n{}", proxy.summary());
+    assert_eq!(proxy.blob_bytes_uploaded(), 0, "{}", proxy.summary());
+    assert!(
+        proxy
+            .records()
+            .iter()
+            .any(|r| r.method == "POST" && r.path.contains("mount=") && r.status == 201),
+        "no cross-repository mount:\n{}",
+        proxy.summary()
+    );
+    let manifest = reg.manifest("team/b", "1");
+    assert_eq!(Digest::of(&manifest).to_string(), digest);
+    for (blob, _) in registry::manifest_blobs(&manifest) {
+        assert_eq!(Digest::of(&reg.blob("team/b", &blob)).to_string(), blob);
+    }
+}
+
+#[test]
+fn a_docker_schema_1_manifest_is_refused_with_a_clear_error() {
+    let reg = Registry::start(RegistryOpts::plain());
+    let schema1 = br#"{"schemaVersion":1,"name":"old","tag":"1","architecture":"amd64","fsLayers":[],"history":[],"signatures":[]}"#.to_vec();
+    let digest = Digest::of(&schema1).to_string();
+    let proxy = Proxy::start(
+        &reg.host(),
+        vec![
+            Fault::serve(
+                "",
+                "/v2/old/manifests/",
+                200,
+                &[
+                    (
+                        "Content-Type",
+                        "application/vnd.docker.distribution.manifest.v1+prettyjws",
+                    ),
+                    ("Docker-Content-Digest", &digest),
+                ],
+                schema1,
+            )
+            .always(),
+        ],
+    );
+    let host = Imago::new();
+    let err = registry::run(&host, &["pull", &format!("{}/old:1", proxy.host())]).fails();
+    let lower = err.to_lowercase();
+    assert!(
+        lower.contains("schema 1")
+            || lower.contains("schema1")
+            || lower.contains("schemaversion 1"),
+        "the error does not say schema 1: {err}"
+    );
+    assert!(registry::store_names(&host).is_empty());
+}
