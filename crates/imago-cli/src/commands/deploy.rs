@@ -207,13 +207,23 @@ fn make_plan(
         let digest = match resolve_image(ctx, services, store, name, spec)? {
             ImageSource::Stored(d) => Some(d),
             // A check build, with the same progress display as `imago build --check`.
-            ImageSource::Built(image) => match super::build::build_one(
+            ImageSource::Built(image) => match super::build::pull_base(
                 ctx,
                 store,
                 &services.file,
                 &image,
-                &build_options(ctx, true),
-            ) {
+                super::build::PullPolicy::Missing,
+                &mut Default::default(),
+            )
+            .and_then(|()| {
+                super::build::build_one(
+                    ctx,
+                    store,
+                    &services.file,
+                    &image,
+                    &build_options(ctx, true),
+                )
+            }) {
                 Ok(built) => Some(built.digest),
                 Err(e)
                     if matches!(
@@ -341,6 +351,14 @@ pub fn apply(ctx: &Context, args: ApplyArgs) -> Result<()> {
         let digest = match resolve_image(ctx, &services, &store, name, spec)? {
             ImageSource::Stored(d) => d,
             ImageSource::Built(image) => {
+                super::build::pull_base(
+                    ctx,
+                    &store,
+                    &services.file,
+                    &image,
+                    super::build::PullPolicy::Missing,
+                    &mut Default::default(),
+                )?;
                 let built = super::build::build_one(
                     ctx,
                     &store,
