@@ -54,7 +54,9 @@ pub enum RegistryError {
         expected: u64,
         actual: u64,
     },
-    #[error("{registry}/{repository}: {what} is {size} bytes, more than the limit of {limit}")]
+    #[error(
+        "{registry}/{repository}: {what} is too large: {size} bytes, more than the limit of {limit}"
+    )]
     TooLarge {
         registry: String,
         repository: String,

@@ -124,7 +124,7 @@ pub fn parse(reference: &str, bytes: &[u8], content_type: Option<&str>) -> Resul
             if m.size > MAX_MANIFEST_SIZE {
                 return Err(invalid(
                     reference,
-                    format!("manifest {} claims {} bytes", m.digest, m.size),
+                    format!("manifest {} claims a size of {} bytes", m.digest, m.size),
                 ));
             }
         }
@@ -145,7 +145,10 @@ pub fn parse(reference: &str, bytes: &[u8], content_type: Option<&str>) -> Resul
     if config.size > MAX_CONFIG_SIZE {
         return Err(invalid(
             reference,
-            format!("config {} claims {} bytes", config.digest, config.size),
+            format!(
+                "config {} claims a size of {} bytes (limit {MAX_CONFIG_SIZE})",
+                config.digest, config.size
+            ),
         ));
     }
     let layers = doc.layers.unwrap_or_default();
@@ -154,7 +157,10 @@ pub fn parse(reference: &str, bytes: &[u8], content_type: Option<&str>) -> Resul
         if l.size > MAX_BLOB_SIZE {
             return Err(invalid(
                 reference,
-                format!("layer {} claims {} bytes", l.digest, l.size),
+                format!(
+                    "layer {} claims a size of {} bytes (limit {MAX_BLOB_SIZE})",
+                    l.digest, l.size
+                ),
             ));
         }
         parsed_layers.push((descriptor_digest(reference, l)?, l.size));
@@ -270,7 +276,10 @@ mod tests {
         assert_eq!(parsed.blobs().len(), 2);
         let absurd = ok.replace("\"size\":7", "\"size\":18446744073709551615");
         let err = parse("r", absurd.as_bytes(), None).unwrap_err().to_string();
-        assert!(err.contains("claims 18446744073709551615 bytes"), "{err}");
+        assert!(
+            err.contains("a size of 18446744073709551615 bytes"),
+            "{err}"
+        );
         let negative = ok.replace("\"size\":7", "\"size\":-7");
         assert!(parse("r", negative.as_bytes(), None).is_err());
         let big_config = ok.replace("\"size\":5", "\"size\":100000000000");

@@ -190,7 +190,11 @@ fn put_manifest(
 ) -> Result<()> {
     let target = Target {
         repository,
-        what: format!("manifest {reference}"),
+        what: if reference == digest.to_string() {
+            format!("manifest {digest}")
+        } else {
+            format!("manifest {reference} ({digest})")
+        },
         scopes: vec![push_scope(repository)],
     };
     let url = client.url(&format!("v2/{repository}/manifests/{reference}"))?;

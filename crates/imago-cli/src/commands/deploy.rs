@@ -127,6 +127,19 @@ fn resolve_image(
     Ok(ImageSource::Stored(digest))
 }
 
+/// The spec a release records: a registry image is pinned to `HOST/REPO@DIGEST`, so that the
+/// release names the digest apply resolved and never a tag that can move.
+fn pinned_spec(spec: &ServiceSpec, digest: Option<&Digest>) -> ServiceSpec {
+    let mut spec = spec.clone();
+    if let Some(digest) = digest
+        && imago_registry::names_registry(&spec.image)
+        && let Ok(r) = spec.image.parse::<imago_registry::RegistryRef>()
+    {
+        spec.image = format!("{}@{digest}", r.name());
+    }
+    spec
+}
+
 /// The ports an image of the definition file will expose, before it is built.
 fn exposed_ports_defined(services: &Services, image: &str) -> Vec<u16> {
     services
@@ -248,6 +261,7 @@ fn make_plan(
                 &exposed_ports_defined(services, &spec.image),
             )?,
         }
+        let spec = &pinned_spec(spec, digest.as_ref());
         plans.push(plan_service(
             name,
             spec,
@@ -372,12 +386,12 @@ pub fn apply(ctx: &Context, args: ApplyArgs) -> Result<()> {
             }
         };
         check_ports(name, spec, digest.short(), &exposed_ports(&store, &digest)?)?;
-        pinned.push((name, spec, digest));
+        pinned.push((name, pinned_spec(spec, Some(&digest)), digest));
     }
     let since = db.last_event_seq()?;
     let mut recorded = Vec::new();
     for (name, spec, digest) in pinned {
-        let (release, new) = db.record_release(name, spec, &digest, "apply", None, &actor())?;
+        let (release, new) = db.record_release(name, &spec, &digest, "apply", None, &actor())?;
         if new {
             ctx.reporter.status(format!(
                 "service {name}: release {} pins {}",
