@@ -156,7 +156,19 @@ impl Client {
             };
             if plain {
                 match http.get(join(&http_url, "v2/")?).send() {
-                    Ok(r) => break (http_url.clone(), r),
+                    // Only a registry's answer to `/v2/` means it speaks plain HTTP; a TLS
+                    // server answers plain requests with 400, and its TLS error is the news.
+                    Ok(r) if r.status().is_success() || r.status() == StatusCode::UNAUTHORIZED => {
+                        break (http_url.clone(), r);
+                    }
+                    Ok(_) => {
+                        return Err(RegistryError::Connection {
+                            registry: registry.to_owned(),
+                            repository: String::new(),
+                            what: "connect over https".into(),
+                            message: describe(&tls_error),
+                        });
+                    }
                     Err(e) if attempt >= settings.retries => {
                         return Err(RegistryError::Connection {
                             registry: registry.to_owned(),
