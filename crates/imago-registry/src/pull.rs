@@ -25,13 +25,17 @@ pub struct PullReport {
     pub bytes_fetched: u64,
 }
 
-struct Fetched {
-    bytes: Vec<u8>,
-    content_type: Option<String>,
-    digest: Digest,
+pub(crate) struct Fetched {
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) content_type: Option<String>,
+    pub(crate) digest: Digest,
 }
 
-fn fetch_manifest(client: &Client, repository: &str, reference: &str) -> Result<Fetched> {
+pub(crate) fn fetch_manifest(
+    client: &Client,
+    repository: &str,
+    reference: &str,
+) -> Result<Fetched> {
     let target = Target {
         repository,
         what: format!("manifest {reference}"),

@@ -71,8 +71,12 @@ pub fn push(
                 continue;
             };
             // An index pulled for one platform lists images that were never copied: the
-            // registry may have them already (the same repository), else it refuses the index.
+            // registry may have them already (the same repository), or another repository of
+            // it that the store knows the index from has them, to be copied by mounting.
             if !store.has_blob(&digest) {
+                if let Some(from) = index_source(store, &dest.registry, repository, root) {
+                    copy_remote_image(&client, &from, repository, &digest, &mut report)?;
+                }
                 continue;
             }
             let child_bytes = store.read_blob(&digest, Some(child.size))?;
@@ -223,6 +227,68 @@ fn put_manifest(
         });
     }
     Ok(())
+}
+
+/// Another repository of `registry` that the store names the index `root` from.
+fn index_source(store: &Store, registry: &str, repository: &str, root: &Digest) -> Option<String> {
+    let prefix = format!("{registry}/");
+    store
+        .names()
+        .ok()?
+        .into_iter()
+        .filter(|e| e.digest == *root)
+        .filter_map(|e| e.name)
+        .filter(|n| n.starts_with(&prefix))
+        .filter_map(|n| n.parse::<RegistryRef>().ok())
+        .map(|r| r.repository)
+        .find(|r| r != repository)
+}
+
+/// Copies the manifest `digest` the store lacks from repository `from` to `repository` of the
+/// same registry: its blobs by mount, its bytes as the registry serves them (digest-checked).
+fn copy_remote_image(
+    client: &Client,
+    from: &str,
+    repository: &str,
+    digest: &Digest,
+    report: &mut PushReport,
+) -> Result<()> {
+    let fetched = crate::pull::fetch_manifest(client, from, &digest.to_string())?;
+    let shown = format!("{}/{from}@{digest}", client.registry);
+    let parsed = manifest::parse(&shown, &fetched.bytes, fetched.content_type.as_deref())?;
+    let from_owned = from.to_owned();
+    for (blob, _) in parsed.blobs() {
+        let target = blob_target(repository, &blob, Some(&from_owned));
+        let blob_url = client.url(&format!("v2/{repository}/blobs/{blob}"))?;
+        let head = client.send(&target, &|http| Ok(http.head(blob_url.clone())))?;
+        if head.status().is_success() {
+            report.blobs_skipped += 1;
+            continue;
+        }
+        match start_session(client, &target, repository, &blob, Some(&from_owned))? {
+            Session::Mounted => {
+                report.blobs_skipped += 1;
+                report.blobs_mounted += 1;
+            }
+            Session::Open(_) => {
+                return Err(RegistryError::Http {
+                    registry: client.registry.clone(),
+                    repository: repository.to_owned(),
+                    what: format!("mount of blob {blob} from {from}"),
+                    status: 202,
+                    detail: ": the registry did not mount it".into(),
+                });
+            }
+        }
+    }
+    put_manifest(
+        client,
+        repository,
+        &digest.to_string(),
+        &fetched.bytes,
+        parsed.media_type(),
+        digest,
+    )
 }
 
 /// Which other repository of `registry` the store knows to hold each blob: the images the
