@@ -61,6 +61,9 @@ pub struct ImageDef {
     /// Extra manifest annotations.
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
+    /// Registry repositories (`HOST[:PORT]/REPO[:TAG]`) `imago build` pushes the image to.
+    #[serde(default)]
+    pub push: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]

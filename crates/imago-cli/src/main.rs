@@ -72,6 +72,14 @@ enum Command {
     Verify(commands::images::VerifyArgs),
     /// Apply an image's layers into a directory
     Unpack(commands::images::UnpackArgs),
+    /// Pull an image from a registry into the store and print its digest
+    Pull(commands::registry::PullArgs),
+    /// Push an image of the store to a registry
+    Push(commands::registry::PushArgs),
+    /// Check and store credentials for a registry ($IMAGO_HOME/auth.json)
+    Login(commands::registry::LoginArgs),
+    /// Remove the stored credentials for a registry
+    Logout(commands::registry::LogoutArgs),
     /// Import the images of an OCI or docker archive
     Import(commands::archive::ImportArgs),
     /// Write an image to an OCI or docker archive
@@ -144,6 +152,10 @@ fn run(cli: Cli, reporter: Reporter) -> Result<()> {
         Command::Gc(args) => commands::images::gc(&ctx, args),
         Command::Verify(args) => commands::images::verify(&ctx, args),
         Command::Unpack(args) => commands::images::unpack(&ctx, args),
+        Command::Pull(args) => commands::registry::pull(&ctx, args),
+        Command::Push(args) => commands::registry::push(&ctx, args),
+        Command::Login(args) => commands::registry::login(&ctx, args),
+        Command::Logout(args) => commands::registry::logout(&ctx, args),
         Command::Import(args) => commands::archive::import(&ctx, args),
         Command::Export(args) => commands::archive::export(&ctx, args),
         Command::Run(args) => commands::instances::run(&ctx, *args),

@@ -97,6 +97,15 @@ impl Reporter {
         bar
     }
 
+    /// A set of bars drawn together on stderr (hidden like [`Reporter::bytes_bar`]).
+    pub fn multi(&self) -> indicatif::MultiProgress {
+        if self.progress {
+            indicatif::MultiProgress::with_draw_target(ProgressDrawTarget::stderr())
+        } else {
+            indicatif::MultiProgress::with_draw_target(ProgressDrawTarget::hidden())
+        }
+    }
+
     /// A spinner with a message, for steps without a known size.
     pub fn spinner(&self, message: impl Into<String>) -> ProgressBar {
         let bar = if self.progress {

@@ -39,6 +39,9 @@ pub(crate) struct BlobRef {
     pub size: Option<u64>,
     /// Who refers to it, for messages ("config of sha256:..").
     pub referrer: String,
+    /// An index entry the store may lack: an index pulled or imported for one platform keeps
+    /// listing the others. Kept by gc when present, not a problem for verify when absent.
+    pub optional: bool,
 }
 
 impl Store {
@@ -52,6 +55,7 @@ impl Store {
             digest: root.clone(),
             size: root_size,
             referrer: "name".into(),
+            optional: false,
         }];
         let bytes = self.read_blob(root, root_size)?;
         let media_type = manifest_media_type(root, &bytes)?;
@@ -67,6 +71,7 @@ impl Store {
                         digest,
                         size: Some(child.size()),
                         referrer: format!("index {root}"),
+                        optional: true,
                     });
                 }
             }
@@ -78,12 +83,14 @@ impl Store {
             digest: descriptor_digest(config, &format!("manifest {root}"))?,
             size: Some(config.size()),
             referrer: format!("config of {root}"),
+            optional: false,
         });
         for layer in manifest.layers() {
             out.push(BlobRef {
                 digest: descriptor_digest(layer, &format!("manifest {root}"))?,
                 size: Some(layer.size()),
                 referrer: format!("layer of {root}"),
+                optional: false,
             });
         }
         Ok(out)

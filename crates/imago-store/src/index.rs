@@ -116,6 +116,20 @@ impl Store {
             .ref_name()
             .filter(|_| matches!(reference, Reference::Name { digest: None, .. }))
             .ok_or_else(|| StoreError::InvalidTag(reference.to_string()))?;
+        self.put_name(name, digest)
+    }
+
+    /// Names the manifest `digest` by `NAME@DIGEST` (a registry image pulled by digest), so that
+    /// it is listed and kept like a tagged one. Resolving `NAME@DIGEST` goes by the digest anyway.
+    pub fn name_pinned(&self, name: &str, digest: &Digest) -> Result<()> {
+        let pinned = format!("{name}@{digest}");
+        match pinned.parse::<Reference>()? {
+            Reference::Name { tag: None, .. } => self.put_name(pinned, digest),
+            _ => Err(StoreError::InvalidTag(pinned)),
+        }
+    }
+
+    fn put_name(&self, name: String, digest: &Digest) -> Result<()> {
         let bytes = self.read_blob(digest, None)?;
         let media_type = manifest_media_type(digest, &bytes)?;
         let mut annotations = HashMap::new();

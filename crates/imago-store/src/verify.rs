@@ -53,6 +53,9 @@ impl Store {
             match self.reachable_from(&root, size) {
                 Ok(blobs) => {
                     for b in blobs {
+                        if b.optional && !self.has_blob(&b.digest) {
+                            continue;
+                        }
                         expected
                             .entry(b.digest)
                             .or_insert((b.size, Some(b.referrer)));
@@ -122,5 +125,45 @@ fn problem_text(e: &StoreError) -> String {
             format!("wrong size: {actual} bytes, expected {expected}")
         }
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_index_entry_the_store_lacks_is_no_problem_but_a_missing_manifest_blob_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let absent = Digest::of(b"the arm64 manifest, never copied");
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": imago_oci::media::OCI_INDEX,
+            "manifests": [{
+                "mediaType": imago_oci::media::OCI_MANIFEST,
+                "digest": absent.to_string(),
+                "size": 10,
+                "platform": {"os": "linux", "architecture": "arm64"},
+            }],
+        });
+        let (digest, _, _) = store.put_json(&index).unwrap();
+        store.tag(&"multi:1".parse().unwrap(), &digest).unwrap();
+        let report = store.verify(None).unwrap();
+        assert!(report.is_ok(), "{:?}", report.problems);
+
+        let config = store.put_blob(b"{}").unwrap();
+        let missing_layer = Digest::of(b"a layer that is gone");
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": imago_oci::media::OCI_MANIFEST,
+            "config": {"mediaType": imago_oci::media::OCI_CONFIG, "digest": config.to_string(), "size": 2},
+            "layers": [{"mediaType": imago_oci::media::OCI_LAYER_GZIP, "digest": missing_layer.to_string(), "size": 5}],
+        });
+        let (image, _, _) = store.put_json(&manifest).unwrap();
+        store.tag(&"broken:1".parse().unwrap(), &image).unwrap();
+        let report = store.verify(None).unwrap();
+        assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+        assert_eq!(report.problems[0].digest, missing_layer);
     }
 }

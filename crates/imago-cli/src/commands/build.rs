@@ -45,6 +45,20 @@ pub struct BuildArgs {
         default_value_t = 0
     )]
     pub source_date_epoch: u64,
+    /// When to pull a `from` base that names a registry: missing (not in the store), always
+    /// (resolve its tag again), never
+    #[arg(long, value_enum, default_value = "missing")]
+    pub pull: PullPolicy,
+    /// Also push each built image to this registry repository (HOST[:PORT]/REPO[:TAG])
+    #[arg(long, value_name = "REPO")]
+    pub push: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PullPolicy {
+    Missing,
+    Always,
+    Never,
 }
 
 #[derive(Serialize)]
@@ -100,7 +114,9 @@ pub fn build(ctx: &Context, args: BuildArgs) -> Result<()> {
         })
         .collect::<Result<Vec<_>>>()?;
     let mut results = Vec::new();
+    let mut pulled = std::collections::BTreeSet::new();
     for (name, extra) in names.iter().zip(&extra_tags) {
+        pull_base(ctx, &store, &file, name, args.pull, &mut pulled)?;
         let built = build_one(ctx, &store, &file, name, &options)?;
         let mut tags = vec![format!("{name}:latest")];
         if !args.check {
@@ -127,6 +143,25 @@ pub fn build(ctx: &Context, args: BuildArgs) -> Result<()> {
             cached,
             human_size(built.size)
         ));
+        if !args.check {
+            let targets = file
+                .definition
+                .image
+                .get(name.as_str())
+                .map(|def| def.push.clone())
+                .unwrap_or_default();
+            for target in targets.iter().chain(&args.push) {
+                let settings = super::registry::settings(ctx, false)?;
+                let pushed = super::registry::push_image(
+                    ctx,
+                    &settings,
+                    &format!("{name}:latest"),
+                    Some(target),
+                )?;
+                ctx.reporter
+                    .status(format!("pushed {}@{}", pushed.repository, pushed.digest));
+            }
+        }
         results.push(BuiltEntry {
             image: built,
             tags,
@@ -134,6 +169,52 @@ pub fn build(ctx: &Context, args: BuildArgs) -> Result<()> {
         });
     }
     ctx.reporter.emit(&BuildResult { images: results })
+}
+
+/// Pulls the registry base of image `name`, if it has one, as `policy` says; a reference is
+/// pulled at most once per command (`done`).
+pub(crate) fn pull_base(
+    ctx: &Context,
+    store: &imago_store::Store,
+    file: &DefinitionFile,
+    name: &str,
+    policy: PullPolicy,
+    done: &mut std::collections::BTreeSet<String>,
+) -> Result<()> {
+    let Some(from) = file
+        .definition
+        .image
+        .get(name)
+        .and_then(|def| def.from.as_ref())
+        .map(|f| f.get_ref().trim().to_owned())
+    else {
+        return Ok(());
+    };
+    if policy == PullPolicy::Never
+        || !imago_registry::names_registry(&from)
+        || from.contains("-archive:")
+        || done.contains(&from)
+    {
+        return Ok(());
+    }
+    if policy == PullPolicy::Missing
+        && from
+            .parse::<Reference>()
+            .ok()
+            .is_some_and(|r| store.resolve_digest(&r).is_ok())
+    {
+        return Ok(());
+    }
+    let reference: imago_registry::RegistryRef = from
+        .parse()
+        .with_context(|| format!("image {name}: from = {from:?}"))?;
+    let settings = super::registry::settings(ctx, false)?;
+    let pulled = super::registry::pull_reference(ctx, &settings, &reference)
+        .with_context(|| format!("image {name}: base"))?;
+    ctx.reporter
+        .status(format!("{name}: base {from} is {}", pulled.digest));
+    done.insert(from);
+    Ok(())
 }
 
 pub(crate) fn build_one(

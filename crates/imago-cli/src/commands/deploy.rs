@@ -55,12 +55,18 @@ pub struct FileArgs {
 struct Services {
     file: DefinitionFile,
     specs: BTreeMap<String, ServiceSpec>,
+    /// Registry references pulled by this command: a tag is resolved once per run.
+    pulled: std::cell::RefCell<BTreeMap<String, Digest>>,
 }
 
 fn load_services(args: &FileArgs) -> Result<Services> {
     let file = DefinitionFile::load(&args.file)?;
     let specs = parse_services(&file.path, &file.text, &args.services)?;
-    Ok(Services { file, specs })
+    Ok(Services {
+        file,
+        specs,
+        pulled: Default::default(),
+    })
 }
 
 /// How a service's image resolves.
@@ -72,6 +78,7 @@ enum ImageSource {
 }
 
 fn resolve_image(
+    ctx: &Context,
     services: &Services,
     store: &Store,
     name: &str,
@@ -79,6 +86,29 @@ fn resolve_image(
 ) -> Result<ImageSource> {
     if services.file.definition.image.contains_key(&spec.image) {
         return Ok(ImageSource::Built(spec.image.clone()));
+    }
+    if imago_registry::names_registry(&spec.image) {
+        // A registry reference: its tag resolves to a digest now (pulled, so that the ports
+        // can be checked and instances launched); the release records the digest, never the tag.
+        if let Some(d) = services.pulled.borrow().get(&spec.image) {
+            return Ok(ImageSource::Stored(d.clone()));
+        }
+        let reference: imago_registry::RegistryRef = spec
+            .image
+            .parse()
+            .with_context(|| format!("service {name}: image {:?}", spec.image))?;
+        let settings = super::registry::settings(ctx, false)?;
+        let pulled = super::registry::pull_reference(ctx, &settings, &reference)
+            .with_context(|| format!("service {name}"))?;
+        ctx.reporter.status(format!(
+            "service {name}: {} is {}",
+            spec.image, pulled.digest
+        ));
+        services
+            .pulled
+            .borrow_mut()
+            .insert(spec.image.clone(), pulled.digest.clone());
+        return Ok(ImageSource::Stored(pulled.digest));
     }
     let reference: Reference = spec.image.parse().with_context(|| {
         format!(
@@ -95,6 +125,19 @@ fn resolve_image(
         )
     })?;
     Ok(ImageSource::Stored(digest))
+}
+
+/// The spec a release records: a registry image is pinned to `HOST/REPO@DIGEST`, so that the
+/// release names the digest apply resolved and never a tag that can move.
+fn pinned_spec(spec: &ServiceSpec, digest: Option<&Digest>) -> ServiceSpec {
+    let mut spec = spec.clone();
+    if let Some(digest) = digest
+        && imago_registry::names_registry(&spec.image)
+        && let Ok(r) = spec.image.parse::<imago_registry::RegistryRef>()
+    {
+        spec.image = format!("{}@{digest}", r.name());
+    }
+    spec
 }
 
 /// The ports an image of the definition file will expose, before it is built.
@@ -174,16 +217,26 @@ fn make_plan(
     let ours = daemon::own_pids(&DeployHome::new(ctx));
     let mut plans = Vec::new();
     for (name, spec) in &services.specs {
-        let digest = match resolve_image(services, store, name, spec)? {
+        let digest = match resolve_image(ctx, services, store, name, spec)? {
             ImageSource::Stored(d) => Some(d),
             // A check build, with the same progress display as `imago build --check`.
-            ImageSource::Built(image) => match super::build::build_one(
+            ImageSource::Built(image) => match super::build::pull_base(
                 ctx,
                 store,
                 &services.file,
                 &image,
-                &build_options(ctx, true),
-            ) {
+                super::build::PullPolicy::Missing,
+                &mut Default::default(),
+            )
+            .and_then(|()| {
+                super::build::build_one(
+                    ctx,
+                    store,
+                    &services.file,
+                    &image,
+                    &build_options(ctx, true),
+                )
+            }) {
                 Ok(built) => Some(built.digest),
                 Err(e)
                     if matches!(
@@ -208,6 +261,7 @@ fn make_plan(
                 &exposed_ports_defined(services, &spec.image),
             )?,
         }
+        let spec = &pinned_spec(spec, digest.as_ref());
         plans.push(plan_service(
             name,
             spec,
@@ -308,9 +362,17 @@ pub fn apply(ctx: &Context, args: ApplyArgs) -> Result<()> {
     }
     let mut pinned = Vec::new();
     for (name, spec) in &services.specs {
-        let digest = match resolve_image(&services, &store, name, spec)? {
+        let digest = match resolve_image(ctx, &services, &store, name, spec)? {
             ImageSource::Stored(d) => d,
             ImageSource::Built(image) => {
+                super::build::pull_base(
+                    ctx,
+                    &store,
+                    &services.file,
+                    &image,
+                    super::build::PullPolicy::Missing,
+                    &mut Default::default(),
+                )?;
                 let built = super::build::build_one(
                     ctx,
                     &store,
@@ -324,12 +386,12 @@ pub fn apply(ctx: &Context, args: ApplyArgs) -> Result<()> {
             }
         };
         check_ports(name, spec, digest.short(), &exposed_ports(&store, &digest)?)?;
-        pinned.push((name, spec, digest));
+        pinned.push((name, pinned_spec(spec, Some(&digest)), digest));
     }
     let since = db.last_event_seq()?;
     let mut recorded = Vec::new();
     for (name, spec, digest) in pinned {
-        let (release, new) = db.record_release(name, spec, &digest, "apply", None, &actor())?;
+        let (release, new) = db.record_release(name, &spec, &digest, "apply", None, &actor())?;
         if new {
             ctx.reporter.status(format!(
                 "service {name}: release {} pins {}",

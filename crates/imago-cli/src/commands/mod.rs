@@ -5,4 +5,5 @@ pub mod build;
 pub mod deploy;
 pub mod images;
 pub mod instances;
+pub mod registry;
 pub mod volumes;

@@ -2,6 +2,8 @@
 //! and builds small but real OCI images into a store for fixtures.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod registry;
+
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,544 @@
+//! Pushing an image from the store: blobs the registry lacks (HEAD first; cross-repository
+//! mount when the store knows another repository of the registry has one), in parallel, large
+//! ones in chunks that resume from the session's `Range`; then the stored manifest bytes.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+
+use imago_oci::{Digest, Reference};
+use imago_store::{Store, StoreError};
+use reqwest::StatusCode;
+use reqwest::blocking::Body;
+use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderName};
+
+use crate::client::{Client, Target, pull_scope, push_scope};
+use crate::error::{RegistryError, Result};
+use crate::manifest::{self, Parsed};
+use crate::reference::{RegistryRef, names_registry};
+use crate::settings::Settings;
+use crate::{SharedProgress, run_parallel};
+
+/// Blobs up to this size go in one request; larger ones in chunks of this size.
+pub const CHUNK_SIZE: u64 = 64 << 20;
+
+#[derive(Debug, Clone)]
+pub struct PushReport {
+    /// `HOST/REPO:TAG` (or `HOST/REPO@sha256:...`) pushed.
+    pub reference: String,
+    pub digest: Digest,
+    pub blobs_uploaded: u64,
+    pub bytes_uploaded: u64,
+    /// Blobs the registry had already, or got by mounting from another repository.
+    pub blobs_skipped: u64,
+    pub blobs_mounted: u64,
+}
+
+enum Outcome {
+    Present,
+    Mounted,
+    Uploaded(u64),
+}
+
+const CONTENT_RANGE: HeaderName = HeaderName::from_static("content-range");
+const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
+
+/// Pushes the stored manifest or index `root` to `dest` and names it `dest` in the store too.
+pub fn push(
+    store: &Store,
+    settings: &Settings,
+    root: &Digest,
+    dest: &RegistryRef,
+    progress: &SharedProgress,
+) -> Result<PushReport> {
+    let client = Client::connect(settings, &dest.registry)?;
+    let repository = dest.repository.as_str();
+    let shown = dest.to_string();
+    let bytes = store.read_blob(root, None)?;
+    let parsed = manifest::parse(&shown, &bytes, None)?;
+    let mounts = mount_sources(store, &dest.registry, repository);
+    let mut report = PushReport {
+        reference: String::new(),
+        digest: root.clone(),
+        blobs_uploaded: 0,
+        bytes_uploaded: 0,
+        blobs_skipped: 0,
+        blobs_mounted: 0,
+    };
+    if let Parsed::Index { manifests, .. } = &parsed {
+        for child in manifests {
+            let Ok(digest) = child.digest.parse::<Digest>() else {
+                continue;
+            };
+            // An index pulled for one platform lists images that were never copied: the
+            // registry may have them already (the same repository), or another repository of
+            // it that the store knows the index from has them, to be copied by mounting.
+            if !store.has_blob(&digest) {
+                if let Some(from) = index_source(store, &dest.registry, repository, root) {
+                    copy_remote_image(&client, &from, repository, &digest, &mut report)?;
+                }
+                continue;
+            }
+            let child_bytes = store.read_blob(&digest, Some(child.size))?;
+            let child_parsed = manifest::parse(&shown, &child_bytes, None)?;
+            push_blobs(
+                &client,
+                store,
+                repository,
+                &child_parsed,
+                &mounts,
+                progress,
+                &mut report,
+            )?;
+            put_manifest(
+                &client,
+                repository,
+                &digest.to_string(),
+                &child_bytes,
+                child_parsed.media_type(),
+                &digest,
+            )?;
+        }
+    } else {
+        push_blobs(
+            &client,
+            store,
+            repository,
+            &parsed,
+            &mounts,
+            progress,
+            &mut report,
+        )?;
+    }
+    let reference = match (dest.digest.as_ref(), dest.tag_or_default()) {
+        (_, Some(tag)) => tag.to_owned(),
+        (Some(d), None) => d.to_string(),
+        (None, None) => "latest".to_owned(),
+    };
+    if let Some(d) = &dest.digest
+        && d != root
+    {
+        return Err(RegistryError::DigestMismatch {
+            registry: dest.registry.clone(),
+            repository: repository.to_owned(),
+            what: "manifest",
+            expected: d.clone(),
+            actual: root.clone(),
+        });
+    }
+    put_manifest(
+        &client,
+        repository,
+        &reference,
+        &bytes,
+        parsed.media_type(),
+        root,
+    )?;
+    report.reference = match dest.tag_or_default() {
+        Some(tag) => {
+            let named = Reference::named(&dest.name(), tag).map_err(StoreError::from)?;
+            store.tag(&named, root)?;
+            format!("{}:{tag}", dest.name())
+        }
+        None => format!("{}@{root}", dest.name()),
+    };
+    Ok(report)
+}
+
+fn push_blobs(
+    client: &Client,
+    store: &Store,
+    repository: &str,
+    image: &Parsed,
+    mounts: &HashMap<Digest, String>,
+    progress: &SharedProgress,
+    report: &mut PushReport,
+) -> Result<()> {
+    let outcomes = run_parallel(client.settings.parallel, image.blobs(), &|(
+        digest,
+        size,
+    )| {
+        push_blob(
+            client,
+            store,
+            repository,
+            &digest,
+            size,
+            mounts.get(&digest),
+            progress,
+        )
+    })?;
+    for outcome in outcomes {
+        match outcome {
+            Outcome::Present => report.blobs_skipped += 1,
+            Outcome::Mounted => {
+                report.blobs_skipped += 1;
+                report.blobs_mounted += 1;
+            }
+            Outcome::Uploaded(n) => {
+                report.blobs_uploaded += 1;
+                report.bytes_uploaded += n;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn put_manifest(
+    client: &Client,
+    repository: &str,
+    reference: &str,
+    bytes: &[u8],
+    media_type: &str,
+    digest: &Digest,
+) -> Result<()> {
+    let target = Target {
+        repository,
+        what: if reference == digest.to_string() {
+            format!("manifest {digest}")
+        } else {
+            format!("manifest {reference} ({digest})")
+        },
+        scopes: vec![push_scope(repository)],
+    };
+    let url = client.url(&format!("v2/{repository}/manifests/{reference}"))?;
+    let response = client.send(&target, &|http| {
+        Ok(http
+            .put(url.clone())
+            .header(CONTENT_TYPE, media_type)
+            .body(bytes.to_vec()))
+    })?;
+    if response.status() != StatusCode::CREATED && !response.status().is_success() {
+        return Err(client.http_error(&target, response));
+    }
+    if let Some(returned) = response
+        .headers()
+        .get(DOCKER_CONTENT_DIGEST)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<Digest>().ok())
+        && returned != *digest
+    {
+        return Err(RegistryError::DigestMismatch {
+            registry: client.registry.clone(),
+            repository: repository.to_owned(),
+            what: "pushed manifest",
+            expected: digest.clone(),
+            actual: returned,
+        });
+    }
+    Ok(())
+}
+
+/// Another repository of `registry` that the store names the index `root` from.
+fn index_source(store: &Store, registry: &str, repository: &str, root: &Digest) -> Option<String> {
+    let prefix = format!("{registry}/");
+    store
+        .names()
+        .ok()?
+        .into_iter()
+        .filter(|e| e.digest == *root)
+        .filter_map(|e| e.name)
+        .filter(|n| n.starts_with(&prefix))
+        .filter_map(|n| n.parse::<RegistryRef>().ok())
+        .map(|r| r.repository)
+        .find(|r| r != repository)
+}
+
+/// Copies the manifest `digest` the store lacks from repository `from` to `repository` of the
+/// same registry: its blobs by mount, its bytes as the registry serves them (digest-checked).
+fn copy_remote_image(
+    client: &Client,
+    from: &str,
+    repository: &str,
+    digest: &Digest,
+    report: &mut PushReport,
+) -> Result<()> {
+    let fetched = crate::pull::fetch_manifest(client, from, &digest.to_string())?;
+    let shown = format!("{}/{from}@{digest}", client.registry);
+    let parsed = manifest::parse(&shown, &fetched.bytes, fetched.content_type.as_deref())?;
+    let from_owned = from.to_owned();
+    for (blob, _) in parsed.blobs() {
+        let target = blob_target(repository, &blob, Some(&from_owned));
+        let blob_url = client.url(&format!("v2/{repository}/blobs/{blob}"))?;
+        let head = client.send(&target, &|http| Ok(http.head(blob_url.clone())))?;
+        if head.status().is_success() {
+            report.blobs_skipped += 1;
+            continue;
+        }
+        match start_session(client, &target, repository, &blob, Some(&from_owned))? {
+            Session::Mounted => {
+                report.blobs_skipped += 1;
+                report.blobs_mounted += 1;
+            }
+            Session::Open(_) => {
+                return Err(RegistryError::Http {
+                    registry: client.registry.clone(),
+                    repository: repository.to_owned(),
+                    what: format!("mount of blob {blob} from {from}"),
+                    status: 202,
+                    detail: ": the registry did not mount it".into(),
+                });
+            }
+        }
+    }
+    put_manifest(
+        client,
+        repository,
+        &digest.to_string(),
+        &fetched.bytes,
+        parsed.media_type(),
+        digest,
+    )
+}
+
+/// Which other repository of `registry` the store knows to hold each blob: the images the
+/// store names `registry/OTHER:TAG` were pulled from or pushed there.
+fn mount_sources(store: &Store, registry: &str, repository: &str) -> HashMap<Digest, String> {
+    let mut out = HashMap::new();
+    let Ok(names) = store.names() else {
+        return out;
+    };
+    let prefix = format!("{registry}/");
+    for entry in names {
+        let Some(name) = entry.name.as_deref().filter(|n| n.starts_with(&prefix)) else {
+            continue;
+        };
+        if !names_registry(name) {
+            continue;
+        }
+        let Ok(r) = name.parse::<RegistryRef>() else {
+            continue;
+        };
+        if r.repository == repository {
+            continue;
+        }
+        let Ok(image) = store.load_image(&entry.digest) else {
+            continue;
+        };
+        let Ok(layers) = image.layers() else {
+            continue;
+        };
+        for layer in layers {
+            out.entry(layer.digest)
+                .or_insert_with(|| r.repository.clone());
+        }
+        out.entry(image.config_digest)
+            .or_insert_with(|| r.repository.clone());
+    }
+    out
+}
+
+fn blob_target<'a>(repository: &'a str, digest: &Digest, from: Option<&String>) -> Target<'a> {
+    let mut scopes = vec![push_scope(repository)];
+    if let Some(from) = from {
+        scopes.push(pull_scope(from));
+    }
+    Target {
+        repository,
+        what: format!("blob {digest}"),
+        scopes,
+    }
+}
+
+fn push_blob(
+    client: &Client,
+    store: &Store,
+    repository: &str,
+    digest: &Digest,
+    size: u64,
+    mount_from: Option<&String>,
+    progress: &SharedProgress,
+) -> Result<Outcome> {
+    let target = blob_target(repository, digest, mount_from);
+    let blob_url = client.url(&format!("v2/{repository}/blobs/{digest}"))?;
+    let head = client.send(&target, &|http| Ok(http.head(blob_url.clone())))?;
+    if head.status().is_success() {
+        return Ok(Outcome::Present);
+    }
+    if head.status() != StatusCode::NOT_FOUND {
+        return Err(client.http_error(&target, head));
+    }
+    let path = store.blob_path(digest);
+    // Checked before the upload starts: the registry would refuse wrong bytes only at the end.
+    store.verify_blob(digest, Some(size))?;
+    let mut location = match start_session(client, &target, repository, digest, mount_from)? {
+        Session::Mounted => return Ok(Outcome::Mounted),
+        Session::Open(url) => url,
+    };
+    progress.start(digest, size);
+    let mut offset = 0u64;
+    let mut failures = 0u32;
+    let mut sent = 0u64;
+    loop {
+        let last = size - offset <= CHUNK_SIZE;
+        let len = if last { size - offset } else { CHUNK_SIZE };
+        // The last piece goes with the closing PUT; earlier ones as PATCH chunks.
+        let result = if last {
+            let mut url = location.clone();
+            url.query_pairs_mut()
+                .append_pair("digest", &digest.to_string());
+            client.send_once(&target, &|http| {
+                Ok(http
+                    .put(url.clone())
+                    .header(CONTENT_TYPE, "application/octet-stream")
+                    .header(CONTENT_LENGTH, len)
+                    .body(body_at(&path, offset, len, digest, progress)?))
+            })
+        } else {
+            client.send_once(&target, &|http| {
+                Ok(http
+                    .patch(location.clone())
+                    .header(CONTENT_TYPE, "application/octet-stream")
+                    .header(CONTENT_RANGE, format!("{offset}-{}", offset + len - 1))
+                    .header(CONTENT_LENGTH, len)
+                    .body(body_at(&path, offset, len, digest, progress)?))
+            })
+        };
+        let failure = match result {
+            Ok(r) if last && r.status() == StatusCode::CREATED => {
+                sent += len;
+                progress.finish(digest);
+                return Ok(Outcome::Uploaded(sent));
+            }
+            Ok(r) if !last && r.status() == StatusCode::ACCEPTED => {
+                location = client.location(&r)?;
+                sent += len;
+                offset += len;
+                continue;
+            }
+            Ok(r)
+                if r.status().is_server_error()
+                    || r.status() == StatusCode::TOO_MANY_REQUESTS
+                    || r.status() == StatusCode::RANGE_NOT_SATISFIABLE
+                    || r.status() == StatusCode::NOT_FOUND =>
+            {
+                client.http_error(&target, r)
+            }
+            Ok(r) => return Err(client.http_error(&target, r)),
+            Err(e @ RegistryError::Connection { .. }) => e,
+            Err(e) => return Err(e),
+        };
+        if failures >= client.settings.retries {
+            return Err(failure);
+        }
+        std::thread::sleep(client.settings.backoff_for(failures));
+        failures += 1;
+        tracing::debug!(%digest, offset, "upload broken; resuming");
+        // Where the session stands now; a session the registry lost starts anew.
+        let (new_location, at) = match session_offset(client, &target, &location)? {
+            Some(found) => found,
+            None => match start_session(client, &target, repository, digest, None)? {
+                Session::Mounted => return Ok(Outcome::Mounted),
+                Session::Open(url) => (url, 0),
+            },
+        };
+        progress.set(digest, at);
+        location = new_location;
+        offset = at.min(size);
+    }
+}
+
+enum Session {
+    Mounted,
+    Open(reqwest::Url),
+}
+
+fn start_session(
+    client: &Client,
+    target: &Target<'_>,
+    repository: &str,
+    digest: &Digest,
+    mount_from: Option<&String>,
+) -> Result<Session> {
+    let mut url = client.url(&format!("v2/{repository}/blobs/uploads/"))?;
+    if let Some(from) = mount_from {
+        url.query_pairs_mut()
+            .append_pair("mount", &digest.to_string())
+            .append_pair("from", from);
+    }
+    let response = client.send(target, &|http| {
+        Ok(http.post(url.clone()).header(CONTENT_LENGTH, 0))
+    })?;
+    match response.status() {
+        StatusCode::CREATED if mount_from.is_some() => Ok(Session::Mounted),
+        StatusCode::ACCEPTED => Ok(Session::Open(client.location(&response)?)),
+        _ => Err(client.http_error(target, response)),
+    }
+}
+
+/// The session's location and how many bytes it holds, or `None` if the registry lost it.
+fn session_offset(
+    client: &Client,
+    target: &Target<'_>,
+    location: &reqwest::Url,
+) -> Result<Option<(reqwest::Url, u64)>> {
+    let response = client.send(target, &|http| Ok(http.get(location.clone())))?;
+    if response.status() != StatusCode::NO_CONTENT {
+        return Ok(None);
+    }
+    let end = response
+        .headers()
+        .get(reqwest::header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_range_end);
+    let location = client
+        .location(&response)
+        .unwrap_or_else(|_| location.clone());
+    // "0-0" is what an empty session reports: resume from 0 (a 1-byte session then answers
+    // 416, and the retry starts a new one).
+    Ok(Some((
+        location,
+        end.filter(|&e| e > 0).map_or(0, |e| e + 1),
+    )))
+}
+
+/// The last byte of a `Range: 0-N` (or `bytes=0-N`) header.
+pub(crate) fn parse_range_end(value: &str) -> Option<u64> {
+    let value = value.trim().trim_start_matches("bytes=");
+    let (start, end) = value.split_once('-')?;
+    if start.trim() != "0" {
+        return None;
+    }
+    end.trim().parse().ok()
+}
+
+struct ProgressReader<R> {
+    inner: R,
+    digest: Digest,
+    position: u64,
+    progress: SharedProgress,
+}
+
+impl<R: Read> Read for ProgressReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.position += n as u64;
+        self.progress.set(&self.digest, self.position);
+        Ok(n)
+    }
+}
+
+/// `len` bytes of the blob file at `path` from `offset`, streamed (never read into memory).
+fn body_at(
+    path: &std::path::Path,
+    offset: u64,
+    len: u64,
+    digest: &Digest,
+    progress: &SharedProgress,
+) -> Result<Body> {
+    let io = |action, source| RegistryError::Io {
+        action,
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = File::open(path).map_err(|e| io("open", e))?;
+    file.seek(SeekFrom::Start(offset))
+        .map_err(|e| io("seek", e))?;
+    let reader = ProgressReader {
+        inner: file.take(len),
+        digest: digest.clone(),
+        position: offset,
+        progress: progress.clone(),
+    };
+    Ok(Body::sized(reader, len))
+}
