@@ -170,8 +170,32 @@ fn a_pulled_multi_arch_index_is_kept_and_pushes_back_with_the_same_index_digest(
     let maker = Imago::new();
     let (index, amd64, arm64) = make_index(&maker, "multi:1");
     // skopeo puts the index into the registry: imago's pull is tested on its own.
+    // The layout is written by hand around the store's blobs: it must hold the index itself.
     let layout = maker.dir.path().join("layout");
-    registry::export_oci_layout(&maker, "multi:1", &layout);
+    std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
+    for blob in registry::store_blobs(&maker) {
+        std::fs::write(
+            layout
+                .join("blobs/sha256")
+                .join(blob.strip_prefix("sha256:").unwrap()),
+            registry::store_blob(&maker, &blob),
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    let index_size = registry::store_blob(&maker, &index).len();
+    std::fs::write(
+        layout.join("index.json"),
+        serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": [{
+            "mediaType": "application/vnd.oci.image.index.v1+json", "digest": index, "size": index_size,
+            "annotations": {"org.opencontainers.image.ref.name": "multi:1"}}]}))
+        .unwrap(),
+    )
+    .unwrap();
     reg.skopeo_copy(
         &format!("oci:{}:multi:1", layout.display()),
         &format!("docker://{}/multi:1", reg.host()),
