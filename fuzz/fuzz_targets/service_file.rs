@@ -37,7 +37,9 @@ fn check_validate_error(error: &SpecError, specs: &BTreeMap<String, ServiceSpec>
         SpecError::InvalidService { service, .. } => {
             assert!(specs.contains_key(service), "{error}");
             assert!(
-                error.to_string().starts_with(&format!("service {service}: ")),
+                error
+                    .to_string()
+                    .starts_with(&format!("service {service}: ")),
                 "{error}"
             );
         }
