@@ -101,3 +101,104 @@ labels = { "a" = "b" }
 volumes = ["/data"]
 annotations = { "x" = "y" }
 ''')
+# service_file: whole imago.toml files with [service.*] tables (the example, the docs' and the
+# README's, the tests'), every field of a service, and files each check refuses.
+S=d('service_file')
+shutil.copy(os.path.join(here,'../examples/web/imago.toml'),os.path.join(S,'example-web.toml'))
+for src in ('../docs/imago-toml.md','../README.md'):
+    for i,blk in enumerate(re.findall(r'```toml\n(.*?)```',open(os.path.join(here,src)).read(),re.S)):
+        if '[service.' in blk:
+            open(os.path.join(S,'%s-%d.toml'%(os.path.basename(src)[:-3].lower(),i)),'w').write(blk)
+services={
+'all-fields':'''[image.web]
+from = "scratch"
+
+[service.web]
+image = "web"
+replicas = 4
+command = ["/bin/httpd", "-f", "-p", "8080"]
+env = { MODE = "prod", EMPTY = "" }
+port = 8088
+target_port = 8080
+network = "private"
+volumes = ["data:/srv/data", "/etc/hosts:/etc/hosts:ro", "cache:/var/cache/:rw"]
+seccomp = "default"
+stop_grace_period = "1m 30s"
+
+[service.web.resources]
+memory = "64M"
+cpus = 0.5
+pids = 64
+
+[service.web.health]
+type = "http"
+path = "/up"
+status = 204
+port = 8080
+interval = "500ms"
+timeout = "1s"
+healthy_threshold = 2
+unhealthy_threshold = 3
+start_period = "2s"
+
+[service.web.rollout]
+strategy = "blue-green"
+max_surge = "50%"
+max_unavailable = "25%"
+min_ready = "3s"
+progress_deadline = "2m"
+auto_rollback = false
+drain = "250ms"
+''',
+'probes':'''[service.tcp]
+image = "api:v1"
+target_port = 9000
+health = { type = "tcp" }
+
+[service.cmd]
+image = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+network = "host"
+seccomp = "unconfined"
+health = { type = "command", command = ["/bin/true"], interval = "2s" }
+rollout = { max_surge = 0, max_unavailable = 1 }
+''',
+'inline-seccomp':'''[service.locked]
+image = "web"
+seccomp = { profile = { defaultAction = "SCMP_ACT_ERRNO", defaultErrnoRet = 1, architectures = ["SCMP_ARCH_X86_64"], syscalls = [{ names = ["read", "write", "exit_group"], action = "SCMP_ACT_ALLOW" }, { names = ["personality"], action = "SCMP_ACT_ALLOW", args = [{ index = 0, value = 8, valueTwo = 0, op = "SCMP_CMP_EQ" }] }] } }
+''',
+'profile-file':'''[service.web]
+image = "web"
+seccomp = "profiles/strict.json"
+''',
+'only-builder':'''[image.web]
+from = "scratch"
+''',
+'typo':'''[service.web]
+image = "web"
+replica = 2
+''',
+'bad-type':'''[service.web]
+image = "web"
+replicas = "two"
+''',
+'port-conflict':'''[service.a]
+image = "web"
+port = 8080
+
+[service.b]
+image = "api"
+port = 8080
+''',
+'stuck-rollout':'''[service.web]
+image = "web"
+replicas = 0
+rollout = { max_surge = 0, max_unavailable = "0%", progress_deadline = "0s" }
+''',
+'bad-values':'''[service.web]
+image = " "
+volumes = ["data:srv", "/a/../b:/x", "v:/proc/x", "a:b:c:d"]
+resources = { cpus = -1.0, memory = "lots" }
+health = { type = "http", path = "/", command = ["x"], interval = "soon" }
+''',
+}
+for n,t in services.items(): open(os.path.join(S,n+'.toml'),'w').write(t)

@@ -75,19 +75,31 @@ fuzz_target!(|data: &[u8]| {
     if store.tag(&name, &top).is_ok() {
         let images = store.images();
         if let Ok(image) = &loaded {
-            let images =
-                images.unwrap_or_else(|e| panic!("load_image reads {top}, images() fails: {e}"));
-            let summary = images
-                .iter()
-                .find(|s| s.name.as_deref() == Some("fuzz:latest"))
-                .unwrap();
-            assert_eq!(summary.digest, top);
-            assert_eq!(summary.size, image.total_size(), "sizes of {top} disagree");
-            assert_eq!(
-                summary.created.as_deref(),
-                image.config.created().as_deref(),
-                "creation times of {top} disagree"
-            );
+            match (images, image.total_size()) {
+                (Ok(images), Ok(total)) => {
+                    let summary = images
+                        .iter()
+                        .find(|s| s.name.as_deref() == Some("fuzz:latest"))
+                        .unwrap();
+                    assert_eq!(summary.digest, top);
+                    assert_eq!(summary.size, total, "sizes of {top} disagree");
+                    assert_eq!(
+                        summary.created.as_deref(),
+                        image.config.created().as_deref(),
+                        "creation times of {top} disagree"
+                    );
+                }
+                // Sizes past u64::MAX: both refuse, naming the manifest.
+                (Err(e), Err(overflow)) => {
+                    assert!(
+                        matches!(overflow, imago_store::StoreError::SizeOverflow { .. }),
+                        "{overflow}"
+                    );
+                    assert!(e.to_string().contains(&top.to_string()), "{e}");
+                }
+                (Err(e), Ok(_)) => panic!("load_image reads {top}, images() fails: {e}"),
+                (Ok(_), Err(e)) => panic!("images() lists {top}, its total size fails: {e}"),
+            }
         }
         let resolved = store.resolve(&name);
         assert_eq!(resolved.is_ok(), loaded.is_ok());

@@ -180,6 +180,42 @@ fn lifecycle_runc() {
     lifecycle("runc");
 }
 
+/// `--home` relative to the working directory (as IMAGO_HOME=home would be): launches under
+/// both engines work (runc was handed a bundle with a relative rootfs), and so do the commands
+/// that find the instance again.
+#[test]
+fn a_relative_home_works_under_both_engines() {
+    let mut imago = Imago::new();
+    let image = busybox_image(&imago);
+    imago.home = std::path::PathBuf::from("home");
+    for runtime in ["runc", "embedded"] {
+        let id = imago
+            .run(&[
+                "run",
+                "--runtime",
+                runtime,
+                &image,
+                "--",
+                "/bin/busybox",
+                "sh",
+                "-c",
+                "echo hi from $0",
+                runtime,
+            ])
+            .ok()
+            .stdout()
+            .trim()
+            .to_owned();
+        let done = wait_status(&imago, &id, "exited");
+        assert_eq!(done["exit_code"], 0, "{done}");
+        assert_eq!(
+            imago.run(&["logs", &id]).ok().stdout(),
+            format!("hi from {runtime}\n")
+        );
+        imago.run(&["rm", &id]).ok();
+    }
+}
+
 #[test]
 fn bad_input_is_refused_with_clear_errors() {
     let imago = Imago::new();

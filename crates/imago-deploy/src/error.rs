@@ -8,28 +8,9 @@ pub enum DeployError {
         field: String,
         reason: String,
     },
-    #[error("services {first} and {second} both publish port {port}")]
-    PortConflict {
-        port: u16,
-        first: String,
-        second: String,
-    },
-    #[error("{}:{line}:{column}: {message}", path.display())]
-    ServiceTable {
-        path: PathBuf,
-        line: usize,
-        column: usize,
-        message: String,
-    },
-    #[error("{} defines no service ([service.NAME] tables)", path.display())]
-    NoServices { path: PathBuf },
-    #[error("{} has no service {service}; it defines: {defined}", path.display())]
-    UnknownService {
-        path: PathBuf,
-        service: String,
-        /// The services the file defines, comma-separated.
-        defined: String,
-    },
+    /// A definition file's services, as read and checked by imago-spec.
+    #[error(transparent)]
+    Spec(#[from] imago_spec::SpecError),
     /// `user` says what expects the port: "the health check probes", "instances are expected on".
     #[error("service {service}: {user} port {port}, but image {image} listens on {exposed}")]
     PortNotExposed {

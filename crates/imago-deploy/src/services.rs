@@ -7,82 +7,48 @@ use std::path::Path;
 
 use imago_oci::Digest;
 use imago_store::Store;
-use serde::Deserialize;
 
 use crate::error::DeployError;
-use crate::spec::{Probe, SeccompSetting, ServiceSpec};
-
-/// `[service.*]` tables read with their spans, so errors point at the file, line and column.
-#[derive(Deserialize)]
-struct ServiceTables {
-    #[serde(default)]
-    service: BTreeMap<String, ServiceSpec>,
-    #[serde(flatten)]
-    _rest: BTreeMap<String, toml::Value>,
-}
+use crate::spec::{Probe, SeccompFilter, SeccompSetting, ServiceSpec};
 
 /// The services of the definition file at `path` (whose content is `text`), limited to `only`
-/// unless it is empty. A file without services, or a name in `only` that the file does not
-/// define, is an error: plan and apply would otherwise silently do nothing.
+/// unless it is empty, as [`imago_spec::parse_services`] reads them, with their seccomp
+/// profiles read and checked: a file's relative to the definition file, an inline one as it is.
 pub fn parse_services(
     path: &Path,
     text: &str,
     only: &[String],
 ) -> Result<BTreeMap<String, ServiceSpec>, DeployError> {
-    let tables: ServiceTables = toml::from_str(text).map_err(|e| {
-        let (line, column) = e.span().map_or((0, 0), |s| line_column(text, s.start));
-        DeployError::ServiceTable {
-            path: path.to_owned(),
-            line,
-            column,
-            message: e.message().trim().to_owned(),
-        }
-    })?;
-    let mut specs = tables.service;
-    if specs.is_empty() {
-        return Err(DeployError::NoServices {
-            path: path.to_owned(),
-        });
-    }
-    if let Some(missing) = only.iter().find(|name| !specs.contains_key(*name)) {
-        return Err(DeployError::UnknownService {
-            path: path.to_owned(),
-            service: missing.clone(),
-            defined: specs.keys().cloned().collect::<Vec<_>>().join(", "),
-        });
-    }
-    if !only.is_empty() {
-        specs.retain(|name, _| only.contains(name));
-    }
-    // A profile file is read now, relative to the definition file: the release keeps its
-    // content, so that changing the file makes a new release and a restart changes nothing.
+    let mut specs = imago_spec::parse_services(path, text, only)?;
+    // A profile file is read now: the release keeps its content, so that changing the file
+    // makes a new release and a restart changes nothing. An inline profile is checked as a
+    // file's is (unknown keys refused) and kept in the runtime's form, as a file's.
     let base = path.parent().unwrap_or(Path::new(""));
     for (name, spec) in &mut specs {
-        if let Some(SeccompSetting::File(file)) = &spec.seccomp {
-            let seccomp = imago_runtime::Seccomp::from_setting(file, base).map_err(|e| {
-                DeployError::InvalidService {
-                    service: name.clone(),
-                    field: "seccomp".into(),
-                    reason: match e {
+        let bad = |reason: String| DeployError::InvalidService {
+            service: name.clone(),
+            field: "seccomp".into(),
+            reason,
+        };
+        let seccomp = match &spec.seccomp {
+            Some(SeccompSetting::File(file)) => imago_runtime::Seccomp::from_setting(file, base)
+                .map_err(|e| {
+                    bad(match e {
                         imago_runtime::RuntimeError::SeccompProfile { path, reason } => {
                             format!("profile {}: {reason}", path.display())
                         }
                         other => other.to_string(),
-                    },
-                }
-            })?;
-            spec.seccomp = Some(SeccompSetting::Resolved(seccomp));
-        }
+                    })
+                })?,
+            Some(SeccompSetting::Resolved(SeccompFilter::Profile(profile))) => {
+                imago_runtime::Seccomp::from_profile(profile.clone())
+                    .map_err(|reason| bad(format!("profile: {reason}")))?
+            }
+            _ => continue,
+        };
+        spec.seccomp = Some(crate::spec::seccomp_setting(&seccomp).map_err(bad)?);
     }
     Ok(specs)
-}
-
-/// 1-based line and column (in characters) of byte `offset` of `text`.
-fn line_column(text: &str, offset: usize) -> (usize, usize) {
-    let before = text.get(..offset.min(text.len())).unwrap_or(text);
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let column = before.get(line_start..).map_or(0, |s| s.chars().count());
-    (before.matches('\n').count() + 1, column + 1)
 }
 
 /// The TCP port numbers of image port declarations (`80`, `80/tcp`; `53/udp` is left out).
@@ -351,8 +317,7 @@ health = { type = "tcp" }
         std::fs::write(&file, r#"{"defaultAction": "SCMP_ACT_ALLOW"}"#).unwrap();
         let specs = parse_services(&toml, text, &[]).unwrap();
         let web = &specs["web"];
-        let Some(SeccompSetting::Resolved(imago_runtime::Seccomp::Profile(_))) = &web.seccomp
-        else {
+        let Some(SeccompSetting::Resolved(SeccompFilter::Profile(_))) = &web.seccomp else {
             panic!("{:?}", web.seccomp);
         };
         // What a release stores reads back as the same setting, content and all.
@@ -363,7 +328,7 @@ health = { type = "tcp" }
         }
         assert_eq!(
             specs["open"].seccomp,
-            Some(SeccompSetting::Resolved(imago_runtime::Seccomp::Unconfined))
+            Some(SeccompSetting::Resolved(SeccompFilter::Unconfined))
         );
         // And the instances of a release run under it.
         let release = |spec: &ServiceSpec| crate::state::Release {
@@ -394,14 +359,42 @@ health = { type = "tcp" }
     }
 
     #[test]
-    fn line_column_counts_characters() {
-        assert_eq!(line_column("ab\ncé d", 7), (2, 4));
-        assert_eq!(line_column("", 0), (1, 1));
-        assert_eq!(
-            line_column("ab", 99),
-            (1, 3),
-            "an offset past the end is the end"
+    fn an_inline_seccomp_profile_with_an_unknown_key_is_refused_naming_the_key_and_service() {
+        let text = |profile: &str| {
+            format!(
+                "[service.web]\nimage = \"web\"\n\n[service.api]\nimage = \"api\"\n\
+                 seccomp = {{ profile = {{ {profile} }} }}\n"
+            )
+        };
+        let typo = text(r#"defaultAction = "SCMP_ACT_ALLOW", syscals = []"#);
+        let err = parse(&typo, &[]).unwrap_err().to_string();
+        assert!(
+            err.starts_with("service api: seccomp profile: unknown field \"syscals\""),
+            "{err}"
         );
+        let nested = text(
+            r#"defaultAction = "SCMP_ACT_ALLOW", syscalls = [{ names = ["mount"], action = "SCMP_ACT_ERRNO", errnoret = 1 }]"#,
+        );
+        let err = parse(&nested, &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("service api") && err.contains("\"errnoret\" in syscalls[0]"),
+            "{err}"
+        );
+        // A correct inline profile is kept in the runtime's form, as a file's content is, and
+        // its instances run under it.
+        let good = text(
+            r#"defaultAction = "SCMP_ACT_ALLOW", syscalls = [{ names = ["mount"], action = "SCMP_ACT_ERRNO" }]"#,
+        );
+        let specs = parse(&good, &[]).unwrap();
+        let seccomp = crate::spec::runtime_seccomp(specs["api"].seccomp.as_ref()).unwrap();
+        let imago_runtime::Seccomp::Profile(profile) = &seccomp else {
+            panic!("{seccomp:?}");
+        };
+        assert_eq!(
+            specs["api"].seccomp,
+            Some(crate::spec::seccomp_setting(&seccomp).unwrap())
+        );
+        assert_eq!(profile.syscalls().as_ref().map(Vec::len), Some(1));
     }
 
     #[test]

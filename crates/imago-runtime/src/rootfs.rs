@@ -105,6 +105,17 @@ impl RootfsCache {
                 fs::create_dir(&p).map_err(RuntimeError::io("cannot create", &p))?;
             }
         }
+        // runc gives a tmpfs the mode of the directory it is mounted on, not the `mode=` of
+        // its options: the mount points of the instance's own tmpfs mounts get those modes
+        // (/tmp 1777), so that /tmp is writable for any user under both engines. What the
+        // image had there is hidden under the tmpfs anyway.
+        for (target, mode) in crate::bundle::TMPFS_MOUNTS {
+            let p = tmp.path().join(target.trim_start_matches('/'));
+            let mode = u32::from_str_radix(mode, 8).unwrap_or(0o755);
+            if fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir()) {
+                set_mode(&p, mode)?;
+            }
+        }
         // So that instances can mount volumes there without writing into the shared tree.
         for volume in crate::volumes::declared_volumes(&image.config) {
             crate::volumes::create_mount_point(tmp.path(), &volume)?;

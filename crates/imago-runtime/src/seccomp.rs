@@ -77,9 +77,14 @@ impl Seccomp {
         let text = fs::read(path).map_err(RuntimeError::io("cannot read", path))?;
         let value: Value =
             serde_json::from_slice(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
-        check_keys(&value).map_err(bad)?;
-        let profile: LinuxSeccomp =
-            serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
+        Seccomp::from_profile(value).map_err(bad)
+    }
+
+    /// A profile in the OCI runtime spec's `linux.seccomp` form, given inline (in `imago.toml`
+    /// or a stored release). Keys the form does not have are refused, as in a file.
+    pub fn from_profile(value: Value) -> Result<Seccomp, String> {
+        check_keys(&value)?;
+        let profile: LinuxSeccomp = serde_json::from_value(value).map_err(|e| e.to_string())?;
         Ok(Seccomp::Profile(Box::new(profile)))
     }
 

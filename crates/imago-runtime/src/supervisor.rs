@@ -295,7 +295,8 @@ struct Running {
     pid: Pid,
     engine: EngineHandle,
     log_pipe: OwnedFd,
-    cgroups_path: String,
+    /// Where the kernel counts OOM kills in the instance's memory cgroup, found while it runs.
+    oom_files: Vec<PathBuf>,
 }
 
 /// How a supervisor's error begins when its launcher died (or closed the gate) mid-launch:
@@ -454,7 +455,7 @@ fn start(
         pid,
         engine,
         log_pipe: log_r,
-        cgroups_path: crate::local::cgroups_path(&id),
+        oom_files: instance_oom_files(pid, &crate::local::cgroups_path(&id)),
     };
     if let Err(e) = dir.write_state_unsynced(record) {
         // Without a record naming its pid and supervisor the instance would run unowned (no
@@ -700,7 +701,7 @@ impl Running {
     }
 
     fn finish(&mut self, record: &mut Instance, exit_code: i32) -> i32 {
-        record.oom_killed = oom_killed(&self.cgroups_path);
+        record.oom_killed = oom_killed(&self.oom_files);
         record.status = Status::Exited;
         record.exit_code = Some(exit_code);
         record.finished_ms = Some(now_ms());
@@ -736,19 +737,70 @@ impl Running {
     }
 }
 
-/// Whether the kernel OOM-killed something in the instance's memory cgroup (v1 or v2).
-fn oom_killed(cgroups_path: &str) -> bool {
-    let rel = cgroups_path.trim_start_matches('/');
-    let candidates = [
-        Path::new("/sys/fs/cgroup/memory")
-            .join(rel)
-            .join("memory.oom_control"),
-        Path::new("/sys/fs/cgroup").join(rel).join("memory.events"),
-        Path::new("/sys/fs/cgroup/unified")
-            .join(rel)
-            .join("memory.events"),
-    ];
-    candidates.iter().any(|p| {
+/// The files where the kernel counts OOM kills in the cgroups of the running process `pid`:
+/// its cgroups as `/proc/PID/cgroup` names them, under the cgroup file systems this process has
+/// mounted (`/proc/self/mountinfo`), wherever they are. If the process is already gone, the
+/// engine's `cgroups_path` in each hierarchy.
+fn instance_oom_files(pid: Pid, cgroups_path: &str) -> Vec<PathBuf> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let cgroups = fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .unwrap_or_else(|_| format!("0::{cgroups_path}\n1:memory:{cgroups_path}\n"));
+    oom_files(&cgroups, &mountinfo)
+}
+
+/// For each cgroup of `proc_cgroup` (`ID:CONTROLLERS:PATH` lines) with a memory controller
+/// mounted in `mountinfo`: cgroup2's `memory.events`, v1's `memory.oom_control`. A path is
+/// taken relative to the root of the mount (which is not `/` inside a cgroup namespace or for
+/// a bind mount of a subtree); a cgroup outside a mount's root is not under that mount.
+fn oom_files(proc_cgroup: &str, mountinfo: &str) -> Vec<PathBuf> {
+    // (root, mount point, fstype, super options) of every cgroup file system.
+    let mounts: Vec<(&str, PathBuf, &str, &str)> = mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let mut right = right.split(' ');
+            let fstype = right.next()?;
+            let options = right.nth(1).unwrap_or("");
+            let mut left = left.split(' ');
+            let root = left.nth(3)?;
+            let point = PathBuf::from(left.next()?.replace("\\040", " "));
+            matches!(fstype, "cgroup" | "cgroup2").then_some((root, point, fstype, options))
+        })
+        .collect();
+    let mut files = Vec::new();
+    for line in proc_cgroup.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let (fstype, file) = if controllers.is_empty() {
+            ("cgroup2", "memory.events")
+        } else if controllers.split(',').any(|c| c == "memory") {
+            ("cgroup", "memory.oom_control")
+        } else {
+            continue;
+        };
+        for (root, point, _, _) in mounts.iter().filter(|(_, _, t, options)| {
+            *t == fstype && (fstype == "cgroup2" || options.split(',').any(|o| o == "memory"))
+        }) {
+            let Ok(rel) = Path::new(path).strip_prefix(root) else {
+                continue;
+            };
+            let candidate = point.join(rel).join(file);
+            if !files.contains(&candidate) {
+                files.push(candidate);
+            }
+        }
+    }
+    files
+}
+
+/// Whether the kernel OOM-killed something in the instance's memory cgroup: an `oom_kill`
+/// count above 0 in one of `files` (see [`oom_files`]).
+fn oom_killed(files: &[PathBuf]) -> bool {
+    files.iter().any(|p| {
         fs::read_to_string(p)
             .map(|s| {
                 s.lines().any(|l| {
@@ -810,6 +862,55 @@ impl LogWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The OOM count is found wherever the cgroup file systems are mounted and whatever cgroup
+    /// the process is in: a cgroup2 tree mounted at a temporary directory, seen from a cgroup
+    /// namespace (its root is not the mount's), next to a v1 memory controller mounted with
+    /// another one, and a cgroup outside a mount's root, which is not looked for under it.
+    #[test]
+    fn oom_kills_are_read_from_the_cgroups_the_process_is_in_under_any_mount_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let (v2, v1) = (dir.path().join("cg2"), dir.path().join("cg1 mem"));
+        let mountinfo = format!(
+            "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
+             40 31 0:40 /ns {} rw - cgroup2 cgroup2 rw,nsdelegate\n\
+             41 31 0:41 / {} rw - cgroup cgroup rw,cpu,memory\n\
+             42 31 0:42 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids\n",
+            v2.display(),
+            v1.display().to_string().replace(' ', "\\040"),
+        );
+        let cgroups = "0::/ns/svc/web-1\n5:pids:/elsewhere\n4:memory,cpu:/svc/web-1\n";
+        let files = oom_files(cgroups, &mountinfo);
+        assert_eq!(
+            files,
+            [
+                v2.join("svc/web-1/memory.events"),
+                v1.join("svc/web-1/memory.oom_control")
+            ]
+        );
+        for file in &files {
+            fs::create_dir_all(file.parent().unwrap()).unwrap();
+        }
+        fs::write(&files[0], "low 0\nhigh 0\nmax 3\noom 1\noom_kill 0\n").unwrap();
+        fs::write(&files[1], "oom_kill_disable 0\nunder_oom 0\noom_kill 0\n").unwrap();
+        assert!(!oom_killed(&files));
+        fs::write(&files[0], "low 0\nhigh 0\nmax 3\noom 1\noom_kill 2\n").unwrap();
+        assert!(oom_killed(&files));
+        assert!(
+            oom_files("0::/other/web-1\n", &mountinfo).is_empty(),
+            "a cgroup outside the namespace root"
+        );
+        // On this host, for this very process (whose memory cgroup need not be the root): the
+        // file named is the kernel's own.
+        let me = instance_oom_files(Pid::this(), "/imago/none");
+        assert!(!me.is_empty(), "no memory cgroup found for this process");
+        // (A root cgroup2 has no memory.events.)
+        let in_root = fs::read_to_string("/proc/self/cgroup")
+            .unwrap()
+            .lines()
+            .all(|l| l.ends_with(":/"));
+        assert!(in_root || me.iter().any(|f| f.is_file()), "{me:?}");
+    }
 
     #[test]
     fn log_rotates_and_keeps_one_old_file() {

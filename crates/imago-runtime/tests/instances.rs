@@ -47,6 +47,7 @@ both_engines!(
     unconfined_instances_can_make_user_namespaces_again,
     ordinary_programs_work_under_the_default_filter,
     a_profile_file_replaces_the_default_filter,
+    a_non_root_instance_can_write_tmp,
 );
 
 fn echo_runs_and_exit_status_is_recorded(engine: Engine) {
@@ -137,6 +138,28 @@ fn root_is_read_only_tmp_is_writable_cache_unchanged(engine: Engine) {
     );
     assert!(!cache.join("bin/x").exists());
     h.provider.remove(&first.id).unwrap();
+    h.provider.remove(&inst.id).unwrap();
+}
+
+/// /tmp is the instance's own (a tmpfs, mode 1777) whatever user it runs as, under both
+/// engines; the image has no /tmp of its own.
+fn a_non_root_instance_can_write_tmp(engine: Engine) {
+    let h = Harness::with_image(engine, |layout| {
+        common::build_busybox_image_full(layout, &[], Some("1000:1000"), &[])
+    });
+    let inst = h.run_to_exit(&h.spec(&[
+        "sh",
+        "-c",
+        "id -u; echo data > /tmp/f && cat /tmp/f; ls -ld /tmp | head -c 10; echo; \
+         mkdir /tmp/d && echo made",
+    ]));
+    assert_eq!(
+        h.logs(&inst.id),
+        "1000\ndata\ndrwxrwxrwt\nmade\n",
+        "exit {:?}",
+        inst.exit_code
+    );
+    assert_eq!(inst.exit_code, Some(0));
     h.provider.remove(&inst.id).unwrap();
 }
 

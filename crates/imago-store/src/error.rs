@@ -80,6 +80,8 @@ pub enum StoreError {
         path: PathBuf,
         cause: Box<StoreError>,
     },
+    #[error("manifest {digest}: its blob sizes add up to more than 2^64 bytes")]
+    SizeOverflow { digest: Digest },
     #[error("layer {digest} unpacks to diff_id {actual}, but the image config says {expected}")]
     DiffIdMismatch {
         digest: Digest,

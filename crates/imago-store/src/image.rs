@@ -41,11 +41,16 @@ pub struct ImageSummary {
 }
 
 impl ResolvedImage {
-    /// Manifest, config and layer bytes together.
-    pub fn total_size(&self) -> u64 {
-        self.manifest_size
-            + self.manifest.config().size()
-            + self.manifest.layers().iter().map(|l| l.size()).sum::<u64>()
+    /// Manifest, config and layer bytes together. The sizes come from the manifest, which
+    /// anyone may have written: a sum past `u64::MAX` is an error naming the manifest.
+    pub fn total_size(&self) -> Result<u64> {
+        let layers = self.manifest.layers().iter().map(|l| l.size());
+        sum_sizes(
+            &self.digest,
+            [self.manifest_size, self.manifest.config().size()]
+                .into_iter()
+                .chain(layers),
+        )
     }
 
     pub fn layers(&self) -> Result<Vec<LayerInfo>> {
@@ -226,10 +231,24 @@ impl Store {
                 parsed.created
             }
         };
-        let size =
-            bytes.len() as u64 + config.size + doc.layers.iter().map(|l| l.size).sum::<u64>();
+        let size = sum_sizes(
+            digest,
+            [bytes.len() as u64, config.size]
+                .into_iter()
+                .chain(doc.layers.iter().map(|l| l.size)),
+        )?;
         Ok((size, created))
     }
+}
+
+/// The sum of the blob sizes of manifest `digest`, or an error naming it if it overflows.
+fn sum_sizes(digest: &Digest, sizes: impl IntoIterator<Item = u64>) -> Result<u64> {
+    sizes
+        .into_iter()
+        .try_fold(0u64, u64::checked_add)
+        .ok_or_else(|| StoreError::SizeOverflow {
+            digest: digest.clone(),
+        })
 }
 
 /// The parts of a manifest or index that a summary needs.
@@ -324,4 +343,57 @@ pub(crate) fn resolve_image_with(
         },
         config_bytes,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A manifest whose layer sizes add up past `u64::MAX` (the store reads no layer to
+    /// list or inspect an image, so nothing else refuses it): an error naming the manifest,
+    /// for `imago inspect` and for `imago images`, not a panic or a wrapped-around size.
+    #[test]
+    fn blob_sizes_that_overflow_are_an_error_naming_the_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let config = serde_json::json!({
+            "architecture": "amd64", "os": "linux", "config": {},
+            "rootfs": {"type": "layers", "diff_ids": [Digest::of(b"l").to_string()]},
+        });
+        let (config_digest, config_size, _) = store.put_json(&config).unwrap();
+        let layer = |size: u64| {
+            serde_json::json!({
+                "mediaType": media::OCI_LAYER_GZIP, "digest": Digest::of(b"l").to_string(),
+                "size": size,
+            })
+        };
+        let manifest = |sizes: &[u64]| {
+            serde_json::json!({
+                "schemaVersion": 2, "mediaType": media::OCI_MANIFEST,
+                "config": {"mediaType": media::OCI_CONFIG, "digest": config_digest.to_string(),
+                           "size": config_size},
+                "layers": sizes.iter().map(|s| layer(*s)).collect::<Vec<_>>(),
+            })
+        };
+        let (fine, fine_size, _) = store.put_json(&manifest(&[10, 20])).unwrap();
+        let (huge, _, _) = store
+            .put_json(&manifest(&[u64::MAX / 2, u64::MAX / 2]))
+            .unwrap();
+        assert_eq!(
+            store.load_image(&fine).unwrap().total_size().unwrap(),
+            fine_size + config_size + 30
+        );
+        let err = store.load_image(&huge).unwrap().total_size().unwrap_err();
+        assert!(matches!(err, StoreError::SizeOverflow { .. }), "{err:?}");
+        assert!(err.to_string().contains(&huge.to_string()), "{err}");
+        store
+            .tag(&"fine:1".parse::<Reference>().unwrap(), &fine)
+            .unwrap();
+        assert_eq!(store.images().unwrap().len(), 1);
+        store
+            .tag(&"huge:1".parse::<Reference>().unwrap(), &huge)
+            .unwrap();
+        let err = store.images().unwrap_err();
+        assert!(err.to_string().contains(&huge.to_string()), "{err}");
+    }
 }

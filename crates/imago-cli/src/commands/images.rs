@@ -132,7 +132,7 @@ pub fn inspect(ctx: &Context, args: InspectArgs) -> Result<()> {
     let inspection = Inspection {
         digest: image.digest.clone(),
         names,
-        size: image.total_size(),
+        size: image.total_size()?,
         config_digest: image.config_digest.clone(),
         layers: image.layers()?,
         manifest,

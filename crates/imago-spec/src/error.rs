@@ -1,0 +1,35 @@
+use std::path::PathBuf;
+
+/// What is wrong with a definition file's services. Every error names the file and where in
+/// it, or the service and its field.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("service {service}: {field} {reason}")]
+    InvalidService {
+        service: String,
+        field: String,
+        reason: String,
+    },
+    #[error("services {first} and {second} both publish port {port}")]
+    PortConflict {
+        port: u16,
+        first: String,
+        second: String,
+    },
+    #[error("{}:{line}:{column}: {message}", path.display())]
+    ServiceTable {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{} defines no service ([service.NAME] tables)", path.display())]
+    NoServices { path: PathBuf },
+    #[error("{} has no service {service}; it defines: {defined}", path.display())]
+    UnknownService {
+        path: PathBuf,
+        service: String,
+        /// The services the file defines, comma-separated.
+        defined: String,
+    },
+}

@@ -1,0 +1,619 @@
+//! `[service.NAME]` in `imago.toml`: what a service is, as the user wrote it, and its validation.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::error::SpecError;
+use crate::volume::VolumeMount;
+
+/// One service as declared. Every field that changes what an instance runs is part of the
+/// release's configuration hash.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// An image of the same file (`web`), or any store reference (`web:v2`, `sha256:...`).
+    pub image: String,
+    #[serde(default = "one")]
+    pub replicas: u32,
+    /// Replaces the image's entrypoint + cmd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// The service's stable endpoint on the host (127.0.0.1:port by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// The port the instances listen on; defaults to `port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<u16>,
+    #[serde(default)]
+    #[schemars(with = "NetworkName")]
+    pub network: NetworkMode,
+    #[serde(default)]
+    pub resources: Resources,
+    /// `NAME:/path` (a named volume shared by the service's instances) or `/host/path:/path`,
+    /// optionally `:ro`. The image's declared volumes get an anonymous volume per instance.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<String>,
+    /// The syscall filter: "default" (Docker's default profile), "unconfined" (none), or the
+    /// path of a profile file (OCI `linux.seccomp` JSON, relative to imago.toml), whose content
+    /// is read when the file is loaded and becomes part of the release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
+    pub seccomp: Option<SeccompSetting>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthCheck>,
+    #[serde(default)]
+    pub rollout: RolloutSettings,
+    /// Time between the stop signal and SIGKILL when an instance is retired.
+    #[serde(default = "default_stop_grace", with = "humantime_serde_compat")]
+    #[schemars(with = "DurationText")]
+    pub stop_grace_period: Duration,
+}
+
+fn default_stop_grace() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// A service's `seccomp` key: as written, or with a profile file's content in place of its path.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SeccompSetting {
+    /// `default`, `unconfined`, or a profile (inline, or read from its file: what a release
+    /// keeps).
+    Resolved(SeccompFilter),
+    /// The path of a profile file, not read yet.
+    File(String),
+}
+
+/// Which seccomp filter the instances run under, in the runtime's serialized form
+/// (`"default"`, `"unconfined"`, `{"profile": {...}}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SeccompFilter {
+    Default,
+    Unconfined,
+    /// An OCI `linux.seccomp` profile; its keys and shape are checked by the runtime when the
+    /// definition file is loaded.
+    Profile(serde_json::Value),
+}
+
+/// The instance network: `"private"` (own network namespace and address per instance) or
+/// `"host"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    #[default]
+    Private,
+    Host,
+}
+
+// The schema of [`NetworkMode`]: its name and description are the ones published while the
+// type lived in the runtime (kept word for word, so that the schema does not change).
+#[derive(JsonSchema)]
+#[schemars(
+    description = "The schema of [`NetworkMode`] (which lives in the runtime, which knows nothing of schemas)."
+)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)]
+enum NetworkName {
+    /// Own network namespace and address per instance.
+    Private,
+    /// The host's network namespace.
+    Host,
+}
+
+/// A duration as written in imago.toml: "500ms", "2s", "1m 30s".
+#[derive(JsonSchema)]
+#[allow(dead_code)]
+struct DurationText(String);
+
+/// The JSON Schema of one `[service.NAME]` table.
+pub fn service_json_schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(ServiceSpec)).unwrap_or_default()
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// Memory limit, e.g. "64M", "1G".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    /// CPU limit in cores, e.g. 0.5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u32>,
+}
+
+/// `[service.NAME.health]`: `type = "http" | "tcp" | "command"` and the fields of that type.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    #[serde(rename = "type")]
+    pub kind: ProbeKind,
+    /// http: the path to GET.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// http: the status that means healthy (200).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// http, tcp: the port to probe (default: the instance port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// command: run inside the instance; exit 0 means healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    #[serde(default = "default_interval", with = "humantime_serde_compat")]
+    #[schemars(with = "DurationText")]
+    pub interval: Duration,
+    #[serde(default = "default_timeout", with = "humantime_serde_compat")]
+    #[schemars(with = "DurationText")]
+    pub timeout: Duration,
+    #[serde(default = "one")]
+    pub healthy_threshold: u32,
+    #[serde(default = "three")]
+    pub unhealthy_threshold: u32,
+    #[serde(default, with = "humantime_serde_compat")]
+    #[schemars(with = "DurationText")]
+    pub start_period: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeKind {
+    Http,
+    Tcp,
+    Command,
+}
+
+fn three() -> u32 {
+    3
+}
+fn default_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+
+/// A health probe with its type-specific fields checked and defaulted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    Http {
+        path: String,
+        port: u16,
+        status: u16,
+    },
+    Tcp {
+        port: u16,
+    },
+    Command {
+        command: Vec<String>,
+    },
+}
+
+impl HealthCheck {
+    /// The probe to run, or why the fields do not make one. `instance_port` is the service's
+    /// port inside the instance.
+    pub fn probe(&self, instance_port: Option<u16>) -> Result<Probe, (String, String)> {
+        let field = |f: &str, reason: &str| Err((format!("health.{f}"), reason.to_owned()));
+        let port = self.port.or(instance_port);
+        match self.kind {
+            ProbeKind::Http | ProbeKind::Tcp if self.command.is_some() => {
+                field("command", "only applies to type = \"command\"")
+            }
+            ProbeKind::Tcp if self.path.is_some() || self.status.is_some() => {
+                field("path", "and status only apply to type = \"http\"")
+            }
+            ProbeKind::Http | ProbeKind::Tcp if port.is_none() => field(
+                "port",
+                "is needed: an http or tcp check needs a port (set `port`, `target_port` or `health.port`)",
+            ),
+            ProbeKind::Http => Ok(Probe::Http {
+                path: self.path.clone().unwrap_or_else(|| "/".into()),
+                port: port.unwrap_or_default(),
+                status: self.status.unwrap_or(200),
+            }),
+            ProbeKind::Tcp => Ok(Probe::Tcp {
+                port: port.unwrap_or_default(),
+            }),
+            ProbeKind::Command => match &self.command {
+                Some(c) if !c.is_empty() && self.path.is_none() && self.port.is_none() => {
+                    Ok(Probe::Command { command: c.clone() })
+                }
+                Some(c) if !c.is_empty() => {
+                    field("path", "and port do not apply to type = \"command\"")
+                }
+                _ => field(
+                    "command",
+                    "is needed and must not be empty for type = \"command\"",
+                ),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    #[default]
+    Rolling,
+    BlueGreen,
+}
+
+/// A count or a percentage of the replicas ("25%").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Amount {
+    Count(u32),
+    Percent(String),
+}
+
+impl Amount {
+    /// Resolves against `replicas`; percentages round up for surge and down for unavailability,
+    /// as Kubernetes does, so that a rollout can always make progress.
+    pub fn resolve(&self, replicas: u32, round_up: bool) -> Result<u32, String> {
+        match self {
+            Amount::Count(n) => Ok(*n),
+            Amount::Percent(text) => {
+                let number = text
+                    .strip_suffix('%')
+                    .and_then(|n| n.trim().parse::<u32>().ok())
+                    .filter(|p| *p <= 100)
+                    .ok_or_else(|| {
+                        format!("{text:?} is neither a count nor a percentage like \"25%\"")
+                    })?;
+                let scaled = u64::from(replicas) * u64::from(number);
+                let value = if round_up {
+                    scaled.div_ceil(100)
+                } else {
+                    scaled / 100
+                };
+                Ok(u32::try_from(value).unwrap_or(u32::MAX))
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutSettings {
+    #[serde(default)]
+    pub strategy: Strategy,
+    #[serde(default = "default_surge")]
+    pub max_surge: Amount,
+    #[serde(default = "default_unavailable")]
+    pub max_unavailable: Amount,
+    /// How long a new instance must stay healthy before it counts as available.
+    #[serde(default, with = "humantime_serde_compat")]
+    #[schemars(with = "DurationText")]
+    pub min_ready: Duration,
+    /// A rollout with no progress for this long has failed.
+    #[serde(default = "default_deadline", with = "humantime_serde_compat")]
+    #[schemars(with = "DurationText")]
+    pub progress_deadline: Duration,
+    #[serde(default = "yes")]
+    pub auto_rollback: bool,
+    /// How long a retired instance keeps serving its open connections after it stops getting
+    /// new ones.
+    #[serde(default = "default_drain", with = "humantime_serde_compat")]
+    #[schemars(with = "DurationText")]
+    pub drain: Duration,
+}
+
+fn default_surge() -> Amount {
+    Amount::Percent("25%".into())
+}
+fn default_unavailable() -> Amount {
+    Amount::Count(0)
+}
+fn default_deadline() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_drain() -> Duration {
+    Duration::from_secs(2)
+}
+fn yes() -> bool {
+    true
+}
+
+impl Default for RolloutSettings {
+    fn default() -> Self {
+        RolloutSettings {
+            strategy: Strategy::default(),
+            max_surge: default_surge(),
+            max_unavailable: default_unavailable(),
+            min_ready: Duration::ZERO,
+            progress_deadline: default_deadline(),
+            auto_rollback: true,
+            drain: default_drain(),
+        }
+    }
+}
+
+/// Surge and unavailability resolved to instance counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Limits {
+    pub replicas: u32,
+    pub max_surge: u32,
+    pub max_unavailable: u32,
+}
+
+impl ServiceSpec {
+    /// Checks what can be checked without the store or the runtime; errors name the service
+    /// and the field.
+    pub fn validate(&self, service: &str) -> Result<Limits, SpecError> {
+        let bad = |field: &str, reason: String| SpecError::InvalidService {
+            service: service.to_owned(),
+            field: field.to_owned(),
+            reason,
+        };
+        if self.replicas == 0 {
+            return Err(bad(
+                "replicas",
+                "must be at least 1 (use `imago destroy` to remove a service)".into(),
+            ));
+        }
+        if self.image.trim().is_empty() {
+            return Err(bad("image", "is empty".into()));
+        }
+        let max_surge = self
+            .rollout
+            .max_surge
+            .resolve(self.replicas, true)
+            .map_err(|r| bad("rollout.max_surge", r))?;
+        let max_unavailable = self
+            .rollout
+            .max_unavailable
+            .resolve(self.replicas, false)
+            .map_err(|r| bad("rollout.max_unavailable", r))?;
+        if max_surge == 0 && max_unavailable == 0 && self.rollout.strategy == Strategy::Rolling {
+            return Err(bad(
+                "rollout",
+                "max_surge and max_unavailable are both 0: a rolling update could never replace an instance"
+                    .into(),
+            ));
+        }
+        if let Some(health) = &self.health {
+            if health.interval.is_zero() {
+                return Err(bad("health.interval", "must be greater than 0".into()));
+            }
+            if health.timeout.is_zero() {
+                return Err(bad("health.timeout", "must be greater than 0".into()));
+            }
+            if health.healthy_threshold == 0 || health.unhealthy_threshold == 0 {
+                return Err(bad("health", "thresholds must be at least 1".into()));
+            }
+            health
+                .probe(self.instance_port())
+                .map_err(|(field, reason)| bad(&field, reason))?;
+        }
+        if let Some(cpus) = self.resources.cpus
+            && !(cpus > 0.0 && cpus.is_finite())
+        {
+            return Err(bad(
+                "resources.cpus",
+                format!("{cpus} is not a positive number of cores"),
+            ));
+        }
+        self.volume_mounts()
+            .map_err(|reason| bad("volumes", reason))?;
+        if self.rollout.progress_deadline.is_zero() {
+            return Err(bad(
+                "rollout.progress_deadline",
+                "must be greater than 0".into(),
+            ));
+        }
+        Ok(Limits {
+            replicas: self.replicas,
+            max_surge,
+            max_unavailable,
+        })
+    }
+
+    /// The parsed `volumes`, checked together (no two at one path).
+    pub fn volume_mounts(&self) -> Result<Vec<VolumeMount>, String> {
+        let mut mounts: Vec<VolumeMount> = Vec::new();
+        for text in &self.volumes {
+            let mount: VolumeMount = text.parse()?;
+            if mounts.iter().any(|m| m.target == mount.target) {
+                return Err(format!("two volumes are mounted at {}", mount.target));
+            }
+            mounts.push(mount);
+        }
+        Ok(mounts)
+    }
+
+    /// The port instances listen on.
+    pub fn instance_port(&self) -> Option<u16> {
+        self.target_port.or(self.port)
+    }
+}
+
+/// Checks what involves several services: no two publish the same port.
+pub fn validate_all(
+    services: &BTreeMap<String, ServiceSpec>,
+) -> Result<BTreeMap<String, Limits>, SpecError> {
+    let mut ports: BTreeMap<u16, &str> = BTreeMap::new();
+    let mut limits = BTreeMap::new();
+    for (name, spec) in services {
+        limits.insert(name.clone(), spec.validate(name)?);
+        if let Some(port) = spec.port
+            && let Some(other) = ports.insert(port, name)
+        {
+            return Err(SpecError::PortConflict {
+                port,
+                first: other.to_owned(),
+                second: name.clone(),
+            });
+        }
+    }
+    Ok(limits)
+}
+
+/// serde support for durations written as "500ms", "2s", "1m 30s".
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {text:?}: {e} (try \"500ms\", \"2s\", \"1m\")"
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn parse(text: &str) -> ServiceSpec {
+        let value: toml_like::Value = toml_like::from_str(text);
+        serde_json::from_value(value).unwrap()
+    }
+
+    /// Tests write specs as JSON (the TOML front end lives in the builder's loader).
+    mod toml_like {
+        pub type Value = serde_json::Value;
+        pub fn from_str(text: &str) -> Value {
+            serde_json::from_str(text).unwrap()
+        }
+    }
+
+    #[test]
+    fn defaults_follow_kubernetes_and_nomad_conventions() {
+        let spec = parse(r#"{"image": "web"}"#);
+        assert_eq!(spec.replicas, 1);
+        assert_eq!(spec.rollout.strategy, Strategy::Rolling);
+        assert!(spec.rollout.auto_rollback);
+        let limits = parse(r#"{"image": "web", "replicas": 10}"#)
+            .validate("web")
+            .unwrap();
+        assert_eq!(
+            (limits.max_surge, limits.max_unavailable),
+            (3, 0),
+            "25% of 10 rounds up"
+        );
+    }
+
+    #[test]
+    fn percentages_round_up_for_surge_and_down_for_unavailable() {
+        let a = Amount::Percent("25%".into());
+        assert_eq!(a.resolve(3, true).unwrap(), 1);
+        assert_eq!(a.resolve(3, false).unwrap(), 0);
+        assert!(Amount::Percent("lots".into()).resolve(3, true).is_err());
+        assert!(Amount::Percent("150%".into()).resolve(3, true).is_err());
+    }
+
+    #[test]
+    fn plan_time_errors_name_the_service_and_field() {
+        let zero = parse(r#"{"image": "web", "replicas": 0}"#)
+            .validate("web")
+            .unwrap_err()
+            .to_string();
+        assert!(zero.contains("web") && zero.contains("replicas"), "{zero}");
+        let stuck = parse(r#"{"image": "web", "rollout": {"max_surge": 0, "max_unavailable": 0}}"#)
+            .validate("web")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            stuck.contains("max_surge and max_unavailable are both 0"),
+            "{stuck}"
+        );
+        let no_port = parse(r#"{"image": "web", "health": {"type": "http"}}"#)
+            .validate("web")
+            .unwrap_err()
+            .to_string();
+        assert!(no_port.contains("needs a port"), "{no_port}");
+        let volume = parse(r#"{"image": "web", "volumes": ["data:/srv", "logs:/srv/"]}"#)
+            .validate("web")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            volume.contains("volumes") && volume.contains("two volumes are mounted at /srv"),
+            "{volume}"
+        );
+        let volume = parse(r#"{"image": "web", "volumes": ["data:srv"]}"#)
+            .validate("web")
+            .unwrap_err()
+            .to_string();
+        assert!(volume.contains("\"srv\""), "{volume}");
+        assert!(
+            parse(r#"{"image": "web", "volumes": ["data:/srv", "/etc/hosts:/etc/hosts:ro"]}"#)
+                .validate("web")
+                .is_ok()
+        );
+        let bad_duration: Result<ServiceSpec, _> = serde_json::from_value(
+            serde_json::json!({"image": "web", "rollout": {"min_ready": "soon"}}),
+        );
+        assert!(
+            bad_duration
+                .unwrap_err()
+                .to_string()
+                .contains("invalid duration \"soon\"")
+        );
+    }
+
+    #[test]
+    fn two_services_on_one_port_conflict() {
+        let mut services = BTreeMap::new();
+        services.insert("a".to_string(), parse(r#"{"image": "web", "port": 8080}"#));
+        services.insert("b".to_string(), parse(r#"{"image": "api", "port": 8080}"#));
+        let err = validate_all(&services).unwrap_err().to_string();
+        assert!(
+            err.contains("8080") && err.contains('a') && err.contains('b'),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn health_checks_parse_all_three_probes() {
+        let http = parse(
+            r#"{"image":"w","port":80,"health":{"type":"http","path":"/up","interval":"500ms"}}"#,
+        );
+        let health = http.health.unwrap();
+        assert_eq!(health.interval, Duration::from_millis(500));
+        assert_eq!(
+            health.probe(Some(80)).unwrap(),
+            Probe::Http {
+                path: "/up".into(),
+                port: 80,
+                status: 200
+            }
+        );
+        let tcp = parse(r#"{"image":"w","health":{"type":"tcp","port":9000}}"#);
+        assert!(tcp.validate("w").is_ok());
+        let cmd = parse(r#"{"image":"w","health":{"type":"command","command":["/bin/true"]}}"#);
+        assert!(cmd.validate("w").is_ok());
+        let mixed = parse(r#"{"image":"w","health":{"type":"tcp","port":1,"command":["x"]}}"#);
+        assert!(
+            mixed
+                .validate("w")
+                .unwrap_err()
+                .to_string()
+                .contains("health.command")
+        );
+        let unknown: Result<ServiceSpec, _> = serde_json::from_value(
+            serde_json::json!({"image":"w","health":{"type":"tcp","paht":"/"}}),
+        );
+        assert!(unknown.unwrap_err().to_string().contains("paht"));
+    }
+}
