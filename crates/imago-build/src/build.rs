@@ -1,6 +1,6 @@
 //! Building one image: layers (from the cache or written now), then config and manifest.
 
-use std::fs::File;
+use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
@@ -14,8 +14,11 @@ use sha2::Digest as _;
 
 use crate::BuildError;
 use crate::cache::{Cache, ContentHash, FileLookup, LayerRecord};
+use crate::definition::StepNetwork;
 use crate::definition::{CompressionName, DefinitionFile, ImageDef};
 use crate::plan::{Context, EntryKind, LayerPlan, plan_layer};
+use crate::step::{DiffKind, PlannedMount, StepPlan};
+use imago_runtime::sandbox::{SandboxMount, SandboxSpec};
 
 /// Manifest annotation naming the compressor that produced the new layers.
 pub const ANNOTATION_COMPRESSOR: &str = "dev.imago.build.compressor";
@@ -30,6 +33,20 @@ pub struct BuildOptions {
     pub cache_dir: Option<PathBuf>,
     /// Rebuild and compare with the stored `NAME:latest` instead of storing anything.
     pub check: bool,
+    /// Where and how `run` steps run; a definition with a `run` layer needs it.
+    pub sandbox: Option<SandboxOptions>,
+}
+
+/// How `run` steps are run.
+#[derive(Debug, Clone)]
+pub struct SandboxOptions {
+    /// The helper that runs a step (`imago __sandbox`).
+    pub helper: imago_runtime::SupervisorCommand,
+    pub engine: imago_runtime::Engine,
+    /// `<home>/build-work`: unpacked roots, the steps' directories and their logs.
+    pub work_dir: PathBuf,
+    /// `<home>/build-cache/mounts`: the cache mounts' directories, kept between builds.
+    pub cache_mounts: PathBuf,
 }
 
 /// Progress, for the caller's reporter.
@@ -49,6 +66,18 @@ pub enum Event<'a> {
     },
     LayerFinished {
         cached: bool,
+    },
+    /// A line of a `run` step's output (with its newline, if it had one).
+    StepOutput {
+        image: &'a str,
+        layer: &'a str,
+        line: &'a [u8],
+    },
+    /// Something of a step's result left out of its layer (fifos, sockets).
+    StepWarning {
+        image: &'a str,
+        layer: &'a str,
+        message: &'a str,
     },
     /// The base archive is about to be read and hashed (the build cache did not know it, or
     /// `--check`): worth a status line, as a large archive takes a while.
@@ -169,6 +198,13 @@ pub fn build_image(
         .iter()
         .map(|l| plan_layer(file, &context, l))
         .collect::<Result<Vec<_>, _>>()?;
+    let steps = image
+        .layers
+        .iter()
+        .map(|l| crate::step::plan_step(file, &context, l))
+        .collect::<Result<Vec<_>, _>>()?;
+    // Layers that a later step runs on must be in the store to be unpacked, also for --check.
+    let last_step = steps.iter().rposition(Option::is_some);
     let base = load_base(store, file, name, image, &cache, options.check, progress)?;
     let created = rfc3339(options.source_date_epoch);
     config_json(file, image, base.as_ref(), &plans, &[], &created)?;
@@ -188,15 +224,47 @@ pub fn build_image(
             bytes: plan.file_bytes(),
         });
         let label = plan.name.clone().unwrap_or_else(|| (index + 1).to_string());
-        let (record, cached) = build_layer(store, &mut cache, plan, compression, options, progress)
-            .map_err(|e| match e {
-                LayerFailure::Writer(source) => BuildError::Layer {
-                    image: name.to_owned(),
-                    layer: label,
-                    source,
-                },
-                LayerFailure::Other(e) => e,
-            })?;
+        if let Some(step) = &steps[index] {
+            let (record, cached) = build_step_layer(
+                store,
+                &mut cache,
+                step,
+                &layers,
+                base.as_ref().map(|b| &b.config),
+                compression,
+                options,
+                (name, &label),
+                progress,
+            )?;
+            progress(Event::LayerFinished { cached });
+            layers.push(BuiltLayer {
+                digest: record.blob_digest,
+                diff_id: record.diff_id,
+                size: record.blob_size,
+                media_type: record.media_type,
+                from_base: false,
+                cached,
+            });
+            continue;
+        }
+        let keep = last_step.is_some_and(|last| index < last);
+        let (record, cached) = build_layer(
+            store,
+            &mut cache,
+            plan,
+            compression,
+            options,
+            keep,
+            progress,
+        )
+        .map_err(|e| match e {
+            LayerFailure::Writer(source) => BuildError::Layer {
+                image: name.to_owned(),
+                layer: label,
+                source,
+            },
+            LayerFailure::Other(e) => e,
+        })?;
         progress(Event::LayerFinished { cached });
         layers.push(BuiltLayer {
             digest: record.blob_digest,
@@ -278,6 +346,249 @@ pub fn build_image(
         }
     }
     Ok(built)
+}
+
+/// Runs a `run` step (or finds its layer in the cache) and writes the difference it made.
+#[allow(clippy::too_many_arguments)]
+fn build_step_layer(
+    store: &Store,
+    cache: &mut Cache,
+    step: &StepPlan,
+    parents: &[BuiltLayer],
+    base_config: Option<&Value>,
+    compression: Compression,
+    options: &BuildOptions,
+    (image, layer): (&str, &str),
+    progress: &mut dyn FnMut(Event<'_>),
+) -> Result<(LayerRecord, bool), BuildError> {
+    let step_error = |message: String| BuildError::Step {
+        image: image.to_owned(),
+        layer: layer.to_owned(),
+        message,
+    };
+    let Some(sandbox) = &options.sandbox else {
+        return Err(step_error(
+            "a run step needs a sandbox, and none was given to the builder".into(),
+        ));
+    };
+    let image_config = base_config.and_then(|c| c.get("config"));
+    let image_env: Vec<String> = image_config
+        .and_then(|c| c.get("Env"))
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let env = step.environment(&image_env, options.source_date_epoch);
+    let cwd = step
+        .workdir
+        .clone()
+        .or_else(|| {
+            image_config
+                .and_then(|c| c.get("WorkingDir"))
+                .and_then(Value::as_str)
+                .filter(|w| w.starts_with('/'))
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| "/".to_owned());
+    let parent_ids: Vec<Digest> = parents.iter().map(|l| l.diff_id.clone()).collect();
+    let key = step.key(
+        &parent_ids,
+        &env,
+        &cwd,
+        compression.implementation(),
+        options.source_date_epoch,
+    )?;
+    if let Some(record) = cache.layer(&key)
+        && store.has_blob(&record.blob_digest)
+    {
+        return Ok((record, true));
+    }
+
+    let chain = ensure_chain(store, &sandbox.work_dir, parents)?;
+    let steps_dir = sandbox.work_dir.join("steps");
+    fs::create_dir_all(&steps_dir).map_err(|e| io_error(&steps_dir, e))?;
+    let step_dir = tempfile::Builder::new()
+        .prefix("s")
+        .tempdir_in(&steps_dir)
+        .map_err(|e| io_error(&steps_dir, e))?;
+    let id = step_dir
+        .path()
+        .file_name()
+        .map(|n| {
+            n.to_string_lossy()
+                .replace(|c: char| !c.is_ascii_alphanumeric(), "x")
+        })
+        .unwrap_or_default();
+    let mut mounts = Vec::new();
+    for m in &step.mounts {
+        mounts.push(match m {
+            PlannedMount::Bind { source, dest, .. } => SandboxMount::Bind {
+                source: source.clone(),
+                dest: dest.clone(),
+                read_only: true,
+            },
+            PlannedMount::Cache { id, dest } => {
+                let dir = sandbox.cache_mounts.join(id);
+                fs::create_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
+                SandboxMount::Bind {
+                    source: dir,
+                    dest: dest.clone(),
+                    read_only: false,
+                }
+            }
+            PlannedMount::Tmpfs { dest } => SandboxMount::Tmpfs { dest: dest.clone() },
+        });
+    }
+    let spec = SandboxSpec {
+        id: format!("imago-build-{id}"),
+        lower: chain.clone(),
+        dir: step_dir.path().to_owned(),
+        commands: step.commands.clone(),
+        env,
+        cwd,
+        uid: step.uid,
+        gid: step.gid,
+        host_network: step.network == StepNetwork::Host,
+        mounts,
+        memory_bytes: step.memory_bytes,
+        pids: step.pids,
+        timeout_ms: step.timeout.as_millis() as u64,
+        engine: sandbox.engine,
+    };
+    // The whole output is kept next to the steps; the error quotes its end.
+    let logs = sandbox.work_dir.join("logs");
+    fs::create_dir_all(&logs).map_err(|e| io_error(&logs, e))?;
+    let log_path = logs.join(format!("{image}.{}.log", layer.replace('/', "_")));
+    let mut log = File::create(&log_path).map_err(|e| io_error(&log_path, e))?;
+    let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+    let exit = imago_runtime::sandbox::run_sandbox(&sandbox.helper, &spec, &mut |line| {
+        let _ = log.write_all(line);
+        if tail.len() == STEP_TAIL_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(String::from_utf8_lossy(line).trim_end().to_owned());
+        progress(Event::StepOutput { image, layer, line });
+    })
+    .map_err(|e| step_error(e.to_string()))?;
+    if exit.code != 0 || exit.timed_out {
+        return Err(BuildError::StepFailed {
+            image: image.to_owned(),
+            layer: layer.to_owned(),
+            code: exit.code,
+            timed_out: exit.timed_out,
+            last_lines: tail.into(),
+        });
+    }
+    let mut mount_points: Vec<Vec<u8>> = imago_runtime::sandbox::STANDARD_MOUNT_POINTS
+        .iter()
+        .map(|p| p.as_bytes().to_vec())
+        .collect();
+    for m in &step.mounts {
+        mount_points.push(m.dest().trim_start_matches('/').as_bytes().to_vec());
+    }
+    let mut warnings = Vec::new();
+    let entries = crate::step::diff(
+        (image, layer),
+        &chain,
+        &spec.upper(),
+        &mount_points,
+        &mut |w| warnings.push(w),
+    )?;
+    for message in &warnings {
+        progress(Event::StepWarning {
+            image,
+            layer,
+            message,
+        });
+    }
+    let layer_error = |source| BuildError::Layer {
+        image: image.to_owned(),
+        layer: layer.to_owned(),
+        source,
+    };
+    let mtime = options.source_date_epoch;
+    let mut writer =
+        LayerWriter::new(store.blob_writer()?, compression, mtime).map_err(layer_error)?;
+    for entry in &entries {
+        let path = entry.path.as_slice();
+        match &entry.kind {
+            DiffKind::Dir => writer.add_dir(path, entry.meta),
+            DiffKind::Symlink(target) => {
+                writer.add_symlink(path, target, entry.meta.uid, entry.meta.gid)
+            }
+            DiffKind::Hardlink(target) => writer.add_hardlink(path, target, entry.meta),
+            DiffKind::Whiteout => writer.add_file(path, entry.meta, 0, io::empty()),
+            DiffKind::File { source, size } => {
+                let f = File::open(source).map_err(|e| io_error(source, e))?;
+                writer.add_file(path, entry.meta, *size, f)
+            }
+        }
+        .map_err(layer_error)?;
+    }
+    let (LayerDigests { diff_id, .. }, sink) = writer.finish().map_err(layer_error)?;
+    let (blob_digest, blob_size) = sink.commit()?;
+    let record = LayerRecord {
+        diff_id,
+        blob_digest,
+        blob_size,
+        media_type: compression.layer_media_type().to_owned(),
+    };
+    if !options.check {
+        cache.record_layer(&key, &record);
+    }
+    Ok((record, false))
+}
+
+/// Lines of a failed step's output quoted in its error.
+const STEP_TAIL_LINES: usize = 20;
+
+/// The root that `parents` make, unpacked once under `<work>/chains/<sha256 of their
+/// diff_ids>` (into a scratch directory, renamed into place when complete) and never written
+/// afterwards: steps see it through an overlay.
+fn ensure_chain(store: &Store, work: &Path, parents: &[BuiltLayer]) -> Result<PathBuf, BuildError> {
+    let mut h = imago_oci::Sha256::new();
+    for p in parents {
+        h.update(p.diff_id.to_string().as_bytes());
+        h.update(b"\n");
+    }
+    let key = Digest::from_hasher(h);
+    let chains = work.join("chains");
+    let dir = chains.join(key.hex());
+    if dir.is_dir() {
+        return Ok(dir);
+    }
+    fs::create_dir_all(&chains).map_err(|e| io_error(&chains, e))?;
+    let scratch = tempfile::Builder::new()
+        .prefix(".unpack-")
+        .tempdir_in(&chains)
+        .map_err(|e| io_error(&chains, e))?;
+    let options = imago_layer::unpack::UnpackOptions::default();
+    for layer in parents {
+        let compression = Compression::from_media_type(&layer.media_type).ok_or_else(|| {
+            BuildError::Internal(format!(
+                "layer {} has media type {}, which cannot be unpacked",
+                layer.digest, layer.media_type
+            ))
+        })?;
+        let mut blob = store.open_blob(&layer.digest, Some(layer.size))?;
+        let path = store.blob_path(&layer.digest);
+        let stream = imago_layer::compression::decompress(compression, &mut blob)
+            .map_err(|e| io_error(&path, e))?;
+        imago_layer::unpack::apply_layer(stream, scratch.path(), &options)
+            .map_err(|e| BuildError::Internal(format!("unpacking layer {}: {e}", layer.digest)))?;
+    }
+    let scratch = scratch.keep();
+    if let Err(e) = fs::rename(&scratch, &dir) {
+        let _ = fs::remove_dir_all(&scratch);
+        // Another build made it meanwhile.
+        if !dir.is_dir() {
+            return Err(io_error(&dir, e));
+        }
+    }
+    Ok(dir)
 }
 
 enum LayerFailure {
@@ -368,6 +679,7 @@ fn build_layer(
     plan: &LayerPlan,
     compression: Compression,
     options: &BuildOptions,
+    keep_blob: bool,
     progress: &mut dyn FnMut(Event<'_>),
 ) -> Result<(LayerRecord, bool), LayerFailure> {
     let entries = plan.sorted();
@@ -423,7 +735,7 @@ fn build_layer(
         }
     }
 
-    let sink = if options.check {
+    let sink = if options.check && !keep_blob {
         Sink::Discard(imago_oci::HashingWriter::new(io::sink()))
     } else {
         Sink::Store(store.blob_writer()?)

@@ -39,6 +39,7 @@ impl Harness {
             source_date_epoch: 1_700_000_000,
             cache_dir: cache.then(|| self.home.join("build-cache")),
             check,
+            sandbox: None,
         };
         build_image(&self.store(), &file, name, &options, &mut |_| {})
     }
@@ -730,6 +731,7 @@ fn archive_base_is_read_once_names_nothing_and_check_writes_nothing() {
             source_date_epoch: 1_700_000_000,
             cache_dir: Some(c.home.join("build-cache")),
             check,
+            sandbox: None,
         };
         let mut reads = Vec::new();
         let built = build_image(&c.store(), &file, "child", &options, &mut |e| {

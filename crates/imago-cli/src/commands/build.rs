@@ -45,6 +45,36 @@ pub struct BuildArgs {
         default_value_t = 0
     )]
     pub source_date_epoch: u64,
+    /// The engine of `run` steps: embedded (libcontainer, linked in) or runc
+    #[arg(long, default_value = "embedded")]
+    pub runtime: String,
+}
+
+#[derive(Debug, Args)]
+pub struct SandboxArgs {
+    pub dir: PathBuf,
+}
+
+/// The hidden `__sandbox DIR`: runs one build step (a fresh, single-threaded process, as
+/// libcontainer needs) and never returns.
+pub fn sandbox(args: SandboxArgs) -> ! {
+    std::process::exit(imago_runtime::sandbox::sandbox_main(&args.dir))
+}
+
+/// Where `run` steps run: helpers are this executable's `__sandbox`, state under the home.
+pub(crate) fn sandbox_options(
+    ctx: &Context,
+    engine: imago_runtime::Engine,
+) -> Result<imago_build::build::SandboxOptions> {
+    let mut helper = imago_runtime::SupervisorCommand::current_exe()?;
+    helper.args = vec!["__sandbox".into()];
+    helper.fork_when_single_threaded = false;
+    Ok(imago_build::build::SandboxOptions {
+        helper,
+        engine,
+        work_dir: ctx.home.root.join("build-work"),
+        cache_mounts: ctx.home.root.join("build-cache").join("mounts"),
+    })
 }
 
 #[derive(Serialize)]
@@ -88,6 +118,7 @@ pub fn build(ctx: &Context, args: BuildArgs) -> Result<()> {
         source_date_epoch: args.source_date_epoch,
         cache_dir: (!args.no_cache).then(|| ctx.home.root.join("build-cache")),
         check: args.check,
+        sandbox: Some(sandbox_options(ctx, args.runtime.parse()?)?),
     };
     // Every --tag is checked before anything is built.
     let extra_tags = names
@@ -167,6 +198,19 @@ pub(crate) fn build_one(
                 b.finish_and_clear();
             }
         }
+        Event::StepOutput { image, layer, line } => {
+            let text = String::from_utf8_lossy(line);
+            let line = format!("{image}/{layer} | {}", text.trim_end_matches('\n'));
+            match &bar {
+                Some(b) => b.suspend(|| ctx.reporter.status(&line)),
+                None => ctx.reporter.status(&line),
+            }
+        }
+        Event::StepWarning {
+            image,
+            layer,
+            message,
+        } => ctx.reporter.warn(format!("{image}/{layer}: {message}")),
         Event::BaseArchive { image, path } => {
             ctx.reporter
                 .status(format!("{image}: reading base archive {}", path.display()));
