@@ -79,6 +79,16 @@ pub enum Event<'a> {
         layer: &'a str,
         message: &'a str,
     },
+    /// `--check` reran a `run` step: whether its layer is the stored one, and if not the
+    /// first paths that differ (with what differs). A step with `network = "host"` is not
+    /// hermetic: its result may depend on the world.
+    StepChecked {
+        image: &'a str,
+        layer: &'a str,
+        identical: bool,
+        hermetic: bool,
+        differences: &'a [String],
+    },
     /// The base archive is about to be read and hashed (the build cache did not know it, or
     /// `--check`): worth a status line, as a large archive takes a while.
     BaseArchive {
@@ -214,6 +224,7 @@ pub fn build_image(
         .map(|b| b.layer_info.clone())
         .unwrap_or_default();
     let count = plans.len();
+    let mut step_differences: std::collections::BTreeMap<usize, Vec<String>> = Default::default();
     for (index, plan) in plans.iter().enumerate() {
         progress(Event::LayerStarted {
             image: name,
@@ -225,6 +236,7 @@ pub fn build_image(
         });
         let label = plan.name.clone().unwrap_or_else(|| (index + 1).to_string());
         if let Some(step) = &steps[index] {
+            let layer_index = layers.len();
             let (record, cached) = build_step_layer(
                 store,
                 &mut cache,
@@ -236,6 +248,19 @@ pub fn build_image(
                 (name, &label),
                 progress,
             )?;
+            if options.check {
+                let differences = check_step(store, name, layer_index, &record)?;
+                if !differences.is_empty() {
+                    step_differences.insert(layer_index, differences.clone());
+                }
+                progress(Event::StepChecked {
+                    image: name,
+                    layer: &label,
+                    identical: differences.is_empty(),
+                    hermetic: step.network == StepNetwork::None,
+                    differences: &differences,
+                });
+            }
             progress(Event::LayerFinished { cached });
             layers.push(BuiltLayer {
                 digest: record.blob_digest,
@@ -336,7 +361,7 @@ pub fn build_image(
         config: config_bytes,
     };
     if options.check {
-        compare_with_stored(store, &built)?;
+        compare_with_stored(store, &built, &step_differences)?;
     } else {
         store.put_blob(&built.config)?;
         store.put_blob(&built.manifest)?;
@@ -1213,8 +1238,133 @@ pub fn rfc3339(epoch: u64) -> String {
     )
 }
 
+/// How many differing paths a check names per step.
+const CHECK_PATHS: usize = 5;
+
+/// `--check` of one `run` step: the paths where its rebuilt layer differs from the layer at
+/// the same place in the stored `NAME:latest` (empty when identical or when nothing is stored).
+fn check_step(
+    store: &Store,
+    image: &str,
+    index: usize,
+    rebuilt: &LayerRecord,
+) -> Result<Vec<String>, BuildError> {
+    let reference = Reference::named(image, imago_oci::reference::DEFAULT_TAG)?;
+    let Ok(stored) = store.resolve(&reference) else {
+        return Ok(Vec::new());
+    };
+    let layers = stored.layers()?;
+    let Some(old) = layers.get(index) else {
+        return Ok(vec!["the stored image has no layer here".to_owned()]);
+    };
+    if old.diff_id.as_ref() == Some(&rebuilt.diff_id) || old.digest == rebuilt.blob_digest {
+        return Ok(Vec::new());
+    }
+    let before = layer_summary(store, &old.digest, old.size, &old.media_type)?;
+    let after = layer_summary(
+        store,
+        &rebuilt.blob_digest,
+        rebuilt.blob_size,
+        &rebuilt.media_type,
+    )?;
+    let mut out = Vec::new();
+    let paths: std::collections::BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+    for path in paths {
+        let what = match (before.get(path), after.get(path)) {
+            (Some(_), None) => "only in the stored layer".to_owned(),
+            (None, Some(_)) => "only in the rebuild".to_owned(),
+            (Some(a), Some(b)) if a != b => {
+                let mut parts = Vec::new();
+                if a.kind != b.kind {
+                    parts.push(format!("type {} -> {}", a.kind, b.kind));
+                }
+                if a.mode != b.mode {
+                    parts.push(format!("mode {:o} -> {:o}", a.mode, b.mode));
+                }
+                if a.owner != b.owner {
+                    parts.push(format!("owner {} -> {}", a.owner, b.owner));
+                }
+                if a.size != b.size {
+                    parts.push(format!("size {} -> {}", a.size, b.size));
+                }
+                if a.content != b.content {
+                    parts.push("content".to_owned());
+                }
+                parts.join(", ")
+            }
+            _ => continue,
+        };
+        out.push(format!("/{path}: {what}"));
+        if out.len() == CHECK_PATHS {
+            break;
+        }
+    }
+    if out.is_empty() {
+        out.push("same entries, different tar bytes".to_owned());
+    }
+    Ok(out)
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct EntrySummary {
+    kind: String,
+    mode: u32,
+    owner: String,
+    size: u64,
+    /// BLAKE3 of the content, or the link target.
+    content: String,
+}
+
+/// Every entry of a stored layer blob, by path.
+fn layer_summary(
+    store: &Store,
+    digest: &Digest,
+    size: u64,
+    media_type: &str,
+) -> Result<std::collections::BTreeMap<String, EntrySummary>, BuildError> {
+    let path = store.blob_path(digest);
+    let compression = Compression::from_media_type(media_type).ok_or_else(|| {
+        BuildError::Internal(format!("layer {digest} has media type {media_type}"))
+    })?;
+    let mut blob = store.open_blob(digest, Some(size))?;
+    let stream = imago_layer::compression::decompress(compression, &mut blob)
+        .map_err(|e| io_error(&path, e))?;
+    let mut archive = tar::Archive::new(stream);
+    let mut out = std::collections::BTreeMap::new();
+    for entry in archive.entries().map_err(|e| io_error(&path, e))? {
+        let mut entry = entry.map_err(|e| io_error(&path, e))?;
+        let header = entry.header().clone();
+        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let link = entry
+            .link_name_bytes()
+            .map(|l| String::from_utf8_lossy(&l).into_owned());
+        let mut hasher = blake3::Hasher::new();
+        io::copy(&mut entry, &mut hasher).map_err(|e| io_error(&path, e))?;
+        let content = link.unwrap_or_else(|| hasher.finalize().to_hex().to_string());
+        out.insert(
+            name.trim_end_matches('/').to_owned(),
+            EntrySummary {
+                kind: format!("{:?}", header.entry_type()),
+                mode: header.mode().unwrap_or(0),
+                owner: format!(
+                    "{}:{}",
+                    header.uid().unwrap_or(0),
+                    header.gid().unwrap_or(0)
+                ),
+                size: header.size().unwrap_or(0),
+                content,
+            },
+        );
+    }
+    Ok(out)
+}
+
 /// `--check`: the rebuilt image must equal the stored `NAME:latest`, part by part.
-fn compare_with_stored(store: &Store, built: &BuiltImage) -> Result<(), BuildError> {
+fn compare_with_stored(
+    store: &Store,
+    built: &BuiltImage,
+    step_differences: &std::collections::BTreeMap<usize, Vec<String>>,
+) -> Result<(), BuildError> {
     let reference = Reference::named(&built.name, imago_oci::reference::DEFAULT_TAG)?;
     let stored = store.resolve(&reference)?;
     if stored.digest == built.digest {
@@ -1236,8 +1386,12 @@ fn compare_with_stored(store: &Store, built: &BuiltImage) -> Result<(), BuildErr
             } else {
                 "different content"
             };
+            let paths = step_differences
+                .get(&i)
+                .map(|d| format!(" (run step; {})", d.join(", ")))
+                .unwrap_or_default();
             differences.push(format!(
-                "layer {} differs ({tar}): stored {}, rebuilt {}",
+                "layer {} differs ({tar}): stored {}, rebuilt {}{paths}",
                 i + 1,
                 s.digest,
                 b.digest

@@ -546,3 +546,36 @@ run = "mkdir -p /usr/share/x && echo data > /usr/share/x/f && ln -s f /usr/share
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(text.lines().last().unwrap(), first);
 }
+
+#[test]
+fn check_reruns_every_step_and_names_the_paths_that_differ() {
+    let imago = project(
+        r#"[image.app]
+from = "bb"
+[[image.app.layer]]
+name = "stable"
+run = "echo same > /same"
+[[image.app.layer]]
+name = "random"
+network = "host"
+run = "echo same > /same2 && head -c 16 /dev/urandom > /random && echo STEP-RAN"
+"#,
+    );
+    build(&imago, &[]).ok();
+    let err = build(&imago, &["--check"]).fails();
+    assert!(
+        ran_text(&err, "STEP-RAN"),
+        "--check did not rerun the step: {err}"
+    );
+    assert!(err.contains("app/stable: run step reproduced"), "{err}");
+    assert!(
+        err.contains("app/random: run step not reproducible (not hermetic: network = \"host\"): /random: content"),
+        "{err}"
+    );
+    assert!(!err.contains("/same2"), "{err}");
+    assert!(err.contains("check failed for app"), "{err}");
+}
+
+fn ran_text(stderr: &str, marker: &str) -> bool {
+    stderr.contains(&format!("| {marker}"))
+}

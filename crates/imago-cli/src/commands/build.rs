@@ -211,6 +211,28 @@ pub(crate) fn build_one(
             layer,
             message,
         } => ctx.reporter.warn(format!("{image}/{layer}: {message}")),
+        Event::StepChecked {
+            image,
+            layer,
+            identical,
+            hermetic,
+            differences,
+        } => {
+            let hermetic = if hermetic {
+                ""
+            } else {
+                " (not hermetic: network = \"host\")"
+            };
+            if identical {
+                ctx.reporter
+                    .status(format!("{image}/{layer}: run step reproduced{hermetic}"));
+            } else {
+                ctx.reporter.warn(format!(
+                    "{image}/{layer}: run step not reproducible{hermetic}: {}",
+                    differences.join("; ")
+                ));
+            }
+        }
         Event::BaseArchive { image, path } => {
             ctx.reporter
                 .status(format!("{image}: reading base archive {}", path.display()));
