@@ -35,6 +35,10 @@ pub struct BuildOptions {
     pub check: bool,
     /// Where and how `run` steps run; a definition with a `run` layer needs it.
     pub sandbox: Option<SandboxOptions>,
+    /// `--arg KEY=VALUE`: values for the images' `[image.NAME.args]`.
+    pub args: std::collections::BTreeMap<String, String>,
+    /// `--no-cache-filter LAYER`: `run` steps (by layer name) that run again even if cached.
+    pub no_cache_layers: Vec<String>,
 }
 
 /// How `run` steps are run.
@@ -237,10 +241,15 @@ pub fn build_image(
         let label = plan.name.clone().unwrap_or_else(|| (index + 1).to_string());
         if let Some(step) = &steps[index] {
             let layer_index = layers.len();
+            let mut step = step.clone();
+            for (k, default) in &image.args {
+                let value = options.args.get(k).unwrap_or(default);
+                step.args.insert(k.clone(), value.clone());
+            }
             let (record, cached) = build_step_layer(
                 store,
                 &mut cache,
-                step,
+                &step,
                 &layers,
                 base.as_ref().map(|b| &b.config),
                 compression,
@@ -426,7 +435,9 @@ fn build_step_layer(
         compression.implementation(),
         options.source_date_epoch,
     )?;
-    if let Some(record) = cache.layer(&key)
+    let forced = options.no_cache_layers.iter().any(|l| l == layer);
+    if !forced
+        && let Some(record) = cache.layer(&key)
         && store.has_blob(&record.blob_digest)
     {
         return Ok((record, true));

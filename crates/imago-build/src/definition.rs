@@ -61,6 +61,11 @@ pub struct ImageDef {
     /// Extra manifest annotations.
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
+    /// Build arguments and their defaults: `imago build --arg KEY=VALUE` overrides them. They
+    /// are in the environment of every `run` step (and so in its cache key), never in the
+    /// image's configuration.
+    #[serde(default)]
+    pub args: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]

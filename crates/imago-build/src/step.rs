@@ -39,6 +39,8 @@ const PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin
 pub struct StepPlan {
     pub commands: Vec<Vec<String>>,
     pub env: BTreeMap<String, String>,
+    /// The image's build arguments with their values for this build (set by the builder).
+    pub args: BTreeMap<String, String>,
     pub workdir: Option<String>,
     pub uid: u32,
     pub gid: u32,
@@ -266,6 +268,7 @@ pub fn plan_step(
     Ok(Some(StepPlan {
         commands,
         env: layer.env.clone(),
+        args: BTreeMap::new(),
         workdir,
         uid,
         gid,
@@ -314,7 +317,7 @@ fn parse_memory(text: &str) -> Option<u64> {
 }
 
 impl StepPlan {
-    /// The step's environment: the image's so far, then the step's own, then
+    /// The step's environment: the image's so far, the build arguments, the step's own, then
     /// SOURCE_DATE_EPOCH; PATH is added when nothing set it.
     pub fn environment(&self, image_env: &[String], source_date_epoch: u64) -> Vec<String> {
         let mut env: Vec<String> = image_env.to_vec();
@@ -323,7 +326,7 @@ impl StepPlan {
             env.retain(|e| !e.starts_with(&prefix));
             env.push(format!("{k}={v}"));
         };
-        for (k, v) in &self.env {
+        for (k, v) in self.args.iter().chain(&self.env) {
             set(k, v);
         }
         set("SOURCE_DATE_EPOCH", &source_date_epoch.to_string());
@@ -772,4 +775,87 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
         }
     }
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(text: &str) -> Result<Option<StepPlan>, String> {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("src")).unwrap();
+        let short = |e: BuildError| {
+            let text = e.to_string();
+            text.split_once("imago.toml:")
+                .map_or(text.clone(), |(_, rest)| rest.to_owned())
+        };
+        let file = DefinitionFile::parse(&dir.path().join("imago.toml"), text.to_owned())
+            .map_err(short)?;
+        let context = Context::open(dir.path()).unwrap();
+        let image = file.definition.image.values().next().unwrap();
+        plan_step(&file, &context, &image.layers[0]).map_err(short)
+    }
+
+    #[test]
+    fn the_three_forms_of_run() {
+        let one = plan("[[image.a.layer]]\nrun = \"make all\"\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(one.commands, [["/bin/sh", "-c", "make all"]]);
+        let exec = plan("[[image.a.layer]]\nrun = [\"/bin/make\", \"all\"]\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(exec.commands, [["/bin/make", "all"]]);
+        let many = plan("[[image.a.layer]]\nrun = [[\"/a\"], [\"/b\", \"x\"]]\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(many.commands, vec![vec!["/a"], vec!["/b", "x"]]);
+        assert_eq!(many.timeout, DEFAULT_TIMEOUT);
+        assert_eq!(many.network, StepNetwork::None);
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        let err =
+            plan("[[image.a.layer]]\ncopy = [{ src = \"src\", dest = \"/x\" }]\nrun = \"true\"\n")
+                .unwrap_err();
+        assert!(err.starts_with("3:7: a layer is either files"), "{err}");
+        let err = plan("[[image.a.layer]]\nrun = \"true\"\ntimeout = \"soon\"\n").unwrap_err();
+        assert!(err.starts_with("3:11: invalid timeout"), "{err}");
+        let err = plan("[[image.a.layer]]\nrun = \"true\"\nuser = \"root\"\n").unwrap_err();
+        assert!(err.starts_with("3:8: invalid user"), "{err}");
+        let err = plan("[[image.a.layer]]\nworkdir = \"/x\"\n").unwrap_err();
+        assert!(
+            err.starts_with("2:11: this key belongs to a `run` step"),
+            "{err}"
+        );
+        let err = plan(
+            "[[image.a.layer]]\nrun = \"true\"\nmounts = [{ type = \"bind\", src = \"../..\", dest = \"/s\" }]\n",
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("is not a directory inside the build context"),
+            "{err}"
+        );
+        assert!(err.starts_with("3:"), "{err}");
+        let err = plan(
+            "[[image.a.layer]]\nrun = \"true\"\nmounts = [{ type = \"cache\", dest = \"/c\" }]\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("cache mount id"), "{err}");
+        let err = plan("[[image.a.layer]]\nrun = \"true\"\nnetwork = \"bridge\"\n").unwrap_err();
+        assert!(err.starts_with("3:11: unknown variant"), "{err}");
+        let err = plan("[[image.a.layer]]\nrun = []\n").unwrap_err();
+        assert!(err.starts_with("2:7: run needs a command"), "{err}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("10m"), Some(Duration::from_secs(600)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("0s"), None);
+        assert_eq!(parse_duration("5 days"), None);
+    }
 }

@@ -579,3 +579,34 @@ run = "echo same > /same2 && head -c 16 /dev/urandom > /random && echo STEP-RAN"
 fn ran_text(stderr: &str, marker: &str) -> bool {
     stderr.contains(&format!("| {marker}"))
 }
+
+#[test]
+fn build_args_reach_the_step_and_its_cache_key_and_a_filter_forces_a_rerun() {
+    let imago = project(
+        r#"[image.app]
+from = "bb"
+args = { GREETING = "hello" }
+[[image.app.layer]]
+name = "s"
+run = "echo STEP-RAN $GREETING $SOURCE_DATE_EPOCH; echo $GREETING > /greeting"
+"#,
+    );
+    let run = build(&imago, &[]).ok();
+    assert!(ran(&run, "STEP-RAN hello 0"), "{}", run.stderr());
+    assert!(!ran(&build(&imago, &[]).ok(), "STEP-RAN"));
+    let run = build(&imago, &["--arg", "GREETING=hi"]).ok();
+    assert!(ran(&run, "STEP-RAN hi"), "{}", run.stderr());
+    assert!(!ran(
+        &build(&imago, &["--arg", "GREETING=hi"]).ok(),
+        "STEP-RAN"
+    ));
+    assert!(ran(
+        &build(&imago, &["--no-cache-filter", "s"]).ok(),
+        "STEP-RAN hello"
+    ));
+    let err = build(&imago, &["--arg", "NOPE=1"]).fails();
+    assert!(err.contains("--arg NOPE is not declared"), "{err}");
+    // The image's configuration does not carry build arguments.
+    let config = imago.run(&["--json", "inspect", "app"]).ok().stdout();
+    assert!(!config.contains("GREETING"), "{config}");
+}

@@ -48,6 +48,12 @@ pub struct BuildArgs {
     /// The engine of `run` steps: embedded (libcontainer, linked in) or runc
     #[arg(long, default_value = "embedded")]
     pub runtime: String,
+    /// A build argument for `run` steps (declared in [image.NAME.args]); repeatable
+    #[arg(long = "arg", value_name = "KEY=VALUE")]
+    pub args: Vec<String>,
+    /// Run the `run` step of this layer (by name) again even if it is cached; repeatable
+    #[arg(long = "no-cache-filter", value_name = "LAYER")]
+    pub no_cache_filter: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -119,6 +125,8 @@ pub fn build(ctx: &Context, args: BuildArgs) -> Result<()> {
         cache_dir: (!args.no_cache).then(|| ctx.home.root.join("build-cache")),
         check: args.check,
         sandbox: Some(sandbox_options(ctx, args.runtime.parse()?)?),
+        args: build_args(&file, &names, &args.args)?,
+        no_cache_layers: args.no_cache_filter.clone(),
     };
     // Every --tag is checked before anything is built.
     let extra_tags = names
@@ -245,6 +253,34 @@ pub(crate) fn build_one(
         options,
         &mut progress,
     )?)
+}
+
+/// `--arg KEY=VALUE` values, each declared by some image being built.
+fn build_args(
+    file: &DefinitionFile,
+    names: &[String],
+    given: &[String],
+) -> Result<std::collections::BTreeMap<String, String>> {
+    let mut out = std::collections::BTreeMap::new();
+    for text in given {
+        let Some((key, value)) = text.split_once('=') else {
+            bail!("invalid --arg {text:?}: write KEY=VALUE");
+        };
+        let declared = names.iter().any(|n| {
+            file.definition
+                .image
+                .get(n)
+                .is_some_and(|i| i.args.contains_key(key))
+        });
+        if !declared {
+            bail!(
+                "--arg {key} is not declared in the [image.NAME.args] of any image being built ({})",
+                names.join(", ")
+            );
+        }
+        out.insert(key.to_owned(), value.to_owned());
+    }
+    Ok(out)
 }
 
 /// `--output` names an archive as `from` does: the builder's parser reads both.
