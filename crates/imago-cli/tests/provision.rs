@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use common::{Imago, Run};
 
 const APPLETS: &[&str] = &[
-    "sh", "ls", "cat", "rm", "mkdir", "touch", "ln", "mknod", "mkfifo", "sleep", "wget", "dd",
-    "chmod", "chown", "wc", "head", "grep", "true", "date", "echo", "stat", "id", "ps", "nc",
+    "sh", "ls", "cat", "rm", "mv", "mkdir", "touch", "ln", "mknod", "mkfifo", "sleep", "wget",
+    "dd", "chmod", "chown", "wc", "head", "grep", "true", "date", "echo", "stat", "id", "ps", "nc",
 ];
 
 /// A project whose `bb` image is busybox with its applets and an /etc with two files and a
@@ -54,6 +54,8 @@ file = [
   {{ path = "/etc/change", content = "before\n" }},
   {{ path = "/opt/d/x", content = "x\n" }},
   {{ path = "/opt/gone/y", content = "y\n" }},
+  {{ path = "/opt/moved/m", content = "m\n" }},
+  {{ path = "/etc/perm", content = "perm\n" }},
 ]
 
 {app}
@@ -143,6 +145,8 @@ echo linked > /srv/a && ln /srv/a /srv/b
 ln -s ../etc/new /srv/link
 chmod 0750 /srv/empty
 chown 7:8 /srv/a
+mv /opt/moved /opt/renamed
+chmod 0600 /etc/perm
 """
 "#,
     );
@@ -157,11 +161,15 @@ chown 7:8 /srv/a
             "etc/.wh.old",
             "etc/change",
             "etc/new",
+            "etc/perm",
             "opt/",
             "opt/.wh.gone",
+            "opt/.wh.moved",
             "opt/d/",
             "opt/d/.wh..wh..opq",
             "opt/d/y",
+            "opt/renamed/",
+            "opt/renamed/m",
             "srv/",
             "srv/a",
             "srv/b",
@@ -179,6 +187,9 @@ chown 7:8 /srv/a
         "symlink 777 0:0 0 mtime=0 -> ../etc/new"
     );
     assert_eq!(entries["etc/change"], "file 644 0:0 6 mtime=0");
+    // A change of mode alone carries the whole file; a renamed directory its whole content.
+    assert_eq!(entries["etc/perm"], "file 600 0:0 5 mtime=0");
+    assert_eq!(entries["opt/renamed/m"], "file 644 0:0 2 mtime=0");
 
     // imago and umoci unpack the same tree.
     let ours = imago.dir.path().join("ours");
@@ -475,12 +486,17 @@ mounts = [{ type = "bind", src = "src", dest = "/src" }]"#;
     let imago = project(&step(base, "cat /src/input.txt > /out"));
     let first = build(&imago, &[]).ok();
     assert!(ran(&first, "STEP-RAN"));
-    let start = Instant::now();
-    let again = build(&imago, &[]).ok();
-    let elapsed = start.elapsed();
-    assert!(!ran(&again, "STEP-RAN"), "{}", again.stderr());
-    assert_eq!(digest_of(&first), digest_of(&again));
-    assert!(elapsed < Duration::from_millis(1500), "{elapsed:?}");
+    // A no-op rebuild runs no step and stays under 150 ms (best of three, against noise from
+    // the tests running alongside).
+    let mut best = Duration::MAX;
+    for _ in 0..3 {
+        let start = Instant::now();
+        let again = build(&imago, &[]).ok();
+        best = best.min(start.elapsed());
+        assert!(!ran(&again, "STEP-RAN"), "{}", again.stderr());
+        assert_eq!(digest_of(&first), digest_of(&again));
+    }
+    assert!(best < Duration::from_millis(150), "{best:?}");
     let variants = [
         base.replace("A = \"1\"", "A = \"2\""),
         base.replace("workdir = \"/\"", "workdir = \"/etc\""),
