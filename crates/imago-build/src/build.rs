@@ -478,6 +478,19 @@ fn build_step_layer(
             PlannedMount::Tmpfs { dest } => SandboxMount::Tmpfs { dest: dest.clone() },
         });
     }
+    // A step on the host's network resolves names as the host does (as `docker build` does);
+    // the file is a mount, so it never enters the layer.
+    let resolv = Path::new("/etc/resolv.conf");
+    let host_dns = step.network == StepNetwork::Host
+        && resolv.is_file()
+        && !step.mounts.iter().any(|m| m.dest() == "/etc/resolv.conf");
+    if host_dns {
+        mounts.push(SandboxMount::Bind {
+            source: resolv.to_owned(),
+            dest: "/etc/resolv.conf".to_owned(),
+            read_only: true,
+        });
+    }
     let spec = SandboxSpec {
         id: format!("imago-build-{id}"),
         lower: chain.clone(),
@@ -522,7 +535,7 @@ fn build_step_layer(
         .iter()
         .map(|p| p.as_bytes().to_vec())
         .collect();
-    for m in &step.mounts {
+    for m in &spec.mounts {
         mount_points.push(m.dest().trim_start_matches('/').as_bytes().to_vec());
     }
     let mut warnings = Vec::new();

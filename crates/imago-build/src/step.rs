@@ -657,6 +657,11 @@ impl DiffWalk<'_> {
                 }
                 continue;
             }
+            // A file mount point the runtime had to make (an empty new file) is not the step's.
+            if ft.is_file() && lmd.is_none() && umd.size() == 0 && self.mount_points.contains(&path)
+            {
+                continue;
+            }
             only_mount_points = false;
             if ft.is_fifo() || ft.is_socket() {
                 (self.warn)(format!(

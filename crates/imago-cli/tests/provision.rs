@@ -310,7 +310,7 @@ from = "bb"
 [[image.app.layer]]
 name = "net"
 network = "{network}"
-run = "cat /proc/net/dev; echo GET | nc -w 3 127.0.0.1 {port}"
+run = "cat /proc/net/dev; echo GET | nc -w 3 127.0.0.1 {port} && grep -c nameserver /etc/resolv.conf"
 "#
         )
     };
@@ -334,6 +334,9 @@ run = "cat /proc/net/dev; echo GET | nc -w 3 127.0.0.1 {port}"
     write_definition(&imago, &step("host"));
     let run = build(&imago, &[]).ok();
     assert!(run.stderr().contains("FROM-THE-HOST"), "{}", run.stderr());
+    // The host's resolver configuration is lent to the step, and not kept in the layer.
+    let entries = layer_entries(&imago, "app", 1);
+    assert!(entries.is_empty(), "{entries:#?}");
 }
 
 #[test]
