@@ -410,6 +410,23 @@ run = "echo some output; echo the reason >&2; exit 7"
     assert_eq!(blobs(&imago.home), before, "a failed step stored blobs");
     let images = imago.run(&["images"]).ok().stdout();
     assert!(!images.contains("app"), "{images}");
+    // Several commands run in order in one step; the first failure ends it.
+    write_definition(
+        &imago,
+        r#"[image.app]
+from = "bb"
+[[image.app.layer]]
+name = "many"
+run = [["/bin/sh", "-c", "echo FIRST"], ["/bin/sh", "-c", "exit 3"], ["/bin/sh", "-c", "echo NEVER"]]
+"#,
+    );
+    let err = build(&imago, &["app", "--runtime", "runc"]).fails();
+    assert!(
+        err.contains("FIRST") && err.contains("exit code 3"),
+        "{err}"
+    );
+    assert!(!err.contains("NEVER"), "{err}");
+    assert_eq!(blobs(&imago.home), before, "a failed step stored blobs");
 }
 
 #[test]
@@ -423,10 +440,15 @@ timeout = "1s"
 run = "sleep 60"
 "#,
     );
-    let start = Instant::now();
-    let err = build(&imago, &[]).fails();
-    assert!(err.contains("killed at its timeout"), "{err}");
-    assert!(start.elapsed() < Duration::from_secs(20), "{err}");
+    for runtime in ["embedded", "runc"] {
+        let start = Instant::now();
+        let err = build(&imago, &["--runtime", runtime]).fails();
+        assert!(err.contains("killed at its timeout"), "{runtime}: {err}");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{runtime}: {err}"
+        );
+    }
     write_definition(
         &imago,
         r#"[image.app]
