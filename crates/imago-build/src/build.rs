@@ -446,10 +446,13 @@ fn build_step_layer(
     let chain = ensure_chain(store, &sandbox.work_dir, parents)?;
     let steps_dir = sandbox.work_dir.join("steps");
     fs::create_dir_all(&steps_dir).map_err(|e| io_error(&steps_dir, e))?;
-    let step_dir = tempfile::Builder::new()
-        .prefix("s")
-        .tempdir_in(&steps_dir)
-        .map_err(|e| io_error(&steps_dir, e))?;
+    let step_dir = StepDir(
+        tempfile::Builder::new()
+            .prefix("s")
+            .tempdir_in(&steps_dir)
+            .map_err(|e| io_error(&steps_dir, e))?
+            .keep(),
+    );
     let id = step_dir
         .path()
         .file_name()
@@ -589,6 +592,44 @@ fn build_step_layer(
         cache.record_layer(&key, &record);
     }
     Ok((record, false))
+}
+
+/// A step's directory (its overlay upper directory holds everything the step wrote), removed
+/// when the step is done, failed or not. Removing a large tree costs seconds of disk time here
+/// (10,000 files of 500 MB: 10 s on this machine's disk), so the directory is renamed out of
+/// the way at once and removed by a detached `rm -rf`, whose exit a thread collects.
+struct StepDir(PathBuf);
+
+impl StepDir {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for StepDir {
+    fn drop(&mut self) {
+        let trash = self.0.with_extension("removing");
+        if fs::rename(&self.0, &trash).is_err() {
+            let _ = fs::remove_dir_all(&self.0);
+            return;
+        }
+        let spawned = std::process::Command::new("rm")
+            .arg("-rf")
+            .arg("--")
+            .arg(&trash)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        match spawned {
+            Ok(mut child) => {
+                std::thread::spawn(move || child.wait());
+            }
+            Err(_) => {
+                let _ = fs::remove_dir_all(&trash);
+            }
+        }
+    }
 }
 
 /// Lines of a failed step's output quoted in its error.
