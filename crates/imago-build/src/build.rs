@@ -51,6 +51,9 @@ pub struct SandboxOptions {
     pub work_dir: PathBuf,
     /// `<home>/build-cache/mounts`: the cache mounts' directories, kept between builds.
     pub cache_mounts: PathBuf,
+    /// Run steps on a full copy of their root instead of an overlay (the fallback for when
+    /// overlayfs cannot be used; `IMAGO_SANDBOX_COPY=1` for imago build).
+    pub copy_root: bool,
 }
 
 /// Progress, for the caller's reporter.
@@ -509,6 +512,7 @@ fn build_step_layer(
         pids: step.pids,
         timeout_ms: step.timeout.as_millis() as u64,
         engine: sandbox.engine,
+        copy_root: sandbox.copy_root,
     };
     // The whole output is kept next to the steps; the error quotes its end.
     let logs = sandbox.work_dir.join("logs");
@@ -545,7 +549,8 @@ fn build_step_layer(
     let entries = crate::step::diff(
         (image, layer),
         &chain,
-        &spec.upper(),
+        &spec.changes(&exit),
+        exit.copied,
         &mount_points,
         &mut |w| warnings.push(w),
     )?;

@@ -477,7 +477,9 @@ pub struct DiffEntry {
 }
 
 /// What the step changed, in the layer writer's order. `upper` is the overlay upper
-/// directory, `lower` the root the step started from, `mount_points` the step's mount
+/// directory (or, with `full_copy`, the whole root the step ran on: then every path missing
+/// from it is a deletion, and a replaced directory shows as the whiteouts of its old entries),
+/// `lower` the root the step started from, `mount_points` the step's mount
 /// destinations and the runtime's own (relative paths): made by the runtime, not the step, so
 /// when they are new and hold nothing they are not part of the layer. `warn` hears of the
 /// fifos and sockets left out.
@@ -485,6 +487,7 @@ pub fn diff(
     (image, layer): (&str, &str),
     lower: &Path,
     upper: &Path,
+    full_copy: bool,
     mount_points: &[Vec<u8>],
     warn: &mut dyn FnMut(String),
 ) -> Result<Vec<DiffEntry>, BuildError> {
@@ -492,6 +495,7 @@ pub fn diff(
     let mut walk = DiffWalk {
         image,
         layer,
+        full_copy,
         mount_points,
         warn,
         out: &mut out,
@@ -531,6 +535,7 @@ type Inode = (u64, u64);
 struct DiffWalk<'a> {
     image: &'a str,
     layer: &'a str,
+    full_copy: bool,
     mount_points: &'a [Vec<u8>],
     warn: &'a mut dyn FnMut(String),
     /// Entries, with (dev, ino) for files that have other links.
@@ -727,6 +732,35 @@ impl DiffWalk<'_> {
             if !same {
                 self.out.push((entry, None));
                 emitted = true;
+            }
+        }
+        if self.full_copy && lower_dir {
+            // Without overlay whiteouts, a deletion is a path the lower root has and the copy
+            // does not.
+            let present: std::collections::HashSet<Vec<u8>> = read_sorted(upper)?
+                .into_iter()
+                .map(|(name, _)| name)
+                .collect();
+            for (name, _) in read_sorted(lower)? {
+                if present.contains(&name) {
+                    continue;
+                }
+                let mut wh = b".wh.".to_vec();
+                wh.extend_from_slice(&name);
+                self.out.push((
+                    DiffEntry {
+                        path: join(rel, &wh),
+                        kind: DiffKind::Whiteout,
+                        meta: Meta {
+                            mode: 0,
+                            uid: 0,
+                            gid: 0,
+                        },
+                    },
+                    None,
+                ));
+                emitted = true;
+                only_mount_points = false;
             }
         }
         // A linked group is kept whole when any of its paths changed (links may span

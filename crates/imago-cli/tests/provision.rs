@@ -561,7 +561,7 @@ fn the_same_step_gives_the_same_digest_in_another_home_cold_and_with_runc() {
 from = "bb"
 [[image.app.layer]]
 name = "s"
-run = "mkdir -p /usr/share/x && echo data > /usr/share/x/f && ln -s f /usr/share/x/l && touch /etc/keep"
+run = "mkdir -p /usr/share/x && echo data > /usr/share/x/f && ln -s f /usr/share/x/l && touch /etc/keep && rm -r /etc/old /opt/gone"
 "#;
     let one = project(app);
     let first = digest_of(&build(&one, &[]).ok());
@@ -586,6 +586,22 @@ run = "mkdir -p /usr/share/x && echo data > /usr/share/x/f && ln -s f /usr/share
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(text.lines().last().unwrap(), first);
+    // Without overlayfs (a full copy of the root, compared in full): the same layer.
+    let three = project(app);
+    let mut cmd = three.cmd();
+    cmd.env("IMAGO_SANDBOX_COPY", "1").arg("build");
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.lines().last().unwrap(), first);
+    let entries = layer_entries(&three, "app", 1);
+    assert!(entries.contains_key("etc/.wh.old"), "{entries:#?}");
+    assert!(entries.contains_key("opt/.wh.gone"), "{entries:#?}");
+    assert!(!entries.contains_key("etc/keep"), "{entries:#?}");
 }
 
 #[test]

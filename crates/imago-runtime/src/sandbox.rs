@@ -100,6 +100,10 @@ pub struct SandboxSpec {
     pub pids: u64,
     pub timeout_ms: u64,
     pub engine: Engine,
+    /// Give the step a full copy of `lower` instead of an overlay (also done when the overlay
+    /// cannot be mounted, e.g. on a file system overlayfs does not take as upper directory).
+    #[serde(default)]
+    pub copy_root: bool,
 }
 
 impl SandboxSpec {
@@ -107,6 +111,16 @@ impl SandboxSpec {
     /// character devices 0/0, replaced directories carry `trusted.overlay.opaque`).
     pub fn upper(&self) -> PathBuf {
         self.dir.join("upper")
+    }
+
+    /// Where the step's result is: the upper directory, or with `exit.copied` the whole copied
+    /// root (to be compared in full with `lower`).
+    pub fn changes(&self, exit: &StepExit) -> PathBuf {
+        if exit.copied {
+            self.dir.join("merged")
+        } else {
+            self.upper()
+        }
     }
 }
 
@@ -119,6 +133,10 @@ pub struct StepExit {
     pub command: usize,
     /// The step was killed at its timeout.
     pub timed_out: bool,
+    /// The step ran on a copy of the root (`DIR/merged` is the whole tree afterwards), not on
+    /// an overlay (`DIR/upper` holds what it changed).
+    #[serde(default)]
+    pub copied: bool,
 }
 
 /// Runs the step through the helper `helper` (`program args... DIR`); every piece of output
@@ -231,25 +249,42 @@ fn run_in_helper(spec: &SandboxSpec) -> Result<StepExit, RuntimeError> {
         upper.display(),
         work.display()
     );
-    mount(
-        Some("overlay"),
-        &merged,
-        Some("overlay"),
-        MsFlags::empty(),
-        Some(options.as_str()),
-    )
-    .map_err(|e| {
-        err(format!(
-            "cannot mount the overlay on {}: {e}",
-            merged.display()
-        ))
-    })?;
+    let overlay = !spec.copy_root
+        && mount(
+            Some("overlay"),
+            &merged,
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(options.as_str()),
+        )
+        .is_ok();
+    if !overlay {
+        // The equivalent without overlayfs: a copy of the whole root (reflinked where the file
+        // system can), compared in full with `lower` afterwards.
+        let out = Command::new("cp")
+            .arg("-a")
+            .arg("--reflink=auto")
+            .arg(spec.lower.join("."))
+            .arg(&merged)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| err(format!("cannot run cp: {e}")))?;
+        if !out.status.success() {
+            return Err(err(format!(
+                "cannot copy {} to {}: {}",
+                spec.lower.display(),
+                merged.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+    }
 
     let deadline = Instant::now() + Duration::from_millis(spec.timeout_ms);
     let mut last = StepExit {
         code: 0,
         command: 0,
         timed_out: false,
+        copied: !overlay,
     };
     for (index, args) in spec.commands.iter().enumerate() {
         let id = format!("{}-{index}", spec.id);
@@ -264,12 +299,15 @@ fn run_in_helper(spec: &SandboxSpec) -> Result<StepExit, RuntimeError> {
             code,
             command: index,
             timed_out,
+            copied: !overlay,
         };
         if code != 0 || timed_out {
             break;
         }
     }
-    let _ = nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH);
+    if overlay {
+        let _ = nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH);
+    }
     Ok(last)
 }
 

@@ -75,11 +75,15 @@ pub(crate) fn sandbox_options(
     let mut helper = imago_runtime::SupervisorCommand::current_exe()?;
     helper.args = vec!["__sandbox".into()];
     helper.fork_when_single_threaded = false;
+    // Absolute: the paths go into overlay options and runtime bundles read by other processes.
+    let home = std::path::absolute(&ctx.home.root)
+        .with_context(|| format!("cannot resolve {}", ctx.home.root.display()))?;
     Ok(imago_build::build::SandboxOptions {
         helper,
         engine,
-        work_dir: ctx.home.root.join("build-work"),
-        cache_mounts: ctx.home.root.join("build-cache").join("mounts"),
+        work_dir: home.join("build-work"),
+        cache_mounts: home.join("build-cache").join("mounts"),
+        copy_root: std::env::var_os("IMAGO_SANDBOX_COPY").is_some_and(|v| v == "1"),
     })
 }
 
