@@ -124,12 +124,16 @@ fuzz_target!(|data: &[u8]| {
             source_date_epoch: 0,
             cache_dir: None,
             check: false,
+            // `run` steps are not run here: a definition with one fails with a step error.
+            sandbox: None,
+            args: Default::default(),
+            no_cache_layers: Vec::new(),
         };
         match build_image(&store, &file, name, &options, &mut |_| {}) {
             Ok(built) => {
                 let check = BuildOptions {
                     check: true,
-                    ..options
+                    ..options.clone()
                 };
                 let again = build_image(&store, &file, name, &check, &mut |_| {})
                     .unwrap_or_else(|e| panic!("image {name} built once, then not again: {e}"));

@@ -64,6 +64,11 @@ pub struct ImageDef {
     /// Registry repositories (`HOST[:PORT]/REPO[:TAG]`) `imago build` pushes the image to.
     #[serde(default)]
     pub push: Vec<String>,
+    /// Build arguments and their defaults: `imago build --arg KEY=VALUE` overrides them. They
+    /// are in the environment of every `run` step (and so in its cache key), never in the
+    /// image's configuration.
+    #[serde(default)]
+    pub args: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
@@ -94,6 +99,102 @@ pub struct LayerDef {
     /// Empty directories.
     #[serde(default)]
     pub dir: Vec<DirDef>,
+    /// A provisioning step instead of files: the command runs in a sandbox made from the base
+    /// and every earlier layer, and the layer is what it changed. A list of strings is one
+    /// command (`["/bin/sh", "-c", "make"]`), a string is run with `/bin/sh -c`, and a list of
+    /// lists is several commands run in order in the same sandbox.
+    #[serde(default)]
+    #[schemars(with = "Option<RunCommand>")]
+    pub run: Option<Spanned<RunCommand>>,
+    /// Environment of the `run` step (added to the image's).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Absolute working directory of the `run` step (default: the image's, or `/`).
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub workdir: Option<Spanned<String>>,
+    /// Numeric `"uid:gid"` or `"uid"` the `run` step runs as (default `"0:0"`).
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub user: Option<Spanned<String>>,
+    /// `"none"` (default: own network namespace with only `lo`) or `"host"` (the host's
+    /// network; the step is then reported as not hermetic).
+    #[serde(default)]
+    pub network: Option<StepNetwork>,
+    /// Longest time the `run` step may take, e.g. `"10m"`, `"90s"`, `"1h"` (default `"30m"`).
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub timeout: Option<Spanned<String>>,
+    /// Memory limit of the `run` step, e.g. `"512M"`, `"2G"` (default `"4G"`).
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub memory: Option<Spanned<String>>,
+    /// Process limit of the `run` step (default 4096).
+    #[serde(default)]
+    pub pids: Option<u64>,
+    /// Mounts of the `run` step; their contents are never part of the layer.
+    #[serde(default)]
+    pub mounts: Vec<StepMount>,
+}
+
+/// The command(s) of a `run` step.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum RunCommand {
+    /// Run with `/bin/sh -c`.
+    Shell(String),
+    /// One command and its arguments.
+    Exec(Vec<String>),
+    /// Several commands, run in order; the first that fails ends the step.
+    Many(Vec<Vec<String>>),
+}
+
+impl RunCommand {
+    /// The commands in order, each as program and arguments.
+    pub fn commands(&self) -> Vec<Vec<String>> {
+        match self {
+            RunCommand::Shell(s) => vec![vec!["/bin/sh".into(), "-c".into(), s.clone()]],
+            RunCommand::Exec(args) => vec![args.clone()],
+            RunCommand::Many(list) => list.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum StepNetwork {
+    #[default]
+    None,
+    Host,
+}
+
+/// A mount of a `run` step: `{ type = "bind", src = "DIR", dest = "/PATH" }` (a directory
+/// of the build context, read-only; its content is part of the step's cache key),
+/// `{ type = "cache", id = "NAME", dest = "/PATH" }` (a directory kept between builds under
+/// `<home>/build-cache/mounts/NAME`) or `{ type = "tmpfs", dest = "/PATH" }`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StepMount {
+    #[serde(rename = "type")]
+    pub kind: MountKind,
+    /// For `bind`: the directory, relative to the build context.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub src: Option<Spanned<String>>,
+    /// For `cache`: the cache's name.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Absolute path in the sandbox.
+    #[schemars(with = "String")]
+    pub dest: Spanned<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MountKind {
+    Bind,
+    Cache,
+    Tmpfs,
 }
 
 /// Copies `src` to `dest`.

@@ -20,6 +20,7 @@ pub mod cache;
 pub mod definition;
 pub mod import;
 pub mod plan;
+pub mod step;
 
 pub use build::{BuildOptions, BuiltImage, BuiltLayer, Event, build_image, build_order};
 pub use definition::{DefinitionFile, json_schema, json_schema_with_services};
@@ -66,6 +67,22 @@ pub enum BuildError {
     },
     #[error("importing {}: {message}", path.display())]
     Import { path: PathBuf, message: String },
+    #[error("image {image}, layer {layer}: {message}")]
+    Step {
+        image: String,
+        layer: String,
+        message: String,
+    },
+    #[error("image {image}, layer {layer}: the step {}; last lines of its output:\n{}", if *timed_out { "was killed at its timeout".to_owned() } else { format!("failed with exit code {code}") }, last_lines.join("\n"))]
+    StepFailed {
+        image: String,
+        layer: String,
+        code: i32,
+        timed_out: bool,
+        last_lines: Vec<String>,
+    },
+    #[error(transparent)]
+    Runtime(#[from] imago_runtime::RuntimeError),
     #[error("internal error: {0}")]
     Internal(String),
 }

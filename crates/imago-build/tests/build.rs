@@ -39,6 +39,9 @@ impl Harness {
             source_date_epoch: 1_700_000_000,
             cache_dir: cache.then(|| self.home.join("build-cache")),
             check,
+            sandbox: None,
+            args: Default::default(),
+            no_cache_layers: Vec::new(),
         };
         build_image(&self.store(), &file, name, &options, &mut |_| {})
     }
@@ -730,6 +733,9 @@ fn archive_base_is_read_once_names_nothing_and_check_writes_nothing() {
             source_date_epoch: 1_700_000_000,
             cache_dir: Some(c.home.join("build-cache")),
             check,
+            sandbox: None,
+            args: Default::default(),
+            no_cache_layers: Vec::new(),
         };
         let mut reads = Vec::new();
         let built = build_image(&c.store(), &file, "child", &options, &mut |e| {

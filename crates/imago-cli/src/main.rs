@@ -102,6 +102,9 @@ enum Command {
     /// The per-instance supervisor (started by `run`)
     #[command(name = "__supervise", hide = true)]
     Supervise(commands::instances::SuperviseArgs),
+    /// Runs one `run` step of a build in its sandbox (started by `build`)
+    #[command(name = "__sandbox", hide = true)]
+    Sandbox(commands::build::SandboxArgs),
     /// The data plane of the service endpoints (started by the controller)
     #[command(name = "__dataplane", hide = true)]
     Dataplane,
@@ -166,6 +169,7 @@ fn run(cli: Cli, reporter: Reporter) -> Result<()> {
         Command::Logs(args) => commands::instances::logs(&ctx, args),
         Command::InspectInstance(args) => commands::instances::inspect_instance(&ctx, args),
         Command::Supervise(args) => commands::instances::supervise(args),
+        Command::Sandbox(args) => commands::build::sandbox(args),
         Command::Dataplane => commands::deploy::dataplane(&ctx),
     }
 }

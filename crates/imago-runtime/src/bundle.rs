@@ -25,7 +25,7 @@ pub const CAPABILITIES: &[&str] = &[
 ];
 
 /// runc's default masked paths.
-const MASKED_PATHS: &[&str] = &[
+pub(crate) const MASKED_PATHS: &[&str] = &[
     "/proc/acpi",
     "/proc/asound",
     "/proc/kcore",
@@ -39,7 +39,7 @@ const MASKED_PATHS: &[&str] = &[
 ];
 
 /// runc's default read-only paths.
-const READONLY_PATHS: &[&str] = &[
+pub(crate) const READONLY_PATHS: &[&str] = &[
     "/proc/bus",
     "/proc/fs",
     "/proc/irq",

@@ -17,6 +17,7 @@ pub mod network;
 pub mod provider;
 pub mod rootfs;
 pub mod rootfs_check;
+pub mod sandbox;
 pub mod seccomp;
 pub mod spec;
 pub mod state;

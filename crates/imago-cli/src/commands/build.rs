@@ -52,6 +52,15 @@ pub struct BuildArgs {
     /// Also push each built image to this registry repository (HOST[:PORT]/REPO[:TAG])
     #[arg(long, value_name = "REPO")]
     pub push: Vec<String>,
+    /// The engine of `run` steps: embedded (libcontainer, linked in) or runc
+    #[arg(long, default_value = "embedded")]
+    pub runtime: String,
+    /// A build argument for `run` steps (declared in [image.NAME.args]); repeatable
+    #[arg(long = "arg", value_name = "KEY=VALUE")]
+    pub args: Vec<String>,
+    /// Run the `run` step of this layer (by name) again even if it is cached; repeatable
+    #[arg(long = "no-cache-filter", value_name = "LAYER")]
+    pub no_cache_filter: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -59,6 +68,37 @@ pub enum PullPolicy {
     Missing,
     Always,
     Never,
+}
+
+#[derive(Debug, Args)]
+pub struct SandboxArgs {
+    pub dir: PathBuf,
+}
+
+/// The hidden `__sandbox DIR`: runs one build step (a fresh, single-threaded process, as
+/// libcontainer needs) and never returns.
+pub fn sandbox(args: SandboxArgs) -> ! {
+    std::process::exit(imago_runtime::sandbox::sandbox_main(&args.dir))
+}
+
+/// Where `run` steps run: helpers are this executable's `__sandbox`, state under the home.
+pub(crate) fn sandbox_options(
+    ctx: &Context,
+    engine: imago_runtime::Engine,
+) -> Result<imago_build::build::SandboxOptions> {
+    let mut helper = imago_runtime::SupervisorCommand::current_exe()?;
+    helper.args = vec!["__sandbox".into()];
+    helper.fork_when_single_threaded = false;
+    // Absolute: the paths go into overlay options and runtime bundles read by other processes.
+    let home = std::path::absolute(&ctx.home.root)
+        .with_context(|| format!("cannot resolve {}", ctx.home.root.display()))?;
+    Ok(imago_build::build::SandboxOptions {
+        helper,
+        engine,
+        work_dir: home.join("build-work"),
+        cache_mounts: home.join("build-cache").join("mounts"),
+        copy_root: std::env::var_os("IMAGO_SANDBOX_COPY").is_some_and(|v| v == "1"),
+    })
 }
 
 #[derive(Serialize)]
@@ -102,6 +142,9 @@ pub fn build(ctx: &Context, args: BuildArgs) -> Result<()> {
         source_date_epoch: args.source_date_epoch,
         cache_dir: (!args.no_cache).then(|| ctx.home.root.join("build-cache")),
         check: args.check,
+        sandbox: Some(sandbox_options(ctx, args.runtime.parse()?)?),
+        args: build_args(&file, &names, &args.args)?,
+        no_cache_layers: args.no_cache_filter.clone(),
     };
     // Every --tag is checked before anything is built.
     let extra_tags = names
@@ -248,6 +291,41 @@ pub(crate) fn build_one(
                 b.finish_and_clear();
             }
         }
+        Event::StepOutput { image, layer, line } => {
+            let text = String::from_utf8_lossy(line);
+            let line = format!("{image}/{layer} | {}", text.trim_end_matches('\n'));
+            match &bar {
+                Some(b) => b.suspend(|| ctx.reporter.status(&line)),
+                None => ctx.reporter.status(&line),
+            }
+        }
+        Event::StepWarning {
+            image,
+            layer,
+            message,
+        } => ctx.reporter.warn(format!("{image}/{layer}: {message}")),
+        Event::StepChecked {
+            image,
+            layer,
+            identical,
+            hermetic,
+            differences,
+        } => {
+            let hermetic = if hermetic {
+                ""
+            } else {
+                " (not hermetic: network = \"host\")"
+            };
+            if identical {
+                ctx.reporter
+                    .status(format!("{image}/{layer}: run step reproduced{hermetic}"));
+            } else {
+                ctx.reporter.warn(format!(
+                    "{image}/{layer}: run step not reproducible{hermetic}: {}",
+                    differences.join("; ")
+                ));
+            }
+        }
         Event::BaseArchive { image, path } => {
             ctx.reporter
                 .status(format!("{image}: reading base archive {}", path.display()));
@@ -260,6 +338,34 @@ pub(crate) fn build_one(
         options,
         &mut progress,
     )?)
+}
+
+/// `--arg KEY=VALUE` values, each declared by some image being built.
+fn build_args(
+    file: &DefinitionFile,
+    names: &[String],
+    given: &[String],
+) -> Result<std::collections::BTreeMap<String, String>> {
+    let mut out = std::collections::BTreeMap::new();
+    for text in given {
+        let Some((key, value)) = text.split_once('=') else {
+            bail!("invalid --arg {text:?}: write KEY=VALUE");
+        };
+        let declared = names.iter().any(|n| {
+            file.definition
+                .image
+                .get(n)
+                .is_some_and(|i| i.args.contains_key(key))
+        });
+        if !declared {
+            bail!(
+                "--arg {key} is not declared in the [image.NAME.args] of any image being built ({})",
+                names.join(", ")
+            );
+        }
+        out.insert(key.to_owned(), value.to_owned());
+    }
+    Ok(out)
 }
 
 /// `--output` names an archive as `from` does: the builder's parser reads both.

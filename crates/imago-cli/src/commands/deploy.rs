@@ -161,6 +161,9 @@ fn build_options(ctx: &Context, check: bool) -> BuildOptions {
         source_date_epoch: epoch,
         cache_dir: Some(ctx.home.root.join("build-cache")),
         check,
+        sandbox: crate::commands::build::sandbox_options(ctx, imago_runtime::Engine::Embedded).ok(),
+        args: Default::default(),
+        no_cache_layers: Vec::new(),
     }
 }
 
