@@ -15,20 +15,6 @@ pub fn runtime_network(mode: NetworkMode) -> imago_runtime::NetworkMode {
     }
 }
 
-/// The runtime's volume mount for a checked one of a service.
-pub fn runtime_volume(mount: &VolumeMount) -> imago_runtime::VolumeMount {
-    imago_runtime::VolumeMount {
-        source: match &mount.source {
-            VolumeSource::Named { name } => {
-                imago_runtime::VolumeSource::Named { name: name.clone() }
-            }
-            VolumeSource::Host { path } => imago_runtime::VolumeSource::Host { path: path.clone() },
-        },
-        target: mount.target.clone(),
-        read_only: mount.read_only,
-    }
-}
-
 /// The filter an instance of the service runs under; a path not read yet, or a profile the
 /// runtime does not accept, is an error.
 pub fn runtime_seccomp(setting: Option<&SeccompSetting>) -> Result<imago_runtime::Seccomp, String> {

@@ -73,3 +73,9 @@ impl RuntimeError {
         }
     }
 }
+
+impl From<imago_spec::VolumeError> for RuntimeError {
+    fn from(error: imago_spec::VolumeError) -> Self {
+        RuntimeError::InvalidSpec(error.0)
+    }
+}

@@ -13,4 +13,4 @@ mod volume;
 pub use error::SpecError;
 pub use parse::{line_column, parse_services};
 pub use service::*;
-pub use volume::{VolumeMount, VolumeSource};
+pub use volume::{VolumeError, VolumeMount, VolumeSource, validate_volume_name};

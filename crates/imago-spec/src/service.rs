@@ -423,7 +423,7 @@ impl ServiceSpec {
     pub fn volume_mounts(&self) -> Result<Vec<VolumeMount>, String> {
         let mut mounts: Vec<VolumeMount> = Vec::new();
         for text in &self.volumes {
-            let mount: VolumeMount = text.parse()?;
+            let mount: VolumeMount = text.parse().map_err(|e: crate::VolumeError| e.0)?;
             if mounts.iter().any(|m| m.target == mount.target) {
                 return Err(format!("two volumes are mounted at {}", mount.target));
             }

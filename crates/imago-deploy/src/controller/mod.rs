@@ -85,12 +85,7 @@ pub fn instance_spec(release: &Release, engine: Engine) -> Result<InstanceSpec, 
         instance.resources.cpu_millis = Some((cpus * 1000.0).round() as u64);
     }
     instance.resources.pids = spec.resources.pids.map(u64::from);
-    instance.volumes = spec
-        .volume_mounts()
-        .map_err(|r| bad("volumes", r))?
-        .iter()
-        .map(crate::spec::runtime_volume)
-        .collect();
+    instance.volumes = spec.volume_mounts().map_err(|r| bad("volumes", r))?;
     instance.network = crate::spec::runtime_network(spec.network);
     instance.seccomp =
         crate::spec::runtime_seccomp(spec.seccomp.as_ref()).map_err(|r| bad("seccomp", r))?;
