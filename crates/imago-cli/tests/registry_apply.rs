@@ -201,7 +201,9 @@ fn a_service_from_a_registry_deploys_on_empty_homes_pins_the_digest_and_ignores_
     assert_eq!(plan[0]["current_digest"], v1.as_str(), "{plan}");
     let v2_hex = v2.trim_start_matches("sha256:");
     assert!(
-        !registry::store_blobs(&second.imago).iter().any(|b| b.contains(v2_hex)),
+        !registry::store_blobs(&second.imago)
+            .iter()
+            .any(|b| b.contains(v2_hex)),
         "plan pulled the new image"
     );
     second.apply().ok();

@@ -211,7 +211,10 @@ fn login_asks_for_the_password_on_a_terminal_without_echo_and_refuses_without_on
     let shown = String::from_utf8_lossy(&seen);
     assert!(status.success(), "login on a terminal failed: {shown}");
     assert!(shown.contains("login succeeded"), "{shown}");
-    assert!(!shown.contains(PASSWORD), "the password was echoed: {shown}");
+    assert!(
+        !shown.contains(PASSWORD),
+        "the password was echoed: {shown}"
+    );
     let saved = std::fs::read_to_string(imago.home.join("auth.json")).unwrap();
     assert!(saved.contains(&reg.host()), "{saved}");
 }

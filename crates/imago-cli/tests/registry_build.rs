@@ -188,7 +188,11 @@ fn docker_hub_names_normalise_for_from_and_show_shortened() {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("imago.toml"), app_definition(from, "")).unwrap();
         // --pull=missing: the base is found in the store under its full name, nothing pulled.
-        let app = build(&imago, &dir, &["app"]).ok().stdout().trim().to_owned();
+        let app = build(&imago, &dir, &["app"])
+            .ok()
+            .stdout()
+            .trim()
+            .to_owned();
         assert_eq!(
             annotations(&imago, &app)["org.opencontainers.image.base.digest"],
             digest.as_str(),

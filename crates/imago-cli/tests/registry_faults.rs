@@ -457,7 +457,9 @@ fn a_corrupt_store_blob_is_refused_while_it_uploads_and_the_registry_gets_nothin
     let err = registry::run(&imago, &["push", "bad:1", &target]).fails();
     assert!(err.contains("corrupt"), "{err}");
     assert!(
-        blobs[1..].iter().any(|(layer, _)| err.contains(layer.as_str())),
+        blobs[1..]
+            .iter()
+            .any(|(layer, _)| err.contains(layer.as_str())),
         "the error does not name the corrupt blob: {err}"
     );
     for (layer, _) in &blobs[1..] {
@@ -471,5 +473,9 @@ fn a_corrupt_store_blob_is_refused_while_it_uploads_and_the_registry_gets_nothin
         .iter()
         .filter(|r| r.method == "PUT" && r.path.contains("/blobs/uploads/"))
         .count();
-    assert!(puts <= 2, "a corrupt blob was retried:\n{}", proxy.summary());
+    assert!(
+        puts <= 2,
+        "a corrupt blob was retried:\n{}",
+        proxy.summary()
+    );
 }

@@ -257,7 +257,12 @@ fn a_pulled_multi_arch_index_is_kept_and_pushes_back_with_the_same_index_digest(
         &["push", &source, &format!("{}/multi:1", other.host())],
     )
     .fails();
-    for part in ["linux/arm64/v8", arm64.as_str(), "--all-platforms", "--platform"] {
+    for part in [
+        "linux/arm64/v8",
+        arm64.as_str(),
+        "--all-platforms",
+        "--platform",
+    ] {
         assert!(err.contains(part), "the error does not name {part}: {err}");
     }
     let single = registry::run_json(

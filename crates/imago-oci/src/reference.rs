@@ -334,9 +334,7 @@ mod tests {
             "already full"
         );
         assert_eq!(
-            parse("docker.io/library/debian")
-                .ref_name()
-                .as_deref(),
+            parse("docker.io/library/debian").ref_name().as_deref(),
             Some("docker.io/library/debian:latest")
         );
         assert_eq!(

@@ -68,13 +68,14 @@ pub fn push(
                 platform: platform.to_owned(),
             }
         })?;
-        let child = chosen
-            .digest
-            .parse::<Digest>()
-            .map_err(|_| RegistryError::InvalidManifest {
-                reference: shown.clone(),
-                reason: format!("unsupported digest {:?}", chosen.digest),
-            })?;
+        let child =
+            chosen
+                .digest
+                .parse::<Digest>()
+                .map_err(|_| RegistryError::InvalidManifest {
+                    reference: shown.clone(),
+                    reason: format!("unsupported digest {:?}", chosen.digest),
+                })?;
         let mut dest = dest.clone();
         // Pinned to the index's digest, the destination is now pinned to the image's.
         dest.digest = dest.tag.is_none().then(|| child.clone());
@@ -126,7 +127,10 @@ pub fn push(
         Some(tag) => {
             let named = Reference::named(&dest.name(), tag).map_err(StoreError::from)?;
             let name = named.ref_name();
-            let named_already = store.names()?.iter().any(|e| e.digest == *root && e.name == name);
+            let named_already = store
+                .names()?
+                .iter()
+                .any(|e| e.digest == *root && e.name == name);
             if !named_already {
                 store.tag(&named, root)?;
             }
@@ -191,23 +195,15 @@ fn upload(
             return Err(RegistryError::PlatformMissing {
                 reference: shown,
                 index: root.clone(),
-                platform: child
-                    .platform
-                    .as_ref()
-                    .map_or_else(|| "an entry without platform".to_owned(), ToString::to_string),
+                platform: child.platform.as_ref().map_or_else(
+                    || "an entry without platform".to_owned(),
+                    ToString::to_string,
+                ),
                 digest,
             });
         }
     } else {
-        push_blobs(
-            client,
-            store,
-            repository,
-            parsed,
-            &mounts,
-            progress,
-            report,
-        )?;
+        push_blobs(client, store, repository, parsed, &mounts, progress, report)?;
     }
     put_manifest(
         client,
@@ -739,7 +735,8 @@ trait HashState {
 
 impl HashState for SharedHash {
     fn lock_hash(&self) -> std::sync::MutexGuard<'_, OutgoingHash> {
-        self.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -781,10 +778,7 @@ impl Read for UploadReader {
                         state.mismatch = Some(actual.clone());
                         return Err(std::io::Error::new(
                             std::io::ErrorKind::InvalidData,
-                            format!(
-                                "blob {} hashes to {actual}: not uploaded",
-                                state.digest
-                            ),
+                            format!("blob {} hashes to {actual}: not uploaded", state.digest),
                         ));
                     }
                 }

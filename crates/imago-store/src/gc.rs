@@ -67,7 +67,10 @@ impl Store {
                     let mut image = self.reachable_from(&digest, Some(child.size()))?;
                     // A platform pulled for its manifest alone (so that the index can be pushed
                     // again as it was): without its config, none of its blobs is expected.
-                    if image.get(1).is_some_and(|config| !self.has_blob(&config.digest)) {
+                    if image
+                        .get(1)
+                        .is_some_and(|config| !self.has_blob(&config.digest))
+                    {
                         for blob in image.iter_mut().skip(1) {
                             blob.optional = true;
                         }

@@ -344,7 +344,9 @@ pub fn login(ctx: &Context, args: LoginArgs) -> Result<()> {
         }
         (PasswordSource::Prompt, _) => {
             rpassword::prompt_password(format!("Password for {username}@{registry}: "))
-                .with_context(|| format!("login to {registry}: read the password from the terminal"))?
+                .with_context(|| {
+                    format!("login to {registry}: read the password from the terminal")
+                })?
         }
         (PasswordSource::Argument | PasswordSource::Refused, _) => bail!(
             "login to {registry}: no terminal to ask for the password on: give it with --password-stdin (or -p)"
@@ -405,9 +407,15 @@ mod tests {
 
     #[test]
     fn login_prompts_only_on_a_terminal() {
-        assert_eq!(password_source(true, false, false), PasswordSource::Argument);
+        assert_eq!(
+            password_source(true, false, false),
+            PasswordSource::Argument
+        );
         assert_eq!(password_source(false, true, true), PasswordSource::Stdin);
         assert_eq!(password_source(false, false, true), PasswordSource::Prompt);
-        assert_eq!(password_source(false, false, false), PasswordSource::Refused);
+        assert_eq!(
+            password_source(false, false, false),
+            PasswordSource::Refused
+        );
     }
 }

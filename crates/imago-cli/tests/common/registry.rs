@@ -1058,7 +1058,14 @@ fn serve_connection(client: TcpStream, upstream: &str, state: &ProxyState) -> st
             let (up, _) = copy_body(&mut client_r, None, body_framing, None, false)?;
             let (status, mut headers, body) = answer;
             headers.push(("Content-Type".into(), "application/json".into()));
-            let down = answer_canned(&mut client_w, &method, status, &headers, body.as_bytes(), false)?;
+            let down = answer_canned(
+                &mut client_w,
+                &method,
+                status,
+                &headers,
+                body.as_bytes(),
+                false,
+            )?;
             state.records.lock().unwrap().push(Record {
                 method: method.clone(),
                 path: path.clone(),
@@ -1131,8 +1138,8 @@ fn serve_connection(client: TcpStream, upstream: &str, state: &ProxyState) -> st
             let (up, _) = copy_body(&mut client_r, None, body_framing, None, false)?;
             record.up = up;
             record.status = status;
-            record.down = answer_canned(&mut client_w, &method, status, &headers, &body, true)
-                .unwrap_or(0);
+            record.down =
+                answer_canned(&mut client_w, &method, status, &headers, &body, true).unwrap_or(0);
             push(record);
             let _ = client_w.shutdown(Shutdown::Both);
             return Ok(());
