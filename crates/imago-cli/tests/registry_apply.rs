@@ -152,6 +152,9 @@ fn a_service_from_a_registry_deploys_on_empty_homes_pins_the_digest_and_ignores_
     let first = Host::new(&image);
     let plan = first.plan();
     assert_eq!(plan[0]["digest"], v1.as_str(), "{plan}");
+    // Plan read the manifest and nothing else: the store is still empty.
+    let stored = registry::store_blobs(&first.imago);
+    assert!(stored.is_empty(), "plan pulled {stored:?}");
     first.apply().ok();
     assert_eq!(first.page(), "page v1\n");
     assert_eq!(first.running(), vec![v1.clone()]);
@@ -196,6 +199,13 @@ fn a_service_from_a_registry_deploys_on_empty_homes_pins_the_digest_and_ignores_
     let plan = second.plan();
     assert_eq!(plan[0]["digest"], v2.as_str(), "{plan}");
     assert_eq!(plan[0]["current_digest"], v1.as_str(), "{plan}");
+    let v2_hex = v2.trim_start_matches("sha256:");
+    assert!(
+        !registry::store_blobs(&second.imago)
+            .iter()
+            .any(|b| b.contains(v2_hex)),
+        "plan pulled the new image"
+    );
     second.apply().ok();
     assert_eq!(second.page(), "page v2\n");
     assert_eq!(second.running(), vec![v2.clone()]);

@@ -148,6 +148,77 @@ fn a_wrong_password_is_a_clear_error_and_nothing_is_saved() {
     );
 }
 
+#[test]
+fn login_asks_for_the_password_on_a_terminal_without_echo_and_refuses_without_one() {
+    registry::require_tool("script");
+    let reg = Registry::start(RegistryOpts::secure(USER, PASSWORD));
+    let imago = Imago::new();
+    reg.install_ca(&imago.home);
+
+    // No terminal and no password given: a clear refusal, not a hang or an empty password.
+    let run = registry::cmd(&imago)
+        .args(["login", &reg.host(), "-u", USER])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = common::Run { output: run }.fails();
+    assert!(
+        err.contains("no terminal") && err.contains("--password-stdin"),
+        "{err}"
+    );
+
+    // On a terminal (a pty from util-linux's `script`): the prompt, then the password typed
+    // after it, which the terminal must not echo.
+    let command = registry::cmd(&imago);
+    let mut line = format!("{:?}", command.get_program());
+    for arg in command.get_args() {
+        line.push_str(&format!(" {arg:?}"));
+    }
+    line.push_str(&format!(" login {} -u {USER}", reg.host()));
+    let mut script = std::process::Command::new("script");
+    for (key, value) in command.get_envs() {
+        match value {
+            Some(v) => script.env(key, v),
+            None => script.env_remove(key),
+        };
+    }
+    let mut child = script
+        .args(["-qec", &line, "/dev/null"])
+        .current_dir(imago.dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let started = std::time::Instant::now();
+    while !String::from_utf8_lossy(&seen).contains("Password for") {
+        let mut buf = [0u8; 256];
+        let n = std::io::Read::read(&mut stdout, &mut buf).unwrap();
+        assert!(
+            n > 0 && started.elapsed() < std::time::Duration::from_secs(30),
+            "no password prompt: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // rpassword turns echo off before it prints the prompt.
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(format!("{PASSWORD}\n").as_bytes()).unwrap();
+    std::io::Read::read_to_end(&mut stdout, &mut seen).unwrap();
+    let status = child.wait().unwrap();
+    let shown = String::from_utf8_lossy(&seen);
+    assert!(status.success(), "login on a terminal failed: {shown}");
+    assert!(shown.contains("login succeeded"), "{shown}");
+    assert!(
+        !shown.contains(PASSWORD),
+        "the password was echoed: {shown}"
+    );
+    let saved = std::fs::read_to_string(imago.home.join("auth.json")).unwrap();
+    assert!(saved.contains(&reg.host()), "{saved}");
+}
+
 /// A `docker-credential-test` helper that answers `get` with the test's credentials and logs
 /// the server it was asked about.
 fn credential_helper(dir: &Path) {

@@ -175,3 +175,36 @@ fn push_in_the_definition_and_build_push_publish_what_was_built() {
     let (status, _) = reg.get(&format!("/v2/other/app/manifests/{digest}"));
     assert_eq!(status, 200);
 }
+
+/// Names as docker reads them: an image stored under its full Docker Hub name
+/// (`docker.io/library/base:1`, as a pull names it) is the `from = "base:1"` of a build and
+/// of `docker.io/base:1`, without any registry traffic, and `imago images` shows it shortened.
+#[test]
+fn docker_hub_names_normalise_for_from_and_show_shortened() {
+    let imago = Imago::new();
+    let digest = registry::random_image(&imago, "docker.io/library/base:1", &[10_000], 5);
+    for from in ["base:1", "docker.io/base:1", "docker.io/library/base:1"] {
+        let dir = imago.dir.path().join(from.replace(['/', ':'], "_"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("imago.toml"), app_definition(from, "")).unwrap();
+        // --pull=missing: the base is found in the store under its full name, nothing pulled.
+        let app = build(&imago, &dir, &["app"])
+            .ok()
+            .stdout()
+            .trim()
+            .to_owned();
+        assert_eq!(
+            annotations(&imago, &app)["org.opencontainers.image.base.digest"],
+            digest.as_str(),
+            "from = {from:?}"
+        );
+    }
+    let listed = registry::run(&imago, &["images"]).ok().stdout();
+    let line = listed
+        .lines()
+        .find(|l| l.contains(&digest["sha256:".len()..][..12]))
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert!(line.starts_with("base:1 "), "not shown shortened: {listed}");
+    let inspected = registry::run_json(&imago, &["inspect", "base:1"]);
+    assert_eq!(inspected["digest"], digest.as_str());
+}

@@ -407,14 +407,17 @@ fn an_oversized_manifest_and_absurd_sizes_are_refused_without_allocating_them() 
                 reason,
                 "pulling {reference}: the error does not say why: {err}"
             );
-            assert!(
-                proxy
-                    .records()
-                    .iter()
-                    .any(|r| r.method == "GET"
-                        && r.path.starts_with(&format!("/v2/{repo}/manifests/"))),
-                "the manifest of {reference} was never fetched:\n{}",
-                proxy.summary()
+            // The proxy records a canned answer once it has written it: into a connection
+            // that imago closed after the headers, that ends a moment after imago exits.
+            let fetched = || {
+                proxy.records().iter().any(|r| {
+                    r.method == "GET" && r.path.starts_with(&format!("/v2/{repo}/manifests/"))
+                })
+            };
+            registry::wait_for(
+                &format!("the manifest request of {reference} ({err})"),
+                Duration::from_secs(10),
+                fetched,
             );
             assert!(
                 registry::store_names(&imago).is_empty(),
@@ -426,4 +429,53 @@ fn an_oversized_manifest_and_absurd_sizes_are_refused_without_allocating_them() 
             );
         }
     }
+}
+
+/// A push hashes each blob while it goes out (it is not read twice): a store blob whose bytes
+/// changed on disk is refused naming the digest, before its last byte reaches the registry, so
+/// the registry ends with no such blob and no manifest; one failed request, no retries.
+#[test]
+fn a_corrupt_store_blob_is_refused_while_it_uploads_and_the_registry_gets_nothing() {
+    let reg = Registry::start(RegistryOpts::plain());
+    let proxy = Proxy::start(&reg.host(), vec![]);
+    let imago = Imago::new();
+    // One small blob (one request) and one over the 64 MiB chunk size (PATCH, then PUT).
+    let digest = registry::random_image(&imago, "bad:1", &[300_000, 70 * MB], 91);
+    let manifest = registry::store_blob(&imago, &digest);
+    let blobs = registry::manifest_blobs(&manifest);
+    for (layer, _) in &blobs[1..] {
+        let path = imago
+            .home
+            .join("store/blobs/sha256")
+            .join(layer.trim_start_matches("sha256:"));
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+    }
+    let target = format!("{}/team/bad:1", proxy.host());
+    let err = registry::run(&imago, &["push", "bad:1", &target]).fails();
+    assert!(err.contains("corrupt"), "{err}");
+    assert!(
+        blobs[1..]
+            .iter()
+            .any(|(layer, _)| err.contains(layer.as_str())),
+        "the error does not name the corrupt blob: {err}"
+    );
+    for (layer, _) in &blobs[1..] {
+        let (status, _) = reg.get(&format!("/v2/team/bad/blobs/{layer}"));
+        assert_eq!(status, 404, "the registry holds the corrupt blob {layer}");
+    }
+    let (status, _) = reg.get("/v2/team/bad/manifests/1");
+    assert_eq!(status, 404, "a manifest was pushed");
+    let puts = proxy
+        .records()
+        .iter()
+        .filter(|r| r.method == "PUT" && r.path.contains("/blobs/uploads/"))
+        .count();
+    assert!(
+        puts <= 2,
+        "a corrupt blob was retried:\n{}",
+        proxy.summary()
+    );
 }

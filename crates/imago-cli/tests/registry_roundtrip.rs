@@ -240,6 +240,64 @@ fn a_pulled_multi_arch_index_is_kept_and_pushes_back_with_the_same_index_digest(
     for (digest, _) in registry::manifest_blobs(&registry::store_blob(&arm, &arm64)) {
         assert!(blobs.contains(&digest), "arm64 blob {digest} missing");
     }
+    // Every platform's manifest is kept, the other platform's blobs are not fetched, the store
+    // is valid, and the stored index resolves to the platform pulled (not to linux/amd64).
+    assert!(blobs.contains(&amd64), "the amd64 manifest is not kept");
+    let amd64_layer = &registry::manifest_blobs(&registry::store_blob(&arm, &amd64))[1].0;
+    assert!(!blobs.contains(amd64_layer), "amd64 blobs were fetched");
+    registry::assert_store_valid(&arm);
+    let inspected = registry::run_json(&arm, &["inspect", &source]);
+    assert_eq!(inspected["digest"], arm64.as_str(), "{inspected}");
+
+    // A home holding one platform cannot push the index to a registry that lacks the other:
+    // a clear error naming the platform and the ways out; or it pushes one platform.
+    let other = Registry::start(RegistryOpts::plain());
+    let err = registry::run(
+        &host,
+        &["push", &source, &format!("{}/multi:1", other.host())],
+    )
+    .fails();
+    for part in [
+        "linux/arm64/v8",
+        arm64.as_str(),
+        "--all-platforms",
+        "--platform",
+    ] {
+        assert!(err.contains(part), "the error does not name {part}: {err}");
+    }
+    let single = registry::run_json(
+        &host,
+        &[
+            "push",
+            "--platform",
+            "linux/amd64",
+            &source,
+            &format!("{}/single:1", other.host()),
+        ],
+    );
+    assert_eq!(single["digest"], amd64.as_str(), "{single}");
+    assert_eq!(other.manifest_digest("single", "1"), amd64);
+
+    // --all-platforms fetches every platform's blobs, and the index then goes anywhere as it is.
+    let all = Imago::new();
+    registry::run_json(&all, &["pull", "--all-platforms", &source]);
+    let blobs = registry::store_blobs(&all);
+    for image in [&amd64, &arm64] {
+        for (digest, _) in registry::manifest_blobs(&registry::store_blob(&all, image)) {
+            assert!(blobs.contains(&digest), "blob {digest} of {image} missing");
+        }
+    }
+    registry::assert_store_valid(&all);
+    let pushed = registry::run_json(
+        &all,
+        &["push", &source, &format!("{}/multi:1", other.host())],
+    );
+    assert_eq!(pushed["digest"], index.as_str(), "{pushed}");
+    assert_eq!(
+        other.manifest("multi", "1"),
+        registry::store_blob(&maker, &index),
+        "the index bytes changed on the way"
+    );
 }
 
 #[test]

@@ -12,7 +12,10 @@ pub mod reference;
 
 pub use canonical::{CanonicalJsonError, to_canonical_json};
 pub use digest::{Digest, DigestError, HashingReader, HashingWriter, Sha256};
-pub use reference::{Reference, ReferenceError};
+pub use reference::{
+    DOCKER_HUB, NameParts, Reference, ReferenceError, docker_name, docker_short_name,
+    names_registry, split_name,
+};
 
 /// Re-exported OCI image-spec types (manifest, index, config, descriptor).
 pub use oci_spec::image as spec;

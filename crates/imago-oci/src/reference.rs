@@ -127,6 +127,21 @@ impl Reference {
         }
     }
 
+    /// The same reference with its name as docker normalises it (`debian:12` is
+    /// `docker.io/library/debian:12`), when that differs from the name as written.
+    pub fn docker_normalized(&self) -> Option<Reference> {
+        let Reference::Name { name, tag, digest } = self else {
+            return None;
+        };
+        let (registry, repository) = docker_name(name);
+        let full = format!("{registry}/{repository}");
+        (full != *name && valid_name(&full)).then(|| Reference::Name {
+            name: full,
+            tag: tag.clone(),
+            digest: digest.clone(),
+        })
+    }
+
     /// If the reference could also be read as a digest prefix (a bare hex string like `3f9a2c`,
     /// or `sha256:3f9a`), that prefix.
     pub fn digest_prefix(&self) -> Option<&str> {
@@ -142,6 +157,80 @@ impl Reference {
             _ => None,
         }
     }
+}
+
+/// Where docker looks for a name without a registry host.
+pub const DOCKER_HUB: &str = "docker.io";
+
+/// True when the first component of `name` names a registry host (`x.y`, `x:port`,
+/// `localhost`), which is how docker tells `host/repo` from `user/repo` on Docker Hub.
+pub fn names_registry(name: &str) -> bool {
+    match name.split_once('/') {
+        Some((first, _)) => first.contains('.') || first.contains(':') || first == "localhost",
+        None => false,
+    }
+}
+
+/// A name (no tag or digest) as docker normalises it, as (registry, repository):
+/// `debian` and `docker.io/debian` are `docker.io`, `library/debian`; `user/app` is
+/// `docker.io`, `user/app`; `index.docker.io` is `docker.io`; other hosts stay as written.
+pub fn docker_name(name: &str) -> (String, String) {
+    let (registry, repository) = match name.split_once('/') {
+        Some((host, repo)) if names_registry(name) => (host, repo),
+        _ => (DOCKER_HUB, name),
+    };
+    let registry = if registry == "index.docker.io" {
+        DOCKER_HUB
+    } else {
+        registry
+    };
+    let repository = if registry == DOCKER_HUB && !repository.contains('/') {
+        format!("library/{repository}")
+    } else {
+        repository.to_owned()
+    };
+    (registry.to_owned(), repository)
+}
+
+/// The shortest form docker shows for a full name: `debian` for `docker.io/library/debian`,
+/// `user/app` for `docker.io/user/app`; other names as they are.
+pub fn docker_short_name(name: &str) -> &str {
+    name.strip_prefix("docker.io/library/")
+        .filter(|rest| !rest.contains('/'))
+        .or_else(|| name.strip_prefix("docker.io/"))
+        .unwrap_or(name)
+}
+
+/// `NAME[:TAG][@sha256:HEX]` taken apart: tag and digest checked, the name as written, for the
+/// caller's own rules (a store name here, a registry host and repository in imago-registry).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NameParts<'a> {
+    pub name: &'a str,
+    pub tag: Option<&'a str>,
+    pub digest: Option<Digest>,
+}
+
+/// Splits `s` into [`NameParts`]. The one place that reads `@digest` and `:tag`: a tag follows
+/// the last `:` unless a `/` comes after it (then that `:` was a registry port).
+pub fn split_name(s: &str) -> Result<NameParts<'_>, ReferenceError> {
+    let (rest, digest) = match s.split_once('@') {
+        Some((rest, d)) => (
+            rest,
+            Some(
+                d.parse::<Digest>()
+                    .map_err(|_| invalid(s, "the part after @ must be sha256:<64 hex>"))?,
+            ),
+        ),
+        None => (s, None),
+    };
+    let (name, tag) = match rest.rfind(':') {
+        Some(i) if !rest[i..].contains('/') => (&rest[..i], Some(&rest[i + 1..])),
+        _ => (rest, None),
+    };
+    if tag.is_some_and(|t| !valid_tag(t)) {
+        return Err(invalid(s, TAG_RULE));
+    }
+    Ok(NameParts { name, tag, digest })
 }
 
 impl FromStr for Reference {
@@ -171,26 +260,9 @@ impl FromStr for Reference {
             }
             return Ok(Reference::DigestPrefix(hex.to_owned()));
         }
-        let (rest, digest) = match s.split_once('@') {
-            Some((rest, d)) => (
-                rest,
-                Some(
-                    d.parse::<Digest>()
-                        .map_err(|_| invalid(s, "the part after @ must be sha256:<64 hex>"))?,
-                ),
-            ),
-            None => (s, None),
-        };
-        // A tag follows the last ':' unless a '/' comes after it (then it was a registry port).
-        let (name, tag) = match rest.rfind(':') {
-            Some(i) if !rest[i..].contains('/') => (&rest[..i], Some(&rest[i + 1..])),
-            _ => (rest, None),
-        };
+        let NameParts { name, tag, digest } = split_name(s)?;
         if !valid_name(name) {
             return Err(invalid(s, NAME_RULE));
-        }
-        if tag.is_some_and(|t| !valid_tag(t)) {
-            return Err(invalid(s, TAG_RULE));
         }
         Ok(Reference::Name {
             name: name.to_owned(),
@@ -236,6 +308,55 @@ mod tests {
             parse("library/busy-box.x:1.0_rc").ref_name().as_deref(),
             Some("library/busy-box.x:1.0_rc")
         );
+    }
+
+    #[test]
+    fn names_normalise_and_shorten_like_docker() {
+        for written in [
+            "debian:12",
+            "docker.io/debian:12",
+            "docker.io/library/debian:12",
+            "index.docker.io/library/debian:12",
+        ] {
+            assert_eq!(
+                parse(written)
+                    .docker_normalized()
+                    .unwrap_or_else(|| parse(written))
+                    .ref_name()
+                    .as_deref(),
+                Some("docker.io/library/debian:12"),
+                "{written}"
+            );
+        }
+        assert_eq!(
+            parse("docker.io/library/debian").docker_normalized(),
+            None,
+            "already full"
+        );
+        assert_eq!(
+            parse("docker.io/library/debian").ref_name().as_deref(),
+            Some("docker.io/library/debian:latest")
+        );
+        assert_eq!(
+            parse("user/app:1").docker_normalized().unwrap().to_string(),
+            "docker.io/user/app:1"
+        );
+        assert_eq!(parse("127.0.0.1:5000/web:1").docker_normalized(), None);
+        assert_eq!(parse("localhost/web").docker_normalized(), None);
+        let pinned = format!("debian@sha256:{}", "a".repeat(64));
+        assert_eq!(
+            parse(&pinned).docker_normalized().unwrap().to_string(),
+            format!("docker.io/library/debian@sha256:{}", "a".repeat(64))
+        );
+        assert_eq!(docker_short_name("docker.io/library/debian"), "debian");
+        assert_eq!(docker_short_name("docker.io/user/app"), "user/app");
+        assert_eq!(docker_short_name("docker.io/library/a/b"), "library/a/b");
+        assert_eq!(docker_short_name("ghcr.io/x/y"), "ghcr.io/x/y");
+        assert_eq!(docker_short_name("web"), "web");
+        assert!(names_registry("127.0.0.1:5000/web"));
+        assert!(names_registry("localhost/web"));
+        assert!(!names_registry("team/web"));
+        assert!(!names_registry("web"));
     }
 
     #[test]

@@ -78,6 +78,15 @@ pub enum RegistryError {
     #[error("{reference}: the index has no manifest for {platform}")]
     NoPlatform { reference: String, platform: String },
     #[error(
+        "{reference}: index {index} lists {platform} ({digest}), whose image is not in the store: pull it with --all-platforms, or push one platform with --platform"
+    )]
+    PlatformMissing {
+        reference: String,
+        index: Digest,
+        platform: String,
+        digest: Digest,
+    },
+    #[error(
         "{registry}: plain http is allowed only for loopback hosts, `insecure_registries` or --insecure"
     )]
     PlainHttpRefused { registry: String },

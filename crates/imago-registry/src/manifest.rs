@@ -36,6 +36,16 @@ pub struct Platform {
     pub variant: Option<String>,
 }
 
+impl std::fmt::Display for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        match &self.variant {
+            Some(v) => write!(f, "/{v}"),
+            None => Ok(()),
+        }
+    }
+}
+
 #[derive(Deserialize)]
 struct Document {
     #[serde(rename = "schemaVersion", default)]

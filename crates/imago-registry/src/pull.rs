@@ -119,8 +119,8 @@ pub fn pull(
     let root = fetch_manifest(&client, repository, &r.manifest_reference())?;
     let parsed = manifest::parse(&shown, &root.bytes, root.content_type.as_deref())?;
     let mut documents = vec![(root.digest.clone(), root.bytes)];
-    let image = match parsed {
-        Parsed::Image { .. } => parsed,
+    let images = match parsed {
+        Parsed::Image { .. } => vec![parsed],
         Parsed::Index { manifests, .. } => {
             let chosen =
                 manifest::select_platform(&manifests, &settings.platform).ok_or_else(|| {
@@ -129,24 +129,37 @@ pub fn pull(
                         platform: settings.platform.clone(),
                     }
                 })?;
-            let child = fetch_manifest(&client, repository, &chosen.digest)?;
-            let parsed = manifest::parse(&shown, &child.bytes, child.content_type.as_deref())?;
-            if !matches!(parsed, Parsed::Image { .. }) {
-                return Err(RegistryError::InvalidManifest {
-                    reference: shown,
-                    reason: "an index entry that is itself an index".into(),
-                });
+            // Every platform's manifest is kept (they are small), so that a push of the index
+            // gives the registry the same index digest; blobs come for the chosen platform,
+            // or for all with `--all-platforms`.
+            let mut images = Vec::new();
+            for entry in &manifests {
+                let child = fetch_manifest(&client, repository, &entry.digest)?;
+                let parsed = manifest::parse(&shown, &child.bytes, child.content_type.as_deref())?;
+                if !matches!(parsed, Parsed::Image { .. }) {
+                    return Err(RegistryError::InvalidManifest {
+                        reference: shown,
+                        reason: format!("index entry {} is itself an index", entry.digest),
+                    });
+                }
+                if settings.all_platforms || entry.digest == chosen.digest {
+                    images.push(parsed);
+                }
+                // Children before the index, so the index never names a manifest not yet
+                // stored.
+                documents.insert(0, (child.digest, child.bytes));
             }
-            // Children before the index, so the index never names a manifest not yet stored.
-            documents.insert(0, (child.digest, child.bytes));
-            parsed
+            images
         }
     };
-    let missing: Vec<(Digest, u64)> = image
-        .blobs()
-        .into_iter()
+    let mut missing: Vec<(Digest, u64)> = images
+        .iter()
+        .flat_map(Parsed::blobs)
         .filter(|(d, _)| !store.has_blob(d))
         .collect();
+    // Platforms share blobs (an empty layer, a common base): each is fetched once.
+    let mut seen = std::collections::HashSet::new();
+    missing.retain(|(d, _)| seen.insert(d.clone()));
     let fetched = run_parallel(settings.parallel, missing, &|(digest, size)| {
         download_blob(&client, store, repository, &digest, size, progress)
     })?;

@@ -5,12 +5,14 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::sync::{Arc, Mutex};
 
 use imago_oci::{Digest, Reference};
 use imago_store::{Store, StoreError};
 use reqwest::StatusCode;
 use reqwest::blocking::Body;
 use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderName};
+use sha2::{Digest as _, Sha256};
 
 use crate::client::{Client, Target, pull_scope, push_scope};
 use crate::error::{RegistryError, Result};
@@ -44,71 +46,40 @@ const CONTENT_RANGE: HeaderName = HeaderName::from_static("content-range");
 const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
 
 /// Pushes the stored manifest or index `root` to `dest` and names it `dest` in the store too.
+/// `only_platform` pushes, for an index, the image of that one platform (`os/arch[/variant]`)
+/// under `dest` instead of the index.
 pub fn push(
     store: &Store,
     settings: &Settings,
     root: &Digest,
     dest: &RegistryRef,
     progress: &SharedProgress,
+    only_platform: Option<&str>,
 ) -> Result<PushReport> {
-    let client = Client::connect(settings, &dest.registry)?;
     let repository = dest.repository.as_str();
     let shown = dest.to_string();
     let bytes = store.read_blob(root, None)?;
     let parsed = manifest::parse(&shown, &bytes, None)?;
-    let mounts = mount_sources(store, &dest.registry, repository);
-    let mut report = PushReport {
-        reference: String::new(),
-        digest: root.clone(),
-        blobs_uploaded: 0,
-        bytes_uploaded: 0,
-        blobs_skipped: 0,
-        blobs_mounted: 0,
-    };
-    if let Parsed::Index { manifests, .. } = &parsed {
-        for child in manifests {
-            let Ok(digest) = child.digest.parse::<Digest>() else {
-                continue;
-            };
-            // An index pulled for one platform lists images that were never copied: the
-            // registry may have them already (the same repository), or another repository of
-            // it that the store knows the index from has them, to be copied by mounting.
-            if !store.has_blob(&digest) {
-                if let Some(from) = index_source(store, &dest.registry, repository, root) {
-                    copy_remote_image(&client, &from, repository, &digest, &mut report)?;
-                }
-                continue;
+    if let (Parsed::Index { manifests, .. }, Some(platform)) = (&parsed, only_platform) {
+        // One platform's image instead of the index: its own manifest, under the tag.
+        let chosen = manifest::select_platform(manifests, platform).ok_or_else(|| {
+            RegistryError::NoPlatform {
+                reference: format!("{shown} (index {root})"),
+                platform: platform.to_owned(),
             }
-            let child_bytes = store.read_blob(&digest, Some(child.size))?;
-            let child_parsed = manifest::parse(&shown, &child_bytes, None)?;
-            push_blobs(
-                &client,
-                store,
-                repository,
-                &child_parsed,
-                &mounts,
-                progress,
-                &mut report,
-            )?;
-            put_manifest(
-                &client,
-                repository,
-                &digest.to_string(),
-                &child_bytes,
-                child_parsed.media_type(),
-                &digest,
-            )?;
-        }
-    } else {
-        push_blobs(
-            &client,
-            store,
-            repository,
-            &parsed,
-            &mounts,
-            progress,
-            &mut report,
-        )?;
+        })?;
+        let child =
+            chosen
+                .digest
+                .parse::<Digest>()
+                .map_err(|_| RegistryError::InvalidManifest {
+                    reference: shown.clone(),
+                    reason: format!("unsupported digest {:?}", chosen.digest),
+                })?;
+        let mut dest = dest.clone();
+        // Pinned to the index's digest, the destination is now pinned to the image's.
+        dest.digest = dest.tag.is_none().then(|| child.clone());
+        return push(store, settings, &child, &dest, progress, None);
     }
     let reference = match (dest.digest.as_ref(), dest.tag_or_default()) {
         (_, Some(tag)) => tag.to_owned(),
@@ -126,23 +97,162 @@ pub fn push(
             actual: root.clone(),
         });
     }
-    put_manifest(
-        &client,
-        repository,
-        &reference,
-        &bytes,
-        parsed.media_type(),
-        root,
-    )?;
+    let client = Client::connect(settings, &dest.registry)?;
+    let mut report = PushReport {
+        reference: String::new(),
+        digest: root.clone(),
+        blobs_uploaded: 0,
+        bytes_uploaded: 0,
+        blobs_skipped: 0,
+        blobs_mounted: 0,
+    };
+    // A no-op push is one request: when the reference names this very manifest already, the
+    // registry holds all it refers to (it accepts a manifest only with its blobs and, for an
+    // index, its manifests), so nothing else is asked.
+    if remote_digest(&client, repository, &reference)?.as_ref() == Some(root) {
+        report.blobs_skipped = stored_blob_count(store, &shown, &parsed)?;
+    } else {
+        upload(
+            &client,
+            store,
+            dest,
+            root,
+            (&bytes, &parsed),
+            &reference,
+            progress,
+            &mut report,
+        )?;
+    }
     report.reference = match dest.tag_or_default() {
         Some(tag) => {
             let named = Reference::named(&dest.name(), tag).map_err(StoreError::from)?;
-            store.tag(&named, root)?;
+            let name = named.ref_name();
+            let named_already = store
+                .names()?
+                .iter()
+                .any(|e| e.digest == *root && e.name == name);
+            if !named_already {
+                store.tag(&named, root)?;
+            }
             format!("{}:{tag}", dest.name())
         }
         None => format!("{}@{root}", dest.name()),
     };
     Ok(report)
+}
+
+/// Everything the registry lacks of the image or index `root`, then its manifest bytes.
+#[allow(clippy::too_many_arguments)]
+fn upload(
+    client: &Client,
+    store: &Store,
+    dest: &RegistryRef,
+    root: &Digest,
+    (bytes, parsed): (&[u8], &Parsed),
+    reference: &str,
+    progress: &SharedProgress,
+    report: &mut PushReport,
+) -> Result<()> {
+    let repository = dest.repository.as_str();
+    let shown = dest.to_string();
+    let mounts = mount_sources(store, &dest.registry, repository);
+    if let Parsed::Index { manifests, .. } = parsed {
+        for child in manifests {
+            let Ok(digest) = child.digest.parse::<Digest>() else {
+                continue;
+            };
+            if let Some(child_parsed) = complete_image(store, &shown, &digest, child.size)? {
+                push_blobs(
+                    client,
+                    store,
+                    repository,
+                    &child_parsed,
+                    &mounts,
+                    progress,
+                    report,
+                )?;
+                let child_bytes = store.read_blob(&digest, Some(child.size))?;
+                put_manifest(
+                    client,
+                    repository,
+                    &digest.to_string(),
+                    &child_bytes,
+                    child_parsed.media_type(),
+                    &digest,
+                )?;
+                continue;
+            }
+            // A platform whose image the store lacks: the registry may hold it already, or
+            // another repository of it that the store knows the index from, to be copied by
+            // mounting. Else the index cannot go as it is.
+            if remote_digest(client, repository, &digest.to_string())?.is_some() {
+                continue;
+            }
+            if let Some(from) = index_source(store, &dest.registry, repository, root) {
+                copy_remote_image(client, &from, repository, &digest, report)?;
+                continue;
+            }
+            return Err(RegistryError::PlatformMissing {
+                reference: shown,
+                index: root.clone(),
+                platform: child.platform.as_ref().map_or_else(
+                    || "an entry without platform".to_owned(),
+                    ToString::to_string,
+                ),
+                digest,
+            });
+        }
+    } else {
+        push_blobs(client, store, repository, parsed, &mounts, progress, report)?;
+    }
+    put_manifest(
+        client,
+        repository,
+        reference,
+        bytes,
+        parsed.media_type(),
+        root,
+    )
+}
+
+/// The digest `reference` (a tag or digest) names in `repository`, if anything.
+fn remote_digest(client: &Client, repository: &str, reference: &str) -> Result<Option<Digest>> {
+    let target = Target {
+        repository,
+        what: format!("manifest {reference}"),
+        scopes: vec![push_scope(repository)],
+    };
+    let url = client.url(&format!("v2/{repository}/manifests/{reference}"))?;
+    let response = client.send(&target, &|http| {
+        Ok(http
+            .head(url.clone())
+            .header(reqwest::header::ACCEPT, manifest::ACCEPT))
+    })?;
+    match response.status() {
+        s if s.is_success() => Ok(response
+            .headers()
+            .get(DOCKER_CONTENT_DIGEST)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())),
+        StatusCode::NOT_FOUND => Ok(None),
+        _ => Err(client.http_error(&target, response)),
+    }
+}
+
+/// How many blobs of the image or index the store holds: what a no-op push left where it was.
+fn stored_blob_count(store: &Store, shown: &str, parsed: &Parsed) -> Result<u64> {
+    let Parsed::Index { manifests, .. } = parsed else {
+        return Ok(parsed.blobs().len() as u64);
+    };
+    let mut count = 0;
+    for child in manifests {
+        if let Ok(digest) = child.digest.parse::<Digest>()
+            && let Some(image) = complete_image(store, shown, &digest, child.size)?
+        {
+            count += image.blobs().len() as u64;
+        }
+    }
+    Ok(count)
 }
 
 fn push_blobs(
@@ -227,6 +337,22 @@ fn put_manifest(
         });
     }
     Ok(())
+}
+
+/// The image manifest `digest` when the store holds it and every blob it names.
+fn complete_image(
+    store: &Store,
+    shown: &str,
+    digest: &Digest,
+    size: u64,
+) -> Result<Option<Parsed>> {
+    if !store.has_blob(digest) {
+        return Ok(None);
+    }
+    let parsed = manifest::parse(shown, &store.read_blob(digest, Some(size))?, None)?;
+    let whole = matches!(parsed, Parsed::Image { .. })
+        && parsed.blobs().iter().all(|(d, _)| store.has_blob(d));
+    Ok(whole.then_some(parsed))
 }
 
 /// Another repository of `registry` that the store names the index `root` from.
@@ -359,8 +485,20 @@ fn push_blob(
         return Err(client.http_error(&target, head));
     }
     let path = store.blob_path(digest);
-    // Checked before the upload starts: the registry would refuse wrong bytes only at the end.
-    store.verify_blob(digest, Some(size))?;
+    check_size(&path, digest, size)?;
+    if size == 0 && *digest != Digest::of(b"") {
+        // No byte goes out to be hashed on the way.
+        return Err(StoreError::CorruptBlob {
+            digest: digest.clone(),
+            path,
+            actual: Digest::of(b""),
+        }
+        .into());
+    }
+    // The blob is hashed while it goes out, not read twice: the upload session is the scratch
+    // space, and the piece that would complete it fails before its last byte if the content
+    // does not hash to `digest`, so nothing is committed under a wrong digest.
+    let hash = OutgoingHash::shared(digest);
     let mut location = match start_session(client, &target, repository, digest, mount_from)? {
         Session::Mounted => return Ok(Outcome::Mounted),
         Session::Open(url) => url,
@@ -382,7 +520,7 @@ fn push_blob(
                     .put(url.clone())
                     .header(CONTENT_TYPE, "application/octet-stream")
                     .header(CONTENT_LENGTH, len)
-                    .body(body_at(&path, offset, len, digest, progress)?))
+                    .body(body_at(&path, offset, len, size, &hash, progress)?))
             })
         } else {
             client.send_once(&target, &|http| {
@@ -391,7 +529,7 @@ fn push_blob(
                     .header(CONTENT_TYPE, "application/octet-stream")
                     .header(CONTENT_RANGE, format!("{offset}-{}", offset + len - 1))
                     .header(CONTENT_LENGTH, len)
-                    .body(body_at(&path, offset, len, digest, progress)?))
+                    .body(body_at(&path, offset, len, size, &hash, progress)?))
             })
         };
         let failure = match result {
@@ -415,7 +553,17 @@ fn push_blob(
                 client.http_error(&target, r)
             }
             Ok(r) => return Err(client.http_error(&target, r)),
-            Err(e @ RegistryError::Connection { .. }) => e,
+            Err(e @ RegistryError::Connection { .. }) => {
+                if let Some(actual) = hash.mismatch() {
+                    return Err(StoreError::CorruptBlob {
+                        digest: digest.clone(),
+                        path,
+                        actual,
+                    }
+                    .into());
+                }
+                e
+            }
             Err(e) => return Err(e),
         };
         if failures >= client.settings.retries {
@@ -432,9 +580,10 @@ fn push_blob(
                 Session::Open(url) => (url, 0),
             },
         };
-        progress.set(digest, at);
-        location = new_location;
         offset = at.min(size);
+        hash.rewind(&path, offset)?;
+        progress.set(digest, offset);
+        location = new_location;
     }
 }
 
@@ -502,16 +651,139 @@ pub(crate) fn parse_range_end(value: &str) -> Option<u64> {
     end.trim().parse().ok()
 }
 
-struct ProgressReader<R> {
-    inner: R,
+/// Fails early, with the store's error, when the blob file is not as long as its descriptor.
+fn check_size(path: &std::path::Path, digest: &Digest, size: u64) -> Result<()> {
+    let actual = match std::fs::metadata(path) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(StoreError::MissingBlob {
+                digest: digest.clone(),
+                path: path.to_owned(),
+            }
+            .into());
+        }
+        Err(source) => {
+            return Err(RegistryError::Io {
+                action: "stat",
+                path: path.to_owned(),
+                source,
+            });
+        }
+    };
+    if actual != size {
+        return Err(StoreError::SizeMismatch {
+            digest: digest.clone(),
+            path: path.to_owned(),
+            expected: size,
+            actual,
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// The hash of a blob's bytes as far as they have gone out in order, shared by the bodies of
+/// the requests of one upload.
+struct OutgoingHash {
+    digest: Digest,
+    hasher: Sha256,
+    /// Bytes hashed: the blob's first `at` bytes.
+    at: u64,
+    /// What the whole blob hashed to, when that was not `digest`.
+    mismatch: Option<Digest>,
+}
+
+type SharedHash = Arc<Mutex<OutgoingHash>>;
+
+impl OutgoingHash {
+    fn shared(digest: &Digest) -> SharedHash {
+        Arc::new(Mutex::new(OutgoingHash {
+            digest: digest.clone(),
+            hasher: Sha256::new(),
+            at: 0,
+            mismatch: None,
+        }))
+    }
+}
+
+trait HashState {
+    fn lock_hash(&self) -> std::sync::MutexGuard<'_, OutgoingHash>;
+    fn mismatch(&self) -> Option<Digest> {
+        self.lock_hash().mismatch.clone()
+    }
+    /// Makes the hash cover exactly the blob's first `offset` bytes, where an upload resumes:
+    /// bytes of a broken request past what the registry kept were hashed but will go again.
+    fn rewind(&self, path: &std::path::Path, offset: u64) -> Result<()> {
+        let mut state = self.lock_hash();
+        if state.at == offset {
+            return Ok(());
+        }
+        let io = |action, source| RegistryError::Io {
+            action,
+            path: path.to_owned(),
+            source,
+        };
+        let file = File::open(path).map_err(|e| io("open", e))?;
+        let mut hasher = Sha256::new();
+        let copied = std::io::copy(&mut file.take(offset), &mut HashSink(&mut hasher))
+            .map_err(|e| io("read", e))?;
+        state.hasher = hasher;
+        state.at = copied;
+        Ok(())
+    }
+}
+
+impl HashState for SharedHash {
+    fn lock_hash(&self) -> std::sync::MutexGuard<'_, OutgoingHash> {
+        self.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+struct HashSink<'a>(&'a mut Sha256);
+
+impl std::io::Write for HashSink<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// One request body: a range of the blob file, hashed on the way out and reported to the
+/// progress bars.
+struct UploadReader {
+    inner: std::io::Take<File>,
     digest: Digest,
     position: u64,
+    size: u64,
+    hash: SharedHash,
     progress: SharedProgress,
 }
 
-impl<R: Read> Read for ProgressReader<R> {
+impl Read for UploadReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
+        if n > 0 {
+            let mut state = self.hash.lock_hash();
+            if state.at == self.position {
+                state.hasher.update(&buf[..n]);
+                state.at += n as u64;
+                // The blob's last bytes are held back until the whole blob hashed right.
+                if state.at == self.size {
+                    let actual = Digest::from_hasher(state.hasher.clone());
+                    if actual != state.digest {
+                        state.mismatch = Some(actual.clone());
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            format!("blob {} hashes to {actual}: not uploaded", state.digest),
+                        ));
+                    }
+                }
+            }
+        }
         self.position += n as u64;
         self.progress.set(&self.digest, self.position);
         Ok(n)
@@ -523,7 +795,8 @@ fn body_at(
     path: &std::path::Path,
     offset: u64,
     len: u64,
-    digest: &Digest,
+    size: u64,
+    hash: &SharedHash,
     progress: &SharedProgress,
 ) -> Result<Body> {
     let io = |action, source| RegistryError::Io {
@@ -534,10 +807,12 @@ fn body_at(
     let mut file = File::open(path).map_err(|e| io("open", e))?;
     file.seek(SeekFrom::Start(offset))
         .map_err(|e| io("seek", e))?;
-    let reader = ProgressReader {
+    let reader = UploadReader {
         inner: file.take(len),
-        digest: digest.clone(),
+        digest: hash.lock_hash().digest.clone(),
         position: offset,
+        size,
+        hash: hash.clone(),
         progress: progress.clone(),
     };
     Ok(Body::sized(reader, len))

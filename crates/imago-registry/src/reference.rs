@@ -8,7 +8,7 @@ use imago_oci::Digest;
 
 use crate::error::RegistryError;
 
-pub const DOCKER_HUB: &str = "docker.io";
+pub use imago_oci::DOCKER_HUB;
 /// Where docker.io's distribution API lives.
 const DOCKER_HUB_API: &str = "registry-1.docker.io";
 
@@ -49,23 +49,7 @@ fn valid_host(h: &str) -> bool {
             .is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()))
 }
 
-fn valid_tag(tag: &str) -> bool {
-    !tag.is_empty()
-        && tag.len() <= 128
-        && tag
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-        && (tag.as_bytes()[0].is_ascii_alphanumeric() || tag.as_bytes()[0] == b'_')
-}
-
-/// True when the first component of `text` names a registry host (`x.y`, `x:port`,
-/// `localhost`), which is how docker tells `host/repo` from `user/repo` on Docker Hub.
-pub fn names_registry(text: &str) -> bool {
-    match text.split_once('/') {
-        Some((first, _)) => first.contains('.') || first.contains(':') || first == "localhost",
-        None => false,
-    }
-}
+pub use imago_oci::names_registry;
 
 impl RegistryRef {
     /// `HOST[:PORT]/REPO` without tag or digest.
@@ -107,10 +91,7 @@ impl RegistryRef {
 
     /// Docker's short form: `debian:12` for `docker.io/library/debian:12`.
     pub fn short(&self) -> String {
-        let full = self.to_string();
-        full.strip_prefix("docker.io/library/")
-            .or_else(|| full.strip_prefix("docker.io/"))
-            .map_or(full.clone(), str::to_owned)
+        imago_oci::docker_short_name(&self.to_string()).to_owned()
     }
 }
 
@@ -129,44 +110,17 @@ impl FromStr for RegistryRef {
         if s.is_empty() || s.len() > 512 {
             return Err(invalid(s, "empty or too long"));
         }
-        let (rest, digest) = match s.split_once('@') {
-            Some((rest, d)) => (
-                rest,
-                Some(
-                    d.parse::<Digest>()
-                        .map_err(|_| invalid(s, "the part after @ must be sha256:<64 hex>"))?,
-                ),
-            ),
-            None => (s, None),
-        };
-        let (name, tag) = match rest.rfind(':') {
-            Some(i) if !rest[i..].contains('/') => (&rest[..i], Some(&rest[i + 1..])),
-            _ => (rest, None),
-        };
-        if tag.is_some_and(|t| !valid_tag(t)) {
-            return Err(invalid(s, "a tag is up to 128 letters, digits, _ . and -"));
-        }
-        let (registry, repository) = if names_registry(name) {
-            let (host, repo) = name.split_once('/').unwrap_or((name, ""));
+        let imago_oci::NameParts { name, tag, digest } =
+            imago_oci::split_name(s).map_err(|e| match e {
+                imago_oci::ReferenceError::Invalid { reason, .. } => invalid(s, reason),
+            })?;
+        if names_registry(name) {
+            let host = name.split_once('/').map_or(name, |(host, _)| host);
             if !valid_host(host) {
                 return Err(invalid(s, "invalid registry host"));
             }
-            (host.to_owned(), repo.to_owned())
-        } else if name.contains('/') {
-            (DOCKER_HUB.to_owned(), name.to_owned())
-        } else {
-            (DOCKER_HUB.to_owned(), format!("library/{name}"))
-        };
-        let registry = if registry == "index.docker.io" {
-            DOCKER_HUB.to_owned()
-        } else {
-            registry
-        };
-        let repository = if registry == DOCKER_HUB && !repository.contains('/') {
-            format!("library/{repository}")
-        } else {
-            repository
-        };
+        }
+        let (registry, repository) = imago_oci::docker_name(name);
         if repository.is_empty() || !repository.split('/').all(valid_component) {
             return Err(invalid(
                 s,

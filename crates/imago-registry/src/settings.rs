@@ -27,6 +27,8 @@ pub struct Settings {
     pub parallel: usize,
     /// `os/arch[/variant]` chosen from an index when pulling.
     pub platform: String,
+    /// Pull the blobs of every platform of an index, not only `platform`'s.
+    pub all_platforms: bool,
 }
 
 impl Settings {
@@ -58,6 +60,7 @@ impl Settings {
             ),
             parallel: DEFAULT_PARALLEL,
             platform: "linux/amd64".to_owned(),
+            all_platforms: false,
         })
     }
 
@@ -146,6 +149,7 @@ mod tests {
             backoff: Duration::from_millis(200),
             parallel: 4,
             platform: "linux/amd64".into(),
+            all_platforms: false,
         }
     }
 

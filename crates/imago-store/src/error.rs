@@ -51,7 +51,9 @@ pub enum StoreError {
         prefix: String,
         candidates: Vec<Digest>,
     },
-    #[error("index {digest} has no manifest for linux/amd64")]
+    #[error(
+        "index {digest}: the store holds the image of none of its platforms (linux/amd64 is looked for first)"
+    )]
     NoMatchingPlatform { digest: Digest },
     #[error("gc refused: {0}; run `imago verify` and re-import the damaged image first")]
     GcUnsafe(String),

@@ -64,7 +64,18 @@ impl Store {
             for child in index.manifests() {
                 let digest = descriptor_digest(child, &format!("index {root}"))?;
                 if self.has_blob(&digest) {
-                    out.extend(self.reachable_from(&digest, Some(child.size()))?);
+                    let mut image = self.reachable_from(&digest, Some(child.size()))?;
+                    // A platform pulled for its manifest alone (so that the index can be pushed
+                    // again as it was): without its config, none of its blobs is expected.
+                    if image
+                        .get(1)
+                        .is_some_and(|config| !self.has_blob(&config.digest))
+                    {
+                        for blob in image.iter_mut().skip(1) {
+                            blob.optional = true;
+                        }
+                    }
+                    out.extend(image);
                 } else {
                     // Indexes from other tools often list platforms whose images were not copied.
                     out.push(BlobRef {

@@ -87,13 +87,21 @@ impl Store {
                 digest: Some(d), ..
             } => self.existing(d, reference),
             Reference::Name { .. } => {
-                let name = reference.ref_name().unwrap_or_default();
                 let entries = self.names()?;
-                if let Some(entry) = entries
-                    .iter()
-                    .find(|e| e.name.as_deref() == Some(name.as_str()))
-                {
-                    return Ok(entry.digest.clone());
+                // As written first, then as docker reads it: `debian:12` finds the image
+                // pulled and named `docker.io/library/debian:12`.
+                let names = std::iter::once(reference.ref_name())
+                    .chain(std::iter::once(
+                        reference.docker_normalized().and_then(|r| r.ref_name()),
+                    ))
+                    .flatten();
+                for name in names {
+                    if let Some(entry) = entries
+                        .iter()
+                        .find(|e| e.name.as_deref() == Some(name.as_str()))
+                    {
+                        return Ok(entry.digest.clone());
+                    }
                 }
                 match reference.digest_prefix() {
                     Some(prefix) => self.resolve_prefix(prefix, &entries),
@@ -186,19 +194,20 @@ impl Store {
             (None, None, None) => "(none)".to_owned(),
         };
         if media::is_index(&media_type) {
-            let chosen = doc
-                .manifests
-                .unwrap_or_default()
-                .into_iter()
-                .find(|m| {
-                    m.platform
-                        .as_ref()
-                        .is_none_or(|p| p.os == "linux" && p.architecture == "amd64")
-                })
-                .ok_or_else(|| StoreError::NoMatchingPlatform {
-                    digest: digest.clone(),
-                })?;
-            return self.summarize(&chosen.digest(&format!("index {digest}"))?, configs);
+            let children = host_platform_first(doc.manifests.unwrap_or_default(), |m| {
+                m.platform
+                    .as_ref()
+                    .is_none_or(|p| p.os == "linux" && p.architecture == "amd64")
+            });
+            for chosen in children {
+                match self.summarize(&chosen.digest(&format!("index {digest}"))?, configs) {
+                    Err(StoreError::MissingBlob { .. }) => continue,
+                    other => return other,
+                }
+            }
+            return Err(StoreError::NoMatchingPlatform {
+                digest: digest.clone(),
+            });
         }
         if !media::is_image_manifest(&media_type) {
             return Err(StoreError::WrongMediaType {
@@ -298,6 +307,15 @@ pub(crate) type ReadBlob<'a> = dyn Fn(&Digest, Option<u64>) -> Result<Vec<u8>> +
 
 /// [`Store::load_image`] over any source of verified blob reads (the store, or what a dry
 /// archive import held); also returns the config's bytes.
+/// The children of an index in the order it is followed: the host's platform (linux/amd64, or
+/// an entry without platform) first, then the others as listed. The first whose image the store
+/// holds is the index's image, so an index pulled for another platform resolves to it.
+pub(crate) fn host_platform_first<T>(children: Vec<T>, is_host: impl Fn(&T) -> bool) -> Vec<T> {
+    let (mut host, other): (Vec<T>, Vec<T>) = children.into_iter().partition(|c| is_host(c));
+    host.extend(other);
+    host
+}
+
 pub(crate) fn resolve_image_with(
     digest: &Digest,
     read: &ReadBlob<'_>,
@@ -306,19 +324,23 @@ pub(crate) fn resolve_image_with(
     let media_type = manifest_media_type(digest, &bytes)?;
     if media::is_index(&media_type) {
         let index: ImageIndex = parse_json(digest, "index", &bytes)?;
-        let chosen = index
-            .manifests()
-            .iter()
-            .find(|m| {
-                m.platform()
-                    .as_ref()
-                    .is_none_or(|p| *p.os() == Os::Linux && *p.architecture() == Arch::Amd64)
-            })
-            .ok_or_else(|| StoreError::NoMatchingPlatform {
-                digest: digest.clone(),
-            })?;
-        let child = descriptor_digest(chosen, &format!("index {digest}"))?;
-        return resolve_image_with(&child, read);
+        let children = host_platform_first(index.manifests().iter().collect(), |m| {
+            m.platform()
+                .as_ref()
+                .is_none_or(|p| *p.os() == Os::Linux && *p.architecture() == Arch::Amd64)
+        });
+        for chosen in children {
+            let child = descriptor_digest(chosen, &format!("index {digest}"))?;
+            match resolve_image_with(&child, read) {
+                // A platform whose image is not here (pulled for another `--platform`, or
+                // kept for its manifest only): the next one.
+                Err(StoreError::MissingBlob { .. }) => continue,
+                other => return other,
+            }
+        }
+        return Err(StoreError::NoMatchingPlatform {
+            digest: digest.clone(),
+        });
     }
     let manifest: ImageManifest = parse_json(digest, "manifest", &bytes)?;
     let config_descriptor = manifest.config();

@@ -200,6 +200,7 @@ pub fn build(ctx: &Context, args: BuildArgs) -> Result<()> {
                     &settings,
                     &format!("{name}:latest"),
                     Some(target),
+                    None,
                 )?;
                 ctx.reporter
                     .status(format!("pushed {}@{}", pushed.repository, pushed.digest));
@@ -214,6 +215,54 @@ pub fn build(ctx: &Context, args: BuildArgs) -> Result<()> {
     ctx.reporter.emit(&BuildResult { images: results })
 }
 
+/// The registry base of image `name` that the store lacks, as written in `from`.
+pub(crate) fn base_to_pull(
+    store: &imago_store::Store,
+    file: &DefinitionFile,
+    name: &str,
+) -> Option<String> {
+    let from = registry_base(store, file, name)?;
+    (!base_in_store(store, &from)).then_some(from)
+}
+
+/// `from` of image `name` when it names a registry image: a name with a registry host, or,
+/// as docker reads names, one without (`debian:12` is `docker.io/library/debian:12`) unless
+/// it names an image of the file or one of the store by that very name.
+fn registry_base(store: &imago_store::Store, file: &DefinitionFile, name: &str) -> Option<String> {
+    let from = file
+        .definition
+        .image
+        .get(name)
+        .and_then(|def| def.from.as_ref())
+        .map(|f| f.get_ref().trim().to_owned())?;
+    if from == "scratch" || from.contains("-archive:") {
+        return None;
+    }
+    if imago_registry::names_registry(&from) {
+        return Some(from);
+    }
+    let reference = from.parse::<Reference>().ok()?;
+    let Reference::Name {
+        name: base_name, ..
+    } = &reference
+    else {
+        return None;
+    };
+    let local = file.definition.image.contains_key(base_name)
+        || reference.ref_name().is_some_and(|written| {
+            store
+                .names()
+                .is_ok_and(|names| names.iter().any(|e| e.name.as_deref() == Some(&written)))
+        });
+    (!local).then_some(from)
+}
+
+fn base_in_store(store: &imago_store::Store, from: &str) -> bool {
+    from.parse::<Reference>()
+        .ok()
+        .is_some_and(|r| store.resolve_digest(&r).is_ok())
+}
+
 /// Pulls the registry base of image `name`, if it has one, as `policy` says; a reference is
 /// pulled at most once per command (`done`).
 pub(crate) fn pull_base(
@@ -224,27 +273,12 @@ pub(crate) fn pull_base(
     policy: PullPolicy,
     done: &mut std::collections::BTreeSet<String>,
 ) -> Result<()> {
-    let Some(from) = file
-        .definition
-        .image
-        .get(name)
-        .and_then(|def| def.from.as_ref())
-        .map(|f| f.get_ref().trim().to_owned())
-    else {
+    let Some(from) = registry_base(store, file, name) else {
         return Ok(());
     };
     if policy == PullPolicy::Never
-        || !imago_registry::names_registry(&from)
-        || from.contains("-archive:")
         || done.contains(&from)
-    {
-        return Ok(());
-    }
-    if policy == PullPolicy::Missing
-        && from
-            .parse::<Reference>()
-            .ok()
-            .is_some_and(|r| store.resolve_digest(&r).is_ok())
+        || (policy == PullPolicy::Missing && base_in_store(store, &from))
     {
         return Ok(());
     }

@@ -77,12 +77,22 @@ enum ImageSource {
     Stored(Digest),
 }
 
+/// Whether resolving a registry image may fetch its blobs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fetch {
+    /// `plan`: a tag becomes a digest by reading the manifest alone; no blob is fetched.
+    ManifestOnly,
+    /// `apply`: the image is pulled, its instances are launched from it.
+    Pull,
+}
+
 fn resolve_image(
     ctx: &Context,
     services: &Services,
     store: &Store,
     name: &str,
     spec: &ServiceSpec,
+    fetch: Fetch,
 ) -> Result<ImageSource> {
     if services.file.definition.image.contains_key(&spec.image) {
         return Ok(ImageSource::Built(spec.image.clone()));
@@ -98,17 +108,22 @@ fn resolve_image(
             .parse()
             .with_context(|| format!("service {name}: image {:?}", spec.image))?;
         let settings = super::registry::settings(ctx, false)?;
-        let pulled = super::registry::pull_reference(ctx, &settings, &reference)
-            .with_context(|| format!("service {name}"))?;
-        ctx.reporter.status(format!(
-            "service {name}: {} is {}",
-            spec.image, pulled.digest
-        ));
+        let digest = match fetch {
+            Fetch::ManifestOnly => imago_registry::resolve_remote(&settings, &reference)
+                .with_context(|| format!("service {name}: resolve {reference}"))?,
+            Fetch::Pull => {
+                super::registry::pull_reference(ctx, &settings, &reference)
+                    .with_context(|| format!("service {name}"))?
+                    .digest
+            }
+        };
+        ctx.reporter
+            .status(format!("service {name}: {} is {digest}", spec.image));
         services
             .pulled
             .borrow_mut()
-            .insert(spec.image.clone(), pulled.digest.clone());
-        return Ok(ImageSource::Stored(pulled.digest));
+            .insert(spec.image.clone(), digest.clone());
+        return Ok(ImageSource::Stored(digest));
     }
     let reference: Reference = spec.image.parse().with_context(|| {
         format!(
@@ -220,26 +235,22 @@ fn make_plan(
     let ours = daemon::own_pids(&DeployHome::new(ctx));
     let mut plans = Vec::new();
     for (name, spec) in &services.specs {
-        let digest = match resolve_image(ctx, services, store, name, spec)? {
+        let digest = match resolve_image(ctx, services, store, name, spec, Fetch::ManifestOnly)? {
             ImageSource::Stored(d) => Some(d),
+            // A base that is still to be pulled: the image's digest is not known before apply.
+            ImageSource::Built(image)
+                if super::build::base_to_pull(store, &services.file, &image).is_some() =>
+            {
+                None
+            }
             // A check build, with the same progress display as `imago build --check`.
-            ImageSource::Built(image) => match super::build::pull_base(
+            ImageSource::Built(image) => match super::build::build_one(
                 ctx,
                 store,
                 &services.file,
                 &image,
-                super::build::PullPolicy::Missing,
-                &mut Default::default(),
-            )
-            .and_then(|()| {
-                super::build::build_one(
-                    ctx,
-                    store,
-                    &services.file,
-                    &image,
-                    &build_options(ctx, true),
-                )
-            }) {
+                &build_options(ctx, true),
+            ) {
                 Ok(built) => Some(built.digest),
                 Err(e)
                     if matches!(
@@ -256,6 +267,8 @@ fn make_plan(
         };
         imago_deploy::services::check_endpoint_of(name, spec, &ours)?;
         match &digest {
+            // A registry image plan did not pull: its ports are checked at apply.
+            Some(d) if !store.has_blob(d) => {}
             Some(d) => check_ports(name, spec, d.short(), &exposed_ports(store, d)?)?,
             None => check_ports(
                 name,
@@ -365,7 +378,7 @@ pub fn apply(ctx: &Context, args: ApplyArgs) -> Result<()> {
     }
     let mut pinned = Vec::new();
     for (name, spec) in &services.specs {
-        let digest = match resolve_image(ctx, &services, &store, name, spec)? {
+        let digest = match resolve_image(ctx, &services, &store, name, spec, Fetch::Pull)? {
             ImageSource::Stored(d) => d,
             ImageSource::Built(image) => {
                 super::build::pull_base(

@@ -33,7 +33,10 @@ impl Render for ImageList {
             writeln!(
                 out,
                 "{:<40} {:<14} {:>10}  {}",
-                image.name.as_deref().unwrap_or("<none>"),
+                image
+                    .name
+                    .as_deref()
+                    .map_or("<none>", imago_oci::docker_short_name),
                 image.digest.short(),
                 human_size(image.size),
                 image.created.as_deref().unwrap_or("-"),

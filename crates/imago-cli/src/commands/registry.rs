@@ -93,6 +93,10 @@ pub struct PullArgs {
     /// The platform taken from an index (os/arch[/variant])
     #[arg(long, default_value = "linux/amd64")]
     pub platform: String,
+    /// Pull the images of every platform of an index (as `skopeo copy --all`), so that the
+    /// index can be pushed again whole
+    #[arg(long)]
+    pub all_platforms: bool,
     /// Allow plain HTTP and unverified TLS for this registry
     #[arg(long)]
     pub insecure: bool,
@@ -135,6 +139,7 @@ pub fn pull(ctx: &Context, args: PullArgs) -> Result<()> {
     let reference: RegistryRef = args.reference.parse()?;
     let mut settings = settings(ctx, args.insecure)?;
     settings.platform = args.platform;
+    settings.all_platforms = args.all_platforms;
     let result = pull_reference(ctx, &settings, &reference)?;
     ctx.reporter.status(format!(
         "pulled {} {}",
@@ -150,6 +155,9 @@ pub struct PushArgs {
     pub source: String,
     /// HOST[:PORT]/REPO[:TAG] (default: SOURCE, when it is a registry reference)
     pub destination: Option<String>,
+    /// For an index: push only this platform's image (os/arch[/variant]), not the index
+    #[arg(long)]
+    pub platform: Option<String>,
     /// Allow plain HTTP and unverified TLS for this registry
     #[arg(long)]
     pub insecure: bool,
@@ -201,6 +209,7 @@ pub fn push_image(
     settings: &Settings,
     source: &str,
     destination: Option<&str>,
+    only_platform: Option<&str>,
 ) -> Result<PushResult> {
     let (reference, source_tag) = source_reference(source)?;
     let store = ctx.store()?;
@@ -223,7 +232,7 @@ pub fn push_image(
     }
     let bars = Bars::new(ctx, &dest.short());
     let shared: SharedProgress = bars.clone();
-    let result = imago_registry::push(&store, settings, &digest, &dest, &shared);
+    let result = imago_registry::push(&store, settings, &digest, &dest, &shared, only_platform);
     bars.done();
     let report = result.with_context(|| format!("push {source} to {dest}"))?;
     Ok(PushResult {
@@ -238,7 +247,13 @@ pub fn push_image(
 
 pub fn push(ctx: &Context, args: PushArgs) -> Result<()> {
     let settings = settings(ctx, args.insecure)?;
-    let result = push_image(ctx, &settings, &args.source, args.destination.as_deref())?;
+    let result = push_image(
+        ctx,
+        &settings,
+        &args.source,
+        args.destination.as_deref(),
+        args.platform.as_deref(),
+    )?;
     ctx.reporter.status(format!(
         "pushed {} ({} blobs uploaded, {} already there)",
         result.reference, result.blobs_uploaded, result.blobs_skipped
@@ -287,26 +302,55 @@ fn registry_host(text: &str) -> Result<String> {
     Ok(host.to_owned())
 }
 
+/// Where `login` takes the password from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PasswordSource {
+    Argument,
+    Stdin,
+    /// Asked on the terminal, without echo.
+    Prompt,
+    /// Neither given nor askable: standard input is no terminal (a script would hang or read
+    /// its own input as the password).
+    Refused,
+}
+
+fn password_source(argument: bool, stdin_flag: bool, stdin_is_terminal: bool) -> PasswordSource {
+    match (argument, stdin_flag, stdin_is_terminal) {
+        (true, _, _) => PasswordSource::Argument,
+        (false, true, _) => PasswordSource::Stdin,
+        (false, false, true) => PasswordSource::Prompt,
+        (false, false, false) => PasswordSource::Refused,
+    }
+}
+
 pub fn login(ctx: &Context, args: LoginArgs) -> Result<()> {
     let registry = registry_host(&args.registry)?;
     let Some(username) = args.username else {
         bail!("login to {registry}: give a user name with -u");
     };
-    let password = match (args.password, args.password_stdin) {
-        (Some(p), _) => p,
-        (None, true) => {
+    let source = password_source(
+        args.password.is_some(),
+        args.password_stdin,
+        std::io::stdin().is_terminal(),
+    );
+    let password = match (source, args.password) {
+        (PasswordSource::Argument, Some(p)) => p,
+        (PasswordSource::Stdin, _) => {
             let mut text = String::new();
             std::io::stdin()
                 .read_to_string(&mut text)
                 .context("read the password from standard input")?;
             text.trim_end_matches(['\n', '\r']).to_owned()
         }
-        (None, false) if !std::io::stdin().is_terminal() => {
-            bail!("login to {registry}: give the password with --password-stdin or -p")
+        (PasswordSource::Prompt, _) => {
+            rpassword::prompt_password(format!("Password for {username}@{registry}: "))
+                .with_context(|| {
+                    format!("login to {registry}: read the password from the terminal")
+                })?
         }
-        (None, false) => {
-            bail!("login to {registry}: give the password with --password-stdin or -p")
-        }
+        (PasswordSource::Argument | PasswordSource::Refused, _) => bail!(
+            "login to {registry}: no terminal to ask for the password on: give it with --password-stdin (or -p)"
+        ),
     };
     let credentials = Credentials {
         username: username.clone(),
@@ -355,4 +399,23 @@ pub fn logout(ctx: &Context, args: LogoutArgs) -> Result<()> {
         false
     };
     ctx.reporter.emit(&LogoutResult { registry, removed })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn login_prompts_only_on_a_terminal() {
+        assert_eq!(
+            password_source(true, false, false),
+            PasswordSource::Argument
+        );
+        assert_eq!(password_source(false, true, true), PasswordSource::Stdin);
+        assert_eq!(password_source(false, false, true), PasswordSource::Prompt);
+        assert_eq!(
+            password_source(false, false, false),
+            PasswordSource::Refused
+        );
+    }
 }

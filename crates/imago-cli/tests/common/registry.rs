@@ -1010,6 +1010,32 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
+/// Writes a response the proxy makes up itself; returns the body bytes sent (none to a HEAD).
+fn answer_canned(
+    to: &mut TcpStream,
+    method: &str,
+    status: u16,
+    headers: &[(String, String)],
+    body: &[u8],
+    close: bool,
+) -> std::io::Result<u64> {
+    let mut text = format!("HTTP/1.1 {status} {}\r\n", reason(status));
+    for (k, v) in headers {
+        text.push_str(&format!("{k}: {v}\r\n"));
+    }
+    text.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    if close {
+        text.push_str("Connection: close\r\n");
+    }
+    text.push_str("\r\n");
+    to.write_all(text.as_bytes())?;
+    if method == "HEAD" {
+        return Ok(0);
+    }
+    to.write_all(body)?;
+    Ok(body.len() as u64)
+}
+
 fn serve_connection(client: TcpStream, upstream: &str, state: &ProxyState) -> std::io::Result<()> {
     client.set_read_timeout(Some(Duration::from_secs(120)))?;
     let mut client_w = client.try_clone()?;
@@ -1030,25 +1056,22 @@ fn serve_connection(client: TcpStream, upstream: &str, state: &ProxyState) -> st
             && let Some(answer) = token_answer(token, &state.own, &path, &head)
         {
             let (up, _) = copy_body(&mut client_r, None, body_framing, None, false)?;
-            let (status, extra, body) = answer;
-            let mut text = format!("HTTP/1.1 {status} {}\r\n", reason(status));
-            for (k, v) in extra {
-                text.push_str(&format!("{k}: {v}\r\n"));
-            }
-            text.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-                body.len()
-            ));
-            client_w.write_all(text.as_bytes())?;
-            if method != "HEAD" {
-                client_w.write_all(body.as_bytes())?;
-            }
+            let (status, mut headers, body) = answer;
+            headers.push(("Content-Type".into(), "application/json".into()));
+            let down = answer_canned(
+                &mut client_w,
+                &method,
+                status,
+                &headers,
+                body.as_bytes(),
+                false,
+            )?;
             state.records.lock().unwrap().push(Record {
                 method: method.clone(),
                 path: path.clone(),
                 status,
                 up,
-                down: body.len() as u64,
+                down,
                 fault: Some("token auth".into()),
             });
             if client_close {
@@ -1063,12 +1086,15 @@ fn serve_connection(client: TcpStream, upstream: &str, state: &ProxyState) -> st
         };
         let action = {
             let mut faults = state.faults.lock().unwrap();
+            // A fault counts only the requests it saw: one that an earlier fault answered never
+            // reached it (counting those made `nth` depend on the other faults' timing).
             let mut chosen = None;
             for (fault, seen) in faults.iter_mut() {
                 if fault.matches(&method, &path, declared) {
                     *seen += 1;
-                    if chosen.is_none() && *seen >= fault.from && *seen - fault.from < fault.times {
+                    if *seen >= fault.from && *seen - fault.from < fault.times {
                         chosen = Some(fault.action.clone());
+                        break;
                     }
                 }
             }
@@ -1086,60 +1112,37 @@ fn serve_connection(client: TcpStream, upstream: &str, state: &ProxyState) -> st
         };
         let push = |record: Record| state.records.lock().unwrap().push(record);
 
-        match &action {
+        // Answered without forwarding: the injected status or the canned response.
+        let canned = match &action {
             Some(Action::Status {
                 status,
                 retry_after,
             }) => {
-                let (up, _) = copy_body(&mut client_r, None, body_framing, None, false)?;
-                record.up = up;
-                record.status = *status;
-                let mut text = format!(
-                    "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\n",
-                    reason(*status)
-                );
+                let mut headers = vec![("Content-Type".to_owned(), "application/json".to_owned())];
                 if let Some(s) = retry_after {
-                    text.push_str(&format!("Retry-After: {s}\r\n"));
+                    headers.push(("Retry-After".into(), s.to_string()));
                 }
                 let body = format!(
                     "{{\"errors\":[{{\"code\":\"UNKNOWN\",\"message\":\"injected {status}\"}}]}}"
                 );
-                text.push_str(&format!(
-                    "Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                ));
-                let _ = client_w.write_all(text.as_bytes());
-                record.down = body.len() as u64;
-                push(record);
-                let _ = client_w.shutdown(Shutdown::Both);
-                return Ok(());
+                Some((*status, headers, Arc::new(body.into_bytes())))
             }
             Some(Action::Serve {
                 status,
                 headers,
                 body,
-            }) => {
-                let (up, _) = copy_body(&mut client_r, None, body_framing, None, false)?;
-                record.up = up;
-                record.status = *status;
-                let mut text = format!("HTTP/1.1 {status} {}\r\n", reason(*status));
-                for (k, v) in headers {
-                    text.push_str(&format!("{k}: {v}\r\n"));
-                }
-                text.push_str(&format!(
-                    "Content-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                ));
-                let _ = client_w.write_all(text.as_bytes());
-                if method != "HEAD" {
-                    let _ = client_w.write_all(body);
-                    record.down = body.len() as u64;
-                }
-                push(record);
-                let _ = client_w.shutdown(Shutdown::Both);
-                return Ok(());
-            }
-            _ => {}
+            }) => Some((*status, headers.clone(), body.clone())),
+            _ => None,
+        };
+        if let Some((status, headers, body)) = canned {
+            let (up, _) = copy_body(&mut client_r, None, body_framing, None, false)?;
+            record.up = up;
+            record.status = status;
+            record.down =
+                answer_canned(&mut client_w, &method, status, &headers, &body, true).unwrap_or(0);
+            push(record);
+            let _ = client_w.shutdown(Shutdown::Both);
+            return Ok(());
         }
 
         let is_upload = matches!(method.as_str(), "PATCH" | "PUT" | "POST");
