@@ -65,6 +65,11 @@ file = [
     fs::write(imago.dir.path().join("imago.toml"), text).unwrap();
 }
 
+/// An `app` image on `bb` whose one layer is the step `name`: `rest` holds its keys.
+fn app_step(name: &str, rest: &str) -> String {
+    format!("[image.app]\nfrom = \"bb\"\n[[image.app.layer]]\nname = \"{name}\"\n{rest}")
+}
+
 fn build(imago: &Imago, extra: &[&str]) -> Run {
     let mut args = vec!["build"];
     args.extend_from_slice(extra);
@@ -126,11 +131,7 @@ fn ran(run: &Run, marker: &str) -> bool {
 #[test]
 fn a_run_layer_holds_exactly_what_the_step_changed() {
     let imago = project(
-        r#"[image.app]
-from = "bb"
-[[image.app.layer]]
-name = "step"
-run = """
+        &app_step("step", r#"run = """
 set -e
 echo STEP-RAN
 rm /etc/old
@@ -148,7 +149,7 @@ chown 7:8 /srv/a
 mv /opt/moved /opt/renamed
 chmod 0600 /etc/perm
 """
-"#,
+"#),
     );
     let run = build(&imago, &["--json"]).ok();
     assert!(ran(&run, "STEP-RAN"), "{}", run.stderr());
@@ -304,15 +305,11 @@ fn server() -> (u16, std::thread::JoinHandle<()>) {
 fn the_network_is_off_unless_the_step_asks_for_the_host() {
     let (port, _server) = server();
     let step = |network: &str| {
-        format!(
-            r#"[image.app]
-from = "bb"
-[[image.app.layer]]
-name = "net"
-network = "{network}"
+        app_step("net", &format!(
+            r#"network = "{network}"
 run = "cat /proc/net/dev; echo GET | nc -w 3 127.0.0.1 {port} && grep -c nameserver /etc/resolv.conf"
 "#
-        )
+        ))
     };
     let imago = project(&step("none"));
     let err = build(&imago, &[]).fails();
@@ -342,12 +339,8 @@ run = "cat /proc/net/dev; echo GET | nc -w 3 127.0.0.1 {port} && grep -c nameser
 #[test]
 fn the_host_is_invisible_and_mounts_are_what_they_say() {
     let marker = tempfile::NamedTempFile::new().unwrap();
-    let imago = project(&format!(
-        r#"[image.app]
-from = "bb"
-[[image.app.layer]]
-name = "mounts"
-run = """
+    let imago = project(&app_step("mounts", &format!(
+            r#"run = """
 test ! -e {marker}
 echo procs=$(ls /proc | grep -c '^[0-9]')
 cat /src/input.txt
@@ -363,7 +356,7 @@ mounts = [
 ]
 "#,
         marker = marker.path().display()
-    ));
+    )));
     let run = build(&imago, &[]).ok();
     let err = run.stderr();
     assert!(err.contains("from the context"), "{err}");
@@ -392,12 +385,8 @@ mounts = [
 #[test]
 fn a_failing_step_names_its_exit_code_and_stores_nothing() {
     let imago = project(
-        r#"[image.app]
-from = "bb"
-[[image.app.layer]]
-name = "broken"
-run = "echo some output; echo the reason >&2; exit 7"
-"#,
+        &app_step("broken", r#"run = "echo some output; echo the reason >&2; exit 7"
+"#),
     );
     build(&imago, &["bb"]).ok();
     let blobs =
@@ -413,12 +402,8 @@ run = "echo some output; echo the reason >&2; exit 7"
     // Several commands run in order in one step; the first failure ends it.
     write_definition(
         &imago,
-        r#"[image.app]
-from = "bb"
-[[image.app.layer]]
-name = "many"
-run = [["/bin/sh", "-c", "echo FIRST"], ["/bin/sh", "-c", "exit 3"], ["/bin/sh", "-c", "echo NEVER"]]
-"#,
+        &app_step("many", r#"run = [["/bin/sh", "-c", "echo FIRST"], ["/bin/sh", "-c", "exit 3"], ["/bin/sh", "-c", "echo NEVER"]]
+"#),
     );
     let err = build(&imago, &["app", "--runtime", "runc"]).fails();
     assert!(
@@ -432,13 +417,9 @@ run = [["/bin/sh", "-c", "echo FIRST"], ["/bin/sh", "-c", "exit 3"], ["/bin/sh",
 #[test]
 fn a_step_is_killed_at_its_timeout_and_its_memory_limit() {
     let imago = project(
-        r#"[image.app]
-from = "bb"
-[[image.app.layer]]
-name = "slow"
-timeout = "1s"
+        &app_step("slow", r#"timeout = "1s"
 run = "sleep 60"
-"#,
+"#),
     );
     for runtime in ["embedded", "runc"] {
         let start = Instant::now();
@@ -451,13 +432,9 @@ run = "sleep 60"
     }
     write_definition(
         &imago,
-        r#"[image.app]
-from = "bb"
-[[image.app.layer]]
-name = "hungry"
-memory = "16M"
+        &app_step("hungry", r#"memory = "16M"
 run = "dd if=/dev/zero of=/dev/null bs=64M count=1"
-"#,
+"#),
     );
     let err = build(&imago, &[]).fails();
     assert!(err.contains("exit code 137"), "{err}");
@@ -466,12 +443,8 @@ run = "dd if=/dev/zero of=/dev/null bs=64M count=1"
 #[test]
 fn device_files_are_refused_and_fifos_dropped_with_a_warning() {
     let imago = project(
-        r#"[image.app]
-from = "bb"
-[[image.app.layer]]
-name = "fifo"
-run = "mkfifo /pipe && echo kept > /kept"
-"#,
+        &app_step("fifo", r#"run = "mkfifo /pipe && echo kept > /kept"
+"#),
     );
     let run = build(&imago, &[]).ok();
     assert!(run.stderr().contains("/pipe is a fifo"), "{}", run.stderr());
@@ -479,29 +452,191 @@ run = "mkfifo /pipe && echo kept > /kept"
     assert_eq!(entries.keys().collect::<Vec<_>>(), ["kept"]);
     write_definition(
         &imago,
-        r#"[image.app]
-from = "bb"
-[[image.app.layer]]
-name = "dev"
-run = "mknod /null2 c 1 3"
-"#,
+        &app_step("dev", r#"run = "mknod /null2 c 1 3"
+"#),
     );
     let err = build(&imago, &[]).fails();
     assert!(err.contains("device file /null2"), "{err}");
 }
 
+/// Bases made by mmdebstrap (and some docker images) ship `/dev/*` nodes: a step on such a base
+/// runs, its root leaves the nodes out with a warning, and the layer holds only the step's work.
+#[test]
+fn a_base_with_device_nodes_runs_steps_without_them() {
+    let imago = project("");
+    let dir = imago.dir.path().join("devbase");
+    let layout = dir.join("L");
+    let image = format!("{}:base", layout.display());
+    let bundle = dir.join("B");
+    fs::create_dir_all(&dir).unwrap();
+    tool("umoci", &["init", "--layout", layout.to_str().unwrap()]);
+    tool("umoci", &["new", "--image", &image]);
+    tool(
+        "umoci",
+        &["unpack", "--image", &image, bundle.to_str().unwrap()],
+    );
+    let rootfs = bundle.join("rootfs");
+    fs::create_dir_all(rootfs.join("bin")).unwrap();
+    fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+    for applet in ["sh", "test", "echo"] {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+    }
+    fs::create_dir_all(rootfs.join("dev")).unwrap();
+    fs::create_dir_all(rootfs.join("lib/udev")).unwrap();
+    tool("mknod", &[rootfs.join("dev/null").to_str().unwrap(), "c", "1", "3"]);
+    tool("mknod", &[rootfs.join("dev/sda").to_str().unwrap(), "b", "8", "0"]);
+    tool("mknod", &[rootfs.join("lib/udev/zero").to_str().unwrap(), "c", "1", "5"]);
+    tool(
+        "umoci",
+        &["repack", "--image", &image, bundle.to_str().unwrap()],
+    );
+    let archive = imago.dir.path().join("devbase.tar");
+    tool(
+        "tar",
+        &[
+            "-cf",
+            archive.to_str().unwrap(),
+            "-C",
+            layout.to_str().unwrap(),
+            ".",
+        ],
+    );
+    write_definition(
+        &imago,
+        r#"[image.app]
+from = "oci-archive:devbase.tar"
+[[image.app.layer]]
+name = "s"
+run = "test -c /dev/null && test ! -e /lib/udev/zero && echo STEP-RAN && echo ok > /ok"
+"#,
+    );
+    let run = build(&imago, &["app"]).ok();
+    let err = run.stderr();
+    assert!(ran(&run, "STEP-RAN"), "{err}");
+    assert!(
+        err.contains("device files, left out of the step's root"),
+        "{err}"
+    );
+    for path in ["/dev/null", "/dev/sda", "/lib/udev/zero"] {
+        assert!(err.contains(path), "{path}: {err}");
+    }
+    let entries = layer_entries(&imago, "app", 1);
+    assert_eq!(entries.keys().collect::<Vec<_>>(), ["ok"], "{entries:#?}");
+    // The base's layers themselves are kept as they are: the image still has its nodes.
+    let base_entries = layer_entries(&imago, "app", 0);
+    assert!(base_entries.contains_key("dev/null"), "{base_entries:#?}");
+}
+
+/// The unpacked step roots (`build-work/chains/<hex>`), not counting lock files and scratch.
+fn chains(imago: &Imago) -> Vec<String> {
+    let dir = imago.home.join("build-work/chains");
+    let mut names: Vec<String> = fs::read_dir(&dir)
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.starts_with('.') && !n.ends_with(".lock"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[test]
+fn gc_removes_step_roots_no_image_reaches_and_never_one_a_running_build_uses() {
+    let imago = project(
+        &app_step("slow", r#"run = "echo STEP-STARTED; sleep 4; echo done > /done"
+"#),
+    );
+    build(&imago, &["bb"]).ok();
+    let mut child = imago
+        .cmd()
+        .args(["build", "app"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let (started_tx, started) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let mut buf = [0u8; 4096];
+        let mut told = false;
+        loop {
+            let n = stderr.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&buf[..n]);
+            if !told && String::from_utf8_lossy(&all).contains("| STEP-STARTED") {
+                started_tx.send(()).unwrap();
+                told = true;
+            }
+        }
+        String::from_utf8_lossy(&all).into_owned()
+    });
+    started
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the step never started");
+    // While the step runs, no name reaches its root any more: gc must still keep it.
+    imago.run(&["rmi", "bb"]).ok();
+    assert_eq!(chains(&imago).len(), 1);
+    let gc = imago.run(&["--json", "gc"]).ok().json();
+    let status = child.wait().unwrap();
+    let build_err = reader.join().unwrap();
+    assert!(status.success(), "the build failed beside gc: {build_err}");
+    assert_eq!(gc["build"]["chains_in_use"], 1, "{gc}");
+    assert_eq!(gc["build"]["chains_removed"], 0, "{gc}");
+    assert_eq!(chains(&imago).len(), 1);
+    let entries = layer_entries(&imago, "app", 1);
+    assert_eq!(entries.keys().collect::<Vec<_>>(), ["done"]);
+
+    // app reaches the root (its first layer is bb's): kept. Without any name: removed, with
+    // the step directories and the cache records of the deleted blobs.
+    let gc = imago.run(&["--json", "gc"]).ok().json();
+    assert_eq!(gc["build"]["chains_removed"], 0, "{gc}");
+    assert_eq!(chains(&imago).len(), 1);
+    imago.run(&["rmi", "app"]).ok();
+    let gc = imago.run(&["--json", "gc"]).ok().json();
+    assert_eq!(gc["build"]["chains_removed"], 1, "{gc}");
+    assert!(gc["build"]["cache_records_removed"].as_u64().unwrap() >= 1, "{gc}");
+    assert!(chains(&imago).is_empty());
+    let steps = imago.home.join("build-work/steps");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fs::read_dir(&steps).unwrap().next().is_some() {
+        // A finished step's detached `rm -rf` may still be at work; gc removes what it left.
+        assert!(Instant::now() < deadline, "step directories stay behind");
+        imago.run(&["gc"]).ok();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The next build unpacks the root again and gives the same image.
+    let again = build(&imago, &[]).ok();
+    assert!(ran(&again, "STEP-STARTED"), "{}", again.stderr());
+    assert_eq!(chains(&imago).len(), 1);
+
+    // --keep-chains: of the roots images reach, only the most recently used ones stay.
+    write_definition(
+        &imago,
+        &app_step("slow", r#"run = "echo done > /done"
+[[image.app.layer]]
+name = "second"
+run = "echo second > /second"
+"#),
+    );
+    build(&imago, &[]).ok();
+    assert_eq!(chains(&imago).len(), 2);
+    let gc = imago.run(&["--json", "gc", "--keep-chains", "1"]).ok().json();
+    assert_eq!(gc["build"]["chains_removed"], 1, "{gc}");
+    assert_eq!(chains(&imago).len(), 1);
+}
+
 #[test]
 fn the_cache_reruns_a_step_exactly_when_an_input_changes() {
     let step = |extra: &str, command: &str| {
-        format!(
-            r#"[image.app]
-from = "bb"
-[[image.app.layer]]
-name = "s"
-run = "echo STEP-RAN; {command}"
+        app_step("s", &format!(
+            r#"run = "echo STEP-RAN; {command}"
 {extra}
 "#
-        )
+        ))
     };
     let base = r#"env = { A = "1" }
 workdir = "/"
@@ -607,16 +742,12 @@ run = "mkdir -p /usr/share/x && echo data > /usr/share/x/f && ln -s f /usr/share
 #[test]
 fn check_reruns_every_step_and_names_the_paths_that_differ() {
     let imago = project(
-        r#"[image.app]
-from = "bb"
-[[image.app.layer]]
-name = "stable"
-run = "echo same > /same"
+        &app_step("stable", r#"run = "echo same > /same"
 [[image.app.layer]]
 name = "random"
 network = "host"
 run = "echo same > /same2 && head -c 16 /dev/urandom > /random && echo STEP-RAN"
-"#,
+"#),
     );
     build(&imago, &[]).ok();
     let err = build(&imago, &["--check"]).fails();
