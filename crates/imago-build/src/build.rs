@@ -461,7 +461,11 @@ fn build_step_layer(
             "layer {digest} has {} device files, left out of the step's root (the sandbox has its own /dev): {}{}",
             paths.len(),
             shown.join(", "),
-            if more > 0 { format!(" and {more} more") } else { String::new() }
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
         );
         progress(Event::StepWarning {
             image,

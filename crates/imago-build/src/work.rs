@@ -247,7 +247,9 @@ pub fn collect_cache(store: &Store, cache_dir: &Path, dry_run: bool) -> Result<u
             .map(|l| l.blob_digest)
     }
     fn archive_manifest(bytes: &[u8]) -> Option<Digest> {
-        serde_json::from_slice::<Archive>(bytes).ok().map(|a| a.digest)
+        serde_json::from_slice::<Archive>(bytes)
+            .ok()
+            .map(|a| a.digest)
     }
     let kinds: [(&str, fn(&[u8]) -> Option<Digest>); 2] =
         [("layers", layer_blob), ("archives", archive_manifest)];
@@ -316,10 +318,7 @@ fn tree_size(path: &Path) -> u64 {
         return md.len();
     }
     let children = fs::read_dir(path).into_iter().flatten().flatten();
-    md.len()
-        + children
-            .map(|c| tree_size(&c.path()))
-            .sum::<u64>()
+    md.len() + children.map(|c| tree_size(&c.path())).sum::<u64>()
 }
 
 fn io_error(path: &Path, source: io::Error) -> BuildError {

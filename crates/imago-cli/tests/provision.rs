@@ -130,8 +130,9 @@ fn ran(run: &Run, marker: &str) -> bool {
 
 #[test]
 fn a_run_layer_holds_exactly_what_the_step_changed() {
-    let imago = project(
-        &app_step("step", r#"run = """
+    let imago = project(&app_step(
+        "step",
+        r#"run = """
 set -e
 echo STEP-RAN
 rm /etc/old
@@ -149,8 +150,8 @@ chown 7:8 /srv/a
 mv /opt/moved /opt/renamed
 chmod 0600 /etc/perm
 """
-"#),
-    );
+"#,
+    ));
     let run = build(&imago, &["--json"]).ok();
     assert!(ran(&run, "STEP-RAN"), "{}", run.stderr());
     let entries = layer_entries(&imago, "app", 1);
@@ -305,11 +306,14 @@ fn server() -> (u16, std::thread::JoinHandle<()>) {
 fn the_network_is_off_unless_the_step_asks_for_the_host() {
     let (port, _server) = server();
     let step = |network: &str| {
-        app_step("net", &format!(
-            r#"network = "{network}"
+        app_step(
+            "net",
+            &format!(
+                r#"network = "{network}"
 run = "cat /proc/net/dev; echo GET | nc -w 3 127.0.0.1 {port} && grep -c nameserver /etc/resolv.conf"
 "#
-        ))
+            ),
+        )
     };
     let imago = project(&step("none"));
     let err = build(&imago, &[]).fails();
@@ -339,7 +343,9 @@ run = "cat /proc/net/dev; echo GET | nc -w 3 127.0.0.1 {port} && grep -c nameser
 #[test]
 fn the_host_is_invisible_and_mounts_are_what_they_say() {
     let marker = tempfile::NamedTempFile::new().unwrap();
-    let imago = project(&app_step("mounts", &format!(
+    let imago = project(&app_step(
+        "mounts",
+        &format!(
             r#"run = """
 test ! -e {marker}
 echo procs=$(ls /proc | grep -c '^[0-9]')
@@ -355,8 +361,9 @@ mounts = [
   {{ type = "tmpfs", dest = "/scratch" }},
 ]
 "#,
-        marker = marker.path().display()
-    )));
+            marker = marker.path().display()
+        ),
+    ));
     let run = build(&imago, &[]).ok();
     let err = run.stderr();
     assert!(err.contains("from the context"), "{err}");
@@ -384,10 +391,11 @@ mounts = [
 
 #[test]
 fn a_failing_step_names_its_exit_code_and_stores_nothing() {
-    let imago = project(
-        &app_step("broken", r#"run = "echo some output; echo the reason >&2; exit 7"
-"#),
-    );
+    let imago = project(&app_step(
+        "broken",
+        r#"run = "echo some output; echo the reason >&2; exit 7"
+"#,
+    ));
     build(&imago, &["bb"]).ok();
     let blobs =
         |home: &Path| fs::read_dir(home.join("store/blobs/sha256")).map_or(0, |d| d.count());
@@ -402,8 +410,11 @@ fn a_failing_step_names_its_exit_code_and_stores_nothing() {
     // Several commands run in order in one step; the first failure ends it.
     write_definition(
         &imago,
-        &app_step("many", r#"run = [["/bin/sh", "-c", "echo FIRST"], ["/bin/sh", "-c", "exit 3"], ["/bin/sh", "-c", "echo NEVER"]]
-"#),
+        &app_step(
+            "many",
+            r#"run = [["/bin/sh", "-c", "echo FIRST"], ["/bin/sh", "-c", "exit 3"], ["/bin/sh", "-c", "echo NEVER"]]
+"#,
+        ),
     );
     let err = build(&imago, &["app", "--runtime", "runc"]).fails();
     assert!(
@@ -416,11 +427,12 @@ fn a_failing_step_names_its_exit_code_and_stores_nothing() {
 
 #[test]
 fn a_step_is_killed_at_its_timeout_and_its_memory_limit() {
-    let imago = project(
-        &app_step("slow", r#"timeout = "1s"
+    let imago = project(&app_step(
+        "slow",
+        r#"timeout = "1s"
 run = "sleep 60"
-"#),
-    );
+"#,
+    ));
     for runtime in ["embedded", "runc"] {
         let start = Instant::now();
         let err = build(&imago, &["--runtime", runtime]).fails();
@@ -432,9 +444,12 @@ run = "sleep 60"
     }
     write_definition(
         &imago,
-        &app_step("hungry", r#"memory = "16M"
+        &app_step(
+            "hungry",
+            r#"memory = "16M"
 run = "dd if=/dev/zero of=/dev/null bs=64M count=1"
-"#),
+"#,
+        ),
     );
     let err = build(&imago, &[]).fails();
     assert!(err.contains("exit code 137"), "{err}");
@@ -442,18 +457,22 @@ run = "dd if=/dev/zero of=/dev/null bs=64M count=1"
 
 #[test]
 fn device_files_are_refused_and_fifos_dropped_with_a_warning() {
-    let imago = project(
-        &app_step("fifo", r#"run = "mkfifo /pipe && echo kept > /kept"
-"#),
-    );
+    let imago = project(&app_step(
+        "fifo",
+        r#"run = "mkfifo /pipe && echo kept > /kept"
+"#,
+    ));
     let run = build(&imago, &[]).ok();
     assert!(run.stderr().contains("/pipe is a fifo"), "{}", run.stderr());
     let entries = layer_entries(&imago, "app", 1);
     assert_eq!(entries.keys().collect::<Vec<_>>(), ["kept"]);
     write_definition(
         &imago,
-        &app_step("dev", r#"run = "mknod /null2 c 1 3"
-"#),
+        &app_step(
+            "dev",
+            r#"run = "mknod /null2 c 1 3"
+"#,
+        ),
     );
     let err = build(&imago, &[]).fails();
     assert!(err.contains("device file /null2"), "{err}");
@@ -483,9 +502,23 @@ fn a_base_with_device_nodes_runs_steps_without_them() {
     }
     fs::create_dir_all(rootfs.join("dev")).unwrap();
     fs::create_dir_all(rootfs.join("lib/udev")).unwrap();
-    tool("mknod", &[rootfs.join("dev/null").to_str().unwrap(), "c", "1", "3"]);
-    tool("mknod", &[rootfs.join("dev/sda").to_str().unwrap(), "b", "8", "0"]);
-    tool("mknod", &[rootfs.join("lib/udev/zero").to_str().unwrap(), "c", "1", "5"]);
+    tool(
+        "mknod",
+        &[rootfs.join("dev/null").to_str().unwrap(), "c", "1", "3"],
+    );
+    tool(
+        "mknod",
+        &[rootfs.join("dev/sda").to_str().unwrap(), "b", "8", "0"],
+    );
+    tool(
+        "mknod",
+        &[
+            rootfs.join("lib/udev/zero").to_str().unwrap(),
+            "c",
+            "1",
+            "5",
+        ],
+    );
     tool(
         "umoci",
         &["repack", "--image", &image, bundle.to_str().unwrap()],
@@ -543,10 +576,11 @@ fn chains(imago: &Imago) -> Vec<String> {
 
 #[test]
 fn gc_removes_step_roots_no_image_reaches_and_never_one_a_running_build_uses() {
-    let imago = project(
-        &app_step("slow", r#"run = "echo STEP-STARTED; sleep 4; echo done > /done"
-"#),
-    );
+    let imago = project(&app_step(
+        "slow",
+        r#"run = "echo STEP-STARTED; sleep 4; echo done > /done"
+"#,
+    ));
     build(&imago, &["bb"]).ok();
     let mut child = imago
         .cmd()
@@ -598,7 +632,10 @@ fn gc_removes_step_roots_no_image_reaches_and_never_one_a_running_build_uses() {
     imago.run(&["rmi", "app"]).ok();
     let gc = imago.run(&["--json", "gc"]).ok().json();
     assert_eq!(gc["build"]["chains_removed"], 1, "{gc}");
-    assert!(gc["build"]["cache_records_removed"].as_u64().unwrap() >= 1, "{gc}");
+    assert!(
+        gc["build"]["cache_records_removed"].as_u64().unwrap() >= 1,
+        "{gc}"
+    );
     assert!(chains(&imago).is_empty());
     let steps = imago.home.join("build-work/steps");
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -616,15 +653,21 @@ fn gc_removes_step_roots_no_image_reaches_and_never_one_a_running_build_uses() {
     // --keep-chains: of the roots images reach, only the most recently used ones stay.
     write_definition(
         &imago,
-        &app_step("slow", r#"run = "echo done > /done"
+        &app_step(
+            "slow",
+            r#"run = "echo done > /done"
 [[image.app.layer]]
 name = "second"
 run = "echo second > /second"
-"#),
+"#,
+        ),
     );
     build(&imago, &[]).ok();
     assert_eq!(chains(&imago).len(), 2);
-    let gc = imago.run(&["--json", "gc", "--keep-chains", "1"]).ok().json();
+    let gc = imago
+        .run(&["--json", "gc", "--keep-chains", "1"])
+        .ok()
+        .json();
     assert_eq!(gc["build"]["chains_removed"], 1, "{gc}");
     assert_eq!(chains(&imago).len(), 1);
 }
@@ -632,11 +675,14 @@ run = "echo second > /second"
 #[test]
 fn the_cache_reruns_a_step_exactly_when_an_input_changes() {
     let step = |extra: &str, command: &str| {
-        app_step("s", &format!(
-            r#"run = "echo STEP-RAN; {command}"
+        app_step(
+            "s",
+            &format!(
+                r#"run = "echo STEP-RAN; {command}"
 {extra}
 "#
-        ))
+            ),
+        )
     };
     let base = r#"env = { A = "1" }
 workdir = "/"
@@ -741,14 +787,15 @@ run = "mkdir -p /usr/share/x && echo data > /usr/share/x/f && ln -s f /usr/share
 
 #[test]
 fn check_reruns_every_step_and_names_the_paths_that_differ() {
-    let imago = project(
-        &app_step("stable", r#"run = "echo same > /same"
+    let imago = project(&app_step(
+        "stable",
+        r#"run = "echo same > /same"
 [[image.app.layer]]
 name = "random"
 network = "host"
 run = "echo same > /same2 && head -c 16 /dev/urandom > /random && echo STEP-RAN"
-"#),
-    );
+"#,
+    ));
     build(&imago, &[]).ok();
     let err = build(&imago, &["--check"]).fails();
     assert!(

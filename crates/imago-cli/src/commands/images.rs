@@ -256,19 +256,16 @@ pub fn gc(ctx: &Context, args: GcArgs) -> Result<()> {
     // Build work first: it never waits for a running build (what one holds is kept), while the
     // store's gc waits for every writer to finish.
     let mut roots: Vec<imago_oci::Digest> = store.names()?.into_iter().map(|n| n.digest).collect();
-    roots.extend(
-        imago_store::GcRoots::roots(&releases)
-            .map_err(|e| anyhow::anyhow!("cannot read roots of {}: {e}", releases_description(&releases)))?,
-    );
+    roots.extend(imago_store::GcRoots::roots(&releases).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read roots of {}: {e}",
+            releases_description(&releases)
+        )
+    })?);
     let work = ctx.home.root.join("build-work");
     let cache = ctx.home.root.join("build-cache");
-    let mut build = imago_build::work::collect(
-        &store,
-        &work,
-        &roots,
-        args.keep_chains,
-        args.dry_run,
-    )?;
+    let mut build =
+        imago_build::work::collect(&store, &work, &roots, args.keep_chains, args.dry_run)?;
     let report = store.gc(&[&releases], args.dry_run)?;
     // Records of blobs this gc just deleted.
     build.cache_records_removed += imago_build::work::collect_cache(&store, &cache, args.dry_run)?;
