@@ -53,12 +53,7 @@ pub fn lease_chain(chains: &Path, key: &Digest) -> Result<ChainLease, BuildError
     fs::create_dir_all(chains).map_err(|e| io_error(chains, e))?;
     let path = chains.join(format!("{}.lock", key.hex()));
     loop {
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| io_error(&path, e))?;
+        let file = open_lock(&path)?;
         rustix::fs::flock(&file, FlockOperation::LockShared)
             .map_err(|e| io_error(&path, e.into()))?;
         if same_file(&file, &path) {
@@ -82,6 +77,16 @@ pub fn lock_step_dir(dir: &Path) -> Result<StepLock, BuildError> {
     rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive)
         .map_err(|e| io_error(&path, e.into()))?;
     Ok(StepLock { _lock: file })
+}
+
+/// Opens (or makes) the lock file `path`; its content is never used.
+fn open_lock(path: &Path) -> Result<File, BuildError> {
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| io_error(path, e))
 }
 
 /// Whether `path` still names the open file `file`.
@@ -210,12 +215,7 @@ fn with_chain_lock(
     remove: impl FnOnce() -> Result<(), BuildError>,
 ) -> Result<Option<()>, BuildError> {
     let path = chains.join(format!("{key}.lock"));
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| io_error(&path, e))?;
+    let file = open_lock(&path)?;
     if rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive).is_err()
         || !same_file(&file, &path)
     {

@@ -279,6 +279,28 @@ fn tool(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Writes to `archive` an oci-archive of a one-layer image whose root `fill` makes, packed by
+/// umoci (as root: device nodes and owners are kept); `dir` is its scratch space.
+fn umoci_archive(dir: &Path, archive: &Path, fill: impl FnOnce(&Path)) {
+    let layout = dir.join("L");
+    let image = format!("{}:base", layout.display());
+    let bundle = dir.join("B");
+    fs::create_dir_all(dir).unwrap();
+    tool("umoci", &["init", "--layout", layout.to_str().unwrap()]);
+    tool("umoci", &["new", "--image", &image]);
+    tool(
+        "umoci",
+        &["unpack", "--image", &image, bundle.to_str().unwrap()],
+    );
+    fill(&bundle.join("rootfs"));
+    tool(
+        "umoci",
+        &["repack", "--image", &image, bundle.to_str().unwrap()],
+    );
+    let (archive, layout) = (archive.to_str().unwrap(), layout.to_str().unwrap());
+    tool("tar", &["-cf", archive, "-C", layout, "."]);
+}
+
 /// Serves one fixed answer on 127.0.0.1 until the test ends.
 fn server() -> (u16, std::thread::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -483,57 +505,24 @@ fn device_files_are_refused_and_fifos_dropped_with_a_warning() {
 #[test]
 fn a_base_with_device_nodes_runs_steps_without_them() {
     let imago = project("");
-    let dir = imago.dir.path().join("devbase");
-    let layout = dir.join("L");
-    let image = format!("{}:base", layout.display());
-    let bundle = dir.join("B");
-    fs::create_dir_all(&dir).unwrap();
-    tool("umoci", &["init", "--layout", layout.to_str().unwrap()]);
-    tool("umoci", &["new", "--image", &image]);
-    tool(
-        "umoci",
-        &["unpack", "--image", &image, bundle.to_str().unwrap()],
-    );
-    let rootfs = bundle.join("rootfs");
-    fs::create_dir_all(rootfs.join("bin")).unwrap();
-    fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
-    for applet in ["sh", "test", "echo"] {
-        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
-    }
-    fs::create_dir_all(rootfs.join("dev")).unwrap();
-    fs::create_dir_all(rootfs.join("lib/udev")).unwrap();
-    tool(
-        "mknod",
-        &[rootfs.join("dev/null").to_str().unwrap(), "c", "1", "3"],
-    );
-    tool(
-        "mknod",
-        &[rootfs.join("dev/sda").to_str().unwrap(), "b", "8", "0"],
-    );
-    tool(
-        "mknod",
-        &[
-            rootfs.join("lib/udev/zero").to_str().unwrap(),
-            "c",
-            "1",
-            "5",
-        ],
-    );
-    tool(
-        "umoci",
-        &["repack", "--image", &image, bundle.to_str().unwrap()],
-    );
     let archive = imago.dir.path().join("devbase.tar");
-    tool(
-        "tar",
-        &[
-            "-cf",
-            archive.to_str().unwrap(),
-            "-C",
-            layout.to_str().unwrap(),
-            ".",
-        ],
-    );
+    umoci_archive(&imago.dir.path().join("devbase"), &archive, |rootfs| {
+        fs::create_dir_all(rootfs.join("bin")).unwrap();
+        fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+        for applet in ["sh", "test", "echo"] {
+            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+        }
+        fs::create_dir_all(rootfs.join("dev")).unwrap();
+        fs::create_dir_all(rootfs.join("lib/udev")).unwrap();
+        for (path, kind, major, minor) in [
+            ("dev/null", "c", "1", "3"),
+            ("dev/sda", "b", "8", "0"),
+            ("lib/udev/zero", "c", "1", "5"),
+        ] {
+            let node = rootfs.join(path);
+            tool("mknod", &[node.to_str().unwrap(), kind, major, minor]);
+        }
+    });
     write_definition(
         &imago,
         r#"[image.app]
@@ -882,39 +871,13 @@ fn a_debian_image_with_an_apt_step_is_checked_made_reproducible_and_deployed() {
         "mmdebstrap: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let layout = dir.join("L");
-    let image = format!("{}:base", layout.display());
-    let bundle = dir.join("B");
-    tool("umoci", &["init", "--layout", layout.to_str().unwrap()]);
-    tool("umoci", &["new", "--image", &image]);
-    tool(
-        "umoci",
-        &["unpack", "--image", &image, bundle.to_str().unwrap()],
-    );
-    tool(
-        "tar",
-        &[
-            "-xf",
-            rootfs.to_str().unwrap(),
-            "-C",
-            bundle.join("rootfs").to_str().unwrap(),
-            "--exclude=./dev/*",
-        ],
-    );
-    tool(
-        "umoci",
-        &["repack", "--image", &image, bundle.to_str().unwrap()],
-    );
-    tool(
-        "tar",
-        &[
-            "-cf",
-            dir.join("debian-base.tar").to_str().unwrap(),
-            "-C",
-            layout.to_str().unwrap(),
-            ".",
-        ],
-    );
+    // The image is run as a service below, and the runtime's rootfs still refuses device
+    // nodes: they stay out of this base (a step alone would take them, see
+    // a_base_with_device_nodes_runs_steps_without_them).
+    umoci_archive(&dir, &dir.join("debian-base.tar"), |root| {
+        let (tree, root) = (rootfs.to_str().unwrap(), root.to_str().unwrap());
+        tool("tar", &["-xf", tree, "-C", root, "--exclude=./dev/*"]);
+    });
     let example = fs::read_to_string(Path::new(DEBIAN_EXAMPLE).join("imago.toml")).unwrap();
     let file = dir.join("imago.toml");
     let file_arg = file.to_str().unwrap().to_owned();
