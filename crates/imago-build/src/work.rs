@@ -251,8 +251,9 @@ pub fn collect_cache(store: &Store, cache_dir: &Path, dry_run: bool) -> Result<u
             .ok()
             .map(|a| a.digest)
     }
-    let kinds: [(&str, fn(&[u8]) -> Option<Digest>); 2] =
-        [("layers", layer_blob), ("archives", archive_manifest)];
+    /// A record's file, and where it says its blob is.
+    type RecordDigest = fn(&[u8]) -> Option<Digest>;
+    let kinds: [(&str, RecordDigest); 2] = [("layers", layer_blob), ("archives", archive_manifest)];
     let mut removed = 0;
     for (sub, named) in kinds {
         let dir = cache_dir.join(sub);
