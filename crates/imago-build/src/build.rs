@@ -3,6 +3,7 @@
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use imago_layer::Compression;
 use imago_layer::writer::{LayerDigests, LayerWriter};
@@ -80,6 +81,19 @@ pub enum Event<'a> {
         layer: &'a str,
         line: &'a [u8],
     },
+    /// A step ran and its layer was written: where the time went. `sandbox` is the helper's
+    /// whole life (overlay, containers created, the commands, containers deleted), `diff` the
+    /// comparison of its changes with its root, `layer` the tar, compression, hashing and the
+    /// blob's commit (those run at the same time, in the layer writer's threads).
+    StepCaptured {
+        image: &'a str,
+        layer: &'a str,
+        sandbox: std::time::Duration,
+        diff: std::time::Duration,
+        write: std::time::Duration,
+        entries: usize,
+        bytes: u64,
+    },
     /// Something of a step's result left out of its layer (fifos, sockets).
     StepWarning {
         image: &'a str,
@@ -114,6 +128,20 @@ pub struct BuiltLayer {
     pub from_base: bool,
     /// Reused from the build cache without writing anything.
     pub cached: bool,
+}
+
+impl BuiltLayer {
+    /// A layer this build made (or found in its cache).
+    fn new(record: LayerRecord, cached: bool) -> BuiltLayer {
+        BuiltLayer {
+            digest: record.blob_digest,
+            diff_id: record.diff_id,
+            size: record.blob_size,
+            media_type: record.media_type,
+            from_base: false,
+            cached,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -274,14 +302,7 @@ pub fn build_image(
                 });
             }
             progress(Event::LayerFinished { cached });
-            layers.push(BuiltLayer {
-                digest: record.blob_digest,
-                diff_id: record.diff_id,
-                size: record.blob_size,
-                media_type: record.media_type,
-                from_base: false,
-                cached,
-            });
+            layers.push(BuiltLayer::new(record, cached));
             continue;
         }
         let keep = last_step.is_some_and(|last| index < last);
@@ -303,14 +324,7 @@ pub fn build_image(
             LayerFailure::Other(e) => e,
         })?;
         progress(Event::LayerFinished { cached });
-        layers.push(BuiltLayer {
-            digest: record.blob_digest,
-            diff_id: record.diff_id,
-            size: record.blob_size,
-            media_type: record.media_type,
-            from_base: false,
-            cached,
-        });
+        layers.push(BuiltLayer::new(record, cached));
     }
     cache.save();
 
@@ -409,15 +423,7 @@ fn build_step_layer(
         ));
     };
     let image_config = base_config.and_then(|c| c.get("config"));
-    let image_env: Vec<String> = image_config
-        .and_then(|c| c.get("Env"))
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
+    let image_env = strings(image_config.and_then(|c| c.get("Env")));
     let env = step.environment(&image_env, options.source_date_epoch);
     let cwd = step
         .workdir
@@ -446,7 +452,27 @@ fn build_step_layer(
         return Ok((record, true));
     }
 
-    let chain = ensure_chain(store, &sandbox.work_dir, parents)?;
+    let mut skipped = Vec::new();
+    let (chain, _lease) = ensure_chain(store, &sandbox.work_dir, parents, &mut skipped)?;
+    for (digest, paths) in &skipped {
+        let shown: Vec<String> = paths.iter().take(5).map(|p| format!("/{p}")).collect();
+        let more = paths.len().saturating_sub(shown.len());
+        let message = format!(
+            "layer {digest} has {} device files, left out of the step's root (the sandbox has its own /dev): {}{}",
+            paths.len(),
+            shown.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        );
+        progress(Event::StepWarning {
+            image,
+            layer,
+            message: &message,
+        });
+    }
     let steps_dir = sandbox.work_dir.join("steps");
     fs::create_dir_all(&steps_dir).map_err(|e| io_error(&steps_dir, e))?;
     let step_dir = StepDir(
@@ -456,6 +482,7 @@ fn build_step_layer(
             .map_err(|e| io_error(&steps_dir, e))?
             .keep(),
     );
+    let _step_lock = crate::work::lock_step_dir(step_dir.path())?;
     let id = step_dir
         .path()
         .file_name()
@@ -520,6 +547,7 @@ fn build_step_layer(
     let log_path = logs.join(format!("{image}.{}.log", layer.replace('/', "_")));
     let mut log = File::create(&log_path).map_err(|e| io_error(&log_path, e))?;
     let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+    let started = Instant::now();
     let exit = imago_runtime::sandbox::run_sandbox(&sandbox.helper, &spec, &mut |line| {
         let _ = log.write_all(line);
         if tail.len() == STEP_TAIL_LINES {
@@ -545,6 +573,7 @@ fn build_step_layer(
     for m in &spec.mounts {
         mount_points.push(m.dest().trim_start_matches('/').as_bytes().to_vec());
     }
+    let ran = Instant::now();
     let mut warnings = Vec::new();
     let entries = crate::step::diff(
         (image, layer),
@@ -561,6 +590,7 @@ fn build_step_layer(
             message,
         });
     }
+    let diffed = Instant::now();
     let layer_error = |source| BuildError::Layer {
         image: image.to_owned(),
         layer: layer.to_owned(),
@@ -585,8 +615,17 @@ fn build_step_layer(
         }
         .map_err(layer_error)?;
     }
-    let (LayerDigests { diff_id, .. }, sink) = writer.finish().map_err(layer_error)?;
+    let (LayerDigests { diff_id, tar_size }, sink) = writer.finish().map_err(layer_error)?;
     let (blob_digest, blob_size) = sink.commit()?;
+    progress(Event::StepCaptured {
+        image,
+        layer,
+        sandbox: ran - started,
+        diff: diffed - ran,
+        write: diffed.elapsed(),
+        entries: entries.len(),
+        bytes: tar_size,
+    });
     let record = LayerRecord {
         diff_id,
         blob_digest,
@@ -643,24 +682,34 @@ const STEP_TAIL_LINES: usize = 20;
 /// The root that `parents` make, unpacked once under `<work>/chains/<sha256 of their
 /// diff_ids>` (into a scratch directory, renamed into place when complete) and never written
 /// afterwards: steps see it through an overlay.
-fn ensure_chain(store: &Store, work: &Path, parents: &[BuiltLayer]) -> Result<PathBuf, BuildError> {
-    let mut h = imago_oci::Sha256::new();
-    for p in parents {
-        h.update(p.diff_id.to_string().as_bytes());
-        h.update(b"\n");
-    }
-    let key = Digest::from_hasher(h);
+///
+/// Device nodes of the layers are left out (rootless buildah does the same): the step gets its
+/// own `/dev` from the runtime, and a node in the chain would be a real device on the host's
+/// file system. Each layer that had some is added to `skipped` with their paths, for a warning;
+/// only when this call unpacks the chain.
+fn ensure_chain(
+    store: &Store,
+    work: &Path,
+    parents: &[BuiltLayer],
+    skipped: &mut Vec<(Digest, Vec<String>)>,
+) -> Result<(PathBuf, crate::work::ChainLease), BuildError> {
+    let diff_ids: Vec<&Digest> = parents.iter().map(|p| &p.diff_id).collect();
+    let key = crate::work::chain_key(&diff_ids);
     let chains = work.join("chains");
+    // Before looking: from here until the lease is dropped, gc leaves the chain alone.
+    let lease = crate::work::lease_chain(&chains, &key)?;
     let dir = chains.join(key.hex());
     if dir.is_dir() {
-        return Ok(dir);
+        return Ok((dir, lease));
     }
-    fs::create_dir_all(&chains).map_err(|e| io_error(&chains, e))?;
     let scratch = tempfile::Builder::new()
-        .prefix(".unpack-")
+        .prefix(&format!(".unpack-{}-", key.hex()))
         .tempdir_in(&chains)
         .map_err(|e| io_error(&chains, e))?;
-    let options = imago_layer::unpack::UnpackOptions::default();
+    let options = imago_layer::unpack::UnpackOptions {
+        skip_devices: true,
+        ..imago_layer::unpack::UnpackOptions::default()
+    };
     for layer in parents {
         let compression = Compression::from_media_type(&layer.media_type).ok_or_else(|| {
             BuildError::Internal(format!(
@@ -672,8 +721,11 @@ fn ensure_chain(store: &Store, work: &Path, parents: &[BuiltLayer]) -> Result<Pa
         let path = store.blob_path(&layer.digest);
         let stream = imago_layer::compression::decompress(compression, &mut blob)
             .map_err(|e| io_error(&path, e))?;
-        imago_layer::unpack::apply_layer(stream, scratch.path(), &options)
+        let stats = imago_layer::unpack::apply_layer(stream, scratch.path(), &options)
             .map_err(|e| BuildError::Internal(format!("unpacking layer {}: {e}", layer.digest)))?;
+        if !stats.skipped_devices.is_empty() {
+            skipped.push((layer.digest.clone(), stats.skipped_devices));
+        }
     }
     let scratch = scratch.keep();
     if let Err(e) = fs::rename(&scratch, &dir) {
@@ -683,7 +735,7 @@ fn ensure_chain(store: &Store, work: &Path, parents: &[BuiltLayer]) -> Result<Pa
             return Err(io_error(&dir, e));
         }
     }
-    Ok(dir)
+    Ok((dir, lease))
 }
 
 enum LayerFailure {
@@ -842,31 +894,15 @@ fn build_layer(
     let mut done: u64 = 0;
     for (key, entry) in &entries {
         let path = key.strip_suffix(b"/").unwrap_or(key);
-        match &entry.kind {
-            EntryKind::Dir => {
-                writer
-                    .add_dir(path, entry.meta)
-                    .map_err(LayerFailure::Writer)?;
-                digests.push(None);
-            }
+        let written = match &entry.kind {
+            EntryKind::Dir => writer.add_dir(path, entry.meta),
             EntryKind::Symlink(target) => {
-                writer
-                    .add_symlink(path, target, entry.meta.uid, entry.meta.gid)
-                    .map_err(LayerFailure::Writer)?;
-                digests.push(None);
+                writer.add_symlink(path, target, entry.meta.uid, entry.meta.gid)
             }
-            EntryKind::Hardlink { target } => {
-                writer
-                    .add_hardlink(path, target, entry.meta)
-                    .map_err(LayerFailure::Writer)?;
-                digests.push(None);
-            }
+            EntryKind::Hardlink { target } => writer.add_hardlink(path, target, entry.meta),
             EntryKind::Inline(content) => {
-                writer
-                    .add_file(path, entry.meta, content.len() as u64, &content[..])
-                    .map_err(LayerFailure::Writer)?;
-                digests.push(None);
                 done += content.len() as u64;
+                writer.add_file(path, entry.meta, content.len() as u64, &content[..])
             }
             EntryKind::File { source, stamp } => {
                 let mut f = File::open(source).map_err(|e| io_error(source, e))?;
@@ -893,8 +929,11 @@ fn build_layer(
                 digests.push(Some(d));
                 done += stamp.size;
                 progress(Event::LayerProgress { bytes: done });
+                continue;
             }
-        }
+        };
+        written.map_err(LayerFailure::Writer)?;
+        digests.push(None);
     }
     let (LayerDigests { diff_id, .. }, sink) = writer.finish().map_err(LayerFailure::Writer)?;
     // The store hashes the blob as it is written; --check hashes it on the way to nowhere.
@@ -1173,15 +1212,7 @@ fn config_json(
             cfg.insert("Cmd".into(), json!(cmd));
         }
         if !c.env.is_empty() {
-            let mut env: Vec<String> = cfg
-                .get("Env")
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|v| v.as_str().map(str::to_owned))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let mut env = strings(cfg.get("Env"));
             for (k, v) in &c.env {
                 let entry = format!("{k}={v}");
                 match env
@@ -1266,6 +1297,18 @@ fn config_json(
     }
     root.insert("history".into(), json!(history));
     Ok(doc)
+}
+
+/// The strings of a JSON array (such as a config's `Env`); nothing for anything else.
+fn strings(value: Option<&Value>) -> Vec<String> {
+    value
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn parse_port(

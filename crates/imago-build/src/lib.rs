@@ -21,6 +21,7 @@ pub mod definition;
 pub mod import;
 pub mod plan;
 pub mod step;
+pub mod work;
 
 pub use build::{BuildOptions, BuiltImage, BuiltLayer, Event, build_image, build_order};
 pub use definition::{DefinitionFile, json_schema, json_schema_with_services};

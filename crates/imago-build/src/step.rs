@@ -563,6 +563,24 @@ fn join(rel: &[u8], name: &[u8]) -> Vec<u8> {
 }
 
 impl DiffWalk<'_> {
+    /// The OCI whiteout of `name` in directory `rel`: `.wh.NAME`; the name `.wh..opq` gives
+    /// the opaque marker `.wh..wh..opq` (the directory's whole lower content).
+    fn whiteout(&mut self, rel: &[u8], name: &[u8]) {
+        let mut wh = b".wh.".to_vec();
+        wh.extend_from_slice(name);
+        let meta = Meta {
+            mode: 0,
+            uid: 0,
+            gid: 0,
+        };
+        let entry = DiffEntry {
+            path: join(rel, &wh),
+            kind: DiffKind::Whiteout,
+            meta,
+        };
+        self.out.push((entry, None));
+    }
+
     /// Walks the upper directory `upper` (at `rel`); `lower_dir` is whether `lower` is a
     /// directory whose entries still show through (not replaced, not opaque). Returns whether
     /// anything was emitted below, and whether everything found below was a pruned mount point.
@@ -593,20 +611,7 @@ impl DiffWalk<'_> {
             if ft.is_char_device() && umd.rdev() == 0 {
                 // An overlay whiteout: the step deleted what the lower root had here.
                 if lmd.is_some() {
-                    let mut wh = b".wh.".to_vec();
-                    wh.extend_from_slice(&name);
-                    self.out.push((
-                        DiffEntry {
-                            path: join(rel, &wh),
-                            kind: DiffKind::Whiteout,
-                            meta: Meta {
-                                mode: 0,
-                                uid: 0,
-                                gid: 0,
-                            },
-                        },
-                        None,
-                    ));
+                    self.whiteout(rel, &name);
                     emitted = true;
                 }
                 only_mount_points = false;
@@ -647,18 +652,7 @@ impl DiffWalk<'_> {
                     emitted = true;
                 }
                 if opaque {
-                    self.out.push((
-                        DiffEntry {
-                            path: join(&path, b".wh..wh..opq"),
-                            kind: DiffKind::Whiteout,
-                            meta: Meta {
-                                mode: 0,
-                                uid: 0,
-                                gid: 0,
-                            },
-                        },
-                        None,
-                    ));
+                    self.whiteout(&path, b".wh..opq");
                 }
                 continue;
             }
@@ -745,20 +739,7 @@ impl DiffWalk<'_> {
                 if present.contains(&name) {
                     continue;
                 }
-                let mut wh = b".wh.".to_vec();
-                wh.extend_from_slice(&name);
-                self.out.push((
-                    DiffEntry {
-                        path: join(rel, &wh),
-                        kind: DiffKind::Whiteout,
-                        meta: Meta {
-                            mode: 0,
-                            uid: 0,
-                            gid: 0,
-                        },
-                    },
-                    None,
-                ));
+                self.whiteout(rel, &name);
                 emitted = true;
                 only_mount_points = false;
             }

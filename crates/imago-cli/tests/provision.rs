@@ -65,6 +65,11 @@ file = [
     fs::write(imago.dir.path().join("imago.toml"), text).unwrap();
 }
 
+/// An `app` image on `bb` whose one layer is the step `name`: `rest` holds its keys.
+fn app_step(name: &str, rest: &str) -> String {
+    format!("[image.app]\nfrom = \"bb\"\n[[image.app.layer]]\nname = \"{name}\"\n{rest}")
+}
+
 fn build(imago: &Imago, extra: &[&str]) -> Run {
     let mut args = vec!["build"];
     args.extend_from_slice(extra);
@@ -125,12 +130,9 @@ fn ran(run: &Run, marker: &str) -> bool {
 
 #[test]
 fn a_run_layer_holds_exactly_what_the_step_changed() {
-    let imago = project(
-        r#"[image.app]
-from = "bb"
-[[image.app.layer]]
-name = "step"
-run = """
+    let imago = project(&app_step(
+        "step",
+        r#"run = """
 set -e
 echo STEP-RAN
 rm /etc/old
@@ -149,7 +151,7 @@ mv /opt/moved /opt/renamed
 chmod 0600 /etc/perm
 """
 "#,
-    );
+    ));
     let run = build(&imago, &["--json"]).ok();
     assert!(ran(&run, "STEP-RAN"), "{}", run.stderr());
     let entries = layer_entries(&imago, "app", 1);
@@ -277,6 +279,28 @@ fn tool(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Writes to `archive` an oci-archive of a one-layer image whose root `fill` makes, packed by
+/// umoci (as root: device nodes and owners are kept); `dir` is its scratch space.
+fn umoci_archive(dir: &Path, archive: &Path, fill: impl FnOnce(&Path)) {
+    let layout = dir.join("L");
+    let image = format!("{}:base", layout.display());
+    let bundle = dir.join("B");
+    fs::create_dir_all(dir).unwrap();
+    tool("umoci", &["init", "--layout", layout.to_str().unwrap()]);
+    tool("umoci", &["new", "--image", &image]);
+    tool(
+        "umoci",
+        &["unpack", "--image", &image, bundle.to_str().unwrap()],
+    );
+    fill(&bundle.join("rootfs"));
+    tool(
+        "umoci",
+        &["repack", "--image", &image, bundle.to_str().unwrap()],
+    );
+    let (archive, layout) = (archive.to_str().unwrap(), layout.to_str().unwrap());
+    tool("tar", &["-cf", archive, "-C", layout, "."]);
+}
+
 /// Serves one fixed answer on 127.0.0.1 until the test ends.
 fn server() -> (u16, std::thread::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -304,14 +328,13 @@ fn server() -> (u16, std::thread::JoinHandle<()>) {
 fn the_network_is_off_unless_the_step_asks_for_the_host() {
     let (port, _server) = server();
     let step = |network: &str| {
-        format!(
-            r#"[image.app]
-from = "bb"
-[[image.app.layer]]
-name = "net"
-network = "{network}"
+        app_step(
+            "net",
+            &format!(
+                r#"network = "{network}"
 run = "cat /proc/net/dev; echo GET | nc -w 3 127.0.0.1 {port} && grep -c nameserver /etc/resolv.conf"
 "#
+            ),
         )
     };
     let imago = project(&step("none"));
@@ -342,12 +365,10 @@ run = "cat /proc/net/dev; echo GET | nc -w 3 127.0.0.1 {port} && grep -c nameser
 #[test]
 fn the_host_is_invisible_and_mounts_are_what_they_say() {
     let marker = tempfile::NamedTempFile::new().unwrap();
-    let imago = project(&format!(
-        r#"[image.app]
-from = "bb"
-[[image.app.layer]]
-name = "mounts"
-run = """
+    let imago = project(&app_step(
+        "mounts",
+        &format!(
+            r#"run = """
 test ! -e {marker}
 echo procs=$(ls /proc | grep -c '^[0-9]')
 cat /src/input.txt
@@ -362,7 +383,8 @@ mounts = [
   {{ type = "tmpfs", dest = "/scratch" }},
 ]
 "#,
-        marker = marker.path().display()
+            marker = marker.path().display()
+        ),
     ));
     let run = build(&imago, &[]).ok();
     let err = run.stderr();
@@ -391,14 +413,11 @@ mounts = [
 
 #[test]
 fn a_failing_step_names_its_exit_code_and_stores_nothing() {
-    let imago = project(
-        r#"[image.app]
-from = "bb"
-[[image.app.layer]]
-name = "broken"
-run = "echo some output; echo the reason >&2; exit 7"
+    let imago = project(&app_step(
+        "broken",
+        r#"run = "echo some output; echo the reason >&2; exit 7"
 "#,
-    );
+    ));
     build(&imago, &["bb"]).ok();
     let blobs =
         |home: &Path| fs::read_dir(home.join("store/blobs/sha256")).map_or(0, |d| d.count());
@@ -413,12 +432,11 @@ run = "echo some output; echo the reason >&2; exit 7"
     // Several commands run in order in one step; the first failure ends it.
     write_definition(
         &imago,
-        r#"[image.app]
-from = "bb"
-[[image.app.layer]]
-name = "many"
-run = [["/bin/sh", "-c", "echo FIRST"], ["/bin/sh", "-c", "exit 3"], ["/bin/sh", "-c", "echo NEVER"]]
+        &app_step(
+            "many",
+            r#"run = [["/bin/sh", "-c", "echo FIRST"], ["/bin/sh", "-c", "exit 3"], ["/bin/sh", "-c", "echo NEVER"]]
 "#,
+        ),
     );
     let err = build(&imago, &["app", "--runtime", "runc"]).fails();
     assert!(
@@ -431,15 +449,12 @@ run = [["/bin/sh", "-c", "echo FIRST"], ["/bin/sh", "-c", "exit 3"], ["/bin/sh",
 
 #[test]
 fn a_step_is_killed_at_its_timeout_and_its_memory_limit() {
-    let imago = project(
-        r#"[image.app]
-from = "bb"
-[[image.app.layer]]
-name = "slow"
-timeout = "1s"
+    let imago = project(&app_step(
+        "slow",
+        r#"timeout = "1s"
 run = "sleep 60"
 "#,
-    );
+    ));
     for runtime in ["embedded", "runc"] {
         let start = Instant::now();
         let err = build(&imago, &["--runtime", runtime]).fails();
@@ -451,13 +466,12 @@ run = "sleep 60"
     }
     write_definition(
         &imago,
-        r#"[image.app]
-from = "bb"
-[[image.app.layer]]
-name = "hungry"
-memory = "16M"
+        &app_step(
+            "hungry",
+            r#"memory = "16M"
 run = "dd if=/dev/zero of=/dev/null bs=64M count=1"
 "#,
+        ),
     );
     let err = build(&imago, &[]).fails();
     assert!(err.contains("exit code 137"), "{err}");
@@ -465,42 +479,198 @@ run = "dd if=/dev/zero of=/dev/null bs=64M count=1"
 
 #[test]
 fn device_files_are_refused_and_fifos_dropped_with_a_warning() {
-    let imago = project(
-        r#"[image.app]
-from = "bb"
-[[image.app.layer]]
-name = "fifo"
-run = "mkfifo /pipe && echo kept > /kept"
+    let imago = project(&app_step(
+        "fifo",
+        r#"run = "mkfifo /pipe && echo kept > /kept"
 "#,
-    );
+    ));
     let run = build(&imago, &[]).ok();
     assert!(run.stderr().contains("/pipe is a fifo"), "{}", run.stderr());
     let entries = layer_entries(&imago, "app", 1);
     assert_eq!(entries.keys().collect::<Vec<_>>(), ["kept"]);
     write_definition(
         &imago,
-        r#"[image.app]
-from = "bb"
-[[image.app.layer]]
-name = "dev"
-run = "mknod /null2 c 1 3"
+        &app_step(
+            "dev",
+            r#"run = "mknod /null2 c 1 3"
 "#,
+        ),
     );
     let err = build(&imago, &[]).fails();
     assert!(err.contains("device file /null2"), "{err}");
 }
 
+/// Bases made by mmdebstrap (and some docker images) ship `/dev/*` nodes: a step on such a base
+/// runs, its root leaves the nodes out with a warning, and the layer holds only the step's work.
+#[test]
+fn a_base_with_device_nodes_runs_steps_without_them() {
+    let imago = project("");
+    let archive = imago.dir.path().join("devbase.tar");
+    umoci_archive(&imago.dir.path().join("devbase"), &archive, |rootfs| {
+        fs::create_dir_all(rootfs.join("bin")).unwrap();
+        fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+        for applet in ["sh", "test", "echo"] {
+            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+        }
+        fs::create_dir_all(rootfs.join("dev")).unwrap();
+        fs::create_dir_all(rootfs.join("lib/udev")).unwrap();
+        for (path, kind, major, minor) in [
+            ("dev/null", "c", "1", "3"),
+            ("dev/sda", "b", "8", "0"),
+            ("lib/udev/zero", "c", "1", "5"),
+        ] {
+            let node = rootfs.join(path);
+            tool("mknod", &[node.to_str().unwrap(), kind, major, minor]);
+        }
+    });
+    write_definition(
+        &imago,
+        r#"[image.app]
+from = "oci-archive:devbase.tar"
+[[image.app.layer]]
+name = "s"
+run = "test -c /dev/null && test ! -e /lib/udev/zero && echo STEP-RAN && echo ok > /ok"
+"#,
+    );
+    let run = build(&imago, &["app"]).ok();
+    let err = run.stderr();
+    assert!(ran(&run, "STEP-RAN"), "{err}");
+    assert!(
+        err.contains("device files, left out of the step's root"),
+        "{err}"
+    );
+    for path in ["/dev/null", "/dev/sda", "/lib/udev/zero"] {
+        assert!(err.contains(path), "{path}: {err}");
+    }
+    let entries = layer_entries(&imago, "app", 1);
+    assert_eq!(entries.keys().collect::<Vec<_>>(), ["ok"], "{entries:#?}");
+    // The base's layers themselves are kept as they are: the image still has its nodes.
+    let base_entries = layer_entries(&imago, "app", 0);
+    assert!(base_entries.contains_key("dev/null"), "{base_entries:#?}");
+}
+
+/// The unpacked step roots (`build-work/chains/<hex>`), not counting lock files and scratch.
+fn chains(imago: &Imago) -> Vec<String> {
+    let dir = imago.home.join("build-work/chains");
+    let mut names: Vec<String> = fs::read_dir(&dir)
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.starts_with('.') && !n.ends_with(".lock"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[test]
+fn gc_removes_step_roots_no_image_reaches_and_never_one_a_running_build_uses() {
+    let imago = project(&app_step(
+        "slow",
+        r#"run = "echo STEP-STARTED; sleep 4; echo done > /done"
+"#,
+    ));
+    build(&imago, &["bb"]).ok();
+    let mut child = imago
+        .cmd()
+        .args(["build", "app"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let (started_tx, started) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let mut buf = [0u8; 4096];
+        let mut told = false;
+        loop {
+            let n = stderr.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&buf[..n]);
+            if !told && String::from_utf8_lossy(&all).contains("| STEP-STARTED") {
+                started_tx.send(()).unwrap();
+                told = true;
+            }
+        }
+        String::from_utf8_lossy(&all).into_owned()
+    });
+    started
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the step never started");
+    // While the step runs, no name reaches its root any more: gc must still keep it.
+    imago.run(&["rmi", "bb"]).ok();
+    assert_eq!(chains(&imago).len(), 1);
+    let gc = imago.run(&["--json", "gc"]).ok().json();
+    let status = child.wait().unwrap();
+    let build_err = reader.join().unwrap();
+    assert!(status.success(), "the build failed beside gc: {build_err}");
+    assert_eq!(gc["build"]["chains_in_use"], 1, "{gc}");
+    assert_eq!(gc["build"]["chains_removed"], 0, "{gc}");
+    assert_eq!(chains(&imago).len(), 1);
+    let entries = layer_entries(&imago, "app", 1);
+    assert_eq!(entries.keys().collect::<Vec<_>>(), ["done"]);
+
+    // app reaches the root (its first layer is bb's): kept. Without any name: removed, with
+    // the step directories and the cache records of the deleted blobs.
+    let gc = imago.run(&["--json", "gc"]).ok().json();
+    assert_eq!(gc["build"]["chains_removed"], 0, "{gc}");
+    assert_eq!(chains(&imago).len(), 1);
+    imago.run(&["rmi", "app"]).ok();
+    let gc = imago.run(&["--json", "gc"]).ok().json();
+    assert_eq!(gc["build"]["chains_removed"], 1, "{gc}");
+    assert!(
+        gc["build"]["cache_records_removed"].as_u64().unwrap() >= 1,
+        "{gc}"
+    );
+    assert!(chains(&imago).is_empty());
+    let steps = imago.home.join("build-work/steps");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fs::read_dir(&steps).unwrap().next().is_some() {
+        // A finished step's detached `rm -rf` may still be at work; gc removes what it left.
+        assert!(Instant::now() < deadline, "step directories stay behind");
+        imago.run(&["gc"]).ok();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The next build unpacks the root again and gives the same image.
+    let again = build(&imago, &[]).ok();
+    assert!(ran(&again, "STEP-STARTED"), "{}", again.stderr());
+    assert_eq!(chains(&imago).len(), 1);
+
+    // --keep-chains: of the roots images reach, only the most recently used ones stay.
+    write_definition(
+        &imago,
+        &app_step(
+            "slow",
+            r#"run = "echo done > /done"
+[[image.app.layer]]
+name = "second"
+run = "echo second > /second"
+"#,
+        ),
+    );
+    build(&imago, &[]).ok();
+    assert_eq!(chains(&imago).len(), 2);
+    let gc = imago
+        .run(&["--json", "gc", "--keep-chains", "1"])
+        .ok()
+        .json();
+    assert_eq!(gc["build"]["chains_removed"], 1, "{gc}");
+    assert_eq!(chains(&imago).len(), 1);
+}
+
 #[test]
 fn the_cache_reruns_a_step_exactly_when_an_input_changes() {
     let step = |extra: &str, command: &str| {
-        format!(
-            r#"[image.app]
-from = "bb"
-[[image.app.layer]]
-name = "s"
-run = "echo STEP-RAN; {command}"
+        app_step(
+            "s",
+            &format!(
+                r#"run = "echo STEP-RAN; {command}"
 {extra}
 "#
+            ),
         )
     };
     let base = r#"env = { A = "1" }
@@ -606,18 +776,15 @@ run = "mkdir -p /usr/share/x && echo data > /usr/share/x/f && ln -s f /usr/share
 
 #[test]
 fn check_reruns_every_step_and_names_the_paths_that_differ() {
-    let imago = project(
-        r#"[image.app]
-from = "bb"
-[[image.app.layer]]
-name = "stable"
-run = "echo same > /same"
+    let imago = project(&app_step(
+        "stable",
+        r#"run = "echo same > /same"
 [[image.app.layer]]
 name = "random"
 network = "host"
 run = "echo same > /same2 && head -c 16 /dev/urandom > /random && echo STEP-RAN"
 "#,
-    );
+    ));
     build(&imago, &[]).ok();
     let err = build(&imago, &["--check"]).fails();
     assert!(
@@ -704,39 +871,13 @@ fn a_debian_image_with_an_apt_step_is_checked_made_reproducible_and_deployed() {
         "mmdebstrap: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let layout = dir.join("L");
-    let image = format!("{}:base", layout.display());
-    let bundle = dir.join("B");
-    tool("umoci", &["init", "--layout", layout.to_str().unwrap()]);
-    tool("umoci", &["new", "--image", &image]);
-    tool(
-        "umoci",
-        &["unpack", "--image", &image, bundle.to_str().unwrap()],
-    );
-    tool(
-        "tar",
-        &[
-            "-xf",
-            rootfs.to_str().unwrap(),
-            "-C",
-            bundle.join("rootfs").to_str().unwrap(),
-            "--exclude=./dev/*",
-        ],
-    );
-    tool(
-        "umoci",
-        &["repack", "--image", &image, bundle.to_str().unwrap()],
-    );
-    tool(
-        "tar",
-        &[
-            "-cf",
-            dir.join("debian-base.tar").to_str().unwrap(),
-            "-C",
-            layout.to_str().unwrap(),
-            ".",
-        ],
-    );
+    // The image is run as a service below, and the runtime's rootfs still refuses device
+    // nodes: they stay out of this base (a step alone would take them, see
+    // a_base_with_device_nodes_runs_steps_without_them).
+    umoci_archive(&dir, &dir.join("debian-base.tar"), |root| {
+        let (tree, root) = (rootfs.to_str().unwrap(), root.to_str().unwrap());
+        tool("tar", &["-xf", tree, "-C", root, "--exclude=./dev/*"]);
+    });
     let example = fs::read_to_string(Path::new(DEBIAN_EXAMPLE).join("imago.toml")).unwrap();
     let file = dir.join("imago.toml");
     let file_arg = file.to_str().unwrap().to_owned();

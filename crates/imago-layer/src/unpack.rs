@@ -22,7 +22,9 @@
 //!   the same path exists under the root: an entry written through one is refused. Storing such
 //!   a symlink is fine.
 //! - Character and block devices are refused: a layer must not hand a container a device node.
-//!   FIFOs are created: they give access to nothing beyond the pipe itself and real images ship
+//!   With [`UnpackOptions::skip_devices`] they are left out instead (what was at the path is
+//!   still removed, as the entry replaces it) and named in [`ApplyStats::skipped_devices`]: for
+//!   roots whose `/dev` the runtime provides anyway, such as a build step's. FIFOs are created: they give access to nothing beyond the pipe itself and real images ship
 //!   them. GNU sparse files and unknown entry types are refused. PAX global headers are skipped;
 //!   xattrs are ignored.
 //! - One path may appear several times in a layer (the last one wins) only with the same kind;
@@ -76,18 +78,22 @@ pub struct UnpackOptions {
     /// Give entries the uid and gid from the archive. Needs root (or CAP_CHOWN); without it
     /// everything belongs to the calling user.
     pub preserve_ownership: bool,
+    /// Leave character and block devices out (listed in the stats) instead of refusing the
+    /// layer. Bases made by debootstrap-like tools and some docker images ship `/dev/*` nodes.
+    pub skip_devices: bool,
 }
 
 impl Default for UnpackOptions {
     fn default() -> Self {
         UnpackOptions {
             preserve_ownership: rustix::process::geteuid().is_root(),
+            skip_devices: false,
         }
     }
 }
 
 /// What one [`apply_layer`] call did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ApplyStats {
     /// Archive entries applied, whiteouts included (PAX/GNU extension records are not entries).
     pub entries: u64,
@@ -95,6 +101,8 @@ pub struct ApplyStats {
     pub bytes: u64,
     /// Whiteouts and opaque markers applied.
     pub whiteouts: u64,
+    /// Device entries left out (with [`UnpackOptions::skip_devices`]), by archive path.
+    pub skipped_devices: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -298,6 +306,8 @@ enum Kind {
     File,
     Symlink,
     Fifo,
+    /// A device node left out (`skip_devices`).
+    Device,
 }
 
 impl Kind {
@@ -307,6 +317,7 @@ impl Kind {
             Kind::File => "regular file",
             Kind::Symlink => "symlink",
             Kind::Fifo => "fifo",
+            Kind::Device => "device",
         }
     }
 }
@@ -395,6 +406,9 @@ impl Applier<'_> {
             EntryType::Fifo => {
                 let meta = self.meta(entry, name)?;
                 self.make_fifo(&path, meta, name)
+            }
+            EntryType::Char | EntryType::Block if self.opts.skip_devices => {
+                self.skip_device(&path, name)
             }
             EntryType::Char => Err(self.unsupported(name, "character device")),
             EntryType::Block => Err(self.unsupported(name, "block device")),
@@ -573,6 +587,18 @@ impl Applier<'_> {
         .map_err(|e| self.io(name, "create hard link", e))
     }
 
+    /// A device entry that is not created: it still replaces what a lower layer had there.
+    fn skip_device(&mut self, path: &RelPath, name: &str) -> Result<(), UnpackError> {
+        if path.is_root() {
+            return Err(self.root_not_dir(name));
+        }
+        self.mark(path, Kind::Device, name)?;
+        let dir = self.parent_dir(path, name)?;
+        self.clear_slot(dir.as_fd(), path.file_name(), name)?;
+        self.stats.skipped_devices.push(name.to_owned());
+        Ok(())
+    }
+
     fn make_fifo(&mut self, path: &RelPath, meta: Meta, name: &str) -> Result<(), UnpackError> {
         if path.is_root() {
             return Err(self.root_not_dir(name));
@@ -696,7 +722,7 @@ impl Applier<'_> {
     fn mark(&mut self, path: &RelPath, kind: Kind, name: &str) -> Result<(), UnpackError> {
         for key in path.ancestor_keys() {
             match self.marks.get(key) {
-                Some(Mark::Entry(earlier @ (Kind::File | Kind::Fifo))) => {
+                Some(Mark::Entry(earlier @ (Kind::File | Kind::Fifo | Kind::Device))) => {
                     return Err(self.conflict(name, *earlier, Kind::Dir));
                 }
                 // Its ancestors were marked when it was. A symlink of this layer may lead on to

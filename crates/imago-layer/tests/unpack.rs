@@ -435,6 +435,41 @@ fn device_nodes_are_refused() {
 }
 
 #[test]
+fn device_nodes_are_left_out_when_asked_and_still_replace_what_was_there() {
+    let sb = Sandbox::new();
+    let lower = Layer::new()
+        .dir("dev/", 0o755)
+        .file("dev/console", 0o644, b"a file of a lower layer")
+        .finish();
+    apply_layer(&lower[..], &sb.target(), &UnpackOptions::default()).expect("lower");
+    let tar = Layer::new()
+        .device("dev/console", EntryType::Char, 5, 1)
+        .device("dev/sda", EntryType::Block, 8, 0)
+        .file("etc/kept", 0o644, b"kept")
+        .finish();
+    let opts = UnpackOptions {
+        skip_devices: true,
+        ..UnpackOptions::default()
+    };
+    let stats = apply_layer(&tar[..], &sb.target(), &opts).expect("apply");
+    assert_eq!(stats.skipped_devices, ["dev/console", "dev/sda"]);
+    assert_eq!(stats.entries, 3);
+    let t = sb.target();
+    assert!(fs::symlink_metadata(t.join("dev/console")).is_err());
+    assert!(fs::symlink_metadata(t.join("dev/sda")).is_err());
+    assert!(t.join("dev").is_dir());
+    assert_eq!(fs::read(t.join("etc/kept")).expect("kept"), b"kept");
+    // A device is still a non-directory: a later entry below it is a conflict.
+    let sb = Sandbox::new();
+    let tar = Layer::new()
+        .device("d", EntryType::Char, 1, 3)
+        .file("d/x", 0o644, b"x")
+        .finish();
+    let err = apply_layer(&tar[..], &sb.target(), &opts).expect_err("conflict");
+    assert!(matches!(err, UnpackError::Conflict { .. }), "{err:?}");
+}
+
+#[test]
 fn conflicting_kinds_in_one_layer_are_refused() {
     let sb = Sandbox::new();
     let tar = Layer::new()
@@ -579,7 +614,8 @@ fn files_modes_owners_and_mtimes() {
         ApplyStats {
             entries: 6,
             bytes: 17,
-            whiteouts: 0
+            whiteouts: 0,
+            skipped_devices: Vec::new(),
         }
     );
     let t = sb.target();
@@ -615,6 +651,7 @@ fn ownership_is_left_alone_when_not_preserved() {
         .finish();
     let opts = UnpackOptions {
         preserve_ownership: false,
+        skip_devices: false,
     };
     apply_layer(&tar[..], &sb.target(), &opts).expect("apply");
     let m = fs::metadata(sb.target().join("f")).expect("f");

@@ -144,6 +144,24 @@ fn resolve_user(user: &str, rootfs: &Path) -> Result<(u32, u32), String> {
     Ok((uid, gid))
 }
 
+/// The mounts every container gets (runc's defaults): /proc, a tmpfs /dev with its pts, shm
+/// and mqueue, and a read-only /sys. Instances and build steps alike.
+pub(crate) fn default_mounts() -> Vec<Value> {
+    vec![
+        json!({"destination": "/proc", "type": "proc", "source": "proc"}),
+        json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
+        json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]}),
+        json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
+        json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+         "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
+         "options": ["nosuid", "noexec", "nodev", "ro"]}),
+    ]
+}
+
 /// Builds the OCI runtime `config.json` value.
 pub fn runtime_config(
     spec: &InstanceSpec,
@@ -210,19 +228,7 @@ pub fn runtime_config(
         .take(63)
         .collect();
 
-    let mut mounts = vec![
-        json!({"destination": "/proc", "type": "proc", "source": "proc"}),
-        json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
-        json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]}),
-        json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
-        json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
-         "options": ["nosuid", "noexec", "nodev"]}),
-        json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
-         "options": ["nosuid", "noexec", "nodev", "ro"]}),
-    ];
+    let mut mounts = default_mounts();
     for (destination, mode) in TMPFS_MOUNTS {
         mounts.push(
             json!({"destination": destination, "type": "tmpfs", "source": "tmpfs",

@@ -190,6 +190,7 @@ fn unpack_image(
             let mut tar_stream = HashingReader::new(decompressed);
             let options = UnpackOptions {
                 preserve_ownership: true,
+                skip_devices: false,
             };
             apply_layer(&mut tar_stream, root, &options)
                 .map_err(|e| corrupt(format!("cannot unpack: {e}")))?;

@@ -333,6 +333,21 @@ pub(crate) fn build_one(
                 None => ctx.reporter.status(&line),
             }
         }
+        Event::StepCaptured {
+            image,
+            layer,
+            sandbox,
+            diff,
+            write,
+            entries,
+            bytes,
+        } => ctx.reporter.status(format!(
+            "{image}/{layer}: step {} ms, diff {} ms, layer {} ms ({entries} entries, {})",
+            sandbox.as_millis(),
+            diff.as_millis(),
+            write.as_millis(),
+            human_size(bytes)
+        )),
         Event::StepWarning {
             image,
             layer,

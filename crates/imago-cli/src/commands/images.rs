@@ -211,14 +211,22 @@ pub struct GcArgs {
     /// Report what would be deleted without deleting it
     #[arg(long)]
     pub dry_run: bool,
+    /// Of the unpacked roots that `run` steps start from (build-work/chains), keep only the N
+    /// most recently used ones that stored images still reach [default: all that they reach]
+    #[arg(long, value_name = "N")]
+    pub keep_chains: Option<usize>,
 }
 
 #[derive(Serialize)]
-struct GcResult(GcReport);
+struct GcResult {
+    #[serde(flatten)]
+    store: GcReport,
+    build: imago_build::work::WorkGcReport,
+}
 
 impl Render for GcResult {
     fn human(&self, out: &mut dyn Write) -> std::io::Result<()> {
-        let r = &self.0;
+        let r = &self.store;
         let verb = if r.dry_run { "would delete" } else { "deleted" };
         for (digest, size) in &r.removed {
             writeln!(out, "{verb} {digest} ({})", human_size(*size))?;
@@ -230,15 +238,48 @@ impl Render for GcResult {
             human_size(r.freed_bytes),
             r.kept,
             r.stale_temp_files
+        )?;
+        let b = &self.build;
+        writeln!(
+            out,
+            "{verb} {} unpacked step roots and {} leftover step directories, {} freed; {} roots kept ({} in use by a running build); {} stale build cache records",
+            b.chains_removed,
+            b.stale_dirs_removed,
+            human_size(b.bytes_freed),
+            b.chains_kept,
+            b.chains_in_use,
+            b.cache_records_removed
         )
     }
 }
 
 pub fn gc(ctx: &Context, args: GcArgs) -> Result<()> {
     let store = ctx.store()?;
-    let roots = super::deploy::release_roots(ctx);
-    let report = store.gc(&[&roots], args.dry_run)?;
-    ctx.reporter.emit(&GcResult(report))
+    let releases = super::deploy::release_roots(ctx);
+    // Build work first: it never waits for a running build (what one holds is kept), while the
+    // store's gc waits for every writer to finish.
+    let mut roots: Vec<imago_oci::Digest> = store.names()?.into_iter().map(|n| n.digest).collect();
+    roots.extend(imago_store::GcRoots::roots(&releases).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read roots of {}: {e}",
+            releases_description(&releases)
+        )
+    })?);
+    let work = ctx.home.root.join("build-work");
+    let cache = ctx.home.root.join("build-cache");
+    let mut build =
+        imago_build::work::collect(&store, &work, &roots, args.keep_chains, args.dry_run)?;
+    let report = store.gc(&[&releases], args.dry_run)?;
+    // Records of blobs this gc just deleted.
+    build.cache_records_removed += imago_build::work::collect_cache(&store, &cache, args.dry_run)?;
+    ctx.reporter.emit(&GcResult {
+        store: report,
+        build,
+    })
+}
+
+fn releases_description(releases: &dyn imago_store::GcRoots) -> String {
+    releases.describe()
 }
 
 #[derive(Debug, Args)]
