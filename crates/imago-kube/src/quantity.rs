@@ -39,7 +39,7 @@ pub fn binary_bytes(bytes: u64) -> String {
         ("Ki", 10),
     ];
     for (suffix, shift) in SUFFIXES {
-        if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
+        if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
             return format!("{}{suffix}", bytes >> shift);
         }
     }
@@ -62,7 +62,7 @@ pub fn cpu_millis(cpus: f64) -> Result<u64, String> {
 
 /// Millicores in the canonical form: `2` for 2000m, `500m` otherwise.
 pub fn cpu_text(millis: u64) -> String {
-    if millis % 1000 == 0 {
+    if millis.is_multiple_of(1000) {
         (millis / 1000).to_string()
     } else {
         format!("{millis}m")

@@ -107,3 +107,75 @@ pub fn judge(deployment: &Deployment, release: u64, generation: i64) -> RolloutS
         state,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use serde_json::json;
+
+    use super::*;
+
+    fn deployment(release: u64, status: serde_json::Value) -> Deployment {
+        serde_json::from_value(json!({
+            "metadata": {"name": "web", "generation": 2},
+            "spec": {"replicas": 3, "selector": {},
+                "template": {"metadata": {"labels": {"imago.dev/release": release.to_string()}}}},
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    fn state(release: u64, status: serde_json::Value) -> RolloutState {
+        judge(&deployment(release, status), 5, 2).state
+    }
+
+    #[test]
+    fn nothing_counts_before_the_controller_observed_the_applied_generation() {
+        // Counts of the previous generation that would look complete.
+        let stale = json!({"observedGeneration": 1, "replicas": 3, "updatedReplicas": 3,
+            "availableReplicas": 3});
+        assert!(matches!(state(5, stale), RolloutState::InProgress { .. }));
+    }
+
+    #[test]
+    fn old_replicas_and_unavailable_ones_keep_a_rollout_going() {
+        let old = json!({"observedGeneration": 2, "replicas": 4, "updatedReplicas": 3,
+            "availableReplicas": 4});
+        assert_eq!(
+            state(5, old),
+            RolloutState::InProgress {
+                waiting_for: "1 old replicas to terminate".into()
+            }
+        );
+        let unavailable = json!({"observedGeneration": 2, "replicas": 3, "updatedReplicas": 3,
+            "availableReplicas": 2});
+        assert!(matches!(
+            state(5, unavailable),
+            RolloutState::InProgress { .. }
+        ));
+        let done = json!({"observedGeneration": 2, "replicas": 3, "updatedReplicas": 3,
+            "availableReplicas": 3});
+        assert_eq!(state(5, done), RolloutState::Complete);
+    }
+
+    #[test]
+    fn the_progress_deadline_and_another_release_fail_a_rollout() {
+        let stuck = json!({"observedGeneration": 2, "replicas": 4, "updatedReplicas": 1,
+            "conditions": [{"type": "Progressing", "status": "False",
+                "reason": "ProgressDeadlineExceeded", "message": "timed out"}]});
+        assert_eq!(
+            state(5, stuck),
+            RolloutState::Failed {
+                reason: PROGRESS_DEADLINE_EXCEEDED.into(),
+                message: "timed out".into()
+            }
+        );
+        let done = json!({"observedGeneration": 2, "replicas": 3, "updatedReplicas": 3,
+            "availableReplicas": 3});
+        assert!(
+            matches!(state(6, done), RolloutState::Failed { reason, .. } if reason == "Superseded"),
+            "release 6's pods are not release 5's rollout"
+        );
+    }
+}
