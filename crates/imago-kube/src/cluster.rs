@@ -66,6 +66,11 @@ impl std::fmt::Debug for KubeEngine {
 /// Consecutive failed watch requests after which the API server counts as unreachable.
 const WATCH_ATTEMPTS: u32 = 5;
 
+/// The pause before the next watch after `failures` failed ones in a row: 100 ms, doubling.
+fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(50 << failures.min(5))
+}
+
 impl KubeEngine {
     /// Reads the kubeconfig (its context's cluster, user and TLS settings) and makes a client.
     /// No request is sent yet.
@@ -314,7 +319,7 @@ impl KubeEngine {
                                 source,
                             });
                         }
-                        tokio::time::sleep(Duration::from_millis(100 << failures.min(4))).await;
+                        tokio::time::sleep(backoff(failures)).await;
                         continue;
                     }
                 };
@@ -323,9 +328,23 @@ impl KubeEngine {
                 let remaining = deadline.saturating_duration_since(Instant::now());
                 let event = match tokio::time::timeout(remaining, stream.next()).await {
                     Err(_) => break,
-                    // The server ended the watch (its timeout, a restart, a dropped
-                    // connection): resume from `version`.
-                    Ok(None) | Ok(Some(Err(_))) => break,
+                    // The server ended the watch (its timeout, a restart): resume from
+                    // `version`.
+                    Ok(None) => break,
+                    // The connection broke: resume too, after a pause that doubles while it
+                    // keeps breaking before any event arrives.
+                    Ok(Some(Err(source))) => {
+                        failures += 1;
+                        if failures >= WATCH_ATTEMPTS {
+                            return Err(KubeError::Api {
+                                action: "watch",
+                                object: object.clone(),
+                                source,
+                            });
+                        }
+                        tokio::time::sleep(backoff(failures)).await;
+                        break;
+                    }
                     Ok(Some(Ok(event))) => event,
                 };
                 failures = 0;
