@@ -296,6 +296,29 @@ async fn the_watch_resumes_from_the_last_version_after_the_server_drops_it() {
 }
 
 #[tokio::test]
+async fn a_watch_that_keeps_breaking_is_an_error_naming_the_deployment() {
+    let server = FakeApiServer::start(Duration::from_secs(3600)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = connect(&server, dir.path()).await;
+    let applied = engine.apply(&release(1, WEB, &image("v1"))).await.unwrap();
+    server.break_every_watch();
+    let err = engine
+        .watch_rollout(&applied, LIMIT, &mut |_| {})
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("watch Deployment shop/web"),
+        "{err}"
+    );
+    let watches = server
+        .seen()
+        .iter()
+        .filter(|r| r.query.get("watch").map(String::as_str) == Some("true"))
+        .count();
+    assert_eq!(watches, 5, "five tries, then the error");
+}
+
+#[tokio::test]
 async fn a_watch_from_a_compacted_version_starts_over_from_a_fresh_get() {
     let server = FakeApiServer::start(Duration::from_millis(200)).await;
     let dir = tempfile::tempdir().unwrap();

@@ -59,6 +59,8 @@ struct Inner {
     compacted_below: u64,
     /// How many of the next watch streams are cut after their first event.
     drop_next_watches: usize,
+    /// Every watch stream breaks before its first event.
+    break_watches: bool,
     /// Images whose pods never become ready.
     broken_images: BTreeSet<String>,
     /// Ticks without progress after which a rollout exceeds its deadline.
@@ -145,6 +147,10 @@ impl FakeApiServer {
 
     pub fn break_image(&self, image: &str) {
         self.lock().broken_images.insert(image.into());
+    }
+
+    pub fn break_every_watch(&self) {
+        self.lock().break_watches = true;
     }
 
     pub fn drop_next_watches(&self, count: usize) {
@@ -485,6 +491,7 @@ fn watch(
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     let mut inner = server.lock();
+    let broken = inner.break_watches;
     let cut_after_first = inner.drop_next_watches > 0;
     if cut_after_first {
         inner.drop_next_watches -= 1;
@@ -517,6 +524,14 @@ fn watch(
         move |(mut backlog, mut live, sent, expired)| {
             let matches = matches.clone();
             async move {
+                if broken {
+                    return (sent == 0).then(|| {
+                        (
+                            Err(std::io::Error::other("watch broken by the test")),
+                            (backlog, live, sent + 1, expired),
+                        )
+                    });
+                }
                 if cut_after_first && sent == 1 {
                     // Cut the connection mid-stream, as a restarted API server or a proxy does,
                     // once the event before has had time to reach the client.
