@@ -86,6 +86,19 @@ fn image_of(server: &FakeApiServer) -> String {
         .to_owned()
 }
 
+fn is_watch(request: &support::apiserver::Seen) -> bool {
+    request.query.get("watch").map(String::as_str) == Some("true")
+}
+
+/// The GETs of the Deployment itself (a re-list, as opposed to a resumed watch).
+fn deployment_gets(server: &FakeApiServer) -> usize {
+    server
+        .seen()
+        .iter()
+        .filter(|r| r.method == "GET" && r.path.ends_with("/deployments/web"))
+        .count()
+}
+
 #[tokio::test]
 async fn apply_rolls_out_to_complete_with_server_side_apply() {
     let server = FakeApiServer::start(TICK).await;
@@ -277,7 +290,7 @@ async fn the_watch_resumes_from_the_last_version_after_the_server_drops_it() {
     let requests = server.seen();
     let watches: Vec<u64> = requests
         .iter()
-        .filter(|r| r.query.get("watch").map(String::as_str) == Some("true"))
+        .filter(|r| is_watch(r))
         .map(|r| r.query["resourceVersion"].parse().unwrap())
         .collect();
     assert!(
@@ -288,11 +301,7 @@ async fn the_watch_resumes_from_the_last_version_after_the_server_drops_it() {
         watches.windows(2).all(|w| w[0] < w[1]),
         "each watch resumed after the last event it saw: {watches:?}"
     );
-    let gets = requests
-        .iter()
-        .filter(|r| r.method == "GET" && r.path.ends_with("/deployments/web"))
-        .count();
-    assert_eq!(gets, 1, "resumed, not re-listed");
+    assert_eq!(deployment_gets(&server), 1, "resumed, not re-listed");
 }
 
 #[tokio::test]
@@ -310,11 +319,7 @@ async fn a_watch_that_keeps_breaking_is_an_error_naming_the_deployment() {
         err.to_string().contains("watch Deployment shop/web"),
         "{err}"
     );
-    let watches = server
-        .seen()
-        .iter()
-        .filter(|r| r.query.get("watch").map(String::as_str) == Some("true"))
-        .count();
+    let watches = server.seen().iter().filter(|r| is_watch(r)).count();
     assert_eq!(watches, 5, "five tries, then the error");
 }
 
@@ -331,11 +336,7 @@ async fn a_watch_from_a_compacted_version_starts_over_from_a_fresh_get() {
         .await
         .unwrap();
     assert_eq!(last.state, RolloutState::Complete);
-    let gets = server
-        .seen()
-        .iter()
-        .filter(|r| r.method == "GET" && r.path.ends_with("/deployments/web"))
-        .count();
+    let gets = deployment_gets(&server);
     assert!(gets >= 2, "410 Gone led to a fresh GET, got {gets}");
 }
 
