@@ -1,0 +1,35 @@
+//! The Kubernetes engine: where a target says `engine = "kubernetes"`, a release of a service
+//! (its spec, release number, configuration hash and image pinned by digest) becomes a
+//! Deployment and a Service ([`render`]), printed byte-stable for GitOps ([`render_yaml`]),
+//! applied with server-side apply under the field manager `imago`, and followed through the
+//! Deployment's status to imago's outcomes ([`KubeEngine`]). A failed rollout is undone by
+//! applying the last complete release's kept objects again; drift is the live objects compared
+//! with the rendered ones on the fields imago renders.
+//!
+//! imago never becomes a cluster: the scheduler, the ReplicaSets and the pods are the engine's.
+//! What is imago's stays imago's: immutable releases, the decision that a rollout failed, and
+//! the rollback of image and configuration together.
+//!
+//! This crate prints nothing: progress goes to the caller's callback.
+#![forbid(unsafe_code)]
+
+mod cluster;
+mod drift;
+mod error;
+mod quantity;
+mod render;
+mod rollout;
+mod yaml;
+
+pub use cluster::{Applied, FIELD_MANAGER, KubeEngine, KubeTarget, LiveRelease};
+pub use drift::{Drift, compare};
+pub use error::KubeError;
+pub use render::{
+    ANNOTATION_CONFIG_HASH, LABEL_CONFIG, LABEL_MANAGED_BY, LABEL_NAME, LABEL_RELEASE, MANAGED_BY,
+    PinnedImage, ReleaseInput, RenderedRelease, render, selector_labels, selector_text,
+};
+pub use rollout::{PROGRESS_DEADLINE_EXCEEDED, RolloutState, RolloutStatus, judge};
+pub use yaml::render_yaml;
+
+/// The API types, at the one Kubernetes version imago is built against.
+pub use k8s_openapi;
