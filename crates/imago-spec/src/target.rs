@@ -239,3 +239,99 @@ impl ServiceSpec {
 pub fn target_json_schema() -> serde_json::Value {
     serde_json::to_value(schemars::schema_for!(TargetSpec)).unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::path::Path;
+
+    use crate::{EngineKind, TargetRef, parse_services_for};
+
+    const FILE: &str = r#"
+[target.prod]
+engine = "swarm"
+registry = "127.0.0.1:5000/team"
+
+[service.web]
+image = "web"
+target = "prod"
+
+[service.api]
+image = "api"
+"#;
+
+    fn parse(text: &str, target: Option<&str>) -> Result<Vec<(String, EngineKind)>, String> {
+        parse_services_for(Path::new("imago.toml"), text, &[], target)
+            .map(|specs| {
+                specs
+                    .into_iter()
+                    .map(|(name, spec)| (name, spec.engine()))
+                    .collect()
+            })
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_service_s_target_resolves_to_its_table_and_the_flag_overrides_it() {
+        let specs = parse_services_for(Path::new("imago.toml"), FILE, &[], None).unwrap();
+        let Some(TargetRef::Resolved(t)) = &specs["web"].target else {
+            panic!("unresolved: {:?}", specs["web"].target)
+        };
+        assert_eq!(t.name, "prod");
+        assert_eq!(t.docker_endpoint(), "unix:///var/run/docker.sock");
+        assert_eq!(specs["api"].engine(), EngineKind::Local);
+        assert_eq!(
+            parse(FILE, Some("prod")).unwrap(),
+            vec![("api".into(), EngineKind::Swarm), ("web".into(), EngineKind::Swarm)]
+        );
+    }
+
+    #[test]
+    fn bad_targets_are_errors_at_their_line_and_column() {
+        let unknown = parse(&FILE.replace("target = \"prod\"", "target = \"stage\""), None)
+            .unwrap_err();
+        assert_eq!(
+            unknown,
+            "imago.toml:8:10: no target stage; the file defines: prod"
+        );
+        let no_registry = parse(&FILE.replace("registry = \"127.0.0.1:5000/team\"\n", ""), None)
+            .unwrap_err();
+        assert!(
+            no_registry.starts_with("imago.toml:2:1: target prod: registry is needed"),
+            "{no_registry}"
+        );
+        let unknown_key =
+            parse(&FILE.replace("engine = \"swarm\"", "engine = \"swarm\"\ncolour = 1"), None)
+                .unwrap_err();
+        assert!(
+            unknown_key.contains("imago.toml:4:1") && unknown_key.contains("colour"),
+            "{unknown_key}"
+        );
+        let namespace = parse(&FILE.replace("engine = \"swarm\"", "engine = \"swarm\"\nnamespace = \"x\""), None)
+            .unwrap_err();
+        assert!(namespace.contains("namespace applies to engine = \"kubernetes\" only"), "{namespace}");
+    }
+
+    #[test]
+    fn keys_the_engine_cannot_honour_name_the_key_and_the_engine() {
+        let text = FILE.replace(
+            "target = \"prod\"",
+            "target = \"prod\"\nseccomp = \"unconfined\"",
+        );
+        let specs = parse_services_for(Path::new("imago.toml"), &text, &[], None).unwrap();
+        let err = specs["web"].check_engine("web").unwrap_err().to_string();
+        assert!(
+            err.starts_with("service web: seccomp cannot be honoured by engine swarm"),
+            "{err}"
+        );
+        assert!(specs["api"].check_engine("api").is_ok(), "local honours every key");
+        let both = FILE.replace(
+            "target = \"prod\"",
+            "target = \"prod\"\n[service.web.rollout]\nmax_surge = 1\nmax_unavailable = 1",
+        );
+        let specs = parse_services_for(Path::new("imago.toml"), &both, &[], None).unwrap();
+        let err = specs["web"].check_engine("web").unwrap_err().to_string();
+        assert!(err.contains("rollout.max_surge"), "{err}");
+    }
+}
