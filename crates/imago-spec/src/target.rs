@@ -283,34 +283,54 @@ image = "api"
         assert_eq!(specs["api"].engine(), EngineKind::Local);
         assert_eq!(
             parse(FILE, Some("prod")).unwrap(),
-            vec![("api".into(), EngineKind::Swarm), ("web".into(), EngineKind::Swarm)]
+            vec![
+                ("api".into(), EngineKind::Swarm),
+                ("web".into(), EngineKind::Swarm)
+            ]
         );
     }
 
     #[test]
     fn bad_targets_are_errors_at_their_line_and_column() {
-        let unknown = parse(&FILE.replace("target = \"prod\"", "target = \"stage\""), None)
-            .unwrap_err();
+        let unknown = parse(
+            &FILE.replace("target = \"prod\"", "target = \"stage\""),
+            None,
+        )
+        .unwrap_err();
         assert_eq!(
             unknown,
             "imago.toml:8:10: no target stage; the file defines: prod"
         );
-        let no_registry = parse(&FILE.replace("registry = \"127.0.0.1:5000/team\"\n", ""), None)
-            .unwrap_err();
+        let no_registry = parse(
+            &FILE.replace("registry = \"127.0.0.1:5000/team\"\n", ""),
+            None,
+        )
+        .unwrap_err();
         assert!(
             no_registry.starts_with("imago.toml:2:1: target prod: registry is needed"),
             "{no_registry}"
         );
-        let unknown_key =
-            parse(&FILE.replace("engine = \"swarm\"", "engine = \"swarm\"\ncolour = 1"), None)
-                .unwrap_err();
+        let unknown_key = parse(
+            &FILE.replace("engine = \"swarm\"", "engine = \"swarm\"\ncolour = 1"),
+            None,
+        )
+        .unwrap_err();
         assert!(
             unknown_key.contains("imago.toml:4:1") && unknown_key.contains("colour"),
             "{unknown_key}"
         );
-        let namespace = parse(&FILE.replace("engine = \"swarm\"", "engine = \"swarm\"\nnamespace = \"x\""), None)
-            .unwrap_err();
-        assert!(namespace.contains("namespace applies to engine = \"kubernetes\" only"), "{namespace}");
+        let namespace = parse(
+            &FILE.replace(
+                "engine = \"swarm\"",
+                "engine = \"swarm\"\nnamespace = \"x\"",
+            ),
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            namespace.contains("namespace applies to engine = \"kubernetes\" only"),
+            "{namespace}"
+        );
     }
 
     #[test]
@@ -325,7 +345,10 @@ image = "api"
             err.starts_with("service web: seccomp cannot be honoured by engine swarm"),
             "{err}"
         );
-        assert!(specs["api"].check_engine("api").is_ok(), "local honours every key");
+        assert!(
+            specs["api"].check_engine("api").is_ok(),
+            "local honours every key"
+        );
         let both = FILE.replace(
             "target = \"prod\"",
             "target = \"prod\"\n[service.web.rollout]\nmax_surge = 1\nmax_unavailable = 1",
