@@ -28,6 +28,10 @@ pub struct Definition {
     #[serde(default)]
     #[schemars(with = "BTreeMap<String, serde_json::Value>")]
     pub service: BTreeMap<String, toml::Value>,
+    /// Where services run, read by `imago plan` and `imago apply`: `[target.NAME]`.
+    #[serde(default)]
+    #[schemars(with = "BTreeMap<String, serde_json::Value>")]
+    pub target: BTreeMap<String, toml::Value>,
 }
 
 /// One image: a base, layers in order, and the runtime configuration.
@@ -426,8 +430,24 @@ pub fn json_schema() -> serde_json::Value {
 /// The JSON Schema of `imago.toml` with the `[service.NAME]` tables described by `service` (the
 /// deployer's schema of one service; the builder does not know services).
 pub fn json_schema_with_services(service: serde_json::Value) -> serde_json::Value {
+    splice_table(json_schema(), "service", service)
+}
+
+/// [`json_schema_with_services`], with the `[target.NAME]` tables described by `target` too.
+pub fn json_schema_with_services_and_targets(
+    service: serde_json::Value,
+    target: serde_json::Value,
+) -> serde_json::Value {
+    splice_table(json_schema_with_services(service), "target", target)
+}
+
+/// `schema` with the values of its top-level table `key` described by `table`'s schema.
+fn splice_table(
+    mut schema: serde_json::Value,
+    key: &str,
+    service: serde_json::Value,
+) -> serde_json::Value {
     use serde_json::{Value, json};
-    let mut schema = json_schema();
     let Value::Object(mut service) = service else {
         return schema;
     };
@@ -449,7 +469,7 @@ pub fn json_schema_with_services(service: serde_json::Value) -> serde_json::Valu
         }
         if let Some(table) = root
             .get_mut("properties")
-            .and_then(|p| p.get_mut("service"))
+            .and_then(|p| p.get_mut(key))
             .and_then(Value::as_object_mut)
         {
             table.insert(

@@ -24,7 +24,9 @@ pub mod step;
 pub mod work;
 
 pub use build::{BuildOptions, BuiltImage, BuiltLayer, Event, build_image, build_order};
-pub use definition::{DefinitionFile, json_schema, json_schema_with_services};
+pub use definition::{
+    DefinitionFile, json_schema, json_schema_with_services, json_schema_with_services_and_targets,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {

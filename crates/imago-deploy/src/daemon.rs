@@ -274,6 +274,7 @@ pub fn run_controller(
     provider: Arc<dyn Provider>,
     rootfs: RootfsCache,
     options: ServeOptions,
+    engines: Option<crate::controller::EngineFactory>,
     note: &mut dyn FnMut(Note),
 ) -> Result<std::convert::Infallible, DeployError> {
     let io = |what: &'static str, path: &Path| {
@@ -333,6 +334,9 @@ pub fn run_controller(
     )
     .with_rootfs_checks(rootfs, Duration::from_secs(2))
     .with_data_plane(Box::new(plane));
+    if let Some(engines) = engines {
+        controller = controller.with_cluster_engines(engines);
+    }
     note(Note::Running {
         pid: std::process::id(),
         api,

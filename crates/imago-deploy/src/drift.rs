@@ -204,6 +204,73 @@ pub fn check(
     })
 }
 
+/// Judges every deployed service on a cluster target against its release, through the engine
+/// `engines` makes: a missing service, one that runs another release, fields changed out of
+/// band, and (once its rollout is over) a running task on another image. The controller finds
+/// the same and applies the release again; this only reports.
+pub fn check_cluster(
+    db: &StateDb,
+    engines: &crate::controller::EngineFactory,
+) -> Result<Vec<Finding>, DeployError> {
+    let mut findings = Vec::new();
+    for name in db.services()? {
+        let Some(release) = db.desired(&name)? else {
+            continue;
+        };
+        let Some(target) = release.spec.cluster_target() else {
+            continue;
+        };
+        let desired = crate::controller::cluster_service(&release, target);
+        let settled = db.outcome_of(&name, release.number)?.is_some();
+        let finding = |instance: &str, kind: FindingKind, detail: String| Finding {
+            instance: instance.to_owned(),
+            service: Some(name.clone()),
+            kind,
+            detail,
+        };
+        let Some(observed) = engines(target)?.observe(&desired)? else {
+            findings.push(finding(
+                &name,
+                FindingKind::Dead,
+                format!("{} service {name} is missing", target.spec.engine),
+            ));
+            continue;
+        };
+        if settled && observed.revision.as_deref() != Some(release.revision.as_str()) {
+            findings.push(finding(
+                &name,
+                FindingKind::WrongSpec,
+                format!(
+                    "runs revision {}, release {} wants {}",
+                    observed.revision.as_deref().unwrap_or("none"),
+                    release.number,
+                    release.revision
+                ),
+            ));
+        }
+        for difference in &observed.differences {
+            findings.push(finding(&name, FindingKind::WrongSpec, difference.clone()));
+        }
+        if settled {
+            for task in observed.tasks.iter().filter(|t| {
+                t.desired_running
+                    && t.phase == imago_spec::cluster::TaskPhase::Running
+                    && t.image != desired.image
+            }) {
+                findings.push(finding(
+                    &task.id,
+                    FindingKind::WrongSpec,
+                    format!(
+                        "runs {}, release {} wants {}",
+                        task.image, release.number, desired.image
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(findings)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

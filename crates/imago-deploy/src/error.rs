@@ -54,6 +54,14 @@ pub enum DeployError {
     NothingToRollBackTo(String),
     #[error("runtime: {0}")]
     Runtime(String),
+    #[error(transparent)]
+    Engine(#[from] imago_spec::cluster::EngineError),
+    #[error("service {service}: target {target} (engine {engine}) has no engine in this build")]
+    NoEngine {
+        service: String,
+        target: String,
+        engine: &'static str,
+    },
     #[error("cannot encode {what}: {source}")]
     Encode {
         what: &'static str,

@@ -20,3 +20,5 @@ pub mod state;
 pub mod status;
 
 pub use error::DeployError;
+/// The cluster engine seam (imago-spec's), for the binary that links the engines.
+pub use imago_spec::cluster;

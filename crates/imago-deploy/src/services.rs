@@ -19,7 +19,18 @@ pub fn parse_services(
     text: &str,
     only: &[String],
 ) -> Result<BTreeMap<String, ServiceSpec>, DeployError> {
-    let mut specs = imago_spec::parse_services(path, text, only)?;
+    parse_services_for(path, text, only, None)
+}
+
+/// [`parse_services`] with every service's target resolved, and `target` (`--target NAME`)
+/// in place of the one each names when it is given.
+pub fn parse_services_for(
+    path: &Path,
+    text: &str,
+    only: &[String],
+    target: Option<&str>,
+) -> Result<BTreeMap<String, ServiceSpec>, DeployError> {
+    let mut specs = imago_spec::parse_services_for(path, text, only, target)?;
     // A profile file is read now: the release keeps its content, so that changing the file
     // makes a new release and a restart changes nothing. An inline profile is checked as a
     // file's is (unknown keys refused) and kept in the runtime's form, as a file's.

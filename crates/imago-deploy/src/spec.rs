@@ -6,6 +6,7 @@ pub use imago_spec::{
     SeccompFilter, SeccompSetting, ServiceSpec, SpecError, Strategy, VolumeMount, VolumeSource,
     service_json_schema, validate_all,
 };
+pub use imago_spec::{EngineKind, ResolvedTarget, TargetRef, TargetSpec, target_json_schema};
 
 /// The runtime's network mode for a service's.
 pub fn runtime_network(mode: NetworkMode) -> imago_runtime::NetworkMode {

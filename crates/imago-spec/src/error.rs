@@ -23,6 +23,30 @@ pub enum SpecError {
         column: usize,
         message: String,
     },
+    #[error("service {service}: {key} cannot be honoured by engine {engine}: {reason}")]
+    UnsupportedOnEngine {
+        service: String,
+        key: String,
+        engine: &'static str,
+        reason: String,
+    },
+    #[error("{}:{line}:{column}: target {name}: {reason}", path.display())]
+    InvalidTarget {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        name: String,
+        reason: String,
+    },
+    #[error("{}:{line}:{column}: no target {name}; the file defines: {defined}", path.display())]
+    UnknownTarget {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        name: String,
+        /// The targets the file defines, comma-separated (or "none").
+        defined: String,
+    },
     #[error("{} defines no service ([service.NAME] tables)", path.display())]
     NoServices { path: PathBuf },
     #[error("{} has no service {service}; it defines: {defined}", path.display())]

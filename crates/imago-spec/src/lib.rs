@@ -5,12 +5,17 @@
 //! parser can be fuzzed (fuzz/fuzz_targets/service_file.rs) without linking a container engine.
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 mod error;
 mod parse;
 mod service;
+mod target;
 mod volume;
 
 pub use error::SpecError;
-pub use parse::{line_column, parse_services};
+pub use parse::{line_column, parse_services, parse_services_for};
 pub use service::*;
+pub use target::{
+    DEFAULT_DOCKER_ENDPOINT, EngineKind, ResolvedTarget, TargetRef, TargetSpec, target_json_schema,
+};
 pub use volume::{VolumeError, VolumeMount, VolumeSource, validate_volume_name};

@@ -6,13 +6,33 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::{ServiceSpec, SpecError};
+use crate::{ResolvedTarget, ServiceSpec, SpecError, TargetRef, TargetSpec};
 
 /// `[service.*]` tables read with their spans, so errors point at the file, line and column.
 #[derive(Deserialize)]
 struct ServiceTables {
     #[serde(default)]
     service: BTreeMap<String, ServiceSpec>,
+    #[serde(default)]
+    target: BTreeMap<String, toml::Spanned<TargetSpec>>,
+    #[serde(flatten)]
+    _rest: BTreeMap<String, toml::Value>,
+}
+
+/// The `target` key of each service with its span (a second, small read of the same text: the
+/// spec keeps no spans).
+#[derive(Deserialize)]
+struct TargetNames {
+    #[serde(default)]
+    service: BTreeMap<String, TargetName>,
+    #[serde(flatten)]
+    _rest: BTreeMap<String, toml::Value>,
+}
+
+#[derive(Deserialize)]
+struct TargetName {
+    #[serde(default)]
+    target: Option<toml::Spanned<String>>,
     #[serde(flatten)]
     _rest: BTreeMap<String, toml::Value>,
 }
@@ -26,7 +46,19 @@ pub fn parse_services(
     text: &str,
     only: &[String],
 ) -> Result<BTreeMap<String, ServiceSpec>, SpecError> {
-    let tables: ServiceTables = toml::from_str(text).map_err(|e| {
+    parse_services_for(path, text, only, None)
+}
+
+/// [`parse_services`], with every service's `target` resolved to its `[target.NAME]` table
+/// (what a release keeps); `target`, when given (`--target NAME`), replaces the one each
+/// service names. An unknown or invalid target is an error at its line and column.
+pub fn parse_services_for(
+    path: &Path,
+    text: &str,
+    only: &[String],
+    target: Option<&str>,
+) -> Result<BTreeMap<String, ServiceSpec>, SpecError> {
+    let table_error = |e: toml::de::Error| {
         let (line, column) = e.span().map_or((0, 0), |s| line_column(text, s.start));
         SpecError::ServiceTable {
             path: path.to_owned(),
@@ -34,8 +66,52 @@ pub fn parse_services(
             column,
             message: e.message().trim().to_owned(),
         }
-    })?;
+    };
+    let tables: ServiceTables = toml::from_str(text).map_err(table_error)?;
+    let names: TargetNames = toml::from_str(text).map_err(table_error)?;
     let mut specs = tables.service;
+    for (name, table) in &tables.target {
+        table.get_ref().validate().map_err(|reason| {
+            let (line, column) = line_column(text, table.span().start);
+            SpecError::InvalidTarget {
+                path: path.to_owned(),
+                line,
+                column,
+                name: name.clone(),
+                reason,
+            }
+        })?;
+    }
+    let defined = || {
+        let names: Vec<&str> = tables.target.keys().map(String::as_str).collect();
+        if names.is_empty() {
+            "none ([target.NAME] tables)".to_owned()
+        } else {
+            names.join(", ")
+        }
+    };
+    for (service, spec) in &mut specs {
+        let written = names.service.get(service).and_then(|t| t.target.as_ref());
+        let (wanted, span) = match (target, written) {
+            (Some(t), _) => (t.to_owned(), None),
+            (None, Some(w)) => (w.get_ref().clone(), Some(w.span())),
+            (None, None) => continue,
+        };
+        let (line, column) = span.map_or((0, 0), |s| line_column(text, s.start));
+        let Some(table) = tables.target.get(&wanted) else {
+            return Err(SpecError::UnknownTarget {
+                path: path.to_owned(),
+                line,
+                column,
+                name: wanted,
+                defined: defined(),
+            });
+        };
+        spec.target = Some(TargetRef::Resolved(ResolvedTarget {
+            name: wanted,
+            spec: table.get_ref().clone(),
+        }));
+    }
     if specs.is_empty() {
         return Err(SpecError::NoServices {
             path: path.to_owned(),

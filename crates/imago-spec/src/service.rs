@@ -48,6 +48,11 @@ pub struct ServiceSpec {
     pub health: Option<HealthCheck>,
     #[serde(default)]
     pub rollout: RolloutSettings,
+    /// Where the service runs: the name of a `[target.NAME]` table (default: this host).
+    /// `imago plan/apply --target NAME` sets it for every service of the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
+    pub target: Option<crate::target::TargetRef>,
     /// Time between the stop signal and SIGKILL when an instance is retired.
     #[serde(default = "default_stop_grace", with = "humantime_serde_compat")]
     #[schemars(with = "DurationText")]

@@ -472,7 +472,8 @@ impl Render for Schema {
 /// Prints the JSON Schema of imago.toml (JSON whether or not --json is given).
 pub fn schema(ctx: &Context, _args: SchemaArgs) -> Result<()> {
     ctx.reporter
-        .emit(&Schema(imago_build::json_schema_with_services(
+        .emit(&Schema(imago_build::json_schema_with_services_and_targets(
             imago_deploy::spec::service_json_schema(),
+            imago_deploy::spec::target_json_schema(),
         )))
 }

@@ -15,7 +15,7 @@ use imago_deploy::daemon::{self, DeployHome, Note, ServeOptions, controller_runn
 use imago_deploy::drift::{self, DriftCheck, Finding};
 use imago_deploy::plan::{ServicePlan, plan_service};
 use imago_deploy::roots::{DEFAULT_HISTORY_LIMIT, ReleaseRoots};
-use imago_deploy::services::{check_ports, exposed_ports, parse_services, tcp_ports};
+use imago_deploy::services::{check_ports, exposed_ports, parse_services_for, tcp_ports};
 use imago_deploy::spec::{ServiceSpec, validate_all};
 use imago_deploy::state::{Event, Release, ReleaseOutcome, StateDb};
 use imago_deploy::status::StatusDocument;
@@ -50,6 +50,9 @@ pub struct FileArgs {
     pub file: PathBuf,
     /// Only these services (default: every service of the file)
     pub services: Vec<String>,
+    /// Run the services on this `[target.NAME]` instead of the one each names
+    #[arg(long, value_name = "NAME")]
+    pub target: Option<String>,
 }
 
 struct Services {
@@ -61,7 +64,12 @@ struct Services {
 
 fn load_services(args: &FileArgs) -> Result<Services> {
     let file = DefinitionFile::load(&args.file)?;
-    let specs = parse_services(&file.path, &file.text, &args.services)?;
+    let specs = parse_services_for(
+        &file.path,
+        &file.text,
+        &args.services,
+        args.target.as_deref(),
+    )?;
     Ok(Services {
         file,
         specs,
@@ -231,6 +239,7 @@ fn make_plan(
     db: &StateDb,
 ) -> Result<Vec<ServicePlan>> {
     let all_limits = validate_all(&services.specs)?;
+    check_engines(&services.specs)?;
     let running = current_instances(ctx, store)?;
     let ours = daemon::own_pids(&DeployHome::new(ctx));
     let mut plans = Vec::new();
@@ -372,6 +381,7 @@ pub fn apply(ctx: &Context, args: ApplyArgs) -> Result<()> {
     // Validate, build and check every service before recording any release: a bad service
     // must not leave the others half-applied.
     validate_all(&services.specs)?;
+    check_engines(&services.specs)?;
     let ours = daemon::own_pids(&home);
     for (name, spec) in &services.specs {
         imago_deploy::services::check_endpoint_of(name, spec, &ours)?;
@@ -404,6 +414,11 @@ pub fn apply(ctx: &Context, args: ApplyArgs) -> Result<()> {
         check_ports(name, spec, digest.short(), &exposed_ports(&store, &digest)?)?;
         pinned.push((name, pinned_spec(spec, Some(&digest)), digest));
     }
+    // A cluster's nodes pull the release's image by digest from its target's registry: it is
+    // there before the release is recorded.
+    for (name, spec, digest) in &pinned {
+        push_for_target(ctx, name, spec, digest)?;
+    }
     let since = db.last_event_seq()?;
     let mut recorded = Vec::new();
     for (name, spec, digest) in pinned {
@@ -429,6 +444,69 @@ pub fn apply(ctx: &Context, args: ApplyArgs) -> Result<()> {
         bail!("{failed} service(s) did not deploy");
     }
     Ok(())
+}
+
+/// Every service's keys must be ones its engine can honour: an error names the key and engine.
+fn check_engines(specs: &BTreeMap<String, ServiceSpec>) -> Result<()> {
+    for (name, spec) in specs {
+        spec.check_engine(name)?;
+        if let Some(target) = spec.cluster_target()
+            && !cfg!(feature = "swarm")
+            && target.spec.engine == imago_deploy::spec::EngineKind::Swarm
+        {
+            bail!(
+                "service {name}: target {} needs the swarm engine, which this imago was built without",
+                target.name
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Pushes the image of a service on a cluster target to the target's registry, by digest.
+fn push_for_target(ctx: &Context, name: &str, spec: &ServiceSpec, digest: &Digest) -> Result<()> {
+    let Some(target) = spec.cluster_target() else {
+        return Ok(());
+    };
+    let destination = format!(
+        "{}/{}@{digest}",
+        target.spec.registry.as_deref().unwrap_or_default(),
+        spec.cluster_repository(name)
+    );
+    let settings = super::registry::settings(ctx, false)?;
+    let pushed =
+        super::registry::push_image(ctx, &settings, &digest.to_string(), Some(&destination))
+            .with_context(|| format!("service {name}: target {}", target.name))?;
+    if pushed.blobs_uploaded > 0 {
+        ctx.reporter.status(format!(
+            "service {name}: pushed {} for target {} ({} blobs uploaded)",
+            pushed.reference, target.name, pushed.blobs_uploaded
+        ));
+    }
+    Ok(())
+}
+
+/// The cluster engines this build links, for the controller.
+pub fn cluster_engines() -> Option<imago_deploy::controller::EngineFactory> {
+    #[cfg(feature = "swarm")]
+    {
+        use imago_deploy::cluster::{ClusterEngine, EngineError};
+        use imago_deploy::spec::EngineKind;
+        Some(Box::new(|target| match target.spec.engine {
+            EngineKind::Swarm => Ok(Box::new(imago_swarm::SwarmEngine::connect(
+                target.docker_endpoint(),
+            )?) as Box<dyn ClusterEngine>),
+            other => Err(EngineError::Api {
+                engine: other.as_str(),
+                endpoint: target.spec.endpoint.clone().unwrap_or_default(),
+                message: "this imago has no engine for it".into(),
+            }),
+        }))
+    }
+    #[cfg(not(feature = "swarm"))]
+    {
+        None
+    }
 }
 
 fn actor() -> String {
@@ -633,6 +711,7 @@ pub fn serve(ctx: &Context, args: ServeArgs) -> Result<()> {
         Arc::new(local),
         rootfs,
         options,
+        cluster_engines(),
         &mut |note| match note {
             Note::NoApi { addr, error } => ctx.reporter.warn(format!(
                 "api: cannot listen on {addr}: {error}; serving without the HTTP API"
@@ -953,6 +1032,25 @@ fn destroy_one(
     // Without a controller, the data plane still serves the endpoint: close it (the data plane
     // ends once it serves nothing).
     imago_deploy::dataplane::close_endpoint(home, service)?;
+    // A service on a cluster target: its engine removes the service and its tasks.
+    if let Some(target) = db
+        .history(service)?
+        .pop()
+        .and_then(|r| r.spec.cluster_target().cloned())
+    {
+        let factory = cluster_engines().ok_or_else(|| {
+            anyhow!(
+                "service {service}: this imago has no engine for target {}",
+                target.name
+            )
+        })?;
+        let removed = factory(&target)?.destroy(service)?;
+        ctx.reporter.status(format!(
+            "service {service}: {} service {}",
+            target.spec.engine,
+            if removed { "removed" } else { "already gone" }
+        ));
+    }
     // The controller stops them too; doing it here makes destroy work without one. Both may
     // act on the same instance at once, so an instance that is already gone counts as done, and
     // one failure does not leave the others running.
@@ -1072,6 +1170,10 @@ pub fn drift(ctx: &Context, args: DriftArgs) -> Result<()> {
         findings,
         set_aside,
     } = drift::check(&db, &provider.list()?, &cache, args.deep, &actor())?;
+    let mut findings = findings;
+    if let Some(engines) = cluster_engines() {
+        findings.extend(drift::check_cluster(&db, &engines)?);
+    }
     for message in set_aside {
         ctx.reporter.status(message);
     }

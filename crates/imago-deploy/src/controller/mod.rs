@@ -23,11 +23,13 @@ use crate::error::DeployError;
 use crate::rollout::Counts;
 use crate::state::{Release, StateDb, now_ms};
 
+mod cluster;
 mod probes;
 mod progress;
 mod reconcile;
 mod set_aside;
 
+pub use cluster::{EngineFactory, cluster_image, cluster_service};
 pub use probes::HealthBoard;
 pub use set_aside::set_aside_modified;
 
@@ -246,6 +248,8 @@ pub struct Controller {
     /// Backend addresses the balancer routes or that still drain, gathered over one pass: the
     /// peer-address rewrite of any other is forgotten at the end of the pass.
     balanced_peers: BTreeSet<SocketAddrV4>,
+    /// Services on cluster targets: their engines ([`Controller::with_cluster_engines`]).
+    cluster: cluster::ClusterState,
 }
 
 impl Controller {
@@ -285,6 +289,7 @@ impl Controller {
             plane_services: BTreeSet::new(),
             adopted_routes: BTreeMap::new(),
             balanced_peers: BTreeSet::new(),
+            cluster: cluster::ClusterState::default(),
         }
     }
 
@@ -442,11 +447,7 @@ impl Controller {
                     i.labels.get(LABEL_SERVICE).map(String::as_str) == Some(service.as_str())
                 })
                 .collect();
-            let result = if *destroyed {
-                self.tear_down(service, &own)
-            } else {
-                self.reconcile(service, &own, &draining)
-            };
+            let result = self.reconcile_service(service, *destroyed, &own, &draining);
             // One service's fault (a port another process holds, a runtime error on one of
             // its instances) is that service's: recorded, shown, retried, and never a reason
             // to leave the other services unreconciled.
@@ -506,6 +507,31 @@ impl Controller {
         let listed: BTreeSet<&str> = instances.iter().map(|i| i.id.as_str()).collect();
         self.stopping.retain(|id, _| listed.contains(id.as_str()));
         Ok(passes)
+    }
+
+    /// One service's pass: on this host, or through its cluster target's engine.
+    fn reconcile_service(
+        &mut self,
+        service: &str,
+        destroyed: bool,
+        own: &[&Instance],
+        draining: &BTreeMap<String, u64>,
+    ) -> Result<ServicePass, DeployError> {
+        if destroyed {
+            let last = self.db.history(service)?.pop();
+            return match last.as_ref().and_then(|r| r.spec.cluster_target()) {
+                Some(target) => self.tear_down_cluster(service, &target.clone()),
+                None => self.tear_down(service, own),
+            };
+        }
+        let desired = self.db.desired(service)?;
+        match desired
+            .as_ref()
+            .and_then(|r| Some((r, r.spec.cluster_target()?.clone())))
+        {
+            Some((release, target)) => self.reconcile_cluster(release, &target),
+            None => self.reconcile(service, own, draining),
+        }
     }
 
     fn ensure_endpoint(&mut self, service: &str, release: &Release) -> Result<(), DeployError> {

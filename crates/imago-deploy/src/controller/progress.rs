@@ -113,6 +113,19 @@ impl Controller {
             }
         }
         let Some(reason) = failure else { return Ok(()) };
+        self.fail_rollout(service, release, reason, pass)
+    }
+
+    /// Records that `release`'s rollout failed for `reason` and, unless `auto_rollback` is off
+    /// or there is nothing to go back to, the release that rolls back to the last completed one
+    /// (image and configuration together), in one transaction.
+    pub(super) fn fail_rollout(
+        &mut self,
+        service: &str,
+        release: &Release,
+        reason: String,
+        pass: &mut ServicePass,
+    ) -> Result<(), DeployError> {
         let rollback_to = match self.db.last_completed(service)? {
             Some(good)
                 if release.spec.rollout.auto_rollback && good.revision != release.revision =>

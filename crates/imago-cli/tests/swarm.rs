@@ -1,0 +1,581 @@
+//! Services on a Docker Swarm target, against a real dockerd and swarm started by this test
+//! binary (root, docker.io, docker-registry, busybox-static): apply, a rolling update under load
+//! with no failed request, a failing release rolled back automatically, rollback on demand,
+//! destroy, drift made by hand (`docker service update --image`, `docker service rm`), and a
+//! controller killed with SIGKILL in the middle of a rollout.
+//!
+//! One dockerd (own data root, exec root, socket and pid file, `--iptables=false
+//! --ip-forward=false`: the host's firewall and forwarding stay as they are), one single-node
+//! swarm and one registry on 127.0.0.1 serve every test of this binary; each test has its own
+//! imago home, service name and endpoint port. The last test to finish tears them down.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use common::Imago;
+use common::registry::{Registry, RegistryOpts, require_tool};
+
+/// dockerd + swarm + registry, shared by the tests that are running.
+struct Cluster {
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    dockerd: Mutex<Child>,
+    registry: Registry,
+}
+
+static CLUSTER: Mutex<Weak<Cluster>> = Mutex::new(Weak::new());
+
+/// The running cluster, started if no test holds it.
+fn cluster() -> Arc<Cluster> {
+    let mut slot = CLUSTER.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(c) = slot.upgrade() {
+        return c;
+    }
+    let c = Arc::new(Cluster::start());
+    *slot = Arc::downgrade(&c);
+    c
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        require_tool("dockerd");
+        require_tool("docker");
+        let dir = tempfile::Builder::new()
+            .prefix("imago-swarm-")
+            .tempdir()
+            .unwrap();
+        let socket = dir.path().join("docker.sock");
+        let log = std::fs::File::create(dir.path().join("dockerd.log")).unwrap();
+        let child = Command::new("dockerd")
+            .args(["--iptables=false", "--ip-forward=false", "--data-root"])
+            .arg(dir.path().join("data"))
+            .arg("--exec-root")
+            .arg(dir.path().join("exec"))
+            .arg("--pidfile")
+            .arg(dir.path().join("dockerd.pid"))
+            .arg("-H")
+            .arg(format!("unix://{}", socket.display()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start dockerd (scripts/setup installs docker.io)");
+        let registry = Registry::start(RegistryOpts::plain());
+        let cluster = Cluster {
+            dir,
+            socket,
+            dockerd: Mutex::new(child),
+            registry,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !cluster.docker_ok(&["version"]) {
+            assert!(
+                Instant::now() < deadline,
+                "dockerd did not answer within 60 s; log: {}",
+                cluster.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        cluster.docker(&["swarm", "init", "--advertise-addr", "127.0.0.1"]);
+        cluster
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("dockerd.log")).unwrap_or_default()
+    }
+
+    fn host(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    fn docker_cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("docker");
+        cmd.arg("-H").arg(self.host()).args(args);
+        cmd
+    }
+
+    fn docker_ok(&self, args: &[&str]) -> bool {
+        self.docker_cmd(args)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+
+    /// Runs `docker ARGS`, which must succeed; returns stdout.
+    fn docker(&self, args: &[&str]) -> String {
+        let out = self.docker_cmd(args).output().expect("run docker");
+        assert!(
+            out.status.success(),
+            "docker {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// `docker service inspect` of `service`, as JSON (`None` when it does not exist).
+    fn service(&self, service: &str) -> Option<serde_json::Value> {
+        let out = self
+            .docker_cmd(&["service", "inspect", service])
+            .output()
+            .unwrap();
+        out.status
+            .success()
+            .then(|| serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()[0].clone())
+    }
+
+    fn image_of(&self, service: &str) -> String {
+        self.service(service).expect("service exists")["Spec"]["TaskTemplate"]["ContainerSpec"]
+            ["Image"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = self.docker_cmd(&["swarm", "leave", "--force"]).output();
+        let mut child = self.dockerd.lock().unwrap_or_else(|p| p.into_inner());
+        // SIGTERM: dockerd unmounts and removes what it made below its own roots.
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        // The bridges dockerd made on the host outlive it.
+        for link in ["docker_gwbridge", "docker0"] {
+            let _ = Command::new("ip").args(["link", "del", link]).output();
+        }
+    }
+}
+
+/// One test's service on the swarm target: a home, a copy of the web example renamed, with its
+/// endpoint port leased; destroyed (and its controller stopped) however the test ends.
+struct SwarmService {
+    cluster: Arc<Cluster>,
+    imago: Imago,
+    dir: PathBuf,
+    name: String,
+    port: u16,
+    _lease: common::PortLease,
+}
+
+const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/web");
+
+impl SwarmService {
+    fn new(name: &str) -> SwarmService {
+        let cluster = cluster();
+        let imago = Imago::new();
+        let dir = imago.dir.path().join("web");
+        std::fs::create_dir_all(dir.join("www")).unwrap();
+        let lease = common::lease_port();
+        let s = SwarmService {
+            cluster,
+            imago,
+            dir,
+            name: name.to_owned(),
+            port: lease.port,
+            _lease: lease,
+        };
+        s.set_version("1");
+        s
+    }
+
+    fn file(&self) -> String {
+        self.dir.join("imago.toml").display().to_string()
+    }
+
+    /// The web example as service NAME on target `swarm`, serving "version V".
+    fn set_version(&self, version: &str) {
+        std::fs::write(
+            self.dir.join("www/index.html"),
+            format!("<h1>version {version}</h1>\n"),
+        )
+        .unwrap();
+        let original = std::fs::read_to_string(Path::new(EXAMPLE).join("imago.toml")).unwrap();
+        let toml = original
+            .replace("[service.web", &format!("[service.{}", self.name))
+            .replace("port = 8088", &format!("port = {}", self.port))
+            .replace(
+                "target_port = 8080",
+                &format!(
+                    "target_port = 8080\ntarget = \"swarm\"\nenv = {{ VERSION = \"{version}\" }}"
+                ),
+            )
+            + &format!(
+                "\n[target.swarm]\nengine = \"swarm\"\nendpoint = \"{}\"\nregistry = \"{}/imago-test\"\n",
+                self.cluster.host(),
+                self.cluster.registry.host()
+            );
+        std::fs::write(self.dir.join("imago.toml"), toml).unwrap();
+        std::fs::copy(
+            Path::new(EXAMPLE).join("www/style.css"),
+            self.dir.join("www/style.css"),
+        )
+        .unwrap();
+    }
+
+    fn edit(&self, from: &str, to: &str) {
+        let path = self.dir.join("imago.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains(from), "{from:?} not in the definition");
+        std::fs::write(&path, text.replacen(from, to, 1)).unwrap();
+    }
+
+    fn apply(&self) -> common::Run {
+        self.imago
+            .run(&["apply", "--timeout", "120s", "-f", &self.file()])
+    }
+
+    fn history(&self) -> Vec<serde_json::Value> {
+        self.imago
+            .run(&["history", "--json", &self.name])
+            .ok()
+            .json()
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn events(&self) -> String {
+        self.imago.run(&["events", &self.name]).ok().stdout()
+    }
+
+    /// GET / through imago's endpoint.
+    fn get(&self) -> std::io::Result<String> {
+        get(self.port)
+    }
+
+    fn image(&self) -> String {
+        self.cluster.image_of(&self.name)
+    }
+
+    fn label(&self, label: &str) -> String {
+        self.cluster.service(&self.name).unwrap()["Spec"]["Labels"][label]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// The digest the store gives the web image of the current definition.
+    fn built_digest(&self) -> String {
+        self.imago
+            .run(&["build", "--json", "-f", &self.file(), "web"])
+            .ok()
+            .json()["images"][0]["digest"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    fn wait_for(&self, what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !ok() {
+            assert!(
+                Instant::now() < deadline,
+                "{what} did not happen within {timeout:?}; events:\n{}",
+                self.events()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for SwarmService {
+    fn drop(&mut self) {
+        let _ = self.imago.cmd().args(["destroy", &self.name]).output();
+        let _ = self.imago.cmd().args(["serve", "--stop"]).output();
+        let _ = self
+            .cluster
+            .docker_cmd(&["service", "rm", &self.name])
+            .output();
+    }
+}
+
+fn get(port: u16) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    if !response.starts_with("HTTP/1.0 200") && !response.starts_with("HTTP/1.1 200") {
+        return Err(std::io::Error::other(format!("bad response: {response:?}")));
+    }
+    Ok(response)
+}
+
+/// Clients hammering an endpoint until stopped: (requests, failures with their errors).
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    failures: Arc<Mutex<Vec<String>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(port: u16, clients: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let threads = (0..clients)
+            .map(|_| {
+                let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        match get(port) {
+                            Ok(_) => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => failures.lock().unwrap().push(e.to_string()),
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            ok,
+            failures,
+            threads,
+        }
+    }
+
+    fn finish(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        let failures = self.failures.lock().unwrap().clone();
+        (self.ok.load(Ordering::Relaxed), failures)
+    }
+}
+
+#[test]
+fn apply_pins_the_digest_rolls_under_load_rolls_back_on_demand_and_destroys() {
+    let s = SwarmService::new("swweb");
+    let applied = s.apply().ok();
+    assert!(
+        applied.stdout().contains("deployment complete (release 1"),
+        "{}",
+        applied.stdout()
+    );
+    // The swarm runs the digest imago built, from the target's registry; never a tag.
+    let v1 = s.built_digest();
+    let registry = s.cluster.registry.host();
+    assert_eq!(s.image(), format!("{registry}/imago-test/web@{v1}"));
+    assert_eq!(s.label("imago.release"), "1");
+    assert_eq!(
+        s.history()[0]["image_digest"].as_str(),
+        Some(v1.as_str()),
+        "the release records the digest"
+    );
+    let spec = s.cluster.service(&s.name).unwrap()["Spec"].clone();
+    assert_eq!(spec["Mode"]["Replicated"]["Replicas"], 3);
+    assert_eq!(spec["UpdateConfig"]["Order"], "start-first");
+    assert_eq!(spec["TaskTemplate"]["ContainerSpec"]["ReadOnly"], true);
+    assert_eq!(spec["EndpointSpec"]["Ports"][0]["PublishMode"], "host");
+    assert!(s.get().unwrap().contains("version 1"));
+
+    // A rolling update under load: no request fails.
+    let load = Load::start(s.port, 4);
+    std::thread::sleep(Duration::from_millis(300));
+    s.set_version("2");
+    let applied = s.apply().ok();
+    assert!(
+        applied.stdout().contains("deployment complete (release 2"),
+        "{}",
+        applied.stdout()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, failures) = load.finish();
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed during the rolling update: {:?}",
+        failures.len(),
+        ok + failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(ok > 50, "the load ran ({ok} requests)");
+    assert!(s.get().unwrap().contains("version 2"));
+    let v2 = s.built_digest();
+    assert_ne!(v1, v2);
+    assert_eq!(s.image(), format!("{registry}/imago-test/web@{v2}"));
+
+    // Rollback on demand: image and configuration of release 1, as release 3.
+    let rolled = s
+        .imago
+        .run(&["rollback", "--timeout", "120s", &s.name])
+        .ok();
+    assert!(rolled.stdout().contains("release 3"), "{}", rolled.stdout());
+    s.wait_for("the rollback's completion", Duration::from_secs(60), || {
+        s.history()
+            .last()
+            .is_some_and(|r| r["outcome"] == "complete" && r["number"] == 3)
+    });
+    assert_eq!(s.image(), format!("{registry}/imago-test/web@{v1}"));
+    let env =
+        s.cluster.service(&s.name).unwrap()["Spec"]["TaskTemplate"]["ContainerSpec"]["Env"].clone();
+    assert!(
+        env.as_array().unwrap().iter().any(|e| e == "VERSION=1"),
+        "the configuration rolls back with the image: {env}"
+    );
+    assert!(s.get().unwrap().contains("version 1"));
+
+    // Destroy removes the swarm service; the history stays.
+    s.imago.run(&["destroy", &s.name]).ok();
+    assert!(
+        s.cluster.service(&s.name).is_none(),
+        "the swarm service is gone"
+    );
+    assert_eq!(s.history().len(), 3);
+}
+
+#[test]
+fn a_failing_release_is_rolled_back_automatically_image_and_configuration_together() {
+    let s = SwarmService::new("swfail");
+    s.apply().ok();
+    let registry = s.cluster.registry.host();
+    let v1 = s.built_digest();
+    // Release 2: a new page, and a health check that can never pass.
+    s.set_version("2");
+    s.edit("path = \"/\"", "path = \"/missing\"");
+    s.edit("progress_deadline = \"30s\"", "progress_deadline = \"20s\"");
+    let out = s.apply();
+    let text = out.stdout();
+    assert!(
+        text.contains("release 2 failed and was rolled back to release 1"),
+        "stdout: {text}\nstderr: {}",
+        out.stderr()
+    );
+    assert!(
+        !out.output.status.success(),
+        "a failed apply exits non-zero"
+    );
+    let history = s.history();
+    assert_eq!(history.len(), 3, "{history:?}");
+    assert_eq!(history[1]["outcome"], "failed");
+    assert_eq!(history[2]["rollback_of"], 1);
+    assert_eq!(history[2]["outcome"], "complete");
+    assert_eq!(s.image(), format!("{registry}/imago-test/web@{v1}"));
+    assert_eq!(s.label("imago.release"), "3");
+    let spec = s.cluster.service(&s.name).unwrap()["Spec"].clone();
+    let test = spec["TaskTemplate"]["ContainerSpec"]["Healthcheck"]["Test"].to_string();
+    assert!(
+        test.contains("127.0.0.1:8080/\"") && !test.contains("missing"),
+        "the health check rolled back with the image: {test}"
+    );
+    assert!(s.get().unwrap().contains("version 1"));
+}
+
+#[test]
+fn changes_made_by_hand_are_drift_and_the_release_is_applied_again() {
+    let s = SwarmService::new("swdrift");
+    s.apply().ok();
+    let registry = s.cluster.registry.host();
+    let v1 = s.built_digest();
+    let pinned = format!("{registry}/imago-test/web@{v1}");
+    // With no controller running, someone points the service at another image by hand:
+    // `imago drift` reports it.
+    s.imago.run(&["serve", "--stop"]).ok();
+    s.cluster.docker(&[
+        "service",
+        "update",
+        "--detach",
+        "--image",
+        &format!("{registry}/imago-test/web@sha256:{}", "0".repeat(64)),
+        &s.name,
+    ]);
+    let drift = s.imago.run(&["drift", "--json"]);
+    assert!(
+        !drift.output.status.success(),
+        "drift must fail the command"
+    );
+    let findings = drift.json();
+    assert!(
+        findings
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["kind"] == "wrong-spec"
+                && f["detail"].as_str().unwrap().starts_with("image: ")),
+        "{findings}"
+    );
+    // The controller reports it and applies the release again.
+    s.imago.run(&["serve"]).ok();
+    s.wait_for("the drift report", Duration::from_secs(30), || {
+        s.events().contains("changed out of band")
+    });
+    s.wait_for("the release's image again", Duration::from_secs(30), || {
+        s.image() == pinned
+    });
+    assert!(s.events().contains("image: "), "{}", s.events());
+    // Someone removes the service: it is re-created from the release.
+    s.cluster.docker(&["service", "rm", &s.name]);
+    s.wait_for("the re-created service", Duration::from_secs(30), || {
+        s.cluster.service(&s.name).is_some()
+    });
+    assert!(s.events().contains("is missing"), "{}", s.events());
+    assert_eq!(s.image(), pinned);
+    s.wait_for("a serving endpoint", Duration::from_secs(60), || {
+        s.get().is_ok_and(|r| r.contains("version 1"))
+    });
+    s.wait_for("no drift left", Duration::from_secs(60), || {
+        s.imago.run(&["drift", "--json"]).output.status.success()
+    });
+}
+
+#[test]
+fn a_controller_killed_mid_rollout_is_restarted_and_records_the_outcome() {
+    let s = SwarmService::new("swkill");
+    s.apply().ok();
+    s.set_version("2");
+    // Slow the update down so that the kill lands in its middle.
+    s.edit("min_ready = \"500ms\"", "min_ready = \"2s\"");
+    s.imago.run(&["apply", "--no-wait", "-f", &s.file()]).ok();
+    s.wait_for("the update to start", Duration::from_secs(30), || {
+        s.label("imago.release") == "2"
+    });
+    let info: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(s.imago.home.join("deploy/controller.json")).unwrap(),
+    )
+    .unwrap();
+    let pid = info["pid"].as_u64().unwrap().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-KILL", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(
+        s.history()[1]["outcome"].is_null(),
+        "the rollout was still under way when the controller died: {:?}",
+        s.history()
+    );
+    // A new controller (apply starts one; the release is already recorded, so apply adds
+    // none and waits for it) finds the update where the engine has it and completes it.
+    let applied = s.apply().ok();
+    assert!(
+        applied.stdout().contains("(release 2)"),
+        "{}",
+        applied.stdout()
+    );
+    let history = s.history();
+    assert_eq!(history.len(), 2, "no release was added: {history:?}");
+    assert_eq!(history[1]["outcome"], "complete");
+    let v2 = s.built_digest();
+    assert!(s.image().ends_with(&v2));
+    assert!(s.get().unwrap().contains("version 2"));
+}

@@ -1,0 +1,714 @@
+//! Services whose target is a cluster engine (Docker Swarm; Kubernetes later): the engine runs
+//! the tasks and performs the rolling update, imago records, gates and rolls back.
+//!
+//! Each pass reads the live service through the [`ClusterEngine`]: a service that is missing,
+//! labelled with another release, or whose managed fields were changed by hand is (re)applied
+//! from the desired release; then imago's own gate judges the rollout: complete when every task
+//! of the release's revision runs (healthy, when it has a health check) and no task of another
+//! revision is left; failed when a task of the new revision fails, when the engine pauses or
+//! rolls back the update, or at `progress_deadline`. A failure rolls back image and
+//! configuration together, as a new release, exactly as for local services. Nothing is kept in
+//! memory that a restarted controller could not rebuild: the release and revision are labels
+//! of the live service and its tasks, the rollout's start and progress are in the database.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+
+use imago_spec::cluster::{
+    ClusterEngine, ClusterObservation, ClusterService, EngineError, TaskPhase,
+};
+
+use super::{Controller, ServicePass};
+use crate::error::DeployError;
+use crate::spec::ResolvedTarget;
+use crate::state::{Release, ReleaseOutcome, RolloutRow, now_ms};
+
+/// Makes the engine of a target (the binary links the engines; imago-deploy knows only the
+/// trait).
+pub type EngineFactory =
+    Box<dyn Fn(&ResolvedTarget) -> Result<Box<dyn ClusterEngine>, EngineError> + Send>;
+
+/// The engine input of `release`: its image pinned by digest in the target's registry.
+pub fn cluster_service(release: &Release, target: &ResolvedTarget) -> ClusterService {
+    ClusterService {
+        service: release.service.clone(),
+        release: release.number,
+        revision: release.revision.clone(),
+        config_hash: release.config_hash.to_string(),
+        image: cluster_image(release, target),
+        spec: release.spec.clone(),
+    }
+}
+
+/// `REGISTRY/REPOSITORY@DIGEST` of a release on a cluster target.
+pub fn cluster_image(release: &Release, target: &ResolvedTarget) -> String {
+    format!(
+        "{}/{}@{}",
+        target.spec.registry.as_deref().unwrap_or_default(),
+        release.spec.cluster_repository(&release.service),
+        release.image_digest
+    )
+}
+
+/// The key engines are kept under: one client per engine and endpoint.
+fn engine_key(target: &ResolvedTarget) -> String {
+    format!(
+        "{}:{}",
+        target.spec.engine,
+        target.spec.endpoint.as_deref().unwrap_or_default()
+    )
+}
+
+impl Controller {
+    /// Drives cluster services with engines made by `factory`.
+    pub fn with_cluster_engines(mut self, factory: EngineFactory) -> Controller {
+        self.cluster.factory = Some(factory);
+        self
+    }
+
+    fn engine_for(
+        &mut self,
+        service: &str,
+        target: &ResolvedTarget,
+    ) -> Result<&mut Box<dyn ClusterEngine>, DeployError> {
+        let key = engine_key(target);
+        if !self.cluster.engines.contains_key(&key) {
+            let factory = self
+                .cluster
+                .factory
+                .as_ref()
+                .ok_or_else(|| DeployError::NoEngine {
+                    service: service.to_owned(),
+                    target: target.name.clone(),
+                    engine: target.spec.engine.as_str(),
+                })?;
+            let engine = factory(target)?;
+            self.cluster.engines.insert(key.clone(), engine);
+        }
+        self.cluster
+            .engines
+            .get_mut(&key)
+            .ok_or_else(|| DeployError::Runtime("engine vanished".into()))
+    }
+
+    /// One pass for a service on a cluster target.
+    pub(super) fn reconcile_cluster(
+        &mut self,
+        release: &Release,
+        target: &ResolvedTarget,
+    ) -> Result<ServicePass, DeployError> {
+        let service = release.service.as_str();
+        let mut pass = ServicePass {
+            service: service.to_owned(),
+            release: Some(release.number),
+            ..ServicePass::default()
+        };
+        let desired = cluster_service(release, target);
+        let has_outcome = self.db.outcome_of(service, release.number)?.is_some();
+        let observed = self.engine_for(service, target)?.observe(&desired)?;
+        let reapply = match &observed {
+            None => {
+                if has_outcome || self.cluster.applied.contains(service) {
+                    Some(format!(
+                        "{} service {service} is missing: re-creating it from release {}",
+                        target.spec.engine, release.number
+                    ))
+                } else {
+                    self.begin_rollout(release)?;
+                    self.db.event(
+                        Some(service),
+                        "rollout",
+                        &format!(
+                            "creating {} service {service} on target {} ({})",
+                            target.spec.engine, target.name, desired.image
+                        ),
+                        &self.actor,
+                    )?;
+                    self.apply_cluster(target, &desired)?;
+                    // What was observed is from before the change: the gate judges next pass.
+                    return Ok(pass);
+                }
+            }
+            Some(o) if o.revision.as_deref() != Some(release.revision.as_str()) => {
+                if has_outcome {
+                    Some(format!(
+                        "{} service {service} runs release {} (revision {}), not release {}: re-applying release {}",
+                        target.spec.engine,
+                        o.release.map_or("?".into(), |r| r.to_string()),
+                        o.revision.as_deref().unwrap_or("none"),
+                        release.number,
+                        release.number
+                    ))
+                } else {
+                    self.begin_rollout(release)?;
+                    self.db.event(
+                        Some(service),
+                        "rollout",
+                        &format!(
+                            "updating {} service {service} to release {} ({})",
+                            target.spec.engine, release.number, desired.image
+                        ),
+                        &self.actor,
+                    )?;
+                    self.apply_cluster(target, &desired)?;
+                    return Ok(pass);
+                }
+            }
+            Some(o) if !o.differences.is_empty() => Some(format!(
+                "{} service {service} was changed out of band ({}): re-applying release {}",
+                target.spec.engine,
+                o.differences.join("; "),
+                release.number
+            )),
+            Some(_) => None,
+        };
+        let Some(message) = reapply else {
+            self.cluster.reapplied.remove(service);
+            return self.judge_cluster(release, &desired, observed, pass);
+        };
+        // The same drift right after re-applying: the engine does not keep what imago renders
+        // (or reads it back differently). Said once as the service's fault, never a loop of
+        // updates.
+        if self.cluster.reapplied.get(service) == Some(&message) {
+            return Err(DeployError::Runtime(format!(
+                "{message}, but re-applying did not change it"
+            )));
+        }
+        self.cluster
+            .reapplied
+            .insert(service.to_owned(), message.clone());
+        self.db
+            .event(Some(service), "drift", &message, &self.actor)?;
+        pass.drift.push(message);
+        self.apply_cluster(target, &desired)?;
+        Ok(pass)
+    }
+
+    /// Routing and the gate, for a service whose live spec is the release's.
+    fn judge_cluster(
+        &mut self,
+        release: &Release,
+        desired: &ClusterService,
+        observed: Option<ClusterObservation>,
+        mut pass: ServicePass,
+    ) -> Result<ServicePass, DeployError> {
+        let service = release.service.as_str();
+        let has_outcome = self.db.outcome_of(service, release.number)?.is_some();
+        let Some(observed) = observed else {
+            return Ok(pass);
+        };
+        self.report_task_drift(service, release, desired, &observed, has_outcome)?;
+        self.route_tasks(service, release, &observed)?;
+        if has_outcome {
+            return Ok(pass);
+        }
+        self.gate_cluster(service, release, &observed, &mut pass)?;
+        Ok(pass)
+    }
+
+    /// The rollout record of `release`, made now (before the engine is asked to change
+    /// anything, so that every task of the rollout is younger than its start) unless it exists.
+    fn begin_rollout(&mut self, release: &Release) -> Result<RolloutRow, DeployError> {
+        let service = release.service.as_str();
+        if let Some(row) = self.db.rollout(service)?
+            && row.target_release == release.number
+        {
+            return Ok(row);
+        }
+        let now = now_ms();
+        let row = RolloutRow {
+            target_release: release.number,
+            started_ms: now,
+            last_progress_ms: now,
+            counts_json: String::new(),
+        };
+        self.db.put_rollout(service, &row)?;
+        self.db.event(
+            Some(service),
+            "rollout",
+            &format!("rollout of release {} started", release.number),
+            &self.actor,
+        )?;
+        Ok(row)
+    }
+
+    fn apply_cluster(
+        &mut self,
+        target: &ResolvedTarget,
+        desired: &ClusterService,
+    ) -> Result<(), DeployError> {
+        self.engine_for(&desired.service, target)?.apply(desired)?;
+        self.cluster.applied.insert(desired.service.clone());
+        Ok(())
+    }
+
+    /// Tasks the engine keeps running on an image that is not the release's, once its own
+    /// update is over: reported once each (the engine replaces them as its spec says).
+    fn report_task_drift(
+        &mut self,
+        service: &str,
+        release: &Release,
+        desired: &ClusterService,
+        observed: &ClusterObservation,
+        settled: bool,
+    ) -> Result<(), DeployError> {
+        if !settled {
+            return Ok(());
+        }
+        for task in observed.tasks.iter().filter(|t| {
+            t.desired_running && t.phase == TaskPhase::Running && t.image != desired.image
+        }) {
+            if self.announced_drift.insert(task.id.clone()) {
+                self.db.event(
+                    Some(service),
+                    "drift",
+                    &format!(
+                        "task {} runs {}, not release {}'s {}",
+                        task.id, task.image, release.number, desired.image
+                    ),
+                    &self.actor,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Points the service's endpoint (if it publishes one) at the running tasks' addresses.
+    fn route_tasks(
+        &mut self,
+        service: &str,
+        release: &Release,
+        observed: &ClusterObservation,
+    ) -> Result<(), DeployError> {
+        if release.spec.port.is_none() {
+            return self.close_endpoint(service);
+        }
+        self.ensure_endpoint(service, release)?;
+        let targets: Vec<(String, SocketAddr)> = observed
+            .tasks
+            .iter()
+            .filter(|t| t.desired_running && t.phase == TaskPhase::Running)
+            .filter_map(|t| Some((t.id.clone(), t.address?)))
+            .collect();
+        let eligible: BTreeSet<String> = targets.iter().map(|(id, _)| id.clone()).collect();
+        self.route(service, targets, &eligible)?;
+        Ok(())
+    }
+
+    /// imago's gate over the engine's rolling update.
+    fn gate_cluster(
+        &mut self,
+        service: &str,
+        release: &Release,
+        observed: &ClusterObservation,
+        pass: &mut ServicePass,
+    ) -> Result<(), DeployError> {
+        let now = now_ms();
+        let row = self.begin_rollout(release)?;
+        let ours = |t: &&imago_spec::cluster::ClusterTask| {
+            t.revision.as_deref() == Some(release.revision.as_str())
+        };
+        let running_new = observed
+            .tasks
+            .iter()
+            .filter(ours)
+            .filter(|t| t.desired_running && t.phase == TaskPhase::Running)
+            .count();
+        let old_left = observed
+            .tasks
+            .iter()
+            .filter(|t| !ours(t))
+            .filter(|t| matches!(t.phase, TaskPhase::Running | TaskPhase::Starting))
+            .count();
+        let replicas = release.spec.replicas as usize;
+        let live = |t: &&imago_spec::cluster::ClusterTask| {
+            matches!(t.phase, TaskPhase::Running | TaskPhase::Starting)
+        };
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        pass.counts.updated = count(observed.tasks.iter().filter(ours).filter(live).count());
+        pass.counts.old = count(old_left);
+        pass.counts.available = count(
+            observed
+                .tasks
+                .iter()
+                .filter(|t| t.phase == TaskPhase::Running)
+                .count(),
+        );
+        pass.counts.total = count(observed.tasks.iter().filter(live).count());
+        if running_new >= replicas && old_left == 0 && !observed.update.failed() {
+            pass.complete = true;
+            let took = now.saturating_sub(row.started_ms);
+            self.db.record_outcome(
+                service,
+                release.number,
+                ReleaseOutcome::Complete,
+                &format!("deployment complete in {took} ms ({running_new} tasks running)"),
+                &self.actor,
+            )?;
+            self.db.clear_rollout(service)?;
+            return Ok(());
+        }
+        // A task of this release that failed since the rollout began (the engine restarts it,
+        // but the release did not pass its gate), the engine giving up on the update, or no
+        // progress within the deadline: the rollout failed.
+        let failed_task = observed.tasks.iter().filter(ours).find(|t| {
+            t.phase == TaskPhase::Failed && t.created_ms.is_none_or(|c| c >= row.started_ms)
+        });
+        let mut failure = failed_task.map(|t| {
+            format!(
+                "task {} of release {} failed its health gate: {}",
+                t.id,
+                release.number,
+                t.error.as_deref().unwrap_or("failed")
+            )
+        });
+        if failure.is_none() && observed.update.failed() {
+            failure = Some(format!(
+                "the engine stopped the update of release {} ({:?}): {}",
+                release.number, observed.update, observed.update_message
+            ));
+        }
+        if failure.is_none() {
+            let counts = format!("{running_new}/{replicas}/{old_left}");
+            if counts != row.counts_json {
+                self.db.put_rollout(
+                    service,
+                    &RolloutRow {
+                        last_progress_ms: now,
+                        counts_json: counts,
+                        ..row
+                    },
+                )?;
+            } else if now.saturating_sub(row.last_progress_ms)
+                > release.spec.rollout.progress_deadline.as_millis() as u64
+            {
+                failure = Some(format!(
+                    "release {} made no progress for {} (progress_deadline): {running_new} of {replicas} tasks running",
+                    release.number,
+                    humantime::format_duration(release.spec.rollout.progress_deadline),
+                ));
+            }
+        }
+        let Some(reason) = failure else {
+            return Ok(());
+        };
+        self.fail_rollout(service, release, reason, pass)
+    }
+
+    /// Removes the cluster service of a destroyed service once per controller (again after a
+    /// restart: only the database says it is destroyed).
+    pub(super) fn tear_down_cluster(
+        &mut self,
+        service: &str,
+        target: &ResolvedTarget,
+    ) -> Result<ServicePass, DeployError> {
+        let pass = ServicePass {
+            service: service.to_owned(),
+            ..ServicePass::default()
+        };
+        self.close_endpoint(service)?;
+        if self.cluster.torn_down.contains(service) {
+            return Ok(pass);
+        }
+        if self.engine_for(service, target)?.destroy(service)? {
+            self.db.event(
+                Some(service),
+                "destroy",
+                &format!("{} service {service} removed", target.spec.engine),
+                &self.actor,
+            )?;
+        }
+        self.cluster.torn_down.insert(service.to_owned());
+        self.cluster.applied.remove(service);
+        Ok(pass)
+    }
+}
+
+/// The controller's cluster side: how to make engines, the engines made, and what this
+/// controller did (only to word its events; the database and the engine say the rest).
+#[derive(Default)]
+pub(super) struct ClusterState {
+    factory: Option<EngineFactory>,
+    engines: BTreeMap<String, Box<dyn ClusterEngine>>,
+    /// Services this controller applied: a missing one is then drift, not a first create.
+    applied: BTreeSet<String>,
+    torn_down: BTreeSet<String>,
+    /// The drift each service was last re-applied for.
+    reapplied: BTreeMap<String, String>,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::{Arc, Mutex};
+
+    use imago_oci::Digest;
+    use imago_runtime::{Engine, FakeProvider};
+    use imago_spec::cluster::{ClusterTask, UpdateState};
+
+    use super::*;
+    use crate::spec::ServiceSpec;
+    use crate::state::StateDb;
+
+    /// A swarm in memory: the applied spec, its tasks (the test moves them), what was applied.
+    #[derive(Default)]
+    struct FakeSwarm {
+        live: Option<ClusterService>,
+        /// Set to make the live spec differ from the rendering (a hand-made change).
+        hand_made: Vec<String>,
+        update: Option<UpdateState>,
+        tasks: Vec<ClusterTask>,
+        applied: Vec<u64>,
+    }
+
+    struct FakeEngine(Arc<Mutex<FakeSwarm>>);
+
+    impl ClusterEngine for FakeEngine {
+        fn apply(&mut self, desired: &ClusterService) -> Result<(), EngineError> {
+            let mut swarm = self.0.lock().unwrap();
+            swarm.live = Some(desired.clone());
+            swarm.hand_made.clear();
+            swarm.update = Some(UpdateState::Updating);
+            swarm.applied.push(desired.release);
+            Ok(())
+        }
+        fn observe(
+            &mut self,
+            desired: &ClusterService,
+        ) -> Result<Option<ClusterObservation>, EngineError> {
+            let swarm = self.0.lock().unwrap();
+            Ok(swarm.live.as_ref().map(|live| ClusterObservation {
+                release: Some(live.release),
+                revision: Some(live.revision.clone()),
+                differences: if live.revision == desired.revision {
+                    swarm.hand_made.clone()
+                } else {
+                    Vec::new()
+                },
+                update: swarm.update.unwrap_or(UpdateState::None),
+                update_message: String::new(),
+                tasks: swarm.tasks.clone(),
+            }))
+        }
+        fn destroy(&mut self, _service: &str) -> Result<bool, EngineError> {
+            Ok(self.0.lock().unwrap().live.take().is_some())
+        }
+    }
+
+    fn task(id: &str, revision: &str, phase: TaskPhase) -> ClusterTask {
+        ClusterTask {
+            id: id.into(),
+            revision: Some(revision.into()),
+            image: String::new(),
+            phase,
+            desired_running: phase != TaskPhase::Done,
+            error: (phase == TaskPhase::Failed).then(|| "unhealthy container".into()),
+            created_ms: Some(now_ms() + 1),
+            address: None,
+        }
+    }
+
+    struct Harness {
+        _dir: tempfile::TempDir,
+        _runtime: tokio::runtime::Runtime,
+        swarm: Arc<Mutex<FakeSwarm>>,
+        controller: Controller,
+    }
+
+    fn harness() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(&dir.path().join("state.db")).unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let swarm = Arc::new(Mutex::new(FakeSwarm::default()));
+        let shared = swarm.clone();
+        let controller = Controller::new(
+            db,
+            Arc::new(FakeProvider::new()),
+            runtime.handle().clone(),
+            Engine::Embedded,
+        )
+        .with_cluster_engines(Box::new(move |_| {
+            Ok(Box::new(FakeEngine(shared.clone())) as Box<dyn ClusterEngine>)
+        }));
+        Harness {
+            _dir: dir,
+            _runtime: runtime,
+            swarm,
+            controller,
+        }
+    }
+
+    fn swarm_spec(version: &str) -> ServiceSpec {
+        serde_json::from_value(serde_json::json!({
+            "image": "web", "replicas": 2, "env": {"V": version},
+            "target": {"name": "prod", "engine": "swarm", "registry": "127.0.0.1:5000/t"}
+        }))
+        .unwrap()
+    }
+
+    impl Harness {
+        fn release(&mut self, version: &str) -> Release {
+            self.controller
+                .db
+                .record_release(
+                    "web",
+                    &swarm_spec(version),
+                    &Digest::of(version.as_bytes()),
+                    "apply",
+                    None,
+                    "test",
+                )
+                .unwrap()
+                .0
+        }
+
+        fn pass(&mut self) -> ServicePass {
+            self.controller.pass().unwrap().pop().unwrap()
+        }
+
+        /// The swarm runs `replicas` healthy tasks of `revision` and nothing else.
+        fn converged(&self, revision: &str) {
+            let mut swarm = self.swarm.lock().unwrap();
+            swarm.tasks = vec![
+                task("a", revision, TaskPhase::Running),
+                task("b", revision, TaskPhase::Running),
+            ];
+            swarm.update = Some(UpdateState::Completed);
+        }
+    }
+
+    #[test]
+    fn a_release_is_applied_once_and_completes_when_every_task_of_it_runs() {
+        let mut h = harness();
+        let r1 = h.release("1");
+        assert!(!h.pass().complete, "just applied: nothing judged yet");
+        assert_eq!(h.swarm.lock().unwrap().applied, vec![1]);
+        assert_eq!(
+            h.swarm.lock().unwrap().live.as_ref().unwrap().image,
+            format!("127.0.0.1:5000/t/web@{}", r1.image_digest)
+        );
+        h.swarm.lock().unwrap().tasks = vec![task("a", &r1.revision, TaskPhase::Running)];
+        assert!(!h.pass().complete, "one of two tasks runs");
+        h.converged(&r1.revision);
+        assert!(h.pass().complete);
+        assert_eq!(
+            h.controller
+                .db
+                .outcome_of("web", 1)
+                .unwrap()
+                .unwrap()
+                .outcome,
+            ReleaseOutcome::Complete
+        );
+        h.pass();
+        assert_eq!(h.swarm.lock().unwrap().applied, vec![1], "applied once");
+    }
+
+    #[test]
+    fn a_failing_task_fails_the_release_and_the_last_complete_one_is_applied_again() {
+        let mut h = harness();
+        let r1 = h.release("1");
+        h.pass();
+        h.converged(&r1.revision);
+        h.pass();
+        let r2 = h.release("2");
+        h.pass();
+        {
+            let mut swarm = h.swarm.lock().unwrap();
+            swarm.tasks.push(task("c", &r2.revision, TaskPhase::Failed));
+        }
+        let failed = h.pass();
+        assert!(
+            failed
+                .failed
+                .as_deref()
+                .unwrap()
+                .contains("unhealthy container"),
+            "{failed:?}"
+        );
+        assert_eq!(failed.rolled_back_to, Some(1));
+        h.pass();
+        let swarm = h.swarm.lock().unwrap();
+        assert_eq!(swarm.applied, vec![1, 2, 3]);
+        let live = swarm.live.as_ref().unwrap();
+        assert_eq!(
+            (live.revision.as_str(), live.spec.env["V"].as_str()),
+            (r1.revision.as_str(), "1"),
+            "image and configuration roll back together"
+        );
+    }
+
+    #[test]
+    fn the_engine_pausing_the_update_fails_the_release() {
+        let mut h = harness();
+        let r1 = h.release("1");
+        h.pass();
+        h.converged(&r1.revision);
+        h.pass();
+        h.release("2");
+        h.pass();
+        h.swarm.lock().unwrap().update = Some(UpdateState::Paused);
+        let failed = h.pass();
+        assert!(failed.failed.unwrap().contains("Paused"));
+    }
+
+    #[test]
+    fn hand_made_changes_and_a_missing_service_are_drift_and_the_release_is_applied_again() {
+        let mut h = harness();
+        let r1 = h.release("1");
+        h.pass();
+        h.converged(&r1.revision);
+        h.pass();
+        h.swarm.lock().unwrap().hand_made = vec!["image: x != y".into()];
+        let drift = h.pass();
+        assert!(drift.drift[0].contains("changed out of band (image: x != y)"));
+        assert_eq!(h.swarm.lock().unwrap().applied, vec![1, 1]);
+        h.swarm.lock().unwrap().live = None;
+        let missing = h.pass();
+        assert!(missing.drift[0].contains("is missing"), "{missing:?}");
+        assert_eq!(h.swarm.lock().unwrap().applied, vec![1, 1, 1]);
+        let events = h.controller.db.events(Some("web"), 0).unwrap();
+        assert_eq!(events.iter().filter(|e| e.kind == "drift").count(), 2);
+    }
+
+    #[test]
+    fn a_restarted_controller_applies_a_release_recorded_but_never_applied() {
+        let mut h = harness();
+        let r1 = h.release("1");
+        h.pass();
+        h.converged(&r1.revision);
+        h.pass();
+        // The release is recorded, and the controller dies before the engine hears of it: the
+        // next one (no memory) finds the swarm on release 1 and applies release 2.
+        h.release("2");
+        let db = StateDb::open(&h._dir.path().join("state.db")).unwrap();
+        let shared = h.swarm.clone();
+        h.controller = Controller::new(
+            db,
+            Arc::new(FakeProvider::new()),
+            h._runtime.handle().clone(),
+            Engine::Embedded,
+        )
+        .with_cluster_engines(Box::new(move |_| {
+            Ok(Box::new(FakeEngine(shared.clone())) as Box<dyn ClusterEngine>)
+        }));
+        let pass = h.pass();
+        assert!(pass.drift.is_empty(), "a pending release is no drift");
+        assert_eq!(h.swarm.lock().unwrap().applied, vec![1, 2]);
+    }
+
+    #[test]
+    fn a_destroyed_service_is_removed_from_the_engine() {
+        let mut h = harness();
+        h.release("1");
+        h.pass();
+        h.controller.db.destroy("web", "test").unwrap();
+        h.pass();
+        assert!(h.swarm.lock().unwrap().live.is_none());
+    }
+}

@@ -1,0 +1,410 @@
+//! A release rendered as a swarm service spec, and the comparison of a live spec with it.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bollard::models::{
+    EndpointPortConfig, EndpointPortConfigProtocolEnum, EndpointPortConfigPublishModeEnum,
+    EndpointSpec, HealthConfig, Limit, Mount, MountType, NetworkAttachmentConfig, ServiceSpec,
+    ServiceSpecMode, ServiceSpecModeReplicated, ServiceSpecUpdateConfig,
+    ServiceSpecUpdateConfigFailureActionEnum, ServiceSpecUpdateConfigOrderEnum, TaskSpec,
+    TaskSpecContainerSpec, TaskSpecResources, TaskSpecRestartPolicy,
+    TaskSpecRestartPolicyConditionEnum,
+};
+use imago_spec::cluster::{
+    ClusterService, EngineError, LABEL_CONFIG_HASH, LABEL_RELEASE, LABEL_REVISION, LABEL_SERVICE,
+};
+use imago_spec::{NetworkMode, Probe, VolumeSource};
+
+fn nanos(d: Duration) -> i64 {
+    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
+}
+
+/// `64M`, `1G`, `512k` or a byte count, as the local engine reads `resources.memory`.
+fn memory_bytes(text: &str) -> Option<i64> {
+    let t = text.trim();
+    let unit = t.chars().last().filter(char::is_ascii_alphabetic);
+    let shift = match unit.map(|c| c.to_ascii_lowercase()) {
+        None | Some('b') => 0,
+        Some('k') => 10,
+        Some('m') => 20,
+        Some('g') => 30,
+        Some(_) => return None,
+    };
+    let digits = t.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    digits
+        .parse::<i64>()
+        .ok()?
+        .checked_mul(1 << shift)
+        .filter(|v| *v > 0)
+}
+
+/// The labels that tie a swarm object to its release.
+pub fn release_labels(desired: &ClusterService) -> HashMap<String, String> {
+    HashMap::from([
+        (LABEL_SERVICE.to_owned(), desired.service.clone()),
+        (LABEL_RELEASE.to_owned(), desired.release.to_string()),
+        (LABEL_REVISION.to_owned(), desired.revision.clone()),
+        (LABEL_CONFIG_HASH.to_owned(), desired.config_hash.clone()),
+    ])
+}
+
+/// The swarm service spec of a release (docs/swarm.md has the mapping table).
+pub fn render(desired: &ClusterService) -> Result<ServiceSpec, EngineError> {
+    let spec = &desired.spec;
+    let bad = |reason: String| EngineError::Render {
+        service: desired.service.clone(),
+        reason,
+    };
+    spec.check_engine(&desired.service)
+        .map_err(|e| bad(e.to_string()))?;
+    let limits = spec
+        .validate(&desired.service)
+        .map_err(|e| bad(e.to_string()))?;
+    let health_check = match &spec.health {
+        None => None,
+        Some(health) => {
+            let probe = health
+                .probe(spec.instance_port())
+                .map_err(|(field, reason)| bad(format!("{field} {reason}")))?;
+            // Docker runs the check inside the task: busybox's (or any) wget and nc.
+            let test = match probe {
+                Probe::Http { path, port, .. } => vec![
+                    "CMD".to_owned(),
+                    "wget".into(),
+                    "-q".into(),
+                    "-O".into(),
+                    "/dev/null".into(),
+                    format!("http://127.0.0.1:{port}{path}"),
+                ],
+                Probe::Tcp { port } => vec![
+                    "CMD".to_owned(),
+                    "nc".into(),
+                    "-z".into(),
+                    "127.0.0.1".into(),
+                    port.to_string(),
+                ],
+                Probe::Command { command } => {
+                    std::iter::once("CMD".to_owned()).chain(command).collect()
+                }
+            };
+            Some(HealthConfig {
+                test: Some(test),
+                interval: Some(nanos(health.interval)),
+                timeout: Some(nanos(health.timeout)),
+                retries: Some(i64::from(health.unhealthy_threshold)),
+                start_period: Some(nanos(health.start_period)),
+                start_interval: None,
+            })
+        }
+    };
+    let mounts = spec
+        .volume_mounts()
+        .map_err(|r| bad(format!("volumes {r}")))?
+        .into_iter()
+        .map(|m| {
+            let (typ, source) = match m.source {
+                VolumeSource::Named { name } => (MountType::VOLUME, name),
+                VolumeSource::Host { path } => (MountType::BIND, path.display().to_string()),
+            };
+            Mount {
+                target: Some(m.target),
+                source: Some(source),
+                typ: Some(typ),
+                read_only: Some(m.read_only),
+                ..Default::default()
+            }
+        })
+        .collect::<Vec<_>>();
+    let memory = spec
+        .resources
+        .memory
+        .as_deref()
+        .map(|m| memory_bytes(m).ok_or_else(|| bad(format!("resources.memory {m:?} is no size"))))
+        .transpose()?;
+    let labels = release_labels(desired);
+    let container = TaskSpecContainerSpec {
+        image: Some(desired.image.clone()),
+        labels: Some(labels.clone()),
+        // `command` replaces the image's entrypoint and cmd, as on the local engine.
+        command: spec.command.clone(),
+        args: spec.command.as_ref().map(|_| Vec::new()),
+        env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+        read_only: Some(true),
+        mounts: (!mounts.is_empty()).then_some(mounts),
+        stop_grace_period: Some(nanos(spec.stop_grace_period)),
+        health_check,
+        ..Default::default()
+    };
+    // Old tasks keep serving until new ones are healthy when nothing may be unavailable.
+    let (order, parallelism) = if limits.max_unavailable == 0 {
+        (
+            ServiceSpecUpdateConfigOrderEnum::START_FIRST,
+            limits.max_surge,
+        )
+    } else {
+        (
+            ServiceSpecUpdateConfigOrderEnum::STOP_FIRST,
+            limits.max_unavailable,
+        )
+    };
+    let ports = spec.instance_port().map(|port| {
+        vec![EndpointPortConfig {
+            protocol: Some(EndpointPortConfigProtocolEnum::TCP),
+            target_port: Some(i64::from(port)),
+            // Host mode (no routing mesh), on a port the node picks: several tasks of a service
+            // can then share a node, and imago's endpoint routes to each task's own port.
+            published_port: None,
+            publish_mode: Some(EndpointPortConfigPublishModeEnum::HOST),
+            ..Default::default()
+        }]
+    });
+    Ok(ServiceSpec {
+        name: Some(desired.service.clone()),
+        labels: Some(labels),
+        task_template: Some(TaskSpec {
+            container_spec: Some(container),
+            resources: Some(TaskSpecResources {
+                limits: Some(Limit {
+                    nano_cpus: spec.resources.cpus.map(|c| (c * 1e9).round() as i64),
+                    memory_bytes: memory,
+                    pids: spec.resources.pids.map(i64::from),
+                }),
+                ..Default::default()
+            }),
+            restart_policy: Some(TaskSpecRestartPolicy {
+                condition: Some(TaskSpecRestartPolicyConditionEnum::ANY),
+                ..Default::default()
+            }),
+            networks: (spec.network == NetworkMode::Host).then(|| {
+                vec![NetworkAttachmentConfig {
+                    target: Some("host".into()),
+                    ..Default::default()
+                }]
+            }),
+            ..Default::default()
+        }),
+        mode: Some(ServiceSpecMode {
+            replicated: Some(ServiceSpecModeReplicated {
+                replicas: Some(i64::from(spec.replicas)),
+            }),
+            ..Default::default()
+        }),
+        update_config: Some(ServiceSpecUpdateConfig {
+            parallelism: Some(i64::from(parallelism.max(1))),
+            delay: Some(0),
+            // imago's gate decides and rolls back image and configuration together: the
+            // engine only stops.
+            failure_action: Some(ServiceSpecUpdateConfigFailureActionEnum::PAUSE),
+            monitor: Some(nanos(spec.rollout.min_ready)),
+            max_failure_ratio: Some(0.0),
+            order: Some(order),
+        }),
+        endpoint_spec: ports.map(|ports| EndpointSpec {
+            ports: Some(ports),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+/// The fields imago manages whose live value differs from the rendered one, each as
+/// `FIELD: LIVE != RENDERED`.
+pub fn differences(live: &ServiceSpec, rendered: &ServiceSpec) -> Vec<String> {
+    let container = |s: &ServiceSpec| {
+        s.task_template
+            .as_ref()
+            .and_then(|t| t.container_spec.clone())
+            .unwrap_or_default()
+    };
+    let (lc, rc) = (container(live), container(rendered));
+    let replicas = |s: &ServiceSpec| {
+        s.mode
+            .as_ref()
+            .and_then(|m| m.replicated.as_ref())
+            .and_then(|r| r.replicas)
+    };
+    let env = |c: &TaskSpecContainerSpec| {
+        let mut e = c.env.clone().unwrap_or_default();
+        e.sort();
+        e
+    };
+    let limits = |s: &ServiceSpec| {
+        s.task_template
+            .as_ref()
+            .and_then(|t| t.resources.as_ref())
+            .and_then(|r| r.limits.clone())
+            .map(|l| {
+                (
+                    l.nano_cpus.unwrap_or(0),
+                    l.memory_bytes.unwrap_or(0),
+                    l.pids.unwrap_or(0),
+                )
+            })
+            .unwrap_or_default()
+    };
+    let mut out = Vec::new();
+    let mut compare = |field: &str, live: String, rendered: String| {
+        if live != rendered {
+            out.push(format!("{field}: {live} != {rendered}"));
+        }
+    };
+    compare(
+        "image",
+        lc.image.clone().unwrap_or_default(),
+        rc.image.clone().unwrap_or_default(),
+    );
+    compare(
+        "replicas",
+        format!("{:?}", replicas(live)),
+        format!("{:?}", replicas(rendered)),
+    );
+    compare("env", format!("{:?}", env(&lc)), format!("{:?}", env(&rc)));
+    compare(
+        "command",
+        format!("{:?}", lc.command.clone().filter(|c| !c.is_empty())),
+        format!("{:?}", rc.command.clone().filter(|c| !c.is_empty())),
+    );
+    compare(
+        "read_only",
+        format!("{:?}", lc.read_only.unwrap_or(false)),
+        format!("{:?}", rc.read_only.unwrap_or(false)),
+    );
+    compare(
+        "resources",
+        format!("{:?}", limits(live)),
+        format!("{:?}", limits(rendered)),
+    );
+    // Not compared: the health check. Docker answers with `Healthcheck` where the API schema
+    // (and so bollard) says `HealthCheck`, so a live spec never shows one when read back.
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use imago_spec::ServiceSpec as Spec;
+
+    fn desired(json: serde_json::Value) -> ClusterService {
+        ClusterService {
+            service: "web".into(),
+            release: 3,
+            revision: "abcd".into(),
+            config_hash: "sha256:00".into(),
+            image: "127.0.0.1:5000/web@sha256:11".into(),
+            spec: serde_json::from_value::<Spec>(json).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_release_renders_pinned_labelled_and_start_first_without_unavailability() {
+        let d = desired(serde_json::json!({
+            "image": "web", "replicas": 4, "port": 80, "target_port": 8080,
+            "env": {"B": "2", "A": "1"}, "command": ["/bin/httpd", "-f"],
+            "resources": {"memory": "64M", "cpus": 0.5, "pids": 100},
+            "health": {"type": "http", "path": "/up", "interval": "2s", "unhealthy_threshold": 2},
+            "rollout": {"max_surge": 2, "max_unavailable": 0, "min_ready": "3s"},
+            "stop_grace_period": "7s", "volumes": ["data:/srv"]
+        }));
+        let s = render(&d).unwrap();
+        let c = s
+            .task_template
+            .as_ref()
+            .unwrap()
+            .container_spec
+            .as_ref()
+            .unwrap();
+        assert_eq!(c.image.as_deref(), Some("127.0.0.1:5000/web@sha256:11"));
+        assert_eq!(c.labels.as_ref().unwrap()[LABEL_RELEASE], "3");
+        assert_eq!(s.labels.as_ref().unwrap()[LABEL_REVISION], "abcd");
+        assert_eq!(c.env.as_ref().unwrap(), &["A=1", "B=2"]);
+        assert_eq!(c.read_only, Some(true));
+        assert_eq!(c.stop_grace_period, Some(7_000_000_000));
+        let h = c.health_check.as_ref().unwrap();
+        assert_eq!(
+            h.test.as_ref().unwrap().last().unwrap(),
+            "http://127.0.0.1:8080/up"
+        );
+        assert_eq!((h.retries, h.interval), (Some(2), Some(2_000_000_000)));
+        let u = s.update_config.as_ref().unwrap();
+        assert_eq!(u.order, Some(ServiceSpecUpdateConfigOrderEnum::START_FIRST));
+        assert_eq!(u.parallelism, Some(2));
+        assert_eq!(u.monitor, Some(3_000_000_000));
+        assert_eq!(
+            u.failure_action,
+            Some(ServiceSpecUpdateConfigFailureActionEnum::PAUSE)
+        );
+        let l = s
+            .task_template
+            .as_ref()
+            .unwrap()
+            .resources
+            .as_ref()
+            .unwrap()
+            .limits
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            (l.memory_bytes, l.nano_cpus, l.pids),
+            (Some(64 << 20), Some(500_000_000), Some(100))
+        );
+        let p = &s.endpoint_spec.as_ref().unwrap().ports.as_ref().unwrap()[0];
+        assert_eq!(p.target_port, Some(8080));
+        assert_eq!(
+            p.publish_mode,
+            Some(EndpointPortConfigPublishModeEnum::HOST)
+        );
+        assert_eq!(differences(&s, &s), Vec::<String>::new());
+    }
+
+    #[test]
+    fn unavailability_renders_stop_first_and_keys_the_engine_cannot_honour_are_errors() {
+        let d = desired(serde_json::json!({
+            "image": "web", "replicas": 4,
+            "rollout": {"max_surge": 0, "max_unavailable": 2}
+        }));
+        let u = render(&d).unwrap().update_config.unwrap();
+        assert_eq!(u.order, Some(ServiceSpecUpdateConfigOrderEnum::STOP_FIRST));
+        assert_eq!(u.parallelism, Some(2));
+        let mut bg =
+            desired(serde_json::json!({"image": "web", "rollout": {"strategy": "blue-green"}}));
+        bg.spec.target = Some(imago_spec::TargetRef::Resolved(
+            imago_spec::ResolvedTarget {
+                name: "prod".into(),
+                spec: imago_spec::TargetSpec {
+                    engine: imago_spec::EngineKind::Swarm,
+                    endpoint: None,
+                    registry: Some("127.0.0.1:5000".into()),
+                    namespace: None,
+                },
+            },
+        ));
+        let err = render(&bg).unwrap_err().to_string();
+        assert!(
+            err.contains("rollout.strategy") && err.contains("engine swarm"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_hand_made_image_change_is_a_difference() {
+        let d = desired(serde_json::json!({"image": "web"}));
+        let rendered = render(&d).unwrap();
+        let mut live = rendered.clone();
+        live.task_template
+            .as_mut()
+            .unwrap()
+            .container_spec
+            .as_mut()
+            .unwrap()
+            .image = Some("other@sha256:22".into());
+        let diff = differences(&live, &rendered);
+        assert_eq!(diff.len(), 1, "{diff:?}");
+        assert!(
+            diff[0].starts_with("image: other@sha256:22 != "),
+            "{diff:?}"
+        );
+    }
+}
