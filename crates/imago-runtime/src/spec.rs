@@ -2,7 +2,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
 
 use imago_oci::{Digest, to_canonical_json};

@@ -474,9 +474,14 @@ fn push_for_target(ctx: &Context, name: &str, spec: &ServiceSpec, digest: &Diges
         spec.cluster_repository(name)
     );
     let settings = super::registry::settings(ctx, false)?;
-    let pushed =
-        super::registry::push_image(ctx, &settings, &digest.to_string(), Some(&destination))
-            .with_context(|| format!("service {name}: target {}", target.name))?;
+    let pushed = super::registry::push_image(
+        ctx,
+        &settings,
+        &digest.to_string(),
+        Some(&destination),
+        None,
+    )
+    .with_context(|| format!("service {name}: target {}", target.name))?;
     if pushed.blobs_uploaded > 0 {
         ctx.reporter.status(format!(
             "service {name}: pushed {} for target {} ({} blobs uploaded)",
