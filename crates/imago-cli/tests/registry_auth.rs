@@ -203,7 +203,8 @@ fn login_asks_for_the_password_on_a_terminal_without_echo_and_refuses_without_on
         );
         seen.extend_from_slice(&buf[..n]);
     }
-    // rpassword turns echo off before it prints the prompt.
+    // Echo is off before the prompt is printed, so even a password typed the instant the prompt
+    // appears is not shown.
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(format!("{PASSWORD}\n").as_bytes()).unwrap();
     std::io::Read::read_to_end(&mut stdout, &mut seen).unwrap();

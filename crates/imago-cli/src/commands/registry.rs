@@ -323,6 +323,40 @@ fn password_source(argument: bool, stdin_flag: bool, stdin_is_terminal: bool) ->
     }
 }
 
+/// Keeps the terminal's echo off while it lives. rpassword turns echo off only after it has
+/// printed the prompt, so a password typed ahead of the prompt would be shown; this turns it off
+/// first and puts the terminal back as it was, whatever happens in between.
+struct EchoOff {
+    tty: std::fs::File,
+    saved: rustix::termios::Termios,
+}
+
+impl EchoOff {
+    fn new() -> std::io::Result<Self> {
+        use rustix::termios::{LocalModes, OptionalActions, tcgetattr, tcsetattr};
+        let tty = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/tty")?;
+        let saved = tcgetattr(&tty)?;
+        let mut quiet = saved.clone();
+        quiet.local_modes.remove(LocalModes::ECHO);
+        tcsetattr(&tty, OptionalActions::Now, &quiet)?;
+        Ok(Self { tty, saved })
+    }
+}
+
+impl Drop for EchoOff {
+    fn drop(&mut self) {
+        // Nothing to report to: the process is about to use or leave the terminal either way.
+        let _ = rustix::termios::tcsetattr(
+            &self.tty,
+            rustix::termios::OptionalActions::Now,
+            &self.saved,
+        );
+    }
+}
+
 pub fn login(ctx: &Context, args: LoginArgs) -> Result<()> {
     let registry = registry_host(&args.registry)?;
     let Some(username) = args.username else {
@@ -343,10 +377,10 @@ pub fn login(ctx: &Context, args: LoginArgs) -> Result<()> {
             text.trim_end_matches(['\n', '\r']).to_owned()
         }
         (PasswordSource::Prompt, _) => {
+            let context = || format!("login to {registry}: read the password from the terminal");
+            let _echo_off = EchoOff::new().with_context(context)?;
             rpassword::prompt_password(format!("Password for {username}@{registry}: "))
-                .with_context(|| {
-                    format!("login to {registry}: read the password from the terminal")
-                })?
+                .with_context(context)?
         }
         (PasswordSource::Argument | PasswordSource::Refused, _) => bail!(
             "login to {registry}: no terminal to ask for the password on: give it with --password-stdin (or -p)"
