@@ -114,7 +114,7 @@ impl Controller {
                         target.spec.engine, release.number
                     ))
                 } else {
-                    self.begin_rollout(release)?;
+                    self.begin_rollout(release, String::new())?;
                     self.db.event(
                         Some(service),
                         "rollout",
@@ -140,7 +140,7 @@ impl Controller {
                         release.number
                     ))
                 } else {
-                    self.begin_rollout(release)?;
+                    self.begin_rollout(release, String::new())?;
                     self.db.event(
                         Some(service),
                         "rollout",
@@ -204,32 +204,6 @@ impl Controller {
         }
         self.gate_cluster(service, release, &observed, &mut pass)?;
         Ok(pass)
-    }
-
-    /// The rollout record of `release`, made now (before the engine is asked to change
-    /// anything, so that every task of the rollout is younger than its start) unless it exists.
-    fn begin_rollout(&mut self, release: &Release) -> Result<RolloutRow, DeployError> {
-        let service = release.service.as_str();
-        if let Some(row) = self.db.rollout(service)?
-            && row.target_release == release.number
-        {
-            return Ok(row);
-        }
-        let now = now_ms();
-        let row = RolloutRow {
-            target_release: release.number,
-            started_ms: now,
-            last_progress_ms: now,
-            counts_json: String::new(),
-        };
-        self.db.put_rollout(service, &row)?;
-        self.db.event(
-            Some(service),
-            "rollout",
-            &format!("rollout of release {} started", release.number),
-            &self.actor,
-        )?;
-        Ok(row)
     }
 
     fn apply_cluster(
@@ -304,7 +278,7 @@ impl Controller {
         pass: &mut ServicePass,
     ) -> Result<(), DeployError> {
         let now = now_ms();
-        let row = self.begin_rollout(release)?;
+        let row = self.begin_rollout(release, String::new())?;
         let ours = |t: &&imago_spec::cluster::ClusterTask| {
             t.revision.as_deref() == Some(release.revision.as_str())
         };

@@ -9,6 +9,37 @@ use crate::rollout::{ObservedInstance, Phase, Step};
 use crate::state::{Release, ReleaseOutcome, RolloutRow, now_ms};
 
 impl Controller {
+    /// The rollout record of `release`, made now unless it exists (a cluster service makes it
+    /// before the engine is asked to change anything, so that every task of the rollout is
+    /// younger than its start).
+    pub(super) fn begin_rollout(
+        &mut self,
+        release: &Release,
+        counts_json: String,
+    ) -> Result<RolloutRow, DeployError> {
+        let service = release.service.as_str();
+        if let Some(row) = self.db.rollout(service)?
+            && row.target_release == release.number
+        {
+            return Ok(row);
+        }
+        let now = now_ms();
+        let row = RolloutRow {
+            target_release: release.number,
+            started_ms: now,
+            last_progress_ms: now,
+            counts_json,
+        };
+        self.db.put_rollout(service, &row)?;
+        self.db.event(
+            Some(service),
+            "rollout",
+            &format!("rollout of release {} started", release.number),
+            &self.actor,
+        )?;
+        Ok(row)
+    }
+
     /// Records progress, completion and failure of the desired release's rollout, and rolls back
     /// automatically when it fails.
     #[allow(clippy::too_many_arguments)]
@@ -31,25 +62,7 @@ impl Controller {
                 what: "counts",
                 source,
             })?;
-        let row = match self.db.rollout(service)? {
-            Some(row) if row.target_release == release.number => row,
-            _ => {
-                let row = RolloutRow {
-                    target_release: release.number,
-                    started_ms: now,
-                    last_progress_ms: now,
-                    counts_json: counts_json.clone(),
-                };
-                self.db.put_rollout(service, &row)?;
-                self.db.event(
-                    Some(service),
-                    "rollout",
-                    &format!("rollout of release {} started", release.number),
-                    &self.actor,
-                )?;
-                row
-            }
-        };
+        let row = self.begin_rollout(release, counts_json.clone())?;
         if pass.complete {
             let took = now.saturating_sub(row.started_ms);
             self.db.record_outcome(
