@@ -114,17 +114,11 @@ impl Controller {
                         target.spec.engine, release.number
                     ))
                 } else {
-                    self.begin_rollout(release, String::new())?;
-                    self.db.event(
-                        Some(service),
-                        "rollout",
-                        &format!(
-                            "creating {} service {service} on target {} ({})",
-                            target.spec.engine, target.name, desired.image
-                        ),
-                        &self.actor,
-                    )?;
-                    self.apply_cluster(target, &desired)?;
+                    let what = format!(
+                        "creating {} service {service} on target {} ({})",
+                        target.spec.engine, target.name, desired.image
+                    );
+                    self.start_engine_change(release, target, &desired, &what)?;
                     // What was observed is from before the change: the gate judges next pass.
                     return Ok(pass);
                 }
@@ -140,17 +134,11 @@ impl Controller {
                         release.number
                     ))
                 } else {
-                    self.begin_rollout(release, String::new())?;
-                    self.db.event(
-                        Some(service),
-                        "rollout",
-                        &format!(
-                            "updating {} service {service} to release {} ({})",
-                            target.spec.engine, release.number, desired.image
-                        ),
-                        &self.actor,
-                    )?;
-                    self.apply_cluster(target, &desired)?;
+                    let what = format!(
+                        "updating {} service {service} to release {} ({})",
+                        target.spec.engine, release.number, desired.image
+                    );
+                    self.start_engine_change(release, target, &desired, &what)?;
                     return Ok(pass);
                 }
             }
@@ -204,6 +192,21 @@ impl Controller {
         }
         self.gate_cluster(service, release, &observed, &mut pass)?;
         Ok(pass)
+    }
+
+    /// Starts the rollout of `release` on the engine: its rollout record first, the event, then
+    /// the engine's change.
+    fn start_engine_change(
+        &mut self,
+        release: &Release,
+        target: &ResolvedTarget,
+        desired: &ClusterService,
+        what: &str,
+    ) -> Result<(), DeployError> {
+        self.begin_rollout(release, String::new())?;
+        self.db
+            .event(Some(release.service.as_str()), "rollout", what, &self.actor)?;
+        self.apply_cluster(target, desired)
     }
 
     fn apply_cluster(
