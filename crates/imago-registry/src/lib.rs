@@ -19,7 +19,7 @@ pub use client::Client;
 pub use error::{RegistryError, Result};
 pub use manifest::{MAX_BLOB_SIZE, MAX_MANIFEST_SIZE};
 pub use pull::{PullReport, pull, resolve_remote};
-pub use push::{PushReport, push};
+pub use push::{CHUNK_SIZE, PushReport, push};
 pub use reference::{RegistryRef, names_registry};
 pub use settings::{Settings, is_loopback};
 

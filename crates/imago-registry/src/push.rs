@@ -21,7 +21,8 @@ use crate::reference::{RegistryRef, names_registry};
 use crate::settings::Settings;
 use crate::{SharedProgress, run_parallel};
 
-/// Blobs up to this size go in one request; larger ones in chunks of this size.
+/// Blobs up to this size go in one request; larger ones in chunks of this size (the default of
+/// [`crate::Settings::chunk_size`]).
 pub const CHUNK_SIZE: u64 = 64 << 20;
 
 #[derive(Debug, Clone)]
@@ -508,8 +509,9 @@ fn push_blob(
     let mut failures = 0u32;
     let mut sent = 0u64;
     loop {
-        let last = size - offset <= CHUNK_SIZE;
-        let len = if last { size - offset } else { CHUNK_SIZE };
+        let chunk = client.settings.chunk_size.max(1);
+        let last = size - offset <= chunk;
+        let len = if last { size - offset } else { chunk };
         // The last piece goes with the closing PUT; earlier ones as PATCH chunks.
         let result = if last {
             let mut url = location.clone();

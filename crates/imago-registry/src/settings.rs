@@ -29,6 +29,10 @@ pub struct Settings {
     pub platform: String,
     /// Pull the blobs of every platform of an index, not only `platform`'s.
     pub all_platforms: bool,
+    /// Blobs up to this size go up in one request, larger ones in PATCH chunks of this size
+    /// (each a point an upload can resume from): [`crate::push::CHUNK_SIZE`] unless a test
+    /// wants smaller ones.
+    pub chunk_size: u64,
 }
 
 impl Settings {
@@ -61,6 +65,7 @@ impl Settings {
             parallel: DEFAULT_PARALLEL,
             platform: "linux/amd64".to_owned(),
             all_platforms: false,
+            chunk_size: crate::push::CHUNK_SIZE,
         })
     }
 
@@ -150,6 +155,7 @@ mod tests {
             parallel: 4,
             platform: "linux/amd64".into(),
             all_platforms: false,
+            chunk_size: crate::push::CHUNK_SIZE,
         }
     }
 
