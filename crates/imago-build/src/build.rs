@@ -19,7 +19,7 @@ use crate::definition::StepNetwork;
 use crate::definition::{CompressionName, DefinitionFile, ImageDef};
 use crate::plan::{Context, EntryKind, LayerPlan, plan_layer};
 use crate::step::{DiffKind, PlannedMount, StepPlan};
-use imago_runtime::sandbox::{SandboxMount, SandboxSpec};
+use imago_spec::step::{Engine, STANDARD_MOUNT_POINTS, SandboxMount, SandboxSpec, StepExit};
 
 /// Manifest annotation naming the compressor that produced the new layers.
 pub const ANNOTATION_COMPRESSOR: &str = "dev.imago.build.compressor";
@@ -42,12 +42,24 @@ pub struct BuildOptions {
     pub no_cache_layers: Vec<String>,
 }
 
+/// Runs one `run` step in a sandbox. The builder plans the step and turns what it changed into a
+/// layer; running it is the container runtime's job, which the CLI hands in (imago-runtime's
+/// sandbox helper), so that this crate does not link a container engine.
+pub trait StepRunner: Send + Sync + std::fmt::Debug {
+    /// Runs `spec`; every line of output (stdout and stderr interleaved) goes to `output` as it
+    /// comes. An `Err` means the step could not be run at all, not that it failed.
+    fn run(
+        &self,
+        spec: &SandboxSpec,
+        output: &mut dyn FnMut(&[u8]),
+    ) -> Result<StepExit, Box<dyn std::error::Error + Send + Sync>>;
+}
+
 /// How `run` steps are run.
 #[derive(Debug, Clone)]
 pub struct SandboxOptions {
-    /// The helper that runs a step (`imago __sandbox`).
-    pub helper: imago_runtime::SupervisorCommand,
-    pub engine: imago_runtime::Engine,
+    pub runner: std::sync::Arc<dyn StepRunner>,
+    pub engine: Engine,
     /// `<home>/build-work`: unpacked roots, the steps' directories and their logs.
     pub work_dir: PathBuf,
     /// `<home>/build-cache/mounts`: the cache mounts' directories, kept between builds.
@@ -548,15 +560,17 @@ fn build_step_layer(
     let mut log = File::create(&log_path).map_err(|e| io_error(&log_path, e))?;
     let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
     let started = Instant::now();
-    let exit = imago_runtime::sandbox::run_sandbox(&sandbox.helper, &spec, &mut |line| {
-        let _ = log.write_all(line);
-        if tail.len() == STEP_TAIL_LINES {
-            tail.pop_front();
-        }
-        tail.push_back(String::from_utf8_lossy(line).trim_end().to_owned());
-        progress(Event::StepOutput { image, layer, line });
-    })
-    .map_err(|e| step_error(e.to_string()))?;
+    let exit = sandbox
+        .runner
+        .run(&spec, &mut |line| {
+            let _ = log.write_all(line);
+            if tail.len() == STEP_TAIL_LINES {
+                tail.pop_front();
+            }
+            tail.push_back(String::from_utf8_lossy(line).trim_end().to_owned());
+            progress(Event::StepOutput { image, layer, line });
+        })
+        .map_err(|e| step_error(e.to_string()))?;
     if exit.code != 0 || exit.timed_out {
         return Err(BuildError::StepFailed {
             image: image.to_owned(),
@@ -566,7 +580,7 @@ fn build_step_layer(
             last_lines: tail.into(),
         });
     }
-    let mut mount_points: Vec<Vec<u8>> = imago_runtime::sandbox::STANDARD_MOUNT_POINTS
+    let mut mount_points: Vec<Vec<u8>> = STANDARD_MOUNT_POINTS
         .iter()
         .map(|p| p.as_bytes().to_vec())
         .collect();

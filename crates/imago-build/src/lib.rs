@@ -84,8 +84,6 @@ pub enum BuildError {
         timed_out: bool,
         last_lines: Vec<String>,
     },
-    #[error(transparent)]
-    Runtime(#[from] imago_runtime::RuntimeError),
     #[error("internal error: {0}")]
     Internal(String),
 }

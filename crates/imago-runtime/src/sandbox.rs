@@ -17,7 +17,7 @@
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader};
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -29,7 +29,6 @@ use nix::sched::{CloneFlags, unshare};
 use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
-use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::local::SupervisorCommand;
@@ -53,91 +52,7 @@ pub const STEP_CAPABILITIES: &[&str] = &[
     "CAP_AUDIT_WRITE",
 ];
 
-/// Mount points the runtime itself puts in every sandbox; created in the root when missing.
-pub const STANDARD_MOUNT_POINTS: &[&str] = &["proc", "dev", "sys"];
-
-/// One mount of a step.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
-pub enum SandboxMount {
-    Bind {
-        source: PathBuf,
-        dest: String,
-        read_only: bool,
-    },
-    Tmpfs {
-        dest: String,
-    },
-}
-
-impl SandboxMount {
-    pub fn dest(&self) -> &str {
-        match self {
-            SandboxMount::Bind { dest, .. } | SandboxMount::Tmpfs { dest } => dest,
-        }
-    }
-}
-
-/// Everything the helper needs, written to `DIR/sandbox.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SandboxSpec {
-    /// Unique on this host while the step runs: names the containers and their cgroups.
-    pub id: String,
-    /// The root as the earlier layers left it; never written.
-    pub lower: PathBuf,
-    /// The step's own directory: `upper/` (what the step changed), `work/`, `merged/`, the
-    /// bundle and the result.
-    pub dir: PathBuf,
-    pub commands: Vec<Vec<String>>,
-    /// `KEY=VALUE`, complete (PATH included).
-    pub env: Vec<String>,
-    pub cwd: String,
-    pub uid: u32,
-    pub gid: u32,
-    pub host_network: bool,
-    pub mounts: Vec<SandboxMount>,
-    pub memory_bytes: u64,
-    pub pids: u64,
-    pub timeout_ms: u64,
-    pub engine: Engine,
-    /// Give the step a full copy of `lower` instead of an overlay (also done when the overlay
-    /// cannot be mounted, e.g. on a file system overlayfs does not take as upper directory).
-    #[serde(default)]
-    pub copy_root: bool,
-}
-
-impl SandboxSpec {
-    /// Where the step's changes are, once it ran: an overlayfs upper directory (whiteouts are
-    /// character devices 0/0, replaced directories carry `trusted.overlay.opaque`).
-    pub fn upper(&self) -> PathBuf {
-        self.dir.join("upper")
-    }
-
-    /// Where the step's result is: the upper directory, or with `exit.copied` the whole copied
-    /// root (to be compared in full with `lower`).
-    pub fn changes(&self, exit: &StepExit) -> PathBuf {
-        if exit.copied {
-            self.dir.join("merged")
-        } else {
-            self.upper()
-        }
-    }
-}
-
-/// How a step ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StepExit {
-    /// The exit code of the command that ended the step (128 + signal for a signal).
-    pub code: i32,
-    /// Which command (0-based) ended the step.
-    pub command: usize,
-    /// The step was killed at its timeout.
-    pub timed_out: bool,
-    /// The step ran on a copy of the root (`DIR/merged` is the whole tree afterwards), not on
-    /// an overlay (`DIR/upper` holds what it changed).
-    #[serde(default)]
-    pub copied: bool,
-}
+pub use imago_spec::step::{STANDARD_MOUNT_POINTS, SandboxMount, SandboxSpec, StepExit};
 
 /// Runs the step through the helper `helper` (`program args... DIR`); every piece of output
 /// (stdout and stderr interleaved, one line at a time) goes to `output` as it comes.

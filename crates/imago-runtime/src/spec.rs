@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{RuntimeError, Seccomp};
 
+/// The engine is plain data of imago-spec's, shared with the builder's steps.
+pub use imago_spec::step::Engine;
+
 /// The full description of one instance. Its [`InstanceSpec::spec_hash`] is recorded with the
 /// instance, so later code can tell exactly what each instance runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,16 +158,6 @@ pub enum NetworkMode {
     Host,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Engine {
-    /// youki's libcontainer, linked into imago.
-    #[default]
-    Embedded,
-    /// The external `runc` binary.
-    Runc,
-}
-
 impl fmt::Display for NetworkMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -182,28 +175,6 @@ impl FromStr for NetworkMode {
             "host" => Ok(NetworkMode::Host),
             other => Err(RuntimeError::InvalidSpec(format!(
                 "unknown network mode {other:?} (expected host or private)"
-            ))),
-        }
-    }
-}
-
-impl fmt::Display for Engine {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Engine::Embedded => "embedded",
-            Engine::Runc => "runc",
-        })
-    }
-}
-
-impl FromStr for Engine {
-    type Err = RuntimeError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "embedded" => Ok(Engine::Embedded),
-            "runc" => Ok(Engine::Runc),
-            other => Err(RuntimeError::InvalidSpec(format!(
-                "unknown runtime {other:?} (expected embedded or runc)"
             ))),
         }
     }

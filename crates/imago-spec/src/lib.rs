@@ -9,6 +9,7 @@ pub mod cluster;
 mod error;
 mod parse;
 mod service;
+pub mod step;
 mod target;
 mod volume;
 

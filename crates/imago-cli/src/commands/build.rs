@@ -81,6 +81,30 @@ pub fn sandbox(args: SandboxArgs) -> ! {
     std::process::exit(imago_runtime::sandbox::sandbox_main(&args.dir))
 }
 
+/// `run` steps in imago-runtime's sandbox: a helper process (this executable's `__sandbox`)
+/// per step.
+#[derive(Debug)]
+struct RuntimeSteps {
+    helper: imago_runtime::SupervisorCommand,
+}
+
+impl imago_build::build::StepRunner for RuntimeSteps {
+    fn run(
+        &self,
+        spec: &imago_runtime::sandbox::SandboxSpec,
+        output: &mut dyn FnMut(&[u8]),
+    ) -> std::result::Result<
+        imago_runtime::sandbox::StepExit,
+        Box<dyn std::error::Error + Send + Sync>,
+    > {
+        Ok(imago_runtime::sandbox::run_sandbox(
+            &self.helper,
+            spec,
+            output,
+        )?)
+    }
+}
+
 /// Where `run` steps run: helpers are this executable's `__sandbox`, state under the home.
 pub(crate) fn sandbox_options(
     ctx: &Context,
@@ -93,7 +117,7 @@ pub(crate) fn sandbox_options(
     let home = std::path::absolute(&ctx.home.root)
         .with_context(|| format!("cannot resolve {}", ctx.home.root.display()))?;
     Ok(imago_build::build::SandboxOptions {
-        helper,
+        runner: std::sync::Arc::new(RuntimeSteps { helper }),
         engine,
         work_dir: home.join("build-work"),
         cache_mounts: home.join("build-cache").join("mounts"),
