@@ -21,12 +21,15 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use common::Imago;
-use common::registry::{Registry, RegistryOpts, require_tool};
+use common::registry::{Fault, Proxy, Registry, RegistryOpts, require_tool, tool};
 
 /// dockerd + swarm + registry, shared by the tests that are running.
 struct Cluster {
     dir: tempfile::TempDir,
     socket: PathBuf,
+    /// The daemon's TLS listener (`--tlsverify`): `tcp://127.0.0.1:PORT`.
+    tls_endpoint: String,
+    _tls_lease: common::PortLease,
     dockerd: Mutex<Child>,
     registry: Registry,
 }
@@ -53,8 +56,18 @@ impl Cluster {
             .tempdir()
             .unwrap();
         let socket = dir.path().join("docker.sock");
+        let tls = dir.path().join("tls");
+        make_tls_files(&tls);
+        let tls_lease = common::lease_port();
+        let tls_endpoint = format!("tcp://127.0.0.1:{}", tls_lease.port);
         let log = std::fs::File::create(dir.path().join("dockerd.log")).unwrap();
         let child = Command::new("dockerd")
+            .args(["-H", &tls_endpoint, "--tlsverify", "--tlscacert"])
+            .arg(tls.join("ca.crt"))
+            .arg("--tlscert")
+            .arg(tls.join("server.crt"))
+            .arg("--tlskey")
+            .arg(tls.join("server.key"))
             .args(["--iptables=false", "--ip-forward=false", "--data-root"])
             .arg(dir.path().join("data"))
             .arg("--exec-root")
@@ -72,6 +85,8 @@ impl Cluster {
         let cluster = Cluster {
             dir,
             socket,
+            tls_endpoint,
+            _tls_lease: tls_lease,
             dockerd: Mutex::new(child),
             registry,
         };
@@ -86,6 +101,12 @@ impl Cluster {
         }
         cluster.docker(&["swarm", "init", "--advertise-addr", "127.0.0.1"]);
         cluster
+    }
+
+    /// docker's `DOCKER_CERT_PATH`: `ca.pem`, `cert.pem`, `key.pem` of a client the daemon
+    /// accepts.
+    fn client_cert_dir(&self) -> PathBuf {
+        self.dir.path().join("tls/client")
     }
 
     fn log(&self) -> String {
@@ -157,6 +178,113 @@ impl Drop for Cluster {
         for link in ["docker_gwbridge", "docker0"] {
             let _ = Command::new("ip").args(["link", "del", link]).output();
         }
+    }
+}
+
+/// A test CA, the daemon's certificate for 127.0.0.1 (`ca.crt`, `server.crt`, `server.key`)
+/// and a client certificate in docker's layout (`client/{ca,cert,key}.pem`).
+fn make_tls_files(dir: &Path) {
+    std::fs::create_dir_all(dir.join("client")).unwrap();
+    common::registry::make_certificates(dir);
+    let p = |name: &str| dir.join(name).display().to_string();
+    tool(
+        "openssl",
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &p("client/key.pem"),
+            "-out",
+            &p("client.csr"),
+            "-subj",
+            "/CN=imago test client",
+        ],
+    );
+    std::fs::write(
+        dir.join("client.ext"),
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n",
+    )
+    .unwrap();
+    tool(
+        "openssl",
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &p("client.csr"),
+            "-CA",
+            &p("ca.crt"),
+            "-CAkey",
+            &p("ca.key"),
+            "-CAcreateserial",
+            "-out",
+            &p("client/cert.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            &p("client.ext"),
+        ],
+    );
+    std::fs::copy(dir.join("ca.crt"), dir.join("client/ca.pem")).unwrap();
+}
+
+/// Plain TCP on a leased loopback port, piped to a unix socket: a `tcp://` Docker endpoint
+/// without TLS (dockerd itself warns about, and newer ones delay, an unauthenticated TCP
+/// listener). Stops accepting when dropped.
+struct Forwarder {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    _lease: common::PortLease,
+}
+
+impl Forwarder {
+    fn start(socket: &Path) -> Forwarder {
+        let lease = common::lease_port();
+        let listener = std::net::TcpListener::bind(("127.0.0.1", lease.port)).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (socket, stopped) = (socket.to_owned(), stop.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stopped.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(client) = conn else { continue };
+                let Ok(daemon) = std::os::unix::net::UnixStream::connect(&socket) else {
+                    continue;
+                };
+                let (mut c_in, mut d_out) =
+                    (client.try_clone().unwrap(), daemon.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c_in, &mut d_out);
+                    let _ = d_out.shutdown(std::net::Shutdown::Write);
+                });
+                let (mut d_in, mut c_out) = (daemon, client);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut d_in, &mut c_out);
+                    let _ = c_out.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        Forwarder {
+            port: lease.port,
+            stop,
+            _lease: lease,
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("tcp://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
     }
 }
 
@@ -578,4 +706,228 @@ fn a_controller_killed_mid_rollout_is_restarted_and_records_the_outcome() {
     let v2 = s.built_digest();
     assert!(s.image().ends_with(&v2));
     assert!(s.get().unwrap().contains("version 2"));
+}
+
+/// `imago plan --json` of the service's file: the plan of its one service.
+fn plan_of(s: &SwarmService) -> serde_json::Value {
+    s.imago
+        .run(&["plan", "--json", "-f", &s.file()])
+        .ok()
+        .json()[0]
+        .clone()
+}
+
+#[test]
+fn plan_compares_with_the_live_service_and_status_lists_its_tasks() {
+    let s = SwarmService::new("swplan");
+    let first = plan_of(&s);
+    assert_eq!(first["cluster"]["action"], "create", "{first}");
+    assert_eq!(first["cluster"]["engine"], "swarm");
+    s.apply().ok();
+    let v1 = s.built_digest();
+    let same = plan_of(&s);
+    assert_eq!(same["action"], "no change", "{same}");
+    assert_eq!(same["cluster"]["action"], "unchanged", "{same}");
+    assert_eq!(same["cluster"]["live_release"], 1);
+
+    // Status lists the tasks the swarm runs: release, image digest, node and address.
+    let status = s.imago.run(&["status", "--json", &s.name]).ok().json();
+    let tasks = status["services"][0]["tasks"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let running: Vec<_> = tasks
+        .iter()
+        .filter(|t| t["phase"] == "running" && t["desired_running"] == true)
+        .collect();
+    assert_eq!(running.len(), 3, "{status}");
+    for task in &running {
+        assert_eq!(task["release"], 1, "{task}");
+        assert_eq!(task["image_digest"].as_str(), Some(v1.as_str()), "{task}");
+        assert_eq!(task["node"], "127.0.0.1", "{task}");
+        assert!(
+            task["address"].as_str().unwrap().starts_with("127.0.0.1:"),
+            "{task}"
+        );
+    }
+    let human = s.imago.run(&["status", &s.name]).ok().stdout();
+    assert_eq!(
+        human
+            .lines()
+            .filter(|l| l.trim_start().starts_with("task "))
+            .count(),
+        3,
+        "{human}"
+    );
+
+    // The health check changed by hand (no controller to put it back): drift, in the plan and
+    // in `imago drift`, which read the daemon's `Healthcheck`.
+    s.imago.run(&["serve", "--stop"]).ok();
+    s.cluster.docker(&[
+        "service",
+        "update",
+        "--detach",
+        "--health-cmd",
+        "true",
+        &s.name,
+    ]);
+    let drifted = plan_of(&s);
+    assert_eq!(drifted["cluster"]["action"], "drifted", "{drifted}");
+    let fields = drifted["cluster"]["fields"].to_string();
+    assert!(
+        fields.contains("health: ") && fields.contains("CMD-SHELL"),
+        "{fields}"
+    );
+    let drift = s.imago.run(&["drift", "--json"]).json();
+    assert!(
+        drift
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["detail"].as_str().unwrap().starts_with("health: ")),
+        "{drift}"
+    );
+
+    // A new version: an update, naming the fields it changes.
+    s.set_version("2");
+    let update = plan_of(&s);
+    assert_eq!(update["action"], "new release", "{update}");
+    assert_eq!(update["cluster"]["action"], "update", "{update}");
+    let fields = update["cluster"]["fields"].to_string();
+    assert!(
+        fields.contains("image: ") && fields.contains("env: ") && fields.contains("VERSION=2"),
+        "{fields}"
+    );
+    let human = s.imago.run(&["plan", "-f", &s.file()]).ok().stdout();
+    assert!(
+        human.contains(&format!(
+            "swarm service {} on target swarm: update (live: release 1)",
+            s.name
+        )),
+        "{human}"
+    );
+}
+
+#[test]
+fn tcp_endpoints_in_plain_http_and_with_tls_drive_the_swarm() {
+    let forwarder = Forwarder::start(&cluster().socket);
+    let s = SwarmService::new("swtcp");
+    let tls = s.cluster.tls_endpoint.clone();
+    s.edit(
+        &format!("endpoint = \"{}\"", s.cluster.host()),
+        &format!("endpoint = \"{tls}\""),
+    );
+    // TLS, with the client certificate in DOCKER_CERT_PATH, as the docker CLI finds it.
+    let with_tls = |args: &[&str]| {
+        let mut cmd = s.imago.cmd();
+        cmd.env("DOCKER_TLS_VERIFY", "1")
+            .env("DOCKER_CERT_PATH", s.cluster.client_cert_dir())
+            .args(args);
+        common::Run {
+            output: cmd.output().unwrap(),
+        }
+    };
+    let applied = with_tls(&["apply", "--timeout", "120s", "-f", &s.file()]).ok();
+    assert!(
+        applied.stdout().contains("deployment complete (release 1"),
+        "{}",
+        applied.stdout()
+    );
+    assert!(s.get().unwrap().contains("version 1"));
+    assert_eq!(
+        with_tls(&["plan", "--json", "-f", &s.file()]).ok().json()[0]["cluster"]["action"],
+        "unchanged"
+    );
+    // Without the certificate the daemon's TLS port is no Docker API: a clear error.
+    let refused = s.imago.run(&["plan", "-f", &s.file()]).fails();
+    assert!(refused.contains(&tls), "{refused}");
+
+    // Plain HTTP: the same service moved to a plain tcp:// endpoint (a new release). The
+    // controller was started with TLS in its environment: a new one, without.
+    s.imago.run(&["serve", "--stop"]).ok();
+    s.edit(
+        &format!("endpoint = \"{tls}\""),
+        &format!("endpoint = \"{}\"", forwarder.endpoint()),
+    );
+    let moved = plan_of(&s);
+    assert_eq!(moved["cluster"]["action"], "update", "{moved}");
+    let applied = s.apply().ok();
+    assert!(
+        applied.stdout().contains("deployment complete (release 2"),
+        "{}",
+        applied.stdout()
+    );
+    let status = s.imago.run(&["status", "--json", &s.name]).ok().json();
+    let tasks = status["services"][0]["tasks"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        tasks
+            .iter()
+            .filter(|t| t["phase"] == "running" && t["release"] == 2)
+            .count(),
+        3,
+        "{status}"
+    );
+    assert_eq!(s.label("imago.release"), "2");
+}
+
+#[test]
+fn a_push_cut_mid_blob_fails_apply_records_nothing_and_a_retry_succeeds() {
+    let s = SwarmService::new("swcut");
+    let upstream = s.cluster.registry.host();
+    // Every blob upload is cut after 32 KiB of its body.
+    let proxy = Proxy::start(
+        &upstream,
+        vec![
+            Fault::cut("PATCH", "/blobs/uploads/", 32 * 1024).always(),
+            Fault::cut("PUT", "/blobs/uploads/", 32 * 1024).always(),
+        ],
+    );
+    // A repository of its own: blobs other tests pushed are not there already.
+    s.edit(
+        &format!("registry = \"{upstream}/imago-test\""),
+        &format!("registry = \"{}/imago-cut\"", proxy.host()),
+    );
+    let apply = || {
+        let mut cmd = s.imago.cmd();
+        cmd.env("IMAGO_REGISTRY_RETRIES", "1")
+            .env("IMAGO_REGISTRY_BACKOFF_MS", "20")
+            .args(["apply", "--timeout", "120s", "-f", &s.file()]);
+        common::Run {
+            output: cmd.output().unwrap(),
+        }
+    };
+    let failed = apply().fails();
+    assert!(
+        failed.contains(&proxy.host()) && failed.contains("service swcut"),
+        "the error names the service and the registry: {failed}"
+    );
+    assert!(
+        proxy.records().iter().any(|r| r.fault.is_some()),
+        "no upload was cut:\n{}",
+        proxy.summary()
+    );
+    let history = s.imago.run(&["history", &s.name]).fails();
+    assert!(history.contains("has no release"), "{history}");
+    assert!(
+        s.cluster.service(&s.name).is_none(),
+        "nothing reached the swarm"
+    );
+
+    // The registry is reachable again: the same apply succeeds, as release 1.
+    proxy.set_faults(vec![]);
+    let applied = apply().ok();
+    assert!(
+        applied.stdout().contains("deployment complete (release 1"),
+        "{}",
+        applied.stdout()
+    );
+    assert_eq!(s.history().len(), 1);
+    assert!(
+        s.image()
+            .starts_with(&format!("{}/imago-cut/web@sha256:", proxy.host()))
+    );
+    assert!(s.get().unwrap().contains("version 1"));
 }

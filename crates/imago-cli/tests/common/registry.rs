@@ -385,7 +385,7 @@ impl Drop for Registry {
 }
 
 /// A test CA and a server certificate for IP:127.0.0.1 signed by it (P-256 keys: fast to make).
-fn make_certificates(dir: &Path) {
+pub fn make_certificates(dir: &Path) {
     require_tool("openssl");
     let p = |name: &str| dir.join(name).display().to_string();
     tool(
