@@ -788,8 +788,13 @@ fn plan_compares_with_the_live_service_and_status_lists_its_tasks() {
         "{drift}"
     );
 
-    // A new version: an update, naming the fields it changes.
+    // A new version, not built yet: the plan cannot know the digest, and says so.
     s.set_version("2");
+    let unbuilt = plan_of(&s);
+    assert_eq!(unbuilt["cluster"]["action"], "update", "{unbuilt}");
+    assert!(unbuilt["cluster"]["fields"].to_string().contains("digest not known yet"));
+    // Built: an update, naming the fields it changes.
+    s.built_digest();
     let update = plan_of(&s);
     assert_eq!(update["action"], "new release", "{update}");
     assert_eq!(update["cluster"]["action"], "update", "{update}");
