@@ -792,7 +792,11 @@ fn plan_compares_with_the_live_service_and_status_lists_its_tasks() {
     s.set_version("2");
     let unbuilt = plan_of(&s);
     assert_eq!(unbuilt["cluster"]["action"], "update", "{unbuilt}");
-    assert!(unbuilt["cluster"]["fields"].to_string().contains("digest not known yet"));
+    assert!(
+        unbuilt["cluster"]["fields"]
+            .to_string()
+            .contains("digest not known yet")
+    );
     // Built: an update, naming the fields it changes.
     s.built_digest();
     let update = plan_of(&s);
@@ -935,4 +939,348 @@ fn a_push_cut_mid_blob_fails_apply_records_nothing_and_a_retry_succeeds() {
             .starts_with(&format!("{}/imago-cut/web@sha256:", proxy.host()))
     );
     assert!(s.get().unwrap().contains("version 1"));
+}
+
+/// Runs `ip ARGS`, which must succeed.
+fn ip(args: &[&str]) {
+    tool("ip", args);
+}
+
+/// A swarm of two nodes of its own, each a dockerd in a network namespace this test makes
+/// (`--bridge=none --iptables=false --ip-forward=false`, own data root, exec root, pid file and
+/// socket): the manager and a worker joined to it over a veth pair between the namespaces, each
+/// namespace linked to the host by a veth pair too. The registry listens on the host end of the
+/// manager's link, which the worker reaches through its own (the host's address, no
+/// forwarding). Everything is torn down when dropped, whatever the test did.
+struct TwoNodes {
+    dir: tempfile::TempDir,
+    /// Namespaces and host-side links, removed on drop.
+    netns: Vec<String>,
+    links: Vec<String>,
+    /// The manager's, then the worker's daemon.
+    daemons: Vec<(Child, PathBuf)>,
+    registry: Option<Registry>,
+}
+
+impl TwoNodes {
+    fn start() -> TwoNodes {
+        for program in ["dockerd", "docker", "ip", "nsenter", "docker-registry"] {
+            require_tool(program);
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("imago-2n-")
+            .tempdir()
+            .unwrap();
+        let pid = std::process::id();
+        // Subnets of this process's own: 10.199.B.0/24, B..B+2.
+        let b = (pid % 80) * 3;
+        let net = |i: u32, host: u32| format!("10.199.{}.{host}", b + i);
+        let mut nodes = TwoNodes {
+            dir,
+            netns: Vec::new(),
+            links: Vec::new(),
+            daemons: Vec::new(),
+            registry: None,
+        };
+        let (m, w) = (format!("imago-m-{pid}"), format!("imago-w-{pid}"));
+        for ns in [&m, &w] {
+            ip(&["netns", "add", ns]);
+            nodes.netns.push(ns.clone());
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        // host <-> manager (0), host <-> worker (1), manager <-> worker (2).
+        let links = [
+            (format!("ih{pid}m"), None, &m, 0),
+            (format!("ih{pid}w"), None, &w, 1),
+            (format!("im{pid}w"), Some(&m), &w, 2),
+        ];
+        for (name, left_ns, right_ns, i) in &links {
+            let peer = format!("{name}p");
+            ip(&["link", "add", name, "type", "veth", "peer", "name", &peer]);
+            nodes.links.push(name.clone());
+            ip(&["link", "set", &peer, "netns", right_ns]);
+            ip(&[
+                "-n",
+                right_ns,
+                "addr",
+                "add",
+                &format!("{}/24", net(*i, 2)),
+                "dev",
+                &peer,
+            ]);
+            ip(&["-n", right_ns, "link", "set", &peer, "up"]);
+            match left_ns {
+                Some(ns) => {
+                    ip(&["link", "set", name, "netns", ns]);
+                    ip(&[
+                        "-n",
+                        ns,
+                        "addr",
+                        "add",
+                        &format!("{}/24", net(*i, 1)),
+                        "dev",
+                        name,
+                    ]);
+                    ip(&["-n", ns, "link", "set", name, "up"]);
+                }
+                None => {
+                    ip(&["addr", "add", &format!("{}/24", net(*i, 1)), "dev", name]);
+                    ip(&["link", "set", name, "up"]);
+                }
+            }
+        }
+        // Each node reaches the host's addresses through its own link.
+        ip(&["-n", &m, "route", "add", "default", "via", &net(0, 1)]);
+        ip(&["-n", &w, "route", "add", "default", "via", &net(1, 1)]);
+        let registry = Registry::start(RegistryOpts {
+            listen: Some(net(0, 1).parse().unwrap()),
+            ..RegistryOpts::plain()
+        });
+        let registry_host = registry.host();
+        nodes.registry = Some(registry);
+        for (ns, name) in [(&m, "manager"), (&w, "worker")] {
+            let root = nodes.dir.path().join(name);
+            std::fs::create_dir_all(&root).unwrap();
+            let socket = root.join("docker.sock");
+            let log = std::fs::File::create(root.join("dockerd.log")).unwrap();
+            let child = Command::new("nsenter")
+                .arg(format!("--net=/var/run/netns/{ns}"))
+                .args([
+                    "dockerd",
+                    "--bridge=none",
+                    "--iptables=false",
+                    "--ip-forward=false",
+                    "--insecure-registry",
+                    &registry_host,
+                    "--data-root",
+                ])
+                .arg(root.join("data"))
+                .arg("--exec-root")
+                .arg(root.join("exec"))
+                .arg("--pidfile")
+                .arg(root.join("dockerd.pid"))
+                .arg("-H")
+                .arg(format!("unix://{}", socket.display()))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("start dockerd in its namespace");
+            nodes.daemons.push((child, socket));
+        }
+        for i in 0..2 {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !nodes
+                .docker_cmd(i, &["version"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "dockerd {i} did not answer within 60 s: {}",
+                    nodes.log(i)
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        nodes.docker(0, &["swarm", "init", "--advertise-addr", &net(2, 1)]);
+        let token = nodes.docker(0, &["swarm", "join-token", "-q", "worker"]);
+        nodes.docker(
+            1,
+            &[
+                "swarm",
+                "join",
+                "--token",
+                &token,
+                "--advertise-addr",
+                &net(2, 2),
+                &format!("{}:2377", net(2, 1)),
+            ],
+        );
+        let ready = nodes.docker(0, &["node", "ls", "--format", "{{.Status}}"]);
+        assert_eq!(
+            ready.lines().filter(|l| *l == "Ready").count(),
+            2,
+            "{ready}"
+        );
+        nodes
+    }
+
+    fn log(&self, i: usize) -> String {
+        let name = if i == 0 { "manager" } else { "worker" };
+        std::fs::read_to_string(self.dir.path().join(name).join("dockerd.log")).unwrap_or_default()
+    }
+
+    fn endpoint(&self) -> String {
+        format!("unix://{}", self.daemons[0].1.display())
+    }
+
+    fn registry(&self) -> &Registry {
+        self.registry.as_ref().unwrap()
+    }
+
+    fn docker_cmd(&self, node: usize, args: &[&str]) -> Command {
+        let mut cmd = Command::new("docker");
+        cmd.arg("-H")
+            .arg(format!("unix://{}", self.daemons[node].1.display()))
+            .args(args);
+        cmd
+    }
+
+    fn docker(&self, node: usize, args: &[&str]) -> String {
+        let out = self.docker_cmd(node, args).output().expect("run docker");
+        assert!(
+            out.status.success(),
+            "docker {args:?} on node {node} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Node id -> images of the running tasks of `service` there.
+    fn running_by_node(&self, service: &str) -> std::collections::BTreeMap<String, Vec<String>> {
+        let ids = self.docker(
+            0,
+            &[
+                "service",
+                "ps",
+                "-q",
+                "--no-trunc",
+                "--filter",
+                "desired-state=running",
+                service,
+            ],
+        );
+        let mut by_node = std::collections::BTreeMap::<String, Vec<String>>::new();
+        for id in ids.lines() {
+            let task = self.docker(
+                0,
+                &[
+                    "inspect",
+                    "--format",
+                    "{{.Status.State}} {{.NodeID}} {{.Spec.ContainerSpec.Image}}",
+                    id,
+                ],
+            );
+            let fields: Vec<&str> = task.split(' ').collect();
+            if fields[0] == "running" {
+                by_node
+                    .entry(fields[1].to_owned())
+                    .or_default()
+                    .push(fields[2].to_owned());
+            }
+        }
+        by_node
+    }
+}
+
+impl Drop for TwoNodes {
+    fn drop(&mut self) {
+        // Worker first: a manager that leaves first leaves a worker with no swarm to leave.
+        for i in (0..self.daemons.len()).rev() {
+            let _ = self.docker_cmd(i, &["swarm", "leave", "--force"]).output();
+        }
+        for (child, _) in &mut self.daemons {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+        }
+        for (child, _) in &mut self.daemons {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.registry = None;
+        // A namespace takes the links inside it along; the host ends go with their peers.
+        for ns in &self.netns {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+        for link in &self.links {
+            let _ = Command::new("ip").args(["link", "del", link]).output();
+        }
+    }
+}
+
+#[test]
+fn a_service_on_two_nodes_rolls_over_and_back_with_tasks_on_both() {
+    let nodes = TwoNodes::start();
+    let imago = Imago::new();
+    let dir = imago.dir.path().join("two");
+    std::fs::create_dir_all(dir.join("www")).unwrap();
+    let example = std::fs::read_to_string(Path::new(EXAMPLE).join("imago.toml")).unwrap();
+    let images = &example[..example.find("[service.web]").unwrap()];
+    let write = |version: &str| {
+        std::fs::write(dir.join("www/index.html"), format!("version {version}\n")).unwrap();
+        std::fs::write(
+            dir.join("imago.toml"),
+            format!(
+                "{images}\n[service.sw2n]\nimage = \"web\"\nreplicas = 4\ntarget = \"two\"\n\
+                 env = {{ VERSION = \"{version}\" }}\nstop_grace_period = \"1s\"\n\n\
+                 [service.sw2n.health]\ntype = \"http\"\nport = 8080\npath = \"/\"\n\
+                 interval = \"500ms\"\ntimeout = \"2s\"\n\n\
+                 [service.sw2n.rollout]\nmax_surge = 2\nmax_unavailable = 0\nmin_ready = \"500ms\"\ndrain = \"1s\"\n\
+                 progress_deadline = \"90s\"\n\n\
+                 [target.two]\nengine = \"swarm\"\nendpoint = \"{}\"\nregistry = \"{}/imago-2n\"\n",
+                nodes.endpoint(),
+                nodes.registry().host()
+            ),
+        )
+        .unwrap();
+    };
+    // imago pushes in plain HTTP to the registry's non-loopback address only when told to.
+    std::fs::create_dir_all(&imago.home).unwrap();
+    std::fs::write(
+        imago.home.join("config.toml"),
+        format!("insecure_registries = [\"{}\"]\n", nodes.registry().host()),
+    )
+    .unwrap();
+    let file = dir.join("imago.toml").display().to_string();
+    let apply = |what: &str| {
+        let out = imago.run(&["apply", "--timeout", "180s", "-f", &file]).ok();
+        assert!(out.stdout().contains(what), "{}", out.stdout());
+    };
+    let guard = StopController(&imago);
+    write("1");
+    apply("deployment complete (release 1");
+    let v1 = nodes.running_by_node("sw2n");
+    assert_eq!(v1.len(), 2, "tasks on both nodes: {v1:?}");
+    assert_eq!(v1.values().map(Vec::len).sum::<usize>(), 4, "{v1:?}");
+    let image_v1 = v1.values().next().unwrap()[0].clone();
+
+    // Rolls over: every task on both nodes runs the new digest.
+    write("2");
+    apply("deployment complete (release 2");
+    let v2 = nodes.running_by_node("sw2n");
+    assert_eq!(v2.len(), 2, "tasks on both nodes: {v2:?}");
+    let images: std::collections::BTreeSet<_> = v2.values().flatten().cloned().collect();
+    assert_eq!(images.len(), 1, "{v2:?}");
+    assert_ne!(
+        images.first(),
+        Some(&image_v1),
+        "release 2 runs a new digest"
+    );
+
+    // Rolls back: release 3 runs release 1's digest on both nodes again.
+    let rolled = imago.run(&["rollback", "--timeout", "180s", "sw2n"]).ok();
+    assert!(rolled.stdout().contains("release 3"), "{}", rolled.stdout());
+    let back = nodes.running_by_node("sw2n");
+    assert_eq!(back.len(), 2, "tasks on both nodes: {back:?}");
+    assert!(
+        back.values().flatten().all(|i| *i == image_v1),
+        "{back:?} != {image_v1}"
+    );
+    imago.run(&["destroy", "sw2n"]).ok();
+    drop(guard);
+}
+
+/// Stops the home's controller however the test ends (before the swarm goes away).
+struct StopController<'a>(&'a Imago);
+
+impl Drop for StopController<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.cmd().args(["serve", "--stop"]).output();
+    }
 }
