@@ -260,6 +260,7 @@ fn make_plan(
     let mut plans = Vec::new();
     let mut on_clusters: BTreeMap<String, (ResolvedTarget, Vec<(usize, (ClusterService, bool))>)> =
         BTreeMap::new();
+    let mut checked: BTreeMap<String, Option<Digest>> = BTreeMap::new();
     for (name, spec) in &services.specs {
         let digest = match resolve_image(ctx, services, store, name, spec, Fetch::ManifestOnly)? {
             ImageSource::Stored(d) => Some(d),
@@ -269,6 +270,8 @@ fn make_plan(
             {
                 None
             }
+            // Services that share an image: it is checked once.
+            ImageSource::Built(image) if checked.contains_key(&image) => checked[&image].clone(),
             // A check build, with the same progress display as `imago build --check`.
             ImageSource::Built(image) => match super::build::build_one(
                 ctx,
@@ -277,7 +280,10 @@ fn make_plan(
                 &image,
                 &build_options(ctx, true),
             ) {
-                Ok(built) => Some(built.digest),
+                Ok(built) => {
+                    checked.insert(image, Some(built.digest.clone()));
+                    Some(built.digest)
+                }
                 Err(e)
                     if matches!(
                         e.downcast_ref::<imago_build::BuildError>(),
@@ -286,6 +292,7 @@ fn make_plan(
                     ) =>
                 {
                     // The image must be rebuilt: the digest it will get is not known yet.
+                    checked.insert(image, None);
                     None
                 }
                 Err(e) => return Err(e),
