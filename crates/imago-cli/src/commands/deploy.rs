@@ -246,6 +246,10 @@ impl Render for PlanResult {
     }
 }
 
+/// A service `plan` asks its cluster engine about: its index among the plans, the release apply
+/// would make, and whether that release's digest is known (not when the image is rebuilt first).
+type AskedOfEngine = (usize, (ClusterService, bool));
+
 /// Validates the services and works out, for each, what apply would do.
 fn make_plan(
     ctx: &Context,
@@ -258,8 +262,7 @@ fn make_plan(
     let running = current_instances(ctx, store)?;
     let ours = daemon::own_pids(&DeployHome::new(ctx));
     let mut plans = Vec::new();
-    let mut on_clusters: BTreeMap<String, (ResolvedTarget, Vec<(usize, (ClusterService, bool))>)> =
-        BTreeMap::new();
+    let mut on_clusters: BTreeMap<String, (ResolvedTarget, Vec<AskedOfEngine>)> = BTreeMap::new();
     let mut checked: BTreeMap<String, Option<Digest>> = BTreeMap::new();
     for (name, spec) in &services.specs {
         let digest = match resolve_image(ctx, services, store, name, spec, Fetch::ManifestOnly)? {
