@@ -426,7 +426,13 @@ mod tests {
             diff[0].starts_with("health: [\"CMD\", \"true\"]"),
             "{diff:?}"
         );
-        container.health_check = None;
+        live.task_template
+            .as_mut()
+            .unwrap()
+            .container_spec
+            .as_mut()
+            .unwrap()
+            .health_check = None;
         assert!(differences(&live, &rendered)[0].starts_with("health: none != "));
     }
 
