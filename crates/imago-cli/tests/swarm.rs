@@ -21,12 +21,15 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use common::Imago;
-use common::registry::{Registry, RegistryOpts, require_tool};
+use common::registry::{Fault, Proxy, Registry, RegistryOpts, require_tool, tool};
 
 /// dockerd + swarm + registry, shared by the tests that are running.
 struct Cluster {
     dir: tempfile::TempDir,
     socket: PathBuf,
+    /// The daemon's TLS listener (`--tlsverify`): `tcp://127.0.0.1:PORT`.
+    tls_endpoint: String,
+    _tls_lease: common::PortLease,
     dockerd: Mutex<Child>,
     registry: Registry,
 }
@@ -53,8 +56,18 @@ impl Cluster {
             .tempdir()
             .unwrap();
         let socket = dir.path().join("docker.sock");
+        let tls = dir.path().join("tls");
+        make_tls_files(&tls);
+        let tls_lease = common::lease_port();
+        let tls_endpoint = format!("tcp://127.0.0.1:{}", tls_lease.port);
         let log = std::fs::File::create(dir.path().join("dockerd.log")).unwrap();
         let child = Command::new("dockerd")
+            .args(["-H", &tls_endpoint, "--tlsverify", "--tlscacert"])
+            .arg(tls.join("ca.crt"))
+            .arg("--tlscert")
+            .arg(tls.join("server.crt"))
+            .arg("--tlskey")
+            .arg(tls.join("server.key"))
             .args(["--iptables=false", "--ip-forward=false", "--data-root"])
             .arg(dir.path().join("data"))
             .arg("--exec-root")
@@ -72,6 +85,8 @@ impl Cluster {
         let cluster = Cluster {
             dir,
             socket,
+            tls_endpoint,
+            _tls_lease: tls_lease,
             dockerd: Mutex::new(child),
             registry,
         };
@@ -86,6 +101,12 @@ impl Cluster {
         }
         cluster.docker(&["swarm", "init", "--advertise-addr", "127.0.0.1"]);
         cluster
+    }
+
+    /// docker's `DOCKER_CERT_PATH`: `ca.pem`, `cert.pem`, `key.pem` of a client the daemon
+    /// accepts.
+    fn client_cert_dir(&self) -> PathBuf {
+        self.dir.path().join("tls/client")
     }
 
     fn log(&self) -> String {
@@ -157,6 +178,113 @@ impl Drop for Cluster {
         for link in ["docker_gwbridge", "docker0"] {
             let _ = Command::new("ip").args(["link", "del", link]).output();
         }
+    }
+}
+
+/// A test CA, the daemon's certificate for 127.0.0.1 (`ca.crt`, `server.crt`, `server.key`)
+/// and a client certificate in docker's layout (`client/{ca,cert,key}.pem`).
+fn make_tls_files(dir: &Path) {
+    std::fs::create_dir_all(dir.join("client")).unwrap();
+    common::registry::make_certificates(dir);
+    let p = |name: &str| dir.join(name).display().to_string();
+    tool(
+        "openssl",
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &p("client/key.pem"),
+            "-out",
+            &p("client.csr"),
+            "-subj",
+            "/CN=imago test client",
+        ],
+    );
+    std::fs::write(
+        dir.join("client.ext"),
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n",
+    )
+    .unwrap();
+    tool(
+        "openssl",
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &p("client.csr"),
+            "-CA",
+            &p("ca.crt"),
+            "-CAkey",
+            &p("ca.key"),
+            "-CAcreateserial",
+            "-out",
+            &p("client/cert.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            &p("client.ext"),
+        ],
+    );
+    std::fs::copy(dir.join("ca.crt"), dir.join("client/ca.pem")).unwrap();
+}
+
+/// Plain TCP on a leased loopback port, piped to a unix socket: a `tcp://` Docker endpoint
+/// without TLS (dockerd itself warns about, and newer ones delay, an unauthenticated TCP
+/// listener). Stops accepting when dropped.
+struct Forwarder {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    _lease: common::PortLease,
+}
+
+impl Forwarder {
+    fn start(socket: &Path) -> Forwarder {
+        let lease = common::lease_port();
+        let listener = std::net::TcpListener::bind(("127.0.0.1", lease.port)).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (socket, stopped) = (socket.to_owned(), stop.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stopped.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(client) = conn else { continue };
+                let Ok(daemon) = std::os::unix::net::UnixStream::connect(&socket) else {
+                    continue;
+                };
+                let (mut c_in, mut d_out) =
+                    (client.try_clone().unwrap(), daemon.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c_in, &mut d_out);
+                    let _ = d_out.shutdown(std::net::Shutdown::Write);
+                });
+                let (mut d_in, mut c_out) = (daemon, client);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut d_in, &mut c_out);
+                    let _ = c_out.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        Forwarder {
+            port: lease.port,
+            stop,
+            _lease: lease,
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("tcp://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
     }
 }
 
@@ -578,4 +706,581 @@ fn a_controller_killed_mid_rollout_is_restarted_and_records_the_outcome() {
     let v2 = s.built_digest();
     assert!(s.image().ends_with(&v2));
     assert!(s.get().unwrap().contains("version 2"));
+}
+
+/// `imago plan --json` of the service's file: the plan of its one service.
+fn plan_of(s: &SwarmService) -> serde_json::Value {
+    s.imago
+        .run(&["plan", "--json", "-f", &s.file()])
+        .ok()
+        .json()[0]
+        .clone()
+}
+
+#[test]
+fn plan_compares_with_the_live_service_and_status_lists_its_tasks() {
+    let s = SwarmService::new("swplan");
+    let first = plan_of(&s);
+    assert_eq!(first["cluster"]["action"], "create", "{first}");
+    assert_eq!(first["cluster"]["engine"], "swarm");
+    s.apply().ok();
+    let v1 = s.built_digest();
+    let same = plan_of(&s);
+    assert_eq!(same["action"], "no change", "{same}");
+    assert_eq!(same["cluster"]["action"], "unchanged", "{same}");
+    assert_eq!(same["cluster"]["live_release"], 1);
+
+    // Status lists the tasks the swarm runs: release, image digest, node and address.
+    let status = s.imago.run(&["status", "--json", &s.name]).ok().json();
+    let tasks = status["services"][0]["tasks"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let running: Vec<_> = tasks
+        .iter()
+        .filter(|t| t["phase"] == "running" && t["desired_running"] == true)
+        .collect();
+    assert_eq!(running.len(), 3, "{status}");
+    for task in &running {
+        assert_eq!(task["release"], 1, "{task}");
+        assert_eq!(task["image_digest"].as_str(), Some(v1.as_str()), "{task}");
+        assert_eq!(task["node"], "127.0.0.1", "{task}");
+        assert!(
+            task["address"].as_str().unwrap().starts_with("127.0.0.1:"),
+            "{task}"
+        );
+    }
+    let human = s.imago.run(&["status", &s.name]).ok().stdout();
+    assert_eq!(
+        human
+            .lines()
+            .filter(|l| l.trim_start().starts_with("task "))
+            .count(),
+        3,
+        "{human}"
+    );
+
+    // The health check changed by hand (no controller to put it back): drift, in the plan and
+    // in `imago drift`, which read the daemon's `Healthcheck`.
+    s.imago.run(&["serve", "--stop"]).ok();
+    s.cluster.docker(&[
+        "service",
+        "update",
+        "--detach",
+        "--health-cmd",
+        "true",
+        &s.name,
+    ]);
+    let drifted = plan_of(&s);
+    assert_eq!(drifted["cluster"]["action"], "drifted", "{drifted}");
+    let fields = drifted["cluster"]["fields"].to_string();
+    assert!(
+        fields.contains("health: ") && fields.contains("CMD-SHELL"),
+        "{fields}"
+    );
+    let drift = s.imago.run(&["drift", "--json"]).json();
+    assert!(
+        drift
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["detail"].as_str().unwrap().starts_with("health: ")),
+        "{drift}"
+    );
+
+    // A new version, not built yet: the plan cannot know the digest, and says so.
+    s.set_version("2");
+    let unbuilt = plan_of(&s);
+    assert_eq!(unbuilt["cluster"]["action"], "update", "{unbuilt}");
+    assert!(
+        unbuilt["cluster"]["fields"]
+            .to_string()
+            .contains("digest not known yet")
+    );
+    // Built: an update, naming the fields it changes.
+    s.built_digest();
+    let update = plan_of(&s);
+    assert_eq!(update["action"], "new release", "{update}");
+    assert_eq!(update["cluster"]["action"], "update", "{update}");
+    let fields = update["cluster"]["fields"].to_string();
+    assert!(
+        fields.contains("image: ") && fields.contains("env: ") && fields.contains("VERSION=2"),
+        "{fields}"
+    );
+    let human = s.imago.run(&["plan", "-f", &s.file()]).ok().stdout();
+    assert!(
+        human.contains(&format!(
+            "swarm service {} on target swarm: update (live: release 1)",
+            s.name
+        )),
+        "{human}"
+    );
+}
+
+#[test]
+fn tcp_endpoints_in_plain_http_and_with_tls_drive_the_swarm() {
+    let forwarder = Forwarder::start(&cluster().socket);
+    let s = SwarmService::new("swtcp");
+    let tls = s.cluster.tls_endpoint.clone();
+    s.edit(
+        &format!("endpoint = \"{}\"", s.cluster.host()),
+        &format!("endpoint = \"{tls}\""),
+    );
+    // TLS, with the client certificate in DOCKER_CERT_PATH, as the docker CLI finds it.
+    let with_tls = |args: &[&str]| {
+        let mut cmd = s.imago.cmd();
+        cmd.env("DOCKER_TLS_VERIFY", "1")
+            .env("DOCKER_CERT_PATH", s.cluster.client_cert_dir())
+            .args(args);
+        common::Run {
+            output: cmd.output().unwrap(),
+        }
+    };
+    let applied = with_tls(&["apply", "--timeout", "120s", "-f", &s.file()]).ok();
+    assert!(
+        applied.stdout().contains("deployment complete (release 1"),
+        "{}",
+        applied.stdout()
+    );
+    assert!(s.get().unwrap().contains("version 1"));
+    assert_eq!(
+        with_tls(&["plan", "--json", "-f", &s.file()]).ok().json()[0]["cluster"]["action"],
+        "unchanged"
+    );
+    // Without the certificate the daemon's TLS port is no Docker API: a clear error.
+    let refused = s.imago.run(&["plan", "-f", &s.file()]).fails();
+    assert!(refused.contains(&tls), "{refused}");
+
+    // Plain HTTP: the same service moved to a plain tcp:// endpoint (a new release). The
+    // controller was started with TLS in its environment: a new one, without.
+    s.imago.run(&["serve", "--stop"]).ok();
+    s.edit(
+        &format!("endpoint = \"{tls}\""),
+        &format!("endpoint = \"{}\"", forwarder.endpoint()),
+    );
+    let moved = plan_of(&s);
+    assert_eq!(moved["cluster"]["action"], "update", "{moved}");
+    let applied = s.apply().ok();
+    assert!(
+        applied.stdout().contains("deployment complete (release 2"),
+        "{}",
+        applied.stdout()
+    );
+    let status = s.imago.run(&["status", "--json", &s.name]).ok().json();
+    let tasks = status["services"][0]["tasks"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        tasks
+            .iter()
+            .filter(|t| t["phase"] == "running" && t["release"] == 2)
+            .count(),
+        3,
+        "{status}"
+    );
+    assert_eq!(s.label("imago.release"), "2");
+}
+
+#[test]
+fn a_push_cut_mid_blob_fails_apply_records_nothing_and_a_retry_succeeds() {
+    let s = SwarmService::new("swcut");
+    let upstream = s.cluster.registry.host();
+    // Every blob upload is cut after 32 KiB of its body.
+    let proxy = Proxy::start(
+        &upstream,
+        vec![
+            Fault::cut("PATCH", "/blobs/uploads/", 32 * 1024).always(),
+            Fault::cut("PUT", "/blobs/uploads/", 32 * 1024).always(),
+        ],
+    );
+    // A repository of its own: blobs other tests pushed are not there already.
+    s.edit(
+        &format!("registry = \"{upstream}/imago-test\""),
+        &format!("registry = \"{}/imago-cut\"", proxy.host()),
+    );
+    let apply = || {
+        let mut cmd = s.imago.cmd();
+        cmd.env("IMAGO_REGISTRY_RETRIES", "1")
+            .env("IMAGO_REGISTRY_BACKOFF_MS", "20")
+            .args(["apply", "--timeout", "120s", "-f", &s.file()]);
+        common::Run {
+            output: cmd.output().unwrap(),
+        }
+    };
+    let failed = apply().fails();
+    assert!(
+        failed.contains(&proxy.host()) && failed.contains("service swcut"),
+        "the error names the service and the registry: {failed}"
+    );
+    assert!(
+        proxy.records().iter().any(|r| r.fault.is_some()),
+        "no upload was cut:\n{}",
+        proxy.summary()
+    );
+    let history = s.imago.run(&["history", &s.name]).fails();
+    assert!(history.contains("has no release"), "{history}");
+    assert!(
+        s.cluster.service(&s.name).is_none(),
+        "nothing reached the swarm"
+    );
+
+    // The registry is reachable again: the same apply succeeds, as release 1.
+    proxy.set_faults(vec![]);
+    let applied = apply().ok();
+    assert!(
+        applied.stdout().contains("deployment complete (release 1"),
+        "{}",
+        applied.stdout()
+    );
+    assert_eq!(s.history().len(), 1);
+    assert!(
+        s.image()
+            .starts_with(&format!("{}/imago-cut/web@sha256:", proxy.host()))
+    );
+    assert!(s.get().unwrap().contains("version 1"));
+}
+
+/// Runs `ip ARGS`, which must succeed.
+fn ip(args: &[&str]) {
+    tool("ip", args);
+}
+
+/// A swarm of two nodes of its own, each a dockerd in a network namespace this test makes
+/// (`--bridge=none --iptables=false --ip-forward=false`, own data root, exec root, pid file and
+/// socket): the manager and a worker joined to it over a veth pair between the namespaces, each
+/// namespace linked to the host by a veth pair too. The registry listens on the host end of the
+/// manager's link, which the worker reaches through its own (the host's address, no
+/// forwarding). Everything is torn down when dropped, whatever the test did.
+struct TwoNodes {
+    dir: tempfile::TempDir,
+    /// Namespaces and host-side links, removed on drop.
+    netns: Vec<String>,
+    links: Vec<String>,
+    /// The manager's, then the worker's daemon.
+    daemons: Vec<(Child, PathBuf)>,
+    registry: Option<Registry>,
+}
+
+impl TwoNodes {
+    fn start() -> TwoNodes {
+        for program in ["dockerd", "docker", "ip", "nsenter", "docker-registry"] {
+            require_tool(program);
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("imago-2n-")
+            .tempdir()
+            .unwrap();
+        let pid = std::process::id();
+        // Subnets of this process's own: 10.199.B.0/24, B..B+2.
+        let b = (pid % 80) * 3;
+        let net = |i: u32, host: u32| format!("10.199.{}.{host}", b + i);
+        let mut nodes = TwoNodes {
+            dir,
+            netns: Vec::new(),
+            links: Vec::new(),
+            daemons: Vec::new(),
+            registry: None,
+        };
+        let (m, w) = (format!("imago-m-{pid}"), format!("imago-w-{pid}"));
+        for ns in [&m, &w] {
+            ip(&["netns", "add", ns]);
+            nodes.netns.push(ns.clone());
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        // host <-> manager (0), host <-> worker (1), manager <-> worker (2).
+        let links = [
+            (format!("ih{pid}m"), None, &m, 0),
+            (format!("ih{pid}w"), None, &w, 1),
+            (format!("im{pid}w"), Some(&m), &w, 2),
+        ];
+        for (name, left_ns, right_ns, i) in &links {
+            let peer = format!("{name}p");
+            ip(&["link", "add", name, "type", "veth", "peer", "name", &peer]);
+            nodes.links.push(name.clone());
+            ip(&["link", "set", &peer, "netns", right_ns]);
+            ip(&[
+                "-n",
+                right_ns,
+                "addr",
+                "add",
+                &format!("{}/24", net(*i, 2)),
+                "dev",
+                &peer,
+            ]);
+            ip(&["-n", right_ns, "link", "set", &peer, "up"]);
+            match left_ns {
+                Some(ns) => {
+                    ip(&["link", "set", name, "netns", ns]);
+                    ip(&[
+                        "-n",
+                        ns,
+                        "addr",
+                        "add",
+                        &format!("{}/24", net(*i, 1)),
+                        "dev",
+                        name,
+                    ]);
+                    ip(&["-n", ns, "link", "set", name, "up"]);
+                }
+                None => {
+                    ip(&["addr", "add", &format!("{}/24", net(*i, 1)), "dev", name]);
+                    ip(&["link", "set", name, "up"]);
+                }
+            }
+        }
+        // Each node reaches the host's addresses through its own link.
+        ip(&["-n", &m, "route", "add", "default", "via", &net(0, 1)]);
+        ip(&["-n", &w, "route", "add", "default", "via", &net(1, 1)]);
+        let registry = Registry::start(RegistryOpts {
+            listen: Some(net(0, 1).parse().unwrap()),
+            ..RegistryOpts::plain()
+        });
+        let registry_host = registry.host();
+        nodes.registry = Some(registry);
+        for (ns, name) in [(&m, "manager"), (&w, "worker")] {
+            let root = nodes.dir.path().join(name);
+            std::fs::create_dir_all(&root).unwrap();
+            let socket = root.join("docker.sock");
+            let log = std::fs::File::create(root.join("dockerd.log")).unwrap();
+            let child = Command::new("nsenter")
+                .arg(format!("--net=/var/run/netns/{ns}"))
+                .args([
+                    "dockerd",
+                    "--bridge=none",
+                    "--iptables=false",
+                    "--ip-forward=false",
+                    "--insecure-registry",
+                    &registry_host,
+                    "--data-root",
+                ])
+                .arg(root.join("data"))
+                .arg("--exec-root")
+                .arg(root.join("exec"))
+                .arg("--pidfile")
+                .arg(root.join("dockerd.pid"))
+                .arg("-H")
+                .arg(format!("unix://{}", socket.display()))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("start dockerd in its namespace");
+            nodes.daemons.push((child, socket));
+        }
+        for i in 0..2 {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !nodes
+                .docker_cmd(i, &["version"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "dockerd {i} did not answer within 60 s: {}",
+                    nodes.log(i)
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        nodes.docker(0, &["swarm", "init", "--advertise-addr", &net(2, 1)]);
+        let token = nodes.docker(0, &["swarm", "join-token", "-q", "worker"]);
+        nodes.docker(
+            1,
+            &[
+                "swarm",
+                "join",
+                "--token",
+                &token,
+                "--advertise-addr",
+                &net(2, 2),
+                &format!("{}:2377", net(2, 1)),
+            ],
+        );
+        let ready = nodes.docker(0, &["node", "ls", "--format", "{{.Status}}"]);
+        assert_eq!(
+            ready.lines().filter(|l| *l == "Ready").count(),
+            2,
+            "{ready}"
+        );
+        nodes
+    }
+
+    fn log(&self, i: usize) -> String {
+        let name = if i == 0 { "manager" } else { "worker" };
+        std::fs::read_to_string(self.dir.path().join(name).join("dockerd.log")).unwrap_or_default()
+    }
+
+    fn endpoint(&self) -> String {
+        format!("unix://{}", self.daemons[0].1.display())
+    }
+
+    fn registry(&self) -> &Registry {
+        self.registry.as_ref().unwrap()
+    }
+
+    fn docker_cmd(&self, node: usize, args: &[&str]) -> Command {
+        let mut cmd = Command::new("docker");
+        cmd.arg("-H")
+            .arg(format!("unix://{}", self.daemons[node].1.display()))
+            .args(args);
+        cmd
+    }
+
+    fn docker(&self, node: usize, args: &[&str]) -> String {
+        let out = self.docker_cmd(node, args).output().expect("run docker");
+        assert!(
+            out.status.success(),
+            "docker {args:?} on node {node} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Node id -> images of the running tasks of `service` there.
+    fn running_by_node(&self, service: &str) -> std::collections::BTreeMap<String, Vec<String>> {
+        let ids = self.docker(
+            0,
+            &[
+                "service",
+                "ps",
+                "-q",
+                "--no-trunc",
+                "--filter",
+                "desired-state=running",
+                service,
+            ],
+        );
+        let mut by_node = std::collections::BTreeMap::<String, Vec<String>>::new();
+        for id in ids.lines() {
+            let task = self.docker(
+                0,
+                &[
+                    "inspect",
+                    "--format",
+                    "{{.Status.State}} {{.NodeID}} {{.Spec.ContainerSpec.Image}}",
+                    id,
+                ],
+            );
+            let fields: Vec<&str> = task.split(' ').collect();
+            if fields[0] == "running" {
+                by_node
+                    .entry(fields[1].to_owned())
+                    .or_default()
+                    .push(fields[2].to_owned());
+            }
+        }
+        by_node
+    }
+}
+
+impl Drop for TwoNodes {
+    fn drop(&mut self) {
+        // Worker first: a manager that leaves first leaves a worker with no swarm to leave.
+        for i in (0..self.daemons.len()).rev() {
+            let _ = self.docker_cmd(i, &["swarm", "leave", "--force"]).output();
+        }
+        for (child, _) in &mut self.daemons {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+        }
+        for (child, _) in &mut self.daemons {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.registry = None;
+        // A namespace takes the links inside it along; the host ends go with their peers.
+        for ns in &self.netns {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+        for link in &self.links {
+            let _ = Command::new("ip").args(["link", "del", link]).output();
+        }
+    }
+}
+
+#[test]
+fn a_service_on_two_nodes_rolls_over_and_back_with_tasks_on_both() {
+    let nodes = TwoNodes::start();
+    let imago = Imago::new();
+    let dir = imago.dir.path().join("two");
+    std::fs::create_dir_all(dir.join("www")).unwrap();
+    let example = std::fs::read_to_string(Path::new(EXAMPLE).join("imago.toml")).unwrap();
+    let images = &example[..example.find("[service.web]").unwrap()];
+    let write = |version: &str| {
+        std::fs::write(dir.join("www/index.html"), format!("version {version}\n")).unwrap();
+        std::fs::write(
+            dir.join("imago.toml"),
+            format!(
+                "{images}\n[service.sw2n]\nimage = \"web\"\nreplicas = 4\ntarget = \"two\"\n\
+                 env = {{ VERSION = \"{version}\" }}\nstop_grace_period = \"1s\"\n\n\
+                 [service.sw2n.health]\ntype = \"http\"\nport = 8080\npath = \"/\"\n\
+                 interval = \"500ms\"\ntimeout = \"2s\"\n\n\
+                 [service.sw2n.rollout]\nmax_surge = 2\nmax_unavailable = 0\nmin_ready = \"500ms\"\ndrain = \"1s\"\n\
+                 progress_deadline = \"90s\"\n\n\
+                 [target.two]\nengine = \"swarm\"\nendpoint = \"{}\"\nregistry = \"{}/imago-2n\"\n",
+                nodes.endpoint(),
+                nodes.registry().host()
+            ),
+        )
+        .unwrap();
+    };
+    // imago pushes in plain HTTP to the registry's non-loopback address only when told to.
+    std::fs::create_dir_all(&imago.home).unwrap();
+    std::fs::write(
+        imago.home.join("config.toml"),
+        format!("insecure_registries = [\"{}\"]\n", nodes.registry().host()),
+    )
+    .unwrap();
+    let file = dir.join("imago.toml").display().to_string();
+    let apply = |what: &str| {
+        let out = imago.run(&["apply", "--timeout", "180s", "-f", &file]).ok();
+        assert!(out.stdout().contains(what), "{}", out.stdout());
+    };
+    let guard = StopController(&imago);
+    write("1");
+    apply("deployment complete (release 1");
+    let v1 = nodes.running_by_node("sw2n");
+    assert_eq!(v1.len(), 2, "tasks on both nodes: {v1:?}");
+    assert_eq!(v1.values().map(Vec::len).sum::<usize>(), 4, "{v1:?}");
+    let image_v1 = v1.values().next().unwrap()[0].clone();
+
+    // Rolls over: every task on both nodes runs the new digest.
+    write("2");
+    apply("deployment complete (release 2");
+    let v2 = nodes.running_by_node("sw2n");
+    assert_eq!(v2.len(), 2, "tasks on both nodes: {v2:?}");
+    let images: std::collections::BTreeSet<_> = v2.values().flatten().cloned().collect();
+    assert_eq!(images.len(), 1, "{v2:?}");
+    assert_ne!(
+        images.first(),
+        Some(&image_v1),
+        "release 2 runs a new digest"
+    );
+
+    // Rolls back: release 3 runs release 1's digest on both nodes again.
+    let rolled = imago.run(&["rollback", "--timeout", "180s", "sw2n"]).ok();
+    assert!(rolled.stdout().contains("release 3"), "{}", rolled.stdout());
+    let back = nodes.running_by_node("sw2n");
+    assert_eq!(back.len(), 2, "tasks on both nodes: {back:?}");
+    assert!(
+        back.values().flatten().all(|i| *i == image_v1),
+        "{back:?} != {image_v1}"
+    );
+    imago.run(&["destroy", "sw2n"]).ok();
+    drop(guard);
+}
+
+/// Stops the home's controller however the test ends (before the swarm goes away).
+struct StopController<'a>(&'a Imago);
+
+impl Drop for StopController<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.cmd().args(["serve", "--stop"]).output();
+    }
 }

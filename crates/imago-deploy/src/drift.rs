@@ -10,8 +10,10 @@ use imago_oci::Digest;
 use imago_runtime::{Engine, Instance, RootfsCache};
 use serde::Serialize;
 
+use crate::cluster::ClusterEngine;
 use crate::controller::{LABEL_REVISION, LABEL_SERVICE, instance_spec, set_aside_modified};
 use crate::error::DeployError;
+use crate::spec::ResolvedTarget;
 use crate::state::{Release, StateDb};
 
 /// An instance that runs another image or spec than the release of its revision asks for.
@@ -204,6 +206,39 @@ pub fn check(
     })
 }
 
+/// The engines a command talks to, one per target endpoint, each connected on first use: a
+/// command about 50 services on one swarm connects (and negotiates the API version) once.
+pub struct ClusterEngines<'a> {
+    factory: &'a crate::controller::EngineFactory,
+    made: BTreeMap<String, Box<dyn ClusterEngine>>,
+}
+
+impl<'a> ClusterEngines<'a> {
+    pub fn new(factory: &'a crate::controller::EngineFactory) -> Self {
+        ClusterEngines {
+            factory,
+            made: BTreeMap::new(),
+        }
+    }
+
+    /// The engine of `target`.
+    pub fn engine(
+        &mut self,
+        target: &ResolvedTarget,
+    ) -> Result<&mut dyn ClusterEngine, DeployError> {
+        let key = format!(
+            "{}:{}",
+            target.spec.engine,
+            target.spec.endpoint.as_deref().unwrap_or_default()
+        );
+        let engine = match self.made.entry(key) {
+            Entry::Occupied(made) => made.into_mut(),
+            Entry::Vacant(new) => new.insert((self.factory)(target)?),
+        };
+        Ok(engine.as_mut())
+    }
+}
+
 /// Judges every deployed service on a cluster target against its release, through the engine
 /// `engines` makes: a missing service, one that runs another release, fields changed out of
 /// band, and (once its rollout is over) a running task on another image. The controller finds
@@ -212,6 +247,7 @@ pub fn check_cluster(
     db: &StateDb,
     engines: &crate::controller::EngineFactory,
 ) -> Result<Vec<Finding>, DeployError> {
+    let mut engines = ClusterEngines::new(engines);
     let mut findings = Vec::new();
     for name in db.services()? {
         let Some(release) = db.desired(&name)? else {
@@ -228,7 +264,7 @@ pub fn check_cluster(
             kind,
             detail,
         };
-        let Some(observed) = engines(target)?.observe(&desired)? else {
+        let Some(observed) = engines.engine(target)?.observe(&desired)? else {
             findings.push(finding(
                 &name,
                 FindingKind::Dead,

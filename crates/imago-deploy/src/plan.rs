@@ -1,7 +1,8 @@
 //! `imago plan`: whether a service gets a new release, and what its rollout would do, wave by
 //! wave, before anything runs. The waves come from the same [`next_step`] the controller uses,
 //! run against a simulated world in which every launched instance becomes available one wave
-//! later.
+//! later. A service on a cluster target is compared with its live service instead
+//! ([`cluster_plan`]): create, update (which fields), unchanged or drifted.
 
 use std::fmt;
 use std::time::Duration;
@@ -10,10 +11,11 @@ use imago_oci::Digest;
 use imago_runtime::Instance;
 use serde::Serialize;
 
-use crate::controller::LABEL_SERVICE;
+use crate::cluster::{ClusterComparison, ClusterService};
+use crate::controller::{LABEL_SERVICE, cluster_service};
 use crate::error::DeployError;
 use crate::rollout::{ObservedInstance, Phase, RolloutInput, next_step};
-use crate::spec::{Limits, ServiceSpec, Strategy};
+use crate::spec::{Limits, ResolvedTarget, ServiceSpec, Strategy};
 use crate::state::{Release, fingerprint};
 
 /// What applying a service would do to its releases.
@@ -49,7 +51,111 @@ pub struct ServicePlan {
     pub image_rebuild: bool,
     pub replicas: u32,
     pub instances_replaced: u32,
+    /// The local rollout's waves (a cluster engine rolls out on its own: see `cluster`).
     pub rollout: Option<RolloutPlan>,
+    /// For a service on a cluster target: what becomes of its live service.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterPlan>,
+}
+
+/// What applying does to the live service on a cluster target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClusterAction {
+    /// No live service: it is created.
+    Create,
+    /// The live service runs another revision: the engine rolls it over.
+    Update,
+    /// The live service is the release's rendering.
+    Unchanged,
+    /// The live service is labelled with the release, but fields were changed out of band: the
+    /// controller applies the release again.
+    Drifted,
+}
+
+impl fmt::Display for ClusterAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ClusterAction::Create => "create",
+            ClusterAction::Update => "update",
+            ClusterAction::Unchanged => "unchanged",
+            ClusterAction::Drifted => "drifted",
+        })
+    }
+}
+
+/// The cluster side of a [`ServicePlan`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClusterPlan {
+    pub target: String,
+    pub engine: String,
+    pub action: ClusterAction,
+    /// The release the live service's labels name.
+    pub live_release: Option<u64>,
+    /// The managed fields the update changes (update), or that were changed out of band and
+    /// are put back (drifted), as `field: live != rendered`.
+    pub fields: Vec<String>,
+}
+
+/// The engine input of the release `apply` would record for `spec` pinned to `digest` (its
+/// number: the next one, or the current one when nothing changes), for comparison with the
+/// live service.
+pub fn proposed_cluster_service(
+    name: &str,
+    spec: &ServiceSpec,
+    digest: &Digest,
+    current: Option<&Release>,
+    target: &ResolvedTarget,
+) -> Result<ClusterService, DeployError> {
+    let (config_hash, revision) = fingerprint(spec, digest)?;
+    let number = match current {
+        Some(r) if r.revision == revision => r.number,
+        Some(r) => r.number + 1,
+        None => 1,
+    };
+    let release = Release {
+        service: name.to_owned(),
+        number,
+        image_digest: digest.clone(),
+        config_hash,
+        revision,
+        spec: spec.clone(),
+        created_ms: 0,
+        reason: String::new(),
+        rollback_of: None,
+    };
+    Ok(cluster_service(&release, target))
+}
+
+/// Judges the live service (`live`: compared with the proposed release, whose revision is
+/// `revision`; `None` when the image must be rebuilt first and so has no digest yet).
+pub fn cluster_plan(
+    target: &ResolvedTarget,
+    revision: Option<&str>,
+    live: Option<&ClusterComparison>,
+) -> ClusterPlan {
+    let (action, fields) = match (live, revision) {
+        (None, _) => (ClusterAction::Create, Vec::new()),
+        (Some(_), None) => (
+            ClusterAction::Update,
+            vec!["image: rebuilt by apply, digest not known yet".to_owned()],
+        ),
+        (Some(live), Some(revision)) if live.revision.as_deref() == Some(revision) => {
+            if live.differences.is_empty() {
+                (ClusterAction::Unchanged, Vec::new())
+            } else {
+                (ClusterAction::Drifted, live.differences.clone())
+            }
+        }
+        (Some(live), Some(_)) => (ClusterAction::Update, live.differences.clone()),
+    };
+    ClusterPlan {
+        target: target.name.clone(),
+        engine: target.spec.engine.to_string(),
+        action,
+        live_release: live.and_then(|l| l.release),
+        fields,
+    }
 }
 
 /// Plans applying `spec` (validated to `limits`) as service `name`, whose desired release is
@@ -84,6 +190,7 @@ pub fn plan_service(
         digest,
         replicas: limits.replicas,
         instances_replaced: if changed { live } else { 0 },
+        cluster: None,
         rollout: changed.then(|| {
             plan_rollout(
                 limits,
@@ -318,6 +425,43 @@ mod tests {
             serde_json::to_value(&rebuild).unwrap()["action"],
             "new release",
             "the JSON of `imago plan`"
+        );
+    }
+
+    #[test]
+    fn a_cluster_plan_says_create_update_unchanged_or_drifted() {
+        let target: ResolvedTarget = serde_json::from_value(serde_json::json!({
+            "name": "prod", "engine": "swarm", "registry": "127.0.0.1:5000/t"
+        }))
+        .unwrap();
+        let live = |revision: &str, differences: &[&str]| ClusterComparison {
+            release: Some(4),
+            revision: Some(revision.into()),
+            config_hash: None,
+            differences: differences.iter().map(|d| d.to_string()).collect(),
+            update: crate::cluster::UpdateState::Completed,
+        };
+        let plan = |revision, l: Option<&ClusterComparison>| cluster_plan(&target, revision, l);
+        assert_eq!(plan(Some("r5"), None).action, ClusterAction::Create);
+        let unchanged = plan(Some("r4"), Some(&live("r4", &[])));
+        assert_eq!(
+            (unchanged.action, unchanged.live_release),
+            (ClusterAction::Unchanged, Some(4))
+        );
+        let drifted = plan(Some("r4"), Some(&live("r4", &["image: a != b"])));
+        assert_eq!(drifted.action, ClusterAction::Drifted);
+        assert_eq!(drifted.fields, ["image: a != b"]);
+        let update = plan(Some("r5"), Some(&live("r4", &["env: [] != [\"V=2\"]"])));
+        assert_eq!(update.action, ClusterAction::Update);
+        assert_eq!(update.fields, ["env: [] != [\"V=2\"]"]);
+        assert_eq!(
+            serde_json::to_value(&update).unwrap()["action"],
+            "update",
+            "the JSON of `imago plan`"
+        );
+        assert_eq!(
+            plan(None, Some(&live("r4", &[]))).action,
+            ClusterAction::Update
         );
     }
 

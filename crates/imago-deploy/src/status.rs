@@ -2,12 +2,16 @@
 //! `/v1/status` and `/v1/services[/NAME]`. One builder for both, so the CLI and the API never
 //! disagree on a field.
 
+use std::collections::BTreeMap;
+
 use imago_oci::Digest;
 use imago_runtime::Instance;
 use serde::Serialize;
 
 use crate::DeployError;
-use crate::controller::{LABEL_REVISION, LABEL_SERVICE};
+use crate::cluster::TaskPhase;
+use crate::controller::{LABEL_REVISION, LABEL_SERVICE, cluster_service};
+use crate::drift::ClusterEngines;
 use crate::state::{Event, Outcome, Release, ReleaseOutcome, StateDb};
 
 /// How many of a service's latest events the document carries.
@@ -37,7 +41,86 @@ pub struct ServiceStatus {
     /// process, say), since when; `None` while it reconciles.
     pub fault: Option<Fault>,
     pub instances: Vec<InstanceRow>,
+    /// The tasks of a service on a cluster target, as its engine reports them (filled by
+    /// [`add_cluster_tasks`]; absent from the document otherwise).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tasks: Vec<TaskRow>,
     pub recent_events: Vec<Event>,
+}
+
+/// One task (replica) of a service on a cluster target.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct TaskRow {
+    pub id: String,
+    /// "starting", "running", "failed" or "done".
+    pub phase: &'static str,
+    /// The engine still wants it running (false: it is being retired).
+    pub desired_running: bool,
+    /// Its node's address (with the published port, when the service publishes one).
+    pub node: Option<String>,
+    pub address: Option<String>,
+    /// The release whose revision it runs.
+    pub release: Option<u64>,
+    pub revision: Option<String>,
+    /// The digest of the image its spec pins.
+    pub image_digest: Option<String>,
+    pub error: Option<String>,
+}
+
+/// Adds to every service of `document` on a cluster target the tasks its engine reports.
+pub fn add_cluster_tasks(
+    db: &StateDb,
+    document: &mut StatusDocument,
+    engines: &mut ClusterEngines<'_>,
+) -> Result<(), DeployError> {
+    for service in &mut document.services {
+        let Some(release) = &service.desired else {
+            continue;
+        };
+        let Some(target) = release.spec.cluster_target() else {
+            continue;
+        };
+        let desired = cluster_service(release, target);
+        let Some(observed) = engines.engine(target)?.observe(&desired)? else {
+            continue;
+        };
+        let mut releases: BTreeMap<String, Option<u64>> = BTreeMap::new();
+        for task in observed.tasks {
+            let release = match &task.revision {
+                Some(revision) => match releases.get(revision) {
+                    Some(number) => *number,
+                    None => {
+                        let number = db
+                            .release_with_revision(&service.name, revision)?
+                            .map(|r| r.number);
+                        releases.insert(revision.clone(), number);
+                        number
+                    }
+                },
+                None => None,
+            };
+            service.tasks.push(TaskRow {
+                id: task.id,
+                phase: match task.phase {
+                    TaskPhase::Starting => "starting",
+                    TaskPhase::Running => "running",
+                    TaskPhase::Failed => "failed",
+                    TaskPhase::Done => "done",
+                },
+                desired_running: task.desired_running,
+                node: task.address.map(|a| a.ip().to_string()),
+                address: task.address.map(|a| a.to_string()),
+                release,
+                revision: task.revision,
+                image_digest: task
+                    .image
+                    .split_once('@')
+                    .map(|(_, digest)| digest.to_owned()),
+                error: task.error,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// A fault of one service, as the controller recorded it.
@@ -92,6 +175,7 @@ pub fn service_status(
             .service_fault(name)?
             .map(|(reason, since_ms)| Fault { reason, since_ms }),
         instances,
+        tasks: Vec::new(),
         recent_events: db.recent_events(name, RECENT_EVENTS)?,
     })
 }

@@ -101,6 +101,20 @@ pub struct ClusterObservation {
     pub tasks: Vec<ClusterTask>,
 }
 
+/// A live service compared with a release, from one listing of every service of the engine
+/// (what `imago plan` needs: cheap, however many services there are).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterComparison {
+    /// The labels of the live service: the release it runs, as imago applied it.
+    pub release: Option<u64>,
+    pub revision: Option<String>,
+    pub config_hash: Option<String>,
+    /// Fields imago manages whose live value differs from the rendering of the release it was
+    /// compared with, whatever release the labels name, as `field: live != rendered`.
+    pub differences: Vec<String>,
+    pub update: UpdateState,
+}
+
 /// Why an engine call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -132,4 +146,27 @@ pub trait ClusterEngine: Send {
     ) -> Result<Option<ClusterObservation>, EngineError>;
     /// Removes the service; false when it did not exist.
     fn destroy(&mut self, service: &str) -> Result<bool, EngineError>;
+
+    /// Each of `releases` compared with the live service of its name (`None`: there is none).
+    /// An engine answers from one listing of its services, however many are asked about (a
+    /// plan over 50 services is one API call, not 50). The same service may be asked about
+    /// twice, for two releases. This default asks [`ClusterEngine::observe`] once per release,
+    /// which only compares fields when the live labels name that release's revision.
+    fn compare(
+        &mut self,
+        releases: &[ClusterService],
+    ) -> Result<Vec<Option<ClusterComparison>>, EngineError> {
+        releases
+            .iter()
+            .map(|r| {
+                Ok(self.observe(r)?.map(|o| ClusterComparison {
+                    release: o.release,
+                    revision: o.revision,
+                    config_hash: None,
+                    differences: o.differences,
+                    update: o.update,
+                }))
+            })
+            .collect()
+    }
 }

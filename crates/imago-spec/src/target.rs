@@ -43,7 +43,8 @@ impl std::fmt::Display for EngineKind {
 #[serde(deny_unknown_fields)]
 pub struct TargetSpec {
     pub engine: EngineKind,
-    /// swarm: a Docker API URL (`unix:///var/run/docker.sock`, the default); kubernetes: the
+    /// swarm: a Docker API URL (`unix:///var/run/docker.sock`, the default, or
+    /// `tcp://HOST:PORT`, with TLS when `DOCKER_TLS_VERIFY` is set); kubernetes: the
     /// kubeconfig file and context, `PATH#CONTEXT`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
@@ -95,9 +96,10 @@ impl TargetSpec {
                 if let Some(endpoint) = &self.endpoint
                     && self.engine == EngineKind::Swarm
                     && !endpoint.starts_with("unix://")
+                    && !endpoint.starts_with("tcp://")
                 {
                     return Err(format!(
-                        "endpoint {endpoint:?}: only unix:// Docker API sockets are supported"
+                        "endpoint {endpoint:?}: a Docker API endpoint is unix:///PATH or tcp://HOST:PORT"
                     ));
                 }
             }

@@ -3,33 +3,47 @@
 //! created or updated through a manager's Docker API (bollard, API version negotiated: Debian's
 //! daemon speaks 1.41), read back as the service's update status and its tasks, and removed.
 //! It implements [`imago_spec::cluster::ClusterEngine`]; imago-deploy's controller decides.
+//! Service specs are read as JSON (reqwest, same endpoint) and then into bollard's types, to
+//! keep the health check that bollard's own reads lose (see `service_from_json`).
 #![forbid(unsafe_code)]
 
 mod render;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 
 use bollard::Docker;
 use bollard::models::{Service, ServiceUpdateStatusStateEnum, Task, TaskState};
 use bollard::query_parameters::{
-    InspectServiceOptionsBuilder, ListNodesOptions, ListTasksOptionsBuilder,
-    UpdateServiceOptionsBuilder,
+    ListNodesOptions, ListTasksOptionsBuilder, UpdateServiceOptionsBuilder,
 };
 use imago_spec::cluster::{
-    ClusterEngine, ClusterObservation, ClusterService, ClusterTask, EngineError, LABEL_RELEASE,
-    LABEL_REVISION, LABEL_SERVICE, TaskPhase, UpdateState,
+    ClusterComparison, ClusterEngine, ClusterObservation, ClusterService, ClusterTask, EngineError,
+    LABEL_CONFIG_HASH, LABEL_RELEASE, LABEL_REVISION, LABEL_SERVICE, TaskPhase, UpdateState,
 };
 
 pub use render::{differences, release_labels, render};
 
 const ENGINE: &str = "swarm";
 
+/// Client certificate files for a TLS Docker endpoint, in docker's `DOCKER_CERT_PATH` layout:
+/// `ca.pem` (the CA that signed the daemon's certificate), `cert.pem` and `key.pem` (the
+/// client's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DockerTls {
+    pub cert_dir: PathBuf,
+}
+
 /// A swarm manager's Docker API, with a small runtime of its own: the controller is synchronous,
 /// bollard is not. Call it from a thread that is not inside a tokio runtime.
 pub struct SwarmEngine {
     endpoint: String,
     docker: Docker,
+    /// Reads of service specs, as the daemon writes them (see [`service_from_json`]).
+    raw: reqwest::Client,
+    /// `http://docker` for a unix socket, else `http(s)://HOST:PORT`.
+    raw_base: String,
     runtime: tokio::runtime::Runtime,
 }
 
@@ -41,9 +55,23 @@ impl std::fmt::Debug for SwarmEngine {
     }
 }
 
+/// How long one Docker API call may take, in seconds.
+const API_TIMEOUT_S: u64 = 60;
+
 impl SwarmEngine {
-    /// Connects to the Docker API at `endpoint` (`unix:///PATH`) and negotiates the version.
+    /// Connects to the Docker API at `endpoint` (`unix:///PATH`, or `tcp://HOST:PORT` in
+    /// plain HTTP) and negotiates the version.
     pub fn connect(endpoint: &str) -> Result<SwarmEngine, EngineError> {
+        SwarmEngine::connect_with(endpoint, None)
+    }
+
+    /// As [`SwarmEngine::connect`]; with `tls`, a `tcp://HOST:PORT` endpoint is spoken to over
+    /// TLS with the client certificate of `tls` (docker's `DOCKER_TLS_VERIFY` and
+    /// `DOCKER_CERT_PATH`: the daemon's certificate must chain to `ca.pem`).
+    pub fn connect_with(
+        endpoint: &str,
+        tls: Option<&DockerTls>,
+    ) -> Result<SwarmEngine, EngineError> {
         let api = |message: String| EngineError::Api {
             engine: ENGINE,
             endpoint: endpoint.to_owned(),
@@ -53,12 +81,67 @@ impl SwarmEngine {
             .enable_all()
             .build()
             .map_err(|e| api(format!("cannot start a runtime: {e}")))?;
-        let path = endpoint
-            .strip_prefix("unix://")
-            .ok_or_else(|| api("only unix:// endpoints are supported".to_owned()))?;
+        let version = bollard::API_DEFAULT_VERSION;
+        let timeout = std::time::Duration::from_secs(API_TIMEOUT_S);
+        let raw = reqwest::Client::builder().timeout(timeout);
+        let (docker, raw, raw_base) = if let Some(path) = endpoint.strip_prefix("unix://") {
+            if tls.is_some() {
+                return Err(api("TLS applies to tcp:// endpoints only".to_owned()));
+            }
+            (
+                Docker::connect_with_unix(path, API_TIMEOUT_S, version),
+                raw.unix_socket(path),
+                "http://docker".to_owned(),
+            )
+        } else if let Some(addr) = endpoint.strip_prefix("tcp://") {
+            match tls {
+                None => (
+                    Docker::connect_with_http(addr, API_TIMEOUT_S, version),
+                    raw,
+                    format!("http://{addr}"),
+                ),
+                Some(tls) => {
+                    let file = |name: &str| tls.cert_dir.join(name);
+                    let read = |name: &str| {
+                        std::fs::read(file(name))
+                            .map_err(|e| api(format!("{}: {e}", file(name).display())))
+                    };
+                    let ca = reqwest::Certificate::from_pem(&read("ca.pem")?)
+                        .map_err(|e| api(format!("{}: {e}", file("ca.pem").display())))?;
+                    let mut identity = read("cert.pem")?;
+                    identity.push(b'\n');
+                    identity.extend(read("key.pem")?);
+                    let identity = reqwest::Identity::from_pem(&identity).map_err(|e| {
+                        api(format!(
+                            "{} and {}: {e}",
+                            file("cert.pem").display(),
+                            file("key.pem").display()
+                        ))
+                    })?;
+                    (
+                        Docker::connect_with_ssl(
+                            addr,
+                            &file("key.pem"),
+                            &file("cert.pem"),
+                            &file("ca.pem"),
+                            API_TIMEOUT_S,
+                            version,
+                        ),
+                        raw.add_root_certificate(ca).identity(identity),
+                        format!("https://{addr}"),
+                    )
+                }
+            }
+        } else {
+            return Err(api(
+                "only unix:// and tcp:// Docker API endpoints are supported".to_owned(),
+            ));
+        };
+        let docker = docker.map_err(|e| api(e.to_string()))?;
+        let raw = raw
+            .build()
+            .map_err(|e| api(format!("cannot make an HTTP client: {e}")))?;
         let docker = runtime.block_on(async {
-            let docker = Docker::connect_with_unix(path, 60, bollard::API_DEFAULT_VERSION)
-                .map_err(|e| api(e.to_string()))?;
             docker
                 .negotiate_version()
                 .await
@@ -67,8 +150,56 @@ impl SwarmEngine {
         Ok(SwarmEngine {
             endpoint: endpoint.to_owned(),
             docker,
+            raw,
+            raw_base,
             runtime,
         })
+    }
+
+    /// GET of `path` below the negotiated API version, as JSON; `None` on 404.
+    fn get_json(&self, path: &str) -> Result<Option<serde_json::Value>, EngineError> {
+        let version = self.docker.client_version();
+        let url = format!(
+            "{}/v{}.{}{path}",
+            self.raw_base, version.major_version, version.minor_version
+        );
+        self.runtime.block_on(async {
+            let response = self
+                .raw
+                .get(&url)
+                .send()
+                .await
+                .map_err(|e| self.api(format!("GET {path}: {e}")))?;
+            let status = response.status();
+            let body = response
+                .bytes()
+                .await
+                .map_err(|e| self.api(format!("GET {path}: {e}")))?;
+            if status == reqwest::StatusCode::NOT_FOUND {
+                return Ok(None);
+            }
+            if !status.is_success() {
+                return Err(self.api(format!(
+                    "GET {path}: {status}: {}",
+                    String::from_utf8_lossy(&body).trim()
+                )));
+            }
+            serde_json::from_slice(&body)
+                .map(Some)
+                .map_err(|e| self.api(format!("GET {path}: {e}")))
+        })
+    }
+
+    /// Every service of the swarm, in one call.
+    fn list_services(&self) -> Result<Vec<Service>, EngineError> {
+        let listed = self.get_json("/services")?.unwrap_or_default();
+        let serde_json::Value::Array(services) = listed else {
+            return Err(self.api("GET /services: not a list"));
+        };
+        services
+            .into_iter()
+            .map(|s| service_from_json(s).map_err(|e| self.api(format!("GET /services: {e}"))))
+            .collect()
     }
 
     fn api(&self, message: impl std::fmt::Display) -> EngineError {
@@ -80,17 +211,11 @@ impl SwarmEngine {
     }
 
     fn inspect(&self, service: &str) -> Result<Option<Service>, EngineError> {
-        let options = InspectServiceOptionsBuilder::default().build();
-        match self
-            .runtime
-            .block_on(self.docker.inspect_service(service, Some(options)))
-        {
-            Ok(found) => Ok(Some(found)),
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => Ok(None),
-            Err(e) => Err(self.api(format!("inspect service {service}: {e}"))),
-        }
+        // A service name is `[a-zA-Z0-9][a-zA-Z0-9_.-]*`: nothing to escape in the path.
+        self.get_json(&format!("/services/{service}"))?
+            .map(service_from_json)
+            .transpose()
+            .map_err(|e| self.api(format!("inspect service {service}: {e}")))
     }
 
     /// The service, which must carry imago's label for `service`.
@@ -98,6 +223,11 @@ impl SwarmEngine {
         let Some(found) = self.inspect(service)? else {
             return Ok(None);
         };
+        self.check_ours(service, &found)?;
+        Ok(Some(found))
+    }
+
+    fn check_ours(&self, service: &str, found: &Service) -> Result<(), EngineError> {
         let label = found
             .spec
             .as_ref()
@@ -110,7 +240,7 @@ impl SwarmEngine {
                 service: service.to_owned(),
             });
         }
-        Ok(Some(found))
+        Ok(())
     }
 
     /// Node id -> address, for the tasks' published ports.
@@ -135,6 +265,32 @@ impl SwarmEngine {
             .block_on(self.docker.list_tasks(Some(options)))
             .map_err(|e| self.api(format!("list tasks of {service_id}: {e}")))
     }
+}
+
+/// A service as the daemon writes it, read into bollard's types. Docker writes a container
+/// spec's health check under `Healthcheck` (the name of the Go field, which has no JSON tag),
+/// while the API's schema, and so bollard, says `HealthCheck`: serde would drop it, and a
+/// changed health check would never show as drift. Docker reads either spelling (Go matches
+/// JSON keys case-insensitively), so only reads need this.
+fn service_from_json(mut service: serde_json::Value) -> Result<Service, serde_json::Error> {
+    for spec in ["/Spec", "/PreviousSpec"] {
+        if let Some(container) = service
+            .pointer_mut(&format!("{spec}/TaskTemplate/ContainerSpec"))
+            .and_then(serde_json::Value::as_object_mut)
+            && let Some(health) = container.remove("Healthcheck")
+        {
+            container.insert("HealthCheck".to_owned(), health);
+        }
+    }
+    serde_json::from_value(service)
+}
+
+fn labels_of(service: &Service) -> HashMap<String, String> {
+    service
+        .spec
+        .as_ref()
+        .and_then(|s| s.labels.clone())
+        .unwrap_or_default()
 }
 
 fn update_state(service: &Service) -> (UpdateState, String) {
@@ -225,7 +381,7 @@ impl ClusterEngine for SwarmEngine {
         };
         let (update, update_message) = update_state(&live);
         let live_spec = live.spec.clone().unwrap_or_default();
-        let labels = live_spec.labels.clone().unwrap_or_default();
+        let labels = labels_of(&live);
         let release = labels.get(LABEL_RELEASE).and_then(|r| r.parse().ok());
         let revision = labels.get(LABEL_REVISION).cloned();
         let differences = if revision.as_deref() == Some(desired.revision.as_str()) {
@@ -249,6 +405,37 @@ impl ClusterEngine for SwarmEngine {
         }))
     }
 
+    fn compare(
+        &mut self,
+        releases: &[ClusterService],
+    ) -> Result<Vec<Option<ClusterComparison>>, EngineError> {
+        let listed = self.list_services()?;
+        let by_name: HashMap<&str, &Service> = listed
+            .iter()
+            .filter_map(|s| Some((s.spec.as_ref()?.name.as_deref()?, s)))
+            .collect();
+        releases
+            .iter()
+            .map(|desired| {
+                let Some(live) = by_name.get(desired.service.as_str()) else {
+                    return Ok(None);
+                };
+                self.check_ours(&desired.service, live)?;
+                let labels = labels_of(live);
+                Ok(Some(ClusterComparison {
+                    release: labels.get(LABEL_RELEASE).and_then(|r| r.parse().ok()),
+                    revision: labels.get(LABEL_REVISION).cloned(),
+                    config_hash: labels.get(LABEL_CONFIG_HASH).cloned(),
+                    differences: differences(
+                        &live.spec.clone().unwrap_or_default(),
+                        &render(desired)?,
+                    ),
+                    update: update_state(live).0,
+                }))
+            })
+            .collect()
+    }
+
     fn destroy(&mut self, service: &str) -> Result<bool, EngineError> {
         if self.ours(service)?.is_none() {
             return Ok(false);
@@ -260,5 +447,38 @@ impl ClusterEngine for SwarmEngine {
             }) => Ok(false),
             Err(e) => Err(self.api(format!("remove service {service}: {e}"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn the_health_check_as_the_daemon_spells_it_is_read() {
+        // As `GET /v1.41/services/NAME` answers (dockerd 20.10): `Healthcheck`.
+        let service = service_from_json(serde_json::json!({
+            "ID": "x",
+            "Spec": {"Name": "web", "TaskTemplate": {"ContainerSpec": {
+                "Image": "r/web@sha256:11",
+                "Healthcheck": {"Test": ["CMD", "true"], "Interval": 2000000000, "Retries": 3}
+            }}}
+        }))
+        .unwrap();
+        let health = service
+            .spec
+            .unwrap()
+            .task_template
+            .unwrap()
+            .container_spec
+            .unwrap();
+        let health = health.health_check.expect("the health check is kept");
+        assert_eq!(health.test.unwrap(), ["CMD", "true"]);
+        assert_eq!(
+            (health.interval, health.retries),
+            (Some(2_000_000_000), Some(3))
+        );
     }
 }

@@ -275,8 +275,24 @@ pub fn differences(live: &ServiceSpec, rendered: &ServiceSpec) -> Vec<String> {
         format!("{:?}", limits(live)),
         format!("{:?}", limits(rendered)),
     );
-    // Not compared: the health check. Docker answers with `Healthcheck` where the API schema
-    // (and so bollard) says `HealthCheck`, so a live spec never shows one when read back.
+    // Read back through `service_from_json`: bollard alone would never see the live one.
+    let health = |c: &TaskSpecContainerSpec| {
+        c.health_check.as_ref().map(|h| {
+            format!(
+                "{:?} interval {} timeout {} retries {} start_period {}",
+                h.test.clone().unwrap_or_default(),
+                h.interval.unwrap_or(0),
+                h.timeout.unwrap_or(0),
+                h.retries.unwrap_or(0),
+                h.start_period.unwrap_or(0)
+            )
+        })
+    };
+    compare(
+        "health",
+        health(&lc).unwrap_or_else(|| "none".into()),
+        health(&rc).unwrap_or_else(|| "none".into()),
+    );
     out
 }
 
@@ -386,6 +402,38 @@ mod tests {
             err.contains("rollout.strategy") && err.contains("engine swarm"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_hand_made_health_check_change_is_a_difference() {
+        let d = desired(serde_json::json!({
+            "image": "web", "port": 80, "target_port": 8080,
+            "health": {"type": "http", "path": "/up"}
+        }));
+        let rendered = render(&d).unwrap();
+        let mut live = rendered.clone();
+        let container = live
+            .task_template
+            .as_mut()
+            .unwrap()
+            .container_spec
+            .as_mut()
+            .unwrap();
+        container.health_check.as_mut().unwrap().test = Some(vec!["CMD".into(), "true".into()]);
+        let diff = differences(&live, &rendered);
+        assert_eq!(diff.len(), 1, "{diff:?}");
+        assert!(
+            diff[0].starts_with("health: [\"CMD\", \"true\"]"),
+            "{diff:?}"
+        );
+        live.task_template
+            .as_mut()
+            .unwrap()
+            .container_spec
+            .as_mut()
+            .unwrap()
+            .health_check = None;
+        assert!(differences(&live, &rendered)[0].starts_with("health: none != "));
     }
 
     #[test]

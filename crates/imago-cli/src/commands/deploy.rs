@@ -10,13 +10,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, anyhow, bail};
 use clap::Args;
 use imago_build::{BuildOptions, DefinitionFile};
+use imago_deploy::cluster::ClusterService;
 use imago_deploy::controller::{LABEL_SERVICE, stop_grace};
 use imago_deploy::daemon::{self, DeployHome, Note, ServeOptions, controller_running};
 use imago_deploy::drift::{self, DriftCheck, Finding};
-use imago_deploy::plan::{ServicePlan, plan_service};
+use imago_deploy::plan::{ServicePlan, cluster_plan, plan_service, proposed_cluster_service};
 use imago_deploy::roots::{DEFAULT_HISTORY_LIMIT, ReleaseRoots};
 use imago_deploy::services::{check_ports, exposed_ports, parse_services_for, tcp_ports};
-use imago_deploy::spec::{ServiceSpec, validate_all};
+use imago_deploy::spec::{ResolvedTarget, ServiceSpec, validate_all};
 use imago_deploy::state::{Event, Release, ReleaseOutcome, StateDb};
 use imago_deploy::status::StatusDocument;
 use imago_oci::{Digest, Reference};
@@ -202,6 +203,20 @@ impl Render for PlanResult {
                 (Some(d), false) => writeln!(out, " ({})", d.short())?,
                 _ => writeln!(out)?,
             }
+            if let Some(c) = &p.cluster {
+                let from = c
+                    .live_release
+                    .map(|r| format!(" (live: release {r})"))
+                    .unwrap_or_default();
+                writeln!(
+                    out,
+                    "  {} service {} on target {}: {}{from}",
+                    c.engine, p.service, c.target, c.action
+                )?;
+                for field in &c.fields {
+                    writeln!(out, "    {field}")?;
+                }
+            }
             if let Some(plan) = &p.rollout {
                 writeln!(
                     out,
@@ -231,6 +246,10 @@ impl Render for PlanResult {
     }
 }
 
+/// A service `plan` asks its cluster engine about: its index among the plans, the release apply
+/// would make, and whether that release's digest is known (not when the image is rebuilt first).
+type AskedOfEngine = (usize, (ClusterService, bool));
+
 /// Validates the services and works out, for each, what apply would do.
 fn make_plan(
     ctx: &Context,
@@ -243,6 +262,8 @@ fn make_plan(
     let running = current_instances(ctx, store)?;
     let ours = daemon::own_pids(&DeployHome::new(ctx));
     let mut plans = Vec::new();
+    let mut on_clusters: BTreeMap<String, (ResolvedTarget, Vec<AskedOfEngine>)> = BTreeMap::new();
+    let mut checked: BTreeMap<String, Option<Digest>> = BTreeMap::new();
     for (name, spec) in &services.specs {
         let digest = match resolve_image(ctx, services, store, name, spec, Fetch::ManifestOnly)? {
             ImageSource::Stored(d) => Some(d),
@@ -252,6 +273,8 @@ fn make_plan(
             {
                 None
             }
+            // Services that share an image: it is checked once.
+            ImageSource::Built(image) if checked.contains_key(&image) => checked[&image].clone(),
             // A check build, with the same progress display as `imago build --check`.
             ImageSource::Built(image) => match super::build::build_one(
                 ctx,
@@ -260,7 +283,10 @@ fn make_plan(
                 &image,
                 &build_options(ctx, true),
             ) {
-                Ok(built) => Some(built.digest),
+                Ok(built) => {
+                    checked.insert(image, Some(built.digest.clone()));
+                    Some(built.digest)
+                }
                 Err(e)
                     if matches!(
                         e.downcast_ref::<imago_build::BuildError>(),
@@ -269,6 +295,7 @@ fn make_plan(
                     ) =>
                 {
                     // The image must be rebuilt: the digest it will get is not known yet.
+                    checked.insert(image, None);
                     None
                 }
                 Err(e) => return Err(e),
@@ -287,14 +314,62 @@ fn make_plan(
             )?,
         }
         let spec = &pinned_spec(spec, digest.as_ref());
-        plans.push(plan_service(
+        let current = db.desired(name)?;
+        let mut plan = plan_service(
             name,
             spec,
             all_limits[name],
-            db.desired(name)?.as_ref(),
-            digest,
+            current.as_ref(),
+            digest.clone(),
             &running,
-        )?);
+        )?;
+        if let Some(target) = spec.cluster_target() {
+            // The engine rolls out on its own: the live service says what changes.
+            plan.rollout = None;
+            plan.instances_replaced = 0;
+            // Without a digest (the image is rebuilt first) only the live labels count.
+            let proposed = match &digest {
+                Some(d) => (
+                    proposed_cluster_service(name, spec, d, current.as_ref(), target)?,
+                    true,
+                ),
+                None => (
+                    ClusterService {
+                        service: name.clone(),
+                        release: 0,
+                        revision: String::new(),
+                        config_hash: String::new(),
+                        image: String::new(),
+                        spec: spec.clone(),
+                    },
+                    false,
+                ),
+            };
+            on_clusters
+                .entry(engine_key(target))
+                .or_insert_with(|| (target.clone(), Vec::new()))
+                .1
+                .push((plans.len(), proposed));
+        }
+        plans.push(plan);
+    }
+    // One comparison per cluster target, however many services it runs: a listing, not an
+    // inspect per service.
+    if !on_clusters.is_empty() {
+        let factory =
+            cluster_engines().ok_or_else(|| anyhow!("this imago has no cluster engine"))?;
+        let mut engines = drift::ClusterEngines::new(&factory);
+        for (target, services_on) in on_clusters.into_values() {
+            let asked: Vec<ClusterService> = services_on.iter().map(|(_, p)| p.0.clone()).collect();
+            let live = engines.engine(&target)?.compare(&asked)?;
+            for ((index, proposed), live) in services_on.iter().zip(live) {
+                plans[*index].cluster = Some(cluster_plan(
+                    &target,
+                    proposed.1.then_some(proposed.0.revision.as_str()),
+                    live.as_ref(),
+                ));
+            }
+        }
     }
     Ok(plans)
 }
@@ -491,6 +566,15 @@ fn push_for_target(ctx: &Context, name: &str, spec: &ServiceSpec, digest: &Diges
     Ok(())
 }
 
+/// One engine per engine kind and endpoint.
+fn engine_key(target: &ResolvedTarget) -> String {
+    format!(
+        "{}:{}",
+        target.spec.engine,
+        target.spec.endpoint.as_deref().unwrap_or_default()
+    )
+}
+
 /// The cluster engines this build links, for the controller.
 pub fn cluster_engines() -> Option<imago_deploy::controller::EngineFactory> {
     #[cfg(feature = "swarm")]
@@ -498,8 +582,9 @@ pub fn cluster_engines() -> Option<imago_deploy::controller::EngineFactory> {
         use imago_deploy::cluster::{ClusterEngine, EngineError};
         use imago_deploy::spec::EngineKind;
         Some(Box::new(|target| match target.spec.engine {
-            EngineKind::Swarm => Ok(Box::new(imago_swarm::SwarmEngine::connect(
+            EngineKind::Swarm => Ok(Box::new(imago_swarm::SwarmEngine::connect_with(
                 target.docker_endpoint(),
+                docker_tls(target.docker_endpoint()).as_ref(),
             )?) as Box<dyn ClusterEngine>),
             other => Err(EngineError::Api {
                 engine: other.as_str(),
@@ -512,6 +597,21 @@ pub fn cluster_engines() -> Option<imago_deploy::controller::EngineFactory> {
     {
         None
     }
+}
+
+/// TLS for a `tcp://` Docker endpoint, as the docker CLI decides it: on when `DOCKER_TLS_VERIFY`
+/// is set (non-empty), with the client certificate in `DOCKER_CERT_PATH` (default `~/.docker`).
+#[cfg(feature = "swarm")]
+fn docker_tls(endpoint: &str) -> Option<imago_swarm::DockerTls> {
+    if !endpoint.starts_with("tcp://") {
+        return None;
+    }
+    std::env::var_os("DOCKER_TLS_VERIFY").filter(|v| !v.is_empty())?;
+    let cert_dir = match std::env::var_os("DOCKER_CERT_PATH").filter(|v| !v.is_empty()) {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME")?).join(".docker"),
+    };
+    Some(imago_swarm::DockerTls { cert_dir })
 }
 
 fn actor() -> String {
@@ -818,6 +918,26 @@ impl Render for StatusResult {
                     i.address.as_deref().unwrap_or("-")
                 )?;
             }
+            // Tasks the engine keeps for history (shut down, not wanted) are in the JSON only.
+            for t in st
+                .tasks
+                .iter()
+                .filter(|t| t.desired_running || t.phase != "done")
+            {
+                writeln!(
+                    out,
+                    "  task {} {:<8} {:<21} release {} {}{}",
+                    t.id,
+                    t.phase,
+                    t.address.as_deref().or(t.node.as_deref()).unwrap_or("-"),
+                    t.release.map_or("?".to_owned(), |r| r.to_string()),
+                    t.image_digest.as_deref().unwrap_or("-"),
+                    t.error
+                        .as_deref()
+                        .map(|e| format!(" ({e})"))
+                        .unwrap_or_default()
+                )?;
+            }
         }
         Ok(())
     }
@@ -828,12 +948,19 @@ pub fn status(ctx: &Context, args: StatusArgs) -> Result<()> {
     let db = home.open_db()?;
     let store = ctx.store()?;
     let instances = current_instances(ctx, &store)?;
-    let document = imago_deploy::status::status_document(
+    let mut document = imago_deploy::status::status_document(
         &db,
         args.service.as_deref(),
         &instances,
         controller_running(&home)?,
     )?;
+    if let Some(factory) = cluster_engines() {
+        imago_deploy::status::add_cluster_tasks(
+            &db,
+            &mut document,
+            &mut drift::ClusterEngines::new(&factory),
+        )?;
+    }
     ctx.reporter.emit(&StatusResult(document))
 }
 

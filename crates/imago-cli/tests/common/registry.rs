@@ -56,6 +56,9 @@ pub struct RegistryOpts {
     pub auth: Option<(String, String)>,
     /// HTTPS with a certificate for IP:127.0.0.1 signed by a test CA (`Registry::ca_cert`).
     pub tls: bool,
+    /// The address to listen on instead of 127.0.0.1 (one of a network namespace link the
+    /// test made, for nodes in that namespace).
+    pub listen: Option<std::net::IpAddr>,
 }
 
 impl RegistryOpts {
@@ -66,6 +69,7 @@ impl RegistryOpts {
         RegistryOpts {
             auth: Some((user.into(), password.into())),
             tls: true,
+            listen: None,
         }
     }
 }
@@ -91,8 +95,9 @@ impl Registry {
              log:\n  level: info\n  accesslog:\n    disabled: false\n\
              storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n  \
              maintenance:\n    uploadpurging:\n      enabled: false\n\
-             http:\n  addr: 127.0.0.1:{port}\n  secret: imago-test-secret\n",
+             http:\n  addr: {addr}:{port}\n  secret: imago-test-secret\n",
             storage = dir.path().join("storage").display(),
+            addr = opts.listen.unwrap_or(std::net::Ipv4Addr::LOCALHOST.into()),
         );
         if opts.tls {
             make_certificates(dir.path());
@@ -172,9 +177,13 @@ impl Registry {
         }
     }
 
-    /// `127.0.0.1:PORT`, the name of the registry in references.
+    /// `127.0.0.1:PORT` (or the address it listens on), the name of the registry in references.
     pub fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        let addr = self
+            .opts
+            .listen
+            .unwrap_or(std::net::Ipv4Addr::LOCALHOST.into());
+        format!("{addr}:{}", self.port)
     }
 
     pub fn url(&self) -> String {
@@ -385,7 +394,7 @@ impl Drop for Registry {
 }
 
 /// A test CA and a server certificate for IP:127.0.0.1 signed by it (P-256 keys: fast to make).
-fn make_certificates(dir: &Path) {
+pub fn make_certificates(dir: &Path) {
     require_tool("openssl");
     let p = |name: &str| dir.join(name).display().to_string();
     tool(
