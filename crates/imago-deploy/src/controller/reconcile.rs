@@ -136,8 +136,7 @@ impl Controller {
         if let Err(e) = self.ensure_endpoint(service, &release) {
             // When another process holds the port, say which: a fault of the host, not of the
             // service's definition.
-            if let Some(port) = release.spec.port {
-                let addr = SocketAddr::new(self.bind, port);
+            for addr in release.spec.endpoint_addresses().unwrap_or_default() {
                 crate::services::check_endpoint_free(service, addr, &[std::process::id()])?;
             }
             return Err(e);
