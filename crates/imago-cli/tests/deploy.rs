@@ -1609,6 +1609,23 @@ fn translated_flows(remote: &RemoteHost, port: u16) -> usize {
         .count()
 }
 
+/// The instance address the one forwarded flow from `remote` to `port` goes to.
+fn forwarded_to(remote: &RemoteHost, port: u16) -> String {
+    let table = std::fs::read_to_string("/proc/net/nf_conntrack").unwrap();
+    let from = format!("src={} dst={} ", remote.remote_addr, remote.host_addr);
+    let dport = format!(" dport={port} ");
+    table
+        .lines()
+        .filter(|l| l.contains(&from) && l.contains(&dport) && l.contains("ESTABLISHED"))
+        .find_map(|l| {
+            l.split_whitespace()
+                .filter_map(|f| f.strip_prefix("src="))
+                .nth(1)
+                .map(str::to_owned)
+        })
+        .expect("an established forwarded flow")
+}
+
 #[test]
 fn a_public_endpoint_serves_remote_clients_through_the_kernel_and_destroy_removes_its_rules() {
     let d = Deployment::public();
@@ -1741,4 +1758,67 @@ fn assert_remote_answers(clients: Vec<Client>, versions: &[&str; 2]) {
         assert_eq!(client.first().and_then(version), Some(versions[0]));
         assert_eq!(client.last().and_then(version), Some(versions[1]));
     }
+}
+
+#[test]
+fn a_forwarded_remote_connection_holds_the_drain_of_its_instance() {
+    let d = Deployment::public();
+    let remote = RemoteHost::new(d.port);
+    d.edit("drain = \"1s\"", "drain = \"60s\"");
+    d.apply().ok();
+    // A remote client opens a connection and sends half a request: the flow is forwarded to
+    // one v1 instance, past any proxy, and stays open.
+    let (finish, finished) = std::sync::mpsc::channel::<()>();
+    let (path, addr) = (remote.netns_path(), SocketAddr::from((remote.host_addr, d.port)));
+    let held = std::thread::spawn(move || {
+        enter_netns(&path);
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream.write_all(b"GET / HTTP/1.0\r\n").unwrap();
+        finished.recv().unwrap();
+        stream.write_all(b"\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        response
+    });
+    d.wait_until("the connection to be forwarded", Duration::from_secs(5), |_| {
+        translated_flows(&remote, d.port) == 1
+    });
+
+    // The instance the kernel sent it to, from the flow's translation.
+    let address = forwarded_to(&remote, d.port);
+    let held_id = d
+        .instances()
+        .iter()
+        .find(|i| i["address"] == address)
+        .map(|i| i["id"].as_str().unwrap().to_owned())
+        .unwrap_or_else(|| panic!("no instance has address {address}"));
+
+    d.set_version("v2", "2");
+    d.edit("drain = \"1s\"", "drain = \"60s\"");
+    d.imago.run(&["apply", "--no-wait", "-f", &d.file()]).ok();
+    let has = |d: &Deployment, what: &str| {
+        d.events()
+            .iter()
+            .any(|e| e.contains(&format!("instance {held_id} ")) && e.contains(what))
+    };
+    d.wait_until("the held instance to retire", Duration::from_secs(30), |d| {
+        has(d, "retired: draining")
+    });
+    std::thread::sleep(Duration::from_millis(2000));
+    assert!(
+        !has(&d, "drained and stopped"),
+        "the instance with an open forwarded flow was stopped"
+    );
+    assert_ne!(
+        d.status()["services"][0]["outcome"]["outcome"], "complete",
+        "release 2 waits for the drain"
+    );
+    // The flow is still on its v1 instance, though it gets no new connection.
+    finish.send(()).unwrap();
+    let response = held.join().unwrap();
+    assert!(response.contains("version v1"), "{response}");
+    d.wait_until("release 2 to complete", Duration::from_secs(30), |d| {
+        d.status()["services"][0]["outcome"]["outcome"] == "complete"
+    });
+    assert!(has(&d, "drained and stopped"));
 }
