@@ -1822,3 +1822,23 @@ fn a_forwarded_remote_connection_holds_the_drain_of_its_instance() {
     });
     assert!(has(&d, "drained and stopped"));
 }
+
+#[test]
+fn an_automatic_rollback_under_remote_load_fails_no_request() {
+    let d = Deployment::public();
+    let remote = RemoteHost::new(d.port);
+    d.apply().ok();
+    let clients: Vec<Client> = (0..16)
+        .map(|_| Client::start_remote(&remote, d.port))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // Release 2 fails its health check and is rolled back to release 1's image.
+    d.set_version("v2", "2");
+    d.edit("path = \"/\"", "path = \"/healthz-missing\"");
+    let err = d.apply().fails();
+    assert!(err.contains("did not deploy"), "{err}");
+    std::thread::sleep(Duration::from_millis(300));
+    let status = d.status();
+    assert_eq!(status["services"][0]["desired"]["rollback_of"], 1, "{status}");
+    assert_remote_answers(clients, &["v1", "v1"]);
+}
