@@ -36,8 +36,8 @@ if [ "$profile" = release ]; then
   cargo build --release -q -p imago-cli
   cargo build --release -q -p imago-deploy --example pingpong --example endpoint
 else
-  cargo build -q -p imago-cli
-  cargo build -q -p imago-deploy --example pingpong --example endpoint
+  # With the workspace's features, as the tests build it (no rebuild after `cargo test`).
+  cargo build -q --workspace --bin imago --example pingpong --example endpoint
 fi
 imago="$PWD/target/$profile/imago"
 pingpong="$PWD/target/$profile/examples/pingpong"
@@ -82,6 +82,14 @@ now() { date +%s.%N; }
 # rotate N A B C...: the words A B C... starting at the Nth (cyclically), one per line.
 rotate() { local n=$1; shift; local k=$(( (n - 1) % $# )); printf '%s\n' "${@:k+1}" "${@:1:k}"; }
 med() { sort -n | awk '{a[NR]=$0} END {print a[int((NR+1)/2)]}'; }
+# paired A B: the median over rounds of A's rate / B's rate in the same round (arrays named A and
+# B, first word of each entry): robust to load that changes between rounds.
+paired() {
+  local -n a_=$1 b_=$2; local i
+  for i in "${!a_[@]}"; do
+    echo "scale=3; ${a_[$i]%% *} / ${b_[$i]%% *}" | bc 2>/dev/null || echo 0
+  done | med
+}
 
 sed -i -e 's/^replicas = 3/replicas = 10/' -e 's/min_ready = "500ms"/min_ready = "1s"/' \
        -e "s/^port = 8088/port = $port/" -e 's/^max_surge = 1/max_surge = "25%"/' "$def"
@@ -285,10 +293,15 @@ CFG
       done
     done
     name="$name; the instance's listen queue overflowed $(( $(ip netns exec "imago-$web_id" nstat -az TcpExtListenOverflows | awk '/ListenOverflows/ {print $2}') - overflows_before )) times"
-    rows+=("$name|$(printf '%s\n' "${d[@]}" | med)|$(printf '%s\n' "${p[@]}" | med)|$(printf '%s\n' "${x[@]}" | med)|$(printf '%s\n' "${h[@]}" | med)")
+    rows+=("$name|$(printf '%s\n' "${d[@]}" | med)|$(printf '%s\n' "${p[@]}" | med)|$(printf '%s\n' "${x[@]}" | med)|$(printf '%s\n' "${h[@]}" | med)|$(paired p d) / $(paired x d) / $(paired h d)")
   done
   local c
-  pp() { "${client[@]}" "$pingpong" "$1" 3 64 "$2" | awk '{print $1, $5 "us"}'; }
+  # A connection cut by the side under test (a proxy giving up on a busy backend) reads as 0.
+  pp() {
+    local out
+    out=$("${client[@]}" "$pingpong" "$1" 3 64 "$2" 2>/dev/null) || { echo "0 cut"; return 0; }
+    echo "$out" | awk '{print $1, $5 "us"}'
+  }
   for c in 1 16; do
     [ "$proxy_rows" = small ] && continue
     d=(); p=(); x=(); h=()
@@ -302,12 +315,12 @@ CFG
         esac
       done
     done
-    rows+=("$c long connection(s), 64-byte echo round trips (pingpong, 3 s)|$(printf '%s\n' "${d[@]}" | med)|$(printf '%s\n' "${p[@]}" | med)|$(printf '%s\n' "${x[@]}" | med)|$(printf '%s\n' "${h[@]}" | med)")
+    rows+=("$c long connection(s), 64-byte echo round trips (pingpong, 3 s)|$(printf '%s\n' "${d[@]}" | med)|$(printf '%s\n' "${p[@]}" | med)|$(printf '%s\n' "${x[@]}" | med)|$(printf '%s\n' "${h[@]}" | med)|$(paired p d) / $(paired x d) / $(paired h d)")
   done
   proxy_load_after=$(cut -d' ' -f1-3 /proc/loadavg)
   if [ "$what" = remote ]; then
     # The fast path must have been taken: flows from the remote host translated to an instance.
-    forwarded=$(grep -c "src=10.230.0.2 dst=$remote_host_addr .* dport=$port .*src=10.88." /proc/net/nf_conntrack || true)
+    forwarded=$(grep -cE "src=10.230.0.2 dst=$remote_host_addr .* dport=($port|$((port + 1))) .*src=10.88." /proc/net/nf_conntrack || true)
   fi
 }
 
@@ -340,11 +353,11 @@ if [ -n "$proxy_done" ]; then
     side="imago endpoint (kernel balancing, the default)"
   fi
   echo
-  echo "| workload | direct | $side | imago endpoint proxy alone (the fallback) | HAProxy | ratios to direct: endpoint / proxy / HAProxy |"
-  echo "|---|---|---|---|---|---|"
+  echo "| workload | direct | $side | imago endpoint proxy alone (the fallback) | HAProxy | ratios of the medians to direct: endpoint / proxy / HAProxy | median of the per-round ratios to direct |"
+  echo "|---|---|---|---|---|---|---|"
   for row in "${rows[@]}"; do
-    IFS='|' read -r name d p x h <<<"$row"
+    IFS='|' read -r name d p x h paired_ratios <<<"$row"
     read -r d_rps d_lat d_tr <<<"$d"; read -r p_rps p_lat p_tr <<<"$p"; read -r x_rps x_lat x_tr <<<"$x"; read -r h_rps h_lat h_tr <<<"$h"
-    echo "| $name | ${d_rps}/s, p50 ${d_lat}${d_tr:+, $d_tr/s} | ${p_rps}/s, p50 ${p_lat}${p_tr:+, $p_tr/s} | ${x_rps}/s, p50 ${x_lat}${x_tr:+, $x_tr/s} | ${h_rps}/s, p50 ${h_lat}${h_tr:+, $h_tr/s} | $(echo "scale=2; $p_rps / $d_rps" | bc) / $(echo "scale=2; $x_rps / $d_rps" | bc) / $(echo "scale=2; $h_rps / $d_rps" | bc) |"
+    echo "| $name | ${d_rps}/s, p50 ${d_lat}${d_tr:+, $d_tr/s} | ${p_rps}/s, p50 ${p_lat}${p_tr:+, $p_tr/s} | ${x_rps}/s, p50 ${x_lat}${x_tr:+, $x_tr/s} | ${h_rps}/s, p50 ${h_lat}${h_tr:+, $h_tr/s} | $(echo "scale=2; $p_rps / $d_rps" | bc) / $(echo "scale=2; $x_rps / $d_rps" | bc) / $(echo "scale=2; $h_rps / $d_rps" | bc) | $paired_ratios |"
   done
 fi

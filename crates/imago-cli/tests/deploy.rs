@@ -89,12 +89,10 @@ impl Deployment {
         } else {
             format!("port = {}", self.port)
         };
-        let toml = original
-            .replace("port = 8088", &endpoint)
-            .replace(
-                "target_port = 8080",
-                &format!("target_port = 8080\nenv = {{ VERSION = \"{env}\" }}"),
-            );
+        let toml = original.replace("port = 8088", &endpoint).replace(
+            "target_port = 8080",
+            &format!("target_port = 8080\nenv = {{ VERSION = \"{env}\" }}"),
+        );
         std::fs::write(self.dir.join("imago.toml"), toml).unwrap();
     }
 
@@ -1529,15 +1527,42 @@ impl RemoteHost {
             .output();
         ip(&["netns", "add", &remote.name]);
         ip(&[
-            "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &remote.name,
+            "link",
+            "add",
+            &veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &remote.name,
         ]);
-        ip(&["addr", "add", &format!("{}/30", remote.host_addr), "dev", &veth]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/30", remote.host_addr),
+            "dev",
+            &veth,
+        ]);
         ip(&["link", "set", &veth, "up"]);
         let inside = |args: &[&str]| ip(&[&["-n", remote.name.as_str()], args].concat());
-        inside(&["addr", "add", &format!("{}/30", remote.remote_addr), "dev", "eth0"]);
+        inside(&[
+            "addr",
+            "add",
+            &format!("{}/30", remote.remote_addr),
+            "dev",
+            "eth0",
+        ]);
         inside(&["link", "set", "eth0", "up"]);
         inside(&["link", "set", "lo", "up"]);
-        inside(&["route", "add", "default", "via", &remote.host_addr.to_string()]);
+        inside(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &remote.host_addr.to_string(),
+        ]);
         remote
     }
 
@@ -1655,7 +1680,10 @@ fn a_public_endpoint_serves_remote_clients_through_the_kernel_and_destroy_remove
 
     d.imago.run(&["destroy", "web"]).ok();
     assert_eq!(forward_table(&d), None, "destroy removed the rules");
-    assert!(remote.get(d.port).is_err(), "nothing serves the port any more");
+    assert!(
+        remote.get(d.port).is_err(),
+        "nothing serves the port any more"
+    );
 }
 
 #[test]
@@ -1672,7 +1700,10 @@ fn a_rolling_update_under_remote_load_fails_no_request() {
     assert!(out.contains("deployment complete (release 2"), "{out}");
     std::thread::sleep(Duration::from_millis(300));
     assert_remote_answers(clients, &["v1", "v2"]);
-    assert!(translated_flows(&remote, d.port) > 0, "forwarded by the kernel");
+    assert!(
+        translated_flows(&remote, d.port) > 0,
+        "forwarded by the kernel"
+    );
     assert_eq!(d.instances().len(), 3, "exactly the replicas remain");
 }
 
@@ -1769,7 +1800,10 @@ fn a_forwarded_remote_connection_holds_the_drain_of_its_instance() {
     // A remote client opens a connection and sends half a request: the flow is forwarded to
     // one v1 instance, past any proxy, and stays open.
     let (finish, finished) = std::sync::mpsc::channel::<()>();
-    let (path, addr) = (remote.netns_path(), SocketAddr::from((remote.host_addr, d.port)));
+    let (path, addr) = (
+        remote.netns_path(),
+        SocketAddr::from((remote.host_addr, d.port)),
+    );
     let held = std::thread::spawn(move || {
         enter_netns(&path);
         let mut stream = TcpStream::connect(addr).unwrap();
@@ -1780,9 +1814,11 @@ fn a_forwarded_remote_connection_holds_the_drain_of_its_instance() {
         stream.read_to_string(&mut response).unwrap();
         response
     });
-    d.wait_until("the connection to be forwarded", Duration::from_secs(5), |_| {
-        translated_flows(&remote, d.port) == 1
-    });
+    d.wait_until(
+        "the connection to be forwarded",
+        Duration::from_secs(5),
+        |_| translated_flows(&remote, d.port) == 1,
+    );
 
     // The instance the kernel sent it to, from the flow's translation.
     let address = forwarded_to(&remote, d.port);
@@ -1801,16 +1837,19 @@ fn a_forwarded_remote_connection_holds_the_drain_of_its_instance() {
             .iter()
             .any(|e| e.contains(&format!("instance {held_id} ")) && e.contains(what))
     };
-    d.wait_until("the held instance to retire", Duration::from_secs(30), |d| {
-        has(d, "retired: draining")
-    });
+    d.wait_until(
+        "the held instance to retire",
+        Duration::from_secs(30),
+        |d| has(d, "retired: draining"),
+    );
     std::thread::sleep(Duration::from_millis(2000));
     assert!(
         !has(&d, "drained and stopped"),
         "the instance with an open forwarded flow was stopped"
     );
     assert_ne!(
-        d.status()["services"][0]["outcome"]["outcome"], "complete",
+        d.status()["services"][0]["outcome"]["outcome"],
+        "complete",
         "release 2 waits for the drain"
     );
     // The flow is still on its v1 instance, though it gets no new connection.
@@ -1839,6 +1878,9 @@ fn an_automatic_rollback_under_remote_load_fails_no_request() {
     assert!(err.contains("did not deploy"), "{err}");
     std::thread::sleep(Duration::from_millis(300));
     let status = d.status();
-    assert_eq!(status["services"][0]["desired"]["rollback_of"], 1, "{status}");
+    assert_eq!(
+        status["services"][0]["desired"]["rollback_of"], 1,
+        "{status}"
+    );
     assert_remote_answers(clients, &["v1", "v1"]);
 }

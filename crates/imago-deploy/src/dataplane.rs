@@ -549,7 +549,11 @@ fn handle(plane: &mut LocalPlane, request: Request) -> Reply {
             reply.status = Some(plane.status());
             Ok(())
         }
-        Request::Listen { service, addr, also } => {
+        Request::Listen {
+            service,
+            addr,
+            also,
+        } => {
             let addrs: Vec<SocketAddr> = std::iter::once(addr).chain(also).collect();
             plane
                 .listen(&service, &addrs)

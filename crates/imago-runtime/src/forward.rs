@@ -135,7 +135,10 @@ impl Drop for Forwarder {
 /// Removes table `table` if it exists (a home whose data plane is gone: nothing serves its
 /// endpoints, so nothing may be forwarded to its instances).
 pub fn delete_table(table: &str) -> Result<(), ForwardError> {
-    nft(table, &format!("table ip {table}\ndelete table ip {table}\n"))
+    nft(
+        table,
+        &format!("table ip {table}\ndelete table ip {table}\n"),
+    )
 }
 
 /// Whether table `table` exists.
@@ -229,15 +232,14 @@ pub fn count_forwarded(table: &str, backends: &[SocketAddrV4]) -> Vec<usize> {
         }
         if !matches!(
             fields.get(5),
-            Some(&("SYN_SENT" | "SYN_RECV" | "ESTABLISHED" | "FIN_WAIT" | "CLOSE_WAIT" | "LAST_ACK"))
+            Some(
+                &("SYN_SENT" | "SYN_RECV" | "ESTABLISHED" | "FIN_WAIT" | "CLOSE_WAIT" | "LAST_ACK")
+            )
         ) {
             continue;
         }
         let values = |key: &str| -> Vec<&str> {
-            fields
-                .iter()
-                .filter_map(|f| f.strip_prefix(key))
-                .collect()
+            fields.iter().filter_map(|f| f.strip_prefix(key)).collect()
         };
         let (src, dst, sport, dport) = (
             values("src="),
@@ -341,7 +343,11 @@ mod tests {
             backends: vec![v4("10.88.0.6:8080")],
         };
         assert!(forwarder.set("web", web.clone()).unwrap());
-        assert!(listed(&table).contains("tcp dport 18080 dnat ip to"), "{}", listed(&table));
+        assert!(
+            listed(&table).contains("tcp dport 18080 dnat ip to"),
+            "{}",
+            listed(&table)
+        );
         // A second service, then the first gone: each write is the whole set.
         let api = Forward {
             listen: vec![v4("0.0.0.0:18081")],
@@ -350,7 +356,10 @@ mod tests {
         assert!(forwarder.set("api", api).unwrap());
         assert!(!forwarder.set("web", Forward::default()).unwrap());
         let rules = listed(&table);
-        assert!(!rules.contains("18080") && rules.contains("18081"), "{rules}");
+        assert!(
+            !rules.contains("18080") && rules.contains("18081"),
+            "{rules}"
+        );
         // Written again by a new forwarder (a restarted data plane): nothing doubles.
         forwarder.rewrite().unwrap();
         assert_eq!(listed(&table).matches("dnat").count(), 1);
@@ -373,7 +382,11 @@ ipv4     2 udp      17 29 src=10.231.0.2 dst=10.231.0.1 sport=5353 dport=80 src=
         assert_eq!(
             count_forwarded(
                 table,
-                &[v4("10.88.0.6:8080"), v4("10.88.0.10:8080"), v4("10.88.0.14:8080")]
+                &[
+                    v4("10.88.0.6:8080"),
+                    v4("10.88.0.10:8080"),
+                    v4("10.88.0.14:8080")
+                ]
             ),
             vec![2, 1, 0],
             "established and half-open count; closed, untranslated and udp flows do not"

@@ -487,7 +487,9 @@ impl ServiceSpec {
         let mut addresses: Vec<SocketAddr> = Vec::with_capacity(self.bind.len());
         for text in &self.bind {
             let address: SocketAddr = text.parse().map_err(|_| {
-                format!("{text:?} is not an address with a port, like \"0.0.0.0:80\" or \"[::]:80\"")
+                format!(
+                    "{text:?} is not an address with a port, like \"0.0.0.0:80\" or \"[::]:80\""
+                )
             })?;
             if address.port() == 0 {
                 return Err(format!("{text:?} has no port"));
@@ -672,7 +674,11 @@ mod tests {
         let both = parse(r#"{"image": "web", "bind": ["0.0.0.0:80", "[::]:80"]}"#);
         assert!(both.validate("web").is_ok());
         assert_eq!(both.endpoint_ports(), vec![80]);
-        assert_eq!(both.instance_port(), Some(80), "the bind port, as `port` would");
+        assert_eq!(
+            both.instance_port(),
+            Some(80),
+            "the bind port, as `port` would"
+        );
         // Unchanged releases keep their configuration hash: no `bind` key is written.
         assert!(!serde_json::to_string(&default).unwrap().contains("bind"));
         for (bad, says) in [
@@ -701,7 +707,10 @@ mod tests {
             "b".to_string(),
             parse(r#"{"image": "api", "bind": "0.0.0.0:8080"}"#),
         );
-        assert!(validate_all(&services).is_err(), "a bind port conflicts too");
+        assert!(
+            validate_all(&services).is_err(),
+            "a bind port conflicts too"
+        );
     }
 
     #[test]

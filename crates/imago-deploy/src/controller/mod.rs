@@ -545,17 +545,23 @@ impl Controller {
     }
 
     fn ensure_endpoint(&mut self, service: &str, release: &Release) -> Result<(), DeployError> {
-        let addrs = release.spec.endpoint_addresses().map_err(|reason| {
-            DeployError::InvalidService {
-                service: service.to_owned(),
-                field: "bind".into(),
-                reason,
-            }
-        })?;
+        let addrs =
+            release
+                .spec
+                .endpoint_addresses()
+                .map_err(|reason| DeployError::InvalidService {
+                    service: service.to_owned(),
+                    field: "bind".into(),
+                    reason,
+                })?;
         if addrs.is_empty() {
             return self.close_endpoint(service);
         }
-        if self.endpoints.get(service).is_some_and(|e| e.addrs == addrs) {
+        if self
+            .endpoints
+            .get(service)
+            .is_some_and(|e| e.addrs == addrs)
+        {
             return Ok(());
         }
         // A new address keeps the service's routes in the data plane: connections still open
@@ -586,7 +592,8 @@ impl Controller {
         };
         self.db
             .event(Some(service), "endpoint", &message, &self.actor)?;
-        self.endpoints.insert(service.to_owned(), Endpoint { addrs });
+        self.endpoints
+            .insert(service.to_owned(), Endpoint { addrs });
         Ok(())
     }
 }
