@@ -211,6 +211,9 @@ proxy_bench() {
     remote_setup
     listen=0.0.0.0; reach=$remote_host_addr; echo_endpoint="bind = \"0.0.0.0:$((port + 1))\""
     sed -i -e "s/^port = $port/bind = \"0.0.0.0:$port\"/" "$def"
+    # An instance replaced mid-run would leave direct, HAProxy and the proxy alone pointing at a
+    # gone address: a check slow to give up, for a loaded host.
+    sed -i -e 's/^timeout = "1s"/timeout = "5s"/' -e 's/^unhealthy_threshold = 3/unhealthy_threshold = 10/' "$def"
   fi
   head -c 1048576 /dev/zero > "$work/web/www/big.bin"
   sed -i -e 's/^replicas = 10/replicas = 1/' "$def"
@@ -269,6 +272,12 @@ CFG
   # One row per workload: label, then the client command with @ for host:port.
   wrk_run() { "${client[@]}" wrk $1 --latency "http://$2$3" 2>/dev/null | awk '/Requests\/sec/ {r=$2} /^ +50%/ {p=$2} /Transfer\/sec/ {t=$2} END {print r, p, t}'; }
   rows=()
+  # The instance's listen-queue overflows (0 if it was replaced meanwhile: an overloaded host
+  # can fail its health checks).
+  overflows() {
+    ip netns exec "imago-$web_id" nstat -az TcpExtListenOverflows 2>/dev/null \
+      | awk '/ListenOverflows/ {print $2}' | grep . || echo 0
+  }
   local name args path d p i
   # busybox httpd listens with a backlog of 9: 16 concurrent connects overflow it (dropped SYNs,
   # retried after 1 s, for wrk's direct connects and the proxy's alike); 8 stay below it.
@@ -279,7 +288,7 @@ CFG
     [ "$proxy_rows" = echo ] && continue
     IFS='|' read -r name args path <<<"$spec"
     local overflows_before
-    overflows_before=$(ip netns exec "imago-$web_id" nstat -az TcpExtListenOverflows | awk '/ListenOverflows/ {print $2}')
+    overflows_before=$(overflows)
     d=(); p=(); x=(); h=()
     for i in $(seq "$rounds"); do
       # Rotate which goes first, so a load change during the run hits every side alike.
@@ -292,7 +301,7 @@ CFG
         esac
       done
     done
-    name="$name; the instance's listen queue overflowed $(( $(ip netns exec "imago-$web_id" nstat -az TcpExtListenOverflows | awk '/ListenOverflows/ {print $2}') - overflows_before )) times"
+    name="$name; the instance's listen queue overflowed $(( $(overflows) - overflows_before )) times"
     rows+=("$name|$(printf '%s\n' "${d[@]}" | med)|$(printf '%s\n' "${p[@]}" | med)|$(printf '%s\n' "${x[@]}" | med)|$(printf '%s\n' "${h[@]}" | med)|$(paired p d) / $(paired x d) / $(paired h d)")
   done
   local c

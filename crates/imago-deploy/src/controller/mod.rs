@@ -389,23 +389,37 @@ impl Controller {
 
     /// Open connections to draining instances that the kernel balanced (counted from the host's
     /// socket table, so they include the proxy's own connections to them) or forwarded for
-    /// remote clients (counted from the conntrack table: translated flows only). An instance
-    /// whose count cannot be read counts as open: its drain then ends at its deadline.
+    /// remote clients of `service`'s public addresses (counted from the conntrack table:
+    /// translated flows only). An instance whose count cannot be read counts as open: its drain
+    /// then ends at its deadline.
     fn kernel_open_connections(
         &self,
+        service: &str,
         addresses: &BTreeMap<String, SocketAddrV4>,
     ) -> HashMap<String, usize> {
         if addresses.is_empty() {
             return HashMap::new();
         }
+        // The conntrack table holds every flow of the host (Docker's too, and a busy endpoint's
+        // closed ones for two minutes): it is read only for a service that remote clients reach.
+        let public = self.endpoints.get(service).is_some_and(|e| {
+            e.addrs
+                .iter()
+                .any(|a| matches!(a, SocketAddr::V4(a) if !a.ip().is_loopback()))
+        });
         let addrs: Vec<SocketAddrV4> = addresses.values().copied().collect();
         let balanced = if self.plane.kernel_balancing() {
             imago_runtime::balancer::open_connections(&addrs)
         } else {
             Ok(vec![0; addrs.len()])
         };
-        // Forwarded flows outlive a data plane that stopped forwarding: always counted.
-        let forwarded = imago_runtime::forward::forwarded_connections(&addrs);
+        // Forwarded flows outlive a data plane that stopped forwarding: counted whether or not
+        // it forwards now.
+        let forwarded = if public {
+            imago_runtime::forward::forwarded_connections(&addrs)
+        } else {
+            Ok(vec![0; addrs.len()])
+        };
         match (balanced, forwarded) {
             (Ok(balanced), Ok(forwarded)) => addresses
                 .keys()

@@ -355,7 +355,7 @@ impl Controller {
                 drain_addresses.insert(id.clone(), addr);
             }
         }
-        let kernel_open = self.kernel_open_connections(&drain_addresses);
+        let kernel_open = self.kernel_open_connections(service, &drain_addresses);
         self.balanced_peers
             .extend(drain_addresses.values().copied());
         for (id, drain_deadline) in draining {
