@@ -43,7 +43,7 @@ imago="$PWD/target/$profile/imago"
 pingpong="$PWD/target/$profile/examples/pingpong"
 endpoint="$PWD/target/$profile/examples/endpoint"
 # The remote client's network namespace (remote mode only).
-remote_ns="imago-bench-remote"
+remote_ns="bench-remote-imago"
 remote_host_addr=10.230.0.1
 remote_veth=ibr0
 client=()
@@ -270,7 +270,12 @@ CFG
   sleep 0.3
   proxy_load_before=$(cut -d' ' -f1-3 /proc/loadavg)
   # One row per workload: label, then the client command with @ for host:port.
-  wrk_run() { "${client[@]}" wrk $1 --latency "http://$2$3" 2>/dev/null | awk '/Requests\/sec/ {r=$2} /^ +50%/ {p=$2} /Transfer\/sec/ {t=$2} END {print r, p, t}'; }
+  # A run that could not connect at all reads as 0 (and says so).
+  wrk_run() {
+    local out
+    out=$("${client[@]}" wrk $1 --latency "http://$2$3" 2>&1) || { echo "0 failed"; return 0; }
+    echo "$out" | awk '/Requests\/sec/ {r=$2} /^ +50%/ {p=$2} /Transfer\/sec/ {t=$2} END {print r, p, t}'
+  }
   rows=()
   # The instance's listen-queue overflows (0 if it was replaced meanwhile: an overloaded host
   # can fail its health checks).
