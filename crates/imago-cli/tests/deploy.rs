@@ -1816,7 +1816,7 @@ fn a_forwarded_remote_connection_holds_the_drain_of_its_instance() {
     });
     d.wait_until(
         "the connection to be forwarded",
-        Duration::from_secs(5),
+        Duration::from_secs(20),
         |_| translated_flows(&remote, d.port) == 1,
     );
 
@@ -1839,7 +1839,7 @@ fn a_forwarded_remote_connection_holds_the_drain_of_its_instance() {
     };
     d.wait_until(
         "the held instance to retire",
-        Duration::from_secs(30),
+        Duration::from_secs(90),
         |d| has(d, "retired: draining"),
     );
     std::thread::sleep(Duration::from_millis(2000));
@@ -1856,7 +1856,7 @@ fn a_forwarded_remote_connection_holds_the_drain_of_its_instance() {
     finish.send(()).unwrap();
     let response = held.join().unwrap();
     assert!(response.contains("version v1"), "{response}");
-    d.wait_until("release 2 to complete", Duration::from_secs(30), |d| {
+    d.wait_until("release 2 to complete", Duration::from_secs(90), |d| {
         d.status()["services"][0]["outcome"]["outcome"] == "complete"
     });
     assert!(has(&d, "drained and stopped"));
