@@ -1093,6 +1093,35 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn an_endpoint_listens_on_every_address_of_its_bind_list_ipv4_and_ipv6_alike() {
+        let mut plane = LocalPlane::new(None);
+        let backend = SocketAddr::from(([127, 0, 0, 1], holding_backend()));
+        let port = free_port();
+        let v4 = SocketAddr::from(([0, 0, 0, 0], port));
+        let v6: SocketAddr = format!("[::]:{port}").parse().unwrap();
+        // `[::]` serves IPv6 only, so both can be bound on one port.
+        plane.listen("web", &[v4, v6]).unwrap();
+        plane.route("web", &[("a".into(), backend)]).unwrap();
+        let ids = ["a".to_owned()];
+        let local4 = open_connection(SocketAddr::from(([127, 0, 0, 1], port)));
+        let local6 = open_connection(format!("[::1]:{port}").parse().unwrap());
+        assert!(settles(
+            || plane.connections("web", &ids).unwrap() == vec![2]
+        ));
+        assert!(plane.listen("web", &[v4, v6]).unwrap().adopted);
+        // A list that drops an address: that one stops accepting, the other keeps serving.
+        plane.listen("web", &[v4]).unwrap();
+        assert!(settles(|| std::net::TcpStream::connect(
+            format!("[::1]:{port}").parse::<SocketAddr>().unwrap()
+        )
+        .is_err()));
+        drop(open_connection(SocketAddr::from(([127, 0, 0, 1], port))));
+        drop((local4, local6));
+        plane.close("web").unwrap();
+        assert!(settles(|| plane.idle()));
+    }
+
+    #[test]
     fn kernel_balancing_follows_what_the_connected_controller_wants() {
         let mut plane = LocalPlane::new(None);
         assert_eq!(plane.want_kernel_balancing(true), None);
