@@ -13,9 +13,16 @@
 #    fallback when the kernel does not balance (the `endpoint` example: the same proxy code the
 #    controller runs, in front of the same instance); and HAProxy (the peer user-space TCP
 #    proxy, mode tcp, one thread per core like imago's proxy);
+#  - the same four sides for a remote client (`remote`): the client runs in a network namespace
+#    this script creates (a veth pair, 10.230.0.1 here and 10.230.0.2 there), the services have
+#    `bind = "0.0.0.0:PORT"`, and imago's endpoint is what a remote client gets by default, the
+#    kernel's forwarding (nftables DNAT); direct is the instance's own address, routed by this
+#    host; the proxy alone and HAProxy listen on 0.0.0.0 too;
 #  - one reconcile pass over 10,000 instances with the fake provider.
-# Run as root: [ROUNDS=N] [PROXY_ROWS=small|echo|all] benches/deploy.sh [all|rolling|proxy]
-# (default all; PROXY_ROWS picks the endpoint workloads: the HTTP ones, the echo ones, or all)
+# Run as root: [ROUNDS=N] [PROXY_ROWS=small|echo|all] [PROFILE=release|debug]
+#   benches/deploy.sh [all|rolling|proxy|remote]
+# (default all, which is rolling and proxy; PROXY_ROWS picks the endpoint workloads: the HTTP
+# ones, the echo ones, or all; PROFILE=debug measures the debug build, without building release)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-all}"
@@ -24,11 +31,22 @@ proxy_rows="${PROXY_ROWS:-all}"
 scripts/setup >/dev/null
 command -v wrk >/dev/null || { apt-get install -y -qq wrk >/dev/null; }
 command -v haproxy >/dev/null || { apt-get install -y -qq haproxy >/dev/null; }
-cargo build --release -q -p imago-cli
-cargo build --release -q -p imago-deploy --example pingpong --example endpoint
-imago="$PWD/target/release/imago"
-pingpong="$PWD/target/release/examples/pingpong"
-endpoint="$PWD/target/release/examples/endpoint"
+profile="${PROFILE:-release}"
+if [ "$profile" = release ]; then
+  cargo build --release -q -p imago-cli
+  cargo build --release -q -p imago-deploy --example pingpong --example endpoint
+else
+  # With the workspace's features, as the tests build it (no rebuild after `cargo test`).
+  cargo build -q --workspace --bin imago --example pingpong --example endpoint
+fi
+imago="$PWD/target/$profile/imago"
+pingpong="$PWD/target/$profile/examples/pingpong"
+endpoint="$PWD/target/$profile/examples/endpoint"
+# The remote client's network namespace (remote mode only).
+remote_ns="bench-remote-imago"
+remote_host_addr=10.230.0.1
+remote_veth=ibr0
+client=()
 export IMAGO_HOME="$(mktemp -d /tmp/imago-bench-deploy.XXXXXX)"
 work="$(mktemp -d /tmp/imago-bench-src.XXXXXX)"
 docker_dir=""
@@ -55,6 +73,7 @@ cleanup() {
   "$imago" destroy web >/dev/null 2>&1 || true
   "$imago" destroy echo >/dev/null 2>&1 || true
   "$imago" serve --stop >/dev/null 2>&1 || true
+  if [ "$what" = remote ]; then ip netns del "$remote_ns" 2>/dev/null || true; fi
   rm -rf "$work" "$IMAGO_HOME"
 }
 gwbridge_before=$(ip link show docker_gwbridge >/dev/null 2>&1 && echo yes || echo no)
@@ -63,6 +82,14 @@ now() { date +%s.%N; }
 # rotate N A B C...: the words A B C... starting at the Nth (cyclically), one per line.
 rotate() { local n=$1; shift; local k=$(( (n - 1) % $# )); printf '%s\n' "${@:k+1}" "${@:1:k}"; }
 med() { sort -n | awk '{a[NR]=$0} END {print a[int((NR+1)/2)]}'; }
+# paired A B: the median over rounds of A's rate / B's rate in the same round (arrays named A and
+# B, first word of each entry): robust to load that changes between rounds.
+paired() {
+  local -n a_=$1 b_=$2; local i
+  for i in "${!a_[@]}"; do
+    echo "scale=3; ${a_[$i]%% *} / ${b_[$i]%% *}" | bc 2>/dev/null || echo 0
+  done | med
+}
 
 sed -i -e 's/^replicas = 3/replicas = 10/' -e 's/min_ready = "500ms"/min_ready = "1s"/' \
        -e "s/^port = 8088/port = $port/" -e 's/^max_surge = 1/max_surge = "25%"/' "$def"
@@ -161,16 +188,40 @@ swarm_bench() {
   stop_docker
 }
 
+# The remote host of `remote`: a network namespace with a veth pair to this one.
+remote_setup() {
+  ip netns del "$remote_ns" 2>/dev/null || true
+  ip netns add "$remote_ns"
+  ip link add "$remote_veth" type veth peer name eth0 netns "$remote_ns"
+  ip addr add "$remote_host_addr/30" dev "$remote_veth"
+  ip link set "$remote_veth" up
+  ip -n "$remote_ns" addr add 10.230.0.2/30 dev eth0
+  ip -n "$remote_ns" link set eth0 up
+  ip -n "$remote_ns" link set lo up
+  ip -n "$remote_ns" route add default via "$remote_host_addr"
+  client=(ip netns exec "$remote_ns")
+}
+
 # Proxy vs direct, one instance per service: the web page, a 1 MiB file of the same httpd, and
-# an echo service (busybox nc, one cat per connection) for one long connection.
+# an echo service (busybox nc, one cat per connection) for one long connection. With `remote`,
+# the endpoints are public and the clients run on the remote host.
 proxy_bench() {
+  local listen=127.0.0.1 reach=127.0.0.1 echo_endpoint="port = $((port + 1))"
+  if [ "$what" = remote ]; then
+    remote_setup
+    listen=0.0.0.0; reach=$remote_host_addr; echo_endpoint="bind = \"0.0.0.0:$((port + 1))\""
+    sed -i -e "s/^port = $port/bind = \"0.0.0.0:$port\"/" "$def"
+    # An instance replaced mid-run would leave direct, HAProxy and the proxy alone pointing at a
+    # gone address: a check slow to give up, for a loaded host.
+    sed -i -e 's/^timeout = "1s"/timeout = "5s"/' -e 's/^unhealthy_threshold = 3/unhealthy_threshold = 10/' "$def"
+  fi
   head -c 1048576 /dev/zero > "$work/web/www/big.bin"
   sed -i -e 's/^replicas = 10/replicas = 1/' "$def"
   cat >> "$def" <<TOML
 
 [service.echo]
 image = "web"
-port = $((port + 1))
+$echo_endpoint
 target_port = 8080
 command = ["/bin/busybox", "nc", "-ll", "-p", "8080", "-e", "/bin/busybox", "cat"]
 stop_grace_period = "1s"
@@ -200,12 +251,12 @@ defaults
   timeout client 60s
   timeout server 60s
 frontend web
-  bind 127.0.0.1:$((port + 10))
+  bind $listen:$((port + 10))
   default_backend web
 backend web
   server web $web_addr:8080
 frontend echo
-  bind 127.0.0.1:$((port + 11))
+  bind $listen:$((port + 11))
   default_backend echo
 backend echo
   server echo $echo_addr:8080
@@ -214,13 +265,24 @@ CFG
   sleep 0.5
   kill -0 "$haproxy_pid" 2>/dev/null || { echo "benches/deploy.sh: haproxy did not start" >&2; exit 1; }
   # imago's proxy alone, in front of the same two instances.
-  "$endpoint" "127.0.0.1:$((port + 20))" "$web_addr:8080" & endpoint_pids="$endpoint_pids $!"
-  "$endpoint" "127.0.0.1:$((port + 21))" "$echo_addr:8080" & endpoint_pids="$endpoint_pids $!"
+  "$endpoint" "$listen:$((port + 20))" "$web_addr:8080" & endpoint_pids="$endpoint_pids $!"
+  "$endpoint" "$listen:$((port + 21))" "$echo_addr:8080" & endpoint_pids="$endpoint_pids $!"
   sleep 0.3
   proxy_load_before=$(cut -d' ' -f1-3 /proc/loadavg)
   # One row per workload: label, then the client command with @ for host:port.
-  wrk_run() { wrk $1 --latency "http://$2$3" 2>/dev/null | awk '/Requests\/sec/ {r=$2} /^ +50%/ {p=$2} /Transfer\/sec/ {t=$2} END {print r, p, t}'; }
+  # A run that could not connect at all reads as 0 (and says so).
+  wrk_run() {
+    local out
+    out=$("${client[@]}" wrk $1 --latency "http://$2$3" 2>&1) || { echo "0 failed"; return 0; }
+    echo "$out" | awk '/Requests\/sec/ {r=$2} /^ +50%/ {p=$2} /Transfer\/sec/ {t=$2} END {print r, p, t}'
+  }
   rows=()
+  # The instance's listen-queue overflows (0 if it was replaced meanwhile: an overloaded host
+  # can fail its health checks).
+  overflows() {
+    ip netns exec "imago-$web_id" nstat -az TcpExtListenOverflows 2>/dev/null \
+      | awk '/ListenOverflows/ {print $2}' | grep . || echo 0
+  }
   local name args path d p i
   # busybox httpd listens with a backlog of 9: 16 concurrent connects overflow it (dropped SYNs,
   # retried after 1 s, for wrk's direct connects and the proxy's alike); 8 stay below it.
@@ -231,24 +293,29 @@ CFG
     [ "$proxy_rows" = echo ] && continue
     IFS='|' read -r name args path <<<"$spec"
     local overflows_before
-    overflows_before=$(ip netns exec "imago-$web_id" nstat -az TcpExtListenOverflows | awk '/ListenOverflows/ {print $2}')
+    overflows_before=$(overflows)
     d=(); p=(); x=(); h=()
     for i in $(seq "$rounds"); do
       # Rotate which goes first, so a load change during the run hits every side alike.
       for side in $(rotate "$i" d p x h); do
         case $side in
           d) d+=("$(wrk_run "$args" "$web_addr:8080" "$path")") ;;
-          p) p+=("$(wrk_run "$args" "127.0.0.1:$port" "$path")") ;;
-          x) x+=("$(wrk_run "$args" "127.0.0.1:$((port + 20))" "$path")") ;;
-          h) h+=("$(wrk_run "$args" "127.0.0.1:$((port + 10))" "$path")") ;;
+          p) p+=("$(wrk_run "$args" "$reach:$port" "$path")") ;;
+          x) x+=("$(wrk_run "$args" "$reach:$((port + 20))" "$path")") ;;
+          h) h+=("$(wrk_run "$args" "$reach:$((port + 10))" "$path")") ;;
         esac
       done
     done
-    name="$name; the instance's listen queue overflowed $(( $(ip netns exec "imago-$web_id" nstat -az TcpExtListenOverflows | awk '/ListenOverflows/ {print $2}') - overflows_before )) times"
-    rows+=("$name|$(printf '%s\n' "${d[@]}" | med)|$(printf '%s\n' "${p[@]}" | med)|$(printf '%s\n' "${x[@]}" | med)|$(printf '%s\n' "${h[@]}" | med)")
+    name="$name; the instance's listen queue overflowed $(( $(overflows) - overflows_before )) times"
+    rows+=("$name|$(printf '%s\n' "${d[@]}" | med)|$(printf '%s\n' "${p[@]}" | med)|$(printf '%s\n' "${x[@]}" | med)|$(printf '%s\n' "${h[@]}" | med)|$(paired p d) / $(paired x d) / $(paired h d)")
   done
   local c
-  pp() { "$pingpong" "$1" 3 64 "$2" | awk '{print $1, $5 "us"}'; }
+  # A connection cut by the side under test (a proxy giving up on a busy backend) reads as 0.
+  pp() {
+    local out
+    out=$("${client[@]}" "$pingpong" "$1" 3 64 "$2" 2>/dev/null) || { echo "0 cut"; return 0; }
+    echo "$out" | awk '{print $1, $5 "us"}'
+  }
   for c in 1 16; do
     [ "$proxy_rows" = small ] && continue
     d=(); p=(); x=(); h=()
@@ -256,21 +323,28 @@ CFG
       for side in $(rotate "$i" d p x h); do
         case $side in
           d) d+=("$(pp "$echo_addr:8080" "$c")") ;;
-          p) p+=("$(pp "127.0.0.1:$((port + 1))" "$c")") ;;
-          x) x+=("$(pp "127.0.0.1:$((port + 21))" "$c")") ;;
-          h) h+=("$(pp "127.0.0.1:$((port + 11))" "$c")") ;;
+          p) p+=("$(pp "$reach:$((port + 1))" "$c")") ;;
+          x) x+=("$(pp "$reach:$((port + 21))" "$c")") ;;
+          h) h+=("$(pp "$reach:$((port + 11))" "$c")") ;;
         esac
       done
     done
-    rows+=("$c long connection(s), 64-byte echo round trips (pingpong, 3 s)|$(printf '%s\n' "${d[@]}" | med)|$(printf '%s\n' "${p[@]}" | med)|$(printf '%s\n' "${x[@]}" | med)|$(printf '%s\n' "${h[@]}" | med)")
+    rows+=("$c long connection(s), 64-byte echo round trips (pingpong, 3 s)|$(printf '%s\n' "${d[@]}" | med)|$(printf '%s\n' "${p[@]}" | med)|$(printf '%s\n' "${x[@]}" | med)|$(printf '%s\n' "${h[@]}" | med)|$(paired p d) / $(paired x d) / $(paired h d)")
   done
   proxy_load_after=$(cut -d' ' -f1-3 /proc/loadavg)
+  if [ "$what" = remote ]; then
+    # The fast path must have been taken: flows from the remote host translated to an instance.
+    forwarded=$(grep -cE "src=10.230.0.2 dst=$remote_host_addr .* dport=($port|$((port + 1))) .*src=10.88." /proc/net/nf_conntrack || true)
+  fi
 }
 
 rolling=""; proxy_done=""
 if [ "$what" = all ] || [ "$what" = rolling ]; then rolling_bench; fi
-if [ "$what" = all ] || [ "$what" = proxy ]; then proxy_bench; proxy_done=yes; fi
-reconcile=$(cargo run --release -q -p imago-deploy --example reconcile_bench | tail -1 | awk -F'|' '{print $4}')
+if [ "$what" = all ] || [ "$what" = proxy ] || [ "$what" = remote ]; then proxy_bench; proxy_done=yes; fi
+reconcile="not measured (remote run)"
+if [ "$what" != remote ]; then
+  reconcile=$(cargo run --release -q -p imago-deploy --example reconcile_bench | tail -1 | awk -F'|' '{print $4}')
+fi
 
 echo "| measurement | imago | reference in the same run | ratio |"
 echo "|---|---|---|---|"
@@ -285,13 +359,19 @@ fi
 echo "| one controller pass over 10,000 instances, fake provider | ${reconcile} | target < 50 ms | |"
 if [ -n "$proxy_done" ]; then
   echo
-  echo "Endpoint, load $proxy_load_before -> $proxy_load_after, medians of $rounds:"
+  if [ "$what" = remote ]; then
+    echo "Endpoint for a remote client (network namespace on a veth pair), $profile build, load $proxy_load_before -> $proxy_load_after, medians of $rounds; translated flows still in conntrack at the end: $forwarded:"
+    side="imago endpoint (kernel forwarding, the default for remote clients)"
+  else
+    echo "Endpoint, $profile build, load $proxy_load_before -> $proxy_load_after, medians of $rounds:"
+    side="imago endpoint (kernel balancing, the default)"
+  fi
   echo
-  echo "| workload | direct | imago endpoint (kernel balancing, the default) | imago endpoint proxy alone (the fallback) | HAProxy | ratios to direct: endpoint / proxy / HAProxy |"
-  echo "|---|---|---|---|---|---|"
+  echo "| workload | direct | $side | imago endpoint proxy alone (the fallback) | HAProxy | ratios of the medians to direct: endpoint / proxy / HAProxy | median of the per-round ratios to direct |"
+  echo "|---|---|---|---|---|---|---|"
   for row in "${rows[@]}"; do
-    IFS='|' read -r name d p x h <<<"$row"
+    IFS='|' read -r name d p x h paired_ratios <<<"$row"
     read -r d_rps d_lat d_tr <<<"$d"; read -r p_rps p_lat p_tr <<<"$p"; read -r x_rps x_lat x_tr <<<"$x"; read -r h_rps h_lat h_tr <<<"$h"
-    echo "| $name | ${d_rps}/s, p50 ${d_lat}${d_tr:+, $d_tr/s} | ${p_rps}/s, p50 ${p_lat}${p_tr:+, $p_tr/s} | ${x_rps}/s, p50 ${x_lat}${x_tr:+, $x_tr/s} | ${h_rps}/s, p50 ${h_lat}${h_tr:+, $h_tr/s} | $(echo "scale=2; $p_rps / $d_rps" | bc) / $(echo "scale=2; $x_rps / $d_rps" | bc) / $(echo "scale=2; $h_rps / $d_rps" | bc) |"
+    echo "| $name | ${d_rps}/s, p50 ${d_lat}${d_tr:+, $d_tr/s} | ${p_rps}/s, p50 ${p_lat}${p_tr:+, $p_tr/s} | ${x_rps}/s, p50 ${x_lat}${x_tr:+, $x_tr/s} | ${h_rps}/s, p50 ${h_lat}${h_tr:+, $h_tr/s} | $(echo "scale=2; $p_rps / $d_rps" | bc) / $(echo "scale=2; $x_rps / $d_rps" | bc) / $(echo "scale=2; $h_rps / $d_rps" | bc) | $paired_ratios |"
   done
 fi

@@ -7,7 +7,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,6 +21,8 @@ struct Deployment {
     imago: Imago,
     dir: PathBuf,
     port: u16,
+    /// The endpoint is `bind = "0.0.0.0:PORT"` (remote clients), not 127.0.0.1:PORT.
+    public: bool,
     _port_lease: common::PortLease,
 }
 
@@ -55,8 +57,17 @@ impl Deployment {
             imago,
             dir,
             port: lease.port,
+            public: false,
             _port_lease: lease,
         };
+        d.set_version("v1", "1");
+        d
+    }
+
+    /// A deployment whose endpoint listens on every address of the host (`bind`).
+    fn public() -> Deployment {
+        let mut d = Deployment::new();
+        d.public = true;
         d.set_version("v1", "1");
         d
     }
@@ -73,12 +84,15 @@ impl Deployment {
         )
         .unwrap();
         let original = std::fs::read_to_string(Path::new(EXAMPLE).join("imago.toml")).unwrap();
-        let toml = original
-            .replace("port = 8088", &format!("port = {}", self.port))
-            .replace(
-                "target_port = 8080",
-                &format!("target_port = 8080\nenv = {{ VERSION = \"{env}\" }}"),
-            );
+        let endpoint = if self.public {
+            format!("bind = \"0.0.0.0:{}\"", self.port)
+        } else {
+            format!("port = {}", self.port)
+        };
+        let toml = original.replace("port = 8088", &endpoint).replace(
+            "target_port = 8080",
+            &format!("target_port = 8080\nenv = {{ VERSION = \"{env}\" }}"),
+        );
         std::fs::write(self.dir.join("imago.toml"), toml).unwrap();
     }
 
@@ -185,8 +199,13 @@ fn copy_dir(from: &Path, to: &Path) {
 
 /// GET / on the service endpoint; the body, or why not.
 fn http_get(port: u16) -> Result<String, String> {
-    let mut stream =
-        TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+    http_get_from(SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+/// GET / on `addr`; the body, or why not.
+fn http_get_from(addr: SocketAddr) -> Result<String, String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| format!("connect: {e}"))?;
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;
@@ -225,12 +244,27 @@ struct Client {
 
 impl Client {
     fn start(port: u16) -> Client {
+        Client::spawn(None, SocketAddr::from(([127, 0, 0, 1], port)))
+    }
+
+    /// A client on `remote` that asks the endpoint at this host's address on `remote`'s link.
+    fn start_remote(remote: &RemoteHost, port: u16) -> Client {
+        Client::spawn(
+            Some(remote.netns_path()),
+            SocketAddr::from((remote.host_addr, port)),
+        )
+    }
+
+    fn spawn(netns: Option<PathBuf>, addr: SocketAddr) -> Client {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let handle = std::thread::spawn(move || {
+            if let Some(netns) = netns {
+                enter_netns(&netns);
+            }
             let mut answers = Vec::new();
             while !flag.load(Ordering::Relaxed) {
-                let answer = http_get(port);
+                let answer = http_get_from(addr);
                 answers.push((now_ms(), answer));
                 std::thread::sleep(Duration::from_millis(5));
             }
@@ -1440,4 +1474,413 @@ fn a_port_another_process_holds_is_refused_by_plan_and_apply_naming_it() {
         history.stdout()
     );
     assert!(d.instances().is_empty());
+}
+
+// ---- public endpoints: remote clients ----------------------------------------------------------
+
+/// Moves the calling thread into the network namespace at `path`: its sockets are then those of
+/// a client on another host.
+fn enter_netns(path: &Path) {
+    let ns = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    rustix::thread::move_into_link_name_space(
+        std::os::fd::AsFd::as_fd(&ns),
+        Some(rustix::thread::LinkNameSpaceType::Network),
+    )
+    .unwrap();
+}
+
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip (iproute2, installed by scripts/setup)");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Another "host" for one test: a network namespace joined to this one by a veth pair, with a
+/// /30 of 10.231.0.0/16 picked by the test's leased port (unique on this host while it lives).
+/// This host's end is `host_addr`, the remote's `remote_addr`, its default route this host.
+struct RemoteHost {
+    name: String,
+    host_addr: Ipv4Addr,
+    remote_addr: Ipv4Addr,
+}
+
+impl RemoteHost {
+    fn new(port: u16) -> RemoteHost {
+        let block = u32::from(port - 20_000);
+        let net = u32::from(Ipv4Addr::new(10, 231, 0, 0)) + block * 4;
+        let remote = RemoteHost {
+            name: format!("itest-remote-{port}"),
+            host_addr: Ipv4Addr::from(net + 1),
+            remote_addr: Ipv4Addr::from(net + 2),
+        };
+        let veth = format!("itr{port}");
+        // Left over by a test of this port that was killed: its namespace and pair go first.
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &remote.name])
+            .output();
+        ip(&["netns", "add", &remote.name]);
+        ip(&[
+            "link",
+            "add",
+            &veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &remote.name,
+        ]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/30", remote.host_addr),
+            "dev",
+            &veth,
+        ]);
+        ip(&["link", "set", &veth, "up"]);
+        let inside = |args: &[&str]| ip(&[&["-n", remote.name.as_str()], args].concat());
+        inside(&[
+            "addr",
+            "add",
+            &format!("{}/30", remote.remote_addr),
+            "dev",
+            "eth0",
+        ]);
+        inside(&["link", "set", "eth0", "up"]);
+        inside(&["link", "set", "lo", "up"]);
+        inside(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &remote.host_addr.to_string(),
+        ]);
+        remote
+    }
+
+    fn netns_path(&self) -> PathBuf {
+        PathBuf::from("/var/run/netns").join(&self.name)
+    }
+
+    /// GET / of this host's `port` from the remote host.
+    fn get(&self, port: u16) -> Result<String, String> {
+        let (path, addr) = (self.netns_path(), SocketAddr::from((self.host_addr, port)));
+        std::thread::spawn(move || {
+            enter_netns(&path);
+            http_get_from(addr)
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+impl Drop for RemoteHost {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes the veth pair with it.
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// The nftables table of the deployment's home (the data plane names it after the home).
+fn forward_table(d: &Deployment) -> Option<String> {
+    let out = std::process::Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .expect("nft (nftables, installed by scripts/setup)");
+    assert!(out.status.success(), "nft list tables failed");
+    let tables = String::from_utf8_lossy(&out.stdout).into_owned();
+    let home = std::fs::canonicalize(&d.imago.home).unwrap();
+    let digest = imago_oci::Digest::of(home.as_os_str().as_encoded_bytes());
+    let name = format!("imago_{}", &digest.hex()[..12]);
+    tables
+        .lines()
+        .any(|l| l.trim() == format!("table ip {name}"))
+        .then_some(name)
+}
+
+fn nft_table(name: &str) -> String {
+    let out = std::process::Command::new("nft")
+        .args(["list", "table", "ip", name])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Flows from `remote` to this host's `port` that the kernel translated to an instance
+/// (10.88.0.0/16), from the conntrack table.
+fn translated_flows(remote: &RemoteHost, port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/nf_conntrack").unwrap_or_default();
+    let from = format!("src={} dst={} ", remote.remote_addr, remote.host_addr);
+    let dport = format!(" dport={port} ");
+    table
+        .lines()
+        .filter(|l| l.contains(&from) && l.contains(&dport))
+        .filter(|l| {
+            l.split_whitespace()
+                .filter_map(|f| f.strip_prefix("src="))
+                .nth(1)
+                .is_some_and(|reply| reply.starts_with("10.88."))
+        })
+        .count()
+}
+
+/// The instance address the one forwarded flow from `remote` to `port` goes to.
+fn forwarded_to(remote: &RemoteHost, port: u16) -> String {
+    let table = std::fs::read_to_string("/proc/net/nf_conntrack").unwrap();
+    let from = format!("src={} dst={} ", remote.remote_addr, remote.host_addr);
+    let dport = format!(" dport={port} ");
+    table
+        .lines()
+        .filter(|l| l.contains(&from) && l.contains(&dport) && l.contains("ESTABLISHED"))
+        .find_map(|l| {
+            l.split_whitespace()
+                .filter_map(|f| f.strip_prefix("src="))
+                .nth(1)
+                .map(str::to_owned)
+        })
+        .expect("an established forwarded flow")
+}
+
+#[test]
+fn a_public_endpoint_serves_remote_clients_through_the_kernel_and_destroy_removes_its_rules() {
+    let d = Deployment::public();
+    let remote = RemoteHost::new(d.port);
+    d.apply().ok();
+    let table = forward_table(&d).expect("the data plane wrote its forwarding table");
+    let rules = nft_table(&table);
+    assert!(
+        rules.contains(&format!("dport {}", d.port)) && rules.contains("dnat"),
+        "{rules}"
+    );
+    for _ in 0..10 {
+        assert!(remote.get(d.port).unwrap().contains("version v1"));
+    }
+    assert!(
+        translated_flows(&remote, d.port) >= 10,
+        "the remote client's connections were forwarded by the kernel, not proxied"
+    );
+    // Clients on this host still have 127.0.0.1.
+    assert!(d.get().unwrap().contains("version v1"));
+    let events = d.events();
+    assert!(
+        events.iter().any(|e| e.contains("0.0.0.0:")
+            && e.contains("forwarded to an instance by the kernel")),
+        "{events:?}"
+    );
+
+    d.imago.run(&["destroy", "web"]).ok();
+    assert_eq!(forward_table(&d), None, "destroy removed the rules");
+    assert!(
+        remote.get(d.port).is_err(),
+        "nothing serves the port any more"
+    );
+}
+
+#[test]
+fn a_rolling_update_under_remote_load_fails_no_request() {
+    let d = Deployment::public();
+    let remote = RemoteHost::new(d.port);
+    d.apply().ok();
+    let clients: Vec<Client> = (0..16)
+        .map(|_| Client::start_remote(&remote, d.port))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    d.set_version("v2", "2");
+    let out = d.apply().ok().stdout();
+    assert!(out.contains("deployment complete (release 2"), "{out}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_remote_answers(clients, &["v1", "v2"]);
+    assert!(
+        translated_flows(&remote, d.port) > 0,
+        "forwarded by the kernel"
+    );
+    assert_eq!(d.instances().len(), 3, "exactly the replicas remain");
+}
+
+#[test]
+fn a_blue_green_switch_under_remote_load_fails_no_request() {
+    let d = Deployment::public();
+    let remote = RemoteHost::new(d.port);
+    d.edit("strategy = \"rolling\"", "strategy = \"blue-green\"");
+    d.apply().ok();
+    let clients: Vec<Client> = (0..16)
+        .map(|_| Client::start_remote(&remote, d.port))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    d.set_version("v2", "2");
+    d.edit("strategy = \"rolling\"", "strategy = \"blue-green\"");
+    let out = d.apply().ok().stdout();
+    assert!(out.contains("deployment complete (release 2"), "{out}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_remote_answers(clients, &["v1", "v2"]);
+}
+
+#[test]
+fn a_controller_kill_9_mid_rollout_under_remote_load_fails_no_request() {
+    let d = Deployment::public();
+    let remote = RemoteHost::new(d.port);
+    d.edit("min_ready = \"500ms\"", "min_ready = \"1s\"");
+    d.apply().ok();
+    let clients: Vec<Client> = (0..16)
+        .map(|_| Client::start_remote(&remote, d.port))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    d.set_version("v2", "2");
+    d.edit("min_ready = \"500ms\"", "min_ready = \"1s\"");
+    d.imago.run(&["apply", "--no-wait", "-f", &d.file()]).ok();
+    d.wait_until("a release-2 instance", Duration::from_secs(20), |d| {
+        d.events()
+            .iter()
+            .any(|e| e.contains("launched for release 2"))
+    });
+    kill9(controller_pid(&d));
+    // Remote clients keep being forwarded with no controller at all.
+    std::thread::sleep(Duration::from_millis(1000));
+    d.imago.run(&["serve"]).ok();
+    d.wait_until("a retired instance", Duration::from_secs(20), |d| {
+        d.events().iter().any(|e| e.contains("retired: draining"))
+    });
+    kill9(controller_pid(&d));
+    std::thread::sleep(Duration::from_millis(1000));
+    d.imago.run(&["serve"]).ok();
+    d.wait_until("release 2 to complete", Duration::from_secs(60), |d| {
+        d.status()["services"][0]["outcome"]["outcome"] == "complete"
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_remote_answers(clients, &["v1", "v2"]);
+    assert_eq!(d.instances().len(), 3, "no orphaned instance");
+}
+
+/// Not one of the clients' requests failed, they kept asking, and the first answers came from
+/// `versions[0]`, the last from `versions[1]`.
+fn assert_remote_answers(clients: Vec<Client>, versions: &[&str; 2]) {
+    let answers: Vec<Vec<Result<String, String>>> =
+        clients.into_iter().map(Client::finish).collect();
+    let total: usize = answers.iter().map(Vec::len).sum();
+    let failures: Vec<&String> = answers
+        .iter()
+        .flatten()
+        .filter_map(|a| a.as_ref().err())
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {total} requests failed: {failures:?}",
+        failures.len()
+    );
+    assert!(total > 16 * 20, "the clients kept asking ({total} answers)");
+    for client in &answers {
+        let version = |a: &Result<String, String>| {
+            let body = a.as_ref().unwrap();
+            versions
+                .iter()
+                .find(|v| body.contains(&format!("version {v}")))
+                .copied()
+        };
+        assert_eq!(client.first().and_then(version), Some(versions[0]));
+        assert_eq!(client.last().and_then(version), Some(versions[1]));
+    }
+}
+
+#[test]
+fn a_forwarded_remote_connection_holds_the_drain_of_its_instance() {
+    let d = Deployment::public();
+    let remote = RemoteHost::new(d.port);
+    d.edit("drain = \"1s\"", "drain = \"60s\"");
+    d.apply().ok();
+    // A remote client opens a connection and sends half a request: the flow is forwarded to
+    // one v1 instance, past any proxy, and stays open.
+    let (finish, finished) = std::sync::mpsc::channel::<()>();
+    let (path, addr) = (
+        remote.netns_path(),
+        SocketAddr::from((remote.host_addr, d.port)),
+    );
+    let held = std::thread::spawn(move || {
+        enter_netns(&path);
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream.write_all(b"GET / HTTP/1.0\r\n").unwrap();
+        finished.recv().unwrap();
+        stream.write_all(b"\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        response
+    });
+    d.wait_until(
+        "the connection to be forwarded",
+        Duration::from_secs(20),
+        |_| translated_flows(&remote, d.port) == 1,
+    );
+
+    // The instance the kernel sent it to, from the flow's translation.
+    let address = forwarded_to(&remote, d.port);
+    let held_id = d
+        .instances()
+        .iter()
+        .find(|i| i["address"] == address)
+        .map(|i| i["id"].as_str().unwrap().to_owned())
+        .unwrap_or_else(|| panic!("no instance has address {address}"));
+
+    d.set_version("v2", "2");
+    d.edit("drain = \"1s\"", "drain = \"60s\"");
+    d.imago.run(&["apply", "--no-wait", "-f", &d.file()]).ok();
+    let has = |d: &Deployment, what: &str| {
+        d.events()
+            .iter()
+            .any(|e| e.contains(&format!("instance {held_id} ")) && e.contains(what))
+    };
+    d.wait_until(
+        "the held instance to retire",
+        Duration::from_secs(90),
+        |d| has(d, "retired: draining"),
+    );
+    std::thread::sleep(Duration::from_millis(2000));
+    assert!(
+        !has(&d, "drained and stopped"),
+        "the instance with an open forwarded flow was stopped"
+    );
+    assert_ne!(
+        d.status()["services"][0]["outcome"]["outcome"],
+        "complete",
+        "release 2 waits for the drain"
+    );
+    // The flow is still on its v1 instance, though it gets no new connection.
+    finish.send(()).unwrap();
+    let response = held.join().unwrap();
+    assert!(response.contains("version v1"), "{response}");
+    d.wait_until("release 2 to complete", Duration::from_secs(90), |d| {
+        d.status()["services"][0]["outcome"]["outcome"] == "complete"
+    });
+    assert!(has(&d, "drained and stopped"));
+}
+
+#[test]
+fn an_automatic_rollback_under_remote_load_fails_no_request() {
+    let d = Deployment::public();
+    let remote = RemoteHost::new(d.port);
+    d.apply().ok();
+    let clients: Vec<Client> = (0..16)
+        .map(|_| Client::start_remote(&remote, d.port))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // Release 2 fails its health check and is rolled back to release 1's image.
+    d.set_version("v2", "2");
+    d.edit("path = \"/\"", "path = \"/healthz-missing\"");
+    let err = d.apply().fails();
+    assert!(err.contains("did not deploy"), "{err}");
+    std::thread::sleep(Duration::from_millis(300));
+    let status = d.status();
+    assert_eq!(
+        status["services"][0]["desired"]["rollback_of"], 1,
+        "{status}"
+    );
+    assert_remote_answers(clients, &["v1", "v1"]);
 }

@@ -26,7 +26,7 @@ fn main() {
     let routes = Routes::default();
     routes.set(&backends);
     let (_shutdown, rx) = tokio::sync::watch::channel(false);
-    let listeners = proxy::bind(listen, threads).expect("bind");
+    let listeners = proxy::bind(listen, threads, true).expect("bind");
     for thread in proxy::spawn(listeners, routes, rx).expect("spawn") {
         thread.join().expect("proxy thread");
     }

@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use imago_runtime::balancer::{BalancerError, ConnectBalancer};
+use imago_runtime::forward::{Forward, ForwardError, Forwarder};
 use serde::{Deserialize, Serialize};
 
 use crate::daemon::{DeployHome, try_lock};
@@ -40,9 +41,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// What the controller asks of the data plane. Every call is idempotent, so a client that lost
 /// its data plane can replay what it asked for to a new one.
 pub trait DataPlane: Send {
-    /// Serves `service` on `addr` from now on; an earlier address of the service stops accepting
-    /// (its open connections are relayed to their end), and its routes and counts carry over.
-    fn listen(&mut self, service: &str, addr: SocketAddr) -> Result<Listening, DeployError>;
+    /// Serves `service` on `addrs` from now on; earlier addresses of the service stop accepting
+    /// (their open connections are relayed to their end), and its routes and counts carry over.
+    fn listen(&mut self, service: &str, addrs: &[SocketAddr]) -> Result<Listening, DeployError>;
     /// Stops accepting connections for `service`; open ones are relayed to their end and keep
     /// counting for [`DataPlane::connections`].
     fn close(&mut self, service: &str) -> Result<(), DeployError>;
@@ -68,14 +69,19 @@ pub struct Listening {
     pub adopted: bool,
     /// The address this host's clients use that the kernel balances, if it does.
     pub balanced: Option<SocketAddrV4>,
+    /// The kernel forwards remote clients of the endpoint's public addresses to its instances
+    /// (nftables DNAT) once it has routes.
+    #[serde(default)]
+    pub forwarding: bool,
 }
 
 /// One endpoint of a data plane.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointStatus {
     pub service: String,
-    /// `None` once closed: it only finishes its open connections.
-    pub addr: Option<SocketAddr>,
+    /// Empty once closed: it only finishes its open connections.
+    #[serde(default)]
+    pub addrs: Vec<SocketAddr>,
     pub routed: Vec<(String, SocketAddr)>,
     pub open_connections: usize,
 }
@@ -85,6 +91,9 @@ pub struct EndpointStatus {
 pub struct PlaneStatus {
     pub pid: u32,
     pub kernel_balancing: bool,
+    /// The nftables table forwarding remote clients, if the kernel does.
+    #[serde(default)]
+    pub kernel_forwarding: Option<String>,
     pub endpoints: Vec<EndpointStatus>,
 }
 
@@ -110,7 +119,7 @@ impl Drop for Accepting {
 }
 
 struct PlaneEndpoint {
-    addr: Option<SocketAddr>,
+    addrs: Vec<SocketAddr>,
     routes: Routes,
     targets: Vec<(String, SocketAddr)>,
     _accepting: Option<Accepting>,
@@ -122,7 +131,18 @@ struct PlaneEndpoint {
 pub struct LocalPlane {
     endpoints: BTreeMap<String, PlaneEndpoint>,
     balancer: Option<ConnectBalancer>,
+    /// The nftables table remote clients are forwarded by, when kernel balancing is wanted.
+    forward_table: Option<String>,
+    forwarder: Option<Forwarder>,
     failures: Vec<String>,
+}
+
+/// The nftables table of the data plane of `home`: one per home, so that two homes on one host
+/// (tests, users) never write each other's rules.
+pub fn forward_table(home: &DeployHome) -> String {
+    let root = std::fs::canonicalize(&home.root).unwrap_or_else(|_| home.root.clone());
+    let digest = imago_oci::Digest::of(root.as_os_str().as_encoded_bytes());
+    format!("imago_{}", &digest.hex()[..12])
 }
 
 impl LocalPlane {
@@ -133,10 +153,17 @@ impl LocalPlane {
         }
     }
 
+    /// Forwards remote clients in the kernel, with the rules in nftables table `table`,
+    /// whenever kernel balancing is wanted ([`LocalPlane::want_kernel_balancing`]).
+    pub fn with_forwarding(mut self, table: String) -> LocalPlane {
+        self.forward_table = Some(table);
+        self
+    }
+
     /// Forgets closed endpoints whose last connection has ended.
     fn collect(&mut self) {
         self.endpoints
-            .retain(|_, e| e.addr.is_some() || e.routes.open_connections() > 0);
+            .retain(|_, e| !e.addrs.is_empty() || e.routes.open_connections() > 0);
     }
 
     /// No endpoint listens and no connection is open.
@@ -149,12 +176,13 @@ impl LocalPlane {
         PlaneStatus {
             pid: std::process::id(),
             kernel_balancing: self.balancer.is_some(),
+            kernel_forwarding: self.forwarder.as_ref().map(|f| f.table().to_owned()),
             endpoints: self
                 .endpoints
                 .iter()
                 .map(|(service, e)| EndpointStatus {
                     service: service.clone(),
-                    addr: e.addr,
+                    addrs: e.addrs.clone(),
                     routed: e.targets.clone(),
                     open_connections: e.routes.open_connections(),
                 })
@@ -162,40 +190,102 @@ impl LocalPlane {
         }
     }
 
-    /// Turns kernel balancing on or off as a (new) controller wants it; a failure to attach is
-    /// returned as a warning, and the proxies take every connection.
+    /// Turns kernel balancing (and forwarding, see [`LocalPlane::with_forwarding`]) on or off
+    /// as a (new) controller wants it; a failure to attach is returned as a warning, and the
+    /// proxies take every connection the kernel does not.
     pub fn want_kernel_balancing(&mut self, want: bool) -> Option<String> {
         if !want {
-            // Detaching returns every connection to the listening proxies.
+            // Detaching returns every connection to the listening proxies; dropping the
+            // forwarder removes its rules.
             self.balancer = None;
+            self.forwarder = None;
             return None;
         }
-        if self.balancer.is_some() {
-            return None;
-        }
-        match ConnectBalancer::attach() {
-            Ok(balancer) => {
-                self.balancer = Some(balancer);
-                let services: Vec<String> = self.endpoints.keys().cloned().collect();
-                for service in services {
-                    if let Some((Some(addr), targets)) = self
-                        .endpoints
-                        .get(&service)
-                        .map(|e| (e.addr, e.targets.clone()))
-                    {
-                        self.balance(&service, addr, &targets);
+        let mut warnings = Vec::new();
+        if self.balancer.is_none() {
+            match ConnectBalancer::attach() {
+                Ok(balancer) => {
+                    self.balancer = Some(balancer);
+                    for service in self.endpoint_names() {
+                        if let Some((addrs, targets)) = self
+                            .endpoints
+                            .get(&service)
+                            .map(|e| (e.addrs.clone(), e.targets.clone()))
+                        {
+                            for addr in addrs {
+                                self.balance(&service, addr, &targets);
+                            }
+                        }
                     }
                 }
-                None
+                Err(e) => warnings.push(format!(
+                    "kernel balancing unavailable ({e}): every connection to a service endpoint goes through its proxy"
+                )),
             }
-            Err(e) => Some(format!(
-                "kernel balancing unavailable ({e}): every connection to a service endpoint goes through its proxy"
-            )),
+        }
+        if self.forwarder.is_none()
+            && let Some(table) = self.forward_table.clone()
+        {
+            // A data plane killed before this one may have left rules in the table: written
+            // whole again, they are this plane's.
+            match Forwarder::new(&table).and_then(|f| f.rewrite().map(|()| f)) {
+                Ok(forwarder) => {
+                    self.forwarder = Some(forwarder);
+                    for service in self.endpoint_names() {
+                        self.forward(&service);
+                    }
+                }
+                Err(e) => warnings.push(format!(
+                    "kernel forwarding unavailable ({e}): remote clients of a service endpoint go through its proxy"
+                )),
+            }
+        }
+        (!warnings.is_empty()).then(|| warnings.join("; "))
+    }
+
+    fn endpoint_names(&self) -> Vec<String> {
+        self.endpoints.keys().cloned().collect()
+    }
+
+    /// Points the kernel's forwarding of `service`'s public addresses at its routed targets.
+    fn forward(&mut self, service: &str) {
+        let Some(forwarder) = &self.forwarder else {
+            return;
+        };
+        let (listen, backends) = self
+            .endpoints
+            .get(service)
+            .map(|e| (v4_only(&e.addrs), v4_only(e.targets.iter().map(|(_, a)| a))))
+            .unwrap_or_default();
+        // A target the kernel cannot reach (IPv6) must not lose its share: leave all to the proxy.
+        let targets = self.endpoints.get(service).map_or(0, |e| e.targets.len());
+        let backends = if backends.len() == targets {
+            backends
+        } else {
+            Vec::new()
+        };
+        if let Err(e) = forwarder.set(service, Forward { listen, backends }) {
+            self.forwarding_failed(service, &e);
         }
     }
 
-    fn balanced(&self, addr: SocketAddr) -> Option<SocketAddrV4> {
-        self.balancer.as_ref().and(balanced_address(addr))
+    /// A failed write of the rules turns forwarding off (dropping the forwarder deletes its
+    /// table, so no stale rule keeps sending clients to a retired instance).
+    fn forwarding_failed(&mut self, service: &str, e: &ForwardError) {
+        self.forwarder = None;
+        self.failures.push(format!(
+            "service {service}: kernel forwarding turned off after an error ({e}): remote clients now go through the endpoint proxies"
+        ));
+    }
+
+    fn forwarding(&self, addrs: &[SocketAddr]) -> bool {
+        self.forwarder.is_some() && v4_only(addrs).iter().any(|a| !a.ip().is_loopback())
+    }
+
+    fn balanced(&self, addrs: &[SocketAddr]) -> Option<SocketAddrV4> {
+        self.balancer
+            .as_ref()
+            .and(addrs.iter().find_map(|a| balanced_address(*a)))
     }
 
     /// Points the kernel's balancing of the endpoint on `addr` at `targets`.
@@ -244,25 +334,38 @@ impl LocalPlane {
 }
 
 impl DataPlane for LocalPlane {
-    fn listen(&mut self, service: &str, addr: SocketAddr) -> Result<Listening, DeployError> {
+    fn listen(&mut self, service: &str, addrs: &[SocketAddr]) -> Result<Listening, DeployError> {
         self.collect();
         if self
             .endpoints
             .get(service)
-            .is_some_and(|e| e.addr == Some(addr))
+            .is_some_and(|e| e.addrs == addrs)
         {
             return Ok(Listening {
                 adopted: true,
-                balanced: self.balanced(addr),
+                balanced: self.balanced(addrs),
+                forwarding: self.forwarding(addrs),
             });
         }
-        let bad = |what: &str, e: std::io::Error| DeployError::InvalidService {
-            service: service.to_owned(),
-            field: "port".into(),
-            reason: format!("{what} {addr}: {e}"),
-        };
-        let listeners = crate::proxy::bind(addr, crate::proxy::default_threads())
-            .map_err(|e| bad("cannot listen on", e))?;
+        let mut listeners = Vec::new();
+        for addr in addrs {
+            let bad = |what: &str, e: std::io::Error| DeployError::InvalidService {
+                service: service.to_owned(),
+                field: "port".into(),
+                reason: format!("{what} {addr}: {e}"),
+            };
+            // The port may be held by this service's own earlier endpoint (`port = 80` that
+            // became `bind = "0.0.0.0:80"`, a list that changed): SO_REUSEPORT lets the new
+            // listeners bind beside it, and the old ones stop accepting below.
+            let mine = self
+                .endpoints
+                .get(service)
+                .is_some_and(|e| e.addrs.iter().any(|a| a.port() == addr.port()));
+            listeners.extend(
+                crate::proxy::bind(*addr, crate::proxy::default_threads(), !mine)
+                    .map_err(|e| bad("cannot listen on", e))?,
+            );
+        }
         // A new address keeps the service's routes: connections still open on the old one (its
         // threads relay them to their end) keep counting for drains.
         let routes = self
@@ -271,39 +374,53 @@ impl DataPlane for LocalPlane {
             .map(|e| e.routes.clone())
             .unwrap_or_default();
         let (accepting, rx) = tokio::sync::watch::channel(false);
-        crate::proxy::spawn(listeners, routes.clone(), rx)
-            .map_err(|e| bad("cannot start the endpoint on", e))?;
+        crate::proxy::spawn(listeners, routes.clone(), rx).map_err(|e| {
+            DeployError::InvalidService {
+                service: service.to_owned(),
+                field: "port".into(),
+                reason: format!("cannot start the endpoint: {e}"),
+            }
+        })?;
         let old = self.endpoints.remove(service);
-        if let Some(old_addr) = old.as_ref().and_then(|e| e.addr) {
+        for old_addr in old.as_ref().map(|e| e.addrs.clone()).unwrap_or_default() {
             self.unbalance(service, old_addr);
         }
         let targets = old.map(|e| e.targets).unwrap_or_default();
         self.endpoints.insert(
             service.to_owned(),
             PlaneEndpoint {
-                addr: Some(addr),
+                addrs: addrs.to_vec(),
                 routes,
                 targets: targets.clone(),
                 _accepting: Some(Accepting(accepting)),
             },
         );
         if !targets.is_empty() {
-            self.balance(service, addr, &targets);
+            for addr in addrs {
+                self.balance(service, *addr, &targets);
+            }
         }
+        self.forward(service);
         Ok(Listening {
             adopted: false,
-            balanced: self.balanced(addr),
+            balanced: self.balanced(addrs),
+            forwarding: self.forwarding(addrs),
         })
     }
 
     fn close(&mut self, service: &str) -> Result<(), DeployError> {
-        let addr = self.endpoints.get_mut(service).and_then(|e| {
-            e._accepting = None;
-            e.addr.take()
-        });
-        if let Some(addr) = addr {
+        let addrs = self
+            .endpoints
+            .get_mut(service)
+            .map(|e| {
+                e._accepting = None;
+                std::mem::take(&mut e.addrs)
+            })
+            .unwrap_or_default();
+        for addr in addrs {
             self.unbalance(service, addr);
         }
+        self.forward(service);
         self.collect();
         Ok(())
     }
@@ -318,9 +435,10 @@ impl DataPlane for LocalPlane {
         };
         endpoint.routes.set(targets);
         endpoint.targets = targets.to_vec();
-        if let Some(addr) = endpoint.addr {
+        for addr in endpoint.addrs.clone() {
             self.balance(service, addr, targets);
         }
+        self.forward(service);
         Ok(())
     }
 
@@ -352,6 +470,16 @@ impl DataPlane for LocalPlane {
     }
 }
 
+fn v4_only<'a>(addrs: impl IntoIterator<Item = &'a SocketAddr>) -> Vec<SocketAddrV4> {
+    addrs
+        .into_iter()
+        .filter_map(|a| match a {
+            SocketAddr::V4(a) => Some(*a),
+            SocketAddr::V6(_) => None,
+        })
+        .collect()
+}
+
 // ---- the data plane process and its protocol ------------------------------------------------
 
 /// One request, one line of JSON on the unix socket.
@@ -364,6 +492,9 @@ enum Request {
     Listen {
         service: String,
         addr: SocketAddr,
+        /// The endpoint's other addresses (`bind` lists).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        also: Vec<SocketAddr>,
     },
     Close {
         service: String,
@@ -418,9 +549,16 @@ fn handle(plane: &mut LocalPlane, request: Request) -> Reply {
             reply.status = Some(plane.status());
             Ok(())
         }
-        Request::Listen { service, addr } => plane
-            .listen(&service, addr)
-            .map(|l| reply.listening = Some(l)),
+        Request::Listen {
+            service,
+            addr,
+            also,
+        } => {
+            let addrs: Vec<SocketAddr> = std::iter::once(addr).chain(also).collect();
+            plane
+                .listen(&service, &addrs)
+                .map(|l| reply.listening = Some(l))
+        }
         Request::Close { service } => plane.close(&service),
         Request::Route { service, targets } => plane.route(&service, &targets),
         Request::Connections { service, ids } => {
@@ -499,7 +637,7 @@ pub fn run(home: &DeployHome) -> Result<(), DeployError> {
     let _ = std::fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket).map_err(io_error("cannot listen on", &socket))?;
     let server = Arc::new(Mutex::new(Server {
-        plane: LocalPlane::new(None),
+        plane: LocalPlane::new(None).with_forwarding(forward_table(home)),
         controllers: 0,
         had_controller: false,
         closing: false,
@@ -529,7 +667,8 @@ pub fn run(home: &DeployHome) -> Result<(), DeployError> {
         if waited && state.controllers == 0 && state.plane.idle() {
             state.closing = true;
             let _ = std::fs::remove_file(&socket);
-            // Detaches the balancer before the lock is released: a new data plane attaches its own.
+            // Detaches the balancer and removes the forwarding rules before the lock is
+            // released: a new data plane attaches and writes its own.
             state.plane = LocalPlane::new(None);
             return Ok(());
         }
@@ -612,7 +751,7 @@ pub struct RemotePlane {
     kernel_balancing: bool,
     failures: Vec<String>,
     /// What this controller asked for, to replay to a new data plane.
-    listening: BTreeMap<String, SocketAddr>,
+    listening: BTreeMap<String, Vec<SocketAddr>>,
     routes: BTreeMap<String, Vec<(String, SocketAddr)>>,
     adopted: PlaneStatus,
     warning: Option<String>,
@@ -697,11 +836,10 @@ impl RemotePlane {
             self.adopted = status;
         }
         let mut replay: Vec<Request> = Vec::new();
-        for (service, addr) in &self.listening {
-            replay.push(Request::Listen {
-                service: service.clone(),
-                addr: *addr,
-            });
+        for (service, addrs) in &self.listening {
+            if let Some(request) = listen_request(service, addrs) {
+                replay.push(request);
+            }
         }
         for (service, targets) in &self.routes {
             replay.push(Request::Route {
@@ -753,13 +891,23 @@ impl RemotePlane {
     }
 }
 
+fn listen_request(service: &str, addrs: &[SocketAddr]) -> Option<Request> {
+    let (first, also) = addrs.split_first()?;
+    Some(Request::Listen {
+        service: service.to_owned(),
+        addr: *first,
+        also: also.to_vec(),
+    })
+}
+
 impl DataPlane for RemotePlane {
-    fn listen(&mut self, service: &str, addr: SocketAddr) -> Result<Listening, DeployError> {
-        let reply = self.call(Request::Listen {
-            service: service.to_owned(),
-            addr,
-        })?;
-        self.listening.insert(service.to_owned(), addr);
+    fn listen(&mut self, service: &str, addrs: &[SocketAddr]) -> Result<Listening, DeployError> {
+        let Some(request) = listen_request(service, addrs) else {
+            self.close(service)?;
+            return Ok(Listening::default());
+        };
+        let reply = self.call(request)?;
+        self.listening.insert(service.to_owned(), addrs.to_vec());
         Ok(reply.listening.unwrap_or_default())
     }
 
@@ -836,13 +984,18 @@ pub fn status(home: &DeployHome) -> Result<Option<PlaneStatus>, DeployError> {
 /// Closes `service`'s endpoint in the data plane of `home`, if one runs (`imago destroy` without
 /// a controller: the data plane ends once nothing is left to serve).
 pub fn close_endpoint(home: &DeployHome, service: &str) -> Result<(), DeployError> {
-    ask_running(
+    let answered = ask_running(
         home,
         &Request::Close {
             service: service.to_owned(),
         },
-    )
-    .map(|_| ())
+    )?;
+    if answered.is_none() {
+        // No data plane: nothing serves this home's endpoints, so rules a killed one left
+        // behind would only send remote clients to instances being destroyed.
+        let _ = imago_runtime::forward::delete_table(&forward_table(home));
+    }
+    Ok(())
 }
 
 fn ask_running(home: &DeployHome, request: &Request) -> Result<Option<Reply>, DeployError> {
@@ -940,17 +1093,46 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn an_endpoint_listens_on_every_address_of_its_bind_list_ipv4_and_ipv6_alike() {
+        let mut plane = LocalPlane::new(None);
+        let backend = SocketAddr::from(([127, 0, 0, 1], holding_backend()));
+        let port = free_port();
+        let v4 = SocketAddr::from(([0, 0, 0, 0], port));
+        let v6: SocketAddr = format!("[::]:{port}").parse().unwrap();
+        // `[::]` serves IPv6 only, so both can be bound on one port.
+        plane.listen("web", &[v4, v6]).unwrap();
+        plane.route("web", &[("a".into(), backend)]).unwrap();
+        let ids = ["a".to_owned()];
+        let local4 = open_connection(SocketAddr::from(([127, 0, 0, 1], port)));
+        let local6 = open_connection(format!("[::1]:{port}").parse().unwrap());
+        assert!(settles(
+            || plane.connections("web", &ids).unwrap() == vec![2]
+        ));
+        assert!(plane.listen("web", &[v4, v6]).unwrap().adopted);
+        // A list that drops an address: that one stops accepting, the other keeps serving.
+        plane.listen("web", &[v4]).unwrap();
+        assert!(settles(|| std::net::TcpStream::connect(
+            format!("[::1]:{port}").parse::<SocketAddr>().unwrap()
+        )
+        .is_err()));
+        drop(open_connection(SocketAddr::from(([127, 0, 0, 1], port))));
+        drop((local4, local6));
+        plane.close("web").unwrap();
+        assert!(settles(|| plane.idle()));
+    }
+
+    #[test]
     fn kernel_balancing_follows_what_the_connected_controller_wants() {
         let mut plane = LocalPlane::new(None);
         assert_eq!(plane.want_kernel_balancing(true), None);
         assert!(plane.kernel_balancing());
         let backend = SocketAddr::from(([127, 0, 0, 1], holding_backend()));
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let listening = plane.listen("web", addr).unwrap();
+        let listening = plane.listen("web", &[addr]).unwrap();
         assert_eq!(listening.balanced, balanced_address(addr));
         assert!(!listening.adopted);
         plane.route("web", &[("a".into(), backend)]).unwrap();
-        assert!(plane.listen("web", addr).unwrap().adopted);
+        assert!(plane.listen("web", &[addr]).unwrap().adopted);
         let ids = ["a".to_owned()];
 
         // Balanced by the kernel: past the proxy, which counts nothing.

@@ -177,11 +177,17 @@ pub fn default_threads() -> usize {
 /// `SO_REUSEPORT`, so the kernel spreads new connections over the proxy threads and wakes only the
 /// one that gets each. A port already in use by anything else is refused, as a plain bind would
 /// (`SO_REUSEPORT` alone would let this endpoint silently share a port another process of the same
-/// user holds with that option too).
-pub fn bind(addr: SocketAddr, threads: usize) -> io::Result<Vec<std::net::TcpListener>> {
-    if addr.port() != 0 {
-        // A plain bind fails on any holder of the port, reuseport or not; close it again at once.
-        drop(std::net::TcpListener::bind(addr)?);
+/// user holds with that option too), unless `check_free` is false (the endpoint itself holds it).
+/// An IPv6 address serves IPv6 only (`IPV6_V6ONLY`), so that `[::]:80` and `0.0.0.0:80` can both
+/// be bound, as `bind` lists them.
+pub fn bind(
+    addr: SocketAddr,
+    threads: usize,
+    check_free: bool,
+) -> io::Result<Vec<std::net::TcpListener>> {
+    if addr.port() != 0 && check_free {
+        // A plain bind fails on any holder of the port, reuseport or not; closed again at once.
+        drop(plain_socket(addr)?);
     }
     let first = reuseport_listener(addr)?;
     let addr = first.local_addr()?;
@@ -190,6 +196,27 @@ pub fn bind(addr: SocketAddr, threads: usize) -> io::Result<Vec<std::net::TcpLis
         listeners.push(reuseport_listener(addr)?);
     }
     Ok(listeners)
+}
+
+/// A TCP socket bound to `addr` (IPv6 only for an IPv6 address), not listening.
+fn plain_socket(addr: SocketAddr) -> io::Result<OwnedFd> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType, sockopt};
+    let family = match addr {
+        SocketAddr::V4(_) => AddressFamily::INET,
+        SocketAddr::V6(_) => AddressFamily::INET6,
+    };
+    let socket = rustix::net::socket_with(
+        family,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )?;
+    if addr.is_ipv6() {
+        sockopt::set_ipv6_v6only(&socket, true)?;
+    }
+    sockopt::set_socket_reuseaddr(&socket, true)?;
+    rustix::net::bind(&socket, &addr)?;
+    Ok(socket)
 }
 
 fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
@@ -204,6 +231,9 @@ fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
         SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
         None,
     )?;
+    if addr.is_ipv6() {
+        sockopt::set_ipv6_v6only(&socket, true)?;
+    }
     sockopt::set_socket_reuseaddr(&socket, true)?;
     sockopt::set_socket_reuseport(&socket, true)?;
     rustix::net::bind(&socket, &addr)?;
@@ -562,7 +592,7 @@ mod tests {
         watch::Sender<bool>,
         Vec<std::thread::JoinHandle<()>>,
     ) {
-        let listeners = bind("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        let listeners = bind("127.0.0.1:0".parse().unwrap(), 2, true).unwrap();
         let addr = listeners[0].local_addr().unwrap();
         let (tx, rx) = watch::channel(false);
         let threads = spawn(listeners, routes, rx).unwrap();
@@ -780,13 +810,13 @@ mod tests {
     #[test]
     fn a_port_held_by_anything_else_is_refused_even_if_it_shares_with_reuseport() {
         // Another holder that allows sharing: SO_REUSEPORT alone would let the endpoint join it.
-        let other = bind("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        let other = bind("127.0.0.1:0".parse().unwrap(), 1, true).unwrap();
         let port = other[0].local_addr().unwrap();
-        let err = bind(port, 2).unwrap_err();
+        let err = bind(port, 2, true).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
         // Once it is gone, the port can be bound with one socket per thread.
         drop(other);
-        let mine = bind(port, 2).unwrap();
+        let mine = bind(port, 2, true).unwrap();
         assert_eq!(mine.len(), 2);
         assert!(mine.iter().all(|l| l.local_addr().unwrap() == port));
     }

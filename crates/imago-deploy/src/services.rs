@@ -183,21 +183,17 @@ pub fn tcp_port_holders(port: u16) -> Vec<PortHolder> {
     holders
 }
 
-/// A service's endpoint port (on loopback, where the data plane binds it) must not be held by a
-/// process other than `ours` (this home's controller and data plane).
+/// A service's endpoint addresses (its `bind`, else loopback) must not be held by a process
+/// other than `ours` (this home's controller and data plane).
 pub fn check_endpoint_of(
     service: &str,
     spec: &ServiceSpec,
     ours: &[u32],
 ) -> Result<(), DeployError> {
-    match spec.port {
-        Some(port) => check_endpoint_free(
-            service,
-            std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port)),
-            ours,
-        ),
-        None => Ok(()),
+    for addr in spec.endpoint_addresses().unwrap_or_default() {
+        check_endpoint_free(service, addr, ours)?;
     }
+    Ok(())
 }
 
 /// Checks that `service`'s endpoint can listen on `addr`: nothing listens there, or only the
@@ -277,7 +273,7 @@ health = { type = "tcp" }
         assert_eq!(
             parse(typo, &[]).unwrap_err().to_string(),
             "dir/imago.toml:3:1: unknown field `replica`, expected one of `image`, `replicas`, \
-             `command`, `env`, `port`, `target_port`, `network`, `resources`, `volumes`, \
+             `command`, `env`, `port`, `target_port`, `bind`, `network`, `resources`, `volumes`, \
              `seccomp`, `health`, `rollout`, `target`, `stop_grace_period`"
         );
         let bad_type = "[service.web]\nimage = \"web\"\nreplicas = \"two\"\n";

@@ -12,6 +12,7 @@
 pub mod balancer;
 pub mod bundle;
 pub mod error;
+pub mod forward;
 pub mod local;
 pub mod network;
 pub mod provider;

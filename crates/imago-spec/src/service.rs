@@ -1,6 +1,7 @@
 //! `[service.NAME]` in `imago.toml`: what a service is, as the user wrote it, and its validation.
 
 use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use schemars::JsonSchema;
@@ -29,6 +30,16 @@ pub struct ServiceSpec {
     /// The port the instances listen on; defaults to `port`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_port: Option<u16>,
+    /// Where the endpoint listens instead of 127.0.0.1:`port`: `"0.0.0.0:80"` (every IPv4
+    /// address of the host, so remote clients reach it), `"[::]:80"` (IPv6), a single address,
+    /// or a list of them.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "one_or_many"
+    )]
+    #[schemars(with = "Option<BindAddresses>")]
+    pub bind: Vec<String>,
     #[serde(default)]
     #[schemars(with = "NetworkName")]
     pub network: NetworkMode,
@@ -57,6 +68,21 @@ pub struct ServiceSpec {
     #[serde(default = "default_stop_grace", with = "humantime_serde_compat")]
     #[schemars(with = "DurationText")]
     pub stop_grace_period: Duration,
+}
+
+/// `bind = "ADDR:PORT"` or `bind = ["ADDR:PORT", ...]`.
+#[derive(Deserialize, JsonSchema)]
+#[serde(untagged)]
+enum BindAddresses {
+    One(String),
+    Many(Vec<String>),
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    Ok(match BindAddresses::deserialize(d)? {
+        BindAddresses::One(address) => vec![address],
+        BindAddresses::Many(addresses) => addresses,
+    })
 }
 
 fn default_stop_grace() -> Duration {
@@ -411,6 +437,8 @@ impl ServiceSpec {
         }
         self.volume_mounts()
             .map_err(|reason| bad("volumes", reason))?;
+        self.endpoint_addresses()
+            .map_err(|reason| bad("bind", reason))?;
         if self.rollout.progress_deadline.is_zero() {
             return Err(bad(
                 "rollout.progress_deadline",
@@ -439,7 +467,58 @@ impl ServiceSpec {
 
     /// The port instances listen on.
     pub fn instance_port(&self) -> Option<u16> {
-        self.target_port.or(self.port)
+        self.target_port.or(self.port).or_else(|| {
+            self.endpoint_addresses()
+                .ok()
+                .and_then(|a| a.first().map(|a| a.port()))
+        })
+    }
+
+    /// Where the service's endpoint listens: the `bind` addresses, else 127.0.0.1:`port`, else
+    /// nowhere (the service publishes no endpoint).
+    pub fn endpoint_addresses(&self) -> Result<Vec<SocketAddr>, String> {
+        if self.bind.is_empty() {
+            return Ok(self
+                .port
+                .map(|port| SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+                .into_iter()
+                .collect());
+        }
+        let mut addresses: Vec<SocketAddr> = Vec::with_capacity(self.bind.len());
+        for text in &self.bind {
+            let address: SocketAddr = text.parse().map_err(|_| {
+                format!(
+                    "{text:?} is not an address with a port, like \"0.0.0.0:80\" or \"[::]:80\""
+                )
+            })?;
+            if address.port() == 0 {
+                return Err(format!("{text:?} has no port"));
+            }
+            if self.port.is_some_and(|p| p != address.port()) {
+                return Err(format!(
+                    "{text:?} is on another port than `port` ({}): give one port, in `bind`",
+                    self.port.unwrap_or_default()
+                ));
+            }
+            if addresses.contains(&address) {
+                return Err(format!("{text:?} is listed twice"));
+            }
+            addresses.push(address);
+        }
+        Ok(addresses)
+    }
+
+    /// The ports of the service's endpoint, one each.
+    pub fn endpoint_ports(&self) -> Vec<u16> {
+        let mut ports: Vec<u16> = self
+            .endpoint_addresses()
+            .unwrap_or_default()
+            .iter()
+            .map(SocketAddr::port)
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
     }
 }
 
@@ -451,14 +530,15 @@ pub fn validate_all(
     let mut limits = BTreeMap::new();
     for (name, spec) in services {
         limits.insert(name.clone(), spec.validate(name)?);
-        if let Some(port) = spec.port
-            && let Some(other) = ports.insert(port, name)
-        {
-            return Err(SpecError::PortConflict {
-                port,
-                first: other.to_owned(),
-                second: name.clone(),
-            });
+        // By port whatever the addresses: one port, one service (no routing by host name).
+        for port in spec.endpoint_ports() {
+            if let Some(other) = ports.insert(port, name) {
+                return Err(SpecError::PortConflict {
+                    port,
+                    first: other.to_owned(),
+                    second: name.clone(),
+                });
+            }
         }
     }
     Ok(limits)
@@ -578,6 +658,42 @@ mod tests {
     }
 
     #[test]
+    fn bind_takes_one_address_or_a_list_and_replaces_the_loopback_default() {
+        let default = parse(r#"{"image": "web", "port": 8080}"#);
+        assert_eq!(
+            default.endpoint_addresses().unwrap(),
+            vec!["127.0.0.1:8080".parse::<SocketAddr>().unwrap()]
+        );
+        let one = parse(r#"{"image": "web", "bind": "0.0.0.0:80", "target_port": 8080}"#);
+        assert_eq!(one.bind, vec!["0.0.0.0:80"]);
+        assert_eq!(
+            one.endpoint_addresses().unwrap(),
+            vec!["0.0.0.0:80".parse::<SocketAddr>().unwrap()]
+        );
+        assert_eq!(one.instance_port(), Some(8080));
+        let both = parse(r#"{"image": "web", "bind": ["0.0.0.0:80", "[::]:80"]}"#);
+        assert!(both.validate("web").is_ok());
+        assert_eq!(both.endpoint_ports(), vec![80]);
+        assert_eq!(
+            both.instance_port(),
+            Some(80),
+            "the bind port, as `port` would"
+        );
+        // Unchanged releases keep their configuration hash: no `bind` key is written.
+        assert!(!serde_json::to_string(&default).unwrap().contains("bind"));
+        for (bad, says) in [
+            (r#"["0.0.0.0"]"#, "not an address with a port"),
+            (r#"["0.0.0.0:0"]"#, "has no port"),
+            (r#"["0.0.0.0:80", "0.0.0.0:80"]"#, "listed twice"),
+            (r#"["0.0.0.0:81"]"#, "another port than `port`"),
+        ] {
+            let spec = parse(&format!(r#"{{"image": "web", "port": 80, "bind": {bad}}}"#));
+            let err = spec.validate("web").unwrap_err().to_string();
+            assert!(err.contains("bind") && err.contains(says), "{err}");
+        }
+    }
+
+    #[test]
     fn two_services_on_one_port_conflict() {
         let mut services = BTreeMap::new();
         services.insert("a".to_string(), parse(r#"{"image": "web", "port": 8080}"#));
@@ -586,6 +702,14 @@ mod tests {
         assert!(
             err.contains("8080") && err.contains('a') && err.contains('b'),
             "{err}"
+        );
+        services.insert(
+            "b".to_string(),
+            parse(r#"{"image": "api", "bind": "0.0.0.0:8080"}"#),
+        );
+        assert!(
+            validate_all(&services).is_err(),
+            "a bind port conflicts too"
         );
     }
 

@@ -257,7 +257,12 @@ impl Controller {
         release: &Release,
         observed: &ClusterObservation,
     ) -> Result<(), DeployError> {
-        if release.spec.port.is_none() {
+        if release
+            .spec
+            .endpoint_addresses()
+            .unwrap_or_default()
+            .is_empty()
+        {
             return self.close_endpoint(service);
         }
         self.ensure_endpoint(service, release)?;

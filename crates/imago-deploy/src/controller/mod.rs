@@ -9,7 +9,7 @@
 //! health is simply probed again.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -166,7 +166,8 @@ impl Wake {
 
 /// A service's endpoint as the controller keeps it (the data plane serves it).
 pub struct Endpoint {
-    pub port: u16,
+    /// Where it listens: `bind`, or 127.0.0.1:`port`.
+    pub addrs: Vec<SocketAddr>,
 }
 
 /// What one pass did for one service; the controller's log and the tests read it.
@@ -211,8 +212,6 @@ pub struct Controller {
     endpoints: BTreeMap<String, Endpoint>,
     engine: Engine,
     actor: String,
-    /// Endpoint addresses are bound on this IP.
-    bind: IpAddr,
     /// Unknown instances already reported, so the event log is not flooded.
     reported_unknown: BTreeSet<String>,
     /// Instances whose passing health check was already recorded as an event (again after a
@@ -275,7 +274,6 @@ impl Controller {
             endpoints: BTreeMap::new(),
             engine,
             actor: "controller".into(),
-            bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             reported_unknown: BTreeSet::new(),
             announced_ready: BTreeSet::new(),
             announced_drift: BTreeSet::new(),
@@ -300,7 +298,7 @@ impl Controller {
         self.plane_services = adopted.iter().map(|e| e.service.clone()).collect();
         self.adopted_routes = adopted
             .into_iter()
-            .filter(|e| e.addr.is_some())
+            .filter(|e| !e.addrs.is_empty())
             .map(|e| (e.service, e.routed))
             .collect();
         self.plane = plane;
@@ -390,19 +388,45 @@ impl Controller {
     }
 
     /// Open connections to draining instances that the kernel balanced (counted from the host's
-    /// socket table, so they include the proxy's own connections to them). An instance whose
-    /// count cannot be read counts as open: its drain then ends at its deadline.
+    /// socket table, so they include the proxy's own connections to them) or forwarded for
+    /// remote clients of `service`'s public addresses (counted from the conntrack table:
+    /// translated flows only). An instance whose count cannot be read counts as open: its drain
+    /// then ends at its deadline.
     fn kernel_open_connections(
         &self,
+        service: &str,
         addresses: &BTreeMap<String, SocketAddrV4>,
     ) -> HashMap<String, usize> {
-        if !self.plane.kernel_balancing() || addresses.is_empty() {
+        if addresses.is_empty() {
             return HashMap::new();
         }
+        // The conntrack table holds every flow of the host (Docker's too, and a busy endpoint's
+        // closed ones for two minutes): it is read only for a service that remote clients reach.
+        let public = self.endpoints.get(service).is_some_and(|e| {
+            e.addrs
+                .iter()
+                .any(|a| matches!(a, SocketAddr::V4(a) if !a.ip().is_loopback()))
+        });
         let addrs: Vec<SocketAddrV4> = addresses.values().copied().collect();
-        match imago_runtime::balancer::open_connections(&addrs) {
-            Ok(counts) => addresses.keys().cloned().zip(counts).collect(),
-            Err(_) => addresses.keys().map(|id| (id.clone(), 1)).collect(),
+        let balanced = if self.plane.kernel_balancing() {
+            imago_runtime::balancer::open_connections(&addrs)
+        } else {
+            Ok(vec![0; addrs.len()])
+        };
+        // Forwarded flows outlive a data plane that stopped forwarding: counted whether or not
+        // it forwards now.
+        let forwarded = if public {
+            imago_runtime::forward::forwarded_connections(&addrs)
+        } else {
+            Ok(vec![0; addrs.len()])
+        };
+        match (balanced, forwarded) {
+            (Ok(balanced), Ok(forwarded)) => addresses
+                .keys()
+                .cloned()
+                .zip(balanced.iter().zip(&forwarded).map(|(b, f)| b + f))
+                .collect(),
+            _ => addresses.keys().map(|id| (id.clone(), 1)).collect(),
         }
     }
 
@@ -535,24 +559,46 @@ impl Controller {
     }
 
     fn ensure_endpoint(&mut self, service: &str, release: &Release) -> Result<(), DeployError> {
-        let Some(port) = release.spec.port else {
+        let addrs =
+            release
+                .spec
+                .endpoint_addresses()
+                .map_err(|reason| DeployError::InvalidService {
+                    service: service.to_owned(),
+                    field: "bind".into(),
+                    reason,
+                })?;
+        if addrs.is_empty() {
             return self.close_endpoint(service);
-        };
-        if self.endpoints.get(service).is_some_and(|e| e.port == port) {
+        }
+        if self
+            .endpoints
+            .get(service)
+            .is_some_and(|e| e.addrs == addrs)
+        {
             return Ok(());
         }
-        let addr = SocketAddr::new(self.bind, port);
-        // A new port keeps the service's routes in the data plane: connections still open on
-        // the old port (relayed to their end) keep counting for drains.
-        let listening = self.plane.listen(service, addr)?;
+        // A new address keeps the service's routes in the data plane: connections still open
+        // on the old one (relayed to their end) keep counting for drains.
+        let listening = self.plane.listen(service, &addrs)?;
         self.plane_services.insert(service.to_owned());
         self.record_kernel_failures()?;
-        let kernel = match listening.balanced {
+        let mut kernel = match listening.balanced {
             Some(local) => format!(
                 "; clients on this host that connect to {local} reach an instance directly (kernel balancing)"
             ),
             None => String::new(),
         };
+        if listening.forwarding {
+            kernel.push_str(
+                "; remote clients are forwarded to an instance by the kernel (nftables DNAT)",
+            );
+        }
+        let addr = addrs
+            .iter()
+            .map(SocketAddr::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
         let message = if listening.adopted {
             format!("service endpoint on {addr} kept serving without a controller: adopted{kernel}")
         } else {
@@ -560,7 +606,8 @@ impl Controller {
         };
         self.db
             .event(Some(service), "endpoint", &message, &self.actor)?;
-        self.endpoints.insert(service.to_owned(), Endpoint { port });
+        self.endpoints
+            .insert(service.to_owned(), Endpoint { addrs });
         Ok(())
     }
 }
@@ -632,7 +679,12 @@ mod tests {
         /// A new controller over the same database and instances, as after a kill -9 of the
         /// old one together with its in-process data plane.
         fn restart(&mut self, provider: Arc<dyn Provider>) {
-            let ports: Vec<u16> = self.controller.endpoints.values().map(|e| e.port).collect();
+            let ports: Vec<u16> = self
+                .controller
+                .endpoints
+                .values()
+                .flat_map(|e| e.addrs.iter().map(SocketAddr::port))
+                .collect();
             let db = StateDb::open(&self._dir.path().join("state.db")).unwrap();
             let new = Controller::new(
                 db,

@@ -136,8 +136,7 @@ impl Controller {
         if let Err(e) = self.ensure_endpoint(service, &release) {
             // When another process holds the port, say which: a fault of the host, not of the
             // service's definition.
-            if let Some(port) = release.spec.port {
-                let addr = SocketAddr::new(self.bind, port);
+            for addr in release.spec.endpoint_addresses().unwrap_or_default() {
                 crate::services::check_endpoint_free(service, addr, &[std::process::id()])?;
             }
             return Err(e);
@@ -356,7 +355,7 @@ impl Controller {
                 drain_addresses.insert(id.clone(), addr);
             }
         }
-        let kernel_open = self.kernel_open_connections(&drain_addresses);
+        let kernel_open = self.kernel_open_connections(service, &drain_addresses);
         self.balanced_peers
             .extend(drain_addresses.values().copied());
         for (id, drain_deadline) in draining {
