@@ -41,6 +41,7 @@ fn release(number: u64, spec_toml: &str, image: &PinnedImage) -> RenderedRelease
         service: "web",
         spec: &spec,
         release: number,
+        revision: &Digest::of(format!("{}\n{config_hash}", image.digest).as_bytes()).hex()[..16],
         config_hash: &config_hash,
         image,
         image_volumes: &[],
@@ -301,7 +302,11 @@ async fn the_watch_resumes_from_the_last_version_after_the_server_drops_it() {
         watches.windows(2).all(|w| w[0] < w[1]),
         "each watch resumed after the last event it saw: {watches:?}"
     );
-    assert_eq!(deployment_gets(&server), 1, "resumed, not re-listed");
+    assert_eq!(
+        deployment_gets(&server),
+        2,
+        "apply's ownership check and the watch's first GET; then resumed, not re-listed"
+    );
 }
 
 #[tokio::test]
@@ -337,7 +342,8 @@ async fn a_watch_from_a_compacted_version_starts_over_from_a_fresh_get() {
         .unwrap();
     assert_eq!(last.state, RolloutState::Complete);
     let gets = deployment_gets(&server);
-    assert!(gets >= 2, "410 Gone led to a fresh GET, got {gets}");
+    // One by apply's ownership check, one to start the watch, then the fresh one.
+    assert!(gets >= 3, "410 Gone led to a fresh GET, got {gets}");
 }
 
 #[tokio::test]
