@@ -194,6 +194,20 @@ impl FakeApiServer {
             .cloned()
     }
 
+    /// Deletes an object "by hand" (as `kubectl delete` would); a Deployment's pods follow.
+    pub fn remove(&self, kind: &'static str, namespace: &str, name: &str) {
+        let mut inner = self.lock();
+        let key = (kind, namespace.to_owned(), name.to_owned());
+        let object = inner.objects.get(&key).cloned().unwrap();
+        if kind == "deployments" {
+            inner.rollouts.remove(&(namespace.to_owned(), name.to_owned()));
+            for (pod, _) in pods_of(&inner, namespace, name) {
+                self.delete_pod(&mut inner, namespace, &pod);
+            }
+        }
+        self.store(&mut inner, kind, namespace, name, object, "DELETED");
+    }
+
     /// Changes an object "by hand" (as `kubectl edit` would): a new resourceVersion, and a new
     /// generation when the spec changed.
     pub fn edit(
@@ -573,20 +587,11 @@ async fn handle(
             json_response(code, &stored)
         }
         (Method::DELETE, Some(name)) => {
-            let mut inner = server.lock();
-            let key = (kind, namespace.to_owned(), name.to_owned());
-            let Some(object) = inner.objects.get(&key).cloned() else {
-                drop(inner);
+            if server.object(kind, namespace, name).is_none() {
                 return not_found(name);
-            };
-            inner.rollouts.remove(&(namespace.to_owned(), name.to_owned()));
-            if kind == "deployments" {
-                // Its ReplicaSets' pods follow it (background deletion).
-                for (pod, _) in pods_of(&inner, namespace, name) {
-                    server.delete_pod(&mut inner, namespace, &pod);
-                }
             }
-            server.store(&mut inner, kind, namespace, name, object, "DELETED");
+            // Its ReplicaSets' pods follow a Deployment (background deletion).
+            server.remove(kind, namespace, name);
             status(200, "", format!("{kind} \"{name}\" deleted"))
         }
         _ => status(405, "MethodNotAllowed", "not scripted".into()),
