@@ -11,8 +11,7 @@ mod common;
 mod apiserver;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use apiserver::FakeApiServer;
 use common::Imago;
@@ -81,17 +80,11 @@ impl KubeService {
     }
 
     fn history(&self) -> Vec<Value> {
-        self.imago
-            .run(&["history", "--json", &self.name])
-            .ok()
-            .json()
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
+        self.imago.history(&self.name)
     }
 
     fn events(&self) -> String {
-        self.imago.run(&["events", &self.name]).ok().stdout()
+        self.imago.events(&self.name)
     }
 
     fn deployment(&self) -> Option<Value> {
@@ -138,16 +131,29 @@ impl KubeService {
         format!("{}/imago-test/web@{digest}", self.registry.host())
     }
 
-    fn wait_for(&self, what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-        let deadline = Instant::now() + timeout;
-        while !ok() {
-            assert!(
-                Instant::now() < deadline,
-                "{what} did not happen within {timeout:?}; events:\n{}",
-                self.events()
-            );
-            std::thread::sleep(Duration::from_millis(100));
+    fn wait_for(&self, what: &str, timeout: Duration, ok: impl FnMut() -> bool) {
+        self.imago.wait_for(&self.name, what, timeout, ok);
+    }
+
+    /// Release 2 ("version 2"), whose pods never get ready when `broken`: the server's
+    /// deployment controller reports ProgressDeadlineExceeded after `deadline_ticks` ticks
+    /// without progress.
+    fn set_version_2(&self, broken: bool, deadline_ticks: u32) {
+        self.set_version("2");
+        if broken {
+            self.server.break_image(&self.pinned());
         }
+        self.server.set_deadline_ticks(deadline_ticks);
+    }
+
+    /// Records release 2 without waiting, and waits until the cluster's rollout of it began.
+    fn start_release_2(&self) {
+        self.imago
+            .run(&["apply", "--no-wait", "-f", &self.file()])
+            .ok();
+        self.wait_for("the update to start", Duration::from_secs(30), || {
+            self.template_label("imago.dev/release") == "2"
+        });
     }
 }
 
@@ -291,11 +297,7 @@ fn a_rollout_past_its_progress_deadline_is_rolled_back_automatically() {
     let s = KubeService::new("kfail", Duration::from_millis(50));
     s.apply().ok();
     let v1 = s.pinned();
-    // Release 2's pods never get ready: the server's deployment controller reports
-    // ProgressDeadlineExceeded after 10 ticks without progress.
-    s.set_version("2");
-    s.server.break_image(&s.pinned());
-    s.server.set_deadline_ticks(10);
+    s.set_version_2(true, 10);
     let out = s.apply();
     let text = out.stdout();
     assert!(
@@ -381,33 +383,14 @@ fn changes_made_by_hand_are_drift_and_the_release_is_applied_again() {
     });
 }
 
-/// The controller's pid, from the file it keeps.
-fn kill_controller(s: &KubeService) {
-    let info: Value = serde_json::from_slice(
-        &std::fs::read(s.imago.home.join("deploy/controller.json")).unwrap(),
-    )
-    .unwrap();
-    let pid = info["pid"].as_u64().unwrap().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-KILL", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-}
-
 #[test]
 fn a_controller_killed_mid_rollout_is_restarted_and_the_rollout_finishes() {
     // Slow ticks: a rollout of three pods takes about nine of them.
     let s = KubeService::new("kkill", Duration::from_millis(400));
     s.apply().ok();
-    s.set_version("2");
-    s.imago.run(&["apply", "--no-wait", "-f", &s.file()]).ok();
-    s.wait_for("the update to start", Duration::from_secs(30), || {
-        s.template_label("imago.dev/release") == "2"
-    });
-    kill_controller(&s);
+    s.set_version_2(false, 8);
+    s.start_release_2();
+    s.imago.kill_controller();
     assert!(
         s.history()[1]["outcome"].is_null(),
         "the rollout was still under way when the controller died: {:?}",
@@ -432,14 +415,9 @@ fn a_controller_killed_mid_failing_rollout_is_restarted_and_rolls_back() {
     let s = KubeService::new("kkillfail", Duration::from_millis(100));
     s.apply().ok();
     let v1 = s.pinned();
-    s.set_version("2");
-    s.server.break_image(&s.pinned());
-    s.server.set_deadline_ticks(20);
-    s.imago.run(&["apply", "--no-wait", "-f", &s.file()]).ok();
-    s.wait_for("the update to start", Duration::from_secs(30), || {
-        s.template_label("imago.dev/release") == "2"
-    });
-    kill_controller(&s);
+    s.set_version_2(true, 20);
+    s.start_release_2();
+    s.imago.kill_controller();
     // The new controller meets the deadline the cluster reports and rolls back.
     s.imago.run(&["serve"]).ok();
     s.wait_for("the rollback's completion", Duration::from_secs(30), || {
@@ -509,6 +487,27 @@ fn render_prints_the_objects_byte_stable_and_plan_refuses_what_kubernetes_cannot
         .json();
     assert_eq!(json["services"][0]["objects"][0]["kind"], "Deployment");
     assert_eq!(json["services"][0]["objects"][1]["kind"], "Service");
+
+    // A swarm target prints the service spec imago-swarm would create, as JSON.
+    let swarm = imago.dir.path().join("swarm.toml");
+    std::fs::write(
+        &swarm,
+        definition("web", "1", "unix:///nowhere/docker.sock", "registry.test:5000")
+            .replace("engine = \"kubernetes\"", "engine = \"swarm\"")
+            .replace(&format!("namespace = \"{NAMESPACE}\"\n"), "")
+            .replace("stop_grace_period = \"1s\"", "stop_grace_period = \"3s\""),
+    )
+    .unwrap();
+    let swarm = swarm.display().to_string();
+    let out = imago
+        .run(&["render", "--target", "k8s", "-f", &swarm, &pinned])
+        .ok();
+    let spec: Value = serde_json::from_slice(&out.output.stdout).unwrap();
+    assert_eq!(
+        spec["TaskTemplate"]["ContainerSpec"]["Image"],
+        format!("registry.test:5000/team/web@{digest}")
+    );
+    assert_eq!(spec["Labels"]["imago.service"], "web");
 
     // A key Kubernetes cannot honour is an error at plan time, naming the key and engine.
     let text = std::fs::read_to_string(&file)

@@ -98,18 +98,11 @@ pub fn render_service(
 
 /// One cluster and namespace, with a small runtime of its own: the controller is synchronous,
 /// kube-rs is not. Call it from a thread that is not inside a tokio runtime.
+#[derive(Debug)]
 pub struct KubeCluster {
     target: KubeTarget,
     engine: KubeEngine,
     runtime: tokio::runtime::Runtime,
-}
-
-impl std::fmt::Debug for KubeCluster {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KubeCluster")
-            .field("target", &self.target)
-            .finish_non_exhaustive()
-    }
 }
 
 impl KubeCluster {
