@@ -6,9 +6,9 @@
 //! Images are pushed to a docker-registry on 127.0.0.1, as apply does for every cluster target.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
 #[path = "../../imago-kube/tests/support/apiserver.rs"]
 mod apiserver;
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -92,9 +92,9 @@ impl KubeService {
     }
 
     fn container(&self) -> Value {
-        self.deployment().expect("the Deployment exists")["spec"]["template"]["spec"]
-            ["containers"][0]
-            .clone()
+        self.deployment().expect("the Deployment exists")["spec"]["template"]["spec"]["containers"]
+            [0]
+        .clone()
     }
 
     fn image(&self) -> String {
@@ -111,8 +111,8 @@ impl KubeService {
     }
 
     fn template_label(&self, label: &str) -> String {
-        self.deployment().expect("the Deployment exists")["spec"]["template"]["metadata"]
-            ["labels"][label]
+        self.deployment().expect("the Deployment exists")["spec"]["template"]["metadata"]["labels"]
+            [label]
             .as_str()
             .unwrap_or_default()
             .to_owned()
@@ -268,10 +268,7 @@ fn apply_completes_rolls_back_on_demand_and_destroys() {
     assert_eq!(s.env("VERSION"), "2");
 
     // Rollback on demand: image and configuration of release 1, as release 3.
-    let rolled = s
-        .imago
-        .run(&["rollback", "--timeout", "60s", &s.name])
-        .ok();
+    let rolled = s.imago.run(&["rollback", "--timeout", "60s", &s.name]).ok();
     assert!(rolled.stdout().contains("release 3"), "{}", rolled.stdout());
     s.wait_for("the rollback's completion", Duration::from_secs(30), || {
         s.history()
@@ -323,7 +320,10 @@ fn a_rollout_past_its_progress_deadline_is_rolled_back_automatically() {
     // release 2's is left.
     let pods = s.server.pods(NAMESPACE, &s.name);
     assert!(
-        pods.len() >= 3 && pods.iter().all(|p| p["spec"]["containers"][0]["image"] == v1),
+        pods.len() >= 3
+            && pods
+                .iter()
+                .all(|p| p["spec"]["containers"][0]["image"] == v1),
         "{pods:#?}"
     );
 }
@@ -335,7 +335,11 @@ fn changes_made_by_hand_are_drift_and_the_release_is_applied_again() {
     let pinned = s.pinned();
     // With no controller running, someone edits the Deployment: `imago drift` reports it.
     s.imago.run(&["serve", "--stop"]).ok();
-    let other = format!("{}/imago-test/web@sha256:{}", s.registry.host(), "0".repeat(64));
+    let other = format!(
+        "{}/imago-test/web@sha256:{}",
+        s.registry.host(),
+        "0".repeat(64)
+    );
     s.server
         .edit("deployments", NAMESPACE, &s.name, |deployment| {
             deployment["spec"]["template"]["spec"]["containers"][0]["image"] = other.clone().into();
@@ -355,7 +359,9 @@ fn changes_made_by_hand_are_drift_and_the_release_is_applied_again() {
         .filter_map(|f| f["detail"].as_str())
         .collect();
     assert!(
-        details.iter().any(|d| d.contains(".image: ") && d.contains(&other)),
+        details
+            .iter()
+            .any(|d| d.contains(".image: ") && d.contains(&other)),
         "{findings}"
     );
     assert!(
@@ -492,10 +498,15 @@ fn render_prints_the_objects_byte_stable_and_plan_refuses_what_kubernetes_cannot
     let swarm = imago.dir.path().join("swarm.toml");
     std::fs::write(
         &swarm,
-        definition("web", "1", "unix:///nowhere/docker.sock", "registry.test:5000")
-            .replace("engine = \"kubernetes\"", "engine = \"swarm\"")
-            .replace(&format!("namespace = \"{NAMESPACE}\"\n"), "")
-            .replace("stop_grace_period = \"1s\"", "stop_grace_period = \"3s\""),
+        definition(
+            "web",
+            "1",
+            "unix:///nowhere/docker.sock",
+            "registry.test:5000",
+        )
+        .replace("engine = \"kubernetes\"", "engine = \"swarm\"")
+        .replace(&format!("namespace = \"{NAMESPACE}\"\n"), "")
+        .replace("stop_grace_period = \"1s\"", "stop_grace_period = \"3s\""),
     )
     .unwrap();
     let swarm = swarm.display().to_string();

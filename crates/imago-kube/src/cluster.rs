@@ -137,8 +137,18 @@ impl KubeEngine {
         // Forced apply would take over any field of an object of the same name: refuse one
         // that imago did not create.
         for (live, kind) in [
-            (get(&services, name, &object("Service")).await?.map(|s| is_managed(&s)), "Service"),
-            (get(&deployments, name, &object("Deployment")).await?.map(|d| is_managed(&d)), "Deployment"),
+            (
+                get(&services, name, &object("Service"))
+                    .await?
+                    .map(|s| is_managed(&s)),
+                "Service",
+            ),
+            (
+                get(&deployments, name, &object("Deployment"))
+                    .await?
+                    .map(|d| is_managed(&d)),
+                "Deployment",
+            ),
         ] {
             if live == Some(false) {
                 return Err(KubeError::NotOurs {

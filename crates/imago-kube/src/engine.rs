@@ -68,17 +68,21 @@ pub fn render_service(
         key: key.to_owned(),
         reason,
     };
-    let (repository, digest) = desired
-        .image
-        .rsplit_once('@')
-        .ok_or_else(|| invalid("image", format!("{} is not pinned by digest", desired.image)))?;
+    let (repository, digest) = desired.image.rsplit_once('@').ok_or_else(|| {
+        invalid(
+            "image",
+            format!("{} is not pinned by digest", desired.image),
+        )
+    })?;
     let digest: Digest = digest
         .parse()
         .map_err(|e| invalid("image", format!("{}: {e}", desired.image)))?;
-    let config_hash: Digest = desired
-        .config_hash
-        .parse()
-        .map_err(|e| invalid("configuration hash", format!("{}: {e}", desired.config_hash)))?;
+    let config_hash: Digest = desired.config_hash.parse().map_err(|e| {
+        invalid(
+            "configuration hash",
+            format!("{}: {e}", desired.config_hash),
+        )
+    })?;
     crate::render(&ReleaseInput {
         service: &desired.service,
         spec: &desired.spec,
@@ -270,11 +274,7 @@ fn task_of(pod: Pod, service: &str) -> Option<ClusterTask> {
     });
     let port = container
         .and_then(|c| c.ports.as_ref())
-        .and_then(|ports| {
-            ports
-                .iter()
-                .find(|p| p.name.as_deref() == Some(PORT_NAME))
-        })
+        .and_then(|ports| ports.iter().find(|p| p.name.as_deref() == Some(PORT_NAME)))
         .and_then(|p| u16::try_from(p.container_port).ok());
     let address = match (status.pod_ip.as_deref().map(str::parse::<IpAddr>), port) {
         (Some(Ok(ip)), Some(port)) => Some(SocketAddr::new(ip, port)),
@@ -286,9 +286,7 @@ fn task_of(pod: Pod, service: &str) -> Option<ClusterTask> {
             .labels
             .as_ref()
             .and_then(|l| l.get(LABEL_REVISION).cloned()),
-        image: container
-            .and_then(|c| c.image.clone())
-            .unwrap_or_default(),
+        image: container.and_then(|c| c.image.clone()).unwrap_or_default(),
         phase,
         // A pod being deleted (old ReplicaSet scaled down) is on its way out.
         desired_running: meta.deletion_timestamp.is_none() && phase != TaskPhase::Done,
@@ -384,8 +382,16 @@ mod tests {
     fn an_endpoint_names_the_kubeconfig_and_its_context() {
         let both = KubeTarget::from_endpoint(Some("/etc/kube/config#prod"), Some("shop"));
         assert_eq!(
-            (both.kubeconfig.unwrap(), both.context.unwrap(), both.namespace),
-            (PathBuf::from("/etc/kube/config"), "prod".into(), "shop".into())
+            (
+                both.kubeconfig.unwrap(),
+                both.context.unwrap(),
+                both.namespace
+            ),
+            (
+                PathBuf::from("/etc/kube/config"),
+                "prod".into(),
+                "shop".into()
+            )
         );
         let context_only = KubeTarget::from_endpoint(Some("#prod"), None);
         assert_eq!(context_only.kubeconfig, None);

@@ -367,8 +367,14 @@ fn is_label_value(value: &str) -> bool {
         && value
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        && value.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && value.chars().last().is_some_and(|c| c.is_ascii_alphanumeric())
+        && value
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+        && value
+            .chars()
+            .last()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
 }
 
 /// A name that must be an RFC 1123 label: lowercase letters, digits and '-', at most 63.

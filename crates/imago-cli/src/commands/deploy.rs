@@ -488,7 +488,11 @@ fn check_kubernetes(
         release: 1,
         revision: stand_in.hex()[..16].to_owned(),
         config_hash: stand_in.to_string(),
-        image: format!("{}/{}@{stand_in}", target.spec.registry.as_deref().unwrap_or_default(), spec.cluster_repository(name)),
+        image: format!(
+            "{}/{}@{stand_in}",
+            target.spec.registry.as_deref().unwrap_or_default(),
+            spec.cluster_repository(name)
+        ),
         spec: spec.clone(),
     };
     imago_kube::render_service(&desired, &kube_target(target).namespace)?;
@@ -544,9 +548,9 @@ pub fn cluster_engines() -> Option<imago_deploy::controller::EngineFactory> {
                 target.docker_endpoint(),
             )?) as Box<dyn ClusterEngine>),
             #[cfg(feature = "kubernetes")]
-            EngineKind::Kubernetes => Ok(Box::new(imago_kube::KubeCluster::connect(
-                &kube_target(target),
-            )?) as Box<dyn ClusterEngine>),
+            EngineKind::Kubernetes => Ok(Box::new(imago_kube::KubeCluster::connect(&kube_target(
+                target,
+            ))?) as Box<dyn ClusterEngine>),
             #[allow(unreachable_patterns)]
             other => Err(EngineError::Api {
                 engine: other.as_str(),

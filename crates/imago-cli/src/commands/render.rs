@@ -16,7 +16,7 @@ use imago_oci::Digest;
 use serde::Serialize;
 
 use super::deploy::{
-    FileArgs, Fetch, ImageSource, build_options, check_engines, load_services, pinned_spec,
+    Fetch, FileArgs, ImageSource, build_options, check_engines, load_services, pinned_spec,
     resolve_image,
 };
 use crate::Context;

@@ -125,9 +125,10 @@ impl Imago {
 
     /// SIGKILL to the running controller (its pid from `deploy/controller.json`).
     pub fn kill_controller(&self) {
-        let info: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(self.home.join("deploy/controller.json")).unwrap())
-                .unwrap();
+        let info: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(self.home.join("deploy/controller.json")).unwrap(),
+        )
+        .unwrap();
         let pid = info["pid"].as_u64().unwrap().to_string();
         assert!(
             Command::new("kill")

@@ -200,7 +200,9 @@ impl FakeApiServer {
         let key = (kind, namespace.to_owned(), name.to_owned());
         let object = inner.objects.get(&key).cloned().unwrap();
         if kind == "deployments" {
-            inner.rollouts.remove(&(namespace.to_owned(), name.to_owned()));
+            inner
+                .rollouts
+                .remove(&(namespace.to_owned(), name.to_owned()));
             for (pod, _) in pods_of(&inner, namespace, name) {
                 self.delete_pod(&mut inner, namespace, &pod);
             }
@@ -350,7 +352,14 @@ impl FakeApiServer {
         }
     }
 
-    fn create_pod(&self, inner: &mut Inner, namespace: &str, owner: &str, template: &Value, hash: &str) {
+    fn create_pod(
+        &self,
+        inner: &mut Inner,
+        namespace: &str,
+        owner: &str,
+        template: &Value,
+        hash: &str,
+    ) {
         inner.pod_count += 1;
         let n = inner.pod_count;
         let name = format!("{owner}-{hash}-{n}");
