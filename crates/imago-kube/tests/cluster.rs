@@ -391,6 +391,28 @@ async fn delete_removes_only_what_imago_manages() {
 }
 
 #[tokio::test]
+async fn apply_refuses_to_take_over_an_object_imago_did_not_create() {
+    let server = FakeApiServer::start(TICK).await;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = connect(&server, dir.path()).await;
+    roll(&engine, &release(1, WEB, &image("v1"))).await;
+    // Someone else's Deployment of the same name (labels not imago's): a forced apply would
+    // take over its fields, so imago refuses and leaves it as it is.
+    server.edit("deployments", NAMESPACE, "web", |d| {
+        d["metadata"]["labels"] = json!({"app": "theirs"});
+    });
+    let err = engine
+        .apply(&release(2, WEB, &image("v2")))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, KubeError::NotOurs { object } if object == "Deployment shop/web"),
+        "{err}"
+    );
+    assert_eq!(image_of(&server), image("v1").reference(), "untouched");
+}
+
+#[tokio::test]
 async fn a_kubeconfig_that_cannot_be_read_is_named() {
     let err = KubeEngine::connect(&KubeTarget {
         kubeconfig: Some("/nonexistent/kubeconfig".into()),
