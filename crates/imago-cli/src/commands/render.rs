@@ -10,7 +10,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use clap::Args;
 use imago_deploy::cluster::ClusterService;
 use imago_deploy::daemon::DeployHome;
-use imago_deploy::spec::{EngineKind, ResolvedTarget, ServiceSpec};
+use imago_deploy::spec::{ResolvedTarget, ServiceSpec};
 use imago_deploy::state::{StateDb, fingerprint};
 use imago_oci::Digest;
 use serde::Serialize;
@@ -196,10 +196,15 @@ fn release_number(db: &StateDb, service: &str, revision: &str) -> Result<u64> {
         + 1)
 }
 
+// Without an engine linked every target is refused, and the rest is unreachable.
+#[cfg_attr(
+    not(any(feature = "swarm", feature = "kubernetes")),
+    allow(unreachable_code, unused_variables)
+)]
 fn render_service(desired: &ClusterService, target: &ResolvedTarget) -> Result<Rendered> {
     let (objects, text) = match target.spec.engine {
         #[cfg(feature = "kubernetes")]
-        EngineKind::Kubernetes => {
+        imago_deploy::spec::EngineKind::Kubernetes => {
             let namespace = super::deploy::kube_target(target).namespace;
             let objects = imago_kube::render_service(desired, &namespace)?;
             let text = imago_kube::render_yaml(&objects)?;
@@ -210,7 +215,7 @@ fn render_service(desired: &ClusterService, target: &ResolvedTarget) -> Result<R
             (values, text)
         }
         #[cfg(feature = "swarm")]
-        EngineKind::Swarm => {
+        imago_deploy::spec::EngineKind::Swarm => {
             let spec = sorted(serde_json::to_value(imago_swarm::render(desired)?)?);
             let text = serde_json::to_string_pretty(&spec)? + "\n";
             (vec![spec], text)
