@@ -123,7 +123,9 @@ impl Imago {
         }
     }
 
-    /// SIGKILL to the running controller (its pid from `deploy/controller.json`).
+    /// SIGKILL to the running controller (its pid from `deploy/controller.json`); returns
+    /// once it is dead (gone or a zombie: its locks are released), so that the next command
+    /// does not meet a controller that is still exiting.
     pub fn kill_controller(&self) {
         let info: serde_json::Value = serde_json::from_slice(
             &std::fs::read(self.home.join("deploy/controller.json")).unwrap(),
@@ -137,6 +139,23 @@ impl Imago {
                 .unwrap()
                 .success()
         );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // The state is the field after the command name in parentheses.
+            let state = stat
+                .rsplit(") ")
+                .next()
+                .and_then(|rest| rest.chars().next());
+            if stat.is_empty() || state == Some('Z') {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "controller {pid} still alive 10 s after SIGKILL"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 }
 
