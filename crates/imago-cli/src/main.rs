@@ -44,6 +44,8 @@ enum Command {
     Plan(commands::deploy::FileArgs),
     /// Build changed images, record releases and roll them out
     Apply(commands::deploy::ApplyArgs),
+    /// Print the objects a cluster target's services become (Kubernetes YAML, swarm JSON)
+    Render(commands::render::RenderArgs),
     /// Show services, their releases, rollouts and instances
     Status(commands::deploy::StatusArgs),
     /// List a service's releases
@@ -141,6 +143,7 @@ fn run(cli: Cli, reporter: Reporter) -> Result<()> {
         Command::Schema(args) => commands::build::schema(&ctx, args),
         Command::Plan(args) => commands::deploy::plan(&ctx, args),
         Command::Apply(args) => commands::deploy::apply(&ctx, args),
+        Command::Render(args) => commands::render::render(&ctx, args),
         Command::Status(args) => commands::deploy::status(&ctx, args),
         Command::History(args) => commands::deploy::history(&ctx, args),
         Command::Rollback(args) => commands::deploy::rollback(&ctx, args),

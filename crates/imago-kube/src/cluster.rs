@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Service};
-use kube::api::{Api, DeleteParams, Patch, PatchParams, WatchEvent, WatchParams};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, WatchEvent, WatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use serde::Serialize;
@@ -15,7 +15,9 @@ use tokio::time::Instant;
 
 use crate::KubeError;
 use crate::drift::{Drift, compare};
-use crate::render::{LABEL_MANAGED_BY, LABEL_NAME, LABEL_RELEASE, MANAGED_BY, RenderedRelease};
+use crate::render::{
+    LABEL_MANAGED_BY, LABEL_NAME, LABEL_RELEASE, MANAGED_BY, RenderedRelease, selector_text,
+};
 use crate::rollout::{RolloutState, RolloutStatus, judge};
 
 /// The field manager of every apply: what `kubectl` shows as owning imago's fields.
@@ -130,17 +132,34 @@ impl KubeEngine {
         let name = rendered.service.as_str();
         let namespace = rendered.namespace.as_str();
         let object = |kind: &str| format!("{kind} {namespace}/{name}");
+        let services: Api<Service> = self.api(namespace);
+        let deployments: Api<Deployment> = self.api(namespace);
+        // Forced apply would take over any field of an object of the same name: refuse one
+        // that imago did not create.
+        for (live, kind) in [
+            (
+                get(&services, name, &object("Service"))
+                    .await?
+                    .map(|s| is_managed(&s)),
+                "Service",
+            ),
+            (
+                get(&deployments, name, &object("Deployment"))
+                    .await?
+                    .map(|d| is_managed(&d)),
+                "Deployment",
+            ),
+        ] {
+            if live == Some(false) {
+                return Err(KubeError::NotOurs {
+                    object: object(kind),
+                });
+            }
+        }
         let claims: Api<PersistentVolumeClaim> = self.api(namespace);
         for claim in &rendered.volume_claims {
-            let found = claims
-                .get_opt(claim)
-                .await
-                .map_err(|source| KubeError::Api {
-                    action: "get",
-                    object: format!("PersistentVolumeClaim {namespace}/{claim}"),
-                    source,
-                })?;
-            if found.is_none() {
+            let claim_object = format!("PersistentVolumeClaim {namespace}/{claim}");
+            if get(&claims, claim, &claim_object).await?.is_none() {
                 return Err(KubeError::MissingVolumeClaim {
                     service: name.to_owned(),
                     namespace: namespace.to_owned(),
@@ -149,7 +168,6 @@ impl KubeEngine {
             }
         }
         let params = PatchParams::apply(FIELD_MANAGER).force();
-        let services: Api<Service> = self.api(namespace);
         match &rendered.endpoint {
             Some(endpoint) => {
                 services
@@ -165,7 +183,6 @@ impl KubeEngine {
                 delete_if_managed(&services, name, &object("Service")).await?;
             }
         }
-        let deployments: Api<Deployment> = self.api(namespace);
         let applied = deployments
             .patch(name, &params, &Patch::Apply(&rendered.deployment))
             .await
@@ -192,16 +209,7 @@ impl KubeEngine {
     /// The service's Deployment as it is now, judged as the rollout of the release it carries;
     /// `None` when there is no Deployment.
     pub async fn live_release(&self, service: &str) -> Result<Option<LiveRelease>, KubeError> {
-        let deployments: Api<Deployment> = self.api(&self.namespace);
-        let Some(live) = deployments
-            .get_opt(service)
-            .await
-            .map_err(|source| KubeError::Api {
-                action: "get",
-                object: self.object("Deployment", service),
-                source,
-            })?
-        else {
+        let Some(live) = self.deployment(service).await? else {
             return Ok(None);
         };
         let release = live
@@ -235,16 +243,7 @@ impl KubeEngine {
         let name = applied.service.as_str();
         let object = format!("Deployment {}/{name}", applied.namespace);
         let deployments: Api<Deployment> = self.api(&applied.namespace);
-        let get = || async {
-            deployments
-                .get_opt(name)
-                .await
-                .map_err(|source| KubeError::Api {
-                    action: "get",
-                    object: object.clone(),
-                    source,
-                })
-        };
+        let fetch = || get(&deployments, name, &object);
         let deleted = |last: Option<&RolloutStatus>| RolloutStatus {
             state: RolloutState::Failed {
                 reason: "Deleted".into(),
@@ -270,20 +269,44 @@ impl KubeEngine {
             }
             status
         };
-        let Some(current) = get().await? else {
-            return Ok(deleted(None));
+        // A failed watch request or a broken stream: counted, and after a pause that doubles
+        // while it keeps failing before any event arrives, the watch is resumed.
+        let retry = |failures: &mut u32, source: kube::Error| {
+            *failures += 1;
+            if *failures >= WATCH_ATTEMPTS {
+                return Err(KubeError::Api {
+                    action: "watch",
+                    object: object.clone(),
+                    source,
+                });
+            }
+            Ok(backoff(*failures))
         };
-        let status = observe(&current, &mut last);
-        if status.state.is_finished() {
-            return Ok(status);
-        }
-        let mut version = current.metadata.resource_version.unwrap_or_default();
+        let mut version = String::new();
         let mut failures = 0u32;
         let selector = format!("metadata.name={name}");
+        // A fresh GET first, and again whenever the server no longer has the version the
+        // watch would resume from (410 Gone): the rollout is judged from now on.
+        let mut relist = true;
         loop {
+            if relist {
+                relist = false;
+                let Some(current) = fetch().await? else {
+                    return Ok(deleted(last.as_ref()));
+                };
+                version = current
+                    .metadata
+                    .resource_version
+                    .clone()
+                    .unwrap_or_default();
+                let status = observe(&current, &mut last);
+                if status.state.is_finished() {
+                    return Ok(status);
+                }
+            }
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
-                return Ok(last.clone().unwrap_or_else(|| status.clone()));
+                return Ok(last.clone().unwrap_or_else(|| deleted(None)));
             }
             // The server closes a watch after timeoutSeconds; imago asks for no more than it
             // will wait, and resumes if the server closes it sooner.
@@ -295,31 +318,11 @@ impl KubeEngine {
                     Err(_) => continue,
                     Ok(Ok(stream)) => stream,
                     Ok(Err(kube::Error::Api(status))) if status.code == 410 => {
-                        // The version is too old for the server's watch cache: start over from now.
-                        let Some(current) = get().await? else {
-                            return Ok(deleted(last.as_ref()));
-                        };
-                        version = current
-                            .metadata
-                            .resource_version
-                            .clone()
-                            .unwrap_or_default();
-                        let status = observe(&current, &mut last);
-                        if status.state.is_finished() {
-                            return Ok(status);
-                        }
+                        relist = true;
                         continue;
                     }
                     Ok(Err(source)) => {
-                        failures += 1;
-                        if failures >= WATCH_ATTEMPTS {
-                            return Err(KubeError::Api {
-                                action: "watch",
-                                object: object.clone(),
-                                source,
-                            });
-                        }
-                        tokio::time::sleep(backoff(failures)).await;
+                        tokio::time::sleep(retry(&mut failures, source)?).await;
                         continue;
                     }
                 };
@@ -331,18 +334,8 @@ impl KubeEngine {
                     // The server ended the watch (its timeout, a restart): resume from
                     // `version`.
                     Ok(None) => break,
-                    // The connection broke: resume too, after a pause that doubles while it
-                    // keeps breaking before any event arrives.
                     Ok(Some(Err(source))) => {
-                        failures += 1;
-                        if failures >= WATCH_ATTEMPTS {
-                            return Err(KubeError::Api {
-                                action: "watch",
-                                object: object.clone(),
-                                source,
-                            });
-                        }
-                        tokio::time::sleep(backoff(failures)).await;
+                        tokio::time::sleep(retry(&mut failures, source)?).await;
                         break;
                     }
                     Ok(Some(Ok(event))) => event,
@@ -363,18 +356,7 @@ impl KubeEngine {
                         version = bookmark.metadata.resource_version;
                     }
                     WatchEvent::Error(status) if status.code == 410 => {
-                        let Some(current) = get().await? else {
-                            return Ok(deleted(last.as_ref()));
-                        };
-                        version = current
-                            .metadata
-                            .resource_version
-                            .clone()
-                            .unwrap_or_default();
-                        let status = observe(&current, &mut last);
-                        if status.state.is_finished() {
-                            return Ok(status);
-                        }
+                        relist = true;
                         break;
                     }
                     WatchEvent::Error(status) => {
@@ -390,6 +372,24 @@ impl KubeEngine {
         }
     }
 
+    /// The service's Deployment, as the server has it.
+    pub async fn deployment(&self, service: &str) -> Result<Option<Deployment>, KubeError> {
+        let deployments: Api<Deployment> = self.api(&self.namespace);
+        get(&deployments, service, &self.object("Deployment", service)).await
+    }
+
+    /// The pods of the service's ReplicaSets (old and new ones): those its selector matches.
+    pub async fn pods(&self, service: &str) -> Result<Vec<Pod>, KubeError> {
+        let pods: Api<Pod> = self.api(&self.namespace);
+        let params = ListParams::default().labels(&selector_text(service));
+        let list = pods.list(&params).await.map_err(|source| KubeError::Api {
+            action: "list",
+            object: format!("pods {}/{}", self.namespace, selector_text(service)),
+            source,
+        })?;
+        Ok(list.items)
+    }
+
     /// The live objects compared with the release's on every field imago renders; empty when
     /// nothing drifted.
     pub async fn drift(&self, rendered: &RenderedRelease) -> Result<Vec<Drift>, KubeError> {
@@ -398,14 +398,7 @@ impl KubeEngine {
         let mut found = Vec::new();
         let deployments: Api<Deployment> = self.api(namespace);
         let object = format!("Deployment {namespace}/{name}");
-        let live = deployments
-            .get_opt(name)
-            .await
-            .map_err(|source| KubeError::Api {
-                action: "get",
-                object: object.clone(),
-                source,
-            })?;
+        let live = get(&deployments, name, &object).await?;
         compare_object(
             rendered,
             &object,
@@ -415,14 +408,7 @@ impl KubeEngine {
         )?;
         let services: Api<Service> = self.api(namespace);
         let object = format!("Service {namespace}/{name}");
-        let live = services
-            .get_opt(name)
-            .await
-            .map_err(|source| KubeError::Api {
-                action: "get",
-                object: object.clone(),
-                source,
-            })?;
+        let live = get(&services, name, &object).await?;
         match &rendered.endpoint {
             Some(endpoint) => {
                 compare_object(rendered, &object, endpoint, live.as_ref(), &mut found)?;
@@ -453,7 +439,20 @@ impl KubeEngine {
     }
 }
 
-fn is_managed<K: kube::Resource>(object: &K) -> bool {
+/// The object `name`, or `None` when the server has none; `object` names it in errors.
+async fn get<K>(api: &Api<K>, name: &str, object: &str) -> Result<Option<K>, KubeError>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    api.get_opt(name).await.map_err(|source| KubeError::Api {
+        action: "get",
+        object: object.to_owned(),
+        source,
+    })
+}
+
+/// Whether `object` carries imago's labels for its own name.
+pub(crate) fn is_managed<K: kube::Resource>(object: &K) -> bool {
     let labels = object.meta().labels.as_ref();
     labels
         .and_then(|l| l.get(LABEL_MANAGED_BY))
@@ -469,11 +468,7 @@ async fn delete_if_managed<K>(api: &Api<K>, name: &str, object: &str) -> Result<
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    let live = api.get_opt(name).await.map_err(|source| KubeError::Api {
-        action: "get",
-        object: object.to_owned(),
-        source,
-    })?;
+    let live = get(api, name, object).await?;
     if !live.as_ref().is_some_and(is_managed) {
         return Ok(false);
     }

@@ -41,6 +41,10 @@ pub enum KubeError {
         #[source]
         source: kube::Error,
     },
+    /// An object of the release's name exists and carries no imago labels: imago never takes
+    /// over what it did not create.
+    #[error("{object} exists and was not created by imago")]
+    NotOurs { object: String },
     /// The server's watch stream reported an error imago cannot recover from.
     #[error("watching {object}: the server answered {code} {reason}: {message}")]
     WatchStatus {

@@ -2,7 +2,8 @@
 //! (its spec, release number, configuration hash and image pinned by digest) becomes a
 //! Deployment and a Service ([`render`]), printed byte-stable for GitOps ([`render_yaml`]),
 //! applied with server-side apply under the field manager `imago`, and followed through the
-//! Deployment's status to imago's outcomes ([`KubeEngine`]). A failed rollout is undone by
+//! Deployment's status to imago's outcomes ([`KubeEngine`]). [`KubeCluster`] is the same
+//! engine behind imago-spec's `ClusterEngine` trait, which imago-deploy's controller drives. A failed rollout is undone by
 //! applying the last complete release's kept objects again; drift is the live objects compared
 //! with the rendered ones on the fields imago renders.
 //!
@@ -15,6 +16,7 @@
 
 mod cluster;
 mod drift;
+mod engine;
 mod error;
 mod quantity;
 mod render;
@@ -23,10 +25,12 @@ mod yaml;
 
 pub use cluster::{Applied, FIELD_MANAGER, KubeEngine, KubeTarget, LiveRelease};
 pub use drift::{Drift, compare};
+pub use engine::{DEFAULT_NAMESPACE, KubeCluster, render_service};
 pub use error::KubeError;
 pub use render::{
-    ANNOTATION_CONFIG_HASH, LABEL_CONFIG, LABEL_MANAGED_BY, LABEL_NAME, LABEL_RELEASE, MANAGED_BY,
-    PinnedImage, ReleaseInput, RenderedRelease, render, selector_labels, selector_text,
+    ANNOTATION_CONFIG_HASH, LABEL_CONFIG, LABEL_MANAGED_BY, LABEL_NAME, LABEL_RELEASE,
+    LABEL_REVISION, MANAGED_BY, PinnedImage, ReleaseInput, RenderedRelease, render,
+    selector_labels, selector_text,
 };
 pub use rollout::{PROGRESS_DEADLINE_EXCEEDED, RolloutState, RolloutStatus, judge};
 pub use yaml::render_yaml;

@@ -34,12 +34,15 @@ pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "imago";
 /// The release number, on the objects and on the pod template.
 pub const LABEL_RELEASE: &str = "imago.dev/release";
+/// The release's revision (digest + configuration): pods with equal revisions are
+/// interchangeable, and imago's gate counts the pods of the revision it rolls out.
+pub const LABEL_REVISION: &str = "imago.dev/revision";
 /// The configuration hash's first 32 hex digits: a label value holds at most 63 characters.
 pub const LABEL_CONFIG: &str = "imago.dev/config";
 /// The whole configuration hash (`sha256:...`).
 pub const ANNOTATION_CONFIG_HASH: &str = "imago.dev/config-hash";
 /// The container port's name, which the Service targets.
-const PORT_NAME: &str = "main";
+pub(crate) const PORT_NAME: &str = "main";
 
 /// An image in a registry the cluster's nodes pull from, pinned by its manifest digest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +65,8 @@ pub struct ReleaseInput<'a> {
     pub service: &'a str,
     pub spec: &'a ServiceSpec,
     pub release: u64,
+    /// imago's revision of the release (16 hex digits of digest + configuration hash).
+    pub revision: &'a str,
     pub config_hash: &'a Digest,
     pub image: &'a PinnedImage,
     /// The paths the image's config declares as volumes: locally each instance gets an
@@ -96,6 +101,13 @@ pub fn render(input: &ReleaseInput<'_>) -> Result<RenderedRelease, KubeError> {
     };
     check_dns_label(service, "service name").map_err(|r| refuse("service name", r))?;
     check_dns_label(input.namespace, "namespace").map_err(|r| refuse("target.namespace", r))?;
+    if !is_label_value(input.revision) {
+        return Err(KubeError::InvalidValue {
+            service: service.to_owned(),
+            key: "revision".into(),
+            reason: format!("{:?} is not a kubernetes label value", input.revision),
+        });
+    }
     spec.validate(service).map_err(|e| match e {
         SpecError::InvalidService { field, reason, .. } => KubeError::InvalidValue {
             service: service.to_owned(),
@@ -180,6 +192,7 @@ pub fn render(input: &ReleaseInput<'_>) -> Result<RenderedRelease, KubeError> {
     let selector = selector_labels(service);
     let mut labels = selector.clone();
     labels.insert(LABEL_RELEASE.into(), input.release.to_string());
+    labels.insert(LABEL_REVISION.into(), input.revision.to_owned());
     labels.insert(LABEL_CONFIG.into(), config_label(input.config_hash));
     let annotations = BTreeMap::from([(
         ANNOTATION_CONFIG_HASH.to_owned(),
@@ -345,6 +358,23 @@ fn whole_seconds(d: Duration) -> Result<i32, String> {
         ));
     }
     i32::try_from(d.as_secs()).map_err(|_| format!("{d:?} is too long"))
+}
+
+/// A label value: at most 63 letters, digits, '-', '_' or '.', starting and ending with an
+/// alphanumeric character.
+fn is_label_value(value: &str) -> bool {
+    value.len() <= 63
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && value
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+        && value
+            .chars()
+            .last()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
 }
 
 /// A name that must be an RFC 1123 label: lowercase letters, digits and '-', at most 63.

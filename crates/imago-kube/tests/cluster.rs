@@ -41,6 +41,7 @@ fn release(number: u64, spec_toml: &str, image: &PinnedImage) -> RenderedRelease
         service: "web",
         spec: &spec,
         release: number,
+        revision: &Digest::of(format!("{}\n{config_hash}", image.digest).as_bytes()).hex()[..16],
         config_hash: &config_hash,
         image,
         image_volumes: &[],
@@ -301,7 +302,11 @@ async fn the_watch_resumes_from_the_last_version_after_the_server_drops_it() {
         watches.windows(2).all(|w| w[0] < w[1]),
         "each watch resumed after the last event it saw: {watches:?}"
     );
-    assert_eq!(deployment_gets(&server), 1, "resumed, not re-listed");
+    assert_eq!(
+        deployment_gets(&server),
+        2,
+        "apply's ownership check and the watch's first GET; then resumed, not re-listed"
+    );
 }
 
 #[tokio::test]
@@ -337,7 +342,8 @@ async fn a_watch_from_a_compacted_version_starts_over_from_a_fresh_get() {
         .unwrap();
     assert_eq!(last.state, RolloutState::Complete);
     let gets = deployment_gets(&server);
-    assert!(gets >= 2, "410 Gone led to a fresh GET, got {gets}");
+    // One by apply's ownership check, one to start the watch, then the fresh one.
+    assert!(gets >= 3, "410 Gone led to a fresh GET, got {gets}");
 }
 
 #[tokio::test]
@@ -382,6 +388,28 @@ async fn delete_removes_only_what_imago_manages() {
     assert!(server.object("deployments", NAMESPACE, "web").is_none());
     assert!(server.object("services", NAMESPACE, "web").is_some());
     assert_eq!(engine.delete("web").await.unwrap(), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn apply_refuses_to_take_over_an_object_imago_did_not_create() {
+    let server = FakeApiServer::start(TICK).await;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = connect(&server, dir.path()).await;
+    roll(&engine, &release(1, WEB, &image("v1"))).await;
+    // Someone else's Deployment of the same name (labels not imago's): a forced apply would
+    // take over its fields, so imago refuses and leaves it as it is.
+    server.edit("deployments", NAMESPACE, "web", |d| {
+        d["metadata"]["labels"] = json!({"app": "theirs"});
+    });
+    let err = engine
+        .apply(&release(2, WEB, &image("v2")))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, KubeError::NotOurs { object } if object == "Deployment shop/web"),
+        "{err}"
+    );
+    assert_eq!(image_of(&server), image("v1").reference(), "untouched");
 }
 
 #[tokio::test]

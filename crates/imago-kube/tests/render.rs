@@ -46,6 +46,7 @@ fn render_service(
         service: name,
         spec: &spec,
         release: 7,
+        revision: &config_hash.hex()[..16],
         config_hash: &config_hash,
         image: &image,
         image_volumes,

@@ -2,7 +2,7 @@
 //!
 //! It lives here, in the crate of the service types, because both sides depend on those types
 //! and on nothing else of imago: imago-deploy's controller drives a [`ClusterEngine`], and each
-//! engine crate (imago-swarm, later imago-kube) implements it, so no dependency points upward
+//! engine crate (imago-swarm, imago-kube) implements it, so no dependency points upward
 //! and the controller's logic is tested with a fake engine. An engine renders, applies, reads
 //! back and removes; every decision (is the rollout complete, has it failed, roll back, is this
 //! drift) is imago's, made in the controller from what [`ClusterEngine::observe`] reports.
@@ -41,6 +41,9 @@ pub enum UpdateState {
     RollbackStarted,
     RollbackPaused,
     RollbackCompleted,
+    /// The engine gave up on the update without reverting it (Kubernetes: the Deployment's
+    /// `Progressing` condition with reason `ProgressDeadlineExceeded`).
+    Failed,
 }
 
 impl UpdateState {
@@ -52,6 +55,7 @@ impl UpdateState {
                 | UpdateState::RollbackStarted
                 | UpdateState::RollbackPaused
                 | UpdateState::RollbackCompleted
+                | UpdateState::Failed
         )
     }
 }

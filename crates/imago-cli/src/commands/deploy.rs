@@ -56,14 +56,14 @@ pub struct FileArgs {
     pub target: Option<String>,
 }
 
-struct Services {
-    file: DefinitionFile,
-    specs: BTreeMap<String, ServiceSpec>,
+pub(super) struct Services {
+    pub(super) file: DefinitionFile,
+    pub(super) specs: BTreeMap<String, ServiceSpec>,
     /// Registry references pulled by this command: a tag is resolved once per run.
     pulled: std::cell::RefCell<BTreeMap<String, Digest>>,
 }
 
-fn load_services(args: &FileArgs) -> Result<Services> {
+pub(super) fn load_services(args: &FileArgs) -> Result<Services> {
     let file = DefinitionFile::load(&args.file)?;
     let specs = parse_services_for(
         &file.path,
@@ -79,7 +79,7 @@ fn load_services(args: &FileArgs) -> Result<Services> {
 }
 
 /// How a service's image resolves.
-enum ImageSource {
+pub(super) enum ImageSource {
     /// An image of the definition file; built (or checked) first.
     Built(String),
     /// A store reference.
@@ -88,14 +88,14 @@ enum ImageSource {
 
 /// Whether resolving a registry image may fetch its blobs.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Fetch {
+pub(super) enum Fetch {
     /// `plan`: a tag becomes a digest by reading the manifest alone; no blob is fetched.
     ManifestOnly,
     /// `apply`: the image is pulled, its instances are launched from it.
     Pull,
 }
 
-fn resolve_image(
+pub(super) fn resolve_image(
     ctx: &Context,
     services: &Services,
     store: &Store,
@@ -153,7 +153,7 @@ fn resolve_image(
 
 /// The spec a release records: a registry image is pinned to `HOST/REPO@DIGEST`, so that the
 /// release names the digest apply resolved and never a tag that can move.
-fn pinned_spec(spec: &ServiceSpec, digest: Option<&Digest>) -> ServiceSpec {
+pub(super) fn pinned_spec(spec: &ServiceSpec, digest: Option<&Digest>) -> ServiceSpec {
     let mut spec = spec.clone();
     if let Some(digest) = digest
         && imago_registry::names_registry(&spec.image)
@@ -176,7 +176,7 @@ fn exposed_ports_defined(services: &Services, image: &str) -> Vec<u16> {
         })
 }
 
-fn build_options(ctx: &Context, check: bool) -> BuildOptions {
+pub(super) fn build_options(ctx: &Context, check: bool) -> BuildOptions {
     let epoch = std::env::var("SOURCE_DATE_EPOCH")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -522,20 +522,65 @@ pub fn apply(ctx: &Context, args: ApplyArgs) -> Result<()> {
 }
 
 /// Every service's keys must be ones its engine can honour: an error names the key and engine.
-fn check_engines(specs: &BTreeMap<String, ServiceSpec>) -> Result<()> {
+pub(super) fn check_engines(specs: &BTreeMap<String, ServiceSpec>) -> Result<()> {
+    use imago_deploy::spec::EngineKind;
     for (name, spec) in specs {
         spec.check_engine(name)?;
-        if let Some(target) = spec.cluster_target()
-            && !cfg!(feature = "swarm")
-            && target.spec.engine == imago_deploy::spec::EngineKind::Swarm
-        {
+        let Some(target) = spec.cluster_target() else {
+            continue;
+        };
+        let linked = match target.spec.engine {
+            EngineKind::Swarm => cfg!(feature = "swarm"),
+            EngineKind::Kubernetes => cfg!(feature = "kubernetes"),
+            EngineKind::Local => true,
+        };
+        if !linked {
             bail!(
-                "service {name}: target {} needs the swarm engine, which this imago was built without",
-                target.name
+                "service {name}: target {} needs the {} engine, which this imago was built without",
+                target.name,
+                target.spec.engine
             );
+        }
+        #[cfg(feature = "kubernetes")]
+        if target.spec.engine == EngineKind::Kubernetes {
+            check_kubernetes(name, spec, target)?;
         }
     }
     Ok(())
+}
+
+/// The keys Kubernetes cannot honour, found by rendering the service (no cluster needed) with
+/// a stand-in digest: the same refusals apply would meet, before anything is built or pushed.
+#[cfg(feature = "kubernetes")]
+fn check_kubernetes(
+    name: &str,
+    spec: &ServiceSpec,
+    target: &imago_deploy::spec::ResolvedTarget,
+) -> Result<()> {
+    let stand_in = Digest::of(name.as_bytes());
+    let desired = imago_deploy::cluster::ClusterService {
+        service: name.to_owned(),
+        release: 1,
+        revision: stand_in.hex()[..16].to_owned(),
+        config_hash: stand_in.to_string(),
+        image: format!(
+            "{}/{}@{stand_in}",
+            target.spec.registry.as_deref().unwrap_or_default(),
+            spec.cluster_repository(name)
+        ),
+        spec: spec.clone(),
+    };
+    imago_kube::render_service(&desired, &kube_target(target).namespace)?;
+    Ok(())
+}
+
+/// Where a kubernetes target's objects go: `endpoint = "KUBECONFIG#CONTEXT"` and `namespace`.
+#[cfg(feature = "kubernetes")]
+pub(super) fn kube_target(target: &imago_deploy::spec::ResolvedTarget) -> imago_kube::KubeTarget {
+    imago_kube::KubeTarget::from_endpoint(
+        target.spec.endpoint.as_deref(),
+        target.spec.namespace.as_deref(),
+    )
 }
 
 /// Pushes the image of a service on a cluster target to the target's registry, by digest.
@@ -577,15 +622,21 @@ fn engine_key(target: &ResolvedTarget) -> String {
 
 /// The cluster engines this build links, for the controller.
 pub fn cluster_engines() -> Option<imago_deploy::controller::EngineFactory> {
-    #[cfg(feature = "swarm")]
+    #[cfg(any(feature = "swarm", feature = "kubernetes"))]
     {
         use imago_deploy::cluster::{ClusterEngine, EngineError};
         use imago_deploy::spec::EngineKind;
         Some(Box::new(|target| match target.spec.engine {
+            #[cfg(feature = "swarm")]
             EngineKind::Swarm => Ok(Box::new(imago_swarm::SwarmEngine::connect_with(
                 target.docker_endpoint(),
                 docker_tls(target.docker_endpoint()).as_ref(),
             )?) as Box<dyn ClusterEngine>),
+            #[cfg(feature = "kubernetes")]
+            EngineKind::Kubernetes => Ok(Box::new(imago_kube::KubeCluster::connect(&kube_target(
+                target,
+            ))?) as Box<dyn ClusterEngine>),
+            #[allow(unreachable_patterns)]
             other => Err(EngineError::Api {
                 engine: other.as_str(),
                 endpoint: target.spec.endpoint.clone().unwrap_or_default(),
@@ -593,7 +644,7 @@ pub fn cluster_engines() -> Option<imago_deploy::controller::EngineFactory> {
             }),
         }))
     }
-    #[cfg(not(feature = "swarm"))]
+    #[cfg(not(any(feature = "swarm", feature = "kubernetes")))]
     {
         None
     }

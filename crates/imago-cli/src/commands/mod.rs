@@ -6,4 +6,5 @@ pub mod deploy;
 pub mod images;
 pub mod instances;
 pub mod registry;
+pub mod render;
 pub mod volumes;

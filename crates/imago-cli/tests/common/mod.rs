@@ -88,6 +88,75 @@ impl Imago {
     pub fn store(&self) -> Store {
         Store::open(&self.home.join("store")).expect("open store")
     }
+
+    /// `imago history --json SERVICE`: the service's releases, oldest first.
+    pub fn history(&self, service: &str) -> Vec<serde_json::Value> {
+        self.run(&["history", "--json", service])
+            .ok()
+            .json()
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// `imago events SERVICE`, as text.
+    pub fn events(&self, service: &str) -> String {
+        self.run(&["events", service]).ok().stdout()
+    }
+
+    /// Waits until `ok`, failing after `timeout` with SERVICE's events.
+    pub fn wait_for(
+        &self,
+        service: &str,
+        what: &str,
+        timeout: std::time::Duration,
+        mut ok: impl FnMut() -> bool,
+    ) {
+        let deadline = std::time::Instant::now() + timeout;
+        while !ok() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what} did not happen within {timeout:?}; events:\n{}",
+                self.events(service)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILL to the running controller (its pid from `deploy/controller.json`); returns
+    /// once it is dead (gone or a zombie: its locks are released), so that the next command
+    /// does not meet a controller that is still exiting.
+    pub fn kill_controller(&self) {
+        let info: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(self.home.join("deploy/controller.json")).unwrap(),
+        )
+        .unwrap();
+        let pid = info["pid"].as_u64().unwrap().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-KILL", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // The state is the field after the command name in parentheses.
+            let state = stat
+                .rsplit(") ")
+                .next()
+                .and_then(|rest| rest.chars().next());
+            if stat.is_empty() || state == Some('Z') {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "controller {pid} still alive 10 s after SIGKILL"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
 }
 
 /// One file of a fixture layer.

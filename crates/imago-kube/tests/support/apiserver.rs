@@ -1,8 +1,14 @@
 //! A scripted Kubernetes API server on 127.0.0.1 (plain HTTP), speaking the requests kube-rs
-//! sends: GET, server-side apply PATCH, DELETE, and watch streams resumed from a
-//! resourceVersion. A deployment controller of its own moves each Deployment's status the way
-//! the real one does (observedGeneration, then new pods created, ready, old ones terminated;
-//! or, for an image marked broken, ProgressDeadlineExceeded), one step per tick.
+//! sends: GET, LIST with a label selector, server-side apply PATCH, DELETE, and watch streams
+//! resumed from a resourceVersion. A deployment controller of its own moves each Deployment's
+//! pods and status the way the real one does (observedGeneration, then a pod of the new
+//! template created, then ready, until there are enough; then old pods deleted one by one; or,
+//! for an image marked broken, a pod that never gets ready and ProgressDeadlineExceeded), one
+//! step per tick. Pods carry the pod template's labels plus `pod-template-hash`.
+//!
+//! Shared by imago-kube's tests and imago-cli's end-to-end tests (`#[path]` module there).
+
+#![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
@@ -36,16 +42,17 @@ struct WatchEvent {
     object: Value,
 }
 
-/// Where a Deployment's rollout stands in the fake controller.
+/// Where a Deployment's rollout stands in the fake controller (its pods are objects).
 #[derive(Debug, Clone, Default)]
-struct Pods {
+struct Rollout {
     observed_generation: i64,
-    old_ready: i64,
-    new_created: i64,
-    new_ready: i64,
     stalled_ticks: u32,
     failed: bool,
 }
+
+/// The annotation that ties a fake pod to its Deployment (the real link is ownerReferences
+/// through a ReplicaSet, which this server does not model).
+const POD_OWNER: &str = "fake.imago.dev/deployment";
 
 #[derive(Default)]
 struct Inner {
@@ -53,7 +60,9 @@ struct Inner {
     /// (kind, namespace, name) -> object
     objects: BTreeMap<(&'static str, String, String), Value>,
     claims: BTreeSet<(String, String)>,
-    pods: BTreeMap<(String, String), Pods>,
+    rollouts: BTreeMap<(String, String), Rollout>,
+    /// Pods made so far: their names and addresses.
+    pod_count: u64,
     history: Vec<WatchEvent>,
     /// Watches asking for an older version than this get 410 Gone.
     compacted_below: u64,
@@ -149,6 +158,20 @@ impl FakeApiServer {
         self.lock().broken_images.insert(image.into());
     }
 
+    /// Ticks without progress after which a rollout exceeds its deadline (8 by default).
+    pub fn set_deadline_ticks(&self, ticks: u32) {
+        self.lock().deadline_ticks = ticks;
+    }
+
+    /// The pods of Deployment `name`.
+    pub fn pods(&self, namespace: &str, name: &str) -> Vec<Value> {
+        let inner = self.lock();
+        pods_of(&inner, namespace, name)
+            .into_iter()
+            .map(|(_, pod)| pod)
+            .collect()
+    }
+
     pub fn break_every_watch(&self) {
         self.lock().break_watches = true;
     }
@@ -169,6 +192,22 @@ impl FakeApiServer {
             .objects
             .get(&(kind, namespace.to_owned(), name.to_owned()))
             .cloned()
+    }
+
+    /// Deletes an object "by hand" (as `kubectl delete` would); a Deployment's pods follow.
+    pub fn remove(&self, kind: &'static str, namespace: &str, name: &str) {
+        let mut inner = self.lock();
+        let key = (kind, namespace.to_owned(), name.to_owned());
+        let object = inner.objects.get(&key).cloned().unwrap();
+        if kind == "deployments" {
+            inner
+                .rollouts
+                .remove(&(namespace.to_owned(), name.to_owned()));
+            for (pod, _) in pods_of(&inner, namespace, name) {
+                self.delete_pod(&mut inner, namespace, &pod);
+            }
+        }
+        self.store(&mut inner, kind, namespace, name, object, "DELETED");
     }
 
     /// Changes an object "by hand" (as `kubectl edit` would): a new resourceVersion, and a new
@@ -230,80 +269,160 @@ impl FakeApiServer {
             .filter(|((kind, _, _), _)| *kind == "deployments")
             .map(|((_, ns, name), object)| (ns.clone(), name.clone(), object.clone()))
             .collect();
-        for (namespace, name, mut object) in deployments {
-            let key = (namespace.clone(), name.clone());
-            let generation = object["metadata"]["generation"].as_i64().unwrap_or(1);
-            let desired = object["spec"]["replicas"].as_i64().unwrap_or(1);
-            let image = object["spec"]["template"]["spec"]["containers"][0]["image"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned();
-            let broken = inner.broken_images.contains(&image);
-            let deadline_ticks = inner.deadline_ticks;
-            let mut pods = inner.pods.get(&key).cloned().unwrap_or_default();
-            let before = pods.clone();
-            if pods.observed_generation < generation {
-                // A new template: the pods of the old ReplicaSets that were ready stay up
-                // until new ones replace them; new pods that never got ready are gone.
-                pods.old_ready += pods.new_ready;
-                pods.new_created = 0;
-                pods.new_ready = 0;
-                pods.stalled_ticks = 0;
-                pods.failed = false;
-                pods.observed_generation = generation;
-            } else if broken {
-                if pods.new_created < 1 {
-                    pods.new_created = 1;
-                }
-                pods.stalled_ticks += 1;
-                if pods.stalled_ticks >= deadline_ticks {
-                    pods.failed = true;
-                }
-            } else if pods.new_ready < pods.new_created {
-                pods.new_ready = pods.new_created;
-            } else if pods.new_created < desired {
-                pods.new_created += 1;
-            } else if pods.old_ready > 0 {
-                pods.old_ready -= 1;
-            }
-            inner.pods.insert(key.clone(), pods.clone());
-            if before.observed_generation == pods.observed_generation
-                && before.new_created == pods.new_created
-                && before.new_ready == pods.new_ready
-                && before.old_ready == pods.old_ready
-                && before.failed == pods.failed
-            {
-                continue;
-            }
-            let complete = !pods.failed && pods.new_ready == desired && pods.old_ready == 0;
-            let progressing = if pods.failed {
-                json!({"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
-                       "message": format!("ReplicaSet \"{name}-{generation}\" has timed out progressing.")})
-            } else if complete {
-                json!({"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable",
-                       "message": format!("ReplicaSet \"{name}-{generation}\" has successfully progressed.")})
-            } else {
-                json!({"type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated",
-                       "message": format!("ReplicaSet \"{name}-{generation}\" is progressing.")})
-            };
-            object["status"] = json!({
-                "observedGeneration": pods.observed_generation,
-                "replicas": pods.old_ready + pods.new_created,
-                "updatedReplicas": pods.new_created,
-                "readyReplicas": pods.old_ready + pods.new_ready,
-                "availableReplicas": pods.old_ready + pods.new_ready,
-                "conditions": [progressing],
-            });
-            self.store(
-                &mut inner,
-                "deployments",
-                &namespace,
-                &name,
-                object,
-                "MODIFIED",
-            );
+        for (namespace, name, object) in deployments {
+            self.step_deployment(&mut inner, &namespace, &name, object);
         }
     }
+
+    fn step_deployment(&self, inner: &mut Inner, namespace: &str, name: &str, mut object: Value) {
+        let key = (namespace.to_owned(), name.to_owned());
+        let generation = object["metadata"]["generation"].as_i64().unwrap_or(1);
+        let desired = object["spec"]["replicas"].as_i64().unwrap_or(1);
+        let template = object["spec"]["template"].clone();
+        let hash = template_hash(&template);
+        let image = template["spec"]["containers"][0]["image"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let broken = inner.broken_images.contains(&image);
+        let deadline_ticks = inner.deadline_ticks;
+        let mut rollout = inner.rollouts.get(&key).cloned().unwrap_or_default();
+        let pods = pods_of(inner, namespace, name);
+        let is_new = |pod: &Value| pod["metadata"]["labels"]["pod-template-hash"] == hash;
+        let is_ready = |pod: &Value| pod["status"]["conditions"][0]["status"] == "True";
+        let new: Vec<&(String, Value)> = pods.iter().filter(|(_, p)| is_new(p)).collect();
+        let old: Vec<&(String, Value)> = pods.iter().filter(|(_, p)| !is_new(p)).collect();
+        let mut changed = false;
+        if rollout.observed_generation < generation {
+            // A new template: the ready pods of older templates stay until new ones replace
+            // them; pods of older templates that never got ready go at once.
+            for (pod, _) in old.iter().filter(|(_, p)| !is_ready(p)) {
+                self.delete_pod(inner, namespace, pod);
+            }
+            rollout = Rollout {
+                observed_generation: generation,
+                ..Rollout::default()
+            };
+            changed = true;
+        } else if broken {
+            if new.is_empty() {
+                self.create_pod(inner, namespace, name, &template, &hash);
+            }
+            rollout.stalled_ticks += 1;
+            if rollout.stalled_ticks >= deadline_ticks && !rollout.failed {
+                rollout.failed = true;
+                changed = true;
+            }
+        } else if let Some((pod, _)) = new.iter().find(|(_, p)| !is_ready(p)) {
+            self.set_ready(inner, namespace, pod);
+        } else if (new.len() as i64) < desired {
+            self.create_pod(inner, namespace, name, &template, &hash);
+        } else if (new.len() as i64) > desired {
+            self.delete_pod(inner, namespace, &new[0].0);
+        } else if let Some((pod, _)) = old.first() {
+            self.delete_pod(inner, namespace, pod);
+        }
+        inner.rollouts.insert(key, rollout.clone());
+        let pods = pods_of(inner, namespace, name);
+        let updated = pods.iter().filter(|(_, p)| is_new(p)).count() as i64;
+        let ready = pods.iter().filter(|(_, p)| is_ready(p)).count() as i64;
+        let total = pods.len() as i64;
+        let complete = !rollout.failed && updated == desired && total == desired && ready == total;
+        let progressing = if rollout.failed {
+            json!({"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                   "message": format!("ReplicaSet \"{name}-{hash}\" has timed out progressing.")})
+        } else if complete {
+            json!({"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable",
+                   "message": format!("ReplicaSet \"{name}-{hash}\" has successfully progressed.")})
+        } else {
+            json!({"type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated",
+                   "message": format!("ReplicaSet \"{name}-{hash}\" is progressing.")})
+        };
+        let status = json!({
+            "observedGeneration": rollout.observed_generation,
+            "replicas": total,
+            "updatedReplicas": updated,
+            "readyReplicas": ready,
+            "availableReplicas": ready,
+            "conditions": [progressing],
+        });
+        if changed || object["status"] != status {
+            object["status"] = status;
+            self.store(inner, "deployments", namespace, name, object, "MODIFIED");
+        }
+    }
+
+    fn create_pod(
+        &self,
+        inner: &mut Inner,
+        namespace: &str,
+        owner: &str,
+        template: &Value,
+        hash: &str,
+    ) {
+        inner.pod_count += 1;
+        let n = inner.pod_count;
+        let name = format!("{owner}-{hash}-{n}");
+        let mut labels = template["metadata"]["labels"].clone();
+        labels["pod-template-hash"] = json!(hash);
+        let pod = json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "labels": labels,
+                "annotations": {POD_OWNER: owner}, "uid": format!("uid-pod-{n}")},
+            "spec": template["spec"],
+            "status": {"phase": "Pending", "podIP": format!("10.244.{}.{}", n / 250, n % 250 + 1),
+                "conditions": [{"type": "Ready", "status": "False"}]},
+        });
+        self.store(inner, "pods", namespace, &name, pod, "ADDED");
+    }
+
+    fn set_ready(&self, inner: &mut Inner, namespace: &str, pod: &str) {
+        let key = ("pods", namespace.to_owned(), pod.to_owned());
+        let Some(mut object) = inner.objects.get(&key).cloned() else {
+            return;
+        };
+        object["status"]["phase"] = json!("Running");
+        object["status"]["conditions"] = json!([{"type": "Ready", "status": "True"}]);
+        self.store(inner, "pods", namespace, pod, object, "MODIFIED");
+    }
+
+    fn delete_pod(&self, inner: &mut Inner, namespace: &str, pod: &str) {
+        let key = ("pods", namespace.to_owned(), pod.to_owned());
+        if let Some(object) = inner.objects.get(&key).cloned() {
+            self.store(inner, "pods", namespace, pod, object, "DELETED");
+        }
+    }
+}
+
+/// The pods of Deployment `owner`, by name.
+fn pods_of(inner: &Inner, namespace: &str, owner: &str) -> Vec<(String, Value)> {
+    inner
+        .objects
+        .iter()
+        .filter(|((kind, ns, _), pod)| {
+            *kind == "pods" && ns == namespace && pod["metadata"]["annotations"][POD_OWNER] == owner
+        })
+        .map(|((_, _, name), pod)| (name.clone(), pod.clone()))
+        .collect()
+}
+
+/// The `pod-template-hash` of a pod template: equal templates, equal hashes.
+fn template_hash(template: &Value) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    template.to_string().hash(&mut hasher);
+    format!("{:010x}", hasher.finish() & 0xff_ffff_ffff)
+}
+
+/// Whether `object`'s labels satisfy `selector` (`k=v,k2=v2`; equality terms only).
+fn selected(object: &Value, selector: Option<&String>) -> bool {
+    selector.is_none_or(|selector| {
+        selector.split(',').filter(|t| !t.is_empty()).all(|term| {
+            term.split_once('=')
+                .is_some_and(|(k, v)| object["metadata"]["labels"][k] == v)
+        })
+    })
 }
 
 fn status(code: u16, reason: &str, message: String) -> Response {
@@ -398,12 +517,29 @@ async fn handle(
             "persistentvolumeclaims",
             rest @ ..,
         ] => (*ns, "persistentvolumeclaims", rest.first().copied()),
+        ["api", "v1", "namespaces", ns, "pods", rest @ ..] => (*ns, "pods", rest.first().copied()),
         _ => return status(404, "NotFound", format!("no route {}", uri.path())),
     };
     let not_found = |name: &str| status(404, "NotFound", format!("{kind} \"{name}\" not found"));
     match (method, name) {
         (Method::GET, None) if query.get("watch").map(String::as_str) == Some("true") => {
             watch(&server, kind, namespace, &query)
+        }
+        (Method::GET, None) => {
+            let inner = server.lock();
+            let items: Vec<Value> = inner
+                .objects
+                .iter()
+                .filter(|((k, ns, _), object)| {
+                    *k == kind && ns == namespace && selected(object, query.get("labelSelector"))
+                })
+                .map(|(_, object)| object.clone())
+                .collect();
+            json_response(
+                StatusCode::OK,
+                &json!({"apiVersion": "v1", "kind": "List",
+                    "metadata": {"resourceVersion": inner.version.to_string()}, "items": items}),
+            )
         }
         (Method::GET, Some(name)) if kind == "persistentvolumeclaims" => {
             if server
@@ -460,14 +596,11 @@ async fn handle(
             json_response(code, &stored)
         }
         (Method::DELETE, Some(name)) => {
-            let mut inner = server.lock();
-            let key = (kind, namespace.to_owned(), name.to_owned());
-            let Some(object) = inner.objects.get(&key).cloned() else {
-                drop(inner);
+            if server.object(kind, namespace, name).is_none() {
                 return not_found(name);
-            };
-            inner.pods.remove(&(namespace.to_owned(), name.to_owned()));
-            server.store(&mut inner, kind, namespace, name, object, "DELETED");
+            }
+            // Its ReplicaSets' pods follow a Deployment (background deletion).
+            server.remove(kind, namespace, name);
             status(200, "", format!("{kind} \"{name}\" deleted"))
         }
         _ => status(405, "MethodNotAllowed", "not scripted".into()),
