@@ -36,10 +36,12 @@ pub fn release_roots(ctx: &Context) -> ReleaseRoots {
 }
 
 pub fn local_provider(ctx: &Context, store: Store) -> Result<LocalProvider> {
-    Ok(LocalProvider::new(
-        &ctx.home.root,
-        Box::new(StoreImageSource::new(store)),
-        SupervisorCommand::current_exe()?,
+    Ok(crate::commands::instances::with_init_from_env(
+        LocalProvider::new(
+            &ctx.home.root,
+            Box::new(StoreImageSource::new(store)),
+            SupervisorCommand::current_exe()?,
+        ),
     ))
 }
 
@@ -1006,6 +1008,8 @@ pub fn destroy(ctx: &Context, args: DestroyArgs) -> Result<()> {
             Err(e) => failures.push(format!("{e:#}")),
         }
     }
+    // Once per command, not per instance: also what killed launches and cleanups left behind.
+    provider.sweep_abandoned();
     if !failures.is_empty() {
         // What was destroyed is still said, on stderr, since the error is the result.
         for d in &destroyed {

@@ -92,6 +92,7 @@ pub fn instance_spec(release: &Release, engine: Engine) -> Result<InstanceSpec, 
     instance.seccomp =
         crate::spec::runtime_seccomp(spec.seccomp.as_ref()).map_err(|r| bad("seccomp", r))?;
     instance.engine = engine;
+    instance.init = spec.init.unwrap_or(true);
     instance
         .labels
         .insert(LABEL_SERVICE.into(), release.service.clone());
@@ -103,6 +104,10 @@ pub fn instance_spec(release: &Release, engine: Engine) -> Result<InstanceSpec, 
         .map_err(|e| bad("resources", e.to_string()))?;
     Ok(instance)
 }
+
+/// How often the controller has the provider take back what no removal names (directories,
+/// addresses and network namespaces of launches and cleanups that were killed midway).
+pub const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Lets the loop between passes end early when something a pass would act on has happened
 /// (a health check flipped, a stop finished) or a known moment arrives (an instance's
@@ -225,6 +230,9 @@ pub struct Controller {
     stopping: HashMap<String, StopTask>,
     /// When this pass listed the instances: a stop that ended after it may not show yet.
     listed_at: std::time::Instant,
+    /// When the provider last swept what killed launches and cleanups left (see
+    /// [`SWEEP_INTERVAL`]); `None` until the first pass.
+    swept_at: Option<std::time::Instant>,
     /// The rootfs cache to check for modifications, and how often.
     rootfs: Option<(imago_runtime::RootfsCache, Duration)>,
     last_rootfs_check: Option<std::time::Instant>,
@@ -281,6 +289,7 @@ impl Controller {
             announced_drift: BTreeSet::new(),
             stopping: HashMap::new(),
             listed_at: std::time::Instant::now(),
+            swept_at: None,
             rootfs: None,
             last_rootfs_check: None,
             tainted: HashMap::new(),
@@ -417,6 +426,15 @@ impl Controller {
     /// One reconcile pass over every service.
     pub fn pass(&mut self) -> Result<Vec<ServicePass>, DeployError> {
         self.listed_at = std::time::Instant::now();
+        // The sweep reads every instance directory, lease and network namespace: once per
+        // interval, not per pass and never per removed instance.
+        if self
+            .swept_at
+            .is_none_or(|at| at.elapsed() >= SWEEP_INTERVAL)
+        {
+            self.provider.sweep();
+            self.swept_at = Some(self.listed_at);
+        }
         let instances = self
             .provider
             .list()
