@@ -320,7 +320,7 @@ CFG
 rolling=""; proxy_done=""
 if [ "$what" = all ] || [ "$what" = rolling ]; then rolling_bench; fi
 if [ "$what" = all ] || [ "$what" = proxy ]; then proxy_bench; proxy_done=yes; fi
-reconcile=$(cargo run --release -q -p imago-deploy --example reconcile_bench | tail -1 | awk -F'|' '{print $4}')
+reconcile=$(cargo run "${cargo_profile[@]}" -q -p imago-deploy --example reconcile_bench | tail -1 | awk -F'|' '{print $4}')
 
 echo "| measurement | imago | reference in the same run | ratio |"
 echo "|---|---|---|---|"

@@ -1371,6 +1371,44 @@ mod tests {
         port
     }
 
+    /// A new instance is usually probed before its program listens; it is looked at again
+    /// within milliseconds, not a whole interval later (each rollout wave waited for that), and
+    /// those early failures do not count against it.
+    #[test]
+    fn a_new_instance_is_ready_soon_after_it_listens_not_an_interval_later() {
+        let mut h = harness();
+        let port = free_port();
+        let web = spec(serde_json::json!({
+            "image": "web", "replicas": 1, "network": "host",
+            "health": {"type": "tcp", "port": port, "interval": "5s", "unhealthy_threshold": 2},
+        }));
+        h.release("web", &web, b"v1");
+        let started = std::time::Instant::now();
+        let first = h.controller.pass().unwrap().remove(0);
+        assert_eq!(first.launched.len(), 1);
+        let listener = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+            for conn in listener.incoming() {
+                drop(conn);
+            }
+        });
+        loop {
+            let pass = h.controller.pass().unwrap().remove(0);
+            assert!(pass.failed.is_none(), "{pass:?}");
+            assert!(pass.retired.is_empty(), "early failures counted: {pass:?}");
+            if pass.complete {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "not ready within 3 s of a 5 s interval: {pass:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(listener);
+    }
+
     #[test]
     fn a_controller_restarted_mid_rollout_keeps_every_serving_instance_and_their_min_ready() {
         let mut h = harness();
