@@ -262,6 +262,11 @@ pub struct Controller {
 
 impl Controller {
     /// Sleeps until the next pass is due: at most `interval`, less when something changed.
+    /// What ends the wait between passes early (see [`Wake`]).
+    pub fn waker(&self) -> Arc<Wake> {
+        self.health.wake.clone()
+    }
+
     pub fn wait_for_next_pass(&self, interval: Duration) {
         self.health.wake.wait(interval);
     }
