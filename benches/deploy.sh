@@ -14,7 +14,7 @@
 #    controller runs, in front of the same instance); and HAProxy (the peer user-space TCP
 #    proxy, mode tcp, one thread per core like imago's proxy);
 #  - one reconcile pass over 10,000 instances with the fake provider.
-# Run as root: [ROUNDS=N] [PROXY_ROWS=small|echo|all] [PROFILE=release|debug] benches/deploy.sh [all|rolling|proxy]
+# Run as root: [ROUNDS=N] [PROXY_ROWS=small|echo|all] [PROFILE=release|debug] [BENCH_PORT=18301] benches/deploy.sh [all|rolling|proxy]
 # (default all; PROXY_ROWS picks the endpoint workloads: the HTTP ones, the echo ones, or all;
 # PROFILE=debug measures the debug build, when a release build would cost too much)
 set -euo pipefail
@@ -41,7 +41,7 @@ work="$(mktemp -d /tmp/imago-bench-src.XXXXXX)"
 docker_dir=""
 cp -r examples/web "$work/"
 def="$work/web/imago.toml"
-port=18301
+port="${BENCH_PORT:-18301}"
 stop_docker() {
   [ -n "$docker_dir" ] || return 0
   DOCKER_HOST="unix://$docker_dir/docker.sock" docker swarm leave --force >/dev/null 2>&1 || true
