@@ -1376,6 +1376,50 @@ mod tests {
         port
     }
 
+    /// A provider whose launches each take 100 ms, as a real one's wait for its supervisor.
+    struct SlowLaunches(Arc<FakeProvider>);
+
+    impl Provider for SlowLaunches {
+        fn launch(&self, spec: &InstanceSpec) -> Result<Instance, imago_runtime::RuntimeError> {
+            std::thread::sleep(Duration::from_millis(100));
+            self.0.launch(spec)
+        }
+        fn stop(&self, id: &str, grace: Duration) -> Result<Instance, imago_runtime::RuntimeError> {
+            self.0.stop(id, grace)
+        }
+        fn remove(&self, id: &str) -> Result<(), imago_runtime::RuntimeError> {
+            self.0.remove(id)
+        }
+        fn list(&self) -> Result<Vec<Instance>, imago_runtime::RuntimeError> {
+            self.0.list()
+        }
+        fn inspect(&self, id: &str) -> Result<Instance, imago_runtime::RuntimeError> {
+            self.0.inspect(id)
+        }
+        fn logs(&self, id: &str) -> Result<Vec<u8>, imago_runtime::RuntimeError> {
+            self.0.logs(id)
+        }
+    }
+
+    /// The launches of one pass run side by side: 16 launches of 100 ms each take well under
+    /// their 1.6 s sum, and every one of them is recorded.
+    #[test]
+    fn the_launches_of_a_pass_run_side_by_side() {
+        let mut h = harness();
+        h.restart(Arc::new(SlowLaunches(h.fake.clone())));
+        let web = spec(serde_json::json!({"image": "web", "replicas": 16}));
+        h.release("web", &web, b"v1");
+        let started = std::time::Instant::now();
+        let pass = h.controller.pass().unwrap().remove(0);
+        let took = started.elapsed();
+        assert_eq!(pass.launched.len(), 16, "{pass:?}");
+        assert!(
+            took < Duration::from_millis(800),
+            "16 launches took {took:?}"
+        );
+        assert_eq!(h.running("web").len(), 16);
+    }
+
     /// A new instance is usually probed before its program listens; it is looked at again
     /// within milliseconds, not a whole interval later (each rollout wave waited for that), and
     /// those early failures do not count against it.
