@@ -277,6 +277,18 @@ fn rolling_update_through_the_endpoint_proxy_drops_no_request() {
     );
 }
 
+/// Every request was answered (the first ten failures are named otherwise).
+fn assert_none_failed(answers: &[Result<String, String>]) {
+    let failures: Vec<&String> = answers.iter().filter_map(|a| a.as_ref().err()).collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failures.len(),
+        answers.len(),
+        &failures[..failures.len().min(10)]
+    );
+}
+
 fn rolling_update_drops_no_request(d: &Deployment) {
     d.apply().ok();
     assert!(d.get().unwrap().contains("version v1"));
@@ -289,13 +301,7 @@ fn rolling_update_drops_no_request(d: &Deployment) {
     std::thread::sleep(Duration::from_millis(300));
     let answers = client.finish();
 
-    let failures: Vec<&String> = answers.iter().filter_map(|a| a.as_ref().err()).collect();
-    assert!(
-        failures.is_empty(),
-        "{} of {} requests failed: {failures:?}",
-        failures.len(),
-        answers.len()
-    );
+    assert_none_failed(&answers);
     assert!(
         answers.len() > 50,
         "the client kept asking ({} answers)",
@@ -1196,13 +1202,7 @@ fn the_endpoint_serves_through_controller_restarts(serve: &[&str]) {
     std::thread::sleep(Duration::from_millis(1000));
     let answers: Vec<Result<String, String>> =
         clients.into_iter().flat_map(Client::finish).collect();
-    let failures: Vec<&String> = answers.iter().filter_map(|a| a.as_ref().err()).collect();
-    assert!(
-        failures.is_empty(),
-        "{} of {} requests failed: {failures:?}",
-        failures.len(),
-        answers.len()
-    );
+    assert_none_failed(&answers);
     assert_eq!(stopped.json()["controller"], "stopped");
     assert_eq!(started.json()["controller"], "started");
     eprintln!("{} answers, none failed", answers.len());
@@ -1442,16 +1442,21 @@ fn a_port_another_process_holds_is_refused_by_plan_and_apply_naming_it() {
     assert!(d.instances().is_empty());
 }
 
-/// Resident memory (VmRSS) of `pid` in KiB, 0 once it is gone.
-fn rss_kib(pid: u64) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
+/// A memory figure of `pid` in KiB, 0 once it is gone: `VmRSS:` from `status`, or `Pss:`
+/// (shared pages divided among the processes that map them) from `smaps_rollup`.
+fn memory_kib(pid: u64, file: &str, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .find_map(|l| l.strip_prefix(key))
                 .and_then(|v| v.split_whitespace().next()?.parse().ok())
         })
         .unwrap_or(0)
+}
+
+fn rss_kib(pid: u64) -> u64 {
+    memory_kib(pid, "status", "VmRSS:")
 }
 
 /// CPU time (user + system) of `pid` in clock ticks (USER_HZ).
@@ -1486,6 +1491,12 @@ fn many_instances_serve_roll_over_without_a_failed_request_and_leave_nothing_whe
     let scale = |d: &Deployment| {
         d.edit("replicas = 3", &format!("replicas = {n}"));
         d.edit("max_surge = 1", "max_surge = \"25%\"");
+        // A check per instance every second, not five: new instances are looked at again
+        // within milliseconds of a failed first check anyway.
+        d.edit("interval = \"200ms\"", "interval = \"1s\"");
+        // A wave of hundreds of launches on a loaded host can take longer than the example's
+        // 30 s without an instance becoming available: that is no failed release.
+        d.edit("progress_deadline = \"30s\"", "progress_deadline = \"10m\"");
         d.edit(
             "stop_grace_period = \"1s\"",
             "stop_grace_period = \"1s\"\nresources = { memory = \"16M\" }",
@@ -1529,6 +1540,10 @@ fn many_instances_serve_roll_over_without_a_failed_request_and_leave_nothing_whe
         .collect();
     assert_eq!(supervisors.len(), n);
     let supervisor_rss: u64 = supervisors.iter().map(|p| rss_kib(*p)).sum();
+    let supervisor_pss: u64 = supervisors
+        .iter()
+        .map(|p| memory_kib(*p, "smaps_rollup", "Pss:"))
+        .sum();
     // /proc counts CPU time in USER_HZ ticks, 100 a second on Linux whatever the kernel's HZ.
     let ticks = 100;
     let idle_before = cpu_ticks(controller);
@@ -1550,14 +1565,7 @@ fn many_instances_serve_roll_over_without_a_failed_request_and_leave_nothing_whe
     assert!(out.contains("deployment complete (release 2"), "{out}");
     std::thread::sleep(Duration::from_millis(300));
     let answers = client.finish();
-    let failures: Vec<&String> = answers.iter().filter_map(|a| a.as_ref().err()).collect();
-    assert!(
-        failures.is_empty(),
-        "{} of {} requests failed during the rollover: {:?}",
-        failures.len(),
-        answers.len(),
-        &failures[..failures.len().min(10)]
-    );
+    assert_none_failed(&answers);
     assert!(
         answers
             .last()
@@ -1606,10 +1614,11 @@ fn many_instances_serve_roll_over_without_a_failed_request_and_leave_nothing_whe
     eprintln!(
         "scale {n} instances: apply {launched:.1?}, rolling update {rolled:.1?} ({} requests, 0 failed), \
          destroy {destroyed:.1?}; controller RSS {controller_rss} KiB ({} KiB per instance), idle CPU {:.1}% \
-         of a core; supervisors' RSS {supervisor_rss} KiB ({} KiB each)",
+         of a core; supervisors' RSS {supervisor_rss} KiB ({} KiB each), PSS {supervisor_pss} KiB ({} KiB each)",
         answers.len(),
         controller_rss / n as u64,
         idle_cpu * 100.0,
         supervisor_rss / n as u64,
+        supervisor_pss / n as u64,
     );
 }

@@ -298,6 +298,21 @@ health = { type = "tcp" }
         );
     }
 
+    /// Release 1 of service "web" with `spec`.
+    fn release(spec: &ServiceSpec) -> crate::state::Release {
+        crate::state::Release {
+            service: "web".into(),
+            number: 1,
+            image_digest: Digest::of(b"image"),
+            config_hash: Digest::of(b"config"),
+            revision: "0123456789abcdef".into(),
+            spec: spec.clone(),
+            created_ms: 0,
+            reason: "apply".into(),
+            rollback_of: None,
+        }
+    }
+
     /// Services run their instances under an init unless `init = false`; the key is part of
     /// the release (a changed setting is a new configuration), and leaving it out keeps a
     /// release's stored spec as it was.
@@ -314,17 +329,6 @@ health = { type = "tcp" }
                 .unwrap()
                 .contains("init")
         );
-        let release = |spec: &ServiceSpec| crate::state::Release {
-            service: "web".into(),
-            number: 1,
-            image_digest: Digest::of(b"image"),
-            config_hash: Digest::of(b"config"),
-            revision: "0123456789abcdef".into(),
-            spec: spec.clone(),
-            created_ms: 0,
-            reason: "apply".into(),
-            rollback_of: None,
-        };
         let engine = imago_runtime::Engine::Runc;
         let with = crate::controller::instance_spec(&release(&specs["web"]), engine).unwrap();
         let without = crate::controller::instance_spec(&release(&specs["bare"]), engine).unwrap();
@@ -379,17 +383,6 @@ health = { type = "tcp" }
             Some(SeccompSetting::Resolved(SeccompFilter::Unconfined))
         );
         // And the instances of a release run under it.
-        let release = |spec: &ServiceSpec| crate::state::Release {
-            service: "web".into(),
-            number: 1,
-            image_digest: Digest::of(b"image"),
-            config_hash: Digest::of(b"config"),
-            revision: "0123456789abcdef".into(),
-            spec: spec.clone(),
-            created_ms: 0,
-            reason: "apply".into(),
-            rollback_of: None,
-        };
         let engine = imago_runtime::Engine::Embedded;
         let instance = |spec: &ServiceSpec| {
             crate::controller::instance_spec(&release(spec), engine)

@@ -987,16 +987,18 @@ mod tests {
 
     /// A provider whose stops take as long as the grace period, as with a process that ignores
     /// SIGTERM: what the controller must never wait for inside a pass. Records each grace.
-    struct SlowStops(Arc<FakeProvider>, Mutex<Vec<Duration>>);
+    /// Its launches take the third field's time (a real launch waits for its supervisor).
+    struct SlowStops(Arc<FakeProvider>, Mutex<Vec<Duration>>, Duration);
 
     impl SlowStops {
         fn new(fake: &Arc<FakeProvider>) -> Arc<SlowStops> {
-            Arc::new(SlowStops(fake.clone(), Mutex::default()))
+            Arc::new(SlowStops(fake.clone(), Mutex::default(), Duration::ZERO))
         }
     }
 
     impl Provider for SlowStops {
         fn launch(&self, spec: &InstanceSpec) -> Result<Instance, imago_runtime::RuntimeError> {
+            std::thread::sleep(self.2);
             self.0.launch(spec)
         }
         fn stop(&self, id: &str, grace: Duration) -> Result<Instance, imago_runtime::RuntimeError> {
@@ -1376,37 +1378,13 @@ mod tests {
         port
     }
 
-    /// A provider whose launches each take 100 ms, as a real one's wait for its supervisor.
-    struct SlowLaunches(Arc<FakeProvider>);
-
-    impl Provider for SlowLaunches {
-        fn launch(&self, spec: &InstanceSpec) -> Result<Instance, imago_runtime::RuntimeError> {
-            std::thread::sleep(Duration::from_millis(100));
-            self.0.launch(spec)
-        }
-        fn stop(&self, id: &str, grace: Duration) -> Result<Instance, imago_runtime::RuntimeError> {
-            self.0.stop(id, grace)
-        }
-        fn remove(&self, id: &str) -> Result<(), imago_runtime::RuntimeError> {
-            self.0.remove(id)
-        }
-        fn list(&self) -> Result<Vec<Instance>, imago_runtime::RuntimeError> {
-            self.0.list()
-        }
-        fn inspect(&self, id: &str) -> Result<Instance, imago_runtime::RuntimeError> {
-            self.0.inspect(id)
-        }
-        fn logs(&self, id: &str) -> Result<Vec<u8>, imago_runtime::RuntimeError> {
-            self.0.logs(id)
-        }
-    }
-
     /// The launches of one pass run side by side: 16 launches of 100 ms each take well under
     /// their 1.6 s sum, and every one of them is recorded.
     #[test]
     fn the_launches_of_a_pass_run_side_by_side() {
         let mut h = harness();
-        h.restart(Arc::new(SlowLaunches(h.fake.clone())));
+        let slow = SlowStops(h.fake.clone(), Mutex::default(), Duration::from_millis(100));
+        h.restart(Arc::new(slow));
         let web = spec(serde_json::json!({"image": "web", "replicas": 16}));
         h.release("web", &web, b"v1");
         let started = std::time::Instant::now();
