@@ -1491,9 +1491,12 @@ fn many_instances_serve_roll_over_without_a_failed_request_and_leave_nothing_whe
     let scale = |d: &Deployment| {
         d.edit("replicas = 3", &format!("replicas = {n}"));
         d.edit("max_surge = 1", "max_surge = \"25%\"");
-        // A check per instance every second, not five: new instances are looked at again
-        // within milliseconds of a failed first check anyway.
-        d.edit("interval = \"200ms\"", "interval = \"1s\"");
+        // A check per instance every 2 s, not five a second, with 5 s to answer: at 1,000
+        // instances on a loaded 2-core host the example's 200 ms / 1 s made 5,000 checks a
+        // second and timed some out (a failed release, not a slow one). New instances are
+        // looked at again within milliseconds of a failed first check anyway.
+        d.edit("interval = \"200ms\"", "interval = \"2s\"");
+        d.edit("timeout = \"1s\"", "timeout = \"5s\"");
         // A wave of hundreds of launches on a loaded host can take longer than the example's
         // 30 s without an instance becoming available: that is no failed release.
         d.edit("progress_deadline = \"30s\"", "progress_deadline = \"10m\"");

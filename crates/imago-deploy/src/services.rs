@@ -278,7 +278,7 @@ health = { type = "tcp" }
             parse(typo, &[]).unwrap_err().to_string(),
             "dir/imago.toml:3:1: unknown field `replica`, expected one of `image`, `replicas`, \
              `command`, `env`, `port`, `target_port`, `network`, `resources`, `volumes`, \
-             `seccomp`, `health`, `rollout`, `target`, `stop_grace_period`"
+             `seccomp`, `init`, `health`, `rollout`, `target`, `stop_grace_period`"
         );
         let bad_type = "[service.web]\nimage = \"web\"\nreplicas = \"two\"\n";
         let err = parse(bad_type, &[]).unwrap_err().to_string();
