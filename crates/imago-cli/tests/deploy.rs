@@ -1329,14 +1329,7 @@ fn an_update_applied_by_a_new_controller_retires_nothing_before_new_instances_se
     });
     let answers: Vec<Result<String, String>> =
         clients.into_iter().flat_map(Client::finish).collect();
-    let failures: Vec<&String> = answers.iter().filter_map(|a| a.as_ref().err()).collect();
-    assert!(
-        failures.is_empty(),
-        "{} of {} requests failed: {:?}",
-        failures.len(),
-        answers.len(),
-        &failures[..failures.len().min(5)]
-    );
+    assert_none_failed(&answers);
     // No old instance left before a new one was launched (max_unavailable = 0).
     let events: Vec<String> = d.events().split_off(before);
     let first_launch = events
