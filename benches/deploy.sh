@@ -19,10 +19,11 @@
 #    kernel's forwarding (nftables DNAT); direct is the instance's own address, routed by this
 #    host; the proxy alone and HAProxy listen on 0.0.0.0 too;
 #  - one reconcile pass over 10,000 instances with the fake provider.
-# Run as root: [ROUNDS=N] [PROXY_ROWS=small|echo|all] [PROFILE=release|debug]
+# Run as root: [ROUNDS=N] [PROXY_ROWS=small|echo|all] [PROFILE=release|debug] [BENCH_PORT=18301]
 #   benches/deploy.sh [all|rolling|proxy|remote]
 # (default all, which is rolling and proxy; PROXY_ROWS picks the endpoint workloads: the HTTP
-# ones, the echo ones, or all; PROFILE=debug measures the debug build, without building release)
+# ones, the echo ones, or all; PROFILE=debug measures the debug build, when a release build would
+# cost too much)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-all}"
@@ -32,13 +33,19 @@ scripts/setup >/dev/null
 command -v wrk >/dev/null || { apt-get install -y -qq wrk >/dev/null; }
 command -v haproxy >/dev/null || { apt-get install -y -qq haproxy >/dev/null; }
 profile="${PROFILE:-release}"
-if [ "$profile" = release ]; then
-  cargo build --release -q -p imago-cli
-  cargo build --release -q -p imago-deploy --example pingpong --example endpoint
-else
-  # With the workspace's features, as the tests build it (no rebuild after `cargo test`).
-  cargo build -q --workspace --bin imago --example pingpong --example endpoint
-fi
+case "$profile" in
+  release)
+    cargo_profile=(--release)
+    cargo build --release -q -p imago-cli
+    cargo build --release -q -p imago-deploy --example pingpong --example endpoint
+    ;;
+  debug)
+    cargo_profile=()
+    # With the workspace's features, as the tests build it (no rebuild after `cargo test`).
+    cargo build -q --workspace --bin imago --example pingpong --example endpoint
+    ;;
+  *) echo "benches/deploy.sh: PROFILE is release or debug, not $profile" >&2; exit 2 ;;
+esac
 imago="$PWD/target/$profile/imago"
 pingpong="$PWD/target/$profile/examples/pingpong"
 endpoint="$PWD/target/$profile/examples/endpoint"
@@ -52,7 +59,7 @@ work="$(mktemp -d /tmp/imago-bench-src.XXXXXX)"
 docker_dir=""
 cp -r examples/web "$work/"
 def="$work/web/imago.toml"
-port=18301
+port="${BENCH_PORT:-18301}"
 stop_docker() {
   [ -n "$docker_dir" ] || return 0
   DOCKER_HOST="unix://$docker_dir/docker.sock" docker swarm leave --force >/dev/null 2>&1 || true
@@ -112,6 +119,7 @@ rolling_bench() {
   mkdir -p "$work/images"
   "$imago" -q export --format docker -o "$work/images/v1.tar" web >/dev/null
   local times=() v
+  v1_title=$(sed -n 's/.*<h1>\(.*\)<\/h1>.*/\1/p' "$work/web/www/index.html")
   for v in 2 3 4; do
     sed -i "s/<h1>.*<\/h1>/<h1>version $v<\/h1>/" "$work/web/www/index.html"
     t0=$(now); "$imago" -q apply -f "$def" >/dev/null; t1=$(now)
@@ -128,13 +136,55 @@ rolling_bench() {
   # Called in an || list, swarm_bench runs without errexit: each step checks itself.
   swarm_bench || { swarm="not measured: $swarm_why"; unset DOCKER_HOST; stop_docker; }
 
-  # Rollback to release 1, three times alternating, median.
-  local rb=() to
+  # Rollback to release 1, three times alternating, median: from the command to the first
+  # answer of the restored release, to the moment from which every new connection gets it
+  # (a client on this host opens one every 5 ms throughout), and to the command's return.
+  local rb=() first=() every=() to want poller
   for to in 1 2 1; do
+    case $to in 1) want="$v1_title" ;; *) want="version $to" ;; esac
+    answers_log "$port" "$work/answers" & poller=$!
+    sleep 0.3
     t0=$(now); "$imago" -q rollback web --to "$to" >/dev/null; t1=$(now)
+    sleep 0.3
+    kill "$poller"; wait "$poller" 2>/dev/null || true
     rb+=("$(echo "$t1 - $t0" | bc)")
+    read -r f e < <(awk -v t0="$t0" -v want="$want" '
+      { t = $1; $1 = ""; v = substr($0, 2) }
+      t < t0 { next }
+      v == want && !f { f = t }
+      v != want { last_other = t; every = "" }
+      v == want && every == "" { every = t }
+      END { printf "%.3f %.3f\n", f - t0, every - t0 }' "$work/answers")
+    first+=("$f"); every+=("$e")
   done
   rollback=$(printf '%s\n' "${rb[@]}" | med)
+  rollback_first=$(printf '%s\n' "${first[@]}" | med)
+  rollback_every=$(printf '%s\n' "${every[@]}" | med)
+  rollback_runs="first answer ${first[*]} s; every new connection ${every[*]} s; command ${rb[*]} s"
+}
+
+# answers_log PORT FILE: one line per new connection to 127.0.0.1:PORT every 5 ms, "TIME TITLE"
+# (the page's <h1>, or "error"), until killed.
+answers_log() {
+  python3 - "$1" "$2" <<'PY'
+import socket, sys, time
+port, out = int(sys.argv[1]), open(sys.argv[2], "w")
+while True:
+    t = time.time()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        i, j = data.find(b"<h1>"), data.find(b"</h1>")
+        title = data[i + 4:j].decode() if 0 <= i < j else "?"
+    except OSError:
+        title = "error"
+    out.write(f"{t:.4f} {title}\n")
+    out.flush()
+    time.sleep(0.005)
+PY
 }
 
 # The same rolling update under Docker Swarm: the same image versions (imago export | docker
@@ -343,7 +393,7 @@ if [ "$what" = all ] || [ "$what" = rolling ]; then rolling_bench; fi
 if [ "$what" = all ] || [ "$what" = proxy ] || [ "$what" = remote ]; then proxy_bench; proxy_done=yes; fi
 reconcile="not measured (remote run)"
 if [ "$what" != remote ]; then
-  reconcile=$(cargo run --release -q -p imago-deploy --example reconcile_bench | tail -1 | awk -F'|' '{print $4}')
+  reconcile=$(cargo run "${cargo_profile[@]}" -q -p imago-deploy --example reconcile_bench | tail -1 | awk -F'|' '{print $4}')
 fi
 
 echo "| measurement | imago | reference in the same run | ratio |"
@@ -354,7 +404,7 @@ if [ -n "$rolling" ]; then
     not*) echo "| Docker Swarm service update, same image and settings | | $swarm | |" ;;
     *) echo "| same update under Docker Swarm 20.10 (\`docker service update\` to converged, median of 3: ${swarm_runs}) | ${rolling} s | ${swarm} s (swarm's own UpdateStatus start to completed: ${swarm_internal} s) | $(echo "scale=2; $rolling / $swarm" | bc)x of Swarm |" ;;
   esac
-  echo "| rollback to a retained release, command to all instances serving it (median of 3) | ${rollback} s | | |"
+  echo "| rollback to a retained release (median of 3: ${rollback_runs}): command to the restored release's first answer / to every new connection answered by it / to the command's return (all instances replaced) | ${rollback_first} s / ${rollback_every} s / ${rollback} s | target < 1 s to every new connection | |"
 fi
 echo "| one controller pass over 10,000 instances, fake provider | ${reconcile} | target < 50 ms | |"
 if [ -n "$proxy_done" ]; then

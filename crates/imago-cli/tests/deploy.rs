@@ -311,6 +311,18 @@ fn rolling_update_through_the_endpoint_proxy_drops_no_request() {
     );
 }
 
+/// Every request was answered (the first ten failures are named otherwise).
+fn assert_none_failed(answers: &[Result<String, String>]) {
+    let failures: Vec<&String> = answers.iter().filter_map(|a| a.as_ref().err()).collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failures.len(),
+        answers.len(),
+        &failures[..failures.len().min(10)]
+    );
+}
+
 fn rolling_update_drops_no_request(d: &Deployment) {
     d.apply().ok();
     assert!(d.get().unwrap().contains("version v1"));
@@ -323,13 +335,7 @@ fn rolling_update_drops_no_request(d: &Deployment) {
     std::thread::sleep(Duration::from_millis(300));
     let answers = client.finish();
 
-    let failures: Vec<&String> = answers.iter().filter_map(|a| a.as_ref().err()).collect();
-    assert!(
-        failures.is_empty(),
-        "{} of {} requests failed: {failures:?}",
-        failures.len(),
-        answers.len()
-    );
+    assert_none_failed(&answers);
     assert!(
         answers.len() > 50,
         "the client kept asking ({} answers)",
@@ -1230,13 +1236,7 @@ fn the_endpoint_serves_through_controller_restarts(serve: &[&str]) {
     std::thread::sleep(Duration::from_millis(1000));
     let answers: Vec<Result<String, String>> =
         clients.into_iter().flat_map(Client::finish).collect();
-    let failures: Vec<&String> = answers.iter().filter_map(|a| a.as_ref().err()).collect();
-    assert!(
-        failures.is_empty(),
-        "{} of {} requests failed: {failures:?}",
-        failures.len(),
-        answers.len()
-    );
+    assert_none_failed(&answers);
     assert_eq!(stopped.json()["controller"], "stopped");
     assert_eq!(started.json()["controller"], "started");
     eprintln!("{} answers, none failed", answers.len());
@@ -1363,14 +1363,7 @@ fn an_update_applied_by_a_new_controller_retires_nothing_before_new_instances_se
     });
     let answers: Vec<Result<String, String>> =
         clients.into_iter().flat_map(Client::finish).collect();
-    let failures: Vec<&String> = answers.iter().filter_map(|a| a.as_ref().err()).collect();
-    assert!(
-        failures.is_empty(),
-        "{} of {} requests failed: {:?}",
-        failures.len(),
-        answers.len(),
-        &failures[..failures.len().min(5)]
-    );
+    assert_none_failed(&answers);
     // No old instance left before a new one was launched (max_unavailable = 0).
     let events: Vec<String> = d.events().split_off(before);
     let first_launch = events
@@ -1883,4 +1876,188 @@ fn an_automatic_rollback_under_remote_load_fails_no_request() {
         "{status}"
     );
     assert_remote_answers(clients, &["v1", "v1"]);
+}
+
+/// A memory figure of `pid` in KiB, 0 once it is gone: `VmRSS:` from `status`, or `Pss:`
+/// (shared pages divided among the processes that map them) from `smaps_rollup`.
+fn memory_kib(pid: u64, file: &str, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn rss_kib(pid: u64) -> u64 {
+    memory_kib(pid, "status", "VmRSS:")
+}
+
+/// CPU time (user + system) of `pid` in clock ticks (USER_HZ).
+fn cpu_ticks(pid: u64) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // After the command name: state is field 0, utime 11, stime 12.
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field(11) + field(12)
+}
+
+/// Many instances of one service (`IMAGO_SCALE_INSTANCES`, 100 by default; 16M of memory each,
+/// private network): all of them serve, a rolling update over all of them fails no request,
+/// and destroying the service leaves no instance directory, cgroup, network namespace or
+/// address lease. Prints the times and the controller's and supervisors' costs, which
+/// BENCHMARKS.md reports for 1,000.
+#[test]
+fn many_instances_serve_roll_over_without_a_failed_request_and_leave_nothing_when_destroyed() {
+    let n: usize = std::env::var("IMAGO_SCALE_INSTANCES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let d = Deployment::new();
+    let scale = |d: &Deployment| {
+        d.edit("replicas = 3", &format!("replicas = {n}"));
+        d.edit("max_surge = 1", "max_surge = \"25%\"");
+        // A check per instance every 2 s, not five a second, with 5 s to answer: at 1,000
+        // instances on a loaded 2-core host the example's 200 ms / 1 s made 5,000 checks a
+        // second and timed some out (a failed release, not a slow one). New instances are
+        // looked at again within milliseconds of a failed first check anyway.
+        d.edit("interval = \"200ms\"", "interval = \"2s\"");
+        d.edit("timeout = \"1s\"", "timeout = \"5s\"");
+        // A wave of hundreds of launches on a loaded host can take longer than the example's
+        // 30 s without an instance becoming available: that is no failed release.
+        d.edit("progress_deadline = \"30s\"", "progress_deadline = \"10m\"");
+        d.edit(
+            "stop_grace_period = \"1s\"",
+            "stop_grace_period = \"1s\"\nresources = { memory = \"16M\" }",
+        );
+    };
+    scale(&d);
+    let t0 = Instant::now();
+    d.imago
+        .run(&["apply", "--timeout", "60m", "-f", &d.file()])
+        .ok();
+    let launched = t0.elapsed();
+    let instances = d.instances();
+    assert_eq!(instances.len(), n, "exactly the replicas run");
+    // Every instance serves, asked directly at its own address.
+    let mut silent = Vec::new();
+    for i in &instances {
+        let addr: std::net::SocketAddr = format!("{}:8080", i["address"].as_str().unwrap())
+            .parse()
+            .unwrap();
+        let answer = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).and_then(|mut s| {
+            s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        });
+        if !answer.is_ok_and(|a| a.contains("version v1")) {
+            silent.push(i["id"].as_str().unwrap().to_owned());
+        }
+    }
+    assert!(silent.is_empty(), "instances that do not serve: {silent:?}");
+
+    let controller: u64 = serde_json::from_slice::<serde_json::Value>(
+        &std::fs::read(d.imago.home.join("deploy/controller.json")).unwrap(),
+    )
+    .unwrap()["pid"]
+        .as_u64()
+        .unwrap();
+    let supervisors: Vec<u64> = instances
+        .iter()
+        .filter_map(|i| i["supervisor_pid"].as_u64())
+        .collect();
+    assert_eq!(supervisors.len(), n);
+    let supervisor_rss: u64 = supervisors.iter().map(|p| rss_kib(*p)).sum();
+    let supervisor_pss: u64 = supervisors
+        .iter()
+        .map(|p| memory_kib(*p, "smaps_rollup", "Pss:"))
+        .sum();
+    // /proc counts CPU time in USER_HZ ticks, 100 a second on Linux whatever the kernel's HZ.
+    let ticks = 100;
+    let idle_before = cpu_ticks(controller);
+    std::thread::sleep(Duration::from_secs(5));
+    let idle_cpu = (cpu_ticks(controller) - idle_before) as f64 / ticks as f64 / 5.0;
+    let controller_rss = rss_kib(controller);
+
+    let client = Client::start(d.port);
+    std::thread::sleep(Duration::from_millis(300));
+    d.set_version("v2", "2");
+    scale(&d);
+    let t1 = Instant::now();
+    let out = d
+        .imago
+        .run(&["apply", "--timeout", "60m", "-f", &d.file()])
+        .ok()
+        .stdout();
+    let rolled = t1.elapsed();
+    assert!(out.contains("deployment complete (release 2"), "{out}");
+    std::thread::sleep(Duration::from_millis(300));
+    let answers = client.finish();
+    assert_none_failed(&answers);
+    assert!(
+        answers
+            .last()
+            .unwrap()
+            .as_ref()
+            .unwrap()
+            .contains("version v2")
+    );
+    let instances = d.instances();
+    assert_eq!(instances.len(), n);
+    let ids: Vec<String> = d.instance_ids();
+
+    let t2 = Instant::now();
+    d.imago.run(&["destroy", "web"]).ok();
+    let destroyed = t2.elapsed();
+    assert!(d.instances().is_empty(), "instances left after destroy");
+    let dirs: Vec<_> = std::fs::read_dir(d.imago.home.join("instances"))
+        .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(dirs.is_empty(), "instance directories left: {dirs:?}");
+    let leases: Vec<String> = std::fs::read_dir("/run/imago/ipam")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                .filter_map(|t| t.lines().next().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let cgroup_roots: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .chain([PathBuf::from("/sys/fs/cgroup")])
+        .collect();
+    for id in &ids {
+        assert!(
+            !Path::new(&format!("/var/run/netns/imago-{id}")).exists(),
+            "network namespace of {id} left"
+        );
+        assert!(!leases.contains(id), "address lease of {id} left");
+        for root in &cgroup_roots {
+            let dir = root.join("imago").join(id);
+            assert!(!dir.exists(), "cgroup {} left", dir.display());
+        }
+    }
+    eprintln!(
+        "scale {n} instances: apply {launched:.1?}, rolling update {rolled:.1?} ({} requests, 0 failed), \
+         destroy {destroyed:.1?}; controller RSS {controller_rss} KiB ({} KiB per instance), idle CPU {:.1}% \
+         of a core; supervisors' RSS {supervisor_rss} KiB ({} KiB each), PSS {supervisor_pss} KiB ({} KiB each)",
+        answers.len(),
+        controller_rss / n as u64,
+        idle_cpu * 100.0,
+        supervisor_rss / n as u64,
+        supervisor_pss / n as u64,
+    );
 }

@@ -504,3 +504,59 @@ fn a_bad_seccomp_profile_is_refused_naming_the_file() {
     let all = imago.run(&["ps", "--all", "--json"]).ok().json();
     assert_eq!(all.as_array().unwrap().len(), 0, "nothing was launched");
 }
+
+/// `imago run --init` runs the program under the host's init (PID 1 is tini, the program's
+/// status is the instance's); without it the program is PID 1, as in docker; `IMAGO_INIT`
+/// naming a missing file fails the launch naming it.
+#[test]
+fn run_with_init_puts_the_program_under_tini_and_imago_init_names_another() {
+    let imago = Imago::new();
+    let image = busybox_image(&imago);
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "--network", "host"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&[
+            &image,
+            "--",
+            "/bin/busybox",
+            "sh",
+            "-c",
+            "/bin/busybox cat /proc/1/comm; exit 5",
+        ]);
+        let id = imago.run(&args).ok().stdout().trim().to_owned();
+        let done = wait_status(&imago, &id, "exited");
+        assert_eq!(done["exit_code"], 5);
+        let logs = imago.run(&["logs", &id]).ok().stdout();
+        imago.run(&["rm", &id]).ok();
+        logs
+    };
+    assert_eq!(run(&["--init"]), "init\n");
+    assert_eq!(run(&[]), "busybox\n");
+    let err = imago
+        .cmd()
+        .env("IMAGO_INIT", "/nonexistent/tini")
+        .args([
+            "run",
+            "--init",
+            "--network",
+            "host",
+            &image,
+            "--",
+            "/bin/busybox",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    assert!(!err.status.success());
+    let stderr = String::from_utf8_lossy(&err.stderr);
+    assert!(stderr.contains("/nonexistent/tini"), "{stderr}");
+    assert!(
+        imago
+            .run(&["ps", "-a", "--json"])
+            .ok()
+            .json()
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}

@@ -126,6 +126,20 @@ pub fn own_pids(home: &DeployHome) -> Vec<u32> {
     ours
 }
 
+/// Asks the running controller of `home`, if any, for a pass now rather than at its next
+/// interval: `apply` and `rollback` call it once their release is recorded (a rollback's
+/// first quarter second went to that wait). SIGURG, whose default action is to be ignored, so
+/// that a controller of an older imago, which does not listen for it, is not killed by it.
+/// Only a hint: the next interval's pass sees the release anyway.
+pub fn nudge_controller(home: &DeployHome) {
+    if controller_running(home).unwrap_or(false)
+        && let Ok(info) = read_info(home)
+        && let Some(pid) = rustix::process::Pid::from_raw(info.pid as i32)
+    {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::URG);
+    }
+}
+
 pub fn read_info(home: &DeployHome) -> Result<ControllerInfo, DeployError> {
     let path = home.info_path();
     let bytes = std::fs::read(&path).map_err(|source| DeployError::Io {
@@ -342,6 +356,19 @@ pub fn run_controller(
         api,
         dataplane,
     });
+    // `nudge_controller`: a pass at once when a release was recorded.
+    let wake = controller.waker();
+    if let Ok(mut nudges) = runtime.block_on(async {
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(
+            rustix::process::Signal::URG.as_raw(),
+        ))
+    }) {
+        runtime.spawn(async move {
+            while nudges.recv().await.is_some() {
+                wake.nudge();
+            }
+        });
+    }
     loop {
         match controller.pass() {
             Ok(passes) => {

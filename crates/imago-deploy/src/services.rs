@@ -274,7 +274,7 @@ health = { type = "tcp" }
             parse(typo, &[]).unwrap_err().to_string(),
             "dir/imago.toml:3:1: unknown field `replica`, expected one of `image`, `replicas`, \
              `command`, `env`, `port`, `target_port`, `bind`, `network`, `resources`, `volumes`, \
-             `seccomp`, `health`, `rollout`, `target`, `stop_grace_period`"
+             `seccomp`, `init`, `health`, `rollout`, `target`, `stop_grace_period`"
         );
         let bad_type = "[service.web]\nimage = \"web\"\nreplicas = \"two\"\n";
         let err = parse(bad_type, &[]).unwrap_err().to_string();
@@ -292,6 +292,47 @@ health = { type = "tcp" }
             parse(FILE, &["web", "db"]).unwrap_err().to_string(),
             "dir/imago.toml has no service db; it defines: api, web"
         );
+    }
+
+    /// Release 1 of service "web" with `spec`.
+    fn release(spec: &ServiceSpec) -> crate::state::Release {
+        crate::state::Release {
+            service: "web".into(),
+            number: 1,
+            image_digest: Digest::of(b"image"),
+            config_hash: Digest::of(b"config"),
+            revision: "0123456789abcdef".into(),
+            spec: spec.clone(),
+            created_ms: 0,
+            reason: "apply".into(),
+            rollback_of: None,
+        }
+    }
+
+    /// Services run their instances under an init unless `init = false`; the key is part of
+    /// the release (a changed setting is a new configuration), and leaving it out keeps a
+    /// release's stored spec as it was.
+    #[test]
+    fn instances_of_a_service_run_under_an_init_unless_it_says_init_false() {
+        let toml = std::path::Path::new("/nonexistent/imago.toml");
+        let text =
+            "[service.web]\nimage = \"web\"\n\n[service.bare]\nimage = \"web\"\ninit = false\n";
+        let specs = parse_services(toml, text, &[]).unwrap();
+        assert_eq!(specs["web"].init, None);
+        assert_eq!(specs["bare"].init, Some(false));
+        assert!(
+            !serde_json::to_string(&specs["web"])
+                .unwrap()
+                .contains("init")
+        );
+        let engine = imago_runtime::Engine::Runc;
+        let with = crate::controller::instance_spec(&release(&specs["web"]), engine).unwrap();
+        let without = crate::controller::instance_spec(&release(&specs["bare"]), engine).unwrap();
+        assert!(with.init);
+        assert!(!without.init);
+        assert_ne!(with.spec_hash().unwrap(), without.spec_hash().unwrap());
+        let schema = imago_spec::service_json_schema().to_string();
+        assert!(schema.contains("\"init\""), "the schema lacks init");
     }
 
     #[test]
@@ -338,17 +379,6 @@ health = { type = "tcp" }
             Some(SeccompSetting::Resolved(SeccompFilter::Unconfined))
         );
         // And the instances of a release run under it.
-        let release = |spec: &ServiceSpec| crate::state::Release {
-            service: "web".into(),
-            number: 1,
-            image_digest: Digest::of(b"image"),
-            config_hash: Digest::of(b"config"),
-            revision: "0123456789abcdef".into(),
-            spec: spec.clone(),
-            created_ms: 0,
-            reason: "apply".into(),
-            rollback_of: None,
-        };
         let engine = imago_runtime::Engine::Embedded;
         let instance = |spec: &ServiceSpec| {
             crate::controller::instance_spec(&release(spec), engine)

@@ -122,6 +122,14 @@ pub fn render(input: &ReleaseInput<'_>) -> Result<RenderedRelease, KubeError> {
     })?;
 
     let seconds = |key: &str, d: Duration| whole_seconds(d).map_err(|r| refuse(key, r));
+    if spec.init == Some(true) {
+        return Err(refuse(
+            "init",
+            "a pod's containers get no init from Kubernetes; put one (tini) in the image as its \
+             entrypoint, or leave init unset"
+                .into(),
+        ));
+    }
 
     // Keys handled in the order of ServiceSpec's fields, so that a new field is noticed here.
     let replicas = i32::try_from(spec.replicas).map_err(|_| {

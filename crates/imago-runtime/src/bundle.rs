@@ -66,7 +66,15 @@ pub struct BundleContext<'a> {
     pub cgroups_path: &'a str,
     /// Bound after the standard mounts, in this order.
     pub volumes: &'a [MountedVolume],
+    /// The host's static init, bound read-only at [`INIT_TARGET`] and run as PID 1 (the
+    /// instance's program becomes its child) when the spec asks for an init.
+    pub init: Option<&'a Path>,
 }
+
+/// Where an instance's init is bound inside it: on the tmpfs /dev that every instance gets,
+/// so the mount point is never created in the image's read-only, shared root filesystem (and a
+/// volume can never be mounted over it: volumes under /dev are refused).
+pub const INIT_TARGET: &str = "/dev/init";
 
 /// The process the instance runs: entrypoint + cmd, each overridable, like docker.
 pub fn process_args(spec: &InstanceSpec, image: &ImageConfiguration) -> Vec<String> {
@@ -169,12 +177,16 @@ pub fn runtime_config(
     ctx: &BundleContext<'_>,
 ) -> Result<Value, RuntimeError> {
     let cfg = image.config().as_ref();
-    let args = process_args(spec, image);
+    let mut args = process_args(spec, image);
     if args.is_empty() {
         return Err(RuntimeError::InvalidSpec(format!(
             "image {} has no entrypoint or cmd and no arguments were given",
             spec.image
         )));
+    }
+    if ctx.init.is_some() {
+        // tini's own options end at `--`: the program's arguments are never read as tini's.
+        args.splice(0..0, [INIT_TARGET.to_owned(), "--".to_owned()]);
     }
     let user = cfg.and_then(|c| c.user().clone()).unwrap_or_default();
     let (uid, gid) =
@@ -234,6 +246,14 @@ pub fn runtime_config(
             json!({"destination": destination, "type": "tmpfs", "source": "tmpfs",
             "options": ["nosuid", "nodev", format!("mode={mode}"), TMPFS_SIZE]}),
         );
+    }
+    if let Some(init) = ctx.init {
+        mounts.push(json!({
+            "destination": INIT_TARGET,
+            "type": "bind",
+            "source": init,
+            "options": ["bind", "ro", "nosuid", "nodev"],
+        }));
     }
     // Parents before children, whatever order they were given in: a volume at /data bound
     // after one at /data/sub would hide it (docker sorts the same way).

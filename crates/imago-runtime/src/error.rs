@@ -58,6 +58,11 @@ pub enum RuntimeError {
     Engine { id: String, reason: String },
     #[error("instance {id} did not stop within {secs} s")]
     StopTimeout { id: String, secs: u64 },
+    /// The init binary an instance with `init` runs as PID 1 is not usable on this host.
+    #[error(
+        "the instance init {path}: {reason} (install Debian's tini package, point IMAGO_INIT at a static init, or turn init off)"
+    )]
+    InitMissing { path: PathBuf, reason: String },
 }
 
 impl RuntimeError {

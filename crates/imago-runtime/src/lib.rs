@@ -27,7 +27,7 @@ pub mod supervisor;
 pub mod volumes;
 
 pub use error::RuntimeError;
-pub use local::{Layout, LocalProvider, SupervisorCommand};
+pub use local::{Layout, LocalProvider, SupervisorCommand, Swept};
 pub use provider::{FakeProvider, Provider};
 pub use rootfs::{ImageInfo, ImageSource, RootfsCache};
 pub use seccomp::Seccomp;

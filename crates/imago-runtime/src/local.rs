@@ -30,6 +30,10 @@ use crate::{InstanceSpec, NetworkMode, Provider, RuntimeError};
 /// considered abandoned by a launcher that died.
 const STALE_CREATED_MS: u64 = 60_000;
 
+/// The init instances run as PID 1 when their spec asks for one: Debian's statically linked
+/// tini (package `tini`), which runs in any image since it needs no library of the image's.
+pub const DEFAULT_INIT: &str = "/usr/bin/tini-static";
+
 /// Paths under the imago home directory that belong to the runtime.
 #[derive(Debug, Clone)]
 pub struct Layout {
@@ -95,6 +99,10 @@ pub struct LocalProvider {
     images: Box<dyn ImageSource>,
     supervisor: SupervisorCommand,
     ipam: Ipam,
+    /// The static init bound into instances whose spec asks for one.
+    init: PathBuf,
+    /// See [`LocalProvider::with_netns_sweep_age`].
+    netns_sweep_age: Duration,
     /// Supervisors this process started, reaped once they exit (they outlive us otherwise).
     children: Mutex<HashMap<String, Pid>>,
 }
@@ -118,8 +126,21 @@ impl LocalProvider {
             images,
             supervisor,
             ipam: Ipam::new(network::DEFAULT_IPAM_DIR),
+            init: PathBuf::from(DEFAULT_INIT),
+            netns_sweep_age: NETNS_SWEEP_AGE,
             children: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Uses another static init for instances that ask for one (see [`DEFAULT_INIT`]).
+    pub fn with_init(mut self, path: impl Into<PathBuf>) -> LocalProvider {
+        self.init = path.into();
+        self
+    }
+
+    /// The init that instances asking for one run as PID 1.
+    pub fn init(&self) -> &Path {
+        &self.init
     }
 
     /// Uses another lease directory (tests, or several independent imago setups).
@@ -204,12 +225,18 @@ impl LocalProvider {
         )?;
         let netns = network::netns_path(id);
         let cgroups = cgroups_path(id);
+        let init = if spec.init {
+            Some(checked_init(&self.init)?)
+        } else {
+            None
+        };
         let ctx = BundleContext {
             id,
             rootfs: &rootfs,
             netns_path: (spec.network == NetworkMode::Private).then_some(netns.as_path()),
             cgroups_path: &cgroups,
             volumes: &record.volumes,
+            init: init.as_deref(),
         };
         let config = runtime_config(spec, &image.config, &ctx)?;
         write_bundle(&dir.bundle(), &config)?;
@@ -547,6 +574,25 @@ fn remove_cgroups(id: &str) {
     }
 }
 
+/// `path` made absolute, once it is known to be an executable regular file: a missing init
+/// fails the launch before anything starts, naming the file, rather than as the engine's
+/// mount or exec error from inside the container.
+fn checked_init(path: &Path) -> Result<PathBuf, RuntimeError> {
+    use std::os::unix::fs::PermissionsExt;
+    let missing = |reason: String| RuntimeError::InitMissing {
+        path: path.to_owned(),
+        reason,
+    };
+    let meta = fs::metadata(path).map_err(|e| missing(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(missing("not a regular file".into()));
+    }
+    if meta.permissions().mode() & 0o111 == 0 {
+        return Err(missing("not executable".into()));
+    }
+    std::path::absolute(path).map_err(|e| missing(e.to_string()))
+}
+
 fn new_id() -> Result<String, RuntimeError> {
     let mut bytes = [0u8; 6];
     fs::File::open("/dev/urandom")
@@ -572,22 +618,73 @@ impl LocalProvider {
     /// before the supervisor exists). A directory is taken only when its `launcher` file names
     /// a process that is gone, so a launch under way, or one by an older imago (no such file),
     /// is never touched.
-    pub fn remove_abandoned_dirs(&self) {
+    pub fn remove_abandoned_dirs(&self) -> usize {
         let Ok(entries) = fs::read_dir(self.layout.instances()) else {
-            return;
+            return 0;
         };
+        let mut removed = 0;
         for entry in entries.flatten() {
             let dir = InstanceDir { root: entry.path() };
             if dir.state().exists() {
                 continue;
             }
             // The launcher is gone, so nothing writes the record any more.
-            if launcher_alive(&dir) == Some(false) && !dir.state().exists() {
-                let _ = fs::remove_dir_all(&dir.root);
+            if launcher_alive(&dir) == Some(false)
+                && !dir.state().exists()
+                && fs::remove_dir_all(&dir.root).is_ok()
+            {
+                removed += 1;
             }
         }
+        removed
+    }
+
+    /// Takes back what no `rm` will ever name, in one pass over the instance directories, the
+    /// network namespaces and the leases: the directories and addresses of launches killed
+    /// before they wrote their record, and instance network namespaces that no process is in
+    /// (older than a launch takes to put its container in one) and no instance of this home
+    /// claims: left by cleanups that were killed, or by homes deleted with their instances
+    /// (a test killed midway). Tearing down the namespace of another home's instance that
+    /// exited and awaits its `rm` takes nothing from it (its `rm` finds it gone); addresses are
+    /// left to their records. O(instances): call it once per controller pass at most, or once
+    /// per command, never once per instance.
+    pub fn sweep_abandoned(&self) -> Swept {
+        let mut swept = Swept::default();
+        for id in network::namespaces_without_processes(self.netns_sweep_age) {
+            // This home's own instance (exited, not removed yet): its `rm` tears it down.
+            if self.layout.instance_dir(&id).root.exists() {
+                continue;
+            }
+            network::teardown(&id);
+            swept.namespaces.push(id);
+        }
+        swept.dirs = self.remove_abandoned_dirs();
+        // After the namespaces: a lease is abandoned only once its namespace is gone too.
+        swept.leases = self.ipam.reclaim_abandoned().unwrap_or_default();
+        swept
+    }
+
+    /// Sweeps network namespaces younger than [`NETNS_SWEEP_AGE`] too, down to `age` (tests).
+    pub fn with_netns_sweep_age(mut self, age: Duration) -> LocalProvider {
+        self.netns_sweep_age = age;
+        self
     }
 }
+
+/// What [`LocalProvider::sweep_abandoned`] took back.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// Instance directories of launches killed before their record.
+    pub dirs: usize,
+    /// Address blocks of such launches.
+    pub leases: Vec<u32>,
+    /// Ids of the network namespaces torn down.
+    pub namespaces: Vec<String>,
+}
+
+/// A network namespace younger than this is never swept: it may be a launch whose container
+/// is not created yet (milliseconds), of a home this provider does not see.
+pub const NETNS_SWEEP_AGE: Duration = Duration::from_secs(30);
 
 impl Provider for LocalProvider {
     fn launch(&self, spec: &InstanceSpec) -> Result<Instance, RuntimeError> {
@@ -669,11 +766,9 @@ impl Provider for LocalProvider {
             Status::Exited | Status::Failed => remove_cgroups(id),
         }
         self.release_network(&rec);
-        // Also the directories and addresses of launches killed before they wrote their
-        // record: no record names them, so no `rm` of theirs ever comes. Off the launch path,
-        // and only a hint.
-        self.remove_abandoned_dirs();
-        let _ = self.ipam.reclaim_abandoned();
+        // What launches killed before their record left behind is not swept here: that reads
+        // every instance directory and lease, which made a controller's removal of N instances
+        // O(N^2). The owner of the provider calls `sweep_abandoned` now and then instead.
         self.wait_child(id);
         match fs::remove_dir_all(&dir.root) {
             Ok(()) => Ok(()),
@@ -725,6 +820,10 @@ impl Provider for LocalProvider {
     fn inspect(&self, id: &str) -> Result<Instance, RuntimeError> {
         let dir = self.existing_dir(id)?;
         self.load(&dir)
+    }
+
+    fn sweep(&self) {
+        self.sweep_abandoned();
     }
 
     fn logs(&self, id: &str) -> Result<Vec<u8>, RuntimeError> {

@@ -104,7 +104,6 @@ impl<'a> LeaseFile<'a> {
         let (Some((pid, start)), Some(state)) = (self.launcher, self.state) else {
             return false;
         };
-        let gone = |p: &Path| matches!(fs::symlink_metadata(p), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
         // The record's lease (the common case) is settled by one stat, without reading /proc.
         if !state.is_absolute() || !gone(state) || crate::state::is_alive(pid, start) {
             return false;
@@ -112,6 +111,10 @@ impl<'a> LeaseFile<'a> {
         // The launcher is dead, so nobody can create either of these any more.
         gone(state) && gone(&netns_path(self.id))
     }
+}
+
+fn gone(path: &Path) -> bool {
+    matches!(fs::symlink_metadata(path), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
 }
 
 impl Ipam {
@@ -358,6 +361,46 @@ impl Namespace {
             .map_err(|e| format!("cannot add the default route: {e}"))?;
         Ok(())
     }
+}
+
+/// The ids of the instance network namespaces (`/var/run/netns/imago-<id>`) older than
+/// `min_age` that no process is in. A namespace holds a process from the engine's create of
+/// its container until the container's last process exits, so one without any is a launch in
+/// its first milliseconds (which `min_age` leaves out), an instance that exited and is not
+/// removed yet, or a leftover whose cleanup was cut short; the caller tells those apart by the
+/// instance's records. Only a hint: errors leave a namespace out.
+pub fn namespaces_without_processes(min_age: std::time::Duration) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = fs::read_dir("/var/run/netns") else {
+        return Vec::new();
+    };
+    let ours: Vec<(String, u64)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_owned();
+            let id = name.strip_prefix("imago-")?.to_owned();
+            // The nsfs inode mounted there (its times are the namespace's creation), or the
+            // bare file if nothing is mounted.
+            let meta = fs::metadata(e.path()).ok()?;
+            let age = meta.modified().ok()?.elapsed().unwrap_or_default();
+            (age >= min_age).then_some((id, meta.ino()))
+        })
+        .collect();
+    if ours.is_empty() {
+        return Vec::new();
+    }
+    let mut used = std::collections::HashSet::new();
+    if let Ok(procs) = fs::read_dir("/proc") {
+        for p in procs.flatten() {
+            if let Ok(meta) = fs::metadata(p.path().join("ns/net")) {
+                used.insert(meta.ino());
+            }
+        }
+    }
+    ours.into_iter()
+        .filter(|(_, ino)| !used.contains(ino))
+        .map(|(id, _)| id)
+        .collect()
 }
 
 /// Removes the veth pair and the namespace; quiet and idempotent (parts may already be gone).

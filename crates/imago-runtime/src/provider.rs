@@ -21,6 +21,10 @@ pub trait Provider: Send + Sync {
     fn inspect(&self, id: &str) -> Result<Instance, RuntimeError>;
     /// The instance's captured stdout and stderr (what is still retained).
     fn logs(&self, id: &str) -> Result<Vec<u8>, RuntimeError>;
+    /// Takes back what no `remove` will ever name (the leftovers of launches and cleanups that
+    /// were killed midway). Costs a pass over everything the provider holds: callers run it
+    /// once in a while, never once per instance. Only a hint; nothing to do by default.
+    fn sweep(&self) {}
 }
 
 /// An in-memory provider for unit tests of code built on [`Provider`]. Instances "run" until

@@ -46,6 +46,12 @@ pub struct InstanceSpec {
     /// before filters existed keep their hashes.
     #[serde(default, skip_serializing_if = "Seccomp::is_default")]
     pub seccomp: Seccomp,
+    /// Runs a tiny init (tini, from the host, bind-mounted read-only) as PID 1 with the
+    /// instance's program as its child, as `docker run --init`: it forwards signals (a program
+    /// that ignores SIGTERM as PID 1 stops at once instead of waiting out its grace) and reaps
+    /// orphaned zombies. Left out of the hash's JSON when off, so older specs keep their hashes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub init: bool,
 }
 
 impl InstanceSpec {
@@ -62,6 +68,7 @@ impl InstanceSpec {
             engine: Engine::default(),
             volumes: Vec::new(),
             seccomp: Seccomp::default(),
+            init: false,
         }
     }
 

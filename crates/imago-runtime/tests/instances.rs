@@ -48,6 +48,9 @@ both_engines!(
     ordinary_programs_work_under_the_default_filter,
     a_profile_file_replaces_the_default_filter,
     a_non_root_instance_can_write_tmp,
+    an_init_stops_a_program_that_ignores_sigterm_at_once,
+    an_init_reaps_orphans_that_the_program_never_waits_for,
+    the_init_is_read_only_outside_the_image_and_passes_the_exit_status_on,
 );
 
 fn echo_runs_and_exit_status_is_recorded(engine: Engine) {
@@ -1017,7 +1020,7 @@ fn a_lease_of_a_launch_killed_before_its_record_is_reclaimed() {
     assert_eq!(reused.index, killed);
     ipam.release("next", reused.host).unwrap();
 
-    // The launching one is killed now; `rm` of any instance reclaims its lease.
+    // The launching one is killed now; the provider's sweep reclaims its lease.
     let launching_index = lease_of(&ipam_dir, "launching").unwrap();
     launching.kill().unwrap();
     wait_dead(launching);
@@ -1046,6 +1049,11 @@ fn a_lease_of_a_launch_killed_before_its_record_is_reclaimed() {
     }
     assert!(lease_of(&ipam_dir, "launching").is_some());
     provider.remove(&inst.id).unwrap();
+    assert!(
+        lease_of(&ipam_dir, "launching").is_some(),
+        "rm read every lease"
+    );
+    assert_eq!(provider.sweep_abandoned().leases, vec![launching_index]);
     assert_eq!(
         lease_of(&ipam_dir, "launching"),
         None,
@@ -1192,7 +1200,7 @@ fn assert_no_container_left(id: &str, home: &Path) {
 /// it and no `rm` names it. Each directory now says who launches it, and `rm` of any instance
 /// removes those whose launcher is gone, never one whose launcher lives or that says nothing.
 #[test]
-fn the_directory_of_a_launch_killed_before_its_record_is_removed_by_rm() {
+fn the_directory_of_a_launch_killed_before_its_record_is_removed_by_the_sweep() {
     let h = common::Harness::new(Engine::Embedded);
     let mut spec = h.spec(&["true"]);
     spec.network = NetworkMode::Host;
@@ -1228,6 +1236,10 @@ fn the_directory_of_a_launch_killed_before_its_record_is_removed_by_rm() {
     let older = orphan("olderlaunch", None);
     assert!(h.provider.list().unwrap().iter().all(|i| i.id == done.id));
     h.provider.remove(&done.id).unwrap();
+    // `rm` is O(1): it leaves the sweep of every directory to the sweep.
+    assert!(killed.exists(), "rm swept the other instance directories");
+    let swept = h.provider.sweep_abandoned();
+    assert_eq!(swept.dirs, 1, "{swept:?}");
     assert!(
         !killed.exists(),
         "the killed launch's directory is still there"
@@ -1473,4 +1485,210 @@ fn a_profile_file_replaces_the_default_filter(engine: Engine) {
     assert!(logs.contains("mkdir=1"), "{logs}");
     assert!(logs.contains("unshare_user=ok"), "{logs}");
     h.provider.remove(&inst.id).unwrap();
+}
+
+/// Zombie children of host process `parent` (state `Z` in `/proc/PID/stat`).
+fn zombies_of(parent: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // "PID (COMM) STATE PPID ...": the command name may hold spaces, so split after ')'.
+        let mut rest = stat.rsplit_once(')').unwrap().1.split_whitespace();
+        let state = rest.next().unwrap();
+        let ppid: i32 = rest.next().unwrap().parse().unwrap();
+        if state == "Z" && ppid == parent {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// busybox httpd as PID 1 ignores SIGTERM (the kernel drops signals a namespace's init does
+/// not handle), so without an init every stop waits out its whole grace and ends in SIGKILL.
+/// Under the init, which passes SIGTERM on to it as an ordinary process, it stops at once.
+fn an_init_stops_a_program_that_ignores_sigterm_at_once(engine: Engine) {
+    let h = Harness::new(engine);
+    let grace = Duration::from_millis(1500);
+    let stop_time = |init: bool| {
+        let mut spec = h.spec(&["httpd", "-f", "-p", "80", "-h", "/www"]);
+        spec.init = init;
+        let inst = h.provider.launch(&spec).unwrap();
+        let addr = inst.address.expect("a private instance has an address");
+        assert!(http_get(&format!("{addr}:80")).contains("200 OK"));
+        let t0 = Instant::now();
+        let stopped = h.provider.stop(&inst.id, grace).unwrap();
+        let took = t0.elapsed();
+        h.provider.remove(&inst.id).unwrap();
+        (took, stopped.exit_code)
+    };
+    let (with_init, code) = stop_time(true);
+    assert!(
+        with_init < Duration::from_millis(500),
+        "with init the stop took {with_init:?}"
+    );
+    // tini exits 128 + the signal that ended its child.
+    assert_eq!(code, Some(143));
+    let (without, code) = stop_time(false);
+    assert!(
+        without >= grace,
+        "without init httpd was expected to ignore SIGTERM, but stopped in {without:?}"
+    );
+    assert_eq!(code, Some(137), "killed after its grace");
+}
+
+/// A program that never waits (here `sleep`, exec'd by the shell that orphaned a child) leaves
+/// orphans it inherits as zombies when it is PID 1; under the init they are reaped.
+fn an_init_reaps_orphans_that_the_program_never_waits_for(engine: Engine) {
+    let h = Harness::new(engine);
+    let zombies = |init: bool| {
+        let mut spec = h.spec(&["sh", "-c", "(sleep 0.1 &); (sleep 0.1 &); exec sleep 1000"]);
+        spec.network = NetworkMode::Host;
+        spec.init = init;
+        let inst = h.provider.launch(&spec).unwrap();
+        let pid1 = inst.pid.unwrap();
+        // The orphans exit after 0.1 s; give them (and the init) time to be reaped.
+        std::thread::sleep(Duration::from_millis(600));
+        let found = zombies_of(pid1);
+        h.provider.stop(&inst.id, GRACE).unwrap();
+        h.provider.remove(&inst.id).unwrap();
+        found
+    };
+    assert_eq!(zombies(true), Vec::<i32>::new(), "the init left zombies");
+    assert_eq!(
+        zombies(false).len(),
+        2,
+        "without an init the orphans should stay zombies (else this test proves nothing)"
+    );
+}
+
+/// The init is the host's file, bound read-only on the instance's own /dev: PID 1 is the init,
+/// nothing in the instance can change it, the image's shared root holds no trace of it, and
+/// the program's exit status is the instance's.
+fn the_init_is_read_only_outside_the_image_and_passes_the_exit_status_on(engine: Engine) {
+    let h = Harness::new(engine);
+    let mut spec = h.spec(&[
+        "sh",
+        "-c",
+        "echo pid1=$(cat /proc/1/comm); echo x > /dev/init || echo refused; exit 7",
+    ]);
+    spec.network = NetworkMode::Host;
+    spec.init = true;
+    let inst = h.run_to_exit(&spec);
+    assert_eq!(inst.status, Status::Exited);
+    assert_eq!(inst.exit_code, Some(7));
+    let logs = h.logs(&inst.id);
+    assert!(logs.contains("pid1=init\n"), "{logs}");
+    assert!(logs.contains("refused"), "the init was writable: {logs}");
+    let cache = h.provider.rootfs_cache().path(&h.image);
+    assert!(
+        !cache.join("dev/init").exists(),
+        "the init's mount point was made in the image's root"
+    );
+    let before = tree_digest(&cache);
+    h.provider.remove(&inst.id).unwrap();
+    assert_eq!(tree_digest(&cache), before);
+}
+
+/// An instance asking for an init on a host without one fails before anything starts, naming
+/// the file; `init = false` needs none.
+#[test]
+fn a_missing_init_fails_the_launch_naming_the_file() {
+    let h = Harness::new(Engine::Embedded);
+    let provider = imago_runtime::LocalProvider::new(
+        &h.home(),
+        Box::new(h.layout()),
+        common::supervisor_command(),
+    )
+    .with_init(h.tmp.path().join("no-such-init"));
+    let mut spec = h.spec(&["true"]);
+    spec.network = NetworkMode::Host;
+    spec.init = true;
+    let err = provider.launch(&spec).unwrap_err();
+    assert!(
+        matches!(&err, RuntimeError::InitMissing { path, .. } if path.ends_with("no-such-init")),
+        "{err}"
+    );
+    assert!(err.to_string().contains("IMAGO_INIT"), "{err}");
+    assert!(
+        provider.list().unwrap().is_empty(),
+        "a failed launch left an instance"
+    );
+    spec.init = false;
+    let inst = provider.launch(&spec).unwrap();
+    provider
+        .remove(&h.wait_exit(&inst.id, Duration::from_secs(10)).id)
+        .unwrap();
+}
+
+/// A network namespace that no process is in and no instance of the home claims (its record
+/// was deleted with its home, or its cleanup was killed) is torn down by the sweep, with its
+/// veth; a running instance's namespace is kept, and so is one of the home's own instances.
+#[test]
+fn the_sweep_tears_down_network_namespaces_no_instance_claims() {
+    let h = Harness::new(Engine::Embedded);
+    let ipam_dir = h.tmp.path().join("ipam");
+    let provider = |home: &str| {
+        imago_runtime::LocalProvider::new(
+            &h.tmp.path().join(home),
+            Box::new(h.layout()),
+            common::supervisor_command(),
+        )
+        .with_ipam_dir(&ipam_dir)
+    };
+    let (gone_home, sweeper) = (provider("gone"), provider("home"));
+    // The sweeper's own exited instance, and a running one.
+    let exited = sweeper.launch(&h.spec(&["true"])).unwrap();
+    let exited = wait_inactive(&sweeper, &exited.id);
+    let running = sweeper.launch(&h.spec(&["sleep", "1000"])).unwrap();
+    // Left behind: an instance that exited, whose home was then deleted with its record.
+    let left = gone_home.launch(&h.spec(&["true"])).unwrap();
+    // Only namespaces at least as old as this leftover are swept: other sessions' launches
+    // under way on this host are never touched.
+    let started = Instant::now();
+    let left = wait_inactive(&gone_home, &left.id);
+    let left_lease = left.host_address.unwrap();
+    fs::remove_dir_all(h.tmp.path().join("gone")).unwrap();
+    let netns = |id: &str| PathBuf::from(format!("/var/run/netns/imago-{id}"));
+    let veth = |id: &str| PathBuf::from(format!("/sys/class/net/iv-{id}"));
+    assert!(netns(&left.id).exists() && veth(&left.id).exists());
+    let swept = provider("home")
+        .with_netns_sweep_age(started.elapsed())
+        .sweep_abandoned();
+    assert!(swept.namespaces.contains(&left.id), "{swept:?}");
+    assert!(
+        !netns(&left.id).exists(),
+        "the leftover namespace is still there"
+    );
+    assert!(!veth(&left.id).exists(), "the leftover veth is still there");
+    assert!(
+        netns(&running.id).exists(),
+        "a running instance lost its namespace"
+    );
+    assert!(
+        netns(&exited.id).exists(),
+        "the home's own instance lost its namespace"
+    );
+    sweeper.stop(&running.id, GRACE).unwrap();
+    sweeper.remove(&running.id).unwrap();
+    sweeper.remove(&exited.id).unwrap();
+    imago_runtime::network::Ipam::new(&ipam_dir)
+        .release(&left.id, left_lease)
+        .unwrap();
+}
+
+fn wait_inactive(provider: &imago_runtime::LocalProvider, id: &str) -> imago_runtime::Instance {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let i = provider.inspect(id).unwrap();
+        if !i.is_active() {
+            return i;
+        }
+        assert!(Instant::now() < deadline, "instance {id} never exited");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

@@ -55,6 +55,12 @@ pub struct ServiceSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(with = "Option<String>")]
     pub seccomp: Option<SeccompSetting>,
+    /// Runs a tiny init (tini) as each instance's PID 1, as `docker run --init`: it forwards
+    /// the stop signal to the program (one that ignores SIGTERM as PID 1, such as busybox httpd,
+    /// would otherwise wait out its whole stop grace) and reaps orphaned zombies. On unless
+    /// `init = false`. Instances on this host only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthCheck>,
     #[serde(default)]

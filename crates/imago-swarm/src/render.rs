@@ -131,6 +131,8 @@ pub fn render(desired: &ClusterService) -> Result<ServiceSpec, EngineError> {
         args: spec.command.as_ref().map(|_| Vec::new()),
         env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
         read_only: Some(true),
+        // Docker's own `--init` (tini as PID 1), on by default as for local instances.
+        init: Some(spec.init.unwrap_or(true)),
         mounts: (!mounts.is_empty()).then_some(mounts),
         stop_grace_period: Some(nanos(spec.stop_grace_period)),
         health_check,
@@ -271,6 +273,11 @@ pub fn differences(live: &ServiceSpec, rendered: &ServiceSpec) -> Vec<String> {
         format!("{:?}", rc.read_only.unwrap_or(false)),
     );
     compare(
+        "init",
+        format!("{:?}", lc.init.unwrap_or(false)),
+        format!("{:?}", rc.init.unwrap_or(false)),
+    );
+    compare(
         "resources",
         format!("{:?}", limits(live)),
         format!("{:?}", limits(rendered)),
@@ -337,6 +344,11 @@ mod tests {
         assert_eq!(s.labels.as_ref().unwrap()[LABEL_REVISION], "abcd");
         assert_eq!(c.env.as_ref().unwrap(), &["A=1", "B=2"]);
         assert_eq!(c.read_only, Some(true));
+        assert_eq!(
+            c.init,
+            Some(true),
+            "an init by default, as for local instances"
+        );
         assert_eq!(c.stop_grace_period, Some(7_000_000_000));
         let h = c.health_check.as_ref().unwrap();
         assert_eq!(

@@ -37,10 +37,12 @@ pub fn release_roots(ctx: &Context) -> ReleaseRoots {
 }
 
 pub fn local_provider(ctx: &Context, store: Store) -> Result<LocalProvider> {
-    Ok(LocalProvider::new(
-        &ctx.home.root,
-        Box::new(StoreImageSource::new(store)),
-        SupervisorCommand::current_exe()?,
+    Ok(crate::commands::instances::with_init_from_env(
+        LocalProvider::new(
+            &ctx.home.root,
+            Box::new(StoreImageSource::new(store)),
+            SupervisorCommand::current_exe()?,
+        ),
     ))
 }
 
@@ -713,7 +715,9 @@ fn wait_for(
             spinner.finish_and_clear();
             bail!("the controller stopped; see {}", home.log_path().display());
         }
-        std::thread::sleep(Duration::from_millis(100));
+        // Two small SQLite reads a round: a short wait costs nothing and ends the command
+        // (a rollback, say) within 25 ms of its rollout rather than 100.
+        std::thread::sleep(Duration::from_millis(25));
     }
     spinner.finish_and_clear();
     Ok(results.into_values().collect())
@@ -754,6 +758,9 @@ fn ensure_controller(ctx: &Context, home: &DeployHome, serve_args: &[String]) ->
             "started the controller (pid {pid}); log: {}",
             home.log_path().display()
         ));
+    } else {
+        // A controller that was running: it acts on what was just recorded at once.
+        daemon::nudge_controller(home);
     }
     Ok(())
 }
@@ -1184,6 +1191,8 @@ pub fn destroy(ctx: &Context, args: DestroyArgs) -> Result<()> {
             Err(e) => failures.push(format!("{e:#}")),
         }
     }
+    // Once per command, not per instance: also what killed launches and cleanups left behind.
+    provider.sweep_abandoned();
     if !failures.is_empty() {
         // What was destroyed is still said, on stderr, since the error is the result.
         for d in &destroyed {

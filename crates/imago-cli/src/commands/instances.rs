@@ -60,6 +60,10 @@ pub struct RunArgs {
         value_name = "default|unconfined|FILE"
     )]
     pub seccomp: String,
+    /// Run a tiny init (the host's static tini) as PID 1 that passes signals on to the program
+    /// and reaps zombies, like `docker run --init` (IMAGO_INIT=PATH: another static init)
+    #[arg(long)]
+    pub init: bool,
     /// Replace the image's entrypoint
     #[arg(long)]
     pub entrypoint: Option<String>,
@@ -136,11 +140,20 @@ impl ImageSource for NoImages {
 }
 
 pub(crate) fn provider(ctx: &Context, images: Box<dyn ImageSource>) -> Result<LocalProvider> {
-    Ok(LocalProvider::new(
+    Ok(with_init_from_env(LocalProvider::new(
         &ctx.home.root,
         images,
         SupervisorCommand::current_exe()?,
-    ))
+    )))
+}
+
+/// `IMAGO_INIT`, when set, names the static init that instances asking for one run as PID 1
+/// (instead of Debian's `/usr/bin/tini-static`).
+pub(crate) fn with_init_from_env(provider: LocalProvider) -> LocalProvider {
+    match std::env::var_os("IMAGO_INIT").filter(|v| !v.is_empty()) {
+        Some(path) => provider.with_init(path),
+        None => provider,
+    }
 }
 
 /// Finds an instance by id, unique id prefix, or unique name.
@@ -218,6 +231,7 @@ fn launch(ctx: &Context, args: RunArgs) -> Result<()> {
     spec.network = network;
     spec.engine = engine;
     spec.entrypoint = args.entrypoint.map(|e| vec![e]);
+    spec.init = args.init;
     if !args.args.is_empty() {
         spec.args = Some(args.args);
     }
@@ -334,6 +348,8 @@ pub fn rm(ctx: &Context, args: RmArgs) -> Result<()> {
         provider.remove(&instance.id)?;
         removed.push(instance.id);
     }
+    // Once per command, not per instance: also what killed launches and cleanups left behind.
+    provider.sweep_abandoned();
     ctx.reporter.emit(&Removed { removed })
 }
 

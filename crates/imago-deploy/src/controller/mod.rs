@@ -92,6 +92,7 @@ pub fn instance_spec(release: &Release, engine: Engine) -> Result<InstanceSpec, 
     instance.seccomp =
         crate::spec::runtime_seccomp(spec.seccomp.as_ref()).map_err(|r| bad("seccomp", r))?;
     instance.engine = engine;
+    instance.init = spec.init.unwrap_or(true);
     instance
         .labels
         .insert(LABEL_SERVICE.into(), release.service.clone());
@@ -103,6 +104,10 @@ pub fn instance_spec(release: &Release, engine: Engine) -> Result<InstanceSpec, 
         .map_err(|e| bad("resources", e.to_string()))?;
     Ok(instance)
 }
+
+/// How often the controller has the provider take back what no removal names (directories,
+/// addresses and network namespaces of launches and cleanups that were killed midway).
+pub const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Lets the loop between passes end early when something a pass would act on has happened
 /// (a health check flipped, a stop finished) or a known moment arrives (an instance's
@@ -224,6 +229,9 @@ pub struct Controller {
     stopping: HashMap<String, StopTask>,
     /// When this pass listed the instances: a stop that ended after it may not show yet.
     listed_at: std::time::Instant,
+    /// When the provider last swept what killed launches and cleanups left (see
+    /// [`SWEEP_INTERVAL`]); `None` until the first pass.
+    swept_at: Option<std::time::Instant>,
     /// The rootfs cache to check for modifications, and how often.
     rootfs: Option<(imago_runtime::RootfsCache, Duration)>,
     last_rootfs_check: Option<std::time::Instant>,
@@ -253,6 +261,11 @@ pub struct Controller {
 
 impl Controller {
     /// Sleeps until the next pass is due: at most `interval`, less when something changed.
+    /// What ends the wait between passes early (see [`Wake`]).
+    pub fn waker(&self) -> Arc<Wake> {
+        self.health.wake.clone()
+    }
+
     pub fn wait_for_next_pass(&self, interval: Duration) {
         self.health.wake.wait(interval);
     }
@@ -279,6 +292,7 @@ impl Controller {
             announced_drift: BTreeSet::new(),
             stopping: HashMap::new(),
             listed_at: std::time::Instant::now(),
+            swept_at: None,
             rootfs: None,
             last_rootfs_check: None,
             tainted: HashMap::new(),
@@ -441,6 +455,15 @@ impl Controller {
     /// One reconcile pass over every service.
     pub fn pass(&mut self) -> Result<Vec<ServicePass>, DeployError> {
         self.listed_at = std::time::Instant::now();
+        // The sweep reads every instance directory, lease and network namespace: once per
+        // interval, not per pass and never per removed instance.
+        if self
+            .swept_at
+            .is_none_or(|at| at.elapsed() >= SWEEP_INTERVAL)
+        {
+            self.provider.sweep();
+            self.swept_at = Some(self.listed_at);
+        }
         let instances = self
             .provider
             .list()
@@ -1016,16 +1039,18 @@ mod tests {
 
     /// A provider whose stops take as long as the grace period, as with a process that ignores
     /// SIGTERM: what the controller must never wait for inside a pass. Records each grace.
-    struct SlowStops(Arc<FakeProvider>, Mutex<Vec<Duration>>);
+    /// Its launches take the third field's time (a real launch waits for its supervisor).
+    struct SlowStops(Arc<FakeProvider>, Mutex<Vec<Duration>>, Duration);
 
     impl SlowStops {
         fn new(fake: &Arc<FakeProvider>) -> Arc<SlowStops> {
-            Arc::new(SlowStops(fake.clone(), Mutex::default()))
+            Arc::new(SlowStops(fake.clone(), Mutex::default(), Duration::ZERO))
         }
     }
 
     impl Provider for SlowStops {
         fn launch(&self, spec: &InstanceSpec) -> Result<Instance, imago_runtime::RuntimeError> {
+            std::thread::sleep(self.2);
             self.0.launch(spec)
         }
         fn stop(&self, id: &str, grace: Duration) -> Result<Instance, imago_runtime::RuntimeError> {
@@ -1403,6 +1428,64 @@ mod tests {
             }
         });
         port
+    }
+
+    /// The launches of one pass run side by side: 16 launches of 100 ms each take well under
+    /// their 1.6 s sum, and every one of them is recorded.
+    #[test]
+    fn the_launches_of_a_pass_run_side_by_side() {
+        let mut h = harness();
+        let slow = SlowStops(h.fake.clone(), Mutex::default(), Duration::from_millis(100));
+        h.restart(Arc::new(slow));
+        let web = spec(serde_json::json!({"image": "web", "replicas": 16}));
+        h.release("web", &web, b"v1");
+        let started = std::time::Instant::now();
+        let pass = h.controller.pass().unwrap().remove(0);
+        let took = started.elapsed();
+        assert_eq!(pass.launched.len(), 16, "{pass:?}");
+        assert!(
+            took < Duration::from_millis(800),
+            "16 launches took {took:?}"
+        );
+        assert_eq!(h.running("web").len(), 16);
+    }
+
+    /// A new instance is usually probed before its program listens; it is looked at again
+    /// within milliseconds, not a whole interval later (each rollout wave waited for that), and
+    /// those early failures do not count against it.
+    #[test]
+    fn a_new_instance_is_ready_soon_after_it_listens_not_an_interval_later() {
+        let mut h = harness();
+        let port = free_port();
+        let web = spec(serde_json::json!({
+            "image": "web", "replicas": 1, "network": "host",
+            "health": {"type": "tcp", "port": port, "interval": "5s", "unhealthy_threshold": 2},
+        }));
+        h.release("web", &web, b"v1");
+        let started = std::time::Instant::now();
+        let first = h.controller.pass().unwrap().remove(0);
+        assert_eq!(first.launched.len(), 1);
+        let listener = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+            for conn in listener.incoming() {
+                drop(conn);
+            }
+        });
+        loop {
+            let pass = h.controller.pass().unwrap().remove(0);
+            assert!(pass.failed.is_none(), "{pass:?}");
+            assert!(pass.retired.is_empty(), "early failures counted: {pass:?}");
+            if pass.complete {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "not ready within 3 s of a 5 s interval: {pass:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(listener);
     }
 
     #[test]

@@ -109,25 +109,30 @@ impl Controller {
         let pid = instance.pid;
         let started = instance.started_ms.unwrap_or(instance.created_ms);
         let task = self.runtime.spawn(async move {
+            let run = |timeout: Duration| {
+                let probe = &probe;
+                async move {
+                    match (probe, ip) {
+                        (Probe::Http { path, port, status }, Some(ip)) => {
+                            crate::health::http(SocketAddr::new(ip, *port), path, *status, timeout)
+                                .await
+                        }
+                        (Probe::Tcp { port }, Some(ip)) => {
+                            crate::health::tcp(SocketAddr::new(ip, *port), timeout).await
+                        }
+                        (Probe::Command { command }, _) => {
+                            command_probe(pid, command, timeout).await
+                        }
+                        (_, None) => ProbeResult::Unhealthy("instance has no address".into()),
+                    }
+                }
+            };
+            let mut passed_once = false;
             loop {
-                let result = match (&probe, ip) {
-                    (Probe::Http { path, port, status }, Some(ip)) => {
-                        crate::health::http(
-                            SocketAddr::new(ip, *port),
-                            path,
-                            *status,
-                            check.timeout,
-                        )
-                        .await
-                    }
-                    (Probe::Tcp { port }, Some(ip)) => {
-                        crate::health::tcp(SocketAddr::new(ip, *port), check.timeout).await
-                    }
-                    (Probe::Command { command }, _) => {
-                        command_probe(pid, command, check.timeout).await
-                    }
-                    (_, None) => ProbeResult::Unhealthy("instance has no address".into()),
-                };
+                let tick = tokio::time::Instant::now() + check.interval;
+                let result = run(check.timeout).await;
+                let failed = matches!(result, ProbeResult::Unhealthy(_));
+                passed_once |= !failed;
                 let in_start_period =
                     now_ms().saturating_sub(started) < check.start_period.as_millis() as u64;
                 board.record(
@@ -137,12 +142,33 @@ impl Controller {
                     check.unhealthy_threshold,
                     in_start_period,
                 );
-                tokio::time::sleep(check.interval).await;
+                if failed && !passed_once && check.healthy_threshold == 1 {
+                    // A new instance is usually probed before its program listens. Rather than
+                    // wait a whole interval (up to a second per rollout wave), look again soon,
+                    // doubling the pause: a success there counts at once, a failure does not
+                    // count at all (failures are counted only at interval ticks, as before).
+                    let mut pause = FIRST_RETRY;
+                    while tokio::time::Instant::now() + pause < tick {
+                        tokio::time::sleep(pause).await;
+                        pause *= 2;
+                        let left = tick.saturating_duration_since(tokio::time::Instant::now());
+                        let quick = run(check.timeout.min(left)).await;
+                        if matches!(quick, ProbeResult::Healthy) {
+                            passed_once = true;
+                            board.record(&id, quick, 1, check.unhealthy_threshold, false);
+                            break;
+                        }
+                    }
+                }
+                tokio::time::sleep_until(tick).await;
             }
         });
         self.probes.insert(instance.id.clone(), task);
     }
 }
+
+/// The first extra look at a new instance that failed its first check (see `ensure_probe`).
+const FIRST_RETRY: Duration = Duration::from_millis(10);
 
 /// Kills a probe's process group when dropped while armed: nsenter forks the command into the
 /// instance's PID namespace and only waits for it, so killing nsenter alone (a timeout, or the

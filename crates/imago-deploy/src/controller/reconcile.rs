@@ -16,6 +16,46 @@ use crate::rollout::{ObservedInstance, Phase, RolloutInput, next_step};
 use crate::spec::Strategy;
 use crate::state::{Release, ReleaseOutcome, now_ms};
 
+/// At most this many launches run at once (each on its own thread, mostly waiting for its
+/// supervisor process).
+const PARALLEL_LAUNCHES: usize = 8;
+
+/// Launches `count` instances of `spec`, up to [`PARALLEL_LAUNCHES`] at a time; the results in
+/// the order the launches ended. After a failure no further launch is started (one that fails
+/// will likely fail again: the next pass tries anew), those under way finish.
+fn launch_all(
+    provider: &dyn imago_runtime::Provider,
+    spec: &imago_runtime::InstanceSpec,
+    count: usize,
+) -> Vec<Result<Instance, imago_runtime::RuntimeError>> {
+    if count <= 1 {
+        return (0..count).map(|_| provider.launch(spec)).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let results = std::sync::Mutex::new(Vec::with_capacity(count));
+    std::thread::scope(|scope| {
+        for _ in 0..count.min(PARALLEL_LAUNCHES) {
+            scope.spawn(|| {
+                use std::sync::atomic::Ordering;
+                while !failed.load(Ordering::Relaxed)
+                    && next.fetch_add(1, Ordering::Relaxed) < count
+                {
+                    let result = provider.launch(spec);
+                    if result.is_err() {
+                        failed.store(true, Ordering::Relaxed);
+                    }
+                    results
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(result);
+                }
+            });
+        }
+    });
+    results.into_inner().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Controller {
     /// Stops every instance of a destroyed service and closes its endpoint. Stops run beside the
     /// loop (each takes up to the instance's grace period), so a pass never waits for one; a
@@ -265,9 +305,11 @@ impl Controller {
         self.stop_drained(
             service, &release, &by_id, &releases, draining, now, &mut pass,
         )?;
-        // Launch.
-        for _ in 0..step.launch {
-            match self.provider.launch(&expected) {
+        // Launch, several at a time: each launch mostly waits for its supervisor to create and
+        // start the container, so one after the other made a 10-instance rollback wave (or a
+        // 1,000-instance deploy) wait for the sum of them.
+        for launched in launch_all(self.provider.as_ref(), &expected, step.launch as usize) {
+            match launched {
                 Ok(instance) => {
                     self.db.event(
                         Some(service),
@@ -288,7 +330,6 @@ impl Controller {
                         &format!("launch for release {} failed: {e}", release.number),
                         &self.actor,
                     )?;
-                    break;
                 }
             }
         }
