@@ -10,6 +10,8 @@
 //! wire twice. A second registry loses the session instead: the push starts the blob again and
 //! still completes.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
