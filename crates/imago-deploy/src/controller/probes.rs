@@ -110,6 +110,7 @@ impl Controller {
         let started = instance.started_ms.unwrap_or(instance.created_ms);
         let task = self.runtime.spawn(async move {
             loop {
+                let probe_started = std::time::Instant::now();
                 let result = match (&probe, ip) {
                     (Probe::Http { path, port, status }, Some(ip)) => {
                         crate::health::http(
@@ -128,6 +129,19 @@ impl Controller {
                     }
                     (_, None) => ProbeResult::Unhealthy("instance has no address".into()),
                 };
+                crate::metrics::live().observe_health_check(
+                    match probe {
+                        Probe::Http { .. } => "http",
+                        Probe::Tcp { .. } => "tcp",
+                        Probe::Command { .. } => "command",
+                    },
+                    if matches!(result, ProbeResult::Healthy) {
+                        "healthy"
+                    } else {
+                        "unhealthy"
+                    },
+                    probe_started.elapsed(),
+                );
                 let in_start_period =
                     now_ms().saturating_sub(started) < check.start_period.as_millis() as u64;
                 board.record(
