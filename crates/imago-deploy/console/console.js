@@ -31,6 +31,8 @@ function el(tag, attrs, ...children) {
     if (v === undefined || v === null || v === false) continue;
     if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
     else if (k === "class") node.className = v;
+    // Through the CSSOM: the page's Content-Security-Policy refuses style attributes.
+    else if (k === "style") node.style.cssText = v;
     else node.setAttribute(k, v === true ? "" : v);
   }
   for (const c of children.flat()) {
@@ -62,7 +64,7 @@ function showError(where, error) {
 // ---- views -----------------------------------------------------------------------------------
 
 function renderOverview() {
-  const rows = state.overview.map(s => el("tr", { class: s.drift_events ? "" : null },
+  const rows = state.overview.map(s => el("tr", {},
     cell("Service", el("a", { href: "#/service/" + encodeURIComponent(s.name) }, s.name),
       s.target ? el("span", { class: "muted" }, " on " + s.target) : null),
     cell("Release", s.release === null ? "" : "#" + s.release, " ",
