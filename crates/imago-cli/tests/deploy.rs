@@ -464,6 +464,41 @@ fn rollback_to_a_release_restores_its_image_and_environment_together() {
             .iter()
             .all(|i| i["image"] == releases[0]["image_digest"])
     );
+
+    // The console's rollback action: a POST with the home's token, through the same code as
+    // `imago rollback`, rolled out by the running controller.
+    let token_path = d.imago.home.join("api-token");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&token_path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let token = std::fs::read_to_string(&token_path).unwrap();
+    let info: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(d.imago.home.join("deploy/controller.json")).unwrap(),
+    )
+    .unwrap();
+    let api = info["api"].as_str().unwrap().to_owned();
+    let (code, body) = http_post(&api, "/v1/services/web/rollback", None);
+    assert_eq!((code, body.as_str()), (401, ""), "no token, no action");
+    let (code, body) = http_post(&api, "/v1/services/web/rollback", Some(token.trim()));
+    assert_eq!(code, 202, "{body}");
+    let accepted: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(accepted["release"], 4);
+    assert_eq!(accepted["restores"], 2);
+    d.wait_until(
+        "the API's rollback to complete",
+        Duration::from_secs(60),
+        |d| {
+            let status = d.status();
+            status["services"][0]["desired"]["number"] == 4
+                && status["services"][0]["outcome"]["outcome"] == "complete"
+        },
+    );
+    assert!(d.get().unwrap().contains("version v2"));
+    let history = d.imago.run(&["history", "--json", "web"]).ok().json();
+    assert_eq!(history[3]["rollback_of"], 2, "{history}");
+    assert_eq!(history[3]["spec"]["env"]["VERSION"], "2", "{history}");
 }
 
 #[test]
@@ -1016,6 +1051,34 @@ fn http_request(addr: &str, path: &str) -> (u16, String) {
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
     write!(stream, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (code, body)
+}
+
+/// POST `path` with an empty JSON body and, if given, the bearer token.
+fn http_post(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "POST {path} HTTP/1.0\r\nHost: test\r\n{auth}Content-Length: 0\r\n\r\n"
+    )
+    .unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     let code = response

@@ -260,6 +260,10 @@ pub struct ServeOptions {
     pub kernel_balancing: bool,
     /// The imago executable, which runs the data plane (`__dataplane`).
     pub exe: PathBuf,
+    /// The API refuses every action (403).
+    pub read_only: bool,
+    /// The image store, which the API's rollback checks for the image it restores.
+    pub store: Option<imago_store::Store>,
 }
 
 /// What the serve loop has to say; the CLI prints it.
@@ -303,13 +307,30 @@ pub fn run_controller(
             "cannot start a runtime for the controller of",
             &home.root,
         ))?;
+    // Made on the first serve, whatever the address: write actions always need it.
+    let token = crate::api::auth::ensure_token(&home.root)?;
     let api = match runtime.block_on(tokio::net::TcpListener::bind(options.api)) {
         Ok(listener) => {
             let addr = listener
                 .local_addr()
                 .map_err(io("cannot read the API address of", &home.root))?;
-            let router = crate::api::router(home.db_path(), provider.clone());
-            runtime.spawn(async move { axum::serve(listener, router).await });
+            let router = crate::api::router(crate::api::ApiConfig {
+                db_path: home.db_path(),
+                provider: provider.clone(),
+                store: options.store.clone(),
+                home: Some(home.clone()),
+                rootfs: Some(rootfs.clone()),
+                token: Some(token),
+                token_for_reads: crate::api::needs_token_for_reads(addr),
+                read_only: options.read_only,
+            });
+            runtime.spawn(async move {
+                axum::serve(
+                    listener,
+                    router.into_make_service_with_connect_info::<SocketAddr>(),
+                )
+                .await
+            });
             addr.to_string()
         }
         Err(e) => {
@@ -370,7 +391,10 @@ pub fn run_controller(
         });
     }
     loop {
-        match controller.pass() {
+        let pass_started = Instant::now();
+        let pass = controller.pass();
+        crate::metrics::live().observe_pass(pass_started.elapsed());
+        match pass {
             Ok(passes) => {
                 for p in passes {
                     note(Note::Pass(p));

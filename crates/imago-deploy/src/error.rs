@@ -52,6 +52,15 @@ pub enum DeployError {
     UnknownRelease { service: String, number: u64 },
     #[error("service {0} has no earlier completed release to roll back to")]
     NothingToRollBackTo(String),
+    /// A rollback's target pins an image that gc has since removed.
+    #[error(
+        "service {service}: release {number} pins image {digest}, which is no longer in the store"
+    )]
+    ImageGone {
+        service: String,
+        number: u64,
+        digest: imago_oci::Digest,
+    },
     #[error("runtime: {0}")]
     Runtime(String),
     #[error(transparent)]

@@ -3,6 +3,7 @@
 //! observed instances; the state lives in SQLite.
 #![forbid(unsafe_code)]
 
+pub mod actions;
 pub mod api;
 pub mod controller;
 pub mod daemon;
@@ -10,6 +11,7 @@ pub mod dataplane;
 pub mod drift;
 pub mod error;
 pub mod health;
+pub mod metrics;
 pub mod plan;
 pub mod proxy;
 pub mod rollout;

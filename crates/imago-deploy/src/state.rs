@@ -611,6 +611,40 @@ impl StateDb {
         Err(DeployError::NothingToRollBackTo(service.clone()))
     }
 
+    /// Every recorded rollout end, oldest first: service, outcome and how long it took from
+    /// its release's creation (the metrics' rollout counters and duration histogram).
+    pub fn rollout_ends(&self) -> Result<Vec<(String, ReleaseOutcome, u64)>, DeployError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT o.service, o.outcome, MAX(o.at_ms - r.created_ms, 0)
+                 FROM release_outcomes o JOIN releases r
+                   ON r.service = o.service AND r.number = o.number
+                 ORDER BY o.at_ms",
+            )
+            .map_err(|e| self.err(e))?;
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(|e| self.err(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))
+    }
+
+    /// How many events of `kind` each service has (the metrics' drift counter; the overview's
+    /// drift count).
+    pub fn event_counts(&self, kind: &str) -> Result<BTreeMap<String, u64>, DeployError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT COALESCE(service, ''), COUNT(*) FROM events WHERE kind = ?1
+                 GROUP BY service",
+            )
+            .map_err(|e| self.err(e))?;
+        stmt.query_map([kind], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(|e| self.err(e))?
+            .collect::<Result<BTreeMap<_, _>, _>>()
+            .map_err(|e| self.err(e))
+    }
+
     /// Appends an event.
     pub fn event(
         &self,

@@ -789,6 +789,9 @@ pub struct ServeArgs {
     /// balance.
     #[arg(long)]
     pub no_kernel_balancing: bool,
+    /// Serve the HTTP API and console read-only: actions (rollback) answer 403
+    #[arg(long)]
+    pub read_only: bool,
 }
 
 /// What `imago serve` and `imago serve --stop` did.
@@ -841,6 +844,9 @@ pub fn serve(ctx: &Context, args: ServeArgs) -> Result<()> {
         if args.no_kernel_balancing {
             serve_args.push("--no-kernel-balancing".to_owned());
         }
+        if args.read_only {
+            serve_args.push("--read-only".to_owned());
+        }
         let exe = std::env::current_exe().context("cannot locate the imago executable")?;
         let pid = daemon::ensure_controller(&home, &exe, &serve_args)?;
         if pid.is_none() {
@@ -859,7 +865,7 @@ pub fn serve(ctx: &Context, args: ServeArgs) -> Result<()> {
     }
     let lock = daemon::lock_controller(&home)?;
     let store = ctx.store()?;
-    let local = local_provider(ctx, store)?;
+    let local = local_provider(ctx, store.clone())?;
     let rootfs = local.rootfs_cache();
     let options = ServeOptions {
         api: args.api,
@@ -867,6 +873,8 @@ pub fn serve(ctx: &Context, args: ServeArgs) -> Result<()> {
         engine: args.runtime.parse()?,
         kernel_balancing: !args.no_kernel_balancing,
         exe: std::env::current_exe().context("cannot locate the imago executable")?,
+        read_only: args.read_only,
+        store: Some(store),
     };
     let never = daemon::run_controller(
         &home,
@@ -1089,31 +1097,14 @@ pub struct RollbackArgs {
 pub fn rollback(ctx: &Context, args: RollbackArgs) -> Result<()> {
     let home = DeployHome::new(ctx);
     let mut db = home.open_db()?;
-    let current = db
-        .desired(&args.service)?
-        .ok_or_else(|| anyhow!("no deployed service {}", args.service))?;
-    let target = db.rollback_target(&current, args.to)?;
     let store = ctx.store()?;
-    if !store.has_blob(&target.image_digest) {
-        bail!(
-            "release {} pins image {}, which is no longer in the store",
-            target.number,
-            target.image_digest
-        );
-    }
-    let reason = format!("rollback to release {}", target.number);
     let since = db.last_event_seq()?;
-    let (release, _) = db.record_release(
-        &args.service,
-        &target.spec,
-        &target.image_digest,
-        &reason,
-        Some(target.number),
-        &actor(),
-    )?;
+    // The same code path as the API's rollback action.
+    let (release, restored) =
+        imago_deploy::actions::rollback(&mut db, &store, &args.service, args.to, &actor())?;
     ctx.reporter.status(format!(
-        "service {}: release {} restores release {} (image and configuration)",
-        args.service, release.number, target.number
+        "service {}: release {} restores release {restored} (image and configuration)",
+        args.service, release.number
     ));
     ensure_controller(ctx, &home, &[])?;
     if args.no_wait {

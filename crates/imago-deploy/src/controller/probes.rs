@@ -112,7 +112,8 @@ impl Controller {
             let run = |timeout: Duration| {
                 let probe = &probe;
                 async move {
-                    match (probe, ip) {
+                    let probe_started = std::time::Instant::now();
+                    let result = match (probe, ip) {
                         (Probe::Http { path, port, status }, Some(ip)) => {
                             crate::health::http(SocketAddr::new(ip, *port), path, *status, timeout)
                                 .await
@@ -124,7 +125,21 @@ impl Controller {
                             command_probe(pid, command, timeout).await
                         }
                         (_, None) => ProbeResult::Unhealthy("instance has no address".into()),
-                    }
+                    };
+                    crate::metrics::live().observe_health_check(
+                        match probe {
+                            Probe::Http { .. } => "http",
+                            Probe::Tcp { .. } => "tcp",
+                            Probe::Command { .. } => "command",
+                        },
+                        if matches!(result, ProbeResult::Healthy) {
+                            "healthy"
+                        } else {
+                            "unhealthy"
+                        },
+                        probe_started.elapsed(),
+                    );
+                    result
                 }
             };
             let mut passed_once = false;
