@@ -1581,6 +1581,20 @@ impl RemoteHost {
         let _ = std::process::Command::new("ip")
             .args(["netns", "del", &remote.name])
             .output();
+        // A remote host's addresses follow from the port, and an earlier test that had the same
+        // port leaves its flows in the kernel's conntrack table for minutes (TIME_WAIT): they
+        // would count as this test's forwarded flows. Gone before this host sends anything.
+        let cleared = std::process::Command::new("conntrack")
+            .args(["-D", "-s", &remote.remote_addr.to_string()])
+            .output()
+            .expect("conntrack (installed by scripts/setup)");
+        // Status 1 with "0 flow entries" when there was nothing to delete.
+        assert!(
+            cleared.status.success()
+                || String::from_utf8_lossy(&cleared.stderr).contains("0 flow entries"),
+            "conntrack -D: {}",
+            String::from_utf8_lossy(&cleared.stderr)
+        );
         ip(&["netns", "add", &remote.name]);
         ip(&[
             "link",
