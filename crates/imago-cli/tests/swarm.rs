@@ -367,17 +367,11 @@ impl SwarmService {
     }
 
     fn history(&self) -> Vec<serde_json::Value> {
-        self.imago
-            .run(&["history", "--json", &self.name])
-            .ok()
-            .json()
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
+        self.imago.history(&self.name)
     }
 
     fn events(&self) -> String {
-        self.imago.run(&["events", &self.name]).ok().stdout()
+        self.imago.events(&self.name)
     }
 
     /// GET / through imago's endpoint.
@@ -407,16 +401,8 @@ impl SwarmService {
             .to_owned()
     }
 
-    fn wait_for(&self, what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-        let deadline = Instant::now() + timeout;
-        while !ok() {
-            assert!(
-                Instant::now() < deadline,
-                "{what} did not happen within {timeout:?}; events:\n{}",
-                self.events()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+    fn wait_for(&self, what: &str, timeout: Duration, ok: impl FnMut() -> bool) {
+        self.imago.wait_for(&self.name, what, timeout, ok)
     }
 }
 
@@ -675,18 +661,7 @@ fn a_controller_killed_mid_rollout_is_restarted_and_records_the_outcome() {
     s.wait_for("the update to start", Duration::from_secs(30), || {
         s.label("imago.release") == "2"
     });
-    let info: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(s.imago.home.join("deploy/controller.json")).unwrap(),
-    )
-    .unwrap();
-    let pid = info["pid"].as_u64().unwrap().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-KILL", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    s.imago.kill_controller();
     assert!(
         s.history()[1]["outcome"].is_null(),
         "the rollout was still under way when the controller died: {:?}",

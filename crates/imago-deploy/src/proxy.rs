@@ -187,7 +187,7 @@ pub fn bind(
 ) -> io::Result<Vec<std::net::TcpListener>> {
     if addr.port() != 0 && check_free {
         // A plain bind fails on any holder of the port, reuseport or not; closed again at once.
-        drop(plain_socket(addr)?);
+        drop(plain_socket(addr, false)?);
     }
     let first = reuseport_listener(addr)?;
     let addr = first.local_addr()?;
@@ -198,8 +198,9 @@ pub fn bind(
     Ok(listeners)
 }
 
-/// A TCP socket bound to `addr` (IPv6 only for an IPv6 address), not listening.
-fn plain_socket(addr: SocketAddr) -> io::Result<OwnedFd> {
+/// A TCP socket bound to `addr` (IPv6 only for an IPv6 address), not listening; with
+/// `reuseport`, one of a group that share the port.
+fn plain_socket(addr: SocketAddr, reuseport: bool) -> io::Result<OwnedFd> {
     use rustix::net::{AddressFamily, SocketFlags, SocketType, sockopt};
     let family = match addr {
         SocketAddr::V4(_) => AddressFamily::INET,
@@ -215,28 +216,15 @@ fn plain_socket(addr: SocketAddr) -> io::Result<OwnedFd> {
         sockopt::set_ipv6_v6only(&socket, true)?;
     }
     sockopt::set_socket_reuseaddr(&socket, true)?;
+    if reuseport {
+        sockopt::set_socket_reuseport(&socket, true)?;
+    }
     rustix::net::bind(&socket, &addr)?;
     Ok(socket)
 }
 
 fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    use rustix::net::{AddressFamily, SocketFlags, SocketType, sockopt};
-    let family = match addr {
-        SocketAddr::V4(_) => AddressFamily::INET,
-        SocketAddr::V6(_) => AddressFamily::INET6,
-    };
-    let socket = rustix::net::socket_with(
-        family,
-        SocketType::STREAM,
-        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
-        None,
-    )?;
-    if addr.is_ipv6() {
-        sockopt::set_ipv6_v6only(&socket, true)?;
-    }
-    sockopt::set_socket_reuseaddr(&socket, true)?;
-    sockopt::set_socket_reuseport(&socket, true)?;
-    rustix::net::bind(&socket, &addr)?;
+    let socket = plain_socket(addr, true)?;
     // A deep accept queue: a burst of new connections waits for the next accept instead of
     // being dropped (somaxconn caps it).
     rustix::net::listen(&socket, 4096)?;
