@@ -21,11 +21,13 @@
 #    remote_setup for why); the proxy alone and HAProxy listen on 0.0.0.0 too;
 #  - one reconcile pass over 10,000 instances with the fake provider.
 # Run as root: [ROUNDS=N] [PROXY_ROWS=small|echo|all] [PROFILE=release|debug] [BENCH_PORT=18301]
-#   [BIN_DIR=DIR] benches/deploy.sh [all|rolling|proxy|remote]
+#   [BIN_DIR=DIR] [DIRECT_FROM_CLIENT=1] benches/deploy.sh [all|rolling|proxy|remote]
 # (default all, which is rolling and proxy; PROXY_ROWS picks the endpoint workloads: the HTTP
 # ones, the echo ones, or all; PROFILE=debug measures the debug build, when a release build would
 # cost too much; BIN_DIR=DIR takes imago and the examples built already in DIR, e.g. another
-# checkout's target/release, and builds nothing)
+# checkout's target/release, and builds nothing; DIRECT_FROM_CLIENT=1 asks the remote run's
+# direct side from the remote client's own address, as this script did before: it reproduces the
+# stalls that the kernel path's side then had)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-all}"
@@ -276,6 +278,7 @@ remote_setup() {
   ip -n "$direct_ns" link set lo up
   ip -n "$direct_ns" route add default via 10.230.0.5
   direct_client=(ip netns exec "$direct_ns")
+  if [ "${DIRECT_FROM_CLIENT:-}" = 1 ]; then direct_client=("${client[@]}"); fi
 }
 
 # Proxy vs direct, one instance per service: the web page, a 1 MiB file of the same httpd, and
