@@ -17,13 +17,17 @@
 #    this script creates (a veth pair, 10.230.0.1 here and 10.230.0.2 there), the services have
 #    `bind = "0.0.0.0:PORT"`, and imago's endpoint is what a remote client gets by default, the
 #    kernel's forwarding (nftables DNAT); direct is the instance's own address, routed by this
-#    host; the proxy alone and HAProxy listen on 0.0.0.0 too;
+#    host, asked from a second remote host (10.230.0.6, its own namespace and veth pair: see
+#    remote_setup for why); the proxy alone and HAProxy listen on 0.0.0.0 too;
 #  - one reconcile pass over 10,000 instances with the fake provider.
 # Run as root: [ROUNDS=N] [PROXY_ROWS=small|echo|all] [PROFILE=release|debug] [BENCH_PORT=18301]
-#   benches/deploy.sh [all|rolling|proxy|remote]
+#   [BIN_DIR=DIR] [DIRECT_FROM_CLIENT=1] benches/deploy.sh [all|rolling|proxy|remote]
 # (default all, which is rolling and proxy; PROXY_ROWS picks the endpoint workloads: the HTTP
 # ones, the echo ones, or all; PROFILE=debug measures the debug build, when a release build would
-# cost too much)
+# cost too much; BIN_DIR=DIR takes imago and the examples built already in DIR, e.g. another
+# checkout's target/release, and builds nothing; DIRECT_FROM_CLIENT=1 asks the remote run's
+# direct side from the remote client's own address, as this script did before: it reproduces the
+# stalls that the kernel path's side then had)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-all}"
@@ -33,7 +37,8 @@ scripts/setup >/dev/null
 command -v wrk >/dev/null || { apt-get install -y -qq wrk >/dev/null; }
 command -v haproxy >/dev/null || { apt-get install -y -qq haproxy >/dev/null; }
 profile="${PROFILE:-release}"
-case "$profile" in
+case "${BIN_DIR:+prebuilt}$profile" in
+  prebuilt*) ;;
   release)
     cargo_profile=(--release)
     cargo build --release -q -p imago-cli
@@ -46,14 +51,18 @@ case "$profile" in
     ;;
   *) echo "benches/deploy.sh: PROFILE is release or debug, not $profile" >&2; exit 2 ;;
 esac
-imago="$PWD/target/$profile/imago"
-pingpong="$PWD/target/$profile/examples/pingpong"
-endpoint="$PWD/target/$profile/examples/endpoint"
+bin_dir="${BIN_DIR:-$PWD/target/$profile}"
+imago="$bin_dir/imago"
+pingpong="$bin_dir/examples/pingpong"
+endpoint="$bin_dir/examples/endpoint"
 # The remote client's network namespace (remote mode only).
 remote_ns="bench-remote-imago"
 remote_host_addr=10.230.0.1
 remote_veth=ibr0
+direct_ns="bench-remote-direct"
+direct_veth=ibr1
 client=()
+direct_client=()
 export IMAGO_HOME="$(mktemp -d /tmp/imago-bench-deploy.XXXXXX)"
 work="$(mktemp -d /tmp/imago-bench-src.XXXXXX)"
 docker_dir=""
@@ -80,7 +89,10 @@ cleanup() {
   "$imago" destroy web >/dev/null 2>&1 || true
   "$imago" destroy echo >/dev/null 2>&1 || true
   "$imago" serve --stop >/dev/null 2>&1 || true
-  if [ "$what" = remote ]; then ip netns del "$remote_ns" 2>/dev/null || true; fi
+  if [ "$what" = remote ]; then
+    ip netns del "$remote_ns" 2>/dev/null || true
+    ip netns del "$direct_ns" 2>/dev/null || true
+  fi
   rm -rf "$work" "$IMAGO_HOME"
 }
 gwbridge_before=$(ip link show docker_gwbridge >/dev/null 2>&1 && echo yes || echo no)
@@ -250,6 +262,23 @@ remote_setup() {
   ip -n "$remote_ns" link set lo up
   ip -n "$remote_ns" route add default via "$remote_host_addr"
   client=(ip netns exec "$remote_ns")
+  # The direct side asks from a host of its own. From the same address, its closed flows (held
+  # by conntrack for 2 minutes) share their reply tuple, instance:8080 -> client:port, with the
+  # forwarded flows of a reused client port; NAT then gives such a forwarded flow a random
+  # source port, which meets the instance's TIME_WAIT of another flow, and the SYN is refused
+  # (PAWS) and sent again after 1 s: about one request in 25 of the forwarded side waited a
+  # second (BENCHMARKS.md, issue 15). A real remote client never reaches an instance directly.
+  ip netns del "$direct_ns" 2>/dev/null || true
+  ip netns add "$direct_ns"
+  ip link add "$direct_veth" type veth peer name eth0 netns "$direct_ns"
+  ip addr add 10.230.0.5/30 dev "$direct_veth"
+  ip link set "$direct_veth" up
+  ip -n "$direct_ns" addr add 10.230.0.6/30 dev eth0
+  ip -n "$direct_ns" link set eth0 up
+  ip -n "$direct_ns" link set lo up
+  ip -n "$direct_ns" route add default via 10.230.0.5
+  direct_client=(ip netns exec "$direct_ns")
+  if [ "${DIRECT_FROM_CLIENT:-}" = 1 ]; then direct_client=("${client[@]}"); fi
 }
 
 # Proxy vs direct, one instance per service: the web page, a 1 MiB file of the same httpd, and
@@ -324,7 +353,7 @@ CFG
   wrk_run() {
     local out
     out=$("${client[@]}" wrk $1 --latency "http://$2$3" 2>&1) || { echo "0 failed"; return 0; }
-    echo "$out" | awk '/Requests\/sec/ {r=$2} /^ +50%/ {p=$2} /Transfer\/sec/ {t=$2} END {print r, p, t}'
+    echo "$out" | awk '/Requests\/sec/ {r=$2} /^ +50%/ {p=$2} /^ +99%/ {q=$2} /Transfer\/sec/ {t=$2} END {print r, p "/" q, t}'
   }
   rows=()
   # The instance's listen-queue overflows (0 if it was replaced meanwhile: an overloaded host
@@ -349,7 +378,7 @@ CFG
       # Rotate which goes first, so a load change during the run hits every side alike.
       for side in $(rotate "$i" d p x h); do
         case $side in
-          d) d+=("$(wrk_run "$args" "$web_addr:8080" "$path")") ;;
+          d) d+=("$(client=("${direct_client[@]}"); wrk_run "$args" "$web_addr:8080" "$path")") ;;
           p) p+=("$(wrk_run "$args" "$reach:$port" "$path")") ;;
           x) x+=("$(wrk_run "$args" "$reach:$((port + 20))" "$path")") ;;
           h) h+=("$(wrk_run "$args" "$reach:$((port + 10))" "$path")") ;;
@@ -372,7 +401,7 @@ CFG
     for i in $(seq "$rounds"); do
       for side in $(rotate "$i" d p x h); do
         case $side in
-          d) d+=("$(pp "$echo_addr:8080" "$c")") ;;
+          d) d+=("$(client=("${direct_client[@]}"); pp "$echo_addr:8080" "$c")") ;;
           p) p+=("$(pp "$reach:$((port + 1))" "$c")") ;;
           x) x+=("$(pp "$reach:$((port + 21))" "$c")") ;;
           h) h+=("$(pp "$reach:$((port + 11))" "$c")") ;;
@@ -419,9 +448,11 @@ if [ -n "$proxy_done" ]; then
   echo
   echo "| workload | direct | $side | imago endpoint proxy alone (the fallback) | HAProxy | ratios of the medians to direct: endpoint / proxy / HAProxy | median of the per-round ratios to direct |"
   echo "|---|---|---|---|---|---|---|"
+  # The HTTP rows carry p50/p99 (a tail of 1 s SYN retransmits shows in the p99), echo rows p50.
+  latency() { if [[ $1 == */* ]]; then echo "p50/p99 $1"; else echo "p50 $1"; fi; }
   for row in "${rows[@]}"; do
     IFS='|' read -r name d p x h paired_ratios <<<"$row"
     read -r d_rps d_lat d_tr <<<"$d"; read -r p_rps p_lat p_tr <<<"$p"; read -r x_rps x_lat x_tr <<<"$x"; read -r h_rps h_lat h_tr <<<"$h"
-    echo "| $name | ${d_rps}/s, p50 ${d_lat}${d_tr:+, $d_tr/s} | ${p_rps}/s, p50 ${p_lat}${p_tr:+, $p_tr/s} | ${x_rps}/s, p50 ${x_lat}${x_tr:+, $x_tr/s} | ${h_rps}/s, p50 ${h_lat}${h_tr:+, $h_tr/s} | $(echo "scale=2; $p_rps / $d_rps" | bc) / $(echo "scale=2; $x_rps / $d_rps" | bc) / $(echo "scale=2; $h_rps / $d_rps" | bc) | $paired_ratios |"
+    echo "| $name | ${d_rps}/s, $(latency "$d_lat")${d_tr:+, $d_tr/s} | ${p_rps}/s, $(latency "$p_lat")${p_tr:+, $p_tr/s} | ${x_rps}/s, $(latency "$x_lat")${x_tr:+, $x_tr/s} | ${h_rps}/s, $(latency "$h_lat")${h_tr:+, $h_tr/s} | $(echo "scale=2; $p_rps / $d_rps" | bc) / $(echo "scale=2; $x_rps / $d_rps" | bc) / $(echo "scale=2; $h_rps / $d_rps" | bc) | $paired_ratios |"
   done
 fi
