@@ -417,6 +417,27 @@ impl Drop for SwarmService {
     }
 }
 
+/// GET `path` from the API of `imago`'s running controller (on loopback: no token), as JSON.
+fn api_get(imago: &Imago, path: &str) -> serde_json::Value {
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(imago.home.join("deploy/controller.json")).unwrap())
+            .unwrap();
+    let mut stream = TcpStream::connect(info["api"].as_str().unwrap()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert_eq!(
+        head.split_whitespace().nth(1),
+        Some("200"),
+        "{path}: {response}"
+    );
+    serde_json::from_str(body).unwrap()
+}
+
 fn get(port: u16) -> std::io::Result<String> {
     let mut stream = TcpStream::connect(("127.0.0.1", port))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -734,6 +755,35 @@ fn plan_compares_with_the_live_service_and_status_lists_its_tasks() {
         3,
         "{human}"
     );
+
+    // The controller's API lists the same tasks: /v1/status, /v1/services and
+    // /v1/services/NAME.
+    let cli_tasks = |service: &serde_json::Value| {
+        let mut ids: Vec<String> = service["tasks"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no tasks in {service}"))
+            .iter()
+            .filter(|t| t["phase"] == "running" && t["desired_running"] == true)
+            .inspect(|t| assert_eq!(t["release"], 1, "{t}"))
+            .map(|t| t["id"].as_str().unwrap().to_owned())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let expected = cli_tasks(&status["services"][0]);
+    let api = api_get(&s.imago, "/v1/status");
+    let ours = api["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|svc| svc["name"] == s.name.as_str())
+        .unwrap_or_else(|| panic!("{} not in {api}", s.name))
+        .clone();
+    assert_eq!(cli_tasks(&ours), expected, "{api}");
+    let listed = api_get(&s.imago, "/v1/services");
+    assert_eq!(cli_tasks(&listed[0]), expected, "{listed}");
+    let one = api_get(&s.imago, &format!("/v1/services/{}", s.name));
+    assert_eq!(cli_tasks(&one), expected, "{one}");
 
     // The health check changed by hand (no controller to put it back): drift, in the plan and
     // in `imago drift`, which read the daemon's `Healthcheck`.

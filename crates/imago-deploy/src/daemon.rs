@@ -414,6 +414,7 @@ pub fn run_controller(
                 token: Some(token),
                 token_for_reads: crate::api::needs_token_for_reads(addr),
                 read_only: options.read_only,
+                engines: engines.clone(),
             });
             runtime.spawn(async move {
                 axum::serve(

@@ -24,9 +24,10 @@ use crate::spec::ResolvedTarget;
 use crate::state::{Release, ReleaseOutcome, RolloutRow, now_ms};
 
 /// Makes the engine of a target (the binary links the engines; imago-deploy knows only the
-/// trait).
-pub type EngineFactory =
-    Box<dyn Fn(&ResolvedTarget) -> Result<Box<dyn ClusterEngine>, EngineError> + Send>;
+/// trait). Shared by the controller and its API (`/v1/status` lists cluster tasks).
+pub type EngineFactory = std::sync::Arc<
+    dyn Fn(&ResolvedTarget) -> Result<Box<dyn ClusterEngine>, EngineError> + Send + Sync,
+>;
 
 /// The engine input of `release`: its image pinned by digest in the target's registry.
 pub fn cluster_service(release: &Release, target: &ResolvedTarget) -> ClusterService {
@@ -526,7 +527,7 @@ mod tests {
             runtime.handle().clone(),
             Engine::Embedded,
         )
-        .with_cluster_engines(Box::new(move |_| {
+        .with_cluster_engines(Arc::new(move |_| {
             Ok(Box::new(FakeEngine(shared.clone())) as Box<dyn ClusterEngine>)
         }));
         Harness {
@@ -731,7 +732,7 @@ mod tests {
             h._runtime.handle().clone(),
             Engine::Embedded,
         )
-        .with_cluster_engines(Box::new(move |_| {
+        .with_cluster_engines(Arc::new(move |_| {
             Ok(Box::new(FakeEngine(shared.clone())) as Box<dyn ClusterEngine>)
         }));
         let pass = h.pass();
