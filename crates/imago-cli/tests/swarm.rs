@@ -174,9 +174,17 @@ impl Drop for Cluster {
         }
         let _ = child.kill();
         let _ = child.wait();
-        // The bridges dockerd made on the host outlive it.
+        // The bridges dockerd made on the host outlive it, and so do the network namespaces it
+        // bind-mounted under its exec root (the swarm's ingress sandbox).
         for link in ["docker_gwbridge", "docker0"] {
             let _ = Command::new("ip").args(["link", "del", link]).output();
+        }
+        for netns in std::fs::read_dir(self.dir.path().join("exec/netns"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let _ = Command::new("umount").arg(netns.path()).output();
         }
     }
 }
@@ -1298,7 +1306,69 @@ fn a_service_on_two_nodes_rolls_over_and_back_with_tasks_on_both() {
         "{back:?} != {image_v1}"
     );
     imago.run(&["destroy", "sw2n"]).ok();
+
+    // Placement: at most one replica per node puts the two replicas on both nodes; a
+    // constraint to workers puts every replica on the worker.
+    let placed = imago.dir.path().join("placed");
+    std::fs::create_dir_all(&placed).unwrap();
+    copy_www(&dir, &placed);
+    let image_tables = &example[..example.find("[service.web]").unwrap()];
+    std::fs::write(
+        placed.join("imago.toml"),
+        format!(
+            "{image_tables}\n[service.sw2p]\nimage = \"web\"\nreplicas = 2\ntarget = \"two\"\n\
+             stop_grace_period = \"1s\"\n\
+             [service.sw2p.placement]\nmax_replicas_per_node = 1\n\n\
+             [service.sw2w]\nimage = \"web\"\nreplicas = 2\ntarget = \"two\"\n\
+             stop_grace_period = \"1s\"\n\
+             [service.sw2w.placement]\nconstraints = [\"node.role==worker\"]\n\n\
+             [target.two]\nengine = \"swarm\"\nendpoint = \"{}\"\nregistry = \"{}/imago-2n\"\n",
+            nodes.endpoint(),
+            nodes.registry().host()
+        ),
+    )
+    .unwrap();
+    let file = placed.join("imago.toml").display().to_string();
+    let out = imago
+        .run(&["apply", "--timeout", "180s", "-f", &file])
+        .ok()
+        .stdout();
+    assert_eq!(out.matches("deployment complete").count(), 2, "{out}");
+    let spread = nodes.running_by_node("sw2p");
+    assert_eq!(spread.len(), 2, "one task on each node: {spread:?}");
+    assert!(spread.values().all(|t| t.len() == 1), "{spread:?}");
+    assert_eq!(
+        nodes.docker(
+            0,
+            &[
+                "service",
+                "inspect",
+                "--format",
+                "{{.Spec.TaskTemplate.Placement.MaxReplicas}}",
+                "sw2p"
+            ]
+        ),
+        "1"
+    );
+    let worker = nodes.docker(1, &["info", "--format", "{{.Swarm.NodeID}}"]);
+    let on_worker = nodes.running_by_node("sw2w");
+    assert_eq!(
+        on_worker.keys().collect::<Vec<_>>(),
+        [&worker],
+        "{on_worker:?}"
+    );
+    assert_eq!(on_worker[&worker].len(), 2, "{on_worker:?}");
+    imago.run(&["destroy", "sw2p", "sw2w"]).ok();
     drop(guard);
+}
+
+/// The site files of a test project, for a second project of the same images.
+fn copy_www(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to.join("www")).unwrap();
+    for entry in std::fs::read_dir(from.join("www")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join("www").join(entry.file_name())).unwrap();
+    }
 }
 
 /// Stops the home's controller however the test ends (before the swarm goes away).

@@ -23,6 +23,10 @@ use crate::error::DeployError;
 use crate::spec::ResolvedTarget;
 use crate::state::{Release, ReleaseOutcome, RolloutRow, now_ms};
 
+/// How soon the gate looks again when every new task runs and only the engine's own update
+/// (its monitor period) is left to finish.
+const ENGINE_DONE_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Makes the engine of a target (the binary links the engines; imago-deploy knows only the
 /// trait). Shared by the controller and its API (`/v1/status` lists cluster tasks).
 pub type EngineFactory = std::sync::Arc<
@@ -385,6 +389,13 @@ impl Controller {
             }
         }
         let Some(reason) = failure else {
+            if running_new >= replicas && old_wanted == 0 {
+                // Only the engine's monitor period is left: look again soon, not at the next
+                // interval, so that its end is seen within tens of milliseconds.
+                self.health
+                    .wake
+                    .at(now + ENGINE_DONE_POLL.as_millis() as u64);
+            }
             return Ok(());
         };
         self.fail_rollout(service, release, reason, pass)
