@@ -1317,10 +1317,8 @@ fn a_service_on_two_nodes_rolls_over_and_back_with_tasks_on_both() {
         placed.join("imago.toml"),
         format!(
             "{image_tables}\n[service.sw2p]\nimage = \"web\"\nreplicas = 2\ntarget = \"two\"\n\
-             stop_grace_period = \"1s\"\n\
              [service.sw2p.placement]\nmax_replicas_per_node = 1\n\n\
              [service.sw2w]\nimage = \"web\"\nreplicas = 2\ntarget = \"two\"\n\
-             stop_grace_period = \"1s\"\n\
              [service.sw2w.placement]\nconstraints = [\"node.role==worker\"]\n\n\
              [target.two]\nengine = \"swarm\"\nendpoint = \"{}\"\nregistry = \"{}/imago-2n\"\n",
             nodes.endpoint(),
