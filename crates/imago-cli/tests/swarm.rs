@@ -852,7 +852,11 @@ fn plan_compares_with_the_live_service_and_status_lists_its_tasks() {
 
 #[test]
 fn tcp_endpoints_in_plain_http_and_with_tls_drive_the_swarm() {
-    let forwarder = Forwarder::start(&cluster().socket);
+    // Held for the whole test: a temporary would end the cluster right here when no other test
+    // holds it (one test at a time), and the service would get a new daemon the forwarder does
+    // not reach.
+    let shared = cluster();
+    let forwarder = Forwarder::start(&shared.socket);
     let s = SwarmService::new("swtcp");
     let tls = s.cluster.tls_endpoint.clone();
     s.edit(
