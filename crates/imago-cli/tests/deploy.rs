@@ -1329,6 +1329,132 @@ fn a_controller_kill_9_or_upgrade_under_load_fails_no_request_through_the_proxy(
     the_endpoint_serves_through_controller_restarts(&["serve", "--no-kernel-balancing"]);
 }
 
+/// The pid that holds `lock` exclusively (a controller), read from the kernel's `/proc/locks`.
+fn lock_writer(lock: &Path) -> Option<i32> {
+    use std::os::unix::fs::MetadataExt;
+    let inode = std::fs::metadata(lock).unwrap().ino().to_string();
+    std::fs::read_to_string("/proc/locks")
+        .unwrap()
+        .lines()
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let ours = fields.get(1..4) == Some(&["FLOCK", "ADVISORY", "WRITE"][..])
+                && fields.get(5).and_then(|f| f.rsplit(':').next()) == Some(inode.as_str());
+            ours.then(|| fields[4].parse().unwrap())
+        })
+}
+
+/// The live (not zombie) `imago serve --foreground` processes of this deployment's home.
+fn live_controllers(d: &Deployment) -> Vec<i32> {
+    home_processes(d)
+        .into_iter()
+        .filter(|(_, cmdline)| cmdline.contains(" serve --foreground"))
+        .filter(|(pid, _)| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat.rsplit(") ").next().and_then(|r| r.chars().next());
+            !matches!(state, None | Some('Z' | 'X'))
+        })
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// A cgroup v1 freezer group of the test's own: a process frozen in it stays (in state D, its
+/// files open) with a SIGKILL pending until it is thawed, as a controller does whose kill meets
+/// it in the middle of a long fsync on a busy disk.
+struct Freezer(PathBuf);
+
+impl Freezer {
+    fn new() -> Freezer {
+        let root = Path::new("/sys/fs/cgroup/freezer");
+        assert!(
+            root.join("cgroup.procs").exists(),
+            "this test needs the cgroup v1 freezer at {}",
+            root.display()
+        );
+        let dir = root.join(format!("imago-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Freezer(dir)
+    }
+
+    fn freeze(&self, pid: i32) {
+        std::fs::write(self.0.join("cgroup.procs"), pid.to_string()).unwrap();
+        std::fs::write(self.0.join("freezer.state"), "FROZEN").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::read_to_string(self.0.join("freezer.state"))
+            .unwrap()
+            .trim()
+            != "FROZEN"
+        {
+            assert!(Instant::now() < deadline, "{pid} did not freeze");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn thaw(&self) {
+        std::fs::write(self.0.join("freezer.state"), "THAWED").unwrap();
+    }
+}
+
+impl Drop for Freezer {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.0.join("freezer.state"), "THAWED");
+        // Empty once the killed controllers are gone.
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// `imago serve` or `imago apply` run the moment `kill -9` of the controller returns, while
+/// the dying controller still holds its lock (the test keeps it from finishing its exit for
+/// 0 to 290 ms: the kernel closes a process's files last): a new controller runs afterwards
+/// every time, and never two. Regression: the command took the dying controller for a running
+/// one and started none, so nothing reconciled.
+#[test]
+fn a_command_right_after_a_controller_kill_9_starts_a_new_controller_every_time() {
+    let d = Deployment::new();
+    d.apply().ok();
+    let lock = d.imago.home.join("deploy/controller.lock");
+    let freezer = Arc::new(Freezer::new());
+    for round in 0..30 {
+        let killed = lock_writer(&lock).expect("a controller holds the lock");
+        freezer.freeze(killed);
+        kill9(killed);
+        let delay = Duration::from_millis(10 * round);
+        let thaw = {
+            let freezer = freezer.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(delay);
+                freezer.thaw();
+            })
+        };
+        if round % 2 == 0 {
+            let started = d.imago.run(&["--json", "serve"]).ok().json();
+            assert_eq!(started["controller"], "started", "round {round}: {started}");
+        } else {
+            let applied = d.apply().ok();
+            assert!(
+                applied.stderr().contains("started the controller"),
+                "round {round}: {}",
+                applied.stderr()
+            );
+        }
+        thaw.join().unwrap();
+        let holder = lock_writer(&lock)
+            .unwrap_or_else(|| panic!("round {round}: no controller holds the lock"));
+        assert_ne!(holder, killed, "round {round}");
+        assert_eq!(live_controllers(&d), vec![holder], "round {round}");
+    }
+    // The last one reconciles: a change goes out through it.
+    d.set_version("v2", "2");
+    let out = d.apply().ok().stdout();
+    assert!(out.contains("deployment complete (release 2"), "{out}");
+    assert!(d.get().unwrap().contains("version v2"));
+}
+
 #[test]
 fn a_restarted_controller_adopts_the_data_plane_and_routes_its_rollout() {
     let d = Deployment::new();

@@ -174,9 +174,17 @@ impl Drop for Cluster {
         }
         let _ = child.kill();
         let _ = child.wait();
-        // The bridges dockerd made on the host outlive it.
+        // The bridges dockerd made on the host outlive it, and so do the network namespaces it
+        // bind-mounted under its exec root (the swarm's ingress sandbox).
         for link in ["docker_gwbridge", "docker0"] {
             let _ = Command::new("ip").args(["link", "del", link]).output();
+        }
+        for netns in std::fs::read_dir(self.dir.path().join("exec/netns"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let _ = Command::new("umount").arg(netns.path()).output();
         }
     }
 }
@@ -415,6 +423,27 @@ impl Drop for SwarmService {
             .docker_cmd(&["service", "rm", &self.name])
             .output();
     }
+}
+
+/// GET `path` from the API of `imago`'s running controller (on loopback: no token), as JSON.
+fn api_get(imago: &Imago, path: &str) -> serde_json::Value {
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(imago.home.join("deploy/controller.json")).unwrap())
+            .unwrap();
+    let mut stream = TcpStream::connect(info["api"].as_str().unwrap()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert_eq!(
+        head.split_whitespace().nth(1),
+        Some("200"),
+        "{path}: {response}"
+    );
+    serde_json::from_str(body).unwrap()
 }
 
 fn get(port: u16) -> std::io::Result<String> {
@@ -735,6 +764,35 @@ fn plan_compares_with_the_live_service_and_status_lists_its_tasks() {
         "{human}"
     );
 
+    // The controller's API lists the same tasks: /v1/status, /v1/services and
+    // /v1/services/NAME.
+    let cli_tasks = |service: &serde_json::Value| {
+        let mut ids: Vec<String> = service["tasks"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no tasks in {service}"))
+            .iter()
+            .filter(|t| t["phase"] == "running" && t["desired_running"] == true)
+            .inspect(|t| assert_eq!(t["release"], 1, "{t}"))
+            .map(|t| t["id"].as_str().unwrap().to_owned())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let expected = cli_tasks(&status["services"][0]);
+    let api = api_get(&s.imago, "/v1/status");
+    let ours = api["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|svc| svc["name"] == s.name.as_str())
+        .unwrap_or_else(|| panic!("{} not in {api}", s.name))
+        .clone();
+    assert_eq!(cli_tasks(&ours), expected, "{api}");
+    let listed = api_get(&s.imago, "/v1/services");
+    assert_eq!(cli_tasks(&listed[0]), expected, "{listed}");
+    let one = api_get(&s.imago, &format!("/v1/services/{}", s.name));
+    assert_eq!(cli_tasks(&one), expected, "{one}");
+
     // The health check changed by hand (no controller to put it back): drift, in the plan and
     // in `imago drift`, which read the daemon's `Healthcheck`.
     s.imago.run(&["serve", "--stop"]).ok();
@@ -794,7 +852,11 @@ fn plan_compares_with_the_live_service_and_status_lists_its_tasks() {
 
 #[test]
 fn tcp_endpoints_in_plain_http_and_with_tls_drive_the_swarm() {
-    let forwarder = Forwarder::start(&cluster().socket);
+    // Held for the whole test: a temporary would end the cluster right here when no other test
+    // holds it (one test at a time), and the service would get a new daemon the forwarder does
+    // not reach.
+    let shared = cluster();
+    let forwarder = Forwarder::start(&shared.socket);
     let s = SwarmService::new("swtcp");
     let tls = s.cluster.tls_endpoint.clone();
     s.edit(
@@ -1248,7 +1310,67 @@ fn a_service_on_two_nodes_rolls_over_and_back_with_tasks_on_both() {
         "{back:?} != {image_v1}"
     );
     imago.run(&["destroy", "sw2n"]).ok();
+
+    // Placement: at most one replica per node puts the two replicas on both nodes; a
+    // constraint to workers puts every replica on the worker.
+    let placed = imago.dir.path().join("placed");
+    std::fs::create_dir_all(&placed).unwrap();
+    copy_www(&dir, &placed);
+    let image_tables = &example[..example.find("[service.web]").unwrap()];
+    std::fs::write(
+        placed.join("imago.toml"),
+        format!(
+            "{image_tables}\n[service.sw2p]\nimage = \"web\"\nreplicas = 2\ntarget = \"two\"\n\
+             [service.sw2p.placement]\nmax_replicas_per_node = 1\n\n\
+             [service.sw2w]\nimage = \"web\"\nreplicas = 2\ntarget = \"two\"\n\
+             [service.sw2w.placement]\nconstraints = [\"node.role==worker\"]\n\n\
+             [target.two]\nengine = \"swarm\"\nendpoint = \"{}\"\nregistry = \"{}/imago-2n\"\n",
+            nodes.endpoint(),
+            nodes.registry().host()
+        ),
+    )
+    .unwrap();
+    let file = placed.join("imago.toml").display().to_string();
+    let out = imago
+        .run(&["apply", "--timeout", "180s", "-f", &file])
+        .ok()
+        .stdout();
+    assert_eq!(out.matches("deployment complete").count(), 2, "{out}");
+    let spread = nodes.running_by_node("sw2p");
+    assert_eq!(spread.len(), 2, "one task on each node: {spread:?}");
+    assert!(spread.values().all(|t| t.len() == 1), "{spread:?}");
+    assert_eq!(
+        nodes.docker(
+            0,
+            &[
+                "service",
+                "inspect",
+                "--format",
+                "{{.Spec.TaskTemplate.Placement.MaxReplicas}}",
+                "sw2p"
+            ]
+        ),
+        "1"
+    );
+    let worker = nodes.docker(1, &["info", "--format", "{{.Swarm.NodeID}}"]);
+    let on_worker = nodes.running_by_node("sw2w");
+    assert_eq!(
+        on_worker.keys().collect::<Vec<_>>(),
+        [&worker],
+        "{on_worker:?}"
+    );
+    assert_eq!(on_worker[&worker].len(), 2, "{on_worker:?}");
+    imago.run(&["destroy", "sw2p", "sw2w"]).ok();
     drop(guard);
+}
+
+/// The site files of a test project, for a second project of the same images.
+fn copy_www(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to.join("www")).unwrap();
+    for entry in std::fs::read_dir(from.join("www")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join("www").join(entry.file_name())).unwrap();
+    }
 }
 
 /// Stops the home's controller however the test ends (before the swarm goes away).

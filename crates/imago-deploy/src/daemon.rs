@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::controller::{Controller, ServicePass};
 use crate::dataplane::{PlaneCommand, RemotePlane};
 use crate::error::DeployError;
+use crate::lock_holder::Holder;
 use crate::state::StateDb;
 
 /// How long starting or stopping a controller may take.
@@ -77,7 +78,17 @@ impl DeployHome {
 
 /// Takes an exclusive flock on `path` without waiting; `None` if another holds it.
 pub fn try_lock(path: &Path) -> Result<Option<File>, DeployError> {
-    let file = OpenOptions::new()
+    let file = open_lock_file(path)?;
+    flock_now(
+        &file,
+        path,
+        rustix::fs::FlockOperation::NonBlockingLockExclusive,
+    )
+    .map(|taken| taken.then_some(file))
+}
+
+fn open_lock_file(path: &Path) -> Result<File, DeployError> {
+    OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
@@ -86,10 +97,18 @@ pub fn try_lock(path: &Path) -> Result<Option<File>, DeployError> {
             what: "cannot open",
             path: path.to_owned(),
             source,
-        })?;
-    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(Some(file)),
-        Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+        })
+}
+
+/// `flock(operation)` without waiting: whether it was taken.
+fn flock_now(
+    file: &File,
+    path: &Path,
+    operation: rustix::fs::FlockOperation,
+) -> Result<bool, DeployError> {
+    match rustix::fs::flock(file, operation) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(false),
         Err(e) => Err(DeployError::Io {
             what: "cannot lock",
             path: path.to_owned(),
@@ -98,10 +117,34 @@ pub fn try_lock(path: &Path) -> Result<Option<File>, DeployError> {
     }
 }
 
-/// Whether a controller holds the lock of `home`.
+/// Whether a controller holds the lock of `home` (a dying one included: see
+/// [`controller_lock_holder`]). The probe takes the lock shared for a moment, so two probes at
+/// once never take each other for a controller, and one never blocks a controller for longer
+/// than its own retry.
 pub fn controller_running(home: &DeployHome) -> Result<bool, DeployError> {
+    Ok(controller_lock_holder(home)?.is_some())
+}
+
+/// The process that holds the controller lock of `home` exclusively, if any: a running
+/// controller, or one that is exiting (killed, its files not closed yet).
+pub fn controller_lock_holder(home: &DeployHome) -> Result<Option<Holder>, DeployError> {
     home.create()?;
-    Ok(try_lock(&home.lock_path())?.is_none())
+    let path = home.lock_path();
+    let file = open_lock_file(&path)?;
+    if flock_now(
+        &file,
+        &path,
+        rustix::fs::FlockOperation::NonBlockingLockShared,
+    )? {
+        return Ok(None);
+    }
+    crate::lock_holder::exclusive_holder(&file, &path)
+        .map(Some)
+        .map_err(|source| DeployError::Io {
+            what: "cannot find the holder of",
+            path,
+            source,
+        })
 }
 
 /// What `deploy/controller.json` says of the running controller.
@@ -154,14 +197,43 @@ pub fn read_info(home: &DeployHome) -> Result<ControllerInfo, DeployError> {
     })
 }
 
+/// The pid of the controller that runs for `home`, if any, once a controller that is exiting
+/// (killed a moment ago: its lock is released only when the kernel has closed its files) is
+/// gone. Without that wait, a command run right after a `kill -9` would take the dying
+/// controller for a running one and start none.
+pub fn running_controller(home: &DeployHome) -> Result<Option<u32>, DeployError> {
+    let deadline = Instant::now() + START_STOP_TIMEOUT;
+    loop {
+        let late = Instant::now() > deadline;
+        match controller_lock_holder(home)? {
+            None => return Ok(None),
+            Some(Holder::Running(pid)) => return Ok(Some(pid)),
+            Some(Holder::Exiting(pid)) if late => {
+                return Err(DeployError::ControllerDidNotStop { pid });
+            }
+            Some(Holder::Unknown) if late => {
+                return Err(DeployError::ControllerRunning {
+                    home: home.root.clone(),
+                });
+            }
+            Some(Holder::Exiting(_) | Holder::Unknown) => std::thread::sleep(LOCK_POLL),
+        }
+    }
+}
+
+/// How often a wait for the controller lock looks again: a dying process closes its files
+/// within milliseconds.
+const LOCK_POLL: Duration = Duration::from_millis(5);
+
 /// Starts `exe --home HOME serve --foreground SERVE_ARGS` in the background unless a controller
-/// already runs for `home`, and waits until it holds its lock. Returns the new controller's pid.
+/// already runs for `home`, and waits until it holds its lock. Returns the new controller's pid,
+/// or `None` if one ran already (or another command started one at the same moment).
 pub fn ensure_controller(
     home: &DeployHome,
     exe: &Path,
     serve_args: &[String],
 ) -> Result<Option<u32>, DeployError> {
-    if controller_running(home)? {
+    if running_controller(home)?.is_some() {
         return Ok(None);
     }
     let log_path = home.log_path();
@@ -185,15 +257,27 @@ pub fn ensure_controller(
         .stderr(log_err);
     // Its own process group: a Ctrl-C on `imago apply` does not stop the controller.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    let child = cmd
+    let mut child = cmd
         .spawn()
         .map_err(io("cannot start the controller", exe))?;
     let deadline = Instant::now() + START_STOP_TIMEOUT;
     while Instant::now() < deadline {
-        if controller_running(home)? {
+        let holder = controller_lock_holder(home)?;
+        if holder == Some(Holder::Running(child.id())) {
             return Ok(Some(child.id()));
         }
-        std::thread::sleep(Duration::from_millis(20));
+        if child
+            .try_wait()
+            .map_err(io("cannot wait for the controller", exe))?
+            .is_some()
+        {
+            // Ours gave up: another command's controller holds the lock, or it failed.
+            return match holder {
+                Some(Holder::Running(_)) => Ok(None),
+                _ => Err(DeployError::ControllerDidNotStart { log: log_path }),
+            };
+        }
+        std::thread::sleep(LOCK_POLL);
     }
     Err(DeployError::ControllerDidNotStart { log: log_path })
 }
@@ -201,33 +285,36 @@ pub fn ensure_controller(
 /// Stops the controller of `home` (SIGTERM) and waits for its lock to be free; returns its pid,
 /// or `None` if none ran. Its instances and the data plane keep running.
 pub fn stop_controller(home: &DeployHome) -> Result<Option<u32>, DeployError> {
-    if !controller_running(home)? {
+    let Some(running) = running_controller(home)? else {
         return Ok(None);
-    }
-    let info = read_info(home)?;
-    let pid = i32::try_from(info.pid)
+    };
+    let pid = i32::try_from(running)
         .ok()
         .and_then(rustix::process::Pid::from_raw)
         .ok_or_else(|| DeployError::Io {
-            what: "bad pid in",
-            path: home.info_path(),
+            what: "bad pid of the lock holder of",
+            path: home.lock_path(),
             source: std::io::ErrorKind::InvalidData.into(),
         })?;
-    rustix::process::kill_process(pid, rustix::process::Signal::TERM).map_err(|e| {
-        DeployError::Io {
-            what: "cannot signal the controller of",
-            path: home.root.clone(),
-            source: e.into(),
+    match rustix::process::kill_process(pid, rustix::process::Signal::TERM) {
+        // Ended by itself meanwhile.
+        Ok(()) | Err(rustix::io::Errno::SRCH) => {}
+        Err(e) => {
+            return Err(DeployError::Io {
+                what: "cannot signal the controller of",
+                path: home.root.clone(),
+                source: e.into(),
+            });
         }
-    })?;
+    }
     let deadline = Instant::now() + START_STOP_TIMEOUT;
     while controller_running(home)? {
         if Instant::now() > deadline {
-            return Err(DeployError::ControllerDidNotStop { pid: info.pid });
+            return Err(DeployError::ControllerDidNotStop { pid: running });
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(LOCK_POLL);
     }
-    Ok(Some(info.pid))
+    Ok(Some(running))
 }
 
 /// The lock of the one controller of a home, held for the controller's life.
@@ -235,20 +322,24 @@ pub struct ControllerLock {
     _file: File,
 }
 
-/// Takes the controller lock of `home`. `controller_running` probes by taking the same lock for
-/// a moment: a probe (`apply` waiting for this very controller to start) is not mistaken for
-/// another controller.
+/// Takes the controller lock of `home`, or fails at once if a running controller holds it.
+/// Probes (`controller_running`) hold it shared for a moment, and a killed controller holds it
+/// until its files are closed: both are waited for, never taken for a controller.
 pub fn lock_controller(home: &DeployHome) -> Result<ControllerLock, DeployError> {
     home.create()?;
-    for _ in 0..10 {
+    let deadline = Instant::now() + START_STOP_TIMEOUT;
+    loop {
         if let Some(lock) = try_lock(&home.lock_path())? {
             return Ok(ControllerLock { _file: lock });
         }
-        std::thread::sleep(Duration::from_millis(30));
+        let running = matches!(controller_lock_holder(home)?, Some(Holder::Running(_)));
+        if running || Instant::now() > deadline {
+            return Err(DeployError::ControllerRunning {
+                home: home.root.clone(),
+            });
+        }
+        std::thread::sleep(LOCK_POLL);
     }
-    Err(DeployError::ControllerRunning {
-        home: home.root.clone(),
-    })
 }
 
 /// How `imago serve --foreground` runs.
@@ -323,6 +414,7 @@ pub fn run_controller(
                 token: Some(token),
                 token_for_reads: crate::api::needs_token_for_reads(addr),
                 read_only: options.read_only,
+                engines: engines.clone(),
             });
             runtime.spawn(async move {
                 axum::serve(

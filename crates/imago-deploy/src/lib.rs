@@ -11,6 +11,7 @@ pub mod dataplane;
 pub mod drift;
 pub mod error;
 pub mod health;
+pub mod lock_holder;
 pub mod metrics;
 pub mod plan;
 pub mod proxy;

@@ -67,58 +67,69 @@ pub struct TaskRow {
     pub error: Option<String>,
 }
 
-/// Adds to every service of `document` on a cluster target the tasks its engine reports.
+/// Adds to every one of `services` on a cluster target the tasks its engine reports (for
+/// `imago status` and the API's status documents alike).
 pub fn add_cluster_tasks(
     db: &StateDb,
-    document: &mut StatusDocument,
+    services: &mut [ServiceStatus],
     engines: &mut ClusterEngines<'_>,
 ) -> Result<(), DeployError> {
-    for service in &mut document.services {
-        let Some(release) = &service.desired else {
-            continue;
+    for service in services {
+        add_service_tasks(db, service, engines)?;
+    }
+    Ok(())
+}
+
+/// Adds to `service`, if it is on a cluster target, the tasks its engine reports.
+fn add_service_tasks(
+    db: &StateDb,
+    service: &mut ServiceStatus,
+    engines: &mut ClusterEngines<'_>,
+) -> Result<(), DeployError> {
+    let Some(release) = &service.desired else {
+        return Ok(());
+    };
+    let Some(target) = release.spec.cluster_target() else {
+        return Ok(());
+    };
+    let desired = cluster_service(release, target);
+    let Some(observed) = engines.engine(target)?.observe(&desired)? else {
+        return Ok(());
+    };
+    let mut releases: BTreeMap<String, Option<u64>> = BTreeMap::new();
+    for task in observed.tasks {
+        let release = match &task.revision {
+            Some(revision) => match releases.get(revision) {
+                Some(number) => *number,
+                None => {
+                    let number = db
+                        .release_with_revision(&service.name, revision)?
+                        .map(|r| r.number);
+                    releases.insert(revision.clone(), number);
+                    number
+                }
+            },
+            None => None,
         };
-        let Some(target) = release.spec.cluster_target() else {
-            continue;
-        };
-        let desired = cluster_service(release, target);
-        let Some(observed) = engines.engine(target)?.observe(&desired)? else {
-            continue;
-        };
-        let mut releases: BTreeMap<String, Option<u64>> = BTreeMap::new();
-        for task in observed.tasks {
-            let release = match &task.revision {
-                Some(revision) => match releases.get(revision) {
-                    Some(number) => *number,
-                    None => {
-                        let number = db
-                            .release_with_revision(&service.name, revision)?
-                            .map(|r| r.number);
-                        releases.insert(revision.clone(), number);
-                        number
-                    }
-                },
-                None => None,
-            };
-            service.tasks.push(TaskRow {
-                id: task.id,
-                phase: match task.phase {
-                    TaskPhase::Starting => "starting",
-                    TaskPhase::Running => "running",
-                    TaskPhase::Failed => "failed",
-                    TaskPhase::Done => "done",
-                },
-                desired_running: task.desired_running,
-                node: task.address.map(|a| a.ip().to_string()),
-                address: task.address.map(|a| a.to_string()),
-                release,
-                revision: task.revision,
-                image_digest: task
-                    .image
-                    .split_once('@')
-                    .map(|(_, digest)| digest.to_owned()),
-                error: task.error,
-            });
-        }
+        service.tasks.push(TaskRow {
+            id: task.id,
+            phase: match task.phase {
+                TaskPhase::Starting => "starting",
+                TaskPhase::Running => "running",
+                TaskPhase::Failed => "failed",
+                TaskPhase::Done => "done",
+            },
+            desired_running: task.desired_running,
+            node: task.address.map(|a| a.ip().to_string()),
+            address: task.address.map(|a| a.to_string()),
+            release,
+            revision: task.revision,
+            image_digest: task
+                .image
+                .split_once('@')
+                .map(|(_, digest)| digest.to_owned()),
+            error: task.error,
+        });
     }
     Ok(())
 }

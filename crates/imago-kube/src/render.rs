@@ -14,6 +14,10 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
+    Affinity, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
+    PodAffinityTerm, PodAntiAffinity, TopologySpreadConstraint,
+};
+use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, ExecAction,
     HTTPGetAction, HostPathVolumeSource, Lifecycle, LifecycleHandler,
     PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
@@ -198,6 +202,8 @@ pub fn render(input: &ReleaseInput<'_>) -> Result<RenderedRelease, KubeError> {
     let stop_grace = seconds("stop_grace_period", spec.stop_grace_period)?;
 
     let selector = selector_labels(service);
+    let (affinity, topology_spread_constraints) =
+        render_placement(&spec.placement, &selector, &refuse)?;
     let mut labels = selector.clone();
     labels.insert(LABEL_RELEASE.into(), input.release.to_string());
     labels.insert(LABEL_REVISION.into(), input.revision.to_owned());
@@ -275,6 +281,8 @@ pub fn render(input: &ReleaseInput<'_>) -> Result<RenderedRelease, KubeError> {
         automount_service_account_token: Some(false),
         enable_service_links: Some(false),
         volumes: (!volumes.is_empty()).then_some(volumes),
+        affinity,
+        topology_spread_constraints,
         ..PodSpec::default()
     };
     let deployment = Deployment {
@@ -401,6 +409,94 @@ fn check_dns_label(name: &str, what: &str) -> Result<(), String> {
             "{what} {name:?} is not a kubernetes object name (lowercase letters, digits and '-', at most 63, not starting or ending with '-')"
         ))
     }
+}
+/// `placement` where Kubernetes has the same meaning: constraints on node labels, the
+/// hostname and the OS as required node affinity (`In`/`NotIn`, all of them to be met, as in a
+/// swarm); at most one replica per node as required pod anti-affinity on the hostname; spread
+/// over a node label as a topology spread constraint that, like a swarm's spread preference,
+/// never blocks scheduling. The rest has no counterpart and is refused.
+fn render_placement(
+    placement: &imago_spec::Placement,
+    selector: &BTreeMap<String, String>,
+    refuse: &dyn Fn(&str, String) -> KubeError,
+) -> Result<(Option<Affinity>, Option<Vec<TopologySpreadConstraint>>), KubeError> {
+    let constraints = placement
+        .parsed_constraints()
+        .map_err(|r| refuse("placement.constraints", r))?;
+    let mut requirements = Vec::new();
+    for c in constraints {
+        let key = if let Some(label) = c.key.strip_prefix("node.labels.") {
+            label.to_owned()
+        } else if c.key == "node.hostname" {
+            "kubernetes.io/hostname".to_owned()
+        } else if c.key == "node.platform.os" {
+            "kubernetes.io/os".to_owned()
+        } else {
+            return Err(refuse(
+                "placement.constraints",
+                format!(
+                    "{}: kubernetes nodes have no such attribute of a swarm's kind; constrain \
+                     on node.labels.NAME, node.hostname or node.platform.os",
+                    c.key
+                ),
+            ));
+        };
+        requirements.push(NodeSelectorRequirement {
+            key,
+            operator: if c.equal { "In" } else { "NotIn" }.to_owned(),
+            values: Some(vec![c.value.to_owned()]),
+        });
+    }
+    let pods = || LabelSelector {
+        match_labels: Some(selector.clone()),
+        match_expressions: None,
+    };
+    let anti_affinity = match placement.max_replicas_per_node {
+        None => None,
+        Some(1) => Some(PodAntiAffinity {
+            required_during_scheduling_ignored_during_execution: Some(vec![PodAffinityTerm {
+                label_selector: Some(pods()),
+                topology_key: "kubernetes.io/hostname".to_owned(),
+                ..PodAffinityTerm::default()
+            }]),
+            preferred_during_scheduling_ignored_during_execution: None,
+        }),
+        Some(n) => {
+            return Err(refuse(
+                "placement.max_replicas_per_node",
+                format!(
+                    "{n}: kubernetes caps replicas per node only at 1 (pod anti-affinity); a \
+                     topology spread's skew is not a cap"
+                ),
+            ));
+        }
+    };
+    let affinity = (!requirements.is_empty() || anti_affinity.is_some()).then(|| Affinity {
+        node_affinity: (!requirements.is_empty()).then(|| NodeAffinity {
+            required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                node_selector_terms: vec![NodeSelectorTerm {
+                    match_expressions: Some(requirements),
+                    match_fields: None,
+                }],
+            }),
+            preferred_during_scheduling_ignored_during_execution: None,
+        }),
+        pod_anti_affinity: anti_affinity,
+        pod_affinity: None,
+    });
+    let spread: Vec<TopologySpreadConstraint> = placement
+        .spread
+        .iter()
+        .filter_map(|label| label.strip_prefix("node.labels."))
+        .map(|label| TopologySpreadConstraint {
+            max_skew: 1,
+            topology_key: label.to_owned(),
+            when_unsatisfiable: "ScheduleAnyway".to_owned(),
+            label_selector: Some(pods()),
+            ..TopologySpreadConstraint::default()
+        })
+        .collect();
+    Ok((affinity, (!spread.is_empty()).then_some(spread)))
 }
 
 fn render_resources(

@@ -151,6 +151,47 @@ fn rendering_is_byte_stable_and_the_yaml_reads_back_as_the_objects() {
     assert_eq!(back, first);
 }
 
+/// Placement as a swarm's, in the objects Kubernetes schedules by: required node affinity for
+/// constraints, pod anti-affinity on the hostname for one replica per node, a soft topology
+/// spread for a spread preference.
+#[test]
+fn placement_maps_to_node_affinity_anti_affinity_and_topology_spread() {
+    let rendered = render_service(
+        "web",
+        "image = \"web\"\nreplicas = 2\n[service.web.placement]\n\
+         constraints = [\"node.labels.zone==a\", \"node.hostname!=n1\", \"node.platform.os==linux\"]\n\
+         max_replicas_per_node = 1\nspread = [\"node.labels.rack\"]\n",
+        &[],
+    )
+    .unwrap();
+    let pod =
+        serde_json::to_value(&rendered.deployment).unwrap()["spec"]["template"]["spec"].clone();
+    let affinity = &pod["affinity"];
+    assert_eq!(
+        affinity["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"],
+        serde_json::json!([{"matchExpressions": [
+            {"key": "zone", "operator": "In", "values": ["a"]},
+            {"key": "kubernetes.io/hostname", "operator": "NotIn", "values": ["n1"]},
+            {"key": "kubernetes.io/os", "operator": "In", "values": ["linux"]}
+        ]}]),
+        "{pod}"
+    );
+    let anti = &affinity["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0];
+    assert_eq!(anti["topologyKey"], "kubernetes.io/hostname", "{pod}");
+    assert_eq!(
+        anti["labelSelector"]["matchLabels"],
+        serde_json::to_value(&rendered.deployment).unwrap()["spec"]["selector"]["matchLabels"],
+    );
+    let spread = &pod["topologySpreadConstraints"][0];
+    assert_eq!(spread["topologyKey"], "rack", "{pod}");
+    assert_eq!(spread["whenUnsatisfiable"], "ScheduleAnyway", "{pod}");
+    assert_eq!(spread["maxSkew"], 1, "{pod}");
+    // Without placement, none of it.
+    let plain = render_service("web", "image = \"web\"\n", &[]).unwrap();
+    let pod = serde_json::to_value(&plain.deployment).unwrap()["spec"]["template"]["spec"].clone();
+    assert!(pod.get("affinity").is_none() && pod.get("topologySpreadConstraints").is_none());
+}
+
 #[test]
 fn keys_kubernetes_cannot_honour_are_refused_by_name() {
     let cases: &[(&str, &str)] = &[
@@ -175,6 +216,14 @@ fn keys_kubernetes_cannot_honour_are_refused_by_name() {
         ("web", "image = \"web\"\nresources = { cpus = 0.0001 }\n"),
         ("web", "image = \"web\"\nvolumes = [\"Data_1:/srv\"]\n"),
         ("Web_1", "image = \"web\"\n"),
+        (
+            "web",
+            "image = \"web\"\n[service.web.placement]\nconstraints = [\"node.role==worker\"]\n",
+        ),
+        (
+            "web",
+            "image = \"web\"\n[service.web.placement]\nmax_replicas_per_node = 2\n",
+        ),
     ];
     let mut report = String::new();
     for (name, toml) in cases {

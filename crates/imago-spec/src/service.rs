@@ -74,6 +74,80 @@ pub struct ServiceSpec {
     #[serde(default = "default_stop_grace", with = "humantime_serde_compat")]
     #[schemars(with = "DurationText")]
     pub stop_grace_period: Duration,
+    /// Which nodes of a cluster target the replicas may run on, and how they spread.
+    #[serde(default, skip_serializing_if = "Placement::is_empty")]
+    pub placement: Placement,
+}
+
+/// `[service.NAME.placement]`: where the replicas of a service on a cluster target run. This
+/// host is one node: a service on it refuses every key.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    /// Node constraints as Docker writes them, all of which a node must meet:
+    /// `node.role==worker`, `node.hostname!=n1`, `node.labels.zone==a`, `node.platform.os==linux`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub constraints: Vec<String>,
+    /// At most this many replicas on one node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_replicas_per_node: Option<u32>,
+    /// Node labels whose values the replicas spread over evenly, in order of preference:
+    /// `node.labels.zone`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub spread: Vec<String>,
+}
+
+/// One placement constraint, parsed: `KEY==VALUE` or `KEY!=VALUE`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Constraint<'a> {
+    pub key: &'a str,
+    pub equal: bool,
+    pub value: &'a str,
+}
+
+impl Placement {
+    pub fn is_empty(&self) -> bool {
+        self == &Placement::default()
+    }
+
+    /// The constraints, parsed; an error names the one that is not `KEY==VALUE` or
+    /// `KEY!=VALUE` with a key Docker knows.
+    pub fn parsed_constraints(&self) -> Result<Vec<Constraint<'_>>, String> {
+        self.constraints
+            .iter()
+            .map(|text| {
+                let (key, equal, value) = match (text.split_once("=="), text.split_once("!=")) {
+                    (Some((k, v)), None) => (k, true, v),
+                    (None, Some((k, v))) => (k, false, v),
+                    _ => {
+                        return Err(format!("{text:?} is not KEY==VALUE or KEY!=VALUE"));
+                    }
+                };
+                let (key, value) = (key.trim(), value.trim());
+                let known = matches!(
+                    key,
+                    "node.id"
+                        | "node.hostname"
+                        | "node.role"
+                        | "node.platform.os"
+                        | "node.platform.arch"
+                ) || key
+                    .strip_prefix("node.labels.")
+                    .is_some_and(|l| !l.is_empty())
+                    || key
+                        .strip_prefix("engine.labels.")
+                        .is_some_and(|l| !l.is_empty());
+                if !known || value.is_empty() {
+                    return Err(format!(
+                        "{text:?}: the key is one of node.id, node.hostname, node.role, \
+                         node.platform.os, node.platform.arch, node.labels.NAME or \
+                         engine.labels.NAME, and the value is not empty"
+                    ));
+                }
+                Ok(Constraint { key, equal, value })
+            })
+            .collect()
+    }
 }
 
 /// `bind = "ADDR:PORT"` or `bind = ["ADDR:PORT", ...]`.
@@ -393,6 +467,26 @@ impl ServiceSpec {
             field: field.to_owned(),
             reason,
         };
+        self.placement
+            .parsed_constraints()
+            .map_err(|reason| bad("placement.constraints", reason))?;
+        if self.placement.max_replicas_per_node == Some(0) {
+            return Err(bad(
+                "placement.max_replicas_per_node",
+                "must be at least 1".into(),
+            ));
+        }
+        if let Some(label) = self
+            .placement
+            .spread
+            .iter()
+            .find(|l| l.strip_prefix("node.labels.").is_none_or(str::is_empty))
+        {
+            return Err(bad(
+                "placement.spread",
+                format!("{label:?} is not a node label (node.labels.NAME)"),
+            ));
+        }
         if self.replicas == 0 {
             return Err(bad(
                 "replicas",

@@ -184,6 +184,12 @@ impl ServiceSpec {
                 reason: reason.to_owned(),
             })
         };
+        if engine == EngineKind::Local && !self.placement.is_empty() {
+            return unsupported(
+                "placement",
+                "this host is one node; placement is for services on a cluster target",
+            );
+        }
         if engine != EngineKind::Swarm {
             return Ok(());
         }
@@ -358,5 +364,44 @@ image = "api"
         let specs = parse_services_for(Path::new("imago.toml"), &both, &[], None).unwrap();
         let err = specs["web"].check_engine("web").unwrap_err().to_string();
         assert!(err.contains("rollout.max_surge"), "{err}");
+    }
+
+    #[test]
+    fn placement_is_checked_and_refused_on_this_host() {
+        let placed = format!(
+            "{FILE}[service.web.placement]\nconstraints = [\"node.role==worker\"]\n\
+             max_replicas_per_node = 1\nspread = [\"node.labels.zone\"]\n\
+             [service.api.placement]\nmax_replicas_per_node = 1\n"
+        );
+        let specs = parse_services_for(Path::new("imago.toml"), &placed, &[], None).unwrap();
+        assert!(
+            specs["web"].check_engine("web").is_ok(),
+            "the swarm honours it"
+        );
+        let err = specs["api"].check_engine("api").unwrap_err().to_string();
+        assert!(
+            err.starts_with("service api: placement cannot be honoured by engine local"),
+            "{err}"
+        );
+        for (bad, key) in [
+            (
+                "constraints = [\"node.role=worker\"]",
+                "placement.constraints",
+            ),
+            (
+                "constraints = [\"node.colour==red\"]",
+                "placement.constraints",
+            ),
+            (
+                "max_replicas_per_node = 0",
+                "placement.max_replicas_per_node",
+            ),
+            ("spread = [\"zone\"]", "placement.spread"),
+        ] {
+            let text = format!("{FILE}[service.web.placement]\n{bad}\n");
+            let specs = parse_services_for(Path::new("imago.toml"), &text, &[], None).unwrap();
+            let err = specs["web"].validate("web").unwrap_err().to_string();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
     }
 }

@@ -8,7 +8,8 @@ use bollard::models::{
     EndpointSpec, HealthConfig, Limit, Mount, MountType, NetworkAttachmentConfig, ServiceSpec,
     ServiceSpecMode, ServiceSpecModeReplicated, ServiceSpecUpdateConfig,
     ServiceSpecUpdateConfigFailureActionEnum, ServiceSpecUpdateConfigOrderEnum, TaskSpec,
-    TaskSpecContainerSpec, TaskSpecResources, TaskSpecRestartPolicy,
+    TaskSpecContainerSpec, TaskSpecPlacement, TaskSpecPlacementPreferences,
+    TaskSpecPlacementSpread, TaskSpecResources, TaskSpecRestartPolicy,
     TaskSpecRestartPolicyConditionEnum,
 };
 use imago_spec::cluster::{
@@ -178,6 +179,23 @@ pub fn render(desired: &ClusterService) -> Result<ServiceSpec, EngineError> {
                 condition: Some(TaskSpecRestartPolicyConditionEnum::ANY),
                 ..Default::default()
             }),
+            placement: (!spec.placement.is_empty()).then(|| TaskSpecPlacement {
+                constraints: Some(spec.placement.constraints.clone()).filter(|c| !c.is_empty()),
+                preferences: Some(
+                    spec.placement
+                        .spread
+                        .iter()
+                        .map(|label| TaskSpecPlacementPreferences {
+                            spread: Some(TaskSpecPlacementSpread {
+                                spread_descriptor: Some(label.clone()),
+                            }),
+                        })
+                        .collect::<Vec<_>>(),
+                )
+                .filter(|p| !p.is_empty()),
+                max_replicas: spec.placement.max_replicas_per_node.map(i64::from),
+                ..Default::default()
+            }),
             networks: (spec.network == NetworkMode::Host).then(|| {
                 vec![NetworkAttachmentConfig {
                     target: Some("host".into()),
@@ -300,6 +318,25 @@ pub fn differences(live: &ServiceSpec, rendered: &ServiceSpec) -> Vec<String> {
         health(&lc).unwrap_or_else(|| "none".into()),
         health(&rc).unwrap_or_else(|| "none".into()),
     );
+    let placement = |s: &ServiceSpec| {
+        let p = s
+            .task_template
+            .as_ref()
+            .and_then(|t| t.placement.clone())
+            .unwrap_or_default();
+        let spread: Vec<String> = p
+            .preferences
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|p| p.spread?.spread_descriptor)
+            .collect();
+        format!(
+            "constraints {:?} max_replicas_per_node {} spread {spread:?}",
+            p.constraints.unwrap_or_default(),
+            p.max_replicas.unwrap_or(0),
+        )
+    };
+    compare("placement", placement(live), placement(rendered));
     out
 }
 
@@ -446,6 +483,39 @@ mod tests {
             .unwrap()
             .health_check = None;
         assert!(differences(&live, &rendered)[0].starts_with("health: none != "));
+    }
+
+    #[test]
+    fn placement_renders_as_the_swarm_s_and_a_hand_made_change_is_a_difference() {
+        let d = desired(serde_json::json!({
+            "image": "web", "replicas": 2,
+            "target": {"name": "prod", "engine": "swarm", "registry": "127.0.0.1:5000/t"},
+            "placement": {"constraints": ["node.role==worker", "node.labels.zone!=b"],
+                          "max_replicas_per_node": 1, "spread": ["node.labels.rack"]}
+        }));
+        let s = render(&d).unwrap();
+        let p = s.task_template.as_ref().unwrap().placement.clone().unwrap();
+        assert_eq!(
+            p.constraints.as_deref().unwrap(),
+            ["node.role==worker", "node.labels.zone!=b"]
+        );
+        assert_eq!(p.max_replicas, Some(1));
+        let spread = p.preferences.as_ref().unwrap()[0].spread.clone().unwrap();
+        assert_eq!(
+            spread.spread_descriptor.as_deref(),
+            Some("node.labels.rack")
+        );
+        assert!(differences(&s, &s).is_empty());
+        let mut live = s.clone();
+        live.task_template.as_mut().unwrap().placement = Some(TaskSpecPlacement {
+            constraints: Some(vec!["node.role==manager".into()]),
+            ..p
+        });
+        let found = differences(&live, &s);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].starts_with("placement: "), "{found:?}");
+        let none = render(&desired(serde_json::json!({"image": "web"}))).unwrap();
+        assert!(none.task_template.unwrap().placement.is_none());
     }
 
     #[test]

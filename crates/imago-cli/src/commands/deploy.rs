@@ -628,7 +628,7 @@ pub fn cluster_engines() -> Option<imago_deploy::controller::EngineFactory> {
     {
         use imago_deploy::cluster::{ClusterEngine, EngineError};
         use imago_deploy::spec::EngineKind;
-        Some(Box::new(|target| match target.spec.engine {
+        Some(std::sync::Arc::new(|target| match target.spec.engine {
             #[cfg(feature = "swarm")]
             EngineKind::Swarm => Ok(Box::new(imago_swarm::SwarmEngine::connect_with(
                 target.docker_endpoint(),
@@ -1023,7 +1023,7 @@ pub fn status(ctx: &Context, args: StatusArgs) -> Result<()> {
     if let Some(factory) = cluster_engines() {
         imago_deploy::status::add_cluster_tasks(
             &db,
-            &mut document,
+            &mut document.services,
             &mut drift::ClusterEngines::new(&factory),
         )?;
     }

@@ -52,6 +52,8 @@ pub struct ApiConfig {
     pub token_for_reads: bool,
     /// Actions answer 403.
     pub read_only: bool,
+    /// The cluster engines, whose tasks the status lists for services on cluster targets.
+    pub engines: Option<crate::controller::EngineFactory>,
 }
 
 impl ApiConfig {
@@ -66,6 +68,7 @@ impl ApiConfig {
             token: None,
             token_for_reads: false,
             read_only: false,
+            engines: None,
         }
     }
 }
@@ -87,6 +90,22 @@ impl Api {
             .provider
             .list()
             .map_err(|e| DeployError::Runtime(e.to_string()))
+    }
+
+    /// Adds the tasks of services on cluster targets, as `imago status` does.
+    fn add_cluster_tasks(
+        &self,
+        db: &StateDb,
+        services: &mut [status::ServiceStatus],
+    ) -> Result<(), DeployError> {
+        let Some(factory) = &self.config.engines else {
+            return Ok(());
+        };
+        status::add_cluster_tasks(
+            db,
+            services,
+            &mut crate::drift::ClusterEngines::new(factory),
+        )
     }
 }
 
@@ -247,7 +266,9 @@ fn error_response(status: StatusCode, message: String) -> Response {
 async fn status_document(State(api): State<Api>) -> Response {
     answer(api, |api, db| {
         let instances = api.instances()?;
-        Ok(Some(status::status_document(db, None, &instances, true)?))
+        let mut document = status::status_document(db, None, &instances, true)?;
+        api.add_cluster_tasks(db, &mut document.services)?;
+        Ok(Some(document))
     })
     .await
 }
@@ -255,9 +276,9 @@ async fn status_document(State(api): State<Api>) -> Response {
 async fn services(State(api): State<Api>) -> Response {
     answer(api, |api, db| {
         let instances = api.instances()?;
-        Ok(Some(
-            status::status_document(db, None, &instances, true)?.services,
-        ))
+        let mut services = status::status_document(db, None, &instances, true)?.services;
+        api.add_cluster_tasks(db, &mut services)?;
+        Ok(Some(services))
     })
     .await
 }
@@ -268,7 +289,9 @@ async fn service(State(api): State<Api>, Path(name): Path<String>) -> Response {
             return Ok(None);
         }
         let instances = api.instances()?;
-        Ok(Some(service_status(db, &name, &instances)?))
+        let mut service = service_status(db, &name, &instances)?;
+        api.add_cluster_tasks(db, std::slice::from_mut(&mut service))?;
+        Ok(Some(service))
     })
     .await
 }

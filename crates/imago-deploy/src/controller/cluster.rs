@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use imago_spec::cluster::{
-    ClusterEngine, ClusterObservation, ClusterService, EngineError, TaskPhase,
+    ClusterEngine, ClusterObservation, ClusterService, EngineError, TaskPhase, UpdateState,
 };
 
 use super::{Controller, ServicePass};
@@ -23,10 +23,15 @@ use crate::error::DeployError;
 use crate::spec::ResolvedTarget;
 use crate::state::{Release, ReleaseOutcome, RolloutRow, now_ms};
 
+/// How soon the gate looks again when every new task runs and only the engine's own update
+/// (its monitor period) is left to finish.
+const ENGINE_DONE_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Makes the engine of a target (the binary links the engines; imago-deploy knows only the
-/// trait).
-pub type EngineFactory =
-    Box<dyn Fn(&ResolvedTarget) -> Result<Box<dyn ClusterEngine>, EngineError> + Send>;
+/// trait). Shared by the controller and its API (`/v1/status` lists cluster tasks).
+pub type EngineFactory = std::sync::Arc<
+    dyn Fn(&ResolvedTarget) -> Result<Box<dyn ClusterEngine>, EngineError> + Send + Sync,
+>;
 
 /// The engine input of `release`: its image pinned by digest in the target's registry.
 pub fn cluster_service(release: &Release, target: &ResolvedTarget) -> ClusterService {
@@ -302,6 +307,18 @@ impl Controller {
             .filter(|t| !ours(t))
             .filter(|t| matches!(t.phase, TaskPhase::Running | TaskPhase::Starting))
             .count();
+        // Old tasks the engine still wants: while one is left, the update is not over. One it
+        // retires is routed no more (`route_tasks`) and only waits out its stop grace period.
+        let old_wanted = observed
+            .tasks
+            .iter()
+            .filter(|t| !ours(t) && t.desired_running)
+            .filter(|t| matches!(t.phase, TaskPhase::Running | TaskPhase::Starting))
+            .count();
+        // The engine says its update is over once the last new task has passed its monitor
+        // period (`min_ready`), without waiting for retired tasks to exit. Without an update
+        // of its own to say so (a service just created), every old task must have exited.
+        let engine_done = observed.update == UpdateState::Completed && old_wanted == 0;
         let replicas = release.spec.replicas as usize;
         let live = |t: &&imago_spec::cluster::ClusterTask| {
             matches!(t.phase, TaskPhase::Running | TaskPhase::Starting)
@@ -317,7 +334,7 @@ impl Controller {
                 .count(),
         );
         pass.counts.total = count(observed.tasks.iter().filter(live).count());
-        if running_new >= replicas && old_left == 0 && !observed.update.failed() {
+        if running_new >= replicas && (old_left == 0 || engine_done) && !observed.update.failed() {
             pass.complete = true;
             let took = now.saturating_sub(row.started_ms);
             self.db.record_outcome(
@@ -372,6 +389,13 @@ impl Controller {
             }
         }
         let Some(reason) = failure else {
+            if running_new >= replicas && old_wanted == 0 {
+                // Only the engine's monitor period is left: look again soon, not at the next
+                // interval, so that its end is seen within tens of milliseconds.
+                self.health
+                    .wake
+                    .at(now + ENGINE_DONE_POLL.as_millis() as u64);
+            }
             return Ok(());
         };
         self.fail_rollout(service, release, reason, pass)
@@ -427,7 +451,7 @@ mod tests {
 
     use imago_oci::Digest;
     use imago_runtime::{Engine, FakeProvider};
-    use imago_spec::cluster::{ClusterTask, UpdateState};
+    use imago_spec::cluster::ClusterTask;
 
     use super::*;
     use crate::spec::ServiceSpec;
@@ -514,7 +538,7 @@ mod tests {
             runtime.handle().clone(),
             Engine::Embedded,
         )
-        .with_cluster_engines(Box::new(move |_| {
+        .with_cluster_engines(Arc::new(move |_| {
             Ok(Box::new(FakeEngine(shared.clone())) as Box<dyn ClusterEngine>)
         }));
         Harness {
@@ -589,6 +613,49 @@ mod tests {
         );
         h.pass();
         assert_eq!(h.swarm.lock().unwrap().applied, vec![1], "applied once");
+    }
+
+    /// The engine's update is over (its monitor period passed) while a retired old task still
+    /// waits out its stop grace period: complete then, not after that task's exit. An old task
+    /// the engine still wants, or an update still running, keeps the gate closed.
+    #[test]
+    fn a_release_completes_when_the_engine_is_done_without_waiting_for_retired_tasks_to_exit() {
+        let mut h = harness();
+        let r1 = h.release("1");
+        h.pass();
+        h.converged(&r1.revision);
+        assert!(h.pass().complete);
+        let r2 = h.release("2");
+        h.pass();
+        let retiring = || ClusterTask {
+            desired_running: false,
+            ..task("old", &r1.revision, TaskPhase::Running)
+        };
+        {
+            let mut swarm = h.swarm.lock().unwrap();
+            swarm.tasks = vec![
+                task("a2", &r2.revision, TaskPhase::Running),
+                task("b2", &r2.revision, TaskPhase::Running),
+                retiring(),
+            ];
+            swarm.update = Some(UpdateState::Updating);
+        }
+        assert!(
+            !h.pass().complete,
+            "the engine's monitor period is not over"
+        );
+        {
+            let mut swarm = h.swarm.lock().unwrap();
+            swarm.update = Some(UpdateState::Completed);
+            swarm.tasks[2] = task("old", &r1.revision, TaskPhase::Running);
+        }
+        assert!(!h.pass().complete, "an old task the engine still wants");
+        h.swarm.lock().unwrap().tasks[2] = retiring();
+        let pass = h.pass();
+        assert!(pass.complete);
+        assert_eq!(pass.counts.old, 1, "the retired task is still there");
+        let outcome = h.controller.db.outcome_of("web", 2).unwrap().unwrap();
+        assert_eq!(outcome.outcome, ReleaseOutcome::Complete);
     }
 
     #[test]
@@ -676,7 +743,7 @@ mod tests {
             h._runtime.handle().clone(),
             Engine::Embedded,
         )
-        .with_cluster_engines(Box::new(move |_| {
+        .with_cluster_engines(Arc::new(move |_| {
             Ok(Box::new(FakeEngine(shared.clone())) as Box<dyn ClusterEngine>)
         }));
         let pass = h.pass();

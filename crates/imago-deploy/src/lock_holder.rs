@@ -1,0 +1,184 @@
+//! Who holds a flock, and whether that process is on its way out.
+//!
+//! A controller killed with SIGKILL keeps its lock until the kernel has closed its files, which
+//! happens some time after `kill` returned. A command that looks in that window finds the lock
+//! held and would take the dying process for a running controller, so nothing would start.
+//! The kernel says who holds a flock (`/proc/locks`) and whether that process is exiting (a
+//! SIGKILL pending, a thread past `exit_signals`, a zombie), which tells the two apart.
+
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+/// The holder of an exclusive flock, as far as `/proc` tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holder {
+    /// A live process that is not exiting.
+    Running(u32),
+    /// A process that is exiting or gone: the lock is released once its files are closed.
+    Exiting(u32),
+    /// No exclusive flock on the file in `/proc/locks` (released meanwhile, or held from
+    /// another pid namespace): look again.
+    Unknown,
+}
+
+/// The holder of the exclusive flock on `file` (whose path is `path`, for errors).
+pub fn exclusive_holder(file: &File, path: &Path) -> std::io::Result<Holder> {
+    let meta = file.metadata().map_err(|e| with_path(e, path))?;
+    let locks = std::fs::read_to_string("/proc/locks")?;
+    let dev = meta.dev();
+    Ok(
+        match flock_writer(
+            &locks,
+            rustix::fs::major(dev),
+            rustix::fs::minor(dev),
+            meta.ino(),
+        ) {
+            Some(pid) if process_exiting(pid) => Holder::Exiting(pid),
+            Some(pid) => Holder::Running(pid),
+            None => Holder::Unknown,
+        },
+    )
+}
+
+fn with_path(e: std::io::Error, path: &Path) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
+/// The pid of the exclusive (WRITE) FLOCK on inode `ino` of device `major:minor` in the text of
+/// `/proc/locks`. Lines of waiters (`->`) are not holders; pid 0 is a holder of another pid
+/// namespace, which cannot be looked at.
+fn flock_writer(locks: &str, major: u32, minor: u32, ino: u64) -> Option<u32> {
+    locks.lines().find_map(|line| {
+        // "1: FLOCK  ADVISORY  WRITE 1234 00:2e:56789 0 EOF"
+        let mut fields = line.split_whitespace().skip(1);
+        let (kind, _, mode, pid, file) = (
+            fields.next()?,
+            fields.next()?,
+            fields.next()?,
+            fields.next()?,
+            fields.next()?,
+        );
+        if kind != "FLOCK" || mode != "WRITE" {
+            return None;
+        }
+        let mut id = file.split(':');
+        let (lock_major, lock_minor, lock_ino) = (id.next()?, id.next()?, id.next()?);
+        let same = u32::from_str_radix(lock_major, 16).ok()? == major
+            && u32::from_str_radix(lock_minor, 16).ok()? == minor
+            && lock_ino.parse::<u64>().ok()? == ino;
+        let pid = pid.parse::<u32>().ok()?;
+        (same && pid != 0).then_some(pid)
+    })
+}
+
+/// SIGKILL's bit in the pending-signal masks of `/proc/PID/status`.
+const SIGKILL_BIT: u64 = 1 << (9 - 1);
+/// `PF_EXITING` in the flags field of `/proc/PID/stat`: set by the kernel's `exit_signals`, the
+/// first step of a thread's exit, before its files are closed.
+const PF_EXITING: u64 = 0x4;
+
+/// Whether process `pid` is gone, a zombie, or on its way out: a SIGKILL (or a fatal signal,
+/// which the kernel turns into a SIGKILL on every thread) is pending, or one of its threads has
+/// begun to exit. `kill` returns once the signal is queued, so this is true from then on.
+fn process_exiting(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    let mut seen = false;
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let (Ok(status), Ok(stat)) = (
+            std::fs::read_to_string(dir.join("status")),
+            std::fs::read_to_string(dir.join("stat")),
+        ) else {
+            // A thread that ended while we looked.
+            continue;
+        };
+        seen = true;
+        if task_exiting(&status, &stat) {
+            return true;
+        }
+    }
+    !seen
+}
+
+fn task_exiting(status: &str, stat: &str) -> bool {
+    let killed = status.lines().any(|line| {
+        let Some((key, value)) = line.split_once(':') else {
+            return false;
+        };
+        match key {
+            "SigPnd" | "ShdPnd" => {
+                u64::from_str_radix(value.trim(), 16).is_ok_and(|mask| mask & SIGKILL_BIT != 0)
+            }
+            "State" => matches!(value.trim().chars().next(), Some('Z' | 'X' | 'x')),
+            _ => false,
+        }
+    });
+    // The fields after the command name, which is in parentheses and may hold anything:
+    // state, ppid, pgrp, session, tty_nr, tpgid, flags.
+    let flags = stat
+        .rsplit_once(") ")
+        .and_then(|(_, rest)| rest.split_whitespace().nth(6))
+        .and_then(|flags| flags.parse::<u64>().ok());
+    killed || flags.is_some_and(|flags| flags & PF_EXITING != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LOCKS: &str = "\
+1: FLOCK  ADVISORY  WRITE 4242 00:2e:1234 0 EOF
+1: -> FLOCK  ADVISORY  WRITE 999 00:2e:1234 0 EOF
+2: FLOCK  ADVISORY  READ 77 00:2e:555 0 EOF
+3: POSIX  ADVISORY  WRITE 88 fd:01:555 0 EOF
+4: FLOCK  ADVISORY  WRITE 0 fd:01:777 0 EOF
+";
+
+    #[test]
+    fn the_writer_of_the_inode_is_found_and_waiters_readers_and_posix_locks_are_not() {
+        assert_eq!(flock_writer(LOCKS, 0, 0x2e, 1234), Some(4242));
+        assert_eq!(flock_writer(LOCKS, 0, 0x2e, 555), None, "a read lock");
+        assert_eq!(flock_writer(LOCKS, 0xfd, 1, 555), None, "a posix lock");
+        assert_eq!(
+            flock_writer(LOCKS, 0xfd, 1, 777),
+            None,
+            "another pid namespace"
+        );
+        assert_eq!(flock_writer(LOCKS, 0, 0x2f, 1234), None, "another device");
+    }
+
+    const STAT: &str = "42 (imago (x) y) S 1 42 42 0 -1 4194560 0 0";
+
+    #[test]
+    fn a_pending_sigkill_exit_flag_or_zombie_state_means_exiting() {
+        let quiet = "State:\tS (sleeping)\nSigPnd:\t0000000000000000\nShdPnd:\t0000000000000000\n";
+        assert!(!task_exiting(quiet, STAT));
+        let killed = quiet.replace("ShdPnd:\t0000000000000000", "ShdPnd:\t0000000000000100");
+        assert!(task_exiting(&killed, STAT));
+        let thread_killed = quiet.replace("SigPnd:\t0000000000000000", "SigPnd:\t0000000000004100");
+        assert!(task_exiting(&thread_killed, STAT));
+        let term_only = quiet.replace("ShdPnd:\t0000000000000000", "ShdPnd:\t0000000000004000");
+        assert!(
+            !task_exiting(&term_only, STAT),
+            "a handled SIGTERM is not an exit"
+        );
+        assert!(task_exiting(
+            &quiet.replace("S (sleeping)", "Z (zombie)"),
+            STAT
+        ));
+        let exiting = STAT.replace("4194560", &(4194560 | PF_EXITING).to_string());
+        assert!(task_exiting(quiet, &exiting));
+    }
+
+    #[test]
+    fn this_process_is_running_and_a_reaped_one_is_gone() {
+        assert!(!process_exiting(std::process::id()));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        assert!(process_exiting(pid));
+    }
+}
