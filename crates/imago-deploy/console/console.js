@@ -41,6 +41,8 @@ function el(tag, attrs, ...children) {
   }
   return node;
 }
+// replaceChildren would show a null as the text "null": conditional parts are left out instead.
+function show(where, ...nodes) { where.replaceChildren(...nodes.flat().filter(n => n !== null && n !== undefined && n !== false)); }
 function cell(label, ...content) { return el("td", { "data-label": label }, ...content); }
 function short(digest) { return digest ? String(digest).replace("sha256:", "").slice(0, 12) : ""; }
 function when(ms) { return ms ? new Date(ms).toLocaleString() : ""; }
@@ -76,7 +78,7 @@ function renderOverview() {
     cell("Last event", s.last_event ? [el("span", { class: "muted" }, ago(s.last_event.at_ms) + " ago: "),
       s.last_event.message] : ""),
     cell("Drift", el("span", { class: s.drift_events ? "pill bad" : "pill" }, String(s.drift_events)))));
-  view.replaceChildren(
+  show(view,
     el("h1", {}, "Services"),
     state.overview.length === 0 ? el("p", { class: "muted" }, "No service is deployed yet.") :
       el("table", { class: "responsive", id: "overview" },
@@ -111,19 +113,27 @@ async function confirmAction(text) {
     () => resolve(dialog.returnValue === "ok"), { once: true }));
 }
 
+// The answer to the last action on the service page: kept here, because the page is drawn
+// anew on every live update.
+let actionNotice = null;
+function notify(service, node) {
+  actionNotice = { service, node };
+  const where = document.getElementById("action-result");
+  if (where) where.replaceChildren(node);
+}
+
 async function rollback(service, to) {
   const what = to ? "release #" + to : "the last completed release";
   if (!(await confirmAction("Roll " + service + " back to " + what + "? A new release is made and rolled out."))) return;
-  const notice = document.getElementById("action-result");
   try {
     const body = await api("/v1/services/" + encodeURIComponent(service) + "/rollback", {
       method: "POST", headers: { "Content-Type": "application/json" },
       body: JSON.stringify(to ? { to } : {}),
     });
-    notice.replaceChildren(el("p", { role: "status" },
+    notify(service, el("p", { role: "status" },
       "Release #" + body.release + " restores #" + body.restores + "; the controller rolls it out."));
     refreshService(service);
-  } catch (e) { showError(notice, e); }
+  } catch (e) { notify(service, el("p", { class: "error", role: "alert" }, String(e.message || e))); }
 }
 
 let serviceData = null;
@@ -181,10 +191,10 @@ function renderService() {
     if (a && b) diffOut.replaceChildren(...diffLines(JSON.stringify(a.spec, null, 2), JSON.stringify(b.spec, null, 2)));
   };
   from.addEventListener("change", showDiff); to.addEventListener("change", showDiff);
-  view.replaceChildren(
+  show(view,
     el("h1", {}, "Service " + name, " ", row ? statePill(row.state) : null),
     row ? el("p", {}, "Ready " + row.ready + " of " + row.desired + "; " + row.running + " instances alive.") : null,
-    el("div", { id: "action-result" }),
+    el("div", { id: "action-result" }, actionNotice && actionNotice.service === name ? actionNotice.node : null),
     el("button", { class: "danger", disabled: readOnly || releases.length < 2, onclick: () => rollback(name, null) }, "Roll back"),
     readOnly ? el("span", { class: "muted" }, " actions are off: the API is read-only") : null,
     el("h2", {}, "Instances"),
@@ -235,7 +245,7 @@ function renderEvents() {
   const renderList = () => list.replaceChildren(eventTable(state.events.filter(e =>
     (!filters.service || e.service === filters.service) && (!filters.kind || e.kind === filters.kind) &&
     (!filters.text || e.message.toLowerCase().includes(filters.text.toLowerCase()))).slice(-500)));
-  view.replaceChildren(el("h1", {}, "Events"),
+  show(view, el("h1", {}, "Events"),
     el("div", { class: "filters" }, select("service", services, "Service"), select("kind", kinds, "Kind"),
       el("label", {}, "Message contains", text)), list);
   renderList();
