@@ -148,11 +148,15 @@ fn the_console_shows_a_rollout_live_and_rolls_back_from_the_page_in_a_real_brows
     assert!(browser.0.wait().unwrap().success());
 
     // What the browser saw is what the controller recorded: release 3 restores release 1 and
-    // completed.
-    web.wait_complete(3);
+    // completed; release 4 restarts it, same image and configuration.
+    web.wait_complete(4);
     let history = web.imago.history("web");
     assert_eq!(history[2]["rollback_of"], 1, "{history:?}");
     assert_eq!(history[2]["spec"]["env"]["VERSION"], "1", "{history:?}");
+    assert_eq!(history[3]["restart"], 1, "{history:?}");
+    assert_eq!(history[3]["config_hash"], history[2]["config_hash"]);
+    let events = web.imago.events("web");
+    assert!(events.contains("rollouts paused") && events.contains("rollouts resumed"), "{events}");
     for shot in [
         "overview-rollout.png",
         "service-rollout.png",
@@ -162,4 +166,70 @@ fn the_console_shows_a_rollout_live_and_rolls_back_from_the_page_in_a_real_brows
         let bytes = std::fs::read(shots.join(shot)).unwrap();
         assert!(bytes.starts_with(b"\x89PNG"), "{shot} is no PNG");
     }
+}
+
+fn instance_ids(imago: &Imago) -> Vec<String> {
+    let mut ids: Vec<String> = imago
+        .run(&["ps", "--json"])
+        .ok()
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// `imago pause` holds a rollout (nothing launched or retired) through a controller killed with
+/// SIGKILL and started again; `imago resume` lets it complete; `imago restart` replaces every
+/// instance with new ones of the same release, and an unchanged apply afterwards changes
+/// nothing.
+#[test]
+fn pause_holds_a_rollout_through_a_controller_restart_and_restart_replaces_every_instance() {
+    let web = Web::new();
+    web.apply(true);
+    web.wait_complete(1);
+    let paused = web.imago.run(&["--json", "pause", "web"]).ok().json();
+    assert_eq!((paused["paused"].clone(), paused["changed"].clone()), (true.into(), true.into()));
+    let v1 = instance_ids(&web.imago);
+    web.set_version("2");
+    web.apply(false);
+    let hold = |seconds: u64| {
+        let until = std::time::Instant::now() + Duration::from_secs(seconds);
+        while std::time::Instant::now() < until {
+            assert_eq!(instance_ids(&web.imago), v1, "a paused rollout changed the instances");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    hold(3);
+    let status = web.imago.run(&["status", "--json", "web"]).ok().json();
+    assert_eq!(status["services"][0]["desired"]["number"], 2);
+    assert!(status["services"][0]["paused"]["actor"].is_string(), "{status}");
+    assert!(web.imago.run(&["status", "web"]).ok().stdout().contains("paused by"));
+    web.imago.kill_controller();
+    web.imago.run(&["serve"]).ok();
+    hold(3);
+    let resumed = web.imago.run(&["--json", "resume", "web"]).ok().json();
+    assert_eq!(resumed["changed"], true);
+    web.wait_complete(2);
+
+    let before = instance_ids(&web.imago);
+    let restarted = web.imago.run(&["--json", "restart", "web"]).ok().json();
+    assert_eq!(restarted[0]["release"], 3, "{restarted}");
+    assert_eq!(restarted[0]["outcome"], "complete", "{restarted}");
+    let after = instance_ids(&web.imago);
+    assert_eq!(after.len(), 3);
+    assert!(after.iter().all(|id| !before.contains(id)), "{before:?} {after:?}");
+    let history = web.imago.history("web");
+    assert_eq!(history[2]["restart"], 1);
+    assert_eq!(history[2]["config_hash"], history[1]["config_hash"]);
+    assert_eq!(history[2]["image_digest"], history[1]["image_digest"]);
+    // The definition applied again: no new release, no new instance.
+    web.apply(true);
+    assert_eq!(web.imago.history("web").len(), 3);
+    assert_eq!(instance_ids(&web.imago), after);
+    let drift = web.imago.run(&["drift", "--json"]);
+    assert!(drift.output.status.success(), "{}", drift.stdout());
 }

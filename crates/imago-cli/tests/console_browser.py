@@ -142,7 +142,7 @@ try:
     seen = set()
     def service_complete():
         heading = text("h1")
-        summary = text("main > p")
+        summary = text("#summary")
         seen.add(summary)
         return heading.endswith("complete") and summary.startswith("Ready 3 of 3") and \
             "#2" in text("#releases tr.current")
@@ -162,15 +162,35 @@ try:
     wait_for("release 3 complete on the service page",
              lambda: text("h1").endswith("complete")
              and "#3" in text("#releases tr.current")
-             and text("main > p").startswith("Ready 3 of 3"))
+             and text("#summary").startswith("Ready 3 of 3"))
     driver.save_screenshot(os.path.join(SHOTS, "service-rolled-back.png"))
+
+    # Pause and resume, each through its confirmation; the page shows the pause live.
+    click(By.XPATH, "//button[normalize-space()='Pause rollouts']")
+    wait_for("the pause dialog", lambda: driver.execute_script("return document.getElementById('confirm').open"))
+    click(By.ID, "confirm-ok")
+    wait_for("the paused pill", lambda: text("#paused") == "paused" and "Rollouts paused." in text("#action-result"))
+    click(By.XPATH, "//button[normalize-space()='Resume rollouts']")
+    wait_for("the resume dialog", lambda: driver.execute_script("return document.getElementById('confirm').open"))
+    click(By.ID, "confirm-ok")
+    wait_for("the pause to end", lambda: text("#paused") == "" and "Rollouts resumed." in text("#action-result"))
+    # Restart: a new release of the same image and configuration, rolled out to completion.
+    click(By.XPATH, "//button[normalize-space()='Restart']")
+    wait_for("the restart dialog", lambda: driver.execute_script("return document.getElementById('confirm').open"))
+    assert "Restart web?" in text("#confirm"), text("#confirm")
+    click(By.ID, "confirm-ok")
+    wait_for("the restart's answer", lambda: "Release #4 restarts every instance" in text("#action-result"))
+    wait_for("release 4 complete on the service page",
+             lambda: text("h1").endswith("complete")
+             and "#4" in text("#releases tr.current")
+             and text("#summary").startswith("Ready 3 of 3"))
 
     click(By.LINK_TEXT, "Events")
     wait_for("the event log", lambda: "rollback to release 1" in text("main"))
     no_horizontal_overflow("events")
     click(By.LINK_TEXT, "Services")
-    wait_for("the overview at release 3",
-             lambda: (r := overview_row("web")) and "#3" in r["Release"] and r["State"].startswith("complete"))
+    wait_for("the overview at release 4",
+             lambda: (r := overview_row("web")) and "#4" in r["Release"] and r["State"].startswith("complete"))
 
     marker = driver.execute_script("return window.imagoTestMarker")
     assert marker == "not reloaded", "the page was reloaded"

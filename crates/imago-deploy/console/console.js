@@ -71,7 +71,8 @@ function renderOverview() {
       s.target ? el("span", { class: "muted" }, " on " + s.target) : null),
     cell("Release", s.release === null ? "" : "#" + s.release, " ",
       el("code", { title: s.digest || "" }, short(s.digest))),
-    cell("State", statePill(s.state), s.fault ? el("div", { class: "error" }, s.fault) : null),
+    cell("State", statePill(s.state), s.paused ? [" ", el("span", { class: "pill warn" }, "paused")] : null,
+      s.fault ? el("div", { class: "error" }, s.fault) : null),
     cell("Ready", el("div", { class: "num" }, s.ready + " / " + s.desired),
       el("div", { class: "bar", role: "progressbar", "aria-valuenow": s.ready, "aria-valuemax": s.desired },
         el("span", { style: "width:" + (s.desired ? Math.min(100, 100 * s.ready / s.desired) : 0) + "%" }))),
@@ -136,6 +137,25 @@ async function rollback(service, to) {
   } catch (e) { notify(service, el("p", { class: "error", role: "alert" }, String(e.message || e))); }
 }
 
+// Restart, pause and resume: the same confirmation and answer as a rollback.
+const ACTIONS = {
+  restart: { question: s => "Restart " + s + "? New instances of the current release replace every instance, rolled out like an update.",
+    done: b => "Release #" + b.release + " restarts every instance; the controller rolls it out." },
+  pause: { question: s => "Pause the rollouts of " + s + "? Nothing is launched or retired until you resume.",
+    done: b => b.changed ? "Rollouts paused." : "Rollouts were paused already." },
+  resume: { question: s => "Resume the rollouts of " + s + "?",
+    done: b => b.changed ? "Rollouts resumed." : "Rollouts were running already." },
+};
+async function serviceAction(service, action) {
+  const spec = ACTIONS[action];
+  if (!(await confirmAction(spec.question(service)))) return;
+  try {
+    const body = await api("/v1/services/" + encodeURIComponent(service) + "/" + action, { method: "POST" });
+    notify(service, el("p", { role: "status" }, spec.done(body)));
+    refreshService(service);
+  } catch (e) { notify(service, el("p", { class: "error", role: "alert" }, String(e.message || e))); }
+}
+
 let serviceData = null;
 async function refreshService(name) {
   try {
@@ -192,10 +212,18 @@ function renderService() {
   };
   from.addEventListener("change", showDiff); to.addEventListener("change", showDiff);
   show(view,
-    el("h1", {}, "Service " + name, " ", row ? statePill(row.state) : null),
-    row ? el("p", {}, "Ready " + row.ready + " of " + row.desired + "; " + row.running + " instances alive.") : null,
+    el("h1", {}, "Service " + name, " ", row ? statePill(row.state) : null,
+      status.paused ? [" ", el("span", { class: "pill warn", id: "paused" }, "paused")] : null),
+    row ? el("p", { id: "summary" }, "Ready " + row.ready + " of " + row.desired + "; " + row.running + " instances alive.") : null,
+    status.paused ? el("p", { class: "muted" }, "Rollouts paused by " + status.paused.actor + " " + ago(status.paused.since_ms) +
+      " ago: nothing is launched or retired until they are resumed.") : null,
     el("div", { id: "action-result" }, actionNotice && actionNotice.service === name ? actionNotice.node : null),
-    el("button", { class: "danger", disabled: readOnly || releases.length < 2, onclick: () => rollback(name, null) }, "Roll back"),
+    el("div", { class: "actions" },
+      el("button", { class: "danger", disabled: readOnly || releases.length < 2, onclick: () => rollback(name, null) }, "Roll back"),
+      el("button", { disabled: readOnly || !current, onclick: () => serviceAction(name, "restart") }, "Restart"),
+      status.paused
+        ? el("button", { disabled: readOnly, onclick: () => serviceAction(name, "resume") }, "Resume rollouts")
+        : el("button", { disabled: readOnly || !current, onclick: () => serviceAction(name, "pause") }, "Pause rollouts")),
     readOnly ? el("span", { class: "muted" }, " actions are off: the API is read-only") : null,
     el("h2", {}, "Instances"),
     el("table", { class: "responsive" }, el("thead", {}, el("tr", {},

@@ -975,6 +975,13 @@ impl Render for StatusResult {
             if let Some(fault) = &st.fault {
                 writeln!(out, "  fault: {}", fault.reason)?;
             }
+            if let Some(paused) = &st.paused {
+                writeln!(
+                    out,
+                    "  paused by {}: nothing is launched or retired until `imago resume {}`",
+                    paused.actor, st.name
+                )?;
+            }
             for i in &st.instances {
                 writeln!(
                     out,
@@ -1119,6 +1126,82 @@ pub fn rollback(ctx: &Context, args: RollbackArgs) -> Result<()> {
         bail!("rollback of {} did not complete", args.service);
     }
     Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct RestartArgs {
+    pub service: String,
+    #[arg(long)]
+    pub no_wait: bool,
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+/// `imago restart`: new instances of the desired release's image and configuration, rolled
+/// out like an update.
+pub fn restart(ctx: &Context, args: RestartArgs) -> Result<()> {
+    let home = DeployHome::new(ctx);
+    let mut db = home.open_db()?;
+    let since = db.last_event_seq()?;
+    // The same code path as the API's restart action.
+    let release = imago_deploy::actions::restart(&mut db, &args.service, &actor())?;
+    ctx.reporter.status(format!(
+        "service {}: release {} restarts every instance (restart {} of the same image and configuration)",
+        args.service, release.number, release.restart
+    ));
+    ensure_controller(ctx, &home, &[])?;
+    if args.no_wait {
+        return ctx
+            .reporter
+            .emit(&ApplyResult(vec![pending(&release, true)]));
+    }
+    let results = wait_for(ctx, &home, vec![(release, true)], since, args.timeout)?;
+    let failed = results.iter().any(|r| r.outcome != "complete");
+    ctx.reporter.emit(&ApplyResult(results))?;
+    if failed {
+        bail!("restart of {} did not complete", args.service);
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct PauseArgs {
+    pub service: String,
+}
+
+/// What `imago pause` and `imago resume` did.
+#[derive(Serialize)]
+struct PauseResult {
+    service: String,
+    paused: bool,
+    /// False when the service already was as asked.
+    changed: bool,
+}
+
+impl Render for PauseResult {
+    fn human(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        let what = if self.paused { "paused" } else { "resumed" };
+        if self.changed {
+            writeln!(out, "service {}: rollouts {what}", self.service)
+        } else {
+            writeln!(out, "service {}: rollouts were {what} already", self.service)
+        }
+    }
+}
+
+/// `imago pause` (`pause`) and `imago resume`: a paused service's rollouts launch and retire
+/// nothing until it is resumed, through controller restarts.
+pub fn set_paused(ctx: &Context, args: PauseArgs, pause: bool) -> Result<()> {
+    let home = DeployHome::new(ctx);
+    let db = home.open_db()?;
+    // The same code path as the API's pause and resume actions.
+    let changed = imago_deploy::actions::set_paused(&db, &args.service, pause, &actor())?;
+    daemon::nudge_controller(&home);
+    ctx.reporter.emit(&PauseResult {
+        service: args.service,
+        paused: pause,
+        changed,
+    })
 }
 
 /// The result of a release handed to the controller without waiting for its rollout.

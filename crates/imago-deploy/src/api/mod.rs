@@ -122,6 +122,9 @@ fn routes() -> Routes {
         get(service_instances),
     )
     .add(Method::POST, "/v1/services/{name}/rollback", post(rollback))
+    .add(Method::POST, "/v1/services/{name}/restart", post(restart))
+    .add(Method::POST, "/v1/services/{name}/pause", post(pause))
+    .add(Method::POST, "/v1/services/{name}/resume", post(resume))
     .add(Method::GET, "/v1/instances", get(instances))
     .add(Method::GET, "/v1/instances/{id}/logs", get(logs))
     .add(Method::GET, "/v1/events", get(events))
@@ -338,6 +341,8 @@ pub struct OverviewRow {
     pub last_event: Option<Event>,
     pub drift_events: u64,
     pub fault: Option<String>,
+    /// Its rollouts are paused: nothing is launched or retired until resumed.
+    pub paused: bool,
 }
 
 /// The overview of every service, built from one database connection and one instance list.
@@ -386,6 +391,7 @@ pub fn overview_rows(
             last_event: db.recent_events(&name, 1)?.pop(),
             drift_events: drift.get(&name).copied().unwrap_or(0),
             fault: db.service_fault(&name)?.map(|(reason, _)| reason),
+            paused: db.paused(&name)?.is_some(),
             state,
             name,
         });
@@ -647,6 +653,62 @@ async fn rollback(
             .into_response(),
         Err(response) => response,
     }
+}
+
+/// What a restart recorded: the controller rolls the release out from its next pass on.
+#[derive(Debug, Serialize)]
+pub struct RestartAccepted {
+    pub service: String,
+    pub release: u64,
+    /// The restart generation of the new release.
+    pub restart: u64,
+}
+
+async fn restart(State(api): State<Api>, Path(name): Path<String>) -> Response {
+    let result = blocking(api, move |_, db| {
+        crate::actions::restart(db, &name, "api").map(|release| (name, release))
+    })
+    .await;
+    match result {
+        Ok((service, release)) => (
+            StatusCode::ACCEPTED,
+            Json(RestartAccepted {
+                service,
+                release: release.number,
+                restart: release.restart,
+            }),
+        )
+            .into_response(),
+        Err(response) => response,
+    }
+}
+
+/// Whether a service's rollouts are paused now, and whether the request changed that.
+#[derive(Debug, Serialize)]
+pub struct PauseState {
+    pub service: String,
+    pub paused: bool,
+    pub changed: bool,
+}
+
+async fn set_paused(api: Api, name: String, pause: bool) -> Response {
+    answer(api, move |_, db| {
+        let changed = crate::actions::set_paused(db, &name, pause, "api")?;
+        Ok(Some(PauseState {
+            service: name,
+            paused: pause,
+            changed,
+        }))
+    })
+    .await
+}
+
+async fn pause(State(api): State<Api>, Path(name): Path<String>) -> Response {
+    set_paused(api, name, true).await
+}
+
+async fn resume(State(api): State<Api>, Path(name): Path<String>) -> Response {
+    set_paused(api, name, false).await
 }
 
 #[cfg(test)]
@@ -973,8 +1035,12 @@ mod tests {
         config.read_only = true;
         let db_path = config.db_path.clone();
         let addr = serve_with_clients(router(config)).await;
-        let reply = request(addr, "POST", "/v1/services/web/rollback", Some(TOKEN), None).await;
-        assert_eq!(reply.status, 403, "{}", reply.body);
+        for action in ["rollback", "restart", "pause", "resume"] {
+            let path = format!("/v1/services/web/{action}");
+            let reply = request(addr, "POST", &path, Some(TOKEN), None).await;
+            assert_eq!(reply.status, 403, "{action}: {}", reply.body);
+            assert_eq!(request(addr, "POST", &path, None, None).await.status, 401);
+        }
         assert_eq!(
             request(addr, "GET", "/v1/services", None, None)
                 .await
@@ -986,6 +1052,52 @@ mod tests {
         assert_eq!(info["read_only"], true);
         let db = StateDb::open(&db_path).unwrap();
         assert_eq!(db.history("web").unwrap().len(), 2);
+        assert_eq!(db.paused("web").unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn pause_resume_and_restart_are_recorded_as_the_cli_records_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, _) = two_releases(dir.path());
+        let db_path = config.db_path.clone();
+        let addr = serve_with_clients(router(config)).await;
+        let json = |reply: Reply| {
+            assert!(reply.status < 300, "{}: {}", reply.status, reply.body);
+            serde_json::from_str::<serde_json::Value>(&reply.body).unwrap()
+        };
+        let post = |path: &'static str| request(addr, "POST", path, Some(TOKEN), None);
+
+        let paused = json(post("/v1/services/web/pause").await);
+        assert_eq!((paused["paused"].clone(), paused["changed"].clone()), (true.into(), true.into()));
+        let again = json(post("/v1/services/web/pause").await);
+        assert_eq!(again["changed"], false, "pausing a paused service changes nothing");
+        let db = StateDb::open(&db_path).unwrap();
+        assert_eq!(db.paused("web").unwrap().unwrap().actor, "api");
+        let status = json(request(addr, "GET", "/v1/services/web", None, None).await);
+        assert_eq!(status["paused"]["actor"], "api");
+        let overview = json(request(addr, "GET", "/v1/overview", None, None).await);
+        assert_eq!(overview[0]["paused"], true);
+        let resumed = json(post("/v1/services/web/resume").await);
+        assert_eq!((resumed["paused"].clone(), resumed["changed"].clone()), (false.into(), true.into()));
+        assert_eq!(db.paused("web").unwrap(), None);
+        let kinds: Vec<String> = db.events(Some("web"), 0).unwrap().into_iter().map(|e| e.kind).collect();
+        assert_eq!(kinds.iter().filter(|k| *k == "pause").count(), 1, "{kinds:?}");
+        assert_eq!(kinds.iter().filter(|k| *k == "resume").count(), 1, "{kinds:?}");
+
+        let before = db.desired("web").unwrap().unwrap();
+        let accepted = json(post("/v1/services/web/restart").await);
+        assert_eq!(accepted["release"], before.number + 1);
+        assert_eq!(accepted["restart"], 1);
+        let after = db.desired("web").unwrap().unwrap();
+        assert_eq!(
+            (&after.image_digest, &after.config_hash, after.restart),
+            (&before.image_digest, &before.config_hash, 1)
+        );
+        assert_ne!(after.revision, before.revision);
+        for action in ["pause", "restart"] {
+            let path = format!("/v1/services/nope/{action}");
+            assert_eq!(request(addr, "POST", &path, Some(TOKEN), None).await.status, 404);
+        }
     }
 
     #[tokio::test]
