@@ -233,3 +233,60 @@ fn pause_holds_a_rollout_through_a_controller_restart_and_restart_replaces_every
     let drift = web.imago.run(&["drift", "--json"]);
     assert!(drift.output.status.success(), "{}", drift.stdout());
 }
+
+/// One HTTP/1.0 request to the controller's API: (status, body).
+fn api_request(imago: &Imago, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::Read;
+    let controller: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(imago.home.join("deploy/controller.json")).unwrap(),
+    )
+    .unwrap();
+    let token = std::fs::read_to_string(imago.home.join("api-token")).unwrap();
+    let mut stream = std::net::TcpStream::connect(controller["api"].as_str().unwrap()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.0\r\nHost: test\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/toml\r\nContent-Length: {}\r\n\r\n{body}",
+        token.trim(),
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = response.split_once("\r\n\r\n").unwrap().1.to_owned();
+    (status, body)
+}
+
+/// `POST /v1/plan` answers exactly what `imago plan --json` prints for the same file.
+#[test]
+fn the_api_plans_a_definition_file_as_imago_plan_does() {
+    let web = Web::new();
+    web.apply(true);
+    web.set_version("2");
+    let printed = web
+        .imago
+        .run(&["--json", "plan", "-f", &web.file.display().to_string()])
+        .ok()
+        .json();
+    assert_eq!(printed[0]["action"], "new release", "{printed}");
+    let text = std::fs::read_to_string(&web.file).unwrap();
+    let dir = web.file.parent().unwrap().display().to_string();
+    let (status, body) = api_request(&web.imago, "POST", &format!("/v1/plan?dir={dir}"), &text);
+    assert_eq!(status, 200, "{body}");
+    let served: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(served, printed);
+    // An error is the one `imago plan` gives, naming the file.
+    let (status, body) = api_request(
+        &web.imago,
+        "POST",
+        &format!("/v1/plan?dir={dir}"),
+        &text.replace("replicas = 3", "replicas = \"three\""),
+    );
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("imago.toml"), "{body}");
+    assert_eq!(web.imago.history("web").len(), 1, "planning recorded a release");
+}

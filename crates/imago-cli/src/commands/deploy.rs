@@ -388,6 +388,44 @@ pub fn plan(ctx: &Context, args: FileArgs) -> Result<()> {
         .emit(&PlanResult(make_plan(ctx, &services, &store, &db)?))
 }
 
+/// `POST /v1/plan` of the controller's API: `imago plan --json` of a definition file's text,
+/// planned in the controller process by the same code as the command.
+fn api_planner(ctx: &Context) -> imago_deploy::api::Planner {
+    let home = ctx.home.clone();
+    Arc::new(move |input: imago_deploy::api::PlanInput| {
+        // Check builds report to the controller's log, never to the API client.
+        let ctx = Context {
+            home: home.clone(),
+            reporter: crate::reporter::Reporter::new(false, true),
+        };
+        plan_text(&ctx, input).map_err(|e| format!("{e:#}"))
+    })
+}
+
+fn plan_text(ctx: &Context, input: imago_deploy::api::PlanInput) -> Result<serde_json::Value> {
+    let dir = match input.dir {
+        Some(dir) => dir,
+        None => {
+            // No context: relative paths resolve in an empty directory of the home.
+            let empty = ctx.home.root.join("deploy/plan-context");
+            std::fs::create_dir_all(&empty)
+                .with_context(|| format!("cannot create {}", empty.display()))?;
+            empty
+        }
+    };
+    let file = DefinitionFile::parse(&dir.join("imago.toml"), input.text)?;
+    let specs = parse_services_for(&file.path, &file.text, &[], None)?;
+    let services = Services {
+        file,
+        specs,
+        pulled: Default::default(),
+    };
+    let store = ctx.store()?;
+    let db = DeployHome::new(ctx).open_db()?;
+    let plans = PlanResult(make_plan(ctx, &services, &store, &db)?);
+    Ok(serde_json::to_value(&plans)?)
+}
+
 #[derive(Debug, Args)]
 pub struct ApplyArgs {
     #[command(flatten)]
@@ -875,6 +913,7 @@ pub fn serve(ctx: &Context, args: ServeArgs) -> Result<()> {
         exe: std::env::current_exe().context("cannot locate the imago executable")?,
         read_only: args.read_only,
         store: Some(store),
+        planner: Some(api_planner(ctx)),
     };
     let never = daemon::run_controller(
         &home,

@@ -34,6 +34,21 @@ use crate::status::{self, service_status};
 /// The OpenAPI 3.1 document of every route below.
 pub const OPENAPI: &str = include_str!("openapi.json");
 
+/// A definition file to plan, as `POST /v1/plan` received it.
+#[derive(Debug, Clone)]
+pub struct PlanInput {
+    /// The file's text (`imago.toml`).
+    pub text: String,
+    /// The directory its relative paths (image contexts) resolve against, on this host; `None`:
+    /// none (a file whose images copy nothing from a context, or uses stored images).
+    pub dir: Option<PathBuf>,
+}
+
+/// Plans a definition file exactly as `imago plan --json` does and returns that document, or
+/// the error `imago plan` would print. Planning resolves images and may check-build them, which
+/// the binary owns (deploy does not link the builder): the CLI hands the controller this hook.
+pub type Planner = Arc<dyn Fn(PlanInput) -> Result<serde_json::Value, String> + Send + Sync>;
+
 /// What the API serves and how it guards it.
 #[derive(Clone)]
 pub struct ApiConfig {
@@ -52,6 +67,8 @@ pub struct ApiConfig {
     pub token_for_reads: bool,
     /// Actions answer 403.
     pub read_only: bool,
+    /// `POST /v1/plan`; without it, that answers 503.
+    pub planner: Option<Planner>,
 }
 
 impl ApiConfig {
@@ -66,6 +83,7 @@ impl ApiConfig {
             token: None,
             token_for_reads: false,
             read_only: false,
+            planner: None,
         }
     }
 }
@@ -130,6 +148,7 @@ fn routes() -> Routes {
     .add(Method::GET, "/v1/events", get(events))
     .add(Method::GET, "/v1/events/stream", get(stream::events_stream))
     .add(Method::GET, "/v1/drift", get(drift))
+    .add(Method::POST, "/v1/plan", post(plan))
     .add(Method::GET, "/v1/openapi.json", get(openapi))
     .add(Method::GET, "/metrics", get(metrics))
 }
@@ -655,6 +674,39 @@ async fn rollback(
     }
 }
 
+#[derive(Deserialize)]
+struct PlanQuery {
+    /// Where the file's relative paths resolve; by default an empty directory.
+    dir: Option<PathBuf>,
+}
+
+/// `imago plan --json` of the definition file in the body. It needs the token like an action
+/// (planning may check-build the file's images, running its `run` steps), but changes nothing.
+async fn plan(State(api): State<Api>, Query(q): Query<PlanQuery>, body: String) -> Response {
+    let Some(planner) = api.config.planner.clone() else {
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this API has no planner (only `imago serve` plans)".to_owned(),
+        );
+    };
+    if let Some(dir) = q.dir.as_ref().filter(|d| !d.is_absolute() || !d.is_dir()) {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            format!("dir {} is not an absolute path of a directory", dir.display()),
+        );
+    }
+    let result =
+        tokio::task::spawn_blocking(move || planner(PlanInput { text: body, dir: q.dir })).await;
+    match result {
+        Ok(Ok(document)) => Json(document).into_response(),
+        Ok(Err(message)) => error_response(StatusCode::UNPROCESSABLE_ENTITY, message),
+        Err(e) => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("request task failed: {e}"),
+        ),
+    }
+}
+
 /// What a restart recorded: the controller rolls the release out from its next pass on.
 #[derive(Debug, Serialize)]
 pub struct RestartAccepted {
@@ -943,11 +995,44 @@ mod tests {
         let store = Store::open(&dir.join("store")).unwrap();
         assert_eq!(store.put_blob(b"v1").unwrap(), Digest::of(b"v1"));
         assert_eq!(store.put_blob(b"v2").unwrap(), Digest::of(b"v2"));
-        let mut config = ApiConfig::new(path, fake.clone());
+        let mut config = ApiConfig::new(path.clone(), fake.clone());
         config.store = Some(store);
         config.token = Some(TOKEN.to_owned());
+        config.planner = Some(test_planner(path, fake.clone()));
         (config, fake)
     }
+
+    /// A planner made of the pieces `imago plan` plans with, for services of a stored image
+    /// (every image here is `Digest::of(b"v3")`): the binary's planner also builds and pulls.
+    fn test_planner(db_path: PathBuf, fake: Arc<FakeProvider>) -> Planner {
+        Arc::new(move |input: PlanInput| {
+            let path = input.dir.unwrap_or_default().join("imago.toml");
+            let specs = crate::services::parse_services(&path, &input.text, &[])
+                .map_err(|e| e.to_string())?;
+            let limits = crate::spec::validate_all(&specs).map_err(|e| e.to_string())?;
+            let db = StateDb::open(&db_path).map_err(|e| e.to_string())?;
+            let running = fake.list().map_err(|e| e.to_string())?;
+            let mut plans = Vec::new();
+            for (name, spec) in &specs {
+                let current = db.desired(name).map_err(|e| e.to_string())?;
+                plans.push(
+                    crate::plan::plan_service(
+                        name,
+                        spec,
+                        limits[name],
+                        current.as_ref(),
+                        Some(Digest::of(b"v3")),
+                        &running,
+                    )
+                    .map_err(|e| e.to_string())?,
+                );
+            }
+            serde_json::to_value(plans).map_err(|e| e.to_string())
+        })
+    }
+
+    /// A definition of `web` (deployed) and `api` (new), for `POST /v1/plan`.
+    const PLAN_TOML: &str = "[service.web]\nimage = \"web\"\nreplicas = 3\n\n[service.api]\nimage = \"api\"\n";
 
     #[tokio::test]
     async fn actions_need_the_token_and_reads_need_it_only_beyond_loopback() {
@@ -1098,6 +1183,32 @@ mod tests {
             let path = format!("/v1/services/nope/{action}");
             assert_eq!(request(addr, "POST", &path, Some(TOKEN), None).await.status, 404);
         }
+    }
+
+    #[tokio::test]
+    async fn plan_answers_the_planners_document_or_its_error_and_needs_the_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, _) = two_releases(dir.path());
+        let addr = serve_with_clients(router(config.clone())).await;
+        let reply = request(addr, "POST", "/v1/plan", Some(TOKEN), Some(PLAN_TOML)).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        let plans: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+        assert_eq!(plans[0]["service"], "api");
+        assert_eq!(plans[0]["action"], "first release");
+        assert_eq!(plans[1]["service"], "web");
+        assert_eq!(plans[1]["action"], "new release");
+        assert_eq!(plans[1]["current_release"], 2);
+        assert!(!plans[1]["rollout"]["waves"].as_array().unwrap().is_empty());
+        let bad = request(addr, "POST", "/v1/plan", Some(TOKEN), Some("[service.x]\nreplicas = \"many\"\n")).await;
+        assert_eq!(bad.status, 422, "{}", bad.body);
+        assert!(bad.body.contains("imago.toml"), "the error names the file: {}", bad.body);
+        assert_eq!(request(addr, "POST", "/v1/plan", None, Some(PLAN_TOML)).await.status, 401);
+        let relative = request(addr, "POST", "/v1/plan?dir=relative", Some(TOKEN), Some(PLAN_TOML)).await;
+        assert_eq!(relative.status, 400, "{}", relative.body);
+        // Nothing was recorded.
+        let db = StateDb::open(&config.db_path).unwrap();
+        assert_eq!(db.history("web").unwrap().len(), 2);
+        assert!(db.history("api").unwrap().is_empty());
     }
 
     #[tokio::test]
@@ -1545,7 +1656,8 @@ mod tests {
             if path == "/v1/events/stream" {
                 continue; // never ends: the_event_stream_sends_new_events_and_overview_changes
             }
-            let reply = request(addr, method, &concrete, Some(TOKEN), None).await;
+            let body = (path == "/v1/plan").then_some(PLAN_TOML);
+            let reply = request(addr, method, &concrete, Some(TOKEN), body).await;
             let response = &operation["responses"][reply.status.to_string()];
             assert!(
                 !response.is_null(),
