@@ -135,6 +135,12 @@ try:
     wait_for("the service page", lambda: text("h1").startswith("Service web"))
     wait_for("instances of release 2 on the service page",
              lambda: "#2" in text("main table"))
+    # The rollout drawn over time: old lanes, at least one new one, and its first wave.
+    wait_for("the rollout drawing with a new instance", lambda: driver.execute_script(
+        "return document.querySelectorAll('#rollout .lane-new').length >= 1"
+        " && document.querySelectorAll('#rollout .lane-old').length === 3"))
+    assert "wave 1" in driver.execute_script(
+        "return document.querySelector('#rollout svg').textContent"), "no wave on the drawing"
     driver.save_screenshot(os.path.join(SHOTS, "service-rollout.png"))
     # A left-out part of the page must not show as the word "null" (it once did).
     assert "null" not in text("main"), text("main")
@@ -147,6 +153,20 @@ try:
         return heading.endswith("complete") and summary.startswith("Ready 3 of 3") and \
             "#2" in text("#releases tr.current")
     wait_for("release 2 complete on the service page", service_complete)
+    # Drawn whole: three new instances ready, three old ones retired and stopped, each lane
+    # reachable with the keyboard and saying what happened to it.
+    def drawn_whole():
+        lanes = driver.execute_script("""
+            return [...document.querySelectorAll('#rollout .lane')].map(g =>
+              [g.classList.contains('lane-new'), g.getAttribute('tabindex'), g.getAttribute('aria-label')]);""")
+        new = [l for l in lanes if l[0]]
+        old = [l for l in lanes if not l[0]]
+        return len(new) == 3 and len(old) == 3 and all("stopped at" in l[2] for l in old) \
+            and all("ready at" in l[2] for l in new) and all(l[1] == "0" for l in lanes)
+    wait_for("the whole rollout drawn", drawn_whole)
+    driver.find_element(By.CSS_SELECTOR, "#rollout .lane").send_keys("")  # focusable
+    assert driver.execute_script(
+        "return document.activeElement.classList.contains('lane')"), "a lane does not take focus"
     log(f"service page summaries seen: {sorted(seen)}")
     assert any(s.startswith("Ready 1 of 3") or s.startswith("Ready 2 of 3") for s in seen), \
         f"the rollout never showed as partly done: {seen}"

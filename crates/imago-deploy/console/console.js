@@ -159,18 +159,19 @@ async function serviceAction(service, action) {
 let serviceData = null;
 async function refreshService(name) {
   try {
-    const [status, releases, instances] = await Promise.all([
+    const [status, releases, instances, events] = await Promise.all([
       api("/v1/services/" + encodeURIComponent(name)),
       api("/v1/services/" + encodeURIComponent(name) + "/releases"),
       api("/v1/services/" + encodeURIComponent(name) + "/instances"),
+      api("/v1/events?service=" + encodeURIComponent(name) + "&limit=2000"),
     ]);
-    serviceData = { name, status, releases, instances };
+    serviceData = { name, status, releases, instances, events };
     renderService();
   } catch (e) { showError(view, e); }
 }
 
 function renderService() {
-  const { name, status, releases, instances } = serviceData;
+  const { name, status, releases, instances, events } = serviceData;
   const readOnly = state.info.read_only;
   const current = status.desired ? status.desired.number : null;
   const row = state.overview.find(s => s.name === name);
@@ -225,6 +226,7 @@ function renderService() {
         ? el("button", { disabled: readOnly, onclick: () => serviceAction(name, "resume") }, "Resume rollouts")
         : el("button", { disabled: readOnly || !current, onclick: () => serviceAction(name, "pause") }, "Pause rollouts")),
     readOnly ? el("span", { class: "muted" }, " actions are off: the API is read-only") : null,
+    current === null ? null : [el("h2", {}, "Rollout of release #" + current), rolloutFigure(events, current, instances)],
     el("h2", {}, "Instances"),
     el("table", { class: "responsive" }, el("thead", {}, el("tr", {},
       ["Instance", "Release", "Status", "Health", "Address", "Uptime", "Engine", "Logs"].map(h => el("th", { scope: "col" }, h)))),
@@ -240,6 +242,121 @@ function renderService() {
     el("h2", {}, "Recent events"),
     eventTable(state.events.filter(e => e.service === name).slice(-20)));
   showDiff();
+}
+
+// ---- the rollout over time ------------------------------------------------------------------
+
+const SVG_NS = "http://www.w3.org/2000/svg";
+function svg(tag, attrs, ...children) {
+  const node = document.createElementNS(SVG_NS, tag);
+  for (const [k, v] of Object.entries(attrs || {})) if (v !== null && v !== undefined) node.setAttribute(k, v);
+  for (const c of children.flat()) if (c !== null && c !== undefined) node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  return node;
+}
+
+// What the events say about each instance during the current release's rollout: launched,
+// ready, retired, stopped, and every health flip. Instances of older releases that ran when it
+// began come from the instance list (they were launched before the window).
+function rolloutLanes(events, current, instances, now) {
+  const started = events.filter(e => e.kind === "release" && e.message.startsWith("release " + current + ":")).pop();
+  if (!started) return null;
+  const start = started.at_ms;
+  const ended = events.find(e => e.at_ms >= start && /^(complete|failed)$/.test(e.kind) && e.message.startsWith("release " + current + ":"));
+  const end = ended ? ended.at_ms : now;
+  const lanes = new Map();
+  const lane = (id, release) => {
+    if (!lanes.has(id)) lanes.set(id, { id, release: null, launched: null, ready: null, retired: null, stopped: null, flips: [] });
+    const l = lanes.get(id);
+    if (release !== undefined && release !== null) l.release = Number(release);
+    return l;
+  };
+  const launches = [];
+  for (const e of events) {
+    if (e.at_ms < start) continue;
+    let m;
+    if (e.kind === "launch" && (m = e.message.match(/^instance (\S+) launched for release (\d+)/))) {
+      lane(m[1], m[2]).launched = e.at_ms; launches.push(e.at_ms);
+    } else if (e.kind === "ready" && (m = e.message.match(/^instance (\S+) \(release (\d+)\)/))) {
+      const l = lane(m[1], m[2]);
+      if (l.ready === null) l.ready = e.at_ms; else l.flips.push({ at: e.at_ms, ok: true });
+    } else if (e.kind === "retire" && (m = e.message.match(/^instance (\S+) \(release (\d+)\)/))) {
+      lane(m[1], m[2]).retired = e.at_ms;
+    } else if (e.kind === "unhealthy" && (m = e.message.match(/^instance (\S+) is unhealthy/))) {
+      lane(m[1]).flips.push({ at: e.at_ms, ok: false });
+    } else if ((e.kind === "stop" || e.kind === "drift") && (m = e.message.match(/^instance (\S+) /))) {
+      if (lanes.has(m[1]) || e.kind === "stop") lane(m[1]).stopped = e.at_ms;
+    }
+  }
+  for (const i of instances) {
+    if (!lanes.has(i.id) && i.created_ms <= start) lane(i.id, i.release);
+  }
+  // An instance that ran before the window served from its start (its launch and readiness are
+  // older events), unless a health check of it failed since.
+  for (const l of lanes.values()) {
+    if (l.launched === null && l.ready === null) l.ready = start;
+  }
+  // Waves: launches less than a second apart belong to one.
+  const waves = [];
+  for (const at of launches.sort((a, b) => a - b)) {
+    if (!waves.length || at - waves[waves.length - 1].last > 1000) waves.push({ at, last: at });
+    else waves[waves.length - 1].last = at;
+  }
+  const ordered = [...lanes.values()].sort((a, b) =>
+    ((a.release === current) - (b.release === current)) || ((a.launched || 0) - (b.launched || 0)) || a.id.localeCompare(b.id));
+  return { start, end, done: ended ? ended.kind : null, lanes: ordered, waves };
+}
+
+function rolloutChart(data, current) {
+  const W = 1000, left = 170, right = 12, top = 26, laneH = 24;
+  const span = Math.max(1, data.end - data.start);
+  const x = t => left + Math.max(0, Math.min(1, (t - data.start) / span)) * (W - left - right);
+  const H = top + data.lanes.length * laneH + 22;
+  const seconds = ms => (ms / 1000).toFixed(1) + " s";
+  const chart = svg("svg", { viewBox: "0 0 " + W + " " + H, class: "rollout-chart", role: "list",
+    "aria-label": "rollout of release #" + current + " over " + seconds(span) + ": " + data.lanes.length + " instances, " + data.waves.length + " waves" });
+  data.waves.forEach((w, i) => chart.append(
+    svg("line", { x1: x(w.at), x2: x(w.at), y1: top - 6, y2: H - 20, class: "wave" }),
+    svg("text", { x: x(w.at) + 3, y: top - 10, class: "wave-label" }, "wave " + (i + 1))));
+  data.lanes.forEach((l, i) => {
+    const y = top + i * laneH;
+    const isNew = l.release === current;
+    const from = l.launched === null ? data.start : l.launched;
+    const until = l.stopped === null ? data.end : l.stopped;
+    const parts = [];
+    const bar = (a, b, cls) => { if (b > a) parts.push(svg("rect", { x: x(a), y: y + 5, width: Math.max(1, x(b) - x(a)), height: laneH - 10, rx: 3, class: cls })); };
+    const readyAt = l.ready === null ? until : Math.max(from, l.ready);
+    bar(from, Math.min(readyAt, until), "seg starting");
+    bar(Math.min(readyAt, until), l.retired === null ? until : Math.min(l.retired, until), "seg " + (isNew ? "new" : "old"));
+    if (l.retired !== null) bar(Math.max(l.retired, from), until, "seg draining");
+    for (const f of l.flips) parts.push(svg("circle", { cx: x(f.at), cy: y + laneH / 2, r: 5, class: f.ok ? "flip ok" : "flip bad" }));
+    const describe = [
+      "instance " + l.id + " of release #" + (l.release === null ? "?" : l.release) + (isNew ? " (new)" : " (old)"),
+      l.launched === null ? "running when the rollout began" : "launched at +" + seconds(l.launched - data.start),
+      l.ready === null ? "not ready" : "ready at +" + seconds(Math.max(0, l.ready - data.start)),
+      l.retired === null ? null : "retired at +" + seconds(l.retired - data.start),
+      l.stopped === null ? null : "stopped at +" + seconds(l.stopped - data.start),
+      l.flips.length ? l.flips.length + " health flips" : null,
+    ].filter(Boolean).join(", ");
+    chart.append(svg("g", { class: "lane " + (isNew ? "lane-new" : "lane-old"), tabindex: "0", role: "listitem", "aria-label": describe, "data-instance": l.id },
+      svg("title", {}, describe),
+      svg("rect", { x: 0, y, width: W, height: laneH, class: "lane-bg" }),
+      svg("text", { x: 4, y: y + laneH / 2 + 4, class: "lane-label" }, l.id.slice(0, 12) + " #" + (l.release === null ? "?" : l.release)),
+      parts));
+  });
+  chart.append(svg("text", { x: left, y: H - 4, class: "axis" }, "0 s"),
+    svg("text", { x: W - right, y: H - 4, class: "axis end" }, seconds(span) + (data.done ? " (" + data.done + ")" : " (now)")));
+  return chart;
+}
+
+function rolloutFigure(events, current, instances) {
+  const data = rolloutLanes(events, current, instances, Date.now());
+  if (!data || !data.lanes.length) return el("p", { class: "muted" }, "No rollout of the current release is in the event log.");
+  return el("figure", { id: "rollout" }, rolloutChart(data, current),
+    el("figcaption", { class: "legend" },
+      el("span", { class: "key starting" }, "starting"), el("span", { class: "key new" }, "new, ready"),
+      el("span", { class: "key old" }, "old"), el("span", { class: "key draining" }, "draining"),
+      el("span", { class: "key flip-bad" }, "health check failed"), el("span", { class: "key flip-ok" }, "healthy again"),
+      el("span", { class: "muted" }, " Tab moves through the instances; each says what happened to it.")));
 }
 
 async function showLogs(id) {
