@@ -97,6 +97,8 @@ pub fn needs_token_for_reads(addr: SocketAddr) -> bool {
 struct Api {
     config: Arc<ApiConfig>,
     limiter: Arc<auth::FailureLimiter>,
+    /// The one poller behind every event stream.
+    hub: Arc<stream::Hub>,
 }
 
 impl Api {
@@ -160,6 +162,7 @@ pub fn router(config: ApiConfig) -> Router {
     let api = Api {
         config: Arc::new(config),
         limiter: Arc::default(),
+        hub: Arc::default(),
     };
     routes()
         .router
@@ -1422,6 +1425,184 @@ mod tests {
             .unwrap();
         read_until(&mut stream, &mut seen, |s| s.contains(r#""running":2"#)).await;
         assert!(!seen.contains("not for this stream"), "{seen}");
+    }
+
+    /// A database of `services` deployed services (one instance each in the fake provider)
+    /// and `events` events spread over them, every tenth a drift event.
+    fn crowded(dir: &std::path::Path, services: usize, events: usize) -> (PathBuf, Arc<FakeProvider>) {
+        let path = dir.join("state.db");
+        let mut db = StateDb::open(&path).unwrap();
+        let fake = Arc::new(FakeProvider::new());
+        let spec: ServiceSpec = serde_json::from_value(serde_json::json!({"image": "web"})).unwrap();
+        for i in 0..services {
+            let name = format!("svc{i:03}");
+            let (release, _) = db
+                .record_release(&name, &spec, &Digest::of(b"v1"), "apply", None, "test")
+                .unwrap();
+            db.record_outcome(&name, 1, crate::state::ReleaseOutcome::Complete, "", "test")
+                .unwrap();
+            fake.launch(&instance_spec(&release, Engine::default()).unwrap())
+                .unwrap();
+        }
+        let have = db.last_event_seq().unwrap() as usize;
+        for i in have..events {
+            let kind = if i % 10 == 0 { "drift" } else { "launch" };
+            db.event(Some(&format!("svc{:03}", i % services)), kind, &format!("event {i}"), "test")
+                .unwrap();
+        }
+        (path, fake)
+    }
+
+    fn median(mut samples: Vec<Duration>) -> Duration {
+        samples.sort();
+        samples[samples.len() / 2]
+    }
+
+    /// Fifty open consoles share one poller: their streams cost the database one read per
+    /// interval, whatever their number. Counted by the reads of the instance list.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fifty_streams_share_one_poller_and_each_gets_every_event() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        struct Counting(Arc<FakeProvider>, Arc<AtomicUsize>);
+        impl Provider for Counting {
+            fn launch(&self, spec: &InstanceSpec) -> Result<Instance, RuntimeError> {
+                self.0.launch(spec)
+            }
+            fn stop(&self, id: &str, grace: Duration) -> Result<Instance, RuntimeError> {
+                self.0.stop(id, grace)
+            }
+            fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+                self.0.remove(id)
+            }
+            fn list(&self) -> Result<Vec<Instance>, RuntimeError> {
+                self.1.fetch_add(1, Ordering::SeqCst);
+                self.0.list()
+            }
+            fn inspect(&self, id: &str) -> Result<Instance, RuntimeError> {
+                self.0.inspect(id)
+            }
+            fn logs(&self, id: &str) -> Result<Vec<u8>, RuntimeError> {
+                self.0.logs(id)
+            }
+        }
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (path, fake) = crowded(dir.path(), 3, 10);
+        let lists = Arc::new(AtomicUsize::new(0));
+        let provider = Arc::new(Counting(fake, lists.clone()));
+        let addr = serve_with_clients(router(ApiConfig::new(path.clone(), provider))).await;
+        let mut streams = Vec::new();
+        for _ in 0..50 {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET /v1/events/stream?service=svc001 HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            streams.push(s);
+        }
+        // Each stream's own first read (the newest events and the overview) is done...
+        let mut seen: Vec<String> = vec![String::new(); streams.len()];
+        for (s, seen) in streams.iter_mut().zip(&mut seen) {
+            read_until(s, seen, |t| t.contains("event: overview")).await;
+        }
+        // ... and from then on one poller serves them all.
+        let before = lists.load(Ordering::SeqCst);
+        let db = StateDb::open(&path).unwrap();
+        db.event(Some("svc001"), "drift", "for every console", "test").unwrap();
+        tokio::time::sleep(Duration::from_millis(2600)).await;
+        let polls = lists.load(Ordering::SeqCst) - before;
+        // 2.6 s is five or six polls; fifty streams polling on their own would be ~260.
+        assert!(polls <= 8, "{polls} instance listings in 2.6 s for 50 streams");
+        for (s, seen) in streams.iter_mut().zip(&mut seen) {
+            read_until(s, seen, |t| t.contains("for every console")).await;
+            for block in seen.split("\n\n").filter(|b| b.contains("event: event")) {
+                assert!(block.contains(r#""service":"svc001""#), "not asked for: {block}");
+            }
+        }
+    }
+
+    /// The console's costs with a crowded database: the overview with 100 services and 10,000
+    /// events, and a controller pass with and without 50 open event streams. A benchmark, not
+    /// a check: `scripts/bench-console` runs it (debug or release) and prints the medians.
+    #[test]
+    #[ignore = "a benchmark: scripts/bench-console"]
+    fn bench_console() {
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (path, fake) = crowded(dir.path(), 100, 10_000);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let addr = runtime.block_on(serve_with_clients(router(ApiConfig::new(path.clone(), fake.clone()))));
+        let overview: Vec<Duration> = (0..41)
+            .map(|_| {
+                let started = Instant::now();
+                let reply = runtime.block_on(request(addr, "GET", "/v1/overview", None, None));
+                assert_eq!(reply.status, 200);
+                started.elapsed()
+            })
+            .collect();
+        let mut controller = crate::controller::Controller::new(
+            StateDb::open(&path).unwrap(),
+            fake.clone(),
+            runtime.handle().clone(),
+            Engine::Embedded,
+        );
+        let mut passes = |n: usize| -> Duration {
+            median(
+                (0..n)
+                    .map(|_| {
+                        let started = Instant::now();
+                        controller.pass().unwrap();
+                        let took = started.elapsed();
+                        std::thread::sleep(Duration::from_millis(20));
+                        took
+                    })
+                    .collect(),
+            )
+        };
+        passes(3);
+        let alone = passes(60);
+        let streams: Vec<tokio::net::TcpStream> = runtime.block_on(async {
+            let mut streams = Vec::new();
+            for _ in 0..50 {
+                let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+                s.write_all(b"GET /v1/events/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .await
+                    .unwrap();
+                streams.push(s);
+            }
+            streams
+        });
+        // Read what they are sent, as browsers would.
+        let readers: Vec<_> = streams
+            .into_iter()
+            .map(|mut s| {
+                runtime.spawn(async move {
+                    use tokio::io::AsyncReadExt;
+                    let mut buf = vec![0u8; 65536];
+                    while s.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_secs(1));
+        let with_streams = passes(60);
+        for r in readers {
+            r.abort();
+        }
+        println!(
+            "| overview, 100 services, 10,000 events (GET /v1/overview) | {:.1} ms |",
+            median(overview).as_secs_f64() * 1000.0
+        );
+        println!(
+            "| controller pass, 100 services, no event stream | {:.2} ms |",
+            alone.as_secs_f64() * 1000.0
+        );
+        println!(
+            "| controller pass, 100 services, 50 event streams | {:.2} ms |",
+            with_streams.as_secs_f64() * 1000.0
+        );
     }
 
     // ---- metrics ---------------------------------------------------------------------------
