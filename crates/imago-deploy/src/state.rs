@@ -331,6 +331,18 @@ impl StateDb {
         })
     }
 
+    /// One row of `sql`, through the connection's statement cache: the API builds an
+    /// overview from several queries per service, and preparing them anew each time was most
+    /// of its cost.
+    fn row<T, P: rusqlite::Params>(
+        &self,
+        sql: &str,
+        params: P,
+        f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        self.conn.prepare_cached(sql)?.query_row(params, f)
+    }
+
     fn err(&self, source: rusqlite::Error) -> DeployError {
         DeployError::Database {
             path: self.path.clone(),
@@ -481,8 +493,7 @@ impl StateDb {
 
     /// Since when and by whom `service`'s rollouts are paused, if they are.
     pub fn paused(&self, service: &str) -> Result<Option<Paused>, DeployError> {
-        self.conn
-            .query_row(
+        self.row(
                 "SELECT since_ms, actor FROM paused_services WHERE service = ?1",
                 [service],
                 |r| {
@@ -579,8 +590,7 @@ impl StateDb {
     }
 
     pub fn release(&self, service: &str, number: u64) -> Result<Release, DeployError> {
-        self.conn
-            .query_row(
+        self.row(
                 "SELECT service, number, image_digest, config_hash, revision, spec_json, created_ms, reason, rollback_of, restart
                  FROM releases WHERE service = ?1 AND number = ?2",
                 params![service, number],
@@ -597,8 +607,7 @@ impl StateDb {
         service: &str,
         revision: &str,
     ) -> Result<Option<Release>, DeployError> {
-        self.conn
-            .query_row(
+        self.row(
                 "SELECT service, number, image_digest, config_hash, revision, spec_json, created_ms, reason, rollback_of, restart
                  FROM releases WHERE service = ?1 AND revision = ?2 ORDER BY number DESC LIMIT 1",
                 params![service, revision],
@@ -627,9 +636,7 @@ impl StateDb {
 
     /// The release `service` should run, if it exists and was not destroyed.
     pub fn desired(&self, service: &str) -> Result<Option<Release>, DeployError> {
-        let number: Option<u64> = self
-            .conn
-            .query_row(
+        let number: Option<u64> = self.row(
                 "SELECT desired_release FROM services WHERE name = ?1 AND destroyed = 0",
                 [service],
                 |r| r.get(0),
@@ -728,9 +735,7 @@ impl StateDb {
 
     /// The newest release of `service` whose rollout completed: where automatic rollback goes.
     pub fn last_completed(&self, service: &str) -> Result<Option<Release>, DeployError> {
-        let number: Option<u64> = self
-            .conn
-            .query_row(
+        let number: Option<u64> = self.row(
                 "SELECT number FROM release_outcomes WHERE service = ?1 AND outcome = 'complete' ORDER BY rowid DESC LIMIT 1",
                 [service],
                 |r| r.get(0),
@@ -821,8 +826,7 @@ impl StateDb {
 
     /// The sequence number of the newest event (0 when there is none).
     pub fn last_event_seq(&self) -> Result<u64, DeployError> {
-        self.conn
-            .query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))
+        self.row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))
             .map_err(|e| self.err(e))
     }
 
@@ -851,7 +855,7 @@ impl StateDb {
         sql: &str,
         params: impl rusqlite::Params,
     ) -> Result<Vec<Event>, DeployError> {
-        let mut stmt = self.conn.prepare(sql).map_err(|e| self.err(e))?;
+        let mut stmt = self.conn.prepare_cached(sql).map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map(params, |r| {
                 Ok(Event {
@@ -925,8 +929,7 @@ impl StateDb {
 
     /// The latest outcome recorded for release `number` of `service`.
     pub fn outcome_of(&self, service: &str, number: u64) -> Result<Option<Outcome>, DeployError> {
-        self.conn
-            .query_row(
+        self.row(
                 "SELECT number, outcome, detail, at_ms FROM release_outcomes
                  WHERE service = ?1 AND number = ?2 ORDER BY rowid DESC LIMIT 1",
                 params![service, number],
@@ -977,7 +980,7 @@ impl StateDb {
 
     /// The rows of a query that selects a text and a number.
     fn text_and_number(&self, sql: &str) -> Result<Vec<(String, u64)>, DeployError> {
-        let mut stmt = self.conn.prepare(sql).map_err(|e| self.err(e))?;
+        let mut stmt = self.conn.prepare_cached(sql).map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?)))
             .map_err(|e| self.err(e))?
@@ -1042,8 +1045,7 @@ impl StateDb {
 
     /// Why the controller cannot reconcile `service` right now, and since when (ms).
     pub fn service_fault(&self, service: &str) -> Result<Option<(String, u64)>, DeployError> {
-        self.conn
-            .query_row(
+        self.row(
                 "SELECT reason, since_ms FROM service_faults WHERE service = ?1",
                 [service],
                 |r| Ok((r.get(0)?, r.get(1)?)),
@@ -1062,8 +1064,7 @@ impl StateDb {
 
     /// The rollout in progress for `service`: (target release, started, last progress, counts).
     pub fn rollout(&self, service: &str) -> Result<Option<RolloutRow>, DeployError> {
-        self.conn
-            .query_row(
+        self.row(
                 "SELECT target_release, started_ms, last_progress_ms, counts_json FROM rollouts WHERE service = ?1",
                 [service],
                 |r| {
