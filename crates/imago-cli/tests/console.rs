@@ -144,7 +144,11 @@ fn the_console_shows_a_rollout_live_and_rolls_back_from_the_page_in_a_real_brows
     // Without waiting: the browser watches the rollout while it happens.
     web.apply(false);
     writeln!(browser.0.stdin.as_mut().unwrap(), "applied").unwrap();
-    assert_eq!(next_line(), "ok", "the browser's checks failed (its stderr above)");
+    assert_eq!(
+        next_line(),
+        "ok",
+        "the browser's checks failed (its stderr above)"
+    );
     assert!(browser.0.wait().unwrap().success());
 
     // What the browser saw is what the controller recorded: release 3 restores release 1 and
@@ -156,7 +160,10 @@ fn the_console_shows_a_rollout_live_and_rolls_back_from_the_page_in_a_real_brows
     assert_eq!(history[3]["restart"], 1, "{history:?}");
     assert_eq!(history[3]["config_hash"], history[2]["config_hash"]);
     let events = web.imago.events("web");
-    assert!(events.contains("rollouts paused") && events.contains("rollouts resumed"), "{events}");
+    assert!(
+        events.contains("rollouts paused") && events.contains("rollouts resumed"),
+        "{events}"
+    );
     for shot in [
         "overview-rollout.png",
         "service-rollout.png",
@@ -192,22 +199,38 @@ fn pause_holds_a_rollout_through_a_controller_restart_and_restart_replaces_every
     web.apply(true);
     web.wait_complete(1);
     let paused = web.imago.run(&["--json", "pause", "web"]).ok().json();
-    assert_eq!((paused["paused"].clone(), paused["changed"].clone()), (true.into(), true.into()));
+    assert_eq!(
+        (paused["paused"].clone(), paused["changed"].clone()),
+        (true.into(), true.into())
+    );
     let v1 = instance_ids(&web.imago);
     web.set_version("2");
     web.apply(false);
     let hold = |seconds: u64| {
         let until = std::time::Instant::now() + Duration::from_secs(seconds);
         while std::time::Instant::now() < until {
-            assert_eq!(instance_ids(&web.imago), v1, "a paused rollout changed the instances");
+            assert_eq!(
+                instance_ids(&web.imago),
+                v1,
+                "a paused rollout changed the instances"
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     };
     hold(3);
     let status = web.imago.run(&["status", "--json", "web"]).ok().json();
     assert_eq!(status["services"][0]["desired"]["number"], 2);
-    assert!(status["services"][0]["paused"]["actor"].is_string(), "{status}");
-    assert!(web.imago.run(&["status", "web"]).ok().stdout().contains("paused by"));
+    assert!(
+        status["services"][0]["paused"]["actor"].is_string(),
+        "{status}"
+    );
+    assert!(
+        web.imago
+            .run(&["status", "web"])
+            .ok()
+            .stdout()
+            .contains("paused by")
+    );
     web.imago.kill_controller();
     web.imago.run(&["serve"]).ok();
     hold(3);
@@ -221,7 +244,10 @@ fn pause_holds_a_rollout_through_a_controller_restart_and_restart_replaces_every
     assert_eq!(restarted[0]["outcome"], "complete", "{restarted}");
     let after = instance_ids(&web.imago);
     assert_eq!(after.len(), 3);
-    assert!(after.iter().all(|id| !before.contains(id)), "{before:?} {after:?}");
+    assert!(
+        after.iter().all(|id| !before.contains(id)),
+        "{before:?} {after:?}"
+    );
     let history = web.imago.history("web");
     assert_eq!(history[2]["restart"], 1);
     assert_eq!(history[2]["config_hash"], history[1]["config_hash"]);
@@ -237,10 +263,9 @@ fn pause_holds_a_rollout_through_a_controller_restart_and_restart_replaces_every
 /// One HTTP/1.0 request to the controller's API: (status, body).
 fn api_request(imago: &Imago, method: &str, path: &str, body: &str) -> (u16, String) {
     use std::io::Read;
-    let controller: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(imago.home.join("deploy/controller.json")).unwrap(),
-    )
-    .unwrap();
+    let controller: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(imago.home.join("deploy/controller.json")).unwrap())
+            .unwrap();
     let token = std::fs::read_to_string(imago.home.join("api-token")).unwrap();
     let mut stream = std::net::TcpStream::connect(controller["api"].as_str().unwrap()).unwrap();
     stream
@@ -288,5 +313,9 @@ fn the_api_plans_a_definition_file_as_imago_plan_does() {
     );
     assert_eq!(status, 422, "{body}");
     assert!(body.contains("imago.toml"), "{body}");
-    assert_eq!(web.imago.history("web").len(), 1, "planning recorded a release");
+    assert_eq!(
+        web.imago.history("web").len(),
+        1,
+        "planning recorded a release"
+    );
 }

@@ -300,7 +300,11 @@ mod tests {
 
     #[test]
     fn a_paused_rollout_launches_and_retires_nothing_and_keeps_serving_what_runs() {
-        let mut world = vec![ready("old0", "v1"), ready("old1", "v1"), ready("new0", "v2")];
+        let mut world = vec![
+            ready("old0", "v1"),
+            ready("old1", "v1"),
+            ready("new0", "v2"),
+        ];
         let input = |world: &[ObservedInstance]| {
             next_step(RolloutInput {
                 limits: limits(2, 1, 0),
@@ -312,7 +316,10 @@ mod tests {
             })
         };
         let step = input(&world);
-        assert!(!step.retire.is_empty() || step.launch > 0, "the rollout moves unpaused");
+        assert!(
+            !step.retire.is_empty() || step.launch > 0,
+            "the rollout moves unpaused"
+        );
         let held = paused(step, &world);
         assert_eq!((held.launch, held.retire.len()), (0, 0));
         let mut routed = held.route_to.clone();

@@ -381,7 +381,17 @@ impl StateDb {
         actor: &str,
     ) -> Result<(Release, bool), DeployError> {
         let new = self.in_transaction(|tx, path| {
-            insert_release(tx, path, service, spec, digest, reason, rollback_of, actor, None)
+            insert_release(
+                tx,
+                path,
+                service,
+                spec,
+                digest,
+                reason,
+                rollback_of,
+                actor,
+                None,
+            )
         })?;
         match new {
             NewRelease::Recorded(release) => Ok((*release, true)),
@@ -466,7 +476,12 @@ impl StateDb {
             )
             .map_err(|e| self.err(e))?;
         if changed > 0 {
-            self.event(Some(service), "pause", "rollouts paused: nothing is launched or retired until resumed", actor)?;
+            self.event(
+                Some(service),
+                "pause",
+                "rollouts paused: nothing is launched or retired until resumed",
+                actor,
+            )?;
         }
         Ok(changed > 0)
     }
@@ -494,17 +509,17 @@ impl StateDb {
     /// Since when and by whom `service`'s rollouts are paused, if they are.
     pub fn paused(&self, service: &str) -> Result<Option<Paused>, DeployError> {
         self.row(
-                "SELECT since_ms, actor FROM paused_services WHERE service = ?1",
-                [service],
-                |r| {
-                    Ok(Paused {
-                        since_ms: r.get(0)?,
-                        actor: r.get(1)?,
-                    })
-                },
-            )
-            .optional()
-            .map_err(|e| self.err(e))
+            "SELECT since_ms, actor FROM paused_services WHERE service = ?1",
+            [service],
+            |r| {
+                Ok(Paused {
+                    since_ms: r.get(0)?,
+                    actor: r.get(1)?,
+                })
+            },
+        )
+        .optional()
+        .map_err(|e| self.err(e))
     }
 
     /// Records that release `failed` of `service` failed and, with `rollback_to`, the release
@@ -636,7 +651,8 @@ impl StateDb {
 
     /// The release `service` should run, if it exists and was not destroyed.
     pub fn desired(&self, service: &str) -> Result<Option<Release>, DeployError> {
-        let number: Option<u64> = self.row(
+        let number: Option<u64> = self
+            .row(
                 "SELECT desired_release FROM services WHERE name = ?1 AND destroyed = 0",
                 [service],
                 |r| r.get(0),
@@ -930,20 +946,20 @@ impl StateDb {
     /// The latest outcome recorded for release `number` of `service`.
     pub fn outcome_of(&self, service: &str, number: u64) -> Result<Option<Outcome>, DeployError> {
         self.row(
-                "SELECT number, outcome, detail, at_ms FROM release_outcomes
+            "SELECT number, outcome, detail, at_ms FROM release_outcomes
                  WHERE service = ?1 AND number = ?2 ORDER BY rowid DESC LIMIT 1",
-                params![service, number],
-                |r| {
-                    Ok(Outcome {
-                        number: r.get(0)?,
-                        outcome: r.get(1)?,
-                        detail: r.get(2)?,
-                        at_ms: r.get(3)?,
-                    })
-                },
-            )
-            .optional()
-            .map_err(|e| self.err(e))
+            params![service, number],
+            |r| {
+                Ok(Outcome {
+                    number: r.get(0)?,
+                    outcome: r.get(1)?,
+                    detail: r.get(2)?,
+                    at_ms: r.get(3)?,
+                })
+            },
+        )
+        .optional()
+        .map_err(|e| self.err(e))
     }
 
     /// Records that the controller took `id` out of the endpoint and will stop it once drained
@@ -1046,12 +1062,12 @@ impl StateDb {
     /// Why the controller cannot reconcile `service` right now, and since when (ms).
     pub fn service_fault(&self, service: &str) -> Result<Option<(String, u64)>, DeployError> {
         self.row(
-                "SELECT reason, since_ms FROM service_faults WHERE service = ?1",
-                [service],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()
-            .map_err(|e| self.err(e))
+            "SELECT reason, since_ms FROM service_faults WHERE service = ?1",
+            [service],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .map_err(|e| self.err(e))
     }
 
     /// Every instance recorded as passing its health check: id -> since (ms).

@@ -1223,7 +1223,11 @@ impl Render for PauseResult {
         if self.changed {
             writeln!(out, "service {}: rollouts {what}", self.service)
         } else {
-            writeln!(out, "service {}: rollouts were {what} already", self.service)
+            writeln!(
+                out,
+                "service {}: rollouts were {what} already",
+                self.service
+            )
         }
     }
 }

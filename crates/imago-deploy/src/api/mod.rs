@@ -695,11 +695,19 @@ async fn plan(State(api): State<Api>, Query(q): Query<PlanQuery>, body: String) 
     if let Some(dir) = q.dir.as_ref().filter(|d| !d.is_absolute() || !d.is_dir()) {
         return error_response(
             StatusCode::BAD_REQUEST,
-            format!("dir {} is not an absolute path of a directory", dir.display()),
+            format!(
+                "dir {} is not an absolute path of a directory",
+                dir.display()
+            ),
         );
     }
-    let result =
-        tokio::task::spawn_blocking(move || planner(PlanInput { text: body, dir: q.dir })).await;
+    let result = tokio::task::spawn_blocking(move || {
+        planner(PlanInput {
+            text: body,
+            dir: q.dir,
+        })
+    })
+    .await;
     match result {
         Ok(Ok(document)) => Json(document).into_response(),
         Ok(Err(message)) => error_response(StatusCode::UNPROCESSABLE_ENTITY, message),
@@ -1035,7 +1043,8 @@ mod tests {
     }
 
     /// A definition of `web` (deployed) and `api` (new), for `POST /v1/plan`.
-    const PLAN_TOML: &str = "[service.web]\nimage = \"web\"\nreplicas = 3\n\n[service.api]\nimage = \"api\"\n";
+    const PLAN_TOML: &str =
+        "[service.web]\nimage = \"web\"\nreplicas = 3\n\n[service.api]\nimage = \"api\"\n";
 
     #[tokio::test]
     async fn actions_need_the_token_and_reads_need_it_only_beyond_loopback() {
@@ -1156,9 +1165,15 @@ mod tests {
         let post = |path: &'static str| request(addr, "POST", path, Some(TOKEN), None);
 
         let paused = json(post("/v1/services/web/pause").await);
-        assert_eq!((paused["paused"].clone(), paused["changed"].clone()), (true.into(), true.into()));
+        assert_eq!(
+            (paused["paused"].clone(), paused["changed"].clone()),
+            (true.into(), true.into())
+        );
         let again = json(post("/v1/services/web/pause").await);
-        assert_eq!(again["changed"], false, "pausing a paused service changes nothing");
+        assert_eq!(
+            again["changed"], false,
+            "pausing a paused service changes nothing"
+        );
         let db = StateDb::open(&db_path).unwrap();
         assert_eq!(db.paused("web").unwrap().unwrap().actor, "api");
         let status = json(request(addr, "GET", "/v1/services/web", None, None).await);
@@ -1166,11 +1181,27 @@ mod tests {
         let overview = json(request(addr, "GET", "/v1/overview", None, None).await);
         assert_eq!(overview[0]["paused"], true);
         let resumed = json(post("/v1/services/web/resume").await);
-        assert_eq!((resumed["paused"].clone(), resumed["changed"].clone()), (false.into(), true.into()));
+        assert_eq!(
+            (resumed["paused"].clone(), resumed["changed"].clone()),
+            (false.into(), true.into())
+        );
         assert_eq!(db.paused("web").unwrap(), None);
-        let kinds: Vec<String> = db.events(Some("web"), 0).unwrap().into_iter().map(|e| e.kind).collect();
-        assert_eq!(kinds.iter().filter(|k| *k == "pause").count(), 1, "{kinds:?}");
-        assert_eq!(kinds.iter().filter(|k| *k == "resume").count(), 1, "{kinds:?}");
+        let kinds: Vec<String> = db
+            .events(Some("web"), 0)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect();
+        assert_eq!(
+            kinds.iter().filter(|k| *k == "pause").count(),
+            1,
+            "{kinds:?}"
+        );
+        assert_eq!(
+            kinds.iter().filter(|k| *k == "resume").count(),
+            1,
+            "{kinds:?}"
+        );
 
         let before = db.desired("web").unwrap().unwrap();
         let accepted = json(post("/v1/services/web/restart").await);
@@ -1184,7 +1215,10 @@ mod tests {
         assert_ne!(after.revision, before.revision);
         for action in ["pause", "restart"] {
             let path = format!("/v1/services/nope/{action}");
-            assert_eq!(request(addr, "POST", &path, Some(TOKEN), None).await.status, 404);
+            assert_eq!(
+                request(addr, "POST", &path, Some(TOKEN), None).await.status,
+                404
+            );
         }
     }
 
@@ -1202,11 +1236,34 @@ mod tests {
         assert_eq!(plans[1]["action"], "new release");
         assert_eq!(plans[1]["current_release"], 2);
         assert!(!plans[1]["rollout"]["waves"].as_array().unwrap().is_empty());
-        let bad = request(addr, "POST", "/v1/plan", Some(TOKEN), Some("[service.x]\nreplicas = \"many\"\n")).await;
+        let bad = request(
+            addr,
+            "POST",
+            "/v1/plan",
+            Some(TOKEN),
+            Some("[service.x]\nreplicas = \"many\"\n"),
+        )
+        .await;
         assert_eq!(bad.status, 422, "{}", bad.body);
-        assert!(bad.body.contains("imago.toml"), "the error names the file: {}", bad.body);
-        assert_eq!(request(addr, "POST", "/v1/plan", None, Some(PLAN_TOML)).await.status, 401);
-        let relative = request(addr, "POST", "/v1/plan?dir=relative", Some(TOKEN), Some(PLAN_TOML)).await;
+        assert!(
+            bad.body.contains("imago.toml"),
+            "the error names the file: {}",
+            bad.body
+        );
+        assert_eq!(
+            request(addr, "POST", "/v1/plan", None, Some(PLAN_TOML))
+                .await
+                .status,
+            401
+        );
+        let relative = request(
+            addr,
+            "POST",
+            "/v1/plan?dir=relative",
+            Some(TOKEN),
+            Some(PLAN_TOML),
+        )
+        .await;
         assert_eq!(relative.status, 400, "{}", relative.body);
         // Nothing was recorded.
         let db = StateDb::open(&config.db_path).unwrap();
@@ -1429,11 +1486,16 @@ mod tests {
 
     /// A database of `services` deployed services (one instance each in the fake provider)
     /// and `events` events spread over them, every tenth a drift event.
-    fn crowded(dir: &std::path::Path, services: usize, events: usize) -> (PathBuf, Arc<FakeProvider>) {
+    fn crowded(
+        dir: &std::path::Path,
+        services: usize,
+        events: usize,
+    ) -> (PathBuf, Arc<FakeProvider>) {
         let path = dir.join("state.db");
         let mut db = StateDb::open(&path).unwrap();
         let fake = Arc::new(FakeProvider::new());
-        let spec: ServiceSpec = serde_json::from_value(serde_json::json!({"image": "web"})).unwrap();
+        let spec: ServiceSpec =
+            serde_json::from_value(serde_json::json!({"image": "web"})).unwrap();
         for i in 0..services {
             let name = format!("svc{i:03}");
             let (release, _) = db
@@ -1447,8 +1509,13 @@ mod tests {
         let have = db.last_event_seq().unwrap() as usize;
         for i in have..events {
             let kind = if i % 10 == 0 { "drift" } else { "launch" };
-            db.event(Some(&format!("svc{:03}", i % services)), kind, &format!("event {i}"), "test")
-                .unwrap();
+            db.event(
+                Some(&format!("svc{:03}", i % services)),
+                kind,
+                &format!("event {i}"),
+                "test",
+            )
+            .unwrap();
         }
         (path, fake)
     }
@@ -1507,15 +1574,22 @@ mod tests {
         // ... and from then on one poller serves them all.
         let before = lists.load(Ordering::SeqCst);
         let db = StateDb::open(&path).unwrap();
-        db.event(Some("svc001"), "drift", "for every console", "test").unwrap();
+        db.event(Some("svc001"), "drift", "for every console", "test")
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(2600)).await;
         let polls = lists.load(Ordering::SeqCst) - before;
         // 2.6 s is five or six polls; fifty streams polling on their own would be ~260.
-        assert!(polls <= 8, "{polls} instance listings in 2.6 s for 50 streams");
+        assert!(
+            polls <= 8,
+            "{polls} instance listings in 2.6 s for 50 streams"
+        );
         for (s, seen) in streams.iter_mut().zip(&mut seen) {
             read_until(s, seen, |t| t.contains("for every console")).await;
             for block in seen.split("\n\n").filter(|b| b.contains("event: event")) {
-                assert!(block.contains(r#""service":"svc001""#), "not asked for: {block}");
+                assert!(
+                    block.contains(r#""service":"svc001""#),
+                    "not asked for: {block}"
+                );
             }
         }
     }
@@ -1534,7 +1608,10 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        let addr = runtime.block_on(serve_with_clients(router(ApiConfig::new(path.clone(), fake.clone()))));
+        let addr = runtime.block_on(serve_with_clients(router(ApiConfig::new(
+            path.clone(),
+            fake.clone(),
+        ))));
         let http_overview = || {
             median(
                 (0..41)

@@ -151,8 +151,11 @@ impl Cursor {
 
     fn push_overview(&mut self, overview: Arc<String>) {
         if self.last_overview.as_deref() != Some(&*overview) {
-            self.pending
-                .push_back(SseEvent::default().event("overview").data(overview.as_str()));
+            self.pending.push_back(
+                SseEvent::default()
+                    .event("overview")
+                    .data(overview.as_str()),
+            );
             self.last_overview = Some(overview);
         }
     }

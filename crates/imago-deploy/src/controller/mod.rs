@@ -1439,7 +1439,10 @@ mod tests {
         let hold = |h: &mut Harness| {
             for _ in 0..10 {
                 let pass = h.controller.pass().unwrap().pop().unwrap();
-                assert!(pass.launched.is_empty() && pass.retired.is_empty(), "{pass:#?}");
+                assert!(
+                    pass.launched.is_empty() && pass.retired.is_empty(),
+                    "{pass:#?}"
+                );
                 assert!(!pass.complete);
                 std::thread::sleep(Duration::from_millis(5));
             }
@@ -1466,7 +1469,8 @@ mod tests {
     #[test]
     fn a_restart_replaces_every_instance_and_an_unchanged_apply_keeps_them() {
         let mut h = harness();
-        let v = spec(serde_json::json!({"image": "web", "replicas": 2, "rollout": {"drain": "0s"}}));
+        let v =
+            spec(serde_json::json!({"image": "web", "replicas": 2, "rollout": {"drain": "0s"}}));
         let first = h.release("web", &v, b"v1");
         h.converge("web", 5);
         let before: Vec<String> = h.running("web").into_iter().map(|i| i.id).collect();
@@ -1478,7 +1482,10 @@ mod tests {
         assert!(h.converge("web", 40).last().unwrap().complete);
         let after = h.running("web");
         assert_eq!(after.len(), 2);
-        assert!(after.iter().all(|i| !before.contains(&i.id)), "an old instance survived");
+        assert!(
+            after.iter().all(|i| !before.contains(&i.id)),
+            "an old instance survived"
+        );
         assert!(
             after
                 .iter()
@@ -1490,7 +1497,11 @@ mod tests {
             .db
             .record_release("web", &v, &Digest::of(b"v1"), "apply", None, "test")
             .unwrap();
-        assert!(!new, "an unchanged apply after a restart made release {}", again.number);
+        assert!(
+            !new,
+            "an unchanged apply after a restart made release {}",
+            again.number
+        );
         // Drift judges the restarted instances as the release's own.
         let findings = crate::drift::check(
             &h.controller.db,
