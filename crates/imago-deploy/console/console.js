@@ -167,7 +167,13 @@ async function refreshService(name) {
     ]);
     serviceData = { name, status, releases, instances, events };
     renderService();
-  } catch (e) { showError(view, e); }
+  } catch (e) {
+    // A request the browser aborted (a network change, a restarting controller): keep what is
+    // shown and ask again, rather than replace the page with an error.
+    if (serviceData && serviceData.name === name && !/token|too many/.test(String(e.message))) {
+      clearTimeout(refreshTimer); refreshTimer = setTimeout(() => refreshService(name), 1000);
+    } else showError(view, e);
+  }
 }
 
 function renderService() {
