@@ -52,6 +52,12 @@ enum Command {
     History(commands::deploy::HistoryArgs),
     /// Restore an earlier release (image and configuration together) as a new release
     Rollback(commands::deploy::RollbackArgs),
+    /// Replace every instance of a service with new ones of the same release, rolled like an update
+    Restart(commands::deploy::RestartArgs),
+    /// Pause a service's rollouts: nothing is launched or retired until it is resumed
+    Pause(commands::deploy::PauseArgs),
+    /// Resume a paused service's rollouts
+    Resume(commands::deploy::PauseArgs),
     /// Stop every instance of a service and forget it (its history stays)
     Destroy(commands::deploy::DestroyArgs),
     /// Show the event log
@@ -147,6 +153,9 @@ fn run(cli: Cli, reporter: Reporter) -> Result<()> {
         Command::Status(args) => commands::deploy::status(&ctx, args),
         Command::History(args) => commands::deploy::history(&ctx, args),
         Command::Rollback(args) => commands::deploy::rollback(&ctx, args),
+        Command::Restart(args) => commands::deploy::restart(&ctx, args),
+        Command::Pause(args) => commands::deploy::set_paused(&ctx, args, true),
+        Command::Resume(args) => commands::deploy::set_paused(&ctx, args, false),
         Command::Destroy(args) => commands::deploy::destroy(&ctx, args),
         Command::Events(args) => commands::deploy::events(&ctx, args),
         Command::Drift(args) => commands::deploy::drift(&ctx, args),

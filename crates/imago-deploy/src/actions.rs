@@ -1,5 +1,6 @@
 //! The write actions that the CLI and the HTTP API both perform: one code path each, so a
-//! rollback asked for in the console is the rollback `imago rollback` makes.
+//! rollback asked for in the console is the rollback `imago rollback` makes, and so on for
+//! restart, pause and resume.
 
 use imago_store::Store;
 
@@ -29,13 +30,32 @@ pub fn rollback(
         });
     }
     let reason = format!("rollback to release {}", target.number);
-    let (release, _) = db.record_release(
-        service,
-        &target.spec,
-        &target.image_digest,
-        &reason,
-        Some(target.number),
-        actor,
-    )?;
+    let release = db.record_restored(&target, &reason, actor)?;
     Ok((release, target.number))
+}
+
+/// Records a restart of `service`: new instances of the desired release's image and
+/// configuration, rolled out like an update (same waves, health gate and automatic rollback).
+/// Returns the new release.
+pub fn restart(db: &mut StateDb, service: &str, actor: &str) -> Result<Release, DeployError> {
+    db.record_restart(service, actor)
+}
+
+/// Pauses (`pause`) or resumes the rollouts of `service`; returns whether that changed
+/// anything (pausing a paused service does not). While paused, the controller launches and
+/// retires nothing for it, whatever its releases say; a restarted controller reads it again.
+pub fn set_paused(
+    db: &StateDb,
+    service: &str,
+    pause: bool,
+    actor: &str,
+) -> Result<bool, DeployError> {
+    if db.desired(service)?.is_none() {
+        return Err(DeployError::NoService(service.to_owned()));
+    }
+    if pause {
+        db.pause(service, actor)
+    } else {
+        db.resume(service, actor)
+    }
 }

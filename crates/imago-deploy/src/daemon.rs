@@ -343,7 +343,7 @@ pub fn lock_controller(home: &DeployHome) -> Result<ControllerLock, DeployError>
 }
 
 /// How `imago serve --foreground` runs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServeOptions {
     pub api: SocketAddr,
     pub interval: Duration,
@@ -355,6 +355,8 @@ pub struct ServeOptions {
     pub read_only: bool,
     /// The image store, which the API's rollback checks for the image it restores.
     pub store: Option<imago_store::Store>,
+    /// What plans a definition file for `POST /v1/plan` (the binary's `imago plan`).
+    pub planner: Option<crate::api::Planner>,
 }
 
 /// What the serve loop has to say; the CLI prints it.
@@ -415,6 +417,7 @@ pub fn run_controller(
                 token_for_reads: crate::api::needs_token_for_reads(addr),
                 read_only: options.read_only,
                 engines: engines.clone(),
+                planner: options.planner.clone(),
             });
             runtime.spawn(async move {
                 axum::serve(

@@ -16,7 +16,7 @@ use crate::controller::{LABEL_SERVICE, cluster_service};
 use crate::error::DeployError;
 use crate::rollout::{ObservedInstance, Phase, RolloutInput, next_step};
 use crate::spec::{Limits, ResolvedTarget, ServiceSpec, Strategy};
-use crate::state::{Release, fingerprint};
+use crate::state::{Release, fingerprint, restarted_revision};
 
 /// What applying a service would do to its releases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -108,6 +108,9 @@ pub fn proposed_cluster_service(
     target: &ResolvedTarget,
 ) -> Result<ClusterService, DeployError> {
     let (config_hash, revision) = fingerprint(spec, digest)?;
+    // Apply keeps the current restart generation (see `Release::restart`).
+    let restart = current.map_or(0, |r| r.restart);
+    let revision = restarted_revision(&revision, restart);
     let number = match current {
         Some(r) if r.revision == revision => r.number,
         Some(r) => r.number + 1,
@@ -123,6 +126,7 @@ pub fn proposed_cluster_service(
         created_ms: 0,
         reason: String::new(),
         rollback_of: None,
+        restart,
     };
     Ok(cluster_service(&release, target))
 }
@@ -170,7 +174,9 @@ pub fn plan_service(
     running: &[Instance],
 ) -> Result<ServicePlan, DeployError> {
     let changed = match (current, &digest) {
-        (Some(release), Some(digest)) => fingerprint(spec, digest)?.1 != release.revision,
+        (Some(release), Some(digest)) => {
+            restarted_revision(&fingerprint(spec, digest)?.1, release.restart) != release.revision
+        }
         _ => true,
     };
     let live = running

@@ -276,9 +276,62 @@ pub fn next_step(input: RolloutInput<'_>) -> Step {
     step
 }
 
+/// The step of a paused rollout: `step` with nothing launched and nothing retired. The
+/// instances it would have retired stay as they are, and those among them that are ready keep
+/// their connections (the endpoint routes to them as before); dead ones are still cleaned up,
+/// since nothing could serve from them anyway.
+pub fn paused(mut step: Step, instances: &[ObservedInstance]) -> Step {
+    step.launch = 0;
+    for id in std::mem::take(&mut step.retire) {
+        let serving = instances.iter().any(|i| {
+            i.id == id && !i.draining && matches!(i.phase, Phase::Ready { .. }) && !i.drifted
+        });
+        if serving && !step.route_to.contains(&id) {
+            step.route_to.push(id);
+        }
+    }
+    step.complete = false;
+    step
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_paused_rollout_launches_and_retires_nothing_and_keeps_serving_what_runs() {
+        let mut world = vec![
+            ready("old0", "v1"),
+            ready("old1", "v1"),
+            ready("new0", "v2"),
+        ];
+        let input = |world: &[ObservedInstance]| {
+            next_step(RolloutInput {
+                limits: limits(2, 1, 0),
+                strategy: Strategy::Rolling,
+                min_ready: Duration::ZERO,
+                now_ms: 1000,
+                target: "v2",
+                instances: world,
+            })
+        };
+        let step = input(&world);
+        assert!(
+            !step.retire.is_empty() || step.launch > 0,
+            "the rollout moves unpaused"
+        );
+        let held = paused(step, &world);
+        assert_eq!((held.launch, held.retire.len()), (0, 0));
+        let mut routed = held.route_to.clone();
+        routed.sort();
+        assert_eq!(routed, ["new0", "old0", "old1"]);
+        // A dead instance is still removed, and not replaced while paused.
+        world[0].phase = Phase::Exited;
+        let held = paused(input(&world), &world);
+        assert_eq!(held.remove_dead, ["old0"]);
+        assert_eq!(held.launch, 0);
+        assert!(!held.complete);
+    }
 
     fn limits(replicas: u32, max_surge: u32, max_unavailable: u32) -> Limits {
         Limits {

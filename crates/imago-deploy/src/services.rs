@@ -306,6 +306,7 @@ health = { type = "tcp" }
             created_ms: 0,
             reason: "apply".into(),
             rollback_of: None,
+            restart: 0,
         }
     }
 

@@ -90,6 +90,17 @@ CREATE TABLE service_faults (
     since_ms INTEGER NOT NULL
 ) STRICT;
 "#,
+    // `restart`: how often the release's instances were asked to be replaced by new ones of the
+    // same image and configuration (part of the revision, not of the configuration hash).
+    // `paused_services`: services whose rollouts launch and retire nothing until resumed.
+    r#"
+ALTER TABLE releases ADD COLUMN restart INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE paused_services (
+    service  TEXT PRIMARY KEY,
+    since_ms INTEGER NOT NULL,
+    actor    TEXT NOT NULL
+) STRICT;
+"#,
 ];
 
 /// One immutable release: a service pinned to an image digest and its full configuration.
@@ -107,6 +118,11 @@ pub struct Release {
     /// Why it was made: "apply", "rollback to 2", "automatic rollback: ...".
     pub reason: String,
     pub rollback_of: Option<u64>,
+    /// The restart generation: 0, or how many times `imago restart` asked for new instances of
+    /// the same image and configuration. It changes the revision (so every instance is
+    /// replaced, and old ones are of another revision until then) but not the configuration
+    /// hash; a later release keeps it, so an unchanged `apply` after a restart changes nothing.
+    pub restart: u64,
 }
 
 /// What a release's rollout ended as. The database records `Complete` and `Failed`;
@@ -217,11 +233,28 @@ pub fn fingerprint(spec: &ServiceSpec, digest: &Digest) -> Result<(Digest, Strin
     Ok((config_hash, revision))
 }
 
+/// The revision of a release whose plain revision is `revision` at restart generation
+/// `restart`: generation 0 is the plain revision, so no release recorded before restarts
+/// existed changes its revision.
+pub fn restarted_revision(revision: &str, restart: u64) -> String {
+    if restart == 0 {
+        return revision.to_owned();
+    }
+    Digest::of(format!("{revision}\nrestart {restart}").as_bytes()).hex()[..16].to_string()
+}
+
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// A paused service: since when, and who paused it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Paused {
+    pub since_ms: u64,
+    pub actor: String,
 }
 
 /// A rollout in progress, as recorded.
@@ -298,6 +331,18 @@ impl StateDb {
         })
     }
 
+    /// One row of `sql`, through the connection's statement cache: the API builds an
+    /// overview from several queries per service, and preparing them anew each time was most
+    /// of its cost.
+    fn row<T, P: rusqlite::Params>(
+        &self,
+        sql: &str,
+        params: P,
+        f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        self.conn.prepare_cached(sql)?.query_row(params, f)
+    }
+
     fn err(&self, source: rusqlite::Error) -> DeployError {
         DeployError::Database {
             path: self.path.clone(),
@@ -336,12 +381,145 @@ impl StateDb {
         actor: &str,
     ) -> Result<(Release, bool), DeployError> {
         let new = self.in_transaction(|tx, path| {
-            insert_release(tx, path, service, spec, digest, reason, rollback_of, actor)
+            insert_release(
+                tx,
+                path,
+                service,
+                spec,
+                digest,
+                reason,
+                rollback_of,
+                actor,
+                None,
+            )
         })?;
         match new {
             NewRelease::Recorded(release) => Ok((*release, true)),
             NewRelease::Unchanged(current) => Ok((self.release(service, current)?, false)),
         }
+    }
+
+    /// Records the release that restores `target` (a manual rollback): its image,
+    /// configuration and restart generation, so that its instances that still run count.
+    pub fn record_restored(
+        &mut self,
+        target: &Release,
+        reason: &str,
+        actor: &str,
+    ) -> Result<Release, DeployError> {
+        let new = self.in_transaction(|tx, path| {
+            insert_release(
+                tx,
+                path,
+                &target.service,
+                &target.spec,
+                &target.image_digest,
+                reason,
+                Some(target.number),
+                actor,
+                Some(target.restart),
+            )
+        })?;
+        match new {
+            NewRelease::Recorded(release) => Ok(*release),
+            NewRelease::Unchanged(current) => self.release(&target.service, current),
+        }
+    }
+
+    /// Records a restart of `service`: a release of the desired one's image and configuration
+    /// at the next restart generation, which the controller rolls out like an update.
+    pub fn record_restart(&mut self, service: &str, actor: &str) -> Result<Release, DeployError> {
+        let new = self.in_transaction(|tx, path| {
+            let current = tx
+                .query_row(
+                    "SELECT r.service, r.number, r.image_digest, r.config_hash, r.revision, r.spec_json,
+                            r.created_ms, r.reason, r.rollback_of, r.restart
+                     FROM releases r JOIN services s ON s.name = r.service AND s.desired_release = r.number
+                     WHERE r.service = ?1 AND s.destroyed = 0",
+                    [service],
+                    Self::row_to_release,
+                )
+                .optional()
+                .map_err(|source| DeployError::Database {
+                    path: path.to_path_buf(),
+                    source,
+                })?
+                .ok_or_else(|| DeployError::NoService(service.to_owned()))?;
+            insert_release(
+                tx,
+                path,
+                service,
+                &current.spec,
+                &current.image_digest,
+                &format!("restart of release {}", current.number),
+                None,
+                actor,
+                Some(current.restart + 1),
+            )
+        })?;
+        match new {
+            NewRelease::Recorded(release) => Ok(*release),
+            NewRelease::Unchanged(current) => self.release(service, current),
+        }
+    }
+
+    /// Pauses the rollouts of `service`: the controller launches and retires nothing for it
+    /// until [`StateDb::resume`]. Returns whether it was running (not paused already).
+    pub fn pause(&self, service: &str, actor: &str) -> Result<bool, DeployError> {
+        let now = now_ms();
+        let changed = self
+            .conn
+            .execute(
+                "INSERT INTO paused_services (service, since_ms, actor) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(service) DO NOTHING",
+                params![service, now, actor],
+            )
+            .map_err(|e| self.err(e))?;
+        if changed > 0 {
+            self.event(
+                Some(service),
+                "pause",
+                "rollouts paused: nothing is launched or retired until resumed",
+                actor,
+            )?;
+        }
+        Ok(changed > 0)
+    }
+
+    /// Resumes the rollouts of `service`. The progress deadline of a rollout in progress counts
+    /// from now: time spent paused is not a rollout that stopped progressing. Returns whether
+    /// it was paused.
+    pub fn resume(&self, service: &str, actor: &str) -> Result<bool, DeployError> {
+        let changed = self
+            .conn
+            .execute("DELETE FROM paused_services WHERE service = ?1", [service])
+            .map_err(|e| self.err(e))?;
+        if changed > 0 {
+            self.conn
+                .execute(
+                    "UPDATE rollouts SET last_progress_ms = ?2 WHERE service = ?1",
+                    params![service, now_ms()],
+                )
+                .map_err(|e| self.err(e))?;
+            self.event(Some(service), "resume", "rollouts resumed", actor)?;
+        }
+        Ok(changed > 0)
+    }
+
+    /// Since when and by whom `service`'s rollouts are paused, if they are.
+    pub fn paused(&self, service: &str) -> Result<Option<Paused>, DeployError> {
+        self.row(
+            "SELECT since_ms, actor FROM paused_services WHERE service = ?1",
+            [service],
+            |r| {
+                Ok(Paused {
+                    since_ms: r.get(0)?,
+                    actor: r.get(1)?,
+                })
+            },
+        )
+        .optional()
+        .map_err(|e| self.err(e))
     }
 
     /// Records that release `failed` of `service` failed and, with `rollback_to`, the release
@@ -376,6 +554,8 @@ impl StateDb {
                 &reason,
                 Some(good.number),
                 actor,
+                // Its own generation: the good release's instances that still run are its own.
+                Some(good.restart),
             )?
             else {
                 return Ok(None);
@@ -420,13 +600,13 @@ impl StateDb {
             created_ms: row.get(6)?,
             reason: row.get(7)?,
             rollback_of: row.get(8)?,
+            restart: row.get(9)?,
         })
     }
 
     pub fn release(&self, service: &str, number: u64) -> Result<Release, DeployError> {
-        self.conn
-            .query_row(
-                "SELECT service, number, image_digest, config_hash, revision, spec_json, created_ms, reason, rollback_of
+        self.row(
+                "SELECT service, number, image_digest, config_hash, revision, spec_json, created_ms, reason, rollback_of, restart
                  FROM releases WHERE service = ?1 AND number = ?2",
                 params![service, number],
                 Self::row_to_release,
@@ -442,9 +622,8 @@ impl StateDb {
         service: &str,
         revision: &str,
     ) -> Result<Option<Release>, DeployError> {
-        self.conn
-            .query_row(
-                "SELECT service, number, image_digest, config_hash, revision, spec_json, created_ms, reason, rollback_of
+        self.row(
+                "SELECT service, number, image_digest, config_hash, revision, spec_json, created_ms, reason, rollback_of, restart
                  FROM releases WHERE service = ?1 AND revision = ?2 ORDER BY number DESC LIMIT 1",
                 params![service, revision],
                 Self::row_to_release,
@@ -458,7 +637,7 @@ impl StateDb {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT service, number, image_digest, config_hash, revision, spec_json, created_ms, reason, rollback_of
+                "SELECT service, number, image_digest, config_hash, revision, spec_json, created_ms, reason, rollback_of, restart
                  FROM releases WHERE service = ?1 ORDER BY number",
             )
             .map_err(|e| self.err(e))?;
@@ -473,8 +652,7 @@ impl StateDb {
     /// The release `service` should run, if it exists and was not destroyed.
     pub fn desired(&self, service: &str) -> Result<Option<Release>, DeployError> {
         let number: Option<u64> = self
-            .conn
-            .query_row(
+            .row(
                 "SELECT desired_release FROM services WHERE name = ?1 AND destroyed = 0",
                 [service],
                 |r| r.get(0),
@@ -573,9 +751,7 @@ impl StateDb {
 
     /// The newest release of `service` whose rollout completed: where automatic rollback goes.
     pub fn last_completed(&self, service: &str) -> Result<Option<Release>, DeployError> {
-        let number: Option<u64> = self
-            .conn
-            .query_row(
+        let number: Option<u64> = self.row(
                 "SELECT number FROM release_outcomes WHERE service = ?1 AND outcome = 'complete' ORDER BY rowid DESC LIMIT 1",
                 [service],
                 |r| r.get(0),
@@ -587,7 +763,8 @@ impl StateDb {
 
     /// The release a manual rollback of `current`'s service restores: release `to` when it is
     /// given, else the highest-numbered release whose last outcome is "complete" and whose
-    /// revision differs from `current`'s (so a second rollback undoes the first). Unlike
+    /// image or configuration differs from `current`'s (so a second rollback undoes the first,
+    /// and a restart, which changes neither, is never the target). Unlike
     /// [`StateDb::last_completed`] (where an automatic rollback goes), a release that completed
     /// and later failed is passed over, and so is one that runs what `current` already runs.
     pub fn rollback_target(
@@ -600,7 +777,8 @@ impl StateDb {
             return self.release(service, number);
         }
         for release in self.history(service)?.into_iter().rev() {
-            if release.revision != current.revision
+            if (&release.image_digest, &release.config_hash)
+                != (&current.image_digest, &current.config_hash)
                 && self
                     .outcome_of(service, release.number)?
                     .is_some_and(|o| o.outcome == ReleaseOutcome::Complete)
@@ -664,8 +842,7 @@ impl StateDb {
 
     /// The sequence number of the newest event (0 when there is none).
     pub fn last_event_seq(&self) -> Result<u64, DeployError> {
-        self.conn
-            .query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))
+        self.row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))
             .map_err(|e| self.err(e))
     }
 
@@ -694,7 +871,7 @@ impl StateDb {
         sql: &str,
         params: impl rusqlite::Params,
     ) -> Result<Vec<Event>, DeployError> {
-        let mut stmt = self.conn.prepare(sql).map_err(|e| self.err(e))?;
+        let mut stmt = self.conn.prepare_cached(sql).map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map(params, |r| {
                 Ok(Event {
@@ -768,22 +945,21 @@ impl StateDb {
 
     /// The latest outcome recorded for release `number` of `service`.
     pub fn outcome_of(&self, service: &str, number: u64) -> Result<Option<Outcome>, DeployError> {
-        self.conn
-            .query_row(
-                "SELECT number, outcome, detail, at_ms FROM release_outcomes
+        self.row(
+            "SELECT number, outcome, detail, at_ms FROM release_outcomes
                  WHERE service = ?1 AND number = ?2 ORDER BY rowid DESC LIMIT 1",
-                params![service, number],
-                |r| {
-                    Ok(Outcome {
-                        number: r.get(0)?,
-                        outcome: r.get(1)?,
-                        detail: r.get(2)?,
-                        at_ms: r.get(3)?,
-                    })
-                },
-            )
-            .optional()
-            .map_err(|e| self.err(e))
+            params![service, number],
+            |r| {
+                Ok(Outcome {
+                    number: r.get(0)?,
+                    outcome: r.get(1)?,
+                    detail: r.get(2)?,
+                    at_ms: r.get(3)?,
+                })
+            },
+        )
+        .optional()
+        .map_err(|e| self.err(e))
     }
 
     /// Records that the controller took `id` out of the endpoint and will stop it once drained
@@ -820,7 +996,7 @@ impl StateDb {
 
     /// The rows of a query that selects a text and a number.
     fn text_and_number(&self, sql: &str) -> Result<Vec<(String, u64)>, DeployError> {
-        let mut stmt = self.conn.prepare(sql).map_err(|e| self.err(e))?;
+        let mut stmt = self.conn.prepare_cached(sql).map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?)))
             .map_err(|e| self.err(e))?
@@ -885,14 +1061,13 @@ impl StateDb {
 
     /// Why the controller cannot reconcile `service` right now, and since when (ms).
     pub fn service_fault(&self, service: &str) -> Result<Option<(String, u64)>, DeployError> {
-        self.conn
-            .query_row(
-                "SELECT reason, since_ms FROM service_faults WHERE service = ?1",
-                [service],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()
-            .map_err(|e| self.err(e))
+        self.row(
+            "SELECT reason, since_ms FROM service_faults WHERE service = ?1",
+            [service],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .map_err(|e| self.err(e))
     }
 
     /// Every instance recorded as passing its health check: id -> since (ms).
@@ -905,8 +1080,7 @@ impl StateDb {
 
     /// The rollout in progress for `service`: (target release, started, last progress, counts).
     pub fn rollout(&self, service: &str) -> Result<Option<RolloutRow>, DeployError> {
-        self.conn
-            .query_row(
+        self.row(
                 "SELECT target_release, started_ms, last_progress_ms, counts_json FROM rollouts WHERE service = ?1",
                 [service],
                 |r| {
@@ -998,12 +1172,13 @@ fn insert_release(
     reason: &str,
     rollback_of: Option<u64>,
     actor: &str,
+    restart: Option<u64>,
 ) -> Result<NewRelease, DeployError> {
     let db_err = |source| DeployError::Database {
         path: path.to_path_buf(),
         source,
     };
-    let (config_hash, revision) = fingerprint(spec, digest)?;
+    let (config_hash, plain_revision) = fingerprint(spec, digest)?;
     let spec_json = serde_json::to_string(spec).map_err(|source| DeployError::Encode {
         what: "service spec",
         source,
@@ -1017,18 +1192,31 @@ fn insert_release(
         .optional()
         .map_err(db_err)?
         .flatten();
+    let mut current_restart = 0;
+    let mut same = None;
     if let Some(current) = desired {
-        let same: Option<String> = tx
+        let row: Option<(String, u64)> = tx
             .query_row(
-                "SELECT revision FROM releases WHERE service = ?1 AND number = ?2",
+                "SELECT revision, restart FROM releases WHERE service = ?1 AND number = ?2",
                 params![service, current],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()
             .map_err(db_err)?;
-        if same.as_deref() == Some(revision.as_str()) && rollback_of.is_none() {
-            return Ok(NewRelease::Unchanged(current));
+        if let Some((revision, restart)) = row {
+            current_restart = restart;
+            same = Some(revision);
         }
+    }
+    // A new release keeps the restart generation of the one it follows: instances are
+    // replaced for a new image or configuration, never because an older restart was asked.
+    let restart = restart.unwrap_or(current_restart);
+    let revision = restarted_revision(&plain_revision, restart);
+    if let Some(current) = desired
+        && same.as_deref() == Some(revision.as_str())
+        && rollback_of.is_none()
+    {
+        return Ok(NewRelease::Unchanged(current));
     }
     let number: u64 = tx
         .query_row(
@@ -1039,9 +1227,9 @@ fn insert_release(
         .map_err(db_err)?;
     let created_ms = now_ms();
     tx.execute(
-        "INSERT INTO releases (service, number, image_digest, config_hash, revision, spec_json, created_ms, reason, rollback_of)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        params![service, number, digest.to_string(), config_hash.to_string(), revision, spec_json, created_ms, reason, rollback_of],
+        "INSERT INTO releases (service, number, image_digest, config_hash, revision, spec_json, created_ms, reason, rollback_of, restart)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        params![service, number, digest.to_string(), config_hash.to_string(), revision, spec_json, created_ms, reason, rollback_of, restart],
     )
     .map_err(db_err)?;
     tx.execute(
@@ -1065,6 +1253,7 @@ fn insert_release(
         created_ms,
         reason: reason.to_owned(),
         rollback_of,
+        restart,
     })))
 }
 

@@ -40,6 +40,8 @@ pub struct ServiceStatus {
     /// Why the controller cannot reconcile the service right now (its port is held by another
     /// process, say), since when; `None` while it reconciles.
     pub fault: Option<Fault>,
+    /// Its rollouts are paused (`imago pause`): since when and by whom; `None` when not.
+    pub paused: Option<crate::state::Paused>,
     pub instances: Vec<InstanceRow>,
     /// The tasks of a service on a cluster target, as its engine reports them (filled by
     /// [`add_cluster_tasks`]; absent from the document otherwise).
@@ -185,6 +187,7 @@ pub fn service_status(
         fault: db
             .service_fault(name)?
             .map(|(reason, since_ms)| Fault { reason, since_ms }),
+        paused: db.paused(name)?,
         instances,
         tasks: Vec::new(),
         recent_events: db.recent_events(name, RECENT_EVENTS)?,

@@ -388,6 +388,44 @@ pub fn plan(ctx: &Context, args: FileArgs) -> Result<()> {
         .emit(&PlanResult(make_plan(ctx, &services, &store, &db)?))
 }
 
+/// `POST /v1/plan` of the controller's API: `imago plan --json` of a definition file's text,
+/// planned in the controller process by the same code as the command.
+fn api_planner(ctx: &Context) -> imago_deploy::api::Planner {
+    let home = ctx.home.clone();
+    Arc::new(move |input: imago_deploy::api::PlanInput| {
+        // Check builds report to the controller's log, never to the API client.
+        let ctx = Context {
+            home: home.clone(),
+            reporter: crate::reporter::Reporter::new(false, true),
+        };
+        plan_text(&ctx, input).map_err(|e| format!("{e:#}"))
+    })
+}
+
+fn plan_text(ctx: &Context, input: imago_deploy::api::PlanInput) -> Result<serde_json::Value> {
+    let dir = match input.dir {
+        Some(dir) => dir,
+        None => {
+            // No context: relative paths resolve in an empty directory of the home.
+            let empty = ctx.home.root.join("deploy/plan-context");
+            std::fs::create_dir_all(&empty)
+                .with_context(|| format!("cannot create {}", empty.display()))?;
+            empty
+        }
+    };
+    let file = DefinitionFile::parse(&dir.join("imago.toml"), input.text)?;
+    let specs = parse_services_for(&file.path, &file.text, &[], None)?;
+    let services = Services {
+        file,
+        specs,
+        pulled: Default::default(),
+    };
+    let store = ctx.store()?;
+    let db = DeployHome::new(ctx).open_db()?;
+    let plans = PlanResult(make_plan(ctx, &services, &store, &db)?);
+    Ok(serde_json::to_value(&plans)?)
+}
+
 #[derive(Debug, Args)]
 pub struct ApplyArgs {
     #[command(flatten)]
@@ -875,6 +913,7 @@ pub fn serve(ctx: &Context, args: ServeArgs) -> Result<()> {
         exe: std::env::current_exe().context("cannot locate the imago executable")?,
         read_only: args.read_only,
         store: Some(store),
+        planner: Some(api_planner(ctx)),
     };
     let never = daemon::run_controller(
         &home,
@@ -974,6 +1013,13 @@ impl Render for StatusResult {
             }
             if let Some(fault) = &st.fault {
                 writeln!(out, "  fault: {}", fault.reason)?;
+            }
+            if let Some(paused) = &st.paused {
+                writeln!(
+                    out,
+                    "  paused by {}: nothing is launched or retired until `imago resume {}`",
+                    paused.actor, st.name
+                )?;
             }
             for i in &st.instances {
                 writeln!(
@@ -1119,6 +1165,86 @@ pub fn rollback(ctx: &Context, args: RollbackArgs) -> Result<()> {
         bail!("rollback of {} did not complete", args.service);
     }
     Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct RestartArgs {
+    pub service: String,
+    #[arg(long)]
+    pub no_wait: bool,
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+/// `imago restart`: new instances of the desired release's image and configuration, rolled
+/// out like an update.
+pub fn restart(ctx: &Context, args: RestartArgs) -> Result<()> {
+    let home = DeployHome::new(ctx);
+    let mut db = home.open_db()?;
+    let since = db.last_event_seq()?;
+    // The same code path as the API's restart action.
+    let release = imago_deploy::actions::restart(&mut db, &args.service, &actor())?;
+    ctx.reporter.status(format!(
+        "service {}: release {} restarts every instance (restart {} of the same image and configuration)",
+        args.service, release.number, release.restart
+    ));
+    ensure_controller(ctx, &home, &[])?;
+    if args.no_wait {
+        return ctx
+            .reporter
+            .emit(&ApplyResult(vec![pending(&release, true)]));
+    }
+    let results = wait_for(ctx, &home, vec![(release, true)], since, args.timeout)?;
+    let failed = results.iter().any(|r| r.outcome != "complete");
+    ctx.reporter.emit(&ApplyResult(results))?;
+    if failed {
+        bail!("restart of {} did not complete", args.service);
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct PauseArgs {
+    pub service: String,
+}
+
+/// What `imago pause` and `imago resume` did.
+#[derive(Serialize)]
+struct PauseResult {
+    service: String,
+    paused: bool,
+    /// False when the service already was as asked.
+    changed: bool,
+}
+
+impl Render for PauseResult {
+    fn human(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        let what = if self.paused { "paused" } else { "resumed" };
+        if self.changed {
+            writeln!(out, "service {}: rollouts {what}", self.service)
+        } else {
+            writeln!(
+                out,
+                "service {}: rollouts were {what} already",
+                self.service
+            )
+        }
+    }
+}
+
+/// `imago pause` (`pause`) and `imago resume`: a paused service's rollouts launch and retire
+/// nothing until it is resumed, through controller restarts.
+pub fn set_paused(ctx: &Context, args: PauseArgs, pause: bool) -> Result<()> {
+    let home = DeployHome::new(ctx);
+    let db = home.open_db()?;
+    // The same code path as the API's pause and resume actions.
+    let changed = imago_deploy::actions::set_paused(&db, &args.service, pause, &actor())?;
+    daemon::nudge_controller(&home);
+    ctx.reporter.emit(&PauseResult {
+        service: args.service,
+        paused: pause,
+        changed,
+    })
 }
 
 /// The result of a release handed to the controller without waiting for its rollout.

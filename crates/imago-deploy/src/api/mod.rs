@@ -34,6 +34,21 @@ use crate::status::{self, service_status};
 /// The OpenAPI 3.1 document of every route below.
 pub const OPENAPI: &str = include_str!("openapi.json");
 
+/// A definition file to plan, as `POST /v1/plan` received it.
+#[derive(Debug, Clone)]
+pub struct PlanInput {
+    /// The file's text (`imago.toml`).
+    pub text: String,
+    /// The directory its relative paths (image contexts) resolve against, on this host; `None`:
+    /// none (a file whose images copy nothing from a context, or uses stored images).
+    pub dir: Option<PathBuf>,
+}
+
+/// Plans a definition file exactly as `imago plan --json` does and returns that document, or
+/// the error `imago plan` would print. Planning resolves images and may check-build them, which
+/// the binary owns (deploy does not link the builder): the CLI hands the controller this hook.
+pub type Planner = Arc<dyn Fn(PlanInput) -> Result<serde_json::Value, String> + Send + Sync>;
+
 /// What the API serves and how it guards it.
 #[derive(Clone)]
 pub struct ApiConfig {
@@ -54,6 +69,8 @@ pub struct ApiConfig {
     pub read_only: bool,
     /// The cluster engines, whose tasks the status lists for services on cluster targets.
     pub engines: Option<crate::controller::EngineFactory>,
+    /// `POST /v1/plan`; without it, that answers 503.
+    pub planner: Option<Planner>,
 }
 
 impl ApiConfig {
@@ -69,6 +86,7 @@ impl ApiConfig {
             token_for_reads: false,
             read_only: false,
             engines: None,
+            planner: None,
         }
     }
 }
@@ -82,6 +100,8 @@ pub fn needs_token_for_reads(addr: SocketAddr) -> bool {
 struct Api {
     config: Arc<ApiConfig>,
     limiter: Arc<auth::FailureLimiter>,
+    /// The one poller behind every event stream.
+    hub: Arc<stream::Hub>,
 }
 
 impl Api {
@@ -141,11 +161,15 @@ fn routes() -> Routes {
         get(service_instances),
     )
     .add(Method::POST, "/v1/services/{name}/rollback", post(rollback))
+    .add(Method::POST, "/v1/services/{name}/restart", post(restart))
+    .add(Method::POST, "/v1/services/{name}/pause", post(pause))
+    .add(Method::POST, "/v1/services/{name}/resume", post(resume))
     .add(Method::GET, "/v1/instances", get(instances))
     .add(Method::GET, "/v1/instances/{id}/logs", get(logs))
     .add(Method::GET, "/v1/events", get(events))
     .add(Method::GET, "/v1/events/stream", get(stream::events_stream))
     .add(Method::GET, "/v1/drift", get(drift))
+    .add(Method::POST, "/v1/plan", post(plan))
     .add(Method::GET, "/v1/openapi.json", get(openapi))
     .add(Method::GET, "/metrics", get(metrics))
 }
@@ -157,6 +181,7 @@ pub fn router(config: ApiConfig) -> Router {
     let api = Api {
         config: Arc::new(config),
         limiter: Arc::default(),
+        hub: Arc::default(),
     };
     routes()
         .router
@@ -361,6 +386,8 @@ pub struct OverviewRow {
     pub last_event: Option<Event>,
     pub drift_events: u64,
     pub fault: Option<String>,
+    /// Its rollouts are paused: nothing is launched or retired until resumed.
+    pub paused: bool,
 }
 
 /// The overview of every service, built from one database connection and one instance list.
@@ -409,6 +436,7 @@ pub fn overview_rows(
             last_event: db.recent_events(&name, 1)?.pop(),
             drift_events: drift.get(&name).copied().unwrap_or(0),
             fault: db.service_fault(&name)?.map(|(reason, _)| reason),
+            paused: db.paused(&name)?.is_some(),
             state,
             name,
         });
@@ -672,6 +700,103 @@ async fn rollback(
     }
 }
 
+#[derive(Deserialize)]
+struct PlanQuery {
+    /// Where the file's relative paths resolve; by default an empty directory.
+    dir: Option<PathBuf>,
+}
+
+/// `imago plan --json` of the definition file in the body. It needs the token like an action
+/// (planning may check-build the file's images, running its `run` steps), but changes nothing.
+async fn plan(State(api): State<Api>, Query(q): Query<PlanQuery>, body: String) -> Response {
+    let Some(planner) = api.config.planner.clone() else {
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this API has no planner (only `imago serve` plans)".to_owned(),
+        );
+    };
+    if let Some(dir) = q.dir.as_ref().filter(|d| !d.is_absolute() || !d.is_dir()) {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "dir {} is not an absolute path of a directory",
+                dir.display()
+            ),
+        );
+    }
+    let result = tokio::task::spawn_blocking(move || {
+        planner(PlanInput {
+            text: body,
+            dir: q.dir,
+        })
+    })
+    .await;
+    match result {
+        Ok(Ok(document)) => Json(document).into_response(),
+        Ok(Err(message)) => error_response(StatusCode::UNPROCESSABLE_ENTITY, message),
+        Err(e) => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("request task failed: {e}"),
+        ),
+    }
+}
+
+/// What a restart recorded: the controller rolls the release out from its next pass on.
+#[derive(Debug, Serialize)]
+pub struct RestartAccepted {
+    pub service: String,
+    pub release: u64,
+    /// The restart generation of the new release.
+    pub restart: u64,
+}
+
+async fn restart(State(api): State<Api>, Path(name): Path<String>) -> Response {
+    let result = blocking(api, move |_, db| {
+        crate::actions::restart(db, &name, "api").map(|release| (name, release))
+    })
+    .await;
+    match result {
+        Ok((service, release)) => (
+            StatusCode::ACCEPTED,
+            Json(RestartAccepted {
+                service,
+                release: release.number,
+                restart: release.restart,
+            }),
+        )
+            .into_response(),
+        Err(response) => response,
+    }
+}
+
+/// Whether a service's rollouts are paused now, and whether the request changed that.
+#[derive(Debug, Serialize)]
+pub struct PauseState {
+    pub service: String,
+    pub paused: bool,
+    pub changed: bool,
+}
+
+async fn set_paused(api: Api, name: String, pause: bool) -> Response {
+    answer(api, move |_, db| {
+        let changed = crate::actions::set_paused(db, &name, pause, "api")?;
+        Ok(Some(PauseState {
+            service: name,
+            paused: pause,
+            changed,
+        }))
+    })
+    .await
+}
+
+async fn pause(State(api): State<Api>, Path(name): Path<String>) -> Response {
+    set_paused(api, name, true).await
+}
+
+async fn resume(State(api): State<Api>, Path(name): Path<String>) -> Response {
+    set_paused(api, name, false).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -904,11 +1029,45 @@ mod tests {
         let store = Store::open(&dir.join("store")).unwrap();
         assert_eq!(store.put_blob(b"v1").unwrap(), Digest::of(b"v1"));
         assert_eq!(store.put_blob(b"v2").unwrap(), Digest::of(b"v2"));
-        let mut config = ApiConfig::new(path, fake.clone());
+        let mut config = ApiConfig::new(path.clone(), fake.clone());
         config.store = Some(store);
         config.token = Some(TOKEN.to_owned());
+        config.planner = Some(test_planner(path, fake.clone()));
         (config, fake)
     }
+
+    /// A planner made of the pieces `imago plan` plans with, for services of a stored image
+    /// (every image here is `Digest::of(b"v3")`): the binary's planner also builds and pulls.
+    fn test_planner(db_path: PathBuf, fake: Arc<FakeProvider>) -> Planner {
+        Arc::new(move |input: PlanInput| {
+            let path = input.dir.unwrap_or_default().join("imago.toml");
+            let specs = crate::services::parse_services(&path, &input.text, &[])
+                .map_err(|e| e.to_string())?;
+            let limits = crate::spec::validate_all(&specs).map_err(|e| e.to_string())?;
+            let db = StateDb::open(&db_path).map_err(|e| e.to_string())?;
+            let running = fake.list().map_err(|e| e.to_string())?;
+            let mut plans = Vec::new();
+            for (name, spec) in &specs {
+                let current = db.desired(name).map_err(|e| e.to_string())?;
+                plans.push(
+                    crate::plan::plan_service(
+                        name,
+                        spec,
+                        limits[name],
+                        current.as_ref(),
+                        Some(Digest::of(b"v3")),
+                        &running,
+                    )
+                    .map_err(|e| e.to_string())?,
+                );
+            }
+            serde_json::to_value(plans).map_err(|e| e.to_string())
+        })
+    }
+
+    /// A definition of `web` (deployed) and `api` (new), for `POST /v1/plan`.
+    const PLAN_TOML: &str =
+        "[service.web]\nimage = \"web\"\nreplicas = 3\n\n[service.api]\nimage = \"api\"\n";
 
     #[tokio::test]
     async fn actions_need_the_token_and_reads_need_it_only_beyond_loopback() {
@@ -996,8 +1155,12 @@ mod tests {
         config.read_only = true;
         let db_path = config.db_path.clone();
         let addr = serve_with_clients(router(config)).await;
-        let reply = request(addr, "POST", "/v1/services/web/rollback", Some(TOKEN), None).await;
-        assert_eq!(reply.status, 403, "{}", reply.body);
+        for action in ["rollback", "restart", "pause", "resume"] {
+            let path = format!("/v1/services/web/{action}");
+            let reply = request(addr, "POST", &path, Some(TOKEN), None).await;
+            assert_eq!(reply.status, 403, "{action}: {}", reply.body);
+            assert_eq!(request(addr, "POST", &path, None, None).await.status, 401);
+        }
         assert_eq!(
             request(addr, "GET", "/v1/services", None, None)
                 .await
@@ -1009,6 +1172,126 @@ mod tests {
         assert_eq!(info["read_only"], true);
         let db = StateDb::open(&db_path).unwrap();
         assert_eq!(db.history("web").unwrap().len(), 2);
+        assert_eq!(db.paused("web").unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn pause_resume_and_restart_are_recorded_as_the_cli_records_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, _) = two_releases(dir.path());
+        let db_path = config.db_path.clone();
+        let addr = serve_with_clients(router(config)).await;
+        let json = |reply: Reply| {
+            assert!(reply.status < 300, "{}: {}", reply.status, reply.body);
+            serde_json::from_str::<serde_json::Value>(&reply.body).unwrap()
+        };
+        let post = |path: &'static str| request(addr, "POST", path, Some(TOKEN), None);
+
+        let paused = json(post("/v1/services/web/pause").await);
+        assert_eq!(
+            (paused["paused"].clone(), paused["changed"].clone()),
+            (true.into(), true.into())
+        );
+        let again = json(post("/v1/services/web/pause").await);
+        assert_eq!(
+            again["changed"], false,
+            "pausing a paused service changes nothing"
+        );
+        let db = StateDb::open(&db_path).unwrap();
+        assert_eq!(db.paused("web").unwrap().unwrap().actor, "api");
+        let status = json(request(addr, "GET", "/v1/services/web", None, None).await);
+        assert_eq!(status["paused"]["actor"], "api");
+        let overview = json(request(addr, "GET", "/v1/overview", None, None).await);
+        assert_eq!(overview[0]["paused"], true);
+        let resumed = json(post("/v1/services/web/resume").await);
+        assert_eq!(
+            (resumed["paused"].clone(), resumed["changed"].clone()),
+            (false.into(), true.into())
+        );
+        assert_eq!(db.paused("web").unwrap(), None);
+        let kinds: Vec<String> = db
+            .events(Some("web"), 0)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect();
+        assert_eq!(
+            kinds.iter().filter(|k| *k == "pause").count(),
+            1,
+            "{kinds:?}"
+        );
+        assert_eq!(
+            kinds.iter().filter(|k| *k == "resume").count(),
+            1,
+            "{kinds:?}"
+        );
+
+        let before = db.desired("web").unwrap().unwrap();
+        let accepted = json(post("/v1/services/web/restart").await);
+        assert_eq!(accepted["release"], before.number + 1);
+        assert_eq!(accepted["restart"], 1);
+        let after = db.desired("web").unwrap().unwrap();
+        assert_eq!(
+            (&after.image_digest, &after.config_hash, after.restart),
+            (&before.image_digest, &before.config_hash, 1)
+        );
+        assert_ne!(after.revision, before.revision);
+        for action in ["pause", "restart"] {
+            let path = format!("/v1/services/nope/{action}");
+            assert_eq!(
+                request(addr, "POST", &path, Some(TOKEN), None).await.status,
+                404
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn plan_answers_the_planners_document_or_its_error_and_needs_the_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, _) = two_releases(dir.path());
+        let addr = serve_with_clients(router(config.clone())).await;
+        let reply = request(addr, "POST", "/v1/plan", Some(TOKEN), Some(PLAN_TOML)).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        let plans: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+        assert_eq!(plans[0]["service"], "api");
+        assert_eq!(plans[0]["action"], "first release");
+        assert_eq!(plans[1]["service"], "web");
+        assert_eq!(plans[1]["action"], "new release");
+        assert_eq!(plans[1]["current_release"], 2);
+        assert!(!plans[1]["rollout"]["waves"].as_array().unwrap().is_empty());
+        let bad = request(
+            addr,
+            "POST",
+            "/v1/plan",
+            Some(TOKEN),
+            Some("[service.x]\nreplicas = \"many\"\n"),
+        )
+        .await;
+        assert_eq!(bad.status, 422, "{}", bad.body);
+        assert!(
+            bad.body.contains("imago.toml"),
+            "the error names the file: {}",
+            bad.body
+        );
+        assert_eq!(
+            request(addr, "POST", "/v1/plan", None, Some(PLAN_TOML))
+                .await
+                .status,
+            401
+        );
+        let relative = request(
+            addr,
+            "POST",
+            "/v1/plan?dir=relative",
+            Some(TOKEN),
+            Some(PLAN_TOML),
+        )
+        .await;
+        assert_eq!(relative.status, 400, "{}", relative.body);
+        // Nothing was recorded.
+        let db = StateDb::open(&config.db_path).unwrap();
+        assert_eq!(db.history("web").unwrap().len(), 2);
+        assert!(db.history("api").unwrap().is_empty());
     }
 
     #[tokio::test]
@@ -1222,6 +1505,231 @@ mod tests {
             .unwrap();
         read_until(&mut stream, &mut seen, |s| s.contains(r#""running":2"#)).await;
         assert!(!seen.contains("not for this stream"), "{seen}");
+    }
+
+    /// A database of `services` deployed services (one instance each in the fake provider)
+    /// and `events` events spread over them, every tenth a drift event.
+    fn crowded(
+        dir: &std::path::Path,
+        services: usize,
+        events: usize,
+    ) -> (PathBuf, Arc<FakeProvider>) {
+        let path = dir.join("state.db");
+        let mut db = StateDb::open(&path).unwrap();
+        let fake = Arc::new(FakeProvider::new());
+        let spec: ServiceSpec =
+            serde_json::from_value(serde_json::json!({"image": "web"})).unwrap();
+        for i in 0..services {
+            let name = format!("svc{i:03}");
+            let (release, _) = db
+                .record_release(&name, &spec, &Digest::of(b"v1"), "apply", None, "test")
+                .unwrap();
+            db.record_outcome(&name, 1, crate::state::ReleaseOutcome::Complete, "", "test")
+                .unwrap();
+            fake.launch(&instance_spec(&release, Engine::default()).unwrap())
+                .unwrap();
+        }
+        let have = db.last_event_seq().unwrap() as usize;
+        for i in have..events {
+            let kind = if i % 10 == 0 { "drift" } else { "launch" };
+            db.event(
+                Some(&format!("svc{:03}", i % services)),
+                kind,
+                &format!("event {i}"),
+                "test",
+            )
+            .unwrap();
+        }
+        (path, fake)
+    }
+
+    fn median(mut samples: Vec<Duration>) -> Duration {
+        samples.sort();
+        samples[samples.len() / 2]
+    }
+
+    /// Fifty open consoles share one poller: their streams cost the database one read per
+    /// interval, whatever their number. Counted by the reads of the instance list.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fifty_streams_share_one_poller_and_each_gets_every_event() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        struct Counting(Arc<FakeProvider>, Arc<AtomicUsize>);
+        impl Provider for Counting {
+            fn launch(&self, spec: &InstanceSpec) -> Result<Instance, RuntimeError> {
+                self.0.launch(spec)
+            }
+            fn stop(&self, id: &str, grace: Duration) -> Result<Instance, RuntimeError> {
+                self.0.stop(id, grace)
+            }
+            fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+                self.0.remove(id)
+            }
+            fn list(&self) -> Result<Vec<Instance>, RuntimeError> {
+                self.1.fetch_add(1, Ordering::SeqCst);
+                self.0.list()
+            }
+            fn inspect(&self, id: &str) -> Result<Instance, RuntimeError> {
+                self.0.inspect(id)
+            }
+            fn logs(&self, id: &str) -> Result<Vec<u8>, RuntimeError> {
+                self.0.logs(id)
+            }
+        }
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (path, fake) = crowded(dir.path(), 3, 10);
+        let lists = Arc::new(AtomicUsize::new(0));
+        let provider = Arc::new(Counting(fake, lists.clone()));
+        let addr = serve_with_clients(router(ApiConfig::new(path.clone(), provider))).await;
+        let mut streams = Vec::new();
+        for _ in 0..50 {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET /v1/events/stream?service=svc001 HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            streams.push(s);
+        }
+        // Each stream's own first read (the newest events and the overview) is done...
+        let mut seen: Vec<String> = vec![String::new(); streams.len()];
+        for (s, seen) in streams.iter_mut().zip(&mut seen) {
+            read_until(s, seen, |t| t.contains("event: overview")).await;
+        }
+        // ... and from then on one poller serves them all.
+        let before = lists.load(Ordering::SeqCst);
+        let db = StateDb::open(&path).unwrap();
+        db.event(Some("svc001"), "drift", "for every console", "test")
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(2600)).await;
+        let polls = lists.load(Ordering::SeqCst) - before;
+        // 2.6 s is five or six polls; fifty streams polling on their own would be ~260.
+        assert!(
+            polls <= 8,
+            "{polls} instance listings in 2.6 s for 50 streams"
+        );
+        for (s, seen) in streams.iter_mut().zip(&mut seen) {
+            read_until(s, seen, |t| t.contains("for every console")).await;
+            for block in seen.split("\n\n").filter(|b| b.contains("event: event")) {
+                assert!(
+                    block.contains(r#""service":"svc001""#),
+                    "not asked for: {block}"
+                );
+            }
+        }
+    }
+
+    /// The console's costs with a crowded database: the overview with 100 services and 10,000
+    /// events, and a controller pass with and without 50 open event streams. A benchmark, not
+    /// a check: `scripts/bench-console` runs it (debug or release) and prints the medians.
+    #[test]
+    #[ignore = "a benchmark: scripts/bench-console"]
+    fn bench_console() {
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (path, fake) = crowded(dir.path(), 100, 10_000);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let addr = runtime.block_on(serve_with_clients(router(ApiConfig::new(
+            path.clone(),
+            fake.clone(),
+        ))));
+        let http_overview = || {
+            median(
+                (0..41)
+                    .map(|_| {
+                        let started = Instant::now();
+                        let reply =
+                            runtime.block_on(request(addr, "GET", "/v1/overview", None, None));
+                        assert_eq!(reply.status, 200);
+                        started.elapsed()
+                    })
+                    .collect(),
+            )
+        };
+        // What a request does, without HTTP: a fresh connection, the rows.
+        let instances = fake.list().unwrap();
+        let rows_only = || {
+            median(
+                (0..41)
+                    .map(|_| {
+                        let started = Instant::now();
+                        let db = StateDb::open(&path).unwrap();
+                        assert_eq!(overview_rows(&db, &instances).unwrap().len(), 100);
+                        started.elapsed()
+                    })
+                    .collect(),
+            )
+        };
+        // Measured with and without indexes on the events table (service, seq), (kind, service)
+        // and on release_outcomes (service, number): no difference, so there are none.
+        let (http, rows) = (http_overview(), rows_only());
+        let quick = std::env::var_os("IMAGO_BENCH_OVERVIEW_ONLY").is_some();
+        let mut controller = crate::controller::Controller::new(
+            StateDb::open(&path).unwrap(),
+            fake.clone(),
+            runtime.handle().clone(),
+            Engine::Embedded,
+        );
+        let mut passes = |n: usize| -> Duration {
+            median(
+                (0..n)
+                    .map(|_| {
+                        let started = Instant::now();
+                        controller.pass().unwrap();
+                        let took = started.elapsed();
+                        std::thread::sleep(Duration::from_millis(20));
+                        took
+                    })
+                    .collect(),
+            )
+        };
+        println!(
+            "| overview, 100 services, 10,000 events: GET /v1/overview | {:.1} ms | rows alone {:.1} ms |",
+            http.as_secs_f64() * 1000.0,
+            rows.as_secs_f64() * 1000.0
+        );
+        if quick {
+            return;
+        }
+        passes(3);
+        let alone = passes(60);
+        let streams: Vec<tokio::net::TcpStream> = runtime.block_on(async {
+            let mut streams = Vec::new();
+            for _ in 0..50 {
+                let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+                s.write_all(b"GET /v1/events/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .await
+                    .unwrap();
+                streams.push(s);
+            }
+            streams
+        });
+        // Read what they are sent, as browsers would.
+        let readers: Vec<_> = streams
+            .into_iter()
+            .map(|mut s| {
+                runtime.spawn(async move {
+                    use tokio::io::AsyncReadExt;
+                    let mut buf = vec![0u8; 65536];
+                    while s.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_secs(1));
+        let with_streams = passes(60);
+        for r in readers {
+            r.abort();
+        }
+        println!(
+            "| controller pass, 100 services, no event stream | {:.2} ms |",
+            alone.as_secs_f64() * 1000.0
+        );
+        println!(
+            "| controller pass, 100 services, 50 event streams | {:.2} ms |",
+            with_streams.as_secs_f64() * 1000.0
+        );
     }
 
     // ---- metrics ---------------------------------------------------------------------------
@@ -1456,7 +1964,8 @@ mod tests {
             if path == "/v1/events/stream" {
                 continue; // never ends: the_event_stream_sends_new_events_and_overview_changes
             }
-            let reply = request(addr, method, &concrete, Some(TOKEN), None).await;
+            let body = (path == "/v1/plan").then_some(PLAN_TOML);
+            let reply = request(addr, method, &concrete, Some(TOKEN), body).await;
             let response = &operation["responses"][reply.status.to_string()];
             assert!(
                 !response.is_null(),

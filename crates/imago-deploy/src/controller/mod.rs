@@ -1417,6 +1417,104 @@ mod tests {
         assert_eq!(h.fake.list().unwrap().len(), 4, "no orphaned instance");
     }
 
+    /// A paused rollout launches and retires nothing, pass after pass and in a restarted
+    /// controller, and goes on from where it stood once resumed.
+    #[test]
+    fn a_paused_rollout_holds_through_a_controller_restart_until_resumed() {
+        let mut h = harness();
+        let v = spec(
+            serde_json::json!({"image": "web", "replicas": 3, "rollout": {"max_surge": 1, "max_unavailable": 0, "drain": "0s"}}),
+        );
+        h.release("web", &v, b"v1");
+        h.converge("web", 5);
+        h.release("web", &v, b"v2");
+        h.controller.pass().unwrap();
+        crate::actions::set_paused(h.controller.db(), "web", true, "test").unwrap();
+        let ids = |h: &Harness| {
+            let mut ids: Vec<String> = h.running("web").into_iter().map(|i| i.id).collect();
+            ids.sort();
+            ids
+        };
+        let held = ids(&h);
+        let hold = |h: &mut Harness| {
+            for _ in 0..10 {
+                let pass = h.controller.pass().unwrap().pop().unwrap();
+                assert!(
+                    pass.launched.is_empty() && pass.retired.is_empty(),
+                    "{pass:#?}"
+                );
+                assert!(!pass.complete);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            assert_eq!(ids(h), held, "a paused rollout changed the instances");
+        };
+        hold(&mut h);
+        h.restart(h.fake.clone());
+        hold(&mut h);
+        let status =
+            crate::status::service_status(h.controller.db(), "web", &h.fake.list().unwrap())
+                .unwrap();
+        assert_eq!(status.paused.unwrap().actor, "test");
+        crate::actions::set_paused(h.controller.db(), "web", false, "test").unwrap();
+        assert!(h.converge("web", 40).last().unwrap().complete);
+        assert!(
+            h.running("web")
+                .iter()
+                .all(|i| i.image == Digest::of(b"v2"))
+        );
+    }
+
+    /// A restart replaces every instance with new ones of the same image and configuration:
+    /// a new revision, the same configuration hash; an unchanged apply afterwards is no change.
+    #[test]
+    fn a_restart_replaces_every_instance_and_an_unchanged_apply_keeps_them() {
+        let mut h = harness();
+        let v =
+            spec(serde_json::json!({"image": "web", "replicas": 2, "rollout": {"drain": "0s"}}));
+        let first = h.release("web", &v, b"v1");
+        h.converge("web", 5);
+        let before: Vec<String> = h.running("web").into_iter().map(|i| i.id).collect();
+        let restarted = crate::actions::restart(&mut h.controller.db, "web", "test").unwrap();
+        assert_eq!(restarted.restart, 1);
+        assert_eq!(restarted.config_hash, first.config_hash);
+        assert_eq!(restarted.image_digest, first.image_digest);
+        assert_ne!(restarted.revision, first.revision);
+        assert!(h.converge("web", 40).last().unwrap().complete);
+        let after = h.running("web");
+        assert_eq!(after.len(), 2);
+        assert!(
+            after.iter().all(|i| !before.contains(&i.id)),
+            "an old instance survived"
+        );
+        assert!(
+            after
+                .iter()
+                .all(|i| i.labels.get(LABEL_REVISION) == Some(&restarted.revision))
+        );
+        // The same definition applied again: the release stays, so do the instances.
+        let (again, new) = h
+            .controller
+            .db
+            .record_release("web", &v, &Digest::of(b"v1"), "apply", None, "test")
+            .unwrap();
+        assert!(
+            !new,
+            "an unchanged apply after a restart made release {}",
+            again.number
+        );
+        // Drift judges the restarted instances as the release's own.
+        let findings = crate::drift::check(
+            &h.controller.db,
+            &h.fake.list().unwrap(),
+            &imago_runtime::RootfsCache::new(h._dir.path().join("rootfs")),
+            false,
+            "test",
+        )
+        .unwrap()
+        .findings;
+        assert!(findings.is_empty(), "{findings:?}");
+    }
+
     /// A TCP listener that accepts and drops every connection: what the tcp health checks of
     /// fake instances on the host network probe.
     fn healthy_port() -> u16 {

@@ -223,6 +223,12 @@ impl Controller {
                 })
             });
         }
+        // A paused service's rollout holds where it is (`imago pause`): recorded in the
+        // database, so a restarted controller holds it too.
+        let paused = self.db.paused(service)?.is_some();
+        if paused {
+            step = crate::rollout::paused(step, &observed);
+        }
 
         // Act: clean up the dead (replace, don't repair).
         for id in &step.remove_dead {
@@ -351,15 +357,19 @@ impl Controller {
         pass.routed = targets.into_iter().map(|(id, _)| id).collect();
         pass.counts = step.counts;
         pass.complete = step.complete && pass.launched.is_empty();
-        self.track_progress(
-            service,
-            &release,
-            &step,
-            &observed,
-            own,
-            outcome.is_some(),
-            &mut pass,
-        )?;
+        // Paused, nothing progresses: neither the deadline nor the health gate judge it until
+        // it is resumed (resuming restarts the deadline).
+        if !paused {
+            self.track_progress(
+                service,
+                &release,
+                &step,
+                &observed,
+                own,
+                outcome.is_some(),
+                &mut pass,
+            )?;
+        }
         Ok(pass)
     }
 
