@@ -109,6 +109,23 @@ pub fn instance_spec(release: &Release, engine: Engine) -> Result<InstanceSpec, 
 /// addresses and network namespaces of launches and cleanups that were killed midway).
 pub const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Times the parts of a pass into the `imago_controller_pass_part_duration_seconds` histogram,
+/// so a slow pass at many instances says where its time went.
+pub(super) struct PartClock(std::time::Instant);
+
+impl PartClock {
+    pub(super) fn start() -> PartClock {
+        PartClock(std::time::Instant::now())
+    }
+
+    /// Counts the time since the last lap (or the start) to `part`.
+    pub(super) fn lap(&mut self, part: &'static str) {
+        let now = std::time::Instant::now();
+        crate::metrics::live().observe_pass_part(part, now.duration_since(self.0));
+        self.0 = now;
+    }
+}
+
 /// Lets the loop between passes end early when something a pass would act on has happened
 /// (a health check flipped, a stop finished) or a known moment arrives (an instance's
 /// min_ready elapses), instead of always sleeping a whole interval: every wave of a rollout
@@ -208,6 +225,8 @@ pub struct Controller {
     runtime: tokio::runtime::Handle,
     health: HealthBoard,
     probes: HashMap<String, JoinHandle<()>>,
+    /// Slots for health checks under way (see [`probes::CONCURRENT_CHECKS`]).
+    check_slots: Arc<tokio::sync::Semaphore>,
     /// When this controller started: an instance created before it and not yet judged by its
     /// probes is [`crate::rollout::Phase::Unprobed`], not starting.
     started_ms: u64,
@@ -282,6 +301,7 @@ impl Controller {
             runtime,
             health: HealthBoard::default(),
             probes: HashMap::new(),
+            check_slots: Arc::new(tokio::sync::Semaphore::new(probes::CONCURRENT_CHECKS)),
             started_ms: now_ms(),
             readiness: None,
             endpoints: BTreeMap::new(),
@@ -455,6 +475,7 @@ impl Controller {
     /// One reconcile pass over every service.
     pub fn pass(&mut self) -> Result<Vec<ServicePass>, DeployError> {
         self.listed_at = std::time::Instant::now();
+        let mut clock = PartClock::start();
         // The sweep reads every instance directory, lease and network namespace: once per
         // interval, not per pass and never per removed instance.
         if self
@@ -463,13 +484,16 @@ impl Controller {
         {
             self.provider.sweep();
             self.swept_at = Some(self.listed_at);
+            clock.lap("sweep");
         }
         let instances = self
             .provider
             .list()
             .map_err(|e| DeployError::Runtime(e.to_string()))?;
-        let draining = self.db.draining()?;
+        clock.lap("list");
         self.check_rootfs(&instances)?;
+        clock.lap("rootfs_check");
+        let draining = self.db.draining()?;
         self.tainted = self.db.tainted()?;
         if self.readiness.is_none() {
             self.readiness = Some(self.db.readiness()?);
@@ -486,6 +510,7 @@ impl Controller {
             .map(|(n, _)| n.as_str())
             .collect();
         self.report_unknown(&instances, &known, &destroyed)?;
+        clock.lap("database");
         let mut passes = Vec::new();
         for (service, destroyed) in &services {
             let own: Vec<&Instance> = instances
@@ -525,6 +550,7 @@ impl Controller {
             };
             passes.push(pass);
         }
+        clock.lap("services");
         // Instances launched in this pass were not listed at its start, but are live: aborting
         // their first probe would only waste it.
         let live: BTreeSet<&str> = instances
@@ -553,6 +579,7 @@ impl Controller {
         // Stops of instances someone else removed meanwhile (`imago destroy`) are over.
         let listed: BTreeSet<&str> = instances.iter().map(|i| i.id.as_str()).collect();
         self.stopping.retain(|id, _| listed.contains(id.as_str()));
+        clock.lap("finish");
         Ok(passes)
     }
 

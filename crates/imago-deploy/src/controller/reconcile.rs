@@ -161,6 +161,8 @@ impl Controller {
             return Ok(pass);
         };
         pass.release = Some(release.number);
+        // The parts of one service's pass (within the pass's "services" part).
+        let mut clock = super::PartClock::start();
         let own = self.remove_interrupted_launches(service, own, &mut pass)?;
         let own = own.as_slice();
         let mut limits = release.spec.validate(service)?;
@@ -184,6 +186,7 @@ impl Controller {
 
         let by_id: HashMap<&str, &Instance> = own.iter().map(|i| (i.id.as_str(), *i)).collect();
         let (releases, observed) = self.observe(service, &release, own, draining, &mut pass)?;
+        clock.lap("observe");
         let outcome = self.db.outcome_of(service, release.number)?;
         let failed_already = outcome
             .as_ref()
@@ -214,6 +217,7 @@ impl Controller {
             target: &release.revision,
             instances: &observed,
         });
+        clock.lap("next_step");
         if failed_already {
             // A failed release that could not be rolled back: hold still, keep serving what runs.
             step.launch = 0;
@@ -302,9 +306,11 @@ impl Controller {
             }
             pass.retired.push(id.clone());
         }
+        clock.lap("retire");
         self.stop_drained(
             service, &release, &by_id, &releases, draining, now, &mut pass,
         )?;
+        clock.lap("stop_drained");
         // Launch, several at a time: each launch mostly waits for its supervisor to create and
         // start the container, so one after the other made a 10-instance rollback wave (or a
         // 1,000-instance deploy) wait for the sum of them.
@@ -333,6 +339,7 @@ impl Controller {
                 }
             }
         }
+        clock.lap("launch");
         // Route.
         let targets: Vec<(String, SocketAddr)> = step
             .route_to
@@ -349,6 +356,7 @@ impl Controller {
             .collect();
         let targets = self.route(service, targets, &eligible)?;
         pass.routed = targets.into_iter().map(|(id, _)| id).collect();
+        clock.lap("route");
         pass.counts = step.counts;
         pass.complete = step.complete && pass.launched.is_empty();
         self.track_progress(
@@ -360,6 +368,7 @@ impl Controller {
             outcome.is_some(),
             &mut pass,
         )?;
+        clock.lap("progress");
         Ok(pass)
     }
 
