@@ -1992,9 +1992,10 @@ fn cpu_ticks(pid: u64) -> u64 {
 /// The controller's pass timings from its `/metrics`: (part, seconds in all, observations);
 /// the whole pass is the part "pass".
 fn pass_timings(d: &Deployment) -> Vec<(String, f64, f64)> {
-    let info: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(d.imago.home.join("deploy/controller.json")).unwrap())
-            .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(d.imago.home.join("deploy/controller.json")).unwrap(),
+    )
+    .unwrap();
     let addr: SocketAddr = info["api"].as_str().unwrap().parse().unwrap();
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
     stream
@@ -2153,6 +2154,13 @@ fn many_instances_serve_roll_over_without_a_failed_request_and_leave_nothing_whe
     let idle_cpu = (cpu_ticks(controller) - idle_before) as f64 / ticks as f64 / 5.0;
     let controller_rss = rss_kib(controller);
     let (idle_pass, idle_passes) = describe_passes(&idle_timings, &pass_timings(&d));
+    // Each phase's figures as soon as they are known: a run of 1,000 that fails later still
+    // says what it measured.
+    eprintln!(
+        "scale {n} instances: apply {launched:.1?}; controller RSS {controller_rss} KiB, idle CPU \
+         {:.1}% of a core; supervisors' RSS {supervisor_rss} KiB, PSS {supervisor_pss} KiB; idle: {idle_passes}",
+        idle_cpu * 100.0
+    );
     // A settled service's pass reads every instance's record and judges it: generous for a
     // loaded CI host, and still far from a pass that grows with the square of the instances.
     assert!(
@@ -2173,6 +2181,7 @@ fn many_instances_serve_roll_over_without_a_failed_request_and_leave_nothing_whe
         .stdout();
     let rolled = t1.elapsed();
     let (_, rollout_passes) = describe_passes(&rollout_timings, &pass_timings(&d));
+    eprintln!("scale {n} instances: rolling update {rolled:.1?}: {rollout_passes}");
     assert!(out.contains("deployment complete (release 2"), "{out}");
     std::thread::sleep(Duration::from_millis(300));
     let answers = client.finish();

@@ -307,11 +307,17 @@ mod tests {
     fn an_inconclusive_check_changes_no_verdict() {
         let mut t = HealthTracker::default();
         t.record(ProbeResult::Inconclusive("late".into()), 1, 1, false);
-        assert!(!t.healthy && !t.unhealthy, "never healthy without an answer");
+        assert!(
+            !t.healthy && !t.unhealthy,
+            "never healthy without an answer"
+        );
         t.record(ProbeResult::Unhealthy("refused".into()), 1, 2, false);
         t.record(ProbeResult::Inconclusive("late".into()), 1, 2, false);
         t.record(ProbeResult::Unhealthy("refused".into()), 1, 2, false);
-        assert!(t.unhealthy, "failures on both sides of an inconclusive check are in a row");
+        assert!(
+            t.unhealthy,
+            "failures on both sides of an inconclusive check are in a row"
+        );
     }
 
     #[test]

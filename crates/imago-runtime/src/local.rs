@@ -819,7 +819,17 @@ impl Provider for LocalProvider {
 
     fn remove(&self, id: &str) -> Result<(), RuntimeError> {
         let dir = self.existing_dir(id)?;
-        let rec = self.load(&dir)?;
+        let rec = match self.load(&dir) {
+            Ok(rec) => rec,
+            // Someone else (a controller and `imago destroy` at the same time) removed it since
+            // `existing_dir` looked: it is gone, which is what the caller wanted.
+            Err(RuntimeError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound && !dir.state().exists() =>
+            {
+                return Err(RuntimeError::NoSuchInstance(id.to_owned()));
+            }
+            Err(e) => return Err(e),
+        };
         match rec.status {
             Status::Running | Status::Created => {
                 return Err(RuntimeError::WrongState {
@@ -931,7 +941,10 @@ mod tests {
     struct NoImages;
 
     impl ImageSource for NoImages {
-        fn image(&self, digest: &imago_oci::Digest) -> Result<crate::rootfs::ImageInfo, RuntimeError> {
+        fn image(
+            &self,
+            digest: &imago_oci::Digest,
+        ) -> Result<crate::rootfs::ImageInfo, RuntimeError> {
             Err(RuntimeError::NoSuchInstance(digest.to_string()))
         }
         fn open_layer(
@@ -983,10 +996,18 @@ mod tests {
         assert_eq!(listed.len(), 149);
         let by_id = |id: &str| listed.iter().find(|i| i.id == id);
         assert_eq!(by_id("i007").unwrap().exit_code, Some(3));
-        assert_eq!(by_id("i008").unwrap().status, Status::Lost, "a torn record is lost");
+        assert_eq!(
+            by_id("i008").unwrap().status,
+            Status::Lost,
+            "a torn record is lost"
+        );
         assert!(by_id("i009").is_none());
         assert_eq!(by_id("i010").unwrap().exit_code, Some(0));
-        assert_eq!(provider.records.lock().unwrap().len(), 148, "removed records are forgotten");
+        assert_eq!(
+            provider.records.lock().unwrap().len(),
+            148,
+            "removed records are forgotten"
+        );
     }
 
     /// `rm` of a lost instance kills its init and removes its cgroups at once; the init is in

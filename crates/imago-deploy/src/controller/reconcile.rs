@@ -502,8 +502,7 @@ impl Controller {
             .filter(|id| by_id.get(id.as_str()).is_some_and(|i| i.is_active()))
             .cloned()
             .collect();
-        let proxied: HashMap<&str, usize> = match self.plane.connections(service, &live_draining)
-        {
+        let proxied: HashMap<&str, usize> = match self.plane.connections(service, &live_draining) {
             Ok(counts) if counts.len() == live_draining.len() => live_draining
                 .iter()
                 .map(String::as_str)
