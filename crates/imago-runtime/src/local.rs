@@ -439,6 +439,28 @@ impl LocalProvider {
         self.judge(dir, dir.read_state())
     }
 
+    /// `read` of `dir`'s record, or "no such instance" when the record is gone: someone else
+    /// (a controller and `imago destroy` at the same time, each removing several at once)
+    /// removed the instance since the caller found its directory.
+    fn vanished(
+        dir: &InstanceDir,
+        read: Result<Instance, RuntimeError>,
+    ) -> Result<Instance, RuntimeError> {
+        match read {
+            Err(RuntimeError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound && !dir.state().exists() =>
+            {
+                let id = dir
+                    .root
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                Err(RuntimeError::NoSuchInstance(id))
+            }
+            other => other,
+        }
+    }
+
     /// The record of `dir` as [`Self::load`] gives it, parsed again only when its file changed
     /// since `list` last parsed it (the liveness of its supervisor is looked at every time).
     fn load_listed(&self, dir: &InstanceDir) -> Result<Instance, RuntimeError> {
@@ -476,7 +498,7 @@ impl LocalProvider {
         dir: &InstanceDir,
         read: Result<Instance, RuntimeError>,
     ) -> Result<Instance, RuntimeError> {
-        let mut rec = match read {
+        let mut rec = match Self::vanished(dir, read) {
             Ok(rec) => rec,
             Err(RuntimeError::Json { path, source }) => {
                 // The launch path does not wait for the disk: after a power loss the record may
@@ -510,7 +532,7 @@ impl LocalProvider {
             };
             if !alive {
                 // Re-read: the supervisor may have written its final state just now.
-                rec = dir.read_state()?;
+                rec = Self::vanished(dir, dir.read_state())?;
                 if rec.status == Status::Running {
                     rec.status = Status::Lost;
                 }
@@ -819,17 +841,7 @@ impl Provider for LocalProvider {
 
     fn remove(&self, id: &str) -> Result<(), RuntimeError> {
         let dir = self.existing_dir(id)?;
-        let rec = match self.load(&dir) {
-            Ok(rec) => rec,
-            // Someone else (a controller and `imago destroy` at the same time) removed it since
-            // `existing_dir` looked: it is gone, which is what the caller wanted.
-            Err(RuntimeError::Io { source, .. })
-                if source.kind() == std::io::ErrorKind::NotFound && !dir.state().exists() =>
-            {
-                return Err(RuntimeError::NoSuchInstance(id.to_owned()));
-            }
-            Err(e) => return Err(e),
-        };
+        let rec = self.load(&dir)?;
         match rec.status {
             Status::Running | Status::Created => {
                 return Err(RuntimeError::WrongState {
@@ -888,7 +900,12 @@ impl Provider for LocalProvider {
             if !dir.state().exists() {
                 continue;
             }
-            out.push(self.load_listed(&dir)?);
+            match self.load_listed(&dir) {
+                Ok(rec) => out.push(rec),
+                // Removed while this listing ran: not listed.
+                Err(RuntimeError::NoSuchInstance(_)) => continue,
+                Err(e) => return Err(e),
+            }
             listed.insert(dir.state());
         }
         // Removed instances' records are forgotten.
