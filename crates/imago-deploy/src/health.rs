@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 /// What one probe found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,21 +14,67 @@ pub enum ProbeResult {
     Healthy,
     /// Why not, in words that go into `imago status` ("GET / returned 500", "connection refused").
     Unhealthy(String),
+    /// The probe cannot say: its own timer fired [`STARVED_LATENESS`] or more after the
+    /// deadline, so the controller itself was starved of CPU and did not look at the answer in
+    /// time. Counts neither way; the caller asks again (see `controller::probes`).
+    Inconclusive(String),
 }
 
-/// GETs `path` from `addr` and expects `status`.
+/// A probe whose timeout fires this much after its deadline was starved, not answered late.
+/// Far above the timer's own granularity (1 ms) and a busy runtime's usual lag.
+pub const STARVED_LATENESS: Duration = Duration::from_millis(250);
+
+/// How one step of a probe ended against its deadline.
+enum Waited<T> {
+    Done(T),
+    /// The deadline passed, and the probe's timer fired on time: the instance did not answer.
+    TimedOut,
+    /// The timer fired this late: the controller was not running when the deadline passed.
+    Starved(Duration),
+}
+
+async fn until<T>(deadline: Instant, step: impl Future<Output = T>) -> Waited<T> {
+    match tokio::time::timeout_at(deadline, step).await {
+        Ok(value) => Waited::Done(value),
+        Err(_) => {
+            let late = Instant::now().saturating_duration_since(deadline);
+            if late >= STARVED_LATENESS {
+                Waited::Starved(late)
+            } else {
+                Waited::TimedOut
+            }
+        }
+    }
+}
+
+fn starved(what: String, late: Duration) -> ProbeResult {
+    ProbeResult::Inconclusive(format!(
+        "{what}: the controller's timer fired {late:?} late (it was starved of CPU), so this check counts neither way"
+    ))
+}
+
+/// GETs `path` from `addr` and expects `status`. The connect gets `timeout`, and the answer
+/// gets `timeout` from when the request was actually sent: a controller that was slow to send
+/// it (starved between the connect and the write) does not shorten the instance's time.
 pub async fn http(addr: SocketAddr, path: &str, status: u16, timeout: Duration) -> ProbeResult {
-    let attempt = async {
-        let mut stream = TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("connect to {addr}: {e}"))?;
-        let request = format!(
-            "GET {path} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: imago-health\r\nConnection: close\r\n\r\n"
-        );
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .map_err(|e| format!("send to {addr}: {e}"))?;
+    let get = || format!("GET {path} on {addr}");
+    let mut stream = match until(Instant::now() + timeout, TcpStream::connect(addr)).await {
+        Waited::Done(Ok(stream)) => stream,
+        Waited::Done(Err(e)) => return ProbeResult::Unhealthy(format!("connect to {addr}: {e}")),
+        Waited::TimedOut => {
+            return ProbeResult::Unhealthy(format!("{} timed out after {timeout:?}", get()));
+        }
+        Waited::Starved(late) => return starved(get(), late),
+    };
+    let request = format!(
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: imago-health\r\nConnection: close\r\n\r\n"
+    );
+    // A fresh socket's send buffer takes the few bytes at once.
+    if let Err(e) = stream.write_all(request.as_bytes()).await {
+        return ProbeResult::Unhealthy(format!("send to {addr}: {e}"));
+    }
+    let sent = Instant::now();
+    let answer = async {
         let mut head = Vec::with_capacity(256);
         let mut buf = [0u8; 256];
         // The status line is all that matters; read until its end.
@@ -41,37 +88,42 @@ pub async fn http(addr: SocketAddr, path: &str, status: u16, timeout: Duration) 
             }
             head.extend_from_slice(&buf[..n]);
         }
-        let line = String::from_utf8_lossy(&head);
-        let line = line.lines().next().unwrap_or("").trim().to_owned();
-        let code = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse::<u16>().ok());
-        match code {
-            Some(code) if code == status => Ok(()),
-            Some(code) => Err(format!(
-                "GET {path} on {addr} returned {code}, expected {status}"
-            )),
-            None => Err(format!(
-                "GET {path} on {addr} got no HTTP status line (got {line:?})"
-            )),
-        }
+        Ok::<_, String>(head)
     };
-    match tokio::time::timeout(timeout, attempt).await {
-        Ok(Ok(())) => ProbeResult::Healthy,
-        Ok(Err(reason)) => ProbeResult::Unhealthy(reason),
-        Err(_) => {
-            ProbeResult::Unhealthy(format!("GET {path} on {addr} timed out after {timeout:?}"))
+    let head = match until(sent + timeout, answer).await {
+        Waited::Done(Ok(head)) => head,
+        Waited::Done(Err(reason)) => return ProbeResult::Unhealthy(reason),
+        Waited::TimedOut => {
+            return ProbeResult::Unhealthy(format!("{} timed out after {timeout:?}", get()));
         }
+        Waited::Starved(late) => return starved(get(), late),
+    };
+    let line = String::from_utf8_lossy(&head);
+    let line = line.lines().next().unwrap_or("").trim().to_owned();
+    let code = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse::<u16>().ok());
+    match code {
+        Some(code) if code == status => ProbeResult::Healthy,
+        Some(code) => ProbeResult::Unhealthy(format!(
+            "GET {path} on {addr} returned {code}, expected {status}"
+        )),
+        None => ProbeResult::Unhealthy(format!(
+            "GET {path} on {addr} got no HTTP status line (got {line:?})"
+        )),
     }
 }
 
 /// Connects to `addr`.
 pub async fn tcp(addr: SocketAddr, timeout: Duration) -> ProbeResult {
-    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Ok(Ok(_)) => ProbeResult::Healthy,
-        Ok(Err(e)) => ProbeResult::Unhealthy(format!("connect to {addr}: {e}")),
-        Err(_) => ProbeResult::Unhealthy(format!("connect to {addr} timed out after {timeout:?}")),
+    match until(Instant::now() + timeout, TcpStream::connect(addr)).await {
+        Waited::Done(Ok(_)) => ProbeResult::Healthy,
+        Waited::Done(Err(e)) => ProbeResult::Unhealthy(format!("connect to {addr}: {e}")),
+        Waited::TimedOut => {
+            ProbeResult::Unhealthy(format!("connect to {addr} timed out after {timeout:?}"))
+        }
+        Waited::Starved(late) => starved(format!("connect to {addr}"), late),
     }
 }
 
@@ -104,6 +156,8 @@ impl HealthTracker {
                     self.unhealthy = false;
                 }
             }
+            // The controller could not tell: nothing changes (the prober asks again).
+            ProbeResult::Inconclusive(_) => {}
             ProbeResult::Unhealthy(reason) => {
                 self.last_failure = Some(reason);
                 self.successes = 0;
@@ -173,6 +227,96 @@ mod tests {
         assert_eq!(
             tcp(open, Duration::from_secs(1)).await,
             ProbeResult::Healthy
+        );
+    }
+
+    /// A server on its own thread (never starved with the probe's runtime): answers `response`
+    /// to every request, or, with `None`, accepts connections and never answers.
+    fn thread_server(response: Option<&'static str>) -> SocketAddr {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for mut s in listener.incoming().flatten() {
+                let mut buf = [0u8; 512];
+                let _ = s.read(&mut buf);
+                match response {
+                    Some(r) => {
+                        let _ = s.write_all(r.as_bytes());
+                    }
+                    None => held.push(s),
+                }
+            }
+        });
+        addr
+    }
+
+    fn one_thread() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// The controller's only thread is blocked (starved) right after the probe connected, for
+    /// longer than the timeout: the instance still gets its whole timeout from when the request
+    /// is actually sent, and answers in time. (Timed from the connect, this was a failure.)
+    #[test]
+    fn a_controller_starved_before_sending_does_not_fail_an_answering_instance() {
+        let ok = thread_server(Some("HTTP/1.0 200 OK\r\n\r\nfine"));
+        one_thread().block_on(async {
+            let probe = tokio::spawn(http(ok, "/", 200, Duration::from_millis(300)));
+            // The probe's first poll: its connect is sent.
+            tokio::task::yield_now().await;
+            std::thread::sleep(Duration::from_millis(700));
+            assert_eq!(probe.await.unwrap(), ProbeResult::Healthy);
+        });
+    }
+
+    /// A starved controller whose timer fires long after the deadline cannot tell whether the
+    /// instance answered in time: inconclusive, never healthy. Not starved, the same silent
+    /// instance fails on time.
+    #[test]
+    fn a_late_timer_is_inconclusive_and_a_silent_instance_fails_on_time() {
+        let silent = thread_server(None);
+        one_thread().block_on(async {
+            let timeout = Duration::from_millis(100);
+            let probe = tokio::spawn(http(silent, "/", 200, timeout));
+            // Connected and sent: the probe now waits for the answer.
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            std::thread::sleep(Duration::from_millis(600));
+            match probe.await.unwrap() {
+                ProbeResult::Inconclusive(reason) => {
+                    assert!(reason.contains("late"), "{reason}")
+                }
+                other => panic!("a starved check must be inconclusive, got {other:?}"),
+            }
+            let started = std::time::Instant::now();
+            match http(silent, "/", 200, timeout).await {
+                ProbeResult::Unhealthy(reason) => {
+                    assert!(reason.contains("timed out after 100ms"), "{reason}")
+                }
+                other => panic!("a silent instance must fail, got {other:?}"),
+            }
+            assert!(started.elapsed() < Duration::from_secs(2));
+        });
+    }
+
+    #[test]
+    fn an_inconclusive_check_changes_no_verdict() {
+        let mut t = HealthTracker::default();
+        t.record(ProbeResult::Inconclusive("late".into()), 1, 1, false);
+        assert!(
+            !t.healthy && !t.unhealthy,
+            "never healthy without an answer"
+        );
+        t.record(ProbeResult::Unhealthy("refused".into()), 1, 2, false);
+        t.record(ProbeResult::Inconclusive("late".into()), 1, 2, false);
+        t.record(ProbeResult::Unhealthy("refused".into()), 1, 2, false);
+        assert!(
+            t.unhealthy,
+            "failures on both sides of an inconclusive check are in a row"
         );
     }
 

@@ -31,6 +31,7 @@ type Labels = Vec<(String, String)>;
 /// Histograms of this process (the controller), shared by everything that observes into them.
 pub struct Live {
     pass_duration: Histogram,
+    pass_part_duration: Family<Labels, Histogram>,
     health_check_duration: Family<Labels, Histogram>,
 }
 
@@ -40,6 +41,10 @@ pub fn live() -> &'static Live {
     LIVE.get_or_init(|| Live {
         // 1 ms .. about 16 s.
         pass_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+        // 0.1 ms .. about 3 s.
+        pass_part_duration: Family::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0001, 2.0, 15))
+        }),
         health_check_duration: Family::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.0005, 2.0, 16))
         }),
@@ -50,6 +55,14 @@ impl Live {
     /// One controller pass over every service took `took`.
     pub fn observe_pass(&self, took: Duration) {
         self.pass_duration.observe(took.as_secs_f64());
+    }
+
+    /// One part of a controller pass (`part`: "list", "observe", "launch", ...) took `took`:
+    /// where the time of a slow pass goes.
+    pub fn observe_pass_part(&self, part: &'static str, took: Duration) {
+        self.pass_part_duration
+            .get_or_create(&vec![("part".to_owned(), part.to_owned())])
+            .observe(took.as_secs_f64());
     }
 
     /// One health check of `kind` ("http", "tcp", "command") took `took` and ended `result`
@@ -165,6 +178,11 @@ pub fn render(
         "controller_pass_duration_seconds",
         "How long one controller pass over every service took",
         live.pass_duration.clone(),
+    );
+    registry.register(
+        "controller_pass_part_duration_seconds",
+        "How long each part of a controller pass took, by part",
+        live.pass_part_duration.clone(),
     );
     registry.register(
         "health_check_duration_seconds",

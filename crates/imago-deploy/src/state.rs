@@ -823,6 +823,30 @@ impl StateDb {
             .map_err(|e| self.err(e))
     }
 
+    /// Starts a batch: the writes until [`StateDb::end_batch`] commit together, with one wait
+    /// for the disk instead of one per statement (a pass that records hundreds of instances
+    /// ready or retired waited for hundreds). Returns false, starting nothing, inside a batch
+    /// or transaction already open.
+    pub fn begin_batch(&self) -> Result<bool, DeployError> {
+        if !self.conn.is_autocommit() {
+            return Ok(false);
+        }
+        self.conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(|e| self.err(e))?;
+        Ok(true)
+    }
+
+    /// Ends the batch [`StateDb::begin_batch`] started: commits it, or with `keep = false`
+    /// (the work it recorded failed midway) rolls it back.
+    pub fn end_batch(&self, keep: bool) -> Result<(), DeployError> {
+        if self.conn.is_autocommit() {
+            return Ok(());
+        }
+        let sql = if keep { "COMMIT" } else { "ROLLBACK" };
+        self.conn.execute_batch(sql).map_err(|e| self.err(e))
+    }
+
     /// Appends an event.
     pub fn event(
         &self,

@@ -105,6 +105,35 @@ pub struct LocalProvider {
     netns_sweep_age: Duration,
     /// Supervisors this process started, reaped once they exit (they outlive us otherwise).
     children: Mutex<HashMap<String, Pid>>,
+    /// The records `list` parsed, by state file, with the stamp of the file each came from: a
+    /// controller's pass over a thousand instances re-reads only the records that changed
+    /// (every write replaces the file, so a changed record is a new file). Only a copy: the
+    /// files stay the truth, each is looked at (stat) every time, and a new process starts empty.
+    records: Mutex<HashMap<PathBuf, (RecordStamp, Instance)>>,
+}
+
+/// What identifies one version of a state file: records are replaced by rename, never written
+/// in place, so a new version is a new inode (and its own change time and size).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RecordStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+}
+
+impl RecordStamp {
+    fn of(meta: &fs::Metadata) -> RecordStamp {
+        use std::os::unix::fs::MetadataExt;
+        RecordStamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+        }
+    }
 }
 
 impl std::fmt::Debug for LocalProvider {
@@ -129,6 +158,7 @@ impl LocalProvider {
             init: PathBuf::from(DEFAULT_INIT),
             netns_sweep_age: NETNS_SWEEP_AGE,
             children: Mutex::new(HashMap::new()),
+            records: Mutex::new(HashMap::new()),
         }
     }
 
@@ -406,7 +436,69 @@ impl LocalProvider {
 
     /// The record, with `Lost` substituted when it claims to run but its supervisor is gone.
     fn load(&self, dir: &InstanceDir) -> Result<Instance, RuntimeError> {
-        let mut rec = match dir.read_state() {
+        self.judge(dir, dir.read_state())
+    }
+
+    /// `read` of `dir`'s record, or "no such instance" when the record is gone: someone else
+    /// (a controller and `imago destroy` at the same time, each removing several at once)
+    /// removed the instance since the caller found its directory.
+    fn vanished(
+        dir: &InstanceDir,
+        read: Result<Instance, RuntimeError>,
+    ) -> Result<Instance, RuntimeError> {
+        match read {
+            Err(RuntimeError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound && !dir.state().exists() =>
+            {
+                let id = dir
+                    .root
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                Err(RuntimeError::NoSuchInstance(id))
+            }
+            other => other,
+        }
+    }
+
+    /// The record of `dir` as [`Self::load`] gives it, parsed again only when its file changed
+    /// since `list` last parsed it (the liveness of its supervisor is looked at every time).
+    fn load_listed(&self, dir: &InstanceDir) -> Result<Instance, RuntimeError> {
+        let path = dir.state();
+        // The stamp is taken before the read: a record replaced in between is parsed again
+        // next time, never kept under the stamp of a newer file.
+        let Ok(stamp) = fs::metadata(&path).map(|m| RecordStamp::of(&m)) else {
+            return self.load(dir);
+        };
+        let cached = self
+            .records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&path)
+            .filter(|(seen, _)| *seen == stamp)
+            .map(|(_, rec)| rec.clone());
+        let read = match cached {
+            Some(rec) => Ok(rec),
+            None => {
+                let read = dir.read_state();
+                let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+                match &read {
+                    Ok(rec) => records.insert(path, (stamp, rec.clone())),
+                    Err(_) => records.remove(&path),
+                };
+                drop(records);
+                read
+            }
+        };
+        self.judge(dir, read)
+    }
+
+    fn judge(
+        &self,
+        dir: &InstanceDir,
+        read: Result<Instance, RuntimeError>,
+    ) -> Result<Instance, RuntimeError> {
+        let mut rec = match Self::vanished(dir, read) {
             Ok(rec) => rec,
             Err(RuntimeError::Json { path, source }) => {
                 // The launch path does not wait for the disk: after a power loss the record may
@@ -440,7 +532,7 @@ impl LocalProvider {
             };
             if !alive {
                 // Re-read: the supervisor may have written its final state just now.
-                rec = dir.read_state()?;
+                rec = Self::vanished(dir, dir.read_state())?;
                 if rec.status == Status::Running {
                     rec.status = Status::Lost;
                 }
@@ -802,13 +894,25 @@ impl Provider for LocalProvider {
             }
         };
         let mut out = Vec::new();
+        let mut listed = std::collections::HashSet::new();
         for entry in entries.flatten() {
             let dir = InstanceDir { root: entry.path() };
             if !dir.state().exists() {
                 continue;
             }
-            out.push(self.load(&dir)?);
+            match self.load_listed(&dir) {
+                Ok(rec) => out.push(rec),
+                // Removed while this listing ran: not listed.
+                Err(RuntimeError::NoSuchInstance(_)) => continue,
+                Err(e) => return Err(e),
+            }
+            listed.insert(dir.state());
         }
+        // Removed instances' records are forgotten.
+        self.records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|path, _| listed.contains(path));
         out.sort_by(|a, b| {
             a.created_ms
                 .cmp(&b.created_ms)
@@ -850,6 +954,78 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+
+    struct NoImages;
+
+    impl ImageSource for NoImages {
+        fn image(
+            &self,
+            digest: &imago_oci::Digest,
+        ) -> Result<crate::rootfs::ImageInfo, RuntimeError> {
+            Err(RuntimeError::NoSuchInstance(digest.to_string()))
+        }
+        fn open_layer(
+            &self,
+            image: &imago_oci::Digest,
+            _layer: &oci_spec::image::Descriptor,
+        ) -> Result<Box<dyn Read + '_>, RuntimeError> {
+            Err(RuntimeError::NoSuchInstance(image.to_string()))
+        }
+    }
+
+    /// `list` keeps the records it parsed, but the files stay the truth: a record replaced on
+    /// disk (a new status, or a torn file after a crash) is what the next listing shows, a
+    /// removed one is gone, and an unchanged one is the same as parsed afresh.
+    #[test]
+    fn listing_shows_every_change_of_the_records_on_disk() {
+        let home = tempfile::tempdir().unwrap();
+        let provider = LocalProvider::new(
+            home.path(),
+            Box::new(NoImages),
+            SupervisorCommand::current_exe().unwrap(),
+        );
+        let spec = InstanceSpec::new(imago_oci::Digest::of(b"image"));
+        let instances = provider.layout().instances();
+        let dirs: Vec<InstanceDir> = (0..150)
+            .map(|n| {
+                let dir = InstanceDir::new(&instances, &format!("i{n:03}"));
+                fs::create_dir_all(&dir.root).unwrap();
+                crate::state::write_json_atomic(&dir.spec(), &spec).unwrap();
+                let mut rec = Instance::new(format!("i{n:03}"), &spec).unwrap();
+                rec.status = Status::Exited;
+                rec.exit_code = Some(0);
+                rec.created_ms = n;
+                dir.write_state(&rec).unwrap();
+                dir
+            })
+            .collect();
+        let first = provider.list().unwrap();
+        assert_eq!(first.len(), 150);
+        assert!(first.iter().all(|i| i.exit_code == Some(0)));
+        assert_eq!(provider.list().unwrap().len(), 150, "the same from memory");
+
+        let mut changed = dirs[7].read_state().unwrap();
+        changed.exit_code = Some(3);
+        dirs[7].write_state(&changed).unwrap();
+        fs::write(dirs[8].state(), b"{\"torn").unwrap();
+        fs::remove_dir_all(&dirs[9].root).unwrap();
+        let listed = provider.list().unwrap();
+        assert_eq!(listed.len(), 149);
+        let by_id = |id: &str| listed.iter().find(|i| i.id == id);
+        assert_eq!(by_id("i007").unwrap().exit_code, Some(3));
+        assert_eq!(
+            by_id("i008").unwrap().status,
+            Status::Lost,
+            "a torn record is lost"
+        );
+        assert!(by_id("i009").is_none());
+        assert_eq!(by_id("i010").unwrap().exit_code, Some(0));
+        assert_eq!(
+            provider.records.lock().unwrap().len(),
+            148,
+            "removed records are forgotten"
+        );
+    }
 
     /// `rm` of a lost instance kills its init and removes its cgroups at once; the init is in
     /// its cgroup until it has exited, which on a slow machine (the cgroup v2 VM of

@@ -109,6 +109,23 @@ pub fn instance_spec(release: &Release, engine: Engine) -> Result<InstanceSpec, 
 /// addresses and network namespaces of launches and cleanups that were killed midway).
 pub const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Times the parts of a pass into the `imago_controller_pass_part_duration_seconds` histogram,
+/// so a slow pass at many instances says where its time went.
+pub(super) struct PartClock(std::time::Instant);
+
+impl PartClock {
+    pub(super) fn start() -> PartClock {
+        PartClock(std::time::Instant::now())
+    }
+
+    /// Counts the time since the last lap (or the start) to `part`.
+    pub(super) fn lap(&mut self, part: &'static str) {
+        let now = std::time::Instant::now();
+        crate::metrics::live().observe_pass_part(part, now.duration_since(self.0));
+        self.0 = now;
+    }
+}
+
 /// Lets the loop between passes end early when something a pass would act on has happened
 /// (a health check flipped, a stop finished) or a known moment arrives (an instance's
 /// min_ready elapses), instead of always sleeping a whole interval: every wave of a rollout
@@ -208,6 +225,8 @@ pub struct Controller {
     runtime: tokio::runtime::Handle,
     health: HealthBoard,
     probes: HashMap<String, JoinHandle<()>>,
+    /// Slots for health checks under way (see [`probes::CONCURRENT_CHECKS`]).
+    check_slots: Arc<tokio::sync::Semaphore>,
     /// When this controller started: an instance created before it and not yet judged by its
     /// probes is [`crate::rollout::Phase::Unprobed`], not starting.
     started_ms: u64,
@@ -282,6 +301,7 @@ impl Controller {
             runtime,
             health: HealthBoard::default(),
             probes: HashMap::new(),
+            check_slots: Arc::new(tokio::sync::Semaphore::new(probes::CONCURRENT_CHECKS)),
             started_ms: now_ms(),
             readiness: None,
             endpoints: BTreeMap::new(),
@@ -455,6 +475,7 @@ impl Controller {
     /// One reconcile pass over every service.
     pub fn pass(&mut self) -> Result<Vec<ServicePass>, DeployError> {
         self.listed_at = std::time::Instant::now();
+        let mut clock = PartClock::start();
         // The sweep reads every instance directory, lease and network namespace: once per
         // interval, not per pass and never per removed instance.
         if self
@@ -463,13 +484,16 @@ impl Controller {
         {
             self.provider.sweep();
             self.swept_at = Some(self.listed_at);
+            clock.lap("sweep");
         }
         let instances = self
             .provider
             .list()
             .map_err(|e| DeployError::Runtime(e.to_string()))?;
-        let draining = self.db.draining()?;
+        clock.lap("list");
         self.check_rootfs(&instances)?;
+        clock.lap("rootfs_check");
+        let draining = self.db.draining()?;
         self.tainted = self.db.tainted()?;
         if self.readiness.is_none() {
             self.readiness = Some(self.db.readiness()?);
@@ -486,6 +510,7 @@ impl Controller {
             .map(|(n, _)| n.as_str())
             .collect();
         self.report_unknown(&instances, &known, &destroyed)?;
+        clock.lap("database");
         let mut passes = Vec::new();
         for (service, destroyed) in &services {
             let own: Vec<&Instance> = instances
@@ -525,6 +550,7 @@ impl Controller {
             };
             passes.push(pass);
         }
+        clock.lap("services");
         // Instances launched in this pass were not listed at its start, but are live: aborting
         // their first probe would only waste it.
         let live: BTreeSet<&str> = instances
@@ -553,6 +579,7 @@ impl Controller {
         // Stops of instances someone else removed meanwhile (`imago destroy`) are over.
         let listed: BTreeSet<&str> = instances.iter().map(|i| i.id.as_str()).collect();
         self.stopping.retain(|id, _| listed.contains(id.as_str()));
+        clock.lap("finish");
         Ok(passes)
     }
 
@@ -1584,6 +1611,129 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         drop(listener);
+    }
+
+    /// An HTTP server for the checks of many fake instances on the host network: answers 200
+    /// after `hold`, counts the most requests it had in hand at once, and refuses every
+    /// connection once `stop` is set (its listener is closed), as a dead instance does.
+    struct CountingServer {
+        port: u16,
+        most: Arc<std::sync::atomic::AtomicUsize>,
+        stop: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl CountingServer {
+        fn start(hold: Duration) -> CountingServer {
+            use std::io::{Read, Write};
+            use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.set_nonblocking(true).unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let most = Arc::new(AtomicUsize::new(0));
+            let stop = Arc::new(AtomicBool::new(false));
+            let in_hand = Arc::new(AtomicUsize::new(0));
+            let (most_seen, stopped) = (most.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stopped.load(Ordering::SeqCst) {
+                    let Ok((mut conn, _)) = listener.accept() else {
+                        std::thread::sleep(Duration::from_micros(200));
+                        continue;
+                    };
+                    let (in_hand, most_seen) = (in_hand.clone(), most_seen.clone());
+                    std::thread::spawn(move || {
+                        conn.set_nonblocking(false).unwrap();
+                        let mut buf = [0u8; 512];
+                        let _ = conn.read(&mut buf);
+                        let now = in_hand.fetch_add(1, Ordering::SeqCst) + 1;
+                        most_seen.fetch_max(now, Ordering::SeqCst);
+                        std::thread::sleep(hold);
+                        in_hand.fetch_sub(1, Ordering::SeqCst);
+                        let _ = conn.write_all(b"HTTP/1.0 200 OK\r\n\r\n");
+                    });
+                }
+            });
+            CountingServer { port, most, stop }
+        }
+    }
+
+    /// 200 instances launched in one pass: their checks run at most `CONCURRENT_CHECKS` at a
+    /// time, and once the instances die (connections refused) every one of them is found
+    /// unhealthy within an interval plus the timeout.
+    #[test]
+    fn checks_of_many_instances_are_bounded_and_a_dead_instance_is_found_within_interval_and_timeout()
+     {
+        use std::sync::atomic::Ordering;
+        let mut h = harness();
+        let server = CountingServer::start(Duration::from_millis(20));
+        let (interval, timeout) = (Duration::from_millis(400), Duration::from_millis(300));
+        let web = spec(serde_json::json!({
+            "image": "web", "replicas": 200, "network": "host",
+            "health": {"type": "http", "port": server.port, "path": "/", "interval": "400ms",
+                       "timeout": "300ms", "unhealthy_threshold": 1, "start_period": "30s"},
+        }));
+        h.release("web", &web, b"v1");
+        let last = h.converge("web", 2000).pop().unwrap();
+        assert!(last.complete, "{last:?}");
+        // Past every instance's first, spread-out gap: all checks now come once an interval.
+        std::thread::sleep(interval * 2);
+        let most = server.most.load(Ordering::SeqCst);
+        assert!(
+            most <= probes::CONCURRENT_CHECKS && most > 1,
+            "{most} checks were in hand at once"
+        );
+        let ids: Vec<String> = h.running("web").into_iter().map(|i| i.id).collect();
+        assert_eq!(ids.len(), 200);
+        server.stop.store(true, Ordering::SeqCst);
+        let died = std::time::Instant::now();
+        // A loaded test host gets half a second more. (The start period only spares the
+        // launch on a loaded test host: a failure of an instance that was healthy counts.)
+        let bound = interval + timeout + Duration::from_millis(500);
+        loop {
+            let healthy: Vec<&String> = ids
+                .iter()
+                .filter(|id| !h.controller.health.get(id).unwrap().tracker.unhealthy)
+                .collect();
+            if healthy.is_empty() {
+                break;
+            }
+            assert!(
+                died.elapsed() < bound,
+                "{} of 200 dead instances not found unhealthy within {bound:?}",
+                healthy.len()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// A restarted controller takes over 150 running instances from their records and the
+    /// database: nothing launched, retired or stopped, every one of them still available and
+    /// routed, no new rollout.
+    #[test]
+    fn a_restarted_controller_takes_over_150_instances_as_they_stand() {
+        let mut h = harness();
+        let port = healthy_port();
+        let web = spec(serde_json::json!({
+            "image": "web", "replicas": 150, "network": "host",
+            "port": free_port(), "target_port": port,
+            "health": {"type": "tcp", "port": port, "interval": "100ms"},
+        }));
+        h.release("web", &web, b"v1");
+        assert!(h.converge("web", 2000).last().unwrap().complete);
+        let before: BTreeSet<String> = h.running("web").into_iter().map(|i| i.id).collect();
+        h.restart(h.fake.clone());
+        for round in 0..20 {
+            let pass = h.controller.pass().unwrap().remove(0);
+            assert!(
+                pass.launched.is_empty() && pass.retired.is_empty() && pass.stopped.is_empty(),
+                "pass {round} after the restart changed something: {pass:?}"
+            );
+            assert_eq!(pass.counts.available, 150, "pass {round}: {pass:?}");
+            assert_eq!(pass.routed.len(), 150, "pass {round}: {pass:?}");
+            assert!(pass.complete, "pass {round}: {pass:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let after: BTreeSet<String> = h.running("web").into_iter().map(|i| i.id).collect();
+        assert_eq!(before, after);
     }
 
     #[test]

@@ -105,47 +105,22 @@ impl Controller {
             imago_runtime::NetworkMode::Host => Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
         };
         let board = self.health.clone();
+        let slots = self.check_slots.clone();
         let id = instance.id.clone();
         let pid = instance.pid;
         let started = instance.started_ms.unwrap_or(instance.created_ms);
         let task = self.runtime.spawn(async move {
-            let run = |timeout: Duration| {
-                let probe = &probe;
-                async move {
-                    let probe_started = std::time::Instant::now();
-                    let result = match (probe, ip) {
-                        (Probe::Http { path, port, status }, Some(ip)) => {
-                            crate::health::http(SocketAddr::new(ip, *port), path, *status, timeout)
-                                .await
-                        }
-                        (Probe::Tcp { port }, Some(ip)) => {
-                            crate::health::tcp(SocketAddr::new(ip, *port), timeout).await
-                        }
-                        (Probe::Command { command }, _) => {
-                            command_probe(pid, command, timeout).await
-                        }
-                        (_, None) => ProbeResult::Unhealthy("instance has no address".into()),
-                    };
-                    crate::metrics::live().observe_health_check(
-                        match probe {
-                            Probe::Http { .. } => "http",
-                            Probe::Tcp { .. } => "tcp",
-                            Probe::Command { .. } => "command",
-                        },
-                        if matches!(result, ProbeResult::Healthy) {
-                            "healthy"
-                        } else {
-                            "unhealthy"
-                        },
-                        probe_started.elapsed(),
-                    );
-                    result
-                }
-            };
+            let target = Target { probe, ip, pid };
             let mut passed_once = false;
+            // The first check at once (a new instance should serve soon), the second after
+            // half an interval plus this instance's own share of one: instances launched in
+            // the same pass (hundreds in a wave) are then checked spread over the interval,
+            // not all at the same instant every interval.
+            let mut gap = check.interval / 2 + spread(&id, check.interval);
             loop {
-                let tick = tokio::time::Instant::now() + check.interval;
-                let result = run(check.timeout).await;
+                let tick = tokio::time::Instant::now() + gap;
+                gap = check.interval;
+                let result = target.check(&slots, check.timeout).await;
                 let failed = matches!(result, ProbeResult::Unhealthy(_));
                 passed_once |= !failed;
                 let in_start_period =
@@ -167,7 +142,7 @@ impl Controller {
                         tokio::time::sleep(pause).await;
                         pause *= 2;
                         let left = tick.saturating_duration_since(tokio::time::Instant::now());
-                        let quick = run(check.timeout.min(left)).await;
+                        let quick = target.check(&slots, check.timeout.min(left)).await;
                         if matches!(quick, ProbeResult::Healthy) {
                             passed_once = true;
                             board.record(&id, quick, 1, check.unhealthy_threshold, false);
@@ -179,6 +154,87 @@ impl Controller {
             }
         });
         self.probes.insert(instance.id.clone(), task);
+    }
+}
+
+/// At most this many health checks are under way at once, whatever the number of instances; a
+/// check waits for a slot before it is sent, and its timeout starts only then. A thousand
+/// instances started in one wave are not all asked in the same millisecond.
+pub(super) const CONCURRENT_CHECKS: usize = 64;
+
+/// A check whose answer the controller was too starved to look at in time
+/// ([`ProbeResult::Inconclusive`]) is asked again at once, up to this many times in a row; the
+/// next such one counts as a failure, so an instance that hangs is found even on a controller
+/// that stays starved.
+const STARVED_RETRIES: u32 = 2;
+
+/// This instance's share of `interval`, the same on every controller: where in the interval its
+/// checks fall.
+fn spread(id: &str, interval: Duration) -> Duration {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    id.hash(&mut hasher);
+    let nanos = interval.as_nanos().max(1);
+    Duration::from_nanos((u128::from(hasher.finish()) % nanos) as u64)
+}
+
+/// What one instance's probe asks, and where.
+struct Target {
+    probe: Probe,
+    ip: Option<IpAddr>,
+    pid: Option<i32>,
+}
+
+impl Target {
+    /// One check, sent once a slot is free; an inconclusive one is asked again at once (see
+    /// [`STARVED_RETRIES`]).
+    async fn check(&self, slots: &tokio::sync::Semaphore, timeout: Duration) -> ProbeResult {
+        let mut starved = 0;
+        loop {
+            let result = {
+                // The semaphore is never closed: no slot only if it were.
+                let _slot = slots.acquire().await.ok();
+                self.once(timeout).await
+            };
+            match result {
+                ProbeResult::Inconclusive(_) if starved < STARVED_RETRIES => starved += 1,
+                ProbeResult::Inconclusive(reason) => {
+                    return ProbeResult::Unhealthy(format!(
+                        "{reason}; {} checks in a row could not tell, so this one counts as failed",
+                        STARVED_RETRIES + 1
+                    ));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn once(&self, timeout: Duration) -> ProbeResult {
+        let probe_started = std::time::Instant::now();
+        let result = match (&self.probe, self.ip) {
+            (Probe::Http { path, port, status }, Some(ip)) => {
+                crate::health::http(SocketAddr::new(ip, *port), path, *status, timeout).await
+            }
+            (Probe::Tcp { port }, Some(ip)) => {
+                crate::health::tcp(SocketAddr::new(ip, *port), timeout).await
+            }
+            (Probe::Command { command }, _) => command_probe(self.pid, command, timeout).await,
+            (_, None) => ProbeResult::Unhealthy("instance has no address".into()),
+        };
+        crate::metrics::live().observe_health_check(
+            match self.probe {
+                Probe::Http { .. } => "http",
+                Probe::Tcp { .. } => "tcp",
+                Probe::Command { .. } => "command",
+            },
+            match result {
+                ProbeResult::Healthy => "healthy",
+                ProbeResult::Unhealthy(_) => "unhealthy",
+                ProbeResult::Inconclusive(_) => "inconclusive",
+            },
+            probe_started.elapsed(),
+        );
+        result
     }
 }
 

@@ -56,7 +56,50 @@ fn launch_all(
     results.into_inner().unwrap_or_else(|p| p.into_inner())
 }
 
+/// `work` on each of `items`, up to [`PARALLEL_LAUNCHES`] at a time; the results in the order
+/// of `items`.
+fn side_by_side<T: Sync, R: Send>(items: &[T], work: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    if items.len() <= 1 {
+        return items.iter().map(work).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results = std::sync::Mutex::new(Vec::with_capacity(items.len()));
+    std::thread::scope(|scope| {
+        for _ in 0..items.len().min(PARALLEL_LAUNCHES) {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(item) = items.get(i) else { break };
+                    let result = work(item);
+                    results
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((i, result));
+                }
+            });
+        }
+    });
+    let mut results = results.into_inner().unwrap_or_else(|p| p.into_inner());
+    results.sort_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, r)| r).collect()
+}
+
 impl Controller {
+    /// Runs `body` with its database writes in one batch ([`crate::state::StateDb::begin_batch`]):
+    /// committed before anything that depends on them happens (the endpoint is routed only
+    /// after the batch that recorded its instances ready), rolled back if `body` failed.
+    fn batched<T>(
+        &mut self,
+        body: impl FnOnce(&mut Self) -> Result<T, DeployError>,
+    ) -> Result<T, DeployError> {
+        let started = self.db.begin_batch()?;
+        let result = body(self);
+        if started {
+            self.db.end_batch(result.is_ok())?;
+        }
+        result
+    }
+
     /// Stops every instance of a destroyed service and closes its endpoint. Stops run beside the
     /// loop (each takes up to the instance's grace period), so a pass never waits for one; a
     /// later pass removes what has exited. Only the database says the service is destroyed, so a
@@ -71,6 +114,7 @@ impl Controller {
             ..ServicePass::default()
         };
         self.close_endpoint(service)?;
+        let mut exited = Vec::new();
         for instance in own {
             if self.stop_pending(&instance.id) {
                 // Its stop is under way: nothing to look up or decide until it ends.
@@ -82,14 +126,18 @@ impl Controller {
                 continue;
             }
             self.stopping.remove(&instance.id);
-            // `imago destroy` may be removing the same instances right now: a failure here is
-            // retried on the next pass, and must not hold up the other services.
-            match self.remove_instance(&instance.id) {
-                Ok(()) => pass.stopped.push(instance.id.clone()),
+            exited.push(instance.id.clone());
+        }
+        // `imago destroy` may be removing the same instances right now: a failure here is
+        // retried on the next pass, and must not hold up the other services.
+        let removals = self.remove_instances(&exited);
+        for (id, removed) in exited.into_iter().zip(removals) {
+            match removed {
+                Ok(()) => pass.stopped.push(id),
                 Err(e) => self.db.event(
                     Some(service),
                     "destroy",
-                    &format!("cannot remove {} yet: {e}", instance.id),
+                    &format!("cannot remove {id} yet: {e}"),
                     &self.actor,
                 )?,
             }
@@ -133,10 +181,28 @@ impl Controller {
     }
 
     pub(super) fn remove_instance(&mut self, id: &str) -> Result<(), DeployError> {
-        match self.provider.remove(id) {
-            Ok(()) | Err(imago_runtime::RuntimeError::NoSuchInstance(_)) => {}
-            Err(e) => return Err(DeployError::Runtime(e.to_string())),
-        }
+        self.remove_instances(std::slice::from_ref(&id.to_owned()))
+            .pop()
+            .unwrap_or(Ok(()))
+    }
+
+    /// Removes `ids`, several at a time (a removal mostly waits: for cgroups, the network
+    /// namespace, files; one after the other made the end of a 1,000-instance rollout or
+    /// tear-down wait for the sum of them); whether each was removed, in the order of `ids`.
+    pub(super) fn remove_instances(&mut self, ids: &[String]) -> Vec<Result<(), DeployError>> {
+        let provider = self.provider.clone();
+        let removed = side_by_side(ids, |id| match provider.remove(id) {
+            Ok(()) | Err(imago_runtime::RuntimeError::NoSuchInstance(_)) => Ok(()),
+            Err(e) => Err(DeployError::Runtime(e.to_string())),
+        });
+        ids.iter()
+            .zip(removed)
+            .map(|(id, removed)| removed.and_then(|()| self.forget_instance(id)))
+            .collect()
+    }
+
+    /// What this controller knows of a removed instance goes with it.
+    fn forget_instance(&mut self, id: &str) -> Result<(), DeployError> {
         self.health.forget(id);
         if let Some(readiness) = self.readiness.as_mut() {
             readiness.remove(id);
@@ -161,6 +227,8 @@ impl Controller {
             return Ok(pass);
         };
         pass.release = Some(release.number);
+        // The parts of one service's pass (within the pass's "services" part).
+        let mut clock = super::PartClock::start();
         let own = self.remove_interrupted_launches(service, own, &mut pass)?;
         let own = own.as_slice();
         let mut limits = release.spec.validate(service)?;
@@ -183,7 +251,9 @@ impl Controller {
         }
 
         let by_id: HashMap<&str, &Instance> = own.iter().map(|i| (i.id.as_str(), *i)).collect();
-        let (releases, observed) = self.observe(service, &release, own, draining, &mut pass)?;
+        let (releases, observed) =
+            self.batched(|c| c.observe(service, &release, own, draining, &mut pass))?;
+        clock.lap("observe");
         let outcome = self.db.outcome_of(service, release.number)?;
         let failed_already = outcome
             .as_ref()
@@ -214,6 +284,7 @@ impl Controller {
             target: &release.revision,
             instances: &observed,
         });
+        clock.lap("next_step");
         if failed_already {
             // A failed release that could not be rolled back: hold still, keep serving what runs.
             step.launch = 0;
@@ -246,99 +317,86 @@ impl Controller {
                 pass.removed_dead.push(id.clone());
             }
         }
-        if release.spec.rollout.strategy == Strategy::BlueGreen {
-            let old_set: Vec<&str> = step
-                .retire
-                .iter()
-                .filter(|id| !draining.contains_key(*id))
-                .filter(|id| {
-                    observed.iter().any(|o| {
-                        &o.id == *id
-                            && o.revision != release.revision
-                            && o.phase != Phase::Unhealthy
+        // The retirements of this pass are recorded in one batch, committed before the endpoint
+        // stops routing to the retired instances.
+        self.batched(|c| {
+            if release.spec.rollout.strategy == Strategy::BlueGreen {
+                let old_set: Vec<&str> = step
+                    .retire
+                    .iter()
+                    .filter(|id| !draining.contains_key(*id))
+                    .filter(|id| {
+                        observed.iter().any(|o| {
+                            &o.id == *id
+                                && o.revision != release.revision
+                                && o.phase != Phase::Unhealthy
+                        })
                     })
-                })
-                .map(String::as_str)
-                .collect();
-            if !old_set.is_empty() {
-                self.db.event(
-                    Some(service),
-                    "switch",
-                    &format!(
-                        "blue-green: all traffic switches to release {} ({}); draining the old set ({})",
-                        release.number,
-                        step.route_to.join(", "),
-                        old_set.join(", ")
-                    ),
-                    &self.actor,
-                )?;
+                    .map(String::as_str)
+                    .collect();
+                if !old_set.is_empty() {
+                    c.db.event(
+                        Some(service),
+                        "switch",
+                        &format!(
+                            "blue-green: all traffic switches to release {} ({}); draining the old set ({})",
+                            release.number,
+                            step.route_to.join(", "),
+                            old_set.join(", ")
+                        ),
+                        &c.actor,
+                    )?;
+                }
             }
-        }
-        // Retire: out of the endpoint now, stopped once drained.
-        let deadline = now + release.spec.rollout.drain.as_millis() as u64;
-        for id in &step.retire {
-            if draining.contains_key(id) {
-                continue;
+            // Retire: out of the endpoint now, stopped once drained.
+            let deadline = now + release.spec.rollout.drain.as_millis() as u64;
+            for id in &step.retire {
+                if draining.contains_key(id) {
+                    continue;
+                }
+                let revision = by_id
+                    .get(id.as_str())
+                    .and_then(|i| i.labels.get(LABEL_REVISION).cloned())
+                    .unwrap_or_default();
+                let release_no = releases
+                    .get(&revision)
+                    .and_then(Option::as_ref)
+                    .map_or(0, |r| r.number);
+                c.db
+                    .mark_draining(id, service, release_no, &revision, deadline)?;
+                if let Some(health) = c.health.get(id).filter(|h| h.tracker.unhealthy) {
+                    let why = health.tracker.last_failure.unwrap_or_default();
+                    c.db.event(
+                        Some(service),
+                        "unhealthy",
+                        &format!("instance {id} is unhealthy ({why}): replacing it"),
+                        &c.actor,
+                    )?;
+                } else {
+                    c.db.event(
+                        Some(service),
+                        "retire",
+                        &format!("instance {id} (release {release_no}) retired: draining"),
+                        &c.actor,
+                    )?;
+                }
+                pass.retired.push(id.clone());
             }
-            let revision = by_id
-                .get(id.as_str())
-                .and_then(|i| i.labels.get(LABEL_REVISION).cloned())
-                .unwrap_or_default();
-            let release_no = releases
-                .get(&revision)
-                .and_then(Option::as_ref)
-                .map_or(0, |r| r.number);
-            self.db
-                .mark_draining(id, service, release_no, &revision, deadline)?;
-            if let Some(health) = self.health.get(id).filter(|h| h.tracker.unhealthy) {
-                let why = health.tracker.last_failure.unwrap_or_default();
-                self.db.event(
-                    Some(service),
-                    "unhealthy",
-                    &format!("instance {id} is unhealthy ({why}): replacing it"),
-                    &self.actor,
-                )?;
-            } else {
-                self.db.event(
-                    Some(service),
-                    "retire",
-                    &format!("instance {id} (release {release_no}) retired: draining"),
-                    &self.actor,
-                )?;
-            }
-            pass.retired.push(id.clone());
-        }
+            Ok(())
+        })?;
+        clock.lap("retire");
+        // Not batched: it removes instances, which takes a while each, and a batch holds the
+        // database's write lock (`imago apply` waits for it).
         self.stop_drained(
             service, &release, &by_id, &releases, draining, now, &mut pass,
         )?;
+        clock.lap("stop_drained");
         // Launch, several at a time: each launch mostly waits for its supervisor to create and
         // start the container, so one after the other made a 10-instance rollback wave (or a
         // 1,000-instance deploy) wait for the sum of them.
-        for launched in launch_all(self.provider.as_ref(), &expected, step.launch as usize) {
-            match launched {
-                Ok(instance) => {
-                    self.db.event(
-                        Some(service),
-                        "launch",
-                        &format!(
-                            "instance {} launched for release {} ({})",
-                            instance.id, release.number, release.image_digest
-                        ),
-                        &self.actor,
-                    )?;
-                    self.ensure_probe(&instance, &release);
-                    pass.launched.push(instance.id);
-                }
-                Err(e) => {
-                    self.db.event(
-                        Some(service),
-                        "launch-failed",
-                        &format!("launch for release {} failed: {e}", release.number),
-                        &self.actor,
-                    )?;
-                }
-            }
-        }
+        let launches = launch_all(self.provider.as_ref(), &expected, step.launch as usize);
+        self.batched(|c| c.record_launches(service, &release, launches, &mut pass))?;
+        clock.lap("launch");
         // Route.
         let targets: Vec<(String, SocketAddr)> = step
             .route_to
@@ -355,6 +413,7 @@ impl Controller {
             .collect();
         let targets = self.route(service, targets, &eligible)?;
         pass.routed = targets.into_iter().map(|(id, _)| id).collect();
+        clock.lap("route");
         pass.counts = step.counts;
         pass.complete = step.complete && pass.launched.is_empty();
         // Paused, nothing progresses: neither the deadline nor the health gate judge it until
@@ -370,7 +429,44 @@ impl Controller {
                 &mut pass,
             )?;
         }
+        clock.lap("progress");
         Ok(pass)
+    }
+
+    /// Records the launches of a pass (events) and starts probing what was launched.
+    fn record_launches(
+        &mut self,
+        service: &str,
+        release: &Release,
+        launches: Vec<Result<Instance, imago_runtime::RuntimeError>>,
+        pass: &mut ServicePass,
+    ) -> Result<(), DeployError> {
+        for launched in launches {
+            match launched {
+                Ok(instance) => {
+                    self.db.event(
+                        Some(service),
+                        "launch",
+                        &format!(
+                            "instance {} launched for release {} ({})",
+                            instance.id, release.number, release.image_digest
+                        ),
+                        &self.actor,
+                    )?;
+                    self.ensure_probe(&instance, release);
+                    pass.launched.push(instance.id);
+                }
+                Err(e) => {
+                    self.db.event(
+                        Some(service),
+                        "launch-failed",
+                        &format!("launch for release {} failed: {e}", release.number),
+                        &self.actor,
+                    )?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Stops the retired instances of a service that have drained (or ran out of drain time),
@@ -409,6 +505,22 @@ impl Controller {
         let kernel_open = self.kernel_open_connections(service, &drain_addresses);
         self.balanced_peers
             .extend(drain_addresses.values().copied());
+        // The proxy's counts of every draining instance in one request to the data plane, not
+        // one each (a wave of hundreds retired at once asked hundreds of times a pass).
+        let live_draining: Vec<String> = draining
+            .keys()
+            .filter(|id| by_id.get(id.as_str()).is_some_and(|i| i.is_active()))
+            .cloned()
+            .collect();
+        let proxied: HashMap<&str, usize> = match self.plane.connections(service, &live_draining) {
+            Ok(counts) if counts.len() == live_draining.len() => live_draining
+                .iter()
+                .map(String::as_str)
+                .zip(counts)
+                .collect(),
+            _ => HashMap::new(),
+        };
+        let mut stopped = Vec::new();
         for (id, drain_deadline) in draining {
             let Some(instance) = by_id.get(id.as_str()).copied() else {
                 // Not this service's, or already gone (stopped just before a crash).
@@ -416,25 +528,11 @@ impl Controller {
             };
             if !instance.is_active() {
                 self.stopping.remove(id);
-                if !self.remove_or_report(service, id)? {
-                    continue;
-                }
-                self.db.event(
-                    Some(service),
-                    "stop",
-                    &format!("instance {id} drained and stopped"),
-                    &self.actor,
-                )?;
-                pass.stopped.push(id.clone());
+                stopped.push(id.clone());
                 continue;
             }
             // A count the data plane cannot give counts as open: the drain ends at its deadline.
-            let proxied = self
-                .plane
-                .connections(service, std::slice::from_ref(id))
-                .ok()
-                .and_then(|c| c.first().copied())
-                .unwrap_or(1);
+            let proxied = proxied.get(id.as_str()).copied().unwrap_or(1);
             let open = proxied + kernel_open.get(id).copied().unwrap_or(0);
             if open == 0 || now >= *drain_deadline {
                 // The grace period the instance was launched with, not the new release's.
@@ -446,6 +544,20 @@ impl Controller {
                     .map_or(release.spec.stop_grace_period, |r| r.spec.stop_grace_period);
                 self.stop_in_background(id, grace);
             }
+        }
+        let removals = self.remove_instances(&stopped);
+        for (id, removed) in stopped.iter().zip(removals) {
+            let (kind, message) = match removed {
+                Ok(()) => {
+                    pass.stopped.push(id.clone());
+                    ("stop", format!("instance {id} drained and stopped"))
+                }
+                Err(e) => (
+                    "remove-failed",
+                    format!("cannot remove instance {id} yet: {e}"),
+                ),
+            };
+            self.db.event(Some(service), kind, &message, &self.actor)?;
         }
         Ok(())
     }
