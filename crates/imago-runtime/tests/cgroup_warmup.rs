@@ -1,15 +1,21 @@
-//! `supervisor::warm_cgroup_lock`, the fork at the top of `imago run`: it must leave no zombie
-//! (this host's PID 1 reaps nothing) and must not move its caller. A test binary without
+//! `supervisor::warm_cgroup_lock`, the fork at the top of `imago run`: while it runs, a
+//! `cgroup.procs` write (what the engine does for every container) must not wait an RCU grace
+//! period; it must leave no zombie (this host's PID 1 reaps nothing), must not move its caller,
+//! and must end by itself if its launcher never stops it (killed with -9). A test binary without
 //! libtest (`harness = false`), because libtest runs every test on a thread of its own and the
 //! warm-up forks only a single-threaded process.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::fs;
-use std::path::Path;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use imago_runtime::supervisor::{single_threaded, warm_cgroup_lock};
+use imago_runtime::supervisor::{
+    CGROUP_WARMUP_LIMIT, CgroupLockWarmup, single_threaded, warm_cgroup_lock,
+};
 use nix::errno::Errno;
-use nix::sys::wait::{WaitPidFlag, waitpid};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 
 /// The children of this process that are zombies.
 fn zombie_children() -> Vec<String> {
@@ -27,32 +33,74 @@ fn zombie_children() -> Vec<String> {
         .collect()
 }
 
-/// Whether this process's cgroup2 `cgroup.procs` exists (then, as root, the child's write of
+/// This process's cgroup2 `cgroup.procs`, if there is one (then, as root, the child's write of
 /// `0` into it succeeds).
-fn own_cgroup2_procs_exists(cgroups: &str) -> bool {
-    let Some(own) = cgroups.lines().find_map(|l| l.strip_prefix("0::")) else {
-        return false;
-    };
+fn own_cgroup2_procs(cgroups: &str) -> Option<PathBuf> {
+    let own = cgroups.lines().find_map(|l| l.strip_prefix("0::"))?;
     ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
         .iter()
-        .any(|root| {
+        .map(|root| {
             Path::new(root)
                 .join(own.trim_start_matches('/'))
                 .join("cgroup.procs")
-                .is_file()
         })
+        .find(|procs| procs.is_file())
+}
+
+/// Median time of `n` writes of `0` into `procs` (this process moved to where it is, as the
+/// engine moves a container's init), `gap` apart: longer than a grace period, so that without
+/// a warm-up each would find the kernel's rcu_sync idle again.
+fn median_procs_write(procs: &Path, n: usize, gap: Duration) -> Duration {
+    let mut times: Vec<Duration> = (0..n)
+        .map(|_| {
+            std::thread::sleep(gap);
+            let start = Instant::now();
+            fs::File::options()
+                .write(true)
+                .open(procs)
+                .unwrap()
+                .write_all(b"0")
+                .unwrap();
+            start.elapsed()
+        })
+        .collect();
+    times.sort();
+    times[n / 2]
+}
+
+fn still_running(warmup: &CgroupLockWarmup) -> bool {
+    let child = warmup.pid().unwrap();
+    waitpid(child, Some(WaitPidFlag::WNOHANG)) == Ok(WaitStatus::StillAlive)
 }
 
 fn main() {
     assert!(single_threaded(), "the test process has other threads");
     let cgroups = fs::read_to_string("/proc/self/cgroup").unwrap();
 
+    // The test needs the cgroup2 tree (hybrid or pure v2) and root, as CI has: say so loudly.
+    let procs = own_cgroup2_procs(&cgroups).expect("no cgroup2 cgroup.procs for this process");
+
     let warmup = warm_cgroup_lock();
     let child = warmup.pid().expect("a single-threaded caller forks");
+    // While the warm-up runs, writes into cgroup.procs 30 ms apart (several grace periods) do
+    // not wait for one. Untuned, a lone writer waits 5-20 ms here; tuned (favordynmods) every
+    // write is fast and this holds trivially.
+    let warm = median_procs_write(&procs, 15, Duration::from_millis(30));
+    assert!(still_running(&warmup), "the warm-up stopped before it was told to");
     assert_eq!(
         warmup.finish(),
-        Some(own_cgroup2_procs_exists(&cgroups)),
-        "the child's write into its cgroup.procs"
+        Some(true),
+        "the child's writes into its cgroup.procs"
+    );
+    let cold = median_procs_write(&procs, 15, Duration::from_millis(30));
+    println!(
+        "cgroup.procs write, median of 15: {:.2} ms with the warm-up, {:.2} ms without",
+        warm.as_secs_f64() * 1000.0,
+        cold.as_secs_f64() * 1000.0
+    );
+    assert!(
+        warm < Duration::from_micros(2500),
+        "writes waited with the warm-up running: median {warm:?} (without: {cold:?})"
     );
     assert_eq!(
         waitpid(child, Some(WaitPidFlag::WNOHANG)),
@@ -70,6 +118,17 @@ fn main() {
     );
     assert!(zombie_children().is_empty(), "{:?}", zombie_children());
     assert_eq!(fs::read_to_string("/proc/self/cgroup").unwrap(), cgroups);
+
+    // Never stopped (its launcher killed with -9 after the fork): it ends by itself at its limit.
+    let forgotten = warm_cgroup_lock();
+    let child = forgotten.pid().expect("a single-threaded caller forks");
+    std::mem::forget(forgotten);
+    std::thread::sleep(CGROUP_WARMUP_LIMIT + Duration::from_millis(500));
+    assert_eq!(
+        waitpid(child, Some(WaitPidFlag::WNOHANG)),
+        Ok(WaitStatus::Exited(child, 0)),
+        "the unstopped warm-up did not end at its limit"
+    );
 
     // A multi-threaded caller (the deploy controller) gets no fork at all.
     let (stop, stopped) = std::sync::mpsc::channel::<()>();
