@@ -124,10 +124,12 @@ pub fn warm_cgroup_lock() -> CgroupLockWarmup {
     if !single_threaded() {
         return CgroupLockWarmup { child: None };
     }
+    let launcher = nix::unistd::getpid();
     match fork_single_threaded() {
         Ok(nix::unistd::ForkResult::Parent { child }) => CgroupLockWarmup { child: Some(child) },
         Ok(nix::unistd::ForkResult::Child) => {
-            let wrote = std::panic::catch_unwind(keep_cgroup_lock_warm).unwrap_or(false);
+            let wrote =
+                std::panic::catch_unwind(|| keep_cgroup_lock_warm(launcher)).unwrap_or(false);
             // Never return into the launcher's stack; nothing was printed yet, so std's exit
             // flushes nothing.
             std::process::exit(if wrote { 0 } else { 1 })
@@ -138,10 +140,24 @@ pub fn warm_cgroup_lock() -> CgroupLockWarmup {
 
 /// Writes `0` into the `cgroup.procs` of this process's cgroup2 cgroup (the `0::` line of
 /// `/proc/self/cgroup`) every [`CGROUP_WARMUP_INTERVAL`] for at most [`CGROUP_WARMUP_LIMIT`];
-/// returns at once with `false` if the first write fails (no cgroup2 tree, not root), with
+/// returns at once with `false` if the first write fails (no cgroup2 tree, not root) or
+/// `launcher` is gone already, with
 /// `true` at the limit. Normally it is killed before that by [`CgroupLockWarmup::finish`].
-fn keep_cgroup_lock_warm() -> bool {
+fn keep_cgroup_lock_warm(launcher: Pid) -> bool {
+    use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
+    // Dies with its launcher (a kill -9 of `imago run` leaves nothing writing), and holds none
+    // of its standard descriptors: `$(imago run ...)` reads the launcher's stdout to EOF.
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    if nix::unistd::getppid() != launcher {
+        // It died before the line above took effect.
+        return false;
+    }
+    if let Ok(null) = File::options().read(true).write(true).open("/dev/null") {
+        for target in 0..=2 {
+            let _ = nix::unistd::dup2(null.as_raw_fd(), target);
+        }
+    }
     let Ok(cgroups) = fs::read_to_string("/proc/self/cgroup") else {
         return false;
     };

@@ -5,9 +5,12 @@
 //! libtest (`harness = false`), because libtest runs every test on a thread of its own and the
 //! warm-up forks only a single-threaded process.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+// fork(2) for the launcher killed with -9 below: this test process is single-threaded.
+#![allow(unsafe_code)]
 
 use std::fs;
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -119,7 +122,46 @@ fn main() {
     assert!(zombie_children().is_empty(), "{:?}", zombie_children());
     assert_eq!(fs::read_to_string("/proc/self/cgroup").unwrap(), cgroups);
 
-    // Never stopped (its launcher killed with -9 after the fork): it ends by itself at its limit.
+    // Its launcher killed with -9 (`imago run` killed mid-launch): the warm-up dies with it.
+    // This process becomes the subreaper of the orphan, so that it can reap it here.
+    nix::sys::prctl::set_child_subreaper(true).unwrap();
+    let (read, write) = nix::unistd::pipe().unwrap();
+    // SAFETY: this process is single-threaded (asserted at the top), so the child is whole.
+    match unsafe { nix::unistd::fork() }.unwrap() {
+        nix::unistd::ForkResult::Child => {
+            let warmup = warm_cgroup_lock();
+            let pid = warmup.pid().map_or(0, |p| p.as_raw());
+            // Time for the warm-up to arm its parent-death signal: otherwise it would find
+            // its launcher gone and end at once, which this does not test.
+            std::thread::sleep(Duration::from_millis(100));
+            nix::unistd::write(&write, &pid.to_ne_bytes()).unwrap();
+            std::thread::sleep(Duration::from_secs(10));
+            std::process::exit(0);
+        }
+        nix::unistd::ForkResult::Parent { child: launcher } => {
+            drop(write);
+            let mut pid = [0u8; 4];
+            nix::unistd::read(read.as_raw_fd(), &mut pid).unwrap();
+            let keeper = nix::unistd::Pid::from_raw(i32::from_ne_bytes(pid));
+            assert!(keeper.as_raw() > 0, "the launcher forked no warm-up");
+            nix::sys::signal::kill(launcher, nix::sys::signal::Signal::SIGKILL).unwrap();
+            let killed = Instant::now();
+            waitpid(launcher, None).unwrap();
+            assert_eq!(
+                waitpid(keeper, None).unwrap(),
+                WaitStatus::Signaled(keeper, nix::sys::signal::Signal::SIGKILL, false),
+                "the orphaned warm-up did not die with its launcher"
+            );
+            assert!(
+                killed.elapsed() < Duration::from_millis(500),
+                "the orphaned warm-up lived on for {:?}",
+                killed.elapsed()
+            );
+        }
+    }
+    nix::sys::prctl::set_child_subreaper(false).unwrap();
+
+    // Never stopped, its launcher alive (a launch that forgot it): it ends by itself at its limit.
     let forgotten = warm_cgroup_lock();
     let child = forgotten.pid().expect("a single-threaded caller forks");
     std::mem::forget(forgotten);
