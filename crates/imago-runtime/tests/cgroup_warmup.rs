@@ -101,8 +101,10 @@ fn main() {
         warm.as_secs_f64() * 1000.0,
         cold.as_secs_f64() * 1000.0
     );
+    // Fast in absolute terms, or (under emulation, in the cgroup2 VM, where every syscall is
+    // slow) far faster than the same writes without it, which wait a grace period each.
     assert!(
-        warm < Duration::from_micros(2500),
+        warm < Duration::from_micros(2500) || warm * 4 < cold,
         "writes waited with the warm-up running: median {warm:?} (without: {cold:?})"
     );
     assert_eq!(
