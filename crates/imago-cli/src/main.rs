@@ -136,10 +136,11 @@ impl Context {
 fn run(
     cli: Cli,
     reporter: Reporter,
-    warmup: Option<imago_runtime::supervisor::CgroupLockWarmup>,
+    mut warmup: Option<imago_runtime::supervisor::CgroupLockWarmup>,
 ) -> Result<()> {
     if !matches!(cli.command, Command::Run(_)) {
-        drop(warmup);
+        // Stopped and reaped at once: only `run` has a use for it.
+        warmup = None;
     }
     let ctx = Context {
         home: Home::locate(cli.home)?,

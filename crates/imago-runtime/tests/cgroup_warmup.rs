@@ -89,7 +89,10 @@ fn main() {
     // not wait for one. Untuned, a lone writer waits 5-20 ms here; tuned (favordynmods) every
     // write is fast and this holds trivially.
     let warm = median_procs_write(&procs, 15, Duration::from_millis(30));
-    assert!(still_running(&warmup), "the warm-up stopped before it was told to");
+    assert!(
+        still_running(&warmup),
+        "the warm-up stopped before it was told to"
+    );
     assert_eq!(
         warmup.finish(),
         Some(true),
