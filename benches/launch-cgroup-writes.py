@@ -3,7 +3,10 @@
 the rest of the launch runs untraced) of `imago run`, summing the durations of every write into
 a file named cgroup.procs by the engine (not by the warm-up child).
 
-    procs-time.py IMAGO HOME ROUNDS
+    benches/launch-cgroup-writes.py IMAGO[,OTHER_IMAGO...] HOME ROUNDS
+
+Each binary runs with its warm-up on and with IMAGO_NO_CGROUP_WARMUP=1, in interleaved rounds;
+HOME holds busybox:bench (benches/launch.sh makes one). Root, strace.
 """
 import os, re, statistics, subprocess, sys, tempfile, time
 imagos, home, rounds = sys.argv[1].split(","), sys.argv[2], int(sys.argv[3])
