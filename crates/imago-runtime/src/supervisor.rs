@@ -115,10 +115,10 @@ pub const CGROUP_WARMUP_LIMIT: Duration = Duration::from_secs(2);
 /// waits for an RCU grace period (5.8-10 ms measured here, see BENCHMARKS.md), and a writer
 /// arriving within one grace period after the previous one left does not: the `rcu_sync` in
 /// front of that lock stays "passed" for a grace period after its last writer. One write at the
-/// top of the launch (what this did first) was over too early: the engine's first write comes
-/// 10-20 ms later, by when the lock had gone idle again and the engine waited the whole grace
-/// period anyway. Kept warm by repeated writes, every `cgroup.procs` write of the launch (the
-/// engine's, one per v1 hierarchy) finds it passed. Only a hint: it does nothing in a
+/// top of the launch (what this did first) covers only a quick launch: in a slow one (a loaded
+/// host) the engine's writes, one per v1 hierarchy, come more than a grace period later, the
+/// lock has gone idle again and they wait anyway (14-24 ms per launch measured). Kept warm by
+/// repeated writes, every `cgroup.procs` write of the launch finds it passed. Only a hint: it does nothing in a
 /// multi-threaded process (fork would be unsound), and every failure is ignored.
 pub fn warm_cgroup_lock() -> CgroupLockWarmup {
     if !single_threaded() {
