@@ -8,7 +8,7 @@ a file named cgroup.procs by the engine (not by the warm-up child).
 Each binary runs with its warm-up on and with IMAGO_NO_CGROUP_WARMUP=1, in interleaved rounds;
 HOME holds busybox:bench (benches/launch.sh makes one). Root, strace.
 """
-import os, re, statistics, subprocess, sys, tempfile, time
+import os, re, signal, statistics, subprocess, sys, tempfile, time
 imagos, home, rounds = sys.argv[1].split(","), sys.argv[2], int(sys.argv[3])
 def one(imago, env_extra):
     env = dict(os.environ, **env_extra)
@@ -19,6 +19,8 @@ def one(imago, env_extra):
                          stdout=subprocess.PIPE, text=True, env=env)
     instance = p.stdout.readline().strip()
     time.sleep(1.0)
+    # strace -o FILE PROG blocks SIGINT and SIGTERM: only SIGKILL ends it. Its tracees may die
+    # with it, leaving "lost" records; the sweep at the end removes every record of HOME.
     p.kill(); p.wait()
     subprocess.run([imago, "--home", home, "stop", "--time", "0", instance], capture_output=True)
     subprocess.run([imago, "--home", home, "rm", instance], capture_output=True)
@@ -54,3 +56,9 @@ for name, rs in res.items():
           f"{statistics.median(r[0] for r in rs):.2f} ms, first write median "
           f"{statistics.median(r[1] for r in rs):.2f} ms (rounds={len(rs)})")
 print("load after:", open("/proc/loadavg").read().strip())
+for imago in imagos[:1]:
+    listing = subprocess.run([imago, "--home", home, "ps", "-a"], capture_output=True, text=True)
+    for line in listing.stdout.splitlines()[1:]:
+        instance = line.split()[0]
+        subprocess.run([imago, "--home", home, "stop", "--time", "0", instance], capture_output=True)
+        subprocess.run([imago, "--home", home, "rm", instance], capture_output=True)
