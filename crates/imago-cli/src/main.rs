@@ -139,7 +139,15 @@ impl Context {
     }
 }
 
-fn run(cli: Cli, reporter: Reporter) -> Result<()> {
+fn run(
+    cli: Cli,
+    reporter: Reporter,
+    mut warmup: Option<imago_runtime::supervisor::CgroupLockWarmup>,
+) -> Result<()> {
+    if !matches!(cli.command, Command::Run(_)) {
+        // Stopped and reaped at once: only `run` has a use for it.
+        warmup = None;
+    }
     let ctx = Context {
         home: Home::locate(cli.home)?,
         reporter,
@@ -173,7 +181,7 @@ fn run(cli: Cli, reporter: Reporter) -> Result<()> {
         Command::Logout(args) => commands::registry::logout(&ctx, args),
         Command::Import(args) => commands::archive::import(&ctx, args),
         Command::Export(args) => commands::archive::export(&ctx, args),
-        Command::Run(args) => commands::instances::run(&ctx, *args),
+        Command::Run(args) => commands::instances::run(&ctx, *args, warmup),
         Command::Ps(args) => commands::instances::ps(&ctx, args),
         Command::Volume(cmd) => commands::volumes::volume(&ctx, cmd),
         Command::Stop(args) => commands::instances::stop(&ctx, args),
@@ -187,9 +195,14 @@ fn run(cli: Cli, reporter: Reporter) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    // Before the command line is parsed: the cgroup lock warm-up of `imago run` gains with
+    // every millisecond it starts earlier (see `commands::instances::run`), and clap's first
+    // parse of this large command tree, with the page faults it takes in a fresh process, is
+    // about a millisecond. Any other command stops it right after parsing.
+    let warmup = commands::instances::early_cgroup_warmup(std::env::args_os());
     let cli = Cli::parse();
     let reporter = Reporter::new(cli.json, cli.quiet);
-    match run(cli, reporter.clone()) {
+    match run(cli, reporter.clone(), warmup) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             reporter.error(&error);

@@ -92,29 +92,44 @@ pub fn fork_supervisor(home: &Path, id: &str) -> Result<(Pid, File, File), Runti
     }
 }
 
-/// A child forked at the top of a launch (see [`warm_cgroup_lock`]); reaped by
+/// A child forked at the top of a launch (see [`warm_cgroup_lock`]); stopped and reaped by
 /// [`CgroupLockWarmup::finish`] or on drop.
 #[derive(Debug)]
 pub struct CgroupLockWarmup {
     child: Option<Pid>,
 }
 
-/// Forks a child that writes `0` into its own cgroup's `cgroup.procs` and exits: a move to
-/// where it already is, which still takes the kernel's `cgroup_threadgroup_rwsem` for writing.
-/// Without the cgroup `favordynmods` tuning (`scripts/tune-launch`) the first writer after a
-/// quiet moment waits for an RCU grace period (5.8-10 ms measured here, see BENCHMARKS.md);
-/// started at the top of a launch, that wait runs alongside the launch's own work, and the
-/// engine's write of the container's pid, about 10 ms later, finds it over or under way
-/// instead of starting one. Only a hint: it does nothing in a multi-threaded process (fork
-/// would be unsound), and every failure is ignored.
+/// How often the warm-up child writes into its `cgroup.procs`: well under one RCU grace period
+/// here (5.2-21.9 ms measured, BENCHMARKS.md), so the kernel's `rcu_sync` of the cgroup lock
+/// never falls back to idle between two writes.
+pub const CGROUP_WARMUP_INTERVAL: Duration = Duration::from_millis(3);
+
+/// How long the warm-up child keeps writing if nobody stops it (its launcher killed with -9):
+/// longer than any launch on a loaded host, short enough that a leftover costs nothing.
+pub const CGROUP_WARMUP_LIMIT: Duration = Duration::from_secs(2);
+
+/// Forks a child that writes `0` into its own cgroup's `cgroup.procs` every
+/// [`CGROUP_WARMUP_INTERVAL`] until [`CgroupLockWarmup::finish`] stops it: a move to where it
+/// already is, which still takes the kernel's `cgroup_threadgroup_rwsem` for writing. Without
+/// the cgroup `favordynmods` tuning (`scripts/tune-launch`) the first writer after a quiet moment
+/// waits for an RCU grace period (5.8-10 ms measured here, see BENCHMARKS.md), and a writer
+/// arriving within one grace period after the previous one left does not: the `rcu_sync` in
+/// front of that lock stays "passed" for a grace period after its last writer. One write at the
+/// top of the launch (what this did first) covers only a quick launch: in a slow one (a loaded
+/// host) the engine's writes, one per v1 hierarchy, come more than a grace period later, the
+/// lock has gone idle again and they wait anyway (14-24 ms per launch measured). Kept warm by
+/// repeated writes, every `cgroup.procs` write of the launch finds it passed. Only a hint: it does nothing in a
+/// multi-threaded process (fork would be unsound), and every failure is ignored.
 pub fn warm_cgroup_lock() -> CgroupLockWarmup {
     if !single_threaded() {
         return CgroupLockWarmup { child: None };
     }
+    let launcher = nix::unistd::getpid();
     match fork_single_threaded() {
         Ok(nix::unistd::ForkResult::Parent { child }) => CgroupLockWarmup { child: Some(child) },
         Ok(nix::unistd::ForkResult::Child) => {
-            let wrote = std::panic::catch_unwind(write_own_cgroup_procs).unwrap_or(false);
+            let wrote =
+                std::panic::catch_unwind(|| keep_cgroup_lock_warm(launcher)).unwrap_or(false);
             // Never return into the launcher's stack; nothing was printed yet, so std's exit
             // flushes nothing.
             std::process::exit(if wrote { 0 } else { 1 })
@@ -124,8 +139,25 @@ pub fn warm_cgroup_lock() -> CgroupLockWarmup {
 }
 
 /// Writes `0` into the `cgroup.procs` of this process's cgroup2 cgroup (the `0::` line of
-/// `/proc/self/cgroup`); whether the kernel took it.
-fn write_own_cgroup_procs() -> bool {
+/// `/proc/self/cgroup`) every [`CGROUP_WARMUP_INTERVAL`] for at most [`CGROUP_WARMUP_LIMIT`];
+/// returns at once with `false` if the first write fails (no cgroup2 tree, not root) or
+/// `launcher` is gone already, with
+/// `true` at the limit. Normally it is killed before that by [`CgroupLockWarmup::finish`].
+fn keep_cgroup_lock_warm(launcher: Pid) -> bool {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    // Dies with its launcher (a kill -9 of `imago run` leaves nothing writing), and holds none
+    // of its standard descriptors: `$(imago run ...)` reads the launcher's stdout to EOF.
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    if nix::unistd::getppid() != launcher {
+        // It died before the line above took effect.
+        return false;
+    }
+    if let Ok(null) = File::options().read(true).write(true).open("/dev/null") {
+        for target in 0..=2 {
+            let _ = nix::unistd::dup2(null.as_raw_fd(), target);
+        }
+    }
     let Ok(cgroups) = fs::read_to_string("/proc/self/cgroup") else {
         return false;
     };
@@ -135,11 +167,22 @@ fn write_own_cgroup_procs() -> bool {
     let Some(root) = cgroup2_mount() else {
         return false;
     };
-    File::options()
+    let Ok(procs) = File::options()
         .write(true)
         .open(root.join(own.trim_start_matches('/')).join("cgroup.procs"))
-        .ok()
-        .is_some_and(|mut procs| procs.write_all(b"0").is_ok())
+    else {
+        return false;
+    };
+    let until = Instant::now() + CGROUP_WARMUP_LIMIT;
+    loop {
+        if procs.write_all_at(b"0", 0).is_err() {
+            return false;
+        }
+        if Instant::now() >= until {
+            return true;
+        }
+        std::thread::sleep(CGROUP_WARMUP_INTERVAL);
+    }
 }
 
 /// Where the cgroup2 tree is mounted, the root of the tree as this process sees it (from
@@ -164,16 +207,22 @@ impl CgroupLockWarmup {
         self.child
     }
 
-    /// Reaps the child (waiting for it if it still runs: call this when the launch is done);
-    /// whether it wrote into its `cgroup.procs`, `None` if no child was forked.
+    /// Stops the child (call this when the launch is done: the engine has made its last
+    /// `cgroup.procs` write) and reaps it; whether its writes into `cgroup.procs` succeeded,
+    /// `None` if no child was forked.
     pub fn finish(mut self) -> Option<bool> {
         self.reap()
     }
 
     fn reap(&mut self) -> Option<bool> {
         let child = self.child.take()?;
+        // SIGKILL, not SIGTERM: the child has nothing to clean up, and it must not depend on
+        // what the launcher did with SIGTERM's disposition before forking it.
+        let _ = kill(child, Signal::SIGKILL);
         loop {
             match waitpid(child, None) {
+                // Killed while still writing (the usual end), or ended at its limit.
+                Ok(WaitStatus::Signaled(_, Signal::SIGKILL, _)) => return Some(true),
                 Ok(WaitStatus::Exited(_, code)) => return Some(code == 0),
                 Err(Errno::EINTR) => continue,
                 _ => return Some(false),

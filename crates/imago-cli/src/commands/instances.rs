@@ -199,14 +199,28 @@ impl Render for Launched {
     }
 }
 
-pub fn run(ctx: &Context, args: RunArgs) -> Result<()> {
-    // First, while the process is single-threaded: on an untuned host the engine's first
-    // cgroup.procs write waits an RCU grace period, which this starts early (see
-    // `warm_cgroup_lock`). IMAGO_NO_CGROUP_WARMUP=1 turns it off, to measure what it gains.
-    let warmup = (std::env::var_os("IMAGO_NO_CGROUP_WARMUP").is_none())
-        .then(imago_runtime::supervisor::warm_cgroup_lock);
+/// Starts the cgroup lock warm-up of `imago run` (see [`run`]) at the very top of `main`, before
+/// the command line is parsed, if `run` is among the arguments (a cheap guess: a false one costs
+/// one short-lived child, stopped once the parsed command turns out not to be `run`).
+/// IMAGO_NO_CGROUP_WARMUP=1 turns it off, to measure what it gains.
+pub fn early_cgroup_warmup(
+    mut args: impl Iterator<Item = std::ffi::OsString>,
+) -> Option<imago_runtime::supervisor::CgroupLockWarmup> {
+    let run = args.any(|a| a == "run");
+    (run && std::env::var_os("IMAGO_NO_CGROUP_WARMUP").is_none())
+        .then(imago_runtime::supervisor::warm_cgroup_lock)
+}
+
+/// `imago run`. `warmup` was started first thing, while the process was single-threaded: on
+/// an untuned host every cgroup.procs write of the engine would otherwise wait an RCU grace
+/// period, which the warm-up's own writes keep from starting (see `warm_cgroup_lock`).
+pub fn run(
+    ctx: &Context,
+    args: RunArgs,
+    warmup: Option<imago_runtime::supervisor::CgroupLockWarmup>,
+) -> Result<()> {
     let launched = launch(ctx, args);
-    // Reaped only now, off the launch's critical path (long done by then).
+    // Stopped only now: the program has exec'd, so the engine made its last cgroup.procs write.
     drop(warmup);
     launched
 }
