@@ -50,12 +50,56 @@ pub fn set_paused(
     pause: bool,
     actor: &str,
 ) -> Result<bool, DeployError> {
-    if db.desired(service)?.is_none() {
+    let Some(desired) = db.desired(service)? else {
         return Err(DeployError::NoService(service.to_owned()));
+    };
+    // A pause the controller cannot hold must not be recorded as if it did: the engine of a
+    // cluster target keeps rolling on its own. Resuming stays allowed (it only clears).
+    if let (true, Some(target)) = (pause, desired.spec.cluster_target()) {
+        return Err(DeployError::PauseUnsupported {
+            service: service.to_owned(),
+            engine: target.spec.engine.as_str().to_owned(),
+            target: target.name.clone(),
+        });
     }
     if pause {
         db.pause(service, actor)
     } else {
         db.resume(service, actor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::ServiceSpec;
+    use imago_oci::Digest;
+
+    #[test]
+    fn a_pause_of_a_service_on_a_cluster_target_is_refused_and_not_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = StateDb::open(&dir.path().join("state.db")).unwrap();
+        let spec: ServiceSpec = serde_json::from_value(serde_json::json!({
+            "image": "web",
+            "target": {"name": "prod", "engine": "swarm"},
+        }))
+        .unwrap();
+        assert!(spec.cluster_target().is_some());
+        db.record_release("web", &spec, &Digest::of(b"v1"), "apply", None, "test")
+            .unwrap();
+        let err = set_paused(&db, "web", true, "test").unwrap_err();
+        assert!(
+            matches!(&err, DeployError::PauseUnsupported { target, .. } if target == "prod"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("swarm target prod"), "{err}");
+        assert_eq!(db.paused("web").unwrap(), None);
+        // A local service is paused as before.
+        let local: ServiceSpec =
+            serde_json::from_value(serde_json::json!({"image": "api"})).unwrap();
+        db.record_release("api", &local, &Digest::of(b"v1"), "apply", None, "test")
+            .unwrap();
+        assert!(set_paused(&db, "api", true, "test").unwrap());
+        assert!(db.paused("api").unwrap().is_some());
     }
 }

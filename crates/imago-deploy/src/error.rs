@@ -48,6 +48,15 @@ pub enum DeployError {
     NoRelease(String),
     #[error("no deployed service {0}")]
     NoService(String),
+    #[error(
+        "service {service} runs on the {engine} target {target}: pause is not supported there yet \
+         (the engine rolls out on its own); nothing was recorded"
+    )]
+    PauseUnsupported {
+        service: String,
+        engine: String,
+        target: String,
+    },
     #[error("service {service} has no release {number}")]
     UnknownRelease { service: String, number: u64 },
     #[error("service {0} has no earlier completed release to roll back to")]

@@ -277,7 +277,9 @@ where
 fn deploy_error(e: DeployError) -> Response {
     let status = match &e {
         DeployError::NoService(_) | DeployError::UnknownRelease { .. } => StatusCode::NOT_FOUND,
-        DeployError::NothingToRollBackTo(_) | DeployError::ImageGone { .. } => StatusCode::CONFLICT,
+        DeployError::NothingToRollBackTo(_)
+        | DeployError::ImageGone { .. }
+        | DeployError::PauseUnsupported { .. } => StatusCode::CONFLICT,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     error_response(status, e.to_string())
