@@ -1152,19 +1152,15 @@ pub fn rollback(ctx: &Context, args: RollbackArgs) -> Result<()> {
         "service {}: release {} restores release {restored} (image and configuration)",
         args.service, release.number
     ));
-    ensure_controller(ctx, &home, &[])?;
-    if args.no_wait {
-        return ctx
-            .reporter
-            .emit(&ApplyResult(vec![pending(&release, true)]));
-    }
-    let results = wait_for(ctx, &home, vec![(release, true)], since, args.timeout)?;
-    let failed = results.iter().any(|r| r.outcome != "complete");
-    ctx.reporter.emit(&ApplyResult(results))?;
-    if failed {
-        bail!("rollback of {} did not complete", args.service);
-    }
-    Ok(())
+    follow_release(
+        ctx,
+        &home,
+        release,
+        since,
+        args.no_wait,
+        args.timeout,
+        "rollback",
+    )
 }
 
 #[derive(Debug, Args)]
@@ -1188,17 +1184,41 @@ pub fn restart(ctx: &Context, args: RestartArgs) -> Result<()> {
         "service {}: release {} restarts every instance (restart {} of the same image and configuration)",
         args.service, release.number, release.restart
     ));
-    ensure_controller(ctx, &home, &[])?;
-    if args.no_wait {
+    follow_release(
+        ctx,
+        &home,
+        release,
+        since,
+        args.no_wait,
+        args.timeout,
+        "restart",
+    )
+}
+
+/// After `rollback` or `restart` recorded `release`: makes sure a controller runs, then either
+/// reports the release as pending (`--no-wait`) or waits for its outcome and fails unless it
+/// completed.
+fn follow_release(
+    ctx: &Context,
+    home: &DeployHome,
+    release: Release,
+    since: u64,
+    no_wait: bool,
+    timeout: Duration,
+    what: &str,
+) -> Result<()> {
+    ensure_controller(ctx, home, &[])?;
+    if no_wait {
         return ctx
             .reporter
             .emit(&ApplyResult(vec![pending(&release, true)]));
     }
-    let results = wait_for(ctx, &home, vec![(release, true)], since, args.timeout)?;
+    let service = release.service.clone();
+    let results = wait_for(ctx, home, vec![(release, true)], since, timeout)?;
     let failed = results.iter().any(|r| r.outcome != "complete");
     ctx.reporter.emit(&ApplyResult(results))?;
     if failed {
-        bail!("restart of {} did not complete", args.service);
+        bail!("{what} of {service} did not complete");
     }
     Ok(())
 }
