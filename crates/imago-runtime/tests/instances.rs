@@ -863,7 +863,13 @@ fn cpu_limit_is_enforced(engine: Engine) {
         "used {used:.3} s of CPU in {wall:.3} s with a 0.2 CPU limit"
     );
     assert!(used > 0.01, "the busy loop did not run: {used} s");
-    assert!(cpu_stat(&inst.id, "nr_throttled") > 0, "never throttled");
+    // On a loaded host the loop may not get 20 ms of a 100 ms period in the window above; it
+    // must still be throttled once it does (bounded wait).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cpu_stat(&inst.id, "nr_throttled") == 0 {
+        assert!(Instant::now() < deadline, "never throttled in 20 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     h.provider.stop(&inst.id, GRACE).unwrap();
     h.provider.remove(&inst.id).unwrap();
 }

@@ -183,6 +183,21 @@ pub fn supervisor_command() -> SupervisorCommand {
     }
 }
 
+/// A test that fails half-way must not leave its instances running on the host (a busy loop
+/// of a failed CPU-limit test once spun for half an hour): whatever the harness's provider still
+/// lists is stopped and removed, errors ignored because the test has already said what failed.
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let Ok(left) = self.provider.list() else {
+            return;
+        };
+        for instance in left {
+            let _ = self.provider.stop(&instance.id, Duration::from_secs(1));
+            let _ = self.provider.remove(&instance.id);
+        }
+    }
+}
+
 impl Harness {
     pub fn new(engine: Engine) -> Harness {
         Harness::with_image_volumes(engine, &[])
