@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use crate::daemon::{DeployHome, try_lock};
 use crate::error::DeployError;
 use crate::proxy::Routes;
+use crate::router::{Front, Routing};
 
 /// How long a data plane nobody connected to waits for its first controller before it ends.
 const FIRST_CONTROLLER_WAIT: Duration = Duration::from_secs(10);
@@ -41,9 +42,15 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// What the controller asks of the data plane. Every call is idempotent, so a client that lost
 /// its data plane can replay what it asked for to a new one.
 pub trait DataPlane: Send {
-    /// Serves `service` on `addrs` from now on; earlier addresses of the service stop accepting
-    /// (their open connections are relayed to their end), and its routes and counts carry over.
-    fn listen(&mut self, service: &str, addrs: &[SocketAddr]) -> Result<Listening, DeployError>;
+    /// Serves `service` on `addrs` from now on, routed as `routing` says (by host name, through
+    /// TLS, or plain); earlier addresses of the service stop accepting (their open connections
+    /// are relayed to their end), and its routes and counts carry over.
+    fn listen(
+        &mut self,
+        service: &str,
+        addrs: &[SocketAddr],
+        routing: &Routing,
+    ) -> Result<Listening, DeployError>;
     /// Stops accepting connections for `service`; open ones are relayed to their end and keep
     /// counting for [`DataPlane::connections`].
     fn close(&mut self, service: &str) -> Result<(), DeployError>;
@@ -120,6 +127,9 @@ impl Drop for Accepting {
 
 struct PlaneEndpoint {
     addrs: Vec<SocketAddr>,
+    /// Not plain: the endpoint is served by the [`Front`]s of its addresses, never by the
+    /// kernel path (which cannot read a host name).
+    routing: Routing,
     routes: Routes,
     targets: Vec<(String, SocketAddr)>,
     _accepting: Option<Accepting>,
@@ -130,6 +140,8 @@ struct PlaneEndpoint {
 #[derive(Default)]
 pub struct LocalPlane {
     endpoints: BTreeMap<String, PlaneEndpoint>,
+    /// The host-routed addresses, each shared by the services that declare hosts on it.
+    fronts: BTreeMap<SocketAddr, Front>,
     balancer: Option<ConnectBalancer>,
     /// The nftables table remote clients are forwarded by, when kernel balancing is wanted.
     forward_table: Option<String>,
@@ -252,9 +264,11 @@ impl LocalPlane {
         let Some(forwarder) = &self.forwarder else {
             return;
         };
+        // A host-routed endpoint gets no rule (an empty one removes the service's rules).
         let (listen, backends) = self
             .endpoints
             .get(service)
+            .filter(|e| e.routing.is_plain())
             .map(|e| (v4_only(&e.addrs), v4_only(e.targets.iter().map(|(_, a)| a))))
             .unwrap_or_default();
         // A target the kernel cannot reach (IPv6) must not lose its share: leave all to the proxy.
@@ -288,8 +302,18 @@ impl LocalPlane {
             .and(addrs.iter().find_map(|a| balanced_address(*a)))
     }
 
-    /// Points the kernel's balancing of the endpoint on `addr` at `targets`.
+    fn routed_by_host(&self, service: &str) -> bool {
+        self.endpoints
+            .get(service)
+            .is_some_and(|e| !e.routing.is_plain())
+    }
+
+    /// Points the kernel's balancing of the endpoint on `addr` at `targets` (never for a
+    /// host-routed endpoint: its clients must reach the router).
     fn balance(&mut self, service: &str, addr: SocketAddr, targets: &[(String, SocketAddr)]) {
+        if self.routed_by_host(service) {
+            return;
+        }
         let (Some(balancer), Some(address)) = (&self.balancer, balanced_address(addr)) else {
             return;
         };
@@ -312,6 +336,9 @@ impl LocalPlane {
     }
 
     fn unbalance(&mut self, service: &str, addr: SocketAddr) {
+        if self.routed_by_host(service) {
+            return;
+        }
         let (Some(balancer), Some(address)) = (&self.balancer, balanced_address(addr)) else {
             return;
         };
@@ -333,19 +360,135 @@ impl LocalPlane {
     }
 }
 
+impl LocalPlane {
+    /// Whether the front on `addr` serves `service` alone (or nothing): then the service may
+    /// take its port over.
+    fn front_only_of(&self, addr: &SocketAddr, service: &str) -> bool {
+        self.fronts
+            .get(addr)
+            .is_some_and(|f| f.claimed(service, &[]).is_none())
+    }
+
+    /// Takes `service` off every front whose address is not in `keep`; a front left without
+    /// services stops accepting.
+    fn leave_fronts(&mut self, service: &str, keep: &[SocketAddr]) {
+        self.fronts
+            .retain(|addr, front| keep.contains(addr) || !front.remove(service));
+    }
+
+    /// [`DataPlane::listen`] for an endpoint routed by host name and/or TLS: one [`Front`] per
+    /// address, shared with the other services that route by host on it.
+    fn listen_routed(
+        &mut self,
+        service: &str,
+        addrs: &[SocketAddr],
+        routing: &Routing,
+    ) -> Result<Listening, DeployError> {
+        let bad = |reason: String| DeployError::InvalidService {
+            service: service.to_owned(),
+            field: "hosts".into(),
+            reason,
+        };
+        let tls = routing.tls.is_some();
+        for addr in addrs {
+            let Some(front) = self.fronts.get(addr) else {
+                continue;
+            };
+            if let Some((other, what)) = front.claimed(service, &routing.hosts) {
+                return Err(bad(format!(
+                    "{what} on {addr} is served by service {other} already"
+                )));
+            }
+            if front.tls() != tls && !self.front_only_of(addr, service) {
+                return Err(bad(format!(
+                    "{addr} is shared with services that {} TLS",
+                    if front.tls() {
+                        "terminate"
+                    } else {
+                        "do not terminate"
+                    }
+                )));
+            }
+        }
+        // A bad certificate fails before anything changes.
+        if let Some(paths) = &routing.tls {
+            crate::router::load_certified_key(paths)?;
+        }
+        let mut started = Vec::new();
+        for addr in addrs {
+            if self.fronts.get(addr).is_some_and(|f| f.tls() == tls) {
+                continue;
+            }
+            // The port may be held by this service's own earlier endpoint or front: the new
+            // listeners bind beside it (SO_REUSEPORT), and the old ones stop accepting below.
+            let mine = self.front_only_of(addr, service)
+                || self
+                    .endpoints
+                    .get(service)
+                    .is_some_and(|e| e.addrs.iter().any(|a| a.port() == addr.port()));
+            let front = Front::start(*addr, tls, !mine)
+                .map_err(|e| bad(format!("cannot listen on {addr}: {e}")))?;
+            started.push((*addr, front));
+        }
+        self.fronts.extend(started);
+        let routes = self
+            .endpoints
+            .get(service)
+            .map(|e| e.routes.clone())
+            .unwrap_or_default();
+        for addr in addrs {
+            if let Some(front) = self.fronts.get(addr) {
+                front.set(service, routing, &routes)?;
+            }
+        }
+        self.leave_fronts(service, addrs);
+        // Still recorded as it was: a plain endpoint's kernel balancing is undone.
+        let old_addrs = self
+            .endpoints
+            .get(service)
+            .map(|e| e.addrs.clone())
+            .unwrap_or_default();
+        for addr in old_addrs {
+            self.unbalance(service, addr);
+        }
+        let old = self.endpoints.remove(service);
+        let targets = old.map(|e| e.targets).unwrap_or_default();
+        self.endpoints.insert(
+            service.to_owned(),
+            PlaneEndpoint {
+                addrs: addrs.to_vec(),
+                routing: routing.clone(),
+                routes,
+                targets,
+                _accepting: None,
+            },
+        );
+        self.forward(service);
+        Ok(Listening::default())
+    }
+}
+
 impl DataPlane for LocalPlane {
-    fn listen(&mut self, service: &str, addrs: &[SocketAddr]) -> Result<Listening, DeployError> {
+    fn listen(
+        &mut self,
+        service: &str,
+        addrs: &[SocketAddr],
+        routing: &Routing,
+    ) -> Result<Listening, DeployError> {
         self.collect();
         if self
             .endpoints
             .get(service)
-            .is_some_and(|e| e.addrs == addrs)
+            .is_some_and(|e| e.addrs == addrs && e.routing == *routing)
         {
             return Ok(Listening {
                 adopted: true,
-                balanced: self.balanced(addrs),
-                forwarding: self.forwarding(addrs),
+                balanced: self.balanced(addrs).filter(|_| routing.is_plain()),
+                forwarding: routing.is_plain() && self.forwarding(addrs),
             });
+        }
+        if !routing.is_plain() {
+            return self.listen_routed(service, addrs, routing);
         }
         let mut listeners = Vec::new();
         for addr in addrs {
@@ -357,10 +500,11 @@ impl DataPlane for LocalPlane {
             // The port may be held by this service's own earlier endpoint (`port = 80` that
             // became `bind = "0.0.0.0:80"`, a list that changed): SO_REUSEPORT lets the new
             // listeners bind beside it, and the old ones stop accepting below.
-            let mine = self
-                .endpoints
-                .get(service)
-                .is_some_and(|e| e.addrs.iter().any(|a| a.port() == addr.port()));
+            let mine = self.front_only_of(addr, service)
+                || self
+                    .endpoints
+                    .get(service)
+                    .is_some_and(|e| e.addrs.iter().any(|a| a.port() == addr.port()));
             listeners.extend(
                 crate::proxy::bind(*addr, crate::proxy::default_threads(), !mine)
                     .map_err(|e| bad("cannot listen on", e))?,
@@ -381,14 +525,21 @@ impl DataPlane for LocalPlane {
                 reason: format!("cannot start the endpoint: {e}"),
             }
         })?;
-        let old = self.endpoints.remove(service);
-        for old_addr in old.as_ref().map(|e| e.addrs.clone()).unwrap_or_default() {
+        self.leave_fronts(service, &[]);
+        let old_addrs = self
+            .endpoints
+            .get(service)
+            .map(|e| e.addrs.clone())
+            .unwrap_or_default();
+        for old_addr in old_addrs {
             self.unbalance(service, old_addr);
         }
+        let old = self.endpoints.remove(service);
         let targets = old.map(|e| e.targets).unwrap_or_default();
         self.endpoints.insert(
             service.to_owned(),
             PlaneEndpoint {
+                routing: Routing::default(),
                 addrs: addrs.to_vec(),
                 routes,
                 targets: targets.clone(),
@@ -409,6 +560,7 @@ impl DataPlane for LocalPlane {
     }
 
     fn close(&mut self, service: &str) -> Result<(), DeployError> {
+        self.leave_fronts(service, &[]);
         let addrs = self
             .endpoints
             .get_mut(service)
@@ -495,6 +647,9 @@ enum Request {
         /// The endpoint's other addresses (`bind` lists).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         also: Vec<SocketAddr>,
+        /// Host names and TLS, if the endpoint routes by them.
+        #[serde(default, skip_serializing_if = "Routing::is_plain")]
+        routing: Routing,
     },
     Close {
         service: String,
@@ -553,10 +708,11 @@ fn handle(plane: &mut LocalPlane, request: Request) -> Reply {
             service,
             addr,
             also,
+            routing,
         } => {
             let addrs: Vec<SocketAddr> = std::iter::once(addr).chain(also).collect();
             plane
-                .listen(&service, &addrs)
+                .listen(&service, &addrs, &routing)
                 .map(|l| reply.listening = Some(l))
         }
         Request::Close { service } => plane.close(&service),
@@ -751,7 +907,7 @@ pub struct RemotePlane {
     kernel_balancing: bool,
     failures: Vec<String>,
     /// What this controller asked for, to replay to a new data plane.
-    listening: BTreeMap<String, Vec<SocketAddr>>,
+    listening: BTreeMap<String, (Vec<SocketAddr>, Routing)>,
     routes: BTreeMap<String, Vec<(String, SocketAddr)>>,
     adopted: PlaneStatus,
     warning: Option<String>,
@@ -836,8 +992,8 @@ impl RemotePlane {
             self.adopted = status;
         }
         let mut replay: Vec<Request> = Vec::new();
-        for (service, addrs) in &self.listening {
-            if let Some(request) = listen_request(service, addrs) {
+        for (service, (addrs, routing)) in &self.listening {
+            if let Some(request) = listen_request(service, addrs, routing) {
                 replay.push(request);
             }
         }
@@ -891,23 +1047,30 @@ impl RemotePlane {
     }
 }
 
-fn listen_request(service: &str, addrs: &[SocketAddr]) -> Option<Request> {
+fn listen_request(service: &str, addrs: &[SocketAddr], routing: &Routing) -> Option<Request> {
     let (first, also) = addrs.split_first()?;
     Some(Request::Listen {
         service: service.to_owned(),
         addr: *first,
         also: also.to_vec(),
+        routing: routing.clone(),
     })
 }
 
 impl DataPlane for RemotePlane {
-    fn listen(&mut self, service: &str, addrs: &[SocketAddr]) -> Result<Listening, DeployError> {
-        let Some(request) = listen_request(service, addrs) else {
+    fn listen(
+        &mut self,
+        service: &str,
+        addrs: &[SocketAddr],
+        routing: &Routing,
+    ) -> Result<Listening, DeployError> {
+        let Some(request) = listen_request(service, addrs, routing) else {
             self.close(service)?;
             return Ok(Listening::default());
         };
         let reply = self.call(request)?;
-        self.listening.insert(service.to_owned(), addrs.to_vec());
+        self.listening
+            .insert(service.to_owned(), (addrs.to_vec(), routing.clone()));
         Ok(reply.listening.unwrap_or_default())
     }
 
@@ -1100,7 +1263,7 @@ pub(crate) mod tests {
         let v4 = SocketAddr::from(([0, 0, 0, 0], port));
         let v6: SocketAddr = format!("[::]:{port}").parse().unwrap();
         // `[::]` serves IPv6 only, so both can be bound on one port.
-        plane.listen("web", &[v4, v6]).unwrap();
+        plane.listen("web", &[v4, v6], &Routing::default()).unwrap();
         plane.route("web", &[("a".into(), backend)]).unwrap();
         let ids = ["a".to_owned()];
         let local4 = open_connection(SocketAddr::from(([127, 0, 0, 1], port)));
@@ -1108,9 +1271,14 @@ pub(crate) mod tests {
         assert!(settles(
             || plane.connections("web", &ids).unwrap() == vec![2]
         ));
-        assert!(plane.listen("web", &[v4, v6]).unwrap().adopted);
+        assert!(
+            plane
+                .listen("web", &[v4, v6], &Routing::default())
+                .unwrap()
+                .adopted
+        );
         // A list that drops an address: that one stops accepting, the other keeps serving.
-        plane.listen("web", &[v4]).unwrap();
+        plane.listen("web", &[v4], &Routing::default()).unwrap();
         assert!(settles(|| std::net::TcpStream::connect(
             format!("[::1]:{port}").parse::<SocketAddr>().unwrap()
         )
@@ -1128,11 +1296,16 @@ pub(crate) mod tests {
         assert!(plane.kernel_balancing());
         let backend = SocketAddr::from(([127, 0, 0, 1], holding_backend()));
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let listening = plane.listen("web", &[addr]).unwrap();
+        let listening = plane.listen("web", &[addr], &Routing::default()).unwrap();
         assert_eq!(listening.balanced, balanced_address(addr));
         assert!(!listening.adopted);
         plane.route("web", &[("a".into(), backend)]).unwrap();
-        assert!(plane.listen("web", &[addr]).unwrap().adopted);
+        assert!(
+            plane
+                .listen("web", &[addr], &Routing::default())
+                .unwrap()
+                .adopted
+        );
         let ids = ["a".to_owned()];
 
         // Balanced by the kernel: past the proxy, which counts nothing.

@@ -1,0 +1,372 @@
+//! Host-routed endpoints (issue 15): several services on one port by HTTP `Host`, TLS
+//! terminated with certificates from files, real instances behind a real controller and data
+//! plane, asked with curl (`--resolve`, `--cacert`) as a user would.
+//!
+//! Needs root (instances), busybox-static (the example image), curl and openssl.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::Imago;
+
+const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/web");
+
+/// Two services of the example image, `shop` and `blog`, each serving its own directory, both
+/// on 127.0.0.1:PORT by host name; with TLS, each with its own self-signed certificate.
+struct Site {
+    imago: Imago,
+    dir: PathBuf,
+    port: u16,
+    tls: bool,
+    _lease: common::PortLease,
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        let _ = self.imago.cmd().args(["destroy", "shop", "blog"]).output();
+        let _ = self.imago.cmd().args(["serve", "--stop"]).output();
+    }
+}
+
+fn need(tool: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .unwrap()
+        .status
+        .success();
+    assert!(
+        found,
+        "{tool} is needed by this test (apt-get install {tool}; scripts/setup installs it)"
+    );
+}
+
+/// A self-signed certificate for `host` and `*.host` (P-256), written to NAME.pem / NAME.key.
+fn make_cert(dir: &Path, name: &str, host: &str, organisation: &str) {
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "2", "-keyout"])
+        .arg(dir.join(format!("{name}.key.new")))
+        .arg("-out")
+        .arg(dir.join(format!("{name}.pem.new")))
+        .args(["-subj", &format!("/O={organisation}/CN={host}")])
+        .args([
+            "-addext",
+            &format!("subjectAltName=DNS:{host},DNS:*.{host}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Each file replaced by a rename, as a certificate renewal tool does.
+    for ext in ["key", "pem"] {
+        std::fs::rename(
+            dir.join(format!("{name}.{ext}.new")),
+            dir.join(format!("{name}.{ext}")),
+        )
+        .unwrap();
+    }
+}
+
+impl Site {
+    fn new(tls: bool) -> Site {
+        need("curl");
+        need("openssl");
+        let imago = Imago::new();
+        let dir = imago.dir.path().join("site");
+        copy_dir(Path::new(EXAMPLE), &dir);
+        let lease = common::lease_port();
+        let site = Site {
+            imago,
+            dir,
+            port: lease.port,
+            tls,
+            _lease: lease,
+        };
+        site.set_page("shop", "shop v1");
+        site.set_page("blog", "blog v1");
+        if tls {
+            std::fs::create_dir_all(site.dir.join("certs")).unwrap();
+            make_cert(&site.dir.join("certs"), "shop", "shop.example", "first");
+            make_cert(&site.dir.join("certs"), "blog", "blog.example", "first");
+        }
+        site.write_definition();
+        site
+    }
+
+    fn set_page(&self, service: &str, text: &str) {
+        let www = self.dir.join("www").join(service);
+        std::fs::create_dir_all(&www).unwrap();
+        std::fs::write(www.join("index.html"), format!("{text}\n")).unwrap();
+    }
+
+    fn write_definition(&self) {
+        let example = std::fs::read_to_string(Path::new(EXAMPLE).join("imago.toml")).unwrap();
+        let images = &example[..example.find("[service.web]").unwrap()];
+        let mut text = images.to_owned();
+        for service in ["shop", "blog"] {
+            let tls = if self.tls {
+                format!(
+                    "tls = {{ cert = \"certs/{service}.pem\", key = \"certs/{service}.key\" }}\n"
+                )
+            } else {
+                String::new()
+            };
+            text.push_str(&format!(
+                r#"
+[service.{service}]
+image = "web"
+replicas = 2
+bind = "127.0.0.1:{port}"
+hosts = ["{service}.example", "*.{service}.example"]
+{tls}target_port = 8080
+command = ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www/{service}"]
+stop_grace_period = "1s"
+
+[service.{service}.health]
+type = "http"
+path = "/"
+interval = "200ms"
+timeout = "1s"
+healthy_threshold = 1
+
+[service.{service}.rollout]
+max_surge = 1
+max_unavailable = 0
+min_ready = "300ms"
+drain = "1s"
+"#,
+                port = self.port
+            ));
+        }
+        std::fs::write(self.dir.join("imago.toml"), text).unwrap();
+    }
+
+    fn file(&self) -> String {
+        self.dir.join("imago.toml").display().to_string()
+    }
+
+    fn apply(&self) -> common::Run {
+        self.imago.run(&["apply", "-f", &self.file()])
+    }
+
+    fn cert(&self, service: &str) -> PathBuf {
+        self.dir.join("certs").join(format!("{service}.pem"))
+    }
+
+    /// `curl` for `host` on the site's port, resolved to 127.0.0.1: (status, body).
+    fn curl(&self, host: &str, cacert: Option<&Path>) -> Result<(u16, String), String> {
+        curl(self.port, self.tls, host, cacert)
+    }
+
+    fn events(&self) -> String {
+        self.imago.run(&["events"]).ok().stdout()
+    }
+}
+
+fn curl(port: u16, tls: bool, host: &str, cacert: Option<&Path>) -> Result<(u16, String), String> {
+    let scheme = if tls { "https" } else { "http" };
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "5", "-w", "\n%{http_code}"])
+        .args(["--resolve", &format!("{host}:{port}:127.0.0.1")]);
+    match cacert {
+        Some(ca) => {
+            cmd.arg("--cacert").arg(ca);
+        }
+        None if tls => {
+            cmd.arg("-k");
+        }
+        None => {}
+    }
+    let out = cmd
+        .arg(format!("{scheme}://{host}:{port}/"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        return Err(format!(
+            "curl {host}: {}{text}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let code = code
+        .trim()
+        .parse()
+        .map_err(|_| format!("no status: {text:?}"))?;
+    Ok((code, body.to_owned()))
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn two_services_share_one_port_by_host_name_and_an_unknown_host_gets_404() {
+    let site = Site::new(false);
+    site.apply().ok();
+    assert_eq!(
+        site.curl("shop.example", None).unwrap(),
+        (200, "shop v1\n".into())
+    );
+    assert_eq!(
+        site.curl("blog.example", None).unwrap(),
+        (200, "blog v1\n".into())
+    );
+    // A wildcard takes one label in front of the name.
+    assert_eq!(
+        site.curl("www.shop.example", None).unwrap(),
+        (200, "shop v1\n".into())
+    );
+    let (code, body) = site.curl("other.example", None).unwrap();
+    assert_eq!(code, 404, "{body}");
+    assert_eq!(body, "no service for host \"other.example\"\n");
+    let events = site.events();
+    assert!(
+        events.contains("HTTP routed by host name (shop.example, *.shop.example)")
+            && !events.contains("kernel balancing)"),
+        "{events}"
+    );
+}
+
+#[test]
+fn a_third_service_on_a_host_routed_port_without_hosts_is_refused_at_plan_time() {
+    let site = Site::new(false);
+    let path = site.dir.join("imago.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        format!(
+            "{text}\n[service.plain]\nimage = \"web\"\nbind = \"127.0.0.1:{}\"\ntarget_port = 8080\n",
+            site.port
+        ),
+    )
+    .unwrap();
+    let err = site.imago.run(&["plan", "-f", &site.file()]).fails();
+    let address = format!("127.0.0.1:{}", site.port);
+    assert!(
+        err.contains("blog") && err.contains("plain") && err.contains(&address),
+        "{err}"
+    );
+}
+
+#[test]
+fn tls_picks_each_services_certificate_by_sni_and_a_replaced_certificate_is_served() {
+    let site = Site::new(true);
+    site.apply().ok();
+    // curl verifies the chain against each service's own certificate: SNI chose it.
+    assert_eq!(
+        site.curl("shop.example", Some(&site.cert("shop"))).unwrap(),
+        (200, "shop v1\n".into())
+    );
+    assert_eq!(
+        site.curl("blog.example", Some(&site.cert("blog"))).unwrap(),
+        (200, "blog v1\n".into())
+    );
+    assert!(
+        site.curl("blog.example", Some(&site.cert("shop"))).is_err(),
+        "blog.example was served shop's certificate"
+    );
+    let (code, _) = site.curl("nowhere.example", None).unwrap();
+    assert_eq!(code, 404);
+
+    // Renewed on disk: the next handshakes get it, without an apply.
+    let old = site.dir.join("old-shop.pem");
+    std::fs::copy(site.cert("shop"), &old).unwrap();
+    make_cert(&site.dir.join("certs"), "shop", "shop.example", "renewed");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if site.curl("shop.example", Some(&site.cert("shop"))).is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the renewed certificate was never served"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        site.curl("shop.example", Some(&old)).is_err(),
+        "the old certificate is still served"
+    );
+
+    // A certificate file that is not one fails the plan, naming the file.
+    std::fs::write(site.cert("blog"), "garbage\n").unwrap();
+    let err = site.imago.run(&["plan", "-f", &site.file()]).fails();
+    assert!(
+        err.contains(&site.cert("blog").display().to_string()),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_rolling_update_under_load_over_tls_fails_no_request() {
+    let site = Site::new(true);
+    site.apply().ok();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let (port, ca) = (site.port, site.cert("shop"));
+    let client = std::thread::spawn(move || {
+        let mut answers = Vec::new();
+        while !flag.load(Ordering::Relaxed) {
+            answers.push(curl(port, true, "shop.example", Some(&ca)));
+        }
+        answers
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    site.set_page("shop", "shop v2");
+    let out = site.apply().ok().stdout();
+    assert!(out.contains("deployment complete"), "{out}");
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let answers = client.join().unwrap();
+    let failed: Vec<_> = answers
+        .iter()
+        .filter(|a| !matches!(a, Ok((200, _))))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        answers.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(
+        answers.len() > 30,
+        "the client kept asking ({})",
+        answers.len()
+    );
+    let body = |a: &Result<(u16, String), String>| a.as_ref().unwrap().1.clone();
+    assert_eq!(body(answers.first().unwrap()), "shop v1\n");
+    assert_eq!(body(answers.last().unwrap()), "shop v2\n");
+    // The other service on the port (rolled too: the image is shared) still answers.
+    assert_eq!(
+        site.curl("blog.example", Some(&site.cert("blog"))).unwrap(),
+        (200, "blog v1\n".into())
+    );
+}
