@@ -1289,6 +1289,83 @@ pub(crate) mod tests {
         assert!(settles(|| plane.idle()));
     }
 
+    /// Sends a request head for `host` and returns what came back before the server closed
+    /// or 300 ms passed.
+    fn ask_host(addr: SocketAddr, host: &str) -> (std::net::TcpStream, String) {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+            .unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        (s, String::from_utf8_lossy(&answer).into_owned())
+    }
+
+    #[test]
+    fn host_routed_services_share_an_address_gate_on_routes_and_drain_like_the_proxy() {
+        // Kernel balancing on: a host-routed endpoint must still never be given to it.
+        let mut plane = LocalPlane::new(None);
+        assert_eq!(plane.want_kernel_balancing(true), None);
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let routing = |host: &str| Routing {
+            hosts: vec![host.to_owned()],
+            tls: None,
+        };
+        let shop = plane
+            .listen("shop", &[addr], &routing("shop.example"))
+            .unwrap();
+        assert_eq!(shop.balanced, None);
+        plane
+            .listen("blog", &[addr], &routing("blog.example"))
+            .unwrap();
+        // The same host on the same address is refused, naming the service that has it.
+        let err = plane
+            .listen("copy", &[addr], &routing("shop.example"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("shop.example") && err.contains("shop"),
+            "{err}"
+        );
+
+        // No routed instance yet: the request is answered 503, and nothing is counted.
+        let (_, answer) = ask_host(addr, "shop.example");
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(
+            answer.contains("service shop has no ready instance"),
+            "{answer}"
+        );
+
+        let backend = SocketAddr::from(([127, 0, 0, 1], holding_backend()));
+        plane.route("shop", &[("s1".into(), backend)]).unwrap();
+        let ids = ["s1".to_owned()];
+        let (held, _) = ask_host(addr, "shop.example");
+        assert!(settles(
+            || plane.connections("shop", &ids).unwrap() == vec![1]
+        ));
+        assert_eq!(plane.connections("blog", &ids).unwrap(), vec![0]);
+        // Retired: new requests get no instance, the open connection keeps its count.
+        plane.route("shop", &[]).unwrap();
+        let (_, answer) = ask_host(addr, "shop.example");
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert_eq!(plane.connections("shop", &ids).unwrap(), vec![1]);
+        drop(held);
+        assert!(settles(
+            || plane.connections("shop", &ids).unwrap() == vec![0]
+        ));
+
+        let (_, answer) = ask_host(addr, "nobody.example");
+        assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+        // The address serves until its last service leaves.
+        plane.close("shop").unwrap();
+        let (_, answer) = ask_host(addr, "shop.example");
+        assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+        plane.close("blog").unwrap();
+        assert!(settles(|| std::net::TcpStream::connect(addr).is_err()));
+        assert!(settles(|| plane.idle()));
+    }
+
     #[test]
     fn kernel_balancing_follows_what_the_connected_controller_wants() {
         let mut plane = LocalPlane::new(None);
