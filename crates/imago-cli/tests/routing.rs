@@ -324,49 +324,102 @@ fn tls_picks_each_services_certificate_by_sni_and_a_replaced_certificate_is_serv
     );
 }
 
+/// A client that asks `host` over and over with curl until finished.
+struct Load {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Vec<Result<(u16, String), String>>>,
+}
+
+impl Load {
+    fn start(site: &Site, host: &'static str, ca: PathBuf) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let (port, tls) = (site.port, site.tls);
+        let handle = std::thread::spawn(move || {
+            let mut answers = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                answers.push(curl(port, tls, host, Some(&ca)));
+            }
+            answers
+        });
+        Load { stop, handle }
+    }
+
+    /// Every answer, in order, after asserting that each was a 200 and that there were many.
+    fn finish(self) -> Vec<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        let answers = self.handle.join().unwrap();
+        let failed: Vec<_> = answers
+            .iter()
+            .filter(|a| !matches!(a, Ok((200, _))))
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "{} of {} requests failed: {:?}",
+            failed.len(),
+            answers.len(),
+            &failed[..failed.len().min(5)]
+        );
+        assert!(
+            answers.len() > 10,
+            "the client kept asking ({})",
+            answers.len()
+        );
+        answers.into_iter().map(|a| a.unwrap().1).collect()
+    }
+}
+
 #[test]
 fn a_rolling_update_under_load_over_tls_fails_no_request() {
     let site = Site::new(true);
     site.apply().ok();
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let (port, ca) = (site.port, site.cert("shop"));
-    let client = std::thread::spawn(move || {
-        let mut answers = Vec::new();
-        while !flag.load(Ordering::Relaxed) {
-            answers.push(curl(port, true, "shop.example", Some(&ca)));
-        }
-        answers
-    });
+    let load = Load::start(&site, "shop.example", site.cert("shop"));
     std::thread::sleep(Duration::from_millis(300));
     site.set_page("shop", "shop v2");
     let out = site.apply().ok().stdout();
     assert!(out.contains("deployment complete"), "{out}");
     std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, Ordering::Relaxed);
-    let answers = client.join().unwrap();
-    let failed: Vec<_> = answers
-        .iter()
-        .filter(|a| !matches!(a, Ok((200, _))))
-        .collect();
-    assert!(
-        failed.is_empty(),
-        "{} of {} requests failed: {:?}",
-        failed.len(),
-        answers.len(),
-        &failed[..failed.len().min(5)]
-    );
-    assert!(
-        answers.len() > 30,
-        "the client kept asking ({})",
-        answers.len()
-    );
-    let body = |a: &Result<(u16, String), String>| a.as_ref().unwrap().1.clone();
-    assert_eq!(body(answers.first().unwrap()), "shop v1\n");
-    assert_eq!(body(answers.last().unwrap()), "shop v2\n");
+    let answers = load.finish();
+    assert_eq!(answers.first().unwrap(), "shop v1\n");
+    assert_eq!(answers.last().unwrap(), "shop v2\n");
     // The other service on the port (rolled too: the image is shared) still answers.
     assert_eq!(
         site.curl("blog.example", Some(&site.cert("blog"))).unwrap(),
         (200, "blog v1\n".into())
+    );
+}
+
+#[test]
+fn a_controller_kill_9_under_tls_load_fails_no_request_and_the_next_one_rolls_out_through_the_same_port()
+ {
+    let site = Site::new(true);
+    site.apply().ok();
+    let shop = Load::start(&site, "shop.example", site.cert("shop"));
+    let blog = Load::start(&site, "blog.example", site.cert("blog"));
+    std::thread::sleep(Duration::from_millis(300));
+    let info: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(site.imago.home.join("deploy/controller.json")).unwrap(),
+    )
+    .unwrap();
+    let pid = info["pid"].as_i64().unwrap() as i32;
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    // The data plane serves both hosts without a controller.
+    std::thread::sleep(Duration::from_millis(1000));
+    // The next controller adopts the data plane and rolls shop out on the same front.
+    site.set_page("shop", "shop v2");
+    let out = site.apply().ok().stdout();
+    assert!(out.contains("deployment complete"), "{out}");
+    std::thread::sleep(Duration::from_millis(300));
+    let shop = shop.finish();
+    let blog = blog.finish();
+    assert_eq!(shop.first().unwrap(), "shop v1\n");
+    assert_eq!(shop.last().unwrap(), "shop v2\n");
+    assert!(
+        blog.iter().all(|b| b == "blog v1\n"),
+        "blog answered another page"
     );
 }
