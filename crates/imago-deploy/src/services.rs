@@ -298,8 +298,9 @@ health = { type = "tcp" }
         assert_eq!(
             parse(typo, &[]).unwrap_err().to_string(),
             "dir/imago.toml:3:1: unknown field `replica`, expected one of `image`, `replicas`, \
-             `command`, `env`, `port`, `target_port`, `bind`, `network`, `resources`, `volumes`, \
-             `seccomp`, `init`, `health`, `rollout`, `target`, `stop_grace_period`, `placement`"
+             `command`, `env`, `port`, `target_port`, `bind`, `hosts`, `tls`, `network`, `resources`, \
+             `volumes`, `seccomp`, `init`, `health`, `rollout`, `target`, `stop_grace_period`, \
+             `placement`"
         );
         let bad_type = "[service.web]\nimage = \"web\"\nreplicas = \"two\"\n";
         let err = parse(bad_type, &[]).unwrap_err().to_string();
