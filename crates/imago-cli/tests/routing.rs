@@ -423,3 +423,48 @@ fn a_controller_kill_9_under_tls_load_fails_no_request_and_the_next_one_rolls_ou
         "blog answered another page"
     );
 }
+
+/// The pid of the site's data plane process (`imago --home HOME __dataplane`), if one runs.
+fn dataplane_pid(site: &Site) -> Option<i32> {
+    let home = site.imago.home.display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            args.iter().any(|a| *a == home.as_bytes())
+                && args.iter().any(|a| *a == b"__dataplane".as_slice())
+        })
+}
+
+#[test]
+fn a_data_plane_killed_with_sigkill_is_started_again_with_its_hosts_and_certificates() {
+    let site = Site::new(true);
+    site.apply().ok();
+    let plane = dataplane_pid(&site).expect("a data plane process");
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(plane).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    // The controller notices at its next pass and replays listen (hosts, TLS) and routes.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let shop = site.curl("shop.example", Some(&site.cert("shop")));
+        let blog = site.curl("blog.example", Some(&site.cert("blog")));
+        if shop.as_ref().is_ok_and(|a| a.0 == 200) && blog.as_ref().is_ok_and(|a| a.0 == 200) {
+            assert_eq!(shop.unwrap().1, "shop v1\n");
+            assert_eq!(blog.unwrap().1, "blog v1\n");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not served again: {shop:?} {blog:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(dataplane_pid(&site).is_some_and(|p| p != plane));
+    let (code, _) = site.curl("nowhere.example", None).unwrap();
+    assert_eq!(code, 404);
+}
