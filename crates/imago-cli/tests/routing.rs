@@ -433,8 +433,7 @@ fn dataplane_pid(site: &Site) -> Option<i32> {
         .find(|pid| {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            args.iter().any(|a| *a == home.as_bytes())
-                && args.iter().any(|a| *a == b"__dataplane".as_slice())
+            args.contains(&home.as_bytes()) && args.contains(&b"__dataplane".as_slice())
         })
 }
 
