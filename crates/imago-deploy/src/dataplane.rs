@@ -63,7 +63,8 @@ pub trait DataPlane: Send {
     fn keep_peers(&mut self, keep: &BTreeSet<SocketAddrV4>) -> Result<(), DeployError>;
     /// Whether the kernel balances connections of this host's clients.
     fn kernel_balancing(&self) -> bool;
-    /// Why kernel balancing was turned off since the last call (one message per failure).
+    /// Why kernel balancing was turned off, and which certificate files of host-routed
+    /// endpoints failed to reload, since the last call (one message per failure).
     fn take_kernel_failures(&mut self) -> Vec<String>;
     /// The endpoints the data plane already served when this controller connected to it.
     fn adopted(&self) -> Vec<EndpointStatus>;
@@ -614,7 +615,11 @@ impl DataPlane for LocalPlane {
     }
 
     fn take_kernel_failures(&mut self) -> Vec<String> {
-        std::mem::take(&mut self.failures)
+        let mut failures = std::mem::take(&mut self.failures);
+        for front in self.fronts.values() {
+            failures.extend(front.take_failures());
+        }
+        failures
     }
 
     fn adopted(&self) -> Vec<EndpointStatus> {

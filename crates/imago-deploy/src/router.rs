@@ -120,31 +120,41 @@ fn stamp(path: &Path) -> Stamp {
     Some((meta.ino(), meta.len(), meta.modified().ok()?))
 }
 
+/// Messages for the controller's event log, taken with [`Front::take_failures`].
+type Failures = Arc<Mutex<Vec<String>>>;
+
 /// A service's certificate, reloaded when its files change on disk.
 #[derive(Debug)]
 struct CertFiles {
+    service: String,
     paths: TlsPaths,
     state: Mutex<CertState>,
+    failures: Failures,
 }
 
 #[derive(Debug)]
 struct CertState {
     key: Arc<CertifiedKey>,
     stamps: [Stamp; 2],
+    /// The files as they were when they last failed to load: reported once per change.
+    failed: Option<[Stamp; 2]>,
     checked: Instant,
 }
 
 impl CertFiles {
-    fn load(paths: &TlsPaths) -> Result<CertFiles, DeployError> {
+    fn load(service: &str, paths: &TlsPaths, failures: Failures) -> Result<CertFiles, DeployError> {
         let stamps = [stamp(&paths.cert), stamp(&paths.key)];
         let key = load_certified_key(paths)?;
         Ok(CertFiles {
+            service: service.to_owned(),
             paths: paths.clone(),
             state: Mutex::new(CertState {
                 key,
                 stamps,
+                failed: None,
                 checked: Instant::now(),
             }),
+            failures,
         })
     }
 
@@ -154,19 +164,34 @@ impl CertFiles {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The certificate to serve: the files' content once they changed and load (a pair that
-    /// does not load, such as a new chain next to the old key while both are being replaced,
-    /// leaves the last good one served, and is tried again a second later).
+    /// The certificate to serve: the files' content once they changed and load. A pair that
+    /// does not load (a new chain next to the old key while both are being replaced, a broken
+    /// file) leaves the last good one served and is tried again a second later; its error is
+    /// reported once for each state of the files.
     fn current(&self) -> Arc<CertifiedKey> {
         let mut state = self.lock();
         if state.checked.elapsed() >= RELOAD_CHECK {
             state.checked = Instant::now();
             let stamps = [stamp(&self.paths.cert), stamp(&self.paths.key)];
-            if stamps != state.stamps
-                && let Ok(key) = load_certified_key(&self.paths)
-            {
-                state.key = key;
-                state.stamps = stamps;
+            if stamps != state.stamps {
+                match load_certified_key(&self.paths) {
+                    Ok(key) => {
+                        state.key = key;
+                        state.stamps = stamps;
+                        state.failed = None;
+                    }
+                    Err(e) if state.failed != Some(stamps) => {
+                        state.failed = Some(stamps);
+                        self.failures
+                            .lock()
+                            .unwrap_or_else(|poisoned| poisoned.into_inner())
+                            .push(format!(
+                                "service {}: {e}; the last certificate that loaded is still served",
+                                self.service
+                            ));
+                    }
+                    Err(_) => {}
+                }
             }
         }
         state.key.clone()
@@ -254,6 +279,7 @@ impl ResolvesServerCert for SniResolver {
 pub struct Front {
     table: Arc<FrontTable>,
     tls: bool,
+    failures: Failures,
     accepting: watch::Sender<bool>,
 }
 
@@ -269,14 +295,14 @@ impl Front {
         let listeners = proxy::bind(addr, proxy::default_threads(), check_free)?;
         let table = Arc::new(FrontTable::default());
         let acceptor = if tls {
-            let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
                 rustls::crypto::ring::default_provider(),
             ))
             .with_safe_default_protocol_versions()
             .map_err(io::Error::other)?
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(SniResolver(table.clone())));
-            let mut config = config;
+            // HTTP/2 is not spoken: a client that offers it gets HTTP/1.1.
             config.alpn_protocols = vec![b"http/1.1".to_vec()];
             Some(TlsAcceptor::from(Arc::new(config)))
         } else {
@@ -294,12 +320,23 @@ impl Front {
         Ok(Front {
             table,
             tls,
+            failures: Failures::default(),
             accepting,
         })
     }
 
     pub fn tls(&self) -> bool {
         self.tls
+    }
+
+    /// Certificate files that failed to reload since the last call, one message each.
+    pub fn take_failures(&self) -> Vec<String> {
+        std::mem::take(
+            &mut *self
+                .failures
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        )
     }
 
     /// Serves `service` here from now on: its hosts, its routes (shared with its other
@@ -311,7 +348,11 @@ impl Front {
         routes: &Routes,
     ) -> Result<(), DeployError> {
         let certs = match &routing.tls {
-            Some(paths) => Some(Arc::new(CertFiles::load(paths)?)),
+            Some(paths) => Some(Arc::new(CertFiles::load(
+                service,
+                paths,
+                self.failures.clone(),
+            )?)),
             None => None,
         };
         let entry = FrontService {
@@ -540,6 +581,76 @@ mod tests {
         assert_eq!(name("www.shop.example").as_deref(), Some("a-wild"));
         assert_eq!(name("a.b.shop.example"), None);
         assert_eq!(name("shop.example"), None);
+    }
+
+    /// A self-signed P-256 certificate for `host` in `dir`, as NAME.pem and NAME.key.
+    fn make_cert(dir: &Path, name: &str, host: &str) -> TlsPaths {
+        let paths = TlsPaths {
+            cert: dir.join(format!("{name}.pem")),
+            key: dir.join(format!("{name}.key")),
+        };
+        let out = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+            .args(["-subj", &format!("/CN={host}"), "-keyout"])
+            .arg(&paths.key)
+            .arg("-out")
+            .arg(&paths.cert)
+            .output()
+            .expect("openssl (installed by scripts/setup)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        paths
+    }
+
+    #[test]
+    fn a_replaced_certificate_is_served_and_a_broken_one_keeps_the_last_and_is_reported_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = make_cert(dir.path(), "shop", "shop.example");
+        let failures = Failures::default();
+        let certs = CertFiles::load("shop", &paths, failures.clone()).unwrap();
+        let first = certs.current();
+        let wait = || std::thread::sleep(RELOAD_CHECK + Duration::from_millis(50));
+
+        std::fs::write(&paths.cert, "garbage\n").unwrap();
+        wait();
+        assert!(
+            Arc::ptr_eq(&certs.current(), &first),
+            "the last good one is served"
+        );
+        wait();
+        assert!(Arc::ptr_eq(&certs.current(), &first));
+        let reported = std::mem::take(&mut *failures.lock().unwrap());
+        assert_eq!(
+            reported.len(),
+            1,
+            "once per state of the files: {reported:?}"
+        );
+        assert!(
+            reported[0].contains("service shop")
+                && reported[0].contains(&paths.cert.display().to_string()),
+            "{reported:?}"
+        );
+
+        make_cert(dir.path(), "shop", "shop.example");
+        wait();
+        let renewed = certs.current();
+        assert!(!Arc::ptr_eq(&renewed, &first), "the renewed pair is served");
+        assert_eq!(
+            renewed.cert[0].as_ref(),
+            std::fs::read(&paths.cert)
+                .map(|pem| {
+                    CertificateDer::from_pem_slice(&pem)
+                        .unwrap()
+                        .as_ref()
+                        .to_vec()
+                })
+                .unwrap()
+        );
+        assert!(failures.lock().unwrap().is_empty());
     }
 
     #[test]
