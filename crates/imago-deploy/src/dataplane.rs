@@ -1372,6 +1372,63 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn tls_without_hosts_fronts_any_tcp_protocol_for_one_service() {
+        // A backend that greets every connection and closes: not HTTP at all.
+        let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let backend_addr = backend.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for stream in backend.incoming() {
+                let Ok(mut stream) = stream else { break };
+                let _ = stream.write_all(b"pong from the backend\n");
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("c.key"));
+        let made = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+            .args(["-subj", "/CN=db.example", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl (installed by scripts/setup)");
+        assert!(made.status.success());
+        let mut plane = LocalPlane::new(None);
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let routing = Routing {
+            hosts: Vec::new(),
+            tls: Some(crate::router::TlsPaths {
+                cert: cert.clone(),
+                key,
+            }),
+        };
+        plane.listen("db", &[addr], &routing).unwrap();
+        plane.route("db", &[("d1".into(), backend_addr)]).unwrap();
+        // No other service may join an address that one service takes whole.
+        let other = Routing {
+            hosts: vec!["x.example".into()],
+            tls: routing.tls.clone(),
+        };
+        assert!(plane.listen("other", &[addr], &other).is_err());
+        let out = std::process::Command::new("openssl")
+            .args(["s_client", "-quiet", "-verify_return_error", "-CAfile"])
+            .arg(&cert)
+            .args(["-servername", "db.example", "-connect", &addr.to_string()])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            said.contains("pong from the backend"),
+            "{said} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        plane.close("db").unwrap();
+        assert!(settles(|| plane.idle()));
+    }
+
+    #[test]
     fn kernel_balancing_follows_what_the_connected_controller_wants() {
         let mut plane = LocalPlane::new(None);
         assert_eq!(plane.want_kernel_balancing(true), None);
