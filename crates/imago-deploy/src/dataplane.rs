@@ -1372,6 +1372,44 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_request_without_host_or_with_an_oversized_head_is_answered_by_the_router() {
+        let mut plane = LocalPlane::new(None);
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let routing = Routing {
+            hosts: vec!["shop.example".into()],
+            tls: None,
+        };
+        plane.listen("shop", &[addr], &routing).unwrap();
+        let backend = SocketAddr::from(([127, 0, 0, 1], holding_backend()));
+        plane.route("shop", &[("s1".into(), backend)]).unwrap();
+        let answer = |request: &[u8]| {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.write_all(request).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut answer = Vec::new();
+            let _ = s.read_to_end(&mut answer);
+            String::from_utf8_lossy(&answer).into_owned()
+        };
+        let no_host = answer(b"GET / HTTP/1.0\r\n\r\n");
+        assert!(
+            no_host.starts_with("HTTP/1.1 400") && no_host.ends_with("no Host header\n"),
+            "{no_host}"
+        );
+        let huge = format!(
+            "GET / HTTP/1.1\r\nHost: shop.example\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(20_000)
+        );
+        let too_large = answer(huge.as_bytes());
+        assert!(too_large.starts_with("HTTP/1.1 431"), "{too_large}");
+        let not_http = answer(b"\x16\x03\x01 this is not a request\r\n\r\n");
+        assert!(not_http.starts_with("HTTP/1.1 400"), "{not_http}");
+        assert_eq!(
+            plane.connections("shop", &["s1".to_owned()]).unwrap(),
+            vec![0]
+        );
+    }
+
+    #[test]
     fn tls_without_hosts_fronts_any_tcp_protocol_for_one_service() {
         // A backend that greets every connection and closes: not HTTP at all.
         let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
