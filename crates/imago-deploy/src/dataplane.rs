@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use crate::daemon::{DeployHome, try_lock};
 use crate::error::DeployError;
 use crate::proxy::Routes;
+use crate::router::{Front, Routing};
 
 /// How long a data plane nobody connected to waits for its first controller before it ends.
 const FIRST_CONTROLLER_WAIT: Duration = Duration::from_secs(10);
@@ -41,9 +42,15 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// What the controller asks of the data plane. Every call is idempotent, so a client that lost
 /// its data plane can replay what it asked for to a new one.
 pub trait DataPlane: Send {
-    /// Serves `service` on `addrs` from now on; earlier addresses of the service stop accepting
-    /// (their open connections are relayed to their end), and its routes and counts carry over.
-    fn listen(&mut self, service: &str, addrs: &[SocketAddr]) -> Result<Listening, DeployError>;
+    /// Serves `service` on `addrs` from now on, routed as `routing` says (by host name, through
+    /// TLS, or plain); earlier addresses of the service stop accepting (their open connections
+    /// are relayed to their end), and its routes and counts carry over.
+    fn listen(
+        &mut self,
+        service: &str,
+        addrs: &[SocketAddr],
+        routing: &Routing,
+    ) -> Result<Listening, DeployError>;
     /// Stops accepting connections for `service`; open ones are relayed to their end and keep
     /// counting for [`DataPlane::connections`].
     fn close(&mut self, service: &str) -> Result<(), DeployError>;
@@ -56,7 +63,8 @@ pub trait DataPlane: Send {
     fn keep_peers(&mut self, keep: &BTreeSet<SocketAddrV4>) -> Result<(), DeployError>;
     /// Whether the kernel balances connections of this host's clients.
     fn kernel_balancing(&self) -> bool;
-    /// Why kernel balancing was turned off since the last call (one message per failure).
+    /// Why kernel balancing was turned off, and which certificate files of host-routed
+    /// endpoints failed to reload, since the last call (one message per failure).
     fn take_kernel_failures(&mut self) -> Vec<String>;
     /// The endpoints the data plane already served when this controller connected to it.
     fn adopted(&self) -> Vec<EndpointStatus>;
@@ -120,6 +128,9 @@ impl Drop for Accepting {
 
 struct PlaneEndpoint {
     addrs: Vec<SocketAddr>,
+    /// Not plain: the endpoint is served by the [`Front`]s of its addresses, never by the
+    /// kernel path (which cannot read a host name).
+    routing: Routing,
     routes: Routes,
     targets: Vec<(String, SocketAddr)>,
     _accepting: Option<Accepting>,
@@ -130,6 +141,8 @@ struct PlaneEndpoint {
 #[derive(Default)]
 pub struct LocalPlane {
     endpoints: BTreeMap<String, PlaneEndpoint>,
+    /// The host-routed addresses, each shared by the services that declare hosts on it.
+    fronts: BTreeMap<SocketAddr, Front>,
     balancer: Option<ConnectBalancer>,
     /// The nftables table remote clients are forwarded by, when kernel balancing is wanted.
     forward_table: Option<String>,
@@ -252,9 +265,11 @@ impl LocalPlane {
         let Some(forwarder) = &self.forwarder else {
             return;
         };
+        // A host-routed endpoint gets no rule (an empty one removes the service's rules).
         let (listen, backends) = self
             .endpoints
             .get(service)
+            .filter(|e| e.routing.is_plain())
             .map(|e| (v4_only(&e.addrs), v4_only(e.targets.iter().map(|(_, a)| a))))
             .unwrap_or_default();
         // A target the kernel cannot reach (IPv6) must not lose its share: leave all to the proxy.
@@ -288,8 +303,18 @@ impl LocalPlane {
             .and(addrs.iter().find_map(|a| balanced_address(*a)))
     }
 
-    /// Points the kernel's balancing of the endpoint on `addr` at `targets`.
+    fn routed_by_host(&self, service: &str) -> bool {
+        self.endpoints
+            .get(service)
+            .is_some_and(|e| !e.routing.is_plain())
+    }
+
+    /// Points the kernel's balancing of the endpoint on `addr` at `targets` (never for a
+    /// host-routed endpoint: its clients must reach the router).
     fn balance(&mut self, service: &str, addr: SocketAddr, targets: &[(String, SocketAddr)]) {
+        if self.routed_by_host(service) {
+            return;
+        }
         let (Some(balancer), Some(address)) = (&self.balancer, balanced_address(addr)) else {
             return;
         };
@@ -312,6 +337,9 @@ impl LocalPlane {
     }
 
     fn unbalance(&mut self, service: &str, addr: SocketAddr) {
+        if self.routed_by_host(service) {
+            return;
+        }
         let (Some(balancer), Some(address)) = (&self.balancer, balanced_address(addr)) else {
             return;
         };
@@ -333,19 +361,135 @@ impl LocalPlane {
     }
 }
 
+impl LocalPlane {
+    /// Whether the front on `addr` serves `service` alone (or nothing): then the service may
+    /// take its port over.
+    fn front_only_of(&self, addr: &SocketAddr, service: &str) -> bool {
+        self.fronts
+            .get(addr)
+            .is_some_and(|f| f.claimed(service, &[]).is_none())
+    }
+
+    /// Takes `service` off every front whose address is not in `keep`; a front left without
+    /// services stops accepting.
+    fn leave_fronts(&mut self, service: &str, keep: &[SocketAddr]) {
+        self.fronts
+            .retain(|addr, front| keep.contains(addr) || !front.remove(service));
+    }
+
+    /// [`DataPlane::listen`] for an endpoint routed by host name and/or TLS: one [`Front`] per
+    /// address, shared with the other services that route by host on it.
+    fn listen_routed(
+        &mut self,
+        service: &str,
+        addrs: &[SocketAddr],
+        routing: &Routing,
+    ) -> Result<Listening, DeployError> {
+        let bad = |reason: String| DeployError::InvalidService {
+            service: service.to_owned(),
+            field: "hosts".into(),
+            reason,
+        };
+        let tls = routing.tls.is_some();
+        for addr in addrs {
+            let Some(front) = self.fronts.get(addr) else {
+                continue;
+            };
+            if let Some((other, what)) = front.claimed(service, &routing.hosts) {
+                return Err(bad(format!(
+                    "{what} on {addr} is served by service {other} already"
+                )));
+            }
+            if front.tls() != tls && !self.front_only_of(addr, service) {
+                return Err(bad(format!(
+                    "{addr} is shared with services that {} TLS",
+                    if front.tls() {
+                        "terminate"
+                    } else {
+                        "do not terminate"
+                    }
+                )));
+            }
+        }
+        // A bad certificate fails before anything changes.
+        if let Some(paths) = &routing.tls {
+            crate::router::load_certified_key(paths)?;
+        }
+        let mut started = Vec::new();
+        for addr in addrs {
+            if self.fronts.get(addr).is_some_and(|f| f.tls() == tls) {
+                continue;
+            }
+            // The port may be held by this service's own earlier endpoint or front: the new
+            // listeners bind beside it (SO_REUSEPORT), and the old ones stop accepting below.
+            let mine = self.front_only_of(addr, service)
+                || self
+                    .endpoints
+                    .get(service)
+                    .is_some_and(|e| e.addrs.iter().any(|a| a.port() == addr.port()));
+            let front = Front::start(*addr, tls, !mine)
+                .map_err(|e| bad(format!("cannot listen on {addr}: {e}")))?;
+            started.push((*addr, front));
+        }
+        self.fronts.extend(started);
+        let routes = self
+            .endpoints
+            .get(service)
+            .map(|e| e.routes.clone())
+            .unwrap_or_default();
+        for addr in addrs {
+            if let Some(front) = self.fronts.get(addr) {
+                front.set(service, routing, &routes)?;
+            }
+        }
+        self.leave_fronts(service, addrs);
+        // Still recorded as it was: a plain endpoint's kernel balancing is undone.
+        let old_addrs = self
+            .endpoints
+            .get(service)
+            .map(|e| e.addrs.clone())
+            .unwrap_or_default();
+        for addr in old_addrs {
+            self.unbalance(service, addr);
+        }
+        let old = self.endpoints.remove(service);
+        let targets = old.map(|e| e.targets).unwrap_or_default();
+        self.endpoints.insert(
+            service.to_owned(),
+            PlaneEndpoint {
+                addrs: addrs.to_vec(),
+                routing: routing.clone(),
+                routes,
+                targets,
+                _accepting: None,
+            },
+        );
+        self.forward(service);
+        Ok(Listening::default())
+    }
+}
+
 impl DataPlane for LocalPlane {
-    fn listen(&mut self, service: &str, addrs: &[SocketAddr]) -> Result<Listening, DeployError> {
+    fn listen(
+        &mut self,
+        service: &str,
+        addrs: &[SocketAddr],
+        routing: &Routing,
+    ) -> Result<Listening, DeployError> {
         self.collect();
         if self
             .endpoints
             .get(service)
-            .is_some_and(|e| e.addrs == addrs)
+            .is_some_and(|e| e.addrs == addrs && e.routing == *routing)
         {
             return Ok(Listening {
                 adopted: true,
-                balanced: self.balanced(addrs),
-                forwarding: self.forwarding(addrs),
+                balanced: self.balanced(addrs).filter(|_| routing.is_plain()),
+                forwarding: routing.is_plain() && self.forwarding(addrs),
             });
+        }
+        if !routing.is_plain() {
+            return self.listen_routed(service, addrs, routing);
         }
         let mut listeners = Vec::new();
         for addr in addrs {
@@ -357,10 +501,11 @@ impl DataPlane for LocalPlane {
             // The port may be held by this service's own earlier endpoint (`port = 80` that
             // became `bind = "0.0.0.0:80"`, a list that changed): SO_REUSEPORT lets the new
             // listeners bind beside it, and the old ones stop accepting below.
-            let mine = self
-                .endpoints
-                .get(service)
-                .is_some_and(|e| e.addrs.iter().any(|a| a.port() == addr.port()));
+            let mine = self.front_only_of(addr, service)
+                || self
+                    .endpoints
+                    .get(service)
+                    .is_some_and(|e| e.addrs.iter().any(|a| a.port() == addr.port()));
             listeners.extend(
                 crate::proxy::bind(*addr, crate::proxy::default_threads(), !mine)
                     .map_err(|e| bad("cannot listen on", e))?,
@@ -381,14 +526,21 @@ impl DataPlane for LocalPlane {
                 reason: format!("cannot start the endpoint: {e}"),
             }
         })?;
-        let old = self.endpoints.remove(service);
-        for old_addr in old.as_ref().map(|e| e.addrs.clone()).unwrap_or_default() {
+        self.leave_fronts(service, &[]);
+        let old_addrs = self
+            .endpoints
+            .get(service)
+            .map(|e| e.addrs.clone())
+            .unwrap_or_default();
+        for old_addr in old_addrs {
             self.unbalance(service, old_addr);
         }
+        let old = self.endpoints.remove(service);
         let targets = old.map(|e| e.targets).unwrap_or_default();
         self.endpoints.insert(
             service.to_owned(),
             PlaneEndpoint {
+                routing: Routing::default(),
                 addrs: addrs.to_vec(),
                 routes,
                 targets: targets.clone(),
@@ -409,6 +561,7 @@ impl DataPlane for LocalPlane {
     }
 
     fn close(&mut self, service: &str) -> Result<(), DeployError> {
+        self.leave_fronts(service, &[]);
         let addrs = self
             .endpoints
             .get_mut(service)
@@ -462,7 +615,11 @@ impl DataPlane for LocalPlane {
     }
 
     fn take_kernel_failures(&mut self) -> Vec<String> {
-        std::mem::take(&mut self.failures)
+        let mut failures = std::mem::take(&mut self.failures);
+        for front in self.fronts.values() {
+            failures.extend(front.take_failures());
+        }
+        failures
     }
 
     fn adopted(&self) -> Vec<EndpointStatus> {
@@ -495,6 +652,9 @@ enum Request {
         /// The endpoint's other addresses (`bind` lists).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         also: Vec<SocketAddr>,
+        /// Host names and TLS, if the endpoint routes by them.
+        #[serde(default, skip_serializing_if = "Routing::is_plain")]
+        routing: Routing,
     },
     Close {
         service: String,
@@ -553,10 +713,11 @@ fn handle(plane: &mut LocalPlane, request: Request) -> Reply {
             service,
             addr,
             also,
+            routing,
         } => {
             let addrs: Vec<SocketAddr> = std::iter::once(addr).chain(also).collect();
             plane
-                .listen(&service, &addrs)
+                .listen(&service, &addrs, &routing)
                 .map(|l| reply.listening = Some(l))
         }
         Request::Close { service } => plane.close(&service),
@@ -751,7 +912,7 @@ pub struct RemotePlane {
     kernel_balancing: bool,
     failures: Vec<String>,
     /// What this controller asked for, to replay to a new data plane.
-    listening: BTreeMap<String, Vec<SocketAddr>>,
+    listening: BTreeMap<String, (Vec<SocketAddr>, Routing)>,
     routes: BTreeMap<String, Vec<(String, SocketAddr)>>,
     adopted: PlaneStatus,
     warning: Option<String>,
@@ -836,8 +997,8 @@ impl RemotePlane {
             self.adopted = status;
         }
         let mut replay: Vec<Request> = Vec::new();
-        for (service, addrs) in &self.listening {
-            if let Some(request) = listen_request(service, addrs) {
+        for (service, (addrs, routing)) in &self.listening {
+            if let Some(request) = listen_request(service, addrs, routing) {
                 replay.push(request);
             }
         }
@@ -891,23 +1052,30 @@ impl RemotePlane {
     }
 }
 
-fn listen_request(service: &str, addrs: &[SocketAddr]) -> Option<Request> {
+fn listen_request(service: &str, addrs: &[SocketAddr], routing: &Routing) -> Option<Request> {
     let (first, also) = addrs.split_first()?;
     Some(Request::Listen {
         service: service.to_owned(),
         addr: *first,
         also: also.to_vec(),
+        routing: routing.clone(),
     })
 }
 
 impl DataPlane for RemotePlane {
-    fn listen(&mut self, service: &str, addrs: &[SocketAddr]) -> Result<Listening, DeployError> {
-        let Some(request) = listen_request(service, addrs) else {
+    fn listen(
+        &mut self,
+        service: &str,
+        addrs: &[SocketAddr],
+        routing: &Routing,
+    ) -> Result<Listening, DeployError> {
+        let Some(request) = listen_request(service, addrs, routing) else {
             self.close(service)?;
             return Ok(Listening::default());
         };
         let reply = self.call(request)?;
-        self.listening.insert(service.to_owned(), addrs.to_vec());
+        self.listening
+            .insert(service.to_owned(), (addrs.to_vec(), routing.clone()));
         Ok(reply.listening.unwrap_or_default())
     }
 
@@ -1100,7 +1268,7 @@ pub(crate) mod tests {
         let v4 = SocketAddr::from(([0, 0, 0, 0], port));
         let v6: SocketAddr = format!("[::]:{port}").parse().unwrap();
         // `[::]` serves IPv6 only, so both can be bound on one port.
-        plane.listen("web", &[v4, v6]).unwrap();
+        plane.listen("web", &[v4, v6], &Routing::default()).unwrap();
         plane.route("web", &[("a".into(), backend)]).unwrap();
         let ids = ["a".to_owned()];
         let local4 = open_connection(SocketAddr::from(([127, 0, 0, 1], port)));
@@ -1108,9 +1276,14 @@ pub(crate) mod tests {
         assert!(settles(
             || plane.connections("web", &ids).unwrap() == vec![2]
         ));
-        assert!(plane.listen("web", &[v4, v6]).unwrap().adopted);
+        assert!(
+            plane
+                .listen("web", &[v4, v6], &Routing::default())
+                .unwrap()
+                .adopted
+        );
         // A list that drops an address: that one stops accepting, the other keeps serving.
-        plane.listen("web", &[v4]).unwrap();
+        plane.listen("web", &[v4], &Routing::default()).unwrap();
         assert!(settles(|| std::net::TcpStream::connect(
             format!("[::1]:{port}").parse::<SocketAddr>().unwrap()
         )
@@ -1121,6 +1294,178 @@ pub(crate) mod tests {
         assert!(settles(|| plane.idle()));
     }
 
+    /// Sends a request head for `host` and returns what came back before the server closed
+    /// or 300 ms passed.
+    fn ask_host(addr: SocketAddr, host: &str) -> (std::net::TcpStream, String) {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+            .unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        (s, String::from_utf8_lossy(&answer).into_owned())
+    }
+
+    #[test]
+    fn host_routed_services_share_an_address_gate_on_routes_and_drain_like_the_proxy() {
+        // Kernel balancing on: a host-routed endpoint must still never be given to it.
+        let mut plane = LocalPlane::new(None);
+        assert_eq!(plane.want_kernel_balancing(true), None);
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let routing = |host: &str| Routing {
+            hosts: vec![host.to_owned()],
+            tls: None,
+        };
+        let shop = plane
+            .listen("shop", &[addr], &routing("shop.example"))
+            .unwrap();
+        assert_eq!(shop.balanced, None);
+        plane
+            .listen("blog", &[addr], &routing("blog.example"))
+            .unwrap();
+        // The same host on the same address is refused, naming the service that has it.
+        let err = plane
+            .listen("copy", &[addr], &routing("shop.example"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("shop.example") && err.contains("shop"),
+            "{err}"
+        );
+
+        // No routed instance yet: the request is answered 503, and nothing is counted.
+        let (_, answer) = ask_host(addr, "shop.example");
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(
+            answer.contains("service shop has no ready instance"),
+            "{answer}"
+        );
+
+        let backend = SocketAddr::from(([127, 0, 0, 1], holding_backend()));
+        plane.route("shop", &[("s1".into(), backend)]).unwrap();
+        let ids = ["s1".to_owned()];
+        let (held, _) = ask_host(addr, "shop.example");
+        assert!(settles(
+            || plane.connections("shop", &ids).unwrap() == vec![1]
+        ));
+        assert_eq!(plane.connections("blog", &ids).unwrap(), vec![0]);
+        // Retired: new requests get no instance, the open connection keeps its count.
+        plane.route("shop", &[]).unwrap();
+        let (_, answer) = ask_host(addr, "shop.example");
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert_eq!(plane.connections("shop", &ids).unwrap(), vec![1]);
+        drop(held);
+        assert!(settles(
+            || plane.connections("shop", &ids).unwrap() == vec![0]
+        ));
+
+        let (_, answer) = ask_host(addr, "nobody.example");
+        assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+        // The address serves until its last service leaves.
+        plane.close("shop").unwrap();
+        let (_, answer) = ask_host(addr, "shop.example");
+        assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+        plane.close("blog").unwrap();
+        assert!(settles(|| std::net::TcpStream::connect(addr).is_err()));
+        assert!(settles(|| plane.idle()));
+    }
+
+    #[test]
+    fn a_request_without_host_or_with_an_oversized_head_is_answered_by_the_router() {
+        let mut plane = LocalPlane::new(None);
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let routing = Routing {
+            hosts: vec!["shop.example".into()],
+            tls: None,
+        };
+        plane.listen("shop", &[addr], &routing).unwrap();
+        let backend = SocketAddr::from(([127, 0, 0, 1], holding_backend()));
+        plane.route("shop", &[("s1".into(), backend)]).unwrap();
+        let answer = |request: &[u8]| {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.write_all(request).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut answer = Vec::new();
+            let _ = s.read_to_end(&mut answer);
+            String::from_utf8_lossy(&answer).into_owned()
+        };
+        let no_host = answer(b"GET / HTTP/1.0\r\n\r\n");
+        assert!(
+            no_host.starts_with("HTTP/1.1 400") && no_host.ends_with("no Host header\n"),
+            "{no_host}"
+        );
+        let huge = format!(
+            "GET / HTTP/1.1\r\nHost: shop.example\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(20_000)
+        );
+        let too_large = answer(huge.as_bytes());
+        assert!(too_large.starts_with("HTTP/1.1 431"), "{too_large}");
+        let not_http = answer(b"\x16\x03\x01 this is not a request\r\n\r\n");
+        assert!(not_http.starts_with("HTTP/1.1 400"), "{not_http}");
+        assert_eq!(
+            plane.connections("shop", &["s1".to_owned()]).unwrap(),
+            vec![0]
+        );
+    }
+
+    #[test]
+    fn tls_without_hosts_fronts_any_tcp_protocol_for_one_service() {
+        // A backend that greets every connection and closes: not HTTP at all.
+        let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let backend_addr = backend.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for stream in backend.incoming() {
+                let Ok(mut stream) = stream else { break };
+                let _ = stream.write_all(b"pong from the backend\n");
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("c.key"));
+        let made = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+            .args(["-subj", "/CN=db.example", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl (installed by scripts/setup)");
+        assert!(made.status.success());
+        let mut plane = LocalPlane::new(None);
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let routing = Routing {
+            hosts: Vec::new(),
+            tls: Some(crate::router::TlsPaths {
+                cert: cert.clone(),
+                key,
+            }),
+        };
+        plane.listen("db", &[addr], &routing).unwrap();
+        plane.route("db", &[("d1".into(), backend_addr)]).unwrap();
+        // No other service may join an address that one service takes whole.
+        let other = Routing {
+            hosts: vec!["x.example".into()],
+            tls: routing.tls.clone(),
+        };
+        assert!(plane.listen("other", &[addr], &other).is_err());
+        let out = std::process::Command::new("openssl")
+            .args(["s_client", "-quiet", "-verify_return_error", "-CAfile"])
+            .arg(&cert)
+            .args(["-servername", "db.example", "-connect", &addr.to_string()])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            said.contains("pong from the backend"),
+            "{said} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        plane.close("db").unwrap();
+        assert!(settles(|| plane.idle()));
+    }
+
     #[test]
     fn kernel_balancing_follows_what_the_connected_controller_wants() {
         let mut plane = LocalPlane::new(None);
@@ -1128,11 +1473,16 @@ pub(crate) mod tests {
         assert!(plane.kernel_balancing());
         let backend = SocketAddr::from(([127, 0, 0, 1], holding_backend()));
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let listening = plane.listen("web", &[addr]).unwrap();
+        let listening = plane.listen("web", &[addr], &Routing::default()).unwrap();
         assert_eq!(listening.balanced, balanced_address(addr));
         assert!(!listening.adopted);
         plane.route("web", &[("a".into(), backend)]).unwrap();
-        assert!(plane.listen("web", &[addr]).unwrap().adopted);
+        assert!(
+            plane
+                .listen("web", &[addr], &Routing::default())
+                .unwrap()
+                .adopted
+        );
         let ids = ["a".to_owned()];
 
         // Balanced by the kernel: past the proxy, which counts nothing.

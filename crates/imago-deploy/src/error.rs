@@ -8,6 +8,12 @@ pub enum DeployError {
         field: String,
         reason: String,
     },
+    /// A TLS certificate or key file that cannot be used.
+    #[error("tls file {}: {reason}", path.display())]
+    Tls {
+        path: std::path::PathBuf,
+        reason: String,
+    },
     /// A definition file's services, as read and checked by imago-spec.
     #[error(transparent)]
     Spec(#[from] imago_spec::SpecError),

@@ -17,6 +17,7 @@ pub mod plan;
 pub mod proxy;
 pub mod rollout;
 pub mod roots;
+pub mod router;
 pub mod services;
 pub mod spec;
 pub mod state;

@@ -153,6 +153,11 @@ impl Routes {
         }
     }
 
+    /// Whether `other` is this very table (a clone of these routes).
+    pub(crate) fn same(&self, other: &Routes) -> bool {
+        Arc::ptr_eq(&self.table, &other.table)
+    }
+
     /// The routed backends and the index to start from, round-robin.
     fn candidates(&self) -> (Arc<[Target]>, usize) {
         let mut table = self.lock();
@@ -240,6 +245,21 @@ pub fn spawn(
     routes: Routes,
     shutdown: watch::Receiver<bool>,
 ) -> io::Result<Vec<std::thread::JoinHandle<()>>> {
+    spawn_with(listeners, shutdown, move |listener, shutdown| {
+        serve(listener, routes.clone(), shutdown)
+    })
+}
+
+/// [`spawn`] with another server per listener (the host router's, [`crate::router`]).
+pub(crate) fn spawn_with<F, Fut>(
+    listeners: Vec<std::net::TcpListener>,
+    shutdown: watch::Receiver<bool>,
+    serve: F,
+) -> io::Result<Vec<std::thread::JoinHandle<()>>>
+where
+    F: Fn(TcpListener, watch::Receiver<bool>) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()>,
+{
     let mut threads = Vec::with_capacity(listeners.len());
     for (index, listener) in listeners.into_iter().enumerate() {
         listener.set_nonblocking(true)?;
@@ -247,7 +267,7 @@ pub fn spawn(
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let routes = routes.clone();
+        let serve = serve.clone();
         let shutdown = shutdown.clone();
         threads.push(
             std::thread::Builder::new()
@@ -256,7 +276,7 @@ pub fn spawn(
                     runtime.block_on(async move {
                         // from_std fails only without a reactor, which this runtime has.
                         if let Ok(listener) = TcpListener::from_std(listener) {
-                            serve(listener, routes, shutdown).await;
+                            serve(listener, shutdown).await;
                         }
                     });
                 })?,
@@ -268,7 +288,23 @@ pub fn spawn(
 /// Accepts connections on `listener` until `shutdown` turns true (or its sender is dropped),
 /// forwarding each to a routed backend; then waits for the open connections to close. A
 /// connection that no backend accepts is closed at once.
-pub async fn serve(listener: TcpListener, routes: Routes, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(listener: TcpListener, routes: Routes, shutdown: watch::Receiver<bool>) {
+    accept_loop(listener, shutdown, move |client| {
+        forward(client, routes.clone())
+    })
+    .await;
+}
+
+/// Accepts connections on `listener` until `shutdown` turns true (or its sender is dropped),
+/// each handled by a task of its own; then waits for those tasks to end.
+pub(crate) async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+    handle: F,
+) where
+    F: Fn(TcpStream) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let open = Arc::new(AtomicUsize::new(0));
     loop {
         let accepted = tokio::select! {
@@ -283,10 +319,10 @@ pub async fn serve(listener: TcpListener, routes: Routes, mut shutdown: watch::R
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
-        let routes = routes.clone();
         let guard = Count::new(&open);
+        let handling = handle(client);
         tokio::spawn(async move {
-            forward(client, routes).await;
+            handling.await;
             drop(guard);
         });
     }
@@ -298,7 +334,7 @@ pub async fn serve(listener: TcpListener, routes: Routes, mut shutdown: watch::R
 }
 
 /// Holds one unit of a counter for as long as it lives, also when its task is cancelled.
-struct Count(Arc<AtomicUsize>);
+pub(crate) struct Count(Arc<AtomicUsize>);
 
 impl Count {
     fn new(counter: &Arc<AtomicUsize>) -> Self {
@@ -314,17 +350,26 @@ impl Drop for Count {
 }
 
 async fn forward(client: TcpStream, routes: Routes) {
+    if let Some((upstream, _count)) = connect_routed(&routes).await {
+        let _ = client.set_nodelay(true);
+        let _ = relay(&client, &upstream).await;
+    }
+}
+
+/// A connection to one of the routed backends, round-robin, the next one tried if one refuses;
+/// counted for that backend (drains wait for it) for as long as the [`Count`] lives. None when
+/// no routed backend accepts.
+pub(crate) async fn connect_routed(routes: &Routes) -> Option<(TcpStream, Count)> {
     let (targets, start) = routes.candidates();
     let n = targets.len();
     for target in targets.iter().cycle().skip(start).take(n) {
         // Count the connection before connecting, so a drain never misses one in flight.
-        let _count = Count::new(&target.active);
+        let count = Count::new(&target.active);
         if let Ok(upstream) = connect(target.addr).await {
-            let _ = client.set_nodelay(true);
-            let _ = relay(&client, &upstream).await;
-            return;
+            return Some((upstream, count));
         }
     }
+    None
 }
 
 async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
@@ -351,7 +396,7 @@ async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
 
 /// Relays both directions until both reached end of file (each end's write side is shut down
 /// when its peer's read side ends) or one fails.
-async fn relay(client: &TcpStream, upstream: &TcpStream) -> io::Result<()> {
+pub(crate) async fn relay(client: &TcpStream, upstream: &TcpStream) -> io::Result<()> {
     let client_done = AtomicBool::new(false);
     let upstream_done = AtomicBool::new(false);
     tokio::try_join!(
@@ -410,7 +455,7 @@ async fn pump(
     Ok(())
 }
 
-async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+pub(crate) async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {
         dst.writable().await?;
         match dst.try_write(data) {

@@ -35,6 +35,9 @@ pub fn parse_services_for(
     // makes a new release and a restart changes nothing. An inline profile is checked as a
     // file's is (unknown keys refused) and kept in the runtime's form, as a file's.
     let base = path.parent().unwrap_or(Path::new(""));
+    for spec in specs.values_mut() {
+        resolve_tls_files(spec, base)?;
+    }
     for (name, spec) in &mut specs {
         let bad = |reason: String| DeployError::InvalidService {
             service: name.clone(),
@@ -60,6 +63,28 @@ pub fn parse_services_for(
         spec.seccomp = Some(crate::spec::seccomp_setting(&seccomp).map_err(bad)?);
     }
     Ok(specs)
+}
+
+/// Makes a service's TLS files absolute (relative to the definition file's directory `base`),
+/// so that the data plane finds them whatever its working directory, and checks that they load
+/// now: a bad file fails `plan` and `apply`, naming it. The release keeps the paths, not the
+/// content: the data plane reloads the files when they change.
+fn resolve_tls_files(spec: &mut ServiceSpec, base: &Path) -> Result<(), DeployError> {
+    let Some(tls) = &mut spec.tls else {
+        return Ok(());
+    };
+    let absolute = |file: &str| {
+        let joined = base.join(file);
+        std::path::absolute(&joined).unwrap_or(joined)
+    };
+    let paths = crate::router::TlsPaths {
+        cert: absolute(&tls.cert),
+        key: absolute(&tls.key),
+    };
+    crate::router::load_certified_key(&paths)?;
+    tls.cert = paths.cert.display().to_string();
+    tls.key = paths.key.display().to_string();
+    Ok(())
 }
 
 /// The TCP port numbers of image port declarations (`80`, `80/tcp`; `53/udp` is left out).
@@ -273,8 +298,9 @@ health = { type = "tcp" }
         assert_eq!(
             parse(typo, &[]).unwrap_err().to_string(),
             "dir/imago.toml:3:1: unknown field `replica`, expected one of `image`, `replicas`, \
-             `command`, `env`, `port`, `target_port`, `bind`, `network`, `resources`, `volumes`, \
-             `seccomp`, `init`, `health`, `rollout`, `target`, `stop_grace_period`, `placement`"
+             `command`, `env`, `port`, `target_port`, `bind`, `hosts`, `tls`, `network`, `resources`, \
+             `volumes`, `seccomp`, `init`, `health`, `rollout`, `target`, `stop_grace_period`, \
+             `placement`"
         );
         let bad_type = "[service.web]\nimage = \"web\"\nreplicas = \"two\"\n";
         let err = parse(bad_type, &[]).unwrap_err().to_string();

@@ -16,6 +16,13 @@ pub enum SpecError {
         first: String,
         second: String,
     },
+    #[error("services {first} and {second} cannot share {address}: {reason}")]
+    SharedAddress {
+        address: String,
+        first: String,
+        second: String,
+        reason: String,
+    },
     #[error("{}:{line}:{column}: {message}", path.display())]
     ServiceTable {
         path: PathBuf,

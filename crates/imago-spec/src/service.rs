@@ -40,6 +40,16 @@ pub struct ServiceSpec {
     )]
     #[schemars(with = "Option<BindAddresses>")]
     pub bind: Vec<String>,
+    /// Host names this service answers on its endpoint, routed by the HTTP `Host` header (and
+    /// TLS SNI for the certificate): `"shop.example"`, or `"*.shop.example"` for any one label in
+    /// front of it. Several services may then share one `bind` address, each with its own hosts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    /// TLS termination at the endpoint with a certificate chain and private key from PEM files
+    /// (paths relative to imago.toml). The files are read when the endpoint starts and again
+    /// whenever they change on disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsFiles>,
     #[serde(default)]
     #[schemars(with = "NetworkName")]
     pub network: NetworkMode,
@@ -77,6 +87,50 @@ pub struct ServiceSpec {
     /// Which nodes of a cluster target the replicas may run on, and how they spread.
     #[serde(default, skip_serializing_if = "Placement::is_empty")]
     pub placement: Placement,
+}
+
+/// `tls = { cert = "certs/shop.pem", key = "certs/shop.key" }`: PEM files, the certificate
+/// chain (leaf first) and its private key (PKCS#8, PKCS#1 or SEC1).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub cert: String,
+    pub key: String,
+}
+
+/// Whether `host` (a lowercase name, no port) is one of `patterns`: equal to one, or under a
+/// `*.` pattern by exactly one label, as a wildcard certificate matches.
+pub fn host_matches(pattern: &str, host: &str) -> bool {
+    match pattern.strip_prefix("*.") {
+        Some(suffix) => host
+            .split_once('.')
+            .is_some_and(|(label, rest)| !label.is_empty() && rest == suffix),
+        None => pattern == host,
+    }
+}
+
+/// Checks one `hosts` entry: a DNS name of letters, digits and `-` in lowercase, optionally
+/// behind `*.`.
+fn check_host(host: &str) -> Result<(), String> {
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    let valid = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        });
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "{host:?} is not a host name like \"shop.example\" or \"*.shop.example\" (lowercase, no port)"
+        ))
+    }
 }
 
 /// `[service.NAME.placement]`: where the replicas of a service on a cluster target run. This
@@ -537,8 +591,26 @@ impl ServiceSpec {
         }
         self.volume_mounts()
             .map_err(|reason| bad("volumes", reason))?;
-        self.endpoint_addresses()
+        let addresses = self
+            .endpoint_addresses()
             .map_err(|reason| bad("bind", reason))?;
+        for (index, host) in self.hosts.iter().enumerate() {
+            check_host(host).map_err(|reason| bad("hosts", reason))?;
+            if self.hosts[..index].contains(host) {
+                return Err(bad("hosts", format!("{host:?} is listed twice")));
+            }
+        }
+        if (!self.hosts.is_empty() || self.tls.is_some()) && addresses.is_empty() {
+            return Err(bad(
+                "hosts",
+                "and tls need an endpoint: give `bind` (or `port`)".into(),
+            ));
+        }
+        if let Some(tls) = &self.tls
+            && (tls.cert.trim().is_empty() || tls.key.trim().is_empty())
+        {
+            return Err(bad("tls", "needs both `cert` and `key` files".into()));
+        }
         if self.rollout.progress_deadline.is_zero() {
             return Err(bad(
                 "rollout.progress_deadline",
@@ -622,26 +694,78 @@ impl ServiceSpec {
     }
 }
 
-/// Checks what involves several services: no two publish the same port.
+/// Checks what involves several services: no two publish the same port, unless both route by
+/// host name on the same addresses of that port (see [`shared_address_conflict`]).
 pub fn validate_all(
     services: &BTreeMap<String, ServiceSpec>,
 ) -> Result<BTreeMap<String, Limits>, SpecError> {
-    let mut ports: BTreeMap<u16, &str> = BTreeMap::new();
+    let mut ports: BTreeMap<u16, Vec<&str>> = BTreeMap::new();
     let mut limits = BTreeMap::new();
     for (name, spec) in services {
         limits.insert(name.clone(), spec.validate(name)?);
-        // By port whatever the addresses: one port, one service (no routing by host name).
+        // By port whatever the addresses: 0.0.0.0:80 and 127.0.0.1:80 overlap.
         for port in spec.endpoint_ports() {
-            if let Some(other) = ports.insert(port, name) {
-                return Err(SpecError::PortConflict {
-                    port,
-                    first: other.to_owned(),
-                    second: name.clone(),
-                });
+            let sharing = ports.entry(port).or_default();
+            for other in sharing.iter() {
+                let first = &services[*other];
+                if first.hosts.is_empty() && spec.hosts.is_empty() {
+                    return Err(SpecError::PortConflict {
+                        port,
+                        first: (*other).to_owned(),
+                        second: name.clone(),
+                    });
+                }
+                if let Some((address, reason)) = shared_address_conflict(first, spec, port) {
+                    return Err(SpecError::SharedAddress {
+                        address,
+                        first: (*other).to_owned(),
+                        second: name.clone(),
+                        reason,
+                    });
+                }
             }
+            sharing.push(name);
         }
     }
     Ok(limits)
+}
+
+/// Why `first` and `second`, which both publish `port`, cannot share it: one endpoint serves
+/// both only if both route by host name, on the very same addresses of that port, both with
+/// TLS or both without, and no host name goes to both. The address is the one they collide on.
+fn shared_address_conflict(
+    first: &ServiceSpec,
+    second: &ServiceSpec,
+    port: u16,
+) -> Option<(String, String)> {
+    let on_port = |spec: &ServiceSpec| -> Vec<SocketAddr> {
+        let mut addresses: Vec<SocketAddr> = spec
+            .endpoint_addresses()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|a| a.port() == port)
+            .collect();
+        addresses.sort_unstable();
+        addresses
+    };
+    let (a, b) = (on_port(first), on_port(second));
+    let address = a
+        .iter()
+        .find(|x| b.contains(x))
+        .or(a.first())
+        .map_or_else(|| format!("port {port}"), SocketAddr::to_string);
+    let reason = if first.hosts.is_empty() || second.hosts.is_empty() {
+        "only services that both declare `hosts` can share an address".to_owned()
+    } else if a != b {
+        "services sharing a port must bind the same addresses of it".to_owned()
+    } else if first.tls.is_some() != second.tls.is_some() {
+        "one terminates TLS and the other does not: give both `tls` or neither".to_owned()
+    } else if let Some(host) = first.hosts.iter().find(|h| second.hosts.contains(h)) {
+        format!("both claim host {host:?}")
+    } else {
+        return None;
+    };
+    Some((address, reason))
 }
 
 /// serde support for durations written as "500ms", "2s", "1m 30s".
@@ -681,6 +805,68 @@ mod tests {
         pub fn from_str(text: &str) -> Value {
             serde_json::from_str(text).unwrap()
         }
+    }
+
+    #[test]
+    fn services_share_a_port_only_when_both_route_by_host_on_the_same_addresses() {
+        let services = |specs: &[(&str, &str)]| -> BTreeMap<String, ServiceSpec> {
+            specs
+                .iter()
+                .map(|(name, json)| ((*name).to_owned(), parse(json)))
+                .collect()
+        };
+        let shop = r#"{"image": "web", "bind": "0.0.0.0:443", "hosts": ["shop.example", "*.shop.example"], "tls": {"cert": "a.pem", "key": "a.key"}}"#;
+        let blog = r#"{"image": "web", "bind": "0.0.0.0:443", "hosts": ["blog.example"], "tls": {"cert": "b.pem", "key": "b.key"}}"#;
+        validate_all(&services(&[("shop", shop), ("blog", blog)])).unwrap();
+        let conflicts = [
+            (
+                r#"{"image": "web", "bind": "0.0.0.0:443"}"#,
+                "only services that both declare `hosts`",
+            ),
+            (
+                r#"{"image": "web", "bind": "0.0.0.0:443", "hosts": ["blog.example"]}"#,
+                "one terminates TLS and the other does not",
+            ),
+            (
+                r#"{"image": "web", "bind": "127.0.0.1:443", "hosts": ["blog.example"], "tls": {"cert": "b.pem", "key": "b.key"}}"#,
+                "must bind the same addresses",
+            ),
+            (
+                r#"{"image": "web", "bind": "0.0.0.0:443", "hosts": ["shop.example"], "tls": {"cert": "b.pem", "key": "b.key"}}"#,
+                "both claim host \"shop.example\"",
+            ),
+        ];
+        for (other, says) in conflicts {
+            let err = validate_all(&services(&[("shop", shop), ("zblog", other)]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("shop")
+                    && err.contains("zblog")
+                    && err.contains("443")
+                    && err.contains(says),
+                "{err}"
+            );
+        }
+        for bad in [
+            r#"["Shop.example"]"#,
+            r#"["shop.example:443"]"#,
+            r#"["a.*.example"]"#,
+        ] {
+            let spec = parse(&format!(
+                r#"{{"image": "web", "port": 80, "hosts": {bad}}}"#
+            ));
+            let err = spec.validate("web").unwrap_err().to_string();
+            assert!(
+                err.contains("hosts") && err.contains("not a host name"),
+                "{err}"
+            );
+        }
+        let no_endpoint = parse(r#"{"image": "web", "hosts": ["shop.example"]}"#);
+        assert!(no_endpoint.validate("web").is_err());
+        assert!(host_matches("*.shop.example", "www.shop.example"));
+        assert!(!host_matches("*.shop.example", "a.www.shop.example"));
+        assert!(!host_matches("*.shop.example", "shop.example"));
     }
 
     #[test]

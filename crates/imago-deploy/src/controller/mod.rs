@@ -190,6 +190,8 @@ impl Wake {
 pub struct Endpoint {
     /// Where it listens: `bind`, or 127.0.0.1:`port`.
     pub addrs: Vec<SocketAddr>,
+    /// Host names and TLS of a host-routed endpoint.
+    pub routing: crate::router::Routing,
 }
 
 /// What one pass did for one service; the controller's log and the tests read it.
@@ -621,16 +623,17 @@ impl Controller {
         if addrs.is_empty() {
             return self.close_endpoint(service);
         }
+        let routing = crate::router::Routing::of(&release.spec);
         if self
             .endpoints
             .get(service)
-            .is_some_and(|e| e.addrs == addrs)
+            .is_some_and(|e| e.addrs == addrs && e.routing == routing)
         {
             return Ok(());
         }
         // A new address keeps the service's routes in the data plane: connections still open
         // on the old one (relayed to their end) keep counting for drains.
-        let listening = self.plane.listen(service, &addrs)?;
+        let listening = self.plane.listen(service, &addrs, &routing)?;
         self.plane_services.insert(service.to_owned());
         self.record_kernel_failures()?;
         let mut kernel = match listening.balanced {
@@ -643,6 +646,21 @@ impl Controller {
             kernel.push_str(
                 "; remote clients are forwarded to an instance by the kernel (nftables DNAT)",
             );
+        }
+        if !routing.is_plain() {
+            let hosts = if routing.hosts.is_empty() {
+                "every host".to_owned()
+            } else {
+                routing.hosts.join(", ")
+            };
+            let tls = if routing.tls.is_some() {
+                ", TLS terminated here"
+            } else {
+                ""
+            };
+            kernel.push_str(&format!(
+                "; HTTP routed by host name ({hosts}){tls}: every client goes through the proxy"
+            ));
         }
         let addr = addrs
             .iter()
@@ -657,7 +675,7 @@ impl Controller {
         self.db
             .event(Some(service), "endpoint", &message, &self.actor)?;
         self.endpoints
-            .insert(service.to_owned(), Endpoint { addrs });
+            .insert(service.to_owned(), Endpoint { addrs, routing });
         Ok(())
     }
 }

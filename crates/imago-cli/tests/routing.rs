@@ -1,0 +1,469 @@
+//! Host-routed endpoints (issue 15): several services on one port by HTTP `Host`, TLS
+//! terminated with certificates from files, real instances behind a real controller and data
+//! plane, asked with curl (`--resolve`, `--cacert`) as a user would.
+//!
+//! Needs root (instances), busybox-static (the example image), curl and openssl.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::Imago;
+
+const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/web");
+
+/// Two services of the example image, `shop` and `blog`, each serving its own directory, both
+/// on 127.0.0.1:PORT by host name; with TLS, each with its own self-signed certificate.
+struct Site {
+    imago: Imago,
+    dir: PathBuf,
+    port: u16,
+    tls: bool,
+    _lease: common::PortLease,
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        let _ = self.imago.cmd().args(["destroy", "shop", "blog"]).output();
+        let _ = self.imago.cmd().args(["serve", "--stop"]).output();
+    }
+}
+
+fn need(tool: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .unwrap()
+        .status
+        .success();
+    assert!(
+        found,
+        "{tool} is needed by this test (apt-get install {tool}; scripts/setup installs it)"
+    );
+}
+
+/// A self-signed certificate for `host` and `*.host` (P-256), written to NAME.pem / NAME.key.
+fn make_cert(dir: &Path, name: &str, host: &str, organisation: &str) {
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "2", "-keyout"])
+        .arg(dir.join(format!("{name}.key.new")))
+        .arg("-out")
+        .arg(dir.join(format!("{name}.pem.new")))
+        .args(["-subj", &format!("/O={organisation}/CN={host}")])
+        .args([
+            "-addext",
+            &format!("subjectAltName=DNS:{host},DNS:*.{host}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Each file replaced by a rename, as a certificate renewal tool does.
+    for ext in ["key", "pem"] {
+        std::fs::rename(
+            dir.join(format!("{name}.{ext}.new")),
+            dir.join(format!("{name}.{ext}")),
+        )
+        .unwrap();
+    }
+}
+
+impl Site {
+    fn new(tls: bool) -> Site {
+        need("curl");
+        need("openssl");
+        let imago = Imago::new();
+        let dir = imago.dir.path().join("site");
+        copy_dir(Path::new(EXAMPLE), &dir);
+        let lease = common::lease_port();
+        let site = Site {
+            imago,
+            dir,
+            port: lease.port,
+            tls,
+            _lease: lease,
+        };
+        site.set_page("shop", "shop v1");
+        site.set_page("blog", "blog v1");
+        if tls {
+            std::fs::create_dir_all(site.dir.join("certs")).unwrap();
+            make_cert(&site.dir.join("certs"), "shop", "shop.example", "first");
+            make_cert(&site.dir.join("certs"), "blog", "blog.example", "first");
+        }
+        site.write_definition();
+        site
+    }
+
+    fn set_page(&self, service: &str, text: &str) {
+        let www = self.dir.join("www").join(service);
+        std::fs::create_dir_all(&www).unwrap();
+        std::fs::write(www.join("index.html"), format!("{text}\n")).unwrap();
+    }
+
+    fn write_definition(&self) {
+        let example = std::fs::read_to_string(Path::new(EXAMPLE).join("imago.toml")).unwrap();
+        let images = &example[..example.find("[service.web]").unwrap()];
+        let mut text = images.to_owned();
+        for service in ["shop", "blog"] {
+            let tls = if self.tls {
+                format!(
+                    "tls = {{ cert = \"certs/{service}.pem\", key = \"certs/{service}.key\" }}\n"
+                )
+            } else {
+                String::new()
+            };
+            text.push_str(&format!(
+                r#"
+[service.{service}]
+image = "web"
+replicas = 2
+bind = "127.0.0.1:{port}"
+hosts = ["{service}.example", "*.{service}.example"]
+{tls}target_port = 8080
+command = ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www/{service}"]
+stop_grace_period = "1s"
+
+[service.{service}.health]
+type = "http"
+path = "/"
+interval = "200ms"
+timeout = "1s"
+healthy_threshold = 1
+
+[service.{service}.rollout]
+max_surge = 1
+max_unavailable = 0
+min_ready = "300ms"
+drain = "1s"
+"#,
+                port = self.port
+            ));
+        }
+        std::fs::write(self.dir.join("imago.toml"), text).unwrap();
+    }
+
+    fn file(&self) -> String {
+        self.dir.join("imago.toml").display().to_string()
+    }
+
+    fn apply(&self) -> common::Run {
+        self.imago.run(&["apply", "-f", &self.file()])
+    }
+
+    fn cert(&self, service: &str) -> PathBuf {
+        self.dir.join("certs").join(format!("{service}.pem"))
+    }
+
+    /// `curl` for `host` on the site's port, resolved to 127.0.0.1: (status, body).
+    fn curl(&self, host: &str, cacert: Option<&Path>) -> Result<(u16, String), String> {
+        curl(self.port, self.tls, host, cacert)
+    }
+
+    fn events(&self) -> String {
+        self.imago.run(&["events"]).ok().stdout()
+    }
+}
+
+fn curl(port: u16, tls: bool, host: &str, cacert: Option<&Path>) -> Result<(u16, String), String> {
+    let scheme = if tls { "https" } else { "http" };
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "5", "-w", "\n%{http_code}"])
+        .args(["--resolve", &format!("{host}:{port}:127.0.0.1")]);
+    match cacert {
+        Some(ca) => {
+            cmd.arg("--cacert").arg(ca);
+        }
+        None if tls => {
+            cmd.arg("-k");
+        }
+        None => {}
+    }
+    let out = cmd
+        .arg(format!("{scheme}://{host}:{port}/"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        return Err(format!(
+            "curl {host}: {}{text}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let code = code
+        .trim()
+        .parse()
+        .map_err(|_| format!("no status: {text:?}"))?;
+    Ok((code, body.to_owned()))
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn two_services_share_one_port_by_host_name_and_an_unknown_host_gets_404() {
+    let site = Site::new(false);
+    site.apply().ok();
+    assert_eq!(
+        site.curl("shop.example", None).unwrap(),
+        (200, "shop v1\n".into())
+    );
+    assert_eq!(
+        site.curl("blog.example", None).unwrap(),
+        (200, "blog v1\n".into())
+    );
+    // A wildcard takes one label in front of the name.
+    assert_eq!(
+        site.curl("www.shop.example", None).unwrap(),
+        (200, "shop v1\n".into())
+    );
+    let (code, body) = site.curl("other.example", None).unwrap();
+    assert_eq!(code, 404, "{body}");
+    assert_eq!(body, "no service for host \"other.example\"\n");
+    let events = site.events();
+    assert!(
+        events.contains("HTTP routed by host name (shop.example, *.shop.example)")
+            && !events.contains("kernel balancing)"),
+        "{events}"
+    );
+}
+
+#[test]
+fn a_third_service_on_a_host_routed_port_without_hosts_is_refused_at_plan_time() {
+    let site = Site::new(false);
+    let path = site.dir.join("imago.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        format!(
+            "{text}\n[service.plain]\nimage = \"web\"\nbind = \"127.0.0.1:{}\"\ntarget_port = 8080\n",
+            site.port
+        ),
+    )
+    .unwrap();
+    let err = site.imago.run(&["plan", "-f", &site.file()]).fails();
+    let address = format!("127.0.0.1:{}", site.port);
+    assert!(
+        err.contains("blog") && err.contains("plain") && err.contains(&address),
+        "{err}"
+    );
+}
+
+#[test]
+fn tls_picks_each_services_certificate_by_sni_and_a_replaced_certificate_is_served() {
+    let site = Site::new(true);
+    site.apply().ok();
+    // curl verifies the chain against each service's own certificate: SNI chose it.
+    assert_eq!(
+        site.curl("shop.example", Some(&site.cert("shop"))).unwrap(),
+        (200, "shop v1\n".into())
+    );
+    assert_eq!(
+        site.curl("blog.example", Some(&site.cert("blog"))).unwrap(),
+        (200, "blog v1\n".into())
+    );
+    assert!(
+        site.curl("blog.example", Some(&site.cert("shop"))).is_err(),
+        "blog.example was served shop's certificate"
+    );
+    let (code, _) = site.curl("nowhere.example", None).unwrap();
+    assert_eq!(code, 404);
+
+    // Renewed on disk: the next handshakes get it, without an apply.
+    let old = site.dir.join("old-shop.pem");
+    std::fs::copy(site.cert("shop"), &old).unwrap();
+    make_cert(&site.dir.join("certs"), "shop", "shop.example", "renewed");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if site.curl("shop.example", Some(&site.cert("shop"))).is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the renewed certificate was never served"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        site.curl("shop.example", Some(&old)).is_err(),
+        "the old certificate is still served"
+    );
+
+    // A certificate file that is not one fails the plan, naming the file.
+    std::fs::write(site.cert("blog"), "garbage\n").unwrap();
+    let err = site.imago.run(&["plan", "-f", &site.file()]).fails();
+    assert!(
+        err.contains(&site.cert("blog").display().to_string()),
+        "{err}"
+    );
+}
+
+/// A client that asks `host` over and over with curl until finished.
+struct Load {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Vec<Result<(u16, String), String>>>,
+}
+
+impl Load {
+    fn start(site: &Site, host: &'static str, ca: PathBuf) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let (port, tls) = (site.port, site.tls);
+        let handle = std::thread::spawn(move || {
+            let mut answers = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                answers.push(curl(port, tls, host, Some(&ca)));
+            }
+            answers
+        });
+        Load { stop, handle }
+    }
+
+    /// Every answer, in order, after asserting that each was a 200 and that there were many.
+    fn finish(self) -> Vec<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        let answers = self.handle.join().unwrap();
+        let failed: Vec<_> = answers
+            .iter()
+            .filter(|a| !matches!(a, Ok((200, _))))
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "{} of {} requests failed: {:?}",
+            failed.len(),
+            answers.len(),
+            &failed[..failed.len().min(5)]
+        );
+        assert!(
+            answers.len() > 10,
+            "the client kept asking ({})",
+            answers.len()
+        );
+        answers.into_iter().map(|a| a.unwrap().1).collect()
+    }
+}
+
+#[test]
+fn a_rolling_update_under_load_over_tls_fails_no_request() {
+    let site = Site::new(true);
+    site.apply().ok();
+    let load = Load::start(&site, "shop.example", site.cert("shop"));
+    std::thread::sleep(Duration::from_millis(300));
+    site.set_page("shop", "shop v2");
+    let out = site.apply().ok().stdout();
+    assert!(out.contains("deployment complete"), "{out}");
+    std::thread::sleep(Duration::from_millis(300));
+    let answers = load.finish();
+    assert_eq!(answers.first().unwrap(), "shop v1\n");
+    assert_eq!(answers.last().unwrap(), "shop v2\n");
+    // The other service on the port (rolled too: the image is shared) still answers.
+    assert_eq!(
+        site.curl("blog.example", Some(&site.cert("blog"))).unwrap(),
+        (200, "blog v1\n".into())
+    );
+}
+
+#[test]
+fn a_controller_kill_9_under_tls_load_fails_no_request_and_the_next_one_rolls_out_through_the_same_port()
+ {
+    let site = Site::new(true);
+    site.apply().ok();
+    let shop = Load::start(&site, "shop.example", site.cert("shop"));
+    let blog = Load::start(&site, "blog.example", site.cert("blog"));
+    std::thread::sleep(Duration::from_millis(300));
+    let info: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(site.imago.home.join("deploy/controller.json")).unwrap(),
+    )
+    .unwrap();
+    let pid = info["pid"].as_i64().unwrap() as i32;
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    // The data plane serves both hosts without a controller.
+    std::thread::sleep(Duration::from_millis(1000));
+    // The next controller adopts the data plane and rolls shop out on the same front.
+    site.set_page("shop", "shop v2");
+    let out = site.apply().ok().stdout();
+    assert!(out.contains("deployment complete"), "{out}");
+    std::thread::sleep(Duration::from_millis(300));
+    let shop = shop.finish();
+    let blog = blog.finish();
+    assert_eq!(shop.first().unwrap(), "shop v1\n");
+    assert_eq!(shop.last().unwrap(), "shop v2\n");
+    assert!(
+        blog.iter().all(|b| b == "blog v1\n"),
+        "blog answered another page"
+    );
+}
+
+/// The pid of the site's data plane process (`imago --home HOME __dataplane`), if one runs.
+fn dataplane_pid(site: &Site) -> Option<i32> {
+    let home = site.imago.home.display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            args.contains(&home.as_bytes()) && args.contains(&b"__dataplane".as_slice())
+        })
+}
+
+#[test]
+fn a_data_plane_killed_with_sigkill_is_started_again_with_its_hosts_and_certificates() {
+    let site = Site::new(true);
+    site.apply().ok();
+    let plane = dataplane_pid(&site).expect("a data plane process");
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(plane).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    // The controller notices at its next pass and replays listen (hosts, TLS) and routes.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let shop = site.curl("shop.example", Some(&site.cert("shop")));
+        let blog = site.curl("blog.example", Some(&site.cert("blog")));
+        if shop.as_ref().is_ok_and(|a| a.0 == 200) && blog.as_ref().is_ok_and(|a| a.0 == 200) {
+            assert_eq!(shop.unwrap().1, "shop v1\n");
+            assert_eq!(blog.unwrap().1, "blog v1\n");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not served again: {shop:?} {blog:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(dataplane_pid(&site).is_some_and(|p| p != plane));
+    let (code, _) = site.curl("nowhere.example", None).unwrap();
+    assert_eq!(code, 404);
+}
