@@ -6,7 +6,9 @@
 #  - rollback to a retained release, from the command to every instance serving it;
 #  - the service endpoint against direct connections to the same single instance, for a
 #    small page (busybox httpd: one connection per request), a 1 MiB file, and long connections
-#    to an echo backend (the pingpong example as client). Four sides take turns, medians of
+#    to an echo backend (the pingpong example as client; it counts round trips from the moment
+#    all its connections are up, because busybox nc's listen queue drops some of 16 simultaneous
+#    SYNs and a 1 s SYN retransmit is no cost of the path). Four sides take turns, medians of
 #    ROUNDS (default 5):
 #    direct; imago's endpoint as its clients use it (the controller's default: kernel
 #    connect-time balancing straight to the instance); imago's endpoint proxy alone, the
