@@ -8,7 +8,8 @@
 //! same endpoint. So the engine owns a unix socket in a private temporary directory for its
 //! lifetime; every connection accepted there gets its own ssh process, and both clients connect
 //! to that socket as to a local daemon. Dropping the tunnel kills and reaps every ssh process
-//! and removes the directory.
+//! and removes the directory; the directory of a process that died without dropping it is
+//! removed by the next tunnel made on the host (`sweep_abandoned`).
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -99,7 +100,11 @@ impl SshTunnel {
         destination: &SshDestination,
         runtime: &tokio::runtime::Runtime,
     ) -> std::io::Result<SshTunnel> {
-        let dir = tempfile::Builder::new().prefix("imago-ssh-").tempdir()?;
+        let temp = std::env::temp_dir();
+        sweep_abandoned(&temp);
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{TUNNEL_PREFIX}{}-", std::process::id()))
+            .tempdir_in(&temp)?;
         let listener = {
             let _context = runtime.enter();
             UnixListener::bind(dir.path().join("docker.sock"))?
@@ -139,6 +144,33 @@ impl SshTunnel {
         let _ = self.shutdown.send(true);
         if let Some(accept) = self.accept.take() {
             let _ = runtime.block_on(accept);
+        }
+    }
+}
+
+/// The start of a tunnel directory's name, followed by the pid of the process it serves.
+const TUNNEL_PREFIX: &str = "imago-ssh-";
+
+/// Removes the tunnel directories in `temp` of processes that are gone. A process killed, or
+/// a controller stopped with SIGTERM (it never returns), leaves its directory (its ssh
+/// processes end with it: their stdin closes); the next engine of any imago process removes it.
+fn sweep_abandoned(temp: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(temp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(TUNNEL_PREFIX))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        if is_dir && !std::path::Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
         }
     }
 }
