@@ -1241,7 +1241,18 @@ fn an_ssh_endpoint_applies_reports_destroys_and_leaves_no_ssh_process_behind() {
 
     imago(&["destroy", &s.name]).ok();
     assert!(s.cluster.service(&s.name).is_none(), "the service is gone");
+    let controller: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(s.imago.home.join("deploy/controller.json")).unwrap(),
+    )
+    .unwrap();
+    let controller = controller["pid"].as_u64().unwrap();
     imago(&["serve", "--stop"]).ok();
+    settles("the stopped controller", || {
+        std::fs::read_to_string(format!("/proc/{controller}/stat"))
+            .into_iter()
+            .filter(|stat| !stat.contains(") Z "))
+            .collect::<Vec<_>>()
+    });
     settles("ssh clients after the controller stopped", || sshd.clients());
     settles("sshd sessions after the controller stopped", || {
         sshd.sessions()
@@ -1256,7 +1267,16 @@ fn an_ssh_endpoint_applies_reports_destroys_and_leaves_no_ssh_process_behind() {
         .flatten()
         .map(|e| e.file_name())
         .collect();
-    assert!(left.is_empty(), "left in TMPDIR: {left:?}");
+    let owners: Vec<_> = left
+        .iter()
+        .filter_map(|name| name.to_str()?.split('-').nth(2))
+        .map(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default())
+        .map(|args| String::from_utf8_lossy(&args).replace('\0', " "))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "left in TMPDIR: {left:?}, by processes {owners:?}"
+    );
 }
 
 #[test]

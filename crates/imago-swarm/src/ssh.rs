@@ -169,10 +169,19 @@ fn sweep_abandoned(temp: &std::path::Path) {
             continue;
         };
         let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
-        if is_dir && !std::path::Path::new("/proc").join(pid.to_string()).exists() {
+        if is_dir && !alive(pid) {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
+}
+
+/// Whether process `pid` runs (a zombie has ended: it only waits to be reaped).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // `PID (COMM) STATE ...`: COMM may hold spaces and parentheses.
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().chars().next() != Some('Z'))
+    })
 }
 
 async fn accept(
