@@ -1320,6 +1320,7 @@ fn an_ssh_endpoint_that_fails_is_named_with_what_ssh_said() {
             .output()
             .unwrap();
         let error = common::Run { output: out }.fails();
+        eprintln!("{name}: {error}");
         assert!(error.contains(&sshd.endpoint()), "{name}: {error}");
         assert!(error.contains(said), "{name}: {error}");
         // Batch mode: nothing waited for a prompt.
