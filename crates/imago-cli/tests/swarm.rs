@@ -41,6 +41,32 @@ struct Cluster {
     registry: Registry,
 }
 
+/// Shared by every test of this binary while it runs; held alone by the test whose promise is
+/// timing under load (no failed request during a rolling update), so that no sibling test's
+/// daemons, builds and controllers load the two cores while it measures.
+static MACHINE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+enum MachineGuard {
+    Shared {
+        _guard: std::sync::RwLockReadGuard<'static, ()>,
+    },
+    Alone {
+        _guard: std::sync::RwLockWriteGuard<'static, ()>,
+    },
+}
+
+fn share_machine() -> MachineGuard {
+    MachineGuard::Shared {
+        _guard: MACHINE.read().unwrap_or_else(|p| p.into_inner()),
+    }
+}
+
+fn machine_alone() -> MachineGuard {
+    MachineGuard::Alone {
+        _guard: MACHINE.write().unwrap_or_else(|p| p.into_inner()),
+    }
+}
+
 /// Held while a cluster starts or tears down, so that two never overlap.
 static CLUSTER: Mutex<Weak<Cluster>> = Mutex::new(Weak::new());
 /// How many clusters this process started: part of the bridge's name and subnet.
@@ -351,12 +377,23 @@ struct SwarmService {
     name: String,
     port: u16,
     _lease: common::PortLease,
+    /// Last: released once the service is torn down.
+    _machine: MachineGuard,
 }
 
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/web");
 
 impl SwarmService {
     fn new(name: &str) -> SwarmService {
+        SwarmService::with_machine(name, share_machine())
+    }
+
+    /// With no other test of this binary running meanwhile.
+    fn alone(name: &str) -> SwarmService {
+        SwarmService::with_machine(name, machine_alone())
+    }
+
+    fn with_machine(name: &str, machine: MachineGuard) -> SwarmService {
         let cluster = cluster();
         let imago = Imago::new();
         let dir = imago.dir.path().join("web");
@@ -369,6 +406,7 @@ impl SwarmService {
             name: name.to_owned(),
             port: lease.port,
             _lease: lease,
+            _machine: machine,
         };
         s.set_version("1");
         s
@@ -553,7 +591,7 @@ impl Load {
 
 #[test]
 fn apply_pins_the_digest_rolls_under_load_rolls_back_on_demand_and_destroys() {
-    let s = SwarmService::new("swweb");
+    let s = SwarmService::alone("swweb");
     let applied = s.apply().ok();
     assert!(
         applied.stdout().contains("deployment complete (release 1"),
@@ -1281,6 +1319,7 @@ fn an_ssh_endpoint_applies_reports_destroys_and_leaves_no_ssh_process_behind() {
 
 #[test]
 fn an_ssh_endpoint_that_fails_is_named_with_what_ssh_said() {
+    let _machine = share_machine();
     let shared = cluster();
     let sshd = Sshd::start(&shared);
     let imago = Imago::new();
@@ -1653,6 +1692,7 @@ impl Drop for TwoNodes {
 
 #[test]
 fn a_service_on_two_nodes_rolls_over_and_back_with_tasks_on_both() {
+    let _machine = share_machine();
     let nodes = TwoNodes::start();
     let imago = Imago::new();
     let dir = imago.dir.path().join("two");

@@ -258,14 +258,16 @@ async fn forward(
             std::future::pending::<()>().await
         };
         let downstream = tokio::io::copy(&mut stdout, &mut to_client);
-        tokio::select! {
-            _ = upstream => {}
-            _ = downstream => {}
-            _ = stopped.wait_for(|stop| *stop) => {}
+        let closing = tokio::select! {
+            _ = upstream => false,
+            _ = downstream => false,
+            _ = stopped.wait_for(|stop| *stop) => true,
+        };
+        // A stream that ended is an ssh that is exiting; a tunnel that closes does not wait
+        // for the idle connections it cuts.
+        if closing || tokio::time::timeout(EXIT_GRACE, child.wait()).await.is_err() {
+            let _ = child.kill().await;
         }
-    }
-    if tokio::time::timeout(EXIT_GRACE, child.wait()).await.is_err() {
-        let _ = child.kill().await;
     }
     if let Ok(text) = errors.await
         && !text.is_empty()
