@@ -113,7 +113,13 @@ impl Cluster {
         tool("ip", &["link", "add", &bridge, "type", "bridge"]);
         tool(
             "ip",
-            &["addr", "add", &format!("10.196.{subnet}.1/24"), "dev", &bridge],
+            &[
+                "addr",
+                "add",
+                &format!("10.196.{subnet}.1/24"),
+                "dev",
+                &bridge,
+            ],
         );
         tool("ip", &["link", "set", &bridge, "up"]);
         let swarm_lease = common::lease_port();
@@ -1021,10 +1027,22 @@ impl Sshd {
         for program in ["sshd", "ssh", "ssh-keygen"] {
             require_tool(program);
         }
-        let dir = tempfile::Builder::new().prefix("imago-sshd-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("imago-sshd-")
+            .tempdir()
+            .unwrap();
         let path = |name: &str| dir.path().join(name).display().to_string();
-        for key in ["host_key", "other_host_key", "client_key", "no_docker_key", "stranger_key"] {
-            tool("ssh-keygen", &["-q", "-t", "ed25519", "-N", "", "-C", key, "-f", &path(key)]);
+        for key in [
+            "host_key",
+            "other_host_key",
+            "client_key",
+            "no_docker_key",
+            "stranger_key",
+        ] {
+            tool(
+                "ssh-keygen",
+                &["-q", "-t", "ed25519", "-N", "", "-C", key, "-f", &path(key)],
+            );
         }
         let public = |key: &str| std::fs::read_to_string(path(&format!("{key}.pub"))).unwrap();
         // The second key's sessions find no docker: a PATH without it.
@@ -1124,7 +1142,10 @@ impl Sshd {
         let wrapper = bin.join("ssh");
         std::fs::write(
             &wrapper,
-            format!("#!/bin/sh\nexec /usr/bin/ssh -F {} \"$@\"\n", config.display()),
+            format!(
+                "#!/bin/sh\nexec /usr/bin/ssh -F {} \"$@\"\n",
+                config.display()
+            ),
         )
         .unwrap();
         use std::os::unix::fs::PermissionsExt;
@@ -1167,7 +1188,13 @@ fn processes() -> Vec<(u32, u32, Vec<String>)> {
             let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
             let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
             // `PID (COMM) STATE PPID ...`: COMM may hold spaces and parentheses.
-            let parent = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+            let parent = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
             let args = std::fs::read(entry.path().join("cmdline")).ok()?;
             let args = args
                 .split(|b| *b == 0)
@@ -1237,7 +1264,10 @@ fn an_ssh_endpoint_applies_reports_destroys_and_leaves_no_ssh_process_behind() {
         sshd.clients()
             .into_iter()
             .filter(|(_, parent)| {
-                std::fs::read_link(format!("/proc/{parent}/exe")).ok().as_ref() != Some(&imago_exe)
+                std::fs::read_link(format!("/proc/{parent}/exe"))
+                    .ok()
+                    .as_ref()
+                    != Some(&imago_exe)
             })
             .collect::<Vec<_>>()
     };
@@ -1291,14 +1321,19 @@ fn an_ssh_endpoint_applies_reports_destroys_and_leaves_no_ssh_process_behind() {
             .filter(|stat| !stat.contains(") Z "))
             .collect::<Vec<_>>()
     });
-    settles("ssh clients after the controller stopped", || sshd.clients());
+    settles("ssh clients after the controller stopped", || {
+        sshd.clients()
+    });
     settles("sshd sessions after the controller stopped", || {
         sshd.sessions()
     });
     // The controller ends on SIGTERM without dropping its engines: its socket directory is
     // left, and the next ssh:// engine made on the host removes it (its process is gone).
     let abandoned = std::fs::read_dir(&tmp).unwrap().count();
-    assert!(abandoned <= 1, "{abandoned} tunnel directories after one controller");
+    assert!(
+        abandoned <= 1,
+        "{abandoned} tunnel directories after one controller"
+    );
     imago(&["plan", "-f", &s.file()]).ok();
     let left: Vec<_> = std::fs::read_dir(&tmp)
         .unwrap()
@@ -1339,10 +1374,30 @@ fn an_ssh_endpoint_that_fails_is_named_with_what_ssh_said() {
     .unwrap();
     let file = file.display().to_string();
     let cases = [
-        ("wrong-host-key", "client_key", Some("other_host_key"), "has changed"),
-        ("unknown-host-key", "client_key", None, "Host key verification failed"),
-        ("stranger", "stranger_key", Some("host_key"), "Permission denied"),
-        ("no-docker", "no_docker_key", Some("host_key"), "docker: command not found"),
+        (
+            "wrong-host-key",
+            "client_key",
+            Some("other_host_key"),
+            "has changed",
+        ),
+        (
+            "unknown-host-key",
+            "client_key",
+            None,
+            "Host key verification failed",
+        ),
+        (
+            "stranger",
+            "stranger_key",
+            Some("host_key"),
+            "Permission denied",
+        ),
+        (
+            "no-docker",
+            "no_docker_key",
+            Some("host_key"),
+            "docker: command not found",
+        ),
     ];
     for (name, identity, trusted, said) in cases {
         let client = sshd.client(name, identity, trusted);
@@ -1363,7 +1418,10 @@ fn an_ssh_endpoint_that_fails_is_named_with_what_ssh_said() {
         assert!(error.contains(&sshd.endpoint()), "{name}: {error}");
         assert!(error.contains(said), "{name}: {error}");
         // Batch mode: nothing waited for a prompt.
-        assert!(started.elapsed() < Duration::from_secs(20), "{name}: {error}");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{name}: {error}"
+        );
         assert!(sshd.clients().is_empty(), "{name}: ssh left running");
     }
 }

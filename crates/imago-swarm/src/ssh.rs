@@ -71,9 +71,7 @@ impl SshDestination {
         if let Some(port) = self.port {
             args.extend(["-p".to_owned(), port.to_string()]);
         }
-        args.extend(
-            ["--", &self.host, "docker", "system", "dial-stdio"].map(str::to_owned),
-        );
+        args.extend(["--", &self.host, "docker", "system", "dial-stdio"].map(str::to_owned));
         args
     }
 }
@@ -246,7 +244,11 @@ async fn forward(
         let _ = stderr.read_to_end(&mut text).await;
         // The reason is at the end (a changed host key is a banner of a dozen lines first).
         let text = String::from_utf8_lossy(&text);
-        let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+        let lines: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
         lines[lines.len().saturating_sub(ERROR_LINES)..].join("; ")
     });
     let (mut from_client, mut to_client) = stream.into_split();
@@ -265,7 +267,11 @@ async fn forward(
         };
         // A stream that ended is an ssh that is exiting; a tunnel that closes does not wait
         // for the idle connections it cuts.
-        if closing || tokio::time::timeout(EXIT_GRACE, child.wait()).await.is_err() {
+        if closing
+            || tokio::time::timeout(EXIT_GRACE, child.wait())
+                .await
+                .is_err()
+        {
             let _ = child.kill().await;
         }
     }
