@@ -178,7 +178,7 @@ fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
         // `PID (COMM) STATE ...`: COMM may hold spaces and parentheses.
         stat.rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().chars().next() != Some('Z'))
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
     })
 }
 
