@@ -53,12 +53,18 @@ pub struct SwarmEngine {
 
 impl Drop for SwarmEngine {
     fn drop(&mut self) {
-        // Inside an async context the runtime cannot be blocked on; its own drop then kills
-        // the ssh processes (`kill_on_drop`), without waiting for them.
-        if let Some(tunnel) = &mut self.tunnel
-            && tokio::runtime::Handle::try_current().is_err()
-        {
-            tunnel.close(&self.runtime);
+        let runtime = &self.runtime;
+        if let Some(tunnel) = &mut self.tunnel {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                // A thread of a runtime (a worker, or `spawn_blocking`'s, as the API's) may
+                // refuse `block_on`: the ssh processes are killed and reaped from a thread of
+                // their own.
+                std::thread::scope(|scope| {
+                    scope.spawn(|| tunnel.close(runtime));
+                });
+            } else {
+                tunnel.close(runtime);
+            }
         }
     }
 }
