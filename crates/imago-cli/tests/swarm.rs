@@ -1,8 +1,9 @@
 //! Services on a Docker Swarm target, against a real dockerd and swarm started by this test
 //! binary (root, docker.io, docker-registry, busybox-static): apply, a rolling update under load
 //! with no failed request, a failing release rolled back automatically, rollback on demand,
-//! destroy, drift made by hand (`docker service update --image`, `docker service rm`), and a
-//! controller killed with SIGKILL in the middle of a rollout.
+//! destroy, drift made by hand (`docker service update --image`, `docker service rm`), a
+//! controller killed with SIGKILL in the middle of a rollout, and `ssh://` endpoints through an
+//! sshd of the test's own.
 //!
 //! One dockerd (own data root, exec root, socket and pid file, `--iptables=false
 //! --ip-forward=false`: the host's firewall and forwarding stay as they are), one single-node
