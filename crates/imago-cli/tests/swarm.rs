@@ -1,13 +1,18 @@
 //! Services on a Docker Swarm target, against a real dockerd and swarm started by this test
 //! binary (root, docker.io, docker-registry, busybox-static): apply, a rolling update under load
 //! with no failed request, a failing release rolled back automatically, rollback on demand,
-//! destroy, drift made by hand (`docker service update --image`, `docker service rm`), and a
-//! controller killed with SIGKILL in the middle of a rollout.
+//! destroy, drift made by hand (`docker service update --image`, `docker service rm`), a
+//! controller killed with SIGKILL in the middle of a rollout, and `ssh://` endpoints through an
+//! sshd of the test's own.
 //!
 //! One dockerd (own data root, exec root, socket and pid file, `--iptables=false
 //! --ip-forward=false`: the host's firewall and forwarding stay as they are), one single-node
 //! swarm and one registry on 127.0.0.1 serve every test of this binary; each test has its own
-//! imago home, service name and endpoint port. The last test to finish tears them down.
+//! imago home, service name and endpoint port. The last test to finish tears them down, and a
+//! test that starts after that starts them again. The daemon has a bridge of its own name instead
+//! of `docker0`, and its swarm listens on a leased port instead of 2377: tests run in parallel,
+//! and a daemon tearing down once deleted `docker0` under the next one ("could not find bridge
+//! docker0" in a task's error); a new daemon is also not started before the old one is gone.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -30,11 +35,43 @@ struct Cluster {
     /// The daemon's TLS listener (`--tlsverify`): `tcp://127.0.0.1:PORT`.
     tls_endpoint: String,
     _tls_lease: common::PortLease,
+    /// The daemon's default bridge, made by this test (dockerd's `--bridge`).
+    bridge: String,
+    _swarm_lease: common::PortLease,
     dockerd: Mutex<Child>,
     registry: Registry,
 }
 
+/// Shared by every test of this binary while it runs; held alone by the test whose promise is
+/// timing under load (no failed request during a rolling update), so that no sibling test's
+/// daemons, builds and controllers load the two cores while it measures.
+static MACHINE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+enum MachineGuard {
+    Shared {
+        _guard: std::sync::RwLockReadGuard<'static, ()>,
+    },
+    Alone {
+        _guard: std::sync::RwLockWriteGuard<'static, ()>,
+    },
+}
+
+fn share_machine() -> MachineGuard {
+    MachineGuard::Shared {
+        _guard: MACHINE.read().unwrap_or_else(|p| p.into_inner()),
+    }
+}
+
+fn machine_alone() -> MachineGuard {
+    MachineGuard::Alone {
+        _guard: MACHINE.write().unwrap_or_else(|p| p.into_inner()),
+    }
+}
+
+/// Held while a cluster starts or tears down, so that two never overlap.
 static CLUSTER: Mutex<Weak<Cluster>> = Mutex::new(Weak::new());
+/// How many clusters this process started: part of the bridge's name and subnet.
+static GENERATION: AtomicUsize = AtomicUsize::new(0);
 
 /// The running cluster, started if no test holds it.
 fn cluster() -> Arc<Cluster> {
@@ -42,9 +79,17 @@ fn cluster() -> Arc<Cluster> {
     if let Some(c) = slot.upgrade() {
         return c;
     }
+    STARTING.set(true);
     let c = Arc::new(Cluster::start());
+    STARTING.set(false);
     *slot = Arc::downgrade(&c);
     c
+}
+
+thread_local! {
+    /// This thread holds `CLUSTER` to start a cluster: a start that fails drops the half-made
+    /// cluster here, whose teardown must not wait for the lock.
+    static STARTING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 impl Cluster {
@@ -60,8 +105,28 @@ impl Cluster {
         make_tls_files(&tls);
         let tls_lease = common::lease_port();
         let tls_endpoint = format!("tcp://127.0.0.1:{}", tls_lease.port);
+        // A bridge of this cluster's own, on a subnet of its own (10.196.N.0/24; imago's
+        // instances use 10.88.0.0/16, the two-node test 10.199.0.0/16).
+        let generation = GENERATION.fetch_add(1, Ordering::SeqCst);
+        let pid = std::process::id() as usize;
+        let bridge = format!("imsw{}g{generation}", pid % 1_000_000);
+        let subnet = (pid * 7 + generation) % 250 + 1;
+        tool("ip", &["link", "add", &bridge, "type", "bridge"]);
+        tool(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("10.196.{subnet}.1/24"),
+                "dev",
+                &bridge,
+            ],
+        );
+        tool("ip", &["link", "set", &bridge, "up"]);
+        let swarm_lease = common::lease_port();
         let log = std::fs::File::create(dir.path().join("dockerd.log")).unwrap();
         let child = Command::new("dockerd")
+            .args(["--bridge", &bridge])
             .args(["-H", &tls_endpoint, "--tlsverify", "--tlscacert"])
             .arg(tls.join("ca.crt"))
             .arg("--tlscert")
@@ -87,6 +152,8 @@ impl Cluster {
             socket,
             tls_endpoint,
             _tls_lease: tls_lease,
+            bridge,
+            _swarm_lease: swarm_lease,
             dockerd: Mutex::new(child),
             registry,
         };
@@ -99,7 +166,15 @@ impl Cluster {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
-        cluster.docker(&["swarm", "init", "--advertise-addr", "127.0.0.1"]);
+        let swarm_addr = format!("127.0.0.1:{}", cluster._swarm_lease.port);
+        cluster.docker(&[
+            "swarm",
+            "init",
+            "--advertise-addr",
+            &swarm_addr,
+            "--listen-addr",
+            &swarm_addr,
+        ]);
         cluster
     }
 
@@ -162,6 +237,9 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        // No cluster starts until this one is gone (see `cluster`).
+        let _starting =
+            (!STARTING.get()).then(|| CLUSTER.lock().unwrap_or_else(|p| p.into_inner()));
         let _ = self.docker_cmd(&["swarm", "leave", "--force"]).output();
         let mut child = self.dockerd.lock().unwrap_or_else(|p| p.into_inner());
         // SIGTERM: dockerd unmounts and removes what it made below its own roots.
@@ -175,8 +253,9 @@ impl Drop for Cluster {
         let _ = child.kill();
         let _ = child.wait();
         // The bridges dockerd made on the host outlive it, and so do the network namespaces it
-        // bind-mounted under its exec root (the swarm's ingress sandbox).
-        for link in ["docker_gwbridge", "docker0"] {
+        // bind-mounted under its exec root (the swarm's ingress sandbox). `docker_gwbridge` has
+        // a fixed name; no other daemon of this binary runs now (the lock above).
+        for link in ["docker_gwbridge", self.bridge.as_str()] {
             let _ = Command::new("ip").args(["link", "del", link]).output();
         }
         for netns in std::fs::read_dir(self.dir.path().join("exec/netns"))
@@ -305,12 +384,23 @@ struct SwarmService {
     name: String,
     port: u16,
     _lease: common::PortLease,
+    /// Last: released once the service is torn down.
+    _machine: MachineGuard,
 }
 
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/web");
 
 impl SwarmService {
     fn new(name: &str) -> SwarmService {
+        SwarmService::with_machine(name, share_machine())
+    }
+
+    /// With no other test of this binary running meanwhile.
+    fn alone(name: &str) -> SwarmService {
+        SwarmService::with_machine(name, machine_alone())
+    }
+
+    fn with_machine(name: &str, machine: MachineGuard) -> SwarmService {
         let cluster = cluster();
         let imago = Imago::new();
         let dir = imago.dir.path().join("web");
@@ -323,6 +413,7 @@ impl SwarmService {
             name: name.to_owned(),
             port: lease.port,
             _lease: lease,
+            _machine: machine,
         };
         s.set_version("1");
         s
@@ -507,7 +598,7 @@ impl Load {
 
 #[test]
 fn apply_pins_the_digest_rolls_under_load_rolls_back_on_demand_and_destroys() {
-    let s = SwarmService::new("swweb");
+    let s = SwarmService::alone("swweb");
     let applied = s.apply().ok();
     assert!(
         applied.stdout().contains("deployment complete (release 1"),
@@ -919,6 +1010,423 @@ fn tcp_endpoints_in_plain_http_and_with_tls_drive_the_swarm() {
     assert_eq!(s.label("imago.release"), "2");
 }
 
+/// An sshd of this test's own on 127.0.0.1 (its own host key, config, pid file and
+/// authorized keys; no ForceCommand): the "remote host" of an `ssh://` endpoint is this host,
+/// where `docker` reaches the cluster's daemon through `DOCKER_HOST`, set for every session by
+/// the server (`SetEnv`). The client side is a directory with an `ssh` wrapper to put first on
+/// PATH, which runs the real ssh with a config of the test's (key, known hosts), since ssh reads
+/// `~/.ssh` from the password database, not from `$HOME`.
+struct Sshd {
+    dir: tempfile::TempDir,
+    child: Child,
+    _lease: common::PortLease,
+    port: u16,
+}
+
+impl Sshd {
+    fn start(cluster: &Cluster) -> Sshd {
+        for program in ["sshd", "ssh", "ssh-keygen"] {
+            require_tool(program);
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("imago-sshd-")
+            .tempdir()
+            .unwrap();
+        let path = |name: &str| dir.path().join(name).display().to_string();
+        for key in [
+            "host_key",
+            "other_host_key",
+            "client_key",
+            "no_docker_key",
+            "stranger_key",
+        ] {
+            tool(
+                "ssh-keygen",
+                &["-q", "-t", "ed25519", "-N", "", "-C", key, "-f", &path(key)],
+            );
+        }
+        let public = |key: &str| std::fs::read_to_string(path(&format!("{key}.pub"))).unwrap();
+        // The second key's sessions find no docker: a PATH without it.
+        std::fs::write(
+            dir.path().join("authorized_keys"),
+            format!(
+                "{}environment=\"PATH=/nonexistent\" {}",
+                public("client_key"),
+                public("no_docker_key")
+            ),
+        )
+        .unwrap();
+        let lease = common::lease_port();
+        let config = format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\nPidFile {pid}\n\
+             AuthorizedKeysFile {keys}\nPermitRootLogin prohibit-password\n\
+             PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
+             StrictModes no\nPermitUserEnvironment yes\nSetEnv DOCKER_HOST={docker}\n",
+            port = lease.port,
+            host_key = path("host_key"),
+            pid = path("sshd.pid"),
+            keys = path("authorized_keys"),
+            docker = cluster.host(),
+        );
+        std::fs::write(dir.path().join("sshd_config"), config).unwrap();
+        // sshd refuses to start without its privilege separation directory.
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        let log = std::fs::File::create(dir.path().join("sshd.log")).unwrap();
+        let sshd = std::env::split_paths(&std::env::var_os("PATH").unwrap())
+            .map(|p| p.join("sshd"))
+            .find(|p| p.is_file())
+            .unwrap();
+        // sshd re-executes itself: it wants its absolute path.
+        let child = Command::new(sshd)
+            .args(["-D", "-e", "-f", &path("sshd_config")])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start sshd (scripts/setup installs openssh-server)");
+        let port = lease.port;
+        let sshd = Sshd {
+            dir,
+            child,
+            _lease: lease,
+            port,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "sshd did not listen within 30 s: {}",
+                sshd.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        sshd
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
+    }
+
+    fn endpoint(&self) -> String {
+        format!("ssh://root@127.0.0.1:{}", self.port)
+    }
+
+    /// A directory with an `ssh` wrapper that logs in with `identity` and trusts the host key
+    /// `trusted` (its public half) for this server, or no host key at all.
+    fn client(&self, name: &str, identity: &str, trusted: Option<&str>) -> PathBuf {
+        let bin = self.dir.path().join(name);
+        std::fs::create_dir_all(&bin).unwrap();
+        let known_hosts = bin.join("known_hosts");
+        let known = trusted.map(|key| {
+            let public =
+                std::fs::read_to_string(self.dir.path().join(format!("{key}.pub"))).unwrap();
+            let mut fields = public.split_whitespace();
+            format!(
+                "[127.0.0.1]:{} {} {}\n",
+                self.port,
+                fields.next().unwrap(),
+                fields.next().unwrap()
+            )
+        });
+        std::fs::write(&known_hosts, known.unwrap_or_default()).unwrap();
+        let config = bin.join("ssh_config");
+        std::fs::write(
+            &config,
+            format!(
+                "Host *\n  IdentityFile {}\n  IdentitiesOnly yes\n  IdentityAgent none\n  \
+                 UserKnownHostsFile {}\n  GlobalKnownHostsFile /dev/null\n",
+                self.dir.path().join(identity).display(),
+                known_hosts.display()
+            ),
+        )
+        .unwrap();
+        let wrapper = bin.join("ssh");
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nexec /usr/bin/ssh -F {} \"$@\"\n",
+                config.display()
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        bin
+    }
+
+    /// The processes the server runs for its sessions (sshd forks one or two per connection).
+    fn sessions(&self) -> Vec<u32> {
+        descendants(self.child.id())
+    }
+
+    /// The ssh clients on this host connected to this server, as (pid, parent pid).
+    fn clients(&self) -> Vec<(u32, u32)> {
+        let port = self.port.to_string();
+        processes()
+            .into_iter()
+            .filter(|(_, _, args)| {
+                args.first().is_some_and(|a| a.ends_with("ssh"))
+                    && args.windows(2).any(|w| w[0] == "-p" && w[1] == port)
+            })
+            .map(|(pid, parent, _)| (pid, parent))
+            .collect()
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every process: pid, parent pid, arguments.
+fn processes() -> Vec<(u32, u32, Vec<String>)> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            // `PID (COMM) STATE PPID ...`: COMM may hold spaces and parentheses.
+            let parent = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            let args = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let args = args
+                .split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            Some((pid, parent, args))
+        })
+        .collect()
+}
+
+fn descendants(root: u32) -> Vec<u32> {
+    let all = processes();
+    let mut found = vec![root];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(all.iter().filter(|p| p.1 == parent).map(|p| p.0));
+        i += 1;
+    }
+    found.split_off(1)
+}
+
+/// Waits up to 10 s for `done`, which returns what is still wrong (empty: done).
+fn settles<T: std::fmt::Debug>(what: &str, mut left: impl FnMut() -> Vec<T>) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let still = left();
+        if still.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {still:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn an_ssh_endpoint_applies_reports_destroys_and_leaves_no_ssh_process_behind() {
+    let s = SwarmService::new("swssh");
+    let sshd = Sshd::start(&s.cluster);
+    s.edit(
+        &format!("endpoint = \"{}\"", s.cluster.host()),
+        &format!("endpoint = \"{}\"", sshd.endpoint()),
+    );
+    let client = sshd.client("client", "client_key", Some("host_key"));
+    let tmp = s.imago.dir.path().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let search = format!(
+        "{}:{}",
+        client.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let imago = |args: &[&str]| common::Run {
+        output: s
+            .imago
+            .cmd()
+            .env("PATH", &search)
+            .env("TMPDIR", &tmp)
+            .args(args)
+            .output()
+            .unwrap(),
+    };
+    let imago_exe = std::fs::canonicalize(env!("CARGO_BIN_EXE_imago")).unwrap();
+    let no_orphans = || {
+        // An ssh client still running belongs to a live imago (the controller apply started),
+        // never to a command that has exited.
+        sshd.clients()
+            .into_iter()
+            .filter(|(_, parent)| {
+                std::fs::read_link(format!("/proc/{parent}/exe"))
+                    .ok()
+                    .as_ref()
+                    != Some(&imago_exe)
+            })
+            .collect::<Vec<_>>()
+    };
+
+    let applied = imago(&["apply", "--timeout", "120s", "-f", &s.file()]).ok();
+    assert!(
+        applied.stdout().contains("deployment complete (release 1"),
+        "{}",
+        applied.stdout()
+    );
+    assert!(s.get().unwrap().contains("version 1"));
+    assert_eq!(
+        s.image(),
+        format!(
+            "{}/imago-test/web@{}",
+            s.cluster.registry.host(),
+            s.built_digest()
+        )
+    );
+    settles("ssh clients left by a finished command", no_orphans);
+    let status = imago(&["status", "--json", &s.name]).ok().json();
+    let tasks = status["services"][0]["tasks"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        tasks
+            .iter()
+            .filter(|t| t["phase"] == "running" && t["release"] == 1)
+            .count(),
+        3,
+        "{status}"
+    );
+    assert_eq!(
+        imago(&["plan", "--json", "-f", &s.file()]).ok().json()[0]["cluster"]["action"],
+        "unchanged"
+    );
+    settles("ssh clients left by a finished command", no_orphans);
+
+    imago(&["destroy", &s.name]).ok();
+    assert!(s.cluster.service(&s.name).is_none(), "the service is gone");
+    let controller: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(s.imago.home.join("deploy/controller.json")).unwrap(),
+    )
+    .unwrap();
+    let controller = controller["pid"].as_u64().unwrap();
+    imago(&["serve", "--stop"]).ok();
+    settles("the stopped controller", || {
+        std::fs::read_to_string(format!("/proc/{controller}/stat"))
+            .into_iter()
+            .filter(|stat| !stat.contains(") Z "))
+            .collect::<Vec<_>>()
+    });
+    settles("ssh clients after the controller stopped", || {
+        sshd.clients()
+    });
+    settles("sshd sessions after the controller stopped", || {
+        sshd.sessions()
+    });
+    // The controller ends on SIGTERM without dropping its engines: its socket directory is
+    // left, and the next ssh:// engine made on the host removes it (its process is gone).
+    let abandoned = std::fs::read_dir(&tmp).unwrap().count();
+    assert!(
+        abandoned <= 1,
+        "{abandoned} tunnel directories after one controller"
+    );
+    imago(&["plan", "-f", &s.file()]).ok();
+    let left: Vec<_> = std::fs::read_dir(&tmp)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    let owners: Vec<_> = left
+        .iter()
+        .filter_map(|name| name.to_str()?.split('-').nth(2))
+        .map(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default())
+        .map(|args| String::from_utf8_lossy(&args).replace('\0', " "))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "left in TMPDIR: {left:?}, by processes {owners:?}"
+    );
+}
+
+#[test]
+fn an_ssh_endpoint_that_fails_is_named_with_what_ssh_said() {
+    let _machine = share_machine();
+    let shared = cluster();
+    let sshd = Sshd::start(&shared);
+    let imago = Imago::new();
+    std::fs::create_dir_all(imago.dir.path().join("www")).unwrap();
+    std::fs::write(imago.dir.path().join("www/index.html"), "x").unwrap();
+    let file = imago.dir.path().join("imago.toml");
+    let original = std::fs::read_to_string(Path::new(EXAMPLE).join("imago.toml")).unwrap();
+    std::fs::write(
+        &file,
+        original.replace("target_port = 8080", "target_port = 8080\ntarget = \"far\"")
+            + &format!(
+                "\n[target.far]\nengine = \"swarm\"\nendpoint = \"{}\"\nregistry = \"{}/imago-test\"\n",
+                sshd.endpoint(),
+                shared.registry.host()
+            ),
+    )
+    .unwrap();
+    let file = file.display().to_string();
+    let cases = [
+        (
+            "wrong-host-key",
+            "client_key",
+            Some("other_host_key"),
+            "has changed",
+        ),
+        (
+            "unknown-host-key",
+            "client_key",
+            None,
+            "Host key verification failed",
+        ),
+        (
+            "stranger",
+            "stranger_key",
+            Some("host_key"),
+            "Permission denied",
+        ),
+        (
+            "no-docker",
+            "no_docker_key",
+            Some("host_key"),
+            "docker: command not found",
+        ),
+    ];
+    for (name, identity, trusted, said) in cases {
+        let client = sshd.client(name, identity, trusted);
+        let search = format!(
+            "{}:{}",
+            client.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let started = Instant::now();
+        let out = imago
+            .cmd()
+            .env("PATH", &search)
+            .args(["plan", "-f", &file])
+            .output()
+            .unwrap();
+        let error = common::Run { output: out }.fails();
+        eprintln!("{name}: {error}");
+        assert!(error.contains(&sshd.endpoint()), "{name}: {error}");
+        assert!(error.contains(said), "{name}: {error}");
+        // Batch mode: nothing waited for a prompt.
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{name}: {error}"
+        );
+        assert!(sshd.clients().is_empty(), "{name}: ssh left running");
+    }
+}
+
 #[test]
 fn a_push_cut_mid_blob_fails_apply_records_nothing_and_a_retry_succeeds() {
     let s = SwarmService::new("swcut");
@@ -1243,6 +1751,7 @@ impl Drop for TwoNodes {
 
 #[test]
 fn a_service_on_two_nodes_rolls_over_and_back_with_tasks_on_both() {
+    let _machine = share_machine();
     let nodes = TwoNodes::start();
     let imago = Imago::new();
     let dir = imago.dir.path().join("two");

@@ -44,7 +44,8 @@ impl std::fmt::Display for EngineKind {
 pub struct TargetSpec {
     pub engine: EngineKind,
     /// swarm: a Docker API URL (`unix:///var/run/docker.sock`, the default, or
-    /// `tcp://HOST:PORT`, with TLS when `DOCKER_TLS_VERIFY` is set); kubernetes: the
+    /// `tcp://HOST:PORT`, with TLS when `DOCKER_TLS_VERIFY` is set, or
+    /// `ssh://[USER@]HOST[:PORT]`, through `ssh HOST docker system dial-stdio`); kubernetes: the
     /// kubeconfig file and context, `PATH#CONTEXT`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
@@ -97,9 +98,10 @@ impl TargetSpec {
                     && self.engine == EngineKind::Swarm
                     && !endpoint.starts_with("unix://")
                     && !endpoint.starts_with("tcp://")
+                    && !endpoint.starts_with("ssh://")
                 {
                     return Err(format!(
-                        "endpoint {endpoint:?}: a Docker API endpoint is unix:///PATH or tcp://HOST:PORT"
+                        "endpoint {endpoint:?}: a Docker API endpoint is unix:///PATH, tcp://HOST:PORT or ssh://[USER@]HOST[:PORT]"
                     ));
                 }
             }

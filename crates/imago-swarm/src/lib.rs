@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod render;
+mod ssh;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -44,7 +45,28 @@ pub struct SwarmEngine {
     raw: reqwest::Client,
     /// `http://docker` for a unix socket, else `http(s)://HOST:PORT`.
     raw_base: String,
+    /// For an `ssh://` endpoint: the local socket both clients connect to, forwarded over ssh.
+    /// Declared after the clients, which close their connections first when dropped.
+    tunnel: Option<ssh::SshTunnel>,
     runtime: tokio::runtime::Runtime,
+}
+
+impl Drop for SwarmEngine {
+    fn drop(&mut self) {
+        let runtime = &self.runtime;
+        if let Some(tunnel) = &mut self.tunnel {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                // A thread of a runtime (a worker, or `spawn_blocking`'s, as the API's) may
+                // refuse `block_on`: the ssh processes are killed and reaped from a thread of
+                // their own.
+                std::thread::scope(|scope| {
+                    scope.spawn(|| tunnel.close(runtime));
+                });
+            } else {
+                tunnel.close(runtime);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for SwarmEngine {
@@ -59,8 +81,8 @@ impl std::fmt::Debug for SwarmEngine {
 const API_TIMEOUT_S: u64 = 60;
 
 impl SwarmEngine {
-    /// Connects to the Docker API at `endpoint` (`unix:///PATH`, or `tcp://HOST:PORT` in
-    /// plain HTTP) and negotiates the version.
+    /// Connects to the Docker API at `endpoint` (`unix:///PATH`, `tcp://HOST:PORT` in plain
+    /// HTTP, or `ssh://[USER@]HOST[:PORT]`) and negotiates the version.
     pub fn connect(endpoint: &str) -> Result<SwarmEngine, EngineError> {
         SwarmEngine::connect_with(endpoint, None)
     }
@@ -84,7 +106,25 @@ impl SwarmEngine {
         let version = bollard::API_DEFAULT_VERSION;
         let timeout = std::time::Duration::from_secs(API_TIMEOUT_S);
         let raw = reqwest::Client::builder().timeout(timeout);
-        let (docker, raw, raw_base) = if let Some(path) = endpoint.strip_prefix("unix://") {
+        let mut tunnel = None;
+        let (docker, raw, raw_base) = if endpoint.starts_with("ssh://") {
+            if tls.is_some() {
+                return Err(api("TLS applies to tcp:// endpoints only".to_owned()));
+            }
+            let destination = ssh::SshDestination::parse(endpoint).map_err(api)?;
+            let started = ssh::SshTunnel::start(&destination, &runtime)
+                .map_err(|e| api(format!("cannot make the local socket for ssh: {e}")))?;
+            let socket = started.socket();
+            tunnel = Some(started);
+            let Some(path) = socket.to_str() else {
+                return Err(api(format!("{}: not UTF-8", socket.display())));
+            };
+            (
+                Docker::connect_with_unix(path, API_TIMEOUT_S, version),
+                raw.unix_socket(socket.as_path()),
+                "http://docker".to_owned(),
+            )
+        } else if let Some(path) = endpoint.strip_prefix("unix://") {
             if tls.is_some() {
                 return Err(api("TLS applies to tcp:// endpoints only".to_owned()));
             }
@@ -134,24 +174,31 @@ impl SwarmEngine {
             }
         } else {
             return Err(api(
-                "only unix:// and tcp:// Docker API endpoints are supported".to_owned(),
+                "only unix://, tcp:// and ssh:// Docker API endpoints are supported".to_owned(),
             ));
         };
         let docker = docker.map_err(|e| api(e.to_string()))?;
         let raw = raw
             .build()
             .map_err(|e| api(format!("cannot make an HTTP client: {e}")))?;
-        let docker = runtime.block_on(async {
-            docker
-                .negotiate_version()
-                .await
-                .map_err(|e| api(format!("cannot negotiate the API version: {e}")))
-        })?;
+        let negotiated = runtime.block_on(docker.negotiate_version());
+        let docker = match negotiated {
+            Ok(docker) => docker,
+            Err(e) => {
+                let mut message = format!("cannot negotiate the API version: {e}");
+                if let Some(tunnel) = &mut tunnel {
+                    tunnel.close(&runtime);
+                    message += &ssh_said(tunnel);
+                }
+                return Err(api(message));
+            }
+        };
         Ok(SwarmEngine {
             endpoint: endpoint.to_owned(),
             docker,
             raw,
             raw_base,
+            tunnel,
             runtime,
         })
     }
@@ -203,10 +250,11 @@ impl SwarmEngine {
     }
 
     fn api(&self, message: impl std::fmt::Display) -> EngineError {
+        let ssh = self.tunnel.as_ref().map(ssh_said).unwrap_or_default();
         EngineError::Api {
             engine: ENGINE,
             endpoint: self.endpoint.clone(),
-            message: message.to_string(),
+            message: format!("{message}{ssh}"),
         }
     }
 
@@ -264,6 +312,14 @@ impl SwarmEngine {
         self.runtime
             .block_on(self.docker.list_tasks(Some(options)))
             .map_err(|e| self.api(format!("list tasks of {service_id}: {e}")))
+    }
+}
+
+/// What ssh last wrote to stderr, as the end of an error message (empty if nothing).
+fn ssh_said(tunnel: &ssh::SshTunnel) -> String {
+    match tunnel.last_error() {
+        said if said.is_empty() => String::new(),
+        said => format!(" (ssh: {said})"),
     }
 }
 

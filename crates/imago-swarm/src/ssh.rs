@@ -1,0 +1,331 @@
+//! `ssh://[USER@]HOST[:PORT]` Docker endpoints, reached the way the docker CLI reaches them:
+//! `ssh -- HOST docker system dial-stdio`, one ssh process per connection, whose stdin and stdout
+//! are a byte stream to the remote daemon's socket. The user's ssh (its config, agent, keys and
+//! known hosts) does the work, in batch mode: no prompt ever waits for a password or a host key.
+//!
+//! bollard has an `ssh` feature, but it starts an ssh master (openssh crate) per connection and
+//! serves only bollard's own client, while this engine also speaks JSON through reqwest to the
+//! same endpoint. So the engine owns a unix socket in a private temporary directory for its
+//! lifetime; every connection accepted there gets its own ssh process, and both clients connect
+//! to that socket as to a local daemon. Dropping the tunnel kills and reaps every ssh process
+//! and removes the directory; the directory of a process that died without dropping it is
+//! removed by the next tunnel made on the host (`sweep_abandoned`).
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::process::Command;
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+
+/// Where and as whom ssh connects, parsed from the endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SshDestination {
+    user: Option<String>,
+    host: String,
+    port: Option<u16>,
+}
+
+impl SshDestination {
+    /// Parses `ssh://[USER@]HOST[:PORT]` as docker does: no password, path, query or fragment.
+    pub(crate) fn parse(endpoint: &str) -> Result<SshDestination, String> {
+        let url = reqwest::Url::parse(endpoint).map_err(|e| format!("not a URL: {e}"))?;
+        if url.scheme() != "ssh" {
+            return Err("not an ssh:// URL".to_owned());
+        }
+        if url.password().is_some() {
+            return Err(
+                "a password in an ssh:// endpoint is not supported: use keys or an agent"
+                    .to_owned(),
+            );
+        }
+        if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
+            return Err("an ssh:// endpoint is ssh://[USER@]HOST[:PORT], with no path".to_owned());
+        }
+        // An IPv6 address comes in brackets, which ssh does not want.
+        let host = match url.host_str() {
+            Some(host) if !host.is_empty() => host.trim_start_matches('[').trim_end_matches(']'),
+            _ => return Err("an ssh:// endpoint needs a host".to_owned()),
+        };
+        Ok(SshDestination {
+            user: Some(url.username().to_owned()).filter(|u| !u.is_empty()),
+            host: host.to_owned(),
+            port: url.port(),
+        })
+    }
+
+    /// The arguments of `ssh` for one byte stream to the remote daemon: batch mode (a missing
+    /// key or unknown host key fails at once instead of prompting), no terminal, and docker's
+    /// own connect timeout.
+    fn ssh_args(&self) -> Vec<String> {
+        let mut args: Vec<String> = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=30", "-T"]
+            .map(str::to_owned)
+            .into();
+        if let Some(user) = &self.user {
+            args.extend(["-l".to_owned(), user.clone()]);
+        }
+        if let Some(port) = self.port {
+            args.extend(["-p".to_owned(), port.to_string()]);
+        }
+        args.extend(["--", &self.host, "docker", "system", "dial-stdio"].map(str::to_owned));
+        args
+    }
+}
+
+/// A local unix socket that forwards every connection over its own ssh process.
+pub(crate) struct SshTunnel {
+    dir: tempfile::TempDir,
+    shutdown: watch::Sender<bool>,
+    accept: Option<JoinHandle<()>>,
+    /// What the last ssh process that wrote to stderr said (trimmed): the reason when a
+    /// connection closes before the daemon answered (host key, authentication, no docker).
+    last_error: Arc<Mutex<String>>,
+}
+
+/// How many of ssh's last stderr lines an error quotes.
+const ERROR_LINES: usize = 2;
+
+/// How long an ssh process whose stream ended may take to exit before it is killed.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
+
+impl SshTunnel {
+    /// Binds the socket and starts accepting, on `runtime`. Nothing connects over ssh yet.
+    pub(crate) fn start(
+        destination: &SshDestination,
+        runtime: &tokio::runtime::Runtime,
+    ) -> std::io::Result<SshTunnel> {
+        let temp = std::env::temp_dir();
+        sweep_abandoned(&temp);
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{TUNNEL_PREFIX}{}-", std::process::id()))
+            .tempdir_in(&temp)?;
+        let listener = {
+            let _context = runtime.enter();
+            UnixListener::bind(dir.path().join("docker.sock"))?
+        };
+        let (shutdown, stopped) = watch::channel(false);
+        let last_error = Arc::new(Mutex::new(String::new()));
+        let accept = runtime.spawn(accept(
+            listener,
+            Arc::new(destination.ssh_args()),
+            stopped,
+            last_error.clone(),
+        ));
+        Ok(SshTunnel {
+            dir,
+            shutdown,
+            accept: Some(accept),
+            last_error,
+        })
+    }
+
+    /// The socket the Docker clients connect to.
+    pub(crate) fn socket(&self) -> PathBuf {
+        self.dir.path().join("docker.sock")
+    }
+
+    /// What ssh last wrote to stderr, if anything.
+    pub(crate) fn last_error(&self) -> String {
+        self.last_error
+            .lock()
+            .map(|e| e.clone())
+            .unwrap_or_default()
+    }
+
+    /// Kills and reaps every ssh process and stops accepting; the directory goes when `self`
+    /// is dropped.
+    pub(crate) fn close(&mut self, runtime: &tokio::runtime::Runtime) {
+        let _ = self.shutdown.send(true);
+        if let Some(accept) = self.accept.take() {
+            let _ = runtime.block_on(accept);
+        }
+    }
+}
+
+/// The start of a tunnel directory's name, followed by the pid of the process it serves.
+const TUNNEL_PREFIX: &str = "imago-ssh-";
+
+/// Removes the tunnel directories in `temp` of processes that are gone. A process killed, or
+/// a controller stopped with SIGTERM (it never returns), leaves its directory (its ssh
+/// processes end with it: their stdin closes); the next engine of any imago process removes it.
+fn sweep_abandoned(temp: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(temp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(TUNNEL_PREFIX))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        if is_dir && !alive(pid) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Whether process `pid` runs (a zombie has ended: it only waits to be reaped).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // `PID (COMM) STATE ...`: COMM may hold spaces and parentheses.
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+    })
+}
+
+async fn accept(
+    listener: UnixListener,
+    ssh_args: Arc<Vec<String>>,
+    mut stopped: watch::Receiver<bool>,
+    last_error: Arc<Mutex<String>>,
+) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                // An accept error (out of descriptors) leaves the clients' connect to fail;
+                // the tunnel stays for the next one.
+                if let Ok((stream, _)) = accepted {
+                    connections.spawn(forward(
+                        stream,
+                        ssh_args.clone(),
+                        stopped.clone(),
+                        last_error.clone(),
+                    ));
+                }
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            _ = stopped.changed() => break,
+        }
+    }
+    drop(listener);
+    while connections.join_next().await.is_some() {}
+}
+
+/// One connection: its bytes to ssh's stdin, ssh's stdout back, until ssh's stdout ends or the
+/// tunnel closes. ssh is reaped before the connection is closed, and what it wrote to stderr is
+/// kept first, so a client that sees the connection end can already read why.
+async fn forward(
+    stream: UnixStream,
+    ssh_args: Arc<Vec<String>>,
+    mut stopped: watch::Receiver<bool>,
+    last_error: Arc<Mutex<String>>,
+) {
+    let spawned = Command::new("ssh")
+        .args(ssh_args.as_slice())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(e) => {
+            remember(&last_error, &format!("cannot run ssh: {e}"));
+            return;
+        }
+    };
+    let (Some(mut stdin), Some(mut stdout), Some(mut stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        return;
+    };
+    let errors = tokio::spawn(async move {
+        let mut text = Vec::new();
+        let _ = stderr.read_to_end(&mut text).await;
+        // The reason is at the end (a changed host key is a banner of a dozen lines first).
+        let text = String::from_utf8_lossy(&text);
+        let lines: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        lines[lines.len().saturating_sub(ERROR_LINES)..].join("; ")
+    });
+    let (mut from_client, mut to_client) = stream.into_split();
+    {
+        let upstream = async {
+            let _ = tokio::io::copy(&mut from_client, &mut stdin).await;
+            // The client is done sending: ssh's stdin closes, dial-stdio closes its write half.
+            drop(stdin);
+            std::future::pending::<()>().await
+        };
+        let downstream = tokio::io::copy(&mut stdout, &mut to_client);
+        let closing = tokio::select! {
+            _ = upstream => false,
+            _ = downstream => false,
+            _ = stopped.wait_for(|stop| *stop) => true,
+        };
+        // A stream that ended is an ssh that is exiting; a tunnel that closes does not wait
+        // for the idle connections it cuts.
+        if closing
+            || tokio::time::timeout(EXIT_GRACE, child.wait())
+                .await
+                .is_err()
+        {
+            let _ = child.kill().await;
+        }
+    }
+    if let Ok(text) = errors.await
+        && !text.is_empty()
+    {
+        remember(&last_error, &text);
+    }
+    drop((from_client, to_client));
+}
+
+fn remember(last_error: &Mutex<String>, text: &str) {
+    if let Ok(mut last) = last_error.lock() {
+        text.clone_into(&mut last);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn an_ssh_endpoint_is_user_host_and_port_as_docker_reads_it() {
+        let d = SshDestination::parse("ssh://deploy@manager.example:2222").unwrap();
+        assert_eq!(
+            d.ssh_args(),
+            [
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "ConnectTimeout=30",
+                "-T",
+                "-l",
+                "deploy",
+                "-p",
+                "2222",
+                "--",
+                "manager.example",
+                "docker",
+                "system",
+                "dial-stdio"
+            ]
+        );
+        let d = SshDestination::parse("ssh://[::1]").unwrap();
+        assert_eq!((d.user, d.host, d.port), (None, "::1".to_owned(), None));
+        for bad in [
+            "ssh://u:secret@h",
+            "ssh://h/var/run/docker.sock",
+            "ssh://h?x=1",
+            "tcp://h:2375",
+        ] {
+            assert!(SshDestination::parse(bad).is_err(), "{bad} accepted");
+        }
+    }
+}
