@@ -46,6 +46,7 @@ fn release(number: u64, spec_toml: &str, image: &PinnedImage) -> RenderedRelease
         image,
         image_volumes: &[],
         namespace: NAMESPACE,
+        paused: false,
     })
     .unwrap()
 }
