@@ -312,7 +312,11 @@ fn apply_completes_rolls_back_on_demand_and_destroys() {
     assert_eq!(s.image(), v1);
     assert_eq!(s.env("VERSION"), "1", "the configuration rolls back too");
     assert_eq!(s.template_label("imago.dev/release"), "3");
-    assert_eq!(s.empty_dirs(), volumes_v1, "the image's volumes roll back with it");
+    assert_eq!(
+        s.empty_dirs(),
+        volumes_v1,
+        "the image's volumes roll back with it"
+    );
 
     // Destroy deletes the Deployment (its pods follow) and the Service; the history stays.
     s.imago.run(&["destroy", &s.name]).ok();
@@ -472,9 +476,11 @@ fn a_paused_rollout_is_held_through_a_controller_restart_and_completes_once_resu
     s.start_release_2();
     let paused = s.imago.run(&["--json", "pause", &s.name]).ok().json();
     assert_eq!(paused["paused"], true);
-    s.wait_for("spec.paused on the Deployment", Duration::from_secs(10), || {
-        s.deployment().unwrap()["spec"]["paused"] == true
-    });
+    s.wait_for(
+        "spec.paused on the Deployment",
+        Duration::from_secs(10),
+        || s.deployment().unwrap()["spec"]["paused"] == true,
+    );
     let applies = s
         .server
         .seen()

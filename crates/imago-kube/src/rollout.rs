@@ -58,7 +58,8 @@ pub fn judge(deployment: &Deployment, release: u64, generation: i64) -> RolloutS
         .and_then(|l| l.get(LABEL_RELEASE))
         .and_then(|r| r.parse::<u64>().ok());
     let paused = spec.and_then(|s| s.paused) == Some(true);
-    let done = updated >= replicas && status.replicas.unwrap_or(0) <= updated && available >= updated;
+    let done =
+        updated >= replicas && status.replicas.unwrap_or(0) <= updated && available >= updated;
     let state = if live_release != Some(release) {
         RolloutState::Failed {
             reason: "Superseded".into(),

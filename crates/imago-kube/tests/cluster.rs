@@ -459,17 +459,21 @@ fn a_paused_release_holds_the_deployment_until_applied_unpaused() {
             paused,
         }
     };
-    let wait_for = |cluster: &mut KubeCluster, d: &ClusterService, what: &str, ok: &dyn Fn(&imago_spec::cluster::ClusterObservation) -> bool| {
-        let start = std::time::Instant::now();
-        loop {
-            let observed = cluster.observe(d).unwrap().unwrap();
-            if ok(&observed) {
-                return observed;
+    let wait_for =
+        |cluster: &mut KubeCluster,
+         d: &ClusterService,
+         what: &str,
+         ok: &dyn Fn(&imago_spec::cluster::ClusterObservation) -> bool| {
+            let start = std::time::Instant::now();
+            loop {
+                let observed = cluster.observe(d).unwrap().unwrap();
+                if ok(&observed) {
+                    return observed;
+                }
+                assert!(start.elapsed() < LIMIT, "{what}: {observed:#?}");
+                std::thread::sleep(Duration::from_millis(20));
             }
-            assert!(start.elapsed() < LIMIT, "{what}: {observed:#?}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
+        };
     let v1 = desired(1, "v1", false);
     cluster.apply(&v1).unwrap();
     wait_for(&mut cluster, &v1, "release 1 complete", &|o| {
@@ -478,7 +482,9 @@ fn a_paused_release_holds_the_deployment_until_applied_unpaused() {
     let v2 = desired(2, "v2", false);
     cluster.apply(&v2).unwrap();
     wait_for(&mut cluster, &v2, "a first pod of release 2", &|o| {
-        o.tasks.iter().any(|t| t.revision.as_deref() == Some(v2.revision.as_str()))
+        o.tasks
+            .iter()
+            .any(|t| t.revision.as_deref() == Some(v2.revision.as_str()))
     });
     let held = desired(2, "v2", true);
     cluster.apply(&held).unwrap();
@@ -488,7 +494,11 @@ fn a_paused_release_holds_the_deployment_until_applied_unpaused() {
         o.update == UpdateState::Held
     });
     assert!(!observed.update.failed());
-    assert_eq!(observed.differences, Vec::<String>::new(), "a held release is no drift");
+    assert_eq!(
+        observed.differences,
+        Vec::<String>::new(),
+        "a held release is no drift"
+    );
     // Many ticks, and past any deadline the server would apply: nothing moves.
     std::thread::sleep(Duration::from_millis(200));
     let pods = |server: &FakeApiServer| {
@@ -529,7 +539,9 @@ fn a_paused_release_holds_the_deployment_until_applied_unpaused() {
     assert!(live["spec"].get("paused").is_none(), "{live:#}");
     wait_for(&mut cluster, &v2, "release 2 complete once resumed", &|o| {
         o.update == UpdateState::Completed
-            && o.tasks.iter().all(|t| t.revision.as_deref() == Some(v2.revision.as_str()))
+            && o.tasks
+                .iter()
+                .all(|t| t.revision.as_deref() == Some(v2.revision.as_str()))
     });
     drop(cluster);
     drop(server);

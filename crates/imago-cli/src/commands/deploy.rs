@@ -189,9 +189,9 @@ pub(super) fn release_spec(
         return Ok(pinned);
     }
     if store.has_blob(digest) {
-        let image = store
-            .load_image(digest)
-            .with_context(|| format!("service {name}: reading the configuration of image {digest}"))?;
+        let image = store.load_image(digest).with_context(|| {
+            format!("service {name}: reading the configuration of image {digest}")
+        })?;
         pinned.image_volumes = imago_runtime::volumes::declared_volumes(&image.config);
     } else if let Some(release) = recorded.filter(|r| &r.image_digest == digest) {
         pinned.image_volumes = release.spec.image_volumes.clone();

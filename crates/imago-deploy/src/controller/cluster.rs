@@ -112,8 +112,7 @@ impl Controller {
         let mut desired = cluster_service(release, target);
         // A pause is the database's (`imago pause`), applied to the engine on every apply; an
         // engine that cannot hold a rollout never gets one recorded (`actions::set_paused`).
-        desired.paused =
-            target.spec.engine.holds_rollouts() && self.db.paused(service)?.is_some();
+        desired.paused = target.spec.engine.holds_rollouts() && self.db.paused(service)?.is_some();
         let has_outcome = self.db.outcome_of(service, release.number)?.is_some();
         let observed = self.engine_for(service, target)?.observe(&desired)?;
         let reapply = match &observed {
@@ -803,7 +802,14 @@ mod tests {
         let record = |h: &mut Harness, version: &str| {
             h.controller
                 .db
-                .record_release("web", &kube(version), &Digest::of(version.as_bytes()), "apply", None, "test")
+                .record_release(
+                    "web",
+                    &kube(version),
+                    &Digest::of(version.as_bytes()),
+                    "apply",
+                    None,
+                    "test",
+                )
                 .unwrap()
                 .0
         };
@@ -823,7 +829,10 @@ mod tests {
         assert!(held.drift.is_empty(), "a pause is no drift: {held:?}");
         {
             let swarm = h.swarm.lock().unwrap();
-            assert!(swarm.live.as_ref().unwrap().paused, "the engine is told to hold");
+            assert!(
+                swarm.live.as_ref().unwrap().paused,
+                "the engine is told to hold"
+            );
             assert_eq!(swarm.applied, vec![1, 2, 2]);
         }
         let restart = |h: &mut Harness| {
@@ -848,7 +857,11 @@ mod tests {
             assert!(!pass.complete && pass.failed.is_none(), "{pass:?}");
         }
         assert_eq!(h.controller.db.outcome_of("web", 2).unwrap(), None);
-        assert_eq!(h.swarm.lock().unwrap().applied, vec![1, 2, 2], "held, not re-applied");
+        assert_eq!(
+            h.swarm.lock().unwrap().applied,
+            vec![1, 2, 2],
+            "held, not re-applied"
+        );
         crate::actions::set_paused(&h.controller.db, "web", false, "test").unwrap();
         h.pass();
         {
