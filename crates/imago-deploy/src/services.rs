@@ -274,7 +274,8 @@ health = { type = "tcp" }
             parse(typo, &[]).unwrap_err().to_string(),
             "dir/imago.toml:3:1: unknown field `replica`, expected one of `image`, `replicas`, \
              `command`, `env`, `port`, `target_port`, `bind`, `network`, `resources`, `volumes`, \
-             `seccomp`, `init`, `health`, `rollout`, `target`, `stop_grace_period`, `placement`"
+             `seccomp`, `init`, `health`, `rollout`, `target`, `stop_grace_period`, `placement`, \
+             `image_volumes`"
         );
         let bad_type = "[service.web]\nimage = \"web\"\nreplicas = \"two\"\n";
         let err = parse(bad_type, &[]).unwrap_err().to_string();
