@@ -110,6 +110,29 @@ impl KubeService {
             .to_owned()
     }
 
+    /// The image-declared volumes of the pod template: (mount path, whether its volume is an
+    /// emptyDir), sorted by path.
+    fn empty_dirs(&self) -> Vec<(String, bool)> {
+        let deployment = self.deployment().expect("the Deployment exists");
+        let pod = &deployment["spec"]["template"]["spec"];
+        let volumes = pod["volumes"].as_array().cloned().unwrap_or_default();
+        let mut out: Vec<(String, bool)> = self.container()["volumeMounts"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|m| {
+                let volume = volumes.iter().find(|v| v["name"] == m["name"]);
+                (
+                    m["mountPath"].as_str().unwrap_or_default().to_owned(),
+                    volume.is_some_and(|v| v["emptyDir"].is_object()),
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     fn template_label(&self, label: &str) -> String {
         self.deployment().expect("the Deployment exists")["spec"]["template"]["metadata"]["labels"]
             [label]
@@ -175,6 +198,7 @@ file = [{{ path = "/www/index.html", content = "version {version}\n" }}]
 [image.web.config]
 entrypoint = ["/bin/httpd", "-f", "-p", "8080", "-h", "/www"]
 ports = ["8080/tcp"]
+volumes = ["/data", "/cache-v{version}/"]
 
 [service.{name}]
 image = "web"
@@ -222,6 +246,10 @@ fn apply_completes_rolls_back_on_demand_and_destroys() {
     assert_eq!(s.image(), v1);
     assert_eq!(s.template_label("imago.dev/release"), "1");
     assert_eq!(s.env("VERSION"), "1");
+    // The image declares /data and /cache-v1/: the root is read-only, so each gets an
+    // emptyDir, as each local instance gets an anonymous volume there.
+    let volumes_v1 = vec![("/cache-v1".to_owned(), true), ("/data".to_owned(), true)];
+    assert_eq!(s.empty_dirs(), volumes_v1);
     let pods = s.server.pods(NAMESPACE, &s.name);
     assert_eq!(pods.len(), 3, "{pods:#?}");
     assert!(
@@ -266,8 +294,14 @@ fn apply_completes_rolls_back_on_demand_and_destroys() {
     assert_ne!(v1, v2);
     assert_eq!(s.image(), v2);
     assert_eq!(s.env("VERSION"), "2");
+    assert_eq!(
+        s.empty_dirs(),
+        vec![("/cache-v2".to_owned(), true), ("/data".to_owned(), true)]
+    );
 
-    // Rollback on demand: image and configuration of release 1, as release 3.
+    // Rollback on demand: image and configuration of release 1, as release 3, by a new
+    // controller (the old one killed): the volumes come from the release, as recorded.
+    s.imago.kill_controller();
     let rolled = s.imago.run(&["rollback", "--timeout", "60s", &s.name]).ok();
     assert!(rolled.stdout().contains("release 3"), "{}", rolled.stdout());
     s.wait_for("the rollback's completion", Duration::from_secs(30), || {
@@ -278,6 +312,11 @@ fn apply_completes_rolls_back_on_demand_and_destroys() {
     assert_eq!(s.image(), v1);
     assert_eq!(s.env("VERSION"), "1", "the configuration rolls back too");
     assert_eq!(s.template_label("imago.dev/release"), "3");
+    assert_eq!(
+        s.empty_dirs(),
+        volumes_v1,
+        "the image's volumes roll back with it"
+    );
 
     // Destroy deletes the Deployment (its pods follow) and the Service; the history stays.
     s.imago.run(&["destroy", &s.name]).ok();
@@ -312,8 +351,12 @@ fn a_rollout_past_its_progress_deadline_is_rolled_back_automatically() {
     assert_eq!(history[1]["outcome"], "failed");
     assert_eq!(history[2]["rollback_of"], 1);
     assert_eq!(history[2]["outcome"], "complete");
-    // Image and configuration went back together, as a new generation.
+    // Image, its declared volumes and configuration went back together, as a new generation.
     assert_eq!(s.image(), v1);
+    assert_eq!(
+        s.empty_dirs(),
+        vec![("/cache-v1".to_owned(), true), ("/data".to_owned(), true)]
+    );
     assert_eq!(s.env("VERSION"), "1");
     assert_eq!(s.template_label("imago.dev/release"), "3");
     // Release 3 has release 1's revision: pods of either are interchangeable, and none of
@@ -416,6 +459,100 @@ fn a_controller_killed_mid_rollout_is_restarted_and_the_rollout_finishes() {
     assert_eq!(s.image(), s.pinned());
 }
 
+/// `imago pause` mid-rollout holds the Deployment (`spec.paused`, applied server-side by
+/// imago): the deployment controller moves no pod, and imago neither completes nor fails the
+/// release though its progress_deadline passes, also after its controller is killed and
+/// another one started; `imago resume` lets the rollout go on to completion.
+#[test]
+fn a_paused_rollout_is_held_through_a_controller_restart_and_completes_once_resumed() {
+    let s = KubeService::new("kpause", Duration::from_millis(400));
+    s.apply().ok();
+    s.set_version_2(false, 8);
+    // Release 2 gives up after 3 s without progress, unless it is held.
+    let text = std::fs::read_to_string(s.file())
+        .unwrap()
+        .replace("progress_deadline = \"30s\"", "progress_deadline = \"3s\"");
+    std::fs::write(s.file(), text).unwrap();
+    s.start_release_2();
+    let paused = s.imago.run(&["--json", "pause", &s.name]).ok().json();
+    assert_eq!(paused["paused"], true);
+    s.wait_for(
+        "spec.paused on the Deployment",
+        Duration::from_secs(10),
+        || s.deployment().unwrap()["spec"]["paused"] == true,
+    );
+    let applies = s
+        .server
+        .seen()
+        .into_iter()
+        .filter(|r| r.method == "PATCH" && r.path.contains("/deployments/"))
+        .collect::<Vec<_>>();
+    assert!(
+        applies
+            .iter()
+            .all(|r| r.query.get("fieldManager").map(String::as_str) == Some("imago")),
+        "{applies:#?}"
+    );
+    let pod_names = || {
+        let mut names: Vec<String> = s
+            .server
+            .pods(NAMESPACE, &s.name)
+            .iter()
+            .map(|p| p["metadata"]["name"].as_str().unwrap().to_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    // One tick for the fake controller to see the pause, then nothing moves.
+    std::thread::sleep(Duration::from_millis(900));
+    let held = pod_names();
+    let held_for = |seconds: u64| {
+        std::thread::sleep(Duration::from_secs(seconds));
+        assert_eq!(pod_names(), held, "a paused Deployment's pods changed");
+        assert!(
+            s.history()[1]["outcome"].is_null(),
+            "release 2 was judged while paused: {:?}\n{}",
+            s.history(),
+            s.events()
+        );
+        assert_eq!(s.deployment().unwrap()["spec"]["paused"], true);
+    };
+    held_for(4);
+    let releases: Vec<Value> = s
+        .server
+        .pods(NAMESPACE, &s.name)
+        .iter()
+        .map(|p| p["metadata"]["labels"]["imago.dev/release"].clone())
+        .collect();
+    assert!(
+        releases.contains(&Value::from("1")),
+        "the pause came mid-rollout, with pods of release 1 left: {releases:?}"
+    );
+    // A controller killed while paused: the next one keeps the Deployment held.
+    s.imago.kill_controller();
+    s.imago.run(&["serve"]).ok();
+    held_for(4);
+    let status = s.imago.run(&["status", "--json"]).ok().json();
+    assert!(
+        status["services"][0]["paused"]["actor"].is_string(),
+        "{status}"
+    );
+    assert!(s.events().contains("(paused)"), "{}", s.events());
+    assert!(
+        !s.events().contains("changed out of band"),
+        "a pause is no drift: {}",
+        s.events()
+    );
+
+    s.imago.run(&["resume", &s.name]).ok();
+    s.wait_for("release 2's completion", Duration::from_secs(30), || {
+        s.history()[1]["outcome"] == "complete"
+    });
+    assert!(s.deployment().unwrap()["spec"].get("paused").is_none());
+    assert_eq!(s.image(), s.pinned());
+    assert_eq!(s.history().len(), 2, "no rollback: {:?}", s.history());
+}
+
 #[test]
 fn a_controller_killed_mid_failing_rollout_is_restarted_and_rolls_back() {
     let s = KubeService::new("kkillfail", Duration::from_millis(100));
@@ -455,12 +592,35 @@ fn render_prints_the_objects_byte_stable_and_plan_refuses_what_kubernetes_cannot
     )
     .unwrap();
     let file = file.display().to_string();
-    let digest = format!("sha256:{}", "ab".repeat(32));
+    // The image is built (reproducibly: the golden file holds its digest) and stored, so
+    // render reads the volumes it declares; an image that is not stored cannot be rendered.
+    let digest = imago
+        .run(&["build", "--json", "-f", &file, "web"])
+        .ok()
+        .json()["images"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let render = |args: &[&str]| {
         let mut all = vec!["render", "--target", "k8s", "-f", &file];
         all.extend_from_slice(args);
         imago.run(&all).ok().output.stdout
     };
+    let absent = format!("sha256:{}", "ab".repeat(32));
+    let err = imago
+        .run(&[
+            "render",
+            "--target",
+            "k8s",
+            "-f",
+            &file,
+            &format!("--image=web=registry.test:5000/team/web@{absent}"),
+        ])
+        .fails();
+    assert!(
+        err.contains(&format!("image {absent} is not in the store")),
+        "{err}"
+    );
     let pinned = format!("--image=web=registry.test:5000/team/web@{digest}");
     let first = render(&[&pinned]);
     assert_eq!(first, render(&[&pinned]), "the same file, the same bytes");
@@ -473,6 +633,10 @@ fn render_prints_the_objects_byte_stable_and_plan_refuses_what_kubernetes_cannot
     let expected = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("{}: {e} (IMAGO_UPDATE_GOLDEN=1 writes it)", path.display()));
     assert!(expected == text, "{} differs:\n{text}", path.display());
+    for path in ["/data", "/cache-v1"] {
+        assert!(text.contains(&format!("mountPath: {path}\n")), "{text}");
+    }
+    assert_eq!(text.matches("emptyDir: {}").count(), 2, "{text}");
 
     // Without --image the digest is the one the image builds to, in the target's registry.
     let built = imago

@@ -44,6 +44,8 @@ pub fn restart(db: &mut StateDb, service: &str, actor: &str) -> Result<Release, 
 /// Pauses (`pause`) or resumes the rollouts of `service`; returns whether that changed
 /// anything (pausing a paused service does not). While paused, the controller launches and
 /// retires nothing for it, whatever its releases say; a restarted controller reads it again.
+/// On a kubernetes target the controller holds the Deployment (`spec.paused`) from its next
+/// pass; a swarm target is refused (see [`imago_spec::EngineKind::holds_rollouts`]).
 pub fn set_paused(
     db: &StateDb,
     service: &str,
@@ -53,9 +55,11 @@ pub fn set_paused(
     let Some(desired) = db.desired(service)? else {
         return Err(DeployError::NoService(service.to_owned()));
     };
-    // A pause the controller cannot hold must not be recorded as if it did: the engine of a
-    // cluster target keeps rolling on its own. Resuming stays allowed (it only clears).
-    if let (true, Some(target)) = (pause, desired.spec.cluster_target()) {
+    // A pause the controller cannot hold must not be recorded as if it did: a swarm keeps
+    // rolling on its own. Resuming stays allowed (it only clears).
+    if let (true, Some(target)) = (pause, desired.spec.cluster_target())
+        && !target.spec.engine.holds_rollouts()
+    {
         return Err(DeployError::PauseUnsupported {
             service: service.to_owned(),
             engine: target.spec.engine.as_str().to_owned(),
@@ -76,7 +80,7 @@ mod tests {
     use imago_oci::Digest;
 
     #[test]
-    fn a_pause_of_a_service_on_a_cluster_target_is_refused_and_not_recorded() {
+    fn a_pause_on_a_swarm_target_is_refused_and_on_a_kubernetes_target_recorded() {
         let dir = tempfile::tempdir().unwrap();
         let mut db = StateDb::open(&dir.path().join("state.db")).unwrap();
         let spec: ServiceSpec = serde_json::from_value(serde_json::json!({
@@ -101,5 +105,17 @@ mod tests {
             .unwrap();
         assert!(set_paused(&db, "api", true, "test").unwrap());
         assert!(db.paused("api").unwrap().is_some());
+        // Kubernetes holds a Deployment (spec.paused): recorded, and the controller applies it.
+        let kube: ServiceSpec = serde_json::from_value(serde_json::json!({
+            "image": "shop",
+            "target": {"name": "k8s", "engine": "kubernetes"},
+        }))
+        .unwrap();
+        db.record_release("shop", &kube, &Digest::of(b"v1"), "apply", None, "test")
+            .unwrap();
+        assert!(set_paused(&db, "shop", true, "test").unwrap());
+        assert_eq!(db.paused("shop").unwrap().unwrap().actor, "test");
+        assert!(set_paused(&db, "shop", false, "test").unwrap());
+        assert_eq!(db.paused("shop").unwrap(), None);
     }
 }

@@ -55,8 +55,9 @@ pub enum DeployError {
     #[error("no deployed service {0}")]
     NoService(String),
     #[error(
-        "service {service} runs on the {engine} target {target}: pause is not supported there yet \
-         (the engine rolls out on its own); nothing was recorded"
+        "service {service} runs on the {engine} target {target}: its rollouts cannot be paused \
+         (the Docker API lets no client pause a service update; the engine would roll on while \
+         imago showed it paused); nothing was recorded"
     )]
     PauseUnsupported {
         service: String,

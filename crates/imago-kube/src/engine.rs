@@ -93,10 +93,11 @@ pub fn render_service(
             repository: repository.to_owned(),
             digest,
         },
-        // The controller's release carries no image configuration: the image's declared
-        // volumes get no emptyDir on this path yet (docs/kubernetes.md).
-        image_volumes: &[],
+        // Recorded in the release by apply from the image of its digest: a rollback or a
+        // restarted controller renders the same emptyDirs without reading the image again.
+        image_volumes: &desired.spec.image_volumes,
         namespace,
+        paused: desired.paused,
     })
 }
 
@@ -205,8 +206,15 @@ fn template_label<'a>(deployment: &'a Deployment, label: &str) -> Option<&'a Str
 /// carries.
 fn update_state(deployment: &Deployment, release: u64) -> (UpdateState, String) {
     let generation = deployment.metadata.generation.unwrap_or(0);
+    let held = deployment.spec.as_ref().and_then(|s| s.paused) == Some(true);
     match judge(deployment, release, generation).state {
         RolloutState::Complete => (UpdateState::Completed, String::new()),
+        // Held whatever the counts: the gate still completes a rollout that was done.
+        RolloutState::InProgress { waiting_for } if held => (UpdateState::Held, waiting_for),
+        _ if held => (
+            UpdateState::Held,
+            "the Deployment is paused (spec.paused)".into(),
+        ),
         RolloutState::InProgress { waiting_for } => {
             (UpdateState::Updating, format!("waiting for {waiting_for}"))
         }

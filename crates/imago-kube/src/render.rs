@@ -77,6 +77,11 @@ pub struct ReleaseInput<'a> {
     /// anonymous volume there, so each pod gets an `emptyDir` (the root is read-only).
     pub image_volumes: &'a [String],
     pub namespace: &'a str,
+    /// The rollouts are paused (`imago pause`): the Deployment is rendered with
+    /// `spec.paused: true`, which stops the deployment controller's rollout and its progress
+    /// deadline (what `kubectl rollout pause` sets). Absent, not `false`, when not paused: the
+    /// rendering of an unpaused release stays the same bytes.
+    pub paused: bool,
 }
 
 /// The objects of one release, as applied and as kept for a later rollback. Stored whole
@@ -310,6 +315,7 @@ pub fn render(input: &ReleaseInput<'_>) -> Result<RenderedRelease, KubeError> {
             }),
             min_ready_seconds: Some(min_ready),
             progress_deadline_seconds: Some(progress_deadline),
+            paused: input.paused.then_some(true),
             ..DeploymentSpec::default()
         }),
         status: None,

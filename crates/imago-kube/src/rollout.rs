@@ -57,6 +57,9 @@ pub fn judge(deployment: &Deployment, release: u64, generation: i64) -> RolloutS
         .and_then(|m| m.labels.as_ref())
         .and_then(|l| l.get(LABEL_RELEASE))
         .and_then(|r| r.parse::<u64>().ok());
+    let paused = spec.and_then(|s| s.paused) == Some(true);
+    let done =
+        updated >= replicas && status.replicas.unwrap_or(0) <= updated && available >= updated;
     let state = if live_release != Some(release) {
         RolloutState::Failed {
             reason: "Superseded".into(),
@@ -69,6 +72,14 @@ pub fn judge(deployment: &Deployment, release: u64, generation: i64) -> RolloutS
         RolloutState::InProgress {
             waiting_for: format!(
                 "the deployment controller to observe generation {generation} (it has seen {observed_generation})"
+            ),
+        }
+    } else if paused && !done {
+        // The deployment controller neither rolls nor checks the progress deadline of a
+        // paused Deployment: nothing moves until it is resumed.
+        RolloutState::InProgress {
+            waiting_for: format!(
+                "the rollout to be resumed (spec.paused; {updated} of {replicas} replicas updated)"
             ),
         }
     } else if let Some(condition) = status.conditions.iter().flatten().find(|c| {
@@ -177,5 +188,36 @@ mod tests {
             matches!(state(6, done), RolloutState::Failed { reason, .. } if reason == "Superseded"),
             "release 6's pods are not release 5's rollout"
         );
+    }
+
+    /// `spec.paused`: a rollout that waits, never one that failed, whatever the condition says;
+    /// one whose counts are done is complete.
+    #[test]
+    fn a_paused_deployment_waits_to_be_resumed() {
+        let paused = |status: serde_json::Value| {
+            let mut d = deployment(5, status);
+            d.spec.as_mut().unwrap().paused = Some(true);
+            judge(&d, 5, 2).state
+        };
+        let midway = json!({"observedGeneration": 2, "replicas": 4, "updatedReplicas": 1,
+            "availableReplicas": 3, "conditions": [{"type": "Progressing", "status": "Unknown",
+                "reason": "DeploymentPaused", "message": "Deployment is paused"}]});
+        assert_eq!(
+            paused(midway),
+            RolloutState::InProgress {
+                waiting_for: "the rollout to be resumed (spec.paused; 1 of 3 replicas updated)"
+                    .into()
+            }
+        );
+        let stale_deadline = json!({"observedGeneration": 2, "replicas": 4, "updatedReplicas": 1,
+            "conditions": [{"type": "Progressing", "status": "False",
+                "reason": "ProgressDeadlineExceeded", "message": "timed out"}]});
+        assert!(matches!(
+            paused(stale_deadline),
+            RolloutState::InProgress { .. }
+        ));
+        let done = json!({"observedGeneration": 2, "replicas": 3, "updatedReplicas": 3,
+            "availableReplicas": 3});
+        assert_eq!(paused(done), RolloutState::Complete);
     }
 }

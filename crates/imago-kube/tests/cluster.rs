@@ -46,6 +46,7 @@ fn release(number: u64, spec_toml: &str, image: &PinnedImage) -> RenderedRelease
         image,
         image_volumes: &[],
         namespace: NAMESPACE,
+        paused: false,
     })
     .unwrap()
 }
@@ -422,4 +423,126 @@ async fn a_kubeconfig_that_cannot_be_read_is_named() {
     .await
     .unwrap_err();
     assert!(err.to_string().contains("/nonexistent/kubeconfig"), "{err}");
+}
+
+/// The engine as the controller drives it: a release applied `paused` holds the Deployment
+/// (`spec.paused: true`, applied by imago's field manager), observe says `Held` (never a
+/// failure, and no drift), the deployment controller moves no pod however long it stands, and
+/// the same release applied unpaused clears the field and completes.
+#[test]
+fn a_paused_release_holds_the_deployment_until_applied_unpaused() {
+    use imago_kube::KubeCluster;
+    use imago_spec::cluster::{ClusterEngine, ClusterService, UpdateState};
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = runtime.block_on(FakeApiServer::start(Duration::from_millis(50)));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = KubeCluster::connect(&KubeTarget {
+        kubeconfig: Some(server.write_kubeconfig(dir.path())),
+        context: Some("scripted".into()),
+        namespace: NAMESPACE.into(),
+    })
+    .unwrap();
+    let desired = |number: u64, version: &str, paused: bool| {
+        let digest = Digest::of(version.as_bytes());
+        ClusterService {
+            service: "web".into(),
+            release: number,
+            revision: digest.hex()[..16].to_owned(),
+            config_hash: Digest::of(WEB.as_bytes()).to_string(),
+            image: format!("registry.test:5000/team/web@{digest}"),
+            spec: spec(WEB),
+            paused,
+        }
+    };
+    let wait_for =
+        |cluster: &mut KubeCluster,
+         d: &ClusterService,
+         what: &str,
+         ok: &dyn Fn(&imago_spec::cluster::ClusterObservation) -> bool| {
+            let start = std::time::Instant::now();
+            loop {
+                let observed = cluster.observe(d).unwrap().unwrap();
+                if ok(&observed) {
+                    return observed;
+                }
+                assert!(start.elapsed() < LIMIT, "{what}: {observed:#?}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+    let v1 = desired(1, "v1", false);
+    cluster.apply(&v1).unwrap();
+    wait_for(&mut cluster, &v1, "release 1 complete", &|o| {
+        o.update == UpdateState::Completed
+    });
+    let v2 = desired(2, "v2", false);
+    cluster.apply(&v2).unwrap();
+    wait_for(&mut cluster, &v2, "a first pod of release 2", &|o| {
+        o.tasks
+            .iter()
+            .any(|t| t.revision.as_deref() == Some(v2.revision.as_str()))
+    });
+    let held = desired(2, "v2", true);
+    cluster.apply(&held).unwrap();
+    let live = server.object("deployments", NAMESPACE, "web").unwrap();
+    assert_eq!(live["spec"]["paused"], true);
+    let observed = wait_for(&mut cluster, &held, "the pause observed", &|o| {
+        o.update == UpdateState::Held
+    });
+    assert!(!observed.update.failed());
+    assert_eq!(
+        observed.differences,
+        Vec::<String>::new(),
+        "a held release is no drift"
+    );
+    // Many ticks, and past any deadline the server would apply: nothing moves.
+    std::thread::sleep(Duration::from_millis(200));
+    let pods = |server: &FakeApiServer| {
+        let mut names: Vec<String> = server
+            .pods(NAMESPACE, "web")
+            .iter()
+            .map(|p| p["metadata"]["name"].as_str().unwrap().to_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let before = pods(&server);
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(pods(&server), before, "a paused Deployment's pods changed");
+    let observed = cluster.observe(&held).unwrap().unwrap();
+    assert_eq!(observed.update, UpdateState::Held, "{observed:#?}");
+    assert!(
+        observed
+            .tasks
+            .iter()
+            .any(|t| t.revision.as_deref() != Some(v2.revision.as_str())),
+        "held mid-rollout, with old pods left: {observed:#?}"
+    );
+    let patches = server
+        .seen()
+        .into_iter()
+        .filter(|r| r.method == "PATCH")
+        .collect::<Vec<_>>();
+    assert!(
+        patches
+            .iter()
+            .all(|r| r.query.get("fieldManager").map(String::as_str) == Some("imago")),
+        "{patches:#?}"
+    );
+
+    cluster.apply(&v2).unwrap();
+    let live = server.object("deployments", NAMESPACE, "web").unwrap();
+    assert!(live["spec"].get("paused").is_none(), "{live:#}");
+    wait_for(&mut cluster, &v2, "release 2 complete once resumed", &|o| {
+        o.update == UpdateState::Completed
+            && o.tasks
+                .iter()
+                .all(|t| t.revision.as_deref() == Some(v2.revision.as_str()))
+    });
+    drop(cluster);
+    drop(server);
 }

@@ -51,6 +51,7 @@ fn render_service(
         image: &image,
         image_volumes,
         namespace: "shop",
+        paused: false,
     })
 }
 

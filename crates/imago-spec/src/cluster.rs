@@ -28,6 +28,10 @@ pub struct ClusterService {
     /// `REGISTRY/REPOSITORY@sha256:...`: never a tag.
     pub image: String,
     pub spec: ServiceSpec,
+    /// The service's rollouts are paused (`imago pause`, recorded in imago's database): an
+    /// engine that can hold its own update renders it held (Kubernetes: the Deployment's
+    /// `spec.paused`). Not part of the release: pausing changes neither revision nor hash.
+    pub paused: bool,
 }
 
 /// How the engine's own update of the service stands (Docker's `UpdateStatus.State`).
@@ -44,6 +48,9 @@ pub enum UpdateState {
     /// The engine gave up on the update without reverting it (Kubernetes: the Deployment's
     /// `Progressing` condition with reason `ProgressDeadlineExceeded`).
     Failed,
+    /// The update is held because imago asked (`imago pause`; Kubernetes: the Deployment's
+    /// `spec.paused`): not a failure, and no progress is expected until it is resumed.
+    Held,
 }
 
 impl UpdateState {

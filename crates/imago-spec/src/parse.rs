@@ -91,6 +91,13 @@ pub fn parse_services_for(
         }
     };
     for (service, spec) in &mut specs {
+        if !spec.image_volumes.is_empty() {
+            return Err(SpecError::InvalidService {
+                service: service.clone(),
+                field: "image_volumes".into(),
+                reason: "is recorded by imago from the image's declared volumes and cannot be written in imago.toml".into(),
+            });
+        }
         let written = names.service.get(service).and_then(|t| t.target.as_ref());
         let (wanted, span) = match (target, written) {
             (Some(t), _) => (t.to_owned(), None),
@@ -152,6 +159,17 @@ mod tests {
             line_column("ab", 99),
             (1, 3),
             "an offset past the end is the end"
+        );
+    }
+
+    /// The image's declared volumes are imago's record of the image, not a key of the file.
+    #[test]
+    fn image_volumes_cannot_be_written_in_the_file() {
+        let text = "[service.web]\nimage = \"web\"\nimage_volumes = [\"/data\"]\n";
+        let err = parse_services(Path::new("imago.toml"), text, &[]).unwrap_err();
+        assert!(
+            matches!(&err, SpecError::InvalidService { field, .. } if field == "image_volumes"),
+            "{err}"
         );
     }
 }

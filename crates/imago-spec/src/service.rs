@@ -87,6 +87,14 @@ pub struct ServiceSpec {
     /// Which nodes of a cluster target the replicas may run on, and how they spread.
     #[serde(default, skip_serializing_if = "Placement::is_empty")]
     pub placement: Placement,
+    /// Never written in `imago.toml` (refused there): the paths the image of a release on a
+    /// kubernetes target declares as volumes (its config's `Volumes`), recorded by apply from
+    /// the stored image of the release's digest. Each pod gets an `emptyDir` there, as each
+    /// local instance gets an anonymous volume. Kept in the release, so that a rollback and a
+    /// restarted controller render them again without the image, and `render` is byte-stable.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(skip)]
+    pub image_volumes: Vec<String>,
 }
 
 /// `tls = { cert = "certs/shop.pem", key = "certs/shop.key" }`: PEM files, the certificate

@@ -32,6 +32,17 @@ impl EngineKind {
     }
 }
 
+impl EngineKind {
+    /// Whether imago can hold a rollout on this engine (`imago pause`): locally the controller
+    /// launches nothing; Kubernetes holds a Deployment with `spec.paused`. Docker Swarm cannot:
+    /// its API has no client-controlled pause of a service update (`UpdateStatus.State` is
+    /// set only by the daemon's `failure_action`; moby/moby#26159 and #37256 ask for one), so
+    /// the update would go on while imago showed it paused.
+    pub fn holds_rollouts(self) -> bool {
+        matches!(self, EngineKind::Local | EngineKind::Kubernetes)
+    }
+}
+
 impl std::fmt::Display for EngineKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())

@@ -355,6 +355,7 @@ mod tests {
             config_hash: "sha256:00".into(),
             image: "127.0.0.1:5000/web@sha256:11".into(),
             spec: serde_json::from_value::<Spec>(json).unwrap(),
+            paused: false,
         }
     }
 

@@ -166,6 +166,43 @@ pub(super) fn pinned_spec(spec: &ServiceSpec, digest: Option<&Digest>) -> Servic
     spec
 }
 
+/// `spec` pinned to `digest` as a release records it: [`pinned_spec`], and on a kubernetes
+/// target the paths the image declares as volumes (`image_volumes`, an emptyDir each), read
+/// from the stored image. They are recorded in the release rather than read again when it is
+/// rendered, so that a rollback to a release whose image gc has since removed, a restarted
+/// controller and `imago render` give the same objects. `recorded`, a release that already
+/// pins `digest`, answers when the image is not stored (plan and render do not pull); without
+/// either, apply (`required`) and render fail naming the digest, and plan leaves them out.
+pub(super) fn release_spec(
+    store: &Store,
+    name: &str,
+    spec: &ServiceSpec,
+    digest: Option<&Digest>,
+    recorded: Option<&Release>,
+    required: bool,
+) -> Result<ServiceSpec> {
+    let mut pinned = pinned_spec(spec, digest);
+    let Some(digest) = digest else {
+        return Ok(pinned);
+    };
+    if pinned.engine() != imago_deploy::spec::EngineKind::Kubernetes {
+        return Ok(pinned);
+    }
+    if store.has_blob(digest) {
+        let image = store.load_image(digest).with_context(|| {
+            format!("service {name}: reading the configuration of image {digest}")
+        })?;
+        pinned.image_volumes = imago_runtime::volumes::declared_volumes(&image.config);
+    } else if let Some(release) = recorded.filter(|r| &r.image_digest == digest) {
+        pinned.image_volumes = release.spec.image_volumes.clone();
+    } else if required {
+        bail!(
+            "service {name}: image {digest} is not in the store, so the paths it declares as volumes (an emptyDir each on kubernetes) are not known: pull it first (`imago pull`)"
+        );
+    }
+    Ok(pinned)
+}
+
 /// The ports an image of the definition file will expose, before it is built.
 fn exposed_ports_defined(services: &Services, image: &str) -> Vec<u16> {
     services
@@ -315,8 +352,8 @@ fn make_plan(
                 &exposed_ports_defined(services, &spec.image),
             )?,
         }
-        let spec = &pinned_spec(spec, digest.as_ref());
         let current = db.desired(name)?;
+        let spec = &release_spec(store, name, spec, digest.as_ref(), current.as_ref(), false)?;
         let mut plan = plan_service(
             name,
             spec,
@@ -343,6 +380,7 @@ fn make_plan(
                         config_hash: String::new(),
                         image: String::new(),
                         spec: spec.clone(),
+                        paused: false,
                     },
                     false,
                 ),
@@ -527,7 +565,9 @@ pub fn apply(ctx: &Context, args: ApplyArgs) -> Result<()> {
             }
         };
         check_ports(name, spec, digest.short(), &exposed_ports(&store, &digest)?)?;
-        pinned.push((name, pinned_spec(spec, Some(&digest)), digest));
+        let current = db.desired(name)?;
+        let spec = release_spec(&store, name, spec, Some(&digest), current.as_ref(), true)?;
+        pinned.push((name, spec, digest));
     }
     // A cluster's nodes pull the release's image by digest from its target's registry: it is
     // there before the release is recorded.
@@ -609,6 +649,7 @@ fn check_kubernetes(
             spec.cluster_repository(name)
         ),
         spec: spec.clone(),
+        paused: false,
     };
     imago_kube::render_service(&desired, &kube_target(target).namespace)?;
     Ok(())

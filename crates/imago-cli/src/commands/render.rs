@@ -16,7 +16,7 @@ use imago_oci::Digest;
 use serde::Serialize;
 
 use super::deploy::{
-    Fetch, FileArgs, ImageSource, build_options, check_engines, load_services, pinned_spec,
+    Fetch, FileArgs, ImageSource, build_options, check_engines, load_services, release_spec,
     resolve_image,
 };
 use crate::Context;
@@ -127,7 +127,12 @@ pub fn render(ctx: &Context, args: RenderArgs) -> Result<()> {
             Some(pinned) => pinned,
             None => (None, image_digest(ctx, &services, &store, name, spec)?),
         };
-        let pinned = pinned_spec(spec, Some(&digest));
+        let recorded = db
+            .history(name)?
+            .into_iter()
+            .rev()
+            .find(|r| r.image_digest == digest);
+        let pinned = release_spec(&store, name, spec, Some(&digest), recorded.as_ref(), true)?;
         let (config_hash, revision) = fingerprint(&pinned, &digest)?;
         let image = match repository {
             Some(repository) => format!("{repository}@{digest}"),
@@ -144,6 +149,7 @@ pub fn render(ctx: &Context, args: RenderArgs) -> Result<()> {
             config_hash: config_hash.to_string(),
             image,
             spec: pinned,
+            paused: false,
         };
         rendered.push(render_service(&desired, target)?);
     }

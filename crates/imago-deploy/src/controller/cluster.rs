@@ -42,6 +42,7 @@ pub fn cluster_service(release: &Release, target: &ResolvedTarget) -> ClusterSer
         config_hash: release.config_hash.to_string(),
         image: cluster_image(release, target),
         spec: release.spec.clone(),
+        paused: false,
     }
 }
 
@@ -108,7 +109,10 @@ impl Controller {
             release: Some(release.number),
             ..ServicePass::default()
         };
-        let desired = cluster_service(release, target);
+        let mut desired = cluster_service(release, target);
+        // A pause is the database's (`imago pause`), applied to the engine on every apply; an
+        // engine that cannot hold a rollout never gets one recorded (`actions::set_paused`).
+        desired.paused = target.spec.engine.holds_rollouts() && self.db.paused(service)?.is_some();
         let has_outcome = self.db.outcome_of(service, release.number)?.is_some();
         let observed = self.engine_for(service, target)?.observe(&desired)?;
         let reapply = match &observed {
@@ -146,6 +150,25 @@ impl Controller {
                     self.start_engine_change(release, target, &desired, &what)?;
                     return Ok(pass);
                 }
+            }
+            // Paused or resumed since the engine was last told: not drift, the operator's
+            // request. Before the differences: the held field is one of them until applied.
+            Some(o) if desired.paused != (o.update == UpdateState::Held) => {
+                let what = if desired.paused {
+                    format!(
+                        "holding the {} update of service {service} at release {} (paused)",
+                        target.spec.engine, release.number
+                    )
+                } else {
+                    format!(
+                        "letting the {} update of service {service} go on (resumed)",
+                        target.spec.engine
+                    )
+                };
+                self.db
+                    .event(Some(service), "rollout", &what, &self.actor)?;
+                self.apply_cluster(target, &desired)?;
+                return Ok(pass);
             }
             Some(o) if !o.differences.is_empty() => Some(format!(
                 "{} service {service} was changed out of band ({}): re-applying release {}",
@@ -347,6 +370,12 @@ impl Controller {
             self.db.clear_rollout(service)?;
             return Ok(());
         }
+        // Held at the operator's request: the engine makes no progress, so neither a stalled
+        // count nor `progress_deadline` means failure (resuming restarts the deadline), and a
+        // task that fails meanwhile is judged once the rollout goes on again.
+        if observed.update == UpdateState::Held {
+            return Ok(());
+        }
         // A task of this release that failed since the rollout began (the engine restarts it,
         // but the release did not pass its gate), the engine giving up on the update, or no
         // progress within the deadline: the rollout failed.
@@ -475,7 +504,11 @@ mod tests {
             let mut swarm = self.0.lock().unwrap();
             swarm.live = Some(desired.clone());
             swarm.hand_made.clear();
-            swarm.update = Some(UpdateState::Updating);
+            swarm.update = Some(if desired.paused {
+                UpdateState::Held
+            } else {
+                UpdateState::Updating
+            });
             swarm.applied.push(desired.release);
             Ok(())
         }
@@ -749,6 +782,99 @@ mod tests {
         let pass = h.pass();
         assert!(pass.drift.is_empty(), "a pending release is no drift");
         assert_eq!(h.swarm.lock().unwrap().applied, vec![1, 2]);
+    }
+
+    /// `imago pause` of a service on a kubernetes target mid-rollout: the engine is told to
+    /// hold (not drift), the gate neither completes nor fails it however long it stands (its
+    /// `progress_deadline` is long past), a restarted controller keeps it held, and resuming
+    /// lets the engine go on and the release complete.
+    #[test]
+    fn a_paused_kubernetes_rollout_is_held_through_a_restart_and_completes_once_resumed() {
+        let mut h = harness();
+        let kube = |version: &str| -> ServiceSpec {
+            serde_json::from_value(serde_json::json!({
+                "image": "web", "replicas": 2, "env": {"V": version},
+                "rollout": {"min_ready": "0s", "progress_deadline": "50ms"},
+                "target": {"name": "k8s", "engine": "kubernetes", "registry": "127.0.0.1:5000/t"}
+            }))
+            .unwrap()
+        };
+        let record = |h: &mut Harness, version: &str| {
+            h.controller
+                .db
+                .record_release(
+                    "web",
+                    &kube(version),
+                    &Digest::of(version.as_bytes()),
+                    "apply",
+                    None,
+                    "test",
+                )
+                .unwrap()
+                .0
+        };
+        let r1 = record(&mut h, "1");
+        h.pass();
+        h.converged(&r1.revision);
+        assert!(h.pass().complete);
+        let r2 = record(&mut h, "2");
+        h.pass();
+        h.swarm.lock().unwrap().tasks = vec![
+            task("a2", &r2.revision, TaskPhase::Running),
+            task("b", &r1.revision, TaskPhase::Running),
+        ];
+        h.pass();
+        crate::actions::set_paused(&h.controller.db, "web", true, "test").unwrap();
+        let held = h.pass();
+        assert!(held.drift.is_empty(), "a pause is no drift: {held:?}");
+        {
+            let swarm = h.swarm.lock().unwrap();
+            assert!(
+                swarm.live.as_ref().unwrap().paused,
+                "the engine is told to hold"
+            );
+            assert_eq!(swarm.applied, vec![1, 2, 2]);
+        }
+        let restart = |h: &mut Harness| {
+            let db = StateDb::open(&h._dir.path().join("state.db")).unwrap();
+            let shared = h.swarm.clone();
+            h.controller = Controller::new(
+                db,
+                Arc::new(FakeProvider::new()),
+                h._runtime.handle().clone(),
+                Engine::Embedded,
+            )
+            .with_cluster_engines(Arc::new(move |_| {
+                Ok(Box::new(FakeEngine(shared.clone())) as Box<dyn ClusterEngine>)
+            }));
+        };
+        for round in 0..3 {
+            std::thread::sleep(std::time::Duration::from_millis(80));
+            if round == 1 {
+                restart(&mut h);
+            }
+            let pass = h.pass();
+            assert!(!pass.complete && pass.failed.is_none(), "{pass:?}");
+        }
+        assert_eq!(h.controller.db.outcome_of("web", 2).unwrap(), None);
+        assert_eq!(
+            h.swarm.lock().unwrap().applied,
+            vec![1, 2, 2],
+            "held, not re-applied"
+        );
+        crate::actions::set_paused(&h.controller.db, "web", false, "test").unwrap();
+        h.pass();
+        {
+            let swarm = h.swarm.lock().unwrap();
+            assert!(!swarm.live.as_ref().unwrap().paused, "the engine goes on");
+            assert_eq!(swarm.applied, vec![1, 2, 2, 2]);
+        }
+        h.converged(&r2.revision);
+        assert!(h.pass().complete);
+        let events = h.controller.db.events(Some("web"), 0).unwrap();
+        assert!(events.iter().any(|e| e.message.contains("(paused)")));
+        assert!(events.iter().any(|e| e.message.contains("(resumed)")));
+        assert!(!events.iter().any(|e| e.kind == "drift"));
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! pods and status the way the real one does (observedGeneration, then a pod of the new
 //! template created, then ready, until there are enough; then old pods deleted one by one; or,
 //! for an image marked broken, a pod that never gets ready and ProgressDeadlineExceeded), one
-//! step per tick. Pods carry the pod template's labels plus `pod-template-hash`.
+//! step per tick; a Deployment with `spec.paused` stands still (condition `DeploymentPaused`).
+//! Pods carry the pod template's labels plus `pod-template-hash`.
 //!
 //! Shared by imago-kube's tests and imago-cli's end-to-end tests (`#[path]` module there).
 
@@ -293,7 +294,15 @@ impl FakeApiServer {
         let new: Vec<&(String, Value)> = pods.iter().filter(|(_, p)| is_new(p)).collect();
         let old: Vec<&(String, Value)> = pods.iter().filter(|(_, p)| !is_new(p)).collect();
         let mut changed = false;
-        if rollout.observed_generation < generation {
+        // `spec.paused` (kubectl rollout pause, imago pause): the real controller observes
+        // the generation and moves no pod, and checks no progress deadline, until resumed.
+        let paused = object["spec"]["paused"] == json!(true);
+        if paused {
+            if rollout.observed_generation < generation {
+                rollout.observed_generation = generation;
+                changed = true;
+            }
+        } else if rollout.observed_generation < generation {
             // A new template: the ready pods of older templates stay until new ones replace
             // them; pods of older templates that never got ready go at once.
             for (pod, _) in old.iter().filter(|(_, p)| !is_ready(p)) {
@@ -328,7 +337,10 @@ impl FakeApiServer {
         let ready = pods.iter().filter(|(_, p)| is_ready(p)).count() as i64;
         let total = pods.len() as i64;
         let complete = !rollout.failed && updated == desired && total == desired && ready == total;
-        let progressing = if rollout.failed {
+        let progressing = if paused {
+            json!({"type": "Progressing", "status": "Unknown", "reason": "DeploymentPaused",
+                   "message": "Deployment is paused"})
+        } else if rollout.failed {
             json!({"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
                    "message": format!("ReplicaSet \"{name}-{hash}\" has timed out progressing.")})
         } else if complete {
