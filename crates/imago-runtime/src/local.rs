@@ -24,7 +24,7 @@ use crate::bundle::{BundleContext, runtime_config, write_bundle};
 use crate::network::{self, Ipam, Lease};
 use crate::rootfs::{ImageSource, RootfsCache};
 use crate::state::{Instance, InstanceDir, Status, is_alive, write_json_unsynced};
-use crate::{InstanceSpec, NetworkMode, Provider, RuntimeError};
+use crate::{Engine, InstanceSpec, NetworkMode, Provider, RuntimeError};
 
 /// How long an instance may stay "created" (prepared, supervisor not yet reporting) before it is
 /// considered abandoned by a launcher that died.
@@ -63,6 +63,10 @@ impl Layout {
     }
     pub fn runc_root(&self) -> PathBuf {
         self.home.join("runtime").join("runc")
+    }
+    /// Compiled seccomp filters of the embedded engine (see [`crate::seccomp_cache`]).
+    pub fn seccomp_cache(&self) -> PathBuf {
+        self.home.join("runtime").join("seccomp")
     }
 }
 
@@ -268,7 +272,17 @@ impl LocalProvider {
             volumes: &record.volumes,
             init: init.as_deref(),
         };
-        let config = runtime_config(spec, &image.config, &ctx)?;
+        let mut config = runtime_config(spec, &image.config, &ctx)?;
+        let precompiled = match spec.engine {
+            Engine::Embedded => crate::seccomp_cache::take_precompilable(&mut config)?,
+            Engine::Runc => None,
+        };
+        if let Some(rules) = &precompiled {
+            // Before config.json, whose annotation says the rules are here.
+            let bundle = dir.bundle();
+            fs::create_dir_all(&bundle).map_err(RuntimeError::io("cannot create", &bundle))?;
+            crate::state::write_json_unsynced(&bundle.join(crate::seccomp_cache::BUNDLE_FILE), rules)?;
+        }
         write_bundle(&dir.bundle(), &config)?;
         // The network itself is set up once the supervisor runs (see `spawn_supervisor`); from
         // here on, a failed launch gives the address back through `record_launch_failure`.

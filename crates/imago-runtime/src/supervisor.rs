@@ -404,7 +404,16 @@ fn start(
         Engine::Embedded => {
             let root = layout.youki_root();
             fs::create_dir_all(&root).map_err(RuntimeError::io("cannot create", &root))?;
-            let builder = ContainerBuilder::new(id.clone(), SyscallType::Linux)
+            let seccomp = crate::seccomp_cache::bundle_filter(
+                &bundle,
+                &crate::seccomp_cache::FilterCache::new(layout.seccomp_cache()),
+            )?;
+            let mut builder = ContainerBuilder::new(id.clone(), SyscallType::Linux);
+            if let Some(filter) = seccomp {
+                builder =
+                    builder.with_executor(crate::seccomp_cache::PrecompiledSeccomp::new(filter));
+            }
+            let builder = builder
                 .with_root_path(&root)
                 .map_err(|e| engine_err(e.to_string()))?
                 .with_stdin(null)
