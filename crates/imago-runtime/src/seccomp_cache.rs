@@ -478,6 +478,91 @@ mod tests {
         serde_json::from_value(section).unwrap()
     }
 
+    /// Starts `sleep` with a filter loaded by `load` in the child just before its exec, and
+    /// reads the loaded program back from the kernel (PTRACE_SECCOMP_GET_FILTER: root only).
+    #[allow(unsafe_code)]
+    fn loaded_program(load: impl Fn() -> std::io::Result<()> + Send + Sync + 'static) -> Vec<u8> {
+        use std::os::unix::process::CommandExt;
+        let mut command = std::process::Command::new("sleep");
+        command.arg("10");
+        // SAFETY: the closure runs in the forked child; it only sets no_new_privs and loads a
+        // filter (the allocations libseccomp makes are safe after fork with glibc's malloc).
+        unsafe {
+            command.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                load()
+            });
+        }
+        let mut child = command.spawn().unwrap();
+        let pid = child.id() as libc::pid_t;
+        // SAFETY: plain ptrace requests on our own child; `buf` holds up to 4096 instructions.
+        let program = unsafe {
+            assert_eq!(libc::ptrace(libc::PTRACE_SEIZE, pid, 0, 0), 0, "seize");
+            assert_eq!(libc::ptrace(libc::PTRACE_INTERRUPT, pid, 0, 0), 0, "interrupt");
+            let mut status = 0;
+            assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+            let mut buf = vec![libc::sock_filter { code: 0, jt: 0, jf: 0, k: 0 }; MAX_INSTRUCTIONS];
+            let count = libc::ptrace(0x420c /* PTRACE_SECCOMP_GET_FILTER */, pid, 0, buf.as_mut_ptr());
+            assert!(
+                count > 0,
+                "PTRACE_SECCOMP_GET_FILTER needs root: {}",
+                std::io::Error::last_os_error()
+            );
+            buf.truncate(count as usize);
+            buf
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        program
+            .iter()
+            .flat_map(|i| {
+                [&i.code.to_ne_bytes()[..], &[i.jt, i.jf], &i.k.to_ne_bytes()[..]].concat()
+            })
+            .collect()
+    }
+
+    /// The promise: an instance of the embedded engine runs under exactly the program
+    /// libcontainer would have compiled and loaded from the same bundle, for every
+    /// architecture the profile names (the program holds them all).
+    #[test]
+    fn the_precompiled_program_is_the_one_libcontainer_loads() {
+        for seccomp in [
+            Seccomp::Default,
+            Seccomp::from_profile(serde_json::json!({
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+                "syscalls": [
+                    {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 122},
+                    {"names": ["personality"], "action": "SCMP_ACT_ERRNO",
+                     "args": [{"index": 0, "value": 8, "op": "SCMP_CMP_NE"},
+                              {"index": 0, "value": 0, "op": "SCMP_CMP_NE"}]},
+                    {"names": ["kill"], "action": "SCMP_ACT_KILL_PROCESS"},
+                ],
+            }))
+            .unwrap(),
+        ] {
+            let embedded = seccomp.oci_section(Engine::Embedded).unwrap().unwrap();
+            let libcontainer_section: LinuxSeccomp = serde_json::from_value(embedded).unwrap();
+            let by_libcontainer = loaded_program(move || {
+                libcontainer::seccomp::initialize_seccomp(&libcontainer_section)
+                    .map(drop)
+                    .map_err(std::io::Error::other)
+            });
+            let oci = seccomp.oci_section(Engine::Runc).unwrap().unwrap();
+            let section: LinuxSeccomp = serde_json::from_value(oci).unwrap();
+            let compiled = CompiledFilter {
+                program: compile(&section).unwrap(),
+                flags: load_flags(&section),
+            };
+            assert!(by_libcontainer.len() > 20 * INSTRUCTION_LEN, "{seccomp:?}");
+            assert_eq!(compiled.program, by_libcontainer, "{seccomp:?}");
+            let by_imago = loaded_program(move || install(&compiled).map_err(std::io::Error::from));
+            assert_eq!(by_imago, by_libcontainer, "{seccomp:?}");
+        }
+    }
+
     #[test]
     fn a_cache_file_is_only_accepted_whole_and_for_its_own_key() {
         let section = default_section();
