@@ -629,6 +629,28 @@ mod tests {
         assert_eq!(config.pointer("/annotations/a"), Some(&Value::from("b")));
     }
 
+    /// A bundle marked precompiled whose rules are gone must not start unfiltered.
+    #[test]
+    fn a_marked_bundle_without_its_rules_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = FilterCache::new(dir.path().join("seccomp"));
+        let config = dir.path().join("config.json");
+        fs::write(&config, r#"{"annotations": {"a": "b"}}"#).unwrap();
+        assert_eq!(bundle_filter(dir.path(), &cache).unwrap(), None);
+        let marked = serde_json::json!({"annotations": {ANNOTATION: PRECOMPILED}});
+        fs::write(&config, marked.to_string()).unwrap();
+        let err = bundle_filter(dir.path(), &cache).unwrap_err().to_string();
+        assert!(err.contains(BUNDLE_FILE), "{err}");
+        let rules = serde_json::to_string(&default_section()).unwrap();
+        fs::write(dir.path().join(BUNDLE_FILE), rules).unwrap();
+        let filter = bundle_filter(dir.path(), &cache).unwrap().unwrap();
+        assert_eq!(filter.program, compile(&default_section()).unwrap());
+        let odd = serde_json::json!({"annotations": {ANNOTATION: "later"}});
+        fs::write(&config, odd.to_string()).unwrap();
+        let err = bundle_filter(dir.path(), &cache).unwrap_err().to_string();
+        assert!(err.contains("later"), "{err}");
+    }
+
     #[test]
     fn a_damaged_cache_file_is_replaced_by_a_fresh_compile() {
         let dir = tempfile::tempdir().unwrap();
