@@ -114,6 +114,9 @@ pub struct LocalProvider {
     /// (every write replaces the file, so a changed record is a new file). Only a copy: the
     /// files stay the truth, each is looked at (stat) every time, and a new process starts empty.
     records: Mutex<HashMap<PathBuf, (RecordStamp, Instance)>>,
+    /// The cgroup lock warm-up of launches from a multi-threaded process (`imago run` forks
+    /// its own before it parses its command line).
+    cgroup_warmup: crate::supervisor::SharedCgroupWarmup,
 }
 
 /// What identifies one version of a state file: records are replaced by rename, never written
@@ -163,6 +166,7 @@ impl LocalProvider {
             netns_sweep_age: NETNS_SWEEP_AGE,
             children: Mutex::new(HashMap::new()),
             records: Mutex::new(HashMap::new()),
+            cgroup_warmup: crate::supervisor::SharedCgroupWarmup::default(),
         }
     }
 
@@ -795,6 +799,9 @@ pub const NETNS_SWEEP_AGE: Duration = Duration::from_secs(30);
 impl Provider for LocalProvider {
     fn launch(&self, spec: &InstanceSpec) -> Result<Instance, RuntimeError> {
         spec.validate()?;
+        // From the first launch of a wave to the end of its last: every cgroup move of every
+        // engine in between finds the lock warm (see `supervisor::warm_cgroup_lock`).
+        let _warm = (!crate::supervisor::single_threaded()).then(|| self.cgroup_warmup.hold());
         self.reap_children();
         let id = new_id()?;
         let dir = self.layout.instance_dir(&id);
