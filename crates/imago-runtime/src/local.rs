@@ -285,7 +285,10 @@ impl LocalProvider {
             // Before config.json, whose annotation says the rules are here.
             let bundle = dir.bundle();
             fs::create_dir_all(&bundle).map_err(RuntimeError::io("cannot create", &bundle))?;
-            crate::state::write_json_unsynced(&bundle.join(crate::seccomp_cache::BUNDLE_FILE), rules)?;
+            crate::state::write_json_unsynced(
+                &bundle.join(crate::seccomp_cache::BUNDLE_FILE),
+                rules,
+            )?;
         }
         write_bundle(&dir.bundle(), &config)?;
         // The network itself is set up once the supervisor runs (see `spawn_supervisor`); from

@@ -98,10 +98,7 @@ pub fn take_precompilable(config: &mut Value) -> Result<Option<Value>, RuntimeEr
     if let Some(section) = &mut section {
         crate::seccomp::swap_masked_operands(section);
     }
-    if let Some(annotations) = config
-        .get_mut("annotations")
-        .and_then(Value::as_object_mut)
-    {
+    if let Some(annotations) = config.get_mut("annotations").and_then(Value::as_object_mut) {
         annotations.insert(ANNOTATION.into(), PRECOMPILED.into());
     } else {
         config["annotations"] = serde_json::json!({ ANNOTATION: PRECOMPILED });
@@ -219,7 +216,8 @@ fn cache_key(section: &LinuxSeccomp) -> Result<Digest, RuntimeError> {
     let version = ScmpVersion::current()
         .map(|v| format!("{}.{}.{}", v.major, v.minor, v.micro))
         .unwrap_or_else(|_| "unknown".into());
-    let mut input = format!("imago seccomp bpf 1\n{:?}\n{version}\n", ScmpArch::native()).into_bytes();
+    let mut input =
+        format!("imago seccomp bpf 1\n{:?}\n{version}\n", ScmpArch::native()).into_bytes();
     input.extend_from_slice(&rules);
     Ok(Digest::of(&input))
 }
@@ -244,8 +242,10 @@ fn verified_program<'a>(key: &Digest, bytes: &'a [u8]) -> Option<&'a [u8]> {
     let whole_instructions = !program.is_empty()
         && program.len() % INSTRUCTION_LEN == 0
         && program.len() / INSTRUCTION_LEN <= MAX_INSTRUCTIONS;
-    (magic == MAGIC && whole_instructions && digest == integrity_digest(key, program).hex().as_bytes())
-        .then_some(program)
+    (magic == MAGIC
+        && whole_instructions
+        && digest == integrity_digest(key, program).hex().as_bytes())
+    .then_some(program)
 }
 
 fn load_flags(section: &LinuxSeccomp) -> libc::c_ulong {
@@ -302,7 +302,12 @@ pub fn compile(section: &LinuxSeccomp) -> Result<Vec<u8>, String> {
                 }
             })
             .collect();
-        let mut indexes: Vec<u32> = rule.args().iter().flatten().map(|a| a.index() as u32).collect();
+        let mut indexes: Vec<u32> = rule
+            .args()
+            .iter()
+            .flatten()
+            .map(|a| a.index() as u32)
+            .collect();
         indexes.sort_unstable();
         let repeated_index = indexes.windows(2).any(|pair| pair[0] == pair[1]);
         for name in rule.names() {
@@ -316,11 +321,7 @@ pub fn compile(section: &LinuxSeccomp) -> Result<Vec<u8>, String> {
             } else if repeated_index {
                 conditions.iter().try_for_each(|condition| {
                     filter
-                        .add_rule_conditional(
-                            rule_action,
-                            syscall,
-                            std::slice::from_ref(condition),
-                        )
+                        .add_rule_conditional(rule_action, syscall, std::slice::from_ref(condition))
                         .map(drop)
                 })
             } else {
@@ -500,11 +501,28 @@ mod tests {
         // SAFETY: plain ptrace requests on our own child; `buf` holds up to 4096 instructions.
         let program = unsafe {
             assert_eq!(libc::ptrace(libc::PTRACE_SEIZE, pid, 0, 0), 0, "seize");
-            assert_eq!(libc::ptrace(libc::PTRACE_INTERRUPT, pid, 0, 0), 0, "interrupt");
+            assert_eq!(
+                libc::ptrace(libc::PTRACE_INTERRUPT, pid, 0, 0),
+                0,
+                "interrupt"
+            );
             let mut status = 0;
             assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
-            let mut buf = vec![libc::sock_filter { code: 0, jt: 0, jf: 0, k: 0 }; MAX_INSTRUCTIONS];
-            let count = libc::ptrace(0x420c /* PTRACE_SECCOMP_GET_FILTER */, pid, 0, buf.as_mut_ptr());
+            let mut buf = vec![
+                libc::sock_filter {
+                    code: 0,
+                    jt: 0,
+                    jf: 0,
+                    k: 0
+                };
+                MAX_INSTRUCTIONS
+            ];
+            let count = libc::ptrace(
+                0x420c, /* PTRACE_SECCOMP_GET_FILTER */
+                pid,
+                0,
+                buf.as_mut_ptr(),
+            );
             assert!(
                 count > 0,
                 "PTRACE_SECCOMP_GET_FILTER needs root: {}",
@@ -518,7 +536,12 @@ mod tests {
         program
             .iter()
             .flat_map(|i| {
-                [&i.code.to_ne_bytes()[..], &[i.jt, i.jf], &i.k.to_ne_bytes()[..]].concat()
+                [
+                    &i.code.to_ne_bytes()[..],
+                    &[i.jt, i.jf],
+                    &i.k.to_ne_bytes()[..],
+                ]
+                .concat()
             })
             .collect()
     }

@@ -195,7 +195,10 @@ fn main() {
     assert!(shared.running(), "stopped while a launch still held it");
     drop(second);
     std::thread::sleep(Duration::from_millis(50));
-    assert!(!shared.running(), "the warm-up thread outlived the last launch");
+    assert!(
+        !shared.running(),
+        "the warm-up thread outlived the last launch"
+    );
     let cold = median_procs_write(&procs, 15, Duration::from_millis(30));
     println!(
         "multi-threaded: cgroup.procs write, median of 15: {:.2} ms with the shared warm-up, {:.2} ms without",

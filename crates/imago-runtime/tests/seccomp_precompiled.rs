@@ -53,7 +53,11 @@ fn the_default_filter_is_loaded_from_one_cached_program_for_every_launch() {
     let bundle = h.home().join("instances").join(&inst.id).join("bundle");
     let config: serde_json::Value =
         serde_json::from_slice(&fs::read(bundle.join("config.json")).unwrap()).unwrap();
-    assert_eq!(config.pointer("/linux/seccomp"), None, "libcontainer would compile it");
+    assert_eq!(
+        config.pointer("/linux/seccomp"),
+        None,
+        "libcontainer would compile it"
+    );
     assert_eq!(
         config.pointer(&format!("/annotations/{ANNOTATION}")),
         Some(&serde_json::Value::from(PRECOMPILED))
@@ -156,5 +160,9 @@ fn launches_racing_to_fill_the_cache_all_run_filtered() {
     fs::remove_file(&files[0]).unwrap();
     let (_, logs) = check(&h, Seccomp::Default);
     assert_default_filter(&logs);
-    assert_eq!(fs::read(&files[0]).unwrap(), racing, "the race left a different file");
+    assert_eq!(
+        fs::read(&files[0]).unwrap(),
+        racing,
+        "the race left a different file"
+    );
 }
