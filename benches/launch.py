@@ -14,11 +14,13 @@ Contenders:
   each --env KEY=VALUE adds IMAGO run with that variable set)
 - imago --runtime runc, host network
 - plain `runc run -d` of the bundle imago wrote for a host-network instance (same config.json:
-  same mounts, capabilities and seccomp filter)
+  same mounts, capabilities and seccomp rules; the embedded engine's precompiled rules are put
+  back from seccomp.json)
 - plain `crun run -d` of that bundle (crun 1.8 refuses hybrid cgroups, so it runs in a mount
   namespace made once per run in which the cgroup2 mount at /sys/fs/cgroup/unified is
   unmounted, entered with `nsenter --mount`; `nsenter ... true` is timed too, to subtract)
 """
+import json
 import os
 import shutil
 import statistics
@@ -72,7 +74,18 @@ def plain_bundle():
     instance = out.stdout.strip()
     bundle = os.path.join(work, "bundle")
     os.makedirs(bundle)
-    shutil.copy(os.path.join(home, "instances", instance, "bundle", "config.json"), bundle)
+    source = os.path.join(home, "instances", instance, "bundle")
+    with open(os.path.join(source, "config.json")) as f:
+        config = json.load(f)
+    # The embedded engine's filter is precompiled: its rules sit in seccomp.json (OCI operand
+    # order, what runc and crun read), not in config.json. Put them back for the plain engines.
+    rules = os.path.join(source, "seccomp.json")
+    if os.path.exists(rules):
+        with open(rules) as f:
+            config["linux"]["seccomp"] = json.load(f)
+        config["annotations"].pop("org.imago.seccomp", None)
+    with open(os.path.join(bundle, "config.json"), "w") as f:
+        json.dump(config, f)
     subprocess.run([imago, "--home", home, "stop", "--time", "0", instance], capture_output=True)
     subprocess.run([imago, "--home", home, "rm", instance], capture_output=True)
     return bundle

@@ -33,6 +33,9 @@ pub enum RuntimeError {
     /// A seccomp profile file that cannot be used.
     #[error("seccomp profile {path}: {reason}")]
     SeccompProfile { path: PathBuf, reason: String },
+    /// A precompiled seccomp filter (or its rules in a bundle) that cannot be used.
+    #[error("seccomp filter {path}: {reason}")]
+    SeccompFilter { path: PathBuf, reason: String },
     #[error("invalid instance spec: {0}")]
     InvalidSpec(String),
     /// A named volume that cannot be used or removed as asked.

@@ -2,7 +2,7 @@
 //!
 //! Code map: [`spec`] (what an instance runs and its hash), [`provider`] (the engine-neutral
 //! trait and an in-memory fake), [`rootfs`] (the unpack-once rootfs cache), [`bundle`] (the OCI
-//! runtime config), [`seccomp`] (the syscall filter), [`network`] (namespaces, veth pairs, address leases), [`supervisor`] (the
+//! runtime config), [`seccomp`] (the syscall filter), [`seccomp_cache`] (the filter compiled once and loaded as BPF by the embedded engine), [`network`] (namespaces, veth pairs, address leases), [`supervisor`] (the
 //! per-instance process that owns a container), [`local`] (the provider built from all of it),
 //! [`state`] (atomic per-instance records), [`volumes`] (named, host and anonymous volumes), [`store_source`] (images from the imago store).
 //!
@@ -20,6 +20,7 @@ pub mod rootfs;
 pub mod rootfs_check;
 pub mod sandbox;
 pub mod seccomp;
+pub mod seccomp_cache;
 pub mod spec;
 pub mod state;
 pub mod store_source;

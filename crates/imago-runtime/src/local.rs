@@ -24,7 +24,7 @@ use crate::bundle::{BundleContext, runtime_config, write_bundle};
 use crate::network::{self, Ipam, Lease};
 use crate::rootfs::{ImageSource, RootfsCache};
 use crate::state::{Instance, InstanceDir, Status, is_alive, write_json_unsynced};
-use crate::{InstanceSpec, NetworkMode, Provider, RuntimeError};
+use crate::{Engine, InstanceSpec, NetworkMode, Provider, RuntimeError};
 
 /// How long an instance may stay "created" (prepared, supervisor not yet reporting) before it is
 /// considered abandoned by a launcher that died.
@@ -63,6 +63,10 @@ impl Layout {
     }
     pub fn runc_root(&self) -> PathBuf {
         self.home.join("runtime").join("runc")
+    }
+    /// Compiled seccomp filters of the embedded engine (see [`crate::seccomp_cache`]).
+    pub fn seccomp_cache(&self) -> PathBuf {
+        self.home.join("runtime").join("seccomp")
     }
 }
 
@@ -110,6 +114,9 @@ pub struct LocalProvider {
     /// (every write replaces the file, so a changed record is a new file). Only a copy: the
     /// files stay the truth, each is looked at (stat) every time, and a new process starts empty.
     records: Mutex<HashMap<PathBuf, (RecordStamp, Instance)>>,
+    /// The cgroup lock warm-up of launches from a multi-threaded process (`imago run` forks
+    /// its own before it parses its command line).
+    cgroup_warmup: crate::supervisor::SharedCgroupWarmup,
 }
 
 /// What identifies one version of a state file: records are replaced by rename, never written
@@ -159,6 +166,7 @@ impl LocalProvider {
             netns_sweep_age: NETNS_SWEEP_AGE,
             children: Mutex::new(HashMap::new()),
             records: Mutex::new(HashMap::new()),
+            cgroup_warmup: crate::supervisor::SharedCgroupWarmup::default(),
         }
     }
 
@@ -268,7 +276,20 @@ impl LocalProvider {
             volumes: &record.volumes,
             init: init.as_deref(),
         };
-        let config = runtime_config(spec, &image.config, &ctx)?;
+        let mut config = runtime_config(spec, &image.config, &ctx)?;
+        let precompiled = match spec.engine {
+            Engine::Embedded => crate::seccomp_cache::take_precompilable(&mut config)?,
+            Engine::Runc => None,
+        };
+        if let Some(rules) = &precompiled {
+            // Before config.json, whose annotation says the rules are here.
+            let bundle = dir.bundle();
+            fs::create_dir_all(&bundle).map_err(RuntimeError::io("cannot create", &bundle))?;
+            crate::state::write_json_unsynced(
+                &bundle.join(crate::seccomp_cache::BUNDLE_FILE),
+                rules,
+            )?;
+        }
         write_bundle(&dir.bundle(), &config)?;
         // The network itself is set up once the supervisor runs (see `spawn_supervisor`); from
         // here on, a failed launch gives the address back through `record_launch_failure`.
@@ -781,6 +802,9 @@ pub const NETNS_SWEEP_AGE: Duration = Duration::from_secs(30);
 impl Provider for LocalProvider {
     fn launch(&self, spec: &InstanceSpec) -> Result<Instance, RuntimeError> {
         spec.validate()?;
+        // From the first launch of a wave to the end of its last: every cgroup move of every
+        // engine in between finds the lock warm (see `supervisor::warm_cgroup_lock`).
+        let _warm = (!crate::supervisor::single_threaded()).then(|| self.cgroup_warmup.hold());
         self.reap_children();
         let id = new_id()?;
         let dir = self.layout.instance_dir(&id);

@@ -111,7 +111,7 @@ impl Seccomp {
 /// `valueTwo` as what the masked argument must equal; libcontainer 0.7 hands them to
 /// libseccomp the other way round, which turns `clone`'s namespace-flag check into "any
 /// flags". Swapping the two for the embedded engine makes both engines install one filter.
-fn swap_masked_operands(section: &mut Value) {
+pub(crate) fn swap_masked_operands(section: &mut Value) {
     let rules = section.get_mut("syscalls").and_then(Value::as_array_mut);
     for rule in rules.into_iter().flatten() {
         let args = rule.get_mut("args").and_then(Value::as_array_mut);

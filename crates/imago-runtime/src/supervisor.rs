@@ -158,19 +158,7 @@ fn keep_cgroup_lock_warm(launcher: Pid) -> bool {
             let _ = nix::unistd::dup2(null.as_raw_fd(), target);
         }
     }
-    let Ok(cgroups) = fs::read_to_string("/proc/self/cgroup") else {
-        return false;
-    };
-    let Some(own) = cgroups.lines().find_map(|l| l.strip_prefix("0::")) else {
-        return false;
-    };
-    let Some(root) = cgroup2_mount() else {
-        return false;
-    };
-    let Ok(procs) = File::options()
-        .write(true)
-        .open(root.join(own.trim_start_matches('/')).join("cgroup.procs"))
-    else {
+    let Some(procs) = own_cgroup2_procs() else {
         return false;
     };
     let until = Instant::now() + CGROUP_WARMUP_LIMIT;
@@ -182,6 +170,100 @@ fn keep_cgroup_lock_warm(launcher: Pid) -> bool {
             return true;
         }
         std::thread::sleep(CGROUP_WARMUP_INTERVAL);
+    }
+}
+
+/// This process's cgroup2 `cgroup.procs` (the `0::` line of `/proc/self/cgroup`), open for
+/// writing; `None` without a cgroup2 tree or as a user who may not write it.
+fn own_cgroup2_procs() -> Option<File> {
+    let cgroups = fs::read_to_string("/proc/self/cgroup").ok()?;
+    let own = cgroups.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let root = cgroup2_mount()?;
+    File::options()
+        .write(true)
+        .open(root.join(own.trim_start_matches('/')).join("cgroup.procs"))
+        .ok()
+}
+
+/// The warm-up of [`warm_cgroup_lock`] for a multi-threaded launcher (the deploy controller,
+/// whose launches of a wave run side by side), where forking is unsound: one thread of its own,
+/// running while at least one launch holds a [`SharedWarmupGuard`]. Its writes of `0` move the
+/// whole launcher to the cgroup it is in, which takes the same global lock for writing; the
+/// engine's writes are the supervisors' (other processes), and the lock is global.
+#[derive(Debug, Default)]
+pub struct SharedCgroupWarmup {
+    state: std::sync::Mutex<SharedWarmupState>,
+}
+
+#[derive(Debug, Default)]
+struct SharedWarmupState {
+    holders: usize,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Keeps a [`SharedCgroupWarmup`] running until dropped.
+#[derive(Debug)]
+pub struct SharedWarmupGuard<'a> {
+    shared: &'a SharedCgroupWarmup,
+}
+
+impl SharedCgroupWarmup {
+    /// Starts the thread if no launch holds it yet. Only a hint: without a writable cgroup2
+    /// `cgroup.procs` the thread ends at once, and every failure is ignored.
+    pub fn hold(&self) -> SharedWarmupGuard<'_> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.holders += 1;
+        if state.holders == 1 {
+            if let Some(old) = state.thread.take() {
+                // Told to stop by the last guard; it ends within one interval.
+                let _ = old.join();
+            }
+            let stop = Arc::new(AtomicBool::new(false));
+            state.stop = stop.clone();
+            state.thread = std::thread::Builder::new()
+                .name("cgroup-warmup".into())
+                .spawn(move || {
+                    let Some(procs) = own_cgroup2_procs() else {
+                        return;
+                    };
+                    while !stop.load(Ordering::Relaxed) {
+                        if std::os::unix::fs::FileExt::write_all_at(&procs, b"0", 0).is_err() {
+                            return;
+                        }
+                        std::thread::sleep(CGROUP_WARMUP_INTERVAL);
+                    }
+                })
+                .ok();
+        }
+        SharedWarmupGuard { shared: self }
+    }
+
+    /// Whether the thread runs (it has not ended on its own).
+    pub fn running(&self) -> bool {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+}
+
+impl Drop for SharedWarmupGuard<'_> {
+    fn drop(&mut self) {
+        let mut state = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.holders -= 1;
+        if state.holders == 0 {
+            // Not joined here: the launch that dropped its guard need not wait out a sleep.
+            state.stop.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for SharedCgroupWarmup {
+    fn drop(&mut self) {
+        let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        state.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = state.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -404,7 +486,16 @@ fn start(
         Engine::Embedded => {
             let root = layout.youki_root();
             fs::create_dir_all(&root).map_err(RuntimeError::io("cannot create", &root))?;
-            let builder = ContainerBuilder::new(id.clone(), SyscallType::Linux)
+            let seccomp = crate::seccomp_cache::bundle_filter(
+                &bundle,
+                &crate::seccomp_cache::FilterCache::new(layout.seccomp_cache()),
+            )?;
+            let mut builder = ContainerBuilder::new(id.clone(), SyscallType::Linux);
+            if let Some(filter) = seccomp {
+                builder =
+                    builder.with_executor(crate::seccomp_cache::PrecompiledSeccomp::new(filter));
+            }
+            let builder = builder
                 .with_root_path(&root)
                 .map_err(|e| engine_err(e.to_string()))?
                 .with_stdin(null)

@@ -1,7 +1,8 @@
 //! `supervisor::warm_cgroup_lock`, the fork at the top of `imago run`: while it runs, a
 //! `cgroup.procs` write (what the engine does for every container) must not wait an RCU grace
 //! period; it must leave no zombie (this host's PID 1 reaps nothing), must not move its caller,
-//! and must end by itself if its launcher never stops it (killed with -9). A test binary without
+//! and must end by itself if its launcher never stops it (killed with -9). A multi-threaded
+//! launcher gets the shared warm-up thread instead, with the same effect. A test binary without
 //! libtest (`harness = false`), because libtest runs every test on a thread of its own and the
 //! warm-up forks only a single-threaded process.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -15,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use imago_runtime::supervisor::{
-    CGROUP_WARMUP_LIMIT, CgroupLockWarmup, single_threaded, warm_cgroup_lock,
+    CGROUP_WARMUP_LIMIT, CgroupLockWarmup, SharedCgroupWarmup, single_threaded, warm_cgroup_lock,
 };
 use nix::errno::Errno;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
@@ -183,6 +184,36 @@ fn main() {
     let warmup = warm_cgroup_lock();
     assert_eq!(warmup.pid(), None);
     assert_eq!(warmup.finish(), None);
+
+    // It gets a thread instead, shared by the launches under way (a controller's wave).
+    let shared = SharedCgroupWarmup::default();
+    let first = shared.hold();
+    let second = shared.hold();
+    let warm = median_procs_write(&procs, 15, Duration::from_millis(30));
+    assert!(shared.running(), "the warm-up thread ended on its own");
+    drop(first);
+    assert!(shared.running(), "stopped while a launch still held it");
+    drop(second);
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        !shared.running(),
+        "the warm-up thread outlived the last launch"
+    );
+    let cold = median_procs_write(&procs, 15, Duration::from_millis(30));
+    println!(
+        "multi-threaded: cgroup.procs write, median of 15: {:.2} ms with the shared warm-up, {:.2} ms without",
+        warm.as_secs_f64() * 1000.0,
+        cold.as_secs_f64() * 1000.0
+    );
+    assert!(
+        warm < Duration::from_micros(2500) || warm * 4 < cold,
+        "writes waited with the shared warm-up running: median {warm:?} (without: {cold:?})"
+    );
+    let again = shared.hold();
+    std::thread::sleep(Duration::from_millis(10));
+    assert!(shared.running(), "the next wave got no warm-up");
+    drop(again);
+    assert_eq!(fs::read_to_string("/proc/self/cgroup").unwrap(), cgroups);
     drop(stop);
     let _ = other.join();
     println!("cgroup_warmup: ok");

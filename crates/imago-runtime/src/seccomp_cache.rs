@@ -1,0 +1,697 @@
+//! The seccomp filter of an embedded-engine instance, compiled once and loaded as BPF.
+//!
+//! libcontainer compiles an instance's `linux.seccomp` rules with libseccomp in the container's
+//! init on every launch: about 7 ms of CPU for the default profile, the largest single item of a
+//! launch. The compiled program depends only on the rules, the host's architecture and the
+//! libseccomp version, so imago compiles it once, keeps it under `$IMAGO_HOME/runtime/seccomp`
+//! and hands the BPF to the init instead:
+//!
+//! - The launcher moves the rules out of `config.json` into `seccomp.json` next to it (the same
+//!   `linux.seccomp` form) and marks the bundle with the [`ANNOTATION`], so that libcontainer
+//!   applies no filter of its own and nobody mistakes the bundle for an unfiltered one.
+//! - The supervisor, before it creates the container, takes the program from the cache
+//!   ([`FilterCache::filter`]: verified by its digest on every read; compiled and written
+//!   atomically when missing or damaged, so a damaged file is never loaded) and gives it to
+//!   libcontainer inside [`PrecompiledSeccomp`], its executor.
+//! - The executor loads it with `seccomp(SECCOMP_SET_MODE_FILTER)` as the last thing before the
+//!   exec, the place runc loads its filter when `noNewPrivileges` is set: after the
+//!   capabilities were dropped and `no_new_privs` was set, after the start signal.
+//!
+//! Profiles that need libcontainer's own handling stay in `config.json` (see [`precompilable`]):
+//! a notify action (the listener fd goes back to the engine), or a bundle without
+//! `noNewPrivileges` (the filter must then be loaded before the capabilities are dropped).
+//! The runc engine always gets the rules in `config.json`.
+
+use std::fs;
+use std::io::{Read, Seek};
+use std::path::{Path, PathBuf};
+
+use imago_oci::Digest;
+use libcontainer::workload::default::DefaultExecutor;
+use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
+use libseccomp::{
+    ScmpAction, ScmpArch, ScmpArgCompare, ScmpCompareOp, ScmpFilterContext, ScmpSyscall,
+    ScmpVersion,
+};
+use nix::libc;
+use oci_spec::runtime::{
+    Arch, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompFilterFlag, LinuxSeccompOperator, Spec,
+};
+use serde_json::Value;
+
+use crate::RuntimeError;
+
+/// The file in the bundle that holds the rules of a precompiled filter.
+pub const BUNDLE_FILE: &str = "seccomp.json";
+/// The `config.json` annotation that says the filter is in [`BUNDLE_FILE`]; its value is
+/// [`PRECOMPILED`].
+pub const ANNOTATION: &str = "org.imago.seccomp";
+pub const PRECOMPILED: &str = "precompiled";
+
+/// Leading bytes of a cache file; the format changes with them.
+const MAGIC: &[u8; 8] = b"IMGBPF1\n";
+/// Magic, then the SHA-256 (hex) of the cache key followed by the program.
+const HEADER_LEN: usize = MAGIC.len() + 64;
+/// One BPF instruction (`struct sock_filter`).
+const INSTRUCTION_LEN: usize = 8;
+/// The kernel's BPF_MAXINSNS for classic BPF.
+const MAX_INSTRUCTIONS: usize = 4096;
+
+/// Whether the embedded engine can be handed `section` as a precompiled program.
+pub fn precompilable(section: &LinuxSeccomp, no_new_privileges: bool) -> bool {
+    let notify = |action: LinuxSeccompAction| action == LinuxSeccompAction::ScmpActNotify;
+    no_new_privileges
+        && !notify(section.default_action())
+        && section.listener_path().is_none()
+        && !section
+            .syscalls()
+            .iter()
+            .flatten()
+            .any(|rule| notify(rule.action()))
+        && section.flags().iter().flatten().all(|flag| {
+            matches!(
+                flag,
+                LinuxSeccompFilterFlag::SeccompFilterFlagLog
+                    | LinuxSeccompFilterFlag::SeccompFilterFlagSpecAllow
+                    | LinuxSeccompFilterFlag::SeccompFilterFlagTsync
+            )
+        })
+}
+
+/// Moves a precompilable `linux.seccomp` out of an embedded-engine `config` and marks it with the
+/// [`ANNOTATION`]; returns the section, to be written to [`BUNDLE_FILE`], in the OCI runtime
+/// spec's operand order (the embedded engine's config carries libcontainer's, see
+/// `seccomp::swap_masked_operands`): what [`compile`] and runc read.
+pub fn take_precompilable(config: &mut Value) -> Result<Option<Value>, RuntimeError> {
+    let Some(section) = config.pointer("/linux/seccomp") else {
+        return Ok(None);
+    };
+    let parsed = parse_section(section.clone(), Path::new("config.json"))?;
+    let no_new_privileges = config.pointer("/process/noNewPrivileges") == Some(&Value::Bool(true));
+    if !precompilable(&parsed, no_new_privileges) {
+        return Ok(None);
+    }
+    let mut section = config
+        .get_mut("linux")
+        .and_then(Value::as_object_mut)
+        .and_then(|linux| linux.remove("seccomp"));
+    if let Some(section) = &mut section {
+        crate::seccomp::swap_masked_operands(section);
+    }
+    if let Some(annotations) = config.get_mut("annotations").and_then(Value::as_object_mut) {
+        annotations.insert(ANNOTATION.into(), PRECOMPILED.into());
+    } else {
+        config["annotations"] = serde_json::json!({ ANNOTATION: PRECOMPILED });
+    }
+    Ok(section)
+}
+
+/// The precompiled filter a bundle asks for, from `cache`; `None` when its `config.json` does
+/// not carry the [`ANNOTATION`] (no filter, or one libcontainer applies itself). A marked bundle
+/// whose rules cannot be read is an error: the instance never starts unfiltered.
+pub fn bundle_filter(
+    bundle: &Path,
+    cache: &FilterCache,
+) -> Result<Option<CompiledFilter>, RuntimeError> {
+    let config_path = bundle.join("config.json");
+    let config = fs::read(&config_path).map_err(RuntimeError::io("cannot read", &config_path))?;
+    let config: Value = serde_json::from_slice(&config).map_err(|source| RuntimeError::Json {
+        path: config_path.clone(),
+        source,
+    })?;
+    match config.pointer(&format!("/annotations/{ANNOTATION}")) {
+        None => return Ok(None),
+        Some(Value::String(marker)) if marker == PRECOMPILED => {}
+        Some(other) => {
+            return Err(filter_error(
+                &config_path,
+                format!("unknown {ANNOTATION} annotation {other}"),
+            ));
+        }
+    }
+    let rules_path = bundle.join(BUNDLE_FILE);
+    let rules = fs::read(&rules_path).map_err(RuntimeError::io("cannot read", &rules_path))?;
+    let rules: Value = serde_json::from_slice(&rules).map_err(|source| RuntimeError::Json {
+        path: rules_path.clone(),
+        source,
+    })?;
+    let section = parse_section(rules, &rules_path)?;
+    if !precompilable(&section, true) {
+        return Err(filter_error(
+            &rules_path,
+            "the rules need the engine's own seccomp support".into(),
+        ));
+    }
+    cache.filter(&section).map(Some)
+}
+
+fn parse_section(section: Value, path: &Path) -> Result<LinuxSeccomp, RuntimeError> {
+    serde_json::from_value(section).map_err(|source| RuntimeError::Json {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn filter_error(path: &Path, reason: String) -> RuntimeError {
+    RuntimeError::SeccompFilter {
+        path: path.to_owned(),
+        reason,
+    }
+}
+
+/// A compiled filter and the flags it is loaded with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompiledFilter {
+    /// `struct sock_filter` instructions, in the host's byte order.
+    pub program: Vec<u8>,
+    /// `SECCOMP_FILTER_FLAG_*` of the profile's `flags`.
+    pub flags: libc::c_ulong,
+}
+
+/// Compiled filters by the hash of what they are compiled from.
+#[derive(Debug, Clone)]
+pub struct FilterCache {
+    dir: PathBuf,
+}
+
+impl FilterCache {
+    pub fn new(dir: impl Into<PathBuf>) -> FilterCache {
+        FilterCache { dir: dir.into() }
+    }
+
+    /// The file that holds the program of `section` on this host.
+    pub fn path(&self, section: &LinuxSeccomp) -> Result<PathBuf, RuntimeError> {
+        Ok(self.dir.join(format!("{}.bpf", cache_key(section)?.hex())))
+    }
+
+    /// The compiled program of `section`: from the cache when its file is intact, else compiled
+    /// and written (atomically: concurrent launches each write a whole file, the last rename
+    /// wins, and every one of them is the same program).
+    pub fn filter(&self, section: &LinuxSeccomp) -> Result<CompiledFilter, RuntimeError> {
+        let key = cache_key(section)?;
+        let path = self.dir.join(format!("{}.bpf", key.hex()));
+        let flags = load_flags(section);
+        if let Ok(bytes) = fs::read(&path)
+            && let Some(program) = verified_program(&key, &bytes)
+        {
+            return Ok(CompiledFilter {
+                program: program.to_vec(),
+                flags,
+            });
+        }
+        let program = compile(section).map_err(|reason| filter_error(&path, reason))?;
+        fs::create_dir_all(&self.dir).map_err(RuntimeError::io("cannot create", &self.dir))?;
+        crate::state::write_atomic(&path, &cache_file(&key, &program))?;
+        Ok(CompiledFilter { program, flags })
+    }
+}
+
+/// What the program depends on: the rules, the architecture libseccomp adds as native, and
+/// libseccomp's version (its code generator may change between releases).
+fn cache_key(section: &LinuxSeccomp) -> Result<Digest, RuntimeError> {
+    let rules = serde_json::to_vec(section).map_err(|source| RuntimeError::Json {
+        path: PathBuf::from("linux.seccomp"),
+        source,
+    })?;
+    let version = ScmpVersion::current()
+        .map(|v| format!("{}.{}.{}", v.major, v.minor, v.micro))
+        .unwrap_or_else(|_| "unknown".into());
+    let mut input =
+        format!("imago seccomp bpf 1\n{:?}\n{version}\n", ScmpArch::native()).into_bytes();
+    input.extend_from_slice(&rules);
+    Ok(Digest::of(&input))
+}
+
+/// Binds a program to its key, so that a file renamed to another profile's name fails too.
+fn integrity_digest(key: &Digest, program: &[u8]) -> Digest {
+    Digest::of(&[key.hex().as_bytes(), program].concat())
+}
+
+fn cache_file(key: &Digest, program: &[u8]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(HEADER_LEN + program.len());
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(integrity_digest(key, program).hex().as_bytes());
+    bytes.extend_from_slice(program);
+    bytes
+}
+
+/// The program in a cache file, if the file is whole and belongs to `key`.
+fn verified_program<'a>(key: &Digest, bytes: &'a [u8]) -> Option<&'a [u8]> {
+    let (header, program) = bytes.split_at_checked(HEADER_LEN)?;
+    let (magic, digest) = header.split_at(MAGIC.len());
+    let whole_instructions = !program.is_empty()
+        && program.len() % INSTRUCTION_LEN == 0
+        && program.len() / INSTRUCTION_LEN <= MAX_INSTRUCTIONS;
+    (magic == MAGIC
+        && whole_instructions
+        && digest == integrity_digest(key, program).hex().as_bytes())
+    .then_some(program)
+}
+
+fn load_flags(section: &LinuxSeccomp) -> libc::c_ulong {
+    section
+        .flags()
+        .iter()
+        .flatten()
+        .map(|flag| match flag {
+            LinuxSeccompFilterFlag::SeccompFilterFlagLog => libc::SECCOMP_FILTER_FLAG_LOG,
+            LinuxSeccompFilterFlag::SeccompFilterFlagSpecAllow => {
+                libc::SECCOMP_FILTER_FLAG_SPEC_ALLOW
+            }
+            LinuxSeccompFilterFlag::SeccompFilterFlagTsync => libc::SECCOMP_FILTER_FLAG_TSYNC,
+            LinuxSeccompFilterFlag::SeccompFilterFlagWaitKillableRecv => {
+                libc::SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
+            }
+        })
+        .fold(0, |all, flag| all | flag)
+}
+
+/// Compiles `section` to BPF the way libcontainer 0.7 does in its init (`seccomp::
+/// initialize_seccomp`: the same actions, architectures, rules skipped when they repeat the
+/// default action or name a syscall libseccomp does not know, conditions with a repeated
+/// argument index added one by one), except that `SCMP_CMP_MASKED_EQ` takes `value` as the
+/// mask and `valueTwo` as the datum, as the OCI runtime spec and runc do (libcontainer takes
+/// them the other way round, see `seccomp::swap_masked_operands`).
+pub fn compile(section: &LinuxSeccomp) -> Result<Vec<u8>, String> {
+    let default_action = action(section.default_action(), section.default_errno_ret())?;
+    let mut filter = ScmpFilterContext::new(default_action)
+        .map_err(|e| format!("cannot create a libseccomp filter: {e}"))?;
+    for &arch in section.architectures().iter().flatten() {
+        filter
+            .add_arch(architecture(arch))
+            .map_err(|e| format!("cannot add architecture {arch:?}: {e}"))?;
+    }
+    for rule in section.syscalls().iter().flatten() {
+        let rule_action = action(rule.action(), rule.errno_ret())?;
+        if rule_action == default_action {
+            continue;
+        }
+        let conditions: Vec<ScmpArgCompare> = rule
+            .args()
+            .iter()
+            .flatten()
+            .map(|arg| {
+                let index = arg.index() as u32;
+                match arg.op() {
+                    LinuxSeccompOperator::ScmpCmpMaskedEq => ScmpArgCompare::new(
+                        index,
+                        ScmpCompareOp::MaskedEqual(arg.value()),
+                        arg.value_two().unwrap_or(0),
+                    ),
+                    op => ScmpArgCompare::new(index, compare(op), arg.value()),
+                }
+            })
+            .collect();
+        let mut indexes: Vec<u32> = rule
+            .args()
+            .iter()
+            .flatten()
+            .map(|a| a.index() as u32)
+            .collect();
+        indexes.sort_unstable();
+        let repeated_index = indexes.windows(2).any(|pair| pair[0] == pair[1]);
+        for name in rule.names() {
+            // A name this libseccomp does not know is a syscall this kernel does not have
+            // either: libcontainer skips it too.
+            let Ok(syscall) = ScmpSyscall::from_name(name) else {
+                continue;
+            };
+            let added = if conditions.is_empty() {
+                filter.add_rule(rule_action, syscall).map(drop)
+            } else if repeated_index {
+                conditions.iter().try_for_each(|condition| {
+                    filter
+                        .add_rule_conditional(rule_action, syscall, std::slice::from_ref(condition))
+                        .map(drop)
+                })
+            } else {
+                filter
+                    .add_rule_conditional(rule_action, syscall, &conditions)
+                    .map(drop)
+            };
+            added.map_err(|e| format!("cannot add the rule for {name}: {e}"))?;
+        }
+    }
+    let mut exported = tempfile::tempfile()
+        .map_err(|e| format!("cannot create a temporary file for the program: {e}"))?;
+    filter
+        .export_bpf(&exported)
+        .map_err(|e| format!("libseccomp cannot export the program: {e}"))?;
+    let mut program = Vec::new();
+    exported
+        .rewind()
+        .and_then(|()| exported.read_to_end(&mut program))
+        .map_err(|e| format!("cannot read the exported program: {e}"))?;
+    Ok(program)
+}
+
+fn action(action: LinuxSeccompAction, errno: Option<u32>) -> Result<ScmpAction, String> {
+    let errno = errno.map_or(libc::EPERM, |e| e as i32);
+    Ok(match action {
+        LinuxSeccompAction::ScmpActKill | LinuxSeccompAction::ScmpActKillThread => {
+            ScmpAction::KillThread
+        }
+        LinuxSeccompAction::ScmpActKillProcess => ScmpAction::KillProcess,
+        LinuxSeccompAction::ScmpActTrap => ScmpAction::Trap,
+        LinuxSeccompAction::ScmpActErrno => ScmpAction::Errno(errno),
+        LinuxSeccompAction::ScmpActTrace => ScmpAction::Trace(
+            errno
+                .try_into()
+                .map_err(|_| format!("trace errno {errno} does not fit 16 bits"))?,
+        ),
+        LinuxSeccompAction::ScmpActAllow => ScmpAction::Allow,
+        LinuxSeccompAction::ScmpActLog => ScmpAction::Log,
+        LinuxSeccompAction::ScmpActNotify => {
+            return Err("SCMP_ACT_NOTIFY needs the engine's own seccomp support".into());
+        }
+    })
+}
+
+fn compare(op: LinuxSeccompOperator) -> ScmpCompareOp {
+    match op {
+        LinuxSeccompOperator::ScmpCmpNe => ScmpCompareOp::NotEqual,
+        LinuxSeccompOperator::ScmpCmpLt => ScmpCompareOp::Less,
+        LinuxSeccompOperator::ScmpCmpLe => ScmpCompareOp::LessOrEqual,
+        LinuxSeccompOperator::ScmpCmpEq => ScmpCompareOp::Equal,
+        LinuxSeccompOperator::ScmpCmpGe => ScmpCompareOp::GreaterEqual,
+        LinuxSeccompOperator::ScmpCmpGt => ScmpCompareOp::Greater,
+        LinuxSeccompOperator::ScmpCmpMaskedEq => ScmpCompareOp::MaskedEqual(0),
+    }
+}
+
+fn architecture(arch: Arch) -> ScmpArch {
+    match arch {
+        Arch::ScmpArchNative => ScmpArch::Native,
+        Arch::ScmpArchX86 => ScmpArch::X86,
+        Arch::ScmpArchX86_64 => ScmpArch::X8664,
+        Arch::ScmpArchX32 => ScmpArch::X32,
+        Arch::ScmpArchArm => ScmpArch::Arm,
+        Arch::ScmpArchAarch64 => ScmpArch::Aarch64,
+        Arch::ScmpArchMips => ScmpArch::Mips,
+        Arch::ScmpArchMips64 => ScmpArch::Mips64,
+        Arch::ScmpArchMips64n32 => ScmpArch::Mips64N32,
+        Arch::ScmpArchMipsel => ScmpArch::Mipsel,
+        Arch::ScmpArchMipsel64 => ScmpArch::Mipsel64,
+        Arch::ScmpArchMipsel64n32 => ScmpArch::Mipsel64N32,
+        Arch::ScmpArchPpc => ScmpArch::Ppc,
+        Arch::ScmpArchPpc64 => ScmpArch::Ppc64,
+        Arch::ScmpArchPpc64le => ScmpArch::Ppc64Le,
+        Arch::ScmpArchS390 => ScmpArch::S390,
+        Arch::ScmpArchS390x => ScmpArch::S390X,
+        Arch::ScmpArchRiscv64 => ScmpArch::Riscv64,
+        Arch::ScmpArchParisc => ScmpArch::Parisc,
+        Arch::ScmpArchParisc64 => ScmpArch::Parisc64,
+        Arch::ScmpArchLoongarch64 => ScmpArch::Loongarch64,
+        Arch::ScmpArchM68k => ScmpArch::M68k,
+        Arch::ScmpArchSh => ScmpArch::Sh,
+        Arch::ScmpArchSheb => ScmpArch::Sheb,
+    }
+}
+
+/// Loads `filter` into the calling thread. Needs `no_new_privs` (or CAP_SYS_ADMIN).
+#[allow(unsafe_code)]
+pub fn install(filter: &CompiledFilter) -> Result<(), nix::errno::Errno> {
+    let len = u16::try_from(filter.program.len() / INSTRUCTION_LEN)
+        .map_err(|_| nix::errno::Errno::EINVAL)?;
+    // The kernel reads the instructions as `struct sock_filter`; copying them into values of
+    // that type keeps their alignment right whatever the Vec<u8>'s is.
+    let instructions: Vec<libc::sock_filter> = filter
+        .program
+        .chunks_exact(INSTRUCTION_LEN)
+        .map(|raw| libc::sock_filter {
+            code: u16::from_ne_bytes([raw[0], raw[1]]),
+            jt: raw[2],
+            jf: raw[3],
+            k: u32::from_ne_bytes([raw[4], raw[5], raw[6], raw[7]]),
+        })
+        .collect();
+    let program = libc::sock_fprog {
+        len,
+        filter: instructions.as_ptr().cast_mut(),
+    };
+    // SAFETY: `program` points at `len` initialised instructions that outlive the call; the
+    // kernel copies them and keeps no pointer into our memory.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            filter.flags,
+            &program as *const libc::sock_fprog,
+        )
+    };
+    nix::errno::Errno::result(result).map(drop)
+}
+
+/// libcontainer's executor for an instance with a precompiled filter: loads the filter, then
+/// execs the program as libcontainer's default executor does.
+#[derive(Clone)]
+pub struct PrecompiledSeccomp {
+    filter: CompiledFilter,
+}
+
+impl PrecompiledSeccomp {
+    pub fn new(filter: CompiledFilter) -> PrecompiledSeccomp {
+        PrecompiledSeccomp { filter }
+    }
+}
+
+impl Executor for PrecompiledSeccomp {
+    fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
+        install(&self.filter).map_err(|errno| {
+            ExecutorError::Other(format!("cannot load the seccomp filter: {errno}"))
+        })?;
+        DefaultExecutor {}.exec(spec)
+    }
+
+    fn validate(&self, spec: &Spec) -> Result<(), ExecutorValidationError> {
+        DefaultExecutor {}.validate(spec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::{Engine, Seccomp};
+
+    fn default_section() -> LinuxSeccomp {
+        let section = Seccomp::Default.oci_section(Engine::Runc).unwrap().unwrap();
+        serde_json::from_value(section).unwrap()
+    }
+
+    /// Starts `sleep` with a filter loaded by `load` in the child just before its exec, and
+    /// reads the loaded program back from the kernel (PTRACE_SECCOMP_GET_FILTER: root only).
+    #[allow(unsafe_code)]
+    fn loaded_program(load: impl Fn() -> std::io::Result<()> + Send + Sync + 'static) -> Vec<u8> {
+        use std::os::unix::process::CommandExt;
+        let mut command = std::process::Command::new("sleep");
+        command.arg("10");
+        // SAFETY: the closure runs in the forked child; it only sets no_new_privs and loads a
+        // filter (the allocations libseccomp makes are safe after fork with glibc's malloc).
+        unsafe {
+            command.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                load()
+            });
+        }
+        let mut child = command.spawn().unwrap();
+        let pid = child.id() as libc::pid_t;
+        // SAFETY: plain ptrace requests on our own child; `buf` holds up to 4096 instructions.
+        let program = unsafe {
+            assert_eq!(libc::ptrace(libc::PTRACE_SEIZE, pid, 0, 0), 0, "seize");
+            assert_eq!(
+                libc::ptrace(libc::PTRACE_INTERRUPT, pid, 0, 0),
+                0,
+                "interrupt"
+            );
+            let mut status = 0;
+            assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+            let mut buf = vec![
+                libc::sock_filter {
+                    code: 0,
+                    jt: 0,
+                    jf: 0,
+                    k: 0
+                };
+                MAX_INSTRUCTIONS
+            ];
+            let count = libc::ptrace(
+                0x420c, /* PTRACE_SECCOMP_GET_FILTER */
+                pid,
+                0,
+                buf.as_mut_ptr(),
+            );
+            assert!(
+                count > 0,
+                "PTRACE_SECCOMP_GET_FILTER needs root: {}",
+                std::io::Error::last_os_error()
+            );
+            buf.truncate(count as usize);
+            buf
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        program
+            .iter()
+            .flat_map(|i| {
+                [
+                    &i.code.to_ne_bytes()[..],
+                    &[i.jt, i.jf],
+                    &i.k.to_ne_bytes()[..],
+                ]
+                .concat()
+            })
+            .collect()
+    }
+
+    /// The promise: an instance of the embedded engine runs under exactly the program
+    /// libcontainer would have compiled and loaded from the same bundle, for every
+    /// architecture the profile names (the program holds them all).
+    #[test]
+    fn the_precompiled_program_is_the_one_libcontainer_loads() {
+        for seccomp in [
+            Seccomp::Default,
+            Seccomp::from_profile(serde_json::json!({
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+                "syscalls": [
+                    {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 122},
+                    {"names": ["personality"], "action": "SCMP_ACT_ERRNO",
+                     "args": [{"index": 0, "value": 8, "op": "SCMP_CMP_NE"},
+                              {"index": 0, "value": 0, "op": "SCMP_CMP_NE"}]},
+                    {"names": ["kill"], "action": "SCMP_ACT_KILL_PROCESS"},
+                ],
+            }))
+            .unwrap(),
+        ] {
+            let embedded = seccomp.oci_section(Engine::Embedded).unwrap().unwrap();
+            let libcontainer_section: LinuxSeccomp = serde_json::from_value(embedded).unwrap();
+            let by_libcontainer = loaded_program(move || {
+                libcontainer::seccomp::initialize_seccomp(&libcontainer_section)
+                    .map(drop)
+                    .map_err(std::io::Error::other)
+            });
+            let oci = seccomp.oci_section(Engine::Runc).unwrap().unwrap();
+            let section: LinuxSeccomp = serde_json::from_value(oci).unwrap();
+            let compiled = CompiledFilter {
+                program: compile(&section).unwrap(),
+                flags: load_flags(&section),
+            };
+            assert!(by_libcontainer.len() > 20 * INSTRUCTION_LEN, "{seccomp:?}");
+            assert_eq!(compiled.program, by_libcontainer, "{seccomp:?}");
+            let by_imago = loaded_program(move || install(&compiled).map_err(std::io::Error::from));
+            assert_eq!(by_imago, by_libcontainer, "{seccomp:?}");
+        }
+    }
+
+    #[test]
+    fn a_cache_file_is_only_accepted_whole_and_for_its_own_key() {
+        let section = default_section();
+        let key = cache_key(&section).unwrap();
+        let program = compile(&section).unwrap();
+        assert!(program.len() > 100 * INSTRUCTION_LEN, "{}", program.len());
+        let file = cache_file(&key, &program);
+        assert_eq!(verified_program(&key, &file), Some(program.as_slice()));
+        let mut flipped = file.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        assert_eq!(verified_program(&key, &flipped), None);
+        assert_eq!(verified_program(&key, &file[..file.len() - 8]), None);
+        assert_eq!(verified_program(&key, &file[..HEADER_LEN]), None);
+        assert_eq!(verified_program(&key, &file[..10]), None);
+        let other = Digest::of(b"another profile");
+        assert_eq!(verified_program(&other, &file), None);
+    }
+
+    #[test]
+    fn the_key_changes_with_the_rules() {
+        let mut section = default_section();
+        let before = cache_key(&section).unwrap();
+        assert_eq!(before, cache_key(&section).unwrap());
+        section.set_default_errno_ret(Some(38));
+        assert_ne!(before, cache_key(&section).unwrap());
+    }
+
+    #[test]
+    fn notify_profiles_and_bundles_without_no_new_privileges_stay_with_the_engine() {
+        let section = default_section();
+        assert!(precompilable(&section, true));
+        assert!(!precompilable(&section, false));
+        let notify: LinuxSeccomp = serde_json::from_value(serde_json::json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_NOTIFY"}],
+        }))
+        .unwrap();
+        assert!(!precompilable(&notify, true));
+        let mut config = serde_json::json!({
+            "process": {"noNewPrivileges": true},
+            "annotations": {"a": "b"},
+            "linux": {"seccomp": serde_json::to_value(&notify).unwrap()},
+        });
+        assert_eq!(take_precompilable(&mut config).unwrap(), None);
+        assert!(config.pointer("/linux/seccomp").is_some());
+    }
+
+    #[test]
+    fn a_precompiled_section_leaves_config_json_in_the_oci_operand_order_and_marks_it() {
+        let embedded = Seccomp::Default.oci_section(Engine::Embedded).unwrap();
+        let oci = Seccomp::Default.oci_section(Engine::Runc).unwrap();
+        assert_ne!(embedded, oci, "the default profile has a masked comparison");
+        let mut config = serde_json::json!({
+            "process": {"noNewPrivileges": true},
+            "annotations": {"a": "b"},
+            "linux": {"seccomp": embedded},
+        });
+        assert_eq!(take_precompilable(&mut config).unwrap(), oci);
+        assert_eq!(config.pointer("/linux/seccomp"), None);
+        assert_eq!(
+            config.pointer(&format!("/annotations/{ANNOTATION}")),
+            Some(&Value::from(PRECOMPILED))
+        );
+        assert_eq!(config.pointer("/annotations/a"), Some(&Value::from("b")));
+    }
+
+    /// A bundle marked precompiled whose rules are gone must not start unfiltered.
+    #[test]
+    fn a_marked_bundle_without_its_rules_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = FilterCache::new(dir.path().join("seccomp"));
+        let config = dir.path().join("config.json");
+        fs::write(&config, r#"{"annotations": {"a": "b"}}"#).unwrap();
+        assert_eq!(bundle_filter(dir.path(), &cache).unwrap(), None);
+        let marked = serde_json::json!({"annotations": {ANNOTATION: PRECOMPILED}});
+        fs::write(&config, marked.to_string()).unwrap();
+        let err = bundle_filter(dir.path(), &cache).unwrap_err().to_string();
+        assert!(err.contains(BUNDLE_FILE), "{err}");
+        let rules = serde_json::to_string(&default_section()).unwrap();
+        fs::write(dir.path().join(BUNDLE_FILE), rules).unwrap();
+        let filter = bundle_filter(dir.path(), &cache).unwrap().unwrap();
+        assert_eq!(filter.program, compile(&default_section()).unwrap());
+        let odd = serde_json::json!({"annotations": {ANNOTATION: "later"}});
+        fs::write(&config, odd.to_string()).unwrap();
+        let err = bundle_filter(dir.path(), &cache).unwrap_err().to_string();
+        assert!(err.contains("later"), "{err}");
+    }
+
+    #[test]
+    fn a_damaged_cache_file_is_replaced_by_a_fresh_compile() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = FilterCache::new(dir.path().join("seccomp"));
+        let section = default_section();
+        let first = cache.filter(&section).unwrap();
+        let path = cache.path(&section).unwrap();
+        let good = fs::read(&path).unwrap();
+        // A whole, valid program that allows everything (BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+        // under the old header: loading it would drop the filter silently.
+        let mut allow_all = good[..HEADER_LEN].to_vec();
+        allow_all.extend_from_slice(&0x06u16.to_ne_bytes());
+        allow_all.extend_from_slice(&[0, 0]);
+        allow_all.extend_from_slice(&0x7fff_0000u32.to_ne_bytes());
+        for damaged in [allow_all, good[..good.len() - 8].to_vec(), Vec::new()] {
+            fs::write(&path, &damaged).unwrap();
+            assert_eq!(cache.filter(&section).unwrap(), first);
+            assert_eq!(fs::read(&path).unwrap(), good);
+        }
+    }
+}
