@@ -841,10 +841,18 @@ impl Provider for LocalProvider {
             grace.as_millis().to_string().as_bytes(),
         )?;
         if let Some(pid) = rec.supervisor_pid {
-            kill(Pid::from_raw(pid), Signal::SIGTERM).map_err(|e| RuntimeError::Supervisor {
-                id: id.to_owned(),
-                reason: format!("cannot signal supervisor {pid}: {e}"),
-            })?;
+            match kill(Pid::from_raw(pid), Signal::SIGTERM) {
+                // The supervisor exited between the read of its record and the signal (its
+                // program ended, or another stop got there first): the record read below says
+                // how it ended (exited, or lost if it died without a word).
+                Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+                Err(e) => {
+                    return Err(RuntimeError::Supervisor {
+                        id: id.to_owned(),
+                        reason: format!("cannot signal supervisor {pid}: {e}"),
+                    })
+                }
+            }
         }
         let deadline = Instant::now() + grace + Duration::from_secs(5);
         loop {
