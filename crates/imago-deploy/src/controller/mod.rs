@@ -24,6 +24,7 @@ use crate::rollout::Counts;
 use crate::state::{Release, StateDb, now_ms};
 
 mod cluster;
+mod launches;
 mod probes;
 mod progress;
 mod reconcile;
@@ -197,7 +198,11 @@ pub struct Endpoint {
 pub struct ServicePass {
     pub service: String,
     pub release: Option<u64>,
+    /// Instances whose launch finished since the last pass, of the desired release: probed
+    /// from now on.
     pub launched: Vec<String>,
+    /// Launches under way (started by this pass or an earlier one) at the end of the pass.
+    pub launching: usize,
     pub retired: Vec<String>,
     pub stopped: Vec<String>,
     pub removed_dead: Vec<String>,
@@ -276,6 +281,10 @@ pub struct Controller {
     balanced_peers: BTreeSet<SocketAddrV4>,
     /// Services on cluster targets: their engines ([`Controller::with_cluster_engines`]).
     cluster: cluster::ClusterState,
+    /// Launches running beside the loop ([`launches`]).
+    launches: launches::Launches,
+    /// Per service, the instances whose launch this pass took (see [`ServicePass::launched`]).
+    launched_now: HashMap<String, Vec<String>>,
 }
 
 impl Controller {
@@ -322,6 +331,8 @@ impl Controller {
             adopted_routes: BTreeMap::new(),
             balanced_peers: BTreeSet::new(),
             cluster: cluster::ClusterState::default(),
+            launches: launches::Launches::default(),
+            launched_now: HashMap::new(),
         }
     }
 
@@ -486,6 +497,10 @@ impl Controller {
             self.swept_at = Some(self.listed_at);
             clock.lap("sweep");
         }
+        // Before the listing: a launch is then either still under way (and counted as such) or
+        // in the listing, never neither.
+        self.take_launches()?;
+        clock.lap("take_launches");
         let instances = self
             .provider
             .list()
@@ -701,6 +716,26 @@ mod tests {
     }
 
     impl Harness {
+        /// One pass, then what it launched taken at once (the next pass would take it): each
+        /// pass of these tests sees the instances the previous one launched, as when launches
+        /// ran inside the pass. The tests of background launches step `controller.pass()`.
+        fn pass(&mut self) -> Result<Vec<ServicePass>, DeployError> {
+            let mut passes = self.controller.pass()?;
+            assert!(
+                self.controller.launches.wait_idle(Duration::from_secs(30)),
+                "launches still under way after 30 s"
+            );
+            self.controller.take_launches()?;
+            for pass in &mut passes {
+                if let Some(ids) = self.controller.launched_now.remove(&pass.service) {
+                    pass.launched.extend(ids);
+                    pass.launching = 0;
+                    pass.complete = false;
+                }
+            }
+            Ok(passes)
+        }
+
         fn release(&mut self, service: &str, spec: &ServiceSpec, image: &[u8]) -> Release {
             self.controller
                 .db
@@ -713,7 +748,7 @@ mod tests {
         /// `client` is connected to it, and be stopped and replaced once it closes.
         fn assert_drain_holds_until_closed(&mut self, old: &str, client: std::net::TcpStream) {
             for _ in 0..20 {
-                self.controller.pass().unwrap();
+                self.pass().unwrap();
                 std::thread::sleep(Duration::from_millis(10));
             }
             assert!(
@@ -763,7 +798,6 @@ mod tests {
             let mut passes = Vec::new();
             for _ in 0..max {
                 let pass = self
-                    .controller
                     .pass()
                     .unwrap()
                     .into_iter()
@@ -805,7 +839,7 @@ mod tests {
         let outcome = h.controller.db.outcome_of("web", 1).unwrap().unwrap();
         assert_eq!(outcome.outcome, ReleaseOutcome::Complete);
         // A settled service stays put.
-        let pass = h.controller.pass().unwrap().remove(0);
+        let pass = h.pass().unwrap().remove(0);
         assert!(pass.launched.is_empty() && pass.retired.is_empty());
     }
 
@@ -821,7 +855,7 @@ mod tests {
         let release2 = h.release("web", &v1, b"v2");
         let mut peak = 0;
         for _ in 0..30 {
-            let pass = h.controller.pass().unwrap().remove(0);
+            let pass = h.pass().unwrap().remove(0);
             peak = peak.max(h.running("web").len());
             if pass.complete {
                 break;
@@ -863,7 +897,7 @@ mod tests {
         h.converge("web", 5);
         let victim = h.running("web")[0].id.clone();
         h.fake.exit(&victim, 137).unwrap();
-        let pass = h.controller.pass().unwrap().remove(0);
+        let pass = h.pass().unwrap().remove(0);
         assert_eq!(pass.removed_dead, vec![victim.clone()]);
         assert_eq!(pass.launched.len(), 1);
         assert_eq!(h.running("web").len(), 2);
@@ -896,7 +930,7 @@ mod tests {
         let rogue = h.fake.launch(&rogue).unwrap();
         let mut saw_drift = false;
         for _ in 0..200 {
-            let pass = h.controller.pass().unwrap().remove(0);
+            let pass = h.pass().unwrap().remove(0);
             saw_drift |= pass.drift.iter().any(|d| d.contains(&rogue.id));
             if h.fake.inspect(&rogue.id).is_err() {
                 break;
@@ -927,7 +961,7 @@ mod tests {
         h.release("web", &bad, b"v3");
         let mut failed = None;
         for _ in 0..200 {
-            let pass = h.controller.pass().unwrap().remove(0);
+            let pass = h.pass().unwrap().remove(0);
             if let Some(reason) = pass.failed {
                 failed = Some((reason, pass.rolled_back_to));
                 break;
@@ -975,7 +1009,7 @@ mod tests {
         let started = std::time::Instant::now();
         let mut failed = None;
         while started.elapsed() < Duration::from_secs(10) {
-            let pass = h.controller.pass().unwrap().remove(0);
+            let pass = h.pass().unwrap().remove(0);
             if let Some(reason) = pass.failed {
                 failed = Some((reason, pass.rolled_back_to));
                 break;
@@ -1025,7 +1059,7 @@ mod tests {
                 "test",
             )
             .unwrap();
-        let pass = h.controller.pass().unwrap().remove(0);
+        let pass = h.pass().unwrap().remove(0);
         assert_eq!(
             pass.launched.len(),
             3,
@@ -1046,8 +1080,8 @@ mod tests {
             .fake
             .launch(&InstanceSpec::new(Digest::of(b"stray")))
             .unwrap();
-        h.controller.pass().unwrap();
-        h.controller.pass().unwrap();
+        h.pass().unwrap();
+        h.pass().unwrap();
         let reports: Vec<_> = h
             .controller
             .db
@@ -1319,7 +1353,7 @@ mod tests {
         // far more than 100 passes on a loaded machine.
         let started = std::time::Instant::now();
         loop {
-            let passes = h.controller.pass().unwrap();
+            let passes = h.pass().unwrap();
             if passes.iter().any(|p| p.service == "web" && p.complete) {
                 break;
             }
@@ -1383,7 +1417,7 @@ mod tests {
         h.controller.db.destroy("web", "test").unwrap();
 
         let started = std::time::Instant::now();
-        let first = h.controller.pass().unwrap();
+        let first = h.pass().unwrap();
         assert!(
             started.elapsed() < Duration::from_millis(900),
             "the pass does not wait for stops of 1 s each (took {:?})",
@@ -1397,7 +1431,7 @@ mod tests {
         h.restart(SlowStops::new(&h.fake));
         let mut stopped = BTreeSet::new();
         for _ in 0..250 {
-            let passes = h.controller.pass().unwrap();
+            let passes = h.pass().unwrap();
             let web = passes.iter().find(|p| p.service == "web").unwrap();
             stopped.extend(web.stopped.iter().cloned());
             let left = h
@@ -1432,8 +1466,8 @@ mod tests {
         h.release("web", &v, b"v1");
         h.converge("web", 5);
         h.release("web", &v, b"v2");
-        h.controller.pass().unwrap();
-        h.controller.pass().unwrap();
+        h.pass().unwrap();
+        h.pass().unwrap();
         // A new controller over the same database and instances: no memory of the old one.
         h.restart(h.fake.clone());
         let passes = h.converge("web", 30);
@@ -1455,7 +1489,7 @@ mod tests {
         h.release("web", &v, b"v1");
         h.converge("web", 5);
         h.release("web", &v, b"v2");
-        h.controller.pass().unwrap();
+        h.pass().unwrap();
         crate::actions::set_paused(h.controller.db(), "web", true, "test").unwrap();
         let ids = |h: &Harness| {
             let mut ids: Vec<String> = h.running("web").into_iter().map(|i| i.id).collect();
@@ -1465,7 +1499,7 @@ mod tests {
         let held = ids(&h);
         let hold = |h: &mut Harness| {
             for _ in 0..10 {
-                let pass = h.controller.pass().unwrap().pop().unwrap();
+                let pass = h.pass().unwrap().pop().unwrap();
                 assert!(
                     pass.launched.is_empty() && pass.retired.is_empty(),
                     "{pass:#?}"
@@ -1565,7 +1599,7 @@ mod tests {
         let web = spec(serde_json::json!({"image": "web", "replicas": 16}));
         h.release("web", &web, b"v1");
         let started = std::time::Instant::now();
-        let pass = h.controller.pass().unwrap().remove(0);
+        let pass = h.pass().unwrap().remove(0);
         let took = started.elapsed();
         assert_eq!(pass.launched.len(), 16, "{pass:?}");
         assert!(
@@ -1588,7 +1622,7 @@ mod tests {
         }));
         h.release("web", &web, b"v1");
         let started = std::time::Instant::now();
-        let first = h.controller.pass().unwrap().remove(0);
+        let first = h.pass().unwrap().remove(0);
         assert_eq!(first.launched.len(), 1);
         let listener = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(100));
@@ -1598,7 +1632,7 @@ mod tests {
             }
         });
         loop {
-            let pass = h.controller.pass().unwrap().remove(0);
+            let pass = h.pass().unwrap().remove(0);
             assert!(pass.failed.is_none(), "{pass:?}");
             assert!(pass.retired.is_empty(), "early failures counted: {pass:?}");
             if pass.complete {
@@ -1722,7 +1756,7 @@ mod tests {
         let before: BTreeSet<String> = h.running("web").into_iter().map(|i| i.id).collect();
         h.restart(h.fake.clone());
         for round in 0..20 {
-            let pass = h.controller.pass().unwrap().remove(0);
+            let pass = h.pass().unwrap().remove(0);
             assert!(
                 pass.launched.is_empty() && pass.retired.is_empty() && pass.stopped.is_empty(),
                 "pass {round} after the restart changed something: {pass:?}"
@@ -1752,12 +1786,12 @@ mod tests {
         h.release("web", &web("web"), b"v1");
         h.converge("web", 1000);
         h.release("web", &web("web"), b"v2");
-        h.controller.pass().unwrap();
+        h.pass().unwrap();
         // A new controller, as after `imago serve --stop` + `imago apply`, or a kill -9.
         h.restart(h.fake.clone());
         let mut passes = 0;
         loop {
-            let pass = h.controller.pass().unwrap().remove(0);
+            let pass = h.pass().unwrap().remove(0);
             if passes == 0 {
                 assert!(
                     pass.retired.is_empty(),
@@ -1797,7 +1831,7 @@ mod tests {
             "instance x: supervisor: {} before the network was created",
             imago_runtime::supervisor::LAUNCHER_GAVE_UP
         ));
-        h.controller.pass().unwrap();
+        h.pass().unwrap();
         h.restart(h.fake.clone());
         let passes = h.converge("web", 100);
         let last = passes.last().unwrap();
@@ -1833,7 +1867,7 @@ mod tests {
         let passes = h.converge("b", 10);
         assert!(passes.last().unwrap().complete);
         for _ in 0..3 {
-            let passes = h.controller.pass().unwrap();
+            let passes = h.pass().unwrap();
             let a_pass = passes.iter().find(|p| p.service == "a").unwrap();
             assert!(a_pass.fault.is_some(), "{a_pass:?}");
         }
