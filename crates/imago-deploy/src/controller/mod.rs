@@ -1952,4 +1952,319 @@ mod tests {
             assert!(waited >= Duration::from_micros(2500), "{waited:?}");
         }
     }
+
+    // ---- launches beside the loop ------------------------------------------------------------
+
+    /// A provider whose launches wait until the test lets them through (a launch path slowed
+    /// by load: seconds a wave at 1,000 instances), and which records the most instances alive
+    /// at any moment it sees: those not exited, plus launches under way.
+    struct GatedProvider {
+        fake: Arc<FakeProvider>,
+        gate: std::sync::Mutex<Gate>,
+        opened: std::sync::Condvar,
+    }
+
+    #[derive(Default)]
+    struct Gate {
+        /// Launches that may still go through; `usize::MAX` while the gate is open.
+        passes: usize,
+        in_flight: usize,
+        peak: usize,
+    }
+
+    impl GatedProvider {
+        fn new(fake: Arc<FakeProvider>) -> Arc<GatedProvider> {
+            Arc::new(GatedProvider {
+                fake,
+                gate: std::sync::Mutex::new(Gate {
+                    passes: usize::MAX,
+                    ..Gate::default()
+                }),
+                opened: std::sync::Condvar::new(),
+            })
+        }
+
+        fn alive(&self) -> usize {
+            self.fake
+                .list()
+                .unwrap()
+                .iter()
+                .filter(|i| matches!(i.status, Status::Running | Status::Created))
+                .count()
+        }
+
+        fn close(&self) {
+            self.gate.lock().unwrap().passes = 0;
+        }
+
+        /// Lets `n` more launches through (`usize::MAX`: all from now on).
+        fn let_through(&self, n: usize) {
+            let mut gate = self.gate.lock().unwrap();
+            gate.passes = gate.passes.saturating_add(n);
+            self.opened.notify_all();
+        }
+
+        fn in_flight(&self) -> usize {
+            self.gate.lock().unwrap().in_flight
+        }
+
+        /// Records the instances alive now (with the launches under way) in the peak.
+        fn observe_peak(&self) -> usize {
+            let mut gate = self.gate.lock().unwrap();
+            let alive = self.alive() + gate.in_flight;
+            gate.peak = gate.peak.max(alive);
+            gate.peak
+        }
+    }
+
+    impl Provider for GatedProvider {
+        fn launch(&self, spec: &InstanceSpec) -> Result<Instance, imago_runtime::RuntimeError> {
+            let mut gate = self.gate.lock().unwrap();
+            gate.in_flight += 1;
+            gate.peak = gate.peak.max(self.alive() + gate.in_flight);
+            while gate.passes == 0 {
+                gate = self.opened.wait(gate).unwrap();
+            }
+            if gate.passes != usize::MAX {
+                gate.passes -= 1;
+            }
+            drop(gate);
+            let launched = self.fake.launch(spec);
+            self.gate.lock().unwrap().in_flight -= 1;
+            launched
+        }
+        fn stop(
+            &self,
+            id: &str,
+            grace: Duration,
+        ) -> Result<Instance, imago_runtime::RuntimeError> {
+            self.fake.stop(id, grace)
+        }
+        fn remove(&self, id: &str) -> Result<(), imago_runtime::RuntimeError> {
+            self.fake.remove(id)
+        }
+        fn list(&self) -> Result<Vec<Instance>, imago_runtime::RuntimeError> {
+            self.fake.list()
+        }
+        fn inspect(&self, id: &str) -> Result<Instance, imago_runtime::RuntimeError> {
+            self.fake.inspect(id)
+        }
+        fn logs(&self, id: &str) -> Result<Vec<u8>, imago_runtime::RuntimeError> {
+            self.fake.logs(id)
+        }
+    }
+
+    fn gated_harness() -> (Harness, Arc<GatedProvider>) {
+        let mut h = harness();
+        let gated = GatedProvider::new(h.fake.clone());
+        h.restart(gated.clone());
+        (h, gated)
+    }
+
+    /// Runs `controller.pass()` (launches left in the background) and returns "web"'s pass
+    /// and how long it took.
+    fn timed_pass(h: &mut Harness) -> (ServicePass, Duration) {
+        let started = std::time::Instant::now();
+        let pass = h
+            .controller
+            .pass()
+            .unwrap()
+            .into_iter()
+            .find(|p| p.service == "web")
+            .unwrap();
+        (pass, started.elapsed())
+    }
+
+    /// Passes until "web" completes (launches left in the background: each pass takes what
+    /// finished), checking the peak of instances alive after each; returns the passes.
+    fn converge_in_background(
+        h: &mut Harness,
+        gated: &GatedProvider,
+        ceiling: usize,
+    ) -> Vec<ServicePass> {
+        let mut passes = Vec::new();
+        for _ in 0..2000 {
+            let (pass, _) = timed_pass(h);
+            let peak = gated.observe_peak();
+            assert!(peak <= ceiling, "{peak} instances alive, ceiling {ceiling}");
+            let done = pass.complete || pass.failed.is_some();
+            passes.push(pass);
+            if done {
+                return passes;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        panic!("web did not converge: {:#?}", passes.last());
+    }
+
+    #[test]
+    fn a_pass_with_a_slow_wave_under_way_takes_milliseconds_and_still_cleans_up_and_pauses() {
+        let (mut h, gated) = gated_harness();
+        let v1 = spec(serde_json::json!({
+            "image": "web", "replicas": 4,
+            "rollout": {"max_surge": 2, "max_unavailable": 0, "drain": "0s"}
+        }));
+        h.release("web", &v1, b"v1");
+        converge_in_background(&mut h, &gated, 6);
+        let old: Vec<String> = h.running("web").into_iter().map(|i| i.id).collect();
+        assert_eq!(old.len(), 4);
+
+        // The launch path stalls (as under load): the wave's launches do not return.
+        gated.close();
+        h.release("web", &v1, b"v2");
+        let (first, took) = timed_pass(&mut h);
+        assert_eq!(first.launching, 2, "a wave of max_surge starts: {first:?}");
+        assert!(
+            took < Duration::from_secs(1),
+            "the pass that started a stalled wave took {took:?}"
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while gated.in_flight() < 2 {
+            assert!(std::time::Instant::now() < deadline, "the wave never began");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Meanwhile an old instance dies: the next pass cleans it up at once, and launches no
+        // replacement beyond the surge (the two launches under way already fill it).
+        h.fake.exit(&old[0], 137).unwrap();
+        let (pass, took) = timed_pass(&mut h);
+        assert!(took < Duration::from_secs(1), "{took:?}");
+        assert_eq!(pass.removed_dead, vec![old[0].clone()], "{pass:?}");
+        // 3 old instances + 2 launches under way: the ceiling allows one more, the 4 replicas
+        // of v2 are 2 short.
+        assert_eq!(pass.launching, 3, "{pass:?}");
+        assert_eq!(gated.observe_peak(), 6);
+        // A pause during the wave holds it: what is under way finishes, nothing new starts.
+        h.controller.db.pause("web", "test").unwrap();
+        for _ in 0..5 {
+            let (pass, took) = timed_pass(&mut h);
+            assert!(took < Duration::from_secs(1), "{took:?}");
+            assert_eq!(pass.launching, 3, "{pass:?}");
+            assert!(pass.retired.is_empty(), "{pass:?}");
+        }
+        gated.let_through(usize::MAX);
+        assert!(h.controller.launches.wait_idle(Duration::from_secs(10)));
+        let (pass, _) = timed_pass(&mut h);
+        assert_eq!(pass.launched.len(), 3, "the wave's results are taken: {pass:?}");
+        assert_eq!(pass.launching, 0, "paused: nothing new starts: {pass:?}");
+        let (pass, _) = timed_pass(&mut h);
+        assert!(pass.launched.is_empty() && pass.launching == 0 && pass.retired.is_empty());
+        h.controller.db.resume("web", "test").unwrap();
+        converge_in_background(&mut h, &gated, 6);
+        let now = h.running("web");
+        assert_eq!(now.len(), 4);
+        assert!(now.iter().all(|i| !old.contains(&i.id)));
+        assert_eq!(
+            h.controller.db.outcome_of("web", 2).unwrap().unwrap().outcome,
+            ReleaseOutcome::Complete
+        );
+    }
+
+    /// Launches return one at a time, at random passes: at no moment the provider sees (each
+    /// launch's start, each pass's end) are more than replicas + max_surge instances alive,
+    /// launches under way included, and the rollout completes.
+    #[test]
+    fn background_launches_never_exceed_the_surge_at_any_moment() {
+        let (mut h, gated) = gated_harness();
+        let v1 = spec(serde_json::json!({
+            "image": "web", "replicas": 5,
+            "rollout": {"max_surge": 2, "max_unavailable": 1, "drain": "0s"}
+        }));
+        h.release("web", &v1, b"v1");
+        converge_in_background(&mut h, &gated, 7);
+        gated.close();
+        h.release("web", &v1, b"v2");
+        let mut x: u64 = now_ms() | 1;
+        eprintln!("seed {x}");
+        let mut passes = 0;
+        loop {
+            let (pass, took) = timed_pass(&mut h);
+            assert!(took < Duration::from_secs(1), "{took:?}");
+            let peak = gated.observe_peak();
+            assert!(peak <= 7, "{peak} alive: {pass:?}");
+            if pass.complete {
+                break;
+            }
+            passes += 1;
+            assert!(passes < 5000, "no convergence: {pass:?}");
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if x % 3 == 0 {
+                gated.let_through(1);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(gated.observe_peak() <= 7);
+        let now = h.running("web");
+        assert_eq!(now.len(), 5);
+    }
+
+    /// A rollback during a wave: the abandoned release's launches start no more, and those
+    /// under way are retired when they return, never probed or routed; the rollback completes
+    /// with none of them left.
+    #[test]
+    fn a_rollback_during_a_wave_retires_the_abandoned_launches_unrouted() {
+        let (mut h, gated) = gated_harness();
+        let v1 = spec(serde_json::json!({
+            "image": "web", "replicas": 3,
+            "rollout": {"max_surge": 3, "max_unavailable": 0, "drain": "0s"}
+        }));
+        h.release("web", &v1, b"v1");
+        converge_in_background(&mut h, &gated, 6);
+        let old: BTreeSet<String> = h.running("web").into_iter().map(|i| i.id).collect();
+        gated.close();
+        h.release("web", &v1, b"v2");
+        let (pass, _) = timed_pass(&mut h);
+        assert_eq!(pass.launching, 3);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while gated.in_flight() < 3 {
+            assert!(std::time::Instant::now() < deadline, "the wave never began");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let (rollback, _) = h
+            .controller
+            .db
+            .record_release("web", &v1, &Digest::of(b"v1"), "rollback", Some(1), "test")
+            .unwrap();
+        let (pass, took) = timed_pass(&mut h);
+        assert!(took < Duration::from_secs(1), "{took:?}");
+        assert!(!pass.complete, "launches of release 2 still under way: {pass:?}");
+        gated.let_through(usize::MAX);
+        let passes = converge_in_background(&mut h, &gated, 6);
+        let abandoned: Vec<String> = h
+            .controller
+            .db
+            .events(Some("web"), 0)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.message.contains("no longer desired"))
+            .filter_map(|e| e.message.split(' ').nth(1).map(str::to_owned))
+            .collect();
+        assert_eq!(abandoned.len(), 3, "every launch under way was retired");
+        for pass in &passes {
+            assert!(
+                pass.routed.iter().all(|id| old.contains(id)),
+                "only release 1's instances are ever routed: {pass:?}"
+            );
+            assert!(pass.launched.is_empty(), "no launch for the rollback: {pass:?}");
+        }
+        let listed: Vec<String> = h.fake.list().unwrap().into_iter().map(|i| i.id).collect();
+        assert!(
+            abandoned.iter().all(|id| !listed.contains(id)),
+            "the abandoned launches are removed: {listed:?}"
+        );
+        assert_eq!(
+            h.running("web").into_iter().map(|i| i.id).collect::<BTreeSet<_>>(),
+            old
+        );
+        assert_eq!(
+            h.controller
+                .db
+                .outcome_of("web", rollback.number)
+                .unwrap()
+                .unwrap()
+                .outcome,
+            ReleaseOutcome::Complete
+        );
+    }
 }
