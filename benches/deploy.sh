@@ -181,9 +181,11 @@ rolling_bench() {
 }
 
 # answers_log PORT FILE: one line per new connection to 127.0.0.1:PORT every 5 ms, "TIME TITLE"
-# (the page's <h1>, or "error"), until killed.
+# (the page's <h1>, or "error"), until killed. Run in the background only: it execs python, so
+# that `kill $!` ends the poller itself (a python child of the background subshell outlived the
+# kill, kept asking, and kept writing into the next rollback's answers file).
 answers_log() {
-  python3 - "$1" "$2" <<'PY'
+  exec python3 - "$1" "$2" <<'PY'
 import socket, sys, time
 port, out = int(sys.argv[1]), open(sys.argv[2], "w")
 while True:
