@@ -1640,7 +1640,11 @@ fn a_controller_killed_during_launches_completes_the_release_without_rollback() 
 
 /// What is left on the host of instances `ids` of `d` (their directory, network namespace,
 /// address lease or cgroup), for those not among `live`.
-fn leftovers(d: &Deployment, ids: &std::collections::BTreeSet<String>, live: &[String]) -> Vec<String> {
+fn leftovers(
+    d: &Deployment,
+    ids: &std::collections::BTreeSet<String>,
+    live: &[String],
+) -> Vec<String> {
     let leases: Vec<String> = std::fs::read_dir("/run/imago/ipam")
         .map(|rd| {
             rd.flatten()
@@ -1794,7 +1798,9 @@ fn a_slow_launch_delays_neither_the_cleanup_of_a_dead_instance_nor_a_pause() {
     assert_eq!(paused["paused"], true, "{paused}");
     let paused_at = now_ms();
     d.wait_until("the slow launch to return", Duration::from_secs(180), |d| {
-        d.events().iter().any(|e| e.contains("launched for release 2"))
+        d.events()
+            .iter()
+            .any(|e| e.contains("launched for release 2"))
     });
     let events = d.timed_events();
     let at = |what: &dyn Fn(&str) -> bool| {
@@ -1805,7 +1811,8 @@ fn a_slow_launch_delays_neither_the_cleanup_of_a_dead_instance_nor_a_pause() {
             .unwrap_or_else(|| panic!("no such event: {events:#?}"))
     };
     let launched = at(&|m| m.contains("launched for release 2"));
-    let cleaned = at(&|m| m.contains(&format!("instance {victim_id} ")) && m.contains("removing it"));
+    let cleaned =
+        at(&|m| m.contains(&format!("instance {victim_id} ")) && m.contains("removing it"));
     eprintln!(
         "the slow launch returned {} ms after the apply; the dead instance was removed {} ms after \
          the apply",

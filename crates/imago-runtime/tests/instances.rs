@@ -1268,9 +1268,18 @@ fn the_directory_of_a_launch_killed_before_its_record_is_removed_by_the_sweep() 
     }
     let swept = h.provider.sweep_abandoned();
     assert_eq!(swept.dirs, 1, "{swept:?}");
-    assert!(!cut.exists(), "an old directory that names nobody and has no spec stays");
-    assert!(fresh.exists(), "a launch that just made its directory lost it");
-    assert!(older.exists(), "a directory with a spec that names no launcher was removed");
+    assert!(
+        !cut.exists(),
+        "an old directory that names nobody and has no spec stays"
+    );
+    assert!(
+        fresh.exists(),
+        "a launch that just made its directory lost it"
+    );
+    assert!(
+        older.exists(),
+        "a directory with a spec that names no launcher was removed"
+    );
 }
 
 /// A launch whose launcher died after writing the record but before starting a supervisor is

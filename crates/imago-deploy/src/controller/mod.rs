@@ -2033,11 +2033,7 @@ mod tests {
             self.gate.lock().unwrap().in_flight -= 1;
             launched
         }
-        fn stop(
-            &self,
-            id: &str,
-            grace: Duration,
-        ) -> Result<Instance, imago_runtime::RuntimeError> {
+        fn stop(&self, id: &str, grace: Duration) -> Result<Instance, imago_runtime::RuntimeError> {
             self.fake.stop(id, grace)
         }
         fn remove(&self, id: &str) -> Result<(), imago_runtime::RuntimeError> {
@@ -2144,7 +2140,11 @@ mod tests {
         gated.let_through(usize::MAX);
         assert!(h.controller.launches.wait_idle(Duration::from_secs(10)));
         let (pass, _) = timed_pass(&mut h);
-        assert_eq!(pass.launched.len(), 3, "the wave's results are taken: {pass:?}");
+        assert_eq!(
+            pass.launched.len(),
+            3,
+            "the wave's results are taken: {pass:?}"
+        );
         assert_eq!(pass.launching, 0, "paused: nothing new starts: {pass:?}");
         let (pass, _) = timed_pass(&mut h);
         assert!(pass.launched.is_empty() && pass.launching == 0 && pass.retired.is_empty());
@@ -2154,7 +2154,12 @@ mod tests {
         assert_eq!(now.len(), 4);
         assert!(now.iter().all(|i| !old.contains(&i.id)));
         assert_eq!(
-            h.controller.db.outcome_of("web", 2).unwrap().unwrap().outcome,
+            h.controller
+                .db
+                .outcome_of("web", 2)
+                .unwrap()
+                .unwrap()
+                .outcome,
             ReleaseOutcome::Complete
         );
     }
@@ -2228,7 +2233,10 @@ mod tests {
             .unwrap();
         let (pass, took) = timed_pass(&mut h);
         assert!(took < Duration::from_secs(1), "{took:?}");
-        assert!(!pass.complete, "launches of release 2 still under way: {pass:?}");
+        assert!(
+            !pass.complete,
+            "launches of release 2 still under way: {pass:?}"
+        );
         gated.let_through(usize::MAX);
         let passes = converge_in_background(&mut h, &gated, 6);
         let abandoned: Vec<String> = h
@@ -2246,7 +2254,10 @@ mod tests {
                 pass.routed.iter().all(|id| old.contains(id)),
                 "only release 1's instances are ever routed: {pass:?}"
             );
-            assert!(pass.launched.is_empty(), "no launch for the rollback: {pass:?}");
+            assert!(
+                pass.launched.is_empty(),
+                "no launch for the rollback: {pass:?}"
+            );
         }
         let listed: Vec<String> = h.fake.list().unwrap().into_iter().map(|i| i.id).collect();
         assert!(
@@ -2254,7 +2265,10 @@ mod tests {
             "the abandoned launches are removed: {listed:?}"
         );
         assert_eq!(
-            h.running("web").into_iter().map(|i| i.id).collect::<BTreeSet<_>>(),
+            h.running("web")
+                .into_iter()
+                .map(|i| i.id)
+                .collect::<BTreeSet<_>>(),
             old
         );
         assert_eq!(

@@ -481,8 +481,13 @@ impl Controller {
             None => {
                 // Drained from the start (nothing was ever routed to it), so it is stopped on
                 // the next pass.
-                self.db
-                    .mark_draining(&instance.id, &service, release_number, &revision, now_ms())?;
+                self.db.mark_draining(
+                    &instance.id,
+                    &service,
+                    release_number,
+                    &revision,
+                    now_ms(),
+                )?;
                 self.db.event(
                     Some(&service),
                     "retire",
