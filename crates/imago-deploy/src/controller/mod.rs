@@ -2194,7 +2194,7 @@ mod tests {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            if x % 3 == 0 {
+            if x.is_multiple_of(3) {
                 gated.let_through(1);
             }
             std::thread::sleep(Duration::from_millis(1));
