@@ -125,6 +125,10 @@ pub(super) struct Finished {
 #[derive(Default)]
 pub(super) struct Launches {
     launchers: Vec<Launcher>,
+    /// Launches under way when the pass took the finished ones, by service and revision: what
+    /// the pass counts. A live count read later would miss a launch that returned after the
+    /// listing (not listed, no longer under way) and let the pass launch beyond the surge.
+    counted: Vec<(String, String, usize)>,
 }
 
 impl Launches {
@@ -185,6 +189,8 @@ impl Launches {
     /// way or (once taken) in the listing: counted twice at worst, for a moment, never missed.
     pub(super) fn take_finished(&mut self) -> Vec<Finished> {
         let mut taken = Vec::new();
+        let counted = &mut self.counted;
+        counted.clear();
         self.launchers.retain(|launcher| {
             let mut state = launcher.queue.lock();
             for result in std::mem::take(&mut state.done) {
@@ -195,7 +201,15 @@ impl Launches {
                     result,
                 });
             }
-            state.to_start + state.in_flight > 0
+            let under_way = state.to_start + state.in_flight;
+            if under_way > 0 {
+                counted.push((
+                    launcher.service.clone(),
+                    launcher.revision.clone(),
+                    under_way,
+                ));
+            }
+            under_way > 0
         });
         taken
     }
@@ -210,16 +224,12 @@ impl Launches {
         }
     }
 
-    /// Launches of `service` not yet returned, by revision.
+    /// Launches of `service` under way when this pass took the finished ones, by revision.
     pub(super) fn under_way(&self, service: &str) -> Vec<(String, usize)> {
-        self.launchers
+        self.counted
             .iter()
-            .filter(|l| l.service == service)
-            .map(|l| {
-                let state = l.queue.lock();
-                (l.revision.clone(), state.to_start + state.in_flight)
-            })
-            .filter(|(_, n)| *n > 0)
+            .filter(|(s, _, _)| s == service)
+            .map(|(_, revision, n)| (revision.clone(), *n))
             .collect()
     }
 

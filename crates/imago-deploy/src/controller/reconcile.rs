@@ -377,12 +377,14 @@ impl Controller {
             step.launch as usize,
         );
         pass.launched = self.launched_now.remove(service).unwrap_or_default();
+        // Under way at the start of the pass, or started by it.
         pass.launching = self
             .launches
             .under_way(service)
             .iter()
             .map(|(_, n)| n)
-            .sum();
+            .sum::<usize>()
+            + step.launch as usize;
         clock.lap("launch");
         // Route.
         let targets: Vec<(String, SocketAddr)> = step
