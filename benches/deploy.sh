@@ -23,13 +23,14 @@
 #    remote_setup for why); the proxy alone and HAProxy listen on 0.0.0.0 too;
 #  - one reconcile pass over 10,000 instances with the fake provider.
 # Run as root: [ROUNDS=N] [PROXY_ROWS=small|echo|all] [PROFILE=release|debug] [BENCH_PORT=18301]
-#   [BIN_DIR=DIR] [DIRECT_FROM_CLIENT=1] benches/deploy.sh [all|rolling|proxy|remote]
+#   [BIN_DIR=DIR] [DIRECT_FROM_CLIENT=1] [SWARM=0] benches/deploy.sh [all|rolling|proxy|remote]
 # (default all, which is rolling and proxy; PROXY_ROWS picks the endpoint workloads: the HTTP
 # ones, the echo ones, or all; PROFILE=debug measures the debug build, when a release build would
 # cost too much; BIN_DIR=DIR takes imago and the examples built already in DIR, e.g. another
 # checkout's target/release, and builds nothing; DIRECT_FROM_CLIENT=1 asks the remote run's
 # direct side from the remote client's own address, as this script did before: it reproduces the
-# stalls that the kernel path's side then had)
+# stalls that the kernel path's side then had; SWARM=0 leaves out the Docker Swarm side, for
+# before/after runs of imago alone)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-all}"
@@ -148,7 +149,11 @@ rolling_bench() {
   rolling_load=$(cut -d' ' -f1-3 /proc/loadavg)
 
   # Called in an || list, swarm_bench runs without errexit: each step checks itself.
-  swarm_bench || { swarm="not measured: $swarm_why"; unset DOCKER_HOST; stop_docker; }
+  if [ "${SWARM:-1}" = 0 ]; then
+    swarm="not measured: SWARM=0"
+  else
+    swarm_bench || { swarm="not measured: $swarm_why"; unset DOCKER_HOST; stop_docker; }
+  fi
 
   # Rollback to release 1, three times alternating, median: from the command to the first
   # answer of the restored release, to the moment from which every new connection gets it
@@ -178,9 +183,11 @@ rolling_bench() {
 }
 
 # answers_log PORT FILE: one line per new connection to 127.0.0.1:PORT every 5 ms, "TIME TITLE"
-# (the page's <h1>, or "error"), until killed.
+# (the page's <h1>, or "error"), until killed. Run in the background only: it execs python, so
+# that `kill $!` ends the poller itself (a python child of the background subshell outlived the
+# kill, kept asking, and kept writing into the next rollback's answers file).
 answers_log() {
-  python3 - "$1" "$2" <<'PY'
+  exec python3 - "$1" "$2" <<'PY'
 import socket, sys, time
 port, out = int(sys.argv[1]), open(sys.argv[2], "w")
 while True:

@@ -1638,6 +1638,212 @@ fn a_controller_killed_during_launches_completes_the_release_without_rollback() 
     assert!(d.get().unwrap().contains("version v2"));
 }
 
+/// What is left on the host of instances `ids` of `d` (their directory, network namespace,
+/// address lease or cgroup), for those not among `live`.
+fn leftovers(
+    d: &Deployment,
+    ids: &std::collections::BTreeSet<String>,
+    live: &[String],
+) -> Vec<String> {
+    let leases: Vec<String> = std::fs::read_dir("/run/imago/ipam")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                .filter_map(|t| t.lines().next().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let cgroup_roots: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .chain([PathBuf::from("/sys/fs/cgroup")])
+        .collect();
+    let mut left = Vec::new();
+    for id in ids.iter().filter(|id| !live.contains(id)) {
+        if d.imago.home.join("instances").join(id).exists() {
+            left.push(format!("directory of {id}"));
+        }
+        if Path::new(&format!("/var/run/netns/imago-{id}")).exists() {
+            left.push(format!("network namespace of {id}"));
+        }
+        if leases.contains(id) {
+            left.push(format!("address lease of {id}"));
+        }
+        for root in &cgroup_roots {
+            let dir = root.join("imago").join(id);
+            if dir.exists() {
+                left.push(format!("cgroup {}", dir.display()));
+            }
+        }
+    }
+    left
+}
+
+/// Kill -9 of the controller while a wave of real launches is under way (launches run beside
+/// the controller's loop), three times at random points, under a 16-client load: the
+/// restarted controller finishes the rollout, no request fails, no launch is counted against
+/// the release, and no instance, directory, network namespace, address lease or cgroup of an
+/// interrupted launch is left.
+#[test]
+fn a_controller_killed_during_a_background_wave_leaks_nothing_and_fails_no_request() {
+    let d = Deployment::new();
+    // Waves of three (max_surge 3), so that each kill meets several launches under way.
+    d.edit("max_surge = 1", "max_surge = 3");
+    d.apply().ok();
+    let clients: Vec<Client> = (0..16).map(|_| Client::start(d.port)).collect();
+    d.set_version("v2", "2");
+    d.imago.run(&["apply", "--no-wait", "-f", &d.file()]).ok();
+    let seed = now_ms();
+    eprintln!("kill points seed {seed}");
+    let mut x = seed | 1;
+    let instances = d.imago.home.join("instances");
+    // Every instance directory ever seen, with or without its record.
+    let dirs = || -> std::collections::BTreeSet<String> {
+        std::fs::read_dir(&instances)
+            .map(|dir| {
+                dir.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut ever = dirs();
+    let mut seen = ever.clone();
+    let mut kills = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while kills < 3 && Instant::now() < deadline {
+        let now = dirs();
+        ever.extend(now.iter().cloned());
+        if now.is_subset(&seen) {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        std::thread::sleep(Duration::from_millis(x % 20));
+        ever.extend(dirs());
+        kill9(controller_pid(&d));
+        kills += 1;
+        std::thread::sleep(Duration::from_millis(50));
+        seen = dirs();
+        ever.extend(seen.iter().cloned());
+        d.imago.run(&["serve"]).ok();
+    }
+    assert_eq!(kills, 3, "the controller launched nothing to interrupt");
+    d.wait_until("release 2 to complete", Duration::from_secs(120), |d| {
+        d.status()["services"][0]["outcome"]["outcome"] == "complete"
+    });
+    let answers: Vec<Result<String, String>> =
+        clients.into_iter().flat_map(Client::finish).collect();
+    assert_none_failed(&answers);
+    eprintln!("{} answers, none failed", answers.len());
+    let status = d.status();
+    assert_eq!(
+        status["services"][0]["desired"]["number"], 2,
+        "no rollback: {status}"
+    );
+    let events = d.events();
+    assert!(
+        !events
+            .iter()
+            .any(|e| e.contains("health gate") || e.contains("automatic rollback")),
+        "{events:#?}"
+    );
+    let live = d.instance_ids();
+    assert_eq!(live.len(), 3);
+    ever.extend(dirs());
+    // A launch killed before its record existed leaves a directory and maybe a lease that only
+    // the sweep can attribute (once per 30 s, for what is older than 30 s).
+    let mut left = leftovers(&d, &ever, &live);
+    let until = Instant::now() + Duration::from_secs(100);
+    while !left.is_empty() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(500));
+        left = leftovers(&d, &ever, &live);
+    }
+    assert!(left.is_empty(), "left behind: {left:#?}");
+    let all = d.imago.run(&["ps", "--all", "--json"]).ok().json();
+    assert_eq!(all.as_array().unwrap().len(), 3, "no orphan: {all}");
+    assert!(d.get().unwrap().contains("version v2"));
+}
+
+/// A launch that takes seconds (the first instance of an image with a 768 MB file unpacks its
+/// root filesystem) runs beside the controller's loop: an instance that dies meanwhile is
+/// cleaned up before that launch returns (with launches inside the pass it waited for the
+/// launch), and a pause during it holds the rollout: the launch under way finishes, nothing
+/// else is launched or retired until resume.
+#[test]
+fn a_slow_launch_delays_neither_the_cleanup_of_a_dead_instance_nor_a_pause() {
+    let d = Deployment::new();
+    d.apply().ok();
+    d.set_version("v2", "2");
+    let big = std::fs::File::create(d.dir.join("www/big.bin")).unwrap();
+    big.set_len(768 << 20).unwrap();
+    drop(big);
+    d.imago.run(&["apply", "--no-wait", "-f", &d.file()]).ok();
+    std::fs::remove_file(d.dir.join("www/big.bin")).unwrap();
+    let applied = now_ms();
+    // Once the wave's first launch is unpacking, kill an instance of release 1 and pause.
+    d.wait_until("the rollout to start", Duration::from_secs(30), |d| {
+        d.events()
+            .iter()
+            .any(|e| e.contains("rollout of release 2 started"))
+    });
+    let victim = d.instances()[0].clone();
+    let victim_id = victim["id"].as_str().unwrap().to_owned();
+    let pid = victim["pid"].as_i64().expect("pid of a running instance") as i32;
+    kill9(pid);
+    let paused = d.imago.run(&["--json", "pause", "web"]).ok().json();
+    assert_eq!(paused["paused"], true, "{paused}");
+    let paused_at = now_ms();
+    d.wait_until("the slow launch to return", Duration::from_secs(180), |d| {
+        d.events()
+            .iter()
+            .any(|e| e.contains("launched for release 2"))
+    });
+    let events = d.timed_events();
+    let at = |what: &dyn Fn(&str) -> bool| {
+        events
+            .iter()
+            .find(|(_, _, m)| what(m))
+            .map(|(t, _, _)| *t)
+            .unwrap_or_else(|| panic!("no such event: {events:#?}"))
+    };
+    let launched = at(&|m| m.contains("launched for release 2"));
+    let cleaned =
+        at(&|m| m.contains(&format!("instance {victim_id} ")) && m.contains("removing it"));
+    eprintln!(
+        "the slow launch returned {} ms after the apply; the dead instance was removed {} ms after \
+         the apply",
+        launched - applied,
+        cleaned - applied
+    );
+    assert!(
+        launched - applied >= 1500,
+        "the launch took {} ms: too fast for this test to tell anything",
+        launched - applied
+    );
+    assert!(
+        cleaned < launched,
+        "the dead instance was removed only after the slow launch returned: {events:#?}"
+    );
+    // Paused: the launch under way was taken, and nothing else happens for 3 s.
+    std::thread::sleep(Duration::from_secs(3));
+    let held: Vec<(u64, String, String)> = d
+        .timed_events()
+        .into_iter()
+        .filter(|(t, kind, _)| *t > paused_at && (kind == "launch" || kind == "retire"))
+        .collect();
+    assert_eq!(held.len(), 1, "only the launch under way: {held:#?}");
+    assert_eq!(d.instances().len(), 3, "2 of release 1, 1 of release 2");
+    d.imago.run(&["resume", "web"]).ok();
+    d.wait_until("release 2 to complete", Duration::from_secs(120), |d| {
+        d.status()["services"][0]["outcome"]["outcome"] == "complete"
+    });
+    assert!(d.get().unwrap().contains("version v2"));
+}
+
 #[test]
 fn a_port_another_process_holds_is_refused_by_plan_and_apply_naming_it() {
     let d = Deployment::new();

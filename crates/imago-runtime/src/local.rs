@@ -714,6 +714,19 @@ fn new_id() -> Result<String, RuntimeError> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// How old an instance directory that names no launcher and holds no spec must be before the
+/// sweep takes it (see [`LocalProvider::remove_abandoned_dirs`]).
+pub const ABANDONED_DIR_AGE: Duration = Duration::from_secs(60);
+
+/// Whether `path` was last modified more than `age` ago (not when that cannot be read).
+fn older_than(path: &Path, age: Duration) -> bool {
+    fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|modified| modified.elapsed().ok())
+        .is_some_and(|elapsed| elapsed > age)
+}
+
 /// Whether the process named in the instance directory's `launcher` file still lives; `None`
 /// when no such file (an older imago, or no start time) says who launched it.
 fn launcher_alive(dir: &InstanceDir) -> Option<bool> {
@@ -728,9 +741,10 @@ fn launcher_alive(dir: &InstanceDir) -> Option<bool> {
 impl LocalProvider {
     /// Removes the directories of launches whose launcher died before it wrote the instance's
     /// record (spec, bundle, anonymous volumes; nothing was started yet: the record is written
-    /// before the supervisor exists). A directory is taken only when its `launcher` file names
-    /// a process that is gone, so a launch under way, or one by an older imago (no such file),
-    /// is never touched.
+    /// before the supervisor exists). A directory is taken when its `launcher` file names a
+    /// process that is gone, or when it names nobody and holds no spec yet and is older than
+    /// [`ABANDONED_DIR_AGE`] (its launcher was killed before it wrote either), so a launch under
+    /// way, or one by an older imago (a spec, no such file), is never touched.
     pub fn remove_abandoned_dirs(&self) -> usize {
         let Ok(entries) = fs::read_dir(self.layout.instances()) else {
             return 0;
@@ -741,11 +755,15 @@ impl LocalProvider {
             if dir.state().exists() {
                 continue;
             }
-            // The launcher is gone, so nothing writes the record any more.
-            if launcher_alive(&dir) == Some(false)
-                && !dir.state().exists()
-                && fs::remove_dir_all(&dir.root).is_ok()
-            {
+            // The launcher is gone, so nothing writes the record any more. A launcher killed
+            // between making the directory and writing its `launcher` file (or cut while writing
+            // it) leaves a directory that names nobody and has no spec either, which a live
+            // launch has for microseconds only: taken once it is older than any launch.
+            let abandoned = match launcher_alive(&dir) {
+                Some(alive) => !alive,
+                None => !dir.spec().exists() && older_than(&dir.root, ABANDONED_DIR_AGE),
+            };
+            if abandoned && !dir.state().exists() && fs::remove_dir_all(&dir.root).is_ok() {
                 removed += 1;
             }
         }

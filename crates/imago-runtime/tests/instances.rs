@@ -1255,6 +1255,37 @@ fn the_directory_of_a_launch_killed_before_its_record_is_removed_by_the_sweep() 
         older.exists(),
         "a directory that names no launcher was removed"
     );
+    // Regression: a launcher killed between making the directory and writing its `launcher`
+    // file left a directory with nothing in it that no sweep ever took (seen after kill -9 of
+    // a controller during a wave of launches). Taken once older than any launch; not before.
+    let cut = instances.join("cutlaunch");
+    fs::create_dir_all(&cut).unwrap();
+    fs::write(cut.join("launcher"), "").unwrap();
+    let fresh = instances.join("freshlaunch");
+    fs::create_dir_all(&fresh).unwrap();
+    let long_ago = std::time::SystemTime::now()
+        - imago_runtime::local::ABANDONED_DIR_AGE
+        - Duration::from_secs(1);
+    for dir in [&cut, &older] {
+        fs::File::open(dir)
+            .unwrap()
+            .set_times(fs::FileTimes::new().set_modified(long_ago))
+            .unwrap();
+    }
+    let swept = h.provider.sweep_abandoned();
+    assert_eq!(swept.dirs, 1, "{swept:?}");
+    assert!(
+        !cut.exists(),
+        "an old directory that names nobody and has no spec stays"
+    );
+    assert!(
+        fresh.exists(),
+        "a launch that just made its directory lost it"
+    );
+    assert!(
+        older.exists(),
+        "a directory with a spec that names no launcher was removed"
+    );
 }
 
 /// A launch whose launcher died after writing the record but before starting a supervisor is

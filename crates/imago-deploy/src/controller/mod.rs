@@ -24,6 +24,7 @@ use crate::rollout::Counts;
 use crate::state::{Release, StateDb, now_ms};
 
 mod cluster;
+mod launches;
 mod probes;
 mod progress;
 mod reconcile;
@@ -199,7 +200,11 @@ pub struct Endpoint {
 pub struct ServicePass {
     pub service: String,
     pub release: Option<u64>,
+    /// Instances whose launch finished since the last pass, of the desired release: probed
+    /// from now on.
     pub launched: Vec<String>,
+    /// Launches under way (started by this pass or an earlier one) at the end of the pass.
+    pub launching: usize,
     pub retired: Vec<String>,
     pub stopped: Vec<String>,
     pub removed_dead: Vec<String>,
@@ -278,6 +283,10 @@ pub struct Controller {
     balanced_peers: BTreeSet<SocketAddrV4>,
     /// Services on cluster targets: their engines ([`Controller::with_cluster_engines`]).
     cluster: cluster::ClusterState,
+    /// Launches running beside the loop ([`launches`]).
+    launches: launches::Launches,
+    /// Per service, the instances whose launch this pass took (see [`ServicePass::launched`]).
+    launched_now: HashMap<String, Vec<String>>,
 }
 
 impl Controller {
@@ -324,6 +333,8 @@ impl Controller {
             adopted_routes: BTreeMap::new(),
             balanced_peers: BTreeSet::new(),
             cluster: cluster::ClusterState::default(),
+            launches: launches::Launches::default(),
+            launched_now: HashMap::new(),
         }
     }
 
@@ -488,6 +499,10 @@ impl Controller {
             self.swept_at = Some(self.listed_at);
             clock.lap("sweep");
         }
+        // Before the listing: a launch is then either still under way (and counted as such) or
+        // in the listing, never neither.
+        self.take_launches()?;
+        clock.lap("take_launches");
         let instances = self
             .provider
             .list()
@@ -719,6 +734,26 @@ mod tests {
     }
 
     impl Harness {
+        /// One pass, then what it launched taken at once (the next pass would take it): each
+        /// pass of these tests sees the instances the previous one launched, as when launches
+        /// ran inside the pass. The tests of background launches step `controller.pass()`.
+        fn pass(&mut self) -> Result<Vec<ServicePass>, DeployError> {
+            let mut passes = self.controller.pass()?;
+            assert!(
+                self.controller.launches.wait_idle(Duration::from_secs(30)),
+                "launches still under way after 30 s"
+            );
+            self.controller.take_launches()?;
+            for pass in &mut passes {
+                if let Some(ids) = self.controller.launched_now.remove(&pass.service) {
+                    pass.launched.extend(ids);
+                    pass.launching = 0;
+                    pass.complete = false;
+                }
+            }
+            Ok(passes)
+        }
+
         fn release(&mut self, service: &str, spec: &ServiceSpec, image: &[u8]) -> Release {
             self.controller
                 .db
@@ -731,7 +766,7 @@ mod tests {
         /// `client` is connected to it, and be stopped and replaced once it closes.
         fn assert_drain_holds_until_closed(&mut self, old: &str, client: std::net::TcpStream) {
             for _ in 0..20 {
-                self.controller.pass().unwrap();
+                self.pass().unwrap();
                 std::thread::sleep(Duration::from_millis(10));
             }
             assert!(
@@ -781,7 +816,6 @@ mod tests {
             let mut passes = Vec::new();
             for _ in 0..max {
                 let pass = self
-                    .controller
                     .pass()
                     .unwrap()
                     .into_iter()
@@ -823,7 +857,7 @@ mod tests {
         let outcome = h.controller.db.outcome_of("web", 1).unwrap().unwrap();
         assert_eq!(outcome.outcome, ReleaseOutcome::Complete);
         // A settled service stays put.
-        let pass = h.controller.pass().unwrap().remove(0);
+        let pass = h.pass().unwrap().remove(0);
         assert!(pass.launched.is_empty() && pass.retired.is_empty());
     }
 
@@ -839,11 +873,13 @@ mod tests {
         let release2 = h.release("web", &v1, b"v2");
         let mut peak = 0;
         for _ in 0..30 {
-            let pass = h.controller.pass().unwrap().remove(0);
+            let pass = h.pass().unwrap().remove(0);
             peak = peak.max(h.running("web").len());
             if pass.complete {
                 break;
             }
+            // Stops run on side threads: give them a moment on a busy machine.
+            std::thread::sleep(Duration::from_millis(5));
         }
         assert!(
             peak <= 4,
@@ -881,7 +917,7 @@ mod tests {
         h.converge("web", 5);
         let victim = h.running("web")[0].id.clone();
         h.fake.exit(&victim, 137).unwrap();
-        let pass = h.controller.pass().unwrap().remove(0);
+        let pass = h.pass().unwrap().remove(0);
         assert_eq!(pass.removed_dead, vec![victim.clone()]);
         assert_eq!(pass.launched.len(), 1);
         assert_eq!(h.running("web").len(), 2);
@@ -914,7 +950,7 @@ mod tests {
         let rogue = h.fake.launch(&rogue).unwrap();
         let mut saw_drift = false;
         for _ in 0..200 {
-            let pass = h.controller.pass().unwrap().remove(0);
+            let pass = h.pass().unwrap().remove(0);
             saw_drift |= pass.drift.iter().any(|d| d.contains(&rogue.id));
             if h.fake.inspect(&rogue.id).is_err() {
                 break;
@@ -945,7 +981,7 @@ mod tests {
         h.release("web", &bad, b"v3");
         let mut failed = None;
         for _ in 0..200 {
-            let pass = h.controller.pass().unwrap().remove(0);
+            let pass = h.pass().unwrap().remove(0);
             if let Some(reason) = pass.failed {
                 failed = Some((reason, pass.rolled_back_to));
                 break;
@@ -993,7 +1029,7 @@ mod tests {
         let started = std::time::Instant::now();
         let mut failed = None;
         while started.elapsed() < Duration::from_secs(10) {
-            let pass = h.controller.pass().unwrap().remove(0);
+            let pass = h.pass().unwrap().remove(0);
             if let Some(reason) = pass.failed {
                 failed = Some((reason, pass.rolled_back_to));
                 break;
@@ -1043,7 +1079,7 @@ mod tests {
                 "test",
             )
             .unwrap();
-        let pass = h.controller.pass().unwrap().remove(0);
+        let pass = h.pass().unwrap().remove(0);
         assert_eq!(
             pass.launched.len(),
             3,
@@ -1064,8 +1100,8 @@ mod tests {
             .fake
             .launch(&InstanceSpec::new(Digest::of(b"stray")))
             .unwrap();
-        h.controller.pass().unwrap();
-        h.controller.pass().unwrap();
+        h.pass().unwrap();
+        h.pass().unwrap();
         let reports: Vec<_> = h
             .controller
             .db
@@ -1337,7 +1373,7 @@ mod tests {
         // far more than 100 passes on a loaded machine.
         let started = std::time::Instant::now();
         loop {
-            let passes = h.controller.pass().unwrap();
+            let passes = h.pass().unwrap();
             if passes.iter().any(|p| p.service == "web" && p.complete) {
                 break;
             }
@@ -1401,7 +1437,7 @@ mod tests {
         h.controller.db.destroy("web", "test").unwrap();
 
         let started = std::time::Instant::now();
-        let first = h.controller.pass().unwrap();
+        let first = h.pass().unwrap();
         assert!(
             started.elapsed() < Duration::from_millis(900),
             "the pass does not wait for stops of 1 s each (took {:?})",
@@ -1415,7 +1451,7 @@ mod tests {
         h.restart(SlowStops::new(&h.fake));
         let mut stopped = BTreeSet::new();
         for _ in 0..250 {
-            let passes = h.controller.pass().unwrap();
+            let passes = h.pass().unwrap();
             let web = passes.iter().find(|p| p.service == "web").unwrap();
             stopped.extend(web.stopped.iter().cloned());
             let left = h
@@ -1450,8 +1486,8 @@ mod tests {
         h.release("web", &v, b"v1");
         h.converge("web", 5);
         h.release("web", &v, b"v2");
-        h.controller.pass().unwrap();
-        h.controller.pass().unwrap();
+        h.pass().unwrap();
+        h.pass().unwrap();
         // A new controller over the same database and instances: no memory of the old one.
         h.restart(h.fake.clone());
         let passes = h.converge("web", 30);
@@ -1473,7 +1509,7 @@ mod tests {
         h.release("web", &v, b"v1");
         h.converge("web", 5);
         h.release("web", &v, b"v2");
-        h.controller.pass().unwrap();
+        h.pass().unwrap();
         crate::actions::set_paused(h.controller.db(), "web", true, "test").unwrap();
         let ids = |h: &Harness| {
             let mut ids: Vec<String> = h.running("web").into_iter().map(|i| i.id).collect();
@@ -1483,7 +1519,7 @@ mod tests {
         let held = ids(&h);
         let hold = |h: &mut Harness| {
             for _ in 0..10 {
-                let pass = h.controller.pass().unwrap().pop().unwrap();
+                let pass = h.pass().unwrap().pop().unwrap();
                 assert!(
                     pass.launched.is_empty() && pass.retired.is_empty(),
                     "{pass:#?}"
@@ -1583,7 +1619,7 @@ mod tests {
         let web = spec(serde_json::json!({"image": "web", "replicas": 16}));
         h.release("web", &web, b"v1");
         let started = std::time::Instant::now();
-        let pass = h.controller.pass().unwrap().remove(0);
+        let pass = h.pass().unwrap().remove(0);
         let took = started.elapsed();
         assert_eq!(pass.launched.len(), 16, "{pass:?}");
         assert!(
@@ -1606,7 +1642,7 @@ mod tests {
         }));
         h.release("web", &web, b"v1");
         let started = std::time::Instant::now();
-        let first = h.controller.pass().unwrap().remove(0);
+        let first = h.pass().unwrap().remove(0);
         assert_eq!(first.launched.len(), 1);
         let listener = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(100));
@@ -1616,7 +1652,7 @@ mod tests {
             }
         });
         loop {
-            let pass = h.controller.pass().unwrap().remove(0);
+            let pass = h.pass().unwrap().remove(0);
             assert!(pass.failed.is_none(), "{pass:?}");
             assert!(pass.retired.is_empty(), "early failures counted: {pass:?}");
             if pass.complete {
@@ -1740,7 +1776,7 @@ mod tests {
         let before: BTreeSet<String> = h.running("web").into_iter().map(|i| i.id).collect();
         h.restart(h.fake.clone());
         for round in 0..20 {
-            let pass = h.controller.pass().unwrap().remove(0);
+            let pass = h.pass().unwrap().remove(0);
             assert!(
                 pass.launched.is_empty() && pass.retired.is_empty() && pass.stopped.is_empty(),
                 "pass {round} after the restart changed something: {pass:?}"
@@ -1770,12 +1806,12 @@ mod tests {
         h.release("web", &web("web"), b"v1");
         h.converge("web", 1000);
         h.release("web", &web("web"), b"v2");
-        h.controller.pass().unwrap();
+        h.pass().unwrap();
         // A new controller, as after `imago serve --stop` + `imago apply`, or a kill -9.
         h.restart(h.fake.clone());
         let mut passes = 0;
         loop {
-            let pass = h.controller.pass().unwrap().remove(0);
+            let pass = h.pass().unwrap().remove(0);
             if passes == 0 {
                 assert!(
                     pass.retired.is_empty(),
@@ -1815,7 +1851,7 @@ mod tests {
             "instance x: supervisor: {} before the network was created",
             imago_runtime::supervisor::LAUNCHER_GAVE_UP
         ));
-        h.controller.pass().unwrap();
+        h.pass().unwrap();
         h.restart(h.fake.clone());
         let passes = h.converge("web", 100);
         let last = passes.last().unwrap();
@@ -1851,7 +1887,7 @@ mod tests {
         let passes = h.converge("b", 10);
         assert!(passes.last().unwrap().complete);
         for _ in 0..3 {
-            let passes = h.controller.pass().unwrap();
+            let passes = h.pass().unwrap();
             let a_pass = passes.iter().find(|p| p.service == "a").unwrap();
             assert!(a_pass.fault.is_some(), "{a_pass:?}");
         }
@@ -1935,5 +1971,360 @@ mod tests {
             let waited = start.elapsed();
             assert!(waited >= Duration::from_micros(2500), "{waited:?}");
         }
+    }
+
+    // ---- launches beside the loop ------------------------------------------------------------
+
+    /// A provider whose launches wait until the test lets them through (a launch path slowed
+    /// by load: seconds a wave at 1,000 instances), and which records the most instances alive
+    /// at any moment it sees: those not exited, plus launches under way.
+    struct GatedProvider {
+        fake: Arc<FakeProvider>,
+        gate: std::sync::Mutex<Gate>,
+        opened: std::sync::Condvar,
+    }
+
+    #[derive(Default)]
+    struct Gate {
+        /// Launches that may still go through; `usize::MAX` while the gate is open.
+        passes: usize,
+        in_flight: usize,
+        peak: usize,
+    }
+
+    impl GatedProvider {
+        fn new(fake: Arc<FakeProvider>) -> Arc<GatedProvider> {
+            Arc::new(GatedProvider {
+                fake,
+                gate: std::sync::Mutex::new(Gate {
+                    passes: usize::MAX,
+                    ..Gate::default()
+                }),
+                opened: std::sync::Condvar::new(),
+            })
+        }
+
+        fn alive(&self) -> usize {
+            self.fake
+                .list()
+                .unwrap()
+                .iter()
+                .filter(|i| matches!(i.status, Status::Running | Status::Created))
+                .count()
+        }
+
+        fn close(&self) {
+            self.gate.lock().unwrap().passes = 0;
+        }
+
+        /// Lets `n` more launches through (`usize::MAX`: all from now on).
+        fn let_through(&self, n: usize) {
+            let mut gate = self.gate.lock().unwrap();
+            gate.passes = gate.passes.saturating_add(n);
+            self.opened.notify_all();
+        }
+
+        fn in_flight(&self) -> usize {
+            self.gate.lock().unwrap().in_flight
+        }
+
+        /// Records the instances alive now (with the launches under way) in the peak.
+        fn observe_peak(&self) -> usize {
+            let mut gate = self.gate.lock().unwrap();
+            let alive = self.alive() + gate.in_flight;
+            gate.peak = gate.peak.max(alive);
+            gate.peak
+        }
+    }
+
+    impl Provider for GatedProvider {
+        fn launch(&self, spec: &InstanceSpec) -> Result<Instance, imago_runtime::RuntimeError> {
+            let mut gate = self.gate.lock().unwrap();
+            gate.in_flight += 1;
+            gate.peak = gate.peak.max(self.alive() + gate.in_flight);
+            while gate.passes == 0 {
+                gate = self.opened.wait(gate).unwrap();
+            }
+            if gate.passes != usize::MAX {
+                gate.passes -= 1;
+            }
+            // Under the gate's lock: the launched instance is never seen both listed and in
+            // flight by `observe_peak`.
+            let launched = self.fake.launch(spec);
+            gate.in_flight -= 1;
+            launched
+        }
+        fn stop(&self, id: &str, grace: Duration) -> Result<Instance, imago_runtime::RuntimeError> {
+            self.fake.stop(id, grace)
+        }
+        fn remove(&self, id: &str) -> Result<(), imago_runtime::RuntimeError> {
+            self.fake.remove(id)
+        }
+        fn list(&self) -> Result<Vec<Instance>, imago_runtime::RuntimeError> {
+            self.fake.list()
+        }
+        fn inspect(&self, id: &str) -> Result<Instance, imago_runtime::RuntimeError> {
+            self.fake.inspect(id)
+        }
+        fn logs(&self, id: &str) -> Result<Vec<u8>, imago_runtime::RuntimeError> {
+            self.fake.logs(id)
+        }
+    }
+
+    fn gated_harness() -> (Harness, Arc<GatedProvider>) {
+        let mut h = harness();
+        let gated = GatedProvider::new(h.fake.clone());
+        h.restart(gated.clone());
+        (h, gated)
+    }
+
+    /// Runs `controller.pass()` (launches left in the background) and returns "web"'s pass
+    /// and how long it took.
+    fn timed_pass(h: &mut Harness) -> (ServicePass, Duration) {
+        let started = std::time::Instant::now();
+        let pass = h
+            .controller
+            .pass()
+            .unwrap()
+            .into_iter()
+            .find(|p| p.service == "web")
+            .unwrap();
+        (pass, started.elapsed())
+    }
+
+    /// Passes until "web" completes (launches left in the background: each pass takes what
+    /// finished), checking the peak of instances alive after each; returns the passes.
+    fn converge_in_background(
+        h: &mut Harness,
+        gated: &GatedProvider,
+        ceiling: usize,
+    ) -> Vec<ServicePass> {
+        let mut passes = Vec::new();
+        for _ in 0..2000 {
+            let (pass, _) = timed_pass(h);
+            let peak = gated.observe_peak();
+            assert!(peak <= ceiling, "{peak} instances alive, ceiling {ceiling}");
+            let done = pass.complete || pass.failed.is_some();
+            passes.push(pass);
+            if done {
+                return passes;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        panic!("web did not converge: {:#?}", passes.last());
+    }
+
+    #[test]
+    fn a_pass_with_a_slow_wave_under_way_takes_milliseconds_and_still_cleans_up_and_pauses() {
+        let (mut h, gated) = gated_harness();
+        let v1 = spec(serde_json::json!({
+            "image": "web", "replicas": 4,
+            "rollout": {"max_surge": 2, "max_unavailable": 0, "drain": "0s"}
+        }));
+        h.release("web", &v1, b"v1");
+        converge_in_background(&mut h, &gated, 6);
+        let old: Vec<String> = h.running("web").into_iter().map(|i| i.id).collect();
+        assert_eq!(old.len(), 4);
+
+        // The launch path stalls (as under load): the wave's launches do not return.
+        gated.close();
+        h.release("web", &v1, b"v2");
+        let (first, took) = timed_pass(&mut h);
+        assert_eq!(first.launching, 2, "a wave of max_surge starts: {first:?}");
+        assert!(
+            took < Duration::from_secs(1),
+            "the pass that started a stalled wave took {took:?}"
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while gated.in_flight() < 2 {
+            assert!(std::time::Instant::now() < deadline, "the wave never began");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Meanwhile an old instance dies: the next pass cleans it up at once, and launches no
+        // replacement beyond the surge (the two launches under way already fill it).
+        h.fake.exit(&old[0], 137).unwrap();
+        let (pass, took) = timed_pass(&mut h);
+        assert!(took < Duration::from_secs(1), "{took:?}");
+        assert_eq!(pass.removed_dead, vec![old[0].clone()], "{pass:?}");
+        // 3 old instances + 2 launches under way: the ceiling allows one more, the 4 replicas
+        // of v2 are 2 short.
+        assert_eq!(pass.launching, 3, "{pass:?}");
+        assert_eq!(gated.observe_peak(), 6);
+        // A pause during the wave holds it: what is under way finishes, nothing new starts.
+        h.controller.db.pause("web", "test").unwrap();
+        for _ in 0..5 {
+            let (pass, took) = timed_pass(&mut h);
+            assert!(took < Duration::from_secs(1), "{took:?}");
+            assert_eq!(pass.launching, 3, "{pass:?}");
+            assert!(pass.retired.is_empty(), "{pass:?}");
+        }
+        gated.let_through(usize::MAX);
+        assert!(h.controller.launches.wait_idle(Duration::from_secs(10)));
+        let (pass, _) = timed_pass(&mut h);
+        assert_eq!(
+            pass.launched.len(),
+            3,
+            "the wave's results are taken: {pass:?}"
+        );
+        assert_eq!(pass.launching, 0, "paused: nothing new starts: {pass:?}");
+        let (pass, _) = timed_pass(&mut h);
+        assert!(pass.launched.is_empty() && pass.launching == 0 && pass.retired.is_empty());
+        h.controller.db.resume("web", "test").unwrap();
+        converge_in_background(&mut h, &gated, 6);
+        let now = h.running("web");
+        assert_eq!(now.len(), 4);
+        assert!(now.iter().all(|i| !old.contains(&i.id)));
+        assert_eq!(
+            h.controller
+                .db
+                .outcome_of("web", 2)
+                .unwrap()
+                .unwrap()
+                .outcome,
+            ReleaseOutcome::Complete
+        );
+    }
+
+    /// Launches return one at a time, at random passes: at no moment the provider sees (each
+    /// launch's start, each pass's end) are more than replicas + max_surge instances alive,
+    /// launches under way included, and the rollout completes.
+    #[test]
+    fn background_launches_never_exceed_the_surge_at_any_moment() {
+        let (mut h, gated) = gated_harness();
+        let v1 = spec(serde_json::json!({
+            "image": "web", "replicas": 5,
+            "rollout": {"max_surge": 2, "max_unavailable": 1, "drain": "0s"}
+        }));
+        h.release("web", &v1, b"v1");
+        converge_in_background(&mut h, &gated, 7);
+        gated.close();
+        h.release("web", &v1, b"v2");
+        let mut x: u64 = now_ms() | 1;
+        eprintln!("seed {x}");
+        let mut passes = 0;
+        loop {
+            let (pass, took) = timed_pass(&mut h);
+            assert!(took < Duration::from_secs(1), "{took:?}");
+            let peak = gated.observe_peak();
+            assert!(peak <= 7, "{peak} alive: {pass:?}");
+            if pass.complete {
+                break;
+            }
+            passes += 1;
+            assert!(passes < 5000, "no convergence: {pass:?}");
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if x.is_multiple_of(3) {
+                gated.let_through(1);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(gated.observe_peak() <= 7);
+        let now = h.running("web");
+        assert_eq!(now.len(), 5);
+    }
+
+    /// A rollback during a wave: the abandoned release's launches start no more, and those
+    /// under way are retired (draining) by the pass that first lists them, never probed; the
+    /// rollback completes with none of them left.
+    #[test]
+    fn a_rollback_during_a_wave_retires_the_abandoned_launches_unrouted() {
+        let (mut h, gated) = gated_harness();
+        let v1 = spec(serde_json::json!({
+            "image": "web", "replicas": 3,
+            "rollout": {"max_surge": 3, "max_unavailable": 0, "drain": "0s"}
+        }));
+        h.release("web", &v1, b"v1");
+        converge_in_background(&mut h, &gated, 6);
+        let old: BTreeSet<String> = h.running("web").into_iter().map(|i| i.id).collect();
+        gated.close();
+        h.release("web", &v1, b"v2");
+        let (pass, _) = timed_pass(&mut h);
+        assert_eq!(pass.launching, 3);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while gated.in_flight() < 3 {
+            assert!(std::time::Instant::now() < deadline, "the wave never began");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let (rollback, _) = h
+            .controller
+            .db
+            .record_release("web", &v1, &Digest::of(b"v1"), "rollback", Some(1), "test")
+            .unwrap();
+        let (pass, took) = timed_pass(&mut h);
+        assert!(took < Duration::from_secs(1), "{took:?}");
+        assert!(
+            !pass.complete,
+            "launches of release 2 still under way: {pass:?}"
+        );
+        gated.let_through(usize::MAX);
+        // After every pass, every launch of release 2 that had returned before it is retired
+        // (draining): none is ever a candidate for routing. (One returning during the pass is
+        // still counted as under way, and judged by the next.)
+        let v2 = Digest::of(b"v2");
+        let mut passes = Vec::new();
+        for _ in 0..2000 {
+            let before = h.fake.list().unwrap();
+            let (pass, _) = timed_pass(&mut h);
+            assert!(gated.observe_peak() <= 6);
+            let draining = h.controller.db.draining().unwrap();
+            for i in before {
+                assert!(
+                    i.image != v2 || i.status != Status::Running || draining.contains_key(&i.id),
+                    "{} of the abandoned release is listed and not retired: {pass:?}",
+                    i.id
+                );
+            }
+            let done = pass.complete;
+            passes.push(pass);
+            if done {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert!(passes.last().is_some_and(|p| p.complete), "{passes:#?}");
+        let abandoned: Vec<String> = h
+            .controller
+            .db
+            .events(Some("web"), 0)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.message.contains("no longer desired"))
+            .filter_map(|e| e.message.split(' ').nth(1).map(str::to_owned))
+            .collect();
+        assert_eq!(
+            abandoned.len(),
+            3,
+            "every launch under way was retired: {:#?} {passes:#?}",
+            h.controller.db.events(Some("web"), 0).unwrap()
+        );
+        for pass in &passes {
+            assert!(
+                pass.launched.is_empty(),
+                "no launch for the rollback: {pass:?}"
+            );
+        }
+        let listed: Vec<String> = h.fake.list().unwrap().into_iter().map(|i| i.id).collect();
+        assert!(
+            abandoned.iter().all(|id| !listed.contains(id)),
+            "the abandoned launches are removed: {listed:?}"
+        );
+        assert_eq!(
+            h.running("web")
+                .into_iter()
+                .map(|i| i.id)
+                .collect::<BTreeSet<_>>(),
+            old
+        );
+        assert_eq!(
+            h.controller
+                .db
+                .outcome_of("web", rollback.number)
+                .unwrap()
+                .unwrap()
+                .outcome,
+            ReleaseOutcome::Complete
+        );
     }
 }

@@ -51,6 +51,7 @@ impl Controller {
         observed: &[ObservedInstance],
         own: &[&Instance],
         has_outcome: bool,
+        launching: bool,
         pass: &mut ServicePass,
     ) -> Result<(), DeployError> {
         if has_outcome {
@@ -100,7 +101,9 @@ impl Controller {
             )
         });
         if failure.is_none() {
-            if counts_json != row.counts_json {
+            // Launches of the release under way are progress: the pass that waited for them
+            // used to see the counts change when they returned.
+            if counts_json != row.counts_json || launching {
                 self.db.put_rollout(
                     service,
                     &RolloutRow {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use imago_runtime::{Instance, Status};
 
+use super::launches::{Finished, PARALLEL_LAUNCHES, is_pending};
 use super::progress::describe_exit;
 use super::{Controller, LABEL_REVISION, ServicePass, StopTask, instance_spec, stop_grace};
 use crate::drift::SpecJudge;
@@ -16,48 +17,8 @@ use crate::rollout::{ObservedInstance, Phase, RolloutInput, next_step};
 use crate::spec::Strategy;
 use crate::state::{Release, ReleaseOutcome, now_ms};
 
-/// At most this many launches run at once (each on its own thread, mostly waiting for its
-/// supervisor process).
-const PARALLEL_LAUNCHES: usize = 8;
-
-/// Launches `count` instances of `spec`, up to [`PARALLEL_LAUNCHES`] at a time; the results in
-/// the order the launches ended. After a failure no further launch is started (one that fails
-/// will likely fail again: the next pass tries anew), those under way finish.
-fn launch_all(
-    provider: &dyn imago_runtime::Provider,
-    spec: &imago_runtime::InstanceSpec,
-    count: usize,
-) -> Vec<Result<Instance, imago_runtime::RuntimeError>> {
-    if count <= 1 {
-        return (0..count).map(|_| provider.launch(spec)).collect();
-    }
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let failed = std::sync::atomic::AtomicBool::new(false);
-    let results = std::sync::Mutex::new(Vec::with_capacity(count));
-    std::thread::scope(|scope| {
-        for _ in 0..count.min(PARALLEL_LAUNCHES) {
-            scope.spawn(|| {
-                use std::sync::atomic::Ordering;
-                while !failed.load(Ordering::Relaxed)
-                    && next.fetch_add(1, Ordering::Relaxed) < count
-                {
-                    let result = provider.launch(spec);
-                    if result.is_err() {
-                        failed.store(true, Ordering::Relaxed);
-                    }
-                    results
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(result);
-                }
-            });
-        }
-    });
-    results.into_inner().unwrap_or_else(|p| p.into_inner())
-}
-
-/// `work` on each of `items`, up to [`PARALLEL_LAUNCHES`] at a time; the results in the order
-/// of `items`.
+/// `work` on each of `items`, up to [`PARALLEL_LAUNCHES`] at a time (a removal, like a launch,
+/// mostly waits); the results in the order of `items`.
 fn side_by_side<T: Sync, R: Send>(items: &[T], work: impl Fn(&T) -> R + Sync) -> Vec<R> {
     if items.len() <= 1 {
         return items.iter().map(work).collect();
@@ -114,6 +75,8 @@ impl Controller {
             ..ServicePass::default()
         };
         self.close_endpoint(service)?;
+        // Launches under way finish and are listed, then stopped like the rest.
+        self.launches.abandon_other_revisions(service, None);
         let mut exited = Vec::new();
         for instance in own {
             if self.stop_pending(&instance.id) {
@@ -240,6 +203,10 @@ impl Controller {
             limits.max_surge = limits.max_surge.max(limits.replicas);
         }
         let expected = instance_spec(&release, self.engine)?;
+        // Launches of a release no longer desired (a rollback or a new apply came during its
+        // wave) start no more; those under way are retired as they finish.
+        self.launches
+            .abandon_other_revisions(service, Some(&release.revision));
         let now = now_ms();
         if let Err(e) = self.ensure_endpoint(service, &release) {
             // When another process holds the port, say which: a fault of the host, not of the
@@ -251,8 +218,13 @@ impl Controller {
         }
 
         let by_id: HashMap<&str, &Instance> = own.iter().map(|i| (i.id.as_str(), *i)).collect();
-        let (releases, observed) =
+        let (releases, mut observed) =
             self.batched(|c| c.observe(service, &release, own, draining, &mut pass))?;
+        // Launches under way count as starting instances of their revision: against the surge
+        // and the desired count, never as available, so nothing old is retired on their account.
+        let pending = self.launches.pending_instances(service);
+        let launching_target = pending.iter().any(|p| p.revision == release.revision);
+        observed.extend(pending);
         clock.lap("observe");
         let outcome = self.db.outcome_of(service, release.number)?;
         let failed_already = outcome
@@ -300,6 +272,8 @@ impl Controller {
         if paused {
             step = crate::rollout::paused(step, &observed);
         }
+        // A launch under way is no instance yet: an abandoned one is retired when it is taken.
+        step.retire.retain(|id| !is_pending(id));
 
         // Act: clean up the dead (replace, don't repair).
         for id in &step.remove_dead {
@@ -391,11 +365,26 @@ impl Controller {
             service, &release, &by_id, &releases, draining, now, &mut pass,
         )?;
         clock.lap("stop_drained");
-        // Launch, several at a time: each launch mostly waits for its supervisor to create and
-        // start the container, so one after the other made a 10-instance rollback wave (or a
-        // 1,000-instance deploy) wait for the sum of them.
-        let launches = launch_all(self.provider.as_ref(), &expected, step.launch as usize);
-        self.batched(|c| c.record_launches(service, &release, launches, &mut pass))?;
+        // Launch beside the loop: a wave takes seconds under load, and the pass goes on routing,
+        // judging health, draining and stopping meanwhile. Later passes take the results.
+        self.launches.start(
+            &self.provider,
+            &self.health.wake,
+            service,
+            &release.revision,
+            release.number,
+            &expected,
+            step.launch as usize,
+        );
+        pass.launched = self.launched_now.remove(service).unwrap_or_default();
+        // Under way at the start of the pass, or started by it.
+        pass.launching = self
+            .launches
+            .under_way(service)
+            .iter()
+            .map(|(_, n)| n)
+            .sum::<usize>()
+            + step.launch as usize;
         clock.lap("launch");
         // Route.
         let targets: Vec<(String, SocketAddr)> = step
@@ -415,7 +404,7 @@ impl Controller {
         pass.routed = targets.into_iter().map(|(id, _)| id).collect();
         clock.lap("route");
         pass.counts = step.counts;
-        pass.complete = step.complete && pass.launched.is_empty();
+        pass.complete = step.complete && pass.launched.is_empty() && pass.launching == 0;
         // Paused, nothing progresses: neither the deadline nor the health gate judge it until
         // it is resumed (resuming restarts the deadline).
         if !paused {
@@ -426,6 +415,7 @@ impl Controller {
                 &observed,
                 own,
                 outcome.is_some(),
+                launching_target,
                 &mut pass,
             )?;
         }
@@ -433,37 +423,82 @@ impl Controller {
         Ok(pass)
     }
 
-    /// Records the launches of a pass (events) and starts probing what was launched.
-    fn record_launches(
-        &mut self,
-        service: &str,
-        release: &Release,
-        launches: Vec<Result<Instance, imago_runtime::RuntimeError>>,
-        pass: &mut ServicePass,
-    ) -> Result<(), DeployError> {
-        for launched in launches {
-            match launched {
-                Ok(instance) => {
-                    self.db.event(
-                        Some(service),
-                        "launch",
-                        &format!(
-                            "instance {} launched for release {} ({})",
-                            instance.id, release.number, release.image_digest
-                        ),
-                        &self.actor,
-                    )?;
-                    self.ensure_probe(&instance, release);
-                    pass.launched.push(instance.id);
-                }
-                Err(e) => {
-                    self.db.event(
-                        Some(service),
-                        "launch-failed",
-                        &format!("launch for release {} failed: {e}", release.number),
-                        &self.actor,
-                    )?;
-                }
+    /// Takes the launches that finished since the last pass, before the instances are listed:
+    /// an instance of its service's desired revision is probed from now on; one of a revision
+    /// no longer desired (a rollback or a new apply came while it launched) is retired at once,
+    /// never probed or routed; a failed launch is an event (its record, if any, is removed as
+    /// dead and counts against its release as before).
+    pub(super) fn take_launches(&mut self) -> Result<(), DeployError> {
+        self.launched_now.clear();
+        let finished = self.launches.take_finished();
+        if finished.is_empty() {
+            return Ok(());
+        }
+        self.batched(|c| {
+            finished
+                .into_iter()
+                .try_for_each(|launch| c.take_launch(launch))
+        })
+    }
+
+    fn take_launch(&mut self, launch: Finished) -> Result<(), DeployError> {
+        let Finished {
+            service,
+            revision,
+            release_number,
+            result,
+        } = launch;
+        let instance = match result {
+            Ok(instance) => instance,
+            Err(e) => {
+                return self.db.event(
+                    Some(&service),
+                    "launch-failed",
+                    &format!("launch for release {release_number} failed: {e}"),
+                    &self.actor,
+                );
+            }
+        };
+        match self
+            .db
+            .desired(&service)?
+            .filter(|r| r.revision == revision && r.spec.cluster_target().is_none())
+        {
+            Some(release) => {
+                self.db.event(
+                    Some(&service),
+                    "launch",
+                    &format!(
+                        "instance {} launched for release {} ({})",
+                        instance.id, release.number, release.image_digest
+                    ),
+                    &self.actor,
+                )?;
+                self.ensure_probe(&instance, &release);
+                self.launched_now
+                    .entry(service)
+                    .or_default()
+                    .push(instance.id);
+            }
+            None => {
+                // Drained from the start (nothing was ever routed to it), so it is stopped on
+                // the next pass.
+                self.db.mark_draining(
+                    &instance.id,
+                    &service,
+                    release_number,
+                    &revision,
+                    now_ms(),
+                )?;
+                self.db.event(
+                    Some(&service),
+                    "retire",
+                    &format!(
+                        "instance {} launched for release {release_number}, which is no longer desired: retired without serving",
+                        instance.id
+                    ),
+                    &self.actor,
+                )?;
             }
         }
         Ok(())
