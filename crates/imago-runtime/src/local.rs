@@ -868,7 +868,7 @@ impl Provider for LocalProvider {
                     return Err(RuntimeError::Supervisor {
                         id: id.to_owned(),
                         reason: format!("cannot signal supervisor {pid}: {e}"),
-                    })
+                    });
                 }
             }
         }
