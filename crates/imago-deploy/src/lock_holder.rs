@@ -79,28 +79,21 @@ const SIGKILL_BIT: u64 = 1 << (9 - 1);
 const PF_EXITING: u64 = 0x4;
 
 /// Whether process `pid` is gone, a zombie, or on its way out: a SIGKILL (or a fatal signal,
-/// which the kernel turns into a SIGKILL on every thread) is pending, or one of its threads has
+/// which the kernel turns into a SIGKILL on every thread) is pending, or its main thread has
 /// begun to exit. `kill` returns once the signal is queued, so this is true from then on.
+///
+/// Only the main thread (the thread group leader, whose files `/proc/PID/status` and `stat` are)
+/// is read: the other threads of a live controller come and go (launch workers, blocking-pool
+/// threads), and one of them ending sets `PF_EXITING` on that thread alone, which says nothing of
+/// the process. A process killed or calling `exit_group` marks every thread, its leader included.
 fn process_exiting(pid: u32) -> bool {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+    let (Ok(status), Ok(stat)) = (
+        std::fs::read_to_string(format!("/proc/{pid}/status")),
+        std::fs::read_to_string(format!("/proc/{pid}/stat")),
+    ) else {
         return true;
     };
-    let mut seen = false;
-    for task in tasks.flatten() {
-        let dir = task.path();
-        let (Ok(status), Ok(stat)) = (
-            std::fs::read_to_string(dir.join("status")),
-            std::fs::read_to_string(dir.join("stat")),
-        ) else {
-            // A thread that ended while we looked.
-            continue;
-        };
-        seen = true;
-        if task_exiting(&status, &stat) {
-            return true;
-        }
-    }
-    !seen
+    task_exiting(&status, &stat)
 }
 
 fn task_exiting(status: &str, stat: &str) -> bool {
@@ -180,5 +173,39 @@ mod tests {
         let pid = child.id();
         child.wait().unwrap();
         assert!(process_exiting(pid));
+    }
+
+    #[test]
+    fn threads_ending_in_a_live_process_do_not_make_it_exiting() {
+        // A controller's launch workers end all the time; a command that took one of them for
+        // the controller dying waited 10 s for a death that never came (found in CI when the
+        // test threads of this binary ended during the check).
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let churn = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut ended = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::spawn(|| {}).join().unwrap();
+                    ended += 1;
+                }
+                ended
+            })
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
+        let mut checks = 0u32;
+        while std::time::Instant::now() < deadline {
+            assert!(
+                !process_exiting(std::process::id()),
+                "seen as exiting after {checks} checks"
+            );
+            checks += 1;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let ended = churn.join().unwrap();
+        assert!(
+            ended > 100 && checks > 100,
+            "{ended} threads ended, {checks} checks"
+        );
     }
 }
