@@ -340,6 +340,7 @@ impl ClusterEngine for KubeCluster {
         let release = template_label(&live, LABEL_RELEASE).and_then(|r| r.parse::<u64>().ok());
         let revision = template_label(&live, LABEL_REVISION).cloned();
         let (update, update_message) = update_state(&live, release.unwrap_or(0));
+        let held = live.spec.as_ref().and_then(|s| s.paused) == Some(true);
         let differences = if revision.as_deref() == Some(desired.revision.as_str()) {
             let rendered =
                 render_service(desired, &self.target.namespace).map_err(|e| self.error(e))?;
@@ -365,6 +366,7 @@ impl ClusterEngine for KubeCluster {
             differences,
             update,
             update_message,
+            held,
             tasks,
         }))
     }

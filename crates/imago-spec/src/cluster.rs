@@ -109,6 +109,10 @@ pub struct ClusterObservation {
     pub differences: Vec<String>,
     pub update: UpdateState,
     pub update_message: String,
+    /// Whether the live service is held by the engine (a Kubernetes Deployment's
+    /// `spec.paused`), whatever its update state: a paused Deployment whose rollout is done
+    /// reads `Completed`, and only this says it is still held.
+    pub held: bool,
     pub tasks: Vec<ClusterTask>,
 }
 

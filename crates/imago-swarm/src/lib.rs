@@ -457,6 +457,8 @@ impl ClusterEngine for SwarmEngine {
             differences,
             update,
             update_message,
+            // A swarm update cannot be held by a client (pause is refused for swarm targets).
+            held: false,
             tasks,
         }))
     }

@@ -153,7 +153,10 @@ impl Controller {
             }
             // Paused or resumed since the engine was last told: not drift, the operator's
             // request. Before the differences: the held field is one of them until applied.
-            Some(o) if desired.paused != (o.update == UpdateState::Held) => {
+            // The live flag, not the update state: a held Deployment whose rollout is done
+            // reads `Completed`, and comparing with that re-applied it on every pass and never
+            // resumed it.
+            Some(o) if desired.paused != o.held => {
                 let what = if desired.paused {
                     format!(
                         "holding the {} update of service {service} at release {} (paused)",
@@ -527,6 +530,7 @@ mod tests {
                 },
                 update: swarm.update.unwrap_or(UpdateState::None),
                 update_message: String::new(),
+                held: live.paused,
                 tasks: swarm.tasks.clone(),
             }))
         }
@@ -875,6 +879,55 @@ mod tests {
         assert!(events.iter().any(|e| e.message.contains("(paused)")));
         assert!(events.iter().any(|e| e.message.contains("(resumed)")));
         assert!(!events.iter().any(|e| e.kind == "drift"));
+    }
+
+    #[test]
+    fn a_pause_of_a_done_rollout_is_applied_once_and_a_resume_lifts_it() {
+        // Kubernetes reports a held Deployment whose rollout is done as complete, not held:
+        // the controller must go by the live pause flag, or it re-applies every pass (and
+        // skips routing the pods) and never lifts the pause on resume.
+        let mut h = harness();
+        let kube: ServiceSpec = serde_json::from_value(serde_json::json!({
+            "image": "web", "replicas": 2,
+            "rollout": {"min_ready": "0s"},
+            "target": {"name": "k8s", "engine": "kubernetes", "registry": "127.0.0.1:5000/t"}
+        }))
+        .unwrap();
+        let (r1, _) = h
+            .controller
+            .db
+            .record_release("web", &kube, &Digest::of(b"1"), "apply", None, "test")
+            .unwrap();
+        h.pass();
+        h.converged(&r1.revision);
+        assert!(h.pass().complete);
+        crate::actions::set_paused(&h.controller.db, "web", true, "test").unwrap();
+        h.pass();
+        {
+            let mut swarm = h.swarm.lock().unwrap();
+            assert!(
+                swarm.live.as_ref().unwrap().paused,
+                "the engine is told to hold"
+            );
+            swarm.update = Some(UpdateState::Completed);
+        }
+        for _ in 0..3 {
+            h.pass();
+        }
+        assert_eq!(
+            h.swarm.lock().unwrap().applied,
+            vec![1, 1],
+            "held once, not every pass"
+        );
+        crate::actions::set_paused(&h.controller.db, "web", false, "test").unwrap();
+        h.pass();
+        h.pass();
+        let swarm = h.swarm.lock().unwrap();
+        assert!(
+            !swarm.live.as_ref().unwrap().paused,
+            "resumed: the hold is lifted"
+        );
+        assert_eq!(swarm.applied, vec![1, 1, 1]);
     }
 
     #[test]
