@@ -180,7 +180,15 @@ impl Launches {
         drop(state);
         for _ in 0..new_workers {
             let queue = launcher.queue.clone();
-            std::thread::spawn(move || queue.work());
+            let spawned = std::thread::Builder::new()
+                .name("imago-launch".into())
+                .spawn(move || queue.work());
+            if spawned.is_err() {
+                // No thread to be had (a tasks limit): the launches wait in the queue for the
+                // workers there are, or for the next pass that asks, instead of the controller
+                // dying on a panic.
+                launcher.queue.lock().workers -= 1;
+            }
         }
     }
 
@@ -219,6 +227,17 @@ impl Launches {
     pub(super) fn abandon_other_revisions(&mut self, service: &str, revision: Option<&str>) {
         for launcher in &self.launchers {
             if launcher.service == service && Some(launcher.revision.as_str()) != revision {
+                launcher.queue.lock().to_start = 0;
+            }
+        }
+    }
+
+    /// Starts no more launches of `service` at all (paused, or its release failed): those
+    /// already running finish and are taken as usual; the ones still queued are dropped, and a
+    /// later pass asks again for what the rollout then needs.
+    pub(super) fn hold(&mut self, service: &str) {
+        for launcher in &self.launchers {
+            if launcher.service == service {
                 launcher.queue.lock().to_start = 0;
             }
         }

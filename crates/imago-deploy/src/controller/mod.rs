@@ -2185,6 +2185,40 @@ mod tests {
         );
     }
 
+    /// A wave wider than the launch workers: a pause lets the launches already running finish
+    /// and drops the ones still queued (they started anyway before, up to the whole surge).
+    #[test]
+    fn a_pause_drops_the_launches_a_wide_wave_still_has_queued() {
+        let workers = launches::PARALLEL_LAUNCHES;
+        let (mut h, gated) = gated_harness();
+        let v1 = spec(serde_json::json!({
+            "image": "web", "replicas": 20,
+            "rollout": {"max_surge": 20, "max_unavailable": 0, "drain": "0s"}
+        }));
+        h.release("web", &v1, b"v1");
+        converge_in_background(&mut h, &gated, 40);
+        gated.close();
+        h.release("web", &v1, b"v2");
+        let (first, _) = timed_pass(&mut h);
+        assert_eq!(first.launching, 20, "{first:?}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while gated.in_flight() < workers {
+            assert!(std::time::Instant::now() < deadline, "the wave never began");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        h.controller.db.pause("web", "test").unwrap();
+        timed_pass(&mut h);
+        gated.let_through(usize::MAX);
+        assert!(h.controller.launches.wait_idle(Duration::from_secs(10)));
+        let (pass, _) = timed_pass(&mut h);
+        assert_eq!(pass.launched.len(), workers, "only those running: {pass:?}");
+        assert_eq!(pass.launching, 0, "{pass:?}");
+        assert_eq!(h.running("web").len(), 20 + workers);
+        h.controller.db.resume("web", "test").unwrap();
+        converge_in_background(&mut h, &gated, 40);
+        assert_eq!(h.running("web").len(), 20);
+    }
+
     /// Launches return one at a time, at random passes: at no moment the provider sees (each
     /// launch's start, each pass's end) are more than replicas + max_surge instances alive,
     /// launches under way included, and the rollout completes.

@@ -272,6 +272,11 @@ impl Controller {
         if paused {
             step = crate::rollout::paused(step, &observed);
         }
+        if paused || failed_already {
+            // Nothing more starts, including launches this release's wave still has queued
+            // (a wave wider than the launch workers): a pause holds the rollout where it is.
+            self.launches.hold(service);
+        }
         // A launch under way is no instance yet: an abandoned one is retired when it is taken.
         step.retire.retain(|id| !is_pending(id));
 
