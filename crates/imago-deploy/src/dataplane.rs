@@ -777,10 +777,31 @@ fn io_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> D
     move |source| DeployError::Io { what, path, source }
 }
 
+/// Every client connection takes two descriptors here (its own and its instance's), for every
+/// service of the home: the soft limit a shell or systemd hands down (1024) would let one
+/// client with a few hundred idle connections make every endpoint fail its accepts. The soft
+/// limit goes up to the hard one, as nginx's `worker_rlimit_nofile` or HAProxy do by themselves.
+fn raise_open_files_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    // No hard limit ("unlimited") is not a value the kernel takes for open files: keep as is.
+    if let Some(hard) = limit.maximum
+        && limit.current.is_some_and(|soft| soft < hard)
+    {
+        let raised = rustix::process::Rlimit {
+            current: Some(hard),
+            maximum: Some(hard),
+        };
+        // At worst the process keeps the limit it had.
+        let _ = setrlimit(Resource::Nofile, raised);
+    }
+}
+
 /// The data plane process (`imago __dataplane`) of `home`: serves its socket until no
 /// controller is connected and nothing is left to serve. Returns at once if another data plane
 /// of this home runs (after waiting a moment for one that is ending).
 pub fn run(home: &DeployHome) -> Result<(), DeployError> {
+    raise_open_files_limit();
     std::fs::create_dir_all(&home.dir).map_err(io_error("cannot create", &home.dir))?;
     let lock_path = home.dataplane_lock_path();
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -1410,6 +1431,21 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn the_data_plane_takes_as_many_open_files_as_the_hard_limit_allows() {
+        use rustix::process::{Resource, getrlimit, setrlimit};
+        let before = getrlimit(Resource::Nofile);
+        let hard = before.maximum.expect("a finite hard limit of open files");
+        assert!(hard > 1024, "hard limit {hard}: nothing to raise to");
+        let low = rustix::process::Rlimit {
+            current: Some(1024),
+            maximum: Some(hard),
+        };
+        setrlimit(Resource::Nofile, low).unwrap();
+        raise_open_files_limit();
+        assert_eq!(getrlimit(Resource::Nofile).current, Some(hard));
+    }
+
+    #[test]
     fn tls_without_hosts_fronts_any_tcp_protocol_for_one_service() {
         // A backend that greets every connection and closes: not HTTP at all.
         let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1449,19 +1485,25 @@ pub(crate) mod tests {
             tls: routing.tls.clone(),
         };
         assert!(plane.listen("other", &[addr], &other).is_err());
-        let out = std::process::Command::new("openssl")
-            .args(["s_client", "-quiet", "-verify_return_error", "-CAfile"])
-            .arg(&cert)
-            .args(["-servername", "db.example", "-connect", &addr.to_string()])
-            .stdin(std::process::Stdio::null())
-            .output()
-            .unwrap();
-        let said = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            said.contains("pong from the backend"),
-            "{said} {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        // Without ALPN, and with a client that offers only a protocol that is not HTTP (as
+        // PostgreSQL's direct TLS or gRPC's `h2` do): both are served.
+        for alpn in [None, Some("postgresql")] {
+            let mut client = std::process::Command::new("openssl");
+            client
+                .args(["s_client", "-quiet", "-verify_return_error", "-CAfile"])
+                .arg(&cert)
+                .args(["-servername", "db.example", "-connect", &addr.to_string()]);
+            if let Some(alpn) = alpn {
+                client.args(["-alpn", alpn]);
+            }
+            let out = client.stdin(std::process::Stdio::null()).output().unwrap();
+            let said = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                said.contains("pong from the backend"),
+                "ALPN {alpn:?}: {said} {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         plane.close("db").unwrap();
         assert!(settles(|| plane.idle()));
     }

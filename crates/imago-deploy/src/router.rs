@@ -11,7 +11,7 @@
 //! requests that follow, whatever their `Host`, go to it too), as a TCP proxy would; what gets
 //! re-routed is the next connection. That keeps the relay a byte pipe after the first request
 //! head (the plain path keeps `splice`), and a keep-alive client of a retired instance drains
-//! like any open connection. HTTP/2 is not spoken: TLS offers `http/1.1` only in ALPN.
+//! like any open connection. HTTP/2 is not spoken: TLS selects no ALPN protocol, so clients fall back to HTTP/1.1.
 //!
 //! The kernel path (balancer, nftables DNAT) cannot read a `Host` header or terminate TLS, so a
 //! host-routed endpoint is never given to it: local and remote clients alike go through here.
@@ -295,15 +295,17 @@ impl Front {
         let listeners = proxy::bind(addr, proxy::default_threads(), check_free)?;
         let table = Arc::new(FrontTable::default());
         let acceptor = if tls {
-            let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            let config = rustls::ServerConfig::builder_with_provider(Arc::new(
                 rustls::crypto::ring::default_provider(),
             ))
             .with_safe_default_protocol_versions()
             .map_err(io::Error::other)?
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(SniResolver(table.clone())));
-            // HTTP/2 is not spoken: a client that offers it gets HTTP/1.1.
-            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            // No ALPN answer at all: HTTP/2 is not spoken, and a client that offers `h2` and
+            // `http/1.1` falls back to HTTP/1.1 without one; offering only `http/1.1` made
+            // rustls abort every client that offers nothing else (gRPC's `h2`, PostgreSQL's
+            // direct TLS with `postgresql`), which a front for any TCP protocol must serve.
             Some(TlsAcceptor::from(Arc::new(config)))
         } else {
             None
