@@ -11,6 +11,7 @@
 //! and removes the directory; the directory of a process that died without dropping it is
 //! removed by the next tunnel made on the host (`sweep_abandoned`).
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -103,6 +104,10 @@ impl SshTunnel {
         let dir = tempfile::Builder::new()
             .prefix(&format!("{TUNNEL_PREFIX}{}-", std::process::id()))
             .tempdir_in(&temp)?;
+        // Whoever can connect to the socket speaks to the remote daemon with this user's ssh
+        // credentials (root there): only this user may, whatever the umask. Empty until the
+        // bind below, so nothing is reachable before the mode is set.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))?;
         let listener = {
             let _context = runtime.enter();
             UnixListener::bind(dir.path().join("docker.sock"))?
@@ -327,5 +332,27 @@ mod tests {
         ] {
             assert!(SshDestination::parse(bad).is_err(), "{bad} accepted");
         }
+    }
+
+    #[test]
+    fn the_tunnel_socket_is_private_whatever_the_umask() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let d = SshDestination::parse("ssh://manager.example").unwrap();
+        // umask is process-wide: 0 for the tunnel's creation only, put back at once.
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+        let started = SshTunnel::start(&d, &runtime);
+        nix::sys::stat::umask(old);
+        let mut tunnel = started.unwrap();
+        let socket = tunnel.socket();
+        let dir = socket.parent().unwrap();
+        let mode = std::fs::metadata(dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{}", dir.display());
+        let dir = dir.to_owned();
+        tunnel.close(&runtime);
+        drop(tunnel);
+        assert!(!dir.exists(), "dropped: {} removed", dir.display());
     }
 }
