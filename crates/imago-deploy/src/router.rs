@@ -407,6 +407,8 @@ enum Refusal {
     TooLarge,
     UnknownHost(String),
     NoInstance(String),
+    /// The TLS server name (SNI) picked another service's certificate than the `Host` names.
+    Misdirected(String),
 }
 
 impl Refusal {
@@ -423,6 +425,10 @@ impl Refusal {
             Refusal::NoInstance(service) => (
                 "503 Service Unavailable",
                 format!("service {service} has no ready instance\n"),
+            ),
+            Refusal::Misdirected(host) => (
+                "421 Misdirected Request",
+                format!("host {host:?} is not served on this TLS connection\n"),
             ),
         };
         format!(
@@ -448,10 +454,14 @@ fn host_name(value: &[u8]) -> Option<String> {
     (!host.is_empty()).then_some(host)
 }
 
-/// Reads the first request head from `client` and finds its service.
+/// Reads the first request head from `client` and finds its service. On TLS, `sni` is the
+/// server name the client asked for: a `Host` of another service than that name's (whose
+/// certificate the client was given) is refused with 421, as RFC 9110 section 15.5.20 has it,
+/// instead of served under a certificate that does not name it.
 async fn read_routed<S: AsyncRead + Unpin>(
     client: &mut S,
     table: &FrontTable,
+    sni: Option<&str>,
 ) -> Result<Routed, Option<Refusal>> {
     let services = table.snapshot();
     if let Some(only) = catch_all(&services) {
@@ -471,10 +481,17 @@ async fn read_routed<S: AsyncRead + Unpin>(
             let mut request = httparse::Request::new(&mut headers);
             match request.parse(&head) {
                 Ok(httparse::Status::Complete(_)) => {
-                    return request
+                    let mut hosts = request
                         .headers
                         .iter()
-                        .find(|h| h.name.eq_ignore_ascii_case("host"))
+                        .filter(|h| h.name.eq_ignore_ascii_case("host"));
+                    let host = hosts.next();
+                    // Two Host headers: which one a backend believes is anyone's guess
+                    // (RFC 9112 section 3.2: answer 400).
+                    if hosts.next().is_some() {
+                        return Err(Some(Refusal::BadRequest("more than one Host header")));
+                    }
+                    return host
                         .and_then(|h| host_name(h.value))
                         .ok_or(Some(Refusal::BadRequest("no Host header")));
                 }
@@ -488,13 +505,17 @@ async fn read_routed<S: AsyncRead + Unpin>(
     })
     .await
     .map_err(|_| None)??;
-    match find(&services, &host) {
-        Some((_, service)) => Ok(Routed {
-            head,
-            routes: service.routes.clone(),
-        }),
-        None => Err(Some(Refusal::UnknownHost(host))),
+    let Some((name, service)) = find(&services, &host) else {
+        return Err(Some(Refusal::UnknownHost(host)));
+    };
+    let sni_service = sni.and_then(|sni| find(&services, &sni.to_ascii_lowercase()));
+    if sni_service.is_some_and(|(sni_name, _)| sni_name != name) {
+        return Err(Some(Refusal::Misdirected(host)));
     }
+    Ok(Routed {
+        head,
+        routes: service.routes.clone(),
+    })
 }
 
 /// The name of the service whose routes are `routes` on `table`, for a 503's body.
@@ -518,7 +539,7 @@ async fn handle(client: TcpStream, table: Arc<FrontTable>, acceptor: Option<TlsA
     match acceptor {
         None => {
             let mut client = client;
-            let routed = match read_routed(&mut client, &table).await {
+            let routed = match read_routed(&mut client, &table, None).await {
                 Ok(routed) => routed,
                 Err(refusal) => return refuse(&mut client, refusal).await,
             };
@@ -536,7 +557,8 @@ async fn handle(client: TcpStream, table: Arc<FrontTable>, acceptor: Option<TlsA
             else {
                 return;
             };
-            let routed = match read_routed(&mut client, &table).await {
+            let sni = client.get_ref().1.server_name().map(str::to_owned);
+            let routed = match read_routed(&mut client, &table, sni.as_deref()).await {
                 Ok(routed) => routed,
                 Err(refusal) => return refuse(&mut client, refusal).await,
             };
@@ -583,6 +605,48 @@ mod tests {
         assert_eq!(name("www.shop.example").as_deref(), Some("a-wild"));
         assert_eq!(name("a.b.shop.example"), None);
         assert_eq!(name("shop.example"), None);
+    }
+
+    #[tokio::test]
+    async fn a_second_host_header_or_a_host_of_another_certificate_is_refused() {
+        let service = |hosts: &[&str]| FrontService {
+            hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
+            routes: Routes::default(),
+            certs: None,
+        };
+        let table = FrontTable::default();
+        table.update(|services| {
+            services.insert("shop".to_owned(), service(&["shop.example"]));
+            services.insert("blog".to_owned(), service(&["blog.example"]));
+        });
+        let routed = |head: &'static str, sni: Option<&'static str>| {
+            let table = &table;
+            async move {
+                let (mut client, mut server) = tokio::io::duplex(4096);
+                client.write_all(head.as_bytes()).await.unwrap();
+                read_routed(&mut server, table, sni)
+                    .await
+                    .map(|r| r.head.len())
+                    .map_err(|refusal| refusal.map(|r| String::from_utf8(r.response()).unwrap()))
+            }
+        };
+        let one = "GET / HTTP/1.1\r\nHost: shop.example\r\n\r\n";
+        assert_eq!(routed(one, None).await, Ok(one.len()));
+        assert_eq!(routed(one, Some("shop.example")).await, Ok(one.len()));
+        assert_eq!(routed(one, Some("SHOP.example")).await, Ok(one.len()));
+        // An SNI no service has: the client got the default certificate; the Host decides.
+        assert_eq!(routed(one, Some("other.example")).await, Ok(one.len()));
+        let misdirected = routed(one, Some("blog.example"))
+            .await
+            .unwrap_err()
+            .unwrap();
+        assert!(misdirected.starts_with("HTTP/1.1 421 "), "{misdirected}");
+        let two = "GET / HTTP/1.1\r\nHost: shop.example\r\nhost: blog.example\r\n\r\n";
+        let refused = routed(two, None).await.unwrap_err().unwrap();
+        assert!(
+            refused.starts_with("HTTP/1.1 400 ") && refused.contains("more than one Host"),
+            "{refused}"
+        );
     }
 
     /// A self-signed P-256 certificate for `host` in `dir`, as NAME.pem and NAME.key.
