@@ -24,6 +24,7 @@
 
 use std::fs;
 use std::io::{Read, Seek};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use imago_oci::Digest;
@@ -191,7 +192,7 @@ impl FilterCache {
         let key = cache_key(section)?;
         let path = self.dir.join(format!("{}.bpf", key.hex()));
         let flags = load_flags(section);
-        if let Ok(bytes) = fs::read(&path)
+        if let Some(bytes) = read_trusted(&self.dir, &path)
             && let Some(program) = verified_program(&key, &bytes)
         {
             return Ok(CompiledFilter {
@@ -200,10 +201,38 @@ impl FilterCache {
             });
         }
         let program = compile(section).map_err(|reason| filter_error(&path, reason))?;
-        fs::create_dir_all(&self.dir).map_err(RuntimeError::io("cannot create", &self.dir))?;
-        crate::state::write_atomic(&path, &cache_file(&key, &program))?;
+        // A cache that cannot be written (a full or read-only disk) costs the next launch a
+        // compile, not this launch its start: the program is in hand.
+        if fs::create_dir_all(&self.dir).is_ok() {
+            // Whatever the umask: a group- or world-writable directory is never read from.
+            let _ = fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700));
+            let _ = crate::state::write_atomic(&path, &cache_file(&key, &program));
+        }
         Ok(CompiledFilter { program, flags })
     }
+}
+
+/// The bytes of `path` if it and its directory can only have been written by this user: the
+/// digest in the file tells damage, not tampering (anyone can compute it), so a file that
+/// another user could have replaced (its directory or itself writable by group or others, or
+/// owned by someone else) is never loaded; it is compiled again instead.
+fn read_trusted(dir: &Path, path: &Path) -> Option<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let me = nix::unistd::geteuid().as_raw();
+    let trusted = |meta: &fs::Metadata| meta.uid() == me && meta.mode() & 0o022 == 0;
+    if !trusted(&fs::symlink_metadata(dir).ok()?) {
+        return None;
+    }
+    // The checks and the read on one open file: a rename in between changes nothing.
+    let mut file = fs::File::open(path).ok()?;
+    let meta = file.metadata().ok()?;
+    if !meta.is_file() || !trusted(&meta) {
+        return None;
+    }
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).ok()?;
+    Some(bytes)
 }
 
 /// What the program depends on: the rules, the architecture libseccomp adds as native, and
@@ -672,6 +701,59 @@ mod tests {
         fs::write(&config, odd.to_string()).unwrap();
         let err = bundle_filter(dir.path(), &cache).unwrap_err().to_string();
         assert!(err.contains("later"), "{err}");
+    }
+
+    /// The digest tells damage, not forgery: an allow-all program under a header computed for
+    /// it is "valid", so only a file nobody else could have written is loaded.
+    #[test]
+    fn a_cache_file_others_could_have_written_is_never_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = FilterCache::new(dir.path().join("seccomp"));
+        let section = default_section();
+        let real = cache.filter(&section).unwrap();
+        let path = cache.path(&section).unwrap();
+        let dir_mode = fs::metadata(dir.path().join("seccomp"))
+            .unwrap()
+            .permissions();
+        assert_eq!(dir_mode.mode() & 0o777, 0o700);
+        let key = cache_key(&section).unwrap();
+        let allow_all: Vec<u8> = [
+            0x06u16.to_ne_bytes().as_slice(),
+            &[0, 0],
+            &0x7fff_0000u32.to_ne_bytes(),
+        ]
+        .concat();
+        let forged = cache_file(&key, &allow_all);
+        assert_eq!(verified_program(&key, &forged), Some(allow_all.as_slice()));
+        for (file_mode, dir_mode) in [
+            (0o664, 0o700),
+            (0o646, 0o700),
+            (0o644, 0o770),
+            (0o644, 0o703),
+        ] {
+            fs::write(&path, &forged).unwrap();
+            fs::set_permissions(&path, fs::Permissions::from_mode(file_mode)).unwrap();
+            fs::set_permissions(
+                dir.path().join("seccomp"),
+                fs::Permissions::from_mode(dir_mode),
+            )
+            .unwrap();
+            let loaded = cache.filter(&section).unwrap();
+            assert_eq!(
+                loaded.program, real.program,
+                "file {file_mode:o}, dir {dir_mode:o}"
+            );
+        }
+        // Written by this user alone, the same forged file would be believed: the check is
+        // what keeps it out, not the digest.
+        fs::set_permissions(
+            dir.path().join("seccomp"),
+            fs::Permissions::from_mode(0o700),
+        )
+        .unwrap();
+        fs::write(&path, &forged).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(cache.filter(&section).unwrap().program, allow_all);
     }
 
     #[test]
