@@ -1424,6 +1424,30 @@ pub(crate) mod tests {
         assert!(too_large.starts_with("HTTP/1.1 431"), "{too_large}");
         let not_http = answer(b"\x16\x03\x01 this is not a request\r\n\r\n");
         assert!(not_http.starts_with("HTTP/1.1 400"), "{not_http}");
+        // A client still sending when it is refused (a large head, then a body) gets the
+        // answer, not a reset that destroys it.
+        for round in 0..5 {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut writer = s.try_clone().unwrap();
+            let head = huge.clone();
+            let sending = std::thread::spawn(move || {
+                let _ = writer.write_all(head.as_bytes());
+                for _ in 0..25 {
+                    if writer.write_all(&[b'b'; 4096]).is_err() {
+                        break;
+                    }
+                }
+            });
+            let mut answer = Vec::new();
+            let _ = s.read_to_end(&mut answer);
+            let _ = sending.join();
+            let answer = String::from_utf8_lossy(&answer);
+            assert!(
+                answer.starts_with("HTTP/1.1 431"),
+                "round {round}: {answer:?}"
+            );
+        }
         assert_eq!(
             plane.connections("shop", &["s1".to_owned()]).unwrap(),
             vec![0]

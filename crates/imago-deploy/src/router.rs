@@ -527,10 +527,30 @@ fn service_of(table: &FrontTable, routes: &Routes) -> String {
         .map_or_else(String::new, |(name, _)| name.clone())
 }
 
-async fn refuse<S: AsyncWrite + Unpin>(client: &mut S, refusal: Option<Refusal>) {
+/// How long, and how much, a refused client's further input is read and dropped before its
+/// connection is closed.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 256 * 1024;
+
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(client: &mut S, refusal: Option<Refusal>) {
     if let Some(refusal) = refusal {
         let _ = client.write_all(&refusal.response()).await;
         let _ = client.shutdown().await;
+        // Closing a socket with unread input sends a reset, which may reach the client before
+        // the answer and destroy it (a 431 for a head too large always leaves input unread):
+        // read what the client still sends, for a moment and within a bound, as a lingering
+        // close in HTTP servers does.
+        let _ = tokio::time::timeout(LINGER, async {
+            let mut dropped = 0;
+            let mut buf = [0u8; 8192];
+            while dropped < LINGER_BYTES {
+                match client.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => dropped += n,
+                }
+            }
+        })
+        .await;
     }
 }
 
