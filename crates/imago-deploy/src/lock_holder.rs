@@ -86,6 +86,10 @@ const PF_EXITING: u64 = 0x4;
 /// is read: the other threads of a live controller come and go (launch workers, blocking-pool
 /// threads), and one of them ending sets `PF_EXITING` on that thread alone, which says nothing of
 /// the process. A process killed or calling `exit_group` marks every thread, its leader included.
+///
+/// A SIGKILL pending on any thread still counts: the kernel queues it on every thread of a
+/// killed process, and the main thread, once it has taken its own, shows neither the signal
+/// nor `PF_EXITING` for a moment; nothing but a whole-process kill leaves a SIGKILL pending.
 fn process_exiting(pid: u32) -> bool {
     let (Ok(status), Ok(stat)) = (
         std::fs::read_to_string(format!("/proc/{pid}/status")),
@@ -93,7 +97,26 @@ fn process_exiting(pid: u32) -> bool {
     ) else {
         return true;
     };
-    task_exiting(&status, &stat)
+    if task_exiting(&status, &stat) {
+        return true;
+    }
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    tasks.flatten().any(|task| {
+        std::fs::read_to_string(task.path().join("status"))
+            .is_ok_and(|status| sigkill_pending(&status))
+    })
+}
+
+/// Whether a task's `status` shows a SIGKILL pending (private or shared).
+fn sigkill_pending(status: &str) -> bool {
+    status.lines().any(|line| {
+        line.split_once(':').is_some_and(|(key, value)| {
+            matches!(key, "SigPnd" | "ShdPnd")
+                && u64::from_str_radix(value.trim(), 16).is_ok_and(|mask| mask & SIGKILL_BIT != 0)
+        })
+    })
 }
 
 fn task_exiting(status: &str, stat: &str) -> bool {
