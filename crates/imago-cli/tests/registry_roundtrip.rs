@@ -321,6 +321,7 @@ fn a_second_push_uploads_no_blob_one_manifest_request_plus_heads() {
     assert_eq!(second["blobs_uploaded"], 0, "{second}");
     assert_eq!(second["bytes_uploaded"], 0, "{second}");
     assert_eq!(second["blobs_skipped"], 6, "{second}");
+    proxy.settle();
     let records = proxy.records();
     assert_eq!(proxy.blob_bytes_uploaded(), 0, "{}", proxy.summary());
     let manifest_requests = records

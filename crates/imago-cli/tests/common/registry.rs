@@ -722,6 +722,25 @@ impl Proxy {
         self.state.records.lock().unwrap().clear();
     }
 
+    /// Waits until no request has been recorded for 300 ms (at most 10 s): a request is
+    /// recorded after its answer was relayed, so a client that has finished may be ahead of
+    /// the proxy threads' records on a loaded host.
+    pub fn settle(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut seen = self.records().len();
+        let mut quiet_since = std::time::Instant::now();
+        while std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            let now = self.records().len();
+            if now != seen {
+                seen = now;
+                quiet_since = std::time::Instant::now();
+            } else if quiet_since.elapsed() >= Duration::from_millis(300) {
+                return;
+            }
+        }
+    }
+
     /// Request body bytes of every blob upload (PATCH/PUT/POST under `/blobs/uploads/`).
     pub fn blob_bytes_uploaded(&self) -> u64 {
         self.records()
