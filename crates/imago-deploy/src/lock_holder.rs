@@ -120,18 +120,12 @@ fn sigkill_pending(status: &str) -> bool {
 }
 
 fn task_exiting(status: &str, stat: &str) -> bool {
-    let killed = status.lines().any(|line| {
-        let Some((key, value)) = line.split_once(':') else {
-            return false;
-        };
-        match key {
-            "SigPnd" | "ShdPnd" => {
-                u64::from_str_radix(value.trim(), 16).is_ok_and(|mask| mask & SIGKILL_BIT != 0)
-            }
-            "State" => matches!(value.trim().chars().next(), Some('Z' | 'X' | 'x')),
-            _ => false,
-        }
+    let dead = status.lines().any(|line| {
+        line.split_once(':').is_some_and(|(key, value)| {
+            key == "State" && matches!(value.trim().chars().next(), Some('Z' | 'X' | 'x'))
+        })
     });
+    let killed = dead || sigkill_pending(status);
     // The fields after the command name, which is in parentheses and may hold anything:
     // state, ppid, pgrp, session, tty_nr, tpgid, flags.
     let flags = stat
