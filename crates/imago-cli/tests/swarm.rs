@@ -37,10 +37,19 @@ struct Cluster {
     _tls_lease: common::PortLease,
     /// The daemon's default bridge, made by this test (dockerd's `--bridge`).
     bridge: String,
+    /// The Linux bridges of this cluster's `docker_gwbridge` and of imago's task network
+    /// ([`TASK_NETWORK`]), named by this test: dockerd would give every cluster on
+    /// the host the same `docker_gwbridge`, and let a cluster tearing down delete it under the
+    /// next one.
+    gwbridge: String,
+    task_bridge: String,
     _swarm_lease: common::PortLease,
     dockerd: Mutex<Child>,
     registry: Registry,
 }
+
+/// imago-swarm's `TASK_NETWORK`: the swarm-scoped network imago attaches tasks to.
+const TASK_NETWORK: &str = "imago-tasks";
 
 /// Shared by every test of this binary while it runs; held alone by the test whose promise is
 /// timing under load (no failed request during a rolling update), so that no sibling test's
@@ -123,6 +132,8 @@ impl Cluster {
             ],
         );
         tool("ip", &["link", "set", &bridge, "up"]);
+        let gwbridge = format!("imswgw{}g{generation}", pid % 1_000_000);
+        let task_bridge = format!("imswtk{}g{generation}", pid % 1_000_000);
         let swarm_lease = common::lease_port();
         let log = std::fs::File::create(dir.path().join("dockerd.log")).unwrap();
         let child = Command::new("dockerd")
@@ -153,6 +164,8 @@ impl Cluster {
             tls_endpoint,
             _tls_lease: tls_lease,
             bridge,
+            gwbridge,
+            task_bridge,
             _swarm_lease: swarm_lease,
             dockerd: Mutex::new(child),
             registry,
@@ -166,6 +179,20 @@ impl Cluster {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
+        // Made before `swarm init`, which would otherwise make `docker_gwbridge` with the name
+        // every daemon gives it and a subnet of its own choosing.
+        let bridge_name = |name: &str| format!("com.docker.network.bridge.name={name}");
+        cluster.docker(&[
+            "network",
+            "create",
+            "--subnet",
+            &format!("10.195.{subnet}.0/24"),
+            "--opt",
+            &bridge_name(&cluster.gwbridge),
+            "--opt",
+            "com.docker.network.bridge.enable_icc=false",
+            "docker_gwbridge",
+        ]);
         let swarm_addr = format!("127.0.0.1:{}", cluster._swarm_lease.port);
         cluster.docker(&[
             "swarm",
@@ -174,6 +201,30 @@ impl Cluster {
             &swarm_addr,
             "--listen-addr",
             &swarm_addr,
+        ]);
+        // imago's task network, made as an operator may make it before the first apply: its
+        // bridge and subnet are this cluster's own (imago would make a bridge named after the
+        // network's id, on a subnet of the daemon's choosing).
+        cluster.docker(&[
+            "network",
+            "create",
+            "--config-only",
+            "--subnet",
+            &format!("10.194.{subnet}.0/24"),
+            "--opt",
+            &bridge_name(&cluster.task_bridge),
+            "imago-tasks-config",
+        ]);
+        cluster.docker(&[
+            "network",
+            "create",
+            "--driver",
+            "bridge",
+            "--scope",
+            "swarm",
+            "--config-from",
+            "imago-tasks-config",
+            TASK_NETWORK,
         ]);
         cluster
     }
@@ -253,9 +304,9 @@ impl Drop for Cluster {
         let _ = child.kill();
         let _ = child.wait();
         // The bridges dockerd made on the host outlive it, and so do the network namespaces it
-        // bind-mounted under its exec root (the swarm's ingress sandbox). `docker_gwbridge` has
-        // a fixed name; no other daemon of this binary runs now (the lock above).
-        for link in ["docker_gwbridge", self.bridge.as_str()] {
+        // bind-mounted under its exec root (the swarm's ingress sandbox). Every bridge has a
+        // name of this cluster's own.
+        for link in [&self.gwbridge, &self.task_bridge, &self.bridge] {
             let _ = Command::new("ip").args(["link", "del", link]).output();
         }
         for netns in std::fs::read_dir(self.dir.path().join("exec/netns"))
@@ -674,6 +725,141 @@ fn apply_pins_the_digest_rolls_under_load_rolls_back_on_demand_and_destroys() {
         "the swarm service is gone"
     );
     assert_eq!(s.history().len(), 3);
+}
+
+/// Issue 14: rolling updates under heavy load fail no request. When the swarm retires a task
+/// (the new one of its slot passed its health check), it stops it: a task on the default bridge
+/// got its stop signal at that very moment, while imago's endpoint, which learns of the
+/// retirement from its next listing of the tasks, still sent it connections (5 s timeouts and
+/// empty answers: the published port's proxy had no task behind it any more). A task on imago's
+/// task network is taken out of service first and stopped 2 s later, which the endpoint's next
+/// pass well beats.
+#[test]
+fn many_rolling_updates_under_heavy_load_fail_no_request() {
+    const UPDATES: usize = 5;
+    let s = SwarmService::alone("swstress");
+    // A controller whose passes come 1 s apart, as a loaded one's may: the endpoint learns of a
+    // retired task up to a second after the swarm retired it.
+    s.imago.run(&["serve", "--interval", "1s"]).ok();
+    s.apply().ok();
+    let network = s
+        .cluster
+        .docker(&["network", "inspect", "--format", "{{.Id}}", TASK_NETWORK]);
+    let spec = s.cluster.service(&s.name).unwrap()["Spec"].clone();
+    assert_eq!(
+        spec["TaskTemplate"]["Networks"],
+        serde_json::json!([{ "Target": network }]),
+        "the tasks are on imago's task network, never the default bridge"
+    );
+    let load = Load::start(s.port, 16);
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    for version in 2..=UPDATES + 1 {
+        s.set_version(&version.to_string());
+        let applied = s.apply().ok();
+        assert!(
+            applied
+                .stdout()
+                .contains(&format!("deployment complete (release {version}")),
+            "{}",
+            applied.stdout()
+        );
+    }
+    let took = started.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, failures) = load.finish();
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed during {UPDATES} rolling updates ({took:?}): {:?}",
+        failures.len(),
+        ok + failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(ok > 500, "the load ran ({ok} requests in {took:?})");
+    eprintln!("{UPDATES} rolling updates under 16 clients in {took:?}: {ok} requests, none failed");
+    assert!(
+        s.get()
+            .unwrap()
+            .contains(&format!("version {}", UPDATES + 1))
+    );
+}
+
+/// A path the image declares as a VOLUME: each task gets a writable anonymous volume there
+/// while its root stays read-only, and the volume is removed with the task.
+#[test]
+fn an_image_volume_is_writable_under_the_read_only_root_and_goes_with_the_task() {
+    let s = SwarmService::new("swvolume");
+    // Mode 1777 in the image: Docker gives a new volume the mode of the image's directory, and
+    // the web image runs as nobody.
+    s.edit(
+        "dir = [{ path = \"/tmp\", mode = \"1777\" }]",
+        "dir = [{ path = \"/tmp\", mode = \"1777\" }, { path = \"/data\", mode = \"1777\" }]",
+    );
+    s.edit(
+        "stop_signal = \"SIGTERM\"",
+        "stop_signal = \"SIGTERM\"\nvolumes = [\"/data\"]",
+    );
+    s.edit("replicas = 3", "replicas = 1");
+    s.apply().ok();
+    let containers = s.cluster.docker(&[
+        "ps",
+        "-q",
+        "--filter",
+        &format!("label=com.docker.swarm.service.name={}", s.name),
+    ]);
+    let container = containers.lines().collect::<Vec<_>>();
+    assert_eq!(container.len(), 1, "one task: {containers:?}");
+    let container = container[0];
+    let exec = |script: &str| {
+        s.cluster
+            .docker_cmd(&["exec", container, "sh", "-c", script])
+            .output()
+            .unwrap()
+    };
+    // `read` and `echo` are the shell's own: the image has no `cat`.
+    let wrote = exec("echo kept > /data/x && read v < /data/x && echo $v");
+    assert!(
+        wrote.status.success() && String::from_utf8_lossy(&wrote.stdout).trim() == "kept",
+        "{wrote:?}"
+    );
+    let refused = exec("echo no > /rootfile");
+    assert!(
+        !refused.status.success()
+            && String::from_utf8_lossy(&refused.stderr).contains("Read-only file system"),
+        "the root stays read-only: {refused:?}"
+    );
+    let inspected: serde_json::Value =
+        serde_json::from_str(&s.cluster.docker(&["inspect", container])).unwrap();
+    let mount = inspected[0]["Mounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["Destination"] == "/data")
+        .unwrap_or_else(|| panic!("no mount at /data: {}", inspected[0]["Mounts"]))
+        .clone();
+    assert_eq!(
+        (&mount["Type"], &mount["RW"]),
+        (&serde_json::json!("volume"), &serde_json::json!(true)),
+        "{mount}"
+    );
+    let volume = mount["Name"].as_str().unwrap().to_owned();
+    assert!(
+        s.cluster
+            .docker(&["volume", "ls", "-q"])
+            .lines()
+            .any(|v| v == volume)
+    );
+    s.imago.run(&["destroy", &s.name]).ok();
+    s.wait_for(
+        "the task's volume to be removed",
+        Duration::from_secs(30),
+        || {
+            !s.cluster
+                .docker(&["volume", "ls", "-q"])
+                .lines()
+                .any(|v| v == volume)
+        },
+    );
 }
 
 #[test]

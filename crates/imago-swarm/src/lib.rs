@@ -15,7 +15,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use bollard::Docker;
-use bollard::models::{Service, ServiceUpdateStatusStateEnum, Task, TaskState};
+use bollard::models::{
+    NetworkCreateRequest, Service, ServiceUpdateStatusStateEnum, Task, TaskState,
+};
 use bollard::query_parameters::{
     ListNodesOptions, ListTasksOptionsBuilder, UpdateServiceOptionsBuilder,
 };
@@ -24,7 +26,7 @@ use imago_spec::cluster::{
     LABEL_CONFIG_HASH, LABEL_RELEASE, LABEL_REVISION, LABEL_SERVICE, TaskPhase, UpdateState,
 };
 
-pub use render::{differences, release_labels, render};
+pub use render::{TASK_NETWORK, differences, release_labels, render};
 
 const ENGINE: &str = "swarm";
 
@@ -48,6 +50,8 @@ pub struct SwarmEngine {
     /// For an `ssh://` endpoint: the local socket both clients connect to, forwarded over ssh.
     /// Declared after the clients, which close their connections first when dropped.
     tunnel: Option<ssh::SshTunnel>,
+    /// [`TASK_NETWORK`] was found on (or made in) the swarm by this engine: not asked again.
+    task_network_ready: bool,
     runtime: tokio::runtime::Runtime,
 }
 
@@ -199,6 +203,7 @@ impl SwarmEngine {
             raw,
             raw_base,
             tunnel,
+            task_network_ready: false,
             runtime,
         })
     }
@@ -306,6 +311,61 @@ impl SwarmEngine {
             .collect())
     }
 
+    /// Makes [`TASK_NETWORK`] when the swarm lacks it: a bridge on each node, scoped to the
+    /// swarm so that services can attach to it. One made beforehand (another driver, a subnet
+    /// of the operator's choosing through `--config-from`) is used as it is.
+    fn ensure_task_network(&mut self) -> Result<(), EngineError> {
+        if self.task_network_ready {
+            return Ok(());
+        }
+        if self.task_network_scope()?.is_none() {
+            let request = NetworkCreateRequest {
+                name: TASK_NETWORK.to_owned(),
+                driver: Some("bridge".to_owned()),
+                scope: Some("swarm".to_owned()),
+                // Says who made it to whoever lists the swarm's networks.
+                labels: Some(HashMap::from([(
+                    "imago.purpose".to_owned(),
+                    "tasks of imago services".to_owned(),
+                )])),
+                ..Default::default()
+            };
+            let created = self.runtime.block_on(self.docker.create_network(request));
+            // Another imago may have made it meanwhile (the swarm keeps network names unique):
+            // what counts is what is there now.
+            if let Err(e) = created
+                && self.task_network_scope()?.is_none()
+            {
+                return Err(self.api(format!("create network {TASK_NETWORK}: {e}")));
+            }
+        }
+        match self.task_network_scope()? {
+            Some(scope) if scope == "swarm" => {
+                self.task_network_ready = true;
+                Ok(())
+            }
+            scope => Err(self.api(format!(
+                "network {TASK_NETWORK} has scope {}, not swarm: services cannot attach to it \
+                 (remove it, or make it with --scope swarm)",
+                scope.unwrap_or_default()
+            ))),
+        }
+    }
+
+    /// The scope of [`TASK_NETWORK`], `None` when there is no such network.
+    fn task_network_scope(&self) -> Result<Option<String>, EngineError> {
+        match self
+            .runtime
+            .block_on(self.docker.inspect_network(TASK_NETWORK, None))
+        {
+            Ok(network) => Ok(Some(network.scope.unwrap_or_default())),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(e) => Err(self.api(format!("inspect network {TASK_NETWORK}: {e}"))),
+        }
+    }
+
     fn tasks(&self, service_id: &str) -> Result<Vec<Task>, EngineError> {
         let filters = HashMap::from([("service", vec![service_id])]);
         let options = ListTasksOptionsBuilder::default().filters(&filters).build();
@@ -406,6 +466,14 @@ fn task_of(task: Task, nodes: &HashMap<String, IpAddr>) -> Option<ClusterTask> {
 impl ClusterEngine for SwarmEngine {
     fn apply(&mut self, desired: &ClusterService) -> Result<(), EngineError> {
         let spec = render(desired)?;
+        let attached = spec
+            .task_template
+            .as_ref()
+            .and_then(|t| t.networks.as_ref())
+            .is_some_and(|n| n.iter().any(|n| n.target.as_deref() == Some(TASK_NETWORK)));
+        if attached {
+            self.ensure_task_network()?;
+        }
         match self.ours(&desired.service)? {
             None => {
                 self.runtime

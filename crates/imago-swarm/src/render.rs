@@ -40,6 +40,11 @@ fn memory_bytes(text: &str) -> Option<i64> {
         .filter(|v| *v > 0)
 }
 
+/// The swarm-scoped network that the tasks of a `network = "private"` service are attached to
+/// (a bridge on each node unless made otherwise before imago's first apply; see
+/// `SwarmEngine::apply`).
+pub const TASK_NETWORK: &str = "imago-tasks";
+
 /// The labels that tie a swarm object to its release.
 pub fn release_labels(desired: &ClusterService) -> HashMap<String, String> {
     HashMap::from([
@@ -196,12 +201,19 @@ pub fn render(desired: &ClusterService) -> Result<ServiceSpec, EngineError> {
                 max_replicas: spec.placement.max_replicas_per_node.map(i64::from),
                 ..Default::default()
             }),
-            networks: (spec.network == NetworkMode::Host).then(|| {
-                vec![NetworkAttachmentConfig {
-                    target: Some("host".into()),
-                    ..Default::default()
-                }]
-            }),
+            // Never the default bridge: the swarm stops a task on it at once when it retires
+            // it, while imago's endpoint may still route to it. A task on any other network is
+            // first taken out of service and stopped 2 s later (docs/swarm.md, "Retired tasks").
+            networks: Some(vec![NetworkAttachmentConfig {
+                target: Some(
+                    match spec.network {
+                        NetworkMode::Host => "host",
+                        NetworkMode::Private => TASK_NETWORK,
+                    }
+                    .into(),
+                ),
+                ..Default::default()
+            }]),
             ..Default::default()
         }),
         mode: Some(ServiceSpecMode {
@@ -423,6 +435,19 @@ mod tests {
             Some(EndpointPortConfigPublishModeEnum::HOST)
         );
         assert_eq!(differences(&s, &s), Vec::<String>::new());
+        // Not the default bridge, whose tasks the swarm stops the moment it retires them.
+        let networks = |s: &ServiceSpec| -> Vec<String> {
+            let t = s.task_template.as_ref().unwrap();
+            t.networks
+                .iter()
+                .flatten()
+                .filter_map(|n| n.target.clone())
+                .collect()
+        };
+        assert_eq!(networks(&s), [TASK_NETWORK]);
+        let mut host = d.clone();
+        host.spec.network = NetworkMode::Host;
+        assert_eq!(networks(&render(&host).unwrap()), ["host"]);
     }
 
     #[test]
