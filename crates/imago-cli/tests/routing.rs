@@ -349,22 +349,7 @@ impl Load {
     fn finish(self) -> Vec<String> {
         self.stop.store(true, Ordering::Relaxed);
         let answers = self.handle.join().unwrap();
-        let failed: Vec<_> = answers
-            .iter()
-            .filter(|a| !matches!(a, Ok((200, _))))
-            .collect();
-        assert!(
-            failed.is_empty(),
-            "{} of {} requests failed: {:?}",
-            failed.len(),
-            answers.len(),
-            &failed[..failed.len().min(5)]
-        );
-        assert!(
-            answers.len() > 10,
-            "the client kept asking ({})",
-            answers.len()
-        );
+        common::assert_all_answered(&answers);
         answers.into_iter().map(|a| a.unwrap().1).collect()
     }
 }

@@ -1420,12 +1420,7 @@ fn settles<T: std::fmt::Debug>(what: &str, mut left: impl FnMut() -> Vec<T>) {
 
 #[test]
 fn an_ssh_endpoint_applies_reports_destroys_and_leaves_no_ssh_process_behind() {
-    let s = SwarmService::new("swssh");
-    let sshd = Sshd::start(&s.cluster);
-    s.edit(
-        &format!("endpoint = \"{}\"", s.cluster.host()),
-        &format!("endpoint = \"{}\"", sshd.endpoint()),
-    );
+    let (s, sshd) = ssh_service("swssh");
     let client = sshd.client("client", "client_key", Some("host_key"));
     let tmp = s.imago.dir.path().join("tmp");
     std::fs::create_dir_all(&tmp).unwrap();
@@ -2075,4 +2070,121 @@ impl Drop for StopController<'_> {
     fn drop(&mut self) {
         let _ = self.0.cmd().args(["serve", "--stop"]).output();
     }
+}
+
+/// Service `name` on a swarm target whose endpoint is an sshd of its own (the same daemon,
+/// reached over ssh).
+fn ssh_service(name: &str) -> (SwarmService, Sshd) {
+    let s = SwarmService::new(name);
+    let sshd = Sshd::start(&s.cluster);
+    s.edit(
+        &format!("endpoint = \"{}\"", s.cluster.host()),
+        &format!("endpoint = \"{}\"", sshd.endpoint()),
+    );
+    (s, sshd)
+}
+
+/// `PATH` with `bin` (an [`Sshd::client`]) first.
+fn with_ssh_of(bin: &Path) -> String {
+    format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+/// An engine that is done with an `ssh://` endpoint ends its ssh processes as a user's ssh
+/// ends: the server is told goodbye ("disconnected by user") on every session it opened, none
+/// is cut off as by SIGKILL (then the server logs only "Connection closed by").
+#[test]
+fn an_ssh_endpoint_ends_every_ssh_session_with_a_goodbye() {
+    let (s, sshd) = ssh_service("swbye");
+    let client = sshd.client("client", "client_key", Some("host_key"));
+    let planned = common::Run {
+        output: s
+            .imago
+            .cmd()
+            .env("PATH", with_ssh_of(&client))
+            .args(["plan", "--json", "-f", &s.file()])
+            .output()
+            .unwrap(),
+    }
+    .ok();
+    assert_eq!(planned.json()[0]["cluster"]["action"], "create");
+    settles("ssh clients after plan", || sshd.clients());
+    settles("sshd sessions after plan", || sshd.sessions());
+    // Each session the server accepted (the harness's readiness probe never logged in), by
+    // the client's port, said goodbye.
+    let log = sshd.log();
+    let sessions: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.strip_prefix("Accepted publickey for root from 127.0.0.1 port "))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .collect();
+    let cut: Vec<&&str> = sessions
+        .iter()
+        .filter(|port| {
+            !log.contains(&format!(
+                "Received disconnect from 127.0.0.1 port {port}:11: disconnected by user"
+            ))
+        })
+        .collect();
+    assert!(
+        !sessions.is_empty() && cut.is_empty(),
+        "cut: {cut:?}\n{log}"
+    );
+}
+
+/// A ProxyCommand may leave a process behind that holds ssh's stderr open (here a `sleep`
+/// it starts, for jumping through the same sshd with `ssh -W`): once ssh itself is gone,
+/// nothing waits for that pipe to end, and the command finishes as soon as its work is done.
+#[test]
+fn an_ssh_endpoint_does_not_wait_for_what_a_proxy_command_leaves_holding_stderr() {
+    let (s, sshd) = ssh_service("swproxy");
+    let client = sshd.client("proxied", "client_key", Some("host_key"));
+    let config = client.join("ssh_config");
+    let lingering = client.join("lingering.pids");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text += &format!(
+        "  ProxyCommand sh -c 'sleep 300 </dev/null >/dev/null & echo $! >>{}; exec /usr/bin/ssh -F {} -o ProxyCommand=none -W %h:%p -p %p %h'\n",
+        lingering.display(),
+        config.display()
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut plan = s
+        .imago
+        .cmd()
+        .env("PATH", with_ssh_of(&client))
+        .args(["plan", "--json", "-f", &s.file()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let finished = loop {
+        if plan.try_wait().unwrap().is_some() || started.elapsed() > Duration::from_secs(60) {
+            break plan.try_wait().unwrap().is_some();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let took = started.elapsed();
+    if !finished {
+        let _ = plan.kill();
+    }
+    let output = plan.wait_with_output().unwrap();
+    for pid in std::fs::read_to_string(&lingering)
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|pid| rustix::process::Pid::from_raw(pid.parse().ok()?))
+    {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    }
+    assert!(
+        finished,
+        "plan still running after {took:?}, waiting on a pipe the ProxyCommand's process holds"
+    );
+    let planned = common::Run { output }.ok();
+    assert_eq!(planned.json()[0]["cluster"]["action"], "create");
+    assert!(took < Duration::from_secs(30), "plan took {took:?}");
+    settles("ssh clients after plan", || sshd.clients());
 }

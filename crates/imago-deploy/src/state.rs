@@ -596,7 +596,10 @@ impl StateDb {
             image_digest: column(2, row.get::<_, String>(2)?.parse::<Digest>())?,
             config_hash: column(3, row.get::<_, String>(3)?.parse::<Digest>())?,
             revision: row.get(4)?,
-            spec: column(5, serde_json::from_str(&row.get::<_, String>(5)?))?,
+            spec: column(
+                5,
+                ServiceSpec::from_recorded_json(&row.get::<_, String>(5)?),
+            )?,
             created_ms: row.get(6)?,
             reason: row.get(7)?,
             rollback_of: row.get(8)?,
@@ -1342,6 +1345,43 @@ mod tests {
         assert_eq!(r2.number, 2);
         assert_ne!(r1.config_hash, r2.config_hash);
         assert_eq!(db.desired("web").unwrap().unwrap().number, 2);
+    }
+
+    /// A kubernetes release keeps the image's declared volumes in its spec: one recorded by an
+    /// earlier imago loads with them, and one loaded is the configuration it was recorded as.
+    #[test]
+    fn a_recorded_release_keeps_the_image_volumes_of_its_spec() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let d = Digest::of(b"x");
+        let mut with_volumes = spec("web", "1");
+        with_volumes.image_volumes = vec!["/data".to_owned()];
+        {
+            let mut db = StateDb::open(&path).unwrap();
+            db.record_release("web", &with_volumes, &d, "apply", None, "test")
+                .unwrap();
+            // As an earlier imago wrote it, whose spec is the same JSON.
+            db.conn
+                .execute(
+                    "INSERT INTO releases (service, number, image_digest, config_hash, revision, spec_json, created_ms, reason, rollback_of, restart)
+                     VALUES ('old', 1, ?1, ?1, 'r', ?2, 0, 'apply', NULL, 0)",
+                    params![
+                        d.to_string(),
+                        r#"{"image":"old","replicas":2,"image_volumes":["/var/lib/old"]}"#
+                    ],
+                )
+                .unwrap();
+        }
+        let mut db = StateDb::open(&path).unwrap();
+        let old = db.release("old", 1).unwrap();
+        assert_eq!(old.spec.image_volumes, ["/var/lib/old"]);
+        assert_eq!(old.spec.replicas, 2);
+        let loaded = db.release("web", 1).unwrap();
+        assert_eq!(loaded.spec, with_volumes);
+        let (again, new) = db
+            .record_release("web", &loaded.spec, &d, "apply", None, "test")
+            .unwrap();
+        assert!(!new, "release {} made from an unchanged spec", again.number);
     }
 
     #[test]

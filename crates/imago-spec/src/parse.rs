@@ -91,13 +91,6 @@ pub fn parse_services_for(
         }
     };
     for (service, spec) in &mut specs {
-        if !spec.image_volumes.is_empty() {
-            return Err(SpecError::InvalidService {
-                service: service.clone(),
-                field: "image_volumes".into(),
-                reason: "is recorded by imago from the image's declared volumes and cannot be written in imago.toml".into(),
-            });
-        }
         let written = names.service.get(service).and_then(|t| t.target.as_ref());
         let (wanted, span) = match (target, written) {
             (Some(t), _) => (t.to_owned(), None),
@@ -168,8 +161,24 @@ mod tests {
         let text = "[service.web]\nimage = \"web\"\nimage_volumes = [\"/data\"]\n";
         let err = parse_services(Path::new("imago.toml"), text, &[]).unwrap_err();
         assert!(
-            matches!(&err, SpecError::InvalidService { field, .. } if field == "image_volumes"),
+            matches!(&err, SpecError::ServiceTable { line: 3, message, .. }
+                if message.contains("unknown field `image_volumes`")),
             "{err}"
         );
+    }
+
+    /// A mistyped key is answered with the keys a user may write, never with a field that only
+    /// imago records.
+    #[test]
+    fn a_mistyped_key_is_told_the_keys_of_the_file_and_no_internal_one() {
+        let text = "[service.web]\nimage = \"web\"\nreplica = 2\n";
+        let err = parse_services(Path::new("imago.toml"), text, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("unknown field `replica`") && err.contains("`replicas`"),
+            "{err}"
+        );
+        assert!(!err.contains("image_volumes"), "{err}");
     }
 }

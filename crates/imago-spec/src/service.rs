@@ -92,7 +92,10 @@ pub struct ServiceSpec {
     /// the stored image of the release's digest. Each pod gets an `emptyDir` there, as each
     /// local instance gets an anonymous volume. Kept in the release, so that a rollback and a
     /// restarted controller render them again without the image, and `render` is byte-stable.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Serialized with the rest (the configuration hash covers it), but read back only by
+    /// [`ServiceSpec::from_recorded_json`]: the file's form does not know the key, so no error
+    /// about the file ever names it.
+    #[serde(default, skip_deserializing, skip_serializing_if = "Vec::is_empty")]
     #[schemars(skip)]
     pub image_volumes: Vec<String>,
 }
@@ -521,6 +524,19 @@ pub struct Limits {
 }
 
 impl ServiceSpec {
+    /// Reads a spec as a release records it (its JSON serialization): the file's form, plus
+    /// `image_volumes`, which only imago writes and which the file's form does not read.
+    pub fn from_recorded_json(text: &str) -> Result<ServiceSpec, serde_json::Error> {
+        let mut fields: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)?;
+        let image_volumes = match fields.remove("image_volumes") {
+            Some(paths) => serde_json::from_value(paths)?,
+            None => Vec::new(),
+        };
+        let mut spec: ServiceSpec = serde_json::from_value(serde_json::Value::Object(fields))?;
+        spec.image_volumes = image_volumes;
+        Ok(spec)
+    }
+
     /// Checks what can be checked without the store or the runtime; errors name the service
     /// and the field.
     pub fn validate(&self, service: &str) -> Result<Limits, SpecError> {
@@ -813,6 +829,28 @@ mod tests {
         pub fn from_str(text: &str) -> Value {
             serde_json::from_str(text).unwrap()
         }
+    }
+
+    /// A release recorded with the image's declared volumes (as every imago has written them)
+    /// reads back with them and equal to what was recorded, so its configuration hash holds;
+    /// the recorded form stays as strict as the file's about other keys.
+    #[test]
+    fn a_recorded_spec_reads_back_with_its_image_volumes() {
+        let recorded =
+            r#"{"image":"web@sha256:0123","replicas":2,"image_volumes":["/data","/www/"]}"#;
+        let spec = ServiceSpec::from_recorded_json(recorded).unwrap();
+        assert_eq!(spec.image_volumes, ["/data", "/www/"]);
+        assert_eq!(spec.replicas, 2);
+        let written = serde_json::to_string(&spec).unwrap();
+        assert!(
+            written.contains(r#""image_volumes":["/data","/www/"]"#),
+            "{written}"
+        );
+        assert_eq!(ServiceSpec::from_recorded_json(&written).unwrap(), spec);
+        let without = ServiceSpec::from_recorded_json(r#"{"image":"web"}"#).unwrap();
+        assert!(without.image_volumes.is_empty());
+        let err = ServiceSpec::from_recorded_json(r#"{"image":"web","replica":2}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `replica`"), "{err}");
     }
 
     #[test]

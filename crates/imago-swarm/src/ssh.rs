@@ -7,9 +7,10 @@
 //! serves only bollard's own client, while this engine also speaks JSON through reqwest to the
 //! same endpoint. So the engine owns a unix socket in a private temporary directory for its
 //! lifetime; every connection accepted there gets its own ssh process, and both clients connect
-//! to that socket as to a local daemon. Dropping the tunnel kills and reaps every ssh process
-//! and removes the directory; the directory of a process that died without dropping it is
-//! removed by the next tunnel made on the host (`sweep_abandoned`).
+//! to that socket as to a local daemon. Closing the tunnel ends every ssh process as a user's
+//! ssh ends (stdin closed; SIGTERM, then SIGKILL, only for one that does not exit) and reaps
+//! it, and dropping it removes the directory; the directory of a process that died without
+//! dropping it is removed by the next tunnel made on the host (`sweep_abandoned`).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -17,9 +18,11 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
 use tokio::io::AsyncReadExt;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::process::Command;
+use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -32,8 +35,13 @@ pub(crate) struct SshDestination {
 }
 
 impl SshDestination {
-    /// Parses `ssh://[USER@]HOST[:PORT]` as docker does: no password, path, query or fragment.
+    /// Parses `ssh://[USER@]HOST[:PORT]` as docker does: no password, path, query or fragment;
+    /// the user and host percent-decoded (`ssh://deploy%40corp@host` is user `deploy@corp`).
     pub(crate) fn parse(endpoint: &str) -> Result<SshDestination, String> {
+        // The URL parser drops tabs and newlines without a word: look at the text as written.
+        if let Some(c) = endpoint.chars().find(|c| c.is_control()) {
+            return Err(format!("a control character ({c:?}) in an ssh:// endpoint"));
+        }
         let url = reqwest::Url::parse(endpoint).map_err(|e| format!("not a URL: {e}"))?;
         if url.scheme() != "ssh" {
             return Err("not an ssh:// URL".to_owned());
@@ -53,8 +61,8 @@ impl SshDestination {
             _ => return Err("an ssh:// endpoint needs a host".to_owned()),
         };
         Ok(SshDestination {
-            user: Some(url.username().to_owned()).filter(|u| !u.is_empty()),
-            host: host.to_owned(),
+            user: Some(decoded("user", url.username())?).filter(|u| !u.is_empty()),
+            host: decoded("host", host)?,
             port: url.port(),
         })
     }
@@ -77,6 +85,23 @@ impl SshDestination {
     }
 }
 
+/// `part` (the user or host of an ssh:// URL) percent-decoded, refused when ssh could read it as
+/// something else: a control character, or a leading `-`, which ssh takes for an option.
+fn decoded(what: &str, part: &str) -> Result<String, String> {
+    let text = percent_encoding::percent_decode_str(part)
+        .decode_utf8()
+        .map_err(|_| format!("the ssh {what} {part:?} is not UTF-8 once percent-decoded"))?;
+    if text.chars().any(char::is_control) {
+        return Err(format!("the ssh {what} {text:?} holds a control character"));
+    }
+    if text.starts_with('-') {
+        return Err(format!(
+            "the ssh {what} {text:?} starts with '-', which ssh would take for an option"
+        ));
+    }
+    Ok(text.into_owned())
+}
+
 /// A local unix socket that forwards every connection over its own ssh process.
 pub(crate) struct SshTunnel {
     dir: tempfile::TempDir,
@@ -90,8 +115,17 @@ pub(crate) struct SshTunnel {
 /// How many of ssh's last stderr lines an error quotes.
 const ERROR_LINES: usize = 2;
 
-/// How long an ssh process whose stream ended may take to exit before it is killed.
+/// How long an ssh process whose stdin is closed may take to exit before SIGTERM.
 const EXIT_GRACE: Duration = Duration::from_secs(2);
+
+/// How long an ssh process may take to exit after SIGTERM before SIGKILL.
+const TERM_GRACE: Duration = Duration::from_secs(1);
+
+/// How long ssh's stderr is still read after ssh exited, for what is left in the pipe.
+const STDERR_AFTER_EXIT: Duration = Duration::from_millis(500);
+
+/// How much of ssh's stderr is kept: its last lines are the reason.
+const STDERR_KEPT: usize = 16 * 1024;
 
 impl SshTunnel {
     /// Binds the socket and starts accepting, on `runtime`. Nothing connects over ssh yet.
@@ -141,8 +175,8 @@ impl SshTunnel {
             .unwrap_or_default()
     }
 
-    /// Kills and reaps every ssh process and stops accepting; the directory goes when `self`
-    /// is dropped.
+    /// Ends (see [`end`]) and reaps every ssh process and stops accepting; the directory goes
+    /// when `self` is dropped.
     pub(crate) fn close(&mut self, runtime: &tokio::runtime::Runtime) {
         let _ = self.shutdown.send(true);
         if let Some(accept) = self.accept.take() {
@@ -239,23 +273,13 @@ async fn forward(
             return;
         }
     };
-    let (Some(mut stdin), Some(mut stdout), Some(mut stderr)) =
+    let (Some(mut stdin), Some(mut stdout), Some(stderr)) =
         (child.stdin.take(), child.stdout.take(), child.stderr.take())
     else {
         return;
     };
-    let errors = tokio::spawn(async move {
-        let mut text = Vec::new();
-        let _ = stderr.read_to_end(&mut text).await;
-        // The reason is at the end (a changed host key is a banner of a dozen lines first).
-        let text = String::from_utf8_lossy(&text);
-        let lines: Vec<&str> = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .collect();
-        lines[lines.len().saturating_sub(ERROR_LINES)..].join("; ")
-    });
+    let said = Arc::new(Mutex::new(Vec::new()));
+    let mut reading = tokio::spawn(read_tail(stderr, said.clone()));
     let (mut from_client, mut to_client) = stream.into_split();
     {
         let upstream = async {
@@ -265,27 +289,85 @@ async fn forward(
             std::future::pending::<()>().await
         };
         let downstream = tokio::io::copy(&mut stdout, &mut to_client);
-        let closing = tokio::select! {
-            _ = upstream => false,
-            _ = downstream => false,
-            _ = stopped.wait_for(|stop| *stop) => true,
-        };
-        // A stream that ended is an ssh that is exiting; a tunnel that closes does not wait
-        // for the idle connections it cuts.
-        if closing
-            || tokio::time::timeout(EXIT_GRACE, child.wait())
-                .await
-                .is_err()
-        {
-            let _ = child.kill().await;
+        tokio::select! {
+            _ = upstream => {},
+            _ = downstream => {},
+            _ = stopped.wait_for(|stop| *stop) => {},
         }
+        // ssh's stdin is closed here, with the future that owned it.
     }
-    if let Ok(text) = errors.await
-        && !text.is_empty()
+    end(&mut child, &mut stdout).await;
+    // ssh is gone and what it said is in the pipe, but a process it started (a ProxyCommand
+    // and its children) may hold the pipe open for as long as it lives: its end is not waited
+    // for beyond a moment to read what is there.
+    if tokio::time::timeout(STDERR_AFTER_EXIT, &mut reading)
+        .await
+        .is_err()
     {
+        reading.abort();
+    }
+    let text = said.lock().map(|s| last_lines(&s)).unwrap_or_default();
+    if !text.is_empty() {
         remember(&last_error, &text);
     }
     drop((from_client, to_client));
+}
+
+/// Ends an ssh whose stdin is closed, as a user's ssh ends: on its stdin's end it sends EOF,
+/// dial-stdio closes its side, and ssh exits and says goodbye to the server (and ends its
+/// ProxyCommand). One still running after [`EXIT_GRACE`] (a remote side that does not close,
+/// a connection still being made) gets SIGTERM, on which ssh still says goodbye; SIGKILL only
+/// after [`TERM_GRACE`] more. What ssh writes to stdout meanwhile is read and dropped: an ssh
+/// blocked on a full pipe would never exit.
+async fn end(child: &mut Child, stdout: &mut ChildStdout) {
+    let drain = async {
+        let _ = tokio::io::copy(stdout, &mut tokio::io::sink()).await;
+        std::future::pending::<()>().await
+    };
+    let exit = async {
+        if tokio::time::timeout(EXIT_GRACE, child.wait()).await.is_ok() {
+            return;
+        }
+        // Not reaped yet (only `wait` reaps it), so the pid is still this ssh's.
+        if let Some(pid) = child.id().and_then(|pid| i32::try_from(pid).ok()) {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+        if tokio::time::timeout(TERM_GRACE, child.wait())
+            .await
+            .is_err()
+        {
+            let _ = child.kill().await;
+        }
+    };
+    tokio::select! {
+        _ = drain => {},
+        _ = exit => {},
+    }
+}
+
+/// Reads ssh's stderr into `said` until it ends, keeping the last [`STDERR_KEPT`] bytes.
+async fn read_tail(mut stderr: ChildStderr, said: Arc<Mutex<Vec<u8>>>) {
+    let mut chunk = [0u8; 4096];
+    while let Ok(n @ 1..) = stderr.read(&mut chunk).await {
+        let Ok(mut said) = said.lock() else {
+            return;
+        };
+        said.extend_from_slice(&chunk[..n]);
+        let over = said.len().saturating_sub(STDERR_KEPT);
+        said.drain(..over);
+    }
+}
+
+/// The last [`ERROR_LINES`] non-empty lines of `said`, joined: the reason is at the end (a
+/// changed host key is a banner of a dozen lines first).
+fn last_lines(said: &[u8]) -> String {
+    let text = String::from_utf8_lossy(said);
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    lines[lines.len().saturating_sub(ERROR_LINES)..].join("; ")
 }
 
 fn remember(last_error: &Mutex<String>, text: &str) {
@@ -332,6 +414,49 @@ mod tests {
         ] {
             assert!(SshDestination::parse(bad).is_err(), "{bad} accepted");
         }
+    }
+
+    #[test]
+    fn an_ssh_user_and_host_are_percent_decoded() {
+        let d = SshDestination::parse("ssh://deploy%40corp@manager%2Eexample:22").unwrap();
+        assert_eq!(d.user.as_deref(), Some("deploy@corp"));
+        assert_eq!(d.host, "manager.example");
+        let args = d.ssh_args();
+        assert!(
+            args.windows(2).any(|w| w == ["-l", "deploy@corp"]),
+            "{args:?}"
+        );
+        assert!(
+            args.windows(2).any(|w| w == ["--", "manager.example"]),
+            "{args:?}"
+        );
+    }
+
+    /// ssh would read a user or host that starts with `-` as an option, and a control character
+    /// (a newline in a user) is never a name: refused, naming the endpoint as written and why.
+    #[test]
+    fn an_ssh_endpoint_ssh_could_misread_is_refused_naming_it() {
+        let cases = [
+            ("ssh://-oProxyCommand=x@host", "starts with '-'"),
+            ("ssh://%2DoProxyCommand=x@host", "starts with '-'"),
+            ("ssh://-oProxyCommand=x", "starts with '-'"),
+            ("ssh://user@%2doProxyCommand=x", "starts with '-'"),
+            ("ssh://deploy%0Acorp@host", "control character"),
+            ("ssh://deploy%00@host", "control character"),
+            ("ssh://host%09", "control character"),
+            // The URL parser would drop these without a word.
+            ("ssh://dep\tloy@host", "control character"),
+            ("ssh://host\n", "control character"),
+        ];
+        for (endpoint, why) in cases {
+            let error = crate::SwarmEngine::connect(endpoint)
+                .expect_err(endpoint)
+                .to_string();
+            assert!(error.contains(endpoint), "{endpoint:?}: {error}");
+            assert!(error.contains(why), "{endpoint:?}: {error}");
+        }
+        let error = SshDestination::parse("ssh://%FF@host").unwrap_err();
+        assert!(error.contains("not UTF-8"), "{error}");
     }
 
     #[test]

@@ -333,3 +333,24 @@ pub fn lease_port() -> PortLease {
     }
     panic!("no free test port in 20000-29999");
 }
+
+/// Asserts that a client under load was answered 200 to every request (the first five other
+/// answers are named) and kept asking (more than ten requests).
+pub fn assert_all_answered(answers: &[Result<(u16, String), String>]) {
+    let failed: Vec<_> = answers
+        .iter()
+        .filter(|a| !matches!(a, Ok((200, _))))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        answers.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(
+        answers.len() > 10,
+        "the client kept asking ({})",
+        answers.len()
+    );
+}

@@ -614,6 +614,12 @@ mod tests {
             self.controller.pass().unwrap().pop().unwrap()
         }
 
+        /// What release `number` of "web" ended as; it must have ended.
+        fn outcome(&self, number: u64) -> ReleaseOutcome {
+            let recorded = self.controller.db.outcome_of("web", number).unwrap();
+            recorded.unwrap().outcome
+        }
+
         /// The swarm runs `replicas` healthy tasks of `revision` and nothing else.
         fn converged(&self, revision: &str) {
             let mut swarm = self.swarm.lock().unwrap();
@@ -639,15 +645,7 @@ mod tests {
         assert!(!h.pass().complete, "one of two tasks runs");
         h.converged(&r1.revision);
         assert!(h.pass().complete);
-        assert_eq!(
-            h.controller
-                .db
-                .outcome_of("web", 1)
-                .unwrap()
-                .unwrap()
-                .outcome,
-            ReleaseOutcome::Complete
-        );
+        assert_eq!(h.outcome(1), ReleaseOutcome::Complete);
         h.pass();
         assert_eq!(h.swarm.lock().unwrap().applied, vec![1], "applied once");
     }
@@ -691,8 +689,7 @@ mod tests {
         let pass = h.pass();
         assert!(pass.complete);
         assert_eq!(pass.counts.old, 1, "the retired task is still there");
-        let outcome = h.controller.db.outcome_of("web", 2).unwrap().unwrap();
-        assert_eq!(outcome.outcome, ReleaseOutcome::Complete);
+        assert_eq!(h.outcome(2), ReleaseOutcome::Complete);
     }
 
     #[test]

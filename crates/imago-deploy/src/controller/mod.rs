@@ -754,6 +754,12 @@ mod tests {
             Ok(passes)
         }
 
+        /// What release `number` of `service` ended as; it must have ended.
+        fn outcome(&self, service: &str, number: u64) -> ReleaseOutcome {
+            let recorded = self.controller.db.outcome_of(service, number).unwrap();
+            recorded.unwrap().outcome
+        }
+
         fn release(&mut self, service: &str, spec: &ServiceSpec, image: &[u8]) -> Release {
             self.controller
                 .db
@@ -854,8 +860,7 @@ mod tests {
         assert_eq!(passes[0].launched.len(), 3);
         assert!(passes.last().unwrap().complete);
         assert_eq!(h.running("web").len(), 3);
-        let outcome = h.controller.db.outcome_of("web", 1).unwrap().unwrap();
-        assert_eq!(outcome.outcome, ReleaseOutcome::Complete);
+        assert_eq!(h.outcome("web", 1), ReleaseOutcome::Complete);
         // A settled service stays put.
         let pass = h.pass().unwrap().remove(0);
         assert!(pass.launched.is_empty() && pass.retired.is_empty());
@@ -895,15 +900,7 @@ mod tests {
             h.fake.list().unwrap().iter().all(|i| !old.contains(&i.id)),
             "old instances are removed, not left stopped"
         );
-        assert_eq!(
-            h.controller
-                .db
-                .outcome_of("web", 2)
-                .unwrap()
-                .unwrap()
-                .outcome,
-            ReleaseOutcome::Complete
-        );
+        assert_eq!(h.outcome("web", 2), ReleaseOutcome::Complete);
     }
 
     #[test]
@@ -1856,8 +1853,7 @@ mod tests {
         let passes = h.converge("web", 100);
         let last = passes.last().unwrap();
         assert!(last.complete && last.failed.is_none(), "{passes:#?}");
-        let outcome = h.controller.db.outcome_of("web", 2).unwrap().unwrap();
-        assert_eq!(outcome.outcome, ReleaseOutcome::Complete);
+        assert_eq!(h.outcome("web", 2), ReleaseOutcome::Complete);
         assert_eq!(
             h.controller.db.desired("web").unwrap().unwrap().number,
             2,
@@ -2174,15 +2170,7 @@ mod tests {
         let now = h.running("web");
         assert_eq!(now.len(), 4);
         assert!(now.iter().all(|i| !old.contains(&i.id)));
-        assert_eq!(
-            h.controller
-                .db
-                .outcome_of("web", 2)
-                .unwrap()
-                .unwrap()
-                .outcome,
-            ReleaseOutcome::Complete
-        );
+        assert_eq!(h.outcome("web", 2), ReleaseOutcome::Complete);
     }
 
     /// A wave wider than the launch workers: a pause lets the launches already running finish
@@ -2351,14 +2339,6 @@ mod tests {
                 .collect::<BTreeSet<_>>(),
             old
         );
-        assert_eq!(
-            h.controller
-                .db
-                .outcome_of("web", rollback.number)
-                .unwrap()
-                .unwrap()
-                .outcome,
-            ReleaseOutcome::Complete
-        );
+        assert_eq!(h.outcome("web", rollback.number), ReleaseOutcome::Complete);
     }
 }
