@@ -175,20 +175,6 @@ fn the_console_shows_a_rollout_live_and_rolls_back_from_the_page_in_a_real_brows
     }
 }
 
-fn instance_ids(imago: &Imago) -> Vec<String> {
-    let mut ids: Vec<String> = imago
-        .run(&["ps", "--json"])
-        .ok()
-        .json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["id"].as_str().unwrap().to_owned())
-        .collect();
-    ids.sort();
-    ids
-}
-
 /// `imago pause` holds a rollout (nothing launched or retired) through a controller killed with
 /// SIGKILL and started again; `imago resume` lets it complete; `imago restart` replaces every
 /// instance with new ones of the same release, and an unchanged apply afterwards changes
@@ -203,14 +189,14 @@ fn pause_holds_a_rollout_through_a_controller_restart_and_restart_replaces_every
         (paused["paused"].clone(), paused["changed"].clone()),
         (true.into(), true.into())
     );
-    let v1 = instance_ids(&web.imago);
+    let v1 = web.imago.instance_ids();
     web.set_version("2");
     web.apply(false);
     let hold = |seconds: u64| {
         let until = std::time::Instant::now() + Duration::from_secs(seconds);
         while std::time::Instant::now() < until {
             assert_eq!(
-                instance_ids(&web.imago),
+                web.imago.instance_ids(),
                 v1,
                 "a paused rollout changed the instances"
             );
@@ -238,11 +224,11 @@ fn pause_holds_a_rollout_through_a_controller_restart_and_restart_replaces_every
     assert_eq!(resumed["changed"], true);
     web.wait_complete(2);
 
-    let before = instance_ids(&web.imago);
+    let before = web.imago.instance_ids();
     let restarted = web.imago.run(&["--json", "restart", "web"]).ok().json();
     assert_eq!(restarted[0]["release"], 3, "{restarted}");
     assert_eq!(restarted[0]["outcome"], "complete", "{restarted}");
-    let after = instance_ids(&web.imago);
+    let after = web.imago.instance_ids();
     assert_eq!(after.len(), 3);
     assert!(
         after.iter().all(|id| !before.contains(id)),
@@ -255,7 +241,7 @@ fn pause_holds_a_rollout_through_a_controller_restart_and_restart_replaces_every
     // The definition applied again: no new release, no new instance.
     web.apply(true);
     assert_eq!(web.imago.history("web").len(), 3);
-    assert_eq!(instance_ids(&web.imago), after);
+    assert_eq!(web.imago.instance_ids(), after);
     let drift = web.imago.run(&["drift", "--json"]);
     assert!(drift.output.status.success(), "{}", drift.stdout());
 }

@@ -452,3 +452,124 @@ fn a_data_plane_killed_with_sigkill_is_started_again_with_its_hosts_and_certific
     let (code, _) = site.curl("nowhere.example", None).unwrap();
     assert_eq!(code, 404);
 }
+
+#[test]
+fn the_same_definition_applied_from_another_checkout_rolls_nothing_and_its_certificates_are_served()
+{
+    let site = Site::new(true);
+    site.apply().ok();
+    let before = site.imago.instance_ids();
+    assert_eq!(before.len(), 4, "{before:?}");
+    // The same files in another directory: the tls paths differ, nothing an instance sees does.
+    let moved = site.imago.dir.path().join("checkout-2");
+    copy_dir(&site.dir, &moved);
+    let file = moved.join("imago.toml").display().to_string();
+    let plan = site.imago.run(&["plan", "--json", "-f", &file]).ok().json();
+    for service in plan.as_array().unwrap() {
+        assert_eq!(service["action"], "no change", "{plan}");
+    }
+    site.imago.run(&["apply", "-f", &file]).ok();
+    // The front reads the moved checkout's files from now on: a certificate renewed there is
+    // served (and the old directory's is not).
+    make_cert(&moved.join("certs"), "shop", "shop.example", "moved");
+    let renewed = moved.join("certs/shop.pem");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while site.curl("shop.example", Some(&renewed)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the moved checkout's certificate was never served: {}",
+            site.events()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(site.curl("shop.example", Some(&site.cert("shop"))).is_err());
+    assert_eq!(
+        site.curl("blog.example", Some(&moved.join("certs/blog.pem")))
+            .unwrap(),
+        (200, "blog v1\n".into())
+    );
+    assert_eq!(site.imago.instance_ids(), before, "instances were replaced");
+    let events = site.events();
+    assert!(events.contains("TLS files now"), "{events}");
+}
+
+/// `imago ARGS` with the open-files limit (soft and hard) at `limit`, as a shell or systemd
+/// hands down: the controller and data plane it starts inherit it.
+fn run_with_open_files(imago: &Imago, limit: u32, args: &[&str]) -> common::Run {
+    let output = Command::new("prlimit")
+        .arg(format!("--nofile={limit}:{limit}"))
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_imago"))
+        .arg("--home")
+        .arg(&imago.home)
+        .args(args)
+        .current_dir(imago.dir.path())
+        .env_remove("IMAGO_HOME")
+        .env("IMAGO_API", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    common::Run { output }
+}
+
+/// A connection to `port` on 127.0.0.1 from the loopback address `from`.
+fn connect_from(from: [u8; 4], port: u16) -> std::net::TcpStream {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    let socket = rustix::net::socket_with(
+        AddressFamily::INET,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )
+    .unwrap();
+    let local = std::net::SocketAddr::from((from, 0));
+    rustix::net::bind(&socket, &local).unwrap();
+    let server = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    rustix::net::connect(&socket, &server).unwrap();
+    std::net::TcpStream::from(socket)
+}
+
+#[test]
+fn idle_connections_by_the_thousand_keep_no_client_from_being_served() {
+    need("prlimit");
+    // This test's own client side needs a few thousand descriptors.
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    setrlimit(
+        Resource::Nofile,
+        rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        },
+    )
+    .unwrap();
+    let site = Site::new(false);
+    // The data plane gets 1024 open files, the common default limit.
+    run_with_open_files(&site.imago, 1024, &["apply", "-f", &site.file()]).ok();
+    let port = site.port;
+    let asked_from = |from: [u8; 4]| {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "5", "-w", "\n%{http_code}"])
+            .args(["--interface", &std::net::Ipv4Addr::from(from).to_string()])
+            .args(["--resolve", &format!("shop.example:{port}:127.0.0.1")])
+            .arg(format!("http://shop.example:{port}/"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    assert!(asked_from([127, 0, 0, 1]).ends_with("\n200"));
+    // One source opens more idle connections than the data plane has descriptors.
+    let one: Vec<_> = (0..1100)
+        .map(|_| connect_from([127, 0, 0, 1], port))
+        .collect();
+    let answer = asked_from([127, 0, 0, 2]);
+    assert!(answer.ends_with("\n200"), "another source: {answer}");
+    let answer = asked_from([127, 0, 0, 1]);
+    assert!(answer.ends_with("\n200"), "the same source: {answer}");
+    // And many sources, 60 idle connections each.
+    let many: Vec<_> = (10..30u8)
+        .flat_map(|last| (0..60).map(move |_| connect_from([127, 0, 0, last], port)))
+        .collect();
+    let answer = asked_from([127, 0, 0, 3]);
+    assert!(answer.ends_with("\n200"), "after many sources: {answer}");
+    drop((one, many));
+}

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use crate::daemon::{DeployHome, try_lock};
 use crate::error::DeployError;
 use crate::proxy::Routes;
-use crate::router::{Front, Routing};
+use crate::router::{Admission, Front, HeadLimits, Routing};
 
 /// How long a data plane nobody connected to waits for its first controller before it ends.
 const FIRST_CONTROLLER_WAIT: Duration = Duration::from_secs(10);
@@ -143,6 +143,8 @@ pub struct LocalPlane {
     endpoints: BTreeMap<String, PlaneEndpoint>,
     /// The host-routed addresses, each shared by the services that declare hosts on it.
     fronts: BTreeMap<SocketAddr, Front>,
+    /// The connections of every front still waiting for their first request head.
+    admission: Arc<Admission>,
     balancer: Option<ConnectBalancer>,
     /// The nftables table remote clients are forwarded by, when kernel balancing is wanted.
     forward_table: Option<String>,
@@ -164,6 +166,13 @@ impl LocalPlane {
             balancer,
             ..LocalPlane::default()
         }
+    }
+
+    /// Caps connections waiting for their first request head at fronts started from now on
+    /// (the default: [`HeadLimits::for_open_files`] when the plane was made).
+    pub fn with_head_limits(mut self, limits: HeadLimits) -> LocalPlane {
+        self.admission = Arc::new(Admission::new(limits));
+        self
     }
 
     /// Forwards remote clients in the kernel, with the rules in nftables table `table`,
@@ -374,7 +383,7 @@ impl LocalPlane {
     /// services stops accepting.
     fn leave_fronts(&mut self, service: &str, keep: &[SocketAddr]) {
         self.fronts
-            .retain(|addr, front| keep.contains(addr) || !front.remove(service));
+            .retain(|addr, front| keep.contains(addr) || !front.leave(service));
     }
 
     /// [`DataPlane::listen`] for an endpoint routed by host name and/or TLS: one [`Front`] per
@@ -415,6 +424,11 @@ impl LocalPlane {
         if let Some(paths) = &routing.tls {
             crate::router::load_certified_key(paths)?;
         }
+        let routes = self
+            .endpoints
+            .get(service)
+            .map(|e| e.routes.clone())
+            .unwrap_or_default();
         let mut started = Vec::new();
         for addr in addrs {
             if self.fronts.get(addr).is_some_and(|f| f.tls() == tls) {
@@ -427,21 +441,18 @@ impl LocalPlane {
                     .endpoints
                     .get(service)
                     .is_some_and(|e| e.addrs.iter().any(|a| a.port() == addr.port()));
-            let front = Front::start(*addr, tls, !mine)
-                .map_err(|e| bad(format!("cannot listen on {addr}: {e}")))?;
-            started.push((*addr, front));
+            let first = (service, routing, &routes);
+            started.push((
+                *addr,
+                Front::start(*addr, tls, !mine, self.admission.clone(), first)?,
+            ));
         }
-        self.fronts.extend(started);
-        let routes = self
-            .endpoints
-            .get(service)
-            .map(|e| e.routes.clone())
-            .unwrap_or_default();
         for addr in addrs {
-            if let Some(front) = self.fronts.get(addr) {
+            if let Some(front) = self.fronts.get(addr).filter(|f| f.tls() == tls) {
                 front.set(service, routing, &routes)?;
             }
         }
+        self.fronts.extend(started);
         self.leave_fronts(service, addrs);
         // Still recorded as it was: a plain endpoint's kernel balancing is undone.
         let old_addrs = self
@@ -1454,6 +1465,175 @@ pub(crate) mod tests {
         );
     }
 
+    /// A host-network "instance" that answers every request with 200 and closes.
+    fn http_backend() -> SocketAddr {
+        let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = backend.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for stream in backend.incoming() {
+                let Ok(mut stream) = stream else { break };
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    let _ = stream.read(&mut buf);
+                    let _ = stream.write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n",
+                    );
+                });
+            }
+        });
+        addr
+    }
+
+    /// A connection to `addr` from the loopback address `from` (any of 127/8 is this host's).
+    fn connect_from(from: std::net::Ipv4Addr, addr: SocketAddr) -> std::net::TcpStream {
+        use rustix::net::{AddressFamily, SocketFlags, SocketType};
+        let socket = rustix::net::socket_with(
+            AddressFamily::INET,
+            SocketType::STREAM,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        rustix::net::bind(&socket, &SocketAddr::from((from, 0))).unwrap();
+        rustix::net::connect(&socket, &addr).unwrap();
+        std::net::TcpStream::from(socket)
+    }
+
+    /// The status line of the answer to a request for `host` from `from`, within 5 s.
+    fn status_from(from: std::net::Ipv4Addr, addr: SocketAddr, host: &str) -> String {
+        let mut s = connect_from(from, addr);
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer).into_owned();
+        answer.lines().next().unwrap_or_default().to_owned()
+    }
+
+    /// How many of `connections` the server has not closed.
+    fn still_open(connections: &[std::net::TcpStream]) -> usize {
+        connections
+            .iter()
+            .filter(|s| {
+                s.set_nonblocking(true).unwrap();
+                let mut buf = [0u8; 64];
+                matches!((&**s).read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            })
+            .count()
+    }
+
+    #[test]
+    fn idle_connections_of_one_source_or_of_many_keep_no_other_client_from_being_served() {
+        let mut plane = LocalPlane::new(None).with_head_limits(HeadLimits {
+            per_source: 8,
+            total: 32,
+        });
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let routing = Routing {
+            hosts: vec!["shop.example".into()],
+            tls: None,
+        };
+        plane.listen("shop", &[addr], &routing).unwrap();
+        plane
+            .route("shop", &[("s1".into(), http_backend())])
+            .unwrap();
+        let source = |last: u8| std::net::Ipv4Addr::new(127, 0, 0, last);
+
+        // One source opens 100 connections and sends nothing: 8 of them stay open.
+        let idle: Vec<_> = (0..100).map(|_| connect_from(source(1), addr)).collect();
+        assert!(
+            settles(|| still_open(&idle) == 8),
+            "{} open",
+            still_open(&idle)
+        );
+        assert_eq!(
+            status_from(source(2), addr, "shop.example"),
+            "HTTP/1.1 200 OK"
+        );
+        // Its own next request is served too, in place of its oldest idle connection.
+        assert_eq!(
+            status_from(source(1), addr, "shop.example"),
+            "HTTP/1.1 200 OK"
+        );
+
+        // 20 sources, 8 idle connections each: past the total, the longest-waiting go.
+        let many: Vec<_> = (10..30)
+            .flat_map(|last| (0..8).map(move |_| connect_from(source(last), addr)))
+            .collect();
+        assert_eq!(
+            status_from(source(3), addr, "shop.example"),
+            "HTTP/1.1 200 OK"
+        );
+        drop((idle, many));
+        plane.close("shop").unwrap();
+        assert!(settles(|| plane.idle()));
+    }
+
+    #[test]
+    fn a_plain_endpoint_that_turns_host_routed_on_its_port_answers_no_request_with_404() {
+        let mut plane = LocalPlane::new(None);
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let routed = Routing {
+            hosts: vec!["shop.example".into()],
+            tls: None,
+        };
+        plane.listen("shop", &[addr], &Routing::default()).unwrap();
+        plane
+            .route("shop", &[("s1".into(), http_backend())])
+            .unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let clients: Vec<_> = (0..2)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let (mut answered, mut wrong) = (0, Vec::new());
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+                            continue;
+                        };
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                        if s.write_all(b"GET / HTTP/1.1\r\nHost: shop.example\r\n\r\n")
+                            .is_err()
+                        {
+                            continue;
+                        }
+                        let mut answer = Vec::new();
+                        let _ = s.read_to_end(&mut answer);
+                        // A reset (a listener closed with connections in its queue) is not
+                        // what this test is about: only answers are judged.
+                        if answer.is_empty() {
+                            continue;
+                        }
+                        answered += 1;
+                        if !answer.starts_with(b"HTTP/1.1 200 ") {
+                            wrong.push(String::from_utf8_lossy(&answer).into_owned());
+                        }
+                    }
+                    (answered, wrong)
+                })
+            })
+            .collect();
+        for _ in 0..40 {
+            plane.listen("shop", &[addr], &routed).unwrap();
+            std::thread::sleep(Duration::from_millis(10));
+            plane.listen("shop", &[addr], &Routing::default()).unwrap();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for client in clients {
+            let (answered, wrong) = client.join().unwrap();
+            assert!(answered > 20, "only {answered} answers");
+            assert!(
+                wrong.is_empty(),
+                "{} of {answered} answers were not 200: {:?}",
+                wrong.len(),
+                &wrong[..wrong.len().min(3)]
+            );
+        }
+        plane.close("shop").unwrap();
+    }
+
     #[test]
     fn the_data_plane_takes_as_many_open_files_as_the_hard_limit_allows() {
         use rustix::process::{Resource, getrlimit, setrlimit};
@@ -1530,6 +1710,83 @@ pub(crate) mod tests {
         }
         plane.close("db").unwrap();
         assert!(settles(|| plane.idle()));
+    }
+
+    #[test]
+    fn a_certificate_file_that_blocks_its_reader_stalls_no_handshake() {
+        let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let backend_addr = backend.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for stream in backend.incoming() {
+                let Ok(mut stream) = stream else { break };
+                let _ = stream.write_all(b"pong from the backend\n");
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("c.key"));
+        let made = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+            .args(["-subj", "/CN=db.example", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl (installed by scripts/setup)");
+        assert!(made.status.success());
+        let ca = dir.path().join("ca.pem");
+        std::fs::copy(&cert, &ca).unwrap();
+        let mut plane = LocalPlane::new(None);
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let routing = Routing {
+            hosts: Vec::new(),
+            tls: Some(crate::router::TlsPaths {
+                cert: cert.clone(),
+                key,
+            }),
+        };
+        plane.listen("db", &[addr], &routing).unwrap();
+        plane.route("db", &[("d1".into(), backend_addr)]).unwrap();
+        let served = || {
+            let out = std::process::Command::new("timeout")
+                .args([
+                    "10",
+                    "openssl",
+                    "s_client",
+                    "-quiet",
+                    "-verify_return_error",
+                ])
+                .arg("-CAfile")
+                .arg(&ca)
+                .args(["-servername", "db.example", "-connect", &addr.to_string()])
+                .stdin(std::process::Stdio::null())
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).contains("pong from the backend")
+        };
+        assert!(served());
+        // The certificate becomes a FIFO that nobody writes: opening it to read blocks.
+        std::fs::remove_file(&cert).unwrap();
+        let fifo = std::process::Command::new("mkfifo")
+            .arg(&cert)
+            .status()
+            .unwrap();
+        assert!(fifo.success());
+        std::thread::sleep(Duration::from_millis(2500));
+        // Both proxy threads (the kernel spreads connections over them) still shake hands,
+        // with the last certificate that loaded.
+        for round in 0..6 {
+            assert!(served(), "handshake {round} stalled or failed");
+        }
+        // A writer that closes at once ends the blocked read: no certificate in it, reported.
+        let release = cert.clone();
+        std::thread::spawn(move || drop(std::fs::OpenOptions::new().write(true).open(release)));
+        assert!(settles(|| plane
+            .take_kernel_failures()
+            .iter()
+            .any(|f| f.contains("service db") && f.contains("c.pem"))));
+        assert!(served());
+        plane.close("db").unwrap();
     }
 
     #[test]

@@ -16,12 +16,12 @@
 //! The kernel path (balancer, nftables DNAT) cannot read a `Host` header or terminate TLS, so a
 //! host-routed endpoint is never given to it: local and remote clients alike go through here.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -30,7 +30,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::error::DeployError;
@@ -39,11 +39,24 @@ use crate::spec::ServiceSpec;
 
 /// A request head larger than this is refused (431), as nginx's default buffers would.
 const MAX_HEAD: usize = 16 * 1024;
-/// How long a client may take for the TLS handshake and its first request head: a client that
-/// opens connections and sends nothing must not hold them forever.
+/// How long a client may take for the TLS handshake and its first request head together, as
+/// HAProxy's `timeout http-request` (nginx's `client_header_timeout`): a client that opens
+/// connections and sends nothing must not hold them forever.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often the certificate files are looked at (their inode, size and modification time) for
-/// a replacement, at most: once per second, on a handshake.
+/// Connections of one source (an IPv4 address, an IPv6 /64) that may wait for their first
+/// request head at once; a new one beyond closes that source's longest-waiting one. A real client
+/// sends its head within a round trip of connecting, so only a client that opens connections
+/// faster than it uses them (slowloris) meets this.
+const WAITING_PER_SOURCE: usize = 128;
+/// Connections of the whole data plane that may wait for their first request head at once, as
+/// a share of the open-files limit (each takes a descriptor, and a routed one takes a second
+/// for its instance); a new one beyond closes the longest-waiting one, whatever its source, so
+/// that many sources opening idle connections slow down real clients but never lock them out.
+const WAITING_SHARE_OF_OPEN_FILES: usize = 4;
+/// The least [`HeadLimits::total`], whatever the open-files limit says.
+const WAITING_TOTAL_FLOOR: usize = 64;
+/// How often a TLS front's loader thread looks at its certificate files (their inode, size and
+/// modification time) for a replacement.
 const RELOAD_CHECK: Duration = Duration::from_secs(1);
 
 /// How a service's endpoint routes: by host name, through TLS, or both. Neither: the plain TCP
@@ -138,7 +151,6 @@ struct CertState {
     stamps: [Stamp; 2],
     /// The files as they were when they last failed to load: reported once per change.
     failed: Option<[Stamp; 2]>,
-    checked: Instant,
 }
 
 impl CertFiles {
@@ -152,7 +164,6 @@ impl CertFiles {
                 key,
                 stamps,
                 failed: None,
-                checked: Instant::now(),
             }),
             failures,
         })
@@ -164,37 +175,227 @@ impl CertFiles {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The certificate to serve: the files' content once they changed and load. A pair that
-    /// does not load (a new chain next to the old key while both are being replaced, a broken
-    /// file) leaves the last good one served and is tried again a second later; its error is
-    /// reported once for each state of the files.
+    /// The certificate to serve, as last loaded: a handshake on a proxy thread never touches
+    /// the files (a slow or hung file system stalls the loader thread only).
     fn current(&self) -> Arc<CertifiedKey> {
-        let mut state = self.lock();
-        if state.checked.elapsed() >= RELOAD_CHECK {
-            state.checked = Instant::now();
-            let stamps = [stamp(&self.paths.cert), stamp(&self.paths.key)];
-            if stamps != state.stamps {
-                match load_certified_key(&self.paths) {
-                    Ok(key) => {
-                        state.key = key;
-                        state.stamps = stamps;
-                        state.failed = None;
-                    }
-                    Err(e) if state.failed != Some(stamps) => {
-                        state.failed = Some(stamps);
-                        self.failures
-                            .lock()
-                            .unwrap_or_else(|poisoned| poisoned.into_inner())
-                            .push(format!(
-                                "service {}: {e}; the last certificate that loaded is still served",
-                                self.service
-                            ));
-                    }
-                    Err(_) => {}
-                }
+        self.lock().key.clone()
+    }
+
+    /// Loads the files again if they changed since the last look (run by the front's loader
+    /// thread, [`watch_certificates`]). A pair that does not load (a new chain next to the old
+    /// key while both are being replaced, a broken file) leaves the last good one served and is
+    /// tried again at the next look; its error is reported once for each state of the files.
+    fn refresh(&self) {
+        let stamps = [stamp(&self.paths.cert), stamp(&self.paths.key)];
+        {
+            let state = self.lock();
+            if stamps == state.stamps {
+                return;
             }
         }
-        state.key.clone()
+        // Read without the lock: handshakes keep taking the current key meanwhile.
+        let loaded = load_certified_key(&self.paths);
+        let mut state = self.lock();
+        match loaded {
+            Ok(key) => {
+                state.key = key;
+                state.stamps = stamps;
+                state.failed = None;
+            }
+            Err(_) if state.failed == Some(stamps) => {}
+            Err(e) => {
+                state.failed = Some(stamps);
+                self.failures
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .push(format!(
+                        "service {}: {e}; the last certificate that loaded is still served",
+                        self.service
+                    ));
+            }
+        }
+    }
+}
+
+/// The loader thread of a TLS front: every [`RELOAD_CHECK`], refreshes the certificate of each
+/// service on the front, until the front is dropped (`shutdown` turns true or its sender goes).
+fn watch_certificates(
+    table: Arc<FrontTable>,
+    mut shutdown: watch::Receiver<bool>,
+) -> io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("imago-certificates".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(RELOAD_CHECK);
+                if shutdown.has_changed().is_err() || *shutdown.borrow_and_update() {
+                    return;
+                }
+                for service in table.snapshot().values() {
+                    if let Some(certs) = &service.certs {
+                        certs.refresh();
+                    }
+                }
+            }
+        })
+}
+
+/// Caps on connections still waiting for their first request head (and, over TLS, for their
+/// handshake), shared by every front of a data plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadLimits {
+    /// Waiting connections of one source (an IPv4 address or an IPv6 /64).
+    pub per_source: usize,
+    /// Waiting connections in all.
+    pub total: usize,
+}
+
+impl HeadLimits {
+    /// The defaults: [`WAITING_PER_SOURCE`] per source, a quarter of the open-files limit in
+    /// all (read now: the data plane raises its limit first).
+    pub fn for_open_files() -> HeadLimits {
+        let open_files = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or(1024);
+        let total = (open_files / WAITING_SHARE_OF_OPEN_FILES).max(WAITING_TOTAL_FLOOR);
+        HeadLimits {
+            per_source: WAITING_PER_SOURCE.min(total),
+            total,
+        }
+    }
+}
+
+/// Where a connection comes from, for [`HeadLimits::per_source`]: an IPv6 client usually holds
+/// a whole /64, so its addresses count as one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Source {
+    V4(std::net::Ipv4Addr),
+    V6Prefix(u64),
+}
+
+impl Source {
+    fn of(ip: IpAddr) -> Source {
+        match ip {
+            IpAddr::V4(v4) => Source::V4(v4),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Source::V4(v4),
+                None => Source::V6Prefix((v6.to_bits() >> 64) as u64),
+            },
+        }
+    }
+}
+
+/// The connections waiting for their first head, oldest first, with the signal that closes
+/// each: admitting one past a cap evicts the oldest under that cap.
+#[derive(Debug)]
+pub(crate) struct Admission {
+    limits: HeadLimits,
+    waiting: Mutex<Waiting>,
+}
+
+#[derive(Debug, Default)]
+struct Waiting {
+    next: u64,
+    /// By admission order: the first entry has waited longest.
+    queue: BTreeMap<u64, (Source, Arc<Notify>)>,
+    by_source: HashMap<Source, VecDeque<u64>>,
+}
+
+impl Waiting {
+    /// Forgets `id` (evicted, or its head came); its eviction signal, if it was still here.
+    fn forget(&mut self, id: u64) -> Option<Arc<Notify>> {
+        let (source, evict) = self.queue.remove(&id)?;
+        if let Some(ids) = self.by_source.get_mut(&source) {
+            ids.retain(|i| *i != id);
+            if ids.is_empty() {
+                self.by_source.remove(&source);
+            }
+        }
+        Some(evict)
+    }
+}
+
+impl Default for Admission {
+    fn default() -> Admission {
+        Admission::new(HeadLimits::for_open_files())
+    }
+}
+
+impl Admission {
+    pub(crate) fn new(limits: HeadLimits) -> Admission {
+        Admission {
+            limits,
+            waiting: Mutex::new(Waiting::default()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Waiting> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Counts a new connection from `ip` as waiting, evicting the oldest one of its source, then
+    /// the oldest of all, when a cap is reached.
+    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> WaitingForHead {
+        let source = Source::of(ip);
+        let evict = Arc::new(Notify::new());
+        let mut waiting = self.lock();
+        let mut evicted = Vec::new();
+        let oldest_of_source = waiting
+            .by_source
+            .get(&source)
+            .filter(|ids| ids.len() >= self.limits.per_source.max(1))
+            .and_then(|ids| ids.front().copied());
+        if let Some(id) = oldest_of_source {
+            evicted.extend(waiting.forget(id));
+        }
+        while waiting.queue.len() >= self.limits.total.max(1) {
+            let Some(id) = waiting.queue.keys().next().copied() else {
+                break;
+            };
+            evicted.extend(waiting.forget(id));
+        }
+        let id = waiting.next;
+        waiting.next += 1;
+        waiting.queue.insert(id, (source, evict.clone()));
+        waiting.by_source.entry(source).or_default().push_back(id);
+        drop(waiting);
+        for notify in evicted {
+            // Kept as a permit when its task is not waiting on it yet.
+            notify.notify_one();
+        }
+        WaitingForHead {
+            admission: self.clone(),
+            id,
+            evict,
+        }
+    }
+
+    #[cfg(test)]
+    fn waiting(&self) -> usize {
+        self.lock().queue.len()
+    }
+}
+
+/// One connection counted as waiting for its head until dropped.
+pub(crate) struct WaitingForHead {
+    admission: Arc<Admission>,
+    id: u64,
+    evict: Arc<Notify>,
+}
+
+impl WaitingForHead {
+    /// Returns once a newer connection took this one's place.
+    async fn evicted(&self) {
+        self.evict.notified().await;
+    }
+}
+
+impl Drop for WaitingForHead {
+    fn drop(&mut self) {
+        self.admission.lock().forget(self.id);
     }
 }
 
@@ -204,6 +405,26 @@ struct FrontService {
     hosts: Vec<String>,
     routes: Routes,
     certs: Option<Arc<CertFiles>>,
+}
+
+impl FrontService {
+    /// `service`'s entry, its certificate loaded now; reload failures go to `failures`.
+    fn new(
+        service: &str,
+        routing: &Routing,
+        routes: &Routes,
+        failures: &Failures,
+    ) -> Result<FrontService, DeployError> {
+        let certs = match &routing.tls {
+            Some(paths) => Some(Arc::new(CertFiles::load(service, paths, failures.clone())?)),
+            None => None,
+        };
+        Ok(FrontService {
+            hosts: routing.hosts.clone(),
+            routes: routes.clone(),
+            certs,
+        })
+    }
 }
 
 /// The services of one address, as its proxy threads see them: replaced whole as a snapshot,
@@ -290,16 +511,38 @@ impl Drop for Front {
 }
 
 impl Front {
-    /// Listens on `addr` (see [`proxy::bind`] for `check_free`), with TLS or without.
-    pub fn start(addr: SocketAddr, tls: bool, check_free: bool) -> io::Result<Front> {
-        let listeners = proxy::bind(addr, proxy::default_threads(), check_free)?;
+    /// Listens on `addr` (see [`proxy::bind`] for `check_free`), with TLS or without, for
+    /// `service` first: it is in the table before the first connection is accepted, so that no
+    /// request meets an empty front (a 404, or a handshake without a certificate) while a
+    /// service moves onto a port its earlier endpoint still serves. Connections waiting for
+    /// their first head are counted in `admission`, shared with the data plane's other fronts.
+    pub(crate) fn start(
+        addr: SocketAddr,
+        tls: bool,
+        check_free: bool,
+        admission: Arc<Admission>,
+        first: (&str, &Routing, &Routes),
+    ) -> Result<Front, DeployError> {
+        let listen_error = |e: io::Error| DeployError::InvalidService {
+            service: first.0.to_owned(),
+            field: "hosts".into(),
+            reason: format!("cannot listen on {addr}: {e}"),
+        };
+        let listeners =
+            proxy::bind(addr, proxy::default_threads(), check_free).map_err(listen_error)?;
         let table = Arc::new(FrontTable::default());
+        let failures = Failures::default();
+        let (service, routing, routes) = first;
+        let entry = FrontService::new(service, routing, routes, &failures)?;
+        table.update(|services| {
+            services.insert(service.to_owned(), entry);
+        });
         let acceptor = if tls {
             let config = rustls::ServerConfig::builder_with_provider(Arc::new(
                 rustls::crypto::ring::default_provider(),
             ))
             .with_safe_default_protocol_versions()
-            .map_err(io::Error::other)?
+            .map_err(|e| listen_error(io::Error::other(e)))?
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(SniResolver(table.clone())));
             // No ALPN answer at all: HTTP/2 is not spoken, and a client that offers `h2` and
@@ -311,18 +554,23 @@ impl Front {
             None
         };
         let (accepting, shutdown) = watch::channel(false);
+        if tls {
+            watch_certificates(table.clone(), shutdown.clone()).map_err(listen_error)?;
+        }
         let shared = table.clone();
         proxy::spawn_with(listeners, shutdown, move |listener, shutdown| {
             let table = shared.clone();
             let acceptor = acceptor.clone();
+            let admission = admission.clone();
             proxy::accept_loop(listener, shutdown, move |client| {
-                handle(client, table.clone(), acceptor.clone())
+                handle(client, table.clone(), acceptor.clone(), admission.clone())
             })
-        })?;
+        })
+        .map_err(listen_error)?;
         Ok(Front {
             table,
             tls,
-            failures: Failures::default(),
+            failures,
             accepting,
         })
     }
@@ -349,31 +597,28 @@ impl Front {
         routing: &Routing,
         routes: &Routes,
     ) -> Result<(), DeployError> {
-        let certs = match &routing.tls {
-            Some(paths) => Some(Arc::new(CertFiles::load(
-                service,
-                paths,
-                self.failures.clone(),
-            )?)),
-            None => None,
-        };
-        let entry = FrontService {
-            hosts: routing.hosts.clone(),
-            routes: routes.clone(),
-            certs,
-        };
+        let entry = FrontService::new(service, routing, routes, &self.failures)?;
         self.table.update(|services| {
             services.insert(service.to_owned(), entry);
         });
         Ok(())
     }
 
-    /// Stops routing `service` here; true if no service is left.
-    pub fn remove(&self, service: &str) -> bool {
+    /// Stops routing `service` here; true if no other service is left, and then the table is
+    /// left as it is: the front is about to be dropped, and the connections it accepted until
+    /// then must still reach the service, not meet an empty table (404).
+    pub fn leave(&self, service: &str) -> bool {
+        let services = self.table.snapshot();
+        if !services.contains_key(service) {
+            return services.is_empty();
+        }
+        if services.len() == 1 {
+            return true;
+        }
         self.table.update(|services| {
             services.remove(service);
         });
-        self.table.snapshot().is_empty()
+        false
     }
 
     /// Which service of this front, other than `service`, already answers one of `hosts` (or
@@ -471,40 +716,50 @@ async fn read_routed<S: AsyncRead + Unpin>(
         });
     }
     let mut head = Vec::with_capacity(2048);
-    let host = tokio::time::timeout(HEAD_TIMEOUT, async {
-        loop {
-            // A client that closes before a whole head is owed no answer.
-            if client.read_buf(&mut head).await.map_err(|_| None)? == 0 {
-                return Err(None);
-            }
-            let mut headers = [httparse::EMPTY_HEADER; 64];
-            let mut request = httparse::Request::new(&mut headers);
-            match request.parse(&head) {
-                Ok(httparse::Status::Complete(_)) => {
-                    let mut hosts = request
-                        .headers
-                        .iter()
-                        .filter(|h| h.name.eq_ignore_ascii_case("host"));
-                    let host = hosts.next();
-                    // Two Host headers: which one a backend believes is anyone's guess
-                    // (RFC 9112 section 3.2: answer 400).
-                    if hosts.next().is_some() {
-                        return Err(Some(Refusal::BadRequest("more than one Host header")));
-                    }
-                    return host
-                        .and_then(|h| host_name(h.value))
-                        .ok_or(Some(Refusal::BadRequest("no Host header")));
-                }
-                Ok(httparse::Status::Partial) if head.len() < MAX_HEAD => {}
-                Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
-                    return Err(Some(Refusal::TooLarge));
-                }
-                Err(_) => return Err(Some(Refusal::BadRequest("not an HTTP/1 request"))),
-            }
+    // How much of `head` was searched for the empty line that ends a head: a head is parsed
+    // only once one may have arrived (and after the first read, so that a client that speaks
+    // no HTTP is refused at once), so a head sent a byte at a time costs one look at each byte
+    // instead of one parse of the whole head per read.
+    let mut searched: usize = 0;
+    let host = loop {
+        // A client that closes before a whole head is owed no answer.
+        if client.read_buf(&mut head).await.map_err(|_| None)? == 0 {
+            return Err(None);
         }
-    })
-    .await
-    .map_err(|_| None)??;
+        let first = searched == 0;
+        let ended = ends_a_head(&head[searched.saturating_sub(2)..]);
+        searched = head.len();
+        if !first && !ended {
+            if head.len() >= MAX_HEAD {
+                return Err(Some(Refusal::TooLarge));
+            }
+            continue;
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut request = httparse::Request::new(&mut headers);
+        match request.parse(&head) {
+            Ok(httparse::Status::Complete(_)) => {
+                let mut hosts = request
+                    .headers
+                    .iter()
+                    .filter(|h| h.name.eq_ignore_ascii_case("host"));
+                let host = hosts.next();
+                // Two Host headers: which one a backend believes is anyone's guess
+                // (RFC 9112 section 3.2: answer 400).
+                if hosts.next().is_some() {
+                    return Err(Some(Refusal::BadRequest("more than one Host header")));
+                }
+                break host
+                    .and_then(|h| host_name(h.value))
+                    .ok_or(Some(Refusal::BadRequest("no Host header")))?;
+            }
+            Ok(httparse::Status::Partial) if head.len() < MAX_HEAD => {}
+            Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
+                return Err(Some(Refusal::TooLarge));
+            }
+            Err(_) => return Err(Some(Refusal::BadRequest("not an HTTP/1 request"))),
+        }
+    };
     let Some((name, service)) = find(&services, &host) else {
         return Err(Some(Refusal::UnknownHost(host)));
     };
@@ -515,6 +770,13 @@ async fn read_routed<S: AsyncRead + Unpin>(
     Ok(Routed {
         head,
         routes: service.routes.clone(),
+    })
+}
+
+/// Whether `bytes` hold an empty line (`\n\n` or `\n\r\n`), which ends a request head.
+fn ends_a_head(bytes: &[u8]) -> bool {
+    bytes.windows(2).enumerate().any(|(i, w)| {
+        w[0] == b'\n' && (w[1] == b'\n' || (w[1] == b'\r' && bytes.get(i + 2) == Some(&b'\n')))
     })
 }
 
@@ -554,15 +816,32 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(client: &mut S, refusal: Opti
     }
 }
 
-async fn handle(client: TcpStream, table: Arc<FrontTable>, acceptor: Option<TlsAcceptor>) {
+/// Serves one connection of a front: TLS handshake and first request head (counted as waiting
+/// in `admission`, within [`HEAD_TIMEOUT`], closed at once when evicted), then the relay to
+/// an instance of the service it names.
+async fn handle(
+    client: TcpStream,
+    table: Arc<FrontTable>,
+    acceptor: Option<TlsAcceptor>,
+    admission: Arc<Admission>,
+) {
     let _ = client.set_nodelay(true);
+    let Ok(peer) = client.peer_addr() else {
+        return;
+    };
+    let waiting = admission.admit(peer.ip());
+    let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
     match acceptor {
         None => {
             let mut client = client;
-            let routed = match read_routed(&mut client, &table, None).await {
-                Ok(routed) => routed,
-                Err(refusal) => return refuse(&mut client, refusal).await,
+            let routed = tokio::select! {
+                () = waiting.evicted() => return,
+                routed = tokio::time::timeout_at(deadline, first_head(&mut client, &table, None)) => routed,
             };
+            let Ok(Some(routed)) = routed else {
+                return;
+            };
+            drop(waiting);
             let Some((upstream, _count)) = proxy::connect_routed(&routed.routes).await else {
                 let service = service_of(&table, &routed.routes);
                 return refuse(&mut client, Some(Refusal::NoInstance(service))).await;
@@ -572,16 +851,19 @@ async fn handle(client: TcpStream, table: Arc<FrontTable>, acceptor: Option<TlsA
             }
         }
         Some(acceptor) => {
-            let Ok(Ok(mut client)) =
-                tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(client)).await
-            else {
+            let routed = tokio::select! {
+                () = waiting.evicted() => return,
+                routed = tokio::time::timeout_at(deadline, async {
+                    let mut client = acceptor.accept(client).await.ok()?;
+                    let sni = client.get_ref().1.server_name().map(str::to_owned);
+                    let routed = first_head(&mut client, &table, sni.as_deref()).await?;
+                    Some((client, routed))
+                }) => routed,
+            };
+            let Ok(Some((mut client, routed))) = routed else {
                 return;
             };
-            let sni = client.get_ref().1.server_name().map(str::to_owned);
-            let routed = match read_routed(&mut client, &table, sni.as_deref()).await {
-                Ok(routed) => routed,
-                Err(refusal) => return refuse(&mut client, refusal).await,
-            };
+            drop(waiting);
             let Some((mut upstream, _count)) = proxy::connect_routed(&routed.routes).await else {
                 let service = service_of(&table, &routed.routes);
                 return refuse(&mut client, Some(Refusal::NoInstance(service))).await;
@@ -589,6 +871,21 @@ async fn handle(client: TcpStream, table: Arc<FrontTable>, acceptor: Option<TlsA
             if upstream.write_all(&routed.head).await.is_ok() {
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
             }
+        }
+    }
+}
+
+/// [`read_routed`], with a refused request answered here: the route, or None once answered.
+async fn first_head<S: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut S,
+    table: &FrontTable,
+    sni: Option<&str>,
+) -> Option<Routed> {
+    match read_routed(client, table, sni).await {
+        Ok(routed) => Some(routed),
+        Err(refusal) => {
+            refuse(client, refusal).await;
+            None
         }
     }
 }
@@ -669,6 +966,85 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_source_over_its_cap_or_everyone_over_the_total_evicts_the_longest_waiting() {
+        use futures::FutureExt;
+        let admission = Arc::new(Admission::new(HeadLimits {
+            per_source: 2,
+            total: 4,
+        }));
+        let evicted = |w: &WaitingForHead| w.evicted().now_or_never().is_some();
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        let a1 = admission.admit(ip("192.0.2.1"));
+        let a2 = admission.admit(ip("192.0.2.1"));
+        let a3 = admission.admit(ip("192.0.2.1"));
+        assert!(evicted(&a1), "a source past its cap loses its oldest");
+        assert!(!evicted(&a2) && !evicted(&a3));
+        // One IPv6 /64 is one source.
+        let b1 = admission.admit(ip("2001:db8::1"));
+        let b2 = admission.admit(ip("2001:db8::2"));
+        assert!(!evicted(&b1) && !evicted(&b2));
+        assert_eq!(admission.waiting(), 4);
+        // The total reached: the longest-waiting of all goes, whatever its source.
+        let c1 = admission.admit(ip("2001:db8:1::1"));
+        assert!(evicted(&a2));
+        assert!(!evicted(&a3) && !evicted(&b1) && !evicted(&c1));
+        assert_eq!(admission.waiting(), 4);
+        // A connection that got its head (dropped here) makes room.
+        drop(b1);
+        let d1 = admission.admit(ip("198.51.100.7"));
+        assert!(!evicted(&a3) && !evicted(&b2) && !evicted(&c1) && !evicted(&d1));
+        drop((a1, a2, a3, b2, c1, d1));
+        assert_eq!(admission.waiting(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_head_sent_a_byte_at_a_time_is_routed_and_garbage_is_refused_at_once() {
+        let table = FrontTable::default();
+        table.update(|services| {
+            services.insert(
+                "shop".to_owned(),
+                FrontService {
+                    hosts: vec!["shop.example".to_owned()],
+                    routes: Routes::default(),
+                    certs: None,
+                },
+            );
+        });
+        let head = "GET / HTTP/1.1\r\nUser-Agent: slow\r\nHost: shop.example\r\n\r\n";
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let sending = tokio::spawn(async move {
+            for byte in head.as_bytes() {
+                client.write_all(&[*byte]).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            client
+        });
+        let routed = read_routed(&mut server, &table, None).await;
+        assert_eq!(routed.map(|r| r.head).ok(), Some(head.as_bytes().to_vec()));
+        drop(sending.await.unwrap());
+        // Bare LF line ends are a head too (httparse takes them).
+        let (mut client, mut server) = tokio::io::duplex(4096);
+        client
+            .write_all(b"GET / HTTP/1.1\nHost: shop.example\n\n")
+            .await
+            .unwrap();
+        assert!(read_routed(&mut server, &table, None).await.is_ok());
+        // No empty line ever comes, but the first bytes are no HTTP: refused without waiting.
+        let (mut client, mut server) = tokio::io::duplex(4096);
+        client.write_all(b"\x16\x03\x01\x02\x00").await.unwrap();
+        let refused = tokio::time::timeout(
+            Duration::from_secs(5),
+            read_routed(&mut server, &table, None),
+        )
+        .await
+        .unwrap();
+        assert!(matches!(
+            refused.map(|r| r.head),
+            Err(Some(Refusal::BadRequest(_)))
+        ));
+    }
+
     /// A self-signed P-256 certificate for `host` in `dir`, as NAME.pem and NAME.key.
     fn make_cert(dir: &Path, name: &str, host: &str) -> TlsPaths {
         let paths = TlsPaths {
@@ -699,15 +1075,16 @@ mod tests {
         let failures = Failures::default();
         let certs = CertFiles::load("shop", &paths, failures.clone()).unwrap();
         let first = certs.current();
-        let wait = || std::thread::sleep(RELOAD_CHECK + Duration::from_millis(50));
+        // What the front's loader thread does every second.
+        let look = || certs.refresh();
 
         std::fs::write(&paths.cert, "garbage\n").unwrap();
-        wait();
+        look();
         assert!(
             Arc::ptr_eq(&certs.current(), &first),
             "the last good one is served"
         );
-        wait();
+        look();
         assert!(Arc::ptr_eq(&certs.current(), &first));
         let reported = std::mem::take(&mut *failures.lock().unwrap());
         assert_eq!(
@@ -722,7 +1099,7 @@ mod tests {
         );
 
         make_cert(dir.path(), "shop", "shop.example");
-        wait();
+        look();
         let renewed = certs.current();
         assert!(!Arc::ptr_eq(&renewed, &first), "the renewed pair is served");
         assert_eq!(

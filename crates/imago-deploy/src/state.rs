@@ -219,10 +219,14 @@ pub struct Event {
     pub actor: String,
 }
 
-/// The configuration hash and revision of `spec` pinned to `digest`.
+/// The configuration hash and revision of `spec` pinned to `digest`. The `tls` files are left
+/// out: they are the endpoint's, read by the data plane's front, never by an instance, so a
+/// change of their paths (the same imago.toml applied from another checkout) or of their
+/// content replaces no instance.
 pub fn fingerprint(spec: &ServiceSpec, digest: &Digest) -> Result<(Digest, String), DeployError> {
     let mut pinned = spec.clone();
     pinned.image = digest.to_string();
+    pinned.tls = None;
     let bytes = to_canonical_json(&pinned).map_err(|e| DeployError::Encode {
         what: "service configuration",
         source: serde_json::Error::io(std::io::Error::other(e.to_string())),
@@ -1205,11 +1209,13 @@ fn insert_release(
         path: path.to_path_buf(),
         source,
     };
+    let encode = |spec: &ServiceSpec| {
+        serde_json::to_string(spec).map_err(|source| DeployError::Encode {
+            what: "service spec",
+            source,
+        })
+    };
     let (config_hash, plain_revision) = fingerprint(spec, digest)?;
-    let spec_json = serde_json::to_string(spec).map_err(|source| DeployError::Encode {
-        what: "service spec",
-        source,
-    })?;
     let desired: Option<u64> = tx
         .query_row(
             "SELECT desired_release FROM services WHERE name = ?1 AND destroyed = 0",
@@ -1221,20 +1227,32 @@ fn insert_release(
         .flatten();
     let mut current_restart = 0;
     let mut same = None;
+    let mut current_spec: Option<ServiceSpec> = None;
     if let Some(current) = desired {
-        let row: Option<(String, u64)> = tx
+        let row: Option<(String, u64, String)> = tx
             .query_row(
-                "SELECT revision, restart FROM releases WHERE service = ?1 AND number = ?2",
+                "SELECT revision, restart, spec_json FROM releases WHERE service = ?1 AND number = ?2",
                 params![service, current],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()
             .map_err(db_err)?;
-        if let Some((revision, restart)) = row {
+        if let Some((revision, restart, spec_json)) = row {
             current_restart = restart;
             same = Some(revision);
+            current_spec = serde_json::from_str(&spec_json).ok();
         }
     }
+    // The endpoint's TLS files are the endpoint's, not a release's: a rollback restores an
+    // image and configuration, and the front keeps serving the certificate files it has.
+    let mut spec = spec.clone();
+    if rollback_of.is_some()
+        && let Some(current) = &current_spec
+    {
+        spec.tls = current.tls.clone();
+    }
+    let spec = &spec;
+    let spec_json = encode(spec)?;
     // A new release keeps the restart generation of the one it follows: instances are
     // replaced for a new image or configuration, never because an older restart was asked.
     let restart = restart.unwrap_or(current_restart);
@@ -1243,6 +1261,26 @@ fn insert_release(
         && same.as_deref() == Some(revision.as_str())
         && rollback_of.is_none()
     {
+        // Only the TLS files changed (or nothing): the desired release takes them in place,
+        // no instance is replaced, and the controller's next pass hands them to the front.
+        if let Some(current_spec) = current_spec
+            && current_spec.tls != spec.tls
+        {
+            tx.execute(
+                "UPDATE releases SET spec_json = ?1 WHERE service = ?2 AND number = ?3",
+                params![spec_json, service, current],
+            )
+            .map_err(db_err)?;
+            let files = spec.tls.as_ref().map_or_else(
+                || "none".to_owned(),
+                |t| format!("{} and {}", t.cert, t.key),
+            );
+            tx.execute(
+                "INSERT INTO events (at_ms, service, kind, message, actor) VALUES (?1, ?2, 'endpoint', ?3, ?4)",
+                params![now_ms(), service, format!("release {current}: TLS files now {files} (the endpoint's; no instance is replaced)"), actor],
+            )
+            .map_err(db_err)?;
+        }
         return Ok(NewRelease::Unchanged(current));
     }
     let number: u64 = tx
@@ -1382,6 +1420,48 @@ mod tests {
             .record_release("web", &loaded.spec, &d, "apply", None, "test")
             .unwrap();
         assert!(!new, "release {} made from an unchanged spec", again.number);
+    }
+
+    #[test]
+    fn other_tls_files_make_no_new_release_and_the_desired_one_takes_them() {
+        let (_d, mut db) = db();
+        let d1 = Digest::of(b"image v1");
+        let with_tls = |dir: &str| -> ServiceSpec {
+            serde_json::from_value(serde_json::json!({"image": "web", "port": 443,
+                "tls": {"cert": format!("{dir}/shop.pem"), "key": format!("{dir}/shop.key")}}))
+            .unwrap()
+        };
+        let (r1, _) = db
+            .record_release("web", &with_tls("/srv/a"), &d1, "apply", None, "test")
+            .unwrap();
+        // The same file applied from another checkout: the paths differ, nothing else.
+        let (again, new) = db
+            .record_release("web", &with_tls("/srv/b"), &d1, "apply", None, "test")
+            .unwrap();
+        assert!(!new, "a new release for other TLS paths");
+        assert_eq!((again.number, &again.revision), (r1.number, &r1.revision));
+        let desired = db.desired("web").unwrap().unwrap();
+        assert_eq!(desired.spec.tls.unwrap().cert, "/srv/b/shop.pem");
+        let events = db.events(None, 0).unwrap();
+        assert!(
+            events
+                .iter()
+                .any(|e| e.kind == "endpoint" && e.message.contains("/srv/b/shop.pem")),
+            "{events:?}"
+        );
+        // A configuration change is a release; a rollback to release 1 keeps the endpoint's
+        // current files, not the ones release 1 was recorded with.
+        let mut changed = with_tls("/srv/c");
+        changed.replicas = 3;
+        let (r2, new) = db
+            .record_release("web", &changed, &d1, "apply", None, "test")
+            .unwrap();
+        assert!(new);
+        let target = db.release("web", r1.number).unwrap();
+        let restored = db.record_restored(&target, "rollback", "test").unwrap();
+        assert_eq!(restored.revision, r1.revision);
+        assert_eq!(restored.spec.tls.unwrap().cert, "/srv/c/shop.pem");
+        assert!(restored.number > r2.number);
     }
 
     #[test]

@@ -85,6 +85,21 @@ impl Imago {
         }
     }
 
+    /// The ids of the instances `ps` lists, sorted.
+    pub fn instance_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .run(&["ps", "--json"])
+            .ok()
+            .json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["id"].as_str().unwrap().to_owned())
+            .collect();
+        ids.sort();
+        ids
+    }
+
     pub fn store(&self) -> Store {
         Store::open(&self.home.join("store")).expect("open store")
     }
