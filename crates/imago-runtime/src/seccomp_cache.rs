@@ -514,7 +514,7 @@ pub fn install(filter: &CompiledFilter) -> Result<(), nix::errno::Errno> {
 /// libcontainer's executor for an instance with a precompiled filter: checks at create that the
 /// kernel takes the filter, then, at start, loads it and execs the program as libcontainer's
 /// default executor does.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct PrecompiledSeccomp {
     filter: CompiledFilter,
     /// Which profile the filter is, and its files: for the error when the kernel refuses it.
@@ -531,7 +531,7 @@ impl Executor for PrecompiledSeccomp {
     fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
         install(&self.filter).map_err(|errno| {
             ExecutorError::Other(format!(
-                "cannot load the seccomp filter of {}: {errno}",
+                "cannot load the filter compiled from {}: {errno}",
                 self.profile
             ))
         })?;
@@ -545,7 +545,7 @@ impl Executor for PrecompiledSeccomp {
     fn validate(&self, spec: &Spec) -> Result<(), ExecutorValidationError> {
         check_loadable(&self.filter).map_err(|errno| {
             ExecutorValidationError::ArgValidationError(format!(
-                "the kernel refuses the seccomp filter of {}: {errno}",
+                "the kernel refuses the filter compiled from {}: {errno}",
                 self.profile
             ))
         })?;
