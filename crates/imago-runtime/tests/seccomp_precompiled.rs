@@ -27,6 +27,13 @@ fn cache_files(h: &Harness) -> Vec<PathBuf> {
     files
 }
 
+/// Runs one instance under the default filter and returns the cache file it left.
+fn program_of_a_filtered_launch(h: &Harness) -> PathBuf {
+    let (_, logs) = check(h, Seccomp::Default);
+    assert_default_filter(&logs);
+    cache_files(h).pop().unwrap()
+}
+
 /// Runs `CHECK` under `seccomp` and returns its output.
 fn check(h: &Harness, seccomp: Seccomp) -> (String, String) {
     let mut spec = h.spec(&["sh", "-c", CHECK]);
@@ -123,9 +130,7 @@ fn unconfined_instances_get_no_filter_and_no_program() {
 #[test]
 fn a_damaged_cache_file_is_compiled_again_never_loaded() {
     let h = Harness::new(Engine::Embedded);
-    let (_, logs) = check(&h, Seccomp::Default);
-    assert_default_filter(&logs);
-    let file = cache_files(&h).pop().unwrap();
+    let file = program_of_a_filtered_launch(&h);
     let good = fs::read(&file).unwrap();
     let header = 8 + 64; // magic, then the hex digest
     let mut allow_all = good[..header].to_vec();
@@ -176,9 +181,7 @@ fn launches_racing_to_fill_the_cache_all_run_filtered() {
 #[test]
 fn a_filter_the_kernel_refuses_fails_the_launch_at_create_naming_the_profile() {
     let h = Harness::new(Engine::Embedded);
-    let (_, logs) = check(&h, Seccomp::Default);
-    assert_default_filter(&logs);
-    let file = cache_files(&h).pop().unwrap();
+    let file = program_of_a_filtered_launch(&h);
     let key_hex = file.file_stem().unwrap().to_str().unwrap().to_owned();
     let refused: Vec<u8> = [
         0x20u16.to_ne_bytes().as_slice(), // BPF_LD | BPF_W | BPF_ABS
