@@ -278,7 +278,9 @@ impl LocalProvider {
         };
         let mut config = runtime_config(spec, &image.config, &ctx)?;
         let precompiled = match spec.engine {
-            Engine::Embedded => crate::seccomp_cache::take_precompilable(&mut config)?,
+            Engine::Embedded => {
+                crate::seccomp_cache::take_precompilable(&mut config, spec.seccomp.is_default())?
+            }
             Engine::Runc => None,
         };
         if let Some(rules) = &precompiled {

@@ -48,6 +48,11 @@ pub const BUNDLE_FILE: &str = "seccomp.json";
 /// [`PRECOMPILED`].
 pub const ANNOTATION: &str = "org.imago.seccomp";
 pub const PRECOMPILED: &str = "precompiled";
+/// The `config.json` annotation that says which profile the rules are, for the error a filter
+/// the kernel refuses gets: [`DEFAULT_PROFILE`] or [`OWN_PROFILE`].
+pub const PROFILE_ANNOTATION: &str = "org.imago.seccomp.profile";
+pub const DEFAULT_PROFILE: &str = "default";
+pub const OWN_PROFILE: &str = "own";
 
 /// Leading bytes of a cache file; the format changes with them.
 const MAGIC: &[u8; 8] = b"IMGBPF1\n";
@@ -83,7 +88,10 @@ pub fn precompilable(section: &LinuxSeccomp, no_new_privileges: bool) -> bool {
 /// [`ANNOTATION`]; returns the section, to be written to [`BUNDLE_FILE`], in the OCI runtime
 /// spec's operand order (the embedded engine's config carries libcontainer's, see
 /// `seccomp::swap_masked_operands`): what [`compile`] and runc read.
-pub fn take_precompilable(config: &mut Value) -> Result<Option<Value>, RuntimeError> {
+pub fn take_precompilable(
+    config: &mut Value,
+    default_profile: bool,
+) -> Result<Option<Value>, RuntimeError> {
     let Some(section) = config.pointer("/linux/seccomp") else {
         return Ok(None);
     };
@@ -99,21 +107,29 @@ pub fn take_precompilable(config: &mut Value) -> Result<Option<Value>, RuntimeEr
     if let Some(section) = &mut section {
         crate::seccomp::swap_masked_operands(section);
     }
+    let profile = if default_profile {
+        DEFAULT_PROFILE
+    } else {
+        OWN_PROFILE
+    };
+    if !config.get("annotations").is_some_and(Value::is_object) {
+        config["annotations"] = serde_json::json!({});
+    }
     if let Some(annotations) = config.get_mut("annotations").and_then(Value::as_object_mut) {
         annotations.insert(ANNOTATION.into(), PRECOMPILED.into());
-    } else {
-        config["annotations"] = serde_json::json!({ ANNOTATION: PRECOMPILED });
+        annotations.insert(PROFILE_ANNOTATION.into(), profile.into());
     }
     Ok(section)
 }
 
-/// The precompiled filter a bundle asks for, from `cache`; `None` when its `config.json` does
-/// not carry the [`ANNOTATION`] (no filter, or one libcontainer applies itself). A marked bundle
-/// whose rules cannot be read is an error: the instance never starts unfiltered.
+/// The precompiled filter a bundle asks for, from `cache`, in the executor that loads it; `None`
+/// when its `config.json` does not carry the [`ANNOTATION`] (no filter, or one libcontainer
+/// applies itself). A marked bundle whose rules cannot be read is an error: the instance never
+/// starts unfiltered.
 pub fn bundle_filter(
     bundle: &Path,
     cache: &FilterCache,
-) -> Result<Option<CompiledFilter>, RuntimeError> {
+) -> Result<Option<PrecompiledSeccomp>, RuntimeError> {
     let config_path = bundle.join("config.json");
     let config = fs::read(&config_path).map_err(RuntimeError::io("cannot read", &config_path))?;
     let config: Value = serde_json::from_slice(&config).map_err(|source| RuntimeError::Json {
@@ -143,7 +159,22 @@ pub fn bundle_filter(
             "the rules need the engine's own seccomp support".into(),
         ));
     }
-    cache.filter(&section).map(Some)
+    let profile = match config
+        .get("annotations")
+        .and_then(|annotations| annotations.get(PROFILE_ANNOTATION))
+    {
+        Some(Value::String(name)) if name == DEFAULT_PROFILE => "imago's default seccomp profile",
+        _ => "the instance's own seccomp profile",
+    };
+    let (filter, program_path) = cache.filter_and_path(&section)?;
+    Ok(Some(PrecompiledSeccomp {
+        filter,
+        profile: format!(
+            "{profile} (rules {}, program {})",
+            rules_path.display(),
+            program_path.display()
+        ),
+    }))
 }
 
 fn parse_section(section: Value, path: &Path) -> Result<LinuxSeccomp, RuntimeError> {
@@ -189,16 +220,25 @@ impl FilterCache {
     /// and written (atomically: concurrent launches each write a whole file, the last rename
     /// wins, and every one of them is the same program).
     pub fn filter(&self, section: &LinuxSeccomp) -> Result<CompiledFilter, RuntimeError> {
+        self.filter_and_path(section).map(|(filter, _)| filter)
+    }
+
+    /// [`FilterCache::filter`] and the file it was read from or written to.
+    fn filter_and_path(
+        &self,
+        section: &LinuxSeccomp,
+    ) -> Result<(CompiledFilter, PathBuf), RuntimeError> {
         let key = cache_key(section)?;
         let path = self.dir.join(format!("{}.bpf", key.hex()));
         let flags = load_flags(section);
         if let Some(bytes) = read_trusted(&self.dir, &path)
             && let Some(program) = verified_program(&key, &bytes)
         {
-            return Ok(CompiledFilter {
+            let filter = CompiledFilter {
                 program: program.to_vec(),
                 flags,
-            });
+            };
+            return Ok((filter, path));
         }
         let program = compile(section).map_err(|reason| filter_error(&path, reason))?;
         // A cache that cannot be written (a full or read-only disk) costs the next launch a
@@ -208,7 +248,7 @@ impl FilterCache {
             let _ = fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700));
             let _ = crate::state::write_atomic(&path, &cache_file(&key, &program));
         }
-        Ok(CompiledFilter { program, flags })
+        Ok((CompiledFilter { program, flags }, path))
     }
 }
 
@@ -471,29 +511,78 @@ pub fn install(filter: &CompiledFilter) -> Result<(), nix::errno::Errno> {
     nix::errno::Errno::result(result).map(drop)
 }
 
-/// libcontainer's executor for an instance with a precompiled filter: loads the filter, then
-/// execs the program as libcontainer's default executor does.
-#[derive(Clone)]
+/// libcontainer's executor for an instance with a precompiled filter: checks at create that the
+/// kernel takes the filter, then, at start, loads it and execs the program as libcontainer's
+/// default executor does.
+#[derive(Clone, Debug)]
 pub struct PrecompiledSeccomp {
     filter: CompiledFilter,
+    /// Which profile the filter is, and its files: for the error when the kernel refuses it.
+    profile: String,
 }
 
 impl PrecompiledSeccomp {
-    pub fn new(filter: CompiledFilter) -> PrecompiledSeccomp {
-        PrecompiledSeccomp { filter }
+    pub fn filter(&self) -> &CompiledFilter {
+        &self.filter
     }
 }
 
 impl Executor for PrecompiledSeccomp {
     fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
         install(&self.filter).map_err(|errno| {
-            ExecutorError::Other(format!("cannot load the seccomp filter: {errno}"))
+            ExecutorError::Other(format!(
+                "cannot load the filter compiled from {}: {errno}",
+                self.profile
+            ))
         })?;
         DefaultExecutor {}.exec(spec)
     }
 
+    /// Called in the container's init before it reports ready, where a failure still fails the
+    /// create: the filter itself is loaded only at the exec (after the start signal, as runc
+    /// does), so a filter the kernel refuses would otherwise show only after the instance was
+    /// reported started.
     fn validate(&self, spec: &Spec) -> Result<(), ExecutorValidationError> {
+        check_loadable(&self.filter).map_err(|errno| {
+            ExecutorValidationError::ArgValidationError(format!(
+                "the kernel refuses the filter compiled from {}: {errno}",
+                self.profile
+            ))
+        })?;
         DefaultExecutor {}.validate(spec)
+    }
+}
+
+/// Whether the kernel takes `filter` in this process as it is now (its own filters stacked
+/// under it, `no_new_privs`, the limit on their total length): a forked copy loads it and exits,
+/// the caller stays unfiltered. `Ok` also when that cannot be told (fork refused, for example by
+/// a pids limit): the load before the exec still fails closed.
+#[allow(unsafe_code)]
+fn check_loadable(filter: &CompiledFilter) -> Result<(), nix::errno::Errno> {
+    use nix::sys::wait::{WaitStatus, waitpid};
+    use nix::unistd::ForkResult;
+    match crate::supervisor::fork_single_threaded() {
+        Ok(ForkResult::Child) => {
+            let code = match install(filter) {
+                Ok(()) => 0,
+                Err(errno) => errno as i32,
+            };
+            // SAFETY: _exit ends the forked copy at once, running no destructor or atexit
+            // handler of the state it shares with its parent.
+            unsafe { libc::_exit(code) }
+        }
+        Ok(ForkResult::Parent { child }) => loop {
+            match waitpid(child, None) {
+                Ok(WaitStatus::Exited(_, 0)) => return Ok(()),
+                Ok(WaitStatus::Exited(_, errno)) => {
+                    return Err(nix::errno::Errno::from_raw(errno));
+                }
+                Err(nix::errno::Errno::EINTR) => continue,
+                // Killed: loaded, then killed by it (its own exit denied); or cannot be told.
+                _ => return Ok(()),
+            }
+        },
+        Err(_) => Ok(()),
     }
 }
 
@@ -658,7 +747,7 @@ mod tests {
             "annotations": {"a": "b"},
             "linux": {"seccomp": serde_json::to_value(&notify).unwrap()},
         });
-        assert_eq!(take_precompilable(&mut config).unwrap(), None);
+        assert_eq!(take_precompilable(&mut config, false).unwrap(), None);
         assert!(config.pointer("/linux/seccomp").is_some());
     }
 
@@ -672,11 +761,15 @@ mod tests {
             "annotations": {"a": "b"},
             "linux": {"seccomp": embedded},
         });
-        assert_eq!(take_precompilable(&mut config).unwrap(), oci);
+        assert_eq!(take_precompilable(&mut config, true).unwrap(), oci);
         assert_eq!(config.pointer("/linux/seccomp"), None);
         assert_eq!(
             config.pointer(&format!("/annotations/{ANNOTATION}")),
             Some(&Value::from(PRECOMPILED))
+        );
+        assert_eq!(
+            config.pointer(&format!("/annotations/{PROFILE_ANNOTATION}")),
+            Some(&Value::from(DEFAULT_PROFILE))
         );
         assert_eq!(config.pointer("/annotations/a"), Some(&Value::from("b")));
     }
@@ -688,15 +781,18 @@ mod tests {
         let cache = FilterCache::new(dir.path().join("seccomp"));
         let config = dir.path().join("config.json");
         fs::write(&config, r#"{"annotations": {"a": "b"}}"#).unwrap();
-        assert_eq!(bundle_filter(dir.path(), &cache).unwrap(), None);
+        assert!(bundle_filter(dir.path(), &cache).unwrap().is_none());
         let marked = serde_json::json!({"annotations": {ANNOTATION: PRECOMPILED}});
         fs::write(&config, marked.to_string()).unwrap();
         let err = bundle_filter(dir.path(), &cache).unwrap_err().to_string();
         assert!(err.contains(BUNDLE_FILE), "{err}");
         let rules = serde_json::to_string(&default_section()).unwrap();
         fs::write(dir.path().join(BUNDLE_FILE), rules).unwrap();
-        let filter = bundle_filter(dir.path(), &cache).unwrap().unwrap();
-        assert_eq!(filter.program, compile(&default_section()).unwrap());
+        let executor = bundle_filter(dir.path(), &cache).unwrap().unwrap();
+        assert_eq!(
+            executor.filter().program,
+            compile(&default_section()).unwrap()
+        );
         let odd = serde_json::json!({"annotations": {ANNOTATION: "later"}});
         fs::write(&config, odd.to_string()).unwrap();
         let err = bundle_filter(dir.path(), &cache).unwrap_err().to_string();

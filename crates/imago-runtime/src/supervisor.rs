@@ -324,7 +324,7 @@ impl Drop for CgroupLockWarmup {
 /// that cannot be told. The check is made here, not left to the caller, so that this is a
 /// safe function: nothing a caller does can make the fork unsound.
 #[allow(unsafe_code)]
-fn fork_single_threaded() -> nix::Result<nix::unistd::ForkResult> {
+pub(crate) fn fork_single_threaded() -> nix::Result<nix::unistd::ForkResult> {
     if !single_threaded() {
         return Err(Errno::ENOTSUP);
     }
@@ -491,9 +491,8 @@ fn start(
                 &crate::seccomp_cache::FilterCache::new(layout.seccomp_cache()),
             )?;
             let mut builder = ContainerBuilder::new(id.clone(), SyscallType::Linux);
-            if let Some(filter) = seccomp {
-                builder =
-                    builder.with_executor(crate::seccomp_cache::PrecompiledSeccomp::new(filter));
+            if let Some(executor) = seccomp {
+                builder = builder.with_executor(executor);
             }
             let builder = builder
                 .with_root_path(&root)

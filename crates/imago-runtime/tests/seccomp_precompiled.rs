@@ -27,6 +27,13 @@ fn cache_files(h: &Harness) -> Vec<PathBuf> {
     files
 }
 
+/// Runs one instance under the default filter and returns the cache file it left.
+fn program_of_a_filtered_launch(h: &Harness) -> PathBuf {
+    let (_, logs) = check(h, Seccomp::Default);
+    assert_default_filter(&logs);
+    cache_files(h).pop().unwrap()
+}
+
 /// Runs `CHECK` under `seccomp` and returns its output.
 fn check(h: &Harness, seccomp: Seccomp) -> (String, String) {
     let mut spec = h.spec(&["sh", "-c", CHECK]);
@@ -123,9 +130,7 @@ fn unconfined_instances_get_no_filter_and_no_program() {
 #[test]
 fn a_damaged_cache_file_is_compiled_again_never_loaded() {
     let h = Harness::new(Engine::Embedded);
-    let (_, logs) = check(&h, Seccomp::Default);
-    assert_default_filter(&logs);
-    let file = cache_files(&h).pop().unwrap();
+    let file = program_of_a_filtered_launch(&h);
     let good = fs::read(&file).unwrap();
     let header = 8 + 64; // magic, then the hex digest
     let mut allow_all = good[..header].to_vec();
@@ -164,5 +169,54 @@ fn launches_racing_to_fill_the_cache_all_run_filtered() {
         fs::read(&files[0]).unwrap(),
         racing,
         "the race left a different file"
+    );
+}
+
+/// A program the kernel refuses fails the launch at create, with an error that names the
+/// profile and its files, and leaves nothing running: the filter is loaded only right before
+/// the exec, after the instance was reported started, so without the check at create the
+/// launch "succeeded" and the instance died at once. The program here loads a misaligned
+/// offset of `struct seccomp_data` (EINVAL), under a header written as this user would: the
+/// cache believes it, the kernel does not.
+#[test]
+fn a_filter_the_kernel_refuses_fails_the_launch_at_create_naming_the_profile() {
+    let h = Harness::new(Engine::Embedded);
+    let file = program_of_a_filtered_launch(&h);
+    let key_hex = file.file_stem().unwrap().to_str().unwrap().to_owned();
+    let refused: Vec<u8> = [
+        0x20u16.to_ne_bytes().as_slice(), // BPF_LD | BPF_W | BPF_ABS
+        &[0, 0],
+        &1u32.to_ne_bytes(),    // not a multiple of 4
+        &0x06u16.to_ne_bytes(), // BPF_RET | BPF_K
+        &[0, 0],
+        &0x7fff_0000u32.to_ne_bytes(), // SECCOMP_RET_ALLOW
+    ]
+    .concat();
+    let integrity = imago_oci::Digest::of(&[key_hex.as_bytes(), &refused].concat());
+    let forged = [
+        b"IMGBPF1\n".as_slice(),
+        integrity.hex().as_bytes(),
+        &refused,
+    ]
+    .concat();
+    fs::write(&file, &forged).unwrap();
+
+    let mut spec = h.spec(&["sleep", "1000"]);
+    spec.network = imago_runtime::NetworkMode::Host;
+    let err = match h.provider.launch(&spec) {
+        Ok(inst) => panic!("{} was reported started under a refused filter", inst.id),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("imago's default seccomp profile"), "{err}");
+    assert!(err.contains(&file.display().to_string()), "{err}");
+    assert!(err.contains(BUNDLE_FILE), "{err}");
+    assert!(err.contains("EINVAL"), "{err}");
+    for inst in h.provider.list().unwrap() {
+        assert_ne!(inst.status, Status::Running, "{inst:?}");
+    }
+    assert_eq!(
+        fs::read(&file).unwrap(),
+        forged,
+        "the check wrote the cache"
     );
 }
