@@ -300,7 +300,7 @@ health = { type = "tcp" }
             "dir/imago.toml:3:1: unknown field `replica`, expected one of `image`, `replicas`, \
              `command`, `env`, `port`, `target_port`, `bind`, `hosts`, `tls`, `network`, `resources`, \
              `volumes`, `seccomp`, `init`, `health`, `rollout`, `target`, `stop_grace_period`, \
-             `placement`, `image_volumes`"
+             `placement`"
         );
         let bad_type = "[service.web]\nimage = \"web\"\nreplicas = \"two\"\n";
         let err = parse(bad_type, &[]).unwrap_err().to_string();
