@@ -205,19 +205,4 @@ impl Stops {
         }
         done
     }
-
-    /// Waits (up to `limit`) until every stop handed over has returned.
-    #[cfg(test)]
-    pub(super) fn wait_idle(&self, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        loop {
-            if self.shared.lock().done.len() >= self.pending.len() {
-                return true;
-            }
-            if Instant::now() > deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
 }
