@@ -16,16 +16,11 @@ use std::time::{Duration, Instant};
 use imago_runtime::{Provider, RuntimeError};
 
 use super::Wake;
-use super::launches::PARALLEL_LAUNCHES;
-use crate::state::now_ms;
+use super::launches::{PARALLEL_LAUNCHES, spaced_nudge};
 
 /// At most this many removals run at once (as many stops as there are instances to stop: a
 /// stop waits out the program's grace period, a removal works the kernel).
 const PARALLEL_REMOVALS: usize = PARALLEL_LAUNCHES;
-
-/// A finished stop wakes the loop at most this often (see the launches' spacing: a wave of 250
-/// removals finishing one by one must not turn into 250 passes that each list everything).
-const NUDGE_SPACING: Duration = Duration::from_millis(200);
 
 /// Why an instance is stopped: what its end is recorded as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,19 +93,7 @@ impl Shared {
     fn finish(&self, stopped: Stopped) {
         let mut state = self.lock();
         state.done.push(stopped);
-        let now = Instant::now();
-        match state.last_nudge {
-            Some(last) if now.duration_since(last) < NUDGE_SPACING => {
-                let due = last + NUDGE_SPACING - now;
-                drop(state);
-                self.wake.at(now_ms() + due.as_millis() as u64 + 1);
-            }
-            _ => {
-                state.last_nudge = Some(now);
-                drop(state);
-                self.wake.nudge();
-            }
-        }
+        spaced_nudge(&self.wake, &mut state.last_nudge);
     }
 }
 
