@@ -2631,4 +2631,83 @@ mod tests {
             assert_eq!(h.running("web").len(), 3);
         }
     }
+
+    /// A provider whose removals fail while the flag is set (a cgroup the kernel keeps busy,
+    /// say), counted.
+    struct FailingRemovals(
+        Arc<FakeProvider>,
+        std::sync::atomic::AtomicUsize,
+        std::sync::atomic::AtomicBool,
+    );
+
+    impl Provider for FailingRemovals {
+        fn launch(&self, spec: &InstanceSpec) -> Result<Instance, imago_runtime::RuntimeError> {
+            self.0.launch(spec)
+        }
+        fn stop(&self, id: &str, grace: Duration) -> Result<Instance, imago_runtime::RuntimeError> {
+            self.0.stop(id, grace)
+        }
+        fn remove(&self, id: &str) -> Result<(), imago_runtime::RuntimeError> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if self.2.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(imago_runtime::RuntimeError::StopTimeout {
+                    id: id.to_owned(),
+                    secs: 0,
+                });
+            }
+            self.0.remove(id)
+        }
+        fn list(&self) -> Result<Vec<Instance>, imago_runtime::RuntimeError> {
+            self.0.list()
+        }
+        fn inspect(&self, id: &str) -> Result<Instance, imago_runtime::RuntimeError> {
+            self.0.inspect(id)
+        }
+        fn logs(&self, id: &str) -> Result<Vec<u8>, imago_runtime::RuntimeError> {
+            self.0.logs(id)
+        }
+    }
+
+    /// A removal that keeps failing is retried pass after pass and reported; removals under
+    /// way in the background are progress, so the release is not failed (and rolled back) at
+    /// its progress deadline for it, and completes once the removal works.
+    #[test]
+    fn a_removal_that_keeps_failing_is_retried_and_fails_no_release() {
+        use std::sync::atomic::Ordering;
+        let mut h = harness();
+        let v1 = spec(serde_json::json!({
+            "image": "web", "replicas": 1,
+            "rollout": {"max_surge": 1, "max_unavailable": 0, "drain": "0s",
+                        "progress_deadline": "300ms"}
+        }));
+        h.release("web", &v1, b"v1");
+        h.converge("web", 10);
+        let failing = Arc::new(FailingRemovals(h.fake.clone(), 0.into(), true.into()));
+        h.restart(failing.clone());
+        h.release("web", &v1, b"v2");
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_secs(1) {
+            let pass = h.pass().unwrap().remove(0);
+            assert!(pass.failed.is_none(), "{pass:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(failing.1.load(Ordering::SeqCst) >= 2, "retried");
+        let events = h.controller.db.events(Some("web"), 0).unwrap();
+        assert!(
+            events.iter().any(|e| e.kind == "remove-failed"),
+            "{events:#?}"
+        );
+        failing.2.store(false, Ordering::SeqCst);
+        assert!(h.converge("web", 500).last().unwrap().complete);
+        assert_eq!(
+            h.controller
+                .db
+                .outcome_of("web", 2)
+                .unwrap()
+                .unwrap()
+                .outcome,
+            ReleaseOutcome::Complete
+        );
+        assert_eq!(h.fake.list().unwrap().len(), 1);
+    }
 }

@@ -393,7 +393,9 @@ impl Controller {
                 &observed,
                 own,
                 outcome.is_some(),
-                launching_target,
+                // Stops and removals under way are progress too: the pass that removed them
+                // itself used to see the counts change when it had.
+                launching_target || self.stops.any_pending(service),
                 &mut pass,
             )?;
         }
