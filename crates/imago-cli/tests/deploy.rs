@@ -1768,6 +1768,51 @@ fn a_controller_killed_during_a_background_wave_leaks_nothing_and_fails_no_reque
     assert!(d.get().unwrap().contains("version v2"));
 }
 
+/// Kill -9 of the controller while retired instances are being stopped and removed (stops and
+/// removals run beside the controller's loop), three times, each the moment a stop request
+/// appears: the restarted controller finishes the rollout, and no directory, network namespace,
+/// address lease or cgroup of a retired instance is left, nor any instance but the new ones.
+#[test]
+fn a_controller_killed_while_stops_are_under_way_leaks_nothing() {
+    let d = Deployment::new();
+    d.apply().ok();
+    let old: std::collections::BTreeSet<String> = d.instance_ids().into_iter().collect();
+    d.set_version("v2", "2");
+    d.imago.run(&["apply", "--no-wait", "-f", &d.file()]).ok();
+    let instances = d.imago.home.join("instances");
+    let stopping = || -> Vec<String> {
+        old.iter()
+            .filter(|id| instances.join(id).join("stop-request").exists())
+            .cloned()
+            .collect()
+    };
+    let mut interrupted = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while interrupted.len() < 3 && Instant::now() < deadline {
+        let now = stopping();
+        if now.iter().all(|id| interrupted.contains(id)) {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
+        kill9(controller_pid(&d));
+        interrupted.extend(now);
+        std::thread::sleep(Duration::from_millis(50));
+        d.imago.run(&["serve"]).ok();
+    }
+    assert!(!interrupted.is_empty(), "no stop to interrupt");
+    eprintln!("killed while stopping {interrupted:?}");
+    d.wait_until("release 2 to complete", Duration::from_secs(120), |d| {
+        d.status()["services"][0]["outcome"]["outcome"] == "complete"
+    });
+    let live = d.instance_ids();
+    assert_eq!(live.len(), 3);
+    assert!(live.iter().all(|id| !old.contains(id)), "{live:?}");
+    let left = leftovers(&d, &old, &live);
+    assert!(left.is_empty(), "left behind: {left:#?}");
+    let all = d.imago.run(&["ps", "--all", "--json"]).ok().json();
+    assert_eq!(all.as_array().unwrap().len(), 3, "no orphan: {all}");
+}
+
 /// A launch that takes seconds (the first instance of an image with a 768 MB file unpacks its
 /// root filesystem) runs beside the controller's loop: an instance that dies meanwhile is
 /// cleaned up before that launch returns (with launches inside the pass it waited for the

@@ -96,19 +96,23 @@ impl Queue {
             }
             state.done.push(result);
             // Its probe starts when a pass takes it: soon, but not one pass per launch.
-            let now = Instant::now();
-            match state.last_nudge {
-                Some(last) if now.duration_since(last) < NUDGE_SPACING => {
-                    let due = last + NUDGE_SPACING - now;
-                    drop(state);
-                    self.wake.at(now_ms() + due.as_millis() as u64 + 1);
-                }
-                _ => {
-                    state.last_nudge = Some(now);
-                    drop(state);
-                    self.wake.nudge();
-                }
-            }
+            spaced_nudge(&self.wake, &mut state.last_nudge);
+        }
+    }
+}
+
+/// Wakes the loop now, or (woken less than [`NUDGE_SPACING`] ago, as `last` says) when the
+/// spacing is up: what finished beside the loop is taken soon, but not one pass each.
+pub(super) fn spaced_nudge(wake: &Wake, last: &mut Option<Instant>) {
+    let now = Instant::now();
+    match *last {
+        Some(at) if now.duration_since(at) < NUDGE_SPACING => {
+            let due = at + NUDGE_SPACING - now;
+            wake.at(now_ms() + due.as_millis() as u64 + 1);
+        }
+        _ => {
+            *last = Some(now);
+            wake.nudge();
         }
     }
 }

@@ -29,6 +29,7 @@ mod probes;
 mod progress;
 mod reconcile;
 mod set_aside;
+mod stops;
 
 pub use cluster::{EngineFactory, cluster_image, cluster_service};
 pub use probes::HealthBoard;
@@ -219,13 +220,6 @@ pub struct ServicePass {
     pub fault: Option<String>,
 }
 
-/// A stop running beside the reconcile loop.
-struct StopTask {
-    thread: std::thread::JoinHandle<()>,
-    /// Set when the provider's stop returned.
-    ended: Arc<std::sync::OnceLock<std::time::Instant>>,
-}
-
 pub struct Controller {
     db: StateDb,
     provider: Arc<dyn Provider>,
@@ -251,10 +245,10 @@ pub struct Controller {
     /// Instances whose drift was already recorded as an event: a drifted instance may serve for
     /// many passes until its replacement is ready, and one event says it.
     announced_drift: BTreeSet<String>,
-    /// Stops started by this controller (each takes up to the instance's grace period).
-    stopping: HashMap<String, StopTask>,
-    /// When this pass listed the instances: a stop that ended after it may not show yet.
-    listed_at: std::time::Instant,
+    /// Stops and removals running beside the loop ([`stops`]).
+    stops: stops::Stops,
+    /// Per service, the instances whose removal this pass took (see [`ServicePass::stopped`]).
+    stopped_now: HashMap<String, Vec<String>>,
     /// When the provider last swept what killed launches and cleanups left (see
     /// [`SWEEP_INTERVAL`]); `None` until the first pass.
     swept_at: Option<std::time::Instant>,
@@ -306,11 +300,14 @@ impl Controller {
         runtime: tokio::runtime::Handle,
         engine: Engine,
     ) -> Controller {
+        let health = HealthBoard::default();
         Controller {
             db,
+            stops: stops::Stops::new(provider.clone(), health.wake.clone()),
+            stopped_now: HashMap::new(),
             provider,
             runtime,
-            health: HealthBoard::default(),
+            health,
             probes: HashMap::new(),
             check_slots: Arc::new(tokio::sync::Semaphore::new(probes::CONCURRENT_CHECKS)),
             started_ms: now_ms(),
@@ -321,8 +318,6 @@ impl Controller {
             reported_unknown: BTreeSet::new(),
             announced_ready: BTreeSet::new(),
             announced_drift: BTreeSet::new(),
-            stopping: HashMap::new(),
-            listed_at: std::time::Instant::now(),
             swept_at: None,
             rootfs: None,
             last_rootfs_check: None,
@@ -487,7 +482,6 @@ impl Controller {
 
     /// One reconcile pass over every service.
     pub fn pass(&mut self) -> Result<Vec<ServicePass>, DeployError> {
-        self.listed_at = std::time::Instant::now();
         let mut clock = PartClock::start();
         // The sweep reads every instance directory, lease and network namespace: once per
         // interval, not per pass and never per removed instance.
@@ -496,13 +490,15 @@ impl Controller {
             .is_none_or(|at| at.elapsed() >= SWEEP_INTERVAL)
         {
             self.provider.sweep();
-            self.swept_at = Some(self.listed_at);
+            self.swept_at = Some(std::time::Instant::now());
             clock.lap("sweep");
         }
         // Before the listing: a launch is then either still under way (and counted as such) or
         // in the listing, never neither.
         self.take_launches()?;
         clock.lap("take_launches");
+        self.take_stops()?;
+        clock.lap("take_stops");
         let instances = self
             .provider
             .list()
@@ -570,7 +566,7 @@ impl Controller {
         clock.lap("services");
         // Instances launched in this pass were not listed at its start, but are live: aborting
         // their first probe would only waste it.
-        let live: BTreeSet<&str> = instances
+        let live: std::collections::HashSet<&str> = instances
             .iter()
             .filter(|i| i.is_active())
             .map(|i| i.id.as_str())
@@ -593,9 +589,18 @@ impl Controller {
         });
         self.announced_ready.retain(|id| live.contains(id.as_str()));
         self.announced_drift.retain(|id| live.contains(id.as_str()));
-        // Stops of instances someone else removed meanwhile (`imago destroy`) are over.
-        let listed: BTreeSet<&str> = instances.iter().map(|i| i.id.as_str()).collect();
-        self.stopping.retain(|id, _| listed.contains(id.as_str()));
+        // A retired instance that is gone without this controller having taken its removal
+        // (its predecessor was killed between the removal and recording it, or `imago destroy`
+        // removed it) is no longer draining.
+        if !draining.is_empty() {
+            let listed: std::collections::HashSet<&str> =
+                instances.iter().map(|i| i.id.as_str()).collect();
+            for id in draining.keys() {
+                if !listed.contains(id.as_str()) && !self.stops.is_pending(id) {
+                    self.db.mark_removed(id)?;
+                }
+            }
+        }
         clock.lap("finish");
         Ok(passes)
     }
@@ -2340,5 +2345,349 @@ mod tests {
             old
         );
         assert_eq!(h.outcome("web", rollback.number), ReleaseOutcome::Complete);
+    }
+
+    /// A provider whose stops and removals wait at a gate (a stop waiting out a grace period,
+    /// a removal waiting on the kernel under load) until let through one at a time, or until
+    /// `HELD_AT_MOST` has passed. `kill` makes every stop and removal waiting or to come fail
+    /// without effect, as the threads of a controller killed with SIGKILL never finish theirs.
+    /// Counts, per instance, the stops and removals that reached the fake.
+    struct HeldStops {
+        fake: Arc<FakeProvider>,
+        gate: std::sync::Mutex<HeldGate>,
+        opened: std::sync::Condvar,
+    }
+
+    #[derive(Default)]
+    struct HeldGate {
+        passes: usize,
+        waiting: usize,
+        killed: bool,
+        stops: BTreeMap<String, usize>,
+        removals: BTreeMap<String, usize>,
+    }
+
+    /// Long enough that a pass waiting for a held removal shows, short enough that a test of
+    /// the old code (removals inside the pass) fails instead of hanging.
+    const HELD_AT_MOST: Duration = Duration::from_secs(3);
+
+    impl HeldStops {
+        fn new(fake: &Arc<FakeProvider>, passes: usize) -> Arc<HeldStops> {
+            Arc::new(HeldStops {
+                fake: fake.clone(),
+                gate: std::sync::Mutex::new(HeldGate {
+                    passes,
+                    ..HeldGate::default()
+                }),
+                opened: std::sync::Condvar::new(),
+            })
+        }
+
+        fn let_through(&self, n: usize) {
+            self.gate.lock().unwrap().passes += n;
+            self.opened.notify_all();
+        }
+
+        fn kill(&self) {
+            self.gate.lock().unwrap().killed = true;
+            self.opened.notify_all();
+        }
+
+        fn waiting(&self) -> usize {
+            self.gate.lock().unwrap().waiting
+        }
+
+        /// Waits at the gate; false if killed meanwhile.
+        fn pass_gate(&self) -> bool {
+            let deadline = std::time::Instant::now() + HELD_AT_MOST;
+            let mut gate = self.gate.lock().unwrap();
+            gate.waiting += 1;
+            while gate.passes == 0 && !gate.killed {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                gate = self.opened.wait_timeout(gate, left).unwrap().0;
+            }
+            gate.waiting -= 1;
+            if gate.killed {
+                return false;
+            }
+            gate.passes = gate.passes.saturating_sub(1);
+            true
+        }
+    }
+
+    impl Provider for HeldStops {
+        fn launch(&self, spec: &InstanceSpec) -> Result<Instance, imago_runtime::RuntimeError> {
+            self.fake.launch(spec)
+        }
+        fn stop(&self, id: &str, grace: Duration) -> Result<Instance, imago_runtime::RuntimeError> {
+            if !self.pass_gate() {
+                return Err(imago_runtime::RuntimeError::StopTimeout {
+                    id: id.to_owned(),
+                    secs: 0,
+                });
+            }
+            // Counted once it took effect: a test that waits for the count sees the exit.
+            let stopped = self.fake.stop(id, grace);
+            *self
+                .gate
+                .lock()
+                .unwrap()
+                .stops
+                .entry(id.to_owned())
+                .or_default() += 1;
+            stopped
+        }
+        fn remove(&self, id: &str) -> Result<(), imago_runtime::RuntimeError> {
+            if !self.pass_gate() {
+                return Err(imago_runtime::RuntimeError::StopTimeout {
+                    id: id.to_owned(),
+                    secs: 0,
+                });
+            }
+            let removed = self.fake.remove(id);
+            if removed.is_ok() {
+                *self
+                    .gate
+                    .lock()
+                    .unwrap()
+                    .removals
+                    .entry(id.to_owned())
+                    .or_default() += 1;
+            }
+            removed
+        }
+        fn list(&self) -> Result<Vec<Instance>, imago_runtime::RuntimeError> {
+            self.fake.list()
+        }
+        fn inspect(&self, id: &str) -> Result<Instance, imago_runtime::RuntimeError> {
+            self.fake.inspect(id)
+        }
+        fn logs(&self, id: &str) -> Result<Vec<u8>, imago_runtime::RuntimeError> {
+            self.fake.logs(id)
+        }
+    }
+
+    fn alive(fake: &FakeProvider, service: &str) -> usize {
+        fake.list()
+            .unwrap()
+            .iter()
+            .filter(|i| {
+                i.is_active() && i.labels.get(LABEL_SERVICE).map(String::as_str) == Some(service)
+            })
+            .count()
+    }
+
+    /// "web" with `replicas` of release 1 over a [`HeldStops`] provider whose gate is closed,
+    /// then release 2 recorded (drain 0 s, max_unavailable 0); returns release 1's instances.
+    fn rolling_update_with_held_stops(
+        replicas: u32,
+        max_surge: u32,
+    ) -> (Harness, Arc<HeldStops>, BTreeSet<String>) {
+        let mut h = harness();
+        let held = HeldStops::new(&h.fake, 0);
+        h.restart(held.clone());
+        let v1 = spec(serde_json::json!({
+            "image": "web", "replicas": replicas,
+            "rollout": {"max_surge": max_surge, "max_unavailable": 0, "drain": "0s"}
+        }));
+        h.release("web", &v1, b"v1");
+        h.converge("web", 10);
+        let old: BTreeSet<String> = h.running("web").into_iter().map(|i| i.id).collect();
+        h.release("web", &v1, b"v2");
+        (h, held, old)
+    }
+
+    /// Stops and removals that take long (held at a gate, let through one at a time at random
+    /// passes) hold up no pass, and an instance being stopped still counts: at no pass's end
+    /// are more than replicas + max_surge instances alive. Each old instance is stopped once
+    /// and removed once, and none is left draining.
+    #[test]
+    fn stops_and_removals_run_beside_the_pass_and_count_against_the_surge() {
+        let (mut h, held, old) = rolling_update_with_held_stops(4, 2);
+        let mut x: u64 = now_ms() | 1;
+        eprintln!("seed {x}");
+        let mut most_held = 0;
+        for round in 0.. {
+            let started = std::time::Instant::now();
+            let pass = h.pass().unwrap().remove(0);
+            let took = started.elapsed();
+            assert!(took < Duration::from_secs(1), "pass {round} took {took:?}");
+            let alive = alive(&h.fake, "web");
+            assert!(alive <= 6, "{alive} alive after pass {round}: {pass:?}");
+            most_held = most_held.max(held.waiting());
+            if pass.complete {
+                break;
+            }
+            assert!(round < 5000, "no convergence: {pass:?}");
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Only what waits is let through: passes saved up would let a whole wave by.
+            if x.is_multiple_of(3) && held.waiting() > 0 {
+                held.let_through(1);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(most_held >= 2, "stops were never under way during a pass");
+        let listed: Vec<String> = h.fake.list().unwrap().into_iter().map(|i| i.id).collect();
+        assert!(old.iter().all(|id| !listed.contains(id)), "{listed:?}");
+        assert_eq!(h.running("web").len(), 4);
+        let gate = held.gate.lock().unwrap();
+        for id in &old {
+            assert_eq!(gate.stops.get(id), Some(&1), "stops of {id}");
+            assert_eq!(gate.removals.get(id), Some(&1), "removals of {id}");
+        }
+        assert!(h.controller.db.draining().unwrap().is_empty());
+    }
+
+    /// The controller is killed (its stop threads never finish) after 0 to 6 of the stops and
+    /// removals of a wave's three retired instances got through: a new controller over the same
+    /// database stops only what still runs, once, removes the rest, and leaves nothing
+    /// listed or draining.
+    #[test]
+    fn a_controller_killed_while_stops_are_under_way_finishes_them_after_restart() {
+        for through in 0..=6 {
+            let (mut h, held, old) = rolling_update_with_held_stops(3, 3);
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while held.waiting() < 3 {
+                assert!(std::time::Instant::now() < deadline, "no stops under way");
+                h.pass().unwrap();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            held.let_through(through);
+            // Let the calls let through reach the fake (a stop's removal then waits).
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let gate = held.gate.lock().unwrap();
+                let reached: usize =
+                    gate.stops.values().sum::<usize>() + gate.removals.values().sum::<usize>();
+                let settled = reached == through && gate.passes == 0;
+                drop(gate);
+                if settled {
+                    break;
+                }
+                assert!(std::time::Instant::now() < deadline, "{through}: stuck");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            held.kill();
+            let running_at_kill: BTreeSet<String> = h
+                .fake
+                .list()
+                .unwrap()
+                .into_iter()
+                .filter(|i| old.contains(&i.id) && i.is_active())
+                .map(|i| i.id)
+                .collect();
+            let after = HeldStops::new(&h.fake, usize::MAX);
+            h.restart(after.clone());
+            assert!(
+                h.converge("web", 500).last().unwrap().complete,
+                "{through}: not complete"
+            );
+            let listed: Vec<String> = h.fake.list().unwrap().into_iter().map(|i| i.id).collect();
+            assert!(
+                old.iter().all(|id| !listed.contains(id)),
+                "{through}: left listed: {listed:?}"
+            );
+            assert!(
+                h.controller.db.draining().unwrap().is_empty(),
+                "{through}: left draining: {:?}",
+                h.controller.db.draining().unwrap()
+            );
+            let gate = after.gate.lock().unwrap();
+            let stopped_again: BTreeSet<String> = gate.stops.keys().cloned().collect();
+            assert_eq!(
+                stopped_again, running_at_kill,
+                "{through}: the new controller stops exactly what still ran"
+            );
+            assert!(
+                gate.stops.values().all(|n| *n == 1),
+                "{through}: {:?}",
+                gate.stops
+            );
+            assert_eq!(h.running("web").len(), 3);
+        }
+    }
+
+    /// A provider whose removals fail while the flag is set (a cgroup the kernel keeps busy,
+    /// say), counted.
+    struct FailingRemovals(
+        Arc<FakeProvider>,
+        std::sync::atomic::AtomicUsize,
+        std::sync::atomic::AtomicBool,
+    );
+
+    impl Provider for FailingRemovals {
+        fn launch(&self, spec: &InstanceSpec) -> Result<Instance, imago_runtime::RuntimeError> {
+            self.0.launch(spec)
+        }
+        fn stop(&self, id: &str, grace: Duration) -> Result<Instance, imago_runtime::RuntimeError> {
+            self.0.stop(id, grace)
+        }
+        fn remove(&self, id: &str) -> Result<(), imago_runtime::RuntimeError> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if self.2.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(imago_runtime::RuntimeError::StopTimeout {
+                    id: id.to_owned(),
+                    secs: 0,
+                });
+            }
+            self.0.remove(id)
+        }
+        fn list(&self) -> Result<Vec<Instance>, imago_runtime::RuntimeError> {
+            self.0.list()
+        }
+        fn inspect(&self, id: &str) -> Result<Instance, imago_runtime::RuntimeError> {
+            self.0.inspect(id)
+        }
+        fn logs(&self, id: &str) -> Result<Vec<u8>, imago_runtime::RuntimeError> {
+            self.0.logs(id)
+        }
+    }
+
+    /// A removal that keeps failing is retried pass after pass and reported; removals under
+    /// way in the background are progress, so the release is not failed (and rolled back) at
+    /// its progress deadline for it, and completes once the removal works.
+    #[test]
+    fn a_removal_that_keeps_failing_is_retried_and_fails_no_release() {
+        use std::sync::atomic::Ordering;
+        let mut h = harness();
+        let v1 = spec(serde_json::json!({
+            "image": "web", "replicas": 1,
+            "rollout": {"max_surge": 1, "max_unavailable": 0, "drain": "0s",
+                        "progress_deadline": "300ms"}
+        }));
+        h.release("web", &v1, b"v1");
+        h.converge("web", 10);
+        let failing = Arc::new(FailingRemovals(h.fake.clone(), 0.into(), true.into()));
+        h.restart(failing.clone());
+        h.release("web", &v1, b"v2");
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_secs(1) {
+            let pass = h.pass().unwrap().remove(0);
+            assert!(pass.failed.is_none(), "{pass:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(failing.1.load(Ordering::SeqCst) >= 2, "retried");
+        let events = h.controller.db.events(Some("web"), 0).unwrap();
+        assert!(
+            events.iter().any(|e| e.kind == "remove-failed"),
+            "{events:#?}"
+        );
+        failing.2.store(false, Ordering::SeqCst);
+        assert!(h.converge("web", 500).last().unwrap().complete);
+        assert_eq!(
+            h.controller
+                .db
+                .outcome_of("web", 2)
+                .unwrap()
+                .unwrap()
+                .outcome,
+            ReleaseOutcome::Complete
+        );
+        assert_eq!(h.fake.list().unwrap().len(), 1);
     }
 }

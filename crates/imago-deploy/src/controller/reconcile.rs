@@ -3,47 +3,19 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::Arc;
 use std::time::Duration;
 
 use imago_runtime::{Instance, Status};
 
-use super::launches::{Finished, PARALLEL_LAUNCHES, is_pending};
+use super::launches::{Finished, is_pending};
 use super::progress::describe_exit;
-use super::{Controller, LABEL_REVISION, ServicePass, StopTask, instance_spec, stop_grace};
+use super::stops::{Reason, Stopped};
+use super::{Controller, LABEL_REVISION, ServicePass, instance_spec, stop_grace};
 use crate::drift::SpecJudge;
 use crate::error::DeployError;
 use crate::rollout::{ObservedInstance, Phase, RolloutInput, next_step};
 use crate::spec::Strategy;
 use crate::state::{Release, ReleaseOutcome, now_ms};
-
-/// `work` on each of `items`, up to [`PARALLEL_LAUNCHES`] at a time (a removal, like a launch,
-/// mostly waits); the results in the order of `items`.
-fn side_by_side<T: Sync, R: Send>(items: &[T], work: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    if items.len() <= 1 {
-        return items.iter().map(work).collect();
-    }
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let results = std::sync::Mutex::new(Vec::with_capacity(items.len()));
-    std::thread::scope(|scope| {
-        for _ in 0..items.len().min(PARALLEL_LAUNCHES) {
-            scope.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(item) = items.get(i) else { break };
-                    let result = work(item);
-                    results
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push((i, result));
-                }
-            });
-        }
-    });
-    let mut results = results.into_inner().unwrap_or_else(|p| p.into_inner());
-    results.sort_by_key(|(i, _)| *i);
-    results.into_iter().map(|(_, r)| r).collect()
-}
 
 impl Controller {
     /// Runs `body` with its database writes in one batch ([`crate::state::StateDb::begin_batch`]):
@@ -77,91 +49,83 @@ impl Controller {
         self.close_endpoint(service)?;
         // Launches under way finish and are listed, then stopped like the rest.
         self.launches.abandon_other_revisions(service, None);
-        let mut exited = Vec::new();
         for instance in own {
-            if self.stop_pending(&instance.id) {
+            if self.stops.is_pending(&instance.id) {
                 // Its stop is under way: nothing to look up or decide until it ends.
                 continue;
             }
-            if instance.is_active() {
-                let grace = stop_grace(&self.db, service, instance)?;
-                self.stop_in_background(&instance.id, grace);
-                continue;
-            }
-            self.stopping.remove(&instance.id);
-            exited.push(instance.id.clone());
+            let grace = if instance.is_active() {
+                Some(stop_grace(&self.db, service, instance)?)
+            } else {
+                None
+            };
+            self.stops
+                .start(service, &instance.id, grace, Reason::Destroyed);
         }
-        // `imago destroy` may be removing the same instances right now: a failure here is
-        // retried on the next pass, and must not hold up the other services.
-        let removals = self.remove_instances(&exited);
-        for (id, removed) in exited.into_iter().zip(removals) {
-            match removed {
-                Ok(()) => pass.stopped.push(id),
-                Err(e) => self.db.event(
-                    Some(service),
-                    "destroy",
-                    &format!("cannot remove {id} yet: {e}"),
-                    &self.actor,
-                )?,
-            }
-        }
+        pass.stopped = self.stopped_now.remove(service).unwrap_or_default();
         Ok(pass)
     }
 
-    /// Starts stopping `id` on a side thread unless a stop of it is still in progress. A stop
-    /// that ended without the instance exiting (it raced a launcher, say) is simply started
-    /// again by a later pass.
-    pub(super) fn stop_in_background(&mut self, id: &str, grace: Duration) {
-        if self.stop_pending(id) {
-            return;
+    /// Takes the stops and removals that returned since the last pass, before the instances
+    /// are listed: a removed instance is forgotten (its record marked removed), one that could
+    /// not be removed is an event and handed over again by a later pass.
+    pub(super) fn take_stops(&mut self) -> Result<(), DeployError> {
+        self.stopped_now.clear();
+        let finished = self.stops.take_finished();
+        if finished.is_empty() {
+            return Ok(());
         }
-        let provider = self.provider.clone();
-        let stop_id = id.to_owned();
-        let wake = self.health.wake.clone();
-        let ended = Arc::new(std::sync::OnceLock::new());
-        let ended_at = ended.clone();
-        let thread = std::thread::spawn(move || {
-            let _ = provider.stop(&stop_id, grace);
-            let _ = ended_at.set(std::time::Instant::now());
-            wake.nudge();
-        });
-        self.stopping
-            .insert(id.to_owned(), StopTask { thread, ended });
-    }
-
-    /// Whether a stop of `id` is still running, or ended after this pass listed the instances
-    /// (the listing may then still show the instance running, and a second stop would be
-    /// started for nothing). A stop whose thread ended without an end time panicked: it is
-    /// over, and the instance may be stopped again.
-    pub(super) fn stop_pending(&self, id: &str) -> bool {
-        self.stopping.get(id).is_some_and(|task| {
-            !task.thread.is_finished()
-                || task
-                    .ended
-                    .get()
-                    .is_some_and(|ended| *ended >= self.listed_at)
+        self.batched(|c| {
+            finished
+                .into_iter()
+                .try_for_each(|stopped| c.take_stop(stopped))
         })
     }
 
-    pub(super) fn remove_instance(&mut self, id: &str) -> Result<(), DeployError> {
-        self.remove_instances(std::slice::from_ref(&id.to_owned()))
-            .pop()
-            .unwrap_or(Ok(()))
+    fn take_stop(&mut self, stopped: Stopped) -> Result<(), DeployError> {
+        let Stopped {
+            id,
+            service,
+            reason,
+            result,
+        } = stopped;
+        match (result, reason) {
+            (Ok(()), reason) => {
+                self.forget_instance(&id)?;
+                if reason == Reason::Drained {
+                    self.db.event(
+                        Some(&service),
+                        "stop",
+                        &format!("instance {id} drained and stopped"),
+                        &self.actor,
+                    )?;
+                }
+                self.stopped_now.entry(service).or_default().push(id);
+                Ok(())
+            }
+            (Err(e), Reason::Drained) => self.db.event(
+                Some(&service),
+                "remove-failed",
+                &format!("cannot remove instance {id} yet: {e}"),
+                &self.actor,
+            ),
+            // `imago destroy` may be removing the same instances right now: retried on the
+            // next pass.
+            (Err(e), Reason::Destroyed) => self.db.event(
+                Some(&service),
+                "destroy",
+                &format!("cannot remove {id} yet: {e}"),
+                &self.actor,
+            ),
+        }
     }
 
-    /// Removes `ids`, several at a time (a removal mostly waits: for cgroups, the network
-    /// namespace, files; one after the other made the end of a 1,000-instance rollout or
-    /// tear-down wait for the sum of them); whether each was removed, in the order of `ids`.
-    pub(super) fn remove_instances(&mut self, ids: &[String]) -> Vec<Result<(), DeployError>> {
-        let provider = self.provider.clone();
-        let removed = side_by_side(ids, |id| match provider.remove(id) {
-            Ok(()) | Err(imago_runtime::RuntimeError::NoSuchInstance(_)) => Ok(()),
-            Err(e) => Err(DeployError::Runtime(e.to_string())),
-        });
-        ids.iter()
-            .zip(removed)
-            .map(|(id, removed)| removed.and_then(|()| self.forget_instance(id)))
-            .collect()
+    pub(super) fn remove_instance(&mut self, id: &str) -> Result<(), DeployError> {
+        match self.provider.remove(id) {
+            Ok(()) | Err(imago_runtime::RuntimeError::NoSuchInstance(_)) => {}
+            Err(e) => return Err(DeployError::Runtime(e.to_string())),
+        }
+        self.forget_instance(id)
     }
 
     /// What this controller knows of a removed instance goes with it.
@@ -283,7 +247,7 @@ impl Controller {
         // Act: clean up the dead (replace, don't repair).
         for id in &step.remove_dead {
             if draining.contains_key(id) {
-                // A retired instance that finished stopping: the drain loop below records it.
+                // A retired instance that finished stopping: the drain loop below removes it.
                 continue;
             }
             let instance = by_id.get(id.as_str()).copied();
@@ -364,11 +328,7 @@ impl Controller {
             Ok(())
         })?;
         clock.lap("retire");
-        // Not batched: it removes instances, which takes a while each, and a batch holds the
-        // database's write lock (`imago apply` waits for it).
-        self.stop_drained(
-            service, &release, &by_id, &releases, draining, now, &mut pass,
-        )?;
+        self.stop_drained(service, &release, &by_id, &releases, draining, now)?;
         clock.lap("stop_drained");
         // Launch beside the loop: a wave takes seconds under load, and the pass goes on routing,
         // judging health, draining and stopping meanwhile. Later passes take the results.
@@ -398,18 +358,31 @@ impl Controller {
             .filter_map(|id| by_id.get(id.as_str()).copied())
             .filter_map(|i| self.address_of(i, &release).map(|a| (i.id.clone(), a)))
             .collect();
-        let eligible: BTreeSet<String> = own
-            .iter()
-            .filter(|i| {
-                i.is_active() && !draining.contains_key(&i.id) && !step.retire.contains(&i.id)
-            })
-            .map(|i| i.id.clone())
-            .collect();
+        // Only routes adopted from a data plane are checked against it: a set of every
+        // instance's id built each pass was a tenth of a pass over 10,000 instances.
+        let eligible: BTreeSet<String> = if self.adopted_routes.contains_key(service) {
+            let retired: BTreeSet<&str> = step.retire.iter().map(String::as_str).collect();
+            own.iter()
+                .filter(|i| {
+                    i.is_active()
+                        && !draining.contains_key(&i.id)
+                        && !retired.contains(i.id.as_str())
+                })
+                .map(|i| i.id.clone())
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
         let targets = self.route(service, targets, &eligible)?;
         pass.routed = targets.into_iter().map(|(id, _)| id).collect();
         clock.lap("route");
         pass.counts = step.counts;
-        pass.complete = step.complete && pass.launched.is_empty() && pass.launching == 0;
+        pass.stopped = self.stopped_now.remove(service).unwrap_or_default();
+        // Complete once what it retired is removed too, not only stopped.
+        pass.complete = step.complete
+            && pass.launched.is_empty()
+            && pass.launching == 0
+            && !self.stops.any_pending(service);
         // Paused, nothing progresses: neither the deadline nor the health gate judge it until
         // it is resumed (resuming restarts the deadline).
         if !paused {
@@ -420,7 +393,9 @@ impl Controller {
                 &observed,
                 own,
                 outcome.is_some(),
-                launching_target,
+                // Stops and removals under way are progress too: the pass that removed them
+                // itself used to see the counts change when it had.
+                launching_target || self.stops.any_pending(service),
                 &mut pass,
             )?;
         }
@@ -509,9 +484,8 @@ impl Controller {
         Ok(())
     }
 
-    /// Stops the retired instances of a service that have drained (or ran out of drain time),
-    /// and removes those that have stopped.
-    #[allow(clippy::too_many_arguments)]
+    /// Hands the retired instances of a service that have drained (or ran out of drain time)
+    /// to the background stops ([`super::stops`]), and those that have exited to be removed.
     fn stop_drained(
         &mut self,
         service: &str,
@@ -520,11 +494,10 @@ impl Controller {
         releases: &HashMap<String, Option<Release>>,
         draining: &BTreeMap<String, u64>,
         now: u64,
-        pass: &mut ServicePass,
     ) -> Result<(), DeployError> {
         // Stop what has drained (or ran out of drain time). Stopping takes up to the grace
-        // period, so it runs beside the loop; the instance still counts (it still holds its
-        // resources) until it has exited and is removed.
+        // period and removing works the kernel, so both run beside the loop; the instance
+        // still counts (it still holds its resources) while it is listed.
         // Connections the kernel balanced to a draining instance bypass the proxy's counts: they
         // are counted from the host's socket table, one dump for all of them.
         let mut drain_addresses = BTreeMap::new();
@@ -560,15 +533,16 @@ impl Controller {
                 .collect(),
             _ => HashMap::new(),
         };
-        let mut stopped = Vec::new();
         for (id, drain_deadline) in draining {
             let Some(instance) = by_id.get(id.as_str()).copied() else {
                 // Not this service's, or already gone (stopped just before a crash).
                 continue;
             };
+            if self.stops.is_pending(id) {
+                continue;
+            }
             if !instance.is_active() {
-                self.stopping.remove(id);
-                stopped.push(id.clone());
+                self.stops.start(service, id, None, Reason::Drained);
                 continue;
             }
             // A count the data plane cannot give counts as open: the drain ends at its deadline.
@@ -582,22 +556,8 @@ impl Controller {
                     .and_then(|r| releases.get(r))
                     .and_then(Option::as_ref)
                     .map_or(release.spec.stop_grace_period, |r| r.spec.stop_grace_period);
-                self.stop_in_background(id, grace);
+                self.stops.start(service, id, Some(grace), Reason::Drained);
             }
-        }
-        let removals = self.remove_instances(&stopped);
-        for (id, removed) in stopped.iter().zip(removals) {
-            let (kind, message) = match removed {
-                Ok(()) => {
-                    pass.stopped.push(id.clone());
-                    ("stop", format!("instance {id} drained and stopped"))
-                }
-                Err(e) => (
-                    "remove-failed",
-                    format!("cannot remove instance {id} yet: {e}"),
-                ),
-            };
-            self.db.event(Some(service), kind, &message, &self.actor)?;
         }
         Ok(())
     }
