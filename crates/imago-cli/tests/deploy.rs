@@ -1329,19 +1329,66 @@ fn a_controller_kill_9_or_upgrade_under_load_fails_no_request_through_the_proxy(
     the_endpoint_serves_through_controller_restarts(&["serve", "--no-kernel-balancing"]);
 }
 
-/// The pid that holds `lock` exclusively (a controller), read from the kernel's `/proc/locks`.
+/// The pid that holds `lock` exclusively (a controller), or `None` if no process does.
+/// Whether it is held is the kernel's answer to a shared flock; who holds it is read from
+/// `/proc/locks` until its line shows: the kernel walks its list of locks anew for every
+/// read(2), so one read of the file can miss a held lock while other locks come and go (the
+/// controller's own SQLite transactions are enough). One read was all this did, and now and
+/// then it found no controller where one ran.
 fn lock_writer(lock: &Path) -> Option<i32> {
+    use rustix::fs::{FlockOperation, flock};
     use std::os::unix::fs::MetadataExt;
-    let inode = std::fs::metadata(lock).unwrap().ino().to_string();
-    std::fs::read_to_string("/proc/locks")
-        .unwrap()
-        .lines()
-        .find_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let ours = fields.get(1..4) == Some(&["FLOCK", "ADVISORY", "WRITE"][..])
-                && fields.get(5).and_then(|f| f.rsplit(':').next()) == Some(inode.as_str());
-            ours.then(|| fields[4].parse().unwrap())
-        })
+    let probe = std::fs::File::open(lock).unwrap();
+    let inode = probe.metadata().unwrap().ino().to_string();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match flock(&probe, FlockOperation::NonBlockingLockShared) {
+            Ok(()) => {
+                flock(&probe, FlockOperation::Unlock).unwrap();
+                return None;
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => {}
+            Err(e) => panic!("cannot probe {}: {e}", lock.display()),
+        }
+        let writer = std::fs::read_to_string("/proc/locks")
+            .unwrap()
+            .lines()
+            .find_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let ours = fields.get(1..4) == Some(&["FLOCK", "ADVISORY", "WRITE"][..])
+                    && fields.get(5).and_then(|f| f.rsplit(':').next()) == Some(inode.as_str());
+                ours.then(|| fields[4].parse().unwrap())
+            });
+        if writer.is_some() {
+            return writer;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} is held, but /proc/locks did not name its holder within 5 s",
+            lock.display()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// What the controllers of this deployment said, for a failure message: the end of the
+/// controller's and the data plane's logs and the last events.
+fn controller_story(d: &Deployment) -> String {
+    let tail = |name: &str| {
+        let text = std::fs::read_to_string(d.imago.home.join("deploy").join(name))
+            .unwrap_or_else(|e| format!("({e})"));
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    };
+    let events = d.imago.run(&["events"]).stdout();
+    let events: Vec<&str> = events.lines().collect();
+    format!(
+        "controller.log:\n{}\ndataplane.log:\n{}\nevents:\n{}\nprocesses: {:?}",
+        tail("controller.log"),
+        tail("dataplane.log"),
+        events[events.len().saturating_sub(20)..].join("\n"),
+        home_processes(d)
+    )
 }
 
 /// The live (not zombie) `imago serve --foreground` processes of this deployment's home.
@@ -1420,7 +1467,12 @@ fn a_command_right_after_a_controller_kill_9_starts_a_new_controller_every_time(
     let lock = d.imago.home.join("deploy/controller.lock");
     let freezer = Arc::new(Freezer::new());
     for round in 0..30 {
-        let killed = lock_writer(&lock).expect("a controller holds the lock");
+        let killed = lock_writer(&lock).unwrap_or_else(|| {
+            panic!(
+                "round {round}: no controller holds the lock\n{}",
+                controller_story(&d)
+            )
+        });
         freezer.freeze(killed);
         kill9(killed);
         let delay = Duration::from_millis(10 * round);
@@ -1443,8 +1495,12 @@ fn a_command_right_after_a_controller_kill_9_starts_a_new_controller_every_time(
             );
         }
         thaw.join().unwrap();
-        let holder = lock_writer(&lock)
-            .unwrap_or_else(|| panic!("round {round}: no controller holds the lock"));
+        let holder = lock_writer(&lock).unwrap_or_else(|| {
+            panic!(
+                "round {round}: no controller holds the lock after the command\n{}",
+                controller_story(&d)
+            )
+        });
         assert_ne!(holder, killed, "round {round}");
         assert_eq!(live_controllers(&d), vec![holder], "round {round}");
     }

@@ -7,6 +7,7 @@
 //! SIGKILL pending, a thread past `exit_signals`, a zombie), which tells the two apart.
 
 use std::fs::File;
+use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
@@ -22,23 +23,60 @@ pub enum Holder {
     Unknown,
 }
 
+/// How many times `/proc/locks` is read before a lock that is not in it counts as
+/// [`Holder::Unknown`]: a read can miss a line while other locks come and go (see
+/// [`read_proc_locks`]), several reads in a row practically never.
+const LOOKS: usize = 4;
+
 /// The holder of the exclusive flock on `file` (whose path is `path`, for errors).
 pub fn exclusive_holder(file: &File, path: &Path) -> std::io::Result<Holder> {
     let meta = file.metadata().map_err(|e| with_path(e, path))?;
-    let locks = std::fs::read_to_string("/proc/locks")?;
     let dev = meta.dev();
-    Ok(
-        match flock_writer(
+    for _ in 0..LOOKS {
+        let locks = read_proc_locks()?;
+        let writer = flock_writer(
             &locks,
             rustix::fs::major(dev),
             rustix::fs::minor(dev),
             meta.ino(),
-        ) {
-            Some(pid) if process_exiting(pid) => Holder::Exiting(pid),
-            Some(pid) => Holder::Running(pid),
-            None => Holder::Unknown,
-        },
-    )
+        );
+        match writer {
+            Some(pid) if process_exiting(pid) => return Ok(Holder::Exiting(pid)),
+            Some(pid) => return Ok(Holder::Running(pid)),
+            None => {}
+        }
+    }
+    Ok(Holder::Unknown)
+}
+
+/// What one `read(2)` of `/proc/locks` asks for: far more than the page the kernel fills per
+/// read, so each read returns a whole page.
+const LOCKS_READ: usize = 64 * 1024;
+
+/// The text of `/proc/locks`, read a page at a time.
+///
+/// The kernel walks its list of locks anew for every `read(2)`, from the line number where
+/// the previous read stopped, and new locks go to the front of the list: a lock released in
+/// front of the reader's position between two reads moves every later line up by one, and the
+/// line that moved across the boundary is in neither read. `read_to_string` reads 32 bytes,
+/// then 32, 64, 128...: six boundaries in the first 2 KiB, while processes take and release
+/// locks all the time (SQLite's POSIX locks, cargo's flocks). A running controller's lock was
+/// missed that way (a look found no holder now and then). One read per page leaves no boundary
+/// in the first page's lines, which on most hosts are all of them; a line missed at a later
+/// boundary is found by the next look.
+fn read_proc_locks() -> std::io::Result<String> {
+    let mut file = File::open("/proc/locks")?;
+    let mut chunk = vec![0u8; LOCKS_READ];
+    let mut text = Vec::new();
+    loop {
+        match file.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => text.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    String::from_utf8(text).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
 fn with_path(e: std::io::Error, path: &Path) -> std::io::Error {
@@ -190,6 +228,57 @@ mod tests {
         let pid = child.id();
         child.wait().unwrap();
         assert!(process_exiting(pid));
+    }
+
+    #[test]
+    fn a_held_lock_is_found_on_every_look_while_other_locks_come_and_go() {
+        // A controller's own SQLite transactions take and release locks all the time; a look
+        // that missed its flock among them made a running controller look like none (the
+        // kill -9 test of imago-cli found no holder now and then).
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("held.lock");
+        let held = File::create(&path).unwrap();
+        rustix::fs::flock(&held, rustix::fs::FlockOperation::LockExclusive).unwrap();
+        let probe = File::open(&path).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let churn: Vec<_> = (0..2)
+            .map(|n| {
+                let stop = stop.clone();
+                // Taken after the held lock, so they are in front of it in the kernel's list.
+                let files: Vec<File> = (0..8)
+                    .map(|i| File::create(dir.path().join(format!("churn-{n}-{i}"))).unwrap())
+                    .collect();
+                std::thread::spawn(move || {
+                    let mut rounds = 0u32;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        for file in &files {
+                            rustix::fs::flock(file, rustix::fs::FlockOperation::LockExclusive)
+                                .unwrap();
+                        }
+                        for file in &files {
+                            rustix::fs::flock(file, rustix::fs::FlockOperation::Unlock).unwrap();
+                        }
+                        rounds += 1;
+                    }
+                    rounds
+                })
+            })
+            .collect();
+        let me = std::process::id();
+        let mut missed = Vec::new();
+        for look in 0..5_000 {
+            let holder = exclusive_holder(&probe, &path).unwrap();
+            if holder != Holder::Running(me) {
+                missed.push((look, holder));
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let rounds: Vec<u32> = churn.into_iter().map(|t| t.join().unwrap()).collect();
+        assert!(
+            rounds.iter().all(|&r| r > 100),
+            "the other locks hardly moved: {rounds:?}"
+        );
+        assert_eq!(missed, vec![], "looks that did not find the holder");
     }
 
     #[test]
