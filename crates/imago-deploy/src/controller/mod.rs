@@ -1123,11 +1123,31 @@ mod tests {
     /// A provider whose stops take as long as the grace period, as with a process that ignores
     /// SIGTERM: what the controller must never wait for inside a pass. Records each grace.
     /// Its launches take the third field's time (a real launch waits for its supervisor).
-    struct SlowStops(Arc<FakeProvider>, Mutex<Vec<Duration>>, Duration);
+    /// The fake provider with stops that wait out their grace (and launches `.2` each). `.3`:
+    /// the controller using it was "killed" (see [`SlowStops::die`]).
+    struct SlowStops(
+        Arc<FakeProvider>,
+        Mutex<Vec<Duration>>,
+        Duration,
+        std::sync::atomic::AtomicBool,
+    );
 
     impl SlowStops {
         fn new(fake: &Arc<FakeProvider>) -> Arc<SlowStops> {
-            Arc::new(SlowStops(fake.clone(), Mutex::default(), Duration::ZERO))
+            Arc::new(SlowStops(
+                fake.clone(),
+                Mutex::default(),
+                Duration::ZERO,
+                Default::default(),
+            ))
+        }
+
+        /// What a kill -9 does to the stops of the controller using this provider: the ones
+        /// still waiting out their grace never reach the instance. (The harness's old
+        /// controller lives on in-process; without this its stop threads would finish the
+        /// tear-down a restarted controller is meant to finish, depending on timing.)
+        fn die(&self) {
+            self.3.store(true, std::sync::atomic::Ordering::SeqCst);
         }
     }
 
@@ -1139,6 +1159,12 @@ mod tests {
         fn stop(&self, id: &str, grace: Duration) -> Result<Instance, imago_runtime::RuntimeError> {
             self.1.lock().unwrap().push(grace);
             std::thread::sleep(grace);
+            if self.3.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(imago_runtime::RuntimeError::Supervisor {
+                    id: id.to_owned(),
+                    reason: "the controller that asked for this stop was killed".to_owned(),
+                });
+            }
             self.0.stop(id, grace)
         }
         fn remove(&self, id: &str) -> Result<(), imago_runtime::RuntimeError> {
@@ -1435,7 +1461,8 @@ mod tests {
             b"a1",
         );
         h.converge("web", 5);
-        h.restart(SlowStops::new(&h.fake));
+        let first_stops = SlowStops::new(&h.fake);
+        h.restart(first_stops.clone());
         h.controller.db.destroy("web", "test").unwrap();
 
         let started = std::time::Instant::now();
@@ -1450,6 +1477,7 @@ mod tests {
 
         // A controller killed in the middle of the tear-down: a new one over the same database
         // finishes it from what it observes.
+        first_stops.die();
         h.restart(SlowStops::new(&h.fake));
         let mut stopped = BTreeSet::new();
         for _ in 0..250 {
@@ -1616,7 +1644,12 @@ mod tests {
     #[test]
     fn the_launches_of_a_pass_run_side_by_side() {
         let mut h = harness();
-        let slow = SlowStops(h.fake.clone(), Mutex::default(), Duration::from_millis(100));
+        let slow = SlowStops(
+            h.fake.clone(),
+            Mutex::default(),
+            Duration::from_millis(100),
+            Default::default(),
+        );
         h.restart(Arc::new(slow));
         let web = spec(serde_json::json!({"image": "web", "replicas": 16}));
         h.release("web", &web, b"v1");
