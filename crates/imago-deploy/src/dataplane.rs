@@ -1649,19 +1649,24 @@ pub(crate) mod tests {
         assert_eq!(getrlimit(Resource::Nofile).current, Some(hard));
     }
 
-    #[test]
-    fn tls_without_hosts_fronts_any_tcp_protocol_for_one_service() {
-        // A backend that greets every connection and closes: not HTTP at all.
+    /// A TCP backend that greets every connection with one line and closes it: not HTTP.
+    fn greeting_backend() -> SocketAddr {
         let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let backend_addr = backend.local_addr().unwrap();
+        let addr = backend.local_addr().unwrap();
         std::thread::spawn(move || {
             for stream in backend.incoming() {
                 let Ok(mut stream) = stream else { break };
                 let _ = stream.write_all(b"pong from the backend\n");
             }
         });
-        let dir = tempfile::tempdir().unwrap();
-        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("c.key"));
+        addr
+    }
+
+    /// A self-signed certificate for `db.example` and its key, in `dir`.
+    fn self_signed_db_certificate(
+        dir: &std::path::Path,
+    ) -> (std::path::PathBuf, std::path::PathBuf) {
+        let (cert, key) = (dir.join("c.pem"), dir.join("c.key"));
         let made = std::process::Command::new("openssl")
             .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
             .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
@@ -1672,6 +1677,14 @@ pub(crate) mod tests {
             .output()
             .expect("openssl (installed by scripts/setup)");
         assert!(made.status.success());
+        (cert, key)
+    }
+
+    #[test]
+    fn tls_without_hosts_fronts_any_tcp_protocol_for_one_service() {
+        let backend_addr = greeting_backend();
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = self_signed_db_certificate(dir.path());
         let mut plane = LocalPlane::new(None);
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let routing = Routing {
@@ -1714,26 +1727,9 @@ pub(crate) mod tests {
 
     #[test]
     fn a_certificate_file_that_blocks_its_reader_stalls_no_handshake() {
-        let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let backend_addr = backend.local_addr().unwrap();
-        std::thread::spawn(move || {
-            for stream in backend.incoming() {
-                let Ok(mut stream) = stream else { break };
-                let _ = stream.write_all(b"pong from the backend\n");
-            }
-        });
+        let backend_addr = greeting_backend();
         let dir = tempfile::tempdir().unwrap();
-        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("c.key"));
-        let made = std::process::Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
-            .args(["-subj", "/CN=db.example", "-keyout"])
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .output()
-            .expect("openssl (installed by scripts/setup)");
-        assert!(made.status.success());
+        let (cert, key) = self_signed_db_certificate(dir.path());
         let ca = dir.path().join("ca.pem");
         std::fs::copy(&cert, &ca).unwrap();
         let mut plane = LocalPlane::new(None);
