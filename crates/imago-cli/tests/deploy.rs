@@ -1540,6 +1540,28 @@ fn a_restarted_controller_adopts_the_data_plane_and_routes_its_rollout() {
     assert!(events.iter().any(|e| e.contains("adopted")), "{events:?}");
 }
 
+/// A controller that cannot run says why in `imago events` too, not only in its log (the one
+/// way a controller ends on its own: its set-up fails; here its pid file cannot be written).
+#[test]
+fn a_controller_that_cannot_run_says_why_in_the_events() {
+    let d = Deployment::new();
+    let info = d.imago.home.join("deploy/controller.json");
+    std::fs::create_dir_all(&info).unwrap();
+    let said = d.imago.run(&["serve"]).fails();
+    assert!(said.contains("controller"), "{said}");
+    let events = d.timed_events();
+    let exited: Vec<_> = events
+        .iter()
+        .filter(|(_, kind, _)| kind == "controller-exited")
+        .collect();
+    assert_eq!(exited.len(), 1, "{events:?}");
+    assert!(
+        exited[0].2.contains("controller.json"),
+        "the event names what failed: {}",
+        exited[0].2
+    );
+}
+
 #[test]
 fn serve_stop_then_destroy_leaves_nothing_behind() {
     let d = Deployment::new();
