@@ -1240,7 +1240,7 @@ fn insert_release(
         if let Some((revision, restart, spec_json)) = row {
             current_restart = restart;
             same = Some(revision);
-            current_spec = serde_json::from_str(&spec_json).ok();
+            current_spec = ServiceSpec::from_recorded_json(&spec_json).ok();
         }
     }
     // The endpoint's TLS files are the endpoint's, not a release's: a rollback restores an
@@ -1420,6 +1420,31 @@ mod tests {
             .record_release("web", &loaded.spec, &d, "apply", None, "test")
             .unwrap();
         assert!(!new, "release {} made from an unchanged spec", again.number);
+    }
+
+    #[test]
+    fn other_tls_files_reach_a_release_whose_spec_records_image_volumes() {
+        // The recorded spec is read as recorded (`image_volumes` included, which the file's
+        // form refuses): plain serde read it as nothing, and the new files never reached it.
+        let (_d, mut db) = db();
+        let d1 = Digest::of(b"image v1");
+        let with_tls = |dir: &str| -> ServiceSpec {
+            let mut spec: ServiceSpec = serde_json::from_value(serde_json::json!({
+                "image": "web", "port": 443,
+                "tls": {"cert": format!("{dir}/shop.pem"), "key": format!("{dir}/shop.key")}}))
+            .unwrap();
+            spec.image_volumes = vec!["/data".to_owned()];
+            spec
+        };
+        db.record_release("web", &with_tls("/srv/a"), &d1, "apply", None, "test")
+            .unwrap();
+        let (_, new) = db
+            .record_release("web", &with_tls("/srv/b"), &d1, "apply", None, "test")
+            .unwrap();
+        assert!(!new);
+        let desired = db.desired("web").unwrap().unwrap();
+        assert_eq!(desired.spec.tls.unwrap().cert, "/srv/b/shop.pem");
+        assert_eq!(desired.spec.image_volumes, ["/data"]);
     }
 
     #[test]
