@@ -573,3 +573,157 @@ fn idle_connections_by_the_thousand_keep_no_client_from_being_served() {
     assert!(answer.ends_with("\n200"), "after many sources: {answer}");
     drop((one, many));
 }
+
+/// A client on one keep-alive connection to a front, as a browser or an HTTP client library
+/// keeps one: each request written, its response read off the wire by its own framing
+/// (Content-Length or chunked).
+struct KeepAlive {
+    wire: std::io::BufReader<std::net::TcpStream>,
+}
+
+impl KeepAlive {
+    fn open(port: u16) -> KeepAlive {
+        let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        KeepAlive {
+            wire: std::io::BufReader::new(stream),
+        }
+    }
+
+    fn line(&mut self) -> Result<String, String> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        match self.wire.read_line(&mut line) {
+            Ok(0) => Err("connection closed".to_owned()),
+            Ok(_) => Ok(line.trim_end().to_owned()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// GET / for `host`: (status, body), or what went wrong on the wire.
+    fn get(&mut self, host: &str) -> Result<(u16, String), String> {
+        use std::io::{Read, Write};
+        let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: keep-alive\r\n\r\n");
+        self.wire
+            .get_mut()
+            .write_all(request.as_bytes())
+            .map_err(|e| e.to_string())?;
+        let status_line = self.line()?;
+        let status = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("no status line: {status_line:?}"))?;
+        let (mut length, mut chunked, mut close) = (None, false, false);
+        loop {
+            let field = self.line()?.to_ascii_lowercase();
+            if field.is_empty() {
+                break;
+            }
+            match field.split_once(':').map(|(n, v)| (n.trim(), v.trim())) {
+                Some(("content-length", v)) => length = v.parse::<usize>().ok(),
+                Some(("transfer-encoding", v)) => chunked = v == "chunked",
+                Some(("connection", v)) => close = v == "close",
+                _ => {}
+            }
+        }
+        let mut body = Vec::new();
+        if chunked {
+            loop {
+                let size = usize::from_str_radix(&self.line()?, 16).map_err(|e| e.to_string())?;
+                let mut chunk = vec![0; size + 2];
+                self.wire
+                    .read_exact(&mut chunk)
+                    .map_err(|e| e.to_string())?;
+                if size == 0 {
+                    break;
+                }
+                body.extend_from_slice(&chunk[..size]);
+            }
+        } else {
+            let length = length.ok_or("neither Content-Length nor chunked")?;
+            body.resize(length, 0);
+            self.wire.read_exact(&mut body).map_err(|e| e.to_string())?;
+        }
+        if close {
+            return Err(format!("{status}: the router closed the connection"));
+        }
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+}
+
+#[test]
+fn one_keep_alive_connection_is_answered_by_each_hosts_service_and_goes_on_after_a_404() {
+    let site = Site::new(false);
+    site.apply().ok();
+    let mut client = KeepAlive::open(site.port);
+    for _ in 0..3 {
+        assert_eq!(client.get("shop.example"), Ok((200, "shop v1\n".into())));
+        assert_eq!(client.get("blog.example"), Ok((200, "blog v1\n".into())));
+        let (code, body) = client.get("other.example").unwrap();
+        assert_eq!(code, 404, "{body}");
+        assert_eq!(
+            client.get("www.blog.example"),
+            Ok((200, "blog v1\n".into()))
+        );
+    }
+}
+
+#[test]
+fn a_rolling_update_under_keep_alive_load_fails_no_request_and_removes_the_old_instances_while_clients_keep_their_connections()
+ {
+    let site = Site::new(false);
+    site.apply().ok();
+    let before = site.imago.instance_ids();
+    let stop = Arc::new(AtomicBool::new(false));
+    // 16 clients, each on one connection for the whole test: a broken one fails the test.
+    let clients: Vec<_> = (0..16)
+        .map(|i| {
+            let (port, stop) = (site.port, stop.clone());
+            let host = if i % 2 == 0 {
+                "shop.example"
+            } else {
+                "blog.example"
+            };
+            std::thread::spawn(move || {
+                let mut client = KeepAlive::open(port);
+                let mut answers = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let answer = client.get(host);
+                    let broken = answer.is_err();
+                    answers.push(answer);
+                    if broken {
+                        break;
+                    }
+                }
+                answers
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    site.set_page("shop", "shop v2");
+    site.set_page("blog", "blog v2");
+    let out = site.apply().ok().stdout();
+    assert!(out.contains("deployment complete"), "{out}");
+    // Complete means retired and removed: not one old instance is left, while every client
+    // still holds its connection (checked below: none broke).
+    let after = site.imago.instance_ids();
+    let left: Vec<_> = before.iter().filter(|id| after.contains(id)).collect();
+    assert!(left.is_empty(), "old instances still listed: {left:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    for (i, client) in clients.into_iter().enumerate() {
+        let answers = client.join().unwrap();
+        common::assert_all_answered(&answers);
+        let service = if i % 2 == 0 { "shop" } else { "blog" };
+        let bodies: Vec<String> = answers.into_iter().map(|a| a.unwrap().1).collect();
+        assert_eq!(bodies.first().unwrap(), &format!("{service} v1\n"));
+        assert_eq!(
+            bodies.last().unwrap(),
+            &format!("{service} v2\n"),
+            "client {i}"
+        );
+    }
+}

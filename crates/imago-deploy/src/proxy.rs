@@ -153,6 +153,20 @@ impl Routes {
         }
     }
 
+    /// Counts one more request in flight on `backend` if it still gets new connections: the
+    /// count is taken before the look, as [`connect_routed`] does, so that a drain that finds
+    /// the backend idle after unrouting it never misses a request that reuses a connection to
+    /// it. None (nothing counted) once it is no longer routed.
+    pub(crate) fn hold(&self, backend: &BackendRef) -> Option<Count> {
+        let count = Count::new(&backend.0);
+        let routed = self
+            .lock()
+            .routed
+            .iter()
+            .any(|t| Arc::ptr_eq(&t.active, &backend.0));
+        routed.then_some(count)
+    }
+
     /// Whether `other` is this very table (a clone of these routes).
     pub(crate) fn same(&self, other: &Routes) -> bool {
         Arc::ptr_eq(&self.table, &other.table)
@@ -333,6 +347,10 @@ pub(crate) async fn accept_loop<F, Fut>(
     }
 }
 
+/// One backend of a [`Routes`], as [`connect_routed_backend`] reached it.
+#[derive(Debug, Clone)]
+pub(crate) struct BackendRef(Arc<AtomicUsize>);
+
 /// Holds one unit of a counter for as long as it lives, also when its task is cancelled.
 pub(crate) struct Count(Arc<AtomicUsize>);
 
@@ -360,13 +378,23 @@ async fn forward(client: TcpStream, routes: Routes) {
 /// counted for that backend (drains wait for it) for as long as the [`Count`] lives. None when
 /// no routed backend accepts.
 pub(crate) async fn connect_routed(routes: &Routes) -> Option<(TcpStream, Count)> {
+    connect_routed_backend(routes)
+        .await
+        .map(|(upstream, count, _)| (upstream, count))
+}
+
+/// [`connect_routed`], with the backend it reached, for [`Routes::hold`] on later requests
+/// over the same connection.
+pub(crate) async fn connect_routed_backend(
+    routes: &Routes,
+) -> Option<(TcpStream, Count, BackendRef)> {
     let (targets, start) = routes.candidates();
     let n = targets.len();
     for target in targets.iter().cycle().skip(start).take(n) {
         // Count the connection before connecting, so a drain never misses one in flight.
         let count = Count::new(&target.active);
         if let Ok(upstream) = connect(target.addr).await {
-            return Some((upstream, count));
+            return Some((upstream, count, BackendRef(target.active.clone())));
         }
     }
     None

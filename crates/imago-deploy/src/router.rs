@@ -1,27 +1,46 @@
-//! Host-routed endpoints: several services on one address, each connection sent to the
-//! service that the `Host` header of its first HTTP/1.1 request names, optionally behind TLS
-//! terminated here with certificates from files (chosen by SNI).
+//! Host-routed endpoints: several services on one address, each HTTP/1.1 request sent to the
+//! service that its own `Host` names, optionally behind TLS terminated here with certificates
+//! from files (chosen by SNI).
 //!
 //! One [`Front`] serves one address for every service that declares `hosts` on it. It runs on
 //! the proxy's threads ([`crate::proxy::spawn_with`]: one per core, `SO_REUSEPORT`) and sends a
-//! connection only to a routed instance of the chosen service, counted in that service's
-//! [`Routes`] exactly as the plain proxy counts, so health gating and drains are the same.
+//! request only to a routed instance of the chosen service, counted in that service's
+//! [`Routes`] from before it is sent until its response body is relayed, so health gating and
+//! drains are the plain proxy's with a request in flight where the proxy has a connection.
 //!
-//! A connection is routed once, by its first request, and stays with that instance (keep-alive
-//! requests that follow, whatever their `Host`, go to it too), as a TCP proxy would; what gets
-//! re-routed is the next connection. That keeps the relay a byte pipe after the first request
-//! head (the plain path keeps `splice`), and a keep-alive client of a retired instance drains
-//! like any open connection. HTTP/2 is not spoken: TLS selects no ALPN protocol, so clients fall back to HTTP/1.1.
+//! Both sides speak HTTP/1.1 through hyper, as a reverse proxy in HTTP mode does (Traefik,
+//! Caddy, HAProxy `mode http`): every request of a keep-alive connection is routed by its own
+//! host (an unknown one gets 404 and the connection goes on), and the client's connection is
+//! not pinned to an instance: the connection to the instance that the last request used is
+//! reused while that instance is routed and the request goes to the same service, else the next
+//! request connects anew, round-robin. So a retired instance drains as soon as its requests in
+//! flight are answered, whatever its clients' idle keep-alive connections do, and a client
+//! keeps its connection when an instance closes its own (busybox httpd closes after every
+//! response). Each side frames its own messages (hop-by-hop headers are dropped, a body of
+//! unknown length goes chunked); pipelined requests are answered one after the other; a switch
+//! of protocols (websocket) is relayed as bytes, pinned to its instance and counted on it until
+//! it ends. HTTP/2 is not spoken: TLS selects no ALPN protocol, so clients fall back to
+//! HTTP/1.1. A TLS front's catch-all service (no `hosts`) may speak any protocol: its
+//! connections are relayed as bytes to one instance.
 //!
 //! The kernel path (balancer, nftables DNAT) cannot read a `Host` header or terminate TLS, so a
 //! host-routed endpoint is never given to it: local and remote clients alike go through here.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::convert::Infallible;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
+
+use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{self, HeaderName, HeaderValue};
+use hyper::{HeaderMap, Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::{TokioIo, TokioTimer};
 
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -30,15 +49,24 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, oneshot, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::error::DeployError;
-use crate::proxy::{self, Routes};
+use crate::proxy::{self, BackendRef, Count, Routes};
 use crate::spec::ServiceSpec;
 
 /// A request head larger than this is refused (431), as nginx's default buffers would.
 const MAX_HEAD: usize = 16 * 1024;
+/// A request head with more header fields than this is refused (431).
+const MAX_HEADERS: usize = 64;
+/// How long a keep-alive connection may stay idle between requests (from the end of a response
+/// to the end of the next request head), as Caddy's and Traefik's idle timeouts (HAProxy's
+/// `timeout http-keep-alive`); then it is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a kept connection to an instance may take to be ready for the next request before
+/// a new one is made instead (it is ready at once unless the instance is closing it).
+const REUSE_WAIT: Duration = Duration::from_millis(500);
 /// How long a client may take for the TLS handshake and its first request head together, as
 /// HAProxy's `timeout http-request` (nginx's `client_header_timeout`): a client that opens
 /// connections and sends nothing must not hold them forever.
@@ -499,6 +527,7 @@ impl ResolvesServerCert for SniResolver {
 /// are relayed to their end).
 pub struct Front {
     table: Arc<FrontTable>,
+    addr: SocketAddr,
     tls: bool,
     failures: Failures,
     accepting: watch::Sender<bool>,
@@ -530,6 +559,10 @@ impl Front {
         };
         let listeners =
             proxy::bind(addr, proxy::default_threads(), check_free).map_err(listen_error)?;
+        let bound = match listeners.first() {
+            Some(listener) => listener.local_addr().map_err(listen_error)?,
+            None => addr,
+        };
         let table = Arc::new(FrontTable::default());
         let failures = Failures::default();
         let (service, routing, routes) = first;
@@ -569,6 +602,7 @@ impl Front {
         .map_err(listen_error)?;
         Ok(Front {
             table,
+            addr: bound,
             tls,
             failures,
             accepting,
@@ -577,6 +611,11 @@ impl Front {
 
     pub fn tls(&self) -> bool {
         self.tls
+    }
+
+    /// The address it listens on (its port chosen by the system when asked for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
     }
 
     /// Certificate files that failed to reload since the last call, one message each.
@@ -640,47 +679,67 @@ impl Front {
     }
 }
 
-/// The first request head, read to find the service, and that service's routes.
-struct Routed {
-    head: Vec<u8>,
-    routes: Routes,
-}
-
 /// Why a request is answered here instead of by an instance.
+#[derive(Debug, PartialEq, Eq)]
 enum Refusal {
     BadRequest(&'static str),
-    TooLarge,
     UnknownHost(String),
     NoInstance(String),
     /// The TLS server name (SNI) picked another service's certificate than the `Host` names.
     Misdirected(String),
+    /// The instance closed or reset the connection before a whole response head.
+    BadGateway(String),
 }
 
 impl Refusal {
-    fn response(&self) -> Vec<u8> {
-        let (status, body) = match self {
-            Refusal::BadRequest(why) => ("400 Bad Request", format!("{why}\n")),
-            Refusal::TooLarge => (
-                "431 Request Header Fields Too Large",
-                "request head too large\n".to_owned(),
+    fn status_and_body(&self) -> (StatusCode, String) {
+        match self {
+            Refusal::BadRequest(why) => (StatusCode::BAD_REQUEST, format!("{why}\n")),
+            Refusal::UnknownHost(host) => (
+                StatusCode::NOT_FOUND,
+                format!("no service for host {host:?}\n"),
             ),
-            Refusal::UnknownHost(host) => {
-                ("404 Not Found", format!("no service for host {host:?}\n"))
-            }
             Refusal::NoInstance(service) => (
-                "503 Service Unavailable",
+                StatusCode::SERVICE_UNAVAILABLE,
                 format!("service {service} has no ready instance\n"),
             ),
             Refusal::Misdirected(host) => (
-                "421 Misdirected Request",
+                StatusCode::MISDIRECTED_REQUEST,
                 format!("host {host:?} is not served on this TLS connection\n"),
             ),
-        };
+            Refusal::BadGateway(service) => (
+                StatusCode::BAD_GATEWAY,
+                format!("an instance of service {service} failed the request\n"),
+            ),
+        }
+    }
+
+    /// The answer as bytes, for a connection that is closed after it (a TLS front's catch-all
+    /// service, which relays bytes and speaks no HTTP itself).
+    fn response(&self) -> Vec<u8> {
+        let (status, body) = self.status_and_body();
         format!(
             "HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
             body.len()
         )
         .into_bytes()
+    }
+
+    /// The answer to one request of a keep-alive connection, which goes on after it, except
+    /// after a request whose `Host` cannot be trusted (400).
+    fn answer(&self) -> Response<Answer> {
+        let (status, body) = self.status_and_body();
+        let mut response = Response::new(Answer::Local(Some(Bytes::from(body))));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        if matches!(self, Refusal::BadRequest(_)) {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
     }
 }
 
@@ -699,85 +758,309 @@ fn host_name(value: &[u8]) -> Option<String> {
     (!host.is_empty()).then_some(host)
 }
 
-/// Reads the first request head from `client` and finds its service. On TLS, `sni` is the
-/// server name the client asked for: a `Host` of another service than that name's (whose
-/// certificate the client was given) is refused with 421, as RFC 9110 section 15.5.20 has it,
-/// instead of served under a certificate that does not name it.
-async fn read_routed<S: AsyncRead + Unpin>(
-    client: &mut S,
-    table: &FrontTable,
+/// The service one request goes to: the one its host names (the authority of an absolute-form
+/// target, else its one `Host` header, RFC 9112 section 3.2.2). On TLS, `sni` is the server
+/// name the client asked for: a `Host` of another service than that name's (whose certificate
+/// the client was given) is refused with 421, as RFC 9110 section 15.5.20 has it, instead of
+/// served under a certificate that does not name it.
+fn route<'a>(
+    services: &'a BTreeMap<String, FrontService>,
+    uri: &Uri,
+    headers: &HeaderMap,
     sni: Option<&str>,
-) -> Result<Routed, Option<Refusal>> {
-    let services = table.snapshot();
-    if let Some(only) = catch_all(&services) {
-        return Ok(Routed {
-            head: Vec::new(),
-            routes: only.routes.clone(),
-        });
+) -> Result<(&'a String, &'a FrontService), Refusal> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    // Two Host headers: which one a backend believes is anyone's guess (RFC 9112 section 3.2:
+    // answer 400).
+    if hosts.next().is_some() {
+        return Err(Refusal::BadRequest("more than one Host header"));
     }
-    let mut head = Vec::with_capacity(2048);
-    // How much of `head` was searched for the empty line that ends a head: a head is parsed
-    // only once one may have arrived (and after the first read, so that a client that speaks
-    // no HTTP is refused at once), so a head sent a byte at a time costs one look at each byte
-    // instead of one parse of the whole head per read.
-    let mut searched: usize = 0;
-    let host = loop {
-        // A client that closes before a whole head is owed no answer.
-        if client.read_buf(&mut head).await.map_err(|_| None)? == 0 {
-            return Err(None);
-        }
-        let first = searched == 0;
-        let ended = ends_a_head(&head[searched.saturating_sub(2)..]);
-        searched = head.len();
-        if !first && !ended {
-            if head.len() >= MAX_HEAD {
-                return Err(Some(Refusal::TooLarge));
-            }
-            continue;
-        }
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut request = httparse::Request::new(&mut headers);
-        match request.parse(&head) {
-            Ok(httparse::Status::Complete(_)) => {
-                let mut hosts = request
-                    .headers
-                    .iter()
-                    .filter(|h| h.name.eq_ignore_ascii_case("host"));
-                let host = hosts.next();
-                // Two Host headers: which one a backend believes is anyone's guess
-                // (RFC 9112 section 3.2: answer 400).
-                if hosts.next().is_some() {
-                    return Err(Some(Refusal::BadRequest("more than one Host header")));
-                }
-                break host
-                    .and_then(|h| host_name(h.value))
-                    .ok_or(Some(Refusal::BadRequest("no Host header")))?;
-            }
-            Ok(httparse::Status::Partial) if head.len() < MAX_HEAD => {}
-            Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
-                return Err(Some(Refusal::TooLarge));
-            }
-            Err(_) => return Err(Some(Refusal::BadRequest("not an HTTP/1 request"))),
-        }
+    let host = match uri.authority() {
+        Some(authority) => host_name(authority.as_str().as_bytes()),
+        None => host.and_then(|h| host_name(h.as_bytes())),
+    }
+    .ok_or(Refusal::BadRequest("no Host header"))?;
+    let Some((name, service)) = find(services, &host) else {
+        return Err(Refusal::UnknownHost(host));
     };
-    let Some((name, service)) = find(&services, &host) else {
-        return Err(Some(Refusal::UnknownHost(host)));
-    };
-    let sni_service = sni.and_then(|sni| find(&services, &sni.to_ascii_lowercase()));
+    let sni_service = sni.and_then(|sni| find(services, &sni.to_ascii_lowercase()));
     if sni_service.is_some_and(|(sni_name, _)| sni_name != name) {
-        return Err(Some(Refusal::Misdirected(host)));
+        return Err(Refusal::Misdirected(host));
     }
-    Ok(Routed {
-        head,
-        routes: service.routes.clone(),
-    })
+    Ok((name, service))
 }
 
-/// Whether `bytes` hold an empty line (`\n\n` or `\n\r\n`), which ends a request head.
-fn ends_a_head(bytes: &[u8]) -> bool {
-    bytes.windows(2).enumerate().any(|(i, w)| {
-        w[0] == b'\n' && (w[1] == b'\n' || (w[1] == b'\r' && bytes.get(i + 2) == Some(&b'\n')))
-    })
+/// Whether a request asks to switch protocols (websocket): an `Upgrade` header named by
+/// `Connection`.
+fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE) && connection_tokens(headers).any(|t| t == "upgrade")
+}
+
+/// The tokens of a message's `Connection` headers, lowercase.
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = String> + '_ {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+}
+
+/// Removes the headers that describe one hop's connection (RFC 9110 section 7.6.1), the ones
+/// `Connection` names included: each side of the router frames and keeps alive its own
+/// connection. `upgrade` keeps `Upgrade` and says `Connection: upgrade` again.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = connection_tokens(headers)
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        // Never what routes or frames the message, whatever a client lists.
+        .filter(|n| *n != header::HOST && *n != header::CONTENT_LENGTH)
+        .collect();
+    for name in named {
+        if !(upgrade && name == header::UPGRADE) {
+            headers.remove(name);
+        }
+    }
+    for name in [
+        header::CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        headers.remove(name);
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Readies a client's request for an instance: origin-form target (the authority of an
+/// absolute-form one becomes the `Host`), no hop-by-hop headers, HTTP/1.1, and
+/// `X-Forwarded-For` / `X-Forwarded-Proto` / `X-Forwarded-Host` set from this connection. The
+/// client's own `X-Forwarded-*` headers are dropped, not appended to, as Traefik and Caddy do
+/// for clients they do not trust: nothing in front of a front vouches for them.
+fn prepare(request: &mut Request<Incoming>, peer: IpAddr, tls: bool, upgrade: bool) {
+    let uri = request.uri().clone();
+    if uri.scheme().is_some() {
+        if let Some(authority) = uri.authority()
+            && let Ok(host) = HeaderValue::from_str(authority.as_str())
+        {
+            request.headers_mut().insert(header::HOST, host);
+        }
+        if let Some(origin) = uri.path_and_query().and_then(|p| p.as_str().parse().ok()) {
+            *request.uri_mut() = origin;
+        }
+    }
+    *request.version_mut() = Version::HTTP_11;
+    let headers = request.headers_mut();
+    strip_hop_by_hop(headers, upgrade);
+    let forwarded_host = headers.get(header::HOST).cloned();
+    for name in ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"] {
+        headers.remove(name);
+    }
+    if let Ok(peer) = HeaderValue::from_str(&peer.to_canonical().to_string()) {
+        headers.insert("x-forwarded-for", peer);
+    }
+    let proto = if tls { "https" } else { "http" };
+    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+    if let Some(host) = forwarded_host {
+        headers.insert("x-forwarded-host", host);
+    }
+}
+
+/// A response body as the client gets it: an instance's, with its request counted on that
+/// instance until the body is sent or dropped, or one answered here.
+enum Answer {
+    Relayed { body: Incoming, _count: Count },
+    Local(Option<Bytes>),
+}
+
+impl Answer {
+    fn empty() -> Answer {
+        Answer::Local(None)
+    }
+}
+
+impl Body for Answer {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Answer::Relayed { body, .. } => Pin::new(body).poll_frame(cx),
+            Answer::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Answer::Relayed { body, .. } => body.is_end_stream(),
+            Answer::Local(bytes) => bytes.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Answer::Relayed { body, .. } => body.size_hint(),
+            Answer::Local(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+        }
+    }
+}
+
+/// A connection to an instance, kept between the requests of one client connection.
+struct Upstream {
+    routes: Routes,
+    backend: BackendRef,
+    sender: SendRequest<Incoming>,
+}
+
+impl Upstream {
+    /// A new connection to a routed instance of `routes`, counted for one request.
+    async fn connect(routes: &Routes) -> Option<(Upstream, Count)> {
+        let (stream, count, backend) = proxy::connect_routed_backend(routes).await?;
+        let (sender, connection) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .ok()?;
+        tokio::spawn(async move {
+            let _ = connection.with_upgrades().await;
+        });
+        Some((
+            Upstream {
+                routes: routes.clone(),
+                backend,
+                sender,
+            },
+            count,
+        ))
+    }
+}
+
+/// One client connection of a host-routed front, shared by its requests (which hyper serves
+/// one at a time, so its locks are never contended).
+struct Client {
+    table: Arc<FrontTable>,
+    sni: Option<String>,
+    peer: IpAddr,
+    tls: bool,
+    /// Told at the first request: the connection no longer waits for its first head.
+    first: Mutex<Option<oneshot::Sender<()>>>,
+    /// The connection to an instance that the last request used: the next request of the same
+    /// service reuses it while that instance is routed, else connects anew (round-robin).
+    upstream: Mutex<Option<Upstream>>,
+    /// Upgraded connections (websocket) relayed beside the HTTP connection.
+    upgraded: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Client {
+    /// Answers one request: routed by its own host to a routed instance of its service.
+    async fn answer(self: Arc<Self>, mut request: Request<Incoming>) -> Response<Answer> {
+        if let Some(first) = locked(&self.first).take() {
+            let _ = first.send(());
+        }
+        let services = self.table.snapshot();
+        let (name, routes) = match route(
+            &services,
+            request.uri(),
+            request.headers(),
+            self.sni.as_deref(),
+        ) {
+            Ok((name, service)) => (name.clone(), service.routes.clone()),
+            Err(refusal) => return refusal.answer(),
+        };
+        drop(services);
+        let upgrade = wants_upgrade(request.headers());
+        let client_side = upgrade.then(|| hyper::upgrade::on(&mut request));
+        prepare(&mut request, self.peer, self.tls, upgrade);
+        // The last request's connection, if it went to this service and its instance is still
+        // routed: counted first, then looked at (`Routes::hold`), so a drain cannot miss it.
+        let kept = locked(&self.upstream).take();
+        let mut reuse = kept
+            .filter(|up| up.routes.same(&routes))
+            .and_then(|up| routes.hold(&up.backend).map(|count| (up, count)));
+        loop {
+            let reused = reuse.is_some();
+            let (mut up, count) = match reuse.take() {
+                Some(kept) => kept,
+                None => match Upstream::connect(&routes).await {
+                    Some(new) => new,
+                    None => return Refusal::NoInstance(name).answer(),
+                },
+            };
+            if reused
+                && !matches!(
+                    tokio::time::timeout(REUSE_WAIT, up.sender.ready()).await,
+                    Ok(Ok(()))
+                )
+            {
+                // Closed by the instance while idle (or not idle yet): a new connection.
+                continue;
+            }
+            match up.sender.try_send_request(request).await {
+                Ok(response) => return self.relay(response, up, count, client_side),
+                Err(mut failed) => match failed.take_message() {
+                    // Not sent at all on a kept connection that the instance was closing: the
+                    // request goes again, on a new connection.
+                    Some(unsent) if reused => request = unsent,
+                    _ => return Refusal::BadGateway(name).answer(),
+                },
+            }
+        }
+    }
+
+    /// An instance's response, as the client gets it; a switch of protocols relays the two
+    /// upgraded connections beside, pinned to the instance and counted on it until they end.
+    fn relay(
+        &self,
+        mut response: Response<Incoming>,
+        up: Upstream,
+        count: Count,
+        client_side: Option<hyper::upgrade::OnUpgrade>,
+    ) -> Response<Answer> {
+        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        *response.version_mut() = Version::HTTP_11;
+        strip_hop_by_hop(response.headers_mut(), switching);
+        if switching {
+            let Some(client_side) = client_side else {
+                return Refusal::BadGateway(String::new()).answer();
+            };
+            let instance_side = hyper::upgrade::on(&mut response);
+            let relaying = tokio::spawn(async move {
+                let _count = count;
+                let _up = up;
+                if let (Ok(client), Ok(instance)) = tokio::join!(client_side, instance_side) {
+                    let _ = tokio::io::copy_bidirectional(
+                        &mut TokioIo::new(client),
+                        &mut TokioIo::new(instance),
+                    )
+                    .await;
+                }
+            });
+            locked(&self.upgraded).push(relaying);
+            return response.map(|_| Answer::empty());
+        }
+        *locked(&self.upstream) = Some(up);
+        response.map(|body| Answer::Relayed {
+            body,
+            _count: count,
+        })
+    }
 }
 
 /// The name of the service whose routes are `routes` on `table`, for a 503's body.
@@ -794,31 +1077,34 @@ fn service_of(table: &FrontTable, routes: &Routes) -> String {
 const LINGER: Duration = Duration::from_secs(1);
 const LINGER_BYTES: usize = 256 * 1024;
 
-async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(client: &mut S, refusal: Option<Refusal>) {
-    if let Some(refusal) = refusal {
-        let _ = client.write_all(&refusal.response()).await;
-        let _ = client.shutdown().await;
-        // Closing a socket with unread input sends a reset, which may reach the client before
-        // the answer and destroy it (a 431 for a head too large always leaves input unread):
-        // read what the client still sends, for a moment and within a bound, as a lingering
-        // close in HTTP servers does.
-        let _ = tokio::time::timeout(LINGER, async {
-            let mut dropped = 0;
-            let mut buf = [0u8; 8192];
-            while dropped < LINGER_BYTES {
-                match client.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => dropped += n,
-                }
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(client: &mut S, refusal: Refusal) {
+    let _ = client.write_all(&refusal.response()).await;
+    let _ = client.shutdown().await;
+    // Closing a socket with unread input sends a reset, which may reach the client before
+    // the answer and destroy it: read what the client still sends, for a moment and within a
+    // bound, as a lingering close in HTTP servers does.
+    let _ = tokio::time::timeout(LINGER, async {
+        let mut dropped = 0;
+        let mut buf = [0u8; 8192];
+        while dropped < LINGER_BYTES {
+            match client.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => dropped += n,
             }
-        })
-        .await;
-    }
+        }
+    })
+    .await;
+}
+
+/// The routes of the front's catch-all service (TLS without hosts), if it has one.
+fn catch_all_routes(table: &FrontTable) -> Option<Routes> {
+    catch_all(&table.snapshot()).map(|s| s.routes.clone())
 }
 
 /// Serves one connection of a front: TLS handshake and first request head (counted as waiting
-/// in `admission`, within [`HEAD_TIMEOUT`], closed at once when evicted), then the relay to
-/// an instance of the service it names.
+/// in `admission`, within [`HEAD_TIMEOUT`], closed at once when evicted), then its requests,
+/// each routed by its own host ([`serve_http`]); a catch-all service's connections are relayed
+/// as bytes to one instance instead.
 async fn handle(
     client: TcpStream,
     table: Arc<FrontTable>,
@@ -831,62 +1117,85 @@ async fn handle(
     };
     let waiting = admission.admit(peer.ip());
     let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
-    match acceptor {
-        None => {
-            let mut client = client;
-            let routed = tokio::select! {
-                () = waiting.evicted() => return,
-                routed = tokio::time::timeout_at(deadline, first_head(&mut client, &table, None)) => routed,
-            };
-            let Ok(Some(routed)) = routed else {
-                return;
-            };
-            drop(waiting);
-            let Some((upstream, _count)) = proxy::connect_routed(&routed.routes).await else {
-                let service = service_of(&table, &routed.routes);
-                return refuse(&mut client, Some(Refusal::NoInstance(service))).await;
-            };
-            if proxy::write_all(&upstream, &routed.head).await.is_ok() {
-                let _ = proxy::relay(&client, &upstream).await;
-            }
-        }
-        Some(acceptor) => {
-            let routed = tokio::select! {
-                () = waiting.evicted() => return,
-                routed = tokio::time::timeout_at(deadline, async {
-                    let mut client = acceptor.accept(client).await.ok()?;
-                    let sni = client.get_ref().1.server_name().map(str::to_owned);
-                    let routed = first_head(&mut client, &table, sni.as_deref()).await?;
-                    Some((client, routed))
-                }) => routed,
-            };
-            let Ok(Some((mut client, routed))) = routed else {
-                return;
-            };
-            drop(waiting);
-            let Some((mut upstream, _count)) = proxy::connect_routed(&routed.routes).await else {
-                let service = service_of(&table, &routed.routes);
-                return refuse(&mut client, Some(Refusal::NoInstance(service))).await;
-            };
-            if upstream.write_all(&routed.head).await.is_ok() {
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-            }
-        }
-    }
+    let Some(acceptor) = acceptor else {
+        return serve_http(client, table, None, peer.ip(), waiting, deadline).await;
+    };
+    let accepted = tokio::select! {
+        () = waiting.evicted() => return,
+        accepted = tokio::time::timeout_at(deadline, acceptor.accept(client)) => accepted,
+    };
+    let Ok(Ok(mut client)) = accepted else {
+        return;
+    };
+    let Some(routes) = catch_all_routes(&table) else {
+        let sni = client.get_ref().1.server_name().map(str::to_owned);
+        let tls = Some(sni);
+        return serve_http(client, table, tls, peer.ip(), waiting, deadline).await;
+    };
+    drop(waiting);
+    let Some((mut upstream, _count)) = proxy::connect_routed(&routes).await else {
+        let service = service_of(&table, &routes);
+        return refuse(&mut client, Refusal::NoInstance(service)).await;
+    };
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
 }
 
-/// [`read_routed`], with a refused request answered here: the route, or None once answered.
-async fn first_head<S: AsyncRead + AsyncWrite + Unpin>(
-    client: &mut S,
-    table: &FrontTable,
-    sni: Option<&str>,
-) -> Option<Routed> {
-    match read_routed(client, table, sni).await {
-        Ok(routed) => Some(routed),
-        Err(refusal) => {
-            refuse(client, refusal).await;
-            None
+/// Serves the HTTP/1.1 requests of one client connection (plain, or TLS with the server name
+/// the client asked for, if any), each routed by its own host ([`Client::answer`]); the connection counts as waiting in
+/// `admission` until its first request head, which must come before `deadline`, and is closed
+/// once idle for [`IDLE_TIMEOUT`] between requests.
+async fn serve_http<S>(
+    io: S,
+    table: Arc<FrontTable>,
+    tls: Option<Option<String>>,
+    peer: IpAddr,
+    waiting: WaitingForHead,
+    deadline: tokio::time::Instant,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (first, first_came) = oneshot::channel();
+    let client = Arc::new(Client {
+        table,
+        tls: tls.is_some(),
+        sni: tls.flatten(),
+        peer,
+        first: Mutex::new(Some(first)),
+        upstream: Mutex::new(None),
+        upgraded: Mutex::new(Vec::new()),
+    });
+    let serving = client.clone();
+    let service = hyper::service::service_fn(move |request| {
+        let client = serving.clone();
+        async move { Ok::<_, Infallible>(client.answer(request).await) }
+    });
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // Also the idle time between requests: hyper starts it when it waits for a head.
+    http.timer(TokioTimer::new())
+        .header_read_timeout(IDLE_TIMEOUT)
+        .max_buf_size(MAX_HEAD)
+        .max_headers(MAX_HEADERS);
+    let connection = http
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    let admitted = async move {
+        let came = tokio::select! {
+            () = waiting.evicted() => false,
+            () = tokio::time::sleep_until(deadline) => false,
+            came = first_came => came.is_ok(),
+        };
+        drop(waiting);
+        if came {
+            std::future::pending::<()>().await;
         }
+    };
+    tokio::select! {
+        _ = connection => {}
+        () = admitted => {}
+    }
+    let upgraded = std::mem::take(&mut *locked(&client.upgraded));
+    for relaying in upgraded {
+        let _ = relaying.await;
     }
 }
 
@@ -924,45 +1233,50 @@ mod tests {
         assert_eq!(name("shop.example"), None);
     }
 
-    #[tokio::test]
-    async fn a_second_host_header_or_a_host_of_another_certificate_is_refused() {
+    #[test]
+    fn a_second_host_header_or_a_host_of_another_certificate_is_refused() {
         let service = |hosts: &[&str]| FrontService {
             hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
             routes: Routes::default(),
             certs: None,
         };
-        let table = FrontTable::default();
-        table.update(|services| {
-            services.insert("shop".to_owned(), service(&["shop.example"]));
-            services.insert("blog".to_owned(), service(&["blog.example"]));
-        });
-        let routed = |head: &'static str, sni: Option<&'static str>| {
-            let table = &table;
-            async move {
-                let (mut client, mut server) = tokio::io::duplex(4096);
-                client.write_all(head.as_bytes()).await.unwrap();
-                read_routed(&mut server, table, sni)
-                    .await
-                    .map(|r| r.head.len())
-                    .map_err(|refusal| refusal.map(|r| String::from_utf8(r.response()).unwrap()))
+        let mut services = BTreeMap::new();
+        services.insert("shop".to_owned(), service(&["shop.example"]));
+        services.insert("blog".to_owned(), service(&["blog.example"]));
+        let routed = |target: &str, hosts: &[&str], sni: Option<&str>| {
+            let mut headers = HeaderMap::new();
+            for host in hosts {
+                headers.append(header::HOST, HeaderValue::from_str(host).unwrap());
             }
+            let uri: Uri = target.parse().unwrap();
+            route(&services, &uri, &headers, sni).map(|(name, _)| name.clone())
         };
-        let one = "GET / HTTP/1.1\r\nHost: shop.example\r\n\r\n";
-        assert_eq!(routed(one, None).await, Ok(one.len()));
-        assert_eq!(routed(one, Some("shop.example")).await, Ok(one.len()));
-        assert_eq!(routed(one, Some("SHOP.example")).await, Ok(one.len()));
+        let shop = Ok("shop".to_owned());
+        assert_eq!(routed("/", &["shop.example"], None), shop);
+        assert_eq!(routed("/", &["shop.example"], Some("shop.example")), shop);
+        assert_eq!(routed("/", &["shop.example"], Some("SHOP.example")), shop);
         // An SNI no service has: the client got the default certificate; the Host decides.
-        assert_eq!(routed(one, Some("other.example")).await, Ok(one.len()));
-        let misdirected = routed(one, Some("blog.example"))
-            .await
-            .unwrap_err()
-            .unwrap();
-        assert!(misdirected.starts_with("HTTP/1.1 421 "), "{misdirected}");
-        let two = "GET / HTTP/1.1\r\nHost: shop.example\r\nhost: blog.example\r\n\r\n";
-        let refused = routed(two, None).await.unwrap_err().unwrap();
-        assert!(
-            refused.starts_with("HTTP/1.1 400 ") && refused.contains("more than one Host"),
-            "{refused}"
+        assert_eq!(routed("/", &["shop.example"], Some("other.example")), shop);
+        assert_eq!(
+            routed("/", &["shop.example"], Some("blog.example")),
+            Err(Refusal::Misdirected("shop.example".to_owned()))
+        );
+        assert_eq!(
+            routed("/", &["shop.example", "blog.example"], None),
+            Err(Refusal::BadRequest("more than one Host header"))
+        );
+        assert_eq!(
+            routed("/", &[], None),
+            Err(Refusal::BadRequest("no Host header"))
+        );
+        // An absolute-form target names the host, whatever the header says (RFC 9112 3.2.2).
+        assert_eq!(
+            routed("http://blog.example/", &["shop.example"], None),
+            Ok("blog".to_owned())
+        );
+        assert_eq!(
+            routed("/", &["news.example"], None),
+            Err(Refusal::UnknownHost("news.example".to_owned()))
         );
     }
 
@@ -998,51 +1312,391 @@ mod tests {
         assert_eq!(admission.waiting(), 0);
     }
 
+    /// A real HTTP/1.1 server on loopback standing in for an instance (hyper, as a web
+    /// framework would be): `/who` says who it is and what it was told, `/slow` answers after
+    /// 600 ms, `/echo` streams the request body back (chunked when the request's was), and a
+    /// request with `Upgrade` switches to echoing bytes.
+    async fn instance(name: &'static str) -> SocketAddr {
+        use http_body_util::{BodyExt, Full};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let service =
+                    hyper::service::service_fn(move |mut request: Request<Incoming>| async move {
+                        let text = |s: String| {
+                            Full::new(Bytes::from(s))
+                                .map_err(|never| match never {})
+                                .boxed()
+                        };
+                        if request.headers().contains_key(header::UPGRADE) {
+                            let upgrading = hyper::upgrade::on(&mut request);
+                            tokio::spawn(async move {
+                                let io = TokioIo::new(upgrading.await.unwrap());
+                                let (mut from, mut to) = tokio::io::split(io);
+                                let _ = tokio::io::copy(&mut from, &mut to).await;
+                            });
+                            let switching = Response::builder()
+                                .status(StatusCode::SWITCHING_PROTOCOLS)
+                                .header(header::UPGRADE, "echo")
+                                .header(header::CONNECTION, "upgrade")
+                                .body(text(String::new()))
+                                .unwrap();
+                            return Ok::<_, Infallible>(switching);
+                        }
+                        match request.uri().path() {
+                            "/echo" => return Ok(Response::new(request.into_body().boxed())),
+                            "/slow" => tokio::time::sleep(Duration::from_millis(600)).await,
+                            _ => {}
+                        }
+                        let told = |name: &str| {
+                            request
+                                .headers()
+                                .get(name)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("-")
+                                .to_owned()
+                        };
+                        Ok(Response::new(text(format!(
+                            "{name} host={} for={} proto={}",
+                            told("host"),
+                            told("x-forwarded-for"),
+                            told("x-forwarded-proto")
+                        ))))
+                    });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades(),
+                );
+            }
+        });
+        addr
+    }
+
+    /// A plain front on a free loopback port for `services` (NAME serves NAME.example).
+    fn front_for(services: &[(&str, &Routes)]) -> Front {
+        let routing = |name: &str| Routing {
+            hosts: vec![format!("{name}.example")],
+            tls: None,
+        };
+        let admission = Arc::new(Admission::new(HeadLimits {
+            per_source: 128,
+            total: 1024,
+        }));
+        let (first, routes) = services[0];
+        let front = Front::start(
+            "127.0.0.1:0".parse().unwrap(),
+            false,
+            true,
+            admission,
+            (first, &routing(first), routes),
+        )
+        .unwrap();
+        for (name, routes) in &services[1..] {
+            front.set(name, &routing(name), routes).unwrap();
+        }
+        front
+    }
+
+    fn routes_to(instances: &[(&str, SocketAddr)]) -> Routes {
+        let routes = Routes::default();
+        set_routes(&routes, instances);
+        routes
+    }
+
+    fn set_routes(routes: &Routes, instances: &[(&str, SocketAddr)]) {
+        let routed: Vec<(String, SocketAddr)> = instances
+            .iter()
+            .map(|(id, addr)| ((*id).to_owned(), *addr))
+            .collect();
+        routes.set(&routed);
+    }
+
+    /// One response as a client reads it off the wire: status, headers (names lowercase) and
+    /// the body, unframed by its own rules (none after HEAD, 1xx, 204 and 304; chunked;
+    /// Content-Length; else to the end).
+    #[derive(Debug)]
+    struct Reply {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    }
+
+    impl Reply {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str())
+        }
+
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.body).into_owned()
+        }
+    }
+
+    type Wire = tokio::io::BufReader<TcpStream>;
+
+    async fn open(front: &Front) -> Wire {
+        tokio::io::BufReader::new(TcpStream::connect(front.local_addr()).await.unwrap())
+    }
+
+    async fn line(wire: &mut Wire) -> String {
+        use tokio::io::AsyncBufReadExt;
+        let mut line = String::new();
+        wire.read_line(&mut line).await.unwrap();
+        line.trim_end().to_owned()
+    }
+
+    async fn read_reply(wire: &mut Wire, head_request: bool) -> Reply {
+        let status_line = line(wire).await;
+        let status: u16 = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no status line: {status_line:?}"));
+        let mut headers = Vec::new();
+        loop {
+            let field = line(wire).await;
+            if field.is_empty() {
+                break;
+            }
+            let (name, value) = field.split_once(':').unwrap();
+            headers.push((name.to_ascii_lowercase(), value.trim().to_owned()));
+        }
+        let mut reply = Reply {
+            status,
+            headers,
+            body: Vec::new(),
+        };
+        if head_request || status < 200 || status == 204 || status == 304 {
+            return reply;
+        }
+        if reply.header("transfer-encoding") == Some("chunked") {
+            loop {
+                let size = usize::from_str_radix(&line(wire).await, 16).unwrap();
+                if size == 0 {
+                    while !line(wire).await.is_empty() {}
+                    break;
+                }
+                let mut chunk = vec![0; size + 2];
+                wire.read_exact(&mut chunk).await.unwrap();
+                reply.body.extend_from_slice(&chunk[..size]);
+            }
+        } else if let Some(length) = reply.header("content-length") {
+            reply.body = vec![0; length.parse().unwrap()];
+            wire.read_exact(&mut reply.body).await.unwrap();
+        } else {
+            wire.read_to_end(&mut reply.body).await.unwrap();
+        }
+        reply
+    }
+
+    async fn ask(wire: &mut Wire, host: &str, path: &str) -> Reply {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        wire.get_mut().write_all(request.as_bytes()).await.unwrap();
+        read_reply(wire, false).await
+    }
+
+    #[tokio::test]
+    async fn every_request_of_a_keep_alive_connection_goes_to_the_service_of_its_own_host() {
+        let shop = routes_to(&[("shop-1", instance("shop-1").await)]);
+        let blog = routes_to(&[("blog-1", instance("blog-1").await)]);
+        let front = front_for(&[("shop", &shop), ("blog", &blog)]);
+        let mut wire = open(&front).await;
+        // The client's own X-Forwarded-* are dropped: this connection's peer is what counts.
+        let spoofed = "GET /who HTTP/1.1\r\nHost: shop.example\r\nX-Forwarded-For: 203.0.113.9\r\n\
+                       X-Forwarded-Proto: https\r\n\r\n";
+        wire.get_mut().write_all(spoofed.as_bytes()).await.unwrap();
+        let reply = read_reply(&mut wire, false).await;
+        assert_eq!(
+            (reply.status, reply.text().as_str()),
+            (200, "shop-1 host=shop.example for=127.0.0.1 proto=http")
+        );
+        let reply = ask(&mut wire, "blog.example:8080", "/who").await;
+        assert_eq!(
+            reply.text(),
+            "blog-1 host=blog.example:8080 for=127.0.0.1 proto=http"
+        );
+        let reply = ask(&mut wire, "news.example", "/who").await;
+        assert_eq!(reply.status, 404, "{}", reply.text());
+        assert!(reply.text().contains("news.example"), "{}", reply.text());
+        let reply = ask(&mut wire, "shop.example", "/who").await;
+        assert!(reply.text().starts_with("shop-1 "), "{}", reply.text());
+        // Pipelined: answered in order, each by its own host's service.
+        let two = "GET /who HTTP/1.1\r\nHost: blog.example\r\n\r\n\
+                   GET /who HTTP/1.1\r\nHost: shop.example\r\n\r\n";
+        wire.get_mut().write_all(two.as_bytes()).await.unwrap();
+        assert!(
+            read_reply(&mut wire, false)
+                .await
+                .text()
+                .starts_with("blog-1 ")
+        );
+        assert!(
+            read_reply(&mut wire, false)
+                .await
+                .text()
+                .starts_with("shop-1 ")
+        );
+        assert_eq!(shop.open_connections() + blog.open_connections(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_retired_instance_drains_once_its_requests_are_answered_and_the_client_moves_on() {
+        let (a, b) = (instance("shop-a").await, instance("shop-b").await);
+        let shop = routes_to(&[("shop-a", a)]);
+        let front = front_for(&[("shop", &shop)]);
+        let mut wire = open(&front).await;
+        assert!(
+            ask(&mut wire, "shop.example", "/who")
+                .await
+                .text()
+                .starts_with("shop-a ")
+        );
+        // A request in flight counts on its instance, and a drain waits for it.
+        let slow = "GET /slow HTTP/1.1\r\nHost: shop.example\r\n\r\n";
+        wire.get_mut().write_all(slow.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(shop.active_connections("shop-a"), 1);
+        set_routes(&shop, &[("shop-b", b)]);
+        assert!(!shop.drain("shop-a", Duration::from_millis(100)).await);
+        let reply = read_reply(&mut wire, false).await;
+        assert!(reply.text().starts_with("shop-a "), "{}", reply.text());
+        // Answered: drained, although the client keeps its connection open and idle.
+        assert!(shop.drain("shop-a", Duration::from_secs(2)).await);
+        let reply = ask(&mut wire, "shop.example", "/who").await;
+        assert!(reply.text().starts_with("shop-b "), "{}", reply.text());
+        assert_eq!(shop.active_connections("shop-a"), 0);
+    }
+
+    #[tokio::test]
+    async fn chunked_and_sized_bodies_pass_intact_and_head_1xx_and_close_keep_their_framing() {
+        let shop = routes_to(&[("shop-1", instance("shop-1").await)]);
+        let front = front_for(&[("shop", &shop)]);
+        let mut wire = open(&front).await;
+        // A chunked request of uneven chunks, 300 KB in all: echoed back chunked, intact.
+        let chunks: Vec<Vec<u8>> = (0..40u32)
+            .map(|i| {
+                (0..(i * 397 % 15_000 + 1))
+                    .map(|j| (i * 7 + j) as u8)
+                    .collect()
+            })
+            .collect();
+        let sent: Vec<u8> = chunks.concat();
+        let mut request =
+            b"POST /echo HTTP/1.1\r\nHost: shop.example\r\nTransfer-Encoding: chunked\r\n\r\n"
+                .to_vec();
+        for chunk in &chunks {
+            request.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+            request.extend_from_slice(chunk);
+            request.extend_from_slice(b"\r\n");
+        }
+        request.extend_from_slice(b"0\r\n\r\n");
+        wire.get_mut().write_all(&request).await.unwrap();
+        let reply = read_reply(&mut wire, false).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.header("transfer-encoding"), Some("chunked"));
+        assert!(
+            reply.body == sent,
+            "{} bytes back of {}",
+            reply.body.len(),
+            sent.len()
+        );
+        // A sized request with `Expect: 100-continue`: the body is sent after the 100.
+        let body = b"twelve bytes";
+        let head = format!(
+            "POST /echo HTTP/1.1\r\nHost: shop.example\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+            body.len()
+        );
+        wire.get_mut().write_all(head.as_bytes()).await.unwrap();
+        let interim = read_reply(&mut wire, false).await;
+        assert_eq!(interim.status, 100);
+        wire.get_mut().write_all(body).await.unwrap();
+        let reply = read_reply(&mut wire, false).await;
+        assert_eq!((reply.status, reply.body.as_slice()), (200, &body[..]));
+        assert_eq!(reply.header("content-length"), Some("12"));
+        // HEAD: the length of the body it would have, and no body.
+        let who = ask(&mut wire, "shop.example", "/who").await;
+        let head = "HEAD /who HTTP/1.1\r\nHost: shop.example\r\n\r\n";
+        wire.get_mut().write_all(head.as_bytes()).await.unwrap();
+        let reply = read_reply(&mut wire, true).await;
+        assert_eq!(reply.status, 200);
+        let length = who.body.len().to_string();
+        assert_eq!(reply.header("content-length"), Some(length.as_str()));
+        // The connection is still in step: the next answer is the next request's.
+        assert_eq!(ask(&mut wire, "shop.example", "/who").await.body, who.body);
+        // `Connection: close` is honoured: answered, then closed.
+        let last = "GET /who HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n";
+        wire.get_mut().write_all(last.as_bytes()).await.unwrap();
+        let reply = read_reply(&mut wire, false).await;
+        assert_eq!(reply.body, who.body);
+        assert_eq!(reply.header("connection"), Some("close"));
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), wire.read_to_end(&mut rest));
+        assert_eq!(closed.await.unwrap().unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_upgraded_connection_is_relayed_and_counted_on_its_instance_until_it_ends() {
+        let shop = routes_to(&[("shop-1", instance("shop-1").await)]);
+        let front = front_for(&[("shop", &shop)]);
+        let mut wire = open(&front).await;
+        let upgrade = "GET /socket HTTP/1.1\r\nHost: shop.example\r\nConnection: Upgrade\r\n\
+                       Upgrade: echo\r\n\r\n";
+        wire.get_mut().write_all(upgrade.as_bytes()).await.unwrap();
+        let reply = read_reply(&mut wire, false).await;
+        assert_eq!(reply.status, 101);
+        assert_eq!(reply.header("upgrade"), Some("echo"));
+        for message in ["ping", "GET / HTTP/1.1\r\nHost: blog.example\r\n\r\n"] {
+            wire.get_mut().write_all(message.as_bytes()).await.unwrap();
+            let mut back = vec![0; message.len()];
+            wire.read_exact(&mut back).await.unwrap();
+            assert_eq!(back, message.as_bytes());
+        }
+        // Pinned to its instance: a drain waits for it while it is open.
+        set_routes(&shop, &[]);
+        assert_eq!(shop.active_connections("shop-1"), 1);
+        drop(wire);
+        assert!(shop.drain("shop-1", Duration::from_secs(5)).await);
+    }
+
     #[tokio::test]
     async fn a_head_sent_a_byte_at_a_time_is_routed_and_garbage_is_refused_at_once() {
-        let table = FrontTable::default();
-        table.update(|services| {
-            services.insert(
-                "shop".to_owned(),
-                FrontService {
-                    hosts: vec!["shop.example".to_owned()],
-                    routes: Routes::default(),
-                    certs: None,
-                },
-            );
-        });
-        let head = "GET / HTTP/1.1\r\nUser-Agent: slow\r\nHost: shop.example\r\n\r\n";
-        let (mut client, mut server) = tokio::io::duplex(64);
-        let sending = tokio::spawn(async move {
-            for byte in head.as_bytes() {
-                client.write_all(&[*byte]).await.unwrap();
-                tokio::task::yield_now().await;
-            }
-            client
-        });
-        let routed = read_routed(&mut server, &table, None).await;
-        assert_eq!(routed.map(|r| r.head).ok(), Some(head.as_bytes().to_vec()));
-        drop(sending.await.unwrap());
-        // Bare LF line ends are a head too (httparse takes them).
-        let (mut client, mut server) = tokio::io::duplex(4096);
-        client
-            .write_all(b"GET / HTTP/1.1\nHost: shop.example\n\n")
+        let shop = routes_to(&[("shop-1", instance("shop-1").await)]);
+        let front = front_for(&[("shop", &shop)]);
+        let mut wire = open(&front).await;
+        let head = "GET /who HTTP/1.1\r\nUser-Agent: slow\r\nHost: shop.example\r\n\r\n";
+        for byte in head.as_bytes() {
+            wire.get_mut().write_all(&[*byte]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let reply = read_reply(&mut wire, false).await;
+        assert!(reply.text().starts_with("shop-1 "), "{}", reply.text());
+        // Bare LF line ends are a head too.
+        wire.get_mut()
+            .write_all(b"GET /who HTTP/1.1\nHost: shop.example\n\n")
             .await
             .unwrap();
-        assert!(read_routed(&mut server, &table, None).await.is_ok());
+        assert_eq!(read_reply(&mut wire, false).await.status, 200);
         // No empty line ever comes, but the first bytes are no HTTP: refused without waiting.
-        let (mut client, mut server) = tokio::io::duplex(4096);
-        client.write_all(b"\x16\x03\x01\x02\x00").await.unwrap();
-        let refused = tokio::time::timeout(
-            Duration::from_secs(5),
-            read_routed(&mut server, &table, None),
-        )
-        .await
-        .unwrap();
-        assert!(matches!(
-            refused.map(|r| r.head),
-            Err(Some(Refusal::BadRequest(_)))
-        ));
+        let mut wire = open(&front).await;
+        wire.get_mut()
+            .write_all(b"\x16\x03\x01\x02\x00")
+            .await
+            .unwrap();
+        let refused = tokio::time::timeout(Duration::from_secs(5), read_reply(&mut wire, false));
+        assert_eq!(refused.await.unwrap().status, 400);
+        // A head past the limit: 431.
+        let mut wire = open(&front).await;
+        let big = format!(
+            "GET / HTTP/1.1\r\nHost: shop.example\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(MAX_HEAD)
+        );
+        wire.get_mut().write_all(big.as_bytes()).await.unwrap();
+        assert_eq!(read_reply(&mut wire, false).await.status, 431);
     }
 
     /// A self-signed P-256 certificate for `host` in `dir`, as NAME.pem and NAME.key.
