@@ -8,9 +8,9 @@
 #   without and with TLS on the same certificate (P-256, self-signed, made here).
 # wrk connects to 127.0.0.1 with `Host: shop.example` (no SNI: an IP address is not sent as a
 # server name, so both TLS sides serve their default certificate, the same one).
-# Two rows: keep-alive as wrk asks it (busybox closes every connection after its answer: imago
-# then closes the client's connection too, so each request pays a TLS handshake, while HAProxy
-# keeps the client's connection open and reconnects only to the backend), and
+# Two rows: keep-alive as wrk asks it (busybox closes every connection after its answer; the
+# host router and HAProxy keep the client's connection open and reconnect only to the backend,
+# the plain proxy, a TCP relay, closes the client's with it), and
 # `Connection: close` (every side pays a new connection, and the TLS sides a handshake, per
 # request).
 # Run: [ROUNDS=N] [CONNS=N] [DURATION=5s] [BENCH_PORT=18401] benches/routing.sh   (debug build)

@@ -62,8 +62,8 @@ const MAX_HEAD: usize = 16 * 1024;
 const MAX_HEADERS: usize = 64;
 /// How long a keep-alive connection may stay idle between requests (from the end of a response
 /// to the end of the next request head), as Caddy's and Traefik's idle timeouts (HAProxy's
-/// `timeout http-keep-alive`); then it is closed.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// `timeout http-keep-alive`); then it is closed. 3 s in unit tests, which wait it out.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(if cfg!(test) { 3 } else { 60 });
 /// How long a kept connection to an instance may take to be ready for the next request before
 /// a new one is made instead (it is ready at once unless the instance is closing it).
 const REUSE_WAIT: Duration = Duration::from_millis(500);
@@ -1661,6 +1661,23 @@ mod tests {
         assert_eq!(shop.active_connections("shop-1"), 1);
         drop(wire);
         assert!(shop.drain("shop-1", Duration::from_secs(5)).await);
+    }
+
+    #[tokio::test]
+    async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout_and_not_before() {
+        let shop = routes_to(&[("shop-1", instance("shop-1").await)]);
+        let front = front_for(&[("shop", &shop)]);
+        let mut wire = open(&front).await;
+        assert_eq!(ask(&mut wire, "shop.example", "/who").await.status, 200);
+        let idle = std::time::Instant::now();
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(IDLE_TIMEOUT * 3, wire.read_to_end(&mut rest));
+        assert_eq!(closed.await.unwrap().unwrap(), 0, "closed without a word");
+        let waited = idle.elapsed();
+        assert!(
+            waited >= IDLE_TIMEOUT - Duration::from_millis(100),
+            "closed after {waited:?} idle"
+        );
     }
 
     #[tokio::test]
