@@ -13,7 +13,10 @@
 # the plain proxy, a TCP relay, closes the client's with it), and
 # `Connection: close` (every side pays a new connection, and the TLS sides a handshake, per
 # request).
-# Run: [ROUNDS=N] [CONNS=N] [DURATION=5s] [BENCH_PORT=18401] benches/routing.sh   (debug build)
+# ROUTER_BEFORE=PATH adds two sides: that `router` binary (another build of the example, e.g. from
+# before a change) without and with TLS, in the same rounds.
+# Run: [ROUNDS=N] [CONNS=N] [DURATION=5s] [BENCH_PORT=18401] [ROUTER_BEFORE=PATH] benches/routing.sh
+# (debug build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds="${ROUNDS:-3}"; conns="${CONNS:-8}"; duration="${DURATION:-5s}"
@@ -60,8 +63,15 @@ backend web
   server s1 $backend
 CFG
 haproxy -q -f "$work/haproxy.cfg" -db & pids="$pids $!"
-sleep 1
 sides=(direct proxy router router_tls haproxy haproxy_tls)
+header="| workload | direct | imago proxy (plain) | imago host router | imago host router + TLS | HAProxy http, by host | HAProxy http + TLS"
+if [ -n "${ROUTER_BEFORE:-}" ]; then
+  "$ROUTER_BEFORE" "127.0.0.1:$((port + 6))" "$backend" shop.example & pids="$pids $!"
+  "$ROUTER_BEFORE" "127.0.0.1:$((port + 7))" "$backend" shop.example "$work/shop.pem" "$work/shop.key" & pids="$pids $!"
+  sides+=(before before_tls)
+  header="$header | ROUTER_BEFORE | ROUTER_BEFORE + TLS"
+fi
+sleep 1
 url() {
   case $1 in
     direct) echo "http://$backend/" ;;
@@ -70,6 +80,8 @@ url() {
     router_tls) echo "https://127.0.0.1:$((port + 3))/" ;;
     haproxy) echo "http://127.0.0.1:$((port + 4))/" ;;
     haproxy_tls) echo "https://127.0.0.1:$((port + 5))/" ;;
+    before) echo "http://127.0.0.1:$((port + 6))/" ;;
+    before_tls) echo "https://127.0.0.1:$((port + 7))/" ;;
   esac
 }
 for side in "${sides[@]}"; do
@@ -91,8 +103,8 @@ run() {
 }
 echo "Load at start: $(cut -d' ' -f1-3 /proc/loadavg); $(date -u +%FT%TZ); debug build; wrk -t2 -c$conns -d$duration; $rounds rounds"
 echo
-echo "| workload | direct | imago proxy (plain) | imago host router | imago host router + TLS | HAProxy http, by host | HAProxy http + TLS | router+TLS / HAProxy+TLS |"
-echo "|---|---|---|---|---|---|---|---|"
+echo "$header | router+TLS / HAProxy+TLS |"
+echo "|$(printf -- '---|%.0s' $(seq $(( ${#sides[@]} + 2 ))))"
 for row in keepalive close; do
   declare -A results=()
   extra=()
