@@ -324,6 +324,38 @@ fn tls_picks_each_services_certificate_by_sni_and_a_replaced_certificate_is_serv
     );
 }
 
+#[test]
+fn over_tls_one_connection_serves_request_after_request_though_the_instance_closes_its_own() {
+    let site = Site::new(true);
+    site.apply().ok();
+    // curl reuses its connection for the same host: one connect for five requests. busybox
+    // closes every connection after its answer; the router keeps the client's.
+    let url = format!("https://shop.example:{}/", site.port);
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "20", "--cacert"])
+        .arg(site.cert("shop"))
+        .args([
+            "--resolve",
+            &format!("shop.example:{}:127.0.0.1", site.port),
+        ])
+        .args(["-w", "[%{http_code} %{num_connects}]\n"])
+        .args([&url, &url, &url, &url, &url])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answers: Vec<&str> = text.lines().filter(|l| l.starts_with('[')).collect();
+    assert_eq!(
+        answers,
+        ["[200 1]", "[200 0]", "[200 0]", "[200 0]", "[200 0]"],
+        "{text}"
+    );
+}
+
 /// A client that asks `host` over and over with curl until finished.
 struct Load {
     stop: Arc<AtomicBool>,

@@ -1637,6 +1637,24 @@ mod tests {
         let mut rest = Vec::new();
         let closed = tokio::time::timeout(Duration::from_secs(5), wire.read_to_end(&mut rest));
         assert_eq!(closed.await.unwrap().unwrap(), 0);
+
+        // Both Content-Length and chunked (a request-smuggling attempt): the chunks count, the
+        // length goes, and the connection is closed after the answer (RFC 9112 section 6.1).
+        let mut wire = open(&front).await;
+        let both = "POST /echo HTTP/1.1\r\nHost: shop.example\r\nContent-Length: 5\r\n\
+                    Transfer-Encoding: chunked\r\n\r\nc\r\nhello, world\r\n0\r\n\r\n";
+        wire.get_mut().write_all(both.as_bytes()).await.unwrap();
+        let reply = read_reply(&mut wire, false).await;
+        assert_eq!((reply.status, reply.text().as_str()), (200, "hello, world"));
+        assert_eq!(reply.header("connection"), Some("close"));
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), wire.read_to_end(&mut rest));
+        assert_eq!(
+            closed.await.unwrap().unwrap(),
+            0,
+            "{}",
+            String::from_utf8_lossy(&rest)
+        );
     }
 
     #[tokio::test]
