@@ -74,7 +74,6 @@ impl Web {
 
     fn wait_complete(&self, release: u64) {
         self.imago.wait_for(
-            "web",
             &format!("release {release} to complete"),
             Duration::from_secs(90),
             || {

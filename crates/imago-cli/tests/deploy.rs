@@ -1540,35 +1540,72 @@ fn a_restarted_controller_adopts_the_data_plane_and_routes_its_rollout() {
     assert!(events.iter().any(|e| e.contains("adopted")), "{events:?}");
 }
 
-/// A controller that cannot run says why in `imago events` too, not only in its log (the one
-/// way a controller ends on its own: its set-up fails; here its pid file cannot be written).
+/// A controller that cannot run says why: `serve` and `apply`, which started it, fail with its
+/// reason and log and never say "started" (they wait for its set-up, not for its lock), and
+/// `imago events` holds the reason too. Its set-up is the one way a controller ends on its own:
+/// here its pid file cannot be written (a directory is in its place), then its data plane
+/// cannot start (nor can its log be opened).
 #[test]
-fn a_controller_that_cannot_run_says_why_in_the_events() {
+fn a_controller_that_cannot_run_says_why_and_is_never_reported_started() {
     let d = Deployment::new();
-    let info = d.imago.home.join("deploy/controller.json");
+    let deploy = d.imago.home.join("deploy");
+    let info = deploy.join("controller.json");
     std::fs::create_dir_all(&info).unwrap();
-    // `serve` may say "started" (the new controller took its lock and `serve` saw it before
-    // the set-up failed) or fail (it saw the controller gone): the event is there either way.
-    d.imago.run(&["serve"]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let (events, exited) = loop {
-        let events = d.timed_events();
-        let exited: Vec<_> = events
+    let exited = |events: &[(u64, String, String)]| -> Vec<String> {
+        events
             .iter()
             .filter(|(_, kind, _)| kind == "controller-exited")
-            .cloned()
-            .collect();
-        if !exited.is_empty() || Instant::now() > deadline {
-            break (events, exited);
-        }
-        std::thread::sleep(Duration::from_millis(50));
+            .map(|(_, _, message)| message.clone())
+            .collect()
     };
-    assert_eq!(exited.len(), 1, "{events:?}");
+    let refused = |run: common::Run, reason: &str| {
+        let (stdout, stderr) = (run.stdout(), run.stderr());
+        let err = run.fails();
+        assert!(
+            err.contains("the controller did not start")
+                && err.contains(reason)
+                && err.contains("controller.log"),
+            "the command names the reason and the log: {err}"
+        );
+        assert!(
+            !stdout.contains("started") && !stderr.contains("started the controller"),
+            "{stdout}\n{stderr}"
+        );
+    };
+
+    refused(d.imago.run(&["serve"]), "controller.json");
+    let status = d.imago.run(&["status", "--json"]).ok().json();
+    assert_eq!(status["controller_running"], false, "{status}");
+    // apply records its release, then fails the same way rather than wait for nothing.
+    refused(d.apply(), "controller.json");
+    let messages = exited(&d.timed_events());
+    assert_eq!(messages.len(), 2, "{messages:?}");
     assert!(
-        exited[0].2.contains("controller.json"),
-        "the event names what failed: {}",
-        exited[0].2
+        messages.iter().all(|m| m.contains("controller.json")),
+        "the events name what failed: {messages:?}"
     );
+
+    std::fs::remove_dir(&info).unwrap();
+    // The data plane those controllers started ends once they are gone (it serves nothing).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while deploy.join("dataplane.sock").exists() {
+        assert!(Instant::now() < deadline, "the data plane did not end");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_file(deploy.join("dataplane.log"));
+    std::fs::create_dir_all(deploy.join("dataplane.log")).unwrap();
+    refused(d.imago.run(&["serve"]), "dataplane.log");
+    assert_eq!(exited(&d.timed_events()).len(), 3);
+
+    // Once the cause is gone, the next command starts one that runs.
+    std::fs::remove_dir(deploy.join("dataplane.log")).unwrap();
+    let out = d.apply().ok();
+    assert!(
+        out.stderr().contains("started the controller"),
+        "{}",
+        out.stderr()
+    );
+    d.imago.assert_controller_running();
 }
 
 #[test]

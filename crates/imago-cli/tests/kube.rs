@@ -155,7 +155,7 @@ impl KubeService {
     }
 
     fn wait_for(&self, what: &str, timeout: Duration, ok: impl FnMut() -> bool) {
-        self.imago.wait_for(&self.name, what, timeout, ok);
+        self.imago.wait_for(what, timeout, ok);
     }
 
     /// Release 2 ("version 2"), whose pods never get ready when `broken`: the server's
@@ -513,7 +513,7 @@ fn a_paused_rollout_is_held_through_a_controller_restart_and_completes_once_resu
             s.history()[1]["outcome"].is_null(),
             "release 2 was judged while paused: {:?}\n{}",
             s.history(),
-            s.events()
+            s.imago.diagnostics()
         );
         assert_eq!(s.deployment().unwrap()["spec"]["paused"], true);
     };
@@ -528,10 +528,16 @@ fn a_paused_rollout_is_held_through_a_controller_restart_and_completes_once_resu
         releases.contains(&Value::from("1")),
         "the pause came mid-rollout, with pods of release 1 left: {releases:?}"
     );
-    // A controller killed while paused: the next one keeps the Deployment held.
+    // A controller killed while paused: the next one keeps the Deployment held. It must
+    // really run (and keep running) for the hold to say anything: with no controller at all
+    // nothing would move either.
+    let killed = s.imago.assert_controller_running();
     s.imago.kill_controller();
     s.imago.run(&["serve"]).ok();
+    let restarted = s.imago.assert_controller_running();
+    assert_ne!(restarted, killed);
     held_for(4);
+    assert_eq!(s.imago.assert_controller_running(), restarted);
     let status = s.imago.run(&["status", "--json"]).ok().json();
     assert!(
         status["services"][0]["paused"]["actor"].is_string(),

@@ -552,7 +552,7 @@ impl SwarmService {
     }
 
     fn wait_for(&self, what: &str, timeout: Duration, ok: impl FnMut() -> bool) {
-        self.imago.wait_for(&self.name, what, timeout, ok)
+        self.imago.wait_for(what, timeout, ok)
     }
 }
 

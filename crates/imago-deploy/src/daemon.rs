@@ -3,7 +3,9 @@
 //!
 //! One controller runs per imago home: it holds `deploy/controller.lock` (flock) for its life,
 //! so the lock's holder is the only truth about whether it runs (a pid file can be stale).
-//! `deploy/controller.json` says its pid and API address. The endpoints are served by the data
+//! `deploy/controller.json` says its pid, start time and API address; a controller writes it
+//! (whole, by rename) only once its set-up is done, so a command that started one waits for
+//! that file to name its process before it says "started". The endpoints are served by the data
 //! plane ([`crate::dataplane`]), a process of its own that the controller starts and that keeps
 //! serving while no controller runs.
 
@@ -25,6 +27,13 @@ use crate::state::StateDb;
 
 /// How long starting or stopping a controller may take.
 const START_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a new controller's set-up (lock, API, data plane) may take before the command that
+/// started it gives up waiting: the data plane alone may take 10 s to answer under load.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The kind of the event a controller records when it stops on its own (its set-up failed).
+pub const EXITED_EVENT: &str = "controller-exited";
 
 /// The deploy layer's files under an imago home.
 #[derive(Debug, Clone)]
@@ -147,11 +156,16 @@ pub fn controller_lock_holder(home: &DeployHome) -> Result<Option<Holder>, Deplo
         })
 }
 
-/// What `deploy/controller.json` says of the running controller.
+/// What `deploy/controller.json` says of the running controller, written once its set-up is
+/// done.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ControllerInfo {
     pub pid: u32,
     pub api: String,
+    /// The process's start time (field 22 of `/proc/PID/stat`): with the pid, it tells the
+    /// file of a controller that just started from one a dead controller of a reused pid left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<u64>,
 }
 
 /// The pids of this home's controller and data plane, if they run: the ports they hold are the
@@ -226,8 +240,11 @@ pub fn running_controller(home: &DeployHome) -> Result<Option<u32>, DeployError>
 const LOCK_POLL: Duration = Duration::from_millis(5);
 
 /// Starts `exe --home HOME serve --foreground SERVE_ARGS` in the background unless a controller
-/// already runs for `home`, and waits until it holds its lock. Returns the new controller's pid,
-/// or `None` if one ran already (or another command started one at the same moment).
+/// already runs for `home`, and waits until it has finished its set-up (API, data plane: it
+/// writes `controller.json` naming its pid and start time). Returns the new controller's pid, or
+/// `None` if one ran already (or another command started one at the same moment). A controller
+/// that ends before its set-up is done is [`DeployError::ControllerDidNotStart`] with its reason
+/// (its `controller-exited` event, else the last line it logged), never "started".
 pub fn ensure_controller(
     home: &DeployHome,
     exe: &Path,
@@ -236,7 +253,13 @@ pub fn ensure_controller(
     if running_controller(home)?.is_some() {
         return Ok(None);
     }
+    // Where its reason will be if it fails: events and log lines after these.
+    let since = home
+        .open_db()
+        .and_then(|db| db.last_event_seq())
+        .unwrap_or(0);
     let log_path = home.log_path();
+    let logged = std::fs::metadata(&log_path).map_or(0, |m| m.len());
     let io = |what: &'static str, path: &Path| {
         let path = path.to_owned();
         move |source| DeployError::Io { what, path, source }
@@ -260,26 +283,87 @@ pub fn ensure_controller(
     let mut child = cmd
         .spawn()
         .map_err(io("cannot start the controller", exe))?;
-    let deadline = Instant::now() + START_STOP_TIMEOUT;
-    while Instant::now() < deadline {
-        let holder = controller_lock_holder(home)?;
-        if holder == Some(Holder::Running(child.id())) {
-            return Ok(Some(child.id()));
+    let pid = child.id();
+    // Our child until it is waited for: its pid cannot be reused meanwhile.
+    let start = i32::try_from(pid)
+        .ok()
+        .and_then(imago_runtime::state::process_start_time);
+    let deadline = Instant::now() + SETUP_TIMEOUT;
+    loop {
+        if let Ok(info) = read_info(home)
+            && info.pid == pid
+            && info.start.is_some()
+            && info.start == start
+        {
+            return Ok(Some(pid));
         }
-        if child
+        if let Some(status) = child
             .try_wait()
             .map_err(io("cannot wait for the controller", exe))?
-            .is_some()
         {
             // Ours gave up: another command's controller holds the lock, or it failed.
-            return match holder {
-                Some(Holder::Running(_)) => Ok(None),
-                _ => Err(DeployError::ControllerDidNotStart { log: log_path }),
-            };
+            if let Some(Holder::Running(_)) = controller_lock_holder(home)? {
+                return Ok(None);
+            }
+            let reason = exit_reason(home, pid, since)
+                .or_else(|| last_log_line(&log_path, logged))
+                .unwrap_or_else(|| format!("it ended ({status}) without saying why"));
+            return Err(DeployError::ControllerDidNotStart {
+                log: log_path,
+                reason,
+            });
+        }
+        if Instant::now() > deadline {
+            return Err(DeployError::ControllerDidNotStart {
+                log: log_path,
+                reason: format!(
+                    "pid {pid} has not finished its set-up after {} s",
+                    SETUP_TIMEOUT.as_secs()
+                ),
+            });
         }
         std::thread::sleep(LOCK_POLL);
     }
-    Err(DeployError::ControllerDidNotStart { log: log_path })
+}
+
+/// The message of the event a controller that stops on its own records (see
+/// [`record_exit`]) starts with this.
+fn exit_prefix(pid: u32) -> String {
+    format!("the controller (pid {pid}) stopped: ")
+}
+
+/// Records why this process, a controller, stops on its own (its set-up failed): `imago events`,
+/// the console and the command that started it say so, not only its log. Best effort: the error
+/// itself may be that the state database cannot be written.
+pub fn record_exit(home: &DeployHome, error: &dyn std::fmt::Display) {
+    if let Ok(db) = home.open_db() {
+        let message = format!("{}{error}", exit_prefix(std::process::id()));
+        let _ = db.event(None, EXITED_EVENT, &message, "controller");
+    }
+}
+
+/// Why controller `pid` stopped, from the event it recorded after event `since`.
+fn exit_reason(home: &DeployHome, pid: u32, since: u64) -> Option<String> {
+    let prefix = exit_prefix(pid);
+    home.open_db()
+        .and_then(|db| db.events(None, since))
+        .ok()?
+        .into_iter()
+        .rev()
+        .filter(|e| e.kind == EXITED_EVENT)
+        .find_map(|e| e.message.strip_prefix(&prefix).map(str::to_owned))
+}
+
+/// The last non-empty line of `log` after its first `from` bytes.
+fn last_log_line(log: &Path, from: u64) -> Option<String> {
+    let bytes = std::fs::read(log).ok()?;
+    let appended = bytes.get(usize::try_from(from).ok()?..)?;
+    String::from_utf8_lossy(appended)
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .map(str::to_owned)
 }
 
 /// Stops the controller of `home` (SIGTERM) and waits for its lock to be free; returns its pid,
@@ -340,6 +424,33 @@ pub fn lock_controller(home: &DeployHome) -> Result<ControllerLock, DeployError>
         }
         std::thread::sleep(LOCK_POLL);
     }
+}
+
+/// Writes `controller.json` whole (by rename): a reader sees the old file or the new one.
+fn write_info(home: &DeployHome, info: &ControllerInfo) -> Result<(), DeployError> {
+    let path = home.info_path();
+    let bytes = serde_json::to_vec(info).map_err(|source| DeployError::Encode {
+        what: "the controller's pid file",
+        source,
+    })?;
+    // Named by the writer: a controller killed between write and rename leaves one small file
+    // that the next controller of that pid replaces.
+    let tmp = home
+        .dir
+        .join(format!(".controller.json.{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(|source| DeployError::Io {
+        what: "cannot write",
+        path: tmp.clone(),
+        source,
+    })?;
+    std::fs::rename(&tmp, &path).map_err(|source| {
+        let _ = std::fs::remove_file(&tmp);
+        DeployError::Io {
+            what: "cannot write",
+            path,
+            source,
+        }
+    })
 }
 
 /// How `imago serve --foreground` runs.
@@ -436,15 +547,6 @@ pub fn run_controller(
             String::new()
         }
     };
-    let info = ControllerInfo {
-        pid: std::process::id(),
-        api: api.clone(),
-    };
-    let bytes = serde_json::to_vec(&info).map_err(|source| DeployError::Encode {
-        what: "the controller's pid file",
-        source,
-    })?;
-    std::fs::write(home.info_path(), bytes).map_err(io("cannot write", &home.info_path()))?;
     let plane = RemotePlane::connect(
         PlaneCommand {
             exe: options.exe.clone(),
@@ -467,6 +569,15 @@ pub fn run_controller(
     if let Some(engines) = engines {
         controller = controller.with_cluster_engines(engines);
     }
+    // Set up: now `ensure_controller` may say "started".
+    write_info(
+        home,
+        &ControllerInfo {
+            pid: std::process::id(),
+            api: api.clone(),
+            start: imago_runtime::state::own_start_time(),
+        },
+    )?;
     note(Note::Running {
         pid: std::process::id(),
         api,

@@ -993,36 +993,48 @@ impl RemotePlane {
         }
     }
 
+    /// Opens a connection, starting the data plane if none answers, until `deadline`.
+    fn open_or_start(&self, deadline: Instant) -> Result<Connection, DeployError> {
+        let socket = self.socket();
+        if let Ok(c) = Connection::open(&socket) {
+            return Ok(c);
+        }
+        self.command.spawn()?;
+        loop {
+            match Connection::open(&socket) {
+                Ok(c) => return Ok(c),
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(self.error(format!(
+                        "the data plane did not start ({e}); see {}",
+                        self.command.home.dataplane_log_path().display()
+                    )));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
     /// Opens a connection, starting the data plane if none answers, then says hello and
-    /// replays what this controller asked for.
+    /// replays what this controller asked for. A data plane that was ending as this controller
+    /// connected (its last controller had just gone and it served nothing) hangs up without an
+    /// answer: that is no failure, a new one is started (a controller restarted right after a
+    /// kill met this under load and ended its set-up on "connection reset").
     fn reconnect(&mut self) -> Result<(), DeployError> {
         self.connection = None;
-        let socket = self.socket();
-        let mut connection = match Connection::open(&socket) {
-            Ok(c) => c,
-            Err(_) => {
-                self.command.spawn()?;
-                let deadline = Instant::now() + Duration::from_secs(10);
-                loop {
-                    match Connection::open(&socket) {
-                        Ok(c) => break c,
-                        Err(e) if Instant::now() >= deadline => {
-                            return Err(self.error(format!(
-                                "the data plane did not start ({e}); see {}",
-                                self.command.home.dataplane_log_path().display()
-                            )));
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
-                    }
-                }
-            }
-        };
         let hello = Request::Hello {
             kernel_balancing: self.want_kernel_balancing,
         };
-        let reply = connection
-            .call(&hello)
-            .map_err(|e| self.error(format!("no answer: {e}")))?;
+        let deadline = Instant::now() + PLANE_START_TIMEOUT;
+        let (mut connection, reply) = loop {
+            let mut connection = self.open_or_start(deadline)?;
+            match connection.call(&hello) {
+                Ok(reply) => break (connection, reply),
+                Err(e) if hung_up(&e) && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(self.error(format!("no answer: {e}"))),
+            }
+        };
         self.warning = reply.warning;
         self.kernel_balancing = reply.kernel_balancing;
         if let Some(status) = reply.status {
@@ -1082,6 +1094,20 @@ impl RemotePlane {
             None => Ok(reply),
         }
     }
+}
+
+/// How long a controller waits for a data plane to start and answer its hello.
+const PLANE_START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether `e` says that the data plane closed the connection (it was ending), rather than
+/// that it is stuck (a timeout) or answered nonsense.
+fn hung_up(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::UnexpectedEof
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::BrokenPipe
+    )
 }
 
 fn listen_request(service: &str, addrs: &[SocketAddr], routing: &Routing) -> Option<Request> {
@@ -1833,6 +1859,36 @@ pub(crate) mod tests {
         assert!(!plane.idle(), "a proxied connection is still open");
         drop((direct, proxied, again));
         assert!(settles(|| plane.idle()));
+    }
+
+    /// A controller that connects to a data plane as it ends (its last controller had just
+    /// gone and it served nothing: it hangs up without answering) starts the next data plane
+    /// and connects to it, rather than fail its set-up.
+    #[test]
+    fn a_controller_that_meets_an_ending_data_plane_connects_to_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = DeployHome::new(dir.path());
+        std::fs::create_dir_all(&home.dir).unwrap();
+        // The ending data plane: takes one connection, then goes with its socket, unanswered.
+        let ending = UnixListener::bind(home.dataplane_socket()).unwrap();
+        let server_home = home.clone();
+        let planes = std::thread::spawn(move || {
+            let (stream, _) = ending.accept().unwrap();
+            std::fs::remove_file(server_home.dataplane_socket()).unwrap();
+            drop((stream, ending));
+            // The next one, on this thread (the command below starts a program that does
+            // nothing): it serves until its controller is gone.
+            run(&server_home).unwrap();
+        });
+        let command = PlaneCommand {
+            exe: PathBuf::from("/bin/true"),
+            home: home.clone(),
+        };
+        let mut plane = RemotePlane::connect(command, false).unwrap();
+        plane.keep_peers(&BTreeSet::new()).unwrap();
+        assert!(status(&home).unwrap().is_some(), "the next data plane runs");
+        drop(plane);
+        planes.join().unwrap();
     }
 
     #[test]

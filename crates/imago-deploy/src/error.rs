@@ -101,8 +101,8 @@ pub enum DeployError {
     },
     #[error("a controller already runs for {}", home.display())]
     ControllerRunning { home: PathBuf },
-    #[error("the controller did not start; see {}", log.display())]
-    ControllerDidNotStart { log: PathBuf },
+    #[error("the controller did not start: {reason}; see {}", log.display())]
+    ControllerDidNotStart { log: PathBuf, reason: String },
     #[error("controller {pid} did not stop within 10 s")]
     ControllerDidNotStop { pid: u32 },
     #[error("data plane {}: {message}", socket.display())]

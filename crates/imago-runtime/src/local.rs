@@ -52,6 +52,12 @@ impl Layout {
     pub fn instance_dir(&self, id: &str) -> InstanceDir {
         InstanceDir::new(&self.instances(), id)
     }
+    /// Instance directories being deleted: a removal first renames the directory here (the
+    /// same filesystem as `instances`), so that a kill during the deletion leaves no half
+    /// instance under `instances` (see [`LocalProvider::sweep_abandoned`]).
+    pub fn instance_trash(&self) -> PathBuf {
+        self.home.join("trash").join("instances")
+    }
     pub fn rootfs(&self) -> PathBuf {
         self.home.join("rootfs")
     }
@@ -741,6 +747,44 @@ fn launcher_alive(dir: &InstanceDir) -> Option<bool> {
 }
 
 impl LocalProvider {
+    /// Takes the instance directory `root` away in one step, a rename into the trash
+    /// ([`Layout::instance_trash`]), then deletes it: a kill at any point leaves the instance
+    /// whole or gone from `instances`, never a directory with some of its files (its spec
+    /// without its record, say), and what it leaves in the trash the sweep deletes. `NotFound`
+    /// when `root` is gone already.
+    fn discard(&self, root: &Path) -> std::io::Result<()> {
+        let trash = self.layout.instance_trash();
+        fs::create_dir_all(&trash)?;
+        let name = root
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        // Unique, whoever removes it: a second remover of the same instance finds it gone.
+        static REMOVALS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = REMOVALS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let doomed = trash.join(format!("{name}.{}.{n}", std::process::id()));
+        fs::rename(root, &doomed)?;
+        // Removed in effect. Whatever is left of it (a kill, a file that will not go) is the
+        // sweep's.
+        let _ = fs::remove_dir_all(&doomed);
+        Ok(())
+    }
+
+    /// Deletes what removals that were killed midway left in the trash; how many entries.
+    pub fn empty_trash(&self) -> usize {
+        let Ok(entries) = fs::read_dir(self.layout.instance_trash()) else {
+            return 0;
+        };
+        entries
+            .flatten()
+            .filter(|entry| match fs::remove_dir_all(entry.path()) {
+                Ok(()) => true,
+                // Another remover's own deletion, finished first.
+                Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+            })
+            .count()
+    }
+
     /// Removes the directories of launches whose launcher died before it wrote the instance's
     /// record (spec, bundle, anonymous volumes; nothing was started yet: the record is written
     /// before the supervisor exists). A directory is taken when its `launcher` file names a
@@ -765,7 +809,7 @@ impl LocalProvider {
                 Some(alive) => !alive,
                 None => !dir.spec().exists() && older_than(&dir.root, ABANDONED_DIR_AGE),
             };
-            if abandoned && !dir.state().exists() && fs::remove_dir_all(&dir.root).is_ok() {
+            if abandoned && !dir.state().exists() && self.discard(&dir.root).is_ok() {
                 removed += 1;
             }
         }
@@ -792,6 +836,7 @@ impl LocalProvider {
             swept.namespaces.push(id);
         }
         swept.dirs = self.remove_abandoned_dirs();
+        swept.trash = self.empty_trash();
         // After the namespaces: a lease is abandoned only once its namespace is gone too.
         swept.leases = self.ipam.reclaim_abandoned().unwrap_or_default();
         swept
@@ -813,6 +858,8 @@ pub struct Swept {
     pub leases: Vec<u32>,
     /// Ids of the network namespaces torn down.
     pub namespaces: Vec<String>,
+    /// Instance directories that removals killed midway left in the trash.
+    pub trash: usize,
 }
 
 /// A network namespace younger than this is never swept: it may be a launch whose container
@@ -843,7 +890,7 @@ impl Provider for LocalProvider {
             Ok(lease) => lease,
             Err(e) => {
                 // Nothing was started: leave no trace of the instance.
-                let _ = fs::remove_dir_all(&dir.root);
+                let _ = self.discard(&dir.root);
                 return Err(e);
             }
         };
@@ -914,14 +961,11 @@ impl Provider for LocalProvider {
         // every instance directory and lease, which made a controller's removal of N instances
         // O(N^2). The owner of the provider calls `sweep_abandoned` now and then instead.
         self.wait_child(id);
-        match fs::remove_dir_all(&dir.root) {
+        match self.discard(&dir.root) {
             Ok(()) => Ok(()),
             // Someone else (a controller and `imago destroy`, say) removed it at the same time.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !dir.root.exists() => {
                 Err(RuntimeError::NoSuchInstance(id.to_owned()))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                fs::remove_dir_all(&dir.root).map_err(RuntimeError::io("cannot remove", &dir.root))
             }
             Err(e) => Err(RuntimeError::Io {
                 action: "cannot remove",
@@ -1077,6 +1121,112 @@ mod tests {
             148,
             "removed records are forgotten"
         );
+    }
+
+    /// A removal killed (SIGKILL) at a random point leaves the instance whole or gone, never
+    /// half-removed: a fresh provider lists it as it was, with every file, or not at all, and
+    /// finds no directory without its record; its sweep empties the trash. The removal runs in
+    /// a child process: this test binary again, running this test with the home in
+    /// `IMAGO_TEST_REMOVE_HOME`.
+    #[test]
+    fn a_removal_killed_at_any_point_leaves_the_instance_whole_or_gone() {
+        const CHILD: &str = "IMAGO_TEST_REMOVE_HOME";
+        const FILES: usize = 6000;
+        let provider_of = |home: &Path| {
+            LocalProvider::new(
+                home,
+                Box::new(NoImages),
+                SupervisorCommand::current_exe().unwrap(),
+            )
+            .with_ipam_dir(home.join("ipam"))
+        };
+        if let Some(home) = std::env::var_os(CHILD) {
+            let home = PathBuf::from(home);
+            let provider = provider_of(&home);
+            fs::write(home.join("removing"), b"").unwrap();
+            provider.remove("big").unwrap();
+            return;
+        }
+        let spec = InstanceSpec::new(imago_oci::Digest::of(b"image"));
+        let mut outcomes = Vec::new();
+        for round in 0..8 {
+            let home = tempfile::tempdir().unwrap();
+            let provider = provider_of(home.path());
+            let dir = provider.layout().instance_dir("big");
+            let data = dir.root.join("data");
+            fs::create_dir_all(&data).unwrap();
+            crate::state::write_json_atomic(&dir.spec(), &spec).unwrap();
+            let mut rec = Instance::new("big".into(), &spec).unwrap();
+            rec.status = Status::Exited;
+            rec.network = NetworkMode::Host;
+            dir.write_state(&rec).unwrap();
+            for n in 0..FILES {
+                fs::write(data.join(n.to_string()), b"x").unwrap();
+            }
+            let mut child = Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "local::tests::a_removal_killed_at_any_point_leaves_the_instance_whole_or_gone",
+                    "--test-threads=1",
+                ])
+                .env(CHILD, home.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            // Odd rounds: from the spawn, mostly before the removal began.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while round % 2 == 0 && !home.path().join("removing").exists() {
+                assert!(
+                    Instant::now() < deadline,
+                    "round {round}: the child never began"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // A random point, from before the rename to well into the deletion.
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos();
+            std::thread::sleep(Duration::from_micros(u64::from(nanos % 60_000)));
+            let _ = child.kill();
+            child.wait().unwrap();
+
+            let fresh = provider_of(home.path());
+            let listed = fresh.list().unwrap();
+            let entries: Vec<PathBuf> = fs::read_dir(provider.layout().instances())
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            let whole = dir.root.exists();
+            if whole {
+                assert_eq!(entries, vec![dir.root.clone()], "round {round}");
+                assert!(dir.spec().exists() && dir.state().exists(), "round {round}");
+                assert_eq!(
+                    fs::read_dir(&data).unwrap().count(),
+                    FILES,
+                    "round {round}: half-removed"
+                );
+                assert_eq!(listed.len(), 1, "round {round}");
+                assert_eq!(listed[0].status, Status::Exited, "round {round}");
+            } else {
+                assert!(entries.is_empty(), "round {round}: {entries:?}");
+                assert!(listed.is_empty(), "round {round}: {listed:?}");
+            }
+            let swept = fresh.sweep_abandoned();
+            let trash = fresh.layout().instance_trash();
+            assert_eq!(
+                fs::read_dir(&trash).map_or(0, |d| d.count()),
+                0,
+                "round {round}: the sweep left the trash"
+            );
+            if whole {
+                fresh.remove("big").unwrap();
+            }
+            assert!(!dir.root.exists() && fresh.list().unwrap().is_empty());
+            outcomes.push((whole, swept.trash));
+        }
+        eprintln!("(kept whole, swept from the trash) by round: {outcomes:?}");
     }
 
     /// `rm` of a lost instance kills its init and removes its cgroups at once; the init is in

@@ -994,12 +994,9 @@ pub fn serve(ctx: &Context, args: ServeArgs) -> Result<()> {
         Ok(never) => match never {},
         Err(e) => {
             // A controller never ends on its own but for this: say so where users look
-            // (`imago events`, the console), not only in the controller's log. Best effort:
-            // the error itself may be that the state database cannot be written.
-            if let Ok(db) = home.open_db() {
-                let message = format!("the controller (pid {}) stopped: {e}", std::process::id());
-                let _ = db.event(None, "controller-exited", &message, "controller");
-            }
+            // (`imago events`, the console, the command that started it), not only in the
+            // controller's log.
+            daemon::record_exit(&home, &e);
             Err(e.into())
         }
     }

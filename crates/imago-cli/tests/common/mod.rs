@@ -119,23 +119,62 @@ impl Imago {
         self.run(&["events", service]).ok().stdout()
     }
 
-    /// Waits until `ok`, failing after `timeout` with SERVICE's events.
-    pub fn wait_for(
-        &self,
-        service: &str,
-        what: &str,
-        timeout: std::time::Duration,
-        mut ok: impl FnMut() -> bool,
-    ) {
+    /// Waits until `ok`, failing after `timeout` with what [`Imago::diagnostics`] says (every
+    /// event, not only one service's: a controller that stopped records `controller-exited`
+    /// for no service).
+    pub fn wait_for(&self, what: &str, timeout: std::time::Duration, mut ok: impl FnMut() -> bool) {
         let deadline = std::time::Instant::now() + timeout;
         while !ok() {
             assert!(
                 std::time::Instant::now() < deadline,
-                "{what} did not happen within {timeout:?}; events:\n{}",
-                self.events(service)
+                "{what} did not happen within {timeout:?}\n{}",
+                self.diagnostics()
             );
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
+    }
+
+    /// For a failure message: every event of the home, and the last lines of the controller's
+    /// and the data plane's logs.
+    pub fn diagnostics(&self) -> String {
+        let events = self.run(&["events"]);
+        let tail = |name: &str| {
+            let text = std::fs::read_to_string(self.home.join("deploy").join(name))
+                .unwrap_or_else(|e| format!("(cannot read: {e})"));
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        };
+        format!(
+            "events:\n{}{}\ncontroller.log (last 40 lines):\n{}\ndataplane.log (last 40 lines):\n{}",
+            events.stdout(),
+            events.stderr(),
+            tail("controller.log"),
+            tail("dataplane.log")
+        )
+    }
+
+    /// The pid of the running controller, asserting that one runs (`status` says so, and the
+    /// process `deploy/controller.json` names is alive): `imago serve` returning is not proof of
+    /// that, a controller whose set-up fails ends right after it.
+    pub fn assert_controller_running(&self) -> u32 {
+        let status = self.run(&["status", "--json"]).ok().json();
+        assert_eq!(
+            status["controller_running"],
+            true,
+            "no controller runs\n{}",
+            self.diagnostics()
+        );
+        let info: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(self.home.join("deploy/controller.json")).unwrap(),
+        )
+        .unwrap();
+        let pid = info["pid"].as_u64().unwrap();
+        assert!(
+            process_runs(&pid.to_string()),
+            "controller {pid} of controller.json is not running\n{}",
+            self.diagnostics()
+        );
+        pid as u32
     }
 
     /// SIGKILL to the running controller (its pid from `deploy/controller.json`); returns
@@ -156,13 +195,7 @@ impl Imago {
         );
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            // The state is the field after the command name in parentheses.
-            let state = stat
-                .rsplit(") ")
-                .next()
-                .and_then(|rest| rest.chars().next());
-            if stat.is_empty() || state == Some('Z') {
+            if !process_runs(&pid) {
                 return;
             }
             assert!(
@@ -172,6 +205,17 @@ impl Imago {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }
+}
+
+/// Whether process `pid` exists and is no zombie.
+pub fn process_runs(pid: &str) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The state is the field after the command name in parentheses.
+    let state = stat
+        .rsplit(") ")
+        .next()
+        .and_then(|rest| rest.chars().next());
+    !stat.is_empty() && state != Some('Z')
 }
 
 /// One file of a fixture layer.

@@ -589,6 +589,10 @@ impl Controller {
         });
         self.announced_ready.retain(|id| live.contains(id.as_str()));
         self.announced_drift.retain(|id| live.contains(id.as_str()));
+        // A failed removal of an instance someone else removed since is nothing to retry.
+        self.stops
+            .failures
+            .retain(|id| instances.iter().any(|i| i.id == id));
         // A retired instance that is gone without this controller having taken its removal
         // (its predecessor was killed between the removal and recording it, or `imago destroy`
         // removed it) is no longer draining.
@@ -2646,11 +2650,12 @@ mod tests {
     }
 
     /// A provider whose removals fail while the flag is set (a cgroup the kernel keeps busy,
-    /// say), counted.
+    /// say), counted; the last field goes into the error, to change it.
     struct FailingRemovals(
         Arc<FakeProvider>,
         std::sync::atomic::AtomicUsize,
         std::sync::atomic::AtomicBool,
+        std::sync::atomic::AtomicU64,
     );
 
     impl Provider for FailingRemovals {
@@ -2665,7 +2670,7 @@ mod tests {
             if self.2.load(std::sync::atomic::Ordering::SeqCst) {
                 return Err(imago_runtime::RuntimeError::StopTimeout {
                     id: id.to_owned(),
-                    secs: 0,
+                    secs: self.3.load(std::sync::atomic::Ordering::SeqCst),
                 });
             }
             self.0.remove(id)
@@ -2681,23 +2686,52 @@ mod tests {
         }
     }
 
+    /// Service web (1 replica, surge 1, no drain, `progress_deadline`) at release 1, then a
+    /// controller whose removals fail, and release 2 recorded: the instance it retires cannot be
+    /// removed.
+    fn rollout_with_failing_removals(progress_deadline: &str) -> (Harness, Arc<FailingRemovals>) {
+        let mut h = harness();
+        let v1 = spec(serde_json::json!({
+            "image": "web", "replicas": 1,
+            "rollout": {"max_surge": 1, "max_unavailable": 0, "drain": "0s",
+                        "progress_deadline": progress_deadline}
+        }));
+        h.release("web", &v1, b"v1");
+        h.converge("web", 10);
+        let failing = Arc::new(FailingRemovals(
+            h.fake.clone(),
+            0.into(),
+            true.into(),
+            0.into(),
+        ));
+        h.restart(failing.clone());
+        h.release("web", &v1, b"v2");
+        (h, failing)
+    }
+
+    /// Lets the removals work: release 2 completes within `passes` passes, one instance left.
+    fn completes_once_removals_work(h: &mut Harness, failing: &FailingRemovals, passes: usize) {
+        failing.2.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert!(h.converge("web", passes).last().unwrap().complete);
+        assert_eq!(
+            h.controller
+                .db
+                .outcome_of("web", 2)
+                .unwrap()
+                .unwrap()
+                .outcome,
+            ReleaseOutcome::Complete
+        );
+        assert_eq!(h.fake.list().unwrap().len(), 1);
+    }
+
     /// A removal that keeps failing is retried pass after pass and reported; removals under
     /// way in the background are progress, so the release is not failed (and rolled back) at
     /// its progress deadline for it, and completes once the removal works.
     #[test]
     fn a_removal_that_keeps_failing_is_retried_and_fails_no_release() {
         use std::sync::atomic::Ordering;
-        let mut h = harness();
-        let v1 = spec(serde_json::json!({
-            "image": "web", "replicas": 1,
-            "rollout": {"max_surge": 1, "max_unavailable": 0, "drain": "0s",
-                        "progress_deadline": "300ms"}
-        }));
-        h.release("web", &v1, b"v1");
-        h.converge("web", 10);
-        let failing = Arc::new(FailingRemovals(h.fake.clone(), 0.into(), true.into()));
-        h.restart(failing.clone());
-        h.release("web", &v1, b"v2");
+        let (mut h, failing) = rollout_with_failing_removals("300ms");
         let started = std::time::Instant::now();
         while started.elapsed() < Duration::from_secs(1) {
             let pass = h.pass().unwrap().remove(0);
@@ -2710,17 +2744,64 @@ mod tests {
             events.iter().any(|e| e.kind == "remove-failed"),
             "{events:#?}"
         );
-        failing.2.store(false, Ordering::SeqCst);
-        assert!(h.converge("web", 500).last().unwrap().complete);
-        assert_eq!(
+        completes_once_removals_work(&mut h, &failing, 500);
+    }
+
+    /// An instance whose removal keeps failing is said once per distinct error, not once a
+    /// pass (four events a second, for as long as it lasted), and its removal is retried after
+    /// a growing delay, not every pass; meanwhile its rollout is not complete. Another error is
+    /// said again, and once the removal works the release completes.
+    #[test]
+    fn a_removal_that_keeps_failing_is_said_once_per_error_and_retried_with_backoff() {
+        use std::sync::atomic::Ordering;
+        let (mut h, failing) = rollout_with_failing_removals("10m");
+        let said = |h: &Harness| -> Vec<String> {
             h.controller
                 .db
-                .outcome_of("web", 2)
+                .events(Some("web"), 0)
                 .unwrap()
-                .unwrap()
-                .outcome,
-            ReleaseOutcome::Complete
+                .into_iter()
+                .filter(|e| e.kind == "remove-failed")
+                .map(|e| e.message)
+                .collect()
+        };
+        let mut passes = 0;
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_secs(2) {
+            let pass = h.pass().unwrap().remove(0);
+            assert!(
+                !pass.complete,
+                "complete while what it retired is not removed: {pass:?}"
+            );
+            passes += 1;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let attempts = failing.1.load(Ordering::SeqCst);
+        assert!(passes >= 20, "{passes} passes");
+        assert!(
+            (2..=6).contains(&attempts),
+            "retried after a growing delay: {attempts} removals in {passes} passes"
         );
-        assert_eq!(h.fake.list().unwrap().len(), 1);
+        assert_eq!(said(&h).len(), 1, "{:#?}", said(&h));
+
+        // Another error: said once more.
+        failing.3.store(7, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while said(&h).len() < 2 {
+            assert!(std::time::Instant::now() < deadline, "{:#?}", said(&h));
+            h.pass().unwrap();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for _ in 0..50 {
+            h.pass().unwrap();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let messages = said(&h);
+        assert_eq!(messages.len(), 2, "{messages:#?}");
+        assert_ne!(messages[0], messages[1]);
+
+        // The retry may be 3 s away by now.
+        completes_once_removals_work(&mut h, &failing, 5000);
+        assert_eq!(said(&h).len(), 2);
     }
 }

@@ -88,8 +88,11 @@ impl Controller {
             service,
             reason,
             result,
+            repeated,
         } = stopped;
         match (result, reason) {
+            // Said already; retried after a delay (see `stops::Failures`).
+            (Err(_), _) if repeated => Ok(()),
             (Ok(()), reason) => {
                 self.forget_instance(&id)?;
                 if reason == Reason::Drained {
@@ -250,11 +253,18 @@ impl Controller {
                 // A retired instance that finished stopping: the drain loop below removes it.
                 continue;
             }
+            if self.stops.failures.waiting(id) {
+                // Its removal failed: tried again after a delay.
+                continue;
+            }
+            let retry = self.stops.failures.known(id);
             let instance = by_id.get(id.as_str()).copied();
             let detail = instance.map(describe_exit).unwrap_or_default();
             let message = format!("instance {id} {detail}: removing it");
-            self.db
-                .event(Some(service), "drift", &message, &self.actor)?;
+            if !retry {
+                self.db
+                    .event(Some(service), "drift", &message, &self.actor)?;
+            }
             pass.drift.push(message);
             if self.remove_or_report(service, id)? {
                 pass.removed_dead.push(id.clone());
@@ -695,18 +705,24 @@ impl Controller {
         }
     }
 
-    /// Removes `id`; a failure is reported as an event and retried by a later pass, rather
-    /// than ending the pass of the whole service. Returns whether it was removed.
+    /// Removes `id`; a failure is reported as an event (once per distinct error) and retried
+    /// by a later pass after a delay, rather than ending the pass of the whole service. Returns
+    /// whether it was removed.
     fn remove_or_report(&mut self, service: &str, id: &str) -> Result<bool, DeployError> {
         match self.remove_instance(id) {
-            Ok(()) => Ok(true),
+            Ok(()) => {
+                self.stops.failures.succeeded(id);
+                Ok(true)
+            }
             Err(e) => {
-                self.db.event(
-                    Some(service),
-                    "remove-failed",
-                    &format!("cannot remove instance {id} yet: {e}"),
-                    &self.actor,
-                )?;
+                if self.stops.failures.failed(id, None, &e.to_string()) {
+                    self.db.event(
+                        Some(service),
+                        "remove-failed",
+                        &format!("cannot remove instance {id} yet: {e}"),
+                        &self.actor,
+                    )?;
+                }
                 Ok(false)
             }
         }

@@ -8,6 +8,10 @@
 //! listed instance: a stopping one against `max_surge`. Nothing here is needed by a restarted
 //! controller: a retired instance stays `draining` in the database until its removal is taken,
 //! so the next controller stops (if it still runs) and removes it again from what it lists.
+//!
+//! A removal that fails is retried with a doubling delay ([`Failures`]), and its error is said
+//! (an event) once, and again only when it changes: an instance that can never be removed made
+//! one event per pass, four a second, for as long as the controller ran.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -21,6 +25,75 @@ use super::launches::{PARALLEL_LAUNCHES, spaced_nudge};
 /// At most this many removals run at once (as many stops as there are instances to stop: a
 /// stop waits out the program's grace period, a removal works the kernel).
 const PARALLEL_REMOVALS: usize = PARALLEL_LAUNCHES;
+
+/// The first retry of a failed removal waits this long; each further one twice as long as the
+/// one before, up to [`MAX_RETRY_DELAY`].
+const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
+
+/// The removals that failed, by instance: when to try again and what was said. Only this
+/// controller's memory of its own retries: a restarted controller tries at once, and says the
+/// error once more.
+#[derive(Default)]
+pub(super) struct Failures {
+    by_id: HashMap<String, Failure>,
+}
+
+struct Failure {
+    /// The service of an instance handed over to [`Stops`]: its retries count as a stop under
+    /// way (progress, and a rollout not complete yet). `None` for the pass's own removals.
+    service: Option<String>,
+    error: String,
+    attempts: u32,
+    retry_at: Instant,
+}
+
+impl Failures {
+    /// Whether a removal of `id` failed and its next try is not due yet.
+    pub(super) fn waiting(&self, id: &str) -> bool {
+        self.by_id
+            .get(id)
+            .is_some_and(|f| Instant::now() < f.retry_at)
+    }
+
+    /// Whether a removal of `id` failed before (its error already said).
+    pub(super) fn known(&self, id: &str) -> bool {
+        self.by_id.contains_key(id)
+    }
+
+    /// Records that removing `id` (of `service`, when handed over) failed with `error`, and
+    /// when to try again; whether the error is to be said (the first failure, or another error
+    /// than the last one).
+    pub(super) fn failed(&mut self, id: &str, service: Option<&str>, error: &str) -> bool {
+        let failure = self.by_id.entry(id.to_owned()).or_insert_with(|| Failure {
+            service: service.map(str::to_owned),
+            error: String::new(),
+            attempts: 0,
+            retry_at: Instant::now(),
+        });
+        let new = failure.attempts == 0 || failure.error != error;
+        failure.attempts = failure.attempts.saturating_add(1);
+        failure.error = error.to_owned();
+        let doublings = failure.attempts.saturating_sub(1).min(16);
+        let delay = FIRST_RETRY_DELAY
+            .saturating_mul(1 << doublings)
+            .min(MAX_RETRY_DELAY);
+        failure.retry_at = Instant::now() + delay;
+        new
+    }
+
+    /// `id` is gone: nothing more to retry or say.
+    pub(super) fn succeeded(&mut self, id: &str) {
+        self.by_id.remove(id);
+    }
+
+    /// Forgets the failures of the instances for which `listed` is false.
+    pub(super) fn retain(&mut self, listed: impl Fn(&str) -> bool) {
+        if !self.by_id.is_empty() {
+            self.by_id.retain(|id, _| listed(id));
+        }
+    }
+}
 
 /// Why an instance is stopped: what its end is recorded as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +111,8 @@ pub(super) struct Stopped {
     pub reason: Reason,
     /// `Ok` once the instance is gone (removed now, or by someone else before); else why not.
     pub result: Result<(), String>,
+    /// A failure whose error was said already (see [`Failures`]): not to be said again.
+    pub repeated: bool,
 }
 
 struct Shared {
@@ -112,6 +187,8 @@ pub(super) struct Stops {
     /// Instances handed over whose result no pass has taken yet, with their service: nothing
     /// else is done to them meanwhile (a second stop, a removal in the pass).
     pending: HashMap<String, String>,
+    /// Removals that failed (these and the pass's own of dead instances): retried later.
+    pub(super) failures: Failures,
 }
 
 impl Stops {
@@ -124,6 +201,7 @@ impl Stops {
                 wake,
             }),
             pending: HashMap::new(),
+            failures: Failures::default(),
         }
     }
 
@@ -132,14 +210,21 @@ impl Stops {
         self.pending.contains_key(id)
     }
 
-    /// Whether any instance of `service` is still being stopped or removed.
+    /// Whether any instance of `service` is still being stopped or removed (a failed removal
+    /// waiting for its retry included).
     pub(super) fn any_pending(&self, service: &str) -> bool {
         self.pending.values().any(|s| s == service)
+            || self
+                .failures
+                .by_id
+                .values()
+                .any(|f| f.service.as_deref() == Some(service))
     }
 
     /// Stops `id` of `service` beside the loop (`grace`: between SIGTERM and SIGKILL; `None`
     /// for one that no longer runs), then removes it. Does nothing while it is handed over
-    /// already, so no instance is stopped twice by this controller.
+    /// already, so no instance is stopped twice by this controller, nor while a failed removal
+    /// of it waits for its retry.
     pub(super) fn start(
         &mut self,
         service: &str,
@@ -147,7 +232,7 @@ impl Stops {
         grace: Option<Duration>,
         reason: Reason,
     ) {
-        if self.is_pending(id) {
+        if self.is_pending(id) || self.failures.waiting(id) {
             return;
         }
         let shared = self.shared.clone();
@@ -171,6 +256,7 @@ impl Stops {
                     service: stop_service,
                     reason,
                     result,
+                    repeated: false,
                 });
             });
         // No thread to be had (a tasks limit): a later pass hands it over again.
@@ -182,9 +268,16 @@ impl Stops {
     /// Takes the stops that returned. Called before the instances are listed, so an instance
     /// is either still handed over or (its result taken) listed as it really is.
     pub(super) fn take_finished(&mut self) -> Vec<Stopped> {
-        let done = std::mem::take(&mut self.shared.lock().done);
-        for stopped in &done {
+        let mut done = std::mem::take(&mut self.shared.lock().done);
+        for stopped in &mut done {
             self.pending.remove(&stopped.id);
+            match &stopped.result {
+                Ok(()) => self.failures.succeeded(&stopped.id),
+                Err(e) => {
+                    stopped.repeated =
+                        !self.failures.failed(&stopped.id, Some(&stopped.service), e);
+                }
+            }
         }
         done
     }
