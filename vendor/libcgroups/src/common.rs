@@ -37,6 +37,14 @@ pub trait CgroupManager {
     /// Adds a task specified by its pid to the cgroup
     fn add_task(&self, pid: Pid) -> Result<(), Self::Error>;
 
+    /// (imago) Adds the init of a new container, whose cgroups get `controller_opt` applied
+    /// next. By default the same as [`CgroupManager::add_task`]; the v1 manager joins only the
+    /// hierarchies the container needs (`v1::manager::Manager::init_subsystems`).
+    fn add_init_task(&self, pid: Pid, controller_opt: &ControllerOpt) -> Result<(), Self::Error> {
+        let _ = controller_opt;
+        self.add_task(pid)
+    }
+
     /// Applies resource restrictions to the cgroup
     fn apply(&self, controller_opt: &ControllerOpt) -> Result<(), Self::Error>;
 
@@ -78,6 +86,14 @@ impl CgroupManager for AnyCgroupManager {
             AnyCgroupManager::Systemd(m) => Ok(m.add_task(pid)?),
             AnyCgroupManager::V1(m) => Ok(m.add_task(pid)?),
             AnyCgroupManager::V2(m) => Ok(m.add_task(pid)?),
+        }
+    }
+
+    fn add_init_task(&self, pid: Pid, controller_opt: &ControllerOpt) -> Result<(), Self::Error> {
+        match self {
+            AnyCgroupManager::Systemd(m) => Ok(m.add_init_task(pid, controller_opt)?),
+            AnyCgroupManager::V1(m) => Ok(m.add_init_task(pid, controller_opt)?),
+            AnyCgroupManager::V2(m) => Ok(m.add_init_task(pid, controller_opt)?),
         }
     }
 

@@ -1,4 +1,4 @@
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -32,6 +32,9 @@ use crate::stats::{PidStatsError, Stats, StatsProvider};
 
 pub struct Manager {
     subsystems: HashMap<CtrlType, PathBuf>,
+    /// (imago) The hierarchies in which the process that built the manager is in the root
+    /// cgroup.
+    at_root: HashSet<CtrlType>,
 }
 
 #[derive(thiserror::Error, Debug)]
@@ -84,42 +87,99 @@ pub enum V1ManagerError {
 
 impl Manager {
     /// Constructs a new cgroup manager with cgroups_path being relative to the root of the subsystem
+    ///
+    /// (imago) `/proc/self/mountinfo` and `/proc/self/cgroup` are read once here, not once per
+    /// subsystem as upstream 0.7.0 did (24 opens and parses of the two files per manager).
     pub fn new(cgroup_path: &Path) -> Result<Self, V1ManagerError> {
-        let mut subsystems = HashMap::new();
-        for subsystem in CONTROLLERS {
-            if let Ok(subsystem_path) = Self::get_subsystem_path(cgroup_path, subsystem) {
-                subsystems.insert(*subsystem, subsystem_path);
-            } else {
-                tracing::warn!("cgroup {} not supported on this system", subsystem);
-            }
-        }
-
-        Ok(Manager { subsystems })
-    }
-
-    fn get_subsystem_path(
-        cgroup_path: &Path,
-        subsystem: &CtrlType,
-    ) -> Result<PathBuf, V1ManagerError> {
-        tracing::debug!("Get path for subsystem: {}", subsystem);
-        let mount_point = util::get_subsystem_mount_point(subsystem)?;
-
-        let cgroup = ProcessCGroups::from_read(ProcfsHandle::new()?.open(
+        let mount_points = util::list_subsystem_mount_points()?;
+        let own_cgroups = ProcessCGroups::from_read(ProcfsHandle::new()?.open(
             ProcfsBase::ProcSelf,
             "cgroup",
             OpenFlags::O_RDONLY | OpenFlags::O_CLOEXEC,
-        )?)?
-        .into_iter()
-        .find(|c| c.controllers.contains(&subsystem.to_string()))
-        .ok_or(V1ManagerError::SubsystemDoesNotExist)?;
+        )?)?;
+        let mut subsystems = HashMap::new();
+        let mut at_root = HashSet::new();
+        for subsystem in CONTROLLERS {
+            tracing::debug!("Get path for subsystem: {}", subsystem);
+            let Some(mount_point) = util::find_subsystem_mount_point(subsystem, &mount_points)
+            else {
+                tracing::warn!("cgroup {} not supported on this system", subsystem);
+                continue;
+            };
+            let name = subsystem.to_string();
+            let Some(own) = own_cgroups.0.iter().find(|c| c.controllers.contains(&name)) else {
+                tracing::warn!("cgroup {} not supported on this system", subsystem);
+                continue;
+            };
+            let path = if cgroup_path.as_os_str().is_empty() {
+                mount_point.join_safely(Path::new(&own.pathname))?
+            } else {
+                mount_point.join_safely(cgroup_path)?
+            };
+            if own.pathname == "/" {
+                at_root.insert(*subsystem);
+            }
+            subsystems.insert(*subsystem, path);
+        }
 
-        let p = if cgroup_path.as_os_str().is_empty() {
-            mount_point.join_safely(Path::new(&cgroup.pathname))?
-        } else {
-            mount_point.join_safely(cgroup_path)?
-        };
+        Ok(Manager {
+            subsystems,
+            at_root,
+        })
+    }
 
-        Ok(p)
+    /// (imago) The hierarchies a new container's init joins (see
+    /// [`CgroupManager::add_init_task`]): devices (its device rules; `get_all_pids` lists the
+    /// container from it) and freezer (kill of all its processes, pause) always; memory always
+    /// (the OOM kills of the container are counted in its own memory cgroup, limited or not);
+    /// every hierarchy the resources set something in (and cpuacct with cpu, so that the CPU
+    /// a limited container uses is counted apart); and every other hierarchy in which this
+    /// process is not in the root cgroup, so that the container never stays in, and is never
+    /// limited or counted with, its launcher's cgroup. Left out: a hierarchy the resources do
+    /// not touch and whose root cgroup this process is in; there, the container's own empty
+    /// cgroup would limit nothing, and each `cgroup.procs` write takes the kernel's global
+    /// `cgroup_threadgroup_rwsem` (waiting an RCU grace period on a kernel without
+    /// `favordynmods`).
+    fn init_subsystems(
+        &self,
+        controller_opt: &ControllerOpt,
+    ) -> Result<Vec<(&CtrlType, &PathBuf)>, V1ManagerError> {
+        let required = self.get_required_controllers(controller_opt)?;
+        let cpu = required.contains_key(&CtrlType::Cpu);
+        Ok(self
+            .subsystems
+            .iter()
+            .filter(|(ctrl_type, _)| {
+                matches!(
+                    ctrl_type,
+                    CtrlType::Devices | CtrlType::Freezer | CtrlType::Memory
+                ) || required.contains_key(ctrl_type)
+                    || (cpu && **ctrl_type == CtrlType::CpuAcct)
+                    || !self.at_root.contains(ctrl_type)
+            })
+            .collect())
+    }
+
+    fn add_task_to(
+        pid: Pid,
+        ctrl_type: &CtrlType,
+        cgroup_path: &Path,
+    ) -> Result<(), V1ManagerError> {
+        match ctrl_type {
+            CtrlType::Cpu => Cpu::add_task(pid, cgroup_path)?,
+            CtrlType::CpuAcct => CpuAcct::add_task(pid, cgroup_path)?,
+            CtrlType::CpuSet => CpuSet::add_task(pid, cgroup_path)?,
+            CtrlType::Devices => Devices::add_task(pid, cgroup_path)?,
+            CtrlType::HugeTlb => HugeTlb::add_task(pid, cgroup_path)?,
+            CtrlType::Memory => Memory::add_task(pid, cgroup_path)?,
+            CtrlType::Pids => Pids::add_task(pid, cgroup_path)?,
+            CtrlType::PerfEvent => PerfEvent::add_task(pid, cgroup_path)?,
+            CtrlType::Blkio => Blkio::add_task(pid, cgroup_path)?,
+            CtrlType::NetworkPriority => NetworkPriority::add_task(pid, cgroup_path)?,
+            CtrlType::NetworkClassifier => NetworkClassifier::add_task(pid, cgroup_path)?,
+            CtrlType::Freezer => Freezer::add_task(pid, cgroup_path)?,
+        }
+        Ok(())
     }
 
     fn get_required_controllers(
@@ -179,20 +239,15 @@ impl CgroupManager for Manager {
 
     fn add_task(&self, pid: Pid) -> Result<(), Self::Error> {
         for (ctrl_type, cgroup_path) in &self.subsystems {
-            match ctrl_type {
-                CtrlType::Cpu => Cpu::add_task(pid, cgroup_path)?,
-                CtrlType::CpuAcct => CpuAcct::add_task(pid, cgroup_path)?,
-                CtrlType::CpuSet => CpuSet::add_task(pid, cgroup_path)?,
-                CtrlType::Devices => Devices::add_task(pid, cgroup_path)?,
-                CtrlType::HugeTlb => HugeTlb::add_task(pid, cgroup_path)?,
-                CtrlType::Memory => Memory::add_task(pid, cgroup_path)?,
-                CtrlType::Pids => Pids::add_task(pid, cgroup_path)?,
-                CtrlType::PerfEvent => PerfEvent::add_task(pid, cgroup_path)?,
-                CtrlType::Blkio => Blkio::add_task(pid, cgroup_path)?,
-                CtrlType::NetworkPriority => NetworkPriority::add_task(pid, cgroup_path)?,
-                CtrlType::NetworkClassifier => NetworkClassifier::add_task(pid, cgroup_path)?,
-                CtrlType::Freezer => Freezer::add_task(pid, cgroup_path)?,
-            }
+            Self::add_task_to(pid, ctrl_type, cgroup_path)?;
+        }
+
+        Ok(())
+    }
+
+    fn add_init_task(&self, pid: Pid, controller_opt: &ControllerOpt) -> Result<(), Self::Error> {
+        for (ctrl_type, cgroup_path) in self.init_subsystems(controller_opt)? {
+            Self::add_task_to(pid, ctrl_type, cgroup_path)?;
         }
 
         Ok(())
@@ -262,6 +317,10 @@ impl CgroupManager for Manager {
         let mut stats = Stats::default();
 
         for (ctrl_type, cgroup_path) in &self.subsystems {
+            // (imago) A hierarchy the container's init did not join has no cgroup of it.
+            if !cgroup_path.exists() {
+                continue;
+            }
             match ctrl_type {
                 CtrlType::Cpu => stats.cpu.throttling = Cpu::stats(cgroup_path)?,
                 CtrlType::CpuAcct => stats.cpu.usage = CpuAcct::stats(cgroup_path)?,

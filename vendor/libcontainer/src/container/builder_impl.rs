@@ -115,6 +115,13 @@ impl ContainerBuilderImpl {
             systemd_cgroup: self.use_systemd || self.user_ns_config.is_some(),
             container_name: self.container_id.to_owned(),
         };
+        // (imago) Built here once and handed down (see `ContainerArgs::cgroup_manager`).
+        let rootless =
+            utils::rootless_required(self.syscall.create_syscall().as_ref()).unwrap_or(false);
+        let cgroup_manager = Rc::new(
+            libcgroups::common::create_cgroup_manager(cgroup_config.clone())?
+                .with_rootless(rootless),
+        );
         let process = self
             .spec
             .process()
@@ -182,6 +189,7 @@ impl ContainerBuilderImpl {
             container: self.container.to_owned(),
             user_ns_config: self.user_ns_config.to_owned(),
             cgroup_config,
+            cgroup_manager,
             detached: self.detached,
             executor: self.executor.clone(),
             no_pivot: self.no_pivot,

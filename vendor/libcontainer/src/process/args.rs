@@ -2,7 +2,7 @@ use std::os::unix::prelude::RawFd;
 use std::path::PathBuf;
 use std::rc::Rc;
 
-use libcgroups::common::CgroupConfig;
+use libcgroups::common::{AnyCgroupManager, CgroupConfig};
 use oci_spec::runtime::Spec;
 
 use crate::container::Container;
@@ -38,6 +38,10 @@ pub struct ContainerArgs {
     pub user_ns_config: Option<UserNamespaceConfig>,
     /// Cgroup Manager Config
     pub cgroup_config: CgroupConfig,
+    /// (imago) The cgroup manager of `cgroup_config`, built once by the main process (which reads
+    /// `/proc/self/mountinfo` and `/proc/self/cgroup` once) and handed down to the intermediate
+    /// process, which upstream 0.7.0 built it in.
+    pub cgroup_manager: Rc<AnyCgroupManager>,
     /// If the container is to be run in detached mode
     pub detached: bool,
     /// Manage the functions that actually run on the container

@@ -11,7 +11,6 @@ use super::init::process as init_process;
 use crate::error::MissingSpecError;
 use crate::namespaces::Namespaces;
 use crate::process::{channel, cpu_affinity, fork};
-use crate::utils::rootless_required;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IntermediateProcessError {
@@ -52,10 +51,8 @@ pub fn container_intermediate_process(
     let spec = &args.spec;
     let linux = spec.linux().as_ref().ok_or(MissingSpecError::Linux)?;
     let namespaces = Namespaces::try_from(linux.namespaces().as_ref())?;
-    let rootless = rootless_required(command.as_ref()).unwrap_or(false);
-    let cgroup_manager = libcgroups::common::create_cgroup_manager(args.cgroup_config.to_owned())
-        .map_err(|e| IntermediateProcessError::Cgroup(e.to_string()))?
-        .with_rootless(rootless);
+    // (imago) Built by the main process and handed down (`ContainerArgs::cgroup_manager`).
+    let cgroup_manager = args.cgroup_manager.as_ref();
 
     let current_pid = Pid::this();
     // setting CPU affinity for tenant container before cgroup move
@@ -83,7 +80,7 @@ pub fn container_intermediate_process(
     // the cgroup of the process will form the root of the cgroup hierarchy in
     // the cgroup namespace.
     apply_cgroups(
-        &cgroup_manager,
+        cgroup_manager,
         linux.resources().as_ref(),
         matches!(args.container_type, ContainerType::InitContainer),
     )?;
@@ -328,19 +325,26 @@ fn apply_cgroups<
     init: bool,
 ) -> Result<()> {
     let pid = getpid();
-    cmanager.add_task(pid).map_err(|err| {
+    let no_resources = LinuxResources::default();
+    let controller_opt = libcgroups::common::ControllerOpt {
+        resources: resources.unwrap_or(&no_resources),
+        freezer_state: None,
+        oom_score_adj: None,
+        disable_oom_killer: false,
+    };
+    // (imago) The init of a new container joins only the cgroups it needs (on cgroup v1, see
+    // libcgroups' `add_init_task`); a tenant joins all of them, as upstream.
+    let added = if init {
+        cmanager.add_init_task(pid, &controller_opt)
+    } else {
+        cmanager.add_task(pid)
+    };
+    added.map_err(|err| {
         tracing::error!(?pid, ?err, ?init, "failed to add task to cgroup");
         IntermediateProcessError::Cgroup(err.to_string())
     })?;
 
-    if init && let Some(resources) = resources {
-        let controller_opt = libcgroups::common::ControllerOpt {
-            resources,
-            freezer_state: None,
-            oom_score_adj: None,
-            disable_oom_killer: false,
-        };
-
+    if init && resources.is_some() {
         cmanager.apply(&controller_opt).map_err(|err| {
             tracing::error!(?pid, ?err, ?init, "failed to apply cgroup");
             IntermediateProcessError::Cgroup(err.to_string())
