@@ -120,15 +120,7 @@ pub fn container_intermediate_process(
     }
 
     // set limits and namespaces to the process
-    let proc = spec.process().as_ref().ok_or(MissingSpecError::Process)?;
-    if let Some(rlimits) = proc.rlimits() {
-        for rlimit in rlimits {
-            command.set_rlimit(rlimit).map_err(|err| {
-                tracing::error!(?err, ?rlimit, "failed to set rlimit");
-                err
-            })?;
-        }
-    }
+    set_rlimits(args, command.as_ref())?;
 
     if let Some(time_namespace) = namespaces.get(LinuxNamespaceType::Time)? {
         namespaces.unshare_or_setns(time_namespace)?;
@@ -247,6 +239,78 @@ pub fn container_intermediate_process(
     })?;
 
     Ok(())
+}
+
+fn set_rlimits(args: &ContainerArgs, command: &dyn crate::syscall::Syscall) -> Result<()> {
+    let proc = args
+        .spec
+        .process()
+        .as_ref()
+        .ok_or(MissingSpecError::Process)?;
+    if let Some(rlimits) = proc.rlimits() {
+        for rlimit in rlimits {
+            command.set_rlimit(rlimit).map_err(|err| {
+                tracing::error!(?err, ?rlimit, "failed to set rlimit");
+                err
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// (imago) Whether the main process may clone the init of this container itself, without the
+/// intermediate process: an init container that asks for no user and no time namespace, joins
+/// no existing pid namespace, and whose cgroups are not systemd's. The intermediate exists for
+/// the user namespace's id mappings (which the main process writes once the intermediate is in
+/// the namespace, before it forks the init as root of that namespace), for the time namespace's
+/// offsets, and to `unshare`/`setns` the pid namespace that only its children enter; without
+/// those, what it does for the init (join the cgroups, set the rlimits) the init does first
+/// thing itself ([`prepare_direct_init`]), and the new pid namespace is a `clone3` flag.
+/// systemd's manager is left out because it names the process to systemd by pid, which the init
+/// only knows inside its own pid namespace.
+pub fn direct_init_possible(args: &ContainerArgs) -> bool {
+    if !matches!(args.container_type, ContainerType::InitContainer)
+        || args.user_ns_config.is_some()
+        || args.cgroup_config.systemd_cgroup
+    {
+        return false;
+    }
+    let Some(namespaces) = args
+        .spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+    else {
+        return true;
+    };
+    namespaces.iter().all(|ns| match ns.typ() {
+        LinuxNamespaceType::User | LinuxNamespaceType::Time => false,
+        LinuxNamespaceType::Pid => ns.path().is_none(),
+        _ => true,
+    })
+}
+
+/// (imago) Whether [`direct_init_possible`]'s init is cloned into a new pid namespace.
+pub fn direct_init_new_pid_namespace(args: &ContainerArgs) -> bool {
+    args.spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|nss| nss.iter().any(|ns| ns.typ() == LinuxNamespaceType::Pid))
+}
+
+/// (imago) What the intermediate process does for an init container, done by an init cloned
+/// straight from the main process ([`direct_init_possible`]) before anything else: join its
+/// cgroups (as pid 1 of its new pid namespace: the kernel reads a pid written to
+/// `cgroup.procs` in the writer's pid namespace) and apply the resources, then set the rlimits.
+pub fn prepare_direct_init(args: &ContainerArgs) -> Result<()> {
+    let linux = args.spec.linux().as_ref().ok_or(MissingSpecError::Linux)?;
+    apply_cgroups(
+        args.cgroup_manager.as_ref(),
+        linux.resources().as_ref(),
+        true,
+    )?;
+    set_rlimits(args, args.syscall.create_syscall().as_ref())
 }
 
 fn setup_userns(

@@ -14,6 +14,7 @@ use crate::hooks;
 use crate::network::network_device::dev_change_net_namespace;
 use crate::process::args::{ContainerArgs, ContainerType};
 use crate::process::fork::{self, CloneCb};
+use crate::process::init::process as init_process;
 use crate::process::{channel, container_intermediate_process};
 use crate::syscall::SyscallError;
 use crate::user_ns::UserNamespaceConfig;
@@ -60,49 +61,102 @@ pub fn container_main_process(container_args: &ContainerArgs) -> Result<Pid> {
     let mut inter_chan = channel::intermediate_channel()?;
     let mut init_chan = channel::init_channel()?;
 
-    let cb: CloneCb = {
-        Box::new(|| {
-            if let Err(ret) = prctl::set_name("youki:[1:INTER]") {
+    // (imago) Without a user or time namespace the init is cloned straight from this process
+    // (see `direct_init_possible`): one process fewer to clone, schedule and reap per launch.
+    let direct = container_intermediate_process::direct_init_possible(container_args);
+    let (intermediate_pid, direct_init_pid) = if direct {
+        let new_pid_namespace =
+            container_intermediate_process::direct_init_new_pid_namespace(container_args);
+        let init_cb: CloneCb = Box::new(|| {
+            if let Err(ret) = prctl::set_name("youki:[2:INIT]") {
                 tracing::error!(?ret, "failed to set name for child process");
                 return ret;
             }
-
-            match container_intermediate_process::container_intermediate_process(
-                container_args,
-                &mut inter_chan,
-                &mut init_chan,
-                &mut intermediate_main_sender,
-                &mut init_main_sender,
-            ) {
-                Ok(_) => 0,
-                Err(err) => {
-                    tracing::error!("failed to run intermediate process {}", err);
-                    match intermediate_main_sender.send_error(err.to_string()) {
-                        Ok(_) => {}
-                        Err(e) => {
-                            tracing::error!(
-                                "error in sending intermediate error message {} to main: {}",
-                                err,
-                                e
-                            )
-                        }
+            // As the init cloned by the intermediate process: close the senders it does not
+            // use (clone duplicated them).
+            for closed in [
+                init_chan.0.close(),
+                inter_chan.0.close(),
+                intermediate_main_sender.close(),
+            ] {
+                if let Err(err) = closed {
+                    tracing::error!(?err, "failed to close unused sender in init process");
+                    return -1;
+                }
+            }
+            let result = container_intermediate_process::prepare_direct_init(container_args)
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    init_process::container_init_process(
+                        container_args,
+                        &mut init_main_sender,
+                        &mut init_chan.1,
+                    )
+                    .map_err(|e| e.to_string())
+                });
+            match result {
+                Ok(()) => 0,
+                Err(e) => {
+                    tracing::error!("failed to initialize container process: {e}");
+                    if let Err(err) = init_main_sender.exec_failed(e) {
+                        tracing::error!(?err, "failed sending error to main sender");
                     }
                     -1
                 }
             }
-        })
-    };
-
-    let container_clone_fn = if container_args.as_sibling {
-        fork::container_clone_sibling
+        });
+        let pid = fork::container_clone_init(init_cb, new_pid_namespace, container_args.as_sibling)
+            .map_err(|err| {
+                tracing::error!("failed to clone init process: {}", err);
+                ProcessError::IntermediateProcessFailed(err)
+            })?;
+        (None, Some(pid))
     } else {
-        fork::container_clone
-    };
+        let cb: CloneCb = {
+            Box::new(|| {
+                if let Err(ret) = prctl::set_name("youki:[1:INTER]") {
+                    tracing::error!(?ret, "failed to set name for child process");
+                    return ret;
+                }
 
-    let intermediate_pid = container_clone_fn(cb).map_err(|err| {
-        tracing::error!("failed to fork intermediate process: {}", err);
-        ProcessError::IntermediateProcessFailed(err)
-    })?;
+                match container_intermediate_process::container_intermediate_process(
+                    container_args,
+                    &mut inter_chan,
+                    &mut init_chan,
+                    &mut intermediate_main_sender,
+                    &mut init_main_sender,
+                ) {
+                    Ok(_) => 0,
+                    Err(err) => {
+                        tracing::error!("failed to run intermediate process {}", err);
+                        match intermediate_main_sender.send_error(err.to_string()) {
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::error!(
+                                    "error in sending intermediate error message {} to main: {}",
+                                    err,
+                                    e
+                                )
+                            }
+                        }
+                        -1
+                    }
+                }
+            })
+        };
+
+        let container_clone_fn = if container_args.as_sibling {
+            fork::container_clone_sibling
+        } else {
+            fork::container_clone
+        };
+
+        let intermediate_pid = container_clone_fn(cb).map_err(|err| {
+            tracing::error!("failed to fork intermediate process: {}", err);
+            ProcessError::IntermediateProcessFailed(err)
+        })?;
+        (Some(intermediate_pid), None)
+    };
 
     // Close down unused fds. The corresponding fds are duplicated to the
     // child process during clone.
@@ -121,9 +175,14 @@ pub fn container_main_process(container_args: &ContainerArgs) -> Result<Pid> {
     // If creating a container with new user namespace, the intermediate process will ask
     // the main process to set up uid and gid mapping, once the intermediate
     // process enters into a new user namespace.
+    // (imago) Only the intermediate process asks for mappings and time offsets (a directly
+    // cloned init has neither namespace).
+    let child_pid = intermediate_pid
+        .or(direct_init_pid)
+        .ok_or(ProcessError::ContainerStateRequired)?;
     if let Some(config) = &container_args.user_ns_config {
         intermediate_main_receiver.wait_for_mapping_request()?;
-        setup_mapping(config, intermediate_pid)?;
+        setup_mapping(config, child_pid)?;
         inter_sender.mapping_written()?;
     }
 
@@ -137,17 +196,13 @@ pub fn container_main_process(container_args: &ContainerArgs) -> Result<Pid> {
         .map(|time_offsets| -> Result<()> {
             // This must be done from the parent process since CAP_SYS_TIME is required.
             intermediate_main_receiver.wait_for_time_offset_request()?;
-            tracing::debug!("write time offsets for pid {intermediate_pid:?}: '{time_offsets}'");
-            std::fs::write(
-                format!("/proc/{intermediate_pid}/timens_offsets"),
-                &time_offsets,
-            )
-            .map_err(|err| {
-                tracing::error!(
-                    "failed to write timens_offsets for pid {intermediate_pid:?}: {err}"
-                );
-                ProcessError::SyscallOther(SyscallError::IO(err))
-            })?;
+            tracing::debug!("write time offsets for pid {child_pid:?}: '{time_offsets}'");
+            std::fs::write(format!("/proc/{child_pid}/timens_offsets"), &time_offsets).map_err(
+                |err| {
+                    tracing::error!("failed to write timens_offsets for pid {child_pid:?}: {err}");
+                    ProcessError::SyscallOther(SyscallError::IO(err))
+                },
+            )?;
             inter_sender.time_offsets_written()?;
             Ok(())
         })
@@ -162,7 +217,10 @@ pub fn container_main_process(container_args: &ContainerArgs) -> Result<Pid> {
 
     // The intermediate process will send the init pid once it forks the init
     // process.  The intermediate process should exit after this point.
-    let init_pid = intermediate_main_receiver.wait_for_intermediate_ready()?;
+    let init_pid = match direct_init_pid {
+        Some(pid) => pid,
+        None => intermediate_main_receiver.wait_for_intermediate_ready()?,
+    };
 
     // if file to write the pid to is specified, write pid of the child
     if let Some(pid_file) = &container_args.pid_file {
@@ -292,6 +350,9 @@ pub fn container_main_process(container_args: &ContainerArgs) -> Result<Pid> {
     // process is exit and reaped. By this point, the intermediate process
     // should already exited successfully. If intermediate process errors out,
     // the `init_ready` will not be sent.
+    let Some(intermediate_pid) = intermediate_pid else {
+        return Ok(init_pid);
+    };
     match waitpid(intermediate_pid, None) {
         Ok(WaitStatus::Exited(_, 0)) => (),
         Ok(WaitStatus::Exited(_, s)) => {

@@ -55,6 +55,28 @@ pub fn container_clone(cb: CloneCb) -> Result<Pid, CloneError> {
     clone_internal(cb, 0, Some(SIGCHLD as u64))
 }
 
+/// (imago) Clones the container's init straight from the main process (no intermediate
+/// process), into a new pid namespace if `new_pid_namespace`; a sibling of the caller (as
+/// [`container_clone_sibling`]) if `as_sibling`, else its child with SIGCHLD, as the init that
+/// the intermediate cloned as its sibling was the main process's child with the intermediate's
+/// exit signal.
+pub fn container_clone_init(
+    cb: CloneCb,
+    new_pid_namespace: bool,
+    as_sibling: bool,
+) -> Result<Pid, CloneError> {
+    let pid_flag = if new_pid_namespace {
+        libc::CLONE_NEWPID as u64
+    } else {
+        0
+    };
+    if as_sibling {
+        clone_internal(cb, libc::CLONE_PARENT as u64 | pid_flag, None)
+    } else {
+        clone_internal(cb, pid_flag, Some(SIGCHLD as u64))
+    }
+}
+
 // An internal wrapper to manage the clone3 vs clone fallback logic.
 fn clone_internal(
     mut cb: CloneCb,
