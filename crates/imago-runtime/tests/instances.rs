@@ -51,6 +51,7 @@ both_engines!(
     an_init_stops_a_program_that_ignores_sigterm_at_once,
     an_init_reaps_orphans_that_the_program_never_waits_for,
     the_init_is_read_only_outside_the_image_and_passes_the_exit_status_on,
+    an_instance_is_in_its_own_cgroup_wherever_it_is_limited_or_controlled,
 );
 
 fn echo_runs_and_exit_status_is_recorded(engine: Engine) {
@@ -528,6 +529,136 @@ fn processes_in_cgroup(id: &str) -> Vec<i32> {
         }
     }
     out
+}
+
+/// A cgroup v1 cgroup that the calling thread (only it: v1's `tasks` file moves one thread)
+/// is moved into, so that what it spawns, a supervisor, starts there; the thread moved back to
+/// the root by [`ThreadCgroup::leave`] or on drop, the directory removed on drop once empty.
+struct ThreadCgroup {
+    dir: PathBuf,
+    root: PathBuf,
+}
+
+impl ThreadCgroup {
+    /// In the v1 hierarchy of `controller`, if there is one (`None` on a v2-only host).
+    fn enter(controller: &str, name: &str) -> Option<ThreadCgroup> {
+        let (root, _, _) = cgroup_mounts().into_iter().find(|(_, fstype, options)| {
+            fstype == "cgroup" && options.split(',').any(|o| o == controller)
+        })?;
+        let dir = root.join(name);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("tasks"), nix::unistd::gettid().to_string()).unwrap();
+        Some(ThreadCgroup { dir, root })
+    }
+
+    /// Moves the calling thread back to the root cgroup.
+    fn leave(&self) {
+        fs::write(self.root.join("tasks"), nix::unistd::gettid().to_string()).unwrap();
+    }
+}
+
+impl Drop for ThreadCgroup {
+    fn drop(&mut self) {
+        let _ = fs::write(self.root.join("tasks"), nix::unistd::gettid().to_string());
+        // A supervisor started in it leaves it when it exits.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while fs::remove_dir(&self.dir).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The engine may leave an instance in the root cgroup of a hierarchy that nothing of its spec
+/// touches (the embedded engine does, to save the `cgroup.procs` writes: each takes the
+/// kernel's global cgroup lock), but never in any other cgroup than its own `/imago/<id>`:
+/// not in its launcher's, whose limits are not its own. It is in its own cgroup in every
+/// hierarchy that holds a limit of its spec (cpu also with cpuacct, where its CPU time is
+/// counted), and always in devices (its device rules), freezer (stopping all its processes)
+/// and memory (its OOM kills are counted there, limited or not). Stop and rm still reach every
+/// process and leave no cgroup behind.
+fn an_instance_is_in_its_own_cgroup_wherever_it_is_limited_or_controlled(engine: Engine) {
+    let h = Harness::new(engine);
+    let mut limited = h.spec(&["sh", "-c", "sleep 1000 & sleep 1000"]);
+    limited.resources.memory_bytes = Some(64 << 20);
+    limited.resources.pids = Some(64);
+    limited.resources.cpu_millis = Some(500);
+    let plain = h.spec(&["sh", "-c", "sleep 1000 & sleep 1000"]);
+    // The launcher in a blkio cgroup of its own: no spec limits blkio, yet the instances must
+    // leave it.
+    let name = format!("imago-test-launcher-{}-{:?}", std::process::id(), engine);
+    let launcher = ThreadCgroup::enter("blkio", &name);
+    let launched: Vec<_> = [(&plain, false), (&limited, true)]
+        .into_iter()
+        .map(|(spec, is_limited)| (h.provider.launch(spec).unwrap(), is_limited))
+        .collect();
+    if let Some(l) = &launcher {
+        l.leave();
+    }
+    let v2_only = cgroup2_only();
+    for (inst, is_limited) in &launched {
+        let own = format!("/imago/{}", inst.id);
+        let pid = inst.pid.unwrap();
+        let cgroups = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        let mut must: Vec<&str> = vec!["devices", "freezer", "memory"];
+        if launcher.is_some() {
+            must.push("blkio");
+        }
+        if *is_limited {
+            must.extend(["pids", "cpu", "cpuacct"]);
+        }
+        for line in cgroups.lines() {
+            let mut parts = line.splitn(3, ':');
+            let (_, controllers, path) = (
+                parts.next().unwrap(),
+                parts.next().unwrap(),
+                parts.next().unwrap(),
+            );
+            if controllers.is_empty() {
+                // The cgroup2 tree: every controller on a v2-only host; none on a hybrid one,
+                // where the embedded engine does not join it.
+                if v2_only {
+                    assert_eq!(path, own, "{}: {cgroups}", inst.id);
+                }
+                continue;
+            }
+            if controllers.starts_with("name=") {
+                continue;
+            }
+            assert!(
+                path == own || path == "/",
+                "{} ({controllers}) is in {path}, neither its own cgroup nor the root: {cgroups}",
+                inst.id
+            );
+            for c in controllers.split(',') {
+                if must.contains(&c) {
+                    assert_eq!(path, own, "{} ({c}): {cgroups}", inst.id);
+                    must.retain(|m| *m != c);
+                }
+            }
+        }
+        if !v2_only {
+            assert!(
+                must.is_empty(),
+                "{}: no hierarchy with {must:?} in {cgroups}",
+                inst.id
+            );
+        }
+    }
+    for (inst, _) in &launched {
+        h.provider.stop(&inst.id, GRACE).unwrap();
+        h.provider.remove(&inst.id).unwrap();
+        assert!(
+            processes_in_cgroup(&inst.id).is_empty(),
+            "processes left: {:?}",
+            processes_in_cgroup(&inst.id)
+        );
+        assert!(
+            cgroup_dirs(&inst.id).is_empty(),
+            "cgroup dirs left: {:?}",
+            cgroup_dirs(&inst.id)
+        );
+    }
+    drop(launcher);
 }
 
 fn nonexistent_entrypoint_fails_clearly(engine: Engine) {
