@@ -854,6 +854,19 @@ impl StateDb {
         self.conn.execute_batch(sql).map_err(|e| self.err(e))
     }
 
+    /// Counts this connection's commits from now on (tests that count transactions).
+    #[cfg(test)]
+    pub(crate) fn count_commits(&mut self) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = count.clone();
+        let hooked = self.conn.commit_hook(Some(move || {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            false
+        }));
+        assert!(hooked.is_ok(), "cannot hook commits: {hooked:?}");
+        count
+    }
+
     /// Appends an event.
     pub fn event(
         &self,

@@ -115,6 +115,8 @@ pub struct LocalProvider {
     netns_sweep_age: Duration,
     /// Supervisors this process started, reaped once they exit (they outlive us otherwise).
     children: Mutex<HashMap<String, Pid>>,
+    /// When a launch last reaped `children` (see [`LAUNCH_REAP_SPACING`]).
+    reaped_at: Mutex<Option<Instant>>,
     /// The records `list` parsed, by state file, with the stamp of the file each came from: a
     /// controller's pass over a thousand instances re-reads only the records that changed
     /// (every write replaces the file, so a changed record is a new file). Only a copy: the
@@ -171,6 +173,7 @@ impl LocalProvider {
             init: PathBuf::from(DEFAULT_INIT),
             netns_sweep_age: NETNS_SWEEP_AGE,
             children: Mutex::new(HashMap::new()),
+            reaped_at: Mutex::new(None),
             records: Mutex::new(HashMap::new()),
             cgroup_warmup: crate::supervisor::SharedCgroupWarmup::default(),
         }
@@ -230,6 +233,19 @@ impl LocalProvider {
                 Ok(WaitStatus::StillAlive)
             )
         });
+    }
+
+    /// [`Self::reap_children`] at most once per [`LAUNCH_REAP_SPACING`]: it asks about every
+    /// supervisor this process started, so doing it on every launch made a controller's N
+    /// launches O(N^2) `waitpid` calls, all under the lock the launches share.
+    fn reap_children_now_and_then(&self) {
+        let mut at = self.reaped_at.lock().unwrap_or_else(|e| e.into_inner());
+        if at.is_some_and(|t| t.elapsed() < LAUNCH_REAP_SPACING) {
+            return;
+        }
+        *at = Some(Instant::now());
+        drop(at);
+        self.reap_children();
     }
 
     fn wait_child(&self, id: &str) {
@@ -606,6 +622,17 @@ impl LocalProvider {
     }
 }
 
+/// A stop looks at the record this soon after signalling, then twice as long after each look,
+/// up to [`STOP_POLL_MAX`]: a controller stopping hundreds of instances at once (a rollout's
+/// wave, a destroy) read every record every 5 ms, 200 reads a second per stop, which took the
+/// CPU the stops themselves needed.
+const STOP_POLL_FIRST: Duration = Duration::from_millis(5);
+const STOP_POLL_MAX: Duration = Duration::from_millis(50);
+
+/// Launches reap the exited supervisors of this process at most this often (`list`, once a
+/// controller pass, reaps every time).
+const LAUNCH_REAP_SPACING: Duration = Duration::from_secs(1);
+
 /// How often a launcher waiting for the handshake checks that its supervisor still lives.
 const HANDSHAKE_LIVENESS_MS: u16 = 100;
 
@@ -872,7 +899,7 @@ impl Provider for LocalProvider {
         // From the first launch of a wave to the end of its last: every cgroup move of every
         // engine in between finds the lock warm (see `supervisor::warm_cgroup_lock`).
         let _warm = (!crate::supervisor::single_threaded()).then(|| self.cgroup_warmup.hold());
-        self.reap_children();
+        self.reap_children_now_and_then();
         let id = new_id()?;
         let dir = self.layout.instance_dir(&id);
         fs::create_dir_all(&dir.root).map_err(RuntimeError::io("cannot create", &dir.root))?;
@@ -922,6 +949,7 @@ impl Provider for LocalProvider {
             }
         }
         let deadline = Instant::now() + grace + Duration::from_secs(5);
+        let mut pause = STOP_POLL_FIRST;
         loop {
             let rec = self.load(&dir)?;
             if rec.status != Status::Running {
@@ -934,7 +962,8 @@ impl Provider for LocalProvider {
                     secs: (grace + Duration::from_secs(5)).as_secs(),
                 });
             }
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(STOP_POLL_MAX);
         }
     }
 

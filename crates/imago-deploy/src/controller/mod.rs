@@ -107,6 +107,15 @@ pub fn instance_spec(release: &Release, engine: Engine) -> Result<InstanceSpec, 
     Ok(instance)
 }
 
+/// After a pass, the next waits at least this many times as long as the pass took (see
+/// [`Controller::wait_for_next_pass`]): the controller's passes take at most a third of the
+/// time.
+pub const PASS_GAP_FACTOR: u32 = 2;
+
+/// The longest wait [`PASS_GAP_FACTOR`] imposes: a pass slowed to seconds by an overloaded
+/// host still reacts within this much of its end.
+pub const PASS_GAP_MAX: Duration = Duration::from_secs(5);
+
 /// How often the controller has the provider take back what no removal names (directories,
 /// addresses and network namespaces of launches and cleanups that were killed midway).
 pub const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
@@ -166,18 +175,32 @@ impl Wake {
     /// measured on the monotonic clock: whole wall-clock milliseconds ended it up to 1 ms early
     /// (and a clock step could end it at once).
     pub fn wait(&self, timeout: Duration) {
-        let deadline = std::time::Instant::now() + timeout;
+        self.wait_paced(timeout, Duration::ZERO);
+    }
+
+    /// [`Wake::wait`], except that a nudge or moment that comes within `min_gap` of the start
+    /// ends the wait only once `min_gap` is over (never later than `timeout`).
+    pub fn wait_paced(&self, timeout: Duration, min_gap: Duration) {
+        let start = std::time::Instant::now();
+        let deadline = start + timeout;
+        let earliest = start + min_gap.min(timeout);
         let mut state = self.lock();
         loop {
-            let mut remaining = deadline.saturating_duration_since(std::time::Instant::now());
+            let now = std::time::Instant::now();
+            let mut remaining = deadline.saturating_duration_since(now);
             if let Some(at) = state.at_ms {
                 // Unix milliseconds, truncated: waiting the difference never ends before `at`.
                 remaining = remaining.min(Duration::from_millis(at.saturating_sub(now_ms())));
             }
             if state.nudged || remaining.is_zero() {
-                state.nudged = false;
-                state.at_ms = None;
-                return;
+                let hold = earliest.saturating_duration_since(now);
+                if hold.is_zero() {
+                    state.nudged = false;
+                    state.at_ms = None;
+                    return;
+                }
+                // Due, but within the gap: taken up when the gap is over.
+                remaining = hold;
             }
             state = self
                 .signal
@@ -281,6 +304,8 @@ pub struct Controller {
     launches: launches::Launches,
     /// Per service, the instances whose launch this pass took (see [`ServicePass::launched`]).
     launched_now: HashMap<String, Vec<String>>,
+    /// When the last pass started (see [`Controller::wait_for_next_pass`]).
+    pass_started: Option<std::time::Instant>,
 }
 
 impl Controller {
@@ -290,8 +315,20 @@ impl Controller {
         self.health.wake.clone()
     }
 
+    ///
+    ///
+    /// The wait after a pass lasts at least [`PASS_GAP_FACTOR`] times that pass (at most
+    /// [`PASS_GAP_MAX`]), even when that is longer than `interval`: a pass lists and judges
+    /// every instance, and both the interval (250 ms by default) and the nudges that end the
+    /// wait early (each health check that flips, launches and stops that return: once per
+    /// instance) came sooner than a pass over 1,000 instances took, so passes ran back to back
+    /// for a whole rollover (208 passes of 737 ms in 154.5 s, release build) and took the CPU
+    /// the rollout's own launches and stops needed. The controller's share of the time now
+    /// stays bounded whatever the number of instances and events.
     pub fn wait_for_next_pass(&self, interval: Duration) {
-        self.health.wake.wait(interval);
+        let took = self.pass_started.map(|t| t.elapsed()).unwrap_or_default();
+        let gap = took.saturating_mul(PASS_GAP_FACTOR).min(PASS_GAP_MAX);
+        self.health.wake.wait_paced(interval.max(gap), gap);
     }
 
     pub fn new(
@@ -330,6 +367,7 @@ impl Controller {
             cluster: cluster::ClusterState::default(),
             launches: launches::Launches::default(),
             launched_now: HashMap::new(),
+            pass_started: None,
         }
     }
 
@@ -386,9 +424,12 @@ impl Controller {
         }
         if let Some(mut adopted) = self.adopted_routes.remove(service) {
             let health = &self.health;
+            // A set, not a scan of the targets per adopted route: both are every instance.
+            let judged: std::collections::HashSet<&str> =
+                targets.iter().map(|(t, _)| t.as_str()).collect();
             adopted.retain(|(id, _)| {
                 eligible.contains(id)
-                    && !targets.iter().any(|(t, _)| t == id)
+                    && !judged.contains(id.as_str())
                     && health
                         .get(id)
                         .is_none_or(|h| !h.tracker.healthy && !h.tracker.unhealthy)
@@ -482,6 +523,7 @@ impl Controller {
 
     /// One reconcile pass over every service.
     pub fn pass(&mut self) -> Result<Vec<ServicePass>, DeployError> {
+        self.pass_started = Some(std::time::Instant::now());
         let mut clock = PartClock::start();
         // The sweep reads every instance directory, lease and network namespace: once per
         // interval, not per pass and never per removed instance.
@@ -596,13 +638,17 @@ impl Controller {
         // A retired instance that is gone without this controller having taken its removal
         // (its predecessor was killed between the removal and recording it, or `imago destroy`
         // removed it) is no longer draining.
+        // In one batch: `imago destroy` removing a thousand of them made a thousand commits,
+        // each waiting for the disk.
         if !draining.is_empty() {
             let listed: std::collections::HashSet<&str> =
                 instances.iter().map(|i| i.id.as_str()).collect();
-            for id in draining.keys() {
-                if !listed.contains(id.as_str()) && !self.stops.is_pending(id) {
-                    self.db.mark_removed(id)?;
-                }
+            let gone: Vec<&String> = draining
+                .keys()
+                .filter(|id| !listed.contains(id.as_str()) && !self.stops.is_pending(id))
+                .collect();
+            if !gone.is_empty() {
+                self.batched(|c| gone.iter().try_for_each(|id| c.db.mark_removed(id)))?;
             }
         }
         clock.lap("finish");
@@ -2803,5 +2849,148 @@ mod tests {
         // The retry may be 3 s away by now.
         completes_once_removals_work(&mut h, &failing, 5000);
         assert_eq!(said(&h).len(), 2);
+    }
+
+    // ---- scale: what a pass costs at many instances -----------------------------------------
+
+    /// A provider whose listing takes time in proportion to the instances it lists, as a real
+    /// one's does (it looks at every record: 0.1-1 ms each on a loaded host), and counts its
+    /// listings.
+    struct CostlyListing {
+        fake: Arc<FakeProvider>,
+        per_instance: Duration,
+        listings: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Provider for CostlyListing {
+        fn launch(&self, spec: &InstanceSpec) -> Result<Instance, imago_runtime::RuntimeError> {
+            self.fake.launch(spec)
+        }
+        fn stop(&self, id: &str, grace: Duration) -> Result<Instance, imago_runtime::RuntimeError> {
+            self.fake.stop(id, grace)
+        }
+        fn remove(&self, id: &str) -> Result<(), imago_runtime::RuntimeError> {
+            self.fake.remove(id)
+        }
+        fn list(&self) -> Result<Vec<Instance>, imago_runtime::RuntimeError> {
+            self.listings
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let listed = self.fake.list()?;
+            std::thread::sleep(self.per_instance * listed.len() as u32);
+            Ok(listed)
+        }
+        fn inspect(&self, id: &str) -> Result<Instance, imago_runtime::RuntimeError> {
+            self.fake.inspect(id)
+        }
+        fn logs(&self, id: &str) -> Result<Vec<u8>, imago_runtime::RuntimeError> {
+            self.fake.logs(id)
+        }
+    }
+
+    /// Runs "web" as the daemon does (a pass, then `wait_for_next_pass`) until its rollout
+    /// completes; returns the time it took, the time spent in passes and the passes.
+    fn run_like_the_daemon(h: &mut Harness, limit: Duration) -> (Duration, Duration, usize) {
+        let started = std::time::Instant::now();
+        let mut in_passes = Duration::ZERO;
+        let mut passes = 0;
+        loop {
+            let (pass, took) = timed_pass(h);
+            in_passes += took;
+            passes += 1;
+            assert!(pass.failed.is_none(), "{pass:?}");
+            if pass.complete {
+                return (started.elapsed(), in_passes, passes);
+            }
+            assert!(
+                started.elapsed() < limit,
+                "not complete after {limit:?} ({passes} passes): {pass:?}"
+            );
+            // The daemon's default interval (`imago serve --interval`).
+            h.controller.wait_for_next_pass(Duration::from_millis(250));
+        }
+    }
+
+    /// At 1,000 instances a pass took longer than the daemon's interval (250 ms), and the
+    /// nudges that end the wait early (every health check that flips, launches and stops that
+    /// return) come hundreds of times a wave: passes ran back to back for a whole rollover and
+    /// took the CPU the rollout's own launches and stops needed. Under the daemon's loop and
+    /// interval, a rollover of 1,000 instances whose listing costs what a loaded host's does
+    /// (200 us an instance) now spends at most about a third of its time in passes.
+    #[test]
+    fn a_thousand_instance_rollover_spends_a_bounded_share_of_its_time_in_passes() {
+        let mut h = harness();
+        let costly = Arc::new(CostlyListing {
+            fake: h.fake.clone(),
+            per_instance: Duration::from_micros(200),
+            listings: 0.into(),
+        });
+        h.restart(costly.clone());
+        let port = healthy_port();
+        let web = spec(serde_json::json!({
+            "image": "web", "replicas": 1000, "network": "host",
+            "health": {"type": "tcp", "port": port, "interval": "1s"},
+            "rollout": {"max_surge": "25%", "max_unavailable": 0, "drain": "0s"},
+        }));
+        h.release("web", &web, b"v1");
+        run_like_the_daemon(&mut h, Duration::from_secs(120));
+        h.release("web", &web, b"v2");
+        let listed = costly.listings.load(std::sync::atomic::Ordering::SeqCst);
+        let (took, in_passes, passes) = run_like_the_daemon(&mut h, Duration::from_secs(120));
+        let listings = costly.listings.load(std::sync::atomic::Ordering::SeqCst) - listed;
+        let share = in_passes.as_secs_f64() / took.as_secs_f64();
+        eprintln!(
+            "rollover of 1,000: {took:?}, {passes} passes ({listings} listings) taking {in_passes:?}: {:.0}%",
+            share * 100.0
+        );
+        assert_eq!(listings, passes, "one listing a pass");
+        // A third, and some slack for the time between a pass and the wait after it.
+        let ceiling = 0.45;
+        assert!(
+            share <= ceiling,
+            "passes took {:.0}% of the rollover ({passes} passes in {took:?})",
+            share * 100.0
+        );
+        let old: Vec<Instance> = h
+            .fake
+            .list()
+            .unwrap()
+            .into_iter()
+            .filter(|i| i.image == Digest::of(b"v1"))
+            .collect();
+        assert!(old.is_empty(), "{} old instances left", old.len());
+        assert_eq!(h.running("web").len(), 1000);
+    }
+
+    /// Retired instances that someone else removed (`imago destroy`, or a predecessor killed
+    /// between a removal and recording it) are marked removed by the next pass in one commit:
+    /// one each made a thousand commits, each waiting for the disk.
+    #[test]
+    fn a_thousand_retired_instances_removed_by_someone_else_cost_one_commit() {
+        let mut h = harness();
+        let web = spec(serde_json::json!({"image": "web", "replicas": 1000}));
+        h.release("web", &web, b"v1");
+        assert!(h.converge("web", 50).last().unwrap().complete);
+        let running = h.running("web");
+        assert_eq!(running.len(), 1000);
+        let db = &h.controller.db;
+        assert!(db.begin_batch().unwrap());
+        for instance in &running {
+            let revision = &instance.labels[LABEL_REVISION];
+            db.mark_draining(&instance.id, "web", 1, revision, now_ms() + 3_600_000)
+                .unwrap();
+        }
+        db.end_batch(true).unwrap();
+        for instance in &running {
+            h.fake.stop(&instance.id, Duration::ZERO).unwrap();
+            h.fake.remove(&instance.id).unwrap();
+        }
+        let commits = h.controller.db.count_commits();
+        h.controller.pass().unwrap();
+        let commits = commits.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            h.controller.db.draining().unwrap().is_empty(),
+            "still draining"
+        );
+        assert!(commits <= 5, "one pass made {commits} commits");
     }
 }

@@ -21,7 +21,7 @@ impl Controller {
     /// Runs `body` with its database writes in one batch ([`crate::state::StateDb::begin_batch`]):
     /// committed before anything that depends on them happens (the endpoint is routed only
     /// after the batch that recorded its instances ready), rolled back if `body` failed.
-    fn batched<T>(
+    pub(super) fn batched<T>(
         &mut self,
         body: impl FnOnce(&mut Self) -> Result<T, DeployError>,
     ) -> Result<T, DeployError> {
