@@ -40,6 +40,16 @@ fn memory_bytes(text: &str) -> Option<i64> {
         .filter(|v| *v > 0)
 }
 
+/// What Docker's health check timeout allows beyond the check's own `timeout`: Docker runs the
+/// check as an exec in the task (dockerd, containerd, runc, then the command) and counts the
+/// start of that process against the timeout. On a loaded two-core machine (three swarm stress
+/// tests at once, load average 20-35) starting it took 1.15 s at the median and 3.65 s at worst
+/// while the `wget` it ran took 0.02 s and 0.72 s: with the timeout alone, three slow starts in
+/// a row marked healthy tasks unhealthy, the swarm killed them and imago's gate failed good
+/// releases. The check's `timeout` is meant for the application's answer, as when imago probes
+/// a local instance itself; a check that hangs still fails, this much later.
+const HEALTH_EXEC_ALLOWANCE: Duration = Duration::from_secs(5);
+
 /// The swarm-scoped network that the tasks of a `network = "private"` service are attached to
 /// (a bridge on each node unless made otherwise before imago's first apply; see
 /// `SwarmEngine::apply`).
@@ -97,7 +107,7 @@ pub fn render(desired: &ClusterService) -> Result<ServiceSpec, EngineError> {
             Some(HealthConfig {
                 test: Some(test),
                 interval: Some(nanos(health.interval)),
-                timeout: Some(nanos(health.timeout)),
+                timeout: Some(nanos(health.timeout + HEALTH_EXEC_ALLOWANCE)),
                 retries: Some(i64::from(health.unhealthy_threshold)),
                 start_period: Some(nanos(health.start_period)),
                 start_interval: None,
@@ -406,6 +416,11 @@ mod tests {
             "http://127.0.0.1:8080/up"
         );
         assert_eq!((h.retries, h.interval), (Some(2), Some(2_000_000_000)));
+        assert_eq!(
+            h.timeout,
+            Some(nanos(Duration::from_secs(1) + HEALTH_EXEC_ALLOWANCE)),
+            "the default timeout of 1 s, and the time Docker takes to start the check"
+        );
         let u = s.update_config.as_ref().unwrap();
         assert_eq!(u.order, Some(ServiceSpecUpdateConfigOrderEnum::START_FIRST));
         assert_eq!(u.parallelism, Some(2));
