@@ -442,17 +442,21 @@ struct SwarmService {
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/web");
 
 impl SwarmService {
+    // The cluster is held before the machine is waited for: a test that waits keeps it
+    // running, or the test it waits for would tear it down and this one start another (about
+    // 4 s each way under load, measured around each test that runs alone).
     fn new(name: &str) -> SwarmService {
-        SwarmService::with_machine(name, share_machine())
+        let cluster = cluster();
+        SwarmService::with_machine(name, cluster, share_machine())
     }
 
     /// With no other test of this binary running meanwhile.
     fn alone(name: &str) -> SwarmService {
-        SwarmService::with_machine(name, machine_alone())
+        let cluster = cluster();
+        SwarmService::with_machine(name, cluster, machine_alone())
     }
 
-    fn with_machine(name: &str, machine: MachineGuard) -> SwarmService {
-        let cluster = cluster();
+    fn with_machine(name: &str, cluster: Arc<Cluster>, machine: MachineGuard) -> SwarmService {
         let imago = Imago::new();
         let dir = imago.dir.path().join("web");
         std::fs::create_dir_all(dir.join("www")).unwrap();
