@@ -442,17 +442,21 @@ struct SwarmService {
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/web");
 
 impl SwarmService {
+    // The cluster is held before the machine is waited for: a test that waits keeps it
+    // running, or the test it waits for would tear it down and this one start another (about
+    // 4 s each way under load, measured around each test that runs alone).
     fn new(name: &str) -> SwarmService {
-        SwarmService::with_machine(name, share_machine())
+        let cluster = cluster();
+        SwarmService::with_machine(name, cluster, share_machine())
     }
 
     /// With no other test of this binary running meanwhile.
     fn alone(name: &str) -> SwarmService {
-        SwarmService::with_machine(name, machine_alone())
+        let cluster = cluster();
+        SwarmService::with_machine(name, cluster, machine_alone())
     }
 
-    fn with_machine(name: &str, machine: MachineGuard) -> SwarmService {
-        let cluster = cluster();
+    fn with_machine(name: &str, cluster: Arc<Cluster>, machine: MachineGuard) -> SwarmService {
         let imago = Imago::new();
         let dir = imago.dir.path().join("web");
         std::fs::create_dir_all(dir.join("www")).unwrap();
@@ -549,6 +553,26 @@ impl SwarmService {
             .as_str()
             .unwrap()
             .to_owned()
+    }
+
+    /// Stops the controller, changes the swarm service with `docker service update ARGS`, and
+    /// returns what `imago drift --json` (which must fail) finds wrong in its spec.
+    fn changed_by_hand(&self, args: &[&str]) -> Vec<String> {
+        self.imago.run(&["serve", "--stop"]).ok();
+        let mut update = vec!["service", "update", "--detach"];
+        update.extend(args);
+        update.push(&self.name);
+        self.cluster.docker(&update);
+        let drift = self.imago.run(&["drift", "--json"]);
+        assert!(
+            !drift.output.status.success(),
+            "drift must fail the command"
+        );
+        let findings = drift.json().as_array().cloned().unwrap_or_default();
+        let wrong_spec = findings.iter().filter(|f| f["kind"] == "wrong-spec");
+        wrong_spec
+            .filter_map(|f| Some(f["detail"].as_str()?.to_owned()))
+            .collect()
     }
 
     fn wait_for(&self, what: &str, timeout: Duration, ok: impl FnMut() -> bool) {
@@ -908,29 +932,13 @@ fn changes_made_by_hand_are_drift_and_the_release_is_applied_again() {
     let pinned = format!("{registry}/imago-test/web@{v1}");
     // With no controller running, someone points the service at another image by hand:
     // `imago drift` reports it.
-    s.imago.run(&["serve", "--stop"]).ok();
-    s.cluster.docker(&[
-        "service",
-        "update",
-        "--detach",
+    let findings = s.changed_by_hand(&[
         "--image",
         &format!("{registry}/imago-test/web@sha256:{}", "0".repeat(64)),
-        &s.name,
     ]);
-    let drift = s.imago.run(&["drift", "--json"]);
     assert!(
-        !drift.output.status.success(),
-        "drift must fail the command"
-    );
-    let findings = drift.json();
-    assert!(
-        findings
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|f| f["kind"] == "wrong-spec"
-                && f["detail"].as_str().unwrap().starts_with("image: ")),
-        "{findings}"
+        findings.iter().any(|f| f.starts_with("image: ")),
+        "{findings:?}"
     );
     // The controller reports it and applies the release again.
     s.imago.run(&["serve"]).ok();
@@ -941,6 +949,42 @@ fn changes_made_by_hand_are_drift_and_the_release_is_applied_again() {
         s.image() == pinned
     });
     assert!(s.events().contains("image: "), "{}", s.events());
+
+    // Someone takes the tasks off imago's task network (they fall back on the node's default
+    // bridge, whose tasks are stopped the moment they are retired) and changes the update's
+    // parallelism: both are drift, reported by `imago drift` and put back by the controller.
+    let task_network =
+        s.cluster
+            .docker(&["network", "inspect", "--format", "{{.Id}}", TASK_NETWORK]);
+    let networks =
+        || s.cluster.service(&s.name).unwrap()["Spec"]["TaskTemplate"]["Networks"].clone();
+    assert_eq!(networks(), serde_json::json!([{ "Target": task_network }]));
+    let details = s.changed_by_hand(&["--network-rm", TASK_NETWORK, "--update-parallelism", "3"]);
+    assert_eq!(networks(), serde_json::Value::Null, "taken off by hand");
+    assert!(
+        details
+            .iter()
+            .any(|d| d == &format!("networks: [] != [\"{TASK_NETWORK}\"]")),
+        "{details:?}"
+    );
+    assert!(
+        details
+            .iter()
+            .any(|d| d.starts_with("update_config: parallelism 3 ")),
+        "{details:?}"
+    );
+    s.imago.run(&["serve"]).ok();
+    s.wait_for("the task network again", Duration::from_secs(30), || {
+        networks() == serde_json::json!([{ "Target": task_network }])
+    });
+    let events = s.events();
+    assert!(
+        events.contains(&format!("networks: [] != [\"{TASK_NETWORK}\"]")),
+        "{events}"
+    );
+    let parallelism = &s.cluster.service(&s.name).unwrap()["Spec"]["UpdateConfig"]["Parallelism"];
+    assert_eq!(parallelism, 1, "max_surge of the example");
+
     // Someone removes the service: it is re-created from the release.
     s.cluster.docker(&["service", "rm", &s.name]);
     s.wait_for("the re-created service", Duration::from_secs(30), || {

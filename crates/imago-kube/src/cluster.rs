@@ -14,7 +14,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::KubeError;
-use crate::drift::{Drift, compare};
+use crate::drift::{Drift, compare, network_defaults};
 use crate::render::{
     LABEL_MANAGED_BY, LABEL_NAME, LABEL_RELEASE, MANAGED_BY, RenderedRelease, selector_text,
 };
@@ -501,7 +501,11 @@ fn compare_object<T: Serialize>(
         None => found.push(Drift::Missing {
             object: object.to_owned(),
         }),
-        Some(live) => found.extend(compare(object, &encode(expected)?, &encode(live)?)),
+        Some(live) => {
+            let (expected, live) = (encode(expected)?, encode(live)?);
+            found.extend(compare(object, &expected, &live));
+            found.extend(network_defaults(object, &expected, &live));
+        }
     }
     Ok(())
 }

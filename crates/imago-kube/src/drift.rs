@@ -113,6 +113,79 @@ fn walk(
     }
 }
 
+/// The network settings imago leaves at Kubernetes' defaults, which the rendering therefore
+/// does not carry and [`compare`] cannot see changed: a pod put on its node's network
+/// (`hostNetwork`, for a service whose `network` is `"private"`) or given another DNS policy,
+/// a container port bound on the node (`hostPort`, `hostIP`), a Service given external
+/// addresses (`externalIPs`). A live value other than the default is drift; a field the
+/// rendering sets is [`compare`]'s.
+pub fn network_defaults(object: &str, rendered: &Value, live: &Value) -> Vec<Drift> {
+    let mut found = Vec::new();
+    let mut kept = |path: String, rendered: &Value, live: &Value, key: &str, defaults: &[Value]| {
+        if rendered.get(key).is_some() {
+            return;
+        }
+        if let Some(value) = live.get(key)
+            && !defaults.contains(value)
+        {
+            found.push(Drift::Changed {
+                object: object.to_owned(),
+                path: join(&path, key),
+                expected: "absent".into(),
+                live: value.to_string(),
+            });
+        }
+    };
+    let pod = "/spec/template/spec";
+    if let (Some(r), Some(l)) = (rendered.pointer(pod), live.pointer(pod)) {
+        let path = "spec.template.spec";
+        kept(path.into(), r, l, "hostNetwork", &[Value::Bool(false)]);
+        kept(path.into(), r, l, "dnsPolicy", &["ClusterFirst".into()]);
+        let containers = |v: &Value| v.get("containers").and_then(Value::as_array).cloned();
+        let named = |items: &[Value], name: &str| {
+            items
+                .iter()
+                .find(|i| i.get("name").and_then(Value::as_str) == Some(name))
+                .cloned()
+        };
+        let rendered_containers = containers(r).unwrap_or_default();
+        let live_containers = containers(l).unwrap_or_default();
+        for container in &rendered_containers {
+            let Some(name) = container.get("name").and_then(Value::as_str) else {
+                continue;
+            };
+            let Some(live_container) = named(&live_containers, name) else {
+                continue;
+            };
+            let ports = |v: &Value| v.get("ports").and_then(Value::as_array).cloned();
+            let live_ports = ports(&live_container).unwrap_or_default();
+            for port in ports(container).unwrap_or_default() {
+                let Some(port_name) = port.get("name").and_then(Value::as_str) else {
+                    continue;
+                };
+                let Some(live_port) = named(&live_ports, port_name) else {
+                    continue;
+                };
+                let path = format!("{path}.containers[{name}].ports[{port_name}]");
+                kept(path.clone(), &port, &live_port, "hostPort", &[0.into()]);
+                kept(path, &port, &live_port, "hostIP", &["".into()]);
+            }
+        }
+    }
+    if rendered.pointer(pod).is_none()
+        && let (Some(r), Some(l)) = (rendered.get("spec"), live.get("spec"))
+    {
+        kept(
+            "spec".into(),
+            r,
+            l,
+            "externalIPs",
+            &[Value::Array(Vec::new())],
+        );
+    }
+    found
+}
+
 /// Items keyed by `name` (containers, env, volumes, mounts, ports), or `None` for a list of
 /// scalars or of unnamed items, which is compared position by position.
 fn keyed(items: &[Value]) -> Option<Vec<(String, &Value)>> {
@@ -146,6 +219,42 @@ mod tests {
             "terminationMessagePath": "/dev/termination-log",
             "resources": {"limits": {"memory": "1024Mi"}}}], "schedulerName": "default"}});
         assert_eq!(compare("Deployment x/web", &rendered, &live), vec![]);
+    }
+
+    #[test]
+    fn a_pod_moved_onto_its_node_s_network_or_a_port_bound_on_the_node_is_drift() {
+        let rendered = json!({"spec": {"template": {"spec": {"containers": [{"name": "web",
+            "ports": [{"name": "main", "containerPort": 8080}]}]}}}});
+        // As the server gives it back: defaults filled in, which are no drift.
+        let defaults = json!({"spec": {"template": {"spec": {"dnsPolicy": "ClusterFirst",
+            "containers": [{"name": "web", "ports": [{"name": "main", "containerPort": 8080,
+            "protocol": "TCP"}]}]}}}});
+        assert_eq!(network_defaults("d", &rendered, &defaults), vec![]);
+        let mut live = defaults.clone();
+        live["spec"]["template"]["spec"]["hostNetwork"] = json!(true);
+        live["spec"]["template"]["spec"]["containers"][0]["ports"][0]["hostPort"] = json!(80);
+        let paths: Vec<String> = network_defaults("d", &rendered, &live)
+            .into_iter()
+            .map(|d| match d {
+                Drift::Changed { path, live, .. } => format!("{path} = {live}"),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                "spec.template.spec.hostNetwork = true",
+                "spec.template.spec.containers[web].ports[main].hostPort = 80"
+            ]
+        );
+        // A host-network service renders the field: the field walk's, not this check's.
+        let host = json!({"spec": {"template": {"spec": {"hostNetwork": true,
+            "dnsPolicy": "ClusterFirstWithHostNet", "containers": []}}}});
+        assert_eq!(network_defaults("d", &host, &host), vec![]);
+        let service = json!({"spec": {"type": "ClusterIP"}});
+        let exposed = json!({"spec": {"type": "ClusterIP", "externalIPs": ["192.0.2.1"]}});
+        assert_eq!(network_defaults("s", &service, &service), vec![]);
+        assert_eq!(network_defaults("s", &service, &exposed).len(), 1);
     }
 
     #[test]

@@ -24,7 +24,7 @@ mod rollout;
 mod yaml;
 
 pub use cluster::{Applied, FIELD_MANAGER, KubeEngine, KubeTarget, LiveRelease};
-pub use drift::{Drift, compare};
+pub use drift::{Drift, compare, network_defaults};
 pub use engine::{DEFAULT_NAMESPACE, KubeCluster, render_service};
 pub use error::KubeError;
 pub use render::{

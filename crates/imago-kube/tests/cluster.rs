@@ -199,6 +199,16 @@ async fn a_failing_rollout_is_failed_and_rollback_reapplies_the_last_complete_re
     assert_eq!(adopted.status.state, RolloutState::Complete);
 }
 
+/// The drift left once `rendered` is applied again and rolled out.
+async fn drift_once_applied_again(engine: &KubeEngine, rendered: &RenderedRelease) -> Vec<Drift> {
+    let applied = engine.apply(rendered).await.unwrap();
+    engine
+        .watch_rollout(&applied, LIMIT, &mut |_| {})
+        .await
+        .unwrap();
+    engine.drift(rendered).await.unwrap()
+}
+
 #[tokio::test]
 async fn a_hand_made_change_is_drift_until_the_release_is_applied_again() {
     let server = FakeApiServer::start(TICK).await;
@@ -253,14 +263,43 @@ async fn a_hand_made_change_is_drift_until_the_release_is_applied_again() {
     }));
 
     // Replaced, not repaired: the release's objects go on again.
-    let applied = engine.apply(&rendered).await.unwrap();
-    engine
-        .watch_rollout(&applied, LIMIT, &mut |_| {})
-        .await
-        .unwrap();
     // The hand-added env var is another manager's field on a real server; the scripted one
     // replaces the object whole, which is what the comparison must then find.
-    assert_eq!(engine.drift(&rendered).await.unwrap(), vec![]);
+    assert_eq!(drift_once_applied_again(&engine, &rendered).await, vec![]);
+
+    // Network settings imago leaves at their defaults, so that the rendering does not carry
+    // them (`kubectl patch`): the pod put on its node's network, its port bound on the node,
+    // the Service given an external address.
+    server.edit("deployments", NAMESPACE, "web", |d| {
+        let pod = &mut d["spec"]["template"]["spec"];
+        pod["hostNetwork"] = json!(true);
+        pod["containers"][0]["ports"][0]["hostPort"] = json!(8080);
+    });
+    server.edit("services", NAMESPACE, "web", |s| {
+        s["spec"]["externalIPs"] = json!(["192.0.2.7"]);
+    });
+    let mut found: Vec<String> = engine
+        .drift(&rendered)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| match d {
+            Drift::Changed {
+                object, path, live, ..
+            } => format!("{object} {path} = {live}"),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    found.sort();
+    assert_eq!(
+        found,
+        [
+            "Deployment shop/web spec.template.spec.containers[web].ports[main].hostPort = 8080",
+            "Deployment shop/web spec.template.spec.hostNetwork = true",
+            "Service shop/web spec.externalIPs = [\"192.0.2.7\"]",
+        ]
+    );
+    assert_eq!(drift_once_applied_again(&engine, &rendered).await, vec![]);
 
     engine.delete("web").await.unwrap();
     assert_eq!(

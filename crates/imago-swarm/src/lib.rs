@@ -16,7 +16,7 @@ use std::path::PathBuf;
 
 use bollard::Docker;
 use bollard::models::{
-    NetworkCreateRequest, Service, ServiceUpdateStatusStateEnum, Task, TaskState,
+    NetworkCreateRequest, Service, ServiceSpec, ServiceUpdateStatusStateEnum, Task, TaskState,
 };
 use bollard::query_parameters::{
     ListNodesOptions, ListTasksOptionsBuilder, UpdateServiceOptionsBuilder,
@@ -52,6 +52,8 @@ pub struct SwarmEngine {
     tunnel: Option<ssh::SshTunnel>,
     /// [`TASK_NETWORK`] was found on (or made in) the swarm by this engine: not asked again.
     task_network_ready: bool,
+    /// Network id -> name, as looked up for the comparison of live specs (ids do not change).
+    network_names: HashMap<String, String>,
     runtime: tokio::runtime::Runtime,
 }
 
@@ -204,6 +206,7 @@ impl SwarmEngine {
             raw_base,
             tunnel,
             task_network_ready: false,
+            network_names: HashMap::new(),
             runtime,
         })
     }
@@ -350,6 +353,38 @@ impl SwarmEngine {
                 scope.unwrap_or_default()
             ))),
         }
+    }
+
+    /// `live` with the networks its tasks attach to named as a rendering names them: the
+    /// daemon keeps a network's id in the spec (`docker service update --network-add NAME`
+    /// and imago's own `imago-tasks` alike). Each id is looked up once; one that names no
+    /// network any more stays an id, which no rendering names.
+    fn named_networks(&mut self, mut live: ServiceSpec) -> Result<ServiceSpec, EngineError> {
+        let attached = live
+            .task_template
+            .as_mut()
+            .and_then(|t| t.networks.as_mut())
+            .into_iter()
+            .flatten();
+        for network in attached {
+            let Some(id) = network.target.as_mut() else {
+                continue;
+            };
+            if let Some(name) = self.network_names.get(id.as_str()) {
+                *id = name.clone();
+                continue;
+            }
+            let name = match self.runtime.block_on(self.docker.inspect_network(id, None)) {
+                Ok(found) => found.name.unwrap_or_else(|| id.clone()),
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => continue,
+                Err(e) => return Err(self.api(format!("inspect network {id}: {e}"))),
+            };
+            self.network_names.insert(id.clone(), name.clone());
+            *id = name;
+        }
+        Ok(live)
     }
 
     /// The scope of [`TASK_NETWORK`], `None` when there is no such network.
@@ -504,11 +539,11 @@ impl ClusterEngine for SwarmEngine {
             return Ok(None);
         };
         let (update, update_message) = update_state(&live);
-        let live_spec = live.spec.clone().unwrap_or_default();
         let labels = labels_of(&live);
         let release = labels.get(LABEL_RELEASE).and_then(|r| r.parse().ok());
         let revision = labels.get(LABEL_REVISION).cloned();
         let differences = if revision.as_deref() == Some(desired.revision.as_str()) {
+            let live_spec = self.named_networks(live.spec.clone().unwrap_or_default())?;
             differences(&live_spec, &render(desired)?)
         } else {
             Vec::new()
@@ -548,14 +583,12 @@ impl ClusterEngine for SwarmEngine {
                 };
                 self.check_ours(&desired.service, live)?;
                 let labels = labels_of(live);
+                let live_spec = self.named_networks(live.spec.clone().unwrap_or_default())?;
                 Ok(Some(ClusterComparison {
                     release: labels.get(LABEL_RELEASE).and_then(|r| r.parse().ok()),
                     revision: labels.get(LABEL_REVISION).cloned(),
                     config_hash: labels.get(LABEL_CONFIG_HASH).cloned(),
-                    differences: differences(
-                        &live.spec.clone().unwrap_or_default(),
-                        &render(desired)?,
-                    ),
+                    differences: differences(&live_spec, &render(desired)?),
                     update: update_state(live).0,
                 }))
             })

@@ -40,6 +40,16 @@ fn memory_bytes(text: &str) -> Option<i64> {
         .filter(|v| *v > 0)
 }
 
+/// What Docker's health check timeout allows beyond the check's own `timeout`: Docker runs the
+/// check as an exec in the task (dockerd, containerd, runc, then the command) and counts the
+/// start of that process against the timeout. On a loaded two-core machine (three swarm stress
+/// tests at once, load average 20-35) starting it took 1.15 s at the median and 3.65 s at worst
+/// while the `wget` it ran took 0.02 s and 0.72 s: with the timeout alone, three slow starts in
+/// a row marked healthy tasks unhealthy, the swarm killed them and imago's gate failed good
+/// releases. The check's `timeout` is meant for the application's answer, as when imago probes
+/// a local instance itself; a check that hangs still fails, this much later.
+const HEALTH_EXEC_ALLOWANCE: Duration = Duration::from_secs(5);
+
 /// The swarm-scoped network that the tasks of a `network = "private"` service are attached to
 /// (a bridge on each node unless made otherwise before imago's first apply; see
 /// `SwarmEngine::apply`).
@@ -97,7 +107,7 @@ pub fn render(desired: &ClusterService) -> Result<ServiceSpec, EngineError> {
             Some(HealthConfig {
                 test: Some(test),
                 interval: Some(nanos(health.interval)),
-                timeout: Some(nanos(health.timeout)),
+                timeout: Some(nanos(health.timeout + HEALTH_EXEC_ALLOWANCE)),
                 retries: Some(i64::from(health.unhealthy_threshold)),
                 start_period: Some(nanos(health.start_period)),
                 start_interval: None,
@@ -240,6 +250,13 @@ pub fn render(desired: &ClusterService) -> Result<ServiceSpec, EngineError> {
     })
 }
 
+/// `items` each shown by `show`, sorted, as one comparable text (none: `[]`).
+fn sorted<T>(items: Option<Vec<T>>, show: impl Fn(T) -> String) -> String {
+    let mut shown: Vec<String> = items.unwrap_or_default().into_iter().map(show).collect();
+    shown.sort();
+    format!("{shown:?}")
+}
+
 /// The fields imago manages whose live value differs from the rendered one, each as
 /// `FIELD: LIVE != RENDERED`.
 pub fn differences(live: &ServiceSpec, rendered: &ServiceSpec) -> Vec<String> {
@@ -349,6 +366,71 @@ pub fn differences(live: &ServiceSpec, rendered: &ServiceSpec) -> Vec<String> {
         )
     };
     compare("placement", placement(live), placement(rendered));
+    // By name: the engine names the live spec's networks as the rendering does (the daemon
+    // keeps their ids; `SwarmEngine::named_networks`). A network added by hand
+    // (`--network-add`) or removed (`--network-rm`, which leaves a task on the node's default
+    // bridge) changes what retiring a task does (docs/swarm.md, "Retired tasks").
+    let networks = |s: &ServiceSpec| {
+        let attached = s.task_template.as_ref().and_then(|t| t.networks.clone());
+        sorted(attached, |n| n.target.unwrap_or_default())
+    };
+    compare("networks", networks(live), networks(rendered));
+    // The published ports the endpoint routes to: a port published by hand
+    // (`--publish-add`), or one moved to the routing mesh, is not what imago rendered.
+    let ports = |s: &ServiceSpec| {
+        let ports = s.endpoint_spec.as_ref().and_then(|e| e.ports.clone());
+        sorted(ports, |p| {
+            format!(
+                "{}/{} published {} mode {}",
+                p.target_port.unwrap_or(0),
+                p.protocol.map_or("tcp".into(), |p| p.to_string()),
+                p.published_port.unwrap_or(0),
+                p.publish_mode.map_or("ingress".into(), |m| m.to_string()),
+            )
+        })
+    };
+    compare("ports", ports(live), ports(rendered));
+    let mounts = |c: &TaskSpecContainerSpec| {
+        sorted(c.mounts.clone(), |m| {
+            let read_only = if m.read_only.unwrap_or(false) {
+                ":ro"
+            } else {
+                ""
+            };
+            format!(
+                "{}:{}:{}{read_only}",
+                m.typ.map_or("volume".into(), |t| t.to_string()),
+                m.source.unwrap_or_default(),
+                m.target.unwrap_or_default(),
+            )
+        })
+    };
+    compare("volumes", mounts(&lc), mounts(&rc));
+    compare(
+        "stop_grace_period",
+        format!("{}", lc.stop_grace_period.unwrap_or(0)),
+        format!("{}", rc.stop_grace_period.unwrap_or(0)),
+    );
+    // The rollout settings the swarm's updater follows (imago's gate relies on them: order,
+    // parallelism, monitor, and `pause` on failure so that imago, not the swarm, rolls back).
+    let update = |s: &ServiceSpec| {
+        s.update_config.as_ref().map(|u| {
+            format!(
+                "parallelism {} delay {} order {} monitor {} failure_action {} max_failure_ratio {}",
+                u.parallelism.unwrap_or(0),
+                u.delay.unwrap_or(0),
+                u.order.map_or("stop-first".into(), |o| o.to_string()),
+                u.monitor.unwrap_or(0),
+                u.failure_action.map_or("pause".into(), |a| a.to_string()),
+                u.max_failure_ratio.unwrap_or(0.0),
+            )
+        })
+    };
+    compare(
+        "update_config",
+        update(live).unwrap_or_else(|| "none".into()),
+        update(rendered).unwrap_or_else(|| "none".into()),
+    );
     out
 }
 
@@ -406,6 +488,11 @@ mod tests {
             "http://127.0.0.1:8080/up"
         );
         assert_eq!((h.retries, h.interval), (Some(2), Some(2_000_000_000)));
+        assert_eq!(
+            h.timeout,
+            Some(nanos(Duration::from_secs(1) + HEALTH_EXEC_ALLOWANCE)),
+            "the default timeout of 1 s, and the time Docker takes to start the check"
+        );
         let u = s.update_config.as_ref().unwrap();
         assert_eq!(u.order, Some(ServiceSpecUpdateConfigOrderEnum::START_FIRST));
         assert_eq!(u.parallelism, Some(2));
@@ -542,6 +629,79 @@ mod tests {
         assert!(found[0].starts_with("placement: "), "{found:?}");
         let none = render(&desired(serde_json::json!({"image": "web"}))).unwrap();
         assert!(none.task_template.unwrap().placement.is_none());
+    }
+
+    /// What `docker service update --network-add/--network-rm/--publish-add/--mount-add/
+    /// --stop-grace-period/--update-parallelism` change by hand; the zeros and falses the
+    /// daemon leaves out of a spec it gives back are no difference.
+    #[test]
+    fn hand_made_network_port_volume_stop_and_update_changes_are_differences() {
+        let d = desired(serde_json::json!({
+            "image": "web", "port": 80, "target_port": 8080, "volumes": ["data:/srv"],
+            "stop_grace_period": "7s"
+        }));
+        let rendered = render(&d).unwrap();
+        let mut as_read = rendered.clone();
+        {
+            let t = as_read.task_template.as_mut().unwrap();
+            let c = t.container_spec.as_mut().unwrap();
+            c.mounts.as_mut().unwrap()[0].read_only = None;
+            let u = as_read.update_config.as_mut().unwrap();
+            u.delay = None;
+            u.max_failure_ratio = None;
+        }
+        assert_eq!(differences(&as_read, &rendered), Vec::<String>::new());
+        let changed = |change: &dyn Fn(&mut ServiceSpec)| {
+            let mut live = as_read.clone();
+            change(&mut live);
+            differences(&live, &rendered)
+        };
+        fn networks(s: &mut ServiceSpec) -> &mut Option<Vec<NetworkAttachmentConfig>> {
+            &mut s.task_template.as_mut().unwrap().networks
+        }
+        let added = changed(&|s| {
+            networks(s).as_mut().unwrap().push(NetworkAttachmentConfig {
+                target: Some("other".into()),
+                ..Default::default()
+            })
+        });
+        assert_eq!(
+            added,
+            [r#"networks: ["imago-tasks", "other"] != ["imago-tasks"]"#]
+        );
+        let removed = changed(&|s| *networks(s) = None);
+        assert_eq!(removed, [r#"networks: [] != ["imago-tasks"]"#]);
+        let published = changed(&|s| {
+            let ports = s.endpoint_spec.as_mut().unwrap().ports.as_mut().unwrap();
+            ports[0].published_port = Some(30080);
+        });
+        assert_eq!(published.len(), 1, "{published:?}");
+        assert!(
+            published[0].starts_with("ports: [\"8080/tcp published 30080 mode host\"]"),
+            "{published:?}"
+        );
+        let mounted = changed(&|s| {
+            let c = s.task_template.as_mut().unwrap().container_spec.as_mut();
+            c.unwrap().mounts.as_mut().unwrap().push(Mount {
+                target: Some("/etc/x".into()),
+                source: Some("/etc".into()),
+                typ: Some(MountType::BIND),
+                ..Default::default()
+            });
+        });
+        assert_eq!(mounted.len(), 1, "{mounted:?}");
+        assert!(mounted[0].starts_with("volumes: "), "{mounted:?}");
+        let grace = changed(&|s| {
+            let c = s.task_template.as_mut().unwrap().container_spec.as_mut();
+            c.unwrap().stop_grace_period = Some(1);
+        });
+        assert_eq!(grace, ["stop_grace_period: 1 != 7000000000"]);
+        let update = changed(&|s| s.update_config.as_mut().unwrap().parallelism = Some(5));
+        assert_eq!(update.len(), 1, "{update:?}");
+        assert!(
+            update[0].starts_with("update_config: parallelism 5 "),
+            "{update:?}"
+        );
     }
 
     #[test]
