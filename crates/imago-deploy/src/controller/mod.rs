@@ -309,13 +309,12 @@ pub struct Controller {
 }
 
 impl Controller {
-    /// Sleeps until the next pass is due: at most `interval`, less when something changed.
     /// What ends the wait between passes early (see [`Wake`]).
     pub fn waker(&self) -> Arc<Wake> {
         self.health.wake.clone()
     }
 
-    ///
+    /// Sleeps until the next pass is due: at most `interval`, less when something changed.
     ///
     /// The wait after a pass lasts at least [`PASS_GAP_FACTOR`] times that pass (at most
     /// [`PASS_GAP_MAX`]), even when that is longer than `interval`: a pass lists and judges
