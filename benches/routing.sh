@@ -15,8 +15,8 @@
 # request).
 # ROUTER_BEFORE=PATH adds two sides: that `router` binary (another build of the example, e.g. from
 # before a change) without and with TLS, in the same rounds.
-# Run: [ROUNDS=N] [CONNS=N] [DURATION=5s] [BENCH_PORT=18401] [ROUTER_BEFORE=PATH] benches/routing.sh
-# (debug build)
+# Run: [ROUNDS=N] [CONNS=N] [DURATION=5s] [BENCH_PORT=18401] [ROUTER_BEFORE=PATH] [PROFILE=release]
+# benches/routing.sh (a debug build unless PROFILE=release)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds="${ROUNDS:-3}"; conns="${CONNS:-8}"; duration="${DURATION:-5s}"
@@ -24,8 +24,13 @@ port="${BENCH_PORT:-18401}"
 for tool in wrk haproxy openssl busybox bc; do
   command -v "$tool" >/dev/null || { echo "benches/routing.sh: $tool is missing" >&2; exit 1; }
 done
-cargo build -q --workspace --example router --example endpoint
-bin="$PWD/target/debug/examples"
+if [ "${PROFILE:-debug}" = release ]; then
+  cargo build -q --release -p imago-deploy --example router --example endpoint
+  bin="$PWD/target/release/examples"
+else
+  cargo build -q --workspace --example router --example endpoint
+  bin="$PWD/target/debug/examples"
+fi
 work="$(mktemp -d /tmp/imago-bench-routing.XXXXXX)"
 pids=""
 cleanup() {
@@ -101,7 +106,7 @@ run() {
   p50=$(awk '$1 == "50%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v/=1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v*=1000}; print v}' <<<"$out")
   echo "$rate $p50"
 }
-echo "Load at start: $(cut -d' ' -f1-3 /proc/loadavg); $(date -u +%FT%TZ); debug build; wrk -t2 -c$conns -d$duration; $rounds rounds"
+echo "Load at start: $(cut -d' ' -f1-3 /proc/loadavg); $(date -u +%FT%TZ); ${PROFILE:-debug} build; wrk -t2 -c$conns -d$duration; $rounds rounds"
 echo
 echo "$header | router+TLS / HAProxy+TLS |"
 echo "|$(printf -- '---|%.0s' $(seq $(( ${#sides[@]} + 2 ))))"
