@@ -1013,7 +1013,7 @@ impl Client {
                 continue;
             }
             match up.sender.try_send_request(request).await {
-                Ok(response) => return self.relay(response, up, count, client_side),
+                Ok(response) => return self.relay(response, up, count, client_side, name),
                 Err(mut failed) => match failed.take_message() {
                     // Not sent at all on a kept connection that the instance was closing: the
                     // request goes again, on a new connection.
@@ -1032,13 +1032,14 @@ impl Client {
         up: Upstream,
         count: Count,
         client_side: Option<hyper::upgrade::OnUpgrade>,
+        name: String,
     ) -> Response<Answer> {
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         *response.version_mut() = Version::HTTP_11;
         strip_hop_by_hop(response.headers_mut(), switching);
         if switching {
             let Some(client_side) = client_side else {
-                return Refusal::BadGateway(String::new()).answer();
+                return Refusal::BadGateway(name).answer();
             };
             let instance_side = hyper::upgrade::on(&mut response);
             let relaying = tokio::spawn(async move {

@@ -376,9 +376,10 @@ impl SwarmEngine {
             }
             let name = match self.runtime.block_on(self.docker.inspect_network(id, None)) {
                 Ok(found) => found.name.unwrap_or_else(|| id.clone()),
+                // Deleted since: the id stays an id, and is not asked for again.
                 Err(bollard::errors::Error::DockerResponseServerError {
                     status_code: 404, ..
-                }) => continue,
+                }) => id.clone(),
                 Err(e) => return Err(self.api(format!("inspect network {id}: {e}"))),
             };
             self.network_names.insert(id.clone(), name.clone());
