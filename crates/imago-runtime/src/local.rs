@@ -52,11 +52,17 @@ impl Layout {
     pub fn instance_dir(&self, id: &str) -> InstanceDir {
         InstanceDir::new(&self.instances(), id)
     }
-    /// Instance directories being deleted: a removal first renames the directory here (the
-    /// same filesystem as `instances`), so that a kill during the deletion leaves no half
-    /// instance under `instances` (see [`LocalProvider::sweep_abandoned`]).
+    /// Instance directories being deleted: a removal first renames the directory here, so
+    /// that a kill during the deletion leaves no half instance under `instances` (see
+    /// [`LocalProvider::sweep_abandoned`]). When `instances` is another filesystem than this (a
+    /// mount, or a symlink to another disk), [`Layout::instance_trash_inside`] instead.
     pub fn instance_trash(&self) -> PathBuf {
         self.home.join("trash").join("instances")
+    }
+    /// The trash inside `instances` itself, always the same filesystem as the instance
+    /// directories: a dot-name, which no instance id has, skipped by listings and sweeps.
+    pub fn instance_trash_inside(&self) -> PathBuf {
+        self.instances().join(INSIDE_TRASH)
     }
     pub fn rootfs(&self) -> PathBuf {
         self.home.join("rootfs")
@@ -749,6 +755,9 @@ fn new_id() -> Result<String, RuntimeError> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// The name of [`Layout::instance_trash_inside`] under `instances`.
+const INSIDE_TRASH: &str = ".trash";
+
 /// How old an instance directory that names no launcher and holds no spec must be before the
 /// sweep takes it (see [`LocalProvider::remove_abandoned_dirs`]).
 pub const ABANDONED_DIR_AGE: Duration = Duration::from_secs(60);
@@ -773,43 +782,90 @@ fn launcher_alive(dir: &InstanceDir) -> Option<bool> {
     Some(i32::try_from(pid).is_ok_and(|pid| is_alive(pid, start)))
 }
 
+/// The name an instance directory takes in the trash: `<id>.<pid>.<start>.<n>`, naming this
+/// process (pid and start time) as its remover, so that the sweep leaves the deletions under
+/// way alone and takes only what removers that died left (`<id>.<pid>.<n>` when the start time
+/// cannot be read, as older imagos named them all).
+fn trash_name(root: &Path) -> String {
+    let name = root
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // Unique, whoever removes it: a second remover of the same instance finds it gone.
+    static REMOVALS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = REMOVALS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let me = std::process::id();
+    match crate::state::own_start_time() {
+        Some(start) => format!("{name}.{me}.{start}.{n}"),
+        None => format!("{name}.{me}.{n}"),
+    }
+}
+
+/// Whether the remover that a trash entry's name ([`trash_name`]) names still runs, so its
+/// deletion is under way; a name that says nobody is taken as a dead remover's.
+fn remover_alive(entry: &std::ffi::OsStr) -> bool {
+    let name = entry.to_string_lossy();
+    let fields: Vec<&str> = name.split('.').collect();
+    let Some(pid) = fields.get(1).and_then(|p| p.parse::<i32>().ok()) else {
+        return false;
+    };
+    match fields.len() {
+        4 => fields[2]
+            .parse::<u64>()
+            .is_ok_and(|start| is_alive(pid, start)),
+        3 => crate::state::process_start_time(pid).is_some(),
+        _ => false,
+    }
+}
+
+/// Renames `root` to `name` in `trash`, which it makes first if need be.
+fn rename_into(root: &Path, trash: &Path, name: &str) -> std::io::Result<PathBuf> {
+    fs::create_dir_all(trash)?;
+    let doomed = trash.join(name);
+    fs::rename(root, &doomed)?;
+    Ok(doomed)
+}
+
+/// Deletes the entries of `trash` whose remover is dead; how many it deleted itself.
+fn empty_trash_of_dead_removers(trash: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(trash) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|entry| !remover_alive(&entry.file_name()))
+        // Another sweep's deletion that finished first is not this one's.
+        .filter(|entry| fs::remove_dir_all(entry.path()).is_ok())
+        .count()
+}
+
 impl LocalProvider {
     /// Takes the instance directory `root` away in one step, a rename into the trash
-    /// ([`Layout::instance_trash`]), then deletes it: a kill at any point leaves the instance
-    /// whole or gone from `instances`, never a directory with some of its files (its spec
-    /// without its record, say), and what it leaves in the trash the sweep deletes. `NotFound`
-    /// when `root` is gone already.
+    /// ([`Layout::instance_trash`], or [`Layout::instance_trash_inside`] when that is another
+    /// filesystem than `root`: the rename fails with `EXDEV`), then deletes it: a kill at any
+    /// point leaves the instance whole or gone from `instances`, never a directory with some of
+    /// its files (its spec without its record, say), and what it leaves in the trash the sweep
+    /// deletes. `NotFound` when `root` is gone already.
     fn discard(&self, root: &Path) -> std::io::Result<()> {
-        let trash = self.layout.instance_trash();
-        fs::create_dir_all(&trash)?;
-        let name = root
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        // Unique, whoever removes it: a second remover of the same instance finds it gone.
-        static REMOVALS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = REMOVALS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let doomed = trash.join(format!("{name}.{}.{n}", std::process::id()));
-        fs::rename(root, &doomed)?;
+        let name = trash_name(root);
+        let doomed = match rename_into(root, &self.layout.instance_trash(), &name) {
+            Err(e) if e.raw_os_error() == Some(nix::libc::EXDEV) => {
+                rename_into(root, &self.layout.instance_trash_inside(), &name)?
+            }
+            renamed => renamed?,
+        };
         // Removed in effect. Whatever is left of it (a kill, a file that will not go) is the
         // sweep's.
         let _ = fs::remove_dir_all(&doomed);
         Ok(())
     }
 
-    /// Deletes what removals that were killed midway left in the trash; how many entries.
+    /// Deletes what removals that were killed midway (their process is gone) left in either
+    /// trash; how many entries this call deleted. Deletions under way, of this process or
+    /// another, are theirs: neither touched nor counted.
     pub fn empty_trash(&self) -> usize {
-        let Ok(entries) = fs::read_dir(self.layout.instance_trash()) else {
-            return 0;
-        };
-        entries
-            .flatten()
-            .filter(|entry| match fs::remove_dir_all(entry.path()) {
-                Ok(()) => true,
-                // Another remover's own deletion, finished first.
-                Err(e) => e.kind() == std::io::ErrorKind::NotFound,
-            })
-            .count()
+        empty_trash_of_dead_removers(&self.layout.instance_trash())
+            + empty_trash_of_dead_removers(&self.layout.instance_trash_inside())
     }
 
     /// Removes the directories of launches whose launcher died before it wrote the instance's
@@ -824,6 +880,10 @@ impl LocalProvider {
         };
         let mut removed = 0;
         for entry in entries.flatten() {
+            // The trash (`INSIDE_TRASH`): no instance id starts with a dot.
+            if entry.file_name().as_encoded_bytes().starts_with(b".") {
+                continue;
+            }
             let dir = InstanceDir { root: entry.path() };
             if dir.state().exists() {
                 continue;
@@ -1082,6 +1142,16 @@ mod tests {
 
     struct NoImages;
 
+    /// A provider of `home` (its leases in there too) that has no images.
+    fn provider_without_images(home: &Path) -> LocalProvider {
+        LocalProvider::new(
+            home,
+            Box::new(NoImages),
+            SupervisorCommand::current_exe().unwrap(),
+        )
+        .with_ipam_dir(home.join("ipam"))
+    }
+
     impl ImageSource for NoImages {
         fn image(
             &self,
@@ -1104,11 +1174,7 @@ mod tests {
     #[test]
     fn listing_shows_every_change_of_the_records_on_disk() {
         let home = tempfile::tempdir().unwrap();
-        let provider = LocalProvider::new(
-            home.path(),
-            Box::new(NoImages),
-            SupervisorCommand::current_exe().unwrap(),
-        );
+        let provider = provider_without_images(home.path());
         let spec = InstanceSpec::new(imago_oci::Digest::of(b"image"));
         let instances = provider.layout().instances();
         let dirs: Vec<InstanceDir> = (0..150)
@@ -1152,34 +1218,87 @@ mod tests {
         );
     }
 
+    /// A tmpfs mounted at a directory for the life of the value (needs root).
+    struct Tmpfs(PathBuf);
+
+    impl Tmpfs {
+        fn at(path: &Path) -> Tmpfs {
+            use nix::mount::{MsFlags, mount};
+            fs::create_dir_all(path).unwrap();
+            mount(
+                Some("tmpfs"),
+                path,
+                Some("tmpfs"),
+                MsFlags::empty(),
+                None::<&str>,
+            )
+            .unwrap();
+            Tmpfs(path.to_owned())
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+
+    /// Where a test home's instance directories are, against its trash.
+    #[derive(Clone, Copy, Debug)]
+    enum Place {
+        /// `<home>/instances`, the same filesystem as `<home>/trash`.
+        Home,
+        /// A separate filesystem mounted at `<home>/instances`.
+        Mount,
+        /// `<home>/instances` a symlink to a directory on another filesystem.
+        Symlink,
+        /// `<home>/trash` a separate filesystem (the instances stay in the home's).
+        TrashMount,
+    }
+
+    impl Place {
+        /// Makes `home`'s `instances` (or trash) so; what is mounted stays until the mounts
+        /// are dropped.
+        fn prepare(self, home: &Path) -> Vec<Tmpfs> {
+            match self {
+                Place::Home => Vec::new(),
+                Place::Mount => vec![Tmpfs::at(&home.join("instances"))],
+                Place::Symlink => {
+                    let disk = Tmpfs::at(&home.join("disk"));
+                    fs::create_dir(disk.0.join("instances")).unwrap();
+                    std::os::unix::fs::symlink(disk.0.join("instances"), home.join("instances"))
+                        .unwrap();
+                    vec![disk]
+                }
+                Place::TrashMount => vec![Tmpfs::at(&home.join("trash"))],
+            }
+        }
+    }
+
     /// A removal killed (SIGKILL) at a random point leaves the instance whole or gone, never
     /// half-removed: a fresh provider lists it as it was, with every file, or not at all, and
     /// finds no directory without its record; its sweep empties the trash. The removal runs in
-    /// a child process: this test binary again, running this test with the home in
-    /// `IMAGO_TEST_REMOVE_HOME`.
-    #[test]
-    fn a_removal_killed_at_any_point_leaves_the_instance_whole_or_gone() {
+    /// a child process: this test binary again, running test `test` with the home in
+    /// `IMAGO_TEST_REMOVE_HOME`. The instance directories are where `place` says: on another
+    /// filesystem than the trash a rename into `<home>/trash` fails (EXDEV), and the removal
+    /// failed there.
+    fn a_removal_killed_at_random_points(test: &str, place: Place) {
         const CHILD: &str = "IMAGO_TEST_REMOVE_HOME";
         const FILES: usize = 6000;
-        let provider_of = |home: &Path| {
-            LocalProvider::new(
-                home,
-                Box::new(NoImages),
-                SupervisorCommand::current_exe().unwrap(),
-            )
-            .with_ipam_dir(home.join("ipam"))
-        };
+        let provider_of = provider_without_images;
         if let Some(home) = std::env::var_os(CHILD) {
             let home = PathBuf::from(home);
             let provider = provider_of(&home);
             fs::write(home.join("removing"), b"").unwrap();
             provider.remove("big").unwrap();
+            fs::write(home.join("removed"), b"").unwrap();
             return;
         }
         let spec = InstanceSpec::new(imago_oci::Digest::of(b"image"));
         let mut outcomes = Vec::new();
         for round in 0..8 {
             let home = tempfile::tempdir().unwrap();
+            let _mounts = place.prepare(home.path());
             let provider = provider_of(home.path());
             let dir = provider.layout().instance_dir("big");
             let data = dir.root.join("data");
@@ -1193,11 +1312,7 @@ mod tests {
                 fs::write(data.join(n.to_string()), b"x").unwrap();
             }
             let mut child = Command::new(std::env::current_exe().unwrap())
-                .args([
-                    "--exact",
-                    "local::tests::a_removal_killed_at_any_point_leaves_the_instance_whole_or_gone",
-                    "--test-threads=1",
-                ])
+                .args(["--exact", test, "--test-threads=1"])
                 .env(CHILD, home.path())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -1219,13 +1334,20 @@ mod tests {
                 .subsec_nanos();
             std::thread::sleep(Duration::from_micros(u64::from(nanos % 60_000)));
             let _ = child.kill();
-            child.wait().unwrap();
+            let status = child.wait().unwrap();
+            // A child that ended by itself ended its removal: it succeeded, or it panicked.
+            assert!(
+                status.code() != Some(101),
+                "round {round} ({place:?}): the removal failed"
+            );
 
             let fresh = provider_of(home.path());
             let listed = fresh.list().unwrap();
+            // The trash inside `instances` is no instance.
             let entries: Vec<PathBuf> = fs::read_dir(provider.layout().instances())
                 .unwrap()
                 .map(|e| e.unwrap().path())
+                .filter(|p| p.file_name() != Some(std::ffi::OsStr::new(INSIDE_TRASH)))
                 .collect();
             let whole = dir.root.exists();
             if whole {
@@ -1243,19 +1365,118 @@ mod tests {
                 assert!(listed.is_empty(), "round {round}: {listed:?}");
             }
             let swept = fresh.sweep_abandoned();
-            let trash = fresh.layout().instance_trash();
-            assert_eq!(
-                fs::read_dir(&trash).map_or(0, |d| d.count()),
-                0,
-                "round {round}: the sweep left the trash"
-            );
+            for trash in [
+                fresh.layout().instance_trash(),
+                fresh.layout().instance_trash_inside(),
+            ] {
+                assert_eq!(
+                    fs::read_dir(&trash).map_or(0, |d| d.count()),
+                    0,
+                    "round {round}: the sweep left {}",
+                    trash.display()
+                );
+            }
+            assert_eq!(swept.dirs, 0, "round {round}: {swept:?}");
             if whole {
                 fresh.remove("big").unwrap();
             }
             assert!(!dir.root.exists() && fresh.list().unwrap().is_empty());
             outcomes.push((whole, swept.trash));
         }
-        eprintln!("(kept whole, swept from the trash) by round: {outcomes:?}");
+        eprintln!("{place:?}: (kept whole, swept from the trash) by round: {outcomes:?}");
+        // Whatever is left in the trash after a finished removal went; none of it twice.
+        assert!(
+            outcomes.iter().all(|&(_, trash)| trash <= 1),
+            "{outcomes:?}"
+        );
+    }
+
+    #[test]
+    fn a_removal_killed_at_any_point_leaves_the_instance_whole_or_gone() {
+        a_removal_killed_at_random_points(
+            "local::tests::a_removal_killed_at_any_point_leaves_the_instance_whole_or_gone",
+            Place::Home,
+        );
+    }
+
+    /// Needs root (mounts a tmpfs).
+    #[test]
+    fn removal_works_and_survives_kills_with_instances_on_a_separate_mount() {
+        a_removal_killed_at_random_points(
+            "local::tests::removal_works_and_survives_kills_with_instances_on_a_separate_mount",
+            Place::Mount,
+        );
+    }
+
+    /// Needs root (mounts a tmpfs).
+    #[test]
+    fn removal_works_and_survives_kills_with_instances_a_symlink_to_another_disk() {
+        a_removal_killed_at_random_points(
+            "local::tests::removal_works_and_survives_kills_with_instances_a_symlink_to_another_disk",
+            Place::Symlink,
+        );
+    }
+
+    /// Needs root (mounts a tmpfs).
+    #[test]
+    fn removal_works_and_survives_kills_with_the_trash_on_a_separate_mount() {
+        a_removal_killed_at_random_points(
+            "local::tests::removal_works_and_survives_kills_with_the_trash_on_a_separate_mount",
+            Place::TrashMount,
+        );
+    }
+
+    /// The sweep deletes from either trash what removers that died left there and says how
+    /// many it deleted: not the deletions under way (of this process, or of another one that
+    /// lives), which it counted as killed removals and deleted under them, and not the trash
+    /// inside `instances`, which is no abandoned instance directory.
+    #[test]
+    fn the_sweep_takes_and_counts_only_what_dead_removers_left_in_the_trash() {
+        let home = tempfile::tempdir().unwrap();
+        let provider = provider_without_images(home.path());
+        let sleep = || Command::new("sleep").arg("30").spawn().unwrap();
+        let start_of = |pid: u32| crate::state::process_start_time(pid as i32).unwrap();
+        let mut dead = sleep();
+        let (dead_pid, dead_start) = (dead.id(), start_of(dead.id()));
+        dead.kill().unwrap();
+        dead.wait().unwrap();
+        let mut live = sleep();
+        let (live_pid, live_start) = (live.id(), start_of(live.id()));
+        let me = std::process::id();
+        let my_start = crate::state::own_start_time().unwrap();
+        let trash = provider.layout().instance_trash();
+        let inside = provider.layout().instance_trash_inside();
+        let entries = [
+            (trash.join(format!("a.{dead_pid}.{dead_start}.0")), false),
+            (trash.join(format!("b.{live_pid}.{live_start}.1")), true),
+            // An older imago's name, without the start time.
+            (trash.join(format!("c.{dead_pid}.2")), false),
+            (inside.join(format!("d.{dead_pid}.{dead_start}.3")), false),
+            // A removal of this process under way.
+            (inside.join(format!("e.{me}.{my_start}.4")), true),
+            // The pid of a live process, which started later than the remover named.
+            (
+                trash.join(format!("f.{live_pid}.{}.5", live_start - 1)),
+                false,
+            ),
+        ];
+        for (entry, _) in &entries {
+            fs::create_dir_all(entry.join("data")).unwrap();
+            fs::write(entry.join("data/file"), b"x").unwrap();
+        }
+        // Older than an abandoned launch directory may be.
+        let old = std::time::SystemTime::now() - ABANDONED_DIR_AGE * 2;
+        fs::File::open(&inside).unwrap().set_modified(old).unwrap();
+
+        let swept = provider.sweep_abandoned();
+        live.kill().unwrap();
+        live.wait().unwrap();
+        for (entry, kept) in &entries {
+            assert_eq!(entry.exists(), *kept, "{}", entry.display());
+        }
+        assert_eq!(swept.trash, 4, "{swept:?}");
+        assert_eq!(swept.dirs, 0, "the trash is no instance: {swept:?}");
+        assert!(inside.exists());
     }
 
     /// `rm` of a lost instance kills its init and removes its cgroups at once; the init is in

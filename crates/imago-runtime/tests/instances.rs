@@ -1860,3 +1860,91 @@ fn wait_inactive(provider: &imago_runtime::LocalProvider, id: &str) -> imago_run
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// Users put the instance directories on a disk of their own (`<home>/instances` a symlink to
+/// it, or a mount): there a removal's rename into `<home>/trash` fails (EXDEV), and `rm` of an
+/// instance failed, leaving it listed. Here a real instance, with its network and an anonymous
+/// volume, on a tmpfs: `rm` takes it, leaves nothing of it under `instances` (its trash
+/// there empty) and its lease is given back; a launch that fails there leaves nothing either.
+/// Needs root.
+#[test]
+fn instances_on_another_filesystem_are_launched_and_removed() {
+    let disk = tempfile::tempdir().unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        disk.path(),
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .unwrap();
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let _unmount = Unmount(disk.path());
+    let h = Harness::with_image_volumes(Engine::Embedded, &["/data"]);
+    fs::create_dir_all(h.home()).unwrap();
+    fs::create_dir(disk.path().join("instances")).unwrap();
+    std::os::unix::fs::symlink(disk.path().join("instances"), h.home().join("instances")).unwrap();
+
+    let done = h.run_to_exit(&h.spec(&["sh", "-c", "echo kept > /data/f"]));
+    assert_eq!(done.exit_code, Some(0), "{done:?}");
+    let lease = done.address.expect("a bridged instance has an address");
+    h.provider.remove(&done.id).unwrap();
+    assert!(
+        matches!(
+            h.provider.inspect(&done.id),
+            Err(RuntimeError::NoSuchInstance(_))
+        ),
+        "removed yet still there"
+    );
+    assert!(h.provider.list().unwrap().is_empty());
+    let left = |dir: &Path| -> Vec<String> {
+        fs::read_dir(dir)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let instances = disk.path().join("instances");
+    assert!(
+        left(&instances).iter().all(|n| n == ".trash"),
+        "{:?}",
+        left(&instances)
+    );
+    assert!(left(&instances.join(".trash")).is_empty());
+    let leases: Vec<String> = fs::read_dir("/run/imago/ipam")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| fs::read_to_string(e.path()).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        !leases.iter().any(|l| l.starts_with(&done.id)),
+        "lease {lease} of {} kept",
+        done.id
+    );
+
+    // A launch that fails at the program's exec keeps its failed record until its `rm`.
+    let err = h
+        .provider
+        .launch(&h.spec(&["/no/such/program"]))
+        .unwrap_err();
+    let failed = h.provider.list().unwrap();
+    assert_eq!(failed.len(), 1, "{err}");
+    assert_eq!(failed[0].status, Status::Failed, "{err}");
+    h.provider.remove(&failed[0].id).unwrap();
+    let listed = h.provider.list().unwrap();
+    assert!(listed.is_empty(), "{listed:?}");
+    assert!(
+        left(&instances).iter().all(|n| n == ".trash"),
+        "{:?}",
+        left(&instances)
+    );
+}
