@@ -284,16 +284,15 @@ pub fn ensure_controller(
         .spawn()
         .map_err(io("cannot start the controller", exe))?;
     let pid = child.id();
-    // Our child until it is waited for: its pid cannot be reused meanwhile.
-    let start = i32::try_from(pid)
-        .ok()
-        .and_then(imago_runtime::state::process_start_time);
+    // Our child until it is waited for: its pid cannot be reused meanwhile. Without its start
+    // time a `controller.json` of a dead controller of the same pid would pass for its own.
+    let start = child_start_time(pid);
     let deadline = Instant::now() + SETUP_TIMEOUT;
     loop {
-        if let Ok(info) = read_info(home)
+        if let Ok(start) = start
+            && let Ok(info) = read_info(home)
             && info.pid == pid
-            && info.start.is_some()
-            && info.start == start
+            && info.start == Some(start)
         {
             return Ok(Some(pid));
         }
@@ -313,6 +312,20 @@ pub fn ensure_controller(
                 reason,
             });
         }
+        // Still running (one that exited at once, a zombie when it was read, ended above), but
+        // nothing it writes could ever be told for its own: no use waiting out the set-up
+        // time. Not left to run as a controller that this command says did not start.
+        if let Err(unreadable) = &start {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(DeployError::ControllerDidNotStart {
+                log: log_path,
+                reason: format!(
+                    "cannot tell pid {pid} from an earlier controller of that pid, so it was \
+                     stopped: {unreadable}"
+                ),
+            });
+        }
         if Instant::now() > deadline {
             return Err(DeployError::ControllerDidNotStart {
                 log: log_path,
@@ -324,6 +337,18 @@ pub fn ensure_controller(
         }
         std::thread::sleep(LOCK_POLL);
     }
+}
+
+/// The start time of the process `pid` (a child not yet waited for), or why it cannot be read.
+fn child_start_time(pid: u32) -> Result<u64, String> {
+    let stat = format!("/proc/{pid}/stat");
+    i32::try_from(pid)
+        .ok()
+        .and_then(imago_runtime::state::process_start_time)
+        .ok_or_else(|| match std::fs::read_to_string(&stat) {
+            Err(e) => format!("cannot read its start time from {stat}: {e}"),
+            Ok(_) => format!("no start time in {stat} (it has exited)"),
+        })
 }
 
 /// The message of the event a controller that stops on its own records (see
@@ -354,11 +379,20 @@ fn exit_reason(home: &DeployHome, pid: u32, since: u64) -> Option<String> {
         .find_map(|e| e.message.strip_prefix(&prefix).map(str::to_owned))
 }
 
-/// The last non-empty line of `log` after its first `from` bytes.
+/// How much of the end of a controller's log [`last_log_line`] reads.
+const LOG_TAIL: u64 = 64 * 1024;
+
+/// The last non-empty line of `log` after its first `from` bytes, from the last [`LOG_TAIL`]
+/// bytes at most: the log of a home grows with every controller that ever ran there.
 fn last_log_line(log: &Path, from: u64) -> Option<String> {
-    let bytes = std::fs::read(log).ok()?;
-    let appended = bytes.get(usize::try_from(from).ok()?..)?;
-    String::from_utf8_lossy(appended)
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = File::open(log).ok()?;
+    let len = file.metadata().ok()?.len();
+    file.seek(SeekFrom::Start(from.max(len.saturating_sub(LOG_TAIL))))
+        .ok()?;
+    let mut tail = Vec::new();
+    file.take(LOG_TAIL).read_to_end(&mut tail).ok()?;
+    String::from_utf8_lossy(&tail)
         .lines()
         .rev()
         .map(str::trim)
@@ -426,31 +460,14 @@ pub fn lock_controller(home: &DeployHome) -> Result<ControllerLock, DeployError>
     }
 }
 
-/// Writes `controller.json` whole (by rename): a reader sees the old file or the new one.
+/// Writes `controller.json` whole (by rename): a reader sees the old file or the new one. Once
+/// per controller, at its start: first removes what controllers killed between their write and
+/// their rename left (their temporary file, named by their pid).
 fn write_info(home: &DeployHome, info: &ControllerInfo) -> Result<(), DeployError> {
     let path = home.info_path();
-    let bytes = serde_json::to_vec(info).map_err(|source| DeployError::Encode {
-        what: "the controller's pid file",
-        source,
-    })?;
-    // Named by the writer: a controller killed between write and rename leaves one small file
-    // that the next controller of that pid replaces.
-    let tmp = home
-        .dir
-        .join(format!(".controller.json.{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|source| DeployError::Io {
-        what: "cannot write",
-        path: tmp.clone(),
-        source,
-    })?;
-    std::fs::rename(&tmp, &path).map_err(|source| {
-        let _ = std::fs::remove_file(&tmp);
-        DeployError::Io {
-            what: "cannot write",
-            path,
-            source,
-        }
-    })
+    imago_runtime::state::remove_stale_temp_files(&path);
+    imago_runtime::state::write_json_atomic(&path, info)
+        .map_err(|e| DeployError::Runtime(e.to_string()))
 }
 
 /// How `imago serve --foreground` runs.
@@ -609,5 +626,160 @@ pub fn run_controller(
             Err(e) => note(Note::PassFailed(e)),
         }
         controller.wait_for_next_pass(options.interval);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    /// A real process that has exited: its pid names nobody.
+    fn dead_pid() -> u32 {
+        let mut child = Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        pid
+    }
+
+    /// The reason a controller that failed its set-up logged is found at the end of a log
+    /// that every controller of the home appended to, however long: here a sparse terabyte
+    /// before it, which reading the whole log to find it could not even hold in memory.
+    #[test]
+    fn the_last_log_line_is_read_from_the_end_of_a_log_of_any_size() {
+        use std::io::Write;
+        let tmp = tempfile::tempdir().unwrap();
+        let log = tmp.path().join("controller.log");
+        let mut file = File::create(&log).unwrap();
+        file.write_all(b"an earlier controller's reason\n").unwrap();
+        file.set_len(1 << 40).unwrap();
+        let mut file = OpenOptions::new().append(true).open(&log).unwrap();
+        let from = 1 << 40;
+        assert_eq!(last_log_line(&log, from), None, "nothing logged since");
+        file.write_all(b"starting\nError: the data plane did not start\n  \n")
+            .unwrap();
+        assert_eq!(
+            last_log_line(&log, from).as_deref(),
+            Some("Error: the data plane did not start")
+        );
+        // A short log, read from where the command started: nothing before it counts.
+        let short = tmp.path().join("short.log");
+        std::fs::write(&short, b"old reason\nnew reason\n\n").unwrap();
+        assert_eq!(last_log_line(&short, 0).as_deref(), Some("new reason"));
+        assert_eq!(last_log_line(&short, 11).as_deref(), Some("new reason"));
+        assert_eq!(last_log_line(&short, 22), None);
+        // A line longer than what is read: its end.
+        let long = tmp.path().join("long.log");
+        let line = "x".repeat(LOG_TAIL as usize * 2);
+        std::fs::write(&long, format!("{line}y\n")).unwrap();
+        let read = last_log_line(&long, 0).unwrap();
+        assert!(
+            read.ends_with("xy") && read.len() < line.len(),
+            "{}",
+            read.len()
+        );
+    }
+
+    /// When the start time of the controller it spawned cannot be read (here /proc is hidden
+    /// from the command), `ensure_controller` cannot tell that process's `controller.json` from
+    /// one an earlier controller of the same pid left, and waited out its whole set-up time
+    /// (60 s) to say so. It now fails at once, saying why, and stops the process. The command
+    /// runs in a child (this test again, in its own mount namespace with a tmpfs over /proc,
+    /// through `unshare`), with `IMAGO_TEST_HIDDEN_PROC_HOME` naming the home. Needs root.
+    #[test]
+    fn a_controller_whose_start_time_cannot_be_read_fails_at_once_with_the_reason() {
+        const CHILD: &str = "IMAGO_TEST_HIDDEN_PROC_HOME";
+        if let Some(root) = std::env::var_os(CHILD) {
+            let root = PathBuf::from(root);
+            let home = DeployHome::new(&root);
+            let exe = root.join("controller.sh");
+            let started = Instant::now();
+            let result = ensure_controller(&home, &exe, &[]);
+            let said = match result {
+                Ok(pid) => format!("started {pid:?}"),
+                Err(e) => e.to_string(),
+            };
+            std::fs::write(
+                root.join("result"),
+                format!("{}\n{said}", started.elapsed().as_millis()),
+            )
+            .unwrap();
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let exe = tmp.path().join("controller.sh");
+        // A controller that runs but never finishes its set-up.
+        std::fs::write(&exe, "#!/bin/sh\nexec sleep 120\n").unwrap();
+        std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let status = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg("mount -t tmpfs none /proc && exec \"$0\" \"$@\"")
+            .arg(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "daemon::tests::a_controller_whose_start_time_cannot_be_read_fails_at_once_with_the_reason",
+                "--test-threads=1",
+            ])
+            .env(CHILD, tmp.path())
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "{status}");
+        let result = std::fs::read_to_string(tmp.path().join("result")).unwrap();
+        let (millis, said) = result.split_once('\n').unwrap();
+        // The process it spawned, named in what it said.
+        let spawned = said
+            .split_once("pid ")
+            .and_then(|(_, rest)| rest.split(' ').next())
+            .and_then(|pid| pid.parse::<i32>().ok());
+        let still_runs =
+            spawned.filter(|&pid| imago_runtime::state::process_start_time(pid).is_some());
+        if let Some(pid) = still_runs.and_then(rustix::process::Pid::from_raw) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+        assert!(
+            said.contains("did not start") && said.contains("/stat") && said.contains("start time"),
+            "{said}"
+        );
+        let millis: u64 = millis.parse().unwrap();
+        assert!(millis < 20_000, "took {millis} ms to say: {said}");
+        assert_eq!(
+            still_runs, None,
+            "the controller it said did not start still runs"
+        );
+    }
+
+    /// A controller killed between the write of its pid file and the rename left its temporary
+    /// file beside it for good (one per pid that ever ran a controller there); the next
+    /// controller removes those of dead writers when it writes its own.
+    #[test]
+    fn a_controller_removes_the_pid_files_that_killed_controllers_left_half_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let home = DeployHome::new(tmp.path());
+        home.create().unwrap();
+        let dead = dead_pid();
+        let stale = [
+            home.dir.join(format!(".controller.json.{dead}")),
+            home.dir.join(format!(".controller.json.{dead}.3.tmp")),
+        ];
+        for file in &stale {
+            std::fs::write(file, b"{\"pid\":").unwrap();
+        }
+        let info = ControllerInfo {
+            pid: std::process::id(),
+            api: "127.0.0.1:1".into(),
+            start: imago_runtime::state::own_start_time(),
+        };
+        write_info(&home, &info).unwrap();
+        let read = read_info(&home).unwrap();
+        assert_eq!((read.pid, read.start), (info.pid, info.start));
+        let names: Vec<String> = std::fs::read_dir(&home.dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec!["controller.json".to_owned()]);
     }
 }

@@ -294,22 +294,83 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RuntimeError> {
 }
 
 fn replace_file(path: &Path, bytes: &[u8], fsync: bool) -> Result<(), RuntimeError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .map_err(RuntimeError::io("cannot create a temporary file in", dir))?;
-    tmp.write_all(bytes)
-        .map_err(RuntimeError::io("cannot write", tmp.path().to_owned()))?;
+    let tmp = temp_path(path);
+    let written = write_new(&tmp, bytes, fsync).and_then(|()| fs::rename(&tmp, path));
+    written.map_err(|source| {
+        let _ = fs::remove_file(&tmp);
+        RuntimeError::Io {
+            action: "cannot write",
+            path: path.to_owned(),
+            source,
+        }
+    })
+}
+
+/// Where [`write_atomic`] writes `path`'s next content before it renames it into place:
+/// `.<name>.<pid>.<n>.tmp` beside it, naming the writer, so that what a writer killed in
+/// between leaves is told from a write under way ([`remove_stale_temp_files`]).
+fn temp_path(path: &Path) -> PathBuf {
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id()))
+}
+
+/// Creates `tmp` (owner only: a spec may hold secrets) with `bytes`. A file there already was
+/// left by a dead writer of this pid (no live writer has this name): replaced.
+fn write_new(tmp: &Path, bytes: &[u8], fsync: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let create = || {
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(tmp)
+    };
+    let mut file = match create() {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            fs::remove_file(tmp)?;
+            create()?
+        }
+        file => file?,
+    };
+    file.write_all(bytes)?;
     if fsync {
-        tmp.as_file()
-            .sync_all()
-            .map_err(RuntimeError::io("cannot fsync", tmp.path().to_owned()))?;
+        file.sync_all()?;
     }
-    tmp.persist(path).map_err(|e| RuntimeError::Io {
-        action: "cannot rename into place",
-        path: path.to_owned(),
-        source: e.error,
-    })?;
     Ok(())
+}
+
+/// Removes the temporary files of [`write_atomic`] of `path` (and the `.<name>.<pid>` of
+/// older writers) whose writer is dead: a writer killed between its write and its rename
+/// leaves one. Those of live processes, this one included, may be writes under way: kept.
+/// How many it removed.
+pub fn remove_stale_temp_files(path: &Path) -> usize {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return 0;
+    };
+    let prefix = format!(".{}.", name.to_string_lossy());
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|entry| {
+            let entry_name = entry.file_name();
+            let entry_name = entry_name.to_string_lossy();
+            let Some(pid) = entry_name
+                .strip_prefix(&prefix)
+                .and_then(|rest| rest.split('.').next())
+                .and_then(|pid| pid.parse::<i32>().ok())
+            else {
+                return false;
+            };
+            process_start_time(pid).is_none() && fs::remove_file(entry.path()).is_ok()
+        })
+        .count()
 }
 
 /// [`process_start_time`] of this process, read once per process (a launch names its launcher
@@ -349,6 +410,102 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+
+    /// A real process that has exited: its pid and start time name nobody.
+    fn dead_pid() -> u32 {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        pid
+    }
+
+    /// A writer killed (SIGKILL) at a random point of `write_atomic` leaves the old content or
+    /// the new, and at most its temporary file, named by its pid, which
+    /// `remove_stale_temp_files` removes once the writer is dead; the temporary files of live
+    /// writers and other files stay. The writer is this test binary again, writing in a loop
+    /// to the file named by `IMAGO_TEST_WRITE_FILE`.
+    #[test]
+    fn a_writer_killed_at_any_point_leaves_a_whole_file_and_a_temp_file_the_sweep_removes() {
+        const CHILD: &str = "IMAGO_TEST_WRITE_FILE";
+        let content = |n: u8| vec![n; 1 << 20];
+        if let Some(path) = std::env::var_os(CHILD) {
+            let path = PathBuf::from(path);
+            for n in 1.. {
+                write_atomic(&path, &content(n)).unwrap();
+                fs::write(path.with_extension("written"), b"").unwrap();
+            }
+            return;
+        }
+        let mut left = Vec::new();
+        for round in 0..6 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("controller.json");
+            write_atomic(&path, &content(0)).unwrap();
+            // Those of a live writer (this process) and other files stay.
+            let live = dir
+                .path()
+                .join(format!(".controller.json.{}.999.tmp", std::process::id()));
+            let other = dir.path().join(format!(".other.json.{}.0.tmp", dead_pid()));
+            fs::write(&live, b"").unwrap();
+            fs::write(&other, b"").unwrap();
+            // What an older imago's controller left.
+            fs::write(
+                dir.path().join(format!(".controller.json.{}", dead_pid())),
+                b"{",
+            )
+            .unwrap();
+            let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "state::tests::a_writer_killed_at_any_point_leaves_a_whole_file_and_a_temp_file_the_sweep_removes",
+                    "--test-threads=1",
+                ])
+                .env(CHILD, &path)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while !path.with_extension("written").exists() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the writer never wrote"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            let nanos = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos();
+            std::thread::sleep(std::time::Duration::from_micros(u64::from(
+                nanos % 20_000 + round,
+            )));
+            child.kill().unwrap();
+            child.wait().unwrap();
+
+            let bytes = fs::read(&path).unwrap();
+            assert_eq!(bytes.len(), 1 << 20, "round {round}: torn");
+            assert!(bytes.iter().all(|b| *b == bytes[0]), "round {round}: mixed");
+            let removed = remove_stale_temp_files(&path);
+            left.push(removed);
+            let mut names: Vec<String> = fs::read_dir(dir.path())
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            let mut expected = vec![
+                live.file_name().unwrap().to_string_lossy().into_owned(),
+                other.file_name().unwrap().to_string_lossy().into_owned(),
+                "controller.json".to_owned(),
+                "controller.written".to_owned(),
+            ];
+            expected.sort();
+            assert_eq!(names, expected, "round {round}");
+            assert!(removed >= 1, "round {round}: the older imago's file");
+        }
+        eprintln!("temporary files removed by round: {left:?}");
+    }
 
     #[test]
     fn only_a_launch_cut_short_by_its_launcher_counts_as_interrupted() {
