@@ -71,6 +71,7 @@ pub struct Ipam {
     /// that fails on a taken name is what makes a block one launch's.
     next: std::sync::Arc<std::sync::atomic::AtomicU32>,
     /// Blocks tried (each a `linkat`), for the test that counts them.
+    #[cfg(test)]
     tried: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -129,6 +130,7 @@ impl Ipam {
         Ipam {
             dir: dir.into(),
             next: std::sync::Arc::new(std::sync::atomic::AtomicU32::new(1)),
+            #[cfg(test)]
             tried: std::sync::Arc::default(),
         }
     }
@@ -143,8 +145,9 @@ impl Ipam {
         (start..BLOCKS).chain(1..start)
     }
 
-    /// Counts one tried block; the search moves past `index` once it is taken.
+    /// One block tried: the search moves past `index` once it is taken.
     fn tried(&self, index: u32, taken: bool) {
+        #[cfg(test)]
         self.tried
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if taken {
@@ -679,6 +682,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+    use std::collections::BTreeMap;
     use std::sync::atomic::Ordering;
 
     /// Every allocation searched from block 1, so a controller launching N instances tried
@@ -690,15 +694,21 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let ipam = Ipam::new(tmp.path().join("ipam"));
         let state = tmp.path().join("instances/x/state.json");
-        let mut held = std::collections::BTreeMap::new();
-        for n in 0..1000 {
-            let lease = ipam.allocate(&format!("i{n}"), &state).unwrap();
-            assert!(
-                held.insert(lease.index, lease).is_none(),
-                "a block given twice"
-            );
-        }
-        let tried = ipam.tried.load(Ordering::Relaxed);
+        let mut held = BTreeMap::new();
+        // `n` allocations by `ipam` for ids `<prefix><n>`, each a block no one holds; how many
+        // blocks they tried.
+        let allocate = |ipam: &Ipam, prefix: &str, n: usize, held: &mut BTreeMap<u32, Lease>| {
+            let before = ipam.tried.load(Ordering::Relaxed);
+            for n in 0..n {
+                let lease = ipam.allocate(&format!("{prefix}{n}"), &state).unwrap();
+                assert!(
+                    held.insert(lease.index, lease).is_none(),
+                    "a block given twice"
+                );
+            }
+            ipam.tried.load(Ordering::Relaxed) - before
+        };
+        let tried = allocate(&ipam, "i", 1000, &mut held);
         assert_eq!(tried, 1000, "1,000 allocations tried {tried} blocks");
 
         // Every other block given back; another process (a restarted controller) starts from
@@ -709,14 +719,7 @@ mod tests {
                 .unwrap();
         }
         let other = Ipam::new(tmp.path().join("ipam"));
-        for n in 0..500 {
-            let lease = other.allocate(&format!("j{n}"), &state).unwrap();
-            assert!(
-                held.insert(lease.index, lease).is_none(),
-                "a block given twice"
-            );
-        }
-        let tried = other.tried.load(Ordering::Relaxed);
+        let tried = allocate(&other, "j", 500, &mut held);
         assert!(tried <= 1000, "500 allocations tried {tried} blocks");
 
         // At the end of the /16 the search wraps around to the free blocks at its start.
