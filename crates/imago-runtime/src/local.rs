@@ -903,6 +903,36 @@ impl LocalProvider {
         removed
     }
 
+    /// The launches under way in this home, by any process, that no listing shows yet: the
+    /// instance directories without a record whose launcher still runs (or that name none yet
+    /// and are younger than [`ABANDONED_DIR_AGE`]), by id, with the spec they launch once
+    /// it is written. What one that destroys a service waits for: a launch of that service
+    /// under way would leave an instance after it.
+    pub fn launches_under_way(&self) -> Vec<(String, Option<InstanceSpec>)> {
+        let Ok(entries) = fs::read_dir(self.layout.instances()) else {
+            return Vec::new();
+        };
+        let mut launching = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            let dir = InstanceDir { root: entry.path() };
+            if dir.state().exists() {
+                continue;
+            }
+            let under_way = match launcher_alive(&dir) {
+                Some(alive) => alive,
+                None => !dir.spec().exists() && !older_than(&dir.root, ABANDONED_DIR_AGE),
+            };
+            if under_way && !dir.state().exists() {
+                launching.push((name, crate::state::read_json(&dir.spec()).ok()));
+            }
+        }
+        launching
+    }
+
     /// Takes back what no `rm` will ever name, in one pass over the instance directories, the
     /// network namespaces and the leases: the directories and addresses of launches killed
     /// before they wrote their record, and instance network namespaces that no process is in
@@ -1477,6 +1507,57 @@ mod tests {
         assert_eq!(swept.trash, 4, "{swept:?}");
         assert_eq!(swept.dirs, 0, "the trash is no instance: {swept:?}");
         assert!(inside.exists());
+    }
+
+    /// What `destroy` waits for: the directories of launches whose launcher lives and that
+    /// have no record yet, with their spec once written; not those of dead launchers (the
+    /// sweep's), of recorded instances (listed) or the trash.
+    #[test]
+    fn launches_under_way_are_those_of_live_launchers_without_a_record() {
+        let home = tempfile::tempdir().unwrap();
+        let provider = provider_without_images(home.path());
+        let spec = InstanceSpec::new(imago_oci::Digest::of(b"image"));
+        let me = format!(
+            "{} {}\n",
+            std::process::id(),
+            crate::state::own_start_time().unwrap()
+        );
+        let make = |id: &str, launcher: Option<&str>, with_spec: bool, record: bool| {
+            let dir = provider.layout().instance_dir(id);
+            fs::create_dir_all(&dir.root).unwrap();
+            if let Some(launcher) = launcher {
+                fs::write(dir.launcher(), launcher).unwrap();
+            }
+            if with_spec {
+                crate::state::write_json_atomic(&dir.spec(), &spec).unwrap();
+            }
+            if record {
+                dir.write_state(&Instance::new(id.into(), &spec).unwrap())
+                    .unwrap();
+            }
+        };
+        make("specless", Some(&me), false, false);
+        make("specced", Some(&me), true, false);
+        make("unnamed", None, false, false);
+        let mut gone = Command::new("true").spawn().unwrap();
+        gone.wait().unwrap();
+        make("dead", Some(&format!("{} 1\n", gone.id())), true, false);
+        make("recorded", Some(&me), true, true);
+        fs::create_dir_all(provider.layout().instance_trash_inside().join("x.1.1.0")).unwrap();
+        let mut under_way: Vec<(String, bool)> = provider
+            .launches_under_way()
+            .into_iter()
+            .map(|(id, spec)| (id, spec.is_some()))
+            .collect();
+        under_way.sort();
+        assert_eq!(
+            under_way,
+            vec![
+                ("specced".into(), true),
+                ("specless".into(), false),
+                ("unnamed".into(), false)
+            ]
+        );
     }
 
     /// `rm` of a lost instance kills its init and removes its cgroups at once; the init is in

@@ -1432,20 +1432,52 @@ fn destroy_one(
     }
     // The controller stops them too; doing it here makes destroy work without one. Both may
     // act on the same instance at once, so an instance that is already gone counts as done, and
-    // one failure does not leave the others running.
+    // one failure does not leave the others running. A launch of the service under way (the
+    // controller's, begun before it saw the service destroyed) is waited for and its instance
+    // removed too: it would be left after this command otherwise.
     let mut stopped = 0;
     let mut failures = Vec::new();
-    for instance in provider
-        .list()?
-        .into_iter()
-        .filter(|i| i.labels.get(LABEL_SERVICE).map(String::as_str) == Some(service))
-    {
-        let grace = stop_grace(db, service, &instance)?;
-        ctx.reporter.status(format!("stopping {}", instance.id));
-        match stop_and_remove(provider, &instance.id, grace) {
-            Ok(()) => stopped += 1,
-            Err(e) => failures.push(format!("{}: {e}", instance.id)),
+    let mut done = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + DESTROY_LAUNCH_WAIT;
+    loop {
+        let ours = |labels: &BTreeMap<String, String>| {
+            labels.get(LABEL_SERVICE).map(String::as_str) == Some(service)
+        };
+        let mut launching = 0;
+        for instance in provider.list()? {
+            if !ours(&instance.labels) || done.contains(&instance.id) {
+                continue;
+            }
+            // Its launcher is still at work; it is running or failed in a moment.
+            if instance.status == imago_runtime::Status::Created && Instant::now() < deadline {
+                launching += 1;
+                continue;
+            }
+            let grace = stop_grace(db, service, &instance)?;
+            ctx.reporter.status(format!("stopping {}", instance.id));
+            match stop_and_remove(provider, &instance.id, grace) {
+                Ok(()) => stopped += 1,
+                Err(e) => failures.push(format!("{}: {e}", instance.id)),
+            }
+            done.insert(instance.id);
         }
+        // Without a spec yet, it may be ours.
+        launching += provider
+            .launches_under_way()
+            .iter()
+            .filter(|(_, spec)| spec.as_ref().is_none_or(|s| ours(&s.labels)))
+            .count();
+        if launching == 0 {
+            break;
+        }
+        if Instant::now() >= deadline {
+            failures.push(format!(
+                "{launching} launches of it still under way after {} s",
+                DESTROY_LAUNCH_WAIT.as_secs()
+            ));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
     if !failures.is_empty() {
         bail!(
@@ -1455,6 +1487,10 @@ fn destroy_one(
     }
     Ok(stopped)
 }
+
+/// How long `destroy` waits for the launches of the service under way to end, so that it
+/// removes their instances too: a launch may unpack an image first.
+const DESTROY_LAUNCH_WAIT: Duration = Duration::from_secs(120);
 
 fn stop_and_remove(
     provider: &LocalProvider,
