@@ -2913,56 +2913,62 @@ fn many_instances_serve_roll_over_without_a_failed_request_and_leave_nothing_whe
     );
 }
 
-/// `imago destroy` while the controller is launching the service's instances (a wave of
-/// launches under way beside its loop, begun before it saw the service destroyed): destroy
-/// listed the instances once, so a launch that had not written its record yet was neither
-/// stopped nor waited for, and its directory (then its instance, until the controller's next
-/// pass) was left after destroy returned. Once destroy returns, no instance of the service and
-/// no instance directory is left, and none comes back afterwards.
-#[test]
-fn destroy_while_the_controller_launches_leaves_no_instance_nor_directory() {
-    let d = Deployment::new();
+/// This deployment's instance directories (the trash inside, a dot-name, is none), and those
+/// of them that have no record yet: launches under way.
+fn instance_dirs(d: &Deployment) -> (Vec<String>, Vec<String>) {
+    let all: Vec<PathBuf> = std::fs::read_dir(d.imago.home.join("instances"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default();
+    let name = |p: &PathBuf| p.file_name().unwrap().to_string_lossy().into_owned();
+    let launching = all
+        .iter()
+        .filter(|p| !p.join("state.json").exists())
+        .map(name)
+        .collect();
+    (all.iter().map(name).collect(), launching)
+}
+
+/// Applies 40 replicas at once without waiting, and returns once the controller's wave of
+/// launches runs: some instances launched, some launches under way.
+fn start_a_wave_of_launches(d: &Deployment) {
     d.edit("replicas = 3", "replicas = 40");
     d.edit("max_surge = 1", "max_surge = \"100%\"");
     d.edit("progress_deadline = \"30s\"", "progress_deadline = \"10m\"");
-    let instances = d.imago.home.join("instances");
-    // Instance directories (the trash inside, a dot-name, is none), and those of them that
-    // have no record yet: launches under way.
-    let dirs = || -> (Vec<String>, Vec<String>) {
-        let all: Vec<std::path::PathBuf> = std::fs::read_dir(&instances)
-            .map(|rd| {
-                rd.flatten()
-                    .map(|e| e.path())
-                    .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let name = |p: &std::path::PathBuf| p.file_name().unwrap().to_string_lossy().into_owned();
-        let launching = all
-            .iter()
-            .filter(|p| !p.join("state.json").exists())
-            .map(name)
-            .collect();
-        (all.iter().map(name).collect(), launching)
-    };
     d.imago.run(&["apply", "--no-wait", "-f", &d.file()]).ok();
-    // Once the wave runs: some launched, some under way.
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let (all, launching) = dirs();
+        let (all, launching) = instance_dirs(d);
         if !launching.is_empty() && all.len() > launching.len() {
             eprintln!(
-                "destroying with {} directories, {} without a record",
+                "{} directories, {} without a record",
                 all.len(),
                 launching.len()
             );
-            break;
+            return;
         }
         assert!(Instant::now() < deadline, "no launch under way: {all:?}");
         std::thread::sleep(Duration::from_millis(2));
     }
+}
+
+/// `imago destroy` while the controller is launching the service's instances (a wave of
+/// launches under way beside its loop, begun before it saw the service destroyed): destroy
+/// listed the instances once, so a launch that had not written its record yet was neither
+/// stopped nor waited for, and its directory (then its instance, until the controller's next
+/// pass) was left after destroy returned, and one whose record said `created` failed destroy.
+/// Once destroy returns, no instance of the service and no instance directory is left, and
+/// none comes back afterwards.
+#[test]
+fn destroy_while_the_controller_launches_leaves_no_instance_nor_directory() {
+    let d = Deployment::new();
+    start_a_wave_of_launches(&d);
     d.imago.run(&["destroy", "web"]).ok();
-    let (left, _) = dirs();
+    let (left, _) = instance_dirs(&d);
     let listed = d.imago.run(&["ps", "--all", "--json"]).ok().json();
     assert!(left.is_empty(), "instance directories left: {left:?}");
     assert_eq!(
@@ -2972,9 +2978,56 @@ fn destroy_while_the_controller_launches_leaves_no_instance_nor_directory() {
     );
     // Nothing comes back: the controller's passes after the destroy launch nothing more.
     std::thread::sleep(Duration::from_secs(3));
-    let (later, _) = dirs();
+    let (later, _) = instance_dirs(&d);
     assert!(
         later.is_empty(),
         "instance directories after destroy: {later:?}"
+    );
+}
+
+/// The controller killed (SIGKILL) at a random point of a destroy that runs while it launches:
+/// its launches stop half-way, records `created` and directories without a record with them.
+/// Destroy still leaves no instance and no instance directory, and neither does a controller
+/// started after it.
+#[test]
+fn destroy_with_the_controller_killed_during_it_leaves_no_instance_nor_directory() {
+    let d = Deployment::new();
+    start_a_wave_of_launches(&d);
+    let controller = controller_pid(&d);
+    let destroy = d
+        .imago
+        .cmd()
+        .args(["destroy", "web"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pause = now_ms() % 300;
+    eprintln!("controller killed {pause} ms into the destroy");
+    std::thread::sleep(Duration::from_millis(pause));
+    kill9(controller);
+    let out = destroy.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    let (left, _) = instance_dirs(&d);
+    let listed = d.imago.run(&["ps", "--all", "--json"]).ok().json();
+    assert!(out.status.success(), "destroy failed: {said}");
+    assert!(left.is_empty(), "instance directories left: {left:?}");
+    assert_eq!(
+        listed.as_array().unwrap().len(),
+        0,
+        "instances left: {listed}"
+    );
+    d.imago.run(&["serve"]).ok();
+    std::thread::sleep(Duration::from_secs(2));
+    let (later, _) = instance_dirs(&d);
+    let listed = d.imago.run(&["ps", "--all", "--json"]).ok().json();
+    assert!(
+        later.is_empty(),
+        "instance directories after a restart: {later:?}"
+    );
+    assert_eq!(
+        listed.as_array().unwrap().len(),
+        0,
+        "instances after a restart: {listed}"
     );
 }
