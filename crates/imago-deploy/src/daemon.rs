@@ -244,11 +244,23 @@ const LOCK_POLL: Duration = Duration::from_millis(5);
 /// writes `controller.json` naming its pid and start time). Returns the new controller's pid, or
 /// `None` if one ran already (or another command started one at the same moment). A controller
 /// that ends before its set-up is done is [`DeployError::ControllerDidNotStart`] with its reason
-/// (its `controller-exited` event, else the last line it logged), never "started".
+/// (its `controller-exited` event, else the last line it logged), never "started"; one that
+/// has not finished it after [`SETUP_TIMEOUT`] is stopped, so that none runs that was said not
+/// to have started.
 pub fn ensure_controller(
     home: &DeployHome,
     exe: &Path,
     serve_args: &[String],
+) -> Result<Option<u32>, DeployError> {
+    ensure_controller_within(home, exe, serve_args, SETUP_TIMEOUT)
+}
+
+/// [`ensure_controller`], with `setup_timeout` for the set-up.
+fn ensure_controller_within(
+    home: &DeployHome,
+    exe: &Path,
+    serve_args: &[String],
+    setup_timeout: Duration,
 ) -> Result<Option<u32>, DeployError> {
     if running_controller(home)?.is_some() {
         return Ok(None);
@@ -287,7 +299,17 @@ pub fn ensure_controller(
     // Our child until it is waited for: its pid cannot be reused meanwhile. Without its start
     // time a `controller.json` of a dead controller of the same pid would pass for its own.
     let start = child_start_time(pid);
-    let deadline = Instant::now() + SETUP_TIMEOUT;
+    let deadline = Instant::now() + setup_timeout;
+    // Not left to run as a controller that this command says did not start.
+    fn give_up(
+        child: &mut std::process::Child,
+        log: PathBuf,
+        reason: String,
+    ) -> Result<Option<u32>, DeployError> {
+        let _ = child.kill();
+        let _ = child.wait();
+        Err(DeployError::ControllerDidNotStart { log, reason })
+    }
     loop {
         if let Ok(start) = start
             && let Ok(info) = read_info(home)
@@ -313,27 +335,26 @@ pub fn ensure_controller(
             });
         }
         // Still running (one that exited at once, a zombie when it was read, ended above), but
-        // nothing it writes could ever be told for its own: no use waiting out the set-up
-        // time. Not left to run as a controller that this command says did not start.
+        // nothing it writes could ever be told for its own: no use waiting out the set-up time.
         if let Err(unreadable) = &start {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(DeployError::ControllerDidNotStart {
-                log: log_path,
-                reason: format!(
+            return give_up(
+                &mut child,
+                log_path,
+                format!(
                     "cannot tell pid {pid} from an earlier controller of that pid, so it was \
                      stopped: {unreadable}"
                 ),
-            });
+            );
         }
         if Instant::now() > deadline {
-            return Err(DeployError::ControllerDidNotStart {
-                log: log_path,
-                reason: format!(
-                    "pid {pid} has not finished its set-up after {} s",
-                    SETUP_TIMEOUT.as_secs()
+            return give_up(
+                &mut child,
+                log_path,
+                format!(
+                    "pid {pid} had not finished its set-up after {} s and was stopped",
+                    setup_timeout.as_secs_f64()
                 ),
-            });
+            );
         }
         std::thread::sleep(LOCK_POLL);
     }
@@ -643,6 +664,29 @@ mod tests {
         pid
     }
 
+    /// `<dir>/controller.sh`: a controller that runs but never finishes its set-up.
+    fn never_ready_controller(dir: &Path) -> PathBuf {
+        let exe = dir.join("controller.sh");
+        std::fs::write(&exe, "#!/bin/sh\nexec sleep 120\n").unwrap();
+        std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        exe
+    }
+
+    /// The process that `said` (an error of `ensure_controller`) names, if it still runs;
+    /// killed, so that a failing test leaves none behind.
+    fn still_running(said: &str) -> Option<i32> {
+        let pid = said
+            .split_once("pid ")
+            .and_then(|(_, rest)| rest.split(' ').next())
+            .and_then(|pid| pid.parse::<i32>().ok())
+            .filter(|&pid| imago_runtime::state::process_start_time(pid).is_some())?;
+        if let Some(p) = rustix::process::Pid::from_raw(pid) {
+            let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+        }
+        Some(pid)
+    }
+
     /// The reason a controller that failed its set-up logged is found at the end of a log
     /// that every controller of the home appended to, however long: here a sparse terabyte
     /// before it, which reading the whole log to find it could not even hold in memory.
@@ -708,11 +752,7 @@ mod tests {
             return;
         }
         let tmp = tempfile::tempdir().unwrap();
-        let exe = tmp.path().join("controller.sh");
-        // A controller that runs but never finishes its set-up.
-        std::fs::write(&exe, "#!/bin/sh\nexec sleep 120\n").unwrap();
-        std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        never_ready_controller(tmp.path());
         let status = Command::new("unshare")
             .args(["--mount", "--propagation", "private", "sh", "-c"])
             .arg("mount -t tmpfs none /proc && exec \"$0\" \"$@\"")
@@ -729,16 +769,7 @@ mod tests {
         assert!(status.success(), "{status}");
         let result = std::fs::read_to_string(tmp.path().join("result")).unwrap();
         let (millis, said) = result.split_once('\n').unwrap();
-        // The process it spawned, named in what it said.
-        let spawned = said
-            .split_once("pid ")
-            .and_then(|(_, rest)| rest.split(' ').next())
-            .and_then(|pid| pid.parse::<i32>().ok());
-        let still_runs =
-            spawned.filter(|&pid| imago_runtime::state::process_start_time(pid).is_some());
-        if let Some(pid) = still_runs.and_then(rustix::process::Pid::from_raw) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-        }
+        let still_runs = still_running(said);
         assert!(
             said.contains("did not start") && said.contains("/stat") && said.contains("start time"),
             "{said}"
@@ -748,6 +779,30 @@ mod tests {
         assert_eq!(
             still_runs, None,
             "the controller it said did not start still runs"
+        );
+    }
+
+    /// A controller that has not finished its set-up in time (here one that never does) is
+    /// reported as not started, and stopped: it kept running, and became the controller
+    /// after the command had said it did not start.
+    #[test]
+    fn a_controller_whose_set_up_takes_too_long_is_reported_and_stopped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let home = DeployHome::new(tmp.path());
+        let exe = never_ready_controller(tmp.path());
+        let started = Instant::now();
+        let err = ensure_controller_within(&home, &exe, &[], Duration::from_millis(500))
+            .unwrap_err()
+            .to_string();
+        assert!(started.elapsed() < Duration::from_secs(20), "{err}");
+        assert!(
+            err.contains("did not start") && err.contains("set-up after 0.5 s"),
+            "{err}"
+        );
+        assert_eq!(
+            still_running(&err),
+            None,
+            "said not started, still runs: {err}"
         );
     }
 
