@@ -801,14 +801,26 @@ fn trash_name(root: &Path) -> String {
     }
 }
 
-/// Whether the remover that a trash entry's name ([`trash_name`]) names still runs, so its
-/// deletion is under way; a name that says nobody is taken as a dead remover's.
+/// The trash names of this process's deletions under way ([`LocalProvider::discard`]): its
+/// other entries are deletions of its own that failed part-way, which its sweep takes again.
+static DELETING: Mutex<std::collections::BTreeSet<String>> =
+    Mutex::new(std::collections::BTreeSet::new());
+
+/// Whether a trash entry's deletion is under way: a deletion of this process, or one whose
+/// remover (named by [`trash_name`]) still runs; a name that says nobody is taken as a dead
+/// remover's.
 fn remover_alive(entry: &std::ffi::OsStr) -> bool {
     let name = entry.to_string_lossy();
     let fields: Vec<&str> = name.split('.').collect();
     let Some(pid) = fields.get(1).and_then(|p| p.parse::<i32>().ok()) else {
         return false;
     };
+    if u32::try_from(pid).ok() == Some(std::process::id()) {
+        return DELETING
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(name.as_ref());
+    }
     match fields.len() {
         4 => fields[2]
             .parse::<u64>()
@@ -848,16 +860,21 @@ impl LocalProvider {
     /// deletes. `NotFound` when `root` is gone already.
     fn discard(&self, root: &Path) -> std::io::Result<()> {
         let name = trash_name(root);
-        let doomed = match rename_into(root, &self.layout.instance_trash(), &name) {
+        let deleting = || DELETING.lock().unwrap_or_else(|p| p.into_inner());
+        deleting().insert(name.clone());
+        let renamed = match rename_into(root, &self.layout.instance_trash(), &name) {
             Err(e) if e.raw_os_error() == Some(nix::libc::EXDEV) => {
-                rename_into(root, &self.layout.instance_trash_inside(), &name)?
+                rename_into(root, &self.layout.instance_trash_inside(), &name)
             }
-            renamed => renamed?,
+            renamed => renamed,
         };
         // Removed in effect. Whatever is left of it (a kill, a file that will not go) is the
         // sweep's.
-        let _ = fs::remove_dir_all(&doomed);
-        Ok(())
+        if let Ok(doomed) = &renamed {
+            let _ = fs::remove_dir_all(doomed);
+        }
+        deleting().remove(&name);
+        renamed.map(drop)
     }
 
     /// Deletes what removals that were killed midway (their process is gone) left in either
@@ -1484,6 +1501,8 @@ mod tests {
             (inside.join(format!("d.{dead_pid}.{dead_start}.3")), false),
             // A removal of this process under way.
             (inside.join(format!("e.{me}.{my_start}.4")), true),
+            // One of this process that failed part-way (a file that would not go).
+            (trash.join(format!("g.{me}.{my_start}.6")), false),
             // The pid of a live process, which started later than the remover named.
             (
                 trash.join(format!("f.{live_pid}.{}.5", live_start - 1)),
@@ -1498,13 +1517,21 @@ mod tests {
         let old = std::time::SystemTime::now() - ABANDONED_DIR_AGE * 2;
         fs::File::open(&inside).unwrap().set_modified(old).unwrap();
 
+        DELETING
+            .lock()
+            .unwrap()
+            .insert(format!("e.{me}.{my_start}.4"));
         let swept = provider.sweep_abandoned();
+        DELETING
+            .lock()
+            .unwrap()
+            .remove(&format!("e.{me}.{my_start}.4"));
         live.kill().unwrap();
         live.wait().unwrap();
         for (entry, kept) in &entries {
             assert_eq!(entry.exists(), *kept, "{}", entry.display());
         }
-        assert_eq!(swept.trash, 4, "{swept:?}");
+        assert_eq!(swept.trash, 5, "{swept:?}");
         assert_eq!(swept.dirs, 0, "the trash is no instance: {swept:?}");
         assert!(inside.exists());
     }
