@@ -1917,7 +1917,7 @@ pub(crate) mod tests {
     fn a_started_data_plane_that_gave_up_is_started_again() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let home = DeployHome::new(&dir.path().join("home"));
+        let home = DeployHome::new(dir.path().join("home"));
         std::fs::create_dir_all(&home.dir).unwrap();
         // The "data plane" program records that it was started and ends at once, as one that
         // gave up does.
