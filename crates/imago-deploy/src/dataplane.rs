@@ -758,6 +758,12 @@ fn serve_client(server: Arc<Mutex<Server>>, stream: UnixStream) {
         let reply = match serde_json::from_str::<Request>(&line) {
             Ok(request) => {
                 let mut state = lock_server(&server);
+                // Accepted just before the plane began to end: answering would let the plane
+                // of a process about to exit bind ports (replayed `Listen`s) that the next
+                // plane needs. Hanging up makes the client start that next plane.
+                if state.closing {
+                    break;
+                }
                 if matches!(request, Request::Hello { .. }) && !controller {
                     controller = true;
                     state.controllers += 1;
@@ -877,7 +883,8 @@ pub struct PlaneCommand {
 }
 
 impl PlaneCommand {
-    fn spawn(&self) -> Result<(), DeployError> {
+    /// Starts a data plane; the flag it returns is set once that process has ended.
+    fn spawn(&self) -> Result<Arc<std::sync::atomic::AtomicBool>, DeployError> {
         let log_path = self.home.dataplane_log_path();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -900,10 +907,15 @@ impl PlaneCommand {
             .spawn()
             .map_err(io_error("cannot start the data plane", &self.exe))?;
         // Reaped whenever it ends, for as long as this process lives.
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ended_flag = ended.clone();
         let _ = std::thread::Builder::new()
             .name("imago-dataplane-reaper".into())
-            .spawn(move || child.wait());
-        Ok(())
+            .spawn(move || {
+                let _ = child.wait();
+                ended_flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            });
+        Ok(ended)
     }
 }
 
@@ -999,7 +1011,7 @@ impl RemotePlane {
         if let Ok(c) = Connection::open(&socket) {
             return Ok(c);
         }
-        self.command.spawn()?;
+        let mut started = self.command.spawn()?;
         loop {
             match Connection::open(&socket) {
                 Ok(c) => return Ok(c),
@@ -1009,7 +1021,14 @@ impl RemotePlane {
                         self.command.home.dataplane_log_path().display()
                     )));
                 }
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                // The one started gave up waiting for the lock of a plane that took long to
+                // end (it returns after 5 s): start another while time is left.
+                Err(_) => {
+                    if started.load(std::sync::atomic::Ordering::SeqCst) {
+                        started = self.command.spawn()?;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
             }
         }
     }
@@ -1889,6 +1908,54 @@ pub(crate) mod tests {
         assert!(status(&home).unwrap().is_some(), "the next data plane runs");
         drop(plane);
         planes.join().unwrap();
+    }
+
+    /// A data plane started while the last one still held its lock gives up after waiting
+    /// 5 s and ends: the controller starts another rather than wait out its deadline for a
+    /// plane that will never come (it started one, once).
+    #[test]
+    fn a_started_data_plane_that_gave_up_is_started_again() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let home = DeployHome::new(dir.path().join("home"));
+        std::fs::create_dir_all(&home.dir).unwrap();
+        // The "data plane" program records that it was started and ends at once, as one that
+        // gave up does.
+        let spawns = dir.path().join("spawns");
+        let exe = dir.path().join("plane");
+        std::fs::write(
+            &exe,
+            format!("#!/bin/sh\necho started >> {}\n", spawns.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // The real data plane comes up only once a second start was asked for.
+        let server_home = home.clone();
+        let watched = spawns.clone();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(9);
+            while Instant::now() < deadline {
+                let started = std::fs::read_to_string(&watched).unwrap_or_default();
+                if started.lines().count() >= 2 {
+                    run(&server_home).unwrap();
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        let command = PlaneCommand {
+            exe,
+            home: home.clone(),
+        };
+        let plane = RemotePlane::connect(command, false);
+        let started = std::fs::read_to_string(&spawns).unwrap_or_default();
+        assert!(
+            plane.is_ok(),
+            "{:?} after {} start(s)",
+            plane.err(),
+            started.lines().count()
+        );
+        assert!(started.lines().count() >= 2, "{started}");
     }
 
     #[test]

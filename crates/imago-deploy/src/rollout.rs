@@ -80,6 +80,9 @@ pub struct Step {
     pub counts: Counts,
     /// Every instance runs the target, is available, and nothing is left to drain.
     pub complete: bool,
+    /// Complete but for exited instances still to clean up (`remove_dead`): the controller
+    /// completes a rollout whose only dead instances are ones it has long failed to remove.
+    pub complete_but_dead: bool,
 }
 
 fn is_available(phase: Phase, min_ready: Duration, now_ms: u64) -> bool {
@@ -266,13 +269,13 @@ pub fn next_step(input: RolloutInput<'_>) -> Step {
     let draining = instances
         .iter()
         .any(|i| i.draining && i.phase != Phase::Exited);
-    step.complete = step.launch == 0
+    step.complete_but_dead = step.launch == 0
         && step.retire.is_empty()
-        && step.remove_dead.is_empty()
         && old.is_empty()
         && !draining
         && updated == replicas
         && available_new == replicas;
+    step.complete = step.complete_but_dead && step.remove_dead.is_empty();
     step
 }
 
@@ -291,6 +294,7 @@ pub fn paused(mut step: Step, instances: &[ObservedInstance]) -> Step {
         }
     }
     step.complete = false;
+    step.complete_but_dead = false;
     step
 }
 

@@ -2850,6 +2850,59 @@ mod tests {
         assert_eq!(said(&h).len(), 2);
     }
 
+    /// A removal that never works holds its rollout back only for a while: the release
+    /// completes (it was running forever, its progress refreshed by the retries), the
+    /// `remove-failed` event stands, the retries go on, and the instance is removed once its
+    /// removal works.
+    #[test]
+    fn a_removal_that_never_works_does_not_keep_its_rollout_running() {
+        use std::sync::atomic::Ordering;
+        let (mut h, failing) = rollout_with_failing_removals("10m");
+        h.controller.stops.failures.hold = Duration::from_millis(600);
+        let started = std::time::Instant::now();
+        let completed = loop {
+            let pass = h.pass().unwrap().remove(0);
+            assert!(pass.failed.is_none(), "{pass:?}");
+            if pass.complete {
+                break started.elapsed();
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "still not complete: {pass:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert!(
+            completed >= Duration::from_millis(600),
+            "completed before the hold was over: {completed:?}"
+        );
+        let outcome = h.controller.db.outcome_of("web", 2).unwrap().unwrap();
+        assert_eq!(outcome.outcome, ReleaseOutcome::Complete);
+        assert_eq!(
+            h.fake.list().unwrap().len(),
+            2,
+            "the retired one is not removed"
+        );
+        let events = h.controller.db.events(Some("web"), 0).unwrap();
+        assert!(
+            events.iter().any(|e| e.kind == "remove-failed"),
+            "{events:#?}"
+        );
+
+        let attempts = failing.1.load(Ordering::SeqCst);
+        failing.2.store(false, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while h.fake.list().unwrap().len() > 1 {
+            assert!(std::time::Instant::now() < deadline, "never removed");
+            h.pass().unwrap();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            failing.1.load(Ordering::SeqCst) > attempts,
+            "retried after completing"
+        );
+    }
+
     // ---- scale: what a pass costs at many instances -----------------------------------------
 
     /// A provider whose listing takes time in proportion to the instances it lists, as a real

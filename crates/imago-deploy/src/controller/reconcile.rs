@@ -388,8 +388,16 @@ impl Controller {
         clock.lap("route");
         pass.counts = step.counts;
         pass.stopped = self.stopped_now.remove(service).unwrap_or_default();
-        // Complete once what it retired is removed too, not only stopped.
-        pass.complete = step.complete
+        // Complete once what it retired is removed too, not only stopped; an exited instance
+        // whose removal has kept failing for a while (see `FAILED_REMOVAL_HOLD`) holds it back
+        // no longer: its `remove-failed` event stands and its removal is retried.
+        let settled = step.complete
+            || (step.complete_but_dead
+                && step
+                    .remove_dead
+                    .iter()
+                    .all(|id| self.stops.failures.given_up_holding(id)));
+        pass.complete = settled
             && pass.launched.is_empty()
             && pass.launching == 0
             && !self.stops.any_pending(service);

@@ -31,12 +31,30 @@ const PARALLEL_REMOVALS: usize = PARALLEL_LAUNCHES;
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 
+/// How long a removal that keeps failing holds its rollout back (not complete, and progress
+/// for the deadline) from its first failure. A short failure (a cgroup still busy while its
+/// last processes exit) is waited out, so a completed release has removed what it retired;
+/// one that lasts is not: the release completes, the `remove-failed` event stands and the
+/// retries go on. Without the bound a removal that never works kept the rollout running (and
+/// its progress fresh) for as long as the controller ran.
+pub(super) const FAILED_REMOVAL_HOLD: Duration = Duration::from_secs(10);
+
 /// The removals that failed, by instance: when to try again and what was said. Only this
 /// controller's memory of its own retries: a restarted controller tries at once, and says the
 /// error once more.
-#[derive(Default)]
 pub(super) struct Failures {
     by_id: HashMap<String, Failure>,
+    /// [`FAILED_REMOVAL_HOLD`]; shorter in tests.
+    pub(super) hold: Duration,
+}
+
+impl Default for Failures {
+    fn default() -> Failures {
+        Failures {
+            by_id: HashMap::new(),
+            hold: FAILED_REMOVAL_HOLD,
+        }
+    }
 }
 
 struct Failure {
@@ -46,6 +64,8 @@ struct Failure {
     error: String,
     attempts: u32,
     retry_at: Instant,
+    /// When its first failure was taken (see [`FAILED_REMOVAL_HOLD`]).
+    first_failed: Instant,
 }
 
 impl Failures {
@@ -70,7 +90,15 @@ impl Failures {
             error: String::new(),
             attempts: 0,
             retry_at: Instant::now(),
+            first_failed: Instant::now(),
         });
+        // The pass's own removal of a dead instance may have failed first: once the instance
+        // is handed over as retired by its service, its failures hold that rollout back.
+        if let Some(service) = service
+            && failure.service.as_deref() != Some(service)
+        {
+            failure.service = Some(service.to_owned());
+        }
         let new = failure.attempts == 0 || failure.error != error;
         failure.attempts = failure.attempts.saturating_add(1);
         failure.error = error.to_owned();
@@ -80,6 +108,22 @@ impl Failures {
             .min(MAX_RETRY_DELAY);
         failure.retry_at = Instant::now() + delay;
         new
+    }
+
+    /// Whether a failed removal of an instance handed over by `service` still holds its rollout
+    /// back (failed for less than [`FAILED_REMOVAL_HOLD`]).
+    fn holding(&self, service: &str) -> bool {
+        self.by_id
+            .values()
+            .any(|f| f.service.as_deref() == Some(service) && f.first_failed.elapsed() < self.hold)
+    }
+
+    /// Whether removing `id` has failed for [`FAILED_REMOVAL_HOLD`] or longer: it holds its
+    /// rollout back no more.
+    pub(super) fn given_up_holding(&self, id: &str) -> bool {
+        self.by_id
+            .get(id)
+            .is_some_and(|f| f.first_failed.elapsed() >= self.hold)
     }
 
     /// `id` is gone: nothing more to retry or say.
@@ -211,14 +255,9 @@ impl Stops {
     }
 
     /// Whether any instance of `service` is still being stopped or removed (a failed removal
-    /// waiting for its retry included).
+    /// waiting for its retry included, for at most [`FAILED_REMOVAL_HOLD`]).
     pub(super) fn any_pending(&self, service: &str) -> bool {
-        self.pending.values().any(|s| s == service)
-            || self
-                .failures
-                .by_id
-                .values()
-                .any(|f| f.service.as_deref() == Some(service))
+        self.pending.values().any(|s| s == service) || self.failures.holding(service)
     }
 
     /// Stops `id` of `service` beside the loop (`grace`: between SIGTERM and SIGKILL; `None`
