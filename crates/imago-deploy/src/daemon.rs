@@ -172,9 +172,7 @@ pub struct ControllerInfo {
 /// service endpoints themselves, no conflict. The data plane may serve them without a controller.
 pub fn own_pids(home: &DeployHome) -> Vec<u32> {
     let mut ours = Vec::new();
-    if controller_running(home).unwrap_or(false)
-        && let Ok(info) = read_info(home)
-    {
+    if let Some(info) = running_controller_info(home) {
         ours.push(info.pid);
     }
     if let Ok(Some(plane)) = crate::dataplane::status(home) {
@@ -189,12 +187,29 @@ pub fn own_pids(home: &DeployHome) -> Vec<u32> {
 /// that a controller of an older imago, which does not listen for it, is not killed by it.
 /// Only a hint: the next interval's pass sees the release anyway.
 pub fn nudge_controller(home: &DeployHome) {
-    if controller_running(home).unwrap_or(false)
-        && let Ok(info) = read_info(home)
+    if let Some(info) = running_controller_info(home)
         && let Some(pid) = rustix::process::Pid::from_raw(info.pid as i32)
     {
         let _ = rustix::process::kill_process(pid, rustix::process::Signal::URG);
     }
+}
+
+/// The file of the controller that runs for `home`, if one runs and the file is its own. A
+/// controller writes it only once set up (seconds after it took the lock): until then the file
+/// is a dead controller's, whose pid may now be another process's, which must neither be
+/// signalled nor have its ports taken for imago's. A file without a start time (an imago before
+/// it had one) is taken as it is.
+fn running_controller_info(home: &DeployHome) -> Option<ControllerInfo> {
+    if !controller_running(home).unwrap_or(false) {
+        return None;
+    }
+    let info = read_info(home).ok()?;
+    let own = match (i32::try_from(info.pid), info.start) {
+        (Ok(pid), Some(start)) => imago_runtime::state::is_alive(pid, start),
+        (Ok(_), None) => true,
+        (Err(_), _) => false,
+    };
+    own.then_some(info)
 }
 
 pub fn read_info(home: &DeployHome) -> Result<ControllerInfo, DeployError> {
@@ -685,6 +700,43 @@ mod tests {
             let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
         }
         Some(pid)
+    }
+
+    /// While a new controller sets up (it holds the lock, its `controller.json` is not written
+    /// yet) the file is a dead controller's, whose pid another process may have now: that
+    /// process is neither signalled by `nudge_controller` nor taken for imago's by `own_pids`
+    /// (both go through `running_controller_info`).
+    #[test]
+    fn a_dead_controllers_file_names_no_process_of_this_home() {
+        let tmp = tempfile::tempdir().unwrap();
+        let home = DeployHome::new(tmp.path());
+        let _lock = lock_controller(&home).unwrap();
+        // Another process has the pid now: its start time is not the one the file says.
+        let mut other = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = other.id();
+        let start = imago_runtime::state::process_start_time(pid as i32).unwrap();
+        let write = |start: u64| {
+            write_info(
+                &home,
+                &ControllerInfo {
+                    pid,
+                    api: "127.0.0.1:1".into(),
+                    start: Some(start),
+                },
+            )
+            .unwrap()
+        };
+        write(start + 1);
+        assert!(!own_pids(&home).contains(&pid), "{:?}", own_pids(&home));
+        assert!(running_controller_info(&home).is_none());
+        // With its own start time the file is the running controller's.
+        write(start);
+        assert!(own_pids(&home).contains(&pid), "{:?}", own_pids(&home));
+        other.kill().unwrap();
+        other.wait().unwrap();
     }
 
     /// The reason a controller that failed its set-up logged is found at the end of a log
