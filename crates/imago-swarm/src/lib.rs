@@ -355,37 +355,49 @@ impl SwarmEngine {
         }
     }
 
-    /// `live` with the networks its tasks attach to named as a rendering names them: the
-    /// daemon keeps a network's id in the spec (`docker service update --network-add NAME`
-    /// and imago's own `imago-tasks` alike). Each id is looked up once; one that names no
-    /// network any more stays an id, which no rendering names.
-    fn named_networks(&mut self, mut live: ServiceSpec) -> Result<ServiceSpec, EngineError> {
+    /// Looks up the names of the networks `live`'s tasks attach to, for
+    /// [`render::differences_named`]: the daemon keeps a network's id in the spec (`docker
+    /// service update --network-add NAME` and imago's own `imago-tasks` alike). Each id is
+    /// looked up once; one that names no network any more stays an id, which no rendering
+    /// names.
+    fn learn_network_names(&mut self, live: &ServiceSpec) -> Result<(), EngineError> {
         let attached = live
             .task_template
-            .as_mut()
-            .and_then(|t| t.networks.as_mut())
+            .as_ref()
+            .and_then(|t| t.networks.as_ref())
             .into_iter()
             .flatten();
-        for network in attached {
-            let Some(id) = network.target.as_mut() else {
-                continue;
-            };
-            if let Some(name) = self.network_names.get(id.as_str()) {
-                *id = name.clone();
+        for id in attached.filter_map(|n| n.target.as_deref()) {
+            if self.network_names.contains_key(id) {
                 continue;
             }
             let name = match self.runtime.block_on(self.docker.inspect_network(id, None)) {
-                Ok(found) => found.name.unwrap_or_else(|| id.clone()),
+                Ok(found) => found.name.unwrap_or_else(|| id.to_owned()),
                 // Deleted since: the id stays an id, and is not asked for again.
                 Err(bollard::errors::Error::DockerResponseServerError {
                     status_code: 404, ..
-                }) => id.clone(),
+                }) => id.to_owned(),
                 Err(e) => return Err(self.api(format!("inspect network {id}: {e}"))),
             };
-            self.network_names.insert(id.clone(), name.clone());
-            *id = name;
+            self.network_names.insert(id.to_owned(), name);
         }
-        Ok(live)
+        Ok(())
+    }
+
+    /// [`render::differences_named`] of `live` from the rendering of `desired`.
+    fn differences_from(
+        &mut self,
+        live: &Service,
+        desired: &ClusterService,
+    ) -> Result<Vec<String>, EngineError> {
+        let empty = ServiceSpec::default();
+        let live = live.spec.as_ref().unwrap_or(&empty);
+        self.learn_network_names(live)?;
+        Ok(render::differences_named(
+            live,
+            &render(desired)?,
+            &self.network_names,
+        ))
     }
 
     /// The scope of [`TASK_NETWORK`], `None` when there is no such network.
@@ -544,8 +556,7 @@ impl ClusterEngine for SwarmEngine {
         let release = labels.get(LABEL_RELEASE).and_then(|r| r.parse().ok());
         let revision = labels.get(LABEL_REVISION).cloned();
         let differences = if revision.as_deref() == Some(desired.revision.as_str()) {
-            let live_spec = self.named_networks(live.spec.clone().unwrap_or_default())?;
-            differences(&live_spec, &render(desired)?)
+            self.differences_from(&live, desired)?
         } else {
             Vec::new()
         };
@@ -584,12 +595,11 @@ impl ClusterEngine for SwarmEngine {
                 };
                 self.check_ours(&desired.service, live)?;
                 let labels = labels_of(live);
-                let live_spec = self.named_networks(live.spec.clone().unwrap_or_default())?;
                 Ok(Some(ClusterComparison {
                     release: labels.get(LABEL_RELEASE).and_then(|r| r.parse().ok()),
                     revision: labels.get(LABEL_REVISION).cloned(),
                     config_hash: labels.get(LABEL_CONFIG_HASH).cloned(),
-                    differences: differences(&live_spec, &render(desired)?),
+                    differences: self.differences_from(live, desired)?,
                     update: update_state(live).0,
                 }))
             })

@@ -281,6 +281,16 @@ fn sorted<T>(items: Option<Vec<T>>, show: impl Fn(T) -> String) -> String {
 /// The fields imago manages whose live value differs from the rendered one, each as
 /// `FIELD: LIVE != RENDERED`.
 pub fn differences(live: &ServiceSpec, rendered: &ServiceSpec) -> Vec<String> {
+    differences_named(live, rendered, &HashMap::new())
+}
+
+/// As [`differences`], the networks of `live` named by `network_names` (id -> name) where it
+/// knows them: the daemon keeps a network's id in the spec, a rendering names it.
+pub(crate) fn differences_named(
+    live: &ServiceSpec,
+    rendered: &ServiceSpec,
+    network_names: &HashMap<String, String>,
+) -> Vec<String> {
     let container = |s: &ServiceSpec| {
         s.task_template
             .as_ref()
@@ -390,12 +400,18 @@ pub fn differences(live: &ServiceSpec, rendered: &ServiceSpec) -> Vec<String> {
     };
     compare("placement", placement(live), placement(rendered));
     // By name: the engine names the live spec's networks as the rendering does (the daemon
-    // keeps their ids; `SwarmEngine::named_networks`). A network added by hand
+    // keeps their ids; `SwarmEngine::learn_network_names`). A network added by hand
     // (`--network-add`) or removed (`--network-rm`, which leaves a task on the node's default
     // bridge) changes what retiring a task does (docs/swarm.md, "Retired tasks").
     let networks = |s: &ServiceSpec| {
-        let attached = s.task_template.as_ref().and_then(|t| t.networks.clone());
-        sorted(attached, |n| n.target.unwrap_or_default())
+        let attached = s.task_template.as_ref().and_then(|t| t.networks.as_ref());
+        sorted(attached.map(|a| a.iter().collect()), |n| {
+            let target = n.target.as_deref().unwrap_or_default();
+            network_names
+                .get(target)
+                .map_or(target, String::as_str)
+                .to_owned()
+        })
     };
     compare("networks", networks(live), networks(rendered));
     // The published ports the endpoint routes to: a port published by hand
@@ -759,6 +775,15 @@ mod tests {
         assert_eq!(
             added,
             [r#"networks: ["imago-tasks", "other"] != ["imago-tasks"]"#]
+        );
+        // As the daemon keeps it: by id, named as the engine looked it up.
+        let mut by_id = as_read.clone();
+        networks(&mut by_id).as_mut().unwrap()[0].target = Some("q5x2kd0id".into());
+        assert_eq!(differences(&by_id, &rendered).len(), 1);
+        let names = HashMap::from([("q5x2kd0id".to_owned(), TASK_NETWORK.to_owned())]);
+        assert_eq!(
+            differences_named(&by_id, &rendered, &names),
+            Vec::<String>::new()
         );
         let removed = changed(&|s| *networks(s) = None);
         assert_eq!(removed, [r#"networks: [] != ["imago-tasks"]"#]);
