@@ -1114,9 +1114,42 @@ fn plan_compares_with_the_live_service_and_status_lists_its_tasks() {
     let one = api_get(&s.imago, &format!("/v1/services/{}", s.name));
     assert_eq!(cli_tasks(&one), expected, "{one}");
 
+    // The health check as an imago from before the exec allowance applied it: Docker's
+    // timeout is the service's 1 s alone. The same check: no change (no controller runs to
+    // put anything back). Any other timeout is drift.
+    s.imago.run(&["serve", "--stop"]).ok();
+    let live_timeout = || {
+        s.cluster.docker(&[
+            "service",
+            "inspect",
+            "--format",
+            "{{.Spec.TaskTemplate.ContainerSpec.Healthcheck.Timeout}}",
+            &s.name,
+        ])
+    };
+    assert_eq!(live_timeout(), "6s", "the rendering: 1 s + 5 s");
+    let timeout = |t: &str| {
+        s.cluster.docker(&[
+            "service",
+            "update",
+            "--detach",
+            "--health-timeout",
+            t,
+            &s.name,
+        ]);
+        assert_eq!(live_timeout(), t);
+        plan_of(&s)
+    };
+    let older = timeout("1s");
+    assert_eq!(older["action"], "no change", "{older}");
+    assert_eq!(older["cluster"]["action"], "unchanged", "{older}");
+    let by_hand = timeout("2s");
+    assert_eq!(by_hand["cluster"]["action"], "drifted", "{by_hand}");
+    let fields = by_hand["cluster"]["fields"].to_string();
+    assert!(fields.contains("timeout 2000000000 "), "{fields}");
+
     // The health check changed by hand (no controller to put it back): drift, in the plan and
     // in `imago drift`, which read the daemon's `Healthcheck`.
-    s.imago.run(&["serve", "--stop"]).ok();
     s.cluster.docker(&[
         "service",
         "update",
