@@ -1114,9 +1114,42 @@ fn plan_compares_with_the_live_service_and_status_lists_its_tasks() {
     let one = api_get(&s.imago, &format!("/v1/services/{}", s.name));
     assert_eq!(cli_tasks(&one), expected, "{one}");
 
+    // The health check as an imago from before the exec allowance applied it: Docker's
+    // timeout is the service's 1 s alone. The same check: no change (no controller runs to
+    // put anything back). Any other timeout is drift.
+    s.imago.run(&["serve", "--stop"]).ok();
+    let live_timeout = || {
+        s.cluster.docker(&[
+            "service",
+            "inspect",
+            "--format",
+            "{{.Spec.TaskTemplate.ContainerSpec.Healthcheck.Timeout}}",
+            &s.name,
+        ])
+    };
+    assert_eq!(live_timeout(), "6s", "the rendering: 1 s + 5 s");
+    let timeout = |t: &str| {
+        s.cluster.docker(&[
+            "service",
+            "update",
+            "--detach",
+            "--health-timeout",
+            t,
+            &s.name,
+        ]);
+        assert_eq!(live_timeout(), t);
+        plan_of(&s)
+    };
+    let older = timeout("1s");
+    assert_eq!(older["action"], "no change", "{older}");
+    assert_eq!(older["cluster"]["action"], "unchanged", "{older}");
+    let by_hand = timeout("2s");
+    assert_eq!(by_hand["cluster"]["action"], "drifted", "{by_hand}");
+    let fields = by_hand["cluster"]["fields"].to_string();
+    assert!(fields.contains("timeout 2000000000 "), "{fields}");
+
     // The health check changed by hand (no controller to put it back): drift, in the plan and
     // in `imago drift`, which read the daemon's `Healthcheck`.
-    s.imago.run(&["serve", "--stop"]).ok();
     s.cluster.docker(&[
         "service",
         "update",
@@ -1723,6 +1756,8 @@ fn ip(args: &[&str]) {
 /// manager's link, which the worker reaches through its own (the host's address, no
 /// forwarding). Everything is torn down when dropped, whatever the test did.
 struct TwoNodes {
+    /// One at a time in this process: namespaces, links and subnets are named after its id.
+    _alone: std::sync::MutexGuard<'static, ()>,
     dir: tempfile::TempDir,
     /// Namespaces and host-side links, removed on drop.
     netns: Vec<String>,
@@ -1745,7 +1780,9 @@ impl TwoNodes {
         // Subnets of this process's own: 10.199.B.0/24, B..B+2.
         let b = (pid % 80) * 3;
         let net = |i: u32, host: u32| format!("10.199.{}.{host}", b + i);
+        static TWO_NODES: Mutex<()> = Mutex::new(());
         let mut nodes = TwoNodes {
+            _alone: TWO_NODES.lock().unwrap_or_else(|p| p.into_inner()),
             dir,
             netns: Vec::new(),
             links: Vec::new(),
@@ -1907,6 +1944,33 @@ impl TwoNodes {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
+    /// The id of the swarm's [`TASK_NETWORK`], if it has one.
+    fn task_network(&self) -> Option<String> {
+        let out = self
+            .docker_cmd(
+                0,
+                &["network", "inspect", "--format", "{{.Id}}", TASK_NETWORK],
+            )
+            .output()
+            .unwrap();
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// Waits until the manager has no [`TASK_NETWORK`] any more: the swarm removes it at
+    /// once, the manager's own copy goes once the tasks attached to it there have stopped.
+    fn task_network_goes(&self, after: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.task_network().is_some() {
+            assert!(
+                Instant::now() < deadline,
+                "{TASK_NETWORK} is still there 60 s after {after}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Node id -> images of the running tasks of `service` there.
     fn running_by_node(&self, service: &str) -> std::collections::BTreeMap<String, Vec<String>> {
         let ids = self.docker(
@@ -2043,6 +2107,10 @@ fn a_service_on_two_nodes_rolls_over_and_back_with_tasks_on_both() {
         back.values().flatten().all(|i| *i == image_v1),
         "{back:?} != {image_v1}"
     );
+    // The last service on imago's task network is gone: so is the network, which imago made.
+    // The manager keeps its own copy until the tasks there have stopped, which the next
+    // apply, at once, must not take for the swarm's.
+    let first = nodes.task_network().expect("imago made its task network");
     imago.run(&["destroy", "sw2n"]).ok();
 
     // Placement: at most one replica per node puts the two replicas on both nodes; a
@@ -2094,7 +2162,15 @@ fn a_service_on_two_nodes_rolls_over_and_back_with_tasks_on_both() {
         "{on_worker:?}"
     );
     assert_eq!(on_worker[&worker].len(), 2, "{on_worker:?}");
-    imago.run(&["destroy", "sw2p", "sw2w"]).ok();
+    // Made again for them (the first was removed); kept while a service uses it, and gone
+    // with the last.
+    let network = nodes.task_network().expect("made again for sw2p and sw2w");
+    assert_ne!(network, first, "{TASK_NETWORK} was removed with sw2n");
+    imago.run(&["destroy", "sw2p"]).ok();
+    assert_eq!(nodes.task_network(), Some(network), "sw2w still uses it");
+    assert_eq!(nodes.running_by_node("sw2w").len(), 1, "sw2w runs on");
+    imago.run(&["destroy", "sw2w"]).ok();
+    nodes.task_network_goes("the last destroy");
     drop(guard);
 }
 
@@ -2231,4 +2307,164 @@ fn an_ssh_endpoint_does_not_wait_for_what_a_proxy_command_leaves_holding_stderr(
     assert_eq!(planned.json()[0]["cluster"]["action"], "create");
     assert!(took < Duration::from_secs(30), "plan took {took:?}");
     settles("ssh clients after plan", || sshd.clients());
+}
+
+/// Two imagos on one swarm (two engines, as two controllers). First, one destroys the last
+/// service on `imago-tasks`, whose task on the manager takes 10 s to stop: the manager keeps
+/// its copy of the network meanwhile, and answers a look-up with it; the other applies a
+/// service at once, which must not be attached to that copy (its task would never start).
+/// Then each applies and destroys a service of its own, many times, at random moments: the
+/// last destroy of a moment removes the network, an apply beside it makes it again; no apply
+/// fails, no service is ever left naming a network that is gone, and once both are destroyed
+/// the network is gone.
+#[cfg(feature = "swarm")]
+#[test]
+fn the_task_network_goes_with_the_last_service_and_never_from_under_one() {
+    use imago_deploy::cluster::{ClusterEngine, ClusterService};
+    let _machine = share_machine();
+    let nodes = TwoNodes::start();
+    // An image on the manager alone: busybox, imported.
+    let root = nodes.dir.path().join("bb");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", root.join("bin/sleep")).unwrap();
+    let tar = nodes.dir.path().join("bb.tar");
+    tool(
+        "tar",
+        &[
+            "-C",
+            &root.display().to_string(),
+            "-cf",
+            &tar.display().to_string(),
+            ".",
+        ],
+    );
+    let imported = nodes
+        .docker_cmd(0, &["import", "-", "imago-bb:1"])
+        .stdin(std::fs::File::open(&tar).unwrap())
+        .output()
+        .unwrap();
+    assert!(imported.status.success(), "{imported:?}");
+    let sleeper = |name: &str| ClusterService {
+        service: name.to_owned(),
+        release: 1,
+        revision: "r".to_owned(),
+        config_hash: "sha256:00".to_owned(),
+        image: "imago-bb:1".to_owned(),
+        spec: serde_json::from_value(serde_json::json!({
+            "image": "bb", "replicas": 1, "command": ["sleep", "1000"],
+            "stop_grace_period": "10s",
+            "target": {"name": "two", "engine": "swarm", "registry": "127.0.0.1:1/none"},
+            "placement": {"constraints": ["node.role==manager"]}
+        }))
+        .unwrap(),
+        paused: false,
+    };
+    let running = |name: &str| {
+        let states = nodes.docker(
+            0,
+            &[
+                "service",
+                "ps",
+                "--format",
+                "{{.CurrentState}} {{.Error}}",
+                name,
+            ],
+        );
+        states.starts_with("Running")
+    };
+    let wait_running = |name: &str| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !running(name) {
+            assert!(
+                Instant::now() < deadline,
+                "{name} not running after 60 s: {}",
+                nodes.docker(0, &["service", "ps", "--no-trunc", name])
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let mut first = imago_swarm::SwarmEngine::connect(&nodes.endpoint()).unwrap();
+    first.apply(&sleeper("netcopy-a")).unwrap();
+    wait_running("netcopy-a");
+    let copy = nodes.task_network().unwrap();
+    assert!(first.destroy("netcopy-a").unwrap());
+    // The swarm removed it; the manager still shows its copy while the task stops.
+    assert_eq!(nodes.task_network().as_ref(), Some(&copy));
+    let mut second = imago_swarm::SwarmEngine::connect(&nodes.endpoint()).unwrap();
+    second.apply(&sleeper("netcopy-b")).unwrap();
+    wait_running("netcopy-b");
+    assert!(second.destroy("netcopy-b").unwrap());
+    const ROUNDS: usize = 25;
+    let removed = AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for (n, name) in ["netrace-a", "netrace-b"].into_iter().enumerate() {
+            let (nodes, removed) = (&nodes, &removed);
+            scope.spawn(move || {
+                let mut engine = imago_swarm::SwarmEngine::connect(&nodes.endpoint()).unwrap();
+                // Tasks that no node may run: the service exists, nothing is pulled or started.
+                let spec = serde_json::json!({
+                    "image": "web", "replicas": 1,
+                    "target": {"name": "two", "engine": "swarm", "registry": "127.0.0.1:1/none"},
+                    "placement": {"constraints": ["node.labels.imago-none==1"]}
+                });
+                let desired = ClusterService {
+                    service: name.to_owned(),
+                    release: 1,
+                    revision: format!("r{n}"),
+                    config_hash: "sha256:00".to_owned(),
+                    image: format!("127.0.0.1:1/none@sha256:{}", "0".repeat(64)),
+                    spec: serde_json::from_value(spec).unwrap(),
+                    paused: false,
+                };
+                let mut seed = u64::from(std::process::id()) * 7919 + n as u64 + 1;
+                let mut pause = || {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    std::thread::sleep(Duration::from_millis(seed % 40));
+                };
+                for round in 0..ROUNDS {
+                    pause();
+                    engine
+                        .apply(&desired)
+                        .unwrap_or_else(|e| panic!("{name}, round {round}: apply: {e}"));
+                    let attached = nodes.docker(
+                        0,
+                        &[
+                            "service",
+                            "inspect",
+                            "--format",
+                            "{{range .Spec.TaskTemplate.Networks}}{{.Target}} {{end}}",
+                            name,
+                        ],
+                    );
+                    let attached: Vec<&str> = attached.split_whitespace().collect();
+                    assert_eq!(attached.len(), 1, "{name}: {attached:?}");
+                    // The network the service names exists, and is imago's task network.
+                    let network = nodes.docker(
+                        0,
+                        &["network", "inspect", "--format", "{{.Name}}", attached[0]],
+                    );
+                    assert_eq!(network, TASK_NETWORK, "{name}, round {round}");
+                    pause();
+                    let had = nodes.task_network().is_some();
+                    assert!(
+                        engine
+                            .destroy(name)
+                            .unwrap_or_else(|e| panic!("{name}, round {round}: destroy: {e}"))
+                    );
+                    if had && nodes.task_network().is_none() {
+                        removed.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            });
+        }
+    });
+    // Gone from the swarm; the manager's copy goes once netcopy-b's task has stopped.
+    nodes.task_network_goes("both services were destroyed");
+    // Removed and made again along the way, not only at the end.
+    assert!(removed.load(Ordering::SeqCst) > 1, "{removed:?}");
+    let services = nodes.docker(0, &["service", "ls", "-q"]);
+    assert_eq!(services, "", "no service left");
 }

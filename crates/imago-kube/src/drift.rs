@@ -141,34 +141,36 @@ pub fn network_defaults(object: &str, rendered: &Value, live: &Value) -> Vec<Dri
         let path = "spec.template.spec";
         kept(path.into(), r, l, "hostNetwork", &[Value::Bool(false)]);
         kept(path.into(), r, l, "dnsPolicy", &["ClusterFirst".into()]);
-        let containers = |v: &Value| v.get("containers").and_then(Value::as_array).cloned();
-        let named = |items: &[Value], name: &str| {
+        // Borrowed: the objects are only read.
+        fn list<'v>(v: &'v Value, key: &str) -> &'v [Value] {
+            v.get(key)
+                .and_then(Value::as_array)
+                .map_or(&[], Vec::as_slice)
+        }
+        fn named<'v>(items: &'v [Value], name: &str) -> Option<&'v Value> {
             items
                 .iter()
                 .find(|i| i.get("name").and_then(Value::as_str) == Some(name))
-                .cloned()
-        };
-        let rendered_containers = containers(r).unwrap_or_default();
-        let live_containers = containers(l).unwrap_or_default();
-        for container in &rendered_containers {
+        }
+        let live_containers = list(l, "containers");
+        for container in list(r, "containers") {
             let Some(name) = container.get("name").and_then(Value::as_str) else {
                 continue;
             };
-            let Some(live_container) = named(&live_containers, name) else {
+            let Some(live_container) = named(live_containers, name) else {
                 continue;
             };
-            let ports = |v: &Value| v.get("ports").and_then(Value::as_array).cloned();
-            let live_ports = ports(&live_container).unwrap_or_default();
-            for port in ports(container).unwrap_or_default() {
+            let live_ports = list(live_container, "ports");
+            for port in list(container, "ports") {
                 let Some(port_name) = port.get("name").and_then(Value::as_str) else {
                     continue;
                 };
-                let Some(live_port) = named(&live_ports, port_name) else {
+                let Some(live_port) = named(live_ports, port_name) else {
                     continue;
                 };
                 let path = format!("{path}.containers[{name}].ports[{port_name}]");
-                kept(path.clone(), &port, &live_port, "hostPort", &[0.into()]);
-                kept(path, &port, &live_port, "hostIP", &["".into()]);
+                kept(path.clone(), port, live_port, "hostPort", &[0.into()]);
+                kept(path, port, live_port, "hostIP", &["".into()]);
             }
         }
     }

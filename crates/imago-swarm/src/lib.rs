@@ -16,10 +16,11 @@ use std::path::PathBuf;
 
 use bollard::Docker;
 use bollard::models::{
-    NetworkCreateRequest, Service, ServiceSpec, ServiceUpdateStatusStateEnum, Task, TaskState,
+    NetworkCreateRequest, NetworkInspect, Service, ServiceSpec, ServiceUpdateStatusStateEnum, Task,
+    TaskState,
 };
 use bollard::query_parameters::{
-    ListNodesOptions, ListTasksOptionsBuilder, UpdateServiceOptionsBuilder,
+    InspectNetworkOptions, ListNodesOptions, ListTasksOptionsBuilder, UpdateServiceOptionsBuilder,
 };
 use imago_spec::cluster::{
     ClusterComparison, ClusterEngine, ClusterObservation, ClusterService, ClusterTask, EngineError,
@@ -29,6 +30,18 @@ use imago_spec::cluster::{
 pub use render::{TASK_NETWORK, differences, release_labels, render};
 
 const ENGINE: &str = "swarm";
+
+/// The label of a [`TASK_NETWORK`] that imago made (and so removes once no service uses it).
+const TASK_NETWORK_LABEL: &str = "imago.purpose";
+
+/// How many times `apply` makes [`TASK_NETWORK`] again when a concurrent destroy removed it
+/// between its look and the daemon's use of it.
+const APPLY_ATTEMPTS: u32 = 3;
+
+/// How long `destroy` keeps asking the daemon to remove an unused [`TASK_NETWORK`] while it
+/// answers that a task still uses it (the tasks of a service just removed, until the
+/// orchestrator marks them for removal).
+const NETWORK_REMOVAL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Client certificate files for a TLS Docker endpoint, in docker's `DOCKER_CERT_PATH` layout:
 /// `ca.pem` (the CA that signed the daemon's certificate), `cert.pem` and `key.pem` (the
@@ -50,8 +63,9 @@ pub struct SwarmEngine {
     /// For an `ssh://` endpoint: the local socket both clients connect to, forwarded over ssh.
     /// Declared after the clients, which close their connections first when dropped.
     tunnel: Option<ssh::SshTunnel>,
-    /// [`TASK_NETWORK`] was found on (or made in) the swarm by this engine: not asked again.
-    task_network_ready: bool,
+    /// The id of [`TASK_NETWORK`] as this engine found or made it: not asked again until an
+    /// apply fails or a destroy removes it.
+    task_network: Option<String>,
     /// Network id -> name, as looked up for the comparison of live specs (ids do not change).
     network_names: HashMap<String, String>,
     runtime: tokio::runtime::Runtime,
@@ -205,7 +219,7 @@ impl SwarmEngine {
             raw,
             raw_base,
             tunnel,
-            task_network_ready: false,
+            task_network: None,
             network_names: HashMap::new(),
             runtime,
         })
@@ -318,85 +332,263 @@ impl SwarmEngine {
     /// swarm so that services can attach to it. One made beforehand (another driver, a subnet
     /// of the operator's choosing through `--config-from`) is used as it is.
     fn ensure_task_network(&mut self) -> Result<(), EngineError> {
-        if self.task_network_ready {
+        if self.task_network.is_some() {
             return Ok(());
         }
-        if self.task_network_scope()?.is_none() {
-            let request = NetworkCreateRequest {
-                name: TASK_NETWORK.to_owned(),
-                driver: Some("bridge".to_owned()),
-                scope: Some("swarm".to_owned()),
-                // Says who made it to whoever lists the swarm's networks.
-                labels: Some(HashMap::from([(
-                    "imago.purpose".to_owned(),
-                    "tasks of imago services".to_owned(),
-                )])),
-                ..Default::default()
-            };
-            let created = self.runtime.block_on(self.docker.create_network(request));
-            // Another imago may have made it meanwhile (the swarm keeps network names unique):
-            // what counts is what is there now.
-            if let Err(e) = created
-                && self.task_network_scope()?.is_none()
+        if self.task_network_found()?.is_none() {
+            // Not in the swarm: one of another scope is an error. (A node's copies of removed
+            // ones, or one made by another imago since, have the scope `swarm`; several of
+            // them make the name ambiguous, a 400.)
+            let other = match self
+                .runtime
+                .block_on(self.docker.inspect_network(TASK_NETWORK, None))
             {
-                return Err(self.api(format!("create network {TASK_NETWORK}: {e}")));
+                Ok(network) => network.scope.filter(|scope| scope != "swarm"),
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404 | 400,
+                    ..
+                }) => None,
+                Err(e) => return Err(self.api(format!("inspect network {TASK_NETWORK}: {e}"))),
+            };
+            if let Some(scope) = other {
+                return Err(self.api(format!(
+                    "network {TASK_NETWORK} has scope {scope}, not swarm: services cannot \
+                     attach to it (remove it, or make it with --scope swarm)"
+                )));
             }
+            // Another imago may make it meanwhile (the swarm keeps network names unique):
+            // what counts is what is there next.
+            self.create_task_network()?;
         }
-        match self.task_network_scope()? {
-            Some(scope) if scope == "swarm" => {
-                self.task_network_ready = true;
-                Ok(())
-            }
-            scope => Err(self.api(format!(
-                "network {TASK_NETWORK} has scope {}, not swarm: services cannot attach to it \
-                 (remove it, or make it with --scope swarm)",
-                scope.unwrap_or_default()
-            ))),
+        // Gone again (another imago's destroy): the apply fails and is repeated.
+        self.task_network = self.task_network_found()?.and_then(|n| n.id);
+        Ok(())
+    }
+
+    /// Asks the swarm to make [`TASK_NETWORK`]: true when it did, false when the swarm has a
+    /// network of that name already (which a network left on a node after the swarm removed
+    /// it is not).
+    fn create_task_network(&self) -> Result<bool, EngineError> {
+        let request = NetworkCreateRequest {
+            name: TASK_NETWORK.to_owned(),
+            driver: Some("bridge".to_owned()),
+            scope: Some("swarm".to_owned()),
+            // Says who made it to whoever lists the swarm's networks, and to
+            // `remove_task_network_if_unused`: only a network imago made is removed.
+            labels: Some(HashMap::from([(
+                TASK_NETWORK_LABEL.to_owned(),
+                "tasks of imago services".to_owned(),
+            )])),
+            ..Default::default()
+        };
+        match self.runtime.block_on(self.docker.create_network(request)) {
+            Ok(_) => Ok(true),
+            // The daemon's look by name in the swarm.
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 409, ..
+            }) => Ok(false),
+            // The swarm's own refusal (a 500) when another imago made it at the same moment.
+            Err(e) => match self.task_network_found()? {
+                Some(_) => Ok(false),
+                None => Err(self.api(format!("create network {TASK_NETWORK}: {e}"))),
+            },
         }
     }
 
-    /// `live` with the networks its tasks attach to named as a rendering names them: the
-    /// daemon keeps a network's id in the spec (`docker service update --network-add NAME`
-    /// and imago's own `imago-tasks` alike). Each id is looked up once; one that names no
-    /// network any more stays an id, which no rendering names.
-    fn named_networks(&mut self, mut live: ServiceSpec) -> Result<ServiceSpec, EngineError> {
+    /// Whether the swarm's [`TASK_NETWORK`] is the network `id`. A node keeps its copy of a
+    /// network the swarm removed until the tasks attached to it there have stopped, and the
+    /// daemon answers a look-up by name or id with that copy when the swarm has none of the
+    /// name: so when the answer is `id`, the swarm is asked to make the network, which it
+    /// refuses if it has one (then `id` is it); if it makes one, `id` was the node's copy.
+    fn task_network_is(&self, id: Option<&str>) -> Result<bool, EngineError> {
+        let named = |found: Option<NetworkInspect>| found.and_then(|n| n.id);
+        if id.is_none() || named(self.task_network_found()?).as_deref() != id {
+            return Ok(false);
+        }
+        if self.create_task_network()? {
+            return Ok(false);
+        }
+        Ok(named(self.task_network_found()?).as_deref() == id)
+    }
+
+    /// Looks up the names of the networks `live`'s tasks attach to, for
+    /// [`render::differences_named`]: the daemon keeps a network's id in the spec (`docker
+    /// service update --network-add NAME` and imago's own `imago-tasks` alike). Each id is
+    /// looked up once; one that names no network any more stays an id, which no rendering
+    /// names.
+    fn learn_network_names(&mut self, live: &ServiceSpec) -> Result<(), EngineError> {
         let attached = live
             .task_template
-            .as_mut()
-            .and_then(|t| t.networks.as_mut())
+            .as_ref()
+            .and_then(|t| t.networks.as_ref())
             .into_iter()
             .flatten();
-        for network in attached {
-            let Some(id) = network.target.as_mut() else {
-                continue;
-            };
-            if let Some(name) = self.network_names.get(id.as_str()) {
-                *id = name.clone();
+        for id in attached.filter_map(|n| n.target.as_deref()) {
+            if self.network_names.contains_key(id) {
                 continue;
             }
             let name = match self.runtime.block_on(self.docker.inspect_network(id, None)) {
-                Ok(found) => found.name.unwrap_or_else(|| id.clone()),
+                Ok(found) => found.name.unwrap_or_else(|| id.to_owned()),
                 // Deleted since: the id stays an id, and is not asked for again.
                 Err(bollard::errors::Error::DockerResponseServerError {
                     status_code: 404, ..
-                }) => id.clone(),
+                }) => id.to_owned(),
                 Err(e) => return Err(self.api(format!("inspect network {id}: {e}"))),
             };
-            self.network_names.insert(id.clone(), name.clone());
-            *id = name;
+            self.network_names.insert(id.to_owned(), name);
         }
-        Ok(live)
+        Ok(())
     }
 
-    /// The scope of [`TASK_NETWORK`], `None` when there is no such network.
-    fn task_network_scope(&self) -> Result<Option<String>, EngineError> {
+    /// [`render::differences_named`] of `live` from the rendering of `desired`.
+    fn differences_from(
+        &mut self,
+        live: &Service,
+        desired: &ClusterService,
+    ) -> Result<Vec<String>, EngineError> {
+        let empty = ServiceSpec::default();
+        let live = live.spec.as_ref().unwrap_or(&empty);
+        self.learn_network_names(live)?;
+        Ok(render::differences_named(
+            live,
+            &render(desired)?,
+            &self.network_names,
+        ))
+    }
+
+    /// Removes [`TASK_NETWORK`] when imago made it (its label) and no service of the swarm
+    /// attaches to it any more. Never from under a service: the daemon refuses to remove a
+    /// network that a service's spec names (one transaction of the swarm's store), so a
+    /// service created meanwhile keeps it; the listing before only spares that refusal, and
+    /// a refusal while no service names it (tasks of a service just removed) is asked again
+    /// for [`NETWORK_REMOVAL_WAIT`]. The network is removed by id: one made again since by
+    /// another imago is not this one. A network made by the operator is left as made.
+    fn remove_task_network_if_unused(&mut self) -> Result<(), EngineError> {
+        let Some(network) = self.task_network_found()? else {
+            self.task_network = None;
+            return Ok(());
+        };
+        let ours = network
+            .labels
+            .as_ref()
+            .is_some_and(|l| l.contains_key(TASK_NETWORK_LABEL));
+        let (Some(id), true) = (network.id, ours) else {
+            return Ok(());
+        };
+        let deadline = std::time::Instant::now() + NETWORK_REMOVAL_WAIT;
+        loop {
+            let attached = self.list_services()?.iter().any(|service| {
+                let networks = service
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.task_template.as_ref())
+                    .and_then(|t| t.networks.as_ref());
+                networks.into_iter().flatten().any(|n| {
+                    n.target
+                        .as_deref()
+                        .is_some_and(|t| t == id || t == TASK_NETWORK)
+                })
+            });
+            if attached {
+                return Ok(());
+            }
+            let removal = self.runtime.block_on(self.docker.remove_network(&id));
+            let gone = match &removal {
+                Ok(()) => true,
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code,
+                    message,
+                }) => {
+                    // A 500 "not found": only this node's copy of a network the swarm
+                    // removed was left (see `task_network_is`).
+                    *status_code == 404 || (*status_code == 500 && message.contains("not found"))
+                }
+                Err(_) => false,
+            };
+            if gone {
+                self.task_network = None;
+                self.network_names.remove(&id);
+                return Ok(());
+            }
+            match removal {
+                Ok(()) => return Ok(()),
+                // In use (`FailedPrecondition`): by a service created since, which the next
+                // listing shows, or by a task of one removed just now.
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 400, ..
+                }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 400, ..
+                }) => return Ok(()),
+                Err(e) => {
+                    return Err(self.api(format!("remove network {TASK_NETWORK} ({id}): {e}")));
+                }
+            }
+        }
+    }
+
+    /// Whether the stored spec of `service` names the swarm's [`TASK_NETWORK`] (by id, as
+    /// the daemon keeps it); true when the service is gone (removed meanwhile: nothing to
+    /// mend).
+    fn names_task_network(&self, service: &str) -> Result<bool, EngineError> {
+        let Some(live) = self.inspect(service)? else {
+            return Ok(true);
+        };
+        let networks = live
+            .spec
+            .and_then(|s| s.task_template)
+            .and_then(|t| t.networks)
+            .unwrap_or_default();
+        for target in networks.iter().filter_map(|n| n.target.as_deref()) {
+            if self.task_network_is(Some(target))? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Creates the service, or updates it to `spec`.
+    fn create_or_update(&self, service: &str, spec: ServiceSpec) -> Result<(), EngineError> {
+        match self.ours(service)? {
+            None => {
+                self.runtime
+                    .block_on(self.docker.create_service(spec, None))
+                    .map_err(|e| self.api(format!("create service {service}: {e}")))?;
+            }
+            Some(live) => {
+                let version = live.version.and_then(|v| v.index).unwrap_or_default();
+                let options = UpdateServiceOptionsBuilder::default()
+                    .version(i32::try_from(version).unwrap_or(i32::MAX))
+                    .build();
+                self.runtime
+                    .block_on(self.docker.update_service(service, spec, options, None))
+                    .map_err(|e| self.api(format!("update service {service}: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// [`TASK_NETWORK`] as the swarm has it now, `None` when there is no such network. With
+    /// the scope `swarm` the daemon answers with the swarm's network of that name when there is
+    /// one (else by name it could find its own copy of one the swarm removed beside it, and
+    /// call the name ambiguous); when the swarm has none, with such a copy if it has one (see
+    /// [`SwarmEngine::task_network_is`]), or that the name is ambiguous if it has several.
+    fn task_network_found(&self) -> Result<Option<NetworkInspect>, EngineError> {
+        let options = InspectNetworkOptions {
+            scope: Some("swarm".to_owned()),
+            ..Default::default()
+        };
         match self
             .runtime
-            .block_on(self.docker.inspect_network(TASK_NETWORK, None))
+            .block_on(self.docker.inspect_network(TASK_NETWORK, Some(options)))
         {
-            Ok(network) => Ok(Some(network.scope.unwrap_or_default())),
+            Ok(network) => Ok(Some(network)),
+            // Ambiguous (400): only when the swarm has none and the node has several copies.
             Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
+                status_code: 404 | 400,
+                ..
             }) => Ok(None),
             Err(e) => Err(self.api(format!("inspect network {TASK_NETWORK}: {e}"))),
         }
@@ -500,6 +692,15 @@ fn task_of(task: Task, nodes: &HashMap<String, IpAddr>) -> Option<ClusterTask> {
 }
 
 impl ClusterEngine for SwarmEngine {
+    /// Against a concurrent destroy of the last service on [`TASK_NETWORK`] (another imago on
+    /// the same swarm), which removes it: removed before the daemon resolved its name, the
+    /// create or update fails, the network this engine saw is not the swarm's any more
+    /// (missing, made again with another id, or only a node's copy left), and the apply is
+    /// repeated with the network found or made again;
+    /// removed after the daemon resolved the name but before it stored the service (the
+    /// daemon's own window, hit in tests), the stored spec names a network that is gone, which
+    /// the look after the apply finds, and the apply is repeated. Once the stored spec names a
+    /// network that exists, the daemon refuses to remove it while the service names it.
     fn apply(&mut self, desired: &ClusterService) -> Result<(), EngineError> {
         let spec = render(desired)?;
         let attached = spec
@@ -507,27 +708,32 @@ impl ClusterEngine for SwarmEngine {
             .as_ref()
             .and_then(|t| t.networks.as_ref())
             .is_some_and(|n| n.iter().any(|n| n.target.as_deref() == Some(TASK_NETWORK)));
-        if attached {
-            self.ensure_task_network()?;
+        if !attached {
+            return self.create_or_update(&desired.service, spec);
         }
-        match self.ours(&desired.service)? {
-            None => {
-                self.runtime
-                    .block_on(self.docker.create_service(spec, None))
-                    .map_err(|e| self.api(format!("create service {}: {e}", desired.service)))?;
+        for attempt in 1..=APPLY_ATTEMPTS {
+            self.ensure_task_network()?;
+            let seen = self.task_network.clone();
+            let last = attempt == APPLY_ATTEMPTS;
+            match self.create_or_update(&desired.service, spec.clone()) {
+                Ok(()) if self.names_task_network(&desired.service)? => return Ok(()),
+                Ok(()) if last => {
+                    return Err(self.api(format!(
+                        "service {}: network {TASK_NETWORK} removed by another destroy at each of \
+                         {APPLY_ATTEMPTS} attempts to apply it",
+                        desired.service
+                    )));
+                }
+                Ok(()) => {}
+                // The network this engine saw is still there: the failure is another's.
+                Err(e) if last || self.task_network_is(seen.as_deref())? => {
+                    return Err(e);
+                }
+                Err(_) => {}
             }
-            Some(live) => {
-                let version = live.version.and_then(|v| v.index).unwrap_or_default();
-                let options = UpdateServiceOptionsBuilder::default()
-                    .version(i32::try_from(version).unwrap_or(i32::MAX))
-                    .build();
-                self.runtime
-                    .block_on(
-                        self.docker
-                            .update_service(&desired.service, spec, options, None),
-                    )
-                    .map_err(|e| self.api(format!("update service {}: {e}", desired.service)))?;
-            }
+            // Removed since this engine looked (and perhaps made again by another imago):
+            // looked up, or made, again by the next attempt.
+            self.task_network = None;
         }
         Ok(())
     }
@@ -544,8 +750,7 @@ impl ClusterEngine for SwarmEngine {
         let release = labels.get(LABEL_RELEASE).and_then(|r| r.parse().ok());
         let revision = labels.get(LABEL_REVISION).cloned();
         let differences = if revision.as_deref() == Some(desired.revision.as_str()) {
-            let live_spec = self.named_networks(live.spec.clone().unwrap_or_default())?;
-            differences(&live_spec, &render(desired)?)
+            self.differences_from(&live, desired)?
         } else {
             Vec::new()
         };
@@ -584,29 +789,33 @@ impl ClusterEngine for SwarmEngine {
                 };
                 self.check_ours(&desired.service, live)?;
                 let labels = labels_of(live);
-                let live_spec = self.named_networks(live.spec.clone().unwrap_or_default())?;
                 Ok(Some(ClusterComparison {
                     release: labels.get(LABEL_RELEASE).and_then(|r| r.parse().ok()),
                     revision: labels.get(LABEL_REVISION).cloned(),
                     config_hash: labels.get(LABEL_CONFIG_HASH).cloned(),
-                    differences: differences(&live_spec, &render(desired)?),
+                    differences: self.differences_from(live, desired)?,
                     update: update_state(live).0,
                 }))
             })
             .collect()
     }
 
+    /// Removes the service, then [`TASK_NETWORK`] if no service uses it any more (also when
+    /// the service was gone already: a destroy interrupted between the two is finished by the
+    /// next).
     fn destroy(&mut self, service: &str) -> Result<bool, EngineError> {
-        if self.ours(service)?.is_none() {
-            return Ok(false);
-        }
-        match self.runtime.block_on(self.docker.delete_service(service)) {
-            Ok(()) => Ok(true),
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => Ok(false),
-            Err(e) => Err(self.api(format!("remove service {service}: {e}"))),
-        }
+        let removed = match self.ours(service)? {
+            None => false,
+            Some(_) => match self.runtime.block_on(self.docker.delete_service(service)) {
+                Ok(()) => true,
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => false,
+                Err(e) => return Err(self.api(format!("remove service {service}: {e}"))),
+            },
+        };
+        self.remove_task_network_if_unused()?;
+        Ok(removed)
     }
 }
 

@@ -250,6 +250,27 @@ pub fn render(desired: &ClusterService) -> Result<ServiceSpec, EngineError> {
     })
 }
 
+/// The live health check as the rendering would write it: a service applied by an imago from
+/// before [`HEALTH_EXEC_ALLOWANCE`] carries the check's own timeout, which is the same check,
+/// not drift (else every such service would be applied again at once after an upgrade, a
+/// rollover of the whole fleet); it takes the new form at its next release. Any other timeout,
+/// and any other change, stays as it is and so is drift (a timeout set by hand to exactly the
+/// service's `timeout` cannot be told from the older form).
+fn older_health_form(
+    live: Option<&HealthConfig>,
+    rendered: Option<&HealthConfig>,
+) -> Option<HealthConfig> {
+    let mut live = live.cloned()?;
+    let rendered_timeout = rendered.and_then(|r| r.timeout);
+    let older = live
+        .timeout
+        .and_then(|t| t.checked_add(nanos(HEALTH_EXEC_ALLOWANCE)));
+    if older.is_some() && older == rendered_timeout {
+        live.timeout = rendered_timeout;
+    }
+    Some(live)
+}
+
 /// `items` each shown by `show`, sorted, as one comparable text (none: `[]`).
 fn sorted<T>(items: Option<Vec<T>>, show: impl Fn(T) -> String) -> String {
     let mut shown: Vec<String> = items.unwrap_or_default().into_iter().map(show).collect();
@@ -260,6 +281,16 @@ fn sorted<T>(items: Option<Vec<T>>, show: impl Fn(T) -> String) -> String {
 /// The fields imago manages whose live value differs from the rendered one, each as
 /// `FIELD: LIVE != RENDERED`.
 pub fn differences(live: &ServiceSpec, rendered: &ServiceSpec) -> Vec<String> {
+    differences_named(live, rendered, &HashMap::new())
+}
+
+/// As [`differences`], the networks of `live` named by `network_names` (id -> name) where it
+/// knows them: the daemon keeps a network's id in the spec, a rendering names it.
+pub(crate) fn differences_named(
+    live: &ServiceSpec,
+    rendered: &ServiceSpec,
+    network_names: &HashMap<String, String>,
+) -> Vec<String> {
     let container = |s: &ServiceSpec| {
         s.task_template
             .as_ref()
@@ -330,8 +361,8 @@ pub fn differences(live: &ServiceSpec, rendered: &ServiceSpec) -> Vec<String> {
         format!("{:?}", limits(rendered)),
     );
     // Read back through `service_from_json`: bollard alone would never see the live one.
-    let health = |c: &TaskSpecContainerSpec| {
-        c.health_check.as_ref().map(|h| {
+    let health = |h: Option<&HealthConfig>| {
+        h.map(|h| {
             format!(
                 "{:?} interval {} timeout {} retries {} start_period {}",
                 h.test.clone().unwrap_or_default(),
@@ -342,11 +373,13 @@ pub fn differences(live: &ServiceSpec, rendered: &ServiceSpec) -> Vec<String> {
             )
         })
     };
-    compare(
-        "health",
-        health(&lc).unwrap_or_else(|| "none".into()),
-        health(&rc).unwrap_or_else(|| "none".into()),
-    );
+    let rendered_health = health(rc.health_check.as_ref()).unwrap_or_else(|| "none".into());
+    let as_rendered = older_health_form(lc.health_check.as_ref(), rc.health_check.as_ref());
+    if health(as_rendered.as_ref()).unwrap_or_else(|| "none".into()) != rendered_health {
+        // Shown as it is live.
+        let live_health = health(lc.health_check.as_ref()).unwrap_or_else(|| "none".into());
+        compare("health", live_health, rendered_health);
+    }
     let placement = |s: &ServiceSpec| {
         let p = s
             .task_template
@@ -367,12 +400,18 @@ pub fn differences(live: &ServiceSpec, rendered: &ServiceSpec) -> Vec<String> {
     };
     compare("placement", placement(live), placement(rendered));
     // By name: the engine names the live spec's networks as the rendering does (the daemon
-    // keeps their ids; `SwarmEngine::named_networks`). A network added by hand
+    // keeps their ids; `SwarmEngine::learn_network_names`). A network added by hand
     // (`--network-add`) or removed (`--network-rm`, which leaves a task on the node's default
     // bridge) changes what retiring a task does (docs/swarm.md, "Retired tasks").
     let networks = |s: &ServiceSpec| {
-        let attached = s.task_template.as_ref().and_then(|t| t.networks.clone());
-        sorted(attached, |n| n.target.unwrap_or_default())
+        let attached = s.task_template.as_ref().and_then(|t| t.networks.as_ref());
+        sorted(attached.map(|a| a.iter().collect()), |n| {
+            let target = n.target.as_deref().unwrap_or_default();
+            network_names
+                .get(target)
+                .map_or(target, String::as_str)
+                .to_owned()
+        })
     };
     compare("networks", networks(live), networks(rendered));
     // The published ports the endpoint routes to: a port published by hand
@@ -598,6 +637,74 @@ mod tests {
         assert!(differences(&live, &rendered)[0].starts_with("health: none != "));
     }
 
+    /// A service applied before the exec allowance carries the service's own timeout: no
+    /// difference, so that an upgrade does not re-apply every service at once; a timeout,
+    /// interval or retry count changed by hand still is one, with or without the older form.
+    #[test]
+    fn the_health_timeout_of_an_older_imago_is_no_difference_and_a_hand_made_one_is() {
+        let d = desired(serde_json::json!({
+            "image": "web", "port": 80, "target_port": 8080,
+            "health": {"type": "http", "path": "/up", "interval": "2s", "timeout": "3s",
+                       "unhealthy_threshold": 4}
+        }));
+        let rendered = render(&d).unwrap();
+        fn health_of(s: &mut ServiceSpec) -> &mut HealthConfig {
+            let t = s.task_template.as_mut().unwrap();
+            let c = t.container_spec.as_mut().unwrap();
+            c.health_check.as_mut().unwrap()
+        }
+        let secs = |n: i64| n * 1_000_000_000;
+        // (timeout, interval, retries) live; what the difference must say of the live check.
+        let with = |timeout: Option<i64>, interval: i64, retries: i64| {
+            let mut live = rendered.clone();
+            let h = health_of(&mut live);
+            (h.timeout, h.interval, h.retries) = (timeout, Some(interval), Some(retries));
+            differences(&live, &rendered)
+        };
+        // As this imago renders it, and as an older one did: `timeout` alone.
+        assert_eq!(with(Some(secs(8)), secs(2), 4), Vec::<String>::new());
+        assert_eq!(with(Some(secs(3)), secs(2), 4), Vec::<String>::new());
+        for (timeout, interval, retries, said) in [
+            (
+                Some(secs(4)),
+                secs(2),
+                4,
+                "interval 2000000000 timeout 4000000000 retries 4 ",
+            ),
+            (Some(secs(9)), secs(2), 4, "timeout 9000000000 "),
+            (Some(secs(2)), secs(2), 4, "timeout 2000000000 "),
+            (None, secs(2), 4, "timeout 0 "),
+            (
+                Some(secs(3)),
+                secs(5),
+                4,
+                "interval 5000000000 timeout 3000000000 ",
+            ),
+            (Some(secs(3)), secs(2), 1, "timeout 3000000000 retries 1 "),
+            (Some(secs(8)), secs(2), 1, "timeout 8000000000 retries 1 "),
+        ] {
+            let found = with(timeout, interval, retries);
+            assert_eq!(found.len(), 1, "{said}: {found:?}");
+            let (live, _) = found[0].split_once(" != ").unwrap();
+            assert!(live.starts_with("health: "), "{found:?}");
+            assert!(live.contains(said), "{said}: {found:?}");
+        }
+        // The older form of another service's timeout is no match: 3 s + 5 s is not 1 s + 5 s.
+        let other = desired(serde_json::json!({
+            "image": "web", "port": 80, "target_port": 8080,
+            "health": {"type": "http", "path": "/up", "interval": "2s", "timeout": "1s",
+                       "unhealthy_threshold": 4}
+        }));
+        let mut older_live = rendered.clone();
+        health_of(&mut older_live).timeout = Some(secs(3));
+        assert_eq!(differences(&older_live, &render(&other).unwrap()).len(), 1);
+        // A service rendered with no health check at all: the live one is a difference.
+        let none = desired(serde_json::json!({"image": "web", "port": 80, "target_port": 8080}));
+        let found = differences(&older_live, &render(&none).unwrap());
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].ends_with("!= none"), "{found:?}");
+    }
+
     #[test]
     fn placement_renders_as_the_swarm_s_and_a_hand_made_change_is_a_difference() {
         let d = desired(serde_json::json!({
@@ -668,6 +775,15 @@ mod tests {
         assert_eq!(
             added,
             [r#"networks: ["imago-tasks", "other"] != ["imago-tasks"]"#]
+        );
+        // As the daemon keeps it: by id, named as the engine looked it up.
+        let mut by_id = as_read.clone();
+        networks(&mut by_id).as_mut().unwrap()[0].target = Some("q5x2kd0id".into());
+        assert_eq!(differences(&by_id, &rendered).len(), 1);
+        let names = HashMap::from([("q5x2kd0id".to_owned(), TASK_NETWORK.to_owned())]);
+        assert_eq!(
+            differences_named(&by_id, &rendered, &names),
+            Vec::<String>::new()
         );
         let removed = changed(&|s| *networks(s) = None);
         assert_eq!(removed, [r#"networks: [] != ["imago-tasks"]"#]);
