@@ -19,9 +19,11 @@
 //! response). Each side frames its own messages (hop-by-hop headers are dropped, a body of
 //! unknown length goes chunked); pipelined requests are answered one after the other; a switch
 //! of protocols (websocket) is relayed as bytes, pinned to its instance and counted on it until
-//! it ends. HTTP/2 is not spoken: TLS selects no ALPN protocol, so clients fall back to
-//! HTTP/1.1. A TLS front's catch-all service (no `hosts`) may speak any protocol: its
-//! connections are relayed as bytes to one instance.
+//! it ends. A request that fails at an instance goes again on a new connection when it may
+//! (nothing of it sent, or an idempotent one whose body was not sent: [`Client::answer`]), and
+//! one that cannot is a 502 naming the instance. HTTP/2 is not spoken: TLS selects no ALPN
+//! protocol, so clients fall back to HTTP/1.1. A TLS front's catch-all service (no `hosts`) may
+//! speak any protocol: its connections are relayed as bytes to one instance.
 //!
 //! The kernel path (balancer, nftables DNAT) cannot read a `Host` header or terminate TLS, so a
 //! host-routed endpoint is never given to it: local and remote clients alike go through here.
