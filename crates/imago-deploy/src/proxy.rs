@@ -47,6 +47,7 @@ const PIPE_POOL: usize = 32;
 
 #[derive(Debug)]
 struct Backend {
+    id: Arc<str>,
     addr: SocketAddr,
     active: Arc<AtomicUsize>,
     routed: bool,
@@ -54,6 +55,9 @@ struct Backend {
 
 #[derive(Debug, Clone)]
 struct Target {
+    /// The instance's id, for the messages that name it (shared: a new connection allocates
+    /// nothing).
+    id: Arc<str>,
     addr: SocketAddr,
     active: Arc<AtomicUsize>,
 }
@@ -91,6 +95,7 @@ impl Routes {
         }
         for (id, addr) in routed {
             let entry = table.backends.entry(id.clone()).or_insert_with(|| Backend {
+                id: Arc::from(id.as_str()),
                 addr: *addr,
                 active: Arc::new(AtomicUsize::new(0)),
                 routed: true,
@@ -106,6 +111,7 @@ impl Routes {
             .values()
             .filter(|b| b.routed)
             .map(|b| Target {
+                id: b.id.clone(),
                 addr: b.addr,
                 active: b.active.clone(),
             })
@@ -158,12 +164,8 @@ impl Routes {
     /// the backend idle after unrouting it never misses a request that reuses a connection to
     /// it. None (nothing counted) once it is no longer routed.
     pub(crate) fn hold(&self, backend: &BackendRef) -> Option<Count> {
-        let count = Count::new(&backend.0);
-        let routed = self
-            .lock()
-            .routed
-            .iter()
-            .any(|t| Arc::ptr_eq(&t.active, &backend.0));
+        let count = Count::new(&backend.0.active);
+        let routed = self.lock().routed.iter().any(|t| backend.is(t));
         routed.then_some(count)
     }
 
@@ -349,7 +351,20 @@ pub(crate) async fn accept_loop<F, Fut>(
 
 /// One backend of a [`Routes`], as [`connect_routed_backend`] reached it.
 #[derive(Debug, Clone)]
-pub(crate) struct BackendRef(Arc<AtomicUsize>);
+pub(crate) struct BackendRef(Target);
+
+impl BackendRef {
+    fn is(&self, target: &Target) -> bool {
+        Arc::ptr_eq(&self.0.active, &target.active)
+    }
+}
+
+/// The instance as messages name it: `ID at ADDRESS`.
+impl std::fmt::Display for BackendRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} at {}", self.0.id, self.0.addr)
+    }
+}
 
 /// Holds one unit of a counter for as long as it lives, also when its task is cancelled.
 pub(crate) struct Count(Arc<AtomicUsize>);
@@ -378,26 +393,59 @@ async fn forward(client: TcpStream, routes: Routes) {
 /// counted for that backend (drains wait for it) for as long as the [`Count`] lives. None when
 /// no routed backend accepts.
 pub(crate) async fn connect_routed(routes: &Routes) -> Option<(TcpStream, Count)> {
-    connect_routed_backend(routes)
+    connect_routed_backend(routes, &[])
         .await
+        .ok()
         .map(|(upstream, count, _)| (upstream, count))
 }
 
+/// Why no routed backend took a connection: the last one tried and what its connect said, or
+/// None when none is routed.
+pub(crate) type Unreachable = Option<(BackendRef, io::Error)>;
+
 /// [`connect_routed`], with the backend it reached, for [`Routes::hold`] on later requests
-/// over the same connection.
+/// over the same connection. The backends in `last` (ones that just failed a request) are tried
+/// only after every other routed one. A routed set replaced while every backend of the one
+/// picked from refused (an instance killed, its successor routed since) is tried too.
 pub(crate) async fn connect_routed_backend(
     routes: &Routes,
-) -> Option<(TcpStream, Count, BackendRef)> {
+    last: &[BackendRef],
+) -> Result<(TcpStream, Count, BackendRef), Unreachable> {
     let (targets, start) = routes.candidates();
+    let unreachable = match connect_first(&targets, start, last).await {
+        Ok(connected) => return Ok(connected),
+        Err(unreachable) => unreachable,
+    };
+    let (newer, start) = routes.candidates();
+    if Arc::ptr_eq(&newer, &targets) {
+        return Err(unreachable);
+    }
+    connect_first(&newer, start, last)
+        .await
+        .map_err(|newer| newer.or(unreachable))
+}
+
+/// The first of `targets` from `start` on (round-robin) that accepts a connection, those in
+/// `last` after the others.
+async fn connect_first(
+    targets: &[Target],
+    start: usize,
+    last: &[BackendRef],
+) -> Result<(TcpStream, Count, BackendRef), Unreachable> {
     let n = targets.len();
-    for target in targets.iter().cycle().skip(start).take(n) {
+    let in_order = || targets.iter().cycle().skip(start).take(n);
+    let failed = |target: &Target| last.iter().any(|b| b.is(target));
+    let others = in_order().filter(|t| !failed(t));
+    let mut unreachable = None;
+    for target in others.chain(in_order().filter(|t| failed(t))) {
         // Count the connection before connecting, so a drain never misses one in flight.
         let count = Count::new(&target.active);
-        if let Ok(upstream) = connect(target.addr).await {
-            return Some((upstream, count, BackendRef(target.active.clone())));
+        match connect(target.addr).await {
+            Ok(upstream) => return Ok((upstream, count, BackendRef(target.clone()))),
+            Err(e) => unreachable = Some((BackendRef(target.clone()), e)),
         }
     }
-    None
+    Err(unreachable)
 }
 
 async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {

@@ -19,13 +19,16 @@
 //! response). Each side frames its own messages (hop-by-hop headers are dropped, a body of
 //! unknown length goes chunked); pipelined requests are answered one after the other; a switch
 //! of protocols (websocket) is relayed as bytes, pinned to its instance and counted on it until
-//! it ends. HTTP/2 is not spoken: TLS selects no ALPN protocol, so clients fall back to
-//! HTTP/1.1. A TLS front's catch-all service (no `hosts`) may speak any protocol: its
-//! connections are relayed as bytes to one instance.
+//! it ends. A request that fails at an instance goes again on a new connection when it may
+//! (nothing of it sent, or an idempotent one whose body was not sent: [`Client::answer`]), and
+//! one that cannot is a 502 naming the instance. HTTP/2 is not spoken: TLS selects no ALPN
+//! protocol, so clients fall back to HTTP/1.1. A TLS front's catch-all service (no `hosts`) may
+//! speak any protocol: its connections are relayed as bytes to one instance.
 //!
 //! The kernel path (balancer, nftables DNAT) cannot read a `Host` header or terminate TLS, so a
 //! host-routed endpoint is never given to it: local and remote clients alike go through here.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
 use std::io;
@@ -34,12 +37,12 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
-use hyper::header::{self, HeaderName, HeaderValue};
-use hyper::{HeaderMap, Request, Response, StatusCode, Uri, Version};
+use hyper::header::{self, HeaderValue};
+use hyper::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioIo, TokioTimer};
 
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -67,6 +70,15 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(if cfg!(test) { 3 } else { 60
 /// How long a kept connection to an instance may take to be ready for the next request before
 /// a new one is made instead (it is ready at once unless the instance is closing it).
 const REUSE_WAIT: Duration = Duration::from_millis(500);
+/// How many times a request may go again after a try failed at an instance, each time on a
+/// new connection (HAProxy's `retries`, 3 by default).
+const RETRIES: usize = 3;
+/// A request that could not go again if its instance closed the connection as it came (one of a
+/// method that is not idempotent, or with a body) takes a kept connection only if that
+/// connection's last response came within this long; else it goes on a new one. Instances
+/// close idle connections after a timeout of their own (gunicorn after 2 s, Apache and Node
+/// after 5 s), and a request written as one does is lost.
+const UNSAFE_REUSE_IDLE: Duration = Duration::from_secs(1);
 /// How long a client may take for the TLS handshake and its first request head together, as
 /// HAProxy's `timeout http-request` (nginx's `client_header_timeout`): a client that opens
 /// connections and sends nothing must not hold them forever.
@@ -513,9 +525,10 @@ struct SniResolver(Arc<FrontTable>);
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let services = self.0.snapshot();
+        // rustls hands the name over lowercase already.
         let named = hello
             .server_name()
-            .and_then(|name| find(&services, &name.to_ascii_lowercase()))
+            .and_then(|name| find(&services, name))
             .and_then(|(_, s)| s.certs.as_ref());
         named
             .or_else(|| services.values().find_map(|s| s.certs.as_ref()))
@@ -530,6 +543,7 @@ pub struct Front {
     addr: SocketAddr,
     tls: bool,
     failures: Failures,
+    gateway: Arc<GatewayLog>,
     accepting: watch::Sender<bool>,
 }
 
@@ -591,12 +605,20 @@ impl Front {
             watch_certificates(table.clone(), shutdown.clone()).map_err(listen_error)?;
         }
         let shared = table.clone();
+        let gateway = Arc::new(GatewayLog::default());
+        let logged = gateway.clone();
         proxy::spawn_with(listeners, shutdown, move |listener, shutdown| {
             let table = shared.clone();
             let acceptor = acceptor.clone();
             let admission = admission.clone();
+            let gateway = logged.clone();
             proxy::accept_loop(listener, shutdown, move |client| {
-                handle(client, table.clone(), acceptor.clone(), admission.clone())
+                let shared = Shared {
+                    table: table.clone(),
+                    admission: admission.clone(),
+                    gateway: gateway.clone(),
+                };
+                handle(client, shared, acceptor.clone())
             })
         })
         .map_err(listen_error)?;
@@ -605,6 +627,7 @@ impl Front {
             addr: bound,
             tls,
             failures,
+            gateway,
             accepting,
         })
     }
@@ -618,14 +641,13 @@ impl Front {
         self.addr
     }
 
-    /// Certificate files that failed to reload since the last call, one message each.
+    /// Certificate files that failed to reload since the last call, one message each, and the
+    /// instances that failed requests (502), one message per instance at most every
+    /// [`GATEWAY_REPORT_EVERY`].
     pub fn take_failures(&self) -> Vec<String> {
-        std::mem::take(
-            &mut *self
-                .failures
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()),
-        )
+        let mut failures = std::mem::take(&mut *locked(&self.failures));
+        failures.extend(self.gateway.take(Instant::now()));
+        failures
     }
 
     /// Serves `service` here from now on: its hosts, its routes (shared with its other
@@ -687,8 +709,20 @@ enum Refusal {
     NoInstance(String),
     /// The TLS server name (SNI) picked another service's certificate than the `Host` names.
     Misdirected(String),
-    /// The instance closed or reset the connection before a whole response head.
-    BadGateway(String),
+    /// An instance failed the request (closed or reset the connection before a whole response
+    /// head, after every try the request could have), or answered what was not asked.
+    BadGateway(GatewayFailure),
+    /// No routed instance took a connection; the failure is the last one tried's.
+    Unreachable(GatewayFailure),
+}
+
+/// Which instance of which service failed a request, and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct GatewayFailure {
+    service: String,
+    /// `ID at ADDRESS`.
+    instance: String,
+    reason: String,
 }
 
 impl Refusal {
@@ -707,9 +741,19 @@ impl Refusal {
                 StatusCode::MISDIRECTED_REQUEST,
                 format!("host {host:?} is not served on this TLS connection\n"),
             ),
-            Refusal::BadGateway(service) => (
+            Refusal::BadGateway(failure) => (
                 StatusCode::BAD_GATEWAY,
-                format!("an instance of service {service} failed the request\n"),
+                format!(
+                    "instance {} of service {} failed the request: {}\n",
+                    failure.instance, failure.service, failure.reason
+                ),
+            ),
+            Refusal::Unreachable(failure) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "no instance of service {} took the connection (the last tried, {}: {})\n",
+                    failure.service, failure.instance, failure.reason
+                ),
             ),
         }
     }
@@ -743,8 +787,9 @@ impl Refusal {
     }
 }
 
-/// The host of a `Host` header value: lowercase, without port or trailing dot.
-fn host_name(value: &[u8]) -> Option<String> {
+/// The host of a `Host` header value: lowercase, without port or trailing dot (borrowed when it
+/// is lowercase already, as clients send it: no allocation per request).
+fn host_name(value: &[u8]) -> Option<Cow<'_, str>> {
     let text = std::str::from_utf8(value).ok()?.trim();
     let host = if text.starts_with('[') {
         text.split_inclusive(']').next().unwrap_or(text)
@@ -754,13 +799,21 @@ fn host_name(value: &[u8]) -> Option<String> {
             _ => text,
         }
     };
-    let host = host.trim_end_matches('.').to_ascii_lowercase();
-    (!host.is_empty()).then_some(host)
+    let host = host.trim_end_matches('.');
+    if host.is_empty() {
+        return None;
+    }
+    Some(if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    })
 }
 
 /// The service one request goes to: the one its host names (the authority of an absolute-form
 /// target, else its one `Host` header, RFC 9112 section 3.2.2). On TLS, `sni` is the server
-/// name the client asked for: a `Host` of another service than that name's (whose certificate
+/// name the client asked for (lowercase: rustls lowers it before anyone sees it): a `Host` of
+/// another service than that name's (whose certificate
 /// the client was given) is refused with 421, as RFC 9110 section 15.5.20 has it, instead of
 /// served under a certificate that does not name it.
 fn route<'a>(
@@ -782,11 +835,11 @@ fn route<'a>(
     }
     .ok_or(Refusal::BadRequest("no Host header"))?;
     let Some((name, service)) = find(services, &host) else {
-        return Err(Refusal::UnknownHost(host));
+        return Err(Refusal::UnknownHost(host.into_owned()));
     };
-    let sni_service = sni.and_then(|sni| find(services, &sni.to_ascii_lowercase()));
+    let sni_service = sni.and_then(|sni| find(services, sni));
     if sni_service.is_some_and(|(sni_name, _)| sni_name != name) {
-        return Err(Refusal::Misdirected(host));
+        return Err(Refusal::Misdirected(host.into_owned()));
     }
     Ok((name, service))
 }
@@ -794,42 +847,61 @@ fn route<'a>(
 /// Whether a request asks to switch protocols (websocket): an `Upgrade` header named by
 /// `Connection`.
 fn wants_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE) && connection_tokens(headers).any(|t| t == "upgrade")
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(connection_tokens)
+            .any(|t| t.eq_ignore_ascii_case("upgrade"))
 }
 
-/// The tokens of a message's `Connection` headers, lowercase.
-fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = String> + '_ {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
+/// The tokens of one `Connection` header value, as they are written (compared without case).
+fn connection_tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
+    value
+        .to_str()
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
         .filter(|t| !t.is_empty())
+}
+
+/// Removes the headers that `value` (a `Connection` header's) names, except `Upgrade` when
+/// `upgrade`: looked up as they are, without a new name allocated per request.
+fn remove_named(headers: &mut HeaderMap, value: &HeaderValue, upgrade: bool) {
+    for token in connection_tokens(value) {
+        // Never what routes or frames the message, whatever a client lists.
+        let kept = ["host", "content-length"]
+            .iter()
+            .any(|k| token.eq_ignore_ascii_case(k))
+            || (upgrade && token.eq_ignore_ascii_case("upgrade"));
+        if !kept {
+            headers.remove(token);
+        }
+    }
 }
 
 /// Removes the headers that describe one hop's connection (RFC 9110 section 7.6.1), the ones
 /// `Connection` names included: each side of the router frames and keeps alive its own
 /// connection. `upgrade` keeps `Upgrade` and says `Connection: upgrade` again.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    let named: Vec<HeaderName> = connection_tokens(headers)
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        // Never what routes or frames the message, whatever a client lists.
-        .filter(|n| *n != header::HOST && *n != header::CONTENT_LENGTH)
-        .collect();
-    for name in named {
-        if !(upgrade && name == header::UPGRADE) {
-            headers.remove(name);
+    // Taken out whole (one value, as clients send it, moves out without a copy).
+    if headers.get_all(header::CONNECTION).iter().nth(1).is_some() {
+        let values: Vec<HeaderValue> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .cloned()
+            .collect();
+        headers.remove(header::CONNECTION);
+        for value in &values {
+            remove_named(headers, value, upgrade);
         }
+    } else if let Some(value) = headers.remove(header::CONNECTION) {
+        remove_named(headers, &value, upgrade);
     }
-    for name in [
-        header::CONNECTION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-    ] {
+    for name in [header::TE, header::TRAILER, header::TRANSFER_ENCODING] {
+        headers.remove(name);
+    }
+    for name in ["keep-alive", "proxy-connection"] {
         headers.remove(name);
     }
     if upgrade {
@@ -843,10 +915,11 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 /// absolute-form one becomes the `Host`), no hop-by-hop headers, HTTP/1.1, and
 /// `X-Forwarded-For` / `X-Forwarded-Proto` / `X-Forwarded-Host` set from this connection. The
 /// client's own `X-Forwarded-*` headers are dropped, not appended to, as Traefik and Caddy do
-/// for clients they do not trust: nothing in front of a front vouches for them.
-fn prepare(request: &mut Request<Incoming>, peer: IpAddr, tls: bool, upgrade: bool) {
-    let uri = request.uri().clone();
-    if uri.scheme().is_some() {
+/// for clients they do not trust: nothing in front of a front vouches for them. `peer` is the
+/// client's address as a header value, made once per connection.
+fn prepare(request: &mut Request<Incoming>, peer: &HeaderValue, tls: bool, upgrade: bool) {
+    if request.uri().scheme().is_some() {
+        let uri = request.uri().clone();
         if let Some(authority) = uri.authority()
             && let Ok(host) = HeaderValue::from_str(authority.as_str())
         {
@@ -863,9 +936,7 @@ fn prepare(request: &mut Request<Incoming>, peer: IpAddr, tls: bool, upgrade: bo
     for name in ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"] {
         headers.remove(name);
     }
-    if let Ok(peer) = HeaderValue::from_str(&peer.to_canonical().to_string()) {
-        headers.insert("x-forwarded-for", peer);
-    }
+    headers.insert("x-forwarded-for", peer.clone());
     let proto = if tls { "https" } else { "http" };
     headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
     if let Some(host) = forwarded_host {
@@ -917,32 +988,197 @@ impl Body for Answer {
     }
 }
 
+/// A request's body as it goes to an instance.
+enum Outgoing {
+    /// None at all (most requests): a request without one can always be made again.
+    Empty,
+    /// The client's body, as it comes: its request goes again only if no byte of it was sent.
+    Streamed(Incoming),
+    /// The client's body of an idempotent request, kept where a failed try can take it back
+    /// for the next one, as long as no frame of it was sent.
+    Kept(Arc<Mutex<KeptBody>>),
+}
+
+struct KeptBody {
+    body: Option<Incoming>,
+    /// A frame of it went to an instance: it cannot be sent again.
+    sent: bool,
+}
+
+impl Body for Outgoing {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Outgoing::Empty => Poll::Ready(None),
+            Outgoing::Streamed(body) => Pin::new(body).poll_frame(cx),
+            Outgoing::Kept(kept) => {
+                let mut kept = locked(kept);
+                let Some(body) = kept.body.as_mut() else {
+                    return Poll::Ready(None);
+                };
+                let frame = Pin::new(body).poll_frame(cx);
+                if let Poll::Ready(Some(_)) = frame {
+                    kept.sent = true;
+                }
+                frame
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Outgoing::Empty => true,
+            Outgoing::Streamed(body) => body.is_end_stream(),
+            Outgoing::Kept(kept) => locked(kept).body.as_ref().is_none_or(Body::is_end_stream),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Outgoing::Empty => SizeHint::with_exact(0),
+            Outgoing::Streamed(body) => body.size_hint(),
+            Outgoing::Kept(kept) => locked(kept)
+                .body
+                .as_ref()
+                .map_or_else(|| SizeHint::with_exact(0), Body::size_hint),
+        }
+    }
+}
+
+/// What an idempotent request (RFC 9110 section 9.2.2: GET, HEAD, OPTIONS, TRACE, PUT,
+/// DELETE) needs to go again after an instance may have seen it: its head, and its body while
+/// no frame of it was sent. A request of another method goes again only when hyper gives it
+/// back unsent.
+struct Replay {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Option<Arc<Mutex<KeptBody>>>,
+}
+
+impl Replay {
+    /// `request` as it goes to an instance, and what it takes to send it again if it may.
+    fn split(request: Request<Incoming>) -> (Request<Outgoing>, Option<Replay>) {
+        let (parts, body) = request.into_parts();
+        let idempotent = parts.method.is_idempotent();
+        let (body, kept) = if body.is_end_stream() {
+            (Outgoing::Empty, None)
+        } else if idempotent {
+            let kept = Arc::new(Mutex::new(KeptBody {
+                body: Some(body),
+                sent: false,
+            }));
+            (Outgoing::Kept(kept.clone()), Some(kept))
+        } else {
+            (Outgoing::Streamed(body), None)
+        };
+        let replay = idempotent.then(|| Replay {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            headers: parts.headers.clone(),
+            body: kept,
+        });
+        (Request::from_parts(parts, body), replay)
+    }
+
+    /// Whether a failure after the head was sent would still leave the request whole for
+    /// another try: an idempotent request without a body.
+    fn whole(replay: Option<&Replay>) -> bool {
+        replay.is_some_and(|r| r.body.is_none())
+    }
+
+    /// The request again, for another try; None once a frame of its body was sent.
+    fn again(&mut self) -> Option<Request<Outgoing>> {
+        let body = match &self.body {
+            None => Outgoing::Empty,
+            Some(kept) => {
+                let body = {
+                    let mut kept = locked(kept);
+                    if kept.sent {
+                        return None;
+                    }
+                    kept.body.take()?
+                };
+                let kept = Arc::new(Mutex::new(KeptBody {
+                    body: Some(body),
+                    sent: false,
+                }));
+                self.body = Some(kept.clone());
+                Outgoing::Kept(kept)
+            }
+        };
+        let mut request = Request::new(body);
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.headers_mut() = self.headers.clone();
+        Some(request)
+    }
+}
+
 /// A connection to an instance, kept between the requests of one client connection.
 struct Upstream {
     routes: Routes,
     backend: BackendRef,
-    sender: SendRequest<Incoming>,
+    sender: SendRequest<Outgoing>,
+    /// When its last request's response head came: a request that could not go again after a
+    /// failure is sent on it only within [`UNSAFE_REUSE_IDLE`].
+    used: Instant,
 }
 
 impl Upstream {
-    /// A new connection to a routed instance of `routes`, counted for one request.
-    async fn connect(routes: &Routes) -> Option<(Upstream, Count)> {
-        let (stream, count, backend) = proxy::connect_routed_backend(routes).await?;
-        let (sender, connection) = hyper::client::conn::http1::Builder::new()
+    /// A new connection to a routed instance of `routes`, counted for one request; instances in
+    /// `failed` (which failed this request) only when no other accepts.
+    async fn connect(
+        routes: &Routes,
+        failed: &[BackendRef],
+    ) -> Result<(Upstream, Count), proxy::Unreachable> {
+        let (stream, count, backend) = proxy::connect_routed_backend(routes, failed).await?;
+        let handshake = hyper::client::conn::http1::Builder::new()
             .handshake(TokioIo::new(stream))
-            .await
-            .ok()?;
+            .await;
+        let (sender, connection) = match handshake {
+            Ok(handshake) => handshake,
+            Err(e) => return Err(Some((backend, io::Error::other(e)))),
+        };
         tokio::spawn(async move {
             let _ = connection.with_upgrades().await;
         });
-        Some((
+        Ok((
             Upstream {
                 routes: routes.clone(),
                 backend,
                 sender,
+                used: Instant::now(),
             },
             count,
         ))
+    }
+
+    /// Whether the connection takes a request now, or within [`REUSE_WAIT`] (a connection that
+    /// the instance is closing never does).
+    async fn ready(&mut self) -> bool {
+        if self.sender.is_ready() {
+            return true;
+        }
+        matches!(
+            tokio::time::timeout(REUSE_WAIT, self.sender.ready()).await,
+            Ok(Ok(()))
+        )
+    }
+}
+
+/// Why a try of a request failed, as a 502 and the endpoint event say it: hyper's words and the
+/// system's under them.
+fn failure_reason(error: &hyper::Error) -> String {
+    use std::error::Error as _;
+    match error.source() {
+        Some(cause) => format!("{error}: {cause}"),
+        None => error.to_string(),
     }
 }
 
@@ -950,9 +1186,13 @@ impl Upstream {
 /// one at a time, so its locks are never contended).
 struct Client {
     table: Arc<FrontTable>,
+    /// The TLS server name, lowercase (as rustls hands it over).
     sni: Option<String>,
-    peer: IpAddr,
+    /// The client's address as `X-Forwarded-For` says it, made once for all its requests.
+    forwarded_for: HeaderValue,
     tls: bool,
+    /// Where 502s are counted for the endpoint's events.
+    gateway: Arc<GatewayLog>,
     /// Told at the first request: the connection no longer waits for its first head.
     first: Mutex<Option<oneshot::Sender<()>>>,
     /// The connection to an instance that the last request used: the next request of the same
@@ -970,6 +1210,14 @@ fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Client {
     /// Answers one request: routed by its own host to a routed instance of its service.
+    ///
+    /// A try that fails goes again on a new connection, at most [`RETRIES`] times, when it
+    /// may: when nothing of it was sent (hyper gives it back: the instance closed or reset the
+    /// connection first, on a kept connection or a fresh one), or, for an idempotent request,
+    /// when the instance closed the connection before a response head and no byte of its body
+    /// was sent (a kept connection the instance closed as the request came). A fresh connection
+    /// that failed sends the next try to another routed instance if one accepts (HAProxy's
+    /// `option redispatch`). Any other failure is a 502 naming the instance.
     async fn answer(self: Arc<Self>, mut request: Request<Incoming>) -> Response<Answer> {
         if let Some(first) = locked(&self.first).take() {
             let _ = first.send(());
@@ -981,47 +1229,88 @@ impl Client {
             request.headers(),
             self.sni.as_deref(),
         ) {
-            Ok((name, service)) => (name.clone(), service.routes.clone()),
+            Ok((name, service)) => (name, &service.routes),
             Err(refusal) => return refusal.answer(),
         };
-        drop(services);
         let upgrade = wants_upgrade(request.headers());
         let client_side = upgrade.then(|| hyper::upgrade::on(&mut request));
-        prepare(&mut request, self.peer, self.tls, upgrade);
+        prepare(&mut request, &self.forwarded_for, self.tls, upgrade);
+        let (mut request, mut replay) = Replay::split(request);
         // The last request's connection, if it went to this service and its instance is still
-        // routed: counted first, then looked at (`Routes::hold`), so a drain cannot miss it.
+        // routed: counted first, then looked at (`Routes::hold`), so a drain cannot miss it. A
+        // request that could not go again if the instance closed that connection as it came
+        // takes it only if it was used just now.
+        let whole = Replay::whole(replay.as_ref());
         let kept = locked(&self.upstream).take();
         let mut reuse = kept
-            .filter(|up| up.routes.same(&routes))
+            .filter(|up| up.routes.same(routes))
+            .filter(|up| whole || up.used.elapsed() < UNSAFE_REUSE_IDLE)
             .and_then(|up| routes.hold(&up.backend).map(|count| (up, count)));
+        // Instances whose fresh connection failed this request: tried last.
+        let mut failed: Vec<BackendRef> = Vec::new();
+        let mut last: Option<GatewayFailure> = None;
+        let mut tries = 0;
         loop {
             let reused = reuse.is_some();
             let (mut up, count) = match reuse.take() {
                 Some(kept) => kept,
-                None => match Upstream::connect(&routes).await {
-                    Some(new) => new,
-                    None => return Refusal::NoInstance(name).answer(),
+                None => match Upstream::connect(routes, &failed).await {
+                    Ok(new) => new,
+                    Err(unreachable) => {
+                        let refusal = match (last, unreachable) {
+                            // Every routed instance refused: the failure of the last try stands.
+                            (Some(failure), _) => Refusal::BadGateway(failure),
+                            (None, Some((backend, e))) => Refusal::Unreachable(GatewayFailure {
+                                service: name.clone(),
+                                instance: backend.to_string(),
+                                reason: e.to_string(),
+                            }),
+                            (None, None) => return Refusal::NoInstance(name.clone()).answer(),
+                        };
+                        return self.failed(refusal, tries);
+                    }
                 },
             };
-            if reused
-                && !matches!(
-                    tokio::time::timeout(REUSE_WAIT, up.sender.ready()).await,
-                    Ok(Ok(()))
-                )
-            {
+            if reused && !up.ready().await {
                 // Closed by the instance while idle (or not idle yet): a new connection.
                 continue;
             }
-            match up.sender.try_send_request(request).await {
+            let mut error = match up.sender.try_send_request(request).await {
                 Ok(response) => return self.relay(response, up, count, client_side, name),
-                Err(mut failed) => match failed.take_message() {
-                    // Not sent at all on a kept connection that the instance was closing: the
-                    // request goes again, on a new connection.
-                    Some(unsent) if reused => request = unsent,
-                    _ => return Refusal::BadGateway(name).answer(),
-                },
+                Err(error) => error,
+            };
+            let failure = GatewayFailure {
+                service: name.clone(),
+                instance: up.backend.to_string(),
+                reason: failure_reason(error.error()),
+            };
+            if !reused {
+                failed.push(up.backend.clone());
+            }
+            drop((up, count));
+            let again = match error.take_message() {
+                Some(unsent) => Some(unsent),
+                None => replay.as_mut().and_then(Replay::again),
+            };
+            match again {
+                Some(next) if tries < RETRIES => {
+                    tries += 1;
+                    request = next;
+                    last = Some(failure);
+                }
+                _ => return self.failed(Refusal::BadGateway(failure), tries),
             }
         }
+    }
+
+    /// The answer to a request that failed at an instance after `tries` tries again (a 502,
+    /// or a 503 when no instance took a connection), counted for the endpoint's events.
+    fn failed(&self, refusal: Refusal, tries: usize) -> Response<Answer> {
+        if let Refusal::BadGateway(failure) | Refusal::Unreachable(failure) = &refusal {
+            let (status, _) = refusal.status_and_body();
+            self.gateway.record(failure, status.as_u16(), tries + 1);
+        }
+        refusal.answer()
     }
 
     /// An instance's response, as the client gets it; a switch of protocols relays the two
@@ -1029,17 +1318,22 @@ impl Client {
     fn relay(
         &self,
         mut response: Response<Incoming>,
-        up: Upstream,
+        mut up: Upstream,
         count: Count,
         client_side: Option<hyper::upgrade::OnUpgrade>,
-        name: String,
+        name: &str,
     ) -> Response<Answer> {
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         *response.version_mut() = Version::HTTP_11;
         strip_hop_by_hop(response.headers_mut(), switching);
         if switching {
             let Some(client_side) = client_side else {
-                return Refusal::BadGateway(name).answer();
+                let failure = GatewayFailure {
+                    service: name.to_owned(),
+                    instance: up.backend.to_string(),
+                    reason: "it switched protocols though the client asked for no upgrade".into(),
+                };
+                return self.failed(Refusal::BadGateway(failure), 0);
             };
             let instance_side = hyper::upgrade::on(&mut response);
             let relaying = tokio::spawn(async move {
@@ -1056,11 +1350,83 @@ impl Client {
             locked(&self.upgraded).push(relaying);
             return response.map(|_| Answer::empty());
         }
+        up.used = Instant::now();
         *locked(&self.upstream) = Some(up);
         response.map(|body| Answer::Relayed {
             body,
             _count: count,
         })
+    }
+}
+
+/// How long the endpoint's events leave between two reports of 502s from one instance.
+const GATEWAY_REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// The 502s (and 503s of instances that refused) of a front by instance, reported through [`Front::take_failures`] as endpoint
+/// events: the first of an instance at the next report, later ones at most every
+/// [`GATEWAY_REPORT_EVERY`], counted, so a failing instance cannot flood the event log.
+#[derive(Debug, Default)]
+struct GatewayLog {
+    by_instance: Mutex<BTreeMap<(String, String), GatewayCount>>,
+}
+
+#[derive(Debug)]
+struct GatewayCount {
+    requests: u64,
+    /// The last one's status: 502, or 503 when no instance took a connection.
+    status: u16,
+    tries: usize,
+    reason: String,
+    reported: Option<Instant>,
+}
+
+impl GatewayLog {
+    fn record(&self, failure: &GatewayFailure, status: u16, tries: usize) {
+        let mut by_instance = locked(&self.by_instance);
+        let key = (failure.service.clone(), failure.instance.clone());
+        let count = by_instance.entry(key).or_insert_with(|| GatewayCount {
+            requests: 0,
+            status,
+            tries: 0,
+            reason: String::new(),
+            reported: None,
+        });
+        count.requests += 1;
+        count.status = status;
+        count.tries = tries;
+        count.reason.clone_from(&failure.reason);
+    }
+
+    /// Messages for the instances due a report; forgets those quiet since their last one.
+    fn take(&self, now: Instant) -> Vec<String> {
+        let mut by_instance = locked(&self.by_instance);
+        let due = |c: &GatewayCount| {
+            c.reported
+                .is_none_or(|at| now.duration_since(at) >= GATEWAY_REPORT_EVERY)
+        };
+        by_instance.retain(|_, c| c.requests > 0 || !due(c));
+        let mut messages = Vec::new();
+        for ((service, instance), count) in by_instance.iter_mut() {
+            if count.requests == 0 || !due(count) {
+                continue;
+            }
+            let requests = match count.requests {
+                1 => "a request".to_owned(),
+                n => format!("{n} requests"),
+            };
+            let tries = match count.tries {
+                1 => "one try".to_owned(),
+                n => format!("{n} tries"),
+            };
+            messages.push(format!(
+                "service {service}: {requests} answered {}: instance {instance} failed them \
+                 ({}; the last after {tries})",
+                count.status, count.reason
+            ));
+            count.requests = 0;
+            count.reported = Some(now);
+        }
+        messages
     }
 }
 
@@ -1097,6 +1463,13 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(client: &mut S, refusal: Refu
     .await;
 }
 
+/// What every connection of a front shares.
+struct Shared {
+    table: Arc<FrontTable>,
+    admission: Arc<Admission>,
+    gateway: Arc<GatewayLog>,
+}
+
 /// The routes of the front's catch-all service (TLS without hosts), if it has one.
 fn catch_all_routes(table: &FrontTable) -> Option<Routes> {
     catch_all(&table.snapshot()).map(|s| s.routes.clone())
@@ -1106,20 +1479,15 @@ fn catch_all_routes(table: &FrontTable) -> Option<Routes> {
 /// in `admission`, within [`HEAD_TIMEOUT`], closed at once when evicted), then its requests,
 /// each routed by its own host ([`serve_http`]); a catch-all service's connections are relayed
 /// as bytes to one instance instead.
-async fn handle(
-    client: TcpStream,
-    table: Arc<FrontTable>,
-    acceptor: Option<TlsAcceptor>,
-    admission: Arc<Admission>,
-) {
+async fn handle(client: TcpStream, shared: Shared, acceptor: Option<TlsAcceptor>) {
     let _ = client.set_nodelay(true);
     let Ok(peer) = client.peer_addr() else {
         return;
     };
-    let waiting = admission.admit(peer.ip());
+    let waiting = shared.admission.admit(peer.ip());
     let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
     let Some(acceptor) = acceptor else {
-        return serve_http(client, table, None, peer.ip(), waiting, deadline).await;
+        return serve_http(client, shared, None, peer.ip(), waiting, deadline).await;
     };
     let accepted = tokio::select! {
         () = waiting.evicted() => return,
@@ -1128,14 +1496,14 @@ async fn handle(
     let Ok(Ok(mut client)) = accepted else {
         return;
     };
-    let Some(routes) = catch_all_routes(&table) else {
+    let Some(routes) = catch_all_routes(&shared.table) else {
         let sni = client.get_ref().1.server_name().map(str::to_owned);
         let tls = Some(sni);
-        return serve_http(client, table, tls, peer.ip(), waiting, deadline).await;
+        return serve_http(client, shared, tls, peer.ip(), waiting, deadline).await;
     };
     drop(waiting);
     let Some((mut upstream, _count)) = proxy::connect_routed(&routes).await else {
-        let service = service_of(&table, &routes);
+        let service = service_of(&shared.table, &routes);
         return refuse(&mut client, Refusal::NoInstance(service)).await;
     };
     let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
@@ -1147,7 +1515,7 @@ async fn handle(
 /// once idle for [`IDLE_TIMEOUT`] between requests.
 async fn serve_http<S>(
     io: S,
-    table: Arc<FrontTable>,
+    shared: Shared,
     tls: Option<Option<String>>,
     peer: IpAddr,
     waiting: WaitingForHead,
@@ -1156,11 +1524,16 @@ async fn serve_http<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (first, first_came) = oneshot::channel();
+    // Made once here, not per request (nor is the server name lowered per request: rustls
+    // hands it over lowercase).
+    let forwarded_for = HeaderValue::from_str(&peer.to_canonical().to_string())
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
     let client = Arc::new(Client {
-        table,
+        table: shared.table,
         tls: tls.is_some(),
         sni: tls.flatten(),
-        peer,
+        forwarded_for,
+        gateway: shared.gateway,
         first: Mutex::new(Some(first)),
         upstream: Mutex::new(None),
         upgraded: Mutex::new(Vec::new()),
@@ -1318,14 +1691,27 @@ mod tests {
     /// 600 ms, `/echo` streams the request body back (chunked when the request's was), and a
     /// request with `Upgrade` switches to echoing bytes.
     async fn instance(name: &'static str) -> SocketAddr {
+        journaled(name).await.0
+    }
+
+    /// Each request body an instance got, as it got it, in order.
+    type Journal = Arc<Mutex<Vec<String>>>;
+
+    /// [`instance`], which also writes down the body of each `/post` request, whole, and
+    /// answers it with `NAME got BODY`.
+    async fn journaled(name: &'static str) -> (SocketAddr, Journal) {
         use http_body_util::{BodyExt, Full};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let journal = Journal::default();
+        let written = journal.clone();
         tokio::spawn(async move {
             loop {
                 let (stream, _) = listener.accept().await.unwrap();
-                let service =
-                    hyper::service::service_fn(move |mut request: Request<Incoming>| async move {
+                let journal = written.clone();
+                let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+                    let journal = journal.clone();
+                    async move {
                         let text = |s: String| {
                             Full::new(Bytes::from(s))
                                 .map_err(|never| match never {})
@@ -1349,6 +1735,12 @@ mod tests {
                         match request.uri().path() {
                             "/echo" => return Ok(Response::new(request.into_body().boxed())),
                             "/slow" => tokio::time::sleep(Duration::from_millis(600)).await,
+                            "/post" => {
+                                let body = request.into_body().collect().await.unwrap();
+                                let body = String::from_utf8(body.to_bytes().to_vec()).unwrap();
+                                journal.lock().unwrap().push(body.clone());
+                                return Ok(Response::new(text(format!("{name} got {body}"))));
+                            }
                             _ => {}
                         }
                         let told = |name: &str| {
@@ -1365,7 +1757,8 @@ mod tests {
                             told("x-forwarded-for"),
                             told("x-forwarded-proto")
                         ))))
-                    });
+                    }
+                });
                 tokio::spawn(
                     hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -1373,7 +1766,7 @@ mod tests {
                 );
             }
         });
-        addr
+        (addr, journal)
     }
 
     /// A plain front on a free loopback port for `services` (NAME serves NAME.example).
@@ -1571,6 +1964,293 @@ mod tests {
         let reply = ask(&mut wire, "shop.example", "/who").await;
         assert!(reply.text().starts_with("shop-b "), "{}", reply.text());
         assert_eq!(shop.active_connections("shop-a"), 0);
+    }
+
+    async fn post(wire: &mut Wire, host: &str, body: &str) -> Reply {
+        let request = format!(
+            "POST /post HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        wire.get_mut().write_all(request.as_bytes()).await.unwrap();
+        read_reply(wire, false).await
+    }
+
+    /// POSTs `body` to shop.example: answered by the instance that says `NAME got BODY` (and
+    /// written down in `answered`), or a 502 that names `instance` (`ID at ADDRESS`).
+    async fn post_answered(
+        wire: &mut Wire,
+        body: &str,
+        name: &str,
+        instance: &str,
+        answered: &mut Vec<String>,
+    ) {
+        let reply = post(wire, "shop.example", body).await;
+        match reply.status {
+            200 => {
+                assert_eq!(reply.text(), format!("{name} got {body}"));
+                answered.push(body.to_owned());
+            }
+            502 => assert!(
+                reply.text().contains(&format!("instance {instance} ")),
+                "{}",
+                reply.text()
+            ),
+            _ => panic!("{reply:?}"),
+        }
+    }
+
+    /// An instance that resets each connection it accepts, `after` accepting it, without reading
+    /// a byte of it, as the kernel resets what the listener of an instance killed between the
+    /// router's pick and its connect still held; counts the connections it reset.
+    async fn resetting(after: Duration) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let resets = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = resets.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(after).await;
+                    stream.set_zero_linger().unwrap();
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                });
+            }
+        });
+        (addr, resets)
+    }
+
+    /// An instance that answers one request per connection, as HTTP/1.1 keep-alive (no
+    /// `Connection: close`), and closes the connection `idle` after its answer without reading
+    /// what came meanwhile: an instance's idle timeout that fires as a request comes, with the
+    /// race, a round trip wide between hosts, made certain. Writes down the body of each POST
+    /// it answered and counts the requests it lost (a connection closed with bytes unread).
+    async fn closes_when_idle(
+        idle: Duration,
+    ) -> (SocketAddr, Journal, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::AsyncBufReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let journal = Journal::default();
+        let lost = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (written, counted) = (journal.clone(), lost.clone());
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let (journal, lost) = (written.clone(), counted.clone());
+                tokio::spawn(async move {
+                    let mut wire = tokio::io::BufReader::new(stream);
+                    let mut head = String::new();
+                    loop {
+                        let mut line = String::new();
+                        if wire.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line.trim_end().is_empty() {
+                            break;
+                        }
+                        head.push_str(&line.to_ascii_lowercase());
+                    }
+                    let length = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    let mut body = vec![0; length];
+                    wire.read_exact(&mut body).await.unwrap();
+                    let body = String::from_utf8(body).unwrap();
+                    if head.starts_with("post ") {
+                        journal.lock().unwrap().push(body.clone());
+                    }
+                    let text = format!("lazy got {body}");
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}",
+                        text.len()
+                    );
+                    wire.get_mut().write_all(answer.as_bytes()).await.unwrap();
+                    tokio::time::sleep(idle).await;
+                    let mut probe = [0u8; 1];
+                    let unread = !wire.buffer().is_empty()
+                        || matches!(wire.get_ref().try_read(&mut probe), Ok(n) if n > 0);
+                    if unread {
+                        lost.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+        (addr, journal, lost)
+    }
+
+    #[tokio::test]
+    async fn a_request_reset_on_a_fresh_connection_goes_to_another_instance_and_a_sent_post_never_twice()
+     {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (good, journal) = journaled("shop-1").await;
+        let (reset, resets) = resetting(Duration::ZERO).await;
+        let shop = routes_to(&[("reset-1", reset), ("shop-1", good)]);
+        let front = front_for(&[("shop", &shop)]);
+        // A new client connection per request: each connects anew, round-robin, so every other
+        // request tries the resetting instance first.
+        for _ in 0..20 {
+            let mut wire = open(&front).await;
+            let reply = ask(&mut wire, "shop.example", "/who").await;
+            assert_eq!(reply.status, 200, "{}", reply.text());
+            assert!(reply.text().starts_with("shop-1 "), "{}", reply.text());
+        }
+        assert!(
+            resets.load(SeqCst) >= 5,
+            "reset {} times",
+            resets.load(SeqCst)
+        );
+        // A POST written before the reset came may have reached an instance that took it: a
+        // 502 naming the instance, never a second try. One given back unsent goes again.
+        let mut answered = Vec::new();
+        for i in 0..20 {
+            let mut wire = open(&front).await;
+            let instance = format!("reset-1 at {reset}");
+            post_answered(
+                &mut wire,
+                &format!("order-{i}"),
+                "shop-1",
+                &instance,
+                &mut answered,
+            )
+            .await;
+        }
+        assert!(!answered.is_empty());
+        assert_eq!(*journal.lock().unwrap(), answered, "each POST taken once");
+    }
+
+    #[tokio::test]
+    async fn a_request_no_try_could_get_answered_is_a_502_naming_the_instance_and_one_event() {
+        use std::sync::atomic::Ordering::SeqCst;
+        // Reset once the request was written: tried again as long as it may.
+        let (reset, resets) = resetting(Duration::from_millis(20)).await;
+        let shop = routes_to(&[("reset-1", reset)]);
+        let front = front_for(&[("shop", &shop)]);
+        let mut wire = open(&front).await;
+        let reply = ask(&mut wire, "shop.example", "/who").await;
+        assert_eq!(reply.status, 502, "{}", reply.text());
+        let named = format!("instance reset-1 at {reset} of service shop failed the request: ");
+        assert!(reply.text().starts_with(&named), "{}", reply.text());
+        // The only instance, tried once and then again RETRIES times.
+        assert_eq!(resets.load(SeqCst), 1 + RETRIES);
+        // The client's connection goes on; 502s of one instance make one event at a time.
+        assert_eq!(ask(&mut wire, "shop.example", "/who").await.status, 502);
+        let events = front.take_failures();
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert!(
+            events[0].starts_with("service shop: 2 requests answered 502: ")
+                && events[0].contains(&format!("instance reset-1 at {reset} failed them")),
+            "{events:?}"
+        );
+        assert_eq!(ask(&mut wire, "shop.example", "/who").await.status, 502);
+        assert!(front.take_failures().is_empty(), "reported again at once");
+    }
+
+    #[test]
+    fn the_502s_of_an_instance_are_reported_at_once_then_at_most_every_ten_seconds() {
+        let log = GatewayLog::default();
+        let failure = |instance: &str| GatewayFailure {
+            service: "shop".into(),
+            instance: instance.into(),
+            reason: "connection reset".into(),
+        };
+        let start = Instant::now();
+        log.record(&failure("a at 127.0.0.1:1"), 502, 4);
+        let first = log.take(start);
+        assert_eq!(
+            first,
+            [
+                "service shop: a request answered 502: instance a at 127.0.0.1:1 failed them \
+              (connection reset; the last after 4 tries)"
+            ]
+        );
+        log.record(&failure("a at 127.0.0.1:1"), 502, 1);
+        log.record(&failure("a at 127.0.0.1:1"), 503, 2);
+        log.record(&failure("b at 127.0.0.1:2"), 502, 1);
+        let soon = log.take(start + Duration::from_secs(1));
+        assert_eq!(soon.len(), 1, "only b is due: {soon:?}");
+        assert!(soon[0].contains("instance b at"), "{soon:?}");
+        let later = log.take(start + GATEWAY_REPORT_EVERY);
+        assert_eq!(later.len(), 1, "{later:?}");
+        assert!(
+            later[0].contains("2 requests answered 503: instance a at")
+                && later[0].ends_with("the last after 2 tries)"),
+            "{later:?}"
+        );
+        // Quiet since: forgotten, so the map holds only instances that fail.
+        assert!(log.take(start + GATEWAY_REPORT_EVERY * 3).is_empty());
+        assert!(locked(&log.by_instance).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_request_sent_as_the_instance_closes_its_kept_connection_goes_again_unless_a_post_was_sent()
+     {
+        use std::sync::atomic::Ordering::SeqCst;
+        let idle = Duration::from_millis(150);
+        let (lazy, journal, lost) = closes_when_idle(idle).await;
+        let shop = routes_to(&[("lazy-1", lazy)]);
+        let front = front_for(&[("shop", &shop)]);
+        let mut wire = open(&front).await;
+        // Pauses around the instance's idle timeout: after one shorter than it, the request
+        // goes on the kept connection that the instance then closes without reading it.
+        for i in 0..24u64 {
+            let reply = ask(&mut wire, "shop.example", "/who").await;
+            assert_eq!(
+                (reply.status, reply.text().as_str()),
+                (200, "lazy got "),
+                "request {i}"
+            );
+            tokio::time::sleep(Duration::from_millis(i * 37 % 300)).await;
+        }
+        let lost_gets = lost.load(SeqCst);
+        assert!(
+            lost_gets >= 5,
+            "only {lost_gets} requests met a closing connection"
+        );
+        // A POST sent into a closing connection is lost there and answered 502, never sent
+        // again; the next one goes on a new connection.
+        let mut answered = Vec::new();
+        for i in 0..10 {
+            let instance = format!("lazy-1 at {lazy}");
+            post_answered(
+                &mut wire,
+                &format!("order-{i}"),
+                "lazy",
+                &instance,
+                &mut answered,
+            )
+            .await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            lost.load(SeqCst) > lost_gets,
+            "no POST met a closing connection"
+        );
+        assert!(answered.len() >= 4, "{answered:?}");
+        assert_eq!(*journal.lock().unwrap(), answered, "each POST taken once");
+    }
+
+    #[tokio::test]
+    async fn a_post_after_a_pause_takes_a_new_connection_not_one_the_instance_may_be_closing() {
+        use std::sync::atomic::Ordering::SeqCst;
+        // An instance whose idle timeout is longer than the pause.
+        let idle = UNSAFE_REUSE_IDLE + Duration::from_millis(600);
+        let (lazy, journal, lost) = closes_when_idle(idle).await;
+        let shop = routes_to(&[("lazy-1", lazy)]);
+        let front = front_for(&[("shop", &shop)]);
+        let mut wire = open(&front).await;
+        assert_eq!(ask(&mut wire, "shop.example", "/who").await.status, 200);
+        tokio::time::sleep(UNSAFE_REUSE_IDLE + Duration::from_millis(100)).await;
+        let reply = post(&mut wire, "shop.example", "order-1").await;
+        assert_eq!(
+            (reply.status, reply.text().as_str()),
+            (200, "lazy got order-1")
+        );
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(lost.load(SeqCst), 0, "the POST went on the kept connection");
+        assert_eq!(*journal.lock().unwrap(), ["order-1"]);
     }
 
     #[tokio::test]
