@@ -1169,6 +1169,65 @@ mod tests {
         );
     }
 
+    /// The fake provider with some of its calls changed: a test's provider implements only
+    /// what it changes (every call defaults to the fake's own), and [`Altered`] makes it a
+    /// [`Provider`].
+    trait Alter: Send + Sync + 'static {
+        fn fake(&self) -> &FakeProvider;
+        fn launch(&self, spec: &InstanceSpec) -> Result<Instance, imago_runtime::RuntimeError> {
+            self.fake().launch(spec)
+        }
+        fn stop(&self, id: &str, grace: Duration) -> Result<Instance, imago_runtime::RuntimeError> {
+            self.fake().stop(id, grace)
+        }
+        fn remove(&self, id: &str) -> Result<(), imago_runtime::RuntimeError> {
+            self.fake().remove(id)
+        }
+        fn list(&self) -> Result<Vec<Instance>, imago_runtime::RuntimeError> {
+            self.fake().list()
+        }
+    }
+
+    /// An [`Alter`] as a provider; derefs to it, so a test reads its fields and calls its
+    /// methods through the `Arc` it handed the controller.
+    struct Altered<A> {
+        alter: A,
+    }
+
+    impl<A: Alter> Altered<A> {
+        fn new(alter: A) -> Arc<Altered<A>> {
+            Arc::new(Altered { alter })
+        }
+    }
+
+    impl<A> std::ops::Deref for Altered<A> {
+        type Target = A;
+        fn deref(&self) -> &A {
+            &self.alter
+        }
+    }
+
+    impl<A: Alter> Provider for Altered<A> {
+        fn launch(&self, spec: &InstanceSpec) -> Result<Instance, imago_runtime::RuntimeError> {
+            self.alter.launch(spec)
+        }
+        fn stop(&self, id: &str, grace: Duration) -> Result<Instance, imago_runtime::RuntimeError> {
+            self.alter.stop(id, grace)
+        }
+        fn remove(&self, id: &str) -> Result<(), imago_runtime::RuntimeError> {
+            self.alter.remove(id)
+        }
+        fn list(&self) -> Result<Vec<Instance>, imago_runtime::RuntimeError> {
+            self.alter.list()
+        }
+        fn inspect(&self, id: &str) -> Result<Instance, imago_runtime::RuntimeError> {
+            self.alter.fake().inspect(id)
+        }
+        fn logs(&self, id: &str) -> Result<Vec<u8>, imago_runtime::RuntimeError> {
+            self.alter.fake().logs(id)
+        }
+    }
+
     /// A provider whose stops take as long as the grace period, as with a process that ignores
     /// SIGTERM: what the controller must never wait for inside a pass. Records each grace.
     /// Its launches take the third field's time (a real launch waits for its supervisor).
@@ -1182,8 +1241,8 @@ mod tests {
     );
 
     impl SlowStops {
-        fn new(fake: &Arc<FakeProvider>) -> Arc<SlowStops> {
-            Arc::new(SlowStops(
+        fn new(fake: &Arc<FakeProvider>) -> Arc<Altered<SlowStops>> {
+            Altered::new(SlowStops(
                 fake.clone(),
                 Mutex::default(),
                 Duration::ZERO,
@@ -1200,7 +1259,10 @@ mod tests {
         }
     }
 
-    impl Provider for SlowStops {
+    impl Alter for SlowStops {
+        fn fake(&self) -> &FakeProvider {
+            &self.0
+        }
         fn launch(&self, spec: &InstanceSpec) -> Result<Instance, imago_runtime::RuntimeError> {
             std::thread::sleep(self.2);
             self.0.launch(spec)
@@ -1215,18 +1277,6 @@ mod tests {
                 });
             }
             self.0.stop(id, grace)
-        }
-        fn remove(&self, id: &str) -> Result<(), imago_runtime::RuntimeError> {
-            self.0.remove(id)
-        }
-        fn list(&self) -> Result<Vec<Instance>, imago_runtime::RuntimeError> {
-            self.0.list()
-        }
-        fn inspect(&self, id: &str) -> Result<Instance, imago_runtime::RuntimeError> {
-            self.0.inspect(id)
-        }
-        fn logs(&self, id: &str) -> Result<Vec<u8>, imago_runtime::RuntimeError> {
-            self.0.logs(id)
         }
     }
 
@@ -1376,9 +1426,9 @@ mod tests {
         turn: std::sync::Condvar,
     }
 
-    impl Provider for StopsEndingAfterTheListing {
-        fn launch(&self, spec: &InstanceSpec) -> Result<Instance, imago_runtime::RuntimeError> {
-            self.fake.launch(spec)
+    impl Alter for StopsEndingAfterTheListing {
+        fn fake(&self) -> &FakeProvider {
+            &self.fake
         }
         fn stop(&self, id: &str, grace: Duration) -> Result<Instance, imago_runtime::RuntimeError> {
             *self.stops.lock().unwrap() += 1;
@@ -1397,9 +1447,6 @@ mod tests {
             drop(gate);
             self.fake.stop(id, grace)
         }
-        fn remove(&self, id: &str) -> Result<(), imago_runtime::RuntimeError> {
-            self.fake.remove(id)
-        }
         fn list(&self) -> Result<Vec<Instance>, imago_runtime::RuntimeError> {
             let listed = self.fake.list();
             let mut gate = self.gate.lock().unwrap();
@@ -1412,18 +1459,12 @@ mod tests {
             }
             listed
         }
-        fn inspect(&self, id: &str) -> Result<Instance, imago_runtime::RuntimeError> {
-            self.fake.inspect(id)
-        }
-        fn logs(&self, id: &str) -> Result<Vec<u8>, imago_runtime::RuntimeError> {
-            self.fake.logs(id)
-        }
     }
 
     #[test]
     fn a_stop_that_ended_after_the_listing_is_not_started_again() {
         let mut h = harness();
-        let provider = Arc::new(StopsEndingAfterTheListing {
+        let provider = Altered::new(StopsEndingAfterTheListing {
             fake: h.fake.clone(),
             ..Default::default()
         });
@@ -1465,7 +1506,7 @@ mod tests {
     #[test]
     fn a_stop_whose_thread_panicked_is_started_again() {
         let mut h = harness();
-        let provider = Arc::new(StopsEndingAfterTheListing {
+        let provider = Altered::new(StopsEndingAfterTheListing {
             fake: h.fake.clone(),
             panic_next: true.into(),
             ..Default::default()
@@ -1699,7 +1740,7 @@ mod tests {
             Duration::from_millis(100),
             Default::default(),
         );
-        h.restart(Arc::new(slow));
+        h.restart(Altered::new(slow));
         let web = spec(serde_json::json!({"image": "web", "replicas": 16}));
         h.release("web", &web, b"v1");
         let started = std::time::Instant::now();
@@ -2076,8 +2117,8 @@ mod tests {
     }
 
     impl GatedProvider {
-        fn new(fake: Arc<FakeProvider>) -> Arc<GatedProvider> {
-            Arc::new(GatedProvider {
+        fn new(fake: Arc<FakeProvider>) -> Arc<Altered<GatedProvider>> {
+            Altered::new(GatedProvider {
                 fake,
                 gate: std::sync::Mutex::new(Gate {
                     passes: usize::MAX,
@@ -2120,7 +2161,10 @@ mod tests {
         }
     }
 
-    impl Provider for GatedProvider {
+    impl Alter for GatedProvider {
+        fn fake(&self) -> &FakeProvider {
+            &self.fake
+        }
         fn launch(&self, spec: &InstanceSpec) -> Result<Instance, imago_runtime::RuntimeError> {
             let mut gate = self.gate.lock().unwrap();
             gate.in_flight += 1;
@@ -2137,24 +2181,9 @@ mod tests {
             gate.in_flight -= 1;
             launched
         }
-        fn stop(&self, id: &str, grace: Duration) -> Result<Instance, imago_runtime::RuntimeError> {
-            self.fake.stop(id, grace)
-        }
-        fn remove(&self, id: &str) -> Result<(), imago_runtime::RuntimeError> {
-            self.fake.remove(id)
-        }
-        fn list(&self) -> Result<Vec<Instance>, imago_runtime::RuntimeError> {
-            self.fake.list()
-        }
-        fn inspect(&self, id: &str) -> Result<Instance, imago_runtime::RuntimeError> {
-            self.fake.inspect(id)
-        }
-        fn logs(&self, id: &str) -> Result<Vec<u8>, imago_runtime::RuntimeError> {
-            self.fake.logs(id)
-        }
     }
 
-    fn gated_harness() -> (Harness, Arc<GatedProvider>) {
+    fn gated_harness() -> (Harness, Arc<Altered<GatedProvider>>) {
         let mut h = harness();
         let gated = GatedProvider::new(h.fake.clone());
         h.restart(gated.clone());
@@ -2454,8 +2483,8 @@ mod tests {
     const HELD_AT_MOST: Duration = Duration::from_secs(3);
 
     impl HeldStops {
-        fn new(fake: &Arc<FakeProvider>, passes: usize) -> Arc<HeldStops> {
-            Arc::new(HeldStops {
+        fn new(fake: &Arc<FakeProvider>, passes: usize) -> Arc<Altered<HeldStops>> {
+            Altered::new(HeldStops {
                 fake: fake.clone(),
                 gate: std::sync::Mutex::new(HeldGate {
                     passes,
@@ -2500,9 +2529,9 @@ mod tests {
         }
     }
 
-    impl Provider for HeldStops {
-        fn launch(&self, spec: &InstanceSpec) -> Result<Instance, imago_runtime::RuntimeError> {
-            self.fake.launch(spec)
+    impl Alter for HeldStops {
+        fn fake(&self) -> &FakeProvider {
+            &self.fake
         }
         fn stop(&self, id: &str, grace: Duration) -> Result<Instance, imago_runtime::RuntimeError> {
             if !self.pass_gate() {
@@ -2541,15 +2570,6 @@ mod tests {
             }
             removed
         }
-        fn list(&self) -> Result<Vec<Instance>, imago_runtime::RuntimeError> {
-            self.fake.list()
-        }
-        fn inspect(&self, id: &str) -> Result<Instance, imago_runtime::RuntimeError> {
-            self.fake.inspect(id)
-        }
-        fn logs(&self, id: &str) -> Result<Vec<u8>, imago_runtime::RuntimeError> {
-            self.fake.logs(id)
-        }
     }
 
     fn alive(fake: &FakeProvider, service: &str) -> usize {
@@ -2567,7 +2587,7 @@ mod tests {
     fn rolling_update_with_held_stops(
         replicas: u32,
         max_surge: u32,
-    ) -> (Harness, Arc<HeldStops>, BTreeSet<String>) {
+    ) -> (Harness, Arc<Altered<HeldStops>>, BTreeSet<String>) {
         let mut h = harness();
         let held = HeldStops::new(&h.fake, 0);
         h.restart(held.clone());
@@ -2703,12 +2723,9 @@ mod tests {
         std::sync::atomic::AtomicU64,
     );
 
-    impl Provider for FailingRemovals {
-        fn launch(&self, spec: &InstanceSpec) -> Result<Instance, imago_runtime::RuntimeError> {
-            self.0.launch(spec)
-        }
-        fn stop(&self, id: &str, grace: Duration) -> Result<Instance, imago_runtime::RuntimeError> {
-            self.0.stop(id, grace)
+    impl Alter for FailingRemovals {
+        fn fake(&self) -> &FakeProvider {
+            &self.0
         }
         fn remove(&self, id: &str) -> Result<(), imago_runtime::RuntimeError> {
             self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -2720,21 +2737,14 @@ mod tests {
             }
             self.0.remove(id)
         }
-        fn list(&self) -> Result<Vec<Instance>, imago_runtime::RuntimeError> {
-            self.0.list()
-        }
-        fn inspect(&self, id: &str) -> Result<Instance, imago_runtime::RuntimeError> {
-            self.0.inspect(id)
-        }
-        fn logs(&self, id: &str) -> Result<Vec<u8>, imago_runtime::RuntimeError> {
-            self.0.logs(id)
-        }
     }
 
     /// Service web (1 replica, surge 1, no drain, `progress_deadline`) at release 1, then a
     /// controller whose removals fail, and release 2 recorded: the instance it retires cannot be
     /// removed.
-    fn rollout_with_failing_removals(progress_deadline: &str) -> (Harness, Arc<FailingRemovals>) {
+    fn rollout_with_failing_removals(
+        progress_deadline: &str,
+    ) -> (Harness, Arc<Altered<FailingRemovals>>) {
         let mut h = harness();
         let v1 = spec(serde_json::json!({
             "image": "web", "replicas": 1,
@@ -2743,7 +2753,7 @@ mod tests {
         }));
         h.release("web", &v1, b"v1");
         h.converge("web", 10);
-        let failing = Arc::new(FailingRemovals(
+        let failing = Altered::new(FailingRemovals(
             h.fake.clone(),
             0.into(),
             true.into(),
@@ -2861,15 +2871,9 @@ mod tests {
         listings: std::sync::atomic::AtomicUsize,
     }
 
-    impl Provider for CostlyListing {
-        fn launch(&self, spec: &InstanceSpec) -> Result<Instance, imago_runtime::RuntimeError> {
-            self.fake.launch(spec)
-        }
-        fn stop(&self, id: &str, grace: Duration) -> Result<Instance, imago_runtime::RuntimeError> {
-            self.fake.stop(id, grace)
-        }
-        fn remove(&self, id: &str) -> Result<(), imago_runtime::RuntimeError> {
-            self.fake.remove(id)
+    impl Alter for CostlyListing {
+        fn fake(&self) -> &FakeProvider {
+            &self.fake
         }
         fn list(&self) -> Result<Vec<Instance>, imago_runtime::RuntimeError> {
             self.listings
@@ -2877,12 +2881,6 @@ mod tests {
             let listed = self.fake.list()?;
             std::thread::sleep(self.per_instance * listed.len() as u32);
             Ok(listed)
-        }
-        fn inspect(&self, id: &str) -> Result<Instance, imago_runtime::RuntimeError> {
-            self.fake.inspect(id)
-        }
-        fn logs(&self, id: &str) -> Result<Vec<u8>, imago_runtime::RuntimeError> {
-            self.fake.logs(id)
         }
     }
 
@@ -2918,7 +2916,7 @@ mod tests {
     #[test]
     fn a_thousand_instance_rollover_spends_a_bounded_share_of_its_time_in_passes() {
         let mut h = harness();
-        let costly = Arc::new(CostlyListing {
+        let costly = Altered::new(CostlyListing {
             fake: h.fake.clone(),
             per_instance: Duration::from_micros(200),
             listings: 0.into(),
