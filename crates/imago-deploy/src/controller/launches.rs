@@ -77,12 +77,10 @@ impl Queue {
                 let mut state = self.lock();
                 if state.to_start == 0 {
                     state.workers -= 1;
-                    let idle = state.in_flight == 0 && state.workers == 0;
                     drop(state);
-                    if idle {
-                        // The last results of the wave are there to be taken now.
-                        self.wake.nudge();
-                    }
+                    // The last worker of the last launches under way nudges: the rollout
+                    // waits for the pass that takes them. Else its results were hinted.
+                    self.wake.end();
                     return;
                 }
                 state.to_start -= 1;
@@ -96,14 +94,15 @@ impl Queue {
             }
             state.done.push(result);
             // Its probe starts when a pass takes it: soon, but not one pass per launch.
-            spaced_nudge(&self.wake, &mut state.last_nudge);
+            spaced_hint(&self.wake, &mut state.last_nudge);
         }
     }
 }
 
-/// Wakes the loop now, or (woken less than [`NUDGE_SPACING`] ago, as `last` says) when the
-/// spacing is up: what finished beside the loop is taken soon, but not one pass each.
-pub(super) fn spaced_nudge(wake: &Wake, last: &mut Option<Instant>) {
+/// Hints the loop now, or (hinted less than [`NUDGE_SPACING`] ago, as `last` says) when the
+/// spacing is up: what finished beside the loop is taken soon, but not one pass each (and
+/// not within the pacing gap: see [`Wake::hint`]).
+pub(super) fn spaced_hint(wake: &Wake, last: &mut Option<Instant>) {
     let now = Instant::now();
     match *last {
         Some(at) if now.duration_since(at) < NUDGE_SPACING => {
@@ -112,7 +111,7 @@ pub(super) fn spaced_nudge(wake: &Wake, last: &mut Option<Instant>) {
         }
         _ => {
             *last = Some(now);
-            wake.nudge();
+            wake.hint();
         }
     }
 }
@@ -183,6 +182,7 @@ impl Launches {
         state.workers += new_workers;
         drop(state);
         for _ in 0..new_workers {
+            wake.begin();
             let queue = launcher.queue.clone();
             let spawned = std::thread::Builder::new()
                 .name("imago-launch".into())
@@ -192,6 +192,7 @@ impl Launches {
                 // workers there are, or for the next pass that asks, instead of the controller
                 // dying on a panic.
                 launcher.queue.lock().workers -= 1;
+                wake.end();
             }
         }
     }

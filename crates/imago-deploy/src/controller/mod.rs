@@ -108,8 +108,8 @@ pub fn instance_spec(release: &Release, engine: Engine) -> Result<InstanceSpec, 
 }
 
 /// After a pass, the next waits at least this many times as long as the pass took (see
-/// [`Controller::wait_for_next_pass`]): the controller's passes take at most a third of the
-/// time.
+/// [`Controller::wait_for_next_pass`]): while launches, stops or first checks are under way,
+/// the controller's passes take at most a third of the time.
 pub const PASS_GAP_FACTOR: u32 = 2;
 
 /// The longest wait [`PASS_GAP_FACTOR`] imposes: a pass slowed to seconds by an overloaded
@@ -141,6 +141,15 @@ impl PartClock {
 /// (a health check flipped, a stop finished) or a known moment arrives (an instance's
 /// min_ready elapses), instead of always sleeping a whole interval: every wave of a rollout
 /// waits on several such moments. Only a hint: the pass still decides from observed state.
+///
+/// Within the pacing gap after a pass ([`Controller::wait_for_next_pass`]) only a
+/// [`Wake::nudge`] ends the wait at once: what the next pass must act on now (an `apply` or
+/// `rollback`, through the daemon's SIGURG; a check that failed, for the health gate and the
+/// endpoint; an automatic rollback). A [`Wake::hint`] (what comes once per instance: a launch
+/// or a stop that returned, a first check that passed) and a known moment end it within the
+/// gap only while nothing is under way beside the loop: pacing keeps passes from taking the
+/// CPU the rollout's launches, stops and checks need, and once the last of those ended
+/// ([`Wake::begin`], [`Wake::end`]) the rollout waits for nothing but a pass.
 #[derive(Debug, Default)]
 pub struct Wake {
     state: Mutex<WakeState>,
@@ -149,9 +158,14 @@ pub struct Wake {
 
 #[derive(Debug, Default)]
 struct WakeState {
+    /// A pass is due, paced ([`Wake::hint`]).
+    hinted: bool,
+    /// A pass is due now ([`Wake::nudge`]).
     nudged: bool,
-    /// Unix ms of the earliest known moment a pass should run.
+    /// Unix ms of the earliest known moment a pass should run (paced as a hint).
     at_ms: Option<u64>,
+    /// Launch workers, stops and first checks of new instances under way.
+    under_way: usize,
 }
 
 impl Wake {
@@ -159,31 +173,58 @@ impl Wake {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Something changed: run the next pass now.
+    /// Something changed that the next pass must act on now: run it at once, pacing or not.
     pub fn nudge(&self) {
         self.lock().nudged = true;
         self.signal.notify_all();
     }
 
-    /// Run a pass no later than `at_ms`.
+    /// Something changed that a pass will take up: run the next one as soon as the pacing
+    /// allows (at once while nothing is under way).
+    pub(super) fn hint(&self) {
+        self.lock().hinted = true;
+        self.signal.notify_all();
+    }
+
+    /// Run a pass no later than `at_ms` (paced as a hint).
     fn at(&self, at_ms: u64) {
         let mut state = self.lock();
         state.at_ms = Some(state.at_ms.map_or(at_ms, |t| t.min(at_ms)));
     }
 
-    /// Waits up to `timeout`, or until nudged or a registered moment arrives. The interval is
-    /// measured on the monotonic clock: whole wall-clock milliseconds ended it up to 1 ms early
-    /// (and a clock step could end it at once).
-    pub fn wait(&self, timeout: Duration) {
-        self.wait_paced(timeout, Duration::ZERO);
+    /// Something a rollout waits for started beside the loop (a launch worker, a stop, a new
+    /// instance's probe before its first verdict); [`Wake::end`] once it ended.
+    pub(super) fn begin(&self) {
+        self.lock().under_way += 1;
     }
 
-    /// [`Wake::wait`], except that a nudge or moment that comes within `min_gap` of the start
-    /// ends the wait only once `min_gap` is over (never later than `timeout`).
-    pub fn wait_paced(&self, timeout: Duration, min_gap: Duration) {
-        let start = std::time::Instant::now();
-        let deadline = start + timeout;
-        let earliest = start + min_gap.min(timeout);
+    /// What [`Wake::begin`] announced ended. Hints when nothing else is under way (and says
+    /// so): the wait then ends at once, unless something began again meanwhile (the pass that
+    /// ran then may have started the next wave). Else the caller hints as it sees fit.
+    pub(super) fn end(&self) -> bool {
+        let mut state = self.lock();
+        state.under_way = state.under_way.saturating_sub(1);
+        let idle = state.under_way == 0;
+        if idle {
+            state.hinted = true;
+            drop(state);
+            self.signal.notify_all();
+        }
+        idle
+    }
+
+    /// Waits up to `timeout`, or until nudged, hinted or a registered moment arrives. The
+    /// interval is measured on the monotonic clock: whole wall-clock milliseconds ended it up
+    /// to 1 ms early (and a clock step could end it at once).
+    pub fn wait(&self, timeout: Duration) {
+        let now = std::time::Instant::now();
+        self.wait_paced(now + timeout, now);
+    }
+
+    /// Waits until `deadline`, or until nudged; a hint or a registered moment ends the wait
+    /// too, but not before `earliest` (the end of the pacing gap) while something is under way.
+    fn wait_paced(&self, deadline: std::time::Instant, earliest: std::time::Instant) {
+        let earliest = earliest.min(deadline);
         let mut state = self.lock();
         loop {
             let now = std::time::Instant::now();
@@ -192,14 +233,16 @@ impl Wake {
                 // Unix milliseconds, truncated: waiting the difference never ends before `at`.
                 remaining = remaining.min(Duration::from_millis(at.saturating_sub(now_ms())));
             }
-            if state.nudged || remaining.is_zero() {
+            if state.nudged || state.hinted || remaining.is_zero() {
                 let hold = earliest.saturating_duration_since(now);
-                if hold.is_zero() {
+                if state.nudged || state.under_way == 0 || hold.is_zero() {
                     state.nudged = false;
+                    state.hinted = false;
                     state.at_ms = None;
                     return;
                 }
-                // Due, but within the gap: taken up when the gap is over.
+                // Due, but within the gap: taken up when the gap is over, or once nothing is
+                // under way (a nudge).
                 remaining = hold;
             }
             state = self
@@ -304,8 +347,10 @@ pub struct Controller {
     launches: launches::Launches,
     /// Per service, the instances whose launch this pass took (see [`ServicePass::launched`]).
     launched_now: HashMap<String, Vec<String>>,
-    /// When the last pass started (see [`Controller::wait_for_next_pass`]).
-    pass_started: Option<std::time::Instant>,
+    /// When the last pass ended and how long it took (see [`Controller::wait_for_next_pass`]).
+    last_pass: Option<(std::time::Instant, Duration)>,
+    /// See [`Controller::with_pass_gap_factor`].
+    pass_gap_factor: u32,
 }
 
 impl Controller {
@@ -314,20 +359,35 @@ impl Controller {
         self.health.wake.clone()
     }
 
-    /// Sleeps until the next pass is due: at most `interval`, less when something changed.
+    /// Sleeps until the next pass is due: at most `interval` after the last pass ended, less
+    /// when something changed.
     ///
     /// The wait after a pass lasts at least [`PASS_GAP_FACTOR`] times that pass (at most
-    /// [`PASS_GAP_MAX`]), even when that is longer than `interval`: a pass lists and judges
-    /// every instance, and both the interval (250 ms by default) and the nudges that end the
-    /// wait early (each health check that flips, launches and stops that return: once per
-    /// instance) came sooner than a pass over 1,000 instances took, so passes ran back to back
-    /// for a whole rollover (208 passes of 737 ms in 154.5 s, release build) and took the CPU
-    /// the rollout's own launches and stops needed. The controller's share of the time now
-    /// stays bounded whatever the number of instances and events.
+    /// [`PASS_GAP_MAX`]), counted from its end, even when that is longer than `interval`: a
+    /// pass lists and judges every instance, and both the interval (250 ms by default) and the
+    /// news that comes once per instance ([`Wake::hint`]: each health check that passes,
+    /// launches and stops that return) came sooner than a pass over 1,000 instances took, so
+    /// passes ran back to back for a whole rollover (208 passes of 737 ms in 154.5 s, release
+    /// build) and took the CPU the rollout's own launches and stops needed. The controller's
+    /// share of the time now stays bounded whatever the number of instances and events.
+    /// Within the gap, a [`Wake::nudge`] (what must be acted on at once) ends the wait, and so
+    /// does any news once nothing is under way beside the loop (see [`Wake`]): pacing then
+    /// would only make the rollout wait.
     pub fn wait_for_next_pass(&self, interval: Duration) {
-        let took = self.pass_started.map(|t| t.elapsed()).unwrap_or_default();
-        let gap = took.saturating_mul(PASS_GAP_FACTOR).min(PASS_GAP_MAX);
-        self.health.wake.wait_paced(interval.max(gap), gap);
+        let Some((ended, took)) = self.last_pass else {
+            return self.health.wake.wait(interval);
+        };
+        let gap = took.saturating_mul(self.pass_gap_factor).min(PASS_GAP_MAX);
+        self.health
+            .wake
+            .wait_paced(ended + interval.max(gap), ended + gap);
+    }
+
+    /// Paces passes by `factor` instead of [`PASS_GAP_FACTOR`] (0: no pacing, as before it);
+    /// for comparing the two.
+    pub fn with_pass_gap_factor(mut self, factor: u32) -> Controller {
+        self.pass_gap_factor = factor;
+        self
     }
 
     pub fn new(
@@ -366,7 +426,8 @@ impl Controller {
             cluster: cluster::ClusterState::default(),
             launches: launches::Launches::default(),
             launched_now: HashMap::new(),
-            pass_started: None,
+            last_pass: None,
+            pass_gap_factor: PASS_GAP_FACTOR,
         }
     }
 
@@ -522,7 +583,22 @@ impl Controller {
 
     /// One reconcile pass over every service.
     pub fn pass(&mut self) -> Result<Vec<ServicePass>, DeployError> {
-        self.pass_started = Some(std::time::Instant::now());
+        let started = std::time::Instant::now();
+        let result = self.pass_over_services();
+        // To the end of the pass, not to the wait after it: whatever the caller does in
+        // between (the daemon logs every pass) is not the pass.
+        let ended = std::time::Instant::now();
+        self.last_pass = Some((ended, ended.duration_since(started)));
+        if let Ok(passes) = &result
+            && passes.iter().any(|p| p.rolled_back_to.is_some())
+        {
+            // The rollback is recorded; the next pass launches it, without the pacing gap.
+            self.health.wake.nudge();
+        }
+        result
+    }
+
+    fn pass_over_services(&mut self) -> Result<Vec<ServicePass>, DeployError> {
         let mut clock = PartClock::start();
         // The sweep reads every instance directory, lease and network namespace: once per
         // interval, not per pass and never per removed instance.
@@ -625,6 +701,7 @@ impl Controller {
             let keep = live.contains(id.as_str());
             if !keep {
                 task.abort();
+                self.health.not_awaited(id);
             }
             keep
         });
@@ -2864,16 +2941,71 @@ mod tests {
 
     /// A provider whose listing takes time in proportion to the instances it lists, as a real
     /// one's does (it looks at every record: 0.1-1 ms each on a loaded host), and counts its
-    /// listings.
+    /// listings; its launches take `per_launch` each (a real one waits for its supervisor),
+    /// and it records when launches were under way.
     struct CostlyListing {
         fake: Arc<FakeProvider>,
         per_instance: Duration,
+        per_launch: Duration,
         listings: std::sync::atomic::AtomicUsize,
+        launching: Mutex<Busy>,
+    }
+
+    /// Spans of time in which something was under way.
+    #[derive(Default)]
+    struct Busy {
+        under_way: usize,
+        since: Option<std::time::Instant>,
+        spans: Vec<Span>,
+    }
+
+    type Span = (std::time::Instant, std::time::Instant);
+
+    impl CostlyListing {
+        fn new(
+            fake: &Arc<FakeProvider>,
+            per_instance: Duration,
+            per_launch: Duration,
+        ) -> Arc<Altered<CostlyListing>> {
+            Altered::new(CostlyListing {
+                fake: fake.clone(),
+                per_instance,
+                per_launch,
+                listings: 0.into(),
+                launching: Mutex::default(),
+            })
+        }
+
+        fn listings(&self) -> usize {
+            self.listings.load(std::sync::atomic::Ordering::SeqCst)
+        }
+
+        /// The spans in which launches were under way.
+        fn launch_spans(&self) -> Vec<Span> {
+            self.launching.lock().unwrap().spans.clone()
+        }
     }
 
     impl Alter for CostlyListing {
         fn fake(&self) -> &FakeProvider {
             &self.fake
+        }
+        fn launch(&self, spec: &InstanceSpec) -> Result<Instance, imago_runtime::RuntimeError> {
+            {
+                let mut busy = self.launching.lock().unwrap();
+                busy.under_way += 1;
+                busy.since.get_or_insert_with(std::time::Instant::now);
+            }
+            std::thread::sleep(self.per_launch);
+            let launched = self.fake.launch(spec);
+            let mut busy = self.launching.lock().unwrap();
+            busy.under_way -= 1;
+            if busy.under_way == 0
+                && let Some(since) = busy.since.take()
+            {
+                busy.spans.push((since, std::time::Instant::now()));
+            }
+            launched
         }
         fn list(&self) -> Result<Vec<Instance>, imago_runtime::RuntimeError> {
             self.listings
@@ -2884,44 +3016,72 @@ mod tests {
         }
     }
 
-    /// Runs "web" as the daemon does (a pass, then `wait_for_next_pass`) until its rollout
-    /// completes; returns the time it took, the time spent in passes and the passes.
-    fn run_like_the_daemon(h: &mut Harness, limit: Duration) -> (Duration, Duration, usize) {
-        let started = std::time::Instant::now();
-        let mut in_passes = Duration::ZERO;
-        let mut passes = 0;
-        loop {
-            let (pass, took) = timed_pass(h);
-            in_passes += took;
-            passes += 1;
-            assert!(pass.failed.is_none(), "{pass:?}");
-            if pass.complete {
-                return (started.elapsed(), in_passes, passes);
+    /// How a run of the daemon's loop went.
+    struct Run {
+        took: Duration,
+        /// When each pass ran.
+        passes: Vec<Span>,
+        /// How long each wait after a pass lasted, from the end of the pass.
+        waits: Vec<Duration>,
+        /// Each pass's outcome for "web".
+        seen: Vec<ServicePass>,
+    }
+
+    impl Run {
+        fn in_passes(&self) -> Duration {
+            self.passes.iter().map(|(a, b)| *b - *a).sum()
+        }
+
+        /// The time in passes that fell within `spans`.
+        fn in_passes_during(&self, spans: &[Span]) -> Duration {
+            let mut total = Duration::ZERO;
+            for (pass_start, pass_end) in &self.passes {
+                for (start, end) in spans {
+                    let (from, to) = ((*pass_start).max(*start), (*pass_end).min(*end));
+                    total += to.saturating_duration_since(from);
+                }
             }
-            assert!(
-                started.elapsed() < limit,
-                "not complete after {limit:?} ({passes} passes): {pass:?}"
-            );
-            // The daemon's default interval (`imago serve --interval`).
-            h.controller.wait_for_next_pass(Duration::from_millis(250));
+            total
         }
     }
 
-    /// At 1,000 instances a pass took longer than the daemon's interval (250 ms), and the
-    /// nudges that end the wait early (every health check that flips, launches and stops that
-    /// return) come hundreds of times a wave: passes ran back to back for a whole rollover and
-    /// took the CPU the rollout's own launches and stops needed. Under the daemon's loop and
-    /// interval, a rollover of 1,000 instances whose listing costs what a loaded host's does
-    /// (200 us an instance) now spends at most about a third of its time in passes.
-    #[test]
-    fn a_thousand_instance_rollover_spends_a_bounded_share_of_its_time_in_passes() {
-        let mut h = harness();
-        let costly = Altered::new(CostlyListing {
-            fake: h.fake.clone(),
-            per_instance: Duration::from_micros(200),
-            listings: 0.into(),
-        });
-        h.restart(costly.clone());
+    /// Runs "web" as the daemon does (a pass, then `wait_for_next_pass` with its default
+    /// interval) until its rollout completes (`failed`: a failure is expected on the way).
+    fn run_like_the_daemon(h: &mut Harness, limit: Duration, failed: bool) -> Run {
+        let started = std::time::Instant::now();
+        let mut run = Run {
+            took: Duration::ZERO,
+            passes: Vec::new(),
+            waits: Vec::new(),
+            seen: Vec::new(),
+        };
+        loop {
+            let pass_started = std::time::Instant::now();
+            let (pass, _) = timed_pass(h);
+            let pass_ended = std::time::Instant::now();
+            run.passes.push((pass_started, pass_ended));
+            assert!(failed || pass.failed.is_none(), "{pass:?}");
+            let complete = pass.complete;
+            run.seen.push(pass);
+            if complete {
+                run.took = started.elapsed();
+                return run;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "not complete after {limit:?} ({} passes): {:?}",
+                run.passes.len(),
+                run.seen.last()
+            );
+            // The daemon's default interval (`imago serve --interval`).
+            h.controller.wait_for_next_pass(Duration::from_millis(250));
+            run.waits.push(pass_ended.elapsed());
+        }
+    }
+
+    /// Service "web": 1,000 instances on the host network, checked every second, rolled 25% at
+    /// a time; release 1 applied under the daemon's loop.
+    fn a_thousand_instances(h: &mut Harness) -> ServiceSpec {
         let port = healthy_port();
         let web = spec(serde_json::json!({
             "image": "web", "replicas": 1000, "network": "host",
@@ -2929,33 +3089,209 @@ mod tests {
             "rollout": {"max_surge": "25%", "max_unavailable": 0, "drain": "0s"},
         }));
         h.release("web", &web, b"v1");
-        run_like_the_daemon(&mut h, Duration::from_secs(120));
-        h.release("web", &web, b"v2");
-        let listed = costly.listings.load(std::sync::atomic::Ordering::SeqCst);
-        let (took, in_passes, passes) = run_like_the_daemon(&mut h, Duration::from_secs(120));
-        let listings = costly.listings.load(std::sync::atomic::Ordering::SeqCst) - listed;
-        let share = in_passes.as_secs_f64() / took.as_secs_f64();
-        eprintln!(
-            "rollover of 1,000: {took:?}, {passes} passes ({listings} listings) taking {in_passes:?}: {:.0}%",
-            share * 100.0
-        );
-        assert_eq!(listings, passes, "one listing a pass");
-        // A third, and some slack for the time between a pass and the wait after it.
-        let ceiling = 0.45;
-        assert!(
-            share <= ceiling,
-            "passes took {:.0}% of the rollover ({passes} passes in {took:?})",
-            share * 100.0
-        );
-        let old: Vec<Instance> = h
+        run_like_the_daemon(h, Duration::from_secs(120), false);
+        web
+    }
+
+    /// Every instance of "web" runs `image`, 1,000 of them.
+    fn all_replaced_by(h: &Harness, image: &[u8]) {
+        let left = h
             .fake
             .list()
             .unwrap()
             .into_iter()
-            .filter(|i| i.image == Digest::of(b"v1"))
-            .collect();
-        assert!(old.is_empty(), "{} old instances left", old.len());
+            .filter(|i| i.image != Digest::of(image))
+            .count();
+        assert_eq!(left, 0, "{left} old instances left");
         assert_eq!(h.running("web").len(), 1000);
+    }
+
+    /// At 1,000 instances a pass took longer than the daemon's interval (250 ms), and the news
+    /// that ends the wait early (every health check that flips, launches and stops that
+    /// return) comes hundreds of times a wave: passes ran back to back for a whole rollover and
+    /// took the CPU the rollout's own launches needed. Under the daemon's loop and interval, a
+    /// rollover of 1,000 instances whose listing costs what a loaded host's does (200 us an
+    /// instance) and whose launches take 40 ms each (8 at a time) spends at most about a third
+    /// of the time its launches are under way in passes (with `PASS_GAP_FACTOR` 0, the loop
+    /// before pacing: nearly all of it).
+    #[test]
+    fn a_thousand_instance_rollover_spends_a_bounded_share_of_its_launches_in_passes() {
+        let mut h = harness();
+        let costly = CostlyListing::new(
+            &h.fake,
+            Duration::from_micros(200),
+            Duration::from_millis(40),
+        );
+        h.restart(costly.clone());
+        let web = a_thousand_instances(&mut h);
+        let launched_before = costly.launch_spans().len();
+        h.release("web", &web, b"v2");
+        let listed = costly.listings();
+        let run = run_like_the_daemon(&mut h, Duration::from_secs(120), false);
+        let listings = costly.listings() - listed;
+        let launching: Vec<Span> = costly.launch_spans().split_off(launched_before);
+        let launch_time: Duration = launching.iter().map(|(a, b)| *b - *a).sum();
+        let share = run.in_passes_during(&launching).as_secs_f64() / launch_time.as_secs_f64();
+        eprintln!(
+            "rollover of 1,000: {:?}, {} passes ({listings} listings) taking {:?}; launches under way {launch_time:?}, {:.0}% of it in passes",
+            run.took,
+            run.passes.len(),
+            run.in_passes(),
+            share * 100.0
+        );
+        assert_eq!(listings, run.passes.len(), "one listing a pass");
+        assert!(
+            launch_time > Duration::from_secs(2),
+            "the waves' launches took {launch_time:?}"
+        );
+        // A third, and some slack for the pass that starts a wave's launches.
+        let ceiling = 0.45;
+        assert!(
+            share <= ceiling,
+            "passes took {:.0}% of the time launches were under way ({} passes in {:?})",
+            share * 100.0,
+            run.passes.len(),
+            run.took
+        );
+        all_replaced_by(&h, b"v2");
+    }
+
+    /// Pacing holds back the passes that would only look again while launches, stops and
+    /// checks are under way; once the last of them returned, the rollover waits for nothing but
+    /// a pass, and that pass comes at once. With free launches, stops and checks (the fake
+    /// provider) and a listing of 200 us an instance, a rollover of 1,000 instances took
+    /// 10-11 s paced against 4.3 s unpaced: every pass of a wave waited twice the last pass
+    /// first. Now it takes about as long paced as with `PASS_GAP_FACTOR` 0.
+    #[test]
+    fn a_rollover_waiting_only_for_passes_is_not_slowed_by_pacing() {
+        let mut h = harness();
+        let costly = CostlyListing::new(&h.fake, Duration::from_micros(200), Duration::ZERO);
+        h.restart(costly.clone());
+        let web = a_thousand_instances(&mut h);
+        h.release("web", &web, b"v2");
+        let paced = run_like_the_daemon(&mut h, Duration::from_secs(120), false);
+        all_replaced_by(&h, b"v2");
+        h.controller.pass_gap_factor = 0;
+        h.release("web", &web, b"v3");
+        let unpaced = run_like_the_daemon(&mut h, Duration::from_secs(120), false);
+        all_replaced_by(&h, b"v3");
+        eprintln!(
+            "rollover of 1,000: paced {:?} ({} passes, {:?} in them), unpaced {:?} ({} passes, {:?})",
+            paced.took,
+            paced.passes.len(),
+            paced.in_passes(),
+            unpaced.took,
+            unpaced.passes.len(),
+            unpaced.in_passes()
+        );
+        assert!(
+            paced.took.as_secs_f64() <= unpaced.took.as_secs_f64() * 1.5,
+            "paced {:?}, unpaced {:?}",
+            paced.took,
+            unpaced.took
+        );
+    }
+
+    /// Within the pacing gap after a slow pass, a nudge (an `apply` or `rollback` through
+    /// SIGURG, a failed check, an automatic rollback) starts the next pass at once: it waited
+    /// out the gap, up to 5 s. News that comes once per instance waits out the gap while
+    /// something is under way beside the loop, and no longer once nothing is. The gap counts
+    /// from the end of the pass, not from the wait: what the daemon does in between (it logs
+    /// every pass) is neither the pass nor added to the gap.
+    #[test]
+    fn within_the_pacing_gap_a_nudge_starts_the_next_pass_at_once() {
+        let mut h = harness();
+        let costly = CostlyListing::new(&h.fake, Duration::from_millis(300), Duration::ZERO);
+        h.restart(costly.clone());
+        let web = spec(serde_json::json!({"image": "web", "replicas": 1}));
+        h.release("web", &web, b"v1");
+        assert!(h.converge("web", 20).last().unwrap().complete);
+        // Something under way beside the loop (a stop, say) until the third case ends it.
+        h.controller.waker().begin();
+        // What comes, how long the daemon logs before it waits, whether the pass is at once.
+        type Case = (&'static str, fn(&Wake), Duration, bool);
+        let cases: [Case; 5] = [
+            ("a nudge", Wake::nudge, Duration::ZERO, true),
+            // 200 ms of logging before the wait count towards the gap.
+            ("a hint", Wake::hint, Duration::from_millis(200), false),
+            (
+                "the end of what was under way",
+                |w| {
+                    w.end();
+                },
+                Duration::ZERO,
+                true,
+            ),
+            (
+                "a hint with nothing under way",
+                Wake::hint,
+                Duration::ZERO,
+                true,
+            ),
+            (
+                "no news (beyond the interval)",
+                |_| {},
+                Duration::ZERO,
+                false,
+            ),
+        ];
+        for (what, news, logging, at_once) in cases {
+            h.controller.pass().unwrap();
+            let (ended, took) = h.controller.last_pass.unwrap();
+            assert!(took >= Duration::from_millis(300), "{took:?}");
+            let wake = h.controller.waker();
+            let sender = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                news(&wake);
+            });
+            std::thread::sleep(logging);
+            h.controller.wait_for_next_pass(Duration::from_millis(250));
+            let waited = ended.elapsed();
+            sender.join().unwrap();
+            let gap = took * PASS_GAP_FACTOR;
+            assert!(
+                if at_once {
+                    waited < Duration::from_millis(250)
+                } else {
+                    waited >= gap && waited < gap + Duration::from_millis(200)
+                },
+                "{what} 50 ms after a pass of {took:?}: the next started {waited:?} after it"
+            );
+        }
+    }
+
+    /// A release whose new instance fails its health gate is rolled back without waiting for
+    /// the pacing: the failed check, the rollback and every step after it start their pass at
+    /// once, though each pass takes 300 ms (a gap of 600 ms or more each, before).
+    #[test]
+    fn an_automatic_rollback_is_not_held_back_by_the_pacing() {
+        let mut h = harness();
+        let costly = CostlyListing::new(&h.fake, Duration::from_millis(300), Duration::ZERO);
+        h.restart(costly.clone());
+        let good = spec(serde_json::json!({"image": "web", "replicas": 1}));
+        h.release("web", &good, b"v1");
+        run_like_the_daemon(&mut h, Duration::from_secs(30), false);
+        let good_ids: BTreeSet<String> = h.running("web").into_iter().map(|i| i.id).collect();
+        // Its check can never pass: the fake instances have no process to enter.
+        let bad = spec(serde_json::json!({"image": "web", "replicas": 1,
+            "health": {"type": "command", "command": ["/bin/false"], "interval": "1s", "unhealthy_threshold": 1},
+            "rollout": {"max_surge": 1, "max_unavailable": 0}}));
+        h.release("web", &bad, b"v2");
+        let started = std::time::Instant::now();
+        let run = run_like_the_daemon(&mut h, Duration::from_secs(30), true);
+        let took = started.elapsed();
+        let failed = run.seen.iter().find(|p| p.failed.is_some()).unwrap();
+        assert_eq!(failed.rolled_back_to, Some(1), "{failed:?}");
+        let now: BTreeSet<String> = h.running("web").into_iter().map(|i| i.id).collect();
+        assert_eq!(now, good_ids);
+        let slowest = run.waits.iter().max().unwrap();
+        assert!(
+            *slowest < Duration::from_millis(250),
+            "{} passes taking {:?} in {took:?}; waits {:?}",
+            run.passes.len(),
+            run.in_passes(),
+            run.waits
+        );
     }
 
     /// Retired instances that someone else removed (`imago destroy`, or a predecessor killed
