@@ -112,6 +112,11 @@ pub fn instance_spec(release: &Release, engine: Engine) -> Result<InstanceSpec, 
 /// the controller's passes take at most a third of the time.
 pub const PASS_GAP_FACTOR: u32 = 2;
 
+/// An environment variable that replaces [`PASS_GAP_FACTOR`] for the controllers this process
+/// makes (as [`Controller::with_pass_gap_factor`] does): for comparing pacings at real
+/// instances (BENCHMARKS.md), where the daemon makes the controller.
+pub const PASS_GAP_FACTOR_ENV: &str = "IMAGO_PASS_GAP_FACTOR";
+
 /// The longest wait [`PASS_GAP_FACTOR`] imposes: a pass slowed to seconds by an overloaded
 /// host still reacts within this much of its end.
 pub const PASS_GAP_MAX: Duration = Duration::from_secs(5);
@@ -427,7 +432,10 @@ impl Controller {
             launches: launches::Launches::default(),
             launched_now: HashMap::new(),
             last_pass: None,
-            pass_gap_factor: PASS_GAP_FACTOR,
+            pass_gap_factor: std::env::var(PASS_GAP_FACTOR_ENV)
+                .ok()
+                .and_then(|f| f.parse().ok())
+                .unwrap_or(PASS_GAP_FACTOR),
         }
     }
 
