@@ -61,6 +61,8 @@ struct QueueState {
     workers: usize,
     /// Returned launches not yet taken by a pass.
     done: Vec<Result<Instance, RuntimeError>>,
+    /// A launch failed since launches were last asked for.
+    failed: bool,
     last_nudge: Option<Instant>,
 }
 
@@ -77,10 +79,12 @@ impl Queue {
                 let mut state = self.lock();
                 if state.to_start == 0 {
                     state.workers -= 1;
+                    let well = !state.failed;
                     drop(state);
-                    // The last worker of the last launches under way nudges: the rollout
-                    // waits for the pass that takes them. Else its results were hinted.
-                    self.wake.end();
+                    // The last worker of the last launches under way settles the wait: the
+                    // rollout waits for the pass that takes them. Else its results were
+                    // hinted (and a failed launch is asked for again at the paced rate).
+                    self.wake.end(well);
                     return;
                 }
                 state.to_start -= 1;
@@ -91,6 +95,7 @@ impl Queue {
             state.in_flight -= 1;
             if result.is_err() {
                 state.to_start = 0;
+                state.failed = true;
             }
             state.done.push(result);
             // Its probe starts when a pass takes it: soon, but not one pass per launch.
@@ -107,7 +112,7 @@ pub(super) fn spaced_hint(wake: &Wake, last: &mut Option<Instant>) {
     match *last {
         Some(at) if now.duration_since(at) < NUDGE_SPACING => {
             let due = at + NUDGE_SPACING - now;
-            wake.at(now_ms() + due.as_millis() as u64 + 1);
+            wake.hint_at(now_ms() + due.as_millis() as u64 + 1);
         }
         _ => {
             *last = Some(now);
@@ -176,6 +181,7 @@ impl Launches {
         launcher.release_number = release_number;
         let mut state = launcher.queue.lock();
         state.to_start += count;
+        state.failed = false;
         let new_workers = state
             .to_start
             .min(PARALLEL_LAUNCHES.saturating_sub(state.workers));
@@ -192,7 +198,7 @@ impl Launches {
                 // workers there are, or for the next pass that asks, instead of the controller
                 // dying on a panic.
                 launcher.queue.lock().workers -= 1;
-                wake.end();
+                wake.end(false);
             }
         }
     }

@@ -68,11 +68,11 @@ impl HealthBoard {
         let after = (entry.tracker.healthy, entry.tracker.unhealthy);
         let first_verdict = (after.0 || after.1) && board.awaited.remove(id);
         drop(board);
-        let idle = first_verdict && self.wake.end();
+        let settled = first_verdict && self.wake.end(true);
         if after.1 && !before.1 {
             // The health gate's (and the endpoint's) to act on now.
             self.wake.nudge();
-        } else if before != after && !idle {
+        } else if before != after && !settled {
             self.wake.hint();
         }
     }
@@ -95,7 +95,8 @@ impl HealthBoard {
     pub(super) fn not_awaited(&self, id: &str) {
         let removed = self.lock().awaited.remove(id);
         if removed {
-            self.wake.end();
+            // Its instance went: the pass that saw it acted on that already.
+            self.wake.end(false);
         }
     }
 

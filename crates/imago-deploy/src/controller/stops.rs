@@ -166,10 +166,11 @@ impl Shared {
     }
 
     fn finish(&self, stopped: Stopped) {
+        let well = stopped.result.is_ok();
         let mut state = self.lock();
         state.done.push(stopped);
         // The last of what was under way beside the loop: the rollout waits for a pass now.
-        if !self.wake.end() {
+        if !self.wake.end(well) {
             spaced_hint(&self.wake, &mut state.last_nudge);
         }
     }
@@ -267,7 +268,7 @@ impl Stops {
         if spawned.is_ok() {
             self.pending.insert(id.to_owned(), service.to_owned());
         } else {
-            self.shared.wake.end();
+            self.shared.wake.end(false);
         }
     }
 
