@@ -61,6 +61,8 @@ struct QueueState {
     workers: usize,
     /// Returned launches not yet taken by a pass.
     done: Vec<Result<Instance, RuntimeError>>,
+    /// A launch failed since launches were last asked for.
+    failed: bool,
     last_nudge: Option<Instant>,
 }
 
@@ -77,12 +79,12 @@ impl Queue {
                 let mut state = self.lock();
                 if state.to_start == 0 {
                     state.workers -= 1;
-                    let idle = state.in_flight == 0 && state.workers == 0;
+                    let well = !state.failed;
                     drop(state);
-                    if idle {
-                        // The last results of the wave are there to be taken now.
-                        self.wake.nudge();
-                    }
+                    // The last worker of the last launches under way settles the wait: the
+                    // rollout waits for the pass that takes them. Else its results were
+                    // hinted (and a failed launch is asked for again at the paced rate).
+                    self.wake.end(well);
                     return;
                 }
                 state.to_start -= 1;
@@ -93,26 +95,28 @@ impl Queue {
             state.in_flight -= 1;
             if result.is_err() {
                 state.to_start = 0;
+                state.failed = true;
             }
             state.done.push(result);
             // Its probe starts when a pass takes it: soon, but not one pass per launch.
-            spaced_nudge(&self.wake, &mut state.last_nudge);
+            spaced_hint(&self.wake, &mut state.last_nudge);
         }
     }
 }
 
-/// Wakes the loop now, or (woken less than [`NUDGE_SPACING`] ago, as `last` says) when the
-/// spacing is up: what finished beside the loop is taken soon, but not one pass each.
-pub(super) fn spaced_nudge(wake: &Wake, last: &mut Option<Instant>) {
+/// Hints the loop now, or (hinted less than [`NUDGE_SPACING`] ago, as `last` says) when the
+/// spacing is up: what finished beside the loop is taken soon, but not one pass each (and
+/// not within the pacing gap: see [`Wake::hint`]).
+pub(super) fn spaced_hint(wake: &Wake, last: &mut Option<Instant>) {
     let now = Instant::now();
     match *last {
         Some(at) if now.duration_since(at) < NUDGE_SPACING => {
             let due = at + NUDGE_SPACING - now;
-            wake.at(now_ms() + due.as_millis() as u64 + 1);
+            wake.hint_at(now_ms() + due.as_millis() as u64 + 1);
         }
         _ => {
             *last = Some(now);
-            wake.nudge();
+            wake.hint();
         }
     }
 }
@@ -177,12 +181,14 @@ impl Launches {
         launcher.release_number = release_number;
         let mut state = launcher.queue.lock();
         state.to_start += count;
+        state.failed = false;
         let new_workers = state
             .to_start
             .min(PARALLEL_LAUNCHES.saturating_sub(state.workers));
         state.workers += new_workers;
         drop(state);
         for _ in 0..new_workers {
+            wake.begin();
             let queue = launcher.queue.clone();
             let spawned = std::thread::Builder::new()
                 .name("imago-launch".into())
@@ -192,6 +198,7 @@ impl Launches {
                 // workers there are, or for the next pass that asks, instead of the controller
                 // dying on a panic.
                 launcher.queue.lock().workers -= 1;
+                wake.end(false);
             }
         }
     }

@@ -1,7 +1,7 @@
 //! Health probes: one task per running instance writes its results to the [`HealthBoard`],
 //! which the reconcile steps read as each instance's phase.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -23,12 +23,20 @@ pub(super) struct InstanceHealth {
 /// Probe results shared between the probe tasks (writers) and the controller (reader).
 #[derive(Debug, Clone, Default)]
 pub struct HealthBoard {
-    inner: Arc<Mutex<HashMap<String, InstanceHealth>>>,
+    inner: Arc<Mutex<Board>>,
     pub(super) wake: Arc<Wake>,
 }
 
+#[derive(Debug, Default)]
+struct Board {
+    by_id: HashMap<String, InstanceHealth>,
+    /// Probed instances without a verdict yet (neither healthy nor unhealthy), each under way
+    /// for [`Wake`]'s pacing until it has one.
+    awaited: HashSet<String>,
+}
+
 impl HealthBoard {
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, InstanceHealth>> {
+    fn lock(&self) -> MutexGuard<'_, Board> {
         self.inner
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -43,7 +51,7 @@ impl HealthBoard {
         in_start_period: bool,
     ) {
         let mut board = self.lock();
-        let entry = board.entry(id.to_owned()).or_default();
+        let entry = board.by_id.entry(id.to_owned()).or_default();
         let before = (entry.tracker.healthy, entry.tracker.unhealthy);
         entry.tracker.record(
             result,
@@ -57,10 +65,38 @@ impl HealthBoard {
         if !entry.tracker.healthy {
             entry.ready_since_ms = None;
         }
-        let changed = before != (entry.tracker.healthy, entry.tracker.unhealthy);
+        let after = (entry.tracker.healthy, entry.tracker.unhealthy);
+        let first_verdict = (after.0 || after.1) && board.awaited.remove(id);
         drop(board);
-        if changed {
+        let settled = first_verdict && self.wake.end(true);
+        if after.1 && !before.1 {
+            // The health gate's (and the endpoint's) to act on now.
             self.wake.nudge();
+        } else if before != after && !settled {
+            self.wake.hint();
+        }
+    }
+
+    /// `id`'s probe starts: until its first verdict it is under way (see [`Wake::begin`]).
+    fn awaiting(&self, id: &str) {
+        let mut board = self.lock();
+        let judged = board
+            .by_id
+            .get(id)
+            .is_some_and(|h| h.tracker.healthy || h.tracker.unhealthy);
+        let new = !judged && board.awaited.insert(id.to_owned());
+        drop(board);
+        if new {
+            self.wake.begin();
+        }
+    }
+
+    /// `id`'s probe ended: no verdict of it is awaited any more.
+    pub(super) fn not_awaited(&self, id: &str) {
+        let removed = self.lock().awaited.remove(id);
+        if removed {
+            // Its instance went: the pass that saw it acted on that already.
+            self.wake.end(false);
         }
     }
 
@@ -69,6 +105,7 @@ impl HealthBoard {
     /// until `unhealthy_threshold` checks fail in a row). Does nothing once `id` was probed.
     pub(super) fn seed_ready(&self, id: &str, since_ms: u64) {
         self.lock()
+            .by_id
             .entry(id.to_owned())
             .or_insert_with(|| InstanceHealth {
                 tracker: HealthTracker {
@@ -81,11 +118,12 @@ impl HealthBoard {
     }
 
     pub(super) fn get(&self, id: &str) -> Option<InstanceHealth> {
-        self.lock().get(id).cloned()
+        self.lock().by_id.get(id).cloned()
     }
 
     pub(super) fn forget(&self, id: &str) {
-        self.lock().remove(id);
+        self.lock().by_id.remove(id);
+        self.not_awaited(id);
     }
 }
 
@@ -105,6 +143,7 @@ impl Controller {
             imago_runtime::NetworkMode::Host => Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
         };
         let board = self.health.clone();
+        board.awaiting(&instance.id);
         let slots = self.check_slots.clone();
         let id = instance.id.clone();
         let pid = instance.pid;

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use imago_runtime::{Provider, RuntimeError};
 
 use super::Wake;
-use super::launches::{PARALLEL_LAUNCHES, spaced_nudge};
+use super::launches::{PARALLEL_LAUNCHES, spaced_hint};
 
 /// At most this many removals run at once (as many stops as there are instances to stop: a
 /// stop waits out the program's grace period, a removal works the kernel).
@@ -210,9 +210,13 @@ impl Shared {
     }
 
     fn finish(&self, stopped: Stopped) {
+        let well = stopped.result.is_ok();
         let mut state = self.lock();
         state.done.push(stopped);
-        spaced_nudge(&self.wake, &mut state.last_nudge);
+        // The last of what was under way beside the loop: the rollout waits for a pass now.
+        if !self.wake.end(well) {
+            spaced_hint(&self.wake, &mut state.last_nudge);
+        }
     }
 }
 
@@ -275,6 +279,7 @@ impl Stops {
             return;
         }
         let shared = self.shared.clone();
+        shared.wake.begin();
         let stop_id = id.to_owned();
         let stop_service = service.to_owned();
         let spawned = std::thread::Builder::new()
@@ -301,6 +306,8 @@ impl Stops {
         // No thread to be had (a tasks limit): a later pass hands it over again.
         if spawned.is_ok() {
             self.pending.insert(id.to_owned(), service.to_owned());
+        } else {
+            self.shared.wake.end(false);
         }
     }
 
