@@ -801,43 +801,6 @@ fn a_rolling_update_under_keep_alive_load_fails_no_request_and_removes_the_old_i
     }
 }
 
-/// An `unreachable` route for a range (`ip route`), held while it lives; one that was there
-/// already is left as it is.
-struct UnreachableRange {
-    range: &'static str,
-    added: bool,
-}
-
-impl UnreachableRange {
-    fn add(range: &'static str) -> UnreachableRange {
-        let added = Command::new("ip")
-            .args(["route", "add", "unreachable", range])
-            .output()
-            .unwrap()
-            .status
-            .success();
-        let listed = Command::new("ip")
-            .args(["route", "show", "type", "unreachable"])
-            .output()
-            .unwrap();
-        assert!(
-            String::from_utf8_lossy(&listed.stdout).contains(range),
-            "no unreachable route for {range}"
-        );
-        UnreachableRange { range, added }
-    }
-}
-
-impl Drop for UnreachableRange {
-    fn drop(&mut self) {
-        if self.added {
-            let _ = Command::new("ip")
-                .args(["route", "del", "unreachable", self.range])
-                .output();
-        }
-    }
-}
-
 /// The running instances of `service` that `ps` lists: (id, pid).
 fn running(site: &Site, service: &str) -> Vec<(String, i32)> {
     let list = site.imago.run(&["ps", "--json"]).ok().json();
@@ -866,16 +829,23 @@ fn kill_9(pid: i32) {
 ///
 /// A killed instance's address stays routed until the controller sees it exit; meanwhile its
 /// connects must fail (as on a host whose default route leads nowhere), not reach whatever the
-/// default route leads to (this machine's answers every TCP connection with a 404): the test
+/// default route leads to (this machine's answers every TCP connection with a 404): the runtime
 /// holds an `unreachable` route for the instances' range, below their own /30 routes.
 #[test]
 fn instances_killed_under_keep_alive_load_before_and_during_a_rolling_update_fail_no_request() {
-    let _unreachable = UnreachableRange::add("10.88.0.0/16");
     let site = Site::new(false);
     // As in the rolling update under keep-alive load above: checks 500 ms apart, so a killed
     // instance stays routed for a while, and its connects are refused or reset meanwhile.
     site.check_every_500ms();
     site.apply().ok();
+    let unreachable = Command::new("ip")
+        .args(["route", "show", "type", "unreachable", "10.88.0.0/16"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&unreachable.stdout).contains("10.88.0.0/16"),
+        "the runtime made no unreachable route for its range: {unreachable:?}"
+    );
     let stop = Arc::new(AtomicBool::new(false));
     // 16 clients on a connection each: busybox closes its connection after every answer, so
     // every request of theirs connects anew to an instance, round-robin, and the ones in

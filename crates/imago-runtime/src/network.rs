@@ -28,6 +28,9 @@ use crate::RuntimeError;
 /// Default directory of address leases (tmpfs: leases vanish with the namespaces on reboot).
 pub const DEFAULT_IPAM_DIR: &str = "/run/imago/ipam";
 const BASE: u32 = u32::from_be_bytes([10, 88, 0, 0]);
+/// The range of the leases, as `ip route` writes it, and its prefix length.
+pub const RANGE: &str = "10.88.0.0/16";
+const RANGE_PREFIX_LEN: u8 = 16;
 /// Number of /30 blocks in the /16 (block 0 is never used).
 const BLOCKS: u32 = 1 << 14;
 
@@ -379,6 +382,12 @@ impl Namespace {
             .map_err(|e| format!("cannot find {veth}: {e}"))?;
         host.add_address(host_index, lease.host, PREFIX_LEN)
             .map_err(|e| format!("cannot address {veth}: {e}"))?;
+        // Once per host (it stays, as the leases' range does): see `add_range_unreachable`.
+        match host.add_range_unreachable() {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(nix::libc::EEXIST) => {}
+            Err(e) => return Err(format!("cannot add the unreachable route of {RANGE}: {e}")),
+        }
         let inside = &self.inside;
         let eth0 = inside.link_index(INSIDE_IFNAME).map_err(|e| {
             format!(
@@ -662,6 +671,33 @@ impl Rtnl {
         msg.header.kind = RouteType::Unicast;
         msg.attributes
             .push(RouteAttribute::Gateway(RouteAddress::Inet(gateway)));
+        self.request(
+            RouteNetlinkMessage::NewRoute(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
+        .map(drop)
+    }
+
+    /// An `unreachable` route for the whole range of the leases (`ip route add unreachable
+    /// 10.88.0.0/16 metric 4294967295`), below every instance's own /30: the address of an
+    /// instance that is gone (its veth and /30 went with it) fails at once with "no route to
+    /// host", instead of following the host's default route out of the machine, where a
+    /// connect waits seconds or reaches whatever answers there, while the endpoint still
+    /// routes to it. The highest metric, so that another user of the range (podman's default
+    /// network is this /16 too) keeps its own route.
+    fn add_range_unreachable(&self) -> std::io::Result<()> {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = AddressFamily::Inet;
+        msg.header.destination_prefix_length = RANGE_PREFIX_LEN;
+        msg.header.table = RouteHeader::RT_TABLE_MAIN;
+        msg.header.protocol = RouteProtocol::Boot;
+        msg.header.scope = RouteScope::Universe;
+        msg.header.kind = RouteType::Unreachable;
+        msg.attributes
+            .push(RouteAttribute::Destination(RouteAddress::Inet(
+                Ipv4Addr::from(BASE),
+            )));
+        msg.attributes.push(RouteAttribute::Priority(u32::MAX));
         self.request(
             RouteNetlinkMessage::NewRoute(msg),
             NLM_F_CREATE | NLM_F_EXCL,

@@ -83,6 +83,20 @@ fn httpd_answers_on_the_instance_address(engine: Engine) {
     assert!(body.contains("hello from imago"), "{body}");
     h.provider.stop(&inst.id, GRACE).unwrap();
     h.provider.remove(&inst.id).unwrap();
+    // Its address is gone with its veth: a connect fails at once ("no route to host", the
+    // range's unreachable route), it does not follow the host's default route.
+    let started = std::time::Instant::now();
+    let gone = std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::new(addr.into(), 80),
+        Duration::from_secs(3),
+    );
+    let err = gone.expect_err("the address of a removed instance answers");
+    assert_eq!(
+        err.raw_os_error(),
+        Some(nix::libc::EHOSTUNREACH),
+        "{err} after {:?}",
+        started.elapsed()
+    );
 }
 
 /// "Running" means the instance's own program was exec'd, not merely that the engine was told
