@@ -173,6 +173,28 @@ fn keep_cgroup_lock_warm(launcher: Pid) -> bool {
     }
 }
 
+/// Whether the cgroup moves of a launch take the kernel's global `cgroup_threadgroup_rwsem`
+/// for writing, which is what [`warm_cgroup_lock`] is for: `runc` (its engine writes the
+/// init's pid into every `cgroup.procs`) or a host with only the cgroup2 tree (libcgroups'
+/// cgroup2 manager writes `cgroup.procs` too). Not the embedded engine on a host with v1
+/// hierarchies (hybrid or legacy): its init joins them by writing `0` into their `tasks`
+/// files, which takes only `cgroup_mutex` (vendored libcgroups, `join_self`). There the
+/// warm-up is worse than useless: each of its writes that finds the lock's `rcu_sync` idle
+/// waits a whole grace period while holding `cgroup_mutex`, and the init's `mkdir` of its
+/// cgroups and its `tasks` writes wait for that mutex (traced: the init asleep 10-30 ms on a
+/// busy host until the warm-up's write returned). `true` when the layout cannot be told.
+pub fn launch_takes_the_cgroup_lock(runc: bool) -> bool {
+    runc || cgroup2_only()
+}
+
+/// Whether `/sys/fs/cgroup` is the cgroup2 tree itself (no v1 hierarchies); `true` if that
+/// cannot be told.
+fn cgroup2_only() -> bool {
+    nix::sys::statfs::statfs("/sys/fs/cgroup")
+        .map(|fs| fs.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+        .unwrap_or(true)
+}
+
 /// This process's cgroup2 `cgroup.procs` (the `0::` line of `/proc/self/cgroup`), open for
 /// writing; `None` without a cgroup2 tree or as a user who may not write it.
 fn own_cgroup2_procs() -> Option<File> {
