@@ -404,7 +404,7 @@ pub fn supervise(home: &Path, id: &str, gate: &mut dyn Read, handshake: &mut dyn
     let mut record = match dir.read_state() {
         Ok(r) => r,
         Err(e) => {
-            let _ = writeln!(handshake, "error {e}");
+            tell(handshake, &format!("error {e}"));
             return 1;
         }
     };
@@ -413,8 +413,10 @@ pub fn supervise(home: &Path, id: &str, gate: &mut dyn Read, handshake: &mut dyn
             // Before "ok": from then on the launcher (or anyone) may ask us to stop, and an
             // unhandled SIGTERM would kill the supervisor and leave the container orphaned.
             let signals = Signals::register();
-            let _ = writeln!(handshake, "ok {}", running.pid);
-            let _ = handshake.flush();
+            tell(handshake, &format!("ok {}", running.pid));
+            if let Some(check) = running.load_check.take() {
+                check.record();
+            }
             // The launch wrote its records unsynced so that nobody waited for the disk; make
             // them durable now. A failure leaves them in the page cache, readable until a crash,
             // and there is nobody left to tell.
@@ -433,10 +435,22 @@ pub fn supervise(home: &Path, id: &str, gate: &mut dyn Read, handshake: &mut dyn
             record.error = Some(e.to_string());
             record.finished_ms = Some(now_ms());
             let _ = dir.write_state(&record);
-            let _ = writeln!(handshake, "error {e}");
+            tell(handshake, &format!("error {e}"));
             1
         }
     }
+}
+
+/// Writes `line` and its newline to the launcher's handshake pipe in one `write(2)`: the
+/// launcher wakes at the first byte and reads until the newline, so a line written in pieces
+/// (as `writeln!` on a `File` does: one write per formatted piece) costs it a wake-up per
+/// piece and, on a busy host, a wait for this process to be scheduled again in between.
+fn tell(handshake: &mut dyn Write, line: &str) {
+    let mut bytes = Vec::with_capacity(line.len() + 1);
+    bytes.extend_from_slice(line.as_bytes());
+    bytes.push(b'\n');
+    let _ = handshake.write_all(&bytes);
+    let _ = handshake.flush();
 }
 
 enum EngineHandle {
@@ -450,6 +464,8 @@ struct Running {
     log_pipe: OwnedFd,
     /// Where the kernel counts OOM kills in the instance's memory cgroup, found while it runs.
     oom_files: Vec<PathBuf>,
+    /// The seccomp filter's check at create passed: recorded after "ok", off the launch's path.
+    load_check: Option<crate::seccomp_cache::LoadCheck>,
 }
 
 /// How a supervisor's error begins when its launcher died (or closed the gate) mid-launch:
@@ -504,6 +520,7 @@ fn start(
     // The engine joins the namespace when it creates the container; the program must find it
     // configured when it starts. The launcher does both while the engine works.
     pass_gate(gate, record, GATE_NAMESPACE, "created")?;
+    let mut load_check = None;
     let (pid, engine) = match record.engine {
         Engine::Embedded => {
             let root = layout.youki_root();
@@ -512,6 +529,9 @@ fn start(
                 &bundle,
                 &crate::seccomp_cache::FilterCache::new(layout.seccomp_cache()),
             )?;
+            load_check = seccomp
+                .as_ref()
+                .and_then(crate::seccomp_cache::PrecompiledSeccomp::load_check);
             let mut builder = ContainerBuilder::new(id.clone(), SyscallType::Linux);
             if let Some(executor) = seccomp {
                 builder = builder.with_executor(executor);
@@ -617,6 +637,7 @@ fn start(
         engine,
         log_pipe: log_r,
         oom_files: instance_oom_files(pid, &crate::local::cgroups_path(&id)),
+        load_check,
     };
     if let Err(e) = dir.write_state_unsynced(record) {
         // Without a record naming its pid and supervisor the instance would run unowned (no
