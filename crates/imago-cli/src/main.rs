@@ -21,6 +21,15 @@ use reporter::Reporter;
     about = "Immutable infrastructure: build, store, launch, replace"
 )]
 struct Cli {
+    #[command(flatten)]
+    globals: Globals,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The options every subcommand takes.
+#[derive(Debug, clap::Args)]
+struct Globals {
     /// Where imago keeps its store and state [default: $XDG_DATA_HOME/imago or ~/.local/share/imago]
     #[arg(long, global = true, env = "IMAGO_HOME", value_name = "DIR")]
     home: Option<PathBuf>,
@@ -30,8 +39,6 @@ struct Cli {
     /// Print no status lines on stderr
     #[arg(long, short, global = true)]
     quiet: bool,
-    #[command(subcommand)]
-    command: Command,
 }
 
 #[derive(Debug, Subcommand)]
@@ -118,6 +125,58 @@ enum Command {
     Dataplane,
 }
 
+/// `imago run` alone: the same global options and the same `run` arguments as [`Cli`], with
+/// none of the other subcommands. Parsing [`Cli`] builds clap's whole command tree (about 40
+/// subcommands and their arguments) before it looks at argv, on the launch's critical path;
+/// this builds one. See [`parse`].
+#[derive(Debug, Parser)]
+#[command(name = "imago")]
+struct RunOnly {
+    #[command(flatten)]
+    globals: Globals,
+    #[command(subcommand)]
+    command: RunOnlyCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum RunOnlyCommand {
+    Run(Box<commands::instances::RunArgs>),
+}
+
+/// The command line. When the subcommand is `run` (after global options only), it is parsed
+/// by [`RunOnly`]; anything that does not parse there (help, a version request, an error) is
+/// parsed again by [`Cli`], so help and error messages are the full tree's, word for word.
+fn parse() -> Cli {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if subcommand_is_run(&args)
+        && let Ok(only) = RunOnly::try_parse_from(&args)
+    {
+        let RunOnlyCommand::Run(run) = only.command;
+        return Cli {
+            globals: only.globals,
+            command: Command::Run(run),
+        };
+    }
+    Cli::parse_from(args)
+}
+
+/// Whether the first argument that is not a global option is `run`.
+fn subcommand_is_run(args: &[std::ffi::OsString]) -> bool {
+    let mut rest = args.iter().skip(1);
+    while let Some(arg) = rest.next() {
+        match arg.to_str() {
+            Some("--json" | "--quiet" | "-q") => {}
+            Some("--home") => {
+                rest.next();
+            }
+            Some(a) if a.starts_with("--home=") => {}
+            Some("run") => return true,
+            _ => return false,
+        }
+    }
+    false
+}
+
 /// What every command gets: where the data lives and where output goes.
 pub struct Context {
     pub home: Home,
@@ -149,7 +208,7 @@ fn run(
         warmup = None;
     }
     let ctx = Context {
-        home: Home::locate(cli.home)?,
+        home: Home::locate(cli.globals.home)?,
         reporter,
     };
     match cli.command {
@@ -200,13 +259,115 @@ fn main() -> ExitCode {
     // parse of this large command tree, with the page faults it takes in a fresh process, is
     // about a millisecond. Any other command stops it right after parsing.
     let warmup = commands::instances::early_cgroup_warmup(std::env::args_os());
-    let cli = Cli::parse();
-    let reporter = Reporter::new(cli.json, cli.quiet);
+    let cli = parse();
+    let reporter = Reporter::new(cli.globals.json, cli.globals.quiet);
     match run(cli, reporter.clone(), warmup) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             reporter.error(&error);
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn os(args: &[&str]) -> Vec<std::ffi::OsString> {
+        args.iter().map(Into::into).collect()
+    }
+
+    /// The `run` fast path reads what the full tree reads: every global option in every place
+    /// and every `run` argument (the fields are compared through their Debug form).
+    #[test]
+    fn run_parses_the_same_with_the_fast_path_as_with_the_whole_tree() {
+        for line in [
+            &["imago", "run", "img"][..],
+            &[
+                "imago",
+                "--home",
+                "/h",
+                "run",
+                "-q",
+                "--network",
+                "host",
+                "img",
+                "--",
+                "/bin/sh",
+                "-c",
+                "x",
+            ],
+            &[
+                "imago",
+                "-q",
+                "--json",
+                "--home=/h",
+                "run",
+                "--name",
+                "n",
+                "--memory",
+                "16M",
+                "--cpus",
+                "0.5",
+                "--pids",
+                "9",
+                "-e",
+                "A=B",
+                "--label",
+                "k=v",
+                "-v",
+                "data:/d",
+                "--seccomp",
+                "unconfined",
+                "--runtime",
+                "runc",
+                "--entrypoint",
+                "/e",
+                "--init",
+                "img",
+                "--",
+                "a",
+                "b",
+            ],
+            &["imago", "run", "--home", "/h", "--json", "img"],
+        ] {
+            let args = os(line);
+            assert!(subcommand_is_run(&args), "{line:?}");
+            let only = RunOnly::try_parse_from(&args).unwrap();
+            let full = Cli::try_parse_from(&args).unwrap();
+            let Command::Run(full_run) = &full.command else {
+                panic!("{line:?} is not run");
+            };
+            let RunOnlyCommand::Run(only_run) = &only.command;
+            assert_eq!(format!("{only_run:?}"), format!("{full_run:?}"), "{line:?}");
+            assert_eq!(
+                format!("{:?}", only.globals),
+                format!("{:?}", full.globals),
+                "{line:?}"
+            );
+        }
+        for line in [
+            &["imago", "ps"][..],
+            &["imago", "--home", "run", "ps"],
+            &["imago", "logs", "run"],
+            &["imago"],
+        ] {
+            assert!(!subcommand_is_run(&os(line)), "{line:?}");
+        }
+    }
+
+    /// What the fast path does not take falls back to the whole tree: help, errors.
+    #[test]
+    fn run_help_and_errors_are_left_to_the_whole_tree() {
+        for line in [
+            &["imago", "run", "--help"][..],
+            &["imago", "run"],
+            &["imago", "run", "--bogus", "img"],
+        ] {
+            assert!(RunOnly::try_parse_from(os(line)).is_err(), "{line:?}");
+            assert!(Cli::try_parse_from(os(line)).is_err(), "{line:?}");
         }
     }
 }

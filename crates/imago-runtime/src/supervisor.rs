@@ -173,6 +173,28 @@ fn keep_cgroup_lock_warm(launcher: Pid) -> bool {
     }
 }
 
+/// Whether the cgroup moves of a launch take the kernel's global `cgroup_threadgroup_rwsem`
+/// for writing, which is what [`warm_cgroup_lock`] is for: `runc` (its engine writes the
+/// init's pid into every `cgroup.procs`) or a host with only the cgroup2 tree (libcgroups'
+/// cgroup2 manager writes `cgroup.procs` too). Not the embedded engine on a host with v1
+/// hierarchies (hybrid or legacy): its init joins them by writing `0` into their `tasks`
+/// files, which takes only `cgroup_mutex` (vendored libcgroups, `join_self`). There the
+/// warm-up is worse than useless: each of its writes that finds the lock's `rcu_sync` idle
+/// waits a whole grace period while holding `cgroup_mutex`, and the init's `mkdir` of its
+/// cgroups and its `tasks` writes wait for that mutex (traced: the init asleep 10-30 ms on a
+/// busy host until the warm-up's write returned). `true` when the layout cannot be told.
+pub fn launch_takes_the_cgroup_lock(runc: bool) -> bool {
+    runc || cgroup2_only()
+}
+
+/// Whether `/sys/fs/cgroup` is the cgroup2 tree itself (no v1 hierarchies); `true` if that
+/// cannot be told.
+fn cgroup2_only() -> bool {
+    nix::sys::statfs::statfs("/sys/fs/cgroup")
+        .map(|fs| fs.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+        .unwrap_or(true)
+}
+
 /// This process's cgroup2 `cgroup.procs` (the `0::` line of `/proc/self/cgroup`), open for
 /// writing; `None` without a cgroup2 tree or as a user who may not write it.
 fn own_cgroup2_procs() -> Option<File> {
@@ -382,7 +404,7 @@ pub fn supervise(home: &Path, id: &str, gate: &mut dyn Read, handshake: &mut dyn
     let mut record = match dir.read_state() {
         Ok(r) => r,
         Err(e) => {
-            let _ = writeln!(handshake, "error {e}");
+            tell(handshake, &format!("error {e}"));
             return 1;
         }
     };
@@ -391,8 +413,10 @@ pub fn supervise(home: &Path, id: &str, gate: &mut dyn Read, handshake: &mut dyn
             // Before "ok": from then on the launcher (or anyone) may ask us to stop, and an
             // unhandled SIGTERM would kill the supervisor and leave the container orphaned.
             let signals = Signals::register();
-            let _ = writeln!(handshake, "ok {}", running.pid);
-            let _ = handshake.flush();
+            tell(handshake, &format!("ok {}", running.pid));
+            if let Some(check) = running.load_check.take() {
+                check.record();
+            }
             // The launch wrote its records unsynced so that nobody waited for the disk; make
             // them durable now. A failure leaves them in the page cache, readable until a crash,
             // and there is nobody left to tell.
@@ -411,10 +435,22 @@ pub fn supervise(home: &Path, id: &str, gate: &mut dyn Read, handshake: &mut dyn
             record.error = Some(e.to_string());
             record.finished_ms = Some(now_ms());
             let _ = dir.write_state(&record);
-            let _ = writeln!(handshake, "error {e}");
+            tell(handshake, &format!("error {e}"));
             1
         }
     }
+}
+
+/// Writes `line` and its newline to the launcher's handshake pipe in one `write(2)`: the
+/// launcher wakes at the first byte and reads until the newline, so a line written in pieces
+/// (as `writeln!` on a `File` does: one write per formatted piece) costs it a wake-up per
+/// piece and, on a busy host, a wait for this process to be scheduled again in between.
+fn tell(handshake: &mut dyn Write, line: &str) {
+    let mut bytes = Vec::with_capacity(line.len() + 1);
+    bytes.extend_from_slice(line.as_bytes());
+    bytes.push(b'\n');
+    let _ = handshake.write_all(&bytes);
+    let _ = handshake.flush();
 }
 
 enum EngineHandle {
@@ -428,6 +464,8 @@ struct Running {
     log_pipe: OwnedFd,
     /// Where the kernel counts OOM kills in the instance's memory cgroup, found while it runs.
     oom_files: Vec<PathBuf>,
+    /// The seccomp filter's check at create passed: recorded after "ok", off the launch's path.
+    load_check: Option<crate::seccomp_cache::LoadCheck>,
 }
 
 /// How a supervisor's error begins when its launcher died (or closed the gate) mid-launch:
@@ -482,6 +520,7 @@ fn start(
     // The engine joins the namespace when it creates the container; the program must find it
     // configured when it starts. The launcher does both while the engine works.
     pass_gate(gate, record, GATE_NAMESPACE, "created")?;
+    let mut load_check = None;
     let (pid, engine) = match record.engine {
         Engine::Embedded => {
             let root = layout.youki_root();
@@ -490,6 +529,9 @@ fn start(
                 &bundle,
                 &crate::seccomp_cache::FilterCache::new(layout.seccomp_cache()),
             )?;
+            load_check = seccomp
+                .as_ref()
+                .and_then(crate::seccomp_cache::PrecompiledSeccomp::load_check);
             let mut builder = ContainerBuilder::new(id.clone(), SyscallType::Linux);
             if let Some(executor) = seccomp {
                 builder = builder.with_executor(executor);
@@ -595,6 +637,7 @@ fn start(
         engine,
         log_pipe: log_r,
         oom_files: instance_oom_files(pid, &crate::local::cgroups_path(&id)),
+        load_check,
     };
     if let Err(e) = dir.write_state_unsynced(record) {
         // Without a record naming its pid and supervisor the instance would run unowned (no

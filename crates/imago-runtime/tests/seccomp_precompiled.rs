@@ -183,6 +183,10 @@ fn a_filter_the_kernel_refuses_fails_the_launch_at_create_naming_the_profile() {
     let h = Harness::new(Engine::Embedded);
     let file = program_of_a_filtered_launch(&h);
     let key_hex = file.file_stem().unwrap().to_str().unwrap().to_owned();
+    // The first launch's check passed and was recorded; the record names the program it was
+    // made with, so the forged program below is checked all the same.
+    let record = h.home().join("runtime/seccomp.loads").join(&key_hex);
+    assert!(record.is_file(), "no record of the first launch's check");
     let refused: Vec<u8> = [
         0x20u16.to_ne_bytes().as_slice(), // BPF_LD | BPF_W | BPF_ABS
         &[0, 0],

@@ -204,11 +204,17 @@ impl Render for Launched {
 /// one short-lived child, stopped once the parsed command turns out not to be `run`).
 /// IMAGO_NO_CGROUP_WARMUP=1 turns it off, to measure what it gains.
 pub fn early_cgroup_warmup(
-    mut args: impl Iterator<Item = std::ffi::OsString>,
+    args: impl Iterator<Item = std::ffi::OsString>,
 ) -> Option<imago_runtime::supervisor::CgroupLockWarmup> {
-    let run = args.any(|a| a == "run");
-    (run && std::env::var_os("IMAGO_NO_CGROUP_WARMUP").is_none())
-        .then(imago_runtime::supervisor::warm_cgroup_lock)
+    let args: Vec<std::ffi::OsString> = args.collect();
+    let run = args.iter().any(|a| a == "run");
+    let runc = args.iter().any(|a| a == "--runtime=runc")
+        || args
+            .windows(2)
+            .any(|w| w[0] == "--runtime" && w[1] == "runc");
+    (run && std::env::var_os("IMAGO_NO_CGROUP_WARMUP").is_none()
+        && imago_runtime::supervisor::launch_takes_the_cgroup_lock(runc))
+    .then(imago_runtime::supervisor::warm_cgroup_lock)
 }
 
 /// `imago run`. `warmup` was started first thing, while the process was single-threaded: on
