@@ -1004,8 +1004,13 @@ impl Provider for LocalProvider {
     fn launch(&self, spec: &InstanceSpec) -> Result<Instance, RuntimeError> {
         spec.validate()?;
         // From the first launch of a wave to the end of its last: every cgroup move of every
-        // engine in between finds the lock warm (see `supervisor::warm_cgroup_lock`).
-        let _warm = (!crate::supervisor::single_threaded()).then(|| self.cgroup_warmup.hold());
+        // engine in between finds the lock warm (see `supervisor::warm_cgroup_lock`). Only for
+        // launches that take that lock: where the embedded engine's init joins its v1 cgroups
+        // through `tasks` the warm-up only delays it (`launch_takes_the_cgroup_lock`).
+        let takes_the_lock =
+            crate::supervisor::launch_takes_the_cgroup_lock(spec.engine == Engine::Runc);
+        let _warm = (takes_the_lock && !crate::supervisor::single_threaded())
+            .then(|| self.cgroup_warmup.hold());
         self.reap_children_now_and_then();
         let id = new_id()?;
         let dir = self.layout.instance_dir(&id);
