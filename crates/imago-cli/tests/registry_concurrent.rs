@@ -120,16 +120,14 @@ fn a_manifest_refused_for_a_blob_is_retried_after_the_blobs_are_checked_and_then
     assert_eq!(pushed["digest"], digest.as_str(), "{pushed}");
     assert_eq!(pushed["blobs_uploaded"], blobs, "{pushed}");
     assert_eq!(reg.manifest_digest("ci/app", "1"), digest);
-    let records = proxy.records();
-    let count = |method: &str, path: &str| {
-        records
-            .iter()
-            .filter(|r| r.method == method && r.path.contains(path))
-            .count()
-    };
-    assert_eq!(count("PUT", "/manifests/"), 3, "{}", proxy.summary());
     assert_eq!(
-        count("HEAD", "/blobs/sha256:"),
+        requests(&proxy, "PUT", "/manifests/"),
+        3,
+        "{}",
+        proxy.summary()
+    );
+    assert_eq!(
+        requests(&proxy, "HEAD", "/blobs/sha256:"),
         3 * blobs,
         "{}",
         proxy.summary()
@@ -147,15 +145,19 @@ fn a_manifest_refused_for_a_blob_is_retried_after_the_blobs_are_checked_and_then
     ] {
         assert!(err.contains(needle), "{needle} not in: {err}");
     }
-    let puts = proxy
-        .records()
-        .iter()
-        .filter(|r| r.method == "PUT" && r.path.contains("/manifests/"))
-        .count();
     assert_eq!(
-        puts,
+        requests(&proxy, "PUT", "/manifests/"),
         6,
         "the default 5 retries, then the error\n{}",
         proxy.summary()
     );
+}
+
+/// How many `method` requests for a path containing `path` went through the proxy.
+fn requests(proxy: &Proxy, method: &str, path: &str) -> usize {
+    proxy
+        .records()
+        .iter()
+        .filter(|r| r.method == method && r.path.contains(path))
+        .count()
 }
