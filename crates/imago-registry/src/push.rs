@@ -37,6 +37,20 @@ pub struct PushReport {
     pub blobs_mounted: u64,
 }
 
+impl PushReport {
+    /// The report of a push of `digest` before anything was asked or sent.
+    fn nothing_yet(digest: &Digest) -> PushReport {
+        PushReport {
+            reference: String::new(),
+            digest: digest.clone(),
+            blobs_uploaded: 0,
+            bytes_uploaded: 0,
+            blobs_skipped: 0,
+            blobs_mounted: 0,
+        }
+    }
+}
+
 enum Outcome {
     Present,
     Mounted,
@@ -99,21 +113,14 @@ pub fn push(
         });
     }
     let client = Client::connect(settings, &dest.registry)?;
-    let mut report = PushReport {
-        reference: String::new(),
-        digest: root.clone(),
-        blobs_uploaded: 0,
-        bytes_uploaded: 0,
-        blobs_skipped: 0,
-        blobs_mounted: 0,
-    };
+    let mut report = PushReport::nothing_yet(root);
     // A no-op push is one request: when the reference names this very manifest already, the
     // registry holds all it refers to (it accepts a manifest only with its blobs and, for an
     // index, its manifests), so nothing else is asked.
     if remote_digest(&client, repository, &reference)?.as_ref() == Some(root) {
         report.blobs_skipped = stored_blob_count(store, &shown, &parsed)?;
     } else {
-        upload(
+        upload_until_accepted(
             &client,
             store,
             dest,
@@ -140,6 +147,68 @@ pub fn push(
         None => format!("{}@{root}", dest.name()),
     };
     Ok(report)
+}
+
+/// [`upload`], again (a bounded number of times, with backoff) while the registry refuses a
+/// manifest for a blob or manifest it says it lacks or cannot read (400 `MANIFEST_BLOB_UNKNOWN`
+/// or `DIGEST_INVALID`): docker-registry's filesystem storage rewrites a repository's link to a
+/// blob in place (truncated, then written) each time an upload of that blob is committed, so
+/// while another client pushes the same blob a manifest check can read an empty link. Each
+/// attempt asks for every blob again (HEAD) and uploads what is missing, so a blob that really
+/// is gone goes again. A blob a later attempt uploads counts as uploaded (twice if it went
+/// twice), no longer as skipped; `bytes_uploaded` is every byte sent.
+#[allow(clippy::too_many_arguments)]
+fn upload_until_accepted(
+    client: &Client,
+    store: &Store,
+    dest: &RegistryRef,
+    root: &Digest,
+    manifest: (&[u8], &Parsed),
+    reference: &str,
+    progress: &SharedProgress,
+    report: &mut PushReport,
+) -> Result<()> {
+    let mut failures = 0u32;
+    loop {
+        let mut attempt = PushReport::nothing_yet(root);
+        let result = upload(
+            client,
+            store,
+            dest,
+            root,
+            manifest,
+            reference,
+            progress,
+            &mut attempt,
+        );
+        report.blobs_uploaded += attempt.blobs_uploaded;
+        report.bytes_uploaded += attempt.bytes_uploaded;
+        report.blobs_mounted += attempt.blobs_mounted;
+        if failures == 0 {
+            report.blobs_skipped = attempt.blobs_skipped;
+        } else {
+            report.blobs_skipped = report.blobs_skipped.saturating_sub(attempt.blobs_uploaded);
+        }
+        match result {
+            Err(e) if failures < client.settings.retries && refused_for_a_blob(&e) => {
+                tracing::debug!(%dest, error = %e, "manifest refused for a blob; checking the blobs again");
+                std::thread::sleep(client.settings.backoff_for(failures));
+                failures += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// A manifest PUT the registry refused because it found a blob or manifest it refers to
+/// missing or unreadable.
+fn refused_for_a_blob(error: &RegistryError) -> bool {
+    matches!(
+        error,
+        RegistryError::Http { status: 400, what, detail, .. }
+            if what.starts_with("manifest ")
+                && (detail.contains("MANIFEST_BLOB_UNKNOWN") || detail.contains("DIGEST_INVALID"))
+    )
 }
 
 /// Everything the registry lacks of the image or index `root`, then its manifest bytes.
