@@ -279,7 +279,16 @@ impl CgroupManager for Manager {
         // (imago) Both callers (libcontainer's intermediate process and a directly cloned
         // init) add themselves, single-threaded: see `join_self`.
         let own = pid == nix::unistd::getpid() && single_threaded();
+        // (imago) Hierarchies mounted together (`cpu,cpuacct`, `net_cls,net_prio`) are one
+        // cgroup: joined once, not once per controller.
+        let mut joined: Vec<&PathBuf> = Vec::new();
         for (ctrl_type, cgroup_path) in self.init_subsystems(controller_opt)? {
+            if *ctrl_type != CtrlType::CpuSet {
+                if joined.contains(&cgroup_path) {
+                    continue;
+                }
+                joined.push(cgroup_path);
+            }
             if own && *ctrl_type != CtrlType::CpuSet {
                 join_self(cgroup_path)?;
             } else {
