@@ -35,6 +35,9 @@ pub enum ProcessError {
     IntelRdt(#[from] crate::process::intel_rdt::IntelRdtError),
     #[error("failed to create intermediate process")]
     IntermediateProcessFailed(#[source] fork::CloneError),
+    /// (imago) The init cloned directly by the main process (no intermediate) failed to start.
+    #[error("failed to clone the container's init process")]
+    InitCloneFailed(#[source] fork::CloneError),
     #[error("failed seccomp listener")]
     #[cfg(feature = "libseccomp")]
     SeccompListener(#[from] crate::process::seccomp_listener::SeccompListenerError),
@@ -108,7 +111,7 @@ pub fn container_main_process(container_args: &ContainerArgs) -> Result<Pid> {
         let pid = fork::container_clone_init(init_cb, new_pid_namespace, container_args.as_sibling)
             .map_err(|err| {
                 tracing::error!("failed to clone init process: {}", err);
-                ProcessError::IntermediateProcessFailed(err)
+                ProcessError::InitCloneFailed(err)
             })?;
         (None, Some(pid))
     } else {
