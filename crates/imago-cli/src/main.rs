@@ -146,11 +146,8 @@ enum RunOnlyCommand {
 /// The command line. When the subcommand is `run` (after global options only), it is parsed
 /// by [`RunOnly`]; anything that does not parse there (help, a version request, an error) is
 /// parsed again by [`Cli`], so help and error messages are the full tree's, word for word.
-fn parse() -> Cli {
-    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    if subcommand_is_run(&args)
-        && let Ok(only) = RunOnly::try_parse_from(&args)
-    {
+fn parse(args: Vec<std::ffi::OsString>, is_run: bool) -> Cli {
+    if is_run && let Ok(only) = RunOnly::try_parse_from(&args) {
         let RunOnlyCommand::Run(run) = only.command;
         return Cli {
             globals: only.globals,
@@ -258,8 +255,10 @@ fn main() -> ExitCode {
     // every millisecond it starts earlier (see `commands::instances::run`), and clap's first
     // parse of this large command tree, with the page faults it takes in a fresh process, is
     // about a millisecond. Any other command stops it right after parsing.
-    let warmup = commands::instances::early_cgroup_warmup(std::env::args_os());
-    let cli = parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let is_run = subcommand_is_run(&args);
+    let warmup = commands::instances::early_cgroup_warmup(is_run, &args);
+    let cli = parse(args, is_run);
     let reporter = Reporter::new(cli.globals.json, cli.globals.quiet);
     match run(cli, reporter.clone(), warmup) {
         Ok(()) => ExitCode::SUCCESS,

@@ -200,19 +200,19 @@ impl Render for Launched {
 }
 
 /// Starts the cgroup lock warm-up of `imago run` (see [`run`]) at the very top of `main`, before
-/// the command line is parsed, if `run` is among the arguments (a cheap guess: a false one costs
-/// one short-lived child, stopped once the parsed command turns out not to be `run`).
-/// IMAGO_NO_CGROUP_WARMUP=1 turns it off, to measure what it gains.
+/// the command line is parsed, when the subcommand is `run` (`is_run`, read from `args` by
+/// `main`, which parses the same `args`). IMAGO_NO_CGROUP_WARMUP=1 turns it off, to measure
+/// what it gains.
 pub fn early_cgroup_warmup(
-    args: impl Iterator<Item = std::ffi::OsString>,
+    is_run: bool,
+    args: &[std::ffi::OsString],
 ) -> Option<imago_runtime::supervisor::CgroupLockWarmup> {
-    let args: Vec<std::ffi::OsString> = args.collect();
-    let run = args.iter().any(|a| a == "run");
     let runc = args.iter().any(|a| a == "--runtime=runc")
         || args
             .windows(2)
             .any(|w| w[0] == "--runtime" && w[1] == "runc");
-    (run && std::env::var_os("IMAGO_NO_CGROUP_WARMUP").is_none()
+    (is_run
+        && std::env::var_os("IMAGO_NO_CGROUP_WARMUP").is_none()
         && imago_runtime::supervisor::launch_takes_the_cgroup_lock(runc))
     .then(imago_runtime::supervisor::warm_cgroup_lock)
 }
