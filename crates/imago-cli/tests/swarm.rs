@@ -2395,11 +2395,21 @@ fn the_task_network_goes_with_the_last_service_and_never_from_under_one() {
     second.apply(&sleeper("netcopy-b")).unwrap();
     wait_running("netcopy-b");
     assert!(second.destroy("netcopy-b").unwrap());
+    // Racing rounds. Both threads start a round together; the round's leader (alternating)
+    // applies and destroys at once, the other waits a random part of 0..1.5x the time the
+    // last round's leader took. So some rounds overlap (an apply beside a destroy that finds
+    // the network unused, the race under test) and some do not (the leader's destroy is the
+    // last and removes the network), whatever the load: a fixed pause of milliseconds left
+    // the removals to the scheduler's luck (one in 25 rounds under CI's load).
     const ROUNDS: usize = 25;
     let removed = AtomicUsize::new(0);
+    let overlapped = AtomicUsize::new(0);
+    let leader_took_ms = std::sync::atomic::AtomicU64::new(500);
+    let round_start = std::sync::Barrier::new(2);
     std::thread::scope(|scope| {
         for (n, name) in ["netrace-a", "netrace-b"].into_iter().enumerate() {
-            let (nodes, removed) = (&nodes, &removed);
+            let (nodes, removed, overlapped, leader_took_ms, round_start) =
+                (&nodes, &removed, &overlapped, &leader_took_ms, &round_start);
             scope.spawn(move || {
                 let mut engine = imago_swarm::SwarmEngine::connect(&nodes.endpoint()).unwrap();
                 // Tasks that no node may run: the service exists, nothing is pulled or started.
@@ -2418,14 +2428,20 @@ fn the_task_network_goes_with_the_last_service_and_never_from_under_one() {
                     paused: false,
                 };
                 let mut seed = u64::from(std::process::id()) * 7919 + n as u64 + 1;
-                let mut pause = || {
+                let mut random = move |below: u64| {
                     seed ^= seed << 13;
                     seed ^= seed >> 7;
                     seed ^= seed << 17;
-                    std::thread::sleep(Duration::from_millis(seed % 40));
+                    seed % below.max(1)
                 };
                 for round in 0..ROUNDS {
-                    pause();
+                    round_start.wait();
+                    let leads = round % 2 == n;
+                    if !leads {
+                        let span = leader_took_ms.load(Ordering::SeqCst) * 3 / 2;
+                        std::thread::sleep(Duration::from_millis(random(span)));
+                    }
+                    let started = Instant::now();
                     engine
                         .apply(&desired)
                         .unwrap_or_else(|e| panic!("{name}, round {round}: apply: {e}"));
@@ -2447,13 +2463,27 @@ fn the_task_network_goes_with_the_last_service_and_never_from_under_one() {
                         &["network", "inspect", "--format", "{{.Name}}", attached[0]],
                     );
                     assert_eq!(network, TASK_NETWORK, "{name}, round {round}");
-                    pause();
                     let had = nodes.task_network().is_some();
+                    let other = ["netrace-a", "netrace-b"][1 - n];
+                    let beside = !nodes
+                        .docker(
+                            0,
+                            &["service", "ls", "-q", "--filter", &format!("name={other}")],
+                        )
+                        .is_empty();
                     assert!(
                         engine
                             .destroy(name)
                             .unwrap_or_else(|e| panic!("{name}, round {round}: destroy: {e}"))
                     );
+                    if leads {
+                        let took = started.elapsed().as_millis();
+                        leader_took_ms
+                            .store(u64::try_from(took).unwrap_or(u64::MAX), Ordering::SeqCst);
+                    }
+                    if beside {
+                        overlapped.fetch_add(1, Ordering::SeqCst);
+                    }
                     if had && nodes.task_network().is_none() {
                         removed.fetch_add(1, Ordering::SeqCst);
                     }
@@ -2463,8 +2493,18 @@ fn the_task_network_goes_with_the_last_service_and_never_from_under_one() {
     });
     // Gone from the swarm; the manager's copy goes once netcopy-b's task has stopped.
     nodes.task_network_goes("both services were destroyed");
-    // Removed and made again along the way, not only at the end.
-    assert!(removed.load(Ordering::SeqCst) > 1, "{removed:?}");
+    eprintln!(
+        "{ROUNDS} rounds x 2: network removed {removed:?} times, {overlapped:?} destroys beside the other service"
+    );
+    // Removed and made again along the way, not only at the end; and destroys that ran
+    // while the other service stood (the race).
+    assert!(removed.load(Ordering::SeqCst) > 1, "removed {removed:?}");
+    assert!(
+        overlapped.load(Ordering::SeqCst) > 1,
+        "overlapped {overlapped:?}"
+    );
+    // Gone from the swarm; the manager's copy goes once netcopy-b's task has stopped.
+    nodes.task_network_goes("both services were destroyed");
     let services = nodes.docker(0, &["service", "ls", "-q"]);
     assert_eq!(services, "", "no service left");
 }
