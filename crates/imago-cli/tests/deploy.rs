@@ -2842,6 +2842,7 @@ fn many_instances_serve_roll_over_without_a_failed_request_and_leave_nothing_whe
     d.set_version("v2", "2");
     scale(&d);
     let rollout_timings = pass_timings(&d);
+    let rollout_cpu_before = cpu_ticks(controller);
     let t1 = Instant::now();
     let out = d
         .imago
@@ -2849,8 +2850,13 @@ fn many_instances_serve_roll_over_without_a_failed_request_and_leave_nothing_whe
         .ok()
         .stdout();
     let rolled = t1.elapsed();
+    let rollout_cpu =
+        cpu_ticks(controller).saturating_sub(rollout_cpu_before) as f64 / ticks as f64;
     let (_, rollout_passes) = describe_passes(&rollout_timings, &pass_timings(&d));
-    eprintln!("scale {n} instances: rolling update {rolled:.1?}: {rollout_passes}");
+    eprintln!(
+        "scale {n} instances: rolling update {rolled:.1?} (controller CPU {rollout_cpu:.2} s, {:.0}% of a core): {rollout_passes}",
+        rollout_cpu * 100.0 / rolled.as_secs_f64()
+    );
     assert!(out.contains("deployment complete (release 2"), "{out}");
     std::thread::sleep(Duration::from_millis(300));
     let answers = client.finish();
