@@ -549,12 +549,15 @@ impl Controller {
         Ok(targets)
     }
 
-    /// Closes `service`'s endpoint in the data plane, if it serves one.
+    /// Closes `service`'s endpoint in the data plane, if it serves one. Forgotten only once the
+    /// data plane has closed it: a close that failed is asked again by the next pass, and the
+    /// tear-down stops (and removes, giving their address leases back) nothing before.
     fn close_endpoint(&mut self, service: &str) -> Result<(), DeployError> {
         self.endpoints.remove(service);
         self.adopted_routes.remove(service);
-        if self.plane_services.remove(service) {
+        if self.plane_services.contains(service) {
             self.plane.close(service)?;
+            self.plane_services.remove(service);
         }
         self.record_kernel_failures()
     }
