@@ -892,10 +892,21 @@ impl LocalProvider {
     /// [`ABANDONED_DIR_AGE`] (its launcher was killed before it wrote either), so a launch under
     /// way, or one by an older imago (a spec, no such file), is never touched.
     pub fn remove_abandoned_dirs(&self) -> usize {
+        self.sweep_instance_dirs(false).0
+    }
+
+    /// [`Self::remove_abandoned_dirs`], and with `temp_files` the temporary files that writers
+    /// killed between their write and their rename left in the directories of instances with a
+    /// record (`state::remove_stale_temp_files_in`): a stop's `stop-request`, a record written
+    /// by a `list` or a supervisor. Those of an instance without a record go with its
+    /// directory, and those of its bundle were written by its launcher before the record (a
+    /// launch it cut short is removed whole). Returns the directories and the files removed.
+    fn sweep_instance_dirs(&self, temp_files: bool) -> (usize, usize) {
         let Ok(entries) = fs::read_dir(self.layout.instances()) else {
-            return 0;
+            return (0, 0);
         };
         let mut removed = 0;
+        let mut temp_removed = 0;
         for entry in entries.flatten() {
             // The trash (`INSIDE_TRASH`): no instance id starts with a dot.
             if entry.file_name().as_encoded_bytes().starts_with(b".") {
@@ -903,6 +914,9 @@ impl LocalProvider {
             }
             let dir = InstanceDir { root: entry.path() };
             if dir.state().exists() {
+                if temp_files {
+                    temp_removed += crate::state::remove_stale_temp_files_in(&dir.root);
+                }
                 continue;
             }
             // The launcher is gone, so nothing writes the record any more. A launcher killed
@@ -917,7 +931,7 @@ impl LocalProvider {
                 removed += 1;
             }
         }
-        removed
+        (removed, temp_removed)
     }
 
     /// The launches under way in this home, by any process, that no listing shows yet: the
@@ -969,7 +983,18 @@ impl LocalProvider {
             network::teardown(&id);
             swept.namespaces.push(id);
         }
-        swept.dirs = self.remove_abandoned_dirs();
+        (swept.dirs, swept.temp_files) = self.sweep_instance_dirs(true);
+        // The files written by rename outside the instances: the rootfs cache's drift
+        // manifests, the seccomp filter cache and its record of passed load checks
+        // (`seccomp.loads` beside it): one directory each.
+        let filters = self.layout.seccomp_cache();
+        for dir in [
+            self.layout.rootfs(),
+            filters.with_extension("loads"),
+            filters,
+        ] {
+            swept.temp_files += crate::state::remove_stale_temp_files_in(&dir);
+        }
         swept.trash = self.empty_trash();
         // After the namespaces: a lease is abandoned only once its namespace is gone too.
         swept.leases = self.ipam.reclaim_abandoned().unwrap_or_default();
@@ -994,6 +1019,8 @@ pub struct Swept {
     pub namespaces: Vec<String>,
     /// Instance directories that removals killed midway left in the trash.
     pub trash: usize,
+    /// Temporary files of writes whose writer was killed before its rename.
+    pub temp_files: usize,
 }
 
 /// A network namespace younger than this is never swept: it may be a launch whose container
@@ -1133,6 +1160,10 @@ impl Provider for LocalProvider {
         let mut out = Vec::new();
         let mut listed = std::collections::HashSet::new();
         for entry in entries.flatten() {
+            // No instance id starts with a dot: the trash, or a file some writer left.
+            if entry.file_name().as_encoded_bytes().starts_with(b".") {
+                continue;
+            }
             let dir = InstanceDir { root: entry.path() };
             if !dir.state().exists() {
                 continue;
@@ -1539,6 +1570,137 @@ mod tests {
         assert_eq!(swept.trash, 5, "{swept:?}");
         assert_eq!(swept.dirs, 0, "the trash is no instance: {swept:?}");
         assert!(inside.exists());
+    }
+
+    /// Writers killed (SIGKILL) at random points of their writes by rename leave temporary
+    /// files beside what they wrote: an instance's record and stop request, a rootfs drift
+    /// manifest, seccomp cache files. `list` never takes one for a record nor fails on one, and
+    /// the sweep removes those of dead writers and only those: the records stay whole, and the
+    /// temporary files of a live writer (this process) stay. The writer is this test binary
+    /// again, writing in a loop into the home named by `IMAGO_TEST_RECORD_WRITER`.
+    #[test]
+    fn the_sweep_takes_what_killed_writers_left_and_listing_never_takes_it_for_a_record() {
+        const CHILD: &str = "IMAGO_TEST_RECORD_WRITER";
+        let padded = |id: &str| {
+            let spec = InstanceSpec::new(imago_oci::Digest::of(b"image"));
+            let mut rec = Instance::new(id.to_owned(), &spec).unwrap();
+            rec.status = Status::Exited;
+            rec.exit_code = Some(0);
+            // Large, so that a kill lands inside a write most of the time.
+            rec.labels.insert("pad".into(), "x".repeat(1 << 20));
+            rec
+        };
+        if let Some(home) = std::env::var_os(CHILD) {
+            let layout = Layout::new(Path::new(&home));
+            let dir = layout.instance_dir("w");
+            let mut bytes = serde_json::to_vec_pretty(&padded("w")).unwrap();
+            bytes.push(b'\n');
+            let manifest = layout.rootfs().join(".abc.manifest.json");
+            let filter = layout.seccomp_cache().join("abc.bpf");
+            for n in 0u64.. {
+                crate::state::write_atomic(&dir.state(), &bytes).unwrap();
+                crate::state::write_atomic(&dir.stop_request(), n.to_string().as_bytes()).unwrap();
+                crate::state::write_atomic(&manifest, &bytes).unwrap();
+                crate::state::write_atomic(&filter, &bytes).unwrap();
+                fs::write(layout.home.join("written"), b"").unwrap();
+            }
+            return;
+        }
+        let dead_pid = || {
+            let mut child = Command::new("true").spawn().unwrap();
+            let pid = child.id();
+            child.wait().unwrap();
+            pid
+        };
+        let me = std::process::id();
+        let mut left = Vec::new();
+        for round in 0..6u64 {
+            let home = tempfile::tempdir().unwrap();
+            let provider = provider_without_images(home.path());
+            let layout = provider.layout();
+            let dir = layout.instance_dir("w");
+            fs::create_dir_all(&dir.root).unwrap();
+            dir.write_state(&padded("w")).unwrap();
+            let dirs = [
+                dir.root.clone(),
+                layout.rootfs(),
+                layout.seccomp_cache(),
+                layout.seccomp_cache().with_extension("loads"),
+            ];
+            for d in &dirs {
+                fs::create_dir_all(d).unwrap();
+            }
+            // A write of this process under way, and what dead writers left where no writer
+            // of this test writes.
+            let live = dir.root.join(format!(".state.json.{me}.999.tmp"));
+            fs::write(&live, b"{").unwrap();
+            let planted = [
+                dirs[3].join(format!(".abc.{}.0.tmp", dead_pid())),
+                layout
+                    .instance_dir("w")
+                    .root
+                    .join(format!(".spec.json.{}.7.tmp", dead_pid())),
+            ];
+            for file in &planted {
+                fs::write(file, b"{").unwrap();
+            }
+            let mut child = Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "local::tests::the_sweep_takes_what_killed_writers_left_and_listing_never_takes_it_for_a_record",
+                    "--test-threads=1",
+                ])
+                .env(CHILD, home.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !home.path().join("written").exists() {
+                assert!(Instant::now() < deadline, "the writer never wrote");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos();
+            std::thread::sleep(Duration::from_micros(u64::from(nanos % 30_000) + round));
+            child.kill().unwrap();
+            child.wait().unwrap();
+            let writer = format!(".{}.", child.id());
+            let of_writer = || -> Vec<PathBuf> {
+                dirs.iter()
+                    .flat_map(|d| fs::read_dir(d).unwrap().flatten())
+                    .map(|e| e.path())
+                    .filter(|p| p.file_name().unwrap().to_string_lossy().contains(&writer))
+                    .collect()
+            };
+            let killed = of_writer().len();
+            left.push(killed);
+
+            let listed = provider.list().unwrap();
+            assert_eq!(listed.len(), 1, "round {round}: {listed:?}");
+            assert_eq!(
+                listed[0].labels["pad"].len(),
+                1 << 20,
+                "round {round}: torn"
+            );
+            let swept = provider.sweep_abandoned();
+            assert_eq!(of_writer(), Vec::<PathBuf>::new(), "round {round}");
+            for file in &planted {
+                assert!(!file.exists(), "round {round}: {} stayed", file.display());
+            }
+            assert!(
+                live.exists(),
+                "round {round}: a live writer's file was removed"
+            );
+            assert_eq!(swept.temp_files, killed + planted.len(), "round {round}");
+            assert_eq!(swept.dirs, 0, "round {round}: the instance has its record");
+            let listed = provider.list().unwrap();
+            assert_eq!(listed.len(), 1, "round {round}");
+            assert_eq!(listed[0].labels["pad"].len(), 1 << 20, "round {round}");
+        }
+        eprintln!("temporary files the killed writer left, by round: {left:?}");
     }
 
     /// What `destroy` waits for: the directories of launches whose launcher lives and that

@@ -353,22 +353,55 @@ pub fn remove_stale_temp_files(path: &Path) -> usize {
         return 0;
     };
     let prefix = format!(".{}.", name.to_string_lossy());
+    remove_temp_files_of_dead_writers(dir, |entry_name| {
+        entry_name
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|pid| pid.parse::<i32>().ok())
+    })
+}
+
+/// Removes every temporary file of [`write_atomic`] in `dir` (of any record there) whose
+/// writer is dead: what writers killed between their write and their rename left beside the
+/// records. One read of the directory, and a look at `/proc` per writer of a temporary file
+/// only. How many it removed.
+pub fn remove_stale_temp_files_in(dir: &Path) -> usize {
+    remove_temp_files_of_dead_writers(dir, temp_file_writer)
+}
+
+/// The writer's pid named by `name` if it is a temporary file of [`write_atomic`]
+/// (`.<record>.<pid>.<n>.tmp`, see [`temp_path`]); never a record's own name, which does not
+/// start with a dot.
+pub fn temp_file_writer(name: &str) -> Option<i32> {
+    let rest = name.strip_prefix('.')?.strip_suffix(".tmp")?;
+    let mut parts = rest.rsplitn(3, '.');
+    let n = parts.next()?;
+    let pid = parts.next()?;
+    let record = parts.next()?;
+    if record.is_empty() || n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    pid.parse::<i32>().ok().filter(|pid| *pid > 0)
+}
+
+/// Removes the entries of `dir` for which `writer` names a writer that is dead.
+fn remove_temp_files_of_dead_writers(dir: &Path, writer: impl Fn(&str) -> Option<i32>) -> usize {
     let Ok(entries) = fs::read_dir(dir) else {
         return 0;
     };
+    // A writer killed once leaves at most one file per record it was writing: looked up once.
+    let mut dead: std::collections::HashMap<i32, bool> = std::collections::HashMap::new();
     entries
         .flatten()
         .filter(|entry| {
             let entry_name = entry.file_name();
-            let entry_name = entry_name.to_string_lossy();
-            let Some(pid) = entry_name
-                .strip_prefix(&prefix)
-                .and_then(|rest| rest.split('.').next())
-                .and_then(|pid| pid.parse::<i32>().ok())
-            else {
+            let Some(pid) = writer(&entry_name.to_string_lossy()) else {
                 return false;
             };
-            process_start_time(pid).is_none() && fs::remove_file(entry.path()).is_ok()
+            *dead
+                .entry(pid)
+                .or_insert_with(|| process_start_time(pid).is_none())
+                && fs::remove_file(entry.path()).is_ok()
         })
         .count()
 }

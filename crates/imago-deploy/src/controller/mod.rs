@@ -549,12 +549,15 @@ impl Controller {
         Ok(targets)
     }
 
-    /// Closes `service`'s endpoint in the data plane, if it serves one.
+    /// Closes `service`'s endpoint in the data plane, if it serves one. Forgotten only once the
+    /// data plane has closed it: a close that failed is asked again by the next pass, and the
+    /// tear-down stops (and removes, giving their address leases back) nothing before.
     fn close_endpoint(&mut self, service: &str) -> Result<(), DeployError> {
         self.endpoints.remove(service);
         self.adopted_routes.remove(service);
-        if self.plane_services.remove(service) {
+        if self.plane_services.contains(service) {
             self.plane.close(service)?;
+            self.plane_services.remove(service);
         }
         self.record_kernel_failures()
     }
@@ -745,18 +748,22 @@ impl Controller {
         });
         self.announced_ready.retain(|id| live.contains(id.as_str()));
         self.announced_drift.retain(|id| live.contains(id.as_str()));
+        // The listed ids as a set, built once and only when something asks: a scan of the
+        // listing per failed removal was O(instances x failures) every pass.
+        let listed: std::collections::HashSet<&str> =
+            if self.stops.failures.is_empty() && draining.is_empty() {
+                std::collections::HashSet::new()
+            } else {
+                instances.iter().map(|i| i.id.as_str()).collect()
+            };
         // A failed removal of an instance someone else removed since is nothing to retry.
-        self.stops
-            .failures
-            .retain(|id| instances.iter().any(|i| i.id == id));
+        self.stops.failures.retain(|id| listed.contains(id));
         // A retired instance that is gone without this controller having taken its removal
         // (its predecessor was killed between the removal and recording it, or `imago destroy`
         // removed it) is no longer draining.
         // In one batch: `imago destroy` removing a thousand of them made a thousand commits,
         // each waiting for the disk.
         if !draining.is_empty() {
-            let listed: std::collections::HashSet<&str> =
-                instances.iter().map(|i| i.id.as_str()).collect();
             let gone: Vec<&String> = draining
                 .keys()
                 .filter(|id| !listed.contains(id.as_str()) && !self.stops.is_pending(id))

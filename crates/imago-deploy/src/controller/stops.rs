@@ -131,6 +131,11 @@ impl Failures {
         self.by_id.remove(id);
     }
 
+    /// Whether no failed removal is remembered.
+    pub(super) fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
     /// Forgets the failures of the instances for which `listed` is false.
     pub(super) fn retain(&mut self, listed: impl Fn(&str) -> bool) {
         if !self.by_id.is_empty() {
