@@ -153,6 +153,51 @@ fn a_manifest_refused_for_a_blob_is_retried_after_the_blobs_are_checked_and_then
     );
 }
 
+/// A refusal naming only a digest the manifest does not refer to cannot be a blob link being
+/// rewritten under the check: the push fails at the first PUT, naming the registry's reason,
+/// instead of after every retry and its backoff.
+#[test]
+fn a_manifest_refused_for_a_digest_it_does_not_name_fails_at_once() {
+    let reg = Registry::start(RegistryOpts::plain());
+    let imago = Imago::new();
+    let digest = registry::random_image(&imago, "ci/app:1", &[30_000, 20_000], 7);
+    let stranger = format!("sha256:{}", "0123456789abcdef".repeat(4));
+    let refusal = format!(
+        r#"{{"errors":[{{"code":"MANIFEST_BLOB_UNKNOWN","message":"blob unknown to registry","detail":"{stranger}"}}]}}"#
+    );
+    let proxy = Proxy::start(
+        &reg.host(),
+        vec![
+            Fault::serve(
+                "PUT",
+                "/manifests/",
+                400,
+                &[("Content-Type", "application/json")],
+                refusal.into_bytes(),
+            )
+            .always(),
+        ],
+    );
+    let target = format!("{}/ci/app:1", proxy.host());
+    let started = std::time::Instant::now();
+    let err = registry::run(&imago, &["push", "ci/app:1", &target]).fails();
+    for needle in [
+        target.as_str(),
+        digest.as_str(),
+        "MANIFEST_BLOB_UNKNOWN",
+        &stranger,
+    ] {
+        assert!(err.contains(needle), "{needle} not in: {err}");
+    }
+    assert_eq!(
+        requests(&proxy, "PUT", "/manifests/"),
+        1,
+        "no retry\n{}",
+        proxy.summary()
+    );
+    eprintln!("refused push failed in {:?}", started.elapsed());
+}
+
 /// How many `method` requests for a path containing `path` went through the proxy.
 fn requests(proxy: &Proxy, method: &str, path: &str) -> usize {
     proxy

@@ -156,7 +156,10 @@ pub fn push(
 /// while another client pushes the same blob a manifest check can read an empty link. Each
 /// attempt asks for every blob again (HEAD) and uploads what is missing, so a blob that really
 /// is gone goes again. A blob a later attempt uploads counts as uploaded (twice if it went
-/// twice), no longer as skipped; `bytes_uploaded` is every byte sent.
+/// twice), no longer as skipped; `bytes_uploaded` is every byte sent. A refusal that names
+/// only digests the manifest does not refer to cannot be that race (the manifest itself is
+/// wrong, e.g. pushed by a digest its bytes do not have): it fails at once, not after every
+/// retry's backoff (about 6 s at the defaults).
 #[allow(clippy::too_many_arguments)]
 fn upload_until_accepted(
     client: &Client,
@@ -190,7 +193,11 @@ fn upload_until_accepted(
             report.blobs_skipped = report.blobs_skipped.saturating_sub(attempt.blobs_uploaded);
         }
         match result {
-            Err(e) if failures < client.settings.retries && refused_for_a_blob(&e) => {
+            Err(e)
+                if failures < client.settings.retries
+                    && refused_for_a_blob(&e)
+                    && !refused_for_another(&e, manifest.1) =>
+            {
                 tracing::debug!(%dest, error = %e, "manifest refused for a blob; checking the blobs again");
                 std::thread::sleep(client.settings.backoff_for(failures));
                 failures += 1;
@@ -209,6 +216,37 @@ fn refused_for_a_blob(error: &RegistryError) -> bool {
             if what.starts_with("manifest ")
                 && (detail.contains("MANIFEST_BLOB_UNKNOWN") || detail.contains("DIGEST_INVALID"))
     )
+}
+
+/// The refusal names digests, none of which the manifest refers to (its blobs, or an index's
+/// manifests): no link of this push's blobs was being rewritten.
+fn refused_for_another(error: &RegistryError, parsed: &Parsed) -> bool {
+    let RegistryError::Http { detail, .. } = error else {
+        return false;
+    };
+    let named = digests_in(detail);
+    let refers: Vec<String> = match parsed {
+        Parsed::Image { .. } => parsed.blobs().iter().map(|(d, _)| d.to_string()).collect(),
+        Parsed::Index { manifests, .. } => manifests.iter().map(|m| m.digest.clone()).collect(),
+    };
+    !named.is_empty() && named.iter().all(|d| !refers.contains(d))
+}
+
+/// The `sha256:` digests (64 lowercase hex digits) a registry's error text names.
+fn digests_in(text: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("sha256:") {
+        let hex: String = rest[at + 7..]
+            .chars()
+            .take_while(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+            .collect();
+        if hex.len() == 64 {
+            found.push(format!("sha256:{hex}"));
+        }
+        rest = &rest[at + 7..];
+    }
+    found
 }
 
 /// Everything the registry lacks of the image or index `root`, then its manifest bytes.

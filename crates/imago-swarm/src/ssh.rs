@@ -8,18 +8,19 @@
 //! same endpoint. So the engine owns a unix socket in a private temporary directory for its
 //! lifetime; every connection accepted there gets its own ssh process, and both clients connect
 //! to that socket as to a local daemon. Closing the tunnel ends every ssh process as a user's
-//! ssh ends (stdin closed; SIGTERM, then SIGKILL, only for one that does not exit) and reaps
+//! ssh ends (stdin closed; SIGTERM, then SIGKILL, only for one that does not exit, each sent
+//! through a pidfd opened at the spawn, never by a pid that may have been reused) and reaps
 //! it, and dropping it removes the directory; the directory of a process that died without
 //! dropping it is removed by the next tunnel made on the host (`sweep_abandoned`).
 
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nix::sys::signal::Signal;
-use nix::unistd::Pid;
+use rustix::process::{Pid, PidfdFlags, Signal, WaitId, WaitIdOptions};
 use tokio::io::AsyncReadExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::process::{Child, ChildStderr, ChildStdout, Command};
@@ -273,6 +274,8 @@ async fn forward(
             return;
         }
     };
+    // Before anything waits for it: until it is reaped, its pid is still this ssh's.
+    let handle = SshHandle::of(&child);
     let (Some(mut stdin), Some(mut stdout), Some(stderr)) =
         (child.stdin.take(), child.stdout.take(), child.stderr.take())
     else {
@@ -296,7 +299,7 @@ async fn forward(
         }
         // ssh's stdin is closed here, with the future that owned it.
     }
-    end(&mut child, &mut stdout).await;
+    end(&mut child, &handle, &mut stdout).await;
     // ssh is gone and what it said is in the pipe, but a process it started (a ProxyCommand
     // and its children) may hold the pipe open for as long as it lives: its end is not waited
     // for beyond a moment to read what is there.
@@ -318,8 +321,9 @@ async fn forward(
 /// ProxyCommand). One still running after [`EXIT_GRACE`] (a remote side that does not close,
 /// a connection still being made) gets SIGTERM, on which ssh still says goodbye; SIGKILL only
 /// after [`TERM_GRACE`] more. What ssh writes to stdout meanwhile is read and dropped: an ssh
-/// blocked on a full pipe would never exit.
-async fn end(child: &mut Child, stdout: &mut ChildStdout) {
+/// blocked on a full pipe would never exit. The signals go through `handle`: never to a process
+/// that took ssh's pid once ssh was reaped, by whoever reaped it.
+async fn end(child: &mut Child, handle: &SshHandle, stdout: &mut ChildStdout) {
     let drain = async {
         let _ = tokio::io::copy(stdout, &mut tokio::io::sink()).await;
         std::future::pending::<()>().await
@@ -328,20 +332,83 @@ async fn end(child: &mut Child, stdout: &mut ChildStdout) {
         if tokio::time::timeout(EXIT_GRACE, child.wait()).await.is_ok() {
             return;
         }
-        // Not reaped yet (only `wait` reaps it), so the pid is still this ssh's.
-        if let Some(pid) = child.id().and_then(|pid| i32::try_from(pid).ok()) {
-            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGTERM);
-        }
+        handle.signal(child, Signal::TERM);
         if tokio::time::timeout(TERM_GRACE, child.wait())
             .await
             .is_err()
         {
-            let _ = child.kill().await;
+            handle.signal(child, Signal::KILL);
+            let _ = child.wait().await;
         }
     };
     tokio::select! {
         _ = drain => {},
         _ = exit => {},
+    }
+}
+
+/// How the signals of [`end`] reach one ssh process.
+#[derive(Debug)]
+enum SshHandle {
+    /// A pidfd of the ssh process, opened while it was an unreaped child of this process: it
+    /// names that process for good, and a signal sent through it after the process was reaped
+    /// (by tokio, or by anyone waiting for any child) fails instead of reaching a process that
+    /// took the pid.
+    PidFd(OwnedFd),
+    /// The ssh process had already exited and been reaped when the pidfd was to be opened:
+    /// nothing to signal.
+    Gone,
+    /// No pidfd could be opened (Linux < 5.4, or no file descriptor left): signalled by pid
+    /// while the child's handle says it is not reaped, which only another waiter for any child
+    /// of this process could race.
+    Pid,
+}
+
+impl SshHandle {
+    fn of(child: &Child) -> SshHandle {
+        let Some(pid) = child
+            .id()
+            .and_then(|pid| i32::try_from(pid).ok())
+            .and_then(Pid::from_raw)
+        else {
+            return SshHandle::Gone;
+        };
+        let fd = match rustix::process::pidfd_open(pid, PidfdFlags::empty()) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::SRCH) => return SshHandle::Gone,
+            // No pidfds here (ENOSYS), or none left (EMFILE): by pid, as before pidfds.
+            Err(_) => return SshHandle::Pid,
+        };
+        // The pid could have been reused between the spawn and the open: the process behind
+        // the pidfd must be a child of this process that no one reaped yet (waitid on another
+        // process's child, or a reaped one, fails with ECHILD). Not consumed: NOWAIT.
+        match rustix::process::waitid(
+            WaitId::PidFd(fd.as_fd()),
+            WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT,
+        ) {
+            Ok(_) => SshHandle::PidFd(fd),
+            Err(rustix::io::Errno::CHILD) => SshHandle::Gone,
+            Err(_) => SshHandle::Pid,
+        }
+    }
+
+    /// Sends `signal` to the ssh process, if it is still there to get it.
+    fn signal(&self, child: &Child, signal: Signal) {
+        match self {
+            SshHandle::PidFd(fd) => {
+                // ESRCH: it was reaped meanwhile, and the pidfd reaches nobody else.
+                let _ = rustix::process::pidfd_send_signal(fd, signal);
+            }
+            SshHandle::Gone => {}
+            SshHandle::Pid => {
+                // Not reaped by tokio yet (only `wait` reaps it), so the pid is still this
+                // ssh's unless another waiter for any child took it.
+                let pid = child.id().and_then(|pid| i32::try_from(pid).ok());
+                if let Some(pid) = pid.and_then(Pid::from_raw) {
+                    let _ = rustix::process::kill_process(pid, signal);
+                }
+            }
+        }
     }
 }
 
@@ -479,5 +546,69 @@ mod tests {
         tunnel.close(&runtime);
         drop(tunnel);
         assert!(!dir.exists(), "dropped: {} removed", dir.display());
+    }
+
+    /// A child process whose pid is `pid`, made by setting the pid namespace's last pid (root)
+    /// before the spawn; `None` when another process of the host took that pid first.
+    fn child_with_pid(pid: u32) -> Option<std::process::Child> {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string())
+            .expect("set ns_last_pid (the test runs as root)");
+        let child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        if child.id() == pid {
+            return Some(child);
+        }
+        let mut child = child;
+        child.kill().unwrap();
+        child.wait().unwrap();
+        None
+    }
+
+    /// ssh is reaped behind its handle's back (anyone in the process may wait for any child)
+    /// and its pid taken by another process before `end` signals it: the signals reach nobody.
+    /// By pid, the SIGKILL meant for a stuck ssh killed the process that took its pid.
+    #[test]
+    fn a_signal_for_an_ssh_reaped_elsewhere_never_reaches_the_process_that_took_its_pid() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _entered = runtime.enter();
+        let mut reused = 0;
+        for _ in 0..20 {
+            let ssh = Command::new("sleep").arg("60").spawn().unwrap();
+            let handle = SshHandle::of(&ssh);
+            assert!(matches!(handle, SshHandle::PidFd(_)), "{handle:?}");
+            let pid = ssh.id().unwrap();
+            let raw = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap());
+            nix::sys::signal::kill(raw, nix::sys::signal::Signal::SIGKILL).unwrap();
+            nix::sys::wait::waitpid(raw, None).unwrap();
+            let Some(mut other) = child_with_pid(pid) else {
+                continue;
+            };
+            reused += 1;
+            handle.signal(&ssh, Signal::KILL);
+            // Whichever signal reaches `other` first ends it: it must be this one.
+            let other_pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap());
+            nix::sys::signal::kill(other_pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+            let status = other.wait().unwrap();
+            assert_eq!(
+                std::os::unix::process::ExitStatusExt::signal(&status),
+                Some(libc_sigterm()),
+                "the process that took ssh's pid {pid} got ssh's SIGKILL: {status:?}"
+            );
+            // tokio's handle would wait for `pid` when dropped, which is no longer ssh's.
+            std::mem::forget(ssh);
+            if reused == 3 {
+                break;
+            }
+        }
+        assert!(reused > 0, "no pid was taken again in 20 tries");
+    }
+
+    fn libc_sigterm() -> i32 {
+        nix::sys::signal::Signal::SIGTERM as i32
     }
 }
