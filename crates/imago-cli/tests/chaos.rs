@@ -527,13 +527,11 @@ impl Killer {
                 }
                 let _guard = l.lock().unwrap();
                 let round = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    imago.kill_controller();
-                    std::thread::sleep(Duration::from_millis(rng.below(400)));
-                    imago.run(&["serve"]).ok();
+                    kill_and_restart(&imago, &mut rng)
                 }));
                 match round {
-                    Ok(()) => {
-                        k.fetch_add(1, Ordering::Relaxed);
+                    Ok(n) => {
+                        k.fetch_add(n, Ordering::Relaxed);
                     }
                     Err(e) => {
                         let what = e
@@ -555,6 +553,13 @@ impl Killer {
             lock,
             handle: Some(handle),
         }
+    }
+
+    /// A kill and restart now, from the test's thread; returns once a controller runs again.
+    fn kill_now(&self, imago: &Imago, rng: &mut Rng) {
+        let _guard = self.lock.lock().unwrap();
+        let n = kill_and_restart(imago, rng);
+        self.kills.fetch_add(n, Ordering::Relaxed);
     }
 
     fn arm(&self, on: bool) {
@@ -587,6 +592,51 @@ impl Drop for Killer {
             let _ = h.join();
         }
     }
+}
+
+/// Kill -9 of the running controller, then, after a random pause, a new one; a third of the
+/// time that one is killed too during its start-up (a random moment before its set-up is done or
+/// soon after) and another is started. Returns the number of kills.
+fn kill_and_restart(imago: &Imago, rng: &mut Rng) -> usize {
+    imago.kill_controller();
+    std::thread::sleep(Duration::from_millis(rng.below(400)));
+    let mut kills = 1;
+    if rng.below(3) == 0 {
+        let mut starting = imago
+            .cmd()
+            .arg("serve")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_millis(rng.below(300));
+        let give_up = Instant::now() + Duration::from_secs(30);
+        let mut killed = false;
+        while !killed && Instant::now() < give_up {
+            let controllers: Vec<u32> = home_processes(&imago.home)
+                .iter()
+                .filter(|p| p.contains(" serve --foreground"))
+                .filter_map(|p| p.split(':').next()?.parse().ok())
+                .collect();
+            if !controllers.is_empty() && Instant::now() >= deadline {
+                for pid in &controllers {
+                    let _ = std::process::Command::new("kill")
+                        .args(["-KILL", &pid.to_string()])
+                        .status();
+                }
+                killed = true;
+            }
+            if !killed && controllers.is_empty() && starting.try_wait().ok().flatten().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // The `serve` that started it says it did not start, or that it did: either is true.
+        let _ = starting.wait();
+        kills += usize::from(killed);
+    }
+    imago.run(&["serve"]).ok();
+    kills
 }
 
 /// The service's desired release number and the outcome of its rollout.
@@ -629,6 +679,8 @@ fn kill_9_of_the_controller_at_random_moments_of_every_kind_of_rollout_breaks_no
         let _g = killer.lock.lock().unwrap();
         s.imago.run(&["apply", "--no-wait", "-f", &s.file()]).ok();
     }
+    std::thread::sleep(Duration::from_millis(rng.below(1000)));
+    killer.kill_now(&s.imago, &mut rng);
     killer.arm(true);
     let wait_complete = |what: &str, number: Option<u64>, killer: &Killer| {
         s.imago.wait_for(what, Duration::from_secs(150), || {
@@ -701,6 +753,9 @@ fn kill_9_of_the_controller_at_random_moments_of_every_kind_of_rollout_breaks_no
             let _g = killer.lock.lock().unwrap();
             s.imago.run(&["apply", "--no-wait", "-f", &s.file()]).ok();
         }
+        // At least one kill in every rollout, early in it.
+        std::thread::sleep(Duration::from_millis(rng.below(1500)));
+        killer.kill_now(&s.imago, &mut rng);
         if canary {
             // The canary: paused once its first new instance serves, held, then resumed.
             s.imago
@@ -758,6 +813,8 @@ fn kill_9_of_the_controller_at_random_moments_of_every_kind_of_rollout_breaks_no
         let _g = killer.lock.lock().unwrap();
         s.imago.run(&["apply", "--no-wait", "-f", &s.file()]).ok();
     }
+    std::thread::sleep(Duration::from_millis(rng.below(1500)));
+    killer.kill_now(&s.imago, &mut rng);
     number += 1;
     s.imago.wait_for(
         "the failing release to be rolled back",
@@ -796,6 +853,8 @@ fn kill_9_of_the_controller_at_random_moments_of_every_kind_of_rollout_breaks_no
             ])
             .ok();
     }
+    std::thread::sleep(Duration::from_millis(rng.below(1000)));
+    killer.kill_now(&s.imago, &mut rng);
     wait_complete("the manual rollback", Some(number), &killer);
     killer.arm(false);
     {
@@ -936,16 +995,24 @@ fn kill_9_of_the_controller_at_random_moments_of_every_kind_of_rollout_breaks_no
         &violations[..violations.len().min(10)]
     );
 
-    // Destroy, with the controller killed during it.
+    // Destroy, with the controller killed during it (once at a random moment of its first
+    // 300 ms, and by the killer).
     killer.arm(true);
-    let out = s.imago.cmd().args(["destroy", "web"]).output().unwrap();
+    let destroy_started = Instant::now();
+    let out = std::thread::scope(|scope| {
+        let destroy = scope.spawn(|| s.imago.run(&["destroy", "web"]));
+        std::thread::sleep(Duration::from_millis(rng.below(300)));
+        killer.kill_now(&s.imago, &mut rng);
+        destroy.join().unwrap()
+    });
     killer.arm(false);
+    let destroy_took = destroy_started.elapsed();
     killer.finish();
     let kills = killer.kills();
     assert!(
-        out.status.success(),
+        out.output.status.success(),
         "destroy failed (seed {seed}): {}",
-        String::from_utf8_lossy(&out.stderr)
+        out.stderr()
     );
     ever.extend(instance_dirs(&home));
     // A launch killed before its record existed is only the sweep's to find (what is older
@@ -965,7 +1032,10 @@ fn kill_9_of_the_controller_at_random_moments_of_every_kind_of_rollout_breaks_no
         std::thread::sleep(Duration::from_millis(200));
         processes = home_processes(&home);
     }
-    eprintln!("{} kills in all, {} instances ever", kills, ever.len());
+    eprintln!(
+        "{kills} kills in all, {} instances ever; destroy took {destroy_took:?}",
+        ever.len()
+    );
     assert!(
         left.is_empty(),
         "left behind after destroy (seed {seed}): {left:#?}"
