@@ -1003,6 +1003,31 @@ fn kill_9_of_the_controller_at_random_moments_of_every_kind_of_rollout_breaks_no
         let destroy = scope.spawn(|| s.imago.run(&["destroy", "web"]));
         std::thread::sleep(Duration::from_millis(rng.below(300)));
         killer.kill_now(&s.imago, &mut rng);
+        // What a slow destroy waits for: every 5 s, the instance directories and their files.
+        let mut next = destroy_started + Duration::from_secs(5);
+        while !destroy.is_finished() {
+            if Instant::now() >= next {
+                next += Duration::from_secs(5);
+                for id in instance_dirs(&home) {
+                    let dir = home.join("instances").join(&id);
+                    let files: Vec<String> = std::fs::read_dir(&dir)
+                        .map(|rd| {
+                            rd.flatten()
+                                .map(|e| e.file_name().to_string_lossy().into_owned())
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    let state = std::fs::read_to_string(dir.join("state.json")).unwrap_or_default();
+                    let launcher =
+                        std::fs::read_to_string(dir.join("launcher")).unwrap_or_default();
+                    eprintln!(
+                        "destroy still running after {:?}: {id} files {files:?} launcher {launcher:?} state {state}",
+                        destroy_started.elapsed()
+                    );
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         destroy.join().unwrap()
     });
     killer.arm(false);
