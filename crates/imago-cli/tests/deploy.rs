@@ -1763,45 +1763,13 @@ fn a_controller_killed_during_launches_completes_the_release_without_rollback() 
 }
 
 /// What is left on the host of instances `ids` of `d` (their directory, network namespace,
-/// address lease or cgroup), for those not among `live`.
+/// address lease, veth or cgroup), for those not among `live`.
 fn leftovers(
     d: &Deployment,
     ids: &std::collections::BTreeSet<String>,
     live: &[String],
 ) -> Vec<String> {
-    let leases: Vec<String> = std::fs::read_dir("/run/imago/ipam")
-        .map(|rd| {
-            rd.flatten()
-                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-                .filter_map(|t| t.lines().next().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
-    let cgroup_roots: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .chain([PathBuf::from("/sys/fs/cgroup")])
-        .collect();
-    let mut left = Vec::new();
-    for id in ids.iter().filter(|id| !live.contains(id)) {
-        if d.imago.home.join("instances").join(id).exists() {
-            left.push(format!("directory of {id}"));
-        }
-        if Path::new(&format!("/var/run/netns/imago-{id}")).exists() {
-            left.push(format!("network namespace of {id}"));
-        }
-        if leases.contains(id) {
-            left.push(format!("address lease of {id}"));
-        }
-        for root in &cgroup_roots {
-            let dir = root.join("imago").join(id);
-            if dir.exists() {
-                left.push(format!("cgroup {}", dir.display()));
-            }
-        }
-    }
-    left
+    common::leftovers(&d.imago.home, ids.iter().filter(|id| !live.contains(id)))
 }
 
 /// Kill -9 of the controller while a wave of real launches is under way (launches run beside
@@ -2881,31 +2849,8 @@ fn many_instances_serve_roll_over_without_a_failed_request_and_leave_nothing_whe
         .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
     assert!(dirs.is_empty(), "instance directories left: {dirs:?}");
-    let leases: Vec<String> = std::fs::read_dir("/run/imago/ipam")
-        .map(|rd| {
-            rd.flatten()
-                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-                .filter_map(|t| t.lines().next().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
-    let cgroup_roots: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .chain([PathBuf::from("/sys/fs/cgroup")])
-        .collect();
-    for id in &ids {
-        assert!(
-            !Path::new(&format!("/var/run/netns/imago-{id}")).exists(),
-            "network namespace of {id} left"
-        );
-        assert!(!leases.contains(id), "address lease of {id} left");
-        for root in &cgroup_roots {
-            let dir = root.join("imago").join(id);
-            assert!(!dir.exists(), "cgroup {} left", dir.display());
-        }
-    }
+    let left = common::leftovers(&d.imago.home, &ids);
+    assert!(left.is_empty(), "left after destroy: {left:#?}");
     eprintln!(
         "scale {n} instances: apply {launched:.1?}, rolling update {rolled:.1?} ({} requests, 0 failed), \
          destroy {destroyed:.1?}; controller RSS {controller_rss} KiB ({} KiB per instance), idle CPU {:.1}% \

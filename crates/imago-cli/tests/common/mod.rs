@@ -413,3 +413,63 @@ pub fn assert_all_answered(answers: &[Result<(u16, String), String>]) {
         answers.len()
     );
 }
+
+/// Every cgroup directory instance `id` may have: `imago/<id>` in each v1 hierarchy under
+/// `/sys/fs/cgroup` and in the v2 tree.
+pub fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path().join("imago").join(id))
+                .collect()
+        })
+        .unwrap_or_default();
+    dirs.push(Path::new("/sys/fs/cgroup/imago").join(id));
+    dirs
+}
+
+/// What is left on the host of instances `ids` of the home `home`: their directory, network
+/// namespace, address lease, host veth (`iv-<id>`, cut to the kernel's 15 characters) or cgroup.
+pub fn leftovers<'a>(home: &Path, ids: impl IntoIterator<Item = &'a String>) -> Vec<String> {
+    let leases: Vec<String> = std::fs::read_dir("/run/imago/ipam")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                .filter_map(|t| t.lines().next().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let links: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut left = Vec::new();
+    for id in ids {
+        if home.join("instances").join(id).exists() {
+            left.push(format!("directory of {id}"));
+        }
+        if Path::new(&format!("/var/run/netns/imago-{id}")).exists() {
+            left.push(format!("network namespace of {id}"));
+        }
+        if leases.contains(id) {
+            left.push(format!("address lease of {id}"));
+        }
+        for link in &links {
+            if link
+                .strip_prefix("iv-")
+                .is_some_and(|rest| !rest.is_empty() && id.starts_with(rest))
+            {
+                left.push(format!("veth {link} of {id}"));
+            }
+        }
+        for dir in cgroup_dirs(id) {
+            if dir.exists() {
+                left.push(format!("cgroup {}", dir.display()));
+            }
+        }
+    }
+    left
+}
