@@ -128,6 +128,11 @@ pub struct LocalProvider {
     /// (every write replaces the file, so a changed record is a new file). Only a copy: the
     /// files stay the truth, each is looked at (stat) every time, and a new process starts empty.
     records: Mutex<HashMap<PathBuf, (RecordStamp, Instance)>>,
+    /// A pidfd of each running instance's supervisor that `list` has seen alive, by pid and
+    /// start time (see [`LocalProvider::supervisor_alive`]): its liveness is then one `poll`
+    /// of the pidfd, not a read of `/proc/<pid>/stat` every listing. Forgotten once it is
+    /// dead or no longer listed.
+    watched: Mutex<HashMap<(i32, u64), std::os::fd::OwnedFd>>,
     /// The cgroup lock warm-up of launches from a multi-threaded process (`imago run` forks
     /// its own before it parses its command line).
     cgroup_warmup: crate::supervisor::SharedCgroupWarmup,
@@ -181,6 +186,7 @@ impl LocalProvider {
             children: Mutex::new(HashMap::new()),
             reaped_at: Mutex::new(None),
             records: Mutex::new(HashMap::new()),
+            watched: Mutex::new(HashMap::new()),
             cgroup_warmup: crate::supervisor::SharedCgroupWarmup::default(),
         }
     }
@@ -487,7 +493,7 @@ impl LocalProvider {
 
     /// The record, with `Lost` substituted when it claims to run but its supervisor is gone.
     fn load(&self, dir: &InstanceDir) -> Result<Instance, RuntimeError> {
-        self.judge(dir, dir.read_state())
+        self.judge(dir, dir.read_state(), false)
     }
 
     /// `read` of `dir`'s record, or "no such instance" when the record is gone: someone else
@@ -513,19 +519,26 @@ impl LocalProvider {
     }
 
     /// The record of `dir` as [`Self::load`] gives it, parsed again only when its file changed
-    /// since `list` last parsed it (the liveness of its supervisor is looked at every time).
-    fn load_listed(&self, dir: &InstanceDir) -> Result<Instance, RuntimeError> {
-        let path = dir.state();
+    /// since `list` last parsed it (the liveness of its supervisor is looked at every time);
+    /// `None` when `dir` has no record (`path`, its state file): a launch under way, or an
+    /// instance removed since its directory was read. One `stat` of the record tells both.
+    fn load_listed(
+        &self,
+        dir: &InstanceDir,
+        path: &Path,
+    ) -> Result<Option<Instance>, RuntimeError> {
         // The stamp is taken before the read: a record replaced in between is parsed again
         // next time, never kept under the stamp of a newer file.
-        let Ok(stamp) = fs::metadata(&path).map(|m| RecordStamp::of(&m)) else {
-            return self.load(dir);
+        let stamp = match fs::metadata(path) {
+            Ok(meta) => RecordStamp::of(&meta),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(_) => return self.load(dir).map(Some),
         };
         let cached = self
             .records
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&path)
+            .get(path)
             .filter(|(seen, _)| *seen == stamp)
             .map(|(_, rec)| rec.clone());
         let read = match cached {
@@ -534,20 +547,63 @@ impl LocalProvider {
                 let read = dir.read_state();
                 let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
                 match &read {
-                    Ok(rec) => records.insert(path, (stamp, rec.clone())),
-                    Err(_) => records.remove(&path),
+                    Ok(rec) => records.insert(path.to_owned(), (stamp, rec.clone())),
+                    Err(_) => records.remove(path),
                 };
                 drop(records);
                 read
             }
         };
-        self.judge(dir, read)
+        self.judge(dir, read, true).map(Some)
+    }
+
+    /// Whether the supervisor `pid` that started at `start` lives, as [`is_alive`] says, but
+    /// through a pidfd kept from the last time it was seen alive: a `poll` that says whether
+    /// the process exited (a zombie has), instead of the kernel writing out its whole
+    /// `/proc/<pid>/stat` and this process parsing it, every listing. The pidfd is opened
+    /// before the start time is checked, so it is the recorded process's whenever the check
+    /// passes (a pid reused before the open fails the check). Without pidfds (an old kernel,
+    /// no descriptors left: at most a quarter of the open-files limit is kept), `/proc` each
+    /// time.
+    fn supervisor_alive(&self, pid: i32, start: u64) -> bool {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use std::os::fd::AsFd;
+        let mut watched = self.watched.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(fd) = watched.get(&(pid, start)) {
+            let exited = poll(
+                &mut [PollFd::new(fd.as_fd(), PollFlags::POLLIN)],
+                PollTimeout::ZERO,
+            );
+            match exited {
+                Ok(0) => return true,
+                Ok(_) => {
+                    watched.remove(&(pid, start));
+                    return false;
+                }
+                // Asked again through `/proc` below.
+                Err(_) => {
+                    watched.remove(&(pid, start));
+                }
+            }
+        }
+        let fd = rustix::process::Pid::from_raw(pid).and_then(|p| {
+            rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()
+        });
+        let alive = is_alive(pid, start);
+        if alive
+            && let Some(fd) = fd
+            && watched.len() < watch_limit()
+        {
+            watched.insert((pid, start), fd);
+        }
+        alive
     }
 
     fn judge(
         &self,
         dir: &InstanceDir,
         read: Result<Instance, RuntimeError>,
+        listing: bool,
     ) -> Result<Instance, RuntimeError> {
         let mut rec = match Self::vanished(dir, read) {
             Ok(rec) => rec,
@@ -578,6 +634,7 @@ impl LocalProvider {
         }
         if rec.status == Status::Running {
             let alive = match (rec.supervisor_pid, rec.supervisor_start) {
+                (Some(pid), Some(start)) if listing => self.supervisor_alive(pid, start),
                 (Some(pid), Some(start)) => is_alive(pid, start),
                 _ => false,
             };
@@ -638,6 +695,17 @@ const STOP_POLL_MAX: Duration = Duration::from_millis(50);
 /// Launches reap the exited supervisors of this process at most this often (`list`, once a
 /// controller pass, reaps every time).
 const LAUNCH_REAP_SPACING: Duration = Duration::from_secs(1);
+
+/// How many supervisors' pidfds `list` keeps at most (see [`LocalProvider::supervisor_alive`]):
+/// a quarter of this process's open-files limit.
+fn watch_limit() -> usize {
+    static LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .map_or(usize::MAX, |n| usize::try_from(n / 4).unwrap_or(usize::MAX))
+    })
+}
 
 /// How often a launcher waiting for the handshake checks that its supervisor still lives.
 const HANDSHAKE_LIVENESS_MS: u16 = 100;
@@ -1144,7 +1212,10 @@ impl Provider for LocalProvider {
     }
 
     fn list(&self) -> Result<Vec<Instance>, RuntimeError> {
-        self.reap_children();
+        // Not on every listing: it asks about every supervisor this process started, 1,000
+        // `waitpid` calls a controller pass at 1,000 instances, and a supervisor that ended
+        // unreaped (a zombie) is dead to the liveness check anyway.
+        self.reap_children_now_and_then();
         let root = self.layout.instances();
         let entries = match fs::read_dir(&root) {
             Ok(rd) => rd,
@@ -1165,22 +1236,30 @@ impl Provider for LocalProvider {
                 continue;
             }
             let dir = InstanceDir { root: entry.path() };
-            if !dir.state().exists() {
-                continue;
-            }
-            match self.load_listed(&dir) {
-                Ok(rec) => out.push(rec),
-                // Removed while this listing ran: not listed.
-                Err(RuntimeError::NoSuchInstance(_)) => continue,
+            let path = dir.state();
+            match self.load_listed(&dir, &path) {
+                Ok(Some(rec)) => out.push(rec),
+                // No record yet, or removed while this listing ran: not listed.
+                Ok(None) | Err(RuntimeError::NoSuchInstance(_)) => continue,
                 Err(e) => return Err(e),
             }
-            listed.insert(dir.state());
+            listed.insert(path);
         }
-        // Removed instances' records are forgotten.
+        // Removed instances' records are forgotten, and the pidfds of supervisors no longer
+        // listed running.
         self.records
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|path, _| listed.contains(path));
+        let running: std::collections::HashSet<(i32, u64)> = out
+            .iter()
+            .filter(|rec| rec.status == Status::Running)
+            .filter_map(|rec| Some((rec.supervisor_pid?, rec.supervisor_start?)))
+            .collect();
+        self.watched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|key, _| running.contains(key));
         out.sort_by(|a, b| {
             a.created_ms
                 .cmp(&b.created_ms)
@@ -1251,15 +1330,43 @@ mod tests {
         }
     }
 
+    /// A home for listing tests: its provider, a spec and its instances directory.
+    fn listing_home() -> (tempfile::TempDir, LocalProvider, InstanceSpec, PathBuf) {
+        let home = tempfile::tempdir().unwrap();
+        let provider = provider_without_images(home.path());
+        let spec = InstanceSpec::new(imago_oci::Digest::of(b"image"));
+        let instances = provider.layout().instances();
+        (home, provider, spec, instances)
+    }
+
+    /// Writes the record (and spec) of instance `id`, running under supervisor `pid`, which
+    /// started at `start`.
+    fn write_running(instances: &Path, id: &str, spec: &InstanceSpec, pid: i32, start: u64) {
+        let dir = InstanceDir::new(instances, id);
+        fs::create_dir_all(&dir.root).unwrap();
+        crate::state::write_json_atomic(&dir.spec(), spec).unwrap();
+        let mut rec = Instance::new(id.to_owned(), spec).unwrap();
+        rec.status = Status::Running;
+        rec.supervisor_pid = Some(pid);
+        rec.supervisor_start = Some(start);
+        dir.write_state(&rec).unwrap();
+    }
+
+    /// Registers `pid` as the supervisor of `id` that this provider started.
+    fn adopt(provider: &LocalProvider, id: String, pid: i32) {
+        provider
+            .children
+            .lock()
+            .unwrap()
+            .insert(id, Pid::from_raw(pid));
+    }
+
     /// `list` keeps the records it parsed, but the files stay the truth: a record replaced on
     /// disk (a new status, or a torn file after a crash) is what the next listing shows, a
     /// removed one is gone, and an unchanged one is the same as parsed afresh.
     #[test]
     fn listing_shows_every_change_of_the_records_on_disk() {
-        let home = tempfile::tempdir().unwrap();
-        let provider = provider_without_images(home.path());
-        let spec = InstanceSpec::new(imago_oci::Digest::of(b"image"));
-        let instances = provider.layout().instances();
+        let (_home, provider, spec, instances) = listing_home();
         let dirs: Vec<InstanceDir> = (0..150)
             .map(|n| {
                 let dir = InstanceDir::new(&instances, &format!("i{n:03}"));
@@ -1298,6 +1405,139 @@ mod tests {
             provider.records.lock().unwrap().len(),
             148,
             "removed records are forgotten"
+        );
+    }
+
+    /// A supervisor that died is seen by the next listing even when nobody reaped it (`list`
+    /// reaps this process's children at most once a second): its instance is lost at once, and
+    /// a directory without a record (a launch under way) is never listed.
+    #[test]
+    fn a_dead_unreaped_supervisor_is_seen_by_the_next_listing() {
+        let (_home, provider, spec, instances) = listing_home();
+        fs::create_dir_all(InstanceDir::new(&instances, "launching").root).unwrap();
+        // A live pid that is not the recorded process (its start time differs): a pid reused.
+        let me = std::process::id() as i32;
+        let start = crate::state::process_start_time(me).unwrap();
+        write_running(&instances, "reused", &spec, me, start + 1);
+        let mut children = Vec::new();
+        for n in 0..3 {
+            let child = Command::new("sleep").arg("600").spawn().unwrap();
+            let pid = child.id() as i32;
+            let id = format!("i{n}");
+            let start = crate::state::process_start_time(pid).unwrap();
+            write_running(&instances, &id, &spec, pid, start);
+            adopt(&provider, id, pid);
+            children.push(child);
+        }
+        let statuses = || -> Vec<(String, Status)> {
+            let mut listed: Vec<(String, Status)> = provider
+                .list()
+                .unwrap()
+                .into_iter()
+                .map(|i| (i.id, i.status))
+                .collect();
+            listed.sort_by(|a, b| a.0.cmp(&b.0));
+            listed
+        };
+        let running = |n: usize| (format!("i{n}"), Status::Running);
+        let lost = |n: usize| (format!("i{n}"), Status::Lost);
+        let reused = || ("reused".to_owned(), Status::Lost);
+        for _ in 0..2 {
+            assert_eq!(
+                statuses(),
+                vec![running(0), running(1), running(2), reused()]
+            );
+        }
+        for (n, child) in children.iter_mut().enumerate() {
+            // Killed and not waited for: a zombie until someone reaps it.
+            child.kill().unwrap();
+            let pid = child.id();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+            {
+                assert!(Instant::now() < deadline, "sleep {pid} never died");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let mut want: Vec<_> = (0..3)
+                .map(|m| if m <= n { lost(m) } else { running(m) })
+                .collect();
+            want.push(reused());
+            assert_eq!(statuses(), want, "after killing {n}");
+        }
+        for mut child in children {
+            let _ = child.wait();
+        }
+    }
+
+    /// The cost of `list` at 1,000 running instances whose records did not change (a
+    /// controller's pass between rollouts), and of its parts: `cargo test --release -p
+    /// imago-runtime --lib list_of_a_thousand -- --ignored --nocapture`. Every instance's
+    /// supervisor is one live child (each is looked at anyway), registered 1,000 times as a
+    /// child of this provider, as a controller that launched them all has them.
+    #[test]
+    #[ignore = "a measurement: run by hand"]
+    fn list_of_a_thousand_unchanged_instances_costs() {
+        const N: usize = 1000;
+        let (_home, provider, _, instances) = listing_home();
+        let mut child = Command::new("sleep").arg("600").spawn().unwrap();
+        let pid = child.id() as i32;
+        let start = crate::state::process_start_time(pid).unwrap();
+        let mut spec = InstanceSpec::new(imago_oci::Digest::of(b"image"));
+        spec.labels.insert("imago.service".into(), "web".into());
+        spec.labels
+            .insert("imago.revision".into(), "0123456789abcdef".into());
+        spec.env.insert("V".into(), "1".into());
+        for n in 0..N {
+            let id = format!("{n:016x}");
+            write_running(&instances, &id, &spec, pid, start);
+            adopt(&provider, id, pid);
+        }
+        assert_eq!(provider.list().unwrap().len(), N);
+        let median = |f: &mut dyn FnMut()| {
+            let mut times: Vec<Duration> = (0..31)
+                .map(|_| {
+                    let t = Instant::now();
+                    f();
+                    t.elapsed()
+                })
+                .collect();
+            times.sort();
+            times[times.len() / 2]
+        };
+        let list = median(&mut || {
+            let listed = provider.list().unwrap();
+            assert_eq!(listed.len(), N);
+            assert!(listed.iter().all(|i| i.status == Status::Running));
+        });
+        let reap = median(&mut || provider.reap_children());
+        let dirs: Vec<InstanceDir> = fs::read_dir(&instances)
+            .unwrap()
+            .flatten()
+            .map(|e| InstanceDir { root: e.path() })
+            .collect();
+        let readdir = median(&mut || {
+            assert_eq!(fs::read_dir(&instances).unwrap().flatten().count(), N);
+        });
+        let stat = median(&mut || {
+            for dir in &dirs {
+                assert!(fs::metadata(dir.state()).is_ok());
+            }
+        });
+        let alive = median(&mut || {
+            for _ in 0..N {
+                assert!(is_alive(pid, start));
+            }
+        });
+        let rec = dirs[0].read_state().unwrap();
+        let clone = median(&mut || {
+            for _ in 0..N {
+                std::hint::black_box(rec.clone());
+            }
+        });
+        child.kill().unwrap();
+        child.wait().unwrap();
+        eprintln!(
+            "list of {N}: {list:?}; reap_children {reap:?}, read_dir {readdir:?}, one stat each {stat:?}, a /proc liveness check each {alive:?}, record clone each {clone:?} (medians of 31)"
         );
     }
 

@@ -104,7 +104,12 @@ impl HealthBoard {
     /// `since_ms`. Its probes then judge it as if no restart had happened (it stays ready
     /// until `unhealthy_threshold` checks fail in a row). Does nothing once `id` was probed.
     pub(super) fn seed_ready(&self, id: &str, since_ms: u64) {
-        self.lock()
+        let mut board = self.lock();
+        // Asked of every ready instance on every pass: no key is allocated once it is known.
+        if board.by_id.contains_key(id) {
+            return;
+        }
+        board
             .by_id
             .entry(id.to_owned())
             .or_insert_with(|| InstanceHealth {
@@ -129,12 +134,13 @@ impl HealthBoard {
 
 impl Controller {
     pub(super) fn ensure_probe(&mut self, instance: &Instance, release: &Release) {
-        let Some(check) = release.spec.health.clone() else {
-            return;
-        };
+        // Asked for every running instance on every pass: nothing is copied for one probed.
         if self.probes.contains_key(&instance.id) {
             return;
         }
+        let Some(check) = release.spec.health.clone() else {
+            return;
+        };
         let Ok(probe) = check.probe(release.spec.instance_port()) else {
             return;
         };
