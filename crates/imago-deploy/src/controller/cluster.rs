@@ -13,12 +13,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use imago_spec::cluster::{
     ClusterEngine, ClusterObservation, ClusterService, EngineError, TaskPhase, UpdateState,
 };
 
-use super::{Controller, ServicePass};
+use super::{Controller, ServicePass, Wake};
 use crate::error::DeployError;
 use crate::spec::ResolvedTarget;
 use crate::state::{Release, ReleaseOutcome, RolloutRow, now_ms};
@@ -183,7 +186,7 @@ impl Controller {
         };
         let Some(message) = reapply else {
             self.cluster.reapplied.remove(service);
-            return self.judge_cluster(release, &desired, observed, pass);
+            return self.judge_cluster(release, target, &desired, observed, pass);
         };
         // The same drift right after re-applying: the engine does not keep what imago renders
         // (or reads it back differently). Said once as the service's fault, never a loop of
@@ -207,6 +210,7 @@ impl Controller {
     fn judge_cluster(
         &mut self,
         release: &Release,
+        target: &ResolvedTarget,
         desired: &ClusterService,
         observed: Option<ClusterObservation>,
         mut pass: ServicePass,
@@ -217,7 +221,7 @@ impl Controller {
             return Ok(pass);
         };
         self.report_task_drift(service, release, desired, &observed, has_outcome)?;
-        self.route_tasks(service, release, &observed)?;
+        self.route_tasks(service, release, target, desired, &observed)?;
         if has_outcome {
             return Ok(pass);
         }
@@ -286,6 +290,8 @@ impl Controller {
         &mut self,
         service: &str,
         release: &Release,
+        target: &ResolvedTarget,
+        desired: &ClusterService,
         observed: &ClusterObservation,
     ) -> Result<(), DeployError> {
         if release
@@ -294,17 +300,44 @@ impl Controller {
             .unwrap_or_default()
             .is_empty()
         {
+            self.cluster.watches.remove(service);
             return self.close_endpoint(service);
         }
         self.ensure_endpoint(service, release)?;
-        let targets: Vec<(String, SocketAddr)> = observed
-            .tasks
-            .iter()
-            .filter(|t| t.desired_running && t.phase == TaskPhase::Running)
-            .filter_map(|t| Some((t.id.clone(), t.address?)))
-            .collect();
+        let targets = routable(observed);
         let eligible: BTreeSet<String> = targets.iter().map(|(id, _)| id.clone()).collect();
         self.route(service, targets, &eligible)?;
+        self.watch_tasks(service, release, target, desired, &eligible)?;
+        Ok(())
+    }
+
+    /// Keeps a [`TaskWatch`] on `service` beside the loop, told what the endpoint now routes.
+    fn watch_tasks(
+        &mut self,
+        service: &str,
+        release: &Release,
+        target: &ResolvedTarget,
+        desired: &ClusterService,
+        routed: &BTreeSet<String>,
+    ) -> Result<(), DeployError> {
+        let desired = desired.clone();
+        let rolling = self.db.outcome_of(service, release.number)?.is_none();
+        if let Some(watch) = self.cluster.watches.get(service) {
+            watch.tell(desired, routed.clone(), rolling);
+            return Ok(());
+        }
+        let Some(factory) = self.cluster.factory.clone() else {
+            return Ok(());
+        };
+        let watch = TaskWatch::start(
+            factory,
+            target.clone(),
+            desired,
+            routed.clone(),
+            rolling,
+            self.health.wake.clone(),
+        );
+        self.cluster.watches.insert(service.to_owned(), watch);
         Ok(())
     }
 
@@ -445,6 +478,7 @@ impl Controller {
             ..ServicePass::default()
         };
         self.close_endpoint(service)?;
+        self.cluster.watches.remove(service);
         if self.cluster.torn_down.contains(service) {
             return Ok(pass);
         }
@@ -473,6 +507,117 @@ pub(super) struct ClusterState {
     torn_down: BTreeSet<String>,
     /// The drift each service was last re-applied for.
     reapplied: BTreeMap<String, String>,
+    /// Per routed service, the watch that ends the wait between passes when its tasks change.
+    watches: BTreeMap<String, TaskWatch>,
+}
+
+/// The tasks of an observation that the endpoint routes: running ones the engine still wants,
+/// at their published address.
+fn routable(observed: &ClusterObservation) -> Vec<(String, SocketAddr)> {
+    observed
+        .tasks
+        .iter()
+        .filter(|t| t.desired_running && t.phase == TaskPhase::Running)
+        .filter_map(|t| Some((t.id.clone(), t.address?)))
+        .collect()
+}
+
+/// How often a [`TaskWatch`] lists the tasks while a rollout of its service is under way, and
+/// otherwise (the engine also retires tasks on its own: a node drained, a task that failed).
+const WATCH_ROLLING: Duration = Duration::from_millis(100);
+const WATCH_SETTLED: Duration = Duration::from_secs(1);
+
+/// Lists one routed cluster service's tasks beside the loop, through an engine of its own, and
+/// nudges the controller the moment the tasks to route differ from what the endpoint routes.
+///
+/// A swarm stops a retired task 2 s after it retires it (`defaultGossipConvergeDelay`), and
+/// the endpoint learns of the retirement from a pass; passes come `interval` apart, and a
+/// loaded controller's are paced to twice their own length (up to 5 s): with a pass of 0.8 s
+/// the retired task was routed 2.4 s after its retirement and the requests sent to it in the
+/// last 0.4 s failed. The watch makes the next pass come at once instead, whatever the
+/// interval and pacing. It decides nothing and keeps nothing a restart needs: the pass routes.
+struct TaskWatch {
+    shared: Arc<WatchShared>,
+}
+
+struct WatchShared {
+    stop: AtomicBool,
+    /// The service as rendered, what the endpoint routes, whether a rollout is under way.
+    told: Mutex<(ClusterService, BTreeSet<String>, bool)>,
+}
+
+impl TaskWatch {
+    fn start(
+        factory: EngineFactory,
+        target: ResolvedTarget,
+        desired: ClusterService,
+        routed: BTreeSet<String>,
+        rolling: bool,
+        wake: Arc<Wake>,
+    ) -> TaskWatch {
+        let shared = Arc::new(WatchShared {
+            stop: AtomicBool::new(false),
+            told: Mutex::new((desired, routed, rolling)),
+        });
+        let watched = shared.clone();
+        let name = format!("task-watch-{}", target.name);
+        let spawned = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || watch(&factory, &target, &watched, &wake));
+        if spawned.is_err() {
+            // No thread: the passes alone route, as they did before the watch.
+            shared.stop.store(true, Ordering::Relaxed);
+        }
+        TaskWatch { shared }
+    }
+
+    fn tell(&self, desired: ClusterService, routed: BTreeSet<String>, rolling: bool) {
+        *self.shared.lock() = (desired, routed, rolling);
+    }
+}
+
+impl Drop for TaskWatch {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl WatchShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (ClusterService, BTreeSet<String>, bool)> {
+        self.told.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The watch's thread: ends when its [`TaskWatch`] is dropped.
+fn watch(factory: &EngineFactory, target: &ResolvedTarget, shared: &WatchShared, wake: &Wake) {
+    let mut engine = None;
+    // What the last nudge was for: one nudge per change, not one per listing until the pass
+    // has routed it.
+    let mut nudged: Option<BTreeSet<String>> = None;
+    while !shared.stop.load(Ordering::Relaxed) {
+        let (desired, routed, rolling) = shared.lock().clone();
+        std::thread::sleep(if rolling {
+            WATCH_ROLLING
+        } else {
+            WATCH_SETTLED
+        });
+        if engine.is_none() {
+            engine = factory(target).ok();
+        }
+        let Some(e) = engine.as_mut() else {
+            continue;
+        };
+        let Ok(Some(observed)) = e.observe(&desired) else {
+            // The pass reports the engine's errors; a new engine next time.
+            engine = None;
+            continue;
+        };
+        let now: BTreeSet<String> = routable(&observed).into_iter().map(|(id, _)| id).collect();
+        if now != routed && nudged.as_ref() != Some(&now) {
+            wake.nudge();
+            nudged = Some(now);
+        }
+    }
 }
 
 #[cfg(test)]
