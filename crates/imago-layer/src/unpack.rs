@@ -26,7 +26,9 @@
 //!   still removed, as the entry replaces it) and named in [`ApplyStats::skipped_devices`]: for
 //!   roots whose `/dev` the runtime provides anyway, such as a build step's. FIFOs are created: they give access to nothing beyond the pipe itself and real images ship
 //!   them. GNU sparse files and unknown entry types are refused. PAX global headers are skipped;
-//!   xattrs are ignored.
+//!   xattrs are ignored, `security.capability` included: file capabilities are not applied.
+//! - Permission bits are kept as the archive gives them, setuid, setgid and sticky included
+//!   (set after the owner, since chown clears setuid/setgid).
 //! - One path may appear several times in a layer (the last one wins) only with the same kind;
 //!   a file that becomes a directory, or any other change of kind, is refused, and so is a
 //!   non-directory at a path that earlier entries used as a directory. Later entries may go
