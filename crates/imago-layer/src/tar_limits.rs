@@ -273,4 +273,84 @@ mod tests {
             );
         }
     }
+
+    fn pad(out: &mut Vec<u8>) {
+        out.resize(out.len().div_ceil(BLOCK) * BLOCK, 0);
+    }
+
+    /// Archives with GNU long names, PAX `size` records that override a header size of 0 and
+    /// files of every size class pass unchanged at any read size; a bomb header put at any
+    /// entry boundary of them is caught there.
+    #[test]
+    fn generated_archives_pass_and_a_bomb_at_any_boundary_is_caught() {
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move |n: u64| {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (seed >> 33) % n
+        };
+        for round in 0..40 {
+            let mut tar = Vec::new();
+            let mut boundaries = vec![0usize];
+            for _ in 0..1 + next(8) {
+                let size = [0u64, 1, 511, 512, 513, 70_000][next(6) as usize];
+                if next(2) == 0 {
+                    let name = "n".repeat(100 + next(300) as usize);
+                    tar.extend_from_slice(&header(
+                        tar::EntryType::GNULongName,
+                        name.len() as u64 + 1,
+                        "././@LongLink",
+                    ));
+                    tar.extend_from_slice(name.as_bytes());
+                    tar.push(0);
+                    pad(&mut tar);
+                }
+                let mut header_size = size;
+                if next(2) == 0 {
+                    let body = format!(" size={size}\n");
+                    let mut len = body.len() + 1;
+                    while len.to_string().len() + body.len() != len {
+                        len += 1;
+                    }
+                    let record = format!("{len}{body}");
+                    tar.extend_from_slice(&header(
+                        tar::EntryType::XHeader,
+                        record.len() as u64,
+                        "pax",
+                    ));
+                    tar.extend_from_slice(record.as_bytes());
+                    pad(&mut tar);
+                    header_size = 0;
+                }
+                tar.extend_from_slice(&header(tar::EntryType::Regular, header_size, "f"));
+                // Data that looks like a bomb's header where a misframed reader would look.
+                let mut data = vec![0x4c; size as usize];
+                if size >= 1024 {
+                    data[512..1024].copy_from_slice(&header(tar::EntryType::XHeader, 1 << 40, "d"));
+                }
+                tar.extend_from_slice(&data);
+                pad(&mut tar);
+                boundaries.push(tar.len());
+            }
+            let mut whole = tar.clone();
+            whole.resize(whole.len() + 2 * BLOCK, 0);
+            for chunk in [1, 100, 512, 4096, 65_536] {
+                assert_eq!(
+                    read_all(&whole, chunk).ok(),
+                    Some(whole.len() as u64),
+                    "round {round} chunk {chunk}"
+                );
+            }
+            let at = boundaries[next(boundaries.len() as u64) as usize];
+            let mut bombed = tar[..at].to_vec();
+            bombed.extend_from_slice(&header(tar::EntryType::GNULongName, 1 << 33, "L"));
+            bombed.resize(bombed.len() + 4 * BLOCK, 0);
+            let err = read_all(&bombed, 1 + next(9000) as usize).expect_err("bomb");
+            assert!(
+                err.to_string().contains(&format!("at byte {at} ")),
+                "round {round}: {err}"
+            );
+        }
+    }
 }
