@@ -735,8 +735,24 @@ fn ensure_chain(
         let path = store.blob_path(&layer.digest);
         let stream = imago_layer::compression::decompress(compression, &mut blob)
             .map_err(|e| io_error(&path, e))?;
-        let stats = imago_layer::unpack::apply_layer(stream, scratch.path(), &options)
+        // The chain is named by the diff_ids the image claims and shared by every build whose
+        // parents claim the same: content that is not what its diff_id says must never be kept
+        // there, or a base that lies would hand its files to the steps of an honest one.
+        let mut hashed = imago_oci::HashingReader::new(stream);
+        let stats = imago_layer::unpack::apply_layer(&mut hashed, scratch.path(), &options)
             .map_err(|e| BuildError::Internal(format!("unpacking layer {}: {e}", layer.digest)))?;
+        io::copy(&mut hashed, &mut io::sink()).map_err(|e| io_error(&path, e))?;
+        let (actual, _, _) = hashed.finish();
+        // The decompressor may stop at the end of its stream: read (and verify) the rest.
+        blob.finish()?;
+        if actual != layer.diff_id {
+            return Err(imago_store::StoreError::DiffIdMismatch {
+                digest: layer.digest.clone(),
+                expected: layer.diff_id.clone(),
+                actual,
+            }
+            .into());
+        }
         if !stats.skipped_devices.is_empty() {
             skipped.push((layer.digest.clone(), stats.skipped_devices));
         }
@@ -1456,7 +1472,7 @@ fn layer_summary(
     let mut blob = store.open_blob(digest, Some(size))?;
     let stream = imago_layer::compression::decompress(compression, &mut blob)
         .map_err(|e| io_error(&path, e))?;
-    let mut archive = tar::Archive::new(stream);
+    let mut archive = tar::Archive::new(imago_layer::tar_limits::ExtensionLimit::new(stream));
     let mut out = std::collections::BTreeMap::new();
     for entry in archive.entries().map_err(|e| io_error(&path, e))? {
         let mut entry = entry.map_err(|e| io_error(&path, e))?;

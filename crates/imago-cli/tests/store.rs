@@ -359,3 +359,71 @@ fn unpack_of_a_corrupt_layer_writes_nothing() {
         "nothing unpacked from a corrupt blob"
     );
 }
+
+/// A config whose diff_ids are missing, unreadable or not what the layer unpacks to: `imago
+/// unpack` refuses the image naming the layer, before it writes anything.
+#[test]
+fn unpack_refuses_layers_whose_diff_id_is_missing_invalid_or_wrong_and_writes_nothing() {
+    let imago = Imago::new();
+    let store = imago.store();
+    let (layer, size, diff_id) = common::put_layer(
+        &store,
+        &[file("etc/app.conf", &[7u8; 100_000])],
+        Compression::Gzip,
+    );
+    // Names an image of that one layer whose config lists `diff_ids`.
+    let image = |name: &str, diff_ids: serde_json::Value| {
+        let config = serde_json::json!({
+            "architecture": "amd64", "os": "linux", "config": {},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        });
+        let (config_digest, config_size, _) = store.put_json(&config).unwrap();
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": imago_oci::media::OCI_MANIFEST,
+            "config": {"mediaType": imago_oci::media::OCI_CONFIG,
+                       "digest": config_digest.to_string(), "size": config_size},
+            "layers": [{"mediaType": Compression::Gzip.layer_media_type(),
+                        "digest": layer.to_string(), "size": size}],
+        });
+        let (digest, _, _) = store.put_json(&manifest).unwrap();
+        store.tag(&name.parse().unwrap(), &digest).unwrap();
+    };
+    let wrong = imago_oci::Digest::of(b"something else");
+    for (i, (diff_ids, expected)) in [
+        (serde_json::json!([]), "has no valid diff_id"),
+        (serde_json::json!(["sha256:nothex"]), "has no valid diff_id"),
+        (
+            serde_json::json!([wrong.to_string()]),
+            "but the image config says",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let name = format!("liar{i}");
+        image(&name, diff_ids.clone());
+        let target = imago.dir.path().join(&name);
+        let err = imago
+            .run(&["unpack", &name, target.to_str().unwrap()])
+            .fails();
+        assert!(
+            err.contains(&layer.to_string()) && err.contains(expected),
+            "{diff_ids}: {err}"
+        );
+        assert!(
+            snapshot(&target).is_empty(),
+            "{diff_ids}: something was written"
+        );
+    }
+    // The same layer with its true diff_id unpacks.
+    image("honest", serde_json::json!([diff_id.to_string()]));
+    let target = imago.dir.path().join("rootfs-honest");
+    imago
+        .run(&["unpack", "honest", target.to_str().unwrap()])
+        .ok();
+    assert_eq!(
+        std::fs::read(target.join("etc/app.conf")).unwrap(),
+        vec![7u8; 100_000]
+    );
+}

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod compression;
+pub mod tar_limits;
 pub mod unpack;
 pub mod writer;
 

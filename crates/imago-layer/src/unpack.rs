@@ -26,7 +26,9 @@
 //!   still removed, as the entry replaces it) and named in [`ApplyStats::skipped_devices`]: for
 //!   roots whose `/dev` the runtime provides anyway, such as a build step's. FIFOs are created: they give access to nothing beyond the pipe itself and real images ship
 //!   them. GNU sparse files and unknown entry types are refused. PAX global headers are skipped;
-//!   xattrs are ignored.
+//!   xattrs are ignored, `security.capability` included: file capabilities are not applied.
+//! - Permission bits are kept as the archive gives them, setuid, setgid and sticky included
+//!   (set after the owner, since chown clears setuid/setgid).
 //! - One path may appear several times in a layer (the last one wins) only with the same kind;
 //!   a file that becomes a directory, or any other change of kind, is refused, and so is a
 //!   non-directory at a path that earlier entries used as a directory. Later entries may go
@@ -41,8 +43,10 @@
 //!   a lower one); the link shares that inode and its metadata.
 //! - An entry larger than [`MAX_ENTRY_SIZE`] is refused before anything is written; a stream
 //!   that ends inside an entry is [`UnpackError::Truncated`]. Bytes after the end-of-archive
-//!   marker are read and ignored. Known limit: the `tar` crate buffers GNU long-name and PAX
-//!   records in memory, bounded only by the stream.
+//!   marker are read and ignored. GNU long-name/long-link records and PAX extended headers,
+//!   which the `tar` crate reads whole into memory, are refused above
+//!   [`crate::tar_limits::MAX_EXTENSION_SIZE`] (1 MiB) before their data is read, so a small
+//!   compressed layer cannot make the unpacker allocate gigabytes.
 //! - Tree removal holds one directory fd per level, so a tree deeper than the fd limit fails
 //!   with EMFILE. Without root, removing a read-only lower directory fails with EACCES.
 
@@ -63,6 +67,7 @@ use tar::EntryType;
 
 use self::fsops::{DIR_FLAGS, os};
 use self::path::{PathProblem, RelPath, child_key};
+use crate::tar_limits::ExtensionLimit;
 
 /// The largest entry accepted: far beyond any sane file in an image, small enough that a forged
 /// size is caught before it turns into hours of copying or a full disk.
@@ -279,7 +284,7 @@ pub fn apply_layer(
         stats: ApplyStats::default(),
     };
 
-    let mut archive = tar::Archive::new(tar);
+    let mut archive = tar::Archive::new(ExtensionLimit::new(tar));
     let mut after: Option<String> = None;
     let archive_error = |after: &Option<String>, source: io::Error| UnpackError::Archive {
         root: root.to_path_buf(),

@@ -1166,3 +1166,85 @@ fn random_hostile_layers_never_touch_the_surroundings() {
     // The generator must exercise both paths for the test to mean anything.
     assert!(outcomes[0] > 10 && outcomes[1] > 10, "{outcomes:?}");
 }
+
+/// Counts the bytes a reader handed out, shared with the test after the reader is consumed.
+struct Counted<R> {
+    inner: R,
+    count: std::rc::Rc<std::cell::Cell<u64>>,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.set(self.count.get() + n as u64);
+        Ok(n)
+    }
+}
+
+/// The `tar` crate reads GNU long names and PAX headers whole into memory: a 4 GiB record of
+/// zeros is a few megabytes of gzip or zstd. Such a layer is refused after about the record's
+/// header, not after reading (and holding) its 4 GiB, and the error names the entry before it.
+#[test]
+fn compressed_extension_record_bombs_are_refused_before_their_data_is_read() {
+    use imago_layer::compression::{Compression, decompress};
+    use imago_layer::tar_limits::MAX_EXTENSION_SIZE;
+
+    const BOMB: u64 = 4 << 30;
+    for compression in [Compression::Gzip, Compression::Zstd] {
+        for (kind, what) in [
+            (EntryType::GNULongName, "GNU long name record"),
+            (EntryType::XHeader, "PAX extended header"),
+        ] {
+            let sb = Sandbox::new();
+            let before = sb.surroundings();
+            let mut prefix = Layer::new().file("first", 0o644, b"ok\n").finish();
+            // Drop the end-of-archive blocks of the finished tar.
+            prefix.truncate(prefix.len() - 1024);
+            let mut h = header(kind, 0o644);
+            h.set_path("././@LongLink").expect("path");
+            h.set_size(BOMB);
+            h.set_cksum();
+            prefix.extend_from_slice(h.as_bytes());
+            let count = std::rc::Rc::new(std::cell::Cell::new(0));
+            let source = Counted {
+                inner: Cursor::new(prefix).chain(std::io::repeat(0).take(BOMB + 1024)),
+                count: count.clone(),
+            };
+            let compressed: Box<dyn Read> = match compression {
+                Compression::Gzip => Box::new(flate2::read::GzEncoder::new(
+                    source,
+                    flate2::Compression::fast(),
+                )),
+                _ => Box::new(zstd::stream::read::Encoder::new(source, 1).expect("zstd encoder")),
+            };
+            let stream = decompress(compression, compressed).expect("decompressor");
+            let err = apply_layer(stream, &sb.target(), &UnpackOptions::default())
+                .expect_err("bomb refused");
+            let message = err.to_string();
+            assert!(
+                matches!(err, UnpackError::Archive { .. }) && err.entry() == Some("first"),
+                "{compression:?} {what}: {err:?}"
+            );
+            assert!(
+                message.contains(what) && message.contains(&MAX_EXTENSION_SIZE.to_string()),
+                "{compression:?}: {message}"
+            );
+            assert!(
+                count.get() < 64 << 20,
+                "{compression:?} {what}: {} bytes of the layer were read before it was refused",
+                count.get()
+            );
+            assert_eq!(before, sb.surroundings(), "surroundings changed");
+        }
+    }
+}
+
+/// Records up to the limit are what real archives carry (long paths, xattrs): they still apply.
+#[test]
+fn long_names_up_to_the_extension_limit_apply() {
+    let sb = Sandbox::new();
+    let deep: String = (0..200).map(|i| format!("d{i:03}/")).collect::<String>() + "leaf";
+    let tar = Layer::new().file(&deep, 0o644, b"deep\n").finish();
+    sb.apply(&tar).expect("long name applies");
+    assert_eq!(fs::read(sb.target().join(&deep)).expect("leaf"), b"deep\n");
+}

@@ -84,6 +84,12 @@ pub enum StoreError {
     },
     #[error("manifest {digest}: its blob sizes add up to more than 2^64 bytes")]
     SizeOverflow { digest: Digest },
+    #[error("image {image}: layer {digest} has no valid diff_id in config {config}")]
+    MissingDiffId {
+        image: Digest,
+        config: Digest,
+        digest: Digest,
+    },
     #[error("layer {digest} unpacks to diff_id {actual}, but the image config says {expected}")]
     DiffIdMismatch {
         digest: Digest,

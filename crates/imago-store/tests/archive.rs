@@ -810,3 +810,37 @@ fn read_archive_matches_an_import_and_writes_nothing() {
     assert!(err.to_string().contains(&layer.to_string()), "{err}");
     assert_eq!(store_files(&store), before);
 }
+
+/// A compressed archive whose GNU long-name record claims 2 GiB of zeros (a few hundred KB of
+/// zstd): the tar crate would read the whole record into memory; the import refuses it at its
+/// header, names nothing and leaves no temp file.
+#[test]
+fn long_name_bomb_in_a_compressed_archive_is_refused_at_its_header() {
+    let (dir, store) = setup();
+    let archive = OciArchive::new(&[Compression::Gzip]);
+    let plain = dir.path().join("plain.tar");
+    archive.write(&plain, Compression::None);
+    let mut tar = fs::read(&plain).unwrap();
+    // Replace the end-of-archive blocks by the bomb's header; zeros follow.
+    tar.truncate(tar.len() - 1024);
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::GNULongName);
+    h.set_path("././@LongLink").unwrap();
+    h.set_size(2 << 30);
+    h.set_cksum();
+    tar.extend_from_slice(h.as_bytes());
+    let file = fs::File::create(archive_path(&dir)).unwrap();
+    let mut encoder = Compressor::new(Compression::Zstd, file).unwrap();
+    encoder.write_all(&tar).unwrap();
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..(2 << 10) + 1 {
+        encoder.write_all(&zeros).unwrap();
+    }
+    encoder.finish().unwrap();
+    let err = import_err(&store, &archive_path(&dir));
+    assert!(
+        err.contains("GNU long name record") && err.contains("1048576"),
+        "{err}"
+    );
+    assert_nothing_named(&store);
+}

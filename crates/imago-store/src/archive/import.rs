@@ -249,7 +249,8 @@ impl Store {
         stream: impl Read,
         blobs: &mut Blobs,
     ) -> std::result::Result<Scan, ArchiveError> {
-        let mut archive = tar::Archive::new(stream);
+        // Long names and PAX headers are read into memory by the tar crate: bounded here.
+        let mut archive = tar::Archive::new(imago_layer::tar_limits::ExtensionLimit::new(stream));
         let mut scan = Scan::default();
         let mut buffer = vec![0u8; COPY_BUFFER];
         for entry in archive.entries().map_err(ArchiveError::Read)? {
