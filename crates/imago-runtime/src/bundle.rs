@@ -24,7 +24,9 @@ pub const CAPABILITIES: &[&str] = &[
     "CAP_NET_BIND_SERVICE",
 ];
 
-/// runc's default masked paths.
+/// runc's default masked paths, and Docker's `/sys/devices/virtual/powercap` (the RAPL energy
+/// counters, a power side channel: CVE-2020-8694). A path the host lacks is skipped by both
+/// engines.
 pub(crate) const MASKED_PATHS: &[&str] = &[
     "/proc/acpi",
     "/proc/asound",
@@ -36,6 +38,7 @@ pub(crate) const MASKED_PATHS: &[&str] = &[
     "/proc/sched_debug",
     "/proc/scsi",
     "/sys/firmware",
+    "/sys/devices/virtual/powercap",
 ];
 
 /// runc's default read-only paths.

@@ -431,11 +431,17 @@ pub fn supervise(home: &Path, id: &str, gate: &mut dyn Read, handshake: &mut dyn
             }
         }
         Err(e) => {
+            // The launcher says "instance ID failed to start: " itself, and so does the record's
+            // status: an engine's failure carries only its reason (it was said twice).
+            let reason = match e {
+                RuntimeError::StartFailed { reason, .. } => reason,
+                other => other.to_string(),
+            };
             record.status = Status::Failed;
-            record.error = Some(e.to_string());
+            record.error = Some(reason.clone());
             record.finished_ms = Some(now_ms());
             let _ = dir.write_state(&record);
-            tell(handshake, &format!("error {e}"));
+            tell(handshake, &format!("error {reason}"));
             1
         }
     }

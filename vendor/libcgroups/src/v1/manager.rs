@@ -6,6 +6,7 @@ use std::time::Duration;
 use nix::unistd::Pid;
 use pathrs::flags::OpenFlags;
 use pathrs::procfs::{ProcfsBase, ProcfsHandle};
+use procfs::process::MountInfo;
 use procfs::{FromRead, ProcError, ProcessCGroups};
 
 use super::blkio::{Blkio, V1BlkioStatsError};
@@ -91,7 +92,8 @@ impl Manager {
     /// (imago) `/proc/self/mountinfo` and `/proc/self/cgroup` are read once here, not once per
     /// subsystem as upstream 0.7.0 did (24 opens and parses of the two files per manager).
     pub fn new(cgroup_path: &Path) -> Result<Self, V1ManagerError> {
-        let mount_points = util::list_subsystem_mount_points()?;
+        let mounts = util::list_subsystem_mounts()?;
+        let mount_points: Vec<PathBuf> = mounts.iter().map(|m| m.mount_point.clone()).collect();
         let own_cgroups = ProcessCGroups::from_read(ProcfsHandle::new()?.open(
             ProcfsBase::ProcSelf,
             "cgroup",
@@ -116,7 +118,7 @@ impl Manager {
             } else {
                 mount_point.join_safely(cgroup_path)?
             };
-            if own.pathname == "/" {
+            if own.pathname == "/" && hierarchy_root(&mount_point, &mounts) {
                 at_root.insert(*subsystem);
             }
             subsystems.insert(*subsystem, path);
@@ -223,6 +225,24 @@ impl Manager {
     pub fn any(self) -> AnyCgroupManager {
         AnyCgroupManager::V1(self)
     }
+}
+
+/// (imago) Whether the cgroup at `mount_point`, which `/proc/self/cgroup` names `/` (the root
+/// of this process's cgroup namespace), is the root cgroup of its hierarchy. In a private
+/// cgroup namespace `/` is the launcher's own cgroup, wherever it is: taking it for the root
+/// left new containers in the launcher's cgroup in every hierarchy their resources did not
+/// touch (a container's imago launched inside another container on a v1 host). It is the root
+/// when the mount shows the namespace root (mountinfo's `root` is `/`; a host mount seen from
+/// a namespace below its root shows `/..`) and that cgroup has `release_agent`, a file the
+/// kernel gives only the root cgroup of a v1 hierarchy. Unknown counts as not the root: the
+/// container then joins a cgroup of its own there, which is always correct, only one write
+/// slower.
+fn hierarchy_root(mount_point: &Path, mounts: &[MountInfo]) -> bool {
+    mounts
+        .iter()
+        .find(|m| m.mount_point == mount_point)
+        .is_some_and(|m| m.root == "/")
+        && mount_point.join("release_agent").exists()
 }
 
 /// (imago) The v1 `tasks` file of a cgroup: writing a thread id (`0`: the writer) moves that

@@ -25,6 +25,17 @@ pub enum V1MountPointError {
 /// List all cgroup v1 subsystem mount points on the system. This can include unsupported
 /// subsystems, comounted controllers and named hierarchies.
 pub fn list_subsystem_mount_points() -> Result<Vec<PathBuf>, V1MountPointError> {
+    Ok(list_subsystem_mounts()?
+        .into_iter()
+        .map(|m| m.mount_point)
+        .collect())
+}
+
+/// (imago) The cgroup v1 mounts of this process, in mountinfo's order, with their `root`: the
+/// cgroup each mount shows, as a path relative to this process's cgroup namespace root (`/..`
+/// and the like for a mount of a cgroup above it). The v1 manager needs the roots to tell
+/// whether this process is in the root cgroup of a hierarchy.
+pub fn list_subsystem_mounts() -> Result<Vec<MountInfo>, V1MountPointError> {
     let reader = BufReader::new(ProcfsHandle::new()?.open(
         ProcfsBase::ProcSelf,
         "mountinfo",
@@ -40,7 +51,7 @@ pub fn list_subsystem_mount_points() -> Result<Vec<PathBuf>, V1MountPointError> 
         .try_fold(Vec::new(), |mut mount_points, r| {
             r.map(|m| {
                 if m.fs_type == "cgroup" {
-                    mount_points.push(m.mount_point);
+                    mount_points.push(m);
                 }
                 mount_points
             })

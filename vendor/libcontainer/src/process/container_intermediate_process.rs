@@ -403,15 +403,22 @@ fn apply_cgroups<
     } else {
         cmanager.add_task(pid)
     };
+    // (imago) Each error says which step failed and for which process; the manager's own
+    // error names the cgroup file and the errno.
     added.map_err(|err| {
         tracing::error!(?pid, ?err, ?init, "failed to add task to cgroup");
-        IntermediateProcessError::Cgroup(err.to_string())
+        IntermediateProcessError::Cgroup(format!(
+            "cannot move the container's {} into its cgroups: {err}",
+            if init { "init" } else { "process" }
+        ))
     })?;
 
     if init && resources.is_some() {
         cmanager.apply(&controller_opt).map_err(|err| {
             tracing::error!(?pid, ?err, ?init, "failed to apply cgroup");
-            IntermediateProcessError::Cgroup(err.to_string())
+            IntermediateProcessError::Cgroup(format!(
+                "cannot apply the container's resource limits to its cgroups: {err}"
+            ))
         })?;
     }
 
