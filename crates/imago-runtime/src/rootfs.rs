@@ -5,7 +5,8 @@
 //! and renamed into place); every layer blob is checked against its digest and size and every
 //! uncompressed layer against the config's diff_id before the rename (entries are applied by
 //! imago-layer's safe unpacker, which never writes outside the target); an entry is never written
-//! after the rename. Concurrent launches of one digest serialize on a lock file.
+//! after the rename. Concurrent launches of one digest serialize on a lock file; the next unpack
+//! of a digest (under that lock) removes the temporary trees its killed unpacks left.
 
 use std::fs::{self, File};
 use std::io::{self, Read};
@@ -75,6 +76,27 @@ impl RootfsCache {
         })
     }
 
+    /// The name prefix of `digest`'s temporary trees while it is unpacked: the whole digest,
+    /// so that no other digest's unpack under way (under its own lock) ever matches it.
+    fn unpack_prefix(digest: &Digest) -> String {
+        format!(".tmp-{}-", digest.hex())
+    }
+
+    /// Removes the temporary trees that unpacks of `digest` killed midway left (a disk leak,
+    /// never a wrong entry: the tree is renamed into place only when whole). Called with the
+    /// entry's lock held. How many it removed.
+    fn remove_killed_unpacks_of(&self, digest: &Digest) -> usize {
+        let prefix = Self::unpack_prefix(digest);
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        entries
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .filter(|e| fs::remove_dir_all(e.path()).is_ok())
+            .count()
+    }
+
     /// Returns the unpacked rootfs of `digest`, unpacking it first if needed.
     pub fn ensure(
         &self,
@@ -91,8 +113,11 @@ impl RootfsCache {
             // Another launch finished the unpack while we waited for the lock.
             return Ok(target);
         }
+        // An unpack of this digest killed midway left its temporary tree: nothing else can be
+        // unpacking this digest while the entry's lock is held, so every such tree is garbage.
+        self.remove_killed_unpacks_of(digest);
         let tmp = tempfile::Builder::new()
-            .prefix(&format!(".tmp-{}-", digest.short()))
+            .prefix(&Self::unpack_prefix(digest))
             .tempdir_in(&self.dir)
             .map_err(RuntimeError::io(
                 "cannot create a temporary directory in",
@@ -217,4 +242,74 @@ fn unpack_image(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An image of no layers: its rootfs is the mount points alone.
+    struct Empty;
+
+    impl ImageSource for Empty {
+        fn image(&self, _: &Digest) -> Result<ImageInfo, RuntimeError> {
+            Ok(empty_image())
+        }
+        fn open_layer(
+            &self,
+            _: &Digest,
+            _: &Descriptor,
+        ) -> Result<Box<dyn Read + '_>, RuntimeError> {
+            unreachable!("an image of no layers has no layer to open")
+        }
+    }
+
+    fn empty_image() -> ImageInfo {
+        ImageInfo {
+            config: serde_json::from_value(serde_json::json!({
+                "architecture": "amd64", "os": "linux",
+                "rootfs": {"type": "layers", "diff_ids": []}
+            }))
+            .unwrap(),
+            layers: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn an_unpack_takes_what_killed_unpacks_of_its_digest_left_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = RootfsCache::new(dir.path());
+        let digest = Digest::of(b"image");
+        let other = Digest::of(b"other image");
+        // What an unpack killed midway leaves: a partial tree under its temporary name, one of
+        // this digest (twice: two killed launches) and one of another digest, whose unpack may
+        // be under way under its own lock.
+        let killed = |d: &Digest, n: u32| {
+            let tree = dir
+                .path()
+                .join(format!("{}{n}", RootfsCache::unpack_prefix(d)));
+            fs::create_dir_all(tree.join("usr/lib")).unwrap();
+            fs::write(tree.join("usr/lib/partial"), b"half a file").unwrap();
+            tree
+        };
+        let (mine, mine_too, theirs) = (killed(&digest, 1), killed(&digest, 2), killed(&other, 1));
+        let root = cache.ensure(&Empty, &digest, &empty_image()).unwrap();
+        assert_eq!(root, cache.path(&digest));
+        assert!(root.join("proc").is_dir(), "the entry is whole");
+        assert!(
+            !mine.exists() && !mine_too.exists(),
+            "killed unpacks of the digest left"
+        );
+        assert!(
+            theirs.join("usr/lib/partial").exists(),
+            "another digest's tree was touched"
+        );
+        let left: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".tmp-"))
+            .collect();
+        assert_eq!(left.len(), 1, "{left:?}");
+    }
 }
