@@ -2975,13 +2975,18 @@ mod tests {
     fn a_removal_that_keeps_failing_is_retried_and_fails_no_release() {
         use std::sync::atomic::Ordering;
         let (mut h, failing) = rollout_with_failing_removals("300ms");
+        // A slow run must not outlast FAILED_REMOVAL_HOLD (10 s): the release would complete
+        // before the removal works, which the end of this test does not expect.
+        h.controller.stops.failures.hold = Duration::from_secs(600);
+        // 1 s at least (past the progress deadline three times over) and until the removal was
+        // retried, however slow the passes are (60 s at most).
         let started = std::time::Instant::now();
-        while started.elapsed() < Duration::from_secs(1) {
+        while started.elapsed() < Duration::from_secs(1) || failing.1.load(Ordering::SeqCst) < 2 {
+            assert!(started.elapsed() < Duration::from_secs(60), "never retried");
             let pass = h.pass().unwrap().remove(0);
             assert!(pass.failed.is_none(), "{pass:?}");
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert!(failing.1.load(Ordering::SeqCst) >= 2, "retried");
         let events = h.controller.db.events(Some("web"), 0).unwrap();
         assert!(
             events.iter().any(|e| e.kind == "remove-failed"),
