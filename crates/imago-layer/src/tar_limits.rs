@@ -100,7 +100,9 @@ impl<R: Read> ExtensionLimit<R> {
     /// A whole block where a header (or a sparse extension block) is expected.
     fn block(&mut self) -> io::Result<()> {
         if self.sparse_ext {
-            self.sparse_ext = self.header[SPARSE_EXT_FLAG] != 0;
+            // Another block follows only for a flag of exactly 1, as the `tar` crate reads it
+            // (`GnuExtSparseHeader::is_extended`): any other value ends the blocks there.
+            self.sparse_ext = self.header[SPARSE_EXT_FLAG] == 1;
             if !self.sparse_ext {
                 self.data_left = self.sparse_data;
             }
@@ -269,6 +271,40 @@ mod tests {
             let err = read_all(&pax_then_bomb, chunk).expect_err("too large");
             assert!(
                 err.to_string().contains("PAX extended header at byte 2560"),
+                "{err}"
+            );
+        }
+    }
+
+    /// A GNU sparse entry whose extension block's flag is 2: the `tar` crate reads no further
+    /// extension block (its flag test is `== 1`), so the next header comes after one block of
+    /// data; a limiter that took any non-zero flag for "extended" took that data block for an
+    /// extension block and the bomb header for data, and let the bomb through.
+    #[test]
+    fn a_sparse_extension_flag_other_than_one_ends_the_extension_blocks_as_tar_reads_it() {
+        let mut sparse = tar::Header::new_gnu();
+        sparse.set_entry_type(tar::EntryType::GNUSparse);
+        sparse.set_size(BLOCK as u64);
+        sparse.set_path("holes").ok();
+        sparse.set_mode(0o644);
+        if let Some(gnu) = sparse.as_gnu_mut() {
+            gnu.isextended[0] = 1;
+        }
+        sparse.set_cksum();
+        assert!(sparse.as_gnu().is_some_and(|g| g.is_extended()));
+        let mut archive = sparse.as_bytes().to_vec();
+        let mut extension = [0u8; BLOCK];
+        extension[SPARSE_EXT_FLAG] = 2;
+        archive.extend_from_slice(&extension);
+        // The entry's one block of data (zeros: read as an extension block, its flag is 0).
+        archive.extend_from_slice(&[0; BLOCK]);
+        archive.extend_from_slice(&header(tar::EntryType::GNULongName, 1 << 40, "bomb"));
+        archive.resize(archive.len() + 4 * BLOCK, b'x');
+        for chunk in [1, 512, 4096] {
+            let err = read_all(&archive, chunk).expect_err("the bomb after a sparse entry");
+            assert!(
+                err.to_string()
+                    .contains(&format!("GNU long name record at byte {}", 3 * BLOCK)),
                 "{err}"
             );
         }
