@@ -531,7 +531,17 @@ impl LocalProvider {
         // next time, never kept under the stamp of a newer file.
         let stamp = match fs::metadata(path) {
             Ok(meta) => RecordStamp::of(&meta),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            // A file, not a directory, beside the instances (a note someone left there) has
+            // no record either: listing took it for none before the one-stat listing, and one
+            // such file must not fail every listing, and with it every controller pass.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) =>
+            {
+                return Ok(None);
+            }
             Err(_) => return self.load(dir).map(Some),
         };
         let cached = self
@@ -1063,6 +1073,8 @@ impl LocalProvider {
         ] {
             swept.temp_files += crate::state::remove_stale_temp_files_in(&dir);
         }
+        // Trees of unpacks killed midway, of digests no launch unpacks again.
+        swept.temp_files += self.rootfs_cache().remove_killed_unpacks();
         swept.trash = self.empty_trash();
         // After the namespaces: a lease is abandoned only once its namespace is gone too.
         swept.leases = self.ipam.reclaim_abandoned().unwrap_or_default();
@@ -1087,7 +1099,8 @@ pub struct Swept {
     pub namespaces: Vec<String>,
     /// Instance directories that removals killed midway left in the trash.
     pub trash: usize,
-    /// Temporary files of writes whose writer was killed before its rename.
+    /// Temporary files of writes whose writer was killed before its rename, and temporary
+    /// trees of rootfs unpacks killed midway.
     pub temp_files: usize,
 }
 
@@ -1415,6 +1428,8 @@ mod tests {
     fn a_dead_unreaped_supervisor_is_seen_by_the_next_listing() {
         let (_home, provider, spec, instances) = listing_home();
         fs::create_dir_all(InstanceDir::new(&instances, "launching").root).unwrap();
+        // A stray file among the instance directories: no instance, and no failed listing.
+        fs::write(instances.join("notes"), b"left here by someone").unwrap();
         // A live pid that is not the recorded process (its start time differs): a pid reused.
         let me = std::process::id() as i32;
         let start = crate::state::process_start_time(me).unwrap();

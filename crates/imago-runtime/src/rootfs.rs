@@ -6,7 +6,8 @@
 //! uncompressed layer against the config's diff_id before the rename (entries are applied by
 //! imago-layer's safe unpacker, which never writes outside the target); an entry is never written
 //! after the rename. Concurrent launches of one digest serialize on a lock file; the next unpack
-//! of a digest (under that lock) removes the temporary trees its killed unpacks left.
+//! of a digest (under that lock), or a sweep that gets that lock at once, removes the temporary
+//! trees its killed unpacks left.
 
 use std::fs::{self, File};
 use std::io::{self, Read};
@@ -95,6 +96,41 @@ impl RootfsCache {
             .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
             .filter(|e| fs::remove_dir_all(e.path()).is_ok())
             .count()
+    }
+
+    /// [`Self::remove_killed_unpacks_of`] for every digest with a temporary tree whose entry
+    /// lock is free at once (a held lock is an unpack under way, or a set-aside: left for the
+    /// next sweep): the trees of digests that are never unpacked again. How many it removed.
+    pub fn remove_killed_unpacks(&self) -> usize {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        let digests: std::collections::BTreeSet<String> = entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let hex = name.strip_prefix(".tmp-")?.split('-').next()?.to_owned();
+                (hex.len() == 64).then_some(hex)
+            })
+            .collect();
+        digests
+            .iter()
+            .filter_map(|hex| format!("sha256:{hex}").parse::<Digest>().ok())
+            .map(|digest| {
+                let lock_path = self.dir.join(format!(".{}.lock", digest.hex()));
+                let locked = File::options()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&lock_path)
+                    .ok()
+                    .and_then(|f| Flock::lock(f, FlockArg::LockExclusiveNonblock).ok());
+                match locked {
+                    Some(_lock) => self.remove_killed_unpacks_of(&digest),
+                    None => 0,
+                }
+            })
+            .sum()
     }
 
     /// Returns the unpacked rootfs of `digest`, unpacking it first if needed.
@@ -311,5 +347,17 @@ mod tests {
             .filter(|n| n.starts_with(".tmp-"))
             .collect();
         assert_eq!(left.len(), 1, "{left:?}");
+        // The sweep takes the other digest's tree once its lock is free, not while it is held
+        // (an unpack of it under way).
+        let held = cache.lock_entry(&other).unwrap();
+        assert_eq!(cache.remove_killed_unpacks(), 0);
+        assert!(theirs.exists());
+        drop(held);
+        assert_eq!(cache.remove_killed_unpacks(), 1);
+        assert!(!theirs.exists());
+        assert!(
+            root.join("proc").is_dir(),
+            "the entry itself is no temporary tree"
+        );
     }
 }
