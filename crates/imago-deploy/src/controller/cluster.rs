@@ -322,9 +322,15 @@ impl Controller {
     ) -> Result<(), DeployError> {
         let desired = desired.clone();
         let rolling = self.db.outcome_of(service, release.number)?.is_none();
+        let key = engine_key(target);
         if let Some(watch) = self.cluster.watches.get(service) {
-            watch.tell(desired, routed.clone(), rolling);
-            return Ok(());
+            if watch.engine_key == key {
+                watch.tell(desired, routed.clone(), rolling);
+                return Ok(());
+            }
+            // The service moved to another endpoint: a watch of the old one would see none
+            // of the new one's retirements. Dropping it ends its thread.
+            self.cluster.watches.remove(service);
         }
         let Some(factory) = self.cluster.factory.clone() else {
             return Ok(());
@@ -538,6 +544,8 @@ const WATCH_SETTLED: Duration = Duration::from_secs(1);
 /// interval and pacing. It decides nothing and keeps nothing a restart needs: the pass routes.
 struct TaskWatch {
     shared: Arc<WatchShared>,
+    /// The endpoint it watches ([`engine_key`]).
+    engine_key: String,
 }
 
 struct WatchShared {
@@ -560,6 +568,7 @@ impl TaskWatch {
             told: Mutex::new((desired, routed, rolling)),
         });
         let watched = shared.clone();
+        let engine_key = engine_key(&target);
         let name = format!("task-watch-{}", target.name);
         let spawned = std::thread::Builder::new()
             .name(name)
@@ -568,7 +577,7 @@ impl TaskWatch {
             // No thread: the passes alone route, as they did before the watch.
             shared.stop.store(true, Ordering::Relaxed);
         }
-        TaskWatch { shared }
+        TaskWatch { shared, engine_key }
     }
 
     fn tell(&self, desired: ClusterService, routed: BTreeSet<String>, rolling: bool) {
@@ -607,10 +616,16 @@ fn watch(factory: &EngineFactory, target: &ResolvedTarget, shared: &WatchShared,
         let Some(e) = engine.as_mut() else {
             continue;
         };
-        let Ok(Some(observed)) = e.observe(&desired) else {
-            // The pass reports the engine's errors; a new engine next time.
-            engine = None;
-            continue;
+        let observed = match e.observe(&desired) {
+            Ok(Some(observed)) => observed,
+            // The service is not there (removed by hand, until the pass applies it again):
+            // the engine is fine, keep it (an ssh endpoint would open a tunnel per look).
+            Ok(None) => continue,
+            Err(_) => {
+                // The pass reports the engine's errors; a new engine next time.
+                engine = None;
+                continue;
+            }
         };
         let now: BTreeSet<String> = routable(&observed).into_iter().map(|(id, _)| id).collect();
         if now != routed && nudged.as_ref() != Some(&now) {

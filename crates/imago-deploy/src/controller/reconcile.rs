@@ -320,7 +320,9 @@ impl Controller {
         // endpoint still routing there, new connections would reach the wrong instance. The
         // dead, the retired (unrouted by the pass that retired them, unless its routing
         // failed) and the drained are all out of `route_to`, and a pass whose routing fails
-        // stops and removes nothing.
+        // stops and removes nothing. Nor does it launch: the service's pass fails as a whole
+        // (a fault, shown and retried every pass); replacements wait for a data plane that
+        // routes, since until then they could not serve anyway.
         let targets: Vec<(String, SocketAddr)> = step
             .route_to
             .iter()
