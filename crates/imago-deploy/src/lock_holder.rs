@@ -286,29 +286,34 @@ mod tests {
         // A controller's launch workers end all the time; a command that took one of them for
         // the controller dying waited 10 s for a death that never came (found in CI when the
         // test threads of this binary ended during the check).
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let ended = std::sync::Arc::new(AtomicU32::new(0));
         let churn = {
-            let stop = stop.clone();
+            let (stop, ended) = (stop.clone(), ended.clone());
             std::thread::spawn(move || {
-                let mut ended = 0u32;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                while !stop.load(Ordering::Relaxed) {
                     std::thread::spawn(|| {}).join().unwrap();
-                    ended += 1;
+                    ended.fetch_add(1, Ordering::Relaxed);
                 }
-                ended
             })
         };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
+        // Until both sides did enough for the test to mean something: counts, not a time
+        // (500 ms gave 8 threads and 2 checks on a loaded host).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         let mut checks = 0u32;
-        while std::time::Instant::now() < deadline {
+        while (checks <= 100 || ended.load(Ordering::Relaxed) <= 100)
+            && std::time::Instant::now() < deadline
+        {
             assert!(
                 !process_exiting(std::process::id()),
                 "seen as exiting after {checks} checks"
             );
             checks += 1;
         }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let ended = churn.join().unwrap();
+        stop.store(true, Ordering::Relaxed);
+        churn.join().unwrap();
+        let ended = ended.load(Ordering::Relaxed);
         assert!(
             ended > 100 && checks > 100,
             "{ended} threads ended, {checks} checks"
