@@ -63,18 +63,24 @@ impl RootfsCache {
     /// with the other (a set-aside decided on an old tree must not move a fresh one).
     pub fn lock_entry(&self, digest: &Digest) -> Result<Flock<File>, RuntimeError> {
         fs::create_dir_all(&self.dir).map_err(RuntimeError::io("cannot create", &self.dir))?;
-        let lock_path = self.dir.join(format!(".{}.lock", digest.hex()));
-        let lock_file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(RuntimeError::io("cannot open", &lock_path))?;
+        let (lock_path, lock_file) = self.open_lock_file(digest);
+        let lock_file = lock_file.map_err(RuntimeError::io("cannot open", &lock_path))?;
         Flock::lock(lock_file, FlockArg::LockExclusive).map_err(|(_, e)| RuntimeError::Io {
             action: "cannot lock",
             path: lock_path,
             source: e.into(),
         })
+    }
+
+    /// The lock file of `digest`'s entry, opened (made if missing), and its path.
+    fn open_lock_file(&self, digest: &Digest) -> (PathBuf, io::Result<File>) {
+        let lock_path = self.dir.join(format!(".{}.lock", digest.hex()));
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path);
+        (lock_path, file)
     }
 
     /// The name prefix of `digest`'s temporary trees while it is unpacked: the whole digest,
@@ -117,12 +123,9 @@ impl RootfsCache {
             .iter()
             .filter_map(|hex| format!("sha256:{hex}").parse::<Digest>().ok())
             .map(|digest| {
-                let lock_path = self.dir.join(format!(".{}.lock", digest.hex()));
-                let locked = File::options()
-                    .create(true)
-                    .truncate(false)
-                    .write(true)
-                    .open(&lock_path)
+                let locked = self
+                    .open_lock_file(&digest)
+                    .1
                     .ok()
                     .and_then(|f| Flock::lock(f, FlockArg::LockExclusiveNonblock).ok());
                 match locked {
