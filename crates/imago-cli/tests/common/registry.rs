@@ -672,8 +672,19 @@ impl Proxy {
     }
 
     fn start_with(upstream: &str, faults: Vec<Fault>, token: Option<TokenAuth>) -> Proxy {
-        let lease = lease_port();
-        let listener = TcpListener::bind(("127.0.0.1", lease.port)).expect("bind proxy");
+        // A leased port was free when leased, but something that takes ports without a lease
+        // can bind it before this does (seen once in CI: AddrInUse): the proxy needs no
+        // particular port, so it takes another lease.
+        let (lease, listener) = (0..20)
+            .find_map(|_| {
+                let lease = lease_port();
+                match TcpListener::bind(("127.0.0.1", lease.port)) {
+                    Ok(listener) => Some((lease, listener)),
+                    Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => None,
+                    Err(e) => panic!("bind proxy on {}: {e}", lease.port),
+                }
+            })
+            .expect("bind proxy: 20 leased ports were taken meanwhile");
         let state = Arc::new(ProxyState {
             faults: Mutex::new(faults.into_iter().map(|f| (f, 0)).collect()),
             records: Mutex::new(Vec::new()),
