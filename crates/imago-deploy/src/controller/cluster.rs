@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::time::Duration;
 
 use imago_spec::cluster::{
@@ -546,12 +546,22 @@ struct TaskWatch {
     shared: Arc<WatchShared>,
     /// The endpoint it watches ([`engine_key`]).
     engine_key: String,
+    /// Disconnected once the thread has ended and dropped its engine (`None`: no thread).
+    ended: Option<mpsc::Receiver<()>>,
 }
+
+/// How long dropping a [`TaskWatch`] waits for its thread to drop its engine: an ssh engine's
+/// tunnel directory goes with it, and a controller stopped by SIGTERM right after a destroy
+/// must not leave it behind. Bounded, as a pass waits: a look stuck on its engine's timeout is
+/// left to end on its own.
+const WATCH_END_WAIT: Duration = Duration::from_secs(5);
 
 struct WatchShared {
     stop: AtomicBool,
     /// The service as rendered, what the endpoint routes, whether a rollout is under way.
     told: Mutex<(ClusterService, BTreeSet<String>, bool)>,
+    /// Wakes the thread between looks when it is told to stop.
+    stopping: Condvar,
 }
 
 impl TaskWatch {
@@ -566,18 +576,30 @@ impl TaskWatch {
         let shared = Arc::new(WatchShared {
             stop: AtomicBool::new(false),
             told: Mutex::new((desired, routed, rolling)),
+            stopping: Condvar::new(),
         });
         let watched = shared.clone();
         let engine_key = engine_key(&target);
         let name = format!("task-watch-{}", target.name);
-        let spawned = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || watch(&factory, &target, &watched, &wake));
-        if spawned.is_err() {
-            // No thread: the passes alone route, as they did before the watch.
-            shared.stop.store(true, Ordering::Relaxed);
+        let (end, ended) = mpsc::channel::<()>();
+        let spawned = std::thread::Builder::new().name(name).spawn(move || {
+            // Dropped after `watch` returned, so after its engine.
+            let _end = end;
+            watch(&factory, &target, &watched, &wake);
+        });
+        let ended = match spawned {
+            Ok(_) => Some(ended),
+            Err(_) => {
+                // No thread: the passes alone route, as they did before the watch.
+                shared.stop.store(true, Ordering::Relaxed);
+                None
+            }
+        };
+        TaskWatch {
+            shared,
+            engine_key,
+            ended,
         }
-        TaskWatch { shared, engine_key }
     }
 
     fn tell(&self, desired: ClusterService, routed: BTreeSet<String>, rolling: bool) {
@@ -587,7 +609,16 @@ impl TaskWatch {
 
 impl Drop for TaskWatch {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Relaxed);
+        {
+            // Under the lock, so the thread is either before its wait (and sees the flag) or
+            // in it (and is woken).
+            let _told = self.shared.lock();
+            self.shared.stop.store(true, Ordering::Relaxed);
+            self.shared.stopping.notify_all();
+        }
+        if let Some(ended) = self.ended.take() {
+            let _ = ended.recv_timeout(WATCH_END_WAIT);
+        }
     }
 }
 
@@ -603,13 +634,19 @@ fn watch(factory: &EngineFactory, target: &ResolvedTarget, shared: &WatchShared,
     // What the last nudge was for: one nudge per change, not one per listing until the pass
     // has routed it.
     let mut nudged: Option<BTreeSet<String>> = None;
-    while !shared.stop.load(Ordering::Relaxed) {
-        let (desired, routed, rolling) = shared.lock().clone();
-        std::thread::sleep(if rolling {
-            WATCH_ROLLING
-        } else {
-            WATCH_SETTLED
-        });
+    loop {
+        let (desired, routed) = {
+            let told = shared.lock();
+            let between = if told.2 { WATCH_ROLLING } else { WATCH_SETTLED };
+            let (told, _) = shared
+                .stopping
+                .wait_timeout_while(told, between, |_| !shared.stop.load(Ordering::Relaxed))
+                .unwrap_or_else(|p| p.into_inner());
+            if shared.stop.load(Ordering::Relaxed) {
+                break;
+            }
+            (told.0.clone(), told.1.clone())
+        };
         if engine.is_none() {
             engine = factory(target).ok();
         }
@@ -1095,5 +1132,84 @@ mod tests {
         h.controller.db.destroy("web", "test").unwrap();
         h.pass();
         assert!(h.swarm.lock().unwrap().live.is_none());
+    }
+
+    /// An engine that says when it is dropped (an ssh engine's tunnel directory goes then).
+    struct DropFlagEngine(FakeEngine, Arc<std::sync::atomic::AtomicBool>);
+
+    impl ClusterEngine for DropFlagEngine {
+        fn apply(&mut self, desired: &ClusterService) -> Result<(), EngineError> {
+            self.0.apply(desired)
+        }
+        fn observe(
+            &mut self,
+            desired: &ClusterService,
+        ) -> Result<Option<ClusterObservation>, EngineError> {
+            self.0.observe(desired)
+        }
+        fn destroy(&mut self, service: &str) -> Result<bool, EngineError> {
+            self.0.destroy(service)
+        }
+    }
+
+    impl Drop for DropFlagEngine {
+        fn drop(&mut self) {
+            self.1.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_dropped_task_watch_has_dropped_its_engine_when_the_drop_returns() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let mut h = harness();
+        let release = h.release("1");
+        let target: ResolvedTarget = serde_json::from_value(serde_json::json!({
+            "name": "prod", "engine": "swarm", "registry": "127.0.0.1:5000/t"
+        }))
+        .unwrap();
+        let desired = cluster_service(&release, &target);
+        for rolling in [false, true] {
+            let dropped = Arc::new(AtomicBool::new(false));
+            let made = Arc::new(AtomicUsize::new(0));
+            let (flag, count, swarm) = (dropped.clone(), made.clone(), h.swarm.clone());
+            let factory: EngineFactory = Arc::new(move |_| {
+                count.fetch_add(1, Ordering::SeqCst);
+                Ok(
+                    Box::new(DropFlagEngine(FakeEngine(swarm.clone()), flag.clone()))
+                        as Box<dyn ClusterEngine>,
+                )
+            });
+            let watch = TaskWatch::start(
+                factory,
+                target.clone(),
+                desired.clone(),
+                BTreeSet::new(),
+                rolling,
+                h.controller.health.wake.clone(),
+            );
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while made.load(Ordering::SeqCst) == 0 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the watch made no engine"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            // Mid-wait between looks (1 s when settled): the drop wakes the thread and waits
+            // for it, so nothing it holds outlives the watch.
+            std::thread::sleep(Duration::from_millis(30));
+            let started = std::time::Instant::now();
+            drop(watch);
+            assert!(
+                dropped.load(Ordering::SeqCst),
+                "rolling {rolling}: the engine outlived its watch"
+            );
+            assert!(
+                started.elapsed() < WATCH_END_WAIT,
+                "rolling {rolling}: the drop waited out its bound ({:?})",
+                started.elapsed()
+            );
+            assert_eq!(made.load(Ordering::SeqCst), 1, "one engine per watch");
+        }
     }
 }
