@@ -524,42 +524,47 @@ fn example_web_builds_and_serves_its_page() {
     let store = h.home.join("store");
     umoci_unpack(&store, "web", &bundle);
     let rootfs = bundle.join("rootfs");
-    let port = 20_000 + (std::process::id() % 10_000) as u16;
-    let mut server = Command::new("chroot")
+    // busybox httpd in inetd mode (`-i`) on the one connection the test accepts, on a port of
+    // the kernel's choosing: no fixed port, which another test's server could hold (a port
+    // from 20000-29999 here took, unleased, one that another test had leased), and nothing to
+    // wait for before wget connects.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let served_root = rootfs.clone();
+    let server = std::thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        let input =
+            std::process::Stdio::from(std::os::fd::OwnedFd::from(conn.try_clone().unwrap()));
+        let output = std::process::Stdio::from(std::os::fd::OwnedFd::from(conn));
+        Command::new("chroot")
+            .arg(&served_root)
+            .args(["/bin/busybox", "httpd", "-i", "-h", "/www"])
+            .stdin(input)
+            .stdout(output)
+            .status()
+            .unwrap()
+    });
+    let out = Command::new("chroot")
         .arg(&rootfs)
         .args([
             "/bin/busybox",
-            "httpd",
-            "-f",
-            "-p",
-            &format!("127.0.0.1:{port}"),
-            "-h",
-            "/www",
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            &format!("http://127.0.0.1:{port}/"),
         ])
-        .spawn()
+        .output()
         .unwrap();
-    let mut page = String::new();
-    for _ in 0..50 {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        let out = Command::new("chroot")
-            .arg(&rootfs)
-            .args([
-                "/bin/busybox",
-                "wget",
-                "-q",
-                "-O",
-                "-",
-                &format!("http://127.0.0.1:{port}/"),
-            ])
-            .output()
-            .unwrap();
-        if out.status.success() {
-            page = String::from_utf8_lossy(&out.stdout).into_owned();
-            break;
-        }
-    }
-    server.kill().unwrap();
-    server.wait().unwrap();
+    assert!(
+        out.status.success(),
+        "wget: {:?} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let page = String::from_utf8_lossy(&out.stdout).into_owned();
+    let served = server.join().unwrap();
+    assert!(served.success(), "httpd -i: {served}");
     assert!(page.contains("Hello from imago"), "{page:?}");
 }
 
