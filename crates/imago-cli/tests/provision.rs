@@ -459,8 +459,9 @@ run = "sleep 60"
         let start = Instant::now();
         let err = build(&imago, &["--runtime", runtime]).fails();
         assert!(err.contains("killed at its timeout"), "{runtime}: {err}");
+        // Killed at 1 s, not when the step's `sleep 60` ends: well under 60 s however loaded.
         assert!(
-            start.elapsed() < Duration::from_secs(20),
+            start.elapsed() < Duration::from_secs(45),
             "{runtime}: {err}"
         );
     }
@@ -627,7 +628,7 @@ fn gc_removes_step_roots_no_image_reaches_and_never_one_a_running_build_uses() {
     );
     assert!(chains(&imago).is_empty());
     let steps = imago.home.join("build-work/steps");
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while fs::read_dir(&steps).unwrap().next().is_some() {
         // A finished step's detached `rm -rf` may still be at work; gc removes what it left.
         assert!(Instant::now() < deadline, "step directories stay behind");
@@ -681,17 +682,18 @@ mounts = [{ type = "bind", src = "src", dest = "/src" }]"#;
     let imago = project(&step(base, "cat /src/input.txt > /out"));
     let first = build(&imago, &[]).ok();
     assert!(ran(&first, "STEP-RAN"));
-    // A no-op rebuild runs no step and stays under 150 ms (best of three, against noise from
-    // the tests running alongside).
+    // A no-op rebuild runs no step and spends under 150 ms of CPU (best of three). CPU time, not
+    // wall time: a loaded host (CI runs every test binary side by side on 2 cores) stretches
+    // the wall time of any command past 150 ms; a rebuild that hashes or unpacks what it need
+    // not still spends the CPU whatever the load.
     let mut best = Duration::MAX;
     for _ in 0..3 {
-        let start = Instant::now();
-        let again = build(&imago, &[]).ok();
-        best = best.min(start.elapsed());
+        let (again, cpu) = common::run_with_cpu_time(imago.cmd().arg("build"));
+        best = best.min(cpu);
         assert!(!ran(&again, "STEP-RAN"), "{}", again.stderr());
         assert_eq!(digest_of(&first), digest_of(&again));
     }
-    assert!(best < Duration::from_millis(150), "{best:?}");
+    assert!(best < Duration::from_millis(150), "{best:?} of CPU");
     let variants = [
         base.replace("A = \"1\"", "A = \"2\""),
         base.replace("workdir = \"/\"", "workdir = \"/etc\""),

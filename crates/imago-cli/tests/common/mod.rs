@@ -473,3 +473,47 @@ pub fn leftovers<'a>(home: &Path, ids: impl IntoIterator<Item = &'a String>) -> 
     }
     left
 }
+
+/// Runs `cmd` and returns what it did with the CPU time (user + system) that it and every
+/// process it waited for spent, as a shell that runs it counts it (`times`, its children's
+/// line). For budgets that a loaded host must not break: CI runs every test binary side by side
+/// on 2 cores, which stretches any command's wall time but not the CPU it needs.
+pub fn run_with_cpu_time(cmd: &mut Command) -> (Run, std::time::Duration) {
+    let times = tempfile::NamedTempFile::new().unwrap();
+    let mut sh = Command::new("sh");
+    sh.args([
+        "-c",
+        "f=$1; shift; \"$@\"; s=$?; times >\"$f\"; exit $s",
+        "sh",
+    ])
+    .arg(times.path())
+    .arg(cmd.get_program())
+    .args(cmd.get_args());
+    if let Some(dir) = cmd.get_current_dir() {
+        sh.current_dir(dir);
+    }
+    for (key, value) in cmd.get_envs() {
+        match value {
+            Some(value) => sh.env(key, value),
+            None => sh.env_remove(key),
+        };
+    }
+    let run = Run {
+        output: sh.output().expect("run sh"),
+    };
+    let text = std::fs::read_to_string(times.path()).unwrap();
+    // "0m0.010000s 0m0.000000s" for the shell, then the same for its children.
+    let children = text
+        .lines()
+        .nth(1)
+        .unwrap_or_else(|| panic!("times: {text:?}"));
+    let cpu = children
+        .split_whitespace()
+        .map(|t| {
+            let (minutes, seconds) = t.trim_end_matches('s').split_once('m').unwrap();
+            std::time::Duration::from_secs(minutes.parse::<u64>().unwrap() * 60)
+                + std::time::Duration::from_secs_f64(seconds.parse::<f64>().unwrap())
+        })
+        .sum();
+    (run, cpu)
+}
