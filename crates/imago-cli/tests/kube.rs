@@ -478,7 +478,7 @@ fn a_paused_rollout_is_held_through_a_controller_restart_and_completes_once_resu
     assert_eq!(paused["paused"], true);
     s.wait_for(
         "spec.paused on the Deployment",
-        Duration::from_secs(10),
+        Duration::from_secs(60),
         || s.deployment().unwrap()["spec"]["paused"] == true,
     );
     let applies = s
@@ -503,8 +503,13 @@ fn a_paused_rollout_is_held_through_a_controller_restart_and_completes_once_resu
         names.sort();
         names
     };
-    // One tick for the fake controller to see the pause, then nothing moves.
-    std::thread::sleep(Duration::from_millis(900));
+    // Once the fake controller has seen the pause (its status says so), nothing moves. Waited
+    // for, not slept: a loaded host can delay its 400 ms tick by seconds.
+    s.wait_for(
+        "the Deployment's status to say it is paused",
+        Duration::from_secs(60),
+        || s.deployment().unwrap()["status"]["conditions"][0]["reason"] == "DeploymentPaused",
+    );
     let held = pod_names();
     let held_for = |seconds: u64| {
         std::thread::sleep(Duration::from_secs(seconds));
