@@ -1498,12 +1498,17 @@ fn descendants(root: u32) -> Vec<u32> {
     found.split_off(1)
 }
 
-/// Waits up to 10 s for `done`, which returns what is still wrong (empty: done).
+/// Waits for `left`, which returns what is still wrong (empty: done), up to 60 s: what is
+/// left behind stays forever, while a loaded host (CI's 2 cores under every test binary) can
+/// take many seconds to end processes that are on their way out.
 fn settles<T: std::fmt::Debug>(what: &str, mut left: impl FnMut() -> Vec<T>) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(60);
     loop {
         let still = left();
         if still.is_empty() {
+            // How long it took, for the log of a failing run (how near the deadline it is).
+            eprintln!("{what}: settled in {:?}", started.elapsed());
             return;
         }
         assert!(Instant::now() < deadline, "{what}: {still:?}");
@@ -1589,6 +1594,28 @@ fn an_ssh_endpoint_applies_reports_destroys_and_leaves_no_ssh_process_behind() {
     )
     .unwrap();
     let controller = controller["pid"].as_u64().unwrap();
+    // `destroy` removed the swarm service itself; the controller learns of it at its next
+    // pass, which drops the service's task watch, and the watch's ssh engine and tunnel
+    // directory go with it. Until then the watch is live, and a SIGTERM would leave its
+    // directory as it leaves the controller's own (CI, and here at load 30: "2 tunnel
+    // directories" when the stop came before that pass). What must not happen is that the
+    // watch's directory stays once the pass dropped it.
+    settles(
+        "the destroyed service's task watch's tunnel directory",
+        || {
+            let dirs: Vec<_> = std::fs::read_dir(&tmp)
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name())
+                .filter(|name| {
+                    name.to_str()
+                        .and_then(|n| n.split('-').nth(2))
+                        .is_some_and(|pid| pid == controller.to_string())
+                })
+                .collect();
+            if dirs.len() > 1 { dirs } else { Vec::new() }
+        },
+    );
     imago(&["serve", "--stop"]).ok();
     settles("the stopped controller", || {
         std::fs::read_to_string(format!("/proc/{controller}/stat"))
@@ -1681,22 +1708,34 @@ fn an_ssh_endpoint_that_fails_is_named_with_what_ssh_said() {
             client.display(),
             std::env::var("PATH").unwrap_or_default()
         );
-        let started = Instant::now();
-        let out = imago
+        // Batch mode: nothing waits for a prompt, which would wait forever. Given 60 s (a
+        // loaded host's ssh and docker start take seconds), then killed and failed.
+        let mut plan = imago
             .cmd()
             .env("PATH", &search)
             .args(["plan", "-f", &file])
-            .output()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .unwrap();
+        let started = Instant::now();
+        while plan.try_wait().unwrap().is_none() && started.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let waited = plan.try_wait().unwrap().is_none();
+        if waited {
+            let _ = plan.kill();
+        }
+        let out = plan.wait_with_output().unwrap();
+        assert!(
+            !waited,
+            "{name}: plan still running after 60 s: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let error = common::Run { output: out }.fails();
         eprintln!("{name}: {error}");
         assert!(error.contains(&sshd.endpoint()), "{name}: {error}");
         assert!(error.contains(said), "{name}: {error}");
-        // Batch mode: nothing waited for a prompt.
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "{name}: {error}"
-        );
         assert!(sshd.clients().is_empty(), "{name}: ssh left running");
     }
 }
@@ -2298,7 +2337,7 @@ fn an_ssh_endpoint_does_not_wait_for_what_a_proxy_command_leaves_holding_stderr(
         .unwrap();
     let started = Instant::now();
     let finished = loop {
-        if plan.try_wait().unwrap().is_some() || started.elapsed() > Duration::from_secs(60) {
+        if plan.try_wait().unwrap().is_some() || started.elapsed() > Duration::from_secs(120) {
             break plan.try_wait().unwrap().is_some();
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -2315,13 +2354,14 @@ fn an_ssh_endpoint_does_not_wait_for_what_a_proxy_command_leaves_holding_stderr(
     {
         let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
     }
+    // Finished within 120 s: well before the lingering `sleep 300` ends, however loaded the
+    // host.
     assert!(
         finished,
         "plan still running after {took:?}, waiting on a pipe the ProxyCommand's process holds"
     );
     let planned = common::Run { output }.ok();
     assert_eq!(planned.json()[0]["cluster"]["action"], "create");
-    assert!(took < Duration::from_secs(30), "plan took {took:?}");
     settles("ssh clients after plan", || sshd.clients());
 }
 
