@@ -87,25 +87,9 @@ impl Registry {
     pub fn start(opts: RegistryOpts) -> Registry {
         require_tool("docker-registry");
         let dir = tempfile::tempdir().expect("registry tempdir");
-        let lease = lease_port();
-        let port = lease.port;
         fs::create_dir_all(dir.path().join("storage")).unwrap();
-        let mut config = format!(
-            "version: 0.1\n\
-             log:\n  level: info\n  accesslog:\n    disabled: false\n\
-             storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n  \
-             maintenance:\n    uploadpurging:\n      enabled: false\n\
-             http:\n  addr: {addr}:{port}\n  secret: imago-test-secret\n",
-            storage = dir.path().join("storage").display(),
-            addr = opts.listen.unwrap_or(std::net::Ipv4Addr::LOCALHOST.into()),
-        );
         if opts.tls {
             make_certificates(dir.path());
-            config.push_str(&format!(
-                "  tls:\n    certificate: {}\n    key: {}\n",
-                dir.path().join("server.crt").display(),
-                dir.path().join("server.key").display()
-            ));
         }
         if let Some((user, password)) = &opts.auth {
             require_tool("htpasswd");
@@ -115,24 +99,72 @@ impl Registry {
                 line.trim_end().to_owned() + "\n",
             )
             .unwrap();
-            config.push_str(&format!(
-                "auth:\n  htpasswd:\n    realm: imago-test\n    path: {}\n",
-                dir.path().join("htpasswd").display()
-            ));
         }
-        fs::write(dir.path().join("config.yml"), config).unwrap();
         let mut registry = Registry {
             dir,
-            port,
+            port: 0,
             opts,
-            lease,
+            lease: lease_port(),
             child: None,
         };
-        registry.spawn();
+        // A leased port was free when leased, but something that takes ports without a lease
+        // can bind it before docker-registry does (AddrInUse, as the proxy met once in CI):
+        // the registry needs no particular port, so it takes another lease.
+        for attempt in 1.. {
+            registry.port = registry.lease.port;
+            registry.write_config();
+            // A log of this attempt only: the reason read below is this attempt's.
+            let _ = fs::remove_file(registry.log());
+            match registry.spawn_once() {
+                Ok(()) => break,
+                Err(log) if attempt < 20 && log.contains("address already in use") => {
+                    registry.lease = lease_port();
+                }
+                Err(log) => panic!("docker-registry exited at start:\n{log}"),
+            }
+        }
         registry
     }
 
+    fn write_config(&self) {
+        let dir = self.dir.path();
+        let mut config = format!(
+            "version: 0.1\n\
+             log:\n  level: info\n  accesslog:\n    disabled: false\n\
+             storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n  \
+             maintenance:\n    uploadpurging:\n      enabled: false\n\
+             http:\n  addr: {addr}:{port}\n  secret: imago-test-secret\n",
+            storage = dir.join("storage").display(),
+            addr = self
+                .opts
+                .listen
+                .unwrap_or(std::net::Ipv4Addr::LOCALHOST.into()),
+            port = self.port,
+        );
+        if self.opts.tls {
+            config.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                dir.join("server.crt").display(),
+                dir.join("server.key").display()
+            ));
+        }
+        if self.opts.auth.is_some() {
+            config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: imago-test\n    path: {}\n",
+                dir.join("htpasswd").display()
+            ));
+        }
+        fs::write(dir.join("config.yml"), config).unwrap();
+    }
+
     fn spawn(&mut self) {
+        if let Err(log) = self.spawn_once() {
+            panic!("docker-registry exited at start:\n{log}");
+        }
+    }
+
+    /// Starts docker-registry and waits until it answers; its log if it exited at start.
+    fn spawn_once(&mut self) -> Result<(), String> {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -147,29 +179,30 @@ impl Registry {
             .spawn()
             .expect("start docker-registry");
         self.child = Some(child);
-        self.wait_ready();
+        self.wait_ready()
     }
 
-    /// Polls `/v2/` until it answers (200, or 401 behind auth).
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+    /// Polls `/v2/` until it answers (200, or 401 behind auth); the log if the registry exited.
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(child) = self.child.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
             {
-                panic!(
-                    "docker-registry exited ({status}) at start:\n{}",
+                self.child = None;
+                return Err(format!(
+                    "({status}) {}",
                     fs::read_to_string(self.log()).unwrap_or_default()
-                );
+                ));
             }
             if let Ok((status, _)) = self.try_get("/v2/", false)
                 && (status == 200 || status == 401)
             {
-                return;
+                return Ok(());
             }
             assert!(
                 Instant::now() < deadline,
-                "docker-registry on {} not ready after 20 s:\n{}",
+                "docker-registry on {} not ready after 60 s:\n{}",
                 self.host(),
                 fs::read_to_string(self.log()).unwrap_or_default()
             );
