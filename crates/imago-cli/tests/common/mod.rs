@@ -67,6 +67,18 @@ impl Imago {
         Imago { dir, home }
     }
 
+    /// A home on tmpfs (/dev/shm, where there is one), whose fsyncs cost nothing: for tests
+    /// that write hundreds of store entries and promise nothing about durability.
+    pub fn in_memory() -> Imago {
+        let shm = Path::new("/dev/shm");
+        if !shm.is_dir() {
+            return Imago::new();
+        }
+        let dir = tempfile::tempdir_in(shm).expect("tempdir in /dev/shm");
+        let home = dir.path().join("home");
+        Imago { dir, home }
+    }
+
     pub fn cmd(&self) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_imago"));
         cmd.arg("--home")
