@@ -1922,12 +1922,15 @@ mod tests {
             std::thread::sleep(Duration::from_micros(u64::from(nanos % 30_000) + round));
             child.kill().unwrap();
             child.wait().unwrap();
-            let writer = format!(".{}.", child.id());
+            let writer = i32::try_from(child.id()).unwrap();
             let of_writer = || -> Vec<PathBuf> {
                 dirs.iter()
                     .flat_map(|d| fs::read_dir(d).unwrap().flatten())
                     .map(|e| e.path())
-                    .filter(|p| p.file_name().unwrap().to_string_lossy().contains(&writer))
+                    .filter(|p| {
+                        let name = p.file_name().unwrap().to_string_lossy();
+                        crate::state::temp_file_writer(&name).is_some_and(|w| w.pid == writer)
+                    })
                     .collect()
             };
             let killed = of_writer().len();
