@@ -366,6 +366,16 @@ mod tests {
         }
     }
 
+    /// The names of the temporary trees in the cache directory `dir`.
+    fn temporary_trees(dir: &Path) -> Vec<String> {
+        fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".tmp-"))
+            .collect()
+    }
+
     fn empty_image() -> ImageInfo {
         ImageInfo {
             config: serde_json::from_value(serde_json::json!({
@@ -406,12 +416,7 @@ mod tests {
             theirs.join("usr/lib/partial").exists(),
             "another digest's tree was touched"
         );
-        let left: Vec<String> = fs::read_dir(dir.path())
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with(".tmp-"))
-            .collect();
+        let left = temporary_trees(dir.path());
         assert_eq!(left.len(), 1, "{left:?}");
         // The sweep takes the other digest's tree once its lock is free, not while it is held
         // (an unpack of it under way).
@@ -473,12 +478,7 @@ mod tests {
         assert!(!mine.exists() && !mine_too.exists());
         assert!(root.join("proc").is_dir(), "the entry was touched");
         assert!(tainted.exists(), "a set-aside tree is no unpack's");
-        let left: Vec<String> = fs::read_dir(dir.path())
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with(".tmp-"))
-            .collect();
+        let left = temporary_trees(dir.path());
         assert!(left.is_empty(), "{left:?}");
     }
 }

@@ -479,6 +479,17 @@ mod tests {
 
     use super::*;
 
+    /// The names in `dir`, sorted.
+    fn sorted_names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
     /// A real process that has exited: its pid and start time name nobody.
     fn dead_pid() -> u32 {
         let mut child = std::process::Command::new("true").spawn().unwrap();
@@ -556,12 +567,7 @@ mod tests {
             assert!(bytes.iter().all(|b| *b == bytes[0]), "round {round}: mixed");
             let removed = remove_stale_temp_files(&path);
             left.push(removed);
-            let mut names: Vec<String> = fs::read_dir(dir.path())
-                .unwrap()
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect();
-            names.sort();
+            let names = sorted_names(dir.path());
             let mut expected = vec![
                 live.file_name().unwrap().to_string_lossy().into_owned(),
                 other.file_name().unwrap().to_string_lossy().into_owned(),
@@ -636,15 +642,7 @@ mod tests {
         for name in kept.iter().chain(&gone_by_path).chain(&gone_in_dir) {
             fs::write(dir.path().join(name), b"").unwrap();
         }
-        let left = || {
-            let mut names: Vec<String> = fs::read_dir(dir.path())
-                .unwrap()
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect();
-            names.sort();
-            names
-        };
+        let left = || sorted_names(dir.path());
         assert_eq!(remove_stale_temp_files(&path), gone_by_path.len());
         let mut expected: Vec<String> = kept.iter().chain(&gone_in_dir).cloned().collect();
         expected.sort();
