@@ -1142,8 +1142,10 @@ impl LocalProvider {
         ] {
             swept.temp_files += crate::state::remove_stale_temp_files_in(&dir);
         }
-        // Trees of unpacks killed midway, of digests no launch unpacks again.
+        // Trees of unpacks killed midway, of digests no launch unpacks again, and of named
+        // volumes' creations and removals killed midway.
         swept.temp_files += self.rootfs_cache().remove_killed_unpacks();
+        swept.temp_files += crate::volumes::remove_killed_leftovers(&self.layout.volumes());
         swept.trash = self.empty_trash();
         // After the namespaces: a lease is abandoned only once its namespace is gone too.
         swept.leases = self.ipam.reclaim_abandoned().unwrap_or_default();
@@ -1169,7 +1171,7 @@ pub struct Swept {
     /// Instance directories that removals killed midway left in the trash.
     pub trash: usize,
     /// Temporary files of writes whose writer was killed before its rename, and temporary
-    /// trees of rootfs unpacks killed midway.
+    /// trees of rootfs unpacks and of named volumes' creations and removals killed midway.
     pub temp_files: usize,
 }
 
