@@ -860,6 +860,21 @@ fn launcher_alive(dir: &InstanceDir) -> Option<bool> {
     Some(i32::try_from(pid).is_ok_and(|pid| is_alive(pid, start)))
 }
 
+/// What the name of an instance directory under way starts with, before it is renamed into
+/// place (see [`LocalProvider::make_instance_dir`]): `.launching.<id>.<pid>.<start>`, naming its
+/// launcher. A dot-name, which no listing shows.
+const STAGING_PREFIX: &str = ".launching.";
+
+/// The instance id and the launcher (pid, start time) that a staging directory's name
+/// (`STAGING_PREFIX`) names; `None` for any other name.
+fn staged_launch(name: &str) -> Option<(&str, i32, u64)> {
+    let mut fields = name.strip_prefix(STAGING_PREFIX)?.split('.');
+    let id = fields.next().filter(|id| !id.is_empty())?;
+    let pid = fields.next()?.parse().ok()?;
+    let start = fields.next()?.parse().ok()?;
+    fields.next().is_none().then_some((id, pid, start))
+}
+
 /// The name an instance directory takes in the trash: `<id>.<pid>.<start>.<n>`, naming this
 /// process (pid and start time) as its remover, so that the sweep leaves the deletions under
 /// way alone and takes only what removers that died left (`<id>.<pid>.<n>` when the start time
@@ -930,6 +945,40 @@ fn empty_trash_of_dead_removers(trash: &Path) -> usize {
 }
 
 impl LocalProvider {
+    /// Makes the directory of instance `id` with its `launcher` file (this process's pid and
+    /// start time) already in it: made under a staging name that names this process
+    /// ([`STAGING_PREFIX`]), the file written, then renamed into place in one step. A launcher
+    /// killed at any point leaves either a staging directory whose name says it is dead or an
+    /// instance directory whose `launcher` file does, both taken back at once by the sweep and
+    /// never waited for by [`Self::launches_under_way`]. (A directory that names nobody, which
+    /// waited [`ABANDONED_DIR_AGE`], is now only made without a start time, or by an older
+    /// imago.)
+    fn make_instance_dir(&self, id: &str, dir: &InstanceDir) -> Result<(), RuntimeError> {
+        let Some(start) = crate::state::own_start_time() else {
+            return fs::create_dir_all(&dir.root)
+                .map_err(RuntimeError::io("cannot create", &dir.root));
+        };
+        let me = std::process::id();
+        let staging = self
+            .layout
+            .instances()
+            .join(format!("{STAGING_PREFIX}{id}.{me}.{start}"));
+        fs::create_dir_all(&staging).map_err(RuntimeError::io("cannot create", &staging))?;
+        let launcher = staging.join("launcher");
+        let made = fs::write(&launcher, format!("{me} {start}\n"))
+            .map_err(RuntimeError::io("cannot write", &launcher))
+            // Onto no existing directory: an instance directory is never empty (it holds its
+            // `launcher` file, or its spec), so a taken id fails with ENOTEMPTY.
+            .and_then(|()| {
+                fs::rename(&staging, &dir.root)
+                    .map_err(RuntimeError::io("cannot rename into place", &dir.root))
+            });
+        if made.is_err() {
+            let _ = fs::remove_dir_all(&staging);
+        }
+        made
+    }
+
     /// Takes the instance directory `root` away in one step, a rename into the trash
     /// ([`Layout::instance_trash`], or [`Layout::instance_trash_inside`] when that is another
     /// filesystem than `root`: the rename fails with `EXDEV`), then deletes it: a kill at any
@@ -967,8 +1016,10 @@ impl LocalProvider {
     /// record (spec, bundle, anonymous volumes; nothing was started yet: the record is written
     /// before the supervisor exists). A directory is taken when its `launcher` file names a
     /// process that is gone, or when it names nobody and holds no spec yet and is older than
-    /// [`ABANDONED_DIR_AGE`] (its launcher was killed before it wrote either), so a launch under
-    /// way, or one by an older imago (a spec, no such file), is never touched.
+    /// [`ABANDONED_DIR_AGE`] (an older imago's launcher killed before it wrote either), so a
+    /// launch under way, or one by an older imago (a spec, no such file), is never touched.
+    /// Staging directories ([`Self::make_instance_dir`]) whose name says their launcher is gone
+    /// are taken too.
     pub fn remove_abandoned_dirs(&self) -> usize {
         self.sweep_instance_dirs(false).0
     }
@@ -986,8 +1037,17 @@ impl LocalProvider {
         let mut removed = 0;
         let mut temp_removed = 0;
         for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            // A launch killed before its directory was renamed into place.
+            if let Some((_, pid, start)) = staged_launch(&name) {
+                if !is_alive(pid, start) && fs::remove_dir_all(entry.path()).is_ok() {
+                    removed += 1;
+                }
+                continue;
+            }
             // The trash (`INSIDE_TRASH`): no instance id starts with a dot.
-            if entry.file_name().as_encoded_bytes().starts_with(b".") {
+            if name.starts_with('.') {
                 continue;
             }
             let dir = InstanceDir { root: entry.path() };
@@ -997,10 +1057,11 @@ impl LocalProvider {
                 }
                 continue;
             }
-            // The launcher is gone, so nothing writes the record any more. A launcher killed
-            // between making the directory and writing its `launcher` file (or cut while writing
-            // it) leaves a directory that names nobody and has no spec either, which a live
-            // launch has for microseconds only: taken once it is older than any launch.
+            // The launcher is gone, so nothing writes the record any more. A directory that
+            // names nobody and has no spec either is an older imago's launch killed between
+            // making it and writing its `launcher` file (a launch now renames its directory into
+            // place with the file in it), or one made without a start time: taken once it is
+            // older than any launch.
             let abandoned = match launcher_alive(&dir) {
                 Some(alive) => !alive,
                 None => !dir.spec().exists() && older_than(&dir.root, ABANDONED_DIR_AGE),
@@ -1013,8 +1074,9 @@ impl LocalProvider {
     }
 
     /// The launches under way in this home, by any process, that no listing shows yet: the
-    /// instance directories without a record whose launcher still runs (or that name none yet
-    /// and are younger than [`ABANDONED_DIR_AGE`]), by id, with the spec they launch once
+    /// instance directories (staging ones too) without a record whose launcher still runs (or
+    /// that name none and are younger than [`ABANDONED_DIR_AGE`]: an older imago's), by id,
+    /// with the spec they launch once
     /// it is written. What one that destroys a service waits for: a launch of that service
     /// under way would leave an instance after it.
     pub fn launches_under_way(&self) -> Vec<(String, Option<InstanceSpec>)> {
@@ -1024,6 +1086,13 @@ impl LocalProvider {
         let mut launching = Vec::new();
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
+            // A launch that is making its directory: no spec yet.
+            if let Some((id, pid, start)) = staged_launch(&name) {
+                if is_alive(pid, start) {
+                    launching.push((id.to_owned(), None));
+                }
+                continue;
+            }
             if name.starts_with('.') {
                 continue;
             }
@@ -1073,8 +1142,10 @@ impl LocalProvider {
         ] {
             swept.temp_files += crate::state::remove_stale_temp_files_in(&dir);
         }
-        // Trees of unpacks killed midway, of digests no launch unpacks again.
+        // Trees of unpacks killed midway, of digests no launch unpacks again, and of named
+        // volumes' creations and removals killed midway.
         swept.temp_files += self.rootfs_cache().remove_killed_unpacks();
+        swept.temp_files += crate::volumes::remove_killed_leftovers(&self.layout.volumes());
         swept.trash = self.empty_trash();
         // After the namespaces: a lease is abandoned only once its namespace is gone too.
         swept.leases = self.ipam.reclaim_abandoned().unwrap_or_default();
@@ -1100,7 +1171,7 @@ pub struct Swept {
     /// Instance directories that removals killed midway left in the trash.
     pub trash: usize,
     /// Temporary files of writes whose writer was killed before its rename, and temporary
-    /// trees of rootfs unpacks killed midway.
+    /// trees of rootfs unpacks and of named volumes' creations and removals killed midway.
     pub temp_files: usize,
 }
 
@@ -1122,15 +1193,7 @@ impl Provider for LocalProvider {
         self.reap_children_now_and_then();
         let id = new_id()?;
         let dir = self.layout.instance_dir(&id);
-        fs::create_dir_all(&dir.root).map_err(RuntimeError::io("cannot create", &dir.root))?;
-        // Who launches: a launcher killed before the record exists leaves a directory that no
-        // `list` shows and no `rm` names, which `remove_abandoned_dirs` takes back once this
-        // process is gone. Without a start time nothing is written, and such a directory stays.
-        if let Some(start) = crate::state::own_start_time() {
-            let me = std::process::id();
-            fs::write(dir.launcher(), format!("{me} {start}\n"))
-                .map_err(RuntimeError::io("cannot write", &dir.launcher()))?;
-        }
+        self.make_instance_dir(&id, &dir)?;
         // Unsynced like everything on the launch path: the supervisor syncs once it runs.
         write_json_unsynced(&dir.spec(), spec)?;
         let lease = match self.launch_prepared(spec, &id, &dir) {
@@ -1922,12 +1985,15 @@ mod tests {
             std::thread::sleep(Duration::from_micros(u64::from(nanos % 30_000) + round));
             child.kill().unwrap();
             child.wait().unwrap();
-            let writer = format!(".{}.", child.id());
+            let writer = i32::try_from(child.id()).unwrap();
             let of_writer = || -> Vec<PathBuf> {
                 dirs.iter()
                     .flat_map(|d| fs::read_dir(d).unwrap().flatten())
                     .map(|e| e.path())
-                    .filter(|p| p.file_name().unwrap().to_string_lossy().contains(&writer))
+                    .filter(|p| {
+                        let name = p.file_name().unwrap().to_string_lossy();
+                        crate::state::temp_file_writer(&name).is_some_and(|w| w.pid == writer)
+                    })
                     .collect()
             };
             let killed = of_writer().len();
@@ -2006,6 +2072,154 @@ mod tests {
                 ("specless".into(), false),
                 ("unnamed".into(), false)
             ]
+        );
+    }
+
+    /// Set in a copy of this test binary that launches in a loop in the home it names, until
+    /// killed (see `launchers_killed_at_any_point_are_never_waited_for_and_live_ones_kept`).
+    const LAUNCHER_HOME: &str = "IMAGO_TEST_LAUNCHER_HOME";
+
+    /// The launcher's side: real launches of an image this provider does not have, everything
+    /// of a launch up to the image's lookup (its directory made, named, its spec written), then
+    /// its directory discarded. It counts its launches in `launches.<pid>` (every tenth) and
+    /// writes any other outcome than "no such image" to `error.<pid>`.
+    fn launch_until_killed(home: &Path) -> ! {
+        let provider = provider_without_images(home);
+        let spec = InstanceSpec::new(imago_oci::Digest::of(b"image"));
+        let me = std::process::id();
+        for n in 1u64.. {
+            match provider.launch(&spec) {
+                Err(RuntimeError::NoSuchInstance(_)) => {}
+                other => fs::write(home.join(format!("error.{me}")), format!("{other:?}")).unwrap(),
+            }
+            if n % 10 == 1 {
+                crate::state::write_atomic(
+                    &home.join(format!("launches.{me}")),
+                    n.to_string().as_bytes(),
+                )
+                .unwrap();
+            }
+        }
+        unreachable!()
+    }
+
+    /// Runs this test binary as a launcher in `home` ([`launch_until_killed`]); returns once it
+    /// has launched.
+    fn spawn_launcher(home: &Path) -> std::process::Child {
+        let child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "local::tests::launchers_killed_at_any_point_are_never_waited_for_and_live_ones_kept",
+                "--test-threads=1",
+            ])
+            .env(LAUNCHER_HOME, home)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let launched = home.join(format!("launches.{}", child.id()));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !launched.exists() {
+            assert!(Instant::now() < deadline, "the launcher never launched");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        child
+    }
+
+    /// Regression: a launcher killed between making its instance directory and writing its
+    /// `launcher` file left a directory that counted as a launch under way for
+    /// `ABANDONED_DIR_AGE` (60 s), and `imago destroy` waited for it (47 s in tests/chaos.rs
+    /// under 20 controller kills). Launchers killed (SIGKILL) at random points of real launches
+    /// now leave nothing that `launches_under_way` counts, no directory that names nobody, and
+    /// the sweep takes all they left at once; a live launcher's launches beside them, swept all
+    /// the while, never lose their directory.
+    #[test]
+    fn launchers_killed_at_any_point_are_never_waited_for_and_live_ones_kept() {
+        if let Some(home) = std::env::var_os(LAUNCHER_HOME) {
+            launch_until_killed(Path::new(&home));
+        }
+        let home = tempfile::tempdir().unwrap();
+        let provider = provider_without_images(home.path());
+        let instances = provider.layout().instances();
+        let mut live = spawn_launcher(home.path());
+        let live_pid = i32::try_from(live.id()).unwrap();
+        // The launcher (pid) an entry of `instances` names, if any: by its staging name or its
+        // `launcher` file; `None` if it is gone meanwhile (a live launch discarded).
+        let launcher_of = |name: &str| -> Option<Option<i32>> {
+            if let Some((_, pid, _)) = staged_launch(name) {
+                return Some(Some(pid));
+            }
+            let dir = instances.join(name);
+            match fs::read_to_string(dir.join("launcher")) {
+                Ok(text) => Some(text.split_whitespace().next().and_then(|p| p.parse().ok())),
+                Err(_) if !dir.exists() => None,
+                Err(e) => panic!("{name} names no launcher: {e}"),
+            }
+        };
+        let rounds = 40;
+        let mut left_by_round = Vec::new();
+        for round in 0..rounds {
+            let mut killed = spawn_launcher(home.path());
+            let killed_pid = i32::try_from(killed.id()).unwrap();
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos();
+            std::thread::sleep(Duration::from_micros(u64::from(nanos % 5_000)));
+            killed.kill().unwrap();
+            killed.wait().unwrap();
+            // What the killed launcher left: never a directory that names nobody.
+            let mut left = Vec::new();
+            for entry in fs::read_dir(&instances).unwrap().flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name == INSIDE_TRASH {
+                    continue;
+                }
+                match launcher_of(&name) {
+                    Some(Some(pid)) if pid == killed_pid => left.push(name),
+                    Some(Some(pid)) => assert_eq!(pid, live_pid, "round {round}: {name}"),
+                    Some(None) => panic!("round {round}: {name} names nobody"),
+                    None => {}
+                }
+            }
+            // Never waited for.
+            for (id, _) in provider.launches_under_way() {
+                assert!(
+                    !left.iter().any(|name| name.contains(&id)),
+                    "round {round}: {id} of a dead launcher is under way"
+                );
+            }
+            // Taken at once, and only they: a live launch is never taken.
+            let swept = provider.remove_abandoned_dirs();
+            assert_eq!(swept, left.len(), "round {round}: {left:?}");
+            for name in &left {
+                assert!(
+                    !instances.join(name).exists(),
+                    "round {round}: {name} stays"
+                );
+            }
+            left_by_round.push(left.len());
+        }
+        let error = home.path().join(format!("error.{live_pid}"));
+        assert!(
+            !error.exists(),
+            "a live launch failed: {}",
+            fs::read_to_string(&error).unwrap_or_default()
+        );
+        live.kill().unwrap();
+        live.wait().unwrap();
+        provider.remove_abandoned_dirs();
+        let rest: Vec<String> = fs::read_dir(&instances)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name != INSIDE_TRASH)
+            .collect();
+        assert!(rest.is_empty(), "{rest:?}");
+        let launches =
+            fs::read_to_string(home.path().join(format!("launches.{live_pid}"))).unwrap();
+        eprintln!(
+            "directories left by killed launchers, by round: {left_by_round:?}; live launches: {launches}"
         );
     }
 

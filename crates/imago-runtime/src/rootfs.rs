@@ -7,7 +7,8 @@
 //! imago-layer's safe unpacker, which never writes outside the target); an entry is never written
 //! after the rename. Concurrent launches of one digest serialize on a lock file; the next unpack
 //! of a digest (under that lock), or a sweep that gets that lock at once, removes the temporary
-//! trees its killed unpacks left.
+//! trees its killed unpacks left (older imagos' too, named by a prefix of the digest: with the
+//! lock of every digest of that prefix).
 
 use std::fs::{self, File};
 use std::io::{self, Read};
@@ -39,6 +40,10 @@ pub trait ImageSource: Send + Sync {
         layer: &Descriptor,
     ) -> Result<Box<dyn Read + '_>, RuntimeError>;
 }
+
+/// How many hex digits of the digest older imagos named an unpack's temporary tree by
+/// (`.tmp-<short>-`, [`Digest::short`]).
+const OLDER_PREFIX_HEX: usize = 12;
 
 /// Directories every rootfs gets, so the runtime never has to create a mount point inside the
 /// shared (and read-only) tree.
@@ -107,31 +112,89 @@ impl RootfsCache {
     /// [`Self::remove_killed_unpacks_of`] for every digest with a temporary tree whose entry
     /// lock is free at once (a held lock is an unpack under way, or a set-aside: left for the
     /// next sweep): the trees of digests that are never unpacked again. How many it removed.
+    /// Also takes the trees that older imagos' unpacks killed midway left
+    /// ([`Self::remove_older_killed_unpacks`]).
     pub fn remove_killed_unpacks(&self) -> usize {
         let Ok(entries) = fs::read_dir(&self.dir) else {
             return 0;
         };
-        let digests: std::collections::BTreeSet<String> = entries
+        let mut digests = std::collections::BTreeSet::new();
+        let mut older = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(hex) = name.strip_prefix(".tmp-").and_then(|r| r.split('-').next()) else {
+                continue;
+            };
+            if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                continue;
+            }
+            if hex.len() == 64 {
+                digests.insert(hex.to_owned());
+            } else if hex.len() == OLDER_PREFIX_HEX {
+                older.push((hex.to_owned(), entry.path()));
+            }
+        }
+        let removed: usize = digests
+            .iter()
+            .filter_map(|hex| format!("sha256:{hex}").parse::<Digest>().ok())
+            .map(|digest| match self.try_lock_entry(&digest) {
+                Some(_lock) => self.remove_killed_unpacks_of(&digest),
+                None => 0,
+            })
+            .sum();
+        removed + self.remove_older_killed_unpacks(&older)
+    }
+
+    /// The entry lock of `digest` if it is free at once (made if missing, as by
+    /// [`Self::lock_entry`]); `None` if held (an unpack or a set-aside under way) or unusable.
+    fn try_lock_entry(&self, digest: &Digest) -> Option<Flock<File>> {
+        let file = self.open_lock_file(digest).1.ok()?;
+        Flock::lock(file, FlockArg::LockExclusiveNonblock).ok()
+    }
+
+    /// Removes the temporary trees `.tmp-<short>-*` (`trees`, by `short`) that older imagos'
+    /// unpacks killed midway left: their tree was named by the digest's first
+    /// [`OLDER_PREFIX_HEX`] hex digits until the whole digest named it, and no unpack ever
+    /// removed them. Older imagos unpacked under the same lock as this one (`.<hex>.lock`, made
+    /// before the tree, never removed), so a tree of `short` is taken only with the lock of
+    /// every digest that starts with `short` taken at once, from a listing made after the tree
+    /// was seen (which holds its digest's lock file, made before it): an older unpack under way
+    /// holds one of them. With none of them (no lock file at all) nothing can be unpacking it.
+    /// How many it removed.
+    fn remove_older_killed_unpacks(&self, trees: &[(String, PathBuf)]) -> usize {
+        if trees.is_empty() {
+            return 0;
+        }
+        let shorts: std::collections::BTreeSet<&str> =
+            trees.iter().map(|(short, _)| short.as_str()).collect();
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        let locks: Vec<Digest> = entries
             .flatten()
             .filter_map(|e| {
                 let name = e.file_name().to_string_lossy().into_owned();
-                let hex = name.strip_prefix(".tmp-")?.split('-').next()?.to_owned();
-                (hex.len() == 64).then_some(hex)
+                let hex = name.strip_prefix('.')?.strip_suffix(".lock")?;
+                let short = hex.get(..OLDER_PREFIX_HEX)?;
+                if !shorts.contains(short) {
+                    return None;
+                }
+                format!("sha256:{hex}").parse::<Digest>().ok()
             })
             .collect();
-        digests
+        shorts
             .iter()
-            .filter_map(|hex| format!("sha256:{hex}").parse::<Digest>().ok())
-            .map(|digest| {
-                let locked = self
-                    .open_lock_file(&digest)
-                    .1
-                    .ok()
-                    .and_then(|f| Flock::lock(f, FlockArg::LockExclusiveNonblock).ok());
-                match locked {
-                    Some(_lock) => self.remove_killed_unpacks_of(&digest),
-                    None => 0,
-                }
+            .map(|short| {
+                let candidates = locks.iter().filter(|d| d.hex().starts_with(short));
+                let held: Option<Vec<Flock<File>>> =
+                    candidates.map(|d| self.try_lock_entry(d)).collect();
+                let Some(_held) = held else {
+                    return 0;
+                };
+                trees
+                    .iter()
+                    .filter(|(of, path)| of == short && fs::remove_dir_all(path).is_ok())
+                    .count()
             })
             .sum()
     }
@@ -303,6 +366,16 @@ mod tests {
         }
     }
 
+    /// The names of the temporary trees in the cache directory `dir`.
+    fn temporary_trees(dir: &Path) -> Vec<String> {
+        fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".tmp-"))
+            .collect()
+    }
+
     fn empty_image() -> ImageInfo {
         ImageInfo {
             config: serde_json::from_value(serde_json::json!({
@@ -343,12 +416,7 @@ mod tests {
             theirs.join("usr/lib/partial").exists(),
             "another digest's tree was touched"
         );
-        let left: Vec<String> = fs::read_dir(dir.path())
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with(".tmp-"))
-            .collect();
+        let left = temporary_trees(dir.path());
         assert_eq!(left.len(), 1, "{left:?}");
         // The sweep takes the other digest's tree once its lock is free, not while it is held
         // (an unpack of it under way).
@@ -362,5 +430,55 @@ mod tests {
             root.join("proc").is_dir(),
             "the entry itself is no temporary tree"
         );
+    }
+
+    /// Regression: trees of unpacks killed midway under the older naming, `.tmp-<short>-`
+    /// (the digest's first 12 hex digits), were never removed. The sweep takes them once the
+    /// lock of every digest of that prefix is free at once (any of them may be the unpack's),
+    /// or when no digest of that prefix has a lock file (none can be unpacking), never while
+    /// one is held.
+    #[test]
+    fn the_sweep_takes_older_imagos_killed_unpacks_only_when_their_locks_are_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = RootfsCache::new(dir.path());
+        let digest = Digest::of(b"image");
+        // Another digest of the same first 12 hex digits: an older tree named by them may be
+        // either's.
+        let twin: Digest = format!("sha256:{}{}", digest.short(), "0".repeat(52))
+            .parse()
+            .unwrap();
+        let other = Digest::of(b"other image");
+        let root = cache.ensure(&Empty, &digest, &empty_image()).unwrap();
+        drop(cache.lock_entry(&twin).unwrap());
+        drop(cache.lock_entry(&other).unwrap());
+        let older = |short: &str, n: u32| {
+            let tree = dir.path().join(format!(".tmp-{short}-a{n}Bc9z"));
+            fs::create_dir_all(tree.join("usr/lib")).unwrap();
+            fs::write(tree.join("usr/lib/partial"), b"half a file").unwrap();
+            tree
+        };
+        let (mine, mine_too) = (older(digest.short(), 1), older(digest.short(), 2));
+        let theirs = older(other.short(), 1);
+        // No digest of this prefix was ever locked here.
+        let lockless = older("0123456789ab", 1);
+        let tainted = dir.path().join(format!(".tainted-{}-1", digest.hex()));
+        fs::create_dir_all(&tainted).unwrap();
+
+        // An unpack of the twin under way: the trees of that prefix stay, the others go.
+        let held = cache.lock_entry(&twin).unwrap();
+        assert_eq!(cache.remove_killed_unpacks(), 2);
+        assert!(mine.join("usr/lib/partial").exists() && mine_too.exists());
+        assert!(!theirs.exists() && !lockless.exists());
+        drop(held);
+        let held = cache.lock_entry(&digest).unwrap();
+        assert_eq!(cache.remove_killed_unpacks(), 0);
+        assert!(mine.exists() && mine_too.exists());
+        drop(held);
+        assert_eq!(cache.remove_killed_unpacks(), 2);
+        assert!(!mine.exists() && !mine_too.exists());
+        assert!(root.join("proc").is_dir(), "the entry was touched");
+        assert!(tainted.exists(), "a set-aside tree is no unpack's");
+        let left = temporary_trees(dir.path());
+        assert!(left.is_empty(), "{left:?}");
     }
 }

@@ -307,8 +307,10 @@ fn replace_file(path: &Path, bytes: &[u8], fsync: bool) -> Result<(), RuntimeErr
 }
 
 /// Where [`write_atomic`] writes `path`'s next content before it renames it into place:
-/// `.<name>.<pid>.<n>.tmp` beside it, naming the writer, so that what a writer killed in
-/// between leaves is told from a write under way ([`remove_stale_temp_files`]).
+/// `.<name>.<pid>-<start>.<n>.tmp` beside it, naming the writer (its pid and start time), so
+/// that what a writer killed in between leaves is told from a write under way
+/// ([`remove_stale_temp_files`]), even once its pid is reused. `.<name>.<pid>.<n>.tmp` (as older
+/// imagos named them all) when the start time cannot be read.
 fn temp_path(path: &Path) -> PathBuf {
     static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -316,11 +318,46 @@ fn temp_path(path: &Path) -> PathBuf {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    path.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id()))
+    let me = std::process::id();
+    let writer = match own_start_time() {
+        Some(start) => format!("{me}-{start}"),
+        None => me.to_string(),
+    };
+    path.with_file_name(format!(".{name}.{writer}.{n}.tmp"))
+}
+
+/// The writer a temporary file's name names: its pid, and its start time unless an older
+/// imago (or a writer that could not read it) named it by its pid alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Writer {
+    pub pid: i32,
+    pub start: Option<u64>,
+}
+
+impl Writer {
+    /// `<pid>-<start>` or `<pid>`, as [`temp_path`] writes it.
+    fn parse(text: &str) -> Option<Writer> {
+        let (pid, start) = match text.split_once('-') {
+            Some((pid, start)) => (pid, Some(start.parse().ok()?)),
+            None => (text, None),
+        };
+        let pid = pid.parse::<i32>().ok().filter(|pid| *pid > 0)?;
+        Some(Writer { pid, start })
+    }
+
+    /// Whether the writer is gone: by its pid and start time (a reused pid is another
+    /// process), or by its pid alone when the name says no start time.
+    pub fn is_dead(self) -> bool {
+        match self.start {
+            Some(start) => !is_alive(self.pid, start),
+            None => process_start_time(self.pid).is_none(),
+        }
+    }
 }
 
 /// Creates `tmp` (owner only: a spec may hold secrets) with `bytes`. A file there already was
-/// left by a dead writer of this pid (no live writer has this name): replaced.
+/// left by a dead writer of this pid (an older imago's name; no live writer has this name):
+/// replaced.
 fn write_new(tmp: &Path, bytes: &[u8], fsync: bool) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let create = || {
@@ -357,7 +394,7 @@ pub fn remove_stale_temp_files(path: &Path) -> usize {
         entry_name
             .strip_prefix(&prefix)
             .and_then(|rest| rest.split('.').next())
-            .and_then(|pid| pid.parse::<i32>().ok())
+            .and_then(Writer::parse)
     })
 }
 
@@ -369,38 +406,36 @@ pub fn remove_stale_temp_files_in(dir: &Path) -> usize {
     remove_temp_files_of_dead_writers(dir, temp_file_writer)
 }
 
-/// The writer's pid named by `name` if it is a temporary file of [`write_atomic`]
-/// (`.<record>.<pid>.<n>.tmp`, see [`temp_path`]); never a record's own name, which does not
-/// start with a dot.
-pub fn temp_file_writer(name: &str) -> Option<i32> {
+/// The writer named by `name` if it is a temporary file of [`write_atomic`]
+/// (`.<record>.<pid>-<start>.<n>.tmp`, or an older imago's `.<record>.<pid>.<n>.tmp`, see
+/// [`temp_path`]); never a record's own name, which does not start with a dot.
+pub fn temp_file_writer(name: &str) -> Option<Writer> {
     let rest = name.strip_prefix('.')?.strip_suffix(".tmp")?;
     let mut parts = rest.rsplitn(3, '.');
     let n = parts.next()?;
-    let pid = parts.next()?;
+    let writer = parts.next()?;
     let record = parts.next()?;
     if record.is_empty() || n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    pid.parse::<i32>().ok().filter(|pid| *pid > 0)
+    Writer::parse(writer)
 }
 
 /// Removes the entries of `dir` for which `writer` names a writer that is dead.
-fn remove_temp_files_of_dead_writers(dir: &Path, writer: impl Fn(&str) -> Option<i32>) -> usize {
+fn remove_temp_files_of_dead_writers(dir: &Path, writer: impl Fn(&str) -> Option<Writer>) -> usize {
     let Ok(entries) = fs::read_dir(dir) else {
         return 0;
     };
     // A writer killed once leaves at most one file per record it was writing: looked up once.
-    let mut dead: std::collections::HashMap<i32, bool> = std::collections::HashMap::new();
+    let mut dead: std::collections::HashMap<Writer, bool> = std::collections::HashMap::new();
     entries
         .flatten()
         .filter(|entry| {
             let entry_name = entry.file_name();
-            let Some(pid) = writer(&entry_name.to_string_lossy()) else {
+            let Some(writer) = writer(&entry_name.to_string_lossy()) else {
                 return false;
             };
-            *dead
-                .entry(pid)
-                .or_insert_with(|| process_start_time(pid).is_none())
+            *dead.entry(writer).or_insert_with(|| writer.is_dead())
                 && fs::remove_file(entry.path()).is_ok()
         })
         .count()
@@ -443,6 +478,17 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+
+    /// The names in `dir`, sorted.
+    fn sorted_names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
 
     /// A real process that has exited: its pid and start time name nobody.
     fn dead_pid() -> u32 {
@@ -521,12 +567,7 @@ mod tests {
             assert!(bytes.iter().all(|b| *b == bytes[0]), "round {round}: mixed");
             let removed = remove_stale_temp_files(&path);
             left.push(removed);
-            let mut names: Vec<String> = fs::read_dir(dir.path())
-                .unwrap()
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect();
-            names.sort();
+            let names = sorted_names(dir.path());
             let mut expected = vec![
                 live.file_name().unwrap().to_string_lossy().into_owned(),
                 other.file_name().unwrap().to_string_lossy().into_owned(),
@@ -538,6 +579,83 @@ mod tests {
             assert!(removed >= 1, "round {round}: the older imago's file");
         }
         eprintln!("temporary files removed by round: {left:?}");
+    }
+
+    /// Regression: the sweep judged a temporary file's writer by its pid alone, so the file of
+    /// a dead writer whose pid a live process took since stayed forever. Names carry the
+    /// writer's start time now, and are judged by pid and start time; an older imago's names
+    /// (the pid alone) by the pid, as before.
+    #[test]
+    fn temp_files_are_judged_by_their_writers_pid_and_start_time() {
+        let real = |command: &str| {
+            std::process::Command::new(command)
+                .arg("60")
+                .spawn()
+                .unwrap()
+        };
+        let start_of = |child: &std::process::Child| {
+            let pid = i32::try_from(child.id()).unwrap();
+            (pid, process_start_time(pid).unwrap())
+        };
+        let mut live = real("sleep");
+        let (live_pid, live_start) = start_of(&live);
+        let mut gone = real("sleep");
+        let (dead_pid, dead_start) = start_of(&gone);
+        gone.kill().unwrap();
+        gone.wait().unwrap();
+        assert_eq!(process_start_time(dead_pid), None);
+        let me = i32::try_from(std::process::id()).unwrap();
+        let my_start = own_start_time().unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        // This process names its own writes by its pid and start time.
+        let mine = temp_path(&path);
+        let mine = mine.file_name().unwrap().to_string_lossy().into_owned();
+        let writer = |pid, start| Some(Writer { pid, start });
+        assert_eq!(temp_file_writer(&mine), writer(me, Some(my_start)));
+        assert_eq!(
+            temp_file_writer(&format!(".state.json.{live_pid}.7.tmp")),
+            writer(live_pid, None)
+        );
+        let kept = [
+            mine,
+            format!(".state.json.{live_pid}-{live_start}.0.tmp"),
+            // An older imago's name of a live writer.
+            format!(".state.json.{live_pid}.1.tmp"),
+            format!(".state.json.{live_pid}"),
+            "state.json".to_owned(),
+            // Not a temporary file of a write by rename.
+            format!(".state.json.{live_pid}-x.2.tmp"),
+        ];
+        let gone_by_path = [
+            format!(".state.json.{dead_pid}-{dead_start}.0.tmp"),
+            // The live process's pid, but another start time: a dead writer's reused pid.
+            format!(".state.json.{live_pid}-{}.3.tmp", live_start + 1),
+            format!(".state.json.{dead_pid}.1.tmp"),
+            format!(".state.json.{dead_pid}"),
+        ];
+        let gone_in_dir = [
+            format!(".spec.json.{live_pid}-{}.0.tmp", live_start - 1),
+            format!(".config.json.{dead_pid}-{dead_start}.4.tmp"),
+        ];
+        for name in kept.iter().chain(&gone_by_path).chain(&gone_in_dir) {
+            fs::write(dir.path().join(name), b"").unwrap();
+        }
+        let left = || sorted_names(dir.path());
+        assert_eq!(remove_stale_temp_files(&path), gone_by_path.len());
+        let mut expected: Vec<String> = kept.iter().chain(&gone_in_dir).cloned().collect();
+        expected.sort();
+        assert_eq!(left(), expected);
+        assert_eq!(remove_stale_temp_files_in(dir.path()), gone_in_dir.len());
+        let mut expected = kept.to_vec();
+        expected.sort();
+        assert_eq!(left(), expected);
+        // Once the live writer is gone, its files go too (but the record and the odd name).
+        live.kill().unwrap();
+        live.wait().unwrap();
+        assert_eq!(remove_stale_temp_files(&path), 3);
+        assert_eq!(left().len(), 3, "{:?}", left());
     }
 
     #[test]

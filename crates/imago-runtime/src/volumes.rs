@@ -231,7 +231,7 @@ fn ensure_named(
     }
     fs::create_dir_all(volumes_dir).map_err(RuntimeError::io("cannot create", volumes_dir))?;
     let tmp = tempfile::Builder::new()
-        .prefix(&format!(".tmp-{name}-"))
+        .prefix(&leftover_name(".tmp", name, "-"))
         .tempdir_in(volumes_dir)
         .map_err(RuntimeError::io(
             "cannot create a temporary directory in",
@@ -253,6 +253,57 @@ fn ensure_named(
         }
     }
     Ok(path)
+}
+
+/// The name of a volume `name` while it is created (`kind` `.tmp`, then a random suffix) or
+/// removed (`.rm`): `<kind>.<pid>.<start>.<name><end>`, naming this process by its pid and
+/// start time, so that [`remove_killed_leftovers`] tells what a killed creation or removal
+/// left from one under way, even once the pid is reused. Without a start time, the older
+/// names: `.tmp-<name>-` (nobody named: never swept) and `.rm-<name>-<pid>` (judged by pid).
+fn leftover_name(kind: &str, name: &str, end: &str) -> String {
+    let me = std::process::id();
+    match crate::state::own_start_time() {
+        Some(start) => format!("{kind}.{me}.{start}.{name}{end}"),
+        None if kind == ".rm" => format!(".rm-{name}-{me}"),
+        None => format!("{kind}-{name}{end}"),
+    }
+}
+
+/// Whether the volumes-directory entry `entry` is what a creation or removal whose process is
+/// dead left ([`leftover_name`]; an older imago's `.rm-<name>-<pid>` by its pid). The older
+/// `.tmp-<name>-*` names nobody: never taken.
+fn left_by_the_dead(entry: &str) -> bool {
+    let named = entry
+        .strip_prefix(".tmp.")
+        .or_else(|| entry.strip_prefix(".rm."));
+    if let Some(rest) = named {
+        let mut fields = rest.splitn(3, '.');
+        let pid = fields.next().and_then(|p| p.parse::<i32>().ok());
+        let start = fields.next().and_then(|s| s.parse::<u64>().ok());
+        return match (pid, start, fields.next()) {
+            (Some(pid), Some(start), Some(_)) => !crate::state::is_alive(pid, start),
+            _ => false,
+        };
+    }
+    entry
+        .strip_prefix(".rm-")
+        .and_then(|rest| rest.rsplit_once('-'))
+        .and_then(|(_, pid)| pid.parse::<i32>().ok())
+        .is_some_and(|pid| crate::state::process_start_time(pid).is_none())
+}
+
+/// Removes what creations and removals of named volumes killed midway left in `volumes_dir`
+/// (a tree not yet renamed into place, or one renamed away and not yet deleted) whose process
+/// is dead; those of live processes are under way. How many it removed.
+pub fn remove_killed_leftovers(volumes_dir: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(volumes_dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| left_by_the_dead(&e.file_name().to_string_lossy()))
+        .filter(|e| fs::remove_dir_all(e.path()).is_ok())
+        .count()
 }
 
 /// Where the image's directory `target` is in the unpacked tree.
@@ -344,7 +395,7 @@ pub fn list_named(
     let mut list = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        // Volumes being created or removed are hidden directories (`.tmp-*`, `.rm-*`).
+        // Volumes being created or removed are hidden directories (`.tmp*`, `.rm*`).
         if name.starts_with('.') || !entry.path().is_dir() {
             continue;
         }
@@ -378,7 +429,7 @@ pub fn remove_named(
     }
     // Renamed away first, so the name is gone at once even if the removal is cut short;
     // leftovers start with a dot and are never listed.
-    let doomed = volumes_dir.join(format!(".rm-{name}-{}", std::process::id()));
+    let doomed = volumes_dir.join(leftover_name(".rm", name, ""));
     fs::rename(&path, &doomed).map_err(RuntimeError::io("cannot remove", &path))?;
     fs::remove_dir_all(&doomed).map_err(RuntimeError::io("cannot remove", &doomed))
 }
@@ -462,6 +513,83 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("/no/such/host/dir"), "{err}");
+    }
+
+    /// Regression: a named volume's creation or removal killed midway left its hidden tree in
+    /// `<home>/volumes` for good (a removal's named by its pid alone, a creation's by nobody).
+    /// Both name their process by pid and start time now, and the sweep takes those of dead
+    /// processes (a reused pid is another process), and an older imago's removals by pid; the
+    /// older creations name nobody and stay, as do those under way.
+    #[test]
+    fn the_sweep_takes_what_killed_volume_creations_and_removals_left() {
+        let real = || {
+            std::process::Command::new("sleep")
+                .arg("60")
+                .spawn()
+                .unwrap()
+        };
+        let identity = |child: &std::process::Child| {
+            let pid = i32::try_from(child.id()).unwrap();
+            (pid, crate::state::process_start_time(pid).unwrap())
+        };
+        let mut live = real();
+        let (live_pid, live_start) = identity(&live);
+        let mut gone = real();
+        let (dead_pid, dead_start) = identity(&gone);
+        gone.kill().unwrap();
+        gone.wait().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let vols = tmp.path();
+        // This process's own names: its pid and start time.
+        let mine = leftover_name(".tmp", "data", "-");
+        assert_eq!(
+            mine,
+            format!(
+                ".tmp.{}.{}.data-",
+                std::process::id(),
+                crate::state::own_start_time().unwrap()
+            )
+        );
+        let kept = [
+            format!("{mine}AbC123"),
+            format!(".rm.{live_pid}.{live_start}.data"),
+            format!(".rm-data-{live_pid}"),
+            ".tmp-data-XyZ123".to_owned(),
+            "data".to_owned(),
+            format!(".rm.{live_pid}.x.data"),
+        ];
+        let taken = [
+            format!(".tmp.{dead_pid}.{dead_start}.data-AbC123"),
+            format!(".rm.{dead_pid}.{dead_start}.my.vol-1"),
+            format!(".rm.{live_pid}.{}.data", live_start + 1),
+            format!(".rm-data-{dead_pid}"),
+            format!(".rm-my-vol.2-{dead_pid}"),
+        ];
+        for name in kept.iter().chain(&taken) {
+            fs::create_dir_all(vols.join(name).join("sub")).unwrap();
+            fs::write(vols.join(name).join("sub/file"), b"x").unwrap();
+        }
+        assert_eq!(remove_killed_leftovers(vols), taken.len());
+        let mut left: Vec<String> = fs::read_dir(vols)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let mut expected = kept.to_vec();
+        expected.sort();
+        assert_eq!(left, expected);
+        assert_eq!(remove_killed_leftovers(vols), 0);
+        // A removal renames to its own name and deletes: nothing left.
+        remove_named(vols, "data", &[]).unwrap();
+        assert!(!vols.join("data").exists());
+        live.kill().unwrap();
+        live.wait().unwrap();
+        assert_eq!(
+            remove_killed_leftovers(vols),
+            2,
+            "the live process's, now dead"
+        );
     }
 
     #[test]

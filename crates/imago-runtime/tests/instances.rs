@@ -1962,3 +1962,131 @@ fn instances_on_another_filesystem_are_launched_and_removed() {
         left(&instances)
     );
 }
+
+/// Set in a copy of this test binary that launches real instances until it is killed (see
+/// `launchers_killed_at_random_points_of_real_launches_are_never_waited_for`): the directory
+/// of the harness (its `home`, `layout` and the spec to launch, `launch.json`).
+const REAL_LAUNCHER_ENV: &str = "IMAGO_TEST_REAL_LAUNCHER";
+
+/// Launchers killed (SIGKILL) at random points of real launches (the image's rootfs found, the
+/// bundle written, the supervisor and the container started) leave no instance directory that
+/// names nobody, nothing that `launches_under_way` (what `imago destroy` waits for) counts, and
+/// what they left before their record is taken by the sweep at once, not 60 s later. (The unit
+/// test in local.rs kills many more launches, cut short at the image's lookup, beside a live
+/// launcher.)
+#[test]
+fn launchers_killed_at_random_points_of_real_launches_are_never_waited_for() {
+    if let Ok(dir) = std::env::var(REAL_LAUNCHER_ENV) {
+        let dir = PathBuf::from(dir);
+        let provider = imago_runtime::LocalProvider::new(
+            &dir.join("home"),
+            Box::new(common::LayoutSource {
+                root: dir.join("layout"),
+            }),
+            common::supervisor_command(),
+        );
+        let spec: imago_runtime::InstanceSpec =
+            serde_json::from_slice(&fs::read(dir.join("launch.json")).unwrap()).unwrap();
+        fs::write(dir.join(format!("ready.{}", std::process::id())), b"").unwrap();
+        loop {
+            let _ = provider.launch(&spec);
+        }
+    }
+    let h = Harness::new(Engine::Embedded);
+    let mut spec = h.spec(&["true"]);
+    spec.network = NetworkMode::Host;
+    // Unpacked here once: what is killed is a launch, not an unpack.
+    let first = h.run_to_exit(&spec);
+    h.provider.remove(&first.id).unwrap();
+    let root = h.home().parent().unwrap().to_owned();
+    fs::write(root.join("launch.json"), serde_json::to_vec(&spec).unwrap()).unwrap();
+    let instances = h.home().join("instances");
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("kill points seed {seed}");
+    let mut x = seed | 1;
+    let mut left_by_round = Vec::new();
+    for round in 0..12 {
+        let mut launcher = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "launchers_killed_at_random_points_of_real_launches_are_never_waited_for",
+                "--exact",
+            ])
+            .env(REAL_LAUNCHER_ENV, &root)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = launcher.id().to_string();
+        let ready = root.join(format!("ready.{pid}"));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !ready.exists() {
+            assert!(Instant::now() < deadline, "round {round}: no launcher");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        std::thread::sleep(Duration::from_micros(x % 500_000));
+        launcher.kill().unwrap();
+        launcher.wait().unwrap();
+
+        // Everything in `instances` is the killed launcher's (the rounds before removed theirs)
+        // and names it: by its staging name or its `launcher` file.
+        let mut left = Vec::new();
+        for entry in fs::read_dir(&instances).unwrap().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name == ".trash" {
+                continue;
+            }
+            if let Some(rest) = name.strip_prefix(".launching.") {
+                assert_eq!(rest.split('.').nth(1), Some(pid.as_str()), "round {round}");
+                left.push(name);
+                continue;
+            }
+            let launcher = fs::read_to_string(entry.path().join("launcher"))
+                .unwrap_or_else(|e| panic!("round {round}: {name} names no launcher: {e}"));
+            assert_eq!(
+                launcher.split_whitespace().next(),
+                Some(pid.as_str()),
+                "round {round}: {name}"
+            );
+            if !entry.path().join("state.json").exists() {
+                left.push(name);
+            }
+        }
+        let under_way = h.provider.launches_under_way();
+        assert!(
+            under_way.is_empty(),
+            "round {round}: a dead launcher's launch is waited for: {under_way:?}"
+        );
+        assert_eq!(
+            h.provider.remove_abandoned_dirs(),
+            left.len(),
+            "round {round}: {left:?}"
+        );
+        // Its recorded instances: stopped if their supervisor started them, and removed.
+        for instance in h.provider.list().unwrap() {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let _ = h.provider.stop(&instance.id, GRACE);
+                match h.provider.remove(&instance.id) {
+                    Ok(()) | Err(RuntimeError::NoSuchInstance(_)) => break,
+                    Err(e) => assert!(Instant::now() < deadline, "round {round}: {e}"),
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let rest: Vec<String> = fs::read_dir(&instances)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name != ".trash")
+            .collect();
+        assert!(rest.is_empty(), "round {round}: {rest:?}");
+        left_by_round.push(left.len());
+    }
+    eprintln!("directories left before their record, by round: {left_by_round:?}");
+}
