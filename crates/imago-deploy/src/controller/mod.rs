@@ -30,6 +30,8 @@ mod progress;
 mod reconcile;
 mod set_aside;
 mod stops;
+#[cfg(test)]
+mod test_support;
 
 pub use cluster::{EngineFactory, cluster_image, cluster_service};
 pub use probes::HealthBoard;
@@ -887,13 +889,7 @@ mod tests {
     }
 
     fn harness() -> Harness {
-        let dir = tempfile::tempdir().unwrap();
-        let db = StateDb::open(&dir.path().join("state.db")).unwrap();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let (dir, db, runtime) = super::test_support::db_and_runtime();
         let fake = Arc::new(FakeProvider::new());
         let controller =
             Controller::new(db, fake.clone(), runtime.handle().clone(), Engine::Embedded);
