@@ -20,7 +20,8 @@ const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/console_browser
 const PYTHON: &str = "/usr/bin/python3";
 
 /// The web example with its own endpoint port, `VERSION` in its environment, and each wave
-/// held for 2 s (`min_ready`), so that the browser sees the rollout while it happens.
+/// held for 2 s (`min_ready`; 8 s for the release the browser watches), so that the browser
+/// sees the rollout while it happens.
 struct Web {
     imago: Imago,
     file: PathBuf,
@@ -50,6 +51,11 @@ impl Web {
     }
 
     fn set_version(&self, version: &str) {
+        self.set_version_held(version, "2s");
+    }
+
+    /// [`Web::set_version`] with each wave held for `min_ready`.
+    fn set_version_held(&self, version: &str, min_ready: &str) {
         let example = std::fs::read_to_string(Path::new(EXAMPLE).join("imago.toml")).unwrap();
         let text = example
             .replace("port = 8088", &format!("port = {}", self.port))
@@ -57,8 +63,14 @@ impl Web {
                 "target_port = 8080",
                 &format!("target_port = 8080\nenv = {{ VERSION = \"{version}\" }}"),
             )
-            .replace("min_ready = \"500ms\"", "min_ready = \"2s\"");
-        assert!(text.contains("min_ready = \"2s\""), "the example changed");
+            .replace(
+                "min_ready = \"500ms\"",
+                &format!("min_ready = \"{min_ready}\""),
+            );
+        assert!(
+            text.contains(&format!("min_ready = \"{min_ready}\"")),
+            "the example changed"
+        );
         std::fs::write(&self.file, text).unwrap();
     }
 
@@ -139,7 +151,11 @@ fn the_console_shows_a_rollout_live_and_rolls_back_from_the_page_in_a_real_brows
     let mut next_line = || said.next().and_then(Result::ok).unwrap_or_default();
     assert_eq!(next_line(), "ready", "the browser did not load the console");
 
-    web.set_version("2");
+    // Each wave held for 8 s: the browser must see "1 / 3" on the overview and then the
+    // rollout partly done on the service page, with page loads, waits and screenshots in
+    // between. With 2 s waves a browser at load 50 found release 2 complete already ("the
+    // rollout never showed as partly done"); now that state lasts 16 s or more.
+    web.set_version_held("2", "8s");
     // Without waiting: the browser watches the rollout while it happens.
     web.apply(false);
     writeln!(browser.0.stdin.as_mut().unwrap(), "applied").unwrap();

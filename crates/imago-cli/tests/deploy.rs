@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::Imago;
@@ -247,6 +247,8 @@ type Answer = (u64, Result<String, String>);
 /// A client that asks the endpoint continuously until stopped; returns every answer in order.
 struct Client {
     stop: Arc<AtomicBool>,
+    /// How many answers (or failures) it has had so far.
+    answered: Arc<AtomicUsize>,
     handle: std::thread::JoinHandle<Vec<Answer>>,
 }
 
@@ -265,7 +267,8 @@ impl Client {
 
     fn spawn(netns: Option<PathBuf>, addr: SocketAddr) -> Client {
         let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let answered = Arc::new(AtomicUsize::new(0));
+        let (flag, count) = (stop.clone(), answered.clone());
         let handle = std::thread::spawn(move || {
             if let Some(netns) = netns {
                 enter_netns(&netns);
@@ -274,11 +277,22 @@ impl Client {
             while !flag.load(Ordering::Relaxed) {
                 let answer = http_get_from(addr);
                 answers.push((now_ms(), answer));
+                count.fetch_add(1, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(5));
             }
             answers
         });
-        Client { stop, handle }
+        Client {
+            stop,
+            answered,
+            handle,
+        }
+    }
+
+    /// [`common::answered_again`] for these clients.
+    fn keep_asking(clients: &[Client], min: Duration, more: usize) {
+        let counters: Vec<&AtomicUsize> = clients.iter().map(|c| &*c.answered).collect();
+        common::answered_again(&counters, min, more);
     }
 
     fn finish(self) -> Vec<Result<String, String>> {
@@ -336,11 +350,11 @@ fn rolling_update_drops_no_request(d: &Deployment) {
     assert!(d.get().unwrap().contains("version v1"));
 
     let client = Client::start(d.port);
-    std::thread::sleep(Duration::from_millis(300));
+    Client::keep_asking(std::slice::from_ref(&client), Duration::from_millis(300), 1);
     d.set_version("v2", "2");
     let out = d.apply().ok().stdout();
     assert!(out.contains("deployment complete (release 2"), "{out}");
-    std::thread::sleep(Duration::from_millis(300));
+    Client::keep_asking(std::slice::from_ref(&client), Duration::from_millis(300), 2);
     let answers = client.finish();
 
     assert_none_failed(&answers);
@@ -745,12 +759,12 @@ fn blue_green_switches_all_traffic_at_once_after_every_new_instance_is_healthy()
     assert_eq!(blue.len(), 3);
 
     let client = Client::start(d.port);
-    std::thread::sleep(Duration::from_millis(300));
+    Client::keep_asking(std::slice::from_ref(&client), Duration::from_millis(300), 1);
     d.set_version("v2", "2");
     blue_green(&d);
     let out = d.apply().ok().stdout();
     assert!(out.contains("deployment complete (release 2"), "{out}");
-    std::thread::sleep(Duration::from_millis(300));
+    Client::keep_asking(std::slice::from_ref(&client), Duration::from_millis(300), 2);
     let answers = client.finish_timed();
 
     let failures: Vec<&String> = answers
@@ -920,14 +934,35 @@ fn command_health_checks_run_inside_the_instance_and_are_cut_at_their_timeout() 
                 .any(|e| e.contains("launched for release 4"))
         },
     );
-    // Four probes (300 ms each, 200 ms apart) time out meanwhile.
-    std::thread::sleep(Duration::from_millis(2000));
-    let hanging = processes_running(&["/bin/sleep", "4321"]);
-    assert!(
-        hanging.len() <= 1,
-        "{} probe commands still run, only the one in progress may: {hanging:#?}",
-        hanging.len()
-    );
+    // Probes (300 ms each, 200 ms apart) time out meanwhile, each killed at its timeout: every
+    // probe command seen in 2 s is gone soon after, while one left running would sleep for
+    // 4321 s. Not a count at one moment: a loaded host may not yet have run the exit of a
+    // probe killed a moment ago (seen at load 30: one in state R beside the one in progress).
+    let mut seen = std::collections::BTreeMap::new();
+    let window = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < window {
+        for stat in processes_running(&["/bin/sleep", "4321"]) {
+            seen.insert(stat.split(' ').next().unwrap_or_default().to_owned(), stat);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!seen.is_empty(), "no probe command was seen running");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let running = processes_running(&["/bin/sleep", "4321"]);
+        let left: Vec<&String> = running
+            .iter()
+            .filter(|stat| seen.contains_key(stat.split(' ').next().unwrap_or_default()))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "probe commands still run 60 s after their 300 ms timeout: {left:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let out = apply.join().unwrap();
     assert!(
         !out.status.success(),
@@ -946,6 +981,11 @@ fn command_health_checks_run_inside_the_instance_and_are_cut_at_their_timeout() 
         "{why}"
     );
     assert!(d.get().unwrap().contains("version v1"));
+    // The last probe was killed at its timeout; its exit may come late on a loaded host.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !processes_running(&["/bin/sleep", "4321"]).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(
         processes_running(&["/bin/sleep", "4321"]),
         Vec::<String>::new()
@@ -1295,16 +1335,17 @@ fn the_endpoint_serves_through_controller_restarts(serve: &[&str]) {
     d.imago.run(serve).ok();
     d.apply().ok();
     let clients: Vec<Client> = (0..16).map(|_| Client::start(d.port)).collect();
-    std::thread::sleep(Duration::from_millis(300));
+    Client::keep_asking(&clients, Duration::from_millis(300), 5);
     kill9(controller_pid(&d));
-    // Long enough for any client to find the endpoint without a controller.
-    std::thread::sleep(Duration::from_millis(1000));
+    // Long enough for every client to find the endpoint without a controller, several times
+    // (and 25 answers each in all, whatever the host's speed: the count asserted below).
+    Client::keep_asking(&clients, Duration::from_millis(1000), 5);
     d.imago.run(serve).ok();
-    std::thread::sleep(Duration::from_millis(1000));
+    Client::keep_asking(&clients, Duration::from_millis(1000), 5);
     let stopped = d.imago.run(&["--json", "serve", "--stop"]).ok();
-    std::thread::sleep(Duration::from_millis(1000));
+    Client::keep_asking(&clients, Duration::from_millis(1000), 5);
     let started = d.imago.run(&[&["--json"], serve].concat()).ok();
-    std::thread::sleep(Duration::from_millis(1000));
+    Client::keep_asking(&clients, Duration::from_millis(1000), 5);
     let answers: Vec<Result<String, String>> =
         clients.into_iter().flat_map(Client::finish).collect();
     assert_none_failed(&answers);
@@ -2306,24 +2347,37 @@ fn a_host_routed_tls_endpoint_serves_remote_clients_through_the_router_during_a_
     let addr = SocketAddr::from((remote.host_addr, d.port));
     let ca = certs.join("web.pem");
     let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicUsize::new(0));
     let client = {
         let (stop, netns, ca) = (stop.clone(), remote.netns_path(), ca.clone());
+        let count = answered.clone();
         std::thread::spawn(move || {
             // curl runs in the remote host's namespace: a child inherits this thread's.
             enter_netns(&netns);
             let mut answers = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 answers.push(curl_tls(addr, &ca));
+                count.fetch_add(1, Ordering::Relaxed);
             }
             answers
         })
     };
-    std::thread::sleep(Duration::from_millis(300));
+    // At least `more` answers after now (each one a curl process: slow on a loaded host), so
+    // that the first answer is before the update and the last from a request sent after it.
+    let answers_after = |more: usize| {
+        let mark = answered.load(Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while answered.load(Ordering::Relaxed) < mark + more {
+            assert!(Instant::now() < deadline, "curl had no answer in 120 s");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    answers_after(1);
     d.set_version("v2", "2");
     route_by_host(&d);
     let out = d.apply().ok().stdout();
     assert!(out.contains("deployment complete (release 2"), "{out}");
-    std::thread::sleep(Duration::from_millis(300));
+    answers_after(2);
     stop.store(true, Ordering::Relaxed);
     let answers = client.join().unwrap();
     common::assert_all_answered(&answers);
@@ -2403,12 +2457,12 @@ fn a_rolling_update_under_remote_load_fails_no_request() {
     let clients: Vec<Client> = (0..16)
         .map(|_| Client::start_remote(&remote, d.port))
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    Client::keep_asking(&clients, Duration::from_millis(300), 1);
     d.set_version("v2", "2");
     let out = d.apply().ok().stdout();
     assert!(out.contains("deployment complete (release 2"), "{out}");
-    std::thread::sleep(Duration::from_millis(300));
-    assert_remote_answers(clients, &["v1", "v2"]);
+    Client::keep_asking(&clients, Duration::from_millis(300), 2);
+    assert_remote_answers(&d, clients, &["v1", "v2"]);
     assert!(
         translated_flows(&remote, d.port) > 0,
         "forwarded by the kernel"
@@ -2425,13 +2479,13 @@ fn a_blue_green_switch_under_remote_load_fails_no_request() {
     let clients: Vec<Client> = (0..16)
         .map(|_| Client::start_remote(&remote, d.port))
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    Client::keep_asking(&clients, Duration::from_millis(300), 1);
     d.set_version("v2", "2");
     d.edit("strategy = \"rolling\"", "strategy = \"blue-green\"");
     let out = d.apply().ok().stdout();
     assert!(out.contains("deployment complete (release 2"), "{out}");
-    std::thread::sleep(Duration::from_millis(300));
-    assert_remote_answers(clients, &["v1", "v2"]);
+    Client::keep_asking(&clients, Duration::from_millis(300), 2);
+    assert_remote_answers(&d, clients, &["v1", "v2"]);
 }
 
 #[test]
@@ -2443,7 +2497,7 @@ fn a_controller_kill_9_mid_rollout_under_remote_load_fails_no_request() {
     let clients: Vec<Client> = (0..16)
         .map(|_| Client::start_remote(&remote, d.port))
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    Client::keep_asking(&clients, Duration::from_millis(300), 1);
     d.set_version("v2", "2");
     d.edit("min_ready = \"500ms\"", "min_ready = \"1s\"");
     d.imago.run(&["apply", "--no-wait", "-f", &d.file()]).ok();
@@ -2454,38 +2508,44 @@ fn a_controller_kill_9_mid_rollout_under_remote_load_fails_no_request() {
     });
     kill9(controller_pid(&d));
     // Remote clients keep being forwarded with no controller at all.
-    std::thread::sleep(Duration::from_millis(1000));
+    Client::keep_asking(&clients, Duration::from_millis(1000), 2);
     d.imago.run(&["serve"]).ok();
     d.wait_until("a retired instance", Duration::from_secs(20), |d| {
         d.events().iter().any(|e| e.contains("retired: draining"))
     });
     kill9(controller_pid(&d));
-    std::thread::sleep(Duration::from_millis(1000));
+    Client::keep_asking(&clients, Duration::from_millis(1000), 2);
     d.imago.run(&["serve"]).ok();
     d.wait_until("release 2 to complete", Duration::from_secs(60), |d| {
         d.status()["services"][0]["outcome"]["outcome"] == "complete"
     });
-    std::thread::sleep(Duration::from_millis(300));
-    assert_remote_answers(clients, &["v1", "v2"]);
+    Client::keep_asking(&clients, Duration::from_millis(300), 2);
+    assert_remote_answers(&d, clients, &["v1", "v2"]);
     assert_eq!(d.instances().len(), 3, "no orphaned instance");
 }
 
 /// Not one of the clients' requests failed, they kept asking, and the first answers came from
 /// `versions[0]`, the last from `versions[1]`.
-fn assert_remote_answers(clients: Vec<Client>, versions: &[&str; 2]) {
-    let answers: Vec<Vec<Result<String, String>>> =
-        clients.into_iter().map(Client::finish).collect();
-    let total: usize = answers.iter().map(Vec::len).sum();
-    let failures: Vec<&String> = answers
+/// A failure names when it ended (ms since the epoch, the event log's clock) and comes with
+/// the home's events and logs.
+fn assert_remote_answers(d: &Deployment, clients: Vec<Client>, versions: &[&str; 2]) {
+    let timed: Vec<Vec<Answer>> = clients.into_iter().map(Client::finish_timed).collect();
+    let total: usize = timed.iter().map(Vec::len).sum();
+    let failures: Vec<String> = timed
         .iter()
         .flatten()
-        .filter_map(|a| a.as_ref().err())
+        .filter_map(|(at, a)| a.as_ref().err().map(|e| format!("at {at}: {e}")))
         .collect();
     assert!(
         failures.is_empty(),
-        "{} of {total} requests failed: {failures:?}",
-        failures.len()
+        "{} of {total} requests failed: {failures:?}\n{}",
+        failures.len(),
+        d.imago.diagnostics()
     );
+    let answers: Vec<Vec<Result<String, String>>> = timed
+        .into_iter()
+        .map(|c| c.into_iter().map(|(_, a)| a).collect())
+        .collect();
     assert!(total > 16 * 20, "the clients kept asking ({total} answers)");
     for client in &answers {
         let version = |a: &Result<String, String>| {
@@ -2579,19 +2639,19 @@ fn an_automatic_rollback_under_remote_load_fails_no_request() {
     let clients: Vec<Client> = (0..16)
         .map(|_| Client::start_remote(&remote, d.port))
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    Client::keep_asking(&clients, Duration::from_millis(300), 1);
     // Release 2 fails its health check and is rolled back to release 1's image.
     d.set_version("v2", "2");
     d.edit("path = \"/\"", "path = \"/healthz-missing\"");
     let err = d.apply().fails();
     assert!(err.contains("did not deploy"), "{err}");
-    std::thread::sleep(Duration::from_millis(300));
+    Client::keep_asking(&clients, Duration::from_millis(300), 2);
     let status = d.status();
     assert_eq!(
         status["services"][0]["desired"]["rollback_of"], 1,
         "{status}"
     );
-    assert_remote_answers(clients, &["v1", "v1"]);
+    assert_remote_answers(&d, clients, &["v1", "v1"]);
 }
 
 /// A memory figure of `pid` in KiB, 0 once it is gone: `VmRSS:` from `status`, or `Pss:`
@@ -2806,7 +2866,7 @@ fn many_instances_serve_roll_over_without_a_failed_request_and_leave_nothing_whe
     );
 
     let client = Client::start(d.port);
-    std::thread::sleep(Duration::from_millis(300));
+    Client::keep_asking(std::slice::from_ref(&client), Duration::from_millis(300), 1);
     d.set_version("v2", "2");
     scale(&d);
     let rollout_timings = pass_timings(&d);
@@ -2826,7 +2886,7 @@ fn many_instances_serve_roll_over_without_a_failed_request_and_leave_nothing_whe
         rollout_cpu * 100.0 / rolled.as_secs_f64()
     );
     assert!(out.contains("deployment complete (release 2"), "{out}");
-    std::thread::sleep(Duration::from_millis(300));
+    Client::keep_asking(std::slice::from_ref(&client), Duration::from_millis(300), 2);
     let answers = client.finish();
     assert_none_failed(&answers);
     assert!(

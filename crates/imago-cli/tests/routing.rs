@@ -10,7 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::Imago;
@@ -311,7 +311,8 @@ fn tls_picks_each_services_certificate_by_sni_and_a_replaced_certificate_is_serv
     let old = site.dir.join("old-shop.pem");
     std::fs::copy(site.cert("shop"), &old).unwrap();
     make_cert(&site.dir.join("certs"), "shop", "shop.example", "renewed");
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // Generous: only a certificate never served again exceeds it.
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if site.curl("shop.example", Some(&site.cert("shop"))).is_ok() {
             break;
@@ -371,22 +372,30 @@ fn over_tls_one_connection_serves_request_after_request_though_the_instance_clos
 /// A client that asks `host` over and over with curl until finished.
 struct Load {
     stop: Arc<AtomicBool>,
+    /// How many answers (or failures) it has had so far.
+    answered: Arc<AtomicUsize>,
     handle: std::thread::JoinHandle<Vec<Result<(u16, String), String>>>,
 }
 
 impl Load {
     fn start(site: &Site, host: &'static str, ca: PathBuf) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let answered = Arc::new(AtomicUsize::new(0));
+        let (flag, count) = (stop.clone(), answered.clone());
         let (port, tls) = (site.port, site.tls);
         let handle = std::thread::spawn(move || {
             let mut answers = Vec::new();
             while !flag.load(Ordering::Relaxed) {
                 answers.push(curl(port, tls, host, Some(&ca)));
+                count.fetch_add(1, Ordering::Relaxed);
             }
             answers
         });
-        Load { stop, handle }
+        Load {
+            stop,
+            answered,
+            handle,
+        }
     }
 
     /// Every answer, in order, after asserting that each was a 200 and that there were many.
@@ -403,11 +412,11 @@ fn a_rolling_update_under_load_over_tls_fails_no_request() {
     let site = Site::new(true);
     site.apply().ok();
     let load = Load::start(&site, "shop.example", site.cert("shop"));
-    std::thread::sleep(Duration::from_millis(300));
+    common::answered_again(&[&load.answered], Duration::from_millis(300), 1);
     site.set_page("shop", "shop v2");
     let out = site.apply().ok().stdout();
     assert!(out.contains("deployment complete"), "{out}");
-    std::thread::sleep(Duration::from_millis(300));
+    common::answered_again(&[&load.answered], Duration::from_millis(300), 2);
     let answers = load.finish();
     assert_eq!(answers.first().unwrap(), "shop v1\n");
     assert_eq!(answers.last().unwrap(), "shop v2\n");
@@ -425,7 +434,8 @@ fn a_controller_kill_9_under_tls_load_fails_no_request_and_the_next_one_rolls_ou
     site.apply().ok();
     let shop = Load::start(&site, "shop.example", site.cert("shop"));
     let blog = Load::start(&site, "blog.example", site.cert("blog"));
-    std::thread::sleep(Duration::from_millis(300));
+    let both = [&*shop.answered, &*blog.answered];
+    common::answered_again(&both, Duration::from_millis(300), 1);
     let info: serde_json::Value = serde_json::from_slice(
         &std::fs::read(site.imago.home.join("deploy/controller.json")).unwrap(),
     )
@@ -437,12 +447,12 @@ fn a_controller_kill_9_under_tls_load_fails_no_request_and_the_next_one_rolls_ou
     )
     .unwrap();
     // The data plane serves both hosts without a controller.
-    std::thread::sleep(Duration::from_millis(1000));
+    common::answered_again(&both, Duration::from_millis(1000), 2);
     // The next controller adopts the data plane and rolls shop out on the same front.
     site.set_page("shop", "shop v2");
     let out = site.apply().ok().stdout();
     assert!(out.contains("deployment complete"), "{out}");
-    std::thread::sleep(Duration::from_millis(300));
+    common::answered_again(&both, Duration::from_millis(300), 2);
     let shop = shop.finish();
     let blog = blog.finish();
     assert_eq!(shop.first().unwrap(), "shop v1\n");
@@ -517,7 +527,7 @@ fn the_same_definition_applied_from_another_checkout_rolls_nothing_and_its_certi
     // served (and the old directory's is not).
     make_cert(&moved.join("certs"), "shop", "shop.example", "moved");
     let renewed = moved.join("certs/shop.pem");
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while site.curl("shop.example", Some(&renewed)).is_err() {
         assert!(
             Instant::now() < deadline,
@@ -718,11 +728,13 @@ const CUT: &str = "body cut after a";
 fn keep_alive_clients(
     port: u16,
     stop: &Arc<AtomicBool>,
+    answered: &[Arc<AtomicUsize>; 16],
     reopen_after_cut: bool,
 ) -> Vec<std::thread::JoinHandle<Vec<Result<(u16, String), String>>>> {
     (0..16)
         .map(|i| {
             let stop = stop.clone();
+            let count = answered[i].clone();
             let host = if i % 2 == 0 {
                 "shop.example"
             } else {
@@ -736,9 +748,12 @@ fn keep_alive_clients(
                     let cut = matches!(&answer, Err(e) if e.starts_with(CUT));
                     let broken = answer.is_err();
                     answers.push(answer);
+                    count.fetch_add(1, Ordering::Relaxed);
                     if cut && reopen_after_cut {
                         client = KeepAlive::open(port);
                     } else if broken {
+                        // Asserted on when joined; it holds up no wait for answers meanwhile.
+                        count.store(usize::MAX / 2, Ordering::Relaxed);
                         break;
                     }
                 }
@@ -774,8 +789,10 @@ fn a_rolling_update_under_keep_alive_load_fails_no_request_and_removes_the_old_i
     let before = site.imago.instance_ids();
     let stop = Arc::new(AtomicBool::new(false));
     // 16 clients, each on one connection for the whole test: a broken one fails the test.
-    let clients = keep_alive_clients(site.port, &stop, false);
-    std::thread::sleep(Duration::from_millis(500));
+    let answered: [Arc<AtomicUsize>; 16] = Default::default();
+    let counts: Vec<&AtomicUsize> = answered.iter().map(|c| &**c).collect();
+    let clients = keep_alive_clients(site.port, &stop, &answered, false);
+    common::answered_again(&counts, Duration::from_millis(500), 1);
     site.set_page("shop", "shop v2");
     site.set_page("blog", "blog v2");
     let out = site.apply().ok().stdout();
@@ -785,7 +802,7 @@ fn a_rolling_update_under_keep_alive_load_fails_no_request_and_removes_the_old_i
     let after = site.imago.instance_ids();
     let left: Vec<_> = before.iter().filter(|id| after.contains(id)).collect();
     assert!(left.is_empty(), "old instances still listed: {left:?}");
-    std::thread::sleep(Duration::from_millis(300));
+    common::answered_again(&counts, Duration::from_millis(300), 2);
     stop.store(true, Ordering::Relaxed);
     for (i, client) in clients.into_iter().enumerate() {
         let answers = client.join().unwrap();
@@ -850,8 +867,10 @@ fn instances_killed_under_keep_alive_load_before_and_during_a_rolling_update_fai
     // 16 clients on a connection each: busybox closes its connection after every answer, so
     // every request of theirs connects anew to an instance, round-robin, and the ones in
     // flight or connecting when an instance dies meet a refused or reset connection.
-    let clients = keep_alive_clients(site.port, &stop, true);
-    std::thread::sleep(Duration::from_millis(500));
+    let answered: [Arc<AtomicUsize>; 16] = Default::default();
+    let counts: Vec<&AtomicUsize> = answered.iter().map(|c| &**c).collect();
+    let clients = keep_alive_clients(site.port, &stop, &answered, true);
+    common::answered_again(&counts, Duration::from_millis(500), 1);
     // One instance of each service killed while routed, under load; the controller replaces
     // it (same release) once it sees it exit, and its replacement gets ready.
     let mut victims = Vec::new();
@@ -904,7 +923,7 @@ fn instances_killed_under_keep_alive_load_before_and_during_a_rolling_update_fai
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    std::thread::sleep(Duration::from_millis(300));
+    common::answered_again(&counts, Duration::from_millis(300), 2);
     stop.store(true, Ordering::Relaxed);
     let mut cut = Vec::new();
     for (i, client) in clients.into_iter().enumerate() {

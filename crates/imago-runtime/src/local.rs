@@ -782,7 +782,7 @@ const CGROUP_EMPTY_WAIT: Duration = Duration::from_secs(5);
 /// lost container) is still in its cgroup until it has exited, and `rmdir` fails with EBUSY
 /// until then: on a slow machine that outlives the engine's own retries, so this retries too,
 /// for at most [`CGROUP_EMPTY_WAIT`].
-fn remove_cgroups(id: &str) {
+pub(crate) fn remove_cgroups(id: &str) {
     let rel = cgroups_path(id);
     let rel = rel.trim_start_matches('/');
     let mut dirs: Vec<PathBuf> = fs::read_dir("/sys/fs/cgroup")

@@ -565,6 +565,9 @@ fn start(
             if let Err(e) = pass_gate(gate, record, GATE_CONFIGURED, "configured") {
                 let _ = container.delete(true);
                 reap_killed_init(container.pid());
+                // The engine's delete gives up on the cgroups while the killed init is still
+                // in them (a loaded host runs its exit late); reaped now, they are empty.
+                crate::local::remove_cgroups(&id);
                 return Err(e);
             }
             if let Err(e) = container.start() {
@@ -614,6 +617,7 @@ fn start(
             if let Err(e) = pass_gate(gate, record, GATE_CONFIGURED, "configured") {
                 let _ = runc(&root, &["delete", "--force", &id]);
                 reap_killed_init(Some(pid));
+                crate::local::remove_cgroups(&id);
                 return Err(e);
             }
             if let Err(e) = runc(&root, &["start", &id]) {

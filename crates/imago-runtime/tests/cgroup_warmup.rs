@@ -158,8 +158,11 @@ fn main() {
                 WaitStatus::Signaled(keeper, nix::sys::signal::Signal::SIGKILL, false),
                 "the orphaned warm-up did not die with its launcher"
             );
+            // Killed by its parent-death signal (above), not ended at its own limit (exit 0
+            // after CGROUP_WARMUP_LIMIT): what tells the two apart. A bound of 500 ms was a
+            // loaded host's to overrun.
             assert!(
-                killed.elapsed() < Duration::from_millis(500),
+                killed.elapsed() < CGROUP_WARMUP_LIMIT,
                 "the orphaned warm-up lived on for {:?}",
                 killed.elapsed()
             );
@@ -171,9 +174,16 @@ fn main() {
     let forgotten = warm_cgroup_lock();
     let child = forgotten.pid().expect("a single-threaded caller forks");
     std::mem::forget(forgotten);
-    std::thread::sleep(CGROUP_WARMUP_LIMIT + Duration::from_millis(500));
+    // Polled up to 30 s past its limit (a loaded host may run it late; a fixed 500 ms was a
+    // loaded host's to overrun): one that never ends is what this catches.
+    let until = Instant::now() + CGROUP_WARMUP_LIMIT + Duration::from_secs(30);
+    let mut ended = waitpid(child, Some(WaitPidFlag::WNOHANG));
+    while ended == Ok(WaitStatus::StillAlive) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+        ended = waitpid(child, Some(WaitPidFlag::WNOHANG));
+    }
     assert_eq!(
-        waitpid(child, Some(WaitPidFlag::WNOHANG)),
+        ended,
         Ok(WaitStatus::Exited(child, 0)),
         "the unstopped warm-up did not end at its limit"
     );
@@ -194,10 +204,15 @@ fn main() {
     drop(first);
     assert!(shared.running(), "stopped while a launch still held it");
     drop(second);
-    std::thread::sleep(Duration::from_millis(50));
+    // It ends within one interval of being told; waited for, since a loaded host may not run
+    // it for a while (a fixed 50 ms was overrun). Without the stop it would write forever.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while shared.running() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     assert!(
         !shared.running(),
-        "the warm-up thread outlived the last launch"
+        "the warm-up thread outlived the last launch by 30 s"
     );
     let cold = median_procs_write(&procs, 15, Duration::from_millis(30));
     println!(

@@ -405,6 +405,39 @@ pub fn lease_port() -> PortLease {
     panic!("no free test port in 20000-29999");
 }
 
+/// Waits at least `min`, and until each of `counters` (a client's answers) has grown by `more`
+/// since the call: that the clients asked during a phase of a test at any speed of the host,
+/// where a fixed sleep only made it likely (a loaded host may not run a client for hundreds of
+/// ms, and a curl process is slow to start there). With `more` = 2 after a rollout completed,
+/// each client's last answer is from a request it sent after that. Fails after 120 s.
+pub fn answered_again(
+    counters: &[&std::sync::atomic::AtomicUsize],
+    min: std::time::Duration,
+    more: usize,
+) {
+    let started = std::time::Instant::now();
+    let marks: Vec<usize> = counters
+        .iter()
+        .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+        .collect();
+    loop {
+        let behind = counters
+            .iter()
+            .zip(&marks)
+            .filter(|(c, mark)| c.load(std::sync::atomic::Ordering::Relaxed) < *mark + more)
+            .count();
+        if behind == 0 && started.elapsed() >= min {
+            return;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "{behind} of {} clients had fewer than {more} answers in 120 s",
+            counters.len()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// Asserts that a client under load was answered 200 to every request (the first five other
 /// answers are named) and kept asking (more than ten requests).
 pub fn assert_all_answered(answers: &[Result<(u16, String), String>]) {

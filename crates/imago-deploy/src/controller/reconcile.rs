@@ -829,7 +829,6 @@ mod tests {
     use crate::error::DeployError;
     use crate::router::Routing;
     use crate::spec::ServiceSpec;
-    use crate::state::StateDb;
 
     /// A small xorshift generator: the seed is printed, so a failing run can be replayed.
     struct Rng(u64);
@@ -1030,13 +1029,7 @@ mod tests {
     /// failed was stopped by the next pass with its endpoint still routing.
     #[test]
     fn nothing_is_stopped_or_removed_while_it_is_routed() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = StateDb::open(&dir.path().join("state.db")).unwrap();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let (_dir, db, runtime) = super::super::test_support::db_and_runtime();
         let seen = Arc::new(Mutex::new(Seen::default()));
         let provider = Arc::new(Checked {
             fake: FakeProvider::new(),
