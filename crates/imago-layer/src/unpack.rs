@@ -25,8 +25,18 @@
 //!   With [`UnpackOptions::skip_devices`] they are left out instead (what was at the path is
 //!   still removed, as the entry replaces it) and named in [`ApplyStats::skipped_devices`]: for
 //!   roots whose `/dev` the runtime provides anyway, such as a build step's. FIFOs are created: they give access to nothing beyond the pipe itself and real images ship
-//!   them. GNU sparse files and unknown entry types are refused. PAX global headers are skipped;
-//!   xattrs are ignored, `security.capability` included: file capabilities are not applied.
+//!   them. GNU sparse files and unknown entry types are refused. PAX global headers are skipped.
+//! - Of the xattrs (PAX `SCHILY.xattr.NAME` records) only `security.capability`, a file
+//!   capability such as Debian's `ping` has (`cap_net_raw`), is applied, as Docker does: on a
+//!   regular file, after its owner and mode (chown clears it), through the file's own fd, and
+//!   only when ownership is kept ([`UnpackOptions::preserve_ownership`]: a capability on a file
+//!   the caller owns instead of root is not what the image said). Its value must be a
+//!   well-formed `vfs_cap_data` (revision 1, 2 or 3 at its exact size, at most
+//!   [`MAX_CAPABILITY_SIZE`] bytes); anything else, or one on a directory, symlink or fifo, is
+//!   refused ([`UnpackError::Header`] naming the entry). On a hard link entry it is ignored: the
+//!   link shares its target's inode, which has what its own entry gave it. Every other xattr
+//!   (`user.*`, `trusted.*`, `security.selinux`, ACLs, ...) is ignored. Under
+//!   no-new-privileges (every imago instance) file capabilities confer nothing at exec.
 //! - Permission bits are kept as the archive gives them, setuid, setgid and sticky included
 //!   (set after the owner, since chown clears setuid/setgid).
 //! - One path may appear several times in a layer (the last one wins) only with the same kind;
@@ -76,6 +86,10 @@ pub const MAX_ENTRY_SIZE: u64 = 64 << 30;
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 const COPY_BUFFER: usize = 128 * 1024;
+/// The PAX record of a file capability.
+const CAPABILITY_RECORD: &[u8] = b"SCHILY.xattr.security.capability";
+/// The largest `vfs_cap_data` (revision 3, with its root uid).
+pub const MAX_CAPABILITY_SIZE: usize = 24;
 
 /// How a layer is applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -342,6 +356,43 @@ struct Meta {
     uid: u32,
     gid: u32,
     mtime: Timespec,
+    /// A `security.capability` value (checked well-formed), and its length.
+    capability: Option<([u8; MAX_CAPABILITY_SIZE], usize)>,
+}
+
+/// Checks a `security.capability` value: a little-endian magic whose high byte is the
+/// revision (1: 12 bytes, 2: 20, 3: 24 with the root uid), at exactly that size.
+fn check_capability(value: &[u8]) -> Result<([u8; MAX_CAPABILITY_SIZE], usize), String> {
+    let too_long = || {
+        format!(
+            "security.capability of {} bytes (at most {MAX_CAPABILITY_SIZE})",
+            value.len()
+        )
+    };
+    if value.len() > MAX_CAPABILITY_SIZE {
+        return Err(too_long());
+    }
+    let magic = value
+        .get(..4)
+        .and_then(|m| <[u8; 4]>::try_from(m).ok())
+        .map(u32::from_le_bytes)
+        .ok_or_else(|| format!("security.capability of {} bytes", value.len()))?;
+    let expected = match magic >> 24 {
+        1 => 12,
+        2 => 20,
+        3 => 24,
+        revision => return Err(format!("security.capability of revision {revision}")),
+    };
+    if value.len() != expected {
+        return Err(format!(
+            "security.capability of revision {} has {} bytes, not {expected}",
+            magic >> 24,
+            value.len()
+        ));
+    }
+    let mut bytes = [0; MAX_CAPABILITY_SIZE];
+    bytes[..value.len()].copy_from_slice(value);
+    Ok((bytes, value.len()))
 }
 
 struct Applier<'a> {
@@ -474,7 +525,18 @@ impl Applier<'_> {
             });
         }
         self.stats.bytes += written;
-        self.set_meta(file.as_fd(), meta, name)
+        self.set_meta(file.as_fd(), meta, name)?;
+        // Last: a chown or a write after it would clear it.
+        match meta.capability {
+            Some((value, len)) if self.opts.preserve_ownership => rustix::fs::fsetxattr(
+                file.as_fd(),
+                "security.capability",
+                &value[..len],
+                rustix::fs::XattrFlags::empty(),
+            )
+            .map_err(|e| self.io(name, "set security.capability", e)),
+            _ => Ok(()),
+        }
     }
 
     fn make_dir(&mut self, path: &RelPath, meta: Meta, name: &str) -> Result<(), UnpackError> {
@@ -872,6 +934,10 @@ impl Applier<'_> {
         };
         let invalid = |what: &str| header_error(io::Error::new(io::ErrorKind::InvalidData, what));
         let header = entry.header();
+        let regular = matches!(
+            header.entry_type(),
+            EntryType::Regular | EntryType::Continuous
+        );
         let mode = header.mode().map_err(header_error)? & 0o7777;
         // u32::MAX is "leave unchanged" to chown, so it is no valid id either.
         let uid = u32::try_from(header.uid().map_err(header_error)?)
@@ -888,20 +954,35 @@ impl Applier<'_> {
             tv_sec: seconds,
             tv_nsec: 0,
         };
+        let mut capability = None;
         if let Some(extensions) = entry.pax_extensions().map_err(header_error)? {
             for extension in extensions {
                 let extension = extension.map_err(header_error)?;
-                if extension.key_bytes() == b"mtime" {
-                    mtime = parse_pax_time(extension.value_bytes())
-                        .ok_or_else(|| invalid("invalid pax mtime"))?;
+                match extension.key_bytes() {
+                    b"mtime" => {
+                        mtime = parse_pax_time(extension.value_bytes())
+                            .ok_or_else(|| invalid("invalid pax mtime"))?;
+                    }
+                    CAPABILITY_RECORD => {
+                        capability = Some(
+                            check_capability(extension.value_bytes()).map_err(|e| invalid(&e))?,
+                        );
+                    }
+                    _ => {}
                 }
             }
+        }
+        if capability.is_some() && !regular {
+            return Err(invalid(
+                "security.capability on an entry that is no regular file",
+            ));
         }
         Ok(Meta {
             mode,
             uid,
             gid,
             mtime,
+            capability,
         })
     }
 

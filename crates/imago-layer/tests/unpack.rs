@@ -1248,3 +1248,216 @@ fn long_names_up_to_the_extension_limit_apply() {
     sb.apply(&tar).expect("long name applies");
     assert_eq!(fs::read(sb.target().join(&deep)).expect("leaf"), b"deep\n");
 }
+
+// ---------------------------------------------------------------------------------------------
+// file capabilities (`SCHILY.xattr.security.capability`)
+
+const CAP_RECORD: &str = "SCHILY.xattr.security.capability";
+
+/// `cap_net_raw=ep` as `setcap` writes it: revision 2 with the effective flag, permitted bit 13.
+const NET_RAW_EP: [u8; 20] = [
+    0x01, 0, 0, 0x02, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+];
+
+fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 256];
+    match rustix::fs::lgetxattr(path, name, &mut buf[..]) {
+        Ok(len) => Some(buf[..len].to_vec()),
+        Err(rustix::io::Errno::NODATA) => None,
+        Err(e) => panic!("lgetxattr {name} of {}: {e}", path.display()),
+    }
+}
+
+#[test]
+fn file_capability_is_kept_and_other_xattrs_are_not() {
+    let sb = Sandbox::new();
+    let tar = Layer::new().file("bin/ping", 0o755, b"lower ping").finish();
+    sb.apply(&tar).expect("lower layer");
+    // The capability must survive the owner and mode being set (chown clears it), for a file
+    // owned by root and by another user, and replace a lower file without one.
+    let tar = Layer::new()
+        .pax(&[
+            (CAP_RECORD, &NET_RAW_EP[..]),
+            ("SCHILY.xattr.trusted.overlay.opaque", b"y"),
+            ("SCHILY.xattr.user.note", b"hello"),
+            ("SCHILY.xattr.security.ima", b"\x03\x02"),
+        ])
+        .file("bin/ping", 0o4755, b"ping")
+        .pax(&[(CAP_RECORD, &NET_RAW_EP[..])])
+        .file_owned("bin/tool", 0o750, 1000, 1000, b"tool")
+        .file("bin/plain", 0o755, b"plain")
+        .finish();
+    sb.apply(&tar).expect("apply");
+    let t = sb.target();
+    assert_eq!(
+        xattr(&t.join("bin/ping"), "security.capability"),
+        Some(NET_RAW_EP.to_vec())
+    );
+    assert_eq!(
+        xattr(&t.join("bin/tool"), "security.capability"),
+        Some(NET_RAW_EP.to_vec())
+    );
+    assert_eq!(xattr(&t.join("bin/plain"), "security.capability"), None);
+    for other in ["trusted.overlay.opaque", "user.note", "security.ima"] {
+        assert_eq!(
+            xattr(&t.join("bin/ping"), other),
+            None,
+            "{other} was applied"
+        );
+    }
+    let m = fs::metadata(t.join("bin/tool")).expect("tool");
+    assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (1000, 1000, 0o750));
+    assert_eq!(
+        fs::metadata(t.join("bin/ping")).expect("ping").mode() & 0o7777,
+        0o4755
+    );
+    // What the system's own tool reads, where it is installed.
+    if let Ok(out) = std::process::Command::new("getcap")
+        .arg(t.join("bin/ping"))
+        .output()
+    {
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("cap_net_raw=ep"), "getcap: {text}");
+    }
+}
+
+#[test]
+fn file_capability_is_not_applied_without_ownership() {
+    let sb = Sandbox::new();
+    let tar = Layer::new()
+        .pax(&[(CAP_RECORD, &NET_RAW_EP[..])])
+        .file("bin/ping", 0o755, b"ping")
+        .finish();
+    let opts = UnpackOptions {
+        preserve_ownership: false,
+        ..UnpackOptions::default()
+    };
+    apply_layer(&tar[..], &sb.target(), &opts).expect("apply");
+    assert_eq!(
+        xattr(&sb.target().join("bin/ping"), "security.capability"),
+        None
+    );
+    assert_eq!(
+        fs::read(sb.target().join("bin/ping")).expect("read"),
+        b"ping"
+    );
+}
+
+#[test]
+fn malformed_file_capabilities_are_refused() {
+    let mut v3 = [0u8; 24];
+    v3[..4].copy_from_slice(&0x0300_0001u32.to_le_bytes());
+    let mut v2_long = NET_RAW_EP.to_vec();
+    v2_long.extend_from_slice(&[0; 4]);
+    let mut revision_4 = NET_RAW_EP;
+    revision_4[3] = 0x04;
+    let huge = vec![0x02u8; 512 << 10];
+    for (what, value) in [
+        ("huge", &huge[..]),
+        ("25 bytes", &[0x02; 25][..]),
+        ("revision 2 with 24 bytes", &v2_long[..]),
+        ("revision 4", &revision_4[..]),
+        ("empty", &[][..]),
+        ("3 bytes", &[1, 0, 0][..]),
+        ("revision 3 with 20 bytes", &v3[..20]),
+    ] {
+        let sb = Sandbox::new();
+        let tar = Layer::new()
+            .pax(&[(CAP_RECORD, value)])
+            .file("bin/ping", 0o755, b"ping")
+            .finish();
+        let err = sb.assert_refused(&tar, "bin/ping");
+        assert!(
+            matches!(err, UnpackError::Header { .. })
+                && err.to_string().contains("security.capability"),
+            "{what}: {err}"
+        );
+    }
+    // A well-formed revision 3 (namespaced, root uid 0) is applied.
+    let sb = Sandbox::new();
+    let tar = Layer::new()
+        .pax(&[(CAP_RECORD, &v3[..])])
+        .file("bin/ping", 0o755, b"ping")
+        .finish();
+    sb.apply(&tar).expect("revision 3");
+    assert!(xattr(&sb.target().join("bin/ping"), "security.capability").is_some());
+}
+
+#[test]
+fn file_capability_on_other_entries_is_refused_or_ignored() {
+    // On a directory, a symlink or a fifo it is a forgery: refused, naming the entry.
+    for (entry, layer) in [
+        (
+            "d/",
+            Layer::new()
+                .pax(&[(CAP_RECORD, &NET_RAW_EP[..])])
+                .dir("d/", 0o755),
+        ),
+        (
+            "l",
+            Layer::new()
+                .pax(&[(CAP_RECORD, &NET_RAW_EP[..])])
+                .symlink("l", "target"),
+        ),
+        (
+            "f",
+            Layer::new()
+                .pax(&[(CAP_RECORD, &NET_RAW_EP[..])])
+                .fifo("f", 0o644),
+        ),
+    ] {
+        let sb = Sandbox::new();
+        let err = sb.assert_refused(&layer.finish(), entry);
+        assert!(
+            err.to_string()
+                .contains("security.capability on an entry that is no regular file"),
+            "{entry}: {err}"
+        );
+        assert!(
+            !sb.target().join(entry).exists() || entry == "d/",
+            "{entry} was made"
+        );
+    }
+    // On a hard link it is ignored: the link cannot give the inode of its target a capability.
+    let sb = Sandbox::new();
+    let tar = Layer::new()
+        .file("bin/plain", 0o755, b"plain")
+        .pax(&[(CAP_RECORD, &NET_RAW_EP[..])])
+        .hardlink("bin/alias", "bin/plain")
+        .finish();
+    sb.apply(&tar).expect("apply");
+    assert_eq!(
+        xattr(&sb.target().join("bin/alias"), "security.capability"),
+        None
+    );
+    assert_eq!(
+        xattr(&sb.target().join("bin/plain"), "security.capability"),
+        None
+    );
+}
+
+#[test]
+fn file_capability_never_lands_outside_the_root() {
+    let sb = Sandbox::new();
+    let tar = Layer::new()
+        .pax(&[
+            (CAP_RECORD, &NET_RAW_EP[..]),
+            ("path", b"../outside/sentinel"),
+        ])
+        .file("innocent", 0o755, b"pwned")
+        .finish();
+    let err = sb.assert_refused(&tar, "../outside/sentinel");
+    assert!(matches!(err, UnpackError::UnsafePath { .. }), "{err:?}");
+    let outside = sb.outside().display().to_string();
+    let tar = Layer::new()
+        .symlink("esc", &outside)
+        .pax(&[(CAP_RECORD, &NET_RAW_EP[..])])
+        .file("esc/sentinel", 0o755, b"pwned")
+        .finish();
+    let err = sb.assert_refused(&tar, "esc/sentinel");
+    assert!(matches!(err, UnpackError::Escape { .. }), "{err:?}");
+    assert_eq!(
+        xattr(&sb.outside().join("sentinel"), "security.capability"),
+        None
+    );
+}

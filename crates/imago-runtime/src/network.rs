@@ -388,6 +388,8 @@ impl Namespace {
             Err(e) if e.raw_os_error() == Some(nix::libc::EEXIST) => {}
             Err(e) => return Err(format!("cannot add the unreachable route of {RANGE}: {e}")),
         }
+        // Once per host too: without it nothing beyond the host answers an instance.
+        ensure_egress();
         let inside = &self.inside;
         let eth0 = inside.link_index(INSIDE_IFNAME).map_err(|e| {
             format!(
@@ -408,6 +410,48 @@ impl Namespace {
             .add_default_route(lease.host)
             .map_err(|e| format!("cannot add the default route: {e}"))?;
         Ok(())
+    }
+}
+
+/// The host-wide nftables table that masquerades instances' traffic leaving the host.
+pub const EGRESS_TABLE: &str = "imago_egress";
+/// Written once the egress table is in place (tmpfs: gone on reboot, like the table).
+const EGRESS_MARK: &str = "/run/imago/egress-v1";
+
+/// The nft script of [`EGRESS_TABLE`], written whole in one transaction (declared, deleted,
+/// defined again: rewriting it changes nothing). Packets from the leases' range that leave
+/// through anything but an instance's veth get the outgoing interface's address, as Docker's
+/// bridge does: without it they left with a 10.88.x.2 source that nothing outside routes back.
+/// Instance to instance (out through an `iv-*`) keeps its source address.
+pub fn egress_ruleset() -> String {
+    format!(
+        "table ip {EGRESS_TABLE}\ndelete table ip {EGRESS_TABLE}\ntable ip {EGRESS_TABLE} {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    ip saddr {RANGE} oifname != \"iv-*\" masquerade\n  }}\n}}\n"
+    )
+}
+
+/// Puts [`EGRESS_TABLE`] in place unless this boot already did ([`EGRESS_MARK`]): one `nft`
+/// run per host, not per launch. Best effort: without nft (or with the host's forwarding off)
+/// a private instance still reaches other instances and the host, nothing further, as before
+/// the table existed; the next launch tries again.
+fn ensure_egress() {
+    if Path::new(EGRESS_MARK).exists() {
+        return;
+    }
+    let written = std::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .and_then(|mut child| {
+            if let Some(mut stdin) = child.stdin.take() {
+                stdin.write_all(egress_ruleset().as_bytes())?;
+            }
+            child.wait()
+        });
+    if matches!(written, Ok(status) if status.success()) {
+        let _ = fs::create_dir_all("/run/imago");
+        let _ = fs::write(EGRESS_MARK, b"");
     }
 }
 
@@ -720,6 +764,38 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
     use std::sync::atomic::Ordering;
+
+    /// The egress table is written whole: writing it again (two launchers at once, a lost
+    /// marker) leaves the one masquerade rule, never two.
+    #[test]
+    fn egress_table_rewritten_keeps_one_rule() {
+        let apply = || {
+            let mut child = std::process::Command::new("nft")
+                .args(["-f", "-"])
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .expect("nft (installed by scripts/setup)");
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(egress_ruleset().as_bytes())
+                .unwrap();
+            assert!(child.wait().unwrap().success());
+        };
+        apply();
+        apply();
+        let out = std::process::Command::new("nft")
+            .args(["list", "table", "ip", EGRESS_TABLE])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(text.matches("masquerade").count(), 1, "{text}");
+        assert!(
+            text.contains("ip saddr 10.88.0.0/16 oifname != \"iv-*\" masquerade"),
+            "{text}"
+        );
+    }
 
     /// Every allocation searched from block 1, so a controller launching N instances tried
     /// N^2/2 taken blocks (500,500 `linkat` calls for 1,000). A search now starts after the
