@@ -1408,6 +1408,10 @@ fn destroy_one(
             if db.all_services()?.iter().any(|(s, _)| s == service) => {}
         Err(e) => return Err(e.into()),
     }
+    // A running controller acts on it at once, as on an apply or a pause: it stops launching
+    // the service and drops what it keeps for it (a cluster service's task watch and its ssh
+    // tunnel), instead of at its next pass, up to its interval later.
+    daemon::nudge_controller(home);
     // Without a controller, the data plane still serves the endpoint: close it (the data plane
     // ends once it serves nothing).
     imago_deploy::dataplane::close_endpoint(home, service)?;
