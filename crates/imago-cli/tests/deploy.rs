@@ -1950,7 +1950,7 @@ fn a_controller_killed_while_stops_are_under_way_leaks_nothing() {
 /// root filesystem) runs beside the controller's loop: an instance that dies meanwhile is
 /// cleaned up before that launch returns (with launches inside the pass it waited for the
 /// launch), and a pause during it holds the rollout: the launch under way finishes, nothing
-/// else is launched or retired until resume.
+/// else is launched or retired until resume, not even a replacement for the dead instance.
 #[test]
 fn a_slow_launch_delays_neither_the_cleanup_of_a_dead_instance_nor_a_pause() {
     let d = Deployment::new();
@@ -1968,13 +1968,17 @@ fn a_slow_launch_delays_neither_the_cleanup_of_a_dead_instance_nor_a_pause() {
             .iter()
             .any(|e| e.contains("rollout of release 2 started"))
     });
+    // Paused before the kill: a dead instance of a rolling service is replaced by one of the
+    // new release, and with the kill first the controller began that launch before a pause
+    // that took a loaded host's few hundred ms to record (seen: two launches of release 2
+    // "after" the pause). Paused first, only the wave's launch already under way may end.
     let victim = d.instances()[0].clone();
     let victim_id = victim["id"].as_str().unwrap().to_owned();
     let pid = victim["pid"].as_i64().expect("pid of a running instance") as i32;
-    kill9(pid);
     let paused = d.imago.run(&["--json", "pause", "web"]).ok().json();
     assert_eq!(paused["paused"], true, "{paused}");
     let paused_at = now_ms();
+    kill9(pid);
     d.wait_until("the slow launch to return", Duration::from_secs(180), |d| {
         d.events()
             .iter()
