@@ -153,44 +153,54 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::dataplane::{EndpointStatus, Listening};
+    use crate::dataplane::{EndpointStatus, Listening, LocalPlane};
     use crate::router::Routing;
 
-    /// Records every route the data plane is sent.
-    struct Recording(Arc<Mutex<Vec<Vec<String>>>>);
+    /// Records every route the data plane is sent; the rest is an in-process plane's.
+    struct Recording(Arc<Mutex<Vec<Vec<String>>>>, LocalPlane);
 
     impl DataPlane for Recording {
-        fn listen(
-            &mut self,
-            _: &str,
-            _: &[SocketAddr],
-            _: &Routing,
-        ) -> Result<Listening, DeployError> {
-            Ok(Listening::default())
-        }
-        fn close(&mut self, _: &str) -> Result<(), DeployError> {
-            Ok(())
-        }
         fn route(&mut self, _: &str, targets: &[(String, SocketAddr)]) -> Result<(), DeployError> {
             let ids = targets.iter().map(|(id, _)| id.clone()).collect();
             self.0.lock().unwrap().push(ids);
             Ok(())
         }
-        fn connections(&mut self, _: &str, ids: &[String]) -> Result<Vec<usize>, DeployError> {
-            Ok(vec![0; ids.len()])
+        fn listen(
+            &mut self,
+            name: &str,
+            at: &[SocketAddr],
+            how: &Routing,
+        ) -> Result<Listening, DeployError> {
+            self.1.listen(name, at, how)
         }
-        fn keep_peers(&mut self, _: &BTreeSet<SocketAddrV4>) -> Result<(), DeployError> {
-            Ok(())
+        fn close(&mut self, service: &str) -> Result<(), DeployError> {
+            self.1.close(service)
+        }
+        fn connections(
+            &mut self,
+            service: &str,
+            ids: &[String],
+        ) -> Result<Vec<usize>, DeployError> {
+            self.1.connections(service, ids)
+        }
+        fn keep_peers(&mut self, keep: &BTreeSet<SocketAddrV4>) -> Result<(), DeployError> {
+            self.1.keep_peers(keep)
         }
         fn kernel_balancing(&self) -> bool {
-            false
+            self.1.kernel_balancing()
         }
         fn take_kernel_failures(&mut self) -> Vec<String> {
-            Vec::new()
+            self.1.take_kernel_failures()
         }
         fn adopted(&self) -> Vec<EndpointStatus> {
-            Vec::new()
+            self.1.adopted()
         }
+    }
+
+    fn recording() -> (SharedPlane, Arc<Mutex<Vec<Vec<String>>>>) {
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let plane = Recording(sent.clone(), LocalPlane::new(None));
+        (SharedPlane::new(Box::new(plane)), sent)
     }
 
     fn targets(ids: &[&str]) -> Vec<(String, SocketAddr)> {
@@ -225,8 +235,7 @@ mod tests {
     /// pass that looked after the watch's look routes what it saw, a task back in service too.
     #[test]
     fn a_task_the_watch_retired_stays_out_of_a_pass_that_looked_before_it() {
-        let sent = Arc::new(Mutex::new(Vec::new()));
-        let plane = SharedPlane::new(Box::new(Recording(sent.clone())));
+        let (plane, sent) = recording();
         let first = Instant::now();
         plane
             .route_seen("web", targets(&["a", "b"]), Some(first))
@@ -287,8 +296,7 @@ mod tests {
     /// retired a task has returned, no route sent afterwards holds it, whichever pass sends it.
     #[test]
     fn no_route_sent_after_a_retirement_holds_the_retired_task() {
-        let sent = Arc::new(Mutex::new(Vec::new()));
-        let plane = SharedPlane::new(Box::new(Recording(sent.clone())));
+        let (plane, sent) = recording();
         let ids: Vec<String> = (0..40).map(|n| format!("t{n}")).collect();
         // Task n is routable from look n/2 until look n/2 + 3 (a rolling update): the engine's
         // state at "time" k is the window [2k-6, 2k].
