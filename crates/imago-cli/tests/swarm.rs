@@ -2542,13 +2542,11 @@ fn the_task_network_goes_with_the_last_service_and_never_from_under_one() {
 /// for a pass made slow by a loaded host, many local instances or a slow engine), so every
 /// retirement falls inside a pass that looked before it. Two rolling updates of three tasks
 /// under 16 clients: no request fails. The controller's watch of the tasks takes a retired
-/// task out of the endpoint's routes itself, and the slow pass cannot put it back. Before that
-/// the watch only brought the next pass sooner, and the retired task stayed routed until a
-/// pass that looked after its retirement had routed: 3.5 to 7 s, past its stop.
-///
-/// `min_ready = "4s"`: the watch only removes, adding a new task is the pass's decision, and
-/// a pass routes what it saw 3.5 s (and one pass) earlier: with 500 ms the swarm would retire
-/// the last task the endpoint routes before a pass had added any new one.
+/// task out of the endpoint's routes itself (and routes a new one), and the slow pass cannot
+/// put it back. Before that the watch only brought the next pass sooner, and the retired task
+/// stayed routed until a pass that looked after its retirement had routed: 3.5 to 7 s, past
+/// its stop. A watch that only removed left the endpoint with nothing to route when the swarm
+/// replaced every routed task within one slow pass (1,225 of 32,377 requests failed).
 #[test]
 fn a_pass_slower_than_the_swarm_s_stop_delay_routes_no_retired_task() {
     let s = SwarmService::alone("swslowpass");
@@ -2560,7 +2558,5 @@ fn a_pass_slower_than_the_swarm_s_stop_delay_routes_no_retired_task() {
         .output()
         .unwrap();
     assert!(serve.status.success(), "{serve:?}");
-    updates_under_load_fail_no_request(&s, 2, |s| {
-        s.edit("min_ready = \"500ms\"", "min_ready = \"4s\"")
-    });
+    updates_under_load_fail_no_request(&s, 2, |_| {});
 }

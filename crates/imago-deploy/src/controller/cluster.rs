@@ -553,9 +553,9 @@ const WATCH_ROLLING: Duration = Duration::from_millis(100);
 const WATCH_SETTLED: Duration = Duration::from_secs(1);
 
 /// Lists one routed cluster service's tasks beside the loop, through an engine of its own,
-/// takes every task no longer routable (not wanted running by the engine, or not running) out
-/// of the endpoint's routes at once, and nudges the controller the moment the tasks to route
-/// differ from what the endpoint routes.
+/// routes the endpoint to the routable ones the moment they differ from the routed ones (a task
+/// not wanted running by the engine, or not running, out; a new running one in), and nudges
+/// the controller.
 ///
 /// A swarm stops a retired task 2 s after it retires it (`defaultGossipConvergeDelay`). When
 /// the endpoint learned of the retirement from a pass only, passes came `interval` apart, and
@@ -563,12 +563,13 @@ const WATCH_SETTLED: Duration = Duration::from_secs(1);
 /// the retired task was routed 2.4 s after its retirement and the requests sent to it in the
 /// last 0.4 s failed. A nudge made the next pass come at once, but a pass that itself took
 /// longer than 2 s (a loaded host, many local instances, a slow engine) still routed what it
-/// had seen before the retirement. The watch's removal does not wait for any pass, and a pass
-/// cannot undo it ([`SharedPlane::route_seen`]). It never adds a task (the pass does), and
-/// keeps nothing a restart needs.
+/// had seen before the retirement. The watch's routing does not wait for any pass, and a pass
+/// that looked before it cannot undo it ([`SharedPlane::route_seen`]). It adds new tasks too:
+/// a watch that only removed left the endpoint with nothing to route when the engine replaced
+/// every routed task within one slow pass. It keeps nothing a restart needs.
 struct TaskWatch {
     shared: Arc<WatchShared>,
-    /// The data plane it takes retired tasks out of, and the service.
+    /// The data plane it routes, and the service.
     plane: SharedPlane,
     service: String,
     /// The endpoint it watches ([`engine_key`]).
@@ -703,9 +704,10 @@ fn watch(
                 continue;
             }
         };
-        let now: BTreeSet<String> = routable(&observed).into_iter().map(|(id, _)| id).collect();
+        let targets = routable(&observed);
+        let now: BTreeSet<String> = targets.iter().map(|(id, _)| id.clone()).collect();
         // A failed route is the data plane's to report, on the pass's next call.
-        let _ = plane.retire(&desired.service, looked, now.clone());
+        let _ = plane.route_looked(&desired.service, looked, targets);
         if now != routed && nudged.as_ref() != Some(&now) {
             wake.nudge();
             nudged = Some(now);

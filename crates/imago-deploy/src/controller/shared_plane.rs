@@ -1,10 +1,10 @@
 //! The controller's data plane, shared with the task watches of cluster services: a watch
-//! takes a task the engine no longer wants running out of its endpoint's routes the moment it
-//! sees that, without waiting for the next pass ([`SharedPlane::retire`]), and a pass that
-//! looked at the engine before the watch did cannot put the task back
+//! routes the tasks it finds routable the moment it sees a change (a retired task out, a new
+//! one in), without waiting for the next pass ([`SharedPlane::route_looked`]), and a pass that
+//! looked at the engine before the watch did cannot put a retired task back
 //! ([`SharedPlane::route_seen`]).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -21,9 +21,9 @@ struct Shared {
     plane: Box<dyn DataPlane>,
     /// What each endpoint routes, as last sent to the data plane.
     routed: BTreeMap<String, Vec<(String, SocketAddr)>>,
-    /// Per cluster service, the tasks the latest look of its watch found routable, and when
-    /// that look ended.
-    watched: BTreeMap<String, (Instant, BTreeSet<String>)>,
+    /// Per cluster service, the tasks the latest look of its watch found routable (with their
+    /// addresses), and when that look ended.
+    watched: BTreeMap<String, (Instant, Vec<(String, SocketAddr)>)>,
 }
 
 impl SharedPlane {
@@ -54,8 +54,8 @@ impl SharedPlane {
     }
 
     /// Points `service`'s endpoint at `targets`, as a pass decided from what it saw of the
-    /// engine starting at `seen` (`None`: a local service, no watch). A task that the service's
-    /// watch found no longer routable in a look that ended at or after `seen` stays out: that
+    /// engine starting at `seen` (`None`: a local service, no watch). When the service's watch
+    /// looked later (its look ended at or after `seen`), the watch's routes stand instead: its
     /// look may be newer than the pass's, and a retired task routed again would get
     /// connections until the next pass, past the engine's stop. Only a look that is surely
     /// older than the pass's (it ended before the pass began to look) is set aside. Returns
@@ -69,9 +69,7 @@ impl SharedPlane {
         let mut shared = self.shared();
         if let Some(seen) = seen {
             match shared.watched.get(service) {
-                Some((looked, routable)) if *looked >= seen => {
-                    targets.retain(|(id, _)| routable.contains(id));
-                }
+                Some((looked, routable)) if *looked >= seen => targets = routable.clone(),
                 Some(_) => {
                     shared.watched.remove(service);
                 }
@@ -83,44 +81,33 @@ impl SharedPlane {
         Ok(targets)
     }
 
-    /// What a watch of `service` found routable in a look that ended at `looked`: every task
-    /// its endpoint routes that is not among them is taken out of the routes at once. Never
-    /// adds one: that stays the pass's decision. Returns the tasks taken out.
-    pub(super) fn retire(
+    /// What a watch of `service` found routable in a look that ended at `looked`: the endpoint
+    /// routes exactly those from now on, a retired task out and a new one in, without waiting
+    /// for a pass (only once a pass has routed the endpoint: the watch opens none). Returns
+    /// whether the routes changed.
+    pub(super) fn route_looked(
         &self,
         service: &str,
         looked: Instant,
-        routable: BTreeSet<String>,
-    ) -> Result<Vec<String>, DeployError> {
+        routable: Vec<(String, SocketAddr)>,
+    ) -> Result<bool, DeployError> {
         let mut shared = self.shared();
         if shared
             .watched
             .get(service)
             .is_some_and(|(earlier, _)| *earlier > looked)
         {
-            return Ok(Vec::new());
+            return Ok(false);
         }
-        let Some(routed) = shared.routed.get(service) else {
-            // Not routed by this controller yet (or closed): the first pass's route is
-            // filtered by this look.
-            shared
-                .watched
-                .insert(service.to_owned(), (looked, routable));
-            return Ok(Vec::new());
-        };
-        let (kept, gone): (Vec<_>, Vec<_>) = routed
-            .iter()
-            .cloned()
-            .partition(|(id, _)| routable.contains(id));
         shared
             .watched
-            .insert(service.to_owned(), (looked, routable));
-        if gone.is_empty() {
-            return Ok(Vec::new());
+            .insert(service.to_owned(), (looked, routable.clone()));
+        if shared.routed.get(service).is_none_or(|r| *r == routable) {
+            return Ok(false);
         }
-        shared.plane.route(service, &kept)?;
-        shared.routed.insert(service.to_owned(), kept);
-        Ok(gone.into_iter().map(|(id, _)| id).collect())
+        shared.plane.route(service, &routable)?;
+        shared.routed.insert(service.to_owned(), routable);
+        Ok(true)
     }
 
     /// Forgets what a watch of `service` saw (the watch is gone).
@@ -149,6 +136,7 @@ impl std::ops::DerefMut for PlaneGuard<'_> {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+    use std::collections::BTreeSet;
     use std::net::SocketAddrV4;
     use std::time::Duration;
 
@@ -215,10 +203,6 @@ mod tests {
             .collect()
     }
 
-    fn set(ids: &[&str]) -> BTreeSet<String> {
-        ids.iter().map(|id| (*id).to_owned()).collect()
-    }
-
     fn later(than: Instant) -> Instant {
         // Instants taken one after the other may be equal: wait until the clock moves.
         loop {
@@ -231,8 +215,8 @@ mod tests {
     }
 
     /// The race the watch closes: a pass looks (a, b routable), the watch then finds b retired
-    /// and takes it out at once, and the pass routes what it saw afterwards: b stays out. A
-    /// pass that looked after the watch's look routes what it saw, a task back in service too.
+    /// and takes it out at once, and the pass routes what it saw afterwards: b stays out. The
+    /// watch adds a new task too; a pass that looked after the watch's look routes what it saw.
     #[test]
     fn a_task_the_watch_retired_stays_out_of_a_pass_that_looked_before_it() {
         let (plane, sent) = recording();
@@ -242,8 +226,12 @@ mod tests {
             .unwrap();
         let pass_looked = later(first);
         let watch_looked = later(pass_looked);
-        let gone = plane.retire("web", watch_looked, set(&["a"])).unwrap();
-        assert_eq!(gone, vec!["b".to_owned()], "taken out by the watch itself");
+        assert!(
+            plane
+                .route_looked("web", watch_looked, targets(&["a"]))
+                .unwrap(),
+            "taken out by the watch itself"
+        );
         let routed = plane
             .route_seen("web", targets(&["a", "b"]), Some(pass_looked))
             .unwrap();
@@ -252,32 +240,24 @@ mod tests {
             targets(&["a"]),
             "the stale pass does not put b back"
         );
-        assert_eq!(
-            *sent.lock().unwrap(),
-            vec![
-                vec!["a".to_owned(), "b".into()],
-                vec!["a".into()],
-                vec!["a".into()]
-            ]
+        let sent_ids = |n: usize| sent.lock().unwrap()[n].clone();
+        assert_eq!(sent_ids(1), vec!["a".to_owned()]);
+        assert_eq!(sent_ids(2), vec!["a".to_owned()]);
+        // A look older than the watch's latest changes nothing.
+        assert!(
+            !plane
+                .route_looked("web", pass_looked, targets(&[]))
+                .unwrap()
         );
-        // The watch never adds: a task it finds routable that the endpoint does not route
-        // waits for a pass.
+        assert_eq!(sent.lock().unwrap().len(), 3, "nothing sent");
+        // A new task is routed by the watch too, without waiting for a pass.
         let newer = later(watch_looked);
         assert!(
             plane
-                .retire("web", newer, set(&["a", "c"]))
+                .route_looked("web", newer, targets(&["a", "c"]))
                 .unwrap()
-                .is_empty()
         );
-        assert_eq!(sent.lock().unwrap().len(), 3, "nothing sent");
-        // A look older than the watch's latest changes nothing.
-        assert!(
-            plane
-                .retire("web", watch_looked, set(&[]))
-                .unwrap()
-                .is_empty()
-        );
-        assert_eq!(sent.lock().unwrap().len(), 3, "nothing sent");
+        assert_eq!(sent_ids(3), vec!["a".to_owned(), "c".into()]);
         let pass_after = later(newer);
         let routed = plane
             .route_seen("web", targets(&["a", "b", "c"]), Some(pass_after))
@@ -287,9 +267,16 @@ mod tests {
             targets(&["a", "b", "c"]),
             "a pass that looked after the watch decides (a pod ready again)"
         );
+        // The watch opens no endpoint: a service no pass routed gets nothing from it.
+        assert!(
+            !plane
+                .route_looked("api", later(pass_after), targets(&["z"]))
+                .unwrap()
+        );
         // Local services (no look) are routed as asked.
         plane.route_seen("local", targets(&["x"]), None).unwrap();
         assert_eq!(sent.lock().unwrap().last().unwrap(), &vec!["x".to_owned()]);
+        assert_eq!(sent.lock().unwrap().len(), 6);
     }
 
     /// A pass and a watch side by side, each at random moments: whenever the watch's look that
@@ -317,7 +304,11 @@ mod tests {
                     *clock_w.lock().unwrap() = k;
                     let now = state_w(k);
                     let looked = Instant::now();
-                    plane_w.retire("web", looked, now.clone()).unwrap();
+                    let routable: Vec<_> = now
+                        .iter()
+                        .map(|id| (id.clone(), SocketAddr::from(([127, 0, 0, 1], 9000))))
+                        .collect();
+                    plane_w.route_looked("web", looked, routable).unwrap();
                     let mut retired = retired_w.lock().unwrap();
                     for n in 0..40 {
                         let id = format!("t{n}");
