@@ -29,8 +29,8 @@ pub use engine::{DEFAULT_NAMESPACE, KubeCluster, render_service};
 pub use error::KubeError;
 pub use render::{
     ANNOTATION_CONFIG_HASH, LABEL_CONFIG, LABEL_MANAGED_BY, LABEL_NAME, LABEL_RELEASE,
-    LABEL_REVISION, MANAGED_BY, PinnedImage, ReleaseInput, RenderedRelease, render,
-    selector_labels, selector_text,
+    LABEL_REVISION, MANAGED_BY, PinnedImage, ReleaseInput, RenderedRelease, STOP_MARGIN_SECONDS,
+    render, selector_labels, selector_text,
 };
 pub use rollout::{PROGRESS_DEADLINE_EXCEEDED, RolloutState, RolloutStatus, judge};
 pub use yaml::render_yaml;

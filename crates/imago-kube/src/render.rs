@@ -99,6 +99,16 @@ pub struct RenderedRelease {
     pub volume_claims: Vec<String>,
 }
 
+/// The least a pod that publishes a port keeps serving after its deletion, whatever
+/// `rollout.drain` says (`drain = "0s"` too), as a preStop sleep. Kubernetes sends SIGTERM once
+/// the kubelet sees the deletion, and takes the pod out of the Service's endpoints (imago's
+/// endpoint takes it out of its routes) at the same time, not before: without a margin the pod
+/// stops while new connections still reach it, and they fail (Kubernetes' own advice is a
+/// preStop sleep). 2 s: the stop delay a swarm gives every retired task, within which imago's
+/// endpoint has stopped routing to it. A service without a port is reached through no
+/// endpoint: no margin.
+pub const STOP_MARGIN_SECONDS: i32 = 2;
+
 /// Renders a release, or names the first key Kubernetes cannot honour.
 pub fn render(input: &ReleaseInput<'_>) -> Result<RenderedRelease, KubeError> {
     let service = input.service;
@@ -204,6 +214,13 @@ pub fn render(input: &ReleaseInput<'_>) -> Result<RenderedRelease, KubeError> {
     }
     // `auto_rollback` is imago's own: it re-applies the last complete release's objects.
     let drain = seconds("rollout.drain", rollout.drain)?;
+    // A pod with a port is reached through endpoints (imago's, the Service's) that learn of
+    // its deletion while the kubelet already stops it: it keeps serving the stop margin.
+    let drain = if instance_port.is_some() {
+        drain.max(STOP_MARGIN_SECONDS)
+    } else {
+        drain
+    };
     let stop_grace = seconds("stop_grace_period", spec.stop_grace_period)?;
 
     let selector = selector_labels(service);
@@ -262,7 +279,7 @@ pub fn render(input: &ReleaseInput<'_>) -> Result<RenderedRelease, KubeError> {
         liveness_probe: probes.as_ref().map(|p| p.liveness.clone()),
         startup_probe: probes.and_then(|p| p.startup),
         // Drain: the pod leaves the Service's endpoints first, then keeps serving open
-        // connections this long before it gets SIGTERM.
+        // connections this long (at least the stop margin) before it gets SIGTERM.
         lifecycle: (drain > 0).then(|| Lifecycle {
             pre_stop: Some(LifecycleHandler {
                 sleep: Some(SleepAction {

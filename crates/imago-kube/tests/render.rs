@@ -237,3 +237,43 @@ fn keys_kubernetes_cannot_honour_are_refused_by_name() {
     }
     check_golden("refused.txt", &report);
 }
+
+/// A pod that publishes a port keeps serving at least the stop margin after its deletion,
+/// `drain = "0s"` too: Kubernetes sends it SIGTERM while its endpoints still route to it. A
+/// longer drain is kept as written; a pod without a port (no endpoint) gets no margin.
+#[test]
+fn a_pod_with_a_port_keeps_serving_the_stop_margin_whatever_the_drain() {
+    let stop = |toml: &str| {
+        let rendered = render_service("api", toml, &[]).unwrap();
+        let pod = rendered.deployment.spec.unwrap().template.spec.unwrap();
+        let sleep = pod.containers[0]
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.pre_stop.as_ref())
+            .and_then(|h| h.sleep.as_ref())
+            .map(|s| s.seconds);
+        (sleep, pod.termination_grace_period_seconds)
+    };
+    let margin = i64::from(imago_kube::STOP_MARGIN_SECONDS);
+    assert!(margin >= 1);
+    let service = |port: &str, drain: &str| {
+        format!(
+            "image = \"api\"\n{port}stop_grace_period = \"3s\"\n[service.api.rollout]\ndrain = \"{drain}\"\n"
+        )
+    };
+    assert_eq!(
+        stop(&service("port = 8080\n", "0s")),
+        (Some(margin), Some(margin + 3)),
+        "drain 0 with a port"
+    );
+    assert_eq!(
+        stop(&service("port = 8080\n", "5s")),
+        (Some(5), Some(8)),
+        "a longer drain is kept"
+    );
+    assert_eq!(
+        stop(&service("", "0s")),
+        (None, Some(3)),
+        "no port, no endpoint, no margin"
+    );
+}

@@ -15,12 +15,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, mpsc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use imago_spec::cluster::{
     ClusterEngine, ClusterObservation, ClusterService, EngineError, TaskPhase, UpdateState,
 };
 
+use super::shared_plane::SharedPlane;
 use super::{Controller, ServicePass, Wake};
 use crate::error::DeployError;
 use crate::spec::ResolvedTarget;
@@ -117,7 +118,13 @@ impl Controller {
         // engine that cannot hold a rollout never gets one recorded (`actions::set_paused`).
         desired.paused = target.spec.engine.holds_rollouts() && self.db.paused(service)?.is_some();
         let has_outcome = self.db.outcome_of(service, release.number)?.is_some();
+        // When this pass began to look: a task its watch finds retired after that stays out of
+        // the routes however long the pass takes to route.
+        let seen = Instant::now();
         let observed = self.engine_for(service, target)?.observe(&desired)?;
+        if let Some(delay) = test_pass_delay() {
+            std::thread::sleep(delay);
+        }
         let reapply = match &observed {
             None => {
                 if has_outcome || self.cluster.applied.contains(service) {
@@ -186,7 +193,7 @@ impl Controller {
         };
         let Some(message) = reapply else {
             self.cluster.reapplied.remove(service);
-            return self.judge_cluster(release, target, &desired, observed, pass);
+            return self.judge_cluster(release, target, &desired, (observed, seen), pass);
         };
         // The same drift right after re-applying: the engine does not keep what imago renders
         // (or reads it back differently). Said once as the service's fault, never a loop of
@@ -212,7 +219,7 @@ impl Controller {
         release: &Release,
         target: &ResolvedTarget,
         desired: &ClusterService,
-        observed: Option<ClusterObservation>,
+        (observed, seen): (Option<ClusterObservation>, Instant),
         mut pass: ServicePass,
     ) -> Result<ServicePass, DeployError> {
         let service = release.service.as_str();
@@ -221,7 +228,7 @@ impl Controller {
             return Ok(pass);
         };
         self.report_task_drift(service, release, desired, &observed, has_outcome)?;
-        self.route_tasks(service, release, target, desired, &observed)?;
+        self.route_tasks(service, release, target, desired, (&observed, seen))?;
         if has_outcome {
             return Ok(pass);
         }
@@ -285,14 +292,15 @@ impl Controller {
         Ok(())
     }
 
-    /// Points the service's endpoint (if it publishes one) at the running tasks' addresses.
+    /// Points the service's endpoint (if it publishes one) at the running tasks' addresses, as
+    /// seen in a look that began at `seen` (less those its watch found retired since).
     fn route_tasks(
         &mut self,
         service: &str,
         release: &Release,
         target: &ResolvedTarget,
         desired: &ClusterService,
-        observed: &ClusterObservation,
+        (observed, seen): (&ClusterObservation, Instant),
     ) -> Result<(), DeployError> {
         if release
             .spec
@@ -306,8 +314,9 @@ impl Controller {
         self.ensure_endpoint(service, release)?;
         let targets = routable(observed);
         let eligible: BTreeSet<String> = targets.iter().map(|(id, _)| id.clone()).collect();
-        self.route(service, targets, &eligible)?;
-        self.watch_tasks(service, release, target, desired, &eligible)?;
+        let routed = self.route(service, targets, &eligible, Some(seen))?;
+        let routed = routed.into_iter().map(|(id, _)| id).collect();
+        self.watch_tasks(service, release, target, desired, &routed)?;
         Ok(())
     }
 
@@ -341,7 +350,7 @@ impl Controller {
             desired,
             routed.clone(),
             rolling,
-            self.health.wake.clone(),
+            (self.health.wake.clone(), self.plane.clone()),
         );
         self.cluster.watches.insert(service.to_owned(), watch);
         Ok(())
@@ -528,22 +537,41 @@ fn routable(observed: &ClusterObservation) -> Vec<(String, SocketAddr)> {
         .collect()
 }
 
+/// `IMAGO_TEST_CLUSTER_PASS_DELAY_MS`, for tests only: how long each pass of a cluster service
+/// waits between its look at the engine and its routing, to stand for a pass made slow by
+/// load (many local instances, a loaded host, a slow engine).
+fn test_pass_delay() -> Option<Duration> {
+    std::env::var("IMAGO_TEST_CLUSTER_PASS_DELAY_MS")
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+        .map(Duration::from_millis)
+}
+
 /// How often a [`TaskWatch`] lists the tasks while a rollout of its service is under way, and
 /// otherwise (the engine also retires tasks on its own: a node drained, a task that failed).
 const WATCH_ROLLING: Duration = Duration::from_millis(100);
 const WATCH_SETTLED: Duration = Duration::from_secs(1);
 
-/// Lists one routed cluster service's tasks beside the loop, through an engine of its own, and
-/// nudges the controller the moment the tasks to route differ from what the endpoint routes.
+/// Lists one routed cluster service's tasks beside the loop, through an engine of its own,
+/// routes the endpoint to the routable ones the moment they differ from the routed ones (a task
+/// not wanted running by the engine, or not running, out; a new running one in), and nudges
+/// the controller.
 ///
-/// A swarm stops a retired task 2 s after it retires it (`defaultGossipConvergeDelay`), and
-/// the endpoint learns of the retirement from a pass; passes come `interval` apart, and a
-/// loaded controller's are paced to twice their own length (up to 5 s): with a pass of 0.8 s
+/// A swarm stops a retired task 2 s after it retires it (`defaultGossipConvergeDelay`). When
+/// the endpoint learned of the retirement from a pass only, passes came `interval` apart, and
+/// a loaded controller's are paced to twice their own length (up to 5 s): with a pass of 0.8 s
 /// the retired task was routed 2.4 s after its retirement and the requests sent to it in the
-/// last 0.4 s failed. The watch makes the next pass come at once instead, whatever the
-/// interval and pacing. It decides nothing and keeps nothing a restart needs: the pass routes.
+/// last 0.4 s failed. A nudge made the next pass come at once, but a pass that itself took
+/// longer than 2 s (a loaded host, many local instances, a slow engine) still routed what it
+/// had seen before the retirement. The watch's routing does not wait for any pass, and a pass
+/// that looked before it cannot undo it ([`SharedPlane::route_seen`]). It adds new tasks too:
+/// a watch that only removed left the endpoint with nothing to route when the engine replaced
+/// every routed task within one slow pass. It keeps nothing a restart needs.
 struct TaskWatch {
     shared: Arc<WatchShared>,
+    /// The data plane it routes, and the service.
+    plane: SharedPlane,
+    service: String,
     /// The endpoint it watches ([`engine_key`]).
     engine_key: String,
     /// Disconnected once the thread has ended and dropped its engine (`None`: no thread).
@@ -571,8 +599,9 @@ impl TaskWatch {
         desired: ClusterService,
         routed: BTreeSet<String>,
         rolling: bool,
-        wake: Arc<Wake>,
+        (wake, plane): (Arc<Wake>, SharedPlane),
     ) -> TaskWatch {
+        let service = desired.service.clone();
         let shared = Arc::new(WatchShared {
             stop: AtomicBool::new(false),
             told: Mutex::new((desired, routed, rolling)),
@@ -582,10 +611,11 @@ impl TaskWatch {
         let engine_key = engine_key(&target);
         let name = format!("task-watch-{}", target.name);
         let (end, ended) = mpsc::channel::<()>();
+        let watched_plane = plane.clone();
         let spawned = std::thread::Builder::new().name(name).spawn(move || {
             // Dropped after `watch` returned, so after its engine.
             let _end = end;
-            watch(&factory, &target, &watched, &wake);
+            watch(&factory, &target, &watched, (&wake, &watched_plane));
         });
         let ended = match spawned {
             Ok(_) => Some(ended),
@@ -597,6 +627,8 @@ impl TaskWatch {
         };
         TaskWatch {
             shared,
+            plane,
+            service,
             engine_key,
             ended,
         }
@@ -619,6 +651,7 @@ impl Drop for TaskWatch {
         if let Some(ended) = self.ended.take() {
             let _ = ended.recv_timeout(WATCH_END_WAIT);
         }
+        self.plane.unwatch(&self.service);
     }
 }
 
@@ -629,7 +662,12 @@ impl WatchShared {
 }
 
 /// The watch's thread: ends when its [`TaskWatch`] is dropped.
-fn watch(factory: &EngineFactory, target: &ResolvedTarget, shared: &WatchShared, wake: &Wake) {
+fn watch(
+    factory: &EngineFactory,
+    target: &ResolvedTarget,
+    shared: &WatchShared,
+    (wake, plane): (&Wake, &SharedPlane),
+) {
     let mut engine = None;
     // What the last nudge was for: one nudge per change, not one per listing until the pass
     // has routed it.
@@ -653,7 +691,9 @@ fn watch(factory: &EngineFactory, target: &ResolvedTarget, shared: &WatchShared,
         let Some(e) = engine.as_mut() else {
             continue;
         };
-        let observed = match e.observe(&desired) {
+        let looking = e.observe(&desired);
+        let looked = Instant::now();
+        let observed = match looking {
             Ok(Some(observed)) => observed,
             // The service is not there (removed by hand, until the pass applies it again):
             // the engine is fine, keep it (an ssh endpoint would open a tunnel per look).
@@ -664,7 +704,10 @@ fn watch(factory: &EngineFactory, target: &ResolvedTarget, shared: &WatchShared,
                 continue;
             }
         };
-        let now: BTreeSet<String> = routable(&observed).into_iter().map(|(id, _)| id).collect();
+        let targets = routable(&observed);
+        let now: BTreeSet<String> = targets.iter().map(|(id, _)| id.clone()).collect();
+        // A failed route is the data plane's to report, on the pass's next call.
+        let _ = plane.route_looked(&desired.service, looked, targets);
         if now != routed && nudged.as_ref() != Some(&now) {
             wake.nudge();
             nudged = Some(now);
@@ -1185,7 +1228,7 @@ mod tests {
                 desired.clone(),
                 BTreeSet::new(),
                 rolling,
-                h.controller.health.wake.clone(),
+                (h.controller.health.wake.clone(), h.controller.plane.clone()),
             );
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
             while made.load(Ordering::SeqCst) == 0 {

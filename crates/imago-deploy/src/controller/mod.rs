@@ -29,6 +29,7 @@ mod probes;
 mod progress;
 mod reconcile;
 mod set_aside;
+mod shared_plane;
 mod stops;
 #[cfg(test)]
 mod test_support;
@@ -366,8 +367,9 @@ pub struct Controller {
     set_aside_failed: BTreeSet<imago_oci::Digest>,
     /// What serves the endpoints: proxies, connection counts, and the kernel's connect-time
     /// balancing for clients on this host (they then connect to a routed instance directly).
-    /// In this process ([`LocalPlane`]), or a process that outlives the controller.
-    plane: Box<dyn DataPlane>,
+    /// In this process ([`LocalPlane`]), or a process that outlives the controller. Shared
+    /// with the task watches of cluster services, which take retired tasks out of the routes.
+    plane: shared_plane::SharedPlane,
     /// Services the data plane serves (also those it served before this controller started),
     /// so a service that stops publishing or is destroyed gets its endpoint closed.
     plane_services: BTreeSet<String>,
@@ -456,7 +458,7 @@ impl Controller {
             last_rootfs_check: None,
             tainted: HashMap::new(),
             set_aside_failed: BTreeSet::new(),
-            plane: Box::new(LocalPlane::new(None)),
+            plane: shared_plane::SharedPlane::new(Box::new(LocalPlane::new(None))),
             plane_services: BTreeSet::new(),
             adopted_routes: BTreeMap::new(),
             balanced_peers: BTreeSet::new(),
@@ -481,13 +483,14 @@ impl Controller {
             .filter(|e| !e.addrs.is_empty())
             .map(|e| (e.service, e.routed))
             .collect();
-        self.plane = plane;
+        self.plane = shared_plane::SharedPlane::new(plane);
         self
     }
 
     /// Open connections the endpoint proxy relays to instance `id` of `service`.
     pub fn proxied_connections(&mut self, service: &str, id: &str) -> usize {
         self.plane
+            .lock()
             .connections(service, &[id.to_owned()])
             .ok()
             .and_then(|c| c.first().copied())
@@ -501,23 +504,26 @@ impl Controller {
     /// [`imago_runtime::balancer::MAX_BACKENDS`] routed instances), and drains count the
     /// balanced connections from the kernel's socket table.
     pub fn with_kernel_balancing(mut self, balancer: ConnectBalancer) -> Controller {
-        self.plane = Box::new(LocalPlane::new(Some(balancer)));
+        self.plane = shared_plane::SharedPlane::new(Box::new(LocalPlane::new(Some(balancer))));
         self
     }
 
     /// Whether the kernel balances this host's connections (see [`Self::with_kernel_balancing`]).
     pub fn kernel_balancing(&self) -> bool {
-        self.plane.kernel_balancing()
+        self.plane.lock().kernel_balancing()
     }
 
     /// Points `service`'s endpoint at `targets`, and at the instances it routed when this
     /// controller adopted the data plane that this controller has not judged yet (among
-    /// `eligible`: live, not retired). Returns what is routed.
+    /// `eligible`: live, not retired). A cluster service's pass says when it began to look at
+    /// the engine (`seen`): a task its watch has since found retired stays out
+    /// ([`shared_plane::SharedPlane::route_seen`]). Returns what is routed.
     fn route(
         &mut self,
         service: &str,
         mut targets: Vec<(String, SocketAddr)>,
         eligible: &BTreeSet<String>,
+        seen: Option<std::time::Instant>,
     ) -> Result<Vec<(String, SocketAddr)>, DeployError> {
         if !self.endpoints.contains_key(service) {
             return Ok(targets);
@@ -539,8 +545,8 @@ impl Controller {
                 self.adopted_routes.insert(service.to_owned(), adopted);
             }
         }
-        self.plane.route(service, &targets)?;
-        if self.plane.kernel_balancing() {
+        let targets = self.plane.route_seen(service, targets, seen)?;
+        if self.plane.lock().kernel_balancing() {
             self.balanced_peers
                 .extend(targets.iter().filter_map(|(_, a)| match a {
                     SocketAddr::V4(a) => Some(*a),
@@ -567,7 +573,7 @@ impl Controller {
     /// Records why the data plane turned kernel balancing off (every connection then goes
     /// through the proxy, which is always right, rather than a stale backend list in the kernel).
     fn record_kernel_failures(&mut self) -> Result<(), DeployError> {
-        for failure in self.plane.take_kernel_failures() {
+        for failure in self.plane.lock().take_kernel_failures() {
             self.db.event(None, "endpoint", &failure, &self.actor)?;
         }
         Ok(())
@@ -594,7 +600,7 @@ impl Controller {
                 .any(|a| matches!(a, SocketAddr::V4(a) if !a.ip().is_loopback()))
         });
         let addrs: Vec<SocketAddrV4> = addresses.values().copied().collect();
-        let balanced = if self.plane.kernel_balancing() {
+        let balanced = if self.plane.lock().kernel_balancing() {
             imago_runtime::balancer::open_connections(&addrs)
         } else {
             Ok(vec![0; addrs.len()])
@@ -738,7 +744,7 @@ impl Controller {
             .collect();
         // Forget the peer-address rewrite of backends no longer routed or draining.
         let peers = std::mem::take(&mut self.balanced_peers);
-        self.plane.keep_peers(&peers)?;
+        self.plane.lock().keep_peers(&peers)?;
         self.record_kernel_failures()?;
         self.probes.retain(|id, task| {
             let keep = live.contains(id.as_str());
@@ -826,7 +832,7 @@ impl Controller {
         }
         // A new address keeps the service's routes in the data plane: connections still open
         // on the old one (relayed to their end) keep counting for drains.
-        let listening = self.plane.listen(service, &addrs, &routing)?;
+        let listening = self.plane.lock().listen(service, &addrs, &routing)?;
         self.plane_services.insert(service.to_owned());
         self.record_kernel_failures()?;
         let mut kernel = match listening.balanced {

@@ -344,7 +344,7 @@ impl Controller {
         } else {
             BTreeSet::new()
         };
-        let targets = self.route(service, targets, &eligible)?;
+        let targets = self.route(service, targets, &eligible, None)?;
         pass.routed = targets.into_iter().map(|(id, _)| id).collect();
         clock.lap("route");
         // Clean up the dead (replace, don't repair), unrouted now.
@@ -550,14 +550,15 @@ impl Controller {
             .filter(|id| by_id.get(id.as_str()).is_some_and(|i| i.is_active()))
             .cloned()
             .collect();
-        let proxied: HashMap<&str, usize> = match self.plane.connections(service, &live_draining) {
-            Ok(counts) if counts.len() == live_draining.len() => live_draining
-                .iter()
-                .map(String::as_str)
-                .zip(counts)
-                .collect(),
-            _ => HashMap::new(),
-        };
+        let proxied: HashMap<&str, usize> =
+            match self.plane.lock().connections(service, &live_draining) {
+                Ok(counts) if counts.len() == live_draining.len() => live_draining
+                    .iter()
+                    .map(String::as_str)
+                    .zip(counts)
+                    .collect(),
+                _ => HashMap::new(),
+            };
         for (id, drain_deadline) in draining {
             let Some(instance) = by_id.get(id.as_str()).copied() else {
                 // Not this service's, or already gone (stopped just before a crash).
