@@ -7,7 +7,7 @@
 //! the random instance id: the cgroup `/imago/<id>`, the network namespace `imago-<id>`, the
 //! host veth `iv-<id>`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
 use std::fs;
 use std::io::{Read, Write};
@@ -865,10 +865,38 @@ fn launcher_alive(dir: &InstanceDir) -> Option<bool> {
 /// launcher. A dot-name, which no listing shows.
 const STAGING_PREFIX: &str = ".launching.";
 
+/// What the name of a launch's marker starts with: `.launch.<id>.<pid>.<start>`, an empty file
+/// made before the staging directory and removed once the directory is in place, and never
+/// renamed. A directory listing that runs while an entry is renamed may return neither its old
+/// nor its new name (seen on ext4: 96 of 3,387 listings beside 2,000 entries), so without it a
+/// `launches_under_way` during the rename missed the launch and `destroy` left its instance.
+const MARKER_PREFIX: &str = ".launch.";
+
+/// A launch's marker file (see [`LocalProvider::make_instance_dir`]), removed when dropped: once
+/// the instance's record exists, or when the launch failed and its directory is gone. One left
+/// by a kill names a dead launcher: the sweep takes it.
+struct LaunchMarker(Option<PathBuf>);
+
+impl LaunchMarker {
+    /// The record exists (or the launch is given up): the marker has served.
+    fn done(self) {}
+}
+
+impl Drop for LaunchMarker {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
 /// The instance id and the launcher (pid, start time) that a staging directory's name
-/// (`STAGING_PREFIX`) names; `None` for any other name.
+/// (`STAGING_PREFIX`) or a launch marker's (`MARKER_PREFIX`) names; `None` for any other name.
 fn staged_launch(name: &str) -> Option<(&str, i32, u64)> {
-    let mut fields = name.strip_prefix(STAGING_PREFIX)?.split('.');
+    let rest = name
+        .strip_prefix(STAGING_PREFIX)
+        .or_else(|| name.strip_prefix(MARKER_PREFIX))?;
+    let mut fields = rest.split('.');
     let id = fields.next().filter(|id| !id.is_empty())?;
     let pid = fields.next()?.parse().ok()?;
     let start = fields.next()?.parse().ok()?;
@@ -953,12 +981,53 @@ impl LocalProvider {
     /// never waited for by [`Self::launches_under_way`]. (A directory that names nobody, which
     /// waited [`ABANDONED_DIR_AGE`], is now only made without a start time, or by an older
     /// imago.)
-    fn make_instance_dir(&self, id: &str, dir: &InstanceDir) -> Result<(), RuntimeError> {
+    ///
+    /// Returns the launch's marker ([`MARKER_PREFIX`]), made first and never renamed, which the
+    /// launcher removes once the instance's record exists ([`LaunchMarker::done`]): a listing
+    /// beside the rename may see neither the staging nor the final name, and one beside the
+    /// marker's removal may miss the marker, but then the record existed before that listing
+    /// ended (`destroy` lists the launches under way, then the instances).
+    fn make_instance_dir(&self, id: &str, dir: &InstanceDir) -> Result<LaunchMarker, RuntimeError> {
+        self.make_instance_dir_marked(id, dir, || {})
+    }
+
+    /// [`Self::make_instance_dir`], calling `marked` once the launch's marker exists (a test
+    /// learns there from when on the launch must be listed as under way).
+    fn make_instance_dir_marked(
+        &self,
+        id: &str,
+        dir: &InstanceDir,
+        marked: impl FnOnce(),
+    ) -> Result<LaunchMarker, RuntimeError> {
         let Some(start) = crate::state::own_start_time() else {
+            marked();
             return fs::create_dir_all(&dir.root)
+                .map(|()| LaunchMarker(None))
                 .map_err(RuntimeError::io("cannot create", &dir.root));
         };
         let me = std::process::id();
+        let instances = self.layout.instances();
+        fs::create_dir_all(&instances).map_err(RuntimeError::io("cannot create", &instances))?;
+        let marker = LaunchMarker(Some(
+            instances.join(format!("{MARKER_PREFIX}{id}.{me}.{start}")),
+        ));
+        if let Some(path) = &marker.0 {
+            fs::File::create_new(path).map_err(RuntimeError::io("cannot create", path))?;
+        }
+        marked();
+        // On an error the marker goes when dropped.
+        self.stage_instance_dir(id, dir, me, start)?;
+        Ok(marker)
+    }
+
+    /// [`Self::make_instance_dir`]'s staging directory, its `launcher` file and its rename.
+    fn stage_instance_dir(
+        &self,
+        id: &str,
+        dir: &InstanceDir,
+        me: u32,
+        start: u64,
+    ) -> Result<(), RuntimeError> {
         let staging = self
             .layout
             .instances()
@@ -1018,8 +1087,8 @@ impl LocalProvider {
     /// process that is gone, or when it names nobody and holds no spec yet and is older than
     /// [`ABANDONED_DIR_AGE`] (an older imago's launcher killed before it wrote either), so a
     /// launch under way, or one by an older imago (a spec, no such file), is never touched.
-    /// Staging directories ([`Self::make_instance_dir`]) whose name says their launcher is gone
-    /// are taken too.
+    /// Staging directories and launch markers ([`Self::make_instance_dir`]) whose name says
+    /// their launcher is gone are taken too (each counts as one).
     pub fn remove_abandoned_dirs(&self) -> usize {
         self.sweep_instance_dirs(false).0
     }
@@ -1039,10 +1108,20 @@ impl LocalProvider {
         for entry in entries.flatten() {
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            // A launch killed before its directory was renamed into place.
+            // A launch killed before its directory was renamed into place (its staging
+            // directory), or before it removed its marker (an empty file).
             if let Some((_, pid, start)) = staged_launch(&name) {
-                if !is_alive(pid, start) && fs::remove_dir_all(entry.path()).is_ok() {
-                    removed += 1;
+                if !is_alive(pid, start) {
+                    let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+                    let gone = if is_dir {
+                        fs::remove_dir_all(entry.path())
+                    } else {
+                        fs::remove_file(entry.path())
+                    };
+                    // A marker counts as what its launch left, as its directory does.
+                    if gone.is_ok() {
+                        removed += 1;
+                    }
                 }
                 continue;
             }
@@ -1083,13 +1162,15 @@ impl LocalProvider {
         let Ok(entries) = fs::read_dir(self.layout.instances()) else {
             return Vec::new();
         };
-        let mut launching = Vec::new();
+        // By id: a launch may show as its marker and its directory in one listing.
+        let mut launching: BTreeMap<String, Option<InstanceSpec>> = BTreeMap::new();
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            // A launch that is making its directory: no spec yet.
+            // A launch that is making its directory (its marker, its staging directory): no
+            // spec yet.
             if let Some((id, pid, start)) = staged_launch(&name) {
                 if is_alive(pid, start) {
-                    launching.push((id.to_owned(), None));
+                    launching.entry(id.to_owned()).or_insert(None);
                 }
                 continue;
             }
@@ -1105,10 +1186,10 @@ impl LocalProvider {
                 None => !dir.spec().exists() && !older_than(&dir.root, ABANDONED_DIR_AGE),
             };
             if under_way && !dir.state().exists() {
-                launching.push((name, crate::state::read_json(&dir.spec()).ok()));
+                launching.insert(name, crate::state::read_json(&dir.spec()).ok());
             }
         }
-        launching
+        launching.into_iter().collect()
     }
 
     /// Takes back what no `rm` will ever name, in one pass over the instance directories, the
@@ -1193,9 +1274,12 @@ impl Provider for LocalProvider {
         self.reap_children_now_and_then();
         let id = new_id()?;
         let dir = self.layout.instance_dir(&id);
-        self.make_instance_dir(&id, &dir)?;
+        let marker = self.make_instance_dir(&id, &dir)?;
         // Unsynced like everything on the launch path: the supervisor syncs once it runs.
-        write_json_unsynced(&dir.spec(), spec)?;
+        if let Err(e) = write_json_unsynced(&dir.spec(), spec) {
+            let _ = self.discard(&dir.root);
+            return Err(e);
+        }
         let lease = match self.launch_prepared(spec, &id, &dir) {
             Ok(lease) => lease,
             Err(e) => {
@@ -1204,6 +1288,8 @@ impl Provider for LocalProvider {
                 return Err(e);
             }
         };
+        // The "created" record exists: every listing shows the launch from now on.
+        marker.done();
         self.spawn_supervisor(&id, &dir, lease)
     }
 
@@ -2027,6 +2113,101 @@ mod tests {
     /// What `destroy` waits for: the directories of launches whose launcher lives and that
     /// have no record yet, with their spec once written; not those of dead launchers (the
     /// sweep's), of recorded instances (listed) or the trash.
+    /// A launch that is under way from before a listing of the launches under way until after
+    /// it is in that listing, whatever step of making its directory it is at (the rename of its
+    /// staging directory into place included: a listing beside a rename may see neither name,
+    /// and `destroy` would then leave the launch's instance behind). The home is on the disk
+    /// of the temporary directory (ext4 here, where a rename was missed), among 2,000 recorded
+    /// instances.
+    #[test]
+    fn a_listing_never_misses_a_launch_that_is_under_way_throughout() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let home = tempfile::tempdir().unwrap();
+        let provider = Arc::new(provider_without_images(home.path()));
+        let spec = InstanceSpec::new(imago_oci::Digest::of(b"image"));
+        for n in 0..2_000 {
+            let dir = provider.layout().instance_dir(&format!("{n:012x}"));
+            fs::create_dir_all(&dir.root).unwrap();
+            dir.write_state(&Instance::new(format!("{n:012x}"), &spec).unwrap())
+                .unwrap();
+        }
+        // Launch k is under way while `started` is k and `recorded` is k - 1: from when its
+        // marker exists (a listing that began before is one that began before the launch).
+        let started = Arc::new(AtomicU64::new(0));
+        let recorded = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let maker = {
+            let (provider, started, recorded, stop) = (
+                provider.clone(),
+                started.clone(),
+                recorded.clone(),
+                stop.clone(),
+            );
+            std::thread::spawn(move || {
+                let spec = InstanceSpec::new(imago_oci::Digest::of(b"image"));
+                let mut k = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    k += 1;
+                    let id = format!("launch{k:06}");
+                    let dir = provider.layout().instance_dir(&id);
+                    let marker = provider
+                        .make_instance_dir_marked(&id, &dir, || started.store(k, Ordering::SeqCst))
+                        .unwrap();
+                    // Under way a while after the rename too, so that listings that began
+                    // before it (right after `started`) can end before the record.
+                    std::thread::sleep(Duration::from_millis(10));
+                    dir.write_state(&Instance::new(id.clone(), &spec).unwrap())
+                        .unwrap();
+                    // As `launch` does: the marker goes once the record exists.
+                    marker.done();
+                    recorded.store(k, Ordering::SeqCst);
+                    fs::remove_dir_all(&dir.root).unwrap();
+                }
+                k
+            })
+        };
+        let mut checked = 0;
+        let mut missed = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while checked < 400 && std::time::Instant::now() < deadline {
+            let before = (
+                started.load(Ordering::SeqCst),
+                recorded.load(Ordering::SeqCst),
+            );
+            let listed = provider.launches_under_way();
+            let k = before.0;
+            let id = format!("launch{k:06}");
+            // Read before `after`: the maker removes the directory only after `recorded`.
+            let recorded_now = provider.layout().instance_dir(&id).state().exists();
+            let after = (
+                started.load(Ordering::SeqCst),
+                recorded.load(Ordering::SeqCst),
+            );
+            if before == after && before.1 < k {
+                checked += 1;
+                // Not listed as under way: then its record must have existed before the
+                // listing ended (the marker went after it), so a listing of the instances made
+                // next, as `destroy` makes it, shows it.
+                if !listed.iter().any(|(listed, _)| *listed == id) && !recorded_now {
+                    missed.push(id);
+                }
+            }
+        }
+        stop.store(true, Ordering::SeqCst);
+        let made = maker.join().unwrap();
+        assert!(
+            checked >= 50,
+            "only {checked} listings beside a launch ({made} launches)"
+        );
+        assert!(
+            missed.is_empty(),
+            "{} of {checked} listings missed the launch under way: {:?}",
+            missed.len(),
+            &missed[..missed.len().min(5)]
+        );
+    }
+
     #[test]
     fn launches_under_way_are_those_of_live_launchers_without_a_record() {
         let home = tempfile::tempdir().unwrap();

@@ -2084,14 +2084,18 @@ fn launchers_killed_at_random_points_of_real_launches_are_never_waited_for() {
         launcher.wait().unwrap();
 
         // Everything in `instances` is the killed launcher's (the rounds before removed theirs)
-        // and names it: by its staging name or its `launcher` file.
+        // and names it: by its staging or marker name or its `launcher` file.
         let mut left = Vec::new();
         for entry in fs::read_dir(&instances).unwrap().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if name == ".trash" {
                 continue;
             }
-            if let Some(rest) = name.strip_prefix(".launching.") {
+            // Its staging directory, or its marker (kept until the record exists).
+            if let Some(rest) = name
+                .strip_prefix(".launching.")
+                .or_else(|| name.strip_prefix(".launch."))
+            {
                 assert_eq!(rest.split('.').nth(1), Some(pid.as_str()), "round {round}");
                 left.push(name);
                 continue;

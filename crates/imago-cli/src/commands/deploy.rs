@@ -1447,6 +1447,10 @@ fn destroy_one(
         let ours = |labels: &BTreeMap<String, String>| {
             labels.get(LABEL_SERVICE).map(String::as_str) == Some(service)
         };
+        // The launches under way first, then the instances: a launch whose marker this
+        // listing missed as it went had recorded its instance before (see
+        // `LocalProvider::make_instance_dir`), so the list below shows it.
+        let under_way = provider.launches_under_way();
         let mut launching = 0;
         for instance in provider.list()? {
             if !ours(&instance.labels) || done.contains(&instance.id) {
@@ -1466,9 +1470,9 @@ fn destroy_one(
             done.insert(instance.id);
         }
         // Without a spec yet, it may be ours.
-        launching += provider
-            .launches_under_way()
+        launching += under_way
             .iter()
+            .filter(|(id, _)| !done.contains(id))
             .filter(|(_, spec)| spec.as_ref().is_none_or(|s| ours(&s.labels)))
             .count();
         if launching == 0 {
