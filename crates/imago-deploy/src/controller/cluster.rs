@@ -800,13 +800,7 @@ mod tests {
     }
 
     fn harness() -> Harness {
-        let dir = tempfile::tempdir().unwrap();
-        let db = StateDb::open(&dir.path().join("state.db")).unwrap();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let (dir, db, runtime) = super::super::test_support::db_and_runtime();
         let swarm = Arc::new(Mutex::new(FakeSwarm::default()));
         let shared = swarm.clone();
         let controller = Controller::new(
