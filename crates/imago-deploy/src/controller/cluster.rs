@@ -539,12 +539,16 @@ fn routable(observed: &ClusterObservation) -> Vec<(String, SocketAddr)> {
 
 /// `IMAGO_TEST_CLUSTER_PASS_DELAY_MS`, for tests only: how long each pass of a cluster service
 /// waits between its look at the engine and its routing, to stand for a pass made slow by
-/// load (many local instances, a loaded host, a slow engine).
+/// load (many local instances, a loaded host, a slow engine). Read once per process: the
+/// controller's environment does not change, and a pass need not scan it.
 fn test_pass_delay() -> Option<Duration> {
-    std::env::var("IMAGO_TEST_CLUSTER_PASS_DELAY_MS")
-        .ok()
-        .and_then(|ms| ms.parse().ok())
-        .map(Duration::from_millis)
+    static DELAY: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    *DELAY.get_or_init(|| {
+        std::env::var("IMAGO_TEST_CLUSTER_PASS_DELAY_MS")
+            .ok()
+            .and_then(|ms| ms.parse().ok())
+            .map(Duration::from_millis)
+    })
 }
 
 /// How often a [`TaskWatch`] lists the tasks while a rollout of its service is under way, and
